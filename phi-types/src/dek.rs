@@ -1,0 +1,91 @@
+//! Data encryption keys: 256-bit keys, one per (owner, version).
+
+use std::fmt;
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+use zeroize::Zeroizing;
+
+/// 32 bytes of key material, zeroized on drop, never printed.
+///
+/// This is what a [`KeyEncryptionKey`](crate::KeyEncryptionKey) wraps and
+/// unwraps.
+pub struct KeyBytes(Zeroizing<[u8; 32]>);
+
+impl KeyBytes {
+    /// Wraps existing key bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        KeyBytes(Zeroizing::new(bytes))
+    }
+
+    /// Fresh random key bytes from the operating system's CSPRNG.
+    ///
+    /// # Errors
+    /// The operating system's random source failed.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::fill(key.as_mut())?;
+        Ok(KeyBytes(key))
+    }
+
+    /// Copies key bytes out of a slice of exactly 32 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let array: [u8; 32] = bytes.try_into().ok()?;
+        Some(KeyBytes::new(array))
+    }
+
+    /// The key bytes. Handle with care: do not log or copy them.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyBytes(<redacted>)")
+    }
+}
+
+/// One unwrapped data key of an owner, with its initialised cipher.
+///
+/// The cipher's expanded key is wiped on drop (aes-gcm's `zeroize` feature),
+/// as are the raw key bytes kept for derivations.
+pub struct Dek {
+    version: u32,
+    key: KeyBytes,
+    cipher: Aes256Gcm,
+}
+
+impl Dek {
+    /// Builds a data key of `version` from its bytes.
+    pub fn new(version: u32, key: KeyBytes) -> Self {
+        let cipher = Aes256Gcm::new(key.expose().into());
+        Dek {
+            version,
+            key,
+            cipher,
+        }
+    }
+
+    /// The key version, as stored in envelope headers.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub(crate) fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
+    }
+
+    /// Raw key bytes, for key derivations (the blind index).
+    #[allow(dead_code)] // Used by the blind index.
+    pub(crate) fn key(&self) -> &KeyBytes {
+        &self.key
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dek")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,402 @@
+//! Envelope format v1: the stored form of one encrypted value.
+//!
+//! ```text
+//! offset  size  field
+//! 0       1     magic 0xF1
+//! 1       1     format version 0x01  (AES-256-GCM, 96-bit random nonce, 128-bit tag)
+//! 2       4     DEK version, u32 big-endian
+//! 6       12    nonce
+//! 18      n     ciphertext of the encoded value
+//! 18+n    16    GCM tag
+//! ```
+//!
+//! The associated data, authenticated but not stored, binds the value to its
+//! owner, its `table.column` scope and its row:
+//!
+//! ```text
+//! header[0..6] ‖ u16be(len owner) ‖ owner ‖ u16be(len scope) ‖ scope ‖ u16be(len row) ‖ row
+//! ```
+//!
+//! This module holds no keys: it parses and lays out bytes. Parsing is total:
+//! any byte string gives a [`Header`] or an [`EnvelopeError`], never a panic.
+
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+
+use crate::dek::Dek;
+
+/// First byte of every envelope.
+pub const MAGIC: u8 = 0xF1;
+/// Format version byte of envelope v1 (AES-256-GCM, 96-bit nonce, 128-bit tag).
+pub const VERSION_V1: u8 = 0x01;
+/// Length of the fixed header (magic, version, key version).
+pub const HEADER_LEN: usize = 6;
+/// Length of the nonce.
+pub const NONCE_LEN: usize = 12;
+/// Offset of the ciphertext.
+pub const CIPHERTEXT_OFFSET: usize = HEADER_LEN + NONCE_LEN;
+/// Length of the GCM tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes an envelope adds to its plaintext.
+pub const OVERHEAD: usize = CIPHERTEXT_OFFSET + TAG_LEN;
+/// Largest owner id, scope or row key the associated data can carry.
+pub const MAX_CONTEXT_LEN: usize = u16::MAX as usize;
+
+/// Why stored bytes are not an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Zero bytes.
+    #[error("empty value (0 bytes)")]
+    Empty,
+    /// The first byte is not 0xF1: the column holds something else (plaintext,
+    /// another format).
+    #[error("not an envelope: first byte is 0x{0:02X}, expected 0xF1")]
+    BadMagic(u8),
+    /// Shorter than the header, nonce and tag of its format.
+    #[error("truncated envelope: {len} bytes, at least {min} needed")]
+    Truncated {
+        /// Length found.
+        len: usize,
+        /// Minimum length of the format.
+        min: usize,
+    },
+    /// A format version this build cannot read.
+    #[error("unsupported envelope format version 0x{0:02X} (this build reads 0x01)")]
+    UnsupportedVersion(u8),
+}
+
+/// The parsed fixed header of an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Format version byte (always [`VERSION_V1`] today).
+    pub format: u8,
+    /// Version of the owner's data key that sealed the value.
+    pub key_version: u32,
+}
+
+impl Header {
+    /// Parses and checks the header of `bytes` (magic, format version, length).
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] when `bytes` is not a complete envelope of a known format.
+    pub fn parse(bytes: &[u8]) -> Result<Header, EnvelopeError> {
+        let (&magic, rest) = bytes.split_first().ok_or(EnvelopeError::Empty)?;
+        if magic != MAGIC {
+            return Err(EnvelopeError::BadMagic(magic));
+        }
+        let Some(&format) = rest.first() else {
+            return Err(EnvelopeError::Truncated {
+                len: bytes.len(),
+                min: OVERHEAD,
+            });
+        };
+        match format {
+            VERSION_V1 => {
+                if bytes.len() < OVERHEAD {
+                    return Err(EnvelopeError::Truncated {
+                        len: bytes.len(),
+                        min: OVERHEAD,
+                    });
+                }
+                let key_version = u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+                Ok(Header {
+                    format,
+                    key_version,
+                })
+            }
+            other => Err(EnvelopeError::UnsupportedVersion(other)),
+        }
+    }
+
+    /// The six header bytes as stored.
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let v = self.key_version.to_be_bytes();
+        [MAGIC, self.format, v[0], v[1], v[2], v[3]]
+    }
+}
+
+/// The context a value is bound to: who owns it, which column it lives in,
+/// which row it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding<'a> {
+    /// Owner id (whose data key seals the value).
+    pub owner: &'a str,
+    /// `table.column`, or the scope pinned on the field.
+    pub scope: &'a str,
+    /// The row key's encoded bytes, empty when the model declares none.
+    pub row: &'a [u8],
+}
+
+impl<'a> Binding<'a> {
+    /// A binding without a row key.
+    pub fn new(owner: &'a str, scope: &'a str) -> Self {
+        Binding {
+            owner,
+            scope,
+            row: &[],
+        }
+    }
+
+    /// The same binding with a row key.
+    #[must_use]
+    pub fn with_row(self, row: &'a [u8]) -> Self {
+        Binding { row, ..self }
+    }
+
+    /// Checks the lengths the associated data can encode.
+    pub(crate) fn check(&self) -> Result<(), &'static str> {
+        if self.owner.is_empty() {
+            return Err("the owner id is empty");
+        }
+        if self.owner.len() > MAX_CONTEXT_LEN {
+            return Err("the owner id is longer than 65,535 bytes");
+        }
+        if self.scope.len() > MAX_CONTEXT_LEN {
+            return Err("the scope is longer than 65,535 bytes");
+        }
+        if self.row.len() > MAX_CONTEXT_LEN {
+            return Err("the row key is longer than 65,535 bytes");
+        }
+        Ok(())
+    }
+
+    fn aad_len(&self) -> usize {
+        HEADER_LEN + 6 + self.owner.len() + self.scope.len() + self.row.len()
+    }
+
+    /// Calls `f` with the associated data for `header`, built on the stack
+    /// when it fits in 256 bytes.
+    fn with_aad<R>(&self, header: &[u8; HEADER_LEN], f: impl FnOnce(&[u8]) -> R) -> R {
+        fn fill(out: &mut [u8], header: &[u8], parts: [&[u8]; 3]) {
+            out[..HEADER_LEN].copy_from_slice(header);
+            let mut at = HEADER_LEN;
+            for part in parts {
+                // Lengths were checked by `Binding::check`.
+                let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+                out[at..at + 2].copy_from_slice(&len.to_be_bytes());
+                out[at + 2..at + 2 + part.len()].copy_from_slice(part);
+                at += 2 + part.len();
+            }
+        }
+        let parts = [self.owner.as_bytes(), self.scope.as_bytes(), self.row];
+        let len = self.aad_len();
+        if len <= 256 {
+            let mut buf = [0u8; 256];
+            fill(&mut buf[..len], header, parts);
+            f(&buf[..len])
+        } else {
+            let mut buf = vec![0u8; len];
+            fill(&mut buf, header, parts);
+            f(&buf)
+        }
+    }
+}
+
+/// Seals `encode`'s output into a new envelope under `cipher`.
+///
+/// `encode` appends the value's plaintext encoding to the buffer it is given;
+/// the buffer already holds the header and nonce. One allocation of the
+/// final size when `size_hint` is right.
+pub(crate) fn seal_with(
+    cipher: &Aes256Gcm,
+    key_version: u32,
+    nonce: [u8; NONCE_LEN],
+    binding: &Binding<'_>,
+    size_hint: usize,
+    encode: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>, &'static str> {
+    binding.check()?;
+    let header = Header {
+        format: VERSION_V1,
+        key_version,
+    }
+    .to_bytes();
+    let mut out = Vec::with_capacity(OVERHEAD + size_hint);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&nonce);
+    encode(&mut out);
+    let tag = binding
+        .with_aad(&header, |aad| {
+            cipher.encrypt_inout_detached(
+                &Nonce::from(nonce),
+                aad,
+                (&mut out[CIPHERTEXT_OFFSET..]).into(),
+            )
+        })
+        .map_err(|_| "the value is too large for AES-GCM")?;
+    out.extend_from_slice(tag.as_slice());
+    Ok(out)
+}
+
+/// Opens `envelope` in place under `cipher`, leaving the plaintext in the
+/// same buffer. On failure the buffer's content is unspecified (it is
+/// cleared, so no partial plaintext survives).
+pub(crate) fn open_in_place(
+    cipher: &Aes256Gcm,
+    envelope: &mut Vec<u8>,
+    binding: &Binding<'_>,
+) -> Result<(), OpenError> {
+    let header = Header::parse(envelope).map_err(OpenError::Malformed)?;
+    binding.check().map_err(OpenError::Context)?;
+    let len = envelope.len();
+    let mut header_bytes = [0u8; HEADER_LEN];
+    header_bytes.copy_from_slice(&envelope[..HEADER_LEN]);
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&envelope[HEADER_LEN..CIPHERTEXT_OFFSET]);
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&envelope[len - TAG_LEN..]);
+    let result = binding.with_aad(&header_bytes, |aad| {
+        cipher.decrypt_inout_detached(
+            &Nonce::from(nonce),
+            aad,
+            (&mut envelope[CIPHERTEXT_OFFSET..len - TAG_LEN]).into(),
+            &Tag::from(tag),
+        )
+    });
+    if result.is_err() {
+        envelope.clear();
+        return Err(OpenError::Auth(header.key_version));
+    }
+    envelope.truncate(len - TAG_LEN);
+    envelope.drain(..CIPHERTEXT_OFFSET);
+    Ok(())
+}
+
+/// Opens `envelope` with `dek`, returning the plaintext encoding of the
+/// value. A low-level building block (test vectors, tools):
+/// [`OwnerKeys::open`](crate::OwnerKeys::open) picks the key version from
+/// the header and decodes the value.
+///
+/// ```
+/// use phi_types::{Binding, Dek, KeyBytes, envelope};
+/// let dek = Dek::new(1, KeyBytes::new([0x11; 32]));
+/// let bogus = [0xF1, 0x01, 0, 0, 0, 1];
+/// assert!(envelope::open(&dek, &bogus, &Binding::new("u1", "cases.patient_last")).is_err());
+/// ```
+///
+/// # Errors
+/// [`Error::Malformed`](crate::Error::Malformed) when the bytes are not an
+/// envelope, [`Error::UnknownKeyVersion`](crate::Error::UnknownKeyVersion)
+/// when the header names another key version than `dek`'s,
+/// [`Error::Decrypt`](crate::Error::Decrypt) when it does not authenticate
+/// under `binding`.
+pub fn open(dek: &Dek, envelope: &[u8], binding: &Binding<'_>) -> crate::Result<Vec<u8>> {
+    let context = |source| crate::Error::Malformed {
+        scope: binding.scope.to_owned(),
+        owner: binding.owner.to_owned(),
+        source,
+    };
+    let header = Header::parse(envelope).map_err(context)?;
+    if header.key_version != dek.version() {
+        return Err(crate::Error::UnknownKeyVersion {
+            scope: binding.scope.to_owned(),
+            owner: binding.owner.to_owned(),
+            key_version: header.key_version,
+        });
+    }
+    let mut bytes = envelope.to_vec();
+    open_in_place(dek.cipher(), &mut bytes, binding).map_err(|e| e.into_error(binding))?;
+    Ok(bytes)
+}
+
+impl OpenError {
+    pub(crate) fn into_error(self, binding: &Binding<'_>) -> crate::Error {
+        match self {
+            OpenError::Auth(key_version) => crate::Error::Decrypt {
+                scope: binding.scope.to_owned(),
+                owner: binding.owner.to_owned(),
+                key_version,
+            },
+            OpenError::Context(reason) => crate::Error::InvalidInput {
+                what: "binding",
+                reason: reason.to_owned(),
+            },
+            OpenError::Malformed(source) => crate::Error::Malformed {
+                scope: binding.scope.to_owned(),
+                owner: binding.owner.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+/// Why [`open_in_place`] failed, before context is attached.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    Auth(u32),
+    Context(&'static str),
+    Malformed(EnvelopeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_is_total_on_short_inputs() {
+        assert_eq!(Header::parse(&[]), Err(EnvelopeError::Empty));
+        assert_eq!(Header::parse(&[0x41]), Err(EnvelopeError::BadMagic(0x41)));
+        assert_eq!(
+            Header::parse(&[MAGIC]),
+            Err(EnvelopeError::Truncated { len: 1, min: 34 })
+        );
+        assert_eq!(
+            Header::parse(&[MAGIC, 0x02, 0, 0, 0, 1]),
+            Err(EnvelopeError::UnsupportedVersion(2))
+        );
+        for len in 2..OVERHEAD {
+            let mut bytes = vec![0u8; len];
+            bytes[0] = MAGIC;
+            bytes[1] = VERSION_V1;
+            assert_eq!(
+                Header::parse(&bytes),
+                Err(EnvelopeError::Truncated { len, min: OVERHEAD })
+            );
+        }
+    }
+
+    #[test]
+    fn parse_reads_key_version_big_endian() {
+        let mut bytes = vec![0u8; OVERHEAD];
+        bytes[..6].copy_from_slice(&[MAGIC, VERSION_V1, 0x01, 0x02, 0x03, 0x04]);
+        let header = Header::parse(&bytes).expect("valid header");
+        assert_eq!(header.key_version, 0x0102_0304);
+        assert_eq!(header.to_bytes(), [MAGIC, VERSION_V1, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn parse_never_panics_on_any_two_byte_prefix() {
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                for len in [2usize, 5, 33, 34, 40] {
+                    let mut bytes = vec![0u8; len];
+                    bytes[0] = a;
+                    bytes[1] = b;
+                    let _ = Header::parse(&bytes);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn aad_layout_matches_the_contract() {
+        let binding = Binding::new("u1", "cases.patient_last").with_row(b"C-9");
+        let header = [MAGIC, VERSION_V1, 0, 0, 0, 7];
+        let aad = binding.with_aad(&header, <[u8]>::to_vec);
+        let mut expected = header.to_vec();
+        expected.extend_from_slice(&[0, 2]);
+        expected.extend_from_slice(b"u1");
+        expected.extend_from_slice(&[0, 18]);
+        expected.extend_from_slice(b"cases.patient_last");
+        expected.extend_from_slice(&[0, 3]);
+        expected.extend_from_slice(b"C-9");
+        assert_eq!(aad, expected);
+        // The heap path lays out the same bytes.
+        let long_scope = "t.".repeat(200);
+        let binding = Binding::new("u1", &long_scope);
+        let aad = binding.with_aad(&header, <[u8]>::to_vec);
+        assert_eq!(aad.len(), 6 + 2 + 2 + 2 + 400 + 2);
+        assert_eq!(&aad[10..12], &400u16.to_be_bytes());
+    }
+}

@@ -1,0 +1,256 @@
+//! A KEK held in process memory: AES-256-GCM under a 256-bit master key.
+
+use std::fmt;
+use std::path::Path;
+
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use zeroize::Zeroizing;
+
+use super::KeyEncryptionKey;
+use crate::dek::KeyBytes;
+use crate::error::{BoxError, Error};
+
+/// Environment variable holding the base64 master key.
+pub const MASTER_KEY_ENV: &str = "PHI_MASTER_KEY";
+/// Environment variable naming a file that holds the base64 master key.
+pub const MASTER_KEY_FILE_ENV: &str = "PHI_MASTER_KEY_FILE";
+
+const AAD_LABEL: &[u8] = b"phi-dek-v1";
+const WRAPPED_LEN: usize = 12 + 32 + 16;
+
+/// A local key encryption key: a 256-bit master key in memory.
+///
+/// Wrapped data keys are `nonce(12) ‖ ciphertext(32) ‖ tag(16)`, AES-256-GCM
+/// under the master key with associated data
+/// `"phi-dek-v1" ‖ u16be(len kek_id) ‖ kek_id ‖ u16be(len owner) ‖ owner ‖ u32be(version)`.
+///
+/// Meant for development, tests and deployments without a KMS: the master
+/// key is only as safe as the environment or file it is read from.
+///
+/// ```
+/// use phi_types::LocalKek;
+/// let kek = LocalKek::from_base64("local-1", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")?;
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+pub struct LocalKek {
+    id: String,
+    cipher: Aes256Gcm,
+}
+
+impl LocalKek {
+    /// A KEK with id `id` over the given master key.
+    pub fn new(id: impl Into<String>, master_key: &KeyBytes) -> Self {
+        LocalKek {
+            id: id.into(),
+            cipher: Aes256Gcm::new(master_key.expose().into()),
+        }
+    }
+
+    /// A KEK over a base64-encoded 32-byte master key (surrounding
+    /// whitespace ignored).
+    ///
+    /// # Errors
+    /// [`Error::MasterKey`] when the text is not base64 of exactly 32 bytes.
+    pub fn from_base64(id: impl Into<String>, encoded: &str) -> Result<Self, Error> {
+        let id = id.into();
+        let invalid = |reason: String| Error::MasterKey {
+            kek_id: id.clone(),
+            reason,
+        };
+        let bytes = Zeroizing::new(
+            STANDARD
+                .decode(encoded.trim())
+                .map_err(|_| invalid("not valid base64".into()))?,
+        );
+        let key = KeyBytes::from_slice(&bytes).ok_or_else(|| {
+            invalid(format!(
+                "decodes to {} bytes, a master key is exactly 32",
+                bytes.len()
+            ))
+        })?;
+        Ok(LocalKek::new(id, &key))
+    }
+
+    /// A KEK over the master key in the file at `path` (base64 text).
+    ///
+    /// # Errors
+    /// [`Error::MasterKey`] when the file cannot be read or does not hold a
+    /// base64 master key.
+    pub fn from_file(id: impl Into<String>, path: impl AsRef<Path>) -> Result<Self, Error> {
+        let id = id.into();
+        let path = path.as_ref();
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::MasterKey {
+            kek_id: id.clone(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?);
+        LocalKek::from_base64(id, &text)
+    }
+
+    /// A KEK over the master key in `PHI_MASTER_KEY` (base64), or else in the
+    /// file named by `PHI_MASTER_KEY_FILE`.
+    ///
+    /// # Errors
+    /// [`Error::MasterKey`] when neither variable is set or the key is invalid.
+    pub fn from_env(id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        if let Ok(value) = std::env::var(MASTER_KEY_ENV) {
+            let value = Zeroizing::new(value);
+            return LocalKek::from_base64(id, &value);
+        }
+        if let Some(path) = std::env::var_os(MASTER_KEY_FILE_ENV) {
+            return LocalKek::from_file(id, path);
+        }
+        Err(Error::MasterKey {
+            kek_id: id,
+            reason: format!("neither {MASTER_KEY_ENV} nor {MASTER_KEY_FILE_ENV} is set"),
+        })
+    }
+
+    /// A fresh random master key, base64-encoded: what to put in
+    /// `PHI_MASTER_KEY` or a key file.
+    ///
+    /// # Errors
+    /// The operating system's random source failed.
+    pub fn generate_master_key_base64() -> Result<Zeroizing<String>, getrandom::Error> {
+        let key = KeyBytes::generate()?;
+        Ok(Zeroizing::new(STANDARD.encode(key.expose())))
+    }
+
+    fn aad(&self, owner: &str, version: u32) -> Result<Vec<u8>, BoxError> {
+        let id_len = u16::try_from(self.id.len()).map_err(|_| "KEK id longer than 65,535 bytes")?;
+        let owner_len = u16::try_from(owner.len()).map_err(|_| "owner id longer than 65,535 bytes")?;
+        let mut aad = Vec::with_capacity(AAD_LABEL.len() + 8 + self.id.len() + owner.len());
+        aad.extend_from_slice(AAD_LABEL);
+        aad.extend_from_slice(&id_len.to_be_bytes());
+        aad.extend_from_slice(self.id.as_bytes());
+        aad.extend_from_slice(&owner_len.to_be_bytes());
+        aad.extend_from_slice(owner.as_bytes());
+        aad.extend_from_slice(&version.to_be_bytes());
+        Ok(aad)
+    }
+}
+
+impl KeyEncryptionKey for LocalKek {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn wrap(&self, owner: &str, version: u32, key: &KeyBytes) -> Result<Vec<u8>, BoxError> {
+        let aad = self.aad(owner, version)?;
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce)?;
+        let mut out = Vec::with_capacity(WRAPPED_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(key.expose());
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut out[12..]).into())
+            .map_err(|_| "AES-GCM refused to wrap the key")?;
+        out.extend_from_slice(tag.as_slice());
+        Ok(out)
+    }
+
+    fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError> {
+        if wrapped.len() != WRAPPED_LEN {
+            return Err(format!(
+                "wrapped key is {} bytes, a LocalKek wrap is {WRAPPED_LEN}",
+                wrapped.len()
+            )
+            .into());
+        }
+        let aad = self.aad(owner, version)?;
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&wrapped[..12]);
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&wrapped[44..]);
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&wrapped[12..44]);
+        self.cipher
+            .decrypt_inout_detached(
+                &Nonce::from(nonce),
+                &aad,
+                key.as_mut_slice().into(),
+                &Tag::from(tag),
+            )
+            .map_err(|_| {
+                "wrapped key does not authenticate (another master key, owner or version)"
+            })?;
+        Ok(KeyBytes::new(*key))
+    }
+}
+
+impl fmt::Debug for LocalKek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalKek")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek(id: &str, byte: u8) -> LocalKek {
+        LocalKek::new(id, &KeyBytes::new([byte; 32]))
+    }
+
+    #[test]
+    fn wrap_round_trips_and_binds_owner_version_and_kek_id() {
+        let a = kek("a", 1);
+        let key = KeyBytes::new([9; 32]);
+        let wrapped = a.wrap("u1", 3, &key).expect("wrap");
+        assert_eq!(wrapped.len(), 60);
+        assert_eq!(a.unwrap("u1", 3, &wrapped).expect("unwrap").expose(), &[9; 32]);
+        assert!(a.unwrap("u2", 3, &wrapped).is_err());
+        assert!(a.unwrap("u1", 4, &wrapped).is_err());
+        assert!(kek("b", 1).unwrap("u1", 3, &wrapped).is_err());
+        assert!(kek("a", 2).unwrap("u1", 3, &wrapped).is_err());
+        assert!(a.unwrap("u1", 3, &wrapped[..59]).is_err());
+    }
+
+    #[test]
+    fn wrap_layout_matches_the_contract() {
+        // Re-open the wrap with a bare AES-GCM, building the AAD by hand.
+        let a = kek("kek-1", 5);
+        let wrapped = a.wrap("owner", 7, &KeyBytes::new([3; 32])).expect("wrap");
+        let mut aad = b"phi-dek-v1".to_vec();
+        aad.extend_from_slice(&[0, 5]);
+        aad.extend_from_slice(b"kek-1");
+        aad.extend_from_slice(&[0, 5]);
+        aad.extend_from_slice(b"owner");
+        aad.extend_from_slice(&7u32.to_be_bytes());
+        let cipher = Aes256Gcm::new((&[5u8; 32]).into());
+        let mut body = wrapped[12..44].to_vec();
+        let nonce: [u8; 12] = wrapped[..12].try_into().expect("12");
+        let tag: [u8; 16] = wrapped[44..].try_into().expect("16");
+        cipher
+            .decrypt_inout_detached(
+                &Nonce::from(nonce),
+                &aad,
+                body.as_mut_slice().into(),
+                &Tag::from(tag),
+            )
+            .expect("opens with the documented AAD");
+        assert_eq!(body, vec![3; 32]);
+    }
+
+    #[test]
+    fn bad_master_keys_name_the_problem_not_the_key() {
+        let err = LocalKek::from_base64("k", "not base64!").expect_err("invalid");
+        assert!(err.to_string().contains("not valid base64"), "{err}");
+        let err = LocalKek::from_base64("k", "AAAA").expect_err("short");
+        assert!(err.to_string().contains("3 bytes"), "{err}");
+        let err = LocalKek::from_file("k", "/nonexistent/phi.key").expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/phi.key"), "{err}");
+    }
+
+    #[test]
+    fn debug_does_not_show_key_material() {
+        let shown = format!("{:?}", kek("k", 0xAB));
+        assert_eq!(shown, "LocalKek { id: \"k\", .. }");
+    }
+}

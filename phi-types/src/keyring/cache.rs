@@ -1,0 +1,224 @@
+//! The owner → data keys cache: TTL, size bound, single-flight.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use super::OwnerKeys;
+
+/// What a waiter receives from the resolution it waited for.
+pub(super) type Shared = Result<Arc<OwnerKeys>, String>;
+
+/// One in-flight resolution of one owner; others asking for the same owner
+/// wait on it instead of unwrapping again.
+#[derive(Debug, Default)]
+pub(super) struct Flight {
+    result: Mutex<Option<Shared>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn publish(&self, result: Shared) {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(result);
+        }
+        self.done.notify_all();
+    }
+
+    pub(super) fn wait(&self) -> Shared {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(result) = slot.as_ref() {
+                return result.clone();
+            }
+            slot = self.done.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Slot {
+    Loading(Arc<Flight>),
+    Ready(Arc<OwnerKeys>),
+}
+
+/// How the cache answered for one owner.
+#[derive(Debug)]
+pub(super) enum Lookup {
+    /// Fresh keys in the cache.
+    Hit(Arc<OwnerKeys>),
+    /// This caller must resolve the owner and then call [`Cache::complete`].
+    Lead(Arc<Flight>),
+    /// Another caller is resolving the owner.
+    Wait(Arc<Flight>),
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) hits: AtomicU64,
+    pub(super) misses: AtomicU64,
+    pub(super) evictions: AtomicU64,
+    pub(super) expirations: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(super) struct Cache {
+    slots: DashMap<String, Slot>,
+    ttl: Duration,
+    capacity: usize,
+    pub(super) counters: Counters,
+}
+
+impl Cache {
+    pub(super) fn new(ttl: Duration, capacity: usize) -> Self {
+        Cache {
+            slots: DashMap::new(),
+            ttl,
+            capacity,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Looks `owner` up. `usable` says whether cached keys serve this
+    /// request (a seal needs an active version; an open does not).
+    pub(super) fn lookup(
+        &self,
+        owner: &str,
+        now: Instant,
+        usable: impl Fn(&OwnerKeys) -> bool,
+    ) -> Lookup {
+        if let Some(slot) = self.slots.get(owner) {
+            match &*slot {
+                Slot::Ready(keys) if self.fresh(keys, now) && usable(keys) => {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Hit(keys.clone());
+                }
+                Slot::Loading(flight) => {
+                    self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Wait(flight.clone());
+                }
+                Slot::Ready(_) => {}
+            }
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        match self.slots.entry(owner.to_owned()) {
+            Entry::Occupied(mut entry) => match entry.get() {
+                Slot::Loading(flight) => Lookup::Wait(flight.clone()),
+                Slot::Ready(keys) if self.fresh(keys, now) && usable(keys) => {
+                    Lookup::Hit(keys.clone())
+                }
+                Slot::Ready(keys) => {
+                    if !self.fresh(keys, now) {
+                        self.counters.expirations.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let flight = Arc::new(Flight::default());
+                    entry.insert(Slot::Loading(flight.clone()));
+                    Lookup::Lead(flight)
+                }
+            },
+            Entry::Vacant(entry) => {
+                let flight = Arc::new(Flight::default());
+                entry.insert(Slot::Loading(flight.clone()));
+                Lookup::Lead(flight)
+            }
+        }
+    }
+
+    fn fresh(&self, keys: &OwnerKeys, now: Instant) -> bool {
+        now.saturating_duration_since(keys.loaded_at) < self.ttl
+    }
+
+    /// Publishes the outcome of a resolution this caller led, and caches it
+    /// if the slot still belongs to that resolution (a `clear` may have
+    /// removed it meanwhile).
+    pub(super) fn complete(&self, owner: &str, flight: &Arc<Flight>, result: Shared) {
+        if let Entry::Occupied(mut entry) = self.slots.entry(owner.to_owned()) {
+            if matches!(entry.get(), Slot::Loading(f) if Arc::ptr_eq(f, flight)) {
+                match &result {
+                    Ok(keys) => {
+                        entry.insert(Slot::Ready(keys.clone()));
+                    }
+                    Err(_) => {
+                        entry.remove();
+                    }
+                }
+            }
+        }
+        flight.publish(result);
+        if self.slots.len() > self.capacity {
+            self.evict();
+        }
+    }
+
+    /// Evicts the least recently loaded owners down to 15/16 of capacity, so
+    /// the scan is paid once per many inserts.
+    fn evict(&self) {
+        let target = self.capacity - self.capacity / 16;
+        let mut ready: Vec<(Instant, String)> = self
+            .slots
+            .iter()
+            .filter_map(|e| match e.value() {
+                Slot::Ready(keys) => Some((keys.loaded_at, e.key().clone())),
+                Slot::Loading(_) => None,
+            })
+            .collect();
+        let excess = self.slots.len().saturating_sub(target).min(ready.len());
+        if excess == 0 {
+            return;
+        }
+        ready.select_nth_unstable(excess - 1);
+        for (_, owner) in &ready[..excess] {
+            if self
+                .slots
+                .remove_if(owner, |_, slot| matches!(slot, Slot::Ready(_)))
+                .is_some()
+            {
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn remove(&self, owner: &str) -> bool {
+        self.slots.remove(owner).is_some()
+    }
+
+    pub(super) fn clear(&self) {
+        self.slots.clear();
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// Completes a led resolution with an error if the leader unwinds or returns
+/// early, so waiters never hang.
+pub(super) struct LeadGuard<'a> {
+    pub(super) cache: &'a Cache,
+    pub(super) flights: HashMap<String, Arc<Flight>>,
+}
+
+impl LeadGuard<'_> {
+    pub(super) fn complete(&mut self, owner: &str, result: Shared) {
+        if let Some(flight) = self.flights.remove(owner) {
+            self.cache.complete(owner, &flight, result);
+        }
+    }
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        for (owner, flight) in std::mem::take(&mut self.flights) {
+            self.cache.complete(
+                &owner,
+                &flight,
+                Err("the resolution of this owner's keys was abandoned".into()),
+            );
+        }
+    }
+}

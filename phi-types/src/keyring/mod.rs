@@ -1,0 +1,755 @@
+//! The keyring: resolves an owner's data keys, caching them unwrapped.
+//!
+//! ```text
+//! Keyring ─ cache (owner → DEK versions, TTL) ─ miss ─► key store table ─► KEK unwrap
+//! ```
+//!
+//! A cache hit costs a hash lookup. Misses for many owners are resolved
+//! together: one key-store query for all of them, one unwrap per data key,
+//! and, when sealing, a new data key for each owner that has none. Any number
+//! of threads missing the same owner at once cause one resolution: the
+//! first leads, the others wait for its result.
+
+mod cache;
+mod clock;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+
+use self::cache::{Cache, LeadGuard, Lookup};
+use crate::dek::Dek;
+use crate::envelope::{self, Binding};
+use crate::error::{Error, Result};
+use crate::kek::KeyEncryptionKey;
+use crate::sql::Encrypted;
+use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, StoredKey};
+use crate::value::PhiValue;
+
+/// Default time an unwrapped data key stays cached.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default number of owners kept in the cache.
+pub const DEFAULT_MAX_OWNERS: usize = 10_000;
+/// Longest owner id the key tables hold, in bytes.
+pub const MAX_OWNER_LEN: usize = 255;
+
+/// The unwrapped data keys of one owner: every version still readable, and
+/// the current one that seals.
+pub struct OwnerKeys {
+    owner: String,
+    /// Sorted by version.
+    deks: Vec<Dek>,
+    current: Option<usize>,
+    loaded_at: Instant,
+}
+
+impl OwnerKeys {
+    /// The owner these keys belong to.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The version new values are sealed under, if the owner has an active
+    /// data key.
+    pub fn current_version(&self) -> Option<u32> {
+        self.current.map(|i| self.deks[i].version())
+    }
+
+    /// Every version this owner can open, in ascending order.
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.deks.iter().map(Dek::version)
+    }
+
+    /// The data key of `version`, if the owner has it.
+    pub fn dek(&self, version: u32) -> Option<&Dek> {
+        self.deks
+            .binary_search_by_key(&version, Dek::version)
+            .ok()
+            .map(|i| &self.deks[i])
+    }
+
+    fn current_dek(&self) -> Result<&Dek> {
+        self.current
+            .map(|i| &self.deks[i])
+            .ok_or_else(|| Error::NoKey {
+                owner: self.owner.clone(),
+            })
+    }
+
+    /// Seals `value` for `scope` (`table.column`) and `row` (the row key's
+    /// bytes, or empty) under this owner's current data key.
+    ///
+    /// # Errors
+    /// [`Error::NoKey`] if the owner has no active key; [`Error::Encrypt`] if
+    /// the context is too long for the format.
+    pub fn seal<T: PhiValue>(&self, value: &T, scope: &str, row: &[u8]) -> Result<Encrypted<T>> {
+        crate::sealer::with_sealer(|sealer| sealer.seal(self, value, scope, row))?
+    }
+
+    /// Opens `value`, sealed for `scope` and `row`, with the data key version
+    /// named in its header.
+    ///
+    /// # Errors
+    /// [`Error::Malformed`] when the stored bytes are not an envelope,
+    /// [`Error::UnknownKeyVersion`] when the owner has no such version,
+    /// [`Error::Decrypt`] when the value does not authenticate (wrong owner,
+    /// scope or row, or altered bytes), [`Error::Decode`] when the plaintext
+    /// is not a `T`.
+    pub fn open<T: PhiValue>(&self, value: Encrypted<T>, scope: &str, row: &[u8]) -> Result<T> {
+        let header = value.header().map_err(|source| Error::Malformed {
+            scope: scope.to_owned(),
+            owner: self.owner.clone(),
+            source,
+        })?;
+        let dek = self
+            .dek(header.key_version)
+            .ok_or_else(|| Error::UnknownKeyVersion {
+                scope: scope.to_owned(),
+                owner: self.owner.clone(),
+                key_version: header.key_version,
+            })?;
+        let binding = Binding::new(&self.owner, scope).with_row(row);
+        let mut bytes = value.into_bytes();
+        envelope::open_in_place(dek.cipher(), &mut bytes, &binding)
+            .map_err(|e| e.into_error(&binding))?;
+        T::decode(bytes).map_err(|source| Error::Decode {
+            scope: scope.to_owned(),
+            owner: self.owner.clone(),
+            key_version: header.key_version,
+            source,
+        })
+    }
+
+    pub(crate) fn current_for_seal(&self) -> Result<&Dek> {
+        self.current_dek()
+    }
+}
+
+impl fmt::Debug for OwnerKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnerKeys")
+            .field("owner", &self.owner)
+            .field("versions", &self.versions().collect::<Vec<_>>())
+            .field("current", &self.current_version())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of a [`Keyring`], from [`Keyring::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyringStats {
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that had to resolve (or wait for) an owner.
+    pub misses: u64,
+    /// Data keys unwrapped by a KEK.
+    pub unwraps: u64,
+    /// Data keys generated and stored by this keyring.
+    pub creations: u64,
+    /// Owners dropped to keep the cache within its size bound.
+    pub evictions: u64,
+    /// Cached owners found past their TTL.
+    pub expirations: u64,
+    /// Queries sent to the key store (loads, inserts, audit appends).
+    pub store_queries: u64,
+    /// Owners currently cached (or being resolved).
+    pub cached_owners: usize,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    unwraps: AtomicU64,
+    creations: AtomicU64,
+    store_queries: AtomicU64,
+}
+
+/// Resolves owners' data keys: cache, key store, KEK.
+///
+/// Cheap to clone (an `Arc`); share one per process.
+///
+/// ```
+/// use std::sync::Arc;
+/// use phi_types::{Keyring, LocalKek, MemoryKeyStore, KeyBytes};
+///
+/// let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+///
+/// let keys = keyring.keys_for_seal("provider-17")?;
+/// let sealed = keys.seal(&"Doe".to_string(), "cases.patient_last", b"C-1001")?;
+/// assert_eq!(&sealed.as_bytes()[..2], &[0xF1, 0x01]);
+///
+/// let name: String = keyring.open(sealed, "provider-17", "cases.patient_last", b"C-1001")?;
+/// assert_eq!(name, "Doe");
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Keyring {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn KeyStore>,
+    primary: Arc<dyn KeyEncryptionKey>,
+    keks: HashMap<String, Arc<dyn KeyEncryptionKey>>,
+    cache: Cache,
+    clock: Arc<dyn Clock>,
+    actor: String,
+    counters: Counters,
+}
+
+/// Configures a [`Keyring`]; from [`Keyring::builder`].
+#[must_use]
+pub struct KeyringBuilder {
+    store: Arc<dyn KeyStore>,
+    primary: Arc<dyn KeyEncryptionKey>,
+    keks: Vec<Arc<dyn KeyEncryptionKey>>,
+    ttl: Duration,
+    max_owners: usize,
+    clock: Arc<dyn Clock>,
+    actor: String,
+}
+
+impl fmt::Debug for KeyringBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyringBuilder")
+            .field("primary", &self.primary.id())
+            .field("ttl", &self.ttl)
+            .field("max_owners", &self.max_owners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyringBuilder {
+    /// Also unwrap data keys wrapped by `kek` (an older KEK during rotation).
+    /// New data keys are always wrapped by the primary KEK.
+    pub fn unwrap_with(mut self, kek: Arc<dyn KeyEncryptionKey>) -> Self {
+        self.keks.push(kek);
+        self
+    }
+
+    /// How long an unwrapped data key stays cached (default 24 h).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How many owners the cache holds before evicting the least recently
+    /// loaded (default 10,000).
+    pub fn max_owners(mut self, max: usize) -> Self {
+        self.max_owners = max;
+        self
+    }
+
+    /// The clock for TTLs (tests use a [`ManualClock`]).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Who the audit records name as actor (default `"phi"`).
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Builds the keyring.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a zero TTL or cache size, or two different KEKs
+    /// with one id.
+    pub fn build(self) -> Result<Keyring> {
+        if self.ttl.is_zero() {
+            return Err(Error::Config("the key cache TTL must be positive".into()));
+        }
+        if self.max_owners == 0 {
+            return Err(Error::Config("the key cache must hold at least one owner".into()));
+        }
+        let mut keks: HashMap<String, Arc<dyn KeyEncryptionKey>> = HashMap::new();
+        for kek in std::iter::once(self.primary.clone()).chain(self.keks) {
+            if let Some(existing) = keks.get(kek.id()) {
+                if !Arc::ptr_eq(existing, &kek) {
+                    return Err(Error::Config(format!(
+                        "two KEKs are configured with the id {:?}",
+                        kek.id()
+                    )));
+                }
+            }
+            keks.insert(kek.id().to_owned(), kek);
+        }
+        Ok(Keyring {
+            inner: Arc::new(Inner {
+                store: self.store,
+                primary: self.primary,
+                keks,
+                cache: Cache::new(self.ttl, self.max_owners),
+                clock: self.clock,
+                actor: self.actor,
+                counters: Counters::default(),
+            }),
+        })
+    }
+}
+
+/// Why an owner is being resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// Opening values: the owner's existing keys, none created.
+    Open,
+    /// Sealing values: an active key is needed, created if the owner has none.
+    Seal,
+}
+
+impl Keyring {
+    /// Starts configuring a keyring over `store`, wrapping new data keys with
+    /// `kek`.
+    pub fn builder(store: Arc<dyn KeyStore>, kek: Arc<dyn KeyEncryptionKey>) -> KeyringBuilder {
+        KeyringBuilder {
+            store,
+            primary: kek,
+            keks: Vec::new(),
+            ttl: DEFAULT_TTL,
+            max_owners: DEFAULT_MAX_OWNERS,
+            clock: Arc::new(SystemClock),
+            actor: "phi".to_owned(),
+        }
+    }
+
+    /// The owner's keys for sealing: an active data key is created (and
+    /// committed to the key store) if the owner has none.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an unusable owner id; key store and KEK
+    /// errors.
+    pub fn keys_for_seal(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
+        self.resolve_one(owner, Purpose::Seal)
+    }
+
+    /// The owner's existing keys, for opening. Never creates a key: an owner
+    /// without one gets an empty set, and opening then fails with
+    /// [`Error::UnknownKeyVersion`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an unusable owner id; key store and KEK
+    /// errors.
+    pub fn keys_for_open(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
+        self.resolve_one(owner, Purpose::Open)
+    }
+
+    /// Resolves many owners for opening at once: one key-store query for all
+    /// cache misses, one unwrap per data key not cached.
+    ///
+    /// # Errors
+    /// The first error met; the other owners resolved meanwhile stay cached.
+    pub fn keys_for_open_many<'a>(
+        &self,
+        owners: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+        self.resolve_many(owners, Purpose::Open)
+    }
+
+    /// Resolves many owners for sealing at once, creating data keys for
+    /// those that have none.
+    ///
+    /// # Errors
+    /// The first error met; the other owners resolved meanwhile stay cached.
+    pub fn keys_for_seal_many<'a>(
+        &self,
+        owners: impl IntoIterator<Item = &'a str>,
+    ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+        self.resolve_many(owners, Purpose::Seal)
+    }
+
+    /// Seals `value` for `owner`, `scope` and `row` under the owner's current
+    /// data key, creating one if the owner has none.
+    ///
+    /// # Errors
+    /// As [`keys_for_seal`](Self::keys_for_seal) and [`OwnerKeys::seal`].
+    pub fn seal<T: PhiValue>(
+        &self,
+        value: &T,
+        owner: &str,
+        scope: &str,
+        row: &[u8],
+    ) -> Result<Encrypted<T>> {
+        self.keys_for_seal(owner)?.seal(value, scope, row)
+    }
+
+    /// Opens `value` for `owner`, `scope` and `row` with the key version
+    /// named in its header. A version not yet cached (rotated by another
+    /// process) reloads the owner once.
+    ///
+    /// # Errors
+    /// As [`OwnerKeys::open`].
+    pub fn open<T: PhiValue>(
+        &self,
+        value: Encrypted<T>,
+        owner: &str,
+        scope: &str,
+        row: &[u8],
+    ) -> Result<T> {
+        let mut keys = self.keys_for_open(owner)?;
+        if let Ok(header) = value.header() {
+            if keys.dek(header.key_version).is_none() {
+                self.clear(owner);
+                keys = self.keys_for_open(owner)?;
+            }
+        }
+        keys.open(value, scope, row)
+    }
+
+    /// Counters since this keyring was built.
+    pub fn stats(&self) -> KeyringStats {
+        let cache = &self.inner.cache.counters;
+        let own = &self.inner.counters;
+        KeyringStats {
+            hits: cache.hits.load(Ordering::Relaxed),
+            misses: cache.misses.load(Ordering::Relaxed),
+            unwraps: own.unwraps.load(Ordering::Relaxed),
+            creations: own.creations.load(Ordering::Relaxed),
+            evictions: cache.evictions.load(Ordering::Relaxed),
+            expirations: cache.expirations.load(Ordering::Relaxed),
+            store_queries: own.store_queries.load(Ordering::Relaxed),
+            cached_owners: self.inner.cache.len(),
+        }
+    }
+
+    /// Drops one owner's cached keys; the next use unwraps again. Returns
+    /// whether the owner was cached.
+    pub fn clear(&self, owner: &str) -> bool {
+        self.inner.cache.remove(owner)
+    }
+
+    /// Drops every cached key.
+    pub fn clear_all(&self) {
+        self.inner.cache.clear();
+    }
+
+    /// Loads the given owners' keys into the cache (e.g. at start-up).
+    ///
+    /// # Errors
+    /// As [`keys_for_open_many`](Self::keys_for_open_many).
+    pub fn warm<'a>(&self, owners: impl IntoIterator<Item = &'a str>) -> Result<usize> {
+        self.resolve_many(owners, Purpose::Open).map(|m| m.len())
+    }
+
+    /// Loads every owner in the key store into the cache, up to the cache's
+    /// size bound.
+    ///
+    /// # Errors
+    /// Key store and KEK errors.
+    pub fn warm_all(&self) -> Result<usize> {
+        self.count_query();
+        let owners = self.inner.store.owners()?;
+        let mut warmed = 0;
+        for chunk in owners.chunks(1_000) {
+            warmed += self.warm(chunk.iter().map(String::as_str))?;
+        }
+        Ok(warmed)
+    }
+
+    /// The KEK that wraps new data keys.
+    pub fn primary_kek(&self) -> &Arc<dyn KeyEncryptionKey> {
+        &self.inner.primary
+    }
+
+    /// The key store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.inner.store
+    }
+
+    fn resolve_one(&self, owner: &str, purpose: Purpose) -> Result<Arc<OwnerKeys>> {
+        let now = self.inner.clock.now();
+        match self.inner.cache.lookup(owner, now, usable(purpose)) {
+            Lookup::Hit(keys) => Ok(keys),
+            _ => {
+                let mut resolved = self.resolve_many([owner], purpose)?;
+                resolved.remove(owner).ok_or_else(|| Error::KeyUnavailable {
+                    owner: owner.to_owned(),
+                    reason: "resolution returned no keys".into(),
+                })
+            }
+        }
+    }
+
+    fn resolve_many<'a>(
+        &self,
+        owners: impl IntoIterator<Item = &'a str>,
+        purpose: Purpose,
+    ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+        let now = self.inner.clock.now();
+        let mut found = HashMap::new();
+        let mut lead = LeadGuard {
+            cache: &self.inner.cache,
+            flights: HashMap::new(),
+        };
+        let mut waits = Vec::new();
+        for owner in owners {
+            if found.contains_key(owner) || lead.flights.contains_key(owner) {
+                continue;
+            }
+            check_owner(owner)?;
+            match self.inner.cache.lookup(owner, now, usable(purpose)) {
+                Lookup::Hit(keys) => {
+                    found.insert(owner.to_owned(), keys);
+                }
+                Lookup::Lead(flight) => {
+                    lead.flights.insert(owner.to_owned(), flight);
+                }
+                Lookup::Wait(flight) => waits.push((owner, flight)),
+            }
+        }
+        let mut first_error = None;
+        if !lead.flights.is_empty() {
+            let owners: Vec<String> = lead.flights.keys().cloned().collect();
+            match self.fill(&owners, purpose) {
+                Ok(results) => {
+                    for (owner, result) in results {
+                        match result {
+                            Ok(keys) => {
+                                lead.complete(&owner, Ok(keys.clone()));
+                                found.insert(owner, keys);
+                            }
+                            Err(error) => {
+                                lead.complete(&owner, Err(error.to_string()));
+                                first_error.get_or_insert(error);
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    for owner in &owners {
+                        lead.complete(owner, Err(error.to_string()));
+                    }
+                    first_error = Some(error);
+                }
+            }
+        }
+        drop(lead);
+        for (owner, flight) in waits {
+            match flight.wait() {
+                Ok(keys) if usable(purpose)(&keys) => {
+                    found.insert(owner.to_owned(), keys);
+                }
+                // Resolved for opening while this caller seals: resolve again.
+                Ok(_) => {
+                    let keys = self.resolve_one(owner, purpose)?;
+                    found.insert(owner.to_owned(), keys);
+                }
+                Err(reason) => {
+                    first_error.get_or_insert(Error::KeyUnavailable {
+                        owner: owner.to_owned(),
+                        reason,
+                    });
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(found),
+        }
+    }
+
+    /// Resolves the given cache misses: one key-store query, then unwraps,
+    /// then creation of missing keys when sealing.
+    fn fill(
+        &self,
+        owners: &[String],
+        purpose: Purpose,
+    ) -> Result<Vec<(String, Result<Arc<OwnerKeys>>)>> {
+        let _span = tracing::debug_span!("phi.resolve", owners = owners.len()).entered();
+        let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
+        self.count_query();
+        let rows = self.inner.store.load_keys(&refs)?;
+        let mut by_owner: HashMap<&str, Vec<&StoredKey>> = HashMap::new();
+        for row in &rows {
+            by_owner.entry(row.owner_id.as_str()).or_default().push(row);
+        }
+        let mut audit = Vec::new();
+        let mut results = Vec::with_capacity(owners.len());
+        for owner in owners {
+            let rows = by_owner.remove(owner.as_str()).unwrap_or_default();
+            let result = self
+                .unwrap_rows(owner, &rows, &mut audit)
+                .and_then(|keys| match (purpose, keys.current) {
+                    (Purpose::Seal, None) => self.create(owner, &rows, &mut audit),
+                    _ => Ok(keys),
+                })
+                .map(Arc::new);
+            results.push((owner.clone(), result));
+        }
+        if !audit.is_empty() {
+            self.count_query();
+            self.inner.store.append_audit(&audit)?;
+        }
+        Ok(results)
+    }
+
+    fn unwrap_rows(
+        &self,
+        owner: &str,
+        rows: &[&StoredKey],
+        audit: &mut Vec<AuditEvent>,
+    ) -> Result<OwnerKeys> {
+        let mut deks = Vec::with_capacity(rows.len());
+        let mut current = None;
+        let mut sorted: Vec<&&StoredKey> = rows
+            .iter()
+            .filter(|r| r.state != KeyState::Destroyed)
+            .collect();
+        sorted.sort_by_key(|r| r.version);
+        for row in sorted {
+            let kek = self
+                .inner
+                .keks
+                .get(&row.kek_id)
+                .ok_or_else(|| Error::UnknownKek {
+                    owner: owner.to_owned(),
+                    key_version: row.version,
+                    kek_id: row.kek_id.clone(),
+                })?;
+            let key = {
+                let _span = tracing::debug_span!("phi.kek.unwrap", owner, version = row.version, kek = %row.kek_id).entered();
+                kek.unwrap(owner, row.version, &row.wrapped_key)
+            }
+            .map_err(|source| Error::Kek {
+                kek_id: row.kek_id.clone(),
+                owner: owner.to_owned(),
+                key_version: row.version,
+                source,
+            })?;
+            self.inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
+            audit.push(self.event(owner, AuditAction::Unwrap, row.version, &row.kek_id));
+            if row.state == KeyState::Active {
+                current = Some(deks.len());
+            }
+            deks.push(Dek::new(row.version, key));
+        }
+        Ok(OwnerKeys {
+            owner: owner.to_owned(),
+            deks,
+            current,
+            loaded_at: self.inner.clock.now(),
+        })
+    }
+
+    /// Creates the owner's first active data key (version 1, or one past the
+    /// highest version ever stored). Two processes racing here both insert
+    /// if absent; the loser reads and unwraps the winner's key, so nothing
+    /// is ever sealed under a key the store did not keep.
+    fn create(
+        &self,
+        owner: &str,
+        rows: &[&StoredKey],
+        audit: &mut Vec<AuditEvent>,
+    ) -> Result<OwnerKeys> {
+        let version = match rows.iter().map(|r| r.version).max() {
+            None => 1,
+            Some(_) => {
+                return Err(Error::NoKey {
+                    owner: owner.to_owned(),
+                });
+            }
+        };
+        let kek = &self.inner.primary;
+        let (key, wrapped) = {
+            let _span = tracing::debug_span!("phi.kek.generate", owner, version, kek = kek.id()).entered();
+            kek.generate(owner, version)
+        }
+        .map_err(|source| Error::Kek {
+            kek_id: kek.id().to_owned(),
+            owner: owner.to_owned(),
+            key_version: version,
+            source,
+        })?;
+        let row = StoredKey {
+            owner_id: owner.to_owned(),
+            version,
+            kek_id: kek.id().to_owned(),
+            wrapped_key: wrapped,
+            state: KeyState::Active,
+            created_at: chrono::Utc::now().naive_utc(),
+        };
+        self.count_query();
+        if self.inner.store.insert_key_if_absent(&row)? {
+            self.inner.counters.creations.fetch_add(1, Ordering::Relaxed);
+            audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
+            tracing::info!(owner, version, kek = kek.id(), "generated a data key");
+            return Ok(OwnerKeys {
+                owner: owner.to_owned(),
+                deks: vec![Dek::new(version, key)],
+                current: Some(0),
+                loaded_at: self.inner.clock.now(),
+            });
+        }
+        // Another process won the race: use its key, never ours.
+        drop(key);
+        self.count_query();
+        let winners = self.inner.store.load_keys(&[owner])?;
+        let winners: Vec<&StoredKey> = winners.iter().collect();
+        let keys = self.unwrap_rows(owner, &winners, audit)?;
+        if keys.current.is_none() {
+            return Err(Error::NoKey {
+                owner: owner.to_owned(),
+            });
+        }
+        Ok(keys)
+    }
+
+    fn event(&self, owner: &str, action: AuditAction, version: u32, kek_id: &str) -> AuditEvent {
+        AuditEvent {
+            occurred_at: chrono::Utc::now().naive_utc(),
+            owner_id: owner.to_owned(),
+            action,
+            key_version: Some(version),
+            kek_id: Some(kek_id.to_owned()),
+            actor: self.inner.actor.clone(),
+            detail: None,
+        }
+    }
+
+    fn count_query(&self) {
+        self.inner
+            .counters
+            .store_queries
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn usable(purpose: Purpose) -> impl Fn(&OwnerKeys) -> bool {
+    move |keys| purpose == Purpose::Open || keys.current.is_some()
+}
+
+fn check_owner(owner: &str) -> Result<()> {
+    if owner.is_empty() {
+        return Err(Error::InvalidInput {
+            what: "owner id",
+            reason: "it is empty".into(),
+        });
+    }
+    if owner.len() > MAX_OWNER_LEN {
+        return Err(Error::InvalidInput {
+            what: "owner id",
+            reason: format!(
+                "it is {} bytes, the key tables hold at most {MAX_OWNER_LEN}",
+                owner.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("store", &self.inner.store)
+            .field("primary_kek", &self.inner.primary.id())
+            .field("keks", &self.inner.keks.keys().collect::<Vec<_>>())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}

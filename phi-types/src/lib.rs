@@ -1,0 +1,68 @@
+//! Runtime of **phi**: transparent, owner-scoped encryption of protected
+//! health information (PHI) for Diesel applications.
+//!
+//! Each owner (a user, provider or tenant) has data keys of its own, wrapped
+//! by a key encryption key (a KMS master key, or a local one). Values are
+//! sealed as [envelope v1](envelope) bytes under AES-256-GCM, bound to their
+//! owner, their `table.column` and their row, and stored in ordinary binary
+//! columns through [`Encrypted<T>`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use phi_types::{Keyring, LocalKek, MemoryKeyStore};
+//!
+//! // Development set-up: a master key from the environment or a file in
+//! // production (`LocalKek::from_env`), a key store in the database
+//! // (`DieselKeyStore`).
+//! let kek = LocalKek::from_base64("local-1", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")?;
+//! let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+//!
+//! let sealed = keyring.seal(&"Doe".to_string(), "provider-17", "cases.patient_last", b"C-1001")?;
+//! // `sealed` goes into a Binary column; later, with the same binding:
+//! let name: String = keyring.open(sealed, "provider-17", "cases.patient_last", b"C-1001")?;
+//! assert_eq!(name, "Doe");
+//!
+//! // Bound to its owner: another owner's keys do not open it.
+//! let other = keyring.seal(&"Roe".to_string(), "provider-18", "cases.patient_last", b"C-1001")?;
+//! let err = keyring.open(other, "provider-17", "cases.patient_last", b"C-1001").unwrap_err();
+//! assert!(err.to_string().contains("provider-17"));
+//! # Ok::<(), phi_types::Error>(())
+//! ```
+//!
+//! # Crate features
+//!
+//! - `derive` (default): re-exports `#[derive(PhiRecord)]`.
+//! - `sqlite` (default), `mysql`, `postgres`: the key store
+//!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
+//!   `Encrypted<T>` itself works on every Diesel backend without a feature.
+//! - `test-util`: reserved for test helpers.
+
+mod connection;
+mod dek;
+pub mod envelope;
+mod error;
+mod kek;
+mod keyring;
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub mod migrations;
+mod nonce;
+mod sealer;
+mod sql;
+mod store;
+pub mod value;
+
+pub use connection::PhiConnection;
+pub use dek::{Dek, KeyBytes};
+pub use envelope::{Binding, EnvelopeError, Header};
+pub use error::{BoxError, Error, Result};
+pub use kek::{KeyEncryptionKey, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
+pub use keyring::{
+    Clock, DEFAULT_MAX_OWNERS, DEFAULT_TTL, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
+    ManualClock, OwnerKeys, SystemClock,
+};
+pub use sealer::{Sealer, with_sealer};
+pub use sql::Encrypted;
+pub use store::{AuditAction, AuditEvent, KeyState, KeyStore, MemoryKeyStore, StoredKey};
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub use store::DieselKeyStore;
+pub use value::{DecodeError, PhiValue};

@@ -1,0 +1,180 @@
+//! The key store: wrapped data keys and the audit trail, in the
+//! application's database.
+//!
+//! Tables (created by the embedded [`migrations`](crate::migrations)):
+//!
+//! - `user_encryption_keys (owner_id, version, kek_id, wrapped_key, state,
+//!   created_at, updated_at)`, primary key `(owner_id, version)`;
+//! - `encryption_key_audit (id, occurred_at, owner_id, action, key_version,
+//!   kek_id, actor, detail)`.
+//!
+//! The [`Keyring`](crate::Keyring) reaches the store through a connection
+//! pool of its own, never the caller's transaction, so a new data key row is
+//! committed before any value sealed under it can be written.
+
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+mod diesel_store;
+mod memory;
+pub(crate) mod schema;
+
+use std::fmt;
+
+use chrono::NaiveDateTime;
+
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub use diesel_store::DieselKeyStore;
+pub use memory::MemoryKeyStore;
+
+use crate::error::Result;
+
+/// Life-cycle state of a data key version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// Seals new values (the highest active version) and opens old ones.
+    Active,
+    /// Its key material was destroyed: values under it no longer open.
+    Destroyed,
+    /// Opens old values; never seals new ones.
+    Retired,
+}
+
+impl KeyState {
+    /// The text stored in `user_encryption_keys.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Destroyed => "destroyed",
+            KeyState::Retired => "retired",
+        }
+    }
+
+    /// Parses the stored text.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "active" => Some(KeyState::Active),
+            "destroyed" => Some(KeyState::Destroyed),
+            "retired" => Some(KeyState::Retired),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One row of `user_encryption_keys`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// The owner.
+    pub owner_id: String,
+    /// Data key version (1, 2, ...).
+    pub version: u32,
+    /// The KEK that wrapped the key.
+    pub kek_id: String,
+    /// The wrapped key, as the KEK produced it.
+    pub wrapped_key: Vec<u8>,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// When the row was created (UTC).
+    pub created_at: NaiveDateTime,
+}
+
+impl fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The wrapped key is not secret, but it has no business in logs.
+        f.debug_struct("StoredKey")
+            .field("owner_id", &self.owner_id)
+            .field("version", &self.version)
+            .field("kek_id", &self.kek_id)
+            .field("state", &self.state)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to a key, as recorded in `encryption_key_audit.action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AuditAction {
+    /// An owner's data key versions were destroyed (crypto-shredding).
+    Destroy,
+    /// A new data key was generated and stored.
+    Generate,
+    /// A data key version was retired.
+    Retire,
+    /// A data key was rewrapped under another KEK.
+    Rewrap,
+    /// A new data key version was added for an owner.
+    Rotate,
+    /// A data key was unwrapped into the cache.
+    Unwrap,
+}
+
+impl AuditAction {
+    /// The text stored in `encryption_key_audit.action`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Destroy => "destroy",
+            AuditAction::Generate => "generate",
+            AuditAction::Retire => "retire",
+            AuditAction::Rewrap => "rewrap",
+            AuditAction::Rotate => "rotate",
+            AuditAction::Unwrap => "unwrap",
+        }
+    }
+}
+
+/// One audit record to append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// When it happened (UTC).
+    pub occurred_at: NaiveDateTime,
+    /// Whose key.
+    pub owner_id: String,
+    /// What happened.
+    pub action: AuditAction,
+    /// Which data key version, if one.
+    pub key_version: Option<u32>,
+    /// Which KEK, if one.
+    pub kek_id: Option<String>,
+    /// Who did it (service name, operator).
+    pub actor: String,
+    /// Free text for the operator; never key bytes or plaintext.
+    pub detail: Option<String>,
+}
+
+/// Where wrapped data keys and audit records live.
+///
+/// [`DieselKeyStore`] keeps them in the application's database;
+/// [`MemoryKeyStore`] keeps them in memory for tests and examples.
+pub trait KeyStore: Send + Sync + fmt::Debug {
+    /// Every version of the given owners' data keys, destroyed ones included,
+    /// in one query.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>>;
+
+    /// Inserts `key` unless a row with the same (owner, version) exists.
+    /// Returns whether this call inserted it.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn insert_key_if_absent(&self, key: &StoredKey) -> Result<bool>;
+
+    /// Appends audit records.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn append_audit(&self, events: &[AuditEvent]) -> Result<()>;
+
+    /// Every owner that has at least one data key row.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn owners(&self) -> Result<Vec<String>>;
+}

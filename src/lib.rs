@@ -1,0 +1,8 @@
+//! **phi**: transparent, owner-scoped encryption of protected health
+//! information for Diesel applications.
+//!
+//! This package hosts the workspace's examples, cross-backend integration
+//! tests and benchmarks; the library itself is [`phi_types`], re-exported
+//! here whole.
+
+pub use phi_types::*;
