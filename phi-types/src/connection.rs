@@ -34,7 +34,8 @@ pub trait PhiConnection:
 impl sealed::Sealed for diesel::SqliteConnection {}
 #[cfg(feature = "sqlite")]
 impl PhiConnection for diesel::SqliteConnection {
-    const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("../migrations/sqlite");
+    const MIGRATIONS: EmbeddedMigrations =
+        diesel_migrations::embed_migrations!("../migrations/sqlite");
 
     fn prepare_key_store(&mut self) -> diesel::QueryResult<()> {
         use diesel::connection::SimpleConnection;
@@ -48,12 +49,14 @@ impl PhiConnection for diesel::SqliteConnection {
 impl sealed::Sealed for diesel::MysqlConnection {}
 #[cfg(feature = "mysql")]
 impl PhiConnection for diesel::MysqlConnection {
-    const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("../migrations/mysql");
+    const MIGRATIONS: EmbeddedMigrations =
+        diesel_migrations::embed_migrations!("../migrations/mysql");
 }
 
 #[cfg(feature = "postgres")]
 impl sealed::Sealed for diesel::PgConnection {}
 #[cfg(feature = "postgres")]
 impl PhiConnection for diesel::PgConnection {
-    const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("../migrations/postgres");
+    const MIGRATIONS: EmbeddedMigrations =
+        diesel_migrations::embed_migrations!("../migrations/postgres");
 }

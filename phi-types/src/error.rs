@@ -37,7 +37,9 @@ pub enum Error {
 
     /// A value opened correctly but its plaintext does not decode as the
     /// expected Rust type.
-    #[error("value of {scope} for owner {owner:?} (key version {key_version}) does not decode: {source}")]
+    #[error(
+        "value of {scope} for owner {owner:?} (key version {key_version}) does not decode: {source}"
+    )]
     Decode {
         /// `table.column` of the value.
         scope: String,
@@ -74,7 +76,9 @@ pub enum Error {
     },
 
     /// A key encryption key (local master key or KMS) failed.
-    #[error("key encryption key {kek_id:?} failed for owner {owner:?} (key version {key_version}): {source}")]
+    #[error(
+        "key encryption key {kek_id:?} failed for owner {owner:?} (key version {key_version}): {source}"
+    )]
     Kek {
         /// The KEK that was asked.
         kek_id: String,
@@ -140,7 +144,9 @@ pub enum Error {
     RandomSource(String),
 
     /// A stored data key row names a KEK that is not configured on this keyring.
-    #[error("data key version {key_version} of owner {owner:?} is wrapped by KEK {kek_id:?}, which is not configured")]
+    #[error(
+        "data key version {key_version} of owner {owner:?} is wrapped by KEK {kek_id:?}, which is not configured"
+    )]
     UnknownKek {
         /// Owner of the data key.
         owner: String,

@@ -62,7 +62,7 @@ pub use keyring::{
 };
 pub use sealer::{Sealer, with_sealer};
 pub use sql::Encrypted;
-pub use store::{AuditAction, AuditEvent, KeyState, KeyStore, MemoryKeyStore, StoredKey};
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;
+pub use store::{AuditAction, AuditEvent, KeyState, KeyStore, MemoryKeyStore, StoredKey};
 pub use value::{DecodeError, PhiValue};

@@ -67,9 +67,7 @@ impl ThreadRng {
 
 /// Runs `f` with this thread's nonce generator, reseeding it first if the
 /// process forked since it was seeded.
-pub(crate) fn with_nonces<R>(
-    f: impl FnOnce(&mut Nonces<'_>) -> R,
-) -> Result<R, getrandom::Error> {
+pub(crate) fn with_nonces<R>(f: impl FnOnce(&mut Nonces<'_>) -> R) -> Result<R, getrandom::Error> {
     let pid = std::process::id();
     RNG.with(|cell| {
         let mut slot = cell.borrow_mut();

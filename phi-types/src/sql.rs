@@ -98,7 +98,11 @@ impl<T> fmt::Debug for Encrypted<T> {
                 header.key_version,
                 self.bytes.len()
             ),
-            Err(_) => write!(f, "Encrypted(<not an envelope>, {} bytes)", self.bytes.len()),
+            Err(_) => write!(
+                f,
+                "Encrypted(<not an envelope>, {} bytes)",
+                self.bytes.len()
+            ),
         }
     }
 }

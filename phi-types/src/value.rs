@@ -213,7 +213,11 @@ mod tests {
         assert_eq!(bool::decode(vec![2]), Err(DecodeError::Bool));
         assert!(matches!(
             u32::decode(vec![1, 2]),
-            Err(DecodeError::Length { expected: 4, found: 2, .. })
+            Err(DecodeError::Length {
+                expected: 4,
+                found: 2,
+                ..
+            })
         ));
         assert_eq!(
             NaiveDate::decode(b"15/01/1980".to_vec()),

@@ -121,7 +121,8 @@ impl LocalKek {
 
     fn aad(&self, owner: &str, version: u32) -> Result<Vec<u8>, BoxError> {
         let id_len = u16::try_from(self.id.len()).map_err(|_| "KEK id longer than 65,535 bytes")?;
-        let owner_len = u16::try_from(owner.len()).map_err(|_| "owner id longer than 65,535 bytes")?;
+        let owner_len =
+            u16::try_from(owner.len()).map_err(|_| "owner id longer than 65,535 bytes")?;
         let mut aad = Vec::with_capacity(AAD_LABEL.len() + 8 + self.id.len() + owner.len());
         aad.extend_from_slice(AAD_LABEL);
         aad.extend_from_slice(&id_len.to_be_bytes());
@@ -175,9 +176,9 @@ impl KeyEncryptionKey for LocalKek {
                 key.as_mut_slice().into(),
                 &Tag::from(tag),
             )
-            .map_err(|_| {
-                "wrapped key does not authenticate (another master key, owner or version)"
-            })?;
+            .map_err(
+                |_| "wrapped key does not authenticate (another master key, owner or version)",
+            )?;
         Ok(KeyBytes::new(*key))
     }
 }
@@ -204,7 +205,10 @@ mod tests {
         let key = KeyBytes::new([9; 32]);
         let wrapped = a.wrap("u1", 3, &key).expect("wrap");
         assert_eq!(wrapped.len(), 60);
-        assert_eq!(a.unwrap("u1", 3, &wrapped).expect("unwrap").expose(), &[9; 32]);
+        assert_eq!(
+            a.unwrap("u1", 3, &wrapped).expect("unwrap").expose(),
+            &[9; 32]
+        );
         assert!(a.unwrap("u2", 3, &wrapped).is_err());
         assert!(a.unwrap("u1", 4, &wrapped).is_err());
         assert!(kek("b", 1).unwrap("u1", 3, &wrapped).is_err());

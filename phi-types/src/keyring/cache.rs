@@ -84,6 +84,24 @@ impl Cache {
         }
     }
 
+    /// The owner's cached keys if they are fresh and `usable`; counts a hit
+    /// only. A miss registers nothing: follow it with [`lookup`](Self::lookup).
+    pub(super) fn get(
+        &self,
+        owner: &str,
+        now: Instant,
+        usable: impl Fn(&OwnerKeys) -> bool,
+    ) -> Option<Arc<OwnerKeys>> {
+        let slot = self.slots.get(owner)?;
+        match &*slot {
+            Slot::Ready(keys) if self.fresh(keys, now) && usable(keys) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(keys.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// Looks `owner` up. `usable` says whether cached keys serve this
     /// request (a seal needs an active version; an open does not).
     pub(super) fn lookup(
@@ -137,15 +155,15 @@ impl Cache {
     /// if the slot still belongs to that resolution (a `clear` may have
     /// removed it meanwhile).
     pub(super) fn complete(&self, owner: &str, flight: &Arc<Flight>, result: Shared) {
-        if let Entry::Occupied(mut entry) = self.slots.entry(owner.to_owned()) {
-            if matches!(entry.get(), Slot::Loading(f) if Arc::ptr_eq(f, flight)) {
-                match &result {
-                    Ok(keys) => {
-                        entry.insert(Slot::Ready(keys.clone()));
-                    }
-                    Err(_) => {
-                        entry.remove();
-                    }
+        if let Entry::Occupied(mut entry) = self.slots.entry(owner.to_owned())
+            && matches!(entry.get(), Slot::Loading(f) if Arc::ptr_eq(f, flight))
+        {
+            match &result {
+                Ok(keys) => {
+                    entry.insert(Slot::Ready(keys.clone()));
+                }
+                Err(_) => {
+                    entry.remove();
                 }
             }
         }

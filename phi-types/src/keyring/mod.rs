@@ -267,17 +267,19 @@ impl KeyringBuilder {
             return Err(Error::Config("the key cache TTL must be positive".into()));
         }
         if self.max_owners == 0 {
-            return Err(Error::Config("the key cache must hold at least one owner".into()));
+            return Err(Error::Config(
+                "the key cache must hold at least one owner".into(),
+            ));
         }
         let mut keks: HashMap<String, Arc<dyn KeyEncryptionKey>> = HashMap::new();
         for kek in std::iter::once(self.primary.clone()).chain(self.keks) {
-            if let Some(existing) = keks.get(kek.id()) {
-                if !Arc::ptr_eq(existing, &kek) {
-                    return Err(Error::Config(format!(
-                        "two KEKs are configured with the id {:?}",
-                        kek.id()
-                    )));
-                }
+            if let Some(existing) = keks.get(kek.id())
+                && !Arc::ptr_eq(existing, &kek)
+            {
+                return Err(Error::Config(format!(
+                    "two KEKs are configured with the id {:?}",
+                    kek.id()
+                )));
             }
             keks.insert(kek.id().to_owned(), kek);
         }
@@ -393,11 +395,11 @@ impl Keyring {
         row: &[u8],
     ) -> Result<T> {
         let mut keys = self.keys_for_open(owner)?;
-        if let Ok(header) = value.header() {
-            if keys.dek(header.key_version).is_none() {
-                self.clear(owner);
-                keys = self.keys_for_open(owner)?;
-            }
+        if let Ok(header) = value.header()
+            && keys.dek(header.key_version).is_none()
+        {
+            self.clear(owner);
+            keys = self.keys_for_open(owner)?;
         }
         keys.open(value, scope, row)
     }
@@ -464,16 +466,14 @@ impl Keyring {
 
     fn resolve_one(&self, owner: &str, purpose: Purpose) -> Result<Arc<OwnerKeys>> {
         let now = self.inner.clock.now();
-        match self.inner.cache.lookup(owner, now, usable(purpose)) {
-            Lookup::Hit(keys) => Ok(keys),
-            _ => {
-                let mut resolved = self.resolve_many([owner], purpose)?;
-                resolved.remove(owner).ok_or_else(|| Error::KeyUnavailable {
-                    owner: owner.to_owned(),
-                    reason: "resolution returned no keys".into(),
-                })
-            }
+        if let Some(keys) = self.inner.cache.get(owner, now, usable(purpose)) {
+            return Ok(keys);
         }
+        let mut resolved = self.resolve_many([owner], purpose)?;
+        resolved.remove(owner).ok_or_else(|| Error::KeyUnavailable {
+            owner: owner.to_owned(),
+            reason: "resolution returned no keys".into(),
+        })
     }
 
     fn resolve_many<'a>(
@@ -657,7 +657,8 @@ impl Keyring {
         };
         let kek = &self.inner.primary;
         let (key, wrapped) = {
-            let _span = tracing::debug_span!("phi.kek.generate", owner, version, kek = kek.id()).entered();
+            let _span =
+                tracing::debug_span!("phi.kek.generate", owner, version, kek = kek.id()).entered();
             kek.generate(owner, version)
         }
         .map_err(|source| Error::Kek {
@@ -676,7 +677,10 @@ impl Keyring {
         };
         self.count_query();
         if self.inner.store.insert_key_if_absent(&row)? {
-            self.inner.counters.creations.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .creations
+                .fetch_add(1, Ordering::Relaxed);
             audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
             tracing::info!(owner, version, kek = kek.id(), "generated a data key");
             return Ok(OwnerKeys {

@@ -26,7 +26,9 @@ impl MemoryKeyStore {
 
     /// The audit records appended so far.
     pub fn audit_events(&self) -> Vec<AuditEvent> {
-        self.lock().map(|inner| inner.audit.clone()).unwrap_or_default()
+        self.lock()
+            .map(|inner| inner.audit.clone())
+            .unwrap_or_default()
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {

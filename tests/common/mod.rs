@@ -1,0 +1,107 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use phi::{BoxError, KeyBytes, KeyEncryptionKey, LocalKek};
+
+/// An owner id no other test (or earlier run against the same server) uses.
+pub(crate) fn unique_owner(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The master key the tests' `LocalKek`s use.
+pub(crate) const MASTER_KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// The tests' standard KEK.
+pub(crate) fn local_kek() -> Arc<LocalKek> {
+    Arc::new(LocalKek::from_base64("local-test", MASTER_KEY_B64).expect("test master key"))
+}
+
+/// A KEK that counts its calls and can slow unwraps down, to widen races.
+#[derive(Debug)]
+pub(crate) struct CountingKek {
+    inner: Arc<dyn KeyEncryptionKey>,
+    pub(crate) unwraps: AtomicUsize,
+    pub(crate) generates: AtomicUsize,
+    delay: Duration,
+}
+
+impl CountingKek {
+    pub(crate) fn new(inner: Arc<dyn KeyEncryptionKey>, delay: Duration) -> Arc<Self> {
+        Arc::new(CountingKek {
+            inner,
+            unwraps: AtomicUsize::new(0),
+            generates: AtomicUsize::new(0),
+            delay,
+        })
+    }
+    pub(crate) fn unwraps(&self) -> usize {
+        self.unwraps.load(Ordering::SeqCst)
+    }
+}
+
+impl KeyEncryptionKey for CountingKek {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn generate(&self, owner: &str, version: u32) -> Result<(KeyBytes, Vec<u8>), BoxError> {
+        self.generates.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        self.inner.generate(owner, version)
+    }
+    fn wrap(&self, owner: &str, version: u32, key: &KeyBytes) -> Result<Vec<u8>, BoxError> {
+        self.inner.wrap(owner, version, key)
+    }
+    fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError> {
+        self.unwraps.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        self.inner.unwrap(owner, version, wrapped)
+    }
+}
+
+/// A key store wrapper that counts `load_keys` calls.
+#[derive(Debug)]
+pub(crate) struct CountingStore {
+    pub(crate) inner: Arc<dyn phi::KeyStore>,
+    pub(crate) loads: AtomicUsize,
+}
+
+impl CountingStore {
+    pub(crate) fn new(inner: Arc<dyn phi::KeyStore>) -> Arc<Self> {
+        Arc::new(CountingStore {
+            inner,
+            loads: AtomicUsize::new(0),
+        })
+    }
+    pub(crate) fn loads(&self) -> usize {
+        self.loads.load(Ordering::SeqCst)
+    }
+}
+
+impl phi::KeyStore for CountingStore {
+    fn load_keys(&self, owners: &[&str]) -> phi::Result<Vec<phi::StoredKey>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load_keys(owners)
+    }
+    fn insert_key_if_absent(&self, key: &phi::StoredKey) -> phi::Result<bool> {
+        self.inner.insert_key_if_absent(key)
+    }
+    fn append_audit(&self, events: &[phi::AuditEvent]) -> phi::Result<()> {
+        self.inner.append_audit(events)
+    }
+    fn owners(&self) -> phi::Result<Vec<String>> {
+        self.inner.owners()
+    }
+}
