@@ -50,17 +50,10 @@ fn keyring(store: Arc<dyn KeyStore>) -> Keyring {
         .expect("keyring")
 }
 
-/// The owner's keys for sealing, through the batch resolution path (which
-/// also fills the cache, so later `keys_for_*` calls are hits). Not
-/// `keys_for_seal`: on an owner not yet cached it waits on its own
-/// resolution (see `first_use_of_an_owner_does_not_hang` in
-/// `phi-types/tests/vectors.rs`).
+/// The owner's keys for sealing (which also fills the cache, so later
+/// `keys_for_*` calls are hits).
 fn warm_keys(keyring: &Keyring, owner: &str) -> Arc<OwnerKeys> {
-    keyring
-        .keys_for_seal_many([owner])
-        .expect("resolve")
-        .remove(owner)
-        .expect("resolved owner")
+    keyring.keys_for_seal(owner).expect("resolve")
 }
 
 fn owners() -> Vec<String> {

@@ -58,7 +58,7 @@ pub use error::{BoxError, Error, Result};
 pub use kek::{KeyEncryptionKey, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 pub use keyring::{
     Clock, DEFAULT_MAX_OWNERS, DEFAULT_TTL, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
-    ManualClock, OwnerKeys, SystemClock,
+    ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
 pub use sealer::{Sealer, with_sealer};
 pub use sql::Encrypted;

@@ -149,26 +149,14 @@ fn keyring_open_agrees_with_every_vector() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// An owner's keys for opening, resolved through the batch path.
-///
-/// `Keyring::keys_for_open` (and so `Keyring::open`) is not used on a cold
-/// owner here: see `first_use_of_an_owner_does_not_hang`.
+/// An owner's keys for opening.
 fn open_keys(keyring: &Keyring, owner: &str) -> Arc<OwnerKeys> {
-    keyring
-        .keys_for_open_many([owner])
-        .expect("resolve")
-        .remove(owner)
-        .expect("resolved owner")
+    keyring.keys_for_open(owner).expect("resolve")
 }
 
-/// An owner's keys for sealing, resolved through the batch path (see
-/// [`open_keys`]).
+/// An owner's keys for sealing.
 fn seal_keys(keyring: &Keyring, owner: &str) -> Arc<OwnerKeys> {
-    keyring
-        .keys_for_seal_many([owner])
-        .expect("resolve")
-        .remove(owner)
-        .expect("resolved owner")
+    keyring.keys_for_seal(owner).expect("resolve")
 }
 
 fn chrono_epoch() -> chrono::NaiveDateTime {

@@ -604,7 +604,11 @@ fn the_key_store_lists_owners_and_warm_all_fills_the_cache() {
     let store = db.store();
     assert!(store.owners().expect("owners").contains(&owner));
     let keyring = db.keyring();
-    assert!(keyring.warm_all().expect("warm") >= 1);
+    let report = keyring.warm_all().expect("warm");
+    assert!(report.warmed >= 1);
+    // On a shared server other tests' owners may use KEKs this keyring lacks:
+    // those are reported, never fatal, and never this owner.
+    assert!(report.failures.iter().all(|(o, _)| *o != owner), "{:?}", report.failures);
     let before = keyring.stats().unwraps;
     keyring.keys_for_open(&owner).expect("keys");
     assert_eq!(keyring.stats().unwraps, before, "warm owner is a cache hit");

@@ -139,6 +139,16 @@ impl fmt::Debug for OwnerKeys {
     }
 }
 
+/// What [`Keyring::warm_all`] did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct WarmReport {
+    /// Owners now cached.
+    pub warmed: usize,
+    /// Owners whose keys could not be resolved, with the reason.
+    pub failures: Vec<(String, Error)>,
+}
+
 /// Counters of a [`Keyring`], from [`Keyring::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -440,18 +450,29 @@ impl Keyring {
     }
 
     /// Loads every owner in the key store into the cache, up to the cache's
-    /// size bound.
+    /// size bound. An owner whose keys cannot be unwrapped (a KEK not
+    /// configured here, say) is reported, not fatal: the others are warmed.
     ///
     /// # Errors
-    /// Key store and KEK errors.
-    pub fn warm_all(&self) -> Result<usize> {
+    /// Only when the key store cannot list its owners.
+    pub fn warm_all(&self) -> Result<WarmReport> {
         self.count_query();
         let owners = self.inner.store.owners()?;
-        let mut warmed = 0;
+        let mut report = WarmReport::default();
         for chunk in owners.chunks(1_000) {
-            warmed += self.warm(chunk.iter().map(String::as_str))?;
+            for (owner, result) in
+                self.resolve_each(chunk.iter().map(String::as_str), Purpose::Open)
+            {
+                match result {
+                    Ok(_) => report.warmed += 1,
+                    Err(error) => {
+                        tracing::warn!(owner = %owner, error = %error, "cannot warm an owner's keys");
+                        report.failures.push((owner, error));
+                    }
+                }
+            }
         }
-        Ok(warmed)
+        Ok(report)
     }
 
     /// The KEK that wraps new data keys.
@@ -481,21 +502,37 @@ impl Keyring {
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
-        let now = self.inner.clock.now();
         let mut found = HashMap::new();
+        for (owner, result) in self.resolve_each(owners, purpose) {
+            found.insert(owner, result?);
+        }
+        Ok(found)
+    }
+
+    /// Resolves each owner, with a result per owner.
+    fn resolve_each<'a>(
+        &self,
+        owners: impl IntoIterator<Item = &'a str>,
+        purpose: Purpose,
+    ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
+        let now = self.inner.clock.now();
+        let mut results: HashMap<String, Result<Arc<OwnerKeys>>> = HashMap::new();
         let mut lead = LeadGuard {
             cache: &self.inner.cache,
             flights: HashMap::new(),
         };
         let mut waits = Vec::new();
         for owner in owners {
-            if found.contains_key(owner) || lead.flights.contains_key(owner) {
+            if results.contains_key(owner) || lead.flights.contains_key(owner) {
                 continue;
             }
-            check_owner(owner)?;
+            if let Err(error) = check_owner(owner) {
+                results.insert(owner.to_owned(), Err(error));
+                continue;
+            }
             match self.inner.cache.lookup(owner, now, usable(purpose)) {
                 Lookup::Hit(keys) => {
-                    found.insert(owner.to_owned(), keys);
+                    results.insert(owner.to_owned(), Ok(keys));
                 }
                 Lookup::Lead(flight) => {
                     lead.flights.insert(owner.to_owned(), flight);
@@ -503,55 +540,47 @@ impl Keyring {
                 Lookup::Wait(flight) => waits.push((owner, flight)),
             }
         }
-        let mut first_error = None;
         if !lead.flights.is_empty() {
             let owners: Vec<String> = lead.flights.keys().cloned().collect();
             match self.fill(&owners, purpose) {
-                Ok(results) => {
-                    for (owner, result) in results {
-                        match result {
-                            Ok(keys) => {
-                                lead.complete(&owner, Ok(keys.clone()));
-                                found.insert(owner, keys);
-                            }
-                            Err(error) => {
-                                lead.complete(&owner, Err(error.to_string()));
-                                first_error.get_or_insert(error);
-                            }
-                        }
+                Ok(filled) => {
+                    for (owner, result) in filled {
+                        lead.complete(
+                            &owner,
+                            result.as_ref().map(Arc::clone).map_err(ToString::to_string),
+                        );
+                        results.insert(owner, result);
                     }
                 }
                 Err(error) => {
+                    // The first owner gets the error itself, the others its text.
+                    let reason = error.to_string();
+                    let mut original = Some(error);
                     for owner in &owners {
-                        lead.complete(owner, Err(error.to_string()));
+                        lead.complete(owner, Err(reason.clone()));
+                        let error = original.take().unwrap_or_else(|| Error::KeyUnavailable {
+                            owner: owner.clone(),
+                            reason: reason.clone(),
+                        });
+                        results.insert(owner.clone(), Err(error));
                     }
-                    first_error = Some(error);
                 }
             }
         }
         drop(lead);
         for (owner, flight) in waits {
-            match flight.wait() {
-                Ok(keys) if usable(purpose)(&keys) => {
-                    found.insert(owner.to_owned(), keys);
-                }
+            let result = match flight.wait() {
+                Ok(keys) if usable(purpose)(&keys) => Ok(keys),
                 // Resolved for opening while this caller seals: resolve again.
-                Ok(_) => {
-                    let keys = self.resolve_one(owner, purpose)?;
-                    found.insert(owner.to_owned(), keys);
-                }
-                Err(reason) => {
-                    first_error.get_or_insert(Error::KeyUnavailable {
-                        owner: owner.to_owned(),
-                        reason,
-                    });
-                }
-            }
+                Ok(_) => self.resolve_one(owner, purpose),
+                Err(reason) => Err(Error::KeyUnavailable {
+                    owner: owner.to_owned(),
+                    reason,
+                }),
+            };
+            results.insert(owner.to_owned(), result);
         }
-        match first_error {
-            Some(error) => Err(error),
-            None => Ok(found),
-        }
+        results.into_iter().collect()
     }
 
     /// Resolves the given cache misses: one key-store query, then unwraps,
