@@ -4,10 +4,15 @@
 //! values, so each thread keeps a ChaCha12 generator seeded from the
 //! operating system and reseeded every 65,536 nonces. A forked child inherits
 //! its parent's generator state and would replay the parent's nonce stream,
-//! so every entry into [`with_nonces`] compares the process id with the one
-//! the generator was seeded under and reseeds on a change. Batch operations
-//! enter once per batch, so the process-id check is paid per call, not per
-//! value.
+//! so every entry into [`with_nonces`] asks a fork detector first and reseeds
+//! in a child:
+//!
+//! - on Unix, a `pthread_atfork` child handler bumps a counter (the
+//!   `forkguard` crate): the check is one atomic load;
+//! - where no handler can be registered, the process id is compared (one
+//!   system call).
+//!
+//! Batch operations enter once per batch.
 
 use std::cell::RefCell;
 
@@ -18,9 +23,34 @@ use crate::envelope::NONCE_LEN;
 
 const RESEED_EVERY: u32 = 1 << 16;
 
+/// Tells whether the process forked since the generator was seeded.
+enum ForkCheck {
+    #[cfg(unix)]
+    Atfork(forkguard::atfork::Guard),
+    Pid(u32),
+}
+
+impl ForkCheck {
+    fn new() -> Self {
+        #[cfg(unix)]
+        if let Ok(guard) = forkguard::atfork::Guard::try_new() {
+            return ForkCheck::Atfork(guard);
+        }
+        ForkCheck::Pid(std::process::id())
+    }
+
+    fn forked(&mut self) -> bool {
+        match self {
+            #[cfg(unix)]
+            ForkCheck::Atfork(guard) => guard.detected_fork(),
+            ForkCheck::Pid(pid) => *pid != std::process::id(),
+        }
+    }
+}
+
 struct ThreadRng {
     rng: ChaCha12Rng,
-    pid: u32,
+    fork: ForkCheck,
     remaining: u32,
 }
 
@@ -42,7 +72,7 @@ impl<'a> Nonces<'a> {
     /// The next nonce. Reseeds from the OS when the stream is used up.
     pub(crate) fn next(&mut self) -> Result<[u8; NONCE_LEN], getrandom::Error> {
         if self.state.remaining == 0 {
-            *self.state = ThreadRng::seeded(self.state.pid)?;
+            *self.state = ThreadRng::seeded()?;
         }
         self.state.remaining -= 1;
         let mut nonce = [0u8; NONCE_LEN];
@@ -52,14 +82,17 @@ impl<'a> Nonces<'a> {
 }
 
 impl ThreadRng {
-    fn seeded(pid: u32) -> Result<Self, getrandom::Error> {
+    fn seeded() -> Result<Self, getrandom::Error> {
+        // The detector is armed before the seed is drawn, so a fork in
+        // between is seen at the next entry.
+        let fork = ForkCheck::new();
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed)?;
         let rng = ChaCha12Rng::from_seed(seed);
         zeroize::Zeroize::zeroize(&mut seed);
         Ok(ThreadRng {
             rng,
-            pid,
+            fork,
             remaining: RESEED_EVERY,
         })
     }
@@ -68,12 +101,14 @@ impl ThreadRng {
 /// Runs `f` with this thread's nonce generator, reseeding it first if the
 /// process forked since it was seeded.
 pub(crate) fn with_nonces<R>(f: impl FnOnce(&mut Nonces<'_>) -> R) -> Result<R, getrandom::Error> {
-    let pid = std::process::id();
     RNG.with(|cell| {
         let mut slot = cell.borrow_mut();
+        if !slot.as_mut().is_some_and(|state| !state.fork.forked()) {
+            *slot = Some(ThreadRng::seeded()?);
+        }
         let state = match slot.as_mut() {
-            Some(state) if state.pid == pid => state,
-            _ => slot.insert(ThreadRng::seeded(pid)?),
+            Some(state) => state,
+            None => slot.insert(ThreadRng::seeded()?),
         };
         Ok(f(&mut Nonces { state }))
     })
@@ -96,13 +131,14 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_pid_reseeds() {
+    fn a_detected_fork_reseeds_before_the_next_nonce() {
         let first = with_nonces(|n| n.next().expect("nonce")).expect("rng");
-        // Pretend the generator was seeded by a parent process.
+        // Pretend the generator was inherited from a parent process: its
+        // detector fires (another pid) and its stream is a known one.
         RNG.with(|cell| {
             let mut slot = cell.borrow_mut();
             let state = slot.as_mut().expect("seeded");
-            state.pid = state.pid.wrapping_add(1);
+            state.fork = ForkCheck::Pid(std::process::id().wrapping_add(1));
             state.rng = ChaCha12Rng::from_seed([7; 32]);
         });
         let mut replay = ChaCha12Rng::from_seed([7; 32]);
@@ -111,5 +147,13 @@ mod tests {
         let after = with_nonces(|n| n.next().expect("nonce")).expect("rng");
         assert_ne!(after, would_be, "the inherited stream must not be used");
         assert_ne!(after, first);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_atfork_detector_is_in_use_on_unix() {
+        assert!(matches!(ForkCheck::new(), ForkCheck::Atfork(_)));
+        let mut check = ForkCheck::new();
+        assert!(!check.forked(), "no fork happened");
     }
 }
