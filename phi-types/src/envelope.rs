@@ -230,8 +230,8 @@ pub(crate) fn seal_with(
 }
 
 /// Opens `envelope` in place under `cipher`, leaving the plaintext in the
-/// same buffer. On failure the buffer's content is unspecified (it is
-/// cleared, so no partial plaintext survives).
+/// same buffer. On failure the buffer is zeroed and emptied, so no partial
+/// plaintext survives.
 pub(crate) fn open_in_place(
     cipher: &Aes256Gcm,
     envelope: &mut Vec<u8>,
@@ -255,7 +255,8 @@ pub(crate) fn open_in_place(
         )
     });
     if result.is_err() {
-        envelope.clear();
+        // Nothing of a failed open survives, whatever the cipher left behind.
+        zeroize::Zeroize::zeroize(envelope);
         return Err(OpenError::Auth(header.key_version));
     }
     envelope.truncate(len - TAG_LEN);

@@ -64,5 +64,6 @@ pub use sealer::{Sealer, with_sealer};
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;
+pub use store::schema;
 pub use store::{AuditAction, AuditEvent, KeyState, KeyStore, MemoryKeyStore, StoredKey};
 pub use value::{DecodeError, PhiValue};

@@ -229,3 +229,37 @@ fn debug_output_shows_no_key_material_and_no_plaintext() {
     // The wrapped key is left out of the stored row's Debug too.
     assert!(!shown[5].contains("wrapped_key"), "{}", shown[5]);
 }
+
+#[test]
+fn arbitrary_stored_bytes_give_errors_never_panics() {
+    let keyring = keyring(Arc::new(MemoryKeyStore::new()));
+    let genuine = keyring
+        .seal(&"Doe".to_string(), "u1", SCOPE, b"")
+        .expect("seal");
+    let keys = keyring.keys_for_open("u1").expect("keys");
+    // A small xorshift generator: deterministic, no dependency.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..20_000 {
+        let len = usize::try_from(next() % 80).expect("small");
+        let mut bytes: Vec<u8> = (0..len).map(|_| next().to_be_bytes()[0]).collect();
+        // Most inputs keep a valid-looking header, so the cipher path is hit.
+        if i % 4 != 0 && bytes.len() >= 6 {
+            bytes[..6].copy_from_slice(&genuine.as_bytes()[..6]);
+        }
+        let result = keys.open::<String>(Encrypted::from_bytes(bytes), SCOPE, b"");
+        let err = result.expect_err("random bytes never open");
+        assert!(
+            matches!(
+                err,
+                Error::Decrypt { .. } | Error::Malformed { .. } | Error::UnknownKeyVersion { .. }
+            ),
+            "{err:?}"
+        );
+    }
+}

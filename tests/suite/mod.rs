@@ -23,26 +23,7 @@ diesel::table! {
     }
 }
 
-diesel::table! {
-    user_encryption_keys (owner_id, version) {
-        owner_id -> Varchar,
-        version -> BigInt,
-        kek_id -> Varchar,
-        state -> Varchar,
-    }
-}
-
-diesel::table! {
-    encryption_key_audit (id) {
-        id -> BigInt,
-        owner_id -> Varchar,
-        action -> Varchar,
-        key_version -> Nullable<BigInt>,
-        kek_id -> Nullable<Varchar>,
-        actor -> Varchar,
-        detail -> Nullable<Text>,
-    }
-}
+use phi::schema::{encryption_key_audit, user_encryption_keys};
 
 #[derive(Debug, Clone, Insertable, Queryable, Selectable)]
 #[diesel(table_name = phi_it_values)]

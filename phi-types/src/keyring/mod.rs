@@ -666,10 +666,12 @@ impl Keyring {
         })
     }
 
-    /// Creates the owner's first active data key (version 1, or one past the
-    /// highest version ever stored). Two processes racing here both insert
-    /// if absent; the loser reads and unwraps the winner's key, so nothing
-    /// is ever sealed under a key the store did not keep.
+    /// Creates the owner's first data key, version 1. An owner whose
+    /// versions are all retired or destroyed gets no new key here (that is a
+    /// rotation decision): sealing fails with [`Error::NoKey`]. Two processes
+    /// racing here both insert if absent; the loser reads and unwraps the
+    /// winner's key, so nothing is ever sealed under a key the store did not
+    /// keep.
     fn create(
         &self,
         owner: &str,

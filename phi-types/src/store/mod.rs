@@ -15,7 +15,7 @@
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 mod diesel_store;
 mod memory;
-pub(crate) mod schema;
+pub mod schema;
 
 use std::fmt;
 

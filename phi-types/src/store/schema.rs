@@ -1,4 +1,16 @@
-//! Diesel table definitions of the key store.
+//! Diesel table definitions of the key store, for queries of your own
+//! (key coverage, the audit trail):
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use phi_types::schema::encryption_key_audit as audit;
+//! let recent = audit::table
+//!     .filter(audit::owner_id.eq("provider-17"))
+//!     .order(audit::id.desc())
+//!     .select((audit::occurred_at, audit::action, audit::key_version))
+//!     .limit(20);
+//! # let _ = recent;
+//! ```
 #![allow(missing_docs)]
 
 diesel::table! {
