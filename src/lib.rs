@@ -1,5 +1,4 @@
-//! **phi**: transparent, owner-scoped encryption of protected health
-//! information for Diesel applications.
+#![doc = include_str!("../README.md")]
 //!
 //! This package hosts the workspace's examples, cross-backend integration
 //! tests and benchmarks; the library itself is [`phi_types`], re-exported
