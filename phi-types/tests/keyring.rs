@@ -263,3 +263,14 @@ fn arbitrary_stored_bytes_give_errors_never_panics() {
         );
     }
 }
+
+#[test]
+fn the_runtime_types_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<Keyring>();
+    shared::<phi_types::OwnerKeys>();
+    shared::<Encrypted<String>>();
+    shared::<MemoryKeyStore>();
+    shared::<LocalKek>();
+    shared::<Error>();
+}

@@ -20,6 +20,13 @@ const AUDIT_ROWS_PER_INSERT: usize = 500;
 /// A [`KeyStore`] in the application's database, reached through a Diesel
 /// connection pool of its own.
 ///
+/// On SQLite the pool and the application's connection share one database
+/// file and one write lock: resolve keys for sealing
+/// ([`Keyring::keys_for_seal_many`](crate::Keyring::keys_for_seal_many))
+/// before beginning a write transaction, or a new owner's key insert waits
+/// for that transaction (up to a 10 s busy timeout) and then fails. MySQL /
+/// MariaDB and PostgreSQL have no such constraint.
+///
 /// ```no_run
 /// # #[cfg(feature = "sqlite")] {
 /// use diesel::SqliteConnection;
