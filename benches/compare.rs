@@ -1,0 +1,962 @@
+//! Whole-run comparison of phi against plaintext Diesel (and the Python
+//! design of `peers/py_peer.py`): inserting and loading 100,000 cases.
+//!
+//! ```sh
+//! cargo bench --bench compare                  # SQLite only
+//! cargo bench --bench compare --all-features   # SQLite, MariaDB, PostgreSQL
+//! cargo bench --bench compare -- --quick       # 10,000 cases, one Python run
+//! ```
+//!
+//! Not a criterion benchmark: each measure times a whole run and the median
+//! of 3 runs is reported. For each backend enabled by cargo features it
+//! creates (drops and recreates) two tables of its own, `phi_cmp_plain` (4
+//! PHI text columns) and `phi_cmp_sealed` (the same 4 columns as binary
+//! `Encrypted<String>`), and measures, for N cases × 4 PHI fields over 100
+//! owners:
+//!
+//! - insert: batches of 1,000 rows, one multi-row `INSERT` in one transaction
+//!   per batch; phi seals each batch in one `phi_types::with_sealer` entry
+//!   with keys resolved before the timing, every value bound to
+//!   `phi_cmp_sealed.<column>` and its case id (8 bytes, big-endian) as row;
+//! - load: one `load` of every row into structs; phi loads the sealed rows,
+//!   resolves their owners with `keys_for_open_many` and opens every field
+//!   with `OwnerKeys::open`, on a warm keyring and on a fresh (cold) one
+//!   that resolves the 100 owners inside the timing.
+//!
+//! Settings (environment):
+//!
+//! - `PHI_COMPARE_ROWS`: N (default 100,000; 10,000 with `--quick`);
+//! - `PHI_TEST_MYSQL_URL` (default `mysql://root@127.0.0.1:3306/test`) and
+//!   `PHI_TEST_POSTGRES_URL` (default
+//!   `postgres://postgres@127.0.0.1:5432/test`), with the `mysql` and
+//!   `postgres` features;
+//! - `PHI_COMPARE_PY_PEER`: the Python baseline script (default
+//!   `../shared/peers/py_peer.py` beside the workspace), run as `python3 SCRIPT N` when
+//!   `python3` can import `sqlalchemy` and `cryptography`.
+//!
+//! Results and how to read them: `benches/README.md`.
+#![allow(clippy::print_stdout)]
+
+use std::collections::{HashMap, HashSet};
+use std::error::Error;
+use std::hint::black_box;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use phi::{Encrypted, KeyBytes, KeyStore, Keyring, LocalKek, OwnerKeys, with_sealer};
+
+mod schema {
+    //! The two tables of the comparison.
+    #![allow(missing_docs)]
+    diesel::table! {
+        phi_cmp_plain (case_id) {
+            case_id -> BigInt,
+            user_id -> Text,
+            patient_first -> Text,
+            patient_last -> Text,
+            patient_dob -> Text,
+            ins_provider -> Text,
+            status -> Integer,
+        }
+    }
+    diesel::table! {
+        phi_cmp_sealed (case_id) {
+            case_id -> BigInt,
+            user_id -> Text,
+            patient_first -> Binary,
+            patient_last -> Binary,
+            patient_dob -> Binary,
+            ins_provider -> Binary,
+            status -> Integer,
+        }
+    }
+}
+use schema::{phi_cmp_plain, phi_cmp_sealed};
+
+const DEFAULT_ROWS: usize = 100_000;
+const QUICK_ROWS: usize = 10_000;
+const OWNERS: usize = 100;
+const BATCH_ROWS: usize = 1_000;
+const PHI_FIELDS: usize = 4;
+const RUNS: usize = 3;
+/// The Python peer, beside the workspace (override with `PHI_COMPARE_PY_PEER`).
+const DEFAULT_PY_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/peers/py_peer.py");
+
+const SCOPE_FIRST: &str = "phi_cmp_sealed.patient_first";
+const SCOPE_LAST: &str = "phi_cmp_sealed.patient_last";
+const SCOPE_DOB: &str = "phi_cmp_sealed.patient_dob";
+const SCOPE_INSURER: &str = "phi_cmp_sealed.ins_provider";
+
+/// A case as the application holds it, and as the plaintext table stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = phi_cmp_plain)]
+struct Case {
+    case_id: i64,
+    user_id: String,
+    patient_first: String,
+    patient_last: String,
+    patient_dob: String,
+    ins_provider: String,
+    status: i32,
+}
+
+/// A case to insert into the sealed table.
+#[derive(Insertable)]
+#[diesel(table_name = phi_cmp_sealed)]
+struct NewSealedCase<'a> {
+    case_id: i64,
+    user_id: &'a str,
+    patient_first: Encrypted<String>,
+    patient_last: Encrypted<String>,
+    patient_dob: Encrypted<String>,
+    ins_provider: Encrypted<String>,
+    status: i32,
+}
+
+/// A case as loaded from the sealed table.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = phi_cmp_sealed)]
+struct SealedCase {
+    case_id: i64,
+    user_id: String,
+    patient_first: Encrypted<String>,
+    patient_last: Encrypted<String>,
+    patient_dob: Encrypted<String>,
+    ins_provider: Encrypted<String>,
+    status: i32,
+}
+
+type Keys = HashMap<String, Arc<OwnerKeys>>;
+type BoxResult<T> = Result<T, Box<dyn Error>>;
+
+// ---------------------------------------------------------------------------
+// Data
+
+const FIRST_NAMES: [&str; 16] = [
+    "Margaret", "James", "Aisha", "Wei", "Luis", "Olivia", "Noah", "Fatima", "Dmitri", "Priya",
+    "Kwame", "Sofia", "Hiroshi", "Amara", "Elena", "Mohammed",
+];
+const LAST_NAMES: [&str; 16] = [
+    "Johnson",
+    "García",
+    "Nguyen",
+    "Okafor",
+    "Smith",
+    "Kowalski",
+    "Haddad-Ali",
+    "Lindqvist",
+    "Patel",
+    "Rodriguez",
+    "Zhang",
+    "O'Brien",
+    "Schmidt",
+    "Nakamura",
+    "Williams",
+    "Fernández",
+];
+const INSURERS: [&str; 8] = [
+    "Aetna",
+    "Blue Cross Blue Shield",
+    "UnitedHealthcare",
+    "Medicare",
+    "Cigna",
+    "Kaiser Permanente",
+    "Humana",
+    "Medicaid",
+];
+
+fn owners() -> Vec<String> {
+    (0..OWNERS)
+        .map(|i| format!("cmp-provider-{i:03}"))
+        .collect()
+}
+
+/// `rows` cases with ids 1..=rows, spread over the owners round-robin,
+/// fields picked by a fixed pseudo-random sequence.
+fn cases(rows: usize, owners: &[String]) -> Vec<Case> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move |n: u64| {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    };
+    let pick = |list: &[&str], i: u64| list[usize::try_from(i).expect("small index")].to_owned();
+    (0..rows)
+        .map(|i| Case {
+            case_id: i64::try_from(i + 1).expect("row count fits i64"),
+            user_id: owners[i % owners.len()].clone(),
+            patient_first: pick(&FIRST_NAMES, next(16)),
+            patient_last: pick(&LAST_NAMES, next(16)),
+            patient_dob: format!(
+                "{:04}-{:02}-{:02}",
+                1930 + next(80),
+                1 + next(12),
+                1 + next(28)
+            ),
+            ins_provider: pick(&INSURERS, next(8)),
+            status: i32::try_from(next(4)).expect("small status"),
+        })
+        .collect()
+}
+
+/// Every loaded case is the one generated with its id, and all are there.
+fn verify(loaded: &[Case], cases: &[Case], what: &str) -> BoxResult<()> {
+    if loaded.len() != cases.len() {
+        return Err(format!(
+            "{what}: loaded {} rows, expected {}",
+            loaded.len(),
+            cases.len()
+        )
+        .into());
+    }
+    for case in loaded {
+        let index = usize::try_from(case.case_id - 1)?;
+        if cases.get(index) != Some(case) {
+            return Err(format!(
+                "{what}: case {} differs from what was inserted",
+                case.case_id
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// phi
+
+fn new_keyring(store: &Arc<dyn KeyStore>) -> phi::Result<Keyring> {
+    // A fixed test master key: keys created by an earlier run on the same
+    // server unwrap again.
+    let kek = LocalKek::new("bench-compare", &KeyBytes::new([0x42; 32]));
+    Keyring::builder(Arc::clone(store), Arc::new(kek))
+        .actor("phi-bench-compare")
+        .build()
+}
+
+fn seal_batch<'a>(batch: &'a [Case], keys: &Keys) -> phi::Result<Vec<NewSealedCase<'a>>> {
+    with_sealer(|s| {
+        batch
+            .iter()
+            .map(|c| {
+                let k = &keys[&c.user_id];
+                let row = c.case_id.to_be_bytes();
+                Ok(NewSealedCase {
+                    case_id: c.case_id,
+                    user_id: &c.user_id,
+                    patient_first: s.seal(k, &c.patient_first, SCOPE_FIRST, &row)?,
+                    patient_last: s.seal(k, &c.patient_last, SCOPE_LAST, &row)?,
+                    patient_dob: s.seal(k, &c.patient_dob, SCOPE_DOB, &row)?,
+                    ins_provider: s.seal(k, &c.ins_provider, SCOPE_INSURER, &row)?,
+                    status: c.status,
+                })
+            })
+            .collect()
+    })?
+}
+
+fn open_rows(rows: Vec<SealedCase>, keys: &Keys) -> phi::Result<Vec<Case>> {
+    rows.into_iter()
+        .map(|r| {
+            let k = &keys[&r.user_id];
+            let row = r.case_id.to_be_bytes();
+            Ok(Case {
+                patient_first: k.open(r.patient_first, SCOPE_FIRST, &row)?,
+                patient_last: k.open(r.patient_last, SCOPE_LAST, &row)?,
+                patient_dob: k.open(r.patient_dob, SCOPE_DOB, &row)?,
+                ins_provider: k.open(r.ins_provider, SCOPE_INSURER, &row)?,
+                case_id: r.case_id,
+                user_id: r.user_id,
+                status: r.status,
+            })
+        })
+        .collect()
+}
+
+/// Warm `keys_for_open_many` over every row's owner, and over the distinct
+/// owners collected first into a `HashSet<&str>` (collection included).
+fn owner_resolution(rows: &[SealedCase], keyring: &Keyring) -> phi::Result<(Duration, Duration)> {
+    let start = Instant::now();
+    black_box(keyring.keys_for_open_many(rows.iter().map(|r| r.user_id.as_str()))?);
+    let every_row = start.elapsed();
+    let start = Instant::now();
+    let distinct: HashSet<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
+    black_box(keyring.keys_for_open_many(distinct)?);
+    Ok((every_row, start.elapsed()))
+}
+
+/// One phi load, split into its phases.
+struct PhiLoad {
+    cases: Vec<Case>,
+    /// `load` of the sealed rows.
+    rows: Duration,
+    /// `keys_for_open_many` over every row's owner.
+    keys: Duration,
+    /// Opening every field into `Case`s.
+    open: Duration,
+}
+
+impl PhiLoad {
+    fn total(&self) -> Duration {
+        self.rows + self.keys + self.open
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backends
+
+/// One database to measure on.
+struct Backend {
+    name: &'static str,
+    url: String,
+    /// Connection settings, run once on the application's connection.
+    setup: &'static str,
+    /// `DROP` and `CREATE` of each table.
+    plain_table: &'static str,
+    sealed_table: &'static str,
+    version_sql: &'static str,
+    /// The targets of `peers/README.md`: phi's time over plaintext's.
+    load_target: f64,
+    insert_target: f64,
+}
+
+/// The samples of one backend, `RUNS` of each.
+#[derive(Default)]
+struct Samples {
+    plain_insert: Vec<Duration>,
+    phi_insert: Vec<Duration>,
+    phi_seal: Vec<Duration>,
+    plain_load: Vec<Duration>,
+    warm: Vec<Duration>,
+    warm_rows: Vec<Duration>,
+    warm_keys: Vec<Duration>,
+    warm_open: Vec<Duration>,
+    cold: Vec<Duration>,
+    cold_keys: Vec<Duration>,
+    keys_every_row: Vec<Duration>,
+    keys_distinct: Vec<Duration>,
+}
+
+impl Samples {
+    fn push_warm(&mut self, load: &PhiLoad) {
+        self.warm.push(load.total());
+        self.warm_rows.push(load.rows);
+        self.warm_keys.push(load.keys);
+        self.warm_open.push(load.open);
+    }
+
+    fn push_cold(&mut self, load: &PhiLoad) {
+        self.cold.push(load.total());
+        self.cold_keys.push(load.keys);
+    }
+}
+
+/// What one backend measured (medians).
+struct Report {
+    name: &'static str,
+    version: String,
+    load_target: f64,
+    insert_target: f64,
+    rows: usize,
+    plain_insert: Duration,
+    phi_insert: Duration,
+    phi_seal: Duration,
+    plain_load: Duration,
+    warm: Duration,
+    warm_rows: Duration,
+    warm_keys: Duration,
+    warm_open: Duration,
+    cold: Duration,
+    cold_keys: Duration,
+    keys_every_row: Duration,
+    keys_distinct: Duration,
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+impl Report {
+    fn new(backend: &Backend, version: String, rows: usize, s: &Samples) -> Report {
+        Report {
+            name: backend.name,
+            version,
+            load_target: backend.load_target,
+            insert_target: backend.insert_target,
+            rows,
+            plain_insert: median(&s.plain_insert),
+            phi_insert: median(&s.phi_insert),
+            phi_seal: median(&s.phi_seal),
+            plain_load: median(&s.plain_load),
+            warm: median(&s.warm),
+            warm_rows: median(&s.warm_rows),
+            warm_keys: median(&s.warm_keys),
+            warm_open: median(&s.warm_open),
+            cold: median(&s.cold),
+            cold_keys: median(&s.cold_keys),
+            keys_every_row: median(&s.keys_every_row),
+            keys_distinct: median(&s.keys_distinct),
+        }
+    }
+
+    fn rate(&self, d: Duration) -> f64 {
+        self.rows as f64 / d.as_secs_f64()
+    }
+
+    fn per_field_ns(&self, d: Duration) -> f64 {
+        d.as_secs_f64() * 1e9 / (self.rows * PHI_FIELDS) as f64
+    }
+
+    fn print(&self) {
+        let insert_x = ratio(self.phi_insert, self.plain_insert);
+        let load_x = ratio(self.warm, self.plain_load);
+        println!("### {} ({})", self.name, self.version);
+        println!();
+        println!(
+            "{} cases × {PHI_FIELDS} PHI text fields, {OWNERS} owners; medians of {RUNS}; \
+             × = time against plaintext",
+            thousands(self.rows as f64),
+        );
+        println!();
+        println!("| variant | insert rows/s | × | load rows/s | × |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| plaintext | {} | 1.00 | {} | 1.00 |",
+            thousands(self.rate(self.plain_insert)),
+            thousands(self.rate(self.plain_load)),
+        );
+        println!(
+            "| phi, warm keyring | {} | {insert_x:.2} | {} | {load_x:.2} |",
+            thousands(self.rate(self.phi_insert)),
+            thousands(self.rate(self.warm)),
+        );
+        println!(
+            "| phi, cold keyring ({OWNERS} owners resolved in the load) | | | {} | {:.2} |",
+            thousands(self.rate(self.cold)),
+            ratio(self.cold, self.plain_load),
+        );
+        println!(
+            "| phi, sealed rows loaded, not opened (part of the warm load) | | | {} | {:.2} |",
+            thousands(self.rate(self.warm_rows)),
+            ratio(self.warm_rows, self.plain_load),
+        );
+        println!();
+        println!(
+            "- per field: seal {:.0} ns (sealing phase {:.1} ms / {} fields), \
+             open {:.0} ns (opening phase {:.1} ms, warm)",
+            self.per_field_ns(self.phi_seal),
+            ms(self.phi_seal),
+            thousands((self.rows * PHI_FIELDS) as f64),
+            self.per_field_ns(self.warm_open),
+            ms(self.warm_open),
+        );
+        println!(
+            "- per field against plaintext: insert +{:.0} ns, warm load +{:.0} ns",
+            self.per_field_ns(self.phi_insert.saturating_sub(self.plain_insert)),
+            self.per_field_ns(self.warm.saturating_sub(self.plain_load)),
+        );
+        println!(
+            "- `keys_for_open_many` over the {} rows' owners: warm {:.2} ms, cold {:.2} ms",
+            thousands(self.rows as f64),
+            ms(self.warm_keys),
+            ms(self.cold_keys),
+        );
+        println!(
+            "- warm `keys_for_open_many` alone: every row's owner passed {:.2} ms; \
+             the {OWNERS} distinct owners collected first (`HashSet<&str>`, included) {:.2} ms",
+            ms(self.keys_every_row),
+            ms(self.keys_distinct),
+        );
+        println!(
+            "- targets: load ≤ {:.1}×: {} ({load_x:.2}×); insert ≤ {:.1}×: {} ({insert_x:.2}×)",
+            self.load_target,
+            met(load_x <= self.load_target),
+            self.insert_target,
+            met(insert_x <= self.insert_target),
+        );
+        println!();
+    }
+}
+
+fn ratio(phi: Duration, plain: Duration) -> f64 {
+    phi.as_secs_f64() / plain.as_secs_f64()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// `1234567.8` as `1,234,568`.
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The measurement on one Diesel connection type; a macro because Diesel's
+/// batch `INSERT` and `load` are bounded per backend.
+macro_rules! backend_run {
+    ($module:ident, $feature:literal, $conn:ty) => {
+        #[cfg(feature = $feature)]
+        mod $module {
+            use diesel::connection::SimpleConnection;
+            use diesel::dsl::sql;
+            use diesel::sql_types::Text;
+
+            use super::*;
+
+            type Conn = $conn;
+
+            pub(super) fn run(b: &Backend, cases: &[Case], owners: &[String]) -> BoxResult<Report> {
+                let mut conn = Conn::establish(&b.url)?;
+                conn.batch_execute(b.setup)?;
+                let version: String =
+                    diesel::select(sql::<Text>(b.version_sql)).get_result(&mut conn)?;
+                let store: Arc<dyn KeyStore> =
+                    Arc::new(phi::DieselKeyStore::<Conn>::connect(&b.url)?);
+                let keyring = new_keyring(&store)?;
+                // Created (first run on this database) or unwrapped here,
+                // before any timing; the cache stays warm for the loads.
+                let seal_keys = keyring.keys_for_seal_many(owners.iter().map(String::as_str))?;
+
+                let mut s = Samples::default();
+                for run in 0..RUNS {
+                    eprintln!("{}: insert run {}/{RUNS}", b.name, run + 1);
+                    conn.batch_execute(b.plain_table)?;
+                    s.plain_insert.push(insert_plain(&mut conn, cases)?);
+                    conn.batch_execute(b.sealed_table)?;
+                    let (total, sealing) = insert_phi(&mut conn, cases, &seal_keys)?;
+                    s.phi_insert.push(total);
+                    s.phi_seal.push(sealing);
+                }
+                check_stored(&mut conn, cases)?;
+
+                // One untimed load of each table first (PostgreSQL sets hint
+                // bits on the first read after the insert).
+                black_box(load_plain(&mut conn)?);
+                black_box(load_sealed(&mut conn)?);
+                for run in 0..RUNS {
+                    eprintln!("{}: load run {}/{RUNS}", b.name, run + 1);
+                    let start = Instant::now();
+                    let plain = load_plain(&mut conn)?;
+                    s.plain_load.push(start.elapsed());
+                    if run == 0 {
+                        verify(&plain, cases, "plaintext load")?;
+                    }
+                    drop(black_box(plain));
+
+                    let warm = load_phi(&mut conn, &keyring)?;
+                    s.push_warm(&warm);
+                    if run == 0 {
+                        verify(&warm.cases, cases, "phi load")?;
+                    }
+                    drop(black_box(warm));
+
+                    let fresh = new_keyring(&store)?;
+                    let cold = load_phi(&mut conn, &fresh)?;
+                    s.push_cold(&cold);
+                    drop(black_box(cold));
+                }
+                let sealed = load_sealed(&mut conn)?;
+                for _ in 0..RUNS {
+                    let (every_row, distinct) = owner_resolution(&sealed, &keyring)?;
+                    s.keys_every_row.push(every_row);
+                    s.keys_distinct.push(distinct);
+                }
+                Ok(Report::new(b, version, cases.len(), &s))
+            }
+
+            fn insert_plain(conn: &mut Conn, cases: &[Case]) -> BoxResult<Duration> {
+                let start = Instant::now();
+                for batch in cases.chunks(BATCH_ROWS) {
+                    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+                        diesel::insert_into(phi_cmp_plain::table)
+                            .values(batch)
+                            .execute(conn)
+                    })?;
+                }
+                Ok(start.elapsed())
+            }
+
+            /// The whole insert, and the part of it spent sealing.
+            fn insert_phi(
+                conn: &mut Conn,
+                cases: &[Case],
+                keys: &Keys,
+            ) -> BoxResult<(Duration, Duration)> {
+                let mut sealing = Duration::ZERO;
+                let start = Instant::now();
+                for batch in cases.chunks(BATCH_ROWS) {
+                    let sealed_at = Instant::now();
+                    let rows = seal_batch(batch, keys)?;
+                    sealing += sealed_at.elapsed();
+                    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+                        diesel::insert_into(phi_cmp_sealed::table)
+                            .values(&rows)
+                            .execute(conn)
+                    })?;
+                }
+                Ok((start.elapsed(), sealing))
+            }
+
+            /// Both tables hold every case, and the sealed one holds
+            /// envelopes, not the plaintext.
+            fn check_stored(conn: &mut Conn, cases: &[Case]) -> BoxResult<()> {
+                let plain: i64 = phi_cmp_plain::table.count().get_result(conn)?;
+                let sealed: i64 = phi_cmp_sealed::table.count().get_result(conn)?;
+                let expected = i64::try_from(cases.len())?;
+                if plain != expected || sealed != expected {
+                    return Err(format!(
+                        "tables hold {plain} and {sealed} rows, expected {expected}"
+                    )
+                    .into());
+                }
+                let (id, raw): (i64, Vec<u8>) = phi_cmp_sealed::table
+                    .select((phi_cmp_sealed::case_id, phi_cmp_sealed::patient_last))
+                    .order(phi_cmp_sealed::case_id)
+                    .first(conn)?;
+                let clear = &cases[usize::try_from(id - 1)?].patient_last;
+                if raw.get(..2) != Some(&[0xF1, 0x01][..])
+                    || raw.windows(clear.len()).any(|w| w == clear.as_bytes())
+                {
+                    return Err("the sealed table does not hold envelope v1 values".into());
+                }
+                Ok(())
+            }
+
+            fn load_plain(conn: &mut Conn) -> QueryResult<Vec<Case>> {
+                phi_cmp_plain::table.select(Case::as_select()).load(conn)
+            }
+
+            fn load_sealed(conn: &mut Conn) -> QueryResult<Vec<SealedCase>> {
+                phi_cmp_sealed::table
+                    .select(SealedCase::as_select())
+                    .load(conn)
+            }
+
+            fn load_phi(conn: &mut Conn, keyring: &Keyring) -> BoxResult<PhiLoad> {
+                let start = Instant::now();
+                let rows = load_sealed(conn)?;
+                let loaded = Instant::now();
+                let keys = keyring.keys_for_open_many(rows.iter().map(|r| r.user_id.as_str()))?;
+                let resolved = Instant::now();
+                let cases = open_rows(rows, &keys)?;
+                let opened = Instant::now();
+                Ok(PhiLoad {
+                    cases,
+                    rows: loaded - start,
+                    keys: resolved - loaded,
+                    open: opened - resolved,
+                })
+            }
+        }
+    };
+}
+
+backend_run!(sqlite_run, "sqlite", diesel::SqliteConnection);
+backend_run!(mysql_run, "mysql", diesel::MysqlConnection);
+backend_run!(postgres_run, "postgres", diesel::PgConnection);
+
+// ---------------------------------------------------------------------------
+// The Python baseline
+
+/// Load rates of the Python peer (medians over its runs).
+struct PyReport {
+    runs: usize,
+    plain_load: f64,
+    encrypted_load: f64,
+}
+
+/// `load rows/s: plain 95,694  encrypted 51,626` → (95694, 51626).
+fn parse_py_load(line: &str) -> Option<(f64, f64)> {
+    let rest = line.strip_prefix("load rows/s:")?;
+    let mut words = rest.split_whitespace();
+    let mut number = |label: &str| -> Option<f64> {
+        if words.next()? != label {
+            return None;
+        }
+        words.next()?.replace(',', "").parse().ok()
+    };
+    Some((number("plain")?, number("encrypted")?))
+}
+
+fn python_peer(rows: usize, runs: usize) -> Result<PyReport, String> {
+    let script = std::env::var("PHI_COMPARE_PY_PEER").unwrap_or_else(|_| DEFAULT_PY_PEER.into());
+    if !std::path::Path::new(&script).is_file() {
+        return Err(format!("{script} not found (set PHI_COMPARE_PY_PEER)"));
+    }
+    let importable = Command::new("python3")
+        .args(["-c", "import sqlalchemy, cryptography"])
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !importable.status.success() {
+        return Err(format!(
+            "python3 cannot import sqlalchemy and cryptography: {}",
+            String::from_utf8_lossy(&importable.stderr).trim()
+        ));
+    }
+    let mut plain = Vec::new();
+    let mut encrypted = Vec::new();
+    for run in 0..runs {
+        eprintln!("python: run {}/{runs}", run + 1);
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(rows.to_string())
+            .output()
+            .map_err(|e| format!("cannot run python3 {script}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "python3 {script} {rows} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        for line in stdout.lines() {
+            println!("    python run {}: {line}", run + 1);
+        }
+        let (p, e) = stdout
+            .lines()
+            .find_map(parse_py_load)
+            .ok_or_else(|| format!("no `load rows/s:` line in the output of {script}"))?;
+        plain.push(p);
+        encrypted.push(e);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(PyReport {
+        runs,
+        plain_load: median(&mut plain),
+        encrypted_load: median(&mut encrypted),
+    })
+}
+
+// ---------------------------------------------------------------------------
+
+// One `push` per backend enabled by cargo features.
+#[allow(clippy::vec_init_then_push)]
+fn backends() -> Vec<Backend> {
+    let mut list = Vec::new();
+    #[cfg(feature = "sqlite")]
+    list.push(Backend {
+        name: "SQLite",
+        url: String::new(), // a temporary file, set in `main`
+        setup: "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+        plain_table: "DROP TABLE IF EXISTS phi_cmp_plain;
+            CREATE TABLE phi_cmp_plain (
+                case_id       INTEGER PRIMARY KEY NOT NULL,
+                user_id       TEXT    NOT NULL,
+                patient_first TEXT    NOT NULL,
+                patient_last  TEXT    NOT NULL,
+                patient_dob   TEXT    NOT NULL,
+                ins_provider  TEXT    NOT NULL,
+                status        INTEGER NOT NULL
+            );",
+        sealed_table: "DROP TABLE IF EXISTS phi_cmp_sealed;
+            CREATE TABLE phi_cmp_sealed (
+                case_id       INTEGER PRIMARY KEY NOT NULL,
+                user_id       TEXT    NOT NULL,
+                patient_first BLOB    NOT NULL,
+                patient_last  BLOB    NOT NULL,
+                patient_dob   BLOB    NOT NULL,
+                ins_provider  BLOB    NOT NULL,
+                status        INTEGER NOT NULL
+            );",
+        version_sql: "'bundled ' || sqlite_version() || ', temporary file, WAL, synchronous = NORMAL'",
+        load_target: 1.8,
+        insert_target: 1.3,
+    });
+    #[cfg(feature = "mysql")]
+    list.push(Backend {
+        name: "MariaDB",
+        url: std::env::var("PHI_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
+        setup: "SELECT 1;",
+        plain_table: "DROP TABLE IF EXISTS phi_cmp_plain;
+            CREATE TABLE phi_cmp_plain (
+                case_id       BIGINT       NOT NULL PRIMARY KEY,
+                user_id       VARCHAR(64)  NOT NULL,
+                patient_first VARCHAR(255) NOT NULL,
+                patient_last  VARCHAR(255) NOT NULL,
+                patient_dob   VARCHAR(255) NOT NULL,
+                ins_provider  VARCHAR(255) NOT NULL,
+                status        INT          NOT NULL
+            ) ENGINE = InnoDB CHARACTER SET utf8mb4;",
+        sealed_table: "DROP TABLE IF EXISTS phi_cmp_sealed;
+            CREATE TABLE phi_cmp_sealed (
+                case_id       BIGINT         NOT NULL PRIMARY KEY,
+                user_id       VARCHAR(64)    NOT NULL,
+                patient_first VARBINARY(255) NOT NULL,
+                patient_last  VARBINARY(255) NOT NULL,
+                patient_dob   VARBINARY(255) NOT NULL,
+                ins_provider  VARBINARY(255) NOT NULL,
+                status        INT            NOT NULL
+            ) ENGINE = InnoDB CHARACTER SET utf8mb4;",
+        version_sql: "version()",
+        load_target: 1.5,
+        insert_target: 1.2,
+    });
+    #[cfg(feature = "postgres")]
+    list.push(Backend {
+        name: "PostgreSQL",
+        url: std::env::var("PHI_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+        setup: "SELECT 1;",
+        plain_table: "DROP TABLE IF EXISTS phi_cmp_plain;
+            CREATE TABLE phi_cmp_plain (
+                case_id       BIGINT  NOT NULL PRIMARY KEY,
+                user_id       TEXT    NOT NULL,
+                patient_first TEXT    NOT NULL,
+                patient_last  TEXT    NOT NULL,
+                patient_dob   TEXT    NOT NULL,
+                ins_provider  TEXT    NOT NULL,
+                status        INTEGER NOT NULL
+            );",
+        sealed_table: "DROP TABLE IF EXISTS phi_cmp_sealed;
+            CREATE TABLE phi_cmp_sealed (
+                case_id       BIGINT  NOT NULL PRIMARY KEY,
+                user_id       TEXT    NOT NULL,
+                patient_first BYTEA   NOT NULL,
+                patient_last  BYTEA   NOT NULL,
+                patient_dob   BYTEA   NOT NULL,
+                ins_provider  BYTEA   NOT NULL,
+                status        INTEGER NOT NULL
+            );",
+        version_sql: "split_part(version(), ' on ', 1)",
+        load_target: 1.5,
+        insert_target: 1.2,
+    });
+    list
+}
+
+fn run_backend(b: &Backend, cases: &[Case], owners: &[String]) -> BoxResult<Report> {
+    match b.name {
+        #[cfg(feature = "sqlite")]
+        "SQLite" => sqlite_run::run(b, cases, owners),
+        #[cfg(feature = "mysql")]
+        "MariaDB" => mysql_run::run(b, cases, owners),
+        #[cfg(feature = "postgres")]
+        "PostgreSQL" => postgres_run::run(b, cases, owners),
+        other => Err(format!("no runner for {other}").into()),
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rows = match std::env::var("PHI_COMPARE_ROWS") {
+        Ok(v) => v
+            .replace(['_', ','], "")
+            .parse()
+            .expect("PHI_COMPARE_ROWS is a number of rows"),
+        Err(_) if quick => QUICK_ROWS,
+        Err(_) => DEFAULT_ROWS,
+    };
+    assert!(rows > 0, "PHI_COMPARE_ROWS must be positive");
+    let owners = owners();
+    let cases = cases(rows, &owners);
+    // Kept until the end of `main`: the SQLite database lives in it.
+    let dir = tempfile::tempdir().expect("temporary directory");
+
+    println!(
+        "## phi comparison, {} ({} cases, {} cores{})",
+        chrono::Utc::now().format("%Y-%m-%d"),
+        thousands(rows as f64),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model().map(|m| format!(", {m}")).unwrap_or_default(),
+    );
+    println!();
+
+    let mut reports = Vec::new();
+    let mut failed = false;
+    for mut backend in backends() {
+        if backend.name == "SQLite" {
+            let path = dir.path().join("compare.db");
+            backend.url = path.to_str().expect("UTF-8 temporary path").to_owned();
+        }
+        match run_backend(&backend, &cases, &owners) {
+            Ok(report) => {
+                report.print();
+                reports.push(report);
+            }
+            Err(e) => {
+                failed = true;
+                println!("### {}: FAILED: {e}", backend.name);
+                println!();
+            }
+        }
+    }
+
+    let py_runs = if quick { 1 } else { RUNS };
+    println!(
+        "### Python baseline (`py_peer.py {rows}`: SQLAlchemy + cryptography, SQLite, median of {py_runs})"
+    );
+    println!();
+    match python_peer(rows, py_runs) {
+        Ok(py) => {
+            println!();
+            println!(
+                "| load | rows/s |\n|---|---|\n| Python plaintext | {} |\n| Python encrypted | {} |",
+                thousands(py.plain_load),
+                thousands(py.encrypted_load),
+            );
+            match reports.iter().find(|r| r.name == "SQLite") {
+                Some(sqlite) => {
+                    let phi = sqlite.rate(sqlite.warm);
+                    let cold = sqlite.rate(sqlite.cold);
+                    let x = phi / py.encrypted_load;
+                    println!(
+                        "| phi, SQLite, warm keyring | {} |\n| phi, SQLite, cold keyring | {} |",
+                        thousands(phi),
+                        thousands(cold),
+                    );
+                    println!();
+                    println!(
+                        "- phi's encrypted SQLite load is {x:.1}× the Python encrypted load \
+                         (cold keyring: {:.1}×); target ≥ 20×: {}",
+                        cold / py.encrypted_load,
+                        met(x >= 20.0),
+                    );
+                    println!(
+                        "- Python's own encrypted load is {:.2}× its plaintext load \
+                         (medians of {} run{})",
+                        py.plain_load / py.encrypted_load,
+                        py.runs,
+                        if py.runs == 1 { "" } else { "s" },
+                    );
+                }
+                None => println!("\n- no SQLite result of phi to compare with"),
+            }
+        }
+        Err(why) => println!("- the Python baseline could not run: {why}"),
+    }
+    println!();
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+}
