@@ -274,3 +274,22 @@ fn the_runtime_types_can_be_shared_across_threads() {
     shared::<LocalKek>();
     shared::<Error>();
 }
+
+#[test]
+fn repeated_owners_in_a_batch_are_resolved_once() {
+    let store = Arc::new(MemoryKeyStore::new());
+    let owners: Vec<String> = (0..10).map(|i| format!("owner-{i}")).collect();
+    let seeding = keyring(store.clone());
+    seeding
+        .keys_for_seal_many(owners.iter().map(String::as_str))
+        .expect("keys");
+    // Every row's owner, as a load of 30 rows passes them.
+    let rows = owners.iter().cycle().take(30).map(String::as_str);
+    let fresh = keyring(store);
+    let keys = fresh.keys_for_open_many(rows.clone()).expect("resolve");
+    assert_eq!(keys.len(), 10);
+    let stats = fresh.stats();
+    assert_eq!((stats.misses, stats.hits, stats.unwraps), (10, 0, 10));
+    fresh.keys_for_open_many(rows).expect("resolve");
+    assert_eq!(fresh.stats().hits, 10);
+}

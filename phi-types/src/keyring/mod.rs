@@ -13,7 +13,7 @@
 mod cache;
 mod clock;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -522,8 +522,11 @@ impl Keyring {
             flights: HashMap::new(),
         };
         let mut waits = Vec::new();
+        // One hash per input owner to find the distinct ones (a load passes
+        // every row's owner); the cache is asked once per distinct owner.
+        let mut seen = HashSet::new();
         for owner in owners {
-            if results.contains_key(owner) || lead.flights.contains_key(owner) {
+            if !seen.insert(owner) {
                 continue;
             }
             if let Err(error) = check_owner(owner) {
