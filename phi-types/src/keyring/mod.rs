@@ -516,7 +516,7 @@ impl Keyring {
         purpose: Purpose,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
         let now = self.inner.clock.now();
-        let mut results: HashMap<String, Result<Arc<OwnerKeys>>> = HashMap::new();
+        let mut results: Vec<(String, Result<Arc<OwnerKeys>>)> = Vec::new();
         let mut lead = LeadGuard {
             cache: &self.inner.cache,
             flights: HashMap::new(),
@@ -530,12 +530,12 @@ impl Keyring {
                 continue;
             }
             if let Err(error) = check_owner(owner) {
-                results.insert(owner.to_owned(), Err(error));
+                results.push((owner.to_owned(), Err(error)));
                 continue;
             }
             match self.inner.cache.lookup(owner, now, usable(purpose)) {
                 Lookup::Hit(keys) => {
-                    results.insert(owner.to_owned(), Ok(keys));
+                    results.push((owner.to_owned(), Ok(keys)));
                 }
                 Lookup::Lead(flight) => {
                     lead.flights.insert(owner.to_owned(), flight);
@@ -552,7 +552,7 @@ impl Keyring {
                             &owner,
                             result.as_ref().map(Arc::clone).map_err(ToString::to_string),
                         );
-                        results.insert(owner, result);
+                        results.push((owner, result));
                     }
                 }
                 Err(error) => {
@@ -565,7 +565,7 @@ impl Keyring {
                             owner: owner.clone(),
                             reason: reason.clone(),
                         });
-                        results.insert(owner.clone(), Err(error));
+                        results.push((owner.clone(), Err(error)));
                     }
                 }
             }
@@ -581,9 +581,9 @@ impl Keyring {
                     reason,
                 }),
             };
-            results.insert(owner.to_owned(), result);
+            results.push((owner.to_owned(), result));
         }
-        results.into_iter().collect()
+        results
     }
 
     /// Resolves the given cache misses: one key-store query, then unwraps,
