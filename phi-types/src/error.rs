@@ -110,8 +110,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// The owner has no data key in the key store.
-    #[error("owner {owner:?} has no data key")]
+    /// The owner has no active data key to seal with (none yet where keys
+    /// are not created, or every version retired or destroyed).
+    #[error("owner {owner:?} has no active data key to seal with")]
     NoKey {
         /// The owner.
         owner: String,
