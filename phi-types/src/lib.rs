@@ -31,11 +31,11 @@
 //!
 //! # Crate features
 //!
-//! - `derive` (default): re-exports `#[derive(PhiRecord)]`.
+//! - `derive` (default): will re-export `#[derive(PhiRecord)]` from
+//!   `phi-derive`, which exports nothing yet.
 //! - `sqlite` (default), `mysql`, `postgres`: the key store
 //!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
 //!   `Encrypted<T>` itself works on every Diesel backend without a feature.
-//! - `test-util`: reserved for test helpers.
 
 mod connection;
 mod dek;
