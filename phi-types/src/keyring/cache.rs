@@ -110,18 +110,8 @@ impl Cache {
         now: Instant,
         usable: impl Fn(&OwnerKeys) -> bool,
     ) -> Lookup {
-        if let Some(slot) = self.slots.get(owner) {
-            match &*slot {
-                Slot::Ready(keys) if self.fresh(keys, now) && usable(keys) => {
-                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                    return Lookup::Hit(keys.clone());
-                }
-                Slot::Loading(flight) => {
-                    self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                    return Lookup::Wait(flight.clone());
-                }
-                Slot::Ready(_) => {}
-            }
+        if let Some(keys) = self.get(owner, now, &usable) {
+            return Lookup::Hit(keys);
         }
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         match self.slots.entry(owner.to_owned()) {
