@@ -103,8 +103,8 @@ impl ThreadRng {
 pub(crate) fn with_nonces<R>(f: impl FnOnce(&mut Nonces<'_>) -> R) -> Result<R, getrandom::Error> {
     RNG.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.as_mut().is_none_or(|state| state.fork.forked()) {
-            *slot = Some(ThreadRng::seeded()?);
+        if slot.as_mut().is_some_and(|state| state.fork.forked()) {
+            *slot = None;
         }
         let state = match slot.as_mut() {
             Some(state) => state,
