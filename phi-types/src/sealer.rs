@@ -36,7 +36,7 @@ impl Sealer<'_> {
         scope: &str,
         row: &[u8],
     ) -> Result<Encrypted<T>> {
-        let dek = keys.current_for_seal()?;
+        let dek = keys.current_dek()?;
         let refuse = |reason| Error::Encrypt {
             scope: scope.to_owned(),
             owner: keys.owner().to_owned(),

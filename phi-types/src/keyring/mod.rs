@@ -72,7 +72,8 @@ impl OwnerKeys {
             .map(|i| &self.deks[i])
     }
 
-    fn current_dek(&self) -> Result<&Dek> {
+    /// The data key new values are sealed under.
+    pub(crate) fn current_dek(&self) -> Result<&Dek> {
         self.current
             .map(|i| &self.deks[i])
             .ok_or_else(|| Error::NoKey {
@@ -122,10 +123,6 @@ impl OwnerKeys {
             key_version: header.key_version,
             source,
         })
-    }
-
-    pub(crate) fn current_for_seal(&self) -> Result<&Dek> {
-        self.current_dek()
     }
 }
 
