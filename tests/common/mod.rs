@@ -29,12 +29,12 @@ pub(crate) fn local_kek() -> Arc<LocalKek> {
     Arc::new(LocalKek::from_base64("local-test", MASTER_KEY_B64).expect("test master key"))
 }
 
-/// A KEK that counts its calls and can slow unwraps down, to widen races.
+/// A KEK that counts its unwraps and can slow generation and unwraps down,
+/// to widen races.
 #[derive(Debug)]
 pub(crate) struct CountingKek {
     inner: Arc<dyn KeyEncryptionKey>,
     pub(crate) unwraps: AtomicUsize,
-    pub(crate) generates: AtomicUsize,
     delay: Duration,
 }
 
@@ -43,7 +43,6 @@ impl CountingKek {
         Arc::new(CountingKek {
             inner,
             unwraps: AtomicUsize::new(0),
-            generates: AtomicUsize::new(0),
             delay,
         })
     }
@@ -57,7 +56,6 @@ impl KeyEncryptionKey for CountingKek {
         self.inner.id()
     }
     fn generate(&self, owner: &str, version: u32) -> Result<(KeyBytes, Vec<u8>), BoxError> {
-        self.generates.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.delay);
         self.inner.generate(owner, version)
     }
@@ -74,7 +72,7 @@ impl KeyEncryptionKey for CountingKek {
 /// A key store wrapper that counts `load_keys` calls.
 #[derive(Debug)]
 pub(crate) struct CountingStore {
-    pub(crate) inner: Arc<dyn phi::KeyStore>,
+    inner: Arc<dyn phi::KeyStore>,
     pub(crate) loads: AtomicUsize,
 }
 
