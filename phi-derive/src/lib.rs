@@ -1,5 +1,26 @@
-//! Procedural macros for `phi`.
-//!
-//! `#[derive(PhiRecord)]` is being built here; this crate currently exports
-//! nothing. Depend on `phi-types` (which re-exports the derive under its
-//! `derive` feature) rather than on this crate directly.
+//! `#[derive(PhiRecord)]` for **phi**. Depend on `phi-types`, which
+//! re-exports it (feature `derive`, on by default), rather than on this
+//! crate directly; the derive's documentation is on
+//! `phi_types::PhiRecord`.
+
+mod expand;
+mod model;
+
+use proc_macro::TokenStream;
+
+/// Derives `phi_types::PhiRecord` for a model with plain field types, and
+/// generates its sealed twin (`<Model>Sealed`), its changeset
+/// (`<Model>Changes`) and blind-index lookup helpers.
+///
+/// Container attributes: `#[phi(table = path::to::table)]` (required),
+/// `#[phi(crate = path)]`, `#[phi(debug)]`, `#[phi(sealed = Name)]`,
+/// `#[phi(changes = Name)]`. Field attributes: `#[phi(owner)]`,
+/// `#[phi(encrypt)]`, `#[phi(encrypt, scope = "table.column")]`,
+/// `#[phi(encrypt, blind_index = column, normalize = "trim,lowercase")]`,
+/// `#[phi(row_key)]`, `#[phi(encrypted_flag)]`. `#[diesel(…)]` attributes
+/// are forwarded to the generated Diesel structs.
+#[proc_macro_derive(PhiRecord, attributes(phi, diesel))]
+pub fn derive_phi_record(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as syn::DeriveInput);
+    expand::expand(&input).into()
+}

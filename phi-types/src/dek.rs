@@ -76,7 +76,6 @@ impl Dek {
     }
 
     /// Raw key bytes, for key derivations (the blind index).
-    #[allow(dead_code)] // Used by the blind index.
     pub(crate) fn key(&self) -> &KeyBytes {
         &self.key
     }

@@ -139,6 +139,31 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A query on the application's table failed.
+    #[error("database query on table {table} failed while {operation}: {source}")]
+    Database {
+        /// What was being done.
+        operation: &'static str,
+        /// The table queried.
+        table: &'static str,
+        /// Diesel's error.
+        #[source]
+        source: diesel::result::Error,
+    },
+
+    /// A value of a row whose encrypted flag is off (written before the
+    /// roll-out) does not decode as the field's type.
+    #[error("unsealed value of {scope} for owner {owner:?} (encrypted flag off) does not decode: {source}")]
+    Unsealed {
+        /// `table.column`.
+        scope: String,
+        /// The row's owner id.
+        owner: String,
+        /// Why it does not decode.
+        #[source]
+        source: crate::value::DecodeError,
+    },
+
     /// The operating system's random source failed while seeding the nonce
     /// generator.
     #[error("the operating system's random source failed: {0}")]

@@ -31,12 +31,13 @@
 //!
 //! # Crate features
 //!
-//! - `derive` (default): will re-export `#[derive(PhiRecord)]` from
-//!   `phi-derive`, which exports nothing yet.
+//! - `derive` (default): re-exports `#[derive(PhiRecord)]` from
+//!   `phi-derive`.
 //! - `sqlite` (default), `mysql`, `postgres`: the key store
 //!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
 //!   `Encrypted<T>` itself works on every Diesel backend without a feature.
 
+pub mod blind;
 mod connection;
 mod dek;
 pub mod envelope;
@@ -46,6 +47,7 @@ mod keyring;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub mod migrations;
 mod nonce;
+pub mod record;
 mod sealer;
 mod sql;
 mod store;
@@ -60,7 +62,11 @@ pub use keyring::{
     Clock, DEFAULT_MAX_OWNERS, DEFAULT_TTL, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
     ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
+pub use record::{EncryptedFlag, OwnerId, PhiRecord, RowKey, Rollout, SealedRecord};
 pub use sealer::{Sealer, with_sealer};
+#[cfg(feature = "derive")]
+#[doc(inline)]
+pub use phi_derive::PhiRecord;
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;

@@ -70,6 +70,26 @@ impl<T> Encrypted<T> {
     }
 }
 
+impl<T: crate::value::PhiValue> Encrypted<T> {
+    /// The plain encoding of `value`, unsealed: what a row whose encrypted
+    /// flag is off holds in an encrypted column during a gradual roll-out.
+    /// Only the derive's roll-out path writes this.
+    pub fn unsealed(value: &T) -> Self {
+        let mut bytes = Vec::with_capacity(value.encoded_len());
+        value.encode(&mut bytes);
+        Encrypted::from_bytes(bytes)
+    }
+
+    /// Decodes the bytes of a row whose encrypted flag is off as a plain
+    /// `T`, without decrypting.
+    ///
+    /// # Errors
+    /// When the bytes are not a `T`'s encoding (an envelope is not).
+    pub fn into_unsealed(self) -> Result<T, crate::value::DecodeError> {
+        T::decode(self.bytes)
+    }
+}
+
 impl<T> Clone for Encrypted<T> {
     fn clone(&self) -> Self {
         Encrypted {

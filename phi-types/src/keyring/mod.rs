@@ -15,7 +15,7 @@ mod clock;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::dek::Dek;
 use crate::envelope::{self, Binding};
 use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;
+use crate::record::Rollout;
 use crate::sql::Encrypted;
 use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, StoredKey};
 use crate::value::PhiValue;
@@ -164,6 +165,9 @@ pub struct KeyringStats {
     pub expirations: u64,
     /// Queries sent to the key store (loads, inserts, audit appends).
     pub store_queries: u64,
+    /// Of those, the queries that loaded data keys (one per batch of cache
+    /// misses).
+    pub key_loads: u64,
     /// Owners currently cached (or being resolved).
     pub cached_owners: usize,
 }
@@ -173,6 +177,7 @@ struct Counters {
     unwraps: AtomicU64,
     creations: AtomicU64,
     store_queries: AtomicU64,
+    key_loads: AtomicU64,
 }
 
 /// Resolves owners' data keys: cache, key store, KEK.
@@ -207,6 +212,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     actor: String,
     counters: Counters,
+    rollout: RwLock<Rollout>,
 }
 
 /// Configures a [`Keyring`]; from [`Keyring::builder`].
@@ -219,6 +225,7 @@ pub struct KeyringBuilder {
     max_owners: usize,
     clock: Arc<dyn Clock>,
     actor: String,
+    rollout: Rollout,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -264,6 +271,14 @@ impl KeyringBuilder {
         self
     }
 
+    /// Which owners' new rows are sealed, for models with an encrypted flag
+    /// (default [`Rollout::All`]); changeable later with
+    /// [`Keyring::set_rollout`].
+    pub fn rollout(mut self, rollout: Rollout) -> Self {
+        self.rollout = rollout;
+        self
+    }
+
     /// Builds the keyring.
     ///
     /// # Errors
@@ -299,6 +314,7 @@ impl KeyringBuilder {
                 clock: self.clock,
                 actor: self.actor,
                 counters: Counters::default(),
+                rollout: RwLock::new(self.rollout),
             }),
         })
     }
@@ -325,6 +341,7 @@ impl Keyring {
             max_owners: DEFAULT_MAX_OWNERS,
             clock: Arc::new(SystemClock),
             actor: "phi".to_owned(),
+            rollout: Rollout::All,
         }
     }
 
@@ -423,6 +440,7 @@ impl Keyring {
             evictions: cache.evictions.load(Ordering::Relaxed),
             expirations: cache.expirations.load(Ordering::Relaxed),
             store_queries: own.store_queries.load(Ordering::Relaxed),
+            key_loads: own.key_loads.load(Ordering::Relaxed),
             cached_owners: self.inner.cache.len(),
         }
     }
@@ -470,6 +488,34 @@ impl Keyring {
             }
         }
         Ok(report)
+    }
+
+    /// Whether new rows of `owner` are sealed under the roll-out policy (for
+    /// models with an encrypted flag; others are always sealed).
+    pub fn encrypts_for(&self, owner: &str) -> bool {
+        self.inner
+            .rollout
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .encrypts(owner)
+    }
+
+    /// The current roll-out policy.
+    pub fn rollout(&self) -> Rollout {
+        self.inner
+            .rollout
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the roll-out policy; later writes follow it.
+    pub fn set_rollout(&self, rollout: Rollout) {
+        *self
+            .inner
+            .rollout
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rollout;
     }
 
     /// The KEK that wraps new data keys.
@@ -592,7 +638,7 @@ impl Keyring {
     ) -> Result<Vec<(String, Result<Arc<OwnerKeys>>)>> {
         let _span = tracing::debug_span!("phi.resolve", owners = owners.len()).entered();
         let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
-        self.count_query();
+        self.count_load();
         let rows = self.inner.store.load_keys(&refs)?;
         let mut by_owner: HashMap<&str, Vec<&StoredKey>> = HashMap::new();
         for row in &rows {
@@ -723,7 +769,7 @@ impl Keyring {
         }
         // Another process won the race: use its key, never ours.
         drop(key);
-        self.count_query();
+        self.count_load();
         let winners = self.inner.store.load_keys(&[owner])?;
         let winners: Vec<&StoredKey> = winners.iter().collect();
         let keys = self.unwrap_rows(owner, &winners, audit)?;
@@ -745,6 +791,11 @@ impl Keyring {
             actor: self.inner.actor.clone(),
             detail: None,
         }
+    }
+
+    fn count_load(&self) {
+        self.inner.counters.key_loads.fetch_add(1, Ordering::Relaxed);
+        self.count_query();
     }
 
     fn count_query(&self) {

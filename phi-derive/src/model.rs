@@ -1,0 +1,363 @@
+//! Parsing and checking a model's `#[phi(…)]` attributes.
+
+use darling::util::{Flag, SpannedValue};
+use darling::{FromDeriveInput, FromField};
+use proc_macro2::Span;
+
+#[derive(FromDeriveInput)]
+#[darling(attributes(phi), supports(struct_named), forward_attrs(diesel))]
+struct RawModel {
+    ident: syn::Ident,
+    vis: syn::Visibility,
+    generics: syn::Generics,
+    data: darling::ast::Data<darling::util::Ignored, RawField>,
+    attrs: Vec<syn::Attribute>,
+    table: Option<syn::Path>,
+    #[darling(rename = "crate")]
+    krate: Option<syn::Path>,
+    debug: Flag,
+    sealed: Option<syn::Ident>,
+    changes: Option<syn::Ident>,
+}
+
+#[derive(FromField)]
+#[darling(attributes(phi), forward_attrs(diesel))]
+struct RawField {
+    ident: Option<syn::Ident>,
+    vis: syn::Visibility,
+    ty: syn::Type,
+    attrs: Vec<syn::Attribute>,
+    owner: Flag,
+    encrypt: Flag,
+    row_key: Flag,
+    encrypted_flag: Flag,
+    scope: Option<SpannedValue<String>>,
+    blind_index: Option<syn::Ident>,
+    normalize: Option<SpannedValue<String>>,
+}
+
+/// A checked model.
+pub(crate) struct Model {
+    pub(crate) ident: syn::Ident,
+    pub(crate) vis: syn::Visibility,
+    pub(crate) diesel_attrs: Vec<syn::Attribute>,
+    pub(crate) table: syn::Path,
+    /// The table's SQL name (the path's last segment).
+    pub(crate) table_name: String,
+    pub(crate) krate: syn::Path,
+    pub(crate) debug: bool,
+    pub(crate) sealed: syn::Ident,
+    pub(crate) changes: syn::Ident,
+    pub(crate) fields: Vec<Field>,
+}
+
+/// What a field is.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Role {
+    Plain,
+    Owner,
+    RowKey,
+    Flag,
+    Encrypt {
+        scope: String,
+        blind_index: Option<BlindIndex>,
+    },
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct BlindIndex {
+    pub(crate) column: syn::Ident,
+    pub(crate) trim: bool,
+    pub(crate) lowercase: bool,
+}
+
+pub(crate) struct Field {
+    pub(crate) ident: syn::Ident,
+    pub(crate) vis: syn::Visibility,
+    pub(crate) ty: syn::Type,
+    /// `T` of an `Option<T>` field.
+    pub(crate) option_of: Option<syn::Type>,
+    pub(crate) diesel_attrs: Vec<syn::Attribute>,
+    pub(crate) role: Role,
+}
+
+impl Field {
+    /// The value type sealed: `T` for `T` and `Option<T>`.
+    pub(crate) fn value_ty(&self) -> &syn::Type {
+        self.option_of.as_ref().unwrap_or(&self.ty)
+    }
+}
+
+impl Model {
+    pub(crate) fn parse(input: &syn::DeriveInput) -> darling::Result<Model> {
+        let raw = RawModel::from_derive_input(input)?;
+        let mut errors = darling::Error::accumulator();
+
+        if !raw.generics.params.is_empty() {
+            errors.push(
+                darling::Error::custom("`#[derive(PhiRecord)]` does not support generic models")
+                    .with_span(&raw.generics),
+            );
+        }
+        let table = match raw.table {
+            Some(table) => table,
+            None => {
+                errors.push(
+                    darling::Error::custom(
+                        "missing `#[phi(table = …)]`: name the Diesel table this model is stored in, e.g. `#[phi(table = cases)]`",
+                    )
+                    .with_span(&raw.ident),
+                );
+                syn::parse_quote!(unknown_table)
+            }
+        };
+        let table_name = table
+            .segments
+            .last()
+            .map(|s| unraw(&s.ident))
+            .unwrap_or_default();
+
+        let raw_fields = raw.data.take_struct().map(|f| f.fields).unwrap_or_default();
+        let mut fields = Vec::new();
+        let mut owner: Option<Span> = None;
+        let mut row_key: Option<Span> = None;
+        let mut flag: Option<Span> = None;
+        for f in raw_fields {
+            let Some(ident) = f.ident.clone() else {
+                continue;
+            };
+            let column = column_name(&f.attrs).unwrap_or_else(|| unraw(&ident));
+            let marks = [
+                ("owner", &f.owner),
+                ("row_key", &f.row_key),
+                ("encrypted_flag", &f.encrypted_flag),
+            ];
+            if f.encrypt.is_present() {
+                for (name, mark) in marks {
+                    if mark.is_present() {
+                        errors.push(
+                            darling::Error::custom(format!(
+                                "a field cannot be both `{name}` and `encrypt`: the {} is read before any key is known, so it must stay plaintext",
+                                match name {
+                                    "owner" => "owner selects the data key",
+                                    "row_key" => "row key is bound into each sealed value",
+                                    _ => "encrypted flag says whether the row is sealed",
+                                }
+                            ))
+                            .with_span(&mark.span()),
+                        );
+                    }
+                }
+            } else {
+                let present: Vec<_> = marks.iter().filter(|(_, m)| m.is_present()).collect();
+                if present.len() > 1 {
+                    errors.push(
+                        darling::Error::custom(format!(
+                            "a field cannot be both `{}` and `{}`",
+                            present[0].0, present[1].0
+                        ))
+                        .with_span(&present[1].1.span()),
+                    );
+                }
+                for (what, value_span) in [
+                    ("scope", f.scope.as_ref().map(|s| s.span())),
+                    ("blind_index", f.blind_index.as_ref().map(|b| b.span())),
+                    ("normalize", f.normalize.as_ref().map(|s| s.span())),
+                ] {
+                    if let Some(span) = value_span {
+                        errors.push(
+                            darling::Error::custom(format!(
+                                "`{what}` applies only to an encrypted field: add `encrypt`, as in `#[phi(encrypt, {what} = …)]`"
+                            ))
+                            .with_span(&span),
+                        );
+                    }
+                }
+            }
+            let mut once = |seen: &mut Option<Span>, mark: &Flag, what: &str| {
+                if mark.is_present() {
+                    if seen.is_some() {
+                        errors.push(
+                            darling::Error::custom(format!(
+                                "only one field can be `#[phi({what})]`"
+                            ))
+                            .with_span(&mark.span()),
+                        );
+                    } else {
+                        *seen = Some(mark.span());
+                    }
+                }
+            };
+            once(&mut owner, &f.owner, "owner");
+            once(&mut row_key, &f.row_key, "row_key");
+            once(&mut flag, &f.encrypted_flag, "encrypted_flag");
+
+            let role = if f.encrypt.is_present() {
+                let normalize = match &f.normalize {
+                    None => (false, false),
+                    Some(text) => match parse_normalize(text) {
+                        Ok(n) => {
+                            if f.blind_index.is_none() {
+                                errors.push(
+                                    darling::Error::custom(
+                                        "`normalize` applies to the blind index: add `blind_index = column`",
+                                    )
+                                    .with_span(&text.span()),
+                                );
+                            }
+                            n
+                        }
+                        Err(e) => {
+                            errors.push(e.with_span(&text.span()));
+                            (false, false)
+                        }
+                    },
+                };
+                Role::Encrypt {
+                    scope: match &f.scope {
+                        Some(scope) if scope.is_empty() => {
+                            errors.push(
+                                darling::Error::custom("`scope` must not be empty")
+                                    .with_span(&scope.span()),
+                            );
+                            String::new()
+                        }
+                        Some(scope) => (**scope).clone(),
+                        None => format!("{table_name}.{column}"),
+                    },
+                    blind_index: f.blind_index.clone().map(|column| BlindIndex {
+                        column,
+                        trim: normalize.0,
+                        lowercase: normalize.1,
+                    }),
+                }
+            } else if f.owner.is_present() {
+                Role::Owner
+            } else if f.row_key.is_present() {
+                Role::RowKey
+            } else if f.encrypted_flag.is_present() {
+                Role::Flag
+            } else {
+                Role::Plain
+            };
+            fields.push(Field {
+                option_of: option_inner(&f.ty),
+                ident,
+                vis: f.vis,
+                ty: f.ty,
+                diesel_attrs: f.attrs,
+                role,
+            });
+        }
+        if owner.is_none() {
+            errors.push(
+                darling::Error::custom(
+                    "`#[derive(PhiRecord)]` needs one `#[phi(owner)]` field: the owner whose data key seals the row",
+                )
+                .with_span(&raw.ident),
+            );
+        }
+        if owner.is_some()
+            && !fields
+                .iter()
+                .any(|f| matches!(f.role, Role::Encrypt { .. }))
+        {
+            errors.push(
+                darling::Error::custom(
+                    "no field is `#[phi(encrypt)]`: mark the fields holding PHI",
+                )
+                .with_span(&raw.ident),
+            );
+        }
+        for f in &fields {
+            if matches!(f.role, Role::Owner | Role::RowKey | Role::Flag) && f.option_of.is_some() {
+                errors.push(
+                    darling::Error::custom("the owner, row key and encrypted flag cannot be `Option`: every row needs one")
+                        .with_span(&f.ty),
+                );
+            }
+        }
+        errors.finish()?;
+
+        let ident = raw.ident;
+        Ok(Model {
+            sealed: raw
+                .sealed
+                .unwrap_or_else(|| quote::format_ident!("{}Sealed", ident)),
+            changes: raw
+                .changes
+                .unwrap_or_else(|| quote::format_ident!("{}Changes", ident)),
+            ident,
+            vis: raw.vis,
+            diesel_attrs: raw.attrs,
+            table,
+            table_name,
+            krate: raw.krate.unwrap_or_else(|| syn::parse_quote!(::phi_types)),
+            debug: raw.debug.is_present(),
+            fields,
+        })
+    }
+}
+
+fn parse_normalize(text: &str) -> darling::Result<(bool, bool)> {
+    let mut out = (false, false);
+    for part in text.split(',').map(str::trim) {
+        match part {
+            "trim" => out.0 = true,
+            "lowercase" => out.1 = true,
+            "none" => {}
+            other => {
+                return Err(darling::Error::custom(format!(
+                    "unknown normaliser `{other}`: use \"trim\", \"lowercase\" or \"trim,lowercase\""
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `#[diesel(column_name = x)]` on a field.
+fn column_name(attrs: &[syn::Attribute]) -> Option<String> {
+    let mut found = None;
+    for attr in attrs {
+        let _ = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("column_name") {
+                let ident: syn::Ident = meta.value()?.parse()?;
+                found = Some(unraw(&ident));
+            } else if meta.input.peek(syn::Token![=]) {
+                let _: syn::Expr = meta.value()?.parse()?;
+            } else if meta.input.peek(syn::token::Paren) {
+                let _content;
+                syn::parenthesized!(_content in meta.input);
+            }
+            Ok(())
+        });
+    }
+    found
+}
+
+fn unraw(ident: &syn::Ident) -> String {
+    let s = ident.to_string();
+    s.strip_prefix("r#").map(str::to_owned).unwrap_or(s)
+}
+
+/// `T` when `ty` is written `Option<T>`.
+fn option_inner(ty: &syn::Type) -> Option<syn::Type> {
+    let syn::Type::Path(path) = ty else {
+        return None;
+    };
+    if path.qself.is_some() {
+        return None;
+    }
+    let last = path.path.segments.last()?;
+    if last.ident != "Option" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first() {
+        Some(syn::GenericArgument::Type(inner)) if args.args.len() == 1 => Some(inner.clone()),
+        _ => None,
+    }
+}

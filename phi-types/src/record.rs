@@ -1,0 +1,569 @@
+//! Records: the runtime side of `#[derive(PhiRecord)]`.
+//!
+//! The derive turns a model with plain fields into a [`PhiRecord`] whose
+//! [`Sealed`](PhiRecord::Sealed) twin is what Diesel reads and writes. This
+//! module holds the trait, the batch algorithms every model shares (one key
+//! resolution for all the owners of a batch, one entry into the nonce
+//! generator, both cores for large loads) and the small traits the derive
+//! relies on for owner ids, row keys and encrypted flags.
+//!
+//! # Gradual roll-out
+//!
+//! A model with an `#[phi(encrypted_flag)]` column can hold rows written
+//! before encryption was turned on (flag off: the encrypted columns hold the
+//! value's plain encoding) beside sealed rows (flag on). Reads handle both.
+//! Writes ask the keyring's [`Rollout`] whether the owner's new rows are
+//! sealed. A row whose flag is on but whose bytes are not an envelope is an
+//! error ([`Error::Malformed`]), never read as plaintext. A model without a
+//! flag is always sealed, whatever the roll-out says.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::keyring::{Keyring, OwnerKeys};
+use crate::sealer::{Sealer, with_sealer};
+
+/// A model whose PHI fields are sealed in the database; implemented by
+/// `#[derive(PhiRecord)]`.
+///
+/// The provided methods are the API: [`seal`](Self::seal) /
+/// [`seal_all`](Self::seal_all) before an insert,
+/// [`load`](Self::load) or [`open_all`](Self::open_all) after a select.
+pub trait PhiRecord: Sized + Send {
+    /// The stored form: the same fields with `Encrypted<T>` in place of each
+    /// encrypted one; Diesel's `Queryable`, `Selectable`, `Insertable` and
+    /// `AsChangeset` for the table.
+    type Sealed: SealedRecord + Send;
+
+    /// The table's SQL name.
+    const TABLE: &'static str;
+
+    /// Whether the model has an `#[phi(encrypted_flag)]` column, so that its
+    /// rows may be stored unsealed during a roll-out.
+    const HAS_ENCRYPTED_FLAG: bool;
+
+    /// The owner whose data key seals this record.
+    fn owner_id(&self) -> Cow<'_, str>;
+
+    /// Builds the stored form: sealed under `keys`, or (`None`, only for a
+    /// model with an encrypted flag) unsealed with the flag off.
+    #[doc(hidden)]
+    fn seal_with(&self, keys: Option<&OwnerKeys>, sealer: &mut Sealer<'_>)
+    -> Result<Self::Sealed>;
+
+    /// Opens the stored form: with `keys` for a sealed row, without for a
+    /// row whose flag is off.
+    #[doc(hidden)]
+    fn open_with(sealed: Self::Sealed, keys: Option<&OwnerKeys>) -> Result<Self>;
+
+    /// Seals one record for insertion, creating its owner's data key if the
+    /// owner has none.
+    ///
+    /// # Errors
+    /// Key resolution errors (the store, the KEK), and sealing errors naming
+    /// the owner and column. Never falls back to plaintext because a key is
+    /// unavailable.
+    fn seal(&self, keyring: &Keyring) -> Result<Self::Sealed> {
+        let mut sealed = Self::seal_all(std::slice::from_ref(self), keyring)?;
+        sealed.pop().ok_or_else(|| Error::KeyUnavailable {
+            owner: self.owner_id().into_owned(),
+            reason: "sealing produced no row".into(),
+        })
+    }
+
+    /// Seals many records, resolving all their owners' keys in one batch
+    /// (one key-store query for the owners not cached).
+    ///
+    /// # Errors
+    /// As [`seal`](Self::seal); nothing is returned if any record fails.
+    fn seal_all(records: &[Self], keyring: &Keyring) -> Result<Vec<Self::Sealed>> {
+        let owners: Vec<Cow<'_, str>> = records.iter().map(Self::owner_id).collect();
+        let sealing: HashSet<&str> = owners
+            .iter()
+            .map(|o| o.as_ref())
+            .filter(|o| !Self::HAS_ENCRYPTED_FLAG || keyring.encrypts_for(o))
+            .collect();
+        let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
+        with_sealer(|sealer| {
+            records
+                .iter()
+                .zip(&owners)
+                .map(|(record, owner)| record.seal_with(keys.get(owner.as_ref()).map(Arc::as_ref), sealer))
+                .collect()
+        })?
+    }
+
+    /// Opens one stored row.
+    ///
+    /// # Errors
+    /// As [`open_all`](Self::open_all).
+    fn open(sealed: Self::Sealed, keyring: &Keyring) -> Result<Self> {
+        let owner = sealed.owner_id().into_owned();
+        let mut opened = Self::open_all(vec![sealed], keyring)?;
+        opened.pop().ok_or_else(|| Error::KeyUnavailable {
+            owner,
+            reason: "opening produced no row".into(),
+        })
+    }
+
+    /// Opens stored rows, resolving every owner's keys in one batch (one
+    /// key-store query, one unwrap per data key not cached). Large batches
+    /// are opened on all available cores.
+    ///
+    /// # Errors
+    /// The first row that fails, with an error naming the table, column and
+    /// owner ([`Error::Decrypt`] for a value altered or moved from another
+    /// row, column or owner, [`Error::Malformed`] for bytes that are not an
+    /// envelope).
+    fn open_all(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Self>> {
+        let keys = resolve_for_open(&rows, keyring)?;
+        open_rows(rows, &keys)
+    }
+
+    /// Opens stored rows one by one: each row's result, so one damaged row
+    /// does not hide the others.
+    ///
+    /// # Errors
+    /// Only when the owners' keys cannot be resolved at all.
+    fn open_each(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Result<Self>>> {
+        let keys = resolve_for_open(&rows, keyring)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| open_row(row, &keys))
+            .collect())
+    }
+
+    /// Runs `query` selecting the sealed form, then opens the rows: the
+    /// one-call read.
+    ///
+    /// ```ignore
+    /// let mine = Case::load(cases::table.filter(cases::user_id.eq("u-17")), &mut conn, &keyring)?;
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the query fails; then as
+    /// [`open_all`](Self::open_all).
+    fn load<'q, Q, C>(query: Q, conn: &mut C, keyring: &Keyring) -> Result<Vec<Self>>
+    where
+        Self::Sealed: diesel::Selectable<C::Backend>,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel::Connection,
+        Q: diesel::query_dsl::methods::SelectDsl<
+                diesel::dsl::AsSelect<Self::Sealed, C::Backend>,
+            >,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
+    {
+        use diesel::SelectableHelper as _;
+        let rows = diesel::RunQueryDsl::load(query.select(Self::Sealed::as_select()), conn)
+            .map_err(|source| Error::Database {
+                operation: "loading sealed rows",
+                table: Self::TABLE,
+                source,
+            })?;
+        Self::open_all(rows, keyring)
+    }
+}
+
+/// Rows opened on one thread before a batch is split across cores.
+const PARALLEL_MIN_ROWS: usize = 2_048;
+
+fn resolve_for_open<S: SealedRecord>(
+    rows: &[S],
+    keyring: &Keyring,
+) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+    let owners: Vec<Cow<'_, str>> = rows
+        .iter()
+        .filter(|r| r.is_encrypted())
+        .map(SealedRecord::owner_id)
+        .collect();
+    let mut keys = keyring.keys_for_open_many(owners.iter().map(|o| o.as_ref()))?;
+    // A version missing from the cache was added (rotated) by another
+    // process since the owner was cached: reload those owners once.
+    let mut stale: HashSet<&str> = HashSet::new();
+    for (row, owner) in rows.iter().filter(|r| r.is_encrypted()).zip(&owners) {
+        if let Some(k) = keys.get(owner.as_ref()) {
+            row.key_versions(&mut |v| {
+                if k.dek(v).is_none() {
+                    stale.insert(owner.as_ref());
+                }
+            });
+        }
+    }
+    if !stale.is_empty() {
+        for owner in &stale {
+            keyring.clear(owner);
+        }
+        keys.extend(keyring.keys_for_open_many(stale.iter().copied())?);
+    }
+    Ok(keys)
+}
+
+fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>) -> Result<R> {
+    if row.is_encrypted() {
+        let owner = row.owner_id();
+        let k = keys.get(owner.as_ref()).ok_or_else(|| Error::KeyUnavailable {
+            owner: owner.clone().into_owned(),
+            reason: "keys were not resolved".into(),
+        })?;
+        let k = Arc::clone(k);
+        R::open_with(row, Some(&k))
+    } else {
+        R::open_with(row, None)
+    }
+}
+
+fn open_rows<R: PhiRecord>(
+    rows: Vec<R::Sealed>,
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+) -> Result<Vec<R>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || rows.len() < PARALLEL_MIN_ROWS {
+        return rows.into_iter().map(|row| open_row(row, keys)).collect();
+    }
+    let per_thread = rows.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<R::Sealed>> = Vec::with_capacity(threads);
+    let mut rest = rows.into_iter();
+    loop {
+        let chunk: Vec<R::Sealed> = rest.by_ref().take(per_thread).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    let mut first = chunks.remove(0);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|row| open_row::<R>(row, keys))
+                        .collect::<Result<Vec<R>>>()
+                })
+            })
+            .collect();
+        let mut out: Vec<R> = first
+            .drain(..)
+            .map(|row| open_row::<R>(row, keys))
+            .collect::<Result<_>>()?;
+        for handle in handles {
+            let part = handle.join().map_err(|_| Error::KeyUnavailable {
+                owner: String::new(),
+                reason: "a thread opening rows panicked".into(),
+            })??;
+            out.extend(part);
+        }
+        Ok(out)
+    })
+}
+
+/// The stored (sealed) form of a [`PhiRecord`]; implemented by the derive.
+pub trait SealedRecord {
+    /// The owner whose data key sealed this row.
+    fn owner_id(&self) -> Cow<'_, str>;
+
+    /// Whether the row's encrypted columns hold envelopes (always, for a
+    /// model without an encrypted flag).
+    fn is_encrypted(&self) -> bool;
+
+    /// Calls `f` with the key version of each sealed value of the row
+    /// (read from the envelope headers, no decryption).
+    fn key_versions(&self, f: &mut dyn FnMut(u32));
+}
+
+/// A field that names an owner: `#[phi(owner)]`.
+pub trait OwnerId {
+    /// The owner id, as stored in the key tables.
+    fn owner_id(&self) -> Cow<'_, str>;
+}
+
+impl OwnerId for String {
+    fn owner_id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self)
+    }
+}
+
+impl OwnerId for str {
+    fn owner_id(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self)
+    }
+}
+
+macro_rules! owner_id_int {
+    ($($t:ty),*) => {$(
+        impl OwnerId for $t {
+            fn owner_id(&self) -> Cow<'_, str> {
+                Cow::Owned(self.to_string())
+            }
+        }
+    )*};
+}
+owner_id_int!(i16, i32, i64, u16, u32, u64);
+
+/// The bytes of a row key, bound into every value sealed in its row.
+#[derive(Clone, Copy, Debug)]
+pub enum RowKeyBytes<'a> {
+    /// Borrowed from the field (strings, byte vectors).
+    Borrowed(&'a [u8]),
+    /// An integer, big-endian.
+    Inline([u8; 8], u8),
+}
+
+impl std::ops::Deref for RowKeyBytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            RowKeyBytes::Borrowed(bytes) => bytes,
+            RowKeyBytes::Inline(buf, len) => &buf[..usize::from(*len)],
+        }
+    }
+}
+
+/// A field that identifies its row: `#[phi(row_key)]`. Each sealed value is
+/// bound to these bytes, so a ciphertext copied to another row does not
+/// open.
+///
+/// Strings and byte vectors bind their bytes; integers their big-endian
+/// bytes. The row key must be known before the row is inserted (an
+/// application-assigned id, not an auto-increment one).
+pub trait RowKey {
+    /// The bytes bound into the row's sealed values.
+    fn row_key(&self) -> RowKeyBytes<'_>;
+}
+
+impl RowKey for String {
+    fn row_key(&self) -> RowKeyBytes<'_> {
+        RowKeyBytes::Borrowed(self.as_bytes())
+    }
+}
+
+impl RowKey for Vec<u8> {
+    fn row_key(&self) -> RowKeyBytes<'_> {
+        RowKeyBytes::Borrowed(self)
+    }
+}
+
+macro_rules! row_key_int {
+    ($($t:ty),*) => {$(
+        impl RowKey for $t {
+            fn row_key(&self) -> RowKeyBytes<'_> {
+                let bytes = self.to_be_bytes();
+                let mut buf = [0u8; 8];
+                buf[..bytes.len()].copy_from_slice(&bytes);
+                #[allow(clippy::cast_possible_truncation)] // at most 8
+                RowKeyBytes::Inline(buf, bytes.len() as u8)
+            }
+        }
+    )*};
+}
+row_key_int!(i16, i32, i64, u16, u32, u64);
+
+/// A column that marks rows whose encrypted fields hold envelopes:
+/// `#[phi(encrypted_flag)]`. `bool` or an integer (1 on, 0 off).
+pub trait EncryptedFlag {
+    /// The stored flag for a row that is (`true`) or is not sealed.
+    fn from_encrypted(encrypted: bool) -> Self;
+    /// Whether this flag marks a sealed row.
+    fn is_encrypted(&self) -> bool;
+}
+
+impl EncryptedFlag for bool {
+    fn from_encrypted(encrypted: bool) -> Self {
+        encrypted
+    }
+    fn is_encrypted(&self) -> bool {
+        *self
+    }
+}
+
+macro_rules! flag_int {
+    ($($t:ty),*) => {$(
+        impl EncryptedFlag for $t {
+            fn from_encrypted(encrypted: bool) -> Self {
+                <$t>::from(encrypted)
+            }
+            fn is_encrypted(&self) -> bool {
+                *self != 0
+            }
+        }
+    )*};
+}
+flag_int!(i16, i32, i64, u8, u16, u32, u64);
+
+impl EncryptedFlag for i8 {
+    fn from_encrypted(encrypted: bool) -> Self {
+        i8::from(encrypted)
+    }
+    fn is_encrypted(&self) -> bool {
+        *self != 0
+    }
+}
+
+/// Which owners' new rows are sealed, for models with an encrypted flag
+/// (the gradual roll-out). Set on the [`Keyring`]; the default is
+/// [`Rollout::All`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rollout {
+    /// Every owner's new rows are sealed.
+    #[default]
+    All,
+    /// Only these owners' new rows are sealed.
+    Owners(HashSet<String>),
+    /// No new row is sealed (rows already sealed stay sealed when updated).
+    Nobody,
+}
+
+impl Rollout {
+    /// Whether new rows of `owner` are sealed.
+    pub fn encrypts(&self, owner: &str) -> bool {
+        match self {
+            Rollout::All => true,
+            Rollout::Owners(owners) => owners.contains(owner),
+            Rollout::Nobody => false,
+        }
+    }
+
+    /// An allow-list of owners.
+    pub fn owners<I, S>(owners: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Rollout::Owners(owners.into_iter().map(Into::into).collect())
+    }
+}
+
+/// Support for the code `#[derive(PhiRecord)]` generates; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    use std::fmt;
+
+    use crate::blind::Normalize;
+    use crate::error::{Error, Result};
+    use crate::keyring::OwnerKeys;
+    use crate::sealer::Sealer;
+    use crate::sql::Encrypted;
+    use crate::value::PhiValue;
+
+    pub use std::borrow::Cow;
+
+    /// Seals `value`, or stores it unsealed when `keys` is `None` (a row
+    /// whose encrypted flag is off).
+    pub fn seal<T: PhiValue>(
+        keys: Option<&OwnerKeys>,
+        sealer: &mut Sealer<'_>,
+        value: &T,
+        scope: &str,
+        row: &[u8],
+    ) -> Result<Encrypted<T>> {
+        match keys {
+            Some(keys) => sealer.seal(keys, value, scope, row),
+            None => Ok(Encrypted::unsealed(value)),
+        }
+    }
+
+    /// [`seal`] for a nullable column.
+    pub fn seal_opt<T: PhiValue>(
+        keys: Option<&OwnerKeys>,
+        sealer: &mut Sealer<'_>,
+        value: Option<&T>,
+        scope: &str,
+        row: &[u8],
+    ) -> Result<Option<Encrypted<T>>> {
+        value
+            .map(|v| seal(keys, sealer, v, scope, row))
+            .transpose()
+    }
+
+    /// Opens `value` with `keys`, or decodes it unsealed when `keys` is
+    /// `None` (a row whose encrypted flag is off).
+    pub fn open<T: PhiValue>(
+        keys: Option<&OwnerKeys>,
+        value: Encrypted<T>,
+        scope: &str,
+        row: &[u8],
+        owner: &str,
+    ) -> Result<T> {
+        match keys {
+            Some(keys) => keys.open(value, scope, row),
+            None => value.into_unsealed().map_err(|source| Error::Unsealed {
+                scope: scope.to_owned(),
+                owner: owner.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// [`open`] for a nullable column.
+    pub fn open_opt<T: PhiValue>(
+        keys: Option<&OwnerKeys>,
+        value: Option<Encrypted<T>>,
+        scope: &str,
+        row: &[u8],
+        owner: &str,
+    ) -> Result<Option<T>> {
+        value
+            .map(|v| open(keys, v, scope, row, owner))
+            .transpose()
+    }
+
+    /// The blind index to store beside a sealed value; `None` for an
+    /// unsealed row.
+    pub fn blind<T: PhiValue>(
+        keys: Option<&OwnerKeys>,
+        value: Option<&T>,
+        scope: &str,
+        normalize: Normalize,
+    ) -> Result<Option<Vec<u8>>> {
+        match (keys, value) {
+            (Some(keys), Some(value)) => keys.blind_index(scope, value, normalize).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The keys of a sealed row, or the error of a row the batch did not
+    /// resolve keys for.
+    pub fn keys_for_row<'k>(
+        encrypted: bool,
+        keys: Option<&'k OwnerKeys>,
+        owner: &str,
+        table: &str,
+    ) -> Result<Option<&'k OwnerKeys>> {
+        if !encrypted {
+            return Ok(None);
+        }
+        match keys {
+            Some(keys) if keys.owner() == owner => Ok(Some(keys)),
+            Some(_) | None => Err(Error::KeyUnavailable {
+                owner: owner.to_owned(),
+                reason: format!("no data keys were resolved for a sealed row of {table}"),
+            }),
+        }
+    }
+
+    /// Refusal to store a row unsealed when the model has no encrypted flag.
+    pub fn must_seal(owner: &str, table: &str) -> Error {
+        Error::KeyUnavailable {
+            owner: owner.to_owned(),
+            reason: format!(
+                "{table} has no encrypted flag, so its rows are always sealed, and no key was resolved"
+            ),
+        }
+    }
+
+    /// Prints as `<redacted>`.
+    pub struct Redacted;
+
+    impl fmt::Debug for Redacted {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("<redacted>")
+        }
+    }
+}
