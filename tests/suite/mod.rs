@@ -594,3 +594,8 @@ fn the_key_store_lists_owners_and_warm_all_fills_the_cache() {
     keyring.keys_for_open(&owner).expect("keys");
     assert_eq!(keyring.stats().unwraps, before, "warm owner is a cache hit");
 }
+
+mod derive {
+    use super::*;
+    include!("derive.rs");
+}

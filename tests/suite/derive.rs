@@ -1,0 +1,417 @@
+// `#[derive(PhiRecord)]` models on a real database. Included in
+// `tests/suite/mod.rs`, so `Conn`, `BLOB`, `server_url()` and `TestDb` are
+// in scope.
+
+use phi::blind::BLIND_INDEX_LEN;
+use phi::{PhiRecord, Rollout};
+
+diesel::table! {
+    phi_it_cases (case_id) {
+        case_id -> Varchar,
+        user_id -> Varchar,
+        patient_first -> Binary,
+        patient_last -> Binary,
+        patient_dob -> Binary,
+        ins_provider -> Nullable<Binary>,
+        procedure_code -> Varchar,
+        phi_encrypted -> Bool,
+        patient_last_bidx -> Nullable<Binary>,
+        patient_dob_bidx -> Nullable<Binary>,
+    }
+}
+
+/// The model: four encrypted fields, an owner, a row key, a flag and two
+/// blind indexes.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_cases, crate = phi, debug)]
+#[diesel(primary_key(case_id))]
+struct Case {
+    #[phi(row_key)]
+    case_id: String,
+    #[phi(owner)]
+    user_id: String,
+    #[phi(encrypt)]
+    patient_first: String,
+    #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    patient_last: String,
+    #[phi(encrypt, blind_index = patient_dob_bidx)]
+    patient_dob: NaiveDate,
+    #[phi(encrypt)]
+    ins_provider: Option<String>,
+    procedure_code: String,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+const CASES_SCOPE_LAST: &str = "phi_it_cases.patient_last";
+
+fn prepare_cases(conn: &mut Conn) {
+    static DDL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = DDL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The blind index is a short binary column, indexed with the owner.
+    let index_type = match BLOB {
+        "BYTEA" => "BYTEA",
+        _ if server_url().is_some() => "VARBINARY(16)",
+        _ => "BLOB",
+    };
+    let ddl = format!(
+        "CREATE TABLE IF NOT EXISTS phi_it_cases (case_id VARCHAR(64) NOT NULL PRIMARY KEY, \
+         user_id VARCHAR(255) NOT NULL, patient_first {BLOB} NOT NULL, patient_last {BLOB} NOT NULL, \
+         patient_dob {BLOB} NOT NULL, ins_provider {BLOB} NULL, procedure_code VARCHAR(32) NOT NULL, \
+         phi_encrypted BOOLEAN NOT NULL, patient_last_bidx {index_type} NULL, patient_dob_bidx {index_type} NULL)"
+    );
+    diesel::sql_query(ddl).execute(conn).expect("cases table");
+    let index = "CREATE INDEX phi_it_cases_dup ON phi_it_cases (user_id, patient_last_bidx, patient_dob_bidx)";
+    // Created once; a second CREATE INDEX fails harmlessly on every backend.
+    let _ = diesel::sql_query(index).execute(conn);
+}
+
+fn dob(y: i32, m: u32, d: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(y, m, d).expect("date")
+}
+
+fn case(owner: &str, id: &str, last: &str) -> Case {
+    Case {
+        case_id: id.to_owned(),
+        user_id: owner.to_owned(),
+        patient_first: "Zoë".to_owned(),
+        patient_last: last.to_owned(),
+        patient_dob: dob(1980, 1, 15),
+        ins_provider: Some("Acme Health".to_owned()),
+        procedure_code: "27447".to_owned(),
+        phi_encrypted: false,
+    }
+}
+
+fn insert_cases(conn: &mut Conn, keyring: &Keyring, cases: &[Case]) {
+    let sealed = Case::seal_all(cases, keyring).expect("seal");
+    for chunk in sealed.chunks(200) {
+        for row in chunk {
+            diesel::insert_into(phi_it_cases::table)
+                .values(row)
+                .execute(conn)
+                .expect("insert");
+        }
+    }
+}
+
+fn raw_column(conn: &mut Conn, id: &str, column: &str) -> Option<Vec<u8>> {
+    #[derive(QueryableByName)]
+    struct Raw {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Binary>)]
+        value: Option<Vec<u8>>,
+    }
+    let sql = format!("SELECT {column} AS value FROM phi_it_cases WHERE case_id = '{id}'");
+    diesel::sql_query(sql)
+        .get_result::<Raw>(conn)
+        .expect("raw select")
+        .value
+}
+
+fn set_raw(conn: &mut Conn, id: &str, column: &str, bytes: Option<Vec<u8>>) {
+    let sql = format!("UPDATE phi_it_cases SET {column} = ? WHERE case_id = ?");
+    let sql = if BLOB == "BYTEA" {
+        sql.replacen('?', "$1", 1).replacen('?', "$2", 1)
+    } else {
+        sql
+    };
+    diesel::sql_query(sql)
+        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Binary>, _>(bytes)
+        .bind::<diesel::sql_types::Text, _>(id)
+        .execute(conn)
+        .expect("raw update");
+}
+
+fn load_one(conn: &mut Conn, keyring: &Keyring, id: &str) -> phi::Result<Case> {
+    Case::load(phi_it_cases::table.filter(phi_it_cases::case_id.eq(id)), conn, keyring)
+        .map(|mut v| v.pop().expect("one row"))
+}
+
+#[test]
+fn derived_model_round_trips_insert_load_update_delete() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let owner = common::unique_owner("drv");
+    let id = format!("{}-1", &owner[owner.len() - 20..]);
+    let mut original = case(&owner, &id, "Doe");
+    original.ins_provider = None;
+    insert_cases(&mut conn, &keyring, std::slice::from_ref(&original));
+
+    // Stored sealed: every PHI column starts with the envelope header.
+    for column in ["patient_first", "patient_last", "patient_dob"] {
+        let raw = raw_column(&mut conn, &id, column).expect("not null");
+        assert_eq!(&raw[..2], &[0xF1, 0x01], "{column}");
+    }
+    assert_eq!(raw_column(&mut conn, &id, "ins_provider"), None, "None is NULL");
+    assert_eq!(raw_column(&mut conn, &id, "patient_last_bidx").map(|b| b.len()), Some(BLIND_INDEX_LEN));
+
+    let mut loaded = load_one(&mut conn, &keyring, &id).expect("loads");
+    assert!(loaded.phi_encrypted, "the flag is set on a sealed row");
+    original.phi_encrypted = true;
+    assert!(loaded == original);
+    let debug = format!("{loaded:?}");
+    assert!(debug.contains("<redacted>") && !debug.contains("Doe") && !debug.contains("1980"), "{debug}");
+
+    // Update: only the changed columns are written, re-sealed.
+    let first_before = raw_column(&mut conn, &id, "patient_first");
+    let last_before = raw_column(&mut conn, &id, "patient_last");
+    let mut edited = loaded.clone();
+    edited.patient_last = "Doe-Smith".to_owned();
+    edited.ins_provider = Some("Blue Shield".to_owned());
+    let changes = edited.changes(&loaded, &keyring).expect("changes");
+    assert!(!changes.is_empty());
+    assert!(changes.patient_first.is_none() && changes.procedure_code.is_none());
+    diesel::update(phi_it_cases::table.find(&id)).set(&changes).execute(&mut conn).expect("update");
+    assert_eq!(raw_column(&mut conn, &id, "patient_first"), first_before, "unchanged field not rewritten");
+    assert_ne!(raw_column(&mut conn, &id, "patient_last"), last_before);
+    loaded = load_one(&mut conn, &keyring, &id).expect("loads after update");
+    assert!(loaded == edited);
+    assert!(edited.changes(&loaded, &keyring).expect("no changes").is_empty());
+
+    // Setting a nullable field back to None writes NULL.
+    let mut cleared = loaded.clone();
+    cleared.ins_provider = None;
+    let changes = cleared.changes(&loaded, &keyring).expect("changes");
+    diesel::update(phi_it_cases::table.find(&id)).set(&changes).execute(&mut conn).expect("update");
+    assert_eq!(raw_column(&mut conn, &id, "ins_provider"), None);
+    assert!(load_one(&mut conn, &keyring, &id).expect("loads") == cleared);
+
+    // Delete is plain Diesel.
+    let deleted = diesel::delete(phi_it_cases::table.find(&id)).execute(&mut conn).expect("delete");
+    assert_eq!(deleted, 1);
+    let left = Case::load(phi_it_cases::table.filter(phi_it_cases::user_id.eq(&owner)), &mut conn, &keyring)
+        .expect("load");
+    assert!(left.is_empty());
+}
+
+#[test]
+fn a_derived_models_plaintext_is_not_in_the_stored_bytes() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let owner = common::unique_owner("file");
+    let ids: Vec<String> = (0..20).map(|i| format!("{}-{i}", &owner[owner.len() - 20..])).collect();
+    let cases: Vec<Case> = ids.iter().map(|id| case(&owner, id, "Quetzalcoatl-Marchetti")).collect();
+    insert_cases(&mut conn, &keyring, &cases);
+    let needles = ["Quetzalcoatl", "Acme Health", "1980-01-15", "Zo\u{eb}"];
+    let contains = |bytes: &[u8]| needles.iter().any(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()));
+
+    // Every stored PHI column, read back raw with plain SQL.
+    for id in &ids {
+        for column in ["patient_first", "patient_last", "patient_dob", "ins_provider"] {
+            let raw = raw_column(&mut conn, id, column).expect("stored");
+            assert_eq!(&raw[..2], &[0xF1, 0x01], "{column}");
+            assert!(!contains(&raw), "plaintext in {column}");
+        }
+    }
+    // On SQLite, the database files themselves (with the WAL, if any).
+    if server_url().is_none() {
+        drop(conn);
+        let dir = std::path::Path::new(&db.url).parent().expect("dir").to_owned();
+        for entry in std::fs::read_dir(dir).expect("list") {
+            let path = entry.expect("entry").path();
+            assert!(!contains(&std::fs::read(&path).expect("read")), "plaintext in {}", path.display());
+        }
+    }
+}
+
+#[test]
+fn a_ciphertext_copied_by_sql_fails_naming_table_column_and_owner() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let alice = common::unique_owner("cpa");
+    let bob = common::unique_owner("cpb");
+    let tag = |o: &str, n: u32| format!("{}-{n}", &o[o.len() - 20..]);
+    let (a1, a2, b1) = (tag(&alice, 1), tag(&alice, 2), tag(&bob, 1));
+    insert_cases(
+        &mut conn,
+        &keyring,
+        &[case(&alice, &a1, "Doe"), case(&alice, &a2, "Roe"), case(&bob, &b1, "Poe")],
+    );
+    let stolen = raw_column(&mut conn, &a1, "patient_last");
+
+    // To another row of the same owner.
+    set_raw(&mut conn, &a2, "patient_last", stolen.clone());
+    let err = load_one(&mut conn, &keyring, &a2).err().expect("other row fails");
+    let message = err.to_string();
+    assert!(matches!(err, Error::Decrypt { .. }), "{err:?}");
+    assert!(message.contains(CASES_SCOPE_LAST) && message.contains(&alice), "{message}");
+    assert!(!message.contains("Doe"), "{message}");
+
+    // To another owner.
+    set_raw(&mut conn, &b1, "patient_last", stolen.clone());
+    let message = load_one(&mut conn, &keyring, &b1).err().expect("other owner fails").to_string();
+    assert!(message.contains(CASES_SCOPE_LAST) && message.contains(&bob), "{message}");
+
+    // To another column of the same row.
+    set_raw(&mut conn, &a1, "patient_first", stolen);
+    let message = load_one(&mut conn, &keyring, &a1).err().expect("other column fails").to_string();
+    assert!(message.contains("phi_it_cases.patient_first") && message.contains(&alice), "{message}");
+
+    // A flag-on row whose bytes are not an envelope is an error, not plaintext.
+    set_raw(&mut conn, &a1, "patient_first", Some(b"Jane".to_vec()));
+    let err = load_one(&mut conn, &keyring, &a1).err().expect("not an envelope");
+    assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
+
+    // The damaged rows do not hide the others: open_each reports per row.
+    let rows: Vec<CaseSealed> = phi_it_cases::table
+        .filter(phi_it_cases::user_id.eq_any([&alice, &bob]))
+        .order(phi_it_cases::case_id)
+        .select(CaseSealed::as_select())
+        .load(&mut conn)
+        .expect("load sealed");
+    let results = Case::open_each(rows, &keyring).expect("keys resolve");
+    assert_eq!(results.len(), 3);
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 3, "all three were altered");
+}
+
+#[test]
+fn loading_a_thousand_rows_of_a_hundred_cold_owners_is_one_query_and_a_hundred_unwraps() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let batch = common::unique_owner("bulk");
+    let owners: Vec<String> = (0..100).map(|i| format!("{batch}-o{i}")).collect();
+    let cases: Vec<Case> = (0..1000)
+        .map(|i| {
+            let owner = &owners[i % 100];
+            case(owner, &format!("{}-{i}", &batch[batch.len() - 16..]), &format!("Patient {i}"))
+        })
+        .collect();
+    let seeding = db.keyring();
+    insert_cases(&mut conn, &seeding, &cases);
+    assert_eq!(seeding.stats().key_loads, 1, "sealing 1,000 rows resolved 100 new owners in one query");
+
+    let cold = db.keyring();
+    let query = phi_it_cases::table
+        .filter(phi_it_cases::user_id.like(format!("{batch}-o%")))
+        .order(phi_it_cases::case_id);
+    let loaded = Case::load(query, &mut conn, &cold).expect("load");
+    assert_eq!(loaded.len(), 1000);
+    let stats = cold.stats();
+    assert_eq!(stats.key_loads, 1, "one key-store query for 100 cold owners: {stats:?}");
+    assert_eq!(stats.unwraps, 100, "one unwrap per owner: {stats:?}");
+    for c in &loaded {
+        let i: usize = c.case_id.rsplit('-').next().expect("n").parse().expect("number");
+        assert_eq!(c.patient_last, format!("Patient {i}"));
+        assert_eq!(c.user_id, owners[i % 100]);
+    }
+    // Again, warm: no query, no unwrap.
+    Case::load(phi_it_cases::table.filter(phi_it_cases::user_id.like(format!("{batch}-o%"))), &mut conn, &cold)
+        .expect("load again");
+    assert_eq!((cold.stats().key_loads, cold.stats().unwraps), (1, 100));
+}
+
+#[test]
+fn the_blind_index_finds_duplicates_without_decrypting() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let owner = common::unique_owner("dup");
+    let other = common::unique_owner("dup-other");
+    let t = |n: u32| format!("{}-{n}", &owner[owner.len() - 20..]);
+    let mut born_elsewhen = case(&owner, &t(2), "Doe");
+    born_elsewhen.patient_dob = dob(1975, 6, 1);
+    insert_cases(
+        &mut conn,
+        &keyring,
+        &[
+            case(&owner, &t(1), "  DOE "),
+            born_elsewhen,
+            case(&owner, &t(3), "Roe"),
+            case(&other, &format!("{}-1", &other[other.len() - 20..]), "Doe"),
+        ],
+    );
+    let last = Case::patient_last_blind_index(&keyring, &owner, &"doe".to_string()).expect("index");
+    let born = Case::patient_dob_blind_index(&keyring, &owner, &dob(1980, 1, 15)).expect("index");
+    let found = Case::load(
+        phi_it_cases::table
+            .filter(phi_it_cases::user_id.eq(&owner))
+            .filter(phi_it_cases::patient_last_bidx.eq_any(last))
+            .filter(phi_it_cases::patient_dob_bidx.eq_any(born)),
+        &mut conn,
+        &keyring,
+    )
+    .expect("lookup");
+    assert_eq!(found.len(), 1, "normalised last name and date of birth match one case");
+    assert_eq!(found[0].case_id, t(1));
+    assert_eq!(found[0].patient_last, "  DOE ", "the stored value keeps its spelling");
+
+    // An owner without keys has no index values, so finds nothing.
+    let none = Case::patient_last_blind_index(&keyring, &common::unique_owner("nokeys"), &"doe".to_string())
+        .expect("index");
+    assert!(none.is_empty());
+    let index = raw_column(&mut conn, &t(1), "patient_last_bidx").expect("index");
+    assert_ne!(
+        index,
+        raw_column(&mut conn, &format!("{}-1", &other[other.len() - 20..]), "patient_last_bidx").expect("index"),
+        "the same name under another owner has another index value"
+    );
+}
+
+#[test]
+fn rows_written_before_the_rollout_read_back_and_the_policy_decides_new_writes() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let early = common::unique_owner("roll-in");
+    let late = common::unique_owner("roll-out");
+    let t = |o: &str, n: u32| format!("{}-{n}", &o[o.len() - 20..]);
+    keyring.set_rollout(Rollout::owners([early.clone()]));
+    insert_cases(&mut conn, &keyring, &[case(&early, &t(&early, 1), "Doe"), case(&late, &t(&late, 1), "Roe")]);
+
+    // The allow-listed owner's row is sealed; the other is stored as its
+    // plain encoding with the flag off, and no key was created for it.
+    assert_eq!(&raw_column(&mut conn, &t(&early, 1), "patient_last").expect("v")[..2], &[0xF1, 0x01]);
+    assert_eq!(raw_column(&mut conn, &t(&late, 1), "patient_last").expect("v"), b"Roe".to_vec());
+    assert_eq!(raw_column(&mut conn, &t(&late, 1), "patient_dob").expect("v"), b"1980-01-15".to_vec());
+    assert_eq!(raw_column(&mut conn, &t(&late, 1), "patient_last_bidx"), None);
+    assert_eq!(key_rows(&mut conn, &late), 0);
+
+    // Both read back through one load.
+    let both = Case::load(
+        phi_it_cases::table.filter(phi_it_cases::user_id.eq_any([&early, &late])).order(phi_it_cases::user_id),
+        &mut conn,
+        &keyring,
+    )
+    .expect("mixed load");
+    let flags: Vec<(String, bool)> = both.iter().map(|c| (c.patient_last.clone(), c.phi_encrypted)).collect();
+    assert!(flags.contains(&("Doe".into(), true)) && flags.contains(&("Roe".into(), false)), "{flags:?}");
+
+    // Rolling out to everyone: the next update of the unsealed row seals
+    // every encrypted column and sets the flag.
+    keyring.set_rollout(Rollout::All);
+    let old = both.iter().find(|c| c.user_id == late).expect("late row").clone();
+    let mut new = old.clone();
+    new.procedure_code = "99213".into();
+    let changes = new.changes(&old, &keyring).expect("changes");
+    assert_eq!(changes.phi_encrypted, Some(true));
+    assert!(changes.patient_first.is_some() && changes.patient_dob.is_some());
+    diesel::update(phi_it_cases::table.find(t(&late, 1))).set(&changes).execute(&mut conn).expect("update");
+    assert_eq!(&raw_column(&mut conn, &t(&late, 1), "patient_first").expect("v")[..2], &[0xF1, 0x01]);
+    let reread = load_one(&mut conn, &keyring, &t(&late, 1)).expect("reads sealed");
+    assert!(reread.phi_encrypted && reread.patient_last == "Roe" && reread.procedure_code == "99213");
+
+    // Turning the roll-out off never writes a sealed row back unsealed.
+    keyring.set_rollout(Rollout::Nobody);
+    let mut again = reread.clone();
+    again.patient_first = "Ann".into();
+    let changes = again.changes(&reread, &keyring).expect("changes");
+    assert_eq!(changes.phi_encrypted, None);
+    assert_eq!(&changes.patient_first.as_ref().expect("changed").as_bytes()[..2], &[0xF1, 0x01]);
+
+    // An unsealed row whose bytes are not the field's encoding is an error
+    // naming the column and owner, never garbage.
+    insert_cases(&mut conn, &keyring, &[case(&late, &t(&late, 2), "Loe")]);
+    set_raw(&mut conn, &t(&late, 2), "patient_last", Some(vec![0xF1, 0x01, 0xFF]));
+    let err = load_one(&mut conn, &keyring, &t(&late, 2)).err().expect("undecodable");
+    assert!(matches!(err, Error::Unsealed { .. }), "{err:?}");
+    assert!(err.to_string().contains(CASES_SCOPE_LAST) && err.to_string().contains(&late), "{err}");
+}
