@@ -64,11 +64,11 @@ fn generate(m: &Model) -> TokenStream {
                 let vty = f.value_ty();
                 let call = if f.option_of.is_some() {
                     quote_spanned! {vty.span()=>
-                        #krate::record::__private::seal_opt::<#vty>(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
+                        (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
                     }
                 } else {
                     quote_spanned! {vty.span()=>
-                        #krate::record::__private::seal::<#vty>(__keys, __sealer, &self.#name, #scope, &__row)?
+                        (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
                     }
                 };
                 quote! { #name: #call }
@@ -90,7 +90,7 @@ fn generate(m: &Model) -> TokenStream {
         };
         let normalize = normalize_tokens(krate, normalize);
         quote_spanned! {vty.span()=>
-            #column: #krate::record::__private::blind::<#vty>(__keys, #value, #scope, #normalize)?
+            #column: (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
         }
     });
     let refuse_unsealed = if has_flag {
@@ -136,7 +136,7 @@ fn generate(m: &Model) -> TokenStream {
             quote!(open)
         };
         Some(quote_spanned! {vty.span()=>
-            let #name = #krate::record::__private::#func::<#vty>(__keys, #name, #scope, &__row, &__owner)?;
+            let #name = (#krate::record::__private::ops::<#vty>().#func)(__keys, #name, #scope, &__row, &__owner)?;
         })
     });
 
@@ -167,7 +167,11 @@ fn generate(m: &Model) -> TokenStream {
 
     let changes_tokens = changeset(m, flag, row_key);
     let lookups = lookups(m);
-    let debug = if m.debug { debug(m) } else { quote! {} };
+    let debug = if m.debug {
+        debug(m)
+    } else {
+        quote! {}
+    };
 
     quote! {
         #[doc = #sealed_doc]
@@ -340,8 +344,8 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         let Role::Encrypt { .. } = &f.role else {
             return None;
         };
-        let name = &f.ident;
-        Some(quote! { || self.#name != old.#name })
+        let changed = changed(krate, f);
+        Some(quote! { || #changed })
     });
     let assign = m.fields.iter().map(|f| {
         let name = &f.ident;
@@ -350,15 +354,16 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
                 let vty = f.value_ty();
                 let call = if f.option_of.is_some() {
                     quote_spanned! {vty.span()=>
-                        #krate::record::__private::seal_opt::<#vty>(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
+                        (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
                     }
                 } else {
                     quote_spanned! {vty.span()=>
-                        #krate::record::__private::seal::<#vty>(__keys, __sealer, &self.#name, #scope, &__row)?
+                        (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
                     }
                 };
+                let changed = changed(krate, f);
                 quote! {
-                    #name: if __full || self.#name != old.#name {
+                    #name: if __full || #changed {
                         ::core::option::Option::Some(#call)
                     } else {
                         ::core::option::Option::None
@@ -393,9 +398,10 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             quote! { ::core::option::Option::Some(&self.#name) }
         };
         let normalize = normalize_tokens(krate, normalize);
+        let changed = changed(krate, f);
         quote_spanned! {vty.span()=>
-            #column: if __full || self.#name != old.#name {
-                ::core::option::Option::Some(#krate::record::__private::blind::<#vty>(__keys, #value, #scope, #normalize)?)
+            #column: if __full || #changed {
+                ::core::option::Option::Some((#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?)
             } else {
                 ::core::option::Option::None
             }
@@ -477,7 +483,7 @@ fn lookups(m: &Model) -> TokenStream {
             /// # Errors
             /// Key resolution errors.
             #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
-                ::core::result::Result::Ok(keyring.keys_for_open(owner)?.blind_indexes(#scope, value, #normalize_tokens))
+                ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens))
             }
         }
     });
@@ -530,5 +536,86 @@ fn debug(m: &Model) -> TokenStream {
                 f.debug_struct(#sealed_name) #(#sealed_fields)* #(#index_fields)* .finish()
             }
         }
+    }
+}
+
+/// Whether an encrypted field differs from the old row's.
+fn changed(krate: &syn::Path, f: &Field) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    let eq = if f.option_of.is_some() {
+        quote!(eq_opt)
+    } else {
+        quote!(eq)
+    };
+    quote_spanned! {vty.span()=>
+        !(#krate::record::__private::ops::<#vty>().#eq)(&self.#name, &old.#name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    fn pretty(input: syn::DeriveInput) -> String {
+        let tokens = expand(&input);
+        match syn::parse2::<syn::File>(tokens.clone()) {
+            Ok(file) => prettyplease::unparse(&file),
+            Err(_) => tokens.to_string(),
+        }
+    }
+
+    #[test]
+    fn clinical_case_with_flag_row_key_and_blind_index() {
+        insta::assert_snapshot!(pretty(syn::parse_quote! {
+            #[phi(table = cases, debug)]
+            #[diesel(primary_key(case_id))]
+            pub struct Case {
+                #[phi(row_key)]
+                pub case_id: String,
+                #[phi(owner)]
+                pub user_id: String,
+                #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+                pub patient_last: String,
+                #[phi(encrypt)]
+                pub patient_dob: chrono::NaiveDate,
+                #[phi(encrypt)]
+                pub ins_provider: Option<String>,
+                pub procedure_code: String,
+                #[phi(encrypted_flag)]
+                pub phi_encrypted: bool,
+            }
+        }));
+    }
+
+    #[test]
+    fn minimal_model_always_sealed() {
+        insta::assert_snapshot!(pretty(syn::parse_quote! {
+            #[phi(table = schema::notes, crate = ::phi)]
+            struct Note {
+                id: i64,
+                #[phi(owner)]
+                tenant_id: i64,
+                #[phi(encrypt, scope = "notes.body_v1")]
+                #[diesel(column_name = body)]
+                text: String,
+            }
+        }));
+    }
+
+    #[test]
+    fn mistakes_expand_to_errors_only() {
+        let out = pretty(syn::parse_quote! {
+            #[phi(table = cases)]
+            struct Case {
+                #[phi(owner, encrypt)]
+                user_id: String,
+                #[phi(encrpyt)]
+                patient_last: String,
+            }
+        });
+        assert!(out.contains("compile_error"), "{out}");
+        assert!(!out.contains("impl"), "no code beside the errors: {out}");
+        insta::assert_snapshot!(out);
     }
 }

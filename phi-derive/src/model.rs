@@ -137,11 +137,11 @@ impl Model {
                     if mark.is_present() {
                         errors.push(
                             darling::Error::custom(format!(
-                                "a field cannot be both `{name}` and `encrypt`: the {} is read before any key is known, so it must stay plaintext",
+                                "a field cannot be both `{name}` and `encrypt`: {}",
                                 match name {
-                                    "owner" => "owner selects the data key",
-                                    "row_key" => "row key is bound into each sealed value",
-                                    _ => "encrypted flag says whether the row is sealed",
+                                    "owner" => "the owner selects the data key, so it must stay plaintext",
+                                    "row_key" => "the row key is bound into every sealed value of the row, so it must stay plaintext",
+                                    _ => "the encrypted flag says whether the row is sealed, so it must stay plaintext",
                                 }
                             ))
                             .with_span(&mark.span()),
@@ -257,6 +257,7 @@ impl Model {
                 .with_span(&raw.ident),
             );
         }
+        let mut errors = errors.checkpoint()?;
         if owner.is_some()
             && !fields
                 .iter()

@@ -211,10 +211,16 @@ mod tests {
     fn normalisation() {
         assert_eq!(&*Normalize::TRIM.apply(b"  Doe \n"), b"Doe");
         assert_eq!(&*Normalize::LOWERCASE.apply(b" DoE"), b" doe");
-        assert_eq!(&*Normalize::TRIM_LOWERCASE.apply(" ÉLISE ".as_bytes()), "élise".as_bytes());
+        assert_eq!(
+            &*Normalize::TRIM_LOWERCASE.apply(" ÉLISE ".as_bytes()),
+            "élise".as_bytes()
+        );
         assert_eq!(&*Normalize::NONE.apply(b" A "), b" A ");
         // Not UTF-8: hashed as it is.
-        assert_eq!(&*Normalize::TRIM_LOWERCASE.apply(&[0xff, b' ']), &[0xff, b' ']);
+        assert_eq!(
+            &*Normalize::TRIM_LOWERCASE.apply(&[0xff, b' ']),
+            &[0xff, b' ']
+        );
     }
 
     #[test]
@@ -234,9 +240,18 @@ mod tests {
         let b = Dek::new(1, KeyBytes::new([2; 32]));
         let v = "Doe".to_string();
         let ia = BlindIndexKey::derive(&a, "cases.patient_last").index(&v, Normalize::NONE);
-        assert_ne!(ia, BlindIndexKey::derive(&a, "cases.patient_first").index(&v, Normalize::NONE));
-        assert_ne!(ia, BlindIndexKey::derive(&b, "cases.patient_last").index(&v, Normalize::NONE));
-        assert_eq!(ia, BlindIndexKey::derive(&a, "cases.patient_last").index(&v, Normalize::NONE));
+        assert_ne!(
+            ia,
+            BlindIndexKey::derive(&a, "cases.patient_first").index(&v, Normalize::NONE)
+        );
+        assert_ne!(
+            ia,
+            BlindIndexKey::derive(&b, "cases.patient_last").index(&v, Normalize::NONE)
+        );
+        assert_eq!(
+            ia,
+            BlindIndexKey::derive(&a, "cases.patient_last").index(&v, Normalize::NONE)
+        );
         assert!(!format!("{:?}", BlindIndexKey::derive(&a, "s")).contains("1"));
     }
 

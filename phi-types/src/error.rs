@@ -153,7 +153,9 @@ pub enum Error {
 
     /// A value of a row whose encrypted flag is off (written before the
     /// roll-out) does not decode as the field's type.
-    #[error("unsealed value of {scope} for owner {owner:?} (encrypted flag off) does not decode: {source}")]
+    #[error(
+        "unsealed value of {scope} for owner {owner:?} (encrypted flag off) does not decode: {source}"
+    )]
     Unsealed {
         /// `table.column`.
         scope: String,

@@ -62,11 +62,11 @@ pub use keyring::{
     Clock, DEFAULT_MAX_OWNERS, DEFAULT_TTL, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
     ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
-pub use record::{EncryptedFlag, OwnerId, PhiRecord, RowKey, Rollout, SealedRecord};
-pub use sealer::{Sealer, with_sealer};
 #[cfg(feature = "derive")]
 #[doc(inline)]
 pub use phi_derive::PhiRecord;
+pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord};
+pub use sealer::{Sealer, with_sealer};
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;

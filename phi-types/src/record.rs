@@ -31,6 +31,132 @@ use crate::sealer::{Sealer, with_sealer};
 /// The provided methods are the API: [`seal`](Self::seal) /
 /// [`seal_all`](Self::seal_all) before an insert,
 /// [`load`](Self::load) or [`open_all`](Self::open_all) after a select.
+/// The derive also generates, for a model `Case`:
+///
+/// - `CaseSealed`, the stored form, deriving Diesel's `Queryable`,
+///   `Selectable`, `Insertable` and `AsChangeset` for the table;
+/// - `CaseChanges` and `Case::changes(&new, &old, &keyring)`, an update that
+///   re-seals only the changed fields;
+/// - `Case::<field>_blind_index(&keyring, owner, &value)` for each field with
+///   a blind index: the values to match with `eq_any`;
+/// - with `#[phi(debug)]`, a `Debug` for both that prints encrypted fields
+///   as `<redacted>`.
+///
+/// # Attributes
+///
+/// | attribute | on | meaning |
+/// |---|---|---|
+/// | `#[phi(table = path)]` | struct | the Diesel table (required) |
+/// | `#[phi(crate = path)]` | struct | where `phi_types` is (default `::phi_types`) |
+/// | `#[phi(debug)]` | struct | redacted `Debug` for the model and its sealed form |
+/// | `#[phi(sealed = Name)]`, `#[phi(changes = Name)]` | struct | names of the generated structs |
+/// | `#[phi(owner)]` | one field | whose data key seals the row ([`OwnerId`]: strings, integers) |
+/// | `#[phi(encrypt)]` | fields | sealed with scope `table.column` (a [`PhiValue`](crate::PhiValue), or `Option` of one for a nullable column) |
+/// | `#[phi(encrypt, scope = "…")]` | fields | pins the scope, so renaming the field or column does not orphan data |
+/// | `#[phi(encrypt, blind_index = column)]` | fields | keeps an equality index in `column` (nullable binary) |
+/// | `normalize = "trim,lowercase"` | with `blind_index` | normalises before indexing |
+/// | `#[phi(row_key)]` | one field | binds each ciphertext to its row ([`RowKey`]) |
+/// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
+///
+/// `#[diesel(…)]` attributes on the model and its fields (`primary_key`,
+/// `column_name`, …) are forwarded to the generated structs. Plain fields
+/// must be `Clone` and `PartialEq`.
+///
+/// # Example: a complete round trip on SQLite
+///
+/// ```
+/// use std::sync::Arc;
+/// use chrono::NaiveDate;
+/// use diesel::prelude::*;
+/// use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord};
+///
+/// diesel::table! {
+///     cases (case_id) {
+///         case_id -> Text,
+///         user_id -> Text,
+///         patient_last -> Binary,
+///         patient_dob -> Binary,
+///         ins_provider -> Nullable<Binary>,
+///         phi_encrypted -> Bool,
+///         patient_last_bidx -> Nullable<Binary>,
+///     }
+/// }
+///
+/// #[derive(PhiRecord, Clone, PartialEq)]
+/// #[phi(table = cases, debug)]
+/// #[diesel(primary_key(case_id))]
+/// struct Case {
+///     #[phi(row_key)]
+///     case_id: String,
+///     #[phi(owner)]
+///     user_id: String,
+///     #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+///     patient_last: String,
+///     #[phi(encrypt)]
+///     patient_dob: NaiveDate,
+///     #[phi(encrypt)]
+///     ins_provider: Option<String>,
+///     #[phi(encrypted_flag)]
+///     phi_encrypted: bool,
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut conn = SqliteConnection::establish(":memory:")?;
+/// diesel::sql_query(
+///     "CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
+///      patient_last BLOB NOT NULL, patient_dob BLOB NOT NULL, ins_provider BLOB, \
+///      phi_encrypted BOOLEAN NOT NULL, patient_last_bidx BLOB)",
+/// )
+/// .execute(&mut conn)?;
+/// // In production: `LocalKek::from_env` or a KMS, and a `DieselKeyStore`.
+/// let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+///
+/// // Insert: seal, then plain Diesel.
+/// let case = Case {
+///     case_id: "C-1001".into(),
+///     user_id: "provider-17".into(),
+///     patient_last: "Doe".into(),
+///     patient_dob: NaiveDate::from_ymd_opt(1980, 1, 15).unwrap(),
+///     ins_provider: Some("Acme Health".into()),
+///     phi_encrypted: true,
+/// };
+/// diesel::insert_into(cases::table).values(&case.seal(&keyring)?).execute(&mut conn)?;
+///
+/// // What the database holds: envelopes, never the name.
+/// let raw: Vec<u8> = cases::table.select(cases::patient_last).first(&mut conn)?;
+/// assert_eq!(&raw[..2], &[0xF1, 0x01]);
+///
+/// // Load: one call, keys of every owner resolved in one batch.
+/// let mine = Case::load(cases::table.filter(cases::user_id.eq("provider-17")), &mut conn, &keyring)?;
+/// assert!(mine == vec![case.clone()]);
+/// assert!(!format!("{:?}", mine[0]).contains("Doe"));
+///
+/// // The duplicate check: an indexed lookup, not a scan.
+/// let doe = Case::patient_last_blind_index(&keyring, "provider-17", &" DOE".to_string())?;
+/// let found = Case::load(
+///     cases::table
+///         .filter(cases::user_id.eq("provider-17"))
+///         .filter(cases::patient_last_bidx.eq_any(doe)),
+///     &mut conn,
+///     &keyring,
+/// )?;
+/// assert_eq!(found.len(), 1);
+///
+/// // Update: only the changed fields are sealed again and written.
+/// let mut edited = case.clone();
+/// edited.ins_provider = None;
+/// let changes = edited.changes(&case, &keyring)?;
+/// assert!(changes.patient_last.is_none());
+/// diesel::update(cases::table.find("C-1001")).set(&changes).execute(&mut conn)?;
+/// let reloaded = Case::load(cases::table.find("C-1001"), &mut conn, &keyring)?;
+/// assert_eq!(reloaded[0].ins_provider, None);
+///
+/// // Delete: plain Diesel.
+/// diesel::delete(cases::table.find("C-1001")).execute(&mut conn)?;
+/// # Ok(())
+/// # }
+/// ```
 pub trait PhiRecord: Sized + Send {
     /// The stored form: the same fields with `Encrypted<T>` in place of each
     /// encrypted one; Diesel's `Queryable`, `Selectable`, `Insertable` and
@@ -50,8 +176,7 @@ pub trait PhiRecord: Sized + Send {
     /// Builds the stored form: sealed under `keys`, or (`None`, only for a
     /// model with an encrypted flag) unsealed with the flag off.
     #[doc(hidden)]
-    fn seal_with(&self, keys: Option<&OwnerKeys>, sealer: &mut Sealer<'_>)
-    -> Result<Self::Sealed>;
+    fn seal_with(&self, keys: Option<&OwnerKeys>, sealer: &mut Sealer<'_>) -> Result<Self::Sealed>;
 
     /// Opens the stored form: with `keys` for a sealed row, without for a
     /// row whose flag is off.
@@ -90,7 +215,9 @@ pub trait PhiRecord: Sized + Send {
             records
                 .iter()
                 .zip(&owners)
-                .map(|(record, owner)| record.seal_with(keys.get(owner.as_ref()).map(Arc::as_ref), sealer))
+                .map(|(record, owner)| {
+                    record.seal_with(keys.get(owner.as_ref()).map(Arc::as_ref), sealer)
+                })
                 .collect()
         })?
     }
@@ -129,18 +256,11 @@ pub trait PhiRecord: Sized + Send {
     /// Only when the owners' keys cannot be resolved at all.
     fn open_each(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Result<Self>>> {
         let keys = resolve_for_open(&rows, keyring)?;
-        Ok(rows
-            .into_iter()
-            .map(|row| open_row(row, &keys))
-            .collect())
+        Ok(rows.into_iter().map(|row| open_row(row, &keys)).collect())
     }
 
     /// Runs `query` selecting the sealed form, then opens the rows: the
-    /// one-call read.
-    ///
-    /// ```ignore
-    /// let mine = Case::load(cases::table.filter(cases::user_id.eq("u-17")), &mut conn, &keyring)?;
-    /// ```
+    /// one-call read (see the example on [`PhiRecord`]).
     ///
     /// # Errors
     /// [`Error::Database`] when the query fails; then as
@@ -151,9 +271,7 @@ pub trait PhiRecord: Sized + Send {
         <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
         C: diesel::Connection,
-        Q: diesel::query_dsl::methods::SelectDsl<
-                diesel::dsl::AsSelect<Self::Sealed, C::Backend>,
-            >,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
     {
@@ -205,10 +323,12 @@ fn resolve_for_open<S: SealedRecord>(
 fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>) -> Result<R> {
     if row.is_encrypted() {
         let owner = row.owner_id();
-        let k = keys.get(owner.as_ref()).ok_or_else(|| Error::KeyUnavailable {
-            owner: owner.clone().into_owned(),
-            reason: "keys were not resolved".into(),
-        })?;
+        let k = keys
+            .get(owner.as_ref())
+            .ok_or_else(|| Error::KeyUnavailable {
+                owner: owner.clone().into_owned(),
+                reason: "keys were not resolved".into(),
+            })?;
         let k = Arc::clone(k);
         R::open_with(row, Some(&k))
     } else {
@@ -477,9 +597,7 @@ pub mod __private {
         scope: &str,
         row: &[u8],
     ) -> Result<Option<Encrypted<T>>> {
-        value
-            .map(|v| seal(keys, sealer, v, scope, row))
-            .transpose()
+        value.map(|v| seal(keys, sealer, v, scope, row)).transpose()
     }
 
     /// Opens `value` with `keys`, or decodes it unsealed when `keys` is
@@ -509,9 +627,7 @@ pub mod __private {
         row: &[u8],
         owner: &str,
     ) -> Result<Option<T>> {
-        value
-            .map(|v| open(keys, v, scope, row, owner))
-            .transpose()
+        value.map(|v| open(keys, v, scope, row, owner)).transpose()
     }
 
     /// The blind index to store beside a sealed value; `None` for an
@@ -525,6 +641,50 @@ pub mod __private {
         match (keys, value) {
             (Some(keys), Some(value)) => keys.blind_index(scope, value, normalize).map(Some),
             _ => Ok(None),
+        }
+    }
+
+    /// Everything the generated code does with an encrypted field's type,
+    /// behind one generic call: a type that is not a [`PhiValue`] is then
+    /// reported once, at the field, not once per use.
+    #[allow(clippy::type_complexity, missing_debug_implementations)]
+    pub struct Ops<T> {
+        /// [`seal`].
+        pub seal: fn(Option<&OwnerKeys>, &mut Sealer<'_>, &T, &str, &[u8]) -> Result<Encrypted<T>>,
+        /// [`seal_opt`].
+        pub seal_opt: fn(
+            Option<&OwnerKeys>,
+            &mut Sealer<'_>,
+            Option<&T>,
+            &str,
+            &[u8],
+        ) -> Result<Option<Encrypted<T>>>,
+        /// [`open`].
+        pub open: fn(Option<&OwnerKeys>, Encrypted<T>, &str, &[u8], &str) -> Result<T>,
+        /// [`open_opt`].
+        pub open_opt:
+            fn(Option<&OwnerKeys>, Option<Encrypted<T>>, &str, &[u8], &str) -> Result<Option<T>>,
+        /// [`blind`].
+        pub blind: fn(Option<&OwnerKeys>, Option<&T>, &str, Normalize) -> Result<Option<Vec<u8>>>,
+        /// [`OwnerKeys::blind_indexes`].
+        pub indexes: fn(&OwnerKeys, &str, &T, Normalize) -> Vec<Vec<u8>>,
+        /// Equality, to detect changed fields.
+        pub eq: fn(&T, &T) -> bool,
+        /// Equality of nullable fields.
+        pub eq_opt: fn(&Option<T>, &Option<T>) -> bool,
+    }
+
+    /// The [`Ops`] of `T`.
+    pub fn ops<T: PhiValue>() -> Ops<T> {
+        Ops {
+            seal: seal::<T>,
+            seal_opt: seal_opt::<T>,
+            open: open::<T>,
+            open_opt: open_opt::<T>,
+            blind: blind::<T>,
+            indexes: |keys, scope, value, normalize| keys.blind_indexes(scope, value, normalize),
+            eq: <T as PartialEq>::eq,
+            eq_opt: <Option<T> as PartialEq>::eq,
         }
     }
 

@@ -53,7 +53,7 @@ pub enum DecodeError {
     label = "this type does not implement `PhiValue`",
     note = "phi encrypts String, Vec<u8>, integers, bool, chrono::NaiveDate and chrono::NaiveDateTime; use Option<T> for a nullable column, or implement `phi_types::PhiValue` for your type"
 )]
-pub trait PhiValue: Sized {
+pub trait PhiValue: Sized + PartialEq {
     /// Appends the encoding of `self` to `out`.
     fn encode(&self, out: &mut Vec<u8>);
 

@@ -237,7 +237,7 @@ fn a_ciphertext_copied_by_sql_fails_naming_table_column_and_owner() {
 
     // To another row of the same owner.
     set_raw(&mut conn, &a2, "patient_last", stolen.clone());
-    let err = load_one(&mut conn, &keyring, &a2).err().expect("other row fails");
+    let err = load_one(&mut conn, &keyring, &a2).expect_err("other row fails");
     let message = err.to_string();
     assert!(matches!(err, Error::Decrypt { .. }), "{err:?}");
     assert!(message.contains(CASES_SCOPE_LAST) && message.contains(&alice), "{message}");
@@ -245,17 +245,17 @@ fn a_ciphertext_copied_by_sql_fails_naming_table_column_and_owner() {
 
     // To another owner.
     set_raw(&mut conn, &b1, "patient_last", stolen.clone());
-    let message = load_one(&mut conn, &keyring, &b1).err().expect("other owner fails").to_string();
+    let message = load_one(&mut conn, &keyring, &b1).expect_err("other owner fails").to_string();
     assert!(message.contains(CASES_SCOPE_LAST) && message.contains(&bob), "{message}");
 
     // To another column of the same row.
     set_raw(&mut conn, &a1, "patient_first", stolen);
-    let message = load_one(&mut conn, &keyring, &a1).err().expect("other column fails").to_string();
+    let message = load_one(&mut conn, &keyring, &a1).expect_err("other column fails").to_string();
     assert!(message.contains("phi_it_cases.patient_first") && message.contains(&alice), "{message}");
 
     // A flag-on row whose bytes are not an envelope is an error, not plaintext.
     set_raw(&mut conn, &a1, "patient_first", Some(b"Jane".to_vec()));
-    let err = load_one(&mut conn, &keyring, &a1).err().expect("not an envelope");
+    let err = load_one(&mut conn, &keyring, &a1).expect_err("not an envelope");
     assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
 
     // The damaged rows do not hide the others: open_each reports per row.
@@ -411,7 +411,7 @@ fn rows_written_before_the_rollout_read_back_and_the_policy_decides_new_writes()
     // naming the column and owner, never garbage.
     insert_cases(&mut conn, &keyring, &[case(&late, &t(&late, 2), "Loe")]);
     set_raw(&mut conn, &t(&late, 2), "patient_last", Some(vec![0xF1, 0x01, 0xFF]));
-    let err = load_one(&mut conn, &keyring, &t(&late, 2)).err().expect("undecodable");
+    let err = load_one(&mut conn, &keyring, &t(&late, 2)).expect_err("undecodable");
     assert!(matches!(err, Error::Unsealed { .. }), "{err:?}");
     assert!(err.to_string().contains(CASES_SCOPE_LAST) && err.to_string().contains(&late), "{err}");
 }

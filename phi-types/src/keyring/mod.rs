@@ -15,8 +15,8 @@ mod clock;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -794,7 +794,10 @@ impl Keyring {
     }
 
     fn count_load(&self) {
-        self.inner.counters.key_loads.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .key_loads
+            .fetch_add(1, Ordering::Relaxed);
         self.count_query();
     }
 

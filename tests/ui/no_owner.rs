@@ -1,0 +1,21 @@
+use phi_types::PhiRecord;
+
+diesel::table! {
+    cases (id) {
+        id -> Integer,
+        user_id -> Text,
+        patient_last -> Binary,
+        patient_last_bidx -> Nullable<Binary>,
+    }
+}
+
+#[derive(PhiRecord)]
+#[phi(table = cases)]
+struct Case {
+    id: i32,
+    user_id: String,
+    #[phi(encrypt)]
+    patient_last: String,
+}
+
+fn main() {}
