@@ -23,7 +23,7 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use phi::{DieselKeyStore, Encrypted, Keyring, LocalKek, with_sealer};
+use phi::{DieselKeyStore, Keyring, LocalKek, PhiRecord};
 
 mod schema {
     //! The clinic's table, as `diesel print-schema` prints it.
@@ -44,28 +44,24 @@ mod schema {
 }
 use schema::cases;
 
-/// A case as stored: the PHI columns sealed.
-#[derive(Insertable, Queryable, Selectable)]
-#[diesel(table_name = cases)]
-struct CaseRow {
-    case_id: String,
-    user_id: String,
-    patient_first: Encrypted<String>,
-    patient_last: Encrypted<String>,
-    patient_dob: Encrypted<NaiveDate>,
-    ins_provider: Option<Encrypted<String>>,
-    procedure_code: String,
-    surgery_date: NaiveDate,
-    status: String,
-}
-
-/// A case as the application sees it.
+/// A case as the application sees it: plain types. The derive generates
+/// `CaseSealed`, what Diesel stores, with the PHI fields sealed under the
+/// provider's own data key and bound to the case id.
+#[derive(PhiRecord)]
+#[phi(crate = phi, table = cases)]
+#[diesel(primary_key(case_id))]
 struct Case {
+    #[phi(row_key)]
     case_id: String,
+    #[phi(owner)]
     user_id: String,
+    #[phi(encrypt)]
     patient_first: String,
+    #[phi(encrypt)]
     patient_last: String,
+    #[phi(encrypt)]
     patient_dob: NaiveDate,
+    #[phi(encrypt)]
     ins_provider: Option<String>,
     procedure_code: String,
     surgery_date: NaiveDate,
@@ -111,21 +107,21 @@ fn main() -> Result<(), Box<dyn Error>> {
         println!("Reusing {database} ({existing} cases).");
     }
 
-    let rows: Vec<CaseRow> = cases::table
+    // One query, then one key-store query and one unwrap per provider
+    // (however many rows), then every field opened.
+    let all = Case::load(cases::table.order(cases::case_id), &mut conn, &keyring)?;
+    let raw: Option<Vec<u8>> = cases::table
         .order(cases::case_id)
-        .select(CaseRow::as_select())
-        .load(&mut conn)?;
-    let raw = rows.first().map(|r| r.patient_last.as_bytes().to_vec());
-    // One key-store query and one unwrap per provider, however many rows.
-    let keys = keyring.keys_for_open_many(rows.iter().map(|r| r.user_id.as_str()))?;
+        .select(cases::patient_last)
+        .first(&mut conn)
+        .optional()?;
 
     println!();
     println!(
         "{:<8} {:<12} {:<22} {:<10} {:<14} {:<6} {:<10} status",
         "case", "provider", "patient", "born", "insurer", "proc", "surgery"
     );
-    for row in rows {
-        let case = open(row, &keys)?;
+    for case in all {
         println!(
             "{:<8} {:<12} {:<22} {:<10} {:<14} {:<6} {:<10} {}",
             case.case_id,
@@ -270,62 +266,15 @@ fn seed_cases() -> Vec<Case> {
 }
 
 fn seed(conn: &mut SqliteConnection, keyring: &Keyring) -> Result<(), Box<dyn Error>> {
-    let cases = seed_cases();
-    // Keys first, outside the write transaction: a new provider's data key is
+    // Sealed before the write transaction: a new provider's data key is
     // committed to the key store before anything is sealed under it.
-    let keys = keyring.keys_for_seal_many(cases.iter().map(|c| c.user_id.as_str()))?;
-    let rows = with_sealer(|s| -> phi::Result<Vec<CaseRow>> {
-        cases
-            .iter()
-            .map(|c| {
-                let k = &keys[&c.user_id];
-                let row = c.case_id.as_bytes();
-                Ok(CaseRow {
-                    case_id: c.case_id.clone(),
-                    user_id: c.user_id.clone(),
-                    patient_first: s.seal(k, &c.patient_first, "cases.patient_first", row)?,
-                    patient_last: s.seal(k, &c.patient_last, "cases.patient_last", row)?,
-                    patient_dob: s.seal(k, &c.patient_dob, "cases.patient_dob", row)?,
-                    ins_provider: c
-                        .ins_provider
-                        .as_ref()
-                        .map(|v| s.seal(k, v, "cases.ins_provider", row))
-                        .transpose()?,
-                    procedure_code: c.procedure_code.clone(),
-                    surgery_date: c.surgery_date,
-                    status: c.status.clone(),
-                })
-            })
-            .collect()
-    })??;
+    let sealed = Case::seal_all(&seed_cases(), keyring)?;
     conn.transaction(|conn| {
         diesel::insert_into(cases::table)
-            .values(&rows)
+            .values(&sealed)
             .execute(conn)
     })?;
     Ok(())
-}
-
-fn open(
-    row: CaseRow,
-    keys: &std::collections::HashMap<String, Arc<phi::OwnerKeys>>,
-) -> phi::Result<Case> {
-    let k = &keys[&row.user_id];
-    let r = row.case_id.as_bytes();
-    Ok(Case {
-        patient_first: k.open(row.patient_first, "cases.patient_first", r)?,
-        patient_last: k.open(row.patient_last, "cases.patient_last", r)?,
-        patient_dob: k.open(row.patient_dob, "cases.patient_dob", r)?,
-        ins_provider: row
-            .ins_provider
-            .map(|v| k.open(v, "cases.ins_provider", r))
-            .transpose()?,
-        case_id: row.case_id,
-        user_id: row.user_id,
-        procedure_code: row.procedure_code,
-        surgery_date: row.surgery_date,
-        status: row.status,
-    })
 }
 
 fn hex(bytes: &[u8]) -> String {
