@@ -50,27 +50,12 @@ fn generate(m: &Model) -> TokenStream {
     );
 
     // seal_with
-    let row_expr = match row_key {
-        Some(f) => {
-            let name = &f.ident;
-            quote! { #krate::RowKey::row_key(&self.#name) }
-        }
-        None => quote! { #krate::record::RowKeyBytes::Borrowed(&[]) },
-    };
+    let row_expr = row_key_expr(krate, row_key, quote!(self.));
     let seal_fields = m.fields.iter().map(|f| {
         let name = &f.ident;
         match &f.role {
             Role::Encrypt { scope, .. } => {
-                let vty = f.value_ty();
-                let call = if f.option_of.is_some() {
-                    quote_spanned! {vty.span()=>
-                        (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
-                    }
-                } else {
-                    quote_spanned! {vty.span()=>
-                        (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
-                    }
-                };
+                let call = seal_call(krate, f, scope);
                 quote! { #name: #call }
             }
             Role::Flag => {
@@ -81,17 +66,8 @@ fn generate(m: &Model) -> TokenStream {
         }
     });
     let seal_indexes = blind_indexes(m).map(|(f, column, scope, normalize)| {
-        let name = &f.ident;
-        let vty = f.value_ty();
-        let value = if f.option_of.is_some() {
-            quote! { ::core::option::Option::as_ref(&self.#name) }
-        } else {
-            quote! { ::core::option::Option::Some(&self.#name) }
-        };
-        let normalize = normalize_tokens(krate, normalize);
-        quote_spanned! {vty.span()=>
-            #column: (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
-        }
+        let call = blind_call(krate, f, scope, normalize);
+        quote! { #column: #call }
     });
     let refuse_unsealed = if has_flag {
         quote! {}
@@ -117,13 +93,7 @@ fn generate(m: &Model) -> TokenStream {
         }
         None => quote! { true },
     };
-    let open_row_expr = match row_key {
-        Some(f) => {
-            let name = &f.ident;
-            quote! { #krate::RowKey::row_key(&#name) }
-        }
-        None => quote! { #krate::record::RowKeyBytes::Borrowed(&[]) },
-    };
+    let open_row_expr = row_key_expr(krate, row_key, quote!());
     let open_fields = m.fields.iter().filter_map(|f| {
         let Role::Encrypt { scope, .. } = &f.role else {
             return None;
@@ -333,13 +303,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         }
         None => quote! { false },
     };
-    let row_expr = match row_key {
-        Some(f) => {
-            let name = &f.ident;
-            quote! { #krate::RowKey::row_key(&self.#name) }
-        }
-        None => quote! { #krate::record::RowKeyBytes::Borrowed(&[]) },
-    };
+    let row_expr = row_key_expr(krate, row_key, quote!(self.));
     let encrypted_changed = m.fields.iter().filter_map(|f| {
         let Role::Encrypt { .. } = &f.role else {
             return None;
@@ -351,16 +315,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         let name = &f.ident;
         match &f.role {
             Role::Encrypt { scope, .. } => {
-                let vty = f.value_ty();
-                let call = if f.option_of.is_some() {
-                    quote_spanned! {vty.span()=>
-                        (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
-                    }
-                } else {
-                    quote_spanned! {vty.span()=>
-                        (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
-                    }
-                };
+                let call = seal_call(krate, f, scope);
                 let changed = changed(krate, f);
                 quote! {
                     #name: if __full || #changed {
@@ -390,18 +345,11 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         }
     });
     let assign_indexes = blind_indexes(m).map(|(f, column, scope, normalize)| {
-        let name = &f.ident;
-        let vty = f.value_ty();
-        let value = if f.option_of.is_some() {
-            quote! { ::core::option::Option::as_ref(&self.#name) }
-        } else {
-            quote! { ::core::option::Option::Some(&self.#name) }
-        };
-        let normalize = normalize_tokens(krate, normalize);
+        let call = blind_call(krate, f, scope, normalize);
         let changed = changed(krate, f);
-        quote_spanned! {vty.span()=>
+        quote! {
             #column: if __full || #changed {
-                ::core::option::Option::Some((#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?)
+                ::core::option::Option::Some(#call)
             } else {
                 ::core::option::Option::None
             }
@@ -617,5 +565,47 @@ mod tests {
         assert!(out.contains("compile_error"), "{out}");
         assert!(!out.contains("impl"), "no code beside the errors: {out}");
         insta::assert_snapshot!(out);
+    }
+}
+
+/// `self.field` sealed: `Encrypted<T>`, or `Option<Encrypted<T>>` for a
+/// nullable field; the type's span carries a missing `PhiValue` error.
+fn seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    if f.option_of.is_some() {
+        quote_spanned! {vty.span()=>
+            (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
+        }
+    } else {
+        quote_spanned! {vty.span()=>
+            (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
+        }
+    }
+}
+
+/// The blind index of `self.field` (`None` for an unsealed row or a null).
+fn blind_call(krate: &syn::Path, f: &Field, scope: &str, normalize: (bool, bool)) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    let value = if f.option_of.is_some() {
+        quote! { ::core::option::Option::as_ref(&self.#name) }
+    } else {
+        quote! { ::core::option::Option::Some(&self.#name) }
+    };
+    let normalize = normalize_tokens(krate, normalize);
+    quote_spanned! {vty.span()=>
+        (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
+    }
+}
+
+/// The row key's bytes, read from `receiver` + field (`self.` or a local).
+fn row_key_expr(krate: &syn::Path, row_key: Option<&Field>, receiver: TokenStream) -> TokenStream {
+    match row_key {
+        Some(f) => {
+            let name = &f.ident;
+            quote! { #krate::RowKey::row_key(&#receiver #name) }
+        }
+        None => quote! { #krate::record::RowKeyBytes::Borrowed(&[]) },
     }
 }

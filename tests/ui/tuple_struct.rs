@@ -1,13 +1,6 @@
 use phi_types::PhiRecord;
 
-diesel::table! {
-    cases (id) {
-        id -> Integer,
-        user_id -> Text,
-        patient_last -> Binary,
-        patient_last_bidx -> Nullable<Binary>,
-    }
-}
+include!("schema/cases.rs");
 
 #[derive(PhiRecord)]
 #[phi(table = cases)]
