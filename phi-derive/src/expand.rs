@@ -501,6 +501,48 @@ fn changed(krate: &syn::Path, f: &Field) -> TokenStream {
     }
 }
 
+/// `self.field` sealed: `Encrypted<T>`, or `Option<Encrypted<T>>` for a
+/// nullable field; the type's span carries a missing `PhiValue` error.
+fn seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    if f.option_of.is_some() {
+        quote_spanned! {vty.span()=>
+            (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
+        }
+    } else {
+        quote_spanned! {vty.span()=>
+            (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
+        }
+    }
+}
+
+/// The blind index of `self.field` (`None` for an unsealed row or a null).
+fn blind_call(krate: &syn::Path, f: &Field, scope: &str, normalize: (bool, bool)) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    let value = if f.option_of.is_some() {
+        quote! { ::core::option::Option::as_ref(&self.#name) }
+    } else {
+        quote! { ::core::option::Option::Some(&self.#name) }
+    };
+    let normalize = normalize_tokens(krate, normalize);
+    quote_spanned! {vty.span()=>
+        (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
+    }
+}
+
+/// The row key's bytes, read from `receiver` + field (`self.` or a local).
+fn row_key_expr(krate: &syn::Path, row_key: Option<&Field>, receiver: TokenStream) -> TokenStream {
+    match row_key {
+        Some(f) => {
+            let name = &f.ident;
+            quote! { #krate::RowKey::row_key(&#receiver #name) }
+        }
+        None => quote! { #krate::record::RowKeyBytes::Borrowed(&[]) },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::expand;
@@ -565,47 +607,5 @@ mod tests {
         assert!(out.contains("compile_error"), "{out}");
         assert!(!out.contains("impl"), "no code beside the errors: {out}");
         insta::assert_snapshot!(out);
-    }
-}
-
-/// `self.field` sealed: `Encrypted<T>`, or `Option<Encrypted<T>>` for a
-/// nullable field; the type's span carries a missing `PhiValue` error.
-fn seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
-    let name = &f.ident;
-    let vty = f.value_ty();
-    if f.option_of.is_some() {
-        quote_spanned! {vty.span()=>
-            (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
-        }
-    } else {
-        quote_spanned! {vty.span()=>
-            (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
-        }
-    }
-}
-
-/// The blind index of `self.field` (`None` for an unsealed row or a null).
-fn blind_call(krate: &syn::Path, f: &Field, scope: &str, normalize: (bool, bool)) -> TokenStream {
-    let name = &f.ident;
-    let vty = f.value_ty();
-    let value = if f.option_of.is_some() {
-        quote! { ::core::option::Option::as_ref(&self.#name) }
-    } else {
-        quote! { ::core::option::Option::Some(&self.#name) }
-    };
-    let normalize = normalize_tokens(krate, normalize);
-    quote_spanned! {vty.span()=>
-        (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
-    }
-}
-
-/// The row key's bytes, read from `receiver` + field (`self.` or a local).
-fn row_key_expr(krate: &syn::Path, row_key: Option<&Field>, receiver: TokenStream) -> TokenStream {
-    match row_key {
-        Some(f) => {
-            let name = &f.ident;
-            quote! { #krate::RowKey::row_key(&#receiver #name) }
-        }
-        None => quote! { #krate::record::RowKeyBytes::Borrowed(&[]) },
     }
 }
