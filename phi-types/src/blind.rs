@@ -37,6 +37,7 @@
 //! [`OwnerKeys::blind_indexes`]: crate::OwnerKeys::blind_indexes
 
 use std::borrow::Cow;
+use std::sync::{Arc, RwLock};
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -164,6 +165,44 @@ impl BlindIndexKey {
     }
 }
 
+/// The blind-index keys an owner's data keys have derived, so that a batch
+/// derives each (version, scope) key once.
+#[derive(Default)]
+pub(crate) struct BlindKeyCache {
+    keys: RwLock<Vec<DerivedKey>>,
+}
+
+/// A blind-index key with the data key version and scope it derives from.
+type DerivedKey = (u32, Box<str>, Arc<BlindIndexKey>);
+
+impl BlindKeyCache {
+    fn get(&self, dek: &Dek, scope: &str) -> Arc<BlindIndexKey> {
+        let find = |keys: &[DerivedKey]| {
+            keys.iter()
+                .find(|(v, s, _)| *v == dek.version() && &**s == scope)
+                .map(|(_, _, k)| Arc::clone(k))
+        };
+        if let Some(key) = find(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
+            return key;
+        }
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(key) = find(&keys) {
+            return key;
+        }
+        let key = Arc::new(BlindIndexKey::derive(dek, scope));
+        keys.push((dek.version(), scope.into(), Arc::clone(&key)));
+        key
+    }
+}
+
 impl OwnerKeys {
     /// The blind index of `value` in `scope`, under the current data key:
     /// the value to store beside a newly sealed value.
@@ -177,7 +216,9 @@ impl OwnerKeys {
         normalize: Normalize,
     ) -> Result<Vec<u8>> {
         let dek = self.current_dek()?;
-        Ok(BlindIndexKey::derive(dek, scope)
+        Ok(self
+            .blind_keys
+            .get(dek, scope)
             .index(value, normalize)
             .to_vec())
     }
@@ -194,7 +235,8 @@ impl OwnerKeys {
         self.versions()
             .filter_map(|version| self.dek(version))
             .map(|dek| {
-                BlindIndexKey::derive(dek, scope)
+                self.blind_keys
+                    .get(dek, scope)
                     .index(value, normalize)
                     .to_vec()
             })

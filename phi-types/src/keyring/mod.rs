@@ -46,6 +46,8 @@ pub struct OwnerKeys {
     deks: Vec<Dek>,
     current: Option<usize>,
     loaded_at: Instant,
+    /// Blind-index keys derived so far, by version and scope.
+    pub(crate) blind_keys: crate::blind::BlindKeyCache,
 }
 
 impl OwnerKeys {
@@ -709,6 +711,7 @@ impl Keyring {
             deks,
             current,
             loaded_at: self.inner.clock.now(),
+            blind_keys: Default::default(),
         })
     }
 
@@ -765,6 +768,7 @@ impl Keyring {
                 deks: vec![Dek::new(version, key)],
                 current: Some(0),
                 loaded_at: self.inner.clock.now(),
+                blind_keys: Default::default(),
             });
         }
         // Another process won the race: use its key, never ours.
