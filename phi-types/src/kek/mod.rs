@@ -47,4 +47,15 @@ pub trait KeyEncryptionKey: Send + Sync + std::fmt::Debug {
     /// The provider failed, or the wrapped bytes do not authenticate for this
     /// owner and version.
     fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError>;
+
+    /// Unwraps many keys, each given as (`owner`, `version`, `wrapped`),
+    /// with one result per key in the same order. The keyring resolves a
+    /// batch of owners through this. The default unwraps one after another,
+    /// right for a KEK in memory; a remote KEK overrides it to send its
+    /// requests concurrently.
+    fn unwrap_many(&self, keys: &[(&str, u32, &[u8])]) -> Vec<Result<KeyBytes, BoxError>> {
+        keys.iter()
+            .map(|(owner, version, wrapped)| self.unwrap(owner, *version, wrapped))
+            .collect()
+    }
 }
