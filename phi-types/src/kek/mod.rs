@@ -1,12 +1,20 @@
 //! Key encryption keys (KEKs): what wraps each data key.
 //!
-//! A KEK never leaves its provider in production (AWS KMS); [`LocalKek`]
-//! holds a 256-bit master key in memory for development, tests and
-//! deployments without a KMS. Several KEKs may be configured at once: every
-//! data key row records the id of the KEK that wrapped it.
+//! A KEK never leaves its provider in production: `AwsKmsKek` (feature
+//! `aws-kms`) keeps it in AWS KMS. [`LocalKek`] holds a 256-bit master key
+//! in memory for development, tests and deployments without a KMS. Several
+//! KEKs may be configured at once: every data key row records the id of the
+//! KEK that wrapped it.
 
+#[cfg(feature = "aws-kms")]
+mod aws;
 mod local;
 
+#[cfg(feature = "aws-kms")]
+pub use aws::{
+    AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
+    CONTEXT_OWNER,
+};
 pub use local::{LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 
 use crate::dek::KeyBytes;
