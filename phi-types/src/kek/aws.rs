@@ -12,7 +12,7 @@ use aws_sdk_kms::Client;
 use aws_sdk_kms::config::retry::RetryConfig;
 use aws_sdk_kms::config::timeout::TimeoutConfig;
 use aws_sdk_kms::config::{Credentials, Region};
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::DataKeySpec;
 use tracing::Instrument as _;
@@ -644,13 +644,12 @@ impl Kms {
     fn sdk_error<E, R>(&self, operation: &'static str, error: &SdkError<E, R>) -> AwsKmsError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: fmt::Debug,
+        R: fmt::Debug + 'static,
     {
         let (kind, detail) = match error {
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => (
-                AwsKmsErrorKind::Unreachable,
-                DisplayErrorContext(error).to_string(),
-            ),
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+                (AwsKmsErrorKind::Unreachable, causes(error))
+            }
             SdkError::ServiceError(service) => {
                 let err = service.err();
                 let code = err.code().unwrap_or("unknown error");
@@ -679,17 +678,23 @@ impl Kms {
                 };
                 (kind, detail)
             }
-            SdkError::ResponseError(_) => (
-                AwsKmsErrorKind::BadResponse,
-                DisplayErrorContext(error).to_string(),
-            ),
-            _ => (
-                AwsKmsErrorKind::Other,
-                DisplayErrorContext(error).to_string(),
-            ),
+            SdkError::ResponseError(_) => (AwsKmsErrorKind::BadResponse, causes(error)),
+            _ => (AwsKmsErrorKind::Other, causes(error)),
         };
         self.error(operation, kind, detail)
     }
+}
+
+/// An error and its sources, one line.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The KEK's own tokio runtime. Calls are spawned on it and the calling
