@@ -9,11 +9,12 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
@@ -454,6 +455,124 @@ fn a_batch_of_unwraps_runs_concurrently_within_the_bound() {
         "40 unwraps at 100 ms each took {took:?}"
     );
     eprintln!("40 Decrypts of 100 ms each, at most 8 at once: {took:?} ({most} in flight at most)");
+}
+
+/// A metrics recorder keeping, per `name{label=value,...}`, counter totals
+/// and the number of histogram samples.
+#[derive(Debug)]
+struct Recorded(Mutex<BTreeMap<String, u64>>);
+
+static RECORDED: Recorded = Recorded(Mutex::new(BTreeMap::new()));
+
+impl Recorded {
+    fn get(&self, key: &str) -> u64 {
+        self.0.lock().expect("lock").get(key).copied().unwrap_or(0)
+    }
+    fn add(&self, key: &str, n: u64) {
+        *self
+            .0
+            .lock()
+            .expect("lock")
+            .entry(key.to_owned())
+            .or_default() += n;
+    }
+}
+
+struct Series(String);
+
+impl metrics::CounterFn for Series {
+    fn increment(&self, value: u64) {
+        RECORDED.add(&self.0, value);
+    }
+    fn absolute(&self, value: u64) {
+        RECORDED
+            .0
+            .lock()
+            .expect("lock")
+            .insert(self.0.clone(), value);
+    }
+}
+
+impl metrics::HistogramFn for Series {
+    fn record(&self, _: f64) {
+        RECORDED.add(&self.0, 1);
+    }
+}
+
+struct TestRecorder;
+
+fn series(key: &metrics::Key) -> Arc<Series> {
+    let labels: Vec<String> = key
+        .labels()
+        .map(|l| format!("{}={}", l.key(), l.value()))
+        .collect();
+    Arc::new(Series(format!("{}{{{}}}", key.name(), labels.join(","))))
+}
+
+impl metrics::Recorder for TestRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(series(key))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(series(key))
+    }
+}
+
+#[test]
+fn kms_calls_are_recorded_as_metrics_and_retries_are_bounded() {
+    // The only test installing a recorder; others' calls may be recorded too.
+    metrics::set_global_recorder(TestRecorder).expect("the only recorder");
+    let stub = StubKms::error("ThrottlingException", "Rate exceeded");
+    let throttled = kek(&stub.url, "alias/stub");
+    let err = throttled
+        .unwrap("provider-throttled", 1, b"blob")
+        .expect_err("throttled");
+    let err = err.downcast_ref::<AwsKmsError>().expect("AwsKmsError");
+    assert_eq!(err.kind(), AwsKmsErrorKind::Throttled, "{err}");
+    assert_eq!(
+        stub.requests.load(Ordering::SeqCst),
+        2,
+        "max_attempts(2): one retry"
+    );
+    assert_eq!(throttled.stats().decrypt, 1, "a retried call counts once");
+    assert_eq!(
+        RECORDED.get("phi_kms_calls_total{op=Decrypt,outcome=throttled}"),
+        1
+    );
+    assert!(RECORDED.get("phi_kms_call_seconds{op=Decrypt}") >= 1);
+
+    let url = shared_kms_url();
+    let kek = kek(&url, &Admin::new(&url).create_key());
+    kek.generate("provider-metrics", 1).expect("generate");
+    assert!(RECORDED.get("phi_kms_calls_total{op=GenerateDataKey,outcome=ok}") >= 1);
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub use error::{BoxError, Error, Result};
 #[cfg(feature = "aws-kms")]
 pub use kek::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
-    CONTEXT_OWNER,
+    CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
 };
 pub use kek::{KeyEncryptionKey, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 pub use keyring::{

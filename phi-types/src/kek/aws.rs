@@ -27,6 +27,12 @@ pub const CONTEXT_OWNER: &str = "phi:owner";
 /// Encryption context key holding the data key version, in decimal.
 pub const CONTEXT_DEK_VERSION: &str = "phi:dek_version";
 
+/// Metric: KMS calls, labels `op` (`GenerateDataKey`, `Decrypt`, `Encrypt`)
+/// and `outcome` (`ok`, or the failure's [`AwsKmsErrorKind::label`]).
+pub const KMS_CALLS_TOTAL: &str = "phi_kms_calls_total";
+/// Metric: KMS call latency in seconds, retries included, label `op`.
+pub const KMS_CALL_SECONDS: &str = "phi_kms_call_seconds";
+
 /// A key encryption key in AWS KMS.
 ///
 /// - New data keys come from **GenerateDataKey** (`KeySpec` `AES_256`); the
@@ -56,6 +62,13 @@ pub const CONTEXT_DEK_VERSION: &str = "phi:dek_version";
 /// many owners) run concurrently, at most
 /// [`max_concurrent_requests`](AwsKmsKekBuilder::max_concurrent_requests) at
 /// a time.
+///
+/// Each call runs in a `phi.kms` tracing span (operation, owner, key
+/// version, KEK id), is counted in [`stats`](AwsKmsKek::stats), and is
+/// recorded through the [`metrics`](https://docs.rs/metrics/0.24) facade
+/// as [`phi_kms_calls_total`](KMS_CALLS_TOTAL) and
+/// [`phi_kms_call_seconds`](KMS_CALL_SECONDS) (no-ops unless the application
+/// installs a recorder).
 ///
 /// Plaintext data keys go from the KMS response straight into zeroizing
 /// [`KeyBytes`]; neither they nor the credentials appear in `Debug`, logs or
@@ -192,6 +205,23 @@ pub enum AwsKmsErrorKind {
     /// Anything else; the detail says what.
     #[error("the KMS call failed")]
     Other,
+}
+
+impl AwsKmsErrorKind {
+    /// The kind as a metric label: `unreachable`, `key_disabled`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            AwsKmsErrorKind::Unreachable => "unreachable",
+            AwsKmsErrorKind::KeyDisabled => "key_disabled",
+            AwsKmsErrorKind::KeyState => "key_state",
+            AwsKmsErrorKind::InvalidCiphertext => "invalid_ciphertext",
+            AwsKmsErrorKind::AccessDenied => "access_denied",
+            AwsKmsErrorKind::KeyNotFound => "key_not_found",
+            AwsKmsErrorKind::Throttled => "throttled",
+            AwsKmsErrorKind::BadResponse => "bad_response",
+            AwsKmsErrorKind::Other => "other",
+        }
+    }
 }
 
 impl AwsKmsKek {
@@ -587,15 +617,22 @@ impl Kms {
         started: Instant,
         result: Result<T, AwsKmsError>,
     ) -> Result<T, AwsKmsError> {
-        let millis = started.elapsed().as_secs_f64() * 1000.0;
+        let seconds = started.elapsed().as_secs_f64();
+        let millis = seconds * 1000.0;
         let _entered = span.enter();
-        match &result {
-            Ok(_) => tracing::debug!(millis, "{operation} succeeded"),
+        let outcome = match &result {
+            Ok(_) => {
+                tracing::debug!(millis, "{operation} succeeded");
+                "ok"
+            }
             Err(error) => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(millis, kind = ?error.kind, "{operation} failed: {error}");
+                error.kind.label()
             }
-        }
+        };
+        metrics::counter!(KMS_CALLS_TOTAL, "op" => operation, "outcome" => outcome).increment(1);
+        metrics::histogram!(KMS_CALL_SECONDS, "op" => operation).record(seconds);
         result
     }
 

@@ -13,7 +13,7 @@ mod local;
 #[cfg(feature = "aws-kms")]
 pub use aws::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
-    CONTEXT_OWNER,
+    CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
 };
 pub use local::{LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 
