@@ -777,3 +777,84 @@ impl Drop for Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable_kek() -> AwsKmsKek {
+        // Nothing listens on port 9 of the loopback: connections are refused.
+        AwsKmsKek::builder("alias/phi-unit")
+            .region("us-east-1")
+            .endpoint_url("http://127.0.0.1:9")
+            .static_credentials("AKIDUNIT", "very-secret-key")
+            .connect_timeout(Duration::from_millis(200))
+            .operation_timeout(Duration::from_secs(1))
+            .max_attempts(1)
+            .build()
+            .expect("builds without calling the KMS")
+    }
+
+    #[test]
+    fn ids_and_debug_name_the_key_never_the_credentials() {
+        let builder =
+            AwsKmsKek::builder("alias/x").static_credentials("AKIDUNIT", "very-secret-key");
+        assert!(!format!("{builder:?}").contains("very-secret-key"));
+        let kek = unreachable_kek();
+        assert_eq!(kek.id(), "aws-kms:alias/phi-unit");
+        assert_eq!(kek.key_id(), "alias/phi-unit");
+        let shown = format!("{kek:?}");
+        assert!(shown.contains("alias/phi-unit"), "{shown}");
+        assert!(
+            !shown.contains("very-secret-key") && !shown.contains("AKIDUNIT"),
+            "{shown}"
+        );
+        let renamed = AwsKmsKek::builder("alias/x")
+            .region("us-east-1")
+            .kek_id("kms-prod")
+            .build();
+        assert_eq!(renamed.expect("builds").id(), "kms-prod");
+    }
+
+    #[test]
+    fn an_unreachable_kms_is_reported_as_such_for_every_operation() {
+        let kek = unreachable_kek();
+        let key = KeyBytes::new([1; 32]);
+        let errors: Vec<BoxError> = vec![
+            kek.generate("o", 1).map(|_| ()).expect_err("generate"),
+            kek.wrap("o", 1, &key).map(|_| ()).expect_err("wrap"),
+            kek.unwrap("o", 1, b"x").map(|_| ()).expect_err("unwrap"),
+        ];
+        let many = kek.unwrap_many(&[("o", 1, b"x"), ("p", 2, b"y")]);
+        for (error, op) in errors
+            .iter()
+            .chain(many.iter().filter_map(|r| r.as_ref().err()))
+            .zip([
+                "GenerateDataKey",
+                "Encrypt",
+                "Decrypt",
+                "Decrypt",
+                "Decrypt",
+            ])
+        {
+            let error = error.downcast_ref::<AwsKmsError>().expect("AwsKmsError");
+            assert_eq!(error.kind(), AwsKmsErrorKind::Unreachable, "{error}");
+            assert_eq!(error.operation(), op);
+            let text = error.to_string();
+            assert!(
+                text.contains("alias/phi-unit") && text.contains("127.0.0.1:9"),
+                "{text}"
+            );
+        }
+        let stats = kek.stats();
+        assert_eq!(
+            (
+                stats.generate_data_key,
+                stats.encrypt,
+                stats.decrypt,
+                stats.failures
+            ),
+            (1, 1, 3, 5)
+        );
+    }
+}
