@@ -5,7 +5,8 @@
 //! ```
 //!
 //! A cache hit costs a hash lookup. Misses for many owners are resolved
-//! together: one key-store query for all of them, one unwrap per data key,
+//! together: one key-store query for all of them, one unwrap per data key
+//! (all handed to the KEK at once, so a KMS can answer them concurrently),
 //! and, when sealing, a new data key for each owner that has none. Any number
 //! of threads missing the same owner at once cause one resolution: the
 //! first leads, the others wait for its result.
