@@ -36,6 +36,7 @@
 //! - `sqlite` (default), `mysql`, `postgres`: the key store
 //!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
 //!   `Encrypted<T>` itself works on every Diesel backend without a feature.
+//! - `aws-kms`: [`AwsKmsKek`], data keys generated and unwrapped by AWS KMS.
 
 pub mod blind;
 mod connection;
@@ -57,6 +58,11 @@ pub use connection::PhiConnection;
 pub use dek::{Dek, KeyBytes};
 pub use envelope::{Binding, EnvelopeError, Header};
 pub use error::{BoxError, Error, Result};
+#[cfg(feature = "aws-kms")]
+pub use kek::{
+    AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
+    CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
+};
 pub use kek::{KeyEncryptionKey, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 pub use keyring::{
     Clock, DEFAULT_MAX_OWNERS, DEFAULT_TTL, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,

@@ -293,3 +293,90 @@ fn repeated_owners_in_a_batch_are_resolved_once() {
     fresh.keys_for_open_many(rows).expect("resolve");
     assert_eq!(fresh.stats().hits, 10);
 }
+
+/// A KEK recording the size of each batch of unwraps it is asked for.
+#[derive(Debug)]
+struct BatchKek {
+    inner: LocalKek,
+    batches: std::sync::Mutex<Vec<usize>>,
+}
+
+impl KeyEncryptionKey for BatchKek {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn wrap(
+        &self,
+        owner: &str,
+        version: u32,
+        key: &KeyBytes,
+    ) -> Result<Vec<u8>, phi_types::BoxError> {
+        self.inner.wrap(owner, version, key)
+    }
+    fn unwrap(
+        &self,
+        owner: &str,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<KeyBytes, phi_types::BoxError> {
+        self.inner.unwrap(owner, version, wrapped)
+    }
+    fn unwrap_many(
+        &self,
+        keys: &[(&str, u32, &[u8])],
+    ) -> Vec<Result<KeyBytes, phi_types::BoxError>> {
+        self.batches.lock().expect("lock").push(keys.len());
+        keys.iter()
+            .map(|(o, v, w)| self.inner.unwrap(o, *v, w))
+            .collect()
+    }
+}
+
+#[test]
+fn a_cold_load_of_many_owners_unwraps_in_one_batch() {
+    let store = Arc::new(MemoryKeyStore::new());
+    let owners: Vec<String> = (0..50).map(|i| format!("owner-{i:02}")).collect();
+    let seeding = keyring(store.clone());
+    seeding
+        .keys_for_seal_many(owners.iter().map(String::as_str))
+        .expect("seal keys");
+    // A second version for one owner, and a destroyed one for another.
+    store
+        .insert_key_if_absent(&StoredKey {
+            owner_id: owners[0].clone(),
+            version: 2,
+            kek_id: "local-1".into(),
+            wrapped_key: kek()
+                .wrap(&owners[0], 2, &KeyBytes::new([5; 32]))
+                .expect("wrap"),
+            state: KeyState::Active,
+            created_at: chrono::Utc::now().naive_utc(),
+        })
+        .expect("insert");
+    store
+        .insert_key_if_absent(&StoredKey {
+            owner_id: owners[1].clone(),
+            version: 2,
+            kek_id: "local-1".into(),
+            wrapped_key: vec![0; 60],
+            state: KeyState::Destroyed,
+            created_at: chrono::Utc::now().naive_utc(),
+        })
+        .expect("insert");
+
+    let batch = Arc::new(BatchKek {
+        inner: LocalKek::new("local-1", &KeyBytes::new([0x42; 32])),
+        batches: std::sync::Mutex::new(Vec::new()),
+    });
+    let cold = Keyring::builder(store, batch.clone())
+        .build()
+        .expect("keyring");
+    let keys = cold
+        .keys_for_open_many(owners.iter().map(String::as_str))
+        .expect("keys");
+    assert_eq!(*batch.batches.lock().expect("lock"), vec![51]);
+    assert_eq!(cold.stats().unwraps, 51);
+    assert_eq!(keys[&owners[0]].versions().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(keys[&owners[0]].current_version(), Some(2));
+    assert_eq!(keys[&owners[1]].versions().collect::<Vec<_>>(), vec![1]);
+}

@@ -1,12 +1,20 @@
 //! Key encryption keys (KEKs): what wraps each data key.
 //!
-//! A KEK never leaves its provider in production (AWS KMS); [`LocalKek`]
-//! holds a 256-bit master key in memory for development, tests and
-//! deployments without a KMS. Several KEKs may be configured at once: every
-//! data key row records the id of the KEK that wrapped it.
+//! A KEK never leaves its provider in production: `AwsKmsKek` (feature
+//! `aws-kms`) keeps it in AWS KMS. [`LocalKek`] holds a 256-bit master key
+//! in memory for development, tests and deployments without a KMS. Several
+//! KEKs may be configured at once: every data key row records the id of the
+//! KEK that wrapped it.
 
+#[cfg(feature = "aws-kms")]
+mod aws;
 mod local;
 
+#[cfg(feature = "aws-kms")]
+pub use aws::{
+    AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
+    CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
+};
 pub use local::{LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 
 use crate::dek::KeyBytes;
@@ -47,4 +55,15 @@ pub trait KeyEncryptionKey: Send + Sync + std::fmt::Debug {
     /// The provider failed, or the wrapped bytes do not authenticate for this
     /// owner and version.
     fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError>;
+
+    /// Unwraps many keys, each given as (`owner`, `version`, `wrapped`),
+    /// with one result per key in the same order. The keyring resolves a
+    /// batch of owners through this. The default unwraps one after another,
+    /// right for a KEK in memory; a remote KEK overrides it to send its
+    /// requests concurrently.
+    fn unwrap_many(&self, keys: &[(&str, u32, &[u8])]) -> Vec<Result<KeyBytes, BoxError>> {
+        keys.iter()
+            .map(|(owner, version, wrapped)| self.unwrap(owner, *version, wrapped))
+            .collect()
+    }
 }

@@ -5,7 +5,8 @@
 //! ```
 //!
 //! A cache hit costs a hash lookup. Misses for many owners are resolved
-//! together: one key-store query for all of them, one unwrap per data key,
+//! together: one key-store query for all of them, one unwrap per data key
+//! (all handed to the KEK at once, so a KMS can answer them concurrently),
 //! and, when sealing, a new data key for each owner that has none. Any number
 //! of threads missing the same owner at once cause one resolution: the
 //! first leads, the others wait for its result.
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 pub use clock::{Clock, ManualClock, SystemClock};
 
 use self::cache::{Cache, LeadGuard, Lookup};
-use crate::dek::Dek;
+use crate::dek::{Dek, KeyBytes};
 use crate::envelope::{self, Binding};
 use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;
@@ -646,12 +647,27 @@ impl Keyring {
         for row in &rows {
             by_owner.entry(row.owner_id.as_str()).or_default().push(row);
         }
+        // (owner, every row, the rows still holding a key)
+        let groups: Vec<(&String, Vec<&StoredKey>, Vec<&StoredKey>)> = owners
+            .iter()
+            .map(|owner| {
+                let rows = by_owner.remove(owner.as_str()).unwrap_or_default();
+                let live = live_sorted(&rows);
+                (owner, rows, live)
+            })
+            .collect();
+        // Every owner's keys in one batch: the KEK may unwrap them concurrently.
+        let all: Vec<&StoredKey> = groups
+            .iter()
+            .flat_map(|(_, _, live)| live.iter().copied())
+            .collect();
+        let mut unwrapped = self.unwrap_keys(&all).into_iter();
         let mut audit = Vec::new();
         let mut results = Vec::with_capacity(owners.len());
-        for owner in owners {
-            let rows = by_owner.remove(owner.as_str()).unwrap_or_default();
+        for (owner, rows, live) in groups {
+            let keys: Vec<_> = unwrapped.by_ref().take(live.len()).collect();
             let result = self
-                .unwrap_rows(owner, &rows, &mut audit)
+                .owner_keys(owner, &live, keys, &mut audit)
                 .and_then(|keys| match (purpose, keys.current) {
                     (Purpose::Seal, None) => self.create(owner, &rows, &mut audit),
                     _ => Ok(keys),
@@ -666,39 +682,95 @@ impl Keyring {
         Ok(results)
     }
 
+    /// Unwraps one owner's stored keys (destroyed versions skipped).
     fn unwrap_rows(
         &self,
         owner: &str,
         rows: &[&StoredKey],
         audit: &mut Vec<AuditEvent>,
     ) -> Result<OwnerKeys> {
+        let rows = live_sorted(rows);
+        let keys = self.unwrap_keys(&rows);
+        self.owner_keys(owner, &rows, keys, audit)
+    }
+
+    /// Unwraps `rows` of any owners, one result per row in order: one
+    /// [`KeyEncryptionKey::unwrap_many`] call per KEK, so a remote KEK can
+    /// send the requests concurrently.
+    fn unwrap_keys(&self, rows: &[&StoredKey]) -> Vec<Result<KeyBytes>> {
+        let mut results: Vec<Option<Result<KeyBytes>>> = rows.iter().map(|_| None).collect();
+        let mut by_kek: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (index, row) in rows.iter().enumerate() {
+            by_kek.entry(row.kek_id.as_str()).or_default().push(index);
+        }
+        for (kek_id, indices) in by_kek {
+            let Some(kek) = self.inner.keks.get(kek_id) else {
+                for index in indices {
+                    let row = rows[index];
+                    results[index] = Some(Err(Error::UnknownKek {
+                        owner: row.owner_id.clone(),
+                        key_version: row.version,
+                        kek_id: row.kek_id.clone(),
+                    }));
+                }
+                continue;
+            };
+            let requests: Vec<(&str, u32, &[u8])> = indices
+                .iter()
+                .map(|&i| {
+                    (
+                        rows[i].owner_id.as_str(),
+                        rows[i].version,
+                        rows[i].wrapped_key.as_slice(),
+                    )
+                })
+                .collect();
+            let unwrapped = {
+                let _span =
+                    tracing::debug_span!("phi.kek.unwrap", kek = kek_id, keys = requests.len())
+                        .entered();
+                kek.unwrap_many(&requests)
+            };
+            for (index, result) in indices.into_iter().zip(unwrapped) {
+                let row = rows[index];
+                results[index] = Some(result.map_err(|source| Error::Kek {
+                    kek_id: row.kek_id.clone(),
+                    owner: row.owner_id.clone(),
+                    key_version: row.version,
+                    source,
+                }));
+            }
+        }
+        results
+            .into_iter()
+            .zip(rows)
+            .map(|(result, row)| {
+                result.unwrap_or_else(|| {
+                    Err(Error::KeyUnavailable {
+                        owner: row.owner_id.clone(),
+                        reason: format!(
+                            "KEK {:?} returned no result for version {}",
+                            row.kek_id, row.version
+                        ),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// One owner's keys from its live rows (sorted by version) and their
+    /// unwrap results; the first failure is the owner's error.
+    fn owner_keys(
+        &self,
+        owner: &str,
+        rows: &[&StoredKey],
+        keys: Vec<Result<KeyBytes>>,
+        audit: &mut Vec<AuditEvent>,
+    ) -> Result<OwnerKeys> {
         let mut deks = Vec::with_capacity(rows.len());
         let mut current = None;
-        let mut sorted: Vec<&&StoredKey> = rows
-            .iter()
-            .filter(|r| r.state != KeyState::Destroyed)
-            .collect();
-        sorted.sort_by_key(|r| r.version);
-        for row in sorted {
-            let kek = self
-                .inner
-                .keks
-                .get(&row.kek_id)
-                .ok_or_else(|| Error::UnknownKek {
-                    owner: owner.to_owned(),
-                    key_version: row.version,
-                    kek_id: row.kek_id.clone(),
-                })?;
-            let key = {
-                let _span = tracing::debug_span!("phi.kek.unwrap", owner, version = row.version, kek = %row.kek_id).entered();
-                kek.unwrap(owner, row.version, &row.wrapped_key)
-            }
-            .map_err(|source| Error::Kek {
-                kek_id: row.kek_id.clone(),
-                owner: owner.to_owned(),
-                key_version: row.version,
-                source,
-            })?;
+        for (row, key) in rows.iter().zip(keys) {
+            let key = key?;
             self.inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
             audit.push(self.event(owner, AuditAction::Unwrap, row.version, &row.kek_id));
             if row.state == KeyState::Active {
@@ -811,6 +883,17 @@ impl Keyring {
             .store_queries
             .fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The rows that still hold a key, by ascending version.
+fn live_sorted<'a>(rows: &[&'a StoredKey]) -> Vec<&'a StoredKey> {
+    let mut live: Vec<&StoredKey> = rows
+        .iter()
+        .copied()
+        .filter(|r| r.state != KeyState::Destroyed)
+        .collect();
+    live.sort_by_key(|r| r.version);
+    live
 }
 
 fn usable(purpose: Purpose) -> impl Fn(&OwnerKeys) -> bool {

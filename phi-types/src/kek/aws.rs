@@ -1,0 +1,860 @@
+//! A KEK in AWS KMS (or a KMS-compatible server): data keys generated and
+//! unwrapped by the KMS, the master key never leaving it.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_kms::Client;
+use aws_sdk_kms::config::retry::RetryConfig;
+use aws_sdk_kms::config::timeout::TimeoutConfig;
+use aws_sdk_kms::config::{Credentials, Region};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::DataKeySpec;
+use tracing::Instrument as _;
+use zeroize::Zeroizing;
+
+use super::KeyEncryptionKey;
+use crate::dek::KeyBytes;
+use crate::error::{BoxError, Error};
+
+/// Encryption context key naming the owner of a data key.
+pub const CONTEXT_OWNER: &str = "phi:owner";
+/// Encryption context key holding the data key version, in decimal.
+pub const CONTEXT_DEK_VERSION: &str = "phi:dek_version";
+
+/// Metric: KMS calls, labels `op` (`GenerateDataKey`, `Decrypt`, `Encrypt`)
+/// and `outcome` (`ok`, or the failure's [`AwsKmsErrorKind::label`]).
+pub const KMS_CALLS_TOTAL: &str = "phi_kms_calls_total";
+/// Metric: KMS call latency in seconds, retries included, label `op`.
+pub const KMS_CALL_SECONDS: &str = "phi_kms_call_seconds";
+
+/// A key encryption key in AWS KMS.
+///
+/// - New data keys come from **GenerateDataKey** (`KeySpec` `AES_256`); the
+///   stored `wrapped_key` is the KMS `CiphertextBlob`.
+/// - Stored data keys are opened by **Decrypt**, with `KeyId` set.
+/// - An existing data key is wrapped (re-wrapped from another KEK) by
+///   **Encrypt**.
+///
+/// Every call carries the encryption context
+/// `{"phi:owner": owner, "phi:dek_version": "<version in decimal>"}`, so a
+/// wrapped key copied to another owner or version does not decrypt, and
+/// CloudTrail records which owner each call was for.
+///
+/// The id recorded in `user_encryption_keys.kek_id` is `aws-kms:<key>`,
+/// where `<key>` is the key id, key ARN, alias name (`alias/…`) or alias ARN
+/// exactly as configured (or whatever [`AwsKmsKekBuilder::kek_id`] sets).
+/// Keep it stable: rows record it, and the keyring unwraps a row only with
+/// the KEK of that id. Decrypt names the configured key, so an alias must
+/// keep pointing at the key that wrapped the stored data keys (retargeting
+/// an alias means re-wrapping them).
+///
+/// The trait is synchronous; the KEK runs every KMS call on a small tokio
+/// runtime of its own and the calling thread waits for the answer. It works
+/// the same from plain threads, from `spawn_blocking` and directly on an
+/// async runtime's worker thread (which it blocks for the duration of the
+/// call, as any synchronous I/O does). Many unwraps at once (a cold load of
+/// many owners) run concurrently, at most
+/// [`max_concurrent_requests`](AwsKmsKekBuilder::max_concurrent_requests) at
+/// a time.
+///
+/// Each call runs in a `phi.kms` tracing span (operation, owner, key
+/// version, KEK id), is counted in [`stats`](AwsKmsKek::stats), and is
+/// recorded through the [`metrics`](https://docs.rs/metrics/0.24) facade
+/// as [`phi_kms_calls_total`](KMS_CALLS_TOTAL) and
+/// [`phi_kms_call_seconds`](KMS_CALL_SECONDS) (no-ops unless the application
+/// installs a recorder).
+///
+/// Plaintext data keys go from the KMS response straight into zeroizing
+/// [`KeyBytes`]; neither they nor the credentials appear in `Debug`, logs or
+/// errors. (The HTTP stack's own buffers are outside this crate's reach.)
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use diesel::SqliteConnection;
+/// use phi_types::{AwsKmsKek, DieselKeyStore, KeyEncryptionKey, Keyring};
+///
+/// # fn main() -> Result<(), phi_types::Error> {
+/// // Credentials from the default chain (environment, profile, instance or
+/// // task role); region from the environment unless set here.
+/// let kek = AwsKmsKek::builder("alias/phi-production")
+///     .region("eu-west-1")
+///     .connect_timeout(Duration::from_secs(2))
+///     .operation_timeout(Duration::from_secs(5))
+///     .max_attempts(3)
+///     .build()?;
+/// assert_eq!(kek.id(), "aws-kms:alias/phi-production");
+///
+/// let store = Arc::new(DieselKeyStore::<SqliteConnection>::connect("clinic.db")?);
+/// let keyring = Keyring::builder(store, Arc::new(kek)).build()?;
+/// let sealed = keyring.seal(&"Doe".to_string(), "provider-17", "cases.patient_last", b"C-1001")?;
+/// # let _ = sealed;
+/// # Ok(())
+/// # }
+/// ```
+pub struct AwsKmsKek {
+    kms: Arc<Kms>,
+    worker: Worker,
+    max_concurrent: usize,
+}
+
+/// Configures an [`AwsKmsKek`]; from [`AwsKmsKek::builder`].
+#[must_use]
+pub struct AwsKmsKekBuilder {
+    key_id: String,
+    kek_id: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    credentials: Option<(String, Zeroizing<String>)>,
+    connect_timeout: Duration,
+    attempt_timeout: Duration,
+    operation_timeout: Duration,
+    max_attempts: u32,
+    max_concurrent: usize,
+}
+
+/// Calls an [`AwsKmsKek`] has sent, from [`AwsKmsKek::stats`]. Each counts
+/// operations, successful or not; the SDK's retries of one operation count
+/// once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AwsKmsStats {
+    /// GenerateDataKey calls (new data keys).
+    pub generate_data_key: u64,
+    /// Decrypt calls (unwraps).
+    pub decrypt: u64,
+    /// Encrypt calls (wraps of existing data keys).
+    pub encrypt: u64,
+    /// Calls of any kind that failed.
+    pub failures: u64,
+}
+
+/// Why an AWS KMS call failed: the source of the [`Error::Kek`] the keyring
+/// returns (which names the owner and key version), itself naming the KMS
+/// operation, the key and the endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("AWS KMS {operation} with key {key_id:?} at {endpoint} failed: {kind} ({detail})")]
+pub struct AwsKmsError {
+    operation: &'static str,
+    key_id: String,
+    endpoint: String,
+    kind: AwsKmsErrorKind,
+    detail: String,
+}
+
+impl AwsKmsError {
+    /// What kind of failure this was.
+    pub fn kind(&self) -> AwsKmsErrorKind {
+        self.kind
+    }
+
+    /// The KMS operation: `GenerateDataKey`, `Decrypt` or `Encrypt`.
+    pub fn operation(&self) -> &'static str {
+        self.operation
+    }
+
+    /// The KMS key as configured (key id, ARN or alias).
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+}
+
+/// The kinds of [`AwsKmsError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AwsKmsErrorKind {
+    /// No answer: connection refused, DNS failure or a timeout, after the
+    /// configured retries.
+    #[error("the KMS is unreachable or did not answer in time")]
+    Unreachable,
+    /// The KMS key is disabled (`DisabledException`).
+    #[error("the KMS key is disabled")]
+    KeyDisabled,
+    /// The KMS key is pending deletion, pending import or unavailable
+    /// (`KMSInvalidStateException`, `KeyUnavailableException`).
+    #[error("the KMS key is not in a usable state")]
+    KeyState,
+    /// The wrapped key does not decrypt under this KMS key with this owner
+    /// and version as encryption context (`InvalidCiphertextException`,
+    /// `IncorrectKeyException`): another owner's or version's key, another
+    /// KMS key, or altered bytes.
+    #[error(
+        "the wrapped data key does not decrypt under this KMS key with this owner and version \
+         (wrong encryption context, another KMS key, or altered bytes)"
+    )]
+    InvalidCiphertext,
+    /// The credentials may not use the key (`AccessDeniedException`), or
+    /// were not accepted.
+    #[error("access denied (check the credentials and the key policy)")]
+    AccessDenied,
+    /// No such key or alias (`NotFoundException`).
+    #[error("the KMS key does not exist")]
+    KeyNotFound,
+    /// The KMS throttled the calls, after the configured retries.
+    #[error("the KMS throttled the request")]
+    Throttled,
+    /// The KMS answered without a usable key or ciphertext.
+    #[error("the KMS answered with an unusable response")]
+    BadResponse,
+    /// Anything else; the detail says what.
+    #[error("the KMS call failed")]
+    Other,
+}
+
+impl AwsKmsErrorKind {
+    /// The kind as a metric label: `unreachable`, `key_disabled`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            AwsKmsErrorKind::Unreachable => "unreachable",
+            AwsKmsErrorKind::KeyDisabled => "key_disabled",
+            AwsKmsErrorKind::KeyState => "key_state",
+            AwsKmsErrorKind::InvalidCiphertext => "invalid_ciphertext",
+            AwsKmsErrorKind::AccessDenied => "access_denied",
+            AwsKmsErrorKind::KeyNotFound => "key_not_found",
+            AwsKmsErrorKind::Throttled => "throttled",
+            AwsKmsErrorKind::BadResponse => "bad_response",
+            AwsKmsErrorKind::Other => "other",
+        }
+    }
+}
+
+impl AwsKmsKek {
+    /// Starts configuring a KEK over the KMS key `key_id`: a key id, key ARN,
+    /// alias name (`alias/…`) or alias ARN.
+    pub fn builder(key_id: impl Into<String>) -> AwsKmsKekBuilder {
+        AwsKmsKekBuilder {
+            key_id: key_id.into(),
+            kek_id: None,
+            region: None,
+            endpoint_url: None,
+            credentials: None,
+            connect_timeout: Duration::from_secs(3),
+            attempt_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(15),
+            max_attempts: 3,
+            max_concurrent: 16,
+        }
+    }
+
+    /// The KMS key as configured.
+    pub fn key_id(&self) -> &str {
+        &self.kms.key_id
+    }
+
+    /// Calls sent to the KMS since this KEK was built.
+    pub fn stats(&self) -> AwsKmsStats {
+        let c = &self.kms.counters;
+        AwsKmsStats {
+            generate_data_key: c.generate.load(Ordering::Relaxed),
+            decrypt: c.decrypt.load(Ordering::Relaxed),
+            encrypt: c.encrypt.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl AwsKmsKekBuilder {
+    /// The id recorded in `user_encryption_keys.kek_id` (default
+    /// `aws-kms:<key id as configured>`).
+    pub fn kek_id(mut self, id: impl Into<String>) -> Self {
+        self.kek_id = Some(id.into());
+        self
+    }
+
+    /// The AWS region (default: from the environment or profile,
+    /// `AWS_REGION`).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Sends requests to this URL instead of the region's KMS endpoint: a VPC
+    /// endpoint, or a KMS-compatible server in tests.
+    pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.endpoint_url = Some(url.into());
+        self
+    }
+
+    /// Signs requests with these static credentials instead of the default
+    /// chain (environment, profile, web identity, container or instance
+    /// role). Meant for tests and KMS-compatible servers.
+    pub fn static_credentials(
+        mut self,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some((
+            access_key_id.into(),
+            Zeroizing::new(secret_access_key.into()),
+        ));
+        self
+    }
+
+    /// Longest wait for a connection to the KMS (default 3 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for one attempt of a call (default 5 s).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for a call, retries included (default 15 s): how long an
+    /// owner's resolution can take when the KMS is unreachable.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Attempts per call, the first included, with exponential back-off on
+    /// transient errors (default 3; 1 disables retries).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How many KMS calls one batch of unwraps runs at once (default 16).
+    pub fn max_concurrent_requests(mut self, max: usize) -> Self {
+        self.max_concurrent = max.max(1);
+        self
+    }
+
+    /// Builds the KEK: starts its runtime and loads the AWS configuration
+    /// (no KMS call is made).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the runtime cannot start or no region is
+    /// configured.
+    pub fn build(self) -> Result<AwsKmsKek, Error> {
+        let kek_id = self
+            .kek_id
+            .clone()
+            .unwrap_or_else(|| format!("aws-kms:{}", self.key_id));
+        let worker = Worker::start()
+            .map_err(|e| Error::Config(format!("cannot start the AWS KMS runtime: {e}")))?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout)
+                    .operation_attempt_timeout(self.attempt_timeout)
+                    .operation_timeout(self.operation_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts));
+        if let Some(region) = &self.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &self.endpoint_url {
+            loader = loader.endpoint_url(url.clone());
+        }
+        if let Some((access_key_id, secret)) = &self.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                access_key_id.clone(),
+                secret.as_str(),
+                None,
+                None,
+                "phi-static",
+            ));
+        }
+        let config = worker
+            .run(loader.load())
+            .map_err(|e| Error::Config(format!("cannot load the AWS configuration: {e}")))?;
+        let Some(region) = config.region().map(ToString::to_string) else {
+            return Err(Error::Config(format!(
+                "no AWS region for KEK {kek_id:?}: set AWS_REGION or call .region()"
+            )));
+        };
+        let endpoint = match &self.endpoint_url {
+            Some(url) => url.clone(),
+            None => format!("region {region}"),
+        };
+        Ok(AwsKmsKek {
+            kms: Arc::new(Kms {
+                client: Client::new(&config),
+                key_id: self.key_id,
+                kek_id,
+                endpoint,
+                counters: Counters::default(),
+            }),
+            worker,
+            max_concurrent: self.max_concurrent,
+        })
+    }
+}
+
+impl KeyEncryptionKey for AwsKmsKek {
+    fn id(&self) -> &str {
+        &self.kms.kek_id
+    }
+
+    fn generate(&self, owner: &str, version: u32) -> Result<(KeyBytes, Vec<u8>), BoxError> {
+        let kms = self.kms.clone();
+        let owner = owner.to_owned();
+        Ok(self
+            .worker
+            .run(async move { kms.generate(&owner, version).await })
+            .map_err(|e| self.kms.runtime_error("GenerateDataKey", &e))??)
+    }
+
+    fn wrap(&self, owner: &str, version: u32, key: &KeyBytes) -> Result<Vec<u8>, BoxError> {
+        let kms = self.kms.clone();
+        let owner = owner.to_owned();
+        let plaintext = Blob::new(key.expose().to_vec());
+        Ok(self
+            .worker
+            .run(async move { kms.encrypt(&owner, version, plaintext).await })
+            .map_err(|e| self.kms.runtime_error("Encrypt", &e))??)
+    }
+
+    fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError> {
+        let kms = self.kms.clone();
+        let owner = owner.to_owned();
+        let wrapped = wrapped.to_vec();
+        Ok(self
+            .worker
+            .run(async move { kms.decrypt(&owner, version, wrapped).await })
+            .map_err(|e| self.kms.runtime_error("Decrypt", &e))??)
+    }
+
+    fn unwrap_many(&self, keys: &[(&str, u32, &[u8])]) -> Vec<Result<KeyBytes, BoxError>> {
+        let requests: Vec<(String, u32, Vec<u8>)> = keys
+            .iter()
+            .map(|(owner, version, wrapped)| ((*owner).to_owned(), *version, wrapped.to_vec()))
+            .collect();
+        let count = requests.len();
+        let kms = self.kms.clone();
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.max_concurrent));
+        let batch = async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (index, (owner, version, wrapped)) in requests.into_iter().enumerate() {
+                let permit = limit.clone().acquire_owned().await.ok();
+                let kms = kms.clone();
+                tasks.spawn(async move {
+                    let result = kms.decrypt(&owner, version, wrapped).await;
+                    drop(permit);
+                    (index, result)
+                });
+            }
+            let mut results: Vec<Option<Result<KeyBytes, AwsKmsError>>> =
+                (0..count).map(|_| None).collect();
+            while let Some(joined) = tasks.join_next().await {
+                if let Ok((index, result)) = joined {
+                    results[index] = Some(result);
+                }
+            }
+            results
+        };
+        match self.worker.run(batch) {
+            Ok(results) => results
+                .into_iter()
+                .map(|result| match result {
+                    Some(result) => result.map_err(BoxError::from),
+                    None => Err(self
+                        .kms
+                        .runtime_error("Decrypt", &"the call was lost")
+                        .into()),
+                })
+                .collect(),
+            Err(e) => (0..count)
+                .map(|_| Err(self.kms.runtime_error("Decrypt", &e).into()))
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Debug for AwsKmsKek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsKmsKek")
+            .field("id", &self.kms.kek_id)
+            .field("key_id", &self.kms.key_id)
+            .field("endpoint", &self.kms.endpoint)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for AwsKmsKekBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsKmsKekBuilder")
+            .field("key_id", &self.key_id)
+            .field("kek_id", &self.kek_id)
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("static_credentials", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    generate: AtomicU64,
+    decrypt: AtomicU64,
+    encrypt: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// What the calls share, moved into the runtime's tasks.
+struct Kms {
+    client: Client,
+    key_id: String,
+    kek_id: String,
+    endpoint: String,
+    counters: Counters,
+}
+
+impl Kms {
+    async fn generate(
+        &self,
+        owner: &str,
+        version: u32,
+    ) -> Result<(KeyBytes, Vec<u8>), AwsKmsError> {
+        const OP: &str = "GenerateDataKey";
+        self.counters.generate.fetch_add(1, Ordering::Relaxed);
+        let span = self.span(OP, owner, version);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .generate_data_key()
+            .key_id(&self.key_id)
+            .key_spec(DataKeySpec::Aes256)
+            .encryption_context(CONTEXT_OWNER, owner)
+            .encryption_context(CONTEXT_DEK_VERSION, version.to_string())
+            .send()
+            .instrument(span.clone())
+            .await;
+        let result = sent
+            .map_err(|e| self.sdk_error(OP, &e))
+            .and_then(|mut out| {
+                let key = self.key_bytes(OP, out.plaintext.take())?;
+                let wrapped = out
+                    .ciphertext_blob
+                    .take()
+                    .map(Blob::into_inner)
+                    .ok_or_else(|| {
+                        self.error(OP, AwsKmsErrorKind::BadResponse, "no CiphertextBlob")
+                    })?;
+                Ok((key, wrapped))
+            });
+        self.finish(&span, OP, started, result)
+    }
+
+    async fn decrypt(
+        &self,
+        owner: &str,
+        version: u32,
+        wrapped: Vec<u8>,
+    ) -> Result<KeyBytes, AwsKmsError> {
+        const OP: &str = "Decrypt";
+        self.counters.decrypt.fetch_add(1, Ordering::Relaxed);
+        let span = self.span(OP, owner, version);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .decrypt()
+            .key_id(&self.key_id)
+            .ciphertext_blob(Blob::new(wrapped))
+            .encryption_context(CONTEXT_OWNER, owner)
+            .encryption_context(CONTEXT_DEK_VERSION, version.to_string())
+            .send()
+            .instrument(span.clone())
+            .await;
+        let result = sent
+            .map_err(|e| self.sdk_error(OP, &e))
+            .and_then(|mut out| self.key_bytes(OP, out.plaintext.take()));
+        self.finish(&span, OP, started, result)
+    }
+
+    async fn encrypt(
+        &self,
+        owner: &str,
+        version: u32,
+        plaintext: Blob,
+    ) -> Result<Vec<u8>, AwsKmsError> {
+        const OP: &str = "Encrypt";
+        self.counters.encrypt.fetch_add(1, Ordering::Relaxed);
+        let span = self.span(OP, owner, version);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .encrypt()
+            .key_id(&self.key_id)
+            .plaintext(plaintext)
+            .encryption_context(CONTEXT_OWNER, owner)
+            .encryption_context(CONTEXT_DEK_VERSION, version.to_string())
+            .send()
+            .instrument(span.clone())
+            .await;
+        let result = sent
+            .map_err(|e| self.sdk_error(OP, &e))
+            .and_then(|mut out| {
+                out.ciphertext_blob
+                    .take()
+                    .map(Blob::into_inner)
+                    .ok_or_else(|| {
+                        self.error(OP, AwsKmsErrorKind::BadResponse, "no CiphertextBlob")
+                    })
+            });
+        self.finish(&span, OP, started, result)
+    }
+
+    fn span(&self, operation: &'static str, owner: &str, version: u32) -> tracing::Span {
+        tracing::debug_span!("phi.kms", operation, owner, version, kek = %self.kek_id)
+    }
+
+    fn finish<T>(
+        &self,
+        span: &tracing::Span,
+        operation: &'static str,
+        started: Instant,
+        result: Result<T, AwsKmsError>,
+    ) -> Result<T, AwsKmsError> {
+        let seconds = started.elapsed().as_secs_f64();
+        let millis = seconds * 1000.0;
+        let _entered = span.enter();
+        let outcome = match &result {
+            Ok(_) => {
+                tracing::debug!(millis, "{operation} succeeded");
+                "ok"
+            }
+            Err(error) => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(millis, kind = ?error.kind, "{operation} failed: {error}");
+                error.kind.label()
+            }
+        };
+        metrics::counter!(KMS_CALLS_TOTAL, "op" => operation, "outcome" => outcome).increment(1);
+        metrics::histogram!(KMS_CALL_SECONDS, "op" => operation).record(seconds);
+        result
+    }
+
+    /// Moves a plaintext key out of a response into zeroizing key bytes.
+    fn key_bytes(
+        &self,
+        operation: &'static str,
+        plaintext: Option<Blob>,
+    ) -> Result<KeyBytes, AwsKmsError> {
+        let bytes =
+            Zeroizing::new(plaintext.map(Blob::into_inner).ok_or_else(|| {
+                self.error(operation, AwsKmsErrorKind::BadResponse, "no Plaintext")
+            })?);
+        KeyBytes::from_slice(&bytes).ok_or_else(|| {
+            self.error(
+                operation,
+                AwsKmsErrorKind::BadResponse,
+                format!("the data key is {} bytes, not 32", bytes.len()),
+            )
+        })
+    }
+
+    fn error(
+        &self,
+        operation: &'static str,
+        kind: AwsKmsErrorKind,
+        detail: impl Into<String>,
+    ) -> AwsKmsError {
+        AwsKmsError {
+            operation,
+            key_id: self.key_id.clone(),
+            endpoint: self.endpoint.clone(),
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    fn runtime_error(&self, operation: &'static str, cause: &dyn fmt::Display) -> AwsKmsError {
+        self.error(
+            operation,
+            AwsKmsErrorKind::Other,
+            format!("the KMS runtime failed: {cause}"),
+        )
+    }
+
+    fn sdk_error<E, R>(&self, operation: &'static str, error: &SdkError<E, R>) -> AwsKmsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: fmt::Debug + 'static,
+    {
+        let (kind, detail) = match error {
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+                (AwsKmsErrorKind::Unreachable, causes(error))
+            }
+            SdkError::ServiceError(service) => {
+                let err = service.err();
+                let code = err.code().unwrap_or("unknown error");
+                let kind = match code {
+                    "DisabledException" => AwsKmsErrorKind::KeyDisabled,
+                    "KMSInvalidStateException" | "KeyUnavailableException" => {
+                        AwsKmsErrorKind::KeyState
+                    }
+                    "InvalidCiphertextException" | "IncorrectKeyException" => {
+                        AwsKmsErrorKind::InvalidCiphertext
+                    }
+                    "AccessDeniedException"
+                    | "UnrecognizedClientException"
+                    | "InvalidSignatureException"
+                    | "ExpiredTokenException" => AwsKmsErrorKind::AccessDenied,
+                    "NotFoundException" => AwsKmsErrorKind::KeyNotFound,
+                    "ThrottlingException" | "LimitExceededException" => AwsKmsErrorKind::Throttled,
+                    "DependencyTimeoutException" | "KMSInternalException" => {
+                        AwsKmsErrorKind::Unreachable
+                    }
+                    _ => AwsKmsErrorKind::Other,
+                };
+                let detail = match err.message() {
+                    Some(message) if !message.is_empty() => format!("{code}: {message}"),
+                    _ => code.to_owned(),
+                };
+                (kind, detail)
+            }
+            SdkError::ResponseError(_) => (AwsKmsErrorKind::BadResponse, causes(error)),
+            _ => (AwsKmsErrorKind::Other, causes(error)),
+        };
+        self.error(operation, kind, detail)
+    }
+}
+
+/// An error and its sources, one line.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The KEK's own tokio runtime. Calls are spawned on it and the calling
+/// thread waits on a channel, so a caller inside another runtime never
+/// enters this one (no "runtime within a runtime") and never blocks it.
+struct Worker {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Worker {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("phi-kms")
+            .enable_all()
+            .build()?;
+        Ok(Worker {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn run<F>(&self, future: F) -> Result<F::Output, &'static str>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = self.runtime.as_ref().ok_or("the runtime is shut down")?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            // The caller waits for this; it only goes away if it panicked.
+            let _ = tx.send(future.await);
+        });
+        rx.recv()
+            .map_err(|_| "the call's task ended without an answer")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Never blocks, so dropping the KEK inside an async context is fine.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable_kek() -> AwsKmsKek {
+        // Nothing listens on port 9 of the loopback: connections are refused.
+        AwsKmsKek::builder("alias/phi-unit")
+            .region("us-east-1")
+            .endpoint_url("http://127.0.0.1:9")
+            .static_credentials("AKIDUNIT", "very-secret-key")
+            .connect_timeout(Duration::from_millis(200))
+            .operation_timeout(Duration::from_secs(1))
+            .max_attempts(1)
+            .build()
+            .expect("builds without calling the KMS")
+    }
+
+    #[test]
+    fn ids_and_debug_name_the_key_never_the_credentials() {
+        let builder =
+            AwsKmsKek::builder("alias/x").static_credentials("AKIDUNIT", "very-secret-key");
+        assert!(!format!("{builder:?}").contains("very-secret-key"));
+        let kek = unreachable_kek();
+        assert_eq!(kek.id(), "aws-kms:alias/phi-unit");
+        assert_eq!(kek.key_id(), "alias/phi-unit");
+        let shown = format!("{kek:?}");
+        assert!(shown.contains("alias/phi-unit"), "{shown}");
+        assert!(
+            !shown.contains("very-secret-key") && !shown.contains("AKIDUNIT"),
+            "{shown}"
+        );
+        let renamed = AwsKmsKek::builder("alias/x")
+            .region("us-east-1")
+            .kek_id("kms-prod")
+            .build();
+        assert_eq!(renamed.expect("builds").id(), "kms-prod");
+    }
+
+    #[test]
+    fn an_unreachable_kms_is_reported_as_such_for_every_operation() {
+        let kek = unreachable_kek();
+        let key = KeyBytes::new([1; 32]);
+        let errors: Vec<BoxError> = vec![
+            kek.generate("o", 1).map(|_| ()).expect_err("generate"),
+            kek.wrap("o", 1, &key).map(|_| ()).expect_err("wrap"),
+            kek.unwrap("o", 1, b"x").map(|_| ()).expect_err("unwrap"),
+        ];
+        let many = kek.unwrap_many(&[("o", 1, b"x"), ("p", 2, b"y")]);
+        for (error, op) in errors
+            .iter()
+            .chain(many.iter().filter_map(|r| r.as_ref().err()))
+            .zip([
+                "GenerateDataKey",
+                "Encrypt",
+                "Decrypt",
+                "Decrypt",
+                "Decrypt",
+            ])
+        {
+            let error = error.downcast_ref::<AwsKmsError>().expect("AwsKmsError");
+            assert_eq!(error.kind(), AwsKmsErrorKind::Unreachable, "{error}");
+            assert_eq!(error.operation(), op);
+            let text = error.to_string();
+            assert!(
+                text.contains("alias/phi-unit") && text.contains("127.0.0.1:9"),
+                "{text}"
+            );
+        }
+        let stats = kek.stats();
+        assert_eq!(
+            (
+                stats.generate_data_key,
+                stats.encrypt,
+                stats.decrypt,
+                stats.failures
+            ),
+            (1, 1, 3, 5)
+        );
+    }
+}
