@@ -43,6 +43,8 @@ pub mod envelope;
 mod error;
 mod kek;
 mod keyring;
+pub mod lifecycle;
+pub mod metrics;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub mod migrations;
 mod nonce;
@@ -65,5 +67,8 @@ pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;
 pub use store::schema;
-pub use store::{AuditAction, AuditEvent, KeyState, KeyStore, MemoryKeyStore, StoredKey};
+pub use store::{
+    AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, MemoryKeyStore, Rewrap,
+    StoredKey,
+};
 pub use value::{DecodeError, PhiValue};
