@@ -226,6 +226,7 @@ macro_rules! diesel_key_store {
 
             fn keys_page(
                 &self,
+                wrapped_by: Option<&str>,
                 not_wrapped_by: Option<&str>,
                 after: Option<(&str, u32)>,
                 limit: usize,
@@ -239,6 +240,9 @@ macro_rules! diesel_key_store {
                         .order((k::owner_id, k::version))
                         .limit(i64::try_from(limit).unwrap_or(i64::MAX))
                         .into_boxed();
+                    if let Some(kek) = wrapped_by {
+                        query = query.filter(k::kek_id.eq(kek));
+                    }
                     if let Some(kek) = not_wrapped_by {
                         query = query.filter(k::kek_id.ne(kek));
                     }

@@ -75,6 +75,7 @@ impl KeyStore for MemoryKeyStore {
 
     fn keys_page(
         &self,
+        wrapped_by: Option<&str>,
         not_wrapped_by: Option<&str>,
         after: Option<(&str, u32)>,
         limit: usize,
@@ -88,6 +89,7 @@ impl KeyStore for MemoryKeyStore {
             })
             .map(|(_, key)| key)
             .filter(|k| k.state != KeyState::Destroyed)
+            .filter(|k| wrapped_by.is_none_or(|kek| k.kek_id == kek))
             .filter(|k| not_wrapped_by.is_none_or(|kek| k.kek_id != kek))
             .take(limit)
             .cloned()

@@ -199,19 +199,21 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
 
     /// A page of data key rows in `(owner_id, version)` order, after
     /// `after` (keyset pagination), at most `limit` rows. Destroyed rows are
-    /// left out; with `not_wrapped_by`, so are rows whose `kek_id` is that
-    /// KEK (what a rewrap to it still has to do).
+    /// left out; with `wrapped_by`, only rows whose `kek_id` is that KEK
+    /// are listed; with `not_wrapped_by`, rows whose `kek_id` is that KEK
+    /// are left out (what a rewrap to it still has to do).
     ///
     /// # Errors
     /// [`Error::Store`](crate::Error::Store) on a database failure, or when
     /// the store does not support the key life cycle.
     fn keys_page(
         &self,
+        wrapped_by: Option<&str>,
         not_wrapped_by: Option<&str>,
         after: Option<(&str, u32)>,
         limit: usize,
     ) -> Result<Vec<StoredKey>> {
-        let _ = (not_wrapped_by, after, limit);
+        let _ = (wrapped_by, not_wrapped_by, after, limit);
         Err(unsupported("listing data keys"))
     }
 
