@@ -594,3 +594,9 @@ fn the_key_store_lists_owners_and_warm_all_fills_the_cache() {
     keyring.keys_for_open(&owner).expect("keys");
     assert_eq!(keyring.stats().unwraps, before, "warm owner is a cache hit");
 }
+
+/// The key life cycle: rotation, re-seal, retirement, rewrap, shredding.
+mod lifecycle {
+    use super::*;
+    include!("lifecycle.rs");
+}

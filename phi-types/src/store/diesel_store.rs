@@ -153,9 +153,9 @@ struct CountRow {
     #[diesel(sql_type = diesel::sql_types::Text)]
     state: String,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
-    keys: i64,
+    n_keys: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
-    owners: i64,
+    n_owners: i64,
 }
 
 /// The owners query wrapped so its first column, whatever its name and
@@ -398,7 +398,7 @@ macro_rules! diesel_key_store {
                 crate::metrics::store_query("key_counts", || {
                     let mut conn = self.conn()?;
                     let rows: Vec<CountRow> = diesel::sql_query(
-                        "SELECT kek_id, state, COUNT(*) AS keys, COUNT(DISTINCT owner_id) AS owners \
+                        "SELECT kek_id, state, COUNT(*) AS n_keys, COUNT(DISTINCT owner_id) AS n_owners \
                          FROM user_encryption_keys GROUP BY kek_id, state ORDER BY kek_id, state",
                     )
                     .load(&mut *conn)
@@ -411,8 +411,8 @@ macro_rules! diesel_key_store {
                             Ok(KeyCount {
                                 kek_id: r.kek_id,
                                 state,
-                                keys: u64::try_from(r.keys).unwrap_or(0),
-                                owners: u64::try_from(r.owners).unwrap_or(0),
+                                keys: u64::try_from(r.n_keys).unwrap_or(0),
+                                owners: u64::try_from(r.n_owners).unwrap_or(0),
                             })
                         })
                         .collect()
