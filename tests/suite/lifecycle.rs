@@ -85,7 +85,7 @@ fn seed(db: &TestDb, keyring: &Keyring, owner: &str, n: usize) -> Vec<String> {
             diesel::insert_into(phi_it_life_nokey::table)
                 .values((
                     phi_it_life_nokey::owner_id.eq(owner),
-                    phi_it_life_nokey::seq.eq(i as i32),
+                    phi_it_life_nokey::seq.eq(i32::try_from(i).expect("small")),
                     phi_it_life_nokey::dob.eq(Some(keys.seal(&dob, DOB, b"").expect("seal").into_bytes())),
                 ))
                 .execute(&mut conn)
@@ -100,7 +100,8 @@ fn seed(db: &TestDb, keyring: &Keyring, owner: &str, n: usize) -> Vec<String> {
 /// and returns the key versions seen.
 fn check_all_open(db: &TestDb, keyring: &Keyring, owner: &str, n: usize) -> Vec<u32> {
     let mut conn = db.conn();
-    let rows: Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> = phi_it_life::table
+    type LifeRow = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+    let rows: Vec<LifeRow> = phi_it_life::table
         .filter(phi_it_life::owner_id.eq(owner))
         .select((phi_it_life::id, phi_it_life::name, phi_it_life::note))
         .load(&mut conn)
@@ -460,7 +461,7 @@ fn a_killed_rewrap_resumes_with_nothing_lost() {
 
     let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 3 };
     let report = lifecycle::rewrap(&both, &scope, &mut |_| {}).expect("resume");
-    assert_eq!(report.rewrapped as usize, keks.len() - moved, "the resumed run did only what was left");
+    assert_eq!(report.rewrapped, (keks.len() - moved) as u64, "the resumed run did only what was left");
     check_rewrapped(&db, &new, &sealed);
 }
 
