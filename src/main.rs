@@ -169,22 +169,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// The backends compiled in, chosen by the URL's scheme.
+/// The backends, chosen by the URL's scheme.
 enum Backend {
-    Sqlite(String),
-    Mysql(String),
-    Postgres(String),
+    Sqlite,
+    Mysql,
+    Postgres,
 }
 
-fn backend(url: &str) -> Backend {
+/// The backend of `url`, and the URL its Diesel connection takes.
+fn backend(url: &str) -> (Backend, String) {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        Backend::Sqlite(path.to_owned())
+        (Backend::Sqlite, path.to_owned())
     } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        Backend::Mysql(url.replacen("mariadb://", "mysql://", 1))
+        (Backend::Mysql, url.replacen("mariadb://", "mysql://", 1))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Backend::Postgres(url.to_owned())
+        (Backend::Postgres, url.to_owned())
     } else {
-        Backend::Sqlite(url.to_owned())
+        (Backend::Sqlite, url.to_owned())
     }
 }
 
@@ -193,19 +194,20 @@ fn run(cli: &Cli) -> CliResult {
         .database_url
         .as_deref()
         .ok_or("no database: pass --database-url or set DATABASE_URL")?;
-    match backend(url) {
+    let (backend, url) = backend(url);
+    match backend {
         #[cfg(feature = "sqlite")]
-        Backend::Sqlite(url) => run_on::<diesel::SqliteConnection>(cli, &url),
+        Backend::Sqlite => run_on::<diesel::SqliteConnection>(cli, &url),
         #[cfg(feature = "mysql")]
-        Backend::Mysql(url) => run_on::<diesel::MysqlConnection>(cli, &url),
+        Backend::Mysql => run_on::<diesel::MysqlConnection>(cli, &url),
         #[cfg(feature = "postgres")]
-        Backend::Postgres(url) => run_on::<diesel::PgConnection>(cli, &url),
+        Backend::Postgres => run_on::<diesel::PgConnection>(cli, &url),
         #[allow(unreachable_patterns)]
         other => {
             let (name, feature) = match other {
-                Backend::Sqlite(_) => ("SQLite", "sqlite"),
-                Backend::Mysql(_) => ("MySQL / MariaDB", "mysql"),
-                Backend::Postgres(_) => ("PostgreSQL", "postgres"),
+                Backend::Sqlite => ("SQLite", "sqlite"),
+                Backend::Mysql => ("MySQL / MariaDB", "mysql"),
+                Backend::Postgres => ("PostgreSQL", "postgres"),
             };
             Err(format!(
                 "this phi was built without {name} support: rebuild with `--features {feature}`"
