@@ -29,6 +29,10 @@
 //! # Ok::<(), phi_types::Error>(())
 //! ```
 //!
+//! The [`lifecycle`] module rotates, re-seals, retires, rewraps and shreds
+//! keys (the `phi` admin CLI drives it); [`metrics`] lists the metrics phi
+//! records through the `metrics` facade.
+//!
 //! # Crate features
 //!
 //! - `derive` (default): will re-export `#[derive(PhiRecord)]` from
