@@ -84,8 +84,8 @@ enum KeysCommand {
         /// Only show what would be done.
         #[arg(long)]
         dry_run: bool,
-        /// Also add a new active version for owners whose versions are all
-        /// retired (shredded owners never get a key).
+        /// Generate even when more than 1,000 owners lack a key (a guard
+        /// against a wrong owners query).
         #[arg(long)]
         force: bool,
     },
@@ -151,6 +151,9 @@ enum KeysCommand {
         sample: usize,
     },
 }
+
+/// More keys than this to generate at once need `--force`.
+const GENERATE_GUARD: usize = 1_000;
 
 /// Environment variable holding the target KEK's base64 master key for
 /// `keys rewrap --to local:ID`.
@@ -333,11 +336,6 @@ where
             let before = lifecycle::coverage(env.store.as_ref(), &query)?;
             print_coverage("Coverage before", &before);
             let todo = &before.without_key;
-            let retired = if *force {
-                before.all_retired.clone()
-            } else {
-                Vec::new()
-            };
             if *dry_run {
                 const SHOWN: usize = 20;
                 for owner in todo.iter().take(SHOWN) {
@@ -346,21 +344,22 @@ where
                 if todo.len() > SHOWN {
                     println!("... and {} more owner(s) without a key", todo.len() - SHOWN);
                 }
-                for owner in retired.iter().take(SHOWN) {
-                    println!("would add a new active version for owner {owner}");
-                }
-                if retired.len() > SHOWN {
-                    println!(
-                        "... and {} more owner(s) with retired keys only",
-                        retired.len() - SHOWN
-                    );
-                }
                 println!(
-                    "Dry run: {} key(s) would be generated, {} version(s) added; nothing was changed.",
-                    todo.len(),
-                    retired.len()
+                    "Dry run: {} key(s) would be generated; nothing was changed.",
+                    todo.len()
                 );
+                if todo.len() > GENERATE_GUARD && !force {
+                    println!("(more than {GENERATE_GUARD}: the real run needs --force)");
+                }
                 return Ok(ExitCode::SUCCESS);
+            }
+            if todo.len() > GENERATE_GUARD && !force {
+                return Err(format!(
+                    "{} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
+                     (--dry-run lists them), then pass --force",
+                    todo.len()
+                )
+                .into());
             }
             let keyring = env.keyring(&cli.actor)?;
             let progress = bar(todo.len() as u64, "generating");
@@ -368,13 +367,7 @@ where
                 progress.set_position(done as u64);
             })?;
             progress.finish_and_clear();
-            for owner in &retired {
-                lifecycle::rotate(&keyring, owner)?;
-            }
-            println!(
-                "Generated {created} data key(s); added {} version(s) for owners with retired keys only.",
-                retired.len()
-            );
+            println!("Generated {created} data key(s).");
             let after = lifecycle::coverage(env.store.as_ref(), &query)?;
             print_coverage("Coverage after", &after);
             Ok(ExitCode::SUCCESS)

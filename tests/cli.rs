@@ -287,6 +287,24 @@ fn generate_reports_coverage_and_dry_run_changes_nothing() {
     // Idempotent.
     let out = clinic.ok(&["keys", "generate", "--owners-query", query]);
     assert!(out.contains("Generated 0 data key(s)"), "{out}");
+    // A query returning many owners (a wrong column, say) needs --force.
+    let many = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1001) \
+                SELECT 'bulk-' || i FROM n";
+    let out = clinic.ok(&["keys", "generate", "--owners-query", many, "--dry-run"]);
+    assert!(
+        out.contains("1001 key(s) would be generated") && out.contains("needs --force"),
+        "{out}"
+    );
+    assert!(
+        out.contains("... and 981 more owner(s) without a key"),
+        "{out}"
+    );
+    let (ok, _, err) = clinic.run(&["keys", "generate", "--owners-query", many]);
+    assert!(
+        !ok && err.contains("1001 owners lack a data key") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(clinic.key_rows("bulk-1").is_empty());
     // Without a query the --table owner columns are used.
     let out = clinic.ok(&["keys", "generate", "--dry-run"]);
     assert!(out.contains("Coverage before: 1 of 1 owners"), "{out}");
