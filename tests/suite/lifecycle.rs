@@ -507,3 +507,47 @@ fn a_killed_reseal_resumes_with_nothing_lost() {
     assert_eq!(check_all_open(&db, &db.keyring(), &owner, 30), [2]);
     assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("retire"));
 }
+
+#[test]
+fn coverage_of_an_owners_query_and_the_audit_trail() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let prefix = common::unique_owner("cov");
+    let (with_key, shredded, without) = (format!("{prefix}-a"), format!("{prefix}-b"), format!("{prefix}-c"));
+    seed(&db, &keyring, &with_key, 2);
+    seed(&db, &keyring, &shredded, 1);
+    let mut conn = db.conn();
+    lifecycle::shred(&mut conn, &keyring, &shredded, &life_tables(), 1).expect("shred");
+    let store = db.store();
+    // Any first column, any name and type: an id column, a literal, a number.
+    let query = format!(
+        "SELECT owner_id FROM phi_it_life WHERE owner_id LIKE '{prefix}-%' \
+         UNION SELECT '{without}' UNION SELECT '{with_key}'"
+    );
+    let cov = lifecycle::coverage(store.as_ref(), &format!("{query};")).expect("coverage");
+    assert_eq!((cov.owners, cov.with_active_key, cov.shredded), (3, 1, 1), "{cov:?}");
+    assert_eq!(cov.without_key, std::slice::from_ref(&without));
+    assert!(cov.all_retired.is_empty());
+    let numbers = store.owners_from_query("SELECT 42 UNION SELECT 7").expect("numbers as text");
+    assert_eq!(numbers, ["42", "7"]);
+    let err = store.owners_from_query("SELECT 1; DELETE FROM phi_it_life").expect_err("one statement");
+    assert!(err.to_string().contains("single SELECT"), "{err}");
+    assert!(store.owners_from_query("SELECT no_such_column FROM phi_it_life").is_err());
+
+    // Generating covers the owner without a key, and only it.
+    let created = lifecycle::generate(&keyring, &cov.without_key, 0, &mut |_| {}).expect("generate");
+    assert_eq!(created, 1);
+    let cov = lifecycle::coverage(store.as_ref(), &query).expect("coverage");
+    assert_eq!((cov.with_active_key, cov.without_key.len(), cov.shredded), (2, 0, 1));
+
+    // The audit trail, newest first, of one owner or of all.
+    let records = store.audit(Some(&shredded), 10).expect("audit");
+    let actions: Vec<String> = records.iter().map(|r| r.event.action.to_string()).collect();
+    assert_eq!(actions.first().map(String::as_str), Some("destroy"), "{actions:?}");
+    assert_eq!(actions.last().map(String::as_str), Some("generate"), "{actions:?}");
+    assert!(records.windows(2).all(|w| w[0].id > w[1].id));
+    assert!(records.iter().all(|r| r.event.owner_id == shredded && r.event.actor == "integration-test"));
+    assert_eq!(store.audit(None, 2).expect("audit").len(), 2);
+    let counts = store.key_counts().expect("counts");
+    assert!(counts.iter().any(|c| c.state == phi::KeyState::Destroyed && c.keys >= 1), "{counts:?}");
+}
