@@ -199,7 +199,7 @@ pub enum Error {
 
     /// A query on an application table (re-seal, retirement check, shred
     /// verification) failed.
-    #[error("{operation} failed on {table}.{column}: {source}")]
+    #[error("{operation} failed on {table}.{column} for owner {owner:?}: {source}")]
     DataTable {
         /// What was being done.
         operation: &'static str,
@@ -207,6 +207,8 @@ pub enum Error {
         table: String,
         /// The column.
         column: String,
+        /// The owner whose values were being worked on.
+        owner: String,
         /// The database error.
         #[source]
         source: BoxError,

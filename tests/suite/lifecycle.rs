@@ -533,6 +533,11 @@ fn coverage_of_an_owners_query_and_the_audit_trail() {
     let err = store.owners_from_query("SELECT 1; DELETE FROM phi_it_life").expect_err("one statement");
     assert!(err.to_string().contains("single SELECT"), "{err}");
     assert!(store.owners_from_query("SELECT no_such_column FROM phi_it_life").is_err());
+    // A failing query on an application table names table, column and owner.
+    let missing = [ResealTable::new("phi_it_no_such_table", "owner_id").column("x")];
+    let err = lifecycle::usage(&mut conn, &with_key, &missing).expect_err("no such table");
+    assert!(matches!(err, Error::DataTable { .. }), "{err:?}");
+    assert!(err.to_string().contains("phi_it_no_such_table.x") && err.to_string().contains(&with_key), "{err}");
 
     // Generating covers the owner without a key, and only it.
     let created = lifecycle::generate(&keyring, &cov.without_key, 0, &mut |_| {}).expect("generate");

@@ -341,8 +341,9 @@ impl Keyring {
     /// committed to the key store) if the owner has none.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for an unusable owner id; key store and KEK
-    /// errors.
+    /// [`Error::InvalidInput`] for an unusable owner id;
+    /// [`Error::Shredded`] for a crypto-shredded owner (no key is created
+    /// for it again); key store and KEK errors.
     pub fn keys_for_seal(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
         self.resolve_one(owner, Purpose::Seal)
     }
@@ -695,8 +696,9 @@ impl Keyring {
     }
 
     /// Creates the owner's first data key, version 1. An owner whose
-    /// versions are all retired or destroyed gets no new key here (that is a
-    /// rotation decision): sealing fails with [`Error::NoKey`]. Two processes
+    /// versions are all retired gets no new key here (that is a rotation
+    /// decision): sealing fails with [`Error::NoKey`]; a shredded owner (every
+    /// version destroyed) never gets one: [`Error::Shredded`]. Two processes
     /// racing here both insert if absent; the loser reads and unwraps the
     /// winner's key, so nothing is ever sealed under a key the store did not
     /// keep.

@@ -451,6 +451,7 @@ pub fn reseal<C: DataConnection>(
                             operation: "re-sealing",
                             table: t.table.clone(),
                             column: c.column.clone(),
+                            owner: owner.to_owned(),
                             source: format!(
                                 "values of owner {owner:?} kept changing under {MAX_IDLE_BATCHES} batches in a row"
                             )

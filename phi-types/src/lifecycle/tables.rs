@@ -349,12 +349,14 @@ fn data_error(
     operation: &'static str,
     t: &ResealTable,
     c: &ResealColumn,
+    owner: &str,
     e: impl Into<BoxError>,
 ) -> Error {
     Error::DataTable {
         operation,
         table: t.table.clone(),
         column: c.column.clone(),
+        owner: owner.to_owned(),
         source: e.into(),
     }
 }
@@ -394,7 +396,7 @@ macro_rules! data_connection {
                     .bind::<Text, _>(owner)
                     .bind::<Binary, _>(&PREFIX[..])
                     .load(self)
-                    .map_err(|e| data_error("counting values per key version", table, column, e))?;
+                    .map_err(|e| data_error("counting values per key version", table, column, owner, e))?;
                 let mut counts: Vec<(u32, u64)> = rows
                     .into_iter()
                     .filter_map(|r| {
@@ -473,7 +475,7 @@ macro_rules! data_connection {
                 match outcome {
                     Ok(outcome) => Ok(outcome),
                     Err(TxError::Phi(e)) => Err(e),
-                    Err(TxError::Db(e)) => Err(data_error("re-sealing a batch", table, column, e)),
+                    Err(TxError::Db(e)) => Err(data_error("re-sealing a batch", table, column, owner, e)),
                 }
             }
 
@@ -490,7 +492,7 @@ macro_rules! data_connection {
                 let base = diesel::sql_query(sql)
                     .bind::<Text, _>(owner)
                     .bind::<Binary, _>(&PREFIX[..]);
-                let fail = |e| data_error("sampling values", table, column, e);
+                let fail = |e| data_error("sampling values", table, column, owner, e);
                 Ok(if table.key_column.is_some() {
                     base.load::<KeyedValue>(self)
                         .map_err(fail)?
