@@ -568,7 +568,8 @@ impl Keyring {
             }
         }
         crate::metrics::cache_lookups(hits, lead.flights.len() + waits.len());
-        if !lead.flights.is_empty() {
+        let filled = !lead.flights.is_empty();
+        if filled {
             let owners: Vec<String> = lead.flights.keys().cloned().collect();
             match self.fill(&owners, purpose) {
                 Ok(filled) => {
@@ -596,7 +597,9 @@ impl Keyring {
             }
         }
         drop(lead);
-        crate::metrics::cache_owners(self.inner.cache.len());
+        if filled {
+            crate::metrics::cache_owners(self.inner.cache.len());
+        }
         for (owner, flight) in waits {
             let result = match flight.wait() {
                 Ok(keys) if usable(purpose)(&keys) => Ok(keys),
