@@ -308,6 +308,30 @@ fn rewrap_moves_every_key_to_the_new_kek_and_is_audited() {
     check_rewrapped(&db, &new, &sealed);
     let actions = audit_actions(&db, &sealed[0].0);
     assert_eq!(actions.iter().filter(|(a, _)| a == "rewrap").count(), 2, "{actions:?}");
+    // The store's rewrap is a compare-and-set on the old KEK id: a row that
+    // changed meanwhile is left alone, without an audit record.
+    let (owner, _) = &sealed[0];
+    let row = db.store().load_keys(&[owner.as_str()]).expect("keys").remove(0);
+    let stale = phi::Rewrap {
+        owner_id: owner.clone(),
+        version: row.version,
+        from_kek: old.id().to_owned(),
+        to_kek: "elsewhere".to_owned(),
+        wrapped_key: vec![1, 2, 3],
+        audit: phi::AuditEvent {
+            occurred_at: chrono::Utc::now().naive_utc(),
+            owner_id: owner.clone(),
+            action: phi::AuditAction::Rewrap,
+            key_version: Some(row.version),
+            kek_id: Some("elsewhere".to_owned()),
+            actor: "stale".to_owned(),
+            detail: None,
+        },
+    };
+    let audit_before = audit_actions(&db, owner).len();
+    assert_eq!(db.store().rewrap_keys(&[stale]).expect("cas"), [false]);
+    assert_eq!(db.store().load_keys(&[owner.as_str()]).expect("keys").remove(0), row, "unchanged");
+    assert_eq!(audit_actions(&db, owner).len(), audit_before, "no audit for a change not made");
     // Done: a second run has nothing to do; the old KEK alone no longer unwraps.
     let again = lifecycle::rewrap(&keyring, &scope, &mut |_| {}).expect("rewrap");
     assert_eq!((again.total, again.rewrapped), (0, 0));
