@@ -477,10 +477,16 @@ where
             let keyring = env.keyring(&cli.actor)?;
             let mut conn = env.data()?;
             let report = lifecycle::shred(&mut conn, &keyring, owner, &env.tables, *sample)?;
-            println!(
-                "Owner {owner}: destroyed data key version(s) {:?}.",
-                report.destroyed_versions
-            );
+            if report.destroyed_versions.is_empty() {
+                println!(
+                    "Owner {owner}: no data key left to destroy (never created, or already shredded)."
+                );
+            } else {
+                println!(
+                    "Owner {owner}: destroyed data key version(s) {:?}.",
+                    report.destroyed_versions
+                );
+            }
             println!(
                 "Verification: {} key row(s) still hold key material; {} of {} sampled value(s) still open.",
                 report.keys_left, report.still_open, report.sampled

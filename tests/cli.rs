@@ -418,6 +418,13 @@ fn shred_asks_first_then_destroys_one_owner() {
         out.contains("1 of 2 owners have an active data key") && out.contains("1 shredded"),
         "{out}"
     );
+    let out = clinic.ok(&["keys", "shred", "--owner", "dr-a", "--yes"]);
+    assert!(
+        out.contains("no data key left to destroy") && out.contains("verified"),
+        "{out}"
+    );
+    let (ok, _, err) = clinic.run(&["keys", "rotate", "--owner", "dr-a"]);
+    assert!(!ok && err.contains("crypto-shredded"), "{err}");
     let audit = clinic.ok(&["audit", "--owner", "dr-a", "--limit", "1"]);
     assert!(
         audit.contains("dr-a") && audit.contains("destroy") && audit.contains("crypto-shredded"),
