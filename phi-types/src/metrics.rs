@@ -208,3 +208,10 @@ pub(crate) fn add(name: &'static str, n: u64) {
         metrics::counter!(name).increment(n);
     }
 }
+
+/// Adds `n` to a life-cycle counter labelled with a table.
+pub(crate) fn add_for_table(name: &'static str, table: &str, n: u64) {
+    if n > 0 {
+        metrics::counter!(name, "table" => table.to_owned()).increment(n);
+    }
+}

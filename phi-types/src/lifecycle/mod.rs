@@ -442,7 +442,7 @@ pub fn reseal<C: DataConnection>(
                 report.resealed += outcome.updated;
                 report.conflicts += outcome.read - outcome.updated;
                 report.batches += 1;
-                metrics::add(metrics::VALUES_RESEALED_TOTAL, outcome.updated);
+                metrics::add_for_table(metrics::VALUES_RESEALED_TOTAL, &t.table, outcome.updated);
                 progress(&report);
                 if outcome.updated == 0 {
                     idle += 1;
