@@ -771,13 +771,15 @@ pub fn coverage(store: &dyn KeyStore, owners_query: &str) -> Result<Coverage> {
 
 /// Creates a data key for each owner in `owners` that has none (batches of
 /// `batch_size`, 0: [`DEFAULT_BATCH_SIZE`]), race-safe as every first
-/// seal is. Shredded owners and owners with retired keys only are not in
-/// `owners` of [`Coverage::without_key`], and are never given a key here.
-/// Reports the owners done so far after each batch; returns how many keys
-/// this call created.
+/// seal is; pass [`Coverage::without_key`]. An owner that already has keys
+/// gets none here: one with an active key is left as it is, a shredded one
+/// fails the batch with [`Error::Shredded`], one with retired keys only with
+/// [`Error::NoKey`]. Reports the owners done so far after each batch;
+/// returns how many keys this call created.
 ///
 /// # Errors
-/// Key store and KEK errors; batches done before stay done.
+/// Key store and KEK errors, and the two above; batches done before stay
+/// done.
 pub fn generate(
     keyring: &Keyring,
     owners: &[String],
