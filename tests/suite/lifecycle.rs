@@ -580,3 +580,37 @@ fn coverage_of_an_owners_query_and_the_audit_trail() {
     let counts = store.key_counts().expect("counts");
     assert!(counts.iter().any(|c| c.state == phi::KeyState::Destroyed && c.keys >= 1), "{counts:?}");
 }
+
+#[test]
+fn reseal_moves_a_value_copied_to_two_rows_without_a_row_key() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("reseal-copy");
+    let date = NaiveDate::from_ymd_opt(1971, 2, 3).expect("date");
+    let bytes = keyring.seal(&date, &owner, DOB, b"").expect("seal").into_bytes();
+    let mut conn = db.conn();
+    for seq in [1, 2] {
+        diesel::insert_into(phi_it_life_nokey::table)
+            .values((
+                phi_it_life_nokey::owner_id.eq(&owner),
+                phi_it_life_nokey::seq.eq(seq),
+                phi_it_life_nokey::dob.eq(Some(bytes.clone())),
+            ))
+            .execute(&mut conn)
+            .expect("insert");
+    }
+    lifecycle::rotate(&keyring, &owner).expect("rotate");
+    let tables = [ResealTable::new("phi_it_life_nokey", "owner_id").column("dob")];
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 10, &mut |_| {}).expect("reseal");
+    assert_eq!((report.total, report.resealed, report.conflicts), (2, 2, 0));
+    let stored: Vec<Option<Vec<u8>>> = phi_it_life_nokey::table
+        .filter(phi_it_life_nokey::owner_id.eq(&owner))
+        .select(phi_it_life_nokey::dob)
+        .load(&mut conn)
+        .expect("rows");
+    for value in stored {
+        let value = Encrypted::<NaiveDate>::from_bytes(value.expect("dob"));
+        assert_eq!(value.key_version(), Some(2));
+        assert_eq!(db.keyring().open(value, &owner, DOB, b"").expect("opens"), date);
+    }
+}

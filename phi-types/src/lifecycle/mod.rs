@@ -440,7 +440,7 @@ pub fn reseal<C: DataConnection>(
                     break;
                 }
                 report.resealed += outcome.updated;
-                report.conflicts += outcome.read - outcome.updated;
+                report.conflicts += outcome.conflicts;
                 report.batches += 1;
                 metrics::add_for_table(metrics::VALUES_RESEALED_TOTAL, &t.table, outcome.updated);
                 progress(&report);

@@ -220,8 +220,11 @@ impl StoredValue {
 pub(crate) struct BatchOutcome {
     /// Values read.
     pub(crate) read: u64,
-    /// Values written back under the current version.
+    /// Rows written back under the current version (a value copied to two
+    /// rows of a table without a row key updates both).
     pub(crate) updated: u64,
+    /// Values changed by someone else between read and write: left alone.
+    pub(crate) conflicts: u64,
 }
 
 /// Turns a value's old bytes into its new bytes (open, then seal).
@@ -457,8 +460,14 @@ macro_rules! data_connection {
                             .map(|r| StoredValue { row_key: None, bytes: r.value })
                             .collect()
                     };
-                    let mut outcome = BatchOutcome { read: values.len() as u64, updated: 0 };
+                    let mut outcome = BatchOutcome { read: values.len() as u64, ..BatchOutcome::default() };
+                    // A value copied to several rows (no row key) is updated
+                    // in all of them by its first UPDATE.
+                    let mut done = std::collections::HashSet::new();
                     for value in &values {
+                        if !done.insert((value.row_key.as_deref(), value.bytes.as_slice())) {
+                            continue;
+                        }
                         let new = reseal(value).map_err(TxError::Phi)?;
                         let query = diesel::sql_query(update.as_str())
                             .bind::<Binary, _>(&new)
@@ -469,6 +478,9 @@ macro_rules! data_connection {
                             None => query.execute(conn)?,
                         };
                         outcome.updated += n as u64;
+                        if n == 0 {
+                            outcome.conflicts += 1;
+                        }
                     }
                     Ok(outcome)
                 });
