@@ -614,3 +614,61 @@ fn reseal_moves_a_value_copied_to_two_rows_without_a_row_key() {
         assert_eq!(db.keyring().open(value, &owner, DOB, b"").expect("opens"), date);
     }
 }
+
+/// A connection that waits for another's write lock (SQLite) instead of failing.
+fn waiting_conn(db: &TestDb) -> Conn {
+    let mut conn = db.conn();
+    phi::PhiConnection::prepare_key_store(&mut conn).expect("busy timeout");
+    conn
+}
+
+#[test]
+fn reseal_never_overwrites_a_concurrent_write() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("reseal-race");
+    let n = 24;
+    seed(&db, &keyring, &owner, n);
+    lifecycle::rotate(&keyring, &owner).expect("rotate");
+    let tables = life_tables();
+    let report = std::thread::scope(|s| {
+        // The application rewrites every name, from the last row to the first,
+        // while the job re-seals from the first to the last.
+        s.spawn(|| {
+            let mut conn = waiting_conn(&db);
+            let keys = keyring.keys_for_seal(&owner).expect("keys");
+            for i in (0..n).rev() {
+                let id = format!("{owner}-{i}");
+                let name = keys.seal(&format!("updated {i}"), NAME, id.as_bytes()).expect("seal");
+                diesel::update(phi_it_life::table.find(&id))
+                    .set(phi_it_life::name.eq(Some(name.into_bytes())))
+                    .execute(&mut conn)
+                    .expect("application write");
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        let mut conn = waiting_conn(&db);
+        lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 2, &mut |_| {
+            std::thread::sleep(Duration::from_millis(5));
+        })
+        .expect("reseal")
+    });
+    assert!(report.resealed <= report.total);
+    // Every application write survived, and everything is on version 2.
+    let mut conn = db.conn();
+    let rows: Vec<(String, Option<Vec<u8>>)> = phi_it_life::table
+        .filter(phi_it_life::owner_id.eq(&owner))
+        .select((phi_it_life::id, phi_it_life::name))
+        .load(&mut conn)
+        .expect("rows");
+    assert_eq!(rows.len(), n);
+    let fresh = db.keyring();
+    for (id, name) in rows {
+        let i = id.rsplit('-').next().expect("index");
+        let name = Encrypted::<String>::from_bytes(name.expect("name"));
+        assert_eq!(name.key_version(), Some(2));
+        assert_eq!(fresh.open(name, &owner, NAME, id.as_bytes()).expect("opens"), format!("updated {i}"));
+    }
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    assert!(usage.iter().all(|u| u.key_version == 2), "{usage:?}");
+}
