@@ -184,6 +184,63 @@ pub enum Error {
         kek_id: String,
     },
 
+    /// The owner's data keys were destroyed (crypto-shredding): nothing is
+    /// sealed for this owner again, and no new key is created silently.
+    #[error(
+        "owner {owner:?} was crypto-shredded: its data keys are destroyed and no new value is sealed for it"
+    )]
+    Shredded {
+        /// The owner.
+        owner: String,
+    },
+
+    /// A data key version cannot be retired while values still use it.
+    #[error(
+        "cannot retire data key version {key_version} of owner {owner:?}: \
+         {rows} value(s) in {table}.{column} still use it (re-seal them first)"
+    )]
+    KeyInUse {
+        /// The owner.
+        owner: String,
+        /// The version asked to retire.
+        key_version: u32,
+        /// The table holding the values.
+        table: String,
+        /// The column holding the values.
+        column: String,
+        /// How many values of that column use the version.
+        rows: u64,
+    },
+
+    /// A key life-cycle operation was refused (retiring the current version,
+    /// rotating a shredded owner, ...).
+    #[error("{operation} refused for owner {owner:?}: {reason}")]
+    Refused {
+        /// What was asked (`retire version 2`, `rotate`, ...).
+        operation: String,
+        /// The owner.
+        owner: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A query on an application table (re-seal, retirement check, shred
+    /// verification) failed.
+    #[error("{operation} failed on {table}.{column} for owner {owner:?}: {source}")]
+    DataTable {
+        /// What was being done.
+        operation: &'static str,
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The owner whose values were being worked on.
+        owner: String,
+        /// The database error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The envelope names a data key version this owner does not have (never
     /// created, or destroyed).
     #[error("owner {owner:?} has no data key version {key_version} (needed to open {scope})")]

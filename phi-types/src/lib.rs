@@ -29,6 +29,10 @@
 //! # Ok::<(), phi_types::Error>(())
 //! ```
 //!
+//! The [`lifecycle`] module rotates, re-seals, retires, rewraps and shreds
+//! keys (the `phi` admin CLI drives it); [`metrics`] lists the metrics phi
+//! records through the `metrics` facade.
+//!
 //! # Crate features
 //!
 //! - `derive` (default): re-exports `#[derive(PhiRecord)]` from
@@ -45,6 +49,8 @@ pub mod envelope;
 mod error;
 mod kek;
 mod keyring;
+pub mod lifecycle;
+pub mod metrics;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub mod migrations;
 mod nonce;
@@ -77,5 +83,8 @@ pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;
 pub use store::schema;
-pub use store::{AuditAction, AuditEvent, KeyState, KeyStore, MemoryKeyStore, StoredKey};
+pub use store::{
+    AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, MemoryKeyStore, Rewrap,
+    StoredKey,
+};
 pub use value::{DecodeError, PhiValue};

@@ -36,6 +36,16 @@ impl Sealer<'_> {
         scope: &str,
         row: &[u8],
     ) -> Result<Encrypted<T>> {
+        crate::metrics::sealed(self.seal_uncounted(keys, value, scope, row))
+    }
+
+    fn seal_uncounted<T: PhiValue>(
+        &mut self,
+        keys: &OwnerKeys,
+        value: &T,
+        scope: &str,
+        row: &[u8],
+    ) -> Result<Encrypted<T>> {
         let dek = keys.current_dek()?;
         let refuse = |reason| Error::Encrypt {
             scope: scope.to_owned(),

@@ -599,3 +599,9 @@ mod derive {
     use super::*;
     include!("derive.rs");
 }
+
+/// The key life cycle: rotation, re-seal, retirement, rewrap, shredding.
+mod lifecycle {
+    use super::*;
+    include!("lifecycle.rs");
+}

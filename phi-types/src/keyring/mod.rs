@@ -105,6 +105,15 @@ impl OwnerKeys {
     /// scope or row, or altered bytes), [`Error::Decode`] when the plaintext
     /// is not a `T`.
     pub fn open<T: PhiValue>(&self, value: Encrypted<T>, scope: &str, row: &[u8]) -> Result<T> {
+        crate::metrics::opened(self.open_uncounted(value, scope, row))
+    }
+
+    fn open_uncounted<T: PhiValue>(
+        &self,
+        value: Encrypted<T>,
+        scope: &str,
+        row: &[u8],
+    ) -> Result<T> {
         let header = value.header().map_err(|source| Error::Malformed {
             scope: scope.to_owned(),
             owner: self.owner.clone(),
@@ -352,8 +361,9 @@ impl Keyring {
     /// committed to the key store) if the owner has none.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for an unusable owner id; key store and KEK
-    /// errors.
+    /// [`Error::InvalidInput`] for an unusable owner id;
+    /// [`Error::Shredded`] for a crypto-shredded owner (no key is created
+    /// for it again); key store and KEK errors.
     pub fn keys_for_seal(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
         self.resolve_one(owner, Purpose::Seal)
     }
@@ -451,12 +461,15 @@ impl Keyring {
     /// Drops one owner's cached keys; the next use unwraps again. Returns
     /// whether the owner was cached.
     pub fn clear(&self, owner: &str) -> bool {
-        self.inner.cache.remove(owner)
+        let removed = self.inner.cache.remove(owner);
+        crate::metrics::cache_owners(self.inner.cache.len());
+        removed
     }
 
     /// Drops every cached key.
     pub fn clear_all(&self) {
         self.inner.cache.clear();
+        crate::metrics::cache_owners(0);
     }
 
     /// Loads the given owners' keys into the cache (e.g. at start-up).
@@ -531,9 +544,21 @@ impl Keyring {
         &self.inner.store
     }
 
+    /// The configured KEK with this id (the primary or one added with
+    /// [`KeyringBuilder::unwrap_with`]).
+    pub fn kek(&self, id: &str) -> Option<&Arc<dyn KeyEncryptionKey>> {
+        self.inner.keks.get(id)
+    }
+
+    /// Who this keyring's audit records name as actor.
+    pub fn actor(&self) -> &str {
+        &self.inner.actor
+    }
+
     fn resolve_one(&self, owner: &str, purpose: Purpose) -> Result<Arc<OwnerKeys>> {
         let now = self.inner.clock.now();
         if let Some(keys) = self.inner.cache.get(owner, now, usable(purpose)) {
+            crate::metrics::cache_hit();
             return Ok(keys);
         }
         let mut resolved = self.resolve_many([owner], purpose)?;
@@ -571,6 +596,7 @@ impl Keyring {
         // One hash per input owner to find the distinct ones (a load passes
         // every row's owner); the cache is asked once per distinct owner.
         let mut seen = HashSet::new();
+        let mut hits = 0;
         for owner in owners {
             if !seen.insert(owner) {
                 continue;
@@ -581,6 +607,7 @@ impl Keyring {
             }
             match self.inner.cache.lookup(owner, now, usable(purpose)) {
                 Lookup::Hit(keys) => {
+                    hits += 1;
                     results.push((owner.to_owned(), Ok(keys)));
                 }
                 Lookup::Lead(flight) => {
@@ -589,7 +616,9 @@ impl Keyring {
                 Lookup::Wait(flight) => waits.push((owner, flight)),
             }
         }
-        if !lead.flights.is_empty() {
+        crate::metrics::cache_lookups(hits, lead.flights.len() + waits.len());
+        let filled = !lead.flights.is_empty();
+        if filled {
             let owners: Vec<String> = lead.flights.keys().cloned().collect();
             match self.fill(&owners, purpose) {
                 Ok(filled) => {
@@ -617,6 +646,9 @@ impl Keyring {
             }
         }
         drop(lead);
+        if filled {
+            crate::metrics::cache_owners(self.inner.cache.len());
+        }
         for (owner, flight) in waits {
             let result = match flight.wait() {
                 Ok(keys) if usable(purpose)(&keys) => Ok(keys),
@@ -788,8 +820,9 @@ impl Keyring {
     }
 
     /// Creates the owner's first data key, version 1. An owner whose
-    /// versions are all retired or destroyed gets no new key here (that is a
-    /// rotation decision): sealing fails with [`Error::NoKey`]. Two processes
+    /// versions are all retired gets no new key here (that is a rotation
+    /// decision): sealing fails with [`Error::NoKey`]; a shredded owner (every
+    /// version destroyed) never gets one: [`Error::Shredded`]. Two processes
     /// racing here both insert if absent; the loser reads and unwraps the
     /// winner's key, so nothing is ever sealed under a key the store did not
     /// keep.
@@ -801,6 +834,11 @@ impl Keyring {
     ) -> Result<OwnerKeys> {
         let version = match rows.iter().map(|r| r.version).max() {
             None => 1,
+            Some(_) if rows.iter().all(|r| r.state == KeyState::Destroyed) => {
+                return Err(Error::Shredded {
+                    owner: owner.to_owned(),
+                });
+            }
             Some(_) => {
                 return Err(Error::NoKey {
                     owner: owner.to_owned(),

@@ -8,7 +8,9 @@ use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::schema::{encryption_key_audit, user_encryption_keys};
-use super::{AuditEvent, KeyState, KeyStore, StoredKey};
+use super::{
+    AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
+};
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
 
@@ -98,6 +100,86 @@ impl<C: PhiConnection> diesel::r2d2::CustomizeConnection<C, diesel::r2d2::Error>
 }
 
 type KeyRow = (String, i64, String, Vec<u8>, String, NaiveDateTime);
+type AuditRow = (
+    i64,
+    NaiveDateTime,
+    String,
+    String,
+    Option<i64>,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+fn audit_record(row: AuditRow) -> Result<AuditRecord> {
+    let (id, occurred_at, owner_id, action, key_version, kek_id, actor, detail) = row;
+    let bad = |what: String| {
+        Error::store(
+            "reading encryption_key_audit",
+            format!("record {id} of owner {owner_id:?}: {what}"),
+        )
+    };
+    let action =
+        AuditAction::parse(&action).ok_or_else(|| bad(format!("unknown action {action:?}")))?;
+    let key_version = key_version
+        .map(|v| u32::try_from(v).map_err(|_| bad(format!("key version {v} is out of range"))))
+        .transpose()?;
+    Ok(AuditRecord {
+        id,
+        event: AuditEvent {
+            occurred_at,
+            owner_id,
+            action,
+            key_version,
+            kek_id,
+            actor,
+            detail,
+        },
+    })
+}
+
+/// One owner id from an application's owners query.
+#[derive(QueryableByName)]
+struct OwnerRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    owner_id: String,
+}
+
+/// Counts per (KEK, state).
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    kek_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    state: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n_keys: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n_owners: i64,
+}
+
+/// The owners query wrapped so its first column, whatever its name and
+/// type, is read as text.
+fn owners_sql(query: &str, text: &str) -> Result<String> {
+    let query = query.trim().trim_end_matches(';').trim_end();
+    if query.is_empty() {
+        return Err(Error::Config("the owners query is empty".into()));
+    }
+    if query.contains(';') {
+        return Err(Error::Config(
+            "the owners query must be a single SELECT statement".into(),
+        ));
+    }
+    Ok(format!(
+        "WITH phi_owners (owner_id) AS ({query}) \
+         SELECT DISTINCT CAST(owner_id AS {text}) AS owner_id FROM phi_owners \
+         WHERE owner_id IS NOT NULL ORDER BY 1"
+    ))
+}
+
+fn now() -> NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
 
 fn stored_key(row: KeyRow) -> Result<StoredKey> {
     let (owner_id, version, kek_id, wrapped_key, state, created_at) = row;
@@ -123,10 +205,224 @@ fn stored_key(row: KeyRow) -> Result<StoredKey> {
 }
 
 macro_rules! diesel_key_store {
-    ($($feature:literal => $conn:ty),* $(,)?) => {$(
+    ($($feature:literal => $conn:ty, $transaction:ident, $text:literal);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl KeyStore for DieselKeyStore<$conn> {
             fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
+                crate::metrics::store_query("load_keys", || self.load_keys_now(owners))
+            }
+
+            fn insert_key_if_absent(&self, key: &StoredKey) -> Result<bool> {
+                crate::metrics::store_query("insert_key", || self.insert_key_now(key))
+            }
+
+            fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
+                crate::metrics::store_query("append_audit", || self.append_audit_now(events))
+            }
+
+            fn owners(&self) -> Result<Vec<String>> {
+                crate::metrics::store_query("owners", || self.owners_now())
+            }
+
+            fn keys_page(
+                &self,
+                wrapped_by: Option<&str>,
+                not_wrapped_by: Option<&str>,
+                after: Option<(&str, u32)>,
+                limit: usize,
+            ) -> Result<Vec<StoredKey>> {
+                use user_encryption_keys::dsl as k;
+                crate::metrics::store_query("keys_page", || {
+                    let mut conn = self.conn()?;
+                    let mut query = k::user_encryption_keys
+                        .filter(k::state.ne(KeyState::Destroyed.as_str()))
+                        .select((k::owner_id, k::version, k::kek_id, k::wrapped_key, k::state, k::created_at))
+                        .order((k::owner_id, k::version))
+                        .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .into_boxed();
+                    if let Some(kek) = wrapped_by {
+                        query = query.filter(k::kek_id.eq(kek));
+                    }
+                    if let Some(kek) = not_wrapped_by {
+                        query = query.filter(k::kek_id.ne(kek));
+                    }
+                    if let Some((owner, version)) = after {
+                        query = query.filter(
+                            k::owner_id
+                                .gt(owner)
+                                .or(k::owner_id.eq(owner).and(k::version.gt(i64::from(version)))),
+                        );
+                    }
+                    let rows: Vec<KeyRow> = query
+                        .load(&mut *conn)
+                        .map_err(|e| Error::store("listing data keys", e))?;
+                    rows.into_iter().map(stored_key).collect()
+                })
+            }
+
+            fn rewrap_keys(&self, rewraps: &[Rewrap]) -> Result<Vec<bool>> {
+                use user_encryption_keys::dsl as k;
+                if rewraps.is_empty() {
+                    return Ok(Vec::new());
+                }
+                crate::metrics::store_query("rewrap_keys", || {
+                    let mut conn = self.conn()?;
+                    let at = now();
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<Vec<bool>> {
+                            let mut applied = Vec::with_capacity(rewraps.len());
+                            for r in rewraps {
+                                let n = diesel::update(
+                                    k::user_encryption_keys
+                                        .filter(k::owner_id.eq(&r.owner_id))
+                                        .filter(k::version.eq(i64::from(r.version)))
+                                        .filter(k::kek_id.eq(&r.from_kek))
+                                        .filter(k::state.ne(KeyState::Destroyed.as_str())),
+                                )
+                                .set((
+                                    k::kek_id.eq(&r.to_kek),
+                                    k::wrapped_key.eq(&r.wrapped_key),
+                                    k::updated_at.eq(at),
+                                ))
+                                .execute(conn)?;
+                                if n == 1 {
+                                    Self::insert_audit(conn, std::slice::from_ref(&r.audit))?;
+                                }
+                                applied.push(n == 1);
+                            }
+                            Ok(applied)
+                        })
+                        .map_err(|e| Error::store("rewrapping data keys", e))
+                })
+            }
+
+            fn set_key_state(
+                &self,
+                owner: &str,
+                version: u32,
+                from: KeyState,
+                to: KeyState,
+                audit: &AuditEvent,
+            ) -> Result<bool> {
+                use user_encryption_keys::dsl as k;
+                crate::metrics::store_query("set_key_state", || {
+                    let mut conn = self.conn()?;
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<bool> {
+                            let n = diesel::update(
+                                k::user_encryption_keys
+                                    .filter(k::owner_id.eq(owner))
+                                    .filter(k::version.eq(i64::from(version)))
+                                    .filter(k::state.eq(from.as_str())),
+                            )
+                            .set((k::state.eq(to.as_str()), k::updated_at.eq(now())))
+                            .execute(conn)?;
+                            if n == 1 {
+                                Self::insert_audit(conn, std::slice::from_ref(audit))?;
+                            }
+                            Ok(n == 1)
+                        })
+                        .map_err(|e| Error::store("changing a data key's state", e))
+                })
+            }
+
+            fn destroy_keys(&self, owner: &str, audit: &AuditEvent) -> Result<Vec<u32>> {
+                use user_encryption_keys::dsl as k;
+                crate::metrics::store_query("destroy_keys", || {
+                    let mut conn = self.conn()?;
+                    let versions = (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<Vec<i64>> {
+                            let versions: Vec<i64> = k::user_encryption_keys
+                                .filter(k::owner_id.eq(owner))
+                                .filter(k::state.ne(KeyState::Destroyed.as_str()))
+                                .select(k::version)
+                                .order(k::version)
+                                .load(conn)?;
+                            diesel::update(
+                                k::user_encryption_keys
+                                    .filter(k::owner_id.eq(owner))
+                                    .filter(k::state.ne(KeyState::Destroyed.as_str())),
+                            )
+                            .set((
+                                k::state.eq(KeyState::Destroyed.as_str()),
+                                k::wrapped_key.eq(Vec::<u8>::new()),
+                                k::updated_at.eq(now()),
+                            ))
+                            .execute(conn)?;
+                            let events: Vec<AuditEvent> = versions
+                                .iter()
+                                .map(|v| AuditEvent {
+                                    key_version: u32::try_from(*v).ok(),
+                                    ..audit.clone()
+                                })
+                                .collect();
+                            Self::insert_audit(conn, &events)?;
+                            Ok(versions)
+                        })
+                        .map_err(|e| Error::store("destroying data keys", e))?;
+                    Ok(versions.into_iter().filter_map(|v| u32::try_from(v).ok()).collect())
+                })
+            }
+
+            fn audit(&self, owner: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>> {
+                use encryption_key_audit::dsl as a;
+                crate::metrics::store_query("audit", || {
+                    let mut conn = self.conn()?;
+                    let mut query = a::encryption_key_audit
+                        .select((a::id, a::occurred_at, a::owner_id, a::action, a::key_version, a::kek_id, a::actor, a::detail))
+                        .order(a::id.desc())
+                        .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .into_boxed();
+                    if let Some(owner) = owner {
+                        query = query.filter(a::owner_id.eq(owner));
+                    }
+                    let rows: Vec<AuditRow> = query
+                        .load(&mut *conn)
+                        .map_err(|e| Error::store("reading the audit trail", e))?;
+                    rows.into_iter().map(audit_record).collect()
+                })
+            }
+
+            fn owners_from_query(&self, sql: &str) -> Result<Vec<String>> {
+                let sql = owners_sql(sql, $text)?;
+                crate::metrics::store_query("owners_from_query", || {
+                    let mut conn = self.conn()?;
+                    let rows: Vec<OwnerRow> = diesel::sql_query(sql)
+                        .load(&mut *conn)
+                        .map_err(|e| Error::store("running the owners query", e))?;
+                    Ok(rows.into_iter().map(|r| r.owner_id).collect())
+                })
+            }
+
+            fn key_counts(&self) -> Result<Vec<KeyCount>> {
+                crate::metrics::store_query("key_counts", || {
+                    let mut conn = self.conn()?;
+                    let rows: Vec<CountRow> = diesel::sql_query(
+                        "SELECT kek_id, state, COUNT(*) AS n_keys, COUNT(DISTINCT owner_id) AS n_owners \
+                         FROM user_encryption_keys GROUP BY kek_id, state ORDER BY kek_id, state",
+                    )
+                    .load(&mut *conn)
+                    .map_err(|e| Error::store("counting data keys", e))?;
+                    rows.into_iter()
+                        .map(|r| {
+                            let state = KeyState::parse(&r.state).ok_or_else(|| {
+                                Error::store("counting data keys", format!("unknown state {:?}", r.state))
+                            })?;
+                            Ok(KeyCount {
+                                kek_id: r.kek_id,
+                                state,
+                                keys: u64::try_from(r.n_keys).unwrap_or(0),
+                                owners: u64::try_from(r.n_owners).unwrap_or(0),
+                            })
+                        })
+                        .collect()
+                })
+            }
+        }
+
+        #[cfg(feature = $feature)]
+        impl DieselKeyStore<$conn> {
+            fn load_keys_now(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
                 use user_encryption_keys::dsl as k;
                 let mut conn = self.conn()?;
                 let mut keys = Vec::new();
@@ -143,7 +439,19 @@ macro_rules! diesel_key_store {
                 Ok(keys)
             }
 
-            fn insert_key_if_absent(&self, key: &StoredKey) -> Result<bool> {
+            /// Appends audit records on `conn` (inside the caller's
+            /// transaction, if any).
+            fn insert_audit(conn: &mut $conn, events: &[AuditEvent]) -> diesel::QueryResult<()> {
+                for chunk in events.chunks(AUDIT_ROWS_PER_INSERT) {
+                    let rows: Vec<AuditInsert<'_>> = chunk.iter().map(AuditInsert::from).collect();
+                    diesel::insert_into(encryption_key_audit::table)
+                        .values(rows)
+                        .execute(conn)?;
+                }
+                Ok(())
+            }
+
+            fn insert_key_now(&self, key: &StoredKey) -> Result<bool> {
                 use user_encryption_keys::dsl as k;
                 let mut conn = self.conn()?;
                 let inserted = diesel::insert_into(k::user_encryption_keys)
@@ -164,36 +472,16 @@ macro_rules! diesel_key_store {
                 }
             }
 
-            fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
-                use encryption_key_audit::dsl as a;
+            fn append_audit_now(&self, events: &[AuditEvent]) -> Result<()> {
                 if events.is_empty() {
                     return Ok(());
                 }
                 let mut conn = self.conn()?;
-                for chunk in events.chunks(AUDIT_ROWS_PER_INSERT) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .map(|e| {
-                            (
-                                a::occurred_at.eq(e.occurred_at),
-                                a::owner_id.eq(&e.owner_id),
-                                a::action.eq(e.action.as_str()),
-                                a::key_version.eq(e.key_version.map(i64::from)),
-                                a::kek_id.eq(e.kek_id.as_deref()),
-                                a::actor.eq(&e.actor),
-                                a::detail.eq(e.detail.as_deref()),
-                            )
-                        })
-                        .collect();
-                    diesel::insert_into(a::encryption_key_audit)
-                        .values(&rows)
-                        .execute(&mut *conn)
-                        .map_err(|e| Error::store("appending audit records", e))?;
-                }
-                Ok(())
+                Self::insert_audit(&mut *conn, events)
+                    .map_err(|e| Error::store("appending audit records", e))
             }
 
-            fn owners(&self) -> Result<Vec<String>> {
+            fn owners_now(&self) -> Result<Vec<String>> {
                 use user_encryption_keys::dsl as k;
                 let mut conn = self.conn()?;
                 k::user_encryption_keys
@@ -208,7 +496,33 @@ macro_rules! diesel_key_store {
 }
 
 diesel_key_store! {
-    "sqlite" => diesel::SqliteConnection,
-    "mysql" => diesel::MysqlConnection,
-    "postgres" => diesel::PgConnection,
+    "sqlite" => diesel::SqliteConnection, immediate_transaction, "TEXT";
+    "mysql" => diesel::MysqlConnection, transaction, "CHAR";
+    "postgres" => diesel::PgConnection, transaction, "TEXT";
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = encryption_key_audit)]
+struct AuditInsert<'a> {
+    occurred_at: NaiveDateTime,
+    owner_id: &'a str,
+    action: &'static str,
+    key_version: Option<i64>,
+    kek_id: Option<&'a str>,
+    actor: &'a str,
+    detail: Option<&'a str>,
+}
+
+impl<'a> From<&'a AuditEvent> for AuditInsert<'a> {
+    fn from(e: &'a AuditEvent) -> Self {
+        AuditInsert {
+            occurred_at: e.occurred_at,
+            owner_id: &e.owner_id,
+            action: e.action.as_str(),
+            key_version: e.key_version.map(i64::from),
+            kek_id: e.kek_id.as_deref(),
+            actor: &e.actor,
+            detail: e.detail.as_deref(),
+        }
+    }
 }

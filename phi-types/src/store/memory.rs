@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{AuditEvent, KeyStore, StoredKey};
+use std::collections::BTreeSet;
+
+use super::{AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey};
 use crate::error::{Error, Result};
 
 /// A [`KeyStore`] in process memory. Nothing survives the process.
@@ -69,5 +71,134 @@ impl KeyStore for MemoryKeyStore {
         let mut owners: Vec<String> = inner.keys.keys().map(|(o, _)| o.clone()).collect();
         owners.dedup();
         Ok(owners)
+    }
+
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>> {
+        let inner = self.lock()?;
+        Ok(inner
+            .keys
+            .iter()
+            .filter(|((owner, version), _)| {
+                after.is_none_or(|(o, v)| (owner.as_str(), *version) > (o, v))
+            })
+            .map(|(_, key)| key)
+            .filter(|k| k.state != KeyState::Destroyed)
+            .filter(|k| wrapped_by.is_none_or(|kek| k.kek_id == kek))
+            .filter(|k| not_wrapped_by.is_none_or(|kek| k.kek_id != kek))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn rewrap_keys(&self, rewraps: &[Rewrap]) -> Result<Vec<bool>> {
+        let mut inner = self.lock()?;
+        let mut applied = Vec::with_capacity(rewraps.len());
+        for r in rewraps {
+            let done = match inner.keys.get_mut(&(r.owner_id.clone(), r.version)) {
+                Some(key) if key.kek_id == r.from_kek && key.state != KeyState::Destroyed => {
+                    key.kek_id.clone_from(&r.to_kek);
+                    key.wrapped_key.clone_from(&r.wrapped_key);
+                    true
+                }
+                _ => false,
+            };
+            if done {
+                inner.audit.push(r.audit.clone());
+            }
+            applied.push(done);
+        }
+        Ok(applied)
+    }
+
+    fn set_key_state(
+        &self,
+        owner: &str,
+        version: u32,
+        from: KeyState,
+        to: KeyState,
+        audit: &AuditEvent,
+    ) -> Result<bool> {
+        let mut inner = self.lock()?;
+        let changed = match inner.keys.get_mut(&(owner.to_owned(), version)) {
+            Some(key) if key.state == from => {
+                key.state = to;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            inner.audit.push(audit.clone());
+        }
+        Ok(changed)
+    }
+
+    fn destroy_keys(&self, owner: &str, audit: &AuditEvent) -> Result<Vec<u32>> {
+        let mut inner = self.lock()?;
+        let mut destroyed = Vec::new();
+        for ((o, version), key) in inner.keys.iter_mut() {
+            if o == owner && key.state != KeyState::Destroyed {
+                key.state = KeyState::Destroyed;
+                key.wrapped_key.fill(0);
+                key.wrapped_key.clear();
+                destroyed.push(*version);
+            }
+        }
+        for version in &destroyed {
+            let mut event = audit.clone();
+            event.key_version = Some(*version);
+            inner.audit.push(event);
+        }
+        Ok(destroyed)
+    }
+
+    fn audit(&self, owner: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>> {
+        let inner = self.lock()?;
+        Ok(inner
+            .audit
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, e)| owner.is_none_or(|o| e.owner_id == o))
+            .take(limit)
+            .map(|(i, e)| AuditRecord {
+                id: i64::try_from(i + 1).unwrap_or(i64::MAX),
+                event: e.clone(),
+            })
+            .collect())
+    }
+
+    fn key_counts(&self) -> Result<Vec<KeyCount>> {
+        let inner = self.lock()?;
+        let mut counts: Vec<(String, KeyState, u64, BTreeSet<String>)> = Vec::new();
+        for key in inner.keys.values() {
+            let slot = match counts
+                .iter()
+                .position(|(k, s, _, _)| *k == key.kek_id && *s == key.state)
+            {
+                Some(i) => &mut counts[i],
+                None => {
+                    counts.push((key.kek_id.clone(), key.state, 0, BTreeSet::new()));
+                    let last = counts.len() - 1;
+                    &mut counts[last]
+                }
+            };
+            slot.2 += 1;
+            slot.3.insert(key.owner_id.clone());
+        }
+        Ok(counts
+            .into_iter()
+            .map(|(kek_id, state, keys, owners)| KeyCount {
+                kek_id,
+                state,
+                keys,
+                owners: owners.len() as u64,
+            })
+            .collect())
     }
 }

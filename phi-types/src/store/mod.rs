@@ -62,7 +62,7 @@ impl KeyState {
 
 impl fmt::Display for KeyState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -126,6 +126,25 @@ impl AuditAction {
             AuditAction::Unwrap => "unwrap",
         }
     }
+
+    /// Parses the stored text.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "destroy" => AuditAction::Destroy,
+            "generate" => AuditAction::Generate,
+            "retire" => AuditAction::Retire,
+            "rewrap" => AuditAction::Rewrap,
+            "rotate" => AuditAction::Rotate,
+            "unwrap" => AuditAction::Unwrap,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// One audit record to append.
@@ -177,4 +196,156 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`Error::Store`](crate::Error::Store) on a database failure.
     fn owners(&self) -> Result<Vec<String>>;
+
+    /// A page of data key rows in `(owner_id, version)` order, after
+    /// `after` (keyset pagination), at most `limit` rows. Destroyed rows are
+    /// left out; with `wrapped_by`, only rows whose `kek_id` is that KEK
+    /// are listed; with `not_wrapped_by`, rows whose `kek_id` is that KEK
+    /// are left out (what a rewrap to it still has to do).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not support the key life cycle.
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> Result<Vec<StoredKey>> {
+        let _ = (wrapped_by, not_wrapped_by, after, limit);
+        Err(unsupported("listing data keys"))
+    }
+
+    /// Applies `rewraps` in one transaction, each a compare-and-set that
+    /// changes a row only while it is still wrapped by
+    /// [`Rewrap::from_kek`] (and not destroyed), appending the audit record
+    /// of each change that applied. Returns, per rewrap, whether it applied.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// of the batch is applied), or when the store does not support the key
+    /// life cycle.
+    fn rewrap_keys(&self, rewraps: &[Rewrap]) -> Result<Vec<bool>> {
+        let _ = rewraps;
+        Err(unsupported("rewrapping data keys"))
+    }
+
+    /// Sets the state of (`owner`, `version`) from `from` to `to` if it is
+    /// `from`, appending `audit` in the same transaction when it changed.
+    /// Returns whether it changed.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not support the key life cycle.
+    fn set_key_state(
+        &self,
+        owner: &str,
+        version: u32,
+        from: KeyState,
+        to: KeyState,
+        audit: &AuditEvent,
+    ) -> Result<bool> {
+        let _ = (owner, version, from, to, audit);
+        Err(unsupported("changing a data key's state"))
+    }
+
+    /// Crypto-shredding: marks every data key row of `owner` destroyed and
+    /// overwrites its wrapped key with zero bytes (an empty value), in one
+    /// transaction with one audit record per version, copied from `audit`
+    /// with `key_version` set. Returns the versions destroyed by this call.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is changed), or when the store does not support the key life cycle.
+    fn destroy_keys(&self, owner: &str, audit: &AuditEvent) -> Result<Vec<u32>> {
+        let _ = (owner, audit);
+        Err(unsupported("destroying data keys"))
+    }
+
+    /// The most recent audit records, newest first, of one owner or of all.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not support reading the audit trail.
+    fn audit(&self, owner: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>> {
+        let _ = (owner, limit);
+        Err(unsupported("reading the audit trail"))
+    }
+
+    /// Runs `sql`, a query of the application's whose first column is an
+    /// owner id (e.g. `SELECT DISTINCT user_id FROM cases`), and returns the
+    /// distinct non-NULL owner ids it yields, as text, sorted.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) when the query fails, or when
+    /// the store cannot run SQL.
+    fn owners_from_query(&self, sql: &str) -> Result<Vec<String>> {
+        let _ = sql;
+        Err(unsupported("running an owners query"))
+    }
+
+    /// Data key rows counted by KEK and state.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not support the key life cycle.
+    fn key_counts(&self) -> Result<Vec<KeyCount>> {
+        Err(unsupported("counting data keys"))
+    }
+}
+
+fn unsupported(operation: &'static str) -> crate::Error {
+    crate::Error::store(operation, "not supported by this key store")
+}
+
+/// One compare-and-set rewrap, for [`KeyStore::rewrap_keys`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rewrap {
+    /// The owner.
+    pub owner_id: String,
+    /// The data key version.
+    pub version: u32,
+    /// The KEK the row must still name for the change to apply.
+    pub from_kek: String,
+    /// The KEK that wrapped `wrapped_key`.
+    pub to_kek: String,
+    /// The same data key, wrapped by `to_kek`.
+    pub wrapped_key: Vec<u8>,
+    /// Appended when the change applies.
+    pub audit: AuditEvent,
+}
+
+impl fmt::Debug for Rewrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rewrap")
+            .field("owner_id", &self.owner_id)
+            .field("version", &self.version)
+            .field("from_kek", &self.from_kek)
+            .field("to_kek", &self.to_kek)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One stored audit record, from [`KeyStore::audit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// `encryption_key_audit.id`: increasing in insertion order.
+    pub id: i64,
+    /// The record.
+    pub event: AuditEvent,
+}
+
+/// How many data key rows one KEK wraps in one state, from
+/// [`KeyStore::key_counts`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyCount {
+    /// `kek_id`.
+    pub kek_id: String,
+    /// `state`.
+    pub state: KeyState,
+    /// Number of rows.
+    pub keys: u64,
+    /// Number of distinct owners among them.
+    pub owners: u64,
 }

@@ -1,0 +1,802 @@
+//! The key life cycle: KEK rotation (rewrap), data key rotation, re-seal,
+//! retirement and crypto-shredding, plus key coverage of the application's
+//! owners.
+//!
+//! ```text
+//! rotate(owner)          add data key version n+1; new writes use it
+//! reseal(owner, tables)  move the owner's values from older versions to n+1
+//! retire(owner, v)       mark version v retired once no value uses it
+//! rewrap()               rewrap every data key under the keyring's primary KEK
+//! shred(owner)           destroy every version of the owner's keys
+//! ```
+//!
+//! Every job is batched and resumable: a crash loses at most the batch in
+//! flight (rolled back), and running the job again skips what is done.
+//! Each operation is audited in `encryption_key_audit`.
+//!
+//! Values are found by the key version in their envelope header, at a fixed
+//! offset, with SQL on the stored bytes: counting, finding and retiring never
+//! decrypt. Re-sealing opens a value with its old version and seals the same
+//! plaintext bytes under the current one for the same owner, scope and row
+//! key; the plaintext never leaves the process and its buffer is zeroized.
+//!
+//! Other processes keep the keys they cached until their TTL expires (or
+//! they clear the owner): after a rotation they may still seal under the
+//! previous version for up to one TTL, which is why retirement counts the
+//! values under a version at the moment it retires it, and why a retired
+//! version still opens. After a shred, other processes' caches keep the
+//! destroyed keys until their TTL expires: clear them (or restart) when
+//! shredding must take effect everywhere at once.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use phi_types::{lifecycle, Keyring, LocalKek, MemoryKeyStore, KeyBytes};
+//!
+//! let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+//! let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+//! let old = keyring.seal(&"Doe".to_string(), "provider-17", "cases.patient_last", b"C-1")?;
+//!
+//! assert_eq!(lifecycle::rotate(&keyring, "provider-17")?, 2);
+//! let new = keyring.seal(&"Roe".to_string(), "provider-17", "cases.patient_last", b"C-2")?;
+//! assert_eq!((old.key_version(), new.key_version()), (Some(1), Some(2)));
+//! // The old version still opens.
+//! let name: String = keyring.open(old, "provider-17", "cases.patient_last", b"C-1")?;
+//! assert_eq!(name, "Doe");
+//! # Ok::<(), phi_types::Error>(())
+//! ```
+
+mod tables;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+pub use tables::{DataConnection, ResealColumn, ResealTable};
+
+use crate::error::{Error, Result};
+use crate::kek::KeyEncryptionKey;
+use crate::keyring::{Keyring, OwnerKeys};
+use crate::metrics;
+use crate::sql::Encrypted;
+use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, Rewrap, StoredKey};
+
+/// Default rows per batch of the life-cycle jobs.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+
+fn event(
+    keyring: &Keyring,
+    owner: &str,
+    action: AuditAction,
+    version: Option<u32>,
+    kek_id: Option<&str>,
+    detail: Option<String>,
+) -> AuditEvent {
+    AuditEvent {
+        occurred_at: chrono::Utc::now().naive_utc(),
+        owner_id: owner.to_owned(),
+        action,
+        key_version: version,
+        kek_id: kek_id.map(str::to_owned),
+        actor: keyring.actor().to_owned(),
+        detail,
+    }
+}
+
+fn kek_error(
+    kek: &dyn KeyEncryptionKey,
+    owner: &str,
+    version: u32,
+) -> impl FnOnce(crate::BoxError) -> Error {
+    let kek_id = kek.id().to_owned();
+    let owner = owner.to_owned();
+    move |source| Error::Kek {
+        kek_id,
+        owner,
+        key_version: version,
+        source,
+    }
+}
+
+fn check_owner(owner: &str) -> Result<()> {
+    if owner.is_empty() {
+        return Err(Error::InvalidInput {
+            what: "owner id",
+            reason: "it is empty".into(),
+        });
+    }
+    Ok(())
+}
+
+fn load_owner(keyring: &Keyring, owner: &str) -> Result<Vec<StoredKey>> {
+    check_owner(owner)?;
+    let mut rows = keyring.store().load_keys(&[owner])?;
+    rows.sort_by_key(|r| r.version);
+    Ok(rows)
+}
+
+fn is_shredded(rows: &[StoredKey]) -> bool {
+    !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed)
+}
+
+/// The version an owner's new values are sealed under: its highest active one.
+fn current_version(rows: &[StoredKey]) -> Option<u32> {
+    rows.iter()
+        .filter(|r| r.state == KeyState::Active)
+        .map(|r| r.version)
+        .max()
+}
+
+// ---------------------------------------------------------------------------
+// Data key rotation
+
+/// Adds data key version n+1 for `owner`, wrapped by the keyring's primary
+/// KEK, and drops the owner from this keyring's cache so its next seal uses
+/// the new version. Older versions stay active for opening until retired.
+/// Audited as `rotate`. Returns the new version.
+///
+/// # Errors
+/// [`Error::Refused`] when the owner has no data key yet or another process
+/// added the same version first, [`Error::Shredded`] for a shredded owner;
+/// key store and KEK errors.
+pub fn rotate(keyring: &Keyring, owner: &str) -> Result<u32> {
+    let rows = load_owner(keyring, owner)?;
+    let refuse = |reason: String| Error::Refused {
+        operation: "rotate".into(),
+        owner: owner.to_owned(),
+        reason,
+    };
+    let Some(last) = rows.last().map(|r| r.version) else {
+        return Err(refuse(
+            "the owner has no data key yet (its first is created by its first seal or `keys generate`)".into(),
+        ));
+    };
+    if is_shredded(&rows) {
+        return Err(Error::Shredded {
+            owner: owner.to_owned(),
+        });
+    }
+    let version = last
+        .checked_add(1)
+        .ok_or_else(|| refuse("the owner has used every key version".into()))?;
+    let kek = keyring.primary_kek();
+    let (key, wrapped) =
+        kek.generate(owner, version)
+            .map_err(kek_error(kek.as_ref(), owner, version))?;
+    drop(key);
+    let row = StoredKey {
+        owner_id: owner.to_owned(),
+        version,
+        kek_id: kek.id().to_owned(),
+        wrapped_key: wrapped,
+        state: KeyState::Active,
+        created_at: chrono::Utc::now().naive_utc(),
+    };
+    if !keyring.store().insert_key_if_absent(&row)? {
+        return Err(refuse(format!(
+            "version {version} was added meanwhile by another process"
+        )));
+    }
+    let previous = current_version(&rows)
+        .map(|v| format!("previous current version {v}"))
+        .unwrap_or_else(|| "no previous active version".into());
+    keyring.store().append_audit(&[event(
+        keyring,
+        owner,
+        AuditAction::Rotate,
+        Some(version),
+        Some(kek.id()),
+        Some(previous),
+    )])?;
+    keyring.clear(owner);
+    metrics::add(metrics::KEYS_ROTATED_TOTAL, 1);
+    tracing::info!(owner, version, kek = kek.id(), "rotated a data key");
+    Ok(version)
+}
+
+// ---------------------------------------------------------------------------
+// KEK rotation
+
+/// Progress of a running [`rewrap`], after each committed batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RewrapProgress {
+    /// Data keys that needed rewrapping when the job started.
+    pub total: u64,
+    /// Rewrapped so far by this run.
+    pub rewrapped: u64,
+    /// Changed by another process meanwhile (rewrapped or destroyed), left alone.
+    pub skipped: u64,
+    /// Batches committed so far.
+    pub batches: u64,
+}
+
+/// Which data keys [`rewrap`] moves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RewrapScope {
+    /// Only keys wrapped by this KEK (default: every key not already under
+    /// the target).
+    pub from_kek: Option<String>,
+    /// Keys per batch (one key-store transaction each); 0 means
+    /// [`DEFAULT_BATCH_SIZE`].
+    pub batch_size: usize,
+}
+
+/// KEK rotation: rewraps every data key row not wrapped by the keyring's
+/// primary KEK (or only those of [`RewrapScope::from_kek`]) under the
+/// primary KEK. Each key is unwrapped by the KEK its row names (configure
+/// it with [`KeyringBuilder::unwrap_with`](crate::KeyringBuilder::unwrap_with)),
+/// wrapped by the primary, checked to unwrap back to the same key, and
+/// written with a compare-and-set on the old KEK id, with a `rewrap` audit
+/// record, one transaction per batch. Data rows are never touched; the old
+/// KEK keeps opening rows not yet rewrapped. A crash loses nothing: the
+/// next run skips the rows already naming the primary KEK. Destroyed keys
+/// are left alone.
+///
+/// # Errors
+/// [`Error::UnknownKek`] for a row whose KEK is not configured,
+/// [`Error::Kek`] when a KEK fails; key store errors. Batches committed
+/// before the error stay committed.
+pub fn rewrap(
+    keyring: &Keyring,
+    scope: &RewrapScope,
+    progress: &mut dyn FnMut(&RewrapProgress),
+) -> Result<RewrapProgress> {
+    let target = keyring.primary_kek().clone();
+    let store = keyring.store();
+    let batch = if scope.batch_size == 0 {
+        DEFAULT_BATCH_SIZE
+    } else {
+        scope.batch_size
+    };
+    let from = scope.from_kek.as_deref();
+    let mut report = RewrapProgress {
+        total: store
+            .key_counts()?
+            .iter()
+            .filter(|c| c.state != KeyState::Destroyed && c.kek_id != target.id())
+            .filter(|c| from.is_none_or(|f| c.kek_id == f))
+            .map(|c| c.keys)
+            .sum(),
+        ..RewrapProgress::default()
+    };
+    let _span = tracing::info_span!("phi.rewrap", to = target.id()).entered();
+    let mut after: Option<(String, u32)> = None;
+    loop {
+        let page = store.keys_page(
+            from,
+            Some(target.id()),
+            after.as_ref().map(|(o, v)| (o.as_str(), *v)),
+            batch,
+        )?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.owner_id.clone(), last.version));
+        let mut rewraps = Vec::with_capacity(page.len());
+        for row in &page {
+            rewraps.push(rewrap_one(keyring, &target, row)?);
+        }
+        let applied = store.rewrap_keys(&rewraps)?;
+        let done = applied.iter().filter(|a| **a).count() as u64;
+        report.rewrapped += done;
+        report.skipped += applied.len() as u64 - done;
+        report.batches += 1;
+        metrics::add(metrics::KEYS_REWRAPPED_TOTAL, done);
+        progress(&report);
+    }
+    tracing::info!(
+        rewrapped = report.rewrapped,
+        skipped = report.skipped,
+        "rewrap finished"
+    );
+    Ok(report)
+}
+
+fn rewrap_one(
+    keyring: &Keyring,
+    target: &Arc<dyn KeyEncryptionKey>,
+    row: &StoredKey,
+) -> Result<Rewrap> {
+    let (owner, version) = (row.owner_id.as_str(), row.version);
+    let old = keyring.kek(&row.kek_id).ok_or_else(|| Error::UnknownKek {
+        owner: owner.to_owned(),
+        key_version: version,
+        kek_id: row.kek_id.clone(),
+    })?;
+    let key = old
+        .unwrap(owner, version, &row.wrapped_key)
+        .map_err(kek_error(old.as_ref(), owner, version))?;
+    let wrapped =
+        target
+            .wrap(owner, version, &key)
+            .map_err(kek_error(target.as_ref(), owner, version))?;
+    let check = target.unwrap(owner, version, &wrapped).map_err(kek_error(
+        target.as_ref(),
+        owner,
+        version,
+    ))?;
+    if check.expose() != key.expose() {
+        return Err(kek_error(target.as_ref(), owner, version)(
+            "the rewrapped key does not unwrap to the same key".into(),
+        ));
+    }
+    Ok(Rewrap {
+        owner_id: owner.to_owned(),
+        version,
+        from_kek: row.kek_id.clone(),
+        to_kek: target.id().to_owned(),
+        wrapped_key: wrapped,
+        audit: event(
+            keyring,
+            owner,
+            AuditAction::Rewrap,
+            Some(version),
+            Some(target.id()),
+            Some(format!("from KEK {}", row.kek_id)),
+        ),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Re-seal
+
+/// Progress of a running [`reseal`], after each committed batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResealProgress {
+    /// The owner's current version, which values are moved to.
+    pub current_version: u32,
+    /// Values under older versions when the job started, in every column.
+    pub total: u64,
+    /// Values re-sealed so far.
+    pub resealed: u64,
+    /// Values changed by the application between read and write, left to it
+    /// (or to the next batch when still under an older version).
+    pub conflicts: u64,
+    /// The table of the last batch.
+    pub table: String,
+    /// The column of the last batch.
+    pub column: String,
+    /// Batches committed so far.
+    pub batches: u64,
+}
+
+/// Consecutive batches with no progress before a re-seal gives up on a
+/// column (values that keep changing under it).
+const MAX_IDLE_BATCHES: u32 = 20;
+
+/// Re-seals every value of `owner` in `tables` that is under an older key
+/// version than the owner's current one, so the older versions can be
+/// retired. One transaction per batch of `batch_size` values (0:
+/// [`DEFAULT_BATCH_SIZE`]); rows are locked as they are read (`FOR UPDATE`,
+/// or SQLite's write lock) and each `UPDATE` is guarded by the bytes read,
+/// so a concurrent write of the application is never overwritten. NULLs and
+/// values already under the current (or a newer) version are left alone.
+/// Resumable: a crash rolls back the batch in flight and the next run finds
+/// what is left by its key version. `conn` is the application's connection,
+/// outside any transaction.
+///
+/// # Errors
+/// [`Error::NoKey`] when the owner has no active version, the errors of
+/// [`OwnerKeys::open`] for a value that does not open (named by scope, owner
+/// and key version), [`Error::DataTable`] for a failed query.
+pub fn reseal<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    owner: &str,
+    tables: &[ResealTable],
+    batch_size: usize,
+    progress: &mut dyn FnMut(&ResealProgress),
+) -> Result<ResealProgress> {
+    check_owner(owner)?;
+    for t in tables {
+        t.validate()?;
+    }
+    let batch = if batch_size == 0 {
+        DEFAULT_BATCH_SIZE
+    } else {
+        batch_size
+    };
+    // A fresh view: another process may have rotated.
+    keyring.clear(owner);
+    let keys = keyring.keys_for_open(owner)?;
+    let current = keys.current_version().ok_or_else(|| {
+        let rows = keyring.store().load_keys(&[owner]).unwrap_or_default();
+        if is_shredded(&rows) {
+            Error::Shredded {
+                owner: owner.to_owned(),
+            }
+        } else {
+            Error::NoKey {
+                owner: owner.to_owned(),
+            }
+        }
+    })?;
+    let mut report = ResealProgress {
+        current_version: current,
+        ..ResealProgress::default()
+    };
+    for t in tables {
+        for c in &t.columns {
+            report.total += conn
+                .key_versions_in_use(t, c, owner)?
+                .iter()
+                .filter(|(v, _)| *v < current)
+                .map(|(_, n)| n)
+                .sum::<u64>();
+        }
+    }
+    let _span = tracing::info_span!("phi.reseal", owner, current).entered();
+    for t in tables {
+        for c in &t.columns {
+            report.table.clone_from(&t.table);
+            report.column.clone_from(&c.column);
+            let mut idle = 0;
+            loop {
+                let mut reseal = |value: &tables::StoredValue| -> Result<Vec<u8>> {
+                    reseal_value(&keys, value, &c.scope)
+                };
+                let outcome = conn.reseal_batch(t, c, owner, current, batch, &mut reseal)?;
+                if outcome.read == 0 {
+                    break;
+                }
+                report.resealed += outcome.updated;
+                report.conflicts += outcome.conflicts;
+                report.batches += 1;
+                metrics::add_for_table(metrics::VALUES_RESEALED_TOTAL, &t.table, outcome.updated);
+                progress(&report);
+                if outcome.updated == 0 {
+                    idle += 1;
+                    if idle == MAX_IDLE_BATCHES {
+                        return Err(Error::DataTable {
+                            operation: "re-sealing",
+                            table: t.table.clone(),
+                            column: c.column.clone(),
+                            owner: owner.to_owned(),
+                            source: format!(
+                                "values of owner {owner:?} kept changing under {MAX_IDLE_BATCHES} batches in a row"
+                            )
+                            .into(),
+                        });
+                    }
+                } else {
+                    idle = 0;
+                }
+            }
+        }
+    }
+    tracing::info!(
+        owner,
+        current,
+        resealed = report.resealed,
+        "re-seal finished"
+    );
+    Ok(report)
+}
+
+/// Opens one stored value (as raw plaintext bytes: every value type's
+/// encoding is bytes) and seals it under the current version with the same
+/// binding.
+fn reseal_value(keys: &OwnerKeys, value: &tables::StoredValue, scope: &str) -> Result<Vec<u8>> {
+    let row = value.row();
+    let plain = Zeroizing::new(keys.open::<Vec<u8>>(
+        Encrypted::from_bytes(value.bytes.clone()),
+        scope,
+        row,
+    )?);
+    Ok(keys.seal::<Vec<u8>>(&plain, scope, row)?.into_bytes())
+}
+
+// ---------------------------------------------------------------------------
+// Usage, retirement
+
+/// How many values of one owner in one column use one key version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionUsage {
+    /// The table.
+    pub table: String,
+    /// The column.
+    pub column: String,
+    /// The key version.
+    pub key_version: u32,
+    /// Values under that version.
+    pub values: u64,
+}
+
+/// Counts `owner`'s values in `tables` per column and key version, from the
+/// envelope headers (nothing is decrypted).
+///
+/// # Errors
+/// [`Error::DataTable`] for a failed query, [`Error::Config`] for a bad
+/// table description.
+pub fn usage<C: DataConnection>(
+    conn: &mut C,
+    owner: &str,
+    tables: &[ResealTable],
+) -> Result<Vec<VersionUsage>> {
+    let mut out = Vec::new();
+    for t in tables {
+        t.validate()?;
+        for c in &t.columns {
+            for (key_version, values) in conn.key_versions_in_use(t, c, owner)? {
+                out.push(VersionUsage {
+                    table: t.table.clone(),
+                    column: c.column.clone(),
+                    key_version,
+                    values,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Retires data key version `version` of `owner`: it keeps opening values
+/// but never seals again. Refused while any value in `tables` uses it
+/// (counted from the envelope headers), and for the owner's current version
+/// (rotate first, so a newer one exists). Audited as `retire`. Returns
+/// whether this call retired it (`false`: it was already retired).
+///
+/// # Errors
+/// [`Error::KeyInUse`] naming the table, column and count of values still
+/// under the version; [`Error::Refused`] for the current, a destroyed or an
+/// unknown version; query and key store errors.
+pub fn retire<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    owner: &str,
+    version: u32,
+    tables: &[ResealTable],
+) -> Result<bool> {
+    let rows = load_owner(keyring, owner)?;
+    let refuse = |reason: String| Error::Refused {
+        operation: format!("retire version {version}"),
+        owner: owner.to_owned(),
+        reason,
+    };
+    let Some(row) = rows.iter().find(|r| r.version == version) else {
+        return Err(refuse(format!(
+            "the owner has no data key version {version}"
+        )));
+    };
+    match row.state {
+        KeyState::Retired => return Ok(false),
+        KeyState::Destroyed => return Err(refuse("the version was destroyed".into())),
+        _ => {}
+    }
+    if current_version(&rows) == Some(version) {
+        return Err(refuse(format!(
+            "version {version} is the current version: rotate first so a newer version seals"
+        )));
+    }
+    for t in tables {
+        t.validate()?;
+        for c in &t.columns {
+            let rows = conn
+                .key_versions_in_use(t, c, owner)?
+                .into_iter()
+                .find(|(v, _)| *v == version)
+                .map_or(0, |(_, n)| n);
+            if rows > 0 {
+                return Err(Error::KeyInUse {
+                    owner: owner.to_owned(),
+                    key_version: version,
+                    table: t.table.clone(),
+                    column: c.column.clone(),
+                    rows,
+                });
+            }
+        }
+    }
+    let retired = keyring.store().set_key_state(
+        owner,
+        version,
+        KeyState::Active,
+        KeyState::Retired,
+        &event(
+            keyring,
+            owner,
+            AuditAction::Retire,
+            Some(version),
+            Some(&row.kek_id),
+            None,
+        ),
+    )?;
+    keyring.clear(owner);
+    if retired {
+        metrics::add(metrics::KEYS_RETIRED_TOTAL, 1);
+        tracing::info!(owner, version, "retired a data key version");
+    }
+    Ok(retired)
+}
+
+// ---------------------------------------------------------------------------
+// Crypto-shredding
+
+/// What [`shred`] did and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShredReport {
+    /// Versions destroyed by this call.
+    pub destroyed_versions: Vec<u32>,
+    /// Data key rows of the owner still holding key material afterwards
+    /// (0 when shredding worked).
+    pub keys_left: usize,
+    /// Stored values sampled from the tables.
+    pub sampled: usize,
+    /// Sampled values that still opened (0 when shredding worked).
+    pub still_open: usize,
+}
+
+impl ShredReport {
+    /// Whether the verification passed: no key material left and no sampled
+    /// value opens.
+    pub fn verified(&self) -> bool {
+        self.keys_left == 0 && self.still_open == 0
+    }
+}
+
+/// Crypto-shredding: destroys every data key version of `owner` (state
+/// `destroyed`, wrapped key overwritten with an empty value) in one
+/// transaction, audited as `destroy` per version; drops the owner from this
+/// keyring's cache; then verifies, from the key store and on up to `sample`
+/// stored values per column of `tables`, that nothing of the owner opens
+/// any more. Other owners are untouched. Afterwards sealing for the owner
+/// fails with [`Error::Shredded`]: no new key is ever created for it
+/// silently.
+///
+/// # Errors
+/// Key store and query errors (when the destroy itself failed, nothing was
+/// changed).
+pub fn shred<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    owner: &str,
+    tables: &[ResealTable],
+    sample: usize,
+) -> Result<ShredReport> {
+    check_owner(owner)?;
+    for t in tables {
+        t.validate()?;
+    }
+    let destroyed_versions = keyring.store().destroy_keys(
+        owner,
+        &event(
+            keyring,
+            owner,
+            AuditAction::Destroy,
+            None,
+            None,
+            Some("crypto-shredded".into()),
+        ),
+    )?;
+    keyring.clear(owner);
+    metrics::add(
+        metrics::KEYS_DESTROYED_TOTAL,
+        destroyed_versions.len() as u64,
+    );
+    tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
+    let keys_left = keyring
+        .store()
+        .load_keys(&[owner])?
+        .iter()
+        .filter(|r| r.state != KeyState::Destroyed || !r.wrapped_key.is_empty())
+        .count();
+    let keys = keyring.keys_for_open(owner)?;
+    let mut report = ShredReport {
+        destroyed_versions,
+        keys_left,
+        ..ShredReport::default()
+    };
+    for t in tables {
+        for c in &t.columns {
+            for value in conn.sample_values(t, c, owner, sample)? {
+                report.sampled += 1;
+                let opened = keys.open::<Vec<u8>>(
+                    Encrypted::from_bytes(value.bytes.clone()),
+                    &c.scope,
+                    value.row(),
+                );
+                if let Ok(plain) = opened {
+                    drop(Zeroizing::new(plain));
+                    report.still_open += 1;
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+// ---------------------------------------------------------------------------
+// Coverage
+
+/// Key coverage of the owners an application query returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Coverage {
+    /// Owners the query returned.
+    pub owners: usize,
+    /// Owners with an active data key.
+    pub with_active_key: usize,
+    /// Owners with no data key row at all.
+    pub without_key: Vec<String>,
+    /// Owners whose key rows are all retired (none seals).
+    pub all_retired: Vec<String>,
+    /// Owners crypto-shredded.
+    pub shredded: usize,
+}
+
+impl Coverage {
+    /// Percentage of owners with an active key (100 when there are none).
+    #[allow(clippy::cast_precision_loss)] // A display percentage.
+    pub fn percent(&self) -> f64 {
+        if self.owners == 0 {
+            100.0
+        } else {
+            self.with_active_key as f64 * 100.0 / self.owners as f64
+        }
+    }
+}
+
+/// Runs `owners_query` (see [`KeyStore::owners_from_query`]) and classifies
+/// its owners by their data keys.
+///
+/// # Errors
+/// Key store errors, or a failing owners query.
+pub fn coverage(store: &dyn KeyStore, owners_query: &str) -> Result<Coverage> {
+    let owners = store.owners_from_query(owners_query)?;
+    let mut cov = Coverage {
+        owners: owners.len(),
+        ..Coverage::default()
+    };
+    for chunk in owners.chunks(5_000) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let mut by_owner: HashMap<&str, Vec<KeyState>> = HashMap::new();
+        let rows = store.load_keys(&refs)?;
+        for row in &rows {
+            by_owner.entry(&row.owner_id).or_default().push(row.state);
+        }
+        for owner in chunk {
+            match by_owner.get(owner.as_str()) {
+                None => cov.without_key.push(owner.clone()),
+                Some(states) if states.contains(&KeyState::Active) => cov.with_active_key += 1,
+                Some(states) if states.iter().all(|s| *s == KeyState::Destroyed) => {
+                    cov.shredded += 1;
+                }
+                Some(_) => cov.all_retired.push(owner.clone()),
+            }
+        }
+    }
+    Ok(cov)
+}
+
+/// Creates a data key for each owner in `owners` that has none (batches of
+/// `batch_size`, 0: [`DEFAULT_BATCH_SIZE`]), race-safe as every first
+/// seal is; pass [`Coverage::without_key`]. An owner that already has keys
+/// gets none here: one with an active key is left as it is, a shredded one
+/// fails the batch with [`Error::Shredded`], one with retired keys only with
+/// [`Error::NoKey`]. Reports the owners done so far after each batch;
+/// returns how many keys this call created.
+///
+/// # Errors
+/// Key store and KEK errors, and the two above; batches done before stay
+/// done.
+pub fn generate(
+    keyring: &Keyring,
+    owners: &[String],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<u64> {
+    let batch = if batch_size == 0 {
+        DEFAULT_BATCH_SIZE
+    } else {
+        batch_size
+    };
+    let before = keyring.stats().creations;
+    let mut done = 0;
+    for chunk in owners.chunks(batch) {
+        keyring.keys_for_seal_many(chunk.iter().map(String::as_str))?;
+        done += chunk.len();
+        progress(done);
+    }
+    Ok(keyring.stats().creations - before)
+}

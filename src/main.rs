@@ -1,0 +1,652 @@
+//! `phi`: administration of phi's data keys: coverage, generation, rotation,
+//! re-seal, retirement, KEK rewrap, crypto-shredding and the audit trail.
+//!
+//! Run `phi --help` for the commands. The database comes from
+//! `--database-url` or `DATABASE_URL` (`sqlite://file.db` or a file path,
+//! `mysql://…`, `postgres://…`); the master key from `PHI_MASTER_KEY` or
+//! `PHI_MASTER_KEY_FILE`. Nothing printed ever contains key bytes or
+//! plaintext: owner ids, versions, KEK ids and counts only.
+
+// A command-line tool: its output is its interface.
+#![allow(clippy::print_stdout)]
+
+use std::io::{BufRead as _, Write as _};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use phi::lifecycle::{self, ResealTable, RewrapScope};
+use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, PhiConnection};
+
+/// Administration of phi's owner-scoped data keys.
+#[derive(Debug, Parser)]
+#[command(name = "phi", version)]
+struct Cli {
+    /// Database URL: `sqlite://FILE` (or a file path), `mysql://…`, `postgres://…`.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Id of the KEK whose master key is in PHI_MASTER_KEY / PHI_MASTER_KEY_FILE.
+    #[arg(long, env = "PHI_KEK_ID", default_value = "local-1", global = true)]
+    kek_id: String,
+
+    /// Actor recorded in the audit trail.
+    #[arg(long, env = "PHI_ACTOR", default_value = "phi-cli", global = true)]
+    actor: String,
+
+    /// An application table holding encrypted columns, as
+    /// `table:owner_column:key_column:col1,col2@scope` (key column may be
+    /// empty); repeat for several. From PHI_TABLES, `;`-separated.
+    #[arg(
+        long = "table",
+        env = "PHI_TABLES",
+        value_delimiter = ';',
+        global = true
+    )]
+    tables: Vec<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Data key operations.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Shows the audit trail, newest first.
+    Audit {
+        /// Only this owner's records.
+        #[arg(long)]
+        owner: Option<String>,
+        /// How many records.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+struct OwnersQuery {
+    /// SQL whose first column lists the application's owners; default: the
+    /// owner columns of the --table descriptions.
+    #[arg(long, env = "PHI_OWNERS_QUERY")]
+    owners_query: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Creates a data key for every owner of the owners query that has none.
+    Generate {
+        #[command(flatten)]
+        owners: OwnersQuery,
+        /// Only show what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Generate even when more than 1,000 owners lack a key (a guard
+        /// against a wrong owners query).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Key coverage, keys per KEK and state, or one owner's versions and
+    /// the values using each.
+    Status {
+        /// Show this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        #[command(flatten)]
+        owners: OwnersQuery,
+    },
+    /// Adds a new data key version for an owner; new writes use it.
+    Rotate {
+        /// The owner.
+        #[arg(long)]
+        owner: String,
+    },
+    /// Re-seals an owner's values in the --table columns under its current version.
+    Reseal {
+        /// The owner.
+        #[arg(long)]
+        owner: String,
+        /// Values per transaction.
+        #[arg(long, default_value_t = lifecycle::DEFAULT_BATCH_SIZE)]
+        batch_size: usize,
+    },
+    /// Rewraps every data key under another KEK (KEK rotation).
+    Rewrap {
+        /// The target KEK: `local:ID` (master key from --to-key-file or
+        /// PHI_NEW_MASTER_KEY).
+        #[arg(long)]
+        to: String,
+        /// File holding the target's base64 master key.
+        #[arg(long)]
+        to_key_file: Option<std::path::PathBuf>,
+        /// Only keys wrapped by this KEK id.
+        #[arg(long)]
+        from: Option<String>,
+        /// Keys per transaction.
+        #[arg(long, default_value_t = lifecycle::DEFAULT_BATCH_SIZE)]
+        batch_size: usize,
+    },
+    /// Retires a data key version no value uses any more.
+    Retire {
+        /// The owner.
+        #[arg(long)]
+        owner: String,
+        /// The version.
+        #[arg(long)]
+        version: u32,
+    },
+    /// Crypto-shredding: destroys every data key of an owner.
+    Shred {
+        /// The owner.
+        #[arg(long)]
+        owner: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Stored values per column checked to no longer open.
+        #[arg(long, default_value_t = 20)]
+        sample: usize,
+    },
+}
+
+/// More keys than this to generate at once need `--force`.
+const GENERATE_GUARD: usize = 1_000;
+
+/// Environment variable holding the target KEK's base64 master key for
+/// `keys rewrap --to local:ID`.
+const NEW_MASTER_KEY_ENV: &str = "PHI_NEW_MASTER_KEY";
+
+type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The backends, chosen by the URL's scheme.
+enum Backend {
+    Sqlite,
+    Mysql,
+    Postgres,
+}
+
+/// The backend of `url`, and the URL its Diesel connection takes.
+fn backend(url: &str) -> (Backend, String) {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        (Backend::Sqlite, path.to_owned())
+    } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        (Backend::Mysql, url.replacen("mariadb://", "mysql://", 1))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        (Backend::Postgres, url.to_owned())
+    } else {
+        (Backend::Sqlite, url.to_owned())
+    }
+}
+
+fn run(cli: &Cli) -> CliResult {
+    let url = cli
+        .database_url
+        .as_deref()
+        .ok_or("no database: pass --database-url or set DATABASE_URL")?;
+    let (backend, url) = backend(url);
+    match backend {
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => run_on::<diesel::SqliteConnection>(cli, &url),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => run_on::<diesel::MysqlConnection>(cli, &url),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => run_on::<diesel::PgConnection>(cli, &url),
+        #[allow(unreachable_patterns)]
+        other => {
+            let (name, feature) = match other {
+                Backend::Sqlite => ("SQLite", "sqlite"),
+                Backend::Mysql => ("MySQL / MariaDB", "mysql"),
+                Backend::Postgres => ("PostgreSQL", "postgres"),
+            };
+            Err(format!(
+                "this phi was built without {name} support: rebuild with `--features {feature}`"
+            )
+            .into())
+        }
+    }
+}
+
+/// Everything a command needs on one backend.
+struct Env<C: PhiConnection> {
+    store: Arc<DieselKeyStore<C>>,
+    kek: Arc<dyn KeyEncryptionKey>,
+    tables: Vec<ResealTable>,
+    url: String,
+}
+
+fn run_on<C>(cli: &Cli, url: &str) -> CliResult
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    let tables = cli
+        .tables
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| ResealTable::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = Env {
+        store: Arc::new(DieselKeyStore::<C>::connect(url)?),
+        kek: Arc::new(LocalKek::from_env(cli.kek_id.as_str())?) as Arc<dyn KeyEncryptionKey>,
+        tables,
+        url: url.to_owned(),
+    };
+    match &cli.command {
+        Command::Audit { owner, limit } => audit(&env, owner.as_deref(), *limit),
+        Command::Keys(command) => keys(cli, &env, command),
+    }
+}
+
+impl<C> Env<C>
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    fn keyring(&self, actor: &str) -> CliResult<Keyring> {
+        Ok(Keyring::builder(self.store.clone(), self.kek.clone())
+            .actor(actor)
+            .build()?)
+    }
+
+    fn data(&self) -> CliResult<C> {
+        let mut conn = C::establish(&self.url)?;
+        conn.prepare_key_store()?;
+        Ok(conn)
+    }
+
+    fn owners_query(&self, given: &OwnersQuery) -> CliResult<String> {
+        if let Some(q) = &given.owners_query {
+            return Ok(q.clone());
+        }
+        if self.tables.is_empty() {
+            return Err(
+                "no owners query: pass --owners-query (e.g. \"SELECT DISTINCT user_id FROM cases\") or --table"
+                    .into(),
+            );
+        }
+        Ok(self
+            .tables
+            .iter()
+            .map(|t| format!("SELECT {} FROM {}", t.owner_column, t.table))
+            .collect::<Vec<_>>()
+            .join(" UNION "))
+    }
+
+    fn need_tables(&self, what: &str) -> CliResult<()> {
+        if self.tables.is_empty() {
+            return Err(format!(
+                "{what} needs the application's encrypted columns: pass --table (or PHI_TABLES)"
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn print_coverage(label: &str, cov: &lifecycle::Coverage) {
+    println!(
+        "{label}: {} of {} owners have an active data key ({:.1}%); {} without a key, {} with retired keys only, {} shredded",
+        cov.with_active_key,
+        cov.owners,
+        cov.percent(),
+        cov.without_key.len(),
+        cov.all_retired.len(),
+        cov.shredded
+    );
+}
+
+fn keys<C>(cli: &Cli, env: &Env<C>, command: &KeysCommand) -> CliResult
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    match command {
+        KeysCommand::Generate {
+            owners,
+            dry_run,
+            force,
+        } => {
+            let query = env.owners_query(owners)?;
+            let before = lifecycle::coverage(env.store.as_ref(), &query)?;
+            print_coverage("Coverage before", &before);
+            let todo = &before.without_key;
+            if *dry_run {
+                const SHOWN: usize = 20;
+                for owner in todo.iter().take(SHOWN) {
+                    println!("would generate a data key for owner {owner}");
+                }
+                if todo.len() > SHOWN {
+                    println!("... and {} more owner(s) without a key", todo.len() - SHOWN);
+                }
+                println!(
+                    "Dry run: {} key(s) would be generated; nothing was changed.",
+                    todo.len()
+                );
+                if todo.len() > GENERATE_GUARD && !force {
+                    println!("(more than {GENERATE_GUARD}: the real run needs --force)");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if todo.len() > GENERATE_GUARD && !force {
+                return Err(format!(
+                    "{} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
+                     (--dry-run lists them), then pass --force",
+                    todo.len()
+                )
+                .into());
+            }
+            let keyring = env.keyring(&cli.actor)?;
+            let progress = bar(todo.len() as u64, "generating");
+            let created = lifecycle::generate(&keyring, todo, 0, &mut |done| {
+                progress.set_position(done as u64);
+            })?;
+            progress.finish_and_clear();
+            println!("Generated {created} data key(s).");
+            let after = lifecycle::coverage(env.store.as_ref(), &query)?;
+            print_coverage("Coverage after", &after);
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Status { owner, owners } => status(cli, env, owner.as_deref(), owners),
+        KeysCommand::Rotate { owner } => {
+            let keyring = env.keyring(&cli.actor)?;
+            let version = lifecycle::rotate(&keyring, owner)?;
+            println!(
+                "Owner {owner}: added data key version {version}; new values are sealed under it."
+            );
+            if !env.tables.is_empty() {
+                let mut conn = env.data()?;
+                let old: u64 = lifecycle::usage(&mut conn, owner, &env.tables)?
+                    .iter()
+                    .filter(|u| u.key_version < version)
+                    .map(|u| u.values)
+                    .sum();
+                println!(
+                    "{old} stored value(s) are under older versions: run `phi keys reseal --owner {owner}`."
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Reseal { owner, batch_size } => {
+            env.need_tables("keys reseal")?;
+            let keyring = env.keyring(&cli.actor)?;
+            let mut conn = env.data()?;
+            let progress = bar(0, "re-sealing");
+            let report = lifecycle::reseal(
+                &mut conn,
+                &keyring,
+                owner,
+                &env.tables,
+                *batch_size,
+                &mut |p| {
+                    progress.set_length(p.total);
+                    progress.set_position(p.resealed);
+                },
+            )?;
+            progress.finish_and_clear();
+            println!(
+                "Owner {owner}: re-sealed {} of {} value(s) under version {} in {} batch(es); {} changed meanwhile by the application.",
+                report.resealed,
+                report.total,
+                report.current_version,
+                report.batches,
+                report.conflicts
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Rewrap {
+            to,
+            to_key_file,
+            from,
+            batch_size,
+        } => {
+            let target = target_kek(to, to_key_file.as_deref())?;
+            if target.id() == env.kek.id() {
+                return Err(format!("the target KEK {:?} is the current KEK", target.id()).into());
+            }
+            let keyring = Keyring::builder(env.store.clone(), target.clone())
+                .unwrap_with(env.kek.clone())
+                .actor(&cli.actor)
+                .build()?;
+            let progress = bar(0, "rewrapping");
+            let scope = RewrapScope {
+                from_kek: from.clone(),
+                batch_size: *batch_size,
+            };
+            let report = lifecycle::rewrap(&keyring, &scope, &mut |p| {
+                progress.set_length(p.total);
+                progress.set_position(p.rewrapped + p.skipped);
+            })?;
+            progress.finish_and_clear();
+            println!(
+                "Rewrapped {} of {} data key(s) under KEK {} in {} batch(es); {} changed meanwhile.",
+                report.rewrapped,
+                report.total,
+                target.id(),
+                report.batches,
+                report.skipped
+            );
+            println!(
+                "Switch PHI_MASTER_KEY / PHI_KEK_ID to the new KEK; keep the old one until every process has."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Retire { owner, version } => {
+            env.need_tables("keys retire")?;
+            let keyring = env.keyring(&cli.actor)?;
+            let mut conn = env.data()?;
+            if lifecycle::retire(&mut conn, &keyring, owner, *version, &env.tables)? {
+                println!(
+                    "Owner {owner}: retired data key version {version}; it still opens old values, never seals."
+                );
+            } else {
+                println!("Owner {owner}: data key version {version} was already retired.");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Shred { owner, yes, sample } => {
+            if !yes && !confirm(owner)? {
+                println!("Not confirmed: nothing was changed.");
+                return Ok(ExitCode::FAILURE);
+            }
+            let keyring = env.keyring(&cli.actor)?;
+            let mut conn = env.data()?;
+            let report = lifecycle::shred(&mut conn, &keyring, owner, &env.tables, *sample)?;
+            if report.destroyed_versions.is_empty() {
+                println!(
+                    "Owner {owner}: no data key left to destroy (never created, or already shredded)."
+                );
+            } else {
+                println!(
+                    "Owner {owner}: destroyed data key version(s) {:?}.",
+                    report.destroyed_versions
+                );
+            }
+            println!(
+                "Verification: {} key row(s) still hold key material; {} of {} sampled value(s) still open.",
+                report.keys_left, report.still_open, report.sampled
+            );
+            if report.verified() {
+                println!("Crypto-shredding verified: the owner's data no longer opens.");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("Crypto-shredding NOT verified.");
+                Ok(ExitCode::from(2))
+            }
+        }
+    }
+}
+
+/// The target of `keys rewrap --to`. `local:ID` is a local master key;
+/// further providers (`aws-kms:KEY`) are added here as they are built in.
+fn target_kek(
+    spec: &str,
+    key_file: Option<&std::path::Path>,
+) -> CliResult<Arc<dyn KeyEncryptionKey>> {
+    let (provider, id) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("--to {spec:?}: expected PROVIDER:ID, e.g. local:local-2"))?;
+    if id.is_empty() {
+        return Err(format!("--to {spec:?}: the KEK id is empty").into());
+    }
+    match provider {
+        "local" => {
+            let kek = match key_file {
+                Some(path) => LocalKek::from_file(id, path)?,
+                None => {
+                    let key = std::env::var(NEW_MASTER_KEY_ENV).map_err(|_| {
+                        format!("--to {spec}: pass --to-key-file or set {NEW_MASTER_KEY_ENV}")
+                    })?;
+                    LocalKek::from_base64(id, &zeroize::Zeroizing::new(key))?
+                }
+            };
+            Ok(Arc::new(kek))
+        }
+        "aws-kms" => {
+            Err(format!("--to {spec}: the aws-kms KEK provider is not built into this phi").into())
+        }
+        other => Err(format!(
+            "--to {spec}: unknown KEK provider {other:?} (known: local, aws-kms)"
+        )
+        .into()),
+    }
+}
+
+fn confirm(owner: &str) -> CliResult<bool> {
+    print!(
+        "Destroy every data key of owner {owner}? Its encrypted data becomes unreadable for good, backups included.\nType yes to continue: "
+    );
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+fn status<C>(cli: &Cli, env: &Env<C>, owner: Option<&str>, owners: &OwnersQuery) -> CliResult
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    match owner {
+        None => {
+            if owners.owners_query.is_some() || !env.tables.is_empty() {
+                let query = env.owners_query(owners)?;
+                print_coverage(
+                    "Coverage",
+                    &lifecycle::coverage(env.store.as_ref(), &query)?,
+                );
+            }
+            println!("Data keys by KEK and state:");
+            let counts = env.store.key_counts()?;
+            if counts.is_empty() {
+                println!("  (none)");
+            }
+            for c in counts {
+                println!(
+                    "  {:<20} {:<10} {:>6} key(s)  {:>6} owner(s)",
+                    c.kek_id, c.state, c.keys, c.owners
+                );
+            }
+        }
+        Some(owner) => {
+            let mut rows = env.store.load_keys(&[owner])?;
+            rows.sort_by_key(|r| r.version);
+            println!("Owner {owner}:");
+            if rows.is_empty() {
+                println!("  no data key");
+            }
+            for r in &rows {
+                println!(
+                    "  version {:<4} {:<10} KEK {:<20} created {}",
+                    r.version,
+                    r.state,
+                    r.kek_id,
+                    r.created_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+            if !env.tables.is_empty() {
+                let mut conn = env.data()?;
+                println!("Stored values by key version:");
+                let usage = lifecycle::usage(&mut conn, owner, &env.tables)?;
+                if usage.is_empty() {
+                    println!("  (none)");
+                }
+                for u in usage {
+                    println!(
+                        "  {}.{:<24} version {:<4} {:>8} value(s)",
+                        u.table, u.column, u.key_version, u.values
+                    );
+                }
+            }
+            if rows.iter().any(|r| r.state != phi::KeyState::Destroyed) {
+                let keyring = env.keyring(&cli.actor)?;
+                let keys = keyring.keys_for_open(owner)?;
+                let stats = keyring.stats();
+                println!(
+                    "Keyring (this process): current version {}; cache {} owner(s), {} hit(s), {} miss(es), {} unwrap(s), {} key-store quer(ies)",
+                    keys.current_version()
+                        .map_or("none".to_owned(), |v| v.to_string()),
+                    stats.cached_owners,
+                    stats.hits,
+                    stats.misses,
+                    stats.unwraps,
+                    stats.store_queries
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize) -> CliResult
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    let records = env.store.audit(owner, limit)?;
+    println!(
+        "{:>6}  {:<26}  {:<24}  {:<8}  {:>7}  {:<14}  {:<12}  detail",
+        "id", "occurred at (UTC)", "owner", "action", "version", "KEK", "actor"
+    );
+    for r in records {
+        let e = r.event;
+        let line = format!(
+            "{:>6}  {:<26}  {:<24}  {:<8}  {:>7}  {:<14}  {:<12}  {}",
+            r.id,
+            e.occurred_at.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+            e.owner_id,
+            e.action,
+            e.key_version.map_or("-".to_owned(), |v| v.to_string()),
+            e.kek_id.as_deref().unwrap_or("-"),
+            e.actor,
+            e.detail.as_deref().unwrap_or("")
+        );
+        println!("{}", line.trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,490 @@
+//! The `phi` admin CLI, run as a built binary against a temporary SQLite
+//! database holding sealed cases; each test checks the output and the
+//! database afterwards.
+#![cfg(feature = "sqlite")]
+
+mod common;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use phi::schema::user_encryption_keys as keys;
+use phi::{DieselKeyStore, Encrypted, KeyBytes, Keyring, LocalKek};
+
+mod schema {
+    #![allow(missing_docs)]
+    diesel::table! {
+    cases (case_id) {
+        case_id -> Text,
+        user_id -> Text,
+        patient_last -> Binary,
+        ins_provider -> Nullable<Binary>,
+    }
+    }
+}
+use schema::cases;
+
+const TABLES: &str = "cases:user_id:case_id:patient_last,ins_provider";
+
+struct Clinic {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Clinic {
+    /// A database with `per_owner` cases for each owner, sealed under the
+    /// tests' KEK (`local-test`).
+    fn new(owners: &[&str], per_owner: usize) -> Clinic {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = dir.path().join("clinic.db").display().to_string();
+        let mut conn = SqliteConnection::establish(&url).expect("database");
+        conn.batch_execute(
+            "CREATE TABLE cases (case_id TEXT PRIMARY KEY NOT NULL, user_id TEXT NOT NULL, \
+             patient_last BLOB NOT NULL, ins_provider BLOB)",
+        )
+        .expect("table");
+        let clinic = Clinic { dir, url };
+        let keyring = clinic.keyring(common::local_kek());
+        for owner in owners {
+            for i in 0..per_owner {
+                let id = format!("{owner}-C{i}");
+                let last = keyring
+                    .seal(
+                        &format!("Last{i} of {owner}"),
+                        owner,
+                        "cases.patient_last",
+                        id.as_bytes(),
+                    )
+                    .expect("seal");
+                let ins = (i % 2 == 0).then(|| {
+                    keyring
+                        .seal(
+                            &format!("Insurer {i}"),
+                            owner,
+                            "cases.ins_provider",
+                            id.as_bytes(),
+                        )
+                        .expect("seal")
+                });
+                diesel::insert_into(cases::table)
+                    .values((
+                        cases::case_id.eq(&id),
+                        cases::user_id.eq(owner),
+                        cases::patient_last.eq(last.into_bytes()),
+                        cases::ins_provider.eq(ins.map(Encrypted::into_bytes)),
+                    ))
+                    .execute(&mut conn)
+                    .expect("insert");
+            }
+        }
+        clinic
+    }
+
+    fn keyring(&self, kek: Arc<LocalKek>) -> Keyring {
+        let store =
+            Arc::new(DieselKeyStore::<SqliteConnection>::connect(&self.url).expect("store"));
+        Keyring::builder(store, kek).build().expect("keyring")
+    }
+
+    fn conn(&self) -> SqliteConnection {
+        SqliteConnection::establish(&self.url).expect("database")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_phi"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
+            .env("PHI_KEK_ID", "local-test")
+            .env("PHI_TABLES", TABLES)
+            .env_remove("PHI_MASTER_KEY_FILE")
+            .env_remove("PHI_NEW_MASTER_KEY")
+            .env_remove("PHI_OWNERS_QUERY")
+            .env_remove("PHI_ACTOR")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        finish(self.command(args).output().expect("phi runs"))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "phi {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    fn key_rows(&self, owner: &str) -> Vec<(i64, String, String, usize)> {
+        let rows: Vec<(i64, String, String, Vec<u8>)> = keys::table
+            .filter(keys::owner_id.eq(owner))
+            .order(keys::version)
+            .select((keys::version, keys::state, keys::kek_id, keys::wrapped_key))
+            .load(&mut self.conn())
+            .expect("key rows");
+        rows.into_iter()
+            .map(|(v, s, k, w)| (v, s, k, w.len()))
+            .collect()
+    }
+
+    /// Opens every case of `owner` and returns the key versions seen.
+    fn check_cases(&self, keyring: &Keyring, owner: &str, per_owner: usize) -> Vec<u32> {
+        let rows: Vec<(String, Vec<u8>, Option<Vec<u8>>)> = cases::table
+            .filter(cases::user_id.eq(owner))
+            .select((cases::case_id, cases::patient_last, cases::ins_provider))
+            .load(&mut self.conn())
+            .expect("cases");
+        assert_eq!(rows.len(), per_owner);
+        let mut versions = Vec::new();
+        for (id, last, ins) in rows {
+            let i: usize = id
+                .rsplit('C')
+                .next()
+                .expect("index")
+                .parse()
+                .expect("index");
+            let last = Encrypted::<String>::from_bytes(last);
+            versions.extend(last.key_version());
+            let opened = keyring
+                .open(last, owner, "cases.patient_last", id.as_bytes())
+                .expect("opens");
+            assert_eq!(opened, format!("Last{i} of {owner}"));
+            assert_eq!(ins.is_some(), i.is_multiple_of(2), "NULLs stay NULL");
+            if let Some(ins) = ins {
+                let ins = Encrypted::<String>::from_bytes(ins);
+                versions.extend(ins.key_version());
+                let opened = keyring
+                    .open(ins, owner, "cases.ins_provider", id.as_bytes())
+                    .expect("opens");
+                assert_eq!(opened, format!("Insurer {i}"));
+            }
+        }
+        versions.sort_unstable();
+        versions.dedup();
+        versions
+    }
+}
+
+fn finish(out: Output) -> (bool, String, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    for text in [&stdout, &stderr] {
+        assert!(
+            !text.contains("Last0 of") && !text.contains("Insurer"),
+            "no plaintext in output: {text}"
+        );
+        assert!(
+            !text.contains(common::MASTER_KEY_B64),
+            "no key in output: {text}"
+        );
+    }
+    (out.status.success(), stdout, stderr)
+}
+
+#[test]
+fn status_rotate_reseal_and_retire() {
+    let clinic = Clinic::new(&["dr-a", "dr-b"], 5);
+    let out = clinic.ok(&["keys", "status"]);
+    assert!(
+        out.contains("Coverage: 2 of 2 owners have an active data key (100.0%)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("local-test") && out.contains("active"),
+        "{out}"
+    );
+
+    let out = clinic.ok(&["keys", "rotate", "--owner", "dr-a"]);
+    assert!(
+        out.contains("Owner dr-a: added data key version 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("8 stored value(s) are under older versions"),
+        "{out}"
+    );
+
+    let (ok, _, err) = clinic.run(&["keys", "retire", "--owner", "dr-a", "--version", "1"]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "cannot retire data key version 1 of owner \"dr-a\": 5 value(s) in cases.patient_last"
+        ),
+        "{err}"
+    );
+    let (ok, _, err) = clinic.run(&["keys", "retire", "--owner", "dr-a", "--version", "2"]);
+    assert!(!ok && err.contains("current version"), "{err}");
+
+    let out = clinic.ok(&["keys", "reseal", "--owner", "dr-a", "--batch-size", "2"]);
+    assert!(
+        out.contains("Owner dr-a: re-sealed 8 of 8 value(s) under version 2"),
+        "{out}"
+    );
+    let out = clinic.ok(&["keys", "retire", "--owner", "dr-a", "--version", "1"]);
+    assert!(out.contains("retired data key version 1"), "{out}");
+
+    let out = clinic.ok(&["keys", "status", "--owner", "dr-a"]);
+    assert!(out.contains("version 1    retired"), "{out}");
+    assert!(out.contains("version 2    active"), "{out}");
+    assert!(
+        out.contains("cases.patient_last") && out.contains("version 2           5 value(s)"),
+        "{out}"
+    );
+    assert!(out.contains("current version 2"), "{out}");
+
+    let states: Vec<(i64, String)> = clinic
+        .key_rows("dr-a")
+        .into_iter()
+        .map(|(v, s, _, _)| (v, s))
+        .collect();
+    assert_eq!(
+        states,
+        [(1, "retired".to_owned()), (2, "active".to_owned())]
+    );
+    let keyring = clinic.keyring(common::local_kek());
+    assert_eq!(clinic.check_cases(&keyring, "dr-a", 5), [2]);
+    assert_eq!(
+        clinic.check_cases(&keyring, "dr-b", 5),
+        [1],
+        "the other owner is untouched"
+    );
+}
+
+#[test]
+fn generate_reports_coverage_and_dry_run_changes_nothing() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    let query = "SELECT user_id FROM cases UNION SELECT 'dr-new-1' UNION SELECT 'dr-new-2'";
+    let out = clinic.ok(&["keys", "generate", "--owners-query", query, "--dry-run"]);
+    assert!(
+        out.contains(
+            "Coverage before: 1 of 3 owners have an active data key (33.3%); 2 without a key"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("would generate a data key for owner dr-new-1"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was changed"), "{out}");
+    assert!(
+        clinic.key_rows("dr-new-1").is_empty(),
+        "dry run wrote nothing"
+    );
+
+    let out = clinic.ok(&["keys", "generate", "--owners-query", query]);
+    assert!(out.contains("Generated 2 data key(s)"), "{out}");
+    assert!(
+        out.contains("Coverage after: 3 of 3 owners have an active data key (100.0%)"),
+        "{out}"
+    );
+    assert_eq!(clinic.key_rows("dr-new-2").len(), 1);
+    // Idempotent.
+    let out = clinic.ok(&["keys", "generate", "--owners-query", query]);
+    assert!(out.contains("Generated 0 data key(s)"), "{out}");
+    // A query returning many owners (a wrong column, say) needs --force.
+    let many = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1001) \
+                SELECT 'bulk-' || i FROM n";
+    let out = clinic.ok(&["keys", "generate", "--owners-query", many, "--dry-run"]);
+    assert!(
+        out.contains("1001 key(s) would be generated") && out.contains("needs --force"),
+        "{out}"
+    );
+    assert!(
+        out.contains("... and 981 more owner(s) without a key"),
+        "{out}"
+    );
+    let (ok, _, err) = clinic.run(&["keys", "generate", "--owners-query", many]);
+    assert!(
+        !ok && err.contains("1001 owners lack a data key") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(clinic.key_rows("bulk-1").is_empty());
+    // Without a query the --table owner columns are used.
+    let out = clinic.ok(&["keys", "generate", "--dry-run"]);
+    assert!(out.contains("Coverage before: 1 of 1 owners"), "{out}");
+}
+
+#[test]
+fn rewrap_moves_every_key_to_the_new_kek() {
+    let clinic = Clinic::new(&["dr-a", "dr-b"], 3);
+    clinic.ok(&["keys", "rotate", "--owner", "dr-a"]);
+    let new_key = KeyBytes::new([0x5A; 32]);
+    let key_file = clinic.dir.path().join("new.key");
+    std::fs::write(&key_file, base64_of(&new_key)).expect("key file");
+
+    let (ok, _, err) = clinic.run(&["keys", "rewrap", "--to", "aws-kms:alias/phi"]);
+    assert!(
+        !ok && err.contains("aws-kms KEK provider is not built into this phi"),
+        "{err}"
+    );
+    let (ok, _, err) = clinic.run(&["keys", "rewrap", "--to", "local:local-2"]);
+    assert!(!ok && err.contains("PHI_NEW_MASTER_KEY"), "{err}");
+
+    let out = clinic.ok(&[
+        "keys",
+        "rewrap",
+        "--to",
+        "local:local-2",
+        "--to-key-file",
+        path(&key_file),
+        "--batch-size",
+        "2",
+    ]);
+    assert!(
+        out.contains("Rewrapped 3 of 3 data key(s) under KEK local-2 in 2 batch(es)"),
+        "{out}"
+    );
+    for owner in ["dr-a", "dr-b"] {
+        assert!(
+            clinic
+                .key_rows(owner)
+                .iter()
+                .all(|(_, _, kek, _)| kek == "local-2")
+        );
+    }
+    let only_new = clinic.keyring(Arc::new(LocalKek::new("local-2", &new_key)));
+    assert_eq!(clinic.check_cases(&only_new, "dr-a", 3), [1]);
+    assert_eq!(clinic.check_cases(&only_new, "dr-b", 3), [1]);
+    // The old key no longer serves; the new one does, from the environment.
+    let (ok, _, err) = clinic.run(&["keys", "status", "--owner", "dr-a"]);
+    assert!(!ok && err.contains("local-2"), "{err}");
+    let out = finish(
+        clinic
+            .command(&["--kek-id", "local-2", "keys", "status", "--owner", "dr-a"])
+            .env("PHI_MASTER_KEY", base64_of(&new_key))
+            .output()
+            .expect("runs"),
+    );
+    assert!(out.0 && out.1.contains("KEK local-2"), "{out:?}");
+    let audit = clinic.ok(&["audit", "--owner", "dr-a"]);
+    assert_eq!(audit.matches(" rewrap ").count(), 2, "{audit}");
+    assert!(audit.contains("from KEK local-test"), "{audit}");
+}
+
+#[test]
+fn shred_asks_first_then_destroys_one_owner() {
+    let clinic = Clinic::new(&["dr-a", "dr-b"], 4);
+    let mut child = clinic
+        .command(&["keys", "shred", "--owner", "dr-a"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"no\n")
+        .expect("answer");
+    let (ok, out, _) = finish(child.wait_with_output().expect("exit"));
+    assert!(
+        !ok && out.contains("Type yes to continue") && out.contains("nothing was changed"),
+        "{out}"
+    );
+    assert!(
+        clinic
+            .key_rows("dr-a")
+            .iter()
+            .all(|(_, s, _, _)| s == "active")
+    );
+
+    let out = clinic.ok(&["keys", "shred", "--owner", "dr-a", "--yes"]);
+    assert!(
+        out.contains("Owner dr-a: destroyed data key version(s) [1]"),
+        "{out}"
+    );
+    assert!(out.contains("0 of 6 sampled value(s) still open"), "{out}");
+    assert!(out.contains("Crypto-shredding verified"), "{out}");
+    assert_eq!(
+        clinic.key_rows("dr-a"),
+        [(1, "destroyed".to_owned(), "local-test".to_owned(), 0)]
+    );
+
+    let keyring = clinic.keyring(common::local_kek());
+    let err = keyring
+        .seal(&"x".to_string(), "dr-a", "cases.patient_last", b"r")
+        .expect_err("shredded");
+    assert!(matches!(err, phi::Error::Shredded { .. }), "{err:?}");
+    assert_eq!(clinic.check_cases(&keyring, "dr-b", 4), [1]);
+    let out = clinic.ok(&["keys", "status"]);
+    assert!(
+        out.contains("1 of 2 owners have an active data key") && out.contains("1 shredded"),
+        "{out}"
+    );
+    let out = clinic.ok(&["keys", "shred", "--owner", "dr-a", "--yes"]);
+    assert!(
+        out.contains("no data key left to destroy") && out.contains("verified"),
+        "{out}"
+    );
+    let (ok, _, err) = clinic.run(&["keys", "rotate", "--owner", "dr-a"]);
+    assert!(!ok && err.contains("crypto-shredded"), "{err}");
+    let audit = clinic.ok(&["audit", "--owner", "dr-a", "--limit", "1"]);
+    assert!(
+        audit.contains("dr-a") && audit.contains("destroy") && audit.contains("crypto-shredded"),
+        "{audit}"
+    );
+    assert_eq!(audit.lines().count(), 2, "header and one record: {audit}");
+}
+
+#[test]
+fn audit_lists_every_key_operation() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    clinic.ok(&["--actor", "ops-alice", "keys", "rotate", "--owner", "dr-a"]);
+    let out = clinic.ok(&["audit"]);
+    let actions: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert_eq!(actions, ["rotate", "generate"], "{out}");
+    assert!(out.contains("ops-alice"), "{out}");
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    let (ok, _, err) = finish(
+        clinic
+            .command(&["audit"])
+            .env_remove("DATABASE_URL")
+            .output()
+            .expect("runs"),
+    );
+    assert!(
+        !ok && err.contains("--database-url or set DATABASE_URL"),
+        "{err}"
+    );
+    let (ok, _, err) = finish(
+        clinic
+            .command(&["audit"])
+            .env_remove("PHI_MASTER_KEY")
+            .output()
+            .expect("runs"),
+    );
+    assert!(!ok && err.contains("PHI_MASTER_KEY"), "{err}");
+    let (ok, _, err) = clinic.run(&["--table", "cases:user_id", "keys", "status"]);
+    assert!(!ok && err.contains("four ':'-separated fields"), "{err}");
+    let (ok, _, err) = clinic.run(&["--table", "cases:user_id::x-y", "keys", "status"]);
+    assert!(!ok && err.contains("not a plain SQL identifier"), "{err}");
+    #[cfg(not(feature = "postgres"))]
+    {
+        let (ok, _, err) = clinic.run(&["--database-url", "postgres://localhost/x", "audit"]);
+        assert!(!ok && err.contains("without PostgreSQL support"), "{err}");
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn base64_of(key: &KeyBytes) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(key.expose())
+}

@@ -1,0 +1,674 @@
+// The key life cycle on this backend: rotation and re-seal, retirement,
+// KEK rotation (rewrap), crypto-shredding, and crash recovery of the two
+// batch jobs. Included by `suite/mod.rs` inside `mod lifecycle`.
+
+use std::io::BufRead as _;
+
+use phi::lifecycle::{self, ResealTable, RewrapScope};
+use phi::{KeyBytes, LocalKek};
+
+diesel::table! {
+    phi_it_life (id) {
+        id -> Varchar,
+        owner_id -> Varchar,
+        name -> Nullable<Binary>,
+        note -> Nullable<Binary>,
+    }
+}
+
+diesel::table! {
+    phi_it_life_nokey (owner_id, seq) {
+        owner_id -> Varchar,
+        seq -> Integer,
+        dob -> Nullable<Binary>,
+    }
+}
+
+const NAME: &str = "phi_it_life.name";
+/// The `note` column's values are bound to a pinned scope.
+const NOTE: &str = "life.note";
+const DOB: &str = "phi_it_life_nokey.dob";
+
+fn life_tables() -> Vec<ResealTable> {
+    vec![
+        ResealTable::new("phi_it_life", "owner_id")
+            .key_column("id")
+            .column("name")
+            .column_with_scope("note", NOTE),
+        ResealTable::new("phi_it_life_nokey", "owner_id").column("dob"),
+    ]
+}
+
+fn life_db() -> TestDb {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    for ddl in [
+        format!(
+            "CREATE TABLE IF NOT EXISTS phi_it_life (id VARCHAR(255) NOT NULL PRIMARY KEY, \
+             owner_id VARCHAR(255) NOT NULL, name {BLOB} NULL, note {BLOB} NULL)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS phi_it_life_nokey (owner_id VARCHAR(255) NOT NULL, \
+             seq INTEGER NOT NULL, dob {BLOB} NULL, PRIMARY KEY (owner_id, seq))"
+        ),
+    ] {
+        diesel::sql_query(ddl).execute(&mut conn).expect("life-cycle test tables");
+    }
+    db
+}
+
+fn name_of(owner: &str, i: usize) -> String {
+    format!("Patient {i} of {owner}")
+}
+
+/// Seals and inserts `n` rows for `owner` (every third note NULL) and one
+/// row per three in the key-less table; returns the row ids.
+fn seed(db: &TestDb, keyring: &Keyring, owner: &str, n: usize) -> Vec<String> {
+    let keys = keyring.keys_for_seal(owner).expect("keys");
+    let mut conn = db.conn();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{owner}-{i}");
+        let name = keys.seal(&name_of(owner, i), NAME, id.as_bytes()).expect("seal");
+        let note = (i % 3 != 0).then(|| keys.seal(&format!("note {i}"), NOTE, id.as_bytes()).expect("seal"));
+        diesel::insert_into(phi_it_life::table)
+            .values((
+                phi_it_life::id.eq(&id),
+                phi_it_life::owner_id.eq(owner),
+                phi_it_life::name.eq(Some(name.into_bytes())),
+                phi_it_life::note.eq(note.map(Encrypted::into_bytes)),
+            ))
+            .execute(&mut conn)
+            .expect("insert");
+        if i % 3 == 0 {
+            let dob = NaiveDate::from_ymd_opt(1950, 1, 1).expect("date") + chrono::Days::new(i as u64);
+            diesel::insert_into(phi_it_life_nokey::table)
+                .values((
+                    phi_it_life_nokey::owner_id.eq(owner),
+                    phi_it_life_nokey::seq.eq(i32::try_from(i).expect("small")),
+                    phi_it_life_nokey::dob.eq(Some(keys.seal(&dob, DOB, b"").expect("seal").into_bytes())),
+                ))
+                .execute(&mut conn)
+                .expect("insert");
+        }
+    }
+    ids.extend((0..n).map(|i| format!("{owner}-{i}")));
+    ids
+}
+
+/// Opens every value of `owner` with `keyring`, checking each plaintext,
+/// and returns the key versions seen.
+fn check_all_open(db: &TestDb, keyring: &Keyring, owner: &str, n: usize) -> Vec<u32> {
+    let mut conn = db.conn();
+    type LifeRow = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+    let rows: Vec<LifeRow> = phi_it_life::table
+        .filter(phi_it_life::owner_id.eq(owner))
+        .select((phi_it_life::id, phi_it_life::name, phi_it_life::note))
+        .load(&mut conn)
+        .expect("rows");
+    assert_eq!(rows.len(), n, "every row is still there");
+    let mut versions = Vec::new();
+    for (id, name, note) in rows {
+        let i: usize = id.rsplit('-').next().expect("index").parse().expect("index");
+        let name = Encrypted::<String>::from_bytes(name.expect("name is never NULL"));
+        versions.extend(name.key_version());
+        let opened = keyring
+            .open(name, owner, NAME, id.as_bytes())
+            .unwrap_or_else(|e| panic!("row {id} name does not open: {e}"));
+        assert_eq!(opened, name_of(owner, i));
+        match note {
+            None => assert_eq!(i % 3, 0, "only the NULL notes are NULL"),
+            Some(bytes) => {
+                let note = Encrypted::<String>::from_bytes(bytes);
+                versions.extend(note.key_version());
+                assert_eq!(keyring.open(note, owner, NOTE, id.as_bytes()).expect("note opens"), format!("note {i}"));
+            }
+        }
+    }
+    let dobs: Vec<(i32, Option<Vec<u8>>)> = phi_it_life_nokey::table
+        .filter(phi_it_life_nokey::owner_id.eq(owner))
+        .select((phi_it_life_nokey::seq, phi_it_life_nokey::dob))
+        .load(&mut conn)
+        .expect("rows");
+    assert_eq!(dobs.len(), n.div_ceil(3));
+    for (seq, dob) in dobs {
+        let dob = Encrypted::<NaiveDate>::from_bytes(dob.expect("dob"));
+        versions.extend(dob.key_version());
+        let expected = NaiveDate::from_ymd_opt(1950, 1, 1).expect("date") + chrono::Days::new(seq as u64);
+        assert_eq!(keyring.open(dob, owner, DOB, b"").expect("dob opens"), expected);
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    versions
+}
+
+fn key_states(db: &TestDb, owner: &str) -> Vec<(i64, String, String, usize)> {
+    let mut conn = db.conn();
+    let rows: Vec<(i64, String, String, Vec<u8>)> = user_encryption_keys::table
+        .filter(user_encryption_keys::owner_id.eq(owner))
+        .order(user_encryption_keys::version)
+        .select((
+            user_encryption_keys::version,
+            user_encryption_keys::state,
+            user_encryption_keys::kek_id,
+            user_encryption_keys::wrapped_key,
+        ))
+        .load(&mut conn)
+        .expect("key rows");
+    rows.into_iter().map(|(v, s, k, w)| (v, s, k, w.len())).collect()
+}
+
+fn audit_actions(db: &TestDb, owner: &str) -> Vec<(String, Option<i64>)> {
+    let mut conn = db.conn();
+    encryption_key_audit::table
+        .filter(encryption_key_audit::owner_id.eq(owner))
+        .order(encryption_key_audit::id)
+        .select((encryption_key_audit::action, encryption_key_audit::key_version))
+        .load(&mut conn)
+        .expect("audit")
+}
+
+#[test]
+fn rotation_reseal_and_retirement_end_to_end() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("rotate");
+    let other = common::unique_owner("rotate-other");
+    seed(&db, &keyring, &owner, 23);
+    seed(&db, &keyring, &other, 4);
+    let mut conn = db.conn();
+    let tables = life_tables();
+    let old_copy: Vec<u8> = phi_it_life::table
+        .find(format!("{owner}-1"))
+        .select(phi_it_life::name)
+        .first::<Option<Vec<u8>>>(&mut conn)
+        .expect("row")
+        .expect("name");
+
+    assert_eq!(lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
+    let fresh = keyring.seal(&"new".to_string(), &owner, NAME, b"x").expect("seal");
+    assert_eq!(fresh.key_version(), Some(2), "new writes use the new version");
+
+    // Version 1 is still used: retirement is refused, naming where.
+    let err = lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect_err("in use");
+    match &err {
+        Error::KeyInUse { owner: o, key_version: 1, table, column, rows } => {
+            assert_eq!((o.as_str(), table.as_str(), column.as_str(), *rows), (owner.as_str(), "phi_it_life", "name", 23));
+        }
+        other => panic!("expected KeyInUse, got {other:?}"),
+    }
+    assert!(err.to_string().contains("phi_it_life.name") && err.to_string().contains(&owner), "{err}");
+    // The current version is never retired.
+    let err = lifecycle::retire(&mut conn, &keyring, &owner, 2, &tables).expect_err("current");
+    assert!(matches!(err, Error::Refused { .. }) && err.to_string().contains("current"), "{err}");
+
+    let mut batches = 0;
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 5, &mut |_| batches += 1)
+        .expect("reseal");
+    let notes = (0..23).filter(|i| i % 3 != 0).count() as u64;
+    let dobs = (0..23).filter(|i| i % 3 == 0).count() as u64;
+    assert_eq!(report.total, 23 + notes + dobs);
+    assert_eq!(report.resealed, report.total);
+    assert_eq!(report.conflicts, 0);
+    assert_eq!(report.current_version, 2);
+    assert!(batches >= 5, "worked in batches: {batches}");
+    assert_eq!(check_all_open(&db, &db.keyring(), &owner, 23), [2], "every value on version 2");
+    // Headers say so without decrypting.
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    assert!(usage.iter().all(|u| u.key_version == 2), "{usage:?}");
+    // Nothing left: a second run does nothing.
+    let again = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 5, &mut |_| {}).expect("reseal");
+    assert_eq!((again.total, again.resealed), (0, 0));
+    // The other owner was not touched.
+    assert_eq!(check_all_open(&db, &keyring, &other, 4), [1]);
+
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("retire"));
+    assert!(!lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("idempotent"));
+    let states = key_states(&db, &owner);
+    assert_eq!(
+        states.iter().map(|(v, s, _, _)| (*v, s.as_str())).collect::<Vec<_>>(),
+        [(1, "retired"), (2, "active")]
+    );
+    // A retired version still opens, in this process and a fresh one, and
+    // never seals.
+    for k in [&keyring, &db.keyring()] {
+        let old: String = k.open(Encrypted::from_bytes(old_copy.clone()), &owner, NAME, format!("{owner}-1").as_bytes()).expect("retired opens");
+        assert_eq!(old, name_of(&owner, 1));
+        assert_eq!(k.seal(&"x".to_string(), &owner, NAME, b"y").expect("seal").key_version(), Some(2));
+    }
+    let actions = audit_actions(&db, &owner);
+    assert!(actions.contains(&("rotate".into(), Some(2))), "{actions:?}");
+    assert!(actions.contains(&("retire".into(), Some(1))), "{actions:?}");
+    // Rotating again after retirement: version 3 from a fresh process too.
+    assert_eq!(lifecycle::rotate(&keyring, &owner).expect("rotate"), 3);
+    assert_eq!(db.keyring().seal(&"z".to_string(), &owner, NAME, b"z").expect("seal").key_version(), Some(3));
+}
+
+fn rewrap_keks(tag: &str) -> (Arc<LocalKek>, Arc<LocalKek>) {
+    (
+        Arc::new(LocalKek::new(format!("old-{tag}"), &KeyBytes::new([0x11; 32]))),
+        Arc::new(LocalKek::new(format!("new-{tag}"), &KeyBytes::new([0x22; 32]))),
+    )
+}
+
+fn kek_ids_of(db: &TestDb, owners: &[String]) -> Vec<String> {
+    let mut conn = db.conn();
+    user_encryption_keys::table
+        .filter(user_encryption_keys::owner_id.eq_any(owners))
+        .select(user_encryption_keys::kek_id)
+        .load(&mut conn)
+        .expect("kek ids")
+}
+
+/// Seals one value for each of `n` owners under the old KEK; rotates every
+/// third so some owners have two versions.
+fn seed_rewrap(db: &TestDb, old: &Arc<LocalKek>, tag: &str, n: usize) -> Vec<(String, Encrypted<String>)> {
+    let keyring = Keyring::builder(db.store(), old.clone()).build().expect("keyring");
+    (0..n)
+        .map(|i| {
+            let owner = common::unique_owner(&format!("{tag}{i}"));
+            if i % 3 == 0 {
+                keyring.seal(&"v1".to_string(), &owner, NAME, b"r").expect("seal");
+                lifecycle::rotate(&keyring, &owner).expect("rotate");
+            }
+            let sealed = keyring.seal(&format!("value {i}"), &owner, NAME, b"r").expect("seal");
+            (owner, sealed)
+        })
+        .collect()
+}
+
+fn check_rewrapped(db: &TestDb, new: &Arc<LocalKek>, sealed: &[(String, Encrypted<String>)]) {
+    let owners: Vec<String> = sealed.iter().map(|(o, _)| o.clone()).collect();
+    let keks = kek_ids_of(db, &owners);
+    assert!(keks.iter().all(|k| k == new.id()), "every key under the new KEK: {keks:?}");
+    // The new KEK alone opens everything.
+    let only_new = Keyring::builder(db.store(), new.clone()).build().expect("keyring");
+    for (i, (owner, value)) in sealed.iter().enumerate() {
+        let opened: String = only_new.open(value.clone(), owner, NAME, b"r").expect("opens under the new KEK");
+        assert_eq!(opened, format!("value {i}"));
+    }
+}
+
+#[test]
+fn rewrap_moves_every_key_to_the_new_kek_and_is_audited() {
+    let db = life_db();
+    let tag = common::unique_owner("rw");
+    let (old, new) = rewrap_keks(&tag);
+    let sealed = seed_rewrap(&db, &old, "rw", 12);
+    let keyring = Keyring::builder(db.store(), new.clone())
+        .unwrap_with(old.clone())
+        .actor("rotation-test")
+        .build()
+        .expect("keyring");
+    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 5 };
+    let mut seen = Vec::new();
+    let report = lifecycle::rewrap(&keyring, &scope, &mut |p| seen.push(p.rewrapped)).expect("rewrap");
+    assert_eq!((report.total, report.rewrapped, report.skipped, report.batches), (16, 16, 0, 4));
+    assert_eq!(seen, [5, 10, 15, 16]);
+    check_rewrapped(&db, &new, &sealed);
+    let actions = audit_actions(&db, &sealed[0].0);
+    assert_eq!(actions.iter().filter(|(a, _)| a == "rewrap").count(), 2, "{actions:?}");
+    // The store's rewrap is a compare-and-set on the old KEK id: a row that
+    // changed meanwhile is left alone, without an audit record.
+    let (owner, _) = &sealed[0];
+    let row = db.store().load_keys(&[owner.as_str()]).expect("keys").remove(0);
+    let stale = phi::Rewrap {
+        owner_id: owner.clone(),
+        version: row.version,
+        from_kek: old.id().to_owned(),
+        to_kek: "elsewhere".to_owned(),
+        wrapped_key: vec![1, 2, 3],
+        audit: phi::AuditEvent {
+            occurred_at: chrono::Utc::now().naive_utc(),
+            owner_id: owner.clone(),
+            action: phi::AuditAction::Rewrap,
+            key_version: Some(row.version),
+            kek_id: Some("elsewhere".to_owned()),
+            actor: "stale".to_owned(),
+            detail: None,
+        },
+    };
+    let audit_before = audit_actions(&db, owner).len();
+    assert_eq!(db.store().rewrap_keys(&[stale]).expect("cas"), [false]);
+    assert_eq!(db.store().load_keys(&[owner.as_str()]).expect("keys").remove(0), row, "unchanged");
+    assert_eq!(audit_actions(&db, owner).len(), audit_before, "no audit for a change not made");
+    // Done: a second run has nothing to do; the old KEK alone no longer unwraps.
+    let again = lifecycle::rewrap(&keyring, &scope, &mut |_| {}).expect("rewrap");
+    assert_eq!((again.total, again.rewrapped), (0, 0));
+    let only_old = Keyring::builder(db.store(), old).build().expect("keyring");
+    let err = only_old.open(sealed[1].1.clone(), &sealed[1].0, NAME, b"r").expect_err("old KEK");
+    assert!(matches!(err, Error::UnknownKek { .. }), "{err:?}");
+}
+
+#[test]
+fn rewrap_names_a_kek_that_is_not_configured() {
+    let db = life_db();
+    let tag = common::unique_owner("rw-missing");
+    let (old, new) = rewrap_keks(&tag);
+    let sealed = seed_rewrap(&db, &old, "rw-missing", 1);
+    let keyring = Keyring::builder(db.store(), new).build().expect("keyring");
+    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 5 };
+    let err = lifecycle::rewrap(&keyring, &scope, &mut |_| {}).expect_err("old KEK missing");
+    assert!(matches!(err, Error::UnknownKek { ref kek_id, .. } if kek_id == old.id()), "{err:?}");
+    assert!(err.to_string().contains(&sealed[0].0));
+    assert!(kek_ids_of(&db, &[sealed[0].0.clone()]).iter().all(|k| k == old.id()), "nothing changed");
+}
+
+#[test]
+fn shredding_destroys_one_owner_and_nothing_else() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("shred");
+    let other = common::unique_owner("shred-other");
+    seed(&db, &keyring, &owner, 5);
+    lifecycle::rotate(&keyring, &owner).expect("rotate");
+    seed(&db, &keyring, &other, 5);
+    let mut conn = db.conn();
+    let report = lifecycle::shred(&mut conn, &keyring, &owner, &life_tables(), 3).expect("shred");
+    assert_eq!(report.destroyed_versions, [1, 2]);
+    assert!(report.verified(), "{report:?}");
+    assert_eq!(report.sampled, 3 + 3 + 2, "three per column, two dobs exist");
+    assert_eq!(report.still_open, 0);
+
+    let states = key_states(&db, &owner);
+    assert_eq!(states.len(), 2);
+    for (_, state, _, wrapped_len) in &states {
+        assert_eq!((state.as_str(), *wrapped_len), ("destroyed", 0), "key material erased");
+    }
+    // Nothing of the owner opens, in this process or a fresh one.
+    let name: Vec<u8> = phi_it_life::table
+        .find(format!("{owner}-0"))
+        .select(phi_it_life::name)
+        .first::<Option<Vec<u8>>>(&mut conn)
+        .expect("row")
+        .expect("name");
+    for k in [&keyring, &db.keyring()] {
+        let err = k.open(Encrypted::<String>::from_bytes(name.clone()), &owner, NAME, format!("{owner}-0").as_bytes()).expect_err("shredded");
+        assert!(matches!(err, Error::UnknownKeyVersion { .. }), "{err:?}");
+        // Sealing never creates a fresh key for a shredded owner.
+        let err = k.seal(&"x".to_string(), &owner, NAME, b"r").expect_err("no new key");
+        assert!(matches!(err, Error::Shredded { .. }), "{err:?}");
+    }
+    assert_eq!(key_states(&db, &owner).len(), 2, "no key row was added");
+    assert!(matches!(lifecycle::rotate(&keyring, &owner), Err(Error::Shredded { .. })));
+    // The other owner is untouched.
+    assert_eq!(check_all_open(&db, &db.keyring(), &other, 5), [1]);
+    let actions = audit_actions(&db, &owner);
+    assert!(actions.contains(&("destroy".into(), Some(1))) && actions.contains(&("destroy".into(), Some(2))), "{actions:?}");
+    // Shredding again destroys nothing more and still verifies.
+    let again = lifecycle::shred(&mut conn, &keyring, &owner, &life_tables(), 3).expect("shred");
+    assert!(again.destroyed_versions.is_empty() && again.verified());
+}
+
+// --- Crash recovery: a child process is killed in the middle of a job and
+// the parent resumes it.
+
+fn child_test_name(name: &str) -> String {
+    format!("{}::{name}", module_path!().split_once("::").expect("module path").1)
+}
+
+/// Runs the ignored test `name` as a child process, reads its output until
+/// it reports `kill_after` committed batches, then kills it (SIGKILL).
+/// Returns the progress lines read.
+fn run_and_kill(name: &str, envs: &[(&str, String)], kill_after: usize) -> Vec<String> {
+    let mut command = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    command
+        .args(["--exact", &child_test_name(name), "--ignored", "--nocapture", "--test-threads=1"])
+        .stdout(std::process::Stdio::piped());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("child starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("child output");
+        if line.contains("PHI_BATCH ") {
+            lines.push(line);
+            if lines.len() == kill_after {
+                break;
+            }
+        } else if line.contains("PHI_DONE") {
+            panic!("the child finished before it could be killed: {lines:?}");
+        }
+    }
+    child.kill().expect("SIGKILL the child");
+    let status = child.wait().expect("child exit");
+    assert!(!status.success(), "the child was killed, not finished");
+    assert_eq!(lines.len(), kill_after, "the child reported progress before it was killed");
+    lines
+}
+
+#[allow(clippy::print_stdout)]
+fn report_batch(n: u64) {
+    println!("PHI_BATCH {n}");
+    // Slow enough for the parent to kill the process mid-job.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+#[ignore = "run as a child process by a_killed_rewrap_resumes_with_nothing_lost"]
+fn life_child_rewraps_slowly() {
+    let Ok(url) = std::env::var("PHI_LIFE_URL") else {
+        return;
+    };
+    let tag = std::env::var("PHI_LIFE_TAG").expect("tag");
+    let (old, new) = rewrap_keks(&tag);
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+    let keyring = Keyring::builder(store, new).unwrap_with(old.clone()).build().expect("keyring");
+    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 3 };
+    lifecycle::rewrap(&keyring, &scope, &mut |p| report_batch(p.rewrapped)).expect("rewrap");
+    #[allow(clippy::print_stdout)]
+    {
+        println!("PHI_DONE");
+    }
+}
+
+#[test]
+fn a_killed_rewrap_resumes_with_nothing_lost() {
+    let db = life_db();
+    let tag = common::unique_owner("rw-kill");
+    let (old, new) = rewrap_keks(&tag);
+    let sealed = seed_rewrap(&db, &old, "rw-kill", 18);
+    let owners: Vec<String> = sealed.iter().map(|(o, _)| o.clone()).collect();
+    run_and_kill("life_child_rewraps_slowly", &[("PHI_LIFE_URL", db.url.clone()), ("PHI_LIFE_TAG", tag.clone())], 2);
+
+    // Killed midway: some keys moved, some not, and every value still opens
+    // with both KEKs configured.
+    let keks = kek_ids_of(&db, &owners);
+    let moved = keks.iter().filter(|k| *k == new.id()).count();
+    assert!(moved >= 6 && moved < keks.len(), "killed after two batches of three: {moved} of {}", keks.len());
+    let both = Keyring::builder(db.store(), new.clone()).unwrap_with(old.clone()).build().expect("keyring");
+    for (i, (owner, value)) in sealed.iter().enumerate() {
+        assert_eq!(both.open(value.clone(), owner, NAME, b"r").expect("opens mid-rotation"), format!("value {i}"));
+    }
+
+    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 3 };
+    let report = lifecycle::rewrap(&both, &scope, &mut |_| {}).expect("resume");
+    assert_eq!(report.rewrapped, (keks.len() - moved) as u64, "the resumed run did only what was left");
+    check_rewrapped(&db, &new, &sealed);
+}
+
+#[test]
+#[ignore = "run as a child process by a_killed_reseal_resumes_with_nothing_lost"]
+fn life_child_reseals_slowly() {
+    let Ok(url) = std::env::var("PHI_LIFE_URL") else {
+        return;
+    };
+    let owner = std::env::var("PHI_LIFE_OWNER").expect("owner");
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+    let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
+    let mut conn = Conn::establish(&url).expect("connection");
+    lifecycle::reseal(&mut conn, &keyring, &owner, &life_tables(), 4, &mut |p| report_batch(p.resealed))
+        .expect("reseal");
+    #[allow(clippy::print_stdout)]
+    {
+        println!("PHI_DONE");
+    }
+}
+
+#[test]
+fn a_killed_reseal_resumes_with_nothing_lost() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("reseal-kill");
+    seed(&db, &keyring, &owner, 30);
+    assert_eq!(lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
+    run_and_kill("life_child_reseals_slowly", &[("PHI_LIFE_URL", db.url.clone()), ("PHI_LIFE_OWNER", owner.clone())], 2);
+
+    let mut conn = db.conn();
+    let tables = life_tables();
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    let on = |v: u32| usage.iter().filter(|u| u.key_version == v).map(|u| u.values).sum::<u64>();
+    let total = 30 + 20 + 10;
+    assert_eq!(on(1) + on(2), total, "no value lost or duplicated: {usage:?}");
+    assert!(on(2) >= 8 && on(1) > 0, "killed midway: {usage:?}");
+    // Mixed versions all open meanwhile.
+    assert_eq!(check_all_open(&db, &db.keyring(), &owner, 30), [1, 2]);
+
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 4, &mut |_| {}).expect("resume");
+    assert_eq!(report.resealed, on(1), "the resumed run did only what was left");
+    assert_eq!(check_all_open(&db, &db.keyring(), &owner, 30), [2]);
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("retire"));
+}
+
+#[test]
+fn coverage_of_an_owners_query_and_the_audit_trail() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let prefix = common::unique_owner("cov");
+    let (with_key, shredded, without) = (format!("{prefix}-a"), format!("{prefix}-b"), format!("{prefix}-c"));
+    seed(&db, &keyring, &with_key, 2);
+    seed(&db, &keyring, &shredded, 1);
+    let mut conn = db.conn();
+    lifecycle::shred(&mut conn, &keyring, &shredded, &life_tables(), 1).expect("shred");
+    let store = db.store();
+    // Any first column, any name and type: an id column, a literal, a number.
+    let query = format!(
+        "SELECT owner_id FROM phi_it_life WHERE owner_id LIKE '{prefix}-%' \
+         UNION SELECT '{without}' UNION SELECT '{with_key}'"
+    );
+    let cov = lifecycle::coverage(store.as_ref(), &format!("{query};")).expect("coverage");
+    assert_eq!((cov.owners, cov.with_active_key, cov.shredded), (3, 1, 1), "{cov:?}");
+    assert_eq!(cov.without_key, std::slice::from_ref(&without));
+    assert!(cov.all_retired.is_empty());
+    let numbers = store.owners_from_query("SELECT 42 UNION SELECT 7").expect("numbers as text");
+    assert_eq!(numbers, ["42", "7"]);
+    let err = store.owners_from_query("SELECT 1; DELETE FROM phi_it_life").expect_err("one statement");
+    assert!(err.to_string().contains("single SELECT"), "{err}");
+    assert!(store.owners_from_query("SELECT no_such_column FROM phi_it_life").is_err());
+    // A failing query on an application table names table, column and owner.
+    let missing = [ResealTable::new("phi_it_no_such_table", "owner_id").column("x")];
+    let err = lifecycle::usage(&mut conn, &with_key, &missing).expect_err("no such table");
+    assert!(matches!(err, Error::DataTable { .. }), "{err:?}");
+    assert!(err.to_string().contains("phi_it_no_such_table.x") && err.to_string().contains(&with_key), "{err}");
+
+    // Generating covers the owner without a key, and only it.
+    let created = lifecycle::generate(&keyring, &cov.without_key, 0, &mut |_| {}).expect("generate");
+    assert_eq!(created, 1);
+    let cov = lifecycle::coverage(store.as_ref(), &query).expect("coverage");
+    assert_eq!((cov.with_active_key, cov.without_key.len(), cov.shredded), (2, 0, 1));
+
+    // The audit trail, newest first, of one owner or of all.
+    let records = store.audit(Some(&shredded), 10).expect("audit");
+    let actions: Vec<String> = records.iter().map(|r| r.event.action.to_string()).collect();
+    assert_eq!(actions.first().map(String::as_str), Some("destroy"), "{actions:?}");
+    assert_eq!(actions.last().map(String::as_str), Some("generate"), "{actions:?}");
+    assert!(records.windows(2).all(|w| w[0].id > w[1].id));
+    assert!(records.iter().all(|r| r.event.owner_id == shredded && r.event.actor == "integration-test"));
+    assert_eq!(store.audit(None, 2).expect("audit").len(), 2);
+    let counts = store.key_counts().expect("counts");
+    assert!(counts.iter().any(|c| c.state == phi::KeyState::Destroyed && c.keys >= 1), "{counts:?}");
+}
+
+#[test]
+fn reseal_moves_a_value_copied_to_two_rows_without_a_row_key() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("reseal-copy");
+    let date = NaiveDate::from_ymd_opt(1971, 2, 3).expect("date");
+    let bytes = keyring.seal(&date, &owner, DOB, b"").expect("seal").into_bytes();
+    let mut conn = db.conn();
+    for seq in [1, 2] {
+        diesel::insert_into(phi_it_life_nokey::table)
+            .values((
+                phi_it_life_nokey::owner_id.eq(&owner),
+                phi_it_life_nokey::seq.eq(seq),
+                phi_it_life_nokey::dob.eq(Some(bytes.clone())),
+            ))
+            .execute(&mut conn)
+            .expect("insert");
+    }
+    lifecycle::rotate(&keyring, &owner).expect("rotate");
+    let tables = [ResealTable::new("phi_it_life_nokey", "owner_id").column("dob")];
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 10, &mut |_| {}).expect("reseal");
+    assert_eq!((report.total, report.resealed, report.conflicts), (2, 2, 0));
+    let stored: Vec<Option<Vec<u8>>> = phi_it_life_nokey::table
+        .filter(phi_it_life_nokey::owner_id.eq(&owner))
+        .select(phi_it_life_nokey::dob)
+        .load(&mut conn)
+        .expect("rows");
+    for value in stored {
+        let value = Encrypted::<NaiveDate>::from_bytes(value.expect("dob"));
+        assert_eq!(value.key_version(), Some(2));
+        assert_eq!(db.keyring().open(value, &owner, DOB, b"").expect("opens"), date);
+    }
+}
+
+/// A connection that waits for another's write lock (SQLite) instead of failing.
+fn waiting_conn(db: &TestDb) -> Conn {
+    let mut conn = db.conn();
+    phi::PhiConnection::prepare_key_store(&mut conn).expect("busy timeout");
+    conn
+}
+
+#[test]
+fn reseal_never_overwrites_a_concurrent_write() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("reseal-race");
+    let n = 24;
+    seed(&db, &keyring, &owner, n);
+    lifecycle::rotate(&keyring, &owner).expect("rotate");
+    let tables = life_tables();
+    let report = std::thread::scope(|s| {
+        // The application rewrites every name, from the last row to the first,
+        // while the job re-seals from the first to the last.
+        s.spawn(|| {
+            let mut conn = waiting_conn(&db);
+            let keys = keyring.keys_for_seal(&owner).expect("keys");
+            for i in (0..n).rev() {
+                let id = format!("{owner}-{i}");
+                let name = keys.seal(&format!("updated {i}"), NAME, id.as_bytes()).expect("seal");
+                diesel::update(phi_it_life::table.find(&id))
+                    .set(phi_it_life::name.eq(Some(name.into_bytes())))
+                    .execute(&mut conn)
+                    .expect("application write");
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        let mut conn = waiting_conn(&db);
+        lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 2, &mut |_| {
+            std::thread::sleep(Duration::from_millis(5));
+        })
+        .expect("reseal")
+    });
+    assert!(report.resealed <= report.total);
+    // Every application write survived, and everything is on version 2.
+    let mut conn = db.conn();
+    let rows: Vec<(String, Option<Vec<u8>>)> = phi_it_life::table
+        .filter(phi_it_life::owner_id.eq(&owner))
+        .select((phi_it_life::id, phi_it_life::name))
+        .load(&mut conn)
+        .expect("rows");
+    assert_eq!(rows.len(), n);
+    let fresh = db.keyring();
+    for (id, name) in rows {
+        let i = id.rsplit('-').next().expect("index");
+        let name = Encrypted::<String>::from_bytes(name.expect("name"));
+        assert_eq!(name.key_version(), Some(2));
+        assert_eq!(fresh.open(name, &owner, NAME, id.as_bytes()).expect("opens"), format!("updated {i}"));
+    }
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    assert!(usage.iter().all(|u| u.key_version == 2), "{usage:?}");
+}
