@@ -32,6 +32,15 @@ struct Cli {
     #[arg(long, env = "PHI_KEK_ID", default_value = "local-1", global = true)]
     kek_id: String,
 
+    /// The KEK that wraps new data keys: `local:ID` (the master key in
+    /// PHI_MASTER_KEY / PHI_MASTER_KEY_FILE; the default, with --kek-id) or
+    /// `aws-kms:KEY` (key id, ARN or `alias/…`; region, credentials and
+    /// endpoint from the AWS environment: AWS_REGION, AWS_PROFILE,
+    /// AWS_ENDPOINT_URL, …). With `aws-kms`, a local master key in the
+    /// environment still unwraps the keys it wrapped.
+    #[arg(long, env = "PHI_KEK", global = true)]
+    kek: Option<String>,
+
     /// Actor recorded in the audit trail.
     #[arg(long, env = "PHI_ACTOR", default_value = "phi-cli", global = true)]
     actor: String,
@@ -224,6 +233,8 @@ fn run(cli: &Cli) -> CliResult {
 struct Env<C: PhiConnection> {
     store: Arc<DieselKeyStore<C>>,
     kek: Arc<dyn KeyEncryptionKey>,
+    /// Older KEKs that still unwrap keys they wrapped.
+    older: Vec<Arc<dyn KeyEncryptionKey>>,
     tables: Vec<ResealTable>,
     url: String,
 }
@@ -239,9 +250,11 @@ where
         .filter(|t| !t.trim().is_empty())
         .map(|t| ResealTable::parse(t))
         .collect::<Result<Vec<_>, _>>()?;
+    let (kek, older) = configured_keks(cli)?;
     let env = Env {
         store: Arc::new(DieselKeyStore::<C>::connect(url)?),
-        kek: Arc::new(LocalKek::from_env(cli.kek_id.as_str())?) as Arc<dyn KeyEncryptionKey>,
+        kek,
+        older,
         tables,
         url: url.to_owned(),
     };
@@ -257,9 +270,11 @@ where
     DieselKeyStore<C>: KeyStore,
 {
     fn keyring(&self, actor: &str) -> CliResult<Keyring> {
-        Ok(Keyring::builder(self.store.clone(), self.kek.clone())
-            .actor(actor)
-            .build()?)
+        let mut builder = Keyring::builder(self.store.clone(), self.kek.clone());
+        for kek in &self.older {
+            builder = builder.unwrap_with(kek.clone());
+        }
+        Ok(builder.actor(actor).build()?)
     }
 
     fn data(&self) -> CliResult<C> {
@@ -429,10 +444,12 @@ where
             if target.id() == env.kek.id() {
                 return Err(format!("the target KEK {:?} is the current KEK", target.id()).into());
             }
-            let keyring = Keyring::builder(env.store.clone(), target.clone())
-                .unwrap_with(env.kek.clone())
-                .actor(&cli.actor)
-                .build()?;
+            let mut builder =
+                Keyring::builder(env.store.clone(), target.clone()).unwrap_with(env.kek.clone());
+            for kek in env.older.iter().filter(|k| k.id() != target.id()) {
+                builder = builder.unwrap_with(kek.clone());
+            }
+            let keyring = builder.actor(&cli.actor).build()?;
             let progress = bar(0, "rewrapping");
             let scope = RewrapScope {
                 from_kek: from.clone(),
@@ -502,8 +519,56 @@ where
     }
 }
 
-/// The target of `keys rewrap --to`. `local:ID` is a local master key;
-/// further providers (`aws-kms:KEY`) are added here as they are built in.
+/// A configured KEK.
+type SharedKek = Arc<dyn KeyEncryptionKey>;
+
+/// The KEK of `--kek` (default `local:<--kek-id>`), and the local KEK that
+/// still unwraps older keys when the primary is a KMS key and a local master
+/// key is in the environment.
+fn configured_keks(cli: &Cli) -> CliResult<(SharedKek, Vec<SharedKek>)> {
+    let local = |id: &str| -> CliResult<Arc<dyn KeyEncryptionKey>> {
+        Ok(Arc::new(LocalKek::from_env(id)?))
+    };
+    let spec = cli
+        .kek
+        .clone()
+        .unwrap_or_else(|| format!("local:{}", cli.kek_id));
+    match spec.split_once(':') {
+        Some(("local", id)) if !id.is_empty() => Ok((local(id)?, Vec::new())),
+        Some(("aws-kms", key)) if !key.is_empty() => {
+            let older = if std::env::var_os(phi::MASTER_KEY_ENV).is_some()
+                || std::env::var_os(phi::MASTER_KEY_FILE_ENV).is_some()
+            {
+                vec![local(&cli.kek_id)?]
+            } else {
+                Vec::new()
+            };
+            Ok((aws_kek(key)?, older))
+        }
+        _ => Err(format!(
+            "--kek {spec:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)"
+        )
+        .into()),
+    }
+}
+
+/// A KEK over the AWS KMS key `key`, configured from the AWS environment.
+#[cfg(feature = "aws-kms")]
+fn aws_kek(key: &str) -> CliResult<Arc<dyn KeyEncryptionKey>> {
+    Ok(Arc::new(phi::AwsKmsKek::builder(key).build()?))
+}
+
+/// Without the `aws-kms` feature: a clear refusal.
+#[cfg(not(feature = "aws-kms"))]
+fn aws_kek(key: &str) -> CliResult<Arc<dyn KeyEncryptionKey>> {
+    Err(format!(
+        "aws-kms:{key}: the aws-kms KEK provider is not built into this phi: rebuild with `--features aws-kms`"
+    )
+    .into())
+}
+
+/// The target of `keys rewrap --to`: `local:ID` (a local master key) or
+/// `aws-kms:KEY`.
 fn target_kek(
     spec: &str,
     key_file: Option<&std::path::Path>,
@@ -527,9 +592,7 @@ fn target_kek(
             };
             Ok(Arc::new(kek))
         }
-        "aws-kms" => {
-            Err(format!("--to {spec}: the aws-kms KEK provider is not built into this phi").into())
-        }
+        "aws-kms" => aws_kek(id),
         other => Err(format!(
             "--to {spec}: unknown KEK provider {other:?} (known: local, aws-kms)"
         )

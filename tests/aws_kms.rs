@@ -1003,3 +1003,106 @@ fn kms_outage_cached_owners_keep_working_others_fail_fast_and_work_resumes() {
         "Patient A-1"
     );
 }
+
+/// The `phi` CLI against the KMS: rewrap every data key from a local master
+/// key to a KMS key, then administer keys with the KMS key alone.
+#[test]
+fn the_cli_rewraps_local_keys_to_the_kms_and_then_works_with_it_alone() {
+    let url = shared_kms_url();
+    let admin = Admin::new(&url);
+    let alias = unique_alias("cli");
+    admin.create_alias(&alias, &admin.create_key());
+    let (dir, db) = sqlite_db();
+    let mut conn = SqliteConnection::establish(&db).expect("sqlite");
+    let local = Keyring::builder(
+        Arc::new(DieselKeyStore::<SqliteConnection>::connect(&db).expect("store")),
+        common::local_kek(),
+    )
+    .build()
+    .expect("keyring");
+    let owners = ["dr-a", "dr-b", "dr-c"];
+    for (i, owner) in owners.iter().enumerate() {
+        let id = format!("{i}");
+        let row = CaseRow {
+            patient_last: local
+                .seal(&format!("Patient {id}"), owner, SCOPE, id.as_bytes())
+                .expect("seal"),
+            id,
+            owner_id: (*owner).to_owned(),
+        };
+        diesel::insert_into(phi_kms_cases::table)
+            .values(&row)
+            .execute(&mut conn)
+            .expect("insert");
+    }
+    let phi = |args: &[&str], local_key: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_phi"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &db)
+            .env("PHI_TABLES", "phi_kms_cases:owner_id:id:patient_last")
+            .env("PHI_KEK_ID", "local-test")
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_ENDPOINT_URL", &url)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("PHI_KEK")
+            .env_remove("PHI_MASTER_KEY_FILE")
+            .current_dir(dir.path())
+            .stdin(Stdio::null());
+        if local_key {
+            command.env("PHI_MASTER_KEY", common::MASTER_KEY_B64);
+        } else {
+            command.env_remove("PHI_MASTER_KEY");
+        }
+        let out = command.output().expect("phi runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !text.contains("Patient ") && !text.contains(common::MASTER_KEY_B64),
+            "{text}"
+        );
+        (out.status.success(), text)
+    };
+
+    let target = format!("aws-kms:{alias}");
+    let (ok, out) = phi(&["keys", "rewrap", "--to", &target], true);
+    assert!(
+        ok && out.contains(&format!("Rewrapped 3 of 3 data key(s) under KEK {target}")),
+        "{out}"
+    );
+    let kek_ids: Vec<String> = phi::schema::user_encryption_keys::table
+        .select(phi::schema::user_encryption_keys::kek_id)
+        .load(&mut conn)
+        .expect("key rows");
+    assert_eq!(kek_ids, vec![target.clone(); 3]);
+
+    // From now on the KMS key alone: no local master key in the environment.
+    let (ok, out) = phi(
+        &["--kek", &target, "keys", "rotate", "--owner", "dr-a"],
+        false,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = phi(
+        &["--kek", &target, "keys", "status", "--owner", "dr-a"],
+        false,
+    );
+    assert!(ok && out.contains(&target), "{out}");
+    // What the CLI did opens through a keyring with only the KMS key.
+    let kms_only = keyring(&db, Arc::new(kek(&url, &alias)));
+    assert_eq!(open_all(&mut conn, &kms_only), 3);
+    assert_eq!(
+        kms_only
+            .keys_for_open("dr-a")
+            .expect("keys")
+            .current_version(),
+        Some(2)
+    );
+    // Without the KMS configured, the error says which KEK is missing.
+    let (ok, out) = phi(&["keys", "status", "--owner", "dr-a"], true);
+    assert!(!ok && out.contains(&target), "{out}");
+}
