@@ -469,7 +469,7 @@ where
                 report.skipped
             );
             println!(
-                "Switch PHI_MASTER_KEY / PHI_KEK_ID to the new KEK; keep the old one until every process has."
+                "Point every process at the new KEK (PHI_KEK / --kek, or PHI_MASTER_KEY and PHI_KEK_ID); keep the old one configured until all have switched."
             );
             Ok(ExitCode::SUCCESS)
         }
