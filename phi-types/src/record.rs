@@ -359,7 +359,7 @@ where
         done
     };
     let mut done = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(&run)).collect();
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
         let mut done = run();
         for helper in helpers {
             done.extend(helper.join().map_err(|_| Error::KeyUnavailable {
