@@ -15,13 +15,15 @@
 //! owners:
 //!
 //! - insert: batches of 1,000 rows, one multi-row `INSERT` in one transaction
-//!   per batch; phi seals each batch in one `phi_types::with_sealer` entry
-//!   with keys resolved before the timing, every value bound to
-//!   `phi_cmp_sealed.<column>` and its case id (8 bytes, big-endian) as row;
-//! - load: one `load` of every row into structs; phi loads the sealed rows,
-//!   resolves their owners with `keys_for_open_many` and opens every field
-//!   with `OwnerKeys::open`, on a warm keyring and on a fresh (cold) one
-//!   that resolves the 100 owners inside the timing.
+//!   per batch; phi inserts what `Case::seal_all(batch, &keyring)` returns
+//!   for the `#[derive(PhiRecord)]` model `Case` (every value bound to
+//!   `phi_cmp_sealed.<column>` and to its case id), the owners' keys created
+//!   or cached before the timing;
+//! - load: one `load` of every row into structs; phi's is one
+//!   `Case::load(phi_cmp_sealed::table, …)`, on a warm keyring and on a fresh
+//!   (cold) one that resolves the 100 owners inside the timing. The warm load
+//!   is also timed in its two steps: loading the sealed rows, then
+//!   `Case::open_all` (key resolution and opening).
 //!
 //! Settings (environment):
 //!
@@ -37,7 +39,7 @@
 //! Results and how to read them: `benches/README.md`.
 #![allow(clippy::print_stdout)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::error::Error;
 use std::hint::black_box;
 use std::process::Command;
@@ -45,7 +47,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use phi::{Encrypted, KeyBytes, KeyStore, Keyring, LocalKek, OwnerKeys, with_sealer};
+use phi::{KeyBytes, KeyStore, Keyring, LocalKek, PhiRecord};
 
 mod schema {
     //! The two tables of the comparison.
@@ -84,15 +86,32 @@ const RUNS: usize = 3;
 /// The Python peer, beside the workspace (override with `PHI_COMPARE_PY_PEER`).
 const DEFAULT_PY_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/peers/py_peer.py");
 
-const SCOPE_FIRST: &str = "phi_cmp_sealed.patient_first";
-const SCOPE_LAST: &str = "phi_cmp_sealed.patient_last";
-const SCOPE_DOB: &str = "phi_cmp_sealed.patient_dob";
-const SCOPE_INSURER: &str = "phi_cmp_sealed.ins_provider";
-
-/// A case as the application holds it, and as the plaintext table stores it.
-#[derive(Clone, Debug, PartialEq, Eq, Insertable, Queryable, Selectable)]
-#[diesel(table_name = phi_cmp_plain)]
+/// A case as the application holds it: phi seals its 4 PHI fields into
+/// `phi_cmp_sealed`, each with scope `phi_cmp_sealed.<column>` and bound to
+/// the case id. The derive also generates `CaseSealed`, the stored form.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi, table = phi_cmp_sealed)]
+#[diesel(primary_key(case_id))]
 struct Case {
+    #[phi(row_key)]
+    case_id: i64,
+    #[phi(owner)]
+    user_id: String,
+    #[phi(encrypt)]
+    patient_first: String,
+    #[phi(encrypt)]
+    patient_last: String,
+    #[phi(encrypt)]
+    patient_dob: String,
+    #[phi(encrypt)]
+    ins_provider: String,
+    status: i32,
+}
+
+/// The same case in the plaintext table.
+#[derive(Clone, PartialEq, Eq, Insertable, Queryable, Selectable)]
+#[diesel(table_name = phi_cmp_plain)]
+struct PlainCase {
     case_id: i64,
     user_id: String,
     patient_first: String,
@@ -102,33 +121,26 @@ struct Case {
     status: i32,
 }
 
-/// A case to insert into the sealed table.
-#[derive(Insertable)]
-#[diesel(table_name = phi_cmp_sealed)]
-struct NewSealedCase<'a> {
-    case_id: i64,
-    user_id: &'a str,
-    patient_first: Encrypted<String>,
-    patient_last: Encrypted<String>,
-    patient_dob: Encrypted<String>,
-    ins_provider: Encrypted<String>,
-    status: i32,
+impl From<&Case> for PlainCase {
+    fn from(c: &Case) -> PlainCase {
+        PlainCase {
+            case_id: c.case_id,
+            user_id: c.user_id.clone(),
+            patient_first: c.patient_first.clone(),
+            patient_last: c.patient_last.clone(),
+            patient_dob: c.patient_dob.clone(),
+            ins_provider: c.ins_provider.clone(),
+            status: c.status,
+        }
+    }
 }
 
-/// A case as loaded from the sealed table.
-#[derive(Queryable, Selectable)]
-#[diesel(table_name = phi_cmp_sealed)]
-struct SealedCase {
-    case_id: i64,
-    user_id: String,
-    patient_first: Encrypted<String>,
-    patient_last: Encrypted<String>,
-    patient_dob: Encrypted<String>,
-    ins_provider: Encrypted<String>,
-    status: i32,
+/// The generated cases, in both forms.
+struct Data {
+    cases: Vec<Case>,
+    plain: Vec<PlainCase>,
 }
 
-type Keys = HashMap<String, Arc<OwnerKeys>>;
 type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 // ---------------------------------------------------------------------------
@@ -204,7 +216,12 @@ fn cases(rows: usize, owners: &[String]) -> Vec<Case> {
 }
 
 /// Every loaded case is the one generated with its id, and all are there.
-fn verify(loaded: &[Case], cases: &[Case], what: &str) -> BoxResult<()> {
+fn verify<T: PartialEq>(
+    loaded: &[T],
+    cases: &[T],
+    case_id: impl Fn(&T) -> i64,
+    what: &str,
+) -> BoxResult<()> {
     if loaded.len() != cases.len() {
         return Err(format!(
             "{what}: loaded {} rows, expected {}",
@@ -214,13 +231,10 @@ fn verify(loaded: &[Case], cases: &[Case], what: &str) -> BoxResult<()> {
         .into());
     }
     for case in loaded {
-        let index = usize::try_from(case.case_id - 1)?;
+        let id = case_id(case);
+        let index = usize::try_from(id - 1)?;
         if cases.get(index) != Some(case) {
-            return Err(format!(
-                "{what}: case {} differs from what was inserted",
-                case.case_id
-            )
-            .into());
+            return Err(format!("{what}: case {id} differs from what was inserted").into());
         }
     }
     Ok(())
@@ -238,72 +252,22 @@ fn new_keyring(store: &Arc<dyn KeyStore>) -> phi::Result<Keyring> {
         .build()
 }
 
-fn seal_batch<'a>(batch: &'a [Case], keys: &Keys) -> phi::Result<Vec<NewSealedCase<'a>>> {
-    with_sealer(|s| {
-        batch
-            .iter()
-            .map(|c| {
-                let k = &keys[&c.user_id];
-                let row = c.case_id.to_be_bytes();
-                Ok(NewSealedCase {
-                    case_id: c.case_id,
-                    user_id: &c.user_id,
-                    patient_first: s.seal(k, &c.patient_first, SCOPE_FIRST, &row)?,
-                    patient_last: s.seal(k, &c.patient_last, SCOPE_LAST, &row)?,
-                    patient_dob: s.seal(k, &c.patient_dob, SCOPE_DOB, &row)?,
-                    ins_provider: s.seal(k, &c.ins_provider, SCOPE_INSURER, &row)?,
-                    status: c.status,
-                })
-            })
-            .collect()
-    })?
-}
-
-fn open_rows(rows: Vec<SealedCase>, keys: &Keys) -> phi::Result<Vec<Case>> {
-    rows.into_iter()
-        .map(|r| {
-            let k = &keys[&r.user_id];
-            let row = r.case_id.to_be_bytes();
-            Ok(Case {
-                patient_first: k.open(r.patient_first, SCOPE_FIRST, &row)?,
-                patient_last: k.open(r.patient_last, SCOPE_LAST, &row)?,
-                patient_dob: k.open(r.patient_dob, SCOPE_DOB, &row)?,
-                ins_provider: k.open(r.ins_provider, SCOPE_INSURER, &row)?,
-                case_id: r.case_id,
-                user_id: r.user_id,
-                status: r.status,
-            })
-        })
-        .collect()
-}
-
-/// Warm `keys_for_open_many` over every row's owner, and over the distinct
-/// owners collected first into a `HashSet<&str>` (collection included).
-fn owner_resolution(rows: &[SealedCase], keyring: &Keyring) -> phi::Result<(Duration, Duration)> {
+/// `keys_for_open_many` over every row's owner on `keyring`, and (`distinct`)
+/// over the distinct owners collected first into a `HashSet<&str>`
+/// (collection included).
+fn owner_resolution(
+    rows: &[CaseSealed],
+    keyring: &Keyring,
+    distinct: bool,
+) -> phi::Result<Duration> {
     let start = Instant::now();
-    black_box(keyring.keys_for_open_many(rows.iter().map(|r| r.user_id.as_str()))?);
-    let every_row = start.elapsed();
-    let start = Instant::now();
-    let distinct: HashSet<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
-    black_box(keyring.keys_for_open_many(distinct)?);
-    Ok((every_row, start.elapsed()))
-}
-
-/// One phi load, split into its phases.
-struct PhiLoad {
-    cases: Vec<Case>,
-    /// `load` of the sealed rows.
-    rows: Duration,
-    /// `keys_for_open_many` over every row's owner.
-    keys: Duration,
-    /// Opening every field into `Case`s.
-    open: Duration,
-}
-
-impl PhiLoad {
-    fn total(&self) -> Duration {
-        self.rows + self.keys + self.open
+    if distinct {
+        let owners: HashSet<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
+        black_box(keyring.keys_for_open_many(owners)?);
+    } else {
+        black_box(keyring.keys_for_open_many(rows.iter().map(|r| r.user_id.as_str()))?);
     }
+    Ok(start.elapsed())
 }
 
 // ---------------------------------------------------------------------------
@@ -331,28 +295,17 @@ struct Samples {
     phi_insert: Vec<Duration>,
     phi_seal: Vec<Duration>,
     plain_load: Vec<Duration>,
+    /// `Case::load`, warm and cold keyring.
     warm: Vec<Duration>,
-    warm_rows: Vec<Duration>,
-    warm_keys: Vec<Duration>,
-    warm_open: Vec<Duration>,
     cold: Vec<Duration>,
+    /// The warm load in two steps: the sealed rows, then `Case::open_all`.
+    warm_rows: Vec<Duration>,
+    warm_open: Vec<Duration>,
+    /// `keys_for_open_many` alone over every row's owner: warm, cold.
+    warm_keys: Vec<Duration>,
     cold_keys: Vec<Duration>,
-    keys_every_row: Vec<Duration>,
+    /// The same, warm, over the distinct owners collected first.
     keys_distinct: Vec<Duration>,
-}
-
-impl Samples {
-    fn push_warm(&mut self, load: &PhiLoad) {
-        self.warm.push(load.total());
-        self.warm_rows.push(load.rows);
-        self.warm_keys.push(load.keys);
-        self.warm_open.push(load.open);
-    }
-
-    fn push_cold(&mut self, load: &PhiLoad) {
-        self.cold.push(load.total());
-        self.cold_keys.push(load.keys);
-    }
 }
 
 /// What one backend measured (medians).
@@ -367,12 +320,11 @@ struct Report {
     phi_seal: Duration,
     plain_load: Duration,
     warm: Duration,
-    warm_rows: Duration,
-    warm_keys: Duration,
-    warm_open: Duration,
     cold: Duration,
+    warm_rows: Duration,
+    warm_open: Duration,
+    warm_keys: Duration,
     cold_keys: Duration,
-    keys_every_row: Duration,
     keys_distinct: Duration,
 }
 
@@ -395,12 +347,11 @@ impl Report {
             phi_seal: median(&s.phi_seal),
             plain_load: median(&s.plain_load),
             warm: median(&s.warm),
-            warm_rows: median(&s.warm_rows),
-            warm_keys: median(&s.warm_keys),
-            warm_open: median(&s.warm_open),
             cold: median(&s.cold),
+            warm_rows: median(&s.warm_rows),
+            warm_open: median(&s.warm_open),
+            warm_keys: median(&s.warm_keys),
             cold_keys: median(&s.cold_keys),
-            keys_every_row: median(&s.keys_every_row),
             keys_distinct: median(&s.keys_distinct),
         }
     }
@@ -442,14 +393,14 @@ impl Report {
             ratio(self.cold, self.plain_load),
         );
         println!(
-            "| phi, sealed rows loaded, not opened (part of the warm load) | | | {} | {:.2} |",
+            "| phi, sealed rows loaded, not opened (the first step of `Case::load`) | | | {} | {:.2} |",
             thousands(self.rate(self.warm_rows)),
             ratio(self.warm_rows, self.plain_load),
         );
         println!();
         println!(
-            "- per field: seal {:.0} ns (sealing phase {:.1} ms / {} fields), \
-             open {:.0} ns (opening phase {:.1} ms, warm)",
+            "- per field, wall clock: seal {:.0} ns (`seal_all` {:.1} ms in all for {} fields), \
+             open {:.0} ns (`open_all` {:.1} ms, warm, key resolution included)",
             self.per_field_ns(self.phi_seal),
             ms(self.phi_seal),
             thousands((self.rows * PHI_FIELDS) as f64),
@@ -462,15 +413,11 @@ impl Report {
             self.per_field_ns(self.warm.saturating_sub(self.plain_load)),
         );
         println!(
-            "- `keys_for_open_many` over the {} rows' owners: warm {:.2} ms, cold {:.2} ms",
+            "- `keys_for_open_many` alone over the {} rows' owners: warm {:.2} ms, cold {:.2} ms; \
+             the {OWNERS} distinct owners collected first (`HashSet<&str>`, included, warm) {:.2} ms",
             thousands(self.rows as f64),
             ms(self.warm_keys),
             ms(self.cold_keys),
-        );
-        println!(
-            "- warm `keys_for_open_many` alone: every row's owner passed {:.2} ms; \
-             the {OWNERS} distinct owners collected first (`HashSet<&str>`, included) {:.2} ms",
-            ms(self.keys_every_row),
             ms(self.keys_distinct),
         );
         println!(
@@ -523,7 +470,7 @@ macro_rules! backend_run {
 
             type Conn = $conn;
 
-            pub(super) fn run(b: &Backend, cases: &[Case], owners: &[String]) -> BoxResult<Report> {
+            pub(super) fn run(b: &Backend, data: &Data, owners: &[String]) -> BoxResult<Report> {
                 let mut conn = Conn::establish(&b.url)?;
                 conn.batch_execute(b.setup)?;
                 let version: String =
@@ -532,20 +479,21 @@ macro_rules! backend_run {
                     Arc::new(phi::DieselKeyStore::<Conn>::connect(&b.url)?);
                 let keyring = new_keyring(&store)?;
                 // Created (first run on this database) or unwrapped here,
-                // before any timing; the cache stays warm for the loads.
-                let seal_keys = keyring.keys_for_seal_many(owners.iter().map(String::as_str))?;
+                // before any timing; the cache stays warm for the inserts
+                // and the loads.
+                keyring.keys_for_seal_many(owners.iter().map(String::as_str))?;
 
                 let mut s = Samples::default();
                 for run in 0..RUNS {
                     eprintln!("{}: insert run {}/{RUNS}", b.name, run + 1);
                     conn.batch_execute(b.plain_table)?;
-                    s.plain_insert.push(insert_plain(&mut conn, cases)?);
+                    s.plain_insert.push(insert_plain(&mut conn, &data.plain)?);
                     conn.batch_execute(b.sealed_table)?;
-                    let (total, sealing) = insert_phi(&mut conn, cases, &seal_keys)?;
+                    let (total, sealing) = insert_phi(&mut conn, &data.cases, &keyring)?;
                     s.phi_insert.push(total);
                     s.phi_seal.push(sealing);
                 }
-                check_stored(&mut conn, cases)?;
+                check_stored(&mut conn, data)?;
 
                 // One untimed load of each table first (PostgreSQL sets hint
                 // bits on the first read after the insert).
@@ -557,32 +505,48 @@ macro_rules! backend_run {
                     let plain = load_plain(&mut conn)?;
                     s.plain_load.push(start.elapsed());
                     if run == 0 {
-                        verify(&plain, cases, "plaintext load")?;
+                        verify(&plain, &data.plain, |c| c.case_id, "plaintext load")?;
                     }
                     drop(black_box(plain));
 
-                    let warm = load_phi(&mut conn, &keyring)?;
-                    s.push_warm(&warm);
+                    let start = Instant::now();
+                    let warm = Case::load(phi_cmp_sealed::table, &mut conn, &keyring)?;
+                    s.warm.push(start.elapsed());
                     if run == 0 {
-                        verify(&warm.cases, cases, "phi load")?;
+                        verify(&warm, &data.cases, |c| c.case_id, "phi load")?;
                     }
                     drop(black_box(warm));
 
                     let fresh = new_keyring(&store)?;
-                    let cold = load_phi(&mut conn, &fresh)?;
-                    s.push_cold(&cold);
+                    let start = Instant::now();
+                    let cold = Case::load(phi_cmp_sealed::table, &mut conn, &fresh)?;
+                    s.cold.push(start.elapsed());
+                    if run == 0 {
+                        verify(&cold, &data.cases, |c| c.case_id, "phi load, cold keyring")?;
+                    }
                     drop(black_box(cold));
+
+                    let start = Instant::now();
+                    let rows = load_sealed(&mut conn)?;
+                    let loaded = Instant::now();
+                    let opened = Case::open_all(rows, &keyring)?;
+                    s.warm_open.push(loaded.elapsed());
+                    s.warm_rows.push(loaded - start);
+                    drop(black_box(opened));
                 }
                 let sealed = load_sealed(&mut conn)?;
                 for _ in 0..RUNS {
-                    let (every_row, distinct) = owner_resolution(&sealed, &keyring)?;
-                    s.keys_every_row.push(every_row);
-                    s.keys_distinct.push(distinct);
+                    s.warm_keys
+                        .push(owner_resolution(&sealed, &keyring, false)?);
+                    s.keys_distinct
+                        .push(owner_resolution(&sealed, &keyring, true)?);
+                    let fresh = new_keyring(&store)?;
+                    s.cold_keys.push(owner_resolution(&sealed, &fresh, false)?);
                 }
-                Ok(Report::new(b, version, cases.len(), &s))
+                Ok(Report::new(b, version, data.cases.len(), &s))
             }
 
-            fn insert_plain(conn: &mut Conn, cases: &[Case]) -> BoxResult<Duration> {
+            fn insert_plain(conn: &mut Conn, cases: &[PlainCase]) -> BoxResult<Duration> {
                 let start = Instant::now();
                 for batch in cases.chunks(BATCH_ROWS) {
                     conn.transaction::<_, diesel::result::Error, _>(|conn| {
@@ -594,17 +558,17 @@ macro_rules! backend_run {
                 Ok(start.elapsed())
             }
 
-            /// The whole insert, and the part of it spent sealing.
+            /// The whole insert, and the part of it spent in `seal_all`.
             fn insert_phi(
                 conn: &mut Conn,
                 cases: &[Case],
-                keys: &Keys,
+                keyring: &Keyring,
             ) -> BoxResult<(Duration, Duration)> {
                 let mut sealing = Duration::ZERO;
                 let start = Instant::now();
                 for batch in cases.chunks(BATCH_ROWS) {
                     let sealed_at = Instant::now();
-                    let rows = seal_batch(batch, keys)?;
+                    let rows = Case::seal_all(batch, keyring)?;
                     sealing += sealed_at.elapsed();
                     conn.transaction::<_, diesel::result::Error, _>(|conn| {
                         diesel::insert_into(phi_cmp_sealed::table)
@@ -617,10 +581,10 @@ macro_rules! backend_run {
 
             /// Both tables hold every case, and the sealed one holds
             /// envelopes, not the plaintext.
-            fn check_stored(conn: &mut Conn, cases: &[Case]) -> BoxResult<()> {
+            fn check_stored(conn: &mut Conn, data: &Data) -> BoxResult<()> {
                 let plain: i64 = phi_cmp_plain::table.count().get_result(conn)?;
                 let sealed: i64 = phi_cmp_sealed::table.count().get_result(conn)?;
-                let expected = i64::try_from(cases.len())?;
+                let expected = i64::try_from(data.cases.len())?;
                 if plain != expected || sealed != expected {
                     return Err(format!(
                         "tables hold {plain} and {sealed} rows, expected {expected}"
@@ -631,7 +595,7 @@ macro_rules! backend_run {
                     .select((phi_cmp_sealed::case_id, phi_cmp_sealed::patient_last))
                     .order(phi_cmp_sealed::case_id)
                     .first(conn)?;
-                let clear = &cases[usize::try_from(id - 1)?].patient_last;
+                let clear = &data.cases[usize::try_from(id - 1)?].patient_last;
                 if raw.get(..2) != Some(&[0xF1, 0x01][..])
                     || raw.windows(clear.len()).any(|w| w == clear.as_bytes())
                 {
@@ -640,30 +604,16 @@ macro_rules! backend_run {
                 Ok(())
             }
 
-            fn load_plain(conn: &mut Conn) -> QueryResult<Vec<Case>> {
-                phi_cmp_plain::table.select(Case::as_select()).load(conn)
-            }
-
-            fn load_sealed(conn: &mut Conn) -> QueryResult<Vec<SealedCase>> {
-                phi_cmp_sealed::table
-                    .select(SealedCase::as_select())
+            fn load_plain(conn: &mut Conn) -> QueryResult<Vec<PlainCase>> {
+                phi_cmp_plain::table
+                    .select(PlainCase::as_select())
                     .load(conn)
             }
 
-            fn load_phi(conn: &mut Conn, keyring: &Keyring) -> BoxResult<PhiLoad> {
-                let start = Instant::now();
-                let rows = load_sealed(conn)?;
-                let loaded = Instant::now();
-                let keys = keyring.keys_for_open_many(rows.iter().map(|r| r.user_id.as_str()))?;
-                let resolved = Instant::now();
-                let cases = open_rows(rows, &keys)?;
-                let opened = Instant::now();
-                Ok(PhiLoad {
-                    cases,
-                    rows: loaded - start,
-                    keys: resolved - loaded,
-                    open: opened - resolved,
-                })
+            fn load_sealed(conn: &mut Conn) -> QueryResult<Vec<CaseSealed>> {
+                phi_cmp_sealed::table
+                    .select(CaseSealed::as_select())
+                    .load(conn)
             }
         }
     };
@@ -847,14 +797,14 @@ fn backends() -> Vec<Backend> {
     list
 }
 
-fn run_backend(b: &Backend, cases: &[Case], owners: &[String]) -> BoxResult<Report> {
+fn run_backend(b: &Backend, data: &Data, owners: &[String]) -> BoxResult<Report> {
     match b.name {
         #[cfg(feature = "sqlite")]
-        "SQLite" => sqlite_run::run(b, cases, owners),
+        "SQLite" => sqlite_run::run(b, data, owners),
         #[cfg(feature = "mysql")]
-        "MariaDB" => mysql_run::run(b, cases, owners),
+        "MariaDB" => mysql_run::run(b, data, owners),
         #[cfg(feature = "postgres")]
-        "PostgreSQL" => postgres_run::run(b, cases, owners),
+        "PostgreSQL" => postgres_run::run(b, data, owners),
         other => Err(format!("no runner for {other}").into()),
     }
 }
@@ -872,6 +822,8 @@ fn main() {
     assert!(rows > 0, "PHI_COMPARE_ROWS must be positive");
     let owners = owners();
     let cases = cases(rows, &owners);
+    let plain = cases.iter().map(PlainCase::from).collect();
+    let data = Data { cases, plain };
     // Kept until the end of `main`: the SQLite database lives in it.
     let dir = tempfile::tempdir().expect("temporary directory");
 
@@ -891,7 +843,7 @@ fn main() {
             let path = dir.path().join("compare.db");
             backend.url = path.to_str().expect("UTF-8 temporary path").to_owned();
         }
-        match run_backend(&backend, &cases, &owners) {
+        match run_backend(&backend, &data, &owners) {
             Ok(report) => {
                 report.print();
                 reports.push(report);

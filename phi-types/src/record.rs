@@ -4,8 +4,8 @@
 //! [`Sealed`](PhiRecord::Sealed) twin is what Diesel reads and writes. This
 //! module holds the trait, the batch algorithms every model shares (one key
 //! resolution for all the owners of a batch, one entry into the nonce
-//! generator, both cores for large loads) and the small traits the derive
-//! relies on for owner ids, row keys and encrypted flags.
+//! generator per block of rows, every core for large batches) and the small
+//! traits the derive relies on for owner ids, row keys and encrypted flags.
 //!
 //! # Gradual roll-out
 //!
@@ -19,7 +19,8 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
@@ -60,7 +61,8 @@ use crate::sealer::{Sealer, with_sealer};
 ///
 /// `#[diesel(…)]` attributes on the model and its fields (`primary_key`,
 /// `column_name`, …) are forwarded to the generated structs. Plain fields
-/// must be `Clone` and `PartialEq`.
+/// must be `Clone` and `PartialEq`, and the model `Send` and `Sync` (a large
+/// batch is sealed and opened on several threads).
 ///
 /// # Example: a complete round trip on SQLite
 ///
@@ -157,7 +159,7 @@ use crate::sealer::{Sealer, with_sealer};
 /// # Ok(())
 /// # }
 /// ```
-pub trait PhiRecord: Sized + Send {
+pub trait PhiRecord: Sized + Send + Sync {
     /// The stored form: the same fields with `Encrypted<T>` in place of each
     /// encrypted one; Diesel's `Queryable`, `Selectable`, `Insertable` and
     /// `AsChangeset` for the table.
@@ -199,7 +201,9 @@ pub trait PhiRecord: Sized + Send {
     }
 
     /// Seals many records, resolving all their owners' keys in one batch
-    /// (one key-store query for the owners not cached).
+    /// (one key-store query for the owners not cached). Batches of 512
+    /// records or more are sealed on all available cores; the result is in
+    /// the order of `records`.
     ///
     /// # Errors
     /// As [`seal`](Self::seal); nothing is returned if any record fails.
@@ -211,15 +215,29 @@ pub trait PhiRecord: Sized + Send {
             .filter(|o| !Self::HAS_ENCRYPTED_FLAG || keyring.encrypts_for(o))
             .collect();
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
-        with_sealer(|sealer| {
-            records
-                .iter()
-                .zip(&owners)
-                .map(|(record, owner)| {
-                    record.seal_with(keys.get(owner.as_ref()).map(Arc::as_ref), sealer)
-                })
-                .collect()
-        })?
+        let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<Self::Sealed>| {
+            with_sealer(|sealer| {
+                for (record, owner) in records[range.clone()].iter().zip(&owners[range]) {
+                    let keys = keys.get(owner.as_ref()).map(Arc::as_ref);
+                    out.push(record.seal_with(keys, sealer)?);
+                }
+                Ok(())
+            })?
+        };
+        let len = records.len();
+        let threads = threads_for(len);
+        if threads < 2 {
+            let mut out = Vec::with_capacity(len);
+            seal_into(0..len, &mut out)?;
+            return Ok(out);
+        }
+        let next = AtomicUsize::new(0);
+        let claim = || {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let start = index.saturating_mul(BLOCK_ROWS);
+            (start < len).then(|| (index, start..len.min(start + BLOCK_ROWS)))
+        };
+        in_blocks(threads, len, "sealing", claim, seal_into)
     }
 
     /// Opens one stored row.
@@ -236,8 +254,9 @@ pub trait PhiRecord: Sized + Send {
     }
 
     /// Opens stored rows, resolving every owner's keys in one batch (one
-    /// key-store query, one unwrap per data key not cached). Large batches
-    /// are opened on all available cores.
+    /// key-store query, one unwrap per data key not cached). Batches of 512
+    /// rows or more are opened on all available cores; the result is in the
+    /// order of `rows`.
     ///
     /// # Errors
     /// The first row that fails, with an error naming the table, column and
@@ -286,31 +305,109 @@ pub trait PhiRecord: Sized + Send {
     }
 }
 
-/// Rows opened on one thread before a batch is split across cores.
-const PARALLEL_MIN_ROWS: usize = 2_048;
+/// Rows below which a batch is sealed or opened on the calling thread.
+const PARALLEL_MIN_ROWS: usize = 512;
+
+/// Rows a thread claims at a time from a batch shared between threads.
+const BLOCK_ROWS: usize = 128;
+
+/// How many threads share a batch of `rows`: one per available core, or
+/// only the calling thread for a small batch.
+fn threads_for(rows: usize) -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if rows < PARALLEL_MIN_ROWS {
+        return 1;
+    }
+    *CORES
+        .get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+/// Shares a batch between the calling thread and `threads - 1` scoped ones.
+/// Each takes the next block of rows from `claim` (its index and its rows,
+/// `None` when none is left) and runs `work` over it, until the batch is
+/// done: a thread the system is slow to run takes fewer blocks, and the
+/// calling thread never waits for more than the block another is on.
+///
+/// The outputs are concatenated in block order (`len` in all). After an
+/// error no new block is taken; blocks are claimed in order, so every block
+/// before the failing one was completed, and the error returned is that of
+/// the first failing row.
+fn in_blocks<B, U, C, F>(
+    threads: usize,
+    len: usize,
+    what: &str,
+    claim: C,
+    work: F,
+) -> Result<Vec<U>>
+where
+    U: Send,
+    C: Fn() -> Option<(usize, B)> + Sync,
+    F: Fn(B, &mut Vec<U>) -> Result<()> + Sync,
+{
+    let failed = AtomicBool::new(false);
+    let run = || {
+        let mut done: Vec<(usize, Result<Vec<U>>)> = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let Some((index, block)) = claim() else { break };
+            let mut out = Vec::with_capacity(BLOCK_ROWS);
+            let result = work(block, &mut out).map(|()| out);
+            if result.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            done.push((index, result));
+        }
+        done
+    };
+    let mut done = std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
+        let mut done = run();
+        for helper in helpers {
+            done.extend(helper.join().map_err(|_| Error::KeyUnavailable {
+                owner: String::new(),
+                reason: format!("a thread {what} rows panicked"),
+            })?);
+        }
+        Ok::<_, Error>(done)
+    })?;
+    done.sort_unstable_by_key(|(index, _)| *index);
+    let mut out = Vec::with_capacity(len);
+    for (_, block) in done {
+        out.append(&mut block?);
+    }
+    Ok(out)
+}
 
 fn resolve_for_open<S: SealedRecord>(
     rows: &[S],
     keyring: &Keyring,
 ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
-    let owners: Vec<Cow<'_, str>> = rows
-        .iter()
-        .filter(|r| r.is_encrypted())
-        .map(SealedRecord::owner_id)
-        .collect();
-    let mut keys = keyring.keys_for_open_many(owners.iter().map(|o| o.as_ref()))?;
+    // One walk over the rows: each owner once, in the order of the rows,
+    // with the key versions its rows name (read from the envelope headers).
+    let mut index: HashMap<Cow<'_, str>, usize> = HashMap::new();
+    let mut owners: Vec<(Cow<'_, str>, Vec<u32>)> = Vec::new();
+    for row in rows.iter().filter(|r| r.is_encrypted()) {
+        let at = *index.entry(row.owner_id()).or_insert_with_key(|owner| {
+            owners.push((owner.clone(), Vec::new()));
+            owners.len() - 1
+        });
+        let versions = &mut owners[at].1;
+        row.key_versions(&mut |v| {
+            if !versions.contains(&v) {
+                versions.push(v);
+            }
+        });
+    }
+    let mut keys = keyring.keys_for_open_many(owners.iter().map(|(o, _)| o.as_ref()))?;
     // A version missing from the cache was added (rotated) by another
     // process since the owner was cached: reload those owners once.
-    let mut stale: HashSet<&str> = HashSet::new();
-    for (row, owner) in rows.iter().filter(|r| r.is_encrypted()).zip(&owners) {
-        if let Some(k) = keys.get(owner.as_ref()) {
-            row.key_versions(&mut |v| {
-                if k.dek(v).is_none() {
-                    stale.insert(owner.as_ref());
-                }
-            });
-        }
-    }
+    let stale: Vec<&str> = owners
+        .iter()
+        .filter(|(owner, versions)| {
+            keys.get(owner.as_ref())
+                .is_some_and(|k| versions.iter().any(|v| k.dek(*v).is_none()))
+        })
+        .map(|(owner, _)| owner.as_ref())
+        .collect();
     if !stale.is_empty() {
         for owner in &stale {
             keyring.clear(owner);
@@ -321,65 +418,47 @@ fn resolve_for_open<S: SealedRecord>(
 }
 
 fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>) -> Result<R> {
-    if row.is_encrypted() {
-        let owner = row.owner_id();
-        let k = keys
-            .get(owner.as_ref())
-            .ok_or_else(|| Error::KeyUnavailable {
-                owner: owner.clone().into_owned(),
-                reason: "keys were not resolved".into(),
-            })?;
-        let k = Arc::clone(k);
-        R::open_with(row, Some(&k))
-    } else {
-        R::open_with(row, None)
+    if !row.is_encrypted() {
+        return R::open_with(row, None);
     }
+    // The owner's `Cow` borrows the row: dropped before the row moves.
+    let k = {
+        let owner = row.owner_id();
+        keys.get(owner.as_ref())
+            .ok_or_else(|| Error::KeyUnavailable {
+                owner: owner.into_owned(),
+                reason: "keys were not resolved".into(),
+            })?
+    };
+    R::open_with(row, Some(k))
 }
 
 fn open_rows<R: PhiRecord>(
     rows: Vec<R::Sealed>,
     keys: &HashMap<String, Arc<OwnerKeys>>,
 ) -> Result<Vec<R>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 || rows.len() < PARALLEL_MIN_ROWS {
-        return rows.into_iter().map(|row| open_row(row, keys)).collect();
-    }
-    let per_thread = rows.len().div_ceil(threads);
-    let mut chunks: Vec<Vec<R::Sealed>> = Vec::with_capacity(threads);
-    let mut rest = rows.into_iter();
-    loop {
-        let chunk: Vec<R::Sealed> = rest.by_ref().take(per_thread).collect();
-        if chunk.is_empty() {
-            break;
+    let len = rows.len();
+    let open_into = |rows: Vec<R::Sealed>, out: &mut Vec<R>| {
+        for row in rows {
+            out.push(open_row::<R>(row, keys)?);
         }
-        chunks.push(chunk);
+        Ok(())
+    };
+    let threads = threads_for(len);
+    if threads < 2 {
+        let mut out = Vec::with_capacity(len);
+        open_into(rows, &mut out)?;
+        return Ok(out);
     }
-    let mut first = chunks.remove(0);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .into_iter()
-                        .map(|row| open_row::<R>(row, keys))
-                        .collect::<Result<Vec<R>>>()
-                })
-            })
-            .collect();
-        let mut out: Vec<R> = first
-            .drain(..)
-            .map(|row| open_row::<R>(row, keys))
-            .collect::<Result<_>>()?;
-        for handle in handles {
-            let part = handle.join().map_err(|_| Error::KeyUnavailable {
-                owner: String::new(),
-                reason: "a thread opening rows panicked".into(),
-            })??;
-            out.extend(part);
-        }
-        Ok(out)
-    })
+    let rest = Mutex::new((0, rows.into_iter()));
+    let claim = || {
+        let mut rest = rest.lock().unwrap_or_else(PoisonError::into_inner);
+        let block: Vec<R::Sealed> = rest.1.by_ref().take(BLOCK_ROWS).collect();
+        let index = rest.0;
+        rest.0 += 1;
+        (!block.is_empty()).then_some((index, block))
+    };
+    in_blocks(threads, len, "opening", claim, open_into)
 }
 
 /// The stored (sealed) form of a [`PhiRecord`]; implemented by the derive.

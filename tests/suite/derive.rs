@@ -308,6 +308,54 @@ fn loading_a_thousand_rows_of_a_hundred_cold_owners_is_one_query_and_a_hundred_u
 }
 
 #[test]
+fn a_batch_shared_between_threads_keeps_its_order_and_fails_at_its_first_damaged_row() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let batch = common::unique_owner("order");
+    let owners = [format!("{batch}-a"), format!("{batch}-b")];
+    let tag = &batch[batch.len() - 16..];
+    let id = |i: usize| format!("{tag}-{i:04}");
+    // Large enough to be sealed and opened on every core, in many blocks.
+    let cases: Vec<Case> = (0..1500)
+        .map(|i| Case {
+            phi_encrypted: true, // as they read back
+            ..case(&owners[i % 2], &id(i), &format!("Patient {i}"))
+        })
+        .collect();
+    let sealed = Case::seal_all(&cases, &keyring).expect("seal");
+    assert!(
+        sealed.iter().map(|s| &s.case_id).eq(cases.iter().map(|c| &c.case_id)),
+        "sealed in input order"
+    );
+    for chunk in sealed.chunks(250) {
+        diesel::insert_into(phi_it_cases::table)
+            .values(chunk)
+            .execute(&mut conn)
+            .expect("insert");
+    }
+    let query = || {
+        phi_it_cases::table
+            .filter(phi_it_cases::user_id.eq_any([&owners[0], &owners[1]]))
+            .order(phi_it_cases::case_id)
+    };
+    let loaded = Case::load(query(), &mut conn, &keyring).expect("load");
+    assert!(loaded == cases, "opened in row order");
+
+    // Two damaged rows, far apart: the error is the first one's.
+    let moved = raw_column(&mut conn, &id(1102), "patient_first");
+    set_raw(&mut conn, &id(1100), "patient_first", moved);
+    let moved = raw_column(&mut conn, &id(1303), "patient_last");
+    set_raw(&mut conn, &id(1301), "patient_last", moved);
+    let err = Case::load(query(), &mut conn, &keyring).expect_err("damaged rows");
+    let message = err.to_string();
+    assert!(matches!(err, Error::Decrypt { .. }), "{err:?}");
+    assert!(message.contains("phi_it_cases.patient_first") && message.contains(&owners[0]), "{message}");
+    assert!(!message.contains(&owners[1]), "{message}");
+}
+
+#[test]
 fn the_blind_index_finds_duplicates_without_decrypting() {
     let db = TestDb::new();
     let keyring = db.keyring();
