@@ -52,7 +52,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-pub use tables::{DataConnection, ResealColumn, ResealTable};
+pub use tables::{ColumnType, DataConnection, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;

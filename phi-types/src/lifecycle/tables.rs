@@ -8,9 +8,12 @@
 
 use std::fmt;
 
+use diesel::backend::Backend;
 use diesel::prelude::*;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::result::Error as DieselError;
-use diesel::sql_types::{BigInt, Binary, Text};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{BigInt, Binary, HasSqlType, Text};
 
 use crate::connection::PhiConnection;
 use crate::envelope::{MAGIC, VERSION_V1};
@@ -18,6 +21,122 @@ use crate::error::{BoxError, Error, Result};
 
 /// The longest identifier accepted (MySQL's limit).
 const MAX_IDENTIFIER_LEN: usize = 64;
+
+/// The SQL type of a [`ResealTable`]'s owner column or row key column, and
+/// so how the owner id is bound and which bytes a row key binds into each
+/// value. The integer types match the `#[phi(owner)]` and `#[phi(row_key)]`
+/// fields of a `#[derive(PhiRecord)]` model ([`OwnerId`](crate::OwnerId),
+/// [`RowKey`](crate::RowKey)): an integer owner's id is its decimal text,
+/// an integer row key binds its big-endian bytes (2 for `I16`/`U16`, 4 for
+/// `I32`/`U32`, 8 for `I64`/`U64`).
+///
+/// Integer columns of any SQL integer type (`SMALLINT`, `INT`, `BIGINT`)
+/// are read as 64-bit signed integers: `U64` values above `i64::MAX` are not
+/// supported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ColumnType {
+    /// A text column (`VARCHAR`, `TEXT`): the owner id is the text; a row
+    /// key binds its UTF-8 bytes. The default.
+    #[default]
+    Text,
+    /// A signed 16-bit integer (`i16`): 2 big-endian bytes as a row key.
+    I16,
+    /// A signed 32-bit integer (`i32`): 4 big-endian bytes as a row key.
+    I32,
+    /// A signed 64-bit integer (`i64`): 8 big-endian bytes as a row key.
+    I64,
+    /// An unsigned 16-bit integer (`u16`): 2 big-endian bytes as a row key.
+    U16,
+    /// An unsigned 32-bit integer (`u32`): 4 big-endian bytes as a row key.
+    U32,
+    /// An unsigned 64-bit integer (`u64`, at most `i64::MAX` here): 8
+    /// big-endian bytes as a row key.
+    U64,
+}
+
+impl ColumnType {
+    /// Every type, in the order of their spec names.
+    const ALL: [ColumnType; 7] = [
+        ColumnType::Text,
+        ColumnType::I16,
+        ColumnType::I32,
+        ColumnType::I64,
+        ColumnType::U16,
+        ColumnType::U32,
+        ColumnType::U64,
+    ];
+
+    /// The name used after `#` in a table description: `text`, `i16`,
+    /// `i32`, `i64`, `u16`, `u32` or `u64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::I16 => "i16",
+            ColumnType::I32 => "i32",
+            ColumnType::I64 => "i64",
+            ColumnType::U16 => "u16",
+            ColumnType::U32 => "u32",
+            ColumnType::U64 => "u64",
+        }
+    }
+
+    /// The type named `name` (see [`ColumnType::name`]), case-insensitive.
+    pub fn from_name(name: &str) -> Option<ColumnType> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Whether the column holds integers.
+    pub fn is_integer(self) -> bool {
+        self != ColumnType::Text
+    }
+
+    /// `value` as this integer type's big-endian bytes, or why it does not
+    /// fit. Never called for [`ColumnType::Text`].
+    fn int_bytes(self, value: i64) -> std::result::Result<Vec<u8>, String> {
+        let range = |_| format!("{value} is out of the range of {}", self.name());
+        Ok(match self {
+            ColumnType::Text | ColumnType::I64 => value.to_be_bytes().to_vec(),
+            ColumnType::I16 => i16::try_from(value).map_err(range)?.to_be_bytes().to_vec(),
+            ColumnType::I32 => i32::try_from(value).map_err(range)?.to_be_bytes().to_vec(),
+            ColumnType::U16 => u16::try_from(value).map_err(range)?.to_be_bytes().to_vec(),
+            ColumnType::U32 => u32::try_from(value).map_err(range)?.to_be_bytes().to_vec(),
+            ColumnType::U64 => u64::try_from(value).map_err(range)?.to_be_bytes().to_vec(),
+        })
+    }
+
+    /// Parses an owner id as this integer type: only its canonical decimal
+    /// text (what [`OwnerId`](crate::OwnerId) produces) is accepted.
+    fn parse_int(self, text: &str) -> std::result::Result<i64, String> {
+        let parsed: Option<i64> = match self {
+            ColumnType::Text | ColumnType::I64 => text.parse::<i64>().ok(),
+            ColumnType::I16 => text.parse::<i16>().ok().map(i64::from),
+            ColumnType::I32 => text.parse::<i32>().ok().map(i64::from),
+            ColumnType::U16 => text.parse::<u16>().ok().map(i64::from),
+            ColumnType::U32 => text.parse::<u32>().ok().map(i64::from),
+            ColumnType::U64 => text.parse::<u64>().ok().and_then(|v| i64::try_from(v).ok()),
+        };
+        match parsed {
+            Some(v) if v.to_string() == text => Ok(v),
+            _ => Err(format!(
+                "the owner id {text:?} is not the decimal text of a value of type {}{}",
+                self.name(),
+                if self == ColumnType::U64 {
+                    " at most i64::MAX"
+                } else {
+                    ""
+                }
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// One application table whose encrypted columns the life-cycle jobs work
 /// on: re-seal moves its values to the owner's current key version,
@@ -33,15 +152,41 @@ const MAX_IDENTIFIER_LEN: usize = 64;
 /// assert_eq!(ResealTable::parse("cases:user_id:case_id:patient_last,dob@cases.date_of_birth")?, cases);
 /// # Ok::<(), phi_types::Error>(())
 /// ```
+///
+/// The owner and row key columns are text unless typed otherwise: a model
+/// with `#[phi(owner)] user_id: i64` and `#[phi(row_key)] id: i64` (both
+/// `BIGINT` columns) is described with [`ColumnType::I64`], or `#i64` after
+/// the column names in a description. Such a table's owner ids are the
+/// integers' decimal text, and each value is bound to its row key's
+/// big-endian bytes, exactly as the derived model seals them.
+///
+/// ```
+/// use phi_types::lifecycle::{ColumnType, ResealTable};
+/// let visits = ResealTable::new("visits", "user_id")
+///     .owner_column_type(ColumnType::I64)
+///     .key_column_typed("id", ColumnType::I64)
+///     .column("reason")
+///     .column("notes");
+/// assert_eq!(ResealTable::parse("visits:user_id#i64:id#i64:reason,notes")?, visits);
+/// assert_eq!(visits.to_string(), "visits:user_id#i64:id#i64:reason,notes");
+/// # Ok::<(), phi_types::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResealTable {
     /// The table (optionally `schema.table`).
     pub table: String,
-    /// The text column holding each row's owner id.
+    /// The column holding each row's owner id.
     pub owner_column: String,
-    /// The text column whose UTF-8 bytes are bound into each value as its
-    /// row key, or `None` when the values were sealed without one.
+    /// The owner column's type: [`ColumnType::Text`] unless set with
+    /// [`ResealTable::owner_column_type`].
+    pub owner_type: ColumnType,
+    /// The column whose bytes are bound into each value as its row key, or
+    /// `None` when the values were sealed without one.
     pub key_column: Option<String>,
+    /// The key column's type, which decides the row key's bytes:
+    /// [`ColumnType::Text`] (UTF-8) unless set with
+    /// [`ResealTable::key_column_typed`].
+    pub key_type: ColumnType,
     /// The encrypted (binary, nullable) columns.
     pub columns: Vec<ResealColumn>,
 }
@@ -62,15 +207,36 @@ impl ResealTable {
         ResealTable {
             table: table.into(),
             owner_column: owner_column.into(),
+            owner_type: ColumnType::Text,
             key_column: None,
+            key_type: ColumnType::Text,
             columns: Vec::new(),
         }
     }
 
-    /// The text column bound into every value as its row key.
+    /// The type of the owner column (default [`ColumnType::Text`]): with
+    /// an integer type, the owner id given to a job must be an integer's
+    /// decimal text, bound as an integer.
     #[must_use]
-    pub fn key_column(mut self, column: impl Into<String>) -> Self {
+    pub fn owner_column_type(mut self, column_type: ColumnType) -> Self {
+        self.owner_type = column_type;
+        self
+    }
+
+    /// The text column bound into every value as its row key (its UTF-8
+    /// bytes).
+    #[must_use]
+    pub fn key_column(self, column: impl Into<String>) -> Self {
+        self.key_column_typed(column, ColumnType::Text)
+    }
+
+    /// The column bound into every value as its row key, of type
+    /// `column_type`: text binds its UTF-8 bytes, an integer its big-endian
+    /// bytes of the type's width.
+    #[must_use]
+    pub fn key_column_typed(mut self, column: impl Into<String>, column_type: ColumnType) -> Self {
         self.key_column = Some(column.into());
+        self.key_type = column_type;
         self
     }
 
@@ -98,24 +264,45 @@ impl ResealTable {
 
     /// Parses `table:owner_column:key_column:col1,col2@scope,...`: the key
     /// column may be empty (no row key); a column's scope is `table.column`
-    /// unless given after `@`.
+    /// unless given after `@`. The owner and key columns are text unless
+    /// followed by `#` and a [`ColumnType`] name (`text`, `i16`, `i32`,
+    /// `i64`, `u16`, `u32`, `u64`): `cases:user_id#i64:id#i64:notes`.
     ///
     /// # Errors
-    /// [`Error::Config`] for a malformed description or an identifier that
-    /// is not plain (letters, digits, `_`; a table may be `schema.table`).
+    /// [`Error::Config`] for a malformed description, an unknown type or an
+    /// identifier that is not plain (letters, digits, `_`; a table may be
+    /// `schema.table`).
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::Config(format!(
-                "table description {spec:?}: {why} (expected table:owner_column:key_column:col1,col2@scope)"
+                "table description {spec:?}: {why} (expected table:owner_column[#type]:key_column[#type]:col1,col2@scope)"
             ))
+        };
+        let typed = |field: &str| -> Result<(String, ColumnType)> {
+            match field.split_once('#') {
+                None => Ok((field.trim().to_owned(), ColumnType::Text)),
+                Some((name, ty)) => {
+                    let ty = ColumnType::from_name(ty).ok_or_else(|| {
+                        bad(&format!(
+                            "unknown column type {:?} (text, i16, i32, i64, u16, u32 or u64)",
+                            ty.trim()
+                        ))
+                    })?;
+                    Ok((name.trim().to_owned(), ty))
+                }
+            }
         };
         let parts: Vec<&str> = spec.trim().split(':').collect();
         let [table, owner, key, columns] = parts[..] else {
             return Err(bad("four ':'-separated fields are needed"));
         };
-        let mut out = ResealTable::new(table.trim(), owner.trim());
-        if !key.trim().is_empty() {
-            out = out.key_column(key.trim());
+        let (owner, owner_type) = typed(owner)?;
+        let mut out = ResealTable::new(table.trim(), owner).owner_column_type(owner_type);
+        let (key, key_type) = typed(key)?;
+        if !key.is_empty() {
+            out = out.key_column_typed(key, key_type);
+        } else if key_type != ColumnType::Text {
+            return Err(bad("a key column type is given without a key column"));
         }
         for column in columns.split(',').map(str::trim).filter(|c| !c.is_empty()) {
             out = match column.split_once('@') {
@@ -158,13 +345,18 @@ impl ResealTable {
 
 impl fmt::Display for ResealTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}:",
-            self.table,
-            self.owner_column,
-            self.key_column.as_deref().unwrap_or("")
-        )?;
+        write!(f, "{}:{}", self.table, self.owner_column)?;
+        if self.owner_type != ColumnType::Text {
+            write!(f, "#{}", self.owner_type)?;
+        }
+        f.write_str(":")?;
+        if let Some(key) = &self.key_column {
+            f.write_str(key)?;
+            if self.key_type != ColumnType::Text {
+                write!(f, "#{}", self.key_type)?;
+            }
+        }
+        f.write_str(":")?;
         for (i, c) in self.columns.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
@@ -200,18 +392,29 @@ fn check_identifier(what: &str, name: &str, dotted: bool) -> Result<()> {
     }
 }
 
-/// One value read for re-sealing or sampling: its row key's bytes and its
-/// stored bytes.
+/// A value bound into a query on an application table: an owner id or a
+/// row key, as its column's SQL type.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum SqlValue {
+    Text(String),
+    Int(i64),
+}
+
+/// One value read for re-sealing or sampling: its row key and the key's
+/// bytes, and its stored bytes.
 pub(crate) struct StoredValue {
-    /// The row key column's text, when the table has one.
-    pub(crate) row_key: Option<String>,
+    /// The key column's value as read, which guards the write back (`None`
+    /// without a key column).
+    key: Option<SqlValue>,
+    /// The row key's bytes as bound into the value (empty without one).
+    row: Vec<u8>,
     pub(crate) bytes: Vec<u8>,
 }
 
 impl StoredValue {
     /// The row key's bytes as bound into the value (empty without one).
     pub(crate) fn row(&self) -> &[u8] {
-        self.row_key.as_deref().map_or(&[], str::as_bytes)
+        &self.row
     }
 }
 
@@ -278,9 +481,17 @@ struct VersionCount {
 }
 
 #[derive(QueryableByName)]
-struct KeyedValue {
+struct TextKeyedValue {
     #[diesel(sql_type = Text)]
     row_key: String,
+    #[diesel(sql_type = Binary)]
+    value: Vec<u8>,
+}
+
+#[derive(QueryableByName)]
+struct IntKeyedValue {
+    #[diesel(sql_type = BigInt)]
+    row_key: i64,
     #[diesel(sql_type = Binary)]
     value: Vec<u8>,
 }
@@ -300,6 +511,9 @@ struct Dialect {
     numbered: bool,
     quote: char,
     lock: &'static str,
+    /// The type an integer column is cast to, to read it as a 64-bit
+    /// signed integer whatever its width.
+    bigint: &'static str,
 }
 
 impl Dialect {
@@ -332,6 +546,9 @@ impl Dialect {
 
     fn select_values(self, t: &ResealTable, column: &str, extra: &str, limit: usize) -> String {
         let key = match &t.key_column {
+            Some(k) if t.key_type.is_integer() => {
+                format!("CAST({} AS {}) AS row_key, ", self.ident(k), self.bigint)
+            }
             Some(k) => format!("{} AS row_key, ", self.ident(k)),
             None => String::new(),
         };
@@ -364,6 +581,51 @@ fn data_error(
     }
 }
 
+/// `owner` as its column's SQL value: an integer owner column needs an
+/// integer's decimal text.
+fn owner_value(t: &ResealTable, owner: &str) -> Result<SqlValue> {
+    if !t.owner_type.is_integer() {
+        return Ok(SqlValue::Text(owner.to_owned()));
+    }
+    t.owner_type
+        .parse_int(owner)
+        .map(SqlValue::Int)
+        .map_err(|why| Error::DataTable {
+            operation: "binding the owner id",
+            table: t.table.clone(),
+            column: t.owner_column.clone(),
+            owner: owner.to_owned(),
+            source: why.into(),
+        })
+}
+
+/// An integer row key read from `t`'s key column as the bytes bound into
+/// its values.
+fn int_row(t: &ResealTable, owner: &str, key: i64) -> Result<Vec<u8>> {
+    t.key_type.int_bytes(key).map_err(|why| Error::DataTable {
+        operation: "reading a row key",
+        table: t.table.clone(),
+        column: t.key_column.clone().unwrap_or_default(),
+        owner: owner.to_owned(),
+        source: why.into(),
+    })
+}
+
+type Boxed<'f, DB> = BoxedSqlQuery<'f, DB, SqlQuery>;
+
+/// Binds an owner id or a row key as its SQL type.
+fn bind_value<'f, DB>(query: Boxed<'f, DB>, value: &SqlValue) -> Boxed<'f, DB>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
+    String: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    match value {
+        SqlValue::Text(text) => query.bind::<Text, _>(text.clone()),
+        SqlValue::Int(n) => query.bind::<BigInt, _>(*n),
+    }
+}
+
 /// A failure inside a re-seal transaction: the database's, or phi's.
 enum TxError {
     Db(DieselError),
@@ -374,6 +636,53 @@ impl From<DieselError> for TxError {
     fn from(e: DieselError) -> Self {
         TxError::Db(e)
     }
+}
+
+impl From<Error> for TxError {
+    fn from(e: Error) -> Self {
+        TxError::Phi(e)
+    }
+}
+
+/// Loads the values a `select_values` query returns, with their row keys
+/// read as the table's key column type.
+macro_rules! load_stored {
+    ($query:expr, $conn:expr, $table:expr, $owner:expr) => {{
+        let (t, owner, query) = ($table, $owner, $query);
+        (|| -> std::result::Result<Vec<StoredValue>, TxError> {
+            Ok(match &t.key_column {
+                None => query
+                    .load::<PlainValue>($conn)?
+                    .into_iter()
+                    .map(|r| StoredValue {
+                        key: None,
+                        row: Vec::new(),
+                        bytes: r.value,
+                    })
+                    .collect(),
+                Some(_) if t.key_type.is_integer() => query
+                    .load::<IntKeyedValue>($conn)?
+                    .into_iter()
+                    .map(|r| {
+                        Ok(StoredValue {
+                            row: int_row(t, owner, r.row_key)?,
+                            key: Some(SqlValue::Int(r.row_key)),
+                            bytes: r.value,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                Some(_) => query
+                    .load::<TextKeyedValue>($conn)?
+                    .into_iter()
+                    .map(|r| StoredValue {
+                        row: r.row_key.as_bytes().to_vec(),
+                        key: Some(SqlValue::Text(r.row_key)),
+                        bytes: r.value,
+                    })
+                    .collect(),
+            })
+        })()
+    }};
 }
 
 macro_rules! data_connection {
@@ -388,6 +697,7 @@ macro_rules! data_connection {
                 owner: &str,
             ) -> Result<Vec<(u32, u64)>> {
                 table.validate()?;
+                let owner_value = owner_value(table, owner)?;
                 let d: Dialect = $dialect;
                 let c = d.ident(&column.column);
                 let sql = format!(
@@ -395,9 +705,9 @@ macro_rules! data_connection {
                     table = d.ident(&table.table),
                     w = d.owned_envelopes(table, &column.column),
                 );
-                let rows: Vec<VersionCount> = diesel::sql_query(sql)
-                    .bind::<Text, _>(owner)
-                    .bind::<Binary, _>(&PREFIX[..])
+                let query = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
+                    .bind::<Binary, _>(&PREFIX[..]);
+                let rows: Vec<VersionCount> = query
                     .load(self)
                     .map_err(|e| data_error("counting values per key version", table, column, owner, e))?;
                 let mut counts: Vec<(u32, u64)> = rows
@@ -421,6 +731,7 @@ macro_rules! data_connection {
                 reseal: &mut Reseal<'_>,
             ) -> Result<BatchOutcome> {
                 table.validate()?;
+                let owner_value = owner_value(table, owner)?;
                 let d: Dialect = $dialect;
                 let c = d.ident(&column.column);
                 // Big-endian versions compare as bytes in numeric order, so
@@ -445,38 +756,27 @@ macro_rules! data_connection {
                 }
                 let current_bytes = current.to_be_bytes();
                 let outcome = self.$transaction(|conn| -> std::result::Result<BatchOutcome, TxError> {
-                    let base = diesel::sql_query(select.as_str())
-                        .bind::<Text, _>(owner)
+                    let query = bind_value(diesel::sql_query(select.as_str()).into_boxed(), &owner_value)
                         .bind::<Binary, _>(&PREFIX[..])
                         .bind::<Binary, _>(&current_bytes[..]);
-                    let values: Vec<StoredValue> = if table.key_column.is_some() {
-                        base.load::<KeyedValue>(conn)?
-                            .into_iter()
-                            .map(|r| StoredValue { row_key: Some(r.row_key), bytes: r.value })
-                            .collect()
-                    } else {
-                        base.load::<PlainValue>(conn)?
-                            .into_iter()
-                            .map(|r| StoredValue { row_key: None, bytes: r.value })
-                            .collect()
-                    };
+                    let values = load_stored!(query, &mut *conn, table, owner)?;
                     let mut outcome = BatchOutcome { read: values.len() as u64, ..BatchOutcome::default() };
                     // A value copied to several rows (no row key) is updated
                     // in all of them by its first UPDATE.
                     let mut done = std::collections::HashSet::new();
                     for value in &values {
-                        if !done.insert((value.row_key.as_deref(), value.bytes.as_slice())) {
+                        if !done.insert((value.key.as_ref(), value.bytes.as_slice())) {
                             continue;
                         }
-                        let new = reseal(value).map_err(TxError::Phi)?;
-                        let query = diesel::sql_query(update.as_str())
-                            .bind::<Binary, _>(&new)
-                            .bind::<Text, _>(owner)
-                            .bind::<Binary, _>(&value.bytes);
-                        let n = match &value.row_key {
-                            Some(key) => query.bind::<Text, _>(key).execute(conn)?,
-                            None => query.execute(conn)?,
-                        };
+                        let new = reseal(value)?;
+                        let mut query = diesel::sql_query(update.as_str())
+                            .into_boxed()
+                            .bind::<Binary, _>(new);
+                        query = bind_value(query, &owner_value).bind::<Binary, _>(&value.bytes[..]);
+                        if let Some(key) = &value.key {
+                            query = bind_value(query, key);
+                        }
+                        let n = query.execute(conn)?;
                         outcome.updated += n as u64;
                         if n == 0 {
                             outcome.conflicts += 1;
@@ -499,25 +799,16 @@ macro_rules! data_connection {
                 limit: usize,
             ) -> Result<Vec<StoredValue>> {
                 table.validate()?;
+                let owner_value = owner_value(table, owner)?;
                 let d: Dialect = $dialect;
                 let sql = d.select_values(table, &column.column, "", limit);
-                let base = diesel::sql_query(sql)
-                    .bind::<Text, _>(owner)
+                let query = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
                     .bind::<Binary, _>(&PREFIX[..]);
-                let fail = |e| data_error("sampling values", table, column, owner, e);
-                Ok(if table.key_column.is_some() {
-                    base.load::<KeyedValue>(self)
-                        .map_err(fail)?
-                        .into_iter()
-                        .map(|r| StoredValue { row_key: Some(r.row_key), bytes: r.value })
-                        .collect()
-                } else {
-                    base.load::<PlainValue>(self)
-                        .map_err(fail)?
-                        .into_iter()
-                        .map(|r| StoredValue { row_key: None, bytes: r.value })
-                        .collect()
-                })
+                match load_stored!(query, &mut *self, table, owner) {
+                    Ok(values) => Ok(values),
+                    Err(TxError::Phi(e)) => Err(e),
+                    Err(TxError::Db(e)) => Err(data_error("sampling values", table, column, owner, e)),
+                }
             }
         }
     )*};
@@ -525,9 +816,128 @@ macro_rules! data_connection {
 
 data_connection! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction,
-        Dialect { numbered: false, quote: '"', lock: "" };
+        Dialect { numbered: false, quote: '"', lock: "", bigint: "INTEGER" };
     "mysql" => diesel::MysqlConnection, transaction,
-        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE" };
+        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE", bigint: "SIGNED" };
     "postgres" => diesel::PgConnection, transaction,
-        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE" };
+        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE", bigint: "BIGINT" };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RowKey;
+
+    #[test]
+    fn typed_owner_and_key_columns_parse_and_display() {
+        let t =
+            ResealTable::parse("cases:user_id#i64:id#I32:notes,dob@cases.birth").expect("parses");
+        assert_eq!(
+            t,
+            ResealTable::new("cases", "user_id")
+                .owner_column_type(ColumnType::I64)
+                .key_column_typed("id", ColumnType::I32)
+                .column("notes")
+                .column_with_scope("dob", "cases.birth")
+        );
+        assert_eq!(
+            t.to_string(),
+            "cases:user_id#i64:id#i32:notes,dob@cases.birth"
+        );
+        assert_eq!(ResealTable::parse(&t.to_string()).expect("round trip"), t);
+        // Old descriptions keep their meaning: text columns.
+        let old = ResealTable::parse("cases:user_id:case_id:notes").expect("parses");
+        assert_eq!(
+            (old.owner_type, old.key_type),
+            (ColumnType::Text, ColumnType::Text)
+        );
+        assert_eq!(old.to_string(), "cases:user_id:case_id:notes");
+        let explicit = ResealTable::parse("cases:user_id#text:case_id#text:notes").expect("parses");
+        assert_eq!(explicit, old);
+        // An integer owner without a row key.
+        let nokey = ResealTable::parse("visits:owner#u32::reason").expect("parses");
+        assert_eq!(
+            (nokey.owner_type, nokey.key_column.as_deref()),
+            (ColumnType::U32, None)
+        );
+        assert_eq!(nokey.to_string(), "visits:owner#u32::reason");
+        for name in ["text", "i16", "i32", "i64", "u16", "u32", "u64"] {
+            assert_eq!(
+                ColumnType::from_name(name).map(ColumnType::name),
+                Some(name)
+            );
+        }
+
+        let err = ResealTable::parse("cases:user_id#int:id:notes").expect_err("unknown type");
+        assert!(
+            err.to_string().contains("unknown column type \"int\""),
+            "{err}"
+        );
+        let err = ResealTable::parse("cases:user_id:#i64:notes").expect_err("type without column");
+        assert!(err.to_string().contains("without a key column"), "{err}");
+        let err = ResealTable::parse("cases:user id#i64:id:notes").expect_err("identifier");
+        assert!(
+            err.to_string().contains("not a plain SQL identifier"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_integer_owner_column_needs_an_integer_owner_id() {
+        let t = ResealTable::new("visits", "user_id")
+            .owner_column_type(ColumnType::I64)
+            .column("reason");
+        assert_eq!(owner_value(&t, "-42").expect("integer"), SqlValue::Int(-42));
+        for bad in ["provider-17", "", "007", "+7", "1.5", "9223372036854775808"] {
+            let err = owner_value(&t, bad).expect_err("not an i64");
+            assert!(matches!(err, Error::DataTable { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("visits.user_id") && msg.contains(&format!("{bad:?}")),
+                "{msg}"
+            );
+        }
+        let small = t.clone().owner_column_type(ColumnType::U16);
+        assert_eq!(
+            owner_value(&small, "65535").expect("fits"),
+            SqlValue::Int(65_535)
+        );
+        assert!(owner_value(&small, "65536").is_err());
+        assert!(owner_value(&small, "-1").is_err());
+        // A text owner column takes any owner id as it is.
+        let text = ResealTable::new("cases", "user_id").column("notes");
+        assert_eq!(
+            owner_value(&text, "007").expect("text"),
+            SqlValue::Text("007".into())
+        );
+    }
+
+    #[test]
+    fn integer_row_keys_bind_the_bytes_the_derived_models_bind() {
+        let t = |ty| {
+            ResealTable::new("t", "o")
+                .key_column_typed("id", ty)
+                .column("c")
+        };
+        let bytes = |ty, v| int_row(&t(ty), "o", v).expect("fits");
+        assert_eq!(bytes(ColumnType::I64, -3), (*(-3i64).row_key()).to_vec());
+        assert_eq!(bytes(ColumnType::I32, -3), (*(-3i32).row_key()).to_vec());
+        assert_eq!(bytes(ColumnType::I16, 300), (*300i16.row_key()).to_vec());
+        assert_eq!(bytes(ColumnType::U64, 7), (*7u64.row_key()).to_vec());
+        assert_eq!(
+            bytes(ColumnType::U32, 70_000),
+            (*70_000u32.row_key()).to_vec()
+        );
+        assert_eq!(
+            bytes(ColumnType::U16, 65_535),
+            (*65_535u16.row_key()).to_vec()
+        );
+        assert_eq!(bytes(ColumnType::I16, 1).len(), 2);
+        let err = int_row(&t(ColumnType::I16), "owner-1", 40_000).expect_err("too wide");
+        assert!(
+            err.to_string().contains("t.id") && err.to_string().contains("owner-1"),
+            "{err}"
+        );
+        assert!(int_row(&t(ColumnType::U32), "o", -1).is_err());
+    }
 }
