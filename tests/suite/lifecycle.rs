@@ -672,3 +672,218 @@ fn reseal_never_overwrites_a_concurrent_write() {
     let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
     assert!(usage.iter().all(|u| u.key_version == 2), "{usage:?}");
 }
+
+// --- Tables of derived models with integer owners and row keys.
+
+diesel::table! {
+    phi_it_visits (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        reason -> Binary,
+        notes -> Nullable<Binary>,
+    }
+}
+
+use phi::PhiRecord as _;
+
+/// A derived model whose owner and row key are `BIGINT` columns.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi, table = phi_it_visits, debug)]
+struct Visit {
+    #[phi(row_key)]
+    id: i64,
+    #[phi(owner)]
+    user_id: i64,
+    #[phi(encrypt)]
+    reason: String,
+    #[phi(encrypt)]
+    notes: Option<String>,
+}
+
+diesel::table! {
+    phi_it_small_visits (user_id, seq) {
+        user_id -> Integer,
+        seq -> SmallInt,
+        reason -> Binary,
+    }
+}
+
+/// A derived model whose owner is an `INT` and row key a `SMALLINT` column.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi, table = phi_it_small_visits, debug)]
+#[diesel(primary_key(user_id, seq))]
+struct SmallVisit {
+    #[phi(owner)]
+    user_id: i32,
+    #[phi(row_key)]
+    seq: i16,
+    #[phi(encrypt)]
+    reason: String,
+}
+
+/// An integer no other test (or earlier run against the same server) uses.
+fn unique_int() -> i64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros();
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    i64::try_from(micros * 1000 + u128::from(n % 1000)).expect("fits until 2262")
+}
+
+fn visits_db() -> TestDb {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    for ddl in [
+        format!(
+            "CREATE TABLE IF NOT EXISTS phi_it_visits (id BIGINT NOT NULL PRIMARY KEY, \
+             user_id BIGINT NOT NULL, reason {BLOB} NOT NULL, notes {BLOB} NULL)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS phi_it_small_visits (user_id INT NOT NULL, \
+             seq SMALLINT NOT NULL, reason {BLOB} NOT NULL, PRIMARY KEY (user_id, seq))"
+        ),
+    ] {
+        diesel::sql_query(ddl).execute(&mut conn).expect("integer-keyed test tables");
+    }
+    db
+}
+
+fn visits_table() -> ResealTable {
+    ResealTable::parse("phi_it_visits:user_id#i64:id#i64:reason,notes").expect("table description")
+}
+
+/// Seals and inserts `n` visits of `owner` (every third note NULL).
+fn seed_visits(conn: &mut Conn, keyring: &Keyring, owner: i64, n: usize) -> Vec<Visit> {
+    let visits: Vec<Visit> = (0..n)
+        .map(|i| Visit {
+            id: unique_int(),
+            user_id: owner,
+            reason: format!("reason {i} of {owner}"),
+            notes: (i % 3 != 0).then(|| format!("note {i}")),
+        })
+        .collect();
+    for row in Visit::seal_all(&visits, keyring).expect("seal") {
+        diesel::insert_into(phi_it_visits::table).values(&row).execute(conn).expect("insert");
+    }
+    visits
+}
+
+/// Loads `owner`'s visits through the model, checking them against
+/// `expected`, and returns the key versions of their stored values.
+fn check_visits(conn: &mut Conn, keyring: &Keyring, owner: i64, expected: &[Visit]) -> Vec<u32> {
+    let mut loaded = Visit::load(
+        phi_it_visits::table.filter(phi_it_visits::user_id.eq(owner)).order(phi_it_visits::id),
+        conn,
+        keyring,
+    )
+    .expect("every visit opens");
+    let mut expected = expected.to_vec();
+    expected.sort_by_key(|v| v.id);
+    loaded.sort_by_key(|v| v.id);
+    assert!(loaded == expected, "visits of {owner} load unchanged");
+    let raw: Vec<(Vec<u8>, Option<Vec<u8>>)> = phi_it_visits::table
+        .filter(phi_it_visits::user_id.eq(owner))
+        .select((phi_it_visits::reason, phi_it_visits::notes))
+        .load(conn)
+        .expect("raw columns");
+    let mut versions: Vec<u32> = raw
+        .into_iter()
+        .flat_map(|(reason, notes)| [Some(reason), notes])
+        .flatten()
+        .map(|bytes| u32::from_be_bytes(bytes[2..6].try_into().expect("header")))
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    versions
+}
+
+#[test]
+fn reseal_and_retire_on_a_derived_model_with_integer_owner_and_row_key() {
+    let db = visits_db();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    let (owner, other) = (unique_int(), unique_int());
+    let mine = seed_visits(&mut conn, &keyring, owner, 11);
+    let theirs = seed_visits(&mut conn, &keyring, other, 4);
+    let tables = [visits_table()];
+    let (owner_id, other_id) = (owner.to_string(), other.to_string());
+
+    assert_eq!(lifecycle::rotate(&keyring, &owner_id).expect("rotate"), 2);
+    let err = lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect_err("in use");
+    assert!(matches!(err, Error::KeyInUse { rows: 11, .. }), "{err:?}");
+
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 4, &mut |_| {}).expect("reseal");
+    let notes = (0..11).filter(|i| i % 3 != 0).count() as u64;
+    assert_eq!((report.total, report.resealed, report.conflicts), (11 + notes, 11 + notes, 0));
+    assert!(report.batches >= 4, "worked in batches: {report:?}");
+    assert_eq!(check_visits(&mut conn, &db.keyring(), owner, &mine), [2], "every value on version 2");
+    let usage = lifecycle::usage(&mut conn, &owner_id, &tables).expect("usage");
+    assert!(!usage.is_empty() && usage.iter().all(|u| u.key_version == 2), "{usage:?}");
+    let again = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 4, &mut |_| {}).expect("reseal");
+    assert_eq!((again.total, again.resealed), (0, 0));
+
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect("retire"));
+    assert_eq!(key_states(&db, &owner_id).iter().map(|(v, s, _, _)| (*v, s.clone())).collect::<Vec<_>>(), [
+        (1, "retired".to_owned()),
+        (2, "active".to_owned())
+    ]);
+    // The other owner was not touched.
+    assert_eq!(check_visits(&mut conn, &db.keyring(), other, &theirs), [1]);
+    assert_eq!(key_states(&db, &other_id).len(), 1);
+
+    // An owner id that is no integer is refused, naming table and column.
+    let err = lifecycle::usage(&mut conn, "provider-17", &tables).expect_err("not an integer");
+    assert!(err.to_string().contains("phi_it_visits.user_id") && err.to_string().contains("provider-17"), "{err}");
+}
+
+#[test]
+fn reseal_on_int_and_smallint_owner_and_row_key_columns() {
+    let db = visits_db();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    let owner = i32::try_from(unique_int() % i64::from(i32::MAX)).expect("fits");
+    let visits: Vec<SmallVisit> = (0..5i16)
+        .map(|seq| SmallVisit { user_id: owner, seq: seq * 300 - 600, reason: format!("visit {seq}") })
+        .collect();
+    for row in SmallVisit::seal_all(&visits, &keyring).expect("seal") {
+        diesel::insert_into(phi_it_small_visits::table).values(&row).execute(&mut conn).expect("insert");
+    }
+    let owner_id = owner.to_string();
+    lifecycle::rotate(&keyring, &owner_id).expect("rotate");
+    let tables = [ResealTable::new("phi_it_small_visits", "user_id")
+        .owner_column_type(lifecycle::ColumnType::I32)
+        .key_column_typed("seq", lifecycle::ColumnType::I16)
+        .column("reason")];
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 2, &mut |_| {}).expect("reseal");
+    assert_eq!((report.total, report.resealed), (5, 5));
+    let loaded = SmallVisit::load(
+        phi_it_small_visits::table.filter(phi_it_small_visits::user_id.eq(owner)).order(phi_it_small_visits::seq),
+        &mut conn,
+        &db.keyring(),
+    )
+    .expect("every visit opens");
+    assert!(loaded == visits, "visits load unchanged");
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect("retire"));
+}
+
+#[test]
+fn shredding_an_integer_owner_verifies() {
+    let db = visits_db();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    let (owner, other) = (unique_int(), unique_int());
+    seed_visits(&mut conn, &keyring, owner, 5);
+    lifecycle::rotate(&keyring, &owner.to_string()).expect("rotate");
+    let theirs = seed_visits(&mut conn, &keyring, other, 3);
+    let tables = [visits_table()];
+    let report = lifecycle::shred(&mut conn, &keyring, &owner.to_string(), &tables, 3).expect("shred");
+    assert_eq!(report.destroyed_versions, [1, 2]);
+    assert!(report.verified(), "{report:?}");
+    assert_eq!(report.sampled, 3 + 3, "three per column");
+    let err = Visit::load(phi_it_visits::table.filter(phi_it_visits::user_id.eq(owner)), &mut conn, &db.keyring())
+        .expect_err("shredded");
+    assert!(err.to_string().contains(&owner.to_string()), "{err}");
+    assert_eq!(check_visits(&mut conn, &db.keyring(), other, &theirs), [1]);
+}
