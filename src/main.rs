@@ -47,7 +47,10 @@ struct Cli {
 
     /// An application table holding encrypted columns, as
     /// `table:owner_column:key_column:col1,col2@scope` (key column may be
-    /// empty); repeat for several. From PHI_TABLES, `;`-separated.
+    /// empty); repeat for several. From PHI_TABLES, `;`-separated. The owner
+    /// and key columns are text unless typed with `#i16`, `#i32`, `#i64`,
+    /// `#u16`, `#u32` or `#u64` (integer owners and row keys of derived
+    /// models), e.g. `visits:user_id#i64:id#i64:reason,notes`.
     #[arg(
         long = "table",
         env = "PHI_TABLES",
