@@ -491,3 +491,93 @@ fn base64_of(key: &KeyBytes) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(key.expose())
 }
+
+#[test]
+fn integer_owner_and_row_key_columns_are_typed_in_the_table_description() {
+    let clinic = Clinic::new(&[], 0);
+    let mut conn = clinic.conn();
+    conn.batch_execute(
+        "CREATE TABLE visits (id BIGINT PRIMARY KEY NOT NULL, user_id BIGINT NOT NULL, \
+         reason BLOB NOT NULL)",
+    )
+    .expect("table");
+    let keyring = clinic.keyring(common::local_kek());
+    let seal = |owner: i64, id: i64| {
+        keyring
+            .seal(
+                &format!("Reason {id}"),
+                &owner.to_string(),
+                "visits.reason",
+                &id.to_be_bytes(),
+            )
+            .expect("seal")
+            .into_bytes()
+    };
+    for (owner, id) in [(42_i64, 1_i64), (42, 2), (42, 300), (7, 4)] {
+        diesel::sql_query("INSERT INTO visits (id, user_id, reason) VALUES (?, ?, ?)")
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .bind::<diesel::sql_types::BigInt, _>(owner)
+            .bind::<diesel::sql_types::Binary, _>(seal(owner, id))
+            .execute(&mut conn)
+            .expect("insert");
+    }
+    let table = ["--table", "visits:user_id#i64:id#i64:reason"];
+    let with = |args: &[&'static str]| [&table[..], args].concat();
+
+    let out = clinic.ok(&with(&["keys", "status"]));
+    assert!(out.contains("Coverage: 2 of 2 owners"), "{out}");
+    clinic.ok(&with(&["keys", "rotate", "--owner", "42"]));
+    let out = clinic.ok(&with(&[
+        "keys",
+        "reseal",
+        "--owner",
+        "42",
+        "--batch-size",
+        "2",
+    ]));
+    assert!(
+        out.contains("re-sealed 3 of 3 value(s) under version 2"),
+        "{out}"
+    );
+    let out = clinic.ok(&with(&[
+        "keys",
+        "retire",
+        "--owner",
+        "42",
+        "--version",
+        "1",
+    ]));
+    assert!(out.contains("retired data key version 1"), "{out}");
+
+    let fresh = clinic.keyring(common::local_kek());
+    for (owner, id, version) in [(42_i64, 1_i64, 2), (42, 2, 2), (42, 300, 2), (7, 4, 1)] {
+        #[derive(QueryableByName)]
+        struct Reason {
+            #[diesel(sql_type = diesel::sql_types::Binary)]
+            reason: Vec<u8>,
+        }
+        let stored = diesel::sql_query("SELECT reason FROM visits WHERE id = ?")
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .get_result::<Reason>(&mut conn)
+            .expect("row")
+            .reason;
+        let value = Encrypted::<String>::from_bytes(stored);
+        assert_eq!(value.key_version(), Some(version), "visit {id}");
+        let opened = fresh
+            .open(
+                value,
+                &owner.to_string(),
+                "visits.reason",
+                &id.to_be_bytes(),
+            )
+            .expect("opens");
+        assert_eq!(opened, format!("Reason {id}"));
+    }
+
+    let (ok, _, err) = clinic.run(&with(&["keys", "status", "--owner", "dr-a"]));
+    assert!(!ok, "a non-numeric owner on an integer owner column fails");
+    assert!(
+        err.contains("visits.user_id") && err.contains("dr-a"),
+        "{err}"
+    );
+}
