@@ -4,7 +4,8 @@
 //! Every query reads the key version from the envelope header at a fixed
 //! offset (bytes 3 to 6, SQL `SUBSTR(column, 3, 4)`), so counting and
 //! finding values per key version never decrypts. Identifiers are checked
-//! and quoted; values are bound.
+//! and quoted; values are bound, owner ids and row keys as their column's
+//! [`ColumnType`] (text, or integers read as 64-bit signed integers).
 
 use std::fmt;
 
