@@ -203,14 +203,12 @@ fn a_wrapped_key_does_not_open_for_another_owner_or_version() {
     let store = Arc::new(MemoryKeyStore::new());
     let thief = common::unique_owner("thief");
     store
-        .insert_key_if_absent(&StoredKey {
-            owner_id: thief.clone(),
-            version: 1,
-            kek_id: kek.id().to_owned(),
-            wrapped_key: wrapped,
-            state: phi::KeyState::Active,
-            created_at: chrono::Utc::now().naive_utc(),
-        })
+        .insert_key_if_absent(&StoredKey::active(
+            thief.clone(),
+            1,
+            kek.id().to_owned(),
+            wrapped,
+        ))
         .expect("insert");
     let keyring = Keyring::builder(store, kek.clone())
         .build()
@@ -269,14 +267,12 @@ fn access_denied_names_the_owner_and_the_key() {
     let other = Arc::new(kek(&url, &b));
     let store = Arc::new(MemoryKeyStore::new());
     store
-        .insert_key_if_absent(&StoredKey {
-            owner_id: owner.clone(),
-            version: 1,
-            kek_id: other.id().to_owned(),
-            wrapped_key: wrapped,
-            state: phi::KeyState::Active,
-            created_at: chrono::Utc::now().naive_utc(),
-        })
+        .insert_key_if_absent(&StoredKey::active(
+            owner.clone(),
+            1,
+            other.id().to_owned(),
+            wrapped,
+        ))
         .expect("insert");
     let keyring = Keyring::builder(store, other).build().expect("keyring");
     let err = keyring.keys_for_open(&owner).expect_err("denied");
@@ -424,14 +420,12 @@ fn a_batch_of_unwraps_runs_concurrently_within_the_bound() {
     let owners: Vec<String> = (0..40).map(|i| format!("provider-{i:02}")).collect();
     for owner in &owners {
         store
-            .insert_key_if_absent(&StoredKey {
-                owner_id: owner.clone(),
-                version: 1,
-                kek_id: kek.id().to_owned(),
-                wrapped_key: b"ciphertext blob".to_vec(),
-                state: phi::KeyState::Active,
-                created_at: chrono::Utc::now().naive_utc(),
-            })
+            .insert_key_if_absent(&StoredKey::active(
+                owner.clone(),
+                1,
+                kek.id().to_owned(),
+                b"ciphertext blob".to_vec(),
+            ))
             .expect("insert");
     }
     let keyring = Keyring::builder(store, kek.clone())

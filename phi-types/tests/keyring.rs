@@ -67,14 +67,7 @@ fn a_key_version_created_elsewhere_is_loaded_on_first_sight() {
     // Another process adds version 2 (as DEK rotation will).
     let kek = kek();
     let (_, wrapped) = kek.generate(owner, 2).expect("generate");
-    let row = StoredKey {
-        owner_id: owner.into(),
-        version: 2,
-        kek_id: kek.id().into(),
-        wrapped_key: wrapped,
-        state: KeyState::Active,
-        created_at: chrono::Utc::now().naive_utc(),
-    };
+    let row = StoredKey::active(owner, 2, kek.id(), wrapped);
     assert!(store.insert_key_if_absent(&row).expect("insert"));
     let writer = keyring(store.clone());
     let v2 = writer

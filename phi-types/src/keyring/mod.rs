@@ -857,14 +857,7 @@ impl Keyring {
             key_version: version,
             source,
         })?;
-        let row = StoredKey {
-            owner_id: owner.to_owned(),
-            version,
-            kek_id: kek.id().to_owned(),
-            wrapped_key: wrapped,
-            state: KeyState::Active,
-            created_at: chrono::Utc::now().naive_utc(),
-        };
+        let row = StoredKey::active(owner, version, kek.id(), wrapped);
         self.count_query();
         if self.inner.store.insert_key_if_absent(&row)? {
             self.inner

@@ -164,14 +164,7 @@ pub fn rotate(keyring: &Keyring, owner: &str) -> Result<u32> {
         kek.generate(owner, version)
             .map_err(kek_error(kek.as_ref(), owner, version))?;
     drop(key);
-    let row = StoredKey {
-        owner_id: owner.to_owned(),
-        version,
-        kek_id: kek.id().to_owned(),
-        wrapped_key: wrapped,
-        state: KeyState::Active,
-        created_at: chrono::Utc::now().naive_utc(),
-    };
+    let row = StoredKey::active(owner, version, kek.id(), wrapped);
     if !keyring.store().insert_key_if_absent(&row)? {
         return Err(refuse(format!(
             "version {version} was added meanwhile by another process"

@@ -83,6 +83,26 @@ pub struct StoredKey {
     pub created_at: NaiveDateTime,
 }
 
+impl StoredKey {
+    /// A new active data key row of `owner`, created now, wrapped by the
+    /// KEK `kek_id`.
+    pub fn active(
+        owner_id: impl Into<String>,
+        version: u32,
+        kek_id: impl Into<String>,
+        wrapped_key: Vec<u8>,
+    ) -> Self {
+        StoredKey {
+            owner_id: owner_id.into(),
+            version,
+            kek_id: kek_id.into(),
+            wrapped_key,
+            state: KeyState::Active,
+            created_at: chrono::Utc::now().naive_utc(),
+        }
+    }
+}
+
 impl fmt::Debug for StoredKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The wrapped key is not secret, but it has no business in logs.
