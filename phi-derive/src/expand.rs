@@ -85,14 +85,7 @@ fn generate(m: &Model) -> TokenStream {
     // open_with
     let field_names: Vec<_> = m.fields.iter().map(|f| &f.ident).collect();
     let index_names: Vec<_> = blind_indexes(m).map(|(_, c, _, _)| c).collect();
-    let encrypted_expr = match flag {
-        Some(f) => {
-            let name = &f.ident;
-            let ty = &f.ty;
-            quote! { <#ty as #krate::EncryptedFlag>::is_encrypted(&#name) }
-        }
-        None => quote! { true },
-    };
+    let encrypted_expr = flag_expr(krate, flag, quote!());
     let open_row_expr = row_key_expr(krate, row_key, quote!());
     let open_fields = m.fields.iter().filter_map(|f| {
         let Role::Encrypt { scope, .. } = &f.role else {
@@ -111,14 +104,7 @@ fn generate(m: &Model) -> TokenStream {
     });
 
     // SealedRecord
-    let sealed_flag_expr = match flag {
-        Some(f) => {
-            let name = &f.ident;
-            let ty = &f.ty;
-            quote! { <#ty as #krate::EncryptedFlag>::is_encrypted(&self.#name) }
-        }
-        None => quote! { true },
-    };
+    let sealed_flag_expr = flag_expr(krate, flag, quote!(self.));
     let versions = m.fields.iter().filter_map(|f| {
         let Role::Encrypt { .. } = &f.role else {
             return None;
@@ -283,14 +269,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         .chain(blind_indexes(m).map(|(_, c, _, _)| c))
         .collect();
 
-    let was_sealed = match flag {
-        Some(f) => {
-            let name = &f.ident;
-            let ty = &f.ty;
-            quote! { <#ty as #krate::EncryptedFlag>::is_encrypted(&old.#name) }
-        }
-        None => quote! { true },
-    };
+    let was_sealed = flag_expr(krate, flag, quote!(old.));
     let wants_seal = if flag.is_some() {
         quote! { __was_sealed || keyring.encrypts_for(&#krate::OwnerId::owner_id(&self.#owner_ident)) }
     } else {
@@ -529,6 +508,19 @@ fn blind_call(krate: &syn::Path, f: &Field, scope: &str, normalize: (bool, bool)
     let normalize = normalize_tokens(krate, normalize);
     quote_spanned! {vty.span()=>
         (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
+    }
+}
+
+/// Whether the row read from `receiver` + the flag field (`self.`, `old.` or
+/// a local) is sealed: always, for a model without a flag.
+fn flag_expr(krate: &syn::Path, flag: Option<&Field>, receiver: TokenStream) -> TokenStream {
+    match flag {
+        Some(f) => {
+            let name = &f.ident;
+            let ty = &f.ty;
+            quote! { <#ty as #krate::EncryptedFlag>::is_encrypted(&#receiver #name) }
+        }
+        None => quote! { true },
     }
 }
 
