@@ -209,11 +209,11 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// As [`seal`](Self::seal); nothing is returned if any record fails.
     fn seal_all(records: &[Self], keyring: &Keyring) -> Result<Vec<Self::Sealed>> {
         let owners: Vec<Cow<'_, str>> = records.iter().map(Self::owner_id).collect();
-        let sealing: HashSet<&str> = owners
-            .iter()
-            .map(|o| o.as_ref())
-            .filter(|o| !Self::HAS_ENCRYPTED_FLAG || keyring.encrypts_for(o))
-            .collect();
+        let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
+        if Self::HAS_ENCRYPTED_FLAG {
+            // The roll-out policy is asked once per distinct owner.
+            sealing.retain(|o| keyring.encrypts_for(o));
+        }
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
         let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<Self::Sealed>| {
             with_sealer(|sealer| {
