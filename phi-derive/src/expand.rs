@@ -123,6 +123,10 @@ fn generate(m: &Model) -> TokenStream {
 
     let changes_tokens = changeset(m, flag, row_key);
     let lookups = lookups(m);
+    let migratable = match (flag, row_key) {
+        (Some(flag), Some(row_key)) => migratable(m, owner, row_key, flag),
+        _ => quote! {},
+    };
     let debug = if m.debug {
         debug(m)
     } else {
@@ -190,7 +194,57 @@ fn generate(m: &Model) -> TokenStream {
 
         #changes_tokens
         #lookups
+        #migratable
         #debug
+    }
+}
+
+/// `impl Migratable`: how the model is stored, for the migration jobs.
+fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenStream {
+    let krate = &m.krate;
+    let ident = &m.ident;
+    let table_name = &m.table_name;
+    let (owner_column, owner_ty) = (&owner.column, &owner.ty);
+    let (key_column, key_ty) = (&row_key.column, &row_key.ty);
+    let (flag_column, flag_ty) = (&flag.column, &flag.ty);
+    let columns = m.fields.iter().filter_map(|f| {
+        let Role::Encrypt { scope, blind_index } = &f.role else {
+            return None;
+        };
+        let column = &f.column;
+        let vty = f.value_ty();
+        let index = match blind_index {
+            Some(b) => {
+                let name = b.column.to_string();
+                let normalize = normalize_tokens(krate, (b.trim, b.lowercase));
+                quote! { ::core::option::Option::Some((#name, #normalize)) }
+            }
+            None => quote! { ::core::option::Option::None },
+        };
+        Some(quote_spanned! {vty.span()=>
+            #krate::migrate::StoredColumn {
+                column: #column,
+                scope: #scope,
+                blind_index: #index,
+                decodes: #krate::migrate::decodes::<#vty>,
+            }
+        })
+    });
+    quote! {
+        impl #krate::migrate::Migratable for #ident {
+            fn stored_table() -> #krate::migrate::StoredTable {
+                #krate::migrate::StoredTable {
+                    table: #table_name,
+                    owner_column: #owner_column,
+                    owner_type: <#owner_ty as #krate::migrate::KeyColumnType>::COLUMN_TYPE,
+                    key_column: #key_column,
+                    key_type: <#key_ty as #krate::migrate::KeyColumnType>::COLUMN_TYPE,
+                    flag_column: #flag_column,
+                    flag_is_bool: <#flag_ty as #krate::EncryptedFlag>::SQL_BOOL,
+                    columns: ::std::vec![#(#columns),*],
+                }
+            }
+        }
     }
 }
 

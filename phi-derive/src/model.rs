@@ -73,6 +73,8 @@ pub(crate) struct BlindIndex {
 
 pub(crate) struct Field {
     pub(crate) ident: syn::Ident,
+    /// The SQL column (`#[diesel(column_name = …)]`, else the field's name).
+    pub(crate) column: String,
     pub(crate) vis: syn::Visibility,
     pub(crate) ty: syn::Type,
     /// `T` of an `Option<T>` field.
@@ -242,6 +244,7 @@ impl Model {
             };
             fields.push(Field {
                 option_of: option_inner(&f.ty),
+                column,
                 ident,
                 vis: f.vis,
                 ty: f.ty,

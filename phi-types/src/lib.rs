@@ -51,6 +51,7 @@ mod kek;
 mod keyring;
 pub mod lifecycle;
 pub mod metrics;
+pub mod migrate;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub mod migrations;
 mod nonce;

@@ -570,9 +570,13 @@ pub trait EncryptedFlag {
     fn from_encrypted(encrypted: bool) -> Self;
     /// Whether this flag marks a sealed row.
     fn is_encrypted(&self) -> bool;
+    /// Whether the column is a SQL boolean (else an integer, 1 on, 0 off),
+    /// for the migration jobs' SQL.
+    const SQL_BOOL: bool = false;
 }
 
 impl EncryptedFlag for bool {
+    const SQL_BOOL: bool = true;
     fn from_encrypted(encrypted: bool) -> Self {
         encrypted
     }

@@ -600,6 +600,12 @@ mod derive {
     include!("derive.rs");
 }
 
+/// Backfill, verify and decrypt-back on tables written before phi.
+mod migrate {
+    use super::*;
+    include!("migrate.rs");
+}
+
 /// The key life cycle: rotation, re-seal, retirement, rewrap, shredding.
 mod lifecycle {
     use super::*;

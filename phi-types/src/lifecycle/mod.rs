@@ -45,7 +45,7 @@
 //! # Ok::<(), phi_types::Error>(())
 //! ```
 
-mod tables;
+pub(crate) mod tables;
 
 use std::collections::HashMap;
 use std::sync::Arc;

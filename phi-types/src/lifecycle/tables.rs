@@ -14,11 +14,12 @@ use diesel::prelude::*;
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::result::Error as DieselError;
 use diesel::serialize::ToSql;
-use diesel::sql_types::{BigInt, Binary, HasSqlType, Text};
+use diesel::sql_types::{BigInt, Binary, Bool, HasSqlType, Nullable, Text};
 
 use crate::connection::PhiConnection;
 use crate::envelope::{MAGIC, VERSION_V1};
 use crate::error::{BoxError, Error, Result};
+use crate::migrate::StoredTable;
 
 /// The longest identifier accepted (MySQL's limit).
 const MAX_IDENTIFIER_LEN: usize = 64;
@@ -95,7 +96,7 @@ impl ColumnType {
 
     /// `value` as this integer type's big-endian bytes, or why it does not
     /// fit. Never called for [`ColumnType::Text`].
-    fn int_bytes(self, value: i64) -> std::result::Result<Vec<u8>, String> {
+    pub(crate) fn int_bytes(self, value: i64) -> std::result::Result<Vec<u8>, String> {
         let range = |_| format!("{value} is out of the range of {}", self.name());
         Ok(match self {
             ColumnType::Text | ColumnType::I64 => value.to_be_bytes().to_vec(),
@@ -372,7 +373,7 @@ impl fmt::Display for ResealTable {
     }
 }
 
-fn check_identifier(what: &str, name: &str, dotted: bool) -> Result<()> {
+pub(crate) fn check_identifier(what: &str, name: &str, dotted: bool) -> Result<()> {
     let parts: Vec<&str> = if dotted {
         name.splitn(2, '.').collect()
     } else {
@@ -396,7 +397,7 @@ fn check_identifier(what: &str, name: &str, dotted: bool) -> Result<()> {
 /// A value bound into a query on an application table: an owner id or a
 /// row key, as its column's SQL type.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum SqlValue {
+pub(crate) enum SqlValue {
     Text(String),
     Int(i64),
 }
@@ -471,6 +472,148 @@ pub trait DataConnection: PhiConnection {
         owner: &str,
         limit: usize,
     ) -> Result<Vec<StoredValue>>;
+
+    /// Rows of a migratable table whose flag is `sealed`.
+    #[doc(hidden)]
+    fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64>;
+
+    /// Rows of a migratable table, read without locking: their keys and
+    /// owners, and with `values` their encrypted columns.
+    #[doc(hidden)]
+    fn migration_rows(
+        &mut self,
+        table: &StoredTable,
+        query: &RowsQuery<'_>,
+        values: bool,
+    ) -> Result<Vec<MigrationRow>>;
+
+    /// In one write transaction: locks the first `limit` rows (in key
+    /// order) whose flag is `sealed`, turns each with `transform`, and
+    /// writes the result with the flag flipped, each `UPDATE` guarded by
+    /// the row's key and its flag still being `sealed`.
+    #[doc(hidden)]
+    fn migration_batch(
+        &mut self,
+        table: &StoredTable,
+        sealed: bool,
+        limit: usize,
+        transform: &mut Transform<'_>,
+    ) -> Result<ApplyOutcome>;
+}
+
+/// Which rows [`DataConnection::migration_rows`] reads.
+pub(crate) struct RowsQuery<'a> {
+    /// The flag value of the rows.
+    pub(crate) sealed: bool,
+    /// Only rows whose key is above this one (keyset pagination).
+    pub(crate) after: Option<&'a SqlValue>,
+    /// At most this many rows.
+    pub(crate) limit: usize,
+    /// In random order instead of key order (sampling).
+    pub(crate) random: bool,
+}
+
+/// One row of a migratable table.
+pub(crate) struct MigrationRow {
+    /// The key column's value as read, which guards the write back.
+    pub(crate) key: SqlValue,
+    /// The row key's bytes as bound into the values.
+    pub(crate) row: Vec<u8>,
+    /// The owner id (an integer owner as its decimal text).
+    pub(crate) owner: String,
+    /// The encrypted columns' stored bytes, in the table's column order,
+    /// then its blind index columns' ([`StoredTable::read_columns`]; empty
+    /// when values were not asked for).
+    pub(crate) values: Vec<Option<Vec<u8>>>,
+}
+
+impl MigrationRow {
+    /// The row key as text, for messages (a case id, an integer).
+    pub(crate) fn key_text(&self) -> String {
+        match &self.key {
+            SqlValue::Text(t) => t.clone(),
+            SqlValue::Int(n) => n.to_string(),
+        }
+    }
+}
+
+impl Drop for MigrationRow {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        for v in self.values.iter_mut().flatten() {
+            v.zeroize();
+        }
+    }
+}
+
+/// What a row becomes: its encrypted columns' new bytes, then its blind
+/// index columns' (in the table's column order).
+pub(crate) struct RowWrite {
+    pub(crate) values: Vec<Option<Vec<u8>>>,
+    pub(crate) indexes: Vec<Option<Vec<u8>>>,
+}
+
+impl Drop for RowWrite {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        for v in self.values.iter_mut().flatten() {
+            v.zeroize();
+        }
+    }
+}
+
+/// Turns one row (`None`: leave it for a later batch).
+pub(crate) type Transform<'a> = dyn FnMut(&MigrationRow) -> Result<Option<RowWrite>> + 'a;
+
+/// What one migration batch did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ApplyOutcome {
+    /// Rows locked and read.
+    pub(crate) read: u64,
+    /// Rows written with the flag flipped.
+    pub(crate) updated: u64,
+    /// Rows whose flag another writer flipped first: left alone.
+    pub(crate) conflicts: u64,
+    /// Rows the transform left for a later batch.
+    pub(crate) deferred: u64,
+}
+
+#[derive(QueryableByName)]
+struct TextHead {
+    #[diesel(sql_type = Text)]
+    row_key: String,
+    #[diesel(sql_type = Text)]
+    owner: String,
+}
+
+#[derive(QueryableByName)]
+struct IntHead {
+    #[diesel(sql_type = BigInt)]
+    row_key: i64,
+    #[diesel(sql_type = Text)]
+    owner: String,
+}
+
+#[derive(QueryableByName)]
+struct TextKeyedOpt {
+    #[diesel(sql_type = Text)]
+    row_key: String,
+    #[diesel(sql_type = Nullable<Binary>)]
+    value: Option<Vec<u8>>,
+}
+
+#[derive(QueryableByName)]
+struct IntKeyedOpt {
+    #[diesel(sql_type = BigInt)]
+    row_key: i64,
+    #[diesel(sql_type = Nullable<Binary>)]
+    value: Option<Vec<u8>>,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 #[derive(QueryableByName)]
@@ -515,6 +658,10 @@ struct Dialect {
     /// The type an integer column is cast to, to read it as a 64-bit
     /// signed integer whatever its width.
     bigint: &'static str,
+    /// The type an integer owner column is cast to, to read it as text.
+    text: &'static str,
+    /// The function that orders rows at random.
+    random: &'static str,
 }
 
 impl Dialect {
@@ -564,6 +711,201 @@ impl Dialect {
             w = self.owned_envelopes(t, column),
         )
     }
+}
+
+impl Dialect {
+    /// The key column as read: integers cast to 64 bits.
+    fn key_select(self, t: &StoredTable) -> String {
+        let k = self.ident(t.key_column);
+        if t.key_type.is_some_and(ColumnType::is_integer) {
+            format!("CAST({k} AS {})", self.bigint)
+        } else {
+            k
+        }
+    }
+
+    /// `SELECT row_key, owner … WHERE flag = p1 [AND key > p2] ORDER BY … LIMIT n`.
+    fn migration_heads(self, t: &StoredTable, q: &RowsQuery<'_>, lock: bool) -> String {
+        let owner = self.ident(t.owner_column);
+        let owner = if t.owner_type.is_some_and(ColumnType::is_integer) {
+            format!("CAST({owner} AS {})", self.text)
+        } else {
+            owner
+        };
+        let key = self.ident(t.key_column);
+        let after = if q.after.is_some() {
+            format!(" AND {key} > {}", self.p(2))
+        } else {
+            String::new()
+        };
+        let order = if q.random {
+            self.random.to_owned()
+        } else {
+            key.clone()
+        };
+        format!(
+            "SELECT {ks} AS row_key, {owner} AS owner FROM {table} WHERE {flag} = {p1}{after} ORDER BY {order} LIMIT {limit}{lock}",
+            ks = self.key_select(t),
+            table = self.ident(t.table),
+            flag = self.ident(t.flag_column),
+            p1 = self.p(1),
+            limit = q.limit.max(1),
+            lock = if lock { self.lock } else { "" },
+        )
+    }
+
+    /// `SELECT row_key, value … WHERE flag = p1 AND key IN (p2, …)`.
+    fn migration_values(self, t: &StoredTable, column: &str, keys: usize) -> String {
+        let list: Vec<String> = (0..keys).map(|i| self.p(i + 2)).collect();
+        format!(
+            "SELECT {ks} AS row_key, {c} AS value FROM {table} WHERE {flag} = {p1} AND {key} IN ({list})",
+            ks = self.key_select(t),
+            c = self.ident(column),
+            table = self.ident(t.table),
+            flag = self.ident(t.flag_column),
+            key = self.ident(t.key_column),
+            p1 = self.p(1),
+            list = list.join(", "),
+        )
+    }
+
+    /// `UPDATE … SET columns, indexes, flag WHERE key = ? AND flag = ?`.
+    fn migration_update(self, t: &StoredTable) -> String {
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            self.p(n)
+        };
+        let mut sets: Vec<String> = Vec::new();
+        for c in &t.columns {
+            sets.push(format!("{} = {}", self.ident(c.column), next()));
+        }
+        for c in &t.columns {
+            if let Some((index, _)) = c.blind_index {
+                sets.push(format!("{} = {}", self.ident(index), next()));
+            }
+        }
+        sets.push(format!("{} = {}", self.ident(t.flag_column), next()));
+        let key = format!("{} = {}", self.ident(t.key_column), next());
+        let flag = format!("{} = {}", self.ident(t.flag_column), next());
+        format!(
+            "UPDATE {table} SET {sets} WHERE {key} AND {flag}",
+            table = self.ident(t.table),
+            sets = sets.join(", "),
+        )
+    }
+}
+
+/// Binds an encrypted flag as its column's type.
+fn bind_flag<'f, DB>(query: Boxed<'f, DB>, t: &StoredTable, sealed: bool) -> Boxed<'f, DB>
+where
+    DB: Backend + HasSqlType<Bool> + HasSqlType<BigInt>,
+    bool: ToSql<Bool, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    if t.flag_is_bool {
+        query.bind::<Bool, _>(sealed)
+    } else {
+        query.bind::<BigInt, _>(i64::from(sealed))
+    }
+}
+
+/// Reads the rows a [`RowsQuery`] selects, and with `values` their
+/// encrypted columns (rows whose flag changed between the queries are
+/// dropped).
+macro_rules! load_rows {
+    ($conn:expr, $dialect:expr, $table:expr, $query:expr, $values:expr, $lock:expr) => {{
+        let (d, t, q): (Dialect, &StoredTable, &RowsQuery<'_>) = ($dialect, $table, $query);
+        (|| -> std::result::Result<Vec<MigrationRow>, TxError> {
+            let mut query = bind_flag(
+                diesel::sql_query(d.migration_heads(t, q, $lock)).into_boxed(),
+                t,
+                q.sealed,
+            );
+            if let Some(after) = q.after {
+                query = bind_value(query, after);
+            }
+            let int_key = t.key_type.is_some_and(ColumnType::is_integer);
+            let key_type = t.key_type.unwrap_or_default();
+            let int_row = |key: i64| {
+                key_type.int_bytes(key).map_err(|why| Error::DataTable {
+                    operation: "reading a row key",
+                    table: t.table.to_owned(),
+                    column: t.key_column.to_owned(),
+                    owner: String::new(),
+                    source: why.into(),
+                })
+            };
+            let mut rows: Vec<MigrationRow> = if int_key {
+                query
+                    .load::<IntHead>(&mut *$conn)?
+                    .into_iter()
+                    .map(|h| {
+                        Ok(MigrationRow {
+                            row: int_row(h.row_key)?,
+                            key: SqlValue::Int(h.row_key),
+                            owner: h.owner,
+                            values: Vec::new(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                query
+                    .load::<TextHead>(&mut *$conn)?
+                    .into_iter()
+                    .map(|h| MigrationRow {
+                        row: h.row_key.as_bytes().to_vec(),
+                        key: SqlValue::Text(h.row_key),
+                        owner: h.owner,
+                        values: Vec::new(),
+                    })
+                    .collect()
+            };
+            if !$values || rows.is_empty() {
+                return Ok(rows);
+            }
+            let position: std::collections::HashMap<SqlValue, usize> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.key.clone(), i))
+                .collect();
+            let read = t.read_columns();
+            let mut seen = vec![0usize; rows.len()];
+            for row in &mut rows {
+                row.values = vec![None; read.len()];
+            }
+            for (ci, column) in read.iter().enumerate() {
+                let sql = d.migration_values(t, column, rows.len());
+                let mut query = bind_flag(diesel::sql_query(sql).into_boxed(), t, q.sealed);
+                for row in &rows {
+                    query = bind_value(query, &row.key);
+                }
+                let found: Vec<(SqlValue, Option<Vec<u8>>)> = if int_key {
+                    query
+                        .load::<IntKeyedOpt>(&mut *$conn)?
+                        .into_iter()
+                        .map(|r| (SqlValue::Int(r.row_key), r.value))
+                        .collect()
+                } else {
+                    query
+                        .load::<TextKeyedOpt>(&mut *$conn)?
+                        .into_iter()
+                        .map(|r| (SqlValue::Text(r.row_key), r.value))
+                        .collect()
+                };
+                for (key, value) in found {
+                    if let Some(&i) = position.get(&key) {
+                        rows[i].values[ci] = value;
+                        seen[i] += 1;
+                    }
+                }
+            }
+            let columns = read.len();
+            let mut seen = seen.into_iter();
+            rows.retain(|_| seen.next() == Some(columns));
+            Ok(rows)
+        })()
+    }};
 }
 
 fn data_error(
@@ -811,17 +1153,102 @@ macro_rules! data_connection {
                     Err(TxError::Db(e)) => Err(data_error("sampling values", table, column, owner, e)),
                 }
             }
+
+            fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64> {
+                table.validate()?;
+                let d: Dialect = $dialect;
+                let sql = format!(
+                    "SELECT COUNT(*) AS n FROM {} WHERE {} = {}",
+                    d.ident(table.table),
+                    d.ident(table.flag_column),
+                    d.p(1),
+                );
+                let count: Count = bind_flag(diesel::sql_query(sql).into_boxed(), table, sealed)
+                    .get_result(self)
+                    .map_err(|source| Error::Database {
+                        operation: "counting rows by encrypted flag",
+                        table: table.table,
+                        source,
+                    })?;
+                Ok(u64::try_from(count.n).unwrap_or(0))
+            }
+
+            fn migration_rows(
+                &mut self,
+                table: &StoredTable,
+                query: &RowsQuery<'_>,
+                values: bool,
+            ) -> Result<Vec<MigrationRow>> {
+                table.validate()?;
+                let d: Dialect = $dialect;
+                match load_rows!(self, d, table, query, values, false) {
+                    Ok(rows) => Ok(rows),
+                    Err(TxError::Phi(e)) => Err(e),
+                    Err(TxError::Db(source)) => Err(Error::Database {
+                        operation: "reading rows to migrate",
+                        table: table.table,
+                        source,
+                    }),
+                }
+            }
+
+            fn migration_batch(
+                &mut self,
+                table: &StoredTable,
+                sealed: bool,
+                limit: usize,
+                transform: &mut Transform<'_>,
+            ) -> Result<ApplyOutcome> {
+                table.validate()?;
+                let d: Dialect = $dialect;
+                let update = d.migration_update(table);
+                let outcome = self.$transaction(|conn| -> std::result::Result<ApplyOutcome, TxError> {
+                    let q = RowsQuery { sealed, after: None, limit, random: false };
+                    let rows = load_rows!(conn, d, table, &q, true, true)?;
+                    let mut outcome = ApplyOutcome { read: rows.len() as u64, ..ApplyOutcome::default() };
+                    for row in &rows {
+                        let Some(write) = transform(row)? else {
+                            outcome.deferred += 1;
+                            continue;
+                        };
+                        let mut query = diesel::sql_query(update.as_str()).into_boxed();
+                        for value in &write.values {
+                            query = query.bind::<Nullable<Binary>, _>(value.clone());
+                        }
+                        for index in &write.indexes {
+                            query = query.bind::<Nullable<Binary>, _>(index.clone());
+                        }
+                        query = bind_flag(query, table, !sealed);
+                        query = bind_value(query, &row.key);
+                        query = bind_flag(query, table, sealed);
+                        match query.execute(conn)? {
+                            0 => outcome.conflicts += 1,
+                            _ => outcome.updated += 1,
+                        }
+                    }
+                    Ok(outcome)
+                });
+                match outcome {
+                    Ok(outcome) => Ok(outcome),
+                    Err(TxError::Phi(e)) => Err(e),
+                    Err(TxError::Db(source)) => Err(Error::Database {
+                        operation: "migrating a batch of rows",
+                        table: table.table,
+                        source,
+                    }),
+                }
+            }
         }
     )*};
 }
 
 data_connection! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction,
-        Dialect { numbered: false, quote: '"', lock: "", bigint: "INTEGER" };
+        Dialect { numbered: false, quote: '"', lock: "", bigint: "INTEGER", text: "TEXT", random: "RANDOM()" };
     "mysql" => diesel::MysqlConnection, transaction,
-        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE", bigint: "SIGNED" };
+        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE", bigint: "SIGNED", text: "CHAR", random: "RAND()" };
     "postgres" => diesel::PgConnection, transaction,
-        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE", bigint: "BIGINT" };
+        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE", bigint: "BIGINT", text: "TEXT", random: "random()" };
 }
 
 #[cfg(test)]

@@ -1,0 +1,1099 @@
+//! Adopting phi on a database that predates it: backfill, verify and the
+//! emergency rollback, for any `#[derive(PhiRecord)]` model with an
+//! encrypted flag and a row key.
+//!
+//! A table whose rows were written before phi holds each PHI column's
+//! plain encoding (UTF-8 text, an ISO-8601 date: see [`crate::value`]) with
+//! its `#[phi(encrypted_flag)]` off, and such rows keep reading. Then:
+//!
+//! ```text
+//! backfill(dry_run)  scan the unsealed rows: how many, which owners need a
+//!                    data key, which values would not decode; write nothing
+//! backfill           seal every unsealed row, batch by batch
+//! verify             every sealed value is an envelope that opens and decodes
+//!                    (blind indexes current), every unsealed value decodes
+//! decrypt_back       the rollback: every sealed row back to its plain encoding
+//! ```
+//!
+//! Each batch is one transaction: `SELECT … WHERE flag off ORDER BY key
+//! LIMIT n` (rows locked on MySQL and PostgreSQL, the database on SQLite),
+//! then one `UPDATE … WHERE key = ? AND flag off` per row, which seals the
+//! row's values and sets its blind indexes and its flag. A crash loses at
+//! most the batch in flight, rolled back; running the job again goes on
+//! from there. Two jobs running at once never seal a row twice: the second
+//! finds the flag already on and leaves the row alone (counted as
+//! `skipped`). [`decrypt_back`] is the same in reverse, guarded by the flag
+//! being on.
+//!
+//! The owners' data keys are resolved (and created, for owners that have
+//! none) before each batch's transaction opens, so a key store on the same
+//! SQLite file never waits on the batch's write lock. Values are sealed
+//! exactly as the model seals them (same scope, row key and owner), so the
+//! application cannot tell a backfilled row from one it wrote sealed; the
+//! plaintext never leaves the process and its buffers are zeroized.
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use diesel::prelude::*;
+//! use phi_types::migrate::{self, MigrateOptions};
+//! use phi_types::{Keyring, LocalKek, MemoryKeyStore, KeyBytes, PhiRecord, Rollout};
+//!
+//! diesel::table! {
+//!     cases (case_id) {
+//!         case_id -> Text,
+//!         user_id -> Text,
+//!         patient_last -> Binary,
+//!         phi_encrypted -> Bool,
+//!     }
+//! }
+//!
+//! #[derive(PhiRecord, Clone, PartialEq, Debug)]
+//! #[phi(table = cases)]
+//! #[diesel(primary_key(case_id))]
+//! struct Case {
+//!     #[phi(row_key)]
+//!     case_id: String,
+//!     #[phi(owner)]
+//!     user_id: String,
+//!     #[phi(encrypt)]
+//!     patient_last: String,
+//!     #[phi(encrypted_flag)]
+//!     phi_encrypted: bool,
+//! }
+//!
+//! let mut conn = SqliteConnection::establish(":memory:")?;
+//! diesel::sql_query(
+//!     "CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL,
+//!      patient_last BLOB NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT 0)",
+//! ).execute(&mut conn)?;
+//! // A database that predates phi: plain bytes, flag off.
+//! diesel::sql_query("INSERT INTO cases VALUES ('C-1', 'dr-okafor', CAST('Doe' AS BLOB), 0)")
+//!     .execute(&mut conn)?;
+//!
+//! let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+//! let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+//! let report = migrate::backfill::<Case, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})?;
+//! assert_eq!((report.rows, report.remaining), (1, 0));
+//!
+//! let verified = migrate::verify::<Case, _>(&mut conn, &keyring, None, &mut |_| {})?;
+//! assert!(verified.is_ok() && verified.sealed == 1 && verified.unsealed == 0);
+//! let cases = Case::load(cases::table, &mut conn, &keyring)?;
+//! assert_eq!((cases[0].patient_last.as_str(), cases[0].phi_encrypted), ("Doe", true));
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "sqlite"))]
+//! # fn main() {}
+//! ```
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
+
+use crate::blind::Normalize;
+use crate::error::{Error, Result};
+use crate::keyring::{Keyring, OwnerKeys};
+use crate::lifecycle::ColumnType;
+use crate::lifecycle::DataConnection;
+use crate::lifecycle::tables::{MigrationRow, RowWrite, RowsQuery, SqlValue, check_identifier};
+use crate::record::PhiRecord;
+use crate::sql::Encrypted;
+use crate::store::KeyState;
+use crate::value::{DecodeError, PhiValue};
+
+/// Rows per batch unless [`MigrateOptions::batch`] says otherwise.
+pub const DEFAULT_BATCH: usize = 500;
+
+/// The most rows one batch may hold (one `IN` list of keys per column).
+pub const MAX_BATCH: usize = 10_000;
+
+/// Problems kept in a report; the rest are only counted.
+const MAX_PROBLEMS: usize = 50;
+
+/// A model whose stored rows the migration jobs can work on: generated by
+/// `#[derive(PhiRecord)]` for models with both an `#[phi(encrypted_flag)]`
+/// and a `#[phi(row_key)]` field.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be backfilled or verified by phi's migration jobs",
+    note = "the migration jobs need a model with an `#[phi(encrypted_flag)]` field (which rows are sealed) and a `#[phi(row_key)]` field (the key batches are ordered and guarded by)"
+)]
+pub trait Migratable: PhiRecord {
+    /// How the model is stored: its table, owner, row key, flag and
+    /// encrypted columns.
+    fn stored_table() -> StoredTable;
+}
+
+/// How a [`Migratable`] model is stored, as `#[derive(PhiRecord)]`
+/// describes it.
+#[derive(Clone, Debug)]
+pub struct StoredTable {
+    /// The table's SQL name.
+    pub table: &'static str,
+    /// The owner column.
+    pub owner_column: &'static str,
+    /// The owner column's type; `None` for a type the jobs cannot bind.
+    pub owner_type: Option<ColumnType>,
+    /// The row key column, which orders the batches and guards each write.
+    pub key_column: &'static str,
+    /// The row key column's type; `None` for a type the jobs cannot bind
+    /// (a byte-string key).
+    pub key_type: Option<ColumnType>,
+    /// The encrypted flag's column.
+    pub flag_column: &'static str,
+    /// Whether the flag is a SQL boolean (else an integer, 1 on, 0 off).
+    pub flag_is_bool: bool,
+    /// The encrypted columns.
+    pub columns: Vec<StoredColumn>,
+}
+
+/// One encrypted column of a [`StoredTable`].
+#[derive(Clone)]
+pub struct StoredColumn {
+    /// The column's SQL name.
+    pub column: &'static str,
+    /// The scope its values are bound to.
+    pub scope: &'static str,
+    /// The blind index column computed from it, and its normalisation.
+    pub blind_index: Option<(&'static str, Normalize)>,
+    /// Checks that plain bytes decode as the field's type.
+    pub decodes: fn(Vec<u8>) -> std::result::Result<(), DecodeError>,
+}
+
+impl fmt::Debug for StoredColumn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredColumn")
+            .field("column", &self.column)
+            .field("scope", &self.scope)
+            .field("blind_index", &self.blind_index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredTable {
+    /// The columns the jobs read: the encrypted columns, then the blind
+    /// index columns.
+    pub fn read_columns(&self) -> Vec<&'static str> {
+        self.columns
+            .iter()
+            .map(|c| c.column)
+            .chain(
+                self.columns
+                    .iter()
+                    .filter_map(|c| c.blind_index.map(|(i, _)| i)),
+            )
+            .collect()
+    }
+
+    /// Checks identifiers and that the owner and key types can be bound.
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_identifier("table", self.table, true)?;
+        check_identifier("owner column", self.owner_column, false)?;
+        check_identifier("key column", self.key_column, false)?;
+        check_identifier("encrypted flag column", self.flag_column, false)?;
+        for c in &self.columns {
+            check_identifier("column", c.column, false)?;
+            if let Some((index, _)) = c.blind_index {
+                check_identifier("blind index column", index, false)?;
+            }
+        }
+        let unsupported = |what: &str, column: &str| {
+            Error::Config(format!(
+                "{what} {}.{column} is not text or an integer: the migration jobs cannot bind it",
+                self.table
+            ))
+        };
+        if self.owner_type.is_none() {
+            return Err(unsupported("owner column", self.owner_column));
+        }
+        if self.key_type.is_none() {
+            return Err(unsupported("row key column", self.key_column));
+        }
+        Ok(())
+    }
+}
+
+/// [`StoredColumn::decodes`] for a field of type `T`.
+///
+/// # Errors
+/// When `bytes` are not an encoding of `T`.
+pub fn decodes<T: PhiValue>(bytes: Vec<u8>) -> std::result::Result<(), DecodeError> {
+    T::decode(bytes).map(drop)
+}
+
+/// The SQL type of an owner or row key field, for [`StoredTable`]:
+/// implemented for `String` and the integer types; `Vec<u8>` has none.
+pub trait KeyColumnType {
+    /// The column type, if the migration jobs can bind it.
+    const COLUMN_TYPE: Option<ColumnType>;
+}
+
+macro_rules! key_column_type {
+    ($($t:ty => $v:expr),* $(,)?) => {$(
+        impl KeyColumnType for $t {
+            const COLUMN_TYPE: Option<ColumnType> = $v;
+        }
+    )*};
+}
+key_column_type! {
+    String => Some(ColumnType::Text),
+    i16 => Some(ColumnType::I16),
+    i32 => Some(ColumnType::I32),
+    i64 => Some(ColumnType::I64),
+    u16 => Some(ColumnType::U16),
+    u32 => Some(ColumnType::U32),
+    u64 => Some(ColumnType::U64),
+    Vec<u8> => None,
+}
+
+/// Settings of [`backfill`] and [`decrypt_back`].
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    batch: usize,
+    dry_run: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            batch: DEFAULT_BATCH,
+            dry_run: false,
+        }
+    }
+}
+
+impl MigrateOptions {
+    /// Rows per batch, each batch one transaction (default
+    /// [`DEFAULT_BATCH`]; clamped to 1..=[`MAX_BATCH`]).
+    #[must_use]
+    pub fn batch(mut self, rows: usize) -> Self {
+        self.batch = rows.clamp(1, MAX_BATCH);
+        self
+    }
+
+    /// Only report what would be done: every row to migrate is read and
+    /// checked, nothing is written and no data key is created.
+    #[must_use]
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
+    }
+
+    /// The batch size.
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    /// Whether this is a dry run.
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+}
+
+/// How far a job is, passed to its progress callback after each batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// The table.
+    pub table: &'static str,
+    /// Rows done (migrated, or checked).
+    pub done: u64,
+    /// Rows to do when the job started (rows written meanwhile may add a
+    /// few).
+    pub total: u64,
+    /// Time since the job started.
+    pub elapsed: Duration,
+}
+
+impl Progress {
+    /// Rows per second so far.
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.done as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Estimated time left at the rate so far.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate();
+        (rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.total.saturating_sub(self.done) as f64 / rate))
+    }
+}
+
+/// A row a job could not migrate or verify: where, and why. Never holds a
+/// value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyFailure {
+    /// The table.
+    pub table: &'static str,
+    /// The column (or blind index column).
+    pub column: &'static str,
+    /// The row's owner.
+    pub owner: String,
+    /// The row's key.
+    pub row_key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for VerifyFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{} of row {:?} (owner {:?}): {}",
+            self.table, self.column, self.row_key, self.owner, self.problem
+        )
+    }
+}
+
+/// What [`backfill`] or [`decrypt_back`] did, or with a dry run would do.
+#[derive(Clone, Debug, Default)]
+pub struct MigrationReport {
+    /// The table.
+    pub table: &'static str,
+    /// Whether this was a dry run (nothing written).
+    pub dry_run: bool,
+    /// Whether rows were sealed ([`backfill`]) or unsealed
+    /// ([`decrypt_back`]).
+    pub sealing: bool,
+    /// Rows migrated (with a dry run: rows that would be).
+    pub rows: u64,
+    /// Non-NULL values sealed or opened.
+    pub values: u64,
+    /// Transactions committed.
+    pub batches: u64,
+    /// Rows another job or writer migrated first: left alone.
+    pub skipped: u64,
+    /// Distinct owners of the rows migrated.
+    pub owners: u64,
+    /// Owners without an active data key before the job: the backfill
+    /// creates one for each.
+    pub new_owner_keys: u64,
+    /// Rows whose values do not decode as their field's type (only a dry
+    /// run counts them; a real run stops at the first).
+    pub undecodable: u64,
+    /// The first problems a dry run found.
+    pub problems: Vec<VerifyFailure>,
+    /// Rows still to migrate when the job ended.
+    pub remaining: u64,
+    /// How long the job took.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (verb, state) = if self.sealing {
+            ("seal", "unsealed")
+        } else {
+            ("unseal", "sealed")
+        };
+        let secs = self.elapsed.as_secs_f64();
+        if self.dry_run {
+            write!(
+                f,
+                "{}: dry run: would {verb} {} row(s) of {} owner(s)",
+                self.table, self.rows, self.owners
+            )?;
+            if self.sealing {
+                write!(
+                    f,
+                    ", creating {} data key(s) for owners that have none",
+                    self.new_owner_keys
+                )?;
+            }
+            write!(
+                f,
+                "; {} row(s) do not decode; nothing was changed ({secs:.1} s).",
+                self.undecodable
+            )?;
+            for p in &self.problems {
+                write!(f, "\n  {p}")?;
+            }
+            return Ok(());
+        }
+        write!(
+            f,
+            "{}: {verb}ed {} row(s) ({} value(s)) of {} owner(s) in {} batch(es), {:.0} rows/s; {} skipped (done meanwhile by another writer); {} {state} row(s) remain ({secs:.1} s).",
+            self.table,
+            self.rows,
+            self.values,
+            self.owners,
+            self.batches,
+            if secs > 0.0 {
+                self.rows as f64 / secs
+            } else {
+                0.0
+            },
+            self.skipped,
+            self.remaining,
+        )?;
+        if self.sealing && self.new_owner_keys > 0 {
+            write!(f, " Created {} data key(s).", self.new_owner_keys)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    /// The table.
+    pub table: &'static str,
+    /// Sealed rows checked.
+    pub sealed: u64,
+    /// Unsealed rows (flag off) checked.
+    pub unsealed: u64,
+    /// Sealed rows in the table.
+    pub sealed_total: u64,
+    /// Unsealed rows in the table.
+    pub unsealed_total: u64,
+    /// Rows with at least one problem.
+    pub failed: u64,
+    /// The first problems found.
+    pub failures: Vec<VerifyFailure>,
+    /// How long the check took.
+    pub elapsed: Duration,
+}
+
+impl VerifyReport {
+    /// Whether every row checked passed.
+    pub fn is_ok(&self) -> bool {
+        self.failed == 0
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: checked {} of {} sealed row(s) and {} of {} unsealed row(s): ",
+            self.table, self.sealed, self.sealed_total, self.unsealed, self.unsealed_total
+        )?;
+        if self.is_ok() {
+            write!(f, "all pass")?;
+        } else {
+            write!(f, "{} row(s) FAIL", self.failed)?;
+        }
+        write!(f, " ({:.1} s).", self.elapsed.as_secs_f64())?;
+        for failure in &self.failures {
+            write!(f, "\n  {failure}")?;
+        }
+        if self.failures.len() as u64 > 0 && self.failed > self.failures.len() as u64 {
+            write!(
+                f,
+                "\n  … and {} more row(s)",
+                self.failed - self.failures.len() as u64
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Seals every row of `M`'s table whose encrypted flag is off, in batches
+/// of [`MigrateOptions::batch`] rows, each one transaction; with
+/// [`MigrateOptions::dry_run`], reads and checks them and writes nothing.
+/// Owners without a data key get one. `progress` is called after each
+/// batch.
+///
+/// Safe to run again after a crash (it goes on where the last committed
+/// batch ended) and alongside another run or the application (a row is
+/// written only while its flag is still off). The keyring's [`Rollout`]
+/// does not limit it: it seals every owner's rows.
+///
+/// [`Rollout`]: crate::Rollout
+///
+/// # Errors
+/// [`Error::DataTable`] naming the table, column, owner and row key when a
+/// plain value does not decode as its field's type (nothing of that batch
+/// is written); key resolution errors (a shredded owner, the KEK, the key
+/// store); [`Error::Database`]. Batches committed before the error stay
+/// committed.
+pub fn backfill<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    migrate::<C>(&M::stored_table(), conn, keyring, options, true, progress)
+}
+
+/// The emergency rollback: turns every sealed row of `M`'s table back into
+/// its plain encoding with the flag off (blind indexes cleared), batch by
+/// batch like [`backfill`], equally resumable and guarded. Set the
+/// keyring's roll-out to [`Rollout::Nobody`](crate::Rollout::Nobody) in
+/// every process first, or new writes keep being sealed.
+///
+/// # Errors
+/// As [`backfill`]; a value that does not open ([`Error::Decrypt`] and
+/// friends, naming the column and owner) stops the job with its batch
+/// rolled back.
+pub fn decrypt_back<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    migrate::<C>(&M::stored_table(), conn, keyring, options, false, progress)
+}
+
+/// Checks `M`'s table: every value of a sealed row is an envelope that
+/// opens for its owner, column and row, and decodes as its field's type,
+/// and its blind index matches; every value of an unsealed row decodes.
+/// With `sample`, at most that many sealed and that many unsealed rows,
+/// chosen at random; else every row.
+///
+/// Reads only; rows written while it runs may be missed or reported.
+///
+/// # Errors
+/// [`Error::Database`] when the table cannot be read. Rows that fail are
+/// reported in the [`VerifyReport`], not as errors.
+pub fn verify<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    sample: Option<usize>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport> {
+    let t = M::stored_table();
+    t.validate()?;
+    let started = Instant::now();
+    let mut report = VerifyReport {
+        table: t.table,
+        sealed_total: conn.migration_count(&t, true)?,
+        unsealed_total: conn.migration_count(&t, false)?,
+        ..VerifyReport::default()
+    };
+    let total = match sample {
+        Some(n) => report.sealed_total.min(n as u64) + report.unsealed_total.min(n as u64),
+        None => report.sealed_total + report.unsealed_total,
+    };
+    let _span = tracing::info_span!("phi.verify", table = t.table).entered();
+    for sealed in [true, false] {
+        let mut after: Option<SqlValue> = None;
+        let mut left = sample.map(|n| n as u64);
+        loop {
+            let limit = match left {
+                Some(0) => break,
+                Some(n) => usize::try_from(n).unwrap_or(MAX_BATCH).min(MAX_BATCH),
+                None => DEFAULT_BATCH.max(1000),
+            };
+            let query = RowsQuery {
+                sealed,
+                after: after.as_ref(),
+                limit,
+                random: sample.is_some(),
+            };
+            let rows = conn.migration_rows(&t, &query, true)?;
+            if rows.is_empty() {
+                break;
+            }
+            let keys = if sealed {
+                keys_for_check(keyring, &rows)
+            } else {
+                HashMap::new()
+            };
+            for row in &rows {
+                let problems = if sealed {
+                    check_sealed(&t, row, &keys)
+                } else {
+                    check_unsealed(&t, row)
+                };
+                if !problems.is_empty() {
+                    report.failed += 1;
+                    for problem in problems {
+                        if report.failures.len() < MAX_PROBLEMS {
+                            report.failures.push(problem);
+                        }
+                    }
+                }
+            }
+            let n = rows.len() as u64;
+            if sealed {
+                report.sealed += n;
+            } else {
+                report.unsealed += n;
+            }
+            progress(&Progress {
+                table: t.table,
+                done: report.sealed + report.unsealed,
+                total,
+                elapsed: started.elapsed(),
+            });
+            match &mut left {
+                Some(left) => *left = left.saturating_sub(n),
+                None => after = rows.last().map(|r| r.key.clone()),
+            }
+            if sample.is_some() {
+                break;
+            }
+        }
+    }
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        table = t.table,
+        sealed = report.sealed,
+        unsealed = report.unsealed,
+        failed = report.failed,
+        "phi verify done"
+    );
+    Ok(report)
+}
+
+/// The owners' keys for checking sealed rows; an owner whose keys cannot
+/// be resolved is absent (its rows are reported).
+fn keys_for_check(keyring: &Keyring, rows: &[MigrationRow]) -> HashMap<String, Arc<OwnerKeys>> {
+    let owners: BTreeSet<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
+    match keyring.keys_for_open_many(owners.iter().copied()) {
+        Ok(keys) => keys,
+        Err(_) => owners
+            .into_iter()
+            .filter_map(|o| keyring.keys_for_open(o).ok().map(|k| (o.to_owned(), k)))
+            .collect(),
+    }
+}
+
+fn failure(
+    t: &StoredTable,
+    column: &'static str,
+    row: &MigrationRow,
+    problem: impl fmt::Display,
+) -> VerifyFailure {
+    VerifyFailure {
+        table: t.table,
+        column,
+        owner: row.owner.clone(),
+        row_key: row.key_text(),
+        problem: problem.to_string(),
+    }
+}
+
+fn check_sealed(
+    t: &StoredTable,
+    row: &MigrationRow,
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+) -> Vec<VerifyFailure> {
+    let mut out = Vec::new();
+    let Some(keys) = keys.get(&row.owner) else {
+        out.push(failure(
+            t,
+            t.owner_column,
+            row,
+            "the owner's data keys cannot be loaded",
+        ));
+        return out;
+    };
+    for (c, value) in t.columns.iter().zip(&row.values) {
+        let Some(bytes) = value else {
+            continue;
+        };
+        let sealed = Encrypted::<Vec<u8>>::from_bytes(bytes.clone());
+        if let Err(e) = sealed.header() {
+            out.push(failure(
+                t,
+                c.column,
+                row,
+                format_args!("the flag is on but the value is not an envelope: {e}"),
+            ));
+            continue;
+        }
+        let plain = match keys.open(sealed, c.scope, &row.row) {
+            Ok(plain) => Zeroizing::new(plain),
+            Err(e) => {
+                out.push(failure(t, c.column, row, e));
+                continue;
+            }
+        };
+        if let Err(e) = (c.decodes)(plain.to_vec()) {
+            out.push(failure(
+                t,
+                c.column,
+                row,
+                format_args!("opens, but does not decode: {e}"),
+            ));
+            continue;
+        }
+        if let Some((index, normalize)) = c.blind_index {
+            let expected = keys.blind_indexes(c.scope, &*plain, normalize);
+            let stored = row_index(t, row, index);
+            if !stored.is_some_and(|s| expected.iter().any(|e| e == s)) {
+                out.push(failure(
+                    t,
+                    index,
+                    row,
+                    "the blind index is missing or does not match the value",
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A blind index column's stored value, read after the encrypted columns.
+fn row_index<'r>(t: &StoredTable, row: &'r MigrationRow, index: &str) -> Option<&'r Vec<u8>> {
+    let position = t
+        .columns
+        .iter()
+        .filter_map(|c| c.blind_index.map(|(i, _)| i))
+        .position(|i| i == index)?;
+    row.values.get(t.columns.len() + position)?.as_ref()
+}
+
+fn check_unsealed(t: &StoredTable, row: &MigrationRow) -> Vec<VerifyFailure> {
+    let mut out = Vec::new();
+    for (c, value) in t.columns.iter().zip(&row.values) {
+        let Some(bytes) = value else {
+            continue;
+        };
+        if let Err(e) = (c.decodes)(bytes.clone()) {
+            out.push(failure(
+                t,
+                c.column,
+                row,
+                format_args!("the flag is off and the value does not decode: {e}"),
+            ));
+        }
+    }
+    out
+}
+
+/// The owners of the next batch, read without locks.
+fn next_owners(
+    conn: &mut impl DataConnection,
+    t: &StoredTable,
+    sealed: bool,
+    batch: usize,
+) -> Result<BTreeSet<String>> {
+    let query = RowsQuery {
+        sealed,
+        after: None,
+        limit: batch,
+        random: false,
+    };
+    Ok(conn
+        .migration_rows(t, &query, false)?
+        .iter()
+        .map(|r| r.owner.clone())
+        .collect())
+}
+
+/// Owners among `owners` without an active data key (read from the key
+/// store, nothing unwrapped).
+fn owners_without_key(keyring: &Keyring, owners: &BTreeSet<String>) -> Result<u64> {
+    let list: Vec<&str> = owners.iter().map(String::as_str).collect();
+    let mut with_key = BTreeSet::new();
+    for chunk in list.chunks(500) {
+        for key in keyring.store().load_keys(chunk)? {
+            if key.state == KeyState::Active {
+                with_key.insert(key.owner_id);
+            }
+        }
+    }
+    Ok(owners.iter().filter(|o| !with_key.contains(*o)).count() as u64)
+}
+
+/// Batches without progress after which a job gives up (rows whose owner
+/// keeps changing between the owners' read and the batch).
+const MAX_IDLE_BATCHES: u32 = 100;
+
+fn migrate<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    sealing: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    t.validate()?;
+    let started = Instant::now();
+    // Rows to migrate have the flag `from`.
+    let from = !sealing;
+    let total = conn.migration_count(t, from)?;
+    let mut report = MigrationReport {
+        table: t.table,
+        dry_run: options.dry_run,
+        sealing,
+        ..MigrationReport::default()
+    };
+    let _span = tracing::info_span!(
+        "phi.migrate",
+        table = t.table,
+        sealing,
+        dry_run = options.dry_run
+    )
+    .entered();
+    if options.dry_run {
+        dry_run(
+            t,
+            conn,
+            keyring,
+            options,
+            sealing,
+            total,
+            &mut report,
+            started,
+            progress,
+        )?;
+        report.remaining = total;
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    }
+
+    let mut owners_seen: BTreeSet<String> = BTreeSet::new();
+    let mut idle = 0;
+    loop {
+        let owners = next_owners(conn, t, from, options.batch)?;
+        if owners.is_empty() {
+            break;
+        }
+        let new_owners: BTreeSet<String> = owners.difference(&owners_seen).cloned().collect();
+        if sealing && !new_owners.is_empty() {
+            report.new_owner_keys += owners_without_key(keyring, &new_owners)?;
+        }
+        // Outside the transaction: creating or unwrapping keys writes to
+        // the key store, which may share the database.
+        let keys = if sealing {
+            keyring.keys_for_seal_many(owners.iter().map(String::as_str))?
+        } else {
+            keyring.keys_for_open_many(owners.iter().map(String::as_str))?
+        };
+        let mut values = 0u64;
+        let mut transform = |row: &MigrationRow| -> Result<Option<RowWrite>> {
+            let Some(keys) = keys.get(&row.owner) else {
+                return Ok(None);
+            };
+            let write = if sealing {
+                seal_row(t, row, keys)?
+            } else {
+                unseal_row(t, row, keys)?
+            };
+            values += write.values.iter().flatten().count() as u64;
+            Ok(Some(write))
+        };
+        let outcome = conn.migration_batch(t, from, options.batch, &mut transform)?;
+        report.rows += outcome.updated;
+        report.values += values;
+        report.skipped += outcome.conflicts;
+        report.batches += 1;
+        owners_seen.extend(new_owners);
+        tracing::debug!(
+            table = t.table,
+            read = outcome.read,
+            updated = outcome.updated,
+            conflicts = outcome.conflicts,
+            deferred = outcome.deferred,
+            "phi migration batch"
+        );
+        progress(&Progress {
+            table: t.table,
+            done: report.rows,
+            total,
+            elapsed: started.elapsed(),
+        });
+        if outcome.updated == 0 {
+            idle += 1;
+            if idle >= MAX_IDLE_BATCHES {
+                return Err(Error::Config(format!(
+                    "{}: {MAX_IDLE_BATCHES} batches in a row migrated nothing (rows keep changing owner or flag while the job runs); {} row(s) migrated so far, run it again",
+                    t.table, report.rows
+                )));
+            }
+        } else {
+            idle = 0;
+        }
+    }
+    report.owners = owners_seen.len() as u64;
+    report.remaining = conn.migration_count(t, from)?;
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        table = t.table,
+        rows = report.rows,
+        skipped = report.skipped,
+        remaining = report.remaining,
+        "phi migration done"
+    );
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dry_run<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    sealing: bool,
+    total: u64,
+    report: &mut MigrationReport,
+    started: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<()> {
+    let from = !sealing;
+    let mut owners: BTreeSet<String> = BTreeSet::new();
+    let mut after: Option<SqlValue> = None;
+    loop {
+        let query = RowsQuery {
+            sealed: from,
+            after: after.as_ref(),
+            limit: options.batch,
+            random: false,
+        };
+        let rows = conn.migration_rows(t, &query, true)?;
+        if rows.is_empty() {
+            break;
+        }
+        let keys = if sealing {
+            HashMap::new()
+        } else {
+            keys_for_check(keyring, &rows)
+        };
+        for row in &rows {
+            owners.insert(row.owner.clone());
+            let problems = if sealing {
+                check_unsealed(t, row)
+            } else {
+                check_sealed(t, row, &keys)
+            };
+            if problems.is_empty() {
+                report.rows += 1;
+                report.values += row.values.iter().flatten().count() as u64;
+            } else {
+                report.undecodable += 1;
+                for p in problems {
+                    if report.problems.len() < MAX_PROBLEMS {
+                        report.problems.push(p);
+                    }
+                }
+            }
+        }
+        after = rows.last().map(|r| r.key.clone());
+        progress(&Progress {
+            table: t.table,
+            done: report.rows + report.undecodable,
+            total,
+            elapsed: started.elapsed(),
+        });
+    }
+    report.owners = owners.len() as u64;
+    if sealing {
+        report.new_owner_keys = owners_without_key(keyring, &owners)?;
+    }
+    Ok(())
+}
+
+fn decode_error(
+    t: &StoredTable,
+    column: &'static str,
+    row: &MigrationRow,
+    what: &str,
+    e: DecodeError,
+) -> Error {
+    Error::DataTable {
+        operation: "migrating a row",
+        table: t.table.to_owned(),
+        column: column.to_owned(),
+        owner: row.owner.clone(),
+        source: format!("row {:?}: {what}: {e}", row.key_text()).into(),
+    }
+}
+
+/// A row's values sealed, and its blind indexes.
+fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<RowWrite> {
+    let mut write = RowWrite {
+        values: Vec::with_capacity(t.columns.len()),
+        indexes: Vec::new(),
+    };
+    for (c, value) in t.columns.iter().zip(&row.values) {
+        let Some(plain) = value else {
+            write.values.push(None);
+            if c.blind_index.is_some() {
+                write.indexes.push(None);
+            }
+            continue;
+        };
+        if let Err(e) = (c.decodes)(plain.clone()) {
+            let what = if Encrypted::<Vec<u8>>::from_bytes(plain.clone())
+                .header()
+                .is_ok()
+            {
+                "the flag is off but the value is an envelope (was the flag changed by hand?)"
+            } else {
+                "the plain value does not decode"
+            };
+            return Err(decode_error(t, c.column, row, what, e));
+        }
+        write
+            .values
+            .push(Some(keys.seal(plain, c.scope, &row.row)?.into_bytes()));
+        if let Some((_, normalize)) = c.blind_index {
+            write
+                .indexes
+                .push(Some(keys.blind_index(c.scope, plain, normalize)?));
+        }
+    }
+    Ok(write)
+}
+
+/// A row's values opened back to their plain encoding, blind indexes
+/// cleared.
+fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<RowWrite> {
+    let mut write = RowWrite {
+        values: Vec::with_capacity(t.columns.len()),
+        indexes: Vec::new(),
+    };
+    for (c, value) in t.columns.iter().zip(&row.values) {
+        if c.blind_index.is_some() {
+            write.indexes.push(None);
+        }
+        let Some(sealed) = value else {
+            write.values.push(None);
+            continue;
+        };
+        let plain: Vec<u8> = keys.open(
+            Encrypted::<Vec<u8>>::from_bytes(sealed.clone()),
+            c.scope,
+            &row.row,
+        )?;
+        let plain = Zeroizing::new(plain);
+        (c.decodes)(plain.to_vec())
+            .map_err(|e| decode_error(t, c.column, row, "the opened value does not decode", e))?;
+        write.values.push(Some(plain.to_vec()));
+    }
+    Ok(write)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_rate_and_eta() {
+        let p = Progress {
+            table: "cases",
+            done: 500,
+            total: 1500,
+            elapsed: Duration::from_secs(2),
+        };
+        assert!((p.rate() - 250.0).abs() < 1e-9);
+        assert_eq!(p.eta(), Some(Duration::from_secs(4)));
+        let idle = Progress {
+            done: 0,
+            elapsed: Duration::ZERO,
+            ..p
+        };
+        assert_eq!((idle.rate(), idle.eta()), (0.0, None));
+    }
+
+    #[test]
+    fn options_clamp_the_batch() {
+        assert_eq!(MigrateOptions::default().batch_size(), DEFAULT_BATCH);
+        assert_eq!(MigrateOptions::default().batch(0).batch_size(), 1);
+        assert_eq!(
+            MigrateOptions::default().batch(1 << 30).batch_size(),
+            MAX_BATCH
+        );
+    }
+}

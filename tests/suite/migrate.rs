@@ -1,0 +1,361 @@
+// Adopting phi on a table written before it: backfill, verify and
+// decrypt-back. Included in `tests/suite/mod.rs`, so `Conn`, `BLOB`,
+// `server_url()` and `TestDb` are in scope. Each test owns its table (on a
+// server, dropped and created again at its start).
+
+use std::collections::BTreeSet;
+
+use phi::migrate::{self, MigrateOptions, Migratable};
+use phi::{PhiRecord, Rollout};
+
+diesel::table! {
+    phi_it_legacy (case_id) {
+        case_id -> Varchar,
+        user_id -> Varchar,
+        patient_first -> Binary,
+        patient_last -> Binary,
+        patient_dob -> Binary,
+        ins_provider -> Nullable<Binary>,
+        status -> Varchar,
+        phi_encrypted -> Bool,
+        patient_last_bidx -> Nullable<Binary>,
+    }
+}
+
+/// The clinical case again, on a table of its own.
+#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
+#[phi(table = phi_it_legacy, crate = phi)]
+#[diesel(primary_key(case_id))]
+struct Legacy {
+    #[phi(row_key)]
+    case_id: String,
+    #[phi(owner)]
+    user_id: String,
+    #[phi(encrypt)]
+    patient_first: String,
+    #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    patient_last: String,
+    #[phi(encrypt)]
+    patient_dob: NaiveDate,
+    #[phi(encrypt)]
+    ins_provider: Option<String>,
+    status: String,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+diesel::table! {
+    phi_it_legacy_int (id) {
+        id -> BigInt,
+        clinic_id -> Integer,
+        note -> Nullable<Binary>,
+        sealed -> SmallInt,
+    }
+}
+
+/// Integer row key and owner, an integer flag.
+#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
+#[phi(table = phi_it_legacy_int, crate = phi)]
+struct LegacyNote {
+    #[phi(row_key)]
+    id: i64,
+    #[phi(owner)]
+    clinic_id: i32,
+    #[phi(encrypt)]
+    note: Option<String>,
+    #[phi(encrypted_flag)]
+    sealed: i16,
+}
+
+fn recreate(conn: &mut Conn, table: &str, ddl: &str) {
+    diesel::sql_query(format!("DROP TABLE IF EXISTS {table}"))
+        .execute(conn)
+        .expect("drop");
+    diesel::sql_query(ddl).execute(conn).expect("create");
+}
+
+fn legacy_table(conn: &mut Conn) {
+    let index = if BLOB == "BYTEA" { "BYTEA" } else if server_url().is_some() { "VARBINARY(16)" } else { "BLOB" };
+    recreate(
+        conn,
+        "phi_it_legacy",
+        &format!(
+            "CREATE TABLE phi_it_legacy (case_id VARCHAR(64) NOT NULL PRIMARY KEY, user_id VARCHAR(255) NOT NULL, \
+             patient_first {BLOB} NOT NULL, patient_last {BLOB} NOT NULL, patient_dob {BLOB} NOT NULL, \
+             ins_provider {BLOB} NULL, status VARCHAR(32) NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE, \
+             patient_last_bidx {index} NULL)"
+        ),
+    );
+}
+
+const LAST_NAMES: [&str; 6] = ["Doe", "García", "Nwosu", "Zhang", "Haddad-Ali", " O'Brien "];
+
+fn legacy_case(owners: &[String], i: usize) -> Legacy {
+    let small = |n: usize| u32::try_from(n).expect("small");
+    Legacy {
+        case_id: format!("L-{i:06}"),
+        user_id: owners[i % owners.len()].clone(),
+        patient_first: format!("Pat{i}"),
+        patient_last: LAST_NAMES[i % LAST_NAMES.len()].to_owned(),
+        patient_dob: NaiveDate::from_ymd_opt(1940 + small(i % 60).cast_signed(), 1 + small(i % 12), 1 + small(i % 28))
+            .expect("date"),
+        ins_provider: (!i.is_multiple_of(5)).then(|| format!("Insurer {}", i % 7)),
+        status: "scheduled".to_owned(),
+        phi_encrypted: false,
+    }
+}
+
+/// Writes rows as a database that predates phi holds them: the plain
+/// encoding of each field, the flag off, no blind index.
+fn insert_legacy(conn: &mut Conn, db: &TestDb, rows: &[Legacy]) {
+    let plain = db.keyring();
+    plain.set_rollout(Rollout::Nobody);
+    let stored = Legacy::seal_all(rows, &plain).expect("unsealed rows");
+    for chunk in stored.chunks(100) {
+        diesel::insert_into(phi_it_legacy::table)
+            .values(chunk)
+            .execute(conn)
+            .expect("insert legacy rows");
+    }
+}
+
+fn all_cases(conn: &mut Conn, keyring: &Keyring) -> Vec<Legacy> {
+    Legacy::load(phi_it_legacy::table.order(phi_it_legacy::case_id), conn, keyring).expect("load all")
+}
+
+fn without_flag(mut cases: Vec<Legacy>) -> Vec<Legacy> {
+    for c in &mut cases {
+        c.phi_encrypted = false;
+    }
+    cases
+}
+
+fn count_flag(conn: &mut Conn, on: bool) -> i64 {
+    phi_it_legacy::table
+        .filter(phi_it_legacy::phi_encrypted.eq(on))
+        .count()
+        .get_result(conn)
+        .expect("count")
+}
+
+fn raw(conn: &mut Conn, id: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+    phi_it_legacy::table
+        .find(id)
+        .select((phi_it_legacy::patient_last, phi_it_legacy::patient_last_bidx))
+        .first(conn)
+        .expect("raw row")
+}
+
+fn set_raw_first(conn: &mut Conn, id: &str, bytes: Vec<u8>) {
+    diesel::update(phi_it_legacy::table.find(id))
+        .set(phi_it_legacy::patient_first.eq(bytes))
+        .execute(conn)
+        .expect("raw update");
+}
+
+fn raw_first(conn: &mut Conn, id: &str) -> Vec<u8> {
+    phi_it_legacy::table
+        .find(id)
+        .select(phi_it_legacy::patient_first)
+        .first(conn)
+        .expect("raw first")
+}
+
+#[test]
+fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    legacy_table(&mut conn);
+    let owners: Vec<String> = (0..4).map(|i| common::unique_owner(&format!("legacy{i}"))).collect();
+    let rows: Vec<Legacy> = (0..1203).map(|i| legacy_case(&owners, i)).collect();
+    insert_legacy(&mut conn, &db, &rows);
+    let keyring = db.keyring();
+    let before = all_cases(&mut conn, &keyring);
+    assert_eq!(before, rows, "legacy rows read back as written");
+    let (plain, index) = raw(&mut conn, "L-000000");
+    assert_eq!((plain, index), (b"Doe".to_vec(), None));
+
+    // The description the derive generated.
+    let t = Legacy::stored_table();
+    assert_eq!((t.table, t.key_column, t.flag_column, t.columns.len()), ("phi_it_legacy", "case_id", "phi_encrypted", 4));
+    assert_eq!(t.read_columns().last(), Some(&"patient_last_bidx"));
+
+    // A value that does not decode: the dry run names it, the real run
+    // stops at it without writing anything of its batch.
+    set_raw_first(&mut conn, "L-000007", vec![0xC3, 0x28]);
+    let dry = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100).dry_run(true), &mut |_| {})
+        .expect("dry run");
+    assert_eq!((dry.rows, dry.undecodable, dry.owners, dry.new_owner_keys), (1202, 1, 4, 4), "{dry}");
+    assert_eq!(dry.problems.len(), 1);
+    let problem = dry.problems[0].to_string();
+    assert!(problem.contains("phi_it_legacy.patient_first") && problem.contains("L-000007") && problem.contains(&owners[3]), "{problem}");
+    assert_eq!(count_flag(&mut conn, true), 0, "a dry run writes nothing");
+    for owner in &owners {
+        assert!(keyring.store().load_keys(&[owner]).expect("keys").is_empty(), "a dry run creates no key");
+    }
+    let err = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |_| {})
+        .expect_err("undecodable value");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::DataTable { .. }), "{err:?}");
+    assert!(msg.contains("phi_it_legacy.patient_first") && msg.contains(&owners[3]) && msg.contains("L-000007"), "{msg}");
+    assert!(!msg.contains("Pat7"), "no plaintext in errors: {msg}");
+    assert_eq!(count_flag(&mut conn, true), 0, "the failing batch was rolled back");
+    set_raw_first(&mut conn, "L-000007", b"Pat7".to_vec());
+
+    // A crash after two committed batches (the progress callback panics):
+    // what was committed stays, every row still reads, and a second run
+    // finishes the rest.
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut batches = 0;
+        migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |p| {
+            batches += 1;
+            assert!(p.done <= p.total);
+            if batches == 2 {
+                panic!("simulated crash");
+            }
+        })
+    }));
+    assert!(crashed.is_err());
+    let mut conn = db.conn();
+    assert_eq!(count_flag(&mut conn, true), 200);
+    assert_eq!(without_flag(all_cases(&mut conn, &keyring)), before, "a half-done backfill reads the same");
+
+    let mut last = None;
+    let report = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |p| last = Some(*p))
+        .expect("backfill resumes");
+    assert_eq!((report.rows, report.remaining, report.skipped, report.batches), (1003, 0, 0, 11), "{report}");
+    assert_eq!(report.values, 1003 * 3 + rows[200..].iter().filter(|r| r.ins_provider.is_some()).count() as u64);
+    let last = last.expect("progress reported");
+    assert_eq!((last.done, last.total), (1003, 1003));
+    assert_eq!(count_flag(&mut conn, false), 0);
+    let after = all_cases(&mut conn, &keyring);
+    assert!(after.iter().all(|c| c.phi_encrypted));
+    assert_eq!(without_flag(after), before, "every value survives the backfill");
+    let (sealed, index) = raw(&mut conn, "L-000000");
+    assert_eq!(&sealed[..2], &[0xF1, 0x01]);
+    assert_eq!(index.map(|i| i.len()), Some(16));
+
+    // Sealed exactly as the model seals: the blind index finds the case.
+    let lookup = Legacy::patient_last_blind_index(&keyring, &owners[5 % 4], &"o'brien".to_string()).expect("index");
+    let found = Legacy::load(
+        phi_it_legacy::table
+            .filter(phi_it_legacy::user_id.eq(&owners[5 % 4]))
+            .filter(phi_it_legacy::patient_last_bidx.eq_any(lookup))
+            .order(phi_it_legacy::case_id),
+        &mut conn,
+        &keyring,
+    )
+    .expect("lookup");
+    let expected: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.user_id == owners[1] && r.patient_last == " O'Brien ")
+        .map(|r| r.case_id.as_str())
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(found.iter().map(|c| c.case_id.as_str()).collect::<Vec<_>>(), expected);
+
+    // Nothing left: a third run does nothing.
+    let again = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("re-run");
+    assert_eq!((again.rows, again.batches), (0, 0));
+
+    // Verify: all pass; then one altered byte is reported at its row and
+    // column, and only there.
+    let ok = migrate::verify::<Legacy, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert!(ok.is_ok(), "{ok}");
+    assert_eq!((ok.sealed, ok.unsealed, ok.sealed_total), (1203, 0, 1203));
+    let good = raw_first(&mut conn, "L-000042");
+    let mut bad = good.clone();
+    let last_byte = bad.len() - 1;
+    bad[last_byte] ^= 1;
+    set_raw_first(&mut conn, "L-000042", bad);
+    let report = migrate::verify::<Legacy, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert_eq!((report.failed, report.failures.len()), (1, 1), "{report}");
+    let f = &report.failures[0];
+    assert_eq!((f.table, f.column, f.row_key.as_str(), f.owner.as_str()), ("phi_it_legacy", "patient_first", "L-000042", owners[42 % 4].as_str()));
+    let sampled = migrate::verify::<Legacy, _>(&mut conn, &keyring, Some(50), &mut |_| {}).expect("sample");
+    assert_eq!((sampled.sealed, sampled.unsealed), (50, 0));
+
+    // The rollback stops at the altered value, its batch rolled back ...
+    let err = migrate::decrypt_back::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(500), &mut |_| {})
+        .expect_err("altered value");
+    assert!(err.to_string().contains("phi_it_legacy.patient_first") && err.to_string().contains(&owners[2]), "{err}");
+    assert_eq!(count_flag(&mut conn, false), 0);
+    // ... and once repaired, turns every row back into its plain encoding.
+    set_raw_first(&mut conn, "L-000042", good);
+    let back = migrate::decrypt_back::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(500), &mut |_| {})
+        .expect("decrypt back");
+    assert_eq!((back.rows, back.remaining, back.batches), (1203, 0, 3), "{back}");
+    assert_eq!(raw(&mut conn, "L-000000"), (b"Doe".to_vec(), None));
+    assert_eq!(all_cases(&mut conn, &keyring), before);
+    let unsealed = migrate::verify::<Legacy, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert!(unsealed.is_ok() && unsealed.unsealed == 1203 && unsealed.sealed == 0, "{unsealed}");
+}
+
+#[test]
+fn concurrent_backfills_never_seal_a_row_twice() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    // A table of its own: the other migration test owns phi_it_legacy.
+    diesel::sql_query("DROP TABLE IF EXISTS phi_it_legacy_int").execute(&mut conn).expect("drop");
+    let flag = "SMALLINT NOT NULL DEFAULT 0";
+    let ddl = format!(
+        "CREATE TABLE phi_it_legacy_int (id BIGINT NOT NULL PRIMARY KEY, clinic_id INTEGER NOT NULL, note {BLOB} NULL, sealed {flag})"
+    );
+    diesel::sql_query(ddl).execute(&mut conn).expect("create");
+    // Owner ids no earlier run against the same server used.
+    let base = i32::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros() % 1_000_000_000,
+    )
+    .expect("fits");
+    let clinics: Vec<i32> = (0..3).map(|i| base + i).collect();
+    let notes: Vec<LegacyNote> = (0..1500i64)
+        .map(|i| LegacyNote {
+            id: i * 7 - 500,
+            clinic_id: clinics[usize::try_from(i).expect("index") % 3],
+            note: (i % 4 != 0).then(|| format!("note {i}")),
+            sealed: 0,
+        })
+        .collect();
+    let plain = db.keyring();
+    plain.set_rollout(Rollout::Nobody);
+    for chunk in LegacyNote::seal_all(&notes, &plain).expect("unsealed").chunks(100) {
+        diesel::insert_into(phi_it_legacy_int::table).values(chunk).execute(&mut conn).expect("insert");
+    }
+    let keyring = db.keyring();
+    let load = |conn: &mut Conn| {
+        LegacyNote::load(phi_it_legacy_int::table.order(phi_it_legacy_int::id), conn, &keyring).expect("load")
+    };
+    let before = load(&mut conn);
+    assert_eq!(before, notes);
+
+    let reports: Vec<migrate::MigrationReport> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut conn = db.conn();
+                    if server_url().is_none() {
+                        // As an application sets it: wait for the other
+                        // writer instead of failing at once.
+                        diesel::sql_query("PRAGMA busy_timeout = 10000").execute(&mut conn).expect("busy timeout");
+                    }
+                    let keyring = db.keyring();
+                    migrate::backfill::<LegacyNote, _>(&mut conn, &keyring, &MigrateOptions::default().batch(50), &mut |_| {})
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("no panic").expect("backfill")).collect()
+    });
+    let sealed: u64 = reports.iter().map(|r| r.rows).sum();
+    assert_eq!(sealed, 1500, "{reports:?}");
+    let after = load(&mut conn);
+    assert!(after.iter().all(|n| n.sealed == 1));
+    let mut unflagged = after.clone();
+    for n in &mut unflagged {
+        n.sealed = 0;
+    }
+    assert_eq!(unflagged, notes, "no value sealed twice or lost");
+    let report = migrate::verify::<LegacyNote, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert!(report.is_ok() && report.sealed == 1500, "{report}");
+    let versions: BTreeSet<String> = after.iter().map(|n| n.clinic_id.to_string()).collect();
+    assert_eq!(versions.len(), 3);
+}
