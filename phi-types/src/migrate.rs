@@ -796,8 +796,9 @@ fn owners_without_key(keyring: &Keyring, owners: &BTreeSet<String>) -> Result<u6
     Ok(owners.iter().filter(|o| !with_key.contains(*o)).count() as u64)
 }
 
-/// Batches without progress after which a job gives up (rows whose owner
-/// keeps changing between the owners' read and the batch).
+/// Batches in a row that read rows but wrote none, after which a job gives
+/// up (rows whose owner keeps changing between the owners' read and the
+/// batch).
 const MAX_IDLE_BATCHES: u32 = 100;
 
 fn migrate<C: DataConnection>(
@@ -894,7 +895,10 @@ fn migrate<C: DataConnection>(
             total,
             elapsed: started.elapsed(),
         });
-        if outcome.updated == 0 {
+        // A batch that read rows but wrote none (their owners changed
+        // meanwhile) is idle; one that found its rows taken by another run
+        // is not: that run made the progress.
+        if outcome.updated == 0 && outcome.read > 0 {
             idle += 1;
             if idle >= MAX_IDLE_BATCHES {
                 return Err(Error::Config(format!(

@@ -1,0 +1,706 @@
+//! The clinic example (`examples/clinic/`), run as a built binary the way a
+//! user runs it, on SQLite and, with their cargo features, MariaDB and
+//! PostgreSQL (each in a database of its own, created afresh: `phi_clinic_it`
+//! on the servers named by `PHI_TEST_MYSQL_URL` / `PHI_TEST_POSTGRES_URL`).
+//! A backend whose feature is on and whose server is down fails.
+//!
+//! `cargo test` builds the example before running this; run alone (`cargo
+//! test --test clinic`), the test builds it if it is missing.
+#![cfg(feature = "sqlite")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Binary, Nullable};
+
+/// The columns holding PHI, per table.
+const PHI_COLUMNS: [&str; 4] = [
+    "patient_first",
+    "patient_last",
+    "patient_dob",
+    "ins_provider",
+];
+
+/// The example's binary, built with this test's backends.
+fn clinic_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable");
+        // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory");
+        let bin = profile_dir.join("examples").join("clinic");
+        if !bin.exists() {
+            let mut features = vec!["sqlite"];
+            if cfg!(feature = "mysql") {
+                features.push("mysql");
+            }
+            if cfg!(feature = "postgres") {
+                features.push("postgres");
+            }
+            if cfg!(feature = "aws-kms") {
+                features.push("aws-kms");
+            }
+            let status = Command::new(env!("CARGO"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args([
+                    "build",
+                    "--example",
+                    "clinic",
+                    "--no-default-features",
+                    "--features",
+                ])
+                .arg(features.join(","))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building the clinic example failed");
+        }
+        assert!(bin.exists(), "no clinic example at {}", bin.display());
+        bin
+    })
+}
+
+/// A database for the clinic, and the directory it runs in.
+struct Clinic {
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Clinic {
+    fn sqlite() -> Clinic {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        Clinic {
+            url: "sqlite://clinic.db".into(),
+            dir,
+        }
+    }
+
+    /// A fresh database `phi_clinic_it` beside the server's test database.
+    #[allow(dead_code)]
+    fn server(test_url: &str) -> Clinic {
+        let (base, _) = test_url.rsplit_once('/').expect("URL with a database");
+        let url = format!("{base}/phi_clinic_it");
+        admin_recreate(test_url);
+        Clinic {
+            url,
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(clinic_bin());
+        cmd.current_dir(self.dir.path())
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
+            .env_remove("PHI_MASTER_KEY_FILE")
+            .env_remove("PHI_KEK")
+            .env_remove("RUST_LOG");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("the clinic runs")
+    }
+
+    /// Runs a command that must succeed; its standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (stdout, stderr) = texts(&out);
+        assert!(
+            out.status.success(),
+            "clinic {args:?} failed ({}):\n{stdout}\n{stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stdout
+    }
+
+    /// Runs a command that must fail; its standard error.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "clinic {args:?} should fail:\n{stdout}\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+        stderr
+    }
+
+    fn db(&self) -> Db {
+        Db::connect(&self.url, self.dir.path())
+    }
+}
+
+fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Drops and creates `phi_clinic_it` on the server of `test_url`.
+fn admin_recreate(test_url: &str) {
+    let statements = [
+        "DROP DATABASE IF EXISTS phi_clinic_it",
+        "CREATE DATABASE phi_clinic_it",
+    ];
+    #[cfg(feature = "mysql")]
+    if test_url.starts_with("mysql:") {
+        let mut conn = MysqlConnection::establish(test_url)
+            .unwrap_or_else(|e| panic!("MariaDB at {test_url} is needed: {e}"));
+        for s in statements {
+            diesel::sql_query(s).execute(&mut conn).expect(s);
+        }
+        return;
+    }
+    #[cfg(feature = "postgres")]
+    if test_url.starts_with("postgres") {
+        let mut conn = PgConnection::establish(test_url)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {test_url} is needed: {e}"));
+        diesel::sql_query("DROP DATABASE IF EXISTS phi_clinic_it WITH (FORCE)")
+            .execute(&mut conn)
+            .expect("drop database");
+        diesel::sql_query(statements[1])
+            .execute(&mut conn)
+            .expect("create database");
+        return;
+    }
+    let _ = statements;
+    panic!("no backend for {test_url}");
+}
+
+/// A connection of the test's own, to look at what the clinic stored.
+enum Db {
+    Sqlite(SqliteConnection),
+    #[cfg(feature = "mysql")]
+    Mysql(MysqlConnection),
+    #[cfg(feature = "postgres")]
+    Postgres(PgConnection),
+}
+
+#[derive(QueryableByName)]
+struct Value {
+    #[diesel(sql_type = Nullable<Binary>)]
+    value: Option<Vec<u8>>,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+macro_rules! with_db {
+    ($db:expr, $conn:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($conn) => $body,
+            #[cfg(feature = "mysql")]
+            Db::Mysql($conn) => $body,
+            #[cfg(feature = "postgres")]
+            Db::Postgres($conn) => $body,
+        }
+    };
+}
+
+impl Db {
+    fn connect(url: &str, dir: &Path) -> Db {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let path = dir.join(path);
+            return Db::Sqlite(
+                SqliteConnection::establish(&path.display().to_string()).expect("sqlite"),
+            );
+        }
+        #[cfg(feature = "mysql")]
+        if url.starts_with("mysql:") {
+            return Db::Mysql(MysqlConnection::establish(url).expect("mysql"));
+        }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres") {
+            return Db::Postgres(PgConnection::establish(url).expect("postgres"));
+        }
+        panic!("no backend for {url}");
+    }
+
+    fn numbered(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if matches!(self, Db::Postgres(_)) {
+            return true;
+        }
+        false
+    }
+
+    /// Every non-NULL value of `column` in `table`.
+    fn values(&mut self, table: &str, column: &str) -> Vec<Vec<u8>> {
+        let sql = format!("SELECT {column} AS value FROM {table} ORDER BY case_id");
+        let rows: Vec<Value> =
+            with_db!(self, c => diesel::sql_query(&sql).load(c).expect("values"));
+        rows.into_iter().filter_map(|r| r.value).collect()
+    }
+
+    fn value(&mut self, table: &str, column: &str, id: &str) -> Option<Vec<u8>> {
+        let sql = format!("SELECT {column} AS value FROM {table} WHERE case_id = '{id}'");
+        let rows: Vec<Value> = with_db!(self, c => diesel::sql_query(&sql).load(c).expect("value"));
+        rows.into_iter().next().and_then(|r| r.value)
+    }
+
+    fn set_value(&mut self, table: &str, column: &str, id: &str, bytes: &[u8]) {
+        let p = if self.numbered() { "$1" } else { "?" };
+        let sql = format!("UPDATE {table} SET {column} = {p} WHERE case_id = '{id}'");
+        let n = with_db!(self, c => diesel::sql_query(&sql)
+            .bind::<Binary, _>(bytes)
+            .execute(c)
+            .expect("raw update"));
+        assert_eq!(n, 1, "{sql}");
+    }
+
+    fn count(&mut self, sql: &str) -> i64 {
+        let row: Count = with_db!(self, c => diesel::sql_query(sql).get_result(c).expect("count"));
+        row.n
+    }
+
+    fn rows_with_flag(&mut self, table: &str, on: bool) -> i64 {
+        let flag = if on {
+            "phi_encrypted"
+        } else {
+            "NOT phi_encrypted"
+        };
+        self.count(&format!("SELECT COUNT(*) AS n FROM {table} WHERE {flag}"))
+    }
+}
+
+const ENVELOPE: [u8; 2] = [0xF1, 0x01];
+
+fn assert_all_sealed(db: &mut Db, table: &str) {
+    for column in PHI_COLUMNS {
+        for value in db.values(table, column) {
+            assert_eq!(
+                value.get(..2),
+                Some(&ENVELOPE[..]),
+                "{table}.{column} holds a value that is not an envelope"
+            );
+        }
+    }
+}
+
+/// The digest line's hash.
+fn digest(clinic: &Clinic) -> String {
+    let out = clinic.ok(&["digest"]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("digest: "))
+        .unwrap_or_else(|| panic!("no digest in {out}"));
+    line["digest: ".len()..]
+        .split_whitespace()
+        .next()
+        .expect("hash")
+        .to_owned()
+}
+
+/// A pseudo-random number below `n`, different on every run.
+fn random_below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos();
+    u64::from(nanos.wrapping_mul(2_654_435_761)) % n.max(1)
+}
+
+/// The first run, a second run, the demo, every case command, a damaged
+/// ciphertext, the roll-out.
+fn first_runs_and_every_case_command(clinic: &Clinic) {
+    let first = clinic.ok(&[]);
+    assert!(first.contains("Seeded 5 cases"), "{first}");
+    let second = clinic.ok(&[]);
+    assert!(
+        second.contains("(5 cases)") && second.contains("Reusing"),
+        "{second}"
+    );
+    assert!(
+        second.lines().any(|l| l.starts_with("  F1 01 ")),
+        "{second}"
+    );
+    assert!(
+        second.contains("Jane") && second.contains("Doe"),
+        "{second}"
+    );
+
+    let demo = clinic.ok(&["demo", "--owners", "3", "--cases-per-owner", "4"]);
+    assert!(demo.contains("12 case(s)"), "{demo}");
+    let mut db = clinic.db();
+    assert_all_sealed(&mut db, "cases");
+    assert_eq!(db.rows_with_flag("cases", false), 0);
+
+    // Every patient name and date of birth the demo wrote is absent from the
+    // SQLite files' bytes.
+    if clinic.url.starts_with("sqlite") {
+        let listing = clinic.ok(&["case", "list", "--limit", "100"]);
+        let mut secrets: Vec<String> = Vec::new();
+        for line in listing.lines().skip(1) {
+            let cells: Vec<char> = line.chars().collect();
+            let cell = |from: usize, len: usize| -> String {
+                cells
+                    .iter()
+                    .skip(from)
+                    .take(len)
+                    .collect::<String>()
+                    .trim()
+                    .to_owned()
+            };
+            let patient = cell(24, 22);
+            let born = cell(47, 10);
+            assert!(born.len() == 10 && born.as_bytes()[4] == b'-', "{line}");
+            secrets.extend(patient.split_whitespace().map(str::to_owned));
+            secrets.push(born);
+        }
+        assert!(secrets.len() >= 17 * 3, "{listing}");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(clinic.dir.path()).expect("dir") {
+            let path = entry.expect("entry").path();
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("clinic.db"))
+            {
+                files.push(std::fs::read(&path).expect("read database file"));
+            }
+        }
+        assert!(!files.is_empty());
+        for secret in &secrets {
+            for bytes in &files {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{secret:?} is in the database file"
+                );
+            }
+        }
+    }
+
+    // create, get, update, find, export, delete
+    let owner = "dr-test";
+    let id = clinic
+        .ok(&[
+            "case",
+            "create",
+            "--owner",
+            owner,
+            "--first",
+            "Ada",
+            "--last",
+            "Lovelace-Byron",
+            "--dob",
+            "1915-12-10",
+            "--insurer",
+            "Acme Health",
+            "--procedure",
+            "27447",
+            "--surgery-date",
+            "2026-12-24",
+        ])
+        .trim()
+        .to_owned();
+    assert!(!id.is_empty() && !id.contains(' '), "{id}");
+    let got = clinic.ok(&["case", "get", &id]);
+    assert!(
+        got.contains("Lovelace-Byron") && got.contains("1915-12-10") && got.contains("Acme Health"),
+        "{got}"
+    );
+    let updated = clinic.ok(&["case", "update", &id, "--last", "Lovelace", "--no-insurer"]);
+    assert!(updated.contains("updated"), "{updated}");
+    let got = clinic.ok(&["case", "get", &id]);
+    assert!(
+        got.contains("Lovelace") && !got.contains("Lovelace-Byron") && !got.contains("Acme"),
+        "{got}"
+    );
+    assert_eq!(db.value("cases", "ins_provider", &id), None);
+    assert_eq!(
+        db.value("cases", "patient_last", &id)
+            .expect("sealed")
+            .get(..2),
+        Some(&ENVELOPE[..])
+    );
+    let found = clinic.ok(&[
+        "case",
+        "find",
+        "--owner",
+        owner,
+        "--last",
+        "  LOVELACE ",
+        "--dob",
+        "1915-12-10",
+    ]);
+    assert_eq!(found.trim(), id, "the duplicate check finds the case");
+    let none = clinic.ok(&[
+        "case",
+        "find",
+        "--owner",
+        owner,
+        "--last",
+        "Lovelace",
+        "--dob",
+        "1915-12-11",
+    ]);
+    assert!(none.contains("no duplicate"), "{none}");
+    let other = clinic.ok(&[
+        "case",
+        "find",
+        "--owner",
+        "dr-okafor",
+        "--last",
+        "Lovelace",
+        "--dob",
+        "1915-12-10",
+    ]);
+    assert!(
+        other.contains("no duplicate"),
+        "another provider's index differs: {other}"
+    );
+
+    let csv = clinic.dir.path().join("export.csv");
+    let csv_arg = csv.display().to_string();
+    let exported = clinic.ok(&["export", "--owner", "dr-okafor", "--csv", &csv_arg]);
+    assert!(exported.contains("Exported 2 case(s)"), "{exported}");
+    let text = std::fs::read_to_string(&csv).expect("csv");
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.contains("Jane") && text.contains("García") && text.contains("1955-07-03"),
+        "{text}"
+    );
+
+    let deleted = clinic.ok(&["case", "delete", &id]);
+    assert!(deleted.contains("deleted_cases"), "{deleted}");
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) AS n FROM cases WHERE case_id = '{id}'"
+        )),
+        0
+    );
+    assert_all_sealed(&mut db, "deleted_cases");
+    assert_eq!(db.rows_with_flag("deleted_cases", true), 1);
+    let got = clinic.ok(&["case", "get", &id]);
+    assert!(
+        got.contains("Lovelace") && got.contains("deleted_at"),
+        "a deleted case still opens: {got}"
+    );
+
+    // One altered byte: `case get` of that row fails naming table, column
+    // and owner; the other rows still read.
+    let good = db
+        .value("cases", "patient_last", "C-1001")
+        .expect("seeded case");
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x40;
+    db.set_value("cases", "patient_last", "C-1001", &bad);
+    let err = clinic.fails(&["case", "get", "C-1001"]);
+    assert!(
+        err.contains("cases.patient_last") && err.contains("dr-okafor"),
+        "{err}"
+    );
+    assert!(!err.contains("Doe"), "no plaintext in the error: {err}");
+    let got = clinic.ok(&["case", "get", "C-1002"]);
+    assert!(got.contains("García"), "{got}");
+    let out = clinic.run(&["case", "list", "--owner", "dr-okafor"]);
+    let (stdout, stderr) = texts(&out);
+    assert!(
+        !out.status.success() && stderr.contains("C-1001") && stderr.contains("cases.patient_last"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("C-1002") && !stdout.contains("C-1001"),
+        "{stdout}"
+    );
+    db.set_value("cases", "patient_last", "C-1001", &good);
+    clinic.ok(&["case", "get", "C-1001"]);
+
+    // The roll-out: a provider left out stores new rows in plain text.
+    clinic.ok(&["rollout", "disable", "--owner", "dr-haddad"]);
+    let plain = clinic
+        .ok(&[
+            "case",
+            "create",
+            "--owner",
+            "dr-haddad",
+            "--first",
+            "Grace",
+            "--last",
+            "Hopper",
+            "--dob",
+            "1906-12-09",
+            "--procedure",
+            "49505",
+            "--surgery-date",
+            "2026-12-01",
+        ])
+        .trim()
+        .to_owned();
+    assert_eq!(
+        db.value("cases", "patient_last", &plain),
+        Some(b"Hopper".to_vec())
+    );
+    let got = clinic.ok(&["case", "get", &plain]);
+    assert!(
+        got.contains("Hopper") && got.contains("plain text"),
+        "{got}"
+    );
+    clinic.ok(&["rollout", "enable", "--owner", "dr-haddad"]);
+    clinic.ok(&["rollout", "all"]);
+    let sealed = clinic
+        .ok(&[
+            "case",
+            "create",
+            "--owner",
+            "dr-haddad",
+            "--first",
+            "Grace",
+            "--last",
+            "Hopper",
+            "--dob",
+            "1906-12-09",
+            "--procedure",
+            "49505",
+            "--surgery-date",
+            "2026-12-02",
+        ])
+        .trim()
+        .to_owned();
+    assert_eq!(
+        db.value("cases", "patient_last", &sealed)
+            .expect("value")
+            .get(..2),
+        Some(&ENVELOPE[..])
+    );
+}
+
+/// seed-legacy, digest, a backfill killed with SIGKILL at a random point, a
+/// second backfill, digest, verify; then the rollback.
+fn legacy_backfill_survives_sigkill(clinic: &Clinic, legacy: u64) {
+    let n = legacy.to_string();
+    let seeded = clinic.ok(&["seed-legacy", "--cases", &n, "--owners", "40"]);
+    assert!(
+        seeded.contains(&format!("Wrote {n} legacy case(s)")),
+        "{seeded}"
+    );
+    let mut db = clinic.db();
+    let unsealed = db.rows_with_flag("cases", false);
+    assert!(
+        unsealed >= i64::try_from(legacy).expect("count"),
+        "{unsealed}"
+    );
+    let before = digest(clinic);
+
+    let dry = clinic.ok(&["backfill", "--dry-run"]);
+    assert!(
+        dry.contains("dry run") && dry.contains(&format!("would seal {unsealed} row(s)")),
+        "{dry}"
+    );
+    assert_eq!(
+        db.rows_with_flag("cases", false),
+        unsealed,
+        "a dry run changes nothing"
+    );
+
+    // Killed once some batches are committed, at a random point after.
+    let mut child = clinic
+        .command(&["backfill", "--batch", "500"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("backfill starts");
+    let started = Instant::now();
+    while db.rows_with_flag("cases", false) == unsealed {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the backfill ended before sealing anything"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the backfill makes no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(random_below(400)));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the backfill finished before it could be killed: seed more cases"
+    );
+    child.kill().expect("SIGKILL");
+    let status = child.wait().expect("reaped");
+    assert!(!status.success());
+    let left = db.rows_with_flag("cases", false);
+    assert!(
+        left > 0 && left < unsealed,
+        "killed midway: {left} of {unsealed} left"
+    );
+    assert_eq!(
+        digest(clinic),
+        before,
+        "a half-done backfill reads the same"
+    );
+
+    let done = clinic.ok(&["backfill", "--batch", "500"]);
+    assert!(
+        done.contains(&format!("sealed {left} row(s)")),
+        "the second run seals what was left: {done}"
+    );
+    assert_eq!(db.rows_with_flag("cases", false), 0);
+    assert_eq!(db.rows_with_flag("deleted_cases", false), 0);
+    assert_all_sealed(&mut db, "cases");
+    assert_eq!(digest(clinic), before, "the same cases after the backfill");
+    let verified = clinic.ok(&["verify"]);
+    assert!(
+        verified.contains("all pass") && !verified.contains("FAIL"),
+        "{verified}"
+    );
+    let sampled = clinic.ok(&["verify", "--sample", "100"]);
+    assert!(sampled.contains("checked 100 of"), "{sampled}");
+
+    // The rollback asks for --yes, then leaves every row in plain text.
+    let refused = clinic.fails(&["decrypt-back"]);
+    assert!(refused.contains("--yes"), "{refused}");
+    assert_eq!(
+        db.rows_with_flag("cases", true),
+        i64::try_from(db.count("SELECT COUNT(*) AS n FROM cases")).expect("n")
+    );
+    clinic.ok(&["decrypt-back", "--yes"]);
+    assert_eq!(db.rows_with_flag("cases", true), 0);
+    assert_eq!(db.rows_with_flag("deleted_cases", true), 0);
+    assert_eq!(digest(clinic), before, "the same cases after the rollback");
+    let verified = clinic.ok(&["verify"]);
+    assert!(verified.contains("all pass"), "{verified}");
+}
+
+#[test]
+fn clinic_on_sqlite() {
+    let clinic = Clinic::sqlite();
+    first_runs_and_every_case_command(&clinic);
+    legacy_backfill_survives_sigkill(&clinic, 100_000);
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn clinic_on_postgres() {
+    let url = std::env::var("PHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let clinic = Clinic::server(&url);
+    first_runs_and_every_case_command(&clinic);
+    legacy_backfill_survives_sigkill(&clinic, 100_000);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn clinic_on_mariadb() {
+    let url = std::env::var("PHI_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let clinic = Clinic::server(&url);
+    first_runs_and_every_case_command(&clinic);
+    legacy_backfill_survives_sigkill(&clinic, 20_000);
+}
