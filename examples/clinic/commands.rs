@@ -1,5 +1,15 @@
 //! What each command does.
 
+/// `println!` that returns an error (a closed pipe, say) instead of
+/// panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+pub(crate) use outln;
+
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::Path;
@@ -110,9 +120,9 @@ fn overview(clinic: &mut Clinic) -> Result<ExitCode> {
     if existing == 0 {
         let seeded = first_run_cases();
         insert_cases(&mut clinic.conn, &Case::seal_all(&seeded, &clinic.keyring)?)?;
-        println!("Seeded {} cases into {}.", seeded.len(), clinic.name);
+        outln!("Seeded {} cases into {}.", seeded.len(), clinic.name);
     } else {
-        println!("Reusing {} ({existing} cases).", clinic.name);
+        outln!("Reusing {} ({existing} cases).", clinic.name);
     }
 
     // One query, then one key-store query and one unwrap per provider
@@ -123,11 +133,11 @@ fn overview(clinic: &mut Clinic) -> Result<ExitCode> {
         &mut clinic.conn,
         &clinic.keyring,
     )?;
-    println!();
-    print_cases(&shown);
+    outln!();
+    print_cases(&shown)?;
     let total: i64 = cases::table.count().get_result(&mut clinic.conn)?;
     if total > SHOWN {
-        println!("… and {} more (`case list --limit N`)", total - SHOWN);
+        outln!("… and {} more (`case list --limit N`)", total - SHOWN);
     }
 
     let raw: Option<(String, Vec<u8>, bool)> = cases::table
@@ -136,33 +146,40 @@ fn overview(clinic: &mut Clinic) -> Result<ExitCode> {
         .first(&mut clinic.conn)
         .optional()?;
     if let Some((id, raw, sealed)) = raw {
-        println!();
-        println!(
+        outln!();
+        outln!(
             "What the database holds for {id}'s patient_last ({} bytes):",
             raw.len()
         );
-        println!("  {}", hex(&raw));
+        outln!("  {}", hex(&raw));
         if sealed {
-            println!(
+            outln!(
                 "  F1 = magic, 01 = format v1, then the key version, nonce, ciphertext and tag."
             );
         } else {
-            println!("  Stored in plain text: a row from before the roll-out (flag off).");
+            outln!("  Stored in plain text: a row from before the roll-out (flag off).");
         }
     }
-    println!();
-    println!("Keyring: {:?}", clinic.keyring.stats());
+    outln!();
+    outln!("Keyring: {:?}", clinic.keyring.stats());
     Ok(ExitCode::SUCCESS)
 }
 
 /// Prints cases as a table.
-fn print_cases(cases: &[Case]) {
-    println!(
+fn print_cases(cases: &[Case]) -> Result<()> {
+    outln!(
         "{:<9} {:<13} {:<22} {:<10} {:<16} {:<6} {:<10} {:<10} sealed",
-        "case", "provider", "patient", "born", "insurer", "proc", "surgery", "status"
+        "case",
+        "provider",
+        "patient",
+        "born",
+        "insurer",
+        "proc",
+        "surgery",
+        "status"
     );
     for case in cases {
-        println!(
+        outln!(
             "{:<9} {:<13} {:<22} {:<10} {:<16} {:<6} {:<10} {:<10} {}",
             case.case_id,
             case.user_id,
@@ -175,6 +192,7 @@ fn print_cases(cases: &[Case]) {
             if case.phi_encrypted { "yes" } else { "no" },
         );
     }
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -242,13 +260,13 @@ fn demo(clinic: &mut Clinic, owners: u64, per_owner: u64) -> Result<ExitCode> {
         progress.inc(block.len() as u64);
     }
     progress.finish_and_clear();
-    println!(
+    outln!(
         "Stored {total} case(s) of {owners} provider(s) (provider-001…), {} to {}, {sealed_rows} sealed, in {:.1} s.",
         case_id(CASE_PREFIX, first),
         case_id(CASE_PREFIX, last),
         started.elapsed().as_secs_f64()
     );
-    println!("Keyring: {:?}", clinic.keyring.stats());
+    outln!("Keyring: {:?}", clinic.keyring.stats());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -270,7 +288,7 @@ fn seed_legacy(clinic: &mut Clinic, count: u64, owners: u64) -> Result<ExitCode>
         .get_result(&mut clinic.conn)?;
     if sealed_live + sealed_deleted == 0 && clinic.keyring.rollout() != Rollout::Nobody {
         clinic.set_rollout(Rollout::Nobody)?;
-        println!("Roll-out set to nobody: a database from before phi seals nothing.");
+        outln!("Roll-out set to nobody: a database from before phi seals nothing.");
     }
     let (first, last) = case_numbers(&mut clinic.conn, LEGACY_PREFIX, count)?;
     // Under a roll-out of nobody the model stores each value's plain
@@ -291,13 +309,13 @@ fn seed_legacy(clinic: &mut Clinic, count: u64, owners: u64) -> Result<ExitCode>
         progress.inc(block.len() as u64);
     }
     progress.finish_and_clear();
-    println!(
+    outln!(
         "Wrote {count} legacy case(s) in plain text (flag off), {} to {}, for {owners} provider(s), in {:.1} s.",
         case_id(LEGACY_PREFIX, first),
         case_id(LEGACY_PREFIX, last),
         started.elapsed().as_secs_f64()
     );
-    println!(
+    outln!(
         "Roll-out: {}.",
         db::describe_rollout(&clinic.keyring.rollout())
     );
@@ -311,7 +329,7 @@ fn rollout(clinic: &mut Clinic, command: RolloutCommand) -> Result<ExitCode> {
         RolloutCommand::All => Some(Rollout::All),
         RolloutCommand::Enable { owner } => match current {
             Rollout::All => {
-                println!("Every provider's new rows are already sealed.");
+                outln!("Every provider's new rows are already sealed.");
                 None
             }
             Rollout::Owners(mut owners) => {
@@ -325,7 +343,7 @@ fn rollout(clinic: &mut Clinic, command: RolloutCommand) -> Result<ExitCode> {
                 // "Everyone but one" is an allow-list of today's providers.
                 let mut owners = db::owners(&mut clinic.conn)?;
                 owners.remove(&owner);
-                println!(
+                outln!(
                     "The roll-out was every provider: it is now the {} other provider(s) with cases; \
                      providers added later are not sealed until enabled (or `rollout all`).",
                     owners.len()
@@ -338,7 +356,7 @@ fn rollout(clinic: &mut Clinic, command: RolloutCommand) -> Result<ExitCode> {
             }
             Rollout::Owners(mut owners) => {
                 if !owners.remove(&owner) {
-                    println!("Provider {owner} was not in the roll-out.");
+                    outln!("Provider {owner} was not in the roll-out.");
                 }
                 Some(if owners.is_empty() {
                     Rollout::Nobody
@@ -347,7 +365,7 @@ fn rollout(clinic: &mut Clinic, command: RolloutCommand) -> Result<ExitCode> {
                 })
             }
             _ => {
-                println!("No provider's new rows are sealed.");
+                outln!("No provider's new rows are sealed.");
                 None
             }
         },
@@ -355,7 +373,7 @@ fn rollout(clinic: &mut Clinic, command: RolloutCommand) -> Result<ExitCode> {
     if let Some(next) = next {
         clinic.set_rollout(next)?;
     }
-    println!(
+    outln!(
         "Roll-out: {}.",
         db::describe_rollout(&clinic.keyring.rollout())
     );
@@ -407,7 +425,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
                     case.user_id
                 );
             }
-            println!("{}", case.case_id);
+            outln!("{}", case.case_id);
             Ok(ExitCode::SUCCESS)
         }
         CaseCommand::Get { id } => {
@@ -417,8 +435,9 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
                 .first(&mut clinic.conn)
                 .optional()?;
             if let Some(row) = row {
-                let case = Case::open(row, &clinic.keyring)?;
-                print_case(&case, None);
+                let case =
+                    Case::open(row, &clinic.keyring).map_err(|e| format!("case {id}: {e}"))?;
+                print_case(&case, None)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let deleted: Option<DeletedCaseSealed> = deleted_cases::table
@@ -429,7 +448,8 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             let Some(deleted) = deleted else {
                 return Err(format!("no case {id}").into());
             };
-            let d = DeletedCase::open(deleted, &clinic.keyring)?;
+            let d = DeletedCase::open(deleted, &clinic.keyring)
+                .map_err(|e| format!("deleted case {id}: {e}"))?;
             let at = d.deleted_at;
             let case = Case {
                 case_id: d.case_id,
@@ -443,7 +463,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
                 status: d.status,
                 phi_encrypted: d.phi_encrypted,
             };
-            print_case(&case, Some(at));
+            print_case(&case, Some(at))?;
             Ok(ExitCode::SUCCESS)
         }
         CaseCommand::List { owner, limit } => {
@@ -469,7 +489,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
                     }
                 }
             }
-            print_cases(&shown);
+            print_cases(&shown)?;
             if failed > 0 {
                 eprintln!("{failed} of {} case(s) could not be opened.", ids.len());
                 return Ok(ExitCode::FAILURE);
@@ -512,7 +532,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             }
             let changes = new.changes(&old, &clinic.keyring)?;
             if changes.is_empty() {
-                println!("{id}: nothing changed.");
+                outln!("{id}: nothing changed.");
                 return Ok(ExitCode::SUCCESS);
             }
             let sealed_now = changes.phi_encrypted.unwrap_or(old.phi_encrypted);
@@ -522,7 +542,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             if updated == 0 {
                 return Err(format!("case {id} was deleted meanwhile").into());
             }
-            println!(
+            outln!(
                 "{id}: updated ({}).",
                 if sealed_now {
                     "sealed"
@@ -567,7 +587,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
                     }
                     other => crate::Error::from(other),
                 })?;
-            println!(
+            outln!(
                 "{id}: moved to deleted_cases, {} provider {owner}.",
                 if stored_sealed {
                     "sealed under"
@@ -580,10 +600,10 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
         CaseCommand::Find { owner, last, dob } => {
             let found = find_duplicates(clinic, &owner, &last, dob)?;
             if found.is_empty() {
-                println!("no duplicate");
+                outln!("no duplicate");
             }
             for id in found {
-                println!("{id}");
+                outln!("{id}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -598,31 +618,37 @@ fn load_case(clinic: &mut Clinic, id: &str) -> Result<Case> {
         .first(&mut clinic.conn)
         .optional()?;
     let row = row.ok_or_else(|| format!("no case {id}"))?;
-    Ok(Case::open(row, &clinic.keyring)?)
+    Ok(Case::open(row, &clinic.keyring).map_err(|e| format!("case {id}: {e}"))?)
 }
 
-fn print_case(case: &Case, deleted_at: Option<chrono::NaiveDateTime>) {
-    let field = |name: &str, value: &dyn std::fmt::Display| println!("{name:<15} {value}");
-    field("case", &case.case_id);
-    field("provider", &case.user_id);
-    field("patient_first", &case.patient_first);
-    field("patient_last", &case.patient_last);
-    field("patient_dob", &case.patient_dob);
-    field("ins_provider", &case.ins_provider.as_deref().unwrap_or("-"));
-    field("procedure_code", &case.procedure_code);
-    field("surgery_date", &case.surgery_date);
-    field("status", &case.status);
-    field(
-        "sealed",
-        &if case.phi_encrypted {
-            "yes"
-        } else {
-            "no (stored before the roll-out)"
-        },
-    );
+fn print_case(case: &Case, deleted_at: Option<chrono::NaiveDateTime>) -> Result<()> {
+    let sealed = if case.phi_encrypted {
+        "yes"
+    } else {
+        "no (stored in plain text, flag off)"
+    };
+    let mut fields: Vec<(&str, String)> = vec![
+        ("case", case.case_id.clone()),
+        ("provider", case.user_id.clone()),
+        ("patient_first", case.patient_first.clone()),
+        ("patient_last", case.patient_last.clone()),
+        ("patient_dob", case.patient_dob.to_string()),
+        (
+            "ins_provider",
+            case.ins_provider.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("procedure_code", case.procedure_code.clone()),
+        ("surgery_date", case.surgery_date.to_string()),
+        ("status", case.status.clone()),
+        ("sealed", sealed.to_owned()),
+    ];
     if let Some(at) = deleted_at {
-        field("deleted_at", &at.format("%Y-%m-%d %H:%M:%S UTC"));
+        fields.push(("deleted_at", at.format("%Y-%m-%d %H:%M:%S UTC").to_string()));
     }
+    for (name, value) in fields {
+        outln!("{name:<15} {value}");
+    }
+    Ok(())
 }
 
 /// The provider's cases for this patient: sealed rows through the blind
@@ -721,7 +747,7 @@ fn export(clinic: &mut Clinic, owner: &str, path: &Path) -> Result<ExitCode> {
     match result {
         Ok(written) => {
             std::fs::rename(&partial, path)?;
-            println!(
+            outln!(
                 "Exported {written} case(s) of provider {owner} to {} (decrypted: keep it safe).",
                 path.display()
             );
@@ -849,6 +875,6 @@ fn digest(clinic: &mut Clinic) -> Result<ExitCode> {
     }
     progress.finish_and_clear();
     let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    println!("digest: {hex} ({live} cases, {deleted} deleted cases)");
+    outln!("digest: {hex} ({live} cases, {deleted} deleted cases)");
     Ok(ExitCode::SUCCESS)
 }

@@ -29,7 +29,6 @@ pub(crate) enum AnyConnection {
 /// Runs `$body` with `$c` bound to the concrete connection inside
 /// `$conn` (an `&mut AnyConnection`), for APIs that take one backend's
 /// connection type, such as phi's life-cycle and migration jobs.
-#[allow(unused_macros)]
 macro_rules! on_backend {
     ($conn:expr, $c:ident => $body:expr) => {
         match $conn {
@@ -42,7 +41,6 @@ macro_rules! on_backend {
         }
     };
 }
-#[allow(unused_imports)]
 pub(crate) use on_backend;
 
 #[cfg(feature = "sqlite")]

@@ -28,9 +28,6 @@
 //! owner, `backfill` seals the old rows, `verify` and `digest` check the
 //! result, `decrypt-back` rolls it all back (see the README).
 
-// A command-line program: its output is its interface.
-#![allow(clippy::print_stdout)]
-
 mod commands;
 mod db;
 mod migration;
@@ -261,6 +258,13 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(error) => {
+            // Output piped into a command that stopped reading: done.
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::FAILURE;
+            }
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }

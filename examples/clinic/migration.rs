@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use phi::{Keyring, Rollout};
 
 use crate::Result;
-use crate::commands::{Clinic, bar};
+use crate::commands::{Clinic, bar, outln};
 use crate::db::{self, AnyConnection};
 use crate::model::{Case, DeletedCase};
 // TEMPORARY: the local stand-in for `phi::migrate` until it lands; then
@@ -59,7 +59,7 @@ fn verify_table<M: Migratable>(
 /// Seals the rows still stored in plain text, in both tables. Resumable: a
 /// run that stops half-way (even killed) is completed by running it again.
 pub(crate) fn backfill(clinic: &mut Clinic, dry_run: bool, batch: usize) -> Result<ExitCode> {
-    println!(
+    outln!(
         "Roll-out: {}.",
         db::describe_rollout(&clinic.keyring.rollout())
     );
@@ -81,7 +81,7 @@ pub(crate) fn backfill(clinic: &mut Clinic, dry_run: bool, batch: usize) -> Resu
             }
         };
         progress.finish_and_clear();
-        println!("{}: {}", table.name(), report?);
+        outln!("{}: {}", table.name(), report?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -98,7 +98,7 @@ pub(crate) fn decrypt_back(clinic: &mut Clinic, yes: bool, batch: usize) -> Resu
         );
     }
     clinic.set_rollout(Rollout::Nobody)?;
-    println!(
+    outln!(
         "Roll-out: {}.",
         db::describe_rollout(&clinic.keyring.rollout())
     );
@@ -120,7 +120,7 @@ pub(crate) fn decrypt_back(clinic: &mut Clinic, yes: bool, batch: usize) -> Resu
             }
         };
         progress.finish_and_clear();
-        println!("{}: {}", table.name(), report?);
+        outln!("{}: {}", table.name(), report?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -143,7 +143,7 @@ pub(crate) fn verify(clinic: &mut Clinic, sample: Option<usize>) -> Result<ExitC
         };
         progress.finish_and_clear();
         let report = report?;
-        println!("{}: {report}", table.name());
+        outln!("{}: {report}", table.name());
         ok &= report.is_ok();
     }
     Ok(if ok {
