@@ -260,7 +260,7 @@ pub(crate) fn backfill<M: Migratable>(
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> phi::Result<MigrationReport> {
-    rewrite::<M>(conn, keyring, options, progress, false)
+    seal_unsealed::<M>(conn, keyring, options, progress)
 }
 
 /// Writes every sealed row back in plain text, batch by batch.
@@ -278,12 +278,11 @@ pub(crate) fn decrypt_back<M: Migratable>(
     rewrite_back::<M>(conn, keyring, &plain, options, progress)
 }
 
-fn rewrite<M: Migratable>(
+fn seal_unsealed<M: Migratable>(
     conn: &mut AnyConnection,
     keyring: &Keyring,
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
-    _unused: bool,
 ) -> phi::Result<MigrationReport> {
     let started = Instant::now();
     let creations = keyring.stats().creations;
@@ -300,7 +299,6 @@ fn rewrite<M: Migratable>(
             M::page(conn, Some(false), &after, limit).map_err(db("reading rows", M::TABLE))?;
         let Some(last) = rows.last() else { break };
         after = M::key_of(last).to_owned();
-        let read = rows.len() as u64;
         let mut todo = Vec::new();
         for row in M::open_each(rows, keyring)? {
             match row {
@@ -332,7 +330,7 @@ fn rewrite<M: Migratable>(
             report.batches += 1;
         }
         progress(&Progress {
-            done: (report.rows + report.skipped + report.undecodable).min(total.max(read)),
+            done: report.rows + report.skipped + report.undecodable,
             total,
             elapsed: started.elapsed(),
         });
