@@ -1,0 +1,338 @@
+//! The database: one Diesel connection type over every backend built in,
+//! the clinic's migrations, phi's key store and KEK, and the persisted
+//! roll-out.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout};
+
+use crate::Result;
+use crate::schema::{cases, clinic_rollout, deleted_cases};
+
+/// A connection to whichever backend the URL names: typed Diesel queries
+/// are written once, against `AnyConnection`.
+#[derive(diesel::MultiConnection)]
+pub(crate) enum AnyConnection {
+    #[cfg(feature = "sqlite")]
+    Sqlite(diesel::SqliteConnection),
+    #[cfg(feature = "mysql")]
+    Mysql(diesel::MysqlConnection),
+    #[cfg(feature = "postgres")]
+    Postgres(diesel::PgConnection),
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection inside
+/// `$conn` (an `&mut AnyConnection`), for APIs that take one backend's
+/// connection type, such as phi's life-cycle and migration jobs.
+macro_rules! on_backend {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            #[cfg(feature = "sqlite")]
+            $crate::db::AnyConnection::Sqlite($c) => $body,
+            #[cfg(feature = "mysql")]
+            $crate::db::AnyConnection::Mysql($c) => $body,
+            #[cfg(feature = "postgres")]
+            $crate::db::AnyConnection::Postgres($c) => $body,
+        }
+    };
+}
+pub(crate) use on_backend;
+
+#[cfg(feature = "sqlite")]
+const SQLITE_MIGRATIONS: EmbeddedMigrations =
+    embed_migrations!("examples/clinic/migrations/sqlite");
+#[cfg(feature = "mysql")]
+const MYSQL_MIGRATIONS: EmbeddedMigrations = embed_migrations!("examples/clinic/migrations/mysql");
+#[cfg(feature = "postgres")]
+const POSTGRES_MIGRATIONS: EmbeddedMigrations =
+    embed_migrations!("examples/clinic/migrations/postgres");
+
+/// The backends, chosen by the URL's scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Sqlite,
+    Mysql,
+    Postgres,
+}
+
+/// The backend of `url`, the URL its Diesel connection takes, and how to
+/// name the database in output (a SQLite file's path; a server URL without
+/// its password).
+pub(crate) fn parse_url(url: &str) -> (Backend, String, String) {
+    if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        (Backend::Mysql, url.clone(), without_password(&url))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        (Backend::Postgres, url.to_owned(), without_password(url))
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        (Backend::Sqlite, path.to_owned(), path.to_owned())
+    }
+}
+
+/// `scheme://user:secret@host/db` as `scheme://user@host/db`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(name, _)| name);
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The application's connection (migrated), and phi's key store on the
+/// same database.
+pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dyn KeyStore>)> {
+    match backend {
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => {
+            let mut conn = diesel::SqliteConnection::establish(url)?;
+            // WAL: readers do not block the writer; the key store's own
+            // connections wait for a lock rather than fail.
+            conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;")?;
+            conn.run_pending_migrations(SQLITE_MIGRATIONS)
+                .map_err(migration_error)?;
+            let store = DieselKeyStore::<diesel::SqliteConnection>::connect(url)?;
+            Ok((AnyConnection::Sqlite(conn), Arc::new(store)))
+        }
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => {
+            let mut conn = diesel::MysqlConnection::establish(url)?;
+            conn.run_pending_migrations(MYSQL_MIGRATIONS)
+                .map_err(migration_error)?;
+            let store = DieselKeyStore::<diesel::MysqlConnection>::connect(url)?;
+            Ok((AnyConnection::Mysql(conn), Arc::new(store)))
+        }
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => {
+            let mut conn = diesel::PgConnection::establish(url)?;
+            conn.run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map_err(migration_error)?;
+            let store = DieselKeyStore::<diesel::PgConnection>::connect(url)?;
+            Ok((AnyConnection::Postgres(conn), Arc::new(store)))
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            let (name, feature) = match other {
+                Backend::Sqlite => ("SQLite", "sqlite"),
+                Backend::Mysql => ("MySQL / MariaDB", "mysql"),
+                Backend::Postgres => ("PostgreSQL", "postgres"),
+            };
+            Err(format!(
+                "this clinic was built without {name} support: rebuild with \
+                 `cargo run --example clinic --features {feature} -- …`"
+            )
+            .into())
+        }
+    }
+}
+
+fn migration_error(error: Box<dyn std::error::Error + Send + Sync>) -> crate::Error {
+    format!("running the clinic's migrations: {error}").into()
+}
+
+/// The development master key file, created in the current directory on
+/// the first run when no master key is configured.
+pub(crate) const DEV_KEY_FILE: &str = "clinic-dev-master.key";
+
+/// A configured KEK.
+pub(crate) type SharedKek = Arc<dyn KeyEncryptionKey>;
+
+/// The KEK that wraps new data keys, and older ones that still unwrap the
+/// keys they wrapped.
+///
+/// - `--kek aws-kms:KEY` (or `PHI_KEK`; a build with `--features aws-kms`):
+///   AWS KMS, configured from the AWS environment; a local master key in
+///   `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE` still unwraps older keys.
+/// - `--kek local:ID`, or no `--kek` with `PHI_MASTER_KEY` /
+///   `PHI_MASTER_KEY_FILE` set: that local master key, KEK id `ID`
+///   (default `local-1`).
+/// - Nothing configured: the development key file, created (mode 0600)
+///   with a warning on the first run.
+pub(crate) fn keks(spec: Option<&str>) -> Result<(SharedKek, Vec<SharedKek>)> {
+    let env_key = std::env::var_os(phi::MASTER_KEY_ENV).is_some()
+        || std::env::var_os(phi::MASTER_KEY_FILE_ENV).is_some();
+    match spec.map(|s| s.split_once(':')) {
+        None if env_key => Ok((Arc::new(LocalKek::from_env("local-1")?), Vec::new())),
+        None => Ok((Arc::new(dev_master_key()?), Vec::new())),
+        Some(Some(("local", id))) if !id.is_empty() => {
+            Ok((Arc::new(LocalKek::from_env(id)?), Vec::new()))
+        }
+        Some(Some(("aws-kms", key))) if !key.is_empty() => {
+            let older: Vec<Arc<dyn KeyEncryptionKey>> = if env_key {
+                vec![Arc::new(LocalKek::from_env("local-1")?)]
+            } else {
+                Vec::new()
+            };
+            Ok((aws_kek(key)?, older))
+        }
+        Some(_) => Err(format!(
+            "--kek {:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)",
+            spec.unwrap_or_default()
+        )
+        .into()),
+    }
+}
+
+/// A KEK over the AWS KMS key `key`, configured from the AWS environment.
+#[cfg(feature = "aws-kms")]
+fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
+    Ok(Arc::new(phi::AwsKmsKek::builder(key).build()?))
+}
+
+/// Without the `aws-kms` feature: a clear refusal.
+#[cfg(not(feature = "aws-kms"))]
+fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
+    Err(format!(
+        "aws-kms:{key}: this clinic was built without the AWS KMS provider: rebuild with \
+         `--features aws-kms`"
+    )
+    .into())
+}
+
+/// The development key file's KEK, creating the file on the first run.
+fn dev_master_key() -> Result<LocalKek> {
+    let path = Path::new(DEV_KEY_FILE);
+    if !path.exists() {
+        let key = LocalKek::generate_master_key_base64()?;
+        write_private(path, key.as_bytes())?;
+        eprintln!(
+            "warning: created {DEV_KEY_FILE}, a master key for development only; production \
+             reads it from PHI_MASTER_KEY / PHI_MASTER_KEY_FILE or uses AWS KMS (--kek aws-kms:KEY)"
+        );
+    }
+    Ok(LocalKek::from_file("local-1", path)?)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+/// The `clinic_rollout` row that stands for every owner.
+const EVERY_OWNER: &str = "*";
+
+/// The persisted roll-out: `*` is everyone, other rows are owners, no row
+/// is nobody.
+pub(crate) fn load_rollout(conn: &mut AnyConnection) -> Result<Rollout> {
+    let rows: Vec<String> = clinic_rollout::table
+        .select(clinic_rollout::owner_id)
+        .load(conn)?;
+    Ok(if rows.iter().any(|o| o == EVERY_OWNER) {
+        Rollout::All
+    } else if rows.is_empty() {
+        Rollout::Nobody
+    } else {
+        Rollout::Owners(rows.into_iter().collect())
+    })
+}
+
+/// Replaces the persisted roll-out.
+pub(crate) fn save_rollout(conn: &mut AnyConnection, rollout: &Rollout) -> Result<()> {
+    let rows: Vec<String> = match rollout {
+        Rollout::All => vec![EVERY_OWNER.to_owned()],
+        Rollout::Owners(owners) => {
+            let mut owners: Vec<String> = owners.iter().cloned().collect();
+            owners.sort();
+            owners
+        }
+        _ => Vec::new(),
+    };
+    conn.transaction(|conn| {
+        diesel::delete(clinic_rollout::table).execute(conn)?;
+        for owner in &rows {
+            diesel::insert_into(clinic_rollout::table)
+                .values(clinic_rollout::owner_id.eq(owner))
+                .execute(conn)?;
+        }
+        diesel::QueryResult::Ok(())
+    })?;
+    Ok(())
+}
+
+/// How a roll-out reads in output.
+pub(crate) fn describe_rollout(rollout: &Rollout) -> String {
+    match rollout {
+        Rollout::All => "every owner's new rows are sealed".to_owned(),
+        Rollout::Owners(owners) => {
+            let mut owners: Vec<&str> = owners.iter().map(String::as_str).collect();
+            owners.sort_unstable();
+            const SHOWN: usize = 10;
+            let more = owners.len().saturating_sub(SHOWN);
+            let mut list = owners
+                .iter()
+                .take(SHOWN)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if more > 0 {
+                list.push_str(&format!(" and {more} more"));
+            }
+            format!("new rows of {} owner(s) are sealed: {list}", owners.len())
+        }
+        _ => "no new row is sealed (rows already sealed stay sealed)".to_owned(),
+    }
+}
+
+/// The owners of the clinic's cases.
+pub(crate) fn owners(conn: &mut AnyConnection) -> Result<HashSet<String>> {
+    let owners: Vec<String> = cases::table.select(cases::user_id).distinct().load(conn)?;
+    Ok(owners.into_iter().collect())
+}
+
+/// The next case number for ids with `prefix`, past every id used in
+/// `cases` and `deleted_cases`.
+pub(crate) fn next_case_number(conn: &mut AnyConnection, prefix: &str) -> Result<u64> {
+    let pattern = format!("{prefix}%");
+    let live: Option<String> = cases::table
+        .filter(cases::case_id.like(&pattern))
+        .select(diesel::dsl::max(cases::case_id))
+        .first(conn)?;
+    let deleted: Option<String> = deleted_cases::table
+        .filter(deleted_cases::case_id.like(&pattern))
+        .select(diesel::dsl::max(deleted_cases::case_id))
+        .first(conn)?;
+    let last = [live, deleted]
+        .iter()
+        .flatten()
+        .filter_map(|id| crate::model::case_number(prefix, id))
+        .max()
+        .unwrap_or(0);
+    Ok(last + 1)
+}
+
+/// A keyring over `store` and the configured KEKs, with the roll-out given.
+pub(crate) fn keyring(
+    store: &Arc<dyn KeyStore>,
+    kek: &Arc<dyn KeyEncryptionKey>,
+    older: &[Arc<dyn KeyEncryptionKey>],
+    rollout: Rollout,
+) -> Result<Keyring> {
+    let mut builder = Keyring::builder(store.clone(), kek.clone());
+    for k in older {
+        builder = builder.unwrap_with(k.clone());
+    }
+    Ok(builder.actor("clinic").rollout(rollout).build()?)
+}

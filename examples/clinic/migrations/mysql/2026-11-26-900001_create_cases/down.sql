@@ -1,0 +1,3 @@
+DROP TABLE clinic_rollout;
+DROP TABLE deleted_cases;
+DROP TABLE cases;

@@ -1,0 +1,262 @@
+//! The clinic example (`examples/clinic/`), run as the built binary in a
+//! temporary directory on SQLite: what its first run leaves behind, a
+//! tampered value, and a legacy database sealed and rolled back with the
+//! data unchanged.
+//!
+//! `cargo test` builds the examples before running the tests; run alone,
+//! this test needs `cargo build --example clinic` first.
+#![cfg(feature = "sqlite")]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use diesel::prelude::*;
+
+/// The example's binary, beside the test binaries' directory.
+fn clinic_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut dir = exe.parent().expect("test binary directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let binary = dir
+        .join("examples")
+        .join(format!("clinic{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build --example clinic`",
+        binary.display()
+    );
+    binary
+}
+
+struct Clinic {
+    dir: tempfile::TempDir,
+}
+
+impl Clinic {
+    fn new() -> Clinic {
+        Clinic {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    /// Runs the clinic with `args`: success, stdout, stderr.
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(clinic_binary())
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("PHI_MASTER_KEY")
+            .env_remove("PHI_MASTER_KEY_FILE")
+            .env_remove("PHI_KEK")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("the clinic runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "clinic {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    fn conn(&self) -> SqliteConnection {
+        let path = self.dir.path().join("clinic.db");
+        SqliteConnection::establish(&path.display().to_string()).expect("database")
+    }
+
+    /// Every stored value of the PHI columns, as (case id, column, bytes).
+    fn phi_values(&self) -> Vec<(String, &'static str, Option<Vec<u8>>)> {
+        let mut conn = self.conn();
+        let mut values = Vec::new();
+        for column in [
+            "patient_first",
+            "patient_last",
+            "patient_dob",
+            "ins_provider",
+        ] {
+            let rows: Vec<PhiValue> = diesel::sql_query(format!(
+                "SELECT case_id, {column} AS value FROM cases ORDER BY case_id"
+            ))
+            .load(&mut conn)
+            .expect("values");
+            values.extend(rows.into_iter().map(|r| (r.case_id, column, r.value)));
+        }
+        values
+    }
+}
+
+#[derive(QueryableByName)]
+struct PhiValue {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    case_id: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Binary>)]
+    value: Option<Vec<u8>>,
+}
+
+#[test]
+fn first_run_seeds_and_a_second_run_reuses_the_database_and_key() {
+    let clinic = Clinic::new();
+    let (ok, first, err) = clinic.run(&[]);
+    assert!(ok, "{first}\n{err}");
+    assert!(first.contains("Seeded 5 cases into clinic.db."), "{first}");
+    assert!(err.contains("development only"), "{err}");
+    let key = clinic.dir.path().join("clinic-dev-master.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key)
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let second = clinic.ok(&[]);
+    assert!(second.contains("Reusing clinic.db (5 cases)."), "{second}");
+    assert!(
+        second.lines().any(|l| l.starts_with("  F1 01 ")),
+        "{second}"
+    );
+    assert!(second.contains("Jane Doe"), "{second}");
+}
+
+#[test]
+fn demo_stores_no_patient_data_in_the_clear() {
+    let clinic = Clinic::new();
+    let out = clinic.ok(&["demo", "--owners", "4", "--cases-per-owner", "25"]);
+    assert!(out.contains("Stored 100 case(s)"), "{out}");
+    for (id, column, value) in clinic.phi_values() {
+        if let Some(value) = value {
+            assert_eq!(&value[..2], &[0xF1, 0x01], "{id} {column}");
+        }
+    }
+    // Every name and date of birth the demo wrote, read back decrypted,
+    // is nowhere in the database's files.
+    let list = clinic.ok(&["case", "list", "--limit", "1000"]);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(clinic.dir.path()).expect("directory") {
+        let path = entry.expect("entry").path();
+        if path.to_string_lossy().contains("clinic.db") {
+            files.push(std::fs::read(&path).expect("database file"));
+        }
+    }
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert_eq!(rows.len(), 100, "{list}");
+    for row in rows {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        for needle in &fields[2..5] {
+            for bytes in &files {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{needle:?} is stored in the clear"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_altered_value_fails_its_row_only_naming_table_column_and_owner() {
+    let clinic = Clinic::new();
+    clinic.ok(&[]);
+    let mut conn = clinic.conn();
+    let stored: Vec<u8> = diesel::sql_query(
+        "SELECT case_id, patient_last AS value FROM cases WHERE case_id = 'C-000003'",
+    )
+    .get_result::<PhiValue>(&mut conn)
+    .expect("value")
+    .value
+    .expect("not null");
+    let mut altered = stored.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 0x01;
+    diesel::sql_query("UPDATE cases SET patient_last = ? WHERE case_id = 'C-000003'")
+        .bind::<diesel::sql_types::Binary, _>(altered)
+        .execute(&mut conn)
+        .expect("update");
+
+    let (ok, out, err) = clinic.run(&["case", "get", "C-000003"]);
+    assert!(!ok, "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("cases.patient_last"), "{err}");
+    assert!(err.contains("dr-lindqvist"), "{err}");
+    assert!(!out.contains("Nwosu"), "{out}");
+
+    let (ok, out, err) = clinic.run(&["case", "list"]);
+    assert!(!ok);
+    assert!(err.contains("C-000003"), "{err}");
+    assert!(
+        out.contains("Jane Doe") && out.contains("Wei Zhang"),
+        "{out}"
+    );
+    assert!(clinic.ok(&["case", "get", "C-000004"]).contains("Zhang"));
+}
+
+#[test]
+fn a_legacy_database_is_sealed_and_rolled_back_with_its_data_unchanged() {
+    let clinic = Clinic::new();
+    clinic.ok(&["seed-legacy", "--cases", "3000", "--owners", "7"]);
+    for (id, column, value) in clinic.phi_values() {
+        if let Some(value) = value {
+            assert_ne!(&value[..2], &[0xF1, 0x01], "{id} {column}");
+        }
+    }
+    let before = clinic.ok(&["digest"]);
+    assert!(before.contains("(3000 cases, 0 deleted cases)"), "{before}");
+
+    clinic.ok(&["rollout", "enable", "--owner", "provider-003"]);
+    let dry = clinic.ok(&["backfill", "--dry-run"]);
+    assert!(dry.contains("would change"), "{dry}");
+    clinic.ok(&["rollout", "all"]);
+    clinic.ok(&["backfill", "--batch", "500"]);
+    // A second run finds nothing left to do.
+    clinic.ok(&["backfill"]);
+    assert!(clinic.ok(&["verify"]).contains("3000 sealed row(s) open"));
+    for (id, column, value) in clinic.phi_values() {
+        if let Some(value) = value {
+            assert_eq!(&value[..2], &[0xF1, 0x01], "{id} {column}");
+        }
+    }
+    assert_eq!(clinic.ok(&["digest"]), before);
+    let found = clinic.ok(&["case", "get", "L-000042"]);
+    let last = found
+        .lines()
+        .find_map(|l| l.strip_prefix("patient_last"))
+        .expect("last name")
+        .trim()
+        .to_owned();
+    let dob = found
+        .lines()
+        .find_map(|l| l.strip_prefix("patient_dob"))
+        .expect("date of birth")
+        .trim()
+        .to_owned();
+    let owner = found
+        .lines()
+        .find_map(|l| l.strip_prefix("provider"))
+        .expect("provider")
+        .trim()
+        .to_owned();
+    let dupes = clinic.ok(&[
+        "case",
+        "find",
+        "--owner",
+        &owner,
+        "--last",
+        &last.to_uppercase(),
+        "--dob",
+        &dob,
+    ]);
+    assert!(dupes.lines().any(|l| l == "L-000042"), "{dupes}");
+
+    assert!(!clinic.run(&["decrypt-back"]).0, "needs --yes");
+    clinic.ok(&["decrypt-back", "--yes"]);
+    assert_eq!(clinic.ok(&["digest"]), before);
+    assert!(clinic.ok(&["verify"]).contains("3000 plain row(s) decode"));
+}
