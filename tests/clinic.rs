@@ -4,8 +4,8 @@
 //! on the servers named by `PHI_TEST_MYSQL_URL` / `PHI_TEST_POSTGRES_URL`).
 //! A backend whose feature is on and whose server is down fails.
 //!
-//! `cargo test` builds the example before running this; run alone (`cargo
-//! test --test clinic`), the test builds it if it is missing.
+//! The test builds the example with its own backends first (nothing to do
+//! after `cargo test`, which builds it).
 #![cfg(feature = "sqlite")]
 
 mod common;
@@ -37,31 +37,32 @@ fn clinic_bin() -> &'static Path {
             .and_then(Path::parent)
             .expect("target directory");
         let bin = profile_dir.join("examples").join("clinic");
-        if !bin.exists() {
-            let mut features = vec!["sqlite"];
-            if cfg!(feature = "mysql") {
-                features.push("mysql");
-            }
-            if cfg!(feature = "postgres") {
-                features.push("postgres");
-            }
-            if cfg!(feature = "aws-kms") {
-                features.push("aws-kms");
-            }
-            let status = Command::new(env!("CARGO"))
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .args([
-                    "build",
-                    "--example",
-                    "clinic",
-                    "--no-default-features",
-                    "--features",
-                ])
-                .arg(features.join(","))
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building the clinic example failed");
+        // With this test's features, so the binary speaks to every backend
+        // the test runs on; nothing to do when `cargo test` built it so.
+        let mut features = vec!["sqlite"];
+        if cfg!(feature = "mysql") {
+            features.push("mysql");
         }
+        if cfg!(feature = "postgres") {
+            features.push("postgres");
+        }
+        if cfg!(feature = "aws-kms") {
+            features.push("aws-kms");
+        }
+        let status = Command::new(env!("CARGO"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "clinic",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(features.join(","))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the clinic example failed");
         assert!(bin.exists(), "no clinic example at {}", bin.display());
         bin
     })
@@ -137,7 +138,10 @@ impl Clinic {
     }
 
     fn db(&self) -> Db {
-        Db::connect(&self.url, self.dir.path())
+        Db {
+            url: self.url.clone(),
+            dir: self.dir.path().to_owned(),
+        }
     }
 }
 
@@ -179,8 +183,14 @@ fn admin_recreate(test_url: &str) {
     panic!("no backend for {test_url}");
 }
 
-/// A connection of the test's own, to look at what the clinic stored.
-enum Db {
+/// The test's own view of what the clinic stored: a new connection for
+/// each look, so no snapshot outlives the clinic's writes.
+struct Db {
+    url: String,
+    dir: PathBuf,
+}
+
+enum Conn {
     Sqlite(SqliteConnection),
     #[cfg(feature = "mysql")]
     Mysql(MysqlConnection),
@@ -202,41 +212,38 @@ struct Count {
 
 macro_rules! with_db {
     ($db:expr, $conn:ident => $body:expr) => {
-        match $db {
-            Db::Sqlite($conn) => $body,
+        match &mut $db.connect() {
+            Conn::Sqlite($conn) => $body,
             #[cfg(feature = "mysql")]
-            Db::Mysql($conn) => $body,
+            Conn::Mysql($conn) => $body,
             #[cfg(feature = "postgres")]
-            Db::Postgres($conn) => $body,
+            Conn::Postgres($conn) => $body,
         }
     };
 }
 
 impl Db {
-    fn connect(url: &str, dir: &Path) -> Db {
+    fn connect(&self) -> Conn {
+        let url = self.url.as_str();
         if let Some(path) = url.strip_prefix("sqlite://") {
-            let path = dir.join(path);
-            return Db::Sqlite(
+            let path = self.dir.join(path);
+            return Conn::Sqlite(
                 SqliteConnection::establish(&path.display().to_string()).expect("sqlite"),
             );
         }
         #[cfg(feature = "mysql")]
         if url.starts_with("mysql:") {
-            return Db::Mysql(MysqlConnection::establish(url).expect("mysql"));
+            return Conn::Mysql(MysqlConnection::establish(url).expect("mysql"));
         }
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres") {
-            return Db::Postgres(PgConnection::establish(url).expect("postgres"));
+            return Conn::Postgres(PgConnection::establish(url).expect("postgres"));
         }
         panic!("no backend for {url}");
     }
 
     fn numbered(&self) -> bool {
-        #[cfg(feature = "postgres")]
-        if matches!(self, Db::Postgres(_)) {
-            return true;
-        }
-        false
+        self.url.starts_with("postgres")
     }
 
     /// Every non-NULL value of `column` in `table`.
@@ -264,8 +271,10 @@ impl Db {
     }
 
     fn count(&mut self, sql: &str) -> i64 {
-        let row: Count = with_db!(self, c => diesel::sql_query(sql).get_result(c).expect("count"));
-        row.n
+        // Every row loaded, so no statement is left holding a read
+        // snapshot while the clinic writes.
+        let rows: Vec<Count> = with_db!(self, c => diesel::sql_query(sql).load(c).expect("count"));
+        rows.first().map_or(0, |r| r.n)
     }
 
     fn rows_with_flag(&mut self, table: &str, on: bool) -> i64 {
@@ -494,32 +503,34 @@ fn first_runs_and_every_case_command(clinic: &Clinic) {
     // One altered byte: `case get` of that row fails naming table, column
     // and owner; the other rows still read.
     let good = db
-        .value("cases", "patient_last", "C-1001")
+        .value("cases", "patient_last", "C-000001")
         .expect("seeded case");
     let mut bad = good.clone();
     let at = bad.len() / 2;
     bad[at] ^= 0x40;
-    db.set_value("cases", "patient_last", "C-1001", &bad);
-    let err = clinic.fails(&["case", "get", "C-1001"]);
+    db.set_value("cases", "patient_last", "C-000001", &bad);
+    let err = clinic.fails(&["case", "get", "C-000001"]);
     assert!(
         err.contains("cases.patient_last") && err.contains("dr-okafor"),
         "{err}"
     );
     assert!(!err.contains("Doe"), "no plaintext in the error: {err}");
-    let got = clinic.ok(&["case", "get", "C-1002"]);
+    let got = clinic.ok(&["case", "get", "C-000002"]);
     assert!(got.contains("García"), "{got}");
     let out = clinic.run(&["case", "list", "--owner", "dr-okafor"]);
     let (stdout, stderr) = texts(&out);
     assert!(
-        !out.status.success() && stderr.contains("C-1001") && stderr.contains("cases.patient_last"),
+        !out.status.success()
+            && stderr.contains("C-000001")
+            && stderr.contains("cases.patient_last"),
         "{stderr}"
     );
     assert!(
-        stdout.contains("C-1002") && !stdout.contains("C-1001"),
+        stdout.contains("C-000002") && !stdout.contains("C-000001"),
         "{stdout}"
     );
-    db.set_value("cases", "patient_last", "C-1001", &good);
-    clinic.ok(&["case", "get", "C-1001"]);
+    db.set_value("cases", "patient_last", "C-000001", &good);
+    clinic.ok(&["case", "get", "C-000001"]);
 
     // The roll-out: a provider left out stores new rows in plain text.
     clinic.ok(&["rollout", "disable", "--owner", "dr-haddad"]);

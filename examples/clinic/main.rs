@@ -32,7 +32,6 @@ mod commands;
 mod db;
 mod migration;
 mod model;
-mod pending_migrate;
 mod schema;
 
 use std::path::PathBuf;

@@ -9,11 +9,7 @@ use crate::Result;
 use crate::commands::{Clinic, bar, outln};
 use crate::db::{self, AnyConnection};
 use crate::model::{Case, DeletedCase};
-// TEMPORARY: the local stand-in for `phi::migrate` until it lands; then
-// `use phi::migrate::{self, MigrateOptions, Migratable, MigrationReport, Progress, VerifyReport};`
-use crate::pending_migrate::{
-    self as migrate, Migratable, MigrateOptions, MigrationReport, Progress, VerifyReport,
-};
+use phi::migrate::{self, Migratable, MigrateOptions, MigrationReport, Progress, VerifyReport};
 
 /// A progress callback drawing `bar`.
 fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
@@ -29,9 +25,7 @@ fn backfill_table<M: Migratable>(
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> phi::Result<MigrationReport> {
-    // TEMPORARY: once phi::migrate lands, this line becomes
-    // crate::db::on_backend!(conn, c => migrate::backfill::<M, _>(c, keyring, options, progress))
-    migrate::backfill::<M>(conn, keyring, options, progress)
+    crate::db::on_backend!(conn, c => migrate::backfill::<M, _>(c, keyring, options, progress))
 }
 
 fn decrypt_back_table<M: Migratable>(
@@ -40,9 +34,7 @@ fn decrypt_back_table<M: Migratable>(
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> phi::Result<MigrationReport> {
-    // TEMPORARY: once phi::migrate lands, this line becomes
-    // crate::db::on_backend!(conn, c => migrate::decrypt_back::<M, _>(c, keyring, options, progress))
-    migrate::decrypt_back::<M>(conn, keyring, options, progress)
+    crate::db::on_backend!(conn, c => migrate::decrypt_back::<M, _>(c, keyring, options, progress))
 }
 
 fn verify_table<M: Migratable>(
@@ -51,9 +43,7 @@ fn verify_table<M: Migratable>(
     sample: Option<usize>,
     progress: &mut dyn FnMut(&Progress),
 ) -> phi::Result<VerifyReport> {
-    // TEMPORARY: once phi::migrate lands, this line becomes
-    // crate::db::on_backend!(conn, c => migrate::verify::<M, _>(c, keyring, sample, progress))
-    migrate::verify::<M>(conn, keyring, sample, progress)
+    crate::db::on_backend!(conn, c => migrate::verify::<M, _>(c, keyring, sample, progress))
 }
 
 /// Seals the rows still stored in plain text, in both tables. Resumable: a
@@ -81,7 +71,7 @@ pub(crate) fn backfill(clinic: &mut Clinic, dry_run: bool, batch: usize) -> Resu
             }
         };
         progress.finish_and_clear();
-        outln!("{}: {}", table.name(), report?);
+        outln!("{}", report?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -120,7 +110,7 @@ pub(crate) fn decrypt_back(clinic: &mut Clinic, yes: bool, batch: usize) -> Resu
             }
         };
         progress.finish_and_clear();
-        outln!("{}: {}", table.name(), report?);
+        outln!("{}", report?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -143,7 +133,7 @@ pub(crate) fn verify(clinic: &mut Clinic, sample: Option<usize>) -> Result<ExitC
         };
         progress.finish_and_clear();
         let report = report?;
-        outln!("{}: {report}", table.name());
+        outln!("{report}");
         ok &= report.is_ok();
     }
     Ok(if ok {
