@@ -417,6 +417,9 @@ impl fmt::Display for MigrationReport {
             }
             return Ok(());
         }
+        if self.rows == 0 && self.skipped == 0 && self.remaining == 0 {
+            return write!(f, "{}: no {state} row: nothing to {verb}.", self.table);
+        }
         write!(
             f,
             "{}: {verb}ed {} row(s) ({} value(s)) of {} owner(s) in {} batch(es), {:.0} rows/s; {} skipped (done meanwhile by another writer); {} {state} row(s) remain ({secs:.1} s).",
