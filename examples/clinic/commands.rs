@@ -451,18 +451,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             let d = DeletedCase::open(deleted, &clinic.keyring)
                 .map_err(|e| format!("deleted case {id}: {e}"))?;
             let at = d.deleted_at;
-            let case = Case {
-                case_id: d.case_id,
-                user_id: d.user_id,
-                patient_first: d.patient_first,
-                patient_last: d.patient_last,
-                patient_dob: d.patient_dob,
-                ins_provider: d.ins_provider,
-                procedure_code: d.procedure_code,
-                surgery_date: d.surgery_date,
-                status: d.status,
-                phi_encrypted: d.phi_encrypted,
-            };
+            let case = d.into_case();
             print_case(&case, Some(at))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -799,6 +788,21 @@ fn digest_field(hash: &mut Sha256, value: Option<&[u8]>) {
     }
 }
 
+/// One case's fields into the digest: each length-prefixed, `None` apart
+/// from empty.
+fn digest_case(hash: &mut Sha256, c: &Case) {
+    hash.update([b'R']);
+    digest_field(hash, Some(c.case_id.as_bytes()));
+    digest_field(hash, Some(c.user_id.as_bytes()));
+    digest_field(hash, Some(c.patient_first.as_bytes()));
+    digest_field(hash, Some(c.patient_last.as_bytes()));
+    digest_field(hash, Some(c.patient_dob.to_string().as_bytes()));
+    digest_field(hash, c.ins_provider.as_deref().map(str::as_bytes));
+    digest_field(hash, Some(c.procedure_code.as_bytes()));
+    digest_field(hash, Some(c.surgery_date.to_string().as_bytes()));
+    digest_field(hash, Some(c.status.as_bytes()));
+}
+
 /// A SHA-256 over every case's decrypted fields: `cases` then
 /// `deleted_cases`, each in case id order, each row every field but the
 /// encrypted flag (which a migration changes). Read a page at a time.
@@ -828,16 +832,7 @@ fn digest(clinic: &mut Clinic) -> Result<ExitCode> {
         let Some(last) = page.last() else { break };
         after = last.case_id.clone();
         for c in &page {
-            hash.update([b'R']);
-            digest_field(&mut hash, Some(c.case_id.as_bytes()));
-            digest_field(&mut hash, Some(c.user_id.as_bytes()));
-            digest_field(&mut hash, Some(c.patient_first.as_bytes()));
-            digest_field(&mut hash, Some(c.patient_last.as_bytes()));
-            digest_field(&mut hash, Some(c.patient_dob.to_string().as_bytes()));
-            digest_field(&mut hash, c.ins_provider.as_deref().map(str::as_bytes));
-            digest_field(&mut hash, Some(c.procedure_code.as_bytes()));
-            digest_field(&mut hash, Some(c.surgery_date.to_string().as_bytes()));
-            digest_field(&mut hash, Some(c.status.as_bytes()));
+            digest_case(&mut hash, c);
         }
         live += page.len() as u64;
         progress.inc(page.len() as u64);
@@ -857,18 +852,10 @@ fn digest(clinic: &mut Clinic) -> Result<ExitCode> {
         )?;
         let Some(last) = page.last() else { break };
         after = last.case_id.clone();
-        for c in &page {
-            hash.update([b'R']);
-            digest_field(&mut hash, Some(c.case_id.as_bytes()));
-            digest_field(&mut hash, Some(c.user_id.as_bytes()));
-            digest_field(&mut hash, Some(c.patient_first.as_bytes()));
-            digest_field(&mut hash, Some(c.patient_last.as_bytes()));
-            digest_field(&mut hash, Some(c.patient_dob.to_string().as_bytes()));
-            digest_field(&mut hash, c.ins_provider.as_deref().map(str::as_bytes));
-            digest_field(&mut hash, Some(c.procedure_code.as_bytes()));
-            digest_field(&mut hash, Some(c.surgery_date.to_string().as_bytes()));
-            digest_field(&mut hash, Some(c.status.as_bytes()));
-            digest_field(&mut hash, Some(c.deleted_at.to_string().as_bytes()));
+        for d in page.iter().cloned() {
+            let at = d.deleted_at;
+            digest_case(&mut hash, &d.into_case());
+            digest_field(&mut hash, Some(at.to_string().as_bytes()));
         }
         deleted += page.len() as u64;
         progress.inc(page.len() as u64);

@@ -19,22 +19,41 @@ fn on_progress(bar: &indicatif::ProgressBar) -> impl FnMut(&Progress) + '_ {
     }
 }
 
-fn backfill_table<M: Migratable>(
+/// Seals (`sealing`) or unseals one table's rows.
+fn migrate_table<M: Migratable>(
     conn: &mut AnyConnection,
     keyring: &Keyring,
     options: &MigrateOptions,
+    sealing: bool,
     progress: &mut dyn FnMut(&Progress),
 ) -> phi::Result<MigrationReport> {
-    crate::db::on_backend!(conn, c => migrate::backfill::<M, _>(c, keyring, options, progress))
+    if sealing {
+        crate::db::on_backend!(conn, c => migrate::backfill::<M, _>(c, keyring, options, progress))
+    } else {
+        crate::db::on_backend!(conn, c => migrate::decrypt_back::<M, _>(c, keyring, options, progress))
+    }
 }
 
-fn decrypt_back_table<M: Migratable>(
-    conn: &mut AnyConnection,
-    keyring: &Keyring,
-    options: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
-) -> phi::Result<MigrationReport> {
-    crate::db::on_backend!(conn, c => migrate::decrypt_back::<M, _>(c, keyring, options, progress))
+/// Runs the backfill (`sealing`) or the rollback on both tables, each with
+/// a progress bar, and prints their reports.
+fn migrate_tables(clinic: &mut Clinic, options: &MigrateOptions, sealing: bool) -> Result<()> {
+    for table in [Table::Cases, Table::DeletedCases] {
+        let verb = if sealing { "sealing" } else { "decrypting" };
+        let progress = bar(0, &format!("{verb} {}", table.name()));
+        let report = {
+            let mut on = on_progress(&progress);
+            let (conn, keyring) = (&mut clinic.conn, &clinic.keyring);
+            match table {
+                Table::Cases => migrate_table::<Case>(conn, keyring, options, sealing, &mut on),
+                Table::DeletedCases => {
+                    migrate_table::<DeletedCase>(conn, keyring, options, sealing, &mut on)
+                }
+            }
+        };
+        progress.finish_and_clear();
+        outln!("{}", report?);
+    }
+    Ok(())
 }
 
 fn verify_table<M: Migratable>(
@@ -54,25 +73,7 @@ pub(crate) fn backfill(clinic: &mut Clinic, dry_run: bool, batch: usize) -> Resu
         db::describe_rollout(&clinic.keyring.rollout())
     );
     let options = MigrateOptions::default().batch(batch).dry_run(dry_run);
-    for table in [Table::Cases, Table::DeletedCases] {
-        let progress = bar(0, &format!("sealing {}", table.name()));
-        let report = {
-            let mut on = on_progress(&progress);
-            match table {
-                Table::Cases => {
-                    backfill_table::<Case>(&mut clinic.conn, &clinic.keyring, &options, &mut on)
-                }
-                Table::DeletedCases => backfill_table::<DeletedCase>(
-                    &mut clinic.conn,
-                    &clinic.keyring,
-                    &options,
-                    &mut on,
-                ),
-            }
-        };
-        progress.finish_and_clear();
-        outln!("{}", report?);
-    }
+    migrate_tables(clinic, &options, true)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -93,25 +94,7 @@ pub(crate) fn decrypt_back(clinic: &mut Clinic, yes: bool, batch: usize) -> Resu
         db::describe_rollout(&clinic.keyring.rollout())
     );
     let options = MigrateOptions::default().batch(batch);
-    for table in [Table::Cases, Table::DeletedCases] {
-        let progress = bar(0, &format!("decrypting {}", table.name()));
-        let report = {
-            let mut on = on_progress(&progress);
-            match table {
-                Table::Cases => {
-                    decrypt_back_table::<Case>(&mut clinic.conn, &clinic.keyring, &options, &mut on)
-                }
-                Table::DeletedCases => decrypt_back_table::<DeletedCase>(
-                    &mut clinic.conn,
-                    &clinic.keyring,
-                    &options,
-                    &mut on,
-                ),
-            }
-        };
-        progress.finish_and_clear();
-        outln!("{}", report?);
-    }
+    migrate_tables(clinic, &options, false)?;
     Ok(ExitCode::SUCCESS)
 }
 

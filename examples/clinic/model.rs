@@ -79,6 +79,22 @@ impl DeletedCase {
             phi_encrypted: case.phi_encrypted,
         }
     }
+
+    /// The case as it was before it was deleted.
+    pub(crate) fn into_case(self) -> Case {
+        Case {
+            case_id: self.case_id,
+            user_id: self.user_id,
+            patient_first: self.patient_first,
+            patient_last: self.patient_last,
+            patient_dob: self.patient_dob,
+            ins_provider: self.ins_provider,
+            procedure_code: self.procedure_code,
+            surgery_date: self.surgery_date,
+            status: self.status,
+            phi_encrypted: self.phi_encrypted,
+        }
+    }
 }
 
 /// The five cases of the first run.
