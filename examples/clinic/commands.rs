@@ -852,13 +852,14 @@ fn digest(clinic: &mut Clinic) -> Result<ExitCode> {
         )?;
         let Some(last) = page.last() else { break };
         after = last.case_id.clone();
-        for d in page.iter().cloned() {
+        let rows = page.len() as u64;
+        for d in page {
             let at = d.deleted_at;
             digest_case(&mut hash, &d.into_case());
             digest_field(&mut hash, Some(at.to_string().as_bytes()));
         }
-        deleted += page.len() as u64;
-        progress.inc(page.len() as u64);
+        deleted += rows;
+        progress.inc(rows);
     }
     progress.finish_and_clear();
     let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();

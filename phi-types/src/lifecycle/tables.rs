@@ -1212,11 +1212,10 @@ macro_rules! data_connection {
                             continue;
                         };
                         let mut query = diesel::sql_query(update.as_str()).into_boxed();
-                        for value in &write.values {
-                            query = query.bind::<Nullable<Binary>, _>(value.clone());
-                        }
-                        for index in &write.indexes {
-                            query = query.bind::<Nullable<Binary>, _>(index.clone());
+                        // Bound by reference: no copy of a plaintext
+                        // outlives `write`, which zeroizes its values.
+                        for value in write.values.iter().chain(&write.indexes) {
+                            query = query.bind::<Nullable<Binary>, _>(value.as_deref());
                         }
                         query = bind_flag(query, table, !sealed);
                         query = bind_value(query, &row.key);
