@@ -100,17 +100,26 @@ impl ThreadRng {
 
 /// Runs `f` with this thread's nonce generator, reseeding it first if the
 /// process forked since it was seeded.
+///
+/// An entry nested in another on the same thread (a sealer inside a sealer,
+/// a value whose encoding seals) finds the thread's generator in use; it
+/// draws from a generator of its own, seeded from the OS for that entry.
 pub(crate) fn with_nonces<R>(f: impl FnOnce(&mut Nonces<'_>) -> R) -> Result<R, getrandom::Error> {
-    RNG.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_mut().is_some_and(|state| state.fork.forked()) {
-            *slot = None;
+    RNG.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut slot) => {
+            if slot.as_mut().is_some_and(|state| state.fork.forked()) {
+                *slot = None;
+            }
+            let state = match slot.as_mut() {
+                Some(state) => state,
+                None => slot.insert(ThreadRng::seeded()?),
+            };
+            Ok(f(&mut Nonces { state }))
         }
-        let state = match slot.as_mut() {
-            Some(state) => state,
-            None => slot.insert(ThreadRng::seeded()?),
-        };
-        Ok(f(&mut Nonces { state }))
+        Err(_) => {
+            let mut state = ThreadRng::seeded()?;
+            Ok(f(&mut Nonces { state: &mut state }))
+        }
     })
 }
 
@@ -147,6 +156,26 @@ mod tests {
         let after = with_nonces(|n| n.next().expect("nonce")).expect("rng");
         assert_ne!(after, would_be, "the inherited stream must not be used");
         assert_ne!(after, first);
+    }
+
+    #[test]
+    fn a_nested_entry_draws_from_its_own_generator() {
+        let (outer, inner, after) = with_nonces(|outer| {
+            let first = outer.next().expect("nonce");
+            let inner: Vec<_> =
+                with_nonces(|inner| (0..100).map(|_| inner.next().expect("nonce")).collect())
+                    .expect("a nested entry is served");
+            (first, inner, outer.next().expect("nonce"))
+        })
+        .expect("rng");
+        let mut seen = HashSet::from([outer, after]);
+        assert_eq!(seen.len(), 2);
+        for nonce in inner {
+            assert!(seen.insert(nonce), "no nonce repeats across generators");
+        }
+        // The thread's generator is free again: the next entry uses it.
+        RNG.with(|cell| assert!(cell.try_borrow_mut().is_ok()));
+        with_nonces(|n| assert!(seen.insert(n.next().expect("nonce")))).expect("rng");
     }
 
     #[cfg(unix)]

@@ -73,6 +73,10 @@ impl Sealer<'_> {
 /// Runs `f` with a [`Sealer`]: the way to seal many values (a row, a batch of
 /// rows) with one fork check.
 ///
+/// `f` may seal through another sealer, or [`OwnerKeys::seal`], itself (as
+/// a [`PhiValue`] whose encoding seals does): the nested sealer draws its
+/// nonces from a generator of its own, seeded from the OS for it.
+///
 /// ```
 /// # use std::sync::Arc;
 /// # use phi_types::{Keyring, LocalKek, MemoryKeyStore, KeyBytes};
