@@ -400,4 +400,159 @@ mod tests {
         assert_eq!(aad.len(), 6 + 2 + 2 + 2 + 400 + 2);
         assert_eq!(&aad[10..12], &400u16.to_be_bytes());
     }
+
+    /// Envelope v1 over arbitrary keys, nonces, bindings and values.
+    mod properties {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::dek::KeyBytes;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig::with_cases(512)
+        }
+
+        /// Owner (never empty), scope and row: up to a few hundred bytes, so
+        /// the associated data is built both on the stack and on the heap.
+        fn context() -> impl Strategy<Value = (String, String, Vec<u8>)> {
+            (
+                vec(any::<char>(), 1..80).prop_map(String::from_iter),
+                vec(any::<char>(), 0..80).prop_map(String::from_iter),
+                vec(any::<u8>(), 0..200),
+            )
+        }
+
+        fn seal(dek: &Dek, nonce: [u8; NONCE_LEN], binding: &Binding<'_>, value: &[u8]) -> Vec<u8> {
+            seal_with(
+                dek.cipher(),
+                dek.version(),
+                nonce,
+                binding,
+                value.len(),
+                |out| {
+                    out.extend_from_slice(value);
+                },
+            )
+            .expect("a binding within the format's limits seals")
+        }
+
+        /// Opens a copy of `bytes` the way `OwnerKeys::open` does, after it
+        /// picked `dek` by the header's key version.
+        fn open_copy(dek: &Dek, bytes: &[u8], binding: &Binding<'_>) -> Result<Vec<u8>, OpenError> {
+            let mut buf = bytes.to_vec();
+            let result = open_in_place(dek.cipher(), &mut buf, binding);
+            if let Err(OpenError::Auth(_)) = result {
+                assert!(buf.iter().all(|b| *b == 0), "a failed open leaves nothing");
+            }
+            result.map(|()| buf)
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn seal_then_open_round_trips(
+                key in any::<[u8; 32]>(),
+                version in any::<u32>(),
+                nonce in any::<[u8; NONCE_LEN]>(),
+                (owner, scope, row) in context(),
+                value in vec(any::<u8>(), 0..600),
+            ) {
+                let dek = Dek::new(version, KeyBytes::new(key));
+                let binding = Binding::new(&owner, &scope).with_row(&row);
+                let sealed = seal(&dek, nonce, &binding, &value);
+                prop_assert_eq!(sealed.len(), OVERHEAD + value.len());
+                prop_assert_eq!(
+                    Header::parse(&sealed),
+                    Ok(Header { format: VERSION_V1, key_version: version })
+                );
+                prop_assert_eq!(&sealed[HEADER_LEN..CIPHERTEXT_OFFSET], &nonce[..]);
+                prop_assert_eq!(open(&dek, &sealed, &binding).expect("opens"), value.clone());
+                prop_assert_eq!(open_copy(&dek, &sealed, &binding).expect("opens"), value);
+            }
+
+            #[test]
+            fn every_mutation_of_a_sealed_value_is_rejected(
+                key in any::<[u8; 32]>(),
+                version in any::<u32>(),
+                nonce in any::<[u8; NONCE_LEN]>(),
+                (owner, scope, row) in context(),
+                value in vec(any::<u8>(), 0..64),
+                flip in 1..=255u8,
+                extra in vec(any::<u8>(), 1..8),
+            ) {
+                let dek = Dek::new(version, KeyBytes::new(key));
+                let binding = Binding::new(&owner, &scope).with_row(&row);
+                let sealed = seal(&dek, nonce, &binding, &value);
+                // Any byte changed: header, nonce, ciphertext or tag.
+                for at in 0..sealed.len() {
+                    let mut altered = sealed.clone();
+                    altered[at] ^= flip;
+                    prop_assert!(open_copy(&dek, &altered, &binding).is_err(), "byte {} altered", at);
+                    prop_assert!(open(&dek, &altered, &binding).is_err());
+                }
+                // Cut short or extended.
+                for len in 0..sealed.len() {
+                    prop_assert!(open_copy(&dek, &sealed[..len], &binding).is_err(), "cut to {}", len);
+                }
+                let mut longer = sealed.clone();
+                longer.extend_from_slice(&extra);
+                prop_assert!(open_copy(&dek, &longer, &binding).is_err());
+                // Moved to another owner, scope or row.
+                let other_owner = format!("{owner}\0");
+                let other_scope = format!("{scope}.");
+                let mut other_row = row.clone();
+                other_row.push(flip);
+                for moved in [
+                    Binding::new(&other_owner, &scope).with_row(&row),
+                    Binding::new(&owner, &other_scope).with_row(&row),
+                    Binding::new(&owner, &scope).with_row(&other_row),
+                    Binding::new(&owner, &scope).with_row(&row[..row.len().saturating_sub(1)]),
+                ] {
+                    if moved != binding {
+                        prop_assert!(matches!(
+                            open_copy(&dek, &sealed, &moved),
+                            Err(OpenError::Auth(v)) if v == version
+                        ));
+                    }
+                }
+                // Opened with another key of the same version.
+                let mut other_key = key;
+                other_key[usize::from(flip) % 32] ^= flip;
+                let other = Dek::new(version, KeyBytes::new(other_key));
+                prop_assert!(open_copy(&other, &sealed, &binding).is_err());
+            }
+
+            #[test]
+            fn parsing_and_opening_arbitrary_bytes_never_panic(
+                bytes in vec(any::<u8>(), 0..120),
+                envelope_like in vec(any::<u8>(), 0..120),
+                key in any::<[u8; 32]>(),
+            ) {
+                match Header::parse(&bytes) {
+                    Ok(header) => {
+                        prop_assert!(bytes.len() >= OVERHEAD);
+                        prop_assert_eq!(&header.to_bytes()[..], &bytes[..HEADER_LEN]);
+                    }
+                    Err(EnvelopeError::Empty) => prop_assert!(bytes.is_empty()),
+                    Err(EnvelopeError::BadMagic(b)) => prop_assert_eq!(b, bytes[0]),
+                    Err(EnvelopeError::Truncated { len, min }) => {
+                        prop_assert_eq!((len, min), (bytes.len(), OVERHEAD));
+                    }
+                    Err(EnvelopeError::UnsupportedVersion(v)) => prop_assert_eq!(v, bytes[1]),
+                }
+                // Past the header checks: the tag decides, and it fails.
+                let mut forged = vec![MAGIC, VERSION_V1];
+                forged.extend_from_slice(&envelope_like);
+                let version = Header::parse(&forged).map_or(0, |h| h.key_version);
+                let dek = Dek::new(version, KeyBytes::new(key));
+                let binding = Binding::new("u1", "cases.patient_last");
+                for candidate in [&bytes, &forged] {
+                    prop_assert!(open(&dek, candidate, &binding).is_err());
+                    prop_assert!(open_copy(&dek, candidate, &binding).is_err());
+                }
+            }
+        }
+    }
 }

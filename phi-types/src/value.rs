@@ -224,4 +224,176 @@ mod tests {
             Err(DecodeError::DateTime("date"))
         );
     }
+
+    /// Every encoding: round trip, and the canonical form of the table above.
+    mod properties {
+        use chrono::{Datelike, NaiveTime, Timelike};
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn encoded<T: PhiValue>(value: &T) -> Vec<u8> {
+            let mut out = Vec::new();
+            value.encode(&mut out);
+            out
+        }
+
+        fn date() -> impl Strategy<Value = NaiveDate> {
+            (NaiveDate::MIN.num_days_from_ce()..=NaiveDate::MAX.num_days_from_ce()).prop_map(
+                |days| NaiveDate::from_num_days_from_ce_opt(days).expect("a day in range"),
+            )
+        }
+
+        /// Any time of day, leap seconds (nanoseconds past 10^9 in the 59th
+        /// second) included.
+        fn time() -> impl Strategy<Value = NaiveTime> {
+            prop_oneof![
+                (0..86_400u32, 0..1_000_000_000u32),
+                (0..86_400u32).prop_map(|s| (s, 0)),
+                (0..1440u32, 1_000_000_000..2_000_000_000u32).prop_map(|(m, n)| (m * 60 + 59, n)),
+            ]
+            .prop_map(|(secs, nanos)| {
+                NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos).expect("a valid time")
+            })
+        }
+
+        fn round_trips<T: PhiValue + Clone + std::fmt::Debug>(value: &T) -> Vec<u8> {
+            let bytes = encoded(value);
+            assert_eq!(T::decode(bytes.clone()).as_ref(), Ok(value), "{value:?}");
+            bytes
+        }
+
+        /// Decoding arbitrary bytes never panics, and what decodes is a
+        /// fixed point: encoding it again gives bytes that decode to it.
+        fn decodes_to_a_fixed_point<T: PhiValue + Clone + std::fmt::Debug>(
+            bytes: &[u8],
+        ) -> Option<Vec<u8>> {
+            let value = T::decode(bytes.to_vec()).ok()?;
+            Some(round_trips(&value))
+        }
+
+        macro_rules! integers {
+            ($($name:ident: $ty:ty),*) => {$(
+                proptest! {
+                    #![proptest_config(ProptestConfig::with_cases(256))]
+                    #[test]
+                    fn $name(value in any::<$ty>(), bytes in vec(any::<u8>(), 0..12)) {
+                        let out = round_trips(&value);
+                        prop_assert_eq!(&out[..], &value.to_be_bytes()[..]);
+                        prop_assert_eq!(out.len(), value.encoded_len());
+                        // Exactly the big-endian bytes of the width decode.
+                        match decodes_to_a_fixed_point::<$ty>(&bytes) {
+                            Some(again) => prop_assert_eq!(again, bytes),
+                            None => prop_assert_ne!(bytes.len(), size_of::<$ty>()),
+                        }
+                    }
+                }
+            )*};
+        }
+        integers!(
+            i8_encoding: i8, i16_encoding: i16, i32_encoding: i32, i64_encoding: i64,
+            u8_encoding: u8, u16_encoding: u16, u32_encoding: u32, u64_encoding: u64
+        );
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn string_encoding(value in any::<String>(), bytes in vec(any::<u8>(), 0..40)) {
+                let out = round_trips(&value);
+                prop_assert_eq!(&out[..], value.as_bytes());
+                prop_assert_eq!(out.len(), value.encoded_len());
+                // Exactly the UTF-8 byte strings decode, to themselves.
+                match decodes_to_a_fixed_point::<String>(&bytes) {
+                    Some(again) => prop_assert_eq!(again, bytes),
+                    None => prop_assert!(std::str::from_utf8(&bytes).is_err()),
+                }
+            }
+
+            #[test]
+            fn bytes_encoding(value in vec(any::<u8>(), 0..200)) {
+                let out = round_trips(&value);
+                prop_assert_eq!(&out, &value);
+                prop_assert_eq!(out.len(), value.encoded_len());
+            }
+
+            #[test]
+            fn bool_encoding(value in any::<bool>(), bytes in vec(any::<u8>(), 0..3)) {
+                let out = round_trips(&value);
+                prop_assert_eq!(out, vec![u8::from(value)]);
+                prop_assert_eq!(value.encoded_len(), 1);
+                match decodes_to_a_fixed_point::<bool>(&bytes) {
+                    Some(again) => prop_assert_eq!(again, bytes),
+                    None => prop_assert!(bytes != [0] && bytes != [1]),
+                }
+            }
+
+            #[test]
+            fn date_encoding(value in date(), bytes in vec(any::<u8>(), 0..14)) {
+                let out = round_trips(&value);
+                let text = String::from_utf8(out).expect("ISO-8601 text is UTF-8");
+                let (y, m, d) = (value.year(), value.month(), value.day());
+                let expected = if (0..=9999).contains(&y) {
+                    format!("{y:04}-{m:02}-{d:02}")
+                } else {
+                    format!("{y:+05}-{m:02}-{d:02}")
+                };
+                prop_assert_eq!(&text, &expected);
+                if (0..=9999).contains(&y) {
+                    prop_assert_eq!(text.len(), value.encoded_len());
+                }
+                let _ = decodes_to_a_fixed_point::<NaiveDate>(&bytes);
+            }
+
+            #[test]
+            fn date_time_encoding(
+                date in date(),
+                time in time(),
+                bytes in vec(any::<u8>(), 0..40),
+            ) {
+                let value = date.and_time(time);
+                let out = round_trips(&value);
+                let text = String::from_utf8(out).expect("ISO-8601 text is UTF-8");
+                let (h, m, s) = (time.hour(), time.minute(), time.second());
+                let (s, nanos) = match time.nanosecond() {
+                    n if n >= 1_000_000_000 => (60, n - 1_000_000_000),
+                    n => (s, n),
+                };
+                let fraction = match nanos {
+                    0 => String::new(),
+                    n if n % 1_000_000 == 0 => format!(".{:03}", n / 1_000_000),
+                    n if n % 1_000 == 0 => format!(".{:06}", n / 1_000),
+                    n => format!(".{n:09}"),
+                };
+                let expected = format!("{}T{h:02}:{m:02}:{s:02}{fraction}", encoded_text(&date));
+                prop_assert_eq!(&text, &expected);
+                if (0..=9999).contains(&date.year()) && nanos == 0 {
+                    prop_assert_eq!(text.len(), value.encoded_len());
+                }
+                let _ = decodes_to_a_fixed_point::<NaiveDateTime>(&bytes);
+            }
+
+            #[test]
+            fn date_texts_near_the_canonical_form_never_panic(
+                y in 0..10_000u32, m in 0..14u32, d in 0..33u32,
+                h in 0..25u32, min in 0..61u32, s in 0..62u32, frac in 0..10_000_000_000u64,
+            ) {
+                for text in [
+                    format!("{y:04}-{m:02}-{d:02}"),
+                    format!("{y}-{m}-{d}"),
+                    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}"),
+                    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{frac}"),
+                    format!("{y:04}-{m:02}-{d:02} {h:02}:{min:02}:{s:02}"),
+                ] {
+                    let _ = decodes_to_a_fixed_point::<NaiveDate>(text.as_bytes());
+                    let _ = decodes_to_a_fixed_point::<NaiveDateTime>(text.as_bytes());
+                }
+            }
+        }
+
+        fn encoded_text(date: &NaiveDate) -> String {
+            String::from_utf8(encoded(date)).expect("UTF-8")
+        }
+    }
 }
