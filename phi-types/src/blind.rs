@@ -107,12 +107,20 @@ impl Normalize {
             return Cow::Borrowed(bytes);
         };
         let text = if self.trim { text.trim() } else { text };
-        if self.lowercase && text.chars().any(char::is_uppercase) {
+        // Not `char::is_uppercase`: titlecase letters (`ǅ`, `ᾈ`) are not
+        // uppercase, yet lower-case to other letters.
+        if self.lowercase && text.chars().any(changes_when_lowercased) {
             Cow::Owned(text.to_lowercase().into_bytes())
         } else {
             Cow::Borrowed(text.as_bytes())
         }
     }
+}
+
+/// Whether lower-casing changes `c`.
+fn changes_when_lowercased(c: char) -> bool {
+    let mut lower = c.to_lowercase();
+    lower.next() != Some(c) || lower.next().is_some()
 }
 
 /// The blind-index key of one data key version and one scope.
@@ -263,6 +271,30 @@ mod tests {
             &*Normalize::TRIM_LOWERCASE.apply(&[0xff, b' ']),
             &[0xff, b' ']
         );
+    }
+
+    #[test]
+    fn titlecase_letters_are_lowercased() {
+        // Found by fuzzing (fuzz/fuzz_targets/blind_normalize.rs): `ǅ` (U+01C5,
+        // titlecase) is not uppercase, so a value holding no uppercase letter
+        // was left as it was, and "ǅemal" did not find "ǆemal" or "Ǆemal".
+        assert_eq!(
+            &*Normalize::LOWERCASE.apply("ǅemal".as_bytes()),
+            "ǆemal".as_bytes()
+        );
+        assert_eq!(
+            &*Normalize::TRIM_LOWERCASE.apply(" ᾈ ".as_bytes()),
+            "ᾀ".as_bytes()
+        );
+        let key = BlindIndexKey::derive(&Dek::new(1, KeyBytes::new([1; 32])), "cases.patient_last");
+        let index = |v: &str| key.index(&v.to_owned(), Normalize::TRIM_LOWERCASE);
+        assert_eq!(index("ǅemal"), index("ǆemal"));
+        assert_eq!(index("ǅemal"), index(" Ǆemal"));
+        // Lower-case text is still hashed without a copy.
+        assert!(matches!(
+            Normalize::LOWERCASE.apply(b"doe"),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
