@@ -72,8 +72,9 @@ pub use kek::{
 };
 pub use kek::{KeyEncryptionKey, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 pub use keyring::{
-    Clock, DEFAULT_MAX_OWNERS, DEFAULT_TTL, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
-    ManualClock, OwnerKeys, SystemClock, WarmReport,
+    Clock, DEFAULT_AUDIT_QUEUE, DEFAULT_MAX_OWNERS, DEFAULT_TTL, DEFAULT_UNKNOWN_VERSION_TTL,
+    Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN, ManualClock, OwnerKeys, SystemClock,
+    WarmReport,
 };
 #[cfg(feature = "derive")]
 #[doc(inline)]

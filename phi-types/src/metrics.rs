@@ -20,6 +20,11 @@
 //! | `phi_keys_retired_total` | counter | | data key versions retired |
 //! | `phi_keys_destroyed_total` | counter | | data key versions destroyed (crypto-shredding) |
 //! | `phi_values_resealed_total` | counter | `table` | values moved to an owner's current key version |
+//! | `phi_audit_pending` | gauge | | `unwrap` audit records queued and not yet written |
+//! | `phi_audit_written_total` | counter | | `unwrap` audit records written by the background writer |
+//! | `phi_audit_dropped_total` | counter | | `unwrap` audit records that could not be written (queue full, failed write); each is also logged |
+//! | `phi_key_version_reloads_total` | counter | | owners reloaded because a value named a key version not cached |
+//! | `phi_unknown_key_version_remembered_total` | counter | | opens of a key version the owner was recently found not to have, refused without a reload |
 //!
 //! Sealing or opening one value takes about 150 ns, so the per-value
 //! counters (`phi_seal_total`, `phi_open_total`, and cache hits on the
@@ -62,6 +67,17 @@ pub const KEYS_RETIRED_TOTAL: &str = "phi_keys_retired_total";
 pub const KEYS_DESTROYED_TOTAL: &str = "phi_keys_destroyed_total";
 /// Values re-sealed under an owner's current key version, label `table`.
 pub const VALUES_RESEALED_TOTAL: &str = "phi_values_resealed_total";
+
+/// `unwrap` audit records queued and not yet written.
+pub const AUDIT_PENDING: &str = "phi_audit_pending";
+/// `unwrap` audit records written in the background.
+pub const AUDIT_WRITTEN_TOTAL: &str = "phi_audit_written_total";
+/// `unwrap` audit records that could not be written.
+pub const AUDIT_DROPPED_TOTAL: &str = "phi_audit_dropped_total";
+/// Owners reloaded for a key version not cached.
+pub const KEY_VERSION_RELOADS_TOTAL: &str = "phi_key_version_reloads_total";
+/// Opens of a remembered unknown key version, refused without a reload.
+pub const UNKNOWN_KEY_VERSION_REMEMBERED_TOTAL: &str = "phi_unknown_key_version_remembered_total";
 
 /// Operations a thread counts before handing them to the recorder.
 const FLUSH_EVERY: u64 = 256;
@@ -214,4 +230,30 @@ pub(crate) fn add_for_table(name: &'static str, table: &str, n: u64) {
     if n > 0 {
         metrics::counter!(name, "table" => table.to_owned()).increment(n);
     }
+}
+
+/// Counts `unwrap` audit records queued.
+#[allow(clippy::cast_precision_loss)] // A gauge of queued records: far below 2^52.
+pub(crate) fn audit_queued(n: u64) {
+    if n > 0 {
+        metrics::gauge!(AUDIT_PENDING).increment(n as f64);
+    }
+}
+
+/// Counts `unwrap` audit records taken off the queue (written or not).
+#[allow(clippy::cast_precision_loss)] // A gauge of queued records: far below 2^52.
+pub(crate) fn audit_finished(n: u64) {
+    if n > 0 {
+        metrics::gauge!(AUDIT_PENDING).decrement(n as f64);
+    }
+}
+
+/// Counts `unwrap` audit records written.
+pub(crate) fn audit_written(n: u64) {
+    add(AUDIT_WRITTEN_TOTAL, n);
+}
+
+/// Counts `unwrap` audit records that could not be written.
+pub(crate) fn audit_dropped(n: u64) {
+    add(AUDIT_DROPPED_TOTAL, n);
 }

@@ -397,22 +397,21 @@ fn resolve_for_open<S: SealedRecord>(
             }
         });
     }
+    let since = keyring.fill_mark();
     let mut keys = keyring.keys_for_open_many(owners.iter().map(|(o, _)| o.as_ref()))?;
     // A version missing from the cache was added (rotated) by another
-    // process since the owner was cached: reload those owners once.
-    let stale: Vec<&str> = owners
+    // process since the owner was cached: reload those owners once (unless
+    // the version was found missing moments ago: a tampered header).
+    let stale: Vec<(&str, &[u32])> = owners
         .iter()
         .filter(|(owner, versions)| {
             keys.get(owner.as_ref())
-                .is_some_and(|k| versions.iter().any(|v| k.dek(*v).is_none()))
+                .is_some_and(|k| keyring.needs_reload(k, versions, since))
         })
-        .map(|(owner, _)| owner.as_ref())
+        .map(|(owner, versions)| (owner.as_ref(), versions.as_slice()))
         .collect();
     if !stale.is_empty() {
-        for owner in &stale {
-            keyring.clear(owner);
-        }
-        keys.extend(keyring.keys_for_open_many(stale.iter().copied())?);
+        keys.extend(keyring.reload_for_open(&stale)?);
     }
     Ok(keys)
 }

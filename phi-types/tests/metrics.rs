@@ -145,4 +145,11 @@ fn seal_open_cache_key_store_and_life_cycle_metrics() {
         0,
         "the rotated owner left the cache"
     );
+
+    // Both versions unwrapped again: their audit records are written in
+    // the background.
+    keyring.keys_for_open("owner-1").expect("reload");
+    keyring.flush_audit().expect("audit written");
+    assert_eq!(captured.get(names::AUDIT_WRITTEN_TOTAL), 2);
+    assert_eq!(captured.get(names::AUDIT_DROPPED_TOTAL), 0);
 }

@@ -10,9 +10,31 @@
 //! and, when sealing, a new data key for each owner that has none. Any number
 //! of threads missing the same owner at once cause one resolution: the
 //! first leads, the others wait for its result.
+//!
+//! # Reads never wait on the key store's write lock
+//!
+//! Opening values only reads the key store: a cold cache fill loads the
+//! owner's rows and unwraps them, and its `unwrap` audit records are handed
+//! to a bounded queue that a thread of the keyring writes through the key
+//! store's own pool. So a read inside the application's own write
+//! transaction (on SQLite, where the key store shares the database's write
+//! lock) does not wait for that transaction, and a key store connected
+//! with a database user that may only read the key tables still opens
+//! values. What could not be audited is never lost silently: records that
+//! do not fit in the queue (see [`KeyringBuilder::audit_queue`]) or whose
+//! write fails are counted in [`KeyringStats::audit_dropped`] and in the
+//! `phi_audit_dropped_total` metric, logged with their owner ids and key
+//! versions, and reported by [`Keyring::flush_audit`]. The queue is written
+//! out by `flush_audit` and when the last clone of the keyring is dropped
+//! (a clean shutdown): drop it, or flush, outside a write transaction of
+//! the application's on SQLite, or the writes wait for that transaction.
+//! Sealing is a write path: a new data key and its `generate` record are
+//! written before the value sealed under it can be.
 
+mod audit;
 mod cache;
 mod clock;
+mod misses;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -22,7 +44,9 @@ use std::time::{Duration, Instant};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 
+use self::audit::AuditWriter;
 use self::cache::{Cache, LeadGuard, Lookup};
+use self::misses::Misses;
 use crate::dek::{Dek, KeyBytes};
 use crate::envelope::{self, Binding};
 use crate::error::{Error, Result};
@@ -38,6 +62,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_MAX_OWNERS: usize = 10_000;
 /// Longest owner id the key tables hold, in bytes.
 pub const MAX_OWNER_LEN: usize = 255;
+/// Default time a key version an owner was found not to have is remembered.
+pub const DEFAULT_UNKNOWN_VERSION_TTL: Duration = Duration::from_secs(30);
+/// Default number of `unwrap` audit records queued for writing.
+pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
 
 /// The unwrapped data keys of one owner: every version still readable, and
 /// the current one that seals.
@@ -47,6 +75,8 @@ pub struct OwnerKeys {
     deks: Vec<Dek>,
     current: Option<usize>,
     loaded_at: Instant,
+    /// The cache fill that loaded these keys (see [`Keyring::fill_mark`]).
+    fill: u64,
     /// Blind-index keys derived so far, by version and scope.
     pub(crate) blind_keys: crate::blind::BlindKeyCache,
 }
@@ -175,11 +205,26 @@ pub struct KeyringStats {
     pub evictions: u64,
     /// Cached owners found past their TTL.
     pub expirations: u64,
-    /// Queries sent to the key store (loads, inserts, audit appends).
+    /// Queries sent to the key store on behalf of callers (loads, inserts,
+    /// `generate` audit appends); the background writes of `unwrap` audit
+    /// records are counted in `audit_written` instead.
     pub store_queries: u64,
     /// Of those, the queries that loaded data keys (one per batch of cache
     /// misses).
     pub key_loads: u64,
+    /// `unwrap` audit records written by the background writer.
+    pub audit_written: u64,
+    /// `unwrap` audit records queued and not yet written (or given up on).
+    pub audit_pending: u64,
+    /// `unwrap` audit records that could not be written: the queue was full,
+    /// or the write failed (a read-only database user, say). Each is logged.
+    pub audit_dropped: u64,
+    /// Owners reloaded because a value named a key version not cached.
+    pub version_reloads: u64,
+    /// Opens of a key version its owner was found not to have less than
+    /// [`KeyringBuilder::unknown_version_ttl`] ago, refused without asking
+    /// the key store.
+    pub unknown_versions_remembered: u64,
     /// Owners currently cached (or being resolved).
     pub cached_owners: usize,
 }
@@ -190,6 +235,9 @@ struct Counters {
     creations: AtomicU64,
     store_queries: AtomicU64,
     key_loads: AtomicU64,
+    version_reloads: AtomicU64,
+    unknown_versions_remembered: AtomicU64,
+    fills: AtomicU64,
 }
 
 /// Resolves owners' data keys: cache, key store, KEK.
@@ -225,6 +273,8 @@ struct Inner {
     actor: String,
     counters: Counters,
     rollout: RwLock<Rollout>,
+    audit: AuditWriter,
+    misses: Misses,
 }
 
 /// Configures a [`Keyring`]; from [`Keyring::builder`].
@@ -238,6 +288,8 @@ pub struct KeyringBuilder {
     clock: Arc<dyn Clock>,
     actor: String,
     rollout: Rollout,
+    unknown_version_ttl: Duration,
+    audit_queue: usize,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -291,11 +343,33 @@ impl KeyringBuilder {
         self
     }
 
+    /// How long a key version an owner was found not to have (after one
+    /// reload of the owner's keys) is remembered (default 30 s; zero: not
+    /// remembered). Meanwhile opening a value that names it fails with
+    /// [`Error::UnknownKeyVersion`] at once, without querying the key store
+    /// or unwrapping again: a tampered or foreign header costs one reload per
+    /// owner and version per interval, however many rows carry it. A version
+    /// rotated in by another process is never affected in practice: its key
+    /// row is committed before any value sealed under it can be read.
+    pub fn unknown_version_ttl(mut self, ttl: Duration) -> Self {
+        self.unknown_version_ttl = ttl;
+        self
+    }
+
+    /// How many `unwrap` audit records may wait for the background writer
+    /// (default 65,536). Beyond that, records are dropped, counted in
+    /// [`KeyringStats::audit_dropped`] and logged; reads never wait.
+    pub fn audit_queue(mut self, records: usize) -> Self {
+        self.audit_queue = records;
+        self
+    }
+
     /// Builds the keyring.
     ///
     /// # Errors
-    /// [`Error::Config`] for a zero TTL or cache size, or two different KEKs
-    /// with one id.
+    /// [`Error::Config`] for a zero TTL, cache size or audit queue, two
+    /// different KEKs with one id, or when the audit writer thread cannot be
+    /// started.
     pub fn build(self) -> Result<Keyring> {
         if self.ttl.is_zero() {
             return Err(Error::Config("the key cache TTL must be positive".into()));
@@ -303,6 +377,11 @@ impl KeyringBuilder {
         if self.max_owners == 0 {
             return Err(Error::Config(
                 "the key cache must hold at least one owner".into(),
+            ));
+        }
+        if self.audit_queue == 0 {
+            return Err(Error::Config(
+                "the audit queue must hold at least one record".into(),
             ));
         }
         let mut keks: HashMap<String, Arc<dyn KeyEncryptionKey>> = HashMap::new();
@@ -317,6 +396,7 @@ impl KeyringBuilder {
             }
             keks.insert(kek.id().to_owned(), kek);
         }
+        let audit = AuditWriter::start(self.store.clone(), self.audit_queue)?;
         Ok(Keyring {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -327,6 +407,8 @@ impl KeyringBuilder {
                 actor: self.actor,
                 counters: Counters::default(),
                 rollout: RwLock::new(self.rollout),
+                audit,
+                misses: Misses::new(self.unknown_version_ttl, self.max_owners),
             }),
         })
     }
@@ -354,6 +436,8 @@ impl Keyring {
             clock: Arc::new(SystemClock),
             actor: "phi".to_owned(),
             rollout: Rollout::All,
+            unknown_version_ttl: DEFAULT_UNKNOWN_VERSION_TTL,
+            audit_queue: DEFAULT_AUDIT_QUEUE,
         }
     }
 
@@ -420,7 +504,9 @@ impl Keyring {
 
     /// Opens `value` for `owner`, `scope` and `row` with the key version
     /// named in its header. A version not yet cached (rotated by another
-    /// process) reloads the owner once.
+    /// process) reloads the owner once; a version the reload did not find
+    /// either is refused without another reload for
+    /// [`KeyringBuilder::unknown_version_ttl`].
     ///
     /// # Errors
     /// As [`OwnerKeys::open`].
@@ -431,20 +517,116 @@ impl Keyring {
         scope: &str,
         row: &[u8],
     ) -> Result<T> {
+        let since = self.fill_mark();
         let mut keys = self.keys_for_open(owner)?;
-        if let Ok(header) = value.header()
-            && keys.dek(header.key_version).is_none()
-        {
-            self.clear(owner);
-            keys = self.keys_for_open(owner)?;
+        if let Ok(header) = value.header() {
+            let version = [header.key_version];
+            if self.needs_reload(&keys, &version, since) {
+                let mut reloaded = self.reload_for_open(&[(owner, &version)])?;
+                if let Some(fresh) = reloaded.remove(owner) {
+                    keys = fresh;
+                }
+            }
         }
         keys.open(value, scope, row)
+    }
+
+    /// Waits until every `unwrap` audit record queued so far is written (or
+    /// given up on). Audit records of cache fills are written in the
+    /// background; this is for tests, and for a shutdown that must know.
+    /// On SQLite, do not call it inside a write transaction of the
+    /// application's: the writes would wait for it.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when records could not be written since the last
+    /// flush (the queue was full, or the key store refused the write): how
+    /// many, and the last reason. They are also counted in
+    /// [`KeyringStats::audit_dropped`].
+    pub fn flush_audit(&self) -> Result<()> {
+        self.inner.audit.flush()
+    }
+
+    /// A mark of the cache fills so far: keys whose fill is later were
+    /// loaded from the key store after the mark was taken.
+    pub(crate) fn fill_mark(&self) -> u64 {
+        self.inner.counters.fills.load(Ordering::SeqCst)
+    }
+
+    /// Whether `keys` lack one of `versions` that a reload might find: not
+    /// when the keys were loaded since `since` (a [`fill_mark`](Self::fill_mark)
+    /// taken before the values were asked for), nor for a version found
+    /// missing recently (counted).
+    pub(crate) fn needs_reload(&self, keys: &OwnerKeys, versions: &[u32], since: u64) -> bool {
+        let mut now = None;
+        let mut reload = false;
+        for &version in versions {
+            if keys.dek(version).is_some() {
+                continue;
+            }
+            let now = *now.get_or_insert_with(|| self.inner.clock.now());
+            if keys.fill > since {
+                // Just loaded: a reload would find what this load found.
+                self.missed(&keys.owner, version, now);
+            } else if self.inner.misses.remembered(&keys.owner, version, now) {
+                self.inner
+                    .counters
+                    .unknown_versions_remembered
+                    .fetch_add(1, Ordering::Relaxed);
+                crate::metrics::add(crate::metrics::UNKNOWN_KEY_VERSION_REMEMBERED_TOTAL, 1);
+            } else {
+                reload = true;
+            }
+        }
+        reload
+    }
+
+    /// Reloads owners whose values name versions their cached keys lack
+    /// (added by another process's rotation, say), and remembers the
+    /// versions the reload did not find either.
+    pub(crate) fn reload_for_open(
+        &self,
+        wanted: &[(&str, &[u32])],
+    ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+        for (owner, _) in wanted {
+            self.inner.cache.remove(owner);
+        }
+        let reloads = wanted.len() as u64;
+        self.inner
+            .counters
+            .version_reloads
+            .fetch_add(reloads, Ordering::Relaxed);
+        crate::metrics::add(crate::metrics::KEY_VERSION_RELOADS_TOTAL, reloads);
+        let keys = self.keys_for_open_many(wanted.iter().map(|(owner, _)| *owner))?;
+        let now = self.inner.clock.now();
+        for (owner, versions) in wanted {
+            let Some(found) = keys.get(*owner) else {
+                continue;
+            };
+            for &version in *versions {
+                if found.dek(version).is_none() {
+                    self.missed(owner, version, now);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Remembers, and logs, that `owner`'s keys fresh from the store lack
+    /// `version`.
+    fn missed(&self, owner: &str, version: u32, now: Instant) {
+        tracing::warn!(
+            owner,
+            version,
+            "a value names a data key version its owner does not have"
+        );
+        self.inner.misses.remember(owner, version, now);
     }
 
     /// Counters since this keyring was built.
     pub fn stats(&self) -> KeyringStats {
         let cache = &self.inner.cache.counters;
         let own = &self.inner.counters;
+        let audit = self.inner.audit.counts();
         KeyringStats {
             hits: cache.hits.load(Ordering::Relaxed),
             misses: cache.misses.load(Ordering::Relaxed),
@@ -454,6 +636,11 @@ impl Keyring {
             expirations: cache.expirations.load(Ordering::Relaxed),
             store_queries: own.store_queries.load(Ordering::Relaxed),
             key_loads: own.key_loads.load(Ordering::Relaxed),
+            audit_written: audit.written,
+            audit_pending: audit.pending,
+            audit_dropped: audit.dropped,
+            version_reloads: own.version_reloads.load(Ordering::Relaxed),
+            unknown_versions_remembered: own.unknown_versions_remembered.load(Ordering::Relaxed),
             cached_owners: self.inner.cache.len(),
         }
     }
@@ -461,6 +648,7 @@ impl Keyring {
     /// Drops one owner's cached keys; the next use unwraps again. Returns
     /// whether the owner was cached.
     pub fn clear(&self, owner: &str) -> bool {
+        self.inner.misses.forget(owner);
         let removed = self.inner.cache.remove(owner);
         crate::metrics::cache_owners(self.inner.cache.len());
         removed
@@ -468,6 +656,7 @@ impl Keyring {
 
     /// Drops every cached key.
     pub fn clear_all(&self) {
+        self.inner.misses.clear();
         self.inner.cache.clear();
         crate::metrics::cache_owners(0);
     }
@@ -672,6 +861,7 @@ impl Keyring {
         purpose: Purpose,
     ) -> Result<Vec<(String, Result<Arc<OwnerKeys>>)>> {
         let _span = tracing::debug_span!("phi.resolve", owners = owners.len()).entered();
+        let fill = self.inner.counters.fills.fetch_add(1, Ordering::SeqCst) + 1;
         let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
         self.count_load();
         let rows = self.inner.store.load_keys(&refs)?;
@@ -704,12 +894,19 @@ impl Keyring {
                     (Purpose::Seal, None) => self.create(owner, &rows, &mut audit),
                     _ => Ok(keys),
                 })
-                .map(Arc::new);
+                .map(|keys| Arc::new(OwnerKeys { fill, ..keys }));
             results.push((owner.clone(), result));
         }
-        if !audit.is_empty() {
+        // A new key's record is written now (sealing is a write path); the
+        // unwrap records go to the background writer: a read never waits
+        // for, or needs, a write to the key store.
+        let (unwraps, generated): (Vec<_>, Vec<_>) = audit
+            .into_iter()
+            .partition(|e| e.action == AuditAction::Unwrap);
+        self.inner.audit.push(unwraps);
+        if !generated.is_empty() {
             self.count_query();
-            self.inner.store.append_audit(&audit)?;
+            self.inner.store.append_audit(&generated)?;
         }
         Ok(results)
     }
@@ -815,6 +1012,7 @@ impl Keyring {
             deks,
             current,
             loaded_at: self.inner.clock.now(),
+            fill: 0,
             blind_keys: Default::default(),
         })
     }
@@ -871,6 +1069,7 @@ impl Keyring {
                 deks: vec![Dek::new(version, key)],
                 current: Some(0),
                 loaded_at: self.inner.clock.now(),
+                fill: 0,
                 blind_keys: Default::default(),
             });
         }

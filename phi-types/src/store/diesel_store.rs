@@ -23,11 +23,22 @@ const AUDIT_ROWS_PER_INSERT: usize = 500;
 /// connection pool of its own.
 ///
 /// On SQLite the pool and the application's connection share one database
-/// file and one write lock: resolve keys for sealing
-/// ([`Keyring::keys_for_seal_many`](crate::Keyring::keys_for_seal_many))
+/// file and one write lock. Reads never need it: opening values inside the
+/// application's write transaction only reads the key tables (the `unwrap`
+/// audit records are written in the background, once the transaction
+/// ends). Sealing for an owner without a key writes: resolve keys for
+/// sealing ([`Keyring::keys_for_seal_many`](crate::Keyring::keys_for_seal_many))
 /// before beginning a write transaction, or a new owner's key insert waits
-/// for that transaction (up to a 10 s busy timeout) and then fails. MySQL /
-/// MariaDB and PostgreSQL have no such constraint.
+/// for that transaction (up to a 10 s busy timeout) and then fails. (In
+/// SQLite's default rollback-journal mode, a transaction that outgrows its
+/// page cache takes the exclusive lock early and then blocks readers too;
+/// WAL mode, `PRAGMA journal_mode = WAL`, never does.) MySQL / MariaDB and
+/// PostgreSQL have no such constraint.
+///
+/// A database user that may only read the key tables can open values:
+/// connect with [`connect_without_migrating`](Self::connect_without_migrating);
+/// the `unwrap` audit records it cannot write are counted and logged (see
+/// [`Keyring::flush_audit`](crate::Keyring::flush_audit)).
 ///
 /// ```no_run
 /// # #[cfg(feature = "sqlite")] {
@@ -65,6 +76,30 @@ impl<C: PhiConnection> DieselKeyStore<C> {
             .map_err(|e| Error::store("connecting the key store pool", e))?;
         let store = DieselKeyStore { pool };
         crate::migrations::run_pending(&mut *store.conn()?)?;
+        Ok(store)
+    }
+
+    /// Connects a small pool (up to 4 connections) to `database_url`
+    /// without running migrations, for a database user that may not change
+    /// the schema (one that may only read the key tables, say): phi's tables
+    /// must already exist, created by a deployment step with
+    /// [`connect`](Self::connect) or [`migrations::run_pending`](crate::migrations::run_pending).
+    /// The user needs `SELECT` on `user_encryption_keys` to open values;
+    /// without `INSERT` on `encryption_key_audit` the `unwrap` records are
+    /// counted and logged, not written; sealing for a new owner needs
+    /// `INSERT` on both.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the database cannot be reached.
+    pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
+        let pool = Pool::builder()
+            .max_size(4)
+            .min_idle(Some(0))
+            .connection_customizer(Box::new(Prepare))
+            .build(ConnectionManager::<C>::new(database_url))
+            .map_err(|e| Error::store("connecting the key store pool", e))?;
+        let store = DieselKeyStore { pool };
+        drop(store.conn()?);
         Ok(store)
     }
 
