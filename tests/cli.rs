@@ -514,9 +514,10 @@ fn shred_exit_codes_tell_verified_from_not_verified() {
 
 #[test]
 fn shredding_leaves_no_wrapped_key_in_the_sqlite_file() {
-    let clinic = Clinic::new(&["dr-a"], 1);
+    // Several key rows on one page, so the page is not rewritten whole.
+    let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c", "dr-d", "dr-e"], 1);
     let wrapped: Vec<u8> = keys::table
-        .filter(keys::owner_id.eq("dr-a"))
+        .filter(keys::owner_id.eq("dr-c"))
         .select(keys::wrapped_key)
         .first(&mut clinic.conn())
         .expect("wrapped key");
@@ -527,7 +528,18 @@ fn shredding_leaves_no_wrapped_key_in_the_sqlite_file() {
             .any(|w| w == wrapped.as_slice())
     };
     assert!(holds(&std::fs::read(&file).expect("database file")));
-    clinic.ok(&["keys", "shred", "--owner", "dr-a", "--yes"]);
+    clinic.ok(&["keys", "shred", "--owner", "dr-c", "--yes"]);
+    // The key store's connections zero what they delete.
+    #[derive(QueryableByName)]
+    struct SecureDelete {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        secure_delete: i32,
+    }
+    let store = DieselKeyStore::<SqliteConnection>::connect(&clinic.url).expect("store");
+    let pragma: SecureDelete = diesel::sql_query("PRAGMA secure_delete")
+        .get_result(&mut *store.pool().get().expect("connection"))
+        .expect("pragma");
+    assert_eq!(pragma.secure_delete, 1);
     assert!(
         !holds(&std::fs::read(&file).expect("database file")),
         "secure_delete zeroes the old wrapped key in the file"
