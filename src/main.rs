@@ -24,7 +24,9 @@ use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, PhiConn
 #[derive(Debug, Parser)]
 #[command(name = "phi", version)]
 struct Cli {
-    /// Database URL: `sqlite://FILE` (or a file path), `mysql://…`, `postgres://…`.
+    /// Database URL: `sqlite://FILE` or a file path (feature `sqlite`),
+    /// `mysql://…` or `mariadb://…` (feature `mysql`), `postgres://…` or
+    /// `postgresql://…` (feature `postgres`); any other scheme is refused.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
 
@@ -82,7 +84,8 @@ enum Command {
 #[derive(Debug, Args)]
 struct OwnersQuery {
     /// SQL whose first column lists the application's owners; default: the
-    /// owner columns of the --table descriptions.
+    /// owner columns of the --table descriptions. Runs in a read-only
+    /// transaction: a query that writes is refused.
     #[arg(long, env = "PHI_OWNERS_QUERY")]
     owners_query: Option<String>,
 }
@@ -150,7 +153,21 @@ enum KeysCommand {
         #[arg(long)]
         version: u32,
     },
-    /// Crypto-shredding: destroys every data key of an owner.
+    /// Crypto-shredding: destroys every data key of an owner, then checks
+    /// that a sample of its stored values in the --table columns no longer
+    /// opens.
+    ///
+    /// Its sealed values become unreadable in this database at once; in
+    /// other processes once their key cache expires (default 24 h) or they
+    /// clear the owner; in backups, WAL, database logs and point-in-time
+    /// archives only once those expire, or once the KEK that wrapped the
+    /// keys is rotated away (`keys rewrap`) and destroyed. Values stored in
+    /// the clear are counted, not protected.
+    ///
+    /// Exit status: 0 destroyed and verified; 1 an error, or not confirmed
+    /// (nothing changed); 4 not verified (no key row for that owner, no
+    /// --table, no sealed value sampled, or a value still opens: the output
+    /// says which).
     Shred {
         /// The owner.
         #[arg(long)]
@@ -191,16 +208,28 @@ enum Backend {
     Postgres,
 }
 
-/// The backend of `url`, and the URL its Diesel connection takes.
-fn backend(url: &str) -> (Backend, String) {
+/// The accepted URL forms and the cargo feature each backend needs, for
+/// an error naming an unknown scheme.
+const URL_SCHEMES: &str = "sqlite://FILE or a plain file path (feature `sqlite`, on by default), \
+     mysql:// or mariadb:// (feature `mysql`), postgres:// or postgresql:// (feature `postgres`)";
+
+/// The backend of `url`, and the URL its Diesel connection takes. A URL
+/// with an unknown scheme (`postgress://…`) is refused, never taken for a
+/// SQLite file name; text without `://` is a SQLite file path.
+fn backend(url: &str) -> CliResult<(Backend, String)> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        (Backend::Sqlite, path.to_owned())
+        Ok((Backend::Sqlite, path.to_owned()))
     } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-        (Backend::Mysql, url.replacen("mariadb://", "mysql://", 1))
+        Ok((Backend::Mysql, url.replacen("mariadb://", "mysql://", 1)))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        (Backend::Postgres, url.to_owned())
+        Ok((Backend::Postgres, url.to_owned()))
+    } else if let Some((scheme, _)) = url.split_once("://") {
+        Err(format!(
+            "--database-url / DATABASE_URL: unknown scheme {scheme:?}; accepted: {URL_SCHEMES}"
+        )
+        .into())
     } else {
-        (Backend::Sqlite, url.to_owned())
+        Ok((Backend::Sqlite, url.to_owned()))
     }
 }
 
@@ -209,7 +238,7 @@ fn run(cli: &Cli) -> CliResult {
         .database_url
         .as_deref()
         .ok_or("no database: pass --database-url or set DATABASE_URL")?;
-    let (backend, url) = backend(url);
+    let (backend, url) = backend(url)?;
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => run_on::<diesel::SqliteConnection>(cli, &url),
@@ -489,35 +518,88 @@ where
             }
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::Shred { owner, yes, sample } => {
-            if !yes && !confirm(owner)? {
-                println!("Not confirmed: nothing was changed.");
-                return Ok(ExitCode::FAILURE);
-            }
-            let keyring = env.keyring(&cli.actor)?;
-            let mut conn = env.data()?;
-            let report = lifecycle::shred(&mut conn, &keyring, owner, &env.tables, *sample)?;
-            if report.destroyed_versions.is_empty() {
-                println!(
-                    "Owner {owner}: no data key left to destroy (never created, or already shredded)."
-                );
-            } else {
-                println!(
-                    "Owner {owner}: destroyed data key version(s) {:?}.",
-                    report.destroyed_versions
-                );
-            }
+        KeysCommand::Shred { owner, yes, sample } => shred(cli, env, owner, *yes, *sample),
+    }
+}
+
+/// Exit status of `keys shred` when the keys were destroyed (or there were
+/// none) but the result is not verified.
+const EXIT_NOT_VERIFIED: u8 = 4;
+
+/// What shredding guarantees, said before and after.
+const SHRED_SCOPE: &str = "unreadable in this database now; in other processes once their key cache expires \
+     (default 24 h) or they clear the owner; in backups, WAL, database logs and point-in-time-recovery \
+     archives only once those expire, or once the KEK that wrapped the keys is rotated away \
+     (`phi keys rewrap`) and destroyed";
+
+fn shred<C>(cli: &Cli, env: &Env<C>, owner: &str, yes: bool, sample: usize) -> CliResult
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    let rows = env.store.load_keys(&[owner])?;
+    let live: Vec<String> = rows
+        .iter()
+        .filter(|r| r.state != phi::KeyState::Destroyed)
+        .map(|r| format!("version {} ({}, KEK {})", r.version, r.state, r.kek_id))
+        .collect();
+    if live.is_empty() {
+        if rows.is_empty() {
+            println!("Owner {owner}: no data key row at all (is the owner id mistyped?).");
+        } else {
+            println!("Owner {owner}: every data key row is already destroyed.");
+        }
+    } else if !yes && !confirm(owner, &live)? {
+        println!("Not confirmed: nothing was changed.");
+        return Ok(ExitCode::FAILURE);
+    }
+    let keyring = env.keyring(&cli.actor)?;
+    let mut conn = env.data()?;
+    let report = lifecycle::shred(&mut conn, &keyring, owner, &env.tables, sample)?;
+    if report.destroyed_versions.is_empty() {
+        println!("Owner {owner}: no data key left to destroy.");
+    } else {
+        println!(
+            "Owner {owner}: destroyed data key version(s) {:?}.",
+            report.destroyed_versions
+        );
+    }
+    println!(
+        "Verification: {} of {} key row(s) still hold key material; {} of {} sampled value(s) in {} column(s) still open.",
+        report.keys_left, report.key_rows, report.still_open, report.sampled, report.columns
+    );
+    if report.columns > 0 {
+        if report.in_clear > 0 {
             println!(
-                "Verification: {} key row(s) still hold key material; {} of {} sampled value(s) still open.",
-                report.keys_left, report.still_open, report.sampled
+                "WARNING: {} value(s) of the owner in these columns are stored in the clear (not sealed: \
+                 encrypted flag off); shredding does not protect them: delete them.",
+                report.in_clear
             );
-            if report.verified() {
-                println!("Crypto-shredding verified: the owner's data no longer opens.");
-                Ok(ExitCode::SUCCESS)
-            } else {
-                println!("Crypto-shredding NOT verified.");
-                Ok(ExitCode::from(2))
+        } else {
+            println!("No value of the owner in these columns is stored in the clear.");
+        }
+    }
+    println!(
+        "Other processes keep their cached copy of this owner's data keys until their cache TTL \
+         expires (default 24 h) or they clear the owner: restart them for immediate effect."
+    );
+    match report.outcome() {
+        lifecycle::ShredOutcome::Verified => {
+            println!(
+                "Crypto-shredding verified: the owner's sealed values no longer open: {SHRED_SCOPE}."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        lifecycle::ShredOutcome::NotVerified(reasons) => {
+            println!("Crypto-shredding NOT verified:");
+            for reason in reasons {
+                println!("  - {reason}");
             }
+            Ok(ExitCode::from(EXIT_NOT_VERIFIED))
+        }
+        other => {
+            println!("Crypto-shredding NOT verified: {other:?}");
+            Ok(ExitCode::from(EXIT_NOT_VERIFIED))
         }
     }
 }
@@ -603,9 +685,12 @@ fn target_kek(
     }
 }
 
-fn confirm(owner: &str) -> CliResult<bool> {
+fn confirm(owner: &str, versions: &[String]) -> CliResult<bool> {
     print!(
-        "Destroy every data key of owner {owner}? Its encrypted data becomes unreadable for good, backups included.\nType yes to continue: "
+        "Destroy every data key of owner {owner}: {}?\n\
+         Its sealed values become {SHRED_SCOPE}. Values stored in the clear are not affected.\n\
+         Type yes to continue: ",
+        versions.join(", ")
     );
     std::io::stdout().flush()?;
     let mut answer = String::new();

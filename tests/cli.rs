@@ -392,6 +392,13 @@ fn shred_asks_first_then_destroys_one_owner() {
         "{out}"
     );
     assert!(
+        out.contains("version 1 (active, KEK local-test)")
+            && out.contains("in backups")
+            && out.contains("rotated away")
+            && !out.contains("for good"),
+        "the prompt says exactly what holds: {out}"
+    );
+    assert!(
         clinic
             .key_rows("dr-a")
             .iter()
@@ -403,8 +410,19 @@ fn shred_asks_first_then_destroys_one_owner() {
         out.contains("Owner dr-a: destroyed data key version(s) [1]"),
         "{out}"
     );
-    assert!(out.contains("0 of 6 sampled value(s) still open"), "{out}");
+    assert!(
+        out.contains("0 of 1 key row(s) still hold key material; 0 of 6 sampled value(s) in 2 column(s) still open"),
+        "{out}"
+    );
     assert!(out.contains("Crypto-shredding verified"), "{out}");
+    assert!(
+        out.contains("until their cache TTL expires (default 24 h) or they clear the owner"),
+        "{out}"
+    );
+    assert!(
+        out.contains("No value of the owner in these columns is stored in the clear"),
+        "{out}"
+    );
     assert_eq!(
         clinic.key_rows("dr-a"),
         [(1, "destroyed".to_owned(), "local-test".to_owned(), 0)]
@@ -434,6 +452,136 @@ fn shred_asks_first_then_destroys_one_owner() {
         "{audit}"
     );
     assert_eq!(audit.lines().count(), 2, "header and one record: {audit}");
+}
+
+/// Runs `phi` and returns its exit code and output.
+fn status_of(command: &mut Command) -> (Option<i32>, String, String) {
+    let out = command.output().expect("phi runs");
+    let code = out.status.code();
+    let (_, stdout, stderr) = finish(out);
+    (code, stdout, stderr)
+}
+
+#[test]
+fn shred_exit_codes_tell_verified_from_not_verified() {
+    let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c"], 2);
+    // A mistyped owner: nothing destroyed, nothing proved.
+    let (code, out, _) =
+        status_of(&mut clinic.command(&["keys", "shred", "--owner", "dr-aa", "--yes"]));
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains("no data key row at all (is the owner id mistyped?)")
+            && out.contains("Crypto-shredding NOT verified")
+            && out.contains("- the owner has no data key row"),
+        "{out}"
+    );
+    assert!(clinic.key_rows("dr-aa").is_empty());
+    assert_eq!(clinic.key_rows("dr-a")[0].1, "active");
+    // No tables: the keys are destroyed, but nothing was checked.
+    let (code, out, _) = status_of(
+        clinic
+            .command(&["keys", "shred", "--owner", "dr-b", "--yes"])
+            .env_remove("PHI_TABLES"),
+    );
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains("destroyed data key version(s) [1]")
+            && out.contains("- no table is configured"),
+        "{out}"
+    );
+    assert_eq!(clinic.key_rows("dr-b")[0].1, "destroyed");
+    // Values stored in the clear are counted and said to stay readable.
+    clinic
+        .conn()
+        .batch_execute(
+            "INSERT INTO cases (case_id, user_id, patient_last) VALUES ('dr-c-plain', 'dr-c', CAST('Plain' AS BLOB))",
+        )
+        .expect("a row stored in the clear");
+    let (code, out, _) =
+        status_of(&mut clinic.command(&["keys", "shred", "--owner", "dr-c", "--yes"]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("WARNING: 1 value(s) of the owner in these columns are stored in the clear")
+            && out.contains("Crypto-shredding verified"),
+        "{out}"
+    );
+    let help = clinic.ok(&["keys", "shred", "--help"]);
+    assert!(
+        help.contains("4 not verified") && help.contains("rotated away"),
+        "{help}"
+    );
+}
+
+#[test]
+fn shredding_leaves_no_wrapped_key_in_the_sqlite_file() {
+    // Several key rows on one page, so the page is not rewritten whole.
+    let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c", "dr-d", "dr-e"], 1);
+    let wrapped: Vec<u8> = keys::table
+        .filter(keys::owner_id.eq("dr-c"))
+        .select(keys::wrapped_key)
+        .first(&mut clinic.conn())
+        .expect("wrapped key");
+    let file = clinic.dir.path().join("clinic.db");
+    let holds = |bytes: &[u8]| {
+        bytes
+            .windows(wrapped.len())
+            .any(|w| w == wrapped.as_slice())
+    };
+    assert!(holds(&std::fs::read(&file).expect("database file")));
+    clinic.ok(&["keys", "shred", "--owner", "dr-c", "--yes"]);
+    // The key store's connections zero what they delete.
+    #[derive(QueryableByName)]
+    struct SecureDelete {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        secure_delete: i32,
+    }
+    let store = DieselKeyStore::<SqliteConnection>::connect(&clinic.url).expect("store");
+    let pragma: SecureDelete = diesel::sql_query("PRAGMA secure_delete")
+        .get_result(&mut *store.pool().get().expect("connection"))
+        .expect("pragma");
+    assert_eq!(pragma.secure_delete, 1);
+    assert!(
+        !holds(&std::fs::read(&file).expect("database file")),
+        "secure_delete zeroes the old wrapped key in the file"
+    );
+}
+
+#[test]
+fn an_unknown_url_scheme_is_refused_not_taken_for_a_file() {
+    let clinic = Clinic::new(&[], 0);
+    let (ok, _, err) = clinic.run(&["--database-url", "postgress://localhost/x", "audit"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("unknown scheme \"postgress\"")
+            && err.contains("sqlite://FILE")
+            && err.contains("mysql://")
+            && err.contains("feature `postgres`"),
+        "{err}"
+    );
+    assert!(
+        !clinic.dir.path().join("postgress:").exists() && !Path::new("postgress:").exists(),
+        "no SQLite file was created"
+    );
+    // A plain path and sqlite:// stay SQLite.
+    clinic.ok(&["--database-url", &clinic.url, "audit"]);
+    clinic.ok(&[
+        "--database-url",
+        &format!("sqlite://{}", clinic.url),
+        "audit",
+    ]);
+}
+
+#[test]
+fn an_owners_query_that_writes_is_refused() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    let (ok, _, err) = clinic.run(&[
+        "keys",
+        "generate",
+        "--owners-query",
+        "DELETE FROM user_encryption_keys RETURNING owner_id",
+    ]);
+    assert!(!ok && err.contains("owners query"), "{err}");
+    assert_eq!(clinic.key_rows("dr-a").len(), 1, "no key row deleted");
 }
 
 #[test]

@@ -24,8 +24,8 @@ mod schema {
 use schema::notes;
 
 /// Integer owner and row key, a pinned scope on a renamed column, no flag.
-#[derive(PhiRecord, Clone, PartialEq, Debug)]
-#[phi(table = notes, crate = phi)]
+#[derive(PhiRecord, Clone, PartialEq)]
+#[phi(table = notes, crate = phi, debug)]
 struct Note {
     #[phi(row_key)]
     id: i64,

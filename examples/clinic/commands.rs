@@ -65,7 +65,7 @@ impl Clinic {
 
 /// Opens the clinic and runs the command.
 pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
-    let (backend, url, name) = db::parse_url(&cli.database_url);
+    let (backend, url, name) = db::parse_url(&cli.database_url)?;
     let (mut conn, store) = db::open(backend, &url)?;
     let (kek, older) = db::keks(cli.kek.as_deref())?;
     let persisted = db::load_rollout(&mut conn)?;
@@ -759,20 +759,26 @@ fn csv_field(value: &str) -> String {
     }
 }
 
-#[cfg(unix)]
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::File::create(path)
+/// Creates `path` for decrypted data: a new file only (never an existing
+/// file, which would keep its own mode, nor through a symlink: `O_EXCL`
+/// fails on both), mode 0600 on Unix.
+fn create_private(path: &Path) -> Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            format!(
+                "{} already exists (a file or a symlink): refusing to write decrypted data \
+                 through it; remove it (an interrupted export leaves one) and export again",
+                path.display()
+            )
+            .into()
+        } else {
+            format!("cannot create {}: {e}", path.display()).into()
+        }
+    })
 }
 
 /// Appends one field to the digest: `0` for none, else `1`, the length as

@@ -62,16 +62,25 @@ pub(crate) enum Backend {
 
 /// The backend of `url`, the URL its Diesel connection takes, and how to
 /// name the database in output (a SQLite file's path; a server URL without
-/// its password).
-pub(crate) fn parse_url(url: &str) -> (Backend, String, String) {
+/// its password). An unknown scheme (`postgress://…`) is refused, never
+/// taken for a SQLite file name; text without `://` is a SQLite file path.
+pub(crate) fn parse_url(url: &str) -> Result<(Backend, String, String)> {
     if url.starts_with("mysql://") || url.starts_with("mariadb://") {
         let url = url.replacen("mariadb://", "mysql://", 1);
-        (Backend::Mysql, url.clone(), without_password(&url))
+        Ok((Backend::Mysql, url.clone(), without_password(&url)))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        (Backend::Postgres, url.to_owned(), without_password(url))
+        Ok((Backend::Postgres, url.to_owned(), without_password(url)))
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok((Backend::Sqlite, path.to_owned(), path.to_owned()))
+    } else if let Some((scheme, _)) = url.split_once("://") {
+        Err(format!(
+            "--database-url / DATABASE_URL: unknown scheme {scheme:?}; accepted: sqlite://FILE or a \
+             plain file path (feature `sqlite`, on by default), mysql:// or mariadb:// (feature \
+             `mysql`), postgres:// or postgresql:// (feature `postgres`)"
+        )
+        .into())
     } else {
-        let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        (Backend::Sqlite, path.to_owned(), path.to_owned())
+        Ok((Backend::Sqlite, url.to_owned(), url.to_owned()))
     }
 }
 

@@ -130,7 +130,7 @@ fn generate(m: &Model) -> TokenStream {
     let debug = if m.debug {
         debug(m)
     } else {
-        quote! {}
+        refuse_plain_debug(m)
     };
 
     quote! {
@@ -476,6 +476,31 @@ fn lookups(m: &Model) -> TokenStream {
         impl #ident {
             #(#helpers)*
         }
+    }
+}
+
+/// Without `#[phi(debug)]`: a compile error when the model implements
+/// `Debug` anyway (a `#[derive(Debug)]` beside `PhiRecord` would print its
+/// encrypted fields), pointing at the model and at `#[phi(debug)]`. A
+/// derive cannot see the other derives of its item, so the check is on the
+/// trait, by autoref specialisation.
+fn refuse_plain_debug(m: &Model) -> TokenStream {
+    let krate = &m.krate;
+    let ident = &m.ident;
+    let probe = quote_spanned! {ident.span()=>
+        #krate::record::__private::refuse_plain_debug(
+            (&#krate::record::__private::DebugProbe::<#ident>::new()).phi_debug_probe(),
+        )
+    };
+    quote! {
+        const _: () = {
+            #[allow(unused_imports)]
+            use #krate::record::__private::{ProbeDebug as _, ProbeNoDebug as _};
+            #[allow(dead_code)]
+            fn __phi_refuse_plain_debug() {
+                #probe;
+            }
+        };
     }
 }
 

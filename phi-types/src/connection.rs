@@ -40,8 +40,11 @@ impl PhiConnection for diesel::SqliteConnection {
     fn prepare_key_store(&mut self) -> diesel::QueryResult<()> {
         use diesel::connection::SimpleConnection;
         // Another process (or the application's own connection) may hold the
-        // write lock briefly; wait for it rather than fail.
-        self.batch_execute("PRAGMA busy_timeout = 10000;")
+        // write lock briefly; wait for it rather than fail. Deleted and
+        // overwritten content is zeroed in the database file, so a shredded
+        // owner's wrapped keys do not linger in free space (copies already
+        // in a write-ahead log or a backup are out of its reach).
+        self.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;")
     }
 }
 

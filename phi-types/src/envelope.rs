@@ -19,6 +19,32 @@
 //!
 //! This module holds no keys: it parses and lays out bytes. Parsing is total:
 //! any byte string gives a [`Header`] or an [`EnvelopeError`], never a panic.
+//!
+//! # The nonce budget
+//!
+//! Nonces are 96 random bits, drawn afresh for every seal. NIST SP 800-38D
+//! (§8.3) caps random-nonce AES-GCM at 2³² seals per key: the chance that
+//! any two of `q` random nonces collide is at most `q² / 2⁹⁷`, 2⁻³³ at
+//! `q = 2³²`, and a collision under one key would expose the XOR of two
+//! plaintexts and the key's authentication subkey. The budget is per data
+//! key *version*: [`rotate`](crate::lifecycle::rotate) starts a fresh one.
+//!
+//! phi does not count seals per data key. What bounds them instead:
+//!
+//! - One seal is one non-NULL encrypted value written: each such field of a
+//!   row sealed for an insert or an update, and each value a backfill or a
+//!   re-seal writes. An owner is one provider or tenant. A busy clinic owner writing 10,000 rows a day with
+//!   10 encrypted fields seals 10⁵ values a day, 3.7 × 10⁷ a year: 2³²
+//!   (4.3 × 10⁹) would take over a century, and 2³⁰, a quarter of the
+//!   budget (collision chance at most 2⁻³⁷), about 29 years.
+//! - A tenant-sized owner writing a million such rows a day (10⁷ seals)
+//!   reaches 2³⁰ in about 107 days: rotate such an owner's data key at
+//!   least every quarter (`phi keys rotate --owner …`, then `keys reseal`).
+//! - The `phi_seal_total` counter (see [`metrics`](crate::metrics)),
+//!   summed over every process, counts the seals of all owners together,
+//!   so it bounds each owner's: while the deployment as a whole seals fewer
+//!   than 2³⁰ values between rotations, no owner's version can come near
+//!   the budget.
 
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, Nonce, Tag};

@@ -49,8 +49,8 @@
 //!     }
 //! }
 //!
-//! #[derive(PhiRecord, Clone, PartialEq, Debug)]
-//! #[phi(table = cases)]
+//! #[derive(PhiRecord, Clone, PartialEq)]
+//! #[phi(table = cases, debug)]
 //! #[diesel(primary_key(case_id))]
 //! struct Case {
 //!     #[phi(row_key)]

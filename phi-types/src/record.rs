@@ -41,7 +41,10 @@ use crate::sealer::{Sealer, with_sealer};
 /// - `Case::<field>_blind_index(&keyring, owner, &value)` for each field with
 ///   a blind index: the values to match with `eq_any`;
 /// - with `#[phi(debug)]`, a `Debug` for both that prints encrypted fields
-///   as `<redacted>`.
+///   as `<redacted>`. Without it the model must not implement `Debug` at
+///   all: a `#[derive(Debug)]` (or a hand-written `Debug`) on a model with
+///   encrypted fields is a compile error pointing to `#[phi(debug)]`, since
+///   it would print PHI.
 ///
 /// # Attributes
 ///
@@ -49,7 +52,7 @@ use crate::sealer::{Sealer, with_sealer};
 /// |---|---|---|
 /// | `#[phi(table = path)]` | struct | the Diesel table (required) |
 /// | `#[phi(crate = path)]` | struct | where `phi_types` is (default `::phi_types`) |
-/// | `#[phi(debug)]` | struct | redacted `Debug` for the model and its sealed form |
+/// | `#[phi(debug)]` | struct | redacted `Debug` for the model and its sealed form (a plain `Debug` is refused) |
 /// | `#[phi(sealed = Name)]`, `#[phi(changes = Name)]` | struct | names of the generated structs |
 /// | `#[phi(owner)]` | one field | whose data key seals the row ([`OwnerId`]: strings, integers) |
 /// | `#[phi(encrypt)]` | fields | sealed with scope `table.column` (a [`PhiValue`](crate::PhiValue), or `Option` of one for a nullable column) |
@@ -808,4 +811,59 @@ pub mod __private {
             f.write_str("<redacted>")
         }
     }
+
+    /// Asks, by autoref specialisation, whether a model implements `Debug`:
+    /// `(&DebugProbe::<M>::new()).phi_debug_probe()` is [`HasDebug`] when it
+    /// does, else [`NoDebug`].
+    #[allow(missing_debug_implementations)]
+    pub struct DebugProbe<T>(std::marker::PhantomData<T>);
+
+    impl<T> DebugProbe<T> {
+        /// A probe of `T`.
+        pub fn new() -> Self {
+            DebugProbe(std::marker::PhantomData)
+        }
+    }
+
+    /// The probed model implements `Debug`.
+    #[allow(missing_debug_implementations)]
+    pub struct HasDebug;
+
+    /// The probed model does not implement `Debug`.
+    #[allow(missing_debug_implementations)]
+    pub struct NoDebug;
+
+    /// Chosen first: the model implements `Debug`.
+    pub trait ProbeDebug {
+        /// [`HasDebug`].
+        fn phi_debug_probe(&self) -> HasDebug {
+            HasDebug
+        }
+    }
+
+    impl<T: fmt::Debug> ProbeDebug for DebugProbe<T> {}
+
+    /// The fallback: the model does not implement `Debug`.
+    pub trait ProbeNoDebug {
+        /// [`NoDebug`].
+        fn phi_debug_probe(&self) -> NoDebug {
+            NoDebug
+        }
+    }
+
+    impl<T> ProbeNoDebug for &DebugProbe<T> {}
+
+    /// Implemented by [`NoDebug`] only: a model with encrypted fields and a
+    /// `Debug` of its own (a `#[derive(Debug)]` would print them) fails here.
+    #[diagnostic::on_unimplemented(
+        message = "a model with encrypted fields must not implement `Debug` itself: `#[derive(Debug)]` would print its PHI",
+        label = "this model implements `Debug`",
+        note = "remove `Debug` from its derives and add `#[phi(debug)]`: it generates a `Debug` that prints `<redacted>` for every encrypted field"
+    )]
+    pub trait NoPlainDebug {}
+
+    impl NoPlainDebug for NoDebug {}
+
+    /// Compiles only for [`NoDebug`].
+    pub fn refuse_plain_debug<P: NoPlainDebug>(_probe: P) {}
 }

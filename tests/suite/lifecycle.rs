@@ -4,7 +4,7 @@
 
 use std::io::BufRead as _;
 
-use phi::lifecycle::{self, ResealTable, RewrapScope};
+use phi::lifecycle::{self, ResealTable, RewrapScope, ShredOutcome, UnverifiedReason};
 use phi::{KeyBytes, LocalKek};
 
 diesel::table! {
@@ -397,7 +397,126 @@ fn shredding_destroys_one_owner_and_nothing_else() {
     assert!(actions.contains(&("destroy".into(), Some(1))) && actions.contains(&("destroy".into(), Some(2))), "{actions:?}");
     // Shredding again destroys nothing more and still verifies.
     let again = lifecycle::shred(&mut conn, &keyring, &owner, &life_tables(), 3).expect("shred");
-    assert!(again.destroyed_versions.is_empty() && again.verified());
+    assert!(again.destroyed_versions.is_empty() && again.verified(), "{again:?}");
+    assert_eq!((again.key_rows, again.keys_left, again.columns, again.in_clear), (2, 0, 3, 0));
+}
+
+fn reasons(report: &lifecycle::ShredReport) -> Vec<UnverifiedReason> {
+    match report.outcome() {
+        ShredOutcome::NotVerified(reasons) => reasons,
+        other => panic!("expected not verified, got {other:?}: {report:?}"),
+    }
+}
+
+#[test]
+fn shredding_a_mistyped_owner_is_not_verified_and_changes_nothing() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("shred-real");
+    seed(&db, &keyring, &owner, 3);
+    let mistyped = format!("{owner}x");
+    let mut conn = db.conn();
+    let report = lifecycle::shred(&mut conn, &keyring, &mistyped, &life_tables(), 3).expect("shred");
+    assert!(report.destroyed_versions.is_empty() && report.key_rows == 0, "{report:?}");
+    assert_eq!(reasons(&report), [UnverifiedReason::NoKeyRows, UnverifiedReason::NoSampledValues]);
+    assert!(reasons(&report)[0].to_string().contains("mistyped"));
+    assert!(key_states(&db, &mistyped).is_empty(), "no key row was created");
+    assert_eq!(check_all_open(&db, &db.keyring(), &owner, 3), [1], "the real owner is untouched");
+}
+
+#[test]
+fn shredding_without_tables_or_without_sampled_values_is_not_verified() {
+    let db = life_db();
+    let keyring = db.keyring();
+    // Keys destroyed, but no table to check.
+    let owner = common::unique_owner("shred-notables");
+    seed(&db, &keyring, &owner, 2);
+    let mut conn = db.conn();
+    let report = lifecycle::shred(&mut conn, &keyring, &owner, &[], 3).expect("shred");
+    assert_eq!(report.destroyed_versions, [1]);
+    assert_eq!(reasons(&report), [UnverifiedReason::NoTables]);
+    assert_eq!(key_states(&db, &owner)[0].1, "destroyed");
+    // Tables, but the owner has a key and no stored value in them.
+    let owner = common::unique_owner("shred-novalues");
+    keyring.keys_for_seal(&owner).expect("a key");
+    let report = lifecycle::shred(&mut conn, &keyring, &owner, &life_tables(), 3).expect("shred");
+    assert_eq!((report.destroyed_versions.as_slice(), report.columns, report.sampled), (&[1][..], 3, 0));
+    assert_eq!(reasons(&report), [UnverifiedReason::NoSampledValues]);
+    // A sample of zero checks nothing either.
+    let owner = common::unique_owner("shred-sample0");
+    seed(&db, &keyring, &owner, 2);
+    let report = lifecycle::shred(&mut conn, &keyring, &owner, &life_tables(), 0).expect("shred");
+    assert_eq!(reasons(&report), [UnverifiedReason::NoSampledValues]);
+}
+
+/// A key store whose destroy does nothing: what a failed shred looks like.
+#[derive(Debug)]
+struct NoDestroy(Arc<phi::DieselKeyStore<Conn>>);
+
+impl KeyStore for NoDestroy {
+    fn load_keys(&self, owners: &[&str]) -> phi::Result<Vec<phi::StoredKey>> {
+        self.0.load_keys(owners)
+    }
+    fn insert_key_if_absent(&self, key: &phi::StoredKey) -> phi::Result<bool> {
+        self.0.insert_key_if_absent(key)
+    }
+    fn append_audit(&self, events: &[phi::AuditEvent]) -> phi::Result<()> {
+        self.0.append_audit(events)
+    }
+    fn owners(&self) -> phi::Result<Vec<String>> {
+        self.0.owners()
+    }
+    fn destroy_keys(&self, _owner: &str, _audit: &phi::AuditEvent) -> phi::Result<Vec<u32>> {
+        Ok(Vec::new())
+    }
+}
+
+#[test]
+fn a_shred_whose_keys_survive_is_not_verified() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("shred-survives");
+    seed(&db, &keyring, &owner, 4);
+    let broken = Keyring::builder(Arc::new(NoDestroy(db.store())), common::local_kek())
+        .build()
+        .expect("keyring");
+    let mut conn = db.conn();
+    let report = lifecycle::shred(&mut conn, &broken, &owner, &life_tables(), 2).expect("shred");
+    assert_eq!((report.key_rows, report.keys_left), (1, 1), "{report:?}");
+    assert_eq!(report.sampled, 2 + 2 + 2);
+    assert_eq!(
+        reasons(&report),
+        [
+            UnverifiedReason::KeyMaterialLeft { rows: 1 },
+            UnverifiedReason::StillOpen { values: 6, sampled: 6 }
+        ]
+    );
+    assert_eq!(reasons(&report)[1].to_string(), "6 of 6 sampled value(s) still open");
+}
+
+#[test]
+fn values_stored_in_the_clear_are_counted_not_protected() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("shred-clear");
+    seed(&db, &keyring, &owner, 3);
+    let mut conn = db.conn();
+    // Two rows of the owner never sealed (flag off): plain bytes.
+    for i in 0..2 {
+        diesel::insert_into(phi_it_life::table)
+            .values((
+                phi_it_life::id.eq(format!("{owner}-plain-{i}")),
+                phi_it_life::owner_id.eq(&owner),
+                phi_it_life::name.eq(Some(b"Plain Name".to_vec())),
+                phi_it_life::note.eq(None::<Vec<u8>>),
+            ))
+            .execute(&mut conn)
+            .expect("plain row");
+    }
+    let report = lifecycle::shred(&mut conn, &keyring, &owner, &life_tables(), 10).expect("shred");
+    assert_eq!(report.in_clear, 2, "{report:?}");
+    assert_eq!(report.sampled, 3 + 2 + 1, "plain values are not sampled as sealed ones");
+    assert!(report.verified(), "the sealed values are shredded: {report:?}");
 }
 
 // --- Crash recovery: a child process is killed in the middle of a job and
@@ -886,4 +1005,78 @@ fn shredding_an_integer_owner_verifies() {
         .expect_err("shredded");
     assert!(err.to_string().contains(&owner.to_string()), "{err}");
     assert_eq!(check_visits(&mut conn, &db.keyring(), other, &theirs), [1]);
+}
+
+fn life_rows(conn: &mut Conn, owner: &str) -> Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> {
+    phi_it_life::table
+        .filter(phi_it_life::owner_id.eq(owner))
+        .order(phi_it_life::id)
+        .select((phi_it_life::id, phi_it_life::name, phi_it_life::note))
+        .load(conn)
+        .expect("rows")
+}
+
+#[test]
+fn an_owners_query_that_writes_is_refused_and_changes_nothing() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("ro");
+    seed(&db, &keyring, &owner, 2);
+    let mut conn = db.conn();
+    let (keys_before, rows_before) = (key_states(&db, &owner), life_rows(&mut conn, &owner));
+    // One pooled connection, so the checks after each refusal run on the
+    // very connection the owners query used.
+    let pool = diesel::r2d2::Pool::builder()
+        .max_size(1)
+        .build(diesel::r2d2::ConnectionManager::<Conn>::new(&db.url))
+        .expect("pool");
+    let store = Arc::new(phi::DieselKeyStore::new(pool));
+    let mut writes = vec![
+        format!("DELETE FROM user_encryption_keys WHERE owner_id = '{owner}' RETURNING owner_id"),
+        format!("UPDATE phi_it_life SET name = NULL WHERE owner_id = '{owner}' RETURNING owner_id"),
+        format!("INSERT INTO phi_it_life (id, owner_id) VALUES ('{owner}-new', '{owner}') RETURNING owner_id"),
+    ];
+    let function = format!("phi_it_ro_{}", std::process::id());
+    let mysql = server_url().is_some() && BLOB == "BLOB";
+    if mysql {
+        // MySQL / MariaDB accept no data-modifying CTE; a function that
+        // writes is the way a SELECT can.
+        diesel::sql_query(format!("DROP FUNCTION IF EXISTS {function}")).execute(&mut conn).expect("drop");
+        diesel::sql_query(format!(
+            "CREATE FUNCTION {function}() RETURNS VARCHAR(255) MODIFIES SQL DATA NOT DETERMINISTIC \
+             BEGIN DELETE FROM phi_it_life WHERE owner_id = '{owner}'; RETURN '{owner}'; END"
+        ))
+        .execute(&mut conn)
+        .expect("a writing function");
+        writes.push(format!("SELECT {function}()"));
+    }
+    for (i, query) in writes.iter().enumerate() {
+        let err = store.owners_from_query(query).expect_err("a writing owners query is refused");
+        let text = format!("{err} {:?}", std::error::Error::source(&err));
+        assert!(text.contains("owners query"), "{text}");
+        if BLOB == "BYTEA" {
+            assert!(text.contains("read-only transaction"), "PostgreSQL refuses it as a write: {text}");
+        }
+        if mysql && i == writes.len() - 1 {
+            assert!(text.contains("READ ONLY"), "MySQL refuses the function's write: {text}");
+        }
+        assert_eq!(key_states(&db, &owner), keys_before, "{query}: no key row changed");
+        assert_eq!(life_rows(&mut conn, &owner), rows_before, "{query}: no data row changed");
+        // The connection is read-write again for the key store.
+        let fresh = common::unique_owner("ro-after");
+        let keyring = Keyring::builder(store.clone(), common::local_kek()).build().expect("keyring");
+        keyring.keys_for_seal(&fresh).expect("the key store still writes");
+        assert_eq!(key_states(&db, &fresh).len(), 1);
+    }
+    if mysql {
+        diesel::sql_query(format!("DROP FUNCTION {function}")).execute(&mut conn).expect("drop");
+    }
+    // A reading query still works, and leaves the connection writable.
+    let owners = store
+        .owners_from_query(&format!("SELECT owner_id FROM phi_it_life WHERE owner_id = '{owner}'"))
+        .expect("a reading query");
+    assert_eq!(owners, [owner]);
+    let fresh = common::unique_owner("ro-after");
+    let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
+    keyring.keys_for_seal(&fresh).expect("the key store still writes");
 }

@@ -23,8 +23,8 @@ diesel::table! {
 }
 
 /// The clinical case again, on a table of its own.
-#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-#[phi(table = phi_it_legacy, crate = phi)]
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_legacy, crate = phi, debug)]
 #[diesel(primary_key(case_id))]
 struct Legacy {
     #[phi(row_key)]
@@ -54,8 +54,8 @@ diesel::table! {
 }
 
 /// Integer row key and owner, an integer flag.
-#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-#[phi(table = phi_it_legacy_int, crate = phi)]
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_legacy_int, crate = phi, debug)]
 struct LegacyNote {
     #[phi(row_key)]
     id: i64,

@@ -605,26 +605,127 @@ pub fn retire<C: DataConnection>(
 // ---------------------------------------------------------------------------
 // Crypto-shredding
 
-/// What [`shred`] did and found.
+/// What [`shred`] did and found; [`ShredReport::outcome`] says whether
+/// that proves anything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShredReport {
     /// Versions destroyed by this call.
     pub destroyed_versions: Vec<u32>,
+    /// Data key rows of the owner afterwards, destroyed by this call or
+    /// before (0: the owner never had a key here; a mistyped owner id?).
+    pub key_rows: usize,
     /// Data key rows of the owner still holding key material afterwards
     /// (0 when shredding worked).
     pub keys_left: usize,
+    /// Encrypted columns checked, over every table given.
+    pub columns: usize,
     /// Stored values sampled from the tables.
     pub sampled: usize,
     /// Sampled values that still opened (0 when shredding worked).
     pub still_open: usize,
+    /// Non-NULL values of the owner in those columns that are not sealed
+    /// envelopes: rows stored in the clear (encrypted flag off, never
+    /// backfilled or decrypted back). Shredding does not protect them:
+    /// they stay readable until the application deletes them.
+    pub in_clear: u64,
+}
+
+/// Whether a [`shred`] is verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShredOutcome {
+    /// Not verified, for these reasons (at least one).
+    NotVerified(Vec<UnverifiedReason>),
+    /// Verified: the owner has data key rows, none holds key material, and
+    /// at least one sampled value was checked and none opens.
+    Verified,
+}
+
+/// Why a [`shred`] is not verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnverifiedReason {
+    /// Key rows of the owner still hold key material.
+    KeyMaterialLeft {
+        /// How many.
+        rows: usize,
+    },
+    /// The owner has no data key row at all: nothing was destroyed, and
+    /// nothing proves the owner id names anyone (mistyped?).
+    NoKeyRows,
+    /// Tables were given but none of their columns holds a sealed value of
+    /// the owner: nothing was checked.
+    NoSampledValues,
+    /// No table was given: no stored value was checked.
+    NoTables,
+    /// Sampled values that still open.
+    StillOpen {
+        /// Values that opened.
+        values: usize,
+        /// Values sampled.
+        sampled: usize,
+    },
+}
+
+impl std::fmt::Display for UnverifiedReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnverifiedReason::KeyMaterialLeft { rows } => {
+                write!(f, "{rows} data key row(s) still hold key material")
+            }
+            UnverifiedReason::NoKeyRows => f.write_str(
+                "the owner has no data key row: nothing was destroyed (is the owner id mistyped?)",
+            ),
+            UnverifiedReason::NoSampledValues => f.write_str(
+                "no sealed value of the owner was found in the configured columns: nothing was checked",
+            ),
+            UnverifiedReason::NoTables => {
+                f.write_str("no table is configured (--table): no stored value was checked")
+            }
+            UnverifiedReason::StillOpen { values, sampled } => {
+                write!(f, "{values} of {sampled} sampled value(s) still open")
+            }
+        }
+    }
 }
 
 impl ShredReport {
-    /// Whether the verification passed: no key material left and no sampled
-    /// value opens.
+    /// Verified only when the owner has at least one data key row, none
+    /// holds key material, at least one stored value was sampled and none
+    /// opens. Values stored in the clear ([`ShredReport::in_clear`]) do not
+    /// enter: shredding cannot protect them, and says so.
+    pub fn outcome(&self) -> ShredOutcome {
+        let mut reasons = Vec::new();
+        if self.key_rows == 0 {
+            reasons.push(UnverifiedReason::NoKeyRows);
+        }
+        if self.keys_left > 0 {
+            reasons.push(UnverifiedReason::KeyMaterialLeft {
+                rows: self.keys_left,
+            });
+        }
+        if self.columns == 0 {
+            reasons.push(UnverifiedReason::NoTables);
+        } else if self.sampled == 0 {
+            reasons.push(UnverifiedReason::NoSampledValues);
+        }
+        if self.still_open > 0 {
+            reasons.push(UnverifiedReason::StillOpen {
+                values: self.still_open,
+                sampled: self.sampled,
+            });
+        }
+        if reasons.is_empty() {
+            ShredOutcome::Verified
+        } else {
+            ShredOutcome::NotVerified(reasons)
+        }
+    }
+
+    /// Whether [`ShredReport::outcome`] is [`ShredOutcome::Verified`].
     pub fn verified(&self) -> bool {
-        self.keys_left == 0 && self.still_open == 0
+        self.outcome() == ShredOutcome::Verified
     }
 }
 
@@ -633,9 +734,23 @@ impl ShredReport {
 /// transaction, audited as `destroy` per version; drops the owner from this
 /// keyring's cache; then verifies, from the key store and on up to `sample`
 /// stored values per column of `tables`, that nothing of the owner opens
-/// any more. Other owners are untouched. Afterwards sealing for the owner
+/// any more, and counts the owner's values in those columns stored in the
+/// clear. Other owners are untouched. Afterwards sealing for the owner
 /// fails with [`Error::Shredded`]: no new key is ever created for it
 /// silently.
+///
+/// What this guarantees, exactly: the owner's sealed values no longer open
+/// from this database, now. Other processes keep their cached copy of the
+/// keys until their cache TTL expires or they clear the owner. The old
+/// wrapped keys survive in the database's free pages and write-ahead log,
+/// in server logs and point-in-time-recovery archives, and in every backup:
+/// those open again with the KEK that wrapped them, so backups are
+/// unreadable only once they expire, or once that KEK is rotated away
+/// ([`rewrap`]) and destroyed.
+///
+/// The report's [`ShredReport::outcome`] is verified only when it proves
+/// something: a mistyped owner (no key rows), no tables or no sampled value
+/// is [`ShredOutcome::NotVerified`] with the reason.
 ///
 /// # Errors
 /// Key store and query errors (when the destroy itself failed, nothing was
@@ -668,20 +783,21 @@ pub fn shred<C: DataConnection>(
         destroyed_versions.len() as u64,
     );
     tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
-    let keys_left = keyring
-        .store()
-        .load_keys(&[owner])?
+    let rows = keyring.store().load_keys(&[owner])?;
+    let keys_left = rows
         .iter()
         .filter(|r| r.state != KeyState::Destroyed || !r.wrapped_key.is_empty())
         .count();
     let keys = keyring.keys_for_open(owner)?;
     let mut report = ShredReport {
         destroyed_versions,
+        key_rows: rows.len(),
         keys_left,
         ..ShredReport::default()
     };
     for t in tables {
         for c in &t.columns {
+            report.columns += 1;
             for value in conn.sample_values(t, c, owner, sample)? {
                 report.sampled += 1;
                 let opened = keys.open::<Vec<u8>>(
@@ -694,6 +810,7 @@ pub fn shred<C: DataConnection>(
                     report.still_open += 1;
                 }
             }
+            report.in_clear += conn.count_clear_values(t, c, owner)?;
         }
     }
     Ok(report)

@@ -473,6 +473,16 @@ pub trait DataConnection: PhiConnection {
         limit: usize,
     ) -> Result<Vec<StoredValue>>;
 
+    /// Non-NULL values of `owner` in `column` that are not envelopes
+    /// (stored in the clear).
+    #[doc(hidden)]
+    fn count_clear_values(
+        &mut self,
+        table: &ResealTable,
+        column: &ResealColumn,
+        owner: &str,
+    ) -> Result<u64>;
+
     /// Rows of a migratable table whose flag is `sealed`.
     #[doc(hidden)]
     fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64>;
@@ -1152,6 +1162,30 @@ macro_rules! data_connection {
                     Err(TxError::Phi(e)) => Err(e),
                     Err(TxError::Db(e)) => Err(data_error("sampling values", table, column, owner, e)),
                 }
+            }
+
+            fn count_clear_values(
+                &mut self,
+                table: &ResealTable,
+                column: &ResealColumn,
+                owner: &str,
+            ) -> Result<u64> {
+                table.validate()?;
+                let owner_value = owner_value(table, owner)?;
+                let d: Dialect = $dialect;
+                let c = d.ident(&column.column);
+                let sql = format!(
+                    "SELECT COUNT(*) AS n FROM {table} WHERE {owner} = {p1} AND {c} IS NOT NULL AND SUBSTR({c}, 1, 2) <> {p2}",
+                    table = d.ident(&table.table),
+                    owner = d.ident(&table.owner_column),
+                    p1 = d.p(1),
+                    p2 = d.p(2),
+                );
+                let count: Count = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
+                    .bind::<Binary, _>(&PREFIX[..])
+                    .get_result(self)
+                    .map_err(|e| data_error("counting values stored in the clear", table, column, owner, e))?;
+                Ok(u64::try_from(count.n).unwrap_or(0))
             }
 
             fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64> {

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use chrono::NaiveDateTime;
+use diesel::connection::{AnsiTransactionManager, TransactionManager as _};
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -240,7 +241,7 @@ fn stored_key(row: KeyRow) -> Result<StoredKey> {
 }
 
 macro_rules! diesel_key_store {
-    ($($feature:literal => $conn:ty, $transaction:ident, $text:literal);* $(;)?) => {$(
+    ($($feature:literal => $conn:ty, $transaction:ident, $text:literal, $read_only:expr);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl KeyStore for DieselKeyStore<$conn> {
             fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
@@ -422,9 +423,10 @@ macro_rules! diesel_key_store {
                 let sql = owners_sql(sql, $text)?;
                 crate::metrics::store_query("owners_from_query", || {
                     let mut conn = self.conn()?;
-                    let rows: Vec<OwnerRow> = diesel::sql_query(sql)
-                        .load(&mut *conn)
-                        .map_err(|e| Error::store("running the owners query", e))?;
+                    let rows: Vec<OwnerRow> = read_only(&mut *conn, $read_only, |conn| {
+                        diesel::sql_query(sql).load(conn)
+                    })
+                    .map_err(|e| Error::store("running the owners query (read-only)", e))?;
                     Ok(rows.into_iter().map(|r| r.owner_id).collect())
                 })
             }
@@ -531,9 +533,52 @@ macro_rules! diesel_key_store {
 }
 
 diesel_key_store! {
-    "sqlite" => diesel::SqliteConnection, immediate_transaction, "TEXT";
-    "mysql" => diesel::MysqlConnection, transaction, "CHAR";
-    "postgres" => diesel::PgConnection, transaction, "TEXT";
+    "sqlite" => diesel::SqliteConnection, immediate_transaction, "TEXT",
+        ReadOnly { begin: "PRAGMA query_only = ON; BEGIN DEFERRED", reset: Some("PRAGMA query_only = OFF") };
+    "mysql" => diesel::MysqlConnection, transaction, "CHAR",
+        ReadOnly { begin: "START TRANSACTION READ ONLY", reset: None };
+    "postgres" => diesel::PgConnection, transaction, "TEXT",
+        ReadOnly { begin: "BEGIN TRANSACTION READ ONLY", reset: None };
+}
+
+/// How one backend runs a query that must not write: the statements that
+/// begin a read-only transaction, and those that restore the connection
+/// afterwards (a SQLite `PRAGMA` outlives the transaction).
+#[allow(dead_code)] // Unused when no backend feature is on.
+struct ReadOnly {
+    begin: &'static str,
+    reset: Option<&'static str>,
+}
+
+/// Runs `f` inside a read-only transaction (`BEGIN TRANSACTION READ ONLY`
+/// on PostgreSQL, the transaction mode `SET TRANSACTION READ ONLY` sets, in
+/// one statement; `START TRANSACTION READ ONLY` on MySQL / MariaDB; `PRAGMA
+/// query_only` on SQLite), which is always rolled back: a statement that
+/// tries to write fails and nothing it did is kept. The connection is
+/// restored to read-write even when `f` fails.
+#[allow(dead_code)] // Unused when no backend feature is on.
+fn read_only<C, T>(
+    conn: &mut C,
+    how: ReadOnly,
+    f: impl FnOnce(&mut C) -> diesel::QueryResult<T>,
+) -> diesel::QueryResult<T>
+where
+    C: diesel::Connection<TransactionManager = AnsiTransactionManager>,
+{
+    let result = AnsiTransactionManager::begin_transaction_sql(conn, how.begin).and_then(|()| {
+        let result = f(conn);
+        let rollback = AnsiTransactionManager::rollback_transaction(conn);
+        let value = result?;
+        rollback.map(|()| value)
+    });
+    match how.reset {
+        Some(reset) => {
+            let reset = conn.batch_execute(reset);
+            let value = result?;
+            reset.map(|()| value)
+        }
+        None => result,
+    }
 }
 
 #[derive(Insertable)]

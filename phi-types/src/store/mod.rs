@@ -295,11 +295,15 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
 
     /// Runs `sql`, a query of the application's whose first column is an
     /// owner id (e.g. `SELECT DISTINCT user_id FROM cases`), and returns the
-    /// distinct non-NULL owner ids it yields, as text, sorted.
+    /// distinct non-NULL owner ids it yields, as text, sorted. The query runs
+    /// in a read-only transaction that is rolled back (read-only on
+    /// PostgreSQL and MySQL / MariaDB, `PRAGMA query_only` on SQLite): one
+    /// that tries to write (`DELETE … RETURNING owner_id`, a function that
+    /// writes) is refused and changes nothing.
     ///
     /// # Errors
-    /// [`Error::Store`](crate::Error::Store) when the query fails, or when
-    /// the store cannot run SQL.
+    /// [`Error::Store`](crate::Error::Store) when the query fails or tries
+    /// to write, or when the store cannot run SQL.
     fn owners_from_query(&self, sql: &str) -> Result<Vec<String>> {
         let _ = sql;
         Err(unsupported("running an owners query"))
