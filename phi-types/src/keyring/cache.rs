@@ -1,13 +1,15 @@
 //! The owner → data keys cache: TTL, size bound, single-flight.
 
+#[cfg(all(test, loom))]
+mod loom_model;
+mod sync;
+
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
-
+use self::sync::{Condvar, DashMap, Entry, Mutex};
 use super::OwnerKeys;
 
 /// What a waiter receives from the resolution it waited for.
@@ -41,7 +43,7 @@ impl Flight {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Slot {
     Loading(Arc<Flight>),
     Ready(Arc<OwnerKeys>),
