@@ -757,6 +757,16 @@ struct CaseRow {
 
 const SCOPE: &str = "phi_kms_cases.patient_last";
 
+/// The application's connection: it waits for the keyring's own writes
+/// (unwrap audit records are written from a thread of its own).
+fn app_conn(db: &str) -> SqliteConnection {
+    let mut conn = SqliteConnection::establish(db).expect("sqlite");
+    diesel::sql_query("PRAGMA busy_timeout = 10000")
+        .execute(&mut conn)
+        .expect("busy timeout");
+    conn
+}
+
 /// A SQLite database with phi's key tables and a cases table.
 fn sqlite_db() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -801,7 +811,7 @@ fn a_thousand_rows_of_a_hundred_owners_load_cold_with_exactly_100_decrypts() {
     let admin = Admin::new(&url);
     let key_id = admin.create_key();
     let (_dir, db) = sqlite_db();
-    let mut conn = SqliteConnection::establish(&db).expect("sqlite");
+    let mut conn = app_conn(&db);
 
     // Seal 1,000 values for 100 owners (10 each) and store them.
     let writer = keyring(&db, Arc::new(kek(&url, &key_id)));
@@ -939,7 +949,7 @@ fn kms_outage_cached_owners_keep_working_others_fail_fast_and_work_resumes() {
     let admin = Admin::new(&url);
     admin.create_alias(&alias, &admin.create_key());
     let (_dir, db) = sqlite_db();
-    let mut conn = SqliteConnection::establish(&db).expect("sqlite");
+    let mut conn = app_conn(&db);
     let kek = Arc::new(kek(&url, &alias));
     let keyring = keyring(&db, kek.clone());
 
@@ -1009,7 +1019,7 @@ fn the_cli_rewraps_local_keys_to_the_kms_and_then_works_with_it_alone() {
     let alias = unique_alias("cli");
     admin.create_alias(&alias, &admin.create_key());
     let (dir, db) = sqlite_db();
-    let mut conn = SqliteConnection::establish(&db).expect("sqlite");
+    let mut conn = app_conn(&db);
     let local = Keyring::builder(
         Arc::new(DieselKeyStore::<SqliteConnection>::connect(&db).expect("store")),
         common::local_kek(),

@@ -93,6 +93,10 @@ fn rotate_rewrap_destroy_and_audit_in_memory() {
             .all(|k| k.owner_id != "a")
     );
 
+    // Unwrap records are written in the background: wait for them.
+    for k in [&keyring, &rewrapping, &only_new] {
+        k.flush_audit().expect("audit written");
+    }
     let trail = store.audit(Some("a"), 100).expect("audit");
     let actions: Vec<AuditAction> = trail.iter().map(|r| r.event.action).collect();
     assert_eq!(actions[..2], [AuditAction::Destroy, AuditAction::Destroy]);

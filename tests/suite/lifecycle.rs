@@ -618,6 +618,11 @@ fn life_child_reseals_slowly() {
     let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
     let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
     let mut conn = Conn::establish(&url).expect("connection");
+    if server_url().is_none() {
+        // Waits for the keyring's background audit writes, as an SQLite
+        // application's connection must.
+        diesel::sql_query("PRAGMA busy_timeout = 10000").execute(&mut conn).expect("busy timeout");
+    }
     lifecycle::reseal(&mut conn, &keyring, &owner, &life_tables(), 4, &mut |p| report_batch(p.resealed))
         .expect("reseal");
     #[allow(clippy::print_stdout)]

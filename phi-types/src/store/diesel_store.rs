@@ -33,8 +33,13 @@ const AUDIT_ROWS_PER_INSERT: usize = 500;
 /// for that transaction (up to a 10 s busy timeout) and then fails. (In
 /// SQLite's default rollback-journal mode, a transaction that outgrows its
 /// page cache takes the exclusive lock early and then blocks readers too;
-/// WAL mode, `PRAGMA journal_mode = WAL`, never does.) MySQL / MariaDB and
-/// PostgreSQL have no such constraint.
+/// WAL mode, `PRAGMA journal_mode = WAL`, never does.) The keyring writes
+/// audit records from a thread of its own at any time, so give the
+/// application's SQLite connections a busy timeout (`PRAGMA busy_timeout =
+/// 10000`) as any SQLite database with more than one connection needs:
+/// without one, a query that meets such a write fails at once with
+/// "database is locked". MySQL / MariaDB and PostgreSQL have no such
+/// constraint.
 ///
 /// A database user that may only read the key tables can open values:
 /// connect with [`connect_without_migrating`](Self::connect_without_migrating);
