@@ -79,6 +79,34 @@ impl Admin {
             .expect("CreateAlias");
     }
 
+    fn update_alias(&self, alias: &str, key_id: &str) {
+        self.runtime
+            .block_on(
+                self.client
+                    .update_alias()
+                    .alias_name(alias)
+                    .target_key_id(key_id)
+                    .send(),
+            )
+            .expect("UpdateAlias");
+    }
+
+    /// Decrypts a KEK check value as any KMS client would.
+    fn decrypt_check(&self, key_id: &str, blob: &[u8], kek_id: &str) -> Vec<u8> {
+        let out = self
+            .runtime
+            .block_on(
+                self.client
+                    .decrypt()
+                    .key_id(key_id)
+                    .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(blob))
+                    .encryption_context("phi:kek-check", kek_id)
+                    .send(),
+            )
+            .expect("Decrypt with the documented check context");
+        out.plaintext().expect("plaintext").as_ref().to_vec()
+    }
+
     fn disable_key(&self, key_id: &str) {
         self.runtime
             .block_on(self.client.disable_key().key_id(key_id).send())
@@ -121,6 +149,11 @@ fn kek_builder(url: &str, key: &str) -> phi::AwsKmsKekBuilder {
 
 fn unique_alias(tag: &str) -> String {
     format!("alias/{}", common::unique_owner(tag))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn kms_error(error: &Error) -> &AwsKmsError {
@@ -201,6 +234,9 @@ fn a_wrapped_key_does_not_open_for_another_owner_or_version() {
     // Through the keyring: a row copied to another owner names that owner,
     // the KEK and the KMS key.
     let store = Arc::new(MemoryKeyStore::new());
+    let keyring = Keyring::builder(store.clone(), kek.clone())
+        .build()
+        .expect("keyring");
     let thief = common::unique_owner("thief");
     store
         .insert_key_if_absent(&StoredKey::active(
@@ -210,9 +246,6 @@ fn a_wrapped_key_does_not_open_for_another_owner_or_version() {
             wrapped,
         ))
         .expect("insert");
-    let keyring = Keyring::builder(store, kek.clone())
-        .build()
-        .expect("keyring");
     let err = keyring.keys_for_open(&thief).expect_err("copied key");
     let text = err.to_string();
     assert!(text.contains(&thief) && text.contains(&key_id), "{text}");
@@ -266,6 +299,9 @@ fn access_denied_names_the_owner_and_the_key() {
     let (_, wrapped) = kek(&url, &a).generate(&owner, 1).expect("generate");
     let other = Arc::new(kek(&url, &b));
     let store = Arc::new(MemoryKeyStore::new());
+    let keyring = Keyring::builder(store.clone(), other.clone())
+        .build()
+        .expect("keyring");
     store
         .insert_key_if_absent(&StoredKey::active(
             owner.clone(),
@@ -274,7 +310,6 @@ fn access_denied_names_the_owner_and_the_key() {
             wrapped,
         ))
         .expect("insert");
-    let keyring = Keyring::builder(store, other).build().expect("keyring");
     let err = keyring.keys_for_open(&owner).expect_err("denied");
     let text = err.to_string();
     assert!(
@@ -288,7 +323,9 @@ fn access_denied_names_the_owner_and_the_key() {
 /// delay, each connection on a thread of its own; it records how many
 /// requests it served and how many it held at once. For answers moto does
 /// not give (moto ignores a key's Disabled state) and for a KMS with
-/// latency.
+/// latency. The KEK check value's calls (encryption context
+/// `phi:kek-check`) are answered as a working KMS would, at once and
+/// uncounted, so keyrings build.
 struct StubKms {
     url: String,
     requests: Arc<AtomicUsize>,
@@ -315,19 +352,42 @@ impl StubKms {
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream);
                     let mut length = 0usize;
+                    let mut target = String::new();
                     loop {
                         let mut line = String::new();
                         if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                             break;
                         }
-                        if let Some(value) =
-                            line.to_ascii_lowercase().strip_prefix("content-length:")
-                        {
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(value) = lower.strip_prefix("content-length:") {
                             length = value.trim().parse().unwrap_or(0);
+                        }
+                        if let Some(value) = lower.strip_prefix("x-amz-target:") {
+                            target = value.trim().to_owned();
                         }
                     }
                     let mut body = vec![0; length];
                     if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if String::from_utf8_lossy(&body).contains("phi:kek-check") {
+                        let canary = if target.ends_with(".decrypt") {
+                            format!(
+                                r#"{{"KeyId":"stub","Plaintext":"{}"}}"#,
+                                base64(phi::CHECK_CANARY)
+                            )
+                        } else {
+                            format!(
+                                r#"{{"KeyId":"stub","CiphertextBlob":"{}"}}"#,
+                                base64(b"stub canary")
+                            )
+                        };
+                        let _ = write!(
+                            reader.get_mut(),
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                             x-amzn-RequestId: stub\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{canary}",
+                            canary.len()
+                        );
                         return;
                     }
                     count.fetch_add(1, Ordering::SeqCst);
@@ -417,6 +477,9 @@ fn a_batch_of_unwraps_runs_concurrently_within_the_bound() {
             .expect("kek"),
     );
     let store = Arc::new(MemoryKeyStore::new());
+    let keyring = Keyring::builder(store.clone(), kek.clone())
+        .build()
+        .expect("keyring");
     let owners: Vec<String> = (0..40).map(|i| format!("provider-{i:02}")).collect();
     for owner in &owners {
         store
@@ -428,9 +491,6 @@ fn a_batch_of_unwraps_runs_concurrently_within_the_bound() {
             ))
             .expect("insert");
     }
-    let keyring = Keyring::builder(store, kek.clone())
-        .build()
-        .expect("keyring");
     let started = Instant::now();
     let keys = keyring
         .keys_for_open_many(owners.iter().map(String::as_str))
@@ -838,14 +898,16 @@ fn a_thousand_rows_of_a_hundred_owners_load_cold_with_exactly_100_decrypts() {
         .execute(&mut conn)
         .expect("insert");
 
-    // A fresh keyring and KEK: a cold cache, as after a restart.
-    moto.record();
+    // A fresh keyring and KEK: a cold cache, as after a restart. Building it
+    // checks the KEK: one Decrypt of the check value.
     let kek = Arc::new(kek(&url, &key_id));
     let reader = keyring(&db, kek.clone());
+    assert_eq!(kek.stats().decrypt, 1, "the build's check");
+    moto.record();
     let started = Instant::now();
     assert_eq!(open_all(&mut conn, &reader), 1000);
     let cold = started.elapsed();
-    assert_eq!(kek.stats().decrypt, 100, "one Decrypt per owner");
+    assert_eq!(kek.stats().decrypt, 101, "one Decrypt per owner");
     assert_eq!(
         moto.recorded("Decrypt"),
         100,
@@ -863,7 +925,7 @@ fn a_thousand_rows_of_a_hundred_owners_load_cold_with_exactly_100_decrypts() {
     let started = Instant::now();
     assert_eq!(open_all(&mut conn, &reader), 1000);
     let warm = started.elapsed();
-    assert_eq!(kek.stats().decrypt, 100, "no Decrypt within the TTL");
+    assert_eq!(kek.stats().decrypt, 101, "no Decrypt within the TTL");
     assert_eq!(moto.recorded("Decrypt"), 100);
     assert_eq!(moto.recorded("GenerateDataKey"), 0);
     eprintln!("1,000 rows of 100 owners: cold {cold:?} (100 Decrypt), warm {warm:?} (0 Decrypt)");
@@ -1111,4 +1173,128 @@ fn the_cli_rewraps_local_keys_to_the_kms_and_then_works_with_it_alone() {
     // Without the KMS configured, the error says which KEK is missing.
     let (ok, out) = phi(&["keys", "status", "--owner", "dr-a"], true);
     assert!(!ok && out.contains(&target), "{out}");
+}
+
+/// The KMS check value on one key store: recorded on first use as the
+/// documented canary, verified by every later build, and a key that is not
+/// the one behind the KEK id refused with nothing written.
+fn kms_check_values_on(store: Arc<dyn KeyStore>) {
+    let url = shared_kms_url();
+    let admin = Admin::new(&url);
+    let (a, b) = (admin.create_key(), admin.create_key());
+    let alias = unique_alias("kek-check");
+    admin.create_alias(&alias, &a);
+
+    let first = Arc::new(kek(&url, &alias));
+    let keyring = Keyring::builder(store.clone(), first.clone())
+        .build()
+        .expect("first use");
+    let stats = first.stats();
+    assert_eq!(
+        (stats.encrypt, stats.decrypt),
+        (1, 0),
+        "first use: one Encrypt"
+    );
+    let check = store
+        .kek_check(first.id())
+        .expect("read")
+        .expect("stored on first use");
+    assert_eq!(check.format, "kms-canary-v1");
+    assert_eq!(
+        admin.decrypt_check(&a, &check.value, first.id()),
+        phi::CHECK_CANARY.to_vec(),
+        "the canary opens with the documented context"
+    );
+    let owner = common::unique_owner("kek-check");
+    keyring
+        .seal(&"Doe".to_string(), &owner, "cases.patient_last", b"C-1")
+        .expect("seal");
+
+    let again = Arc::new(kek(&url, &alias));
+    Keyring::builder(store.clone(), again.clone())
+        .build()
+        .expect("the same key builds");
+    let stats = again.stats();
+    assert_eq!(
+        (stats.encrypt, stats.decrypt),
+        (0, 1),
+        "later builds: one Decrypt"
+    );
+
+    // The alias moved to another key: refused, nothing written.
+    let written = |store: &Arc<dyn KeyStore>| {
+        (
+            store.load_keys(&[&owner]).expect("keys").len(),
+            store.audit(Some(&owner), 100).expect("audit").len(),
+            store.kek_check(first.id()).expect("check"),
+        )
+    };
+    let before = written(&store);
+    admin.update_alias(&alias, &b);
+    let err = Keyring::builder(store.clone(), Arc::new(kek(&url, &alias)))
+        .build()
+        .expect_err("another key behind the alias");
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::KekMismatch { ref kek_id, .. } | Error::KekCheck { ref kek_id, .. } if *kek_id == format!("aws-kms:{alias}")),
+        "{err:?}"
+    );
+    assert!(
+        text.contains(&alias) && text.contains("nothing was written"),
+        "{text}"
+    );
+    eprintln!("alias moved to another key: {text}");
+    assert_eq!(written(&store), before);
+
+    // A check value that does not open under the key: a mismatch.
+    let id = common::unique_owner("kek-check-altered");
+    let mut altered = check.clone();
+    let last = altered.value.len() - 1;
+    altered.value[last] ^= 1;
+    assert!(
+        store
+            .insert_kek_check_if_absent(&id, &altered)
+            .expect("insert")
+    );
+    let err = Keyring::builder(
+        store.clone(),
+        Arc::new(kek_builder(&url, &a).kek_id(&id).build().expect("kek")),
+    )
+    .build()
+    .expect_err("altered check value");
+    assert!(
+        matches!(err, Error::KekMismatch { ref kek_id, .. } if *kek_id == id),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("KMS key or alias"), "{err}");
+}
+
+#[test]
+fn kms_check_values_on_sqlite() {
+    let (_dir, db) = sqlite_db();
+    kms_check_values_on(Arc::new(
+        DieselKeyStore::<SqliteConnection>::connect(&db).expect("key store"),
+    ));
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn kms_check_values_on_mariadb() {
+    let url = std::env::var("PHI_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    kms_check_values_on(Arc::new(
+        DieselKeyStore::<diesel::MysqlConnection>::connect(&url)
+            .unwrap_or_else(|e| panic!("MariaDB at {url}: {e}")),
+    ));
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn kms_check_values_on_postgres() {
+    let url = std::env::var("PHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    kms_check_values_on(Arc::new(
+        DieselKeyStore::<diesel::PgConnection>::connect(&url)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}")),
+    ));
 }

@@ -317,6 +317,30 @@ fn rewrap_moves_every_key_to_the_new_kek() {
     let new_key = KeyBytes::new([0x5A; 32]);
     let key_file = clinic.dir.path().join("new.key");
     std::fs::write(&key_file, base64_of(&new_key)).expect("key file");
+    #[cfg(unix)]
+    {
+        // A key file others may read is refused, with the fix.
+        use std::os::unix::fs::PermissionsExt as _;
+        let readable = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(&key_file, readable).expect("chmod");
+        let (ok, _, err) = clinic.run(&[
+            "keys",
+            "rewrap",
+            "--to",
+            "local:local-2",
+            "--to-key-file",
+            path(&key_file),
+        ]);
+        assert!(!ok && err.contains("chmod 600"), "{err}");
+        assert!(
+            clinic
+                .key_rows("dr-a")
+                .iter()
+                .all(|(_, _, kek, _)| kek == "local-test")
+        );
+        let private = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&key_file, private).expect("chmod");
+    }
 
     #[cfg(not(feature = "aws-kms"))]
     {
@@ -351,6 +375,25 @@ fn rewrap_moves_every_key_to_the_new_kek() {
                 .all(|(_, _, kek, _)| kek == "local-2")
         );
     }
+    // The rewrap recorded the new KEK's check value: a wrong key under
+    // local-2 is refused from now on.
+    let formats: Vec<String> = phi::schema::kek_check_values::table
+        .filter(phi::schema::kek_check_values::kek_id.eq("local-2"))
+        .select(phi::schema::kek_check_values::format)
+        .load(&mut clinic.conn())
+        .expect("check values");
+    assert_eq!(formats, ["local-hmac-v1"]);
+    let (ok, _, err) = finish(
+        clinic
+            .command(&["--kek-id", "local-2", "keys", "status", "--owner", "dr-a"])
+            .env("PHI_MASTER_KEY", base64_of(&KeyBytes::new([0x5B; 32])))
+            .output()
+            .expect("runs"),
+    );
+    assert!(
+        !ok && err.contains("KEK \"local-2\" is not the key"),
+        "{err}"
+    );
     let only_new = clinic.keyring(Arc::new(LocalKek::new("local-2", &new_key)));
     assert_eq!(clinic.check_cases(&only_new, "dr-a", 3), [1]);
     assert_eq!(clinic.check_cases(&only_new, "dr-b", 3), [1]);

@@ -126,6 +126,74 @@ fn first_run_seeds_and_a_second_run_reuses_the_database_and_key() {
     assert!(second.contains("Jane Doe"), "{second}");
 }
 
+#[derive(QueryableByName)]
+struct KekId {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    kek_id: String,
+}
+
+fn kek_ids(clinic: &Clinic) -> Vec<String> {
+    let rows: Vec<KekId> = diesel::sql_query(
+        "SELECT DISTINCT kek_id FROM user_encryption_keys UNION SELECT kek_id FROM kek_check_values ORDER BY 1",
+    )
+    .load(&mut clinic.conn())
+    .expect("kek ids");
+    rows.into_iter().map(|r| r.kek_id).collect()
+}
+
+#[test]
+fn the_development_key_has_a_kek_id_of_its_own_and_never_joins_another_kek() {
+    let clinic = Clinic::new();
+    clinic.ok(&[]);
+    assert_eq!(kek_ids(&clinic), ["clinic-dev"]);
+
+    // A database whose keys a configured master key wrapped (KEK local-1).
+    let configured = Clinic::new();
+    let output = Command::new(clinic_binary())
+        .env_remove("DATABASE_URL")
+        .env_remove("PHI_MASTER_KEY_FILE")
+        .env_remove("PHI_KEK")
+        .env(
+            "PHI_MASTER_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .current_dir(configured.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("the clinic runs");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(kek_ids(&configured), ["local-1"]);
+    // Started without its key: refused, and no development key is made.
+    let (ok, out, err) = configured.run(&[]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("local-1")
+            && err.contains("no master key is configured")
+            && err.contains("PHI_MASTER_KEY_FILE"),
+        "{err}"
+    );
+    assert!(!configured.dir.path().join("clinic-dev-master.key").exists());
+    assert_eq!(kek_ids(&configured), ["local-1"], "nothing written");
+
+    // The development database with the wrong master key under its id:
+    // refused by the check value.
+    let output = Command::new(clinic_binary())
+        .env_remove("DATABASE_URL")
+        .env_remove("PHI_MASTER_KEY_FILE")
+        .env("PHI_KEK", "local:clinic-dev")
+        .env(
+            "PHI_MASTER_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .current_dir(clinic.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("the clinic runs");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{err}");
+    assert!(err.contains("KEK \"clinic-dev\" is not the key"), "{err}");
+}
+
 #[test]
 fn demo_stores_no_patient_data_in_the_clear() {
     let clinic = Clinic::new();

@@ -67,7 +67,7 @@ impl Clinic {
 pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     let (backend, url, name) = db::parse_url(&cli.database_url)?;
     let (mut conn, store) = db::open(backend, &url)?;
-    let (kek, older) = db::keks(cli.kek.as_deref())?;
+    let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
     let persisted = db::load_rollout(&mut conn)?;
     let keyring = db::keyring(&store, &kek, &older, persisted)?;
     let mut clinic = Clinic {

@@ -154,6 +154,11 @@ fn migration_error(error: Box<dyn std::error::Error + Send + Sync>) -> crate::Er
 /// the first run when no master key is configured.
 pub(crate) const DEV_KEY_FILE: &str = "clinic-dev-master.key";
 
+/// The KEK id of the development key: its own, never a production id such
+/// as `local-1`, so a process that falls back to it cannot pass for one
+/// configured with the real key.
+pub(crate) const DEV_KEK_ID: &str = "clinic-dev";
+
 /// A configured KEK.
 pub(crate) type SharedKek = Arc<dyn KeyEncryptionKey>;
 
@@ -166,14 +171,18 @@ pub(crate) type SharedKek = Arc<dyn KeyEncryptionKey>;
 /// - `--kek local:ID`, or no `--kek` with `PHI_MASTER_KEY` /
 ///   `PHI_MASTER_KEY_FILE` set: that local master key, KEK id `ID`
 ///   (default `local-1`).
-/// - Nothing configured: the development key file, created (mode 0600)
-///   with a warning on the first run.
-pub(crate) fn keks(spec: Option<&str>) -> Result<(SharedKek, Vec<SharedKek>)> {
+/// - Nothing configured: the development key file (KEK id `clinic-dev`),
+///   created (mode 0600) with a warning on the first run; refused when the
+///   database holds data keys under another KEK.
+pub(crate) fn keks(
+    spec: Option<&str>,
+    store: &dyn KeyStore,
+) -> Result<(SharedKek, Vec<SharedKek>)> {
     let env_key = std::env::var_os(phi::MASTER_KEY_ENV).is_some()
         || std::env::var_os(phi::MASTER_KEY_FILE_ENV).is_some();
     match spec.map(|s| s.split_once(':')) {
         None if env_key => Ok((Arc::new(LocalKek::from_env("local-1")?), Vec::new())),
-        None => Ok((Arc::new(dev_master_key()?), Vec::new())),
+        None => Ok((Arc::new(dev_master_key(store)?), Vec::new())),
         Some(Some(("local", id))) if !id.is_empty() => {
             Ok((Arc::new(LocalKek::from_env(id)?), Vec::new()))
         }
@@ -210,7 +219,30 @@ fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
 }
 
 /// The development key file's KEK, creating the file on the first run.
-fn dev_master_key() -> Result<LocalKek> {
+/// Refused when the database holds data keys under another KEK: those were
+/// wrapped by a key that is configured elsewhere, and must stay its to
+/// open, not be mixed with a throwaway key's.
+fn dev_master_key(store: &dyn KeyStore) -> Result<LocalKek> {
+    let mut others: Vec<String> = store
+        .key_counts()?
+        .into_iter()
+        .filter(|c| c.state != phi::KeyState::Destroyed && c.kek_id != DEV_KEK_ID)
+        .map(|c| c.kek_id)
+        .collect();
+    others.dedup();
+    if !others.is_empty() {
+        return Err(format!(
+            "no master key is configured, and this database holds data keys wrapped by KEK(s) \
+             {}: the development key ({DEV_KEY_FILE}, KEK id {DEV_KEK_ID}) is for a database of \
+             its own and is neither created nor used here. Configure the key that wrapped them: \
+             PHI_MASTER_KEY or PHI_MASTER_KEY_FILE (with --kek local:ID when its id is not \
+             local-1), or --kek aws-kms:KEY. (A development database from before the \
+             development key had an id of its own opens with \
+             PHI_MASTER_KEY_FILE={DEV_KEY_FILE}.)",
+            others.join(", ")
+        )
+        .into());
+    }
     let path = Path::new(DEV_KEY_FILE);
     if !path.exists() {
         let key = LocalKek::generate_master_key_base64()?;
@@ -220,7 +252,7 @@ fn dev_master_key() -> Result<LocalKek> {
              reads it from PHI_MASTER_KEY / PHI_MASTER_KEY_FILE or uses AWS KMS (--kek aws-kms:KEY)"
         );
     }
-    Ok(LocalKek::from_file("local-1", path)?)
+    Ok(LocalKek::from_file(DEV_KEK_ID, path)?)
 }
 
 #[cfg(unix)]

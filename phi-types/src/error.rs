@@ -91,6 +91,38 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The key material configured for a KEK is not the one the key store
+    /// knows under that KEK id (its stored check value, or the data keys it
+    /// wrapped, do not verify). The keyring is refused before anything is
+    /// written.
+    #[error(
+        "KEK {kek_id:?} is not the key this database knows under that id ({reason}); refusing \
+         to use it, nothing was written. Check the key configured for {kek_id:?}: \
+         PHI_MASTER_KEY / PHI_MASTER_KEY_FILE for a local master key, the KMS key or alias \
+         (and that the alias still names the same key) for AWS KMS"
+    )]
+    KekMismatch {
+        /// The KEK id.
+        kek_id: String,
+        /// What did not verify (never key bytes).
+        reason: String,
+    },
+
+    /// A KEK could not be checked against the key store's check value (the
+    /// KMS unreachable, no permission to use the key, ...). The keyring is
+    /// refused before anything is written.
+    #[error(
+        "cannot check KEK {kek_id:?} against the check value this database holds for it, \
+         nothing was written: {source}"
+    )]
+    KekCheck {
+        /// The KEK id.
+        kek_id: String,
+        /// The provider's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// A data key of this owner could not be resolved because a concurrent
     /// resolution of the same owner failed; the message repeats that failure.
     #[error("data key of owner {owner:?} is unavailable: {reason}")]

@@ -68,9 +68,12 @@ pub use error::{BoxError, Error, Result};
 #[cfg(feature = "aws-kms")]
 pub use kek::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
-    CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
+    CONTEXT_KEK_CHECK, CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
 };
-pub use kek::{KeyEncryptionKey, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
+pub use kek::{
+    CHECK_CANARY, CHECK_FORMAT_LOCAL, CHECK_FORMAT_WRAP, CHECK_OWNER, KekCheck, KeyEncryptionKey,
+    LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV,
+};
 pub use keyring::{
     Clock, DEFAULT_AUDIT_QUEUE, DEFAULT_MAX_OWNERS, DEFAULT_TTL, DEFAULT_UNKNOWN_VERSION_TTL,
     Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN, ManualClock, OwnerKeys, SystemClock,

@@ -314,6 +314,12 @@ impl KeyEncryptionKey for BatchKek {
     ) -> Result<KeyBytes, phi_types::BoxError> {
         self.inner.unwrap(owner, version, wrapped)
     }
+    fn check_value(&self) -> Result<phi_types::KekCheck, phi_types::BoxError> {
+        self.inner.check_value()
+    }
+    fn verify_check_value(&self, check: &phi_types::KekCheck) -> Result<bool, phi_types::BoxError> {
+        self.inner.verify_check_value(check)
+    }
     fn unwrap_many(
         &self,
         keys: &[(&str, u32, &[u8])],

@@ -67,6 +67,12 @@ impl KeyEncryptionKey for CountingKek {
         std::thread::sleep(self.delay);
         self.inner.unwrap(owner, version, wrapped)
     }
+    fn check_value(&self) -> Result<phi::KekCheck, BoxError> {
+        self.inner.check_value()
+    }
+    fn verify_check_value(&self, check: &phi::KekCheck) -> Result<bool, BoxError> {
+        self.inner.verify_check_value(check)
+    }
 }
 
 /// A key store wrapper that counts `load_keys` calls.
@@ -101,5 +107,21 @@ impl phi::KeyStore for CountingStore {
     }
     fn owners(&self) -> phi::Result<Vec<String>> {
         self.inner.owners()
+    }
+    fn kek_check(&self, kek_id: &str) -> phi::Result<Option<phi::KekCheck>> {
+        self.inner.kek_check(kek_id)
+    }
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &phi::KekCheck) -> phi::Result<bool> {
+        self.inner.insert_kek_check_if_absent(kek_id, check)
+    }
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> phi::Result<Vec<phi::StoredKey>> {
+        self.inner
+            .keys_page(wrapped_by, not_wrapped_by, after, limit)
     }
 }

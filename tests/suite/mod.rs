@@ -569,14 +569,25 @@ fn an_older_kek_still_unwraps_and_a_missing_one_is_named() {
 }
 
 #[test]
-fn a_wrong_master_key_fails_with_the_owner_and_version_named() {
+fn a_wrong_master_key_is_refused_at_build_and_a_bad_wrap_names_the_owner() {
     let db = TestDb::new();
     let owner = common::unique_owner("wrong-master");
-    let sealed = db.keyring().seal(&"Doe".to_string(), &owner, TEXT, b"r").expect("seal");
+    let keyring = db.keyring();
+    let sealed = keyring.seal(&"Doe".to_string(), &owner, TEXT, b"r").expect("seal");
     let impostor: Arc<dyn KeyEncryptionKey> =
         Arc::new(phi::LocalKek::new("local-test", &phi::KeyBytes::new([0xEE; 32])));
-    let keyring = Keyring::builder(db.store(), impostor).build().expect("keyring");
-    let err = keyring.open(sealed, &owner, TEXT, b"r").expect_err("wrong master key");
+    let err = Keyring::builder(db.store(), impostor).build().expect_err("wrong master key");
+    assert!(matches!(err, Error::KekMismatch { ref kek_id, .. } if kek_id == "local-test"), "{err:?}");
+
+    // A stored wrap that does not open (altered bytes) fails naming the
+    // owner, the version and the KEK, and is not cached.
+    let mut conn = db.conn();
+    diesel::update(user_encryption_keys::table.filter(user_encryption_keys::owner_id.eq(&owner)))
+        .set(user_encryption_keys::wrapped_key.eq(vec![0u8; 60]))
+        .execute(&mut conn)
+        .expect("alter the wrap");
+    keyring.clear(&owner);
+    let err = keyring.open(sealed, &owner, TEXT, b"r").expect_err("altered wrap");
     assert!(matches!(err, Error::Kek { key_version: 1, .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains(&owner) && message.contains("local-test"), "{message}");
@@ -623,4 +634,10 @@ mod migrate {
 mod lifecycle {
     use super::*;
     include!("lifecycle.rs");
+}
+
+/// KEK check values: a wrong key under a KEK id is refused.
+mod kek_check {
+    use super::*;
+    include!("kek_check.rs");
 }

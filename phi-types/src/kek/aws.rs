@@ -18,7 +18,7 @@ use aws_sdk_kms::types::DataKeySpec;
 use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
-use super::KeyEncryptionKey;
+use super::{CHECK_CANARY, KekCheck, KeyEncryptionKey};
 use crate::dek::KeyBytes;
 use crate::error::{BoxError, Error};
 
@@ -26,6 +26,10 @@ use crate::error::{BoxError, Error};
 pub const CONTEXT_OWNER: &str = "phi:owner";
 /// Encryption context key holding the data key version, in decimal.
 pub const CONTEXT_DEK_VERSION: &str = "phi:dek_version";
+/// Encryption context key of a check value's canary, naming the KEK id.
+pub const CONTEXT_KEK_CHECK: &str = "phi:kek-check";
+/// Format of an [`AwsKmsKek`]'s check value (`kek_check_values.format`).
+const CHECK_FORMAT_KMS: &str = "kms-canary-v1";
 
 /// Metric: KMS calls, labels `op` (`GenerateDataKey`, `Decrypt`, `Encrypt`)
 /// and `outcome` (`ok`, or the failure's [`AwsKmsErrorKind::label`]).
@@ -45,6 +49,15 @@ pub const KMS_CALL_SECONDS: &str = "phi_kms_call_seconds";
 /// `{"phi:owner": owner, "phi:dek_version": "<version in decimal>"}`, so a
 /// wrapped key copied to another owner or version does not decrypt, and
 /// CloudTrail records which owner each call was for.
+///
+/// Its check value (format `kms-canary-v1`, see
+/// [`KeyEncryptionKey::check_value`]) is the `CiphertextBlob` of an
+/// **Encrypt** of the 32 bytes [`CHECK_CANARY`](crate::CHECK_CANARY) with
+/// encryption context `{"phi:kek-check": kek_id}`. It verifies when a
+/// **Decrypt** with the configured key and the same context returns those
+/// bytes: a KMS ciphertext names its key, so another key (an alias
+/// retargeted, a key recreated) does not verify. A keyring build therefore
+/// costs one Decrypt (one Encrypt when the KEK id is new).
 ///
 /// The id recorded in `user_encryption_keys.kek_id` is `aws-kms:<key>`,
 /// where `<key>` is the key id, key ARN, alias name (`alias/…`) or alias ARN
@@ -425,6 +438,45 @@ impl KeyEncryptionKey for AwsKmsKek {
             .map_err(|e| self.kms.runtime_error("Decrypt", &e))??)
     }
 
+    fn check_value(&self) -> Result<KekCheck, BoxError> {
+        let kms = self.kms.clone();
+        let blob = self
+            .worker
+            .run(async move { kms.encrypt_check().await })
+            .map_err(|e| self.kms.runtime_error("Encrypt", &e))??;
+        Ok(KekCheck::new(CHECK_FORMAT_KMS, blob))
+    }
+
+    fn verify_check_value(&self, check: &KekCheck) -> Result<bool, BoxError> {
+        if check.format != CHECK_FORMAT_KMS {
+            return Ok(false);
+        }
+        let kms = self.kms.clone();
+        let blob = check.value.clone();
+        let opened = self
+            .worker
+            .run(async move { kms.decrypt_check(blob).await })
+            .map_err(|e| self.kms.runtime_error("Decrypt", &e))?;
+        match opened {
+            Ok(canary) => Ok(canary.expose() == CHECK_CANARY),
+            Err(e) if e.kind == AwsKmsErrorKind::InvalidCiphertext => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn opens(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<bool, BoxError> {
+        match self.unwrap(owner, version, wrapped) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.downcast_ref::<AwsKmsError>()
+                    .is_some_and(|e| e.kind == AwsKmsErrorKind::InvalidCiphertext) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn unwrap_many(&self, keys: &[(&str, u32, &[u8])]) -> Vec<Result<KeyBytes, BoxError>> {
         let requests: Vec<(String, u32, Vec<u8>)> = keys
             .iter()
@@ -604,6 +656,59 @@ impl Kms {
                     })
             });
         self.finish(&span, OP, started, result)
+    }
+
+    /// Encrypts the check canary: the check value's ciphertext.
+    async fn encrypt_check(&self) -> Result<Vec<u8>, AwsKmsError> {
+        const OP: &str = "Encrypt";
+        self.counters.encrypt.fetch_add(1, Ordering::Relaxed);
+        let span = self.check_span(OP);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .encrypt()
+            .key_id(&self.key_id)
+            .plaintext(Blob::new(CHECK_CANARY.to_vec()))
+            .encryption_context(CONTEXT_KEK_CHECK, &self.kek_id)
+            .send()
+            .instrument(span.clone())
+            .await;
+        let result = sent
+            .map_err(|e| self.sdk_error(OP, &e))
+            .and_then(|mut out| {
+                out.ciphertext_blob
+                    .take()
+                    .map(Blob::into_inner)
+                    .ok_or_else(|| {
+                        self.error(OP, AwsKmsErrorKind::BadResponse, "no CiphertextBlob")
+                    })
+            });
+        self.finish(&span, OP, started, result)
+    }
+
+    /// Decrypts a check value with the configured key.
+    async fn decrypt_check(&self, blob: Vec<u8>) -> Result<KeyBytes, AwsKmsError> {
+        const OP: &str = "Decrypt";
+        self.counters.decrypt.fetch_add(1, Ordering::Relaxed);
+        let span = self.check_span(OP);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .decrypt()
+            .key_id(&self.key_id)
+            .ciphertext_blob(Blob::new(blob))
+            .encryption_context(CONTEXT_KEK_CHECK, &self.kek_id)
+            .send()
+            .instrument(span.clone())
+            .await;
+        let result = sent
+            .map_err(|e| self.sdk_error(OP, &e))
+            .and_then(|mut out| self.key_bytes(OP, out.plaintext.take()));
+        self.finish(&span, OP, started, result)
+    }
+
+    fn check_span(&self, operation: &'static str) -> tracing::Span {
+        tracing::debug_span!("phi.kms", operation, check = true, kek = %self.kek_id)
     }
 
     fn span(&self, operation: &'static str, owner: &str, version: u32) -> tracing::Span {

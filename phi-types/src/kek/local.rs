@@ -7,9 +7,12 @@ use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use super::KeyEncryptionKey;
+use super::{KekCheck, KeyEncryptionKey};
 use crate::dek::KeyBytes;
 use crate::error::{BoxError, Error};
 
@@ -18,8 +21,13 @@ pub const MASTER_KEY_ENV: &str = "PHI_MASTER_KEY";
 /// Environment variable naming a file that holds the base64 master key.
 pub const MASTER_KEY_FILE_ENV: &str = "PHI_MASTER_KEY_FILE";
 
+/// Format of a [`LocalKek`]'s check value (`kek_check_values.format`).
+pub const CHECK_FORMAT_LOCAL: &str = "local-hmac-v1";
+
 const AAD_LABEL: &[u8] = b"phi-dek-v1";
 const WRAPPED_LEN: usize = 12 + 32 + 16;
+/// HKDF info and HMAC label of the check value.
+const CHECK_LABEL: &[u8] = b"phi-kek-check-v1";
 
 /// A local key encryption key: a 256-bit master key in memory.
 ///
@@ -30,6 +38,12 @@ const WRAPPED_LEN: usize = 12 + 32 + 16;
 /// Meant for development, tests and deployments without a KMS: the master
 /// key is only as safe as the environment or file it is read from.
 ///
+/// Its check value (format `local-hmac-v1`, see
+/// [`KeyEncryptionKey::check_value`]) is
+/// `HMAC-SHA256(HKDF-SHA256(ikm = master key, salt = empty, info =
+/// "phi-kek-check-v1"), "phi-kek-check-v1" ‖ u16be(len kek_id) ‖ kek_id)`,
+/// 32 bytes: one-way, it reveals nothing of the key.
+///
 /// ```
 /// use phi_types::LocalKek;
 /// let kek = LocalKek::from_base64("local-1", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")?;
@@ -38,14 +52,18 @@ const WRAPPED_LEN: usize = 12 + 32 + 16;
 pub struct LocalKek {
     id: String,
     cipher: Aes256Gcm,
+    check: [u8; 32],
 }
 
 impl LocalKek {
     /// A KEK with id `id` over the given master key.
     pub fn new(id: impl Into<String>, master_key: &KeyBytes) -> Self {
+        let id = id.into();
+        let check = check_value(&id, master_key);
         LocalKek {
-            id: id.into(),
+            id,
             cipher: Aes256Gcm::new(master_key.expose().into()),
+            check,
         }
     }
 
@@ -76,12 +94,22 @@ impl LocalKek {
 
     /// A KEK over the master key in the file at `path` (base64 text).
     ///
+    /// On Unix the file must be private: owned by the user the process runs
+    /// as, with no permission for its group or others (mode `0600` or
+    /// `0400`). Create one with `(umask 077; openssl rand -base64 32 >
+    /// FILE)`, or fix one with `chmod 600 FILE`.
+    ///
     /// # Errors
-    /// [`Error::MasterKey`] when the file cannot be read or does not hold a
+    /// [`Error::MasterKey`] when the file cannot be read, is readable or
+    /// writable by others or owned by another user, or does not hold a
     /// base64 master key.
     pub fn from_file(id: impl Into<String>, path: impl AsRef<Path>) -> Result<Self, Error> {
         let id = id.into();
         let path = path.as_ref();
+        #[cfg(unix)]
+        if let Err(reason) = private_file(path) {
+            return Err(Error::MasterKey { kek_id: id, reason });
+        }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::MasterKey {
             kek_id: id.clone(),
             reason: format!("cannot read {}: {e}", path.display()),
@@ -134,9 +162,63 @@ impl LocalKek {
     }
 }
 
+/// The check value of a local KEK: see [`LocalKek`].
+fn check_value(id: &str, master_key: &KeyBytes) -> [u8; 32] {
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's 8,160-byte limit.
+    let expanded = Hkdf::<Sha256>::new(None, master_key.expose()).expand(CHECK_LABEL, &mut key[..]);
+    debug_assert!(expanded.is_ok());
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key[..])
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    // A KEK id longer than 65,535 bytes cannot wrap anything (see `aad`);
+    // its check value is still defined, with the length saturated.
+    let id_len = u16::try_from(id.len()).unwrap_or(u16::MAX);
+    mac.update(CHECK_LABEL);
+    mac.update(&id_len.to_be_bytes());
+    mac.update(id.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// Refuses a key file that others may read or change, or that belongs to
+/// another user; the reason says how to fix it.
+#[cfg(unix)]
+fn private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is accessible to its group or others (mode {mode:03o}); a master key file must \
+             be private: run `chmod 600 {}` (and create key files with \
+             `(umask 077; openssl rand -base64 32 > FILE)`)",
+            path.display(),
+            path.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!(
+            "{} is owned by user id {}, not by the user this process runs as ({me}); a master \
+             key file must belong to that user: `chown` it to them and `chmod 600` it",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
 impl KeyEncryptionKey for LocalKek {
     fn id(&self) -> &str {
         &self.id
+    }
+
+    fn check_value(&self) -> Result<KekCheck, BoxError> {
+        Ok(KekCheck::new(CHECK_FORMAT_LOCAL, self.check.to_vec()))
+    }
+
+    fn verify_check_value(&self, check: &KekCheck) -> Result<bool, BoxError> {
+        Ok(check.format == CHECK_FORMAT_LOCAL && check.value.as_slice() == self.check.as_slice())
     }
 
     fn wrap(&self, owner: &str, version: u32, key: &KeyBytes) -> Result<Vec<u8>, BoxError> {
@@ -250,6 +332,86 @@ mod tests {
         assert!(err.to_string().contains("3 bytes"), "{err}");
         let err = LocalKek::from_file("k", "/nonexistent/phi.key").expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/phi.key"), "{err}");
+    }
+
+    #[test]
+    fn check_value_matches_the_contract_and_tells_keys_and_ids_apart() {
+        // HMAC-SHA256(HKDF-SHA256(master, salt = empty, info = label),
+        // label ‖ u16be(len id) ‖ id), by hand.
+        let master = [5u8; 32];
+        let mut derived = [0u8; 32];
+        Hkdf::<Sha256>::new(None, &master)
+            .expand(b"phi-kek-check-v1", &mut derived)
+            .expect("hkdf");
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&derived).expect("hmac");
+        mac.update(b"phi-kek-check-v1\x00\x05kek-1");
+        let expected = mac.finalize().into_bytes().to_vec();
+
+        let check = kek("kek-1", 5).check_value().expect("check value");
+        assert_eq!(check.format, "local-hmac-v1");
+        assert_eq!(check.value, expected);
+        assert!(kek("kek-1", 5).verify_check_value(&check).expect("verify"));
+        assert!(!kek("kek-1", 6).verify_check_value(&check).expect("verify"));
+        assert!(!kek("kek-2", 5).verify_check_value(&check).expect("verify"));
+        let other_kind = KekCheck::new("kms-canary-v1", check.value.clone());
+        assert!(
+            !kek("kek-1", 5)
+                .verify_check_value(&other_kind)
+                .expect("verify")
+        );
+        assert!(!format!("{check:?}").contains(&hex_of(&check.value)));
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("master.key");
+        std::fs::write(&path, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").expect("write");
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = LocalKek::from_file("k", &path).expect_err("not private");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("mode {mode:03o}"))
+                    && text.contains(&format!("chmod 600 {}", path.display()))
+                    && text.contains("umask 077"),
+                "{text}"
+            );
+            assert!(!text.contains("AAECAwQF"), "{text}");
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            LocalKek::from_file("k", &path).expect("a private file");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_of_another_user_is_refused() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("master.key");
+        std::fs::write(&path, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").expect("write");
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(std::fs::metadata(&path).expect("stat").uid(), me);
+        if me != 0 {
+            // Only root can give a file away; the check is the same.
+            eprintln!("not root: the ownership refusal is not exercised");
+            return;
+        }
+        std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
+        let err = LocalKek::from_file("k", &path).expect_err("another user's file");
+        let text = err.to_string();
+        assert!(
+            text.contains("owned by user id 65534") && text.contains("chown"),
+            "{text}"
+        );
     }
 
     #[test]

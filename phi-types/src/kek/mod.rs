@@ -8,17 +8,67 @@
 
 #[cfg(feature = "aws-kms")]
 mod aws;
+pub(crate) mod check;
 mod local;
 
 #[cfg(feature = "aws-kms")]
 pub use aws::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
-    CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
+    CONTEXT_KEK_CHECK, CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
 };
-pub use local::{LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
+pub use local::{CHECK_FORMAT_LOCAL, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
+
+use std::fmt;
 
 use crate::dek::KeyBytes;
 use crate::error::BoxError;
+
+/// The 32 bytes a canary check value wraps: `"phi-kek-check-v1"` twice.
+/// Public on purpose: a check value commits to the key, not to a secret.
+pub const CHECK_CANARY: &[u8; 32] = b"phi-kek-check-v1phi-kek-check-v1";
+
+/// The owner a [`KeyEncryptionKey`]'s default canary is wrapped for, with
+/// data key version 0 (never a real version, so a canary never passes for
+/// a data key).
+pub const CHECK_OWNER: &str = "phi:kek-check";
+
+/// Format of the default check value: [`CHECK_CANARY`] wrapped by
+/// [`KeyEncryptionKey::wrap`] for [`CHECK_OWNER`], version 0.
+pub const CHECK_FORMAT_WRAP: &str = "wrap-canary-v1";
+
+/// A KEK's check value: a commitment to its key material, stored once per
+/// KEK id in `kek_check_values`. A KEK whose key material differs from the
+/// one that made the check value does not verify against it.
+///
+/// It reveals nothing of the key: [`LocalKek`]'s is a one-way HMAC, a
+/// KMS's a ciphertext only the KMS opens.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KekCheck {
+    /// What `value` is: `local-hmac-v1`, `kms-canary-v1` or
+    /// `wrap-canary-v1` (stored in `kek_check_values.format`).
+    pub format: String,
+    /// The check value itself (`kek_check_values.check_value`).
+    pub value: Vec<u8>,
+}
+
+impl KekCheck {
+    /// A check value of `format`.
+    pub fn new(format: impl Into<String>, value: Vec<u8>) -> Self {
+        KekCheck {
+            format: format.into(),
+            value,
+        }
+    }
+}
+
+impl fmt::Debug for KekCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KekCheck")
+            .field("format", &self.format)
+            .field("bytes", &self.value.len())
+            .finish_non_exhaustive()
+    }
+}
 
 /// A key encryption key: wraps and unwraps owners' data keys.
 ///
@@ -65,5 +115,50 @@ pub trait KeyEncryptionKey: Send + Sync + std::fmt::Debug {
         keys.iter()
             .map(|(owner, version, wrapped)| self.unwrap(owner, *version, wrapped))
             .collect()
+    }
+
+    /// A new check value for this KEK's key material, stored once under its
+    /// id by the first keyring built with it.
+    ///
+    /// The default wraps [`CHECK_CANARY`] for [`CHECK_OWNER`], version 0
+    /// (format [`CHECK_FORMAT_WRAP`]).
+    ///
+    /// # Errors
+    /// The provider failed.
+    fn check_value(&self) -> Result<KekCheck, BoxError> {
+        let canary = KeyBytes::new(*CHECK_CANARY);
+        let wrapped = self.wrap(CHECK_OWNER, 0, &canary)?;
+        Ok(KekCheck::new(CHECK_FORMAT_WRAP, wrapped))
+    }
+
+    /// Whether `check` was made by this KEK's key material: `Ok(false)` for
+    /// another key (or another kind of KEK), an error when the provider
+    /// cannot tell (unreachable, no permission).
+    ///
+    /// The default opens a [`CHECK_FORMAT_WRAP`] canary with
+    /// [`unwrap`](Self::unwrap) and counts any failure as another key: a KEK
+    /// whose unwraps can fail for other reasons overrides it.
+    ///
+    /// # Errors
+    /// The provider failed in a way that says nothing about the key.
+    fn verify_check_value(&self, check: &KekCheck) -> Result<bool, BoxError> {
+        if check.format != CHECK_FORMAT_WRAP {
+            return Ok(false);
+        }
+        Ok(self
+            .unwrap(CHECK_OWNER, 0, &check.value)
+            .is_ok_and(|key| key.expose() == CHECK_CANARY))
+    }
+
+    /// Whether this KEK opens a stored data key: how a key store holding
+    /// data keys under this KEK's id but no check value (written before
+    /// check values existed) is verified. `Ok(false)` when the key does not
+    /// open (another key, or altered bytes); an error when the provider
+    /// cannot tell. The default counts any unwrap failure as `Ok(false)`.
+    ///
+    /// # Errors
+    /// The provider failed in a way that says nothing about the key.
+    fn opens(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<bool, BoxError> {
+        Ok(self.unwrap(owner, version, wrapped).is_ok())
     }
 }

@@ -364,12 +364,19 @@ impl KeyringBuilder {
         self
     }
 
-    /// Builds the keyring.
+    /// Builds the keyring, after checking every configured KEK against the
+    /// key store: a KEK id names exactly one key. The first keyring built
+    /// with a KEK stores its check value (`kek_check_values`); a KEK whose
+    /// key material does not match the stored value (or, in a store from
+    /// before check values, opens none of the data keys stored under its
+    /// id) is refused, and nothing is written.
     ///
     /// # Errors
     /// [`Error::Config`] for a zero TTL, cache size or audit queue, two
     /// different KEKs with one id, or when the audit writer thread cannot be
-    /// started.
+    /// started; [`Error::KekMismatch`] for a KEK that is not the key the
+    /// store knows under its id; [`Error::KekCheck`] when a KEK cannot be
+    /// checked (a KMS unreachable); key store errors.
     pub fn build(self) -> Result<Keyring> {
         if self.ttl.is_zero() {
             return Err(Error::Config("the key cache TTL must be positive".into()));
@@ -396,6 +403,13 @@ impl KeyringBuilder {
             }
             keks.insert(kek.id().to_owned(), kek);
         }
+        let mut checked: Vec<&Arc<dyn KeyEncryptionKey>> = keks
+            .values()
+            .filter(|k| k.id() != self.primary.id())
+            .collect();
+        checked.sort_by(|a, b| a.id().cmp(b.id()));
+        checked.insert(0, &self.primary);
+        crate::kek::check::verify_keks(self.store.as_ref(), &checked)?;
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue)?;
         Ok(Keyring {
             inner: Arc::new(Inner {

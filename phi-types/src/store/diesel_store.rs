@@ -8,12 +8,13 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use super::schema::{encryption_key_audit, user_encryption_keys};
+use super::schema::{encryption_key_audit, kek_check_values, user_encryption_keys};
 use super::{
     AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
 };
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
+use crate::kek::KekCheck;
 
 /// Owners per `IN (...)` list; larger sets are loaded in several queries.
 const OWNERS_PER_QUERY: usize = 5_000;
@@ -259,6 +260,40 @@ macro_rules! diesel_key_store {
 
             fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
                 crate::metrics::store_query("append_audit", || self.append_audit_now(events))
+            }
+
+            fn kek_check(&self, kek_id: &str) -> Result<Option<KekCheck>> {
+                use kek_check_values::dsl as c;
+                crate::metrics::store_query("kek_check", || {
+                    let mut conn = self.conn()?;
+                    let row: Option<(String, Vec<u8>)> = c::kek_check_values
+                        .filter(c::kek_id.eq(kek_id))
+                        .select((c::format, c::check_value))
+                        .first(&mut *conn)
+                        .optional()
+                        .map_err(|e| Error::store("reading a KEK check value", e))?;
+                    Ok(row.map(|(format, value)| KekCheck::new(format, value)))
+                })
+            }
+
+            fn insert_kek_check_if_absent(&self, kek_id: &str, check: &KekCheck) -> Result<bool> {
+                use kek_check_values::dsl as c;
+                crate::metrics::store_query("insert_kek_check", || {
+                    let mut conn = self.conn()?;
+                    let inserted = diesel::insert_into(c::kek_check_values)
+                        .values((
+                            c::kek_id.eq(kek_id),
+                            c::format.eq(&check.format),
+                            c::check_value.eq(&check.value),
+                            c::created_at.eq(now()),
+                        ))
+                        .execute(&mut *conn);
+                    match inserted {
+                        Ok(n) => Ok(n == 1),
+                        Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
+                        Err(e) => Err(Error::store("storing a KEK check value", e)),
+                    }
+                })
             }
 
             fn owners(&self) -> Result<Vec<String>> {

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 
 use super::{AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey};
 use crate::error::{Error, Result};
+use crate::kek::KekCheck;
 
 /// A [`KeyStore`] in process memory. Nothing survives the process.
 #[derive(Debug, Default)]
@@ -18,6 +19,7 @@ pub struct MemoryKeyStore {
 struct Inner {
     keys: BTreeMap<(String, u32), StoredKey>,
     audit: Vec<AuditEvent>,
+    checks: BTreeMap<String, KekCheck>,
 }
 
 impl MemoryKeyStore {
@@ -64,6 +66,19 @@ impl KeyStore for MemoryKeyStore {
     fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
         self.lock()?.audit.extend_from_slice(events);
         Ok(())
+    }
+
+    fn kek_check(&self, kek_id: &str) -> Result<Option<KekCheck>> {
+        Ok(self.lock()?.checks.get(kek_id).cloned())
+    }
+
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &KekCheck) -> Result<bool> {
+        let mut inner = self.lock()?;
+        if inner.checks.contains_key(kek_id) {
+            return Ok(false);
+        }
+        inner.checks.insert(kek_id.to_owned(), check.clone());
+        Ok(true)
     }
 
     fn owners(&self) -> Result<Vec<String>> {

@@ -6,7 +6,10 @@
 //! - `user_encryption_keys (owner_id, version, kek_id, wrapped_key, state,
 //!   created_at, updated_at)`, primary key `(owner_id, version)`;
 //! - `encryption_key_audit (id, occurred_at, owner_id, action, key_version,
-//!   kek_id, actor, detail)`.
+//!   kek_id, actor, detail)`;
+//! - `kek_check_values (kek_id, format, check_value, created_at)`, primary
+//!   key `kek_id`: one [`KekCheck`] per KEK id, written once, when a keyring
+//!   is first built with that KEK.
 //!
 //! The [`Keyring`](crate::Keyring) reaches the store through a connection
 //! pool of its own, never the caller's transaction, so a new data key row is
@@ -26,6 +29,7 @@ pub use diesel_store::DieselKeyStore;
 pub use memory::MemoryKeyStore;
 
 use crate::error::Result;
+use crate::kek::KekCheck;
 
 /// Life-cycle state of a data key version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -210,6 +214,21 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`Error::Store`](crate::Error::Store) on a database failure.
     fn append_audit(&self, events: &[AuditEvent]) -> Result<()>;
+
+    /// The check value stored for the KEK `kek_id`, if one is.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn kek_check(&self, kek_id: &str) -> Result<Option<KekCheck>>;
+
+    /// Stores `check` for the KEK `kek_id` unless a check value is already
+    /// stored for it (then nothing changes). Returns whether this call
+    /// stored it. Two processes racing for a new KEK id: one wins, and
+    /// both then verify against the winner.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &KekCheck) -> Result<bool>;
 
     /// Every owner that has at least one data key row.
     ///

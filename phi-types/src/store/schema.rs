@@ -39,3 +39,14 @@ diesel::table! {
         detail -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    /// One check value per KEK id: a commitment to the key material first
+    /// used under that id.
+    kek_check_values (kek_id) {
+        kek_id -> Varchar,
+        format -> Varchar,
+        check_value -> Binary,
+        created_at -> Timestamp,
+    }
+}

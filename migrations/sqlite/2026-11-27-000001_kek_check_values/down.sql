@@ -1,0 +1,1 @@
+DROP TABLE kek_check_values;
