@@ -48,11 +48,16 @@ struct Cli {
     actor: String,
 
     /// An application table holding encrypted columns, as
-    /// `table:owner_column:key_column:col1,col2@scope` (key column may be
-    /// empty); repeat for several. From PHI_TABLES, `;`-separated. The owner
-    /// and key columns are text unless typed with `#i16`, `#i32`, `#i64`,
-    /// `#u16`, `#u32` or `#u64` (integer owners and row keys of derived
-    /// models), e.g. `visits:user_id#i64:id#i64:reason,notes`.
+    /// `table:owner_column:key_column:col1,col2@scope[:flag_column]` (key
+    /// column may be empty; a column's scope is `table.column`, the table
+    /// without its schema, unless given after `@`); repeat for several.
+    /// From PHI_TABLES, `;`-separated. The owner and key columns are text
+    /// unless typed with `#i16`, `#i32`, `#i64`, `#u16`, `#u32` or `#u64`
+    /// (integer owners and row keys of derived models), e.g.
+    /// `visits:user_id#i64:id#i64:reason,notes`. A table with an encrypted
+    /// flag names it last (a boolean, or `#int`), e.g.
+    /// `cases:user_id:case_id:patient_last:phi_encrypted`: rows whose flag
+    /// is off are plain data, never re-sealed or counted.
     #[arg(
         long = "table",
         env = "PHI_TABLES",

@@ -226,7 +226,7 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
                 column: #column,
                 scope: #scope,
                 blind_index: #index,
-                decodes: #krate::migrate::decodes::<#vty>,
+                canonical: #krate::migrate::canonical::<#vty>,
             }
         })
     });

@@ -11,9 +11,19 @@
 //!                    data key, which values would not decode; write nothing
 //! backfill           seal every unsealed row, batch by batch
 //! verify             every sealed value is an envelope that opens and decodes
-//!                    (blind indexes current), every unsealed value decodes
+//!                    (blind indexes current), every unsealed value decodes;
+//!                    values not in their canonical encoding are reported
 //! decrypt_back       the rollback: every sealed row back to its plain encoding
 //! ```
+//!
+//! A legacy value may decode without being in the encoding the model
+//! writes: a date stored as `1980-1-15` decodes, but the model writes
+//! `1980-01-15`. The jobs decode each value and encode it again
+//! ([`StoredColumn::canonical`]), then seal that and compute the blind
+//! index from it, exactly as the model does: the backfilled row is found
+//! by the application's lookup of `1980-01-15`. Text is not altered (a
+//! padded ` Doe ` stays ` Doe `); its blind index is normalised by the
+//! field's `normalize` option, as the model's lookups are.
 //!
 //! Each batch is one transaction: `SELECT … WHERE flag off ORDER BY key
 //! LIMIT n` (rows locked on MySQL and PostgreSQL, the database on SQLite),
@@ -97,9 +107,8 @@ use zeroize::Zeroizing;
 use crate::blind::Normalize;
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
-use crate::lifecycle::ColumnType;
-use crate::lifecycle::DataConnection;
 use crate::lifecycle::tables::{MigrationRow, RowWrite, RowsQuery, SqlValue, check_identifier};
+use crate::lifecycle::{ColumnType, DataConnection, FlagType, ResealTable};
 use crate::record::PhiRecord;
 use crate::sql::Encrypted;
 use crate::store::KeyState;
@@ -125,6 +134,15 @@ pub trait Migratable: PhiRecord {
     /// How the model is stored: its table, owner, row key, flag and
     /// encrypted columns.
     fn stored_table() -> StoredTable;
+
+    /// The model's table as the life-cycle jobs (re-seal, retire, usage,
+    /// shred) take it: [`StoredTable::reseal_table`].
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the owner or row key type cannot be bound.
+    fn reseal_table() -> Result<ResealTable> {
+        Self::stored_table().reseal_table()
+    }
 }
 
 /// How a [`Migratable`] model is stored, as `#[derive(PhiRecord)]`
@@ -159,8 +177,10 @@ pub struct StoredColumn {
     pub scope: &'static str,
     /// The blind index column computed from it, and its normalisation.
     pub blind_index: Option<(&'static str, Normalize)>,
-    /// Checks that plain bytes decode as the field's type.
-    pub decodes: fn(Vec<u8>) -> std::result::Result<(), DecodeError>,
+    /// Decodes plain bytes as the field's type and encodes the value
+    /// again: the canonical encoding, which the model seals and indexes
+    /// ([`canonical`]).
+    pub canonical: fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>,
 }
 
 impl fmt::Debug for StoredColumn {
@@ -186,6 +206,34 @@ impl StoredTable {
                     .filter_map(|c| c.blind_index.map(|(i, _)| i)),
             )
             .collect()
+    }
+
+    /// The same table as the life-cycle jobs (re-seal, retire, usage,
+    /// shred) take it: owner and row key columns with their types, the
+    /// encrypted flag (so rows stored unsealed are left alone), and each
+    /// column with the scope the model seals it under. The table is named
+    /// without a schema, as the model names it; for a table outside the
+    /// connection's default schema, add it with [`ResealTable::in_schema`]
+    /// (the scopes stay the model's).
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the owner or row key type cannot be bound, or
+    /// an identifier is not plain.
+    pub fn reseal_table(&self) -> Result<ResealTable> {
+        self.validate()?;
+        let flag_type = if self.flag_is_bool {
+            FlagType::Bool
+        } else {
+            FlagType::Integer
+        };
+        let mut out = ResealTable::new(self.table, self.owner_column)
+            .owner_column_type(self.owner_type.unwrap_or_default())
+            .key_column_typed(self.key_column, self.key_type.unwrap_or_default())
+            .flag_column_typed(self.flag_column, flag_type);
+        for c in &self.columns {
+            out = out.column_with_scope(c.column, c.scope);
+        }
+        Ok(out)
     }
 
     /// Checks identifiers and that the owner and key types can be bound.
@@ -216,12 +264,21 @@ impl StoredTable {
     }
 }
 
-/// [`StoredColumn::decodes`] for a field of type `T`.
+/// [`StoredColumn::canonical`] for a field of type `T`: `bytes` decoded as
+/// a `T` and encoded again, so `1980-1-15` becomes `1980-01-15` for a
+/// `NaiveDate`. Every encoding the model writes is its own canonical form.
 ///
 /// # Errors
 /// When `bytes` are not an encoding of `T`.
-pub fn decodes<T: PhiValue>(bytes: Vec<u8>) -> std::result::Result<(), DecodeError> {
-    T::decode(bytes).map(drop)
+pub fn canonical<T: PhiValue>(
+    bytes: Vec<u8>,
+) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError> {
+    let value = T::decode(bytes)?;
+    // Room for a fraction of a second beyond a timestamp's usual length, so
+    // the buffer is not reallocated (leaving an unwiped copy).
+    let mut out = Zeroizing::new(Vec::with_capacity(value.encoded_len() + 16));
+    value.encode(&mut out);
+    Ok(out)
 }
 
 /// The SQL type of an owner or row key field, for [`StoredTable`]:
@@ -326,6 +383,26 @@ impl Progress {
     }
 }
 
+/// What kind of problem a [`VerifyFailure`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// The blind index is missing, or is not the index of the value's
+    /// canonical encoding (the one the application's lookups compute).
+    BlindIndex,
+    /// The value reads, but is not stored in its type's canonical encoding
+    /// (a date stored as `1980-1-15` where the model writes `1980-01-15`).
+    /// On an unsealed row this is a notice, not a failure: the backfill
+    /// seals the canonical encoding. On a sealed row it is a failure (an
+    /// earlier backfill sealed the bytes as they were): run
+    /// [`decrypt_back`] and [`backfill`] again to re-encode it.
+    NotCanonical,
+    /// The value cannot be read: not an envelope (or an envelope where the
+    /// flag is off), it does not open or does not decode, or its owner's
+    /// keys cannot be loaded.
+    Unreadable,
+}
+
 /// A row a job could not migrate or verify: where, and why. Never holds a
 /// value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -338,6 +415,8 @@ pub struct VerifyFailure {
     pub owner: String,
     /// The row's key.
     pub row_key: String,
+    /// What kind of problem it is.
+    pub kind: ProblemKind,
     /// What is wrong.
     pub problem: String,
 }
@@ -378,7 +457,12 @@ pub struct MigrationReport {
     /// Rows whose values do not decode as their field's type (only a dry
     /// run counts them; a real run stops at the first).
     pub undecodable: u64,
-    /// The first problems a dry run found.
+    /// Values whose stored form was not their type's canonical encoding
+    /// (a date stored as `1980-1-15`), written in canonical form
+    /// (`1980-01-15`); with a dry run, values that would be.
+    pub reencoded: u64,
+    /// The first problems a dry run found (values not in canonical form
+    /// among them: [`ProblemKind::NotCanonical`]).
     pub problems: Vec<VerifyFailure>,
     /// Rows still to migrate when the job ended.
     pub remaining: u64,
@@ -407,11 +491,15 @@ impl fmt::Display for MigrationReport {
                     self.new_owner_keys
                 )?;
             }
-            write!(
-                f,
-                "; {} row(s) do not decode; nothing was changed ({secs:.1} s).",
-                self.undecodable
-            )?;
+            write!(f, "; {} row(s) do not decode", self.undecodable)?;
+            if self.reencoded > 0 {
+                write!(
+                    f,
+                    "; {} value(s) not in canonical form would be re-encoded",
+                    self.reencoded
+                )?;
+            }
+            write!(f, "; nothing was changed ({secs:.1} s).")?;
             for p in &self.problems {
                 write!(f, "\n  {p}")?;
             }
@@ -439,6 +527,13 @@ impl fmt::Display for MigrationReport {
         if self.sealing && self.new_owner_keys > 0 {
             write!(f, " Created {} data key(s).", self.new_owner_keys)?;
         }
+        if self.reencoded > 0 {
+            write!(
+                f,
+                " Re-encoded {} value(s) not in canonical form.",
+                self.reencoded
+            )?;
+        }
         Ok(())
     }
 }
@@ -456,9 +551,15 @@ pub struct VerifyReport {
     pub sealed_total: u64,
     /// Unsealed rows in the table.
     pub unsealed_total: u64,
-    /// Rows with at least one problem.
+    /// Rows with at least one problem, a value not in canonical form on
+    /// an unsealed row excepted (the backfill re-encodes it).
     pub failed: u64,
-    /// The first problems found.
+    /// Rows with at least one value not stored in its type's canonical
+    /// encoding ([`ProblemKind::NotCanonical`]), sealed or not.
+    pub not_canonical: u64,
+    /// Problems found, one per value or blind index.
+    pub problems_found: u64,
+    /// The first problems found, of every kind.
     pub failures: Vec<VerifyFailure>,
     /// How long the check took.
     pub elapsed: Duration,
@@ -483,15 +584,23 @@ impl fmt::Display for VerifyReport {
         } else {
             write!(f, "{} row(s) FAIL", self.failed)?;
         }
+        if self.not_canonical > 0 {
+            write!(
+                f,
+                "; {} row(s) hold values not in canonical form",
+                self.not_canonical
+            )?;
+        }
         write!(f, " ({:.1} s).", self.elapsed.as_secs_f64())?;
         for failure in &self.failures {
             write!(f, "\n  {failure}")?;
         }
-        if self.failures.len() as u64 > 0 && self.failed > self.failures.len() as u64 {
+        let listed = self.failures.len() as u64;
+        if listed > 0 && self.problems_found > listed {
             write!(
                 f,
-                "\n  … and {} more row(s)",
-                self.failed - self.failures.len() as u64
+                "\n  … and {} more problem(s)",
+                self.problems_found - listed
             )?;
         }
         Ok(())
@@ -606,12 +715,21 @@ pub fn verify<M: Migratable, C: DataConnection>(
                 } else {
                     check_unsealed(&t, row)
                 };
-                if !problems.is_empty() {
+                if problems.iter().any(|p| p.kind == ProblemKind::NotCanonical) {
+                    report.not_canonical += 1;
+                }
+                // An unsealed value not in canonical form is a notice: the
+                // backfill re-encodes it.
+                if problems
+                    .iter()
+                    .any(|p| sealed || p.kind != ProblemKind::NotCanonical)
+                {
                     report.failed += 1;
-                    for problem in problems {
-                        if report.failures.len() < MAX_PROBLEMS {
-                            report.failures.push(problem);
-                        }
+                }
+                report.problems_found += problems.len() as u64;
+                for problem in problems {
+                    if report.failures.len() < MAX_PROBLEMS {
+                        report.failures.push(problem);
                     }
                 }
             }
@@ -664,6 +782,7 @@ fn failure(
     t: &StoredTable,
     column: &'static str,
     row: &MigrationRow,
+    kind: ProblemKind,
     problem: impl fmt::Display,
 ) -> VerifyFailure {
     VerifyFailure {
@@ -671,6 +790,7 @@ fn failure(
         column,
         owner: row.owner.clone(),
         row_key: row.key_text(),
+        kind,
         problem: problem.to_string(),
     }
 }
@@ -680,12 +800,14 @@ fn check_sealed(
     row: &MigrationRow,
     keys: &HashMap<String, Arc<OwnerKeys>>,
 ) -> Vec<VerifyFailure> {
+    use ProblemKind::{BlindIndex, NotCanonical, Unreadable};
     let mut out = Vec::new();
     let Some(keys) = keys.get(&row.owner) else {
         out.push(failure(
             t,
             t.owner_column,
             row,
+            Unreadable,
             "the owner's data keys cannot be loaded",
         ));
         return out;
@@ -700,6 +822,7 @@ fn check_sealed(
                 t,
                 c.column,
                 row,
+                Unreadable,
                 format_args!("the flag is on but the value is not an envelope: {e}"),
             ));
             continue;
@@ -707,27 +830,42 @@ fn check_sealed(
         let plain = match keys.open(sealed, c.scope, &row.row) {
             Ok(plain) => Zeroizing::new(plain),
             Err(e) => {
-                out.push(failure(t, c.column, row, e));
+                out.push(failure(t, c.column, row, Unreadable, e));
                 continue;
             }
         };
-        if let Err(e) = (c.decodes)(plain.to_vec()) {
+        let canonical = match (c.canonical)(plain.to_vec()) {
+            Ok(canonical) => canonical,
+            Err(e) => {
+                out.push(failure(
+                    t,
+                    c.column,
+                    row,
+                    Unreadable,
+                    format_args!("opens, but does not decode: {e}"),
+                ));
+                continue;
+            }
+        };
+        if *canonical != *plain {
             out.push(failure(
                 t,
                 c.column,
                 row,
-                format_args!("opens, but does not decode: {e}"),
+                NotCanonical,
+                "opens, but the sealed value is not in its type's canonical encoding (decrypt-back and backfill again re-encode it)",
             ));
-            continue;
         }
         if let Some((index, normalize)) = c.blind_index {
-            let expected = keys.blind_indexes(c.scope, &*plain, normalize);
+            // From the decoded value, as the application's lookups compute it.
+            let expected = keys.blind_indexes(c.scope, &*canonical, normalize);
             let stored = row_index(t, row, index);
             if !stored.is_some_and(|s| expected.iter().any(|e| e == s)) {
                 out.push(failure(
                     t,
                     index,
                     row,
+                    BlindIndex,
                     "the blind index is missing or does not match the value",
                 ));
             }
@@ -752,13 +890,22 @@ fn check_unsealed(t: &StoredTable, row: &MigrationRow) -> Vec<VerifyFailure> {
         let Some(bytes) = value else {
             continue;
         };
-        if let Err(e) = (c.decodes)(bytes.clone()) {
-            out.push(failure(
+        match (c.canonical)(bytes.clone()) {
+            Err(e) => out.push(failure(
                 t,
                 c.column,
                 row,
+                ProblemKind::Unreadable,
                 format_args!("the flag is off and the value does not decode: {e}"),
-            ));
+            )),
+            Ok(canonical) if *canonical != *bytes => out.push(failure(
+                t,
+                c.column,
+                row,
+                ProblemKind::NotCanonical,
+                "the flag is off and the value decodes, but is not in its type's canonical encoding (the backfill seals the canonical one)",
+            )),
+            Ok(_) => {}
         }
     }
     out
@@ -866,21 +1013,24 @@ fn migrate<C: DataConnection>(
             keyring.keys_for_open_many(owners.iter().map(String::as_str))?
         };
         let mut values = 0u64;
+        let mut reencoded = 0u64;
         let mut transform = |row: &MigrationRow| -> Result<Option<RowWrite>> {
             let Some(keys) = keys.get(&row.owner) else {
                 return Ok(None);
             };
-            let write = if sealing {
+            let (write, n) = if sealing {
                 seal_row(t, row, keys)?
             } else {
                 unseal_row(t, row, keys)?
             };
             values += write.values.iter().flatten().count() as u64;
+            reencoded += n;
             Ok(Some(write))
         };
         let outcome = conn.migration_batch(t, from, options.batch, &mut transform)?;
         report.rows += outcome.updated;
         report.values += values;
+        report.reencoded += reencoded;
         report.skipped += outcome.conflicts;
         report.batches += 1;
         owners_seen.extend(new_owners);
@@ -964,15 +1114,22 @@ fn dry_run<C: DataConnection>(
             } else {
                 check_sealed(t, row, &keys)
             };
-            if problems.is_empty() {
-                report.rows += 1;
-                report.values += row.values.iter().flatten().count() as u64;
-            } else {
+            // Only an unreadable value stops the real run: a value not in
+            // canonical form is re-encoded, a stale blind index replaced
+            // (sealing) or cleared (unsealing).
+            if problems.iter().any(|p| p.kind == ProblemKind::Unreadable) {
                 report.undecodable += 1;
-                for p in problems {
-                    if report.problems.len() < MAX_PROBLEMS {
-                        report.problems.push(p);
-                    }
+            } else {
+                report.rows += 1;
+                report.values += row.values.iter().take(t.columns.len()).flatten().count() as u64;
+                report.reencoded += problems
+                    .iter()
+                    .filter(|p| p.kind == ProblemKind::NotCanonical)
+                    .count() as u64;
+            }
+            for p in problems {
+                if report.problems.len() < MAX_PROBLEMS {
+                    report.problems.push(p);
                 }
             }
         }
@@ -1007,12 +1164,15 @@ fn decode_error(
     }
 }
 
-/// A row's values sealed, and its blind indexes.
-fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<RowWrite> {
+/// A row's values sealed in their canonical encoding, and its blind
+/// indexes computed from that encoding, as the model computes them; with
+/// the number of values that were not in canonical form.
+fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(RowWrite, u64)> {
     let mut write = RowWrite {
         values: Vec::with_capacity(t.columns.len()),
         indexes: Vec::new(),
     };
+    let mut reencoded = 0;
     for (c, value) in t.columns.iter().zip(&row.values) {
         let Some(plain) = value else {
             write.values.push(None);
@@ -1021,7 +1181,7 @@ fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<Row
             }
             continue;
         };
-        if let Err(e) = (c.decodes)(plain.clone()) {
+        let canonical = (c.canonical)(plain.clone()).map_err(|e| {
             let what = if Encrypted::<Vec<u8>>::from_bytes(plain.clone())
                 .header()
                 .is_ok()
@@ -1030,27 +1190,32 @@ fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<Row
             } else {
                 "the plain value does not decode"
             };
-            return Err(decode_error(t, c.column, row, what, e));
+            decode_error(t, c.column, row, what, e)
+        })?;
+        if *canonical != *plain {
+            reencoded += 1;
         }
-        write
-            .values
-            .push(Some(keys.seal(plain, c.scope, &row.row)?.into_bytes()));
+        write.values.push(Some(
+            keys.seal(&*canonical, c.scope, &row.row)?.into_bytes(),
+        ));
         if let Some((_, normalize)) = c.blind_index {
             write
                 .indexes
-                .push(Some(keys.blind_index(c.scope, plain, normalize)?));
+                .push(Some(keys.blind_index(c.scope, &*canonical, normalize)?));
         }
     }
-    Ok(write)
+    Ok((write, reencoded))
 }
 
-/// A row's values opened back to their plain encoding, blind indexes
-/// cleared.
-fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<RowWrite> {
+/// A row's values opened back to their plain (canonical) encoding, blind
+/// indexes cleared; with the number of values that were not in canonical
+/// form.
+fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(RowWrite, u64)> {
     let mut write = RowWrite {
         values: Vec::with_capacity(t.columns.len()),
         indexes: Vec::new(),
     };
+    let mut reencoded = 0;
     for (c, value) in t.columns.iter().zip(&row.values) {
         if c.blind_index.is_some() {
             write.indexes.push(None);
@@ -1065,11 +1230,14 @@ fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<R
             &row.row,
         )?;
         let plain = Zeroizing::new(plain);
-        (c.decodes)(plain.to_vec())
+        let canonical = (c.canonical)(plain.to_vec())
             .map_err(|e| decode_error(t, c.column, row, "the opened value does not decode", e))?;
-        write.values.push(Some(plain.to_vec()));
+        if *canonical != *plain {
+            reencoded += 1;
+        }
+        write.values.push(Some(canonical.to_vec()));
     }
-    Ok(write)
+    Ok((write, reencoded))
 }
 
 #[cfg(test)]
@@ -1092,6 +1260,34 @@ mod tests {
             ..p
         };
         assert_eq!((idle.rate(), idle.eta()), (0.0, None));
+    }
+
+    #[test]
+    fn canonical_re_encodes_what_decodes() {
+        use chrono::{NaiveDate, NaiveDateTime};
+        let c = |f: fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>,
+                 b: &[u8]| f(b.to_vec()).map(|v| v.to_vec());
+        assert_eq!(
+            c(canonical::<NaiveDate>, b"1980-1-15"),
+            Ok(b"1980-01-15".to_vec())
+        );
+        assert_eq!(
+            c(canonical::<NaiveDate>, b"1980-01-15 "),
+            Ok(b"1980-01-15".to_vec())
+        );
+        assert_eq!(
+            c(canonical::<NaiveDateTime>, b"1980-01-15T08:30:00.000"),
+            Ok(b"1980-01-15T08:30:00".to_vec())
+        );
+        // Text and bytes are their own canonical form: never trimmed.
+        assert_eq!(c(canonical::<String>, b" Doe "), Ok(b" Doe ".to_vec()));
+        assert_eq!(c(canonical::<Vec<u8>>, &[0xF1, 0x01]), Ok(vec![0xF1, 0x01]));
+        assert_eq!(c(canonical::<i32>, &[0, 0, 1, 0]), Ok(vec![0, 0, 1, 0]));
+        assert_eq!(
+            c(canonical::<NaiveDate>, b"15/01/1980"),
+            Err(DecodeError::DateTime("date"))
+        );
+        assert!(c(canonical::<i64>, &[1, 2]).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::io::BufRead as _;
 
 use phi::lifecycle::{self, ResealTable, RewrapScope, ShredOutcome, UnverifiedReason};
+use phi::migrate::Migratable as _;
 use phi::{KeyBytes, LocalKek};
 
 diesel::table! {
@@ -1084,4 +1085,285 @@ fn an_owners_query_that_writes_is_refused_and_changes_nothing() {
     let fresh = common::unique_owner("ro-after");
     let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
     keyring.keys_for_seal(&fresh).expect("the key store still writes");
+diesel::table! {
+    phi_it_flagged (id) {
+        id -> Varchar,
+        owner_id -> Varchar,
+        payload -> Nullable<Binary>,
+        amount -> Binary,
+        phi_encrypted -> Bool,
+    }
+}
+
+/// A gradual roll-out: some rows sealed, some stored plain.
+#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
+#[phi(crate = phi, table = phi_it_flagged)]
+struct Flagged {
+    #[phi(row_key)]
+    id: String,
+    #[phi(owner)]
+    owner_id: String,
+    #[phi(encrypt)]
+    payload: Option<Vec<u8>>,
+    #[phi(encrypt)]
+    amount: i64,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+diesel::table! {
+    phi_it_flagged_int (id) {
+        id -> BigInt,
+        clinic_id -> BigInt,
+        payload -> Binary,
+        sealed -> SmallInt,
+    }
+}
+
+/// The same with an integer flag, owner and row key.
+#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
+#[phi(crate = phi, table = phi_it_flagged_int)]
+struct FlaggedInt {
+    #[phi(row_key)]
+    id: i64,
+    #[phi(owner)]
+    clinic_id: i64,
+    #[phi(encrypt)]
+    payload: Vec<u8>,
+    #[phi(encrypted_flag)]
+    sealed: i16,
+}
+
+fn flagged_db() -> TestDb {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    for ddl in [
+        format!(
+            "CREATE TABLE IF NOT EXISTS phi_it_flagged (id VARCHAR(255) NOT NULL PRIMARY KEY, \
+             owner_id VARCHAR(255) NOT NULL, payload {BLOB} NULL, amount {BLOB} NOT NULL, \
+             phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS phi_it_flagged_int (id BIGINT NOT NULL PRIMARY KEY, \
+             clinic_id BIGINT NOT NULL, payload {BLOB} NOT NULL, sealed SMALLINT NOT NULL DEFAULT 0)"
+        ),
+    ] {
+        diesel::sql_query(ddl).execute(&mut conn).expect("flagged test tables");
+    }
+    db
+}
+
+/// Plain bytes that begin like an envelope v1 of key version 1: a 34-byte
+/// binary value (an envelope's minimum length) and an integer.
+fn envelope_lookalike(tag: u8) -> Vec<u8> {
+    let mut bytes = vec![0xF1, 0x01, 0, 0, 0, 1];
+    bytes.resize(34, tag);
+    bytes
+}
+const LOOKALIKE_INT: i64 = i64::from_be_bytes([0xF1, 0x01, 0, 0, 0, 1, 0x22, 0x33]);
+
+#[test]
+fn reseal_retire_usage_and_shred_leave_rows_with_the_flag_off_alone() {
+    let db = flagged_db();
+    let keyring = db.keyring();
+    let plain = db.keyring();
+    plain.set_rollout(phi::Rollout::Nobody);
+    let mut conn = db.conn();
+    let owner = common::unique_owner("flagged");
+    let row = |i: usize, payload: Option<Vec<u8>>, amount: i64| Flagged {
+        id: format!("{owner}-{i}"),
+        owner_id: owner.clone(),
+        payload,
+        amount,
+        phi_encrypted: false,
+    };
+    let sealed_rows = [row(0, Some(vec![1, 2, 3]), 10), row(1, None, 20), row(2, Some(envelope_lookalike(7)), 30)];
+    let plain_rows = [row(3, Some(envelope_lookalike(9)), LOOKALIKE_INT), row(4, None, LOOKALIKE_INT)];
+    for (rows, k) in [(&sealed_rows[..], &keyring), (&plain_rows[..], &plain)] {
+        let stored = Flagged::seal_all(rows, k).expect("seal");
+        diesel::insert_into(phi_it_flagged::table).values(&stored).execute(&mut conn).expect("insert");
+    }
+    let raw_plain = |conn: &mut Conn| -> Vec<(Option<Vec<u8>>, Vec<u8>, bool)> {
+        phi_it_flagged::table
+            .filter(phi_it_flagged::id.eq_any([&plain_rows[0].id, &plain_rows[1].id]))
+            .order(phi_it_flagged::id)
+            .select((phi_it_flagged::payload, phi_it_flagged::amount, phi_it_flagged::phi_encrypted))
+            .load(conn)
+            .expect("raw rows")
+    };
+    let plain_before = raw_plain(&mut conn);
+    assert_eq!(plain_before[0].0.as_deref().map(|b| &b[..2]), Some(&[0xF1, 0x01][..]), "a plain value that looks like an envelope");
+    assert_eq!(&plain_before[1].1[..2], &[0xF1, 0x01]);
+
+    // The derived model describes its table with the flag, as the CLI
+    // description does.
+    let table = Flagged::reseal_table().expect("description");
+    assert_eq!(table, ResealTable::parse("phi_it_flagged:owner_id:id:payload,amount:phi_encrypted").expect("parses"));
+    assert_eq!(table.to_string(), "phi_it_flagged:owner_id:id:payload,amount:phi_encrypted");
+    let tables = [table];
+    // Without the flag, the plain values pass for version-1 envelopes.
+    let blind = [ResealTable::parse("phi_it_flagged:owner_id:id:payload,amount").expect("parses")];
+    let count = |usage: &[lifecycle::VersionUsage]| -> u64 { usage.iter().map(|u| u.values).sum() };
+    assert_eq!(count(&lifecycle::usage(&mut conn, &owner, &blind).expect("usage")), 2 + 3 + 1 + 2);
+
+    assert_eq!(lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    assert!(usage.iter().all(|u| u.key_version == 1), "{usage:?}");
+    assert_eq!(count(&usage), 2 + 3, "only the sealed rows' values");
+    let err = lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect_err("in use");
+    assert!(matches!(err, Error::KeyInUse { rows: 2, ref column, .. } if column == "payload"), "{err:?}");
+
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 2, &mut |_| {}).expect("reseal");
+    assert_eq!((report.total, report.resealed, report.conflicts), (5, 5, 0), "{report:?}");
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    assert!(usage.iter().all(|u| u.key_version == 2) && count(&usage) == 5, "{usage:?}");
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("retire"));
+
+    // The plain rows are untouched and read as they were written.
+    assert_eq!(raw_plain(&mut conn), plain_before);
+    let loaded = Flagged::load(
+        phi_it_flagged::table.filter(phi_it_flagged::owner_id.eq(&owner)).order(phi_it_flagged::id),
+        &mut conn,
+        &db.keyring(),
+    )
+    .expect("every row reads");
+    let expected: Vec<Flagged> = sealed_rows
+        .iter()
+        .map(|r| Flagged { phi_encrypted: true, ..r.clone() })
+        .chain(plain_rows.iter().cloned())
+        .collect();
+    assert_eq!(loaded, expected);
+
+    // Shredding samples only sealed values.
+    let shred = lifecycle::shred(&mut conn, &keyring, &owner, &tables, 10).expect("shred");
+    assert_eq!(shred.sampled, 5, "{shred:?}");
+    assert!(shred.verified(), "{shred:?}");
+}
+
+#[test]
+fn reseal_on_an_integer_flag_leaves_plain_rows_alone() {
+    let db = flagged_db();
+    let keyring = db.keyring();
+    let plain = db.keyring();
+    plain.set_rollout(phi::Rollout::Nobody);
+    let mut conn = db.conn();
+    let owner = unique_int();
+    let note = |payload: Vec<u8>| FlaggedInt { id: unique_int(), clinic_id: owner, payload, sealed: 0 };
+    let sealed_rows = [note(vec![5; 40]), note(envelope_lookalike(1))];
+    let plain_rows = [note(envelope_lookalike(2)), note(LOOKALIKE_INT.to_be_bytes().to_vec())];
+    for (rows, k) in [(&sealed_rows[..], &keyring), (&plain_rows[..], &plain)] {
+        let stored = FlaggedInt::seal_all(rows, k).expect("seal");
+        diesel::insert_into(phi_it_flagged_int::table).values(&stored).execute(&mut conn).expect("insert");
+    }
+    let spec = "phi_it_flagged_int:clinic_id#i64:id#i64:payload:sealed#int";
+    let table = ResealTable::parse(spec).expect("parses");
+    assert_eq!((table.flag_column.as_deref(), table.flag_type), (Some("sealed"), lifecycle::FlagType::Integer));
+    assert_eq!(table, FlaggedInt::reseal_table().expect("description"));
+    assert_eq!(table.to_string(), spec);
+    let tables = [table];
+    let owner_id = owner.to_string();
+    lifecycle::rotate(&keyring, &owner_id).expect("rotate");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 10, &mut |_| {}).expect("reseal");
+    assert_eq!((report.total, report.resealed), (2, 2));
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect("retire"));
+    let loaded = FlaggedInt::load(
+        phi_it_flagged_int::table.filter(phi_it_flagged_int::clinic_id.eq(owner)).order(phi_it_flagged_int::id),
+        &mut conn,
+        &db.keyring(),
+    )
+    .expect("every row reads");
+    let expected: Vec<FlaggedInt> = sealed_rows
+        .iter()
+        .map(|r| FlaggedInt { sealed: 1, ..r.clone() })
+        .chain(plain_rows.iter().cloned())
+        .collect();
+    assert_eq!(loaded, expected);
+}
+
+diesel::table! {
+    phi_it_reseal_schema.phi_it_snotes (id) {
+        id -> Varchar,
+        owner_id -> Varchar,
+        body -> Binary,
+        phi_encrypted -> Bool,
+    }
+}
+
+/// A model on a table outside the connection's default schema.
+#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
+#[phi(crate = phi, table = phi_it_snotes)]
+struct SchemaNote {
+    #[phi(row_key)]
+    id: String,
+    #[phi(owner)]
+    owner_id: String,
+    #[phi(encrypt)]
+    body: String,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+/// A connection that sees the schema `phi_it_reseal_schema` with an
+/// empty `phi_it_snotes` table: a PostgreSQL schema, a MySQL database, an
+/// attached SQLite database.
+fn schema_conn(db: &TestDb) -> Conn {
+    let mut conn = db.conn();
+    let create = match (server_url().is_some(), BLOB) {
+        (true, "BYTEA") => vec![
+            "DROP SCHEMA IF EXISTS phi_it_reseal_schema CASCADE".to_owned(),
+            "CREATE SCHEMA phi_it_reseal_schema".to_owned(),
+        ],
+        (true, _) => vec![
+            "DROP DATABASE IF EXISTS phi_it_reseal_schema".to_owned(),
+            "CREATE DATABASE phi_it_reseal_schema".to_owned(),
+        ],
+        (false, _) => vec![format!("ATTACH DATABASE '{}-schema' AS phi_it_reseal_schema", db.url)],
+    };
+    for sql in create {
+        diesel::sql_query(sql).execute(&mut conn).expect("schema");
+    }
+    diesel::sql_query(format!(
+        "CREATE TABLE phi_it_reseal_schema.phi_it_snotes (id VARCHAR(255) NOT NULL PRIMARY KEY, \
+         owner_id VARCHAR(255) NOT NULL, body {BLOB} NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE)"
+    ))
+    .execute(&mut conn)
+    .expect("table in the schema");
+    conn
+}
+
+#[test]
+fn reseal_of_a_schema_qualified_table_keeps_the_models_scope() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = schema_conn(&db);
+    let owner = common::unique_owner("schema");
+    let notes: Vec<SchemaNote> = (0..4)
+        .map(|i| SchemaNote { id: format!("{owner}-{i}"), owner_id: owner.clone(), body: format!("note {i}"), phi_encrypted: true })
+        .collect();
+    let stored = SchemaNote::seal_all(&notes, &keyring).expect("seal");
+    diesel::insert_into(phi_it_snotes::table).values(&stored).execute(&mut conn).expect("insert");
+
+    // The description names the schema; the scope is the model's.
+    let spec = "phi_it_reseal_schema.phi_it_snotes:owner_id:id:body:phi_encrypted";
+    let table = ResealTable::parse(spec).expect("parses");
+    assert_eq!((table.table_name(), table.columns[0].scope.as_str()), ("phi_it_snotes", "phi_it_snotes.body"));
+    assert_eq!(SchemaNote::stored_table().columns[0].scope, "phi_it_snotes.body");
+    assert_eq!(table, SchemaNote::reseal_table().expect("description").in_schema("phi_it_reseal_schema"));
+    assert_eq!(table.to_string(), spec);
+    let tables = [table];
+
+    let owner_keys = lifecycle::rotate(&keyring, &owner).expect("rotate");
+    assert_eq!(owner_keys, 2);
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 3, &mut |_| {}).expect("reseal");
+    assert_eq!((report.total, report.resealed), (4, 4));
+    let loaded = SchemaNote::load(
+        phi_it_snotes::table.filter(phi_it_snotes::owner_id.eq(&owner)).order(phi_it_snotes::id),
+        &mut conn,
+        &db.keyring(),
+    )
+    .expect("the model opens every re-sealed value");
+    assert_eq!(loaded, notes);
+    let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
+    assert_eq!(usage.iter().map(|u| (u.key_version, u.values)).collect::<Vec<_>>(), [(2, 4)]);
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("retire"));
 }

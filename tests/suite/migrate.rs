@@ -359,3 +359,201 @@ fn concurrent_backfills_never_seal_a_row_twice() {
     let versions: BTreeSet<String> = after.iter().map(|n| n.clinic_id.to_string()).collect();
     assert_eq!(versions.len(), 3);
 }
+
+diesel::table! {
+    phi_it_canon (case_id) {
+        case_id -> Varchar,
+        user_id -> Varchar,
+        patient_last -> Binary,
+        patient_dob -> Binary,
+        seen_at -> Nullable<Binary>,
+        phi_encrypted -> Bool,
+        patient_last_bidx -> Nullable<Binary>,
+        patient_dob_bidx -> Nullable<Binary>,
+    }
+}
+
+/// Blind indexes on a normalised text field and on a date.
+#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
+#[phi(table = phi_it_canon, crate = phi)]
+#[diesel(primary_key(case_id))]
+struct Canon {
+    #[phi(row_key)]
+    case_id: String,
+    #[phi(owner)]
+    user_id: String,
+    #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    patient_last: String,
+    #[phi(encrypt, blind_index = patient_dob_bidx)]
+    patient_dob: NaiveDate,
+    #[phi(encrypt)]
+    seen_at: Option<NaiveDateTime>,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+const CANON_DOB: &str = "phi_it_canon.patient_dob";
+
+fn canon_table(conn: &mut Conn) {
+    let index = if BLOB == "BYTEA" { "BYTEA" } else if server_url().is_some() { "VARBINARY(16)" } else { "BLOB" };
+    recreate(
+        conn,
+        "phi_it_canon",
+        &format!(
+            "CREATE TABLE phi_it_canon (case_id VARCHAR(64) NOT NULL PRIMARY KEY, user_id VARCHAR(255) NOT NULL, \
+             patient_last {BLOB} NOT NULL, patient_dob {BLOB} NOT NULL, seen_at {BLOB} NULL, \
+             phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE, patient_last_bidx {index} NULL, patient_dob_bidx {index} NULL)"
+        ),
+    );
+}
+
+/// A row as a database that predates phi may hold it: whatever bytes the
+/// old application wrote, the flag off.
+fn legacy_canon(id: &str, owner: &str, last: &str, dob: &str, seen: Option<&str>) -> CanonSealed {
+    CanonSealed {
+        case_id: id.to_owned(),
+        user_id: owner.to_owned(),
+        patient_last: Encrypted::from_bytes(last.as_bytes().to_vec()),
+        patient_dob: Encrypted::from_bytes(dob.as_bytes().to_vec()),
+        seen_at: seen.map(|s| Encrypted::from_bytes(s.as_bytes().to_vec())),
+        phi_encrypted: false,
+        patient_last_bidx: None,
+        patient_dob_bidx: None,
+    }
+}
+
+/// The case ids of `owner` an application lookup finds.
+fn find_canon(conn: &mut Conn, keyring: &Keyring, owner: &str, last: Option<&str>, dob: Option<NaiveDate>) -> Vec<String> {
+    let mut query = phi_it_canon::table.filter(phi_it_canon::user_id.eq(owner)).into_boxed();
+    if let Some(last) = last {
+        let lookup = Canon::patient_last_blind_index(keyring, owner, &last.to_owned()).expect("index");
+        query = query.filter(phi_it_canon::patient_last_bidx.eq_any(lookup));
+    }
+    if let Some(dob) = dob {
+        let lookup = Canon::patient_dob_blind_index(keyring, owner, &dob).expect("index");
+        query = query.filter(phi_it_canon::patient_dob_bidx.eq_any(lookup));
+    }
+    Canon::load(query.order(phi_it_canon::case_id), conn, keyring)
+        .expect("lookup")
+        .into_iter()
+        .map(|c| c.case_id)
+        .collect()
+}
+
+/// The plaintext bytes sealed in a column of a row.
+fn opened_raw(conn: &mut Conn, keyring: &Keyring, id: &str, owner: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+    let (dob, seen): (Vec<u8>, Option<Vec<u8>>) = phi_it_canon::table
+        .find(id)
+        .select((phi_it_canon::patient_dob, phi_it_canon::seen_at))
+        .first(conn)
+        .expect("raw row");
+    let open = |bytes: Vec<u8>, scope: &str| -> Vec<u8> {
+        keyring.open(Encrypted::<Vec<u8>>::from_bytes(bytes), owner, scope, id.as_bytes()).expect("opens")
+    };
+    (open(dob, CANON_DOB), seen.map(|s| open(s, "phi_it_canon.seen_at")))
+}
+
+#[test]
+fn backfill_seals_canonical_values_and_lookups_find_them() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    canon_table(&mut conn);
+    let (me, other) = (common::unique_owner("canon"), common::unique_owner("canon-other"));
+    let legacy = [
+        legacy_canon("C-1", &me, " Doe ", "1980-1-15", Some("1980-01-15T08:30:00.000")),
+        legacy_canon("C-2", &me, "DOE", "1980-01-15", None),
+        legacy_canon("C-3", &me, "doe", "1980-1-15 ", Some("1980-01-15T08:30:00")),
+        legacy_canon("C-4", &me, "Roe", "1975-12-01", None),
+        legacy_canon("C-5", &other, " doe", "1980-1-15", None),
+    ];
+    diesel::insert_into(phi_it_canon::table).values(&legacy[..]).execute(&mut conn).expect("legacy rows");
+    let keyring = db.keyring();
+    let dob = NaiveDate::from_ymd_opt(1980, 1, 15).expect("date");
+    let before = Canon::load(phi_it_canon::table.order(phi_it_canon::case_id), &mut conn, &keyring).expect("legacy rows read");
+    assert_eq!((before[0].patient_last.as_str(), before[0].patient_dob, before[2].patient_dob), (" Doe ", dob, dob));
+
+    // Verify reads the legacy rows: all decode, three of them hold values
+    // not in canonical form (a notice, not a failure).
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert!(checked.is_ok(), "{checked}");
+    assert_eq!((checked.unsealed, checked.not_canonical, checked.problems_found), (5, 3, 4), "{checked}");
+    assert!(checked.failures.iter().all(|f| f.kind == migrate::ProblemKind::NotCanonical), "{checked}");
+    let listed: BTreeSet<(&str, &str)> = checked.failures.iter().map(|f| (f.row_key.as_str(), f.column)).collect();
+    assert_eq!(
+        listed,
+        BTreeSet::from([("C-1", "patient_dob"), ("C-1", "seen_at"), ("C-3", "patient_dob"), ("C-5", "patient_dob")])
+    );
+    assert!(checked.to_string().contains("3 row(s) hold values not in canonical form"), "{checked}");
+    assert!(!checked.to_string().contains("1980"), "no value in the report: {checked}");
+
+    let dry = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().dry_run(true), &mut |_| {})
+        .expect("dry run");
+    assert_eq!((dry.rows, dry.undecodable, dry.reencoded), (5, 0, 4), "{dry}");
+    let report = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().batch(2), &mut |_| {})
+        .expect("backfill");
+    assert_eq!((report.rows, report.remaining, report.reencoded), (5, 0, 4), "{report}");
+    assert!(report.to_string().contains("Re-encoded 4 value(s)"), "{report}");
+
+    // Sealed in canonical form: the bytes the model itself would seal.
+    assert_eq!(opened_raw(&mut conn, &keyring, "C-1", &me), (b"1980-01-15".to_vec(), Some(b"1980-01-15T08:30:00".to_vec())));
+    assert_eq!(opened_raw(&mut conn, &keyring, "C-3", &me).0, b"1980-01-15");
+    // Text is not altered: the padded name reads back padded.
+    let after = Canon::load(phi_it_canon::table.order(phi_it_canon::case_id), &mut conn, &keyring).expect("load");
+    assert!(after.iter().all(|c| c.phi_encrypted));
+    assert_eq!(after.iter().map(|c| Canon { phi_encrypted: false, ..c.clone() }).collect::<Vec<_>>(), before);
+
+    // The application's lookups find the backfilled rows.
+    let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(find_canon(&mut conn, &keyring, &me, Some("doe"), None), ids(&["C-1", "C-2", "C-3"]));
+    assert_eq!(find_canon(&mut conn, &keyring, &me, Some("  DOE "), Some(dob)), ids(&["C-1", "C-2", "C-3"]));
+    assert_eq!(find_canon(&mut conn, &keyring, &me, None, Some(dob)), ids(&["C-1", "C-2", "C-3"]));
+    assert_eq!(find_canon(&mut conn, &keyring, &other, Some("Doe"), Some(dob)), ids(&["C-5"]));
+    let roe = NaiveDate::from_ymd_opt(1975, 12, 1).expect("date");
+    assert_eq!(find_canon(&mut conn, &keyring, &me, Some("roe"), Some(roe)), ids(&["C-4"]));
+
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert!(checked.is_ok() && checked.sealed == 5 && checked.not_canonical == 0, "{checked}");
+
+    // A row sealed as an earlier backfill did: the legacy bytes as they
+    // were, indexed as they were. Verify recomputes the index from the
+    // decoded value and reports both.
+    let keys = keyring.keys_for_seal(&me).expect("keys");
+    let old_form = b"1975-12-1".to_vec();
+    diesel::update(phi_it_canon::table.find("C-4"))
+        .set((
+            phi_it_canon::patient_dob.eq(keys.seal(&old_form, CANON_DOB, b"C-4").expect("seal").into_bytes()),
+            phi_it_canon::patient_dob_bidx.eq(Some(keys.blind_index(CANON_DOB, &old_form, phi::blind::Normalize::NONE).expect("index"))),
+        ))
+        .execute(&mut conn)
+        .expect("old-style row");
+    assert!(find_canon(&mut conn, &keyring, &me, None, Some(roe)).is_empty(), "the old index is not found");
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert_eq!((checked.failed, checked.not_canonical), (1, 1), "{checked}");
+    let kinds: BTreeSet<(&str, &str)> = checked
+        .failures
+        .iter()
+        .map(|f| {
+            assert_eq!((f.row_key.as_str(), f.owner.as_str()), ("C-4", me.as_str()));
+            let kind = match f.kind {
+                migrate::ProblemKind::NotCanonical => "not canonical",
+                migrate::ProblemKind::BlindIndex => "index",
+                _ => "other",
+            };
+            (f.column, kind)
+        })
+        .collect();
+    assert_eq!(kinds, BTreeSet::from([("patient_dob", "not canonical"), ("patient_dob_bidx", "index")]));
+
+    // Decrypt-back writes the canonical form, and a new backfill indexes it.
+    let back = migrate::decrypt_back::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+        .expect("decrypt back");
+    assert_eq!((back.rows, back.reencoded), (5, 1), "{back}");
+    let plain_dob = |conn: &mut Conn, id: &str| -> Vec<u8> {
+        phi_it_canon::table.find(id).select(phi_it_canon::patient_dob).first(conn).expect("raw")
+    };
+    assert_eq!((plain_dob(&mut conn, "C-1"), plain_dob(&mut conn, "C-4")), (b"1980-01-15".to_vec(), b"1975-12-01".to_vec()));
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    assert!(checked.is_ok() && checked.not_canonical == 0 && checked.unsealed == 5, "{checked}");
+    migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    assert_eq!(find_canon(&mut conn, &keyring, &me, Some("roe"), Some(roe)), ids(&["C-4"]));
+}

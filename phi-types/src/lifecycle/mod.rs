@@ -16,7 +16,10 @@
 //!
 //! Values are found by the key version in their envelope header, at a fixed
 //! offset, with SQL on the stored bytes: counting, finding and retiring never
-//! decrypt. Re-sealing opens a value with its old version and seals the same
+//! decrypt. On a table with an encrypted flag
+//! ([`ResealTable::flag_column`]) only rows whose flag is on are looked at:
+//! a value stored unsealed is plain data, even one whose bytes begin like
+//! an envelope. Re-sealing opens a value with its old version and seals the same
 //! plaintext bytes under the current one for the same owner, scope and row
 //! key; the plaintext never leaves the process and its buffer is zeroized.
 //!
@@ -52,7 +55,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-pub use tables::{ColumnType, DataConnection, ResealColumn, ResealTable};
+pub use tables::{ColumnType, DataConnection, FlagType, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;
@@ -362,8 +365,9 @@ const MAX_IDLE_BATCHES: u32 = 20;
 /// retired. One transaction per batch of `batch_size` values (0:
 /// [`DEFAULT_BATCH_SIZE`]); rows are locked as they are read (`FOR UPDATE`,
 /// or SQLite's write lock) and each `UPDATE` is guarded by the bytes read,
-/// so a concurrent write of the application is never overwritten. NULLs and
-/// values already under the current (or a newer) version are left alone.
+/// so a concurrent write of the application is never overwritten. NULLs,
+/// values already under the current (or a newer) version and rows whose
+/// encrypted flag is off are left alone.
 /// Resumable: a crash rolls back the batch in flight and the next run finds
 /// what is left by its key version. `conn` is the application's connection,
 /// outside any transaction.
@@ -496,7 +500,8 @@ pub struct VersionUsage {
 }
 
 /// Counts `owner`'s values in `tables` per column and key version, from the
-/// envelope headers (nothing is decrypted).
+/// envelope headers (nothing is decrypted); rows whose encrypted flag is
+/// off are not counted.
 ///
 /// # Errors
 /// [`Error::DataTable`] for a failed query, [`Error::Config`] for a bad
@@ -525,7 +530,8 @@ pub fn usage<C: DataConnection>(
 
 /// Retires data key version `version` of `owner`: it keeps opening values
 /// but never seals again. Refused while any value in `tables` uses it
-/// (counted from the envelope headers), and for the owner's current version
+/// (counted from the envelope headers of rows whose encrypted flag, if the
+/// table has one, is on), and for the owner's current version
 /// (rotate first, so a newer one exists). Audited as `retire`. Returns
 /// whether this call retired it (`false`: it was already retired).
 ///

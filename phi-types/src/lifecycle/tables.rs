@@ -140,6 +140,42 @@ impl fmt::Display for ColumnType {
     }
 }
 
+/// The SQL type of a [`ResealTable`]'s encrypted flag column, as the
+/// `#[phi(encrypted_flag)]` field of a derived model stores it
+/// ([`EncryptedFlag`](crate::EncryptedFlag)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FlagType {
+    /// A SQL boolean (`BOOLEAN`; `TINYINT(1)` on MySQL), a `bool` field:
+    /// on when true. The default.
+    #[default]
+    Bool,
+    /// An integer column, an integer field: on when not 0.
+    Integer,
+}
+
+impl FlagType {
+    /// The name used after `#` in a table description: `bool` or `int`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlagType::Bool => "bool",
+            FlagType::Integer => "int",
+        }
+    }
+
+    /// The type named `name` (see [`FlagType::name`]), case-insensitive.
+    pub fn from_name(name: &str) -> Option<FlagType> {
+        [FlagType::Bool, FlagType::Integer]
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name.trim()))
+    }
+}
+
+impl fmt::Display for FlagType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One application table whose encrypted columns the life-cycle jobs work
 /// on: re-seal moves its values to the owner's current key version,
 /// retirement counts the values still under a version, shredding samples
@@ -173,6 +209,30 @@ impl fmt::Display for ColumnType {
 /// assert_eq!(visits.to_string(), "visits:user_id#i64:id#i64:reason,notes");
 /// # Ok::<(), phi_types::Error>(())
 /// ```
+///
+/// A table with an encrypted flag (`#[phi(encrypted_flag)]`, for a
+/// gradual roll-out) names it, so that the jobs only look at rows whose
+/// flag is on: a value stored unsealed is plain data even when its bytes
+/// happen to begin like an envelope (a binary value, some integers). In a
+/// description it is a fifth field, a boolean unless typed `#int`; a
+/// derived model with a flag and a row key gives its own description
+/// ([`Migratable::reseal_table`](crate::migrate::Migratable::reseal_table)).
+///
+/// ```
+/// use phi_types::lifecycle::{FlagType, ResealTable};
+/// let cases = ResealTable::new("cases", "user_id")
+///     .key_column("case_id")
+///     .column("patient_last")
+///     .flag_column("phi_encrypted");
+/// assert_eq!(ResealTable::parse("cases:user_id:case_id:patient_last:phi_encrypted")?, cases);
+/// let notes = ResealTable::parse("notes:clinic_id#i32:id#i64:body:sealed#int")?;
+/// assert_eq!((notes.flag_column.as_deref(), notes.flag_type), (Some("sealed"), FlagType::Integer));
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+///
+/// A table may be named with its schema (`clinic.cases`); the scope of a
+/// column is still `cases.column`, as the derived model seals it: the
+/// schema says where the table is, not what its values are bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResealTable {
     /// The table (optionally `schema.table`).
@@ -191,6 +251,13 @@ pub struct ResealTable {
     pub key_type: ColumnType,
     /// The encrypted (binary, nullable) columns.
     pub columns: Vec<ResealColumn>,
+    /// The encrypted flag column, when the table has one: rows whose flag
+    /// is off hold plain values, which the jobs leave alone and do not
+    /// count.
+    pub flag_column: Option<String>,
+    /// The flag column's type: [`FlagType::Bool`] unless set with
+    /// [`ResealTable::flag_column_typed`].
+    pub flag_type: FlagType,
 }
 
 /// One encrypted column of a [`ResealTable`].
@@ -213,7 +280,39 @@ impl ResealTable {
             key_column: None,
             key_type: ColumnType::Text,
             columns: Vec::new(),
+            flag_column: None,
+            flag_type: FlagType::Bool,
         }
+    }
+
+    /// The table's name without its schema (`cases` for `clinic.cases`):
+    /// the first part of a column's default scope.
+    pub fn table_name(&self) -> &str {
+        self.table.rsplit('.').next().unwrap_or(&self.table)
+    }
+
+    /// The same table in `schema` (`clinic.cases`), for a table outside
+    /// the connection's default schema; the columns' scopes are unchanged.
+    #[must_use]
+    pub fn in_schema(mut self, schema: &str) -> Self {
+        self.table = format!("{schema}.{}", self.table_name());
+        self
+    }
+
+    /// The boolean encrypted flag column (`#[phi(encrypted_flag)]` on a
+    /// `bool` field): only rows whose flag is on are looked at.
+    #[must_use]
+    pub fn flag_column(self, column: impl Into<String>) -> Self {
+        self.flag_column_typed(column, FlagType::Bool)
+    }
+
+    /// The encrypted flag column, of type `flag_type`: only rows whose
+    /// flag is on are looked at.
+    #[must_use]
+    pub fn flag_column_typed(mut self, column: impl Into<String>, flag_type: FlagType) -> Self {
+        self.flag_column = Some(column.into());
+        self.flag_type = flag_type;
+        self
     }
 
     /// The type of the owner column (default [`ColumnType::Text`]): with
@@ -242,12 +341,19 @@ impl ResealTable {
         self
     }
 
-    /// An encrypted column whose scope is `table.column`.
+    /// An encrypted column whose scope is `table.column`, the table named
+    /// without its schema ([`ResealTable::table_name`]), as the derived
+    /// model seals it.
     #[must_use]
     pub fn column(self, column: impl Into<String>) -> Self {
         let column = column.into();
-        let scope = format!("{}.{column}", self.table);
+        let scope = self.default_scope(&column);
         self.column_with_scope(column, scope)
+    }
+
+    /// The scope of `column` unless pinned: `table.column`.
+    fn default_scope(&self, column: &str) -> String {
+        format!("{}.{column}", self.table_name())
     }
 
     /// An encrypted column whose values are bound to a pinned `scope`.
@@ -264,11 +370,14 @@ impl ResealTable {
         self
     }
 
-    /// Parses `table:owner_column:key_column:col1,col2@scope,...`: the key
-    /// column may be empty (no row key); a column's scope is `table.column`
-    /// unless given after `@`. The owner and key columns are text unless
-    /// followed by `#` and a [`ColumnType`] name (`text`, `i16`, `i32`,
-    /// `i64`, `u16`, `u32`, `u64`): `cases:user_id#i64:id#i64:notes`.
+    /// Parses `table:owner_column:key_column:col1,col2@scope,...[:flag]`:
+    /// the key column may be empty (no row key); a column's scope is
+    /// `table.column` (the table without its schema) unless given after
+    /// `@`. The owner and key columns are text unless followed by `#` and
+    /// a [`ColumnType`] name (`text`, `i16`, `i32`, `i64`, `u16`, `u32`,
+    /// `u64`): `cases:user_id#i64:id#i64:notes`. The optional fifth field
+    /// names the encrypted flag column, a boolean unless followed by
+    /// `#int` ([`FlagType`]): `cases:user_id:case_id:notes:phi_encrypted`.
     ///
     /// # Errors
     /// [`Error::Config`] for a malformed description, an unknown type or an
@@ -277,7 +386,7 @@ impl ResealTable {
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::Config(format!(
-                "table description {spec:?}: {why} (expected table:owner_column[#type]:key_column[#type]:col1,col2@scope)"
+                "table description {spec:?}: {why} (expected table:owner_column[#type]:key_column[#type]:col1,col2@scope[:flag_column[#bool|#int]])"
             ))
         };
         let typed = |field: &str| -> Result<(String, ColumnType)> {
@@ -295,8 +404,10 @@ impl ResealTable {
             }
         };
         let parts: Vec<&str> = spec.trim().split(':').collect();
-        let [table, owner, key, columns] = parts[..] else {
-            return Err(bad("four ':'-separated fields are needed"));
+        let (table, owner, key, columns, flag) = match parts[..] {
+            [table, owner, key, columns] => (table, owner, key, columns, None),
+            [table, owner, key, columns, flag] => (table, owner, key, columns, Some(flag)),
+            _ => return Err(bad("four or five ':'-separated fields are needed")),
         };
         let (owner, owner_type) = typed(owner)?;
         let mut out = ResealTable::new(table.trim(), owner).owner_column_type(owner_type);
@@ -315,6 +426,24 @@ impl ResealTable {
         if out.columns.is_empty() {
             return Err(bad("no encrypted column is named"));
         }
+        if let Some(flag) = flag {
+            let (column, flag_type) = match flag.split_once('#') {
+                None => (flag.trim(), FlagType::Bool),
+                Some((column, ty)) => (
+                    column.trim(),
+                    FlagType::from_name(ty).ok_or_else(|| {
+                        bad(&format!(
+                            "unknown flag column type {:?} (bool or int)",
+                            ty.trim()
+                        ))
+                    })?,
+                ),
+            };
+            if column.is_empty() {
+                return Err(bad("the fifth field names no flag column"));
+            }
+            out = out.flag_column_typed(column, flag_type);
+        }
         out.validate()?;
         Ok(out)
     }
@@ -325,6 +454,9 @@ impl ResealTable {
         check_identifier("owner column", &self.owner_column, false)?;
         if let Some(key) = &self.key_column {
             check_identifier("key column", key, false)?;
+        }
+        if let Some(flag) = &self.flag_column {
+            check_identifier("encrypted flag column", flag, false)?;
         }
         if self.columns.is_empty() {
             return Err(Error::Config(format!(
@@ -363,10 +495,16 @@ impl fmt::Display for ResealTable {
             if i > 0 {
                 f.write_str(",")?;
             }
-            if c.scope == format!("{}.{}", self.table, c.column) {
+            if c.scope == self.default_scope(&c.column) {
                 f.write_str(&c.column)?;
             } else {
                 write!(f, "{}@{}", c.column, c.scope)?;
+            }
+        }
+        if let Some(flag) = &self.flag_column {
+            write!(f, ":{flag}")?;
+            if self.flag_type != FlagType::Bool {
+                write!(f, "#{}", self.flag_type)?;
             }
         }
         Ok(())
@@ -691,15 +829,26 @@ impl Dialect {
     }
 
     /// `WHERE` clause selecting `owner`'s envelope values in `column`
-    /// (placeholders 1 and 2: owner, prefix).
+    /// (placeholders 1 and 2: owner, prefix), of rows whose flag is on.
     fn owned_envelopes(self, t: &ResealTable, column: &str) -> String {
         let c = self.ident(column);
         format!(
-            "{owner} = {p1} AND {c} IS NOT NULL AND SUBSTR({c}, 1, 2) = {p2}",
+            "{owner} = {p1} AND {c} IS NOT NULL AND SUBSTR({c}, 1, 2) = {p2}{flag}",
             owner = self.ident(&t.owner_column),
             p1 = self.p(1),
             p2 = self.p(2),
+            flag = self.flag_on(t),
         )
+    }
+
+    /// ` AND flag on` for a table with an encrypted flag, else nothing: a
+    /// row whose flag is off holds plain values, whatever their bytes.
+    fn flag_on(self, t: &ResealTable) -> String {
+        match (&t.flag_column, t.flag_type) {
+            (None, _) => String::new(),
+            (Some(flag), FlagType::Bool) => format!(" AND {} = TRUE", self.ident(flag)),
+            (Some(flag), FlagType::Integer) => format!(" AND {} <> 0", self.ident(flag)),
+        }
     }
 
     fn select_values(self, t: &ResealTable, column: &str, extra: &str, limit: usize) -> String {
@@ -1107,6 +1256,7 @@ macro_rules! data_connection {
                 if let Some(k) = &table.key_column {
                     update += &format!(" AND {} = {}", d.ident(k), d.p(4));
                 }
+                update += &d.flag_on(table);
                 let current_bytes = current.to_be_bytes();
                 let outcome = self.$transaction(|conn| -> std::result::Result<BatchOutcome, TxError> {
                     let query = bind_value(diesel::sql_query(select.as_str()).into_boxed(), &owner_value)
@@ -1340,6 +1490,79 @@ mod tests {
         assert!(
             err.to_string().contains("not a plain SQL identifier"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_flag_column_is_a_fifth_field() {
+        let t = ResealTable::parse("cases:user_id:case_id:notes:phi_encrypted").expect("parses");
+        assert_eq!(
+            t,
+            ResealTable::new("cases", "user_id")
+                .key_column("case_id")
+                .column("notes")
+                .flag_column("phi_encrypted")
+        );
+        assert_eq!(t.to_string(), "cases:user_id:case_id:notes:phi_encrypted");
+        let explicit =
+            ResealTable::parse("cases:user_id:case_id:notes:phi_encrypted#BOOL").expect("parses");
+        assert_eq!(explicit, t);
+        let int = ResealTable::parse("v:o#i64::a,b@x.b: sealed # int ").expect("parses");
+        assert_eq!(
+            (int.flag_column.as_deref(), int.flag_type),
+            (Some("sealed"), FlagType::Integer)
+        );
+        assert_eq!(int.to_string(), "v:o#i64::a,b@x.b:sealed#int");
+        assert_eq!(
+            ResealTable::parse(&int.to_string()).expect("round trip"),
+            int
+        );
+        // Without a fifth field there is no flag, as before.
+        let none = ResealTable::parse("cases:user_id:case_id:notes").expect("parses");
+        assert_eq!(none.flag_column, None);
+
+        for (spec, why) in [
+            (
+                "cases:user_id:case_id:notes:flag#yes",
+                "unknown flag column type \"yes\"",
+            ),
+            ("cases:user_id:case_id:notes:", "names no flag column"),
+            ("cases:user_id:case_id:notes:a:b", "four or five"),
+            (
+                "cases:user_id:case_id:notes:bad flag",
+                "not a plain SQL identifier",
+            ),
+        ] {
+            let err = ResealTable::parse(spec).expect_err(spec);
+            assert!(err.to_string().contains(why), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_schema_qualified_table_scopes_columns_by_its_name() {
+        let t = ResealTable::parse("clinic.cases:user_id:case_id:notes,dob@cases.birth")
+            .expect("parses");
+        assert_eq!(t.table, "clinic.cases");
+        assert_eq!(t.table_name(), "cases");
+        let scopes: Vec<&str> = t.columns.iter().map(|c| c.scope.as_str()).collect();
+        assert_eq!(scopes, ["cases.notes", "cases.birth"]);
+        assert_eq!(
+            t.to_string(),
+            "clinic.cases:user_id:case_id:notes,dob@cases.birth"
+        );
+        let plain = ResealTable::new("cases", "user_id")
+            .key_column("case_id")
+            .column("notes")
+            .column_with_scope("dob", "cases.birth");
+        assert_eq!(plain.clone().in_schema("clinic"), t);
+        assert_eq!(t.clone().in_schema("archive").table, "archive.cases");
+        // A scope that names the schema is kept as given (pinned).
+        let pinned =
+            ResealTable::parse("clinic.cases:user_id::notes@clinic.cases.notes").expect("parses");
+        assert_eq!(pinned.columns[0].scope, "clinic.cases.notes");
+        assert_eq!(
+            pinned.to_string(),
+            "clinic.cases:user_id::notes@clinic.cases.notes"
         );
     }
 
