@@ -1085,6 +1085,8 @@ fn an_owners_query_that_writes_is_refused_and_changes_nothing() {
     let fresh = common::unique_owner("ro-after");
     let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
     keyring.keys_for_seal(&fresh).expect("the key store still writes");
+}
+
 diesel::table! {
     phi_it_flagged (id) {
         id -> Varchar,
