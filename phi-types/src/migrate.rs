@@ -180,8 +180,11 @@ pub struct StoredColumn {
     /// Decodes plain bytes as the field's type and encodes the value
     /// again: the canonical encoding, which the model seals and indexes
     /// ([`canonical`]).
-    pub canonical: fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>,
+    pub canonical: CanonicalFn,
 }
+
+/// [`StoredColumn::canonical`]: plain bytes to their canonical encoding.
+pub type CanonicalFn = fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>;
 
 impl fmt::Debug for StoredColumn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1265,8 +1268,7 @@ mod tests {
     #[test]
     fn canonical_re_encodes_what_decodes() {
         use chrono::{NaiveDate, NaiveDateTime};
-        let c = |f: fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>,
-                 b: &[u8]| f(b.to_vec()).map(|v| v.to_vec());
+        let c = |f: CanonicalFn, b: &[u8]| f(b.to_vec()).map(|v| v.to_vec());
         assert_eq!(
             c(canonical::<NaiveDate>, b"1980-1-15"),
             Ok(b"1980-01-15".to_vec())
