@@ -26,7 +26,7 @@ const ROWS: u64 = 20_000;
 const UPDATES: usize = 320;
 /// Processes updating at once; worker `w` updates only rows whose number
 /// is `w` modulo this, one at a time, so each row's last write is known.
-const WORKERS: u64 = 4;
+const WORKERS: u64 = 8;
 /// Providers of the legacy rows, and how many of them are rolled out
 /// (their updates seal a plain row whole; the others' stay plain).
 const OWNERS: u64 = 40;
@@ -256,7 +256,7 @@ fn case_updates_racing_a_backfill_leave_every_row_consistent() {
     // The backfill, small batches; the updates, from WORKERS threads each
     // running one clinic process at a time.
     let backfilling = Arc::new(AtomicBool::new(true));
-    let backfill = clinic(&url, dir, &["backfill", "--batch", "50"])
+    let backfill = clinic(&url, dir, &["backfill", "--batch", "200"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -373,7 +373,7 @@ fn case_updates_racing_a_backfill_leave_every_row_consistent() {
         "{updates} updates, {during} while the backfill ran"
     );
     eprintln!(
-        "clinic races: {ROWS} rows backfilled in batches of 50 while {updates} `case update` processes ran \
+        "clinic races: {ROWS} rows backfilled in batches of 200 while {updates} `case update` processes ran \
          ({during} ended while the backfill ran, {retried} conflict(s) retried); {} distinct rows updated, \
          each holding its last value; {total} rows checked for flag/value agreement; verify: all pass; {:.1} s",
         last.len(),
