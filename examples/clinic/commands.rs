@@ -496,50 +496,73 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             surgery_date,
             status,
         } => {
-            let old = load_case(clinic, &id)?;
-            let mut new = old.clone();
-            if let Some(v) = first {
-                new.patient_first = v;
-            }
-            if let Some(v) = last {
-                new.patient_last = v;
-            }
-            if let Some(v) = dob {
-                new.patient_dob = v;
-            }
-            if insurer.is_some() || no_insurer {
-                new.ins_provider = insurer;
-            }
-            if let Some(v) = procedure {
-                new.procedure_code = v;
-            }
-            if let Some(v) = surgery_date {
-                new.surgery_date = v;
-            }
-            if let Some(v) = status {
-                new.status = v;
-            }
-            let changes = new.changes(&old, &clinic.keyring)?;
-            if changes.is_empty() {
-                outln!("{id}: nothing changed.");
-                return Ok(ExitCode::SUCCESS);
-            }
-            let sealed_now = changes.phi_encrypted.unwrap_or(old.phi_encrypted);
-            let updated = diesel::update(cases::table.find(&id))
-                .set(&changes)
-                .execute(&mut clinic.conn)?;
-            if updated == 0 {
-                return Err(format!("case {id} was deleted meanwhile").into());
-            }
-            outln!(
-                "{id}: updated ({}).",
-                if sealed_now {
-                    "sealed"
-                } else {
-                    "stored in plain text: not in the roll-out"
+            let edit = |case: &mut Case| {
+                if let Some(v) = &first {
+                    case.patient_first.clone_from(v);
                 }
-            );
-            Ok(ExitCode::SUCCESS)
+                if let Some(v) = &last {
+                    case.patient_last.clone_from(v);
+                }
+                if let Some(v) = dob {
+                    case.patient_dob = v;
+                }
+                if insurer.is_some() || no_insurer {
+                    case.ins_provider.clone_from(&insurer);
+                }
+                if let Some(v) = &procedure {
+                    case.procedure_code.clone_from(v);
+                }
+                if let Some(v) = surgery_date {
+                    case.surgery_date = v;
+                }
+                if let Some(v) = &status {
+                    case.status.clone_from(v);
+                }
+            };
+            // A backfill or rollback may seal or unseal the row between
+            // the read and the write: the guarded update then writes
+            // nothing, and the edit is made again on the row as it is now,
+            // at most this many times.
+            const UPDATE_RETRIES: u32 = 5;
+            use phi::Updated;
+            let mut retries = 0;
+            loop {
+                let old = load_case(clinic, &id)?;
+                let mut new = old.clone();
+                edit(&mut new);
+                match new.update(&old, &clinic.keyring, &mut clinic.conn)? {
+                    Updated::Applied { sealed } => {
+                        let how = if sealed {
+                            "sealed"
+                        } else {
+                            "stored in plain text: not in the roll-out"
+                        };
+                        if retries == 0 {
+                            outln!("{id}: updated ({how}).");
+                        } else {
+                            outln!(
+                                "{id}: updated ({how}) after {retries} retry(ies): the row was sealed or unsealed meanwhile."
+                            );
+                        }
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Updated::Unchanged => {
+                        outln!("{id}: nothing changed.");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Updated::NotFound => {
+                        return Err(format!("case {id} was deleted meanwhile").into());
+                    }
+                    Updated::Conflict if retries < UPDATE_RETRIES => retries += 1,
+                    Updated::Conflict => {
+                        return Err(format!(
+                            "case {id} was sealed or unsealed by another process {} times while it was being updated (is a backfill or decrypt-back running?); nothing was written, try again",
+                            retries + 1
+                        )
+                        .into());
+                    }
+                }
+            }
         }
         CaseCommand::Delete { id } => {
             let case = load_case(clinic, &id)?;

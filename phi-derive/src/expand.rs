@@ -388,9 +388,14 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             }
         }
     });
+    let guard_doc = guard_doc(m, flag, row_key);
     let doc = format!(
-        "Changes to one row of `{table_name}`, from [`{ident}::changes`]: only the columns that changed, encrypted ones re-sealed. Apply with `diesel::update(…).set(&changes)` unless [`is_empty`](Self::is_empty)."
+        "Changes to one row of `{table_name}`, from [`{ident}::changes`]: only the columns that changed, encrypted ones re-sealed. Apply with `diesel::update(…).set(&changes)` unless [`is_empty`](Self::is_empty), guarded as `{ident}::changes` says."
     );
+    let update = match row_key {
+        Some(row_key) => guarded_update(m, owner, row_key, flag),
+        None => quote! {},
+    };
     quote! {
         #[doc = #doc]
         #[derive(::diesel::AsChangeset)]
@@ -415,6 +420,10 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             /// the roll-out now seals a row stored unsealed). A sealed row
             /// is never written back unsealed.
             ///
+            /// Unguarded: the values are sealed (or left plain) for the
+            /// state `old` was read in, so the statement that applies them
+            #[doc = #guard_doc]
+            ///
             /// # Errors
             /// Key resolution and sealing errors, naming the owner.
             #vis fn changes(&self, old: &Self, keyring: &#krate::Keyring) -> #krate::Result<#changes> {
@@ -438,6 +447,168 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
                     })
                 })?
             }
+
+            #update
+        }
+    }
+}
+
+/// The end of `changes`' documentation: the guard its statement needs.
+fn guard_doc(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> String {
+    let owner = field_of(m, &Role::Owner);
+    let table = &m.table_name;
+    let flag_part = match flag {
+        Some(f) => format!(
+            " AND {} = <old.{}>`, with `{}` always in the `SET`",
+            f.column, f.ident, f.column
+        ),
+        None => "`".to_owned(),
+    };
+    let key = row_key.map_or_else(
+        || "<the row's key>".to_owned(),
+        |k| format!("{} = <old.{}>", k.column, k.ident),
+    );
+    let update = if row_key.is_some() {
+        "; [`update`](Self::update) does that and reports a conflict".to_owned()
+    } else {
+        String::new()
+    };
+    format!(
+        " must only match a row still in that state: `UPDATE {table} SET … WHERE {key} AND {} = <old.{}>{flag_part}. Without it, a backfill, decrypt-back or another process's write landing between the read and this update leaves a row whose values do not match its flag{update}.",
+        owner.column, owner.ident
+    )
+}
+
+/// `Model::update`: the changes applied only while the stored row is
+/// still in the state `old` was read in (same row key, owner and flag).
+fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field>) -> TokenStream {
+    let krate = &m.krate;
+    let vis = &m.vis;
+    let changes = &m.changes;
+    let table = &m.table;
+    let table_name = &m.table_name;
+    let (key_ident, key_col, key_ty) = (&row_key.ident, &row_key.column_ident, &row_key.ty);
+    let (owner_ident, owner_col, owner_ty) = (&owner.ident, &owner.column_ident, &owner.ty);
+    let eq = |col: &syn::Ident, ty: &syn::Type| quote! { ::diesel::dsl::Eq<#table::#col, #ty> };
+    let key_eq = eq(key_col, key_ty);
+    let owner_eq = eq(owner_col, owner_ty);
+    let by_key = quote! { ::diesel::dsl::Filter<#table::table, #key_eq> };
+    let by_owner = quote! { ::diesel::dsl::Filter<#by_key, #owner_eq> };
+    let filter = |target: TokenStream, col: &syn::Ident, value: TokenStream| {
+        quote! {
+            ::diesel::QueryDsl::filter(#target, ::diesel::ExpressionMethods::eq(#table::#col, #value))
+        }
+    };
+    let target_by_key = filter(
+        quote!(#table::table),
+        key_col,
+        quote!(::core::clone::Clone::clone(&old.#key_ident)),
+    );
+    let target_by_owner = filter(
+        target_by_key.clone(),
+        owner_col,
+        quote!(::core::clone::Clone::clone(&old.#owner_ident)),
+    );
+    let (target_ty, target, set_flag, sealed, guard_text) = match flag {
+        Some(f) => {
+            let (flag_ident, flag_col, flag_ty) = (&f.ident, &f.column_ident, &f.ty);
+            let flag_eq = eq(flag_col, flag_ty);
+            (
+                quote! { ::diesel::dsl::Filter<#by_owner, #flag_eq> },
+                filter(
+                    target_by_owner,
+                    flag_col,
+                    quote!(::core::clone::Clone::clone(&old.#flag_ident)),
+                ),
+                quote! {
+                    // Always in the SET: the row ends in the state these
+                    // values were sealed for.
+                    __changes.#flag_ident = ::core::option::Option::Some(
+                        <#flag_ty as #krate::EncryptedFlag>::from_encrypted(__sealed),
+                    );
+                },
+                quote! {
+                    match &__changes.#flag_ident {
+                        ::core::option::Option::Some(__flag) => <#flag_ty as #krate::EncryptedFlag>::is_encrypted(__flag),
+                        ::core::option::Option::None => <#flag_ty as #krate::EncryptedFlag>::is_encrypted(&old.#flag_ident),
+                    }
+                },
+                format!(
+                    "`{}`, `{}` and `{}`",
+                    row_key.column, owner.column, f.column
+                ),
+            )
+        }
+        None => (
+            by_owner,
+            target_by_owner,
+            quote! {},
+            quote! { true },
+            format!("`{}` and `{}`", row_key.column, owner.column),
+        ),
+    };
+    let doc = format!(
+        "Writes the changes from `old` (the row as read) to `self` into `{table_name}`, guarded: only while the stored row's {guard_text} are still `old`'s (`UPDATE {table_name} SET … WHERE` those columns equal `old`'s). Encrypted columns are sealed as [`changes`](Self::changes) seals them: a sealed row stays sealed, an unsealed one is sealed when the keyring's roll-out covers the owner."
+    );
+    quote! {
+        #[doc = #doc]
+        ///
+        /// [`Updated::Conflict`](#krate::Updated::Conflict) when the row
+        /// changed its sealed state (a backfill, a decrypt-back, a process
+        /// with another roll-out) since it was read: nothing was written;
+        /// load it again, redo the edit and update again.
+        /// [`Updated::NotFound`](#krate::Updated::NotFound) when the row is
+        /// gone.
+        ///
+        /// # Errors
+        /// Key resolution and sealing errors naming the owner;
+        /// [`Error::Database`](#krate::Error::Database) naming the table.
+        #vis fn update<__C>(
+            &self,
+            old: &Self,
+            keyring: &#krate::Keyring,
+            conn: &mut __C,
+        ) -> #krate::Result<#krate::Updated>
+        where
+            __C: ::diesel::Connection,
+            ::diesel::dsl::Update<#target_ty, #changes>: ::diesel::query_dsl::methods::ExecuteDsl<__C>,
+            ::diesel::dsl::Limit<::diesel::dsl::Select<#by_key, #table::#key_col>>:
+                ::diesel::query_dsl::LoadQuery<'static, __C, #key_ty>,
+        {
+            #[allow(unused_mut)]
+            let mut __changes = self.changes(old, keyring)?;
+            if __changes.is_empty() {
+                return ::core::result::Result::Ok(#krate::Updated::Unchanged);
+            }
+            let __sealed: bool = #sealed;
+            #set_flag
+            let __written = ::diesel::RunQueryDsl::execute(
+                ::diesel::update(#target).set(__changes),
+                conn,
+            )
+            .map_err(|source| #krate::Error::Database {
+                operation: "updating a row guarded by its key, owner and encrypted flag",
+                table: #table_name,
+                source,
+            })?;
+            if __written > 0 {
+                return ::core::result::Result::Ok(#krate::Updated::Applied { sealed: __sealed });
+            }
+            let __found: ::core::option::Option<#key_ty> = ::diesel::OptionalExtension::optional(
+                ::diesel::RunQueryDsl::first(
+                    ::diesel::QueryDsl::select(#target_by_key, #table::#key_col),
+                    conn,
+                ),
+            )
+            .map_err(|source| #krate::Error::Database {
+                operation: "looking up a row whose guarded update matched nothing",
+                table: #table_name,
+                source,
+            })?;
+            ::core::result::Result::Ok(match __found {
+                ::core::option::Option::Some(_) => #krate::Updated::Conflict,
+                ::core::option::Option::None => #krate::Updated::NotFound,
+            })
         }
     }
 }

@@ -75,6 +75,8 @@ pub(crate) struct Field {
     pub(crate) ident: syn::Ident,
     /// The SQL column (`#[diesel(column_name = …)]`, else the field's name).
     pub(crate) column: String,
+    /// The same, as the Diesel column's identifier in the table module.
+    pub(crate) column_ident: syn::Ident,
     pub(crate) vis: syn::Visibility,
     pub(crate) ty: syn::Type,
     /// `T` of an `Option<T>` field.
@@ -128,7 +130,8 @@ impl Model {
             let Some(ident) = f.ident.clone() else {
                 continue;
             };
-            let column = column_name(&f.attrs).unwrap_or_else(|| unraw(&ident));
+            let column_ident = column_name(&f.attrs).unwrap_or_else(|| ident.clone());
+            let column = unraw(&column_ident);
             let marks = [
                 ("owner", &f.owner),
                 ("row_key", &f.row_key),
@@ -245,6 +248,7 @@ impl Model {
             fields.push(Field {
                 option_of: option_inner(&f.ty),
                 column,
+                column_ident,
                 ident,
                 vis: f.vis,
                 ty: f.ty,
@@ -321,13 +325,13 @@ fn parse_normalize(text: &str) -> darling::Result<(bool, bool)> {
 }
 
 /// `#[diesel(column_name = x)]` on a field.
-fn column_name(attrs: &[syn::Attribute]) -> Option<String> {
+fn column_name(attrs: &[syn::Attribute]) -> Option<syn::Ident> {
     let mut found = None;
     for attr in attrs {
         let _ = attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("column_name") {
                 let ident: syn::Ident = meta.value()?.parse()?;
-                found = Some(unraw(&ident));
+                found = Some(ident);
             } else if meta.input.peek(syn::Token![=]) {
                 let _: syn::Expr = meta.value()?.parse()?;
             } else if meta.input.peek(syn::token::Paren) {

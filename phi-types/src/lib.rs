@@ -82,7 +82,7 @@ pub use keyring::{
 #[cfg(feature = "derive")]
 #[doc(inline)]
 pub use phi_derive::PhiRecord;
-pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord};
+pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord, Updated};
 pub use sealer::{Sealer, with_sealer};
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]

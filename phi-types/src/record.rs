@@ -36,8 +36,12 @@ use crate::sealer::{Sealer, with_sealer};
 ///
 /// - `CaseSealed`, the stored form, deriving Diesel's `Queryable`,
 ///   `Selectable`, `Insertable` and `AsChangeset` for the table;
-/// - `CaseChanges` and `Case::changes(&new, &old, &keyring)`, an update that
-///   re-seals only the changed fields;
+/// - `Case::update(&new, &old, &keyring, &mut conn)` (for a model with a
+///   `#[phi(row_key)]`): the update that re-seals only the changed fields
+///   and writes them only while the row's key, owner and encrypted flag are
+///   still those of `old`, returning an [`Updated`];
+/// - `CaseChanges` and `Case::changes(&new, &old, &keyring)`: the same
+///   changes, for a caller that builds its own (guarded) `UPDATE`;
 /// - `Case::<field>_blind_index(&keyring, owner, &value)` for each field with
 ///   a blind index: the values to match with `eq_any`;
 /// - with `#[phi(debug)]`, a `Debug` for both that prints encrypted fields
@@ -73,7 +77,7 @@ use crate::sealer::{Sealer, with_sealer};
 /// use std::sync::Arc;
 /// use chrono::NaiveDate;
 /// use diesel::prelude::*;
-/// use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord};
+/// use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord, Updated};
 ///
 /// diesel::table! {
 ///     cases (case_id) {
@@ -148,12 +152,12 @@ use crate::sealer::{Sealer, with_sealer};
 /// )?;
 /// assert_eq!(found.len(), 1);
 ///
-/// // Update: only the changed fields are sealed again and written.
+/// // Update: only the changed fields are sealed again and written, and only
+/// // while the row's key, owner and flag are still those read.
 /// let mut edited = case.clone();
 /// edited.ins_provider = None;
-/// let changes = edited.changes(&case, &keyring)?;
-/// assert!(changes.patient_last.is_none());
-/// diesel::update(cases::table.find("C-1001")).set(&changes).execute(&mut conn)?;
+/// assert!(edited.changes(&case, &keyring)?.patient_last.is_none());
+/// assert_eq!(edited.update(&case, &keyring, &mut conn)?, Updated::Applied { sealed: true });
 /// let reloaded = Case::load(cases::table.find("C-1001"), &mut conn, &keyring)?;
 /// assert_eq!(reloaded[0].ins_provider, None);
 ///
@@ -607,6 +611,43 @@ impl EncryptedFlag for i8 {
     }
     fn is_encrypted(&self) -> bool {
         *self != 0
+    }
+}
+
+/// What a guarded update did: the outcome of the `update` method that
+/// `#[derive(PhiRecord)]` generates for a model with a `#[phi(row_key)]`
+/// (`edited.update(&old, &keyring, &mut conn)`).
+///
+/// The update is written only while the stored row is still what `old` was
+/// read as: the same row key and owner and, for a model with an encrypted
+/// flag, the same flag. Its values are sealed (or stored plain) and bound
+/// for exactly that state, so a row a backfill sealed, a decrypt-back
+/// unsealed, or a process with another roll-out rewrote since it was read
+/// is never given a value of the other kind.
+#[must_use = "a conflict or a missing row means nothing was written"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Updated {
+    /// The changed columns were written.
+    Applied {
+        /// Whether the row is stored sealed (flag on) after the update:
+        /// always for a model without an encrypted flag.
+        sealed: bool,
+    },
+    /// Nothing was written: the row's encrypted flag (or owner) changed
+    /// since `old` was read. Load the row again, make the same edit to it
+    /// and update again.
+    Conflict,
+    /// Nothing was written: no row has `old`'s row key any more.
+    NotFound,
+    /// Nothing differs from `old`: no statement was sent.
+    Unchanged,
+}
+
+impl Updated {
+    /// Whether the row now holds the edit ([`Applied`](Self::Applied) or
+    /// [`Unchanged`](Self::Unchanged)).
+    pub fn is_done(self) -> bool {
+        matches!(self, Updated::Applied { .. } | Updated::Unchanged)
     }
 }
 

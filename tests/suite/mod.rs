@@ -630,6 +630,12 @@ mod migrate {
     include!("migrate.rs");
 }
 
+/// Guarded updates racing backfill, decrypt-back and other writers.
+mod guarded {
+    use super::*;
+    include!("guarded.rs");
+}
+
 /// The key life cycle: rotation, re-seal, retirement, rewrap, shredding.
 mod lifecycle {
     use super::*;
