@@ -405,6 +405,8 @@ mod tests {
             eprintln!("not root: the ownership refusal is not exercised");
             return;
         }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
         let err = LocalKek::from_file("k", &path).expect_err("another user's file");
         let text = err.to_string();
