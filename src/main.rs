@@ -584,14 +584,21 @@ where
             println!("No value of the owner in these columns is stored in the clear.");
         }
     }
-    println!(
-        "Other processes keep their cached copy of this owner's data keys until their cache TTL \
-         expires (default 24 h) or they clear the owner: restart them for immediate effect."
-    );
+    if report.key_rows > 0 {
+        println!(
+            "Other processes keep their cached copy of this owner's data keys until their cache TTL \
+             expires (default 24 h) or they clear the owner: restart them for immediate effect."
+        );
+        println!(
+            "Backups, WAL, database logs and point-in-time-recovery archives still hold the old wrapped \
+             keys: readable with the KEK that wrapped them until they expire, or until that KEK is \
+             rotated away (`phi keys rewrap`) and destroyed."
+        );
+    }
     match report.outcome() {
         lifecycle::ShredOutcome::Verified => {
             println!(
-                "Crypto-shredding verified: the owner's sealed values no longer open: {SHRED_SCOPE}."
+                "Crypto-shredding verified: the owner's sealed values no longer open from this database."
             );
             Ok(ExitCode::SUCCESS)
         }

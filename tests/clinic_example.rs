@@ -343,3 +343,65 @@ fn a_legacy_database_is_sealed_and_rolled_back_with_its_data_unchanged() {
         "{verified}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn an_export_never_writes_through_an_existing_file_or_symlink() {
+    let clinic = Clinic::new();
+    clinic.ok(&[]);
+    let csv = clinic.dir.path().join("out.csv");
+    let partial = clinic.dir.path().join("out.csv.partial");
+    let csv_arg = csv.display().to_string();
+    // An existing file (here world-readable) is refused, not reused.
+    std::fs::write(&partial, b"left over").expect("file");
+    let (ok, _, err) = clinic.run(&["export", "--owner", "dr-okafor", "--csv", &csv_arg]);
+    assert!(
+        !ok && err.contains(&partial.display().to_string()) && err.contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&partial).expect("file"),
+        b"left over",
+        "left as it was"
+    );
+    assert!(!csv.exists());
+    // A symlink is refused too; its target is not written.
+    std::fs::remove_file(&partial).expect("remove");
+    let target = clinic.dir.path().join("elsewhere.txt");
+    std::fs::write(&target, b"").expect("target");
+    std::os::unix::fs::symlink(&target, &partial).expect("symlink");
+    let (ok, _, err) = clinic.run(&["export", "--owner", "dr-okafor", "--csv", &csv_arg]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    assert!(
+        std::fs::read(&target).expect("target").is_empty(),
+        "nothing written through the link"
+    );
+    // A dangling symlink is not followed either.
+    std::fs::remove_file(&target).expect("remove");
+    let (ok, _, err) = clinic.run(&["export", "--owner", "dr-okafor", "--csv", &csv_arg]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    assert!(!target.exists(), "no file created through a dangling link");
+    // Without one, the export is written, mode 0600.
+    std::fs::remove_file(&partial).expect("remove");
+    let out = clinic.ok(&["export", "--owner", "dr-okafor", "--csv", &csv_arg]);
+    assert!(out.contains("Exported"), "{out}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&csv).expect("csv").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(!partial.exists());
+}
+
+#[test]
+fn an_unknown_url_scheme_is_refused() {
+    let clinic = Clinic::new();
+    let (ok, _, err) = clinic.run(&["--database-url", "postgress://localhost/clinic"]);
+    assert!(
+        !ok && err.contains("unknown scheme \"postgress\"") && err.contains("feature `mysql`"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(clinic.dir.path()).expect("dir").count(),
+        0,
+        "no file created"
+    );
+}

@@ -48,7 +48,21 @@ use crate::sealer::{Sealer, with_sealer};
 ///   as `<redacted>`. Without it the model must not implement `Debug` at
 ///   all: a `#[derive(Debug)]` (or a hand-written `Debug`) on a model with
 ///   encrypted fields is a compile error pointing to `#[phi(debug)]`, since
-///   it would print PHI.
+///   it would print PHI:
+///
+/// ```compile_fail
+/// # use phi_types::PhiRecord;
+/// # diesel::table! { cases (id) { id -> Integer, user_id -> Text, patient_last -> Binary } }
+/// #[derive(PhiRecord, Clone, Debug)] // error: must not implement `Debug` itself
+/// #[phi(table = cases)]
+/// struct Case {
+///     id: i32,
+///     #[phi(owner)]
+///     user_id: String,
+///     #[phi(encrypt)]
+///     patient_last: String,
+/// }
+/// ```
 ///
 /// # Attributes
 ///
