@@ -94,7 +94,7 @@ impl ReadOnlyLogin {
             (
                 vec![
                     format!("CREATE ROLE {name} LOGIN"),
-                    format!("GRANT SELECT ON user_encryption_keys, encryption_key_audit TO {name}"),
+                    format!("GRANT SELECT ON user_encryption_keys, encryption_key_audit, kek_check_values TO {name}"),
                 ],
                 vec![format!("DROP OWNED BY {name}"), format!("DROP ROLE {name}")],
             )
@@ -105,6 +105,7 @@ impl ReadOnlyLogin {
                     format!("CREATE USER {user}"),
                     format!("GRANT SELECT ON {database}.user_encryption_keys TO {user}"),
                     format!("GRANT SELECT ON {database}.encryption_key_audit TO {user}"),
+                    format!("GRANT SELECT ON {database}.kek_check_values TO {user}"),
                 ],
                 vec![format!("DROP USER {user}")],
             )
