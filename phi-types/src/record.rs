@@ -875,6 +875,7 @@ pub mod __private {
 
     impl<T> DebugProbe<T> {
         /// A probe of `T`.
+        #[allow(clippy::new_without_default)] // Only generated code builds one.
         pub fn new() -> Self {
             DebugProbe(std::marker::PhantomData)
         }
