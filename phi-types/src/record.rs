@@ -881,12 +881,6 @@ pub mod __private {
         }
     }
 
-    impl<T> Default for DebugProbe<T> {
-        fn default() -> Self {
-            Self::new()
-        }
-    }
-
     /// The probed model implements `Debug`.
     #[allow(missing_debug_implementations)]
     pub struct HasDebug;

@@ -74,6 +74,16 @@ impl KeyStore for GatedStore {
     fn owners(&self) -> phi_types::Result<Vec<String>> {
         self.inner.owners()
     }
+    fn kek_check(&self, kek_id: &str) -> phi_types::Result<Option<phi_types::KekCheck>> {
+        self.inner.kek_check(kek_id)
+    }
+    fn insert_kek_check_if_absent(
+        &self,
+        kek_id: &str,
+        check: &phi_types::KekCheck,
+    ) -> phi_types::Result<bool> {
+        self.inner.insert_kek_check_if_absent(kek_id, check)
+    }
 }
 
 /// Seals one value for each owner (creating their keys) with a keyring of

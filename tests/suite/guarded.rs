@@ -37,8 +37,8 @@ macro_rules! guarded_schema {
         /// A case with a text, a date and a nullable byte-string field (a
         /// `Vec<u8>` decodes from any bytes: an envelope in a flag-off row
         /// would read back as garbage, not as an error).
-        #[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-        #[phi(table = $table, crate = phi)]
+        #[derive(phi::PhiRecord, Clone, PartialEq)]
+        #[phi(table = $table, crate = phi, debug)]
         #[diesel(primary_key(case_id))]
         struct Row {
             #[phi(row_key)]

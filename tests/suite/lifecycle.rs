@@ -470,6 +470,12 @@ impl KeyStore for NoDestroy {
     fn destroy_keys(&self, _owner: &str, _audit: &phi::AuditEvent) -> phi::Result<Vec<u32>> {
         Ok(Vec::new())
     }
+    fn kek_check(&self, kek_id: &str) -> phi::Result<Option<phi::KekCheck>> {
+        self.0.kek_check(kek_id)
+    }
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &phi::KekCheck) -> phi::Result<bool> {
+        self.0.insert_kek_check_if_absent(kek_id, check)
+    }
 }
 
 #[test]
@@ -1013,7 +1019,10 @@ fn shredding_an_integer_owner_verifies() {
     assert_eq!(check_visits(&mut conn, &db.keyring(), other, &theirs), [1]);
 }
 
-fn life_rows(conn: &mut Conn, owner: &str) -> Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> {
+/// One owner's rows: id, name, note.
+type LifeRow = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn life_rows(conn: &mut Conn, owner: &str) -> Vec<LifeRow> {
     phi_it_life::table
         .filter(phi_it_life::owner_id.eq(owner))
         .order(phi_it_life::id)
@@ -1098,8 +1107,8 @@ diesel::table! {
 }
 
 /// A gradual roll-out: some rows sealed, some stored plain.
-#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-#[phi(crate = phi, table = phi_it_flagged)]
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi, table = phi_it_flagged, debug)]
 struct Flagged {
     #[phi(row_key)]
     id: String,
@@ -1123,8 +1132,8 @@ diesel::table! {
 }
 
 /// The same with an integer flag, owner and row key.
-#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-#[phi(crate = phi, table = phi_it_flagged_int)]
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi, table = phi_it_flagged_int, debug)]
 struct FlaggedInt {
     #[phi(row_key)]
     id: i64,
@@ -1292,8 +1301,8 @@ diesel::table! {
 }
 
 /// A model on a table outside the connection's default schema.
-#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-#[phi(crate = phi, table = phi_it_snotes)]
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi, table = phi_it_snotes, debug)]
 struct SchemaNote {
     #[phi(row_key)]
     id: String,

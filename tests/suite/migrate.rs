@@ -374,8 +374,8 @@ diesel::table! {
 }
 
 /// Blind indexes on a normalised text field and on a date.
-#[derive(phi::PhiRecord, Clone, PartialEq, Debug)]
-#[phi(table = phi_it_canon, crate = phi)]
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_canon, crate = phi, debug)]
 #[diesel(primary_key(case_id))]
 struct Canon {
     #[phi(row_key)]
