@@ -389,6 +389,19 @@ fn an_export_never_writes_through_an_existing_file_or_symlink() {
     let mode = std::fs::metadata(&csv).expect("csv").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     assert!(!partial.exists());
+    // An existing export is not replaced.
+    let exported = std::fs::read(&csv).expect("csv");
+    let (ok, _, err) = clinic.run(&["export", "--owner", "dr-okafor", "--csv", &csv_arg]);
+    assert!(
+        !ok && err.contains(&csv_arg) && err.contains("already exists"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&csv).expect("csv"),
+        exported,
+        "left as it was"
+    );
+    assert!(!partial.exists());
 }
 
 #[test]

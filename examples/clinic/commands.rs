@@ -711,6 +711,13 @@ fn export(clinic: &mut Clinic, owner: &str, path: &Path) -> Result<ExitCode> {
         .filter(cases::user_id.eq(owner))
         .count()
         .get_result(&mut clinic.conn)?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(format!(
+            "{} already exists: refusing to replace it with decrypted data; choose another name",
+            path.display()
+        )
+        .into());
+    }
     let partial = path.with_extension("csv.partial");
     let file = create_private(&partial)?;
     let mut out = std::io::BufWriter::new(file);
@@ -758,7 +765,12 @@ fn export(clinic: &mut Clinic, owner: &str, path: &Path) -> Result<ExitCode> {
     progress.finish_and_clear();
     match result {
         Ok(written) => {
-            std::fs::rename(&partial, path)?;
+            // Published without replacing anything: a hard link fails when
+            // the name exists (created meanwhile). The partial file goes
+            // either way, so no decrypted copy is left behind.
+            let published = std::fs::hard_link(&partial, path);
+            let _ = std::fs::remove_file(&partial);
+            published.map_err(|e| format!("cannot publish {}: {e}", path.display()))?;
             outln!(
                 "Exported {written} case(s) of provider {owner} to {} (decrypted: keep it safe).",
                 path.display()

@@ -174,3 +174,31 @@ fn a_check_value_of_another_kind_of_kek_is_refused() {
     assert!(matches!(err, Error::KekMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains("kms-canary-v1"), "{err}");
 }
+
+#[test]
+fn a_store_from_before_check_values_with_keys_of_two_master_keys_pins_neither() {
+    // A misconfigured process once wrapped some data keys under the same id
+    // with another master key: neither key may be pinned, or the other's
+    // data keys would be orphaned. The operator decides.
+    let db = TestDb::new();
+    let id = common::unique_owner("kc-mixed");
+    let (right, wrong) = (local(&id, 1), local(&id, 2));
+    let store = db.store();
+    for (i, kek) in (1u8..).zip([&right, &wrong, &right]) {
+        let owner = format!("{id}-owner-{i}");
+        let wrapped = kek.wrap(&owner, 1, &KeyBytes::new([i; 32])).expect("wrap");
+        assert!(
+            store
+                .insert_key_if_absent(&phi::StoredKey::active(owner, 1, id.clone(), wrapped))
+                .expect("insert")
+        );
+    }
+    let before = rows_under(&db, &id);
+    for kek in [right, wrong] {
+        let err = build(&db, kek).expect_err("keys of two master keys under one id");
+        assert!(matches!(err, Error::KekMismatch { ref kek_id, .. } if *kek_id == id), "{err:?}");
+        assert!(err.to_string().contains("do not open with it"), "{err}");
+        assert!(check_row(&db, &id).is_none(), "nothing pinned");
+    }
+    assert_eq!(rows_under(&db, &id), before);
+}

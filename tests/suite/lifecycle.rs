@@ -1249,6 +1249,9 @@ fn reseal_retire_usage_and_shred_leave_rows_with_the_flag_off_alone() {
     let shred = lifecycle::shred(&mut conn, &keyring, &owner, &tables, 10).expect("shred");
     assert_eq!(shred.sampled, 5, "{shred:?}");
     assert!(shred.verified(), "{shred:?}");
+    // The flag-off rows' values are in the clear, envelope-like bytes or not:
+    // row 3's payload and amount, row 4's amount.
+    assert_eq!(shred.in_clear, 3, "{shred:?}");
 }
 
 #[test]

@@ -83,9 +83,14 @@ fn verify(kek: &dyn KeyEncryptionKey, check: &KekCheck) -> Result<()> {
 }
 
 /// A KEK id without a check value: if data keys are stored under it, the
-/// KEK must open one of them.
+/// KEK must open every one of those tried. A store from before check values
+/// may hold keys that a misconfigured process wrapped under the same id with
+/// another key: pinning a key that opens only some of them would orphan the
+/// rest, so such a store is refused and the operator decides which key is
+/// right.
 fn verify_legacy(store: &dyn KeyStore, kek: &dyn KeyEncryptionKey) -> Result<()> {
     let rows = store.keys_page(Some(kek.id()), None, None, LEGACY_SAMPLE)?;
+    let mut refused = Vec::new();
     for row in &rows {
         let opens = kek
             .opens(&row.owner_id, row.version, &row.wrapped_key)
@@ -93,21 +98,21 @@ fn verify_legacy(store: &dyn KeyStore, kek: &dyn KeyEncryptionKey) -> Result<()>
                 kek_id: kek.id().to_owned(),
                 source,
             })?;
-        if opens {
-            return Ok(());
+        if !opens {
+            refused.push(format!("owner {:?} version {}", row.owner_id, row.version));
         }
     }
-    match rows.first() {
-        None => Ok(()),
-        Some(first) => Err(Error::KekMismatch {
-            kek_id: kek.id().to_owned(),
-            reason: format!(
-                "it has no check value yet, and none of the {} data key row(s) stored under it \
-                 that were tried opens with it (the first: owner {:?}, version {})",
-                rows.len(),
-                first.owner_id,
-                first.version
-            ),
-        }),
+    if refused.is_empty() {
+        return Ok(());
     }
+    Err(Error::KekMismatch {
+        kek_id: kek.id().to_owned(),
+        reason: format!(
+            "it has no check value yet, and {} of the {} data key row(s) stored under it \
+             that were tried do not open with it ({})",
+            refused.len(),
+            rows.len(),
+            refused.join(", ")
+        ),
+    })
 }

@@ -104,16 +104,24 @@ impl LocalKek {
     /// writable by others or owned by another user, or does not hold a
     /// base64 master key.
     pub fn from_file(id: impl Into<String>, path: impl AsRef<Path>) -> Result<Self, Error> {
+        use std::io::Read as _;
         let id = id.into();
         let path = path.as_ref();
-        #[cfg(unix)]
-        if let Err(reason) = private_file(path) {
-            return Err(Error::MasterKey { kek_id: id, reason });
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::MasterKey {
+        let cannot_read = |e: std::io::Error| Error::MasterKey {
             kek_id: id.clone(),
             reason: format!("cannot read {}: {e}", path.display()),
-        })?);
+        };
+        // One open: the permissions checked are those of the file read.
+        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+        #[cfg(unix)]
+        {
+            let meta = file.metadata().map_err(cannot_read)?;
+            if let Err(reason) = private_file(path, &meta) {
+                return Err(Error::MasterKey { kek_id: id, reason });
+            }
+        }
+        let mut text = Zeroizing::new(String::new());
+        file.read_to_string(&mut text).map_err(cannot_read)?;
         LocalKek::from_base64(id, &text)
     }
 
@@ -182,10 +190,8 @@ fn check_value(id: &str, master_key: &KeyBytes) -> [u8; 32] {
 /// Refuses a key file that others may read or change, or that belongs to
 /// another user; the reason says how to fix it.
 #[cfg(unix)]
-fn private_file(path: &Path) -> Result<(), String> {
+fn private_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt as _;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(

@@ -231,6 +231,7 @@ fn run(shared: &Shared, store: &dyn KeyStore) {
             state.queue.drain(..n).collect()
         };
         let result = store.append_audit(&batch);
+        let failed = result.is_err();
         let mut state = shared.lock();
         state.finished += batch.len() as u64;
         match result {
@@ -240,9 +241,17 @@ fn run(shared: &Shared, store: &dyn KeyStore) {
             }
             Err(error) => give_up(&mut state, &batch, error.to_string()),
         }
+        // Closing after a failed write: the store is unlikely to take the
+        // rest either, and each try could wait out a pool or busy timeout,
+        // so the rest is given up (counted and logged by `Stopped`) rather
+        // than holding the keyring's drop for minutes.
+        let stop = failed && state.closing;
         drop(state);
         crate::metrics::audit_finished(batch.len() as u64);
         shared.progress.notify_all();
+        if stop {
+            return;
+        }
     }
 }
 

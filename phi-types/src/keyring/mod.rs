@@ -28,6 +28,12 @@
 //! out by `flush_audit` and when the last clone of the keyring is dropped
 //! (a clean shutdown): drop it, or flush, outside a write transaction of
 //! the application's on SQLite, or the writes wait for that transaction.
+//! A keyring that is never dropped (one kept in a `static`), a
+//! `process::exit`, a signal's default action or a crash loses what is
+//! still queued: call `flush_audit` before such an exit. When a write
+//! fails while the keyring is being dropped, the rest of the queue is
+//! given up at once (counted and logged) rather than holding the drop
+//! through one timeout per batch.
 //! Sealing is a write path: a new data key and its `generate` record are
 //! written before the value sealed under it can be.
 

@@ -1324,12 +1324,18 @@ macro_rules! data_connection {
                 let owner_value = owner_value(table, owner)?;
                 let d: Dialect = $dialect;
                 let c = d.ident(&column.column);
+                // In the clear: not an envelope, or (with a flag) on a row
+                // whose flag is off, whatever its bytes.
+                let not_envelope = format!("SUBSTR({c}, 1, 2) <> {}", d.p(2));
+                let clear = match d.flag_on(table).strip_prefix(" AND ") {
+                    Some(on) => format!("(NOT ({on}) OR {not_envelope})"),
+                    None => not_envelope,
+                };
                 let sql = format!(
-                    "SELECT COUNT(*) AS n FROM {table} WHERE {owner} = {p1} AND {c} IS NOT NULL AND SUBSTR({c}, 1, 2) <> {p2}",
+                    "SELECT COUNT(*) AS n FROM {table} WHERE {owner} = {p1} AND {c} IS NOT NULL AND {clear}",
                     table = d.ident(&table.table),
                     owner = d.ident(&table.owner_column),
                     p1 = d.p(1),
-                    p2 = d.p(2),
                 );
                 let count: Count = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
                     .bind::<Binary, _>(&PREFIX[..])

@@ -91,7 +91,9 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     /// the schema (one that may only read the key tables, say): phi's tables
     /// must already exist, created by a deployment step with
     /// [`connect`](Self::connect) or [`migrations::run_pending`](crate::migrations::run_pending).
-    /// The user needs `SELECT` on `user_encryption_keys` to open values;
+    /// The user needs `SELECT` on `user_encryption_keys` to open values,
+    /// and on `kek_check_values`, where each of its KEKs' check values must
+    /// already be stored (a keyring verifies them when it is built);
     /// without `INSERT` on `encryption_key_audit` the `unwrap` records are
     /// counted and logged, not written; sealing for a new owner needs
     /// `INSERT` on both.
