@@ -118,6 +118,7 @@ fn keys(owner: &str, generation: u32, loaded_at: Instant) -> OwnerKeys {
         current: Some(0),
         loaded_at,
         blind_keys: Default::default(),
+        fill: u64::from(generation),
     }
 }
 
