@@ -23,9 +23,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::clinic_bin;
+
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
@@ -393,44 +393,6 @@ life_cycle!(
 
 // ---------------------------------------------------------------------------
 // The binaries, on SQLite.
-
-/// The clinic example, built with this test's backends.
-fn clinic_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target directory");
-        let bin = profile_dir.join("examples").join("clinic");
-        let mut features = vec!["sqlite"];
-        for (on, feature) in [
-            (cfg!(feature = "mysql"), "mysql"),
-            (cfg!(feature = "postgres"), "postgres"),
-            (cfg!(feature = "aws-kms"), "aws-kms"),
-        ] {
-            if on {
-                features.push(feature);
-            }
-        }
-        let status = Command::new(env!("CARGO"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "clinic",
-                "--no-default-features",
-                "--features",
-            ])
-            .arg(features.join(","))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the clinic example failed");
-        bin
-    })
-}
 
 /// The clinic's KEK in this test (not its default, so that the test does
 /// not depend on it).

@@ -10,9 +10,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::clinic_bin;
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -25,48 +26,6 @@ const PHI_COLUMNS: [&str; 4] = [
     "patient_dob",
     "ins_provider",
 ];
-
-/// The example's binary, built with this test's backends.
-fn clinic_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable");
-        // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target directory");
-        let bin = profile_dir.join("examples").join("clinic");
-        // With this test's features, so the binary speaks to every backend
-        // the test runs on; nothing to do when `cargo test` built it so.
-        let mut features = vec!["sqlite"];
-        if cfg!(feature = "mysql") {
-            features.push("mysql");
-        }
-        if cfg!(feature = "postgres") {
-            features.push("postgres");
-        }
-        if cfg!(feature = "aws-kms") {
-            features.push("aws-kms");
-        }
-        let status = Command::new(env!("CARGO"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "clinic",
-                "--no-default-features",
-                "--features",
-            ])
-            .arg(features.join(","))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the clinic example failed");
-        assert!(bin.exists(), "no clinic example at {}", bin.display());
-        bin
-    })
-}
 
 /// A database for the clinic, and the directory it runs in.
 struct Clinic {

@@ -9,11 +9,13 @@
 
 mod common;
 
+use common::clinic_bin;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use diesel::prelude::*;
@@ -31,41 +33,6 @@ const WORKERS: u64 = 8;
 /// (their updates seal a plain row whole; the others' stay plain).
 const OWNERS: u64 = 40;
 const ROLLED_OUT: u64 = 8;
-
-/// The example's binary, built with this test's backends.
-fn clinic_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target directory");
-        let bin = profile_dir.join("examples").join("clinic");
-        let mut features = vec!["sqlite", "postgres"];
-        if cfg!(feature = "mysql") {
-            features.push("mysql");
-        }
-        if cfg!(feature = "aws-kms") {
-            features.push("aws-kms");
-        }
-        let status = Command::new(env!("CARGO"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "clinic",
-                "--no-default-features",
-                "--features",
-            ])
-            .arg(features.join(","))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the clinic example failed");
-        bin
-    })
-}
 
 fn clinic(url: &str, dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(clinic_bin());

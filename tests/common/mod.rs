@@ -125,3 +125,46 @@ impl phi::KeyStore for CountingStore {
             .keys_page(wrapped_by, not_wrapped_by, after, limit)
     }
 }
+
+/// The clinic example's binary, built (once per test binary) with this
+/// test's backends.
+pub(crate) fn clinic_bin() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable");
+        // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
+        let profile_dir = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .expect("target directory");
+        let bin = profile_dir.join("examples").join("clinic");
+        // With this test's features, so the binary speaks to every backend
+        // the test runs on; nothing to do when `cargo test` built it so.
+        let mut features = vec!["sqlite"];
+        if cfg!(feature = "mysql") {
+            features.push("mysql");
+        }
+        if cfg!(feature = "postgres") {
+            features.push("postgres");
+        }
+        if cfg!(feature = "aws-kms") {
+            features.push("aws-kms");
+        }
+        let status = std::process::Command::new(env!("CARGO"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "clinic",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(features.join(","))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the clinic example failed");
+        assert!(bin.exists(), "no clinic example at {}", bin.display());
+        bin
+    })
+}
