@@ -99,7 +99,7 @@ fn verify_legacy(store: &dyn KeyStore, kek: &dyn KeyEncryptionKey) -> Result<()>
                 source,
             })?;
         if !opens {
-            refused.push(format!("owner {:?} version {}", row.owner_id, row.version));
+            refused.push(format!("owner {:?}, version {}", row.owner_id, row.version));
         }
     }
     if refused.is_empty() {
@@ -112,7 +112,7 @@ fn verify_legacy(store: &dyn KeyStore, kek: &dyn KeyEncryptionKey) -> Result<()>
              that were tried do not open with it ({})",
             refused.len(),
             rows.len(),
-            refused.join(", ")
+            refused.join("; ")
         ),
     })
 }
