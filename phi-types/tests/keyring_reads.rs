@@ -84,6 +84,16 @@ impl KeyStore for GatedStore {
     ) -> phi_types::Result<bool> {
         self.inner.insert_kek_check_if_absent(kek_id, check)
     }
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> phi_types::Result<Vec<StoredKey>> {
+        self.inner
+            .keys_page(wrapped_by, not_wrapped_by, after, limit)
+    }
 }
 
 /// Seals one value for each owner (creating their keys) with a keyring of

@@ -72,6 +72,12 @@ fn master_key_comes_from_the_environment_or_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("master.key");
     std::fs::write(&file, format!("{OTHER_B64}\n")).expect("key file");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            .expect("a private key file");
+    }
     let file = file.display().to_string();
 
     let from_var = run(&[("PHI_MASTER_KEY", KEY_B64)]);

@@ -21,21 +21,29 @@ fn tables(conn: &mut SqliteConnection) -> Vec<String> {
         .collect()
 }
 
+/// phi's migrations on SQLite.
+const MIGRATIONS: usize = 2;
+
 #[test]
 fn migrations_create_the_key_tables_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = dir.path().join("m.db").display().to_string();
     let mut conn = SqliteConnection::establish(&url).expect("connect");
+    // The key tables, then the KEK check values.
     assert_eq!(
         phi_types::migrations::run_pending(&mut conn).expect("migrate"),
-        1
+        MIGRATIONS
     );
     assert_eq!(
         phi_types::migrations::run_pending(&mut conn).expect("again"),
         0
     );
     let tables = tables(&mut conn);
-    for table in ["encryption_key_audit", "user_encryption_keys"] {
+    for table in [
+        "encryption_key_audit",
+        "kek_check_values",
+        "user_encryption_keys",
+    ] {
         assert!(
             tables.iter().any(|t| t == table),
             "{table} missing from {tables:?}"
@@ -60,5 +68,5 @@ fn processes_starting_together_all_find_the_tables_ready() {
             .collect();
         handles.into_iter().map(|h| h.join().expect("thread")).sum()
     });
-    assert_eq!(applied, 1, "the migration ran exactly once");
+    assert_eq!(applied, MIGRATIONS, "each migration ran exactly once");
 }

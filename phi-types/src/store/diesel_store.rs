@@ -75,13 +75,7 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     /// # Errors
     /// [`Error::Store`] when the database cannot be reached or migrated.
     pub fn connect(database_url: &str) -> Result<Self> {
-        let pool = Pool::builder()
-            .max_size(4)
-            .min_idle(Some(0))
-            .connection_customizer(Box::new(Prepare))
-            .build(ConnectionManager::<C>::new(database_url))
-            .map_err(|e| Error::store("connecting the key store pool", e))?;
-        let store = DieselKeyStore { pool };
+        let store = Self::connect_without_migrating(database_url)?;
         crate::migrations::run_pending(&mut *store.conn()?)?;
         Ok(store)
     }
