@@ -5,6 +5,11 @@
 //!
 //! - `aes_gcm_raw`: the baseline, aes-gcm 0.11 encrypt / decrypt, detached,
 //!   in place, no associated data, one initialised cipher;
+//! - `ring_raw`: ring 0.17's AES-256-GCM, the same calls, with the same 49
+//!   bytes of associated data as `aes_gcm_raw/*_with_aad`;
+//! - `phi_seal` and `phi_open` run on the backend of the build
+//!   (`phi_types::envelope::BACKEND`, printed first): ring by default,
+//!   aes-gcm with `--no-default-features --features sqlite`;
 //! - `phi_seal`: `OwnerKeys::seal` (one fork check per call) and
 //!   `Sealer::seal` per value inside one `with_sealer` batch, warm cache;
 //! - `phi_open`: `OwnerKeys::open` and `Keyring::open` (cache lookup
@@ -24,7 +29,7 @@ use phi_types::{
     Encrypted, KeyBytes, KeyStore, Keyring, LocalKek, MemoryKeyStore, OwnerKeys, StoredKey,
 };
 
-const SIZES: [usize; 3] = [16, 64, 1024];
+const SIZES: [usize; 5] = [16, 64, 1024, 5_000, 50_000];
 const OWNER: &str = "provider-17";
 const SCOPE: &str = "cases.patient_note";
 const ROW: &[u8] = b"C-000001";
@@ -116,6 +121,42 @@ fn raw_aes_gcm(c: &mut Criterion) {
                 |mut buf| {
                     cipher
                         .decrypt_inout_detached(&nonce, &aad, buf.as_mut_slice().into(), &tag)
+                        .expect("decrypt");
+                    buf
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+fn raw_ring(c: &mut Criterion) {
+    use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce as RingNonce, UnboundKey};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[0x42u8; 32]).expect("key"));
+    let nonce = || RingNonce::assume_unique_for_key([7u8; 12]);
+    let aad = phi_aad();
+    let mut group = c.benchmark_group("ring_raw");
+    for len in SIZES {
+        group.throughput(Throughput::Bytes(len as u64));
+        let mut buf = value(len);
+        group.bench_function(BenchmarkId::new("encrypt_with_aad", len), |b| {
+            b.iter(|| {
+                let tag = key
+                    .seal_in_place_separate_tag(nonce(), Aad::from(&aad), buf.as_mut_slice())
+                    .expect("encrypt");
+                black_box(tag)
+            });
+        });
+        let mut sealed = value(len);
+        let tag = key
+            .seal_in_place_separate_tag(nonce(), Aad::from(&aad), sealed.as_mut_slice())
+            .expect("encrypt");
+        group.bench_function(BenchmarkId::new("decrypt_with_aad", len), |b| {
+            b.iter_batched(
+                || sealed.clone(),
+                |mut buf| {
+                    key.open_in_place_separate_tag(nonce(), Aad::from(&aad), tag, &mut buf, 0..)
                         .expect("decrypt");
                     buf
                 },
@@ -284,7 +325,9 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
+    eprintln!("phi's AES-256-GCM backend: {}", phi_types::envelope::BACKEND);
     raw_aes_gcm(&mut c);
+    raw_ring(&mut c);
     phi_seal(&mut c);
     phi_open(&mut c);
     keyring_cache_hit(&mut c);

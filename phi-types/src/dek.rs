@@ -2,8 +2,9 @@
 
 use std::fmt;
 
-use aes_gcm::{Aes256Gcm, KeyInit};
 use zeroize::Zeroizing;
+
+use crate::cipher::Cipher;
 
 /// 32 bytes of key material, zeroized on drop, never printed.
 ///
@@ -47,18 +48,20 @@ impl fmt::Debug for KeyBytes {
 
 /// One unwrapped data key of an owner, with its initialised cipher.
 ///
-/// The cipher's expanded key is wiped on drop (aes-gcm's `zeroize` feature),
-/// as are the raw key bytes kept for derivations.
+/// The raw key bytes kept for derivations are zeroized on drop, and so is
+/// the cipher's expanded key (see [`envelope::BACKEND`](crate::envelope::BACKEND)
+/// and the `cipher` notes in `DESIGN.md`: aes-gcm wipes it, ring's is
+/// overwritten in place by phi).
 pub struct Dek {
     version: u32,
     key: KeyBytes,
-    cipher: Aes256Gcm,
+    cipher: Cipher,
 }
 
 impl Dek {
     /// Builds a data key of `version` from its bytes.
     pub fn new(version: u32, key: KeyBytes) -> Self {
-        let cipher = Aes256Gcm::new(key.expose().into());
+        let cipher = Cipher::new(&key);
         Dek {
             version,
             key,
@@ -71,7 +74,7 @@ impl Dek {
         self.version
     }
 
-    pub(crate) fn cipher(&self) -> &Aes256Gcm {
+    pub(crate) fn cipher(&self) -> &Cipher {
         &self.cipher
     }
 

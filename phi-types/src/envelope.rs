@@ -46,9 +46,8 @@
 //!   than 2³⁰ values between rotations, no owner's version can come near
 //!   the budget.
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
-
+use crate::cipher::Cipher;
+pub use crate::cipher::BACKEND;
 use crate::dek::Dek;
 
 /// First byte of every envelope.
@@ -225,7 +224,7 @@ impl<'a> Binding<'a> {
 /// the buffer already holds the header and nonce. One allocation of the
 /// final size when `size_hint` is right.
 pub(crate) fn seal_with(
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     key_version: u32,
     nonce: [u8; NONCE_LEN],
     binding: &Binding<'_>,
@@ -244,14 +243,10 @@ pub(crate) fn seal_with(
     encode(&mut out);
     let tag = binding
         .with_aad(&header, |aad| {
-            cipher.encrypt_inout_detached(
-                &Nonce::from(nonce),
-                aad,
-                (&mut out[CIPHERTEXT_OFFSET..]).into(),
-            )
+            cipher.seal_in_place(nonce, aad, &mut out[CIPHERTEXT_OFFSET..])
         })
         .map_err(|_| "the value is too large for AES-GCM")?;
-    out.extend_from_slice(tag.as_slice());
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
@@ -259,7 +254,7 @@ pub(crate) fn seal_with(
 /// same buffer. On failure the buffer is zeroed and emptied, so no partial
 /// plaintext survives.
 pub(crate) fn open_in_place(
-    cipher: &Aes256Gcm,
+    cipher: &Cipher,
     envelope: &mut Vec<u8>,
     binding: &Binding<'_>,
 ) -> Result<(), OpenError> {
@@ -273,11 +268,11 @@ pub(crate) fn open_in_place(
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&envelope[len - TAG_LEN..]);
     let result = binding.with_aad(&header_bytes, |aad| {
-        cipher.decrypt_inout_detached(
-            &Nonce::from(nonce),
+        cipher.open_in_place(
+            nonce,
             aad,
-            (&mut envelope[CIPHERTEXT_OFFSET..len - TAG_LEN]).into(),
-            &Tag::from(tag),
+            &mut envelope[CIPHERTEXT_OFFSET..len - TAG_LEN],
+            tag,
         )
     });
     if result.is_err() {

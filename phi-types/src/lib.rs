@@ -43,6 +43,7 @@
 //! - `aws-kms`: [`AwsKmsKek`], data keys generated and unwrapped by AWS KMS.
 
 pub mod blind;
+mod cipher;
 mod connection;
 mod dek;
 pub mod envelope;

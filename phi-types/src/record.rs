@@ -19,8 +19,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
@@ -223,8 +222,9 @@ pub trait PhiRecord: Sized + Send + Sync {
 
     /// Seals many records, resolving all their owners' keys in one batch
     /// (one key-store query for the owners not cached). Batches of 512
-    /// records or more are sealed on all available cores; the result is in
-    /// the order of `records`.
+    /// records or more ([`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows))
+    /// are sealed on rayon's global thread pool, in blocks of 128 rows; the
+    /// result is in the order of `records`.
     ///
     /// # Errors
     /// As [`seal`](Self::seal); nothing is returned if any record fails.
@@ -246,19 +246,19 @@ pub trait PhiRecord: Sized + Send + Sync {
             })?
         };
         let len = records.len();
-        let threads = threads_for(len);
-        if threads < 2 {
+        if len < keyring.parallel_min_rows() {
             let mut out = Vec::with_capacity(len);
             seal_into(0..len, &mut out)?;
             return Ok(out);
         }
-        let next = AtomicUsize::new(0);
-        let claim = || {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            let start = index.saturating_mul(BLOCK_ROWS);
-            (start < len).then(|| (index, start..len.min(start + BLOCK_ROWS)))
-        };
-        in_blocks(threads, len, "sealing", claim, seal_into)
+        in_blocks(
+            (0..len)
+                .step_by(BLOCK_ROWS)
+                .map(|start| start..len.min(start + BLOCK_ROWS))
+                .collect(),
+            len,
+            seal_into,
+        )
     }
 
     /// Opens one stored row.
@@ -276,8 +276,9 @@ pub trait PhiRecord: Sized + Send + Sync {
 
     /// Opens stored rows, resolving every owner's keys in one batch (one
     /// key-store query, one unwrap per data key not cached). Batches of 512
-    /// rows or more are opened on all available cores; the result is in the
-    /// order of `rows`.
+    /// rows or more ([`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows))
+    /// are opened on rayon's global thread pool, in blocks of 128 rows; the
+    /// result is in the order of `rows`.
     ///
     /// # Errors
     /// The first row that fails, with an error naming the table, column and
@@ -286,7 +287,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// envelope).
     fn open_all(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Self>> {
         let keys = resolve_for_open(&rows, keyring)?;
-        open_rows(rows, &keys)
+        open_rows(rows, &keys, keyring.parallel_min_rows())
     }
 
     /// Opens stored rows one by one: each row's result, so one damaged row
@@ -326,73 +327,41 @@ pub trait PhiRecord: Sized + Send + Sync {
     }
 }
 
-/// Rows below which a batch is sealed or opened on the calling thread.
-const PARALLEL_MIN_ROWS: usize = 512;
+/// Rows from which a batch is sealed or opened on the thread pool, unless
+/// the keyring says otherwise
+/// ([`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows)).
+///
+/// Handing a batch to rayon's pool and collecting it costs a few
+/// microseconds (no thread is started: the pool's threads live across
+/// calls); sealing or opening a row of four short fields costs about
+/// 0.5–1 µs. From 512 rows the work (0.25 ms or more) outweighs the
+/// hand-off many times over; below it, the calling thread alone.
+pub const PARALLEL_MIN_ROWS: usize = 512;
 
-/// Rows a thread claims at a time from a batch shared between threads.
+/// Rows a pool thread takes at a time from a batch.
 const BLOCK_ROWS: usize = 128;
 
-/// How many threads share a batch of `rows`: one per available core, or
-/// only the calling thread for a small batch.
-fn threads_for(rows: usize) -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    if rows < PARALLEL_MIN_ROWS {
-        return 1;
-    }
-    *CORES
-        .get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
-}
-
-/// Shares a batch between the calling thread and `threads - 1` scoped ones.
-/// Each takes the next block of rows from `claim` (its index and its rows,
-/// `None` when none is left) and runs `work` over it, until the batch is
-/// done: a thread the system is slow to run takes fewer blocks, and the
-/// calling thread never waits for more than the block another is on.
-///
-/// The outputs are concatenated in block order (`len` in all). After an
-/// error no new block is taken; blocks are claimed in order, so every block
-/// before the failing one was completed, and the error returned is that of
-/// the first failing row.
-fn in_blocks<B, U, C, F>(
-    threads: usize,
-    len: usize,
-    what: &str,
-    claim: C,
-    work: F,
-) -> Result<Vec<U>>
+/// Runs `work` over each block on rayon's global pool (the calling thread
+/// waits, or works too when it is one of the pool's). The outputs are
+/// concatenated in block order (`len` in all); when blocks fail, the error
+/// returned is that of the first failing block in order, so of the first
+/// failing row.
+fn in_blocks<B, U, F>(blocks: Vec<B>, len: usize, work: F) -> Result<Vec<U>>
 where
+    B: Send,
     U: Send,
-    C: Fn() -> Option<(usize, B)> + Sync,
     F: Fn(B, &mut Vec<U>) -> Result<()> + Sync,
 {
-    let failed = AtomicBool::new(false);
-    let run = || {
-        let mut done: Vec<(usize, Result<Vec<U>>)> = Vec::new();
-        while !failed.load(Ordering::Relaxed) {
-            let Some((index, block)) = claim() else { break };
+    use rayon::prelude::*;
+    let done: Vec<Result<Vec<U>>> = blocks
+        .into_par_iter()
+        .map(|block| {
             let mut out = Vec::with_capacity(BLOCK_ROWS);
-            let result = work(block, &mut out).map(|()| out);
-            if result.is_err() {
-                failed.store(true, Ordering::Relaxed);
-            }
-            done.push((index, result));
-        }
-        done
-    };
-    let mut done = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
-        let mut done = run();
-        for helper in helpers {
-            done.extend(helper.join().map_err(|_| Error::KeyUnavailable {
-                owner: String::new(),
-                reason: format!("a thread {what} rows panicked"),
-            })?);
-        }
-        Ok::<_, Error>(done)
-    })?;
-    done.sort_unstable_by_key(|(index, _)| *index);
+            work(block, &mut out).map(|()| out)
+        })
+        .collect();
     let mut out = Vec::with_capacity(len);
-    for (_, block) in done {
+    for block in done {
         out.append(&mut block?);
     }
     Ok(out)
@@ -456,6 +425,7 @@ fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>
 fn open_rows<R: PhiRecord>(
     rows: Vec<R::Sealed>,
     keys: &HashMap<String, Arc<OwnerKeys>>,
+    parallel_min_rows: usize,
 ) -> Result<Vec<R>> {
     let len = rows.len();
     let open_into = |rows: Vec<R::Sealed>, out: &mut Vec<R>| {
@@ -464,21 +434,21 @@ fn open_rows<R: PhiRecord>(
         }
         Ok(())
     };
-    let threads = threads_for(len);
-    if threads < 2 {
+    if len < parallel_min_rows {
         let mut out = Vec::with_capacity(len);
         open_into(rows, &mut out)?;
         return Ok(out);
     }
-    let rest = Mutex::new((0, rows.into_iter()));
-    let claim = || {
-        let mut rest = rest.lock().unwrap_or_else(PoisonError::into_inner);
-        let block: Vec<R::Sealed> = rest.1.by_ref().take(BLOCK_ROWS).collect();
-        let index = rest.0;
-        rest.0 += 1;
-        (!block.is_empty()).then_some((index, block))
-    };
-    in_blocks(threads, len, "opening", claim, open_into)
+    let mut blocks = Vec::with_capacity(len.div_ceil(BLOCK_ROWS));
+    let mut rows = rows.into_iter();
+    loop {
+        let block: Vec<R::Sealed> = rows.by_ref().take(BLOCK_ROWS).collect();
+        if block.is_empty() {
+            break;
+        }
+        blocks.push(block);
+    }
+    in_blocks(blocks, len, open_into)
 }
 
 /// The stored (sealed) form of a [`PhiRecord`]; implemented by the derive.

@@ -281,6 +281,7 @@ struct Inner {
     rollout: RwLock<Rollout>,
     audit: AuditWriter,
     misses: Misses,
+    parallel_min_rows: usize,
 }
 
 /// Configures a [`Keyring`]; from [`Keyring::builder`].
@@ -296,6 +297,7 @@ pub struct KeyringBuilder {
     rollout: Rollout,
     unknown_version_ttl: Duration,
     audit_queue: usize,
+    parallel_min_rows: usize,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -370,6 +372,18 @@ impl KeyringBuilder {
         self
     }
 
+    /// Batches of at least this many rows are sealed and opened
+    /// (`seal_all`, `open_all`, `load`) on the rayon thread pool, all
+    /// available cores; smaller ones on the calling thread (default
+    /// [`PARALLEL_MIN_ROWS`](crate::record::PARALLEL_MIN_ROWS), 512).
+    /// `usize::MAX` keeps every batch on the calling thread: for an
+    /// application that wants phi to start no threads of its own (an
+    /// async server already using every core, or a restricted sandbox).
+    pub fn parallel_min_rows(mut self, rows: usize) -> Self {
+        self.parallel_min_rows = rows;
+        self
+    }
+
     /// Builds the keyring, after checking every configured KEK against the
     /// key store: a KEK id names exactly one key. The first keyring built
     /// with a KEK stores its check value (`kek_check_values`); a KEK whose
@@ -429,6 +443,7 @@ impl KeyringBuilder {
                 rollout: RwLock::new(self.rollout),
                 audit,
                 misses: Misses::new(self.unknown_version_ttl, self.max_owners),
+                parallel_min_rows: self.parallel_min_rows,
             }),
         })
     }
@@ -458,7 +473,14 @@ impl Keyring {
             rollout: Rollout::All,
             unknown_version_ttl: DEFAULT_UNKNOWN_VERSION_TTL,
             audit_queue: DEFAULT_AUDIT_QUEUE,
+            parallel_min_rows: crate::record::PARALLEL_MIN_ROWS,
         }
+    }
+
+    /// Rows from which a batch is sealed or opened on several threads (see
+    /// [`KeyringBuilder::parallel_min_rows`]).
+    pub fn parallel_min_rows(&self) -> usize {
+        self.inner.parallel_min_rows
     }
 
     /// The owner's keys for sealing: an active data key is created (and

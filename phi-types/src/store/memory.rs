@@ -45,11 +45,17 @@ impl MemoryKeyStore {
 impl KeyStore for MemoryKeyStore {
     fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
         let inner = self.lock()?;
-        Ok(inner
-            .keys
-            .values()
-            .filter(|k| owners.contains(&k.owner_id.as_str()))
-            .cloned()
+        // Each distinct owner's range of the map, in the map's order (owner,
+        // then version): no scan of every stored key per owner.
+        let owners: BTreeSet<&str> = owners.iter().copied().collect();
+        Ok(owners
+            .into_iter()
+            .flat_map(|owner| {
+                inner
+                    .keys
+                    .range((owner.to_owned(), 0)..=(owner.to_owned(), u32::MAX))
+                    .map(|(_, key)| key.clone())
+            })
             .collect())
     }
 
