@@ -9,10 +9,11 @@
 //!
 //! Not a criterion benchmark: each measure times a whole run and the median
 //! of 3 runs is reported. For each backend enabled by cargo features it
-//! creates (drops and recreates) two tables of its own, `phi_cmp_plain` (4
-//! PHI text columns) and `phi_cmp_sealed` (the same 4 columns as binary
-//! `Encrypted<String>`), and measures, for N cases × 4 PHI fields over 100
-//! owners:
+//! creates (drops and recreates) three tables of its own, `phi_cmp_plain` (4
+//! PHI text columns), `phi_cmp_sealed` (the same 4 columns as binary
+//! `Encrypted<String>`) and `phi_cmp_em` (the same 4 columns as the JSON
+//! text of the `encrypted-message` crate), and measures, for N cases × 4
+//! PHI fields over 100 owners:
 //!
 //! - insert: batches of 1,000 rows, one multi-row `INSERT` in one transaction
 //!   per batch; phi inserts what `Case::seal_all(batch, &keyring)` returns
@@ -23,7 +24,10 @@
 //!   `Case::load(phi_cmp_sealed::table, …)`, on a warm keyring and on a fresh
 //!   (cold) one that resolves the 100 owners inside the timing. The warm load
 //!   is also timed in its two steps: loading the sealed rows, then
-//!   `Case::open_all` (key resolution and opening).
+//!   `Case::open_all` (key resolution and opening);
+//! - the same insert and load with `encrypted-message` 0.3 (each field
+//!   encrypted and decrypted one by one on the calling thread, as that crate
+//!   offers).
 //!
 //! Settings (environment):
 //!
@@ -50,7 +54,7 @@ use diesel::prelude::*;
 use phi::{KeyBytes, KeyStore, Keyring, LocalKek, PhiRecord};
 
 mod schema {
-    //! The two tables of the comparison.
+    //! The three tables of the comparison.
     #![allow(missing_docs)]
     diesel::table! {
         phi_cmp_plain (case_id) {
@@ -74,8 +78,95 @@ mod schema {
             status -> Integer,
         }
     }
+    diesel::table! {
+        phi_cmp_em (case_id) {
+            case_id -> BigInt,
+            user_id -> Text,
+            patient_first -> Text,
+            patient_last -> Text,
+            patient_dob -> Text,
+            ins_provider -> Text,
+            status -> Integer,
+        }
+    }
 }
-use schema::{phi_cmp_plain, phi_cmp_sealed};
+use schema::{phi_cmp_em, phi_cmp_plain, phi_cmp_sealed};
+
+/// The `encrypted-message` crate (0.3) on the same rows: each PHI field an
+/// `EncryptedMessage<String, _>` (AES-256-GCM under one application key,
+/// random nonce, no associated data), stored as the JSON text its Diesel
+/// integration writes (`{"p":…,"h":{"iv":…,"at":…}}`) in a text column.
+mod em {
+    use encrypted_message::EncryptedMessage;
+    use encrypted_message::config::{Config, Secret};
+    use encrypted_message::strategy::Randomized;
+
+    use super::{BoxResult, PlainCase, phi_cmp_em};
+
+    #[derive(Debug, Default)]
+    pub(super) struct EmConfig;
+
+    impl Config for EmConfig {
+        type Strategy = Randomized;
+
+        fn keys(&self) -> Vec<Secret<[u8; 32]>> {
+            vec![[0x42u8; 32].into()]
+        }
+    }
+
+    type Em = EncryptedMessage<String, EmConfig>;
+
+    /// A row of `phi_cmp_em`: the 4 PHI fields as encrypted-message JSON.
+    #[derive(diesel::Insertable, diesel::Queryable, diesel::Selectable)]
+    #[diesel(table_name = phi_cmp_em)]
+    pub(super) struct EmRow {
+        case_id: i64,
+        user_id: String,
+        patient_first: String,
+        patient_last: String,
+        patient_dob: String,
+        ins_provider: String,
+        status: i32,
+    }
+
+    fn seal(value: &str) -> BoxResult<String> {
+        Ok(serde_json::to_string(&Em::encrypt(value.to_owned())?)?)
+    }
+
+    fn open(stored: &str) -> BoxResult<String> {
+        let message: Em = serde_json::from_str(stored)?;
+        Ok(message.decrypt()?)
+    }
+
+    pub(super) fn seal_row(c: &PlainCase) -> BoxResult<EmRow> {
+        Ok(EmRow {
+            case_id: c.case_id,
+            user_id: c.user_id.clone(),
+            patient_first: seal(&c.patient_first)?,
+            patient_last: seal(&c.patient_last)?,
+            patient_dob: seal(&c.patient_dob)?,
+            ins_provider: seal(&c.ins_provider)?,
+            status: c.status,
+        })
+    }
+
+    pub(super) fn open_row(r: EmRow) -> BoxResult<PlainCase> {
+        Ok(PlainCase {
+            case_id: r.case_id,
+            user_id: r.user_id,
+            patient_first: open(&r.patient_first)?,
+            patient_last: open(&r.patient_last)?,
+            patient_dob: open(&r.patient_dob)?,
+            ins_provider: open(&r.ins_provider)?,
+            status: r.status,
+        })
+    }
+
+    /// The stored value is not the plaintext.
+    pub(super) fn looks_sealed(stored: &str, clear: &str) -> bool {
+        stored.starts_with("{\"p\":") && !stored.contains(clear)
+    }
+}
 
 const DEFAULT_ROWS: usize = 100_000;
 const QUICK_ROWS: usize = 10_000;
@@ -306,6 +397,10 @@ struct Samples {
     cold_keys: Vec<Duration>,
     /// The same, warm, over the distinct owners collected first.
     keys_distinct: Vec<Duration>,
+    /// The `encrypted-message` variant: insert (sealing included), load
+    /// (opening included).
+    em_insert: Vec<Duration>,
+    em_load: Vec<Duration>,
 }
 
 /// What one backend measured (medians).
@@ -326,6 +421,8 @@ struct Report {
     warm_keys: Duration,
     cold_keys: Duration,
     keys_distinct: Duration,
+    em_insert: Duration,
+    em_load: Duration,
 }
 
 fn median(samples: &[Duration]) -> Duration {
@@ -353,6 +450,8 @@ impl Report {
             warm_keys: median(&s.warm_keys),
             cold_keys: median(&s.cold_keys),
             keys_distinct: median(&s.keys_distinct),
+            em_insert: median(&s.em_insert),
+            em_load: median(&s.em_load),
         }
     }
 
@@ -397,7 +496,21 @@ impl Report {
             thousands(self.rate(self.warm_rows)),
             ratio(self.warm_rows, self.plain_load),
         );
+        println!(
+            "| encrypted-message 0.3 (JSON text columns) | {} | {:.2} | {} | {:.2} |",
+            thousands(self.rate(self.em_insert)),
+            ratio(self.em_insert, self.plain_insert),
+            thousands(self.rate(self.em_load)),
+            ratio(self.em_load, self.plain_load),
+        );
         println!();
+        println!(
+            "- phi's warm load against encrypted-message's: {:.1}× faster (target ≥ 4×: {}); \
+             insert {:.1}× faster",
+            ratio(self.em_load, self.warm),
+            met(ratio(self.em_load, self.warm) >= 4.0),
+            ratio(self.em_insert, self.phi_insert),
+        );
         println!(
             "- per field, wall clock: seal {:.0} ns (`seal_all` {:.1} ms in all for {} fields), \
              open {:.0} ns (`open_all` {:.1} ms, warm, key resolution included)",
@@ -492,6 +605,8 @@ macro_rules! backend_run {
                     let (total, sealing) = insert_phi(&mut conn, &data.cases, &keyring)?;
                     s.phi_insert.push(total);
                     s.phi_seal.push(sealing);
+                    conn.batch_execute(&em_table(b))?;
+                    s.em_insert.push(insert_em(&mut conn, &data.plain)?);
                 }
                 check_stored(&mut conn, data)?;
 
@@ -499,6 +614,7 @@ macro_rules! backend_run {
                 // bits on the first read after the insert).
                 black_box(load_plain(&mut conn)?);
                 black_box(load_sealed(&mut conn)?);
+                black_box(load_em(&mut conn)?);
                 for run in 0..RUNS {
                     eprintln!("{}: load run {}/{RUNS}", b.name, run + 1);
                     let start = Instant::now();
@@ -533,6 +649,17 @@ macro_rules! backend_run {
                     s.warm_open.push(loaded.elapsed());
                     s.warm_rows.push(loaded - start);
                     drop(black_box(opened));
+
+                    let start = Instant::now();
+                    let em: Vec<PlainCase> = load_em(&mut conn)?
+                        .into_iter()
+                        .map(em::open_row)
+                        .collect::<BoxResult<_>>()?;
+                    s.em_load.push(start.elapsed());
+                    if run == 0 {
+                        verify(&em, &data.plain, |c| c.case_id, "encrypted-message load")?;
+                    }
+                    drop(black_box(em));
                 }
                 let sealed = load_sealed(&mut conn)?;
                 for _ in 0..RUNS {
@@ -544,6 +671,26 @@ macro_rules! backend_run {
                     s.cold_keys.push(owner_resolution(&sealed, &fresh, false)?);
                 }
                 Ok(Report::new(b, version, data.cases.len(), &s))
+            }
+
+            fn insert_em(conn: &mut Conn, cases: &[PlainCase]) -> BoxResult<Duration> {
+                let start = Instant::now();
+                for batch in cases.chunks(BATCH_ROWS) {
+                    let rows = batch
+                        .iter()
+                        .map(em::seal_row)
+                        .collect::<BoxResult<Vec<_>>>()?;
+                    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+                        diesel::insert_into(phi_cmp_em::table)
+                            .values(&rows)
+                            .execute(conn)
+                    })?;
+                }
+                Ok(start.elapsed())
+            }
+
+            fn load_em(conn: &mut Conn) -> QueryResult<Vec<em::EmRow>> {
+                phi_cmp_em::table.select(em::EmRow::as_select()).load(conn)
             }
 
             fn insert_plain(conn: &mut Conn, cases: &[PlainCase]) -> BoxResult<Duration> {
@@ -600,6 +747,15 @@ macro_rules! backend_run {
                     || raw.windows(clear.len()).any(|w| w == clear.as_bytes())
                 {
                     return Err("the sealed table does not hold envelope v1 values".into());
+                }
+                let em_rows: i64 = phi_cmp_em::table.count().get_result(conn)?;
+                let (id, stored): (i64, String) = phi_cmp_em::table
+                    .select((phi_cmp_em::case_id, phi_cmp_em::patient_last))
+                    .order(phi_cmp_em::case_id)
+                    .first(conn)?;
+                let clear = &data.cases[usize::try_from(id - 1)?].patient_last;
+                if em_rows != expected || !em::looks_sealed(&stored, clear) {
+                    return Err("the encrypted-message table does not hold its sealed rows".into());
                 }
                 Ok(())
             }
@@ -795,6 +951,14 @@ fn backends() -> Vec<Backend> {
         insert_target: 1.2,
     });
     list
+}
+
+/// `DROP` and `CREATE` of the encrypted-message variant's table: the
+/// plaintext table's columns, wide enough for the JSON.
+fn em_table(b: &Backend) -> String {
+    b.plain_table
+        .replace("phi_cmp_plain", "phi_cmp_em")
+        .replace("VARCHAR(255)", "VARCHAR(1024)")
 }
 
 fn run_backend(b: &Backend, data: &Data, owners: &[String]) -> BoxResult<Report> {
