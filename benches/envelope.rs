@@ -325,7 +325,10 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
-    eprintln!("phi's AES-256-GCM backend: {}", phi_types::envelope::BACKEND);
+    eprintln!(
+        "phi's AES-256-GCM backend: {}",
+        phi_types::envelope::BACKEND
+    );
     raw_aes_gcm(&mut c);
     raw_ring(&mut c);
     phi_seal(&mut c);

@@ -177,7 +177,11 @@ mod tests {
         assert_eq!(block, [0u8; 16]);
         let mut bad = tag;
         bad[0] ^= 1;
-        assert!(cipher.open_in_place([0; NONCE_LEN], &[], &mut block, bad).is_err());
+        assert!(
+            cipher
+                .open_in_place([0; NONCE_LEN], &[], &mut block, bad)
+                .is_err()
+        );
     }
 
     /// With the `ring` feature, the two backends side by side: each opens

@@ -46,8 +46,8 @@
 //!   than 2³⁰ values between rotations, no owner's version can come near
 //!   the budget.
 
-use crate::cipher::Cipher;
 pub use crate::cipher::BACKEND;
+use crate::cipher::Cipher;
 use crate::dek::Dek;
 
 /// First byte of every envelope.
