@@ -65,6 +65,8 @@ pub use connection::PhiConnection;
 pub use dek::{Dek, KeyBytes};
 pub use envelope::{Binding, EnvelopeError, Header};
 pub use error::{BoxError, Error, Result};
+#[cfg(feature = "async")]
+pub use kek::KekFuture;
 #[cfg(feature = "aws-kms")]
 pub use kek::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,

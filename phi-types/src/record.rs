@@ -236,29 +236,7 @@ pub trait PhiRecord: Sized + Send + Sync {
             sealing.retain(|o| keyring.encrypts_for(o));
         }
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
-        let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<Self::Sealed>| {
-            with_sealer(|sealer| {
-                for (record, owner) in records[range.clone()].iter().zip(&owners[range]) {
-                    let keys = keys.get(owner.as_ref()).map(Arc::as_ref);
-                    out.push(record.seal_with(keys, sealer)?);
-                }
-                Ok(())
-            })?
-        };
-        let len = records.len();
-        let threads = threads_for(len);
-        if threads < 2 {
-            let mut out = Vec::with_capacity(len);
-            seal_into(0..len, &mut out)?;
-            return Ok(out);
-        }
-        let next = AtomicUsize::new(0);
-        let claim = || {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            let start = index.saturating_mul(BLOCK_ROWS);
-            (start < len).then(|| (index, start..len.min(start + BLOCK_ROWS)))
-        };
-        in_blocks(threads, len, "sealing", claim, seal_into)
+        seal_records(records, &owners, &keys)
     }
 
     /// Opens one stored row.
@@ -324,7 +302,189 @@ pub trait PhiRecord: Sized + Send + Sync {
             })?;
         Self::open_all(rows, keyring)
     }
+
+    /// [`seal`](Self::seal) for async code (feature `async`): the owner's
+    /// key is resolved (or created) without blocking the task's thread.
+    ///
+    /// # Errors
+    /// As [`seal`](Self::seal).
+    #[cfg(feature = "async")]
+    fn seal_async(
+        &self,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Self::Sealed>> + Send {
+        async move {
+            let mut sealed = Self::seal_all_async(std::slice::from_ref(self), keyring).await?;
+            sealed.pop().ok_or_else(|| Error::KeyUnavailable {
+                owner: self.owner_id().into_owned(),
+                reason: "sealing produced no row".into(),
+            })
+        }
+    }
+
+    /// [`seal_all`](Self::seal_all) for async code (feature `async`): the
+    /// keys of every owner are resolved with
+    /// [`Keyring::keys_for_seal_many_async`], then the records are sealed on
+    /// the calling task (sealing is CPU work of a microsecond or two per
+    /// field). Insert the result with diesel-async, or use the derive's
+    /// `insert_async`.
+    ///
+    /// # Errors
+    /// As [`seal_all`](Self::seal_all).
+    #[cfg(feature = "async")]
+    fn seal_all_async(
+        records: &[Self],
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Self::Sealed>>> + Send {
+        async move {
+            let owners: Vec<Cow<'_, str>> = records.iter().map(Self::owner_id).collect();
+            let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
+            if Self::HAS_ENCRYPTED_FLAG {
+                sealing.retain(|o| keyring.encrypts_for(o));
+            }
+            let sealing: Vec<&str> = sealing.into_iter().collect();
+            let keys = keyring.keys_for_seal_many_async(sealing).await?;
+            seal_records(records, &owners, &keys)
+        }
+    }
+
+    /// [`open_all`](Self::open_all) for async code (feature `async`): keys
+    /// are resolved with [`Keyring::keys_for_open_many_async`]; then a
+    /// batch of fewer than [`ASYNC_OPEN_INLINE_MAX_ROWS`] rows is opened on
+    /// the calling task, a larger one on `tokio::task::spawn_blocking`, so
+    /// that no runtime worker is held longer than about 100 µs (see the
+    /// constant for the measurement).
+    ///
+    /// # Errors
+    /// As [`open_all`](Self::open_all).
+    #[cfg(feature = "async")]
+    fn open_all_async(
+        rows: Vec<Self::Sealed>,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: 'static,
+    {
+        async move {
+            let owners = owned_owners_and_versions(&rows);
+            let keys = resolve_for_open_async(owners, keyring).await?;
+            if rows.len() < ASYNC_OPEN_INLINE_MAX_ROWS {
+                return open_rows(rows, &keys);
+            }
+            match tokio::task::spawn_blocking(move || open_rows::<Self>(rows, &keys)).await {
+                Ok(opened) => opened,
+                Err(joined) => Err(Error::KeyUnavailable {
+                    owner: String::new(),
+                    reason: format!(
+                        "opening {} rows on the blocking pool failed: {joined}",
+                        Self::TABLE
+                    ),
+                }),
+            }
+        }
+    }
+
+    /// [`open_each`](Self::open_each) for async code (feature `async`):
+    /// each row's result, keys resolved without blocking.
+    ///
+    /// # Errors
+    /// Only when the owners' keys cannot be resolved at all.
+    #[cfg(feature = "async")]
+    fn open_each_async(
+        rows: Vec<Self::Sealed>,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Result<Self>>>> + Send {
+        async move {
+            let owners = owned_owners_and_versions(&rows);
+            let keys = resolve_for_open_async(owners, keyring).await?;
+            Ok(rows.into_iter().map(|row| open_row(row, &keys)).collect())
+        }
+    }
+
+    /// [`load`](Self::load) for diesel-async (feature `async`): runs `query`
+    /// selecting the sealed form on an `AsyncPgConnection`,
+    /// `AsyncMysqlConnection` or `SyncConnectionWrapper<SqliteConnection>`
+    /// (pooled or not), then opens the rows as
+    /// [`open_all_async`](Self::open_all_async) does.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the query fails; then as
+    /// [`open_all`](Self::open_all).
+    #[cfg(feature = "async")]
+    fn load_async<'q, Q, C>(
+        query: Q,
+        conn: &mut C,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: diesel::Selectable<C::Backend> + 'static,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel_async::AsyncConnectionCore,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>
+            + Send,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel_async::methods::LoadQuery<'q, C, Self::Sealed> + 'q,
+    {
+        async move {
+            use diesel::SelectableHelper as _;
+            let rows =
+                diesel_async::RunQueryDsl::load(query.select(Self::Sealed::as_select()), conn)
+                    .await
+                    .map_err(|source| Error::Database {
+                        operation: "loading sealed rows",
+                        table: Self::TABLE,
+                        source,
+                    })?;
+            Self::open_all_async(rows, keyring).await
+        }
+    }
 }
+
+/// Seals `records` (whose owners are `owners`) with resolved `keys`: on the
+/// calling thread, or on every core for a large batch.
+fn seal_records<R: PhiRecord>(
+    records: &[R],
+    owners: &[Cow<'_, str>],
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+) -> Result<Vec<R::Sealed>> {
+    {
+        let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<R::Sealed>| {
+            with_sealer(|sealer| {
+                for (record, owner) in records[range.clone()].iter().zip(&owners[range]) {
+                    let keys = keys.get(owner.as_ref()).map(Arc::as_ref);
+                    out.push(record.seal_with(keys, sealer)?);
+                }
+                Ok(())
+            })?
+        };
+        let len = records.len();
+        let threads = threads_for(len);
+        if threads < 2 {
+            let mut out = Vec::with_capacity(len);
+            seal_into(0..len, &mut out)?;
+            return Ok(out);
+        }
+        let next = AtomicUsize::new(0);
+        let claim = || {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let start = index.saturating_mul(BLOCK_ROWS);
+            (start < len).then(|| (index, start..len.min(start + BLOCK_ROWS)))
+        };
+        in_blocks(threads, len, "sealing", claim, seal_into)
+    }
+}
+
+/// Rows from which [`PhiRecord::open_all_async`] (and so `load_async`)
+/// opens a batch on `tokio::task::spawn_blocking` instead of the calling
+/// task. Opening costs about 1 µs per row of three encrypted fields
+/// (`cargo bench --bench compare -- open_all`), and a runtime worker should
+/// not be held much more than 100 µs between two awaits; a hand-off to the
+/// blocking pool costs about 10 µs, worth paying from here on.
+#[cfg(feature = "async")]
+pub const ASYNC_OPEN_INLINE_MAX_ROWS: usize = 128;
 
 /// Rows below which a batch is sealed or opened on the calling thread.
 const PARALLEL_MIN_ROWS: usize = 512;
@@ -402,8 +562,66 @@ fn resolve_for_open<S: SealedRecord>(
     rows: &[S],
     keyring: &Keyring,
 ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
-    // One walk over the rows: each owner once, in the order of the rows,
-    // with the key versions its rows name (read from the envelope headers).
+    let owners = owners_and_versions(rows);
+    let since = keyring.fill_mark();
+    let mut keys = keyring.keys_for_open_many(owners.iter().map(|(o, _)| o.as_ref()))?;
+    let stale = stale_owners(&owners, &keys, keyring, since);
+    if !stale.is_empty() {
+        keys.extend(keyring.reload_for_open(&stale)?);
+    }
+    Ok(keys)
+}
+
+/// [`resolve_for_open`] without blocking the task's thread, for the owners
+/// and versions of [`owned_owners_and_versions`].
+#[cfg(feature = "async")]
+async fn resolve_for_open_async(
+    owners: Vec<(Cow<'static, str>, Vec<u32>)>,
+    keyring: &Keyring,
+) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+    let since = keyring.fill_mark();
+    let names: Vec<&str> = owners.iter().map(|(o, _)| o.as_ref()).collect();
+    let mut keys = keyring.keys_for_open_many_async(names).await?;
+    let stale = stale_owners(&owners, &keys, keyring, since);
+    if !stale.is_empty() {
+        keys.extend(keyring.reload_for_open_async(&stale).await?);
+    }
+    Ok(keys)
+}
+
+/// [`owners_and_versions`], owned: the future that resolves them need not
+/// hold the rows.
+#[cfg(feature = "async")]
+fn owned_owners_and_versions<S: SealedRecord>(rows: &[S]) -> Vec<(Cow<'static, str>, Vec<u32>)> {
+    owners_and_versions(rows)
+        .into_iter()
+        .map(|(owner, versions)| (Cow::Owned(owner.into_owned()), versions))
+        .collect()
+}
+
+/// Owners whose cached keys lack a version their rows name.
+fn stale_owners<'o>(
+    owners: &'o [(Cow<'_, str>, Vec<u32>)],
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+    keyring: &Keyring,
+    since: u64,
+) -> Vec<(&'o str, &'o [u32])> {
+    // A version missing from the cache was added (rotated) by another
+    // process since the owner was cached: reload those owners once (unless
+    // the version was found missing moments ago: a tampered header).
+    owners
+        .iter()
+        .filter(|(owner, versions)| {
+            keys.get(owner.as_ref())
+                .is_some_and(|k| keyring.needs_reload(k, versions, since))
+        })
+        .map(|(owner, versions)| (owner.as_ref(), versions.as_slice()))
+        .collect()
+}
+
+/// Each owner of the sealed rows once, in the order of the rows, with the
+/// key versions its rows name (read from the envelope headers).
+fn owners_and_versions<S: SealedRecord>(rows: &[S]) -> Vec<(Cow<'_, str>, Vec<u32>)> {
     let mut index: HashMap<Cow<'_, str>, usize> = HashMap::new();
     let mut owners: Vec<(Cow<'_, str>, Vec<u32>)> = Vec::new();
     for row in rows.iter().filter(|r| r.is_encrypted()) {
@@ -418,23 +636,7 @@ fn resolve_for_open<S: SealedRecord>(
             }
         });
     }
-    let since = keyring.fill_mark();
-    let mut keys = keyring.keys_for_open_many(owners.iter().map(|(o, _)| o.as_ref()))?;
-    // A version missing from the cache was added (rotated) by another
-    // process since the owner was cached: reload those owners once (unless
-    // the version was found missing moments ago: a tampered header).
-    let stale: Vec<(&str, &[u32])> = owners
-        .iter()
-        .filter(|(owner, versions)| {
-            keys.get(owner.as_ref())
-                .is_some_and(|k| keyring.needs_reload(k, versions, since))
-        })
-        .map(|(owner, versions)| (owner.as_ref(), versions.as_slice()))
-        .collect();
-    if !stale.is_empty() {
-        keys.extend(keyring.reload_for_open(&stale)?);
-    }
-    Ok(keys)
+    owners
 }
 
 fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>) -> Result<R> {
@@ -712,6 +914,8 @@ pub mod __private {
     use crate::sql::Encrypted;
     use crate::value::PhiValue;
 
+    #[cfg(feature = "async")]
+    pub use diesel_async;
     pub use std::borrow::Cow;
 
     /// Seals `value`, or stores it unsealed when `keys` is `None` (a row
