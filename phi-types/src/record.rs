@@ -408,6 +408,70 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// (pooled or not), then opens the rows as
     /// [`open_all_async`](Self::open_all_async) does.
     ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use diesel::{ExpressionMethods, QueryDsl};
+    /// use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    /// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    /// use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord, Updated};
+    ///
+    /// diesel::table! {
+    ///     cases (case_id) {
+    ///         case_id -> Text,
+    ///         user_id -> Text,
+    ///         patient_last -> Binary,
+    ///         patient_last_bidx -> Nullable<Binary>,
+    ///     }
+    /// }
+    ///
+    /// #[derive(PhiRecord, Clone, PartialEq)]
+    /// #[phi(table = cases)]
+    /// #[diesel(primary_key(case_id))]
+    /// struct Case {
+    ///     #[phi(row_key)]
+    ///     case_id: String,
+    ///     #[phi(owner)]
+    ///     user_id: String,
+    ///     #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    ///     patient_last: String,
+    /// }
+    ///
+    /// tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    ///     // `AsyncPgConnection` / `AsyncMysqlConnection`, or a deadpool / bb8
+    ///     // pool of them, work the same way.
+    ///     let mut conn = SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    ///     conn.batch_execute(
+    ///         "CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
+    ///          patient_last BLOB NOT NULL, patient_last_bidx BLOB)",
+    ///     )
+    ///     .await?;
+    ///     let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    ///     let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek))
+    ///         .build_async()
+    ///         .await?;
+    ///
+    ///     let case = Case { case_id: "C-1".into(), user_id: "prov-1".into(), patient_last: "Doe".into() };
+    ///     case.insert_async(&keyring, &mut conn).await?;
+    ///
+    ///     let mine = Case::load_async(cases::table.filter(cases::user_id.eq("prov-1")), &mut conn, &keyring).await?;
+    ///     assert!(mine == vec![case.clone()]);
+    ///
+    ///     let mut edited = case.clone();
+    ///     edited.patient_last = "Roe".into();
+    ///     assert_eq!(edited.update_async(&case, &keyring, &mut conn).await?, Updated::Applied { sealed: true });
+    ///
+    ///     let roe = Case::patient_last_blind_index_async(&keyring, "prov-1", &" ROE".to_string()).await?;
+    ///     let found = Case::load_async(cases::table.filter(cases::patient_last_bidx.eq_any(roe)), &mut conn, &keyring).await?;
+    ///     assert_eq!(found.len(), 1);
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
+    /// })
+    /// # }
+    /// # #[cfg(not(feature = "sqlite"))]
+    /// # fn main() {}
+    /// ```
+    ///
     /// # Errors
     /// [`Error::Database`] when the query fails; then as
     /// [`open_all`](Self::open_all).
