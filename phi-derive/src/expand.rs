@@ -337,14 +337,18 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         None => quote! { false },
     };
     let row_expr = row_key_expr(krate, row_key, quote!(self.));
-    let encrypted_changed = m.fields.iter().filter_map(|f| {
-        let Role::Encrypt { .. } = &f.role else {
-            return None;
-        };
-        let changed = changed(krate, f);
-        Some(quote! { || #changed })
-    });
-    let assign = m.fields.iter().map(|f| {
+    let encrypted_changed: Vec<_> = m
+        .fields
+        .iter()
+        .filter_map(|f| {
+            let Role::Encrypt { .. } = &f.role else {
+                return None;
+            };
+            let changed = changed(krate, f);
+            Some(quote! { || #changed })
+        })
+        .collect();
+    let assign: Vec<_> = m.fields.iter().map(|f| {
         let name = &f.ident;
         match &f.role {
             Role::Encrypt { scope, .. } => {
@@ -376,18 +380,61 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
                 }
             },
         }
-    });
-    let assign_indexes = blind_indexes(m).map(|(f, column, scope, normalize)| {
-        let call = blind_call(krate, f, scope, normalize);
-        let changed = changed(krate, f);
+    }).collect();
+    let assign_indexes: Vec<_> = blind_indexes(m)
+        .map(|(f, column, scope, normalize)| {
+            let call = blind_call(krate, f, scope, normalize);
+            let changed = changed(krate, f);
+            quote! {
+                #column: if __full || #changed {
+                    ::core::option::Option::Some(#call)
+                } else {
+                    ::core::option::Option::None
+                }
+            }
+        })
+        .collect();
+    let changes_body = |resolve: TokenStream| {
         quote! {
-            #column: if __full || #changed {
-                ::core::option::Option::Some(#call)
+            let __was_sealed: bool = #was_sealed;
+            let __seal: bool = #wants_seal;
+            let __full: bool = __seal != __was_sealed
+                || self.#owner_ident != old.#owner_ident
+                || #row_changed;
+            let __needs_key = __seal && (__full #(#encrypted_changed)*);
+            let __owned_keys = if __needs_key {
+                ::core::option::Option::Some(#resolve)
             } else {
                 ::core::option::Option::None
+            };
+            let __keys: ::core::option::Option<&#krate::OwnerKeys> = __owned_keys.as_deref();
+            let __row = #row_expr;
+            #krate::with_sealer(|__sealer| -> #krate::Result<#changes> {
+                ::core::result::Result::Ok(#changes {
+                    #(#assign,)*
+                    #(#assign_indexes,)*
+                })
+            })?
+        }
+    };
+    let owner_id = quote! { &#krate::OwnerId::owner_id(&self.#owner_ident) };
+    let changes_async = if cfg!(feature = "async") {
+        let body = changes_body(quote! { keyring.keys_for_seal_async(#owner_id).await? });
+        quote! {
+            /// [`changes`](Self::changes) for async code: the owner's keys
+            /// are resolved with `Keyring::keys_for_seal_async`, never
+            /// blocking the task's thread.
+            ///
+            /// # Errors
+            /// As [`changes`](Self::changes).
+            #vis async fn changes_async(&self, old: &Self, keyring: &#krate::Keyring) -> #krate::Result<#changes> {
+                #body
             }
         }
-    });
+    } else {
+        quote! {}
+    };
+    let changes_body = changes_body(quote! { keyring.keys_for_seal(#owner_id)? });
     let guard_doc = guard_doc(m, flag, row_key);
     let doc = format!(
         "Changes to one row of `{table_name}`, from [`{ident}::changes`]: only the columns that changed, encrypted ones re-sealed. Apply with `diesel::update(…).set(&changes)` unless [`is_empty`](Self::is_empty), guarded as `{ident}::changes` says."
@@ -427,26 +474,10 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             /// # Errors
             /// Key resolution and sealing errors, naming the owner.
             #vis fn changes(&self, old: &Self, keyring: &#krate::Keyring) -> #krate::Result<#changes> {
-                let __was_sealed: bool = #was_sealed;
-                let __seal: bool = #wants_seal;
-                let __full: bool = __seal != __was_sealed
-                    || self.#owner_ident != old.#owner_ident
-                    || #row_changed;
-                let __needs_key = __seal && (__full #(#encrypted_changed)*);
-                let __owned_keys = if __needs_key {
-                    ::core::option::Option::Some(keyring.keys_for_seal(&#krate::OwnerId::owner_id(&self.#owner_ident))?)
-                } else {
-                    ::core::option::Option::None
-                };
-                let __keys: ::core::option::Option<&#krate::OwnerKeys> = __owned_keys.as_deref();
-                let __row = #row_expr;
-                #krate::with_sealer(|__sealer| -> #krate::Result<#changes> {
-                    ::core::result::Result::Ok(#changes {
-                        #(#assign,)*
-                        #(#assign_indexes,)*
-                    })
-                })?
+                #changes_body
             }
+
+            #changes_async
 
             #update
         }
@@ -550,6 +581,108 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
     let doc = format!(
         "Writes the changes from `old` (the row as read) to `self` into `{table_name}`, guarded: only while the stored row's {guard_text} are still `old`'s (`UPDATE {table_name} SET … WHERE` those columns equal `old`'s). Encrypted columns are sealed as [`changes`](Self::changes) seals them: a sealed row stays sealed, an unsealed one is sealed when the keyring's roll-out covers the owner."
     );
+    let update_async = if cfg!(feature = "async") {
+        let da = quote! { #krate::record::__private::diesel_async };
+        let insert_doc = format!(
+            "Seals `self` (resolving, or creating, its owner's data key without blocking) and inserts it into `{table_name}` on a diesel-async connection. For many rows, `{sealed_name}`s from `PhiRecord::seal_all_async` go to one `diesel::insert_into(…).values(&rows)`.",
+            sealed_name = m.sealed
+        );
+        let sealed_ty = &m.sealed;
+        quote! {
+            /// [`update`](Self::update) on a diesel-async connection
+            /// (`AsyncPgConnection`, `AsyncMysqlConnection`,
+            /// `SyncConnectionWrapper<SqliteConnection>`, pooled or not):
+            /// the same guard and outcomes, keys resolved without blocking.
+            ///
+            /// # Errors
+            /// As [`update`](Self::update).
+            #vis async fn update_async<__C>(
+                &self,
+                old: &Self,
+                keyring: &#krate::Keyring,
+                conn: &mut __C,
+            ) -> #krate::Result<#krate::Updated>
+            where
+                __C: #da::AsyncConnectionCore,
+                ::diesel::dsl::Update<#target_ty, #changes>: #da::methods::ExecuteDsl<__C>,
+                ::diesel::dsl::Limit<::diesel::dsl::Select<#by_key, #table::#key_col>>:
+                    #da::methods::LoadQuery<'static, __C, #key_ty>,
+                #key_ty: ::core::marker::Send,
+            {
+                #[allow(unused_mut)]
+                let mut __changes = self.changes_async(old, keyring).await?;
+                if __changes.is_empty() {
+                    return ::core::result::Result::Ok(#krate::Updated::Unchanged);
+                }
+                let __sealed: bool = #sealed;
+                #set_flag
+                let __written = #da::RunQueryDsl::execute(
+                    ::diesel::update(#target).set(__changes),
+                    conn,
+                )
+                .await
+                .map_err(|source| #krate::Error::Database {
+                    operation: "updating a row guarded by its key, owner and encrypted flag",
+                    table: #table_name,
+                    source,
+                })?;
+                if __written > 0 {
+                    return ::core::result::Result::Ok(#krate::Updated::Applied { sealed: __sealed });
+                }
+                let __found: ::core::option::Option<#key_ty> = ::diesel::OptionalExtension::optional(
+                    #da::RunQueryDsl::get_result(
+                        ::diesel::QueryDsl::limit(
+                            ::diesel::QueryDsl::select(#target_by_key, #table::#key_col),
+                            1,
+                        ),
+                        conn,
+                    )
+                    .await,
+                )
+                .map_err(|source| #krate::Error::Database {
+                    operation: "looking up a row whose guarded update matched nothing",
+                    table: #table_name,
+                    source,
+                })?;
+                ::core::result::Result::Ok(match __found {
+                    ::core::option::Option::Some(_) => #krate::Updated::Conflict,
+                    ::core::option::Option::None => #krate::Updated::NotFound,
+                })
+            }
+
+            #[doc = #insert_doc]
+            ///
+            /// Returns the number of rows inserted (1).
+            ///
+            /// # Errors
+            /// As `PhiRecord::seal_async`; [`Error::Database`](#krate::Error::Database)
+            /// naming the table when the insert fails.
+            #vis async fn insert_async<__C>(
+                &self,
+                keyring: &#krate::Keyring,
+                conn: &mut __C,
+            ) -> #krate::Result<usize>
+            where
+                __C: #da::AsyncConnectionCore,
+                ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, #sealed_ty>:
+                    #da::methods::ExecuteDsl<__C>,
+            {
+                let __row = <Self as #krate::PhiRecord>::seal_async(self, keyring).await?;
+                #da::RunQueryDsl::execute(
+                    ::diesel::insert_into(#table::table).values(__row),
+                    conn,
+                )
+                .await
+                .map_err(|source| #krate::Error::Database {
+                    operation: "inserting a sealed row",
+                    table: #table_name,
+                    source,
+                })
+            }
+        }
+    } else {
+        quote! {}
+    };
     quote! {
         #[doc = #doc]
         ///
@@ -610,6 +743,8 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
                 ::core::option::Option::None => #krate::Updated::NotFound,
             })
         }
+
+        #update_async
     }
 }
 
@@ -629,6 +764,21 @@ fn lookups(m: &Model) -> TokenStream {
              `{table_name}::{column}.eq_any({ident}::{method}(&keyring, owner, &value)?)`. \
              One value per data key version the owner holds; empty when the owner has no keys."
         );
+        let async_method = if cfg!(feature = "async") {
+            let method_async = format_ident!("{}_blind_index_async", name);
+            let doc = format!("[`{method}`](Self::{method}) for async code: the owner's keys are resolved without blocking the task's thread.");
+            quote_spanned! {vty.span()=>
+                #[doc = #doc]
+                ///
+                /// # Errors
+                /// Key resolution errors.
+                #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                    ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens))
+                }
+            }
+        } else {
+            quote! {}
+        };
         quote_spanned! {vty.span()=>
             #[doc = #doc]
             ///
@@ -637,6 +787,8 @@ fn lookups(m: &Model) -> TokenStream {
             #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
                 ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens))
             }
+
+            #async_method
         }
     });
     let helpers: Vec<_> = helpers.collect();

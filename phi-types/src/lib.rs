@@ -41,6 +41,14 @@
 //!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
 //!   `Encrypted<T>` itself works on every Diesel backend without a feature.
 //! - `aws-kms`: [`AwsKmsKek`], data keys generated and unwrapped by AWS KMS.
+//! - `async`: diesel-async support. [`PhiRecord`] gains `load_async`,
+//!   `seal_all_async`, `open_all_async`; the derive (through
+//!   `phi-derive`'s `async` feature, which this one turns on: the macro
+//!   emits the async methods only then) also generates `insert_async`,
+//!   `update_async`, `changes_async` and `<field>_blind_index_async`; the
+//!   [`Keyring`] resolves keys with `keys_for_open_many_async` and friends
+//!   without blocking a runtime worker; `AwsKmsKek` awaits the KMS on the
+//!   caller's runtime. See `PhiRecord::load_async` for an example.
 
 pub mod blind;
 mod cipher;
@@ -66,6 +74,8 @@ pub use connection::PhiConnection;
 pub use dek::{Dek, KeyBytes};
 pub use envelope::{Binding, EnvelopeError, Header};
 pub use error::{BoxError, Error, Result};
+#[cfg(feature = "async")]
+pub use kek::KekFuture;
 #[cfg(feature = "aws-kms")]
 pub use kek::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,

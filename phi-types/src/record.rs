@@ -236,29 +236,7 @@ pub trait PhiRecord: Sized + Send + Sync {
             sealing.retain(|o| keyring.encrypts_for(o));
         }
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
-        let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<Self::Sealed>| {
-            with_sealer(|sealer| {
-                for (record, owner) in records[range.clone()].iter().zip(&owners[range]) {
-                    let keys = keys.get(owner.as_ref()).map(Arc::as_ref);
-                    out.push(record.seal_with(keys, sealer)?);
-                }
-                Ok(())
-            })?
-        };
-        let len = records.len();
-        if len < keyring.parallel_min_rows() {
-            let mut out = Vec::with_capacity(len);
-            seal_into(0..len, &mut out)?;
-            return Ok(out);
-        }
-        in_blocks(
-            (0..len)
-                .step_by(BLOCK_ROWS)
-                .map(|start| start..len.min(start + BLOCK_ROWS))
-                .collect(),
-            len,
-            seal_into,
-        )
+        seal_records(records, &owners, &keys, keyring.parallel_min_rows())
     }
 
     /// Opens one stored row.
@@ -325,7 +303,257 @@ pub trait PhiRecord: Sized + Send + Sync {
             })?;
         Self::open_all(rows, keyring)
     }
+
+    /// [`seal`](Self::seal) for async code (feature `async`): the owner's
+    /// key is resolved (or created) without blocking the task's thread.
+    ///
+    /// # Errors
+    /// As [`seal`](Self::seal).
+    #[cfg(feature = "async")]
+    fn seal_async(
+        &self,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Self::Sealed>> + Send {
+        async move {
+            let mut sealed = Self::seal_all_async(std::slice::from_ref(self), keyring).await?;
+            sealed.pop().ok_or_else(|| Error::KeyUnavailable {
+                owner: self.owner_id().into_owned(),
+                reason: "sealing produced no row".into(),
+            })
+        }
+    }
+
+    /// [`seal_all`](Self::seal_all) for async code (feature `async`): the
+    /// keys of every owner are resolved with
+    /// [`Keyring::keys_for_seal_many_async`], then the records are sealed on
+    /// the calling task (sealing is CPU work of a microsecond or two per
+    /// field). Insert the result with diesel-async, or use the derive's
+    /// `insert_async`.
+    ///
+    /// # Errors
+    /// As [`seal_all`](Self::seal_all).
+    #[cfg(feature = "async")]
+    fn seal_all_async(
+        records: &[Self],
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Self::Sealed>>> + Send {
+        async move {
+            let owners: Vec<Cow<'_, str>> = records.iter().map(Self::owner_id).collect();
+            let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
+            if Self::HAS_ENCRYPTED_FLAG {
+                sealing.retain(|o| keyring.encrypts_for(o));
+            }
+            let sealing: Vec<&str> = sealing.into_iter().collect();
+            let keys = keyring.keys_for_seal_many_async(sealing).await?;
+            seal_records(records, &owners, &keys, keyring.parallel_min_rows())
+        }
+    }
+
+    /// [`open_all`](Self::open_all) for async code (feature `async`): keys
+    /// are resolved with [`Keyring::keys_for_open_many_async`]; then a
+    /// batch of fewer than [`ASYNC_OPEN_INLINE_MAX_ROWS`] rows is opened on
+    /// the calling task, a larger one on `tokio::task::spawn_blocking`, so
+    /// that no runtime worker is held longer than about 100 µs (see the
+    /// constant for the measurement).
+    ///
+    /// # Errors
+    /// As [`open_all`](Self::open_all).
+    #[cfg(feature = "async")]
+    fn open_all_async(
+        rows: Vec<Self::Sealed>,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: 'static,
+    {
+        async move {
+            let owners = owned_owners_and_versions(&rows);
+            let keys = resolve_for_open_async(owners, keyring).await?;
+            let parallel_min_rows = keyring.parallel_min_rows();
+            if rows.len() < ASYNC_OPEN_INLINE_MAX_ROWS {
+                return open_rows(rows, &keys, parallel_min_rows);
+            }
+            match tokio::task::spawn_blocking(move || {
+                open_rows::<Self>(rows, &keys, parallel_min_rows)
+            })
+            .await
+            {
+                Ok(opened) => opened,
+                Err(joined) => Err(Error::KeyUnavailable {
+                    owner: String::new(),
+                    reason: format!(
+                        "opening {} rows on the blocking pool failed: {joined}",
+                        Self::TABLE
+                    ),
+                }),
+            }
+        }
+    }
+
+    /// [`open_each`](Self::open_each) for async code (feature `async`):
+    /// each row's result, keys resolved without blocking.
+    ///
+    /// # Errors
+    /// Only when the owners' keys cannot be resolved at all.
+    #[cfg(feature = "async")]
+    fn open_each_async(
+        rows: Vec<Self::Sealed>,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Result<Self>>>> + Send {
+        async move {
+            let owners = owned_owners_and_versions(&rows);
+            let keys = resolve_for_open_async(owners, keyring).await?;
+            Ok(rows.into_iter().map(|row| open_row(row, &keys)).collect())
+        }
+    }
+
+    /// [`load`](Self::load) for diesel-async (feature `async`): runs `query`
+    /// selecting the sealed form on an `AsyncPgConnection`,
+    /// `AsyncMysqlConnection` or `SyncConnectionWrapper<SqliteConnection>`
+    /// (pooled or not), then opens the rows as
+    /// [`open_all_async`](Self::open_all_async) does.
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use diesel::{ExpressionMethods, QueryDsl};
+    /// use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    /// use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+    /// use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord, Updated};
+    ///
+    /// diesel::table! {
+    ///     cases (case_id) {
+    ///         case_id -> Text,
+    ///         user_id -> Text,
+    ///         patient_last -> Binary,
+    ///         patient_last_bidx -> Nullable<Binary>,
+    ///     }
+    /// }
+    ///
+    /// #[derive(PhiRecord, Clone, PartialEq)]
+    /// #[phi(table = cases)]
+    /// #[diesel(primary_key(case_id))]
+    /// struct Case {
+    ///     #[phi(row_key)]
+    ///     case_id: String,
+    ///     #[phi(owner)]
+    ///     user_id: String,
+    ///     #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    ///     patient_last: String,
+    /// }
+    ///
+    /// tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    ///     // `AsyncPgConnection` / `AsyncMysqlConnection`, or a deadpool / bb8
+    ///     // pool of them, work the same way.
+    ///     let mut conn = SyncConnectionWrapper::<diesel::SqliteConnection>::establish(":memory:").await?;
+    ///     conn.batch_execute(
+    ///         "CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
+    ///          patient_last BLOB NOT NULL, patient_last_bidx BLOB)",
+    ///     )
+    ///     .await?;
+    ///     let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    ///     let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek))
+    ///         .build_async()
+    ///         .await?;
+    ///
+    ///     let case = Case { case_id: "C-1".into(), user_id: "prov-1".into(), patient_last: "Doe".into() };
+    ///     case.insert_async(&keyring, &mut conn).await?;
+    ///
+    ///     let mine = Case::load_async(cases::table.filter(cases::user_id.eq("prov-1")), &mut conn, &keyring).await?;
+    ///     assert!(mine == vec![case.clone()]);
+    ///
+    ///     let mut edited = case.clone();
+    ///     edited.patient_last = "Roe".into();
+    ///     assert_eq!(edited.update_async(&case, &keyring, &mut conn).await?, Updated::Applied { sealed: true });
+    ///
+    ///     let roe = Case::patient_last_blind_index_async(&keyring, "prov-1", &" ROE".to_string()).await?;
+    ///     let found = Case::load_async(cases::table.filter(cases::patient_last_bidx.eq_any(roe)), &mut conn, &keyring).await?;
+    ///     assert_eq!(found.len(), 1);
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
+    /// })
+    /// # }
+    /// # #[cfg(not(feature = "sqlite"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the query fails; then as
+    /// [`open_all`](Self::open_all).
+    #[cfg(feature = "async")]
+    fn load_async<'q, Q, C>(
+        query: Q,
+        conn: &mut C,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: diesel::Selectable<C::Backend> + 'static,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel_async::AsyncConnectionCore,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>
+            + Send,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel_async::methods::LoadQuery<'q, C, Self::Sealed> + 'q,
+    {
+        async move {
+            use diesel::SelectableHelper as _;
+            let rows =
+                diesel_async::RunQueryDsl::load(query.select(Self::Sealed::as_select()), conn)
+                    .await
+                    .map_err(|source| Error::Database {
+                        operation: "loading sealed rows",
+                        table: Self::TABLE,
+                        source,
+                    })?;
+            Self::open_all_async(rows, keyring).await
+        }
+    }
 }
+
+/// Seals `records` (whose owners are `owners`) with resolved `keys`: on the
+/// calling thread below `parallel_min_rows` records, on rayon's pool above.
+fn seal_records<R: PhiRecord>(
+    records: &[R],
+    owners: &[Cow<'_, str>],
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+    parallel_min_rows: usize,
+) -> Result<Vec<R::Sealed>> {
+    let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<R::Sealed>| {
+        with_sealer(|sealer| {
+            for (record, owner) in records[range.clone()].iter().zip(&owners[range]) {
+                let keys = keys.get(owner.as_ref()).map(Arc::as_ref);
+                out.push(record.seal_with(keys, sealer)?);
+            }
+            Ok(())
+        })?
+    };
+    let len = records.len();
+    if len < parallel_min_rows {
+        let mut out = Vec::with_capacity(len);
+        seal_into(0..len, &mut out)?;
+        return Ok(out);
+    }
+    in_blocks(
+        (0..len)
+            .step_by(BLOCK_ROWS)
+            .map(|start| start..len.min(start + BLOCK_ROWS))
+            .collect(),
+        len,
+        seal_into,
+    )
+}
+
+/// Rows from which [`PhiRecord::open_all_async`] (and so `load_async`)
+/// opens a batch on `tokio::task::spawn_blocking` instead of the calling
+/// task. Opening costs about 1 µs per row of three encrypted fields
+/// (`cargo bench --bench compare -- open_all`), and a runtime worker should
+/// not be held much more than 100 µs between two awaits; a hand-off to the
+/// blocking pool costs about 10 µs, worth paying from here on.
+#[cfg(feature = "async")]
+pub const ASYNC_OPEN_INLINE_MAX_ROWS: usize = 128;
 
 /// Rows from which a batch is sealed or opened on the thread pool, unless
 /// the keyring says otherwise
@@ -371,8 +599,66 @@ fn resolve_for_open<S: SealedRecord>(
     rows: &[S],
     keyring: &Keyring,
 ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
-    // One walk over the rows: each owner once, in the order of the rows,
-    // with the key versions its rows name (read from the envelope headers).
+    let owners = owners_and_versions(rows);
+    let since = keyring.fill_mark();
+    let mut keys = keyring.keys_for_open_many(owners.iter().map(|(o, _)| o.as_ref()))?;
+    let stale = stale_owners(&owners, &keys, keyring, since);
+    if !stale.is_empty() {
+        keys.extend(keyring.reload_for_open(&stale)?);
+    }
+    Ok(keys)
+}
+
+/// [`resolve_for_open`] without blocking the task's thread, for the owners
+/// and versions of [`owned_owners_and_versions`].
+#[cfg(feature = "async")]
+async fn resolve_for_open_async(
+    owners: Vec<(Cow<'static, str>, Vec<u32>)>,
+    keyring: &Keyring,
+) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+    let since = keyring.fill_mark();
+    let names: Vec<&str> = owners.iter().map(|(o, _)| o.as_ref()).collect();
+    let mut keys = keyring.keys_for_open_many_async(names).await?;
+    let stale = stale_owners(&owners, &keys, keyring, since);
+    if !stale.is_empty() {
+        keys.extend(keyring.reload_for_open_async(&stale).await?);
+    }
+    Ok(keys)
+}
+
+/// [`owners_and_versions`], owned: the future that resolves them need not
+/// hold the rows.
+#[cfg(feature = "async")]
+fn owned_owners_and_versions<S: SealedRecord>(rows: &[S]) -> Vec<(Cow<'static, str>, Vec<u32>)> {
+    owners_and_versions(rows)
+        .into_iter()
+        .map(|(owner, versions)| (Cow::Owned(owner.into_owned()), versions))
+        .collect()
+}
+
+/// Owners whose cached keys lack a version their rows name.
+fn stale_owners<'o>(
+    owners: &'o [(Cow<'_, str>, Vec<u32>)],
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+    keyring: &Keyring,
+    since: u64,
+) -> Vec<(&'o str, &'o [u32])> {
+    // A version missing from the cache was added (rotated) by another
+    // process since the owner was cached: reload those owners once (unless
+    // the version was found missing moments ago: a tampered header).
+    owners
+        .iter()
+        .filter(|(owner, versions)| {
+            keys.get(owner.as_ref())
+                .is_some_and(|k| keyring.needs_reload(k, versions, since))
+        })
+        .map(|(owner, versions)| (owner.as_ref(), versions.as_slice()))
+        .collect()
+}
+
+/// Each owner of the sealed rows once, in the order of the rows, with the
+/// key versions its rows name (read from the envelope headers).
+fn owners_and_versions<S: SealedRecord>(rows: &[S]) -> Vec<(Cow<'_, str>, Vec<u32>)> {
     let mut index: HashMap<Cow<'_, str>, usize> = HashMap::new();
     let mut owners: Vec<(Cow<'_, str>, Vec<u32>)> = Vec::new();
     for row in rows.iter().filter(|r| r.is_encrypted()) {
@@ -387,23 +673,7 @@ fn resolve_for_open<S: SealedRecord>(
             }
         });
     }
-    let since = keyring.fill_mark();
-    let mut keys = keyring.keys_for_open_many(owners.iter().map(|(o, _)| o.as_ref()))?;
-    // A version missing from the cache was added (rotated) by another
-    // process since the owner was cached: reload those owners once (unless
-    // the version was found missing moments ago: a tampered header).
-    let stale: Vec<(&str, &[u32])> = owners
-        .iter()
-        .filter(|(owner, versions)| {
-            keys.get(owner.as_ref())
-                .is_some_and(|k| keyring.needs_reload(k, versions, since))
-        })
-        .map(|(owner, versions)| (owner.as_ref(), versions.as_slice()))
-        .collect();
-    if !stale.is_empty() {
-        keys.extend(keyring.reload_for_open(&stale)?);
-    }
-    Ok(keys)
+    owners
 }
 
 fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>) -> Result<R> {
@@ -682,6 +952,8 @@ pub mod __private {
     use crate::sql::Encrypted;
     use crate::value::PhiValue;
 
+    #[cfg(feature = "async")]
+    pub use diesel_async;
     pub use std::borrow::Cow;
 
     /// Seals `value`, or stores it unsealed when `keys` is `None` (a row

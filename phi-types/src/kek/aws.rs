@@ -113,7 +113,11 @@ pub const KMS_CALL_SECONDS: &str = "phi_kms_call_seconds";
 /// ```
 pub struct AwsKmsKek {
     kms: Arc<Kms>,
-    worker: Worker,
+    /// The runtime of the blocking API: started by `build` (which loads the
+    /// AWS configuration on it), or at the first blocking call of a KEK made
+    /// with `from_client` / `from_sdk_config`. The async API (feature
+    /// `async`) never uses it.
+    worker: std::sync::OnceLock<Result<Worker, String>>,
     max_concurrent: usize,
 }
 
@@ -238,6 +242,36 @@ impl AwsKmsErrorKind {
 }
 
 impl AwsKmsKek {
+    /// A KEK for the KMS key `key_id` (id, ARN or `alias/…`) over an
+    /// application's shared AWS configuration, e.g. from
+    /// `aws_config::load_defaults(BehaviorVersion::latest()).await`. Its id is
+    /// `aws-kms:<key_id>`; see [`AwsKmsKekBuilder::build_with_client`] to
+    /// choose another or bound the concurrency. No runtime is started.
+    pub fn from_sdk_config(key_id: impl Into<String>, config: &aws_config::SdkConfig) -> AwsKmsKek {
+        Self::from_client(key_id, Client::new(config))
+    }
+
+    /// A KEK for the KMS key `key_id` over an application's own KMS client;
+    /// as [`from_sdk_config`](Self::from_sdk_config).
+    pub fn from_client(key_id: impl Into<String>, client: Client) -> AwsKmsKek {
+        Self::builder(key_id).build_with_client(client)
+    }
+
+    /// The blocking API's runtime, started on first use.
+    fn run<F>(&self, future: F) -> Result<F::Output, String>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let worker = self
+            .worker
+            .get_or_init(|| Worker::start().map_err(|e| format!("cannot start the runtime: {e}")));
+        match worker {
+            Ok(worker) => worker.run(future).map_err(str::to_owned),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
     /// Starts configuring a KEK over the KMS key `key_id`: a key id, key ARN,
     /// alias name (`alias/…`) or alias ARN.
     pub fn builder(key_id: impl Into<String>) -> AwsKmsKekBuilder {
@@ -398,9 +432,39 @@ impl AwsKmsKekBuilder {
                 endpoint,
                 counters: Counters::default(),
             }),
-            worker,
+            worker: std::sync::OnceLock::from(Ok(worker)),
             max_concurrent: self.max_concurrent,
         })
+    }
+
+    /// Builds the KEK over an application's own KMS client (its
+    /// configuration, credentials, timeouts and retries), without starting
+    /// a runtime: async code uses the caller's runtime (feature `async`);
+    /// the blocking API starts the KEK's own runtime at its first call. The
+    /// region, endpoint, credential and timeout settings of this builder are
+    /// not used (they are the client's); the KEK id and the concurrency
+    /// bound are.
+    pub fn build_with_client(self, client: Client) -> AwsKmsKek {
+        let kek_id = self
+            .kek_id
+            .clone()
+            .unwrap_or_else(|| format!("aws-kms:{}", self.key_id));
+        let config = client.config();
+        let endpoint = match config.region() {
+            Some(region) => format!("the client's endpoint, region {region}"),
+            None => "the client's endpoint".to_owned(),
+        };
+        AwsKmsKek {
+            kms: Arc::new(Kms {
+                client,
+                key_id: self.key_id,
+                kek_id,
+                endpoint,
+                counters: Counters::default(),
+            }),
+            worker: std::sync::OnceLock::new(),
+            max_concurrent: self.max_concurrent,
+        }
     }
 }
 
@@ -413,7 +477,6 @@ impl KeyEncryptionKey for AwsKmsKek {
         let kms = self.kms.clone();
         let owner = owner.to_owned();
         Ok(self
-            .worker
             .run(async move { kms.generate(&owner, version).await })
             .map_err(|e| self.kms.runtime_error("GenerateDataKey", &e))??)
     }
@@ -423,7 +486,6 @@ impl KeyEncryptionKey for AwsKmsKek {
         let owner = owner.to_owned();
         let plaintext = Blob::new(key.expose().to_vec());
         Ok(self
-            .worker
             .run(async move { kms.encrypt(&owner, version, plaintext).await })
             .map_err(|e| self.kms.runtime_error("Encrypt", &e))??)
     }
@@ -433,7 +495,6 @@ impl KeyEncryptionKey for AwsKmsKek {
         let owner = owner.to_owned();
         let wrapped = wrapped.to_vec();
         Ok(self
-            .worker
             .run(async move { kms.decrypt(&owner, version, wrapped).await })
             .map_err(|e| self.kms.runtime_error("Decrypt", &e))??)
     }
@@ -441,7 +502,6 @@ impl KeyEncryptionKey for AwsKmsKek {
     fn check_value(&self) -> Result<KekCheck, BoxError> {
         let kms = self.kms.clone();
         let blob = self
-            .worker
             .run(async move { kms.encrypt_check().await })
             .map_err(|e| self.kms.runtime_error("Encrypt", &e))??;
         Ok(KekCheck::new(CHECK_FORMAT_KMS, blob))
@@ -454,7 +514,6 @@ impl KeyEncryptionKey for AwsKmsKek {
         let kms = self.kms.clone();
         let blob = check.value.clone();
         let opened = self
-            .worker
             .run(async move { kms.decrypt_check(blob).await })
             .map_err(|e| self.kms.runtime_error("Decrypt", &e))?;
         match opened {
@@ -483,9 +542,55 @@ impl KeyEncryptionKey for AwsKmsKek {
             .map(|(owner, version, wrapped)| ((*owner).to_owned(), *version, wrapped.to_vec()))
             .collect();
         let count = requests.len();
+        match self.run(self.decrypt_batch(requests)) {
+            Ok(results) => self.batch_results(results),
+            Err(e) => (0..count)
+                .map(|_| Err(self.kms.runtime_error("Decrypt", &e).into()))
+                .collect(),
+        }
+    }
+
+    /// The SDK's own futures, on the caller's runtime: no private runtime,
+    /// no `block_on`, nothing that blocks the task's thread (a
+    /// current-thread runtime included). The requests are spawned on the
+    /// caller's runtime, at most `max_concurrent_requests` at a time.
+    #[cfg(feature = "async")]
+    fn unwrap_many_async<'a>(
+        &'a self,
+        keys: Vec<(String, u32, Vec<u8>)>,
+    ) -> crate::kek::KekFuture<'a, Vec<Result<KeyBytes, BoxError>>> {
+        Box::pin(async move {
+            let results = self.decrypt_batch(keys).await;
+            self.batch_results(results)
+        })
+    }
+
+    /// `GenerateDataKey` awaited on the caller's runtime.
+    #[cfg(feature = "async")]
+    fn generate_async<'a>(
+        &'a self,
+        owner: &'a str,
+        version: u32,
+    ) -> crate::kek::KekFuture<'a, Result<(KeyBytes, Vec<u8>), BoxError>> {
+        Box::pin(async move {
+            self.kms
+                .generate(owner, version)
+                .await
+                .map_err(BoxError::from)
+        })
+    }
+}
+
+impl AwsKmsKek {
+    /// Decrypts a batch concurrently (bounded), on whichever runtime awaits it.
+    fn decrypt_batch(
+        &self,
+        requests: Vec<(String, u32, Vec<u8>)>,
+    ) -> impl Future<Output = Vec<Option<Result<KeyBytes, AwsKmsError>>>> + Send + 'static {
+        let count = requests.len();
         let kms = self.kms.clone();
         let limit = Arc::new(tokio::sync::Semaphore::new(self.max_concurrent));
-        let batch = async move {
+        async move {
             let mut tasks = tokio::task::JoinSet::new();
             for (index, (owner, version, wrapped)) in requests.into_iter().enumerate() {
                 let permit = limit.clone().acquire_owned().await.ok();
@@ -504,22 +609,23 @@ impl KeyEncryptionKey for AwsKmsKek {
                 }
             }
             results
-        };
-        match self.worker.run(batch) {
-            Ok(results) => results
-                .into_iter()
-                .map(|result| match result {
-                    Some(result) => result.map_err(BoxError::from),
-                    None => Err(self
-                        .kms
-                        .runtime_error("Decrypt", &"the call was lost")
-                        .into()),
-                })
-                .collect(),
-            Err(e) => (0..count)
-                .map(|_| Err(self.kms.runtime_error("Decrypt", &e).into()))
-                .collect(),
         }
+    }
+
+    fn batch_results(
+        &self,
+        results: Vec<Option<Result<KeyBytes, AwsKmsError>>>,
+    ) -> Vec<Result<KeyBytes, BoxError>> {
+        results
+            .into_iter()
+            .map(|result| match result {
+                Some(result) => result.map_err(BoxError::from),
+                None => Err(self
+                    .kms
+                    .runtime_error("Decrypt", &"the call was lost")
+                    .into()),
+            })
+            .collect()
     }
 }
 

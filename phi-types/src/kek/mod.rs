@@ -23,6 +23,11 @@ use std::fmt;
 use crate::dek::KeyBytes;
 use crate::error::BoxError;
 
+/// The future a [`KeyEncryptionKey`]'s async methods return (feature
+/// `async`).
+#[cfg(feature = "async")]
+pub type KekFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// The 32 bytes a canary check value wraps: `"phi-kek-check-v1"` twice.
 /// Public on purpose: a check value commits to the key, not to a secret.
 pub const CHECK_CANARY: &[u8; 32] = b"phi-kek-check-v1phi-kek-check-v1";
@@ -115,6 +120,41 @@ pub trait KeyEncryptionKey: Send + Sync + std::fmt::Debug {
         keys.iter()
             .map(|(owner, version, wrapped)| self.unwrap(owner, *version, wrapped))
             .collect()
+    }
+
+    /// [`unwrap_many`](Self::unwrap_many) for async callers (feature
+    /// `async`): the keyring's `*_async` resolution awaits it on the
+    /// caller's runtime, so it must not block the thread.
+    ///
+    /// The default runs [`unwrap_many`](Self::unwrap_many) in place: right
+    /// for a KEK that only computes (like [`LocalKek`], a few microseconds
+    /// per key). A KEK that does I/O overrides it with async calls, as
+    /// `AwsKmsKek` does, or moves its blocking calls to
+    /// `tokio::task::spawn_blocking`.
+    #[cfg(feature = "async")]
+    fn unwrap_many_async<'a>(
+        &'a self,
+        keys: Vec<(String, u32, Vec<u8>)>,
+    ) -> KekFuture<'a, Vec<Result<KeyBytes, BoxError>>> {
+        Box::pin(async move {
+            let refs: Vec<(&str, u32, &[u8])> = keys
+                .iter()
+                .map(|(owner, version, wrapped)| (owner.as_str(), *version, wrapped.as_slice()))
+                .collect();
+            self.unwrap_many(&refs)
+        })
+    }
+
+    /// [`generate`](Self::generate) for async callers (feature `async`);
+    /// the default runs it in place, as
+    /// [`unwrap_many_async`](Self::unwrap_many_async) says.
+    #[cfg(feature = "async")]
+    fn generate_async<'a>(
+        &'a self,
+        owner: &'a str,
+        version: u32,
+    ) -> KekFuture<'a, Result<(KeyBytes, Vec<u8>), BoxError>> {
+        Box::pin(async move { self.generate(owner, version) })
     }
 
     /// A new check value for this KEK's key material, stored once under its

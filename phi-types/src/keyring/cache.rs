@@ -21,6 +21,9 @@ pub(super) type Shared = Result<Arc<OwnerKeys>, String>;
 pub(super) struct Flight {
     result: Mutex<Option<Shared>>,
     done: Condvar,
+    /// Wakes async waiters (they never block a thread on `done`).
+    #[cfg(feature = "async")]
+    done_async: tokio::sync::Notify,
 }
 
 impl Flight {
@@ -30,6 +33,28 @@ impl Flight {
             *slot = Some(result);
         }
         self.done.notify_all();
+        #[cfg(feature = "async")]
+        self.done_async.notify_waiters();
+    }
+
+    /// [`wait`](Self::wait) for async callers: the task is parked, not the
+    /// thread, until the leader publishes.
+    #[cfg(feature = "async")]
+    pub(super) async fn wait_async(&self) -> Shared {
+        loop {
+            let mut notified = std::pin::pin!(self.done_async.notified());
+            // Registered before the check: a publish in between still wakes it.
+            notified.as_mut().enable();
+            if let Some(result) = self
+                .result
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                return result.clone();
+            }
+            notified.await;
+        }
     }
 
     pub(super) fn wait(&self) -> Shared {

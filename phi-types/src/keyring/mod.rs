@@ -41,6 +41,8 @@ mod audit;
 mod cache;
 mod clock;
 mod misses;
+#[cfg(feature = "async")]
+mod nonblocking;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

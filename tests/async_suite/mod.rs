@@ -1,0 +1,500 @@
+// The async suite. Included once per backend by `tests/async_backends.rs`,
+// with `SyncConn`, `AsyncConn`, `BLOB` and `server_url()` in scope. Each test
+// has a table of its own (dropped and created again at its start), declared
+// by `async_schema!`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use chrono::NaiveDate;
+use diesel::{Connection as _, ExpressionMethods as _, QueryDsl as _, SelectableHelper as _, TextExpressionMethods as _};
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::{AsyncConnection, RunQueryDsl as _, SimpleAsyncConnection as _};
+use phi::{BoxError, KeyBytes, KeyEncryptionKey, Keyring, PhiRecord as _, Updated};
+
+/// A database for one test: a fresh SQLite file, or the shared server.
+struct TestDb {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    fn new() -> TestDb {
+        match server_url() {
+            Some(url) => {
+                static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+                READY.get_or_init(|| migrate(&url));
+                TestDb { url, _dir: None }
+            }
+            None => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                let url = dir.path().join("phi-async.db").display().to_string();
+                migrate(&url);
+                TestDb { url, _dir: Some(dir) }
+            }
+        }
+    }
+
+    fn sync_conn(&self) -> SyncConn {
+        let mut conn = SyncConn::establish(&self.url)
+            .unwrap_or_else(|e| panic!("cannot connect to the test database {}: {e}", self.url));
+        if server_url().is_none() {
+            diesel::RunQueryDsl::execute(diesel::sql_query("PRAGMA busy_timeout = 10000"), &mut conn).expect("busy timeout");
+        }
+        conn
+    }
+
+    async fn conn(&self) -> AsyncConn {
+        let mut conn = AsyncConn::establish(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the test database {}: {e}", self.url));
+        if server_url().is_none() {
+            // The keyring writes its audit records from a thread of its own.
+            conn.batch_execute("PRAGMA busy_timeout = 10000").await.expect("busy timeout");
+        }
+        conn
+    }
+
+    fn store(&self) -> Arc<phi::DieselKeyStore<SyncConn>> {
+        Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&self.url).expect("key store connects"))
+    }
+
+    async fn keyring_with(&self, kek: Arc<dyn KeyEncryptionKey>) -> Keyring {
+        let url = self.url.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&url).expect("key store connects"))
+        })
+        .await
+        .expect("store task");
+        Keyring::builder(store, kek)
+            .actor("async-test")
+            .build_async()
+            .await
+            .expect("keyring")
+    }
+
+    async fn keyring(&self) -> Keyring {
+        self.keyring_with(common::local_kek()).await
+    }
+}
+
+fn migrate(url: &str) {
+    let mut conn = SyncConn::establish(url)
+        .unwrap_or_else(|e| panic!("cannot connect to the test database {url}: {e}"));
+    phi::migrations::run_pending(&mut conn).expect("phi migrations run");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Declares the table `$table` (used as `t`), its model `Case` and `setup`.
+macro_rules! async_schema {
+    ($table:ident) => {
+        diesel::table! {
+            $table (case_id) {
+                case_id -> Varchar,
+                user_id -> Varchar,
+                patient_last -> Binary,
+                patient_dob -> Binary,
+                scan -> Nullable<Binary>,
+                status -> Varchar,
+                phi_encrypted -> Bool,
+                patient_last_bidx -> Nullable<Binary>,
+            }
+        }
+        #[allow(unused_imports)]
+        use self::$table as t;
+
+        #[derive(phi::PhiRecord, Clone, PartialEq)]
+        #[phi(table = $table, crate = phi, debug)]
+        #[allow(dead_code)] // Not every test uses every generated method.
+        #[diesel(primary_key(case_id))]
+        struct Case {
+            #[phi(row_key)]
+            case_id: String,
+            #[phi(owner)]
+            user_id: String,
+            #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+            patient_last: String,
+            #[phi(encrypt)]
+            patient_dob: NaiveDate,
+            #[phi(encrypt)]
+            scan: Option<Vec<u8>>,
+            status: String,
+            #[phi(encrypted_flag)]
+            phi_encrypted: bool,
+        }
+
+        const TABLE: &str = stringify!($table);
+
+        /// The table, empty.
+        fn setup(db: &TestDb) {
+            let mut conn = db.sync_conn();
+            let index = if BLOB == "BYTEA" { "BYTEA" } else if server_url().is_some() { "VARBINARY(16)" } else { "BLOB" };
+            diesel::RunQueryDsl::execute(diesel::sql_query(format!("DROP TABLE IF EXISTS {TABLE}")), &mut conn).expect("drop");
+            diesel::RunQueryDsl::execute(diesel::sql_query(format!(
+                "CREATE TABLE {TABLE} (case_id VARCHAR(64) NOT NULL PRIMARY KEY, user_id VARCHAR(255) NOT NULL, \
+                 patient_last {BLOB} NOT NULL, patient_dob {BLOB} NOT NULL, scan {BLOB} NULL, \
+                 status VARCHAR(32) NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE, patient_last_bidx {index} NULL)"
+            )), &mut conn)
+            .expect("create");
+        }
+
+        fn case(owner: &str, id: &str, last: &str) -> Case {
+            Case {
+                case_id: id.to_owned(),
+                user_id: owner.to_owned(),
+                patient_last: last.to_owned(),
+                patient_dob: NaiveDate::from_ymd_opt(1980, 1, 15).expect("date"),
+                scan: (id.len() % 2 == 0).then(|| vec![0, 1, 255]),
+                status: "open".to_owned(),
+                phi_encrypted: true,
+            }
+        }
+    };
+}
+
+mod round_trip {
+    use super::*;
+    async_schema!(phi_async_round_trip);
+
+    #[test]
+    fn every_round_trip_is_async_on_a_pool() {
+        let db = TestDb::new();
+        setup(&db);
+        runtime().block_on(async {
+            let keyring = db.keyring().await;
+            let pool: Pool<AsyncConn> = Pool::builder(AsyncDieselConnectionManager::<AsyncConn>::new(&db.url))
+                .max_size(4)
+                .build()
+                .expect("pool");
+            let mut conn = pool.get().await.expect("pooled connection");
+            if server_url().is_none() {
+                conn.batch_execute("PRAGMA busy_timeout = 10000").await.expect("busy timeout");
+            }
+            let alice = common::unique_owner("async-rt-a");
+            let bob = common::unique_owner("async-rt-b");
+
+            // Insert, one by one (the derive's insert_async) ...
+            let doe = case(&alice, &format!("{alice}-1"), "Doe");
+            let roe = case(&alice, &format!("{alice}-22"), "Roe");
+            let other = case(&bob, &format!("{bob}-1"), "Doe");
+            for c in [&doe, &roe, &other] {
+                assert_eq!(c.insert_async(&keyring, &mut *conn).await.expect("insert_async"), 1);
+            }
+            // ... and as a batch sealed at once.
+            let batch: Vec<Case> = (0..300).map(|i| case(&bob, &format!("{bob}-b{i:03}"), &format!("Name {i}"))).collect();
+            let sealed = Case::seal_all_async(&batch, &keyring).await.expect("seal_all_async");
+            for row in sealed {
+                diesel::insert_into(t::table).values(row).execute(&mut *conn).await.expect("insert sealed");
+            }
+
+            // What the database holds: envelopes, never the name.
+            let raw: Vec<u8> = t::table
+                .filter(t::case_id.eq(&doe.case_id))
+                .select(t::patient_last)
+                .first(&mut *conn)
+                .await
+                .expect("raw");
+            assert_eq!(&raw[..2], &[0xF1, 0x01]);
+
+            // Load.
+            let mine = Case::load_async(
+                t::table.filter(t::user_id.eq(&alice)).order(t::case_id.asc()),
+                &mut *conn,
+                &keyring,
+            )
+            .await
+            .expect("load_async");
+            assert!(mine == vec![doe.clone(), roe.clone()], "alice's two cases read back");
+            // A batch above the inline limit is opened on the blocking pool.
+            assert!(batch.len() >= phi::record::ASYNC_OPEN_INLINE_MAX_ROWS);
+            let bobs = Case::load_async(
+                t::table.filter(t::user_id.eq(&bob)).filter(t::case_id.like(format!("{bob}-b%"))).order(t::case_id.asc()),
+                &mut *conn,
+                &keyring,
+            )
+            .await
+            .expect("load_async of a large batch");
+            assert!(bobs == batch, "300 cases read back in order");
+
+            // The duplicate check through the blind index.
+            let index = Case::patient_last_blind_index_async(&keyring, &alice, &" DOE".to_string())
+                .await
+                .expect("blind index");
+            let found = Case::load_async(
+                t::table.filter(t::user_id.eq(&alice)).filter(t::patient_last_bidx.eq_any(index)),
+                &mut *conn,
+                &keyring,
+            )
+            .await
+            .expect("lookup");
+            assert!(found == vec![doe.clone()], "only alice's Doe, not bob's");
+
+            // Guarded update: applied, then unchanged.
+            let mut edited = doe.clone();
+            edited.patient_last = "Doe-Smith".into();
+            edited.scan = None;
+            assert!(edited.changes_async(&doe, &keyring).await.expect("changes").patient_dob.is_none());
+            assert_eq!(edited.update_async(&doe, &keyring, &mut *conn).await.expect("update"), Updated::Applied { sealed: true });
+            assert_eq!(edited.update_async(&edited, &keyring, &mut *conn).await.expect("update"), Updated::Unchanged);
+            let reloaded = Case::load_async(t::table.find(&doe.case_id), &mut *conn, &keyring).await.expect("reload");
+            assert!(reloaded == vec![edited.clone()]);
+
+            // open_each_async: one damaged row does not hide the others.
+            let mut altered = raw.clone();
+            let at = altered.len() - 20;
+            altered[at] ^= 1;
+            diesel::update(t::table.find(&roe.case_id)).set(t::patient_last.eq(altered)).execute(&mut *conn).await.expect("tamper");
+            let rows: Vec<CaseSealed> = t::table
+                .filter(t::user_id.eq(&alice))
+                .order(t::case_id.asc())
+                .select(CaseSealed::as_select())
+                .load(&mut *conn)
+                .await
+                .expect("sealed rows");
+            let each = Case::open_each_async(rows, &keyring).await.expect("open_each_async");
+            assert!(each[0].as_ref().is_ok_and(|c| *c == edited));
+            let err = each[1].as_ref().err().expect("the altered row fails").to_string();
+            assert!(err.contains(&alice) && err.contains(&format!("{TABLE}.patient_last")) && !err.contains("Roe"), "{err}");
+            let err = Case::load_async(t::table.filter(t::user_id.eq(&alice)), &mut *conn, &keyring).await.expect_err("load fails");
+            assert!(matches!(err, phi::Error::Decrypt { .. }), "{err:?}");
+
+            // Delete is plain diesel-async; an update of the deleted row finds nothing.
+            diesel::delete(t::table.find(&doe.case_id)).execute(&mut *conn).await.expect("delete");
+            let mut again = edited.clone();
+            again.status = "closed".into();
+            assert_eq!(again.update_async(&edited, &keyring, &mut *conn).await.expect("update"), Updated::NotFound);
+            keyring.flush_audit_async().await.expect("audit written");
+        });
+    }
+}
+
+mod guarded {
+    use super::*;
+    async_schema!(phi_async_guarded);
+
+    #[test]
+    fn a_guarded_update_async_conflicts_with_a_flag_changed_since_the_read() {
+        let db = TestDb::new();
+        setup(&db);
+        runtime().block_on(async {
+            let keyring = db.keyring().await;
+            let owner = common::unique_owner("async-guard");
+            let mut app = db.conn().await;
+            let mut other = db.conn().await;
+            let stored = case(&owner, &format!("{owner}-1"), "Doe");
+            stored.insert_async(&keyring, &mut app).await.expect("insert");
+
+            // 1. The application reads the row (sealed).
+            let old = Case::load_async(t::table.find(&stored.case_id), &mut app, &keyring).await.expect("read").remove(0);
+            // 2. Another connection commits: a decrypt-back turns the flag off.
+            let flipped = diesel::update(t::table.find(&stored.case_id))
+                .set((t::phi_encrypted.eq(false), t::status.eq("by-other")))
+                .execute(&mut other)
+                .await
+                .expect("other writer");
+            assert_eq!(flipped, 1);
+            // 3. The application writes its edit: refused, nothing written.
+            let mut edited = old.clone();
+            edited.status = "by-app".into();
+            edited.patient_last = "Roe".into();
+            assert_eq!(edited.update_async(&old, &keyring, &mut app).await.expect("update"), Updated::Conflict);
+            let (status, flag, last): (String, bool, Vec<u8>) = t::table
+                .find(&stored.case_id)
+                .select((t::status, t::phi_encrypted, t::patient_last))
+                .first(&mut other)
+                .await
+                .expect("row");
+            assert_eq!((status.as_str(), flag), ("by-other", false), "the other writer's state is kept");
+            assert_eq!(&last[..2], &[0xF1, 0x01], "no value of the other kind was written");
+
+            // Read again (the row as it now is) and the edit applies.
+            diesel::update(t::table.find(&stored.case_id)).set(t::phi_encrypted.eq(true)).execute(&mut other).await.expect("restore");
+            let fresh = Case::load_async(t::table.find(&stored.case_id), &mut app, &keyring).await.expect("reread").remove(0);
+            let mut edited = fresh.clone();
+            edited.status = "by-app".into();
+            assert_eq!(edited.update_async(&fresh, &keyring, &mut app).await.expect("update"), Updated::Applied { sealed: true });
+        });
+    }
+}
+
+/// A KEK whose async unwraps wait at a gate the test opens, and are counted.
+#[derive(Debug)]
+struct GatedKek {
+    inner: Arc<dyn KeyEncryptionKey>,
+    gate: tokio::sync::Semaphore,
+    calls: AtomicUsize,
+    keys: AtomicUsize,
+}
+
+impl KeyEncryptionKey for GatedKek {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn wrap(&self, owner: &str, version: u32, key: &KeyBytes) -> Result<Vec<u8>, BoxError> {
+        self.inner.wrap(owner, version, key)
+    }
+    fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError> {
+        panic!("the async resolution used the blocking unwrap for {owner} v{version} ({} bytes)", wrapped.len())
+    }
+    fn check_value(&self) -> Result<phi::KekCheck, BoxError> {
+        self.inner.check_value()
+    }
+    fn verify_check_value(&self, check: &phi::KekCheck) -> Result<bool, BoxError> {
+        self.inner.verify_check_value(check)
+    }
+    fn unwrap_many_async<'a>(
+        &'a self,
+        keys: Vec<(String, u32, Vec<u8>)>,
+    ) -> phi::KekFuture<'a, Vec<Result<KeyBytes, BoxError>>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.keys.fetch_add(keys.len(), Ordering::SeqCst);
+            let _permit = self.gate.acquire().await.expect("gate");
+            keys.iter().map(|(o, v, w)| self.inner.unwrap(o, *v, w)).collect()
+        })
+    }
+}
+
+#[test]
+fn tasks_missing_one_cold_owner_cause_exactly_one_unwrap() {
+    const TASKS: u64 = 256;
+    let db = TestDb::new();
+    let owner = common::unique_owner("async-flight");
+    // The owner's key exists (made by another keyring): the cache is cold.
+    let maker = Keyring::builder(db.store(), common::local_kek()).build().expect("keyring");
+    maker.keys_for_seal(&owner).expect("key created");
+    drop(maker);
+
+    // One thread for every task: a waiter that blocked it would hang the test.
+    current_thread().block_on(async {
+        let kek = Arc::new(GatedKek {
+            inner: common::local_kek(),
+            gate: tokio::sync::Semaphore::new(0),
+            calls: AtomicUsize::new(0),
+            keys: AtomicUsize::new(0),
+        });
+        let keyring = db.keyring_with(kek.clone()).await;
+        let before = keyring.stats();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (keyring, owner) = (keyring.clone(), owner.clone());
+                tokio::spawn(async move { keyring.keys_for_open_async(&owner).await })
+            })
+            .collect();
+        // Fixed interleaving: the gate opens only once every task has missed
+        // the owner (one leads, the others wait for it).
+        while keyring.stats().misses - before.misses < TASKS {
+            tokio::task::yield_now().await;
+        }
+        kek.gate.add_permits(1_000);
+        let mut resolved = Vec::new();
+        for task in tasks {
+            resolved.push(task.await.expect("task").expect("keys"));
+        }
+        assert!(resolved.iter().all(|k| Arc::ptr_eq(k, &resolved[0]) && k.owner() == owner));
+        let stats = keyring.stats();
+        assert_eq!(AtomicUsize::load(&kek.calls, Ordering::SeqCst), 1, "one unwrap_many_async call");
+        assert_eq!(AtomicUsize::load(&kek.keys, Ordering::SeqCst), 1, "one data key unwrapped");
+        assert_eq!(stats.unwraps - before.unwraps, 1);
+        assert_eq!(stats.key_loads - before.key_loads, 1, "one key-store query");
+        // Sealing on the same runtime creates a key for a new owner, async.
+        let fresh = common::unique_owner("async-flight-new");
+        kek.gate.add_permits(1);
+        let keys = keyring.keys_for_seal_async(&fresh).await.expect("created");
+        assert_eq!(keys.current_version(), Some(1));
+        assert_eq!(keyring.stats().creations - before.creations, 1);
+    });
+}
+
+#[cfg(feature = "aws-kms")]
+mod kms {
+    use super::*;
+    use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+    async_schema!(phi_async_kms);
+
+    #[test]
+    fn a_cold_load_of_100_owners_through_aws_kms_in_a_current_thread_runtime_makes_100_decrypts() {
+        let url = std::env::var("PHI_TEST_KMS_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".into());
+        if std::net::TcpStream::connect(url.trim_start_matches("http://").trim_end_matches('/')).is_err() {
+            panic!("no KMS-compatible server at {url} (PHI_TEST_KMS_URL): start moto as .ci/run does");
+        }
+        let db = TestDb::new();
+        setup(&db);
+        let prefix = common::unique_owner("async-kms");
+        let owners: Vec<String> = (0..100).map(|i| format!("{prefix}-{i:03}")).collect();
+        current_thread().block_on(async {
+            let client = aws_sdk_kms::Client::from_conf(
+                aws_sdk_kms::Config::builder()
+                    .behavior_version(BehaviorVersion::latest())
+                    .region(Region::new("us-east-1"))
+                    .endpoint_url(&url)
+                    .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+                    .build(),
+            );
+            let key_id = client
+                .create_key()
+                .description("phi async test")
+                .send()
+                .await
+                .expect("CreateKey")
+                .key_metadata()
+                .expect("metadata")
+                .key_id()
+                .to_owned();
+            let work = async {
+                // Writing: 100 owners, two cases each, keys generated through KMS.
+                let writer_kek = Arc::new(phi::AwsKmsKek::from_client(key_id.clone(), client.clone()));
+                let writer = db.keyring_with(writer_kek.clone()).await;
+                let mut conn = db.conn().await;
+                for owner in &owners {
+                    for n in 0..2 {
+                        case(owner, &format!("{owner}-{n}"), "Doe").insert_async(&writer, &mut conn).await.expect("insert");
+                    }
+                }
+                assert_eq!(writer_kek.stats().generate_data_key, 100);
+                drop(writer);
+
+                // A cold keyring (a fresh process) loads all 200 cases.
+                let kek = Arc::new(phi::AwsKmsKek::from_sdk_config(
+                    key_id.clone(),
+                    &aws_config::SdkConfig::builder()
+                        .behavior_version(BehaviorVersion::latest())
+                        .region(Region::new("us-east-1"))
+                        .endpoint_url(&url)
+                        .credentials_provider(aws_sdk_kms::config::SharedCredentialsProvider::new(Credentials::new(
+                            "test", "test", None, None, "test",
+                        )))
+                        .build(),
+                ));
+                let keyring = db.keyring_with(kek.clone()).await;
+                // Building checked the KEK (one Decrypt of the check value).
+                let before = kek.stats().decrypt;
+                let cases = Case::load_async(t::table.filter(t::user_id.eq_any(&owners)), &mut conn, &keyring)
+                    .await
+                    .expect("cold load");
+                assert_eq!(cases.len(), 200);
+                assert_eq!(kek.stats().decrypt - before, 100, "one Decrypt per owner");
+                let again = Case::load_async(t::table.filter(t::user_id.eq_any(&owners)), &mut conn, &keyring)
+                    .await
+                    .expect("warm load");
+                assert_eq!(again.len(), 200);
+                assert_eq!(kek.stats().decrypt - before, 100, "the warm load makes no call");
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(120), work)
+                .await
+                .expect("no deadlock: the cold load completes on a current-thread runtime");
+        });
+    }
+}
