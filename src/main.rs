@@ -43,6 +43,16 @@ struct Cli {
     #[arg(long, env = "PHI_KEK", global = true)]
     kek: Option<String>,
 
+    /// How often the application's keyrings read the key-event feed, in
+    /// seconds (their `KeyringBuilder::feed_interval`): shred output says
+    /// when they will have dropped the keys.
+    #[arg(long, env = "PHI_FEED_INTERVAL", default_value_t = 2.0, global = true)]
+    feed_interval: f64,
+
+    /// The fleet roll-out policy `rollout` changes and `keys status` shows.
+    #[arg(long, env = "PHI_ROLLOUT_POLICY", default_value = phi::DEFAULT_ROLLOUT_POLICY, global = true)]
+    rollout_policy: String,
+
     /// Actor recorded in the audit trail.
     #[arg(long, env = "PHI_ACTOR", default_value = "phi-cli", global = true)]
     actor: String,
@@ -75,6 +85,17 @@ enum Command {
     /// Data key operations.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The fleet's roll-out policy: which owners' new rows are sealed.
+    /// Every change is stored in `phi_rollout` with a key event that every
+    /// keyring following the feed applies within its interval.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Clears cached keys in every process following the key-event feed.
+    ClearCache {
+        /// Only this owner (default: every owner).
+        #[arg(long)]
+        owner: Option<String>,
+    },
     /// Shows the audit trail, newest first.
     Audit {
         /// Only this owner's records.
@@ -83,6 +104,35 @@ enum Command {
         /// How many records.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Shows the stored policy and the feed's head.
+    Status,
+    /// Seal every owner's new rows.
+    All,
+    /// Seal no new row.
+    Nobody,
+    /// Add owners to the sealed set.
+    Enable {
+        /// The owners.
+        #[arg(long = "owner", required = true)]
+        owners: Vec<String>,
+    },
+    /// Remove owners from the sealed set (refused while the policy is `all`:
+    /// set the owners with `rollout set` instead).
+    Disable {
+        /// The owners.
+        #[arg(long = "owner", required = true)]
+        owners: Vec<String>,
+    },
+    /// Seal exactly these owners' new rows.
+    Set {
+        /// The owners.
+        #[arg(long = "owner", required = true)]
+        owners: Vec<String>,
     },
 }
 
@@ -274,6 +324,7 @@ struct Env<C: PhiConnection> {
     older: Vec<Arc<dyn KeyEncryptionKey>>,
     tables: Vec<ResealTable>,
     url: String,
+    rollout_policy: String,
 }
 
 fn run_on<C>(cli: &Cli, url: &str) -> CliResult
@@ -294,9 +345,21 @@ where
         older,
         tables,
         url: url.to_owned(),
+        rollout_policy: cli.rollout_policy.clone(),
     };
     match &cli.command {
         Command::Audit { owner, limit } => audit(&env, owner.as_deref(), *limit),
+        Command::Rollout(command) => rollout(cli, &env, command),
+        Command::ClearCache { owner } => {
+            let keyring = env.keyring(&cli.actor)?;
+            let id = lifecycle::clear_cache_fleet(&keyring, owner.as_deref())?;
+            println!(
+                "Cleared the cached keys of {} fleet-wide (key event #{id}); processes following the feed drop them within {:.1} s.",
+                owner.as_deref().unwrap_or("every owner"),
+                cli.feed_interval
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys(command) => keys(cli, &env, command),
     }
 }
@@ -311,7 +374,10 @@ where
         for kek in &self.older {
             builder = builder.unwrap_with(kek.clone());
         }
-        Ok(builder.actor(actor).build()?)
+        Ok(builder
+            .actor(actor)
+            .rollout_policy(&self.rollout_policy)
+            .build()?)
     }
 
     fn data(&self) -> CliResult<C> {
@@ -429,7 +495,9 @@ where
             let keyring = env.keyring(&cli.actor)?;
             let version = lifecycle::rotate(&keyring, owner)?;
             println!(
-                "Owner {owner}: added data key version {version}; new values are sealed under it."
+                "Owner {owner}: added data key version {version}; new values are sealed under it \
+                 (processes following the key-event feed within {:.1} s).",
+                cli.feed_interval
             );
             if !env.tables.is_empty() {
                 let mut conn = env.data()?;
@@ -560,7 +628,14 @@ where
     }
     let keyring = env.keyring(&cli.actor)?;
     let mut conn = env.data()?;
+    let before = lifecycle::feed_head(env.store.as_ref())?;
     let report = lifecycle::shred(&mut conn, &keyring, owner, &env.tables, sample)?;
+    let event = lifecycle::read_feed(env.store.as_ref(), before, 10_000)?
+        .into_iter()
+        .find(|e| {
+            e.event.kind == phi::feed::KeyEventKind::Shred
+                && e.event.owner_id.as_deref() == Some(owner)
+        });
     if report.destroyed_versions.is_empty() {
         println!("Owner {owner}: no data key left to destroy.");
     } else {
@@ -584,11 +659,20 @@ where
             println!("No value of the owner in these columns is stored in the clear.");
         }
     }
-    if report.key_rows > 0 {
+    if let Some(event) = &event {
+        // One interval for the next read, plus a second for the read itself.
+        let by =
+            event.event.occurred_at + Duration::from_secs_f64(cli.feed_interval.max(0.0) + 1.0);
         println!(
-            "Other processes keep their cached copy of this owner's data keys until their cache TTL \
-             expires (default 24 h) or they clear the owner: restart them for immediate effect."
+            "Key event #{} recorded: processes following the key-event feed (every {:.1} s) drop this \
+             owner's keys by {} UTC; processes that do not follow it keep them until their cache TTL \
+             expires (default 24 h) or they restart.",
+            event.id,
+            cli.feed_interval,
+            by.format("%H:%M:%S")
         );
+    }
+    if report.key_rows > 0 {
         println!(
             "Backups, WAL, database logs and point-in-time-recovery archives still hold the old wrapped \
              keys: readable with the KEK that wrapped them until they expire, or until that KEK is \
@@ -724,6 +808,7 @@ where
                     &lifecycle::coverage(env.store.as_ref(), &query)?,
                 );
             }
+            print_feed(env)?;
             println!("Data keys by KEK and state:");
             let counts = env.store.key_counts()?;
             if counts.is_empty() {
@@ -783,6 +868,97 @@ where
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_feed<C>(env: &Env<C>) -> CliResult<()>
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    let head = lifecycle::feed_head(env.store.as_ref())?;
+    match lifecycle::read_feed(env.store.as_ref(), head - 1, 1)?.first() {
+        Some(last) => println!(
+            "Key-event feed: head #{head} (last: {} {} by {} at {} UTC)",
+            last.event.kind,
+            last.event.owner_id.as_deref().unwrap_or("every owner"),
+            last.event.actor,
+            last.event.occurred_at.format("%Y-%m-%d %H:%M:%S")
+        ),
+        None => println!("Key-event feed: head #{head} (no event yet)"),
+    }
+    let policy = &env.rollout_policy;
+    match lifecycle::fleet_rollout(env.store.as_ref(), policy)? {
+        Some(rollout) => println!("Roll-out policy {policy:?}: {}", describe(&rollout)),
+        None => println!(
+            "Roll-out policy {policy:?}: never set (each keyring uses the policy it was built with)"
+        ),
+    }
+    Ok(())
+}
+
+fn describe(rollout: &phi::Rollout) -> String {
+    match rollout {
+        phi::Rollout::Owners(owners) => {
+            let mut owners: Vec<&str> = owners.iter().map(String::as_str).collect();
+            owners.sort_unstable();
+            format!("owners {}", owners.join(", "))
+        }
+        other => lifecycle::describe_rollout(other),
+    }
+}
+
+fn rollout<C>(cli: &Cli, env: &Env<C>, command: &RolloutCommand) -> CliResult
+where
+    C: lifecycle::DataConnection,
+    DieselKeyStore<C>: KeyStore,
+{
+    use phi::Rollout;
+    let current = lifecycle::fleet_rollout(env.store.as_ref(), &env.rollout_policy)?;
+    let next = match command {
+        RolloutCommand::Status => None,
+        RolloutCommand::All => Some(Rollout::All),
+        RolloutCommand::Nobody => Some(Rollout::Nobody),
+        RolloutCommand::Set { owners } => Some(Rollout::owners(owners.iter().cloned())),
+        RolloutCommand::Enable { owners } => Some(match current {
+            Some(Rollout::All) => Rollout::All,
+            Some(Rollout::Owners(mut set)) => {
+                set.extend(owners.iter().cloned());
+                Rollout::Owners(set)
+            }
+            _ => Rollout::owners(owners.iter().cloned()),
+        }),
+        RolloutCommand::Disable { owners } => match current {
+            Some(Rollout::All) | None => {
+                return Err(
+                    "the roll-out is every owner (or was never set): name the owners to seal with `phi rollout set --owner …`"
+                        .into(),
+                );
+            }
+            Some(Rollout::Owners(mut set)) => {
+                for owner in owners {
+                    set.remove(owner);
+                }
+                Some(if set.is_empty() {
+                    Rollout::Nobody
+                } else {
+                    Rollout::Owners(set)
+                })
+            }
+            Some(other) => Some(other),
+        },
+    };
+    if let Some(next) = next {
+        let keyring = env.keyring(&cli.actor)?;
+        let id = lifecycle::set_rollout(&keyring, &next)?;
+        println!(
+            "Roll-out policy {:?} set to {} (key event #{id}); processes following the feed apply it within {:.1} s.",
+            env.rollout_policy,
+            describe(&next),
+            cli.feed_interval
+        );
+    }
+    print_feed(env)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -130,14 +130,19 @@ impl phi::KeyStore for CountingStore {
 /// test's backends.
 pub(crate) fn clinic_bin() -> &'static std::path::Path {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
+    BIN.get_or_init(|| example_bin("clinic"))
+}
+
+/// An example binary, built with this test's backend features.
+pub(crate) fn example_bin(name: &str) -> std::path::PathBuf {
+    {
         let exe = std::env::current_exe().expect("test executable");
         // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
         let profile_dir = exe
             .parent()
             .and_then(std::path::Path::parent)
             .expect("target directory");
-        let bin = profile_dir.join("examples").join("clinic");
+        let bin = profile_dir.join("examples").join(name);
         // With this test's features, so the binary speaks to every backend
         // the test runs on; nothing to do when `cargo test` built it so.
         let mut features = vec!["sqlite"];
@@ -156,15 +161,15 @@ pub(crate) fn clinic_bin() -> &'static std::path::Path {
                 "build",
                 "--quiet",
                 "--example",
-                "clinic",
+                name,
                 "--no-default-features",
                 "--features",
             ])
             .arg(features.join(","))
             .status()
             .expect("cargo runs");
-        assert!(status.success(), "building the clinic example failed");
-        assert!(bin.exists(), "no clinic example at {}", bin.display());
+        assert!(status.success(), "building the {name} example failed");
+        assert!(bin.exists(), "no {name} example at {}", bin.display());
         bin
-    })
+    }
 }

@@ -647,3 +647,9 @@ mod kek_check {
     use super::*;
     include!("kek_check.rs");
 }
+
+/// The key-event feed and the fleet roll-out, within one process.
+mod fleet {
+    use super::*;
+    include!("fleet.rs");
+}

@@ -1,0 +1,182 @@
+// The key-event feed and the fleet's roll-out on this backend, in one
+// process: every life-cycle change appends its event in its own
+// transaction; a following keyring applies them. Included by
+// `suite/mod.rs` inside `mod fleet`. The feed is shared with every test
+// running against the same server: events are filtered by this test's
+// owners, roll-outs use a policy name of the test's own.
+
+use phi::feed::{FeedEvent, KeyEventKind};
+use phi::lifecycle;
+use phi::Rollout;
+
+/// The events about `owner` after id `after`.
+fn events_of(store: &dyn KeyStore, after: i64, owner: &str) -> Vec<FeedEvent> {
+    let mut out = Vec::new();
+    let mut at = after;
+    loop {
+        let page = store.key_events_after(at, 500).expect("read the feed");
+        let Some(last) = page.last() else { break };
+        at = last.id;
+        out.extend(page.into_iter().filter(|e| e.event.owner_id.as_deref() == Some(owner)));
+    }
+    out
+}
+
+fn following(db: &TestDb, policy: &str) -> Keyring {
+    Keyring::builder(db.store(), common::local_kek())
+        .actor("fleet-follower")
+        .feed_interval(Duration::from_millis(100))
+        .rollout_policy(policy)
+        .build()
+        .expect("following keyring")
+}
+
+/// Waits, up to `deadline`, until `done` holds.
+fn wait_until(deadline: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_life_cycle_change_appends_its_event() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let store = db.store();
+    let owner = common::unique_owner("feed-events");
+    let head = lifecycle::feed_head(store.as_ref()).expect("head");
+    keyring.seal(&"Doe".to_string(), &owner, TEXT, b"r").expect("first seal");
+    assert_eq!(lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
+    let mut conn = db.conn();
+    assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &[]).expect("retire"));
+    lifecycle::clear_cache_fleet(&keyring, Some(&owner)).expect("clear");
+    let report = lifecycle::shred(&mut conn, &keyring, &owner, &[], 0).expect("shred");
+    assert_eq!(report.destroyed_versions, vec![1, 2]);
+    // A second shred destroys nothing and appends nothing.
+    lifecycle::shred(&mut conn, &keyring, &owner, &[], 0).expect("shred again");
+
+    let events = events_of(store.as_ref(), head, &owner);
+    let kinds: Vec<(KeyEventKind, Option<u32>)> =
+        events.iter().map(|e| (e.event.kind, e.event.key_version)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (KeyEventKind::Rotate, Some(2)),
+            (KeyEventKind::Retire, Some(1)),
+            (KeyEventKind::Clear, None),
+            (KeyEventKind::Shred, None),
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    assert!(events.iter().all(|e| e.event.actor == "integration-test"));
+    assert!(lifecycle::feed_head(store.as_ref()).expect("head") >= events[3].id);
+    // The clear is audited beside the key operations.
+    let audit = store.audit(Some(&owner), 20).expect("audit");
+    assert!(audit.iter().any(|r| r.event.action == phi::AuditAction::ClearCache));
+}
+
+#[test]
+fn feed_ids_have_no_gaps_under_concurrent_appends() {
+    let db = TestDb::new();
+    let owner = common::unique_owner("feed-gaps");
+    let keyring = db.keyring();
+    let head = lifecycle::feed_head(keyring.store().as_ref()).expect("head");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let keyring = db.keyring();
+            let owner = owner.clone();
+            s.spawn(move || {
+                for _ in 0..5 {
+                    lifecycle::clear_cache_fleet(&keyring, Some(&owner)).expect("clear");
+                }
+            });
+        }
+    });
+    let mine = events_of(keyring.store().as_ref(), head, &owner);
+    assert_eq!(mine.len(), 20);
+    // Every id from the head on is present: nobody's event is skipped by a
+    // reader that moves past a later id.
+    let all = keyring.store().key_events_after(head, 100_000).expect("read");
+    assert!(all.windows(2).all(|w| w[1].id == w[0].id + 1), "ids are consecutive");
+    assert_eq!(all.first().map(|e| e.id), Some(head + 1));
+}
+
+#[test]
+fn a_following_keyring_drops_a_shredded_owner_and_obeys_the_roll_out() {
+    let db = TestDb::new();
+    let admin = db.keyring();
+    let policy = common::unique_owner("policy");
+    let policy = &policy[policy.len().saturating_sub(60)..];
+    let follower = following(&db, policy);
+    let owner = common::unique_owner("feed-follow");
+    let other = common::unique_owner("feed-other");
+    // The follower caches both owners' keys.
+    follower.seal(&"Doe".to_string(), &owner, TEXT, b"r").expect("seal");
+    follower.seal(&"Roe".to_string(), &other, TEXT, b"r").expect("seal");
+
+    let mut conn = db.conn();
+    lifecycle::shred(&mut conn, &admin, &owner, &[], 0).expect("shred");
+    // Still cached until the follower reads the feed: applied at the next
+    // read (sync_feed is the follower thread's read, done now).
+    assert!(follower.sync_feed() >= 1);
+    assert!(matches!(
+        follower.seal(&"Doe".to_string(), &owner, TEXT, b"r"),
+        Err(Error::Shredded { .. })
+    ));
+    follower.seal(&"Roe".to_string(), &other, TEXT, b"r").expect("another owner seals");
+
+    lifecycle::set_rollout(&{
+        Keyring::builder(db.store(), common::local_kek())
+            .rollout_policy(policy)
+            .build()
+            .expect("admin keyring")
+    }, &Rollout::owners([other.clone()]))
+    .expect("roll-out");
+    assert_eq!(
+        lifecycle::fleet_rollout(admin.store().as_ref(), policy).expect("read"),
+        Some(Rollout::owners([other.clone()]))
+    );
+    // The follower's own thread applies it within its interval.
+    assert!(
+        wait_until(Duration::from_secs(5), || follower.rollout() == Rollout::owners([other.clone()])),
+        "the follower applies the roll-out"
+    );
+    assert!(follower.encrypts_for(&other));
+    assert!(!follower.encrypts_for(&owner));
+    let status = follower.feed_status().expect("following");
+    assert!(status.events_applied >= 2);
+    assert_eq!(status.read_failures, 0);
+    // A keyring built now starts from the stored roll-out.
+    assert_eq!(following(&db, policy).rollout(), Rollout::owners([other.clone()]));
+}
+
+#[test]
+fn a_fleet_wide_clear_unwraps_each_owner_again() {
+    let db = TestDb::new();
+    let policy = common::unique_owner("policy");
+    let policy = &policy[policy.len().saturating_sub(60)..];
+    let follower = following(&db, policy);
+    let owners: Vec<String> = (0..3).map(|i| common::unique_owner(&format!("feed-clear{i}"))).collect();
+    for owner in &owners {
+        follower.seal(&"Doe".to_string(), owner, TEXT, b"r").expect("seal");
+    }
+    let before = follower.stats().unwraps;
+    for owner in &owners {
+        follower.keys_for_seal(owner).expect("cached");
+    }
+    assert_eq!(follower.stats().unwraps, before, "cached");
+    lifecycle::clear_cache_fleet(&db.keyring(), None).expect("clear all");
+    follower.sync_feed();
+    for owner in &owners {
+        follower.keys_for_seal(owner).expect("keys again");
+    }
+    assert_eq!(follower.stats().unwraps, before + 3, "one unwrap per owner");
+}
+
