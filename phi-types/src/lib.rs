@@ -41,7 +41,11 @@
 //!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
 //!   `Encrypted<T>` itself works on every Diesel backend without a feature.
 //! - `aws-kms`: [`AwsKmsKek`], data keys generated and unwrapped by AWS KMS.
+//! - `admin-http`: [`admin::router`], the admin HTTP API (axum) an
+//!   application mounts behind an authorization guard of its own.
 
+#[cfg(feature = "admin-http")]
+pub mod admin;
 pub mod blind;
 mod connection;
 mod dek;
@@ -89,7 +93,7 @@ pub use sql::Encrypted;
 pub use store::DieselKeyStore;
 pub use store::schema;
 pub use store::{
-    AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, MemoryKeyStore, Rewrap,
+    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, MemoryKeyStore, Rewrap,
     StoredKey,
 };
 pub use value::{DecodeError, PhiValue};

@@ -647,3 +647,10 @@ mod kek_check {
     use super::*;
     include!("kek_check.rs");
 }
+
+/// The admin HTTP API: every route, its guard, its audit records.
+#[cfg(feature = "admin-http")]
+mod admin_http {
+    use super::*;
+    include!("admin.rs");
+}

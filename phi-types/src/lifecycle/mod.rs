@@ -75,13 +75,24 @@ fn event(
     kek_id: Option<&str>,
     detail: Option<String>,
 ) -> AuditEvent {
+    event_by(keyring.actor(), owner, action, version, kek_id, detail)
+}
+
+fn event_by(
+    actor: &str,
+    owner: &str,
+    action: AuditAction,
+    version: Option<u32>,
+    kek_id: Option<&str>,
+    detail: Option<String>,
+) -> AuditEvent {
     AuditEvent {
         occurred_at: chrono::Utc::now().naive_utc(),
         owner_id: owner.to_owned(),
         action,
         key_version: version,
         kek_id: kek_id.map(str::to_owned),
-        actor: keyring.actor().to_owned(),
+        actor: actor.to_owned(),
         detail,
     }
 }
@@ -143,6 +154,15 @@ fn current_version(rows: &[StoredKey]) -> Option<u32> {
 /// added the same version first, [`Error::Shredded`] for a shredded owner;
 /// key store and KEK errors.
 pub fn rotate(keyring: &Keyring, owner: &str) -> Result<u32> {
+    rotate_by(keyring, owner, keyring.actor())
+}
+
+/// [`rotate`], audited with `actor` instead of the keyring's own (an
+/// operator reported by the admin API's guard, say).
+///
+/// # Errors
+/// As [`rotate`].
+pub fn rotate_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<u32> {
     let rows = load_owner(keyring, owner)?;
     let refuse = |reason: String| Error::Refused {
         operation: "rotate".into(),
@@ -176,8 +196,8 @@ pub fn rotate(keyring: &Keyring, owner: &str) -> Result<u32> {
     let previous = current_version(&rows)
         .map(|v| format!("previous current version {v}"))
         .unwrap_or_else(|| "no previous active version".into());
-    keyring.store().append_audit(&[event(
-        keyring,
+    keyring.store().append_audit(&[event_by(
+        actor,
         owner,
         AuditAction::Rotate,
         Some(version),
@@ -772,35 +792,8 @@ pub fn shred<C: DataConnection>(
     for t in tables {
         t.validate()?;
     }
-    let destroyed_versions = keyring.store().destroy_keys(
-        owner,
-        &event(
-            keyring,
-            owner,
-            AuditAction::Destroy,
-            None,
-            None,
-            Some("crypto-shredded".into()),
-        ),
-    )?;
-    keyring.clear(owner);
-    metrics::add(
-        metrics::KEYS_DESTROYED_TOTAL,
-        destroyed_versions.len() as u64,
-    );
-    tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
-    let rows = keyring.store().load_keys(&[owner])?;
-    let keys_left = rows
-        .iter()
-        .filter(|r| r.state != KeyState::Destroyed || !r.wrapped_key.is_empty())
-        .count();
+    let mut report = shred_keys_by(keyring, owner, keyring.actor())?;
     let keys = keyring.keys_for_open(owner)?;
-    let mut report = ShredReport {
-        destroyed_versions,
-        key_rows: rows.len(),
-        keys_left,
-        ..ShredReport::default()
-    };
     for t in tables {
         for c in &t.columns {
             report.columns += 1;
@@ -820,6 +813,47 @@ pub fn shred<C: DataConnection>(
         }
     }
     Ok(report)
+}
+
+/// The key half of [`shred`], audited with `actor`: destroys every data
+/// key version of `owner` in one transaction (audited as `destroy` per
+/// version), drops the owner from this keyring's cache, and reports the
+/// owner's key rows afterwards. No stored value is sampled, so the report's
+/// [`ShredReport::outcome`] is never verified (no tables); the admin API
+/// uses it.
+///
+/// # Errors
+/// Key store errors (when the destroy itself failed, nothing was changed).
+pub fn shred_keys_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<ShredReport> {
+    check_owner(owner)?;
+    let destroyed_versions = keyring.store().destroy_keys(
+        owner,
+        &event_by(
+            actor,
+            owner,
+            AuditAction::Destroy,
+            None,
+            None,
+            Some("crypto-shredded".into()),
+        ),
+    )?;
+    keyring.clear(owner);
+    metrics::add(
+        metrics::KEYS_DESTROYED_TOTAL,
+        destroyed_versions.len() as u64,
+    );
+    tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
+    let rows = keyring.store().load_keys(&[owner])?;
+    let keys_left = rows
+        .iter()
+        .filter(|r| r.state != KeyState::Destroyed || !r.wrapped_key.is_empty())
+        .count();
+    Ok(ShredReport {
+        destroyed_versions,
+        key_rows: rows.len(),
+        keys_left,
+        ..ShredReport::default()
+    })
 }
 
 // ---------------------------------------------------------------------------

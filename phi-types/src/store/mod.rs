@@ -136,6 +136,12 @@ pub enum AuditAction {
     Rotate,
     /// A data key was unwrapped into the cache.
     Unwrap,
+    /// A request of the admin HTTP API, admitted by its guard (`detail`
+    /// names the route and what it did).
+    Admin,
+    /// A request of the admin HTTP API that its guard refused; nothing was
+    /// changed.
+    Denied,
 }
 
 impl AuditAction {
@@ -148,6 +154,8 @@ impl AuditAction {
             AuditAction::Rewrap => "rewrap",
             AuditAction::Rotate => "rotate",
             AuditAction::Unwrap => "unwrap",
+            AuditAction::Admin => "admin",
+            AuditAction::Denied => "denied",
         }
     }
 
@@ -160,6 +168,8 @@ impl AuditAction {
             "rewrap" => AuditAction::Rewrap,
             "rotate" => AuditAction::Rotate,
             "unwrap" => AuditAction::Unwrap,
+            "admin" => AuditAction::Admin,
+            "denied" => AuditAction::Denied,
             _ => return None,
         })
     }
@@ -312,6 +322,17 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         Err(unsupported("reading the audit trail"))
     }
 
+    /// One page of audit records matching `filter`, newest first (by
+    /// `id`), at most `filter.limit` records.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not support reading the audit trail.
+    fn audit_page(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let _ = filter;
+        Err(unsupported("reading the audit trail"))
+    }
+
     /// Runs `sql`, a query of the application's whose first column is an
     /// owner id (e.g. `SELECT DISTINCT user_id FROM cases`), and returns the
     /// distinct non-NULL owner ids it yields, as text, sorted. The query runs
@@ -377,6 +398,46 @@ pub struct AuditRecord {
     pub id: i64,
     /// The record.
     pub event: AuditEvent,
+}
+
+/// Which audit records [`KeyStore::audit_page`] returns: every criterion
+/// given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditFilter {
+    /// Only this owner's records.
+    pub owner: Option<String>,
+    /// Only records of this action.
+    pub action: Option<AuditAction>,
+    /// Only records that occurred at or after this time (UTC).
+    pub since: Option<NaiveDateTime>,
+    /// Only records that occurred before this time (UTC).
+    pub until: Option<NaiveDateTime>,
+    /// Only records with an id below this one: the `id` of the last record
+    /// of the previous page (keyset paging, newest first).
+    pub before_id: Option<i64>,
+    /// At most this many records.
+    pub limit: usize,
+}
+
+impl AuditFilter {
+    /// Every record, newest first, at most `limit`.
+    pub fn new(limit: usize) -> Self {
+        AuditFilter {
+            limit,
+            ..AuditFilter::default()
+        }
+    }
+
+    /// Whether `record` passes every criterion but the limit.
+    pub fn matches(&self, record: &AuditRecord) -> bool {
+        let e = &record.event;
+        self.owner.as_ref().is_none_or(|o| &e.owner_id == o)
+            && self.action.is_none_or(|a| e.action == a)
+            && self.since.is_none_or(|t| e.occurred_at >= t)
+            && self.until.is_none_or(|t| e.occurred_at < t)
+            && self.before_id.is_none_or(|id| record.id < id)
+    }
 }
 
 /// How many data key rows one KEK wraps in one state, from
