@@ -34,13 +34,17 @@ struct BearerToken {
 impl Guard for BearerToken {
     async fn admit(&self, request: &Parts) -> Result<Actor, Rejection> {
         let Some(value) = request.headers.get("authorization") else {
-            return Err(Rejection::unauthorized("missing Authorization: Bearer header"));
+            return Err(Rejection::unauthorized(
+                "missing Authorization: Bearer header",
+            ));
         };
         let token = value
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Rejection::unauthorized("the Authorization header is not a bearer token"))?;
+            .ok_or_else(|| {
+                Rejection::unauthorized("the Authorization header is not a bearer token")
+            })?;
         let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if given == self.digest {
             Ok(Actor::new("operator"))

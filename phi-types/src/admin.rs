@@ -306,10 +306,7 @@ impl From<JsonRejection> for Failure {
 
 impl From<QueryRejection> for Failure {
     fn from(rejection: QueryRejection) -> Self {
-        Failure::bad_request(format!(
-            "invalid query string: {}",
-            rejection.body_text()
-        ))
+        Failure::bad_request(format!("invalid query string: {}", rejection.body_text()))
     }
 }
 
@@ -356,7 +353,10 @@ async fn finish(
         if let Value::Object(map) = &mut body {
             map.insert(
                 "audit_error".into(),
-                Value::String(format!("the admin audit record was not written: {}", e.message)),
+                Value::String(format!(
+                    "the admin audit record was not written: {}",
+                    e.message
+                )),
             );
         }
     }
@@ -687,8 +687,16 @@ fn audit_filter(q: &AuditQuery) -> Result<AuditFilter, Failure> {
             ))
         })?);
     }
-    filter.since = q.since.as_deref().map(|t| parse_time("since", t)).transpose()?;
-    filter.until = q.until.as_deref().map(|t| parse_time("until", t)).transpose()?;
+    filter.since = q
+        .since
+        .as_deref()
+        .map(|t| parse_time("since", t))
+        .transpose()?;
+    filter.until = q
+        .until
+        .as_deref()
+        .map(|t| parse_time("until", t))
+        .transpose()?;
     filter.before_id = q.before_id;
     Ok(filter)
 }
@@ -754,7 +762,14 @@ async fn clear_cache(
                   not have yet; nothing was changed"
             .into(),
     });
-    finish(&state, &actor, "POST /clear-cache", owner.as_deref(), outcome).await
+    finish(
+        &state,
+        &actor,
+        "POST /clear-cache",
+        owner.as_deref(),
+        outcome,
+    )
+    .await
 }
 
 async fn rollout(State(state): State<AdminState>, Extension(actor): Extension<Actor>) -> Response {

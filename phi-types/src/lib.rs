@@ -93,7 +93,7 @@ pub use sql::Encrypted;
 pub use store::DieselKeyStore;
 pub use store::schema;
 pub use store::{
-    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, MemoryKeyStore, Rewrap,
-    StoredKey,
+    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore,
+    MemoryKeyStore, Rewrap, StoredKey,
 };
 pub use value::{DecodeError, PhiValue};

@@ -10,7 +10,8 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::schema::{encryption_key_audit, kek_check_values, user_encryption_keys};
 use super::{
-    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
+    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap,
+    StoredKey,
 };
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};

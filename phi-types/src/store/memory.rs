@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use std::collections::BTreeSet;
 
-use super::{AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey};
+use super::{
+    AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
+};
 use crate::error::{Error, Result};
 use crate::kek::KekCheck;
 
