@@ -10,14 +10,15 @@
 //! | `POST /rotate` | a new data key version for one owner |
 //! | `POST /shred` | crypto-shreds one owner; `confirm` must repeat the owner id |
 //! | `GET /audit-log` | `encryption_key_audit`, newest first, by owner, action and time, paged (default limit 100) |
-//! | `POST /clear-cache` | one owner or all, in every process (through the key-event feed) |
-//! | `POST /rollout` | the shared roll-out policy |
+//! | `GET /key-status` (also) | the key-event feed's head, how far this process has read it, the fleet's roll-out |
+//! | `POST /clear-cache` | `{"owner": …}` or `{"all": true}`: in this process at once, in every process following the key-event feed within its interval |
+//! | `POST /rollout` | `{"mode": "all" \| "nobody" \| "owners", "owners": […]}`: the fleet's roll-out policy, through the feed |
 //!
 //! Every request first goes through the [`Guard`]: a request it refuses
 //! gets 401 or 403, changes nothing, and is audited as
 //! [`AuditAction::Denied`]. An admitted request is carried out as the
-//! [`Actor`] the guard reports: the life-cycle records it causes (`rotate`,
-//! `destroy`) name that actor, and one [`AuditAction::Admin`] record per
+//! [`Actor`] the guard reports: the life-cycle records and feed events it
+//! causes (`rotate`, `destroy`, `clear_cache`, `rollout`) name that actor, and one [`AuditAction::Admin`] record per
 //! request names the route and its outcome. Records not about one owner
 //! use the owner id `*`.
 //!
@@ -58,7 +59,6 @@
 //! # Ok::<(), phi_types::Error>(())
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -78,6 +78,7 @@ use serde_json::{Value, json};
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::lifecycle;
+use crate::record::Rollout;
 use crate::store::{AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyState};
 
 /// Default number of records `GET /audit-log` returns.
@@ -458,6 +459,28 @@ async fn key_status(
             })
             .collect();
         body.insert("keys".into(), Value::Array(keys));
+        let head = lifecycle::feed_head(store.as_ref())?;
+        let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
+        let follow = keyring.feed_status().map(|f| {
+            json!({
+                "position": f.position,
+                "interval_ms": u64::try_from(f.interval.as_millis()).unwrap_or(u64::MAX),
+                "stale_for_ms": u64::try_from(f.stale_for.as_millis()).unwrap_or(u64::MAX),
+                "max_staleness_ms": u64::try_from(f.max_staleness.as_millis()).unwrap_or(u64::MAX),
+                "events_applied": f.events_applied,
+                "read_failures": f.read_failures,
+            })
+        });
+        body.insert(
+            "feed".into(),
+            json!({
+                "head": head,
+                "following": follow,
+                "rollout_policy": keyring.rollout_policy(),
+                "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
+                "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
+            }),
+        );
         let s = keyring.stats();
         body.insert(
             "cache".into(),
@@ -683,7 +706,7 @@ fn audit_filter(q: &AuditQuery) -> Result<AuditFilter, Failure> {
         filter.action = Some(AuditAction::parse(action).ok_or_else(|| {
             Failure::bad_request(format!(
                 "invalid action {action:?}: expected one of generate, unwrap, rotate, rewrap, \
-                 retire, destroy, admin, denied"
+                 retire, destroy, clear_cache, rollout, admin, denied"
             ))
         })?);
     }
@@ -746,38 +769,114 @@ async fn audit_log(
 }
 
 // ---------------------------------------------------------------------------
-// POST /clear-cache, POST /rollout
+// POST /clear-cache
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClearBody {
+    owner: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
 
 async fn clear_cache(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
-    body: Result<axum::Json<HashMap<String, Value>>, JsonRejection>,
+    body: Result<axum::Json<ClearBody>, JsonRejection>,
 ) -> Response {
-    let owner = body
-        .ok()
-        .and_then(|b| b.0.get("owner").and_then(Value::as_str).map(str::to_owned));
-    let outcome = Err(Failure {
-        status: StatusCode::NOT_IMPLEMENTED,
-        message: "clearing caches fleet-wide needs the key-event feed, which this build does \
-                  not have yet; nothing was changed"
-            .into(),
-    });
-    finish(
-        &state,
-        &actor,
-        "POST /clear-cache",
-        owner.as_deref(),
-        outcome,
-    )
-    .await
+    const ROUTE: &str = "POST /clear-cache";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let outcome = match (&body.owner, body.all) {
+        (Some(_), true) => Err(Failure::bad_request(
+            "give either owner or \"all\": true, not both; nothing was changed",
+        )),
+        (None, false) => Err(Failure::bad_request(
+            "give owner, or \"all\": true to clear every owner's keys; nothing was changed",
+        )),
+        _ => {
+            let keyring = state.keyring.clone();
+            let owner = body.owner.clone();
+            let by = actor.name().to_owned();
+            blocking(move || {
+                let id = lifecycle::clear_cache_fleet_by(&keyring, owner.as_deref(), &by)?;
+                Ok(json!({
+                    "owner": owner,
+                    "all": owner.is_none(),
+                    "event_id": id,
+                    "note": "cleared in this process; every keyring following the key-event feed \
+                             clears it within its feed interval",
+                }))
+            })
+            .await
+        }
+    };
+    finish(&state, &actor, ROUTE, body.owner.as_deref(), outcome).await
 }
 
-async fn rollout(State(state): State<AdminState>, Extension(actor): Extension<Actor>) -> Response {
-    let outcome = Err(Failure {
-        status: StatusCode::NOT_IMPLEMENTED,
-        message: "a shared roll-out policy needs the key-event feed, which this build does not \
-                  have yet; nothing was changed"
-            .into(),
-    });
-    finish(&state, &actor, "POST /rollout", None, outcome).await
+// ---------------------------------------------------------------------------
+// POST /rollout
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutBody {
+    mode: String,
+    #[serde(default)]
+    owners: Vec<String>,
+}
+
+fn rollout_of(body: &RolloutBody) -> Result<Rollout, Failure> {
+    match (body.mode.as_str(), body.owners.is_empty()) {
+        ("all", true) => Ok(Rollout::All),
+        ("nobody", true) => Ok(Rollout::Nobody),
+        ("owners", false) => {
+            if body.owners.iter().any(String::is_empty) {
+                return Err(Failure::bad_request("invalid owners: an owner id is empty"));
+            }
+            Ok(Rollout::owners(body.owners.iter().cloned()))
+        }
+        ("owners", true) => Err(Failure::bad_request(
+            "mode \"owners\" needs a non-empty \"owners\" list (use \"nobody\" for none)",
+        )),
+        ("all" | "nobody", false) => Err(Failure::bad_request(format!(
+            "mode {:?} takes no \"owners\" list",
+            body.mode
+        ))),
+        (other, _) => Err(Failure::bad_request(format!(
+            "invalid mode {other:?}: expected \"all\", \"nobody\" or \"owners\""
+        ))),
+    }
+}
+
+async fn rollout(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    body: Result<axum::Json<RolloutBody>, JsonRejection>,
+) -> Response {
+    const ROUTE: &str = "POST /rollout";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let outcome = match rollout_of(&body) {
+        Err(f) => Err(f),
+        Ok(policy) => {
+            let keyring = state.keyring.clone();
+            let by = actor.name().to_owned();
+            blocking(move || {
+                let id = lifecycle::set_rollout_by(&keyring, &policy, &by)?;
+                Ok(json!({
+                    "policy": keyring.rollout_policy(),
+                    "rollout": lifecycle::describe_rollout(&policy),
+                    "event_id": id,
+                    "note": "applied in this process; every keyring following the key-event feed \
+                             applies it within its feed interval",
+                }))
+            })
+            .await
+        }
+    };
+    finish(&state, &actor, ROUTE, None, outcome).await
 }

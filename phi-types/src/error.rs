@@ -226,6 +226,25 @@ pub enum Error {
         owner: String,
     },
 
+    /// Sealing was refused because this keyring follows the key-event feed
+    /// and has not read it for longer than its maximum staleness: another
+    /// process may have shredded or rotated the owner, or changed the
+    /// roll-out, meanwhile. Opening goes on from the cache.
+    #[error(
+        "sealing refused for owner {owner:?}: the key-event feed was last read {:.1} s ago, \
+         past the maximum staleness of {:.1} s (the owner may have been shredded or rotated meanwhile)",
+        stale_for.as_secs_f64(),
+        max_staleness.as_secs_f64()
+    )]
+    FeedStale {
+        /// The owner a seal was asked for.
+        owner: String,
+        /// Time since the feed was last read successfully.
+        stale_for: std::time::Duration,
+        /// The keyring's maximum staleness.
+        max_staleness: std::time::Duration,
+    },
+
     /// A data key version cannot be retired while values still use it.
     #[error(
         "cannot retire data key version {key_version} of owner {owner:?}: \

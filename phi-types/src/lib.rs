@@ -51,6 +51,7 @@ mod connection;
 mod dek;
 pub mod envelope;
 mod error;
+pub mod feed;
 mod kek;
 mod keyring;
 pub mod lifecycle;
@@ -79,9 +80,10 @@ pub use kek::{
     LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV,
 };
 pub use keyring::{
-    Clock, DEFAULT_AUDIT_QUEUE, DEFAULT_MAX_OWNERS, DEFAULT_TTL, DEFAULT_UNKNOWN_VERSION_TTL,
-    Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN, ManualClock, OwnerKeys, SystemClock,
-    WarmReport,
+    Clock, DEFAULT_AUDIT_QUEUE, DEFAULT_FEED_INTERVAL, DEFAULT_FEED_MAX_STALENESS,
+    DEFAULT_MAX_OWNERS, DEFAULT_ROLLOUT_POLICY, DEFAULT_TTL, DEFAULT_UNKNOWN_VERSION_TTL,
+    FeedStatus, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN, ManualClock, OwnerKeys,
+    SystemClock, WarmReport,
 };
 #[cfg(feature = "derive")]
 #[doc(inline)]

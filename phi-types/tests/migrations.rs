@@ -22,14 +22,14 @@ fn tables(conn: &mut SqliteConnection) -> Vec<String> {
 }
 
 /// phi's migrations on SQLite.
-const MIGRATIONS: usize = 2;
+const MIGRATIONS: usize = 3;
 
 #[test]
 fn migrations_create_the_key_tables_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = dir.path().join("m.db").display().to_string();
     let mut conn = SqliteConnection::establish(&url).expect("connect");
-    // The key tables, then the KEK check values.
+    // The key tables, the KEK check values, then the key-event feed.
     assert_eq!(
         phi_types::migrations::run_pending(&mut conn).expect("migrate"),
         MIGRATIONS
@@ -42,6 +42,10 @@ fn migrations_create_the_key_tables_once() {
     for table in [
         "encryption_key_audit",
         "kek_check_values",
+        "phi_key_events",
+        "phi_key_feed",
+        "phi_rollout",
+        "phi_rollout_owners",
         "user_encryption_keys",
     ] {
         assert!(

@@ -101,7 +101,12 @@ impl Admin {
 
     fn tagged(tag: String, options: Options) -> Admin {
         let db = TestDb::new();
-        let keyring = db.keyring();
+        // A roll-out policy of this test's own: the fleet's is shared.
+        let keyring = Keyring::builder(db.store(), common::local_kek())
+            .actor("integration-test")
+            .rollout_policy(&tag)
+            .build()
+            .expect("keyring");
         let app = admin::router_with(keyring.clone(), TestGuard, options);
         Admin {
             db,
@@ -151,6 +156,17 @@ impl Admin {
             .into_iter()
             .filter(|r| r.event.detail.as_deref().is_some_and(|d| d.contains(&self.tag)))
             .collect()
+    }
+
+    /// Another process's keyring: follows the feed, read by hand
+    /// (`sync_feed`) so the test decides when.
+    fn follower(&self) -> Keyring {
+        Keyring::builder(self.db.store(), common::local_kek())
+            .actor("integration-test-follower")
+            .rollout_policy(&self.tag)
+            .feed_interval(std::time::Duration::from_secs(3_600))
+            .build()
+            .expect("following keyring")
     }
 
     fn key_states(&self, owner: &str) -> Vec<(u32, KeyState)> {
@@ -423,7 +439,8 @@ fn refused_requests_get_401_or_403_change_nothing_and_are_audited() {
         ("POST", "/shred", Some(json!({ "owner": owner, "confirm": owner }))),
         ("POST", "/generate-key", Some(json!({ "owner": fresh }))),
         ("POST", "/clear-cache", Some(json!({ "owner": owner }))),
-        ("POST", "/rollout", Some(json!({ "policy": "all" }))),
+        ("POST", "/clear-cache", Some(json!({ "all": true }))),
+        ("POST", "/rollout", Some(json!({ "mode": "nobody" }))),
         ("GET", "/key-status", None),
         ("GET", "/audit-log", None),
     ];
@@ -440,6 +457,12 @@ fn refused_requests_get_401_or_403_change_nothing_and_are_audited() {
     }
     // Nothing changed.
     assert_eq!(a.key_states(&owner), vec![(1, KeyState::Active)]);
+    assert_eq!(a.keyring.stats().cached_owners, 1, "the cache was not cleared");
+    assert_eq!(
+        phi::lifecycle::fleet_rollout(a.db.store().as_ref(), &a.tag).expect("policy"),
+        None,
+        "no roll-out was set"
+    );
     assert!(a.key_states(&fresh).is_empty());
     assert!(a.audit(&owner).iter().all(|r| r.event.action != AuditAction::Rotate
         && r.event.action != AuditAction::Destroy
@@ -454,15 +477,109 @@ fn refused_requests_get_401_or_403_change_nothing_and_are_audited() {
 }
 
 #[test]
-fn clear_cache_and_rollout_answer_501_until_the_feed_exists() {
-    let a = Admin::new("feedless");
+fn clear_cache_clears_here_and_in_every_keyring_following_the_feed() {
+    let a = Admin::new("clear");
     let owner = format!("{}-o", a.tag);
-    a.keyring.seal(&"Doe".to_string(), &owner, "t.c", b"r").expect("seal");
-    for (uri, body) in [("/clear-cache", json!({ "owner": owner })), ("/rollout", json!({ "policy": "all" }))] {
-        let (status, answer) = a.post(uri, body);
-        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{uri}: {answer}");
-        assert!(answer["error"].as_str().expect("error").contains("nothing was changed"));
+    let other = format!("{}-other", a.tag);
+    let follower = a.follower();
+    for k in [&a.keyring, &follower] {
+        k.keys_for_seal(&owner).expect("keys");
+        k.keys_for_seal(&other).expect("keys");
     }
-    assert_eq!(a.keyring.stats().cached_owners, 1, "the cache was not cleared");
-    assert_eq!(a.admin_records(&owner).len(), 1);
+    follower.sync_feed();
+    let before = follower.stats().unwraps;
+
+    let (status, body) = a.post("/clear-cache", json!({ "owner": owner }));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = body["event_id"].as_i64().expect("event id");
+    // Here at once.
+    assert_eq!(a.keyring.stats().cached_owners, 1, "only the owner was cleared here");
+    // In the follower once it reads the feed: the owner unwraps again, the
+    // other owner does not.
+    assert!(follower.sync_feed() >= 1);
+    follower.keys_for_open(&owner).expect("keys");
+    follower.keys_for_open(&other).expect("keys");
+    assert_eq!(follower.stats().unwraps, before + 1);
+
+    // The feed event and the audit record name the guard's actor.
+    let events = phi::lifecycle::read_feed(a.db.store().as_ref(), id - 1, 1).expect("feed");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event.kind, phi::feed::KeyEventKind::Clear);
+    assert_eq!(events[0].event.owner_id.as_deref(), Some(owner.as_str()));
+    assert_eq!(events[0].event.actor, a.actor());
+    let audit = a.audit(&owner);
+    assert!(audit.iter().any(|r| r.event.action == AuditAction::ClearCache && r.event.actor == a.actor()));
+
+    // Bad bodies change nothing.
+    let head = phi::lifecycle::feed_head(a.db.store().as_ref()).expect("head");
+    for body in [json!({}), json!({ "owner": owner, "all": true }), json!({ "owner": "" })] {
+        let (status, answer) = a.post("/clear-cache", body.clone());
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+    let after = phi::lifecycle::read_feed(a.db.store().as_ref(), head, 100).expect("feed");
+    assert!(after.iter().all(|e| e.event.actor != a.actor()), "no event appended: {after:?}");
+    assert_eq!(a.admin_records(&owner).len(), 2, "the clear, and the refused one naming the owner");
+
+    // Every owner: only on this test's own SQLite file; on a shared server
+    // a clear of every owner would reach the other tests' keyrings.
+    if server_url().is_none() {
+        let (status, body) = a.post("/clear-cache", json!({ "all": true }));
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["all"], json!(true));
+        assert_eq!(a.keyring.stats().cached_owners, 0);
+        assert!(follower.sync_feed() >= 1);
+        let before = follower.stats().unwraps;
+        follower.keys_for_open(&other).expect("keys");
+        assert_eq!(follower.stats().unwraps, before + 1);
+    }
+}
+
+#[test]
+fn rollout_sets_the_fleet_policy_here_and_in_followers() {
+    let a = Admin::new("rollout");
+    let in_ = format!("{}-in", a.tag);
+    let out = format!("{}-out", a.tag);
+    let follower = a.follower();
+    let policy = || phi::lifecycle::fleet_rollout(a.db.store().as_ref(), &a.tag).expect("policy");
+
+    let (status, body) = a.post("/rollout", json!({ "mode": "owners", "owners": [in_] }));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["policy"], json!(a.tag));
+    assert_eq!(body["rollout"], json!("1 owner(s)"));
+    assert!(a.keyring.encrypts_for(&in_) && !a.keyring.encrypts_for(&out), "applied here at once");
+    assert_eq!(policy(), Some(phi::Rollout::owners([in_.clone()])));
+    assert!(follower.sync_feed() >= 1);
+    assert!(follower.encrypts_for(&in_) && !follower.encrypts_for(&out), "the follower obeys");
+
+    // Bad bodies: 400 (or 422 for the wrong shape), nothing changed.
+    for body in [
+        json!({ "mode": "some" }),
+        json!({ "mode": "owners" }),
+        json!({ "mode": "owners", "owners": [""] }),
+        json!({ "mode": "all", "owners": [out] }),
+    ] {
+        let (status, answer) = a.post("/rollout", body.clone());
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+    let (status, _) = a.post("/rollout", json!({ "owners": [out] }));
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(policy(), Some(phi::Rollout::owners([in_.clone()])), "unchanged");
+
+    let (status, body) = a.post("/rollout", json!({ "mode": "all" }));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(policy(), Some(phi::Rollout::All));
+    follower.sync_feed();
+    assert!(follower.encrypts_for(&out));
+
+    // key-status shows the feed and the fleet's roll-out.
+    let (_, status_body) = a.get("/key-status");
+    assert_eq!(status_body["feed"]["fleet_rollout"], json!("all"));
+    assert!(status_body["feed"]["head"].as_i64() >= Some(2));
+
+    let rollouts: Vec<_> = a
+        .audit(admin::ALL_OWNERS)
+        .into_iter()
+        .filter(|r| r.event.action == AuditAction::Rollout && r.event.actor == a.actor())
+        .collect();
+    assert_eq!(rollouts.len(), 2, "{rollouts:?}");
 }

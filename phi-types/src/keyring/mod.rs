@@ -40,6 +40,7 @@
 mod audit;
 mod cache;
 mod clock;
+mod follow;
 mod misses;
 
 use std::collections::{HashMap, HashSet};
@@ -49,6 +50,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use follow::FeedStatus;
 
 use self::audit::AuditWriter;
 use self::cache::{Cache, LeadGuard, Lookup};
@@ -72,6 +74,14 @@ pub const MAX_OWNER_LEN: usize = 255;
 pub const DEFAULT_UNKNOWN_VERSION_TTL: Duration = Duration::from_secs(30);
 /// Default number of `unwrap` audit records queued for writing.
 pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
+/// Default interval between two reads of the key-event feed by a following
+/// keyring.
+pub const DEFAULT_FEED_INTERVAL: Duration = Duration::from_secs(2);
+/// Default maximum staleness of a following keyring: past it without a
+/// successful read of the feed, sealing is refused.
+pub const DEFAULT_FEED_MAX_STALENESS: Duration = Duration::from_secs(60);
+/// The roll-out policy a keyring follows unless configured otherwise.
+pub const DEFAULT_ROLLOUT_POLICY: &str = "default";
 
 /// The unwrapped data keys of one owner: every version still readable, and
 /// the current one that seals.
@@ -281,6 +291,16 @@ struct Inner {
     rollout: RwLock<Rollout>,
     audit: AuditWriter,
     misses: Misses,
+    rollout_policy: String,
+    follower: Option<Arc<follow::Follower>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(follower) = &self.follower {
+            follower.stop();
+        }
+    }
 }
 
 /// Configures a [`Keyring`]; from [`Keyring::builder`].
@@ -296,6 +316,9 @@ pub struct KeyringBuilder {
     rollout: Rollout,
     unknown_version_ttl: Duration,
     audit_queue: usize,
+    rollout_policy: String,
+    feed_interval: Option<Duration>,
+    feed_max_staleness: Duration,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -370,6 +393,60 @@ impl KeyringBuilder {
         self
     }
 
+    /// Follows the key-event feed ([`crate::feed`]) and the fleet's
+    /// roll-out policy, reading the feed every
+    /// [`DEFAULT_FEED_INTERVAL`] (see [`feed_interval`](Self::feed_interval)).
+    ///
+    /// A thread of the keyring's reads the events after its position (the
+    /// feed's head when it is built) with one query per interval and
+    /// applies each: a shredded, rotated, retired or rewrapped owner and a
+    /// cleared owner are dropped from the cache (the next use loads them
+    /// from the key store: a shredded owner then refuses to seal and opens
+    /// nothing); a fleet-wide clear drops every owner; a roll-out change
+    /// is read from `phi_rollout` and applied. At build the stored roll-out
+    /// policy, if one was ever set, replaces [`rollout`](Self::rollout).
+    ///
+    /// When the feed cannot be read the keyring keeps serving from its
+    /// cache; each failure is logged with how stale the keyring is and
+    /// counted (`phi_feed_read_errors_total`, `phi_feed_staleness_seconds`).
+    /// Past [`feed_max_staleness`](Self::feed_max_staleness) without a
+    /// successful read, every seal is refused with [`Error::FeedStale`]:
+    /// which owners another process shredded, rotated or moved out of the
+    /// roll-out meanwhile is exactly what the keyring cannot know, so it
+    /// refuses for all of them rather than seal under a destroyed or
+    /// superseded key. Opening goes on: refusing reads would turn a feed
+    /// outage into an application outage, and a shredded owner's values
+    /// still stop opening once the cached keys are dropped (on the next
+    /// successful read, or when their TTL expires).
+    pub fn follow_feed(mut self) -> Self {
+        self.feed_interval.get_or_insert(DEFAULT_FEED_INTERVAL);
+        self
+    }
+
+    /// Follows the key-event feed (as [`follow_feed`](Self::follow_feed)),
+    /// reading it every `interval`: a change made anywhere in the fleet
+    /// reaches this keyring within about `interval` plus one query.
+    pub fn feed_interval(mut self, interval: Duration) -> Self {
+        self.feed_interval = Some(interval);
+        self
+    }
+
+    /// How long a following keyring goes on sealing without a successful
+    /// read of the feed (default [`DEFAULT_FEED_MAX_STALENESS`]).
+    pub fn feed_max_staleness(mut self, max: Duration) -> Self {
+        self.feed_max_staleness = max;
+        self
+    }
+
+    /// The name of the fleet roll-out policy (`phi_rollout.policy`) this
+    /// keyring follows and [`lifecycle::set_rollout`](crate::lifecycle::set_rollout)
+    /// changes (default [`DEFAULT_ROLLOUT_POLICY`]): applications sharing
+    /// one database can each have their own.
+    pub fn rollout_policy(mut self, name: impl Into<String>) -> Self {
+        self.rollout_policy = name.into();
+        self
+    }
+
     /// Builds the keyring, after checking every configured KEK against the
     /// key store: a KEK id names exactly one key. The first keyring built
     /// with a KEK stores its check value (`kek_check_values`); a KEK whose
@@ -416,8 +493,36 @@ impl KeyringBuilder {
         checked.sort_by(|a, b| a.id().cmp(b.id()));
         checked.insert(0, &self.primary);
         crate::kek::check::verify_keks(self.store.as_ref(), &checked)?;
+        if self.rollout_policy.is_empty() || self.rollout_policy.len() > 64 {
+            return Err(Error::Config(format!(
+                "the roll-out policy name must be 1 to 64 bytes long, not {}",
+                self.rollout_policy.len()
+            )));
+        }
+        let mut rollout = self.rollout;
+        let follower = match self.feed_interval {
+            None => None,
+            Some(interval) => {
+                if interval.is_zero() {
+                    return Err(Error::Config(
+                        "the key-event feed interval must be positive".into(),
+                    ));
+                }
+                // The head first: a change committed after it is read
+                // again, never missed.
+                let head = self.store.feed_head()?;
+                if let Some(stored) = self.store.fleet_rollout(&self.rollout_policy)? {
+                    rollout = stored;
+                }
+                Some(Arc::new(follow::Follower::new(
+                    interval,
+                    self.feed_max_staleness,
+                    head,
+                )))
+            }
+        };
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue)?;
-        Ok(Keyring {
+        let keyring = Keyring {
             inner: Arc::new(Inner {
                 store: self.store,
                 primary: self.primary,
@@ -426,11 +531,17 @@ impl KeyringBuilder {
                 clock: self.clock,
                 actor: self.actor,
                 counters: Counters::default(),
-                rollout: RwLock::new(self.rollout),
+                rollout: RwLock::new(rollout),
                 audit,
                 misses: Misses::new(self.unknown_version_ttl, self.max_owners),
+                rollout_policy: self.rollout_policy,
+                follower: follower.clone(),
             }),
-        })
+        };
+        if let Some(follower) = follower {
+            follow::start(&keyring.inner, follower)?;
+        }
+        Ok(keyring)
     }
 }
 
@@ -458,6 +569,9 @@ impl Keyring {
             rollout: Rollout::All,
             unknown_version_ttl: DEFAULT_UNKNOWN_VERSION_TTL,
             audit_queue: DEFAULT_AUDIT_QUEUE,
+            rollout_policy: DEFAULT_ROLLOUT_POLICY.to_owned(),
+            feed_interval: None,
+            feed_max_staleness: DEFAULT_FEED_MAX_STALENESS,
         }
     }
 
@@ -469,6 +583,7 @@ impl Keyring {
     /// [`Error::Shredded`] for a crypto-shredded owner (no key is created
     /// for it again); key store and KEK errors.
     pub fn keys_for_seal(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
+        self.check_feed(owner)?;
         self.resolve_one(owner, Purpose::Seal)
     }
 
@@ -504,7 +619,38 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+        let owners: Vec<&str> = owners.into_iter().collect();
+        if let Some(first) = owners.first() {
+            self.check_feed(first)?;
+        }
         self.resolve_many(owners, Purpose::Seal)
+    }
+
+    /// Refuses sealing past the feed's maximum staleness.
+    fn check_feed(&self, owner: &str) -> Result<()> {
+        match &self.inner.follower {
+            Some(follower) => follower.check_fresh(owner),
+            None => Ok(()),
+        }
+    }
+
+    /// Where this keyring stands in the key-event feed, when it follows it
+    /// ([`KeyringBuilder::follow_feed`]).
+    pub fn feed_status(&self) -> Option<FeedStatus> {
+        self.inner.follower.as_ref().map(|f| f.status())
+    }
+
+    /// Reads the key-event feed now, on the calling thread, and applies
+    /// what is new (the thread does this every interval); returns how many
+    /// events were applied. `0` for a keyring that does not follow the feed.
+    pub fn sync_feed(&self) -> u64 {
+        self.read_feed_now()
+    }
+
+    /// The name of the fleet roll-out policy this keyring follows
+    /// ([`KeyringBuilder::rollout_policy`]).
+    pub fn rollout_policy(&self) -> &str {
+        &self.inner.rollout_policy
     }
 
     /// Seals `value` for `owner`, `scope` and `row` under the owner's current

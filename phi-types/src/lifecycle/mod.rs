@@ -58,9 +58,11 @@ use zeroize::Zeroizing;
 pub use tables::{ColumnType, DataConnection, FlagType, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};
+use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
 use crate::kek::KeyEncryptionKey;
 use crate::keyring::{Keyring, OwnerKeys};
 use crate::metrics;
+use crate::record::Rollout;
 use crate::sql::Encrypted;
 use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, Rewrap, StoredKey};
 
@@ -188,26 +190,186 @@ pub fn rotate_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<u32> {
             .map_err(kek_error(kek.as_ref(), owner, version))?;
     drop(key);
     let row = StoredKey::active(owner, version, kek.id(), wrapped);
-    if !keyring.store().insert_key_if_absent(&row)? {
-        return Err(refuse(format!(
-            "version {version} was added meanwhile by another process"
-        )));
-    }
     let previous = current_version(&rows)
         .map(|v| format!("previous current version {v}"))
         .unwrap_or_else(|| "no previous active version".into());
-    keyring.store().append_audit(&[event_by(
+    let audit = event_by(
         actor,
         owner,
         AuditAction::Rotate,
         Some(version),
         Some(kek.id()),
-        Some(previous),
-    )])?;
+        Some(previous.clone()),
+    );
+    let feed = KeyEvent::new(KeyEventKind::Rotate, Some(owner), actor)
+        .with_version(version)
+        .with_detail(previous);
+    if !keyring.store().add_key_version(&row, &audit, &feed)? {
+        return Err(refuse(format!(
+            "version {version} was added meanwhile by another process"
+        )));
+    }
     keyring.clear(owner);
     metrics::add(metrics::KEYS_ROTATED_TOTAL, 1);
     tracing::info!(owner, version, kek = kek.id(), "rotated a data key");
     Ok(version)
+}
+
+// ---------------------------------------------------------------------------
+// The fleet: cache clears, roll-out, the key-event feed
+
+/// The owner id audit records of fleet-wide actions name: every owner.
+pub const EVERY_OWNER: &str = "*";
+
+/// Clears cached keys in every process following the key-event feed: of
+/// `owner`, or of every owner when `None`. Clears this keyring's cache at
+/// once, and appends a [`KeyEventKind::Clear`] event with its
+/// `clear_cache` audit record (owner [`EVERY_OWNER`] for all) in one
+/// transaction; every keyring following the feed
+/// ([`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed))
+/// drops those keys within its interval, and unwraps them again on their
+/// next use. Returns the event's id in the feed.
+///
+/// ```
+/// use std::sync::Arc;
+/// use phi_types::{lifecycle, Keyring, LocalKek, MemoryKeyStore, KeyBytes};
+///
+/// let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+/// keyring.keys_for_seal("provider-17")?;
+/// let id = lifecycle::clear_cache_fleet(&keyring, None)?;
+/// assert_eq!(lifecycle::feed_head(keyring.store().as_ref())?, id);
+/// assert_eq!(keyring.stats().cached_owners, 0);
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidInput`] for an empty owner id; key store errors
+/// (nothing is appended; this keyring's cache is cleared all the same).
+pub fn clear_cache_fleet(keyring: &Keyring, owner: Option<&str>) -> Result<i64> {
+    clear_cache_fleet_by(keyring, owner, keyring.actor())
+}
+
+/// [`clear_cache_fleet`], audited with `actor` instead of the keyring's own.
+///
+/// # Errors
+/// As [`clear_cache_fleet`].
+pub fn clear_cache_fleet_by(keyring: &Keyring, owner: Option<&str>, actor: &str) -> Result<i64> {
+    if let Some(owner) = owner {
+        check_owner(owner)?;
+        keyring.clear(owner);
+    } else {
+        keyring.clear_all();
+    }
+    let detail = match owner {
+        Some(_) => "fleet-wide cache clear of one owner",
+        None => "fleet-wide cache clear of every owner",
+    };
+    let feed = KeyEvent::new(KeyEventKind::Clear, owner, actor).with_detail(detail);
+    let audit = event_by(
+        actor,
+        owner.unwrap_or(EVERY_OWNER),
+        AuditAction::ClearCache,
+        None,
+        None,
+        Some(detail.into()),
+    );
+    let id = keyring.store().append_key_events(&[feed], &[audit])?;
+    tracing::info!(
+        owner = owner.unwrap_or(EVERY_OWNER),
+        event = id,
+        "cleared cached keys fleet-wide"
+    );
+    Ok(id)
+}
+
+/// Sets the fleet's roll-out policy (`phi_rollout`, the policy named by
+/// [`Keyring::rollout_policy`]): applies it to this
+/// keyring at once, and stores it with a [`KeyEventKind::Rollout`] event
+/// and a `rollout` audit record (owner [`EVERY_OWNER`]) in one
+/// transaction; every keyring following the feed applies it within its
+/// interval. Returns the event's id in the feed.
+///
+/// ```
+/// use std::sync::Arc;
+/// use phi_types::{lifecycle, Keyring, LocalKek, MemoryKeyStore, KeyBytes, Rollout};
+///
+/// let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+/// lifecycle::set_rollout(&keyring, &Rollout::owners(["provider-17"]))?;
+/// assert!(keyring.encrypts_for("provider-17"));
+/// assert!(!keyring.encrypts_for("provider-18"));
+/// assert_eq!(
+///     lifecycle::fleet_rollout(keyring.store().as_ref(), keyring.rollout_policy())?,
+///     Some(Rollout::owners(["provider-17"]))
+/// );
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+///
+/// # Errors
+/// Key store errors (nothing is changed, here or in the store).
+pub fn set_rollout(keyring: &Keyring, rollout: &Rollout) -> Result<i64> {
+    set_rollout_by(keyring, rollout, keyring.actor())
+}
+
+/// [`set_rollout`], audited with `actor` instead of the keyring's own.
+///
+/// # Errors
+/// As [`set_rollout`].
+pub fn set_rollout_by(keyring: &Keyring, rollout: &Rollout, actor: &str) -> Result<i64> {
+    let policy = keyring.rollout_policy();
+    let detail = format!("policy {policy}: {}", describe_rollout(rollout));
+    let feed = KeyEvent::new(KeyEventKind::Rollout, None, actor).with_detail(detail.clone());
+    let audit = event_by(
+        actor,
+        EVERY_OWNER,
+        AuditAction::Rollout,
+        None,
+        None,
+        Some(detail),
+    );
+    let id = keyring
+        .store()
+        .set_fleet_rollout(policy, rollout, &feed, &[audit])?;
+    keyring.set_rollout(rollout.clone());
+    tracing::info!(event = id, "changed the fleet's roll-out");
+    Ok(id)
+}
+
+/// A short description of a roll-out policy, for logs and audit records
+/// (`all`, `nobody`, `3 owner(s)`).
+pub fn describe_rollout(rollout: &Rollout) -> String {
+    match rollout {
+        Rollout::All => "all".into(),
+        Rollout::Nobody => "nobody".into(),
+        Rollout::Owners(owners) => format!("{} owner(s)", owners.len()),
+    }
+}
+
+/// The fleet's roll-out policy named `policy` (see
+/// [`KeyringBuilder::rollout_policy`](crate::KeyringBuilder::rollout_policy)),
+/// or `None` when it was never set.
+///
+/// # Errors
+/// Key store errors.
+pub fn fleet_rollout(store: &dyn KeyStore, policy: &str) -> Result<Option<Rollout>> {
+    store.fleet_rollout(policy)
+}
+
+/// The key-event feed's head: the id of the last event (0: none yet).
+///
+/// # Errors
+/// Key store errors.
+pub fn feed_head(store: &dyn KeyStore) -> Result<i64> {
+    store.feed_head()
+}
+
+/// The feed's events after id `after`, oldest first, at most `limit`.
+///
+/// # Errors
+/// Key store errors.
+pub fn read_feed(store: &dyn KeyStore, after: i64, limit: usize) -> Result<Vec<FeedEvent>> {
+    store.key_events_after(after, limit)
 }
 
 // ---------------------------------------------------------------------------

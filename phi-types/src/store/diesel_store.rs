@@ -8,14 +8,19 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
-use super::schema::{encryption_key_audit, kek_check_values, user_encryption_keys};
+use super::schema::{
+    encryption_key_audit, kek_check_values, phi_key_events, phi_key_feed, phi_rollout,
+    phi_rollout_owners, user_encryption_keys,
+};
 use super::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap,
     StoredKey,
 };
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
+use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
+use crate::record::Rollout;
 
 /// Owners per `IN (...)` list; larger sets are loaded in several queries.
 const OWNERS_PER_QUERY: usize = 5_000;
@@ -344,6 +349,7 @@ macro_rules! diesel_key_store {
                     (*conn)
                         .$transaction(|conn| -> diesel::QueryResult<Vec<bool>> {
                             let mut applied = Vec::with_capacity(rewraps.len());
+                            let mut events = Vec::new();
                             for r in rewraps {
                                 let n = diesel::update(
                                     k::user_encryption_keys
@@ -360,9 +366,14 @@ macro_rules! diesel_key_store {
                                 .execute(conn)?;
                                 if n == 1 {
                                     Self::insert_audit(conn, std::slice::from_ref(&r.audit))?;
+                                    events.push(
+                                        feed_event(&r.audit, KeyEventKind::Rewrap)
+                                            .with_detail(format!("from KEK {} to KEK {}", r.from_kek, r.to_kek)),
+                                    );
                                 }
                                 applied.push(n == 1);
                             }
+                            Self::insert_events(conn, &events)?;
                             Ok(applied)
                         })
                         .map_err(|e| Error::store("rewrapping data keys", e))
@@ -392,6 +403,12 @@ macro_rules! diesel_key_store {
                             .execute(conn)?;
                             if n == 1 {
                                 Self::insert_audit(conn, std::slice::from_ref(audit))?;
+                                let kind = match to {
+                                    KeyState::Retired => KeyEventKind::Retire,
+                                    KeyState::Destroyed => KeyEventKind::Shred,
+                                    KeyState::Active => KeyEventKind::Clear,
+                                };
+                                Self::insert_events(conn, &[feed_event(audit, kind)])?;
                             }
                             Ok(n == 1)
                         })
@@ -430,6 +447,13 @@ macro_rules! diesel_key_store {
                                 })
                                 .collect();
                             Self::insert_audit(conn, &events)?;
+                            if !versions.is_empty() {
+                                let event = KeyEvent {
+                                    key_version: None,
+                                    ..feed_event(audit, KeyEventKind::Shred)
+                                };
+                                Self::insert_events(conn, &[event])?;
+                            }
                             Ok(versions)
                         })
                         .map_err(|e| Error::store("destroying data keys", e))?;
@@ -499,6 +523,168 @@ macro_rules! diesel_key_store {
                 })
             }
 
+            fn add_key_version(&self, key: &StoredKey, audit: &AuditEvent, event: &KeyEvent) -> Result<bool> {
+                use user_encryption_keys::dsl as k;
+                crate::metrics::store_query("add_key_version", || {
+                    let mut conn = self.conn()?;
+                    let inserted = (*conn).$transaction(|conn| -> diesel::QueryResult<bool> {
+                        let exists: i64 = k::user_encryption_keys
+                            .filter(k::owner_id.eq(&key.owner_id))
+                            .filter(k::version.eq(i64::from(key.version)))
+                            .count()
+                            .get_result(conn)?;
+                        if exists > 0 {
+                            return Ok(false);
+                        }
+                        diesel::insert_into(k::user_encryption_keys)
+                            .values((
+                                k::owner_id.eq(&key.owner_id),
+                                k::version.eq(i64::from(key.version)),
+                                k::kek_id.eq(&key.kek_id),
+                                k::wrapped_key.eq(&key.wrapped_key),
+                                k::state.eq(key.state.as_str()),
+                                k::created_at.eq(key.created_at),
+                                k::updated_at.eq(key.created_at),
+                            ))
+                            .execute(conn)?;
+                        Self::insert_audit(conn, std::slice::from_ref(audit))?;
+                        Self::insert_events(conn, std::slice::from_ref(event))?;
+                        Ok(true)
+                    });
+                    match inserted {
+                        Ok(inserted) => Ok(inserted),
+                        Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
+                        Err(e) => Err(Error::store("adding a data key version", e)),
+                    }
+                })
+            }
+
+            fn append_key_events(&self, events: &[KeyEvent], audit: &[AuditEvent]) -> Result<i64> {
+                crate::metrics::store_query("append_key_events", || {
+                    let mut conn = self.conn()?;
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<i64> {
+                            Self::insert_audit(conn, audit)?;
+                            Self::insert_events(conn, events)
+                        })
+                        .map_err(|e| Error::store("appending key events", e))
+                })
+            }
+
+            fn key_events_after(&self, after: i64, limit: usize) -> Result<Vec<FeedEvent>> {
+                use phi_key_events::dsl as e;
+                crate::metrics::store_query("key_events_after", || {
+                    let mut conn = self.conn()?;
+                    let rows: Vec<EventRow> = e::phi_key_events
+                        .filter(e::id.gt(after))
+                        .order(e::id)
+                        .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .select((e::id, e::occurred_at, e::kind, e::owner_id, e::key_version, e::actor, e::detail))
+                        .load(&mut *conn)
+                        .map_err(|e| Error::store("reading key events", e))?;
+                    rows.into_iter().map(feed_record).collect()
+                })
+            }
+
+            fn feed_head(&self) -> Result<i64> {
+                use phi_key_feed::dsl as f;
+                crate::metrics::store_query("feed_head", || {
+                    let mut conn = self.conn()?;
+                    f::phi_key_feed
+                        .filter(f::id.eq(1))
+                        .select(f::head)
+                        .first(&mut *conn)
+                        .map_err(|e| Error::store("reading the key-event feed's head", e))
+                })
+            }
+
+            fn fleet_rollout(&self, policy: &str) -> Result<Option<Rollout>> {
+                use phi_rollout::dsl as r;
+                use phi_rollout_owners::dsl as o;
+                crate::metrics::store_query("fleet_rollout", || {
+                    let mut conn = self.conn()?;
+                    let read = |conn: &mut $conn| -> diesel::QueryResult<Option<(String, Vec<String>)>> {
+                        let Some(mode) = r::phi_rollout
+                            .filter(r::policy.eq(policy))
+                            .select(r::mode)
+                            .first::<String>(conn)
+                            .optional()?
+                        else {
+                            return Ok(None);
+                        };
+                        let owners = if mode == "owners" {
+                            o::phi_rollout_owners
+                                .filter(o::policy.eq(policy))
+                                .select(o::owner_id)
+                                .load(conn)?
+                        } else {
+                            Vec::new()
+                        };
+                        Ok(Some((mode, owners)))
+                    };
+                    // One snapshot: the mode and its owners as one change left them.
+                    let row = (*conn)
+                        .transaction(read)
+                        .map_err(|e| Error::store("reading the fleet's roll-out", e))?;
+                    row.map(|(mode, owners)| match mode.as_str() {
+                        "all" => Ok(Rollout::All),
+                        "nobody" => Ok(Rollout::Nobody),
+                        "owners" => Ok(Rollout::owners(owners)),
+                        other => Err(Error::store(
+                            "reading the fleet's roll-out",
+                            format!("phi_rollout.mode is {other:?}, not all, nobody or owners"),
+                        )),
+                    })
+                    .transpose()
+                })
+            }
+
+            fn set_fleet_rollout(
+                &self,
+                policy: &str,
+                rollout: &Rollout,
+                event: &KeyEvent,
+                audit: &[AuditEvent],
+            ) -> Result<i64> {
+                use phi_rollout::dsl as r;
+                use phi_rollout_owners::dsl as o;
+                let (mode, owners): (&str, Vec<&str>) = match rollout {
+                    Rollout::All => ("all", Vec::new()),
+                    Rollout::Nobody => ("nobody", Vec::new()),
+                    Rollout::Owners(owners) => {
+                        let mut owners: Vec<&str> = owners.iter().map(String::as_str).collect();
+                        owners.sort_unstable();
+                        ("owners", owners)
+                    }
+                };
+                crate::metrics::store_query("set_fleet_rollout", || {
+                    let mut conn = self.conn()?;
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<i64> {
+                            diesel::delete(o::phi_rollout_owners.filter(o::policy.eq(policy))).execute(conn)?;
+                            diesel::delete(r::phi_rollout.filter(r::policy.eq(policy))).execute(conn)?;
+                            diesel::insert_into(r::phi_rollout)
+                                .values((
+                                    r::policy.eq(policy),
+                                    r::mode.eq(mode),
+                                    r::updated_at.eq(event.occurred_at),
+                                    r::updated_by.eq(&event.actor),
+                                ))
+                                .execute(conn)?;
+                            for chunk in owners.chunks(AUDIT_ROWS_PER_INSERT) {
+                                let rows: Vec<_> = chunk
+                                    .iter()
+                                    .map(|owner| (o::policy.eq(policy), o::owner_id.eq(*owner)))
+                                    .collect();
+                                diesel::insert_into(o::phi_rollout_owners).values(rows).execute(conn)?;
+                            }
+                            Self::insert_audit(conn, audit)?;
+                            Self::insert_events(conn, std::slice::from_ref(event))
+                        })
+                        .map_err(|e| Error::store("changing the fleet's roll-out", e))
+                })
+            }
+
             fn key_counts(&self) -> Result<Vec<KeyCount>> {
                 crate::metrics::store_query("key_counts", || {
                     let mut conn = self.conn()?;
@@ -527,6 +713,35 @@ macro_rules! diesel_key_store {
 
         #[cfg(feature = $feature)]
         impl DieselKeyStore<$conn> {
+            /// Appends feed events on `conn`, inside the caller's
+            /// transaction: increments the head first (its row lock orders
+            /// concurrent appenders until commit), then inserts the events
+            /// under the ids just taken. Returns the head afterwards.
+            fn insert_events(conn: &mut $conn, events: &[KeyEvent]) -> diesel::QueryResult<i64> {
+                use phi_key_feed::dsl as f;
+                let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                if n > 0 {
+                    let updated = diesel::update(f::phi_key_feed.filter(f::id.eq(1)))
+                        .set(f::head.eq(f::head + n))
+                        .execute(conn)?;
+                    if updated != 1 {
+                        return Err(DieselError::NotFound);
+                    }
+                }
+                let head: i64 = f::phi_key_feed.filter(f::id.eq(1)).select(f::head).first(conn)?;
+                let first = head - n + 1;
+                for (chunk_start, chunk) in events.chunks(AUDIT_ROWS_PER_INSERT).enumerate() {
+                    let base = first + i64::try_from(chunk_start * AUDIT_ROWS_PER_INSERT).unwrap_or(0);
+                    let rows: Vec<EventInsert<'_>> = chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| EventInsert::new(base + i64::try_from(i).unwrap_or(0), e))
+                        .collect();
+                    diesel::insert_into(phi_key_events::table).values(rows).execute(conn)?;
+                }
+                Ok(head)
+            }
+
             fn load_keys_now(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
                 use user_encryption_keys::dsl as k;
                 let mut conn = self.conn()?;
@@ -646,6 +861,74 @@ where
             reset.map(|()| value)
         }
         None => result,
+    }
+}
+
+/// The feed event of a life-cycle change, from its audit record.
+fn feed_event(audit: &AuditEvent, kind: KeyEventKind) -> KeyEvent {
+    KeyEvent {
+        occurred_at: audit.occurred_at,
+        kind,
+        owner_id: Some(audit.owner_id.clone()),
+        key_version: audit.key_version,
+        actor: audit.actor.clone(),
+        detail: audit.detail.clone(),
+    }
+}
+
+type EventRow = (
+    i64,
+    NaiveDateTime,
+    String,
+    Option<String>,
+    Option<i64>,
+    String,
+    Option<String>,
+);
+
+fn feed_record(row: EventRow) -> Result<FeedEvent> {
+    let (id, occurred_at, kind, owner_id, key_version, actor, detail) = row;
+    let bad = |what: String| Error::store("reading phi_key_events", format!("event {id}: {what}"));
+    let kind = KeyEventKind::parse(&kind).ok_or_else(|| bad(format!("unknown kind {kind:?}")))?;
+    let key_version = key_version
+        .map(|v| u32::try_from(v).map_err(|_| bad(format!("key version {v} is out of range"))))
+        .transpose()?;
+    Ok(FeedEvent {
+        id,
+        event: KeyEvent {
+            occurred_at,
+            kind,
+            owner_id,
+            key_version,
+            actor,
+            detail,
+        },
+    })
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = phi_key_events)]
+struct EventInsert<'a> {
+    id: i64,
+    occurred_at: NaiveDateTime,
+    kind: &'static str,
+    owner_id: Option<&'a str>,
+    key_version: Option<i64>,
+    actor: &'a str,
+    detail: Option<&'a str>,
+}
+
+impl<'a> EventInsert<'a> {
+    fn new(id: i64, e: &'a KeyEvent) -> Self {
+        EventInsert {
+            id,
+            occurred_at: e.occurred_at,
+            kind: e.kind.as_str(),
+            owner_id: e.owner_id.as_deref(),
+            key_version: e.key_version.map(i64::from),
+            actor: &e.actor,
+            detail: e.detail.as_deref(),
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use super::{
     AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
 };
 use crate::error::{Error, Result};
+use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
+use crate::record::Rollout;
 
 /// A [`KeyStore`] in process memory. Nothing survives the process.
 #[derive(Debug, Default)]
@@ -22,6 +24,25 @@ struct Inner {
     keys: BTreeMap<(String, u32), StoredKey>,
     audit: Vec<AuditEvent>,
     checks: BTreeMap<String, KekCheck>,
+    events: Vec<KeyEvent>,
+    rollout: BTreeMap<String, Rollout>,
+}
+
+impl Inner {
+    fn push_event(&mut self, audit: &AuditEvent, kind: KeyEventKind, version: Option<u32>) {
+        self.events.push(KeyEvent {
+            occurred_at: audit.occurred_at,
+            kind,
+            owner_id: Some(audit.owner_id.clone()),
+            key_version: version,
+            actor: audit.actor.clone(),
+            detail: audit.detail.clone(),
+        });
+    }
+
+    fn head(&self) -> i64 {
+        i64::try_from(self.events.len()).unwrap_or(i64::MAX)
+    }
 }
 
 impl MemoryKeyStore {
@@ -127,6 +148,7 @@ impl KeyStore for MemoryKeyStore {
             };
             if done {
                 inner.audit.push(r.audit.clone());
+                inner.push_event(&r.audit, KeyEventKind::Rewrap, Some(r.version));
             }
             applied.push(done);
         }
@@ -151,6 +173,12 @@ impl KeyStore for MemoryKeyStore {
         };
         if changed {
             inner.audit.push(audit.clone());
+            let kind = match to {
+                KeyState::Retired => KeyEventKind::Retire,
+                KeyState::Destroyed => KeyEventKind::Shred,
+                KeyState::Active => KeyEventKind::Clear,
+            };
+            inner.push_event(audit, kind, Some(version));
         }
         Ok(changed)
     }
@@ -170,6 +198,9 @@ impl KeyStore for MemoryKeyStore {
             let mut event = audit.clone();
             event.key_version = Some(*version);
             inner.audit.push(event);
+        }
+        if !destroyed.is_empty() {
+            inner.push_event(audit, KeyEventKind::Shred, None);
         }
         Ok(destroyed)
     }
@@ -233,5 +264,67 @@ impl KeyStore for MemoryKeyStore {
                 owners: owners.len() as u64,
             })
             .collect())
+    }
+
+    fn add_key_version(
+        &self,
+        key: &StoredKey,
+        audit: &AuditEvent,
+        event: &KeyEvent,
+    ) -> Result<bool> {
+        let mut inner = self.lock()?;
+        let slot = (key.owner_id.clone(), key.version);
+        if inner.keys.contains_key(&slot) {
+            return Ok(false);
+        }
+        inner.keys.insert(slot, key.clone());
+        inner.audit.push(audit.clone());
+        inner.events.push(event.clone());
+        Ok(true)
+    }
+
+    fn append_key_events(&self, events: &[KeyEvent], audit: &[AuditEvent]) -> Result<i64> {
+        let mut inner = self.lock()?;
+        inner.audit.extend_from_slice(audit);
+        inner.events.extend_from_slice(events);
+        Ok(inner.head())
+    }
+
+    fn key_events_after(&self, after: i64, limit: usize) -> Result<Vec<FeedEvent>> {
+        let inner = self.lock()?;
+        let skip = usize::try_from(after.max(0)).unwrap_or(usize::MAX);
+        Ok(inner
+            .events
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .take(limit)
+            .map(|(i, e)| FeedEvent {
+                id: i64::try_from(i + 1).unwrap_or(i64::MAX),
+                event: e.clone(),
+            })
+            .collect())
+    }
+
+    fn feed_head(&self) -> Result<i64> {
+        Ok(self.lock()?.head())
+    }
+
+    fn fleet_rollout(&self, policy: &str) -> Result<Option<Rollout>> {
+        Ok(self.lock()?.rollout.get(policy).cloned())
+    }
+
+    fn set_fleet_rollout(
+        &self,
+        policy: &str,
+        rollout: &Rollout,
+        event: &KeyEvent,
+        audit: &[AuditEvent],
+    ) -> Result<i64> {
+        let mut inner = self.lock()?;
+        inner.rollout.insert(policy.to_owned(), rollout.clone());
+        inner.audit.extend_from_slice(audit);
+        inner.events.push(event.clone());
+        Ok(inner.head())
     }
 }

@@ -29,7 +29,9 @@ pub use diesel_store::DieselKeyStore;
 pub use memory::MemoryKeyStore;
 
 use crate::error::Result;
+use crate::feed::{FeedEvent, KeyEvent};
 use crate::kek::KekCheck;
+use crate::record::Rollout;
 
 /// Life-cycle state of a data key version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -136,6 +138,10 @@ pub enum AuditAction {
     Rotate,
     /// A data key was unwrapped into the cache.
     Unwrap,
+    /// Cached keys were cleared fleet-wide (owner `*`: every owner).
+    ClearCache,
+    /// The fleet's roll-out policy was changed (owner `*`).
+    Rollout,
     /// A request of the admin HTTP API, admitted by its guard (`detail`
     /// names the route and what it did).
     Admin,
@@ -154,6 +160,8 @@ impl AuditAction {
             AuditAction::Rewrap => "rewrap",
             AuditAction::Rotate => "rotate",
             AuditAction::Unwrap => "unwrap",
+            AuditAction::ClearCache => "clear_cache",
+            AuditAction::Rollout => "rollout",
             AuditAction::Admin => "admin",
             AuditAction::Denied => "denied",
         }
@@ -168,6 +176,8 @@ impl AuditAction {
             "rewrap" => AuditAction::Rewrap,
             "rotate" => AuditAction::Rotate,
             "unwrap" => AuditAction::Unwrap,
+            "clear_cache" => AuditAction::ClearCache,
+            "rollout" => AuditAction::Rollout,
             "admin" => AuditAction::Admin,
             "denied" => AuditAction::Denied,
             _ => return None,
@@ -356,6 +366,95 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// the store does not support the key life cycle.
     fn key_counts(&self) -> Result<Vec<KeyCount>> {
         Err(unsupported("counting data keys"))
+    }
+
+    /// Inserts `key` (a new data key version of an owner that has keys)
+    /// unless a row with the same (owner, version) exists, and when it did,
+    /// appends `audit` and the feed event `event` in the same transaction.
+    /// Returns whether this call inserted it.
+    ///
+    /// The default runs the three steps one after the other (not atomic);
+    /// [`DieselKeyStore`] runs them in one transaction.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure.
+    fn add_key_version(
+        &self,
+        key: &StoredKey,
+        audit: &AuditEvent,
+        event: &KeyEvent,
+    ) -> Result<bool> {
+        if !self.insert_key_if_absent(key)? {
+            return Ok(false);
+        }
+        self.append_audit(std::slice::from_ref(audit))?;
+        self.append_key_events(std::slice::from_ref(event), &[])?;
+        Ok(true)
+    }
+
+    /// Appends `events` to the key-event feed (`phi_key_events`) and
+    /// `audit` to the audit trail, in one transaction. Returns the feed's
+    /// head afterwards: the id of the last event appended (or the current
+    /// head when `events` is empty).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is appended), or when the store has no feed.
+    fn append_key_events(&self, events: &[KeyEvent], audit: &[AuditEvent]) -> Result<i64> {
+        let _ = (events, audit);
+        Err(unsupported("appending key events"))
+    }
+
+    /// The feed's events with an id above `after`, oldest first, at most
+    /// `limit`. Ids have no gaps: the next id to read is the last one read
+    /// plus one.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no feed.
+    fn key_events_after(&self, after: i64, limit: usize) -> Result<Vec<FeedEvent>> {
+        let _ = (after, limit);
+        Err(unsupported("reading key events"))
+    }
+
+    /// The feed's head: the id of the last event appended (0: none yet).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no feed.
+    fn feed_head(&self) -> Result<i64> {
+        Err(unsupported("reading the key-event feed's head"))
+    }
+
+    /// The fleet's roll-out policy named `policy` (`phi_rollout`), or
+    /// `None` when it was never set (each keyring then keeps the policy it
+    /// was built with).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no roll-out table.
+    fn fleet_rollout(&self, policy: &str) -> Result<Option<Rollout>> {
+        let _ = policy;
+        Ok(None)
+    }
+
+    /// Replaces the fleet's roll-out policy named `policy` with `rollout`, appending
+    /// `event` (a [`KeyEventKind::Rollout`](crate::feed::KeyEventKind::Rollout))
+    /// and `audit` in the same transaction. Returns the feed's head
+    /// afterwards.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is changed), or when the store has no roll-out table.
+    fn set_fleet_rollout(
+        &self,
+        policy: &str,
+        rollout: &Rollout,
+        event: &KeyEvent,
+        audit: &[AuditEvent],
+    ) -> Result<i64> {
+        let _ = (policy, rollout, event, audit);
+        Err(unsupported("changing the fleet's roll-out"))
     }
 }
 

@@ -50,3 +50,44 @@ diesel::table! {
         created_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    /// The key-event feed's head: one row (`id` 1), `head` the id of the
+    /// last event appended.
+    phi_key_feed (id) {
+        id -> Integer,
+        head -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// The key-event feed: shred, rotate, retire, rewrap, roll-out changes
+    /// and cache clears, in commit order.
+    phi_key_events (id) {
+        id -> BigInt,
+        occurred_at -> Timestamp,
+        kind -> Varchar,
+        owner_id -> Nullable<Varchar>,
+        key_version -> Nullable<BigInt>,
+        actor -> Varchar,
+        detail -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    /// Roll-out policies, by name.
+    phi_rollout (policy) {
+        policy -> Varchar,
+        mode -> Varchar,
+        updated_at -> Timestamp,
+        updated_by -> Varchar,
+    }
+}
+
+diesel::table! {
+    /// The owners a policy seals when its `phi_rollout.mode` is `owners`.
+    phi_rollout_owners (policy, owner_id) {
+        policy -> Varchar,
+        owner_id -> Varchar,
+    }
+}

@@ -1,0 +1,155 @@
+//! The key-event feed: what every process sharing a key store must follow.
+//!
+//! Every key life-cycle change ([`lifecycle::shred`](crate::lifecycle::shred),
+//! [`rotate`](crate::lifecycle::rotate), [`retire`](crate::lifecycle::retire),
+//! [`rewrap`](crate::lifecycle::rewrap)), every roll-out change
+//! ([`lifecycle::set_rollout`](crate::lifecycle::set_rollout)) and every
+//! fleet-wide cache clear ([`lifecycle::clear_cache_fleet`](crate::lifecycle::clear_cache_fleet))
+//! appends a [`KeyEvent`] to `phi_key_events`, in the same transaction as
+//! the change itself: a change is never committed without its event, nor an
+//! event without its change.
+//!
+//! Ids increase by one per event, in commit order: appending first
+//! increments `phi_key_feed.head`, whose row lock orders concurrent
+//! appenders, so a reader that has read event `n` has read every event
+//! before it (no gaps to wait for).
+//!
+//! A keyring built with [`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed)
+//! reads the events after its position once per interval and applies them:
+//! see [`KeyEventKind`] for what each does.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use phi_types::{lifecycle, Keyring, LocalKek, MemoryKeyStore, KeyBytes, Rollout};
+//! use phi_types::feed::KeyEventKind;
+//!
+//! let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+//! let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+//! let before = lifecycle::feed_head(keyring.store().as_ref())?;
+//! lifecycle::set_rollout(&keyring, &Rollout::owners(["provider-17"]))?;
+//! lifecycle::clear_cache_fleet(&keyring, Some("provider-17"))?;
+//! let events = keyring.store().key_events_after(before, 100)?;
+//! let kinds: Vec<KeyEventKind> = events.iter().map(|e| e.event.kind).collect();
+//! assert_eq!(kinds, [KeyEventKind::Rollout, KeyEventKind::Clear]);
+//! assert_eq!(lifecycle::feed_head(keyring.store().as_ref())?, before + 2);
+//! # Ok::<(), phi_types::Error>(())
+//! ```
+
+use std::fmt;
+
+use chrono::NaiveDateTime;
+
+/// What happened, as stored in `phi_key_events.kind`, and what a following
+/// keyring does about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyEventKind {
+    /// An owner was crypto-shredded: followers drop the owner's cached keys,
+    /// so their next seal fails with [`Error::Shredded`](crate::Error::Shredded)
+    /// and their next open finds no key.
+    Shred,
+    /// A data key version was added for an owner: followers drop the
+    /// owner's cached keys, so the next use loads every version and seals
+    /// under the new one.
+    Rotate,
+    /// A data key version of an owner was retired: followers drop the
+    /// owner's cached keys.
+    Retire,
+    /// A data key was rewrapped under another KEK: followers drop the
+    /// owner's cached keys (the key itself is unchanged).
+    Rewrap,
+    /// The fleet's roll-out policy (`phi_rollout`) changed: followers read
+    /// it and apply it.
+    Rollout,
+    /// A cache clear, for one owner or (no owner) for every owner:
+    /// followers drop those cached keys.
+    Clear,
+}
+
+impl KeyEventKind {
+    /// The text stored in `phi_key_events.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyEventKind::Shred => "shred",
+            KeyEventKind::Rotate => "rotate",
+            KeyEventKind::Retire => "retire",
+            KeyEventKind::Rewrap => "rewrap",
+            KeyEventKind::Rollout => "rollout",
+            KeyEventKind::Clear => "clear",
+        }
+    }
+
+    /// Parses the stored text.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "shred" => KeyEventKind::Shred,
+            "rotate" => KeyEventKind::Rotate,
+            "retire" => KeyEventKind::Retire,
+            "rewrap" => KeyEventKind::Rewrap,
+            "rollout" => KeyEventKind::Rollout,
+            "clear" => KeyEventKind::Clear,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for KeyEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One event to append to the feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyEvent {
+    /// When it happened (UTC).
+    pub occurred_at: NaiveDateTime,
+    /// What happened.
+    pub kind: KeyEventKind,
+    /// Whose keys; `None` for every owner (a fleet-wide clear, a roll-out
+    /// change).
+    pub owner_id: Option<String>,
+    /// Which data key version, if one.
+    pub key_version: Option<u32>,
+    /// Who did it (service name, operator).
+    pub actor: String,
+    /// Free text for the operator; never key bytes or plaintext.
+    pub detail: Option<String>,
+}
+
+impl KeyEvent {
+    /// An event of `kind` for `owner` (or every owner), happening now.
+    pub fn new(kind: KeyEventKind, owner_id: Option<&str>, actor: impl Into<String>) -> Self {
+        KeyEvent {
+            occurred_at: chrono::Utc::now().naive_utc(),
+            kind,
+            owner_id: owner_id.map(str::to_owned),
+            key_version: None,
+            actor: actor.into(),
+            detail: None,
+        }
+    }
+
+    /// The same event naming data key version `version`.
+    #[must_use]
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.key_version = Some(version);
+        self
+    }
+
+    /// The same event with operator text `detail`.
+    #[must_use]
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// One stored event, from [`KeyStore::key_events_after`](crate::KeyStore::key_events_after).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedEvent {
+    /// `phi_key_events.id`: 1, 2, 3, ... in commit order.
+    pub id: i64,
+    /// The event.
+    pub event: KeyEvent,
+}

@@ -1,0 +1,219 @@
+//! Following the key-event feed: a thread of the keyring's reads the events
+//! after its position once per interval and applies them.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use super::{Inner, Keyring};
+use crate::error::{Error, Result};
+use crate::feed::{FeedEvent, KeyEventKind};
+
+/// Events read per feed query; a longer backlog takes several.
+const EVENTS_PER_READ: usize = 1_000;
+
+/// Where a following keyring stands in the feed, from
+/// [`Keyring::feed_status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedStatus {
+    /// The id of the last event applied (the feed's head when the keyring
+    /// was built, at first).
+    pub position: i64,
+    /// How often the feed is read.
+    pub interval: Duration,
+    /// Past this long without a successful read, sealing is refused.
+    pub max_staleness: Duration,
+    /// Time since the last successful read of the feed.
+    pub stale_for: Duration,
+    /// Events applied since the keyring was built.
+    pub events_applied: u64,
+    /// Reads of the feed that failed since the keyring was built.
+    pub read_failures: u64,
+}
+
+/// The follower's state, shared between the keyring and its thread.
+pub(super) struct Follower {
+    pub(super) interval: Duration,
+    pub(super) max_staleness: Duration,
+    position: AtomicI64,
+    last_ok: Mutex<Instant>,
+    applied: AtomicU64,
+    failures: AtomicU64,
+    stop: Mutex<bool>,
+    wake: Condvar,
+    /// One reader at a time (the thread, or [`Keyring::sync_feed`]).
+    reading: Mutex<()>,
+}
+
+impl Follower {
+    pub(super) fn new(interval: Duration, max_staleness: Duration, head: i64) -> Self {
+        Follower {
+            interval,
+            max_staleness,
+            position: AtomicI64::new(head),
+            last_ok: Mutex::new(Instant::now()),
+            applied: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+            reading: Mutex::new(()),
+        }
+    }
+
+    fn last_ok(&self) -> MutexGuard<'_, Instant> {
+        self.last_ok.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn stale_for(&self) -> Duration {
+        self.last_ok().elapsed()
+    }
+
+    pub(super) fn status(&self) -> FeedStatus {
+        FeedStatus {
+            position: self.position.load(Ordering::SeqCst),
+            interval: self.interval,
+            max_staleness: self.max_staleness,
+            stale_for: self.stale_for(),
+            events_applied: self.applied.load(Ordering::Relaxed),
+            read_failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Refuses sealing for `owner` past the maximum staleness.
+    pub(super) fn check_fresh(&self, owner: &str) -> Result<()> {
+        let stale_for = self.stale_for();
+        if stale_for > self.max_staleness {
+            return Err(Error::FeedStale {
+                owner: owner.to_owned(),
+                stale_for,
+                max_staleness: self.max_staleness,
+            });
+        }
+        Ok(())
+    }
+
+    /// Asks the thread to stop and wakes it.
+    pub(super) fn stop(&self) {
+        *self.stop.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.wake.notify_all();
+    }
+
+    /// Waits one interval (or until stopped); returns whether to
+    /// go on.
+    fn wait(&self) -> bool {
+        let stop = self.stop.lock().unwrap_or_else(PoisonError::into_inner);
+        if *stop {
+            return false;
+        }
+        let (stop, _) = self
+            .wake
+            .wait_timeout(stop, self.interval)
+            .unwrap_or_else(PoisonError::into_inner);
+        !*stop
+    }
+}
+
+/// Starts the follower thread of the keyring whose state is `inner`.
+pub(super) fn start(inner: &Arc<Inner>, follower: Arc<Follower>) -> Result<()> {
+    let weak = Arc::downgrade(inner);
+    std::thread::Builder::new()
+        .name("phi-feed".into())
+        .spawn(move || run(&weak, &follower))
+        .map(drop)
+        .map_err(|e| Error::Config(format!("cannot start the key-event feed thread: {e}")))
+}
+
+fn run(weak: &Weak<Inner>, follower: &Follower) {
+    while follower.wait() {
+        let Some(inner) = weak.upgrade() else { return };
+        let keyring = Keyring { inner };
+        keyring.read_feed_now();
+    }
+}
+
+impl Keyring {
+    /// Reads the feed after this keyring's position and applies every
+    /// event; on failure logs and records how stale the keyring is.
+    /// Returns how many events were applied.
+    pub(super) fn read_feed_now(&self) -> u64 {
+        let Some(follower) = self.inner.follower.as_ref() else {
+            return 0;
+        };
+        let _reading = follower
+            .reading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut applied = 0;
+        loop {
+            let after = follower.position.load(Ordering::SeqCst);
+            let read = self
+                .inner
+                .store
+                .key_events_after(after, EVENTS_PER_READ)
+                .and_then(|events| {
+                    for event in &events {
+                        self.apply(event)?;
+                        follower.position.store(event.id, Ordering::SeqCst);
+                        follower.applied.fetch_add(1, Ordering::Relaxed);
+                        applied += 1;
+                    }
+                    Ok(events.len())
+                });
+            match read {
+                Ok(n) => {
+                    *follower.last_ok() = Instant::now();
+                    crate::metrics::feed_read(follower.position.load(Ordering::SeqCst), n);
+                    if n < EVENTS_PER_READ {
+                        return applied;
+                    }
+                }
+                Err(error) => {
+                    follower.failures.fetch_add(1, Ordering::Relaxed);
+                    let stale_for = follower.stale_for();
+                    crate::metrics::feed_failed(stale_for);
+                    let refusing = stale_for > follower.max_staleness;
+                    tracing::warn!(
+                        %error,
+                        stale_seconds = stale_for.as_secs_f64(),
+                        max_staleness_seconds = follower.max_staleness.as_secs_f64(),
+                        position = follower.position.load(Ordering::SeqCst),
+                        refusing_seals = refusing,
+                        "cannot read the key-event feed: serving from the cache, {:.1} s stale{}",
+                        stale_for.as_secs_f64(),
+                        if refusing {
+                            "; sealing is refused until the feed is read again"
+                        } else {
+                            ""
+                        }
+                    );
+                    return applied;
+                }
+            }
+        }
+    }
+
+    /// Applies one event. A failure leaves the position before it: it is
+    /// applied again at the next read.
+    fn apply(&self, feed: &FeedEvent) -> Result<()> {
+        let event = &feed.event;
+        tracing::debug!(
+            id = feed.id,
+            kind = %event.kind,
+            owner = event.owner_id.as_deref(),
+            "applying a key event"
+        );
+        match (event.kind, event.owner_id.as_deref()) {
+            (KeyEventKind::Rollout, _) => {
+                if let Some(rollout) = self.inner.store.fleet_rollout(&self.inner.rollout_policy)? {
+                    self.set_rollout(rollout);
+                }
+            }
+            (_, Some(owner)) => {
+                self.clear(owner);
+            }
+            (_, None) => self.clear_all(),
+        }
+        Ok(())
+    }
+}
