@@ -49,7 +49,11 @@
 //!   [`Keyring`] resolves keys with `keys_for_open_many_async` and friends
 //!   without blocking a runtime worker; `AwsKmsKek` awaits the KMS on the
 //!   caller's runtime. See `PhiRecord::load_async` for an example.
+//! - `admin-http`: [`admin::router`], the admin HTTP API (axum) an
+//!   application mounts behind an authorization guard of its own.
 
+#[cfg(feature = "admin-http")]
+pub mod admin;
 pub mod blind;
 mod cipher;
 mod connection;
@@ -102,7 +106,7 @@ pub use sql::Encrypted;
 pub use store::DieselKeyStore;
 pub use store::schema;
 pub use store::{
-    AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, MemoryKeyStore, Rewrap,
-    StoredKey,
+    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore,
+    MemoryKeyStore, Rewrap, StoredKey,
 };
 pub use value::{DecodeError, PhiValue};

@@ -653,3 +653,10 @@ mod fleet {
     use super::*;
     include!("fleet.rs");
 }
+
+/// The admin HTTP API: every route, its guard, its audit records.
+#[cfg(feature = "admin-http")]
+mod admin_http {
+    use super::*;
+    include!("admin.rs");
+}

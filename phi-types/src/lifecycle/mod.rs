@@ -77,13 +77,24 @@ fn event(
     kek_id: Option<&str>,
     detail: Option<String>,
 ) -> AuditEvent {
+    event_by(keyring.actor(), owner, action, version, kek_id, detail)
+}
+
+fn event_by(
+    actor: &str,
+    owner: &str,
+    action: AuditAction,
+    version: Option<u32>,
+    kek_id: Option<&str>,
+    detail: Option<String>,
+) -> AuditEvent {
     AuditEvent {
         occurred_at: chrono::Utc::now().naive_utc(),
         owner_id: owner.to_owned(),
         action,
         key_version: version,
         kek_id: kek_id.map(str::to_owned),
-        actor: keyring.actor().to_owned(),
+        actor: actor.to_owned(),
         detail,
     }
 }
@@ -145,6 +156,15 @@ fn current_version(rows: &[StoredKey]) -> Option<u32> {
 /// added the same version first, [`Error::Shredded`] for a shredded owner;
 /// key store and KEK errors.
 pub fn rotate(keyring: &Keyring, owner: &str) -> Result<u32> {
+    rotate_by(keyring, owner, keyring.actor())
+}
+
+/// [`rotate`], audited with `actor` instead of the keyring's own (an
+/// operator reported by the admin API's guard, say).
+///
+/// # Errors
+/// As [`rotate`].
+pub fn rotate_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<u32> {
     let rows = load_owner(keyring, owner)?;
     let refuse = |reason: String| Error::Refused {
         operation: "rotate".into(),
@@ -173,15 +193,15 @@ pub fn rotate(keyring: &Keyring, owner: &str) -> Result<u32> {
     let previous = current_version(&rows)
         .map(|v| format!("previous current version {v}"))
         .unwrap_or_else(|| "no previous active version".into());
-    let audit = event(
-        keyring,
+    let audit = event_by(
+        actor,
         owner,
         AuditAction::Rotate,
         Some(version),
         Some(kek.id()),
         Some(previous.clone()),
     );
-    let feed = KeyEvent::new(KeyEventKind::Rotate, Some(owner), keyring.actor())
+    let feed = KeyEvent::new(KeyEventKind::Rotate, Some(owner), actor)
         .with_version(version)
         .with_detail(previous);
     if !keyring.store().add_key_version(&row, &audit, &feed)? {
@@ -227,6 +247,14 @@ pub const EVERY_OWNER: &str = "*";
 /// [`Error::InvalidInput`] for an empty owner id; key store errors
 /// (nothing is appended; this keyring's cache is cleared all the same).
 pub fn clear_cache_fleet(keyring: &Keyring, owner: Option<&str>) -> Result<i64> {
+    clear_cache_fleet_by(keyring, owner, keyring.actor())
+}
+
+/// [`clear_cache_fleet`], audited with `actor` instead of the keyring's own.
+///
+/// # Errors
+/// As [`clear_cache_fleet`].
+pub fn clear_cache_fleet_by(keyring: &Keyring, owner: Option<&str>, actor: &str) -> Result<i64> {
     if let Some(owner) = owner {
         check_owner(owner)?;
         keyring.clear(owner);
@@ -237,9 +265,9 @@ pub fn clear_cache_fleet(keyring: &Keyring, owner: Option<&str>) -> Result<i64> 
         Some(_) => "fleet-wide cache clear of one owner",
         None => "fleet-wide cache clear of every owner",
     };
-    let feed = KeyEvent::new(KeyEventKind::Clear, owner, keyring.actor()).with_detail(detail);
-    let audit = event(
-        keyring,
+    let feed = KeyEvent::new(KeyEventKind::Clear, owner, actor).with_detail(detail);
+    let audit = event_by(
+        actor,
         owner.unwrap_or(EVERY_OWNER),
         AuditAction::ClearCache,
         None,
@@ -281,12 +309,19 @@ pub fn clear_cache_fleet(keyring: &Keyring, owner: Option<&str>) -> Result<i64> 
 /// # Errors
 /// Key store errors (nothing is changed, here or in the store).
 pub fn set_rollout(keyring: &Keyring, rollout: &Rollout) -> Result<i64> {
+    set_rollout_by(keyring, rollout, keyring.actor())
+}
+
+/// [`set_rollout`], audited with `actor` instead of the keyring's own.
+///
+/// # Errors
+/// As [`set_rollout`].
+pub fn set_rollout_by(keyring: &Keyring, rollout: &Rollout, actor: &str) -> Result<i64> {
     let policy = keyring.rollout_policy();
     let detail = format!("policy {policy}: {}", describe_rollout(rollout));
-    let feed =
-        KeyEvent::new(KeyEventKind::Rollout, None, keyring.actor()).with_detail(detail.clone());
-    let audit = event(
-        keyring,
+    let feed = KeyEvent::new(KeyEventKind::Rollout, None, actor).with_detail(detail.clone());
+    let audit = event_by(
+        actor,
         EVERY_OWNER,
         AuditAction::Rollout,
         None,
@@ -919,35 +954,8 @@ pub fn shred<C: DataConnection>(
     for t in tables {
         t.validate()?;
     }
-    let destroyed_versions = keyring.store().destroy_keys(
-        owner,
-        &event(
-            keyring,
-            owner,
-            AuditAction::Destroy,
-            None,
-            None,
-            Some("crypto-shredded".into()),
-        ),
-    )?;
-    keyring.clear(owner);
-    metrics::add(
-        metrics::KEYS_DESTROYED_TOTAL,
-        destroyed_versions.len() as u64,
-    );
-    tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
-    let rows = keyring.store().load_keys(&[owner])?;
-    let keys_left = rows
-        .iter()
-        .filter(|r| r.state != KeyState::Destroyed || !r.wrapped_key.is_empty())
-        .count();
+    let mut report = shred_keys_by(keyring, owner, keyring.actor())?;
     let keys = keyring.keys_for_open(owner)?;
-    let mut report = ShredReport {
-        destroyed_versions,
-        key_rows: rows.len(),
-        keys_left,
-        ..ShredReport::default()
-    };
     for t in tables {
         for c in &t.columns {
             report.columns += 1;
@@ -967,6 +975,47 @@ pub fn shred<C: DataConnection>(
         }
     }
     Ok(report)
+}
+
+/// The key half of [`shred`], audited with `actor`: destroys every data
+/// key version of `owner` in one transaction (audited as `destroy` per
+/// version), drops the owner from this keyring's cache, and reports the
+/// owner's key rows afterwards. No stored value is sampled, so the report's
+/// [`ShredReport::outcome`] is never verified (no tables); the admin API
+/// uses it.
+///
+/// # Errors
+/// Key store errors (when the destroy itself failed, nothing was changed).
+pub fn shred_keys_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<ShredReport> {
+    check_owner(owner)?;
+    let destroyed_versions = keyring.store().destroy_keys(
+        owner,
+        &event_by(
+            actor,
+            owner,
+            AuditAction::Destroy,
+            None,
+            None,
+            Some("crypto-shredded".into()),
+        ),
+    )?;
+    keyring.clear(owner);
+    metrics::add(
+        metrics::KEYS_DESTROYED_TOTAL,
+        destroyed_versions.len() as u64,
+    );
+    tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
+    let rows = keyring.store().load_keys(&[owner])?;
+    let keys_left = rows
+        .iter()
+        .filter(|r| r.state != KeyState::Destroyed || !r.wrapped_key.is_empty())
+        .count();
+    Ok(ShredReport {
+        destroyed_versions,
+        key_rows: rows.len(),
+        keys_left,
+        ..ShredReport::default()
+    })
 }
 
 // ---------------------------------------------------------------------------

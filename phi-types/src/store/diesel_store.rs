@@ -13,7 +13,8 @@ use super::schema::{
     phi_rollout_owners, user_encryption_keys,
 };
 use super::{
-    AuditAction, AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
+    AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap,
+    StoredKey,
 };
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
@@ -471,6 +472,37 @@ macro_rules! diesel_key_store {
                         .into_boxed();
                     if let Some(owner) = owner {
                         query = query.filter(a::owner_id.eq(owner));
+                    }
+                    let rows: Vec<AuditRow> = query
+                        .load(&mut *conn)
+                        .map_err(|e| Error::store("reading the audit trail", e))?;
+                    rows.into_iter().map(audit_record).collect()
+                })
+            }
+
+            fn audit_page(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+                use encryption_key_audit::dsl as a;
+                crate::metrics::store_query("audit_page", || {
+                    let mut conn = self.conn()?;
+                    let mut query = a::encryption_key_audit
+                        .select((a::id, a::occurred_at, a::owner_id, a::action, a::key_version, a::kek_id, a::actor, a::detail))
+                        .order(a::id.desc())
+                        .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                        .into_boxed();
+                    if let Some(owner) = &filter.owner {
+                        query = query.filter(a::owner_id.eq(owner.clone()));
+                    }
+                    if let Some(action) = filter.action {
+                        query = query.filter(a::action.eq(action.as_str()));
+                    }
+                    if let Some(since) = filter.since {
+                        query = query.filter(a::occurred_at.ge(since));
+                    }
+                    if let Some(until) = filter.until {
+                        query = query.filter(a::occurred_at.lt(until));
+                    }
+                    if let Some(before) = filter.before_id {
+                        query = query.filter(a::id.lt(before));
                     }
                     let rows: Vec<AuditRow> = query
                         .load(&mut *conn)

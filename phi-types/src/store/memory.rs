@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use std::collections::BTreeSet;
 
-use super::{AuditEvent, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey};
+use super::{
+    AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
+};
 use crate::error::{Error, Result};
 use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
@@ -222,6 +224,22 @@ impl KeyStore for MemoryKeyStore {
                 id: i64::try_from(i + 1).unwrap_or(i64::MAX),
                 event: e.clone(),
             })
+            .collect())
+    }
+
+    fn audit_page(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let inner = self.lock()?;
+        Ok(inner
+            .audit
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, e)| AuditRecord {
+                id: i64::try_from(i + 1).unwrap_or(i64::MAX),
+                event: e.clone(),
+            })
+            .filter(|r| filter.matches(r))
+            .take(filter.limit)
             .collect())
     }
 

@@ -142,6 +142,12 @@ pub enum AuditAction {
     ClearCache,
     /// The fleet's roll-out policy was changed (owner `*`).
     Rollout,
+    /// A request of the admin HTTP API, admitted by its guard (`detail`
+    /// names the route and what it did).
+    Admin,
+    /// A request of the admin HTTP API that its guard refused; nothing was
+    /// changed.
+    Denied,
 }
 
 impl AuditAction {
@@ -156,6 +162,8 @@ impl AuditAction {
             AuditAction::Unwrap => "unwrap",
             AuditAction::ClearCache => "clear_cache",
             AuditAction::Rollout => "rollout",
+            AuditAction::Admin => "admin",
+            AuditAction::Denied => "denied",
         }
     }
 
@@ -170,6 +178,8 @@ impl AuditAction {
             "unwrap" => AuditAction::Unwrap,
             "clear_cache" => AuditAction::ClearCache,
             "rollout" => AuditAction::Rollout,
+            "admin" => AuditAction::Admin,
+            "denied" => AuditAction::Denied,
             _ => return None,
         })
     }
@@ -319,6 +329,17 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// the store does not support reading the audit trail.
     fn audit(&self, owner: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>> {
         let _ = (owner, limit);
+        Err(unsupported("reading the audit trail"))
+    }
+
+    /// One page of audit records matching `filter`, newest first (by
+    /// `id`), at most `filter.limit` records.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not support reading the audit trail.
+    fn audit_page(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        let _ = filter;
         Err(unsupported("reading the audit trail"))
     }
 
@@ -476,6 +497,46 @@ pub struct AuditRecord {
     pub id: i64,
     /// The record.
     pub event: AuditEvent,
+}
+
+/// Which audit records [`KeyStore::audit_page`] returns: every criterion
+/// given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditFilter {
+    /// Only this owner's records.
+    pub owner: Option<String>,
+    /// Only records of this action.
+    pub action: Option<AuditAction>,
+    /// Only records that occurred at or after this time (UTC).
+    pub since: Option<NaiveDateTime>,
+    /// Only records that occurred before this time (UTC).
+    pub until: Option<NaiveDateTime>,
+    /// Only records with an id below this one: the `id` of the last record
+    /// of the previous page (keyset paging, newest first).
+    pub before_id: Option<i64>,
+    /// At most this many records.
+    pub limit: usize,
+}
+
+impl AuditFilter {
+    /// Every record, newest first, at most `limit`.
+    pub fn new(limit: usize) -> Self {
+        AuditFilter {
+            limit,
+            ..AuditFilter::default()
+        }
+    }
+
+    /// Whether `record` passes every criterion but the limit.
+    pub fn matches(&self, record: &AuditRecord) -> bool {
+        let e = &record.event;
+        self.owner.as_ref().is_none_or(|o| &e.owner_id == o)
+            && self.action.is_none_or(|a| e.action == a)
+            && self.since.is_none_or(|t| e.occurred_at >= t)
+            && self.until.is_none_or(|t| e.occurred_at < t)
+            && self.before_id.is_none_or(|id| record.id < id)
+    }
 }
 
 /// How many data key rows one KEK wraps in one state, from

@@ -1,0 +1,882 @@
+//! The admin HTTP API (feature `admin-http`): key status, key generation,
+//! rotation, crypto-shredding, cache clears, roll-out and the audit log,
+//! as an [axum] [`Router`] the application mounts under a prefix of its
+//! choosing, behind an authorization [`Guard`] it supplies.
+//!
+//! | route | does |
+//! | --- | --- |
+//! | `GET /key-status` | coverage (overall or `?owner=`), data keys by KEK and state, this process's cache statistics |
+//! | `POST /generate-key` | a data key for one owner, or for each owner an owners query returns that has none; `dry_run` |
+//! | `POST /rotate` | a new data key version for one owner |
+//! | `POST /shred` | crypto-shreds one owner; `confirm` must repeat the owner id |
+//! | `GET /audit-log` | `encryption_key_audit`, newest first, by owner, action and time, paged (default limit 100) |
+//! | `GET /key-status` (also) | the key-event feed's head, how far this process has read it, the fleet's roll-out |
+//! | `POST /clear-cache` | `{"owner": …}` or `{"all": true}`: in this process at once, in every process following the key-event feed within its interval |
+//! | `POST /rollout` | `{"mode": "all" \| "nobody" \| "owners", "owners": […]}`: the fleet's roll-out policy, through the feed |
+//!
+//! Every request first goes through the [`Guard`]: a request it refuses
+//! gets 401 or 403, changes nothing, and is audited as
+//! [`AuditAction::Denied`]. An admitted request is carried out as the
+//! [`Actor`] the guard reports: the life-cycle records and feed events it
+//! causes (`rotate`, `destroy`, `clear_cache`, `rollout`) name that actor, and one [`AuditAction::Admin`] record per
+//! request names the route and its outcome. Records not about one owner
+//! use the owner id `*`.
+//!
+//! Bodies are JSON. Errors are `{"error": "..."}` with the status that fits
+//! (400 bad input, 409 refused by the key's state, 500 key store or KEK
+//! failure); they name owners, versions and KEKs, never key material or
+//! stored values.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::http::request::Parts;
+//! use phi_types::admin::{self, Actor, Guard, Rejection};
+//! use phi_types::{Keyring, KeyBytes, LocalKek, MemoryKeyStore};
+//!
+//! /// Admits requests bearing the operators' token.
+//! struct Token(String);
+//!
+//! impl Guard for Token {
+//!     async fn admit(&self, request: &Parts) -> Result<Actor, Rejection> {
+//!         let given = request
+//!             .headers
+//!             .get("authorization")
+//!             .and_then(|v| v.to_str().ok())
+//!             .and_then(|v| v.strip_prefix("Bearer "));
+//!         match given {
+//!             None => Err(Rejection::unauthorized("no bearer token")),
+//!             Some(t) if t == self.0 => Ok(Actor::new("operator")),
+//!             Some(_) => Err(Rejection::forbidden(None, "unknown token")),
+//!         }
+//!     }
+//! }
+//!
+//! let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+//! let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+//! let app: axum::Router = axum::Router::new()
+//!     .nest("/admin", admin::router(keyring, Token("s3cret".into())));
+//! # drop(app);
+//! # Ok::<(), phi_types::Error>(())
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Extension, Query, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::NaiveDateTime;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::lifecycle;
+use crate::record::Rollout;
+use crate::store::{AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyState};
+
+/// Default number of records `GET /audit-log` returns.
+pub const DEFAULT_AUDIT_LIMIT: usize = 100;
+/// Most records one `GET /audit-log` page returns.
+pub const MAX_AUDIT_LIMIT: usize = 1_000;
+/// Owners listed by name in a coverage or dry-run answer; the counts are
+/// always complete.
+pub const LISTED_OWNERS: usize = 100;
+/// The owner id of audit records not about one owner.
+pub const ALL_OWNERS: &str = "*";
+
+/// Who an admitted request acts as: named in every audit record it causes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Actor(String);
+
+impl Actor {
+    /// An actor named `name` (an operator, a service account).
+    pub fn new(name: impl Into<String>) -> Self {
+        Actor(name.into())
+    }
+
+    /// The actor's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Actor").field(&self.0).finish()
+    }
+}
+
+/// Why the [`Guard`] refused a request: 401 (no or invalid credentials) or
+/// 403 (known, not allowed). The reason is returned to the client and
+/// audited: never put the credential itself in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    status: StatusCode,
+    actor: Option<String>,
+    reason: String,
+}
+
+impl Rejection {
+    /// 401 Unauthorized: the request carries no (valid) credentials.
+    pub fn unauthorized(reason: impl Into<String>) -> Self {
+        Rejection {
+            status: StatusCode::UNAUTHORIZED,
+            actor: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// 403 Forbidden: the caller (`actor`, when known) may not do this.
+    pub fn forbidden(actor: Option<&str>, reason: impl Into<String>) -> Self {
+        Rejection {
+            status: StatusCode::FORBIDDEN,
+            actor: actor.map(str::to_owned),
+            reason: reason.into(),
+        }
+    }
+
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+/// The application's authorization of admin requests; [`router`] cannot be
+/// built without one. It sees each request's method, URI and headers (not
+/// its body) before anything is done, and either admits it as an [`Actor`]
+/// or refuses it.
+pub trait Guard: Send + Sync + 'static {
+    /// Admits `request` as an actor, or refuses it.
+    fn admit(&self, request: &Parts) -> impl Future<Output = Result<Actor, Rejection>> + Send;
+}
+
+impl<G: Guard> Guard for Arc<G> {
+    fn admit(&self, request: &Parts) -> impl Future<Output = Result<Actor, Rejection>> + Send {
+        self.as_ref().admit(request)
+    }
+}
+
+/// Options of the admin router; [`router`] uses the defaults.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct Options {
+    /// The application's owners query (first column an owner id, e.g.
+    /// `SELECT DISTINCT user_id FROM cases`), run read-only: what
+    /// `GET /key-status` measures coverage against and `POST /generate-key`
+    /// uses when a request gives no owner and no query of its own.
+    pub owners_query: Option<String>,
+}
+
+impl Options {
+    /// Sets [`Options::owners_query`].
+    #[must_use]
+    pub fn owners_query(mut self, sql: impl Into<String>) -> Self {
+        self.owners_query = Some(sql.into());
+        self
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    keyring: Keyring,
+    options: Arc<Options>,
+}
+
+/// The admin API's routes over `keyring`, each request admitted by `guard`
+/// first. Mount it with [`Router::nest`] under a prefix.
+pub fn router<G: Guard>(keyring: Keyring, guard: G) -> Router {
+    router_with(keyring, guard, Options::default())
+}
+
+/// [`router`] with [`Options`].
+pub fn router_with<G: Guard>(keyring: Keyring, guard: G, options: Options) -> Router {
+    let state = AdminState {
+        keyring,
+        options: Arc::new(options),
+    };
+    let guarded = (Arc::new(guard), state.clone());
+    Router::new()
+        .route("/key-status", get(key_status))
+        .route("/generate-key", post(generate_key))
+        .route("/rotate", post(rotate))
+        .route("/shred", post(shred))
+        .route("/audit-log", get(audit_log))
+        .route("/clear-cache", post(clear_cache))
+        .route("/rollout", post(rollout))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(guarded, admit::<G>))
+}
+
+async fn admit<G: Guard>(
+    State((guard, state)): State<(Arc<G>, AdminState)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let route = format!("{} {}", parts.method, parts.uri.path());
+    match guard.admit(&parts).await {
+        Ok(actor) => {
+            let mut request = Request::from_parts(parts, body);
+            request.extensions_mut().insert(actor);
+            next.run(request).await
+        }
+        Err(rejection) => {
+            let actor = rejection.actor.clone().unwrap_or_else(|| "unknown".into());
+            let detail = format!(
+                "{route} refused ({}): {}",
+                rejection.status.as_u16(),
+                rejection.reason
+            );
+            tracing::warn!(actor = %actor, route = %route, status = rejection.status.as_u16(), "admin request refused");
+            let event = audit_event(&actor, ALL_OWNERS, AuditAction::Denied, detail);
+            let keyring = state.keyring.clone();
+            let audited = blocking(move || keyring.store().append_audit(&[event])).await;
+            if let Err(e) = audited {
+                tracing::error!(error = %e.message, "cannot audit a refused admin request");
+            }
+            error_body(rejection.status, &rejection.reason)
+        }
+    }
+}
+
+fn audit_event(actor: &str, owner: &str, action: AuditAction, detail: String) -> AuditEvent {
+    AuditEvent {
+        occurred_at: chrono::Utc::now().naive_utc(),
+        owner_id: owner.to_owned(),
+        action,
+        key_version: None,
+        kek_id: None,
+        actor: actor.to_owned(),
+        detail: Some(detail),
+    }
+}
+
+fn error_body(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+/// An error answer: status and message (never key material or values).
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Failure {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        let status = match &error {
+            Error::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            Error::Refused { .. }
+            | Error::Shredded { .. }
+            | Error::NoKey { .. }
+            | Error::KeyInUse { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        // phi's errors name owners, tables, versions and KEKs, never key
+        // bytes or plaintext.
+        Failure {
+            status,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<JsonRejection> for Failure {
+    fn from(rejection: JsonRejection) -> Self {
+        Failure {
+            status: rejection.status(),
+            message: format!("invalid JSON body: {}", rejection.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for Failure {
+    fn from(rejection: QueryRejection) -> Self {
+        Failure::bad_request(format!("invalid query string: {}", rejection.body_text()))
+    }
+}
+
+/// Runs blocking key store work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, Failure> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(Failure::from),
+        Err(_) => Err(Failure {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "the admin operation panicked".into(),
+        }),
+    }
+}
+
+/// Writes the request's `admin` audit record and answers.
+async fn finish(
+    state: &AdminState,
+    actor: &Actor,
+    route: &str,
+    owner: Option<&str>,
+    outcome: Result<Value, Failure>,
+) -> Response {
+    let owner = owner.unwrap_or(ALL_OWNERS).to_owned();
+    let (status, mut body, detail) = match outcome {
+        Ok(body) => (StatusCode::OK, body, format!("{route}: ok")),
+        Err(failure) => (
+            failure.status,
+            json!({ "error": failure.message }),
+            format!(
+                "{route}: failed ({}): {}",
+                failure.status.as_u16(),
+                failure.message
+            ),
+        ),
+    };
+    let event = audit_event(actor.name(), &owner, AuditAction::Admin, detail);
+    let keyring = state.keyring.clone();
+    if let Err(e) = blocking(move || keyring.store().append_audit(&[event])).await {
+        // The action itself (if any) is done and audited by its own
+        // records; say that this request's record is missing.
+        tracing::error!(route, error = %e.message, "cannot write the admin audit record");
+        if let Value::Object(map) = &mut body {
+            map.insert(
+                "audit_error".into(),
+                Value::String(format!(
+                    "the admin audit record was not written: {}",
+                    e.message
+                )),
+            );
+        }
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn limited(owners: &[String]) -> &[String] {
+    &owners[..owners.len().min(LISTED_OWNERS)]
+}
+
+fn coverage_json(cov: &lifecycle::Coverage) -> Value {
+    json!({
+        "owners": cov.owners,
+        "with_active_key": cov.with_active_key,
+        "without_key": cov.without_key.len(),
+        "without_key_owners": limited(&cov.without_key),
+        "all_retired": cov.all_retired.len(),
+        "all_retired_owners": limited(&cov.all_retired),
+        "shredded": cov.shredded,
+        "percent": cov.percent(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// GET /key-status
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    owner: Option<String>,
+}
+
+async fn key_status(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    query: Result<Query<StatusQuery>, QueryRejection>,
+) -> Response {
+    const ROUTE: &str = "GET /key-status";
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let owner = query.owner.clone();
+    let keyring = state.keyring.clone();
+    let owners_query = state.options.owners_query.clone();
+    let outcome = blocking(move || {
+        let store = keyring.store();
+        let mut body = serde_json::Map::new();
+        match &owner {
+            Some(owner) => {
+                let mut rows = store.load_keys(&[owner.as_str()])?;
+                rows.sort_by_key(|r| r.version);
+                let current = rows
+                    .iter()
+                    .filter(|r| r.state == KeyState::Active)
+                    .map(|r| r.version)
+                    .max();
+                let shredded =
+                    !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed);
+                let versions: Vec<Value> = rows
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "version": r.version,
+                            "kek_id": r.kek_id,
+                            "state": r.state.as_str(),
+                            "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
+                        })
+                    })
+                    .collect();
+                body.insert(
+                    "owner".into(),
+                    json!({
+                        "owner": owner,
+                        "has_key": !rows.is_empty(),
+                        "current_version": current,
+                        "shredded": shredded,
+                        "versions": versions,
+                    }),
+                );
+            }
+            None => {
+                if let Some(sql) = &owners_query {
+                    let cov = lifecycle::coverage(store.as_ref(), sql)?;
+                    body.insert("coverage".into(), coverage_json(&cov));
+                }
+            }
+        }
+        let keys: Vec<Value> = store
+            .key_counts()?
+            .into_iter()
+            .map(|c| {
+                json!({
+                    "kek_id": c.kek_id,
+                    "state": c.state.as_str(),
+                    "keys": c.keys,
+                    "owners": c.owners,
+                })
+            })
+            .collect();
+        body.insert("keys".into(), Value::Array(keys));
+        let head = lifecycle::feed_head(store.as_ref())?;
+        let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
+        let follow = keyring.feed_status().map(|f| {
+            json!({
+                "position": f.position,
+                "interval_ms": u64::try_from(f.interval.as_millis()).unwrap_or(u64::MAX),
+                "stale_for_ms": u64::try_from(f.stale_for.as_millis()).unwrap_or(u64::MAX),
+                "max_staleness_ms": u64::try_from(f.max_staleness.as_millis()).unwrap_or(u64::MAX),
+                "events_applied": f.events_applied,
+                "read_failures": f.read_failures,
+            })
+        });
+        body.insert(
+            "feed".into(),
+            json!({
+                "head": head,
+                "following": follow,
+                "rollout_policy": keyring.rollout_policy(),
+                "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
+                "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
+            }),
+        );
+        let s = keyring.stats();
+        body.insert(
+            "cache".into(),
+            json!({
+                "cached_owners": s.cached_owners,
+                "hits": s.hits,
+                "misses": s.misses,
+                "unwraps": s.unwraps,
+                "creations": s.creations,
+                "evictions": s.evictions,
+                "expirations": s.expirations,
+                "store_queries": s.store_queries,
+                "key_loads": s.key_loads,
+                "audit_written": s.audit_written,
+                "audit_pending": s.audit_pending,
+                "audit_dropped": s.audit_dropped,
+            }),
+        );
+        Ok(Value::Object(body))
+    })
+    .await;
+    finish(&state, &actor, ROUTE, query.owner.as_deref(), outcome).await
+}
+
+// ---------------------------------------------------------------------------
+// POST /generate-key
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateBody {
+    owner: Option<String>,
+    owners_query: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn generate_key(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    body: Result<axum::Json<GenerateBody>, JsonRejection>,
+) -> Response {
+    const ROUTE: &str = "POST /generate-key";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let owner = body.owner.clone();
+    let outcome = match (&body.owner, &body.owners_query) {
+        (Some(_), Some(_)) => Err(Failure::bad_request(
+            "give either owner or owners_query, not both",
+        )),
+        (Some(owner), None) if owner.is_empty() => {
+            Err(Failure::bad_request("invalid owner: it is empty"))
+        }
+        (None, None) if state.options.owners_query.is_none() => Err(Failure::bad_request(
+            "give owner or owners_query (no default owners query is configured)",
+        )),
+        _ => {
+            let keyring = state.keyring.clone();
+            let query = body
+                .owners_query
+                .clone()
+                .or_else(|| state.options.owners_query.clone());
+            let one = body.owner.clone();
+            let dry_run = body.dry_run;
+            blocking(move || {
+                let store = keyring.store();
+                let todo: Vec<String> = match &one {
+                    Some(owner) => {
+                        if store.load_keys(&[owner.as_str()])?.is_empty() {
+                            vec![owner.clone()]
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    None => {
+                        let sql = query.as_deref().unwrap_or_default();
+                        lifecycle::coverage(store.as_ref(), sql)?.without_key
+                    }
+                };
+                if dry_run {
+                    return Ok(json!({
+                        "dry_run": true,
+                        "would_generate": todo.len(),
+                        "owners": limited(&todo),
+                    }));
+                }
+                let created = lifecycle::generate(&keyring, &todo, 0, &mut |_| {})?;
+                Ok(json!({
+                    "dry_run": false,
+                    "generated": created,
+                    "owners": limited(&todo),
+                }))
+            })
+            .await
+        }
+    };
+    finish(&state, &actor, ROUTE, owner.as_deref(), outcome).await
+}
+
+// ---------------------------------------------------------------------------
+// POST /rotate
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnerBody {
+    owner: String,
+}
+
+async fn rotate(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    body: Result<axum::Json<OwnerBody>, JsonRejection>,
+) -> Response {
+    const ROUTE: &str = "POST /rotate";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let keyring = state.keyring.clone();
+    let owner = body.owner.clone();
+    let by = actor.name().to_owned();
+    let outcome = blocking(move || {
+        let version = lifecycle::rotate_by(&keyring, &owner, &by)?;
+        Ok(json!({ "owner": owner, "version": version }))
+    })
+    .await;
+    finish(&state, &actor, ROUTE, Some(&body.owner), outcome).await
+}
+
+// ---------------------------------------------------------------------------
+// POST /shred
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShredBody {
+    owner: String,
+    confirm: Option<String>,
+}
+
+async fn shred(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    body: Result<axum::Json<ShredBody>, JsonRejection>,
+) -> Response {
+    const ROUTE: &str = "POST /shred";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let outcome = if body.confirm.as_deref() != Some(body.owner.as_str()) {
+        Err(Failure::bad_request(format!(
+            "shredding owner {:?} destroys every one of its data keys for good: \
+             repeat the owner id in the field \"confirm\"; nothing was changed",
+            body.owner
+        )))
+    } else {
+        let keyring = state.keyring.clone();
+        let owner = body.owner.clone();
+        let by = actor.name().to_owned();
+        blocking(move || {
+            let report = lifecycle::shred_keys_by(&keyring, &owner, &by)?;
+            let note = if report.key_rows == 0 {
+                "the owner has no data key row: nothing was destroyed (is the owner id mistyped?)"
+            } else {
+                "the owner's keys are destroyed in the key store and dropped from this \
+                 process's cache; other processes drop them when their cache TTL expires"
+            };
+            Ok(json!({
+                "owner": owner,
+                "destroyed_versions": report.destroyed_versions,
+                "key_rows": report.key_rows,
+                "keys_left": report.keys_left,
+                "note": note,
+            }))
+        })
+        .await
+    };
+    finish(&state, &actor, ROUTE, Some(&body.owner), outcome).await
+}
+
+// ---------------------------------------------------------------------------
+// GET /audit-log
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    owner: Option<String>,
+    action: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    before_id: Option<i64>,
+    limit: Option<usize>,
+}
+
+fn parse_time(field: &str, text: &str) -> Result<NaiveDateTime, Failure> {
+    let text = text.trim_end_matches('Z');
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
+        .or_else(|| {
+            chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+        })
+        .ok_or_else(|| {
+            Failure::bad_request(format!(
+                "invalid {field} {text:?}: expected a UTC time as YYYY-MM-DDTHH:MM:SS or a date YYYY-MM-DD"
+            ))
+        })
+}
+
+fn audit_filter(q: &AuditQuery) -> Result<AuditFilter, Failure> {
+    let limit = q.limit.unwrap_or(DEFAULT_AUDIT_LIMIT);
+    if limit == 0 || limit > MAX_AUDIT_LIMIT {
+        return Err(Failure::bad_request(format!(
+            "invalid limit {limit}: expected 1 to {MAX_AUDIT_LIMIT}"
+        )));
+    }
+    let mut filter = AuditFilter::new(limit);
+    filter.owner.clone_from(&q.owner);
+    if let Some(action) = &q.action {
+        filter.action = Some(AuditAction::parse(action).ok_or_else(|| {
+            Failure::bad_request(format!(
+                "invalid action {action:?}: expected one of generate, unwrap, rotate, rewrap, \
+                 retire, destroy, clear_cache, rollout, admin, denied"
+            ))
+        })?);
+    }
+    filter.since = q
+        .since
+        .as_deref()
+        .map(|t| parse_time("since", t))
+        .transpose()?;
+    filter.until = q
+        .until
+        .as_deref()
+        .map(|t| parse_time("until", t))
+        .transpose()?;
+    filter.before_id = q.before_id;
+    Ok(filter)
+}
+
+fn record_json(r: &AuditRecord) -> Value {
+    let e = &r.event;
+    json!({
+        "id": r.id,
+        "occurred_at": e.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+        "owner": e.owner_id,
+        "action": e.action.as_str(),
+        "key_version": e.key_version,
+        "kek_id": e.kek_id,
+        "actor": e.actor,
+        "detail": e.detail,
+    })
+}
+
+async fn audit_log(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Response {
+    const ROUTE: &str = "GET /audit-log";
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let outcome = match audit_filter(&query) {
+        Err(f) => Err(f),
+        Ok(filter) => {
+            let keyring = state.keyring.clone();
+            blocking(move || {
+                let records = keyring.store().audit_page(&filter)?;
+                let next = (records.len() == filter.limit)
+                    .then(|| records.last().map(|r| r.id))
+                    .flatten();
+                Ok(json!({
+                    "records": records.iter().map(record_json).collect::<Vec<_>>(),
+                    "next_before_id": next,
+                }))
+            })
+            .await
+        }
+    };
+    finish(&state, &actor, ROUTE, query.owner.as_deref(), outcome).await
+}
+
+// ---------------------------------------------------------------------------
+// POST /clear-cache
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClearBody {
+    owner: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn clear_cache(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    body: Result<axum::Json<ClearBody>, JsonRejection>,
+) -> Response {
+    const ROUTE: &str = "POST /clear-cache";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let outcome = match (&body.owner, body.all) {
+        (Some(_), true) => Err(Failure::bad_request(
+            "give either owner or \"all\": true, not both; nothing was changed",
+        )),
+        (None, false) => Err(Failure::bad_request(
+            "give owner, or \"all\": true to clear every owner's keys; nothing was changed",
+        )),
+        _ => {
+            let keyring = state.keyring.clone();
+            let owner = body.owner.clone();
+            let by = actor.name().to_owned();
+            blocking(move || {
+                let id = lifecycle::clear_cache_fleet_by(&keyring, owner.as_deref(), &by)?;
+                Ok(json!({
+                    "owner": owner,
+                    "all": owner.is_none(),
+                    "event_id": id,
+                    "note": "cleared in this process; every keyring following the key-event feed \
+                             clears it within its feed interval",
+                }))
+            })
+            .await
+        }
+    };
+    finish(&state, &actor, ROUTE, body.owner.as_deref(), outcome).await
+}
+
+// ---------------------------------------------------------------------------
+// POST /rollout
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutBody {
+    mode: String,
+    #[serde(default)]
+    owners: Vec<String>,
+}
+
+fn rollout_of(body: &RolloutBody) -> Result<Rollout, Failure> {
+    match (body.mode.as_str(), body.owners.is_empty()) {
+        ("all", true) => Ok(Rollout::All),
+        ("nobody", true) => Ok(Rollout::Nobody),
+        ("owners", false) => {
+            if body.owners.iter().any(String::is_empty) {
+                return Err(Failure::bad_request("invalid owners: an owner id is empty"));
+            }
+            Ok(Rollout::owners(body.owners.iter().cloned()))
+        }
+        ("owners", true) => Err(Failure::bad_request(
+            "mode \"owners\" needs a non-empty \"owners\" list (use \"nobody\" for none)",
+        )),
+        ("all" | "nobody", false) => Err(Failure::bad_request(format!(
+            "mode {:?} takes no \"owners\" list",
+            body.mode
+        ))),
+        (other, _) => Err(Failure::bad_request(format!(
+            "invalid mode {other:?}: expected \"all\", \"nobody\" or \"owners\""
+        ))),
+    }
+}
+
+async fn rollout(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    body: Result<axum::Json<RolloutBody>, JsonRejection>,
+) -> Response {
+    const ROUTE: &str = "POST /rollout";
+    let body = match body {
+        Ok(axum::Json(b)) => b,
+        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+    };
+    let outcome = match rollout_of(&body) {
+        Err(f) => Err(f),
+        Ok(policy) => {
+            let keyring = state.keyring.clone();
+            let by = actor.name().to_owned();
+            blocking(move || {
+                let id = lifecycle::set_rollout_by(&keyring, &policy, &by)?;
+                Ok(json!({
+                    "policy": keyring.rollout_policy(),
+                    "rollout": lifecycle::describe_rollout(&policy),
+                    "event_id": id,
+                    "note": "applied in this process; every keyring following the key-event feed \
+                             applies it within its feed interval",
+                }))
+            })
+            .await
+        }
+    };
+    finish(&state, &actor, ROUTE, None, outcome).await
+}
