@@ -465,7 +465,9 @@ fn shred_asks_first_then_destroys_one_owner() {
     );
     assert!(out.contains("Crypto-shredding verified"), "{out}");
     assert!(
-        out.contains("until their cache TTL expires (default 24 h) or they clear the owner"),
+        out.contains(
+            "processes following the key-event feed (every 2.0 s) drop this owner's keys by"
+        ) && out.contains("keep them until their cache TTL expires (default 24 h) or they restart"),
         "{out}"
     );
     assert!(
