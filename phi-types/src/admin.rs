@@ -647,7 +647,8 @@ async fn shred(
                 "the owner has no data key row: nothing was destroyed (is the owner id mistyped?)"
             } else {
                 "the owner's keys are destroyed in the key store and dropped from this \
-                 process's cache; other processes drop them when their cache TTL expires"
+                 process's cache; keyrings following the key-event feed drop them within \
+                 their feed interval, others when their cache TTL expires"
             };
             Ok(json!({
                 "owner": owner,
