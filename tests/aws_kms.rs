@@ -157,12 +157,31 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 fn kms_error(error: &Error) -> &AwsKmsError {
-    match error {
+    let kms = match error {
         Error::Kek { source, .. } => source
             .downcast_ref::<AwsKmsError>()
             .expect("an AwsKmsError"),
         other => panic!("expected Error::Kek, got {other:?}"),
-    }
+    };
+    // The same kind without downcasting, and a classification from it.
+    assert_eq!(error.kms_error_kind(), Some(kms.kind()));
+    let expected = match kms.kind() {
+        AwsKmsErrorKind::KeyDisabled
+        | AwsKmsErrorKind::KeyState
+        | AwsKmsErrorKind::AccessDenied
+        | AwsKmsErrorKind::KeyNotFound => phi::ErrorKind::Config,
+        AwsKmsErrorKind::InvalidCiphertext => phi::ErrorKind::Tampered,
+        _ => phi::ErrorKind::Unavailable,
+    };
+    assert_eq!(error.kind(), expected, "{error:?}");
+    assert_eq!(
+        error.is_retryable(),
+        matches!(
+            kms.kind(),
+            AwsKmsErrorKind::Unreachable | AwsKmsErrorKind::Throttled
+        )
+    );
+    kms
 }
 
 #[test]

@@ -356,7 +356,7 @@ fn threads_for(rows: usize) -> usize {
 fn in_blocks<B, U, C, F>(
     threads: usize,
     len: usize,
-    what: &str,
+    what: &'static str,
     claim: C,
     work: F,
 ) -> Result<Vec<U>>
@@ -383,10 +383,11 @@ where
         let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
         let mut done = run();
         for helper in helpers {
-            done.extend(helper.join().map_err(|_| Error::KeyUnavailable {
-                owner: String::new(),
-                reason: format!("a thread {what} rows panicked"),
-            })?);
+            done.extend(
+                helper
+                    .join()
+                    .map_err(|_| Error::WorkerPanicked { operation: what })?,
+            );
         }
         Ok::<_, Error>(done)
     })?;
