@@ -15,12 +15,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use phi::lifecycle::{self, ResealTable, RewrapScope};
 use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, PhiConnection};
 
 /// Administration of phi's owner-scoped data keys.
+///
+/// Exit status: 0 done; 1 an error (the message says what and where); 2 a
+/// usage error (unknown option, missing argument); 3 refused or not
+/// confirmed, nothing changed; 4 done but not verified (`keys shred`).
 #[derive(Debug, Parser)]
 #[command(name = "phi", version)]
 struct Cli {
@@ -42,6 +46,15 @@ struct Cli {
     /// environment still unwraps the keys it wrapped.
     #[arg(long, env = "PHI_KEK", global = true)]
     kek: Option<String>,
+
+    /// More log output on standard error: -v info, -vv debug, -vvv trace
+    /// (default: warnings and errors). RUST_LOG, when set, decides instead.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    /// Less log output: -q errors only, -qq none.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
 
     /// Actor recorded in the audit trail.
     #[arg(long, env = "PHI_ACTOR", default_value = "phi-cli", global = true)]
@@ -84,6 +97,14 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// Prints a shell completion script, e.g. `phi completions bash >
+    /// /etc/bash_completion.d/phi`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the man page (roff), e.g. `phi man > /usr/local/share/man/man1/phi.1`.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -169,7 +190,10 @@ enum KeysCommand {
     /// keys is rotated away (`keys rewrap`) and destroyed. Values stored in
     /// the clear are counted, not protected.
     ///
-    /// Exit status: 0 destroyed and verified; 1 an error, or not confirmed
+    /// Asks for the owner id to be typed again (on standard error) unless
+    /// --yes is given.
+    ///
+    /// Exit status: 0 destroyed and verified; 1 an error; 3 not confirmed
     /// (nothing changed); 4 not verified (no key row for that owner, no
     /// --table, no sealed value sampled, or a value still opens: the output
     /// says which).
@@ -197,13 +221,64 @@ type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "phi", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
+            // The whole chain on one line: each error's message, then its
+            // source's (phi's errors never repeat their source).
+            let mut line = format!("error: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                line.push_str(": ");
+                line.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            let refused = error
+                .downcast_ref::<phi::Error>()
+                .is_some_and(|e| e.kind() == phi::ErrorKind::Refused);
+            ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
         }
     }
+}
+
+/// Events of phi and its libraries to standard error: warnings and errors
+/// by default, more with -v, fewer with -q; RUST_LOG, when set, overrides.
+fn init_logging(verbose: u8, quiet: u8) {
+    let level = match (verbose, quiet) {
+        (0, 0) => "warn",
+        (0, 1) => "error",
+        (0, _) => "off",
+        (1, _) => "info",
+        (2, _) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Fails only when a subscriber is already set: none is, in this binary.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
 }
 
 /// The backends, chosen by the URL's scheme.
@@ -298,6 +373,7 @@ where
     match &cli.command {
         Command::Audit { owner, limit } => audit(&env, owner.as_deref(), *limit),
         Command::Keys(command) => keys(cli, &env, command),
+        Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -406,12 +482,12 @@ where
                 return Ok(ExitCode::SUCCESS);
             }
             if todo.len() > GENERATE_GUARD && !force {
-                return Err(format!(
-                    "{} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
-                     (--dry-run lists them), then pass --force",
+                eprintln!(
+                    "error: {} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
+                     (--dry-run lists them), then pass --force; nothing was changed",
                     todo.len()
-                )
-                .into());
+                );
+                return Ok(ExitCode::from(EXIT_REFUSED));
             }
             let keyring = env.keyring(&cli.actor)?;
             let progress = bar(todo.len() as u64, "generating");
@@ -527,6 +603,11 @@ where
     }
 }
 
+/// Exit status of a refused operation (a key version still in use, the
+/// current version, more than 1,000 keys to generate without `--force`) and
+/// of a `keys shred` not confirmed: nothing was changed.
+const EXIT_REFUSED: u8 = 3;
+
 /// Exit status of `keys shred` when the keys were destroyed (or there were
 /// none) but the result is not verified.
 const EXIT_NOT_VERIFIED: u8 = 4;
@@ -555,8 +636,8 @@ where
             println!("Owner {owner}: every data key row is already destroyed.");
         }
     } else if !yes && !confirm(owner, &live)? {
-        println!("Not confirmed: nothing was changed.");
-        return Ok(ExitCode::FAILURE);
+        eprintln!("Not confirmed: nothing was changed.");
+        return Ok(ExitCode::from(EXIT_REFUSED));
     }
     let keyring = env.keyring(&cli.actor)?;
     let mut conn = env.data()?;
@@ -697,17 +778,19 @@ fn target_kek(
     }
 }
 
+/// Asks on standard error (standard output stays the report) for the owner
+/// id, typed again: a `yes` typed by habit does not shred the wrong owner.
 fn confirm(owner: &str, versions: &[String]) -> CliResult<bool> {
-    print!(
+    eprint!(
         "Destroy every data key of owner {owner}: {}?\n\
          Its sealed values become {SHRED_SCOPE}. Values stored in the clear are not affected.\n\
-         Type yes to continue: ",
+         Type the owner id again to continue: ",
         versions.join(", ")
     );
-    std::io::stdout().flush()?;
+    std::io::stderr().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(answer.trim() == "yes")
+    Ok(answer.trim_end_matches(['\r', '\n']) == owner)
 }
 
 fn status<C>(cli: &Cli, env: &Env<C>, owner: Option<&str>, owners: &OwnersQuery) -> CliResult

@@ -216,16 +216,19 @@ fn status_rotate_reseal_and_retire() {
         "{out}"
     );
 
-    let (ok, _, err) = clinic.run(&["keys", "retire", "--owner", "dr-a", "--version", "1"]);
-    assert!(!ok);
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "retire", "--owner", "dr-a", "--version", "1"]));
+    assert_eq!(code, Some(3), "a refusal: {err}");
     assert!(
         err.contains(
             "cannot retire data key version 1 of owner \"dr-a\": 5 value(s) in cases.patient_last"
         ),
         "{err}"
     );
-    let (ok, _, err) = clinic.run(&["keys", "retire", "--owner", "dr-a", "--version", "2"]);
-    assert!(!ok && err.contains("current version"), "{err}");
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "retire", "--owner", "dr-a", "--version", "2"]));
+    assert_eq!(code, Some(3), "a refusal: {err}");
+    assert!(err.contains("current version"), "{err}");
 
     let out = clinic.ok(&["keys", "reseal", "--owner", "dr-a", "--batch-size", "2"]);
     assert!(
@@ -305,9 +308,11 @@ fn generate_reports_coverage_and_dry_run_changes_nothing() {
         out.contains("... and 981 more owner(s) without a key"),
         "{out}"
     );
-    let (ok, _, err) = clinic.run(&["keys", "generate", "--owners-query", many]);
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "generate", "--owners-query", many]));
+    assert_eq!(code, Some(3), "refused: {err}");
     assert!(
-        !ok && err.contains("1001 owners lack a data key") && err.contains("--force"),
+        err.contains("1001 owners lack a data key") && err.contains("--force"),
         "{err}"
     );
     assert!(clinic.key_rows("bulk-1").is_empty());
@@ -433,20 +438,43 @@ fn shred_asks_first_then_destroys_one_owner() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(b"no\n")
+        .write_all(b"yes\n")
         .expect("answer");
-    let (ok, out, _) = finish(child.wait_with_output().expect("exit"));
+    let out = child.wait_with_output().expect("exit");
+    let code = out.status.code();
+    let (_, out, err) = finish(out);
+    // The prompt and the refusal go to standard error; "yes" is not the
+    // owner id typed again: refused (3), nothing changed.
+    assert_eq!(code, Some(3), "{out}\n{err}");
     assert!(
-        !ok && out.contains("Type yes to continue") && out.contains("nothing was changed"),
-        "{out}"
+        err.contains("Type the owner id again to continue")
+            && err.contains("nothing was changed")
+            && !out.contains("Type the owner id"),
+        "{out}\n{err}"
     );
     assert!(
-        out.contains("version 1 (active, KEK local-test)")
-            && out.contains("in backups")
-            && out.contains("rotated away")
-            && !out.contains("for good"),
-        "the prompt says exactly what holds: {out}"
+        err.contains("version 1 (active, KEK local-test)")
+            && err.contains("in backups")
+            && err.contains("rotated away")
+            && !err.contains("for good"),
+        "the prompt says exactly what holds: {err}"
     );
+    // Another owner's id typed: refused too.
+    let mut other = clinic.command(&["keys", "shred", "--owner", "dr-a"]);
+    let mut child = other
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"dr-b\n")
+        .expect("answer");
+    let out = child.wait_with_output().expect("exit");
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         clinic
             .key_rows("dr-a")
@@ -454,7 +482,23 @@ fn shred_asks_first_then_destroys_one_owner() {
             .all(|(_, s, _, _)| s == "active")
     );
 
-    let out = clinic.ok(&["keys", "shred", "--owner", "dr-a", "--yes"]);
+    // The owner id typed again: shredded.
+    let mut child = clinic
+        .command(&["keys", "shred", "--owner", "dr-a"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"dr-a\n")
+        .expect("answer");
+    let out = child.wait_with_output().expect("exit");
+    assert_eq!(out.status.code(), Some(0));
+    let (_, out, _) = finish(out);
     assert!(
         out.contains("Owner dr-a: destroyed data key version(s) [1]"),
         "{out}"
@@ -779,5 +823,38 @@ fn integer_owner_and_row_key_columns_are_typed_in_the_table_description() {
     assert!(
         err.contains("visits.user_id") && err.contains("dr-a"),
         "{err}"
+    );
+}
+
+#[test]
+fn exit_codes_are_documented_and_distinct() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    // 2: clap's usage error.
+    let (code, _, err) = status_of(&mut clinic.command(&["keys", "status", "--no-such-option"]));
+    assert_eq!(code, Some(2), "{err}");
+    // 1: an error, with the whole chain of causes on one line.
+    let (code, _, err) = status_of(
+        clinic
+            .command(&["keys", "status"])
+            .env("DATABASE_URL", "postgress://localhost/test"),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("unknown scheme \"postgress\""),
+        "{err}"
+    );
+    // 0: done.
+    let (code, _, _) = status_of(&mut clinic.command(&["keys", "status"]));
+    assert_eq!(code, Some(0));
+    // 3 and 4 are tested with the commands that refuse and verify; all are
+    // documented in the help.
+    let help = clinic.ok(&["--help"]);
+    assert!(
+        help.contains("0 done")
+            && help.contains("1 an error")
+            && help.contains("2 a usage error")
+            && help.contains("3 refused or not confirmed")
+            && help.contains("4 done but not verified"),
+        "{help}"
     );
 }

@@ -35,12 +35,12 @@
 //!
 //! # Crate features
 //!
-//! - `derive` (default): re-exports `#[derive(PhiRecord)]` from
-//!   `phi-derive`.
-//! - `sqlite` (default), `mysql`, `postgres`: the key store
-//!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
-//!   `Encrypted<T>` itself works on every Diesel backend without a feature.
-//! - `aws-kms`: [`AwsKmsKek`], data keys generated and unwrapped by AWS KMS.
+//! `Encrypted<T>` itself works on every Diesel backend without a feature;
+//! the backend features add the key store ([`DieselKeyStore`]) and the
+//! embedded [`migrations`] for that backend.
+//!
+#![doc = document_features::document_features!()]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod blind;
 mod connection;
@@ -64,7 +64,7 @@ pub mod value;
 pub use connection::PhiConnection;
 pub use dek::{Dek, KeyBytes};
 pub use envelope::{Binding, EnvelopeError, Header};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, ErrorKind, Result};
 #[cfg(feature = "aws-kms")]
 pub use kek::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
