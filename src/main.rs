@@ -96,6 +96,12 @@ enum Command {
         /// How many records.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// `text` (a table) or `json`: one array of records, newest first,
+        /// each `{"id": 7, "occurred_at": "2026-11-27T21:00:00.123456Z",
+        /// "owner": "…", "action": "generate|unwrap|…", "key_version": 1 or
+        /// null, "kek_id": "…" or null, "actor": "…", "detail": "…" or null}`.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
     /// Prints a shell completion script, e.g. `phi completions bash >
     /// /etc/bash_completion.d/phi`.
@@ -105,6 +111,15 @@ enum Command {
     },
     /// Prints the man page (roff), e.g. `phi man > /usr/local/share/man/man1/phi.1`.
     Man,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// For people.
+    Text,
+    /// For scripts: the schema is in each command's help.
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -371,7 +386,11 @@ where
         url: url.to_owned(),
     };
     match &cli.command {
-        Command::Audit { owner, limit } => audit(&env, owner.as_deref(), *limit),
+        Command::Audit {
+            owner,
+            limit,
+            format,
+        } => audit(&env, owner.as_deref(), *limit, *format),
         Command::Keys(command) => keys(cli, &env, command),
         Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
@@ -869,12 +888,32 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize) -> CliResult
+fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize, format: Format) -> CliResult
 where
     C: lifecycle::DataConnection,
     DieselKeyStore<C>: KeyStore,
 {
     let records = env.store.audit(owner, limit)?;
+    if format == Format::Json {
+        let records: Vec<serde_json::Value> = records
+            .into_iter()
+            .map(|r| {
+                let e = r.event;
+                serde_json::json!({
+                    "id": r.id,
+                    "occurred_at": e.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                    "owner": e.owner_id,
+                    "action": e.action.as_str(),
+                    "key_version": e.key_version,
+                    "kek_id": e.kek_id,
+                    "actor": e.actor,
+                    "detail": e.detail,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{:>6}  {:<26}  {:<24}  {:<8}  {:>7}  {:<14}  {:<12}  detail",
         "id", "occurred at (UTC)", "owner", "action", "version", "KEK", "actor"

@@ -689,6 +689,35 @@ fn audit_lists_every_key_operation() {
         .collect();
     assert_eq!(actions, ["rotate", "generate"], "{out}");
     assert!(out.contains("ops-alice"), "{out}");
+
+    // The same records for scripts, in the schema `phi audit --help` gives.
+    let out = clinic.ok(&["audit", "--format", "json"]);
+    let records: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let records = records.as_array().expect("an array");
+    assert_eq!(records.len(), 2, "{out}");
+    let (rotate, generate) = (&records[0], &records[1]);
+    assert_eq!(rotate["action"], "rotate", "{out}");
+    assert_eq!(rotate["owner"], "dr-a");
+    assert_eq!(rotate["actor"], "ops-alice");
+    assert_eq!(rotate["key_version"], 2);
+    assert_eq!(rotate["kek_id"], "local-test");
+    assert_eq!(generate["action"], "generate");
+    assert_eq!(generate["key_version"], 1);
+    assert!(
+        rotate["id"].as_i64().expect("id") > generate["id"].as_i64().expect("id"),
+        "newest first: {out}"
+    );
+    assert!(
+        rotate["occurred_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == 27 && t.ends_with('Z') && t.as_bytes()[10] == b'T'),
+        "{out}"
+    );
+    let help = clinic.ok(&["audit", "--help"]);
+    assert!(
+        help.contains("\"occurred_at\"") && help.contains("json"),
+        "{help}"
+    );
 }
 
 #[test]
@@ -857,4 +886,20 @@ fn exit_codes_are_documented_and_distinct() {
             && help.contains("4 done but not verified"),
         "{help}"
     );
+}
+
+#[test]
+fn completions_and_man_page_need_no_database() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    let (code, bash, _) = status_of(
+        clinic
+            .command(&["completions", "bash"])
+            .env_remove("DATABASE_URL"),
+    );
+    assert_eq!(code, Some(0));
+    assert!(bash.contains("_phi()") && bash.contains("shred"), "{bash}");
+    let (code, man, _) = status_of(clinic.command(&["man"]).env_remove("DATABASE_URL"));
+    assert_eq!(code, Some(0));
+    assert!(man.starts_with(".ie") || man.contains(".TH phi"), "{man}");
+    assert!(man.contains("Exit status"), "{man}");
 }

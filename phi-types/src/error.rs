@@ -400,6 +400,20 @@ impl Error {
     }
 }
 
+/// An error's message followed by each of its sources', `: `-separated: for
+/// the places that keep an error as text (a waiter's copy of another
+/// call's failure, a log field), since no message repeats its source.
+pub(crate) fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The kind of a KEK failure: the KMS's own classification where it is
 /// one; otherwise (a [`LocalKek`](crate::LocalKek)) a wrapped key that does
 /// not authenticate or has the wrong length.
