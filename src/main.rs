@@ -15,12 +15,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use phi::lifecycle::{self, ResealTable, RewrapScope};
 use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, PhiConnection};
 
 /// Administration of phi's owner-scoped data keys.
+///
+/// Exit status: 0 done; 1 an error (the message says what and where); 2 a
+/// usage error (unknown option, missing argument); 3 refused or not
+/// confirmed, nothing changed; 4 done but not verified (`keys shred`).
 #[derive(Debug, Parser)]
 #[command(name = "phi", version)]
 struct Cli {
@@ -52,6 +56,15 @@ struct Cli {
     /// The fleet roll-out policy `rollout` changes and `keys status` shows.
     #[arg(long, env = "PHI_ROLLOUT_POLICY", default_value = phi::DEFAULT_ROLLOUT_POLICY, global = true)]
     rollout_policy: String,
+
+    /// More log output on standard error: -v info, -vv debug, -vvv trace
+    /// (default: warnings and errors). RUST_LOG, when set, decides instead.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    /// Less log output: -q errors only, -qq none.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
 
     /// Actor recorded in the audit trail.
     #[arg(long, env = "PHI_ACTOR", default_value = "phi-cli", global = true)]
@@ -104,7 +117,30 @@ enum Command {
         /// How many records.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// `text` (a table) or `json`: one array of records, newest first,
+        /// each `{"id": 7, "occurred_at": "2026-11-27T21:00:00.123456Z",
+        /// "owner": "…", "action": "generate|unwrap|…", "key_version": 1 or
+        /// null, "kek_id": "…" or null, "actor": "…", "detail": "…" or null}`.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
+    /// Prints a shell completion script, e.g. `phi completions bash >
+    /// /etc/bash_completion.d/phi`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the man page (roff), e.g. `phi man > /usr/local/share/man/man1/phi.1`.
+    Man,
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// For people.
+    Text,
+    /// For scripts: the schema is in each command's help.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,7 +255,10 @@ enum KeysCommand {
     /// keys is rotated away (`keys rewrap`) and destroyed. Values stored in
     /// the clear are counted, not protected.
     ///
-    /// Exit status: 0 destroyed and verified; 1 an error, or not confirmed
+    /// Asks for the owner id to be typed again (on standard error) unless
+    /// --yes is given.
+    ///
+    /// Exit status: 0 destroyed and verified; 1 an error; 3 not confirmed
     /// (nothing changed); 4 not verified (no key row for that owner, no
     /// --table, no sealed value sampled, or a value still opens: the output
     /// says which).
@@ -247,13 +286,64 @@ type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "phi", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::FAILURE
+            // The whole chain on one line: each error's message, then its
+            // source's (phi's errors never repeat their source).
+            let mut line = format!("error: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                line.push_str(": ");
+                line.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            let refused = error
+                .downcast_ref::<phi::Error>()
+                .is_some_and(|e| e.kind() == phi::ErrorKind::Refused);
+            ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
         }
     }
+}
+
+/// Events of phi and its libraries to standard error: warnings and errors
+/// by default, more with -v, fewer with -q; RUST_LOG, when set, overrides.
+fn init_logging(verbose: u8, quiet: u8) {
+    let level = match (verbose, quiet) {
+        (0, 0) => "warn",
+        (0, 1) => "error",
+        (0, _) => "off",
+        (1, _) => "info",
+        (2, _) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Fails only when a subscriber is already set: none is, in this binary.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
 }
 
 /// The backends, chosen by the URL's scheme.
@@ -348,7 +438,11 @@ where
         rollout_policy: cli.rollout_policy.clone(),
     };
     match &cli.command {
-        Command::Audit { owner, limit } => audit(&env, owner.as_deref(), *limit),
+        Command::Audit {
+            owner,
+            limit,
+            format,
+        } => audit(&env, owner.as_deref(), *limit, *format),
         Command::Rollout(command) => rollout(cli, &env, command),
         Command::ClearCache { owner } => {
             let keyring = env.keyring(&cli.actor)?;
@@ -361,6 +455,7 @@ where
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(command) => keys(cli, &env, command),
+        Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -472,12 +567,12 @@ where
                 return Ok(ExitCode::SUCCESS);
             }
             if todo.len() > GENERATE_GUARD && !force {
-                return Err(format!(
-                    "{} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
-                     (--dry-run lists them), then pass --force",
+                eprintln!(
+                    "error: {} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
+                     (--dry-run lists them), then pass --force; nothing was changed",
                     todo.len()
-                )
-                .into());
+                );
+                return Ok(ExitCode::from(EXIT_REFUSED));
             }
             let keyring = env.keyring(&cli.actor)?;
             let progress = bar(todo.len() as u64, "generating");
@@ -595,6 +690,11 @@ where
     }
 }
 
+/// Exit status of a refused operation (a key version still in use, the
+/// current version, more than 1,000 keys to generate without `--force`) and
+/// of a `keys shred` not confirmed: nothing was changed.
+const EXIT_REFUSED: u8 = 3;
+
 /// Exit status of `keys shred` when the keys were destroyed (or there were
 /// none) but the result is not verified.
 const EXIT_NOT_VERIFIED: u8 = 4;
@@ -623,8 +723,8 @@ where
             println!("Owner {owner}: every data key row is already destroyed.");
         }
     } else if !yes && !confirm(owner, &live)? {
-        println!("Not confirmed: nothing was changed.");
-        return Ok(ExitCode::FAILURE);
+        eprintln!("Not confirmed: nothing was changed.");
+        return Ok(ExitCode::from(EXIT_REFUSED));
     }
     let keyring = env.keyring(&cli.actor)?;
     let mut conn = env.data()?;
@@ -781,17 +881,19 @@ fn target_kek(
     }
 }
 
+/// Asks on standard error (standard output stays the report) for the owner
+/// id, typed again: a `yes` typed by habit does not shred the wrong owner.
 fn confirm(owner: &str, versions: &[String]) -> CliResult<bool> {
-    print!(
+    eprint!(
         "Destroy every data key of owner {owner}: {}?\n\
          Its sealed values become {SHRED_SCOPE}. Values stored in the clear are not affected.\n\
-         Type yes to continue: ",
+         Type the owner id again to continue: ",
         versions.join(", ")
     );
-    std::io::stdout().flush()?;
+    std::io::stderr().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(answer.trim() == "yes")
+    Ok(answer.trim_end_matches(['\r', '\n']) == owner)
 }
 
 fn status<C>(cli: &Cli, env: &Env<C>, owner: Option<&str>, owners: &OwnersQuery) -> CliResult
@@ -962,12 +1064,32 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize) -> CliResult
+fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize, format: Format) -> CliResult
 where
     C: lifecycle::DataConnection,
     DieselKeyStore<C>: KeyStore,
 {
     let records = env.store.audit(owner, limit)?;
+    if format == Format::Json {
+        let records: Vec<serde_json::Value> = records
+            .into_iter()
+            .map(|r| {
+                let e = r.event;
+                serde_json::json!({
+                    "id": r.id,
+                    "occurred_at": e.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                    "owner": e.owner_id,
+                    "action": e.action.as_str(),
+                    "key_version": e.key_version,
+                    "kek_id": e.kek_id,
+                    "actor": e.actor,
+                    "detail": e.detail,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{:>6}  {:<26}  {:<24}  {:<8}  {:>7}  {:<14}  {:<12}  detail",
         "id", "occurred at (UTC)", "owner", "action", "version", "KEK", "actor"

@@ -157,12 +157,31 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 fn kms_error(error: &Error) -> &AwsKmsError {
-    match error {
+    let kms = match error {
         Error::Kek { source, .. } => source
             .downcast_ref::<AwsKmsError>()
             .expect("an AwsKmsError"),
         other => panic!("expected Error::Kek, got {other:?}"),
-    }
+    };
+    // The same kind without downcasting, and a classification from it.
+    assert_eq!(error.kms_error_kind(), Some(kms.kind()));
+    let expected = match kms.kind() {
+        AwsKmsErrorKind::KeyDisabled
+        | AwsKmsErrorKind::KeyState
+        | AwsKmsErrorKind::AccessDenied
+        | AwsKmsErrorKind::KeyNotFound => phi::ErrorKind::Config,
+        AwsKmsErrorKind::InvalidCiphertext => phi::ErrorKind::Tampered,
+        _ => phi::ErrorKind::Unavailable,
+    };
+    assert_eq!(error.kind(), expected, "{error:?}");
+    assert_eq!(
+        error.is_retryable(),
+        matches!(
+            kms.kind(),
+            AwsKmsErrorKind::Unreachable | AwsKmsErrorKind::Throttled
+        )
+    );
+    kms
 }
 
 #[test]
@@ -247,7 +266,7 @@ fn a_wrapped_key_does_not_open_for_another_owner_or_version() {
         ))
         .expect("insert");
     let err = keyring.keys_for_open(&thief).expect_err("copied key");
-    let text = err.to_string();
+    let text = chain(&err);
     assert!(text.contains(&thief) && text.contains(&key_id), "{text}");
     assert!(text.contains("wrong encryption context"), "{text}");
     assert_eq!(kms_error(&err).kind(), AwsKmsErrorKind::InvalidCiphertext);
@@ -311,7 +330,7 @@ fn access_denied_names_the_owner_and_the_key() {
         ))
         .expect("insert");
     let err = keyring.keys_for_open(&owner).expect_err("denied");
-    let text = err.to_string();
+    let text = chain(&err);
     assert!(
         text.contains(&owner) && text.contains(&b) && text.contains("access denied"),
         "{text}"
@@ -436,7 +455,7 @@ fn a_disabled_key_gives_a_clear_error_naming_owner_and_key() {
     let err = keyring
         .seal(&"Doe".to_string(), &owner, "cases.patient_last", b"C-1")
         .expect_err("disabled");
-    let text = err.to_string();
+    let text = chain(&err);
     assert!(text.contains(&owner), "{text}");
     assert!(text.contains(&key_id), "{text}");
     assert!(
@@ -986,7 +1005,7 @@ fn assert_write_fails_fast(
     let started = Instant::now();
     let err = write_case(conn, keyring, owner, &format!("{owner}-1")).expect_err("KMS unreachable");
     let took = started.elapsed();
-    let text = err.to_string();
+    let text = chain(&err);
     assert!(text.contains(owner) && text.contains(alias), "{text}");
     assert!(text.contains("unreachable"), "{text}");
     assert_eq!(kms_error(&err).kind(), AwsKmsErrorKind::Unreachable);
@@ -1234,7 +1253,7 @@ fn kms_check_values_on(store: Arc<dyn KeyStore>) {
     let err = Keyring::builder(store.clone(), Arc::new(kek(&url, &alias)))
         .build()
         .expect_err("another key behind the alias");
-    let text = err.to_string();
+    let text = chain(&err);
     assert!(
         matches!(err, Error::KekMismatch { ref kek_id, .. } | Error::KekCheck { ref kek_id, .. } if *kek_id == format!("aws-kms:{alias}")),
         "{err:?}"
@@ -1297,4 +1316,17 @@ fn kms_check_values_on_postgres() {
         DieselKeyStore::<diesel::PgConnection>::connect(&url)
             .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}")),
     ));
+}
+
+/// An error and its sources, as a report prints them: the message never
+/// repeats its source.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -216,16 +216,19 @@ fn status_rotate_reseal_and_retire() {
         "{out}"
     );
 
-    let (ok, _, err) = clinic.run(&["keys", "retire", "--owner", "dr-a", "--version", "1"]);
-    assert!(!ok);
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "retire", "--owner", "dr-a", "--version", "1"]));
+    assert_eq!(code, Some(3), "a refusal: {err}");
     assert!(
         err.contains(
             "cannot retire data key version 1 of owner \"dr-a\": 5 value(s) in cases.patient_last"
         ),
         "{err}"
     );
-    let (ok, _, err) = clinic.run(&["keys", "retire", "--owner", "dr-a", "--version", "2"]);
-    assert!(!ok && err.contains("current version"), "{err}");
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "retire", "--owner", "dr-a", "--version", "2"]));
+    assert_eq!(code, Some(3), "a refusal: {err}");
+    assert!(err.contains("current version"), "{err}");
 
     let out = clinic.ok(&["keys", "reseal", "--owner", "dr-a", "--batch-size", "2"]);
     assert!(
@@ -305,9 +308,11 @@ fn generate_reports_coverage_and_dry_run_changes_nothing() {
         out.contains("... and 981 more owner(s) without a key"),
         "{out}"
     );
-    let (ok, _, err) = clinic.run(&["keys", "generate", "--owners-query", many]);
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "generate", "--owners-query", many]));
+    assert_eq!(code, Some(3), "refused: {err}");
     assert!(
-        !ok && err.contains("1001 owners lack a data key") && err.contains("--force"),
+        err.contains("1001 owners lack a data key") && err.contains("--force"),
         "{err}"
     );
     assert!(clinic.key_rows("bulk-1").is_empty());
@@ -433,20 +438,43 @@ fn shred_asks_first_then_destroys_one_owner() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(b"no\n")
+        .write_all(b"yes\n")
         .expect("answer");
-    let (ok, out, _) = finish(child.wait_with_output().expect("exit"));
+    let out = child.wait_with_output().expect("exit");
+    let code = out.status.code();
+    let (_, out, err) = finish(out);
+    // The prompt and the refusal go to standard error; "yes" is not the
+    // owner id typed again: refused (3), nothing changed.
+    assert_eq!(code, Some(3), "{out}\n{err}");
     assert!(
-        !ok && out.contains("Type yes to continue") && out.contains("nothing was changed"),
-        "{out}"
+        err.contains("Type the owner id again to continue")
+            && err.contains("nothing was changed")
+            && !out.contains("Type the owner id"),
+        "{out}\n{err}"
     );
     assert!(
-        out.contains("version 1 (active, KEK local-test)")
-            && out.contains("in backups")
-            && out.contains("rotated away")
-            && !out.contains("for good"),
-        "the prompt says exactly what holds: {out}"
+        err.contains("version 1 (active, KEK local-test)")
+            && err.contains("in backups")
+            && err.contains("rotated away")
+            && !err.contains("for good"),
+        "the prompt says exactly what holds: {err}"
     );
+    // Another owner's id typed: refused too.
+    let mut other = clinic.command(&["keys", "shred", "--owner", "dr-a"]);
+    let mut child = other
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"dr-b\n")
+        .expect("answer");
+    let out = child.wait_with_output().expect("exit");
+    assert_eq!(out.status.code(), Some(3));
     assert!(
         clinic
             .key_rows("dr-a")
@@ -454,7 +482,23 @@ fn shred_asks_first_then_destroys_one_owner() {
             .all(|(_, s, _, _)| s == "active")
     );
 
-    let out = clinic.ok(&["keys", "shred", "--owner", "dr-a", "--yes"]);
+    // The owner id typed again: shredded.
+    let mut child = clinic
+        .command(&["keys", "shred", "--owner", "dr-a"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"dr-a\n")
+        .expect("answer");
+    let out = child.wait_with_output().expect("exit");
+    assert_eq!(out.status.code(), Some(0));
+    let (_, out, _) = finish(out);
     assert!(
         out.contains("Owner dr-a: destroyed data key version(s) [1]"),
         "{out}"
@@ -647,6 +691,35 @@ fn audit_lists_every_key_operation() {
         .collect();
     assert_eq!(actions, ["rotate", "generate"], "{out}");
     assert!(out.contains("ops-alice"), "{out}");
+
+    // The same records for scripts, in the schema `phi audit --help` gives.
+    let out = clinic.ok(&["audit", "--format", "json"]);
+    let records: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let records = records.as_array().expect("an array");
+    assert_eq!(records.len(), 2, "{out}");
+    let (rotate, generate) = (&records[0], &records[1]);
+    assert_eq!(rotate["action"], "rotate", "{out}");
+    assert_eq!(rotate["owner"], "dr-a");
+    assert_eq!(rotate["actor"], "ops-alice");
+    assert_eq!(rotate["key_version"], 2);
+    assert_eq!(rotate["kek_id"], "local-test");
+    assert_eq!(generate["action"], "generate");
+    assert_eq!(generate["key_version"], 1);
+    assert!(
+        rotate["id"].as_i64().expect("id") > generate["id"].as_i64().expect("id"),
+        "newest first: {out}"
+    );
+    assert!(
+        rotate["occurred_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == 27 && t.ends_with('Z') && t.as_bytes()[10] == b'T'),
+        "{out}"
+    );
+    let help = clinic.ok(&["audit", "--help"]);
+    assert!(
+        help.contains("\"occurred_at\"") && help.contains("json"),
+        "{help}"
+    );
 }
 
 #[test]
@@ -782,4 +855,53 @@ fn integer_owner_and_row_key_columns_are_typed_in_the_table_description() {
         err.contains("visits.user_id") && err.contains("dr-a"),
         "{err}"
     );
+}
+
+#[test]
+fn exit_codes_are_documented_and_distinct() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    // 2: clap's usage error.
+    let (code, _, err) = status_of(&mut clinic.command(&["keys", "status", "--no-such-option"]));
+    assert_eq!(code, Some(2), "{err}");
+    // 1: an error, with the whole chain of causes on one line.
+    let (code, _, err) = status_of(
+        clinic
+            .command(&["keys", "status"])
+            .env("DATABASE_URL", "postgress://localhost/test"),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("unknown scheme \"postgress\""),
+        "{err}"
+    );
+    // 0: done.
+    let (code, _, _) = status_of(&mut clinic.command(&["keys", "status"]));
+    assert_eq!(code, Some(0));
+    // 3 and 4 are tested with the commands that refuse and verify; all are
+    // documented in the help.
+    let help = clinic.ok(&["--help"]);
+    assert!(
+        help.contains("0 done")
+            && help.contains("1 an error")
+            && help.contains("2 a usage error")
+            && help.contains("3 refused or not confirmed")
+            && help.contains("4 done but not verified"),
+        "{help}"
+    );
+}
+
+#[test]
+fn completions_and_man_page_need_no_database() {
+    let clinic = Clinic::new(&["dr-a"], 1);
+    let (code, bash, _) = status_of(
+        clinic
+            .command(&["completions", "bash"])
+            .env_remove("DATABASE_URL"),
+    );
+    assert_eq!(code, Some(0));
+    assert!(bash.contains("_phi()") && bash.contains("shred"), "{bash}");
+    let (code, man, _) = status_of(clinic.command(&["man"]).env_remove("DATABASE_URL"));
+    assert_eq!(code, Some(0));
+    assert!(man.starts_with(".ie") || man.contains(".TH phi"), "{man}");
+    assert!(man.contains("Exit status"), "{man}");
 }

@@ -550,6 +550,10 @@ fn first_runs_and_every_case_command(clinic: &Clinic) {
     );
 }
 
+/// Legacy rows seeded for the killed backfill: 20 batches of 500, so the
+/// kill (at most halfway) always leaves whole batches still to do.
+const LEGACY_ROWS: u64 = 10_000;
+
 /// seed-legacy, digest, a backfill killed with SIGKILL at a random point, a
 /// second backfill, digest, verify; then the rollback.
 fn legacy_backfill_survives_sigkill(clinic: &Clinic, legacy: u64) {
@@ -578,7 +582,11 @@ fn legacy_backfill_survives_sigkill(clinic: &Clinic, legacy: u64) {
         "a dry run changes nothing"
     );
 
-    // Killed once some batches are committed, at a random point after.
+    // Killed at a random point once some batches are committed: when a
+    // random number of rows, at least one and at most half of them, is
+    // sealed, so the kill lands midway however fast or loaded the host is.
+    let kill_after = 1 + i64::try_from(random_below(u64::try_from(unsealed / 2).expect("count")))
+        .expect("count");
     let mut child = clinic
         .command(&["backfill", "--batch", "500"])
         .stdout(std::process::Stdio::null())
@@ -586,18 +594,17 @@ fn legacy_backfill_survives_sigkill(clinic: &Clinic, legacy: u64) {
         .spawn()
         .expect("backfill starts");
     let started = Instant::now();
-    while db.rows_with_flag("cases", false) == unsealed {
+    while unsealed - db.rows_with_flag("cases", false) < kill_after {
         assert!(
             child.try_wait().expect("wait").is_none(),
-            "the backfill ended before sealing anything"
+            "the backfill ended before sealing {kill_after} row(s)"
         );
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "the backfill makes no progress"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(random_below(400)));
     assert!(
         child.try_wait().expect("wait").is_none(),
         "the backfill finished before it could be killed: seed more cases"
@@ -653,7 +660,7 @@ fn legacy_backfill_survives_sigkill(clinic: &Clinic, legacy: u64) {
 fn clinic_on_sqlite() {
     let clinic = Clinic::sqlite();
     first_runs_and_every_case_command(&clinic);
-    legacy_backfill_survives_sigkill(&clinic, 100_000);
+    legacy_backfill_survives_sigkill(&clinic, LEGACY_ROWS);
 }
 
 #[cfg(feature = "postgres")]
@@ -663,7 +670,7 @@ fn clinic_on_postgres() {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let clinic = Clinic::server(&url);
     first_runs_and_every_case_command(&clinic);
-    legacy_backfill_survives_sigkill(&clinic, 100_000);
+    legacy_backfill_survives_sigkill(&clinic, LEGACY_ROWS);
 }
 
 #[cfg(feature = "mysql")]
@@ -673,5 +680,5 @@ fn clinic_on_mariadb() {
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     let clinic = Clinic::server(&url);
     first_runs_and_every_case_command(&clinic);
-    legacy_backfill_survives_sigkill(&clinic, 20_000);
+    legacy_backfill_survives_sigkill(&clinic, LEGACY_ROWS);
 }

@@ -23,7 +23,7 @@ use diesel::sql_types::{BigInt, Binary, Bool, Text};
 use phi::{Encrypted, Keyring, LocalKek};
 
 /// Legacy rows the backfill seals.
-const ROWS: u64 = 20_000;
+const ROWS: u64 = 8_000;
 /// Application updates, each a `clinic case update` process.
 const UPDATES: usize = 320;
 /// Processes updating at once; worker `w` updates only rows whose number

@@ -265,7 +265,16 @@ fn main() -> ExitCode {
             {
                 return ExitCode::FAILURE;
             }
-            eprintln!("error: {error}");
+            // The whole chain on one line: phi's errors never repeat their
+            // source, so each cause is printed after the message.
+            let mut line = format!("error: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                line.push_str(": ");
+                line.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("{line}");
             ExitCode::FAILURE
         }
     }

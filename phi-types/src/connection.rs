@@ -35,7 +35,7 @@ impl sealed::Sealed for diesel::SqliteConnection {}
 #[cfg(feature = "sqlite")]
 impl PhiConnection for diesel::SqliteConnection {
     const MIGRATIONS: EmbeddedMigrations =
-        diesel_migrations::embed_migrations!("../migrations/sqlite");
+        diesel_migrations::embed_migrations!("migrations/sqlite");
 
     fn prepare_key_store(&mut self) -> diesel::QueryResult<()> {
         use diesel::connection::SimpleConnection;
@@ -52,8 +52,7 @@ impl PhiConnection for diesel::SqliteConnection {
 impl sealed::Sealed for diesel::MysqlConnection {}
 #[cfg(feature = "mysql")]
 impl PhiConnection for diesel::MysqlConnection {
-    const MIGRATIONS: EmbeddedMigrations =
-        diesel_migrations::embed_migrations!("../migrations/mysql");
+    const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations/mysql");
 }
 
 #[cfg(feature = "postgres")]
@@ -61,5 +60,5 @@ impl sealed::Sealed for diesel::PgConnection {}
 #[cfg(feature = "postgres")]
 impl PhiConnection for diesel::PgConnection {
     const MIGRATIONS: EmbeddedMigrations =
-        diesel_migrations::embed_migrations!("../migrations/postgres");
+        diesel_migrations::embed_migrations!("migrations/postgres");
 }

@@ -37,9 +37,7 @@ pub enum Error {
 
     /// A value opened correctly but its plaintext does not decode as the
     /// expected Rust type.
-    #[error(
-        "value of {scope} for owner {owner:?} (key version {key_version}) does not decode: {source}"
-    )]
+    #[error("value of {scope} for owner {owner:?} (key version {key_version}) does not decode")]
     Decode {
         /// `table.column` of the value.
         scope: String,
@@ -64,7 +62,7 @@ pub enum Error {
     },
 
     /// The stored bytes of an encrypted column are not a valid envelope.
-    #[error("malformed encrypted value in {scope} for owner {owner:?}: {source}")]
+    #[error("malformed encrypted value in {scope} for owner {owner:?}")]
     Malformed {
         /// `table.column` of the value.
         scope: String,
@@ -76,9 +74,7 @@ pub enum Error {
     },
 
     /// A key encryption key (local master key or KMS) failed.
-    #[error(
-        "key encryption key {kek_id:?} failed for owner {owner:?} (key version {key_version}): {source}"
-    )]
+    #[error("key encryption key {kek_id:?} failed for owner {owner:?} (key version {key_version})")]
     Kek {
         /// The KEK that was asked.
         kek_id: String,
@@ -113,7 +109,7 @@ pub enum Error {
     /// refused before anything is written.
     #[error(
         "cannot check KEK {kek_id:?} against the check value this database holds for it, \
-         nothing was written: {source}"
+         nothing was written"
     )]
     KekCheck {
         /// The KEK id.
@@ -131,6 +127,14 @@ pub enum Error {
         owner: String,
         /// The error of the resolution this call waited for.
         reason: String,
+    },
+
+    /// A worker thread sealing or opening a batch of rows panicked; the
+    /// batch's result is lost, nothing of it was returned.
+    #[error("a worker thread {operation} rows panicked")]
+    WorkerPanicked {
+        /// What the thread was doing (`sealing`, `opening`).
+        operation: &'static str,
     },
 
     /// The master key given to [`LocalKek`](crate::LocalKek) is unusable.
@@ -162,7 +166,7 @@ pub enum Error {
 
     /// The key store (the `user_encryption_keys` / `encryption_key_audit`
     /// tables) failed.
-    #[error("key store failed while {operation}: {source}")]
+    #[error("key store failed while {operation}")]
     Store {
         /// What the key store was doing.
         operation: &'static str,
@@ -172,7 +176,7 @@ pub enum Error {
     },
 
     /// A query on the application's table failed.
-    #[error("database query on table {table} failed while {operation}: {source}")]
+    #[error("database query on table {table} failed while {operation}")]
     Database {
         /// What was being done.
         operation: &'static str,
@@ -185,9 +189,7 @@ pub enum Error {
 
     /// A value of a row whose encrypted flag is off (written before the
     /// roll-out) does not decode as the field's type.
-    #[error(
-        "unsealed value of {scope} for owner {owner:?} (encrypted flag off) does not decode: {source}"
-    )]
+    #[error("unsealed value of {scope} for owner {owner:?} (encrypted flag off) does not decode")]
     Unsealed {
         /// `table.column`.
         scope: String,
@@ -277,7 +279,7 @@ pub enum Error {
 
     /// A query on an application table (re-seal, retirement check, shred
     /// verification) failed.
-    #[error("{operation} failed on {table}.{column} for owner {owner:?}: {source}")]
+    #[error("{operation} failed on {table}.{column} for owner {owner:?}")]
     DataTable {
         /// What was being done.
         operation: &'static str,
@@ -305,11 +307,365 @@ pub enum Error {
     },
 }
 
+/// A stable classification of an [`Error`], for deciding what to do about
+/// it (retry, alert, report a bad input) without matching every variant.
+///
+/// New kinds may be added; match with a wildcard arm.
+///
+/// ```
+/// use phi_types::{Error, ErrorKind};
+///
+/// let err = Error::Shredded { owner: "provider-17".into() };
+/// assert_eq!(err.kind(), ErrorKind::Shredded);
+/// assert!(!err.is_retryable());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The configuration is unusable: no or a wrong master key, a KEK not
+    /// configured or not the one the database knows, a KMS key disabled,
+    /// missing or not accessible.
+    Config,
+    /// An owner id, scope, row key or value the caller passed is unusable.
+    InvalidInput,
+    /// A stored value or wrapped key does not authenticate or parse: altered,
+    /// moved from another owner, column or row, or wrapped by another key.
+    Tampered,
+    /// A value opened but does not decode as the expected type.
+    Decode,
+    /// A data key or key version that is needed does not exist.
+    NotFound,
+    /// The owner was crypto-shredded.
+    Shredded,
+    /// A key life-cycle operation was refused (a version still in use, the
+    /// current version, ...).
+    Refused,
+    /// A key encryption key or the key resolution is unavailable for now
+    /// (the KMS unreachable or throttling, a concurrent resolution failed,
+    /// the random source failed).
+    Unavailable,
+    /// A database query (the key store or an application table) failed.
+    Database,
+    /// A bug: a worker thread panicked.
+    Internal,
+}
+
 impl Error {
+    /// The classification of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_)
+            | Error::MasterKey { .. }
+            | Error::KekMismatch { .. }
+            | Error::UnknownKek { .. } => ErrorKind::Config,
+            Error::InvalidInput { .. } | Error::Encrypt { .. } => ErrorKind::InvalidInput,
+            Error::Decrypt { .. } | Error::Malformed { .. } => ErrorKind::Tampered,
+            Error::Decode { .. } | Error::Unsealed { .. } => ErrorKind::Decode,
+            Error::NoKey { .. } | Error::UnknownKeyVersion { .. } => ErrorKind::NotFound,
+            Error::Shredded { .. } => ErrorKind::Shredded,
+            Error::Refused { .. } | Error::KeyInUse { .. } => ErrorKind::Refused,
+            Error::Kek { source, .. } | Error::KekCheck { source, .. } => kek_kind(source.as_ref()),
+            Error::KeyUnavailable { .. } | Error::RandomSource(_) => ErrorKind::Unavailable,
+            Error::Store { .. } | Error::Database { .. } | Error::DataTable { .. } => {
+                ErrorKind::Database
+            }
+            Error::WorkerPanicked { .. } => ErrorKind::Internal,
+        }
+    }
+
+    /// Whether the same call may succeed if tried again later: the KMS
+    /// unreachable or throttling, a concurrent key resolution that failed,
+    /// a database serialization failure, deadlock or lost connection.
+    /// Configuration, input, tampering and refusals are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::KeyUnavailable { .. } => true,
+            Error::Kek { source, .. } | Error::KekCheck { source, .. } => {
+                #[cfg(feature = "aws-kms")]
+                if let Some(kms) = source.downcast_ref::<crate::AwsKmsError>() {
+                    return matches!(
+                        kms.kind(),
+                        crate::AwsKmsErrorKind::Unreachable | crate::AwsKmsErrorKind::Throttled
+                    );
+                }
+                let _ = source;
+                false
+            }
+            Error::Database { source, .. } => diesel_retryable(source),
+            Error::Store { source, .. } | Error::DataTable { source, .. } => source
+                .downcast_ref::<diesel::result::Error>()
+                .is_some_and(diesel_retryable),
+            _ => false,
+        }
+    }
+
+    /// The AWS KMS failure behind this error, if a KMS call caused it,
+    /// without downcasting the source.
+    #[cfg(feature = "aws-kms")]
+    pub fn kms_error_kind(&self) -> Option<crate::AwsKmsErrorKind> {
+        match self {
+            Error::Kek { source, .. } | Error::KekCheck { source, .. } => source
+                .downcast_ref::<crate::AwsKmsError>()
+                .map(crate::AwsKmsError::kind),
+            _ => None,
+        }
+    }
+
     pub(crate) fn store(operation: &'static str, source: impl Into<BoxError>) -> Self {
         Error::Store {
             operation,
             source: source.into(),
         }
+    }
+}
+
+/// An error's message followed by each of its sources', `: `-separated: for
+/// the places that keep an error as text (a waiter's copy of another
+/// call's failure, a log field), since no message repeats its source.
+pub(crate) fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The kind of a KEK failure: the KMS's own classification where it is
+/// one; otherwise (a [`LocalKek`](crate::LocalKek)) a wrapped key that does
+/// not authenticate or has the wrong length.
+fn kek_kind(source: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
+    #[cfg(feature = "aws-kms")]
+    if let Some(kms) = source.downcast_ref::<crate::AwsKmsError>() {
+        use crate::AwsKmsErrorKind as K;
+        return match kms.kind() {
+            K::KeyDisabled | K::KeyState | K::AccessDenied | K::KeyNotFound => ErrorKind::Config,
+            K::InvalidCiphertext => ErrorKind::Tampered,
+            _ => ErrorKind::Unavailable,
+        };
+    }
+    let _ = source;
+    ErrorKind::Tampered
+}
+
+/// Serialization failures, deadlocks and lost connections may pass on a
+/// second try.
+fn diesel_retryable(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as D, Error as E};
+    matches!(
+        error,
+        E::DatabaseError(D::SerializationFailure | D::ClosedConnection, _)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    fn boxed(text: &str) -> BoxError {
+        text.to_owned().into()
+    }
+
+    /// Every variant with a source: the message never repeats it (chains
+    /// printed by anyhow or eyre would say it twice), and `source()` gives it.
+    #[test]
+    fn display_never_repeats_the_source() {
+        let owner = || "provider-17".to_owned();
+        let scope = || "cases.patient_last".to_owned();
+        let cases: Vec<(Error, &str, &str)> = vec![
+            (
+                Error::Decode {
+                    scope: scope(),
+                    owner: owner(),
+                    key_version: 2,
+                    source: crate::value::DecodeError::Bool,
+                },
+                "value of cases.patient_last for owner \"provider-17\" (key version 2) does not decode",
+                "invalid bool byte",
+            ),
+            (
+                Error::Malformed {
+                    scope: scope(),
+                    owner: owner(),
+                    source: crate::envelope::EnvelopeError::BadMagic(0x44),
+                },
+                "malformed encrypted value in cases.patient_last for owner \"provider-17\"",
+                "not an envelope: first byte is 0x44, expected 0xF1",
+            ),
+            (
+                Error::Kek {
+                    kek_id: "local-1".into(),
+                    owner: owner(),
+                    key_version: 3,
+                    source: boxed("wrapped key does not authenticate"),
+                },
+                "key encryption key \"local-1\" failed for owner \"provider-17\" (key version 3)",
+                "wrapped key does not authenticate",
+            ),
+            (
+                Error::KekCheck {
+                    kek_id: "aws-kms:alias/phi".into(),
+                    source: boxed("the KMS is unreachable"),
+                },
+                "cannot check KEK \"aws-kms:alias/phi\" against the check value this database \
+                 holds for it, nothing was written",
+                "the KMS is unreachable",
+            ),
+            (
+                Error::store("loading keys", boxed("disk I/O error")),
+                "key store failed while loading keys",
+                "disk I/O error",
+            ),
+            (
+                Error::Database {
+                    operation: "loading rows",
+                    table: "cases",
+                    source: diesel::result::Error::NotFound,
+                },
+                "database query on table cases failed while loading rows",
+                "Record not found",
+            ),
+            (
+                Error::Unsealed {
+                    scope: scope(),
+                    owner: owner(),
+                    source: crate::value::DecodeError::DateTime("date"),
+                },
+                "unsealed value of cases.patient_last for owner \"provider-17\" (encrypted flag off) \
+                 does not decode",
+                "invalid date text",
+            ),
+            (
+                Error::DataTable {
+                    operation: "re-seal",
+                    table: "cases".into(),
+                    column: "patient_last".into(),
+                    owner: owner(),
+                    source: boxed("deadlock detected"),
+                },
+                "re-seal failed on cases.patient_last for owner \"provider-17\"",
+                "deadlock detected",
+            ),
+        ];
+        for (error, display, source) in cases {
+            assert_eq!(error.to_string(), display, "{error:?}");
+            let cause = error.source().expect("a source").to_string();
+            assert_eq!(cause, source, "{error:?}");
+            assert!(!error.to_string().contains(&cause), "{error}");
+        }
+    }
+
+    /// The variants without a source say everything themselves.
+    #[test]
+    fn variants_without_a_source_have_none() {
+        let cases = [
+            Error::Config("zero cache size".into()),
+            Error::Decrypt {
+                scope: "cases.patient_last".into(),
+                owner: "provider-17".into(),
+                key_version: 1,
+            },
+            Error::KeyUnavailable {
+                owner: "provider-17".into(),
+                reason: "a concurrent resolution failed".into(),
+            },
+            Error::WorkerPanicked {
+                operation: "sealing",
+            },
+            Error::Shredded {
+                owner: "provider-17".into(),
+            },
+            Error::NoKey {
+                owner: "provider-17".into(),
+            },
+        ];
+        for error in cases {
+            assert!(error.source().is_none(), "{error:?}");
+        }
+        assert_eq!(
+            Error::WorkerPanicked {
+                operation: "opening"
+            }
+            .to_string(),
+            "a worker thread opening rows panicked"
+        );
+    }
+
+    #[test]
+    fn kinds_and_retries() {
+        let decrypt = Error::Decrypt {
+            scope: "cases.patient_last".into(),
+            owner: "provider-17".into(),
+            key_version: 1,
+        };
+        assert_eq!(decrypt.kind(), ErrorKind::Tampered);
+        assert!(!decrypt.is_retryable());
+
+        let waited = Error::KeyUnavailable {
+            owner: "provider-17".into(),
+            reason: "the KMS did not answer".into(),
+        };
+        assert_eq!(waited.kind(), ErrorKind::Unavailable);
+        assert!(waited.is_retryable());
+
+        // A local KEK's failure is a wrapped key that does not open: trying
+        // again gives the same answer.
+        let local = Error::Kek {
+            kek_id: "local-1".into(),
+            owner: "provider-17".into(),
+            key_version: 1,
+            source: boxed("wrapped key does not authenticate"),
+        };
+        assert_eq!(local.kind(), ErrorKind::Tampered);
+        assert!(!local.is_retryable());
+
+        let conflict = Error::Database {
+            operation: "updating",
+            table: "cases",
+            source: diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                Box::new("could not serialize access".to_owned()),
+            ),
+        };
+        assert_eq!(conflict.kind(), ErrorKind::Database);
+        assert!(conflict.is_retryable());
+        let missing = Error::store("loading keys", diesel::result::Error::NotFound);
+        assert_eq!(missing.kind(), ErrorKind::Database);
+        assert!(!missing.is_retryable());
+        let stored = Error::store(
+            "loading keys",
+            diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::ClosedConnection,
+                Box::new("server closed the connection".to_owned()),
+            ),
+        );
+        assert!(stored.is_retryable());
+
+        let in_use = Error::KeyInUse {
+            owner: "provider-17".into(),
+            key_version: 1,
+            table: "cases".into(),
+            column: "patient_last".into(),
+            rows: 5,
+        };
+        assert_eq!(in_use.kind(), ErrorKind::Refused);
+        assert_eq!(
+            Error::MasterKey {
+                kek_id: "local-1".into(),
+                reason: "not base64".into()
+            }
+            .kind(),
+            ErrorKind::Config
+        );
+        assert_eq!(
+            Error::WorkerPanicked {
+                operation: "sealing"
+            }
+            .kind(),
+            ErrorKind::Internal
+        );
     }
 }

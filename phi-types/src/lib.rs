@@ -35,22 +35,12 @@
 //!
 //! # Crate features
 //!
-//! - `derive` (default): re-exports `#[derive(PhiRecord)]` from
-//!   `phi-derive`.
-//! - `sqlite` (default), `mysql`, `postgres`: the key store
-//!   ([`DieselKeyStore`]) and embedded [`migrations`] for that backend.
-//!   `Encrypted<T>` itself works on every Diesel backend without a feature.
-//! - `aws-kms`: [`AwsKmsKek`], data keys generated and unwrapped by AWS KMS.
-//! - `async`: diesel-async support. [`PhiRecord`] gains `load_async`,
-//!   `seal_all_async`, `open_all_async`; the derive (through
-//!   `phi-derive`'s `async` feature, which this one turns on: the macro
-//!   emits the async methods only then) also generates `insert_async`,
-//!   `update_async`, `changes_async` and `<field>_blind_index_async`; the
-//!   [`Keyring`] resolves keys with `keys_for_open_many_async` and friends
-//!   without blocking a runtime worker; `AwsKmsKek` awaits the KMS on the
-//!   caller's runtime. See `PhiRecord::load_async` for an example.
-//! - `admin-http`: [`admin::router`], the admin HTTP API (axum) an
-//!   application mounts behind an authorization guard of its own.
+//! `Encrypted<T>` itself works on every Diesel backend without a feature;
+//! the backend features add the key store ([`DieselKeyStore`]) and the
+//! embedded [`migrations`] for that backend.
+//!
+#![doc = document_features::document_features!()]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "admin-http")]
 pub mod admin;
@@ -78,7 +68,7 @@ pub mod value;
 pub use connection::PhiConnection;
 pub use dek::{Dek, KeyBytes};
 pub use envelope::{Binding, EnvelopeError, Header};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, ErrorKind, Result};
 #[cfg(feature = "async")]
 pub use kek::KekFuture;
 #[cfg(feature = "aws-kms")]

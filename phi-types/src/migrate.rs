@@ -354,6 +354,7 @@ impl MigrateOptions {
 }
 
 /// How far a job is, passed to its progress callback after each batch.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
     /// The table.
@@ -408,6 +409,7 @@ pub enum ProblemKind {
 
 /// A row a job could not migrate or verify: where, and why. Never holds a
 /// value.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyFailure {
     /// The table.
@@ -435,6 +437,7 @@ impl fmt::Display for VerifyFailure {
 }
 
 /// What [`backfill`] or [`decrypt_back`] did, or with a dry run would do.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct MigrationReport {
     /// The table.
@@ -542,6 +545,7 @@ impl fmt::Display for MigrationReport {
 }
 
 /// What [`verify`] found.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default)]
 pub struct VerifyReport {
     /// The table.

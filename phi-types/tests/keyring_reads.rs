@@ -160,7 +160,7 @@ fn a_full_audit_queue_drops_counts_and_reports() {
 
     drop(gate);
     let err = keyring.flush_audit().expect_err("one record was dropped");
-    let message = err.to_string();
+    let message = chain(&err);
     assert!(
         message.contains("1 record(s) could not be written")
             && message.contains("the audit queue is full (1 records)"),
@@ -187,8 +187,7 @@ fn a_failed_audit_write_is_counted_and_reported_and_the_value_still_opens() {
     assert_eq!(opened, "a");
     let err = keyring.flush_audit().expect_err("the write failed");
     assert!(
-        err.to_string()
-            .contains("permission denied for table encryption_key_audit"),
+        chain(&err).contains("permission denied for table encryption_key_audit"),
         "{err}"
     );
     assert_eq!(audit_counts(&keyring.stats()), (0, 0, 1));
@@ -393,4 +392,17 @@ fn a_zero_unknown_version_ttl_reloads_every_time() {
             .build(),
         Err(Error::Config(_))
     ));
+}
+
+/// An error and its sources, as a report prints them: the message never
+/// repeats its source.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -195,7 +195,8 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     }
     let err = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |_| {})
         .expect_err("undecodable value");
-    let msg = err.to_string();
+    // The message and its causes (no message repeats its source).
+    let msg = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
     assert!(matches!(err, Error::DataTable { .. }), "{err:?}");
     assert!(msg.contains("phi_it_legacy.patient_first") && msg.contains(&owners[3]) && msg.contains("L-000007"), "{msg}");
     assert!(!msg.contains("Pat7"), "no plaintext in errors: {msg}");

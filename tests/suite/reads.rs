@@ -151,7 +151,8 @@ fn a_key_store_with_a_read_only_login_opens_values_and_reports_what_it_could_not
     assert_eq!(loaded[0].patient_last, "Doe");
     let err = reader.flush_audit().expect_err("the unwrap record could not be written");
     assert!(matches!(err, Error::Store { .. }), "{err:?}");
-    let message = err.to_string();
+    // The message and its causes (no message repeats its source).
+    let message = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
     assert!(message.contains("1 record(s) could not be written"), "{message}");
     let stats = reader.stats();
     assert_eq!((stats.unwraps, stats.audit_written, stats.audit_pending, stats.audit_dropped), (1, 0, 0, 1), "{stats:?}");

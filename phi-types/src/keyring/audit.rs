@@ -239,7 +239,7 @@ fn run(shared: &Shared, store: &dyn KeyStore) {
                 state.written += batch.len() as u64;
                 crate::metrics::audit_written(batch.len() as u64);
             }
-            Err(error) => give_up(&mut state, &batch, error.to_string()),
+            Err(error) => give_up(&mut state, &batch, crate::error::chain_text(&error)),
         }
         // Closing after a failed write: the store is unlikely to take the
         // rest either, and each try could wait out a pool or busy timeout,

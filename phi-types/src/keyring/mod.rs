@@ -876,7 +876,7 @@ impl Keyring {
                 match result {
                     Ok(_) => report.warmed += 1,
                     Err(error) => {
-                        tracing::warn!(owner = %owner, error = %error, "cannot warm an owner's keys");
+                        tracing::warn!(owner = %owner, error = %crate::error::chain_text(&error), "cannot warm an owner's keys");
                         report.failures.push((owner, error));
                     }
                 }
@@ -1011,7 +1011,7 @@ impl Keyring {
                 }
                 Err(error) => {
                     // The first owner gets the error itself, the others its text.
-                    let reason = error.to_string();
+                    let reason = crate::error::chain_text(&error);
                     let mut original = Some(error);
                     for owner in &owners {
                         lead.complete(owner, Err(reason.clone()));

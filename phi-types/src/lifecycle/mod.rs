@@ -669,6 +669,7 @@ fn reseal_value(keys: &OwnerKeys, value: &tables::StoredValue, scope: &str) -> R
 // Usage, retirement
 
 /// How many values of one owner in one column use one key version.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VersionUsage {
     /// The table.

@@ -541,6 +541,7 @@ impl AuditFilter {
 
 /// How many data key rows one KEK wraps in one state, from
 /// [`KeyStore::key_counts`].
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyCount {
     /// `kek_id`.
