@@ -427,6 +427,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             ///
             /// # Errors
             /// As [`changes`](Self::changes).
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
             #vis async fn changes_async(&self, old: &Self, keyring: &#krate::Keyring) -> #krate::Result<#changes> {
                 #body
             }
@@ -596,6 +597,7 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
             ///
             /// # Errors
             /// As [`update`](Self::update).
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
             #vis async fn update_async<__C>(
                 &self,
                 old: &Self,
@@ -657,6 +659,7 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
             /// # Errors
             /// As `PhiRecord::seal_async`; [`Error::Database`](#krate::Error::Database)
             /// naming the table when the insert fails.
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
             #vis async fn insert_async<__C>(
                 &self,
                 keyring: &#krate::Keyring,
@@ -772,7 +775,8 @@ fn lookups(m: &Model) -> TokenStream {
                 ///
                 /// # Errors
                 /// Key resolution errors.
-                #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+            #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
                     ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens))
                 }
             }

@@ -353,7 +353,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// are resolved with [`Keyring::keys_for_open_many_async`]; then a
     /// batch of fewer than [`ASYNC_OPEN_INLINE_MAX_ROWS`] rows is opened on
     /// the calling task, a larger one on `tokio::task::spawn_blocking`, so
-    /// that no runtime worker is held longer than about 100 µs (see the
+    /// that a large batch does not hold a runtime worker (see the
     /// constant for the measurement).
     ///
     /// # Errors
@@ -548,12 +548,13 @@ fn seal_records<R: PhiRecord>(
 
 /// Rows from which [`PhiRecord::open_all_async`] (and so `load_async`)
 /// opens a batch on `tokio::task::spawn_blocking` instead of the calling
-/// task. Opening costs about 1 µs per row of three encrypted fields
-/// (`cargo bench --bench compare -- open_all`), and a runtime worker should
-/// not be held much more than 100 µs between two awaits; a hand-off to the
-/// blocking pool costs about 10 µs, worth paying from here on.
+/// task. Measured with `tests/async_measure.rs` (dev profile, a shared
+/// 2-core machine): a `spawn_blocking` round trip costs about 46 µs and
+/// opening a row of three encrypted fields about 11 µs. Below 16 rows
+/// (about 180 µs, four hand-offs) the hand-off would cost more than it
+/// frees the worker for; from 16 rows on the worker is released.
 #[cfg(feature = "async")]
-pub const ASYNC_OPEN_INLINE_MAX_ROWS: usize = 128;
+pub const ASYNC_OPEN_INLINE_MAX_ROWS: usize = 16;
 
 /// Rows from which a batch is sealed or opened on the thread pool, unless
 /// the keyring says otherwise

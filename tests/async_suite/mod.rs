@@ -136,6 +136,8 @@ macro_rules! async_schema {
         }
 
         const TABLE: &str = stringify!($table);
+        // The blocking lookup is covered by tests/backends.rs.
+        const _: fn(&Keyring, &str, &String) -> phi::Result<Vec<Vec<u8>>> = Case::patient_last_blind_index;
 
         /// The table, empty.
         fn setup(db: &TestDb) {
@@ -265,7 +267,7 @@ mod round_trip {
                 .expect("sealed rows");
             let each = Case::open_each_async(rows, &keyring).await.expect("open_each_async");
             assert!(each[0].as_ref().is_ok_and(|c| *c == edited));
-            let err = each[1].as_ref().err().expect("the altered row fails").to_string();
+            let err = each[1].as_ref().expect_err("the altered row fails").to_string();
             assert!(err.contains(&alice) && err.contains(&format!("{TABLE}.patient_last")) && !err.contains("Roe"), "{err}");
             let err = Case::load_async(t::table.filter(t::user_id.eq(&alice)), &mut *conn, &keyring).await.expect_err("load fails");
             assert!(matches!(err, phi::Error::Decrypt { .. }), "{err:?}");

@@ -55,12 +55,12 @@ impl Keyring {
     /// Needs a tokio runtime (multi-thread or current-thread). The key
     /// store's query runs on `spawn_blocking`: the store is the blocking
     /// Diesel store with its own r2d2 pool. That costs one hand-off to the
-    /// blocking pool per batch of misses, measured at about 10 µs
-    /// (`cargo bench --bench compare --features async -- resolve_async`),
-    /// beside a key-store query of 100 µs or more and a KMS round trip of
+    /// blocking pool per batch of misses, measured at about 46 µs
+    /// (`tests/async_measure.rs`, dev profile, a shared 2-core machine),
+    /// beside a key-store query and, with a KMS, a round trip of
     /// milliseconds; a cache hit costs nothing extra. A second, async key
     /// store with a pool of its own would add connections to every database
-    /// for no measurable gain, so there is none.
+    /// to save that hand-off on misses only, so there is none.
     ///
     /// # Errors
     /// As [`keys_for_open_many`](Self::keys_for_open_many).
