@@ -50,6 +50,15 @@ impl KeyStore for NoAudit {
     fn owners(&self) -> phi_types::Result<Vec<String>> {
         self.0.owners()
     }
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> phi_types::Result<Vec<StoredKey>> {
+        self.0.keys_page(wrapped_by, not_wrapped_by, after, limit)
+    }
 }
 
 /// `VmRSS` and `VmHWM` (peak) of this process, in KiB.

@@ -48,10 +48,14 @@ impl fmt::Debug for KeyBytes {
 
 /// One unwrapped data key of an owner, with its initialised cipher.
 ///
-/// The raw key bytes kept for derivations are zeroized on drop, and so is
-/// the cipher's expanded key (see [`envelope::BACKEND`](crate::envelope::BACKEND)
-/// and the `cipher` notes in `DESIGN.md`: aes-gcm wipes it, ring's is
-/// overwritten in place by phi).
+/// The raw key bytes kept for derivations are zeroized on drop. The
+/// cipher's expanded key is wiped too: with the aes-gcm backend by
+/// aes-gcm's `zeroize` feature; with ring (see
+/// [`envelope::BACKEND`](crate::envelope::BACKEND)), whose key types do not
+/// wipe themselves, phi keeps the schedule in a box of its own and on drop
+/// overwrites it in place with the schedule of an all-zero key. Copies
+/// ring's key expansion may leave in its own stack frames are out of phi's
+/// reach.
 pub struct Dek {
     version: u32,
     key: KeyBytes,
