@@ -365,7 +365,9 @@ impl Error {
             Error::Shredded { .. } => ErrorKind::Shredded,
             Error::Refused { .. } | Error::KeyInUse { .. } => ErrorKind::Refused,
             Error::Kek { source, .. } | Error::KekCheck { source, .. } => kek_kind(source.as_ref()),
-            Error::KeyUnavailable { .. } | Error::RandomSource(_) => ErrorKind::Unavailable,
+            Error::KeyUnavailable { .. } | Error::RandomSource(_) | Error::FeedStale { .. } => {
+                ErrorKind::Unavailable
+            }
             Error::Store { .. } | Error::Database { .. } | Error::DataTable { .. } => {
                 ErrorKind::Database
             }
@@ -379,7 +381,7 @@ impl Error {
     /// Configuration, input, tampering and refusals are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::KeyUnavailable { .. } => true,
+            Error::KeyUnavailable { .. } | Error::FeedStale { .. } => true,
             Error::Kek { source, .. } | Error::KekCheck { source, .. } => {
                 #[cfg(feature = "aws-kms")]
                 if let Some(kms) = source.downcast_ref::<crate::AwsKmsError>() {
