@@ -114,7 +114,7 @@ fn cases(rows: usize, owners: &[String]) -> Vec<Case> {
             patient_last: format!("{}{}", LAST[i % LAST.len()], i % 97),
             patient_dob: format!("19{:02}-{:02}-{:02}", 40 + i % 60, 1 + i % 12, 1 + i % 28),
             ins_provider: INSURER[i % INSURER.len()].to_owned(),
-            status: (i % 5) as i32,
+            status: i32::try_from(i % 5).expect("small"),
             phi_encrypted: false,
         })
         .collect()
@@ -133,12 +133,13 @@ fn median(samples: &[Duration]) -> Duration {
     s[s.len() / 2]
 }
 
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn thousands(x: f64) -> String {
     let n = x.round() as u64;
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
