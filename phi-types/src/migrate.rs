@@ -27,8 +27,13 @@
 //!
 //! Each batch is one transaction: `SELECT … WHERE flag off ORDER BY key
 //! LIMIT n` (rows locked on MySQL and PostgreSQL, the database on SQLite),
-//! then one `UPDATE … WHERE key = ? AND flag off` per row, which seals the
-//! row's values and sets its blind indexes and its flag. A crash loses at
+//! then one set-based `UPDATE` for the whole batch, which seals each row's
+//! values and sets its blind indexes and its flag where the row's key
+//! matches and its flag is still off: `UPDATE … FROM (VALUES …)` on
+//! PostgreSQL and SQLite, `UPDATE … JOIN (SELECT … UNION ALL …)` on MySQL
+//! and MariaDB, split only past the backend's bind-parameter limit or a
+//! few MiB of values. The rows it reports written are the rows sealed; the
+//! others were sealed by another writer first (counted as `skipped`). A crash loses at
 //! most the batch in flight, rolled back; running the job again goes on
 //! from there. Two jobs running at once never seal a row twice: the second
 //! finds the flag already on and leaves the row alone (counted as
@@ -639,7 +644,15 @@ pub fn backfill<M: Migratable, C: DataConnection>(
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
-    migrate::<C>(&M::stored_table(), conn, keyring, options, true, progress)
+    migrate::<C>(
+        &M::stored_table(),
+        conn,
+        keyring,
+        options,
+        true,
+        progress,
+        &mut |_| Ok(()),
+    )
 }
 
 /// The emergency rollback: turns every sealed row of `M`'s table back into
@@ -658,7 +671,39 @@ pub fn decrypt_back<M: Migratable, C: DataConnection>(
     options: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
-    migrate::<C>(&M::stored_table(), conn, keyring, options, false, progress)
+    migrate::<C>(
+        &M::stored_table(),
+        conn,
+        keyring,
+        options,
+        false,
+        progress,
+        &mut |_| Ok(()),
+    )
+}
+
+/// [`backfill`] (`sealing`) or [`decrypt_back`] with `between` called in
+/// each batch's transaction, on its connection, after the batch's rows are
+/// read and locked and before they are written: a fixed interleaving in
+/// which another writer changes rows the batch has read, for tests of the
+/// write's guard. Not for applications.
+#[doc(hidden)]
+pub fn migrate_interleaved<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    sealing: bool,
+    between: &mut dyn FnMut(&mut C) -> Result<()>,
+) -> Result<MigrationReport> {
+    migrate::<C>(
+        &M::stored_table(),
+        conn,
+        keyring,
+        options,
+        sealing,
+        &mut |_| {},
+        between,
+    )
 }
 
 /// Checks `M`'s table: every value of a sealed row is an envelope that
@@ -965,6 +1010,7 @@ fn migrate<C: DataConnection>(
     options: &MigrateOptions,
     sealing: bool,
     progress: &mut dyn FnMut(&Progress),
+    before_write: &mut dyn FnMut(&mut C) -> Result<()>,
 ) -> Result<MigrationReport> {
     t.validate()?;
     let started = Instant::now();
@@ -1034,7 +1080,7 @@ fn migrate<C: DataConnection>(
             reencoded += n;
             Ok(Some(write))
         };
-        let outcome = conn.migration_batch(t, from, options.batch, &mut transform)?;
+        let outcome = conn.migration_batch(t, from, options.batch, &mut transform, before_write)?;
         report.rows += outcome.updated;
         report.values += values;
         report.reencoded += reencoded;

@@ -382,3 +382,112 @@ mod outcomes {
         assert_consistent(&mut app, &keyring);
     }
 }
+
+mod interleaved {
+    use super::*;
+    guarded_schema!(phi_it_guard_interleave);
+
+    /// The first `n` row keys in the order the jobs' batches take them.
+    fn first_keys(rows: &[Row], n: usize) -> Vec<String> {
+        let mut ids: Vec<String> = rows.iter().map(|r| r.case_id.clone()).collect();
+        ids.sort();
+        ids.truncate(n);
+        ids
+    }
+
+    /// `expected` with `edits` applied, in key order, flags set to `sealed`.
+    fn expect(rows: &[Row], edits: &[(String, String)], sealed: bool) -> Vec<Row> {
+        let mut out: Vec<Row> = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                if let Some((_, last)) = edits.iter().find(|(id, _)| *id == r.case_id) {
+                    r.patient_last = last.clone();
+                }
+                r.phi_encrypted = sealed;
+                r
+            })
+            .collect();
+        out.sort_by(|a, b| a.case_id.cmp(&b.case_id));
+        out
+    }
+
+    #[test]
+    fn rows_written_between_a_batchs_read_and_its_write_are_skipped_and_counted() {
+        let db = TestDb::new();
+        let mut conn = setup(&db);
+        let owner = common::unique_owner("guard-interleave");
+        let plain = db.keyring();
+        plain.set_rollout(Rollout::Nobody);
+        let rows = insert_rows(&mut conn, &plain, &owner, 120);
+        let keyring = db.keyring();
+        let load_all = |conn: &mut Conn, keyring: &Keyring| {
+            Row::load(t::table.order(t::case_id), conn, keyring).expect("every row loads")
+        };
+
+        // The backfill's first batch reads and locks 50 unsealed rows;
+        // then, in its transaction, the application seals three of them
+        // with an edit (a guarded update); then the batch writes. Its one
+        // statement must leave those three alone and say so.
+        let first = first_keys(&rows, 50);
+        let taken = [first[0].clone(), first[17].clone(), first[49].clone()];
+        let edits: Vec<(String, String)> = taken.iter().map(|id| (id.clone(), format!("Sealed by the app {id}"))).collect();
+        let mut batches = 0;
+        let report = migrate::migrate_interleaved::<Row, _>(&mut conn, &keyring, &MigrateOptions::default().batch(50), true, &mut |c| {
+            batches += 1;
+            if batches == 1 {
+                for (id, last) in &edits {
+                    let old = load_one(c, &plain, id)?;
+                    assert!(!old.phi_encrypted, "{id} is read unsealed");
+                    let mut edited = old.clone();
+                    edited.patient_last = last.clone();
+                    assert_eq!(edited.update(&old, &keyring, c)?, Updated::Applied { sealed: true });
+                }
+            }
+            Ok(())
+        })
+        .expect("backfill");
+        assert_eq!((report.rows, report.skipped, report.remaining, report.batches), (117, 3, 0, 3), "{report}");
+        assert_eq!(batches, 3);
+        assert_eq!(load_all(&mut conn, &keyring), expect(&rows, &edits, true), "the application's edits kept, every other row sealed once");
+        assert_consistent(&mut conn, &keyring);
+
+        // The same in reverse: while decrypt-back's first batch holds its
+        // rows, another writer (a second decrypt-back) turns two of them
+        // back into their plain encoding, here with an edit; the batch's
+        // statement skips both and counts them.
+        let first = first_keys(&rows, 50);
+        let unsealed = [first[5].clone(), first[30].clone()];
+        let mut edits2 = edits.clone();
+        for id in &unsealed {
+            edits2.retain(|(e, _)| e != id);
+            edits2.push((id.clone(), format!("Unsealed by another writer {id}")));
+        }
+        let mut batches = 0;
+        let back = migrate::migrate_interleaved::<Row, _>(&mut conn, &keyring, &MigrateOptions::default().batch(50), false, &mut |c| {
+            batches += 1;
+            if batches == 1 {
+                for id in &unsealed {
+                    let old = load_one(c, &keyring, id)?;
+                    assert!(old.phi_encrypted, "{id} is read sealed");
+                    let written = diesel::update(t::table.find(id).filter(t::phi_encrypted.eq(true)))
+                        .set((
+                            t::patient_last.eq(format!("Unsealed by another writer {id}").into_bytes()),
+                            t::patient_dob.eq(old.patient_dob.to_string().into_bytes()),
+                            t::scan.eq(old.scan.clone()),
+                            t::patient_last_bidx.eq(None::<Vec<u8>>),
+                            t::phi_encrypted.eq(false),
+                        ))
+                        .execute(c)
+                        .expect("the other writer's update");
+                    assert_eq!(written, 1);
+                }
+            }
+            Ok(())
+        })
+        .expect("decrypt back");
+        assert_eq!((back.rows, back.skipped, back.remaining, back.batches), (118, 2, 0, 3), "{back}");
+        assert_eq!(load_all(&mut conn, &keyring), expect(&rows, &edits2, false), "the edits kept, every row plain");
+        assert_consistent(&mut conn, &keyring);
+    }
+}

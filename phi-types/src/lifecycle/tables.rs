@@ -11,7 +11,7 @@ use std::fmt;
 
 use diesel::backend::Backend;
 use diesel::prelude::*;
-use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
+use diesel::query_builder::{AstPass, BoxedSqlQuery, QueryFragment, QueryId, SqlQuery};
 use diesel::result::Error as DieselError;
 use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, Binary, Bool, HasSqlType, Nullable, Text};
@@ -636,9 +636,11 @@ pub trait DataConnection: PhiConnection {
     ) -> Result<Vec<MigrationRow>>;
 
     /// In one write transaction: locks the first `limit` rows (in key
-    /// order) whose flag is `sealed`, turns each with `transform`, and
-    /// writes the result with the flag flipped, each `UPDATE` guarded by
-    /// the row's key and its flag still being `sealed`.
+    /// order) whose flag is `sealed`, turns each with `transform`, calls
+    /// `before_write` on the transaction's connection, and writes the
+    /// results with the flag flipped in one set-based `UPDATE` (more only
+    /// past the backend's bind limit), each row guarded by its key and its
+    /// flag still being `sealed`.
     #[doc(hidden)]
     fn migration_batch(
         &mut self,
@@ -646,6 +648,7 @@ pub trait DataConnection: PhiConnection {
         sealed: bool,
         limit: usize,
         transform: &mut Transform<'_>,
+        before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<ApplyOutcome>;
 }
 
@@ -810,6 +813,10 @@ struct Dialect {
     text: &'static str,
     /// The function that orders rows at random.
     random: &'static str,
+    /// How a set-based `UPDATE` joins the rows it writes.
+    shape: SetShape,
+    /// The most bind parameters one statement may carry.
+    max_binds: usize,
 }
 
 impl Dialect {
@@ -927,32 +934,362 @@ impl Dialect {
             list = list.join(", "),
         )
     }
+}
 
-    /// `UPDATE … SET columns, indexes, flag WHERE key = ? AND flag = ?`.
-    fn migration_update(self, t: &StoredTable) -> String {
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            self.p(n)
-        };
-        let mut sets: Vec<String> = Vec::new();
-        for c in &t.columns {
-            sets.push(format!("{} = {}", self.ident(c.column), next()));
+/// How one backend's set-based `UPDATE` joins the rows it writes, one
+/// statement per chunk of a batch instead of one per row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SetShape {
+    /// PostgreSQL: `UPDATE t AS phi_t SET … FROM (VALUES (…), …) AS
+    /// phi_v(phi_k, phi_c0, …) WHERE …`.
+    Values,
+    /// SQLite (3.33 and later): the same `UPDATE … FROM (VALUES …)`, whose
+    /// columns SQLite names `column1`, `column2`, … (it takes no column
+    /// list after the alias).
+    SqliteValues,
+    /// MySQL and MariaDB: `UPDATE t AS phi_t JOIN (SELECT ? AS phi_k, … UNION
+    /// ALL SELECT …) AS phi_v ON … SET … WHERE …`. MariaDB's `VALUES` in a
+    /// derived table names its columns after the first row's values, and
+    /// MySQL's needs `ROW(…)`: a `UNION ALL` of `SELECT`s is read the same
+    /// by both.
+    Join,
+}
+
+/// Bytes of bound values one set-based statement carries at most, under
+/// MySQL's default `max_allowed_packet` (16 MiB, 4 MiB on old servers)
+/// with room to spare.
+const MAX_STATEMENT_BYTES: usize = 3 << 20;
+
+/// One value bound into a set-based `UPDATE`.
+enum SetValue<'a> {
+    /// An owner id or row key, as its column's type.
+    Key(&'a SqlValue),
+    /// Stored bytes (or NULL).
+    Bytes(Option<&'a [u8]>),
+}
+
+impl SetValue<'_> {
+    fn len(&self) -> usize {
+        match self {
+            SetValue::Key(SqlValue::Text(t)) => t.len(),
+            SetValue::Key(SqlValue::Int(_)) => 8,
+            SetValue::Bytes(b) => b.map_or(0, <[u8]>::len),
         }
-        for c in &t.columns {
-            if let Some((index, _)) = c.blind_index {
-                sets.push(format!("{} = {}", self.ident(index), next()));
+    }
+}
+
+/// A bound flag value, as its column's type.
+#[derive(Clone, Copy)]
+struct FlagValue {
+    is_bool: bool,
+    on: bool,
+    int: i64,
+}
+
+impl FlagValue {
+    fn new(is_bool: bool, on: bool) -> Self {
+        FlagValue {
+            is_bool,
+            on,
+            int: i64::from(on),
+        }
+    }
+}
+
+/// A set-based `UPDATE`, built with Diesel's [`AstPass`] (identifiers
+/// quoted by the backend, every value a bind parameter): Diesel's
+/// `update()` DSL cannot join a list of bound rows, so the statement's
+/// shape is written here, per backend ([`SetShape`]).
+///
+/// ```text
+/// UPDATE table AS phi_t SET set_i = phi_v.value_i, …[, extra = ?]
+///   <rows as phi_v>
+/// WHERE phi_t.match_j = phi_v.match_j AND … [AND guard = ?] [AND owner = ?]
+/// ```
+///
+/// Each row of `rows` binds the `matches` values first, then the `sets`
+/// values. A row is updated only when every match holds and the guard
+/// (the flag, or the owner) still has the value read: the number of rows
+/// the statement reports is the number actually written.
+struct SetUpdate<'a> {
+    shape: SetShape,
+    table: &'a str,
+    /// Columns compared with each row's first values.
+    matches: Vec<&'a str>,
+    /// Columns set from each row's remaining values.
+    sets: Vec<&'a str>,
+    /// A column set to one bound value for every row (the flag flipped).
+    extra: Option<(&'a str, FlagValue)>,
+    /// A column compared with one bound flag value (the flag as read).
+    guard_flag: Option<(&'a str, FlagValue)>,
+    /// A column compared with one bound key value (the owner).
+    guard_key: Option<(&'a str, &'a SqlValue)>,
+    /// A condition on the table written as is (`phi_t.flag = TRUE`).
+    guard_sql: Option<String>,
+    rows: Vec<Vec<SetValue<'a>>>,
+}
+
+impl SetUpdate<'_> {
+    /// Bind parameters per row, and besides the rows.
+    fn binds_per_row(&self) -> usize {
+        self.matches.len() + self.sets.len()
+    }
+
+    fn fixed_binds(&self) -> usize {
+        usize::from(self.extra.is_some())
+            + usize::from(self.guard_flag.is_some())
+            + usize::from(self.guard_key.is_some())
+    }
+
+    /// The value column `i` of the rows as the statement names it.
+    fn value_column(&self, i: usize) -> String {
+        match self.shape {
+            SetShape::SqliteValues => format!("column{}", i + 1),
+            SetShape::Values | SetShape::Join => format!("phi_{i}"),
+        }
+    }
+}
+
+impl<DB> QueryFragment<DB> for SetUpdate<'_>
+where
+    DB: Backend + HasSqlType<Binary> + HasSqlType<Bool> + HasSqlType<BigInt> + HasSqlType<Text>,
+    Option<&'static [u8]>: ToSql<Nullable<Binary>, DB>,
+    [u8]: ToSql<Binary, DB>,
+    bool: ToSql<Bool, DB>,
+    i64: ToSql<BigInt, DB>,
+    String: ToSql<Text, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        fn push_table<DB: Backend>(out: &mut AstPass<'_, '_, DB>, name: &str) -> QueryResult<()> {
+            for (i, part) in name.split('.').enumerate() {
+                if i > 0 {
+                    out.push_sql(".");
+                }
+                out.push_identifier(part)?;
+            }
+            Ok(())
+        }
+        fn push_qualified<DB: Backend>(
+            out: &mut AstPass<'_, '_, DB>,
+            alias: &str,
+            column: &str,
+        ) -> QueryResult<()> {
+            out.push_identifier(alias)?;
+            out.push_sql(".");
+            out.push_identifier(column)
+        }
+        fn push_flag<'b, DB>(out: &mut AstPass<'_, 'b, DB>, flag: &'b FlagValue) -> QueryResult<()>
+        where
+            DB: Backend + HasSqlType<Bool> + HasSqlType<BigInt>,
+            bool: ToSql<Bool, DB>,
+            i64: ToSql<BigInt, DB>,
+        {
+            if flag.is_bool {
+                out.push_bind_param::<Bool, bool>(&flag.on)
+            } else {
+                out.push_bind_param::<BigInt, i64>(&flag.int)
             }
         }
-        sets.push(format!("{} = {}", self.ident(t.flag_column), next()));
-        let key = format!("{} = {}", self.ident(t.key_column), next());
-        let flag = format!("{} = {}", self.ident(t.flag_column), next());
-        format!(
-            "UPDATE {table} SET {sets} WHERE {key} AND {flag}",
-            table = self.ident(t.table),
-            sets = sets.join(", "),
-        )
+        fn push_value<'b, DB>(
+            out: &mut AstPass<'_, 'b, DB>,
+            value: &'b SetValue<'_>,
+        ) -> QueryResult<()>
+        where
+            DB: Backend + HasSqlType<Binary> + HasSqlType<BigInt> + HasSqlType<Text>,
+            [u8]: ToSql<Binary, DB>,
+            i64: ToSql<BigInt, DB>,
+            String: ToSql<Text, DB>,
+        {
+            match value {
+                SetValue::Key(SqlValue::Text(t)) => out.push_bind_param::<Text, String>(t),
+                SetValue::Key(SqlValue::Int(n)) => out.push_bind_param::<BigInt, i64>(n),
+                SetValue::Bytes(Some(b)) => out.push_bind_param::<Binary, [u8]>(b),
+                // A typed NULL: PostgreSQL takes the parameter's type from
+                // its bind, so a NULL in the first row of `VALUES` does not
+                // make the column untyped.
+                SetValue::Bytes(None) => {
+                    out.push_bind_param::<Nullable<Binary>, Option<&[u8]>>(&None)
+                }
+            }
+        }
+
+        let columns = self.binds_per_row();
+        let set_value = |out: &mut AstPass<'_, 'b, DB>, i: usize| -> QueryResult<()> {
+            let column = self.sets[i];
+            if self.shape == SetShape::Join {
+                push_qualified(out, "phi_t", column)?;
+            } else {
+                out.push_identifier(column)?;
+            }
+            out.push_sql(" = ");
+            push_qualified(out, "phi_v", &self.value_column(self.matches.len() + i))
+        };
+        out.push_sql("UPDATE ");
+        push_table(&mut out, self.table)?;
+        out.push_sql(" AS ");
+        out.push_identifier("phi_t")?;
+        if self.shape == SetShape::Join {
+            out.push_sql(" JOIN (");
+            for (r, row) in self.rows.iter().enumerate() {
+                out.push_sql(if r == 0 {
+                    "SELECT "
+                } else {
+                    " UNION ALL SELECT "
+                });
+                for (i, value) in row.iter().enumerate() {
+                    if i > 0 {
+                        out.push_sql(", ");
+                    }
+                    push_value(&mut out, value)?;
+                    if r == 0 {
+                        out.push_sql(" AS ");
+                        out.push_identifier(&self.value_column(i))?;
+                    }
+                }
+            }
+            out.push_sql(") AS ");
+            out.push_identifier("phi_v")?;
+            out.push_sql(" ON ");
+            for (i, column) in self.matches.iter().enumerate() {
+                if i > 0 {
+                    out.push_sql(" AND ");
+                }
+                push_qualified(&mut out, "phi_t", column)?;
+                out.push_sql(" = ");
+                push_qualified(&mut out, "phi_v", &self.value_column(i))?;
+            }
+        }
+        out.push_sql(" SET ");
+        for i in 0..self.sets.len() {
+            if i > 0 {
+                out.push_sql(", ");
+            }
+            set_value(&mut out, i)?;
+        }
+        if let Some((column, flag)) = &self.extra {
+            out.push_sql(", ");
+            if self.shape == SetShape::Join {
+                push_qualified(&mut out, "phi_t", column)?;
+            } else {
+                out.push_identifier(column)?;
+            }
+            out.push_sql(" = ");
+            push_flag(&mut out, flag)?;
+        }
+        let mut first = true;
+        let mut and = |out: &mut AstPass<'_, 'b, DB>| {
+            out.push_sql(if first { " WHERE " } else { " AND " });
+            first = false;
+        };
+        if self.shape != SetShape::Join {
+            out.push_sql(" FROM (VALUES ");
+            for (r, row) in self.rows.iter().enumerate() {
+                out.push_sql(if r == 0 { "(" } else { ", (" });
+                for (i, value) in row.iter().enumerate() {
+                    if i > 0 {
+                        out.push_sql(", ");
+                    }
+                    push_value(&mut out, value)?;
+                }
+                out.push_sql(")");
+            }
+            out.push_sql(") AS ");
+            out.push_identifier("phi_v")?;
+            if self.shape == SetShape::Values {
+                out.push_sql(" (");
+                for i in 0..columns {
+                    if i > 0 {
+                        out.push_sql(", ");
+                    }
+                    out.push_identifier(&self.value_column(i))?;
+                }
+                out.push_sql(")");
+            }
+            for (i, column) in self.matches.iter().enumerate() {
+                and(&mut out);
+                push_qualified(&mut out, "phi_t", column)?;
+                out.push_sql(" = ");
+                push_qualified(&mut out, "phi_v", &self.value_column(i))?;
+            }
+        }
+        if let Some((column, flag)) = &self.guard_flag {
+            and(&mut out);
+            push_qualified(&mut out, "phi_t", column)?;
+            out.push_sql(" = ");
+            push_flag(&mut out, flag)?;
+        }
+        if let Some((column, key)) = &self.guard_key {
+            and(&mut out);
+            push_qualified(&mut out, "phi_t", column)?;
+            out.push_sql(" = ");
+            match key {
+                SqlValue::Text(t) => out.push_bind_param::<Text, String>(t)?,
+                SqlValue::Int(n) => out.push_bind_param::<BigInt, i64>(n)?,
+            }
+        }
+        if let Some(sql) = &self.guard_sql {
+            and(&mut out);
+            out.push_sql(sql);
+        }
+        Ok(())
     }
+}
+
+impl QueryId for SetUpdate<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Conn> RunQueryDsl<Conn> for SetUpdate<'_> {}
+
+/// Runs `update` over `rows` in as few statements as the backend's bind
+/// limit and [`MAX_STATEMENT_BYTES`] allow; returns the rows written.
+fn run_set_update<'a, C>(
+    conn: &mut C,
+    d: Dialect,
+    update: SetUpdate<'a>,
+    rows: Vec<Vec<SetValue<'a>>>,
+) -> QueryResult<u64>
+where
+    C: diesel::Connection,
+    C::Backend: HasSqlType<Binary> + HasSqlType<Bool> + HasSqlType<BigInt> + HasSqlType<Text>,
+    Option<&'static [u8]>: ToSql<Nullable<Binary>, C::Backend>,
+    [u8]: ToSql<Binary, C::Backend>,
+    bool: ToSql<Bool, C::Backend>,
+    i64: ToSql<BigInt, C::Backend>,
+    String: ToSql<Text, C::Backend>,
+    SetUpdate<'a>: diesel::query_dsl::methods::ExecuteDsl<C>,
+{
+    let per_row = update.binds_per_row().max(1);
+    let max_rows = (d.max_binds - update.fixed_binds()) / per_row;
+    let mut written = 0u64;
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.peek() {
+            let size: usize = row.iter().map(SetValue::len).sum();
+            if !chunk.is_empty() && (chunk.len() >= max_rows || bytes + size > MAX_STATEMENT_BYTES)
+            {
+                break;
+            }
+            bytes += size;
+            chunk.extend(rows.next());
+        }
+        let statement = SetUpdate {
+            matches: update.matches.clone(),
+            sets: update.sets.clone(),
+            guard_sql: update.guard_sql.clone(),
+            rows: chunk,
+            shape: update.shape,
+            table: update.table,
+            extra: update.extra,
+            guard_flag: update.guard_flag,
+            guard_key: update.guard_key,
+        };
+        written += statement.execute(conn)? as u64;
+    }
+    Ok(written)
 }
 
 /// Binds an encrypted flag as its column's type.
@@ -1264,6 +1601,49 @@ macro_rules! data_connection {
                         .bind::<Binary, _>(&current_bytes[..]);
                     let values = load_stored!(query, &mut *conn, table, owner)?;
                     let mut outcome = BatchOutcome { read: values.len() as u64, ..BatchOutcome::default() };
+                    if let Some(key_column) = &table.key_column {
+                        // One set-based UPDATE for the batch, each row
+                        // guarded by its key, the bytes read and the owner:
+                        // row keys are unique, so the rows it did not write
+                        // were changed by someone else meanwhile.
+                        let mut news = Vec::with_capacity(values.len());
+                        for value in &values {
+                            news.push(reseal(value)?);
+                        }
+                        let flag_on = table.flag_column.as_ref().map(|flag| {
+                            let on = match table.flag_type {
+                                FlagType::Bool => "= TRUE",
+                                FlagType::Integer => "<> 0",
+                            };
+                            format!("{}.{} {on}", d.ident("phi_t"), d.ident(flag))
+                        });
+                        let update = SetUpdate {
+                            shape: d.shape,
+                            table: &table.table,
+                            matches: vec![key_column, &column.column],
+                            sets: vec![&column.column],
+                            extra: None,
+                            guard_flag: None,
+                            guard_key: Some((&table.owner_column, &owner_value)),
+                            guard_sql: flag_on,
+                            rows: Vec::new(),
+                        };
+                        let rows: Vec<Vec<SetValue<'_>>> = values
+                            .iter()
+                            .zip(&news)
+                            .filter_map(|(value, new)| {
+                                Some(vec![
+                                    SetValue::Key(value.key.as_ref()?),
+                                    SetValue::Bytes(Some(&value.bytes)),
+                                    SetValue::Bytes(Some(new)),
+                                ])
+                            })
+                            .collect();
+                        let written = run_set_update(conn, d, update, rows)?;
+                        outcome.updated = written;
+                        outcome.conflicts = (values.len() as u64).saturating_sub(written);
+                        return Ok(outcome);
+                    }
                     // A value copied to several rows (no row key) is updated
                     // in all of them by its first UPDATE.
                     let mut done = std::collections::HashSet::new();
@@ -1388,33 +1768,54 @@ macro_rules! data_connection {
                 sealed: bool,
                 limit: usize,
                 transform: &mut Transform<'_>,
+                before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
             ) -> Result<ApplyOutcome> {
                 table.validate()?;
                 let d: Dialect = $dialect;
-                let update = d.migration_update(table);
                 let outcome = self.$transaction(|conn| -> std::result::Result<ApplyOutcome, TxError> {
                     let q = RowsQuery { sealed, after: None, limit, random: false };
                     let rows = load_rows!(conn, d, table, &q, true, true)?;
                     let mut outcome = ApplyOutcome { read: rows.len() as u64, ..ApplyOutcome::default() };
+                    let mut writes: Vec<(&SqlValue, RowWrite)> = Vec::with_capacity(rows.len());
                     for row in &rows {
-                        let Some(write) = transform(row)? else {
-                            outcome.deferred += 1;
-                            continue;
-                        };
-                        let mut query = diesel::sql_query(update.as_str()).into_boxed();
-                        // Bound by reference: no copy of a plaintext
-                        // outlives `write`, which zeroizes its values.
-                        for value in write.values.iter().chain(&write.indexes) {
-                            query = query.bind::<Nullable<Binary>, _>(value.as_deref());
-                        }
-                        query = bind_flag(query, table, !sealed);
-                        query = bind_value(query, &row.key);
-                        query = bind_flag(query, table, sealed);
-                        match query.execute(conn)? {
-                            0 => outcome.conflicts += 1,
-                            _ => outcome.updated += 1,
+                        match transform(row)? {
+                            Some(write) => writes.push((&row.key, write)),
+                            None => outcome.deferred += 1,
                         }
                     }
+                    before_write(conn)?;
+                    if writes.is_empty() {
+                        return Ok(outcome);
+                    }
+                    let mut sets: Vec<&str> = table.columns.iter().map(|c| c.column).collect();
+                    sets.extend(table.columns.iter().filter_map(|c| c.blind_index.map(|(i, _)| i)));
+                    let update = SetUpdate {
+                        shape: d.shape,
+                        table: table.table,
+                        matches: vec![table.key_column],
+                        sets,
+                        extra: Some((table.flag_column, FlagValue::new(table.flag_is_bool, !sealed))),
+                        guard_flag: Some((table.flag_column, FlagValue::new(table.flag_is_bool, sealed))),
+                        guard_key: None,
+                        guard_sql: None,
+                        rows: Vec::new(),
+                    };
+                    // Bound by reference: no copy of a plaintext outlives
+                    // `writes`, which zeroizes its values.
+                    let values: Vec<Vec<SetValue<'_>>> = writes
+                        .iter()
+                        .map(|(key, write)| {
+                            std::iter::once(SetValue::Key(key))
+                                .chain(write.values.iter().chain(&write.indexes).map(|v| SetValue::Bytes(v.as_deref())))
+                                .collect()
+                        })
+                        .collect();
+                    // Row keys are unique, so each row of the statement
+                    // writes at most one row: those it did not write had
+                    // their flag flipped by another writer first.
+                    let written = run_set_update(conn, d, update, values)?;
+                    outcome.updated = written;
+                    outcome.conflicts = (writes.len() as u64).saturating_sub(written);
                     Ok(outcome)
                 });
                 match outcome {
@@ -1433,11 +1834,14 @@ macro_rules! data_connection {
 
 data_connection! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction,
-        Dialect { numbered: false, quote: '"', lock: "", bigint: "INTEGER", text: "TEXT", random: "RANDOM()" };
+        Dialect { numbered: false, quote: '"', lock: "", bigint: "INTEGER", text: "TEXT", random: "RANDOM()",
+            shape: SetShape::SqliteValues, max_binds: 32_766 };
     "mysql" => diesel::MysqlConnection, transaction,
-        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE", bigint: "SIGNED", text: "CHAR", random: "RAND()" };
+        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE", bigint: "SIGNED", text: "CHAR", random: "RAND()",
+            shape: SetShape::Join, max_binds: 65_535 };
     "postgres" => diesel::PgConnection, transaction,
-        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE", bigint: "BIGINT", text: "TEXT", random: "random()" };
+        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE", bigint: "BIGINT", text: "TEXT", random: "random()",
+            shape: SetShape::Values, max_binds: 65_535 };
 }
 
 #[cfg(test)]
