@@ -178,16 +178,25 @@ impl CaseStore for Sealed {
             let sealed = keys(&app.keyring, |k| new.seal(k))?;
             // Guarded: only while the row is still the one read (its
             // revision, owner and encrypted flag).
-            let written = diesel::update(
+            let target = || {
                 service_cases::table
                     .filter(service_cases::case_id.eq(&id))
                     .filter(service_cases::provider_id.eq(&old.provider_id))
                     .filter(service_cases::phi_encrypted.eq(old.phi_encrypted))
-                    .filter(service_cases::revision.eq(revision)),
-            )
-            .set((&sealed, service_cases::revision.eq(revision + 1)))
-            .execute(conn)
-            .await
+                    .filter(service_cases::revision.eq(revision))
+            };
+            let next = service_cases::revision.eq(revision + 1);
+            // A changeset skips a `None` field: a removed insurer is set
+            // to NULL explicitly.
+            let written = if sealed.ins_provider.is_some() {
+                diesel::update(target()).set((&sealed, next)).execute(conn).await
+            } else {
+                let none: Option<phi::Encrypted<String>> = None;
+                diesel::update(target())
+                    .set((&sealed, service_cases::ins_provider.eq(none), next))
+                    .execute(conn)
+                    .await
+            }
             .map_err(db(Self::TABLE))?;
             if written == 0 {
                 return Err(ApiError::conflict(&id, patch.revision, None));
