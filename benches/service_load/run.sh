@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load test of the clinic service (examples/clinic-service): phi's sealed
 # routes against their plaintext twin in the same process, with a real HTTP
-# load generator (oha). Not part of CI: it is a benchmark.
+# load generator (wrk, from the distribution's packages; the requests are
+# drawn by benches/service_load/route.lua). Not part of CI: it is a benchmark.
 #
 #   benches/service_load/run.sh                  # PostgreSQL and SQLite, 30 s per route
 #   DURATION=10s BACKENDS=sqlite benches/service_load/run.sh
@@ -15,7 +16,7 @@
 # request to each of 1,000 providers, and moto's own count of Decrypt calls
 # (its request recorder). Peak memory is the service's VmHWM.
 #
-# Results: target/service_load/report.md (and one oha JSON per run).
+# Results: target/service_load/report.md (and one JSON summary per run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -36,17 +37,19 @@ OUT=$(cd "$OUT" && pwd)
 step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 step "tools"
-if ! command -v oha >/dev/null; then
-  cargo install --locked oha
+if ! command -v wrk >/dev/null; then
+  apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 fi
-oha --version
+command -v wrk
 python3 -c 'import moto.server, boto3' 2>/dev/null || pip install -q "moto[server]"
-cargo build --release --example clinic-service --features service,postgres,aws-kms
-BIN=$(pwd)/target/release/examples/clinic-service
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --example clinic-service --features service,postgres,aws-kms
+  BIN=$(pwd)/target/release/examples/clinic-service
+fi
 
 # One master key for every run of this script (the key store checks a
 # KEK id names one key).
-[ -f "$OUT/master.key" ] || python3 -c 'import os, base64; print(base64.b64encode(os.urandom(32)).decode())' >"$OUT/master.key"
+[ -f "$OUT/master.key" ] || (umask 077; python3 -c 'import os, base64; print(base64.b64encode(os.urandom(32)).decode())' >"$OUT/master.key")
 export PHI_MASTER_KEY_FILE=$OUT/master.key
 export RUST_LOG=${RUST_LOG:-warn}
 
@@ -89,50 +92,32 @@ fresh_database() { # BACKEND NAME → prints the URL
   esac
 }
 
-# oha: one run, JSON summary to $OUT/$1.json.
-load() { # NAME DURATION [oha args…]
-  local name=$1 duration=$2
-  shift 2
-  oha --no-tui --output-format json -z "$duration" -c "$CONNS" "$@" >"$OUT/$name.json"
+LUA=$(pwd)/benches/service_load/route.lua
+# wrk: one run of ROUTE on PREFIX ("" sealed, "/plain" twin); its JSON
+# summary (route.lua's `done`) to $OUT/NAME.json.
+load() { # NAME DURATION ROUTE PREFIX
+  wrk -t 2 -c "$CONNS" -d "$2" -s "$LUA" "$BASE" -- "$3" "$4" "$PROVIDERS" "$CASES_PER" \
+    | grep '^{' >"$OUT/$1.json"
 }
 
-pair() { # BACKEND ROUTE [oha args…] with URL last containing {prefix}
-  local backend=$1 route=$2
-  shift 2
-  local args=("$@")
-  local last=$((${#args[@]} - 1))
-  local url=${args[$last]}
-  unset "args[$last]"
-  local sealed_url=${url//\{prefix\}/} plain_url=${url//\{prefix\}//plain}
-  load "warmup" "$WARMUP" "${args[@]}" "${sealed_url//\{base\}/$BASE}"
-  load "warmup" "$WARMUP" "${args[@]}" "${plain_url//\{base\}/$BASE}"
+pair() { # BACKEND ROUTE: warm-up of both, then sealed and twin alternately
+  load warmup "$WARMUP" "$2" ""
+  load warmup "$WARMUP" "$2" /plain
   for round in $(seq "$ROUNDS"); do
-    load "$backend-$route-phi-$round" "$DURATION" "${args[@]}" "${sealed_url//\{base\}/$BASE}"
-    load "$backend-$route-plain-$round" "$DURATION" "${args[@]}" "${plain_url//\{base\}/$BASE}"
+    load "$1-$2-phi-$round" "$DURATION" "$2" ""
+    load "$1-$2-plain-$round" "$DURATION" "$2" /plain
   done
 }
 
-last_provider=$(printf '%04d' $((PROVIDERS - 1)))
 for backend in $BACKENDS; do
   step "$backend: seeding $((PROVIDERS * CASES_PER)) cases over $PROVIDERS providers"
   url=$(fresh_database "$backend" phi_service_load)
   "$BIN" --database-url "$url" seed --providers "$PROVIDERS" --cases-per-provider "$CASES_PER" | tee "$OUT/$backend-seed.txt"
   start_service "$url"
   step "$backend: load, $CONNS connections, $DURATION per run after $WARMUP warm-up"
-  # URLs drawn from a regular expression: any seeded case / provider.
-  max_case=$(printf '%06d' $((CASES_PER - 1)))
-  provider_re="provider-00[0-9][0-9]"
-  [ "$PROVIDERS" -le 100 ] || provider_re="provider-[0-9]{4}"
-  case_re="$provider_re-000[0-9]{3}"
-  [ "$max_case" = "000999" ] || case_re="$provider_re-000000"
-  pair "$backend" get-one --rand-regex-url "{base}{prefix}/cases/$case_re"
-  pair "$backend" list-50 --rand-regex-url "{base}{prefix}/providers/$provider_re/cases\\?limit=50"
-  pair "$backend" create -m POST -H 'content-type: application/json' \
-    -d '{"provider_id":"provider-load","patient_first":"Aiko","patient_last":"Dubois","patient_dob":"1960-01-01","ins_provider":"Aetna","procedure_code":"27447","surgery_date":"2026-12-02"}' \
-    "{base}{prefix}/cases"
-  pair "$backend" duplicates -m POST -H 'content-type: application/json' \
-    -d '{"patient_last":"Dubois","patient_dob":"1960-01-01"}' \
-    "{base}{prefix}/providers/provider-0042/duplicates"
+  for route in get-one list-50 create duplicates; do
+    pair "$backend" "$route"
+  done
   echo "$(peak_memory)" >"$OUT/$backend-peak-memory.txt"
   step "$backend: peak memory $(cat "$OUT/$backend-peak-memory.txt")"
   stop_service
@@ -181,17 +166,16 @@ import json, os, sys
 out, backends, rounds = sys.argv[1], sys.argv[2].split(), int(sys.argv[3])
 def stats(name):
     runs = [json.load(open(f"{out}/{name}-{r}.json")) for r in range(1, rounds + 1)]
-    rps = sum(r["summary"]["requestsPerSec"] for r in runs) / len(runs)
-    pct = lambda p: sum(r["latencyPercentiles"][p] for r in runs) / len(runs) * 1000
-    ok = sum(r["statusCodeDistribution"].get("200", 0) + r["statusCodeDistribution"].get("201", 0) for r in runs)
-    total = sum(sum(r["statusCodeDistribution"].values()) for r in runs)
-    return rps, pct("p50"), pct("p95"), pct("p99"), ok, total
-print("| backend | route | phi req/s | twin req/s | throughput ratio | phi p50 / p95 / p99 ms | twin p50 / p95 / p99 ms | p95 ratio | non-2xx |")
+    rps = sum(r["requests"] / (r["duration_us"] / 1e6) for r in runs) / len(runs)
+    pct = lambda p: sum(r[p] for r in runs) / len(runs) / 1000
+    bad = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
+    return rps, pct("p50_us"), pct("p95_us"), pct("p99_us"), bad
+print("| backend | route | phi req/s | twin req/s | throughput ratio | phi p50 / p95 / p99 ms | twin p50 / p95 / p99 ms | p95 ratio | errors |")
 print("|---|---|---|---|---|---|---|---|---|")
 for b in backends:
     for route in ["get-one", "list-50", "create", "duplicates"]:
         p = stats(f"{b}-{route}-phi"); t = stats(f"{b}-{route}-plain")
-        bad = (p[5] - p[4]) + (t[5] - t[4])
+        bad = p[4] + t[4]
         print(f"| {b} | {route} | {p[0]:.0f} | {t[0]:.0f} | {p[0] / t[0]:.2f}× | {p[1]:.2f} / {p[2]:.2f} / {p[3]:.2f} | "
               f"{t[1]:.2f} / {t[2]:.2f} / {t[3]:.2f} | {p[2] / t[2]:.2f}× | {bad} |")
 print()
