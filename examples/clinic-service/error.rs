@@ -1,0 +1,181 @@
+//! Errors as HTTP responses: a status and a JSON body naming what went
+//! wrong and where (field, case, provider, key version), never a value.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An error the API answers with.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// 422: `field` is not acceptable, for `reason` (never quoting the value).
+    pub(crate) fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            message: format!("{field}: {reason}"),
+        }
+    }
+
+    /// 422: the request body is not the JSON expected. serde's own message
+    /// is used only when it names a field (missing or unknown); otherwise
+    /// it may quote the value, so only the position is given.
+    pub(crate) fn body(error: &serde_json::Error) -> ApiError {
+        let text = error.to_string();
+        let message = if text.starts_with("missing field") || text.starts_with("unknown field") {
+            format!("request body: {text}")
+        } else if error.is_syntax() || error.is_eof() {
+            format!(
+                "request body: not valid JSON (line {}, column {})",
+                error.line(),
+                error.column()
+            )
+        } else {
+            format!(
+                "request body: a value has the wrong JSON type (line {}, column {})",
+                error.line(),
+                error.column()
+            )
+        };
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_input",
+            message,
+        }
+    }
+
+    /// 404: no case `id`.
+    pub(crate) fn not_found(id: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: format!("no case {id}"),
+        }
+    }
+
+    /// 409: case `id` is no longer at the revision the change was made on.
+    pub(crate) fn conflict(id: &str, expected: i64, current: Option<i64>) -> ApiError {
+        let now = current.map_or_else(
+            || "changed meanwhile".to_owned(),
+            |c| format!("is at revision {c}"),
+        );
+        ApiError {
+            status: StatusCode::CONFLICT,
+            code: "conflict",
+            message: format!(
+                "case {id} {now}, not revision {expected}: read it again and redo the change"
+            ),
+        }
+    }
+
+    /// 500 or 503 from a database error: the table and the kind of error,
+    /// never the driver's message (it can quote a row's values).
+    pub(crate) fn database(table: &str, error: &diesel::result::Error) -> ApiError {
+        let kind = match error {
+            diesel::result::Error::DatabaseError(kind, _) => format!("{kind:?}"),
+            other => database_error_kind(other),
+        };
+        tracing::warn!(table, kind = %kind, "database error");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "database",
+            message: format!("database error on table {table} ({kind})"),
+        }
+    }
+
+    /// 503: no connection from the pool.
+    pub(crate) fn pool(error: impl std::fmt::Display) -> ApiError {
+        tracing::warn!(%error, "no database connection");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "database_unavailable",
+            message: "no database connection available".to_owned(),
+        }
+    }
+
+    /// 500: a failure of the service itself.
+    pub(crate) fn internal(what: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: what.to_owned(),
+        }
+    }
+
+    /// The status answered.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON object describing this error (as in an error body).
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.code, "message": self.message })
+    }
+}
+
+fn database_error_kind(error: &diesel::result::Error) -> String {
+    use diesel::result::Error as E;
+    match error {
+        E::NotFound => "not found".into(),
+        E::RollbackTransaction => "rolled back".into(),
+        E::SerializationError(_) => "serialization".into(),
+        E::DeserializationError(_) => "deserialization".into(),
+        E::QueryBuilderError(_) => "query builder".into(),
+        _ => "driver".into(),
+    }
+}
+
+/// phi's errors: a key that cannot be had (KMS or key store down) is 503;
+/// a stored value that does not open (altered, damaged) is 500 naming the
+/// column, owner and key version; bad input is 422. phi's messages carry
+/// ids, scopes and key versions only, never values or key bytes.
+impl From<phi::Error> for ApiError {
+    fn from(error: phi::Error) -> ApiError {
+        use phi::Error as E;
+        let (status, code) = match &error {
+            E::Kek { .. }
+            | E::KekCheck { .. }
+            | E::KeyUnavailable { .. }
+            | E::Store { .. }
+            | E::NoKey { .. } => (StatusCode::SERVICE_UNAVAILABLE, "key_unavailable"),
+            E::Decrypt { .. }
+            | E::Decode { .. }
+            | E::Malformed { .. }
+            | E::UnknownKeyVersion { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "stored_value_damaged")
+            }
+            E::Shredded { .. } => (StatusCode::GONE, "shredded"),
+            E::InvalidInput { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "phi"),
+        };
+        tracing::warn!(error = %error, "phi error");
+        ApiError {
+            status,
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: self.code,
+            message: &self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,245 @@
+//! The clinic as an HTTP service: surgical cases whose patient fields are
+//! sealed under each provider's own data key, served as JSON by axum on
+//! tokio over a diesel-async pool; beside them, under `/plain`, the same
+//! routes over a plaintext copy of the table (the twin that measures
+//! phi's cost in one process).
+//!
+//! ```sh
+//! cargo run --example clinic-service --features service      # SQLite, ./clinic-service.db
+//! cargo run --example clinic-service --features service,postgres -- \
+//!     --database-url postgres://app@db/clinic --listen 0.0.0.0:8080
+//! ```
+//!
+//! Configured like the clinic CLI: `--database-url` / `DATABASE_URL`
+//! (default `sqlite://clinic-service.db`, created with no setup);
+//! `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE`, or `--kek aws-kms:KEY`
+//! (`--features aws-kms`), else a development key file created on the
+//! first run. `RUST_LOG` sets the request log's level (default `info`).
+//!
+//! Routes (each also under `/plain` for the twin):
+//!
+//! | | |
+//! |---|---|
+//! | `POST /cases` | create (201, the case with its id and revision) |
+//! | `GET /cases/{id}` | one case |
+//! | `PATCH /cases/{id}` | change fields; the body names the `revision` it read (409 when the case moved on) |
+//! | `DELETE /cases/{id}` | delete (204) |
+//! | `GET /providers/{p}/cases?after=ID&limit=50` | a provider's cases, paged in id order |
+//! | `POST /providers/{p}/duplicates` | `{"patient_last", "patient_dob"}`: the provider's cases of that patient, through the blind index |
+//! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed |
+//! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, requests |
+//!
+//! Errors are JSON `{"error", "message"}`: 404, 409, 422 (bad input, naming
+//! the field), 503 when a needed key is unavailable (the KMS or key store
+//! down); never a patient value.
+
+mod db;
+mod error;
+mod model;
+mod routes;
+mod schema;
+mod seed;
+mod store;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use phi::{Keyring, Rollout};
+
+/// The service's error type (start-up only: requests answer with `ApiError`).
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
+/// The service's result type.
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The clinic's cases as an HTTP service, sealed by phi, with a plaintext
+/// twin under `/plain`.
+#[derive(Debug, Parser)]
+#[command(name = "clinic-service")]
+struct Cli {
+    /// Database URL: `sqlite://FILE` (or a file path), `mysql://…`, `postgres://…`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://clinic-service.db",
+        hide_env_values = true
+    )]
+    database_url: String,
+
+    /// The KEK that wraps new data keys: `aws-kms:KEY` or `local:ID` (the
+    /// master key in PHI_MASTER_KEY / PHI_MASTER_KEY_FILE). Default: that
+    /// master key as `local-1`, else a development key file.
+    #[arg(long, env = "PHI_KEK")]
+    kek: Option<String>,
+
+    /// Address to listen on; port 0 picks a free one (the address is
+    /// printed on standard output once listening).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Database connections in the pool.
+    #[arg(long, default_value_t = 16)]
+    pool_size: usize,
+
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Stores made-up cases in both tables (sealed and the plaintext twin,
+    /// same ids and values) for load tests, then exits. Case ids are
+    /// `{provider}-{n:06}`; providers are `{prefix}{i:04}`.
+    Seed {
+        /// How many providers.
+        #[arg(long, default_value_t = 100)]
+        providers: u64,
+        /// Cases for each provider.
+        #[arg(long, default_value_t = 1000)]
+        cases_per_provider: u64,
+        /// The providers' name prefix.
+        #[arg(long, default_value = "provider-")]
+        prefix: String,
+    },
+}
+
+/// What the routes share.
+pub(crate) struct App {
+    pub(crate) pool: db::Pool,
+    pub(crate) keyring: Keyring,
+    pub(crate) metrics: PrometheusHandle,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "clinic-service stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("installing the Prometheus recorder: {e}"))?;
+    let (backend, url) = db::parse_url(&cli.database_url)?;
+    // Migrations, key store, KEK check: synchronous, before the runtime
+    // starts (a KMS client of phi's sync API runs its own runtime).
+    let store = db::prepare(backend, &url)?;
+    let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
+    let mut builder = Keyring::builder(store, kek);
+    for k in older {
+        builder = builder.unwrap_with(k);
+    }
+    let keyring = builder
+        .actor("clinic-service")
+        .rollout(Rollout::All)
+        .build()?;
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = cli.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.enable_all().build()?;
+    let result = runtime.block_on(async {
+        let pool = db::pool(backend, &url, cli.pool_size)?;
+        let app = Arc::new(App {
+            pool,
+            keyring: keyring.clone(),
+            metrics: metrics.clone(),
+        });
+        if let Some(Command::Seed {
+            providers,
+            cases_per_provider,
+            prefix,
+        }) = &cli.command
+        {
+            let started = std::time::Instant::now();
+            let stored = seed::seed(&app, *providers, *cases_per_provider, prefix)
+                .await
+                .map_err(|e| format!("seeding: {}", e.to_json()))?;
+            use std::io::Write as _;
+            writeln!(
+                std::io::stdout().lock(),
+                "seeded {stored} case(s) in each table in {:.1} s",
+                started.elapsed().as_secs_f64()
+            )?;
+            return Ok(());
+        }
+        let upkeep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+        let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+        let address = listener.local_addr()?;
+        tracing::info!(%address, ?backend, "listening");
+        {
+            use std::io::Write as _;
+            // The harness and scripts read the address from here.
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on http://{address}")?;
+            out.flush()?;
+        }
+        axum::serve(listener, routes::router(app))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        upkeep.abort();
+        tracing::info!("stopped accepting requests; in-flight requests finished");
+        Ok::<_, Error>(())
+    });
+    // Drop the runtime (and with it every task) before flushing.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    keyring.flush_audit()?;
+    result
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

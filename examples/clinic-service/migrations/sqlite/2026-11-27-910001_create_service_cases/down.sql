@@ -1,0 +1,2 @@
+DROP TABLE service_cases_plain;
+DROP TABLE service_cases;

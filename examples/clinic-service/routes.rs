@@ -1,0 +1,267 @@
+//! The HTTP API: the case routes (written once, generic over the table),
+//! mounted for phi's table at `/` and for the plaintext twin at `/plain`;
+//! `/metrics`, `/health`; and the request log.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tracing::Instrument as _;
+
+use crate::App;
+use crate::error::ApiError;
+use crate::model::{CaseOut, CasePatch, DuplicateQuery, NewCase};
+use crate::store::{CaseStore, Page, Plain, Sealed};
+
+/// Every route, over `app`.
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .merge(case_routes::<Sealed>())
+        .nest("/plain", case_routes::<Plain>())
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok" }))
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(app)
+}
+
+fn case_routes<S: CaseStore>() -> Router<Arc<App>> {
+    Router::new()
+        .route("/cases", post(create::<S>))
+        .route(
+            "/cases/{id}",
+            get(get_case::<S>).patch(update::<S>).delete(delete::<S>),
+        )
+        .route("/providers/{provider}/cases", get(list::<S>))
+        .route("/providers/{provider}/duplicates", post(duplicates::<S>))
+        .route("/providers/{provider}/export.csv", get(export::<S>))
+}
+
+/// A JSON body, parsed with errors that never quote its values.
+fn json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::body(&e))
+}
+
+/// A new case id: `C-` and 16 random hexadecimal digits (ids are chosen
+/// before the insert, as the row key that seals the values must be).
+fn new_case_id() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|_| ApiError::internal("the random source failed"))?;
+    Ok(format!("C-{}", hex::encode(bytes)))
+}
+
+async fn create<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<CaseOut>), ApiError> {
+    let case = json::<NewCase>(&body)?.into_case(new_case_id()?)?;
+    tracing::info!(case_id = %case.case_id, provider = %case.provider_id, "create");
+    let out = S::create(&app, case).await?;
+    Ok((StatusCode::CREATED, axum::Json(out)))
+}
+
+async fn get_case<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<CaseOut>, ApiError> {
+    Ok(axum::Json(S::get(&app, id).await?))
+}
+
+/// `?after=CASE&limit=N` (default 50, at most 500).
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+const MAX_PAGE: i64 = 500;
+
+async fn list<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    Path(provider): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<Page>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("must be 1 to {MAX_PAGE}"),
+        ));
+    }
+    Ok(axum::Json(
+        S::list(&app, provider, query.after, limit).await?,
+    ))
+}
+
+async fn update<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<CaseOut>, ApiError> {
+    let patch = json::<CasePatch>(&body)?;
+    Ok(axum::Json(S::update(&app, id, patch).await?))
+}
+
+async fn delete<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    S::delete(&app, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn duplicates<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    Path(provider): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let query = json::<DuplicateQuery>(&body)?;
+    let found = S::duplicates(&app, provider, query).await?;
+    Ok(axum::Json(serde_json::json!({ "case_ids": found })))
+}
+
+/// The CSV header of an export.
+const CSV_HEADER: &str = "case_id,provider_id,patient_first,patient_last,patient_dob,ins_provider,procedure_code,surgery_date,status,error\n";
+
+/// A provider's cases as CSV, streamed a page at a time (memory stays one
+/// page however many cases). A case that does not open is a line with its
+/// id and the error; an error mid-way ends the stream early.
+async fn export<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    Path(provider): Path<String>,
+) -> Result<Response, ApiError> {
+    // The first page before the status is sent: a key or database failure
+    // is still an error status, not a truncated file.
+    let first = S::list(&app, provider.clone(), None, MAX_PAGE).await?;
+    let stream = futures_util::stream::unfold(
+        (Some(first), app, provider, true),
+        |(page, app, provider, header)| async move {
+            let page = page?;
+            let mut text = String::new();
+            if header {
+                text.push_str(CSV_HEADER);
+            }
+            csv_page(&mut text, &page);
+            let next = match page.next {
+                Some(after) => match S::list(&app, provider.clone(), Some(after), MAX_PAGE).await {
+                    Ok(page) => Some(page),
+                    Err(error) => {
+                        tracing::warn!(status = %error.status(), "export ended early");
+                        return Some((
+                            Err(std::io::Error::other("export failed")),
+                            (None, app, provider, false),
+                        ));
+                    }
+                },
+                None => None,
+            };
+            Some((Ok::<_, std::io::Error>(text), (next, app, provider, false)))
+        },
+    );
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        )],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+fn csv_page(out: &mut String, page: &Page) {
+    for c in &page.cases {
+        let fields = [
+            c.case_id.as_str(),
+            &c.provider_id,
+            &c.patient_first,
+            &c.patient_last,
+            &c.patient_dob,
+            c.ins_provider.as_deref().unwrap_or(""),
+            &c.procedure_code,
+            &c.surgery_date,
+            &c.status,
+            "",
+        ];
+        csv_line(out, &fields);
+    }
+    for e in &page.errors {
+        let id = e["case_id"].as_str().unwrap_or("");
+        let message = e["message"].as_str().unwrap_or("");
+        csv_line(out, &[id, "", "", "", "", "", "", "", "", message]);
+    }
+}
+
+fn csv_line(out: &mut String, fields: &[&str]) {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if f.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&f.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(f);
+        }
+    }
+    out.push('\n');
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}
+
+/// The request log: one line per request with its id, method, route and
+/// the ids in its path, status and duration; never a body or a query
+/// string. Also counts requests and times them for `/metrics`.
+async fn log_request(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let route = matched
+        .as_ref()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    // The path holds ids only (case, provider); an unmatched one may hold
+    // anything, so it is not logged.
+    let path = if matched.is_some() {
+        request.uri().path().to_owned()
+    } else {
+        String::new()
+    };
+    let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!("request", id, method = %method, path = %path);
+    let start = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = start.elapsed();
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            "served"
+        );
+    });
+    metrics::counter!(
+        "clinic_service_requests_total",
+        "route" => route.clone(),
+        "method" => method,
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("clinic_service_request_seconds", "route" => route)
+        .record(elapsed.as_secs_f64());
+    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}

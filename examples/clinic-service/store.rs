@@ -1,0 +1,387 @@
+//! The two case tables behind one interface: `Sealed` (phi's `service_cases`)
+//! and `Plain` (the plaintext twin `service_cases_plain`). The routes are
+//! written once, generic over [`CaseStore`], so the twin runs the same code
+//! over the same pool and only the table and phi's work differ.
+
+use std::future::Future;
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use phi::{Keyring, PhiRecord as _};
+
+use crate::App;
+use crate::db::with_conn;
+use crate::error::ApiError;
+use crate::model::{
+    Case, CaseOut, CasePatch, CaseSealed, DuplicateQuery, PlainCase, normalize_last,
+};
+use crate::schema::{service_cases, service_cases_plain};
+
+/// One page of a provider's cases: those that opened, and one error per
+/// case that did not (a damaged row fails alone).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Page {
+    pub(crate) cases: Vec<CaseOut>,
+    pub(crate) errors: Vec<serde_json::Value>,
+    /// The cursor of the next page (`?after=`), when this one was full.
+    pub(crate) next: Option<String>,
+}
+
+/// A table of cases, as the routes use it.
+pub(crate) trait CaseStore: Send + Sync + 'static {
+    /// The table's name, for errors.
+    const TABLE: &'static str;
+    /// Stores a new case.
+    fn create(app: &App, case: Case) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
+    /// One case.
+    fn get(app: &App, id: String) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
+    /// A provider's cases after `after` in id order, at most `limit`.
+    fn list(
+        app: &App,
+        provider: String,
+        after: Option<String>,
+        limit: i64,
+    ) -> impl Future<Output = Result<Page, ApiError>> + Send;
+    /// Changes a case, if it is still at the patch's revision.
+    fn update(
+        app: &App,
+        id: String,
+        patch: CasePatch,
+    ) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
+    /// Deletes a case.
+    fn delete(app: &App, id: String) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// The provider's cases of this patient (last name and date of birth).
+    fn duplicates(
+        app: &App,
+        provider: String,
+        query: DuplicateQuery,
+    ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
+}
+
+/// INTERIM, until phi's async API is merged: phi's synchronous key
+/// resolution, sealing and opening, run with `block_in_place` so that a key
+/// store query or KMS call on a cold cache does not stall the runtime's
+/// other tasks (they move to another worker meanwhile).
+fn keys<T>(
+    keyring: &Keyring,
+    work: impl FnOnce(&Keyring) -> phi::Result<T>,
+) -> Result<T, ApiError> {
+    tokio::task::block_in_place(|| work(keyring)).map_err(ApiError::from)
+}
+
+/// phi's cases, sealed under each provider's data key.
+#[derive(Debug)]
+pub(crate) struct Sealed;
+
+/// The plaintext twin.
+#[derive(Debug)]
+pub(crate) struct Plain;
+
+fn db(table: &'static str) -> impl Fn(diesel::result::Error) -> ApiError {
+    move |e| ApiError::database(table, &e)
+}
+
+impl CaseStore for Sealed {
+    const TABLE: &'static str = "service_cases";
+
+    async fn create(app: &App, case: Case) -> Result<CaseOut, ApiError> {
+        // Sealed before the write: a new provider's data key commits on
+        // the key store's own connection first.
+        let sealed = keys(&app.keyring, |k| case.seal(k))?;
+        with_conn!(&app.pool, conn => {
+            diesel::insert_into(service_cases::table)
+                .values(&sealed)
+                .execute(conn)
+                .await
+                .map_err(db(Self::TABLE))?
+        });
+        Ok(CaseOut::new(case, 1))
+    }
+
+    async fn get(app: &App, id: String) -> Result<CaseOut, ApiError> {
+        let row: Option<(CaseSealed, i64)> = with_conn!(&app.pool, conn => {
+            service_cases::table
+                .find(&id)
+                .select((CaseSealed::as_select(), service_cases::revision))
+                .first(conn)
+                .await
+                .optional()
+                .map_err(db(Self::TABLE))?
+        });
+        let (row, revision) = row.ok_or_else(|| ApiError::not_found(&id))?;
+        let case = keys(&app.keyring, |k| Case::open(row, k))?;
+        Ok(CaseOut::new(case, revision))
+    }
+
+    async fn list(
+        app: &App,
+        provider: String,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Page, ApiError> {
+        let rows: Vec<(CaseSealed, i64)> = with_conn!(&app.pool, conn => {
+            let mut query = service_cases::table
+                .filter(service_cases::provider_id.eq(&provider))
+                .select((CaseSealed::as_select(), service_cases::revision))
+                .order(service_cases::case_id)
+                .limit(limit)
+                .into_boxed();
+            if let Some(after) = &after {
+                query = query.filter(service_cases::case_id.gt(after));
+            }
+            query.load(conn).await.map_err(db(Self::TABLE))?
+        });
+        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+        let next = if full {
+            rows.last().map(|(r, _)| r.case_id.clone())
+        } else {
+            None
+        };
+        let ids: Vec<(String, i64)> = rows.iter().map(|(r, v)| (r.case_id.clone(), *v)).collect();
+        let sealed: Vec<CaseSealed> = rows.into_iter().map(|(r, _)| r).collect();
+        // Each row on its own: a damaged one is reported, the others served.
+        let opened = keys(&app.keyring, |k| Case::open_each(sealed, k))?;
+        let mut page = Page {
+            cases: Vec::with_capacity(ids.len()),
+            errors: Vec::new(),
+            next,
+        };
+        for ((id, revision), result) in ids.into_iter().zip(opened) {
+            match result {
+                Ok(case) => page.cases.push(CaseOut::new(case, revision)),
+                Err(error) => {
+                    let error = ApiError::from(error);
+                    let mut body = error.to_json();
+                    body["case_id"] = serde_json::Value::String(id);
+                    page.errors.push(body);
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    async fn update(app: &App, id: String, patch: CasePatch) -> Result<CaseOut, ApiError> {
+        with_conn!(&app.pool, conn => {
+            let row: Option<(CaseSealed, i64)> = service_cases::table
+                .find(&id)
+                .select((CaseSealed::as_select(), service_cases::revision))
+                .first(conn)
+                .await
+                .optional()
+                .map_err(db(Self::TABLE))?;
+            let (row, revision) = row.ok_or_else(|| ApiError::not_found(&id))?;
+            if revision != patch.revision {
+                return Err(ApiError::conflict(&id, patch.revision, Some(revision)));
+            }
+            let old = keys(&app.keyring, |k| Case::open(row, k))?;
+            let new = patch.apply(&old)?;
+            let sealed = keys(&app.keyring, |k| new.seal(k))?;
+            // Guarded: only while the row is still the one read (its
+            // revision, owner and encrypted flag).
+            let target = || {
+                service_cases::table
+                    .filter(service_cases::case_id.eq(&id))
+                    .filter(service_cases::provider_id.eq(&old.provider_id))
+                    .filter(service_cases::phi_encrypted.eq(old.phi_encrypted))
+                    .filter(service_cases::revision.eq(revision))
+            };
+            let next = service_cases::revision.eq(revision + 1);
+            // A changeset skips a `None` field: a removed insurer is set
+            // to NULL explicitly.
+            let written = if sealed.ins_provider.is_some() {
+                diesel::update(target()).set((&sealed, next)).execute(conn).await
+            } else {
+                let none: Option<phi::Encrypted<String>> = None;
+                diesel::update(target())
+                    .set((&sealed, service_cases::ins_provider.eq(none), next))
+                    .execute(conn)
+                    .await
+            }
+            .map_err(db(Self::TABLE))?;
+            if written == 0 {
+                return Err(ApiError::conflict(&id, patch.revision, None));
+            }
+            Ok(CaseOut::new(new, revision + 1))
+        })
+    }
+
+    async fn delete(app: &App, id: String) -> Result<(), ApiError> {
+        let removed = with_conn!(&app.pool, conn => {
+            diesel::delete(service_cases::table.find(&id))
+                .execute(conn)
+                .await
+                .map_err(db(Self::TABLE))?
+        });
+        if removed == 0 {
+            return Err(ApiError::not_found(&id));
+        }
+        Ok(())
+    }
+
+    async fn duplicates(
+        app: &App,
+        provider: String,
+        query: DuplicateQuery,
+    ) -> Result<Vec<String>, ApiError> {
+        let dob = query.dob()?;
+        let last = query.patient_last;
+        let (last_index, dob_index) = keys(&app.keyring, |k| {
+            Ok((
+                Case::patient_last_blind_index(k, &provider, &last)?,
+                Case::patient_dob_blind_index(k, &provider, &dob)?,
+            ))
+        })?;
+        if last_index.is_empty() || dob_index.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<CaseSealed> = with_conn!(&app.pool, conn => {
+            service_cases::table
+                .filter(service_cases::provider_id.eq(&provider))
+                .filter(service_cases::patient_last_bidx.eq_any(last_index))
+                .filter(service_cases::patient_dob_bidx.eq_any(dob_index))
+                .select(CaseSealed::as_select())
+                .order(service_cases::case_id)
+                .load(conn)
+                .await
+                .map_err(db(Self::TABLE))?
+        });
+        // A 16-byte index could in principle collide: confirm on the values.
+        let wanted = normalize_last(&last);
+        let cases = keys(&app.keyring, |k| Case::open_all(rows, k))?;
+        Ok(cases
+            .into_iter()
+            .filter(|c| normalize_last(&c.patient_last) == wanted && c.patient_dob == dob)
+            .map(|c| c.case_id)
+            .collect())
+    }
+}
+
+impl CaseStore for Plain {
+    const TABLE: &'static str = "service_cases_plain";
+
+    async fn create(app: &App, case: Case) -> Result<CaseOut, ApiError> {
+        let row = PlainCase::from_case(&case);
+        with_conn!(&app.pool, conn => {
+            diesel::insert_into(service_cases_plain::table)
+                .values(&row)
+                .execute(conn)
+                .await
+                .map_err(db(Self::TABLE))?
+        });
+        Ok(CaseOut::new(case, 1))
+    }
+
+    async fn get(app: &App, id: String) -> Result<CaseOut, ApiError> {
+        let row: Option<(PlainCase, i64)> = with_conn!(&app.pool, conn => {
+            service_cases_plain::table
+                .find(&id)
+                .select((PlainCase::as_select(), service_cases_plain::revision))
+                .first(conn)
+                .await
+                .optional()
+                .map_err(db(Self::TABLE))?
+        });
+        let (row, revision) = row.ok_or_else(|| ApiError::not_found(&id))?;
+        Ok(CaseOut::new(row.into_case(), revision))
+    }
+
+    async fn list(
+        app: &App,
+        provider: String,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Page, ApiError> {
+        let rows: Vec<(PlainCase, i64)> = with_conn!(&app.pool, conn => {
+            let mut query = service_cases_plain::table
+                .filter(service_cases_plain::provider_id.eq(&provider))
+                .select((PlainCase::as_select(), service_cases_plain::revision))
+                .order(service_cases_plain::case_id)
+                .limit(limit)
+                .into_boxed();
+            if let Some(after) = &after {
+                query = query.filter(service_cases_plain::case_id.gt(after));
+            }
+            query.load(conn).await.map_err(db(Self::TABLE))?
+        });
+        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+        let next = if full {
+            rows.last().map(|(r, _)| r.case_id.clone())
+        } else {
+            None
+        };
+        Ok(Page {
+            cases: rows
+                .into_iter()
+                .map(|(r, v)| CaseOut::new(r.into_case(), v))
+                .collect(),
+            errors: Vec::new(),
+            next,
+        })
+    }
+
+    async fn update(app: &App, id: String, patch: CasePatch) -> Result<CaseOut, ApiError> {
+        with_conn!(&app.pool, conn => {
+            let row: Option<(PlainCase, i64)> = service_cases_plain::table
+                .find(&id)
+                .select((PlainCase::as_select(), service_cases_plain::revision))
+                .first(conn)
+                .await
+                .optional()
+                .map_err(db(Self::TABLE))?;
+            let (row, revision) = row.ok_or_else(|| ApiError::not_found(&id))?;
+            if revision != patch.revision {
+                return Err(ApiError::conflict(&id, patch.revision, Some(revision)));
+            }
+            let old = row.into_case();
+            let new = patch.apply(&old)?;
+            let row = PlainCase::from_case(&new);
+            let written = diesel::update(
+                service_cases_plain::table
+                    .filter(service_cases_plain::case_id.eq(&id))
+                    .filter(service_cases_plain::provider_id.eq(&old.provider_id))
+                    .filter(service_cases_plain::revision.eq(revision)),
+            )
+            .set((&row, service_cases_plain::revision.eq(revision + 1)))
+            .execute(conn)
+            .await
+            .map_err(db(Self::TABLE))?;
+            if written == 0 {
+                return Err(ApiError::conflict(&id, patch.revision, None));
+            }
+            Ok(CaseOut::new(new, revision + 1))
+        })
+    }
+
+    async fn delete(app: &App, id: String) -> Result<(), ApiError> {
+        let removed = with_conn!(&app.pool, conn => {
+            diesel::delete(service_cases_plain::table.find(&id))
+                .execute(conn)
+                .await
+                .map_err(db(Self::TABLE))?
+        });
+        if removed == 0 {
+            return Err(ApiError::not_found(&id));
+        }
+        Ok(())
+    }
+
+    async fn duplicates(
+        app: &App,
+        provider: String,
+        query: DuplicateQuery,
+    ) -> Result<Vec<String>, ApiError> {
+        let dob = query.dob()?;
+        let wanted = normalize_last(&query.patient_last);
+        with_conn!(&app.pool, conn => {
+            service_cases_plain::table
+                .filter(service_cases_plain::provider_id.eq(&provider))
+                .filter(service_cases_plain::patient_last_norm.eq(&wanted))
+                .filter(service_cases_plain::patient_dob.eq(dob))
+                .select(service_cases_plain::case_id)
+                .order(service_cases_plain::case_id)
+                .load(conn)
+                .await
+                .map_err(db(Self::TABLE))
+        })
+    }
+}
