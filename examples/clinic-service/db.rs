@@ -205,16 +205,16 @@ pub(crate) const DEV_KEY_FILE: &str = "clinic-service-dev-master.key";
 /// The development key's KEK id: never a production id such as `local-1`.
 pub(crate) const DEV_KEK_ID: &str = "clinic-service-dev";
 
+/// The KEK that wraps new data keys, and older KEKs that still unwrap.
+pub(crate) type Keks = (Arc<dyn KeyEncryptionKey>, Vec<Arc<dyn KeyEncryptionKey>>);
+
 /// The KEK that wraps new data keys, configured as the clinic CLI's is:
 /// `--kek aws-kms:KEY` (AWS KMS from the AWS environment), `--kek local:ID`
 /// or `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE` (a local master key, id
 /// `local-1` by default), else a development key file created beside the
 /// database on the first run and refused on a database holding keys of
 /// another KEK. Also returns older KEKs that still unwrap.
-pub(crate) fn keks(
-    spec: Option<&str>,
-    store: &dyn KeyStore,
-) -> Result<(Arc<dyn KeyEncryptionKey>, Vec<Arc<dyn KeyEncryptionKey>>)> {
+pub(crate) fn keks(spec: Option<&str>, store: &dyn KeyStore) -> Result<Keks> {
     let env_key = std::env::var_os(phi::MASTER_KEY_ENV).is_some()
         || std::env::var_os(phi::MASTER_KEY_FILE_ENV).is_some();
     match spec.map(|s| s.split_once(':')) {

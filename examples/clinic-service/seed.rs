@@ -65,7 +65,7 @@ pub(crate) async fn seed(
                     patient_first: pick(FIRST, 0),
                     patient_last: pick(LAST, 3),
                     patient_dob: day(k),
-                    ins_provider: (k % 5 != 0).then(|| pick(INSURERS, 1)),
+                    ins_provider: (!k.is_multiple_of(5)).then(|| pick(INSURERS, 1)),
                     procedure_code: format!("{}", 27000 + k % 900),
                     surgery_date: day(k + 3),
                     status: "scheduled".to_owned(),
