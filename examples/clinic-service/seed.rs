@@ -74,7 +74,7 @@ pub(crate) async fn seed(
             })
             .collect();
         for chunk in all.chunks(BATCH) {
-            let sealed = tokio::task::block_in_place(|| Case::seal_all(chunk, &app.keyring))?;
+            let sealed = Case::seal_all_async(chunk, &app.keyring).await?;
             let plain: Vec<PlainCase> = chunk.iter().map(PlainCase::from_case).collect();
             insert(app, sealed, plain).await?;
             stored += chunk.len() as u64;

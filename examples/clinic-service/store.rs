@@ -58,15 +58,14 @@ pub(crate) trait CaseStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
 }
 
-/// INTERIM, until phi's async API is merged: phi's synchronous key
-/// resolution, sealing and opening, run with `block_in_place` so that a key
-/// store query or KMS call on a cold cache does not stall the runtime's
-/// other tasks (they move to another worker meanwhile).
-fn keys<T>(
-    keyring: &Keyring,
-    work: impl FnOnce(&Keyring) -> phi::Result<T>,
-) -> Result<T, ApiError> {
-    tokio::task::block_in_place(|| work(keyring)).map_err(ApiError::from)
+/// One sealed row opened with phi's async API: the provider's key is
+/// resolved without blocking a runtime worker (a cold cache awaits the key
+/// store on the blocking pool and the KMS on this runtime).
+async fn open_one(keyring: &Keyring, row: CaseSealed) -> Result<Case, ApiError> {
+    let mut cases = Case::open_all_async(vec![row], keyring).await?;
+    cases
+        .pop()
+        .ok_or_else(|| ApiError::from(phi::Error::Config("opening one row gave none".into())))
 }
 
 /// phi's cases, sealed under each provider's data key.
@@ -87,7 +86,7 @@ impl CaseStore for Sealed {
     async fn create(app: &App, case: Case) -> Result<CaseOut, ApiError> {
         // Sealed before the write: a new provider's data key commits on
         // the key store's own connection first.
-        let sealed = keys(&app.keyring, |k| case.seal(k))?;
+        let sealed = case.seal_async(&app.keyring).await?;
         with_conn!(&app.pool, conn => {
             diesel::insert_into(service_cases::table)
                 .values(&sealed)
@@ -109,7 +108,7 @@ impl CaseStore for Sealed {
                 .map_err(db(Self::TABLE))?
         });
         let (row, revision) = row.ok_or_else(|| ApiError::not_found(&id))?;
-        let case = keys(&app.keyring, |k| Case::open(row, k))?;
+        let case = open_one(&app.keyring, row).await?;
         Ok(CaseOut::new(case, revision))
     }
 
@@ -140,7 +139,7 @@ impl CaseStore for Sealed {
         let ids: Vec<(String, i64)> = rows.iter().map(|(r, v)| (r.case_id.clone(), *v)).collect();
         let sealed: Vec<CaseSealed> = rows.into_iter().map(|(r, _)| r).collect();
         // Each row on its own: a damaged one is reported, the others served.
-        let opened = keys(&app.keyring, |k| Case::open_each(sealed, k))?;
+        let opened = Case::open_each_async(sealed, &app.keyring).await?;
         let mut page = Page {
             cases: Vec::with_capacity(ids.len()),
             errors: Vec::new(),
@@ -173,9 +172,9 @@ impl CaseStore for Sealed {
             if revision != patch.revision {
                 return Err(ApiError::conflict(&id, patch.revision, Some(revision)));
             }
-            let old = keys(&app.keyring, |k| Case::open(row, k))?;
+            let old = open_one(&app.keyring, row).await?;
             let new = patch.apply(&old)?;
-            let sealed = keys(&app.keyring, |k| new.seal(k))?;
+            let sealed = new.seal_async(&app.keyring).await?;
             // Guarded: only while the row is still the one read (its
             // revision, owner and encrypted flag).
             let target = || {
@@ -225,12 +224,9 @@ impl CaseStore for Sealed {
     ) -> Result<Vec<String>, ApiError> {
         let dob = query.dob()?;
         let last = query.patient_last;
-        let (last_index, dob_index) = keys(&app.keyring, |k| {
-            Ok((
-                Case::patient_last_blind_index(k, &provider, &last)?,
-                Case::patient_dob_blind_index(k, &provider, &dob)?,
-            ))
-        })?;
+        let last_index =
+            Case::patient_last_blind_index_async(&app.keyring, &provider, &last).await?;
+        let dob_index = Case::patient_dob_blind_index_async(&app.keyring, &provider, &dob).await?;
         if last_index.is_empty() || dob_index.is_empty() {
             return Ok(Vec::new());
         }
@@ -247,7 +243,7 @@ impl CaseStore for Sealed {
         });
         // A 16-byte index could in principle collide: confirm on the values.
         let wanted = normalize_last(&last);
-        let cases = keys(&app.keyring, |k| Case::open_all(rows, k))?;
+        let cases = Case::open_all_async(rows, &app.keyring).await?;
         Ok(cases
             .into_iter()
             .filter(|c| normalize_last(&c.patient_last) == wanted && c.patient_dob == dob)

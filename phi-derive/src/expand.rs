@@ -953,9 +953,24 @@ mod tests {
         }
     }
 
+    /// The expansion's snapshot; with the `async` feature (on in
+    /// `--all-features` builds) the expansion also holds the async methods,
+    /// recorded in a snapshot of its own (`@async`).
+    macro_rules! assert_expansion {
+        ($expansion:expr) => {
+            if cfg!(feature = "async") {
+                insta::with_settings!({ snapshot_suffix => "async" }, {
+                    insta::assert_snapshot!($expansion)
+                })
+            } else {
+                insta::assert_snapshot!($expansion)
+            }
+        };
+    }
+
     #[test]
     fn clinical_case_with_flag_row_key_and_blind_index() {
-        insta::assert_snapshot!(pretty(syn::parse_quote! {
+        assert_expansion!(pretty(syn::parse_quote! {
             #[phi(table = cases, debug)]
             #[diesel(primary_key(case_id))]
             pub struct Case {
@@ -978,7 +993,7 @@ mod tests {
 
     #[test]
     fn minimal_model_always_sealed() {
-        insta::assert_snapshot!(pretty(syn::parse_quote! {
+        assert_expansion!(pretty(syn::parse_quote! {
             #[phi(table = schema::notes, crate = ::phi)]
             struct Note {
                 id: i64,
