@@ -172,9 +172,22 @@ pub struct Options {
     /// `GET /key-status` measures coverage against and `POST /generate-key`
     /// uses when a request gives no owner and no query of its own.
     pub owners_query: Option<String>,
+    /// Whether `POST /generate-key` accepts an `owners_query` of the
+    /// request's own (default `false`). It runs read-only, but it reads any
+    /// table the key store's login can read, and a dry run answers with up
+    /// to 100 of its first column's values: allow it only when every actor
+    /// the guard admits may read the whole database.
+    pub allow_request_owners_query: bool,
 }
 
 impl Options {
+    /// Sets [`Options::allow_request_owners_query`].
+    #[must_use]
+    pub fn allow_request_owners_query(mut self, allow: bool) -> Self {
+        self.allow_request_owners_query = allow;
+        self
+    }
+
     /// Sets [`Options::owners_query`].
     #[must_use]
     pub fn owners_query(mut self, sql: impl Into<String>) -> Self {
@@ -535,6 +548,10 @@ async fn generate_key(
         (Some(owner), None) if owner.is_empty() => {
             Err(Failure::bad_request("invalid owner: it is empty"))
         }
+        (None, Some(_)) if !state.options.allow_request_owners_query => Err(Failure::bad_request(
+            "owners_query in a request is not allowed here (Options::allow_request_owners_query); \
+                 give owner, or neither to use the configured owners query",
+        )),
         (None, None) if state.options.owners_query.is_none() => Err(Failure::bad_request(
             "give owner or owners_query (no default owners query is configured)",
         )),

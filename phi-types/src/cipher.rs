@@ -19,14 +19,15 @@
 //! on drop: they implement neither `Drop` nor `Zeroize`, and ring has no
 //! way to reach into them (ring keeps the AES round keys and the GHASH
 //! table inline in the key value). phi therefore keeps each ring key in a
-//! box of its own, so the key schedule lives at one address for its whole
-//! life and is never copied by a move, and on drop overwrites that box
+//! box of its own, so once boxed the key schedule lives at one address for
+//! the rest of its life and is not copied by a move, and on drop overwrites that box
 //! with the schedule of an all-zero key before freeing it: the secret
 //! schedule is replaced in place by a public one. The 32 key bytes
 //! themselves are held by [`KeyBytes`], zeroized on drop, under both
-//! backends. What phi cannot reach: any copy ring's key setup leaves in its
-//! own stack frames while expanding the key (a few hundred bytes, overwritten
-//! by later calls).
+//! backends. What phi cannot reach: the copies the key setup leaves on the
+//! stack while expanding the key, in ring's frames and in phi's own while
+//! the schedule is built before it is moved into its box (a few hundred
+//! bytes, overwritten by later calls).
 
 use crate::dek::KeyBytes;
 use crate::envelope::{NONCE_LEN, TAG_LEN};

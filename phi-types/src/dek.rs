@@ -53,9 +53,9 @@ impl fmt::Debug for KeyBytes {
 /// aes-gcm's `zeroize` feature; with ring (see
 /// [`envelope::BACKEND`](crate::envelope::BACKEND)), whose key types do not
 /// wipe themselves, phi keeps the schedule in a box of its own and on drop
-/// overwrites it in place with the schedule of an all-zero key. Copies
-/// ring's key expansion may leave in its own stack frames are out of phi's
-/// reach.
+/// overwrites it in place with the schedule of an all-zero key. Copies the
+/// key expansion leaves on the stack (in ring's frames, and in phi's before
+/// the schedule is boxed) are out of phi's reach.
 pub struct Dek {
     version: u32,
     key: KeyBytes,

@@ -242,7 +242,12 @@ fn key_status_reports_one_owner_coverage_keys_by_kek_and_cache_stats() {
 #[test]
 fn generate_key_for_one_owner_and_from_a_query_with_dry_run() {
     let table = "phi_it_adm_gen";
-    let a = Admin::new("gen");
+    // Refused unless the application allows a request's own query.
+    let strict = Admin::new("gen-strict");
+    let (status, body) = strict.post("/generate-key", json!({ "owners_query": "SELECT 'x'", "dry_run": true }));
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().expect("error").contains("allow_request_owners_query"), "{body}");
+    let a = Admin::with_options("gen", Options::default().allow_request_owners_query(true));
     let one = format!("{}-one", a.tag);
     let q1 = format!("{}-q1", a.tag);
     let q2 = format!("{}-q2", a.tag);

@@ -651,7 +651,7 @@ impl Keyring {
     }
 
     /// Refuses sealing past the feed's maximum staleness.
-    fn check_feed(&self, owner: &str) -> Result<()> {
+    pub(crate) fn check_feed(&self, owner: &str) -> Result<()> {
         match &self.inner.follower {
             Some(follower) => follower.check_fresh(owner),
             None => Ok(()),

@@ -34,6 +34,7 @@ impl Keyring {
     /// # Errors
     /// As [`keys_for_seal`](Self::keys_for_seal).
     pub async fn keys_for_seal_async(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
+        self.check_feed(owner)?;
         self.resolve_one_async(owner, Purpose::Seal).await
     }
 
@@ -80,6 +81,10 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
+        let owners: Vec<&str> = owners.into_iter().collect();
+        if let Some(first) = owners.first() {
+            self.check_feed(first)?;
+        }
         self.resolve_many_async(owners, Purpose::Seal).await
     }
 

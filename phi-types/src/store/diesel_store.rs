@@ -215,7 +215,9 @@ fn owners_sql(query: &str, text: &str) -> Result<String> {
         ));
     }
     Ok(format!(
-        "WITH phi_owners (owner_id) AS ({query}) \
+        // The query on lines of its own: a trailing `--` comment ends at its
+        // line and cannot swallow the wrapper.
+        "WITH phi_owners (owner_id) AS (\n{query}\n) \
          SELECT DISTINCT CAST(owner_id AS {text}) AS owner_id FROM phi_owners \
          WHERE owner_id IS NOT NULL ORDER BY 1"
     ))
