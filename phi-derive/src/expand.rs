@@ -788,6 +788,7 @@ fn lookups(m: &Model) -> TokenStream {
             ///
             /// # Errors
             /// Key resolution errors.
+            #[allow(dead_code)] // One per blind index, used or not (async code uses the async form).
             #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
                 ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens))
             }
