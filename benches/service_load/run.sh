@@ -82,11 +82,10 @@ fresh_database() { # BACKEND NAME → prints the URL
       echo "sqlite://$OUT/$2.db"
       ;;
     postgres)
-      # A database of its own; its service tables (this script's) emptied.
-      psql -q "$PG_ADMIN_URL" -tAc "SELECT 1 FROM pg_database WHERE datname = '$2'" | grep -q 1 \
-        || psql -q "$PG_ADMIN_URL" -c "CREATE DATABASE $2" >/dev/null
-      psql -q "$PG_BASE/$2" -c 'DROP TABLE IF EXISTS service_cases, service_cases_plain' >/dev/null 2>&1
-      psql -q "$PG_BASE/$2" -c "DELETE FROM __diesel_schema_migrations WHERE version = '20261127910001'" >/dev/null 2>&1 || true
+      # A database of the script's own, made anew each run: its key tables
+      # hold the check value of the run's master key, which is new each run.
+      psql -q "$PG_ADMIN_URL" -c "DROP DATABASE IF EXISTS $2 WITH (FORCE)" >/dev/null
+      psql -q "$PG_ADMIN_URL" -c "CREATE DATABASE $2" >/dev/null
       echo "$PG_BASE/$2"
       ;;
   esac
