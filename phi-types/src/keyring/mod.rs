@@ -55,7 +55,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
 
 use self::audit::AuditWriter;
-use self::cache::{Cache, LeadGuard, Lookup};
+use self::cache::{Cache, Flight, LeadGuard, Lookup};
 use self::misses::Misses;
 use crate::dek::{Dek, KeyBytes};
 use crate::envelope::{self, Binding};
@@ -965,69 +965,12 @@ impl Keyring {
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
-        let now = self.inner.clock.now();
-        let mut results: Vec<(String, Result<Arc<OwnerKeys>>)> = Vec::new();
-        let mut lead = LeadGuard {
-            cache: &self.inner.cache,
-            flights: HashMap::new(),
-        };
-        let mut waits = Vec::new();
-        // One hash per input owner to find the distinct ones (a load passes
-        // every row's owner); the cache is asked once per distinct owner.
-        let mut seen = HashSet::new();
-        let mut hits = 0;
-        for owner in owners {
-            if !seen.insert(owner) {
-                continue;
-            }
-            if let Err(error) = check_owner(owner) {
-                results.push((owner.to_owned(), Err(error)));
-                continue;
-            }
-            match self.inner.cache.lookup(owner, now, usable(purpose)) {
-                Lookup::Hit(keys) => {
-                    hits += 1;
-                    results.push((owner.to_owned(), Ok(keys)));
-                }
-                Lookup::Lead(flight) => {
-                    lead.flights.insert(owner.to_owned(), flight);
-                }
-                Lookup::Wait(flight) => waits.push((owner, flight)),
-            }
+        let mut batch = self.look_up(owners, purpose);
+        if let Some(owners) = batch.leading() {
+            let filled = self.fill(&owners, purpose);
+            batch.settle(owners, filled);
         }
-        crate::metrics::cache_lookups(hits, lead.flights.len() + waits.len());
-        let filled = !lead.flights.is_empty();
-        if filled {
-            let owners: Vec<String> = lead.flights.keys().cloned().collect();
-            match self.fill(&owners, purpose) {
-                Ok(filled) => {
-                    for (owner, result) in filled {
-                        lead.complete(
-                            &owner,
-                            result.as_ref().map(Arc::clone).map_err(ToString::to_string),
-                        );
-                        results.push((owner, result));
-                    }
-                }
-                Err(error) => {
-                    // The first owner gets the error itself, the others its text.
-                    let reason = crate::error::chain_text(&error);
-                    let mut original = Some(error);
-                    for owner in &owners {
-                        lead.complete(owner, Err(reason.clone()));
-                        let error = original.take().unwrap_or_else(|| Error::KeyUnavailable {
-                            owner: owner.clone(),
-                            reason: reason.clone(),
-                        });
-                        results.push((owner.clone(), Err(error)));
-                    }
-                }
-            }
-        }
-        drop(lead);
-        if filled {
-            crate::metrics::cache_owners(self.inner.cache.len());
-        }
+        let (mut results, waits) = batch.finish();
         for (owner, flight) in waits {
             let result = match flight.wait() {
                 Ok(keys) if usable(purpose)(&keys) => Ok(keys),
@@ -1041,6 +984,50 @@ impl Keyring {
             results.push((owner.to_owned(), result));
         }
         results
+    }
+
+    /// The first step of every resolution, sync or async: each distinct
+    /// owner is checked and looked up in the cache once (a load passes every
+    /// row's owner), into a hit, a flight this caller leads, or a flight
+    /// another caller leads.
+    fn look_up<'o>(
+        &self,
+        owners: impl IntoIterator<Item = &'o str>,
+        purpose: Purpose,
+    ) -> Batch<'_, 'o> {
+        let now = self.inner.clock.now();
+        let mut batch = Batch {
+            results: Vec::new(),
+            lead: LeadGuard {
+                cache: &self.inner.cache,
+                flights: HashMap::new(),
+            },
+            waits: Vec::new(),
+            led: false,
+        };
+        let mut seen = HashSet::new();
+        let mut hits = 0;
+        for owner in owners {
+            if !seen.insert(owner) {
+                continue;
+            }
+            if let Err(error) = check_owner(owner) {
+                batch.results.push((owner.to_owned(), Err(error)));
+                continue;
+            }
+            match self.inner.cache.lookup(owner, now, usable(purpose)) {
+                Lookup::Hit(keys) => {
+                    hits += 1;
+                    batch.results.push((owner.to_owned(), Ok(keys)));
+                }
+                Lookup::Lead(flight) => {
+                    batch.lead.flights.insert(owner.to_owned(), flight);
+                }
+                Lookup::Wait(flight) => batch.waits.push((owner, flight)),
+            }
+        }
+        crate::metrics::cache_lookups(hits, batch.lead.flights.len() + batch.waits.len());
+        batch
     }
 
     /// Resolves the given cache misses: one key-store query, then unwraps,
@@ -1347,5 +1334,81 @@ impl fmt::Debug for Keyring {
             .field("keks", &self.inner.keks.keys().collect::<Vec<_>>())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
+    }
+}
+
+/// One resolution in progress ([`Keyring::look_up`]): the owners already
+/// answered, the flights this caller leads (completed with an error if it
+/// is dropped or cancelled before [`settle`](Batch::settle)), and the
+/// flights other callers lead.
+struct Batch<'k, 'o> {
+    results: Vec<(String, Result<Arc<OwnerKeys>>)>,
+    lead: LeadGuard<'k>,
+    waits: Vec<(&'o str, Arc<Flight>)>,
+    led: bool,
+}
+
+impl<'o> Batch<'_, 'o> {
+    /// The owners this caller must fill, if it leads any.
+    fn leading(&mut self) -> Option<Vec<String>> {
+        self.led = !self.lead.flights.is_empty();
+        self.led
+            .then(|| self.lead.flights.keys().cloned().collect())
+    }
+
+    /// Completes the led flights with the fill of `owners`: each owner's
+    /// result, or the fill's error (the first owner gets the error itself,
+    /// the others and the waiters its text, causes included).
+    fn settle(
+        &mut self,
+        owners: Vec<String>,
+        filled: Result<Vec<(String, Result<Arc<OwnerKeys>>)>>,
+    ) {
+        match filled {
+            Ok(filled) => {
+                for (owner, result) in filled {
+                    self.lead.complete(
+                        &owner,
+                        result.as_ref().map(Arc::clone).map_err(ToString::to_string),
+                    );
+                    self.results.push((owner, result));
+                }
+            }
+            Err(error) => {
+                let reason = crate::error::chain_text(&error);
+                let mut original = Some(error);
+                for owner in owners {
+                    self.lead.complete(&owner, Err(reason.clone()));
+                    let error = original.take().unwrap_or_else(|| Error::KeyUnavailable {
+                        owner: owner.clone(),
+                        reason: reason.clone(),
+                    });
+                    self.results.push((owner, Err(error)));
+                }
+            }
+        }
+    }
+
+    /// Ends the lead (any flight not settled is completed with an error),
+    /// and returns the results so far and the flights still to wait for.
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        self,
+    ) -> (
+        Vec<(String, Result<Arc<OwnerKeys>>)>,
+        Vec<(&'o str, Arc<Flight>)>,
+    ) {
+        let Batch {
+            results,
+            lead,
+            waits,
+            led,
+        } = self;
+        let cache = lead.cache;
+        drop(lead);
+        if led {
+            crate::metrics::cache_owners(cache.len());
+        }
+        (results, waits)
     }
 }

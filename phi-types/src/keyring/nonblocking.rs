@@ -17,12 +17,11 @@
 //! flights with an error, so waiters never hang: they get
 //! [`Error::KeyUnavailable`] and may retry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::cache::{LeadGuard, Lookup};
-use super::{Keyring, OwnerKeys, Purpose, check_owner, live_sorted, usable};
+use super::{Keyring, OwnerKeys, Purpose, live_sorted, usable};
 use crate::dek::KeyBytes;
 use crate::error::{Error, Result};
 use crate::store::{AuditAction, AuditEvent, StoredKey};
@@ -169,66 +168,12 @@ impl Keyring {
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
-        let now = self.inner.clock.now();
-        let mut results: Vec<(String, Result<Arc<OwnerKeys>>)> = Vec::new();
-        let mut lead = LeadGuard {
-            cache: &self.inner.cache,
-            flights: HashMap::new(),
-        };
-        let mut waits = Vec::new();
-        let mut seen = HashSet::new();
-        let mut hits = 0;
-        for owner in owners {
-            if !seen.insert(owner) {
-                continue;
-            }
-            if let Err(error) = check_owner(owner) {
-                results.push((owner.to_owned(), Err(error)));
-                continue;
-            }
-            match self.inner.cache.lookup(owner, now, usable(purpose)) {
-                Lookup::Hit(keys) => {
-                    hits += 1;
-                    results.push((owner.to_owned(), Ok(keys)));
-                }
-                Lookup::Lead(flight) => {
-                    lead.flights.insert(owner.to_owned(), flight);
-                }
-                Lookup::Wait(flight) => waits.push((owner, flight)),
-            }
+        let mut batch = self.look_up(owners, purpose);
+        if let Some(owners) = batch.leading() {
+            let filled = self.fill_async(&owners, purpose).await;
+            batch.settle(owners, filled);
         }
-        crate::metrics::cache_lookups(hits, lead.flights.len() + waits.len());
-        let filled = !lead.flights.is_empty();
-        if filled {
-            let owners: Vec<String> = lead.flights.keys().cloned().collect();
-            match self.fill_async(&owners, purpose).await {
-                Ok(filled) => {
-                    for (owner, result) in filled {
-                        lead.complete(
-                            &owner,
-                            result.as_ref().map(Arc::clone).map_err(ToString::to_string),
-                        );
-                        results.push((owner, result));
-                    }
-                }
-                Err(error) => {
-                    let reason = error.to_string();
-                    let mut original = Some(error);
-                    for owner in &owners {
-                        lead.complete(owner, Err(reason.clone()));
-                        let error = original.take().unwrap_or_else(|| Error::KeyUnavailable {
-                            owner: owner.clone(),
-                            reason: reason.clone(),
-                        });
-                        results.push((owner.clone(), Err(error)));
-                    }
-                }
-            }
-        }
-        drop(lead);
-        if filled {
-            crate::metrics::cache_owners(self.inner.cache.len());
-        }
+        let (mut results, waits) = batch.finish();
         for (owner, flight) in waits {
             let result = match flight.wait_async().await {
                 Ok(keys) if usable(purpose)(&keys) => Ok(keys),
