@@ -93,8 +93,9 @@ impl PlainCase {
     }
 }
 
-/// A case in a response.
-#[derive(Debug, Serialize)]
+/// A case in a response. Its `Debug` shows the case's identity and status,
+/// never the patient's fields.
+#[derive(Serialize)]
 pub(crate) struct CaseOut {
     pub(crate) case_id: String,
     pub(crate) provider_id: String,
@@ -106,6 +107,18 @@ pub(crate) struct CaseOut {
     pub(crate) surgery_date: String,
     pub(crate) status: String,
     pub(crate) revision: i64,
+}
+
+impl std::fmt::Debug for CaseOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaseOut")
+            .field("case_id", &self.case_id)
+            .field("provider_id", &self.provider_id)
+            .field("procedure_code", &self.procedure_code)
+            .field("status", &self.status)
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CaseOut {

@@ -688,6 +688,20 @@ fn coverage_of_an_owners_query_and_the_audit_trail() {
     let err = store.owners_from_query("SELECT 1; DELETE FROM phi_it_life").expect_err("one statement");
     assert!(err.to_string().contains("single SELECT"), "{err}");
     assert!(store.owners_from_query("SELECT no_such_column FROM phi_it_life").is_err());
+    // A query that would close the wrapper early behind an unterminated block
+    // comment (MariaDB accepts one) and write a file on the database host.
+    let outfile = std::env::temp_dir().join(format!("phi-owners-{}.txt", std::process::id()));
+    let escape = format!(
+        "SELECT 'a') SELECT 'b' FROM phi_owners INTO OUTFILE '{}' /*",
+        outfile.display()
+    );
+    let err = store.owners_from_query(&escape).expect_err("a block comment is refused");
+    assert!(err.to_string().contains("block comment"), "{err}");
+    let err = store
+        .owners_from_query(&format!("SELECT 'b' INTO OUTFILE '{}'", outfile.display()))
+        .expect_err("INTO is refused");
+    assert!(err.to_string().contains("INTO"), "{err}");
+    assert!(!outfile.exists(), "no file was written");
     // A failing query on an application table names table, column and owner.
     let missing = [ResealTable::new("phi_it_no_such_table", "owner_id").column("x")];
     let err = lifecycle::usage(&mut conn, &with_key, &missing).expect_err("no such table");
@@ -1069,7 +1083,10 @@ fn an_owners_query_that_writes_is_refused_and_changes_nothing() {
         let err = store.owners_from_query(query).expect_err("a writing owners query is refused");
         let text = format!("{err} {:?}", std::error::Error::source(&err));
         assert!(text.contains("owners query"), "{text}");
-        if BLOB == "BYTEA" {
+        if query.starts_with("INSERT") {
+            // Refused before it reaches the database: an owners query has no INTO.
+            assert!(text.contains("must not contain INTO"), "{text}");
+        } else if BLOB == "BYTEA" {
             assert!(text.contains("read-only transaction"), "PostgreSQL refuses it as a write: {text}");
         }
         if mysql && i == writes.len() - 1 {

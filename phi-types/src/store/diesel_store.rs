@@ -214,6 +214,25 @@ fn owners_sql(query: &str, text: &str) -> Result<String> {
             "the owners query must be a single SELECT statement".into(),
         ));
     }
+    // A block comment left open would swallow the wrapper below, and MySQL /
+    // MariaDB accept an unterminated one: the query could then close the
+    // `WITH` early and end in `INTO OUTFILE`, a file written on the database
+    // host that no read-only transaction prevents. `INTO` has no place in an
+    // owners query on any backend, so it is refused outright, whatever
+    // follows it (`OUTFILE`, `DUMPFILE`, a variable, a table).
+    if query.contains("/*") {
+        return Err(Error::Config(
+            "the owners query must not contain a block comment (`/*`)".into(),
+        ));
+    }
+    if query
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|word| word.eq_ignore_ascii_case("into"))
+    {
+        return Err(Error::Config(
+            "the owners query must not contain INTO: it only selects owner ids".into(),
+        ));
+    }
     Ok(format!(
         // The query on lines of its own: a trailing `--` comment ends at its
         // line and cannot swallow the wrapper.
