@@ -61,7 +61,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -164,7 +165,7 @@ impl<G: Guard> Guard for Arc<G> {
 }
 
 /// Options of the admin router; [`router`] uses the defaults.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Options {
     /// The application's owners query (first column an owner id, e.g.
@@ -178,9 +179,44 @@ pub struct Options {
     /// to 100 of its first column's values: allow it only when every actor
     /// the guard admits may read the whole database.
     pub allow_request_owners_query: bool,
+    /// At most this many refused requests are written to the audit trail
+    /// per [`denied_audit_window`](Self::denied_audit_window) (default
+    /// [`DEFAULT_DENIED_AUDIT_LIMIT`]), so a client hammering the API with
+    /// bad credentials cannot fill the audit table. Every refusal is still
+    /// logged; the ones over the limit are counted in
+    /// [`DENIED_UNAUDITED_TOTAL`], and the first record written after them
+    /// says how many were left out.
+    pub denied_audit_limit: u32,
+    /// The window of [`denied_audit_limit`](Self::denied_audit_limit)
+    /// (default one minute).
+    pub denied_audit_window: Duration,
+}
+
+/// [`Options::denied_audit_limit`]'s default: refused requests audited per
+/// window.
+pub const DEFAULT_DENIED_AUDIT_LIMIT: u32 = 60;
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            owners_query: None,
+            allow_request_owners_query: false,
+            denied_audit_limit: DEFAULT_DENIED_AUDIT_LIMIT,
+            denied_audit_window: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Options {
+    /// Sets [`Options::denied_audit_limit`] and
+    /// [`Options::denied_audit_window`].
+    #[must_use]
+    pub fn denied_audit_limit(mut self, limit: u32, window: Duration) -> Self {
+        self.denied_audit_limit = limit;
+        self.denied_audit_window = window;
+        self
+    }
+
     /// Sets [`Options::allow_request_owners_query`].
     #[must_use]
     pub fn allow_request_owners_query(mut self, allow: bool) -> Self {
@@ -200,6 +236,54 @@ impl Options {
 struct AdminState {
     keyring: Keyring,
     options: Arc<Options>,
+    denied: Arc<DeniedLimit>,
+}
+
+/// How many refused requests the current window has audited, and how many
+/// it has left out since the last one written.
+#[derive(Debug)]
+struct DeniedLimit {
+    limit: u32,
+    window: Duration,
+    state: Mutex<DeniedWindow>,
+}
+
+#[derive(Debug)]
+struct DeniedWindow {
+    started: Instant,
+    audited: u32,
+    left_out: u64,
+}
+
+impl DeniedLimit {
+    fn new(limit: u32, window: Duration, now: Instant) -> Self {
+        DeniedLimit {
+            limit,
+            window,
+            state: Mutex::new(DeniedWindow {
+                started: now,
+                audited: 0,
+                left_out: 0,
+            }),
+        }
+    }
+
+    /// Whether a refusal at `now` is audited: `Some(n)` with the number of
+    /// refusals left out before it, or `None` when it is over the limit.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut w = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.saturating_duration_since(w.started) >= self.window {
+            w.started = now;
+            w.audited = 0;
+        }
+        if w.audited < self.limit {
+            w.audited += 1;
+            Some(std::mem::take(&mut w.left_out))
+        } else {
+            w.left_out += 1;
+            None
+        }
+    }
 }
 
 /// The admin API's routes over `keyring`, each request admitted by `guard`
@@ -210,9 +294,15 @@ pub fn router<G: Guard>(keyring: Keyring, guard: G) -> Router {
 
 /// [`router`] with [`Options`].
 pub fn router_with<G: Guard>(keyring: Keyring, guard: G, options: Options) -> Router {
+    let denied = DeniedLimit::new(
+        options.denied_audit_limit,
+        options.denied_audit_window,
+        Instant::now(),
+    );
     let state = AdminState {
         keyring,
         options: Arc::new(options),
+        denied: Arc::new(denied),
     };
     let guarded = (Arc::new(guard), state.clone());
     Router::new()
@@ -242,12 +332,22 @@ async fn admit<G: Guard>(
         }
         Err(rejection) => {
             let actor = rejection.actor.clone().unwrap_or_else(|| "unknown".into());
-            let detail = format!(
+            tracing::warn!(actor = %actor, route = %route, status = rejection.status.as_u16(), "admin request refused");
+            let Some(left_out) = state.denied.admit(Instant::now()) else {
+                ::metrics::counter!(DENIED_UNAUDITED_TOTAL).increment(1);
+                return error_body(rejection.status, &rejection.reason);
+            };
+            let mut detail = format!(
                 "{route} refused ({}): {}",
                 rejection.status.as_u16(),
                 rejection.reason
             );
-            tracing::warn!(actor = %actor, route = %route, status = rejection.status.as_u16(), "admin request refused");
+            if left_out > 0 {
+                detail.push_str(&format!(
+                    "; {left_out} earlier refusals not audited (over {} per {:?})",
+                    state.denied.limit, state.denied.window
+                ));
+            }
             let event = audit_event(&actor, ALL_OWNERS, AuditAction::Denied, detail);
             let keyring = state.keyring.clone();
             let audited = blocking(move || keyring.store().append_audit(&[event])).await;
@@ -258,6 +358,10 @@ async fn admit<G: Guard>(
         }
     }
 }
+
+/// Counter: refused admin requests not written to the audit trail because
+/// the window's [`Options::denied_audit_limit`] was reached.
+pub const DENIED_UNAUDITED_TOTAL: &str = "phi_admin_denied_unaudited_total";
 
 fn audit_event(actor: &str, owner: &str, action: AuditAction, detail: String) -> AuditEvent {
     AuditEvent {
@@ -897,4 +1001,31 @@ async fn rollout(
         }
     };
     finish(&state, &actor, ROUTE, None, outcome).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_over_the_limit_are_left_out_and_counted_in_the_next_record() {
+        let start = Instant::now();
+        let limit = DeniedLimit::new(2, Duration::from_secs(60), start);
+        assert_eq!(limit.admit(start), Some(0));
+        assert_eq!(limit.admit(start + Duration::from_secs(1)), Some(0));
+        assert_eq!(limit.admit(start + Duration::from_secs(2)), None);
+        assert_eq!(limit.admit(start + Duration::from_secs(59)), None);
+        // A new window: audited again, with the two left out reported.
+        assert_eq!(limit.admit(start + Duration::from_secs(60)), Some(2));
+        assert_eq!(limit.admit(start + Duration::from_secs(61)), Some(0));
+        assert_eq!(limit.admit(start + Duration::from_secs(62)), None);
+    }
+
+    #[test]
+    fn a_zero_limit_audits_no_refusal() {
+        let start = Instant::now();
+        let limit = DeniedLimit::new(0, Duration::from_secs(60), start);
+        assert_eq!(limit.admit(start), None);
+        assert_eq!(limit.admit(start + Duration::from_secs(120)), None);
+    }
 }

@@ -482,6 +482,21 @@ fn refused_requests_get_401_or_403_change_nothing_and_are_audited() {
 }
 
 #[test]
+fn refused_requests_over_the_audit_limit_are_answered_but_not_audited() {
+    // Three refusals audited per hour: a test run is well inside one window.
+    let options = Options::default().denied_audit_limit(3, std::time::Duration::from_secs(3600));
+    let a = Admin::with_options("denied-limit", options);
+    for _ in 0..5 {
+        let (status, answer) = call(&a.app, "GET", "/key-status", &a.tag, Some("forged"), None);
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    }
+    assert_eq!(a.denied_records().len(), 3, "only the window's first three are audited");
+    // An admitted request is not limited.
+    let (status, body) = a.get("/key-status");
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[test]
 fn clear_cache_clears_here_and_in_every_keyring_following_the_feed() {
     let a = Admin::new("clear");
     let owner = format!("{}-o", a.tag);
