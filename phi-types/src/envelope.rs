@@ -46,8 +46,8 @@
 //!   than 2³⁰ values between rotations, no owner's version can come near
 //!   the budget.
 
-pub use crate::cipher::{BACKEND, NONCE_LEN, TAG_LEN};
 use crate::cipher::Cipher;
+pub use crate::cipher::{BACKEND, NONCE_LEN, TAG_LEN};
 use crate::dek::Dek;
 pub use crate::error::EnvelopeError;
 

@@ -549,9 +549,9 @@ impl Error {
     #[cfg(feature = "aws-kms")]
     pub fn kms_error_kind(&self) -> Option<AwsKmsErrorKind> {
         match self {
-            Error::Kek { source, .. } | Error::KekCheck { source, .. } => source
-                .downcast_ref::<AwsKmsError>()
-                .map(AwsKmsError::kind),
+            Error::Kek { source, .. } | Error::KekCheck { source, .. } => {
+                source.downcast_ref::<AwsKmsError>().map(AwsKmsError::kind)
+            }
             _ => None,
         }
     }
