@@ -23,14 +23,11 @@
 //! the rest of its life and is not copied by a move, and on drop overwrites that box
 //! with the schedule of an all-zero key before freeing it: the secret
 //! schedule is replaced in place by a public one. The 32 key bytes
-//! themselves are held by [`KeyBytes`], zeroized on drop, under both
+//! themselves are held by [`KeyBytes`](crate::dek::KeyBytes), zeroized on drop, under both
 //! backends. What phi cannot reach: the copies the key setup leaves on the
 //! stack while expanding the key, in ring's frames and in phi's own while
 //! the schedule is built before it is moved into its box (a few hundred
 //! bytes, overwritten by later calls).
-
-use crate::dek::KeyBytes;
-use crate::envelope::{NONCE_LEN, TAG_LEN};
 
 /// Name of the AES-256-GCM backend of this build: `"ring"` or `"aes-gcm"`.
 #[cfg(feature = "ring")]
@@ -38,6 +35,11 @@ pub const BACKEND: &str = "ring";
 /// Name of the AES-256-GCM backend of this build: `"ring"` or `"aes-gcm"`.
 #[cfg(not(feature = "ring"))]
 pub const BACKEND: &str = "aes-gcm";
+
+/// Length of the nonce.
+pub const NONCE_LEN: usize = 12;
+/// Length of the GCM tag.
+pub const TAG_LEN: usize = 16;
 
 /// The AEAD failed: a value too large to seal, or a tag that does not
 /// authenticate. No detail, on purpose.
@@ -54,18 +56,18 @@ pub(crate) struct Cipher {
 
 impl Cipher {
     /// Expands `key`.
-    pub(crate) fn new(key: &KeyBytes) -> Self {
+    pub(crate) fn new(key: &[u8; 32]) -> Self {
         #[cfg(feature = "ring")]
         {
             Cipher {
-                key: Box::new(ring_key(key.expose())),
+                key: Box::new(ring_key(key)),
             }
         }
         #[cfg(not(feature = "ring"))]
         {
             use aes_gcm::KeyInit as _;
             Cipher {
-                key: aes_gcm::Aes256Gcm::new(key.expose().into()),
+                key: aes_gcm::Aes256Gcm::new(key.into()),
             }
         }
     }
@@ -165,7 +167,7 @@ mod tests {
     /// nonce, one zero block.
     #[test]
     fn known_answer() {
-        let cipher = Cipher::new(&KeyBytes::new([0; 32]));
+        let cipher = Cipher::new(&[0; 32]);
         let mut block = [0u8; 16];
         let tag = cipher
             .seal_in_place([0; NONCE_LEN], &[], &mut block)
@@ -208,7 +210,7 @@ mod tests {
                 value in vec(any::<u8>(), 0..2_000),
                 flip in 0..2_016usize,
             ) {
-                let ring = Cipher::new(&KeyBytes::new(key));
+                let ring = Cipher::new(&key);
                 let rust_crypto = Aes256Gcm::new((&key).into());
 
                 // ring seals, aes-gcm opens.

@@ -65,7 +65,7 @@ pub struct Dek {
 impl Dek {
     /// Builds a data key of `version` from its bytes.
     pub fn new(version: u32, key: KeyBytes) -> Self {
-        let cipher = Cipher::new(&key);
+        let cipher = Cipher::new(key.expose());
         Dek {
             version,
             key,

@@ -46,9 +46,10 @@
 //!   than 2³⁰ values between rotations, no owner's version can come near
 //!   the budget.
 
-pub use crate::cipher::BACKEND;
 use crate::cipher::Cipher;
+pub use crate::cipher::{BACKEND, NONCE_LEN, TAG_LEN};
 use crate::dek::Dek;
+pub use crate::error::EnvelopeError;
 
 /// First byte of every envelope.
 pub const MAGIC: u8 = 0xF1;
@@ -56,40 +57,12 @@ pub const MAGIC: u8 = 0xF1;
 pub const VERSION_V1: u8 = 0x01;
 /// Length of the fixed header (magic, version, key version).
 pub const HEADER_LEN: usize = 6;
-/// Length of the nonce.
-pub const NONCE_LEN: usize = 12;
 /// Offset of the ciphertext.
 pub const CIPHERTEXT_OFFSET: usize = HEADER_LEN + NONCE_LEN;
-/// Length of the GCM tag.
-pub const TAG_LEN: usize = 16;
 /// Bytes an envelope adds to its plaintext.
 pub const OVERHEAD: usize = CIPHERTEXT_OFFSET + TAG_LEN;
 /// Largest owner id, scope or row key the associated data can carry.
 pub const MAX_CONTEXT_LEN: usize = u16::MAX as usize;
-
-/// Why stored bytes are not an envelope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum EnvelopeError {
-    /// Zero bytes.
-    #[error("empty value (0 bytes)")]
-    Empty,
-    /// The first byte is not 0xF1: the column holds something else (plaintext,
-    /// another format).
-    #[error("not an envelope: first byte is 0x{0:02X}, expected 0xF1")]
-    BadMagic(u8),
-    /// Shorter than the header, nonce and tag of its format.
-    #[error("truncated envelope: {len} bytes, at least {min} needed")]
-    Truncated {
-        /// Length found.
-        len: usize,
-        /// Minimum length of the format.
-        min: usize,
-    },
-    /// A format version this build cannot read.
-    #[error("unsupported envelope format version 0x{0:02X} (this build reads 0x01)")]
-    UnsupportedVersion(u8),
-}
 
 /// The parsed fixed header of an envelope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,6 +11,149 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A boxed error from an underlying system (database, KMS, file system).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// Why stored bytes are not an envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Zero bytes.
+    #[error("empty value (0 bytes)")]
+    Empty,
+    /// The first byte is not 0xF1: the column holds something else (plaintext,
+    /// another format).
+    #[error("not an envelope: first byte is 0x{0:02X}, expected 0xF1")]
+    BadMagic(u8),
+    /// Shorter than the header, nonce and tag of its format.
+    #[error("truncated envelope: {len} bytes, at least {min} needed")]
+    Truncated {
+        /// Length found.
+        len: usize,
+        /// Minimum length of the format.
+        min: usize,
+    },
+    /// A format version this build cannot read.
+    #[error("unsupported envelope format version 0x{0:02X} (this build reads 0x01)")]
+    UnsupportedVersion(u8),
+}
+
+/// Why decrypted bytes do not decode as the expected type. Never carries the
+/// bytes themselves.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// A `bool` byte other than 0 or 1.
+    #[error("invalid bool byte")]
+    Bool,
+    /// A date or timestamp that is not ISO-8601 text.
+    #[error("invalid {0} text")]
+    DateTime(&'static str),
+    /// A fixed-width integer of the wrong length.
+    #[error("expected {expected} bytes for {ty}, found {found}")]
+    Length {
+        /// Rust type being decoded.
+        ty: &'static str,
+        /// Width of that type.
+        expected: usize,
+        /// Length found.
+        found: usize,
+    },
+    /// Text that is not UTF-8.
+    #[error("invalid UTF-8 text")]
+    Utf8,
+}
+
+/// Why an AWS KMS call failed: the source of the [`Error::Kek`] the keyring
+/// returns (which names the owner and key version), itself naming the KMS
+/// operation, the key and the endpoint.
+#[cfg(feature = "aws-kms")]
+#[derive(Debug, thiserror::Error)]
+#[error("AWS KMS {operation} with key {key_id:?} at {endpoint} failed: {kind} ({detail})")]
+pub struct AwsKmsError {
+    pub(crate) operation: &'static str,
+    pub(crate) key_id: String,
+    pub(crate) endpoint: String,
+    pub(crate) kind: AwsKmsErrorKind,
+    pub(crate) detail: String,
+}
+
+#[cfg(feature = "aws-kms")]
+impl AwsKmsError {
+    /// What kind of failure this was.
+    pub fn kind(&self) -> AwsKmsErrorKind {
+        self.kind
+    }
+
+    /// The KMS operation: `GenerateDataKey`, `Decrypt` or `Encrypt`.
+    pub fn operation(&self) -> &'static str {
+        self.operation
+    }
+
+    /// The KMS key as configured (key id, ARN or alias).
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+}
+
+/// The kinds of [`AwsKmsError`].
+#[cfg(feature = "aws-kms")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AwsKmsErrorKind {
+    /// No answer: connection refused, DNS failure or a timeout, after the
+    /// configured retries.
+    #[error("the KMS is unreachable or did not answer in time")]
+    Unreachable,
+    /// The KMS key is disabled (`DisabledException`).
+    #[error("the KMS key is disabled")]
+    KeyDisabled,
+    /// The KMS key is pending deletion, pending import or unavailable
+    /// (`KMSInvalidStateException`, `KeyUnavailableException`).
+    #[error("the KMS key is not in a usable state")]
+    KeyState,
+    /// The wrapped key does not decrypt under this KMS key with this owner
+    /// and version as encryption context (`InvalidCiphertextException`,
+    /// `IncorrectKeyException`): another owner's or version's key, another
+    /// KMS key, or altered bytes.
+    #[error(
+        "the wrapped data key does not decrypt under this KMS key with this owner and version \
+         (wrong encryption context, another KMS key, or altered bytes)"
+    )]
+    InvalidCiphertext,
+    /// The credentials may not use the key (`AccessDeniedException`), or
+    /// were not accepted.
+    #[error("access denied (check the credentials and the key policy)")]
+    AccessDenied,
+    /// No such key or alias (`NotFoundException`).
+    #[error("the KMS key does not exist")]
+    KeyNotFound,
+    /// The KMS throttled the calls, after the configured retries.
+    #[error("the KMS throttled the request")]
+    Throttled,
+    /// The KMS answered without a usable key or ciphertext.
+    #[error("the KMS answered with an unusable response")]
+    BadResponse,
+    /// Anything else; the detail says what.
+    #[error("the KMS call failed")]
+    Other,
+}
+
+#[cfg(feature = "aws-kms")]
+impl AwsKmsErrorKind {
+    /// The kind as a metric label: `unreachable`, `key_disabled`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            AwsKmsErrorKind::Unreachable => "unreachable",
+            AwsKmsErrorKind::KeyDisabled => "key_disabled",
+            AwsKmsErrorKind::KeyState => "key_state",
+            AwsKmsErrorKind::InvalidCiphertext => "invalid_ciphertext",
+            AwsKmsErrorKind::AccessDenied => "access_denied",
+            AwsKmsErrorKind::KeyNotFound => "key_not_found",
+            AwsKmsErrorKind::Throttled => "throttled",
+            AwsKmsErrorKind::BadResponse => "bad_response",
+            AwsKmsErrorKind::Other => "other",
+        }
+    }
+}
+
 /// Errors returned by `phi-types`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -47,7 +190,7 @@ pub enum Error {
         key_version: u32,
         /// What was wrong with the plaintext encoding.
         #[source]
-        source: crate::value::DecodeError,
+        source: DecodeError,
     },
 
     /// Sealing failed (a value or context too large for the format).
@@ -70,7 +213,7 @@ pub enum Error {
         owner: String,
         /// What is wrong with the bytes.
         #[source]
-        source: crate::envelope::EnvelopeError,
+        source: EnvelopeError,
     },
 
     /// A key encryption key (local master key or KMS) failed.
@@ -197,7 +340,7 @@ pub enum Error {
         owner: String,
         /// Why it does not decode.
         #[source]
-        source: crate::value::DecodeError,
+        source: DecodeError,
     },
 
     /// The operating system's random source failed while seeding the nonce
@@ -384,10 +527,10 @@ impl Error {
             Error::KeyUnavailable { .. } | Error::FeedStale { .. } => true,
             Error::Kek { source, .. } | Error::KekCheck { source, .. } => {
                 #[cfg(feature = "aws-kms")]
-                if let Some(kms) = source.downcast_ref::<crate::AwsKmsError>() {
+                if let Some(kms) = source.downcast_ref::<AwsKmsError>() {
                     return matches!(
                         kms.kind(),
-                        crate::AwsKmsErrorKind::Unreachable | crate::AwsKmsErrorKind::Throttled
+                        AwsKmsErrorKind::Unreachable | AwsKmsErrorKind::Throttled
                     );
                 }
                 let _ = source;
@@ -404,11 +547,11 @@ impl Error {
     /// The AWS KMS failure behind this error, if a KMS call caused it,
     /// without downcasting the source.
     #[cfg(feature = "aws-kms")]
-    pub fn kms_error_kind(&self) -> Option<crate::AwsKmsErrorKind> {
+    pub fn kms_error_kind(&self) -> Option<AwsKmsErrorKind> {
         match self {
-            Error::Kek { source, .. } | Error::KekCheck { source, .. } => source
-                .downcast_ref::<crate::AwsKmsError>()
-                .map(crate::AwsKmsError::kind),
+            Error::Kek { source, .. } | Error::KekCheck { source, .. } => {
+                source.downcast_ref::<AwsKmsError>().map(AwsKmsError::kind)
+            }
             _ => None,
         }
     }
@@ -440,8 +583,8 @@ pub(crate) fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
 /// not authenticate or has the wrong length.
 fn kek_kind(source: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
     #[cfg(feature = "aws-kms")]
-    if let Some(kms) = source.downcast_ref::<crate::AwsKmsError>() {
-        use crate::AwsKmsErrorKind as K;
+    if let Some(kms) = source.downcast_ref::<AwsKmsError>() {
+        use AwsKmsErrorKind as K;
         return match kms.kind() {
             K::KeyDisabled | K::KeyState | K::AccessDenied | K::KeyNotFound => ErrorKind::Config,
             K::InvalidCiphertext => ErrorKind::Tampered,
@@ -483,7 +626,7 @@ mod tests {
                     scope: scope(),
                     owner: owner(),
                     key_version: 2,
-                    source: crate::value::DecodeError::Bool,
+                    source: DecodeError::Bool,
                 },
                 "value of cases.patient_last for owner \"provider-17\" (key version 2) does not decode",
                 "invalid bool byte",
@@ -492,7 +635,7 @@ mod tests {
                 Error::Malformed {
                     scope: scope(),
                     owner: owner(),
-                    source: crate::envelope::EnvelopeError::BadMagic(0x44),
+                    source: EnvelopeError::BadMagic(0x44),
                 },
                 "malformed encrypted value in cases.patient_last for owner \"provider-17\"",
                 "not an envelope: first byte is 0x44, expected 0xF1",
@@ -534,7 +677,7 @@ mod tests {
                 Error::Unsealed {
                     scope: scope(),
                     owner: owner(),
-                    source: crate::value::DecodeError::DateTime("date"),
+                    source: DecodeError::DateTime("date"),
                 },
                 "unsealed value of cases.patient_last for owner \"provider-17\" (encrypted flag off) \
                  does not decode",

@@ -109,11 +109,12 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
-use crate::blind::Normalize;
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
-use crate::lifecycle::tables::{MigrationRow, RowWrite, RowsQuery, SqlValue, check_identifier};
-use crate::lifecycle::{ColumnType, DataConnection, FlagType, ResealTable};
+pub use crate::lifecycle::tables::{CanonicalFn, StoredColumn, StoredTable};
+use crate::lifecycle::tables::{
+    ColumnType, DataConnection, MigrationRow, ResealTable, RowWrite, RowsQuery, SqlValue,
+};
 use crate::record::PhiRecord;
 use crate::sql::Encrypted;
 use crate::store::KeyState;
@@ -147,128 +148,6 @@ pub trait Migratable: PhiRecord {
     /// [`Error::Config`] when the owner or row key type cannot be bound.
     fn reseal_table() -> Result<ResealTable> {
         Self::stored_table().reseal_table()
-    }
-}
-
-/// How a [`Migratable`] model is stored, as `#[derive(PhiRecord)]`
-/// describes it.
-#[derive(Clone, Debug)]
-pub struct StoredTable {
-    /// The table's SQL name.
-    pub table: &'static str,
-    /// The owner column.
-    pub owner_column: &'static str,
-    /// The owner column's type; `None` for a type the jobs cannot bind.
-    pub owner_type: Option<ColumnType>,
-    /// The row key column, which orders the batches and guards each write.
-    pub key_column: &'static str,
-    /// The row key column's type; `None` for a type the jobs cannot bind
-    /// (a byte-string key).
-    pub key_type: Option<ColumnType>,
-    /// The encrypted flag's column.
-    pub flag_column: &'static str,
-    /// Whether the flag is a SQL boolean (else an integer, 1 on, 0 off).
-    pub flag_is_bool: bool,
-    /// The encrypted columns.
-    pub columns: Vec<StoredColumn>,
-}
-
-/// One encrypted column of a [`StoredTable`].
-#[derive(Clone)]
-pub struct StoredColumn {
-    /// The column's SQL name.
-    pub column: &'static str,
-    /// The scope its values are bound to.
-    pub scope: &'static str,
-    /// The blind index column computed from it, and its normalisation.
-    pub blind_index: Option<(&'static str, Normalize)>,
-    /// Decodes plain bytes as the field's type and encodes the value
-    /// again: the canonical encoding, which the model seals and indexes
-    /// ([`canonical`]).
-    pub canonical: CanonicalFn,
-}
-
-/// [`StoredColumn::canonical`]: plain bytes to their canonical encoding.
-pub type CanonicalFn = fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>;
-
-impl fmt::Debug for StoredColumn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoredColumn")
-            .field("column", &self.column)
-            .field("scope", &self.scope)
-            .field("blind_index", &self.blind_index)
-            .finish_non_exhaustive()
-    }
-}
-
-impl StoredTable {
-    /// The columns the jobs read: the encrypted columns, then the blind
-    /// index columns.
-    pub fn read_columns(&self) -> Vec<&'static str> {
-        self.columns
-            .iter()
-            .map(|c| c.column)
-            .chain(
-                self.columns
-                    .iter()
-                    .filter_map(|c| c.blind_index.map(|(i, _)| i)),
-            )
-            .collect()
-    }
-
-    /// The same table as the life-cycle jobs (re-seal, retire, usage,
-    /// shred) take it: owner and row key columns with their types, the
-    /// encrypted flag (so rows stored unsealed are left alone), and each
-    /// column with the scope the model seals it under. The table is named
-    /// without a schema, as the model names it; for a table outside the
-    /// connection's default schema, add it with [`ResealTable::in_schema`]
-    /// (the scopes stay the model's).
-    ///
-    /// # Errors
-    /// [`Error::Config`] when the owner or row key type cannot be bound, or
-    /// an identifier is not plain.
-    pub fn reseal_table(&self) -> Result<ResealTable> {
-        self.validate()?;
-        let flag_type = if self.flag_is_bool {
-            FlagType::Bool
-        } else {
-            FlagType::Integer
-        };
-        let mut out = ResealTable::new(self.table, self.owner_column)
-            .owner_column_type(self.owner_type.unwrap_or_default())
-            .key_column_typed(self.key_column, self.key_type.unwrap_or_default())
-            .flag_column_typed(self.flag_column, flag_type);
-        for c in &self.columns {
-            out = out.column_with_scope(c.column, c.scope);
-        }
-        Ok(out)
-    }
-
-    /// Checks identifiers and that the owner and key types can be bound.
-    pub(crate) fn validate(&self) -> Result<()> {
-        check_identifier("table", self.table, true)?;
-        check_identifier("owner column", self.owner_column, false)?;
-        check_identifier("key column", self.key_column, false)?;
-        check_identifier("encrypted flag column", self.flag_column, false)?;
-        for c in &self.columns {
-            check_identifier("column", c.column, false)?;
-            if let Some((index, _)) = c.blind_index {
-                check_identifier("blind index column", index, false)?;
-            }
-        }
-        let unsupported = |what: &str, column: &str| {
-            Error::Config(format!(
-                "{what} {}.{column} is not text or an integer: the migration jobs cannot bind it",
-                self.table
-            ))
-        };
-        if self.owner_type.is_none() {
-            return Err(unsupported("owner column", self.owner_column));
-        }
-        if self.key_type.is_none() {
-            return Err(unsupported("row key column", self.key_column));
-        }
-        Ok(())
     }
 }
 

@@ -22,8 +22,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+pub use crate::keyring::PARALLEL_MIN_ROWS;
 use crate::keyring::{Keyring, OwnerKeys};
 use crate::sealer::{Sealer, with_sealer};
+pub use crate::store::Rollout;
 
 /// A model whose PHI fields are sealed in the database; implemented by
 /// `#[derive(PhiRecord)]`.
@@ -556,17 +558,6 @@ fn seal_records<R: PhiRecord>(
 #[cfg(feature = "async")]
 pub const ASYNC_OPEN_INLINE_MAX_ROWS: usize = 16;
 
-/// Rows from which a batch is sealed or opened on the thread pool, unless
-/// the keyring says otherwise
-/// ([`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows)).
-///
-/// Handing a batch to rayon's pool and collecting it costs a few
-/// microseconds (no thread is started: the pool's threads live across
-/// calls); sealing or opening a row of four short fields costs about
-/// 0.5–1 µs. From 512 rows the work (0.25 ms or more) outweighs the
-/// hand-off many times over; below it, the calling thread alone.
-pub const PARALLEL_MIN_ROWS: usize = 512;
-
 /// Rows a pool thread takes at a time from a batch.
 const BLOCK_ROWS: usize = 128;
 
@@ -903,41 +894,6 @@ impl Updated {
     /// [`Unchanged`](Self::Unchanged)).
     pub fn is_done(self) -> bool {
         matches!(self, Updated::Applied { .. } | Updated::Unchanged)
-    }
-}
-
-/// Which owners' new rows are sealed, for models with an encrypted flag
-/// (the gradual roll-out). Set on the [`Keyring`]; the default is
-/// [`Rollout::All`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Rollout {
-    /// Every owner's new rows are sealed.
-    #[default]
-    All,
-    /// Only these owners' new rows are sealed.
-    Owners(HashSet<String>),
-    /// No new row is sealed (rows already sealed stay sealed when updated).
-    Nobody,
-}
-
-impl Rollout {
-    /// Whether new rows of `owner` are sealed.
-    pub fn encrypts(&self, owner: &str) -> bool {
-        match self {
-            Rollout::All => true,
-            Rollout::Owners(owners) => owners.contains(owner),
-            Rollout::Nobody => false,
-        }
-    }
-
-    /// An allow-list of owners.
-    pub fn owners<I, S>(owners: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        Rollout::Owners(owners.into_iter().map(Into::into).collect())
     }
 }
 

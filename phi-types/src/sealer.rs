@@ -7,6 +7,18 @@ use crate::nonce::{self, Nonces};
 use crate::sql::Encrypted;
 use crate::value::PhiValue;
 
+impl OwnerKeys {
+    /// Seals `value` for `scope` (`table.column`) and `row` (the row key's
+    /// bytes, or empty) under this owner's current data key.
+    ///
+    /// # Errors
+    /// [`Error::NoKey`] if the owner has no active key; [`Error::Encrypt`] if
+    /// the context is too long for the format.
+    pub fn seal<T: PhiValue>(&self, value: &T, scope: &str, row: &[u8]) -> Result<Encrypted<T>> {
+        with_sealer(|sealer| sealer.seal(self, value, scope, row))?
+    }
+}
+
 /// Seals values; obtained from [`with_sealer`].
 ///
 /// Entering a sealer checks once that the process has not forked since the

@@ -18,31 +18,7 @@ use std::str::FromStr;
 use chrono::{NaiveDate, NaiveDateTime};
 use zeroize::Zeroize;
 
-/// Why decrypted bytes do not decode as the expected type. Never carries the
-/// bytes themselves.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// A `bool` byte other than 0 or 1.
-    #[error("invalid bool byte")]
-    Bool,
-    /// A date or timestamp that is not ISO-8601 text.
-    #[error("invalid {0} text")]
-    DateTime(&'static str),
-    /// A fixed-width integer of the wrong length.
-    #[error("expected {expected} bytes for {ty}, found {found}")]
-    Length {
-        /// Rust type being decoded.
-        ty: &'static str,
-        /// Width of that type.
-        expected: usize,
-        /// Length found.
-        found: usize,
-    },
-    /// Text that is not UTF-8.
-    #[error("invalid UTF-8 text")]
-    Utf8,
-}
+pub use crate::error::DecodeError;
 
 /// A Rust type that `phi` can store encrypted.
 ///

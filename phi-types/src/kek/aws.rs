@@ -20,6 +20,7 @@ use zeroize::Zeroizing;
 
 use super::{CHECK_CANARY, KekCheck, KeyEncryptionKey};
 use crate::dek::KeyBytes;
+pub use crate::error::{AwsKmsError, AwsKmsErrorKind};
 use crate::error::{BoxError, Error};
 
 /// Encryption context key naming the owner of a data key.
@@ -150,95 +151,6 @@ pub struct AwsKmsStats {
     pub encrypt: u64,
     /// Calls of any kind that failed.
     pub failures: u64,
-}
-
-/// Why an AWS KMS call failed: the source of the [`Error::Kek`] the keyring
-/// returns (which names the owner and key version), itself naming the KMS
-/// operation, the key and the endpoint.
-#[derive(Debug, thiserror::Error)]
-#[error("AWS KMS {operation} with key {key_id:?} at {endpoint} failed: {kind} ({detail})")]
-pub struct AwsKmsError {
-    operation: &'static str,
-    key_id: String,
-    endpoint: String,
-    kind: AwsKmsErrorKind,
-    detail: String,
-}
-
-impl AwsKmsError {
-    /// What kind of failure this was.
-    pub fn kind(&self) -> AwsKmsErrorKind {
-        self.kind
-    }
-
-    /// The KMS operation: `GenerateDataKey`, `Decrypt` or `Encrypt`.
-    pub fn operation(&self) -> &'static str {
-        self.operation
-    }
-
-    /// The KMS key as configured (key id, ARN or alias).
-    pub fn key_id(&self) -> &str {
-        &self.key_id
-    }
-}
-
-/// The kinds of [`AwsKmsError`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AwsKmsErrorKind {
-    /// No answer: connection refused, DNS failure or a timeout, after the
-    /// configured retries.
-    #[error("the KMS is unreachable or did not answer in time")]
-    Unreachable,
-    /// The KMS key is disabled (`DisabledException`).
-    #[error("the KMS key is disabled")]
-    KeyDisabled,
-    /// The KMS key is pending deletion, pending import or unavailable
-    /// (`KMSInvalidStateException`, `KeyUnavailableException`).
-    #[error("the KMS key is not in a usable state")]
-    KeyState,
-    /// The wrapped key does not decrypt under this KMS key with this owner
-    /// and version as encryption context (`InvalidCiphertextException`,
-    /// `IncorrectKeyException`): another owner's or version's key, another
-    /// KMS key, or altered bytes.
-    #[error(
-        "the wrapped data key does not decrypt under this KMS key with this owner and version \
-         (wrong encryption context, another KMS key, or altered bytes)"
-    )]
-    InvalidCiphertext,
-    /// The credentials may not use the key (`AccessDeniedException`), or
-    /// were not accepted.
-    #[error("access denied (check the credentials and the key policy)")]
-    AccessDenied,
-    /// No such key or alias (`NotFoundException`).
-    #[error("the KMS key does not exist")]
-    KeyNotFound,
-    /// The KMS throttled the calls, after the configured retries.
-    #[error("the KMS throttled the request")]
-    Throttled,
-    /// The KMS answered without a usable key or ciphertext.
-    #[error("the KMS answered with an unusable response")]
-    BadResponse,
-    /// Anything else; the detail says what.
-    #[error("the KMS call failed")]
-    Other,
-}
-
-impl AwsKmsErrorKind {
-    /// The kind as a metric label: `unreachable`, `key_disabled`, ...
-    pub fn label(self) -> &'static str {
-        match self {
-            AwsKmsErrorKind::Unreachable => "unreachable",
-            AwsKmsErrorKind::KeyDisabled => "key_disabled",
-            AwsKmsErrorKind::KeyState => "key_state",
-            AwsKmsErrorKind::InvalidCiphertext => "invalid_ciphertext",
-            AwsKmsErrorKind::AccessDenied => "access_denied",
-            AwsKmsErrorKind::KeyNotFound => "key_not_found",
-            AwsKmsErrorKind::Throttled => "throttled",
-            AwsKmsErrorKind::BadResponse => "bad_response",
-            AwsKmsErrorKind::Other => "other",
-        }
-    }
 }
 
 impl AwsKmsKek {

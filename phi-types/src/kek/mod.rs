@@ -8,7 +8,6 @@
 
 #[cfg(feature = "aws-kms")]
 mod aws;
-pub(crate) mod check;
 mod local;
 
 #[cfg(feature = "aws-kms")]

@@ -20,7 +20,7 @@ use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
 use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
-use crate::record::Rollout;
+use crate::store::Rollout;
 
 /// Owners per `IN (...)` list; larger sets are loaded in several queries.
 const OWNERS_PER_QUERY: usize = 5_000;

@@ -11,7 +11,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
-use crate::record::Rollout;
+use crate::store::Rollout;
 
 /// A [`KeyStore`] in process memory. Nothing survives the process.
 #[derive(Debug, Default)]

@@ -20,6 +20,7 @@ mod diesel_store;
 mod memory;
 pub mod schema;
 
+use std::collections::HashSet;
 use std::fmt;
 
 use chrono::NaiveDateTime;
@@ -31,7 +32,41 @@ pub use memory::MemoryKeyStore;
 use crate::error::Result;
 use crate::feed::{FeedEvent, KeyEvent};
 use crate::kek::KekCheck;
-use crate::record::Rollout;
+
+/// Which owners' new rows are sealed, for models with an encrypted flag
+/// (the gradual roll-out). Set on the [`Keyring`](crate::Keyring); the default is
+/// [`Rollout::All`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rollout {
+    /// Every owner's new rows are sealed.
+    #[default]
+    All,
+    /// Only these owners' new rows are sealed.
+    Owners(HashSet<String>),
+    /// No new row is sealed (rows already sealed stay sealed when updated).
+    Nobody,
+}
+
+impl Rollout {
+    /// Whether new rows of `owner` are sealed.
+    pub fn encrypts(&self, owner: &str) -> bool {
+        match self {
+            Rollout::All => true,
+            Rollout::Owners(owners) => owners.contains(owner),
+            Rollout::Nobody => false,
+        }
+    }
+
+    /// An allow-list of owners.
+    pub fn owners<I, S>(owners: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Rollout::Owners(owners.into_iter().map(Into::into).collect())
+    }
+}
 
 /// Life-cycle state of a data key version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use super::{KekCheck, KeyEncryptionKey};
 use crate::error::{Error, Result};
+use crate::kek::{KekCheck, KeyEncryptionKey};
 use crate::store::KeyStore;
 
 /// Data key rows tried when a KEK id has keys but no check value: the KEK
