@@ -19,7 +19,7 @@
 //! A legacy value may decode without being in the encoding the model
 //! writes: a date stored as `1980-1-15` decodes, but the model writes
 //! `1980-01-15`. The jobs decode each value and encode it again
-//! ([`StoredColumn::canonical`]), then seal that and compute the blind
+//! (as the model's own encoding does), then seal that and compute the blind
 //! index from it, exactly as the model does: the backfilled row is found
 //! by the application's lookup of `1980-01-15`. Text is not altered (a
 //! padded ` Doe ` stays ` Doe `); its blind index is normalised by the
@@ -138,10 +138,13 @@ const MAX_PROBLEMS: usize = 50;
 pub trait Migratable: PhiRecord {
     /// How the model is stored: its table, owner, row key, flag and
     /// encrypted columns.
+    #[doc(hidden)]
     fn stored_table() -> StoredTable;
 
     /// The model's table as the life-cycle jobs (re-seal, retire, usage,
-    /// shred) take it: [`StoredTable::reseal_table`].
+    /// shred) take it: owner and row key columns with their types, the
+    /// encrypted flag, and each encrypted column with the scope the model
+    /// seals it under.
     ///
     /// # Errors
     /// [`Error::Config`] when the owner or row key type cannot be bound.
@@ -151,7 +154,8 @@ pub trait Migratable: PhiRecord {
 }
 
 /// How a [`Migratable`] model is stored, as `#[derive(PhiRecord)]`
-/// describes it.
+/// describes it (generated code; not a public API).
+#[doc(hidden)]
 #[derive(Clone, Debug)]
 pub struct StoredTable {
     /// The table's SQL name.
@@ -174,6 +178,7 @@ pub struct StoredTable {
 }
 
 /// One encrypted column of a [`StoredTable`].
+#[doc(hidden)]
 #[derive(Clone)]
 pub struct StoredColumn {
     /// The column's SQL name.
@@ -189,6 +194,7 @@ pub struct StoredColumn {
 }
 
 /// [`StoredColumn::canonical`]: plain bytes to their canonical encoding.
+#[doc(hidden)]
 pub type CanonicalFn = fn(Vec<u8>) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError>;
 
 impl fmt::Debug for StoredColumn {
@@ -278,6 +284,7 @@ impl StoredTable {
 ///
 /// # Errors
 /// When `bytes` are not an encoding of `T`.
+#[doc(hidden)]
 pub fn canonical<T: PhiValue>(
     bytes: Vec<u8>,
 ) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError> {
@@ -291,6 +298,7 @@ pub fn canonical<T: PhiValue>(
 
 /// The SQL type of an owner or row key field, for [`StoredTable`]:
 /// implemented for `String` and the integer types; `Vec<u8>` has none.
+#[doc(hidden)]
 pub trait KeyColumnType {
     /// The column type, if the migration jobs can bind it.
     const COLUMN_TYPE: Option<ColumnType>;
