@@ -64,6 +64,7 @@ use crate::kek::KeyEncryptionKey;
 use crate::record::Rollout;
 use crate::sql::Encrypted;
 use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, StoredKey};
+use crate::telemetry::{OwnerIdTelemetry, TelemetryOwner};
 use crate::value::PhiValue;
 
 /// Default time an unwrapped data key stays cached.
@@ -84,6 +85,9 @@ pub const DEFAULT_FEED_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_FEED_MAX_STALENESS: Duration = Duration::from_secs(60);
 /// The roll-out policy a keyring follows unless configured otherwise.
 pub const DEFAULT_ROLLOUT_POLICY: &str = "default";
+/// A keyring's name in its metrics unless configured otherwise
+/// ([`KeyringBuilder::name`]).
+pub const DEFAULT_KEYRING_NAME: &str = "default";
 
 /// The unwrapped data keys of one owner: every version still readable, and
 /// the current one that seals.
@@ -296,6 +300,8 @@ struct Inner {
     parallel_min_rows: usize,
     rollout_policy: String,
     follower: Option<Arc<follow::Follower>>,
+    name: String,
+    owner_telemetry: OwnerIdTelemetry,
 }
 
 impl Drop for Inner {
@@ -323,6 +329,8 @@ pub struct KeyringBuilder {
     rollout_policy: String,
     feed_interval: Option<Duration>,
     feed_max_staleness: Duration,
+    name: String,
+    owner_telemetry: OwnerIdTelemetry,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -463,6 +471,23 @@ impl KeyringBuilder {
         self
     }
 
+    /// The keyring's name in its metrics (the `keyring` label of
+    /// `phi_cache_owners`; default `"default"`): two keyrings in one process
+    /// need two names, or their gauges overwrite each other.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How owner ids appear in this keyring's tracing spans and log events
+    /// (and in those of the life-cycle jobs run with it): in clear (the
+    /// default), hashed, or omitted. See [`OwnerIdTelemetry`] for what
+    /// hashing does and does not hide.
+    pub fn owner_ids_in_telemetry(mut self, mode: OwnerIdTelemetry) -> Self {
+        self.owner_telemetry = mode;
+        self
+    }
+
     /// Builds the keyring, after checking every configured KEK against the
     /// key store: a KEK id names exactly one key. The first keyring built
     /// with a KEK stores its check value (`kek_check_values`); a KEK whose
@@ -477,6 +502,7 @@ impl KeyringBuilder {
     /// store knows under its id; [`Error::KekCheck`] when a KEK cannot be
     /// checked (a KMS unreachable); key store errors.
     pub fn build(self) -> Result<Keyring> {
+        crate::metrics::describe();
         if self.ttl.is_zero() {
             return Err(Error::Config("the key cache TTL must be positive".into()));
         }
@@ -515,6 +541,12 @@ impl KeyringBuilder {
                 self.rollout_policy.len()
             )));
         }
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(Error::Config(format!(
+                "the keyring name must be 1 to 64 bytes long, not {}",
+                self.name.len()
+            )));
+        }
         let mut rollout = self.rollout;
         let follower = match self.feed_interval {
             None => None,
@@ -537,7 +569,7 @@ impl KeyringBuilder {
                 )))
             }
         };
-        let audit = AuditWriter::start(self.store.clone(), self.audit_queue)?;
+        let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
         let keyring = Keyring {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -553,6 +585,8 @@ impl KeyringBuilder {
                 parallel_min_rows: self.parallel_min_rows,
                 rollout_policy: self.rollout_policy,
                 follower: follower.clone(),
+                name: self.name,
+                owner_telemetry: self.owner_telemetry,
             }),
         };
         if let Some(follower) = follower {
@@ -590,7 +624,34 @@ impl Keyring {
             rollout_policy: DEFAULT_ROLLOUT_POLICY.to_owned(),
             feed_interval: None,
             feed_max_staleness: DEFAULT_FEED_MAX_STALENESS,
+            name: DEFAULT_KEYRING_NAME.to_owned(),
+            owner_telemetry: OwnerIdTelemetry::default(),
         }
+    }
+
+    /// The keyring's name in its metrics ([`KeyringBuilder::name`]).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// An error's text for a log event: its full cause chain while owner
+    /// ids are written in clear; otherwise only its kind, since error
+    /// messages name the owner.
+    pub(crate) fn error_for_telemetry(&self, error: &Error) -> String {
+        match self.inner.owner_telemetry {
+            OwnerIdTelemetry::Plain => crate::error::chain_text(error),
+            _ => format!(
+                "{:?} error (details withheld: owner ids are not logged)",
+                error.kind()
+            ),
+        }
+    }
+
+    /// `owner` as this keyring writes it into tracing spans and log events
+    /// ([`KeyringBuilder::owner_ids_in_telemetry`]): for an application's
+    /// own logs that should follow the same rule.
+    pub fn owner_for_telemetry<'o>(&self, owner: &'o str) -> TelemetryOwner<'o> {
+        self.inner.owner_telemetry.render(owner)
     }
 
     /// Rows from which a batch is sealed or opened on several threads (see
@@ -805,7 +866,7 @@ impl Keyring {
     /// `version`.
     fn missed(&self, owner: &str, version: u32, now: Instant) {
         tracing::warn!(
-            owner,
+            owner = %self.owner_for_telemetry(owner),
             version,
             "a value names a data key version its owner does not have"
         );
@@ -840,7 +901,7 @@ impl Keyring {
     pub fn clear(&self, owner: &str) -> bool {
         self.inner.misses.forget(owner);
         let removed = self.inner.cache.remove(owner);
-        crate::metrics::cache_owners(self.inner.cache.len());
+        crate::metrics::cache_owners(&self.inner.name, self.inner.cache.len());
         removed
     }
 
@@ -848,7 +909,7 @@ impl Keyring {
     pub fn clear_all(&self) {
         self.inner.misses.clear();
         self.inner.cache.clear();
-        crate::metrics::cache_owners(0);
+        crate::metrics::cache_owners(&self.inner.name, 0);
     }
 
     /// Loads the given owners' keys into the cache (e.g. at start-up).
@@ -876,7 +937,11 @@ impl Keyring {
                 match result {
                     Ok(_) => report.warmed += 1,
                     Err(error) => {
-                        tracing::warn!(owner = %owner, error = %crate::error::chain_text(&error), "cannot warm an owner's keys");
+                        tracing::warn!(
+                            owner = %self.owner_for_telemetry(&owner),
+                            error = %self.error_for_telemetry(&error),
+                            "cannot warm an owner's keys"
+                        );
                         report.failures.push((owner, error));
                     }
                 }
@@ -1004,6 +1069,7 @@ impl Keyring {
             },
             waits: Vec::new(),
             led: false,
+            keyring: &self.inner.name,
         };
         let mut seen = HashSet::new();
         let mut hits = 0;
@@ -1222,8 +1288,13 @@ impl Keyring {
         };
         let kek = &self.inner.primary;
         let (key, wrapped) = {
-            let _span =
-                tracing::debug_span!("phi.kek.generate", owner, version, kek = kek.id()).entered();
+            let _span = tracing::debug_span!(
+                "phi.kek.generate",
+                owner = %self.owner_for_telemetry(owner),
+                version,
+                kek = kek.id()
+            )
+            .entered();
             kek.generate(owner, version)
         }
         .map_err(|source| Error::Kek {
@@ -1240,7 +1311,12 @@ impl Keyring {
                 .creations
                 .fetch_add(1, Ordering::Relaxed);
             audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
-            tracing::info!(owner, version, kek = kek.id(), "generated a data key");
+            tracing::info!(
+                owner = %self.owner_for_telemetry(owner),
+                version,
+                kek = kek.id(),
+                "generated a data key"
+            );
             return Ok(OwnerKeys {
                 owner: owner.to_owned(),
                 deks: vec![Dek::new(version, key)],
@@ -1346,6 +1422,7 @@ struct Batch<'k, 'o> {
     lead: LeadGuard<'k>,
     waits: Vec<(&'o str, Arc<Flight>)>,
     led: bool,
+    keyring: &'k str,
 }
 
 impl<'o> Batch<'_, 'o> {
@@ -1403,11 +1480,12 @@ impl<'o> Batch<'_, 'o> {
             lead,
             waits,
             led,
+            keyring,
         } = self;
         let cache = lead.cache;
         drop(lead);
         if led {
-            crate::metrics::cache_owners(cache.len());
+            crate::metrics::cache_owners(keyring, cache.len());
         }
         (results, waits)
     }
