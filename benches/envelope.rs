@@ -188,7 +188,7 @@ fn phi_seal(c: &mut Criterion) {
             b.iter(|| keys.seal(black_box(&plain), SCOPE, ROW).expect("seal"));
         });
         group.bench_function(BenchmarkId::new("with_sealer_batch", len), |b| {
-            phi_types::with_sealer(|sealer| {
+            phi_types::__private::with_sealer(|sealer| {
                 b.iter(|| {
                     sealer
                         .seal(&keys, black_box(&plain), SCOPE, ROW)

@@ -637,15 +637,15 @@ fn kms_calls_are_recorded_as_metrics_and_retries_are_bounded() {
     );
     assert_eq!(throttled.stats().decrypt, 1, "a retried call counts once");
     assert_eq!(
-        RECORDED.get("phi_kms_calls_total{op=Decrypt,outcome=throttled}"),
+        RECORDED.get("phi_kms_calls_total{operation=decrypt,outcome=throttled}"),
         1
     );
-    assert!(RECORDED.get("phi_kms_call_seconds{op=Decrypt}") >= 1);
+    assert!(RECORDED.get("phi_kms_call_duration_seconds{operation=decrypt}") >= 1);
 
     let url = shared_kms_url();
     let kek = kek(&url, &Admin::new(&url).create_key());
     kek.generate("provider-metrics", 1).expect("generate");
-    assert!(RECORDED.get("phi_kms_calls_total{op=GenerateDataKey,outcome=ok}") >= 1);
+    assert!(RECORDED.get("phi_kms_calls_total{operation=generate_data_key,outcome=success}") >= 1);
 }
 
 #[test]

@@ -26,6 +26,7 @@ mod common;
 use common::clinic_bin;
 
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
@@ -390,6 +391,58 @@ life_cycle!(
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
     )
 );
+
+/// With owner ids hashed or omitted (`KeyringBuilder::owner_ids_in_telemetry`),
+/// no span or event names the owner in clear: a key generated, values
+/// sealed and opened, a rotation, a fleet-wide cache clear, a shred and a
+/// warm that fails for the shredded owner. A third owner under the default
+/// setting shows that the same operations do write the owner id.
+#[test]
+fn owner_ids_hashed_or_omitted_stay_out_of_spans_and_logs() {
+    use sha2::Digest as _;
+    capture::install();
+    // Owner ids of this test alone: other tests capture concurrently.
+    let hashed = "tele-owner-5b1e0c";
+    let omitted = "tele-owner-9d7a44";
+    let plain = "tele-owner-c3f812";
+    let hash = format!("sha256:{}", hex::encode(&sha2::Sha256::digest(hashed)[..8]));
+    for (mode, owner) in [
+        (phi::OwnerIdTelemetry::Hashed, hashed),
+        (phi::OwnerIdTelemetry::Omitted, omitted),
+        (phi::OwnerIdTelemetry::Plain, plain),
+    ] {
+        let kek = Arc::new(phi::LocalKek::new("telemetry", &master_key()));
+        let keyring = phi::Keyring::builder(Arc::new(phi::MemoryKeyStore::new()), kek)
+            .owner_ids_in_telemetry(mode)
+            .build()
+            .expect("keyring");
+        let sealed = keyring
+            .seal(&"x".to_owned(), owner, "t.c", b"r")
+            .expect("seal");
+        let _: String = keyring.open(sealed, owner, "t.c", b"r").expect("open");
+        phi::lifecycle::rotate(&keyring, owner).expect("rotate");
+        phi::lifecycle::clear_cache_fleet(&keyring, Some(owner)).expect("clear");
+        phi::lifecycle::shred_keys_by(&keyring, owner, "test").expect("shred");
+        let _ = keyring.warm_all();
+        keyring.flush_audit().expect("audit written");
+    }
+    let text = capture::text();
+    assert!(
+        text.contains(&format!("owner={hash}")),
+        "the hashed owner id was not captured:\n{text}"
+    );
+    assert!(text.contains("owner=<omitted>"), "{text}");
+    assert!(
+        text.contains(&format!("owner={plain}")),
+        "the plain owner id was not captured:\n{text}"
+    );
+    for owner in [hashed, omitted] {
+        assert!(
+            !text.contains(owner),
+            "owner id {owner} appears in the captured telemetry:\n{text}"
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------
 // The binaries, on SQLite.

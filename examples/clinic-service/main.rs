@@ -156,6 +156,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     let keyring = builder
         .actor("clinic-service")
+        .name("clinic-service")
         .rollout(Rollout::All)
         .build()?;
 

@@ -74,7 +74,7 @@ fn generate(m: &Model) -> TokenStream {
     } else {
         quote! {
             if __keys.is_none() {
-                return ::core::result::Result::Err(#krate::record::__private::must_seal(
+                return ::core::result::Result::Err(#krate::__private::must_seal(
                     &#krate::OwnerId::owner_id(&self.#owner_ident),
                     #table_name,
                 ));
@@ -99,7 +99,7 @@ fn generate(m: &Model) -> TokenStream {
             quote!(open)
         };
         Some(quote_spanned! {vty.span()=>
-            let #name = (#krate::record::__private::ops::<#vty>().#func)(__keys, #name, #scope, &__row, &__owner)?;
+            let #name = (#krate::__private::ops::<#vty>().#func)(__keys, #name, #scope, &__row, &__owner)?;
         })
     });
 
@@ -148,14 +148,14 @@ fn generate(m: &Model) -> TokenStream {
             const TABLE: &'static str = #table_name;
             const HAS_ENCRYPTED_FLAG: bool = #has_flag;
 
-            fn owner_id(&self) -> #krate::record::__private::Cow<'_, str> {
+            fn owner_id(&self) -> #krate::__private::Cow<'_, str> {
                 #krate::OwnerId::owner_id(&self.#owner_ident)
             }
 
             fn seal_with(
                 &self,
                 __keys: ::core::option::Option<&#krate::OwnerKeys>,
-                __sealer: &mut #krate::Sealer<'_>,
+                __sealer: &mut #krate::__private::Sealer<'_>,
             ) -> #krate::Result<#sealed> {
                 #refuse_unsealed
                 let __row = #row_expr;
@@ -171,7 +171,7 @@ fn generate(m: &Model) -> TokenStream {
             ) -> #krate::Result<Self> {
                 let #sealed { #(#field_names,)* #(#index_names: _,)* } = __sealed;
                 let __owner = #krate::OwnerId::owner_id(&#owner_ident);
-                let __keys = #krate::record::__private::keys_for_row(#encrypted_expr, __keys, &__owner, #table_name)?;
+                let __keys = #krate::__private::keys_for_row(#encrypted_expr, __keys, &__owner, #table_name)?;
                 let __row = #open_row_expr;
                 #(#open_fields)*
                 ::core::result::Result::Ok(#ident { #(#field_names,)* })
@@ -179,7 +179,7 @@ fn generate(m: &Model) -> TokenStream {
         }
 
         impl #krate::SealedRecord for #sealed {
-            fn owner_id(&self) -> #krate::record::__private::Cow<'_, str> {
+            fn owner_id(&self) -> #krate::__private::Cow<'_, str> {
                 #krate::OwnerId::owner_id(&self.#owner_ident)
             }
 
@@ -222,23 +222,23 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
             None => quote! { ::core::option::Option::None },
         };
         Some(quote_spanned! {vty.span()=>
-            #krate::migrate::StoredColumn {
+            #krate::__private::StoredColumn {
                 column: #column,
                 scope: #scope,
                 blind_index: #index,
-                canonical: #krate::migrate::canonical::<#vty>,
+                canonical: #krate::__private::canonical::<#vty>,
             }
         })
     });
     quote! {
         impl #krate::migrate::Migratable for #ident {
-            fn stored_table() -> #krate::migrate::StoredTable {
-                #krate::migrate::StoredTable {
+            fn stored_table() -> #krate::__private::StoredTable {
+                #krate::__private::StoredTable {
                     table: #table_name,
                     owner_column: #owner_column,
-                    owner_type: <#owner_ty as #krate::migrate::KeyColumnType>::COLUMN_TYPE,
+                    owner_type: <#owner_ty as #krate::__private::KeyColumnType>::COLUMN_TYPE,
                     key_column: #key_column,
-                    key_type: <#key_ty as #krate::migrate::KeyColumnType>::COLUMN_TYPE,
+                    key_type: <#key_ty as #krate::__private::KeyColumnType>::COLUMN_TYPE,
                     flag_column: #flag_column,
                     flag_is_bool: <#flag_ty as #krate::EncryptedFlag>::SQL_BOOL,
                     columns: ::std::vec![#(#columns),*],
@@ -409,7 +409,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             };
             let __keys: ::core::option::Option<&#krate::OwnerKeys> = __owned_keys.as_deref();
             let __row = #row_expr;
-            #krate::with_sealer(|__sealer| -> #krate::Result<#changes> {
+            #krate::__private::with_sealer(|__sealer| -> #krate::Result<#changes> {
                 ::core::result::Result::Ok(#changes {
                     #(#assign,)*
                     #(#assign_indexes,)*
@@ -583,7 +583,7 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
         "Writes the changes from `old` (the row as read) to `self` into `{table_name}`, guarded: only while the stored row's {guard_text} are still `old`'s (`UPDATE {table_name} SET … WHERE` those columns equal `old`'s). Encrypted columns are sealed as [`changes`](Self::changes) seals them: a sealed row stays sealed, an unsealed one is sealed when the keyring's roll-out covers the owner."
     );
     let update_async = if cfg!(feature = "async") {
-        let da = quote! { #krate::record::__private::diesel_async };
+        let da = quote! { #krate::__private::diesel_async };
         let insert_doc = format!(
             "Seals `self` (resolving, or creating, its owner's data key without blocking) and inserts it into `{table_name}` on a diesel-async connection. For many rows, `{sealed_name}`s from `PhiRecord::seal_all_async` go to one `diesel::insert_into(…).values(&rows)`.",
             sealed_name = m.sealed
@@ -777,7 +777,7 @@ fn lookups(m: &Model) -> TokenStream {
                 /// Key resolution errors.
                 #[allow(dead_code)] // Emitted with the `async` feature, used or not.
             #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
-                    ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens))
+                    ::core::result::Result::Ok((#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens))
                 }
             }
         } else {
@@ -790,7 +790,7 @@ fn lookups(m: &Model) -> TokenStream {
             /// Key resolution errors.
             #[allow(dead_code)] // One per blind index, used or not (async code uses the async form).
             #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
-                ::core::result::Result::Ok((#krate::record::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens))
+                ::core::result::Result::Ok((#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens))
             }
 
             #async_method
@@ -816,14 +816,14 @@ fn refuse_plain_debug(m: &Model) -> TokenStream {
     let krate = &m.krate;
     let ident = &m.ident;
     let probe = quote_spanned! {ident.span()=>
-        #krate::record::__private::refuse_plain_debug(
-            (&#krate::record::__private::DebugProbe::<#ident>::new()).phi_debug_probe(),
+        #krate::__private::refuse_plain_debug(
+            (&#krate::__private::DebugProbe::<#ident>::new()).phi_debug_probe(),
         )
     };
     quote! {
         const _: () = {
             #[allow(unused_imports)]
-            use #krate::record::__private::{ProbeDebug as _, ProbeNoDebug as _};
+            use #krate::__private::{ProbeDebug as _, ProbeNoDebug as _};
             #[allow(dead_code)]
             fn __phi_refuse_plain_debug() {
                 #probe;
@@ -844,7 +844,7 @@ fn debug(m: &Model) -> TokenStream {
         let label = field.to_string();
         match f.role {
             Role::Encrypt { .. } => {
-                quote! { .field(#label, &#krate::record::__private::Redacted) }
+                quote! { .field(#label, &#krate::__private::Redacted) }
             }
             _ => quote! { .field(#label, &self.#field) },
         }
@@ -856,7 +856,7 @@ fn debug(m: &Model) -> TokenStream {
     });
     let index_fields = blind_indexes(m).map(|(_, column, _, _)| {
         let label = column.to_string();
-        quote! { .field(#label, &#krate::record::__private::Redacted) }
+        quote! { .field(#label, &#krate::__private::Redacted) }
     });
     quote! {
         impl ::core::fmt::Debug for #ident {
@@ -883,7 +883,7 @@ fn changed(krate: &syn::Path, f: &Field) -> TokenStream {
         quote!(eq)
     };
     quote_spanned! {vty.span()=>
-        !(#krate::record::__private::ops::<#vty>().#eq)(&self.#name, &old.#name)
+        !(#krate::__private::ops::<#vty>().#eq)(&self.#name, &old.#name)
     }
 }
 
@@ -894,11 +894,11 @@ fn seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
     let vty = f.value_ty();
     if f.option_of.is_some() {
         quote_spanned! {vty.span()=>
-            (#krate::record::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
+            (#krate::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
         }
     } else {
         quote_spanned! {vty.span()=>
-            (#krate::record::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
+            (#krate::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?
         }
     }
 }
@@ -914,7 +914,7 @@ fn blind_call(krate: &syn::Path, f: &Field, scope: &str, normalize: (bool, bool)
     };
     let normalize = normalize_tokens(krate, normalize);
     quote_spanned! {vty.span()=>
-        (#krate::record::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
+        (#krate::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
     }
 }
 

@@ -184,7 +184,7 @@ pub struct Options {
     /// [`DEFAULT_DENIED_AUDIT_LIMIT`]), so a client hammering the API with
     /// bad credentials cannot fill the audit table. Every refusal is still
     /// logged; the ones over the limit are counted in
-    /// [`DENIED_UNAUDITED_TOTAL`], and the first record written after them
+    /// `phi_admin_denied_unaudited_total`, and the first record written after them
     /// says how many were left out.
     pub denied_audit_limit: u32,
     /// The window of [`denied_audit_limit`](Self::denied_audit_limit)
@@ -334,7 +334,7 @@ async fn admit<G: Guard>(
             let actor = rejection.actor.clone().unwrap_or_else(|| "unknown".into());
             tracing::warn!(actor = %actor, route = %route, status = rejection.status.as_u16(), "admin request refused");
             let Some(left_out) = state.denied.admit(Instant::now()) else {
-                ::metrics::counter!(DENIED_UNAUDITED_TOTAL).increment(1);
+                ::metrics::counter!(crate::metrics::ADMIN_DENIED_UNAUDITED_TOTAL).increment(1);
                 return error_body(rejection.status, &rejection.reason);
             };
             let mut detail = format!(
@@ -358,10 +358,6 @@ async fn admit<G: Guard>(
         }
     }
 }
-
-/// Counter: refused admin requests not written to the audit trail because
-/// the window's [`Options::denied_audit_limit`] was reached.
-pub const DENIED_UNAUDITED_TOTAL: &str = "phi_admin_denied_unaudited_total";
 
 fn audit_event(actor: &str, owner: &str, action: AuditAction, detail: String) -> AuditEvent {
     AuditEvent {

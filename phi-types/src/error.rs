@@ -614,6 +614,42 @@ mod tests {
         text.to_owned().into()
     }
 
+    /// Whether `error`'s variant carries a source. Exhaustive on purpose: a
+    /// new variant does not compile until it is sorted here, and one with a
+    /// source is then missing from `display_never_repeats_the_source` (which
+    /// checks it has every such variant).
+    fn has_source(error: &Error) -> bool {
+        match error {
+            Error::Decode { .. }
+            | Error::Malformed { .. }
+            | Error::Kek { .. }
+            | Error::KekCheck { .. }
+            | Error::Store { .. }
+            | Error::Database { .. }
+            | Error::Unsealed { .. }
+            | Error::DataTable { .. } => true,
+            Error::Config(_)
+            | Error::Decrypt { .. }
+            | Error::Encrypt { .. }
+            | Error::KekMismatch { .. }
+            | Error::KeyUnavailable { .. }
+            | Error::WorkerPanicked { .. }
+            | Error::MasterKey { .. }
+            | Error::NoKey { .. }
+            | Error::InvalidInput { .. }
+            | Error::RandomSource(_)
+            | Error::UnknownKek { .. }
+            | Error::Shredded { .. }
+            | Error::FeedStale { .. }
+            | Error::KeyInUse { .. }
+            | Error::Refused { .. }
+            | Error::UnknownKeyVersion { .. } => false,
+        }
+    }
+
+    /// The variants `has_source` says carry a source.
+    const VARIANTS_WITH_A_SOURCE: usize = 8;
+
     /// Every variant with a source: the message never repeats it (chains
     /// printed by anyhow or eyre would say it twice), and `source()` gives it.
     #[test]
@@ -695,7 +731,17 @@ mod tests {
                 "deadlock detected",
             ),
         ];
+        let variants: std::collections::HashSet<_> = cases
+            .iter()
+            .map(|(error, _, _)| std::mem::discriminant(error))
+            .collect();
+        assert_eq!(
+            variants.len(),
+            VARIANTS_WITH_A_SOURCE,
+            "every variant with a source is checked"
+        );
         for (error, display, source) in cases {
+            assert!(has_source(&error), "{error:?}");
             assert_eq!(error.to_string(), display, "{error:?}");
             let cause = error.source().expect("a source").to_string();
             assert_eq!(cause, source, "{error:?}");
@@ -728,6 +774,7 @@ mod tests {
             },
         ];
         for error in cases {
+            assert!(!has_source(&error), "{error:?}");
             assert!(error.source().is_none(), "{error:?}");
         }
         assert_eq!(

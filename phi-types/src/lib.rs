@@ -33,6 +33,32 @@
 //! keys (the `phi` admin CLI drives it); [`metrics`] lists the metrics phi
 //! records through the `metrics` facade.
 //!
+//! # What you write by hand
+//!
+//! - A model: `#[derive(PhiRecord)]` with `#[phi(...)]` attributes, then
+//!   [`PhiRecord`]'s `seal`, `seal_all`, `open_all`, `load` (and their
+//!   async forms), the generated guarded update ([`Updated`]) and blind-index
+//!   lookups. [`Encrypted<T>`] is the type of a sealed column.
+//! - A keyring: [`Keyring::builder`] over a key store ([`DieselKeyStore`],
+//!   [`MemoryKeyStore`], or your own [`KeyStore`]) and a key encryption key
+//!   ([`LocalKek`], `AwsKmsKek`, or your own [`KeyEncryptionKey`]),
+//!   configured through [`KeyringBuilder`]; single values through
+//!   [`Keyring::seal`] / [`Keyring::open`] or [`OwnerKeys`].
+//! - Your own stored types: [`PhiValue`], and for owner ids and row keys
+//!   [`OwnerId`] and [`RowKey`] (already implemented for strings and
+//!   integers).
+//! - Errors: [`Error`], classified by [`Error::kind`] ([`ErrorKind`]).
+//! - Jobs: [`lifecycle`] (rotate, re-seal, retire, rewrap, shred, audit)
+//!   and [`migrate`] (backfill, verify, decrypt-back) with
+//!   [`migrate::Migratable`] models.
+//! - Operations: [`metrics`], and [`OwnerIdTelemetry`] for how owner ids
+//!   appear in spans and logs; [`migrations`] for the key store's tables;
+//!   [`envelope`] and [`Dek`] for reading the stored format with a key of
+//!   your own (test vectors, tools).
+//!
+//! The code the derive generates calls into a hidden `__private` module:
+//! it is not part of the public API and may change in any release.
+//!
 //! # Crate features
 //!
 //! `Encrypted<T>` itself works on every Diesel backend without a feature;
@@ -63,7 +89,18 @@ pub mod record;
 mod sealer;
 mod sql;
 mod store;
+mod telemetry;
 pub mod value;
+
+/// Support for the code `#[derive(PhiRecord)]` generates. Not a public API:
+/// nothing here is covered by semantic versioning, and an application never
+/// names it.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::migrate::{CanonicalFn, KeyColumnType, StoredColumn, StoredTable, canonical};
+    pub use crate::record::__private::*;
+    pub use crate::sealer::{Sealer, with_sealer};
+}
 
 pub use connection::PhiConnection;
 pub use dek::{Dek, KeyBytes};
@@ -74,7 +111,7 @@ pub use kek::KekFuture;
 #[cfg(feature = "aws-kms")]
 pub use kek::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
-    CONTEXT_KEK_CHECK, CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
+    CONTEXT_KEK_CHECK, CONTEXT_OWNER,
 };
 pub use kek::{
     CHECK_CANARY, CHECK_FORMAT_LOCAL, CHECK_FORMAT_WRAP, CHECK_OWNER, KekCheck, KeyEncryptionKey,
@@ -82,15 +119,14 @@ pub use kek::{
 };
 pub use keyring::{
     Clock, DEFAULT_AUDIT_QUEUE, DEFAULT_FEED_INTERVAL, DEFAULT_FEED_MAX_STALENESS,
-    DEFAULT_MAX_OWNERS, DEFAULT_ROLLOUT_POLICY, DEFAULT_TTL, DEFAULT_UNKNOWN_VERSION_TTL,
-    FeedStatus, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN, ManualClock, OwnerKeys,
-    SystemClock, WarmReport,
+    DEFAULT_KEYRING_NAME, DEFAULT_MAX_OWNERS, DEFAULT_ROLLOUT_POLICY, DEFAULT_TTL,
+    DEFAULT_UNKNOWN_VERSION_TTL, FeedStatus, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
+    ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
 #[cfg(feature = "derive")]
 #[doc(inline)]
 pub use phi_derive::PhiRecord;
 pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord, Updated};
-pub use sealer::{Sealer, with_sealer};
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;
@@ -99,4 +135,5 @@ pub use store::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore,
     MemoryKeyStore, Rewrap, StoredKey,
 };
+pub use telemetry::{OwnerIdTelemetry, TelemetryOwner};
 pub use value::{DecodeError, PhiValue};

@@ -19,7 +19,7 @@
 //! A legacy value may decode without being in the encoding the model
 //! writes: a date stored as `1980-1-15` decodes, but the model writes
 //! `1980-01-15`. The jobs decode each value and encode it again
-//! ([`StoredColumn::canonical`]), then seal that and compute the blind
+//! (as the model's own encoding does), then seal that and compute the blind
 //! index from it, exactly as the model does: the backfilled row is found
 //! by the application's lookup of `1980-01-15`. Text is not altered (a
 //! padded ` Doe ` stays ` Doe `); its blind index is normalised by the
@@ -111,6 +111,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
+#[doc(hidden)]
 pub use crate::lifecycle::tables::{CanonicalFn, StoredColumn, StoredTable};
 use crate::lifecycle::tables::{
     ColumnType, DataConnection, MigrationRow, ResealTable, RowWrite, RowsQuery, SqlValue,
@@ -139,10 +140,13 @@ const MAX_PROBLEMS: usize = 50;
 pub trait Migratable: PhiRecord {
     /// How the model is stored: its table, owner, row key, flag and
     /// encrypted columns.
+    #[doc(hidden)]
     fn stored_table() -> StoredTable;
 
     /// The model's table as the life-cycle jobs (re-seal, retire, usage,
-    /// shred) take it: [`StoredTable::reseal_table`].
+    /// shred) take it: owner and row key columns with their types, the
+    /// encrypted flag, and each encrypted column with the scope the model
+    /// seals it under.
     ///
     /// # Errors
     /// [`Error::Config`] when the owner or row key type cannot be bound.
@@ -157,6 +161,7 @@ pub trait Migratable: PhiRecord {
 ///
 /// # Errors
 /// When `bytes` are not an encoding of `T`.
+#[doc(hidden)]
 pub fn canonical<T: PhiValue>(
     bytes: Vec<u8>,
 ) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError> {
@@ -170,6 +175,7 @@ pub fn canonical<T: PhiValue>(
 
 /// The SQL type of an owner or row key field, for [`StoredTable`]:
 /// implemented for `String` and the integer types; `Vec<u8>` has none.
+#[doc(hidden)]
 pub trait KeyColumnType {
     /// The column type, if the migration jobs can bind it.
     const COLUMN_TYPE: Option<ColumnType>;

@@ -277,7 +277,10 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// Only when the owners' keys cannot be resolved at all.
     fn open_each(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Result<Self>>> {
         let keys = resolve_for_open(&rows, keyring)?;
-        Ok(rows.into_iter().map(|row| open_row(row, &keys)).collect())
+        Ok(crate::metrics::timed(
+            crate::metrics::OPEN_DURATION_SECONDS,
+            || rows.into_iter().map(|row| open_row(row, &keys)).collect(),
+        ))
     }
 
     /// Runs `query` selecting the sealed form, then opens the rows: the
@@ -406,7 +409,10 @@ pub trait PhiRecord: Sized + Send + Sync {
         async move {
             let owners = owned_owners_and_versions(&rows);
             let keys = resolve_for_open_async(owners, keyring).await?;
-            Ok(rows.into_iter().map(|row| open_row(row, &keys)).collect())
+            Ok(crate::metrics::timed(
+                crate::metrics::OPEN_DURATION_SECONDS,
+                || rows.into_iter().map(|row| open_row(row, &keys)).collect(),
+            ))
         }
     }
 
@@ -533,19 +539,21 @@ fn seal_records<R: PhiRecord>(
         })?
     };
     let len = records.len();
-    if len < parallel_min_rows {
-        let mut out = Vec::with_capacity(len);
-        seal_into(0..len, &mut out)?;
-        return Ok(out);
-    }
-    in_blocks(
-        (0..len)
-            .step_by(BLOCK_ROWS)
-            .map(|start| start..len.min(start + BLOCK_ROWS))
-            .collect(),
-        len,
-        seal_into,
-    )
+    crate::metrics::timed(crate::metrics::SEAL_DURATION_SECONDS, || {
+        if len < parallel_min_rows {
+            let mut out = Vec::with_capacity(len);
+            seal_into(0..len, &mut out)?;
+            return Ok(out);
+        }
+        in_blocks(
+            (0..len)
+                .step_by(BLOCK_ROWS)
+                .map(|start| start..len.min(start + BLOCK_ROWS))
+                .collect(),
+            len,
+            seal_into,
+        )
+    })
 }
 
 /// Rows from which [`PhiRecord::open_all_async`] (and so `load_async`)
@@ -696,21 +704,23 @@ fn open_rows<R: PhiRecord>(
         }
         Ok(())
     };
-    if len < parallel_min_rows {
-        let mut out = Vec::with_capacity(len);
-        open_into(rows, &mut out)?;
-        return Ok(out);
-    }
-    let mut blocks = Vec::with_capacity(len.div_ceil(BLOCK_ROWS));
-    let mut rows = rows.into_iter();
-    loop {
-        let block: Vec<R::Sealed> = rows.by_ref().take(BLOCK_ROWS).collect();
-        if block.is_empty() {
-            break;
+    crate::metrics::timed(crate::metrics::OPEN_DURATION_SECONDS, || {
+        if len < parallel_min_rows {
+            let mut out = Vec::with_capacity(len);
+            open_into(rows, &mut out)?;
+            return Ok(out);
         }
-        blocks.push(block);
-    }
-    in_blocks(blocks, len, open_into)
+        let mut blocks = Vec::with_capacity(len.div_ceil(BLOCK_ROWS));
+        let mut rows = rows.into_iter();
+        loop {
+            let block: Vec<R::Sealed> = rows.by_ref().take(BLOCK_ROWS).collect();
+            if block.is_empty() {
+                break;
+            }
+            blocks.push(block);
+        }
+        in_blocks(blocks, len, open_into)
+    })
 }
 
 /// The stored (sealed) form of a [`PhiRecord`]; implemented by the derive.
@@ -897,9 +907,12 @@ impl Updated {
     }
 }
 
-/// Support for the code `#[derive(PhiRecord)]` generates; not a public API.
-#[doc(hidden)]
-pub mod __private {
+/// Support for the code `#[derive(PhiRecord)]` generates; re-exported as
+/// `phi_types::__private`, not a public API.
+// Not documented for users (the re-export is hidden): the errors are those
+// of the documented calls the generated code makes through it.
+#[allow(clippy::missing_errors_doc)]
+pub(crate) mod __private {
     use std::fmt;
 
     use crate::blind::Normalize;

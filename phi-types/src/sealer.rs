@@ -95,7 +95,7 @@ impl Sealer<'_> {
 /// # let kek = LocalKek::new("k", &KeyBytes::new([1; 32]));
 /// # let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
 /// let keys = keyring.keys_for_seal("provider-17")?;
-/// let (first, last) = phi_types::with_sealer(|s| -> phi_types::Result<_> {
+/// let (first, last) = phi_types::__private::with_sealer(|s| -> phi_types::Result<_> {
 ///     Ok((
 ///         s.seal(&keys, &"Jane".to_string(), "cases.patient_first", b"C-1")?,
 ///         s.seal(&keys, &"Doe".to_string(), "cases.patient_last", b"C-1")?,

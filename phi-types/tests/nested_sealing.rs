@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
+// `with_sealer` is what the derive's generated code seals through.
+use phi_types::__private::with_sealer;
 use phi_types::{
     DecodeError, Encrypted, KeyBytes, Keyring, LocalKek, MemoryKeyStore, OwnerKeys, PhiValue,
-    with_sealer,
 };
 
 const SCOPE: &str = "cases.patient_last";

@@ -402,8 +402,11 @@ fn the_life_cycle_logs_and_counts_no_secret() {
         "rotated a data key",
         "crypto-shredded an owner",
         "metric counter phi_seal_total",
-        "metric counter phi_open_errors_total kind=",
-        "metric histogram phi_key_store_query_seconds operation=",
+        "metric counter phi_open_errors_total outcome=",
+        "metric histogram phi_key_store_query_duration_seconds operation=",
+        "metric histogram phi_open_duration_seconds",
+        "metric gauge phi_cache_owners keyring=",
+        "describe histogram KeyName(\"phi_seal_duration_seconds\") Some(Seconds)",
         "metric counter phi_values_resealed_total table=phi_co_cases",
     ] {
         assert!(

@@ -32,11 +32,7 @@ pub const CONTEXT_KEK_CHECK: &str = "phi:kek-check";
 /// Format of an [`AwsKmsKek`]'s check value (`kek_check_values.format`).
 const CHECK_FORMAT_KMS: &str = "kms-canary-v1";
 
-/// Metric: KMS calls, labels `op` (`GenerateDataKey`, `Decrypt`, `Encrypt`)
-/// and `outcome` (`ok`, or the failure's [`AwsKmsErrorKind::label`]).
-pub const KMS_CALLS_TOTAL: &str = "phi_kms_calls_total";
-/// Metric: KMS call latency in seconds, retries included, label `op`.
-pub const KMS_CALL_SECONDS: &str = "phi_kms_call_seconds";
+use crate::metrics::{KMS_CALL_DURATION_SECONDS, KMS_CALLS_TOTAL, SUCCESS};
 
 /// A key encryption key in AWS KMS.
 ///
@@ -77,12 +73,16 @@ pub const KMS_CALL_SECONDS: &str = "phi_kms_call_seconds";
 /// [`max_concurrent_requests`](AwsKmsKekBuilder::max_concurrent_requests) at
 /// a time.
 ///
-/// Each call runs in a `phi.kms` tracing span (operation, owner, key
-/// version, KEK id), is counted in [`stats`](AwsKmsKek::stats), and is
-/// recorded through the [`metrics`](https://docs.rs/metrics/0.24) facade
-/// as [`phi_kms_calls_total`](KMS_CALLS_TOTAL) and
-/// [`phi_kms_call_seconds`](KMS_CALL_SECONDS) (no-ops unless the application
-/// installs a recorder).
+/// Each call runs in a `phi.kms` tracing span with OpenTelemetry's RPC
+/// attributes (`rpc.system` `aws-api`, `rpc.service` `KMS`, `rpc.method`
+/// `GenerateDataKey`, `Decrypt` or `Encrypt`), the key version and the KEK
+/// id; the owner is on the keyring's enclosing span, written as the
+/// keyring's [`OwnerIdTelemetry`](crate::OwnerIdTelemetry) says. Each call
+/// is counted in [`stats`](AwsKmsKek::stats), and recorded through the
+/// [`metrics`](https://docs.rs/metrics/0.24) facade as
+/// `phi_kms_calls_total` and `phi_kms_call_duration_seconds` (see
+/// [`metrics`](crate::metrics); no-ops unless the application installs a
+/// recorder).
 ///
 /// Plaintext data keys go from the KMS response straight into zeroizing
 /// [`KeyBytes`]; neither they nor the credentials appear in `Debug`, logs or
@@ -151,6 +151,16 @@ pub struct AwsKmsStats {
     pub encrypt: u64,
     /// Calls of any kind that failed.
     pub failures: u64,
+}
+
+/// A KMS operation's name as a metric label: snake_case.
+fn operation_label(operation: &'static str) -> &'static str {
+    match operation {
+        "GenerateDataKey" => "generate_data_key",
+        "Decrypt" => "decrypt",
+        "Encrypt" => "encrypt",
+        _ => "other",
+    }
 }
 
 impl AwsKmsKek {
@@ -589,7 +599,7 @@ impl Kms {
     ) -> Result<(KeyBytes, Vec<u8>), AwsKmsError> {
         const OP: &str = "GenerateDataKey";
         self.counters.generate.fetch_add(1, Ordering::Relaxed);
-        let span = self.span(OP, owner, version);
+        let span = self.span(OP, version);
         let started = Instant::now();
         let sent = self
             .client
@@ -625,7 +635,7 @@ impl Kms {
     ) -> Result<KeyBytes, AwsKmsError> {
         const OP: &str = "Decrypt";
         self.counters.decrypt.fetch_add(1, Ordering::Relaxed);
-        let span = self.span(OP, owner, version);
+        let span = self.span(OP, version);
         let started = Instant::now();
         let sent = self
             .client
@@ -651,7 +661,7 @@ impl Kms {
     ) -> Result<Vec<u8>, AwsKmsError> {
         const OP: &str = "Encrypt";
         self.counters.encrypt.fetch_add(1, Ordering::Relaxed);
-        let span = self.span(OP, owner, version);
+        let span = self.span(OP, version);
         let started = Instant::now();
         let sent = self
             .client
@@ -726,11 +736,27 @@ impl Kms {
     }
 
     fn check_span(&self, operation: &'static str) -> tracing::Span {
-        tracing::debug_span!("phi.kms", operation, check = true, kek = %self.kek_id)
+        tracing::debug_span!(
+            "phi.kms",
+            "rpc.system" = "aws-api",
+            "rpc.service" = "KMS",
+            "rpc.method" = operation,
+            check = true,
+            kek = %self.kek_id
+        )
     }
 
-    fn span(&self, operation: &'static str, owner: &str, version: u32) -> tracing::Span {
-        tracing::debug_span!("phi.kms", operation, owner, version, kek = %self.kek_id)
+    /// The span of a call for a data key; the owner is on the keyring's
+    /// enclosing span, which writes it as the keyring is configured to.
+    fn span(&self, operation: &'static str, version: u32) -> tracing::Span {
+        tracing::debug_span!(
+            "phi.kms",
+            "rpc.system" = "aws-api",
+            "rpc.service" = "KMS",
+            "rpc.method" = operation,
+            version,
+            kek = %self.kek_id
+        )
     }
 
     fn finish<T>(
@@ -746,7 +772,7 @@ impl Kms {
         let outcome = match &result {
             Ok(_) => {
                 tracing::debug!(millis, "{operation} succeeded");
-                "ok"
+                SUCCESS
             }
             Err(error) => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -754,8 +780,10 @@ impl Kms {
                 error.kind.label()
             }
         };
-        metrics::counter!(KMS_CALLS_TOTAL, "op" => operation, "outcome" => outcome).increment(1);
-        metrics::histogram!(KMS_CALL_SECONDS, "op" => operation).record(seconds);
+        let operation = operation_label(operation);
+        metrics::counter!(KMS_CALLS_TOTAL, "operation" => operation, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(KMS_CALL_DURATION_SECONDS, "operation" => operation).record(seconds);
         result
     }
 

@@ -13,7 +13,7 @@ mod local;
 #[cfg(feature = "aws-kms")]
 pub use aws::{
     AwsKmsError, AwsKmsErrorKind, AwsKmsKek, AwsKmsKekBuilder, AwsKmsStats, CONTEXT_DEK_VERSION,
-    CONTEXT_KEK_CHECK, CONTEXT_OWNER, KMS_CALL_SECONDS, KMS_CALLS_TOTAL,
+    CONTEXT_KEK_CHECK, CONTEXT_OWNER,
 };
 pub use local::{CHECK_FORMAT_LOCAL, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 

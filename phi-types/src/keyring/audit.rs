@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::store::{AuditEvent, KeyStore};
+use crate::telemetry::OwnerIdTelemetry;
 
 /// Records per `append_audit` call.
 const BATCH: usize = 1_000;
@@ -49,6 +50,7 @@ struct State {
 }
 
 struct Shared {
+    owners: OwnerIdTelemetry,
     state: Mutex<State>,
     /// Wakes the writer: records queued, a flush asked for, or closing.
     work: Condvar,
@@ -72,8 +74,14 @@ pub(super) struct AuditWriter {
 impl AuditWriter {
     /// Starts the writer thread over `store`, queueing at most `capacity`
     /// records.
-    pub(super) fn start(store: Arc<dyn KeyStore>, capacity: usize) -> Result<Self> {
+    /// Owner ids in its log events are written as `owners` says.
+    pub(super) fn start(
+        store: Arc<dyn KeyStore>,
+        capacity: usize,
+        owners: OwnerIdTelemetry,
+    ) -> Result<Self> {
         let shared = Arc::new(Shared {
+            owners,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             progress: Condvar::new(),
@@ -115,7 +123,7 @@ impl AuditWriter {
             } else {
                 format!("the audit queue is full ({} records)", self.shared.capacity)
             };
-            give_up(&mut state, &lost, reason);
+            give_up(&mut state, &lost, reason, self.shared.owners);
         }
         drop(state);
         crate::metrics::audit_queued(taken as u64);
@@ -208,7 +216,12 @@ fn run(shared: &Shared, store: &dyn KeyStore) {
             if !queued.is_empty() {
                 state.finished += queued.len() as u64;
                 crate::metrics::audit_finished(queued.len() as u64);
-                give_up(&mut state, &queued, "the audit writer stopped".into());
+                give_up(
+                    &mut state,
+                    &queued,
+                    "the audit writer stopped".into(),
+                    self.0.owners,
+                );
             }
             drop(state);
             self.0.progress.notify_all();
@@ -239,7 +252,12 @@ fn run(shared: &Shared, store: &dyn KeyStore) {
                 state.written += batch.len() as u64;
                 crate::metrics::audit_written(batch.len() as u64);
             }
-            Err(error) => give_up(&mut state, &batch, crate::error::chain_text(&error)),
+            Err(error) => give_up(
+                &mut state,
+                &batch,
+                crate::error::chain_text(&error),
+                shared.owners,
+            ),
         }
         // Closing after a failed write: the store is unlikely to take the
         // rest either, and each try could wait out a pool or busy timeout,
@@ -256,7 +274,7 @@ fn run(shared: &Shared, store: &dyn KeyStore) {
 }
 
 /// Counts and logs records that will not be written.
-fn give_up(state: &mut State, lost: &[AuditEvent], reason: String) {
+fn give_up(state: &mut State, lost: &[AuditEvent], reason: String, owners: OwnerIdTelemetry) {
     let n = lost.len() as u64;
     state.dropped += n;
     state.unreported += n;
@@ -265,8 +283,8 @@ fn give_up(state: &mut State, lost: &[AuditEvent], reason: String) {
         .iter()
         .take(LOGGED)
         .map(|e| match e.key_version {
-            Some(v) => format!("{} v{v}", e.owner_id),
-            None => e.owner_id.clone(),
+            Some(v) => format!("{} v{v}", owners.render(&e.owner_id)),
+            None => owners.render(&e.owner_id).to_string(),
         })
         .collect();
     tracing::warn!(

@@ -200,7 +200,10 @@ impl Keyring {
         tracing::debug!(
             id = feed.id,
             kind = %event.kind,
-            owner = event.owner_id.as_deref(),
+            owner = event
+                .owner_id
+                .as_deref()
+                .map(|o| tracing::field::display(self.owner_for_telemetry(o))),
             "applying a key event"
         );
         match (event.kind, event.owner_id.as_deref()) {

@@ -67,6 +67,7 @@ use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;
 use crate::sql::Encrypted;
 use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, Rollout, StoredKey};
+use crate::telemetry::{OwnerIdTelemetry, TelemetryOwner};
 use crate::value::PhiValue;
 
 /// Default time an unwrapped data key stays cached.
@@ -98,6 +99,9 @@ pub const PARALLEL_MIN_ROWS: usize = 512;
 
 /// The roll-out policy a keyring follows unless configured otherwise.
 pub const DEFAULT_ROLLOUT_POLICY: &str = "default";
+/// A keyring's name in its metrics unless configured otherwise
+/// ([`KeyringBuilder::name`]).
+pub const DEFAULT_KEYRING_NAME: &str = "default";
 
 /// The unwrapped data keys of one owner: every version still readable, and
 /// the current one that seals.
@@ -300,6 +304,8 @@ struct Inner {
     parallel_min_rows: usize,
     rollout_policy: String,
     follower: Option<Arc<follow::Follower>>,
+    name: String,
+    owner_telemetry: OwnerIdTelemetry,
 }
 
 impl Drop for Inner {
@@ -327,6 +333,8 @@ pub struct KeyringBuilder {
     rollout_policy: String,
     feed_interval: Option<Duration>,
     feed_max_staleness: Duration,
+    name: String,
+    owner_telemetry: OwnerIdTelemetry,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -467,6 +475,23 @@ impl KeyringBuilder {
         self
     }
 
+    /// The keyring's name in its metrics (the `keyring` label of
+    /// `phi_cache_owners`; default `"default"`): two keyrings in one process
+    /// need two names, or their gauges overwrite each other.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How owner ids appear in this keyring's tracing spans and log events
+    /// (and in those of the life-cycle jobs run with it): in clear (the
+    /// default), hashed, or omitted. See [`OwnerIdTelemetry`] for what
+    /// hashing does and does not hide.
+    pub fn owner_ids_in_telemetry(mut self, mode: OwnerIdTelemetry) -> Self {
+        self.owner_telemetry = mode;
+        self
+    }
+
     /// Builds the keyring, after checking every configured KEK against the
     /// key store: a KEK id names exactly one key. The first keyring built
     /// with a KEK stores its check value (`kek_check_values`); a KEK whose
@@ -481,6 +506,7 @@ impl KeyringBuilder {
     /// store knows under its id; [`Error::KekCheck`] when a KEK cannot be
     /// checked (a KMS unreachable); key store errors.
     pub fn build(self) -> Result<Keyring> {
+        crate::metrics::describe();
         if self.ttl.is_zero() {
             return Err(Error::Config("the key cache TTL must be positive".into()));
         }
@@ -519,6 +545,12 @@ impl KeyringBuilder {
                 self.rollout_policy.len()
             )));
         }
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(Error::Config(format!(
+                "the keyring name must be 1 to 64 bytes long, not {}",
+                self.name.len()
+            )));
+        }
         let mut rollout = self.rollout;
         let follower = match self.feed_interval {
             None => None,
@@ -541,7 +573,7 @@ impl KeyringBuilder {
                 )))
             }
         };
-        let audit = AuditWriter::start(self.store.clone(), self.audit_queue)?;
+        let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
         let keyring = Keyring {
             inner: Arc::new(Inner {
                 store: self.store,
@@ -557,6 +589,8 @@ impl KeyringBuilder {
                 parallel_min_rows: self.parallel_min_rows,
                 rollout_policy: self.rollout_policy,
                 follower: follower.clone(),
+                name: self.name,
+                owner_telemetry: self.owner_telemetry,
             }),
         };
         if let Some(follower) = follower {
@@ -594,7 +628,34 @@ impl Keyring {
             rollout_policy: DEFAULT_ROLLOUT_POLICY.to_owned(),
             feed_interval: None,
             feed_max_staleness: DEFAULT_FEED_MAX_STALENESS,
+            name: DEFAULT_KEYRING_NAME.to_owned(),
+            owner_telemetry: OwnerIdTelemetry::default(),
         }
+    }
+
+    /// The keyring's name in its metrics ([`KeyringBuilder::name`]).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// An error's text for a log event: its full cause chain while owner
+    /// ids are written in clear; otherwise only its kind, since error
+    /// messages name the owner.
+    pub(crate) fn error_for_telemetry(&self, error: &Error) -> String {
+        match self.inner.owner_telemetry {
+            OwnerIdTelemetry::Plain => crate::error::chain_text(error),
+            _ => format!(
+                "{:?} error (details withheld: owner ids are not logged)",
+                error.kind()
+            ),
+        }
+    }
+
+    /// `owner` as this keyring writes it into tracing spans and log events
+    /// ([`KeyringBuilder::owner_ids_in_telemetry`]): for an application's
+    /// own logs that should follow the same rule.
+    pub fn owner_for_telemetry<'o>(&self, owner: &'o str) -> TelemetryOwner<'o> {
+        self.inner.owner_telemetry.render(owner)
     }
 
     /// Rows from which a batch is sealed or opened on several threads (see
@@ -809,7 +870,7 @@ impl Keyring {
     /// `version`.
     fn missed(&self, owner: &str, version: u32, now: Instant) {
         tracing::warn!(
-            owner,
+            owner = %self.owner_for_telemetry(owner),
             version,
             "a value names a data key version its owner does not have"
         );
@@ -844,7 +905,7 @@ impl Keyring {
     pub fn clear(&self, owner: &str) -> bool {
         self.inner.misses.forget(owner);
         let removed = self.inner.cache.remove(owner);
-        crate::metrics::cache_owners(self.inner.cache.len());
+        crate::metrics::cache_owners(&self.inner.name, self.inner.cache.len());
         removed
     }
 
@@ -852,7 +913,7 @@ impl Keyring {
     pub fn clear_all(&self) {
         self.inner.misses.clear();
         self.inner.cache.clear();
-        crate::metrics::cache_owners(0);
+        crate::metrics::cache_owners(&self.inner.name, 0);
     }
 
     /// Loads the given owners' keys into the cache (e.g. at start-up).
@@ -880,7 +941,11 @@ impl Keyring {
                 match result {
                     Ok(_) => report.warmed += 1,
                     Err(error) => {
-                        tracing::warn!(owner = %owner, error = %crate::error::chain_text(&error), "cannot warm an owner's keys");
+                        tracing::warn!(
+                            owner = %self.owner_for_telemetry(&owner),
+                            error = %self.error_for_telemetry(&error),
+                            "cannot warm an owner's keys"
+                        );
                         report.failures.push((owner, error));
                     }
                 }
@@ -1008,6 +1073,7 @@ impl Keyring {
             },
             waits: Vec::new(),
             led: false,
+            keyring: &self.inner.name,
         };
         let mut seen = HashSet::new();
         let mut hits = 0;
@@ -1226,8 +1292,13 @@ impl Keyring {
         };
         let kek = &self.inner.primary;
         let (key, wrapped) = {
-            let _span =
-                tracing::debug_span!("phi.kek.generate", owner, version, kek = kek.id()).entered();
+            let _span = tracing::debug_span!(
+                "phi.kek.generate",
+                owner = %self.owner_for_telemetry(owner),
+                version,
+                kek = kek.id()
+            )
+            .entered();
             kek.generate(owner, version)
         }
         .map_err(|source| Error::Kek {
@@ -1244,7 +1315,12 @@ impl Keyring {
                 .creations
                 .fetch_add(1, Ordering::Relaxed);
             audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
-            tracing::info!(owner, version, kek = kek.id(), "generated a data key");
+            tracing::info!(
+                owner = %self.owner_for_telemetry(owner),
+                version,
+                kek = kek.id(),
+                "generated a data key"
+            );
             return Ok(OwnerKeys {
                 owner: owner.to_owned(),
                 deks: vec![Dek::new(version, key)],
@@ -1350,6 +1426,7 @@ struct Batch<'k, 'o> {
     lead: LeadGuard<'k>,
     waits: Vec<(&'o str, Arc<Flight>)>,
     led: bool,
+    keyring: &'k str,
 }
 
 impl<'o> Batch<'_, 'o> {
@@ -1407,11 +1484,12 @@ impl<'o> Batch<'_, 'o> {
             lead,
             waits,
             led,
+            keyring,
         } = self;
         let cache = lead.cache;
         drop(lead);
         if led {
-            crate::metrics::cache_owners(cache.len());
+            crate::metrics::cache_owners(keyring, cache.len());
         }
         (results, waits)
     }

@@ -338,7 +338,12 @@ impl Keyring {
             }
         };
         let kek = &self.inner.primary;
-        let span = tracing::debug_span!("phi.kek.generate", owner, version, kek = kek.id());
+        let span = tracing::debug_span!(
+            "phi.kek.generate",
+            owner = %self.owner_for_telemetry(owner),
+            version,
+            kek = kek.id()
+        );
         let (key, wrapped) =
             tracing::Instrument::instrument(kek.generate_async(owner, version), span)
                 .await
@@ -363,7 +368,12 @@ impl Keyring {
                 .creations
                 .fetch_add(1, Ordering::Relaxed);
             audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
-            tracing::info!(owner, version, kek = kek.id(), "generated a data key");
+            tracing::info!(
+                owner = %self.owner_for_telemetry(owner),
+                version,
+                kek = kek.id(),
+                "generated a data key"
+            );
             return Ok(OwnerKeys {
                 owner: owner.to_owned(),
                 deks: vec![crate::dek::Dek::new(version, key)],

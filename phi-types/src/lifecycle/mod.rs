@@ -211,7 +211,12 @@ pub fn rotate_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<u32> {
     }
     keyring.clear(owner);
     metrics::add(metrics::KEYS_ROTATED_TOTAL, 1);
-    tracing::info!(owner, version, kek = kek.id(), "rotated a data key");
+    tracing::info!(
+        owner = %keyring.owner_for_telemetry(owner),
+        version,
+        kek = kek.id(),
+        "rotated a data key"
+    );
     Ok(version)
 }
 
@@ -276,7 +281,7 @@ pub fn clear_cache_fleet_by(keyring: &Keyring, owner: Option<&str>, actor: &str)
     );
     let id = keyring.store().append_key_events(&[feed], &[audit])?;
     tracing::info!(
-        owner = owner.unwrap_or(EVERY_OWNER),
+        owner = %owner.map_or(EVERY_OWNER.into(), |o| keyring.owner_for_telemetry(o).to_string()),
         event = id,
         "cleared cached keys fleet-wide"
     );
@@ -604,7 +609,12 @@ pub fn reseal<C: DataConnection>(
                 .sum::<u64>();
         }
     }
-    let _span = tracing::info_span!("phi.reseal", owner, current).entered();
+    let _span = tracing::info_span!(
+        "phi.reseal",
+        owner = %keyring.owner_for_telemetry(owner),
+        current
+    )
+    .entered();
     for t in tables {
         for c in &t.columns {
             report.table.clone_from(&t.table);
@@ -644,7 +654,7 @@ pub fn reseal<C: DataConnection>(
         }
     }
     tracing::info!(
-        owner,
+        owner = %keyring.owner_for_telemetry(owner),
         current,
         resealed = report.resealed,
         "re-seal finished"
@@ -786,7 +796,11 @@ pub fn retire<C: DataConnection>(
     keyring.clear(owner);
     if retired {
         metrics::add(metrics::KEYS_RETIRED_TOTAL, 1);
-        tracing::info!(owner, version, "retired a data key version");
+        tracing::info!(
+            owner = %keyring.owner_for_telemetry(owner),
+            version,
+            "retired a data key version"
+        );
     }
     Ok(retired)
 }
@@ -1005,7 +1019,11 @@ pub fn shred_keys_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<Shre
         metrics::KEYS_DESTROYED_TOTAL,
         destroyed_versions.len() as u64,
     );
-    tracing::warn!(owner, versions = ?destroyed_versions, "crypto-shredded an owner");
+    tracing::warn!(
+        owner = %keyring.owner_for_telemetry(owner),
+        versions = ?destroyed_versions,
+        "crypto-shredded an owner"
+    );
     let rows = keyring.store().load_keys(&[owner])?;
     let keys_left = rows
         .iter()
