@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use diesel::backend::Backend;
+use diesel::expression::KnownCastSqlTypeName;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
@@ -926,23 +927,17 @@ struct PlainValue {
 /// The envelope v1 prefix: magic and format version.
 const PREFIX: [u8; 2] = [MAGIC, VERSION_V1];
 
-/// What differs between the backends beyond quoting and placeholders
-/// (which Diesel writes, see [`Statement`]).
+/// What differs between the backends beyond quoting, placeholders and
+/// cast type names (which Diesel writes, see [`Statement`]).
 ///
-/// These stay SQL text chosen per backend: the columns are named at run
-/// time, so Diesel's typed query DSL (and `diesel_dynamic_schema`, whose
-/// columns carry a SQL type fixed at compile time) cannot cast a key or
-/// owner column of a type known only at run time, lock rows on SQLite
-/// (which has no `FOR UPDATE`), or order at random (no portable function).
+/// These stay SQL text chosen per backend: the tables and columns are
+/// named at run time, and Diesel's row locks (`for_update`) belong to its
+/// typed `SELECT` DSL (and do not exist on SQLite), as do its set-based
+/// updates; nor has it a function ordering rows at random on every backend.
 #[derive(Clone, Copy)]
 struct Dialect {
     /// Locks the rows a `SELECT` read until the transaction ends.
     lock: &'static str,
-    /// The type an integer column is cast to, to read it as a 64-bit
-    /// signed integer whatever its width.
-    bigint: &'static str,
-    /// The type an integer owner column is cast to, to read it as text.
-    text: &'static str,
     /// The function that orders rows at random.
     random: &'static str,
     /// How a set-based `UPDATE` joins the rows it writes.
@@ -956,8 +951,9 @@ struct Dialect {
 /// (`push_identifier`) and each value bound as a parameter
 /// (`push_bind_param`), so Diesel writes every quote and placeholder
 /// (`"…"` or `` `…` ``, `$n` or `?`) and a value always lands where its
-/// placeholder is. The SQL text between them is the same on every backend
-/// but for what a [`Dialect`] names.
+/// placeholder is; a cast names its type as Diesel's own `CAST` does for
+/// the backend ([`KnownCastSqlTypeName`]). The SQL text between them is
+/// the same on every backend but for what a [`Dialect`] names.
 #[derive(Default)]
 struct Statement<'a> {
     parts: Vec<Part<'a>>,
@@ -968,6 +964,9 @@ enum Part<'a> {
     Sql(Cow<'a, str>),
     /// An identifier; a `schema.table` is quoted part by part.
     Ident(&'a str),
+    /// `CAST(column AS BIGINT)` (`true`) or `CAST(column AS TEXT)`, in the
+    /// backend's type names.
+    Cast(&'a str, bool),
     /// An owner id or row key, as its column's type.
     Key(&'a SqlValue),
     /// An encrypted flag, as its column's type.
@@ -1003,13 +1002,20 @@ impl<'a> Statement<'a> {
     }
 
     /// `column`, cast to a 64-bit integer when `integer`.
-    fn bigint(&mut self, d: Dialect, column: &'a str, integer: bool) -> &mut Self {
+    fn bigint(&mut self, column: &'a str, integer: bool) -> &mut Self {
         if integer {
-            self.sql("CAST(")
-                .ident(column)
-                .sql(" AS ")
-                .sql(d.bigint)
-                .sql(")")
+            self.parts.push(Part::Cast(column, true));
+            self
+        } else {
+            self.ident(column)
+        }
+    }
+
+    /// `column`, cast to text when `integer`.
+    fn text(&mut self, column: &'a str, integer: bool) -> &mut Self {
+        if integer {
+            self.parts.push(Part::Cast(column, false));
+            self
         } else {
             self.ident(column)
         }
@@ -1056,6 +1062,8 @@ where
     bool: ToSql<Bool, DB>,
     i64: ToSql<BigInt, DB>,
     String: ToSql<Text, DB>,
+    BigInt: KnownCastSqlTypeName<DB>,
+    Text: KnownCastSqlTypeName<DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         // The text varies with the number of keys and the limit: keep it
@@ -1065,6 +1073,17 @@ where
             match part {
                 Part::Sql(sql) => out.push_sql(sql),
                 Part::Ident(name) => push_table(&mut out, name)?,
+                Part::Cast(column, bigint) => {
+                    out.push_sql("CAST(");
+                    out.push_identifier(column)?;
+                    out.push_sql(" AS ");
+                    out.push_sql(if *bigint {
+                        <BigInt as KnownCastSqlTypeName<DB>>::SQL_TYPE_NAME
+                    } else {
+                        <Text as KnownCastSqlTypeName<DB>>::SQL_TYPE_NAME
+                    });
+                    out.push_sql(")");
+                }
                 Part::Key(SqlValue::Text(t)) => out.push_bind_param::<Text, String>(t)?,
                 Part::Key(SqlValue::Int(n)) => out.push_bind_param::<BigInt, i64>(n)?,
                 Part::Flag(flag) => push_flag(&mut out, flag)?,
@@ -1126,8 +1145,7 @@ impl Dialect {
         let mut s = Statement::default();
         s.sql("SELECT ");
         if let Some(k) = &t.key_column {
-            s.bigint(self, k, t.key_type.is_integer())
-                .sql(" AS row_key, ");
+            s.bigint(k, t.key_type.is_integer()).sql(" AS row_key, ");
         }
         s.ident(column)
             .sql(" AS value FROM ")
@@ -1151,27 +1169,18 @@ impl Dialect {
     ) -> Statement<'a> {
         let mut s = Statement::default();
         s.sql("SELECT ")
-            .bigint(
-                self,
-                t.key_column,
-                t.key_type.is_some_and(ColumnType::is_integer),
-            )
+            .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
             .sql(" AS row_key, ");
-        if t.owner_type.is_some_and(ColumnType::is_integer) {
-            s.sql("CAST(")
-                .ident(t.owner_column)
-                .sql(" AS ")
-                .sql(self.text)
-                .sql(")");
-        } else {
-            s.ident(t.owner_column);
-        }
-        s.sql(" AS owner FROM ")
-            .ident(t.table)
-            .sql(" WHERE ")
-            .ident(t.flag_column)
-            .sql(" = ")
-            .flag(t.flag_is_bool, q.sealed);
+        s.text(
+            t.owner_column,
+            t.owner_type.is_some_and(ColumnType::is_integer),
+        )
+        .sql(" AS owner FROM ")
+        .ident(t.table)
+        .sql(" WHERE ")
+        .ident(t.flag_column)
+        .sql(" = ")
+        .flag(t.flag_is_bool, q.sealed);
         if let Some(after) = q.after {
             s.sql(" AND ").ident(t.key_column).sql(" > ").key(after);
         }
@@ -1198,11 +1207,7 @@ impl Dialect {
     ) -> Statement<'a> {
         let mut s = Statement::default();
         s.sql("SELECT ")
-            .bigint(
-                self,
-                t.key_column,
-                t.key_type.is_some_and(ColumnType::is_integer),
-            )
+            .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
             .sql(" AS row_key, ")
             .ident(column)
             .sql(" AS value FROM ")
@@ -2071,13 +2076,13 @@ macro_rules! data_connection {
 
 data_connection! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction,
-        Dialect { lock: "", bigint: "INTEGER", text: "TEXT", random: "RANDOM()",
+        Dialect { lock: "", random: "RANDOM()",
             shape: SetShape::SqliteValues, max_binds: 32_766 };
     "mysql" => diesel::MysqlConnection, transaction,
-        Dialect { lock: " FOR UPDATE", bigint: "SIGNED", text: "CHAR", random: "RAND()",
+        Dialect { lock: " FOR UPDATE", random: "RAND()",
             shape: SetShape::Join, max_binds: 65_535 };
     "postgres" => diesel::PgConnection, transaction,
-        Dialect { lock: " FOR UPDATE", bigint: "BIGINT", text: "TEXT", random: "random()",
+        Dialect { lock: " FOR UPDATE", random: "random()",
             shape: SetShape::Values, max_binds: 65_535 };
 }
 
