@@ -3,18 +3,21 @@
 //!
 //! Every query reads the key version from the envelope header at a fixed
 //! offset (bytes 3 to 6, SQL `SUBSTR(column, 3, 4)`), so counting and
-//! finding values per key version never decrypts. Identifiers are checked
-//! and quoted; values are bound, owner ids and row keys as their column's
-//! [`ColumnType`] (text, or integers read as 64-bit signed integers).
+//! finding values per key version never decrypts. Identifiers are checked,
+//! then quoted by Diesel for the backend; values are bound by Diesel, owner
+//! ids and row keys as their column's [`ColumnType`] (text, or integers read
+//! as 64-bit signed integers).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use diesel::backend::Backend;
+use diesel::expression::KnownCastSqlTypeName;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, BoxedSqlQuery, QueryFragment, QueryId, SqlQuery};
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::result::Error as DieselError;
 use diesel::serialize::ToSql;
-use diesel::sql_types::{BigInt, Binary, Bool, HasSqlType, Nullable, Text};
+use diesel::sql_types::{BigInt, Binary, Bool, HasSqlType, Nullable, Text, Untyped};
 
 use zeroize::Zeroizing;
 
@@ -924,17 +927,17 @@ struct PlainValue {
 /// The envelope v1 prefix: magic and format version.
 const PREFIX: [u8; 2] = [MAGIC, VERSION_V1];
 
-/// How one backend writes placeholders and quotes identifiers.
+/// What differs between the backends beyond quoting, placeholders and
+/// cast type names (which Diesel writes, see [`Statement`]).
+///
+/// These stay SQL text chosen per backend: the tables and columns are
+/// named at run time, and Diesel's row locks (`for_update`) belong to its
+/// typed `SELECT` DSL (and do not exist on SQLite), as do its set-based
+/// updates; nor has it a function ordering rows at random on every backend.
 #[derive(Clone, Copy)]
 struct Dialect {
-    numbered: bool,
-    quote: char,
+    /// Locks the rows a `SELECT` read until the transaction ends.
     lock: &'static str,
-    /// The type an integer column is cast to, to read it as a 64-bit
-    /// signed integer whatever its width.
-    bigint: &'static str,
-    /// The type an integer owner column is cast to, to read it as text.
-    text: &'static str,
     /// The function that orders rows at random.
     random: &'static str,
     /// How a set-based `UPDATE` joins the rows it writes.
@@ -943,120 +946,287 @@ struct Dialect {
     max_binds: usize,
 }
 
-impl Dialect {
-    fn ident(self, name: &str) -> String {
-        name.split('.')
-            .map(|p| format!("{q}{p}{q}", q = self.quote))
-            .collect::<Vec<_>>()
-            .join(".")
+/// One statement on an application table, written through Diesel's query
+/// builder ([`AstPass`]): each identifier is quoted by the backend
+/// (`push_identifier`) and each value bound as a parameter
+/// (`push_bind_param`), so Diesel writes every quote and placeholder
+/// (`"…"` or `` `…` ``, `$n` or `?`) and a value always lands where its
+/// placeholder is; a cast names its type as Diesel's own `CAST` does for
+/// the backend ([`KnownCastSqlTypeName`]). The SQL text between them is
+/// the same on every backend but for what a [`Dialect`] names.
+#[derive(Default)]
+struct Statement<'a> {
+    parts: Vec<Part<'a>>,
+}
+
+enum Part<'a> {
+    /// SQL text.
+    Sql(Cow<'a, str>),
+    /// An identifier; a `schema.table` is quoted part by part.
+    Ident(&'a str),
+    /// `CAST(column AS BIGINT)` (`true`) or `CAST(column AS TEXT)`, in the
+    /// backend's type names.
+    Cast(&'a str, bool),
+    /// An owner id or row key, as its column's type.
+    Key(&'a SqlValue),
+    /// An encrypted flag, as its column's type.
+    Flag(FlagValue),
+    /// Bytes (a stored value, the envelope prefix, a key version).
+    Bytes(Cow<'a, [u8]>),
+}
+
+impl<'a> Statement<'a> {
+    fn sql(&mut self, sql: impl Into<Cow<'a, str>>) -> &mut Self {
+        self.parts.push(Part::Sql(sql.into()));
+        self
     }
 
-    fn p(self, n: usize) -> String {
-        if self.numbered {
-            format!("${n}")
+    fn ident(&mut self, name: &'a str) -> &mut Self {
+        self.parts.push(Part::Ident(name));
+        self
+    }
+
+    fn key(&mut self, value: &'a SqlValue) -> &mut Self {
+        self.parts.push(Part::Key(value));
+        self
+    }
+
+    fn flag(&mut self, is_bool: bool, on: bool) -> &mut Self {
+        self.parts.push(Part::Flag(FlagValue::new(is_bool, on)));
+        self
+    }
+
+    fn bytes(&mut self, bytes: impl Into<Cow<'a, [u8]>>) -> &mut Self {
+        self.parts.push(Part::Bytes(bytes.into()));
+        self
+    }
+
+    /// `column`, cast to a 64-bit integer when `integer`.
+    fn bigint(&mut self, column: &'a str, integer: bool) -> &mut Self {
+        if integer {
+            self.parts.push(Part::Cast(column, true));
+            self
         } else {
-            "?".to_owned()
+            self.ident(column)
         }
     }
 
-    /// `WHERE` clause selecting `owner`'s envelope values in `column`
-    /// (placeholders 1 and 2: owner, prefix), of rows whose flag is on.
-    fn owned_envelopes(self, t: &ResealTable, column: &str) -> String {
-        let c = self.ident(column);
-        format!(
-            "{owner} = {p1} AND {c} IS NOT NULL AND SUBSTR({c}, 1, 2) = {p2}{flag}",
-            owner = self.ident(&t.owner_column),
-            p1 = self.p(1),
-            p2 = self.p(2),
-            flag = self.flag_on(t),
-        )
-    }
-
-    /// ` AND flag on` for a table with an encrypted flag, else nothing: a
-    /// row whose flag is off holds plain values, whatever their bytes.
-    fn flag_on(self, t: &ResealTable) -> String {
-        match (&t.flag_column, t.flag_type) {
-            (None, _) => String::new(),
-            (Some(flag), FlagType::Bool) => format!(" AND {} = TRUE", self.ident(flag)),
-            (Some(flag), FlagType::Integer) => format!(" AND {} <> 0", self.ident(flag)),
+    /// `column`, cast to text when `integer`.
+    fn text(&mut self, column: &'a str, integer: bool) -> &mut Self {
+        if integer {
+            self.parts.push(Part::Cast(column, false));
+            self
+        } else {
+            self.ident(column)
         }
     }
 
-    fn select_values(self, t: &ResealTable, column: &str, extra: &str, limit: usize) -> String {
-        let key = match &t.key_column {
-            Some(k) if t.key_type.is_integer() => {
-                format!("CAST({} AS {}) AS row_key, ", self.ident(k), self.bigint)
+    /// `flag = TRUE` (or `<> 0`): the row's flag is on.
+    fn flag_on(&mut self, flag: &'a str, flag_type: FlagType) -> &mut Self {
+        self.ident(flag).sql(match flag_type {
+            FlagType::Bool => " = TRUE",
+            FlagType::Integer => " <> 0",
+        })
+    }
+
+    /// `owner = ? AND column IS NOT NULL AND SUBSTR(column, 1, 2) = ?`, and
+    /// ` AND flag on` for a table with an encrypted flag: `owner`'s
+    /// envelope values in `column` (a row whose flag is off holds plain
+    /// values, whatever their bytes).
+    fn owned_envelopes(
+        &mut self,
+        t: &'a ResealTable,
+        column: &'a str,
+        owner: &'a SqlValue,
+    ) -> &mut Self {
+        self.ident(&t.owner_column)
+            .sql(" = ")
+            .key(owner)
+            .sql(" AND ")
+            .ident(column)
+            .sql(" IS NOT NULL AND SUBSTR(")
+            .ident(column)
+            .sql(", 1, 2) = ")
+            .bytes(&PREFIX[..]);
+        if let Some(flag) = &t.flag_column {
+            self.sql(" AND ").flag_on(flag, t.flag_type);
+        }
+        self
+    }
+}
+
+impl<DB> QueryFragment<DB> for Statement<'_>
+where
+    DB: Backend + HasSqlType<Binary> + HasSqlType<Bool> + HasSqlType<BigInt> + HasSqlType<Text>,
+    [u8]: ToSql<Binary, DB>,
+    bool: ToSql<Bool, DB>,
+    i64: ToSql<BigInt, DB>,
+    String: ToSql<Text, DB>,
+    BigInt: KnownCastSqlTypeName<DB>,
+    Text: KnownCastSqlTypeName<DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        // The text varies with the number of keys and the limit: keep it
+        // out of the prepared statement cache, as `sql_query` does.
+        out.unsafe_to_cache_prepared();
+        for part in &self.parts {
+            match part {
+                Part::Sql(sql) => out.push_sql(sql),
+                Part::Ident(name) => push_table(&mut out, name)?,
+                Part::Cast(column, bigint) => {
+                    out.push_sql("CAST(");
+                    out.push_identifier(column)?;
+                    out.push_sql(" AS ");
+                    out.push_sql(if *bigint {
+                        <BigInt as KnownCastSqlTypeName<DB>>::SQL_TYPE_NAME
+                    } else {
+                        <Text as KnownCastSqlTypeName<DB>>::SQL_TYPE_NAME
+                    });
+                    out.push_sql(")");
+                }
+                Part::Key(SqlValue::Text(t)) => out.push_bind_param::<Text, String>(t)?,
+                Part::Key(SqlValue::Int(n)) => out.push_bind_param::<BigInt, i64>(n)?,
+                Part::Flag(flag) => push_flag(&mut out, flag)?,
+                Part::Bytes(bytes) => out.push_bind_param::<Binary, [u8]>(bytes)?,
             }
-            Some(k) => format!("{} AS row_key, ", self.ident(k)),
-            None => String::new(),
-        };
-        let order = match &t.key_column {
-            Some(k) => format!(" ORDER BY {}", self.ident(k)),
-            None => String::new(),
-        };
-        format!(
-            "SELECT {key}{c} AS value FROM {table} WHERE {w}{extra}{order} LIMIT {limit}",
-            c = self.ident(column),
-            table = self.ident(&t.table),
-            w = self.owned_envelopes(t, column),
-        )
+        }
+        Ok(())
+    }
+}
+
+impl QueryId for Statement<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+/// Rows are read by column name ([`QueryableByName`]).
+impl Query for Statement<'_> {
+    type SqlType = Untyped;
+}
+
+impl<Conn> RunQueryDsl<Conn> for Statement<'_> {}
+
+/// A possibly schema-qualified name, each part quoted by the backend.
+fn push_table<DB: Backend>(out: &mut AstPass<'_, '_, DB>, name: &str) -> QueryResult<()> {
+    for (i, part) in name.split('.').enumerate() {
+        if i > 0 {
+            out.push_sql(".");
+        }
+        out.push_identifier(part)?;
+    }
+    Ok(())
+}
+
+/// A flag value bound as its column's type.
+fn push_flag<'b, DB>(out: &mut AstPass<'_, 'b, DB>, flag: &'b FlagValue) -> QueryResult<()>
+where
+    DB: Backend + HasSqlType<Bool> + HasSqlType<BigInt>,
+    bool: ToSql<Bool, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    if flag.is_bool {
+        out.push_bind_param::<Bool, bool>(&flag.on)
+    } else {
+        out.push_bind_param::<BigInt, i64>(&flag.int)
     }
 }
 
 impl Dialect {
-    /// The key column as read: integers cast to 64 bits.
-    fn key_select(self, t: &StoredTable) -> String {
-        let k = self.ident(t.key_column);
-        if t.key_type.is_some_and(ColumnType::is_integer) {
-            format!("CAST({k} AS {})", self.bigint)
-        } else {
-            k
+    /// `SELECT [row_key, ]value FROM t WHERE <owned envelopes><extra>
+    /// [ORDER BY key] LIMIT n`.
+    fn select_values<'a>(
+        self,
+        t: &'a ResealTable,
+        column: &'a str,
+        owner: &'a SqlValue,
+        extra: impl FnOnce(&mut Statement<'a>),
+        limit: usize,
+    ) -> Statement<'a> {
+        let mut s = Statement::default();
+        s.sql("SELECT ");
+        if let Some(k) = &t.key_column {
+            s.bigint(k, t.key_type.is_integer()).sql(" AS row_key, ");
         }
+        s.ident(column)
+            .sql(" AS value FROM ")
+            .ident(&t.table)
+            .sql(" WHERE ")
+            .owned_envelopes(t, column, owner);
+        extra(&mut s);
+        if let Some(k) = &t.key_column {
+            s.sql(" ORDER BY ").ident(k);
+        }
+        s.sql(format!(" LIMIT {limit}"));
+        s
     }
 
-    /// `SELECT row_key, owner … WHERE flag = p1 [AND key > p2] ORDER BY … LIMIT n`.
-    fn migration_heads(self, t: &StoredTable, q: &RowsQuery<'_>, lock: bool) -> String {
-        let owner = self.ident(t.owner_column);
-        let owner = if t.owner_type.is_some_and(ColumnType::is_integer) {
-            format!("CAST({owner} AS {})", self.text)
-        } else {
-            owner
-        };
-        let key = self.ident(t.key_column);
-        let after = if q.after.is_some() {
-            format!(" AND {key} > {}", self.p(2))
-        } else {
-            String::new()
-        };
-        let order = if q.random {
-            self.random.to_owned()
-        } else {
-            key.clone()
-        };
-        format!(
-            "SELECT {ks} AS row_key, {owner} AS owner FROM {table} WHERE {flag} = {p1}{after} ORDER BY {order} LIMIT {limit}{lock}",
-            ks = self.key_select(t),
-            table = self.ident(t.table),
-            flag = self.ident(t.flag_column),
-            p1 = self.p(1),
-            limit = q.limit.max(1),
-            lock = if lock { self.lock } else { "" },
+    /// `SELECT row_key, owner … WHERE flag = ? [AND key > ?] ORDER BY … LIMIT n`.
+    fn migration_heads<'a>(
+        self,
+        t: &'a StoredTable,
+        q: &RowsQuery<'a>,
+        lock: bool,
+    ) -> Statement<'a> {
+        let mut s = Statement::default();
+        s.sql("SELECT ")
+            .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
+            .sql(" AS row_key, ");
+        s.text(
+            t.owner_column,
+            t.owner_type.is_some_and(ColumnType::is_integer),
         )
+        .sql(" AS owner FROM ")
+        .ident(t.table)
+        .sql(" WHERE ")
+        .ident(t.flag_column)
+        .sql(" = ")
+        .flag(t.flag_is_bool, q.sealed);
+        if let Some(after) = q.after {
+            s.sql(" AND ").ident(t.key_column).sql(" > ").key(after);
+        }
+        s.sql(" ORDER BY ");
+        if q.random {
+            s.sql(self.random);
+        } else {
+            s.ident(t.key_column);
+        }
+        s.sql(format!(" LIMIT {}", q.limit.max(1)));
+        if lock {
+            s.sql(self.lock);
+        }
+        s
     }
 
-    /// `SELECT row_key, value … WHERE flag = p1 AND key IN (p2, …)`.
-    fn migration_values(self, t: &StoredTable, column: &str, keys: usize) -> String {
-        let list: Vec<String> = (0..keys).map(|i| self.p(i + 2)).collect();
-        format!(
-            "SELECT {ks} AS row_key, {c} AS value FROM {table} WHERE {flag} = {p1} AND {key} IN ({list})",
-            ks = self.key_select(t),
-            c = self.ident(column),
-            table = self.ident(t.table),
-            flag = self.ident(t.flag_column),
-            key = self.ident(t.key_column),
-            p1 = self.p(1),
-            list = list.join(", "),
-        )
+    /// `SELECT row_key, value … WHERE flag = ? AND key IN (?, …)`.
+    fn migration_values<'a>(
+        self,
+        t: &'a StoredTable,
+        column: &'a str,
+        sealed: bool,
+        keys: impl IntoIterator<Item = &'a SqlValue>,
+    ) -> Statement<'a> {
+        let mut s = Statement::default();
+        s.sql("SELECT ")
+            .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
+            .sql(" AS row_key, ")
+            .ident(column)
+            .sql(" AS value FROM ")
+            .ident(t.table)
+            .sql(" WHERE ")
+            .ident(t.flag_column)
+            .sql(" = ")
+            .flag(t.flag_is_bool, sealed)
+            .sql(" AND ")
+            .ident(t.key_column)
+            .sql(" IN (");
+        for (i, key) in keys.into_iter().enumerate() {
+            if i > 0 {
+                s.sql(", ");
+            }
+            s.key(key);
+        }
+        s.sql(")");
+        s
     }
 }
 
@@ -1148,8 +1318,8 @@ struct SetUpdate<'a> {
     guard_flag: Option<(&'a str, FlagValue)>,
     /// A column compared with one bound key value (the owner).
     guard_key: Option<(&'a str, &'a SqlValue)>,
-    /// A condition on the table written as is (`phi_t.flag = TRUE`).
-    guard_sql: Option<String>,
+    /// A flag of the table that must be on (`phi_t.flag = TRUE`).
+    guard_on: Option<(&'a str, FlagType)>,
     rows: Vec<Vec<SetValue<'a>>>,
 }
 
@@ -1184,15 +1354,6 @@ where
     String: ToSql<Text, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        fn push_table<DB: Backend>(out: &mut AstPass<'_, '_, DB>, name: &str) -> QueryResult<()> {
-            for (i, part) in name.split('.').enumerate() {
-                if i > 0 {
-                    out.push_sql(".");
-                }
-                out.push_identifier(part)?;
-            }
-            Ok(())
-        }
         fn push_qualified<DB: Backend>(
             out: &mut AstPass<'_, '_, DB>,
             alias: &str,
@@ -1201,18 +1362,6 @@ where
             out.push_identifier(alias)?;
             out.push_sql(".");
             out.push_identifier(column)
-        }
-        fn push_flag<'b, DB>(out: &mut AstPass<'_, 'b, DB>, flag: &'b FlagValue) -> QueryResult<()>
-        where
-            DB: Backend + HasSqlType<Bool> + HasSqlType<BigInt>,
-            bool: ToSql<Bool, DB>,
-            i64: ToSql<BigInt, DB>,
-        {
-            if flag.is_bool {
-                out.push_bind_param::<Bool, bool>(&flag.on)
-            } else {
-                out.push_bind_param::<BigInt, i64>(&flag.int)
-            }
         }
         fn push_value<'b, DB>(
             out: &mut AstPass<'_, 'b, DB>,
@@ -1351,9 +1500,13 @@ where
                 SqlValue::Int(n) => out.push_bind_param::<BigInt, i64>(n)?,
             }
         }
-        if let Some(sql) = &self.guard_sql {
+        if let Some((column, flag_type)) = &self.guard_on {
             and(&mut out);
-            out.push_sql(sql);
+            push_qualified(&mut out, "phi_t", column)?;
+            out.push_sql(match flag_type {
+                FlagType::Bool => " = TRUE",
+                FlagType::Integer => " <> 0",
+            });
         }
         Ok(())
     }
@@ -1403,7 +1556,7 @@ where
         let statement = SetUpdate {
             matches: update.matches.clone(),
             sets: update.sets.clone(),
-            guard_sql: update.guard_sql.clone(),
+            guard_on: update.guard_on,
             rows: chunk,
             shape: update.shape,
             table: update.table,
@@ -1416,20 +1569,6 @@ where
     Ok(written)
 }
 
-/// Binds an encrypted flag as its column's type.
-fn bind_flag<'f, DB>(query: Boxed<'f, DB>, t: &StoredTable, sealed: bool) -> Boxed<'f, DB>
-where
-    DB: Backend + HasSqlType<Bool> + HasSqlType<BigInt>,
-    bool: ToSql<Bool, DB>,
-    i64: ToSql<BigInt, DB>,
-{
-    if t.flag_is_bool {
-        query.bind::<Bool, _>(sealed)
-    } else {
-        query.bind::<BigInt, _>(i64::from(sealed))
-    }
-}
-
 /// Reads the rows a [`RowsQuery`] selects, and with `values` their
 /// encrypted columns (rows whose flag changed between the queries are
 /// dropped).
@@ -1437,14 +1576,7 @@ macro_rules! load_rows {
     ($conn:expr, $dialect:expr, $table:expr, $query:expr, $values:expr, $lock:expr) => {{
         let (d, t, q): (Dialect, &StoredTable, &RowsQuery<'_>) = ($dialect, $table, $query);
         (|| -> std::result::Result<Vec<MigrationRow>, TxError> {
-            let mut query = bind_flag(
-                diesel::sql_query(d.migration_heads(t, q, $lock)).into_boxed(),
-                t,
-                q.sealed,
-            );
-            if let Some(after) = q.after {
-                query = bind_value(query, after);
-            }
+            let query = d.migration_heads(t, q, $lock);
             let int_key = t.key_type.is_some_and(ColumnType::is_integer);
             let key_type = t.key_type.unwrap_or_default();
             let int_row = |key: i64| {
@@ -1495,11 +1627,8 @@ macro_rules! load_rows {
                 row.values = vec![None; read.len()];
             }
             for (ci, column) in read.iter().enumerate() {
-                let sql = d.migration_values(t, column, rows.len());
-                let mut query = bind_flag(diesel::sql_query(sql).into_boxed(), t, q.sealed);
-                for row in &rows {
-                    query = bind_value(query, &row.key);
-                }
+                let keys: Vec<SqlValue> = rows.iter().map(|r| r.key.clone()).collect();
+                let query = d.migration_values(t, column, q.sealed, &keys);
                 let found: Vec<(SqlValue, Option<Vec<u8>>)> = if int_key {
                     query
                         .load::<IntKeyedOpt>(&mut *$conn)?
@@ -1574,21 +1703,6 @@ fn int_row(t: &ResealTable, owner: &str, key: i64) -> Result<Vec<u8>> {
     })
 }
 
-type Boxed<'f, DB> = BoxedSqlQuery<'f, DB, SqlQuery>;
-
-/// Binds an owner id or a row key as its SQL type.
-fn bind_value<'f, DB>(query: Boxed<'f, DB>, value: &SqlValue) -> Boxed<'f, DB>
-where
-    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
-    String: ToSql<Text, DB>,
-    i64: ToSql<BigInt, DB>,
-{
-    match value {
-        SqlValue::Text(text) => query.bind::<Text, _>(text.clone()),
-        SqlValue::Int(n) => query.bind::<BigInt, _>(*n),
-    }
-}
-
 /// A failure inside a re-seal transaction: the database's, or phi's.
 enum TxError {
     Db(DieselError),
@@ -1661,15 +1775,18 @@ macro_rules! data_connection {
             ) -> Result<Vec<(u32, u64)>> {
                 table.validate()?;
                 let owner_value = owner_value(table, owner)?;
-                let d: Dialect = $dialect;
-                let c = d.ident(&column.column);
-                let sql = format!(
-                    "SELECT SUBSTR({c}, 3, 4) AS version, COUNT(*) AS n FROM {table} WHERE {w} GROUP BY SUBSTR({c}, 3, 4)",
-                    table = d.ident(&table.table),
-                    w = d.owned_envelopes(table, &column.column),
-                );
-                let query = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
-                    .bind::<Binary, _>(&PREFIX[..]);
+                let c = &column.column;
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT SUBSTR(")
+                    .ident(c)
+                    .sql(", 3, 4) AS version, COUNT(*) AS n FROM ")
+                    .ident(&table.table)
+                    .sql(" WHERE ")
+                    .owned_envelopes(table, c, &owner_value)
+                    .sql(" GROUP BY SUBSTR(")
+                    .ident(c)
+                    .sql(", 3, 4)");
                 let rows: Vec<VersionCount> = query
                     .load(self)
                     .map_err(|e| data_error("counting values per key version", table, column, owner, e))?;
@@ -1696,33 +1813,22 @@ macro_rules! data_connection {
                 table.validate()?;
                 let owner_value = owner_value(table, owner)?;
                 let d: Dialect = $dialect;
-                let c = d.ident(&column.column);
-                // Big-endian versions compare as bytes in numeric order, so
-                // `< current` finds older versions and never touches a newer
-                // one written meanwhile.
-                let select = d.select_values(
-                    table,
-                    &column.column,
-                    &format!(" AND SUBSTR({c}, 3, 4) < {}", d.p(3)),
-                    limit,
-                ) + d.lock;
-                let mut update = format!(
-                    "UPDATE {t} SET {c} = {p1} WHERE {o} = {p2} AND {c} = {p3}",
-                    t = d.ident(&table.table),
-                    o = d.ident(&table.owner_column),
-                    p1 = d.p(1),
-                    p2 = d.p(2),
-                    p3 = d.p(3),
-                );
-                if let Some(k) = &table.key_column {
-                    update += &format!(" AND {} = {}", d.ident(k), d.p(4));
-                }
-                update += &d.flag_on(table);
+                let c = &column.column;
                 let current_bytes = current.to_be_bytes();
                 let outcome = self.$transaction(|conn| -> std::result::Result<BatchOutcome, TxError> {
-                    let query = bind_value(diesel::sql_query(select.as_str()).into_boxed(), &owner_value)
-                        .bind::<Binary, _>(&PREFIX[..])
-                        .bind::<Binary, _>(&current_bytes[..]);
+                    // Big-endian versions compare as bytes in numeric order,
+                    // so `< current` finds older versions and never touches
+                    // a newer one written meanwhile.
+                    let mut query = d.select_values(
+                        table,
+                        c,
+                        &owner_value,
+                        |s| {
+                            s.sql(" AND SUBSTR(").ident(c).sql(", 3, 4) < ").bytes(&current_bytes[..]);
+                        },
+                        limit,
+                    );
+                    query.sql(d.lock);
                     let values = load_stored!(query, &mut *conn, table, owner)?;
                     let mut outcome = BatchOutcome { read: values.len() as u64, ..BatchOutcome::default() };
                     if let Some(key_column) = &table.key_column {
@@ -1734,13 +1840,6 @@ macro_rules! data_connection {
                         for value in &values {
                             news.push(reseal(value)?);
                         }
-                        let flag_on = table.flag_column.as_ref().map(|flag| {
-                            let on = match table.flag_type {
-                                FlagType::Bool => "= TRUE",
-                                FlagType::Integer => "<> 0",
-                            };
-                            format!("{}.{} {on}", d.ident("phi_t"), d.ident(flag))
-                        });
                         let update = SetUpdate {
                             shape: d.shape,
                             table: &table.table,
@@ -1749,7 +1848,7 @@ macro_rules! data_connection {
                             extra: None,
                             guard_flag: None,
                             guard_key: Some((&table.owner_column, &owner_value)),
-                            guard_sql: flag_on,
+                            guard_on: table.flag_column.as_deref().map(|flag| (flag, table.flag_type)),
                             rows: Vec::new(),
                         };
                         let rows: Vec<Vec<SetValue<'_>>> = values
@@ -1776,14 +1875,29 @@ macro_rules! data_connection {
                             continue;
                         }
                         let new = reseal(value)?;
-                        let mut query = diesel::sql_query(update.as_str())
-                            .into_boxed()
-                            .bind::<Binary, _>(new);
-                        query = bind_value(query, &owner_value).bind::<Binary, _>(&value.bytes[..]);
-                        if let Some(key) = &value.key {
-                            query = bind_value(query, key);
+                        let mut update = Statement::default();
+                        update
+                            .sql("UPDATE ")
+                            .ident(&table.table)
+                            .sql(" SET ")
+                            .ident(c)
+                            .sql(" = ")
+                            .bytes(new)
+                            .sql(" WHERE ")
+                            .ident(&table.owner_column)
+                            .sql(" = ")
+                            .key(&owner_value)
+                            .sql(" AND ")
+                            .ident(c)
+                            .sql(" = ")
+                            .bytes(&value.bytes[..]);
+                        if let (Some(k), Some(key)) = (&table.key_column, &value.key) {
+                            update.sql(" AND ").ident(k).sql(" = ").key(key);
                         }
-                        let n = query.execute(conn)?;
+                        if let Some(flag) = &table.flag_column {
+                            update.sql(" AND ").flag_on(flag, table.flag_type);
+                        }
+                        let n = update.execute(conn)?;
                         outcome.updated += n as u64;
                         if n == 0 {
                             outcome.conflicts += 1;
@@ -1808,9 +1922,7 @@ macro_rules! data_connection {
                 table.validate()?;
                 let owner_value = owner_value(table, owner)?;
                 let d: Dialect = $dialect;
-                let sql = d.select_values(table, &column.column, "", limit);
-                let query = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
-                    .bind::<Binary, _>(&PREFIX[..]);
+                let query = d.select_values(table, &column.column, &owner_value, |_| {}, limit);
                 match load_stored!(query, &mut *self, table, owner) {
                     Ok(values) => Ok(values),
                     Err(TxError::Phi(e)) => Err(e),
@@ -1826,23 +1938,28 @@ macro_rules! data_connection {
             ) -> Result<u64> {
                 table.validate()?;
                 let owner_value = owner_value(table, owner)?;
-                let d: Dialect = $dialect;
-                let c = d.ident(&column.column);
+                let c = &column.column;
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT COUNT(*) AS n FROM ")
+                    .ident(&table.table)
+                    .sql(" WHERE ")
+                    .ident(&table.owner_column)
+                    .sql(" = ")
+                    .key(&owner_value)
+                    .sql(" AND ")
+                    .ident(c)
+                    .sql(" IS NOT NULL AND ");
                 // In the clear: not an envelope, or (with a flag) on a row
                 // whose flag is off, whatever its bytes.
-                let not_envelope = format!("SUBSTR({c}, 1, 2) <> {}", d.p(2));
-                let clear = match d.flag_on(table).strip_prefix(" AND ") {
-                    Some(on) => format!("(NOT ({on}) OR {not_envelope})"),
-                    None => not_envelope,
-                };
-                let sql = format!(
-                    "SELECT COUNT(*) AS n FROM {table} WHERE {owner} = {p1} AND {c} IS NOT NULL AND {clear}",
-                    table = d.ident(&table.table),
-                    owner = d.ident(&table.owner_column),
-                    p1 = d.p(1),
-                );
-                let count: Count = bind_value(diesel::sql_query(sql).into_boxed(), &owner_value)
-                    .bind::<Binary, _>(&PREFIX[..])
+                if let Some(flag) = &table.flag_column {
+                    query.sql("(NOT (").flag_on(flag, table.flag_type).sql(") OR ");
+                }
+                query.sql("SUBSTR(").ident(c).sql(", 1, 2) <> ").bytes(&PREFIX[..]);
+                if table.flag_column.is_some() {
+                    query.sql(")");
+                }
+                let count: Count = query
                     .get_result(self)
                     .map_err(|e| data_error("counting values stored in the clear", table, column, owner, e))?;
                 Ok(u64::try_from(count.n).unwrap_or(0))
@@ -1850,14 +1967,15 @@ macro_rules! data_connection {
 
             fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64> {
                 table.validate()?;
-                let d: Dialect = $dialect;
-                let sql = format!(
-                    "SELECT COUNT(*) AS n FROM {} WHERE {} = {}",
-                    d.ident(table.table),
-                    d.ident(table.flag_column),
-                    d.p(1),
-                );
-                let count: Count = bind_flag(diesel::sql_query(sql).into_boxed(), table, sealed)
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT COUNT(*) AS n FROM ")
+                    .ident(table.table)
+                    .sql(" WHERE ")
+                    .ident(table.flag_column)
+                    .sql(" = ")
+                    .flag(table.flag_is_bool, sealed);
+                let count: Count = query
                     .get_result(self)
                     .map_err(|source| Error::Database {
                         operation: "counting rows by encrypted flag",
@@ -1921,7 +2039,7 @@ macro_rules! data_connection {
                         extra: Some((table.flag_column, FlagValue::new(table.flag_is_bool, !sealed))),
                         guard_flag: Some((table.flag_column, FlagValue::new(table.flag_is_bool, sealed))),
                         guard_key: None,
-                        guard_sql: None,
+                        guard_on: None,
                         rows: Vec::new(),
                     };
                     // Bound by reference: no copy of a plaintext outlives
@@ -1958,13 +2076,13 @@ macro_rules! data_connection {
 
 data_connection! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction,
-        Dialect { numbered: false, quote: '"', lock: "", bigint: "INTEGER", text: "TEXT", random: "RANDOM()",
+        Dialect { lock: "", random: "RANDOM()",
             shape: SetShape::SqliteValues, max_binds: 32_766 };
     "mysql" => diesel::MysqlConnection, transaction,
-        Dialect { numbered: false, quote: '`', lock: " FOR UPDATE", bigint: "SIGNED", text: "CHAR", random: "RAND()",
+        Dialect { lock: " FOR UPDATE", random: "RAND()",
             shape: SetShape::Join, max_binds: 65_535 };
     "postgres" => diesel::PgConnection, transaction,
-        Dialect { numbered: true, quote: '"', lock: " FOR UPDATE", bigint: "BIGINT", text: "TEXT", random: "random()",
+        Dialect { lock: " FOR UPDATE", random: "random()",
             shape: SetShape::Values, max_binds: 65_535 };
 }
 
