@@ -122,6 +122,7 @@ use crate::sealer::{Sealer, with_sealer};
 ///     phi_encrypted: bool,
 /// }
 ///
+/// # #[cfg(feature = "sqlite")]
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let mut conn = SqliteConnection::establish(":memory:")?;
 /// diesel::sql_query(
@@ -178,6 +179,8 @@ use crate::sealer::{Sealer, with_sealer};
 /// diesel::delete(cases::table.find("C-1001")).execute(&mut conn)?;
 /// # Ok(())
 /// # }
+/// # #[cfg(not(feature = "sqlite"))]
+/// # fn main() {}
 /// ```
 pub trait PhiRecord: Sized + Send + Sync {
     /// The stored form: the same fields with `Encrypted<T>` in place of each
