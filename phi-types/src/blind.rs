@@ -114,7 +114,8 @@ fn changes_when_lowercased(c: char) -> bool {
 }
 
 impl BlindIndexKey {
-    /// The index value of `value`: encoded as [`PhiValue`], normalised, then    /// hashed.
+    /// The index value of `value`: encoded as [`PhiValue`], normalised, then
+    /// hashed.
     pub fn index<T: PhiValue>(&self, value: &T, normalize: Normalize) -> [u8; BLIND_INDEX_LEN] {
         let mut encoded = Zeroizing::new(Vec::with_capacity(value.encoded_len()));
         value.encode(&mut encoded);

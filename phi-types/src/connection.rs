@@ -1,7 +1,12 @@
 //! The Diesel connections phi's key store runs on.
 
 use diesel::migration::MigrationSource;
-use diesel::r2d2::R2D2Connection;
+// With no backend feature no connection is a `PhiConnection`, and Diesel's
+// `r2d2` feature (the key store's pool) is off.
+#[cfg(not(any(feature = "sqlite", feature = "mysql", feature = "postgres")))]
+use diesel::Connection as PoolConnection;
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+use diesel::r2d2::R2D2Connection as PoolConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 
 mod sealed {
@@ -12,7 +17,7 @@ mod sealed {
 /// `SqliteConnection`, `MysqlConnection` or `PgConnection`, each behind the
 /// cargo feature of the same backend name.
 pub trait PhiConnection:
-    R2D2Connection + MigrationHarness<Self::Backend> + sealed::Sealed + 'static
+    PoolConnection + MigrationHarness<Self::Backend> + sealed::Sealed + 'static
 {
     /// phi's migrations for this backend.
     #[doc(hidden)]

@@ -59,14 +59,30 @@
 //! The code the derive generates calls into a hidden `__private` module:
 //! it is not part of the public API and may change in any release.
 //!
+//! phi's own tables (the key store's) come from embedded [`migrations`],
+//! run by [`DieselKeyStore::connect`] unless the application connects
+//! with [`DieselKeyStore::connect_without_migrating`]; they sit beside the
+//! application's Diesel migrations (see [`migrations`] for `diesel
+//! migration revert` and the `diesel print-schema` filter that leaves them
+//! out of the application's `schema.rs`).
+//!
 //! # Crate features
 //!
-//! `Encrypted<T>` itself works on every Diesel backend without a feature;
-//! the backend features add the key store ([`DieselKeyStore`]) and the
-//! embedded [`migrations`] for that backend.
+//! As in Diesel, no backend is on by default. `Encrypted<T>`, records and
+//! the keyring work on every Diesel backend without a feature; a backend
+//! feature adds the key store ([`DieselKeyStore`], on Diesel's `r2d2` pool
+//! with `chrono` timestamps, both turned on with it) and the embedded
+//! [`migrations`] for that backend. `sqlite` links the system's
+//! `libsqlite3` (or SQLCipher's); `sqlite-bundled` compiles SQLite in.
 //!
 #![doc = document_features::document_features!()]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// With no backend feature the jobs' SQL and the key store's helpers have no
+// connection to run on; every build with a backend checks them.
+#![cfg_attr(
+    not(any(feature = "sqlite", feature = "mysql", feature = "postgres")),
+    allow(dead_code, unused_macros)
+)]
 
 #[cfg(feature = "admin-http")]
 pub mod admin;

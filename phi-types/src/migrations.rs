@@ -12,7 +12,37 @@
 //! ```
 //!
 //! They are recorded in Diesel's `__diesel_schema_migrations` table under
-//! versions of their own, so they sit beside an application's migrations.
+//! versions of their own (`2026-11-25-000001` to `2026-11-28-000001`), so
+//! they sit beside an application's migrations:
+//!
+//! - `diesel migration run` over the application's directory runs only the
+//!   application's migrations, and `diesel migration list` shows only them.
+//! - `diesel migration revert` reverts the application's latest migration,
+//!   never one of phi's: phi's are not in the application's directory. When
+//!   one of phi's was recorded under a later version than every
+//!   application migration, Diesel stops with "Unable to find migration
+//!   version … to revert" instead; revert phi's tables, if ever, with their
+//!   own `down.sql` (in `phi-types/migrations/<backend>/`).
+//! - `diesel print-schema` should leave phi's tables out of the
+//!   application's `schema.rs` ([`schema`](crate::schema) has them), in
+//!   `diesel.toml`:
+//!
+//!   ```toml
+//!   [print_schema]
+//!   file = "src/schema.rs"
+//!   filter = { except_tables = ["user_encryption_keys", "encryption_key_audit", "kek_check_values", "phi_.*"] }
+//!   ```
+//!
+//!   (`phi_.*` covers `phi_key_feed`, `phi_key_events`, `phi_rollout` and
+//!   `phi_rollout_owners`; the entries are regular expressions.)
+//!
+//! [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) runs them
+//! too. A deployment that runs migrations in a step of its own, or a
+//! database user that may not change the schema, connects with
+//! [`DieselKeyStore::connect_without_migrating`](crate::DieselKeyStore::connect_without_migrating)
+//! or builds the store over its own pool with
+//! [`DieselKeyStore::new`](crate::DieselKeyStore::new); neither creates a
+//! table, and a [`Keyring`](crate::Keyring) never does.
 
 use std::time::Duration;
 

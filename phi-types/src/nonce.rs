@@ -16,8 +16,8 @@
 
 use std::cell::RefCell;
 
-use rand_chacha::ChaCha12Rng;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
+use chacha20::ChaCha12Rng;
+use chacha20::rand_core::{Rng as _, SeedableRng};
 
 use crate::envelope::NONCE_LEN;
 

@@ -124,6 +124,7 @@ pub use crate::store::Rollout;
 ///     phi_encrypted: bool,
 /// }
 ///
+/// # #[cfg(feature = "sqlite")]
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let mut conn = SqliteConnection::establish(":memory:")?;
 /// diesel::sql_query(
@@ -180,6 +181,8 @@ pub use crate::store::Rollout;
 /// diesel::delete(cases::table.find("C-1001")).execute(&mut conn)?;
 /// # Ok(())
 /// # }
+/// # #[cfg(not(feature = "sqlite"))]
+/// # fn main() {}
 /// ```
 pub trait PhiRecord: Sized + Send + Sync {
     /// The stored form: the same fields with `Encrypted<T>` in place of each

@@ -5,6 +5,7 @@ use std::sync::Barrier;
 
 use diesel::prelude::*;
 use diesel::sql_types::Text;
+use diesel_migrations::{FileBasedMigrations, MigrationHarness};
 
 #[derive(QueryableByName)]
 struct Table {
@@ -73,4 +74,82 @@ fn processes_starting_together_all_find_the_tables_ready() {
         handles.into_iter().map(|h| h.join().expect("thread")).sum()
     });
     assert_eq!(applied, MIGRATIONS, "each migration ran exactly once");
+}
+
+#[test]
+fn a_key_store_connected_without_migrating_creates_no_tables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = dir.path().join("m.db").display().to_string();
+    let store = phi_types::DieselKeyStore::<SqliteConnection>::connect_without_migrating(&url)
+        .expect("connects");
+    let mut conn = SqliteConnection::establish(&url).expect("connect");
+    assert_eq!(tables(&mut conn), Vec::<String>::new(), "nothing created");
+    drop(store);
+
+    // `connect` is the one that migrates.
+    let _store = phi_types::DieselKeyStore::<SqliteConnection>::connect(&url).expect("connects");
+    let tables = tables(&mut conn);
+    assert!(
+        tables.iter().any(|t| t == "user_encryption_keys"),
+        "{tables:?}"
+    );
+    assert!(
+        tables.iter().any(|t| t == "__diesel_schema_migrations"),
+        "{tables:?}"
+    );
+}
+
+/// An application's migration directory with one migration, `version`.
+fn application_migrations(version: &str) -> (tempfile::TempDir, FileBasedMigrations) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let migration = dir.path().join(format!("{version}_create_cases"));
+    std::fs::create_dir(&migration).expect("migration directory");
+    std::fs::write(
+        migration.join("up.sql"),
+        "CREATE TABLE cases (case_id TEXT PRIMARY KEY)",
+    )
+    .expect("up.sql");
+    std::fs::write(migration.join("down.sql"), "DROP TABLE cases").expect("down.sql");
+    let source = FileBasedMigrations::from_path(dir.path()).expect("migration source");
+    (dir, source)
+}
+
+/// What `diesel migration revert` does (Diesel's `revert_last_migration`
+/// over the application's directory) beside phi's migrations: it reverts
+/// the application's latest migration, or, when phi's was recorded under a
+/// later version, stops with an error; phi's tables stay either way.
+#[test]
+fn the_applications_revert_never_reverts_phis_migrations() {
+    for (version, reverts) in [("2099-01-01-000000", true), ("2000-01-01-000000", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = dir.path().join("m.db").display().to_string();
+        let mut conn = SqliteConnection::establish(&url).expect("connect");
+        let (_app_dir, app) = application_migrations(version);
+        phi_types::migrations::run_pending(&mut conn).expect("phi's migrations");
+        conn.run_pending_migrations(app.clone())
+            .expect("the application's migrations");
+        assert!(tables(&mut conn).iter().any(|t| t == "cases"));
+
+        let reverted = conn.revert_last_migration(app);
+        let tables = tables(&mut conn);
+        if reverts {
+            assert_eq!(
+                reverted.expect("reverted").to_string(),
+                version.replace('-', "")
+            );
+            assert!(!tables.iter().any(|t| t == "cases"), "{tables:?}");
+        } else {
+            let err = reverted.expect_err("phi's migration is the latest");
+            assert!(err.to_string().contains("20261128000001"), "{err}");
+            assert!(tables.iter().any(|t| t == "cases"), "{tables:?}");
+        }
+        assert!(
+            tables.iter().any(|t| t == "user_encryption_keys"),
+            "{tables:?}"
+        );
+        assert_eq!(
+            phi_types::migrations::run_pending(&mut conn).expect("nothing pending"),
+            0
+        );
+    }
 }

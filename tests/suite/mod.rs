@@ -642,6 +642,12 @@ mod lifecycle {
     include!("lifecycle.rs");
 }
 
+/// The key store's connection, with and without phi's migrations.
+mod key_store {
+    use super::*;
+    include!("key_store.rs");
+}
+
 /// KEK check values: a wrong key under a KEK id is refused.
 mod kek_check {
     use super::*;

@@ -89,12 +89,13 @@ use crate::metrics::{KMS_CALL_DURATION_SECONDS, KMS_CALLS_TOTAL, SUCCESS};
 /// errors. (The HTTP stack's own buffers are outside this crate's reach.)
 ///
 /// ```no_run
+/// # #[cfg(feature = "sqlite")]
+/// # fn main() -> Result<(), phi_types::Error> {
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use diesel::SqliteConnection;
 /// use phi_types::{AwsKmsKek, DieselKeyStore, KeyEncryptionKey, Keyring};
 ///
-/// # fn main() -> Result<(), phi_types::Error> {
 /// // Credentials from the default chain (environment, profile, instance or
 /// // task role); region from the environment unless set here.
 /// let kek = AwsKmsKek::builder("alias/phi-production")
@@ -111,6 +112,8 @@ use crate::metrics::{KMS_CALL_DURATION_SECONDS, KMS_CALLS_TOTAL, SUCCESS};
 /// # let _ = sealed;
 /// # Ok(())
 /// # }
+/// # #[cfg(not(feature = "sqlite"))]
+/// # fn main() {}
 /// ```
 pub struct AwsKmsKek {
     kms: Arc<Kms>,
@@ -166,9 +169,11 @@ fn operation_label(operation: &'static str) -> &'static str {
 impl AwsKmsKek {
     /// A KEK for the KMS key `key_id` (id, ARN or `alias/…`) over an
     /// application's shared AWS configuration, e.g. from
-    /// `aws_config::load_defaults(BehaviorVersion::latest()).await`. Its id is
-    /// `aws-kms:<key_id>`; see [`AwsKmsKekBuilder::build_with_client`] to
-    /// choose another or bound the concurrency. No runtime is started.
+    /// `aws_config::load_defaults(BehaviorVersion::v2026_01_12()).await`: the
+    /// application chooses its SDK's behavior version (phi does not turn on
+    /// the SDK's `behavior-version-latest`). Its id is `aws-kms:<key_id>`;
+    /// see [`AwsKmsKekBuilder::build_with_client`] to choose another or
+    /// bound the concurrency. No runtime is started.
     pub fn from_sdk_config(key_id: impl Into<String>, config: &aws_config::SdkConfig) -> AwsKmsKek {
         Self::from_client(key_id, Client::new(config))
     }
@@ -226,6 +231,16 @@ impl AwsKmsKek {
             failures: c.failures.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The AWS SDK behavior version of the configuration that
+/// [`AwsKmsKekBuilder::build`] loads: pinned, so that an SDK update does not
+/// change the KEK's defaults unseen (its timeouts and retries are set
+/// explicitly as well). The SDK deprecates a version once it ships a newer
+/// one; that changes nothing here.
+#[allow(deprecated)]
+fn behavior_version() -> BehaviorVersion {
+    BehaviorVersion::v2026_01_12()
 }
 
 impl AwsKmsKekBuilder {
@@ -298,7 +313,8 @@ impl AwsKmsKekBuilder {
     }
 
     /// Builds the KEK: starts its runtime and loads the AWS configuration
-    /// (no KMS call is made).
+    /// (no KMS call is made), under the SDK behavior version phi pins
+    /// (`BehaviorVersion::v2026_01_12`).
     ///
     /// # Errors
     /// [`Error::Config`] when the runtime cannot start or no region is
@@ -310,7 +326,7 @@ impl AwsKmsKekBuilder {
             .unwrap_or_else(|| format!("aws-kms:{}", self.key_id));
         let worker = Worker::start()
             .map_err(|e| Error::Config(format!("cannot start the AWS KMS runtime: {e}")))?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        let mut loader = aws_config::defaults(behavior_version())
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(self.connect_timeout)

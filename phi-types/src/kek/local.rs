@@ -176,7 +176,7 @@ fn check_value(id: &str, master_key: &KeyBytes) -> [u8; 32] {
     // 32 bytes is far below HKDF-SHA256's 8,160-byte limit.
     let expanded = Hkdf::<Sha256>::new(None, master_key.expose()).expand(CHECK_LABEL, &mut key[..]);
     debug_assert!(expanded.is_ok());
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key[..])
+    let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&key[..])
         .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     // A KEK id longer than 65,535 bytes cannot wrap anything (see `aad`);
     // its check value is still defined, with the length saturated.
@@ -349,7 +349,7 @@ mod tests {
         Hkdf::<Sha256>::new(None, &master)
             .expand(b"phi-kek-check-v1", &mut derived)
             .expect("hkdf");
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&derived).expect("hmac");
+        let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&derived).expect("hmac");
         mac.update(b"phi-kek-check-v1\x00\x05kek-1");
         let expected = mac.finalize().into_bytes().to_vec();
 

@@ -44,7 +44,7 @@ impl BlindIndexKey {
     /// The index value of already normalised bytes.
     pub fn compute(&self, normalised: &[u8]) -> [u8; BLIND_INDEX_LEN] {
         // HMAC accepts keys of any length.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key[..])
+        let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.key[..])
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         mac.update(normalised);
         let tag = mac.finalize().into_bytes();

@@ -1236,16 +1236,19 @@ impl Dialect {
 enum SetShape {
     /// PostgreSQL: `UPDATE t AS phi_t SET … FROM (VALUES (…), …) AS
     /// phi_v(phi_k, phi_c0, …) WHERE …`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Values,
     /// SQLite (3.33 and later): the same `UPDATE … FROM (VALUES …)`, whose
     /// columns SQLite names `column1`, `column2`, … (it takes no column
     /// list after the alias).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     SqliteValues,
     /// MySQL and MariaDB: `UPDATE t AS phi_t JOIN (SELECT ? AS phi_k, … UNION
     /// ALL SELECT …) AS phi_v ON … SET … WHERE …`. MariaDB's `VALUES` in a
     /// derived table names its columns after the first row's values, and
     /// MySQL's needs `ROW(…)`: a `UNION ALL` of `SELECT`s is read the same
     /// by both.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     Join,
 }
 

@@ -67,7 +67,8 @@ pub struct DieselKeyStore<C: PhiConnection> {
 
 impl<C: PhiConnection> DieselKeyStore<C> {
     /// A store over an existing pool. Its connections must not be shared
-    /// with a transaction of the caller's.
+    /// with a transaction of the caller's. Runs no migrations: phi's tables
+    /// must exist (see [`migrations`](crate::migrations)).
     pub fn new(pool: Pool<ConnectionManager<C>>) -> Self {
         DieselKeyStore { pool }
     }
