@@ -63,6 +63,8 @@ pub mod record;
 mod sealer;
 mod sql;
 mod store;
+#[cfg(feature = "uuid")]
+mod uuid_key;
 pub mod value;
 
 pub use connection::PhiConnection;
@@ -99,4 +101,7 @@ pub use store::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore,
     MemoryKeyStore, Rewrap, StoredKey,
 };
+#[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
+pub use uuid_key::BinaryUuid;
 pub use value::{DecodeError, PhiValue};
