@@ -150,4 +150,59 @@ mod tests {
             b"00000000-0000-0000-0000-000000000000"
         );
     }
+
+    /// Through Diesel on SQLite: the 16 bytes are stored and read back; a
+    /// value of another length is an error naming its length.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn binary_uuid_columns_hold_the_16_bytes() {
+        use diesel::prelude::*;
+
+        diesel::table! {
+            keyed (id) {
+                id -> Binary,
+            }
+        }
+
+        let mut conn = SqliteConnection::establish(":memory:").expect("SQLite");
+        diesel::sql_query("CREATE TABLE keyed (id BLOB NOT NULL PRIMARY KEY)")
+            .execute(&mut conn)
+            .expect("table");
+        diesel::insert_into(keyed::table)
+            .values(keyed::id.eq(BinaryUuid(ID)))
+            .execute(&mut conn)
+            .expect("insert");
+        let raw: Vec<u8> = keyed::table
+            .select(diesel::dsl::sql::<Binary>("id"))
+            .first(&mut conn)
+            .expect("raw");
+        assert_eq!(raw, ID.as_bytes());
+        let found: BinaryUuid = keyed::table
+            .find(BinaryUuid(ID))
+            .select(keyed::id)
+            .first(&mut conn)
+            .expect("found by its UUID");
+        assert_eq!(found, BinaryUuid(ID));
+
+        diesel::delete(keyed::table)
+            .execute(&mut conn)
+            .expect("delete");
+        diesel::insert_into(keyed::table)
+            .values(keyed::id.eq(&ID.as_bytes()[..15]))
+            .execute(&mut conn)
+            .expect("insert 15 bytes");
+        let err = keyed::table
+            .select(keyed::id)
+            .first::<BinaryUuid>(&mut conn)
+            .expect_err("15 bytes are no UUID");
+        let diesel::result::Error::DeserializationError(cause) = err else {
+            panic!("expected a deserialization error, got {err:?}");
+        };
+        let inner = std::error::Error::source(&*cause).map(ToString::to_string);
+        assert_eq!(
+            inner.as_deref(),
+            Some("a UUID column holds 16 bytes, this value has 15"),
+            "{cause}"
+        );
+    }
 }
