@@ -71,6 +71,8 @@ use crate::sealer::{Sealer, with_sealer};
 /// | `#[phi(crate = path)]` | struct | where `phi_types` is (default `::phi_types`) |
 /// | `#[phi(debug)]` | struct | redacted `Debug` for the model and its sealed form (a plain `Debug` is refused) |
 /// | `#[phi(sealed = Name)]`, `#[phi(changes = Name)]` | struct | names of the generated structs |
+/// | `#[phi(sealed_derive(Identifiable, Associations))]` | struct | more derives on the sealed struct (not its own `Queryable`, `Selectable`, `Insertable`, `AsChangeset`, nor `Debug`: see `debug`) |
+/// | `#[phi(sealed_attr(diesel(belongs_to(ParentSealed))))]` | struct | more attributes on the sealed struct, each written as inside `#[…]` |
 /// | `#[phi(owner)]` | one field | whose data key seals the row ([`OwnerId`]: strings, integers, `uuid::Uuid`) |
 /// | `#[phi(encrypt)]` | fields | sealed with scope `table.column` (a [`PhiValue`](crate::PhiValue), or `Option` of one for a nullable column) |
 /// | `#[phi(encrypt, scope = "…")]` | fields | pins the scope, so renaming the field or column does not orphan data |
@@ -80,7 +82,36 @@ use crate::sealer::{Sealer, with_sealer};
 /// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
 ///
 /// `#[diesel(…)]` attributes on the model and its fields (`primary_key`,
-/// `column_name`, …) are forwarded to the generated structs. Plain fields
+/// `column_name`, …) are forwarded to the generated structs.
+///
+/// Diesel's associations work on the sealed structs: the parent's derives
+/// `Identifiable`, the child's `Identifiable` and `Associations` with a
+/// `belongs_to` naming the parent's *sealed* struct. Load and group the
+/// sealed rows, then open each group:
+///
+/// ```ignore
+/// #[derive(PhiRecord, Clone, PartialEq)]
+/// #[phi(table = patients, sealed_derive(Identifiable))]
+/// struct Patient { #[phi(row_key)] patient_id: Uuid, #[phi(owner)] clinic_id: Uuid, /* … */ }
+///
+/// #[derive(PhiRecord, Clone, PartialEq)]
+/// #[phi(
+///     table = visits,
+///     sealed_derive(Identifiable, Associations),
+///     sealed_attr(diesel(belongs_to(PatientSealed, foreign_key = patient_id)))
+/// )]
+/// #[diesel(primary_key(visit_id))]
+/// struct Visit { #[phi(row_key)] visit_id: Uuid, #[phi(owner)] patient_id: Uuid, /* … */ }
+///
+/// let patients: Vec<PatientSealed> = patients::table.select(PatientSealed::as_select()).load(conn)?;
+/// let visits: Vec<VisitSealed> = VisitSealed::belonging_to(&patients)
+///     .select(VisitSealed::as_select())
+///     .load(conn)?;
+/// for (patient, visits) in patients.iter().zip(visits.grouped_by(&patients)) {
+///     let visits: Vec<Visit> = Visit::open_all(visits, &keyring)?;
+///     // …
+/// }
+/// ``` Plain fields
 /// must be `Clone` and `PartialEq`, and the model `Send` and `Sync` (a large
 /// batch is sealed and opened on several threads).
 ///
