@@ -132,12 +132,22 @@ fn generate(m: &Model) -> TokenStream {
     } else {
         refuse_plain_debug(m)
     };
+    // `sealed_derive(…)` and `sealed_attr(…)`: what the application adds to
+    // the sealed struct (`Identifiable`, `Associations` and its
+    // `belongs_to`, …).
+    let extra_derives = (!m.sealed_derives.is_empty()).then(|| {
+        let paths = &m.sealed_derives;
+        quote! { #[derive(#(#paths),*)] }
+    });
+    let sealed_attrs = &m.sealed_attrs;
 
     quote! {
         #[doc = #sealed_doc]
         #[derive(::diesel::Queryable, ::diesel::Selectable, ::diesel::Insertable, ::diesel::AsChangeset)]
+        #extra_derives
         #[diesel(table_name = #table)]
         #(#container_attrs)*
+        #(#[#sealed_attrs])*
         #vis struct #sealed {
             #(#sealed_fields,)*
             #(#index_fields,)*
@@ -1003,6 +1013,28 @@ mod tests {
                 #[phi(encrypt, scope = "notes.body_v1")]
                 #[diesel(column_name = body)]
                 text: String,
+            }
+        }));
+    }
+
+    #[test]
+    fn sealed_struct_with_derives_and_attributes_of_the_model() {
+        assert_expansion!(pretty(syn::parse_quote! {
+            #[phi(
+                table = visits,
+                sealed_derive(Identifiable, Associations),
+                sealed_attr(diesel(belongs_to(ClinicSealed, foreign_key = clinic_id))),
+            )]
+            #[diesel(primary_key(visit_id))]
+            pub struct Visit {
+                #[phi(row_key)]
+                pub visit_id: uuid::Uuid,
+                #[phi(owner)]
+                pub clinic_id: uuid::Uuid,
+                #[phi(encrypt)]
+                pub reason: String,
+                #[phi(encrypt)]
+                pub seen_at: chrono::DateTime<chrono::Utc>,
             }
         }));
     }

@@ -14,7 +14,9 @@ use proc_macro::TokenStream;
 ///
 /// Container attributes: `#[phi(table = path::to::table)]` (required),
 /// `#[phi(crate = path)]`, `#[phi(debug)]`, `#[phi(sealed = Name)]`,
-/// `#[phi(changes = Name)]`. Field attributes: `#[phi(owner)]`,
+/// `#[phi(changes = Name)]`, `#[phi(sealed_derive(Identifiable, Associations))]`
+/// and `#[phi(sealed_attr(diesel(belongs_to(ParentSealed))))]` (more derives
+/// and attributes on the sealed struct). Field attributes: `#[phi(owner)]`,
 /// `#[phi(encrypt)]`, `#[phi(encrypt, scope = "table.column")]`,
 /// `#[phi(encrypt, blind_index = column, normalize = "trim,lowercase")]`,
 /// `#[phi(row_key)]`, `#[phi(encrypted_flag)]`. `#[diesel(…)]` attributes

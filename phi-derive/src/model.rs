@@ -18,7 +18,38 @@ struct RawModel {
     debug: Flag,
     sealed: Option<syn::Ident>,
     changes: Option<syn::Ident>,
+    #[darling(multiple)]
+    sealed_derive: Vec<darling::util::PathList>,
+    #[darling(multiple)]
+    sealed_attr: Vec<MetaItems>,
 }
+
+/// The attributes of `sealed_attr(…)`, each written as it would be inside
+/// `#[…]`.
+struct MetaItems(Vec<syn::Meta>);
+
+impl darling::FromMeta for MetaItems {
+    fn from_list(items: &[darling::ast::NestedMeta]) -> darling::Result<Self> {
+        let mut metas = Vec::new();
+        let mut errors = darling::Error::accumulator();
+        for item in items {
+            match item {
+                darling::ast::NestedMeta::Meta(meta) => metas.push(meta.clone()),
+                darling::ast::NestedMeta::Lit(lit) => errors.push(
+                    darling::Error::custom(
+                        "`sealed_attr` takes attributes, as in `sealed_attr(diesel(belongs_to(Parent)))`",
+                    )
+                    .with_span(lit),
+                ),
+            }
+        }
+        errors.finish_with(MetaItems(metas))
+    }
+}
+
+/// What the sealed struct derives itself: a `sealed_derive` naming one of
+/// these would derive it twice.
+const SEALED_DERIVES: [&str; 4] = ["Queryable", "Selectable", "Insertable", "AsChangeset"];
 
 #[derive(FromField)]
 #[darling(attributes(phi), forward_attrs(diesel))]
@@ -48,6 +79,10 @@ pub(crate) struct Model {
     pub(crate) debug: bool,
     pub(crate) sealed: syn::Ident,
     pub(crate) changes: syn::Ident,
+    /// `sealed_derive(…)`: more derives on the sealed struct.
+    pub(crate) sealed_derives: Vec<syn::Path>,
+    /// `sealed_attr(…)`: more attributes on the sealed struct.
+    pub(crate) sealed_attrs: Vec<syn::Meta>,
     pub(crate) fields: Vec<Field>,
 }
 
@@ -285,6 +320,55 @@ impl Model {
                 );
             }
         }
+        let sealed_derives: Vec<syn::Path> = raw
+            .sealed_derive
+            .iter()
+            .flat_map(|list| list.iter().cloned())
+            .collect();
+        for path in &sealed_derives {
+            let name = path
+                .segments
+                .last()
+                .map(|s| s.ident.to_string())
+                .unwrap_or_default();
+            if SEALED_DERIVES.contains(&name.as_str()) {
+                errors.push(
+                    darling::Error::custom(format!(
+                        "the sealed struct already derives `{name}`: `sealed_derive` adds other derives, such as `Identifiable` or `Associations`"
+                    ))
+                    .with_span(path),
+                );
+            } else if name == "Debug" {
+                errors.push(
+                    darling::Error::custom(
+                        "a `Debug` of the sealed struct comes from `#[phi(debug)]`, which redacts the model's encrypted fields",
+                    )
+                    .with_span(path),
+                );
+            }
+        }
+        let sealed_attrs: Vec<syn::Meta> = raw
+            .sealed_attr
+            .into_iter()
+            .flat_map(|items| items.0)
+            .collect();
+        for meta in &sealed_attrs {
+            if meta.path().is_ident("derive") {
+                errors.push(
+                    darling::Error::custom(
+                        "derives on the sealed struct go in `sealed_derive(…)`, as in `#[phi(sealed_derive(Identifiable))]`",
+                    )
+                    .with_span(meta),
+                );
+            } else if meta.path().is_ident("phi") {
+                errors.push(
+                    darling::Error::custom(
+                        "`sealed_attr` attributes go on the generated sealed struct, which has no `#[phi(…)]` attributes",
+                    )
+                    .with_span(meta),
+                );
+            }
+        }
         errors.finish()?;
 
         let ident = raw.ident;
@@ -295,6 +379,8 @@ impl Model {
             changes: raw
                 .changes
                 .unwrap_or_else(|| quote::format_ident!("{}Changes", ident)),
+            sealed_derives,
+            sealed_attrs,
             ident,
             vis: raw.vis,
             diesel_attrs: raw.attrs,

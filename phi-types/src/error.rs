@@ -59,6 +59,10 @@ pub enum DecodeError {
     /// Text that is not UTF-8.
     #[error("invalid UTF-8 text")]
     Utf8,
+    /// Text that is not JSON (feature `serde_json`). The parser's message is
+    /// not kept: it may quote the text.
+    #[error("invalid JSON text")]
+    Json,
 }
 
 /// Why an AWS KMS call failed: the source of the [`Error::Kek`] the keyring

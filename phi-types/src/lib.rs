@@ -106,6 +106,8 @@ mod sealer;
 mod sql;
 mod store;
 mod telemetry;
+#[cfg(feature = "uuid")]
+mod uuid_key;
 pub mod value;
 
 /// Support for the code `#[derive(PhiRecord)]` generates. Not a public API:
@@ -152,4 +154,7 @@ pub use store::{
     MemoryKeyStore, Rewrap, StoredKey,
 };
 pub use telemetry::{OwnerIdTelemetry, TelemetryOwner};
+#[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
+pub use uuid_key::BinaryUuid;
 pub use value::{DecodeError, PhiValue};

@@ -174,7 +174,8 @@ pub fn canonical<T: PhiValue>(
 }
 
 /// The SQL type of an owner or row key field, for [`StoredTable`]:
-/// implemented for `String` and the integer types; `Vec<u8>` has none.
+/// implemented for `String` and the integer types; `Vec<u8>` and
+/// `uuid::Uuid` have none.
 #[doc(hidden)]
 pub trait KeyColumnType {
     /// The column type, if the migration jobs can bind it.
@@ -197,6 +198,19 @@ key_column_type! {
     u32 => Some(ColumnType::U32),
     u64 => Some(ColumnType::U64),
     Vec<u8> => None,
+}
+
+/// The migration jobs bind text and integer key columns only: a model keyed
+/// by a UUID is sealed and opened by the derive, not backfilled by the jobs.
+#[cfg(feature = "uuid")]
+impl KeyColumnType for uuid::Uuid {
+    const COLUMN_TYPE: Option<ColumnType> = None;
+}
+
+/// As for `uuid::Uuid`.
+#[cfg(feature = "uuid")]
+impl KeyColumnType for crate::BinaryUuid {
+    const COLUMN_TYPE: Option<ColumnType> = None;
 }
 
 /// Settings of [`backfill`] and [`decrypt_back`].

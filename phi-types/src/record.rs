@@ -73,7 +73,9 @@ pub use crate::store::Rollout;
 /// | `#[phi(crate = path)]` | struct | where `phi_types` is (default `::phi_types`) |
 /// | `#[phi(debug)]` | struct | redacted `Debug` for the model and its sealed form (a plain `Debug` is refused) |
 /// | `#[phi(sealed = Name)]`, `#[phi(changes = Name)]` | struct | names of the generated structs |
-/// | `#[phi(owner)]` | one field | whose data key seals the row ([`OwnerId`]: strings, integers) |
+/// | `#[phi(sealed_derive(Identifiable, Associations))]` | struct | more derives on the sealed struct (not its own `Queryable`, `Selectable`, `Insertable`, `AsChangeset`, nor `Debug`: see `debug`) |
+/// | `#[phi(sealed_attr(diesel(belongs_to(ParentSealed))))]` | struct | more attributes on the sealed struct, each written as inside `#[…]` |
+/// | `#[phi(owner)]` | one field | whose data key seals the row ([`OwnerId`]: strings, integers, `uuid::Uuid`) |
 /// | `#[phi(encrypt)]` | fields | sealed with scope `table.column` (a [`PhiValue`](crate::PhiValue), or `Option` of one for a nullable column) |
 /// | `#[phi(encrypt, scope = "…")]` | fields | pins the scope, so renaming the field or column does not orphan data |
 /// | `#[phi(encrypt, blind_index = column)]` | fields | keeps an equality index in `column` (nullable binary) |
@@ -82,7 +84,36 @@ pub use crate::store::Rollout;
 /// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
 ///
 /// `#[diesel(…)]` attributes on the model and its fields (`primary_key`,
-/// `column_name`, …) are forwarded to the generated structs. Plain fields
+/// `column_name`, …) are forwarded to the generated structs.
+///
+/// Diesel's associations work on the sealed structs: the parent's derives
+/// `Identifiable`, the child's `Identifiable` and `Associations` with a
+/// `belongs_to` naming the parent's *sealed* struct. Load and group the
+/// sealed rows, then open each group:
+///
+/// ```ignore
+/// #[derive(PhiRecord, Clone, PartialEq)]
+/// #[phi(table = patients, sealed_derive(Identifiable))]
+/// struct Patient { #[phi(row_key)] patient_id: Uuid, #[phi(owner)] clinic_id: Uuid, /* … */ }
+///
+/// #[derive(PhiRecord, Clone, PartialEq)]
+/// #[phi(
+///     table = visits,
+///     sealed_derive(Identifiable, Associations),
+///     sealed_attr(diesel(belongs_to(PatientSealed, foreign_key = patient_id)))
+/// )]
+/// #[diesel(primary_key(visit_id))]
+/// struct Visit { #[phi(row_key)] visit_id: Uuid, #[phi(owner)] patient_id: Uuid, /* … */ }
+///
+/// let patients: Vec<PatientSealed> = patients::table.select(PatientSealed::as_select()).load(conn)?;
+/// let visits: Vec<VisitSealed> = VisitSealed::belonging_to(&patients)
+///     .select(VisitSealed::as_select())
+///     .load(conn)?;
+/// for (patient, visits) in patients.iter().zip(visits.grouped_by(&patients)) {
+///     let visits: Vec<Visit> = Visit::open_all(visits, &keyring)?;
+///     // …
+/// }
+/// ``` Plain fields
 /// must be `Clone` and `PartialEq`, and the model `Send` and `Sync` (a large
 /// batch is sealed and opened on several threads).
 ///
@@ -769,6 +800,17 @@ macro_rules! owner_id_int {
 }
 owner_id_int!(i16, i32, i64, u16, u32, u64);
 
+/// A UUID owner is its lowercase hyphenated text
+/// (`6f1c2a4e-8b5d-4e1f-9a7c-3d2b1e0f4a5c`): the owner id in the key tables,
+/// the audit log and the `phi` command, and the bytes bound into its values.
+#[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
+impl OwnerId for uuid::Uuid {
+    fn owner_id(&self) -> Cow<'_, str> {
+        Cow::Owned(self.hyphenated().to_string())
+    }
+}
+
 /// The bytes of a row key, bound into every value sealed in its row.
 #[derive(Clone, Copy, Debug)]
 pub enum RowKeyBytes<'a> {
@@ -776,6 +818,8 @@ pub enum RowKeyBytes<'a> {
     Borrowed(&'a [u8]),
     /// An integer, big-endian.
     Inline([u8; 8], u8),
+    /// A UUID, as its lowercase hyphenated text (36 bytes).
+    Hyphenated([u8; 36]),
 }
 
 impl std::ops::Deref for RowKeyBytes<'_> {
@@ -785,6 +829,7 @@ impl std::ops::Deref for RowKeyBytes<'_> {
         match self {
             RowKeyBytes::Borrowed(bytes) => bytes,
             RowKeyBytes::Inline(buf, len) => &buf[..usize::from(*len)],
+            RowKeyBytes::Hyphenated(text) => text,
         }
     }
 }
@@ -794,7 +839,9 @@ impl std::ops::Deref for RowKeyBytes<'_> {
 /// open.
 ///
 /// Strings and byte vectors bind their bytes; integers their big-endian
-/// bytes. The row key must be known before the row is inserted (an
+/// bytes; a `uuid::Uuid` (feature `uuid`) its lowercase hyphenated text,
+/// the same bytes as a `String` holding that text, so a text key column
+/// holding UUIDs can become a UUID column without re-sealing. The row key must be known before the row is inserted (an
 /// application-assigned id, not an auto-increment one).
 pub trait RowKey {
     /// The bytes bound into the row's sealed values.
@@ -827,6 +874,18 @@ macro_rules! row_key_int {
     )*};
 }
 row_key_int!(i16, i32, i64, u16, u32, u64);
+
+/// A UUID row key binds its lowercase hyphenated text, whatever the column
+/// stores (PostgreSQL `uuid`, 16 bytes in MySQL or SQLite).
+#[cfg(feature = "uuid")]
+#[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]
+impl RowKey for uuid::Uuid {
+    fn row_key(&self) -> RowKeyBytes<'_> {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        self.hyphenated().encode_lower(&mut text);
+        RowKeyBytes::Hyphenated(text)
+    }
+}
 
 /// A column that marks rows whose encrypted fields hold envelopes:
 /// `#[phi(encrypted_flag)]`. `bool` or an integer (1 on, 0 off).

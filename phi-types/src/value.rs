@@ -8,6 +8,24 @@
 //! | `bool` | one byte, `0` or `1` |
 //! | `chrono::NaiveDate` | ISO-8601 text, `1980-01-15` |
 //! | `chrono::NaiveDateTime` | ISO-8601 text, `1980-01-15T08:30:00` (fraction when non-zero) |
+//! | `chrono::DateTime<Utc>` | RFC 3339 text in UTC, always nine fraction digits and `Z`: `2024-03-01T08:30:00.000000000Z` |
+//! | `serde_json::Value` (feature `serde_json`) | compact JSON text, UTF-8: `{"allergies":["penicillin"]}` |
+//!
+//! A `DateTime<Utc>` is text for the same reasons as the other dates (it
+//! reads back in any language, and a legacy text column holds it), in UTC
+//! so that one instant has one encoding, with nanoseconds (chrono's
+//! precision) so that every value round-trips, and with a fixed number of
+//! fraction digits so that every instant of years 0000 to 9999 encodes to
+//! the same 30 bytes: its length tells nothing about its value. Years
+//! outside that range carry a sign (`+10000-01-01T…`), as chrono writes
+//! them; a leap second is `:60`. Decoding takes RFC 3339 text ending in
+//! `Z` with any number of fraction digits.
+//!
+//! A `serde_json::Value` is the text `serde_json::to_vec` writes: no
+//! whitespace, object keys in the order of serde_json's `Map` (sorted,
+//! unless the application enables serde_json's `preserve_order`, which then
+//! keeps insertion order; either way the text decodes to an equal value).
+//! Decoding takes any JSON text.
 //!
 //! `Option::None` is not encoded at all: it is stored as SQL `NULL`
 //! (`Option<Encrypted<T>>` on a `Nullable<Binary>` column).
@@ -15,7 +33,7 @@
 use std::io::Write as _;
 use std::str::FromStr;
 
-use chrono::{NaiveDate, NaiveDateTime};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use zeroize::Zeroize;
 
 pub use crate::error::DecodeError;
@@ -27,7 +45,7 @@ pub use crate::error::DecodeError;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be stored encrypted by phi",
     label = "this type does not implement `PhiValue`",
-    note = "phi encrypts String, Vec<u8>, integers, bool, chrono::NaiveDate and chrono::NaiveDateTime; use Option<T> for a nullable column, or implement `phi_types::PhiValue` for your type"
+    note = "phi encrypts String, Vec<u8>, integers, bool, chrono::NaiveDate, chrono::NaiveDateTime, chrono::DateTime<Utc> and (feature `serde_json`) serde_json::Value; use Option<T> for a nullable column, or implement `phi_types::PhiValue` for your type"
 )]
 pub trait PhiValue: Sized + PartialEq {
     /// Appends the encoding of `self` to `out`.
@@ -155,6 +173,74 @@ impl PhiValue for NaiveDateTime {
     }
 }
 
+/// RFC 3339 in UTC with nine fraction digits: 30 bytes for years 0000 to
+/// 9999.
+const DATE_TIME_UTC_LEN: usize = 30;
+
+impl PhiValue for DateTime<Utc> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let naive = self.naive_utc();
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{}", naive.format("%Y-%m-%dT%H:%M:%S%.9fZ"));
+    }
+    fn encoded_len(&self) -> usize {
+        // Exact, so that the envelope's buffer never grows (and never leaves
+        // a copy of the plaintext behind): a year outside 0000..=9999 has a
+        // sign and may have more than four digits.
+        use chrono::Datelike as _;
+        let year = self.naive_utc().year();
+        if (0..=9999).contains(&year) {
+            DATE_TIME_UTC_LEN
+        } else {
+            let digits = year.unsigned_abs().checked_ilog10().unwrap_or(0) as usize + 1;
+            DATE_TIME_UTC_LEN + 1 + digits.max(4) - 4
+        }
+    }
+    fn decode(mut bytes: Vec<u8>) -> Result<Self, DecodeError> {
+        let result = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.strip_suffix('Z'))
+            .and_then(|s| s.parse::<NaiveDateTime>().ok())
+            .map(|naive| naive.and_utc())
+            .ok_or(DecodeError::DateTime("UTC timestamp"));
+        bytes.zeroize();
+        result
+    }
+}
+
+#[cfg(feature = "serde_json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde_json")))]
+impl PhiValue for serde_json::Value {
+    fn encode(&self, out: &mut Vec<u8>) {
+        // Serialising a `Value` into a Vec cannot fail: its map keys are
+        // strings and its numbers finite.
+        let _ = serde_json::to_writer(&mut *out, self);
+    }
+    fn encoded_len(&self) -> usize {
+        // Exact (the text is written once to count it), so that the
+        // envelope's buffer never grows and never leaves a copy of the
+        // plaintext behind.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        let _ = serde_json::to_writer(&mut count, self);
+        count.0
+    }
+    fn decode(mut bytes: Vec<u8>) -> Result<Self, DecodeError> {
+        let result = serde_json::from_slice(&bytes).map_err(|_| DecodeError::Json);
+        bytes.zeroize();
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +267,80 @@ mod tests {
         assert_eq!(round_trip(at), b"1980-01-15T08:30:00");
         let precise = dob.and_hms_micro_opt(8, 30, 0, 250).expect("time");
         round_trip(precise);
+    }
+
+    #[test]
+    fn a_utc_timestamp_is_rfc_3339_with_nine_fraction_digits() {
+        let at = NaiveDate::from_ymd_opt(2024, 3, 1)
+            .and_then(|d| d.and_hms_nano_opt(8, 30, 0, 0))
+            .expect("time")
+            .and_utc();
+        assert_eq!(round_trip(at), b"2024-03-01T08:30:00.000000000Z");
+        let precise = NaiveDate::from_ymd_opt(1980, 1, 15)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 123_456_789))
+            .expect("time")
+            .and_utc();
+        assert_eq!(round_trip(precise), b"1980-01-15T23:59:59.123456789Z");
+        // A leap second, and years outside 0000..=9999.
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .expect("time")
+            .and_utc();
+        assert_eq!(round_trip(leap), b"2016-12-31T23:59:60.500000000Z");
+        assert_eq!(
+            round_trip(DateTime::<Utc>::MAX_UTC).len(),
+            DateTime::<Utc>::MAX_UTC.encoded_len()
+        );
+        assert_eq!(
+            round_trip(DateTime::<Utc>::MIN_UTC).len(),
+            DateTime::<Utc>::MIN_UTC.encoded_len()
+        );
+        // Any fraction decodes; an offset other than `Z` does not.
+        assert_eq!(
+            DateTime::<Utc>::decode(b"2024-03-01T08:30:00Z".to_vec()),
+            Ok(at)
+        );
+        for bad in [
+            &b"2024-03-01T08:30:00+01:00"[..],
+            b"2024-03-01T08:30:00.000000000",
+            b"2024-03-01 08:30:00Z",
+            b"",
+        ] {
+            assert_eq!(
+                DateTime::<Utc>::decode(bad.to_vec()),
+                Err(DecodeError::DateTime("UTC timestamp"))
+            );
+        }
+    }
+
+    #[cfg(feature = "serde_json")]
+    #[test]
+    fn a_json_value_is_compact_text() {
+        let value = serde_json::json!({
+            "weight_kg": 72.5,
+            "allergies": ["penicillin", "latex"],
+            "notes": null,
+            "smoker": false,
+            "name": "Zoë \"Z\" Ñúñez"
+        });
+        let out = round_trip(value.clone());
+        assert_eq!(out.len(), value.encoded_len());
+        assert_eq!(
+            String::from_utf8(out).expect("UTF-8"),
+            r#"{"allergies":["penicillin","latex"],"name":"Zoë \"Z\" Ñúñez","notes":null,"smoker":false,"weight_kg":72.5}"#
+        );
+        assert_eq!(round_trip(serde_json::Value::Null), b"null");
+        assert_eq!(round_trip(serde_json::json!(-1)), b"-1");
+        assert_eq!(round_trip(serde_json::json!([])), b"[]");
+        // Whitespace decodes; what is not JSON is a typed error that does
+        // not quote the text.
+        assert_eq!(
+            serde_json::Value::decode(b" { \"a\" : 1 } ".to_vec()),
+            Ok(serde_json::json!({"a": 1}))
+        );
+        let err = serde_json::Value::decode(b"{\"ssn\": 078-05".to_vec()).expect_err("not JSON");
+        assert_eq!(err, DecodeError::Json);
+        assert!(!err.to_string().contains("078"));
     }
 
     #[test]
@@ -348,6 +508,30 @@ mod tests {
                     prop_assert_eq!(text.len(), value.encoded_len());
                 }
                 let _ = decodes_to_a_fixed_point::<NaiveDateTime>(&bytes);
+            }
+
+            #[test]
+            fn utc_date_time_encoding(
+                date in date(),
+                time in time(),
+                bytes in vec(any::<u8>(), 0..40),
+            ) {
+                let value = date.and_time(time).and_utc();
+                let out = round_trips(&value);
+                prop_assert_eq!(out.len(), value.encoded_len());
+                let text = String::from_utf8(out).expect("RFC 3339 text is UTF-8");
+                let (s, nanos) = match time.nanosecond() {
+                    n if n >= 1_000_000_000 => (60, n - 1_000_000_000),
+                    n => (time.second(), n),
+                };
+                let expected = format!(
+                    "{}T{:02}:{:02}:{s:02}.{nanos:09}Z",
+                    encoded_text(&date),
+                    time.hour(),
+                    time.minute()
+                );
+                prop_assert_eq!(&text, &expected);
+                let _ = decodes_to_a_fixed_point::<DateTime<Utc>>(&bytes);
             }
 
             #[test]

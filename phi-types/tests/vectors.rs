@@ -323,3 +323,83 @@ fn first_use_of_an_owner_does_not_hang() {
     };
     assert_eq!(opened.expect("opens"), "Doe");
 }
+
+fn vector(name: &str) -> Vector {
+    vectors()
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no vector {name} in {VECTORS}"))
+}
+
+/// The vectors of `DateTime<Utc>` hold exactly what phi encodes, and open
+/// through the keyring to the same instant.
+#[test]
+fn utc_timestamp_vectors_are_the_phi_value_encoding() {
+    use chrono::{DateTime, NaiveDate, Utc};
+    use phi_types::PhiValue;
+    let cases = [
+        ("datetime-utc-2024-03-01", (2024, 3, 1), (8, 30, 0, 0)),
+        (
+            "datetime-utc-nanoseconds",
+            (1980, 1, 15),
+            (23, 59, 59, 123_456_789),
+        ),
+    ];
+    for (name, (y, m, d), (h, min, s, nanos)) in cases {
+        let v = vector(name);
+        let at: DateTime<Utc> = NaiveDate::from_ymd_opt(y, m, d)
+            .and_then(|date| date.and_hms_nano_opt(h, min, s, nanos))
+            .expect("a valid instant")
+            .and_utc();
+        let mut encoded = Vec::new();
+        at.encode(&mut encoded);
+        assert_eq!(encoded, v.plaintext(), "{name}");
+        assert_eq!(encoded.len(), at.encoded_len(), "{name}");
+        let opened: DateTime<Utc> = envelope::open(&v.dek(), &v.envelope(), &v.binding())
+            .map(|plaintext| DateTime::<Utc>::decode(plaintext).expect("the vector decodes"))
+            .expect("the vector opens");
+        assert_eq!(opened, at, "{name}");
+    }
+}
+
+/// The JSON vector holds the compact text phi encodes for that value.
+#[cfg(feature = "serde_json")]
+#[test]
+fn json_vector_is_the_phi_value_encoding() {
+    use phi_types::PhiValue;
+    let v = vector("json-value-compact");
+    let value =
+        serde_json::json!({"weight_kg": 72.5, "name": "Zoë", "allergies": ["penicillin", "latex"]});
+    let mut encoded = Vec::new();
+    value.encode(&mut encoded);
+    assert_eq!(encoded, v.plaintext());
+    let plaintext = envelope::open(&v.dek(), &v.envelope(), &v.binding()).expect("opens");
+    assert_eq!(serde_json::Value::decode(plaintext), Ok(value));
+}
+
+/// A UUID owner and row key bind their lowercase hyphenated text: the
+/// vector opens under the binding phi derives from the `Uuid`s, and not
+/// under another spelling of the same row key.
+#[cfg(feature = "uuid")]
+#[test]
+fn uuid_vectors_are_the_phi_binding() {
+    use phi_types::{BinaryUuid, OwnerId, RowKey};
+    let v = vector("uuid-owner-and-row-key");
+    let owner = uuid::Uuid::parse_str(&v.owner).expect("the owner is a UUID");
+    let row = uuid::Uuid::parse_str(&v.row).expect("the row key is a UUID");
+    for (owner_id, row_key) in [
+        (owner.owner_id(), row.row_key()),
+        (BinaryUuid(owner).owner_id(), BinaryUuid(row).row_key()),
+    ] {
+        assert_eq!(owner_id, v.owner);
+        assert_eq!(&*row_key, v.row.as_bytes());
+        let binding = Binding::new(&owner_id, &v.scope).with_row(&row_key);
+        assert_eq!(
+            envelope::open(&v.dek(), &v.envelope(), &binding).expect("opens"),
+            v.plaintext()
+        );
+    }
+    let upper = vector("invalid-uuid-row-key-upper-case");
+    assert_eq!(uuid::Uuid::parse_str(&upper.row).ok(), Some(row));
+    assert!(envelope::open(&upper.dek(), &upper.envelope(), &upper.binding()).is_err());
+}

@@ -624,6 +624,14 @@ mod derive {
     }
 }
 
+/// UUID owners and row keys, UTC timestamps, JSON values; sealed structs
+/// with `Identifiable` and `Associations`.
+#[cfg(all(feature = "uuid", feature = "serde_json"))]
+mod types {
+    use super::*;
+    include!("types.rs");
+}
+
 /// Backfill, verify and decrypt-back on tables written before phi.
 mod migrate {
     use super::*;

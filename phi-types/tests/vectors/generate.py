@@ -130,6 +130,29 @@ def valid_cases():
     ]
 
 
+UUID_OWNER = "0b7e4a52-3c1d-4f6e-8a9b-2c3d4e5f6a7b"
+UUID_ROW = "6f1c2a4e-8b5d-4e1f-9a7c-3d2b1e0f4a5c"
+
+
+def typed_cases():
+    """Encodings of later value and key types (appended, so that the earlier
+    vectors keep their place in the file).
+
+    A UUID owner or row key is bound as its lowercase hyphenated text; a
+    DateTime<Utc> is RFC 3339 text in UTC with nine fraction digits and `Z`;
+    a serde_json::Value is compact JSON text.
+    """
+    return [
+        ("uuid-owner-and-row-key", DEK_B, 1, UUID_OWNER, "notes.body", UUID_ROW, b"Roe"),
+        ("datetime-utc-2024-03-01", DEK_A, 1, "provider-17", "cases.admitted_at", "C-1007",
+         b"2024-03-01T08:30:00.000000000Z"),
+        ("datetime-utc-nanoseconds", DEK_A, 1, "provider-17", "cases.admitted_at", "C-1007",
+         b"1980-01-15T23:59:59.123456789Z"),
+        ("json-value-compact", DEK_A, 1, "provider-17", "cases.vitals", "C-1007",
+         '{"allergies":["penicillin","latex"],"name":"Zoë","weight_kg":72.5}'.encode()),
+    ]
+
+
 def build():
     vectors = []
     for name, dek, version, owner, scope, row, plaintext in valid_cases():
@@ -169,6 +192,17 @@ def build():
         bad("truncated-tag", base[:-1]),
         bad("format-version-changed", bytes([MAGIC, 0x02]) + base[2:]),
     ]
+
+    for name, dek, version, owner, scope, row, plaintext in typed_cases():
+        nonce = derive("nonce " + name, NONCE_LEN)
+        env = seal(dek, version, nonce, owner, scope, row, plaintext)
+        vectors.append(vector(name, dek, version, owner, scope, row, plaintext, env, True))
+    # A UUID bound in another spelling (upper case) is another row.
+    uuid_env = vectors[-len(typed_cases())]
+    assert uuid_env["name"] == "uuid-owner-and-row-key"
+    vectors.append(vector("invalid-uuid-row-key-upper-case", DEK_B, 1, UUID_OWNER, "notes.body",
+                          UUID_ROW.upper(), b"Roe", bytes.fromhex(uuid_env["envelope_hex"]),
+                          False))
     return vectors
 
 
