@@ -159,19 +159,14 @@ pub(crate) fn table_check(t: &StoredTable, dialect: Dialect) -> Result<SealedChe
     let condition = format!("{} OR {}", flag_off(""), values(""));
     let table = t.table;
     let (up, down) = match dialect {
-        Dialect::Postgres | Dialect::Mysql => {
-            let drop = if dialect == Dialect::Postgres {
-                "CONSTRAINT"
-            } else {
-                "CHECK"
-            };
-            (
-                vec![format!(
-                    "ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({condition})"
-                )],
-                vec![format!("ALTER TABLE {table} DROP {drop} {name}")],
-            )
-        }
+        Dialect::Postgres | Dialect::Mysql => (
+            vec![format!(
+                "ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({condition})"
+            )],
+            // MariaDB ≥ 10.2 and MySQL ≥ 8.0.19 (MySQL 8.0.16 to 8.0.18:
+            // `DROP CHECK`).
+            vec![format!("ALTER TABLE {table} DROP CONSTRAINT {name}")],
+        ),
         Dialect::Sqlite => {
             let refused = format!("NOT ({} OR {})", flag_off("NEW."), values("NEW."));
             let message = format!(
