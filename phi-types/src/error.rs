@@ -310,7 +310,7 @@ pub enum Error {
         owner: String,
         /// Why, without the value.
         #[source]
-        source: crate::legacy::LegacyError,
+        source: Box<crate::legacy::LegacyError>,
     },
 
     /// Strict mode ([`Keyring::set_strict`](crate::Keyring::set_strict)):

@@ -1411,7 +1411,7 @@ fn open_legacy(
             column: column.to_owned(),
             row: key.clone(),
             owner: row.owner.clone(),
-            source,
+            source: Box::new(source),
         })
 }
 

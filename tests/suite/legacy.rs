@@ -166,7 +166,10 @@ macro_rules! backfill_imported {
             .map(|(i, (id, last, dob))| RawImported {
                 id: (*id).to_owned(),
                 owner_id: owners[i % 2].clone(),
-                last: if last.starts_with("plain:") { last["plain:".len()..].as_bytes().to_vec() } else { fixture(&all, $fixture, last).0 },
+                last: match last.strip_prefix("plain:") {
+                    Some(plain) => plain.as_bytes().to_vec(),
+                    None => fixture(&all, $fixture, last).0,
+                },
                 dob: dob.map(|d| fixture(&all, $fixture, d).0),
                 sealed: false,
             })

@@ -107,10 +107,10 @@ impl FernetDecoder {
                 .map_err(|_| Error::Config(format!("{primary} is not set: no Fernet key")))?,
         );
         let mut decoder = FernetDecoder::new(&key)?;
-        if let Ok(key) = std::env::var(fallback).map(Zeroizing::new) {
-            if !key.trim().is_empty() {
-                decoder = decoder.fallback(&key)?;
-            }
+        if let Ok(key) = std::env::var(fallback).map(Zeroizing::new)
+            && !key.trim().is_empty()
+        {
+            decoder = decoder.fallback(&key)?;
         }
         Ok(decoder)
     }
@@ -119,7 +119,9 @@ impl FernetDecoder {
         let data = base64_engine(true)
             .decode(token)
             .map_err(|_| LegacyErrorKind::Malformed("not URL-safe base64"))?;
-        if data.len() < HEADER_LEN + TAG_LEN || (data.len() - HEADER_LEN - TAG_LEN) % 16 != 0 {
+        if data.len() < HEADER_LEN + TAG_LEN
+            || !(data.len() - HEADER_LEN - TAG_LEN).is_multiple_of(16)
+        {
             return Err(LegacyErrorKind::Malformed("truncated token"));
         }
         if data[0] != VERSION {
