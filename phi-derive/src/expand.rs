@@ -28,6 +28,18 @@ fn generate(m: &Model) -> TokenStream {
     let flag = m.fields.iter().find(|f| f.role == Role::Flag);
     let row_key = m.fields.iter().find(|f| f.role == Role::RowKey);
     let has_flag = flag.is_some();
+    let flag_const = flag.map(|f| {
+        let column = &f.column;
+        quote! { const ENCRYPTED_FLAG: ::core::option::Option<&'static str> = ::core::option::Option::Some(#column); }
+    });
+    let row_text = row_key.map(|f| {
+        let name = &f.ident;
+        quote! {
+            fn row_text(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::Some(#krate::RowKey::row_text(&self.#name))
+            }
+        }
+    });
 
     // The sealed twin.
     let sealed_fields = m.fields.iter().map(|f| {
@@ -157,6 +169,7 @@ fn generate(m: &Model) -> TokenStream {
             type Sealed = #sealed;
             const TABLE: &'static str = #table_name;
             const HAS_ENCRYPTED_FLAG: bool = #has_flag;
+            #flag_const
 
             fn owner_id(&self) -> #krate::__private::Cow<'_, str> {
                 #krate::OwnerId::owner_id(&self.#owner_ident)
@@ -200,6 +213,8 @@ fn generate(m: &Model) -> TokenStream {
             fn key_versions(&self, f: &mut dyn FnMut(u32)) {
                 #(#versions)*
             }
+
+            #row_text
         }
 
         #changes_tokens
@@ -334,8 +349,24 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         .collect();
 
     let was_sealed = flag_expr(krate, flag, quote!(old.));
-    let wants_seal = if flag.is_some() {
-        quote! { __was_sealed || keyring.encrypts_for(&#krate::OwnerId::owner_id(&self.#owner_ident)) }
+    let wants_seal = if let Some(flag) = flag {
+        let flag_column = &flag.column;
+        let row_text = match row_key {
+            Some(f) => {
+                let name = &f.ident;
+                quote! { ::core::option::Option::Some(#krate::RowKey::row_text(&self.#name)) }
+            }
+            None => quote! { ::core::option::Option::None },
+        };
+        quote! {
+            __was_sealed || #krate::record::__private::seals_unsealed_row(
+                keyring,
+                #table_name,
+                #flag_column,
+                &#krate::OwnerId::owner_id(&self.#owner_ident),
+                #row_text,
+            )?
+        }
     } else {
         quote! { true }
     };

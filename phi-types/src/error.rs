@@ -441,6 +441,44 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A value stored before phi in a format a
+    /// [`LegacyDecoder`](crate::legacy::LegacyDecoder) reads (a Fernet
+    /// token, a `v1:` text) does not open: tampered, truncated, or under a
+    /// key the decoder was not given. No detail of the value or key.
+    #[error("{table}.{column} of row {row:?} (owner {owner:?}) does not open")]
+    Legacy {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The row's key.
+        row: String,
+        /// The row's owner.
+        owner: String,
+        /// Why, without the value.
+        #[source]
+        source: Box<crate::legacy::LegacyError>,
+    },
+
+    /// Strict mode ([`Keyring::set_strict`](crate::Keyring::set_strict)):
+    /// a row of a strict table was read, or was about to be written, with
+    /// its encrypted flag off.
+    #[error(
+        "strict mode: {operation} row {row:?} of {table} (owner {owner:?}) refused: its {column} flag is off (not sealed)"
+    )]
+    Strict {
+        /// `reading`, `writing` or `unsealing`.
+        operation: &'static str,
+        /// The table.
+        table: String,
+        /// The encrypted flag column.
+        column: String,
+        /// The row's key (`?` for a model without a row key).
+        row: String,
+        /// The row's owner.
+        owner: String,
+    },
+
     /// The envelope names a data key version this owner does not have (never
     /// created, or destroyed).
     #[error("owner {owner:?} has no data key version {key_version} (needed to open {scope})")]
@@ -506,11 +544,15 @@ impl Error {
             | Error::KekMismatch { .. }
             | Error::UnknownKek { .. } => ErrorKind::Config,
             Error::InvalidInput { .. } | Error::Encrypt { .. } => ErrorKind::InvalidInput,
-            Error::Decrypt { .. } | Error::Malformed { .. } => ErrorKind::Tampered,
+            Error::Decrypt { .. } | Error::Malformed { .. } | Error::Legacy { .. } => {
+                ErrorKind::Tampered
+            }
             Error::Decode { .. } | Error::Unsealed { .. } => ErrorKind::Decode,
             Error::NoKey { .. } | Error::UnknownKeyVersion { .. } => ErrorKind::NotFound,
             Error::Shredded { .. } => ErrorKind::Shredded,
-            Error::Refused { .. } | Error::KeyInUse { .. } => ErrorKind::Refused,
+            Error::Refused { .. } | Error::KeyInUse { .. } | Error::Strict { .. } => {
+                ErrorKind::Refused
+            }
             Error::Kek { source, .. } | Error::KekCheck { source, .. } => kek_kind(source.as_ref()),
             Error::KeyUnavailable { .. } | Error::RandomSource(_) | Error::FeedStale { .. } => {
                 ErrorKind::Unavailable

@@ -95,6 +95,7 @@ mod error;
 pub mod feed;
 mod kek;
 mod keyring;
+pub mod legacy;
 pub mod lifecycle;
 pub mod metrics;
 pub mod migrate;

@@ -111,6 +111,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
+use crate::legacy::{LegacyCount, LegacyDecoder, LegacyPlaintext, LegacyValue, Tally};
 #[doc(hidden)]
 pub use crate::lifecycle::tables::{CanonicalFn, StoredColumn, StoredTable};
 use crate::lifecycle::tables::{
@@ -218,6 +219,7 @@ impl KeyColumnType for crate::BinaryUuid {
 pub struct MigrateOptions {
     batch: usize,
     dry_run: bool,
+    legacy: Option<Arc<dyn LegacyDecoder>>,
 }
 
 impl Default for MigrateOptions {
@@ -225,6 +227,7 @@ impl Default for MigrateOptions {
         MigrateOptions {
             batch: DEFAULT_BATCH,
             dry_run: false,
+            legacy: None,
         }
     }
 }
@@ -244,6 +247,24 @@ impl MigrateOptions {
     pub fn dry_run(mut self, dry_run: bool) -> Self {
         self.dry_run = dry_run;
         self
+    }
+
+    /// Values stored before phi in an encrypted format of their own (a
+    /// Fernet token, a `v1:` text): [`backfill`] opens each flag-off value
+    /// `decoder` recognises and seals its plaintext; a value it recognises
+    /// but cannot open stops the job ([`Error::Legacy`], that batch rolled
+    /// back), and a dry run counts them per format
+    /// ([`MigrationReport::legacy`]). Without one, flag-off values are the
+    /// fields' plain encodings.
+    #[must_use]
+    pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
+        self.legacy = Some(decoder);
+        self
+    }
+
+    /// The legacy decoder, if any.
+    pub fn legacy_decoder(&self) -> Option<&dyn LegacyDecoder> {
+        self.legacy.as_deref()
     }
 
     /// The batch size.
@@ -374,6 +395,9 @@ pub struct MigrationReport {
     /// The first problems a dry run found (values not in canonical form
     /// among them: [`ProblemKind::NotCanonical`]).
     pub problems: Vec<VerifyFailure>,
+    /// With a [`MigrateOptions::legacy`] decoder: the values found in each
+    /// legacy format, and (a dry run) how many of them do not open.
+    pub legacy: Vec<LegacyCount>,
     /// Rows still to migrate when the job ended.
     pub remaining: u64,
     /// How long the job took.
@@ -408,6 +432,9 @@ impl fmt::Display for MigrationReport {
                     "; {} value(s) not in canonical form would be re-encoded",
                     self.reencoded
                 )?;
+            }
+            for count in &self.legacy {
+                write!(f, "; {count}")?;
             }
             write!(f, "; nothing was changed ({secs:.1} s).")?;
             for p in &self.problems {
@@ -444,6 +471,9 @@ impl fmt::Display for MigrationReport {
                 self.reencoded
             )?;
         }
+        for count in &self.legacy {
+            write!(f, " Opened {} {} value(s).", count.found, count.format)?;
+        }
         Ok(())
     }
 }
@@ -472,6 +502,9 @@ pub struct VerifyReport {
     pub problems_found: u64,
     /// The first problems found, of every kind.
     pub failures: Vec<VerifyFailure>,
+    /// With a legacy decoder ([`verify_legacy`]): the unsealed values found
+    /// in each legacy format, and how many of them do not open.
+    pub legacy: Vec<LegacyCount>,
     /// How long the check took.
     pub elapsed: Duration,
 }
@@ -501,6 +534,9 @@ impl fmt::Display for VerifyReport {
                 "; {} row(s) hold values not in canonical form",
                 self.not_canonical
             )?;
+        }
+        for count in &self.legacy {
+            write!(f, "; {count}")?;
         }
         write!(f, " ({:.1} s).", self.elapsed.as_secs_f64())?;
         for failure in &self.failures {
@@ -622,7 +658,26 @@ pub fn verify<M: Migratable, C: DataConnection>(
     sample: Option<usize>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<VerifyReport> {
+    verify_legacy::<M, C>(conn, keyring, sample, None, progress)
+}
+
+/// [`verify`], with the values of unsealed rows opened by `legacy` where
+/// it recognises them (see [`MigrateOptions::legacy`]): such a value that
+/// does not open, or whose plaintext does not decode as its field's type,
+/// is a failure ([`ProblemKind::Unreadable`]); the values found in each
+/// format are counted in [`VerifyReport::legacy`].
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_legacy<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    sample: Option<usize>,
+    legacy: Option<&dyn LegacyDecoder>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport> {
     let t = M::stored_table();
+    let mut tally = Tally::default();
     t.validate()?;
     let started = Instant::now();
     let mut report = VerifyReport {
@@ -664,7 +719,7 @@ pub fn verify<M: Migratable, C: DataConnection>(
                 let problems = if sealed {
                     check_sealed(&t, row, &keys)
                 } else {
-                    check_unsealed(&t, row)
+                    check_unsealed(&t, row, legacy, &mut tally)
                 };
                 if problems.iter().any(|p| p.kind == ProblemKind::NotCanonical) {
                     report.not_canonical += 1;
@@ -705,6 +760,7 @@ pub fn verify<M: Migratable, C: DataConnection>(
             }
         }
     }
+    report.legacy = tally.counts();
     report.elapsed = started.elapsed();
     tracing::info!(
         table = t.table,
@@ -835,12 +891,50 @@ fn row_index<'r>(t: &StoredTable, row: &'r MigrationRow, index: &str) -> Option<
     row.values.get(t.columns.len() + position)?.as_ref()
 }
 
-fn check_unsealed(t: &StoredTable, row: &MigrationRow) -> Vec<VerifyFailure> {
+fn check_unsealed(
+    t: &StoredTable,
+    row: &MigrationRow,
+    legacy: Option<&dyn LegacyDecoder>,
+    tally: &mut Tally,
+) -> Vec<VerifyFailure> {
     let mut out = Vec::new();
     for (c, value) in t.columns.iter().zip(&row.values) {
         let Some(bytes) = value else {
             continue;
         };
+        match open_legacy(t, c.column, row, bytes, legacy) {
+            Ok(None) => {}
+            Ok(Some(opened)) => {
+                tally.opened(opened.format);
+                if let Err(e) = (c.canonical)(opened.plaintext.to_vec()) {
+                    out.push(failure(
+                        t,
+                        c.column,
+                        row,
+                        ProblemKind::Unreadable,
+                        format_args!(
+                            "the flag is off and the {} value opens, but does not decode: {e}",
+                            opened.format
+                        ),
+                    ));
+                }
+                continue;
+            }
+            Err(e) => {
+                let Error::Legacy { source, .. } = &e else {
+                    continue;
+                };
+                tally.failed(source.format);
+                out.push(failure(
+                    t,
+                    c.column,
+                    row,
+                    ProblemKind::Unreadable,
+                    format_args!("the flag is off and the value does not open: {source}"),
+                ));
+                continue;
+            }
+        }
         match (c.canonical)(bytes.clone()) {
             Err(e) => out.push(failure(
                 t,
@@ -948,6 +1042,9 @@ fn migrate<C: DataConnection>(
 
     let mut owners_seen: BTreeSet<String> = BTreeSet::new();
     let mut idle = 0;
+    let mut tally = Tally::default();
+    let legacy = options.legacy.as_deref();
+    let strict = !sealing && keyring.is_strict(t.table);
     loop {
         let owners = next_owners(conn, t, from, options.batch)?;
         if owners.is_empty() {
@@ -966,12 +1063,22 @@ fn migrate<C: DataConnection>(
         };
         let mut values = 0u64;
         let mut reencoded = 0u64;
+        let mut batch_tally = Tally::default();
         let mut transform = |row: &MigrationRow| -> Result<Option<RowWrite>> {
             let Some(keys) = keys.get(&row.owner) else {
                 return Ok(None);
             };
+            if strict {
+                return Err(Error::Strict {
+                    operation: "unsealing",
+                    table: t.table.to_owned(),
+                    column: t.flag_column.to_owned(),
+                    row: row.key_text(),
+                    owner: row.owner.clone(),
+                });
+            }
             let (write, n) = if sealing {
-                seal_row(t, row, keys)?
+                seal_row(t, row, keys, legacy, &mut batch_tally)?
             } else {
                 unseal_row(t, row, keys)?
             };
@@ -980,6 +1087,7 @@ fn migrate<C: DataConnection>(
             Ok(Some(write))
         };
         let outcome = conn.migration_batch(t, from, options.batch, &mut transform, before_write)?;
+        tally.merge(batch_tally);
         report.rows += outcome.updated;
         report.values += values;
         report.reencoded += reencoded;
@@ -1016,6 +1124,7 @@ fn migrate<C: DataConnection>(
         }
     }
     report.owners = owners_seen.len() as u64;
+    report.legacy = tally.counts();
     report.remaining = conn.migration_count(t, from)?;
     report.elapsed = started.elapsed();
     tracing::info!(
@@ -1043,6 +1152,7 @@ fn dry_run<C: DataConnection>(
     let from = !sealing;
     let mut owners: BTreeSet<String> = BTreeSet::new();
     let mut after: Option<SqlValue> = None;
+    let mut tally = Tally::default();
     loop {
         let query = RowsQuery {
             sealed: from,
@@ -1062,7 +1172,7 @@ fn dry_run<C: DataConnection>(
         for row in &rows {
             owners.insert(row.owner.clone());
             let problems = if sealing {
-                check_unsealed(t, row)
+                check_unsealed(t, row, options.legacy.as_deref(), &mut tally)
             } else {
                 check_sealed(t, row, &keys)
             };
@@ -1094,6 +1204,7 @@ fn dry_run<C: DataConnection>(
         });
     }
     report.owners = owners.len() as u64;
+    report.legacy = tally.counts();
     if sealing {
         report.new_owner_keys = owners_without_key(keyring, &owners)?;
     }
@@ -1119,7 +1230,13 @@ fn decode_error(
 /// A row's values sealed in their canonical encoding, and its blind
 /// indexes computed from that encoding, as the model computes them; with
 /// the number of values that were not in canonical form.
-fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(RowWrite, u64)> {
+fn seal_row(
+    t: &StoredTable,
+    row: &MigrationRow,
+    keys: &OwnerKeys,
+    legacy: Option<&dyn LegacyDecoder>,
+    tally: &mut Tally,
+) -> Result<(RowWrite, u64)> {
     let mut write = RowWrite {
         values: Vec::with_capacity(t.columns.len()),
         indexes: Vec::new(),
@@ -1133,18 +1250,33 @@ fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(Ro
             }
             continue;
         };
-        let canonical = (c.canonical)(plain.clone()).map_err(|e| {
-            let what = if Encrypted::<Vec<u8>>::from_bytes(plain.clone())
-                .header()
-                .is_ok()
-            {
-                "the flag is off but the value is an envelope (was the flag changed by hand?)"
-            } else {
-                "the plain value does not decode"
-            };
-            decode_error(t, c.column, row, what, e)
-        })?;
-        if *canonical != *plain {
+        let opened = open_legacy(t, c.column, row, plain, legacy)?;
+        let from_legacy = opened.is_some();
+        let canonical = if let Some(opened) = opened {
+            tally.opened(opened.format);
+            (c.canonical)(opened.plaintext.to_vec()).map_err(|e| {
+                decode_error(
+                    t,
+                    c.column,
+                    row,
+                    "the legacy value opens, but its plaintext does not decode",
+                    e,
+                )
+            })?
+        } else {
+            (c.canonical)(plain.clone()).map_err(|e| {
+                let what = if Encrypted::<Vec<u8>>::from_bytes(plain.clone())
+                    .header()
+                    .is_ok()
+                {
+                    "the flag is off but the value is an envelope (was the flag changed by hand?)"
+                } else {
+                    "the plain value does not decode"
+                };
+                decode_error(t, c.column, row, what, e)
+            })?
+        };
+        if !from_legacy && *canonical != *plain {
             reencoded += 1;
         }
         write.values.push(Some(
@@ -1157,6 +1289,29 @@ fn seal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(Ro
         }
     }
     Ok((write, reencoded))
+}
+
+/// A flag-off value opened by the legacy decoder, if it recognises it.
+fn open_legacy(
+    t: &StoredTable,
+    column: &'static str,
+    row: &MigrationRow,
+    stored: &[u8],
+    legacy: Option<&dyn LegacyDecoder>,
+) -> Result<Option<LegacyPlaintext>> {
+    let Some(decoder) = legacy else {
+        return Ok(None);
+    };
+    let key = row.key_text();
+    decoder
+        .open(&LegacyValue::new(t.table, column, &row.owner, &key, stored))
+        .map_err(|source| Error::Legacy {
+            table: t.table.to_owned(),
+            column: column.to_owned(),
+            row: key.clone(),
+            owner: row.owner.clone(),
+            source: Box::new(source),
+        })
 }
 
 /// A row's values opened back to their plain (canonical) encoding, blind

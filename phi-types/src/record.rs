@@ -228,6 +228,9 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// rows may be stored unsealed during a roll-out.
     const HAS_ENCRYPTED_FLAG: bool;
 
+    /// The `#[phi(encrypted_flag)]` column's name, for errors.
+    const ENCRYPTED_FLAG: Option<&'static str> = None;
+
     /// The owner whose data key seals this record.
     fn owner_id(&self) -> Cow<'_, str>;
 
@@ -272,7 +275,9 @@ pub trait PhiRecord: Sized + Send + Sync {
             sealing.retain(|o| keyring.encrypts_for(o));
         }
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
-        seal_records(records, &owners, &keys, keyring.parallel_min_rows())
+        let sealed = seal_records(records, &owners, &keys, keyring.parallel_min_rows())?;
+        refuse_unsealed_rows::<Self>("writing", &sealed, keyring)?;
+        Ok(sealed)
     }
 
     /// Opens one stored row.
@@ -300,6 +305,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// row, column or owner, [`Error::Malformed`] for bytes that are not an
     /// envelope).
     fn open_all(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Self>> {
+        refuse_unsealed_rows::<Self>("reading", &rows, keyring)?;
         let keys = resolve_for_open(&rows, keyring)?;
         open_rows(rows, &keys, keyring.parallel_min_rows())
     }
@@ -311,9 +317,23 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// Only when the owners' keys cannot be resolved at all.
     fn open_each(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Result<Self>>> {
         let keys = resolve_for_open(&rows, keyring)?;
+        let strict = Self::HAS_ENCRYPTED_FLAG && keyring.is_strict(Self::TABLE);
         Ok(crate::metrics::timed(
             crate::metrics::OPEN_DURATION_SECONDS,
-            || rows.into_iter().map(|row| open_row(row, &keys)).collect(),
+            || {
+                rows.into_iter()
+                    .map(|row| {
+                        if strict && !row.is_encrypted() {
+                            return Err(strict_error::<Self>(
+                                "reading",
+                                &row.owner_id(),
+                                row.row_text(),
+                            ));
+                        }
+                        open_row(row, &keys)
+                    })
+                    .collect()
+            },
         ))
     }
 
@@ -384,7 +404,9 @@ pub trait PhiRecord: Sized + Send + Sync {
             }
             let sealing: Vec<&str> = sealing.into_iter().collect();
             let keys = keyring.keys_for_seal_many_async(sealing).await?;
-            seal_records(records, &owners, &keys, keyring.parallel_min_rows())
+            let sealed = seal_records(records, &owners, &keys, keyring.parallel_min_rows())?;
+            refuse_unsealed_rows::<Self>("writing", &sealed, keyring)?;
+            Ok(sealed)
         }
     }
 
@@ -407,6 +429,7 @@ pub trait PhiRecord: Sized + Send + Sync {
         Self::Sealed: 'static,
     {
         async move {
+            refuse_unsealed_rows::<Self>("reading", &rows, keyring)?;
             let owners = owned_owners_and_versions(&rows);
             let keys = resolve_for_open_async(owners, keyring).await?;
             let parallel_min_rows = keyring.parallel_min_rows();
@@ -443,9 +466,23 @@ pub trait PhiRecord: Sized + Send + Sync {
         async move {
             let owners = owned_owners_and_versions(&rows);
             let keys = resolve_for_open_async(owners, keyring).await?;
+            let strict = Self::HAS_ENCRYPTED_FLAG && keyring.is_strict(Self::TABLE);
             Ok(crate::metrics::timed(
                 crate::metrics::OPEN_DURATION_SECONDS,
-                || rows.into_iter().map(|row| open_row(row, &keys)).collect(),
+                || {
+                    rows.into_iter()
+                        .map(|row| {
+                            if strict && !row.is_encrypted() {
+                                return Err(strict_error::<Self>(
+                                    "reading",
+                                    &row.owner_id(),
+                                    row.row_text(),
+                                ));
+                            }
+                            open_row(row, &keys)
+                        })
+                        .collect()
+                },
             ))
         }
     }
@@ -769,6 +806,46 @@ pub trait SealedRecord {
     /// Calls `f` with the key version of each sealed value of the row
     /// (read from the envelope headers, no decryption).
     fn key_versions(&self, f: &mut dyn FnMut(u32));
+
+    /// The row's key as text, for errors ([`RowKey::row_text`]); `None` for
+    /// a model without a `#[phi(row_key)]`.
+    fn row_text(&self) -> Option<String> {
+        None
+    }
+}
+
+/// [`Error::Strict`] for a row of `R`'s table.
+pub(crate) fn strict_error<R: PhiRecord>(
+    operation: &'static str,
+    owner: &str,
+    row: Option<String>,
+) -> Error {
+    Error::Strict {
+        operation,
+        table: R::TABLE.to_owned(),
+        column: R::ENCRYPTED_FLAG.unwrap_or("encrypted flag").to_owned(),
+        row: row.unwrap_or_else(|| "?".to_owned()),
+        owner: owner.to_owned(),
+    }
+}
+
+/// In strict mode, the first row of `rows` whose flag is off, as an error.
+fn refuse_unsealed_rows<R: PhiRecord>(
+    operation: &'static str,
+    rows: &[R::Sealed],
+    keyring: &Keyring,
+) -> Result<()> {
+    if !R::HAS_ENCRYPTED_FLAG || !keyring.is_strict(R::TABLE) {
+        return Ok(());
+    }
+    match rows.iter().find(|r| !r.is_encrypted()) {
+        Some(row) => Err(strict_error::<R>(
+            operation,
+            &row.owner_id(),
+            row.row_text(),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A field that names an owner: `#[phi(owner)]`.
@@ -846,11 +923,21 @@ impl std::ops::Deref for RowKeyBytes<'_> {
 pub trait RowKey {
     /// The bytes bound into the row's sealed values.
     fn row_key(&self) -> RowKeyBytes<'_>;
+
+    /// The key as text, for errors: the string, the number, or the bytes in
+    /// hexadecimal.
+    fn row_text(&self) -> String {
+        self.row_key().iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl RowKey for String {
     fn row_key(&self) -> RowKeyBytes<'_> {
         RowKeyBytes::Borrowed(self.as_bytes())
+    }
+
+    fn row_text(&self) -> String {
+        self.clone()
     }
 }
 
@@ -869,6 +956,10 @@ macro_rules! row_key_int {
                 buf[..bytes.len()].copy_from_slice(&bytes);
                 #[allow(clippy::cast_possible_truncation)] // at most 8
                 RowKeyBytes::Inline(buf, bytes.len() as u8)
+            }
+
+            fn row_text(&self) -> String {
+                self.to_string()
             }
         }
     )*};
@@ -1120,6 +1211,32 @@ pub(crate) mod __private {
                 reason: format!("no data keys were resolved for a sealed row of {table}"),
             }),
         }
+    }
+
+    /// Whether an update seals a row stored unsealed: when the roll-out
+    /// covers `owner`. Else, on a strict table
+    /// ([`Keyring::set_strict`](crate::Keyring::set_strict)), the refusal
+    /// to write the row unsealed.
+    pub fn seals_unsealed_row(
+        keyring: &crate::Keyring,
+        table: &str,
+        flag: &str,
+        owner: &str,
+        row: Option<String>,
+    ) -> Result<bool> {
+        if keyring.encrypts_for(owner) {
+            return Ok(true);
+        }
+        if keyring.is_strict(table) {
+            return Err(Error::Strict {
+                operation: "writing",
+                table: table.to_owned(),
+                column: flag.to_owned(),
+                row: row.unwrap_or_else(|| "?".to_owned()),
+                owner: owner.to_owned(),
+            });
+        }
+        Ok(false)
     }
 
     /// Refusal to store a row unsealed when the model has no encrypted flag.

@@ -638,6 +638,12 @@ mod migrate {
     include!("migrate.rs");
 }
 
+/// Legacy ciphertexts imported, strict mode, the database's guard.
+mod legacy {
+    use super::*;
+    include!("legacy.rs");
+}
+
 /// Guarded updates racing backfill, decrypt-back and other writers.
 mod guarded {
     use super::*;

@@ -299,6 +299,7 @@ struct Inner {
     actor: String,
     counters: Counters,
     rollout: RwLock<Rollout>,
+    strict: RwLock<std::collections::BTreeSet<String>>,
     audit: AuditWriter,
     misses: Misses,
     parallel_min_rows: usize,
@@ -584,6 +585,7 @@ impl KeyringBuilder {
                 actor: self.actor,
                 counters: Counters::default(),
                 rollout: RwLock::new(rollout),
+                strict: RwLock::default(),
                 audit,
                 misses: Misses::new(self.unknown_version_ttl, self.max_owners),
                 parallel_min_rows: self.parallel_min_rows,
@@ -980,6 +982,63 @@ impl Keyring {
             .rollout
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = rollout;
+    }
+
+    /// Makes `tables` strict, replacing the tables strict before: the end
+    /// of a table's adoption, once [`migrate::backfill`](crate::migrate::backfill)
+    /// has sealed every row and [`migrate::verify`](crate::migrate::verify)
+    /// passes. On a strict table, for a model with an encrypted flag:
+    ///
+    /// - reading a row whose flag is off ([`PhiRecord::load`](crate::PhiRecord::load),
+    ///   `open_all`, `open_each`, their async forms) is [`Error::Strict`]
+    ///   naming the table, the flag column, the row and its owner, instead
+    ///   of the row's plain values;
+    /// - a write that would store a row with its flag off (an insert or
+    ///   update for an owner the [`Rollout`] does not cover) is the same
+    ///   error, and nothing is written;
+    /// - [`migrate::decrypt_back`](crate::migrate::decrypt_back) refuses to
+    ///   unseal its rows ([`migrate::backfill`](crate::migrate::backfill)
+    ///   still seals any it finds).
+    ///
+    /// Strictness is per table because adoption is: one table may be
+    /// finished while another is still being backfilled. It is a setting of
+    /// the keyring, not of the model, because the keyring is what every read
+    /// and write already consults (as for the roll-out): a process turns it
+    /// on from its configuration, with no code change, and turns it off
+    /// again the same way to roll back. The database can enforce the same
+    /// on every client with [`legacy::sealed_check`](crate::legacy::sealed_check).
+    /// Models without an encrypted flag are always sealed and unaffected.
+    pub fn set_strict<I, S>(&self, tables: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        *self
+            .inner
+            .strict
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            tables.into_iter().map(Into::into).collect();
+    }
+
+    /// Whether `table` is strict ([`set_strict`](Self::set_strict)).
+    pub fn is_strict(&self, table: &str) -> bool {
+        self.inner
+            .strict
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(table)
+    }
+
+    /// The strict tables ([`set_strict`](Self::set_strict)).
+    pub fn strict_tables(&self) -> Vec<String> {
+        self.inner
+            .strict
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The KEK that wraps new data keys.

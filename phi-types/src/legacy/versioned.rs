@@ -1,0 +1,159 @@
+//! `v1:<nonce>:<ciphertext>` texts: AES-256-GCM under a versioned key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use aes_gcm::KeyInit as _;
+use aes_gcm::aead::AeadInOut as _;
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use super::{
+    LegacyDecoder, LegacyError, LegacyErrorKind, LegacyPlaintext, LegacyValue, base64_engine,
+};
+use crate::dek::KeyBytes;
+
+const FORMAT: &str = "aes-gcm-versioned";
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+/// Opens texts of the form `<version>:<base64 nonce>:<base64 ciphertext
+/// and tag>`, or `<version>:<nonce>:<ciphertext>:<tag>`, where the version
+/// is `v` and digits (`v1`, `v2`) naming the AES-256-GCM key, the nonce is
+/// 12 bytes, the tag 16, base64 standard (padding optional), no associated
+/// data: the format an application writes with Python's
+/// `AESGCM(key).encrypt(nonce, text, None)` and
+/// `f"v1:{b64(nonce)}:{b64(ciphertext)}"`. Values that do not start with
+/// such a version and a colon are not in this format.
+///
+/// ```
+/// use phi_types::KeyBytes;
+/// use phi_types::legacy::VersionedGcmDecoder;
+///
+/// let decoder = VersionedGcmDecoder::new()
+///     .key("v1", KeyBytes::new([1; 32]))
+///     .key("v2", KeyBytes::new([2; 32]));
+/// assert_eq!(format!("{decoder:?}"), r#"VersionedGcmDecoder { versions: ["v1", "v2"], .. }"#);
+/// ```
+#[derive(Default)]
+pub struct VersionedGcmDecoder {
+    keys: BTreeMap<String, KeyBytes>,
+}
+
+impl VersionedGcmDecoder {
+    /// A decoder with no key yet.
+    pub fn new() -> Self {
+        VersionedGcmDecoder::default()
+    }
+
+    /// The key of `version` (`v1`), replacing any given before.
+    #[must_use]
+    pub fn key(mut self, version: impl Into<String>, key: KeyBytes) -> Self {
+        self.keys.insert(version.into(), key);
+        self
+    }
+
+    fn decrypt(
+        &self,
+        version: &str,
+        rest: &[u8],
+    ) -> std::result::Result<Zeroizing<Vec<u8>>, LegacyErrorKind> {
+        let engine = base64_engine(false);
+        let parts: Vec<&[u8]> = rest.split(|b| *b == b':').collect();
+        let decode = |part: &[u8]| {
+            engine
+                .decode(part)
+                .map_err(|_| LegacyErrorKind::Malformed("a part is not base64"))
+        };
+        let (nonce, mut data) = match parts.as_slice() {
+            [nonce, sealed] => (decode(nonce)?, decode(sealed)?),
+            [nonce, ciphertext, tag] => {
+                let mut data = decode(ciphertext)?;
+                data.extend(decode(tag)?);
+                (decode(nonce)?, data)
+            }
+            _ => return Err(LegacyErrorKind::Malformed("not version:nonce:ciphertext")),
+        };
+        let nonce: [u8; NONCE_LEN] = nonce
+            .as_slice()
+            .try_into()
+            .map_err(|_| LegacyErrorKind::Malformed("the nonce is not 12 bytes"))?;
+        if data.len() < TAG_LEN {
+            return Err(LegacyErrorKind::Malformed("shorter than a tag"));
+        }
+        let key = self
+            .keys
+            .get(version)
+            .ok_or_else(|| LegacyErrorKind::UnknownKeyVersion(version.to_owned()))?;
+        let cipher = aes_gcm::Aes256Gcm::new(key.expose().into());
+        let tag_at = data.len() - TAG_LEN;
+        let tag: [u8; TAG_LEN] = data[tag_at..]
+            .try_into()
+            .map_err(|_| LegacyErrorKind::Malformed("shorter than a tag"))?;
+        data.truncate(tag_at);
+        let mut plain = Zeroizing::new(data);
+        cipher
+            .decrypt_inout_detached(
+                &aes_gcm::Nonce::from(nonce),
+                b"",
+                plain.as_mut_slice().into(),
+                &aes_gcm::Tag::from(tag),
+            )
+            .map_err(|_| LegacyErrorKind::Authentication)?;
+        Ok(plain)
+    }
+}
+
+/// The version label of a stored value: `v` and digits before the first
+/// colon, with the rest.
+fn split_version(stored: &[u8]) -> Option<(&str, &[u8])> {
+    let colon = stored.iter().position(|b| *b == b':')?;
+    let (version, rest) = (&stored[..colon], &stored[colon + 1..]);
+    let digits = version.strip_prefix(b"v")?;
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some((std::str::from_utf8(version).ok()?, rest))
+}
+
+impl LegacyDecoder for VersionedGcmDecoder {
+    fn open(
+        &self,
+        value: &LegacyValue<'_>,
+    ) -> std::result::Result<Option<LegacyPlaintext>, LegacyError> {
+        let Some((version, rest)) = split_version(value.stored) else {
+            return Ok(None);
+        };
+        self.decrypt(version, rest)
+            .map(|plaintext| {
+                Some(LegacyPlaintext {
+                    format: FORMAT,
+                    plaintext,
+                })
+            })
+            .map_err(|kind| LegacyError::new(FORMAT, kind))
+    }
+}
+
+impl fmt::Debug for VersionedGcmDecoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VersionedGcmDecoder")
+            .field("versions", &self.keys.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_recognised_strictly() {
+        assert_eq!(split_version(b"v1:abc").map(|v| v.0), Some("v1"));
+        assert_eq!(split_version(b"v12:abc").map(|v| v.0), Some("v12"));
+        assert!(split_version(b"v:abc").is_none());
+        assert!(split_version(b"version:abc").is_none());
+        assert!(split_version(b"Doe").is_none());
+        assert!(split_version(b"vx1:abc").is_none());
+    }
+}

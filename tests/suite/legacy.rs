@@ -1,0 +1,462 @@
+// Importing values encrypted before phi (Fernet tokens, `v1:` AES-GCM
+// texts), strict mode, and the database's own guard on sealed rows.
+// Included in `tests/suite/mod.rs`, so `Conn`, `BLOB`, `server_url()` and
+// `TestDb` are in scope. Each test owns its table (on a server, dropped and
+// created again at its start). The legacy values are those of
+// `tests/fixtures/legacy.json`, written by Python's `cryptography`
+// (`tests/fixtures/legacy.py`).
+
+use phi::legacy::{self, Dialect, LegacyDecoder, LegacyErrorKind, LegacyValue, VersionedGcmDecoder};
+use phi::migrate::{self, MigrateOptions};
+use phi::{KeyBytes, PhiRecord, Rollout, Updated};
+
+/// A table written before phi: a text and a nullable date, stored as an
+/// earlier scheme stored them, the flag off.
+macro_rules! imported_table {
+    ($table:ident, $model:ident, $raw:ident) => {
+        diesel::table! {
+            $table (id) {
+                id -> Varchar,
+                owner_id -> Varchar,
+                last -> Binary,
+                dob -> Nullable<Binary>,
+                sealed -> Bool,
+            }
+        }
+
+        #[derive(phi::PhiRecord, Clone, PartialEq)]
+        #[phi(table = $table, crate = phi, debug)]
+        #[diesel(primary_key(id))]
+        pub(crate) struct $model {
+            #[phi(row_key)]
+            pub(crate) id: String,
+            #[phi(owner)]
+            pub(crate) owner_id: String,
+            #[phi(encrypt)]
+            pub(crate) last: String,
+            #[phi(encrypt)]
+            pub(crate) dob: Option<NaiveDate>,
+            #[phi(encrypted_flag)]
+            pub(crate) sealed: bool,
+        }
+
+        /// A row as the application stored it before phi.
+        #[derive(Insertable)]
+        #[diesel(table_name = $table)]
+        pub(crate) struct $raw {
+            pub(crate) id: String,
+            pub(crate) owner_id: String,
+            pub(crate) last: Vec<u8>,
+            pub(crate) dob: Option<Vec<u8>>,
+            pub(crate) sealed: bool,
+        }
+    };
+}
+
+// Each test uses part of the generated API (and the Fernet one only with
+// its feature).
+#[allow(dead_code)]
+mod fernet_table {
+    use super::*;
+    imported_table!(phi_it_lg_fernet, Imported, RawImported);
+}
+#[allow(dead_code)]
+mod gcm_table {
+    use super::*;
+    imported_table!(phi_it_lg_gcm, Imported, RawImported);
+}
+#[allow(dead_code)]
+mod strict_table {
+    use super::*;
+    imported_table!(phi_it_lg_strict, Imported, RawImported);
+}
+#[allow(dead_code)]
+mod check_table {
+    use super::*;
+    imported_table!(phi_it_lg_check, Imported, RawImported);
+}
+
+fn create_imported(conn: &mut Conn, table: &str) {
+    diesel::sql_query(format!("DROP TABLE IF EXISTS {table}")).execute(conn).expect("drop");
+    diesel::sql_query(format!(
+        "CREATE TABLE {table} (id VARCHAR(64) NOT NULL PRIMARY KEY, owner_id VARCHAR(255) NOT NULL, \
+         last {BLOB} NOT NULL, dob {BLOB} NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)"
+    ))
+    .execute(conn)
+    .expect("create");
+}
+
+/// The fixtures written by `tests/fixtures/legacy.py`.
+fn fixtures() -> serde_json::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/legacy.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("tests/fixtures/legacy.json")).expect("fixture JSON")
+}
+
+/// The stored value named `name` of `format` (`fernet`, `gcm`).
+fn fixture(all: &serde_json::Value, format: &str, name: &str) -> (Vec<u8>, Option<String>) {
+    let item = all[format]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("fixture {format}/{name}"));
+    (
+        item["stored"].as_str().expect("stored").as_bytes().to_vec(),
+        item["plain"].as_str().map(str::to_owned),
+    )
+}
+
+fn gcm_decoder(all: &serde_json::Value) -> VersionedGcmDecoder {
+    let key = |v: &str| {
+        KeyBytes::from_slice(&hex::decode(all["gcm_keys"][v].as_str().expect("key")).expect("hex")).expect("32 bytes")
+    };
+    VersionedGcmDecoder::new().key("v1", key("v1")).key("v2", key("v2"))
+}
+
+/// The whole chain of an error's messages.
+fn chain(err: &Error) -> String {
+    std::iter::successors(Some(err as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Every value of `format` through the decoder alone: the good ones open
+/// to the text Python encrypted, the others fail with the expected kind.
+fn check_decoder(decoder: &dyn LegacyDecoder, all: &serde_json::Value, format: &str, failures: &[(&str, LegacyErrorKind)]) {
+    for item in all[format].as_array().expect("a list") {
+        let name = item["name"].as_str().expect("name");
+        let stored = item["stored"].as_str().expect("stored").as_bytes();
+        let opened = decoder.open(&LegacyValue::new("t", "c", "o", "r", stored));
+        match item["plain"].as_str() {
+            Some(plain) => {
+                let opened = opened.unwrap_or_else(|e| panic!("{name}: {e}")).expect("recognised");
+                assert_eq!(opened.plaintext.as_slice(), plain.as_bytes(), "{name}");
+            }
+            None => {
+                let err = opened.expect_err(name);
+                let expected = &failures.iter().find(|(n, _)| *n == name).expect("an expected failure").1;
+                assert_eq!(&err.kind, expected, "{name}");
+                assert!(!err.to_string().contains(std::str::from_utf8(stored).expect("text")), "{err}");
+            }
+        }
+    }
+    // Not in the format: left to the plain decoding.
+    assert!(decoder.open(&LegacyValue::new("t", "c", "o", "r", b"Doe")).expect("plain").is_none());
+}
+
+/// Backfill from legacy values, on one of the tables above: the dry run
+/// counts them per format, verify reports those that do not open, the
+/// backfill stops at the first with its batch rolled back, then seals the
+/// plaintext of every value once the bad ones are replaced.
+macro_rules! backfill_imported {
+    ($module:ident, $t:ident, $decoder:expr, $format:literal, $fixture:literal, $values:expr, $bad:expr) => {{
+        use $module::{Imported, RawImported};
+        let table = stringify!($t).to_owned();
+        let db = TestDb::new();
+        let mut conn = db.conn();
+        create_imported(&mut conn, &table);
+        let all = fixtures();
+        let owners: Vec<String> = (0..2).map(|i| common::unique_owner(&format!("lg{}{i}", $format))).collect();
+        // (row, last, dob) by fixture name; `None` for a plain value.
+        let values: Vec<(&str, &str, Option<&str>)> = $values;
+        let raw: Vec<RawImported> = values
+            .iter()
+            .enumerate()
+            .map(|(i, (id, last, dob))| RawImported {
+                id: (*id).to_owned(),
+                owner_id: owners[i % 2].clone(),
+                last: match last.strip_prefix("plain:") {
+                    Some(plain) => plain.as_bytes().to_vec(),
+                    None => fixture(&all, $fixture, last).0,
+                },
+                dob: dob.map(|d| fixture(&all, $fixture, d).0),
+                sealed: false,
+            })
+            .collect();
+        diesel::insert_into($module::$t::table).values(&raw).execute(&mut conn).expect("legacy rows");
+        let keyring = db.keyring();
+        let decoder: Arc<dyn LegacyDecoder> = Arc::new($decoder);
+        let options = MigrateOptions::default().batch(2).legacy(decoder.clone());
+
+        // The dry run: every value found, the bad ones counted, nothing written.
+        let bad: Vec<(&str, usize)> = $bad; // (row, owner index)
+        let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true), &mut |_| {}).expect("dry run");
+        let found: usize = values.iter().map(|(_, last, dob)| usize::from(!last.starts_with("plain:")) + usize::from(dob.is_some())).sum();
+        assert_eq!(dry.legacy.len(), 1, "{dry}");
+        let count = dry.legacy[0];
+        assert_eq!((count.format, count.found, count.failed), ($format, found as u64, bad.len() as u64), "{dry}");
+        assert_eq!((dry.rows, dry.undecodable), ((values.len() - bad.len()) as u64, bad.len() as u64), "{dry}");
+        assert!(dry.to_string().contains(&format!("{}: {found} value(s), {} do not open", $format, bad.len())), "{dry}");
+        for (p, (row, _)) in dry.problems.iter().zip(&bad) {
+            assert_eq!((p.column, p.row_key.as_str(), p.kind), ("last", *row, migrate::ProblemKind::Unreadable), "{p}");
+        }
+
+        // Verify: the rows that do not open fail.
+        let verified = migrate::verify_legacy::<Imported, _>(&mut conn, &keyring, None, Some(&*decoder), &mut |_| {}).expect("verify");
+        assert_eq!((verified.failed, verified.unsealed), (bad.len() as u64, values.len() as u64), "{verified}");
+        assert_eq!(verified.legacy, dry.legacy);
+        // Without the decoder the tokens are taken as plain text: as text
+        // they decode, as dates they do not.
+        let plain = migrate::verify::<Imported, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+        assert!(plain.legacy.is_empty() && plain.failed == 1 && plain.failures.iter().all(|f| f.column == "dob"), "{plain}");
+
+        // The backfill, two rows a batch: the first batches are sealed, the
+        // one holding the first bad value is rolled back whole.
+        let (bad_row, bad_owner) = bad[0];
+        let err = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect_err("a value that does not open");
+        let msg = chain(&err);
+        assert!(matches!(&err, Error::Legacy { table: t, column, row, owner, .. }
+            if *t == table && column == "last" && row == bad_row && *owner == owners[bad_owner]), "{err:?}");
+        assert_eq!(err.kind(), phi::ErrorKind::Tampered);
+        assert!(msg.contains(&table) && msg.contains(bad_row) && msg.contains(&owners[bad_owner]) && msg.contains($format), "{msg}");
+        for r in &raw {
+            assert!(!msg.contains(std::str::from_utf8(&r.last).expect("text")), "{msg}");
+        }
+        let position = values.iter().position(|(id, _, _)| *id == bad_row).expect("bad row");
+        let sealed_before = position / 2 * 2;
+        let flags: Vec<bool> = $module::$t::table
+            .order($module::$t::id)
+            .select($module::$t::sealed)
+            .load(&mut conn)
+            .expect("flags");
+        assert_eq!(flags, (0..values.len()).map(|i| i < sealed_before).collect::<Vec<_>>(), "only whole batches before the bad one");
+
+        // The bad values replaced by the application: the backfill goes on.
+        let fix = |conn: &mut Conn| {
+            for (row, _) in &bad {
+                diesel::update($module::$t::table.find(*row))
+                    .set($module::$t::last.eq(b"Replaced".to_vec()))
+                    .execute(conn)
+                    .expect("replace");
+            }
+        };
+        fix(&mut conn);
+        let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+        assert_eq!(report.remaining, 0, "{report}");
+        assert_eq!(report.rows, (values.len() - sealed_before) as u64, "{report}");
+        assert!(report.legacy.iter().all(|c| c.failed == 0), "{report}");
+        let verified = migrate::verify::<Imported, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+        assert!(verified.is_ok() && verified.sealed == values.len() as u64, "{verified}");
+
+        // Every value is the plaintext Python encrypted, sealed by phi.
+        let loaded = Imported::load($module::$t::table.order($module::$t::id), &mut conn, &keyring).expect("load");
+        for (case, (id, last, dob)) in loaded.iter().zip(&values) {
+            assert_eq!(case.id, *id);
+            let expected_last = if bad.iter().any(|(b, _)| b == id) {
+                "Replaced".to_owned()
+            } else if let Some(p) = last.strip_prefix("plain:") {
+                p.to_owned()
+            } else {
+                fixture(&all, $fixture, last).1.expect("plain")
+            };
+            assert_eq!(case.last, expected_last, "{id}");
+            let expected_dob = dob.map(|d| NaiveDate::parse_from_str(&fixture(&all, $fixture, d).1.expect("plain"), "%Y-%m-%d").expect("date"));
+            assert_eq!(case.dob, expected_dob, "{id}");
+            assert!(case.sealed);
+        }
+        let stored: Vec<Vec<u8>> = $module::$t::table.select($module::$t::last).load(&mut conn).expect("raw");
+        assert!(stored.iter().all(|v| v.starts_with(&[0xF1, 0x01])), "envelopes only");
+    }};
+}
+
+#[cfg(feature = "legacy-fernet")]
+#[test]
+fn fernet_tokens_under_primary_and_fallback_keys_are_sealed_under_phi() {
+    let all = fixtures();
+    let keys = &all["fernet_keys"];
+    let decoder = || {
+        legacy::FernetDecoder::new(keys["primary"].as_str().expect("key"))
+            .and_then(|d| d.fallback(keys["fallback"].as_str().expect("key")))
+            .expect("Fernet keys")
+    };
+    check_decoder(
+        &decoder(),
+        &all,
+        "fernet",
+        &[("tampered", LegacyErrorKind::Authentication), ("unknown_key", LegacyErrorKind::Authentication)],
+    );
+    // The fallback key is needed for the token written under it.
+    let primary_only = legacy::FernetDecoder::new(keys["primary"].as_str().expect("key")).expect("key");
+    let (token, _) = fixture(&all, "fernet", "fallback");
+    assert_eq!(
+        primary_only.open(&LegacyValue::new("t", "c", "o", "r", &token)).expect_err("no fallback").kind,
+        LegacyErrorKind::Authentication
+    );
+    assert!(legacy::FernetDecoder::new("not a key").is_err());
+    assert!(!format!("{:?}", decoder()).contains(keys["primary"].as_str().expect("key")));
+
+    backfill_imported!(
+        fernet_table,
+        phi_it_lg_fernet,
+        decoder(),
+        "fernet",
+        "fernet",
+        vec![
+            ("F-1", "primary", Some("primary_date")),
+            ("F-2", "fallback", None),
+            ("F-3", "plain:Okafor", None),
+            ("F-4", "tampered", None),
+            ("F-5", "unknown_key", None),
+        ],
+        vec![("F-4", 1), ("F-5", 0)]
+    );
+}
+
+#[test]
+fn versioned_gcm_texts_are_sealed_under_phi() {
+    let all = fixtures();
+    check_decoder(
+        &gcm_decoder(&all),
+        &all,
+        "gcm",
+        &[("tampered", LegacyErrorKind::Authentication), ("unknown_version", LegacyErrorKind::UnknownKeyVersion("v3".into()))],
+    );
+    assert_eq!(format!("{:?}", gcm_decoder(&all)), r#"VersionedGcmDecoder { versions: ["v1", "v2"], .. }"#);
+
+    backfill_imported!(
+        gcm_table,
+        phi_it_lg_gcm,
+        gcm_decoder(&all),
+        "aes-gcm-versioned",
+        "gcm",
+        vec![
+            ("G-1", "v1", Some("v2_date")),
+            ("G-2", "v2", None),
+            ("G-3", "v1_tag_apart", None),
+            ("G-4", "plain:Okafor", None),
+            ("G-5", "tampered", None),
+            ("G-6", "unknown_version", None),
+        ],
+        vec![("G-5", 0), ("G-6", 1)]
+    );
+}
+
+/// Strict mode: once a table is strict, phi refuses to read a row whose
+/// flag is off, to write one, and to unseal the table.
+#[test]
+fn strict_tables_refuse_flag_off_rows_on_read_and_write() {
+    use strict_table::{Imported, RawImported, phi_it_lg_strict as t};
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    create_imported(&mut conn, "phi_it_lg_strict");
+    let owner = common::unique_owner("lgstrict");
+    let row = |id: &str, last: &str| Imported {
+        id: id.to_owned(),
+        owner_id: owner.clone(),
+        last: last.to_owned(),
+        dob: NaiveDate::from_ymd_opt(1980, 1, 15),
+        sealed: false,
+    };
+    let plain = db.keyring();
+    plain.set_rollout(Rollout::Nobody);
+    let stored = Imported::seal_all(&[row("S-1", "Doe"), row("S-2", "Roe")], &plain).expect("unsealed");
+    diesel::insert_into(t::table).values(&stored).execute(&mut conn).expect("insert");
+    let old = Imported::load(t::table.find("S-1"), &mut conn, &plain).expect("a flag-off row reads while not strict");
+    let old = old.into_iter().next().expect("S-1");
+
+    let keyring = db.keyring();
+    assert!(!keyring.is_strict("phi_it_lg_strict"));
+    keyring.set_strict(["phi_it_lg_strict"]);
+    assert_eq!(keyring.strict_tables(), ["phi_it_lg_strict"]);
+
+    // A read of a flag-off row: an error naming table, flag column, row, owner.
+    let err = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect_err("strict read");
+    assert!(matches!(&err, Error::Strict { operation: "reading", table, column, row, owner }
+        if table == "phi_it_lg_strict" && column == "sealed" && row == "S-1" && *owner == owner_of(&old)), "{err:?}");
+    assert_eq!(err.kind(), phi::ErrorKind::Refused);
+    let msg = err.to_string();
+    assert!(msg.contains("phi_it_lg_strict") && msg.contains("sealed") && msg.contains("S-1") && !msg.contains("Doe"), "{msg}");
+    let sealed_rows: Vec<<Imported as PhiRecord>::Sealed> = t::table.order(t::id).select(<Imported as PhiRecord>::Sealed::as_select()).load(&mut conn).expect("rows");
+    let each = Imported::open_each(sealed_rows, &keyring).expect("keys");
+    assert!(each.iter().all(|r| matches!(r, Err(Error::Strict { .. }))), "every flag-off row refused");
+
+    // A write that would store a flag-off row (the roll-out does not cover
+    // the owner): refused, nothing written.
+    keyring.set_rollout(Rollout::Nobody);
+    let err = Imported::seal_all(&[row("S-3", "Poe")], &keyring).expect_err("strict insert");
+    assert!(matches!(&err, Error::Strict { operation: "writing", row, column, .. } if row == "S-3" && column == "sealed"), "{err:?}");
+    let mut edited = old.clone();
+    edited.last = "Doe-Smith".into();
+    let err = edited.update(&old, &keyring, &mut conn).expect_err("strict update");
+    assert!(matches!(&err, Error::Strict { operation: "writing", table, row, .. } if table == "phi_it_lg_strict" && row == "S-1"), "{err:?}");
+    let raw_last: Vec<u8> = t::table.find("S-1").select(t::last).first(&mut conn).expect("raw");
+    assert_eq!(raw_last, b"Doe", "nothing written");
+
+    // With the roll-out covering the owner, writes seal; the backfill seals
+    // the rest; then every row reads.
+    keyring.set_rollout(Rollout::All);
+    assert_eq!(edited.update(&old, &keyring, &mut conn).expect("update"), Updated::Applied { sealed: true });
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    assert_eq!((report.rows, report.remaining), (1, 0), "{report}");
+    let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("strict reads of sealed rows");
+    assert_eq!(loaded.iter().map(|c| c.last.as_str()).collect::<Vec<_>>(), ["Doe-Smith", "Roe"]);
+
+    // The rollback is refused while strict: nothing unsealed.
+    let err = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect_err("strict");
+    assert!(matches!(&err, Error::Strict { operation: "unsealing", row, .. } if row == "S-1"), "{err:?}");
+    let unsealed: i64 = t::table.filter(t::sealed.eq(false)).count().get_result(&mut conn).expect("count");
+    assert_eq!(unsealed, 0);
+    // Not strict any more: it goes through.
+    keyring.set_strict(Vec::<String>::new());
+    keyring.set_rollout(Rollout::Nobody);
+    let back = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("decrypt back");
+    assert_eq!(back.rows, 2);
+    let _ = RawImported { id: String::new(), owner_id: String::new(), last: Vec::new(), dob: None, sealed: false };
+}
+
+fn owner_of(case: &strict_table::Imported) -> String {
+    case.owner_id.clone()
+}
+
+/// The database's own guard: a sealed row's values must be envelopes.
+#[test]
+fn sealed_check_makes_the_database_refuse_plaintext_in_a_sealed_row() {
+    use check_table::{Imported, RawImported, phi_it_lg_check as t};
+    let dialect = if BLOB == "BYTEA" {
+        Dialect::Postgres
+    } else if server_url().is_some() {
+        Dialect::Mysql
+    } else {
+        Dialect::Sqlite
+    };
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    create_imported(&mut conn, "phi_it_lg_check");
+    let check = legacy::sealed_check::<Imported>(dialect).expect("check SQL");
+    assert_eq!(check.name, "phi_sealed_phi_it_lg_check");
+    for statement in &check.up {
+        diesel::sql_query(statement).execute(&mut conn).unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    let owner = common::unique_owner("lgcheck");
+    let raw = |id: &str, last: &[u8], dob: Option<&[u8]>, sealed: bool| RawImported {
+        id: id.to_owned(),
+        owner_id: owner.clone(),
+        last: last.to_vec(),
+        dob: dob.map(<[u8]>::to_vec),
+        sealed,
+    };
+    // Plaintext with the flag off: accepted (a row not yet backfilled).
+    diesel::insert_into(t::table).values(raw("C-1", b"Doe", None, false)).execute(&mut conn).expect("flag off");
+    // Plaintext in a sealed row, by a client that is not phi: refused.
+    let refused = diesel::insert_into(t::table).values(raw("C-2", b"Doe", None, true)).execute(&mut conn);
+    assert!(refused.is_err(), "{dialect:?}: plaintext in a sealed row was accepted");
+    let refused = diesel::insert_into(t::table).values(raw("C-3", &[0xF1, 0x01, 0], Some(b"1980-01-15"), true)).execute(&mut conn);
+    assert!(refused.is_err(), "{dialect:?}: a plaintext date in a sealed row was accepted");
+    // phi's sealed rows pass, as does the backfill.
+    let keyring = db.keyring();
+    let case = Imported { id: "C-4".into(), owner_id: owner.clone(), last: "Roe".into(), dob: None, sealed: false };
+    diesel::insert_into(t::table).values(case.seal(&keyring).expect("seal")).execute(&mut conn).expect("a sealed row");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    assert_eq!(report.rows, 1);
+    // Writing plaintext over a sealed value: refused.
+    let refused = diesel::update(t::table.find("C-4")).set(t::last.eq(b"Roe".to_vec())).execute(&mut conn);
+    assert!(refused.is_err(), "{dialect:?}: an update to plaintext in a sealed row was accepted");
+    let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
+    assert_eq!(loaded.iter().map(|c| c.last.as_str()).collect::<Vec<_>>(), ["Doe", "Roe"]);
+    // The down statements remove the guard.
+    for statement in &check.down {
+        diesel::sql_query(statement).execute(&mut conn).unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    diesel::insert_into(t::table).values(raw("C-5", b"Doe", None, true)).execute(&mut conn).expect("no guard any more");
+}
