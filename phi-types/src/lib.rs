@@ -46,6 +46,8 @@
 pub mod admin;
 pub mod blind;
 mod cipher;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod connection;
 mod dek;
 pub mod envelope;
