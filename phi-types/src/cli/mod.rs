@@ -17,17 +17,40 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::lifecycle::{self, ResealTable, RewrapScope};
-use crate::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, PhiConnection};
-use clap::{Args, CommandFactory as _, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::{Cell, RefCell};
 
-/// Administration of phi's owner-scoped data keys.
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::lifecycle::{self, DataConnection, ResealTable, RewrapScope};
+use crate::store::DieselKeyStore;
+use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
+
+mod jobs;
+
+pub use jobs::{
+    DecryptBackArgs, JobCommand, Jobs, MigrateArgs, ModelArgs, StatusArgs, VerifyArgs, is_refused,
+};
+
+/// Prints a line of a report for people; nothing with `--format json`,
+/// whose document is printed at the end.
+macro_rules! outln {
+    ($env:expr, $($arg:tt)*) => {
+        if $env.out.text() {
+            println!($($arg)*);
+        }
+    };
+}
+
+/// Administration of phi's owner-scoped data keys, and the migration jobs
+/// of the application's models.
 ///
 /// Exit status: 0 done; 1 an error (the message says what and where); 2 a
 /// usage error (unknown option, missing argument); 3 refused or not
-/// confirmed, nothing changed; 4 done but not verified (`keys shred`).
-#[derive(Debug, Parser)]
+/// confirmed, nothing changed; 4 done but not verified (`keys shred`,
+/// `verify`).
+#[derive(Debug, clap::Parser)]
 #[command(name = "phi", version)]
 struct Cli {
     /// Database URL: `sqlite://FILE` or a file path (feature `sqlite`),
@@ -64,7 +87,13 @@ struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
-    /// Less log output: -q errors only, -qq none.
+    /// The report's format: `text` for people, or `json`, one document on
+    /// standard output (the schema is in the README; errors stay on
+    /// standard error).
+    #[arg(long, value_enum, default_value_t = Format::Text, global = true)]
+    format: Format,
+
+    /// Less log output: -q errors only, -qq none; no progress bars.
     #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
     quiet: u8,
 
@@ -112,6 +141,11 @@ enum Command {
         owner: Option<String>,
     },
     /// Shows the audit trail, newest first.
+    ///
+    /// With `--format json`: one array of records, newest first, each
+    /// `{"id": 7, "occurred_at": "2026-11-27T21:00:00.123456Z", "owner":
+    /// "…", "action": "generate|unwrap|…", "key_version": 1 or null,
+    /// "kek_id": "…" or null, "actor": "…", "detail": "…" or null}`.
     Audit {
         /// Only this owner's records.
         #[arg(long)]
@@ -119,13 +153,9 @@ enum Command {
         /// How many records.
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// `text` (a table) or `json`: one array of records, newest first,
-        /// each `{"id": 7, "occurred_at": "2026-11-27T21:00:00.123456Z",
-        /// "owner": "…", "action": "generate|unwrap|…", "key_version": 1 or
-        /// null, "kek_id": "…" or null, "actor": "…", "detail": "…" or null}`.
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
     },
+    #[command(flatten)]
+    Jobs(JobCommand),
     /// Prints a shell completion script, e.g. `phi completions bash >
     /// /etc/bash_completion.d/phi`.
     Completions {
@@ -136,12 +166,15 @@ enum Command {
     Man,
 }
 
-/// Output formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Format {
-    /// For people.
+/// Report formats (`--format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum Format {
+    /// For people: lines of text.
+    #[default]
     Text,
-    /// For scripts: the schema is in each command's help.
+    /// For scripts: one JSON document on standard output (the schema is
+    /// in the README).
     Json,
 }
 
@@ -286,17 +319,80 @@ const NEW_MASTER_KEY_ENV: &str = "PHI_NEW_MASTER_KEY";
 
 type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error>>;
 
-/// The `phi` command line, ready to run.
+/// A command refused: nothing was changed (exit status 3).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The `phi` command line, ready to run: every key command, and for the
+/// models registered with [`App::model`] the migration jobs (`backfill`,
+/// `verify`, `decrypt-back`, `status`).
+///
+/// In an application's own binary (the workspace's `examples/own_cli.rs`),
+/// for a `#[derive(PhiRecord)]` model `Note` with an encrypted flag and a
+/// row key:
+///
+/// ```text
+/// fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+///     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://notes.db".into());
+///     let kek = Arc::new(LocalKek::from_env("local-1")?);
+///     let keyring = Keyring::builder(phi_types::cli::key_store(&url)?, kek)
+///         .actor("notes-admin")
+///         .build()?;
+///     Ok(App::new(url, keyring).name("notes-admin").model::<Note>().run())
+/// }
+/// ```
 #[derive(Debug, Default)]
-#[non_exhaustive]
-pub struct App {}
+pub struct App {
+    name: Option<String>,
+    database_url: Option<String>,
+    keyring: Option<Keyring>,
+    jobs: Jobs,
+}
 
 impl App {
     /// The standalone `phi` binary: the database from `--database-url` /
     /// `DATABASE_URL`, the KEK from `--kek` / `PHI_KEK` and the master key
     /// from the environment.
     pub fn standalone() -> App {
-        App {}
+        App::default()
+    }
+
+    /// An application's command line: its database (unless
+    /// `--database-url` / `DATABASE_URL` names another) and its keyring,
+    /// which every command uses (the key store, the KEK and its actor are
+    /// the keyring's; `--kek`, `--kek-id` and `--actor` are then ignored;
+    /// `keys rewrap` unwraps with the keyring's primary KEK).
+    pub fn new(database_url: impl Into<String>, keyring: Keyring) -> App {
+        App {
+            database_url: Some(database_url.into()),
+            keyring: Some(keyring),
+            ..App::default()
+        }
+    }
+
+    /// The command's name in its help, completions and man page (default
+    /// `phi`).
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> App {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Registers a derived model for the migration commands, and for the
+    /// key commands' tables (`keys reseal`, `retire`, `shred`, `status
+    /// --owner`) beside any `--table`.
+    #[must_use]
+    pub fn model<M: crate::migrate::Migratable>(mut self) -> App {
+        self.jobs = self.jobs.model::<M>();
+        self
     }
 
     /// Parses the process's arguments, runs the command and returns its
@@ -312,47 +408,211 @@ impl App {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        main_with(Cli::parse_from(args))
+        let matches = self.command().get_matches_from(args);
+        let cli = match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(error) => error.exit(),
+        };
+        self.main_with(cli)
+    }
+
+    /// The clap command: the migration commands hidden when no model is
+    /// registered.
+    fn command(&self) -> clap::Command {
+        let mut command = Cli::command();
+        if let Some(name) = &self.name {
+            command = command.name(name.clone()).bin_name(name);
+        }
+        if self.jobs.is_empty() {
+            for job in ["backfill", "verify", "decrypt-back", "status"] {
+                command = command.mut_subcommand(job, |s| s.hide(true));
+            }
+        }
+        command
+    }
+
+    fn main_with(self, cli: Cli) -> ExitCode {
+        init_logging(cli.verbose, cli.quiet);
+        let name = self.name.clone().unwrap_or_else(|| "phi".to_owned());
+        match &cli.command {
+            Command::Completions { shell } => {
+                clap_complete::generate(*shell, &mut self.command(), name, &mut std::io::stdout());
+                return ExitCode::SUCCESS;
+            }
+            Command::Man => {
+                return match clap_mangen::Man::new(self.command()).render(&mut std::io::stdout()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            _ => {}
+        }
+        match self.dispatch(&cli) {
+            Ok(code) => code,
+            Err(error) => {
+                // The whole chain on one line: each error's message, then its
+                // source's (phi's errors never repeat their source).
+                let mut line = format!("error: {error}");
+                let mut source = error.source();
+                while let Some(cause) = source {
+                    line.push_str(": ");
+                    line.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                eprintln!("{line}");
+                let refused = is_refused(error.as_ref());
+                ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
+            }
+        }
+    }
+
+    fn dispatch(&self, cli: &Cli) -> CliResult {
+        if let (Some(given), Some(own), Some(_)) =
+            (&cli.database_url, &self.database_url, &self.keyring)
+            && given != own
+        {
+            return Err(format!(
+                "--database-url / DATABASE_URL names another database than the application's                  ({own:?}), whose keyring this command uses"
+            )
+            .into());
+        }
+        let url = cli
+            .database_url
+            .as_deref()
+            .or(self.database_url.as_deref())
+            .ok_or("no database: pass --database-url or set DATABASE_URL")?;
+        let (backend, url) = backend(url)?;
+        match backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite => self.run_on::<diesel::SqliteConnection>(cli, &url),
+            #[cfg(feature = "mysql")]
+            Backend::Mysql => self.run_on::<diesel::MysqlConnection>(cli, &url),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => self.run_on::<diesel::PgConnection>(cli, &url),
+            #[allow(unreachable_patterns)]
+            other => {
+                let (name, feature) = match other {
+                    Backend::Sqlite => ("SQLite", "sqlite"),
+                    Backend::Mysql => ("MySQL / MariaDB", "mysql"),
+                    Backend::Postgres => ("PostgreSQL", "postgres"),
+                };
+                Err(format!(
+                    "this phi was built without {name} support: rebuild with `--features {feature}`"
+                )
+                .into())
+            }
+        }
+    }
+
+    #[allow(dead_code)] // Without a backend feature, nothing runs.
+    fn run_on<C: DataConnection>(&self, cli: &Cli, url: &str) -> CliResult
+    where
+        DieselKeyStore<C>: KeyStore,
+    {
+        let mut tables = cli
+            .tables
+            .iter()
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| ResealTable::parse(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        tables.extend(self.jobs.reseal_tables()?);
+        let (store, kek, older): (Arc<dyn KeyStore>, _, _) = match &self.keyring {
+            Some(keyring) => (
+                keyring.store().clone(),
+                keyring.primary_kek().clone(),
+                Vec::new(),
+            ),
+            None => {
+                let (kek, older) = configured_keks(cli)?;
+                (key_store_on::<C>(url)?, kek, older)
+            }
+        };
+        let env: Env<C> = Env {
+            store,
+            kek,
+            older,
+            tables,
+            url: url.to_owned(),
+            rollout_policy: self
+                .keyring
+                .as_ref()
+                .map_or(cli.rollout_policy.as_str(), Keyring::rollout_policy)
+                .to_owned(),
+            keyring: self.keyring.clone(),
+            out: Out::new(cli.format),
+            progress: cli.quiet == 0,
+            connection: std::marker::PhantomData,
+        };
+        let code = match &cli.command {
+            Command::Audit { owner, limit } => {
+                env.out.set("command", "audit");
+                audit(&env, owner.as_deref(), *limit)
+            }
+            Command::Rollout(command) => {
+                env.out.set("command", "rollout");
+                rollout(cli, &env, command)
+            }
+            Command::ClearCache { owner } => {
+                env.out.set("command", "clear-cache");
+                let keyring = env.keyring(&cli.actor)?;
+                let id = lifecycle::clear_cache_fleet(&keyring, owner.as_deref())?;
+                outln!(
+                    env,
+                    "Cleared the cached keys of {} fleet-wide (key event #{id}); processes following the feed drop them within {:.1} s.",
+                    owner.as_deref().unwrap_or("every owner"),
+                    cli.feed_interval
+                );
+                env.out.set("owner", owner.as_deref());
+                env.out.set("key_event", id);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Keys(command) => keys(cli, &env, command),
+            Command::Jobs(job) => {
+                let keyring = env.keyring(&cli.actor)?;
+                let mut conn = env.data()?;
+                // The jobs print their own report.
+                env.out.printed.set(true);
+                self.jobs
+                    .run(&mut conn, &keyring, job, cli.format, env.progress)
+            }
+            Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
+        }?;
+        env.out.finish()?;
+        Ok(code)
     }
 }
 
-fn main_with(cli: Cli) -> ExitCode {
-    init_logging(cli.verbose, cli.quiet);
-    match &cli.command {
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "phi", &mut std::io::stdout());
-            return ExitCode::SUCCESS;
-        }
-        Command::Man => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("error: {error}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        _ => {}
+/// phi's key store on the database at `url`, the backend chosen by its
+/// scheme as the command line chooses it: `sqlite://FILE` or a file path,
+/// `mysql://…` or `mariadb://…`, `postgres://…` or `postgresql://…`, each
+/// with its cargo feature. Runs phi's migrations.
+///
+/// # Errors
+/// An unknown scheme, a backend not built in, or the store's
+/// [`DieselKeyStore::connect`] errors.
+pub fn key_store(url: &str) -> CliResult<Arc<dyn KeyStore>> {
+    let (backend, url) = backend(url)?;
+    match backend {
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => key_store_on::<diesel::SqliteConnection>(&url),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => key_store_on::<diesel::MysqlConnection>(&url),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => key_store_on::<diesel::PgConnection>(&url),
+        #[allow(unreachable_patterns)]
+        _ => Err(format!("{url}: this build has no support for its backend").into()),
     }
-    match run(&cli) {
-        Ok(code) => code,
-        Err(error) => {
-            // The whole chain on one line: each error's message, then its
-            // source's (phi's errors never repeat their source).
-            let mut line = format!("error: {error}");
-            let mut source = error.source();
-            while let Some(cause) = source {
-                line.push_str(": ");
-                line.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            eprintln!("{line}");
-            let refused = error
-                .downcast_ref::<crate::Error>()
-                .is_some_and(|e| e.kind() == crate::ErrorKind::Refused);
-            ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
-        }
-    }
+}
+
+/// The key store on the database at `url`.
+fn key_store_on<C: DataConnection>(url: &str) -> CliResult<Arc<dyn KeyStore>>
+where
+    DieselKeyStore<C>: KeyStore,
+{
+    Ok(Arc::new(DieselKeyStore::<C>::connect(url)?))
 }
 
 /// Events of phi and its libraries to standard error: warnings and errors
@@ -368,7 +628,7 @@ fn init_logging(verbose: u8, quiet: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // Fails only when a subscriber is already set: none is, in this binary.
+    // Fails only when a subscriber is already set (by the application).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -409,93 +669,63 @@ fn backend(url: &str) -> CliResult<(Backend, String)> {
     }
 }
 
-fn run(cli: &Cli) -> CliResult {
-    let url = cli
-        .database_url
-        .as_deref()
-        .ok_or("no database: pass --database-url or set DATABASE_URL")?;
-    let (backend, url) = backend(url)?;
-    match backend {
-        #[cfg(feature = "sqlite")]
-        Backend::Sqlite => run_on::<diesel::SqliteConnection>(cli, &url),
-        #[cfg(feature = "mysql")]
-        Backend::Mysql => run_on::<diesel::MysqlConnection>(cli, &url),
-        #[cfg(feature = "postgres")]
-        Backend::Postgres => run_on::<diesel::PgConnection>(cli, &url),
-        #[allow(unreachable_patterns)]
-        other => {
-            let (name, feature) = match other {
-                Backend::Sqlite => ("SQLite", "sqlite"),
-                Backend::Mysql => ("MySQL / MariaDB", "mysql"),
-                Backend::Postgres => ("PostgreSQL", "postgres"),
-            };
-            Err(format!(
-                "this phi was built without {name} support: rebuild with `--features {feature}`"
-            )
-            .into())
+/// A report in the chosen format: lines for people as the command goes,
+/// or one JSON object printed at the end.
+struct Out {
+    format: Format,
+    json: RefCell<serde_json::Map<String, Value>>,
+    /// The command printed its own document (`audit`'s array, the jobs').
+    printed: Cell<bool>,
+}
+
+impl Out {
+    fn new(format: Format) -> Out {
+        Out {
+            format,
+            json: RefCell::new(serde_json::Map::new()),
+            printed: Cell::new(false),
         }
+    }
+
+    fn text(&self) -> bool {
+        self.format == Format::Text
+    }
+
+    fn set(&self, key: &str, value: impl Into<Value>) {
+        self.json.borrow_mut().insert(key.to_owned(), value.into());
+    }
+
+    fn finish(&self) -> CliResult<()> {
+        if self.format == Format::Json && !self.printed.get() {
+            let json = Value::Object(self.json.take());
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        Ok(())
     }
 }
 
 /// Everything a command needs on one backend.
-struct Env<C: PhiConnection> {
-    store: Arc<DieselKeyStore<C>>,
+struct Env<C> {
+    store: Arc<dyn KeyStore>,
     kek: Arc<dyn KeyEncryptionKey>,
     /// Older KEKs that still unwrap keys they wrapped.
     older: Vec<Arc<dyn KeyEncryptionKey>>,
     tables: Vec<ResealTable>,
     url: String,
     rollout_policy: String,
+    /// The application's keyring, used as it is.
+    keyring: Option<Keyring>,
+    out: Out,
+    /// Progress bars (off with `-q`; drawn only on a terminal).
+    progress: bool,
+    connection: std::marker::PhantomData<fn() -> C>,
 }
 
-fn run_on<C>(cli: &Cli, url: &str) -> CliResult
-where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
-{
-    let tables = cli
-        .tables
-        .iter()
-        .filter(|t| !t.trim().is_empty())
-        .map(|t| ResealTable::parse(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let (kek, older) = configured_keks(cli)?;
-    let env = Env {
-        store: Arc::new(DieselKeyStore::<C>::connect(url)?),
-        kek,
-        older,
-        tables,
-        url: url.to_owned(),
-        rollout_policy: cli.rollout_policy.clone(),
-    };
-    match &cli.command {
-        Command::Audit {
-            owner,
-            limit,
-            format,
-        } => audit(&env, owner.as_deref(), *limit, *format),
-        Command::Rollout(command) => rollout(cli, &env, command),
-        Command::ClearCache { owner } => {
-            let keyring = env.keyring(&cli.actor)?;
-            let id = lifecycle::clear_cache_fleet(&keyring, owner.as_deref())?;
-            println!(
-                "Cleared the cached keys of {} fleet-wide (key event #{id}); processes following the feed drop them within {:.1} s.",
-                owner.as_deref().unwrap_or("every owner"),
-                cli.feed_interval
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Keys(command) => keys(cli, &env, command),
-        Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
-    }
-}
-
-impl<C> Env<C>
-where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
-{
+impl<C: DataConnection> Env<C> {
     fn keyring(&self, actor: &str) -> CliResult<Keyring> {
+        if let Some(keyring) = &self.keyring {
+            return Ok(keyring.clone());
+        }
         let mut builder = Keyring::builder(self.store.clone(), self.kek.clone());
         for kek in &self.older {
             builder = builder.unwrap_with(kek.clone());
@@ -541,10 +771,16 @@ where
     }
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+/// A progress bar on standard error, drawn only when `visible` and
+/// standard error is a terminal.
+fn bar(len: u64, what: &str, visible: bool) -> ProgressBar {
+    use std::io::IsTerminal as _;
+    if !visible || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})")
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -553,8 +789,19 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-fn print_coverage(label: &str, cov: &lifecycle::Coverage) {
-    println!(
+fn coverage_json(cov: &lifecycle::Coverage) -> Value {
+    json!({
+        "owners": cov.owners,
+        "with_active_key": cov.with_active_key,
+        "without_key": cov.without_key.len(),
+        "all_retired": cov.all_retired.len(),
+        "shredded": cov.shredded,
+    })
+}
+
+fn print_coverage<C>(env: &Env<C>, label: &str, cov: &lifecycle::Coverage) {
+    outln!(
+        env,
         "{label}: {} of {} owners have an active data key ({:.1}%); {} without a key, {} with retired keys only, {} shredded",
         cov.with_active_key,
         cov.owners,
@@ -567,9 +814,18 @@ fn print_coverage(label: &str, cov: &lifecycle::Coverage) {
 
 fn keys<C>(cli: &Cli, env: &Env<C>, command: &KeysCommand) -> CliResult
 where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
+    C: DataConnection,
 {
+    let name = match command {
+        KeysCommand::Generate { .. } => "keys generate",
+        KeysCommand::Status { .. } => "keys status",
+        KeysCommand::Rotate { .. } => "keys rotate",
+        KeysCommand::Reseal { .. } => "keys reseal",
+        KeysCommand::Rewrap { .. } => "keys rewrap",
+        KeysCommand::Retire { .. } => "keys retire",
+        KeysCommand::Shred { .. } => "keys shred",
+    };
+    env.out.set("command", name);
     match command {
         KeysCommand::Generate {
             owners,
@@ -578,26 +834,38 @@ where
         } => {
             let query = env.owners_query(owners)?;
             let before = lifecycle::coverage(env.store.as_ref(), &query)?;
-            print_coverage("Coverage before", &before);
+            print_coverage(env, "Coverage before", &before);
             let todo = &before.without_key;
+            env.out.set("dry_run", *dry_run);
+            env.out.set("coverage_before", coverage_json(&before));
+            env.out.set("to_generate", todo.len());
             if *dry_run {
                 const SHOWN: usize = 20;
                 for owner in todo.iter().take(SHOWN) {
-                    println!("would generate a data key for owner {owner}");
+                    outln!(env, "would generate a data key for owner {owner}");
                 }
                 if todo.len() > SHOWN {
-                    println!("... and {} more owner(s) without a key", todo.len() - SHOWN);
+                    outln!(
+                        env,
+                        "... and {} more owner(s) without a key",
+                        todo.len() - SHOWN
+                    );
                 }
-                println!(
+                outln!(
+                    env,
                     "Dry run: {} key(s) would be generated; nothing was changed.",
                     todo.len()
                 );
                 if todo.len() > GENERATE_GUARD && !force {
-                    println!("(more than {GENERATE_GUARD}: the real run needs --force)");
+                    outln!(
+                        env,
+                        "(more than {GENERATE_GUARD}: the real run needs --force)"
+                    );
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             if todo.len() > GENERATE_GUARD && !force {
+                env.out.printed.set(true);
                 eprintln!(
                     "error: {} owners lack a data key, more than {GENERATE_GUARD}: check the owners query \
                      (--dry-run lists them), then pass --force; nothing was changed",
@@ -606,21 +874,26 @@ where
                 return Ok(ExitCode::from(EXIT_REFUSED));
             }
             let keyring = env.keyring(&cli.actor)?;
-            let progress = bar(todo.len() as u64, "generating");
+            let progress = bar(todo.len() as u64, "generating", env.progress);
             let created = lifecycle::generate(&keyring, todo, 0, &mut |done| {
                 progress.set_position(done as u64);
             })?;
             progress.finish_and_clear();
-            println!("Generated {created} data key(s).");
+            outln!(env, "Generated {created} data key(s).");
             let after = lifecycle::coverage(env.store.as_ref(), &query)?;
-            print_coverage("Coverage after", &after);
+            print_coverage(env, "Coverage after", &after);
+            env.out.set("generated", created);
+            env.out.set("coverage_after", coverage_json(&after));
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::Status { owner, owners } => status(cli, env, owner.as_deref(), owners),
         KeysCommand::Rotate { owner } => {
             let keyring = env.keyring(&cli.actor)?;
             let version = lifecycle::rotate(&keyring, owner)?;
-            println!(
+            env.out.set("owner", owner.as_str());
+            env.out.set("version", version);
+            outln!(
+                env,
                 "Owner {owner}: added data key version {version}; new values are sealed under it \
                  (processes following the key-event feed within {:.1} s).",
                 cli.feed_interval
@@ -632,7 +905,9 @@ where
                     .filter(|u| u.key_version < version)
                     .map(|u| u.values)
                     .sum();
-                println!(
+                env.out.set("values_under_older_versions", old);
+                outln!(
+                    env,
                     "{old} stored value(s) are under older versions: run `phi keys reseal --owner {owner}`."
                 );
             }
@@ -642,7 +917,7 @@ where
             env.need_tables("keys reseal")?;
             let keyring = env.keyring(&cli.actor)?;
             let mut conn = env.data()?;
-            let progress = bar(0, "re-sealing");
+            let progress = bar(0, "re-sealing", env.progress);
             let report = lifecycle::reseal(
                 &mut conn,
                 &keyring,
@@ -655,7 +930,8 @@ where
                 },
             )?;
             progress.finish_and_clear();
-            println!(
+            outln!(
+                env,
                 "Owner {owner}: re-sealed {} of {} value(s) under version {} in {} batch(es); {} changed meanwhile by the application.",
                 report.resealed,
                 report.total,
@@ -663,6 +939,12 @@ where
                 report.batches,
                 report.conflicts
             );
+            env.out.set("owner", owner.as_str());
+            env.out.set("resealed", report.resealed);
+            env.out.set("total", report.total);
+            env.out.set("current_version", report.current_version);
+            env.out.set("batches", report.batches);
+            env.out.set("conflicts", report.conflicts);
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::Rewrap {
@@ -681,7 +963,7 @@ where
                 builder = builder.unwrap_with(kek.clone());
             }
             let keyring = builder.actor(&cli.actor).build()?;
-            let progress = bar(0, "rewrapping");
+            let progress = bar(0, "rewrapping", env.progress);
             let scope = RewrapScope {
                 from_kek: from.clone(),
                 batch_size: *batch_size,
@@ -691,7 +973,8 @@ where
                 progress.set_position(p.rewrapped + p.skipped);
             })?;
             progress.finish_and_clear();
-            println!(
+            outln!(
+                env,
                 "Rewrapped {} of {} data key(s) under KEK {} in {} batch(es); {} changed meanwhile.",
                 report.rewrapped,
                 report.total,
@@ -699,7 +982,13 @@ where
                 report.batches,
                 report.skipped
             );
-            println!(
+            env.out.set("rewrapped", report.rewrapped);
+            env.out.set("total", report.total);
+            env.out.set("target_kek", target.id());
+            env.out.set("batches", report.batches);
+            env.out.set("skipped", report.skipped);
+            outln!(
+                env,
                 "Point every process at the new KEK (PHI_KEK / --kek, or PHI_MASTER_KEY and PHI_KEK_ID); keep the old one configured until all have switched."
             );
             Ok(ExitCode::SUCCESS)
@@ -708,12 +997,20 @@ where
             env.need_tables("keys retire")?;
             let keyring = env.keyring(&cli.actor)?;
             let mut conn = env.data()?;
-            if lifecycle::retire(&mut conn, &keyring, owner, *version, &env.tables)? {
-                println!(
+            let retired = lifecycle::retire(&mut conn, &keyring, owner, *version, &env.tables)?;
+            env.out.set("owner", owner.as_str());
+            env.out.set("version", *version);
+            env.out.set("retired", retired);
+            if retired {
+                outln!(
+                    env,
                     "Owner {owner}: retired data key version {version}; it still opens old values, never seals."
                 );
             } else {
-                println!("Owner {owner}: data key version {version} was already retired.");
+                outln!(
+                    env,
+                    "Owner {owner}: data key version {version} was already retired."
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -738,8 +1035,7 @@ const SHRED_SCOPE: &str = "unreadable in this database now; in other processes o
 
 fn shred<C>(cli: &Cli, env: &Env<C>, owner: &str, yes: bool, sample: usize) -> CliResult
 where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
+    C: DataConnection,
 {
     let rows = env.store.load_keys(&[owner])?;
     let live: Vec<String> = rows
@@ -749,12 +1045,19 @@ where
         .collect();
     if live.is_empty() {
         if rows.is_empty() {
-            println!("Owner {owner}: no data key row at all (is the owner id mistyped?).");
+            outln!(
+                env,
+                "Owner {owner}: no data key row at all (is the owner id mistyped?)."
+            );
         } else {
-            println!("Owner {owner}: every data key row is already destroyed.");
+            outln!(
+                env,
+                "Owner {owner}: every data key row is already destroyed."
+            );
         }
     } else if !yes && !confirm(owner, &live)? {
         eprintln!("Not confirmed: nothing was changed.");
+        env.out.printed.set(true);
         return Ok(ExitCode::from(EXIT_REFUSED));
     }
     let keyring = env.keyring(&cli.actor)?;
@@ -767,34 +1070,55 @@ where
             e.event.kind == crate::feed::KeyEventKind::Shred
                 && e.event.owner_id.as_deref() == Some(owner)
         });
+    env.out.set("owner", owner);
+    env.out
+        .set("destroyed_versions", report.destroyed_versions.clone());
+    env.out.set("key_rows", report.key_rows);
+    env.out.set("keys_left", report.keys_left);
+    env.out.set("sampled", report.sampled);
+    env.out.set("still_open", report.still_open);
+    env.out.set("columns", report.columns);
+    env.out.set("in_clear", report.in_clear);
+    env.out.set("key_event", event.as_ref().map(|e| e.id));
     if report.destroyed_versions.is_empty() {
-        println!("Owner {owner}: no data key left to destroy.");
+        outln!(env, "Owner {owner}: no data key left to destroy.");
     } else {
-        println!(
+        outln!(
+            env,
             "Owner {owner}: destroyed data key version(s) {:?}.",
             report.destroyed_versions
         );
     }
-    println!(
+    outln!(
+        env,
         "Verification: {} of {} key row(s) still hold key material; {} of {} sampled value(s) in {} column(s) still open.",
-        report.keys_left, report.key_rows, report.still_open, report.sampled, report.columns
+        report.keys_left,
+        report.key_rows,
+        report.still_open,
+        report.sampled,
+        report.columns
     );
     if report.columns > 0 {
         if report.in_clear > 0 {
-            println!(
+            outln!(
+                env,
                 "WARNING: {} value(s) of the owner in these columns are stored in the clear (not sealed: \
                  encrypted flag off); shredding does not protect them: delete them.",
                 report.in_clear
             );
         } else {
-            println!("No value of the owner in these columns is stored in the clear.");
+            outln!(
+                env,
+                "No value of the owner in these columns is stored in the clear."
+            );
         }
     }
     if let Some(event) = &event {
         // One interval for the next read, plus a second for the read itself.
         let by =
             event.event.occurred_at + Duration::from_secs_f64(cli.feed_interval.max(0.0) + 1.0);
-        println!(
+        outln!(
+            env,
             "Key event #{} recorded: processes following the key-event feed (every {:.1} s) drop this \
              owner's keys by {} UTC; processes that do not follow it keep them until their cache TTL \
              expires (default 24 h) or they restart.",
@@ -804,7 +1128,8 @@ where
         );
     }
     if report.key_rows > 0 {
-        println!(
+        outln!(
+            env,
             "Backups, WAL, database logs and point-in-time-recovery archives still hold the old wrapped \
              keys: readable with the KEK that wrapped them until they expire, or until that KEK is \
              rotated away (`phi keys rewrap`) and destroyed."
@@ -812,15 +1137,23 @@ where
     }
     match report.outcome() {
         lifecycle::ShredOutcome::Verified => {
-            println!(
+            env.out.set("verified", true);
+            env.out.set("reasons", Value::Array(Vec::new()));
+            outln!(
+                env,
                 "Crypto-shredding verified: the owner's sealed values no longer open from this database."
             );
             Ok(ExitCode::SUCCESS)
         }
         lifecycle::ShredOutcome::NotVerified(reasons) => {
-            println!("Crypto-shredding NOT verified:");
+            env.out.set("verified", false);
+            env.out.set(
+                "reasons",
+                reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            );
+            outln!(env, "Crypto-shredding NOT verified:");
             for reason in reasons {
-                println!("  - {reason}");
+                outln!(env, "  - {reason}");
             }
             Ok(ExitCode::from(EXIT_NOT_VERIFIED))
         }
@@ -925,40 +1258,71 @@ fn confirm(owner: &str, versions: &[String]) -> CliResult<bool> {
 
 fn status<C>(cli: &Cli, env: &Env<C>, owner: Option<&str>, owners: &OwnersQuery) -> CliResult
 where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
+    C: DataConnection,
 {
     match owner {
         None => {
             if owners.owners_query.is_some() || !env.tables.is_empty() {
                 let query = env.owners_query(owners)?;
-                print_coverage(
-                    "Coverage",
-                    &lifecycle::coverage(env.store.as_ref(), &query)?,
-                );
+                let coverage = lifecycle::coverage(env.store.as_ref(), &query)?;
+                print_coverage(env, "Coverage", &coverage);
+                env.out.set("coverage", coverage_json(&coverage));
             }
             print_feed(env)?;
-            println!("Data keys by KEK and state:");
+            outln!(env, "Data keys by KEK and state:");
             let counts = env.store.key_counts()?;
+            env.out.set(
+                "keys_by_kek",
+                counts
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "kek_id": c.kek_id,
+                            "state": c.state.to_string(),
+                            "keys": c.keys,
+                            "owners": c.owners,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            );
             if counts.is_empty() {
-                println!("  (none)");
+                outln!(env, "  (none)");
             }
             for c in counts {
-                println!(
+                outln!(
+                    env,
                     "  {:<20} {:<10} {:>6} key(s)  {:>6} owner(s)",
-                    c.kek_id, c.state, c.keys, c.owners
+                    c.kek_id,
+                    c.state,
+                    c.keys,
+                    c.owners
                 );
             }
         }
         Some(owner) => {
             let mut rows = env.store.load_keys(&[owner])?;
             rows.sort_by_key(|r| r.version);
-            println!("Owner {owner}:");
+            env.out.set("owner", owner);
+            env.out.set(
+                "versions",
+                rows.iter()
+                    .map(|r| {
+                        json!({
+                            "version": r.version,
+                            "state": r.state.to_string(),
+                            "kek_id": r.kek_id,
+                            "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            outln!(env, "Owner {owner}:");
             if rows.is_empty() {
-                println!("  no data key");
+                outln!(env, "  no data key");
             }
             for r in &rows {
-                println!(
+                outln!(
+                    env,
                     "  version {:<4} {:<10} KEK {:<20} created {}",
                     r.version,
                     r.state,
@@ -968,15 +1332,33 @@ where
             }
             if !env.tables.is_empty() {
                 let mut conn = env.data()?;
-                println!("Stored values by key version:");
+                outln!(env, "Stored values by key version:");
                 let usage = lifecycle::usage(&mut conn, owner, &env.tables)?;
+                env.out.set(
+                    "usage",
+                    usage
+                        .iter()
+                        .map(|u| {
+                            json!({
+                                "table": u.table,
+                                "column": u.column,
+                                "key_version": u.key_version,
+                                "values": u.values,
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                );
                 if usage.is_empty() {
-                    println!("  (none)");
+                    outln!(env, "  (none)");
                 }
                 for u in usage {
-                    println!(
+                    outln!(
+                        env,
                         "  {}.{:<24} version {:<4} {:>8} value(s)",
-                        u.table, u.column, u.key_version, u.values
+                        u.table,
+                        u.column,
+                        u.key_version,
+                        u.values
                     );
                 }
             }
@@ -984,7 +1366,9 @@ where
                 let keyring = env.keyring(&cli.actor)?;
                 let keys = keyring.keys_for_open(owner)?;
                 let stats = keyring.stats();
-                println!(
+                env.out.set("current_version", keys.current_version());
+                outln!(
+                    env,
                     "Keyring (this process): current version {}; cache {} owner(s), {} hit(s), {} miss(es), {} unwrap(s), {} key-store quer(ies)",
                     keys.current_version()
                         .map_or("none".to_owned(), |v| v.to_string()),
@@ -1002,24 +1386,43 @@ where
 
 fn print_feed<C>(env: &Env<C>) -> CliResult<()>
 where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
+    C: DataConnection,
 {
     let head = lifecycle::feed_head(env.store.as_ref())?;
-    match lifecycle::read_feed(env.store.as_ref(), head - 1, 1)?.first() {
-        Some(last) => println!(
+    let last = lifecycle::read_feed(env.store.as_ref(), head - 1, 1)?;
+    env.out.set(
+        "feed",
+        json!({
+            "head": head,
+            "last": last.first().map(|last| json!({
+                "kind": last.event.kind.to_string(),
+                "owner": last.event.owner_id,
+                "actor": last.event.actor,
+                "occurred_at": last.event.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            })),
+        }),
+    );
+    match last.first() {
+        Some(last) => outln!(
+            env,
             "Key-event feed: head #{head} (last: {} {} by {} at {} UTC)",
             last.event.kind,
             last.event.owner_id.as_deref().unwrap_or("every owner"),
             last.event.actor,
             last.event.occurred_at.format("%Y-%m-%d %H:%M:%S")
         ),
-        None => println!("Key-event feed: head #{head} (no event yet)"),
+        None => outln!(env, "Key-event feed: head #{head} (no event yet)"),
     }
     let policy = &env.rollout_policy;
-    match lifecycle::fleet_rollout(env.store.as_ref(), policy)? {
-        Some(rollout) => println!("Roll-out policy {policy:?}: {}", describe(&rollout)),
-        None => println!(
+    let stored = lifecycle::fleet_rollout(env.store.as_ref(), policy)?;
+    env.out.set(
+        "rollout",
+        json!({ "policy": policy, "value": stored.as_ref().map(describe) }),
+    );
+    match stored {
+        Some(rollout) => outln!(env, "Roll-out policy {policy:?}: {}", describe(&rollout)),
+        None => outln!(
+            env,
             "Roll-out policy {policy:?}: never set (each keyring uses the policy it was built with)"
         ),
     }
@@ -1039,8 +1442,7 @@ fn describe(rollout: &crate::Rollout) -> String {
 
 fn rollout<C>(cli: &Cli, env: &Env<C>, command: &RolloutCommand) -> CliResult
 where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
+    C: DataConnection,
 {
     use crate::Rollout;
     let current = lifecycle::fleet_rollout(env.store.as_ref(), &env.rollout_policy)?;
@@ -1080,7 +1482,10 @@ where
     if let Some(next) = next {
         let keyring = env.keyring(&cli.actor)?;
         let id = lifecycle::set_rollout(&keyring, &next)?;
-        println!(
+        env.out.set("set", describe(&next));
+        env.out.set("key_event", id);
+        outln!(
+            env,
             "Roll-out policy {:?} set to {} (key event #{id}); processes following the feed apply it within {:.1} s.",
             env.rollout_policy,
             describe(&next),
@@ -1091,13 +1496,12 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize, format: Format) -> CliResult
+fn audit<C>(env: &Env<C>, owner: Option<&str>, limit: usize) -> CliResult
 where
-    C: lifecycle::DataConnection,
-    DieselKeyStore<C>: KeyStore,
+    C: DataConnection,
 {
     let records = env.store.audit(owner, limit)?;
-    if format == Format::Json {
+    if !env.out.text() {
         let records: Vec<serde_json::Value> = records
             .into_iter()
             .map(|r| {
@@ -1114,12 +1518,20 @@ where
                 })
             })
             .collect();
+        env.out.printed.set(true);
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
+        env,
         "{:>6}  {:<26}  {:<24}  {:<8}  {:>7}  {:<14}  {:<12}  detail",
-        "id", "occurred at (UTC)", "owner", "action", "version", "KEK", "actor"
+        "id",
+        "occurred at (UTC)",
+        "owner",
+        "action",
+        "version",
+        "KEK",
+        "actor"
     );
     for r in records {
         let e = r.event;
@@ -1134,7 +1546,7 @@ where
             e.actor,
             e.detail.as_deref().unwrap_or("")
         );
-        println!("{}", line.trim_end());
+        outln!(env, "{}", line.trim_end());
     }
     Ok(ExitCode::SUCCESS)
 }
