@@ -235,10 +235,10 @@ impl Jobs {
             JobCommand::Backfill(args)
             | JobCommand::DecryptBack(DecryptBackArgs { migrate: args, .. }) => {
                 let sealing = matches!(command, JobCommand::Backfill(_));
-                if let JobCommand::DecryptBack(d) = command {
-                    if !args.dry_run {
-                        check_decrypt_back(keyring, d.yes)?;
-                    }
+                if let JobCommand::DecryptBack(d) = command
+                    && !args.dry_run
+                {
+                    check_decrypt_back(keyring, d.yes)?;
                 }
                 let options = MigrateOptions::default()
                     .batch(args.batch)
