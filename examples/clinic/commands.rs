@@ -90,14 +90,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { owner, csv } => export(&mut clinic, &owner, &csv),
         Command::SeedLegacy { cases, owners } => seed_legacy(&mut clinic, cases, owners),
         Command::Rollout(command) => rollout(&mut clinic, command),
-        Command::Backfill { dry_run, batch } => {
-            crate::migration::backfill(&mut clinic, dry_run, batch)
-        }
-        Command::Verify { sample } => crate::migration::verify(&mut clinic, sample),
         Command::Digest => digest(&mut clinic),
-        Command::DecryptBack { yes, batch } => {
-            crate::migration::decrypt_back(&mut clinic, yes, batch)
-        }
+        Command::Jobs(job) => crate::migration::run(&mut clinic, &job),
     }
 }
 

@@ -26,7 +26,8 @@
 //! The commands also walk through adopting phi on a database that predates
 //! it: `seed-legacy` writes plaintext rows, `rollout` turns sealing on per
 //! owner, `backfill` seals the old rows, `verify` and `digest` check the
-//! result, `decrypt-back` rolls it all back (see the README).
+//! result, `decrypt-back` rolls it all back (see the README). Those
+//! migration commands, and `status`, are phi's own (`phi::cli`).
 
 mod commands;
 mod db;
@@ -111,34 +112,13 @@ pub(crate) enum Command {
     /// Which providers' new rows are sealed (the gradual roll-out).
     #[command(subcommand)]
     Rollout(RolloutCommand),
-    /// Seals every row still stored in plain text, in batches; resumable.
-    Backfill {
-        /// Count what would be sealed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Rows per batch (one transaction each).
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
-    },
-    /// Checks that stored rows open: sealed ones authenticate, plain ones decode.
-    Verify {
-        /// Check only this many rows of each table.
-        #[arg(long)]
-        sample: Option<usize>,
-    },
     /// A SHA-256 over every case's decrypted fields, in case id order: the
     /// same before and after a backfill or a rollback.
     Digest,
-    /// The emergency rollback: writes every sealed row back in plain text
-    /// and stops sealing new rows.
-    DecryptBack {
-        /// Confirms: the patient fields are stored unencrypted afterwards.
-        #[arg(long)]
-        yes: bool,
-        /// Rows per batch (one transaction each).
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
-    },
+    /// phi's migration commands on both tables: `backfill`, `verify`,
+    /// `decrypt-back` (which first stops sealing new rows), `status`.
+    #[command(flatten)]
+    Jobs(phi::cli::JobCommand),
 }
 
 #[derive(Debug, Subcommand)]

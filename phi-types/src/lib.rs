@@ -88,6 +88,8 @@
 pub mod admin;
 pub mod blind;
 mod cipher;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod connection;
 mod dek;
 pub mod envelope;

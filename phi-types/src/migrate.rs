@@ -676,14 +676,83 @@ pub fn verify_legacy<M: Migratable, C: DataConnection>(
     legacy: Option<&dyn LegacyDecoder>,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<VerifyReport> {
-    let t = M::stored_table();
+    verify_table_legacy(&M::stored_table(), conn, keyring, sample, legacy, progress)
+}
+
+/// [`backfill`] of the table `t` describes ([`Migratable::stored_table`]),
+/// for code that holds models' descriptions rather than their types (the
+/// command line's registered models).
+///
+/// # Errors
+/// As [`backfill`].
+pub fn backfill_table<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    migrate::<C>(t, conn, keyring, options, true, progress, &mut |_| Ok(()))
+}
+
+/// [`decrypt_back`] of the table `t` describes.
+///
+/// # Errors
+/// As [`decrypt_back`].
+pub fn decrypt_back_table<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    keyring: &Keyring,
+    options: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport> {
+    migrate::<C>(t, conn, keyring, options, false, progress, &mut |_| Ok(()))
+}
+
+/// Rows of the table `t` describes whose encrypted flag is on (`sealed`)
+/// or off.
+///
+/// # Errors
+/// [`Error::Config`] for a description the jobs cannot use;
+/// [`Error::Database`].
+pub fn count_rows<C: DataConnection>(t: &StoredTable, conn: &mut C, sealed: bool) -> Result<u64> {
+    t.validate()?;
+    conn.migration_count(t, sealed)
+}
+
+/// [`verify`] of the table `t` describes.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_table<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    keyring: &Keyring,
+    sample: Option<usize>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport> {
+    verify_table_legacy(t, conn, keyring, sample, None, progress)
+}
+
+/// [`verify_legacy`] of the table `t` describes.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_table_legacy<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    keyring: &Keyring,
+    sample: Option<usize>,
+    legacy: Option<&dyn LegacyDecoder>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<VerifyReport> {
     let mut tally = Tally::default();
     t.validate()?;
     let started = Instant::now();
     let mut report = VerifyReport {
         table: t.table,
-        sealed_total: conn.migration_count(&t, true)?,
-        unsealed_total: conn.migration_count(&t, false)?,
+        sealed_total: conn.migration_count(t, true)?,
+        unsealed_total: conn.migration_count(t, false)?,
         ..VerifyReport::default()
     };
     let total = match sample {
@@ -706,7 +775,7 @@ pub fn verify_legacy<M: Migratable, C: DataConnection>(
                 limit,
                 random: sample.is_some(),
             };
-            let rows = conn.migration_rows(&t, &query, true)?;
+            let rows = conn.migration_rows(t, &query, true)?;
             if rows.is_empty() {
                 break;
             }
@@ -717,9 +786,9 @@ pub fn verify_legacy<M: Migratable, C: DataConnection>(
             };
             for row in &rows {
                 let problems = if sealed {
-                    check_sealed(&t, row, &keys)
+                    check_sealed(t, row, &keys)
                 } else {
-                    check_unsealed(&t, row, legacy, &mut tally)
+                    check_unsealed(t, row, legacy, &mut tally)
                 };
                 if problems.iter().any(|p| p.kind == ProblemKind::NotCanonical) {
                     report.not_canonical += 1;

@@ -1,0 +1,62 @@
+//! An application's own `phi` command: every key command, and the
+//! migration jobs (`backfill`, `verify`, `decrypt-back`, `status`) of its
+//! derived model, in ten lines of `main`.
+//!
+//! ```sh
+//! DATABASE_URL=sqlite://notes.db PHI_MASTER_KEY=… cargo run --example own_cli -- status
+//! cargo run --example own_cli -- backfill --dry-run --format json
+//! ```
+//!
+//! The application's table (`own_cli_notes` here) is the application's own:
+//! created by its migrations, with rows written before phi (flag off).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use phi::cli::App;
+use phi::{Keyring, LocalKek, PhiRecord};
+
+diesel::table! {
+    /// The application's notes: the body sealed under its author's key.
+    own_cli_notes (id) {
+        /// The row key.
+        id -> BigInt,
+        /// The owner.
+        author -> Text,
+        /// Sealed (or, before the backfill, plain) text.
+        body -> Binary,
+        /// Whether the row is sealed.
+        sealed -> Bool,
+    }
+}
+
+/// A note as the application sees it.
+#[derive(PhiRecord, Clone)]
+#[phi(crate = phi, table = own_cli_notes, debug)]
+#[diesel(primary_key(id))]
+pub struct Note {
+    /// The note's id.
+    #[phi(row_key)]
+    pub id: i64,
+    /// Who wrote it.
+    #[phi(owner)]
+    pub author: String,
+    /// What it says.
+    #[phi(encrypt)]
+    pub body: String,
+    /// Whether the row is sealed.
+    #[phi(encrypted_flag)]
+    pub sealed: bool,
+}
+
+fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://notes.db".into());
+    let kek = Arc::new(LocalKek::from_env("local-1")?);
+    let keyring = Keyring::builder(phi::cli::key_store(&url)?, kek)
+        .actor("notes-admin")
+        .build()?;
+    Ok(App::new(url, keyring)
+        .name("notes-admin")
+        .model::<Note>()
+        .run())
+}

@@ -1,0 +1,563 @@
+//! The migration jobs of an application's derived models as commands:
+//! `backfill`, `verify`, `decrypt-back` and `status`, with progress bars,
+//! `--dry-run`, `--batch`, `--rate` and `--format json`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{CliResult, EXIT_NOT_VERIFIED, Format, Refused, bar};
+use crate::lifecycle::{DataConnection, ResealTable};
+use crate::migrate::{
+    self, DEFAULT_BATCH, Migratable, MigrateOptions, MigrationReport, Progress, StoredTable,
+    VerifyFailure, VerifyReport,
+};
+use crate::{Keyring, Rollout};
+
+/// The migration commands, for the models registered with
+/// [`Jobs::model`] (or [`App::model`](super::App::model)).
+///
+/// An application with a command line of its own flattens them into its
+/// `clap` subcommands (`#[command(flatten)]`) and runs the parsed command
+/// with [`Jobs::run`]; [`App`](super::App) does both.
+#[derive(Debug, Clone, clap::Subcommand)]
+#[non_exhaustive]
+pub enum JobCommand {
+    /// Seals every row of the models' tables whose encrypted flag is off,
+    /// batch by batch (one transaction each); resumable, and safe beside
+    /// the application and another run. Owners without a data key get one.
+    Backfill(MigrateArgs),
+    /// Checks the models' stored rows: sealed ones open, decode and have
+    /// current blind indexes; rows with the flag off decode. Exit status 4
+    /// when a row fails.
+    Verify(VerifyArgs),
+    /// The emergency rollback: writes every sealed row of the models'
+    /// tables back in its plain encoding with the flag off. Refused unless
+    /// the roll-out seals nobody's new rows (`rollout nobody` first) and
+    /// `--yes` is given.
+    DecryptBack(DecryptBackArgs),
+    /// Per table: rows sealed and rows with the encrypted flag off.
+    Status(StatusArgs),
+    // `finalize` joins these once the shadow-column strategy exists: a
+    // variant here and its arm in `Jobs::run`.
+}
+
+/// Which models a job works on.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[non_exhaustive]
+pub struct ModelArgs {
+    /// Only this model (its type name, e.g. `Case`, or its table's name);
+    /// default: every registered model, in the order registered.
+    #[arg(long = "model", value_name = "NAME")]
+    pub model: Option<String>,
+}
+
+/// Options of `backfill`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub models: ModelArgs,
+    /// Reads and checks every row to migrate, counts what would be done,
+    /// and writes nothing (no data key is created either).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rows per batch, each one transaction (at most 10,000).
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    pub batch: usize,
+    /// At most this many rows per second, on average: the job waits
+    /// between batches (for a production database under load).
+    #[arg(long, value_name = "ROWS_PER_SEC", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+}
+
+/// Options of `decrypt-back`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct DecryptBackArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub migrate: MigrateArgs,
+    /// Confirms: the values are stored unencrypted afterwards.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// Options of `verify`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub models: ModelArgs,
+    /// Checks only this many sealed and this many unsealed rows of each
+    /// table, chosen at random.
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// At most this many rows per second, on average.
+    #[arg(long, value_name = "ROWS_PER_SEC", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+}
+
+/// Options of `status`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct StatusArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub models: ModelArgs,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a positive number of rows per second"
+        )),
+    }
+}
+
+/// A registered model: its name and how it is stored.
+#[derive(Clone, Copy)]
+struct Model {
+    name: &'static str,
+    table: fn() -> StoredTable,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// The models the migration commands work on, each described by its
+/// `#[derive(PhiRecord)]` ([`Migratable`]): table, owner, row key, flag and
+/// encrypted columns, never typed by hand.
+#[derive(Debug, Clone, Default)]
+pub struct Jobs {
+    models: Vec<Model>,
+}
+
+impl Jobs {
+    /// No model yet.
+    pub fn new() -> Jobs {
+        Jobs::default()
+    }
+
+    /// Adds a model, named by its type (`Case` for `my_app::model::Case`).
+    #[must_use]
+    pub fn model<M: Migratable>(mut self) -> Jobs {
+        let full = std::any::type_name::<M>();
+        let base = full.split('<').next().unwrap_or(full);
+        let name = base.rsplit("::").next().unwrap_or(base);
+        self.models.push(Model {
+            name,
+            table: M::stored_table,
+        });
+        self
+    }
+
+    /// Whether no model is registered.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// The registered models' tables as the key commands (`keys reseal`,
+    /// `retire`, `shred`, `status --owner`) take them.
+    pub(crate) fn reseal_tables(&self) -> crate::Result<Vec<ResealTable>> {
+        self.models
+            .iter()
+            .map(|m| (m.table)().reseal_table())
+            .collect()
+    }
+
+    fn selected(&self, args: &ModelArgs) -> CliResult<Vec<(Model, StoredTable)>> {
+        if self.models.is_empty() {
+            return Err(
+                "no model is registered: the migration commands run from the application's own \
+                 binary, built with phi_types::cli::App::model"
+                    .into(),
+            );
+        }
+        let all = self.models.iter().map(|m| (*m, (m.table)()));
+        let Some(wanted) = &args.model else {
+            return Ok(all.collect());
+        };
+        let chosen: Vec<_> = all
+            .filter(|(m, t)| m.name == wanted || t.table == wanted)
+            .collect();
+        if chosen.is_empty() {
+            let known: Vec<String> = self
+                .models
+                .iter()
+                .map(|m| format!("{} (table {})", m.name, (m.table)().table))
+                .collect();
+            return Err(format!(
+                "--model {wanted:?}: no such model; known: {}",
+                known.join(", ")
+            )
+            .into());
+        }
+        Ok(chosen)
+    }
+
+    /// Runs `command` on `conn` with `keyring`, printing its report in
+    /// `format` on standard output and, with `progress`, a progress bar on
+    /// standard error (drawn only on a terminal).
+    ///
+    /// Exit status: 0 done; 4 `verify` found rows that fail.
+    ///
+    /// # Errors
+    /// The job's errors (naming table, column, owner and row); an unknown
+    /// `--model`; `decrypt-back` without `--yes`, or while the roll-out
+    /// still seals new rows (an error whose [`is_refused`] is true: nothing
+    /// was changed).
+    pub fn run<C: DataConnection>(
+        &self,
+        conn: &mut C,
+        keyring: &Keyring,
+        command: &JobCommand,
+        format: Format,
+        progress: bool,
+    ) -> CliResult {
+        let mut reports = Vec::new();
+        let name = match command {
+            JobCommand::Backfill(_) => "backfill",
+            JobCommand::Verify(_) => "verify",
+            JobCommand::DecryptBack(_) => "decrypt-back",
+            JobCommand::Status(_) => "status",
+        };
+        let mut code = ExitCode::SUCCESS;
+        let mut extra = serde_json::Map::new();
+        match command {
+            JobCommand::Backfill(args)
+            | JobCommand::DecryptBack(DecryptBackArgs { migrate: args, .. }) => {
+                let sealing = matches!(command, JobCommand::Backfill(_));
+                if let JobCommand::DecryptBack(d) = command
+                    && !args.dry_run
+                {
+                    check_decrypt_back(keyring, d.yes)?;
+                }
+                let options = MigrateOptions::default()
+                    .batch(args.batch)
+                    .dry_run(args.dry_run);
+                extra.insert("dry_run".into(), args.dry_run.into());
+                for (model, table) in self.selected(&args.models)? {
+                    let verb = if sealing { "sealing" } else { "decrypting" };
+                    let report = with_progress(
+                        &format!("{verb} {}", table.table),
+                        progress,
+                        args.rate,
+                        |on| {
+                            if sealing {
+                                migrate::backfill_table(&table, conn, keyring, &options, on)
+                            } else {
+                                migrate::decrypt_back_table(&table, conn, keyring, &options, on)
+                            }
+                        },
+                    )?;
+                    if format == Format::Text {
+                        println!("{report}");
+                    }
+                    reports.push(migration_json(model.name, &report));
+                }
+            }
+            JobCommand::Verify(args) => {
+                let mut ok = true;
+                for (model, table) in self.selected(&args.models)? {
+                    let report = with_progress(
+                        &format!("verifying {}", table.table),
+                        progress,
+                        args.rate,
+                        |on| migrate::verify_table(&table, conn, keyring, args.sample, on),
+                    )?;
+                    if format == Format::Text {
+                        println!("{report}");
+                    }
+                    ok &= report.is_ok();
+                    reports.push(verify_json(model.name, &report));
+                }
+                extra.insert("ok".into(), ok.into());
+                if !ok {
+                    code = ExitCode::from(EXIT_NOT_VERIFIED);
+                }
+            }
+            JobCommand::Status(args) => {
+                let selected = self.selected(&args.models)?;
+                if format == Format::Text {
+                    println!(
+                        "{:<24} {:<24} {:>12} {:>12} {:>7}",
+                        "model", "table", "sealed", "flag off", "done"
+                    );
+                }
+                for (model, table) in selected {
+                    let sealed = migrate::count_rows(&table, conn, true)?;
+                    let flag_off = migrate::count_rows(&table, conn, false)?;
+                    let total = sealed + flag_off;
+                    let percent = if total == 0 {
+                        100.0
+                    } else {
+                        sealed as f64 * 100.0 / total as f64
+                    };
+                    if format == Format::Text {
+                        println!(
+                            "{:<24} {:<24} {sealed:>12} {flag_off:>12} {percent:>6.1}%",
+                            model.name, table.table
+                        );
+                    }
+                    reports.push(json!({
+                        "model": model.name,
+                        "table": table.table,
+                        "sealed": sealed,
+                        "flag_off": flag_off,
+                        "total": total,
+                    }));
+                }
+            }
+        }
+        if format == Format::Json {
+            let mut out = serde_json::Map::new();
+            out.insert("command".into(), name.into());
+            out.extend(extra);
+            out.insert("tables".into(), Value::Array(reports));
+            println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        }
+        Ok(code)
+    }
+}
+
+/// Whether `error` (from [`Jobs::run`] or a key command) is a refusal:
+/// nothing was changed (exit status 3).
+pub fn is_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    error.downcast_ref::<Refused>().is_some()
+        || error
+            .downcast_ref::<crate::Error>()
+            .is_some_and(|e| e.kind() == crate::ErrorKind::Refused)
+}
+
+/// `decrypt-back` needs `--yes` and a roll-out that seals no new row (the
+/// fleet's stored policy, else this keyring's).
+fn check_decrypt_back(keyring: &Keyring, yes: bool) -> CliResult<()> {
+    if !yes {
+        return Err(Refused(
+            "decrypt-back stores every encrypted value of the models' tables in plain text again; \
+             pass --yes to confirm"
+                .into(),
+        )
+        .into());
+    }
+    let rollout =
+        crate::lifecycle::fleet_rollout(keyring.store().as_ref(), keyring.rollout_policy())?
+            .unwrap_or_else(|| keyring.rollout());
+    if rollout != Rollout::Nobody {
+        return Err(Refused(format!(
+            "the roll-out still seals new rows ({}): new writes would be sealed while decrypt-back runs; \
+             stop sealing first (`rollout nobody`)",
+            crate::lifecycle::describe_rollout(&rollout)
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Runs `job` with a progress callback that draws a bar (when `visible`)
+/// and keeps to `rate` rows per second.
+fn with_progress<T>(
+    what: &str,
+    visible: bool,
+    rate: Option<f64>,
+    job: impl FnOnce(&mut dyn FnMut(&Progress)) -> crate::Result<T>,
+) -> crate::Result<T> {
+    let progress = bar(0, what, visible);
+    let throttle = Throttle::new(rate, RealPace(Instant::now()));
+    let result = job(&mut |p: &Progress| {
+        progress.set_length(p.total);
+        progress.set_position(p.done);
+        throttle.after(p.done);
+    });
+    progress.finish_and_clear();
+    result
+}
+
+fn seconds(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+fn failures_json(failures: &[VerifyFailure]) -> Vec<Value> {
+    failures
+        .iter()
+        .map(|f| {
+            json!({
+                "table": f.table,
+                "column": f.column,
+                "owner": f.owner,
+                "row_key": f.row_key,
+                "kind": format!("{:?}", f.kind),
+                "problem": f.problem,
+            })
+        })
+        .collect()
+}
+
+fn migration_json(model: &str, r: &MigrationReport) -> Value {
+    json!({
+        "model": model,
+        "table": r.table,
+        "rows": r.rows,
+        "values": r.values,
+        "batches": r.batches,
+        "skipped": r.skipped,
+        "owners": r.owners,
+        "new_owner_keys": r.new_owner_keys,
+        "undecodable": r.undecodable,
+        "reencoded": r.reencoded,
+        "remaining": r.remaining,
+        "elapsed_seconds": seconds(r.elapsed),
+        "problems": failures_json(&r.problems),
+    })
+}
+
+fn verify_json(model: &str, r: &VerifyReport) -> Value {
+    json!({
+        "model": model,
+        "table": r.table,
+        "ok": r.is_ok(),
+        "sealed": r.sealed,
+        "unsealed": r.unsealed,
+        "sealed_total": r.sealed_total,
+        "unsealed_total": r.unsealed_total,
+        "failed": r.failed,
+        "not_canonical": r.not_canonical,
+        "problems_found": r.problems_found,
+        "failures": failures_json(&r.failures),
+        "elapsed_seconds": seconds(r.elapsed),
+    })
+}
+
+/// The time `--rate` keeps to: how long since the job started, and a way
+/// to wait.
+trait Pace {
+    fn elapsed(&self) -> Duration;
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real clock.
+struct RealPace(Instant);
+
+impl Pace for RealPace {
+    fn elapsed(&self) -> Duration {
+        self.0.elapsed()
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// Keeps a job to at most `rows_per_sec` on average: after each batch it
+/// waits until the rows done so far are due.
+struct Throttle<P: Pace> {
+    rows_per_sec: Option<f64>,
+    pace: P,
+}
+
+impl<P: Pace> Throttle<P> {
+    fn new(rows_per_sec: Option<f64>, pace: P) -> Self {
+        Throttle { rows_per_sec, pace }
+    }
+
+    /// Called with the rows done so far: waits until they are due.
+    fn after(&self, done: u64) {
+        if let Some(rate) = self.rows_per_sec {
+            let wait = due_in(done, rate, self.pace.elapsed());
+            if !wait.is_zero() {
+                self.pace.sleep(wait);
+            }
+        }
+    }
+}
+
+/// How long until `done` rows are due at `rate` rows per second, `elapsed`
+/// after the start.
+fn due_in(done: u64, rate: f64, elapsed: Duration) -> Duration {
+    Duration::try_from_secs_f64(done as f64 / rate)
+        .unwrap_or(Duration::MAX)
+        .saturating_sub(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+
+    /// A clock that moves only when the job works (`work`) or waits.
+    #[derive(Default)]
+    struct ManualPace {
+        now: Cell<Duration>,
+        sleeps: RefCell<Vec<Duration>>,
+    }
+
+    impl ManualPace {
+        fn work(&self, d: Duration) {
+            self.now.set(self.now.get() + d);
+        }
+    }
+
+    impl Pace for &ManualPace {
+        fn elapsed(&self) -> Duration {
+            self.now.get()
+        }
+        fn sleep(&self, d: Duration) {
+            self.sleeps.borrow_mut().push(d);
+            self.now.set(self.now.get() + d);
+        }
+    }
+
+    #[test]
+    fn the_throttle_waits_until_the_rows_done_are_due() {
+        let pace = ManualPace::default();
+        let throttle = Throttle::new(Some(100.0), &pace);
+        // 500 rows in 1 s at 100 rows/s: due at 5 s, so it waits 4 s.
+        pace.work(Duration::from_secs(1));
+        throttle.after(500);
+        assert_eq!(*pace.sleeps.borrow(), [Duration::from_secs(4)]);
+        assert_eq!(pace.now.get(), Duration::from_secs(5));
+        // A slow batch (500 more rows in 6 s, due at 10 s, now 11 s): no wait.
+        pace.work(Duration::from_secs(6));
+        throttle.after(1000);
+        assert_eq!(pace.sleeps.borrow().len(), 1);
+        // The next batch is quick again: due at 15 s, now 11.5 s.
+        pace.work(Duration::from_millis(500));
+        throttle.after(1500);
+        assert_eq!(
+            pace.sleeps.borrow().last(),
+            Some(&Duration::from_millis(3500))
+        );
+        // The average never exceeds the rate.
+        let rate = 1500.0 / pace.now.get().as_secs_f64();
+        assert!(rate <= 100.0, "{rate}");
+    }
+
+    #[test]
+    fn without_a_rate_the_throttle_never_waits() {
+        let pace = ManualPace::default();
+        let throttle = Throttle::new(None, &pace);
+        throttle.after(1_000_000);
+        assert!(pace.sleeps.borrow().is_empty());
+    }
+
+    #[test]
+    fn due_in_and_the_rate_parser() {
+        assert_eq!(
+            due_in(10, 4.0, Duration::from_secs(1)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(due_in(10, 4.0, Duration::from_secs(9)), Duration::ZERO);
+        assert_eq!(parse_rate("250"), Ok(250.0));
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-3", "NaN", "inf", "fast"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+}
