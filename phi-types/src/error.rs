@@ -673,7 +673,8 @@ mod tests {
             | Error::Store { .. }
             | Error::Database { .. }
             | Error::Unsealed { .. }
-            | Error::DataTable { .. } => true,
+            | Error::DataTable { .. }
+            | Error::Legacy { .. } => true,
             Error::Config(_)
             | Error::Decrypt { .. }
             | Error::Encrypt { .. }
@@ -689,12 +690,13 @@ mod tests {
             | Error::FeedStale { .. }
             | Error::KeyInUse { .. }
             | Error::Refused { .. }
-            | Error::UnknownKeyVersion { .. } => false,
+            | Error::UnknownKeyVersion { .. }
+            | Error::Strict { .. } => false,
         }
     }
 
     /// The variants `has_source` says carry a source.
-    const VARIANTS_WITH_A_SOURCE: usize = 8;
+    const VARIANTS_WITH_A_SOURCE: usize = 9;
 
     /// Every variant with a source: the message never repeats it (chains
     /// printed by anyhow or eyre would say it twice), and `source()` gives it.
@@ -775,6 +777,20 @@ mod tests {
                 },
                 "re-seal failed on cases.patient_last for owner \"provider-17\"",
                 "deadlock detected",
+            ),
+            (
+                Error::Legacy {
+                    table: "cases".into(),
+                    column: "patient_last".into(),
+                    row: "c-1".into(),
+                    owner: owner(),
+                    source: Box::new(crate::legacy::LegacyError::new(
+                        "fernet",
+                        crate::legacy::LegacyErrorKind::Authentication,
+                    )),
+                },
+                "cases.patient_last of row \"c-1\" (owner \"provider-17\") does not open",
+                "fernet value: does not authenticate under any key given (altered, or under another key)",
             ),
         ];
         let variants: std::collections::HashSet<_> = cases

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use aes::cipher::{BlockDecryptMut as _, KeyIvInit as _, block_padding::Pkcs7};
+use aes::cipher::{BlockModeDecrypt as _, KeyIvInit as _, block_padding::Pkcs7};
 use base64::Engine as _;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
@@ -134,7 +134,7 @@ impl FernetDecoder {
             .keys
             .iter()
             .find(|key| {
-                <Hmac<Sha256>>::new_from_slice(key.signing())
+                <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key.signing())
                     .map(|mac| mac.chain_update(signed).verify_slice(tag).is_ok())
                     .unwrap_or(false)
             })
@@ -144,7 +144,7 @@ impl FernetDecoder {
         let decryptor = cbc::Decryptor::<aes::Aes128>::new_from_slices(key.encryption(), iv)
             .map_err(|_| LegacyErrorKind::Malformed("key or IV length"))?;
         decryptor
-            .decrypt_padded_vec_mut::<Pkcs7>(ciphertext)
+            .decrypt_padded_vec::<Pkcs7>(ciphertext)
             .map(Zeroizing::new)
             // Authenticated, yet the padding is wrong: written with the
             // right signing key and a wrong encryption key.
