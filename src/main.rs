@@ -989,6 +989,23 @@ where
         ),
         None => println!("Key-event feed: head #{head} (no event yet)"),
     }
+    let readers = lifecycle::feed_readers(env.store.as_ref())?;
+    if readers.is_empty() {
+        println!(
+            "Feed readers: none recorded (no keyring follows the feed, or none has read it yet)"
+        );
+    } else {
+        println!("Feed readers: {}", readers.len());
+        for r in &readers {
+            println!(
+                "  {}  at #{} ({} behind), recorded {:.1} s ago",
+                r.reader,
+                r.position,
+                (head - r.position).max(0),
+                r.age().as_secs_f64()
+            );
+        }
+    }
     let policy = &env.rollout_policy;
     match lifecycle::fleet_rollout(env.store.as_ref(), policy)? {
         Some(rollout) => println!("Roll-out policy {policy:?}: {}", describe(&rollout)),
