@@ -8,11 +8,23 @@
 //! encrypts provider-17    → encrypts provider-17 true
 //! unwraps                 → unwraps 1
 //! position                → position 4
+//! shred provider-17       → shredded provider-17 1
+//! rollout provider-18     → rollout provider-18 head 6
+//! clear provider-18       → cleared provider-18 head 7
+//! head                    → head 7
+//! events 4 provider-17    → events 1   (after #4, naming the owner)
+//! policy-events 4         → policy-events 1   (roll-out changes of this policy)
 //! ```
 //!
 //! Arguments: the database URL (a SQLite file path, `mysql://…` or
 //! `postgres://…`), the feed interval in milliseconds, and optionally the
 //! roll-out policy name. Never prints key bytes or plaintext.
+//!
+//! With `FLEET_NODE_PAUSE=inside`, the node stops inside the transaction of
+//! its first life-cycle change, right after taking the feed's next id
+//! (`UPDATE phi_key_feed`), prints `paused inside` and waits for ever; with
+//! `FLEET_NODE_PAUSE=committed`, it stops right after that transaction's
+//! `COMMIT` and prints `paused committed`. The fleet tests kill it there.
 
 // A line protocol: its output is its interface.
 #![allow(clippy::print_stdout)]
@@ -21,7 +33,8 @@ use std::io::{BufRead as _, Write as _};
 use std::sync::Arc;
 use std::time::Duration;
 
-use phi::{DieselKeyStore, Keyring, LocalKek};
+use diesel::connection::{Instrumentation, InstrumentationEvent};
+use phi::{DieselKeyStore, Keyring, LocalKek, Rollout, lifecycle};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -32,6 +45,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = args
         .next()
         .unwrap_or_else(|| phi::DEFAULT_ROLLOUT_POLICY.to_owned());
+    if let Ok(pause) = std::env::var("FLEET_NODE_PAUSE") {
+        let make: fn() -> Option<Box<dyn Instrumentation>> = match pause.as_str() {
+            "inside" => || Some(Box::new(Pause::inside())),
+            "committed" => || Some(Box::new(Pause::committed())),
+            other => return Err(format!("FLEET_NODE_PAUSE={other:?}: inside or committed").into()),
+        };
+        diesel::connection::set_default_instrumentation(make)?;
+    }
     let kek_id = std::env::var("PHI_KEK_ID").unwrap_or_else(|_| "local-1".into());
     let kek = Arc::new(LocalKek::from_env(&kek_id)?);
     let store = connect(&url)?;
@@ -66,12 +87,70 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "position {}",
                 keyring.feed_status().map_or(0, |s| s.position)
             ),
+            (Some("head"), _) => answer(lifecycle::feed_head(keyring.store().as_ref()), |h| {
+                format!("head {h}")
+            }),
+            (Some("events"), Some(after)) => {
+                let owner = words.next().unwrap_or_default();
+                answer(events_after(&keyring, after), |events| {
+                    let n = events
+                        .iter()
+                        .filter(|e| e.event.owner_id.as_deref() == Some(owner))
+                        .count();
+                    format!("events {n}")
+                })
+            }
+            (Some("policy-events"), Some(after)) => {
+                let prefix = format!("policy {}:", keyring.rollout_policy());
+                answer(events_after(&keyring, after), |events| {
+                    let n = events
+                        .iter()
+                        .filter(|e| e.event.kind == phi::feed::KeyEventKind::Rollout)
+                        .filter(|e| {
+                            e.event
+                                .detail
+                                .as_deref()
+                                .is_some_and(|d| d.starts_with(&prefix))
+                        })
+                        .count();
+                    format!("policy-events {n}")
+                })
+            }
+            (Some("shred"), Some(owner)) => answer(
+                lifecycle::shred_keys_by(&keyring, owner, "fleet-node"),
+                |report| format!("shredded {owner} {}", report.destroyed_versions.len()),
+            ),
+            (Some("rollout"), Some(owner)) => answer(
+                lifecycle::set_rollout(&keyring, &Rollout::owners([owner])),
+                |head| format!("rollout {owner} head {head}"),
+            ),
+            (Some("clear"), Some(owner)) => answer(
+                lifecycle::clear_cache_fleet(&keyring, Some(owner)),
+                |head| format!("cleared {owner} head {head}"),
+            ),
             _ => format!("unknown command {line:?}"),
         };
         writeln!(out, "{answer}")?;
         out.flush()?;
     }
     Ok(())
+}
+
+/// The feed's events after id `after` (every one: a test's backlog is short).
+fn events_after(keyring: &Keyring, after: &str) -> phi::Result<Vec<phi::feed::FeedEvent>> {
+    let after: i64 = after.parse().map_err(|_| phi::Error::InvalidInput {
+        what: "event id",
+        reason: format!("{after:?} is not a number"),
+    })?;
+    lifecycle::read_feed(keyring.store().as_ref(), after, 100_000)
+}
+
+/// The answer to a command: `ok`'s text, or `error` and the error's kind.
+fn answer<T>(result: phi::Result<T>, ok: impl FnOnce(T) -> String) -> String {
+    match result {
+        Ok(value) => ok(value),
+        Err(error) => format!("error {}", phi::metrics::error_kind(&error)),
+    }
 }
 
 /// A key store on the backend `url` names.
@@ -96,4 +175,56 @@ fn connect(url: &str) -> Result<Arc<dyn phi::KeyStore>, Box<dyn std::error::Erro
     }
     #[allow(unreachable_code)]
     Err(format!("this build has no driver for {url}").into())
+}
+
+/// Stops a connection at a fixed point of a life-cycle change's
+/// transaction (see the module's documentation).
+struct Pause {
+    /// Stop after the `COMMIT`, not after the feed's `UPDATE`.
+    after_commit: bool,
+    /// This connection has taken a feed id in its open transaction.
+    took_id: bool,
+}
+
+impl Pause {
+    fn inside() -> Self {
+        Pause {
+            after_commit: false,
+            took_id: false,
+        }
+    }
+
+    fn committed() -> Self {
+        Pause {
+            after_commit: true,
+            took_id: false,
+        }
+    }
+
+    fn stop(at: &str) -> ! {
+        println!("paused {at}");
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+impl Instrumentation for Pause {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        let InstrumentationEvent::FinishQuery { query, error, .. } = event else {
+            return;
+        };
+        if error.is_some() {
+            return;
+        }
+        let sql = query.to_string();
+        if sql.starts_with("UPDATE") && sql.contains("phi_key_feed") {
+            if !self.after_commit {
+                Self::stop("inside");
+            }
+            self.took_id = true;
+        } else if self.took_id && sql.trim() == "COMMIT" {
+            Self::stop("committed");
+        }
+    }
 }

@@ -682,3 +682,137 @@ fn clinic_on_mariadb() {
     first_runs_and_every_case_command(&clinic);
     legacy_backfill_survives_sigkill(&clinic, LEGACY_ROWS);
 }
+
+/// The clinic's roll-out table moves into phi's (policy `clinic`) with the
+/// clinic's `rollout_in_phi` migration, and its `down.sql` brings it back:
+/// run on `$conn` at `$url`, one clinic migration at a time.
+macro_rules! rollout_migration {
+    ($conn:ty, $dir:literal, $url:expr) => {{
+        use diesel_migrations::{EmbeddedMigrations, MigrationHarness as _, embed_migrations};
+        const CLINIC: EmbeddedMigrations = embed_migrations!($dir);
+        #[derive(QueryableByName)]
+        struct Owner {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            owner_id: String,
+        }
+        let url: &str = $url;
+        let store = phi::DieselKeyStore::<$conn>::connect(url).expect("phi's tables");
+        let mut conn = <$conn>::establish(url).expect("connects");
+        let policy = |store: &phi::DieselKeyStore<$conn>| {
+            phi::lifecycle::fleet_rollout(store, "clinic").expect("read the policy")
+        };
+        // The clinic before: its own table, sealing two providers.
+        conn.run_next_migration(CLINIC).expect("create_cases");
+        diesel::sql_query("DELETE FROM clinic_rollout")
+            .execute(&mut conn)
+            .expect("delete");
+        diesel::sql_query("INSERT INTO clinic_rollout (owner_id) VALUES ('dr-a'), ('dr-b')")
+            .execute(&mut conn)
+            .expect("insert");
+        conn.run_next_migration(CLINIC).expect("rollout_in_phi");
+        assert_eq!(policy(&store), Some(phi::Rollout::owners(["dr-a", "dr-b"])));
+        assert!(
+            diesel::sql_query("SELECT owner_id FROM clinic_rollout")
+                .load::<Owner>(&mut conn)
+                .is_err(),
+            "clinic_rollout is gone"
+        );
+        // Back: the table again, with the same providers; phi's policy gone.
+        conn.revert_last_migration(CLINIC)
+            .expect("revert rollout_in_phi");
+        let owners: Vec<String> =
+            diesel::sql_query("SELECT owner_id FROM clinic_rollout ORDER BY owner_id")
+                .load::<Owner>(&mut conn)
+                .expect("clinic_rollout is back")
+                .into_iter()
+                .map(|o| o.owner_id)
+                .collect();
+        assert_eq!(owners, ["dr-a", "dr-b"]);
+        assert_eq!(policy(&store), None);
+        // Every provider ('*') becomes mode `all`, and back.
+        diesel::sql_query("DELETE FROM clinic_rollout")
+            .execute(&mut conn)
+            .expect("delete");
+        diesel::sql_query("INSERT INTO clinic_rollout (owner_id) VALUES ('*')")
+            .execute(&mut conn)
+            .expect("insert");
+        conn.run_next_migration(CLINIC)
+            .expect("rollout_in_phi again");
+        assert_eq!(policy(&store), Some(phi::Rollout::All));
+        conn.revert_last_migration(CLINIC).expect("revert again");
+        let owners: Vec<String> = diesel::sql_query("SELECT owner_id FROM clinic_rollout")
+            .load::<Owner>(&mut conn)
+            .expect("clinic_rollout is back")
+            .into_iter()
+            .map(|o| o.owner_id)
+            .collect();
+        assert_eq!(owners, ["*"]);
+        // No row (nobody) becomes mode `nobody`.
+        diesel::sql_query("DELETE FROM clinic_rollout")
+            .execute(&mut conn)
+            .expect("delete");
+        conn.run_next_migration(CLINIC)
+            .expect("rollout_in_phi, nobody");
+        assert_eq!(policy(&store), Some(phi::Rollout::Nobody));
+    }};
+}
+
+#[test]
+fn the_clinic_rollout_table_moves_into_phis_and_back_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("clinic.db").display().to_string();
+    rollout_migration!(SqliteConnection, "examples/clinic/migrations/sqlite", &path);
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn the_clinic_rollout_table_moves_into_phis_and_back_on_postgres() {
+    let url = std::env::var("PHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = recreate(&url, "phi_clinic_rollout_it");
+    rollout_migration!(PgConnection, "examples/clinic/migrations/postgres", &url);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn the_clinic_rollout_table_moves_into_phis_and_back_on_mariadb() {
+    let url = std::env::var("PHI_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let url = recreate(&url, "phi_clinic_rollout_it");
+    rollout_migration!(MysqlConnection, "examples/clinic/migrations/mysql", &url);
+}
+
+/// Drops and creates the database `name` on the server of `test_url`; its URL.
+#[cfg(any(feature = "mysql", feature = "postgres"))]
+fn recreate(test_url: &str, name: &str) -> String {
+    let drop_it = if test_url.starts_with("postgres") {
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    } else {
+        format!("DROP DATABASE IF EXISTS {name}")
+    };
+    let create = format!("CREATE DATABASE {name}");
+    #[cfg(feature = "mysql")]
+    if test_url.starts_with("mysql:") {
+        let mut conn = MysqlConnection::establish(test_url)
+            .unwrap_or_else(|e| panic!("MariaDB at {test_url} is needed: {e}"));
+        diesel::sql_query(&drop_it)
+            .execute(&mut conn)
+            .expect("drop");
+        diesel::sql_query(&create)
+            .execute(&mut conn)
+            .expect("create");
+    }
+    #[cfg(feature = "postgres")]
+    if test_url.starts_with("postgres") {
+        let mut conn = PgConnection::establish(test_url)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {test_url} is needed: {e}"));
+        diesel::sql_query(&drop_it)
+            .execute(&mut conn)
+            .expect("drop");
+        diesel::sql_query(&create)
+            .execute(&mut conn)
+            .expect("create");
+    }
+    let (base, _) = test_url.rsplit_once('/').expect("URL with a database");
+    format!("{base}/{name}")
+}

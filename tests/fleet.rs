@@ -1,8 +1,10 @@
 //! A fleet of real processes on every backend: two `fleet_node` examples
 //! following the key-event feed, changed by the `phi` CLI. A shred, a
 //! roll-out change and a fleet-wide clear made by one process reach the
-//! others within the feed interval plus one second. Waits are on observable
-//! answers with a deadline, never fixed sleeps.
+//! others within the feed interval plus one second. A process killed inside
+//! a change's transaction leaves neither the change nor its event; one
+//! killed right after its commit leaves both, and the fleet follows. Waits
+//! are on observable answers with a deadline, never fixed sleeps.
 
 mod common;
 
@@ -23,8 +25,19 @@ struct Node {
 
 impl Node {
     fn start(url: &str, policy: &str) -> Node {
+        Node::start_with(url, policy, INTERVAL, &[])
+    }
+
+    /// A node that stops at `pause` (`inside` or `committed`) in its first
+    /// life-cycle change: see examples/fleet_node.rs.
+    fn start_paused(url: &str, policy: &str, pause: &str) -> Node {
+        Node::start_with(url, policy, INTERVAL, &[("FLEET_NODE_PAUSE", pause)])
+    }
+
+    fn start_with(url: &str, policy: &str, interval: Duration, env: &[(&str, &str)]) -> Node {
         let mut child = Command::new(common::example_bin("fleet_node"))
-            .args([url, &INTERVAL.as_millis().to_string(), policy])
+            .args([url, &interval.as_millis().to_string(), policy])
+            .envs(env.iter().copied())
             .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
             .env("PHI_KEK_ID", "local-test")
             .env_remove("PHI_MASTER_KEY_FILE")
@@ -68,18 +81,39 @@ impl Node {
 
     /// Asks `command` until the answer is `want`; the time it took.
     fn until(&mut self, command: &str, want: &str, since: Instant) -> Duration {
+        self.until_within(command, want, since, BOUND)
+    }
+
+    /// Asks `command` until the answer is `want`, at most `bound` after
+    /// `since`; the time it took.
+    fn until_within(
+        &mut self,
+        command: &str,
+        want: &str,
+        since: Instant,
+        bound: Duration,
+    ) -> Duration {
         loop {
             let answer = self.ask(command);
             if answer == want {
                 return since.elapsed();
             }
             assert!(
-                since.elapsed() < BOUND,
+                since.elapsed() < bound,
                 "{command}: still {answer:?} after {:?}",
                 since.elapsed()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+impl Node {
+    /// SIGKILLs the node: no destructor, no rollback of its own, no goodbye
+    /// to the database.
+    fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
     }
 }
 
@@ -200,6 +234,264 @@ fn fleet(url: &str) {
     }
 }
 
+/// A unique roll-out policy name for one test (the column holds 64).
+fn policy_name(prefix: &str) -> String {
+    let policy = common::unique_owner(prefix);
+    policy[policy.len().saturating_sub(60)..].to_owned()
+}
+
+/// A process killed inside the transaction of a shred and of a roll-out
+/// change loses both the change and its event; a follower stays as it was,
+/// and the same change made again by another process reaches it.
+fn killed_inside(url: &str) {
+    let policy = &policy_name("fleet-kill");
+    let owner = common::unique_owner("fleet-kill-in");
+    let other = common::unique_owner("fleet-kill-other");
+    let mut follower = Node::start(url, policy);
+    assert_eq!(
+        follower.ask(&format!("seal {owner}")),
+        format!("sealed {owner} v1")
+    );
+    let head = follower.number("head");
+
+    // The shred: killed after taking the feed's next id, before its commit.
+    let mut victim = Node::start_paused(url, policy, "inside");
+    assert_eq!(victim.ask(&format!("shred {owner}")), "paused inside");
+    victim.kill();
+    assert_eq!(
+        follower.ask(&format!("events {head} {owner}")),
+        "events 0",
+        "no event without its change"
+    );
+    let mut fresh = Node::start(url, policy);
+    assert_eq!(
+        fresh.ask(&format!("seal {owner}")),
+        format!("sealed {owner} v1"),
+        "no change without its event: the key is still there"
+    );
+    let follower_sync = Instant::now();
+    while follower.number("position") < head {
+        assert!(
+            follower_sync.elapsed() < BOUND,
+            "the follower stopped reading"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        follower.ask(&format!("seal {owner}")),
+        format!("sealed {owner} v1")
+    );
+
+    // The roll-out change: the same.
+    let mut victim = Node::start_paused(url, policy, "inside");
+    assert_eq!(victim.ask(&format!("rollout {owner}")), "paused inside");
+    victim.kill();
+    assert_eq!(
+        follower.ask(&format!("policy-events {head}")),
+        "policy-events 0"
+    );
+    assert_eq!(
+        fresh.ask(&format!("encrypts {other}")),
+        format!("encrypts {other} true")
+    );
+    assert_eq!(
+        follower.ask(&format!("encrypts {other}")),
+        format!("encrypts {other} true")
+    );
+
+    // Made again by another process, each change reaches the follower.
+    let again = Instant::now();
+    assert_eq!(
+        fresh.ask(&format!("shred {owner}")),
+        format!("shredded {owner} 1")
+    );
+    let took = follower.until(
+        &format!("seal {owner}"),
+        &format!("refused {owner}: shredded"),
+        again,
+    );
+    eprintln!("the repeated shred reached the follower in {took:?}");
+    let again = Instant::now();
+    let answer = fresh.ask(&format!("rollout {owner}"));
+    assert!(
+        answer.starts_with(&format!("rollout {owner} head ")),
+        "{answer}"
+    );
+    follower.until(
+        &format!("encrypts {other}"),
+        &format!("encrypts {other} false"),
+        again,
+    );
+    assert_eq!(follower.ask(&format!("events {head} {owner}")), "events 1");
+    assert_eq!(
+        follower.ask(&format!("policy-events {head}")),
+        "policy-events 1"
+    );
+}
+
+/// A process killed right after the commit of a shred leaves the change
+/// and its event, and the follower applies it.
+fn killed_after_commit(url: &str) {
+    let policy = &policy_name("fleet-kill");
+    let owner = common::unique_owner("fleet-kill-after");
+    let mut follower = Node::start(url, policy);
+    assert_eq!(
+        follower.ask(&format!("seal {owner}")),
+        format!("sealed {owner} v1")
+    );
+    let head = follower.number("head");
+    let mut victim = Node::start_paused(url, policy, "committed");
+    let shred_at = Instant::now();
+    assert_eq!(victim.ask(&format!("shred {owner}")), "paused committed");
+    victim.kill();
+    assert_eq!(
+        follower.ask(&format!("events {head} {owner}")),
+        "events 1",
+        "the event is in the feed"
+    );
+    let took = follower.until(
+        &format!("seal {owner}"),
+        &format!("refused {owner}: shredded"),
+        shred_at,
+    );
+    eprintln!("the killed process's shred reached the follower in {took:?}");
+    let mut fresh = Node::start(url, policy);
+    assert_eq!(
+        fresh.ask(&format!("seal {owner}")),
+        format!("refused {owner}: shredded")
+    );
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_process_killed_mid_change_loses_no_event_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = dir.path().join("fleet.db").display().to_string();
+    killed_inside(&url);
+    killed_after_commit(&url);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn a_process_killed_mid_change_loses_no_event_on_mysql() {
+    killed_inside(&mysql_url());
+    killed_after_commit(&mysql_url());
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_process_killed_mid_change_loses_no_event_on_postgres() {
+    killed_inside(&postgres_url());
+    killed_after_commit(&postgres_url());
+}
+
+/// PostgreSQL only, by nature: `LISTEN`/`NOTIFY` is PostgreSQL's. With a
+/// feed interval of a minute, a shred in one process is refused by another
+/// well within five seconds: the append's `NOTIFY`, delivered at its
+/// commit, wakes the other's follower at once.
+#[cfg(feature = "postgres")]
+#[test]
+fn notify_wakes_a_follower_long_before_its_interval_on_postgres() {
+    const LONG: Duration = Duration::from_secs(60);
+    let url = postgres_url();
+    let policy = &policy_name("fleet-notify");
+    let owner = common::unique_owner("fleet-notify");
+    let mut follower = Node::start_with(&url, policy, LONG, &[]);
+    let mut shredder = Node::start_with(&url, policy, LONG, &[]);
+    assert_eq!(
+        follower.ask(&format!("seal {owner}")),
+        format!("sealed {owner} v1")
+    );
+    let shred_at = Instant::now();
+    assert_eq!(
+        shredder.ask(&format!("shred {owner}")),
+        format!("shredded {owner} 1")
+    );
+    let took = follower.until_within(
+        &format!("seal {owner}"),
+        &format!("refused {owner}: shredded"),
+        shred_at,
+        Duration::from_secs(5),
+    );
+    eprintln!("NOTIFY: the shred reached the other process in {took:?}");
+    assert!(took < LONG / 2);
+}
+
+/// `phi keys status` lists a following process by `host:pid`, at or past
+/// the last event it was sent.
+fn readers_in_status(url: &str) {
+    let policy = &policy_name("fleet-readers");
+    let owner = common::unique_owner("fleet-readers");
+    let mut node = Node::start(url, policy);
+    let pid = node.child.id();
+    let answer = node.ask(&format!("clear {owner}"));
+    let id: i64 = answer
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{answer}"));
+    let since = Instant::now();
+    loop {
+        let out = phi(url, policy, &["keys", "status"]);
+        let line = out.lines().find(|l| {
+            l.trim_start()
+                .split("  ")
+                .next()
+                .is_some_and(|r| r.ends_with(&format!(":{pid}")))
+        });
+        let position = line.and_then(|l| {
+            l.split(" at #")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse::<i64>().ok())
+        });
+        if position.is_some_and(|p| p >= id) {
+            assert!(out.contains("Key-event feed: head #"), "{out}");
+            assert!(
+                line.is_some_and(|l| l.contains("behind), recorded ")),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            since.elapsed() < BOUND * 3,
+            "no reader :{pid} at #{id}:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn keys_status_shows_each_readers_position_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    readers_in_status(&dir.path().join("fleet.db").display().to_string());
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn keys_status_shows_each_readers_position_on_mysql() {
+    readers_in_status(&mysql_url());
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn keys_status_shows_each_readers_position_on_postgres() {
+    readers_in_status(&postgres_url());
+}
+
+#[cfg(feature = "mysql")]
+fn mysql_url() -> String {
+    std::env::var("PHI_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_url() -> String {
+    std::env::var("PHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
 #[cfg(feature = "sqlite")]
 #[test]
 fn a_fleet_follows_the_feed_on_sqlite() {
@@ -210,17 +502,11 @@ fn a_fleet_follows_the_feed_on_sqlite() {
 #[cfg(feature = "mysql")]
 #[test]
 fn a_fleet_follows_the_feed_on_mysql() {
-    fleet(
-        &std::env::var("PHI_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
-    );
+    fleet(&mysql_url());
 }
 
 #[cfg(feature = "postgres")]
 #[test]
 fn a_fleet_follows_the_feed_on_postgres() {
-    fleet(
-        &std::env::var("PHI_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
-    );
+    fleet(&postgres_url());
 }

@@ -660,6 +660,11 @@ macro_rules! service_suite {
                 tamper(&db());
             }
 
+            #[test]
+            fn admin_routes_behind_a_bearer_token() {
+                admin_routes(&db());
+            }
+
             #[cfg(feature = "aws-kms")]
             #[test]
             fn kms_outage_is_503() {
@@ -739,4 +744,144 @@ fn sqlite_file_holds_no_plaintext() {
     assert!(scanned >= 1);
     // The scan reads the rows: the non-PHI columns are there in the clear.
     assert!(procedure_seen, "the case's procedure code is in the files");
+}
+
+/// phi's admin routes mounted in the service under `/admin` behind a bearer
+/// token: a request with no token or a wrong one gets 401, changes nothing
+/// and is audited as `denied`; with the token, key status, clear-cache and
+/// the roll-out work. Without `PHI_ADMIN_TOKEN` nothing is mounted.
+fn admin_routes(db: &Db) {
+    const TOKEN: &str = "admin-routes-test-token";
+    let provider = common::unique_owner("svc-admin");
+    let service = Service::start_with(
+        db,
+        &[
+            ("PHI_MASTER_KEY", common::MASTER_KEY_B64),
+            ("PHI_ADMIN_TOKEN", TOKEN),
+        ],
+        &["--kek", "local:local-test"],
+    );
+    let (status, created) = service.post(
+        "/cases",
+        &new_case(&provider, "Ottoline", "Fairweather", "1951-02-03"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let admin = |method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>| {
+        let mut request = service
+            .http
+            .request(method, service.url(&format!("/admin{path}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().expect("admin request");
+        (
+            response.status(),
+            response.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    let status_of = |token| {
+        admin(
+            reqwest::Method::GET,
+            &format!("/key-status?owner={provider}"),
+            token,
+            None,
+        )
+    };
+
+    // Refused: no token, a wrong one; nothing changes, each is audited.
+    let (status, body) = admin(
+        reqwest::Method::POST,
+        "/shred",
+        None,
+        Some(serde_json::json!({"owner": provider, "confirm": provider})),
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = admin(
+        reqwest::Method::POST,
+        "/rotate",
+        Some("guess"),
+        Some(serde_json::json!({"owner": provider})),
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(status_of(None).0, StatusCode::UNAUTHORIZED);
+    let (status, got) = service.get(&format!(
+        "/cases/{}",
+        created["case_id"].as_str().expect("case id")
+    ));
+    assert_eq!(status, StatusCode::OK, "the case still opens: {got}");
+    let (status, body) = status_of(Some(TOKEN));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["owner"]["current_version"], 1, "not rotated: {body}");
+    assert_eq!(body["owner"]["shredded"], false, "not shredded: {body}");
+    let (status, audit) = admin(
+        reqwest::Method::GET,
+        "/audit-log?action=denied&limit=100",
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    let denied: Vec<&str> = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["detail"].as_str())
+        .collect();
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.starts_with("POST /shred refused (401)")),
+        "{audit}"
+    );
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.starts_with("POST /rotate refused (401)")),
+        "{audit}"
+    );
+
+    // Admitted: key status shows the feed, clear-cache and roll-out work.
+    assert!(body["feed"]["head"].as_i64().is_some(), "{body}");
+    assert!(body["feed"]["readers"].is_array(), "{body}");
+    let (status, cleared) = admin(
+        reqwest::Method::POST,
+        "/clear-cache",
+        Some(TOKEN),
+        Some(serde_json::json!({"owner": provider})),
+    );
+    assert_eq!(status, StatusCode::OK, "{cleared}");
+    assert!(cleared["event_id"].as_i64().is_some(), "{cleared}");
+    let (status, rolled) = admin(
+        reqwest::Method::POST,
+        "/rollout",
+        Some(TOKEN),
+        Some(serde_json::json!({"mode": "all"})),
+    );
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    assert_eq!(rolled["rollout"], "all", "{rolled}");
+    let (status, got) = service.get(&format!(
+        "/cases/{}",
+        created["case_id"].as_str().expect("case id")
+    ));
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the case opens after the clear: {got}"
+    );
+    assert_eq!(got["patient_first"], "Ottoline");
+    let log = service.stop();
+    assert!(
+        log.contains("admin routes are mounted under /admin"),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN), "the token is never logged");
+
+    // Without the token: not mounted, and the log says so.
+    let plain = Service::start(db);
+    let (status, _) = plain.get("/admin/key-status");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let log = plain.stop();
+    assert!(log.contains("PHI_ADMIN_TOKEN is not set"), "{log}");
 }

@@ -28,6 +28,7 @@
 //! | `POST /providers/{p}/duplicates` | `{"patient_last", "patient_dob"}`: the provider's cases of that patient, through the blind index |
 //! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed |
 //! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, requests |
+//! | `/admin/...` | phi's admin API (`phi::admin::router`: key status, generate-key, rotate, shred, clear-cache, rollout, audit log), only when `PHI_ADMIN_TOKEN` / `--admin-token` is set, behind `Authorization: Bearer TOKEN`; a refused request gets 401, changes nothing and is audited |
 //!
 //! Errors are JSON `{"error", "message"}`: 404, 409, 422 (bad input, naming
 //! the field), 503 when a needed key is unavailable (the KMS or key store
@@ -87,6 +88,13 @@ struct Cli {
     /// Runtime worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+
+    /// The operators' bearer token for phi's admin routes under `/admin`
+    /// (key status, key generation, rotation, shredding, cache clears, the
+    /// roll-out, the audit log). No default: without it the admin routes
+    /// are not mounted.
+    #[arg(long, env = "PHI_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -207,7 +215,18 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "listening on http://{address}")?;
             out.flush()?;
         }
-        axum::serve(listener, routes::router(app))
+        let mut router = routes::router(app);
+        match cli.admin_token.as_deref() {
+            Some(token) if !token.is_empty() => {
+                let guard = AdminToken::new(token);
+                router = router.nest("/admin", phi::admin::router(keyring.clone(), guard));
+                tracing::info!("phi's admin routes are mounted under /admin (bearer token)");
+            }
+            _ => tracing::warn!(
+                "PHI_ADMIN_TOKEN is not set: phi's admin routes (/admin/...) are not mounted"
+            ),
+        }
+        axum::serve(listener, router)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
         upkeep.abort();
@@ -221,6 +240,48 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+/// The admin routes' guard: a bearer token, compared as SHA-256 digests
+/// (so the comparison's time says nothing about the token). The actor is
+/// `operator`.
+struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    fn new(token: &str) -> Self {
+        use sha2::Digest as _;
+        AdminToken {
+            digest: sha2::Sha256::digest(token.as_bytes()).into(),
+        }
+    }
+}
+
+impl phi::admin::Guard for AdminToken {
+    async fn admit(
+        &self,
+        request: &axum::http::request::Parts,
+    ) -> Result<phi::admin::Actor, phi::admin::Rejection> {
+        use phi::admin::Rejection;
+        use sha2::Digest as _;
+        let token = request
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| Rejection::unauthorized("missing Authorization: Bearer header"))?
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Rejection::unauthorized("the Authorization header is not a bearer token")
+            })?;
+        let given: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if given == self.digest {
+            Ok(phi::admin::Actor::new("operator"))
+        } else {
+            Err(Rejection::unauthorized("unknown bearer token"))
+        }
+    }
+}
+
 async fn shutdown_signal() {
     let interrupt = async {
         if tokio::signal::ctrl_c().await.is_err() {

@@ -55,10 +55,11 @@ impl Clinic {
         db::keyring(&self.store, &self.kek, &self.older, rollout)
     }
 
-    /// Persists `rollout` and applies it to this process's keyring.
+    /// Persists `rollout` (phi's roll-out policy `clinic`, with a key
+    /// event that every process following the feed applies) and applies it
+    /// to this process's keyring.
     pub(crate) fn set_rollout(&mut self, rollout: Rollout) -> Result<()> {
-        db::save_rollout(&mut self.conn, &rollout)?;
-        self.keyring.set_rollout(rollout);
+        phi::lifecycle::set_rollout(&self.keyring, &rollout)?;
         Ok(())
     }
 }
@@ -66,9 +67,9 @@ impl Clinic {
 /// Opens the clinic and runs the command.
 pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     let (backend, url, name) = db::parse_url(&cli.database_url)?;
-    let (mut conn, store) = db::open(backend, &url)?;
+    let (conn, store) = db::open(backend, &url)?;
     let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
-    let persisted = db::load_rollout(&mut conn)?;
+    let persisted = db::load_rollout(store.as_ref())?;
     let keyring = db::keyring(&store, &kek, &older, persisted)?;
     let mut clinic = Clinic {
         conn,

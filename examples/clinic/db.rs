@@ -9,10 +9,10 @@ use std::sync::Arc;
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout};
+use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle};
 
 use crate::Result;
-use crate::schema::{cases, clinic_rollout, deleted_cases};
+use crate::schema::{cases, deleted_cases};
 
 /// A connection to whichever backend the URL names: typed Diesel queries
 /// are written once, against `AnyConnection`.
@@ -100,34 +100,35 @@ fn without_password(url: &str) -> String {
 }
 
 /// The application's connection (migrated), and phi's key store on the
-/// same database.
+/// same database. phi's migrations run first: the clinic's roll-out lives
+/// in phi's roll-out table, and a clinic migration moves it there.
 pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dyn KeyStore>)> {
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
+            let store = DieselKeyStore::<diesel::SqliteConnection>::connect(url)?;
             let mut conn = diesel::SqliteConnection::establish(url)?;
             // WAL: readers do not block the writer; the key store's own
             // connections wait for a lock rather than fail.
             conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;")?;
             conn.run_pending_migrations(SQLITE_MIGRATIONS)
                 .map_err(migration_error)?;
-            let store = DieselKeyStore::<diesel::SqliteConnection>::connect(url)?;
             Ok((AnyConnection::Sqlite(conn), Arc::new(store)))
         }
         #[cfg(feature = "mysql")]
         Backend::Mysql => {
+            let store = DieselKeyStore::<diesel::MysqlConnection>::connect(url)?;
             let mut conn = diesel::MysqlConnection::establish(url)?;
             conn.run_pending_migrations(MYSQL_MIGRATIONS)
                 .map_err(migration_error)?;
-            let store = DieselKeyStore::<diesel::MysqlConnection>::connect(url)?;
             Ok((AnyConnection::Mysql(conn), Arc::new(store)))
         }
         #[cfg(feature = "postgres")]
         Backend::Postgres => {
+            let store = DieselKeyStore::<diesel::PgConnection>::connect(url)?;
             let mut conn = diesel::PgConnection::establish(url)?;
             conn.run_pending_migrations(POSTGRES_MIGRATIONS)
                 .map_err(migration_error)?;
-            let store = DieselKeyStore::<diesel::PgConnection>::connect(url)?;
             Ok((AnyConnection::Postgres(conn), Arc::new(store)))
         }
         #[allow(unreachable_patterns)]
@@ -272,45 +273,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, bytes)
 }
 
-/// The `clinic_rollout` row that stands for every owner.
-const EVERY_OWNER: &str = "*";
+/// The name of the clinic's roll-out policy in phi's roll-out table
+/// (`phi_rollout`).
+pub(crate) const ROLLOUT_POLICY: &str = "clinic";
 
-/// The persisted roll-out: `*` is everyone, other rows are owners, no row
-/// is nobody.
-pub(crate) fn load_rollout(conn: &mut AnyConnection) -> Result<Rollout> {
-    let rows: Vec<String> = clinic_rollout::table
-        .select(clinic_rollout::owner_id)
-        .load(conn)?;
-    Ok(if rows.iter().any(|o| o == EVERY_OWNER) {
-        Rollout::All
-    } else if rows.is_empty() {
-        Rollout::Nobody
-    } else {
-        Rollout::Owners(rows.into_iter().collect())
-    })
-}
-
-/// Replaces the persisted roll-out.
-pub(crate) fn save_rollout(conn: &mut AnyConnection, rollout: &Rollout) -> Result<()> {
-    let rows: Vec<String> = match rollout {
-        Rollout::All => vec![EVERY_OWNER.to_owned()],
-        Rollout::Owners(owners) => {
-            let mut owners: Vec<String> = owners.iter().cloned().collect();
-            owners.sort();
-            owners
-        }
-        _ => Vec::new(),
-    };
-    conn.transaction(|conn| {
-        diesel::delete(clinic_rollout::table).execute(conn)?;
-        for owner in &rows {
-            diesel::insert_into(clinic_rollout::table)
-                .values(clinic_rollout::owner_id.eq(owner))
-                .execute(conn)?;
-        }
-        diesel::QueryResult::Ok(())
-    })?;
-    Ok(())
+/// The persisted roll-out: phi's policy `clinic`; every owner's when it
+/// was never set.
+pub(crate) fn load_rollout(store: &dyn KeyStore) -> Result<Rollout> {
+    Ok(lifecycle::fleet_rollout(store, ROLLOUT_POLICY)?.unwrap_or(Rollout::All))
 }
 
 /// How a roll-out reads in output.
@@ -375,5 +345,9 @@ pub(crate) fn keyring(
     for k in older {
         builder = builder.unwrap_with(k.clone());
     }
-    Ok(builder.actor("clinic").rollout(rollout).build()?)
+    Ok(builder
+        .actor("clinic")
+        .rollout_policy(ROLLOUT_POLICY)
+        .rollout(rollout)
+        .build()?)
 }

@@ -35,10 +35,4 @@ diesel::table! {
     }
 }
 
-diesel::table! {
-    clinic_rollout (owner_id) {
-        owner_id -> Text,
-    }
-}
-
-diesel::allow_tables_to_appear_in_same_query!(cases, deleted_cases, clinic_rollout);
+diesel::allow_tables_to_appear_in_same_query!(cases, deleted_cases);

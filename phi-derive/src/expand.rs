@@ -359,7 +359,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             None => quote! { ::core::option::Option::None },
         };
         quote! {
-            __was_sealed || #krate::record::__private::seals_unsealed_row(
+            __was_sealed || #krate::__private::seals_unsealed_row(
                 keyring,
                 #table_name,
                 #flag_column,

@@ -10,7 +10,7 @@
 //! | `POST /rotate` | a new data key version for one owner |
 //! | `POST /shred` | crypto-shreds one owner; `confirm` must repeat the owner id |
 //! | `GET /audit-log` | `encryption_key_audit`, newest first, by owner, action and time, paged (default limit 100) |
-//! | `GET /key-status` (also) | the key-event feed's head, how far this process has read it, the fleet's roll-out |
+//! | `GET /key-status` (also) | the key-event feed's head, how far this process and every recorded reader (`phi_feed_readers`) have read it, the fleet's roll-out |
 //! | `POST /clear-cache` | `{"owner": …}` or `{"all": true}`: in this process at once, in every process following the key-event feed within its interval |
 //! | `POST /rollout` | `{"mode": "all" \| "nobody" \| "owners", "owners": […]}`: the fleet's roll-out policy, through the feed |
 //!
@@ -573,6 +573,17 @@ async fn key_status(
             .collect();
         body.insert("keys".into(), Value::Array(keys));
         let head = lifecycle::feed_head(store.as_ref())?;
+        let readers: Vec<Value> = lifecycle::feed_readers(store.as_ref())?
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "reader": r.reader,
+                    "position": r.position,
+                    "behind": (head - r.position).max(0),
+                    "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect();
         let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
         let follow = keyring.feed_status().map(|f| {
             json!({
@@ -582,6 +593,8 @@ async fn key_status(
                 "max_staleness_ms": u64::try_from(f.max_staleness.as_millis()).unwrap_or(u64::MAX),
                 "events_applied": f.events_applied,
                 "read_failures": f.read_failures,
+                "reader": f.reader,
+                "listening": f.listening,
             })
         });
         body.insert(
@@ -589,6 +602,7 @@ async fn key_status(
             json!({
                 "head": head,
                 "following": follow,
+                "readers": readers,
                 "rollout_policy": keyring.rollout_policy(),
                 "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
                 "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),

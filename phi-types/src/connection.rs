@@ -9,6 +9,8 @@ use diesel::Connection as PoolConnection;
 use diesel::r2d2::R2D2Connection as PoolConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 
+use crate::feed::FeedListener;
+
 mod sealed {
     pub trait Sealed {}
 }
@@ -27,6 +29,22 @@ pub trait PhiConnection:
     #[doc(hidden)]
     fn prepare_key_store(&mut self) -> diesel::QueryResult<()> {
         Ok(())
+    }
+
+    /// Tells listeners that the feed's head is now `head`, inside the
+    /// appending transaction (PostgreSQL: `pg_notify`; elsewhere nothing).
+    #[doc(hidden)]
+    fn notify_feed(&mut self, head: i64) -> diesel::QueryResult<()> {
+        let _ = head;
+        Ok(())
+    }
+
+    /// A listener for the feed's notifications on a new connection to
+    /// `database_url`, where the backend has them (PostgreSQL).
+    #[doc(hidden)]
+    fn feed_listener(database_url: &str) -> crate::Result<Option<Box<dyn FeedListener>>> {
+        let _ = database_url;
+        Ok(None)
     }
 
     #[doc(hidden)]
@@ -66,4 +84,51 @@ impl sealed::Sealed for diesel::PgConnection {}
 impl PhiConnection for diesel::PgConnection {
     const MIGRATIONS: EmbeddedMigrations =
         diesel_migrations::embed_migrations!("migrations/postgres");
+
+    fn notify_feed(&mut self, head: i64) -> diesel::QueryResult<()> {
+        use diesel::RunQueryDsl as _;
+        use diesel::sql_types::Text;
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<Text, _>(crate::feed::FEED_CHANNEL)
+            .bind::<Text, _>(head.to_string())
+            .execute(self)
+            .map(drop)
+    }
+
+    fn feed_listener(database_url: &str) -> crate::Result<Option<Box<dyn FeedListener>>> {
+        Ok(Some(Box::new(PgFeedListener::connect(database_url)?)))
+    }
+}
+
+/// A PostgreSQL connection of its own that `LISTEN`s on the feed's channel.
+#[cfg(feature = "postgres")]
+struct PgFeedListener {
+    conn: diesel::PgConnection,
+}
+
+#[cfg(feature = "postgres")]
+impl PgFeedListener {
+    fn connect(database_url: &str) -> crate::Result<Self> {
+        use diesel::connection::{Connection as _, SimpleConnection as _};
+        let mut conn = diesel::PgConnection::establish(database_url).map_err(|e| {
+            crate::Error::store("opening the key-event feed's listening connection", e)
+        })?;
+        conn.batch_execute(&format!("LISTEN {}", crate::feed::FEED_CHANNEL))
+            .map_err(|e| crate::Error::store("listening to the key-event feed", e))?;
+        Ok(PgFeedListener { conn })
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl FeedListener for PgFeedListener {
+    fn notified(&mut self) -> crate::Result<bool> {
+        let mut notified = false;
+        for notification in self.conn.notifications_iter() {
+            notification.map_err(|e| {
+                crate::Error::store("receiving the key-event feed's notifications", e)
+            })?;
+            notified = true;
+        }
+        Ok(notified)
+    }
 }

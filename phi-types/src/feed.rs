@@ -153,3 +153,56 @@ pub struct FeedEvent {
     /// The event.
     pub event: KeyEvent,
 }
+
+/// The PostgreSQL notification channel an append to the feed notifies (in
+/// the appending transaction, so delivered at its commit), with the feed's
+/// new head as payload.
+pub const FEED_CHANNEL: &str = "phi_key_events";
+
+/// Told when events are appended to the feed, from
+/// [`KeyStore::feed_listener`](crate::KeyStore::feed_listener): a following
+/// keyring checks it several times a second and reads the feed at once
+/// when it was notified, instead of waiting for its interval.
+pub trait FeedListener: Send {
+    /// Whether an append was notified since the last call. Never waits:
+    /// takes what the connection has already received.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) when the listening connection
+    /// is lost (the keyring then opens another at its next interval).
+    fn notified(&mut self) -> crate::Result<bool>;
+}
+
+/// How far one following keyring has read the feed, from
+/// [`KeyStore::feed_readers`](crate::KeyStore::feed_readers)
+/// (`phi_feed_readers`). Written by the keyring at most once per interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedReader {
+    /// The reader's name: [`KeyringBuilder::feed_reader`](crate::KeyringBuilder::feed_reader),
+    /// by default `host:pid`.
+    pub reader: String,
+    /// The id of the last event it had applied.
+    pub position: i64,
+    /// When it recorded that (UTC).
+    pub updated_at: NaiveDateTime,
+}
+
+impl FeedReader {
+    /// A reader at `position`, recorded at `updated_at`.
+    pub fn new(reader: impl Into<String>, position: i64, updated_at: NaiveDateTime) -> Self {
+        FeedReader {
+            reader: reader.into(),
+            position,
+            updated_at,
+        }
+    }
+
+    /// Time since the reader recorded its position (zero for a record
+    /// stamped in the future by a clock ahead of this one).
+    pub fn age(&self) -> std::time::Duration {
+        (chrono::Utc::now().naive_utc() - self.updated_at)
+            .to_std()
+            .unwrap_or_default()
+    }
+}

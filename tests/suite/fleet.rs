@@ -123,9 +123,12 @@ fn a_following_keyring_drops_a_shredded_owner_and_obeys_the_roll_out() {
 
     let mut conn = db.conn();
     lifecycle::shred(&mut conn, &admin, &owner, &[], 0).expect("shred");
+    let shred_head = lifecycle::feed_head(admin.store().as_ref()).expect("head");
     // Still cached until the follower reads the feed: applied at the next
-    // read (sync_feed is the follower thread's read, done now).
-    assert!(follower.sync_feed() >= 1);
+    // read (sync_feed is the follower thread's read, done now; the thread
+    // itself may have been first, woken by its interval or by NOTIFY).
+    follower.sync_feed();
+    assert!(follower.feed_status().expect("following").position >= shred_head);
     assert!(matches!(
         follower.seal(&"Doe".to_string(), &owner, TEXT, b"r"),
         Err(Error::Shredded { .. })
@@ -180,3 +183,45 @@ fn a_fleet_wide_clear_unwraps_each_owner_again() {
     assert_eq!(follower.stats().unwraps, before + 3, "one unwrap per owner");
 }
 
+
+#[test]
+fn a_following_keyring_records_its_read_position_and_forgets_it_when_dropped() {
+    let db = TestDb::new();
+    let reader = common::unique_owner("feed-reader");
+    let policy = common::unique_owner("policy");
+    let policy = &policy[policy.len().saturating_sub(60)..];
+    let follower = Keyring::builder(db.store(), common::local_kek())
+        .feed_interval(Duration::from_millis(100))
+        .feed_reader(reader.as_str())
+        .rollout_policy(policy)
+        .build()
+        .expect("following keyring");
+    assert_eq!(follower.feed_status().expect("following").reader, reader);
+    let id = lifecycle::clear_cache_fleet(&db.keyring(), Some(&reader)).expect("clear");
+    let store = db.store();
+    let position = |store: &dyn KeyStore| {
+        lifecycle::feed_readers(store)
+            .expect("readers")
+            .into_iter()
+            .find(|r| r.reader == reader)
+            .map(|r| r.position)
+    };
+    // The follower's thread reads the event and records its position.
+    assert!(
+        wait_until(Duration::from_secs(5), || position(store.as_ref()).is_some_and(|p| p >= id)),
+        "the reader's position reaches event #{id}: {:?}",
+        position(store.as_ref())
+    );
+    let recorded = lifecycle::feed_readers(store.as_ref())
+        .expect("readers")
+        .into_iter()
+        .find(|r| r.reader == reader)
+        .expect("recorded");
+    assert!(recorded.age() < Duration::from_secs(60), "{recorded:?}");
+    // Dropped: the thread stops and forgets the reader.
+    drop(follower);
+    assert!(
+        wait_until(Duration::from_secs(5), || position(store.as_ref()).is_none()),
+        "a dropped keyring's reader is forgotten"
+    );
+}

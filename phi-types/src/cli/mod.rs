@@ -1413,6 +1413,41 @@ where
         ),
         None => outln!(env, "Key-event feed: head #{head} (no event yet)"),
     }
+    let readers = lifecycle::feed_readers(env.store.as_ref())?;
+    env.out.set(
+        "feed_readers",
+        Value::Array(
+            readers
+                .iter()
+                .map(|r| {
+                    json!({
+                        "reader": r.reader,
+                        "position": r.position,
+                        "behind": (head - r.position).max(0),
+                        "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
+                    })
+                })
+                .collect(),
+        ),
+    );
+    if readers.is_empty() {
+        outln!(
+            env,
+            "Feed readers: none recorded (no keyring follows the feed, or none has read it yet)"
+        );
+    } else {
+        outln!(env, "Feed readers: {}", readers.len());
+        for r in &readers {
+            outln!(
+                env,
+                "  {}  at #{} ({} behind), recorded {:.1} s ago",
+                r.reader,
+                r.position,
+                (head - r.position).max(0),
+                r.age().as_secs_f64()
+            );
+        }
+    }
     let policy = &env.rollout_policy;
     let stored = lifecycle::fleet_rollout(env.store.as_ref(), policy)?;
     env.out.set(

@@ -1,5 +1,9 @@
 //! Following the key-event feed: a thread of the keyring's reads the events
-//! after its position once per interval and applies them.
+//! after its position once per interval and applies them. Where the store
+//! has a feed listener (PostgreSQL `LISTEN`), the thread checks it every
+//! [`LISTEN_TICK`] and reads the feed at once when an append was notified.
+//! After a read it records its position in `phi_feed_readers`, at most once
+//! per interval.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -7,10 +11,32 @@ use std::time::{Duration, Instant};
 
 use super::{Inner, Keyring};
 use crate::error::{Error, Result};
-use crate::feed::{FeedEvent, KeyEventKind};
+use crate::feed::{FeedEvent, FeedListener, KeyEventKind};
+use crate::store::KeyStore;
 
 /// Events read per feed query; a longer backlog takes several.
 const EVENTS_PER_READ: usize = 1_000;
+
+/// How often a listening follower checks for notifications: a check takes
+/// what the connection has already received, with no round trip.
+const LISTEN_TICK: Duration = Duration::from_millis(20);
+
+/// The default feed reader name: `host:pid`.
+pub(super) fn default_reader() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let mut name = format!("{host}:{}", std::process::id());
+    if name.len() > 255 {
+        let cut = name.len() - 255;
+        name.drain(..cut);
+    }
+    name
+}
 
 /// Where a following keyring stands in the feed, from
 /// [`Keyring::feed_status`].
@@ -30,6 +56,11 @@ pub struct FeedStatus {
     pub events_applied: u64,
     /// Reads of the feed that failed since the keyring was built.
     pub read_failures: u64,
+    /// The name under which the position is recorded in `phi_feed_readers`.
+    pub reader: String,
+    /// Whether the keyring is woken by the store's notifications
+    /// (PostgreSQL `LISTEN`) as well as by its interval.
+    pub listening: bool,
 }
 
 /// The follower's state, shared between the keyring and its thread.
@@ -44,10 +75,19 @@ pub(super) struct Follower {
     wake: Condvar,
     /// One reader at a time (the thread, or [`Keyring::sync_feed`]).
     reading: Mutex<()>,
+    reader: String,
+    listening: std::sync::atomic::AtomicBool,
+    /// When the position was last recorded in `phi_feed_readers`.
+    recorded: Mutex<Option<Instant>>,
 }
 
 impl Follower {
-    pub(super) fn new(interval: Duration, max_staleness: Duration, head: i64) -> Self {
+    pub(super) fn new(
+        interval: Duration,
+        max_staleness: Duration,
+        head: i64,
+        reader: String,
+    ) -> Self {
         Follower {
             interval,
             max_staleness,
@@ -58,6 +98,9 @@ impl Follower {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             reading: Mutex::new(()),
+            reader,
+            listening: std::sync::atomic::AtomicBool::new(false),
+            recorded: Mutex::new(None),
         }
     }
 
@@ -77,6 +120,8 @@ impl Follower {
             stale_for: self.stale_for(),
             events_applied: self.applied.load(Ordering::Relaxed),
             read_failures: self.failures.load(Ordering::Relaxed),
+            reader: self.reader.clone(),
+            listening: self.listening.load(Ordering::Relaxed),
         }
     }
 
@@ -99,36 +144,114 @@ impl Follower {
         self.wake.notify_all();
     }
 
-    /// Waits one interval (or until stopped); returns whether to
-    /// go on.
-    fn wait(&self) -> bool {
+    /// Waits `timeout` (or until stopped); returns whether to go on.
+    fn wait(&self, timeout: Duration) -> bool {
         let stop = self.stop.lock().unwrap_or_else(PoisonError::into_inner);
         if *stop {
             return false;
         }
         let (stop, _) = self
             .wake
-            .wait_timeout(stop, self.interval)
+            .wait_timeout(stop, timeout)
             .unwrap_or_else(PoisonError::into_inner);
         !*stop
     }
+
+    /// Records the position in the store if the last record is at least
+    /// an interval old.
+    fn record(&self, store: &dyn KeyStore) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        if recorded.is_some_and(|at| at.elapsed() < self.interval) {
+            return;
+        }
+        let first = recorded.is_none();
+        *recorded = Some(Instant::now());
+        let position = self.position.load(Ordering::SeqCst);
+        if let Err(error) = store.record_feed_reader(&self.reader, position) {
+            if first {
+                tracing::warn!(%error, reader = %self.reader, "cannot record this keyring's position in the key-event feed");
+            } else {
+                tracing::debug!(%error, reader = %self.reader, "cannot record this keyring's position in the key-event feed");
+            }
+        }
+    }
+
+    /// Takes the listener's news; drops a listener whose connection failed.
+    fn notified(&self, listener: &mut Option<Box<dyn FeedListener>>) -> bool {
+        let Some(l) = listener.as_mut() else {
+            return false;
+        };
+        match l.notified() {
+            Ok(notified) => notified,
+            Err(error) => {
+                tracing::warn!(%error, "lost the key-event feed's listening connection: reading the feed once per interval until it is back");
+                *listener = None;
+                self.listening.store(false, Ordering::Relaxed);
+                false
+            }
+        }
+    }
 }
 
-/// Starts the follower thread of the keyring whose state is `inner`.
-pub(super) fn start(inner: &Arc<Inner>, follower: Arc<Follower>) -> Result<()> {
+/// Starts the follower thread of the keyring whose state is `inner`,
+/// woken by `listener` too when there is one.
+pub(super) fn start(
+    inner: &Arc<Inner>,
+    follower: Arc<Follower>,
+    listener: Option<Box<dyn FeedListener>>,
+) -> Result<()> {
     let weak = Arc::downgrade(inner);
+    let store = inner.store.clone();
+    follower
+        .listening
+        .store(listener.is_some(), Ordering::Relaxed);
     std::thread::Builder::new()
         .name("phi-feed".into())
-        .spawn(move || run(&weak, &follower))
+        .spawn(move || {
+            run(&weak, &follower, listener);
+            // Stopped: this keyring no longer reads the feed.
+            if let Err(error) = store.forget_feed_reader(&follower.reader) {
+                tracing::debug!(%error, "cannot forget this keyring's feed position");
+            }
+        })
         .map(drop)
         .map_err(|e| Error::Config(format!("cannot start the key-event feed thread: {e}")))
 }
 
-fn run(weak: &Weak<Inner>, follower: &Follower) {
-    while follower.wait() {
+fn run(weak: &Weak<Inner>, follower: &Follower, mut listener: Option<Box<dyn FeedListener>>) {
+    let can_listen = listener.is_some();
+    let mut next_read = Instant::now() + follower.interval;
+    loop {
+        let until_read = next_read.saturating_duration_since(Instant::now());
+        let timeout = if listener.is_some() {
+            until_read.min(LISTEN_TICK)
+        } else {
+            until_read
+        };
+        if !follower.wait(timeout) {
+            return;
+        }
+        let notified = follower.notified(&mut listener);
+        if !notified && Instant::now() < next_read {
+            continue;
+        }
         let Some(inner) = weak.upgrade() else { return };
         let keyring = Keyring { inner };
         keyring.read_feed_now();
+        next_read = Instant::now() + follower.interval;
+        if can_listen && listener.is_none() {
+            match keyring.inner.store.feed_listener() {
+                Ok(Some(l)) => {
+                    tracing::info!("listening to the key-event feed again");
+                    listener = Some(l);
+                    follower.listening.store(true, Ordering::Relaxed);
+                    // Appends between losing and regaining it: read now.
+                    keyring.read_feed_now();
+                }
+                Ok(None) => {}
+                Err(error) => tracing::debug!(%error, "cannot listen to the key-event feed yet"),
+            }
+        }
     }
 }
 
@@ -165,6 +288,7 @@ impl Keyring {
                     *follower.last_ok() = Instant::now();
                     crate::metrics::feed_read(follower.position.load(Ordering::SeqCst), n);
                     if n < EVENTS_PER_READ {
+                        follower.record(self.inner.store.as_ref());
                         return applied;
                     }
                 }

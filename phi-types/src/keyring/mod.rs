@@ -336,6 +336,7 @@ pub struct KeyringBuilder {
     feed_max_staleness: Duration,
     name: String,
     owner_telemetry: OwnerIdTelemetry,
+    feed_reader: Option<String>,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -467,6 +468,15 @@ impl KeyringBuilder {
         self
     }
 
+    /// The name under which a following keyring records how far it has
+    /// read the feed (`phi_feed_readers`, shown by `phi keys status` and
+    /// the admin API's `GET /key-status`); default `host:pid`. At most 255
+    /// bytes; give each process its own.
+    pub fn feed_reader(mut self, name: impl Into<String>) -> Self {
+        self.feed_reader = Some(name.into());
+        self
+    }
+
     /// The name of the fleet roll-out policy (`phi_rollout.policy`) this
     /// keyring follows and [`lifecycle::set_rollout`](crate::lifecycle::set_rollout)
     /// changes (default [`DEFAULT_ROLLOUT_POLICY`]): applications sharing
@@ -561,17 +571,38 @@ impl KeyringBuilder {
                         "the key-event feed interval must be positive".into(),
                     ));
                 }
+                let reader = self.feed_reader.unwrap_or_else(follow::default_reader);
+                if reader.is_empty() || reader.len() > 255 {
+                    return Err(Error::Config(format!(
+                        "the feed reader name must be 1 to 255 bytes long, not {}",
+                        reader.len()
+                    )));
+                }
+                // Listening before reading the head: no notification of a
+                // change after it is missed (and the interval's read would
+                // catch it anyway).
+                let listener = match self.store.feed_listener() {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot listen to the key-event feed: reading it once per interval only");
+                        None
+                    }
+                };
                 // The head first: a change committed after it is read
                 // again, never missed.
                 let head = self.store.feed_head()?;
                 if let Some(stored) = self.store.fleet_rollout(&self.rollout_policy)? {
                     rollout = stored;
                 }
-                Some(Arc::new(follow::Follower::new(
-                    interval,
-                    self.feed_max_staleness,
-                    head,
-                )))
+                Some((
+                    Arc::new(follow::Follower::new(
+                        interval,
+                        self.feed_max_staleness,
+                        head,
+                        reader,
+                    )),
+                    listener,
+                ))
             }
         };
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
@@ -590,13 +621,13 @@ impl KeyringBuilder {
                 misses: Misses::new(self.unknown_version_ttl, self.max_owners),
                 parallel_min_rows: self.parallel_min_rows,
                 rollout_policy: self.rollout_policy,
-                follower: follower.clone(),
+                follower: follower.as_ref().map(|(f, _)| f.clone()),
                 name: self.name,
                 owner_telemetry: self.owner_telemetry,
             }),
         };
-        if let Some(follower) = follower {
-            follow::start(&keyring.inner, follower)?;
+        if let Some((follower, listener)) = follower {
+            follow::start(&keyring.inner, follower, listener)?;
         }
         Ok(keyring)
     }
@@ -632,6 +663,7 @@ impl Keyring {
             feed_max_staleness: DEFAULT_FEED_MAX_STALENESS,
             name: DEFAULT_KEYRING_NAME.to_owned(),
             owner_telemetry: OwnerIdTelemetry::default(),
+            feed_reader: None,
         }
     }
 

@@ -58,7 +58,7 @@ use zeroize::Zeroizing;
 pub use tables::{ColumnType, DataConnection, FlagType, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};
-use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
+use crate::feed::{FeedEvent, FeedReader, KeyEvent, KeyEventKind};
 use crate::kek::KeyEncryptionKey;
 use crate::keyring::{Keyring, OwnerKeys};
 use crate::metrics;
@@ -375,6 +375,34 @@ pub fn feed_head(store: &dyn KeyStore) -> Result<i64> {
 /// Key store errors.
 pub fn read_feed(store: &dyn KeyStore, after: i64, limit: usize) -> Result<Vec<FeedEvent>> {
     store.key_events_after(after, limit)
+}
+
+/// How far each keyring following the feed has read it, by reader name
+/// (`phi_feed_readers`): each records its position at most once per feed
+/// interval, and forgets it when it stops following.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use phi_types::{lifecycle, Keyring, LocalKek, MemoryKeyStore, KeyBytes};
+///
+/// let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek)
+///     .feed_interval(Duration::from_secs(2))
+///     .feed_reader("web-1")
+///     .build()?;
+/// lifecycle::clear_cache_fleet(&keyring, None)?;
+/// keyring.sync_feed();
+/// let readers = lifecycle::feed_readers(keyring.store().as_ref())?;
+/// assert_eq!(readers.len(), 1);
+/// assert_eq!((readers[0].reader.as_str(), readers[0].position), ("web-1", 1));
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+///
+/// # Errors
+/// Key store errors.
+pub fn feed_readers(store: &dyn KeyStore) -> Result<Vec<FeedReader>> {
+    store.feed_readers()
 }
 
 // ---------------------------------------------------------------------------

@@ -9,8 +9,8 @@ use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 use super::schema::{
-    encryption_key_audit, kek_check_values, phi_key_events, phi_key_feed, phi_rollout,
-    phi_rollout_owners, user_encryption_keys,
+    encryption_key_audit, kek_check_values, phi_feed_readers, phi_key_events, phi_key_feed,
+    phi_rollout, phi_rollout_owners, user_encryption_keys,
 };
 use super::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap,
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
-use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
+use crate::feed::{FeedEvent, FeedListener, FeedReader, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
 use crate::store::Rollout;
 
@@ -63,14 +63,33 @@ const AUDIT_ROWS_PER_INSERT: usize = 500;
 /// ```
 pub struct DieselKeyStore<C: PhiConnection> {
     pool: Pool<ConnectionManager<C>>,
+    /// Where a feed listener connects ([`connect`](Self::connect) only).
+    database_url: Option<String>,
 }
 
 impl<C: PhiConnection> DieselKeyStore<C> {
     /// A store over an existing pool. Its connections must not be shared
     /// with a transaction of the caller's. Runs no migrations: phi's tables
     /// must exist (see [`migrations`](crate::migrations)).
+    ///
+    /// On PostgreSQL a keyring following the feed over this store reads it
+    /// once per interval only: to be woken by `NOTIFY` at once, it needs the
+    /// database URL ([`connect`](Self::connect), or
+    /// [`listen_url`](Self::listen_url)).
     pub fn new(pool: Pool<ConnectionManager<C>>) -> Self {
-        DieselKeyStore { pool }
+        DieselKeyStore {
+            pool,
+            database_url: None,
+        }
+    }
+
+    /// The same store, opening its feed listener (PostgreSQL `LISTEN`, see
+    /// [`KeyStore::feed_listener`]) on a connection of its own to
+    /// `database_url`. [`connect`](Self::connect) sets it.
+    #[must_use]
+    pub fn listen_url(mut self, database_url: impl Into<String>) -> Self {
+        self.database_url = Some(database_url.into());
+        self
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url` and
@@ -108,7 +127,7 @@ impl<C: PhiConnection> DieselKeyStore<C> {
             .connection_customizer(Box::new(Prepare))
             .build(ConnectionManager::<C>::new(database_url))
             .map_err(|e| Error::store("connecting the key store pool", e))?;
-        let store = DieselKeyStore { pool };
+        let store = DieselKeyStore::new(pool).listen_url(database_url);
         drop(store.conn()?);
         Ok(store)
     }
@@ -707,6 +726,63 @@ macro_rules! diesel_key_store {
                 })
             }
 
+            fn feed_listener(&self) -> Result<Option<Box<dyn FeedListener>>> {
+                match &self.database_url {
+                    Some(url) => <$conn as PhiConnection>::feed_listener(url),
+                    None => Ok(None),
+                }
+            }
+
+            fn record_feed_reader(&self, reader: &str, position: i64) -> Result<()> {
+                use phi_feed_readers::dsl as r;
+                crate::metrics::store_query("record_feed_reader", || {
+                    let mut conn = self.conn()?;
+                    let at = now();
+                    let updated = diesel::update(r::phi_feed_readers.filter(r::reader.eq(reader)))
+                        .set((r::position.eq(position), r::updated_at.eq(at)))
+                        .execute(&mut *conn)
+                        .map_err(|e| Error::store("recording a feed reader's position", e))?;
+                    if updated > 0 {
+                        return Ok(());
+                    }
+                    match diesel::insert_into(r::phi_feed_readers)
+                        .values((r::reader.eq(reader), r::position.eq(position), r::updated_at.eq(at)))
+                        .execute(&mut *conn)
+                    {
+                        // Recorded meanwhile under the same name: as good.
+                        Ok(_) | Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(()),
+                        Err(e) => Err(Error::store("recording a feed reader's position", e)),
+                    }
+                })
+            }
+
+            fn forget_feed_reader(&self, reader: &str) -> Result<()> {
+                use phi_feed_readers::dsl as r;
+                crate::metrics::store_query("forget_feed_reader", || {
+                    let mut conn = self.conn()?;
+                    diesel::delete(r::phi_feed_readers.filter(r::reader.eq(reader)))
+                        .execute(&mut *conn)
+                        .map(drop)
+                        .map_err(|e| Error::store("forgetting a feed reader", e))
+                })
+            }
+
+            fn feed_readers(&self) -> Result<Vec<FeedReader>> {
+                use phi_feed_readers::dsl as r;
+                crate::metrics::store_query("feed_readers", || {
+                    let mut conn = self.conn()?;
+                    let rows: Vec<(String, i64, NaiveDateTime)> = r::phi_feed_readers
+                        .order(r::reader)
+                        .select((r::reader, r::position, r::updated_at))
+                        .load(&mut *conn)
+                        .map_err(|e| Error::store("reading the feed readers' positions", e))?;
+                    Ok(rows
+                        .into_iter()
+                        .map(|(reader, position, at)| FeedReader::new(reader, position, at))
+                        .collect())
+                })
+            }
+
             fn key_counts(&self) -> Result<Vec<KeyCount>> {
                 crate::metrics::store_query("key_counts", || {
                     let mut conn = self.conn()?;
@@ -760,6 +836,9 @@ macro_rules! diesel_key_store {
                         .map(|(i, e)| EventInsert::new(base + i64::try_from(i).unwrap_or(0), e))
                         .collect();
                     diesel::insert_into(phi_key_events::table).values(rows).execute(conn)?;
+                }
+                if n > 0 {
+                    conn.notify_feed(head)?;
                 }
                 Ok(head)
             }

@@ -9,7 +9,7 @@ use super::{
     AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
 };
 use crate::error::{Error, Result};
-use crate::feed::{FeedEvent, KeyEvent, KeyEventKind};
+use crate::feed::{FeedEvent, FeedReader, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
 use crate::store::Rollout;
 
@@ -26,6 +26,7 @@ struct Inner {
     checks: BTreeMap<String, KekCheck>,
     events: Vec<KeyEvent>,
     rollout: BTreeMap<String, Rollout>,
+    readers: BTreeMap<String, FeedReader>,
 }
 
 impl Inner {
@@ -332,5 +333,22 @@ impl KeyStore for MemoryKeyStore {
         inner.audit.extend_from_slice(audit);
         inner.events.push(event.clone());
         Ok(inner.head())
+    }
+
+    fn record_feed_reader(&self, reader: &str, position: i64) -> Result<()> {
+        let now = chrono::Utc::now().naive_utc();
+        self.lock()?
+            .readers
+            .insert(reader.to_owned(), FeedReader::new(reader, position, now));
+        Ok(())
+    }
+
+    fn forget_feed_reader(&self, reader: &str) -> Result<()> {
+        self.lock()?.readers.remove(reader);
+        Ok(())
+    }
+
+    fn feed_readers(&self) -> Result<Vec<FeedReader>> {
+        Ok(self.lock()?.readers.values().cloned().collect())
     }
 }

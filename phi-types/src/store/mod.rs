@@ -30,7 +30,7 @@ pub use diesel_store::DieselKeyStore;
 pub use memory::MemoryKeyStore;
 
 use crate::error::Result;
-use crate::feed::{FeedEvent, KeyEvent};
+use crate::feed::{FeedEvent, FeedListener, FeedReader, KeyEvent};
 use crate::kek::KekCheck;
 
 /// Which owners' new rows are sealed, for models with an encrypted flag
@@ -490,6 +490,48 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     ) -> Result<i64> {
         let _ = (policy, rollout, event, audit);
         Err(unsupported("changing the fleet's roll-out"))
+    }
+
+    /// A listener that is told at once when an event is appended to the
+    /// feed, on a connection of its own (PostgreSQL's `LISTEN` on channel
+    /// [`FEED_CHANNEL`](crate::feed::FEED_CHANNEL)), or `None` when the
+    /// store has no such thing (then followers only read the feed once per
+    /// interval).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) when the listening connection
+    /// cannot be opened.
+    fn feed_listener(&self) -> Result<Option<Box<dyn FeedListener>>> {
+        Ok(None)
+    }
+
+    /// Records that the following keyring `reader` has applied the feed up
+    /// to event `position` (`phi_feed_readers`).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not record readers.
+    fn record_feed_reader(&self, reader: &str, position: i64) -> Result<()> {
+        let _ = (reader, position);
+        Err(unsupported("recording a feed reader's position"))
+    }
+
+    /// Forgets the feed reader `reader` (a keyring that stopped following).
+    ///
+    /// # Errors
+    /// As [`record_feed_reader`](Self::record_feed_reader).
+    fn forget_feed_reader(&self, reader: &str) -> Result<()> {
+        let _ = reader;
+        Err(unsupported("forgetting a feed reader"))
+    }
+
+    /// Every recorded feed reader, by name.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not record readers.
+    fn feed_readers(&self) -> Result<Vec<FeedReader>> {
+        Err(unsupported("reading the feed readers' positions"))
     }
 }
 

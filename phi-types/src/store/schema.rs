@@ -91,3 +91,12 @@ diesel::table! {
         owner_id -> Varchar,
     }
 }
+
+diesel::table! {
+    /// How far each following keyring has read the feed.
+    phi_feed_readers (reader) {
+        reader -> Varchar,
+        position -> BigInt,
+        updated_at -> Timestamp,
+    }
+}

@@ -1,0 +1,1 @@
+DROP TABLE phi_feed_readers;
