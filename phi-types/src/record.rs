@@ -84,7 +84,9 @@ pub use crate::store::Rollout;
 /// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
 ///
 /// `#[diesel(…)]` attributes on the model and its fields (`primary_key`,
-/// `column_name`, …) are forwarded to the generated structs.
+/// `column_name`, …) are forwarded to the generated structs. Plain fields
+/// must be `Clone` and `PartialEq`, and the model `Send` and `Sync` (a large
+/// batch is sealed and opened on several threads).
 ///
 /// Diesel's associations work on the sealed structs: the parent's derives
 /// `Identifiable`, the child's `Identifiable` and `Associations` with a
@@ -113,9 +115,7 @@ pub use crate::store::Rollout;
 ///     let visits: Vec<Visit> = Visit::open_all(visits, &keyring)?;
 ///     // …
 /// }
-/// ``` Plain fields
-/// must be `Clone` and `PartialEq`, and the model `Send` and `Sync` (a large
-/// batch is sealed and opened on several threads).
+/// ```
 ///
 /// # Example: a complete round trip on SQLite
 ///
