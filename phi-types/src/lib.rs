@@ -54,6 +54,7 @@ pub mod feed;
 mod kek;
 mod keyring;
 pub mod lifecycle;
+pub mod lookup;
 pub mod metrics;
 pub mod migrate;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]

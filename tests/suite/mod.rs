@@ -630,6 +630,12 @@ mod migrate {
     include!("migrate.rs");
 }
 
+/// Lookup indexes: finding a record without knowing its owner.
+mod lookup {
+    use super::*;
+    include!("lookup.rs");
+}
+
 /// Guarded updates racing backfill, decrypt-back and other writers.
 mod guarded {
     use super::*;
