@@ -1082,15 +1082,15 @@ pub mod __private {
         normalize.apply(&a) == normalize.apply(&b)
     }
 
-    /// Loads and opens the rows `query` selects: [`PhiRecord::load`] behind
+    /// Loads and opens the rows `query` selects: [`PhiRecord::load`](super::PhiRecord::load) behind
     /// one bound, which the generated finders put on their connection (a
     /// bound naming the query's concrete type, with no projection to
     /// normalise).
     pub trait LoadRecords<R: super::PhiRecord, Q>: diesel::Connection {
-        /// [`PhiRecord::load`].
+        /// [`PhiRecord::load`](super::PhiRecord::load).
         ///
         /// # Errors
-        /// As [`PhiRecord::load`].
+        /// As [`PhiRecord::load`](super::PhiRecord::load).
         fn load_records(query: Q, conn: &mut Self, keyring: &crate::Keyring) -> Result<Vec<R>>;
     }
 
@@ -1113,7 +1113,7 @@ pub mod __private {
     /// [`LoadRecords`] on a diesel-async connection (feature `async`).
     #[cfg(feature = "async")]
     pub trait LoadRecordsAsync<R: super::PhiRecord, Q>: diesel_async::AsyncConnectionCore {
-        /// [`PhiRecord::load_async`].
+        /// [`PhiRecord::load_async`](super::PhiRecord::load_async).
         fn load_records_async<'a>(
             query: Q,
             conn: &'a mut Self,
