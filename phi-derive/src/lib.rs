@@ -10,7 +10,7 @@ use proc_macro::TokenStream;
 
 /// Derives `phi_types::PhiRecord` for a model with plain field types, and
 /// generates its sealed twin (`<Model>Sealed`), its changeset
-/// (`<Model>Changes`) and blind-index lookup helpers.
+/// (`<Model>Changes`), blind-index lookup helpers and lookup-index finders.
 ///
 /// Container attributes: `#[phi(table = path::to::table)]` (required),
 /// `#[phi(crate = path)]`, `#[phi(debug)]`, `#[phi(sealed = Name)]`,
@@ -19,6 +19,9 @@ use proc_macro::TokenStream;
 /// and attributes on the sealed struct). Field attributes: `#[phi(owner)]`,
 /// `#[phi(encrypt)]`, `#[phi(encrypt, scope = "table.column")]`,
 /// `#[phi(encrypt, blind_index = column, normalize = "trim,lowercase")]`,
+/// `#[phi(encrypt, lookup_index = column, normalize = "trim,lowercase")]`
+/// (an owner-independent index and `find_by_<field>`: equal values are
+/// linkable across owners),
 /// `#[phi(row_key)]`, `#[phi(encrypted_flag)]`. `#[diesel(…)]` attributes
 /// are forwarded to the generated Diesel structs.
 #[proc_macro_derive(PhiRecord, attributes(phi, diesel))]

@@ -64,6 +64,7 @@ struct RawField {
     encrypted_flag: Flag,
     scope: Option<SpannedValue<String>>,
     blind_index: Option<syn::Ident>,
+    lookup_index: Option<syn::Ident>,
     normalize: Option<SpannedValue<String>>,
 }
 
@@ -96,6 +97,9 @@ pub(crate) enum Role {
     Encrypt {
         scope: String,
         blind_index: Option<BlindIndex>,
+        /// The owner-independent lookup index column, and its
+        /// normalisation (the same as the blind index's).
+        lookup_index: Option<BlindIndex>,
     },
 }
 
@@ -202,6 +206,7 @@ impl Model {
                 for (what, value_span) in [
                     ("scope", f.scope.as_ref().map(|s| s.span())),
                     ("blind_index", f.blind_index.as_ref().map(|b| b.span())),
+                    ("lookup_index", f.lookup_index.as_ref().map(|b| b.span())),
                     ("normalize", f.normalize.as_ref().map(|s| s.span())),
                 ] {
                     if let Some(span) = value_span {
@@ -237,10 +242,10 @@ impl Model {
                     None => (false, false),
                     Some(text) => match parse_normalize(text) {
                         Ok(n) => {
-                            if f.blind_index.is_none() {
+                            if f.blind_index.is_none() && f.lookup_index.is_none() {
                                 errors.push(
                                     darling::Error::custom(
-                                        "`normalize` applies to the blind index: add `blind_index = column`",
+                                        "`normalize` applies to the blind or lookup index: add `blind_index = column` or `lookup_index = column`",
                                     )
                                     .with_span(&text.span()),
                                 );
@@ -266,6 +271,11 @@ impl Model {
                         None => format!("{table_name}.{column}"),
                     },
                     blind_index: f.blind_index.clone().map(|column| BlindIndex {
+                        column,
+                        trim: normalize.0,
+                        lowercase: normalize.1,
+                    }),
+                    lookup_index: f.lookup_index.clone().map(|column| BlindIndex {
                         column,
                         trim: normalize.0,
                         lowercase: normalize.1,

@@ -99,6 +99,7 @@ mod kek;
 mod keyring;
 pub mod legacy;
 pub mod lifecycle;
+pub mod lookup;
 pub mod metrics;
 pub mod migrate;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]

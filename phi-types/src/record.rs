@@ -45,6 +45,12 @@ pub use crate::store::Rollout;
 ///   changes, for a caller that builds its own (guarded) `UPDATE`;
 /// - `Case::<field>_blind_index(&keyring, owner, &value)` for each field with
 ///   a blind index: the values to match with `eq_any`;
+/// - `Case::find_by_<field>(&value, &keyring, &mut conn)` (and, with the
+///   `async` feature, `find_by_<field>_async`) for each field with a lookup
+///   index: the records holding that value, whoever owns them
+///   ([`lookup`](crate::lookup)); a [`Migratable`](crate::migrate::Migratable)
+///   model also implements [`LookupIndexed`](crate::lookup::LookupIndexed)
+///   for the re-index job;
 /// - with `#[phi(debug)]`, a `Debug` for both that prints encrypted fields
 ///   as `<redacted>`. Without it the model must not implement `Debug` at
 ///   all: a `#[derive(Debug)]` (or a hand-written `Debug`) on a model with
@@ -79,7 +85,8 @@ pub use crate::store::Rollout;
 /// | `#[phi(encrypt)]` | fields | sealed with scope `table.column` (a [`PhiValue`](crate::PhiValue), or `Option` of one for a nullable column) |
 /// | `#[phi(encrypt, scope = "…")]` | fields | pins the scope, so renaming the field or column does not orphan data |
 /// | `#[phi(encrypt, blind_index = column)]` | fields | keeps an equality index in `column` (nullable binary) |
-/// | `normalize = "trim,lowercase"` | with `blind_index` | normalises before indexing |
+/// | `#[phi(encrypt, lookup_index = column)]` | fields | keeps an owner-independent index in `column` (nullable binary, 20 bytes), written on every insert and update, sealed row or not, and `find_by_<field>`; equal values are linkable across owners ([`lookup`](crate::lookup)) |
+/// | `normalize = "trim,lowercase"` | with `blind_index` or `lookup_index` | normalises before indexing |
 /// | `#[phi(row_key)]` | one field | binds each ciphertext to its row ([`RowKey`]) |
 /// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
 ///
@@ -230,6 +237,10 @@ pub trait PhiRecord: Sized + Send + Sync {
 
     /// The `#[phi(encrypted_flag)]` column's name, for errors.
     const ENCRYPTED_FLAG: Option<&'static str> = None;
+    /// Whether the model has `lookup_index` fields, whose values are
+    /// written under the keys of [`crate::lookup::LOOKUP_OWNER`].
+    #[doc(hidden)]
+    const HAS_LOOKUP_INDEX: bool = false;
 
     /// The owner whose data key seals this record.
     fn owner_id(&self) -> Cow<'_, str>;
@@ -275,7 +286,12 @@ pub trait PhiRecord: Sized + Send + Sync {
             sealing.retain(|o| keyring.encrypts_for(o));
         }
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
-        let sealed = seal_records(records, &owners, &keys, keyring.parallel_min_rows())?;
+        let lookup = if Self::HAS_LOOKUP_INDEX && !records.is_empty() {
+            Some(keyring.lookup_keys()?)
+        } else {
+            None
+        };
+        let sealed = seal_records(records, &owners, &keys, lookup, keyring.parallel_min_rows())?;
         refuse_unsealed_rows::<Self>("writing", &sealed, keyring)?;
         Ok(sealed)
     }
@@ -404,7 +420,13 @@ pub trait PhiRecord: Sized + Send + Sync {
             }
             let sealing: Vec<&str> = sealing.into_iter().collect();
             let keys = keyring.keys_for_seal_many_async(sealing).await?;
-            let sealed = seal_records(records, &owners, &keys, keyring.parallel_min_rows())?;
+            let lookup = if Self::HAS_LOOKUP_INDEX && !records.is_empty() {
+                Some(keyring.lookup_keys_async().await?)
+            } else {
+                None
+            };
+            let sealed =
+                seal_records(records, &owners, &keys, lookup, keyring.parallel_min_rows())?;
             refuse_unsealed_rows::<Self>("writing", &sealed, keyring)?;
             Ok(sealed)
         }
@@ -598,10 +620,12 @@ fn seal_records<R: PhiRecord>(
     records: &[R],
     owners: &[Cow<'_, str>],
     keys: &HashMap<String, Arc<OwnerKeys>>,
+    lookup: Option<Arc<OwnerKeys>>,
     parallel_min_rows: usize,
 ) -> Result<Vec<R::Sealed>> {
     let seal_into = |range: std::ops::Range<usize>, out: &mut Vec<R::Sealed>| {
         with_sealer(|sealer| {
+            sealer.set_lookup_keys(lookup.clone());
             for (record, owner) in records[range.clone()].iter().zip(&owners[range]) {
                 let keys = keys.get(owner.as_ref()).map(Arc::as_ref);
                 out.push(record.seal_with(keys, sealer)?);
@@ -1149,6 +1173,103 @@ pub(crate) mod __private {
         }
     }
 
+    /// The lookup value to store beside a value (sealed or not): under the
+    /// current version of `lookup`, the keys of
+    /// [`LOOKUP_OWNER`](crate::lookup::LOOKUP_OWNER); `None` for a NULL.
+    pub fn lookup<T: PhiValue>(
+        lookup: Option<&OwnerKeys>,
+        value: Option<&T>,
+        scope: &str,
+        normalize: Normalize,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let keys = lookup.ok_or_else(|| Error::KeyUnavailable {
+            owner: crate::lookup::LOOKUP_OWNER.to_owned(),
+            reason: format!("the lookup-index keys were not resolved to index {scope}"),
+        })?;
+        crate::lookup::current_index(keys, scope, value, normalize).map(Some)
+    }
+
+    /// Whether `found` (an opened value) equals `wanted` once both are
+    /// encoded and normalised: the check a lookup's candidates pass.
+    pub fn lookup_matches<T: PhiValue>(found: &T, wanted: &T, normalize: Normalize) -> bool {
+        let encode = |v: &T| {
+            let mut out = zeroize::Zeroizing::new(Vec::with_capacity(v.encoded_len()));
+            v.encode(&mut out);
+            out
+        };
+        let (a, b) = (encode(found), encode(wanted));
+        normalize.apply(&a) == normalize.apply(&b)
+    }
+
+    /// Loads and opens the rows `query` selects: [`PhiRecord::load`](super::PhiRecord::load) behind
+    /// one bound, which the generated finders put on their connection (a
+    /// bound naming the query's concrete type, with no projection to
+    /// normalise).
+    pub trait LoadRecords<R: super::PhiRecord, Q>: diesel::Connection {
+        /// [`PhiRecord::load`](super::PhiRecord::load).
+        ///
+        /// # Errors
+        /// As [`PhiRecord::load`](super::PhiRecord::load).
+        fn load_records(query: Q, conn: &mut Self, keyring: &crate::Keyring) -> Result<Vec<R>>;
+    }
+
+    impl<R, Q, C> LoadRecords<R, Q> for C
+    where
+        R: super::PhiRecord,
+        R::Sealed: diesel::Selectable<C::Backend>,
+        <R::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel::Connection,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<R::Sealed, C::Backend>>,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<R::Sealed, C::Backend>>:
+            diesel::query_dsl::LoadQuery<'static, C, R::Sealed> + diesel::RunQueryDsl<C>,
+    {
+        fn load_records(query: Q, conn: &mut C, keyring: &crate::Keyring) -> Result<Vec<R>> {
+            R::load(query, conn, keyring)
+        }
+    }
+
+    /// [`LoadRecords`] on a diesel-async connection (feature `async`).
+    #[cfg(feature = "async")]
+    pub trait LoadRecordsAsync<R: super::PhiRecord, Q>: diesel_async::AsyncConnectionCore {
+        /// [`PhiRecord::load_async`](super::PhiRecord::load_async).
+        fn load_records_async<'a>(
+            query: Q,
+            conn: &'a mut Self,
+            keyring: &'a crate::Keyring,
+        ) -> impl std::future::Future<Output = Result<Vec<R>>> + Send + 'a
+        where
+            Q: 'a;
+    }
+
+    #[cfg(feature = "async")]
+    impl<R, Q, C> LoadRecordsAsync<R, Q> for C
+    where
+        R: super::PhiRecord + 'static,
+        R::Sealed: diesel::Selectable<C::Backend> + 'static,
+        <R::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel_async::AsyncConnectionCore,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<R::Sealed, C::Backend>>
+            + Send,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<R::Sealed, C::Backend>>:
+            diesel_async::methods::LoadQuery<'static, C, R::Sealed> + 'static,
+    {
+        fn load_records_async<'a>(
+            query: Q,
+            conn: &'a mut C,
+            keyring: &'a crate::Keyring,
+        ) -> impl std::future::Future<Output = Result<Vec<R>>> + Send + 'a
+        where
+            Q: 'a,
+        {
+            R::load_async(query, conn, keyring)
+        }
+    }
+
     /// Everything the generated code does with an encrypted field's type,
     /// behind one generic call: a type that is not a [`PhiValue`] is then
     /// reported once, at the field, not once per use.
@@ -1173,6 +1294,12 @@ pub(crate) mod __private {
         pub blind: fn(Option<&OwnerKeys>, Option<&T>, &str, Normalize) -> Result<Option<Vec<u8>>>,
         /// [`OwnerKeys::blind_indexes`].
         pub indexes: fn(&OwnerKeys, &str, &T, Normalize) -> Vec<Vec<u8>>,
+        /// [`lookup`].
+        pub lookup: fn(Option<&OwnerKeys>, Option<&T>, &str, Normalize) -> Result<Option<Vec<u8>>>,
+        /// [`lookup_matches`].
+        pub lookup_matches: fn(&T, &T, Normalize) -> bool,
+        /// [`Keyring::lookup_indexes`](crate::Keyring::lookup_indexes).
+        pub lookup_indexes: fn(&crate::Keyring, &str, &T, Normalize) -> Result<Vec<Vec<u8>>>,
         /// Equality, to detect changed fields.
         pub eq: fn(&T, &T) -> bool,
         /// Equality of nullable fields.
@@ -1188,6 +1315,11 @@ pub(crate) mod __private {
             open_opt: open_opt::<T>,
             blind: blind::<T>,
             indexes: |keys, scope, value, normalize| keys.blind_indexes(scope, value, normalize),
+            lookup: lookup::<T>,
+            lookup_matches: lookup_matches::<T>,
+            lookup_indexes: |keyring, scope, value, normalize| {
+                keyring.lookup_indexes(scope, value, normalize)
+            },
             eq: <T as PartialEq>::eq,
             eq_opt: <Option<T> as PartialEq>::eq,
         }

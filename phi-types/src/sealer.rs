@@ -26,6 +26,9 @@ impl OwnerKeys {
 /// then costs the cipher and one allocation per value.
 pub struct Sealer<'a> {
     nonces: Nonces<'a>,
+    /// The keys of [`crate::lookup::LOOKUP_OWNER`], when the records being
+    /// sealed have lookup indexes.
+    lookup: Option<std::sync::Arc<OwnerKeys>>,
 }
 
 impl std::fmt::Debug for Sealer<'_> {
@@ -35,6 +38,18 @@ impl std::fmt::Debug for Sealer<'_> {
 }
 
 impl Sealer<'_> {
+    /// The keys lookup values are written under, if resolved for this
+    /// sealer.
+    #[doc(hidden)]
+    pub fn lookup_keys(&self) -> Option<&OwnerKeys> {
+        self.lookup.as_deref()
+    }
+
+    /// Sets the keys lookup values are written under.
+    pub(crate) fn set_lookup_keys(&mut self, keys: Option<std::sync::Arc<OwnerKeys>>) {
+        self.lookup = keys;
+    }
+
     /// Seals `value` for `scope` and `row` under `keys`' current data key.
     ///
     /// # Errors
@@ -110,6 +125,7 @@ pub fn with_sealer<R>(f: impl FnOnce(&mut Sealer<'_>) -> R) -> Result<R> {
     nonce::with_nonces(|nonces| {
         let mut sealer = Sealer {
             nonces: Nonces::reborrow(nonces),
+            lookup: None,
         };
         f(&mut sealer)
     })

@@ -644,6 +644,12 @@ mod legacy {
     include!("legacy.rs");
 }
 
+/// Lookup indexes: finding a record without knowing its owner.
+mod lookup {
+    use super::*;
+    include!("lookup.rs");
+}
+
 /// Guarded updates racing backfill, decrypt-back and other writers.
 mod guarded {
     use super::*;

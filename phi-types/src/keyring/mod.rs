@@ -707,7 +707,7 @@ impl Keyring {
     /// for it again); key store and KEK errors.
     pub fn keys_for_seal(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
         self.check_feed(owner)?;
-        self.resolve_one(owner, Purpose::Seal)
+        self.resolve_one(owner, Purpose::Seal, false)
     }
 
     /// The owner's existing keys, for opening. Never creates a key: an owner
@@ -718,7 +718,7 @@ impl Keyring {
     /// [`Error::InvalidInput`] for an unusable owner id; key store and KEK
     /// errors.
     pub fn keys_for_open(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
-        self.resolve_one(owner, Purpose::Open)
+        self.resolve_one(owner, Purpose::Open, false)
     }
 
     /// Resolves many owners for opening at once: one key-store query for all
@@ -730,7 +730,7 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
-        self.resolve_many(owners, Purpose::Open)
+        self.resolve_many(owners, Purpose::Open, false)
     }
 
     /// Resolves many owners for sealing at once, creating data keys for
@@ -746,7 +746,7 @@ impl Keyring {
         if let Some(first) = owners.first() {
             self.check_feed(first)?;
         }
-        self.resolve_many(owners, Purpose::Seal)
+        self.resolve_many(owners, Purpose::Seal, false)
     }
 
     /// Refuses sealing past the feed's maximum staleness.
@@ -955,7 +955,8 @@ impl Keyring {
     /// # Errors
     /// As [`keys_for_open_many`](Self::keys_for_open_many).
     pub fn warm<'a>(&self, owners: impl IntoIterator<Item = &'a str>) -> Result<usize> {
-        self.resolve_many(owners, Purpose::Open).map(|m| m.len())
+        self.resolve_many(owners, Purpose::Open, false)
+            .map(|m| m.len())
     }
 
     /// Loads every owner in the key store into the cache, up to the cache's
@@ -970,7 +971,7 @@ impl Keyring {
         let mut report = WarmReport::default();
         for chunk in owners.chunks(1_000) {
             for (owner, result) in
-                self.resolve_each(chunk.iter().map(String::as_str), Purpose::Open)
+                self.resolve_each(chunk.iter().map(String::as_str), Purpose::Open, true)
             {
                 match result {
                     Ok(_) => report.warmed += 1,
@@ -1094,13 +1095,28 @@ impl Keyring {
         &self.inner.actor
     }
 
-    fn resolve_one(&self, owner: &str, purpose: Purpose) -> Result<Arc<OwnerKeys>> {
+    /// Keys of one of phi's reserved owners ([`crate::lookup::LOOKUP_OWNER`]),
+    /// which the public methods refuse: resolved and cached as any owner's,
+    /// and created on first use when `seal`.
+    pub(crate) fn reserved_keys(&self, owner: &str, seal: bool) -> Result<Arc<OwnerKeys>> {
+        if seal {
+            self.check_feed(owner)?;
+            self.resolve_one(owner, Purpose::Seal, true)
+        } else {
+            self.resolve_one(owner, Purpose::Open, true)
+        }
+    }
+
+    fn resolve_one(&self, owner: &str, purpose: Purpose, reserved: bool) -> Result<Arc<OwnerKeys>> {
+        if !reserved {
+            crate::lookup::refuse_reserved(owner)?;
+        }
         let now = self.inner.clock.now();
         if let Some(keys) = self.inner.cache.get(owner, now, usable(purpose)) {
             crate::metrics::cache_hit();
             return Ok(keys);
         }
-        let mut resolved = self.resolve_many([owner], purpose)?;
+        let mut resolved = self.resolve_many([owner], purpose, reserved)?;
         resolved.remove(owner).ok_or_else(|| Error::KeyUnavailable {
             owner: owner.to_owned(),
             reason: "resolution returned no keys".into(),
@@ -1111,9 +1127,10 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
+        reserved: bool,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
         let mut found = HashMap::new();
-        for (owner, result) in self.resolve_each(owners, purpose) {
+        for (owner, result) in self.resolve_each(owners, purpose, reserved) {
             found.insert(owner, result?);
         }
         Ok(found)
@@ -1124,8 +1141,9 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
+        reserved: bool,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
-        let mut batch = self.look_up(owners, purpose);
+        let mut batch = self.look_up(owners, purpose, reserved);
         if let Some(owners) = batch.leading() {
             let filled = self.fill(&owners, purpose);
             batch.settle(owners, filled);
@@ -1135,7 +1153,7 @@ impl Keyring {
             let result = match flight.wait() {
                 Ok(keys) if usable(purpose)(&keys) => Ok(keys),
                 // Resolved for opening while this caller seals: resolve again.
-                Ok(_) => self.resolve_one(owner, purpose),
+                Ok(_) => self.resolve_one(owner, purpose, reserved),
                 Err(reason) => Err(Error::KeyUnavailable {
                     owner: owner.to_owned(),
                     reason,
@@ -1154,6 +1172,7 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'o str>,
         purpose: Purpose,
+        reserved: bool,
     ) -> Batch<'_, 'o> {
         let now = self.inner.clock.now();
         let mut batch = Batch {
@@ -1172,7 +1191,7 @@ impl Keyring {
             if !seen.insert(owner) {
                 continue;
             }
-            if let Err(error) = check_owner(owner) {
+            if let Err(error) = check_owner(owner, reserved) {
                 batch.results.push((owner.to_owned(), Err(error)));
                 continue;
             }
@@ -1478,7 +1497,10 @@ fn usable(purpose: Purpose) -> impl Fn(&OwnerKeys) -> bool {
     move |keys| purpose == Purpose::Open || keys.current.is_some()
 }
 
-fn check_owner(owner: &str) -> Result<()> {
+fn check_owner(owner: &str, reserved: bool) -> Result<()> {
+    if !reserved {
+        crate::lookup::refuse_reserved(owner)?;
+    }
     if owner.is_empty() {
         return Err(Error::InvalidInput {
             what: "owner id",

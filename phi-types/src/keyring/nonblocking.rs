@@ -34,7 +34,7 @@ impl Keyring {
     /// As [`keys_for_seal`](Self::keys_for_seal).
     pub async fn keys_for_seal_async(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
         self.check_feed(owner)?;
-        self.resolve_one_async(owner, Purpose::Seal).await
+        self.resolve_one_async(owner, Purpose::Seal, false).await
     }
 
     /// [`keys_for_open`](Self::keys_for_open) without blocking the calling
@@ -43,7 +43,7 @@ impl Keyring {
     /// # Errors
     /// As [`keys_for_open`](Self::keys_for_open).
     pub async fn keys_for_open_async(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
-        self.resolve_one_async(owner, Purpose::Open).await
+        self.resolve_one_async(owner, Purpose::Open, false).await
     }
 
     /// [`keys_for_open_many`](Self::keys_for_open_many) for async code: one
@@ -68,7 +68,7 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
-        self.resolve_many_async(owners, Purpose::Open).await
+        self.resolve_many_async(owners, Purpose::Open, false).await
     }
 
     /// [`keys_for_seal_many`](Self::keys_for_seal_many) for async code
@@ -84,7 +84,7 @@ impl Keyring {
         if let Some(first) = owners.first() {
             self.check_feed(first)?;
         }
-        self.resolve_many_async(owners, Purpose::Seal).await
+        self.resolve_many_async(owners, Purpose::Seal, false).await
     }
 
     /// [`warm`](Self::warm) for async code.
@@ -92,7 +92,7 @@ impl Keyring {
     /// # Errors
     /// As [`keys_for_open_many_async`](Self::keys_for_open_many_async).
     pub async fn warm_async<'a>(&self, owners: impl IntoIterator<Item = &'a str>) -> Result<usize> {
-        self.resolve_many_async(owners, Purpose::Open)
+        self.resolve_many_async(owners, Purpose::Open, false)
             .await
             .map(|m| m.len())
     }
@@ -137,13 +137,35 @@ impl Keyring {
         Ok(keys)
     }
 
-    async fn resolve_one_async(&self, owner: &str, purpose: Purpose) -> Result<Arc<OwnerKeys>> {
+    /// [`Keyring::reserved_keys`] without blocking the task's thread.
+    pub(crate) async fn reserved_keys_async(
+        &self,
+        owner: &str,
+        seal: bool,
+    ) -> Result<Arc<OwnerKeys>> {
+        if seal {
+            self.check_feed(owner)?;
+            self.resolve_one_async(owner, Purpose::Seal, true).await
+        } else {
+            self.resolve_one_async(owner, Purpose::Open, true).await
+        }
+    }
+
+    async fn resolve_one_async(
+        &self,
+        owner: &str,
+        purpose: Purpose,
+        reserved: bool,
+    ) -> Result<Arc<OwnerKeys>> {
+        if !reserved {
+            crate::lookup::refuse_reserved(owner)?;
+        }
         let now = self.inner.clock.now();
         if let Some(keys) = self.inner.cache.get(owner, now, usable(purpose)) {
             crate::metrics::cache_hit();
             return Ok(keys);
         }
-        let mut resolved = self.resolve_many_async([owner], purpose).await?;
+        let mut resolved = self.resolve_many_async([owner], purpose, reserved).await?;
         resolved.remove(owner).ok_or_else(|| Error::KeyUnavailable {
             owner: owner.to_owned(),
             reason: "resolution returned no keys".into(),
@@ -154,9 +176,10 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
+        reserved: bool,
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
         let mut found = HashMap::new();
-        for (owner, result) in self.resolve_each_async(owners, purpose).await {
+        for (owner, result) in self.resolve_each_async(owners, purpose, reserved).await {
             found.insert(owner, result?);
         }
         Ok(found)
@@ -167,8 +190,9 @@ impl Keyring {
         &self,
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
+        reserved: bool,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
-        let mut batch = self.look_up(owners, purpose);
+        let mut batch = self.look_up(owners, purpose, reserved);
         if let Some(owners) = batch.leading() {
             let filled = self.fill_async(&owners, purpose).await;
             batch.settle(owners, filled);
@@ -178,7 +202,7 @@ impl Keyring {
             let result = match flight.wait_async().await {
                 Ok(keys) if usable(purpose)(&keys) => Ok(keys),
                 // Resolved for opening while this caller seals: resolve again.
-                Ok(_) => Box::pin(self.resolve_one_async(owner, purpose)).await,
+                Ok(_) => Box::pin(self.resolve_one_async(owner, purpose, reserved)).await,
                 Err(reason) => Err(Error::KeyUnavailable {
                     owner: owner.to_owned(),
                     reason,
