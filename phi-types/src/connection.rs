@@ -9,8 +9,6 @@ use diesel::Connection as PoolConnection;
 use diesel::r2d2::R2D2Connection as PoolConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 
-use crate::feed::FeedListener;
-
 mod sealed {
     pub trait Sealed {}
 }
@@ -89,7 +87,7 @@ impl PhiConnection for diesel::PgConnection {
         use diesel::RunQueryDsl as _;
         use diesel::sql_types::Text;
         diesel::sql_query("SELECT pg_notify($1, $2)")
-            .bind::<Text, _>(crate::feed::FEED_CHANNEL)
+            .bind::<Text, _>(FEED_CHANNEL)
             .bind::<Text, _>(head.to_string())
             .execute(self)
             .map(drop)
@@ -113,7 +111,7 @@ impl PgFeedListener {
         let mut conn = diesel::PgConnection::establish(database_url).map_err(|e| {
             crate::Error::store("opening the key-event feed's listening connection", e)
         })?;
-        conn.batch_execute(&format!("LISTEN {}", crate::feed::FEED_CHANNEL))
+        conn.batch_execute(&format!("LISTEN {}", FEED_CHANNEL))
             .map_err(|e| crate::Error::store("listening to the key-event feed", e))?;
         Ok(PgFeedListener { conn })
     }
@@ -131,4 +129,23 @@ impl FeedListener for PgFeedListener {
         }
         Ok(notified)
     }
+}
+
+/// The PostgreSQL notification channel an append to the feed notifies (in
+/// the appending transaction, so delivered at its commit), with the feed's
+/// new head as payload.
+pub const FEED_CHANNEL: &str = "phi_key_events";
+
+/// Told when events are appended to the feed, from
+/// [`KeyStore::feed_listener`](crate::KeyStore::feed_listener): a following
+/// keyring checks it several times a second and reads the feed at once
+/// when it was notified, instead of waiting for its interval.
+pub trait FeedListener: Send {
+    /// Whether an append was notified since the last call. Never waits:
+    /// takes what the connection has already received.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) when the listening connection
+    /// is lost (the keyring then opens another at its next interval).
+    fn notified(&mut self) -> crate::Result<bool>;
 }

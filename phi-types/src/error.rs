@@ -65,6 +65,40 @@ pub enum DecodeError {
     Json,
 }
 
+/// A value in a legacy format that does not open. Says which format and
+/// why, never the value or a key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{format} value: {kind}")]
+pub struct LegacyError {
+    /// The format (`fernet`, `aes-gcm-versioned`).
+    pub format: &'static str,
+    /// Why.
+    pub kind: LegacyErrorKind,
+}
+
+impl LegacyError {
+    /// An error of `format`.
+    pub fn new(format: &'static str, kind: LegacyErrorKind) -> Self {
+        LegacyError { format, kind }
+    }
+}
+
+/// Why a legacy value does not open.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LegacyErrorKind {
+    /// It does not authenticate under any key given: altered, or
+    /// encrypted under a key the decoder does not have.
+    #[error("does not authenticate under any key given (altered, or under another key)")]
+    Authentication,
+    /// It names a key version the decoder has no key for.
+    #[error("names key version {0:?}, for which no key was given")]
+    UnknownKeyVersion(String),
+    /// It is not well formed: what is wrong.
+    #[error("malformed: {0}")]
+    Malformed(&'static str),
+}
+
 /// Why an AWS KMS call failed: the source of the [`Error::Kek`] the keyring
 /// returns (which names the owner and key version), itself naming the KMS
 /// operation, the key and the endpoint.
@@ -457,7 +491,7 @@ pub enum Error {
         owner: String,
         /// Why, without the value.
         #[source]
-        source: Box<crate::legacy::LegacyError>,
+        source: Box<LegacyError>,
     },
 
     /// Strict mode ([`Keyring::set_strict`](crate::Keyring::set_strict)):
@@ -784,10 +818,7 @@ mod tests {
                     column: "patient_last".into(),
                     row: "c-1".into(),
                     owner: owner(),
-                    source: Box::new(crate::legacy::LegacyError::new(
-                        "fernet",
-                        crate::legacy::LegacyErrorKind::Authentication,
-                    )),
+                    source: Box::new(LegacyError::new("fernet", LegacyErrorKind::Authentication)),
                 },
                 "cases.patient_last of row \"c-1\" (owner \"provider-17\") does not open",
                 "fernet value: does not authenticate under any key given (altered, or under another key)",

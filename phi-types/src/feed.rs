@@ -154,24 +154,7 @@ pub struct FeedEvent {
     pub event: KeyEvent,
 }
 
-/// The PostgreSQL notification channel an append to the feed notifies (in
-/// the appending transaction, so delivered at its commit), with the feed's
-/// new head as payload.
-pub const FEED_CHANNEL: &str = "phi_key_events";
-
-/// Told when events are appended to the feed, from
-/// [`KeyStore::feed_listener`](crate::KeyStore::feed_listener): a following
-/// keyring checks it several times a second and reads the feed at once
-/// when it was notified, instead of waiting for its interval.
-pub trait FeedListener: Send {
-    /// Whether an append was notified since the last call. Never waits:
-    /// takes what the connection has already received.
-    ///
-    /// # Errors
-    /// [`Error::Store`](crate::Error::Store) when the listening connection
-    /// is lost (the keyring then opens another at its next interval).
-    fn notified(&mut self) -> crate::Result<bool>;
-}
+pub use crate::connection::{FEED_CHANNEL, FeedListener};
 
 /// How far one following keyring has read the feed, from
 /// [`KeyStore::feed_readers`](crate::KeyStore::feed_readers)

@@ -100,6 +100,7 @@ mod keyring;
 pub mod legacy;
 pub mod lifecycle;
 pub mod lookup;
+mod lookup_key;
 pub mod metrics;
 pub mod migrate;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]

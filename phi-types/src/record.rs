@@ -238,7 +238,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// The `#[phi(encrypted_flag)]` column's name, for errors.
     const ENCRYPTED_FLAG: Option<&'static str> = None;
     /// Whether the model has `lookup_index` fields, whose values are
-    /// written under the keys of [`crate::lookup::LOOKUP_OWNER`].
+    /// written under the keys of [`crate::keyring::LOOKUP_OWNER`].
     #[doc(hidden)]
     const HAS_LOOKUP_INDEX: bool = false;
 
@@ -1175,7 +1175,7 @@ pub(crate) mod __private {
 
     /// The lookup value to store beside a value (sealed or not): under the
     /// current version of `lookup`, the keys of
-    /// [`LOOKUP_OWNER`](crate::lookup::LOOKUP_OWNER); `None` for a NULL.
+    /// [`LOOKUP_OWNER`](crate::keyring::LOOKUP_OWNER); `None` for a NULL.
     pub fn lookup<T: PhiValue>(
         lookup: Option<&OwnerKeys>,
         value: Option<&T>,
@@ -1186,10 +1186,10 @@ pub(crate) mod __private {
             return Ok(None);
         };
         let keys = lookup.ok_or_else(|| Error::KeyUnavailable {
-            owner: crate::lookup::LOOKUP_OWNER.to_owned(),
+            owner: crate::keyring::LOOKUP_OWNER.to_owned(),
             reason: format!("the lookup-index keys were not resolved to index {scope}"),
         })?;
-        crate::lookup::current_index(keys, scope, value, normalize).map(Some)
+        crate::lookup_key::current_index(keys, scope, value, normalize).map(Some)
     }
 
     /// Whether `found` (an opened value) equals `wanted` once both are

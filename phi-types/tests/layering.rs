@@ -45,6 +45,7 @@ const MODULES: &[(&str, &str)] = &[
     ("connection", "base"),
     ("error", "base"),
     ("metrics", "base"),
+    ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),
     ("envelope", "format"),
@@ -59,10 +60,15 @@ const MODULES: &[(&str, &str)] = &[
     ("blind", "records"),
     ("record", "records"),
     ("sealer", "records"),
+    ("uuid_key", "records"),
+    ("lookup_key", "records"),
     ("lifecycle::tables", "tables"),
+    ("legacy", "tables"),
     ("lifecycle", "jobs"),
     ("migrate", "jobs"),
+    ("lookup", "jobs"),
     ("admin", "interfaces"),
+    ("cli", "interfaces"),
 ];
 
 #[test]

@@ -1109,7 +1109,7 @@ impl Keyring {
 
     fn resolve_one(&self, owner: &str, purpose: Purpose, reserved: bool) -> Result<Arc<OwnerKeys>> {
         if !reserved {
-            crate::lookup::refuse_reserved(owner)?;
+            refuse_reserved(owner)?;
         }
         let now = self.inner.clock.now();
         if let Some(keys) = self.inner.cache.get(owner, now, usable(purpose)) {
@@ -1499,7 +1499,7 @@ fn usable(purpose: Purpose) -> impl Fn(&OwnerKeys) -> bool {
 
 fn check_owner(owner: &str, reserved: bool) -> Result<()> {
     if !reserved {
-        crate::lookup::refuse_reserved(owner)?;
+        refuse_reserved(owner)?;
     }
     if owner.is_empty() {
         return Err(Error::InvalidInput {
@@ -1606,4 +1606,24 @@ impl<'o> Batch<'_, 'o> {
         }
         (results, waits)
     }
+}
+
+/// The reserved owner whose data keys the lookup-index keys derive from.
+pub const LOOKUP_OWNER: &str = "phi:lookup";
+
+/// Owner ids beginning with this are phi's own: the keyring's public
+/// methods refuse them.
+pub const RESERVED_OWNER_PREFIX: &str = "phi:";
+
+/// Refuses an owner id reserved for phi's own keys.
+pub(crate) fn refuse_reserved(owner: &str) -> Result<()> {
+    if owner.starts_with(RESERVED_OWNER_PREFIX) {
+        return Err(Error::InvalidInput {
+            what: "owner id",
+            reason: format!(
+                "owner ids beginning with {RESERVED_OWNER_PREFIX:?} are reserved for phi's own keys"
+            ),
+        });
+    }
+    Ok(())
 }

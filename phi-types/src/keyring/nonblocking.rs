@@ -158,7 +158,7 @@ impl Keyring {
         reserved: bool,
     ) -> Result<Arc<OwnerKeys>> {
         if !reserved {
-            crate::lookup::refuse_reserved(owner)?;
+            crate::keyring::refuse_reserved(owner)?;
         }
         let now = self.inner.clock.now();
         if let Some(keys) = self.inner.cache.get(owner, now, usable(purpose)) {

@@ -43,6 +43,7 @@ use zeroize::Zeroizing;
 pub use self::fernet::FernetDecoder;
 pub use self::sql::{Dialect, SealedCheck, sealed_check};
 pub use self::versioned::VersionedGcmDecoder;
+pub use crate::error::{LegacyError, LegacyErrorKind};
 
 /// Opens values stored before phi in an encrypted format of their own.
 ///
@@ -122,40 +123,6 @@ impl fmt::Debug for LegacyPlaintext {
             .field("format", &self.format)
             .finish_non_exhaustive()
     }
-}
-
-/// A value in a legacy format that does not open. Says which format and
-/// why, never the value or a key.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{format} value: {kind}")]
-pub struct LegacyError {
-    /// The format (`fernet`, `aes-gcm-versioned`).
-    pub format: &'static str,
-    /// Why.
-    pub kind: LegacyErrorKind,
-}
-
-impl LegacyError {
-    /// An error of `format`.
-    pub fn new(format: &'static str, kind: LegacyErrorKind) -> Self {
-        LegacyError { format, kind }
-    }
-}
-
-/// Why a legacy value does not open.
-#[non_exhaustive]
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum LegacyErrorKind {
-    /// It does not authenticate under any key given: altered, or
-    /// encrypted under a key the decoder does not have.
-    #[error("does not authenticate under any key given (altered, or under another key)")]
-    Authentication,
-    /// It names a key version the decoder has no key for.
-    #[error("names key version {0:?}, for which no key was given")]
-    UnknownKeyVersion(String),
-    /// It is not well formed: what is wrong.
-    #[error("malformed: {0}")]
-    Malformed(&'static str),
 }
 
 /// Several decoders, tried in order: the first that recognises a value

@@ -3,8 +3,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::lifecycle::tables::check_identifier;
-use crate::migrate::{Migratable, StoredTable};
+use crate::lifecycle::tables::{Migratable, StoredTable, check_identifier};
 
 /// The SQL dialect of [`sealed_check`].
 #[non_exhaustive]
