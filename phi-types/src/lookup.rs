@@ -26,7 +26,7 @@
 //!   key;
 //! - value = `u32be(v) ‖ HMAC-SHA256(key, normalised canonical encoding)[..16]`,
 //!   20 bytes ([`LOOKUP_INDEX_LEN`]), in a nullable binary column (NULL when
-//!   the field is NULL). The encoding is the field's [`PhiValue`] encoding
+//!   the field is NULL). The encoding is the field's [`PhiValue`](crate::PhiValue) encoding
 //!   (UTF-8 for text), normalised as the field says (`trim`, `lowercase`).
 //!
 //! The value is written whether or not the owner's row is sealed (it does not
