@@ -282,8 +282,7 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
                     let canonical = (c.canonical)(plain.to_vec())
                         .map_err(|e| data_error(format!("the value does not decode: {e}")))?;
                     let value = key.compute_encoded(&canonical, c.normalize);
-                    let written = write_lookup(
-                        conn,
+                    let written = conn.write_lookup(
                         t.table,
                         t.key_column,
                         &row.key,
@@ -310,71 +309,6 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
         "phi lookup re-index done"
     );
     Ok(report)
-}
-
-/// `UPDATE table SET lookup = value WHERE key = key AND column = stored AND
-/// (lookup IS NULL OR lookup <> value)`: the number of rows written.
-#[allow(clippy::too_many_arguments)]
-fn write_lookup<C: DataConnection>(
-    conn: &mut C,
-    table: &'static str,
-    key_column: &str,
-    key: &SqlValue,
-    column: &str,
-    stored: &[u8],
-    lookup_column: &str,
-    value: &[u8],
-) -> Result<usize> {
-    let any: &mut dyn std::any::Any = conn;
-    let database = |source| Error::Database {
-        operation: "writing a re-indexed lookup value",
-        table,
-        source,
-    };
-    macro_rules! run {
-        ($conn:expr, $sql:expr) => {{
-            use diesel::RunQueryDsl as _;
-            use diesel::sql_types::{BigInt, Binary, Text};
-            let query = diesel::sql_query($sql).bind::<Binary, _>(value);
-            match key {
-                SqlValue::Text(k) => query
-                    .bind::<Text, _>(k)
-                    .bind::<Binary, _>(stored)
-                    .bind::<Binary, _>(value)
-                    .execute($conn),
-                SqlValue::Int(k) => query
-                    .bind::<BigInt, _>(*k)
-                    .bind::<Binary, _>(stored)
-                    .bind::<Binary, _>(value)
-                    .execute($conn),
-            }
-            .map_err(database)
-        }};
-    }
-    let question = format!(
-        "UPDATE {table} SET {lookup_column} = ? WHERE {key_column} = ? AND {column} = ? \
-         AND ({lookup_column} IS NULL OR {lookup_column} <> ?)"
-    );
-    #[cfg(feature = "sqlite")]
-    if let Some(conn) = any.downcast_mut::<diesel::SqliteConnection>() {
-        return run!(conn, &question);
-    }
-    #[cfg(feature = "mysql")]
-    if let Some(conn) = any.downcast_mut::<diesel::MysqlConnection>() {
-        return run!(conn, &question);
-    }
-    #[cfg(feature = "postgres")]
-    if let Some(conn) = any.downcast_mut::<diesel::PgConnection>() {
-        let dollar = format!(
-            "UPDATE {table} SET {lookup_column} = $1 WHERE {key_column} = $2 AND {column} = $3 \
-             AND ({lookup_column} IS NULL OR {lookup_column} <> $4)"
-        );
-        return run!(conn, &dollar);
-    }
-    let _ = (any, question);
-    Err(Error::Config(format!(
-        "{table}: the lookup re-index runs on SQLite, MySQL or PostgreSQL connections"
-    )))
 }
 
 #[cfg(test)]

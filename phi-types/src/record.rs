@@ -333,24 +333,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// Only when the owners' keys cannot be resolved at all.
     fn open_each(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Result<Self>>> {
         let keys = resolve_for_open(&rows, keyring)?;
-        let strict = Self::HAS_ENCRYPTED_FLAG && keyring.is_strict(Self::TABLE);
-        Ok(crate::metrics::timed(
-            crate::metrics::OPEN_DURATION_SECONDS,
-            || {
-                rows.into_iter()
-                    .map(|row| {
-                        if strict && !row.is_encrypted() {
-                            return Err(strict_error::<Self>(
-                                "reading",
-                                &row.owner_id(),
-                                row.row_text(),
-                            ));
-                        }
-                        open_row(row, &keys)
-                    })
-                    .collect()
-            },
-        ))
+        Ok(open_each_row::<Self>(rows, &keys, keyring))
     }
 
     /// Runs `query` selecting the sealed form, then opens the rows: the
@@ -488,24 +471,7 @@ pub trait PhiRecord: Sized + Send + Sync {
         async move {
             let owners = owned_owners_and_versions(&rows);
             let keys = resolve_for_open_async(owners, keyring).await?;
-            let strict = Self::HAS_ENCRYPTED_FLAG && keyring.is_strict(Self::TABLE);
-            Ok(crate::metrics::timed(
-                crate::metrics::OPEN_DURATION_SECONDS,
-                || {
-                    rows.into_iter()
-                        .map(|row| {
-                            if strict && !row.is_encrypted() {
-                                return Err(strict_error::<Self>(
-                                    "reading",
-                                    &row.owner_id(),
-                                    row.row_text(),
-                                ));
-                            }
-                            open_row(row, &keys)
-                        })
-                        .collect()
-                },
-            ))
+            Ok(open_each_row::<Self>(rows, &keys, keyring))
         }
     }
 
@@ -769,6 +735,30 @@ fn owners_and_versions<S: SealedRecord>(rows: &[S]) -> Vec<(Cow<'_, str>, Vec<u3
         });
     }
     owners
+}
+
+/// [`PhiRecord::open_each`] once the keys are resolved: each row opened on
+/// its own, a flag-off row of a strict table refused.
+fn open_each_row<R: PhiRecord>(
+    rows: Vec<R::Sealed>,
+    keys: &HashMap<String, Arc<OwnerKeys>>,
+    keyring: &Keyring,
+) -> Vec<Result<R>> {
+    let strict = R::HAS_ENCRYPTED_FLAG && keyring.is_strict(R::TABLE);
+    crate::metrics::timed(crate::metrics::OPEN_DURATION_SECONDS, || {
+        rows.into_iter()
+            .map(|row| {
+                if strict && !row.is_encrypted() {
+                    return Err(strict_error::<R>(
+                        "reading",
+                        &row.owner_id(),
+                        row.row_text(),
+                    ));
+                }
+                open_row(row, keys)
+            })
+            .collect()
+    })
 }
 
 fn open_row<R: PhiRecord>(row: R::Sealed, keys: &HashMap<String, Arc<OwnerKeys>>) -> Result<R> {

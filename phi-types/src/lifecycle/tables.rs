@@ -777,6 +777,23 @@ pub trait DataConnection: PhiConnection {
         transform: &mut Transform<'_>,
         before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<ApplyOutcome>;
+
+    /// `UPDATE table SET lookup = value WHERE key = ? AND column = stored
+    /// AND (lookup IS NULL OR lookup <> value)`: writes one row's lookup
+    /// value unless the row changed since `stored` was read or already
+    /// holds it. The rows written.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    fn write_lookup(
+        &mut self,
+        table: &'static str,
+        key_column: &str,
+        key: &SqlValue,
+        column: &str,
+        stored: &[u8],
+        lookup_column: &str,
+        value: &[u8],
+    ) -> Result<usize>;
 }
 
 /// Which rows [`DataConnection::migration_rows`] reads.
@@ -1966,6 +1983,50 @@ macro_rules! data_connection {
                     .get_result(self)
                     .map_err(|e| data_error("counting values stored in the clear", table, column, owner, e))?;
                 Ok(u64::try_from(count.n).unwrap_or(0))
+            }
+
+            fn write_lookup(
+                &mut self,
+                table: &'static str,
+                key_column: &str,
+                key: &SqlValue,
+                column: &str,
+                stored: &[u8],
+                lookup_column: &str,
+                value: &[u8],
+            ) -> Result<usize> {
+                check_identifier("table", table, true)?;
+                check_identifier("key column", key_column, false)?;
+                check_identifier("column", column, false)?;
+                check_identifier("lookup column", lookup_column, false)?;
+                let mut update = Statement::default();
+                update
+                    .sql("UPDATE ")
+                    .ident(table)
+                    .sql(" SET ")
+                    .ident(lookup_column)
+                    .sql(" = ")
+                    .bytes(value)
+                    .sql(" WHERE ")
+                    .ident(key_column)
+                    .sql(" = ")
+                    .key(key)
+                    .sql(" AND ")
+                    .ident(column)
+                    .sql(" = ")
+                    .bytes(stored)
+                    .sql(" AND (")
+                    .ident(lookup_column)
+                    .sql(" IS NULL OR ")
+                    .ident(lookup_column)
+                    .sql(" <> ")
+                    .bytes(value)
+                    .sql(")");
+                update.execute(self).map_err(|source| Error::Database {
+                    operation: "writing a re-indexed lookup value",
+                    table,
+                    source,
+                })
             }
 
             fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64> {
