@@ -268,6 +268,12 @@ impl DeniedLimit {
         }
     }
 
+    /// Counts `n` refusals as left out of the audit trail.
+    fn left_out(&self, n: u64) {
+        let mut w = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        w.left_out = w.left_out.saturating_add(n);
+    }
+
     /// Whether a refusal at `now` is audited: `Some(n)` with the number of
     /// refusals left out before it, or `None` when it is over the limit.
     fn admit(&self, now: Instant) -> Option<u64> {
@@ -353,6 +359,9 @@ async fn admit<G: Guard>(
             let audited = blocking(move || keyring.store().append_audit(&[event])).await;
             if let Err(e) = audited {
                 tracing::error!(error = %e.message, "cannot audit a refused admin request");
+                // Neither this refusal nor those it was to report were
+                // written: the next record says so.
+                state.denied.left_out(left_out + 1);
             }
             error_body(rejection.status, &rejection.reason)
         }
@@ -579,7 +588,7 @@ async fn key_status(
                 json!({
                     "reader": r.reader,
                     "position": r.position,
-                    "behind": (head - r.position).max(0),
+                    "behind": head.saturating_sub(r.position).max(0),
                     "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
                 })
             })
@@ -1029,6 +1038,10 @@ mod tests {
         assert_eq!(limit.admit(start + Duration::from_secs(60)), Some(2));
         assert_eq!(limit.admit(start + Duration::from_secs(61)), Some(0));
         assert_eq!(limit.admit(start + Duration::from_secs(62)), None);
+        // A record that could not be written: its refusal and those it
+        // carried are reported by the next one.
+        limit.left_out(1 + 1);
+        assert_eq!(limit.admit(start + Duration::from_secs(120)), Some(3));
     }
 
     #[test]

@@ -41,6 +41,14 @@
 //! also what a reader of the table learns. Use it for identifiers that must
 //! be found globally (a login e-mail), not for general PHI.
 //!
+//! A lookup value is computed under phi's own key, not the owner's: a
+//! crypto-shred of an owner leaves that owner's lookup values in place, and
+//! someone holding the keyring can still test a guessed value against them.
+//! When an owner is shredded, set its rows' lookup columns to NULL (or
+//! delete the rows) in the same change. phi's own key is never shredded:
+//! [`shred`](crate::lifecycle::shred) refuses owner ids beginning with
+//! [`RESERVED_OWNER_PREFIX`].
+//!
 //! # Rotation
 //!
 //! ```text

@@ -94,6 +94,18 @@ fn version_of(stored: &[u8]) -> u32 {
 }
 
 #[test]
+fn phis_own_lookup_key_is_never_shredded() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    keyring.lookup_keys().expect("the lookup key");
+    let err = phi::lifecycle::shred_keys_by(&keyring, LOOKUP_OWNER, "operator")
+        .expect_err("phi's own key is refused");
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    assert!(err.to_string().contains("never shredded"), "{err}");
+    keyring.lookup_keys().expect("the lookup key is still there");
+}
+
+#[test]
 fn a_record_is_found_by_value_without_knowing_its_owner() {
     let _serial = serial();
     let db = TestDb::new();

@@ -474,10 +474,11 @@ impl App {
             (&cli.database_url, &self.database_url, &self.keyring)
             && given != own
         {
-            return Err(format!(
-                "--database-url / DATABASE_URL names another database than the application's                  ({own:?}), whose keyring this command uses"
-            )
-            .into());
+            return Err(
+                "--database-url / DATABASE_URL names another database than the \
+                 application's, whose keyring this command uses"
+                    .into(),
+            );
         }
         let url = cli
             .database_url
@@ -603,7 +604,11 @@ pub fn key_store(url: &str) -> CliResult<Arc<dyn KeyStore>> {
         #[cfg(feature = "postgres")]
         Backend::Postgres => key_store_on::<diesel::PgConnection>(&url),
         #[allow(unreachable_patterns)]
-        _ => Err(format!("{url}: this build has no support for its backend").into()),
+        _ => Err(format!(
+            "{}: this build has no support for this database's backend",
+            url.split("://").next().unwrap_or("the database URL")
+        )
+        .into()),
     }
 }
 
@@ -1423,7 +1428,7 @@ where
                     json!({
                         "reader": r.reader,
                         "position": r.position,
-                        "behind": (head - r.position).max(0),
+                        "behind": head.saturating_sub(r.position).max(0),
                         "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
                     })
                 })
@@ -1443,7 +1448,7 @@ where
                 "  {}  at #{} ({} behind), recorded {:.1} s ago",
                 r.reader,
                 r.position,
-                (head - r.position).max(0),
+                head.saturating_sub(r.position).max(0),
                 r.age().as_secs_f64()
             );
         }

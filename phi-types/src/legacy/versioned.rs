@@ -105,12 +105,24 @@ impl VersionedGcmDecoder {
 }
 
 /// The version label of a stored value: `v` and digits before the first
-/// colon, with the rest.
+/// colon, with the rest, when the rest has the format's shape (two or
+/// three colon-separated base64 parts). Plain text that merely begins like
+/// a label (`v2: follow-up visit`) is not this format's.
 fn split_version(stored: &[u8]) -> Option<(&str, &[u8])> {
     let colon = stored.iter().position(|b| *b == b':')?;
     let (version, rest) = (&stored[..colon], &stored[colon + 1..]);
     let digits = version.strip_prefix(b"v")?;
     if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let base64 = |part: &[u8]| {
+        !part.is_empty()
+            && part
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+    };
+    let parts = rest.split(|b| *b == b':').count();
+    if !(2..=3).contains(&parts) || !rest.split(|b| *b == b':').all(base64) {
         return None;
     }
     Some((std::str::from_utf8(version).ok()?, rest))
@@ -149,9 +161,16 @@ mod tests {
 
     #[test]
     fn versions_are_recognised_strictly() {
-        assert_eq!(split_version(b"v1:abc").map(|v| v.0), Some("v1"));
-        assert_eq!(split_version(b"v12:abc").map(|v| v.0), Some("v12"));
-        assert!(split_version(b"v:abc").is_none());
+        assert_eq!(split_version(b"v1:AQEB:xYjm").map(|v| v.0), Some("v1"));
+        assert_eq!(
+            split_version(b"v12:AQEB:xYjm:Zg==").map(|v| v.0),
+            Some("v12")
+        );
+        assert!(split_version(b"v:AQEB:xYjm").is_none());
+        // Plain text that merely begins like a label is not claimed.
+        assert!(split_version(b"v2: follow-up visit").is_none());
+        assert!(split_version(b"v1:abc").is_none());
+        assert!(split_version(b"v1:a:b:c:d").is_none());
         assert!(split_version(b"version:abc").is_none());
         assert!(split_version(b"Doe").is_none());
         assert!(split_version(b"vx1:abc").is_none());

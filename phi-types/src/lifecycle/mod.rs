@@ -1031,6 +1031,17 @@ pub fn shred<C: DataConnection>(
 /// Key store errors (when the destroy itself failed, nothing was changed).
 pub fn shred_keys_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<ShredReport> {
     check_owner(owner)?;
+    // phi's own keys (`phi:lookup`) are rotated and retired, never shredded:
+    // shredding them would leave every lookup-indexed model unwritable.
+    if owner.starts_with(crate::keyring::RESERVED_OWNER_PREFIX) {
+        return Err(Error::InvalidInput {
+            what: "owner id",
+            reason: format!(
+                "owner ids beginning with {:?} are phi's own keys, which are rotated and retired, never shredded",
+                crate::keyring::RESERVED_OWNER_PREFIX
+            ),
+        });
+    }
     let destroyed_versions = keyring.store().destroy_keys(
         owner,
         &event_by(
