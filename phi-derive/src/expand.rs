@@ -1167,17 +1167,7 @@ fn seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
 
 /// The blind index of `self.field` (`None` for an unsealed row or a null).
 fn blind_call(krate: &syn::Path, f: &Field, scope: &str, normalize: (bool, bool)) -> TokenStream {
-    let name = &f.ident;
-    let vty = f.value_ty();
-    let value = if f.option_of.is_some() {
-        quote! { ::core::option::Option::as_ref(&self.#name) }
-    } else {
-        quote! { ::core::option::Option::Some(&self.#name) }
-    };
-    let normalize = normalize_tokens(krate, normalize);
-    quote_spanned! {vty.span()=>
-        (#krate::__private::ops::<#vty>().blind)(__keys, #value, #scope, #normalize)?
-    }
+    index_call(krate, f, scope, normalize, quote!(blind), quote!(__keys))
 }
 
 /// The lookup value of `self.field` under `keys` (`None` for a null).
@@ -1186,6 +1176,19 @@ fn lookup_call(
     f: &Field,
     scope: &str,
     normalize: (bool, bool),
+    keys: TokenStream,
+) -> TokenStream {
+    index_call(krate, f, scope, normalize, quote!(lookup), keys)
+}
+
+/// `self.field`'s index value by the value ops' `op` (`blind` or `lookup`)
+/// under `keys`: the field as an `Option<&T>`, its scope and normalisation.
+fn index_call(
+    krate: &syn::Path,
+    f: &Field,
+    scope: &str,
+    normalize: (bool, bool),
+    op: TokenStream,
     keys: TokenStream,
 ) -> TokenStream {
     let name = &f.ident;
@@ -1197,7 +1200,7 @@ fn lookup_call(
     };
     let normalize = normalize_tokens(krate, normalize);
     quote_spanned! {vty.span()=>
-        (#krate::__private::ops::<#vty>().lookup)(#keys, #value, #scope, #normalize)?
+        (#krate::__private::ops::<#vty>().#op)(#keys, #value, #scope, #normalize)?
     }
 }
 

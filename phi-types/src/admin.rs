@@ -588,7 +588,7 @@ async fn key_status(
                 json!({
                     "reader": r.reader,
                     "position": r.position,
-                    "behind": head.saturating_sub(r.position).max(0),
+                    "behind": r.behind(head),
                     "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
                 })
             })

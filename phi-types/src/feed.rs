@@ -181,6 +181,12 @@ impl FeedReader {
         }
     }
 
+    /// How many events the reader is behind the feed's `head` (zero when
+    /// it is at or past it).
+    pub fn behind(&self, head: i64) -> i64 {
+        head.saturating_sub(self.position).max(0)
+    }
+
     /// Time since the reader recorded its position (zero for a record
     /// stamped in the future by a clock ahead of this one).
     pub fn age(&self) -> std::time::Duration {

@@ -1428,7 +1428,7 @@ where
                     json!({
                         "reader": r.reader,
                         "position": r.position,
-                        "behind": head.saturating_sub(r.position).max(0),
+                        "behind": r.behind(head),
                         "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
                     })
                 })
@@ -1448,7 +1448,7 @@ where
                 "  {}  at #{} ({} behind), recorded {:.1} s ago",
                 r.reader,
                 r.position,
-                head.saturating_sub(r.position).max(0),
+                r.behind(head),
                 r.age().as_secs_f64()
             );
         }
