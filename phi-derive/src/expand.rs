@@ -272,6 +272,7 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
             #krate::__private::StoredColumn {
                 column: #column,
                 scope: #scope,
+                shadow: ::core::option::Option::None,
                 blind_index: #index,
                 canonical: #krate::__private::canonical::<#vty>,
             }

@@ -546,6 +546,11 @@ pub struct StoredColumn {
     pub column: &'static str,
     /// The scope its values are bound to.
     pub scope: &'static str,
+    /// The shadow column of the dual-write phase (`#[phi(encrypt, shadow)]`):
+    /// sealed values go there while `column` keeps the plain value, until
+    /// `finalize` drops `column` and renames the shadow to it. `None`: the
+    /// column is sealed in place.
+    pub shadow: Option<&'static str>,
     /// The blind index column computed from it, and its normalisation.
     pub blind_index: Option<(&'static str, Normalize)>,
     /// Decodes plain bytes as the field's type and encodes the value
@@ -562,12 +567,26 @@ impl fmt::Debug for StoredColumn {
         f.debug_struct("StoredColumn")
             .field("column", &self.column)
             .field("scope", &self.scope)
+            .field("shadow", &self.shadow)
             .field("blind_index", &self.blind_index)
             .finish_non_exhaustive()
     }
 }
 
+impl StoredColumn {
+    /// The column sealed values are stored in: the shadow column during
+    /// the dual-write phase, else the column itself.
+    pub fn sealed_column(&self) -> &'static str {
+        self.shadow.unwrap_or(self.column)
+    }
+}
+
 impl StoredTable {
+    /// Whether any column is in the dual-write phase (has a shadow column).
+    pub fn has_shadow(&self) -> bool {
+        self.columns.iter().any(|c| c.shadow.is_some())
+    }
+
     /// The columns the jobs read: the encrypted columns, then the blind
     /// index columns.
     pub fn read_columns(&self) -> Vec<&'static str> {
