@@ -224,6 +224,12 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
                     t.table, c.column
                 ))
             })?;
+        if t.columns[position].shadow.is_some() {
+            return Err(Error::Config(format!(
+                "{}.{} is in the dual-write phase (a shadow column): re-index its lookup values after finalize",
+                t.table, c.column
+            )));
+        }
         positions.push(position);
     }
     let lookup = keyring.lookup_keys()?;

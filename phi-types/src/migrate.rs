@@ -305,6 +305,12 @@ pub enum ProblemKind {
     /// flag is off), it does not open or does not decode, or its owner's
     /// keys cannot be loaded.
     Unreadable,
+    /// During the dual-write phase (`#[phi(encrypt, shadow)]`): the shadow
+    /// column of a sealed row does not hold the value of its plaintext
+    /// column (changed by hand, one of them NULL, or a plaintext that does
+    /// not decode), or the shadow column of an unsealed row is not NULL.
+    /// The message names the table, column, row and owner, never a value.
+    ShadowMismatch,
 }
 
 /// A row a job could not migrate or verify: where, and why. Never holds a
@@ -851,7 +857,7 @@ fn check_sealed(
     row: &MigrationRow,
     keys: &HashMap<String, Arc<OwnerKeys>>,
 ) -> Vec<VerifyFailure> {
-    use ProblemKind::{BlindIndex, NotCanonical, Unreadable};
+    use ProblemKind::{BlindIndex, NotCanonical, ShadowMismatch, Unreadable};
     let mut out = Vec::new();
     let Some(keys) = keys.get(&row.owner) else {
         out.push(failure(
@@ -863,7 +869,25 @@ fn check_sealed(
         ));
         return out;
     };
-    for (c, value) in t.columns.iter().zip(&row.values) {
+    for (i, c) in t.columns.iter().enumerate() {
+        let value = row.values.get(t.sealed_position(i)).and_then(Option::as_ref);
+        if c.shadow.is_some() {
+            let plain = row.values.get(i).and_then(Option::as_ref);
+            if value.is_none() != plain.is_none() {
+                out.push(failure(
+                    t,
+                    c.sealed_column(),
+                    row,
+                    ShadowMismatch,
+                    if value.is_none() {
+                        "the flag is on but the shadow column is NULL while the plaintext column is not"
+                    } else {
+                        "the flag is on but the plaintext column is NULL while the shadow column is not"
+                    },
+                ));
+                continue;
+            }
+        }
         let Some(bytes) = value else {
             continue;
         };
@@ -871,7 +895,7 @@ fn check_sealed(
         if let Err(e) = sealed.header() {
             out.push(failure(
                 t,
-                c.column,
+                c.sealed_column(),
                 row,
                 Unreadable,
                 format_args!("the flag is on but the value is not an envelope: {e}"),
@@ -881,7 +905,7 @@ fn check_sealed(
         let plain = match keys.open(sealed, c.scope, &row.row) {
             Ok(plain) => Zeroizing::new(plain),
             Err(e) => {
-                out.push(failure(t, c.column, row, Unreadable, e));
+                out.push(failure(t, c.sealed_column(), row, Unreadable, e));
                 continue;
             }
         };
@@ -890,7 +914,7 @@ fn check_sealed(
             Err(e) => {
                 out.push(failure(
                     t,
-                    c.column,
+                    c.sealed_column(),
                     row,
                     Unreadable,
                     format_args!("opens, but does not decode: {e}"),
@@ -898,10 +922,34 @@ fn check_sealed(
                 continue;
             }
         };
+        if let Some(Some(text)) = c.shadow.and(row.values.get(i)) {
+            // The plaintext column, kept during the dual-write phase, must
+            // hold what the shadow column seals.
+            match (c.canonical)(text.clone()) {
+                Ok(plain_canonical) if *plain_canonical == *canonical => {}
+                Ok(_) => out.push(failure(
+                    t,
+                    c.column,
+                    row,
+                    ShadowMismatch,
+                    format_args!(
+                        "the plaintext column differs from the value sealed in {}",
+                        c.sealed_column()
+                    ),
+                )),
+                Err(e) => out.push(failure(
+                    t,
+                    c.column,
+                    row,
+                    ShadowMismatch,
+                    format_args!("the plaintext column does not decode: {e}"),
+                )),
+            }
+        }
         if *canonical != *plain {
             out.push(failure(
                 t,
-                c.column,
+                c.sealed_column(),
                 row,
                 NotCanonical,
                 "opens, but the sealed value is not in its type's canonical encoding (decrypt-back and backfill again re-encode it)",
@@ -942,6 +990,22 @@ fn check_unsealed(
     tally: &mut Tally,
 ) -> Vec<VerifyFailure> {
     let mut out = Vec::new();
+    for (i, c) in t.columns.iter().enumerate() {
+        if c.shadow.is_some()
+            && row
+                .values
+                .get(t.sealed_position(i))
+                .is_some_and(Option::is_some)
+        {
+            out.push(failure(
+                t,
+                c.sealed_column(),
+                row,
+                ProblemKind::ShadowMismatch,
+                "the flag is off but the shadow column is not NULL",
+            ));
+        }
+    }
     for (c, value) in t.columns.iter().zip(&row.values) {
         let Some(bytes) = value else {
             continue;
@@ -1227,7 +1291,12 @@ fn dry_run<C: DataConnection>(
                 report.undecodable += 1;
             } else {
                 report.rows += 1;
-                report.values += row.values.iter().take(t.columns.len()).flatten().count() as u64;
+                report.values += (0..t.columns.len())
+                    .filter(|&i| {
+                        let at = if sealing { i } else { t.sealed_position(i) };
+                        row.values.get(at).is_some_and(Option::is_some)
+                    })
+                    .count() as u64;
                 report.reencoded += problems
                     .iter()
                     .filter(|p| p.kind == ProblemKind::NotCanonical)
@@ -1367,12 +1436,18 @@ fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(
         indexes: Vec::new(),
     };
     let mut reencoded = 0;
-    for (c, value) in t.columns.iter().zip(&row.values) {
+    for (i, c) in t.columns.iter().enumerate() {
         if c.blind_index.is_some() {
             write.indexes.push(None);
         }
-        let Some(sealed) = value else {
-            write.values.push(None);
+        let Some(sealed) = row.values.get(t.sealed_position(i)).and_then(Option::as_ref) else {
+            // A NULL shadow: the plaintext column keeps what it holds.
+            let kept = if c.shadow.is_some() {
+                row.values.get(i).cloned().flatten()
+            } else {
+                None
+            };
+            write.values.push(kept);
             continue;
         };
         let plain: Vec<u8> = keys.open(
@@ -1385,6 +1460,17 @@ fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(
             .map_err(|e| decode_error(t, c.column, row, "the opened value does not decode", e))?;
         if *canonical != *plain {
             reencoded += 1;
+        }
+        if c.shadow.is_some() && std::str::from_utf8(&canonical).is_err() {
+            // A plaintext column is written as text: a type whose encoding
+            // is not text (an integer, say) cannot be written back there.
+            return Err(decode_error(
+                t,
+                c.column,
+                row,
+                "the opened value's encoding is not text, so it cannot be written to the plaintext column",
+                DecodeError::Utf8,
+            ));
         }
         write.values.push(Some(canonical.to_vec()));
     }

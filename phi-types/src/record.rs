@@ -1361,6 +1361,22 @@ pub(crate) mod __private {
         Ok(false)
     }
 
+    /// A sealed row whose shadow column (`#[phi(encrypt, shadow)]`) is
+    /// NULL although its field is not optional.
+    pub fn shadow_missing(table: &str, column: &str, owner: &str, row: Option<String>) -> Error {
+        Error::DataTable {
+            operation: "reading a sealed row",
+            table: table.to_owned(),
+            column: column.to_owned(),
+            owner: owner.to_owned(),
+            source: format!(
+                "row {:?}: the flag is on but the shadow column is NULL",
+                row.as_deref().unwrap_or("?")
+            )
+            .into(),
+        }
+    }
+
     /// Refusal to store a row unsealed when the model has no encrypted flag.
     pub fn must_seal(owner: &str, table: &str) -> Error {
         Error::KeyUnavailable {

@@ -587,8 +587,9 @@ impl StoredTable {
         self.columns.iter().any(|c| c.shadow.is_some())
     }
 
-    /// The columns the jobs read: the encrypted columns, then the blind
-    /// index columns.
+    /// The columns the jobs read: the encrypted columns (during the
+    /// dual-write phase, the plaintext columns, read as text), then the
+    /// blind index columns, then the shadow columns.
     pub fn read_columns(&self) -> Vec<&'static str> {
         self.columns
             .iter()
@@ -598,7 +599,27 @@ impl StoredTable {
                     .iter()
                     .filter_map(|c| c.blind_index.map(|(i, _)| i)),
             )
+            .chain(self.columns.iter().filter_map(|c| c.shadow))
             .collect()
+    }
+
+    /// Where the sealed value of `self.columns[i]` sits among the
+    /// [`read_columns`](Self::read_columns): the column itself, or its
+    /// shadow column.
+    pub(crate) fn sealed_position(&self, i: usize) -> usize {
+        if self.columns[i].shadow.is_none() {
+            return i;
+        }
+        let indexes = self
+            .columns
+            .iter()
+            .filter(|c| c.blind_index.is_some())
+            .count();
+        let shadows_before = self.columns[..i]
+            .iter()
+            .filter(|c| c.shadow.is_some())
+            .count();
+        self.columns.len() + indexes + shadows_before
     }
 
     /// The same table as the life-cycle jobs (re-seal, retire, usage,
@@ -624,7 +645,7 @@ impl StoredTable {
             .key_column_typed(self.key_column, self.key_type.unwrap_or_default())
             .flag_column_typed(self.flag_column, flag_type);
         for c in &self.columns {
-            out = out.column_with_scope(c.column, c.scope);
+            out = out.column_with_scope(c.sealed_column(), c.scope);
         }
         Ok(out)
     }
@@ -637,6 +658,9 @@ impl StoredTable {
         check_identifier("encrypted flag column", self.flag_column, false)?;
         for c in &self.columns {
             check_identifier("column", c.column, false)?;
+            if let Some(shadow) = c.shadow {
+                check_identifier("shadow column", shadow, false)?;
+            }
             if let Some((index, _)) = c.blind_index {
                 check_identifier("blind index column", index, false)?;
             }
@@ -1233,11 +1257,14 @@ impl Dialect {
         s
     }
 
-    /// `SELECT row_key, value … WHERE flag = ? AND key IN (?, …)`.
+    /// `SELECT row_key, value … WHERE flag = ? AND key IN (?, …)`; the
+    /// value cast to text when `as_text` (a plaintext column of the
+    /// dual-write phase, in its own SQL type).
     fn migration_values<'a>(
         self,
         t: &'a StoredTable,
         column: &'a str,
+        as_text: bool,
         sealed: bool,
         keys: impl IntoIterator<Item = &'a SqlValue>,
     ) -> Statement<'a> {
@@ -1245,7 +1272,7 @@ impl Dialect {
         s.sql("SELECT ")
             .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
             .sql(" AS row_key, ")
-            .ident(column)
+            .text(column, as_text)
             .sql(" AS value FROM ")
             .ident(t.table)
             .sql(" WHERE ")
@@ -1299,6 +1326,9 @@ enum SetValue<'a> {
     Key(&'a SqlValue),
     /// Stored bytes (or NULL).
     Bytes(Option<&'a [u8]>),
+    /// A plain value as text (or NULL), for a plaintext column of the
+    /// dual-write phase, which the backend converts to the column's type.
+    Text(Option<&'a str>),
 }
 
 impl SetValue<'_> {
@@ -1307,6 +1337,7 @@ impl SetValue<'_> {
             SetValue::Key(SqlValue::Text(t)) => t.len(),
             SetValue::Key(SqlValue::Int(_)) => 8,
             SetValue::Bytes(b) => b.map_or(0, <[u8]>::len),
+            SetValue::Text(t) => t.map_or(0, str::len),
         }
     }
 }
@@ -1351,6 +1382,9 @@ struct SetUpdate<'a> {
     matches: Vec<&'a str>,
     /// Columns set from each row's remaining values.
     sets: Vec<&'a str>,
+    /// Which of `sets` take text ([`SetValue::Text`]) converted to the
+    /// column's own SQL type (a plaintext column of the dual-write phase).
+    text_sets: Vec<bool>,
     /// A column set to one bound value for every row (the flag flipped).
     extra: Option<(&'a str, FlagValue)>,
     /// A column compared with one bound flag value (the flag as read).
@@ -1387,6 +1421,8 @@ impl<DB> QueryFragment<DB> for SetUpdate<'_>
 where
     DB: Backend + HasSqlType<Binary> + HasSqlType<Bool> + HasSqlType<BigInt> + HasSqlType<Text>,
     Option<&'static [u8]>: ToSql<Nullable<Binary>, DB>,
+    Option<&'static str>: ToSql<Nullable<Text>, DB>,
+    str: ToSql<Text, DB>,
     [u8]: ToSql<Binary, DB>,
     bool: ToSql<Bool, DB>,
     i64: ToSql<BigInt, DB>,
@@ -1408,6 +1444,9 @@ where
         ) -> QueryResult<()>
         where
             DB: Backend + HasSqlType<Binary> + HasSqlType<BigInt> + HasSqlType<Text>,
+            Option<&'static [u8]>: ToSql<Nullable<Binary>, DB>,
+            Option<&'static str>: ToSql<Nullable<Text>, DB>,
+            str: ToSql<Text, DB>,
             [u8]: ToSql<Binary, DB>,
             i64: ToSql<BigInt, DB>,
             String: ToSql<Text, DB>,
@@ -1422,6 +1461,8 @@ where
                 SetValue::Bytes(None) => {
                     out.push_bind_param::<Nullable<Binary>, Option<&[u8]>>(&None)
                 }
+                SetValue::Text(Some(t)) => out.push_bind_param::<Text, str>(t),
+                SetValue::Text(None) => out.push_bind_param::<Nullable<Text>, Option<&str>>(&None),
             }
         }
 
@@ -1434,7 +1475,23 @@ where
                 out.push_identifier(column)?;
             }
             out.push_sql(" = ");
-            push_qualified(out, "phi_v", &self.value_column(self.matches.len() + i))
+            let value = self.value_column(self.matches.len() + i);
+            if self.shape == SetShape::Values && self.text_sets.get(i).copied().unwrap_or(false) {
+                // PostgreSQL converts text to a column's type (a date, say)
+                // only when told which: the table's row type tells it,
+                // through the type's own input function.
+                out.push_sql("(json_populate_record(CAST(NULL AS ");
+                push_table(out, self.table)?;
+                out.push_sql("), json_build_object('");
+                // A checked plain identifier (letters, digits and `_`).
+                out.push_sql(column);
+                out.push_sql("', ");
+                push_qualified(out, "phi_v", &value)?;
+                out.push_sql("))).");
+                out.push_identifier(column)
+            } else {
+                push_qualified(out, "phi_v", &value)
+            }
         };
         out.push_sql("UPDATE ");
         push_table(&mut out, self.table)?;
@@ -1570,6 +1627,8 @@ where
     C: diesel::Connection,
     C::Backend: HasSqlType<Binary> + HasSqlType<Bool> + HasSqlType<BigInt> + HasSqlType<Text>,
     Option<&'static [u8]>: ToSql<Nullable<Binary>, C::Backend>,
+    Option<&'static str>: ToSql<Nullable<Text>, C::Backend>,
+    str: ToSql<Text, C::Backend>,
     [u8]: ToSql<Binary, C::Backend>,
     bool: ToSql<Bool, C::Backend>,
     i64: ToSql<BigInt, C::Backend>,
@@ -1595,6 +1654,7 @@ where
         let statement = SetUpdate {
             matches: update.matches.clone(),
             sets: update.sets.clone(),
+            text_sets: update.text_sets.clone(),
             guard_on: update.guard_on,
             rows: chunk,
             shape: update.shape,
@@ -1667,7 +1727,10 @@ macro_rules! load_rows {
             }
             for (ci, column) in read.iter().enumerate() {
                 let keys: Vec<SqlValue> = rows.iter().map(|r| r.key.clone()).collect();
-                let query = d.migration_values(t, column, q.sealed, &keys);
+                // A plaintext column of the dual-write phase holds its own
+                // SQL type (text, a date): read as its text.
+                let as_text = t.columns.get(ci).is_some_and(|c| c.shadow.is_some());
+                let query = d.migration_values(t, column, as_text, q.sealed, &keys);
                 let found: Vec<(SqlValue, Option<Vec<u8>>)> = if int_key {
                     query
                         .load::<IntKeyedOpt>(&mut *$conn)?
@@ -1884,6 +1947,7 @@ macro_rules! data_connection {
                             table: &table.table,
                             matches: vec![key_column, &column.column],
                             sets: vec![&column.column],
+                            text_sets: Vec::new(),
                             extra: None,
                             guard_flag: None,
                             guard_key: Some((&table.owner_column, &owner_value)),
@@ -2112,13 +2176,32 @@ macro_rules! data_connection {
                     if writes.is_empty() {
                         return Ok(outcome);
                     }
-                    let mut sets: Vec<&str> = table.columns.iter().map(|c| c.column).collect();
+                    // Sealing writes each value into its sealed column (the
+                    // shadow column during the dual-write phase, whose
+                    // plaintext column is left as it is); unsealing writes
+                    // the plain value into the column and clears its shadow.
+                    let unsealing_shadow = sealed && table.has_shadow();
+                    let mut sets: Vec<&str> = table
+                        .columns
+                        .iter()
+                        .map(|c| if sealed { c.column } else { c.sealed_column() })
+                        .collect();
+                    let mut text_sets: Vec<bool> = table
+                        .columns
+                        .iter()
+                        .map(|c| sealed && c.shadow.is_some())
+                        .collect();
                     sets.extend(table.columns.iter().filter_map(|c| c.blind_index.map(|(i, _)| i)));
+                    if unsealing_shadow {
+                        sets.extend(table.columns.iter().filter_map(|c| c.shadow));
+                    }
+                    text_sets.resize(sets.len(), false);
                     let update = SetUpdate {
                         shape: d.shape,
                         table: table.table,
                         matches: vec![table.key_column],
                         sets,
+                        text_sets,
                         extra: Some((table.flag_column, FlagValue::new(table.flag_is_bool, !sealed))),
                         guard_flag: Some((table.flag_column, FlagValue::new(table.flag_is_bool, sealed))),
                         guard_key: None,
@@ -2127,14 +2210,33 @@ macro_rules! data_connection {
                     };
                     // Bound by reference: no copy of a plaintext outlives
                     // `writes`, which zeroizes its values.
-                    let values: Vec<Vec<SetValue<'_>>> = writes
-                        .iter()
-                        .map(|(key, write)| {
-                            std::iter::once(SetValue::Key(key))
-                                .chain(write.values.iter().chain(&write.indexes).map(|v| SetValue::Bytes(v.as_deref())))
-                                .collect()
-                        })
-                        .collect();
+                    let shadows = table.columns.iter().filter(|c| c.shadow.is_some()).count();
+                    let mut values: Vec<Vec<SetValue<'_>>> = Vec::with_capacity(writes.len());
+                    for (key, write) in &writes {
+                        let mut row = vec![SetValue::Key(key)];
+                        for (c, v) in table.columns.iter().zip(&write.values) {
+                            row.push(if sealed && c.shadow.is_some() {
+                                let text = match v.as_deref().map(std::str::from_utf8).transpose() {
+                                    Ok(text) => text,
+                                    Err(_) => return Err(TxError::Phi(Error::DataTable {
+                                        operation: "unsealing a row",
+                                        table: table.table.to_owned(),
+                                        column: c.column.to_owned(),
+                                        owner: String::new(),
+                                        source: "the plain value is not text".into(),
+                                    })),
+                                };
+                                SetValue::Text(text)
+                            } else {
+                                SetValue::Bytes(v.as_deref())
+                            });
+                        }
+                        row.extend(write.indexes.iter().map(|v| SetValue::Bytes(v.as_deref())));
+                        if unsealing_shadow {
+                            row.extend((0..shadows).map(|_| SetValue::Bytes(None)));
+                        }
+                        values.push(row);
+                    }
                     // Row keys are unique, so each row of the statement
                     // writes at most one row: those it did not write had
                     // their flag flipped by another writer first.
