@@ -47,11 +47,20 @@ fn generate(m: &Model) -> TokenStream {
         let fvis = &f.vis;
         let attrs = &f.diesel_attrs;
         let ty = sealed_ty(krate, f);
-        let doc = match f.role {
+        let doc = match &f.role {
+            Role::Encrypt {
+                shadow: Some(shadow),
+                ..
+            } => format!("`{name}` in the clear (the dual-write phase: sealed in `{shadow}`)."),
             Role::Encrypt { .. } => format!("`{name}`, sealed."),
             _ => format!("`{name}`."),
         };
         quote! { #[doc = #doc] #(#attrs)* #fvis #name: #ty }
+    });
+    let shadow_fields = shadows(m).map(|(f, column, _)| {
+        let doc = format!("`{}`, sealed (its shadow column; NULL while the row is unsealed).", f.ident);
+        let vty = f.value_ty();
+        quote! { #[doc = #doc] #vis #column: ::core::option::Option<#krate::Encrypted<#vty>> }
     });
     let index_fields = blind_indexes(m).map(|(f, column, _, _)| {
         let doc = format!("Blind index of `{}`.", f.ident);
@@ -75,6 +84,9 @@ fn generate(m: &Model) -> TokenStream {
     let seal_fields = m.fields.iter().map(|f| {
         let name = &f.ident;
         match &f.role {
+            Role::Encrypt { shadow: Some(_), .. } => {
+                quote! { #name: ::core::clone::Clone::clone(&self.#name) }
+            }
             Role::Encrypt { scope, .. } => {
                 let call = seal_call(krate, f, scope);
                 quote! { #name: #call }
@@ -85,6 +97,10 @@ fn generate(m: &Model) -> TokenStream {
             }
             _ => quote! { #name: ::core::clone::Clone::clone(&self.#name) },
         }
+    });
+    let seal_shadows = shadows(m).map(|(f, column, scope)| {
+        let call = shadow_seal_call(krate, f, scope);
+        quote! { #column: if __keys.is_some() { #call } else { ::core::option::Option::None } }
     });
     let seal_indexes = blind_indexes(m).map(|(f, column, scope, normalize)| {
         let call = blind_call(krate, f, scope, normalize);
@@ -113,10 +129,18 @@ fn generate(m: &Model) -> TokenStream {
         .chain(lookup_indexes(m))
         .map(|(_, c, _, _)| c)
         .collect();
+    let shadow_names: Vec<_> = shadows(m).map(|(_, c, _)| c).collect();
+    let shadow_row_text = match row_key {
+        Some(f) => {
+            let name = &f.ident;
+            quote! { ::core::option::Option::Some(#krate::RowKey::row_text(&#name)) }
+        }
+        None => quote! { ::core::option::Option::None },
+    };
     let encrypted_expr = flag_expr(krate, flag, quote!());
     let open_row_expr = row_key_expr(krate, row_key, quote!());
     let open_fields = m.fields.iter().filter_map(|f| {
-        let Role::Encrypt { scope, .. } = &f.role else {
+        let Role::Encrypt { scope, shadow, .. } = &f.role else {
             return None;
         };
         let name = &f.ident;
@@ -126,6 +150,34 @@ fn generate(m: &Model) -> TokenStream {
         } else {
             quote!(open)
         };
+        if let Some(shadow) = shadow {
+            // Sealed rows read the shadow column (what the column holds
+            // after finalize), unsealed rows the plaintext column.
+            let sealed = if f.option_of.is_some() {
+                quote! { #shadow }
+            } else {
+                let shadow_column = shadow.to_string();
+                quote! {
+                    match #shadow {
+                        ::core::option::Option::Some(__v) => __v,
+                        ::core::option::Option::None => {
+                            return ::core::result::Result::Err(#krate::__private::shadow_missing(
+                                #table_name,
+                                #shadow_column,
+                                &__owner,
+                                #shadow_row_text,
+                            ));
+                        }
+                    }
+                }
+            };
+            return Some(quote_spanned! {vty.span()=>
+                let #name = match __keys {
+                    ::core::option::Option::Some(_) => (#krate::__private::ops::<#vty>().#func)(__keys, #sealed, #scope, &__row, &__owner)?,
+                    ::core::option::Option::None => #name,
+                };
+            });
+        }
         Some(quote_spanned! {vty.span()=>
             let #name = (#krate::__private::ops::<#vty>().#func)(__keys, #name, #scope, &__row, &__owner)?;
         })
@@ -134,10 +186,15 @@ fn generate(m: &Model) -> TokenStream {
     // SealedRecord
     let sealed_flag_expr = flag_expr(krate, flag, quote!(self.));
     let versions = m.fields.iter().filter_map(|f| {
-        let Role::Encrypt { .. } = &f.role else {
+        let Role::Encrypt { shadow, .. } = &f.role else {
             return None;
         };
         let name = &f.ident;
+        if let Some(shadow) = shadow {
+            return Some(quote! {
+                if let ::core::option::Option::Some(v) = self.#shadow.as_ref().and_then(#krate::Encrypted::key_version) { f(v) }
+            });
+        }
         Some(if f.option_of.is_some() {
             quote! {
                 if let ::core::option::Option::Some(v) = self.#name.as_ref().and_then(#krate::Encrypted::key_version) { f(v) }
@@ -178,6 +235,7 @@ fn generate(m: &Model) -> TokenStream {
         #(#[#sealed_attrs])*
         #vis struct #sealed {
             #(#sealed_fields,)*
+            #(#shadow_fields,)*
             #(#index_fields,)*
             #(#lookup_fields,)*
         }
@@ -202,6 +260,7 @@ fn generate(m: &Model) -> TokenStream {
                 let __row = #row_expr;
                 ::core::result::Result::Ok(#sealed {
                     #(#seal_fields,)*
+                    #(#seal_shadows,)*
                     #(#seal_indexes,)*
                     #(#seal_lookups,)*
                 })
@@ -211,7 +270,7 @@ fn generate(m: &Model) -> TokenStream {
                 __sealed: #sealed,
                 __keys: ::core::option::Option<&#krate::OwnerKeys>,
             ) -> #krate::Result<Self> {
-                let #sealed { #(#field_names,)* #(#index_names: _,)* } = __sealed;
+                let #sealed { #(#field_names,)* #(#shadow_names,)* #(#index_names: _,)* } = __sealed;
                 let __owner = #krate::OwnerId::owner_id(&#owner_ident);
                 let __keys = #krate::__private::keys_for_row(#encrypted_expr, __keys, &__owner, #table_name)?;
                 let __row = #open_row_expr;
@@ -253,10 +312,20 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
     let (flag_column, flag_ty) = (&flag.column, &flag.ty);
     let columns = m.fields.iter().filter_map(|f| {
         let Role::Encrypt {
-            scope, blind_index, ..
+            scope,
+            blind_index,
+            shadow,
+            ..
         } = &f.role
         else {
             return None;
+        };
+        let shadow = match shadow {
+            Some(s) => {
+                let s = s.to_string();
+                quote! { ::core::option::Option::Some(#s) }
+            }
+            None => quote! { ::core::option::Option::None },
         };
         let column = &f.column;
         let vty = f.value_ty();
@@ -272,7 +341,7 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
             #krate::__private::StoredColumn {
                 column: #column,
                 scope: #scope,
-                shadow: ::core::option::Option::None,
+                shadow: #shadow,
                 blind_index: #index,
                 canonical: #krate::__private::canonical::<#vty>,
             }
@@ -346,6 +415,10 @@ fn field_of<'m>(m: &'m Model, role: &Role) -> &'m Field {
 /// The field's type in the sealed twin.
 fn sealed_ty(krate: &syn::Path, f: &Field) -> TokenStream {
     match (&f.role, &f.option_of) {
+        (Role::Encrypt { shadow: Some(_), .. }, _) => {
+            let ty = &f.ty;
+            quote! { #ty }
+        }
         (Role::Encrypt { .. }, Some(inner)) => {
             quote! { ::core::option::Option<#krate::Encrypted<#inner>> }
         }
@@ -356,6 +429,34 @@ fn sealed_ty(krate: &syn::Path, f: &Field) -> TokenStream {
         _ => {
             let ty = &f.ty;
             quote! { #ty }
+        }
+    }
+}
+
+/// Encrypted fields with a shadow column: (field, shadow column, scope).
+fn shadows(m: &Model) -> impl Iterator<Item = (&Field, &syn::Ident, &str)> {
+    m.fields.iter().filter_map(|f| match &f.role {
+        Role::Encrypt {
+            scope,
+            shadow: Some(shadow),
+            ..
+        } => Some((f, shadow, scope.as_str())),
+        _ => None,
+    })
+}
+
+/// `self.field` sealed for its shadow column: `Option<Encrypted<T>>`
+/// (`None` for a null).
+fn shadow_seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    if f.option_of.is_some() {
+        quote_spanned! {vty.span()=>
+            (#krate::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
+        }
+    } else {
+        quote_spanned! {vty.span()=>
+            ::core::option::Option::Some((#krate::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?)
         }
     }
 }
@@ -413,6 +514,11 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         let doc = format!("New `{name}`, if it changed.");
         quote! { #[doc = #doc] #(#attrs)* #fvis #name: ::core::option::Option<#ty> }
     });
+    let shadow_fields = shadows(m).map(|(f, column, _)| {
+        let doc = format!("New sealed `{}` (its shadow column), if it changed.", f.ident);
+        let vty = f.value_ty();
+        quote! { #[doc = #doc] #vis #column: ::core::option::Option<::core::option::Option<#krate::Encrypted<#vty>>> }
+    });
     let index_fields = blind_indexes(m).map(|(f, column, _, _)| {
         let doc = format!("New blind index of `{}`, if it changed.", f.ident);
         quote! { #[doc = #doc] #vis #column: ::core::option::Option<::core::option::Option<::std::vec::Vec<u8>>> }
@@ -425,6 +531,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         .fields
         .iter()
         .map(|f| &f.ident)
+        .chain(shadows(m).map(|(_, c, _)| c))
         .chain(blind_indexes(m).map(|(_, c, _, _)| c))
         .chain(lookup_indexes(m).map(|(_, c, _, _)| c))
         .collect();
@@ -492,6 +599,17 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
     let assign: Vec<_> = m.fields.iter().map(|f| {
         let name = &f.ident;
         match &f.role {
+            Role::Encrypt { shadow: Some(_), .. } => {
+                // The plaintext column always gets the plain value.
+                let changed = changed(krate, f);
+                quote! {
+                    #name: if __full || #changed {
+                        ::core::option::Option::Some(::core::clone::Clone::clone(&self.#name))
+                    } else {
+                        ::core::option::Option::None
+                    }
+                }
+            }
             Role::Encrypt { scope, .. } => {
                 let call = seal_call(krate, f, scope);
                 let changed = changed(krate, f);
@@ -522,6 +640,19 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             },
         }
     }).collect();
+    let assign_shadows: Vec<_> = shadows(m)
+        .map(|(f, column, scope)| {
+            let call = shadow_seal_call(krate, f, scope);
+            let changed = changed(krate, f);
+            quote! {
+                #column: if __full || #changed {
+                    ::core::option::Option::Some(if __seal { #call } else { ::core::option::Option::None })
+                } else {
+                    ::core::option::Option::None
+                }
+            }
+        })
+        .collect();
     let assign_indexes: Vec<_> = blind_indexes(m)
         .map(|(f, column, scope, normalize)| {
             let call = blind_call(krate, f, scope, normalize);
@@ -566,6 +697,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             #krate::__private::with_sealer(|__sealer| -> #krate::Result<#changes> {
                 ::core::result::Result::Ok(#changes {
                     #(#assign,)*
+                    #(#assign_shadows,)*
                     #(#assign_indexes,)*
                     #(#assign_lookups,)*
                 })
@@ -612,6 +744,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         #(#container_attrs)*
         #vis struct #changes {
             #(#fields,)*
+            #(#shadow_fields,)*
             #(#index_fields,)*
             #(#lookup_fields,)*
         }
@@ -1113,7 +1246,17 @@ fn debug(m: &Model) -> TokenStream {
     let sealed_fields = m.fields.iter().map(|f| {
         let field = &f.ident;
         let label = field.to_string();
-        quote! { .field(#label, &self.#field) }
+        match f.role {
+            // The plaintext column of the dual-write phase.
+            Role::Encrypt {
+                shadow: Some(_), ..
+            } => quote! { .field(#label, &#krate::__private::Redacted) },
+            _ => quote! { .field(#label, &self.#field) },
+        }
+    });
+    let shadow_fields = shadows(m).map(|(_, column, _)| {
+        let label = column.to_string();
+        quote! { .field(#label, &self.#column) }
     });
     let index_fields = blind_indexes(m)
         .chain(lookup_indexes(m))
@@ -1130,7 +1273,7 @@ fn debug(m: &Model) -> TokenStream {
 
         impl ::core::fmt::Debug for #sealed {
             fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-                f.debug_struct(#sealed_name) #(#sealed_fields)* #(#index_fields)* .finish()
+                f.debug_struct(#sealed_name) #(#sealed_fields)* #(#shadow_fields)* #(#index_fields)* .finish()
             }
         }
     }
@@ -1273,6 +1416,26 @@ mod tests {
                 #[phi(encrypt)]
                 pub ins_provider: Option<String>,
                 pub procedure_code: String,
+                #[phi(encrypted_flag)]
+                pub phi_encrypted: bool,
+            }
+        }));
+    }
+
+    #[test]
+    fn dual_write_with_shadow_columns() {
+        assert_expansion!(pretty(syn::parse_quote! {
+            #[phi(table = clients, debug)]
+            #[diesel(primary_key(client_id))]
+            pub struct Client {
+                #[phi(row_key)]
+                pub client_id: String,
+                #[phi(owner)]
+                pub workspace_id: String,
+                #[phi(encrypt, shadow, blind_index = last_name_bidx, normalize = "trim,lowercase")]
+                pub last_name: String,
+                #[phi(encrypt, shadow = phone_sealed)]
+                pub phone: Option<String>,
                 #[phi(encrypted_flag)]
                 pub phi_encrypted: bool,
             }

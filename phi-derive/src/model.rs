@@ -66,6 +66,7 @@ struct RawField {
     blind_index: Option<syn::Ident>,
     lookup_index: Option<syn::Ident>,
     normalize: Option<SpannedValue<String>>,
+    shadow: Option<SpannedValue<darling::util::Override<syn::Ident>>>,
 }
 
 /// A checked model.
@@ -100,6 +101,10 @@ pub(crate) enum Role {
         /// The owner-independent lookup index column, and its
         /// normalisation (the same as the blind index's).
         lookup_index: Option<BlindIndex>,
+        /// The shadow column of the dual-write phase
+        /// (`#[phi(encrypt, shadow)]`): sealed values go there, the
+        /// field's own column keeps the plain value.
+        shadow: Option<syn::Ident>,
     },
 }
 
@@ -165,10 +170,14 @@ impl Model {
         let mut owner: Option<Span> = None;
         let mut row_key: Option<Span> = None;
         let mut flag: Option<Span> = None;
+        let mut raw_shadow_spans: Vec<Span> = Vec::new();
         for f in raw_fields {
             let Some(ident) = f.ident.clone() else {
                 continue;
             };
+            if let (true, Some(shadow)) = (f.encrypt.is_present(), &f.shadow) {
+                raw_shadow_spans.push(shadow.span());
+            }
             let column_ident = column_name(&f.attrs).unwrap_or_else(|| ident.clone());
             let column = unraw(&column_ident);
             let marks = [
@@ -208,6 +217,7 @@ impl Model {
                     ("blind_index", f.blind_index.as_ref().map(|b| b.span())),
                     ("lookup_index", f.lookup_index.as_ref().map(|b| b.span())),
                     ("normalize", f.normalize.as_ref().map(|s| s.span())),
+                    ("shadow", f.shadow.as_ref().map(|s| s.span())),
                 ] {
                     if let Some(span) = value_span {
                         errors.push(
@@ -280,6 +290,12 @@ impl Model {
                         trim: normalize.0,
                         lowercase: normalize.1,
                     }),
+                    shadow: f.shadow.as_ref().map(|s| match &**s {
+                        darling::util::Override::Explicit(ident) => ident.clone(),
+                        darling::util::Override::Inherit => {
+                            quote::format_ident!("{}_encrypted", column)
+                        }
+                    }),
                 }
             } else if f.owner.is_present() {
                 Role::Owner
@@ -308,6 +324,16 @@ impl Model {
                 )
                 .with_span(&raw.ident),
             );
+        }
+        if flag.is_none() {
+            for f in &raw_shadow_spans {
+                errors.push(
+                    darling::Error::custom(
+                        "`shadow` needs an `#[phi(encrypted_flag)]` field: the flag says whether a row's value is read from the shadow column or from the plaintext column",
+                    )
+                    .with_span(f),
+                );
+            }
         }
         let mut errors = errors.checkpoint()?;
         if owner.is_some()
