@@ -22,6 +22,10 @@ use proc_macro::TokenStream;
 /// `#[phi(encrypt, lookup_index = column, normalize = "trim,lowercase")]`
 /// (an owner-independent index and `find_by_<field>`: equal values are
 /// linkable across owners),
+/// `#[phi(encrypt, shadow)]` / `#[phi(encrypt, shadow = column)]` (the
+/// dual-write phase: the plain value stays in the field's column, the
+/// envelope goes to a shadow column, `<column>_encrypted` by default;
+/// needs `#[phi(encrypted_flag)]`),
 /// `#[phi(row_key)]`, `#[phi(encrypted_flag)]`. `#[diesel(…)]` attributes
 /// are forwarded to the generated Diesel structs.
 #[proc_macro_derive(PhiRecord, attributes(phi, diesel))]

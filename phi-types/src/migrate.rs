@@ -47,6 +47,20 @@
 //! application cannot tell a backfilled row from one it wrote sealed; the
 //! plaintext never leaves the process and its buffers are zeroized.
 //!
+//! **Shadow columns** (`#[phi(encrypt, shadow)]`, the dual-write phase):
+//! the plaintext column keeps its own SQL type and is read as text; the
+//! backfill seals it into the shadow column ([`StoredColumn::sealed_column`])
+//! and leaves it unchanged; verify opens a sealed row's shadow and compares
+//! it with the canonical encoding of the plaintext column (a difference, or
+//! one of the two NULL, is [`ProblemKind::ShadowMismatch`]); decrypt-back
+//! writes the opened value into the plaintext column as text (the backend
+//! converts it to the column's type: a date, say), which also refills a
+//! plaintext column emptied by a finalize's down migration, and sets the
+//! shadow and blind index columns NULL. A sealed row whose shadow is NULL
+//! keeps its plaintext. Fields whose encoding is not text (integers,
+//! `bool`, bytes) cannot be written back into a plaintext column.
+//! Lookup-index re-indexing waits for finalize.
+//!
 //! ```
 //! # #[cfg(feature = "sqlite")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -87,6 +87,7 @@ pub use crate::store::Rollout;
 /// | `#[phi(encrypt, blind_index = column)]` | fields | keeps an equality index in `column` (nullable binary) |
 /// | `#[phi(encrypt, lookup_index = column)]` | fields | keeps an owner-independent index in `column` (nullable binary, 20 bytes), written on every insert and update, sealed row or not, and `find_by_<field>`; equal values are linkable across owners ([`lookup`](crate::lookup)) |
 /// | `normalize = "trim,lowercase"` | with `blind_index` or `lookup_index` | normalises before indexing |
+/// | `#[phi(encrypt, shadow)]`, `#[phi(encrypt, shadow = column)]` | fields, with an `encrypted_flag` | the dual-write phase of adopting phi on a live table: the field's own column keeps its plain SQL type and always gets the plain value; the shadow column (`<column>_encrypted` unless named; nullable binary) gets the envelope when the row is sealed, NULL otherwise. A sealed row is read from the shadow (a NULL shadow of a non-`Option` field is an error naming table, column and row), an unsealed one from the plain column. The migration jobs fill, compare and clear the shadow ([`migrate`](crate::migrate)); after `finalize` drops the plain column and renames the shadow to it, remove `shadow` |
 /// | `#[phi(row_key)]` | one field | binds each ciphertext to its row ([`RowKey`]) |
 /// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
 ///
