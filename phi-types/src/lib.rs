@@ -86,6 +86,7 @@
 
 #[cfg(feature = "admin-http")]
 pub mod admin;
+pub mod adopt;
 pub mod blind;
 mod cipher;
 #[cfg(feature = "cli")]

@@ -67,6 +67,7 @@ const MODULES: &[(&str, &str)] = &[
     ("lifecycle", "jobs"),
     ("migrate", "jobs"),
     ("lookup", "jobs"),
+    ("adopt", "jobs"),
     ("admin", "interfaces"),
     ("cli", "interfaces"),
 ];

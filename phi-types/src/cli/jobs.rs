@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::{CliResult, EXIT_NOT_VERIFIED, Format, Refused, bar};
-use crate::lifecycle::{DataConnection, ResealTable};
+use crate::adopt::{self, SchemaConnection, Strategy};
+use crate::legacy::Dialect;
+use crate::lifecycle::ResealTable;
 use crate::migrate::{
     self, DEFAULT_BATCH, Migratable, MigrateOptions, MigrationReport, Progress, StoredTable,
     VerifyFailure, VerifyReport,
@@ -39,8 +41,83 @@ pub enum JobCommand {
     DecryptBack(DecryptBackArgs),
     /// Per table: rows sealed and rows with the encrypted flag off.
     Status(StatusArgs),
-    // `finalize` joins these once the shadow-column strategy exists: a
-    // variant here and its arm in `Jobs::run`.
+    /// Schema migrations generated from a model and its live table.
+    #[command(subcommand)]
+    Migration(MigrationCommand),
+    /// Ends the dual-write phase of a model with shadow columns: checks
+    /// that every row is sealed and verifies (exit status 4 otherwise),
+    /// then writes the migration that drops the plain columns and renames
+    /// the shadows to their names.
+    Finalize(FinalizeArgs),
+}
+
+/// `migration …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+#[non_exhaustive]
+pub enum MigrationCommand {
+    /// Writes a Diesel migration (`up.sql`, `down.sql`) adopting a model's
+    /// table, generated from the model and the table as the database
+    /// describes it; prints the directory written.
+    Generate(GenerateArgs),
+}
+
+/// The strategies of `migration generate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum StrategyArg {
+    /// The sealed check alone (a table sealed in place, after the backfill).
+    Check,
+    /// The encrypted columns converted to binary where they are.
+    InPlace,
+    /// Shadow columns beside the plain ones (dual write).
+    Shadow,
+}
+
+/// The backends `--backend` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum BackendArg {
+    /// MySQL or MariaDB.
+    Mysql,
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+/// Options of `migration generate`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct GenerateArgs {
+    /// The model (its type name, e.g. `Case`, or its table's name).
+    #[arg(long = "model", value_name = "NAME")]
+    pub model: String,
+    /// Which migration.
+    #[arg(long, value_enum)]
+    pub strategy: StrategyArg,
+    /// The backend the SQL is for: the connection's (the only one the
+    /// live table can be read from).
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendArg>,
+    /// The migrations directory; the migration is a new directory in it.
+    #[arg(long, value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+}
+
+/// Options of `finalize`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct FinalizeArgs {
+    /// The model (its type name, e.g. `Case`, or its table's name).
+    #[arg(long = "model", value_name = "NAME")]
+    pub model: String,
+    /// The migrations directory; the migration is a new directory in it.
+    #[arg(long, value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+    /// Leaves out the sealed check (a CHECK constraint, or SQLite
+    /// triggers, refusing a sealed row that holds no envelope).
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 /// Which models a job works on.
@@ -173,6 +250,19 @@ impl Jobs {
             .collect()
     }
 
+    /// The one model named `name`.
+    fn one(&self, name: &str) -> CliResult<(Model, StoredTable)> {
+        let mut chosen = self.selected(&ModelArgs {
+            model: Some(name.to_owned()),
+        })?;
+        if chosen.len() > 1 {
+            return Err(format!("--model {name:?} names several models").into());
+        }
+        chosen
+            .pop()
+            .ok_or_else(|| format!("--model {name:?}: no such model").into())
+    }
+
     fn selected(&self, args: &ModelArgs) -> CliResult<Vec<(Model, StoredTable)>> {
         if self.models.is_empty() {
             return Err(
@@ -207,14 +297,15 @@ impl Jobs {
     /// `format` on standard output and, with `progress`, a progress bar on
     /// standard error (drawn only on a terminal).
     ///
-    /// Exit status: 0 done; 4 `verify` found rows that fail.
+    /// Exit status: 0 done; 4 `verify` found rows that fail, or `finalize`
+    /// found rows unsealed or failing.
     ///
     /// # Errors
     /// The job's errors (naming table, column, owner and row); an unknown
     /// `--model`; `decrypt-back` without `--yes`, or while the roll-out
     /// still seals new rows (an error whose [`is_refused`] is true: nothing
     /// was changed).
-    pub fn run<C: DataConnection>(
+    pub fn run<C: SchemaConnection>(
         &self,
         conn: &mut C,
         keyring: &Keyring,
@@ -228,6 +319,35 @@ impl Jobs {
             JobCommand::Verify(_) => "verify",
             JobCommand::DecryptBack(_) => "decrypt-back",
             JobCommand::Status(_) => "status",
+            JobCommand::Migration(MigrationCommand::Generate(args)) => {
+                let (_, table) = self.one(&args.model)?;
+                let strategy = match args.strategy {
+                    StrategyArg::Check => Strategy::Check,
+                    StrategyArg::InPlace => Strategy::InPlace,
+                    StrategyArg::Shadow => Strategy::Shadow,
+                };
+                if let Some(backend) = args.backend {
+                    let wanted = match backend {
+                        BackendArg::Mysql => Dialect::Mysql,
+                        BackendArg::Postgres => Dialect::Postgres,
+                        BackendArg::Sqlite => Dialect::Sqlite,
+                    };
+                    if wanted != C::DIALECT {
+                        return Err(format!(
+                            "--backend {backend:?} but the database is {:?}: the migration is generated \
+                             from the live table, on the database it will run on",
+                            C::DIALECT
+                        )
+                        .into());
+                    }
+                }
+                let migration =
+                    adopt::migration_for(&table, conn, strategy, &adopt::Options::default())?;
+                return write_migration(&migration, &args.dir, format);
+            }
+            JobCommand::Finalize(args) => {
+                return finalize(self, conn, keyring, args, format, progress);
+            }
         };
         let mut code = ExitCode::SUCCESS;
         let mut extra = serde_json::Map::new();
@@ -284,6 +404,7 @@ impl Jobs {
                     code = ExitCode::from(EXIT_NOT_VERIFIED);
                 }
             }
+            JobCommand::Migration(_) | JobCommand::Finalize(_) => {}
             JobCommand::Status(args) => {
                 let selected = self.selected(&args.models)?;
                 if format == Format::Text {
@@ -326,6 +447,94 @@ impl Jobs {
         }
         Ok(code)
     }
+}
+
+/// Writes `migration` into `dir` and prints the directory (JSON: the
+/// directory and both scripts).
+fn write_migration(
+    migration: &adopt::Migration,
+    dir: &std::path::Path,
+    format: Format,
+) -> CliResult {
+    let path = migration.write(dir)?;
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "directory": path.display().to_string(),
+                "up": migration.up,
+                "down": migration.down,
+            }))?
+        ),
+        _ => println!("{}", path.display()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `finalize`: every row sealed, all verified, then the migration.
+fn finalize<C: SchemaConnection>(
+    jobs: &Jobs,
+    conn: &mut C,
+    keyring: &Keyring,
+    args: &FinalizeArgs,
+    format: Format,
+    progress: bool,
+) -> CliResult {
+    let (_, table) = jobs.one(&args.model)?;
+    let not_ready = |message: String, unsealed: u64, failed: u64| -> CliResult {
+        if format == Format::Json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "command": "finalize",
+                    "ok": false,
+                    "table": table.table,
+                    "unsealed": unsealed,
+                    "failed": failed,
+                    "message": message,
+                }))?
+            );
+        }
+        eprintln!("finalize refused: {message}");
+        Ok(ExitCode::from(EXIT_NOT_VERIFIED))
+    };
+    let unsealed = migrate::count_rows(&table, conn, false)?;
+    if unsealed > 0 {
+        return not_ready(
+            format!(
+                "{}: {unsealed} rows are not sealed (encrypted flag off): run backfill, then verify",
+                table.table
+            ),
+            unsealed,
+            0,
+        );
+    }
+    if !table.has_shadow() {
+        return Err(Refused(format!(
+            "{}: the model has no shadow column (#[phi(encrypt, shadow)]): nothing to finalize",
+            table.table
+        ))
+        .into());
+    }
+    let report = with_progress(
+        &format!("verifying {}", table.table),
+        progress,
+        None,
+        |on| migrate::verify_table(&table, conn, keyring, None, on),
+    )?;
+    if !report.is_ok() {
+        return not_ready(
+            format!(
+                "{}: {} sealed rows fail to verify ({} unsealed): fix them before finalizing",
+                table.table, report.failed, report.unsealed_total
+            ),
+            report.unsealed_total,
+            report.failed,
+        );
+    }
+    let options = adopt::Options::default().sealed_check(!args.no_check);
+    let migration = adopt::migration_for(&table, conn, Strategy::Finalize, &options)?;
+    write_migration(&migration, &args.dir, format)
 }
 
 /// Whether `error` (from [`Jobs::run`] or a key command) is a refusal:

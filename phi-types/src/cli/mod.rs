@@ -30,7 +30,8 @@ use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 mod jobs;
 
 pub use jobs::{
-    DecryptBackArgs, JobCommand, Jobs, MigrateArgs, ModelArgs, StatusArgs, VerifyArgs, is_refused,
+    BackendArg, DecryptBackArgs, FinalizeArgs, GenerateArgs, JobCommand, Jobs, MigrateArgs,
+    MigrationCommand, ModelArgs, StatusArgs, StrategyArg, VerifyArgs, is_refused,
 };
 
 /// Prints a line of a report for people; nothing with `--format json`,
@@ -509,7 +510,7 @@ impl App {
     }
 
     #[allow(dead_code)] // Without a backend feature, nothing runs.
-    fn run_on<C: DataConnection>(&self, cli: &Cli, url: &str) -> CliResult
+    fn run_on<C: crate::adopt::SchemaConnection>(&self, cli: &Cli, url: &str) -> CliResult
     where
         DieselKeyStore<C>: KeyStore,
     {

@@ -30,7 +30,7 @@
 
 #[cfg(feature = "legacy-fernet")]
 mod fernet;
-mod sql;
+pub(crate) mod sql;
 mod versioned;
 
 use std::collections::BTreeMap;
