@@ -638,6 +638,13 @@ mod migrate {
     include!("migrate.rs");
 }
 
+/// Adopting phi end to end with generated schema migrations, both
+/// strategies.
+mod adopt {
+    use super::*;
+    include!("adopt.rs");
+}
+
 /// Legacy ciphertexts imported, strict mode, the database's guard.
 mod legacy {
     use super::*;

@@ -1,0 +1,466 @@
+// Adopting phi end to end with the generated schema migrations: a legacy
+// table with data and indexes goes through each strategy, with the
+// application writing (inserts and guarded updates) between the steps, and
+// what the application reads is the same at every step. Included in
+// `tests/suite/mod.rs`, so `Conn`, `BLOB`, `server_url()` and `TestDb` are
+// in scope. Each test owns its table.
+
+use std::collections::BTreeMap;
+
+use diesel::connection::SimpleConnection as _;
+use phi::adopt::{self, Options, SchemaConnection, Strategy};
+use phi::migrate::{self, MigrateOptions};
+use phi::{PhiRecord, Rollout, Updated};
+use sha2::{Digest, Sha256};
+
+/// What the application sees of a case: (owner, first, last, dob, insurer).
+type Seen = (String, String, String, NaiveDate, Option<String>);
+
+/// The legacy table, before phi.
+mod before {
+    diesel::table! {
+        phi_it_adopt_shadow (id) {
+            id -> Varchar,
+            owner_id -> Varchar,
+            first_name -> Varchar,
+            last_name -> Varchar,
+            dob -> Date,
+            insurer -> Nullable<Varchar>,
+        }
+    }
+    diesel::table! {
+        phi_it_adopt_inplace (id) {
+            id -> Varchar,
+            owner_id -> Varchar,
+            first_name -> Varchar,
+            last_name -> Varchar,
+            dob -> Date,
+            insurer -> Nullable<Varchar>,
+        }
+    }
+}
+
+/// The dual-write phase of the shadow strategy.
+mod dual {
+    use super::*;
+
+    diesel::table! {
+        phi_it_adopt_shadow (id) {
+            id -> Varchar,
+            owner_id -> Varchar,
+            first_name -> Varchar,
+            first_name_encrypted -> Nullable<Binary>,
+            last_name -> Varchar,
+            last_name_encrypted -> Nullable<Binary>,
+            dob -> Date,
+            dob_encrypted -> Nullable<Binary>,
+            insurer -> Nullable<Varchar>,
+            insurer_encrypted -> Nullable<Binary>,
+            last_name_bidx -> Nullable<Binary>,
+            phi_encrypted -> Bool,
+        }
+    }
+
+    #[derive(phi::PhiRecord, Clone, PartialEq)]
+    #[phi(table = phi_it_adopt_shadow, crate = phi, debug)]
+    #[diesel(primary_key(id))]
+    pub(super) struct Case {
+        #[phi(row_key)]
+        pub(super) id: String,
+        #[phi(owner)]
+        pub(super) owner_id: String,
+        #[phi(encrypt, shadow)]
+        pub(super) first_name: String,
+        #[phi(encrypt, shadow, blind_index = last_name_bidx, normalize = "trim,lowercase")]
+        pub(super) last_name: String,
+        #[phi(encrypt, shadow)]
+        pub(super) dob: NaiveDate,
+        #[phi(encrypt, shadow)]
+        pub(super) insurer: Option<String>,
+        #[phi(encrypted_flag)]
+        pub(super) phi_encrypted: bool,
+    }
+}
+
+/// The table once its PHI columns hold envelopes: after `finalize` (shadow
+/// strategy) or the in-place migration.
+macro_rules! sealed_model {
+    ($module:ident, $table:ident) => {
+        mod $module {
+            use super::*;
+
+            diesel::table! {
+                $table (id) {
+                    id -> Varchar,
+                    owner_id -> Varchar,
+                    first_name -> Binary,
+                    last_name -> Binary,
+                    dob -> Binary,
+                    insurer -> Nullable<Binary>,
+                    last_name_bidx -> Nullable<Binary>,
+                    phi_encrypted -> Bool,
+                }
+            }
+
+            #[derive(phi::PhiRecord, Clone, PartialEq)]
+            #[phi(table = $table, crate = phi, debug)]
+            #[diesel(primary_key(id))]
+            pub(super) struct Case {
+                #[phi(row_key)]
+                pub(super) id: String,
+                #[phi(owner)]
+                pub(super) owner_id: String,
+                #[phi(encrypt)]
+                pub(super) first_name: String,
+                #[phi(encrypt, blind_index = last_name_bidx, normalize = "trim,lowercase")]
+                pub(super) last_name: String,
+                #[phi(encrypt)]
+                pub(super) dob: NaiveDate,
+                #[phi(encrypt)]
+                pub(super) insurer: Option<String>,
+                #[phi(encrypted_flag)]
+                pub(super) phi_encrypted: bool,
+            }
+        }
+    };
+}
+sealed_model!(finalized, phi_it_adopt_shadow);
+sealed_model!(in_place, phi_it_adopt_inplace);
+
+const ADOPT_LAST: [&str; 5] = ["Okonkwo", "Quispe", "Lindahl", "García", "O'Brien"];
+
+fn adopt_seen(i: u32) -> Seen {
+    (
+        format!("dr-{}", i % 3),
+        format!("First{i}"),
+        ADOPT_LAST[(i % 5) as usize].to_owned(),
+        NaiveDate::from_ymd_opt(1950 + i.cast_signed() % 50, 1 + i % 12, 1 + i % 28).expect("date"),
+        (i % 4 != 0).then(|| format!("Insurer {}", i % 3)),
+    )
+}
+
+/// Creates the legacy table (plain columns, an index on an encrypted
+/// column, a DATE, a nullable column) with 30 rows written by raw SQL.
+fn adopt_legacy(conn: &mut Conn, table: &str) -> BTreeMap<String, Seen> {
+    conn.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; \
+         CREATE TABLE {table} (id VARCHAR(64) NOT NULL PRIMARY KEY, owner_id VARCHAR(64) NOT NULL, \
+         first_name VARCHAR(100) NOT NULL, last_name VARCHAR(100) NOT NULL, dob DATE NOT NULL, \
+         insurer VARCHAR(100) NULL); \
+         CREATE INDEX {table}_last ON {table} (owner_id, last_name)"
+    ))
+    .expect("legacy table");
+    let mut expected = BTreeMap::new();
+    for i in 1..=30 {
+        let seen = adopt_seen(i);
+        let id = format!("A-{i:03}");
+        let quote = |s: &str| s.replace('\'', "''");
+        conn.batch_execute(&format!(
+            "INSERT INTO {table} (id, owner_id, first_name, last_name, dob, insurer) VALUES \
+             ('{id}', '{}', '{}', '{}', '{}', {})",
+            seen.0,
+            seen.1,
+            quote(&seen.2),
+            seen.3,
+            seen.4.as_deref().map_or("NULL".to_owned(), |v| format!("'{v}'")),
+        ))
+        .expect("legacy row");
+        expected.insert(id, seen);
+    }
+    expected
+}
+
+/// The digest of what the application reads.
+fn adopt_digest(rows: impl IntoIterator<Item = (String, Seen)>) -> String {
+    let mut hash = Sha256::new();
+    for (id, (owner, first, last, dob, insurer)) in rows {
+        hash.update(format!("{id}|{owner}|{first}|{last}|{dob}|{insurer:?}\n"));
+    }
+    hex::encode(hash.finalize())
+}
+
+/// The plain columns as the legacy application reads them.
+fn read_before_shadow(conn: &mut Conn) -> BTreeMap<String, Seen> {
+    use before::phi_it_adopt_shadow::dsl::*;
+    phi_it_adopt_shadow
+        .select((id, owner_id, first_name, last_name, dob, insurer))
+        .load::<(String, String, String, String, NaiveDate, Option<String>)>(conn)
+        .expect("legacy read")
+        .into_iter()
+        .map(|(k, o, f, l, d, i)| (k, (o, f, l, d, i)))
+        .collect()
+}
+
+fn read_before_inplace(conn: &mut Conn) -> BTreeMap<String, Seen> {
+    use before::phi_it_adopt_inplace::dsl::*;
+    phi_it_adopt_inplace
+        .select((id, owner_id, first_name, last_name, dob, insurer))
+        .load::<(String, String, String, String, NaiveDate, Option<String>)>(conn)
+        .expect("legacy read")
+        .into_iter()
+        .map(|(k, o, f, l, d, i)| (k, (o, f, l, d, i)))
+        .collect()
+}
+
+macro_rules! read_model {
+    ($name:ident, $module:ident, $table:ident) => {
+        fn $name(conn: &mut Conn, keyring: &Keyring) -> BTreeMap<String, Seen> {
+            $module::Case::load($module::$table::table, conn, keyring)
+                .expect("model read")
+                .into_iter()
+                .map(|c| (c.id, (c.owner_id, c.first_name, c.last_name, c.dob, c.insurer)))
+                .collect()
+        }
+    };
+}
+read_model!(read_dual, dual, phi_it_adopt_shadow);
+read_model!(read_finalized, finalized, phi_it_adopt_shadow);
+read_model!(read_in_place, in_place, phi_it_adopt_inplace);
+
+fn apply(conn: &mut Conn, sql: &str, what: &str) {
+    conn.batch_execute(sql)
+        .unwrap_or_else(|e| panic!("{what} fails: {e}\n{sql}"));
+}
+
+/// Asserts what the application reads and returns its digest.
+fn same(read: BTreeMap<String, Seen>, expected: &BTreeMap<String, Seen>, step: &str) -> String {
+    assert_eq!(&read, expected, "{step}: the application reads what was written");
+    adopt_digest(read)
+}
+
+macro_rules! new_case {
+    ($module:ident, $id:expr, $i:expr) => {{
+        let (owner_id, first_name, last_name, dob, insurer) = adopt_seen($i);
+        $module::Case {
+            id: $id.to_owned(),
+            owner_id,
+            first_name,
+            last_name,
+            dob,
+            insurer,
+            phi_encrypted: false,
+        }
+    }};
+}
+
+#[test]
+fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let mut expected = adopt_legacy(&mut conn, "phi_it_adopt_shadow");
+    let digest0 = same(read_before_shadow(&mut conn), &expected, "legacy");
+    let keyring = db.keyring();
+
+    // 1. The shadow migration: the plain columns stay, shadows are added.
+    let shadow =
+        adopt::migration::<dual::Case, Conn>(&mut conn, Strategy::Shadow, &Options::default())
+            .expect("shadow migration");
+    apply(&mut conn, &shadow.up, "shadow up");
+    assert_eq!(same(read_dual(&mut conn, &keyring), &expected, "shadow up"), digest0);
+    assert_eq!(read_before_shadow(&mut conn), expected, "the legacy build still reads the table");
+
+    // 2. Dual writes: an owner outside the roll-out, then everyone.
+    keyring.set_rollout(Rollout::Nobody);
+    let plain_new = new_case!(dual, "N-001", 101);
+    diesel::insert_into(dual::phi_it_adopt_shadow::table)
+        .values(plain_new.seal(&keyring).expect("seal"))
+        .execute(&mut conn)
+        .expect("insert");
+    keyring.set_rollout(Rollout::All);
+    let sealed_new = new_case!(dual, "N-002", 102);
+    diesel::insert_into(dual::phi_it_adopt_shadow::table)
+        .values(sealed_new.seal(&keyring).expect("seal"))
+        .execute(&mut conn)
+        .expect("insert");
+    let mut edited = read_dual_case(&mut conn, &keyring, "A-007");
+    let old = edited.clone();
+    edited.last_name = "Haddad".into();
+    edited.insurer = None;
+    assert_eq!(
+        edited.update(&old, &keyring, &mut conn).expect("guarded update"),
+        Updated::Applied { sealed: true }
+    );
+    for c in [&plain_new, &sealed_new, &edited] {
+        expected.insert(
+            c.id.clone(),
+            (c.owner_id.clone(), c.first_name.clone(), c.last_name.clone(), c.dob, c.insurer.clone()),
+        );
+    }
+    let digest1 = same(read_dual(&mut conn, &keyring), &expected, "dual writes");
+    assert_eq!(read_before_shadow(&mut conn), expected, "the plain columns are written too");
+
+    // Finalize is refused while rows are unsealed: by the command (verify)
+    // and by the migration's own guard, which changes nothing.
+    let early =
+        adopt::migration::<dual::Case, Conn>(&mut conn, Strategy::Finalize, &Options::default())
+            .expect("finalize migration");
+    assert!(conn.batch_execute(&early.up).is_err(), "finalize's guard refuses unsealed rows");
+    assert_eq!(read_before_shadow(&mut conn), expected, "a refused finalize changes nothing");
+
+    // 3. Backfill into the shadows, with an application write between
+    // batches; verify compares each shadow with its plain column.
+    let mut between = Some(read_dual_case(&mut conn, &keyring, "A-020"));
+    let mut written = None;
+    let report = migrate::migrate_interleaved::<dual::Case, Conn>(
+        &mut conn,
+        &keyring,
+        &MigrateOptions::default().batch(8),
+        true,
+        &mut |conn: &mut Conn| {
+            if let Some(old) = between.take() {
+                let mut new = old.clone();
+                new.first_name = "Renamed".into();
+                assert!(matches!(
+                    new.update(&old, &keyring, conn).expect("guarded update"),
+                    Updated::Applied { .. }
+                ));
+                written = Some(new);
+            }
+            Ok(())
+        },
+    )
+    .expect("backfill");
+    assert_eq!(report.remaining, 0, "{report}");
+    let new = written.expect("the application wrote between batches");
+    expected.insert(
+        new.id.clone(),
+        (new.owner_id.clone(), new.first_name.clone(), new.last_name.clone(), new.dob, new.insurer.clone()),
+    );
+    let digest2 = same(read_dual(&mut conn, &keyring), &expected, "backfill");
+    assert_eq!(read_before_shadow(&mut conn), expected, "backfill leaves the plain columns");
+    let checked = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
+        .expect("verify");
+    assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
+    assert_ne!(digest1, digest2, "the write between batches changed a name");
+
+    // 4. Finalize: no plain column is left; the sealed build reads the same.
+    let finalize =
+        adopt::migration::<dual::Case, Conn>(&mut conn, Strategy::Finalize, &Options::default())
+            .expect("finalize migration");
+    apply(&mut conn, &finalize.up, "finalize up");
+    let schema = conn.introspect("phi_it_adopt_shadow").expect("introspect");
+    for column in ["first_name", "last_name", "dob", "insurer"] {
+        let info = schema.column(column).expect(column);
+        let ty = info.sql_type.to_ascii_lowercase();
+        assert!(
+            ty.contains("bytea") || ty.contains("blob") || ty.contains("binary"),
+            "{column} holds envelopes after finalize: {ty}"
+        );
+        assert!(
+            schema.column(&format!("{column}_encrypted")).is_none(),
+            "the shadow of {column} is renamed"
+        );
+    }
+    assert!(
+        schema.indexes.iter().all(|i| i.name != "phi_it_adopt_shadow_last"),
+        "the plain index is gone: {:?}",
+        schema.indexes
+    );
+    assert_eq!(same(read_finalized(&mut conn, &keyring), &expected, "finalize"), digest2);
+    // The sealed build writes as any in-place model.
+    let after = new_case!(finalized, "N-003", 103);
+    diesel::insert_into(finalized::phi_it_adopt_shadow::table)
+        .values(after.seal(&keyring).expect("seal"))
+        .execute(&mut conn)
+        .expect("insert after finalize");
+    diesel::delete(finalized::phi_it_adopt_shadow::table.find("N-003"))
+        .execute(&mut conn)
+        .expect("delete");
+
+    // 5. Back: finalize's down brings the plain columns back (empty),
+    // decrypt-back refills them, the shadow's down drops the shadows.
+    apply(&mut conn, &finalize.down, "finalize down");
+    assert_eq!(same(read_dual(&mut conn, &keyring), &expected, "finalize down"), digest2);
+    keyring.set_rollout(Rollout::Nobody);
+    let back = migrate::decrypt_back::<dual::Case, Conn>(
+        &mut conn,
+        &keyring,
+        &MigrateOptions::default().batch(8),
+        &mut |_| {},
+    )
+    .expect("decrypt-back");
+    assert_eq!(back.remaining, 0, "{back}");
+    assert_eq!(same(read_dual(&mut conn, &keyring), &expected, "decrypt-back"), digest2);
+    apply(&mut conn, &shadow.down, "shadow down");
+    assert_eq!(same(read_before_shadow(&mut conn), &expected, "shadow down"), digest2);
+}
+
+fn read_dual_case(conn: &mut Conn, keyring: &Keyring, key: &str) -> dual::Case {
+    dual::Case::load(dual::phi_it_adopt_shadow::table.find(key.to_owned()), conn, keyring)
+        .expect("read")
+        .pop()
+        .expect("row")
+}
+
+#[test]
+fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let mut expected = adopt_legacy(&mut conn, "phi_it_adopt_inplace");
+    let digest0 = same(read_before_inplace(&mut conn), &expected, "legacy");
+    let keyring = db.keyring();
+
+    let migration =
+        adopt::migration::<in_place::Case, Conn>(&mut conn, Strategy::InPlace, &Options::default())
+            .expect("in-place migration");
+    apply(&mut conn, &migration.up, "in-place up");
+    assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "in-place up"), digest0);
+
+    // Writes outside and inside the roll-out, and a guarded update.
+    keyring.set_rollout(Rollout::Nobody);
+    let plain_new = new_case!(in_place, "N-001", 101);
+    diesel::insert_into(in_place::phi_it_adopt_inplace::table)
+        .values(plain_new.seal(&keyring).expect("seal"))
+        .execute(&mut conn)
+        .expect("insert");
+    keyring.set_rollout(Rollout::All);
+    let mut edited = in_place::Case::load(
+        in_place::phi_it_adopt_inplace::table.find("A-004".to_owned()),
+        &mut conn,
+        &keyring,
+    )
+    .expect("read")
+    .pop()
+    .expect("row");
+    let old = edited.clone();
+    edited.dob = NaiveDate::from_ymd_opt(1961, 2, 3).expect("date");
+    assert_eq!(
+        edited.update(&old, &keyring, &mut conn).expect("guarded update"),
+        Updated::Applied { sealed: true }
+    );
+    for c in [&plain_new, &edited] {
+        expected.insert(
+            c.id.clone(),
+            (c.owner_id.clone(), c.first_name.clone(), c.last_name.clone(), c.dob, c.insurer.clone()),
+        );
+    }
+    let digest1 = same(read_in_place(&mut conn, &keyring), &expected, "writes");
+
+    let report = migrate::backfill::<in_place::Case, Conn>(
+        &mut conn,
+        &keyring,
+        &MigrateOptions::default().batch(8),
+        &mut |_| {},
+    )
+    .expect("backfill");
+    assert_eq!(report.remaining, 0, "{report}");
+    assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "backfill"), digest1);
+    let checked = migrate::verify::<in_place::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
+        .expect("verify");
+    assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
+
+    // The down migration refuses while rows are sealed, and changes nothing.
+    assert!(conn.batch_execute(&migration.down).is_err(), "down refuses sealed rows");
+    assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "refused down"), digest1);
+
+    keyring.set_rollout(Rollout::Nobody);
+    migrate::decrypt_back::<in_place::Case, Conn>(
+        &mut conn,
+        &keyring,
+        &MigrateOptions::default().batch(8),
+        &mut |_| {},
+    )
+    .expect("decrypt-back");
+    apply(&mut conn, &migration.down, "in-place down");
+    assert_eq!(same(read_before_inplace(&mut conn), &expected, "in-place down"), digest1);
+}
