@@ -638,6 +638,12 @@ mod migrate {
     include!("migrate.rs");
 }
 
+/// The dual-write phase: shadow columns beside the plaintext columns.
+mod shadow {
+    use super::*;
+    include!("shadow.rs");
+}
+
 /// Legacy ciphertexts imported, strict mode, the database's guard.
 mod legacy {
     use super::*;
