@@ -76,18 +76,21 @@ fn client(id: &str, owner: &str, last: &str, nick: Option<&str>, dob: (i32, u32,
 /// whether the blind index is set.
 type Raw = (String, Option<String>, Option<NaiveDate>, [bool; 3], bool, bool);
 
+/// The columns of a row as read by SQL.
+type StoredRow = (
+    Option<String>,
+    Option<String>,
+    Option<NaiveDate>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    bool,
+    Option<Vec<u8>>,
+);
+
 fn raw(conn: &mut Conn, id: &str) -> Raw {
     use phi_it_shadow::dsl as s;
-    let (last, nick, dob, a, b, c, flag, bidx): (
-        Option<String>,
-        Option<String>,
-        Option<NaiveDate>,
-        Option<Vec<u8>>,
-        Option<Vec<u8>>,
-        Option<Vec<u8>>,
-        bool,
-        Option<Vec<u8>>,
-    ) = s::phi_it_shadow
+    let (last, nick, dob, a, b, c, flag, bidx): StoredRow = s::phi_it_shadow
         .find(id)
         .select((
             s::last_name.nullable(),
