@@ -58,7 +58,10 @@ fn generate(m: &Model) -> TokenStream {
         quote! { #[doc = #doc] #(#attrs)* #fvis #name: #ty }
     });
     let shadow_fields = shadows(m).map(|(f, column, _)| {
-        let doc = format!("`{}`, sealed (its shadow column; NULL while the row is unsealed).", f.ident);
+        let doc = format!(
+            "`{}`, sealed (its shadow column; NULL while the row is unsealed).",
+            f.ident
+        );
         let vty = f.value_ty();
         quote! { #[doc = #doc] #vis #column: ::core::option::Option<#krate::Encrypted<#vty>> }
     });
@@ -84,7 +87,9 @@ fn generate(m: &Model) -> TokenStream {
     let seal_fields = m.fields.iter().map(|f| {
         let name = &f.ident;
         match &f.role {
-            Role::Encrypt { shadow: Some(_), .. } => {
+            Role::Encrypt {
+                shadow: Some(_), ..
+            } => {
                 quote! { #name: ::core::clone::Clone::clone(&self.#name) }
             }
             Role::Encrypt { scope, .. } => {
@@ -415,7 +420,12 @@ fn field_of<'m>(m: &'m Model, role: &Role) -> &'m Field {
 /// The field's type in the sealed twin.
 fn sealed_ty(krate: &syn::Path, f: &Field) -> TokenStream {
     match (&f.role, &f.option_of) {
-        (Role::Encrypt { shadow: Some(_), .. }, _) => {
+        (
+            Role::Encrypt {
+                shadow: Some(_), ..
+            },
+            _,
+        ) => {
             let ty = &f.ty;
             quote! { #ty }
         }

@@ -884,7 +884,10 @@ fn check_sealed(
         return out;
     };
     for (i, c) in t.columns.iter().enumerate() {
-        let value = row.values.get(t.sealed_position(i)).and_then(Option::as_ref);
+        let value = row
+            .values
+            .get(t.sealed_position(i))
+            .and_then(Option::as_ref);
         if c.shadow.is_some() {
             let plain = row.values.get(i).and_then(Option::as_ref);
             if value.is_none() != plain.is_none() {
@@ -1454,7 +1457,11 @@ fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(
         if c.blind_index.is_some() {
             write.indexes.push(None);
         }
-        let Some(sealed) = row.values.get(t.sealed_position(i)).and_then(Option::as_ref) else {
+        let Some(sealed) = row
+            .values
+            .get(t.sealed_position(i))
+            .and_then(Option::as_ref)
+        else {
             // A NULL shadow: the plaintext column keeps what it holds.
             let kept = if c.shadow.is_some() {
                 row.values.get(i).cloned().flatten()

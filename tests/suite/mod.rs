@@ -643,6 +643,11 @@ mod migrate {
 mod adopt {
     use super::*;
     include!("adopt.rs");
+
+/// The dual-write phase: shadow columns beside the plaintext columns.
+mod shadow {
+    use super::*;
+    include!("shadow.rs");
 }
 
 /// Legacy ciphertexts imported, strict mode, the database's guard.

@@ -2226,7 +2226,15 @@ macro_rules! data_connection {
                                         source: "the plain value is not text".into(),
                                     })),
                                 };
-                                SetValue::Text(text)
+                                if d.shape == SetShape::Join {
+                                    // MySQL and MariaDB bind text as `CHAR`,
+                                    // whose trailing spaces the joined rows
+                                    // lose: the UTF-8 bytes, bound as binary,
+                                    // are converted to the column's type.
+                                    SetValue::Bytes(text.map(str::as_bytes))
+                                } else {
+                                    SetValue::Text(text)
+                                }
                             } else {
                                 SetValue::Bytes(v.as_deref())
                             });
