@@ -643,6 +643,7 @@ mod migrate {
 mod adopt {
     use super::*;
     include!("adopt.rs");
+}
 
 /// The dual-write phase: shadow columns beside the plaintext columns.
 mod shadow {
