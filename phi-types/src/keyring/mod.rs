@@ -1109,10 +1109,7 @@ impl Keyring {
     /// # Errors
     /// Key store errors.
     #[cfg(feature = "async")]
-    pub async fn shredded_owners_async(
-        &self,
-        owners: Vec<String>,
-    ) -> Result<HashSet<String>> {
+    pub async fn shredded_owners_async(&self, owners: Vec<String>) -> Result<HashSet<String>> {
         if owners.is_empty() {
             return Ok(Default::default());
         }
