@@ -49,6 +49,20 @@
 //! [`shred`](crate::lifecycle::shred) refuses owner ids beginning with
 //! [`RESERVED_OWNER_PREFIX`].
 //!
+//! # Finding, and rows that do not open
+//!
+//! `Model::find_by_<field>` (and `find_by_<field>_async`) loads the rows
+//! whose lookup value matches, opens them and keeps those whose value is
+//! equal once normalised. A matching row of a crypto-shredded owner (every
+//! data key version destroyed, as the key store says) is unreadable by
+//! design: it is left out of the result, and counted in an `info` log event
+//! (`lookup: rows of crypto-shredded owners left out`, with the table and
+//! the number of rows, never an owner id). Any other row that does not
+//! open (a value altered or moved from another row, a key version its
+//! owner does not have) fails the call with [`Error::DataTable`] naming the
+//! table, column and owner, its source naming the row and the opening
+//! error: an integrity failure is never hidden.
+//!
 //! # Rotation
 //!
 //! ```text
