@@ -1355,6 +1355,8 @@ pub(crate) mod __private {
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<R::Sealed, C::Backend>>:
             diesel_async::methods::LoadQuery<'static, C, R::Sealed> + 'static,
     {
+        // The trait's future is `Send` with the lifetimes written out.
+        #[allow(clippy::manual_async_fn)]
         fn load_records_async<'a>(
             query: Q,
             conn: &'a mut C,

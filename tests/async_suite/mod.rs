@@ -582,8 +582,7 @@ mod lookup_finder {
                 .expect("tamper");
             let err = User::find_by_email_async(&"tom@example.org".to_string(), &cold, &mut conn)
                 .await
-                .err()
-                .expect("a tampered value is an error");
+                .expect_err("a tampered value is an error");
             let text = err.to_string();
             assert!(text.contains("phi_async_lookup.email") && text.contains(&kept), "{text}");
             let source = std::error::Error::source(&err).expect("source").to_string();

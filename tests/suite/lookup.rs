@@ -352,7 +352,7 @@ fn a_finder_leaves_out_shredded_owners_and_names_a_tampered_row() {
     diesel::delete(phi_lk_users::table.filter(phi_lk_users::user_id.eq(format!("{run}-t"))))
         .execute(&mut conn)
         .expect("clean up");
-    let err = result.err().expect("a tampered value is an error");
+    let err = result.expect_err("a tampered value is an error");
     let text = err.to_string();
     assert!(text.contains("phi_lk_users.email"), "{text}");
     assert!(text.contains(&kept), "{text}");

@@ -183,14 +183,14 @@ impl VersionedGcmDecoder {
 fn decode_key(text: &str) -> Option<Zeroizing<Vec<u8>>> {
     let text = text.trim();
     if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        let digit = |b: u8| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
         let mut out = Zeroizing::new(Vec::with_capacity(32));
         for pair in text.as_bytes().chunks(2) {
             out.push(digit(pair[0])? << 4 | digit(pair[1])?);
         }
         return Some(out);
     }
-    let url_safe = text.contains(|c| c == '-' || c == '_');
+    let url_safe = text.contains(['-', '_']);
     base64_engine(url_safe)
         .decode(text)
         .ok()
