@@ -41,9 +41,9 @@ impl Db {
         db
     }
 
-    /// A fresh database `phi_own_cli_it` beside the server's test database.
+    /// A fresh database `name` beside the server's test database.
     #[allow(dead_code)]
-    fn server(test_url: &str, create: &str) -> Db {
+    fn server(test_url: &str, name: &str, create: &str) -> Db {
         let (base, _) = test_url.rsplit_once('/').expect("URL with a database");
         let admin = Db {
             url: test_url.to_owned(),
@@ -51,17 +51,17 @@ impl Db {
         };
         if test_url.starts_with("postgres") {
             admin.execute(&[
-                "DROP DATABASE IF EXISTS phi_own_cli_it WITH (FORCE)",
-                "CREATE DATABASE phi_own_cli_it",
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                &format!("CREATE DATABASE {name}"),
             ]);
         } else {
             admin.execute(&[
-                "DROP DATABASE IF EXISTS phi_own_cli_it",
-                "CREATE DATABASE phi_own_cli_it",
+                &format!("DROP DATABASE IF EXISTS {name}"),
+                &format!("CREATE DATABASE {name}"),
             ]);
         }
         let db = Db {
-            url: format!("{base}/phi_own_cli_it"),
+            url: format!("{base}/{name}"),
             dir: admin.dir,
         };
         db.execute(&[create]);
@@ -136,8 +136,36 @@ impl Db {
             .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
             .env_remove("PHI_MASTER_KEY_FILE")
             .env_remove("PHI_TABLES")
+            .env_remove("ENCRYPTION_KEY")
+            .env_remove("ENCRYPTION_KEY_FALLBACK")
+            .env_remove("PHI_LEGACY_GCM_KEYS")
             .env_remove("RUST_LOG");
         cmd
+    }
+
+    /// [`Db::run`] with these environment variables set.
+    #[allow(dead_code)]
+    fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+        let mut cmd = self.command(args);
+        cmd.envs(env.iter().copied());
+        let out: Output = cmd.output().expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
+    }
+
+    /// [`Db::json`] with these environment variables set.
+    #[allow(dead_code)]
+    fn json_env(&self, args: &[&str], env: &[(&str, &str)]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--format", "json"]);
+        let (code, out, err) = self.run_env(&all, env);
+        assert_eq!(code, Some(0), "{all:?}:\n{out}\n{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{all:?}: not JSON ({e}):\n{out}"))
     }
 
     /// Runs the binary: its exit code, standard output and error.
@@ -361,9 +389,240 @@ fn adopt_through_the_own_command(db: &Db) {
     );
 }
 
+#[cfg(feature = "legacy-fernet")]
+/// Notes written before phi by applications that encrypted them
+/// themselves (Fernet tokens, versioned AES-GCM texts; the fixtures of
+/// `tests/fixtures/legacy.py`), imported with `--legacy`.
+fn import_legacy_through_the_own_command(db: &Db) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/legacy.json");
+    let all: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixtures")).expect("JSON");
+    let stored = |format: &str, name: &str| -> (String, String) {
+        let item = all[format]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap_or_else(|| panic!("fixture {format}/{name}"));
+        (
+            item["stored"].as_str().expect("stored").to_owned(),
+            item["plain"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    let binary = if db.url.starts_with("sqlite") {
+        "BLOB"
+    } else if db.url.starts_with("mysql") {
+        "BINARY"
+    } else {
+        "BYTEA"
+    };
+    // (id, stored, plain): two Fernet tokens (primary and fallback key),
+    // three versioned AES-GCM texts (v1, v1 with the tag apart, v2), one
+    // plain note.
+    let rows = [
+        (1, stored("fernet", "primary")),
+        (2, stored("fernet", "fallback")),
+        (3, stored("gcm", "v1")),
+        (4, stored("gcm", "v1_tag_apart")),
+        (5, stored("gcm", "v2")),
+        (6, ("plain note".to_owned(), "plain note".to_owned())),
+    ];
+    let values: Vec<String> = rows
+        .iter()
+        .map(|(id, (text, _))| {
+            format!(
+                "({id}, 'writer-{}', CAST('{text}' AS {binary}), FALSE)",
+                id % 2
+            )
+        })
+        .collect();
+    db.execute(&[&format!(
+        "INSERT INTO own_cli_notes (id, author, body, sealed) VALUES {}",
+        values.join(", ")
+    )]);
+    let fernet_primary = all["fernet_keys"]["primary"].as_str().expect("key");
+    let fernet_fallback = all["fernet_keys"]["fallback"].as_str().expect("key");
+    let gcm = format!(
+        "v1={}, v2={}",
+        all["gcm_keys"]["v1"].as_str().expect("key"),
+        all["gcm_keys"]["v2"].as_str().expect("key")
+    );
+    // The fallback key under a name of the application's.
+    let env = [
+        ("ENCRYPTION_KEY", fernet_primary),
+        ("NOTES_OLD_FERNET_KEY", fernet_fallback),
+        ("NOTES_GCM_KEYS", gcm.as_str()),
+    ];
+    let legacy = [
+        "--legacy",
+        "fernet",
+        "--legacy",
+        "versioned-gcm",
+        "--legacy-key-env",
+        "ENCRYPTION_KEY,NOTES_OLD_FERNET_KEY",
+        "--legacy-gcm-keys-env",
+        "NOTES_GCM_KEYS",
+    ];
+    fn with<'a>(command: &[&'a str], legacy: &[&'a str]) -> Vec<&'a str> {
+        command.iter().chain(legacy).copied().collect()
+    }
+    let counts = |report: &Value| -> Vec<(String, i64, i64)> {
+        report["tables"][0]["legacy"]
+            .as_array()
+            .unwrap_or_else(|| panic!("legacy counts: {report}"))
+            .iter()
+            .map(|c| {
+                (
+                    c["format"].as_str().expect("format").to_owned(),
+                    c["found"].as_i64().expect("found"),
+                    c["failed"].as_i64().expect("failed"),
+                )
+            })
+            .collect()
+    };
+    let never_printed = |text: &str| {
+        for key in [fernet_primary, fernet_fallback, gcm.as_str()] {
+            assert!(!text.contains(key), "a key was printed: {text}");
+        }
+        assert!(
+            !text.contains(all["gcm_keys"]["v1"].as_str().expect("key")),
+            "{text}"
+        );
+    };
+
+    // The dry run counts each format; without the fallback key, the token
+    // written under it is counted as failing.
+    let dry = db.json_env(&with(&["backfill", "--dry-run"], &legacy), &env);
+    never_printed(&dry.to_string());
+    assert_eq!(
+        counts(&dry),
+        [
+            ("aes-gcm-versioned".to_owned(), 3, 0),
+            ("fernet".to_owned(), 2, 0)
+        ],
+        "{dry}"
+    );
+    assert_eq!(dry["tables"][0]["rows"].as_i64(), Some(6), "{dry}");
+    let only_primary = [
+        ("ENCRYPTION_KEY", fernet_primary),
+        ("NOTES_GCM_KEYS", gcm.as_str()),
+    ];
+    let dry = db.json_env(&with(&["backfill", "--dry-run"], &legacy), &only_primary);
+    assert_eq!(counts(&dry)[1], ("fernet".to_owned(), 2, 1), "{dry}");
+    let (code, text, err) = db.run_env(&with(&["backfill", "--dry-run"], &legacy), &env);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        text.contains("fernet") && text.contains("aes-gcm-versioned"),
+        "{text}"
+    );
+    never_printed(&text);
+    never_printed(&err);
+    assert_eq!(db.flag(false), 6, "a dry run changes nothing");
+
+    // verify checks that the legacy values open.
+    let verified = db.json_env(&with(&["verify"], &legacy), &env);
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(
+        counts(&verified),
+        counts(&db.json_env(&with(&["backfill", "--dry-run"], &legacy), &env))
+    );
+
+    // A format whose keys are missing is an error naming the variable.
+    let (code, _, err) = db.run_env(
+        &["backfill", "--dry-run", "--legacy", "versioned-gcm"],
+        &env,
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("PHI_LEGACY_GCM_KEYS"), "{err}");
+    let (code, _, err) = db.run_env(
+        &[
+            "backfill",
+            "--dry-run",
+            "--legacy",
+            "versioned-gcm",
+            "--legacy-gcm-keys-env",
+            "NOTES_GCM_KEYS",
+        ],
+        &[("NOTES_GCM_KEYS", "v1=c2hvcnQ=")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("v1") && !err.contains("c2hvcnQ"), "{err}");
+
+    // The backfill seals the plaintexts, not the old ciphertexts: every
+    // envelope is its plaintext's length plus the same overhead.
+    let done = db.json_env(&with(&["--quiet", "backfill"], &legacy), &env);
+    assert_eq!(
+        counts(&done),
+        counts(&dry)
+            .into_iter()
+            .map(|(f, n, _)| (f, n, 0))
+            .collect::<Vec<_>>(),
+        "{done}"
+    );
+    assert_eq!(db.flag(true), 6);
+    let overheads: Vec<i64> = rows
+        .iter()
+        .map(|(id, (_, plain))| {
+            let length = if db.url.starts_with("postgres") {
+                "LENGTH(body)::BIGINT"
+            } else {
+                "LENGTH(body)"
+            };
+            db.count(&format!(
+                "SELECT {length} AS n FROM own_cli_notes WHERE id = {id}"
+            )) - plain.len() as i64
+        })
+        .collect();
+    assert!(
+        overheads.iter().all(|o| *o == overheads[0] && *o < 100),
+        "{overheads:?}"
+    );
+    let verified = db.json(&["verify"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(
+        verified["tables"][0]["sealed"].as_i64(),
+        Some(6),
+        "{verified}"
+    );
+}
+
 #[test]
 fn own_command_on_sqlite() {
     adopt_through_the_own_command(&Db::sqlite());
+}
+
+#[cfg(feature = "legacy-fernet")]
+#[test]
+fn legacy_import_on_sqlite() {
+    import_legacy_through_the_own_command(&Db::sqlite());
+}
+
+#[cfg(all(feature = "postgres", feature = "legacy-fernet"))]
+#[test]
+fn legacy_import_on_postgres() {
+    let url = std::env::var("PHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let db = Db::server(
+        &url,
+        "phi_own_cli_legacy_it",
+        "CREATE TABLE own_cli_notes (id BIGINT PRIMARY KEY, author TEXT NOT NULL, \
+         body BYTEA NOT NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)",
+    );
+    import_legacy_through_the_own_command(&db);
+}
+
+#[cfg(all(feature = "mysql", feature = "legacy-fernet"))]
+#[test]
+fn legacy_import_on_mariadb() {
+    let url = std::env::var("PHI_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let db = Db::server(
+        &url,
+        "phi_own_cli_legacy_it",
+        "CREATE TABLE own_cli_notes (id BIGINT PRIMARY KEY, author VARCHAR(64) NOT NULL, \
+         body LONGBLOB NOT NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)",
+    );
+    import_legacy_through_the_own_command(&db);
 }
 
 #[cfg(feature = "postgres")]
@@ -373,6 +632,7 @@ fn own_command_on_postgres() {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let db = Db::server(
         &url,
+        "phi_own_cli_it",
         "CREATE TABLE own_cli_notes (id BIGINT PRIMARY KEY, author TEXT NOT NULL, \
          body BYTEA NOT NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)",
     );
@@ -386,6 +646,7 @@ fn own_command_on_mariadb() {
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     let db = Db::server(
         &url,
+        "phi_own_cli_it",
         "CREATE TABLE own_cli_notes (id BIGINT PRIMARY KEY, author VARCHAR(64) NOT NULL, \
          body LONGBLOB NOT NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)",
     );

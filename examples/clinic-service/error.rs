@@ -6,6 +6,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// How owner ids appear in this service's logs: the keyring's setting
+/// (`--owner-ids-in-logs`), for the log lines written where no keyring is
+/// at hand.
+static OWNER_IDS: std::sync::OnceLock<phi::OwnerIdTelemetry> = std::sync::OnceLock::new();
+
+/// Sets [`OWNER_IDS`] once, at start-up.
+pub(crate) fn set_owner_ids(mode: phi::OwnerIdTelemetry) {
+    let _ = OWNER_IDS.set(mode);
+}
+
 /// An error the API answers with.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -161,7 +171,15 @@ impl From<phi::Error> for ApiError {
             E::InvalidInput { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "phi"),
         };
-        tracing::warn!(error = %error, "phi error");
+        // phi's messages name the owner: logged in full only when owner
+        // ids may be logged as they are.
+        match OWNER_IDS.get().copied().unwrap_or_default() {
+            phi::OwnerIdTelemetry::Plain => tracing::warn!(error = %error, "phi error"),
+            _ => tracing::warn!(
+                kind = ?error.kind(),
+                "phi error (details withheld: owner ids are not logged)"
+            ),
+        }
         ApiError {
             status,
             code,

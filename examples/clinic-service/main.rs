@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use phi::{Keyring, Rollout};
+use phi::{Keyring, OwnerIdTelemetry, Rollout};
 
 /// The service's error type (start-up only: requests answer with `ApiError`).
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -96,8 +96,32 @@ struct Cli {
     #[arg(long, env = "PHI_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 
+    /// How provider ids (the owners) appear in the logs, phi's and the
+    /// service's own: `plain`, `hashed` (`sha256:` and 16 hex digits, the
+    /// same in every process) or `omitted`.
+    #[arg(long, env = "CLINIC_OWNER_IDS_IN_LOGS", value_enum, default_value_t = OwnerIds::Plain)]
+    owner_ids_in_logs: OwnerIds,
+
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `--owner-ids-in-logs`: phi's [`OwnerIdTelemetry`] settings.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OwnerIds {
+    Plain,
+    Hashed,
+    Omitted,
+}
+
+impl From<OwnerIds> for OwnerIdTelemetry {
+    fn from(mode: OwnerIds) -> OwnerIdTelemetry {
+        match mode {
+            OwnerIds::Plain => OwnerIdTelemetry::Plain,
+            OwnerIds::Hashed => OwnerIdTelemetry::Hashed,
+            OwnerIds::Omitted => OwnerIdTelemetry::Omitted,
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -162,7 +186,9 @@ fn run(cli: Cli) -> Result<()> {
     for k in older {
         builder = builder.unwrap_with(k);
     }
+    error::set_owner_ids(cli.owner_ids_in_logs.into());
     let keyring = builder
+        .owner_ids_in_telemetry(cli.owner_ids_in_logs.into())
         .actor("clinic-service")
         .name("clinic-service")
         .rollout(Rollout::All)

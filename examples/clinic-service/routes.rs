@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{MatchedPath, Path, Query, RawPathParams, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -28,7 +29,10 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .nest("/plain", case_routes::<Plain>())
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            log_request,
+        ))
         .with_state(app)
 }
 
@@ -62,7 +66,11 @@ async fn create<S: CaseStore>(
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<CaseOut>), ApiError> {
     let case = json::<NewCase>(&body)?.into_case(new_case_id()?)?;
-    tracing::info!(case_id = %case.case_id, provider = %case.provider_id, "create");
+    tracing::info!(
+        case_id = %case.case_id,
+        provider = %app.keyring.owner_for_telemetry(&case.provider_id),
+        "create"
+    );
     let out = S::create(&app, case).await?;
     Ok((StatusCode::CREATED, axum::Json(out)))
 }
@@ -222,21 +230,39 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 /// The request log: one line per request with its id, method, route and
-/// the ids in its path, status and duration; never a body or a query
-/// string. Also counts requests and times them for `/metrics`.
-async fn log_request(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+/// the ids in its path (a provider id, the owner, as
+/// `--owner-ids-in-logs` says), status and duration; never a body or a
+/// query string. Also counts requests and times them for `/metrics`.
+async fn log_request(
+    State(app): State<Arc<App>>,
+    matched: Option<MatchedPath>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let route = matched
         .as_ref()
         .map_or("unmatched", |m| m.as_str())
         .to_owned();
-    // The path holds ids only (case, provider); an unmatched one may hold
-    // anything, so it is not logged.
-    let path = if matched.is_some() {
-        request.uri().path().to_owned()
-    } else {
-        String::new()
+    // The path holds ids only (case, provider): the route with its
+    // parameters filled in, the provider's as the keyring writes owner ids.
+    // An unmatched path may hold anything, so it is not logged.
+    let path = match (&matched, &params) {
+        (Some(_), Ok(params)) => {
+            let mut path = route.clone();
+            for (name, value) in params {
+                let value = if name == "provider" {
+                    app.keyring.owner_for_telemetry(value).to_string()
+                } else {
+                    value.to_owned()
+                };
+                path = path.replace(&format!("{{{name}}}"), &value);
+            }
+            path
+        }
+        _ => String::new(),
     };
     let method = request.method().as_str().to_owned();
     let span = tracing::info_span!("request", id, method = %method, path = %path);

@@ -1188,7 +1188,9 @@ fn find_by(
         ///
         /// # Errors
         /// Key resolution errors; [`Error::Database`](#krate::Error::Database)
-        /// naming the table; opening errors naming the table, column and owner.
+        /// naming the table; `Error::DataTable` naming the
+        /// table, column, owner and row of a row that does not open. Rows of
+        /// crypto-shredded owners are left out (see `phi_types::lookup`).
         #[allow(dead_code)] // One per lookup index, used or not (async code uses the async form).
         #vis fn #method<__C>(
             value: &#vty,

@@ -178,6 +178,34 @@ pub struct Options {
     /// table the key store's login can read, and a dry run answers with up
     /// to 100 of its first column's values: allow it only when every actor
     /// the guard admits may read the whole database.
+    ///
+    /// What the owners query (the configured one, or a request's own when
+    /// this is allowed) does in each route:
+    ///
+    /// | route | the query | side effects |
+    /// |---|---|---|
+    /// | `GET /key-status` | the configured one only; run to measure coverage | none: the query runs in a read-only transaction that is rolled back ([`KeyStore::owners_from_query`](crate::KeyStore::owners_from_query)); one `admin` audit record |
+    /// | `POST /generate-key` with `"dry_run": true` | the request's (if allowed) or the configured one | none beyond the query and one `admin` audit record; the answer lists up to 100 owner ids the query returned |
+    /// | `POST /generate-key` | the request's (if allowed) or the configured one | a data key is created, wrapped by the primary KEK and audited (`generate`) for **every owner id the query returns that has no key**: one KEK call each (with a KMS, one `GenerateDataKey` each, billed) and one key row each, which stays (a key is never deleted, only retired or shredded) |
+    /// | `/rotate`, `/shred`, `/clear-cache`, `/rollout`, `/audit-log` | not used | as documented on each route |
+    ///
+    /// What an operator should know before allowing it:
+    /// - the query is SQL chosen by the caller: it can read (and a dry run
+    ///   answers with) any column of any table the key store's login can
+    ///   read; it cannot write (a write is refused and rolled back), but it
+    ///   can be slow, and it runs on the key store's pool;
+    /// - a query that returns more than the application's owners (a column
+    ///   of e-mail addresses, a typo) makes `generate-key` create a key for
+    ///   each value it returns, and those owner ids are written in clear
+    ///   into `user_encryption_keys` and the audit trail: run with
+    ///   `"dry_run": true` first and read the count;
+    /// - only owners with no key row at all get one: an owner with keys
+    ///   (active, retired, or crypto-shredded) is left as it is, so a
+    ///   shredded owner never gets a key again through this route; a run
+    ///   that fails part-way keeps the keys of the batches done before;
+    /// - every request is audited (`admin`, with the actor and the route),
+    ///   the keys it creates each with a `generate` record; the query text
+    ///   itself is not written to the audit trail.
     pub allow_request_owners_query: bool,
     /// At most this many refused requests are written to the audit trail
     /// per [`denied_audit_window`](Self::denied_audit_window) (default

@@ -49,6 +49,20 @@
 //! [`shred`](crate::lifecycle::shred) refuses owner ids beginning with
 //! [`RESERVED_OWNER_PREFIX`].
 //!
+//! # Finding, and rows that do not open
+//!
+//! `Model::find_by_<field>` (and `find_by_<field>_async`) loads the rows
+//! whose lookup value matches, opens them and keeps those whose value is
+//! equal once normalised. A matching row of a crypto-shredded owner (every
+//! data key version destroyed, as the key store says) is unreadable by
+//! design: it is left out of the result, and counted in an `info` log event
+//! (`lookup: rows of crypto-shredded owners left out`, with the table and
+//! the number of rows, never an owner id). Any other row that does not
+//! open (a value altered or moved from another row, a key version its
+//! owner does not have) fails the call with [`Error::DataTable`] naming the
+//! table, column and owner, its source naming the row and the opening
+//! error: an integrity failure is never hidden.
+//!
 //! # Rotation
 //!
 //! ```text
@@ -172,6 +186,11 @@ pub struct ReindexReport {
     /// Values left alone: already current, NULL fields, or changed by a
     /// writer since they were read (that writer wrote their lookup value).
     pub unchanged: u64,
+    /// Rows skipped because their owner is crypto-shredded: their values
+    /// are unreadable by design, so their lookup values are left as they
+    /// are (set them to NULL, or delete the rows, with the shred: see the
+    /// [module](self) documentation).
+    pub shredded: u64,
     /// Time taken.
     pub elapsed: Duration,
 }
@@ -180,8 +199,15 @@ impl std::fmt::Display for ReindexReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: {} row(s) read, {} lookup value(s) rewritten under version {}, {} unchanged, in {:.1?}",
-            self.table, self.rows, self.rewritten, self.version, self.unchanged, self.elapsed
+            "{}: {} row(s) read, {} lookup value(s) rewritten under version {}, {} unchanged, \
+             {} row(s) of shredded owners skipped, in {:.1?}",
+            self.table,
+            self.rows,
+            self.rewritten,
+            self.version,
+            self.unchanged,
+            self.shredded,
+            self.elapsed
         )
     }
 }
@@ -197,6 +223,13 @@ impl std::fmt::Display for ReindexReport {
 /// lookup value is not already the current one, guarded by the field's
 /// stored bytes as read (a row changed since is left to its writer).
 /// Resumable: a second run rewrites nothing.
+///
+/// Rows of a crypto-shredded owner (every data key version destroyed, as
+/// the key store says) are skipped and counted in
+/// [`ReindexReport::shredded`]: they are unreadable by design, and the job
+/// goes on with the other rows. A sealed row whose value does not open for
+/// any other reason (altered bytes, a key version its owner does not have)
+/// still stops the job with an error naming it.
 ///
 /// # Errors
 /// [`Error::Config`] for identifiers that are not plain; key errors;
@@ -259,14 +292,26 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
                 break;
             };
             after = Some(last.key.clone());
-            let owner_keys = if sealed {
+            let (owner_keys, shredded) = if sealed {
                 let owners: BTreeSet<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
-                Some(keyring.keys_for_open_many(owners)?)
+                let keys = keyring.keys_for_open_many(owners.iter().copied())?;
+                // An owner with no key to open with may be shredded: the
+                // key store says (one query for the batch's such owners).
+                let keyless = owners
+                    .iter()
+                    .copied()
+                    .filter(|o| keys.get(*o).is_none_or(|k| k.versions().next().is_none()));
+                let shredded = keyring.shredded_owners(keyless)?;
+                (Some(keys), shredded)
             } else {
-                None
+                (None, Default::default())
             };
             for row in &rows {
                 report.rows += 1;
+                if shredded.contains(&row.owner) {
+                    report.shredded += 1;
+                    continue;
+                }
                 for ((c, key), &position) in columns.iter().zip(&keys).zip(&positions) {
                     let Some(Some(stored)) = row.values.get(position) else {
                         report.unchanged += 1;
@@ -320,6 +365,7 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
         rows = report.rows,
         rewritten = report.rewritten,
         version = report.version,
+        shredded = report.shredded,
         "phi lookup re-index done"
     );
     Ok(report)

@@ -155,11 +155,14 @@ const MAX_PROBLEMS: usize = 50;
 pub fn canonical<T: PhiValue>(
     bytes: Vec<u8>,
 ) -> std::result::Result<Zeroizing<Vec<u8>>, DecodeError> {
-    let value = T::decode(bytes)?;
+    let mut value = T::decode(bytes)?;
     // Room for a fraction of a second beyond a timestamp's usual length, so
     // the buffer is not reallocated (leaving an unwiped copy).
     let mut out = Zeroizing::new(Vec::with_capacity(value.encoded_len() + 16));
     value.encode(&mut out);
+    // The decoded value (for text, the very buffer `bytes` was) is
+    // plaintext: wiped before it is dropped, only `out` goes on.
+    value.wipe();
     Ok(out)
 }
 

@@ -829,6 +829,104 @@ pub trait SealedRecord {
     }
 }
 
+/// The rows a lookup finder loaded, opened: the rows of crypto-shredded
+/// owners are left out (unreadable by design: counted in a log event that
+/// names no owner), any other row that does not open fails the finder with
+/// an error naming the table, column, owner and row.
+pub(crate) fn open_found<R: PhiRecord>(rows: Vec<R::Sealed>, keyring: &Keyring) -> Result<Vec<R>> {
+    refuse_unsealed_rows::<R>("reading", &rows, keyring)?;
+    let located = locate_rows(&rows);
+    let opened = R::open_each(rows, keyring)?;
+    let keyless = keyless_owners(&located, &opened);
+    let shredded = keyring.shredded_owners(keyless.iter().map(String::as_str))?;
+    keep_found::<R>(located, opened, &shredded)
+}
+
+/// [`open_found`] without blocking the task's thread.
+#[cfg(feature = "async")]
+pub(crate) async fn open_found_async<R>(rows: Vec<R::Sealed>, keyring: &Keyring) -> Result<Vec<R>>
+where
+    R: PhiRecord + 'static,
+    R::Sealed: 'static,
+{
+    refuse_unsealed_rows::<R>("reading", &rows, keyring)?;
+    let located = locate_rows(&rows);
+    let opened = R::open_each_async(rows, keyring).await?;
+    let keyless = keyless_owners(&located, &opened);
+    let shredded = keyring.shredded_owners_async(keyless).await?;
+    keep_found::<R>(located, opened, &shredded)
+}
+
+/// Each row's owner and key (as text), before the rows are opened.
+fn locate_rows<S: SealedRecord>(rows: &[S]) -> Vec<(String, Option<String>)> {
+    rows.iter()
+        .map(|r| (r.owner_id().into_owned(), r.row_text()))
+        .collect()
+}
+
+/// The owners of rows that failed for want of a key version: those the key
+/// store may know as shredded.
+fn keyless_owners<R>(located: &[(String, Option<String>)], opened: &[Result<R>]) -> Vec<String> {
+    let mut owners: Vec<String> = located
+        .iter()
+        .zip(opened)
+        .filter(|(_, r)| matches!(r, Err(Error::UnknownKeyVersion { .. })))
+        .map(|((owner, _), _)| owner.clone())
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    owners
+}
+
+fn keep_found<R: PhiRecord>(
+    located: Vec<(String, Option<String>)>,
+    opened: Vec<Result<R>>,
+    shredded: &HashSet<String>,
+) -> Result<Vec<R>> {
+    let mut kept = Vec::with_capacity(opened.len());
+    let mut left_out = 0u64;
+    for ((owner, row), result) in located.into_iter().zip(opened) {
+        match result {
+            Ok(record) => kept.push(record),
+            Err(Error::UnknownKeyVersion { .. }) if shredded.contains(&owner) => left_out += 1,
+            Err(error) => return Err(found_error::<R>(error, owner, row)),
+        }
+    }
+    if left_out > 0 {
+        tracing::info!(
+            table = R::TABLE,
+            rows = left_out,
+            "lookup: rows of crypto-shredded owners left out"
+        );
+    }
+    Ok(kept)
+}
+
+/// A finder's row that does not open, as an error naming the table,
+/// column, owner and row (the opening error follows as its source).
+fn found_error<R: PhiRecord>(error: Error, owner: String, row: Option<String>) -> Error {
+    let scope = match &error {
+        Error::Decrypt { scope, .. }
+        | Error::Decode { scope, .. }
+        | Error::Malformed { scope, .. }
+        | Error::UnknownKeyVersion { scope, .. } => scope.clone(),
+        _ => return error,
+    };
+    let column = scope
+        .strip_prefix(R::TABLE)
+        .and_then(|c| c.strip_prefix('.'))
+        .unwrap_or(&scope)
+        .to_owned();
+    let row = row.unwrap_or_else(|| "?".to_owned());
+    Error::DataTable {
+        operation: "finding records by a lookup index",
+        table: R::TABLE.to_owned(),
+        column,
+        owner,
+        source: format!("row {row:?}: {error}").into(),
+    }
+}
+
 /// [`Error::Strict`] for a row of `R`'s table.
 pub(crate) fn strict_error<R: PhiRecord>(
     operation: &'static str,
@@ -1195,10 +1293,12 @@ pub(crate) mod __private {
         normalize.apply(&a) == normalize.apply(&b)
     }
 
-    /// Loads and opens the rows `query` selects: [`PhiRecord::load`](super::PhiRecord::load) behind
-    /// one bound, which the generated finders put on their connection (a
-    /// bound naming the query's concrete type, with no projection to
-    /// normalise).
+    /// Loads and opens the rows `query` selects, as the lookup finders
+    /// (`find_by_<field>`) do: rows of crypto-shredded owners left out, any
+    /// other row that does not open an error naming the table, column,
+    /// owner and row. One bound, which the generated finders put on their
+    /// connection (a bound naming the query's concrete type, with no
+    /// projection to normalise).
     pub trait LoadRecords<R: super::PhiRecord, Q>: diesel::Connection {
         /// [`PhiRecord::load`](super::PhiRecord::load).
         ///
@@ -1219,7 +1319,14 @@ pub(crate) mod __private {
             diesel::query_dsl::LoadQuery<'static, C, R::Sealed> + diesel::RunQueryDsl<C>,
     {
         fn load_records(query: Q, conn: &mut C, keyring: &crate::Keyring) -> Result<Vec<R>> {
-            R::load(query, conn, keyring)
+            use diesel::SelectableHelper as _;
+            let rows = diesel::RunQueryDsl::load(query.select(R::Sealed::as_select()), conn)
+                .map_err(|source| Error::Database {
+                    operation: "loading sealed rows",
+                    table: R::TABLE,
+                    source,
+                })?;
+            super::open_found(rows, keyring)
         }
     }
 
@@ -1249,6 +1356,8 @@ pub(crate) mod __private {
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<R::Sealed, C::Backend>>:
             diesel_async::methods::LoadQuery<'static, C, R::Sealed> + 'static,
     {
+        // The trait's future is `Send` with the lifetimes written out.
+        #[allow(clippy::manual_async_fn)]
         fn load_records_async<'a>(
             query: Q,
             conn: &'a mut C,
@@ -1257,7 +1366,18 @@ pub(crate) mod __private {
         where
             Q: 'a,
         {
-            R::load_async(query, conn, keyring)
+            async move {
+                use diesel::SelectableHelper as _;
+                let rows =
+                    diesel_async::RunQueryDsl::load(query.select(R::Sealed::as_select()), conn)
+                        .await
+                        .map_err(|source| Error::Database {
+                            operation: "loading sealed rows",
+                            table: R::TABLE,
+                            source,
+                        })?;
+                super::open_found_async(rows, keyring).await
+            }
         }
     }
 

@@ -61,6 +61,13 @@ pub trait PhiValue: Sized + PartialEq {
     /// # Errors
     /// [`DecodeError`] when the bytes are not an encoding of `Self`.
     fn decode(bytes: Vec<u8>) -> Result<Self, DecodeError>;
+
+    /// Overwrites the value's heap memory with zeros, if it has any: called
+    /// by phi on plaintexts it decodes for its own use (the migration and
+    /// re-index jobs' canonical re-encoding) before it drops them. The
+    /// default does nothing, which is right for values without a heap
+    /// buffer (integers, dates); `String` and `Vec<u8>` wipe their bytes.
+    fn wipe(&mut self) {}
 }
 
 impl PhiValue for String {
@@ -76,6 +83,9 @@ impl PhiValue for String {
             DecodeError::Utf8
         })
     }
+    fn wipe(&mut self) {
+        self.zeroize();
+    }
 }
 
 impl PhiValue for Vec<u8> {
@@ -87,6 +97,9 @@ impl PhiValue for Vec<u8> {
     }
     fn decode(bytes: Vec<u8>) -> Result<Self, DecodeError> {
         Ok(bytes)
+    }
+    fn wipe(&mut self) {
+        self.zeroize();
     }
 }
 
@@ -238,6 +251,19 @@ impl PhiValue for serde_json::Value {
         let result = serde_json::from_slice(&bytes).map_err(|_| DecodeError::Json);
         bytes.zeroize();
         result
+    }
+    fn wipe(&mut self) {
+        fn wipe_json(value: &mut serde_json::Value) {
+            match value {
+                serde_json::Value::String(text) => text.zeroize(),
+                serde_json::Value::Array(items) => items.iter_mut().for_each(wipe_json),
+                // Object keys cannot be written in place: their values are.
+                serde_json::Value::Object(map) => map.values_mut().for_each(wipe_json),
+                _ => {}
+            }
+        }
+        wipe_json(self);
+        *self = serde_json::Value::Null;
     }
 }
 

@@ -500,3 +500,93 @@ mod kms {
         });
     }
 }
+
+mod lookup_finder {
+    use super::*;
+
+    diesel::table! {
+        phi_async_lookup (user_id) {
+            user_id -> Varchar,
+            tenant_id -> Varchar,
+            email -> Binary,
+            email_lookup -> Nullable<Binary>,
+        }
+    }
+
+    #[derive(phi::PhiRecord, Clone, PartialEq)]
+    #[phi(table = phi_async_lookup, crate = phi, debug)]
+    #[allow(dead_code)] // Not every generated method is used.
+    #[diesel(primary_key(user_id))]
+    struct User {
+        #[phi(row_key)]
+        user_id: String,
+        #[phi(owner)]
+        tenant_id: String,
+        #[phi(encrypt, lookup_index = email_lookup, normalize = "trim,lowercase")]
+        email: String,
+    }
+
+    #[test]
+    fn the_async_finder_finds_by_value_leaves_out_shredded_owners_and_names_a_tampered_row() {
+        let db = TestDb::new();
+        {
+            let mut conn = db.sync_conn();
+            let lookup = if BLOB == "BYTEA" { "BYTEA" } else if server_url().is_some() { "VARBINARY(20)" } else { "BLOB" };
+            diesel::RunQueryDsl::execute(diesel::sql_query("DROP TABLE IF EXISTS phi_async_lookup"), &mut conn).expect("drop");
+            diesel::RunQueryDsl::execute(diesel::sql_query(format!(
+                "CREATE TABLE phi_async_lookup (user_id VARCHAR(64) NOT NULL PRIMARY KEY, \
+                 tenant_id VARCHAR(255) NOT NULL, email {BLOB} NOT NULL, email_lookup {lookup} NULL)"
+            )), &mut conn)
+            .expect("create");
+        }
+        runtime().block_on(async {
+            let keyring = db.keyring().await;
+            let run = common::unique_owner("async-lk");
+            let (kept, gone) = (format!("{run}-kept"), format!("{run}-gone"));
+            let user = |tenant: &str, id: &str, email: &str| User {
+                user_id: format!("{run}-{id}"),
+                tenant_id: tenant.to_owned(),
+                email: email.to_owned(),
+            };
+            let mut conn = db.conn().await;
+            for u in [user(&kept, "a", "Ann@Example.org"), user(&gone, "g", "gus@example.org"), user(&kept, "t", "tom@example.org")] {
+                u.insert_async(&keyring, &mut conn).await.expect("insert");
+            }
+            let shredding = keyring.clone();
+            let owner = gone.clone();
+            tokio::task::spawn_blocking(move || phi::lifecycle::shred_keys_by(&shredding, &owner, "operator"))
+                .await
+                .expect("task")
+                .expect("shred");
+
+            // A cold keyring, as at a login: no owner is known.
+            let cold = db.keyring().await;
+            let found = User::find_by_email_async(&" ann@EXAMPLE.org".to_string(), &cold, &mut conn).await.expect("find");
+            assert_eq!(found.len(), 1);
+            assert_eq!((found[0].tenant_id.as_str(), found[0].email.as_str()), (kept.as_str(), "Ann@Example.org"));
+            assert!(User::find_by_email_async(&"nobody@example.org".to_string(), &cold, &mut conn).await.expect("find").is_empty());
+            // The shredded owner's row matches and is left out.
+            assert!(User::find_by_email_async(&"gus@example.org".to_string(), &cold, &mut conn).await.expect("find").is_empty());
+
+            // Row t holds row a's sealed address (same owner, another row).
+            let sealed: Vec<u8> = phi_async_lookup::table
+                .find(format!("{run}-a"))
+                .select(phi_async_lookup::email)
+                .first(&mut conn)
+                .await
+                .expect("row a");
+            diesel::update(phi_async_lookup::table.find(format!("{run}-t")))
+                .set(phi_async_lookup::email.eq(sealed))
+                .execute(&mut conn)
+                .await
+                .expect("tamper");
+            let err = User::find_by_email_async(&"tom@example.org".to_string(), &cold, &mut conn)
+                .await
+                .expect_err("a tampered value is an error");
+            let text = err.to_string();
+            assert!(text.contains("phi_async_lookup.email") && text.contains(&kept), "{text}");
+            let source = std::error::Error::source(&err).expect("source").to_string();
+            assert!(source.contains(&format!("{run}-t")) && source.contains("authentication failed"), "{source}");
+        });
+    }
+}

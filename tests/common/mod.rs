@@ -155,6 +155,9 @@ pub(crate) fn example_bin(name: &str) -> std::path::PathBuf {
         if cfg!(feature = "aws-kms") {
             features.push("aws-kms");
         }
+        if cfg!(feature = "legacy-fernet") {
+            features.push("legacy-fernet");
+        }
         let status = std::process::Command::new(env!("CARGO"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args([

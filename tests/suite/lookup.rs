@@ -267,3 +267,96 @@ fn rows_stay_findable_through_rotation_reindex_and_retirement() {
         assert_eq!(User::find_by_email(e, &cold, &mut conn).expect("find").len(), 1, "{e}");
     }
 }
+
+#[test]
+fn reindex_skips_the_rows_of_a_shredded_owner_and_finishes_the_rest() {
+    let _serial = serial();
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    prepare_users(&mut conn);
+    let keyring = db.keyring();
+    let run = common::unique_owner("lk-shred");
+    let (gone, kept) = (format!("{run}-gone"), format!("{run}-kept"));
+    let users = [
+        user(&gone, &format!("{run}-1"), &format!("g1.{run}@example.org")),
+        user(&kept, &format!("{run}-2"), &format!("k2.{run}@example.org")),
+        user(&gone, &format!("{run}-3"), &format!("g3.{run}@example.org")),
+    ];
+    insert_users(&mut conn, &keyring, &users).expect("insert");
+    let old = keyring.lookup_keys().expect("keys").current_version().expect("version");
+    phi::lifecycle::shred_keys_by(&keyring, &gone, "operator").expect("shred");
+    let new = phi::lifecycle::rotate(&keyring, LOOKUP_OWNER).expect("rotate");
+
+    // A fresh keyring, as a job run by an operator; batches of two so that
+    // the shredded owner's rows fall in batches with other owners' rows.
+    let report = lookup_index::reindex::<User, _>(&mut conn, &db.keyring(), &ReindexOptions::default().batch(2))
+        .expect("the shredded owner's rows do not stop the job");
+    assert!(report.shredded >= 2, "{report}");
+    assert!(report.to_string().contains("shredded"), "{report}");
+    assert_eq!(version_of(&stored_lookup(&mut conn, &format!("{run}-2")).expect("value")), new);
+    for id in [1, 3] {
+        let stored = stored_lookup(&mut conn, &format!("{run}-{id}")).expect("value");
+        assert_eq!(version_of(&stored), old, "a shredded owner's row is left as it is");
+    }
+    // Still resumable: nothing more to rewrite, the same rows skipped.
+    let again = lookup_index::reindex::<User, _>(&mut conn, &db.keyring(), &ReindexOptions::default())
+        .expect("reindex");
+    assert_eq!(again.rewritten, 0, "{again}");
+    assert_eq!(again.shredded, report.shredded, "{again}");
+}
+
+#[test]
+fn a_finder_leaves_out_shredded_owners_and_names_a_tampered_row() {
+    let _serial = serial();
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    prepare_users(&mut conn);
+    let keyring = db.keyring();
+    let run = common::unique_owner("lk-open");
+    let (gone, kept) = (format!("{run}-gone"), format!("{run}-kept"));
+    let (g, k, t) = (
+        format!("g.{run}@example.org"),
+        format!("k.{run}@example.org"),
+        format!("t.{run}@example.org"),
+    );
+    insert_users(
+        &mut conn,
+        &keyring,
+        &[
+            user(&gone, &format!("{run}-g"), &g),
+            user(&kept, &format!("{run}-k"), &k),
+            user(&kept, &format!("{run}-t"), &t),
+        ],
+    )
+    .expect("insert");
+    phi::lifecycle::shred_keys_by(&keyring, &gone, "operator").expect("shred");
+
+    // The shredded owner's row matches, and is left out; others are found.
+    let cold = db.keyring();
+    assert!(User::find_by_email(&g, &cold, &mut conn).expect("find").is_empty());
+    assert_eq!(User::find_by_email(&k, &cold, &mut conn).expect("find").len(), 1);
+
+    // Row t's address replaced by row k's sealed one (the same owner, another
+    // row): it matches t's lookup value but does not authenticate.
+    let k_sealed: Vec<u8> = phi_lk_users::table
+        .filter(phi_lk_users::user_id.eq(format!("{run}-k")))
+        .select(phi_lk_users::email)
+        .first(&mut conn)
+        .expect("row k");
+    diesel::update(phi_lk_users::table.filter(phi_lk_users::user_id.eq(format!("{run}-t"))))
+        .set(phi_lk_users::email.eq(k_sealed))
+        .execute(&mut conn)
+        .expect("tamper");
+    let result = User::find_by_email(&t, &cold, &mut conn);
+    // The shared table must not keep a row that does not open.
+    diesel::delete(phi_lk_users::table.filter(phi_lk_users::user_id.eq(format!("{run}-t"))))
+        .execute(&mut conn)
+        .expect("clean up");
+    let err = result.expect_err("a tampered value is an error");
+    let text = err.to_string();
+    assert!(text.contains("phi_lk_users.email"), "{text}");
+    assert!(text.contains(&kept), "{text}");
+    let source = std::error::Error::source(&err).expect("source").to_string();
+    assert!(source.contains(&format!("{run}-t")), "{source}");
+    assert!(source.contains("authentication failed"), "{source}");
+}

@@ -3,6 +3,7 @@
 //! `--dry-run`, `--batch`, `--rate` and `--format json`.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -10,7 +11,8 @@ use serde_json::{Value, json};
 use super::{CliResult, EXIT_NOT_VERIFIED, Format, Refused, bar};
 use crate::adopt::{self, SchemaConnection, Strategy};
 use crate::legacy::Dialect;
-use crate::lifecycle::ResealTable;
+use crate::legacy::{LegacyCount, LegacyDecoder, LegacyDecoders, VersionedGcmDecoder};
+use crate::lifecycle::{DataConnection, ResealTable};
 use crate::migrate::{
     self, DEFAULT_BATCH, Migratable, MigrateOptions, MigrationReport, Progress, StoredTable,
     VerifyFailure, VerifyReport,
@@ -148,6 +150,65 @@ pub struct MigrateArgs {
     /// between batches (for a production database under load).
     #[arg(long, value_name = "ROWS_PER_SEC", value_parser = parse_rate)]
     pub rate: Option<f64>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub legacy: LegacyArgs,
+}
+
+/// Values stored before phi in an encrypted format of their own, which
+/// `backfill` opens (sealing their plaintext) and `verify` checks (see
+/// [`crate::legacy`]); `decrypt-back` ignores them. The application's own
+/// decoder ([`App::legacy`](super::App::legacy)) is tried first, then the
+/// formats named here, in the order given.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct LegacyArgs {
+    /// A shipped legacy format to open: `fernet` (tokens `gAAAAA…`, keys
+    /// from --legacy-key-env; feature `legacy-fernet`) or `versioned-gcm`
+    /// (`v1:<nonce>:<ciphertext>`, keys from --legacy-gcm-keys-env).
+    /// Repeat for both.
+    #[arg(long = "legacy", value_enum, value_name = "FORMAT")]
+    pub formats: Vec<LegacyFormat>,
+    /// The environment variables holding the Fernet keys: the primary,
+    /// then fallback keys tried after it (each URL-safe base64 of 32
+    /// bytes, as `Fernet.generate_key()` prints it); a fallback variable
+    /// that is unset or empty is skipped.
+    #[arg(
+        long = "legacy-key-env",
+        value_name = "PRIMARY[,FALLBACK]",
+        default_value = "ENCRYPTION_KEY,ENCRYPTION_KEY_FALLBACK"
+    )]
+    pub key_env: String,
+    /// The environment variable holding the versioned AES-GCM keys:
+    /// `v1=KEY,v2=KEY` (commas, semicolons or spaces between entries), each
+    /// key 256 bits as 64 hexadecimal digits or base64.
+    #[arg(
+        long = "legacy-gcm-keys-env",
+        value_name = "NAME",
+        default_value = "PHI_LEGACY_GCM_KEYS"
+    )]
+    pub gcm_keys_env: String,
+}
+
+impl Default for LegacyArgs {
+    fn default() -> Self {
+        LegacyArgs {
+            formats: Vec::new(),
+            key_env: "ENCRYPTION_KEY,ENCRYPTION_KEY_FALLBACK".into(),
+            gcm_keys_env: "PHI_LEGACY_GCM_KEYS".into(),
+        }
+    }
+}
+
+/// A legacy format shipped with phi, for `--legacy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum LegacyFormat {
+    /// Fernet tokens ([`FernetDecoder`](crate::legacy::FernetDecoder),
+    /// feature `legacy-fernet`).
+    Fernet,
+    /// `v1:<nonce>:<ciphertext>` texts ([`VersionedGcmDecoder`]).
+    VersionedGcm,
 }
 
 /// Options of `decrypt-back`.
@@ -176,6 +237,9 @@ pub struct VerifyArgs {
     /// At most this many rows per second, on average.
     #[arg(long, value_name = "ROWS_PER_SEC", value_parser = parse_rate)]
     pub rate: Option<f64>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub legacy: LegacyArgs,
 }
 
 /// Options of `status`.
@@ -215,6 +279,7 @@ impl std::fmt::Debug for Model {
 #[derive(Debug, Clone, Default)]
 pub struct Jobs {
     models: Vec<Model>,
+    legacy: Option<Arc<dyn LegacyDecoder>>,
 }
 
 impl Jobs {
@@ -234,6 +299,42 @@ impl Jobs {
             table: M::stored_table,
         });
         self
+    }
+
+    /// The application's own decoder of values stored before phi in an
+    /// encrypted format ([`crate::legacy`]), which `backfill` and `verify`
+    /// use, tried before any format named with `--legacy` (several: a
+    /// [`LegacyDecoders`]).
+    #[must_use]
+    pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Jobs {
+        self.legacy = Some(decoder);
+        self
+    }
+
+    /// The decoder of a job: the application's, then the `--legacy` ones.
+    fn decoder(&self, args: &LegacyArgs) -> CliResult<Option<Arc<dyn LegacyDecoder>>> {
+        let mut decoders = LegacyDecoders::new();
+        let mut any = false;
+        if let Some(own) = &self.legacy {
+            decoders = decoders.with(own.clone());
+            any = true;
+        }
+        let mut seen = Vec::new();
+        for format in &args.formats {
+            if seen.contains(format) {
+                continue;
+            }
+            seen.push(*format);
+            let decoder: Arc<dyn LegacyDecoder> = match format {
+                LegacyFormat::Fernet => fernet_decoder(&args.key_env)?,
+                LegacyFormat::VersionedGcm => {
+                    Arc::new(VersionedGcmDecoder::from_env(args.gcm_keys_env.trim())?)
+                }
+            };
+            decoders = decoders.with(decoder);
+            any = true;
+        }
+        Ok(any.then(|| Arc::new(decoders) as Arc<dyn LegacyDecoder>))
     }
 
     /// Whether no model is registered.
@@ -360,9 +461,12 @@ impl Jobs {
                 {
                     check_decrypt_back(keyring, d.yes)?;
                 }
-                let options = MigrateOptions::default()
+                let mut options = MigrateOptions::default()
                     .batch(args.batch)
                     .dry_run(args.dry_run);
+                if sealing && let Some(decoder) = self.decoder(&args.legacy)? {
+                    options = options.legacy(decoder);
+                }
                 extra.insert("dry_run".into(), args.dry_run.into());
                 for (model, table) in self.selected(&args.models)? {
                     let verb = if sealing { "sealing" } else { "decrypting" };
@@ -386,12 +490,23 @@ impl Jobs {
             }
             JobCommand::Verify(args) => {
                 let mut ok = true;
-                for (model, table) in self.selected(&args.models)? {
+                let selected = self.selected(&args.models)?;
+                let decoder = self.decoder(&args.legacy)?;
+                for (model, table) in selected {
                     let report = with_progress(
                         &format!("verifying {}", table.table),
                         progress,
                         args.rate,
-                        |on| migrate::verify_table(&table, conn, keyring, args.sample, on),
+                        |on| {
+                            migrate::verify_table_legacy(
+                                &table,
+                                conn,
+                                keyring,
+                                args.sample,
+                                decoder.as_deref(),
+                                on,
+                            )
+                        },
                     )?;
                     if format == Format::Text {
                         println!("{report}");
@@ -590,6 +705,50 @@ fn with_progress<T>(
     result
 }
 
+/// The Fernet decoder of `--legacy fernet`: the keys in the variables
+/// `names` (`PRIMARY[,FALLBACK…]`).
+fn fernet_decoder(names: &str) -> CliResult<Arc<dyn LegacyDecoder>> {
+    let names: Vec<&str> = names
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let Some((primary, fallbacks)) = names.split_first() else {
+        return Err("--legacy-key-env names no variable".into());
+    };
+    #[cfg(feature = "legacy-fernet")]
+    {
+        let key = zeroize::Zeroizing::new(std::env::var(primary).map_err(|_| {
+            format!("--legacy fernet: {primary} is not set (the primary Fernet key)")
+        })?);
+        let mut decoder = crate::legacy::FernetDecoder::new(&key)?;
+        for name in fallbacks {
+            if let Ok(key) = std::env::var(name).map(zeroize::Zeroizing::new)
+                && !key.trim().is_empty()
+            {
+                decoder = decoder.fallback(&key)?;
+            }
+        }
+        Ok(Arc::new(decoder))
+    }
+    #[cfg(not(feature = "legacy-fernet"))]
+    {
+        let _ = (primary, fallbacks);
+        Err(
+            "--legacy fernet: this command was built without Fernet support \
+             (rebuild with the cargo feature `legacy-fernet`)"
+                .into(),
+        )
+    }
+}
+
+fn legacy_json(counts: &[LegacyCount]) -> Vec<Value> {
+    counts
+        .iter()
+        .map(|c| json!({ "format": c.format, "found": c.found, "failed": c.failed }))
+        .collect()
+}
+
 fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
@@ -623,6 +782,7 @@ fn migration_json(model: &str, r: &MigrationReport) -> Value {
         "undecodable": r.undecodable,
         "reencoded": r.reencoded,
         "remaining": r.remaining,
+        "legacy": legacy_json(&r.legacy),
         "elapsed_seconds": seconds(r.elapsed),
         "problems": failures_json(&r.problems),
     })
@@ -640,6 +800,7 @@ fn verify_json(model: &str, r: &VerifyReport) -> Value {
         "failed": r.failed,
         "not_canonical": r.not_canonical,
         "problems_found": r.problems_found,
+        "legacy": legacy_json(&r.legacy),
         "failures": failures_json(&r.failures),
         "elapsed_seconds": seconds(r.elapsed),
     })

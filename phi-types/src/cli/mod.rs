@@ -30,8 +30,9 @@ use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 mod jobs;
 
 pub use jobs::{
-    BackendArg, DecryptBackArgs, FinalizeArgs, GenerateArgs, JobCommand, Jobs, MigrateArgs,
-    MigrationCommand, ModelArgs, StatusArgs, StrategyArg, VerifyArgs, is_refused,
+    BackendArg, DecryptBackArgs, FinalizeArgs, GenerateArgs, JobCommand, Jobs, LegacyArgs,
+    LegacyFormat, MigrateArgs, MigrationCommand, ModelArgs, StatusArgs, StrategyArg, VerifyArgs,
+    is_refused,
 };
 
 /// Prints a line of a report for people; nothing with `--format json`,
@@ -393,6 +394,18 @@ impl App {
     #[must_use]
     pub fn model<M: crate::migrate::Migratable>(mut self) -> App {
         self.jobs = self.jobs.model::<M>();
+        self
+    }
+
+    /// The application's decoder of values stored before phi in an
+    /// encrypted format of its own ([`crate::legacy`]): `backfill` seals
+    /// their plaintext and `verify` checks that they open. Tried before the
+    /// formats named with `--legacy fernet` / `--legacy versioned-gcm`;
+    /// several decoders of the application's go in one
+    /// [`LegacyDecoders`](crate::legacy::LegacyDecoders).
+    #[must_use]
+    pub fn legacy(mut self, decoder: Arc<dyn crate::legacy::LegacyDecoder>) -> App {
+        self.jobs = self.jobs.legacy(decoder);
         self
     }
 

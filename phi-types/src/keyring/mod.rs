@@ -1084,6 +1084,44 @@ impl Keyring {
         &self.inner.store
     }
 
+    /// Which of `owners` are crypto-shredded (every data key version
+    /// destroyed), asked of the key store: the owners whose rows are
+    /// unreadable by design, which jobs and finders leave out rather than
+    /// fail on. An owner with no key row at all is not shredded.
+    ///
+    /// # Errors
+    /// Key store errors.
+    pub fn shredded_owners<'o>(
+        &self,
+        owners: impl IntoIterator<Item = &'o str>,
+    ) -> Result<HashSet<String>> {
+        let owners: Vec<&str> = owners.into_iter().collect();
+        if owners.is_empty() {
+            return Ok(Default::default());
+        }
+        Ok(shredded_among(&self.inner.store.load_keys(&owners)?))
+    }
+
+    /// [`shredded_owners`](Self::shredded_owners) without blocking the
+    /// task's thread (feature `async`): the query runs on tokio's blocking
+    /// pool.
+    ///
+    /// # Errors
+    /// Key store errors.
+    #[cfg(feature = "async")]
+    pub async fn shredded_owners_async(&self, owners: Vec<String>) -> Result<HashSet<String>> {
+        if owners.is_empty() {
+            return Ok(Default::default());
+        }
+        let store = self.inner.store.clone();
+        let rows = nonblocking::blocking("loading data keys", move || {
+            let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
+            store.load_keys(&refs)
+        })
+        .await?;
+        Ok(shredded_among(&rows))
+    }
+
     /// The configured KEK with this id (the primary or one added with
     /// [`KeyringBuilder::unwrap_with`]).
     pub fn kek(&self, id: &str) -> Option<&Arc<dyn KeyEncryptionKey>> {
@@ -1626,4 +1664,16 @@ pub(crate) fn refuse_reserved(owner: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The owners of `rows` whose every key row is destroyed.
+fn shredded_among(rows: &[StoredKey]) -> HashSet<String> {
+    let mut live: HashMap<&str, bool> = HashMap::new();
+    for row in rows {
+        *live.entry(row.owner_id.as_str()).or_default() |= row.state != KeyState::Destroyed;
+    }
+    live.into_iter()
+        .filter(|(_, live)| !live)
+        .map(|(owner, _)| owner.to_owned())
+        .collect()
 }

@@ -12,6 +12,7 @@ use super::{
     LegacyDecoder, LegacyError, LegacyErrorKind, LegacyPlaintext, LegacyValue, base64_engine,
 };
 use crate::dek::KeyBytes;
+use crate::error::{Error, Result};
 
 const FORMAT: &str = "aes-gcm-versioned";
 const NONCE_LEN: usize = 12;
@@ -51,6 +52,79 @@ impl VersionedGcmDecoder {
     pub fn key(mut self, version: impl Into<String>, key: KeyBytes) -> Self {
         self.keys.insert(version.into(), key);
         self
+    }
+
+    /// A decoder from a text naming each version's key, as an environment
+    /// variable holds it (the application's command line reads it with
+    /// `--legacy versioned-gcm`): entries `VERSION=KEY` separated by commas,
+    /// semicolons or white space, where `VERSION` is `v` and digits and
+    /// `KEY` is the 256-bit key as 64 hexadecimal digits or as base64
+    /// (standard or URL-safe, padding optional). Errors name the entry and
+    /// its version, never the key.
+    ///
+    /// ```
+    /// use phi_types::legacy::VersionedGcmDecoder;
+    ///
+    /// let v1 = "32333435363738393a3b3c3d3e3f404142434445464748494a4b4c4d4e4f5051";
+    /// let v2 = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+    /// let decoder = VersionedGcmDecoder::from_spec(&format!("v1={v1},v2={v2}"))?;
+    /// assert_eq!(format!("{decoder:?}"), r#"VersionedGcmDecoder { versions: ["v1", "v2"], .. }"#);
+    /// let err = VersionedGcmDecoder::from_spec("v1=c2hvcnQ=").unwrap_err();
+    /// assert!(err.to_string().contains("v1") && !err.to_string().contains("c2hvcnQ"));
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an entry that is not `VERSION=KEY`, a
+    /// version that is not `v` and digits, a key that is not 32 bytes of
+    /// hexadecimal or base64, or no entry at all.
+    pub fn from_spec(spec: &str) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidInput {
+            what: "versioned AES-GCM keys",
+            reason,
+        };
+        let mut decoder = VersionedGcmDecoder::new();
+        let entries = spec
+            .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+            .filter(|e| !e.is_empty());
+        for (n, entry) in entries.enumerate() {
+            let Some((version, key)) = entry.split_once('=') else {
+                return Err(invalid(format!("entry {} is not VERSION=KEY", n + 1)));
+            };
+            let digits = version.strip_prefix('v').unwrap_or("");
+            if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(invalid(format!(
+                    "entry {}: the version is not `v` and digits (v1, v2)",
+                    n + 1
+                )));
+            }
+            let bytes = decode_key(key).ok_or_else(|| {
+                invalid(format!(
+                    "the key of {version}: not 32 bytes as 64 hexadecimal digits or base64"
+                ))
+            })?;
+            let key = KeyBytes::from_slice(&bytes)
+                .ok_or_else(|| invalid(format!("the key of {version}: not 32 bytes")))?;
+            decoder = decoder.key(version, key);
+        }
+        if decoder.keys.is_empty() {
+            return Err(invalid("no VERSION=KEY entry".into()));
+        }
+        Ok(decoder)
+    }
+
+    /// [`from_spec`](Self::from_spec) of the environment variable `name`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `name` is not set; as
+    /// [`from_spec`](Self::from_spec).
+    pub fn from_env(name: &str) -> Result<Self> {
+        let spec =
+            Zeroizing::new(std::env::var(name).map_err(|_| {
+                Error::Config(format!("{name} is not set: no versioned AES-GCM keys"))
+            })?);
+        Self::from_spec(&spec)
     }
 
     fn decrypt(
@@ -102,6 +176,25 @@ impl VersionedGcmDecoder {
             .map_err(|_| LegacyErrorKind::Authentication)?;
         Ok(plain)
     }
+}
+
+/// A key as 64 hexadecimal digits or base64 (standard or URL-safe), in a
+/// buffer zeroized on drop.
+fn decode_key(text: &str) -> Option<Zeroizing<Vec<u8>>> {
+    let text = text.trim();
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let digit = |b: u8| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
+        let mut out = Zeroizing::new(Vec::with_capacity(32));
+        for pair in text.as_bytes().chunks(2) {
+            out.push(digit(pair[0])? << 4 | digit(pair[1])?);
+        }
+        return Some(out);
+    }
+    let url_safe = text.contains(['-', '_']);
+    base64_engine(url_safe)
+        .decode(text)
+        .ok()
+        .map(Zeroizing::new)
 }
 
 /// The version label of a stored value: `v` and digits before the first
