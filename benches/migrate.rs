@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use phi::lifecycle::{self, RewrapScope};
 use phi::migrate::{self, MigrateOptions};
-use phi::{KeyBytes, KeyStore, Keyring, LocalKek, PhiRecord, Rollout};
+use phi::{KeyBytes, KeyEncryptionKey as _, KeyStore, Keyring, LocalKek, PhiRecord, Rollout};
 
 mod schema {
     //! The table of the benchmark.
