@@ -20,7 +20,12 @@
 //! - backfill: `migrate::backfill` of every row, at each batch size of
 //!   `PHI_MIGRATE_BATCHES` (default `500,5000`), each followed by
 //!   `migrate::decrypt_back` at the same batch size (also timed), so the
-//!   next backfill starts from plain rows again.
+//!   next backfill starts from plain rows again;
+//! - rewrap (KEK rotation): `lifecycle::rewrap` of every data key in the
+//!   store (the 100 owners' and `PHI_MIGRATE_REWRAP_KEYS` more, default
+//!   10,000, created once before the timing) from the benchmark's KEK to a
+//!   second one, batches of 500 (one set-based `UPDATE` each), then back
+//!   (also timed) for the next run.
 //!
 //! The owners' data keys live in phi's key store on the same database
 //! (`LocalKek` over a fixed test key) and are created before the timing.
@@ -35,8 +40,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
+use phi::lifecycle::{self, RewrapScope};
 use phi::migrate::{self, MigrateOptions};
-use phi::{KeyBytes, KeyStore, Keyring, LocalKek, PhiRecord, Rollout};
+use phi::{KeyBytes, KeyEncryptionKey as _, KeyStore, Keyring, LocalKek, PhiRecord, Rollout};
 
 mod schema {
     //! The table of the benchmark.
@@ -120,11 +126,43 @@ fn cases(rows: usize, owners: &[String]) -> Vec<Case> {
         .collect()
 }
 
+fn bench_kek() -> Arc<LocalKek> {
+    Arc::new(LocalKek::new("bench-migrate", &KeyBytes::new([0x43; 32])))
+}
+
+/// The KEK the rewrap measure rotates to (and back from).
+fn second_kek() -> Arc<LocalKek> {
+    Arc::new(LocalKek::new("bench-migrate-2", &KeyBytes::new([0x44; 32])))
+}
+
 fn new_keyring(store: &Arc<dyn KeyStore>) -> phi::Result<Keyring> {
-    let kek = LocalKek::new("bench-migrate", &KeyBytes::new([0x43; 32]));
-    Keyring::builder(Arc::clone(store), Arc::new(kek))
+    Keyring::builder(Arc::clone(store), bench_kek())
         .actor("phi-bench-migrate")
         .build()
+}
+
+/// Rewraps every key from `from` to `to`; the keys moved and the time.
+fn rewrap_all(
+    store: &Arc<dyn KeyStore>,
+    from: Arc<LocalKek>,
+    to: Arc<LocalKek>,
+) -> BoxResult<(u64, Duration)> {
+    let from_id = from.id().to_owned();
+    let keyring = Keyring::builder(Arc::clone(store), to)
+        .unwrap_with(from)
+        .actor("phi-bench-migrate")
+        .build()?;
+    let scope = RewrapScope {
+        from_kek: Some(from_id),
+        batch_size: 500,
+    };
+    let start = Instant::now();
+    let report = lifecycle::rewrap(&keyring, &scope, &mut |_| {})?;
+    let took = start.elapsed();
+    if report.rewrapped != report.total || report.skipped != 0 {
+        return Err(format!("rewrap: {report:?}").into());
+    }
+    Ok((report.rewrapped, took))
 }
 
 fn median(samples: &[Duration]) -> Duration {
@@ -160,6 +198,10 @@ struct Samples {
     /// Per batch size: backfill and decrypt-back times.
     backfill: Vec<Vec<Duration>>,
     decrypt: Vec<Vec<Duration>>,
+    /// Keys rewrapped per run, and the rewrap there and back.
+    rewrapped: u64,
+    rewrap: Vec<Duration>,
+    rewrap_back: Vec<Duration>,
 }
 
 macro_rules! backend_run {
@@ -185,6 +227,7 @@ macro_rules! backend_run {
                 owners: &[String],
                 batches: &[usize],
                 runs: usize,
+                rewrap_keys: usize,
             ) -> BoxResult<Samples> {
                 let mut conn = Conn::establish(&b.url)?;
                 conn.batch_execute(b.setup)?;
@@ -192,6 +235,12 @@ macro_rules! backend_run {
                     Arc::new(phi::DieselKeyStore::<Conn>::connect(&b.url)?);
                 let keyring = new_keyring(&store)?;
                 keyring.keys_for_seal_many(owners.iter().map(String::as_str))?;
+                let extra: Vec<String> = (0..rewrap_keys)
+                    .map(|i| format!("bench-rewrap-{i:06}"))
+                    .collect();
+                for chunk in extra.chunks(1_000) {
+                    keyring.keys_for_seal_many(chunk.iter().map(String::as_str))?;
+                }
                 let plain = new_keyring(&store)?;
                 plain.set_rollout(Rollout::Nobody);
                 let n = cases.len() as i64;
@@ -241,6 +290,14 @@ macro_rules! backend_run {
                             return Err(format!("decrypt-back: {report}").into());
                         }
                     }
+                    let (moved, took) = rewrap_all(&store, bench_kek(), second_kek())?;
+                    s.rewrap.push(took);
+                    let (back, took) = rewrap_all(&store, second_kek(), bench_kek())?;
+                    s.rewrap_back.push(took);
+                    if moved != back || moved < (owners.len() + rewrap_keys) as u64 {
+                        return Err(format!("rewrap moved {moved} keys and {back} back").into());
+                    }
+                    s.rewrapped = moved;
                 }
                 let back = Case::load(
                     phi_bench_migrate::table.order(phi_bench_migrate::case_id),
@@ -326,14 +383,15 @@ fn run_backend(
     owners: &[String],
     batches: &[usize],
     runs: usize,
+    rewrap_keys: usize,
 ) -> BoxResult<Samples> {
     match b.name {
         #[cfg(feature = "sqlite")]
-        "SQLite" => sqlite_run::run(b, cases, owners, batches, runs),
+        "SQLite" => sqlite_run::run(b, cases, owners, batches, runs, rewrap_keys),
         #[cfg(feature = "mysql")]
-        "MariaDB" => mysql_run::run(b, cases, owners, batches, runs),
+        "MariaDB" => mysql_run::run(b, cases, owners, batches, runs, rewrap_keys),
         #[cfg(feature = "postgres")]
-        "PostgreSQL" => postgres_run::run(b, cases, owners, batches, runs),
+        "PostgreSQL" => postgres_run::run(b, cases, owners, batches, runs, rewrap_keys),
         other => Err(format!("no runner for {other}").into()),
     }
 }
@@ -349,6 +407,7 @@ fn env_number(name: &str, default: usize) -> usize {
 fn main() {
     let rows = env_number("PHI_MIGRATE_ROWS", DEFAULT_ROWS).max(1);
     let runs = env_number("PHI_MIGRATE_RUNS", 3).max(1);
+    let rewrap_keys = env_number("PHI_MIGRATE_REWRAP_KEYS", 10_000);
     let batches: Vec<usize> = std::env::var("PHI_MIGRATE_BATCHES")
         .unwrap_or_else(|_| "500,5000".into())
         .split(',')
@@ -377,7 +436,7 @@ fn main() {
             let path = dir.path().join("migrate.db");
             backend.url = path.to_str().expect("UTF-8 temporary path").to_owned();
         }
-        match run_backend(&backend, &cases, &owners, &batches, runs) {
+        match run_backend(&backend, &cases, &owners, &batches, runs, rewrap_keys) {
             Ok(s) => {
                 let plain = median(&s.plain);
                 let rate = |d: Duration| thousands(rows as f64 / d.as_secs_f64());
@@ -401,6 +460,19 @@ fn main() {
                         "decrypt-back",
                         thousands(*batch as f64),
                         median(&s.decrypt[i]),
+                    );
+                }
+                for (job, samples) in [
+                    ("rewrap (KEK rotation)", &s.rewrap),
+                    ("rewrap back", &s.rewrap_back),
+                ] {
+                    let d = median(samples);
+                    println!(
+                        "| {} | {job}, {} keys | 500 | {:.2} s | {} keys/s | |",
+                        backend.name,
+                        thousands(s.rewrapped as f64),
+                        d.as_secs_f64(),
+                        thousands(s.rewrapped as f64 / d.as_secs_f64()),
                     );
                 }
             }

@@ -341,6 +341,117 @@ fn rewrap_moves_every_key_to_the_new_kek_and_is_audited() {
     assert!(matches!(err, Error::UnknownKek { .. }), "{err:?}");
 }
 
+fn audit_event(owner: &str, action: phi::AuditAction, version: Option<u32>, kek: Option<&str>) -> phi::AuditEvent {
+    phi::AuditEvent {
+        occurred_at: chrono::Utc::now().naive_utc(),
+        owner_id: owner.to_owned(),
+        action,
+        key_version: version,
+        kek_id: kek.map(str::to_owned),
+        actor: "another-process".to_owned(),
+        detail: None,
+    }
+}
+
+#[test]
+fn rows_changed_between_a_rewrap_batchs_read_and_its_write_are_left_alone_and_counted() {
+    let db = life_db();
+    let tag = common::unique_owner("rw-race");
+    let (old, new) = rewrap_keks(&tag);
+    let third = Arc::new(LocalKek::new(format!("third-{tag}"), &KeyBytes::new([0x33; 32])));
+    // 6 owners, owners 0 and 3 with two versions: 8 keys, two batches of 5 and 3.
+    let sealed = seed_rewrap(&db, &old, "rw-race", 6);
+    let owners: Vec<String> = sealed.iter().map(|(o, _)| o.clone()).collect();
+    let keyring = Keyring::builder(db.store(), new.clone())
+        .unwrap_with(old.clone())
+        .actor("race-test")
+        .build()
+        .expect("keyring");
+    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 5 };
+
+    // After the first batch has read (and rewrapped) its 5 rows and before
+    // it writes them, another process rewraps one of them to a third KEK
+    // and shreds the owner of another (an owner with one key).
+    let mut batches = 0;
+    let mut moved: Option<(String, u32, Vec<u8>)> = None;
+    let mut shredded: Option<String> = None;
+    let report = lifecycle::rewrap_interleaved(&keyring, &scope, &mut |page| {
+        batches += 1;
+        if batches == 1 {
+            assert_eq!(page.len(), 5);
+            let store = db.store();
+            let a = &page[0];
+            let key = old.unwrap(&a.owner_id, a.version, &a.wrapped_key).expect("unwrap");
+            let wrapped = third.wrap(&a.owner_id, a.version, &key).expect("wrap");
+            let applied = store
+                .rewrap_keys(&[phi::Rewrap {
+                    owner_id: a.owner_id.clone(),
+                    version: a.version,
+                    from_kek: old.id().to_owned(),
+                    to_kek: third.id().to_owned(),
+                    wrapped_key: wrapped.clone(),
+                    audit: audit_event(&a.owner_id, phi::AuditAction::Rewrap, Some(a.version), Some(third.id())),
+                }])
+                .expect("the other process's rewrap");
+            assert_eq!(applied, [true]);
+            moved = Some((a.owner_id.clone(), a.version, wrapped));
+            let b = page[1..]
+                .iter()
+                .find(|r| {
+                    r.owner_id != a.owner_id
+                        && store.load_keys(&[r.owner_id.as_str()]).expect("keys").len() == 1
+                })
+                .expect("an owner with one key in the first batch");
+            let destroyed = store
+                .destroy_keys(&b.owner_id, &audit_event(&b.owner_id, phi::AuditAction::Destroy, None, None))
+                .expect("the other process's shred");
+            assert_eq!(destroyed, [b.version]);
+            shredded = Some(b.owner_id.clone());
+        }
+        Ok(())
+    })
+    .expect("rewrap");
+    let (moved_owner, moved_version, moved_wrapped) = moved.expect("the first batch ran");
+    let shredded = shredded.expect("the first batch ran");
+    assert_eq!(batches, 2);
+    assert_eq!((report.total, report.rewrapped, report.skipped, report.batches), (8, 6, 2, 2), "{report:?}");
+
+    // The two rows are as the other process left them.
+    let rows = db.store().load_keys(&owners.iter().map(String::as_str).collect::<Vec<_>>()).expect("keys");
+    assert_eq!(rows.len(), 8);
+    for row in &rows {
+        if row.owner_id == moved_owner && row.version == moved_version {
+            assert_eq!((row.kek_id.as_str(), &row.wrapped_key), (third.id(), &moved_wrapped), "left under the third KEK");
+        } else if row.owner_id == shredded {
+            assert_eq!(row.state, phi::KeyState::Destroyed, "not brought back");
+            assert!(row.wrapped_key.is_empty(), "no wrapped key written over the shred");
+        } else {
+            assert_eq!(row.kek_id, new.id(), "{}/{} rewrapped", row.owner_id, row.version);
+        }
+    }
+    // One `rewrap` audit record of this run per row it changed, none for the two.
+    let mut conn = db.conn();
+    let ours: Vec<(String, Option<i64>)> = encryption_key_audit::table
+        .filter(encryption_key_audit::owner_id.eq_any(&owners))
+        .filter(encryption_key_audit::action.eq("rewrap"))
+        .filter(encryption_key_audit::actor.eq("race-test"))
+        .select((encryption_key_audit::owner_id, encryption_key_audit::key_version))
+        .load(&mut conn)
+        .expect("audit");
+    assert_eq!(ours.len(), 6, "{ours:?}");
+    assert!(!ours.iter().any(|(o, v)| o == &shredded || (o == &moved_owner && *v == Some(i64::from(moved_version)))), "{ours:?}");
+    // Every value but the shredded owner's opens under the new and the third KEK.
+    let after = Keyring::builder(db.store(), new.clone()).unwrap_with(third.clone()).build().expect("keyring");
+    for (i, (owner, value)) in sealed.iter().enumerate() {
+        let opened = after.open::<String>(value.clone(), owner, NAME, b"r");
+        if *owner == shredded {
+            assert!(opened.is_err(), "{owner} was shredded");
+        } else {
+            assert_eq!(opened.expect("opens"), format!("value {i}"));
+        }
+    }
+}
+
 #[test]
 fn rewrap_names_a_kek_that_is_not_configured() {
     let db = life_db();

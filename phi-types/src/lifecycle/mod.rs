@@ -439,7 +439,10 @@ pub struct RewrapScope {
 /// it with [`KeyringBuilder::unwrap_with`](crate::KeyringBuilder::unwrap_with)),
 /// wrapped by the primary, checked to unwrap back to the same key, and
 /// written with a compare-and-set on the old KEK id, with a `rewrap` audit
-/// record, one transaction per batch. Data rows are never touched; the old
+/// record, one transaction per batch ([`KeyStore::rewrap_keys`](crate::KeyStore::rewrap_keys): on a
+/// database store, one set-based `UPDATE` per batch). A row changed by
+/// another process between the batch's read and its write is left alone
+/// and counted in [`RewrapProgress::skipped`]. Data rows are never touched; the old
 /// KEK keeps opening rows not yet rewrapped. A crash loses nothing: the
 /// next run skips the rows already naming the primary KEK. Destroyed keys
 /// are left alone.
@@ -452,6 +455,28 @@ pub fn rewrap(
     keyring: &Keyring,
     scope: &RewrapScope,
     progress: &mut dyn FnMut(&RewrapProgress),
+) -> Result<RewrapProgress> {
+    rewrap_with(keyring, scope, progress, &mut |_| Ok(()))
+}
+
+/// [`rewrap`] with `between` called for each batch after its rows are read
+/// and rewrapped and before they are written: a fixed interleaving in which
+/// another process changes rows the batch has read, for tests of the
+/// write's compare-and-set. Not for applications.
+#[doc(hidden)]
+pub fn rewrap_interleaved(
+    keyring: &Keyring,
+    scope: &RewrapScope,
+    between: &mut dyn FnMut(&[StoredKey]) -> Result<()>,
+) -> Result<RewrapProgress> {
+    rewrap_with(keyring, scope, &mut |_| {}, between)
+}
+
+fn rewrap_with(
+    keyring: &Keyring,
+    scope: &RewrapScope,
+    progress: &mut dyn FnMut(&RewrapProgress),
+    between: &mut dyn FnMut(&[StoredKey]) -> Result<()>,
 ) -> Result<RewrapProgress> {
     let target = keyring.primary_kek().clone();
     let store = keyring.store();
@@ -486,6 +511,7 @@ pub fn rewrap(
         for row in &page {
             rewraps.push(rewrap_one(keyring, &target, row)?);
         }
+        between(&page)?;
         let applied = store.rewrap_keys(&rewraps)?;
         let done = applied.iter().filter(|a| **a).count() as u64;
         report.rewrapped += done;

@@ -289,8 +289,214 @@ fn stored_key(row: KeyRow) -> Result<StoredKey> {
     })
 }
 
+/// Rewraps per set-based `UPDATE` statement (five bound values each).
+const REWRAPS_PER_UPDATE: usize = 1_000;
+
+/// How one backend's set-based `UPDATE` joins the rows it writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SetShape {
+    /// PostgreSQL: `UPDATE t AS phi_t SET … FROM (VALUES (…), …) AS
+    /// phi_v(phi_0, …) WHERE …`.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Values,
+    /// SQLite (3.33 and later): the same, its `VALUES` columns named
+    /// `column1`, `column2`, ….
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    SqliteValues,
+    /// MySQL and MariaDB: `UPDATE t AS phi_t JOIN (SELECT ? AS phi_0, …
+    /// UNION ALL SELECT …) AS phi_v ON … SET … WHERE …`.
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+    Join,
+}
+
+/// The rewrap of a batch of data key rows as one `UPDATE`, built with
+/// Diesel's [`AstPass`](diesel::query_builder::AstPass) (identifiers quoted
+/// by the backend, every value bound): Diesel's `update()` DSL cannot join
+/// a list of bound rows.
+///
+/// ```text
+/// UPDATE user_encryption_keys AS phi_t
+///   SET kek_id = phi_v.to_kek, wrapped_key = phi_v.wrapped_key, updated_at = ?
+///   <(owner_id, version, from_kek, to_kek, wrapped_key), … as phi_v>
+/// WHERE phi_t.owner_id = phi_v.owner_id AND phi_t.version = phi_v.version
+///   AND phi_t.kek_id = phi_v.from_kek AND phi_t.state <> 'destroyed'
+/// ```
+///
+/// A row changes only while it still names the KEK it was read under and
+/// is not destroyed: the compare-and-set of one rewrap, for every row.
+struct RewrapUpdate<'a> {
+    shape: SetShape,
+    rows: &'a [&'a Rewrap],
+    /// Each row's version, as bound.
+    versions: Vec<i64>,
+    at: NaiveDateTime,
+}
+
+impl<'a> RewrapUpdate<'a> {
+    fn new(shape: SetShape, rows: &'a [&'a Rewrap], at: NaiveDateTime) -> Self {
+        let versions = rows.iter().map(|r| i64::from(r.version)).collect();
+        RewrapUpdate {
+            shape,
+            rows,
+            versions,
+            at,
+        }
+    }
+
+    /// The value column `i` (0 owner, 1 version, 2 from, 3 to, 4 wrapped).
+    fn column(&self, i: usize) -> String {
+        match self.shape {
+            SetShape::SqliteValues => format!("column{}", i + 1),
+            SetShape::Values | SetShape::Join => format!("phi_{i}"),
+        }
+    }
+}
+
+impl<DB> diesel::query_builder::QueryFragment<DB> for RewrapUpdate<'_>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<diesel::sql_types::Text>
+        + diesel::sql_types::HasSqlType<diesel::sql_types::BigInt>
+        + diesel::sql_types::HasSqlType<diesel::sql_types::Binary>
+        + diesel::sql_types::HasSqlType<diesel::sql_types::Timestamp>,
+    String: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
+    str: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
+    i64: diesel::serialize::ToSql<diesel::sql_types::BigInt, DB>,
+    Vec<u8>: diesel::serialize::ToSql<diesel::sql_types::Binary, DB>,
+    NaiveDateTime: diesel::serialize::ToSql<diesel::sql_types::Timestamp, DB>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, DB>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Binary, Text, Timestamp};
+        fn qualified<DB: diesel::backend::Backend>(
+            out: &mut diesel::query_builder::AstPass<'_, '_, DB>,
+            alias: &str,
+            column: &str,
+        ) -> QueryResult<()> {
+            out.push_identifier(alias)?;
+            out.push_sql(".");
+            out.push_identifier(column)
+        }
+        // The text varies with the number of rows.
+        out.unsafe_to_cache_prepared();
+        let join = self.shape == SetShape::Join;
+        let values = |out: &mut diesel::query_builder::AstPass<'_, 'b, DB>,
+                      n: usize,
+                      named: bool|
+         -> QueryResult<()> {
+            let r: &'b Rewrap = self.rows[n];
+            for i in 0..5 {
+                if i > 0 {
+                    out.push_sql(", ");
+                }
+                match i {
+                    0 => out.push_bind_param::<Text, String>(&r.owner_id)?,
+                    1 => out.push_bind_param::<BigInt, i64>(&self.versions[n])?,
+                    2 => out.push_bind_param::<Text, String>(&r.from_kek)?,
+                    3 => out.push_bind_param::<Text, String>(&r.to_kek)?,
+                    _ => out.push_bind_param::<Binary, Vec<u8>>(&r.wrapped_key)?,
+                }
+                if named {
+                    out.push_sql(" AS ");
+                    out.push_identifier(&self.column(i))?;
+                }
+            }
+            Ok(())
+        };
+        out.push_sql("UPDATE ");
+        out.push_identifier("user_encryption_keys")?;
+        out.push_sql(" AS ");
+        out.push_identifier("phi_t")?;
+        let matches = [("owner_id", 0), ("version", 1), ("kek_id", 2)];
+        if join {
+            out.push_sql(" JOIN (");
+            for n in 0..self.rows.len() {
+                out.push_sql(if n == 0 {
+                    "SELECT "
+                } else {
+                    " UNION ALL SELECT "
+                });
+                values(&mut out, n, n == 0)?;
+            }
+            out.push_sql(") AS ");
+            out.push_identifier("phi_v")?;
+            for (n, (column, i)) in matches.iter().enumerate() {
+                out.push_sql(if n == 0 { " ON " } else { " AND " });
+                qualified(&mut out, "phi_t", column)?;
+                out.push_sql(" = ");
+                qualified(&mut out, "phi_v", &self.column(*i))?;
+            }
+        }
+        out.push_sql(" SET ");
+        for (n, (column, value)) in [
+            ("kek_id", Some(3)),
+            ("wrapped_key", Some(4)),
+            ("updated_at", None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if n > 0 {
+                out.push_sql(", ");
+            }
+            if join {
+                qualified(&mut out, "phi_t", column)?;
+            } else {
+                out.push_identifier(column)?;
+            }
+            out.push_sql(" = ");
+            match value {
+                Some(i) => qualified(&mut out, "phi_v", &self.column(i))?,
+                None => out.push_bind_param::<Timestamp, NaiveDateTime>(&self.at)?,
+            }
+        }
+        if join {
+            out.push_sql(" WHERE ");
+        } else {
+            out.push_sql(" FROM (VALUES ");
+            for n in 0..self.rows.len() {
+                out.push_sql(if n == 0 { "(" } else { ", (" });
+                values(&mut out, n, false)?;
+                out.push_sql(")");
+            }
+            out.push_sql(") AS ");
+            out.push_identifier("phi_v")?;
+            if self.shape == SetShape::Values {
+                out.push_sql(" (");
+                for i in 0..5 {
+                    if i > 0 {
+                        out.push_sql(", ");
+                    }
+                    out.push_identifier(&self.column(i))?;
+                }
+                out.push_sql(")");
+            }
+            for (column, i) in matches {
+                out.push_sql(if i == 0 { " WHERE " } else { " AND " });
+                qualified(&mut out, "phi_t", column)?;
+                out.push_sql(" = ");
+                qualified(&mut out, "phi_v", &self.column(i))?;
+            }
+            out.push_sql(" AND ");
+        }
+        qualified(&mut out, "phi_t", "state")?;
+        out.push_sql(" <> ");
+        out.push_bind_param::<Text, str>(KeyState::Destroyed.as_str())?;
+        Ok(())
+    }
+}
+
+impl diesel::query_builder::QueryId for RewrapUpdate<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Conn> RunQueryDsl<Conn> for RewrapUpdate<'_> {}
+
 macro_rules! diesel_key_store {
-    ($($feature:literal => $conn:ty, $transaction:ident, $text:literal, $read_only:expr);* $(;)?) => {$(
+    ($($feature:literal => $conn:ty, $transaction:ident, lock($($lock:ident)?), $shape:expr, $text:literal, $read_only:expr);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl KeyStore for DieselKeyStore<$conn> {
             fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
@@ -389,31 +595,61 @@ macro_rules! diesel_key_store {
                     let at = now();
                     (*conn)
                         .$transaction(|conn| -> diesel::QueryResult<Vec<bool>> {
-                            let mut applied = Vec::with_capacity(rewraps.len());
-                            let mut events = Vec::new();
-                            for r in rewraps {
-                                let n = diesel::update(
-                                    k::user_encryption_keys
-                                        .filter(k::owner_id.eq(&r.owner_id))
-                                        .filter(k::version.eq(i64::from(r.version)))
-                                        .filter(k::kek_id.eq(&r.from_kek))
-                                        .filter(k::state.ne(KeyState::Destroyed.as_str())),
-                                )
-                                .set((
-                                    k::kek_id.eq(&r.to_kek),
-                                    k::wrapped_key.eq(&r.wrapped_key),
-                                    k::updated_at.eq(at),
-                                ))
-                                .execute(conn)?;
-                                if n == 1 {
-                                    Self::insert_audit(conn, std::slice::from_ref(&r.audit))?;
-                                    events.push(
-                                        feed_event(&r.audit, KeyEventKind::Rewrap)
-                                            .with_detail(format!("from KEK {} to KEK {}", r.from_kek, r.to_kek)),
-                                    );
+                            // The rows as they are now, locked until the
+                            // end of the transaction (SQLite's immediate
+                            // transaction holds the write lock already).
+                            let mut owners: Vec<&str> = rewraps.iter().map(|r| r.owner_id.as_str()).collect();
+                            owners.sort_unstable();
+                            owners.dedup();
+                            let mut current = std::collections::HashMap::new();
+                            for chunk in owners.chunks(OWNERS_PER_QUERY) {
+                                let rows: Vec<(String, i64, String, String)> = k::user_encryption_keys
+                                    .filter(k::owner_id.eq_any(chunk))
+                                    .select((k::owner_id, k::version, k::kek_id, k::state))
+                                    $(.$lock())?
+                                    .load(conn)?;
+                                for (owner, version, kek, state) in rows {
+                                    current.insert((owner, version), (kek, state));
                                 }
-                                applied.push(n == 1);
                             }
+                            // What the compare-and-set will change: a row
+                            // still wrapped by the KEK it was read under and
+                            // not destroyed. A row listed twice is changed
+                            // once, by its first rewrap.
+                            let mut applied = Vec::with_capacity(rewraps.len());
+                            let mut writes = Vec::new();
+                            for r in rewraps {
+                                let key = (r.owner_id.clone(), i64::from(r.version));
+                                let applies = current.get(&key).is_some_and(|(kek, state): &(String, String)| {
+                                    *kek == r.from_kek && state != KeyState::Destroyed.as_str()
+                                });
+                                if applies {
+                                    current.remove(&key);
+                                    writes.push(r);
+                                }
+                                applied.push(applies);
+                            }
+                            // One guarded statement per chunk: the guard is
+                            // the same compare-and-set, so the rows it
+                            // reports are exactly those counted above.
+                            let mut written = 0;
+                            for chunk in writes.chunks(REWRAPS_PER_UPDATE) {
+                                written += RewrapUpdate::new($shape, chunk, at).execute(conn)?;
+                            }
+                            if written != writes.len() {
+                                return Err(DieselError::QueryBuilderError(
+                                    format!("rewrapping data keys changed {written} rows, {} expected", writes.len()).into(),
+                                ));
+                            }
+                            let audit: Vec<AuditEvent> = writes.iter().map(|r| r.audit.clone()).collect();
+                            Self::insert_audit(conn, &audit)?;
+                            let events: Vec<KeyEvent> = writes
+                                .iter()
+                                .map(|r| {
+                                    feed_event(&r.audit, KeyEventKind::Rewrap)
+                                        .with_detail(format!("from KEK {} to KEK {}", r.from_kek, r.to_kek))
+                                })
+                                .collect();
                             Self::insert_events(conn, &events)?;
                             Ok(applied)
                         })
@@ -917,11 +1153,11 @@ macro_rules! diesel_key_store {
 }
 
 diesel_key_store! {
-    "sqlite" => diesel::SqliteConnection, immediate_transaction, "TEXT",
+    "sqlite" => diesel::SqliteConnection, immediate_transaction, lock(), SetShape::SqliteValues, "TEXT",
         ReadOnly { begin: "PRAGMA query_only = ON; BEGIN DEFERRED", reset: Some("PRAGMA query_only = OFF") };
-    "mysql" => diesel::MysqlConnection, transaction, "CHAR",
+    "mysql" => diesel::MysqlConnection, transaction, lock(for_update), SetShape::Join, "CHAR",
         ReadOnly { begin: "START TRANSACTION READ ONLY", reset: None };
-    "postgres" => diesel::PgConnection, transaction, "TEXT",
+    "postgres" => diesel::PgConnection, transaction, lock(for_update), SetShape::Values, "TEXT",
         ReadOnly { begin: "BEGIN TRANSACTION READ ONLY", reset: None };
 }
 

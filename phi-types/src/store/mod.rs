@@ -315,6 +315,10 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// changes a row only while it is still wrapped by
     /// [`Rewrap::from_kek`] (and not destroyed), appending the audit record
     /// of each change that applied. Returns, per rewrap, whether it applied.
+    /// A row listed twice is changed once, by its first rewrap.
+    /// [`DieselKeyStore`](crate::DieselKeyStore) locks the batch's rows,
+    /// then writes them with one set-based `UPDATE` (per 1,000 rows) that
+    /// carries the same guard.
     ///
     /// # Errors
     /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
