@@ -1623,7 +1623,7 @@ mod tests {
         sql.split(";\n")
             .map(|s| {
                 s.lines()
-                    .filter(|l| !l.starts_with("--"))
+                    .filter(|l| !l.starts_with("--") && !l.trim().is_empty())
                     .collect::<Vec<_>>()
             })
             .filter(|l| !l.is_empty())
