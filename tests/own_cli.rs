@@ -226,6 +226,71 @@ fn adopt_through_the_own_command(db: &Db) {
         (Some(0), Some(NOTES))
     );
 
+    // Schema migrations from the model and the live table: finalize is
+    // refused while rows are unsealed (exit status 4), nothing written.
+    let (code, out, err) = db.run(&["finalize", "--model", "Note", "--dir", "migrations"]);
+    assert_eq!(code, Some(4), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("{NOTES} rows are not sealed")),
+        "{err}"
+    );
+    assert!(!db.dir.path().join("migrations").exists());
+    let generated = db.json(&[
+        "migration",
+        "generate",
+        "--model",
+        "Note",
+        "--strategy",
+        "shadow",
+        "--dir",
+        "migrations",
+    ]);
+    let directory = std::path::PathBuf::from(generated["directory"].as_str().expect("directory"));
+    let name = directory
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(name.ends_with("_phi_shadow_own_cli_notes"), "{generated}");
+    let up = db.dir.path().join(&directory).join("up.sql");
+    assert_eq!(
+        std::fs::read_to_string(&up).expect("up.sql written"),
+        generated["up"].as_str().expect("up")
+    );
+    assert!(
+        generated["up"]
+            .as_str()
+            .expect("up")
+            .contains("ADD COLUMN body_encrypted"),
+        "{generated}"
+    );
+    assert!(
+        generated["down"]
+            .as_str()
+            .expect("down")
+            .contains("DROP COLUMN body_encrypted"),
+        "{generated}"
+    );
+    let other = if db.url.starts_with("sqlite") {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let (code, _, err) = db.run(&[
+        "migration",
+        "generate",
+        "--model",
+        "Note",
+        "--strategy",
+        "in-place",
+        "--backend",
+        other,
+        "--dir",
+        "migrations",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--backend"), "{err}");
+
     // A dry run counts and writes nothing, not even a data key.
     let dry = db.json(&["backfill", "--dry-run"]);
     assert_eq!(dry["dry_run"], true, "{dry}");
@@ -268,6 +333,15 @@ fn adopt_through_the_own_command(db: &Db) {
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(verified["tables"][0]["sealed"].as_i64(), Some(NOTES));
     assert_eq!(verified["tables"][0]["failures"], Value::Array(Vec::new()));
+
+    // Every row sealed and verified, but the model has no shadow column:
+    // finalize is refused (exit status 3).
+    let (code, _, err) = db.run(&["finalize", "--model", "Note", "--dir", "migrations"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("own_cli_notes") && err.contains("shadow"),
+        "{err}"
+    );
 
     // The key commands see the model's table without any --table.
     let keys = db.json(&["keys", "status"]);

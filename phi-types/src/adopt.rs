@@ -1537,3 +1537,313 @@ pub fn generate(
         down: down.0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blind::Normalize;
+    use crate::lifecycle::tables::ColumnType;
+
+    fn model(shadow: bool) -> StoredTable {
+        let column = |column: &'static str, s: &'static str| StoredColumn {
+            column,
+            scope: column,
+            shadow: shadow.then_some(s),
+            blind_index: None,
+            canonical: crate::migrate::canonical::<String>,
+        };
+        let mut last = column("last_name", "last_name_encrypted");
+        last.blind_index = Some(("last_name_bidx", Normalize::TRIM_LOWERCASE));
+        StoredTable {
+            table: "cases",
+            owner_column: "user_id",
+            owner_type: Some(ColumnType::Text),
+            key_column: "case_id",
+            key_type: Some(ColumnType::Text),
+            flag_column: "phi_encrypted",
+            flag_is_bool: true,
+            columns: vec![last, column("dob", "dob_encrypted")],
+        }
+    }
+
+    fn col(name: &str, sql_type: &str, nullable: bool, default: Option<&str>) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            sql_type: sql_type.into(),
+            nullable,
+            default: default.map(str::to_owned),
+            collation: None,
+        }
+    }
+
+    fn index(name: &str, columns: &[&str], unique: bool, definition: Option<&str>) -> IndexInfo {
+        IndexInfo {
+            name: name.into(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+            expressions: None,
+            unique,
+            primary: false,
+            constraint: None,
+            definition: definition.map(str::to_owned),
+        }
+    }
+
+    fn schema(d: Dialect) -> TableSchema {
+        let (text, date) = match d {
+            Dialect::Postgres => ("character varying(100)", "date"),
+            Dialect::Mysql => ("varchar(100)", "date"),
+            _ => ("VARCHAR(100)", "DATE"),
+        };
+        TableSchema {
+            table: "cases".into(),
+            columns: vec![
+                col("case_id", text, false, None),
+                col("user_id", text, false, None),
+                col("last_name", text, false, Some("'x'")),
+                col("dob", date, true, None),
+            ],
+            indexes: vec![
+                index(
+                    "cases_last",
+                    &["user_id", "last_name"],
+                    false,
+                    Some("CREATE INDEX cases_last ON cases (user_id, last_name)"),
+                ),
+                index(
+                    "cases_dob",
+                    &["dob"],
+                    true,
+                    Some("CREATE UNIQUE INDEX cases_dob ON cases (dob)"),
+                ),
+            ],
+        }
+    }
+
+    fn statements(sql: &str) -> Vec<&str> {
+        sql.split(";\n")
+            .map(|s| {
+                s.lines()
+                    .filter(|l| !l.starts_with("--") && !l.trim().is_empty())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| !l.is_empty())
+            .map(|l| l[0])
+            .collect()
+    }
+
+    #[test]
+    fn in_place_on_postgres_converts_with_using_and_back() {
+        let m = generate(
+            &model(false),
+            &schema(Dialect::Postgres),
+            Dialect::Postgres,
+            Strategy::InPlace,
+            &Options::default(),
+        )
+        .expect("migration");
+        let up = statements(&m.up);
+        assert!(
+            up.contains(&"ALTER TABLE cases ALTER COLUMN last_name DROP DEFAULT"),
+            "{up:#?}"
+        );
+        assert!(up.contains(&"ALTER TABLE cases ALTER COLUMN last_name TYPE BYTEA USING convert_to(last_name::text, 'UTF8')"));
+        assert!(up.contains(&"ALTER TABLE cases ALTER COLUMN dob TYPE BYTEA USING convert_to(to_char(dob, 'YYYY-MM-DD'), 'UTF8')"));
+        assert!(up.contains(
+            &"ALTER TABLE cases ADD COLUMN phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE"
+        ));
+        assert!(up.contains(&"ALTER TABLE cases ADD COLUMN last_name_bidx BYTEA NULL"));
+        assert!(
+            up.contains(
+                &"CREATE INDEX phi_cases_last_name_bidx ON cases (user_id, last_name_bidx)"
+            )
+        );
+        assert!(up.contains(&"DROP INDEX cases_last") && up.contains(&"DROP INDEX cases_dob"));
+        assert!(m.up.contains("rewrites the table and its indexes under an ACCESS EXCLUSIVE lock"));
+        let down = statements(&m.down);
+        assert!(
+            down[0].starts_with("DO $$ BEGIN IF EXISTS (SELECT 1 FROM cases WHERE phi_encrypted)"),
+            "{down:#?}"
+        );
+        assert!(down.contains(&"ALTER TABLE cases ALTER COLUMN last_name TYPE character varying(100) USING convert_from(last_name, 'UTF8')::character varying(100)"));
+        assert!(down.contains(
+            &"ALTER TABLE cases ALTER COLUMN dob TYPE date USING convert_from(dob, 'UTF8')::date"
+        ));
+        assert!(down.contains(&"ALTER TABLE cases ALTER COLUMN last_name SET DEFAULT 'x'"));
+        assert!(down.contains(&"CREATE UNIQUE INDEX cases_dob ON cases (dob)"));
+        let drop_index = down
+            .iter()
+            .position(|s| *s == "DROP INDEX phi_cases_last_name_bidx");
+        let drop_column = down
+            .iter()
+            .position(|s| *s == "ALTER TABLE cases DROP COLUMN last_name_bidx");
+        assert!(drop_index < drop_column && drop_index.is_some());
+    }
+
+    #[test]
+    fn in_place_on_mysql_sizes_varbinary_from_the_declared_length() {
+        let mut s = schema(Dialect::Mysql);
+        s.columns[2].collation = Some(("utf8mb4".into(), "utf8mb4_bin".into()));
+        let m = generate(
+            &model(false),
+            &s,
+            Dialect::Mysql,
+            Strategy::InPlace,
+            &Options::default(),
+        )
+        .expect("migration");
+        let up = statements(&m.up);
+        assert!(
+            up.contains(&"ALTER TABLE cases MODIFY last_name VARBINARY(434) NOT NULL"),
+            "{up:#?}"
+        );
+        assert!(up.contains(&"ALTER TABLE cases MODIFY dob VARBINARY(74) NULL"));
+        assert!(up.contains(&"DROP INDEX cases_dob ON cases"));
+        let down = statements(&m.down);
+        assert!(down.contains(&"CREATE TEMPORARY TABLE phi_guard (n INTEGER NOT NULL, CONSTRAINT phi_rows_are_sealed__run_decrypt_back_first CHECK (n = 0))"), "{down:#?}");
+        assert!(down.contains(&"ALTER TABLE cases MODIFY last_name varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL DEFAULT 'x'"));
+        assert_eq!(
+            mysql_binary("t", "c", "text").expect("text"),
+            Some("MEDIUMBLOB".into())
+        );
+        assert_eq!(
+            mysql_binary("t", "c", "varchar(20000)").expect("long"),
+            Some("MEDIUMBLOB".into())
+        );
+        assert_eq!(mysql_binary("t", "c", "blob").expect("blob"), None);
+        let e = mysql_binary("cases", "age", "int(11)").expect_err("an integer");
+        assert!(
+            e.to_string().contains("cases") && e.to_string().contains("age"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shadow_and_finalize_on_sqlite() {
+        let d = Dialect::Sqlite;
+        let m = generate(
+            &model(true),
+            &schema(d),
+            d,
+            Strategy::Shadow,
+            &Options::default().lookup_column("email_lookup"),
+        )
+        .expect("shadow");
+        let up = statements(&m.up);
+        assert!(
+            up.contains(&"ALTER TABLE cases ADD COLUMN last_name_encrypted BLOB NULL"),
+            "{up:#?}"
+        );
+        assert!(up.contains(&"CREATE INDEX phi_cases_email_lookup ON cases (email_lookup)"));
+        assert!(
+            !up.iter().any(|s| s.starts_with("DROP INDEX")),
+            "plain indexes kept"
+        );
+
+        let mut after = schema(d);
+        for c in ["last_name_encrypted", "dob_encrypted"] {
+            after.columns.push(col(c, "BLOB", true, None));
+        }
+        after
+            .columns
+            .push(col("phi_encrypted", "BOOLEAN", false, Some("0")));
+        let m = generate(
+            &model(true),
+            &after,
+            d,
+            Strategy::Finalize,
+            &Options::default(),
+        )
+        .expect("finalize");
+        let up = statements(&m.up);
+        assert_eq!(up[0], "DROP TABLE IF EXISTS temp.phi_guard", "{up:#?}");
+        assert!(up.contains(
+            &"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM cases WHERE phi_encrypted = 0"
+        ));
+        assert!(up.contains(&"ALTER TABLE cases DROP COLUMN last_name"));
+        assert!(up.contains(&"ALTER TABLE cases RENAME COLUMN last_name_encrypted TO last_name"));
+        assert!(
+            up.iter()
+                .any(|s| s.starts_with("CREATE TRIGGER phi_not_null_cases_insert"))
+        );
+        assert!(
+            up.iter()
+                .any(|s| s.starts_with("CREATE TRIGGER phi_sealed_cases_update"))
+        );
+        assert!(m.up.contains("SQLite: rewrites the table (every row)"));
+        let down = statements(&m.down);
+        assert!(
+            down.contains(&"ALTER TABLE cases ADD COLUMN last_name VARCHAR(100) NULL"),
+            "{down:#?}"
+        );
+        assert!(down.contains(&"CREATE INDEX cases_last ON cases (user_id, last_name)"));
+        assert!(m.down.contains("decrypt-back"));
+
+        let no_check = generate(
+            &model(true),
+            &after,
+            d,
+            Strategy::Finalize,
+            &Options::default().sealed_check(false),
+        )
+        .expect("finalize");
+        assert!(!no_check.up.contains("phi_sealed_cases"));
+        let e = generate(
+            &model(false),
+            &after,
+            d,
+            Strategy::Finalize,
+            &Options::default(),
+        )
+        .expect_err("no shadow");
+        assert!(
+            e.to_string().contains("cases") && e.to_string().contains("shadow"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn indexes_sqlite_cannot_drop_and_long_names_are_errors() {
+        let d = Dialect::Sqlite;
+        let mut s = schema(d);
+        s.indexes.push(index(
+            "sqlite_autoindex_cases_1",
+            &["last_name"],
+            true,
+            None,
+        ));
+        let e = generate(&model(false), &s, d, Strategy::InPlace, &Options::default())
+            .expect_err("autoindex");
+        assert!(
+            e.to_string().contains("sqlite_autoindex_cases_1") && e.to_string().contains("cases"),
+            "{e}"
+        );
+
+        let long = "x".repeat(60);
+        let e = generate(
+            &model(false),
+            &schema(d),
+            d,
+            Strategy::InPlace,
+            &Options::default().lookup_column(long.clone()),
+        )
+        .expect_err("too long");
+        assert!(e.to_string().contains("longer than 63"), "{e}");
+    }
+
+    #[test]
+    fn directory_names_sort_as_diesel_orders_them() {
+        let m = Migration {
+            strategy: Strategy::InPlace,
+            table: "app.cases".into(),
+            up: String::new(),
+            down: String::new(),
+        };
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-28T04:05:06Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            m.directory_name(at),
+            "2026-11-28-040506_phi_in_place_app_cases"
+        );
+    }
+}
