@@ -12,7 +12,7 @@ use super::{CliResult, EXIT_NOT_VERIFIED, Format, Refused, bar};
 use crate::adopt::{self, SchemaConnection, Strategy};
 use crate::legacy::Dialect;
 use crate::legacy::{LegacyCount, LegacyDecoder, LegacyDecoders, VersionedGcmDecoder};
-use crate::lifecycle::{DataConnection, ResealTable};
+use crate::lifecycle::ResealTable;
 use crate::migrate::{
     self, DEFAULT_BATCH, Migratable, MigrateOptions, MigrationReport, Progress, StoredTable,
     VerifyFailure, VerifyReport,
