@@ -36,8 +36,14 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Integer, Nullable, Text};
+#[cfg(feature = "postgres")]
+use diesel::sql_types::Bool;
+#[cfg(feature = "sqlite")]
+use diesel::sql_types::Integer;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+use diesel::sql_types::{Nullable, Text};
 
 use crate::error::{Error, Result};
 use crate::legacy::Dialect;
