@@ -557,7 +557,9 @@ impl SchemaConnection for diesel::MysqlConnection {
                         None => None,
                         Some(d) if mariadb && d == "NULL" => None,
                         Some(d) if mariadb || c.extra.contains("DEFAULT_GENERATED") => Some(d),
-                        Some(d) => Some(format!("'{}'", d.replace('\'', "''"))),
+                        Some(d) => {
+                            Some(format!("'{}'", d.replace('\\', "\\\\").replace('\'', "''")))
+                        }
                     };
                     ColumnInfo {
                         name: c.name,
@@ -934,6 +936,14 @@ fn mysql_def(c: &ColumnInfo, sql_type: &str, nullable: bool, default: bool) -> S
 /// The statements that drop an index, and recreate it.
 fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String, String, String)> {
     let table = t.table;
+    // Index names come from the catalog and go into SQL unquoted: only
+    // plain identifiers are taken.
+    check_identifier("index", &index.name, false).map_err(|e| {
+        config(
+            table,
+            format_args!("{e}: rename the index or drop it by hand first"),
+        )
+    })?;
     if index.primary {
         return Err(config(
             table,
@@ -1161,6 +1171,16 @@ pub fn generate(
     let mut up = Script::default();
     let mut down = Script::default();
     match strategy {
+        Strategy::Check | Strategy::InPlace if t.has_shadow() => {
+            return Err(config(
+                table,
+                format_args!(
+                    "the model has shadow columns (#[phi(encrypt, shadow)]): the {} migration is for a model sealed \
+                     in place; generate shadow, then finalize",
+                    strategy.name()
+                ),
+            ));
+        }
         Strategy::Check => {
             header(
                 &mut up,
@@ -1340,6 +1360,21 @@ pub fn generate(
                 drops.push(shadow);
             }
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
+            // After finalize's down and before decrypt-back, a shadow holds
+            // the only copy of its value: dropping it then loses data.
+            let only_copy = t
+                .columns
+                .iter()
+                .map(|c| format!("({} IS NULL AND {} IS NOT NULL)", c.column, shadow_name(c)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            guard(
+                &mut down,
+                d,
+                t,
+                &only_copy,
+                "shadows hold the only copy, run decrypt-back first",
+            );
             for (cost, s) in undo {
                 down.stmt(&cost, s);
             }
@@ -1396,11 +1431,19 @@ pub fn generate(
                 .sealed_check
                 .then(|| table_check(&checked, d))
                 .transpose()?;
+            // A row left unsealed, or sealed with a shadow missing where its
+            // plain column holds a value, would lose that value.
+            let unsealed = std::iter::once(flag_is(d, t, false))
+                .chain(pairs.iter().map(|(c, _, shadow, _)| {
+                    format!("({} IS NOT NULL AND {shadow} IS NULL)", c.column)
+                }))
+                .collect::<Vec<_>>()
+                .join(" OR ");
             guard(
                 &mut up,
                 d,
                 t,
-                &flag_is(d, t, false),
+                &unsealed,
                 "rows are not sealed, run backfill and verify first",
             );
             for (_, (drop, _, _)) in &dropped {
@@ -1762,9 +1805,14 @@ mod tests {
         .expect("finalize");
         let up = statements(&m.up);
         assert_eq!(up[0], "DROP TABLE IF EXISTS temp.phi_guard", "{up:#?}");
-        assert!(up.contains(
-            &"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM cases WHERE phi_encrypted = 0"
-        ));
+        assert!(
+            up.contains(
+                &"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM cases WHERE phi_encrypted = 0 \
+                  OR (last_name IS NOT NULL AND last_name_encrypted IS NULL) \
+                  OR (dob IS NOT NULL AND dob_encrypted IS NULL)"
+            ),
+            "{up:#?}"
+        );
         assert!(up.contains(&"ALTER TABLE cases DROP COLUMN last_name"));
         assert!(up.contains(&"ALTER TABLE cases RENAME COLUMN last_name_encrypted TO last_name"));
         assert!(

@@ -135,7 +135,7 @@ fn adopt_seen(i: u32) -> Seen {
         format!("First{i}"),
         ADOPT_LAST[(i % 5) as usize].to_owned(),
         NaiveDate::from_ymd_opt(1950 + i.cast_signed() % 50, 1 + i % 12, 1 + i % 28).expect("date"),
-        (i % 4 != 0).then(|| format!("Insurer {}", i % 3)),
+        (!i.is_multiple_of(4)).then(|| format!("Insurer {}", i % 3)),
     )
 }
 
@@ -217,6 +217,14 @@ read_model!(read_dual, dual, phi_it_adopt_shadow);
 read_model!(read_finalized, finalized, phi_it_adopt_shadow);
 read_model!(read_in_place, in_place, phi_it_adopt_inplace);
 
+/// A migration refused by its guard: the error names the guard's reason
+/// (PostgreSQL raises it; MySQL and SQLite name the failed CHECK after it).
+fn refused(result: diesel::QueryResult<()>, reason: &str) {
+    let err = result.expect_err("the migration's guard refuses").to_string();
+    let words = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric(), " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(words(&err).contains(&words(reason)), "refused for another reason: {err}");
+}
+
 fn apply(conn: &mut Conn, sql: &str, what: &str) {
     conn.batch_execute(sql)
         .unwrap_or_else(|e| panic!("{what} fails: {e}\n{sql}"));
@@ -294,12 +302,14 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     let early =
         adopt::migration::<dual::Case, Conn>(&mut conn, Strategy::Finalize, &Options::default())
             .expect("finalize migration");
-    assert!(conn.batch_execute(&early.up).is_err(), "finalize's guard refuses unsealed rows");
+    refused(conn.batch_execute(&early.up), "rows are not sealed, run backfill and verify first");
     assert_eq!(read_before_shadow(&mut conn), expected, "a refused finalize changes nothing");
 
     // 3. Backfill into the shadows, with an application write between
     // batches; verify compares each shadow with its plain column.
-    let mut between = Some(read_dual_case(&mut conn, &keyring, "A-020"));
+    // A-002 is in the first batch: read and locked by it, then changed
+    // (and sealed) by the guarded update before the batch writes it.
+    let mut between = Some(read_dual_case(&mut conn, &keyring, "A-002"));
     let mut written = None;
     let report = migrate::migrate_interleaved::<dual::Case, Conn>(
         &mut conn,
@@ -321,6 +331,7 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     )
     .expect("backfill");
     assert_eq!(report.remaining, 0, "{report}");
+    assert_eq!(report.skipped, 1, "the row the application sealed meanwhile is left alone: {report}");
     let new = written.expect("the application wrote between batches");
     expected.insert(
         new.id.clone(),
@@ -394,6 +405,10 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     let emptied = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
         .expect("verify");
     assert_eq!(emptied.failed, expected.len() as u64, "{emptied}");
+    refused(
+        conn.batch_execute(&shadow.down),
+        "shadows hold the only copy, run decrypt-back first",
+    );
     keyring.set_rollout(Rollout::Nobody);
     let back = migrate::decrypt_back::<dual::Case, Conn>(
         &mut conn,
@@ -476,7 +491,7 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
     assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
 
     // The down migration refuses while rows are sealed, and changes nothing.
-    assert!(conn.batch_execute(&migration.down).is_err(), "down refuses sealed rows");
+    refused(conn.batch_execute(&migration.down), "rows are sealed, run decrypt-back first");
     assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "refused down"), digest1);
 
     keyring.set_rollout(Rollout::Nobody);
