@@ -439,7 +439,7 @@ pub struct RewrapScope {
 /// it with [`KeyringBuilder::unwrap_with`](crate::KeyringBuilder::unwrap_with)),
 /// wrapped by the primary, checked to unwrap back to the same key, and
 /// written with a compare-and-set on the old KEK id, with a `rewrap` audit
-/// record, one transaction per batch ([`KeyStore::rewrap_keys`](crate::KeyStore::rewrap_keys): on a
+/// record, one transaction per batch ([`KeyStore::rewrap_keys`]: on a
 /// database store, one set-based `UPDATE` per batch). A row changed by
 /// another process between the batch's read and its write is left alone
 /// and counted in [`RewrapProgress::skipped`]. Data rows are never touched; the old
