@@ -173,6 +173,22 @@ fn phase() -> Result<Phase, BoxError> {
 /// (id, clinic, first, last, birth date, insurer) of every patient.
 type Plain = (i64, String, String, String, NaiveDate, Option<String>);
 
+/// A patient of any build as its plain tuple.
+macro_rules! plain {
+    () => {
+        |p| {
+            (
+                p.id,
+                p.clinic,
+                p.first_name,
+                p.last_name,
+                p.birth_date,
+                p.insurer,
+            )
+        }
+    };
+}
+
 fn all_plain(
     phase: Phase,
     conn: &mut SqliteConnection,
@@ -184,16 +200,7 @@ fn all_plain(
             .select(legacy::Patient::as_select())
             .load(conn)?
             .into_iter()
-            .map(|p| {
-                (
-                    p.id,
-                    p.clinic,
-                    p.first_name,
-                    p.last_name,
-                    p.birth_date,
-                    p.insurer,
-                )
-            })
+            .map(plain!())
             .collect(),
         Phase::Shadow => shadow::Patient::load(
             shadow::patients::table.order(shadow::patients::id),
@@ -201,16 +208,7 @@ fn all_plain(
             keyring,
         )?
         .into_iter()
-        .map(|p| {
-            (
-                p.id,
-                p.clinic,
-                p.first_name,
-                p.last_name,
-                p.birth_date,
-                p.insurer,
-            )
-        })
+        .map(plain!())
         .collect(),
         Phase::Sealed => sealed::Patient::load(
             sealed::patients::table.order(sealed::patients::id),
@@ -218,16 +216,7 @@ fn all_plain(
             keyring,
         )?
         .into_iter()
-        .map(|p| {
-            (
-                p.id,
-                p.clinic,
-                p.first_name,
-                p.last_name,
-                p.birth_date,
-                p.insurer,
-            )
-        })
+        .map(plain!())
         .collect(),
     })
 }

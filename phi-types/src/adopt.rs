@@ -227,13 +227,33 @@ impl Migration {
     }
 
     /// Writes `up.sql` and `down.sql` into a new directory of `dir` named
-    /// by [`directory_name`](Self::directory_name) for now, and returns it.
+    /// by [`directory_name`](Self::directory_name) for now (or one second
+    /// after the latest migration already in `dir`, so that Diesel runs it
+    /// after that one), and returns it.
     ///
     /// # Errors
     /// [`Error::Config`] when the directory exists (nothing is overwritten)
     /// or cannot be written.
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(self.directory_name(chrono::Utc::now()));
+        // Diesel orders migrations, and records them as run, by the
+        // version their name starts with: one generated in the same second
+        // as the latest in `dir` (or a clock behind it) gets the next one.
+        const VERSION: &str = "%Y-%m-%d-%H%M%S";
+        let latest = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                chrono::NaiveDateTime::parse_from_str(name.get(..17)?, VERSION).ok()
+            })
+            .max();
+        let mut at = chrono::Utc::now();
+        if let Some(latest) = latest.map(|t| t.and_utc())
+            && at.format(VERSION).to_string() <= latest.format(VERSION).to_string()
+        {
+            at = latest + chrono::Duration::seconds(1);
+        }
+        let path = dir.join(self.directory_name(at));
         let io = |what: &str, e: std::io::Error| {
             Error::Config(format!("{}: cannot {what}: {e}", path.display()))
         };
@@ -996,6 +1016,19 @@ fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String,
     Ok((drop, def.clone(), cost::create_index(d).into()))
 }
 
+/// `ALTER TABLE` that sets (`set`) or drops `NOT NULL` on a column of
+/// PostgreSQL or MySQL (SQLite has triggers instead).
+fn not_null_sql(d: Dialect, table: &str, column: &str, sql_type: &str, set: bool) -> String {
+    match (d, set) {
+        (Dialect::Mysql, true) => {
+            format!("ALTER TABLE {table} MODIFY {column} {sql_type} NOT NULL")
+        }
+        (Dialect::Mysql, false) => format!("ALTER TABLE {table} MODIFY {column} {sql_type} NULL"),
+        (_, true) => format!("ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL"),
+        (_, false) => format!("ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL"),
+    }
+}
+
 /// Refuses (aborts the migration) while `condition` holds for any row.
 fn guard(s: &mut Script, d: Dialect, t: &StoredTable, condition: &str, message: &str) {
     let table = t.table;
@@ -1466,50 +1499,32 @@ pub fn generate(
             let not_null = format!("phi_not_null_{bare}");
             name_fits(table, "trigger", &format!("{not_null}_update"))?;
             if !required.is_empty() {
-                match d {
-                    Dialect::Postgres => {
-                        for (c, _, _, _) in &required {
-                            up.stmt(
-                                cost::set_not_null(d),
-                                format!(
-                                    "ALTER TABLE {table} ALTER COLUMN {} SET NOT NULL",
-                                    c.column
-                                ),
-                            );
-                        }
-                    }
-                    Dialect::Mysql => {
-                        for (c, _, _, s) in &required {
-                            up.stmt(
-                                cost::set_not_null(d),
-                                format!(
-                                    "ALTER TABLE {table} MODIFY {} {} NOT NULL",
-                                    c.column, s.sql_type
-                                ),
-                            );
-                        }
-                    }
-                    _ => {
-                        up.note(
-                            "SQLite cannot add NOT NULL to a column: triggers refuse NULL instead.",
+                if d == Dialect::Sqlite {
+                    up.note(
+                        "SQLite cannot add NOT NULL to a column: triggers refuse NULL instead.",
+                    );
+                    let cols: Vec<&str> = required.iter().map(|(c, _, _, _)| c.column).collect();
+                    let when = cols
+                        .iter()
+                        .map(|c| format!("NEW.{c} IS NULL"))
+                        .collect::<Vec<_>>()
+                        .join(" OR ");
+                    for (event, suffix) in [("INSERT", "insert"), ("UPDATE", "update")] {
+                        up.stmt(
+                            cost::set_not_null(d),
+                            format!(
+                                "CREATE TRIGGER {not_null}_{suffix} BEFORE {event} ON {table} FOR EACH ROW \
+                                 WHEN {when} BEGIN SELECT RAISE(ABORT, '{table}: {} must not be NULL'); END",
+                                cols.join(", ")
+                            ),
                         );
-                        let cols: Vec<&str> =
-                            required.iter().map(|(c, _, _, _)| c.column).collect();
-                        let when = cols
-                            .iter()
-                            .map(|c| format!("NEW.{c} IS NULL"))
-                            .collect::<Vec<_>>()
-                            .join(" OR ");
-                        for (event, suffix) in [("INSERT", "insert"), ("UPDATE", "update")] {
-                            up.stmt(
-                                cost::set_not_null(d),
-                                format!(
-                                    "CREATE TRIGGER {not_null}_{suffix} BEFORE {event} ON {table} FOR EACH ROW \
-                                     WHEN {when} BEGIN SELECT RAISE(ABORT, '{table}: {} must not be NULL'); END",
-                                    cols.join(", ")
-                                ),
-                            );
-                        }
+                    }
+                } else {
+                    for (c, _, _, s) in &required {
+                        up.stmt(
+                            cost::set_not_null(d),
+                            not_null_sql(d, table, c.column, &s.sql_type, true),
+                        );
                     }
                 }
             }
@@ -1524,36 +1539,19 @@ pub fn generate(
                 up.note("No sealed check (--no-check).");
             }
             if !required.is_empty() {
-                match d {
-                    Dialect::Postgres => {
-                        for (c, _, _, _) in &required {
-                            down.stmt(
-                                cost::drop_not_null(d),
-                                format!(
-                                    "ALTER TABLE {table} ALTER COLUMN {} DROP NOT NULL",
-                                    c.column
-                                ),
-                            );
-                        }
+                if d == Dialect::Sqlite {
+                    for suffix in ["insert", "update"] {
+                        down.stmt(
+                            cost::drop_not_null(d),
+                            format!("DROP TRIGGER {not_null}_{suffix}"),
+                        );
                     }
-                    Dialect::Mysql => {
-                        for (c, _, _, s) in &required {
-                            down.stmt(
-                                cost::drop_not_null(d),
-                                format!(
-                                    "ALTER TABLE {table} MODIFY {} {} NULL",
-                                    c.column, s.sql_type
-                                ),
-                            );
-                        }
-                    }
-                    _ => {
-                        for suffix in ["insert", "update"] {
-                            down.stmt(
-                                cost::drop_not_null(d),
-                                format!("DROP TRIGGER {not_null}_{suffix}"),
-                            );
-                        }
+                } else {
+                    for (c, _, _, s) in &required {
+                        down.stmt(
+                            cost::drop_not_null(d),
+                            not_null_sql(d, table, c.column, &s.sql_type, false),
+                        );
                     }
                 }
             }

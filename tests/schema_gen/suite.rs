@@ -307,4 +307,9 @@ fn check_alone_and_errors_name_table_and_column() {
     assert!(name.ends_with(&format!("_phi_check_{table}")), "{name}");
     assert_eq!(std::fs::read_to_string(path.join("up.sql")).expect("up"), m.up);
     assert_eq!(std::fs::read_to_string(path.join("down.sql")).expect("down"), m.down);
+    // A second migration written in the same second gets a later version,
+    // so Diesel runs (and records) both, in order.
+    let second = m.write(dir.path()).expect("written again");
+    let version = |p: &std::path::Path| p.file_name().expect("name").to_string_lossy()[..17].to_owned();
+    assert!(version(&second) > version(&path), "{second:?} after {path:?}");
 }

@@ -162,7 +162,9 @@ fn adopt_legacy(conn: &mut Conn, table: &str) -> BTreeMap<String, Seen> {
             seen.1,
             quote(&seen.2),
             seen.3,
-            seen.4.as_deref().map_or("NULL".to_owned(), |v| format!("'{v}'")),
+            seen.4
+                .as_deref()
+                .map_or("NULL".to_owned(), |v| format!("'{v}'")),
         ))
         .expect("legacy row");
         expected.insert(id, seen);
@@ -180,27 +182,22 @@ fn adopt_digest(rows: impl IntoIterator<Item = (String, Seen)>) -> String {
 }
 
 /// The plain columns as the legacy application reads them.
-fn read_before_shadow(conn: &mut Conn) -> BTreeMap<String, Seen> {
-    use before::phi_it_adopt_shadow::dsl::*;
-    phi_it_adopt_shadow
-        .select((id, owner_id, first_name, last_name, dob, insurer))
-        .load::<(String, String, String, String, NaiveDate, Option<String>)>(conn)
-        .expect("legacy read")
-        .into_iter()
-        .map(|(k, o, f, l, d, i)| (k, (o, f, l, d, i)))
-        .collect()
+macro_rules! read_before {
+    ($name:ident, $table:ident) => {
+        fn $name(conn: &mut Conn) -> BTreeMap<String, Seen> {
+            use before::$table::dsl::*;
+            $table
+                .select((id, owner_id, first_name, last_name, dob, insurer))
+                .load::<(String, String, String, String, NaiveDate, Option<String>)>(conn)
+                .expect("legacy read")
+                .into_iter()
+                .map(|(k, o, f, l, d, i)| (k, (o, f, l, d, i)))
+                .collect()
+        }
+    };
 }
-
-fn read_before_inplace(conn: &mut Conn) -> BTreeMap<String, Seen> {
-    use before::phi_it_adopt_inplace::dsl::*;
-    phi_it_adopt_inplace
-        .select((id, owner_id, first_name, last_name, dob, insurer))
-        .load::<(String, String, String, String, NaiveDate, Option<String>)>(conn)
-        .expect("legacy read")
-        .into_iter()
-        .map(|(k, o, f, l, d, i)| (k, (o, f, l, d, i)))
-        .collect()
-}
+read_before!(read_before_shadow, phi_it_adopt_shadow);
+read_before!(read_before_inplace, phi_it_adopt_inplace);
 
 macro_rules! read_model {
     ($name:ident, $module:ident, $table:ident) => {
@@ -208,7 +205,12 @@ macro_rules! read_model {
             $module::Case::load($module::$table::table, conn, keyring)
                 .expect("model read")
                 .into_iter()
-                .map(|c| (c.id, (c.owner_id, c.first_name, c.last_name, c.dob, c.insurer)))
+                .map(|c| {
+                    (
+                        c.id,
+                        (c.owner_id, c.first_name, c.last_name, c.dob, c.insurer),
+                    )
+                })
                 .collect()
         }
     };
@@ -220,9 +222,19 @@ read_model!(read_in_place, in_place, phi_it_adopt_inplace);
 /// A migration refused by its guard: the error names the guard's reason
 /// (PostgreSQL raises it; MySQL and SQLite name the failed CHECK after it).
 fn refused(result: diesel::QueryResult<()>, reason: &str) {
-    let err = result.expect_err("the migration's guard refuses").to_string();
-    let words = |s: &str| s.replace(|c: char| !c.is_ascii_alphanumeric(), " ").split_whitespace().collect::<Vec<_>>().join(" ");
-    assert!(words(&err).contains(&words(reason)), "refused for another reason: {err}");
+    let err = result
+        .expect_err("the migration's guard refuses")
+        .to_string();
+    let words = |s: &str| {
+        s.replace(|c: char| !c.is_ascii_alphanumeric(), " ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        words(&err).contains(&words(reason)),
+        "refused for another reason: {err}"
+    );
 }
 
 fn apply(conn: &mut Conn, sql: &str, what: &str) {
@@ -232,7 +244,10 @@ fn apply(conn: &mut Conn, sql: &str, what: &str) {
 
 /// Asserts what the application reads and returns its digest.
 fn same(read: BTreeMap<String, Seen>, expected: &BTreeMap<String, Seen>, step: &str) -> String {
-    assert_eq!(&read, expected, "{step}: the application reads what was written");
+    assert_eq!(
+        &read, expected,
+        "{step}: the application reads what was written"
+    );
     adopt_digest(read)
 }
 
@@ -264,8 +279,15 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
         adopt::migration::<dual::Case, Conn>(&mut conn, Strategy::Shadow, &Options::default())
             .expect("shadow migration");
     apply(&mut conn, &shadow.up, "shadow up");
-    assert_eq!(same(read_dual(&mut conn, &keyring), &expected, "shadow up"), digest0);
-    assert_eq!(read_before_shadow(&mut conn), expected, "the legacy build still reads the table");
+    assert_eq!(
+        same(read_dual(&mut conn, &keyring), &expected, "shadow up"),
+        digest0
+    );
+    assert_eq!(
+        read_before_shadow(&mut conn),
+        expected,
+        "the legacy build still reads the table"
+    );
 
     // 2. Dual writes: an owner outside the roll-out, then everyone.
     keyring.set_rollout(Rollout::Nobody);
@@ -285,25 +307,44 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     edited.last_name = "Haddad".into();
     edited.insurer = None;
     assert_eq!(
-        edited.update(&old, &keyring, &mut conn).expect("guarded update"),
+        edited
+            .update(&old, &keyring, &mut conn)
+            .expect("guarded update"),
         Updated::Applied { sealed: true }
     );
     for c in [&plain_new, &sealed_new, &edited] {
         expected.insert(
             c.id.clone(),
-            (c.owner_id.clone(), c.first_name.clone(), c.last_name.clone(), c.dob, c.insurer.clone()),
+            (
+                c.owner_id.clone(),
+                c.first_name.clone(),
+                c.last_name.clone(),
+                c.dob,
+                c.insurer.clone(),
+            ),
         );
     }
     let digest1 = same(read_dual(&mut conn, &keyring), &expected, "dual writes");
-    assert_eq!(read_before_shadow(&mut conn), expected, "the plain columns are written too");
+    assert_eq!(
+        read_before_shadow(&mut conn),
+        expected,
+        "the plain columns are written too"
+    );
 
     // Finalize is refused while rows are unsealed: by the command (verify)
     // and by the migration's own guard, which changes nothing.
     let early =
         adopt::migration::<dual::Case, Conn>(&mut conn, Strategy::Finalize, &Options::default())
             .expect("finalize migration");
-    refused(conn.batch_execute(&early.up), "rows are not sealed, run backfill and verify first");
-    assert_eq!(read_before_shadow(&mut conn), expected, "a refused finalize changes nothing");
+    refused(
+        conn.batch_execute(&early.up),
+        "rows are not sealed, run backfill and verify first",
+    );
+    assert_eq!(
+        read_before_shadow(&mut conn),
+        expected,
+        "a refused finalize changes nothing"
+    );
 
     // 3. Backfill into the shadows, with an application write between
     // batches; verify compares each shadow with its plain column.
@@ -331,14 +372,27 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     )
     .expect("backfill");
     assert_eq!(report.remaining, 0, "{report}");
-    assert_eq!(report.skipped, 1, "the row the application sealed meanwhile is left alone: {report}");
+    assert_eq!(
+        report.skipped, 1,
+        "the row the application sealed meanwhile is left alone: {report}"
+    );
     let new = written.expect("the application wrote between batches");
     expected.insert(
         new.id.clone(),
-        (new.owner_id.clone(), new.first_name.clone(), new.last_name.clone(), new.dob, new.insurer.clone()),
+        (
+            new.owner_id.clone(),
+            new.first_name.clone(),
+            new.last_name.clone(),
+            new.dob,
+            new.insurer.clone(),
+        ),
     );
     let digest2 = same(read_dual(&mut conn, &keyring), &expected, "backfill");
-    assert_eq!(read_before_shadow(&mut conn), expected, "backfill leaves the plain columns");
+    assert_eq!(
+        read_before_shadow(&mut conn),
+        expected,
+        "backfill leaves the plain columns"
+    );
     let checked = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
         .expect("verify");
     assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
@@ -363,11 +417,17 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
         );
     }
     assert!(
-        schema.indexes.iter().all(|i| i.name != "phi_it_adopt_shadow_last"),
+        schema
+            .indexes
+            .iter()
+            .all(|i| i.name != "phi_it_adopt_shadow_last"),
         "the plain index is gone: {:?}",
         schema.indexes
     );
-    assert_eq!(same(read_finalized(&mut conn, &keyring), &expected, "finalize"), digest2);
+    assert_eq!(
+        same(read_finalized(&mut conn, &keyring), &expected, "finalize"),
+        digest2
+    );
     // The sealed build writes as any in-place model.
     let after = new_case!(finalized, "N-003", 103);
     diesel::insert_into(finalized::phi_it_adopt_shadow::table)
@@ -385,16 +445,28 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     let old = renamed.clone();
     renamed.last_name = "Nwosu".into();
     assert_eq!(
-        renamed.update(&old, &keyring, &mut conn).expect("guarded update"),
+        renamed
+            .update(&old, &keyring, &mut conn)
+            .expect("guarded update"),
         Updated::Applied { sealed: true }
     );
     for c in [&after, &renamed] {
         expected.insert(
             c.id.clone(),
-            (c.owner_id.clone(), c.first_name.clone(), c.last_name.clone(), c.dob, c.insurer.clone()),
+            (
+                c.owner_id.clone(),
+                c.first_name.clone(),
+                c.last_name.clone(),
+                c.dob,
+                c.insurer.clone(),
+            ),
         );
     }
-    let digest3 = same(read_finalized(&mut conn, &keyring), &expected, "writes after finalize");
+    let digest3 = same(
+        read_finalized(&mut conn, &keyring),
+        &expected,
+        "writes after finalize",
+    );
 
     // 5. Back: finalize's down brings the plain columns back (empty),
     // decrypt-back refills them, the shadow's down drops the shadows.
@@ -418,19 +490,29 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     )
     .expect("decrypt-back");
     assert_eq!(back.remaining, 0, "{back}");
-    assert_eq!(same(read_dual(&mut conn, &keyring), &expected, "decrypt-back"), digest3);
+    assert_eq!(
+        same(read_dual(&mut conn, &keyring), &expected, "decrypt-back"),
+        digest3
+    );
     let restored = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
         .expect("verify");
     assert!(restored.is_ok(), "{restored}");
     apply(&mut conn, &shadow.down, "shadow down");
-    assert_eq!(same(read_before_shadow(&mut conn), &expected, "shadow down"), digest3);
+    assert_eq!(
+        same(read_before_shadow(&mut conn), &expected, "shadow down"),
+        digest3
+    );
 }
 
 fn read_dual_case(conn: &mut Conn, keyring: &Keyring, key: &str) -> dual::Case {
-    dual::Case::load(dual::phi_it_adopt_shadow::table.find(key.to_owned()), conn, keyring)
-        .expect("read")
-        .pop()
-        .expect("row")
+    dual::Case::load(
+        dual::phi_it_adopt_shadow::table.find(key.to_owned()),
+        conn,
+        keyring,
+    )
+    .expect("read")
+    .pop()
+    .expect("row")
 }
 
 #[test]
@@ -445,7 +527,10 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
         adopt::migration::<in_place::Case, Conn>(&mut conn, Strategy::InPlace, &Options::default())
             .expect("in-place migration");
     apply(&mut conn, &migration.up, "in-place up");
-    assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "in-place up"), digest0);
+    assert_eq!(
+        same(read_in_place(&mut conn, &keyring), &expected, "in-place up"),
+        digest0
+    );
 
     // Writes outside and inside the roll-out, and a guarded update.
     keyring.set_rollout(Rollout::Nobody);
@@ -466,13 +551,21 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
     let old = edited.clone();
     edited.dob = NaiveDate::from_ymd_opt(1961, 2, 3).expect("date");
     assert_eq!(
-        edited.update(&old, &keyring, &mut conn).expect("guarded update"),
+        edited
+            .update(&old, &keyring, &mut conn)
+            .expect("guarded update"),
         Updated::Applied { sealed: true }
     );
     for c in [&plain_new, &edited] {
         expected.insert(
             c.id.clone(),
-            (c.owner_id.clone(), c.first_name.clone(), c.last_name.clone(), c.dob, c.insurer.clone()),
+            (
+                c.owner_id.clone(),
+                c.first_name.clone(),
+                c.last_name.clone(),
+                c.dob,
+                c.insurer.clone(),
+            ),
         );
     }
     let digest1 = same(read_in_place(&mut conn, &keyring), &expected, "writes");
@@ -485,14 +578,27 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
     )
     .expect("backfill");
     assert_eq!(report.remaining, 0, "{report}");
-    assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "backfill"), digest1);
+    assert_eq!(
+        same(read_in_place(&mut conn, &keyring), &expected, "backfill"),
+        digest1
+    );
     let checked = migrate::verify::<in_place::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
         .expect("verify");
     assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
 
     // The down migration refuses while rows are sealed, and changes nothing.
-    refused(conn.batch_execute(&migration.down), "rows are sealed, run decrypt-back first");
-    assert_eq!(same(read_in_place(&mut conn, &keyring), &expected, "refused down"), digest1);
+    refused(
+        conn.batch_execute(&migration.down),
+        "rows are sealed, run decrypt-back first",
+    );
+    assert_eq!(
+        same(
+            read_in_place(&mut conn, &keyring),
+            &expected,
+            "refused down"
+        ),
+        digest1
+    );
 
     keyring.set_rollout(Rollout::Nobody);
     migrate::decrypt_back::<in_place::Case, Conn>(
@@ -503,5 +609,8 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
     )
     .expect("decrypt-back");
     apply(&mut conn, &migration.down, "in-place down");
-    assert_eq!(same(read_before_inplace(&mut conn), &expected, "in-place down"), digest1);
+    assert_eq!(
+        same(read_before_inplace(&mut conn), &expected, "in-place down"),
+        digest1
+    );
 }

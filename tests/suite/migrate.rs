@@ -485,7 +485,9 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
         BTreeSet::from([("C-1", "patient_dob"), ("C-1", "seen_at"), ("C-3", "patient_dob"), ("C-5", "patient_dob")])
     );
     assert!(checked.to_string().contains("3 row(s) hold values not in canonical form"), "{checked}");
-    assert!(!checked.to_string().contains("1980"), "no value in the report: {checked}");
+    // No value in the report (the owner ids carry digits of their own).
+    let report = checked.to_string();
+    assert!(!report.contains("1980-1-15") && !report.contains("1980-01-15"), "no value in the report: {checked}");
 
     let dry = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().dry_run(true), &mut |_| {})
         .expect("dry run");
