@@ -458,16 +458,11 @@ fn shadows(m: &Model) -> impl Iterator<Item = (&Field, &syn::Ident, &str)> {
 /// `self.field` sealed for its shadow column: `Option<Encrypted<T>>`
 /// (`None` for a null).
 fn shadow_seal_call(krate: &syn::Path, f: &Field, scope: &str) -> TokenStream {
-    let name = &f.ident;
-    let vty = f.value_ty();
+    let call = seal_call(krate, f, scope);
     if f.option_of.is_some() {
-        quote_spanned! {vty.span()=>
-            (#krate::__private::ops::<#vty>().seal_opt)(__keys, __sealer, ::core::option::Option::as_ref(&self.#name), #scope, &__row)?
-        }
+        call
     } else {
-        quote_spanned! {vty.span()=>
-            ::core::option::Option::Some((#krate::__private::ops::<#vty>().seal)(__keys, __sealer, &self.#name, #scope, &__row)?)
-        }
+        quote_spanned! {f.value_ty().span()=> ::core::option::Option::Some(#call) }
     }
 }
 
