@@ -337,8 +337,20 @@ pub trait PhiRecord: Sized + Send + Sync {
         Ok(open_each_row::<Self>(rows, &keys, keyring))
     }
 
-    /// Runs `query` selecting the sealed form, then opens the rows: the
+    /// Runs `query` selecting the sealed form and opens the rows: the
     /// one-call read (see the example on [`PhiRecord`]).
+    ///
+    /// The rows are opened while they are read. Up to
+    /// [`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows)
+    /// rows (default 512), the whole result is read, then opened on the
+    /// calling thread, as [`open_all`](Self::open_all) does. A larger result
+    /// is handed to rayon's pool in chunks of [`LOAD_CHUNK_ROWS`] rows as
+    /// Diesel reads them: each chunk's owners are resolved and its rows opened
+    /// on a pool thread while the calling thread reads the next chunk, so
+    /// decoding the database's rows and opening them run side by side. The
+    /// result is in the order of the query, and the error is that of the
+    /// first row that fails, as with `open_all`; after a failure no further
+    /// chunk is read.
     ///
     /// # Errors
     /// [`Error::Database`] when the query fails; then as
@@ -354,13 +366,12 @@ pub trait PhiRecord: Sized + Send + Sync {
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
     {
         use diesel::SelectableHelper as _;
-        let rows = diesel::RunQueryDsl::load(query.select(Self::Sealed::as_select()), conn)
-            .map_err(|source| Error::Database {
-                operation: "loading sealed rows",
-                table: Self::TABLE,
-                source,
-            })?;
-        Self::open_all(rows, keyring)
+        let rows = diesel::RunQueryDsl::load_iter::<
+            Self::Sealed,
+            diesel::connection::DefaultLoadingMode,
+        >(query.select(Self::Sealed::as_select()), conn)
+        .map_err(loading_error::<Self>)?;
+        load_rows::<Self>(rows, keyring)
     }
 
     /// [`seal`](Self::seal) for async code (feature `async`): the owner's
@@ -630,6 +641,100 @@ pub const ASYNC_OPEN_INLINE_MAX_ROWS: usize = 16;
 
 /// Rows a pool thread takes at a time from a batch.
 const BLOCK_ROWS: usize = 128;
+
+/// Rows [`PhiRecord::load`] hands to a pool thread at a time while it reads
+/// a result larger than
+/// [`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows).
+///
+/// Each chunk resolves its owners' keys in one batch (one key-store query
+/// for those not cached), so a cold load of `n` distinct owners runs at most
+/// one query per chunk; opening a chunk of four short fields a row takes
+/// about 0.5–1 ms, long enough that handing it over costs nothing
+/// measurable, short enough that the calling thread waits little for the
+/// last one.
+pub const LOAD_CHUNK_ROWS: usize = 1024;
+
+fn loading_error<R: PhiRecord>(source: diesel::result::Error) -> Error {
+    Error::Database {
+        operation: "loading sealed rows",
+        table: R::TABLE,
+        source,
+    }
+}
+
+/// [`PhiRecord::load`] once the query runs: `rows` are Diesel's rows as it
+/// reads them.
+fn load_rows<R: PhiRecord>(
+    mut rows: impl Iterator<Item = diesel::QueryResult<R::Sealed>>,
+    keyring: &Keyring,
+) -> Result<Vec<R>> {
+    let threshold = keyring.parallel_min_rows();
+    let mut first = Vec::new();
+    for row in rows.by_ref() {
+        first.push(row.map_err(loading_error::<R>)?);
+        if first.len() >= threshold {
+            break;
+        }
+    }
+    if first.len() < threshold {
+        return R::open_all(first, keyring);
+    }
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let (done, opened) = std::sync::mpsc::channel::<(usize, Result<Vec<R>>)>();
+    let mut read_error = None;
+    let mut chunks = 0;
+    rayon::in_place_scope(|scope| {
+        let mut chunk = first;
+        loop {
+            while chunk.len() < LOAD_CHUNK_ROWS {
+                match rows.next() {
+                    Some(Ok(row)) => chunk.push(row),
+                    Some(Err(source)) => {
+                        read_error = Some(loading_error::<R>(source));
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let last = chunk.len() < LOAD_CHUNK_ROWS;
+            if !chunk.is_empty() {
+                let (index, done, failed) = (chunks, done.clone(), &failed);
+                let block = std::mem::replace(&mut chunk, Vec::with_capacity(LOAD_CHUNK_ROWS));
+                chunks += 1;
+                scope.spawn(move |_| {
+                    let result = open_chunk::<R>(block, keyring);
+                    if result.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // The receiver lives until the scope has ended.
+                    let _ = done.send((index, result));
+                });
+            }
+            if last || failed.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+    });
+    drop(done);
+    let mut parts: Vec<(usize, Result<Vec<R>>)> = opened.into_iter().collect();
+    parts.sort_unstable_by_key(|(index, _)| *index);
+    let mut out = Vec::with_capacity(parts.len() * LOAD_CHUNK_ROWS);
+    for (_, part) in parts {
+        out.append(&mut part?);
+    }
+    match read_error {
+        Some(error) => Err(error),
+        None => Ok(out),
+    }
+}
+
+/// One chunk of a pipelined [`PhiRecord::load`], on a pool thread: its
+/// owners resolved in one batch, its rows opened in order.
+fn open_chunk<R: PhiRecord>(rows: Vec<R::Sealed>, keyring: &Keyring) -> Result<Vec<R>> {
+    refuse_unsealed_rows::<R>("reading", &rows, keyring)?;
+    let keys = resolve_for_open(&rows, keyring)?;
+    open_rows(rows, &keys, usize::MAX)
+}
 
 /// Runs `work` over each block on rayon's global pool (the calling thread
 /// waits, or works too when it is one of the pool's). The outputs are

@@ -317,8 +317,9 @@ fn a_batch_shared_between_threads_keeps_its_order_and_fails_at_its_first_damaged
     let owners = [format!("{batch}-a"), format!("{batch}-b")];
     let tag = &batch[batch.len() - 16..];
     let id = |i: usize| format!("{tag}-{i:04}");
-    // Large enough to be sealed and opened on every core, in many blocks.
-    let cases: Vec<Case> = (0..1500)
+    // Large enough to be sealed and opened on every core, in many blocks,
+    // and for `load` to open it in three chunks as it reads.
+    let cases: Vec<Case> = (0..2600)
         .map(|i| Case {
             phi_encrypted: true, // as they read back
             ..case(&owners[i % 2], &id(i), &format!("Patient {i}"))
@@ -343,11 +344,12 @@ fn a_batch_shared_between_threads_keeps_its_order_and_fails_at_its_first_damaged
     let loaded = Case::load(query(), &mut conn, &keyring).expect("load");
     assert!(loaded == cases, "opened in row order");
 
-    // Two damaged rows, far apart: the error is the first one's.
+    // Two damaged rows, far apart (in the second and third chunks a load
+    // opens): the error is the first one's.
     let moved = raw_column(&mut conn, &id(1102), "patient_first");
     set_raw(&mut conn, &id(1100), "patient_first", moved);
-    let moved = raw_column(&mut conn, &id(1303), "patient_last");
-    set_raw(&mut conn, &id(1301), "patient_last", moved);
+    let moved = raw_column(&mut conn, &id(2303), "patient_last");
+    set_raw(&mut conn, &id(2301), "patient_last", moved);
     let err = Case::load(query(), &mut conn, &keyring).expect_err("damaged rows");
     let message = err.to_string();
     assert!(matches!(err, Error::Decrypt { .. }), "{err:?}");
