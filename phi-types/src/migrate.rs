@@ -25,8 +25,10 @@
 //! padded ` Doe ` stays ` Doe `); its blind index is normalised by the
 //! field's `normalize` option, as the model's lookups are.
 //!
-//! Each batch is one transaction: `SELECT … WHERE flag off ORDER BY key
-//! LIMIT n` (rows locked on MySQL and PostgreSQL, the database on SQLite),
+//! Each batch is one transaction: `SELECT … WHERE flag off AND key > last
+//! ORDER BY key LIMIT n` (rows locked on MySQL and PostgreSQL, the database
+//! on SQLite; `last` is the last key the previous batch read, so each batch
+//! reads an index range instead of stepping over every row already sealed),
 //! then one set-based `UPDATE` for the whole batch, which seals each row's
 //! values and sets its blind indexes and its flag where the row's key
 //! matches and its flag is still off: `UPDATE … FROM (VALUES …)` on
@@ -37,8 +39,11 @@
 //! most the batch in flight, rolled back; running the job again goes on
 //! from there. Two jobs running at once never seal a row twice: the second
 //! finds the flag already on and leaves the row alone (counted as
-//! `skipped`). [`decrypt_back`] is the same in reverse, guarded by the flag
-//! being on.
+//! `skipped`). A row left behind the cursor (its owner changed while its
+//! batch ran, or another writer turned its flag back) is found by a further
+//! pass from the first key: the job ends when a pass from the first key
+//! finds no row to migrate. [`decrypt_back`] is the same in reverse,
+//! guarded by the flag being on.
 //!
 //! The owners' data keys are resolved (and created, for owners that have
 //! none) before each batch's transaction opens, so a key store on the same
@@ -1084,16 +1089,18 @@ fn check_unsealed(
     out
 }
 
-/// The owners of the next batch, read without locks.
+/// The owners of the next batch (after the key `after`), read without
+/// locks.
 fn next_owners(
     conn: &mut impl DataConnection,
     t: &StoredTable,
     sealed: bool,
     batch: usize,
+    after: Option<&SqlValue>,
 ) -> Result<BTreeSet<String>> {
     let query = RowsQuery {
         sealed,
-        after: None,
+        after,
         limit: batch,
         random: false,
     };
@@ -1173,9 +1180,18 @@ fn migrate<C: DataConnection>(
     let mut tally = Tally::default();
     let legacy = options.legacy.as_deref();
     let strict = !sealing && keyring.is_strict(t.table);
+    // Each batch starts after the last row the previous one read, so a
+    // batch reads its rows by key range instead of skipping every row
+    // migrated so far. Rows left behind the cursor (deferred, or made
+    // unsealed meanwhile) are found by the next pass from the first key:
+    // the job ends when a pass from the first key finds nothing.
+    let mut after: Option<SqlValue> = None;
     loop {
-        let owners = next_owners(conn, t, from, options.batch)?;
+        let owners = next_owners(conn, t, from, options.batch, after.as_ref())?;
         if owners.is_empty() {
+            if after.take().is_some() {
+                continue;
+            }
             break;
         }
         let new_owners: BTreeSet<String> = owners.difference(&owners_seen).cloned().collect();
@@ -1214,7 +1230,17 @@ fn migrate<C: DataConnection>(
             reencoded += n;
             Ok(Some(write))
         };
-        let outcome = conn.migration_batch(t, from, options.batch, &mut transform, before_write)?;
+        let outcome = conn.migration_batch(
+            t,
+            from,
+            options.batch,
+            after.as_ref(),
+            &mut transform,
+            before_write,
+        )?;
+        if outcome.last.is_some() {
+            after.clone_from(&outcome.last);
+        }
         tally.merge(batch_tally);
         report.rows += outcome.updated;
         report.values += values;

@@ -560,3 +560,86 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
     migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
     assert_eq!(find_canon(&mut conn, &keyring, &me, Some("roe"), Some(roe)), ids(&["C-4"]));
 }
+
+diesel::table! {
+    phi_it_pass (id) {
+        id -> BigInt,
+        owner_id -> Varchar,
+        note -> Binary,
+        sealed -> Bool,
+    }
+}
+
+/// A table of its own for the backfill's passes.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_pass, crate = phi, debug)]
+struct PassNote {
+    #[phi(row_key)]
+    id: i64,
+    #[phi(owner)]
+    owner_id: String,
+    #[phi(encrypt)]
+    note: String,
+    #[phi(encrypted_flag)]
+    sealed: bool,
+}
+
+#[test]
+fn a_row_written_unsealed_behind_the_backfills_cursor_is_sealed_by_a_second_pass() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    recreate(
+        &mut conn,
+        "phi_it_pass",
+        &format!(
+            "CREATE TABLE phi_it_pass (id BIGINT NOT NULL PRIMARY KEY, owner_id VARCHAR(255) NOT NULL, \
+             note {BLOB} NOT NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)"
+        ),
+    );
+    let owners = [common::unique_owner("pass-a"), common::unique_owner("pass-b")];
+    let note = |id: i64| PassNote {
+        id,
+        owner_id: owners[usize::try_from(id).expect("positive") % 2].clone(),
+        note: format!("note {id}"),
+        sealed: false,
+    };
+    // Rows 10, 20, …, 3000: batches of 50 read them by key range.
+    let notes: Vec<PassNote> = (1..=300).map(|i| note(i * 10)).collect();
+    let plain = db.keyring();
+    plain.set_rollout(Rollout::Nobody);
+    for chunk in PassNote::seal_all(&notes, &plain).expect("unsealed").chunks(100) {
+        diesel::insert_into(phi_it_pass::table).values(chunk).execute(&mut conn).expect("insert");
+    }
+    // While the third batch (rows 1010 to 1500) holds its rows, another
+    // writer adds an unsealed row whose key, 5, is behind every batch
+    // still to come: only a second pass from the first key finds it.
+    let late = note(5);
+    let late_row = PassNote::seal(&late, &plain).expect("unsealed");
+    let keyring = db.keyring();
+    let mut batches = 0;
+    let report = migrate::migrate_interleaved::<PassNote, _>(
+        &mut conn,
+        &keyring,
+        &MigrateOptions::default().batch(50),
+        true,
+        &mut |c| {
+            batches += 1;
+            if batches == 3 {
+                diesel::insert_into(phi_it_pass::table)
+                    .values(&late_row)
+                    .execute(c)
+                    .map_err(|source| phi::Error::Database { operation: "test insert", table: "phi_it_pass", source })?;
+            }
+            Ok(())
+        },
+    )
+    .expect("backfill");
+    // Six batches over the 300 rows, then one more in the second pass.
+    assert_eq!((report.rows, report.skipped, report.remaining, report.batches), (301, 0, 0, 7), "{report}");
+    let loaded = PassNote::load(phi_it_pass::table.order(phi_it_pass::id), &mut conn, &keyring).expect("load");
+    let mut expected: Vec<PassNote> = std::iter::once(late).chain(notes).collect();
+    for n in &mut expected {
+        n.sealed = true;
+    }
+    assert!(loaded == expected, "every row sealed once, the late one too");
+}

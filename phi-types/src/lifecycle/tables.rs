@@ -806,7 +806,8 @@ pub trait DataConnection: PhiConnection {
     ) -> Result<Vec<MigrationRow>>;
 
     /// In one write transaction: locks the first `limit` rows (in key
-    /// order) whose flag is `sealed`, turns each with `transform`, calls
+    /// order, after the key `after` when given) whose flag is `sealed`,
+    /// turns each with `transform`, calls
     /// `before_write` on the transaction's connection, and writes the
     /// results with the flag flipped in one set-based `UPDATE` (more only
     /// past the backend's bind limit), each row guarded by its key and its
@@ -817,6 +818,7 @@ pub trait DataConnection: PhiConnection {
         table: &StoredTable,
         sealed: bool,
         limit: usize,
+        after: Option<&SqlValue>,
         transform: &mut Transform<'_>,
         before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<ApplyOutcome>;
@@ -904,7 +906,7 @@ impl Drop for RowWrite {
 pub(crate) type Transform<'a> = dyn FnMut(&MigrationRow) -> Result<Option<RowWrite>> + 'a;
 
 /// What one migration batch did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct ApplyOutcome {
     /// Rows locked and read.
     pub(crate) read: u64,
@@ -914,6 +916,8 @@ pub(crate) struct ApplyOutcome {
     pub(crate) conflicts: u64,
     /// Rows the transform left for a later batch.
     pub(crate) deferred: u64,
+    /// The key of the last row read: where the next batch starts.
+    pub(crate) last: Option<SqlValue>,
 }
 
 #[derive(QueryableByName)]
@@ -923,6 +927,59 @@ struct TextHead {
     #[diesel(sql_type = Text)]
     owner: String,
 }
+
+/// Stored values a migration batch reads in the statement that reads (and
+/// locks) its rows; a table with more encrypted, blind index and shadow
+/// columns reads the rest with one `SELECT … WHERE key IN (…)` per column.
+const VALUE_SLOTS: usize = 8;
+
+/// A migration row's key and owner with its first [`VALUE_SLOTS`] stored
+/// values, read in one statement.
+macro_rules! head_with_values {
+    ($name:ident, $key:ty, $rust:ty) => {
+        #[derive(QueryableByName)]
+        struct $name {
+            #[diesel(sql_type = $key)]
+            row_key: $rust,
+            #[diesel(sql_type = Text)]
+            owner: String,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v0: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v1: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v2: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v3: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v4: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v5: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v6: Option<Vec<u8>>,
+            #[diesel(sql_type = Nullable<Binary>)]
+            v7: Option<Vec<u8>>,
+        }
+
+        impl $name {
+            /// The first `columns` values (moved, not copied: the plain
+            /// values a backfill reads are zeroized by [`MigrationRow`])
+            /// followed by `None` up to `total`.
+            fn values(self, columns: usize, total: usize) -> (Vec<Option<Vec<u8>>>, $rust, String) {
+                let mut values: Vec<Option<Vec<u8>>> = [
+                    self.v0, self.v1, self.v2, self.v3, self.v4, self.v5, self.v6, self.v7,
+                ]
+                .into_iter()
+                .take(columns)
+                .collect();
+                values.resize(total, None);
+                (values, self.row_key, self.owner)
+            }
+        }
+    };
+}
+head_with_values!(IntHeadValues, BigInt, i64);
+head_with_values!(TextHeadValues, Text, String);
 
 #[derive(QueryableByName)]
 struct IntHead {
@@ -1220,17 +1277,30 @@ impl Dialect {
         s
     }
 
-    /// `SELECT row_key, owner … WHERE flag = ? [AND key > ?] ORDER BY … LIMIT n`.
+    /// `SELECT row_key, owner … WHERE flag = ? [AND key > ?] ORDER BY … LIMIT n`;
+    /// with `values` (at most [`VALUE_SLOTS`] columns, each cast to text
+    /// when its flag says so), also `v0`, `v1`, … holding those columns and
+    /// `NULL` in the slots past them.
     fn migration_heads<'a>(
         self,
         t: &'a StoredTable,
         q: &RowsQuery<'a>,
         lock: bool,
+        values: &[(&'a str, bool)],
     ) -> Statement<'a> {
         let mut s = Statement::default();
         s.sql("SELECT ")
             .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
             .sql(" AS row_key, ");
+        if !values.is_empty() {
+            for slot in 0..VALUE_SLOTS {
+                match values.get(slot) {
+                    Some(&(column, as_text)) => s.text(column, as_text),
+                    None => s.sql("NULL"),
+                };
+                s.sql(format!(" AS v{slot}, "));
+            }
+        }
         s.text(
             t.owner_column,
             t.owner_type.is_some_and(ColumnType::is_integer),
@@ -1675,7 +1745,21 @@ macro_rules! load_rows {
     ($conn:expr, $dialect:expr, $table:expr, $query:expr, $values:expr, $lock:expr) => {{
         let (d, t, q): (Dialect, &StoredTable, &RowsQuery<'_>) = ($dialect, $table, $query);
         (|| -> std::result::Result<Vec<MigrationRow>, TxError> {
-            let query = d.migration_heads(t, q, $lock);
+            let read = if $values {
+                t.read_columns()
+            } else {
+                Vec::new()
+            };
+            // A plaintext column of the dual-write phase holds its own SQL
+            // type (text, a date): read as its text.
+            let as_text = |ci: usize| t.columns.get(ci).is_some_and(|c| c.shadow.is_some());
+            let first: Vec<(&str, bool)> = read
+                .iter()
+                .take(VALUE_SLOTS)
+                .enumerate()
+                .map(|(ci, column)| (*column, as_text(ci)))
+                .collect();
+            let query = d.migration_heads(t, q, $lock, &first);
             let int_key = t.key_type.is_some_and(ColumnType::is_integer);
             let key_type = t.key_type.unwrap_or_default();
             let int_row = |key: i64| {
@@ -1687,7 +1771,35 @@ macro_rules! load_rows {
                     source: why.into(),
                 })
             };
-            let mut rows: Vec<MigrationRow> = if int_key {
+            let mut rows: Vec<MigrationRow> = if !first.is_empty() && int_key {
+                query
+                    .load::<IntHeadValues>(&mut *$conn)?
+                    .into_iter()
+                    .map(|h| {
+                        let (values, key, owner) = h.values(first.len(), read.len());
+                        Ok(MigrationRow {
+                            row: int_row(key)?,
+                            key: SqlValue::Int(key),
+                            owner,
+                            values,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else if !first.is_empty() {
+                query
+                    .load::<TextHeadValues>(&mut *$conn)?
+                    .into_iter()
+                    .map(|h| {
+                        let (values, key, owner) = h.values(first.len(), read.len());
+                        MigrationRow {
+                            row: key.as_bytes().to_vec(),
+                            key: SqlValue::Text(key),
+                            owner,
+                            values,
+                        }
+                    })
+                    .collect()
+            } else if int_key {
                 query
                     .load::<IntHead>(&mut *$conn)?
                     .into_iter()
@@ -1712,7 +1824,7 @@ macro_rules! load_rows {
                     })
                     .collect()
             };
-            if !$values || rows.is_empty() {
+            if read.len() <= VALUE_SLOTS || rows.is_empty() {
                 return Ok(rows);
             }
             let position: std::collections::HashMap<SqlValue, usize> = rows
@@ -1720,17 +1832,10 @@ macro_rules! load_rows {
                 .enumerate()
                 .map(|(i, r)| (r.key.clone(), i))
                 .collect();
-            let read = t.read_columns();
             let mut seen = vec![0usize; rows.len()];
-            for row in &mut rows {
-                row.values = vec![None; read.len()];
-            }
-            for (ci, column) in read.iter().enumerate() {
+            for (ci, column) in read.iter().enumerate().skip(VALUE_SLOTS) {
                 let keys: Vec<SqlValue> = rows.iter().map(|r| r.key.clone()).collect();
-                // A plaintext column of the dual-write phase holds its own
-                // SQL type (text, a date): read as its text.
-                let as_text = t.columns.get(ci).is_some_and(|c| c.shadow.is_some());
-                let query = d.migration_values(t, column, as_text, q.sealed, &keys);
+                let query = d.migration_values(t, column, as_text(ci), q.sealed, &keys);
                 let found: Vec<(SqlValue, Option<Vec<u8>>)> = if int_key {
                     query
                         .load::<IntKeyedOpt>(&mut *$conn)?
@@ -1751,7 +1856,7 @@ macro_rules! load_rows {
                     }
                 }
             }
-            let columns = read.len();
+            let columns = read.len() - VALUE_SLOTS;
             let mut seen = seen.into_iter();
             rows.retain(|_| seen.next() == Some(columns));
             Ok(rows)
@@ -2156,15 +2261,20 @@ macro_rules! data_connection {
                 table: &StoredTable,
                 sealed: bool,
                 limit: usize,
+                after: Option<&SqlValue>,
                 transform: &mut Transform<'_>,
                 before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
             ) -> Result<ApplyOutcome> {
                 table.validate()?;
                 let d: Dialect = $dialect;
                 let outcome = self.$transaction(|conn| -> std::result::Result<ApplyOutcome, TxError> {
-                    let q = RowsQuery { sealed, after: None, limit, random: false };
+                    let q = RowsQuery { sealed, after, limit, random: false };
                     let rows = load_rows!(conn, d, table, &q, true, true)?;
-                    let mut outcome = ApplyOutcome { read: rows.len() as u64, ..ApplyOutcome::default() };
+                    let mut outcome = ApplyOutcome {
+                        read: rows.len() as u64,
+                        last: rows.last().map(|r| r.key.clone()),
+                        ..ApplyOutcome::default()
+                    };
                     let mut writes: Vec<(&SqlValue, RowWrite)> = Vec::with_capacity(rows.len());
                     for row in &rows {
                         match transform(row)? {
