@@ -1563,6 +1563,14 @@ where
                 push_qualified(out, "phi_v", &value)
             }
         };
+        if self.shape == SetShape::Values {
+            // A cached statement gets PostgreSQL's generic plan after five
+            // runs: blind to the batch's keys, it joins the `VALUES` list by
+            // a sequential scan of the whole table (milliseconds a batch on
+            // 100,000 rows, growing with the table). Uncached, each batch
+            // is planned for its own keys: an index lookup per row.
+            out.unsafe_to_cache_prepared();
+        }
         out.push_sql("UPDATE ");
         push_table(&mut out, self.table)?;
         out.push_sql(" AS ");
