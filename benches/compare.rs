@@ -401,6 +401,10 @@ struct Samples {
     /// (opening included).
     em_insert: Vec<Duration>,
     em_load: Vec<Duration>,
+    /// PostgreSQL only: both loads in Diesel's row-by-row mode, phi's
+    /// through `Case::open_iter`.
+    plain_streamed: Vec<Duration>,
+    streamed: Vec<Duration>,
 }
 
 /// What one backend measured (medians).
@@ -423,6 +427,8 @@ struct Report {
     keys_distinct: Duration,
     em_insert: Duration,
     em_load: Duration,
+    plain_streamed: Option<Duration>,
+    streamed: Option<Duration>,
 }
 
 fn median(samples: &[Duration]) -> Duration {
@@ -452,6 +458,8 @@ impl Report {
             keys_distinct: median(&s.keys_distinct),
             em_insert: median(&s.em_insert),
             em_load: median(&s.em_load),
+            plain_streamed: (!s.plain_streamed.is_empty()).then(|| median(&s.plain_streamed)),
+            streamed: (!s.streamed.is_empty()).then(|| median(&s.streamed)),
         }
     }
 
@@ -503,6 +511,18 @@ impl Report {
             thousands(self.rate(self.em_load)),
             ratio(self.em_load, self.plain_load),
         );
+        if let (Some(plain), Some(phi)) = (self.plain_streamed, self.streamed) {
+            println!(
+                "| plaintext, row-by-row mode | | | {} | {:.2} |",
+                thousands(self.rate(plain)),
+                ratio(plain, self.plain_load),
+            );
+            println!(
+                "| phi, row-by-row mode (`Case::open_iter`), warm keyring | | | {} | {:.2} |",
+                thousands(self.rate(phi)),
+                ratio(phi, self.plain_load),
+            );
+        }
         println!();
         println!(
             "- phi's warm load against encrypted-message's: {:.1}× faster (target ≥ 4×: {}); \
@@ -651,6 +671,23 @@ macro_rules! backend_run {
                     drop(black_box(opened));
 
                     let start = Instant::now();
+                    if let Some(plain) = Streamed::plain(&mut conn) {
+                        let plain = plain?;
+                        s.plain_streamed.push(start.elapsed());
+                        if run == 0 {
+                            verify(&plain, &data.plain, |c| c.case_id, "plaintext load, row by row")?;
+                        }
+                        drop(black_box(plain));
+                        let start = Instant::now();
+                        let opened = Streamed::phi(&mut conn, &keyring).expect("streams")?;
+                        s.streamed.push(start.elapsed());
+                        if run == 0 {
+                            verify(&opened, &data.cases, |c| c.case_id, "phi load, row by row")?;
+                        }
+                        drop(black_box(opened));
+                    }
+
+                    let start = Instant::now();
                     let em: Vec<PlainCase> = load_em(&mut conn)?
                         .into_iter()
                         .map(em::open_row)
@@ -773,6 +810,43 @@ macro_rules! backend_run {
             }
         }
     };
+}
+
+/// Loads in a backend's streaming mode, where it has one that `load` does
+/// not use: PostgreSQL's row-by-row mode.
+trait Streamed: Sized {
+    fn plain(_conn: &mut Self) -> Option<BoxResult<Vec<PlainCase>>> {
+        None
+    }
+    fn phi(_conn: &mut Self, _keyring: &Keyring) -> Option<BoxResult<Vec<Case>>> {
+        None
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl Streamed for diesel::SqliteConnection {}
+#[cfg(feature = "mysql")]
+impl Streamed for diesel::MysqlConnection {}
+#[cfg(feature = "postgres")]
+impl Streamed for diesel::PgConnection {
+    fn plain(conn: &mut Self) -> Option<BoxResult<Vec<PlainCase>>> {
+        use diesel::pg::PgRowByRowLoadingMode;
+        Some((|| {
+            Ok(phi_cmp_plain::table
+                .select(PlainCase::as_select())
+                .load_iter::<PlainCase, PgRowByRowLoadingMode>(conn)?
+                .collect::<QueryResult<Vec<_>>>()?)
+        })())
+    }
+    fn phi(conn: &mut Self, keyring: &Keyring) -> Option<BoxResult<Vec<Case>>> {
+        use diesel::pg::PgRowByRowLoadingMode;
+        Some((|| {
+            let rows = phi_cmp_sealed::table
+                .select(CaseSealed::as_select())
+                .load_iter::<CaseSealed, PgRowByRowLoadingMode>(conn)?;
+            Ok(Case::open_iter(rows, keyring)?)
+        })())
+    }
 }
 
 backend_run!(sqlite_run, "sqlite", diesel::SqliteConnection);

@@ -327,6 +327,30 @@ pub trait PhiRecord: Sized + Send + Sync {
         open_rows(rows, &keys, keyring.parallel_min_rows())
     }
 
+    /// Opens rows as `rows` yields them: what [`load`](Self::load) does once
+    /// its query runs, for rows read some other way. The reason to call it
+    /// is PostgreSQL's row-by-row mode, in which Diesel hands over each row
+    /// as the server sends it, so the rows are opened while the server is
+    /// still producing the rest:
+    ///
+    /// ```ignore
+    /// use diesel::pg::PgRowByRowLoadingMode;
+    /// let rows = cases::table
+    ///     .select(CaseSealed::as_select())
+    ///     .load_iter::<CaseSealed, PgRowByRowLoadingMode>(&mut pg_conn)?;
+    /// let cases = Case::open_iter(rows, &keyring)?;
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Database`] for the first row `rows` fails to read (no row
+    /// after it is read); otherwise as [`open_all`](Self::open_all).
+    fn open_iter<I>(rows: I, keyring: &Keyring) -> Result<Vec<Self>>
+    where
+        I: IntoIterator<Item = diesel::QueryResult<Self::Sealed>>,
+    {
+        load_rows::<Self>(rows.into_iter(), keyring)
+    }
+
     /// Opens stored rows one by one: each row's result, so one damaged row
     /// does not hide the others.
     ///
