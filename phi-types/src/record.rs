@@ -280,21 +280,103 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// # Errors
     /// As [`seal`](Self::seal); nothing is returned if any record fails.
     fn seal_all(records: &[Self], keyring: &Keyring) -> Result<Vec<Self::Sealed>> {
-        let owners: Vec<Cow<'_, str>> = records.iter().map(Self::owner_id).collect();
-        let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
-        if Self::HAS_ENCRYPTED_FLAG {
-            // The roll-out policy is asked once per distinct owner.
-            sealing.retain(|o| keyring.encrypts_for(o));
+        let plan = SealPlan::new(records, keyring)?;
+        plan.seal(0..records.len(), keyring.parallel_min_rows())
+    }
+
+    /// Seals `records` a chunk of `rows` records at a time and hands each
+    /// sealed chunk, in order, to `write` on the calling thread (typically
+    /// one multi-row `INSERT`, in a transaction of its own or the
+    /// caller's). Every owner's keys are resolved (or created) first, in one
+    /// batch, before `write` is first called. From
+    /// [`KeyringBuilder::parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows)
+    /// records on, the next chunk is sealed on rayon's pool while `write`
+    /// stores the current one, so sealing costs the writer almost nothing;
+    /// below it, or with `parallel_min_rows(usize::MAX)`, everything runs on
+    /// the calling thread.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use diesel::prelude::*;
+    /// # use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord};
+    /// # diesel::table! { cases (case_id) { case_id -> Text, user_id -> Text, patient_last -> Binary } }
+    /// # #[derive(PhiRecord, Clone)]
+    /// # #[phi(table = cases)]
+    /// # struct Case { #[phi(row_key)] case_id: String, #[phi(owner)] user_id: String, #[phi(encrypt)] patient_last: String }
+    /// # #[cfg(feature = "sqlite")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let mut conn = SqliteConnection::establish(":memory:")?;
+    /// # diesel::sql_query("CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, patient_last BLOB NOT NULL)").execute(&mut conn)?;
+    /// # let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    /// # let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+    /// let cases: Vec<Case> = (0..2_000)
+    ///     .map(|i| Case { case_id: format!("C-{i}"), user_id: format!("provider-{}", i % 10), patient_last: "Doe".into() })
+    ///     .collect();
+    /// Case::seal_chunks(&cases, 500, &keyring, |sealed| {
+    ///     conn.transaction(|conn| diesel::insert_into(cases::table).values(&sealed).execute(conn))?;
+    ///     Ok::<_, Box<dyn std::error::Error>>(())
+    /// })?;
+    /// # assert_eq!(cases::table.count().get_result::<i64>(&mut conn)?, 2_000);
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "sqlite"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// # Errors
+    /// As [`seal_all`](Self::seal_all), converted into `E`, before the first
+    /// chunk is written when keys cannot be resolved, or at the first chunk
+    /// that fails (the chunks before it written); or the first error
+    /// `write` returns. No chunk is written after an error.
+    fn seal_chunks<E, F>(
+        records: &[Self],
+        rows: usize,
+        keyring: &Keyring,
+        mut write: F,
+    ) -> std::result::Result<(), E>
+    where
+        E: From<Error>,
+        F: FnMut(Vec<Self::Sealed>) -> std::result::Result<(), E>,
+    {
+        let plan = SealPlan::new(records, keyring)?;
+        let rows = rows.max(1);
+        let chunks: Vec<std::ops::Range<usize>> = (0..records.len())
+            .step_by(rows)
+            .map(|start| start..records.len().min(start + rows))
+            .collect();
+        if records.len() < keyring.parallel_min_rows() || chunks.len() < 2 {
+            for chunk in chunks {
+                write(plan.seal(chunk, usize::MAX)?)?;
+            }
+            return Ok(());
         }
-        let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
-        let lookup = if Self::HAS_LOOKUP_INDEX && !records.is_empty() {
-            Some(keyring.lookup_keys()?)
-        } else {
-            None
-        };
-        let sealed = seal_records(records, &owners, &keys, lookup, keyring.parallel_min_rows())?;
-        refuse_unsealed_rows::<Self>("writing", &sealed, keyring)?;
-        Ok(sealed)
+        let mut outcome = Ok(());
+        rayon::in_place_scope(|scope| {
+            let plan = &plan;
+            let spawn = |chunk: std::ops::Range<usize>| {
+                let (done, sealed) = std::sync::mpsc::sync_channel(1);
+                scope.spawn(move |_| {
+                    // The receiver waits for it unless writing failed.
+                    let _ = done.send(plan.seal(chunk, usize::MAX));
+                });
+                sealed
+            };
+            let mut chunks = chunks.into_iter();
+            let mut pending = chunks.next().map(spawn);
+            while let Some(sealed) = pending.take() {
+                let sealed = sealed.recv().unwrap_or_else(|_| {
+                    Err(Error::Config(
+                        "a thread sealing a chunk stopped without its result".into(),
+                    ))
+                });
+                pending = chunks.next().map(spawn);
+                if let Err(error) = sealed.map_err(E::from).and_then(&mut write) {
+                    outcome = Err(error);
+                    break;
+                }
+            }
+        });
+        outcome
     }
 
     /// Opens one stored row.
@@ -613,6 +695,58 @@ pub trait PhiRecord: Sized + Send + Sync {
                     })?;
             Self::open_all_async(rows, keyring).await
         }
+    }
+}
+
+/// What sealing a batch of records needs, resolved once: each record's
+/// owner, the data keys of the owners the roll-out seals for, and the
+/// lookup keys of a model with a lookup index.
+struct SealPlan<'r, R: PhiRecord> {
+    records: &'r [R],
+    owners: Vec<Cow<'r, str>>,
+    keys: HashMap<String, Arc<OwnerKeys>>,
+    lookup: Option<Arc<OwnerKeys>>,
+    keyring: &'r Keyring,
+}
+
+impl<'r, R: PhiRecord> SealPlan<'r, R> {
+    fn new(records: &'r [R], keyring: &'r Keyring) -> Result<Self> {
+        let owners: Vec<Cow<'r, str>> = records.iter().map(R::owner_id).collect();
+        let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
+        if R::HAS_ENCRYPTED_FLAG {
+            // The roll-out policy is asked once per distinct owner.
+            sealing.retain(|o| keyring.encrypts_for(o));
+        }
+        let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
+        let lookup = if R::HAS_LOOKUP_INDEX && !records.is_empty() {
+            Some(keyring.lookup_keys()?)
+        } else {
+            None
+        };
+        Ok(SealPlan {
+            records,
+            owners,
+            keys,
+            lookup,
+            keyring,
+        })
+    }
+
+    /// Seals the records of `range`, in order.
+    fn seal(
+        &self,
+        range: std::ops::Range<usize>,
+        parallel_min_rows: usize,
+    ) -> Result<Vec<R::Sealed>> {
+        let sealed = seal_records(
+            &self.records[range.clone()],
+            &self.owners[range],
+            &self.keys,
+            self.lookup.clone(),
+            parallel_min_rows,
+        )?;
+        refuse_unsealed_rows::<R>("writing", &sealed, self.keyring)?;
+        Ok(sealed)
     }
 }
 

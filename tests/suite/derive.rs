@@ -358,6 +358,68 @@ fn a_batch_shared_between_threads_keeps_its_order_and_fails_at_its_first_damaged
 }
 
 #[test]
+fn seal_chunks_writes_each_chunk_in_order_and_stops_at_the_first_failure() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let batch = common::unique_owner("chunks");
+    let owners = [format!("{batch}-a"), format!("{batch}-b"), format!("{batch}-c")];
+    let tag = &batch[batch.len() - 16..];
+    let id = |i: usize| format!("{tag}-{i:04}");
+    let cases: Vec<Case> = (0..2600)
+        .map(|i| Case { phi_encrypted: true, ..case(&owners[i % 3], &id(i), &format!("Patient {i}")) })
+        .collect();
+    let query = || phi_it_cases::table.filter(phi_it_cases::user_id.eq_any(&owners)).order(phi_it_cases::case_id);
+
+    // Every chunk, in order, each one multi-row INSERT in its transaction.
+    let mut sizes = Vec::new();
+    Case::seal_chunks(&cases, 500, &keyring, |sealed| {
+        sizes.push(sealed.len());
+        conn.transaction(|c| diesel::insert_into(phi_it_cases::table).values(&sealed).execute(c))
+            .map_err(|source| Error::Database { operation: "test insert", table: "phi_it_cases", source })?;
+        Ok::<_, Error>(())
+    })
+    .expect("seal and insert");
+    assert_eq!(sizes, [500, 500, 500, 500, 500, 100]);
+    assert!(Case::load(query(), &mut conn, &keyring).expect("load") == cases, "stored in order, every value opens");
+
+    // A failing write stops the job: no chunk after it is handed over.
+    diesel::delete(phi_it_cases::table.filter(phi_it_cases::user_id.eq_any(&owners))).execute(&mut conn).expect("delete");
+    let mut calls = 0;
+    let err = Case::seal_chunks(&cases, 500, &keyring, |sealed| {
+        calls += 1;
+        if calls == 3 {
+            return Err(Error::Config("the third chunk's write failed".into()));
+        }
+        diesel::insert_into(phi_it_cases::table)
+            .values(&sealed)
+            .execute(&mut conn)
+            .map_err(|source| Error::Database { operation: "test insert", table: "phi_it_cases", source })?;
+        Ok(())
+    })
+    .expect_err("the third write fails");
+    assert!(err.to_string().contains("the third chunk's write failed"), "{err}");
+    assert_eq!(calls, 3);
+    assert!(Case::load(query(), &mut conn, &keyring).expect("load") == cases[..1000], "the first two chunks, nothing after");
+
+    // A chunk that cannot be sealed is never written: a strict table
+    // refuses the unsealed rows a roll-out of nobody would give.
+    diesel::delete(phi_it_cases::table.filter(phi_it_cases::user_id.eq_any(&owners))).execute(&mut conn).expect("delete");
+    let strict = db.keyring();
+    strict.set_rollout(Rollout::Nobody);
+    strict.set_strict(["phi_it_cases"]);
+    let mut calls = 0;
+    let err = Case::seal_chunks(&cases, 500, &strict, |_sealed| {
+        calls += 1;
+        Ok::<_, Error>(())
+    })
+    .expect_err("strict refuses unsealed rows");
+    assert!(matches!(err, Error::Strict { .. }), "{err:?}");
+    assert_eq!(calls, 0, "nothing handed over");
+}
+
+#[test]
 fn the_blind_index_finds_duplicates_without_decrypting() {
     let db = TestDb::new();
     let keyring = db.keyring();
