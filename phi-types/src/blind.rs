@@ -143,9 +143,7 @@ impl OwnerKeys {
         let dek = self.current_dek()?;
         Ok(self
             .blind_keys
-            .get(dek, scope)
-            .index(value, normalize)
-            .to_vec())
+            .with(dek, scope, |key| key.index(value, normalize).to_vec()))
     }
 
     /// The blind index of `value` in `scope` under every data key version
@@ -161,9 +159,7 @@ impl OwnerKeys {
             .filter_map(|version| self.dek(version))
             .map(|dek| {
                 self.blind_keys
-                    .get(dek, scope)
-                    .index(value, normalize)
-                    .to_vec()
+                    .with(dek, scope, |key| key.index(value, normalize).to_vec())
             })
             .collect()
     }

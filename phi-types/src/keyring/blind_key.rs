@@ -2,7 +2,8 @@
 //! cached beside the owner's data keys. The format they serve, and the
 //! normalisation of the values they hash, are in [`crate::blind`].
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -41,6 +42,13 @@ impl BlindIndexKey {
         BlindIndexKey { key }
     }
 
+    /// A second copy of the key (zeroized on drop like the first).
+    fn duplicate(&self) -> Self {
+        BlindIndexKey {
+            key: Zeroizing::new(*self.key),
+        }
+    }
+
     /// The index value of already normalised bytes.
     pub fn compute(&self, normalised: &[u8]) -> [u8; BLIND_INDEX_LEN] {
         // HMAC accepts keys of any length.
@@ -55,39 +63,125 @@ impl BlindIndexKey {
 }
 
 /// The blind-index keys an owner's data keys have derived, so that a batch
-/// derives each (version, scope) key once.
+/// derives each (version, scope) key once. One allocation an owner for its
+/// first key (the entries are stored inline, the scope shared with every
+/// other owner's entry for it: see [`intern`]).
 #[derive(Default)]
 pub(crate) struct BlindKeyCache {
     keys: RwLock<Vec<DerivedKey>>,
 }
 
 /// A blind-index key with the data key version and scope it derives from.
-type DerivedKey = (u32, Box<str>, Arc<BlindIndexKey>);
+type DerivedKey = (u32, Arc<str>, BlindIndexKey);
+
+/// The one shared copy of `scope`: a process holds as many scopes as its
+/// models have blind-indexed columns, and every owner's cache points at
+/// them instead of holding its own copy.
+fn intern(scope: &str) -> Arc<str> {
+    static SCOPES: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+    let mut scopes = SCOPES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(found) = scopes.get(scope) {
+        return Arc::clone(found);
+    }
+    let scope: Arc<str> = scope.into();
+    scopes.insert(Arc::clone(&scope));
+    scope
+}
 
 impl BlindKeyCache {
-    pub(crate) fn get(&self, dek: &Dek, scope: &str) -> Arc<BlindIndexKey> {
+    /// Runs `f` with the blind-index key of `dek`'s version and `scope`,
+    /// derived on first use.
+    pub(crate) fn with<R>(&self, dek: &Dek, scope: &str, f: impl FnOnce(&BlindIndexKey) -> R) -> R {
         let find = |keys: &[DerivedKey]| {
             keys.iter()
-                .find(|(v, s, _)| *v == dek.version() && &**s == scope)
-                .map(|(_, _, k)| Arc::clone(k))
+                .position(|(v, s, _)| *v == dek.version() && &**s == scope)
         };
-        if let Some(key) = find(
-            &self
+        {
+            let keys = self
                 .keys
                 .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        ) {
-            return key;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(at) = find(&keys) {
+                return f(&keys[at].2);
+            }
         }
         let mut keys = self
             .keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(key) = find(&keys) {
-            return key;
+        let at = match find(&keys) {
+            Some(at) => at,
+            None => {
+                if keys.len() == keys.capacity() {
+                    // Grown by hand: a `Vec` growing moves its entries and
+                    // frees the old buffer unwiped. Copies are made and the
+                    // old entries dropped, which zeroizes their keys.
+                    let mut grown = Vec::with_capacity((keys.len() * 2).max(1));
+                    grown.extend(
+                        keys.iter()
+                            .map(|(v, s, k)| (*v, Arc::clone(s), k.duplicate())),
+                    );
+                    *keys = grown;
+                }
+                keys.push((
+                    dek.version(),
+                    intern(scope),
+                    BlindIndexKey::derive(dek, scope),
+                ));
+                keys.len() - 1
+            }
+        };
+        f(&keys[at].2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dek::KeyBytes;
+
+    #[test]
+    fn the_cache_keeps_every_derived_key_as_it_grows_and_shares_scopes() {
+        let deks = [
+            Dek::new(1, KeyBytes::new([1; 32])),
+            Dek::new(2, KeyBytes::new([2; 32])),
+        ];
+        let scopes = ["cases.patient_last", "cases.patient_dob", "visits.reason"];
+        let cache = BlindKeyCache::default();
+        let index = |dek: &Dek, scope: &str| cache.with(dek, scope, |k| k.compute(b"doe"));
+        // The entries' buffer grows from 1 to 2, 4 and 8 entries: after
+        // each new key, every key so far still matches a fresh derivation.
+        for (n, (dek, scope)) in deks
+            .iter()
+            .flat_map(|d| scopes.iter().map(move |s| (d, *s)))
+            .enumerate()
+        {
+            assert_eq!(
+                index(dek, scope),
+                BlindIndexKey::derive(dek, scope).compute(b"doe")
+            );
+            for (dek, scope) in deks
+                .iter()
+                .flat_map(|d| scopes.iter().map(move |s| (d, *s)))
+                .take(n + 1)
+            {
+                assert_eq!(
+                    index(dek, scope),
+                    BlindIndexKey::derive(dek, scope).compute(b"doe")
+                );
+            }
         }
-        let key = Arc::new(BlindIndexKey::derive(dek, scope));
-        keys.push((dek.version(), scope.into(), Arc::clone(&key)));
-        key
+        let keys = cache.keys.read().expect("lock");
+        assert_eq!(keys.len(), 6, "each (version, scope) derived once");
+        let other = BlindKeyCache::default();
+        other.with(&deks[0], scopes[0], |_| ());
+        let theirs = other.keys.read().expect("lock");
+        assert!(
+            Arc::ptr_eq(&keys[0].1, &theirs[0].1),
+            "one shared copy of the scope"
+        );
     }
 }

@@ -103,12 +103,30 @@ pub const DEFAULT_ROLLOUT_POLICY: &str = "default";
 /// ([`KeyringBuilder::name`]).
 pub const DEFAULT_KEYRING_NAME: &str = "default";
 
+/// An owner's data keys, sorted by version: inline when there is one, as
+/// for most owners, which saves an allocation per cached owner.
+pub(crate) enum Deks {
+    One(Dek),
+    Many(Vec<Dek>),
+}
+
+impl std::ops::Deref for Deks {
+    type Target = [Dek];
+
+    fn deref(&self) -> &[Dek] {
+        match self {
+            Deks::One(dek) => std::slice::from_ref(dek),
+            Deks::Many(deks) => deks,
+        }
+    }
+}
+
 /// The unwrapped data keys of one owner: every version still readable, and
 /// the current one that seals.
 pub struct OwnerKeys {
     owner: String,
     /// Sorted by version.
-    deks: Vec<Dek>,
+    deks: Deks,
     current: Option<usize>,
     loaded_at: Instant,
     /// The cache fill that loaded these keys (see [`Keyring::fill_mark`]).
@@ -1391,20 +1409,29 @@ impl Keyring {
         keys: Vec<Result<KeyBytes>>,
         audit: &mut Vec<AuditEvent>,
     ) -> Result<OwnerKeys> {
-        let mut deks = Vec::with_capacity(rows.len());
+        // Each key is built where it stays: never moved out of a buffer
+        // that would be freed with its bytes.
+        let single = rows.len() == 1;
+        let mut deks = Vec::with_capacity(if single { 0 } else { rows.len() });
+        let mut one = None;
         let mut current = None;
-        for (row, key) in rows.iter().zip(keys) {
+        for (i, (row, key)) in rows.iter().zip(keys).enumerate() {
             let key = key?;
             self.inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
             audit.push(self.event(owner, AuditAction::Unwrap, row.version, &row.kek_id));
             if row.state == KeyState::Active {
-                current = Some(deks.len());
+                current = Some(i);
             }
-            deks.push(Dek::new(row.version, key));
+            let dek = Dek::new(row.version, key);
+            if single {
+                one = Some(dek);
+            } else {
+                deks.push(dek);
+            }
         }
         Ok(OwnerKeys {
             owner: owner.to_owned(),
-            deks,
+            deks: one.map_or(Deks::Many(deks), Deks::One),
             current,
             loaded_at: self.inner.clock.now(),
             fill: 0,
@@ -1471,7 +1498,7 @@ impl Keyring {
             );
             return Ok(OwnerKeys {
                 owner: owner.to_owned(),
-                deks: vec![Dek::new(version, key)],
+                deks: Deks::One(Dek::new(version, key)),
                 current: Some(0),
                 loaded_at: self.inner.clock.now(),
                 fill: 0,

@@ -400,7 +400,7 @@ impl Keyring {
             );
             return Ok(OwnerKeys {
                 owner: owner.to_owned(),
-                deks: vec![crate::dek::Dek::new(version, key)],
+                deks: super::Deks::One(crate::dek::Dek::new(version, key)),
                 current: Some(0),
                 loaded_at: self.inner.clock.now(),
                 fill: 0,

@@ -114,7 +114,7 @@ impl Store {
 fn keys(owner: &str, generation: u32, loaded_at: Instant) -> OwnerKeys {
     OwnerKeys {
         owner: owner.to_owned(),
-        deks: vec![Dek::new(generation, KeyBytes::new([0; 32]))],
+        deks: crate::keyring::Deks::One(Dek::new(generation, KeyBytes::new([0; 32]))),
         current: Some(0),
         loaded_at,
         blind_keys: Default::default(),
