@@ -93,9 +93,13 @@ pub const OPEN_TOTAL: &str = "phi_open_total";
 pub const SEAL_ERRORS_TOTAL: &str = "phi_seal_errors_total";
 /// Failed opens, label `outcome`.
 pub const OPEN_ERRORS_TOTAL: &str = "phi_open_errors_total";
-/// Sealing a batch of records, in seconds.
+/// Sealing a batch of records (each chunk of
+/// [`PhiRecord::seal_chunks`](crate::PhiRecord::seal_chunks)), in seconds.
 pub const SEAL_DURATION_SECONDS: &str = "phi_seal_duration_seconds";
-/// Opening a batch of rows, in seconds.
+/// Opening a batch of rows (each chunk of a
+/// [`PhiRecord::load`](crate::PhiRecord::load) past
+/// [`parallel_min_rows`](crate::KeyringBuilder::parallel_min_rows)), in
+/// seconds.
 pub const OPEN_DURATION_SECONDS: &str = "phi_open_duration_seconds";
 /// Key cache hits.
 pub const CACHE_HITS_TOTAL: &str = "phi_cache_hits_total";
