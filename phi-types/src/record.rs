@@ -323,11 +323,16 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// # fn main() {}
     /// ```
     ///
+    /// Called on one of rayon's own threads (inside a `par_iter`), it seals
+    /// every chunk on that thread: waiting there for a job queued behind it
+    /// could wait forever.
+    ///
     /// # Errors
-    /// As [`seal_all`](Self::seal_all), converted into `E`, before the first
-    /// chunk is written when keys cannot be resolved, or at the first chunk
-    /// that fails (the chunks before it written); or the first error
-    /// `write` returns. No chunk is written after an error.
+    /// As [`seal_all`](Self::seal_all), converted into `E`: before the first
+    /// chunk is written when keys cannot be resolved or a strict table
+    /// refuses a record the roll-out would leave unsealed, or at the first
+    /// chunk that fails to seal (the chunks before it written); or the first
+    /// error `write` returns. No chunk is written after an error.
     fn seal_chunks<E, F>(
         records: &[Self],
         rows: usize,
@@ -339,14 +344,24 @@ pub trait PhiRecord: Sized + Send + Sync {
         F: FnMut(Vec<Self::Sealed>) -> std::result::Result<(), E>,
     {
         let plan = SealPlan::new(records, keyring)?;
+        // A strict table refuses a record the roll-out leaves unsealed:
+        // before any chunk is written, not at that record's chunk.
+        if let Some(at) = plan.first_refused() {
+            plan.seal(at..at + 1, usize::MAX)?;
+        }
         let rows = rows.max(1);
         let chunks: Vec<std::ops::Range<usize>> = (0..records.len())
             .step_by(rows)
             .map(|start| start..records.len().min(start + rows))
             .collect();
-        if records.len() < keyring.parallel_min_rows() || chunks.len() < 2 {
+        // On one of rayon's own threads the calling thread would wait for a
+        // job queued behind it: sealing stays on this thread there.
+        if records.len() < keyring.parallel_min_rows()
+            || chunks.len() < 2
+            || rayon::current_thread_index().is_some()
+        {
             for chunk in chunks {
-                write(plan.seal(chunk, usize::MAX)?)?;
+                write(plan.seal(chunk, keyring.parallel_min_rows())?)?;
             }
             return Ok(());
         }
@@ -454,9 +469,10 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// Diesel reads them: each chunk's owners are resolved and its rows opened
     /// on a pool thread while the calling thread reads the next chunk, so
     /// decoding the database's rows and opening them run side by side. The
-    /// result is in the order of the query, and the error is that of the
-    /// first row that fails, as with `open_all`; after a failure no further
-    /// chunk is read.
+    /// result is in the order of the query. The error is that of the first
+    /// chunk that fails (within a chunk, as `open_all`: a strict table's
+    /// unsealed row first, else the first row that fails); after a failure
+    /// no further chunk is read.
     ///
     /// # Errors
     /// [`Error::Database`] when the query fails; then as
@@ -732,6 +748,17 @@ impl<'r, R: PhiRecord> SealPlan<'r, R> {
         })
     }
 
+    /// The first record a strict table would refuse: its owner is not in
+    /// the roll-out, so it would be written unsealed.
+    fn first_refused(&self) -> Option<usize> {
+        if !R::HAS_ENCRYPTED_FLAG || !self.keyring.is_strict(R::TABLE) {
+            return None;
+        }
+        self.owners
+            .iter()
+            .position(|owner| !self.keys.contains_key(owner.as_ref()))
+    }
+
     /// Seals the records of `range`, in order.
     fn seal(
         &self,
@@ -837,6 +864,14 @@ fn load_rows<R: PhiRecord>(
     if first.len() < threshold {
         return R::open_all(first, keyring);
     }
+    // A result that fits in one chunk is opened as `open_all` opens a batch,
+    // spread over every core.
+    while first.len() < LOAD_CHUNK_ROWS {
+        match rows.next() {
+            Some(row) => first.push(row.map_err(loading_error::<R>)?),
+            None => return R::open_all(first, keyring),
+        }
+    }
     let failed = std::sync::atomic::AtomicBool::new(false);
     let (done, opened) = std::sync::mpsc::channel::<(usize, Result<Vec<R>>)>();
     let mut read_error = None;
@@ -891,7 +926,14 @@ fn load_rows<R: PhiRecord>(
 fn open_chunk<R: PhiRecord>(rows: Vec<R::Sealed>, keyring: &Keyring) -> Result<Vec<R>> {
     refuse_unsealed_rows::<R>("reading", &rows, keyring)?;
     let keys = resolve_for_open(&rows, keyring)?;
-    open_rows(rows, &keys, usize::MAX)
+    // A first chunk larger than a chunk (a high `parallel_min_rows`) is
+    // itself shared between the pool's threads.
+    let parallel = if rows.len() > LOAD_CHUNK_ROWS {
+        keyring.parallel_min_rows()
+    } else {
+        usize::MAX
+    };
+    open_rows(rows, &keys, parallel)
 }
 
 /// Runs `work` over each block on rayon's global pool (the calling thread

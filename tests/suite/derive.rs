@@ -384,6 +384,25 @@ fn seal_chunks_writes_each_chunk_in_order_and_stops_at_the_first_failure() {
     assert_eq!(sizes, [500, 500, 500, 500, 500, 100]);
     assert!(Case::load(query(), &mut conn, &keyring).expect("load") == cases, "stored in order, every value opens");
 
+    // Called on a thread of a pool of one (inside an application's own
+    // `par_iter`), it seals there instead of waiting for a job queued
+    // behind itself.
+    diesel::delete(phi_it_cases::table.filter(phi_it_cases::user_id.eq_any(&owners))).execute(&mut conn).expect("delete");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a pool of one");
+    let mut written = Vec::new();
+    pool.install(|| {
+        Case::seal_chunks(&cases, 500, &keyring, |sealed| {
+            written.extend(sealed);
+            Ok::<_, Error>(())
+        })
+    })
+    .expect("sealed on the pool's thread");
+    assert_eq!(written.len(), cases.len());
+    for chunk in written.chunks(500) {
+        diesel::insert_into(phi_it_cases::table).values(chunk).execute(&mut conn).expect("insert");
+    }
+    assert!(Case::load(query(), &mut conn, &keyring).expect("load") == cases, "the same rows");
+
     // A failing write stops the job: no chunk after it is handed over.
     diesel::delete(phi_it_cases::table.filter(phi_it_cases::user_id.eq_any(&owners))).execute(&mut conn).expect("delete");
     let mut calls = 0;

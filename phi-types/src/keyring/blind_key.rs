@@ -76,7 +76,10 @@ type DerivedKey = (u32, Arc<str>, BlindIndexKey);
 
 /// The one shared copy of `scope`: a process holds as many scopes as its
 /// models have blind-indexed columns, and every owner's cache points at
-/// them instead of holding its own copy.
+/// them instead of holding its own copy. Scopes are never forgotten: an
+/// application passing scopes built at run time to
+/// [`OwnerKeys::blind_index`](crate::OwnerKeys::blind_index) (not a
+/// `table.column` of its models) grows this set by each new one.
 fn intern(scope: &str) -> Arc<str> {
     static SCOPES: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
     let mut scopes = SCOPES

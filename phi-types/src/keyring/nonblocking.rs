@@ -251,13 +251,18 @@ impl Keyring {
         let mut results = Vec::with_capacity(owners.len());
         for (owner, rows, live) in groups {
             let keys: Vec<_> = unwrapped.by_ref().take(live.len()).collect();
-            let result = match self.owner_keys(owner, &live, keys, &mut audit) {
+            // Into its `Arc` before any `.await`: nothing of a data key is
+            // held inline in this future, whose memory is freed unwiped.
+            let loaded = self
+                .owner_keys(owner, &live, keys, &mut audit)
+                .map(|keys| Arc::new(OwnerKeys { fill, ..keys }));
+            let result = match loaded {
                 Ok(keys) if purpose == Purpose::Seal && keys.current.is_none() => {
-                    self.create_async(owner, &rows, &mut audit).await
+                    drop(keys);
+                    self.create_async(owner, &rows, fill, &mut audit).await
                 }
                 other => other,
-            }
-            .map(|keys| Arc::new(OwnerKeys { fill, ..keys }));
+            };
             results.push((owner.clone(), result));
         }
         let (unwraps, generated): (Vec<_>, Vec<_>) = audit
@@ -342,8 +347,9 @@ impl Keyring {
         &self,
         owner: &str,
         rows: &[&StoredKey],
+        fill: u64,
         audit: &mut Vec<AuditEvent>,
-    ) -> Result<OwnerKeys> {
+    ) -> Result<Arc<OwnerKeys>> {
         let version = match rows.iter().map(|r| r.version).max() {
             None => 1,
             Some(_)
@@ -378,6 +384,17 @@ impl Keyring {
                     source,
                 })?;
         let row = StoredKey::active(owner, version, kek.id(), wrapped);
+        // The new key goes into its `Arc` now, before the store's `.await`,
+        // so that no copy of it is held inline in this future (whose memory
+        // is freed unwiped); dropped (and wiped) if another process wins.
+        let created = Arc::new(OwnerKeys {
+            owner: owner.to_owned(),
+            deks: super::Deks::One(crate::dek::Dek::new(version, key)),
+            current: Some(0),
+            loaded_at: self.inner.clock.now(),
+            fill,
+            blind_keys: Default::default(),
+        });
         self.count_query();
         let inserted = {
             let store = self.inner.store.clone();
@@ -398,17 +415,10 @@ impl Keyring {
                 kek = kek.id(),
                 "generated a data key"
             );
-            return Ok(OwnerKeys {
-                owner: owner.to_owned(),
-                deks: super::Deks::One(crate::dek::Dek::new(version, key)),
-                current: Some(0),
-                loaded_at: self.inner.clock.now(),
-                fill: 0,
-                blind_keys: Default::default(),
-            });
+            return Ok(created);
         }
         // Another process won the race: use its key, never ours.
-        drop(key);
+        drop(created);
         self.count_load();
         let winners = {
             let store = self.inner.store.clone();
@@ -423,7 +433,7 @@ impl Keyring {
                 owner: owner.to_owned(),
             });
         }
-        Ok(keys)
+        Ok(Arc::new(OwnerKeys { fill, ..keys }))
     }
 }
 

@@ -965,15 +965,45 @@ macro_rules! head_with_values {
             /// The first `columns` values (moved, not copied: the plain
             /// values a backfill reads are zeroized by [`MigrationRow`])
             /// followed by `None` up to `total`.
-            fn values(self, columns: usize, total: usize) -> (Vec<Option<Vec<u8>>>, $rust, String) {
-                let mut values: Vec<Option<Vec<u8>>> = [
-                    self.v0, self.v1, self.v2, self.v3, self.v4, self.v5, self.v6, self.v7,
-                ]
-                .into_iter()
-                .take(columns)
-                .collect();
+            fn values(
+                mut self,
+                columns: usize,
+                total: usize,
+            ) -> (Vec<Option<Vec<u8>>>, $rust, String) {
+                let mut values: Vec<Option<Vec<u8>>> = self.slots()[..columns]
+                    .iter_mut()
+                    .map(|v| v.take())
+                    .collect();
                 values.resize(total, None);
-                (values, self.row_key, self.owner)
+                (
+                    values,
+                    std::mem::take(&mut self.row_key),
+                    std::mem::take(&mut self.owner),
+                )
+            }
+
+            fn slots(&mut self) -> [&mut Option<Vec<u8>>; VALUE_SLOTS] {
+                [
+                    &mut self.v0,
+                    &mut self.v1,
+                    &mut self.v2,
+                    &mut self.v3,
+                    &mut self.v4,
+                    &mut self.v5,
+                    &mut self.v6,
+                    &mut self.v7,
+                ]
+            }
+        }
+
+        /// A row dropped before its values were taken (an error part way
+        /// through a batch) wipes them: they may be plaintext.
+        impl Drop for $name {
+            fn drop(&mut self) {
+                use zeroize::Zeroize as _;
+                for v in self.slots().into_iter().flatten() {
+                    v.zeroize();
+                }
             }
         }
     };
