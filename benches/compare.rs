@@ -57,31 +57,15 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use phi::{KeyBytes, KeyStore, Keyring, LocalKek, PhiRecord};
 
+#[path = "common/cmp_model.rs"]
+mod cmp_model;
+use cmp_model::schema::{phi_cmp_plain, phi_cmp_sealed};
+use cmp_model::{Case, CaseSealed, PlainCase};
+
 mod schema {
-    //! The three tables of the comparison.
+    //! The table of the `encrypted-message` variant (the other two are in
+    //! `common/cmp_model.rs`).
     #![allow(missing_docs)]
-    diesel::table! {
-        phi_cmp_plain (case_id) {
-            case_id -> BigInt,
-            user_id -> Text,
-            patient_first -> Text,
-            patient_last -> Text,
-            patient_dob -> Text,
-            ins_provider -> Text,
-            status -> Integer,
-        }
-    }
-    diesel::table! {
-        phi_cmp_sealed (case_id) {
-            case_id -> BigInt,
-            user_id -> Text,
-            patient_first -> Binary,
-            patient_last -> Binary,
-            patient_dob -> Binary,
-            ins_provider -> Binary,
-            status -> Integer,
-        }
-    }
     diesel::table! {
         phi_cmp_em (case_id) {
             case_id -> BigInt,
@@ -94,7 +78,7 @@ mod schema {
         }
     }
 }
-use schema::{phi_cmp_em, phi_cmp_plain, phi_cmp_sealed};
+use schema::phi_cmp_em;
 
 /// The `encrypted-message` crate (0.3) on the same rows: each PHI field an
 /// `EncryptedMessage<String, _>` (AES-256-GCM under one application key,
@@ -180,41 +164,6 @@ const PHI_FIELDS: usize = 4;
 const RUNS: usize = 3;
 /// The Python peer, beside the workspace (override with `PHI_COMPARE_PY_PEER`).
 const DEFAULT_PY_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/peers/py_peer.py");
-
-/// A case as the application holds it: phi seals its 4 PHI fields into
-/// `phi_cmp_sealed`, each with scope `phi_cmp_sealed.<column>` and bound to
-/// the case id. The derive also generates `CaseSealed`, the stored form.
-#[derive(phi::PhiRecord, Clone, PartialEq)]
-#[phi(crate = phi, table = phi_cmp_sealed)]
-#[diesel(primary_key(case_id))]
-struct Case {
-    #[phi(row_key)]
-    case_id: i64,
-    #[phi(owner)]
-    user_id: String,
-    #[phi(encrypt)]
-    patient_first: String,
-    #[phi(encrypt)]
-    patient_last: String,
-    #[phi(encrypt)]
-    patient_dob: String,
-    #[phi(encrypt)]
-    ins_provider: String,
-    status: i32,
-}
-
-/// The same case in the plaintext table.
-#[derive(Clone, PartialEq, Eq, Insertable, Queryable, Selectable)]
-#[diesel(table_name = phi_cmp_plain)]
-struct PlainCase {
-    case_id: i64,
-    user_id: String,
-    patient_first: String,
-    patient_last: String,
-    patient_dob: String,
-    ins_provider: String,
-    status: i32,
-}
 
 impl From<&Case> for PlainCase {
     fn from(c: &Case) -> PlainCase {

@@ -30,66 +30,10 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use phi::{KeyBytes, KeyStore, Keyring, LocalKek, PhiRecord};
 
-mod schema {
-    //! The two tables of the comparison's SQLite load.
-    #![allow(missing_docs)]
-    diesel::table! {
-        phi_cmp_plain (case_id) {
-            case_id -> BigInt,
-            user_id -> Text,
-            patient_first -> Text,
-            patient_last -> Text,
-            patient_dob -> Text,
-            ins_provider -> Text,
-            status -> Integer,
-        }
-    }
-    diesel::table! {
-        phi_cmp_sealed (case_id) {
-            case_id -> BigInt,
-            user_id -> Text,
-            patient_first -> Binary,
-            patient_last -> Binary,
-            patient_dob -> Binary,
-            ins_provider -> Binary,
-            status -> Integer,
-        }
-    }
-}
-use schema::{phi_cmp_plain, phi_cmp_sealed};
-
-/// The comparison's case: 4 sealed fields bound to the case id.
-#[derive(phi::PhiRecord, Clone, PartialEq)]
-#[phi(crate = phi, table = phi_cmp_sealed)]
-#[diesel(primary_key(case_id))]
-struct Case {
-    #[phi(row_key)]
-    case_id: i64,
-    #[phi(owner)]
-    user_id: String,
-    #[phi(encrypt)]
-    patient_first: String,
-    #[phi(encrypt)]
-    patient_last: String,
-    #[phi(encrypt)]
-    patient_dob: String,
-    #[phi(encrypt)]
-    ins_provider: String,
-    status: i32,
-}
-
-/// The same case in the plaintext table.
-#[derive(Clone, PartialEq, Eq, Insertable, Queryable, Selectable)]
-#[diesel(table_name = phi_cmp_plain)]
-struct PlainCase {
-    case_id: i64,
-    user_id: String,
-    patient_first: String,
-    patient_last: String,
-    patient_dob: String,
-    ins_provider: String,
-    status: i32,
-}
+#[path = "common/cmp_model.rs"]
+mod cmp_model;
+use cmp_model::schema::{phi_cmp_plain, phi_cmp_sealed};
+use cmp_model::{Case, PlainCase};
 
 const OWNERS: usize = 100;
 
