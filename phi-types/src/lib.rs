@@ -109,6 +109,7 @@ pub mod migrations;
 mod nonce;
 pub mod record;
 mod sealer;
+mod set_shape;
 mod sql;
 mod store;
 mod telemetry;

@@ -419,9 +419,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// row, column or owner, [`Error::Malformed`] for bytes that are not an
     /// envelope).
     fn open_all(rows: Vec<Self::Sealed>, keyring: &Keyring) -> Result<Vec<Self>> {
-        refuse_unsealed_rows::<Self>("reading", &rows, keyring)?;
-        let keys = resolve_for_open(&rows, keyring)?;
-        open_rows(rows, &keys, keyring.parallel_min_rows())
+        open_batch(rows, keyring, keyring.parallel_min_rows())
     }
 
     /// Opens rows as `rows` yields them: what [`load`](Self::load) does once
@@ -853,24 +851,19 @@ fn load_rows<R: PhiRecord>(
     mut rows: impl Iterator<Item = diesel::QueryResult<R::Sealed>>,
     keyring: &Keyring,
 ) -> Result<Vec<R>> {
-    let threshold = keyring.parallel_min_rows();
+    // A result smaller than the first chunk is opened as `open_all` opens a
+    // batch: on the calling thread below `parallel_min_rows`, else spread
+    // over every core.
+    let first_chunk = keyring.parallel_min_rows().max(LOAD_CHUNK_ROWS);
     let mut first = Vec::new();
     for row in rows.by_ref() {
         first.push(row.map_err(loading_error::<R>)?);
-        if first.len() >= threshold {
+        if first.len() >= first_chunk {
             break;
         }
     }
-    if first.len() < threshold {
+    if first.len() < first_chunk {
         return R::open_all(first, keyring);
-    }
-    // A result that fits in one chunk is opened as `open_all` opens a batch,
-    // spread over every core.
-    while first.len() < LOAD_CHUNK_ROWS {
-        match rows.next() {
-            Some(row) => first.push(row.map_err(loading_error::<R>)?),
-            None => return R::open_all(first, keyring),
-        }
     }
     let failed = std::sync::atomic::AtomicBool::new(false);
     let (done, opened) = std::sync::mpsc::channel::<(usize, Result<Vec<R>>)>();
@@ -894,8 +887,16 @@ fn load_rows<R: PhiRecord>(
                 let (index, done, failed) = (chunks, done.clone(), &failed);
                 let block = std::mem::replace(&mut chunk, Vec::with_capacity(LOAD_CHUNK_ROWS));
                 chunks += 1;
+                // A first chunk larger than a chunk (a high
+                // `parallel_min_rows`) is itself shared between the pool's
+                // threads.
+                let parallel = if block.len() > LOAD_CHUNK_ROWS {
+                    keyring.parallel_min_rows()
+                } else {
+                    usize::MAX
+                };
                 scope.spawn(move |_| {
-                    let result = open_chunk::<R>(block, keyring);
+                    let result = open_batch::<R>(block, keyring, parallel);
                     if result.is_err() {
                         failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -921,19 +922,18 @@ fn load_rows<R: PhiRecord>(
     }
 }
 
-/// One chunk of a pipelined [`PhiRecord::load`], on a pool thread: its
-/// owners resolved in one batch, its rows opened in order.
-fn open_chunk<R: PhiRecord>(rows: Vec<R::Sealed>, keyring: &Keyring) -> Result<Vec<R>> {
+/// [`PhiRecord::open_all`], and one chunk of a pipelined
+/// [`PhiRecord::load`]: a strict table's unsealed row refused, the owners
+/// resolved in one batch, the rows opened in order (on the pool from
+/// `parallel_min_rows` rows).
+fn open_batch<R: PhiRecord>(
+    rows: Vec<R::Sealed>,
+    keyring: &Keyring,
+    parallel_min_rows: usize,
+) -> Result<Vec<R>> {
     refuse_unsealed_rows::<R>("reading", &rows, keyring)?;
     let keys = resolve_for_open(&rows, keyring)?;
-    // A first chunk larger than a chunk (a high `parallel_min_rows`) is
-    // itself shared between the pool's threads.
-    let parallel = if rows.len() > LOAD_CHUNK_ROWS {
-        keyring.parallel_min_rows()
-    } else {
-        usize::MAX
-    };
-    open_rows(rows, &keys, parallel)
+    open_rows(rows, &keys, parallel_min_rows)
 }
 
 /// Runs `work` over each block on rayon's global pool (the calling thread

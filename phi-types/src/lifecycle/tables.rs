@@ -25,6 +25,7 @@ use crate::blind::Normalize;
 use crate::connection::PhiConnection;
 use crate::envelope::{MAGIC, VERSION_V1};
 use crate::error::{BoxError, DecodeError, Error, Result};
+use crate::set_shape::SetShape;
 
 /// The longest identifier accepted (MySQL's limit).
 const MAX_IDENTIFIER_LEN: usize = 64;
@@ -920,17 +921,10 @@ pub(crate) struct ApplyOutcome {
     pub(crate) last: Option<SqlValue>,
 }
 
-#[derive(QueryableByName)]
-struct TextHead {
-    #[diesel(sql_type = Text)]
-    row_key: String,
-    #[diesel(sql_type = Text)]
-    owner: String,
-}
-
 /// Stored values a migration batch reads in the statement that reads (and
 /// locks) its rows; a table with more encrypted, blind index and shadow
 /// columns reads the rest with one `SELECT … WHERE key IN (…)` per column.
+/// A read of keys and owners alone selects `NULL` in every slot.
 const VALUE_SLOTS: usize = 8;
 
 /// A migration row's key and owner with its first [`VALUE_SLOTS`] stored
@@ -1010,14 +1004,6 @@ macro_rules! head_with_values {
 }
 head_with_values!(IntHeadValues, BigInt, i64);
 head_with_values!(TextHeadValues, Text, String);
-
-#[derive(QueryableByName)]
-struct IntHead {
-    #[diesel(sql_type = BigInt)]
-    row_key: i64,
-    #[diesel(sql_type = Text)]
-    owner: String,
-}
 
 #[derive(QueryableByName)]
 struct TextKeyedOpt {
@@ -1307,10 +1293,10 @@ impl Dialect {
         s
     }
 
-    /// `SELECT row_key, owner … WHERE flag = ? [AND key > ?] ORDER BY … LIMIT n`;
-    /// with `values` (at most [`VALUE_SLOTS`] columns, each cast to text
-    /// when its flag says so), also `v0`, `v1`, … holding those columns and
-    /// `NULL` in the slots past them.
+    /// `SELECT row_key, v0, …, owner … WHERE flag = ? [AND key > ?] ORDER BY
+    /// … LIMIT n`: `v0`, `v1`, … hold the columns of `values` (at most
+    /// [`VALUE_SLOTS`], each cast to text when its flag says so) and `NULL`
+    /// in the slots past them.
     fn migration_heads<'a>(
         self,
         t: &'a StoredTable,
@@ -1322,14 +1308,12 @@ impl Dialect {
         s.sql("SELECT ")
             .bigint(t.key_column, t.key_type.is_some_and(ColumnType::is_integer))
             .sql(" AS row_key, ");
-        if !values.is_empty() {
-            for slot in 0..VALUE_SLOTS {
-                match values.get(slot) {
-                    Some(&(column, as_text)) => s.text(column, as_text),
-                    None => s.sql("NULL"),
-                };
-                s.sql(format!(" AS v{slot}, "));
-            }
+        for slot in 0..VALUE_SLOTS {
+            match values.get(slot) {
+                Some(&(column, as_text)) => s.text(column, as_text),
+                None => s.sql("NULL"),
+            };
+            s.sql(format!(" AS v{slot}, "));
         }
         s.text(
             t.owner_column,
@@ -1391,28 +1375,6 @@ impl Dialect {
         s.sql(")");
         s
     }
-}
-
-/// How one backend's set-based `UPDATE` joins the rows it writes, one
-/// statement per chunk of a batch instead of one per row.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum SetShape {
-    /// PostgreSQL: `UPDATE t AS phi_t SET … FROM (VALUES (…), …) AS
-    /// phi_v(phi_k, phi_c0, …) WHERE …`.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    Values,
-    /// SQLite (3.33 and later): the same `UPDATE … FROM (VALUES …)`, whose
-    /// columns SQLite names `column1`, `column2`, … (it takes no column
-    /// list after the alias).
-    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
-    SqliteValues,
-    /// MySQL and MariaDB: `UPDATE t AS phi_t JOIN (SELECT ? AS phi_k, … UNION
-    /// ALL SELECT …) AS phi_v ON … SET … WHERE …`. MariaDB's `VALUES` in a
-    /// derived table names its columns after the first row's values, and
-    /// MySQL's needs `ROW(…)`: a `UNION ALL` of `SELECT`s is read the same
-    /// by both.
-    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
-    Join,
 }
 
 /// Bytes of bound values one set-based statement carries at most, under
@@ -1507,14 +1469,6 @@ impl SetUpdate<'_> {
             + usize::from(self.guard_flag.is_some())
             + usize::from(self.guard_key.is_some())
     }
-
-    /// The value column `i` of the rows as the statement names it.
-    fn value_column(&self, i: usize) -> String {
-        match self.shape {
-            SetShape::SqliteValues => format!("column{}", i + 1),
-            SetShape::Values | SetShape::Join => format!("phi_{i}"),
-        }
-    }
 }
 
 impl<DB> QueryFragment<DB> for SetUpdate<'_>
@@ -1575,7 +1529,7 @@ where
                 out.push_identifier(column)?;
             }
             out.push_sql(" = ");
-            let value = self.value_column(self.matches.len() + i);
+            let value = self.shape.value_column(self.matches.len() + i);
             if self.shape == SetShape::Values && self.text_sets.get(i).copied().unwrap_or(false) {
                 // PostgreSQL converts text to a column's type (a date, say)
                 // only when told which: the table's row type tells it,
@@ -1620,7 +1574,7 @@ where
                     push_value(&mut out, value)?;
                     if r == 0 {
                         out.push_sql(" AS ");
-                        out.push_identifier(&self.value_column(i))?;
+                        out.push_identifier(&self.shape.value_column(i))?;
                     }
                 }
             }
@@ -1633,7 +1587,7 @@ where
                 }
                 push_qualified(&mut out, "phi_t", column)?;
                 out.push_sql(" = ");
-                push_qualified(&mut out, "phi_v", &self.value_column(i))?;
+                push_qualified(&mut out, "phi_v", &self.shape.value_column(i))?;
             }
         }
         out.push_sql(" SET ");
@@ -1678,7 +1632,7 @@ where
                     if i > 0 {
                         out.push_sql(", ");
                     }
-                    out.push_identifier(&self.value_column(i))?;
+                    out.push_identifier(&self.shape.value_column(i))?;
                 }
                 out.push_sql(")");
             }
@@ -1686,7 +1640,7 @@ where
                 and(&mut out);
                 push_qualified(&mut out, "phi_t", column)?;
                 out.push_sql(" = ");
-                push_qualified(&mut out, "phi_v", &self.value_column(i))?;
+                push_qualified(&mut out, "phi_v", &self.shape.value_column(i))?;
             }
         }
         if let Some((column, flag)) = &self.guard_flag {
@@ -1809,7 +1763,7 @@ macro_rules! load_rows {
                     source: why.into(),
                 })
             };
-            let mut rows: Vec<MigrationRow> = if !first.is_empty() && int_key {
+            let mut rows: Vec<MigrationRow> = if int_key {
                 query
                     .load::<IntHeadValues>(&mut *$conn)?
                     .into_iter()
@@ -1823,7 +1777,7 @@ macro_rules! load_rows {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?
-            } else if !first.is_empty() {
+            } else {
                 query
                     .load::<TextHeadValues>(&mut *$conn)?
                     .into_iter()
@@ -1835,30 +1789,6 @@ macro_rules! load_rows {
                             owner,
                             values,
                         }
-                    })
-                    .collect()
-            } else if int_key {
-                query
-                    .load::<IntHead>(&mut *$conn)?
-                    .into_iter()
-                    .map(|h| {
-                        Ok(MigrationRow {
-                            row: int_row(h.row_key)?,
-                            key: SqlValue::Int(h.row_key),
-                            owner: h.owner,
-                            values: Vec::new(),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            } else {
-                query
-                    .load::<TextHead>(&mut *$conn)?
-                    .into_iter()
-                    .map(|h| MigrationRow {
-                        row: h.row_key.as_bytes().to_vec(),
-                        key: SqlValue::Text(h.row_key),
-                        owner: h.owner,
-                        values: Vec::new(),
                     })
                     .collect()
             };

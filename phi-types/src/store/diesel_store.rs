@@ -20,6 +20,7 @@ use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
 use crate::feed::{FeedEvent, FeedListener, FeedReader, KeyEvent, KeyEventKind};
 use crate::kek::KekCheck;
+use crate::set_shape::SetShape;
 use crate::store::Rollout;
 
 /// Owners per `IN (...)` list; larger sets are loaded in several queries.
@@ -292,23 +293,6 @@ fn stored_key(row: KeyRow) -> Result<StoredKey> {
 /// Rewraps per set-based `UPDATE` statement (five bound values each).
 const REWRAPS_PER_UPDATE: usize = 1_000;
 
-/// How one backend's set-based `UPDATE` joins the rows it writes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum SetShape {
-    /// PostgreSQL: `UPDATE t AS phi_t SET … FROM (VALUES (…), …) AS
-    /// phi_v(phi_0, …) WHERE …`.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    Values,
-    /// SQLite (3.33 and later): the same, its `VALUES` columns named
-    /// `column1`, `column2`, ….
-    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
-    SqliteValues,
-    /// MySQL and MariaDB: `UPDATE t AS phi_t JOIN (SELECT ? AS phi_0, …
-    /// UNION ALL SELECT …) AS phi_v ON … SET … WHERE …`.
-    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
-    Join,
-}
-
 /// The rewrap of a batch of data key rows as one `UPDATE`, built with
 /// Diesel's [`AstPass`](diesel::query_builder::AstPass) (identifiers quoted
 /// by the backend, every value bound): Diesel's `update()` DSL cannot join
@@ -340,14 +324,6 @@ impl<'a> RewrapUpdate<'a> {
             rows,
             versions,
             at,
-        }
-    }
-
-    /// The value column `i` (0 owner, 1 version, 2 from, 3 to, 4 wrapped).
-    fn column(&self, i: usize) -> String {
-        match self.shape {
-            SetShape::SqliteValues => format!("column{}", i + 1),
-            SetShape::Values | SetShape::Join => format!("phi_{i}"),
         }
     }
 }
@@ -400,7 +376,7 @@ where
                 }
                 if named {
                     out.push_sql(" AS ");
-                    out.push_identifier(&self.column(i))?;
+                    out.push_identifier(&self.shape.value_column(i))?;
                 }
             }
             Ok(())
@@ -426,7 +402,7 @@ where
                 out.push_sql(if n == 0 { " ON " } else { " AND " });
                 qualified(&mut out, "phi_t", column)?;
                 out.push_sql(" = ");
-                qualified(&mut out, "phi_v", &self.column(*i))?;
+                qualified(&mut out, "phi_v", &self.shape.value_column(*i))?;
             }
         }
         out.push_sql(" SET ");
@@ -448,7 +424,7 @@ where
             }
             out.push_sql(" = ");
             match value {
-                Some(i) => qualified(&mut out, "phi_v", &self.column(i))?,
+                Some(i) => qualified(&mut out, "phi_v", &self.shape.value_column(i))?,
                 None => out.push_bind_param::<Timestamp, NaiveDateTime>(&self.at)?,
             }
         }
@@ -469,7 +445,7 @@ where
                     if i > 0 {
                         out.push_sql(", ");
                     }
-                    out.push_identifier(&self.column(i))?;
+                    out.push_identifier(&self.shape.value_column(i))?;
                 }
                 out.push_sql(")");
             }
@@ -477,7 +453,7 @@ where
                 out.push_sql(if i == 0 { " WHERE " } else { " AND " });
                 qualified(&mut out, "phi_t", column)?;
                 out.push_sql(" = ");
-                qualified(&mut out, "phi_v", &self.column(i))?;
+                qualified(&mut out, "phi_v", &self.shape.value_column(i))?;
             }
             out.push_sql(" AND ");
         }
