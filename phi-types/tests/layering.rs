@@ -18,8 +18,9 @@ use std::path::Path;
 
 /// The layers, lowest first.
 const LAYERS: &[&str] = &[
-    // The crate's error type and metric names, and the connection trait
-    // every database-facing module names.
+    // The crate's error type and metric names, the connection trait every
+    // database-facing module names, and how each backend writes a
+    // set-based `UPDATE`.
     "base",
     // The stored format: the AEAD, data keys, envelope v1, value
     // encodings, nonces, `Encrypted<T>`.
@@ -45,6 +46,7 @@ const MODULES: &[(&str, &str)] = &[
     ("connection", "base"),
     ("error", "base"),
     ("metrics", "base"),
+    ("set_shape", "base"),
     ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),
