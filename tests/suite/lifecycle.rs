@@ -734,7 +734,7 @@ fn the_cli_stops_when_it_lists_no_key_and_never_destroys_one_created_since() {
         .build()
         .expect("keyring");
     let code = phi::cli::App::new(db.url.clone(), keyring).run_from([
-        "phi", "--format", "json", "keys", "shred", "--owner", &owner, "--yes",
+        "phi", "-qq", "--format", "json", "keys", "shred", "--owner", &owner, "--yes",
     ]);
     assert!(!store.armed.load(std::sync::atomic::Ordering::SeqCst), "the owner's keys were listed");
     assert_eq!(code, std::process::ExitCode::from(3), "refused: nothing was listed");
