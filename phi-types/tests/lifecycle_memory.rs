@@ -89,9 +89,24 @@ fn rotate_rewrap_destroy_and_audit_in_memory() {
             .iter()
             .all(|k| k.state != KeyState::Destroyed)
     );
-    assert_eq!(store.destroy_keys("a", Some(&[1, 2]), &event).expect("destroy"), [1, 2]);
-    assert!(store.destroy_keys("a", Some(&[]), &event).expect("again").is_empty());
-    assert!(store.destroy_keys("a", None, &event).expect("and again").is_empty());
+    assert_eq!(
+        store
+            .destroy_keys("a", Some(&[1, 2]), &event)
+            .expect("destroy"),
+        [1, 2]
+    );
+    assert!(
+        store
+            .destroy_keys("a", Some(&[]), &event)
+            .expect("again")
+            .is_empty()
+    );
+    assert!(
+        store
+            .destroy_keys("a", None, &event)
+            .expect("and again")
+            .is_empty()
+    );
     let keys = store.load_keys(&["a"]).expect("keys");
     assert!(
         keys.iter()

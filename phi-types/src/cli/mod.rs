@@ -1082,7 +1082,8 @@ where
                 env,
                 "Owner {owner}: every data key row is already destroyed. Nothing was changed."
             );
-            env.out.set("refused", "every data key row is already destroyed");
+            env.out
+                .set("refused", "every data key row is already destroyed");
         }
         return Ok(ExitCode::from(EXIT_REFUSED));
     }
@@ -1101,16 +1102,17 @@ where
     let before = lifecycle::feed_head(env.store.as_ref())?;
     // Only the versions listed (and confirmed): a key created since is
     // refused, not destroyed.
-    let report = match lifecycle::shred_listed(&mut conn, &keyring, owner, &listed, &env.tables, sample) {
-        Ok(report) => report,
-        Err(error @ crate::Error::Refused { .. }) => {
-            eprintln!("{error}");
-            env.out.set("owner", owner);
-            env.out.set("refused", error.to_string());
-            return Ok(ExitCode::from(EXIT_REFUSED));
-        }
-        Err(error) => return Err(error.into()),
-    };
+    let report =
+        match lifecycle::shred_listed(&mut conn, &keyring, owner, &listed, &env.tables, sample) {
+            Ok(report) => report,
+            Err(error @ crate::Error::Refused { .. }) => {
+                eprintln!("{error}");
+                env.out.set("owner", owner);
+                env.out.set("refused", error.to_string());
+                return Ok(ExitCode::from(EXIT_REFUSED));
+            }
+            Err(error) => return Err(error.into()),
+        };
     let event = lifecycle::read_feed(env.store.as_ref(), before, 10_000)?
         .into_iter()
         .find(|e| {

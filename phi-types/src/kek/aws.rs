@@ -429,9 +429,11 @@ impl KeyEncryptionKey for AwsKmsKek {
 
     fn generate(&self, owner: &str, version: u32) -> Result<(KeyBytes, Vec<u8>), BoxError> {
         let owner = owner.to_owned();
-        Ok(self.blocking(Op::GenerateDataKey, move |kms: Arc<Kms>| async move {
-            kms.generate(&owner, version).await
-        })?)
+        Ok(
+            self.blocking(Op::GenerateDataKey, move |kms: Arc<Kms>| async move {
+                kms.generate(&owner, version).await
+            })?,
+        )
     }
 
     /// Encrypt of `key`. The plaintext phi hands on is a zeroizing copy;
@@ -441,8 +443,14 @@ impl KeyEncryptionKey for AwsKmsKek {
         let owner = owner.to_owned();
         let plaintext = wrap_plaintext(key);
         Ok(self.blocking(Op::Encrypt, move |kms: Arc<Kms>| async move {
-            kms.encrypt(Purpose::DataKey { owner: &owner, version }, plaintext)
-                .await
+            kms.encrypt(
+                Purpose::DataKey {
+                    owner: &owner,
+                    version,
+                },
+                plaintext,
+            )
+            .await
         })?)
     }
 
@@ -450,8 +458,14 @@ impl KeyEncryptionKey for AwsKmsKek {
         let owner = owner.to_owned();
         let wrapped = wrapped.to_vec();
         Ok(self.blocking(Op::Decrypt, move |kms: Arc<Kms>| async move {
-            kms.decrypt(Purpose::DataKey { owner: &owner, version }, wrapped)
-                .await
+            kms.decrypt(
+                Purpose::DataKey {
+                    owner: &owner,
+                    version,
+                },
+                wrapped,
+            )
+            .await
         })?)
     }
 
@@ -570,7 +584,13 @@ impl AwsKmsKek {
                 let kms = kms.clone();
                 tasks.spawn(async move {
                     let result = kms
-                        .decrypt(Purpose::DataKey { owner: &owner, version }, wrapped)
+                        .decrypt(
+                            Purpose::DataKey {
+                                owner: &owner,
+                                version,
+                            },
+                            wrapped,
+                        )
                         .await;
                     drop(permit);
                     (index, result)
@@ -749,7 +769,11 @@ impl Kms {
 
     /// Decrypt of a data key (or of the check value), with the configured
     /// key.
-    async fn decrypt(&self, purpose: Purpose<'_>, wrapped: Vec<u8>) -> Result<KeyBytes, AwsKmsError> {
+    async fn decrypt(
+        &self,
+        purpose: Purpose<'_>,
+        wrapped: Vec<u8>,
+    ) -> Result<KeyBytes, AwsKmsError> {
         let sent = self
             .client
             .decrypt()
@@ -769,7 +793,11 @@ impl Kms {
     /// signed, its body is rebuilt with `plaintext` in a buffer that wipes
     /// itself ([`encrypt_body`]); a body without the placeholder is not
     /// sent.
-    async fn encrypt(&self, purpose: Purpose<'_>, plaintext: KeyBytes) -> Result<Vec<u8>, AwsKmsError> {
+    async fn encrypt(
+        &self,
+        purpose: Purpose<'_>,
+        plaintext: KeyBytes,
+    ) -> Result<Vec<u8>, AwsKmsError> {
         let sent = self
             .client
             .encrypt()
@@ -1076,7 +1104,11 @@ mod tests {
             member.replace('"', "\\\"")
         );
         let body = encrypt_body(escaped.as_bytes(), &key).expect("the member only");
-        assert!(std::str::from_utf8(&body).expect("text").contains("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="));
+        assert!(
+            std::str::from_utf8(&body)
+                .expect("text")
+                .contains("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        );
     }
 
     /// What `wrap` moves into its task is zeroizing key bytes in an
