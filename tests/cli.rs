@@ -560,14 +560,14 @@ fn status_of(command: &mut Command) -> (Option<i32>, String, String) {
 #[test]
 fn shred_exit_codes_tell_verified_from_not_verified() {
     let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c"], 2);
-    // A mistyped owner: nothing destroyed, nothing proved.
+    // A mistyped owner: no key listed, so nothing to confirm: refused (3)
+    // before any shred step, nothing destroyed.
     let (code, out, _) =
         status_of(&mut clinic.command(&["keys", "shred", "--owner", "dr-aa", "--yes"]));
-    assert_eq!(code, Some(4), "{out}");
+    assert_eq!(code, Some(3), "{out}");
     assert!(
-        out.contains("no data key row at all (is the owner id mistyped?)")
-            && out.contains("Crypto-shredding NOT verified")
-            && out.contains("- the owner has no data key row"),
+        out.contains("no data key row at all (is the owner id mistyped?). Nothing was changed.")
+            && !out.contains("Crypto-shredding"),
         "{out}"
     );
     assert!(clinic.key_rows("dr-aa").is_empty());

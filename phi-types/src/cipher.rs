@@ -6,7 +6,14 @@
 //!
 //! - **aes-gcm** (RustCrypto `aes-gcm` 0.11), when the `ring` feature is off.
 //!   Its expanded key (AES round keys and GHASH key) is wiped on drop by
-//!   aes-gcm's `zeroize` feature.
+//!   aes-gcm's `zeroize` feature. That wipes the value where it is dropped,
+//!   not the places it was moved from, so phi boxes the schedule as soon as
+//!   it is built: it lives at one heap address, never copied by a move of
+//!   the `Cipher` or of the [`Dek`](crate::Dek) holding it, and is wiped
+//!   there. What phi cannot reach, as with ring: the copies the key setup
+//!   leaves on the stack (aes-gcm builds the AES schedule, derives the
+//!   GHASH key and moves both into its value, and phi moves that value
+//!   into its box: a few hundred bytes, overwritten by later calls).
 //! - **ring** (`ring` 0.17), with the `ring` feature (on by default). Its
 //!   assembly is chosen at run time for the CPU, so a default build without
 //!   `target-cpu` gets AES-NI and carry-less multiplication; it runs in
@@ -51,7 +58,7 @@ pub(crate) struct Cipher {
     #[cfg(feature = "ring")]
     key: Box<ring::aead::LessSafeKey>,
     #[cfg(not(feature = "ring"))]
-    key: aes_gcm::Aes256Gcm,
+    key: Box<aes_gcm::Aes256Gcm>,
 }
 
 impl Cipher {
@@ -67,7 +74,7 @@ impl Cipher {
         {
             use aes_gcm::KeyInit as _;
             Cipher {
-                key: aes_gcm::Aes256Gcm::new(key.into()),
+                key: Box::new(aes_gcm::Aes256Gcm::new(key.into())),
             }
         }
     }

@@ -40,6 +40,7 @@
 //! | `phi_feed_events_total` | counter | count | | key events applied by following keyrings |
 //! | `phi_feed_read_errors_total` | counter | count | | reads of the key-event feed that failed (each is also logged with the staleness) |
 //! | `phi_feed_staleness_seconds` | gauge | seconds | | time since the feed was last read successfully, set when a read fails (0 after a success) |
+//! | `phi_admin_denied_unaudited_total` | counter | count | | refused admin API requests not written to the audit trail because they were over the router's `denied_audit_limit` (each is still logged; feature `admin-http`) |
 //!
 //! # Alerting
 //!

@@ -12,8 +12,18 @@
 //! ```
 //!
 //! They are recorded in Diesel's `__diesel_schema_migrations` table under
-//! versions of their own (`2026-11-25-000001` to `2026-11-28-000001`), so
-//! they sit beside an application's migrations:
+//! versions of their own, the same on every backend, so they sit beside an
+//! application's migrations:
+//!
+//! | version | migration | tables |
+//! |---|---|---|
+//! | `2026-11-25-000001` | `phi_key_tables` | `user_encryption_keys`, `encryption_key_audit` |
+//! | `2026-11-27-000001` | `kek_check_values` | `kek_check_values` |
+//! | `2026-11-28-000001` | `key_event_feed` | `phi_key_feed`, `phi_key_events`, `phi_rollout`, `phi_rollout_owners` |
+//! | `2026-11-28-000002` | `feed_readers` | `phi_feed_readers` |
+//!
+//! (Later versions are added at the end of this table; the directories
+//! `phi-types/migrations/<backend>/` are the authority.)
 //!
 //! - `diesel migration run` over the application's directory runs only the
 //!   application's migrations, and `diesel migration list` shows only them.
@@ -33,8 +43,9 @@
 //!   filter = { except_tables = ["user_encryption_keys", "encryption_key_audit", "kek_check_values", "phi_.*"] }
 //!   ```
 //!
-//!   (`phi_.*` covers `phi_key_feed`, `phi_key_events`, `phi_rollout` and
-//!   `phi_rollout_owners`; the entries are regular expressions.)
+//!   (`phi_.*` covers every table phi names `phi_…`: today `phi_key_feed`,
+//!   `phi_key_events`, `phi_rollout`, `phi_rollout_owners` and
+//!   `phi_feed_readers`; the entries are regular expressions.)
 //!
 //! [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) runs them
 //! too. A deployment that runs migrations in a step of its own, or a
@@ -76,5 +87,28 @@ pub fn run_pending<C: PhiConnection>(conn: &mut C) -> Result<usize> {
         }
         tracing::debug!(attempt, %error, "phi's migrations are busy; retrying");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The module docs' version table lists every migration directory of
+    /// every backend, with its name (so it cannot go stale unseen).
+    #[test]
+    fn the_version_table_lists_every_migration() {
+        let docs = include_str!("migrations.rs");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut checked = 0;
+        for backend in ["sqlite", "mysql", "postgres"] {
+            for entry in std::fs::read_dir(root.join(backend)).expect("migrations directory") {
+                let dir = entry.expect("entry").file_name();
+                let dir = dir.to_str().expect("UTF-8 name");
+                let (version, name) = dir.split_once('_').expect("<version>_<name>");
+                let row = format!("//! | `{version}` | `{name}` |");
+                assert!(docs.contains(&row), "the module docs lack the row {row:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 12, "{checked} migrations found");
     }
 }

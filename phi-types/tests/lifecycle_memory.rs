@@ -73,8 +73,40 @@ fn rotate_rewrap_destroy_and_audit_in_memory() {
         actor: "ops".into(),
         detail: None,
     };
-    assert_eq!(store.destroy_keys("a", &event).expect("destroy"), [1, 2]);
-    assert!(store.destroy_keys("a", &event).expect("again").is_empty());
+    // Version 2 was not listed: refused, nothing destroyed.
+    assert!(matches!(
+        store.destroy_keys("a", Some(&[1]), &event),
+        Err(Error::Refused { .. })
+    ));
+    assert!(matches!(
+        store.destroy_keys("a", Some(&[]), &event),
+        Err(Error::Refused { .. })
+    ));
+    assert!(
+        store
+            .load_keys(&["a"])
+            .expect("keys")
+            .iter()
+            .all(|k| k.state != KeyState::Destroyed)
+    );
+    assert_eq!(
+        store
+            .destroy_keys("a", Some(&[1, 2]), &event)
+            .expect("destroy"),
+        [1, 2]
+    );
+    assert!(
+        store
+            .destroy_keys("a", Some(&[]), &event)
+            .expect("again")
+            .is_empty()
+    );
+    assert!(
+        store
+            .destroy_keys("a", None, &event)
+            .expect("and again")
+            .is_empty()
+    );
     let keys = store.load_keys(&["a"]).expect("keys");
     assert!(
         keys.iter()

@@ -403,7 +403,7 @@ fn rows_changed_between_a_rewrap_batchs_read_and_its_write_are_left_alone_and_co
                 })
                 .expect("an owner with one key in the first batch");
             let destroyed = store
-                .destroy_keys(&b.owner_id, &audit_event(&b.owner_id, phi::AuditAction::Destroy, None, None))
+                .destroy_keys(&b.owner_id, None, &audit_event(&b.owner_id, phi::AuditAction::Destroy, None, None))
                 .expect("the other process's shred");
             assert_eq!(destroyed, [b.version]);
             shredded = Some(b.owner_id.clone());
@@ -578,7 +578,7 @@ impl KeyStore for NoDestroy {
     fn owners(&self) -> phi::Result<Vec<String>> {
         self.0.owners()
     }
-    fn destroy_keys(&self, _owner: &str, _audit: &phi::AuditEvent) -> phi::Result<Vec<u32>> {
+    fn destroy_keys(&self, _owner: &str, _listed: Option<&[u32]>, _audit: &phi::AuditEvent) -> phi::Result<Vec<u32>> {
         Ok(Vec::new())
     }
     fn kek_check(&self, kek_id: &str) -> phi::Result<Option<phi::KekCheck>> {
@@ -610,6 +610,147 @@ fn a_shred_whose_keys_survive_is_not_verified() {
         ]
     );
     assert_eq!(reasons(&report)[1].to_string(), "6 of 6 sampled value(s) still open");
+}
+
+/// The live key versions of `owner`, as a listing shows them.
+fn listed_versions(db: &TestDb, owner: &str) -> Vec<u32> {
+    db.store()
+        .load_keys(&[owner])
+        .expect("keys")
+        .iter()
+        .filter(|k| k.state != phi::KeyState::Destroyed)
+        .map(|k| k.version)
+        .collect()
+}
+
+#[test]
+fn a_shred_of_what_was_listed_never_destroys_a_key_created_since() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    // Listed with no key at all; a key is created before the shred step.
+    let owner = common::unique_owner("shred-listed-none");
+    let listed = listed_versions(&db, &owner);
+    assert!(listed.is_empty());
+    seed(&db, &keyring, &owner, 3);
+    let error = lifecycle::shred_listed(&mut conn, &keyring, &owner, &listed, &life_tables(), 3)
+        .expect_err("a key created after the listing is refused");
+    assert!(
+        matches!(&error, Error::Refused { operation, owner: o, .. } if operation == "shred" && *o == owner),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("[1]") && error.to_string().contains("nothing was destroyed"), "{error}");
+    assert_eq!(key_states(&db, &owner)[0].1, "active");
+    assert_eq!(check_all_open(&db, &db.keyring(), &owner, 3), [1], "the key created meanwhile still opens");
+
+    // Listed with version 1; version 2 is created before the shred step.
+    let listed = listed_versions(&db, &owner);
+    assert_eq!(listed, [1]);
+    lifecycle::rotate(&keyring, &owner).expect("rotate");
+    let error = lifecycle::shred_listed(&mut conn, &keyring, &owner, &listed, &life_tables(), 3)
+        .expect_err("version 2 was not listed");
+    assert!(matches!(error, Error::Refused { .. }), "{error:?}");
+    let states: Vec<String> = key_states(&db, &owner).into_iter().map(|k| k.1).collect();
+    assert!(states.iter().all(|s| *s == "active"), "nothing destroyed: {states:?}");
+
+    // What is listed is what is destroyed.
+    let listed = listed_versions(&db, &owner);
+    let report = lifecycle::shred_listed(&mut conn, &keyring, &owner, &listed, &life_tables(), 3).expect("shred");
+    assert_eq!(report.destroyed_versions, [1, 2]);
+    assert!(report.verified(), "{report:?}");
+}
+
+/// A key store that, right after answering the first listing of `owner`,
+/// creates a key for it: the key created between the CLI's listing and its
+/// shred step, at a fixed point.
+#[derive(Debug)]
+struct KeyAfterListing {
+    inner: Arc<phi::DieselKeyStore<Conn>>,
+    owner: String,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl KeyStore for KeyAfterListing {
+    fn load_keys(&self, owners: &[&str]) -> phi::Result<Vec<phi::StoredKey>> {
+        let rows = self.inner.load_keys(owners)?;
+        if owners == [self.owner.as_str()] && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let other = Keyring::builder(self.inner.clone(), common::local_kek()).build().expect("keyring");
+            other.seal(&"created meanwhile".to_string(), &self.owner, NAME, b"r").expect("creates a key");
+        }
+        Ok(rows)
+    }
+    fn insert_key_if_absent(&self, key: &phi::StoredKey) -> phi::Result<bool> {
+        self.inner.insert_key_if_absent(key)
+    }
+    fn append_audit(&self, events: &[phi::AuditEvent]) -> phi::Result<()> {
+        self.inner.append_audit(events)
+    }
+    fn kek_check(&self, kek_id: &str) -> phi::Result<Option<phi::KekCheck>> {
+        self.inner.kek_check(kek_id)
+    }
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &phi::KekCheck) -> phi::Result<bool> {
+        self.inner.insert_kek_check_if_absent(kek_id, check)
+    }
+    fn owners(&self) -> phi::Result<Vec<String>> {
+        self.inner.owners()
+    }
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> phi::Result<Vec<phi::StoredKey>> {
+        self.inner.keys_page(wrapped_by, not_wrapped_by, after, limit)
+    }
+    fn destroy_keys(&self, owner: &str, listed: Option<&[u32]>, audit: &phi::AuditEvent) -> phi::Result<Vec<u32>> {
+        self.inner.destroy_keys(owner, listed, audit)
+    }
+    fn audit(&self, owner: Option<&str>, limit: usize) -> phi::Result<Vec<phi::AuditRecord>> {
+        self.inner.audit(owner, limit)
+    }
+    fn key_events_after(&self, after: i64, limit: usize) -> phi::Result<Vec<phi::feed::FeedEvent>> {
+        self.inner.key_events_after(after, limit)
+    }
+    fn feed_head(&self) -> phi::Result<i64> {
+        self.inner.feed_head()
+    }
+    fn append_key_events(&self, events: &[phi::feed::KeyEvent], audit: &[phi::AuditEvent]) -> phi::Result<i64> {
+        self.inner.append_key_events(events, audit)
+    }
+}
+
+#[test]
+fn the_cli_stops_when_it_lists_no_key_and_never_destroys_one_created_since() {
+    let db = life_db();
+    let owner = common::unique_owner("cli-shred-none");
+    let store = Arc::new(KeyAfterListing {
+        inner: db.store(),
+        owner: owner.clone(),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    });
+    let keyring = Keyring::builder(store.clone(), common::local_kek())
+        .actor("cli-test")
+        .build()
+        .expect("keyring");
+    let code = phi::cli::App::new(db.url.clone(), keyring).run_from([
+        "phi", "-qq", "--format", "json", "keys", "shred", "--owner", &owner, "--yes",
+    ]);
+    assert!(!store.armed.load(std::sync::atomic::Ordering::SeqCst), "the owner's keys were listed");
+    assert_eq!(code, std::process::ExitCode::from(3), "refused: nothing was listed");
+    let states = key_states(&db, &owner);
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].1, "active", "the key created after the listing is not destroyed");
+    let opened: String = db
+        .keyring()
+        .open(
+            db.keyring().seal(&"still here".to_string(), &owner, NAME, b"r").expect("seals"),
+            &owner,
+            NAME,
+            b"r",
+        )
+        .expect("opens");
+    assert_eq!(opened, "still here");
 }
 
 #[test]

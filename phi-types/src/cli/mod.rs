@@ -281,9 +281,9 @@ enum KeysCommand {
         #[arg(long)]
         version: u32,
     },
-    /// Crypto-shredding: destroys every data key of an owner, then checks
-    /// that a sample of its stored values in the --table columns no longer
-    /// opens.
+    /// Crypto-shredding: lists the data keys of an owner and destroys
+    /// them, then checks that a sample of its stored values in the --table
+    /// columns no longer opens.
     ///
     /// Its sealed values become unreadable in this database at once; in
     /// other processes once their key cache expires (default 24 h) or they
@@ -293,10 +293,14 @@ enum KeysCommand {
     /// the clear are counted, not protected.
     ///
     /// Asks for the owner id to be typed again (on standard error) unless
-    /// --yes is given.
+    /// --yes is given. Only the versions listed are destroyed: when the
+    /// owner has none to list (no key row, a mistyped id, or every key
+    /// already destroyed) it stops there, and a key created after the
+    /// listing makes it stop without destroying anything.
     ///
-    /// Exit status: 0 destroyed and verified; 1 an error; 3 not confirmed
-    /// (nothing changed); 4 not verified (no key row for that owner, no
+    /// Exit status: 0 destroyed and verified; 1 an error; 3 refused or not
+    /// confirmed (nothing changed: no key to list, a key created after the
+    /// listing, or the owner id not typed again); 4 not verified (no
     /// --table, no sealed value sampled, or a value still opens: the output
     /// says which).
     Shred {
@@ -1057,24 +1061,38 @@ where
     C: DataConnection,
 {
     let rows = env.store.load_keys(&[owner])?;
-    let live: Vec<String> = rows
+    let live: Vec<&crate::StoredKey> = rows
         .iter()
         .filter(|r| r.state != crate::KeyState::Destroyed)
-        .map(|r| format!("version {} ({}, KEK {})", r.version, r.state, r.kek_id))
         .collect();
     if live.is_empty() {
+        // Nothing listed, so nothing confirmed: stop here. Going on would
+        // destroy, unprompted, whatever key were created meanwhile.
+        env.out.set("owner", owner);
+        env.out.set("key_rows", rows.len());
+        env.out.set("destroyed_versions", Vec::<u32>::new());
         if rows.is_empty() {
             outln!(
                 env,
-                "Owner {owner}: no data key row at all (is the owner id mistyped?)."
+                "Owner {owner}: no data key row at all (is the owner id mistyped?). Nothing was changed."
             );
+            env.out.set("refused", "no data key row");
         } else {
             outln!(
                 env,
-                "Owner {owner}: every data key row is already destroyed."
+                "Owner {owner}: every data key row is already destroyed. Nothing was changed."
             );
+            env.out
+                .set("refused", "every data key row is already destroyed");
         }
-    } else if !yes && !confirm(owner, &live)? {
+        return Ok(ExitCode::from(EXIT_REFUSED));
+    }
+    let listed: Vec<u32> = live.iter().map(|r| r.version).collect();
+    let shown: Vec<String> = live
+        .iter()
+        .map(|r| format!("version {} ({}, KEK {})", r.version, r.state, r.kek_id))
+        .collect();
+    if !yes && !confirm(owner, &shown)? {
         eprintln!("Not confirmed: nothing was changed.");
         env.out.printed.set(true);
         return Ok(ExitCode::from(EXIT_REFUSED));
@@ -1082,7 +1100,19 @@ where
     let keyring = env.keyring(&cli.actor)?;
     let mut conn = env.data()?;
     let before = lifecycle::feed_head(env.store.as_ref())?;
-    let report = lifecycle::shred(&mut conn, &keyring, owner, &env.tables, sample)?;
+    // Only the versions listed (and confirmed): a key created since is
+    // refused, not destroyed.
+    let report =
+        match lifecycle::shred_listed(&mut conn, &keyring, owner, &listed, &env.tables, sample) {
+            Ok(report) => report,
+            Err(error @ crate::Error::Refused { .. }) => {
+                eprintln!("{error}");
+                env.out.set("owner", owner);
+                env.out.set("refused", error.to_string());
+                return Ok(ExitCode::from(EXIT_REFUSED));
+            }
+            Err(error) => return Err(error.into()),
+        };
     let event = lifecycle::read_feed(env.store.as_ref(), before, 10_000)?
         .into_iter()
         .find(|e| {

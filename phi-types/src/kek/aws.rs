@@ -84,9 +84,25 @@ use crate::metrics::{KMS_CALL_DURATION_SECONDS, KMS_CALLS_TOTAL, SUCCESS};
 /// [`metrics`](crate::metrics); no-ops unless the application installs a
 /// recorder).
 ///
-/// Plaintext data keys go from the KMS response straight into zeroizing
-/// [`KeyBytes`]; neither they nor the credentials appear in `Debug`, logs or
-/// errors. (The HTTP stack's own buffers are outside this crate's reach.)
+/// Plaintext data keys never appear in `Debug`, logs or errors, nor do the
+/// credentials. Where their bytes are in memory:
+///
+/// - **Decrypt and GenerateDataKey**: the SDK decodes the answer's
+///   `Plaintext` into a `Blob`, whose buffer phi takes and wipes after
+///   copying it into zeroizing [`KeyBytes`].
+/// - **Encrypt** (`wrap`, and the check value's canary): the plaintext goes
+///   into the call's task as zeroizing `KeyBytes`. The SDK is given a
+///   public placeholder (32 zero bytes) instead; just before the request is
+///   signed, phi rebuilds its body with the base64 of the real plaintext in
+///   a buffer that is wiped when the request and its retries are dropped,
+///   and refuses to send a body whose placeholder it cannot find.
+/// - **Out of phi's reach**: the HTTP and TLS stack's own buffers (hyper's
+///   read buffer holding an answer's base64 `Plaintext`, the SDK's copy of
+///   the answer's body it deserializes from, the TLS library's record
+///   buffers on the way in and out), and copies on the stack. These are
+///   freed without being wiped; an attacker who can read the process's
+///   freed memory can find data keys there, as with any library that
+///   speaks HTTP.
 ///
 /// ```no_run
 /// # #[cfg(feature = "sqlite")]
@@ -412,36 +428,52 @@ impl KeyEncryptionKey for AwsKmsKek {
     }
 
     fn generate(&self, owner: &str, version: u32) -> Result<(KeyBytes, Vec<u8>), BoxError> {
-        let kms = self.kms.clone();
         let owner = owner.to_owned();
-        Ok(self
-            .run(async move { kms.generate(&owner, version).await })
-            .map_err(|e| self.kms.runtime_error("GenerateDataKey", &e))??)
+        Ok(
+            self.blocking(Op::GenerateDataKey, move |kms: Arc<Kms>| async move {
+                kms.generate(&owner, version).await
+            })?,
+        )
     }
 
+    /// Encrypt of `key`. The plaintext phi hands on is a zeroizing copy;
+    /// the SDK itself is only ever given a public placeholder (see
+    /// `Kms::encrypt`).
     fn wrap(&self, owner: &str, version: u32, key: &KeyBytes) -> Result<Vec<u8>, BoxError> {
-        let kms = self.kms.clone();
         let owner = owner.to_owned();
-        let plaintext = Blob::new(key.expose().to_vec());
-        Ok(self
-            .run(async move { kms.encrypt(&owner, version, plaintext).await })
-            .map_err(|e| self.kms.runtime_error("Encrypt", &e))??)
+        let plaintext = wrap_plaintext(key);
+        Ok(self.blocking(Op::Encrypt, move |kms: Arc<Kms>| async move {
+            kms.encrypt(
+                Purpose::DataKey {
+                    owner: &owner,
+                    version,
+                },
+                plaintext,
+            )
+            .await
+        })?)
     }
 
     fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<KeyBytes, BoxError> {
-        let kms = self.kms.clone();
         let owner = owner.to_owned();
         let wrapped = wrapped.to_vec();
-        Ok(self
-            .run(async move { kms.decrypt(&owner, version, wrapped).await })
-            .map_err(|e| self.kms.runtime_error("Decrypt", &e))??)
+        Ok(self.blocking(Op::Decrypt, move |kms: Arc<Kms>| async move {
+            kms.decrypt(
+                Purpose::DataKey {
+                    owner: &owner,
+                    version,
+                },
+                wrapped,
+            )
+            .await
+        })?)
     }
 
     fn check_value(&self) -> Result<KekCheck, BoxError> {
-        let kms = self.kms.clone();
-        let blob = self
-            .run(async move { kms.encrypt_check().await })
-            .map_err(|e| self.kms.runtime_error("Encrypt", &e))??;
+        let canary = KeyBytes::new(*CHECK_CANARY);
+        let blob = self.blocking(Op::Encrypt, move |kms: Arc<Kms>| async move {
+            kms.encrypt(Purpose::Check, canary).await
+        })?;
         Ok(KekCheck::new(CHECK_FORMAT_KMS, blob))
     }
 
@@ -449,11 +481,10 @@ impl KeyEncryptionKey for AwsKmsKek {
         if check.format != CHECK_FORMAT_KMS {
             return Ok(false);
         }
-        let kms = self.kms.clone();
         let blob = check.value.clone();
-        let opened = self
-            .run(async move { kms.decrypt_check(blob).await })
-            .map_err(|e| self.kms.runtime_error("Decrypt", &e))?;
+        let opened = self.blocking(Op::Decrypt, move |kms: Arc<Kms>| async move {
+            kms.decrypt(Purpose::Check, blob).await
+        });
         match opened {
             Ok(canary) => Ok(canary.expose() == CHECK_CANARY),
             Err(e) if e.kind == AwsKmsErrorKind::InvalidCiphertext => Ok(false),
@@ -483,7 +514,7 @@ impl KeyEncryptionKey for AwsKmsKek {
         match self.run(self.decrypt_batch(requests)) {
             Ok(results) => self.batch_results(results),
             Err(e) => (0..count)
-                .map(|_| Err(self.kms.runtime_error("Decrypt", &e).into()))
+                .map(|_| Err(self.kms.runtime_error(Op::Decrypt.name(), &e).into()))
                 .collect(),
         }
     }
@@ -519,7 +550,25 @@ impl KeyEncryptionKey for AwsKmsKek {
     }
 }
 
+/// The plaintext of a `wrap`, moved into the call's task: a zeroizing copy
+/// of `key` in an allocation of its own (never a `Vec` or `Blob`, which
+/// would be freed unwiped).
+fn wrap_plaintext(key: &KeyBytes) -> KeyBytes {
+    KeyBytes::from_slice(key.expose()).unwrap_or_else(|| unreachable!("a key is 32 bytes"))
+}
+
 impl AwsKmsKek {
+    /// Runs one call of the blocking API on the KEK's runtime, and waits for
+    /// it; a runtime failure is reported as a failure of `op`.
+    fn blocking<T, F>(&self, op: Op, call: impl FnOnce(Arc<Kms>) -> F) -> Result<T, AwsKmsError>
+    where
+        F: Future<Output = Result<T, AwsKmsError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(call(self.kms.clone()))
+            .map_err(|e| self.kms.runtime_error(op.name(), &e))?
+    }
+
     /// Decrypts a batch concurrently (bounded), on whichever runtime awaits it.
     fn decrypt_batch(
         &self,
@@ -534,7 +583,15 @@ impl AwsKmsKek {
                 let permit = limit.clone().acquire_owned().await.ok();
                 let kms = kms.clone();
                 tasks.spawn(async move {
-                    let result = kms.decrypt(&owner, version, wrapped).await;
+                    let result = kms
+                        .decrypt(
+                            Purpose::DataKey {
+                                owner: &owner,
+                                version,
+                            },
+                            wrapped,
+                        )
+                        .await;
                     drop(permit);
                     (index, result)
                 });
@@ -560,7 +617,7 @@ impl AwsKmsKek {
                 Some(result) => result.map_err(BoxError::from),
                 None => Err(self
                     .kms
-                    .runtime_error("Decrypt", &"the call was lost")
+                    .runtime_error(Op::Decrypt.name(), &"the call was lost")
                     .into()),
             })
             .collect()
@@ -607,172 +664,233 @@ struct Kms {
     counters: Counters,
 }
 
+/// The three KMS operations phi calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    GenerateDataKey,
+    Decrypt,
+    Encrypt,
+}
+
+impl Op {
+    /// The operation's name, as the KMS API spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Op::GenerateDataKey => "GenerateDataKey",
+            Op::Decrypt => "Decrypt",
+            Op::Encrypt => "Encrypt",
+        }
+    }
+}
+
+/// What a call is for: one data key of an owner, or the KEK's check value.
+/// It chooses the encryption context and the span.
+#[derive(Clone, Copy, Debug)]
+enum Purpose<'a> {
+    DataKey { owner: &'a str, version: u32 },
+    Check,
+}
+
+/// The Encrypt plaintext the SDK is given and serializes in the clear in
+/// its request body: 32 zero bytes, public. The real plaintext replaces its
+/// base64 text in the serialized body, just before signing, in a buffer
+/// that wipes itself (see [`Kms::encrypt`]).
+const ENCRYPT_PLACEHOLDER: [u8; 32] = [0; 32];
+
+/// The placeholder as the SDK's JSON serializer writes it (base64 of 32
+/// zero bytes, 44 characters), with its member name: inside a JSON string
+/// a quote is escaped, so this can only be the member itself.
+const ENCRYPT_PLACEHOLDER_MEMBER: &[u8] =
+    b"\"Plaintext\":\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"";
+
+/// The Encrypt request body `serialized` (holding the placeholder) with
+/// `plaintext` in its place, in a buffer of exactly its size (never
+/// reallocated) that is overwritten with zeros when the last reference to
+/// it (the request's, a retry's) is dropped. `None` when the body does not
+/// hold the placeholder exactly once: the request must not be sent.
+fn encrypt_body(serialized: &[u8], plaintext: &[u8]) -> Option<bytes::Bytes> {
+    use base64::Engine as _;
+    let member = ENCRYPT_PLACEHOLDER_MEMBER;
+    let mut found = serialized
+        .windows(member.len())
+        .enumerate()
+        .filter(|(_, window)| *window == member)
+        .map(|(at, _)| at);
+    let at = found.next()?;
+    if found.next().is_some() {
+        return None;
+    }
+    let start = at + b"\"Plaintext\":\"".len();
+    let end = at + member.len() - 1;
+    let mut body = Zeroizing::new(Vec::with_capacity(serialized.len()));
+    body.extend_from_slice(serialized);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(plaintext, &mut body[start..end])
+        .ok()?;
+    (written == end - start).then(|| bytes::Bytes::from_owner(body))
+}
+
+/// Why an Encrypt request was not sent.
+#[derive(Debug)]
+struct PlaceholderMissing;
+
+impl fmt::Display for PlaceholderMissing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the SDK's Encrypt request body does not hold the plaintext where phi expects it; \
+             nothing was sent",
+        )
+    }
+}
+
+impl std::error::Error for PlaceholderMissing {}
+
 impl Kms {
     async fn generate(
         &self,
         owner: &str,
         version: u32,
     ) -> Result<(KeyBytes, Vec<u8>), AwsKmsError> {
-        const OP: &str = "GenerateDataKey";
-        self.counters.generate.fetch_add(1, Ordering::Relaxed);
-        let span = self.span(OP, version);
-        let started = Instant::now();
+        let purpose = Purpose::DataKey { owner, version };
         let sent = self
             .client
             .generate_data_key()
             .key_id(&self.key_id)
             .key_spec(DataKeySpec::Aes256)
-            .encryption_context(CONTEXT_OWNER, owner)
-            .encryption_context(CONTEXT_DEK_VERSION, version.to_string())
-            .send()
-            .instrument(span.clone())
-            .await;
-        let result = sent
-            .map_err(|e| self.sdk_error(OP, &e))
-            .and_then(|mut out| {
-                let key = self.key_bytes(OP, out.plaintext.take())?;
-                let wrapped = out
-                    .ciphertext_blob
-                    .take()
-                    .map(Blob::into_inner)
-                    .ok_or_else(|| {
-                        self.error(OP, AwsKmsErrorKind::BadResponse, "no CiphertextBlob")
-                    })?;
-                Ok((key, wrapped))
-            });
-        self.finish(&span, OP, started, result)
+            .set_encryption_context(Some(self.context(purpose)))
+            .send();
+        self.call(Op::GenerateDataKey, purpose, sent, |mut out| {
+            let key = self.key_bytes(Op::GenerateDataKey, out.plaintext.take())?;
+            let wrapped = self.ciphertext(Op::GenerateDataKey, out.ciphertext_blob.take())?;
+            Ok((key, wrapped))
+        })
+        .await
     }
 
+    /// Decrypt of a data key (or of the check value), with the configured
+    /// key.
     async fn decrypt(
         &self,
-        owner: &str,
-        version: u32,
+        purpose: Purpose<'_>,
         wrapped: Vec<u8>,
     ) -> Result<KeyBytes, AwsKmsError> {
-        const OP: &str = "Decrypt";
-        self.counters.decrypt.fetch_add(1, Ordering::Relaxed);
-        let span = self.span(OP, version);
-        let started = Instant::now();
         let sent = self
             .client
             .decrypt()
             .key_id(&self.key_id)
             .ciphertext_blob(Blob::new(wrapped))
-            .encryption_context(CONTEXT_OWNER, owner)
-            .encryption_context(CONTEXT_DEK_VERSION, version.to_string())
-            .send()
-            .instrument(span.clone())
-            .await;
-        let result = sent
-            .map_err(|e| self.sdk_error(OP, &e))
-            .and_then(|mut out| self.key_bytes(OP, out.plaintext.take()));
-        self.finish(&span, OP, started, result)
+            .set_encryption_context(Some(self.context(purpose)))
+            .send();
+        self.call(Op::Decrypt, purpose, sent, |mut out| {
+            self.key_bytes(Op::Decrypt, out.plaintext.take())
+        })
+        .await
     }
 
+    /// Encrypt of a data key (or of the check canary). The SDK is handed
+    /// the public [`ENCRYPT_PLACEHOLDER`], never `plaintext`: it copies its
+    /// input into buffers phi cannot wipe. Just before the request is
+    /// signed, its body is rebuilt with `plaintext` in a buffer that wipes
+    /// itself ([`encrypt_body`]); a body without the placeholder is not
+    /// sent.
     async fn encrypt(
         &self,
-        owner: &str,
-        version: u32,
-        plaintext: Blob,
+        purpose: Purpose<'_>,
+        plaintext: KeyBytes,
     ) -> Result<Vec<u8>, AwsKmsError> {
-        const OP: &str = "Encrypt";
-        self.counters.encrypt.fetch_add(1, Ordering::Relaxed);
-        let span = self.span(OP, version);
-        let started = Instant::now();
         let sent = self
             .client
             .encrypt()
             .key_id(&self.key_id)
-            .plaintext(plaintext)
-            .encryption_context(CONTEXT_OWNER, owner)
-            .encryption_context(CONTEXT_DEK_VERSION, version.to_string())
-            .send()
-            .instrument(span.clone())
-            .await;
-        let result = sent
-            .map_err(|e| self.sdk_error(OP, &e))
-            .and_then(|mut out| {
-                out.ciphertext_blob
-                    .take()
-                    .map(Blob::into_inner)
-                    .ok_or_else(|| {
-                        self.error(OP, AwsKmsErrorKind::BadResponse, "no CiphertextBlob")
-                    })
-            });
-        self.finish(&span, OP, started, result)
+            .plaintext(Blob::new(ENCRYPT_PLACEHOLDER.to_vec()))
+            .set_encryption_context(Some(self.context(purpose)))
+            .customize()
+            .map_request(move |mut request| {
+                let body = request
+                    .body()
+                    .bytes()
+                    .and_then(|serialized| encrypt_body(serialized, plaintext.expose()))
+                    .ok_or(PlaceholderMissing)?;
+                *request.body_mut() = body.into();
+                Ok::<_, PlaceholderMissing>(request)
+            })
+            .send();
+        self.call(Op::Encrypt, purpose, sent, |mut out| {
+            self.ciphertext(Op::Encrypt, out.ciphertext_blob.take())
+        })
+        .await
     }
 
-    /// Encrypts the check canary: the check value's ciphertext.
-    async fn encrypt_check(&self) -> Result<Vec<u8>, AwsKmsError> {
-        const OP: &str = "Encrypt";
-        self.counters.encrypt.fetch_add(1, Ordering::Relaxed);
-        let span = self.check_span(OP);
+    /// The one path of every KMS call: counts it, runs `sent` in its span,
+    /// maps an SDK error, reads the answer with `read`, and records the
+    /// outcome (log, metrics, failure count).
+    async fn call<O, T, E, R>(
+        &self,
+        op: Op,
+        purpose: Purpose<'_>,
+        sent: impl Future<Output = Result<O, SdkError<E, R>>>,
+        read: impl FnOnce(O) -> Result<T, AwsKmsError>,
+    ) -> Result<T, AwsKmsError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: fmt::Debug + 'static,
+    {
+        let counter = match op {
+            Op::GenerateDataKey => &self.counters.generate,
+            Op::Decrypt => &self.counters.decrypt,
+            Op::Encrypt => &self.counters.encrypt,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let span = self.span(op, purpose);
         let started = Instant::now();
-        let sent = self
-            .client
-            .encrypt()
-            .key_id(&self.key_id)
-            .plaintext(Blob::new(CHECK_CANARY.to_vec()))
-            .encryption_context(CONTEXT_KEK_CHECK, &self.kek_id)
-            .send()
-            .instrument(span.clone())
-            .await;
+        let sent = sent.instrument(span.clone()).await;
         let result = sent
-            .map_err(|e| self.sdk_error(OP, &e))
-            .and_then(|mut out| {
-                out.ciphertext_blob
-                    .take()
-                    .map(Blob::into_inner)
-                    .ok_or_else(|| {
-                        self.error(OP, AwsKmsErrorKind::BadResponse, "no CiphertextBlob")
-                    })
-            });
-        self.finish(&span, OP, started, result)
+            .map_err(|e| self.sdk_error(op.name(), &e))
+            .and_then(read);
+        self.finish(&span, op.name(), started, result)
     }
 
-    /// Decrypts a check value with the configured key.
-    async fn decrypt_check(&self, blob: Vec<u8>) -> Result<KeyBytes, AwsKmsError> {
-        const OP: &str = "Decrypt";
-        self.counters.decrypt.fetch_add(1, Ordering::Relaxed);
-        let span = self.check_span(OP);
-        let started = Instant::now();
-        let sent = self
-            .client
-            .decrypt()
-            .key_id(&self.key_id)
-            .ciphertext_blob(Blob::new(blob))
-            .encryption_context(CONTEXT_KEK_CHECK, &self.kek_id)
-            .send()
-            .instrument(span.clone())
-            .await;
-        let result = sent
-            .map_err(|e| self.sdk_error(OP, &e))
-            .and_then(|mut out| self.key_bytes(OP, out.plaintext.take()));
-        self.finish(&span, OP, started, result)
+    /// The encryption context of a call: the owner and version of a data
+    /// key, or the KEK id of a check value.
+    fn context(&self, purpose: Purpose<'_>) -> std::collections::HashMap<String, String> {
+        match purpose {
+            Purpose::DataKey { owner, version } => [
+                (CONTEXT_OWNER.to_owned(), owner.to_owned()),
+                (CONTEXT_DEK_VERSION.to_owned(), version.to_string()),
+            ]
+            .into(),
+            Purpose::Check => [(CONTEXT_KEK_CHECK.to_owned(), self.kek_id.clone())].into(),
+        }
     }
 
-    fn check_span(&self, operation: &'static str) -> tracing::Span {
-        tracing::debug_span!(
-            "phi.kms",
-            "rpc.system" = "aws-api",
-            "rpc.service" = "KMS",
-            "rpc.method" = operation,
-            check = true,
-            kek = %self.kek_id
-        )
-    }
-
-    /// The span of a call for a data key; the owner is on the keyring's
+    /// The span of a call. For a data key, the owner is on the keyring's
     /// enclosing span, which writes it as the keyring is configured to.
-    fn span(&self, operation: &'static str, version: u32) -> tracing::Span {
-        tracing::debug_span!(
-            "phi.kms",
-            "rpc.system" = "aws-api",
-            "rpc.service" = "KMS",
-            "rpc.method" = operation,
-            version,
-            kek = %self.kek_id
-        )
+    fn span(&self, op: Op, purpose: Purpose<'_>) -> tracing::Span {
+        let operation = op.name();
+        match purpose {
+            Purpose::DataKey { version, .. } => tracing::debug_span!(
+                "phi.kms",
+                "rpc.system" = "aws-api",
+                "rpc.service" = "KMS",
+                "rpc.method" = operation,
+                version,
+                kek = %self.kek_id
+            ),
+            Purpose::Check => tracing::debug_span!(
+                "phi.kms",
+                "rpc.system" = "aws-api",
+                "rpc.service" = "KMS",
+                "rpc.method" = operation,
+                check = true,
+                kek = %self.kek_id
+            ),
+        }
+    }
+
+    /// The `CiphertextBlob` of an answer.
+    fn ciphertext(&self, op: Op, blob: Option<Blob>) -> Result<Vec<u8>, AwsKmsError> {
+        blob.map(Blob::into_inner)
+            .ok_or_else(|| self.error(op.name(), AwsKmsErrorKind::BadResponse, "no CiphertextBlob"))
     }
 
     fn finish<T>(
@@ -804,11 +922,8 @@ impl Kms {
     }
 
     /// Moves a plaintext key out of a response into zeroizing key bytes.
-    fn key_bytes(
-        &self,
-        operation: &'static str,
-        plaintext: Option<Blob>,
-    ) -> Result<KeyBytes, AwsKmsError> {
+    fn key_bytes(&self, op: Op, plaintext: Option<Blob>) -> Result<KeyBytes, AwsKmsError> {
+        let operation = op.name();
         let bytes =
             Zeroizing::new(plaintext.map(Blob::into_inner).ok_or_else(|| {
                 self.error(operation, AwsKmsErrorKind::BadResponse, "no Plaintext")
@@ -948,6 +1063,63 @@ impl Drop for Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SDK's serializer writes the placeholder as phi expects.
+    #[test]
+    fn the_placeholder_member_is_the_sdks_serialization_of_the_placeholder() {
+        let encoded = aws_sdk_kms::primitives::Blob::new(ENCRYPT_PLACEHOLDER.to_vec());
+        use base64::Engine as _;
+        let text = base64::engine::general_purpose::STANDARD.encode(encoded.as_ref());
+        assert_eq!(
+            ENCRYPT_PLACEHOLDER_MEMBER,
+            format!("\"Plaintext\":\"{text}\"").as_bytes()
+        );
+    }
+
+    /// The Encrypt body carries the real plaintext only in the buffer phi
+    /// builds, which has the serialized body's size; a body without the
+    /// placeholder (or with it twice) is never sent.
+    #[test]
+    fn the_encrypt_body_swaps_the_placeholder_for_the_plaintext() {
+        use base64::Engine as _;
+        let member = std::str::from_utf8(ENCRYPT_PLACEHOLDER_MEMBER).expect("ASCII");
+        let serialized = format!(
+            "{{\"EncryptionContext\":{{\"phi:owner\":\"o\"}},\"KeyId\":\"alias/k\",{member}}}"
+        );
+        let key = [0xA5u8; 32];
+        let body = encrypt_body(serialized.as_bytes(), &key).expect("swapped");
+        let expected = serialized.replace(
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            &base64::engine::general_purpose::STANDARD.encode(key),
+        );
+        assert_eq!(&body[..], expected.as_bytes());
+        assert_eq!(body.len(), serialized.len());
+        assert!(encrypt_body(b"{\"Plaintext\":\"other\"}", &key).is_none());
+        let twice = format!("{{{member},{member}}}");
+        assert!(encrypt_body(twice.as_bytes(), &key).is_none());
+        // An owner id that looks like the member is escaped by JSON: it
+        // is not taken for it.
+        let escaped = format!(
+            "{{\"EncryptionContext\":{{\"phi:owner\":\"{}\"}},{member}}}",
+            member.replace('"', "\\\"")
+        );
+        let body = encrypt_body(escaped.as_bytes(), &key).expect("the member only");
+        assert!(
+            std::str::from_utf8(&body)
+                .expect("text")
+                .contains("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        );
+    }
+
+    /// What `wrap` moves into its task is zeroizing key bytes in an
+    /// allocation of their own, not a `Vec` or a `Blob`.
+    #[test]
+    fn the_wrap_plaintext_is_a_zeroizing_copy() {
+        let key = KeyBytes::new([3; 32]);
+        let copy: KeyBytes = wrap_plaintext(&key);
+        assert_eq!(copy.expose(), key.expose());
+        assert_ne!(copy.expose().as_ptr(), key.expose().as_ptr());
+    }
 
     fn unreachable_kek() -> AwsKmsKek {
         // Nothing listens on port 9 of the loopback: connections are refused.

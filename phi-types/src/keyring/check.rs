@@ -14,7 +14,10 @@ use crate::kek::{KekCheck, KeyEncryptionKey};
 use crate::store::KeyStore;
 
 /// Data key rows tried when a KEK id has keys but no check value: the KEK
-/// matches when any of them opens (a wrong key opens none).
+/// matches only when every sampled row opens with it (one that does not is
+/// a mismatch, and the keyring is refused). The sample is the first rows of
+/// the (not destroyed) rows under that KEK id in `(owner_id, version)`
+/// order, at most this many.
 const LEGACY_SAMPLE: usize = 3;
 
 /// Verifies every KEK of a keyring against `store`, then stores the check

@@ -1009,6 +1009,10 @@ impl ShredReport {
 /// something: a mistyped owner (no key rows), no tables or no sampled value
 /// is [`ShredOutcome::NotVerified`] with the reason.
 ///
+/// Every version not destroyed when the destroy runs is destroyed, those
+/// created since the caller last looked included: after a listing shown to
+/// a person, use [`shred_listed`], which destroys only what was listed.
+///
 /// # Errors
 /// Key store and query errors (when the destroy itself failed, nothing was
 /// changed).
@@ -1019,11 +1023,43 @@ pub fn shred<C: DataConnection>(
     tables: &[ResealTable],
     sample: usize,
 ) -> Result<ShredReport> {
+    shred_verified(conn, keyring, owner, None, tables, sample)
+}
+
+/// [`shred`] of the key versions a caller listed and had confirmed
+/// (`listed`, e.g. by a person at a prompt): when the owner has a version
+/// not destroyed that is not among them (a key created after the listing;
+/// for an owner listed with no key, any key at all), nothing is destroyed
+/// and the call is refused. The check and the destroy are one transaction
+/// of the key store.
+///
+/// # Errors
+/// [`Error::Refused`] when a version not listed exists (nothing was
+/// changed); otherwise as [`shred`].
+pub fn shred_listed<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    owner: &str,
+    listed: &[u32],
+    tables: &[ResealTable],
+    sample: usize,
+) -> Result<ShredReport> {
+    shred_verified(conn, keyring, owner, Some(listed), tables, sample)
+}
+
+fn shred_verified<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    owner: &str,
+    listed: Option<&[u32]>,
+    tables: &[ResealTable],
+    sample: usize,
+) -> Result<ShredReport> {
     check_owner(owner)?;
     for t in tables {
         t.validate()?;
     }
-    let mut report = shred_keys_by(keyring, owner, keyring.actor())?;
+    let mut report = shred_keys(keyring, owner, listed, keyring.actor())?;
     let keys = keyring.keys_for_open(owner)?;
     for t in tables {
         for c in &t.columns {
@@ -1056,6 +1092,17 @@ pub fn shred<C: DataConnection>(
 /// # Errors
 /// Key store errors (when the destroy itself failed, nothing was changed).
 pub fn shred_keys_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<ShredReport> {
+    shred_keys(keyring, owner, None, actor)
+}
+
+/// [`shred_keys_by`], of the `listed` versions only when given (see
+/// [`KeyStore::destroy_keys`](crate::KeyStore::destroy_keys)).
+fn shred_keys(
+    keyring: &Keyring,
+    owner: &str,
+    listed: Option<&[u32]>,
+    actor: &str,
+) -> Result<ShredReport> {
     check_owner(owner)?;
     // phi's own keys (`phi:lookup`) are rotated and retired, never shredded:
     // shredding them would leave every lookup-indexed model unwritable.
@@ -1070,6 +1117,7 @@ pub fn shred_keys_by(keyring: &Keyring, owner: &str, actor: &str) -> Result<Shre
     }
     let destroyed_versions = keyring.store().destroy_keys(
         owner,
+        listed,
         &event_by(
             actor,
             owner,

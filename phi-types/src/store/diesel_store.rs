@@ -669,21 +669,41 @@ macro_rules! diesel_key_store {
                 })
             }
 
-            fn destroy_keys(&self, owner: &str, audit: &AuditEvent) -> Result<Vec<u32>> {
+            fn destroy_keys(
+                &self,
+                owner: &str,
+                listed: Option<&[u32]>,
+                audit: &AuditEvent,
+            ) -> Result<Vec<u32>> {
                 use user_encryption_keys::dsl as k;
                 crate::metrics::store_query("destroy_keys", || {
                     let mut conn = self.conn()?;
-                    let versions = (*conn)
-                        .$transaction(|conn| -> diesel::QueryResult<Vec<i64>> {
+                    // Ok(Err(unlisted)): refused, nothing written.
+                    let outcome = (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<std::result::Result<Vec<i64>, Vec<u32>>> {
                             let versions: Vec<i64> = k::user_encryption_keys
                                 .filter(k::owner_id.eq(owner))
                                 .filter(k::state.ne(KeyState::Destroyed.as_str()))
                                 .select(k::version)
                                 .order(k::version)
                                 .load(conn)?;
+                            if let Some(listed) = listed {
+                                let unlisted: Vec<u32> = versions
+                                    .iter()
+                                    .filter_map(|v| u32::try_from(*v).ok())
+                                    .filter(|v| !listed.contains(v))
+                                    .collect();
+                                if !unlisted.is_empty() {
+                                    return Ok(Err(unlisted));
+                                }
+                            }
+                            // Exactly the versions read: a row committed
+                            // since (READ COMMITTED) is neither destroyed
+                            // nor left unaudited.
                             diesel::update(
                                 k::user_encryption_keys
                                     .filter(k::owner_id.eq(owner))
+                                    .filter(k::version.eq_any(&versions))
                                     .filter(k::state.ne(KeyState::Destroyed.as_str())),
                             )
                             .set((
@@ -707,10 +727,13 @@ macro_rules! diesel_key_store {
                                 };
                                 Self::insert_events(conn, &[event])?;
                             }
-                            Ok(versions)
+                            Ok(Ok(versions))
                         })
                         .map_err(|e| Error::store("destroying data keys", e))?;
-                    Ok(versions.into_iter().filter_map(|v| u32::try_from(v).ok()).collect())
+                    match outcome {
+                        Ok(versions) => Ok(versions.into_iter().filter_map(|v| u32::try_from(v).ok()).collect()),
+                        Err(unlisted) => Err(super::unlisted_versions(owner, listed.unwrap_or_default(), &unlisted)),
+                    }
                 })
             }
 

@@ -190,8 +190,26 @@ impl KeyStore for MemoryKeyStore {
         Ok(changed)
     }
 
-    fn destroy_keys(&self, owner: &str, audit: &AuditEvent) -> Result<Vec<u32>> {
+    fn destroy_keys(
+        &self,
+        owner: &str,
+        listed: Option<&[u32]>,
+        audit: &AuditEvent,
+    ) -> Result<Vec<u32>> {
         let mut inner = self.lock()?;
+        if let Some(listed) = listed {
+            let unlisted: Vec<u32> = inner
+                .keys
+                .iter()
+                .filter(|((o, version), key)| {
+                    o == owner && key.state != KeyState::Destroyed && !listed.contains(version)
+                })
+                .map(|((_, version), _)| *version)
+                .collect();
+            if !unlisted.is_empty() {
+                return Err(super::unlisted_versions(owner, listed, &unlisted));
+            }
+        }
         let mut destroyed = Vec::new();
         for ((o, version), key) in inner.keys.iter_mut() {
             if o == owner && key.state != KeyState::Destroyed {

@@ -348,16 +348,34 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         Err(unsupported("changing a data key's state"))
     }
 
-    /// Crypto-shredding: marks every data key row of `owner` destroyed and
-    /// overwrites its wrapped key with zero bytes (an empty value), in one
-    /// transaction with one audit record per version, copied from `audit`
-    /// with `key_version` set. Returns the versions destroyed by this call.
+    /// Crypto-shredding: marks the data key rows of `owner` that are not
+    /// destroyed yet destroyed and overwrites their wrapped keys with zero
+    /// bytes (an empty value), in one transaction with one audit record
+    /// per version, copied from `audit` with `key_version` set, and a
+    /// `shred` key event when any was destroyed. Returns the versions
+    /// destroyed by this call.
+    ///
+    /// `listed` is what the caller showed and had confirmed: with
+    /// `Some(versions)`, the owner's versions not destroyed yet, read in
+    /// the transaction, must all be among `versions`; when one is not (a
+    /// key created after the listing, for an owner listed with no key at
+    /// all included), nothing is changed and the call is refused. With
+    /// `None`, every version not destroyed yet is destroyed. Either way
+    /// only the versions read in the transaction are destroyed and audited:
+    /// a row inserted concurrently is never destroyed unaudited.
     ///
     /// # Errors
-    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
-    /// is changed), or when the store does not support the key life cycle.
-    fn destroy_keys(&self, owner: &str, audit: &AuditEvent) -> Result<Vec<u32>> {
-        let _ = (owner, audit);
+    /// [`Error::Refused`](crate::Error::Refused) when a version not listed
+    /// exists (nothing is changed); [`Error::Store`](crate::Error::Store) on
+    /// a database failure (nothing is changed), or when the store does not
+    /// support the key life cycle.
+    fn destroy_keys(
+        &self,
+        owner: &str,
+        listed: Option<&[u32]>,
+        audit: &AuditEvent,
+    ) -> Result<Vec<u32>> {
+        let _ = (owner, listed, audit);
         Err(unsupported("destroying data keys"))
     }
 
@@ -536,6 +554,20 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// the store does not record readers.
     fn feed_readers(&self) -> Result<Vec<FeedReader>> {
         Err(unsupported("reading the feed readers' positions"))
+    }
+}
+
+/// The refusal of [`KeyStore::destroy_keys`] when `owner` has versions
+/// not destroyed that were not `listed` (`unlisted`, in version order).
+pub(crate) fn unlisted_versions(owner: &str, listed: &[u32], unlisted: &[u32]) -> crate::Error {
+    crate::Error::Refused {
+        operation: "shred".to_owned(),
+        owner: owner.to_owned(),
+        reason: format!(
+            "data key version(s) {unlisted:?} exist but were not among the versions listed and \
+             confirmed ({listed:?}), so a key was created after the listing; nothing was \
+             destroyed: list the owner's keys again and confirm them"
+        ),
     }
 }
 
