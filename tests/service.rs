@@ -774,7 +774,11 @@ fn shredded_case_is_gone(db: &Db) {
         format!("/cases/{}", created["case_id"].as_str().expect("case id"))
     };
     let (case, kept) = (create(&provider), create(&other));
-    assert_eq!(service.get(&case).0, StatusCode::OK, "opens before the shred");
+    assert_eq!(
+        service.get(&case).0,
+        StatusCode::OK,
+        "opens before the shred"
+    );
     let response = service
         .http
         .post(service.url("/admin/shred"))

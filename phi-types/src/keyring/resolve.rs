@@ -484,8 +484,9 @@ impl<'o> Batch<'_, 'o> {
 }
 
 /// The fill of the led owners: one load, then the unwraps of every owner's
-/// live rows (one batch per KEK), then each owner's keys in turn (created
-/// when sealing finds none).
+/// live rows (one batch per KEK), then every owner's keys built at once
+/// (each into its `Arc`), then, when sealing, a key created for each owner
+/// that has none, in turn.
 struct Fill {
     owners: Vec<String>,
     fill: u64,
@@ -493,13 +494,18 @@ struct Fill {
     /// Per owner, in order: its rows, and its live rows by version
     /// (indices into `rows`).
     groups: Vec<(String, Vec<usize>, Vec<usize>)>,
-    /// The next group to build.
-    next: usize,
     unwrap: Option<Unwrap>,
-    unwrapped: std::vec::IntoIter<Result<KeyBytes>>,
+    /// Each owner's fate once its keys are built.
+    built: std::vec::IntoIter<(String, Built)>,
     creating: Option<Create>,
     audit: Vec<AuditEvent>,
     results: Vec<Resolved>,
+}
+
+/// An owner's keys as built from its rows: its result, or a key to create.
+enum Built {
+    Done(Result<Arc<OwnerKeys>>),
+    Create(u32),
 }
 
 impl Fill {
@@ -534,9 +540,8 @@ impl Fill {
             owners,
             fill,
             groups,
-            next: 0,
             unwrap: Some(unwrap),
-            unwrapped: Vec::new().into_iter(),
+            built: Vec::new().into_iter(),
             creating: None,
             audit: Vec::new(),
             results: Vec::new(),
@@ -559,7 +564,7 @@ impl Fill {
                 return Some(io);
             }
             let unwrap = self.unwrap.take().expect("present");
-            self.unwrapped = unwrap.finish().into_iter();
+            self.build(core, purpose, unwrap.finish());
         }
         loop {
             if let Some(create) = &mut self.creating {
@@ -572,32 +577,44 @@ impl Fill {
                 self.results.push((owner, result));
                 continue;
             }
-            let (owner, all, live) = self.groups.get(self.next)?;
-            self.next += 1;
-            let rows: Vec<&StoredKey> = all.iter().map(|&i| &self.rows[i]).collect();
-            let live: Vec<&StoredKey> = live.iter().map(|&i| &self.rows[i]).collect();
-            let keys = self.unwrapped.by_ref().take(live.len());
-            // Into its `Arc` before the driver's next call: nothing of a
-            // data key is held inline by a driver (an async one's future
-            // is freed unwiped).
-            let loaded = core.owner_keys(owner, &rows, &live, keys, self.fill, &mut self.audit);
-            match loaded {
-                Ok(keys) if purpose == Purpose::Seal && keys.current.is_none() => {
-                    drop(keys);
-                    match Core::first_version(owner, &rows) {
-                        Ok(version) => {
-                            self.creating = Some(Create {
-                                owner: owner.clone(),
-                                version,
-                                stage: CreateStage::Generate,
-                            });
-                        }
-                        Err(error) => self.results.push((owner.clone(), Err(error))),
-                    }
+            match self.built.next()? {
+                (owner, Built::Done(result)) => self.results.push((owner, result)),
+                (owner, Built::Create(version)) => {
+                    self.creating = Some(Create {
+                        owner,
+                        version,
+                        stage: CreateStage::Generate,
+                    });
                 }
-                other => self.results.push((owner.clone(), other)),
             }
         }
+    }
+
+    /// Builds every owner's keys from the unwrapped keys, in the step that
+    /// received them: each data key goes into its `Arc` before the driver's
+    /// next call (no key is held inline by a driver; an async one's future
+    /// is freed unwiped), creations included.
+    fn build(&mut self, core: &Core<'_>, purpose: Purpose, unwrapped: Vec<Result<KeyBytes>>) {
+        let mut unwrapped = unwrapped.into_iter();
+        let mut built = Vec::with_capacity(self.groups.len());
+        for (owner, all, live) in std::mem::take(&mut self.groups) {
+            let rows: Vec<&StoredKey> = all.iter().map(|&i| &self.rows[i]).collect();
+            let live: Vec<&StoredKey> = live.iter().map(|&i| &self.rows[i]).collect();
+            let keys = unwrapped.by_ref().take(live.len());
+            let loaded = core.owner_keys(&owner, &rows, &live, keys, self.fill, &mut self.audit);
+            let fate = match loaded {
+                Ok(keys) if purpose == Purpose::Seal && keys.current.is_none() => {
+                    drop(keys);
+                    match Core::first_version(&owner, &rows) {
+                        Ok(version) => Built::Create(version),
+                        Err(error) => Built::Done(Err(error)),
+                    }
+                }
+                other => Built::Done(other),
+            };
+            built.push((owner, fate));
+        }
+        self.built = built.into_iter();
     }
 }
 
