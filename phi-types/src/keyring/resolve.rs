@@ -459,11 +459,16 @@ struct Batch<'k, 'o> {
 }
 
 impl<'o> Batch<'_, 'o> {
-    /// The owners this caller must fill, if it leads any.
+    /// The owners this caller must fill, if it leads any, sorted: the same
+    /// batch is loaded, unwrapped and published in the same order every
+    /// time (which loom's replays of an interleaving rely on).
     fn leading(&mut self) -> Option<Vec<String>> {
         self.led = !self.lead.flights.is_empty();
-        self.led
-            .then(|| self.lead.flights.keys().cloned().collect())
+        self.led.then(|| {
+            let mut owners: Vec<String> = self.lead.flights.keys().cloned().collect();
+            owners.sort_unstable();
+            owners
+        })
     }
 
     /// Ends the lead, and returns the flights still to wait for.

@@ -178,9 +178,10 @@ fn resolve(
             Step::Io(io) => io,
         };
         input = Some(match io {
-            // Sorted: loom replays need the same order on every run.
-            Io::Load(mut owners) => {
-                owners.sort();
+            // The core asks for its owners sorted: loom replays need the
+            // same order on every run.
+            Io::Load(owners) => {
+                assert!(owners.is_sorted(), "{owners:?}");
                 Input::Rows(store.load(&owners))
             }
             Io::Unwrap { kek, requests } => {
