@@ -665,6 +665,11 @@ macro_rules! service_suite {
                 admin_routes(&db());
             }
 
+            #[test]
+            fn a_shredded_providers_case_is_410_gone() {
+                shredded_case_is_gone(&db());
+            }
+
             #[cfg(feature = "aws-kms")]
             #[test]
             fn kms_outage_is_503() {
@@ -744,6 +749,57 @@ fn sqlite_file_holds_no_plaintext() {
     assert!(scanned >= 1);
     // The scan reads the rows: the non-PHI columns are there in the clear.
     assert!(procedure_seen, "the case's procedure code is in the files");
+}
+
+/// `POST /admin/shred` of a provider: `GET /cases/{id}` of its case then
+/// answers 410 Gone, `shredded` (erasure, not a damaged value), from the
+/// process that shredded (its cache dropped by the shred) and from a fresh
+/// one (a cold cache); another provider's case still opens.
+fn shredded_case_is_gone(db: &Db) {
+    const TOKEN: &str = "shredded-case-test-token";
+    let env = [
+        ("PHI_MASTER_KEY", common::MASTER_KEY_B64),
+        ("PHI_ADMIN_TOKEN", TOKEN),
+    ];
+    let args = ["--kek", "local:local-test"];
+    let provider = common::unique_owner("svc-shred");
+    let other = common::unique_owner("svc-kept");
+    let service = Service::start_with(db, &env, &args);
+    let create = |provider: &str| {
+        let (status, created) = service.post(
+            "/cases",
+            &new_case(provider, "Winifred", "Ashcombe", "1944-05-06"),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        format!("/cases/{}", created["case_id"].as_str().expect("case id"))
+    };
+    let (case, kept) = (create(&provider), create(&other));
+    assert_eq!(
+        service.get(&case).0,
+        StatusCode::OK,
+        "opens before the shred"
+    );
+    let response = service
+        .http
+        .post(service.url("/admin/shred"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "owner": provider, "confirm": provider }))
+        .send()
+        .expect("shred");
+    assert_eq!(response.status(), StatusCode::OK);
+    let gone = |service: &Service, situation: &str| {
+        let (status, body) = service.get(&case);
+        assert_eq!(status, StatusCode::GONE, "{situation}: {body}");
+        assert_eq!(body["error"], "shredded", "{situation}: {body}");
+        let (status, body) = service.get(&kept);
+        assert_eq!(status, StatusCode::OK, "{situation}: {body}");
+    };
+    gone(&service, "the shredding process");
+    let log = service.stop();
+    assert_no_phi(&log, &["Winifred", "Ashcombe"]);
+    let fresh = Service::start_with(db, &env, &args);
+    gone(&fresh, "a fresh process");
+    fresh.stop();
 }
 
 /// phi's admin routes mounted in the service under `/admin` behind a bearer

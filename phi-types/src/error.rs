@@ -636,6 +636,211 @@ impl Error {
         }
     }
 
+    /// A copy of this error for each caller that waited on the key
+    /// resolution that failed with it: the same variant with the same
+    /// fields, so the same [`kind`](Self::kind), retryability and message.
+    /// A source that cannot be cloned is kept as its text, except what the
+    /// classification reads: an AWS KMS error is copied whole, a database
+    /// error keeps its kind.
+    pub(crate) fn for_waiter(&self) -> Error {
+        match self {
+            Error::Config(text) => Error::Config(text.clone()),
+            Error::Decrypt {
+                scope,
+                owner,
+                key_version,
+            } => Error::Decrypt {
+                scope: scope.clone(),
+                owner: owner.clone(),
+                key_version: *key_version,
+            },
+            Error::Decode {
+                scope,
+                owner,
+                key_version,
+                source,
+            } => Error::Decode {
+                scope: scope.clone(),
+                owner: owner.clone(),
+                key_version: *key_version,
+                source: source.clone(),
+            },
+            Error::Encrypt {
+                scope,
+                owner,
+                reason,
+            } => Error::Encrypt {
+                scope: scope.clone(),
+                owner: owner.clone(),
+                reason,
+            },
+            Error::Malformed {
+                scope,
+                owner,
+                source,
+            } => Error::Malformed {
+                scope: scope.clone(),
+                owner: owner.clone(),
+                source: *source,
+            },
+            Error::Kek {
+                kek_id,
+                owner,
+                key_version,
+                source,
+            } => Error::Kek {
+                kek_id: kek_id.clone(),
+                owner: owner.clone(),
+                key_version: *key_version,
+                source: copy_kek_source(source.as_ref()),
+            },
+            Error::KekMismatch { kek_id, reason } => Error::KekMismatch {
+                kek_id: kek_id.clone(),
+                reason: reason.clone(),
+            },
+            Error::KekCheck { kek_id, source } => Error::KekCheck {
+                kek_id: kek_id.clone(),
+                source: copy_kek_source(source.as_ref()),
+            },
+            Error::KeyUnavailable { owner, reason } => Error::KeyUnavailable {
+                owner: owner.clone(),
+                reason: reason.clone(),
+            },
+            Error::WorkerPanicked { operation } => Error::WorkerPanicked { operation },
+            Error::MasterKey { kek_id, reason } => Error::MasterKey {
+                kek_id: kek_id.clone(),
+                reason: reason.clone(),
+            },
+            Error::NoKey { owner } => Error::NoKey {
+                owner: owner.clone(),
+            },
+            Error::InvalidInput { what, reason } => Error::InvalidInput {
+                what,
+                reason: reason.clone(),
+            },
+            Error::Store { operation, source } => Error::Store {
+                operation,
+                source: match source.downcast_ref::<diesel::result::Error>() {
+                    Some(diesel) => Box::new(copy_diesel(diesel)),
+                    None => chain_text(source.as_ref()).into(),
+                },
+            },
+            Error::Database {
+                operation,
+                table,
+                source,
+            } => Error::Database {
+                operation,
+                table,
+                source: copy_diesel(source),
+            },
+            Error::Unsealed {
+                scope,
+                owner,
+                source,
+            } => Error::Unsealed {
+                scope: scope.clone(),
+                owner: owner.clone(),
+                source: source.clone(),
+            },
+            Error::RandomSource(text) => Error::RandomSource(text.clone()),
+            Error::UnknownKek {
+                owner,
+                key_version,
+                kek_id,
+            } => Error::UnknownKek {
+                owner: owner.clone(),
+                key_version: *key_version,
+                kek_id: kek_id.clone(),
+            },
+            Error::Shredded { owner } => Error::Shredded {
+                owner: owner.clone(),
+            },
+            Error::FeedStale {
+                owner,
+                stale_for,
+                max_staleness,
+            } => Error::FeedStale {
+                owner: owner.clone(),
+                stale_for: *stale_for,
+                max_staleness: *max_staleness,
+            },
+            Error::KeyInUse {
+                owner,
+                key_version,
+                table,
+                column,
+                rows,
+            } => Error::KeyInUse {
+                owner: owner.clone(),
+                key_version: *key_version,
+                table: table.clone(),
+                column: column.clone(),
+                rows: *rows,
+            },
+            Error::Refused {
+                operation,
+                owner,
+                reason,
+            } => Error::Refused {
+                operation: operation.clone(),
+                owner: owner.clone(),
+                reason: reason.clone(),
+            },
+            Error::DataTable {
+                operation,
+                table,
+                column,
+                owner,
+                source,
+            } => Error::DataTable {
+                operation,
+                table: table.clone(),
+                column: column.clone(),
+                owner: owner.clone(),
+                source: match source.downcast_ref::<diesel::result::Error>() {
+                    Some(diesel) => Box::new(copy_diesel(diesel)),
+                    None => chain_text(source.as_ref()).into(),
+                },
+            },
+            Error::Legacy {
+                table,
+                column,
+                row,
+                owner,
+                source,
+            } => Error::Legacy {
+                table: table.clone(),
+                column: column.clone(),
+                row: row.clone(),
+                owner: owner.clone(),
+                source: source.clone(),
+            },
+            Error::Strict {
+                operation,
+                table,
+                column,
+                row,
+                owner,
+            } => Error::Strict {
+                operation,
+                table: table.clone(),
+                column: column.clone(),
+                row: row.clone(),
+                owner: owner.clone(),
+            },
+            Error::UnknownKeyVersion {
+                scope,
+                owner,
+                key_version,
+            } => Error::UnknownKeyVersion {
+                scope: scope.clone(),
+                owner: owner.clone(),
+                key_version: *key_version,
+            },
+        }
+    }
+
     pub(crate) fn store(operation: &'static str, source: impl Into<BoxError>) -> Self {
         Error::Store {
             operation,
@@ -656,6 +861,37 @@ pub(crate) fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// A KEK failure's source for a waiter's copy ([`Error::for_waiter`]): an
+/// AWS KMS error whole (its kind classifies the error), any other as its
+/// text (classified the same: a local KEK's failure).
+fn copy_kek_source(source: &(dyn std::error::Error + Send + Sync + 'static)) -> BoxError {
+    #[cfg(feature = "aws-kms")]
+    if let Some(kms) = source.downcast_ref::<AwsKmsError>() {
+        return Box::new(AwsKmsError {
+            operation: kms.operation,
+            key_id: kms.key_id.clone(),
+            endpoint: kms.endpoint.clone(),
+            kind: kms.kind,
+            detail: kms.detail.clone(),
+        });
+    }
+    chain_text(source).into()
+}
+
+/// A Diesel error for a waiter's copy: a database error keeps its kind (it
+/// decides retryability) and message; any other becomes a query-builder
+/// error with its text.
+fn copy_diesel(error: &diesel::result::Error) -> diesel::result::Error {
+    use diesel::result::Error as E;
+    match error {
+        E::DatabaseError(kind, info) => {
+            E::DatabaseError(*kind, Box::new(info.message().to_owned()))
+        }
+        E::NotFound => E::NotFound,
+        other => E::QueryBuilderError(chain_text(other).into()),
+    }
 }
 
 /// The kind of a KEK failure: the KMS's own classification where it is

@@ -1193,6 +1193,7 @@ fn keep_found<R: PhiRecord>(
     for ((owner, row), result) in located.into_iter().zip(opened) {
         match result {
             Ok(record) => kept.push(record),
+            Err(Error::Shredded { .. }) => left_out += 1,
             Err(Error::UnknownKeyVersion { .. }) if shredded.contains(&owner) => left_out += 1,
             Err(error) => return Err(found_error::<R>(error, owner, row)),
         }

@@ -239,3 +239,50 @@ fn a_key_version_the_owner_lacks_costs_one_reload_per_interval() {
     }
     assert_eq!(cost(&reader.stats(), &before), (2, 2, 2));
 }
+
+/// Opening a crypto-shredded owner's value reports the shred
+/// ([`Error::Shredded`], kind `Shredded`: erasure, not damage), whatever
+/// the keyring's cache held: this process's own shred, a following
+/// keyring told by the feed, a dropped cache, a cold one.
+#[test]
+fn a_shredded_owners_values_report_the_shred_whatever_the_cache_held() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let (owner, id) = seeded_case(&db, &mut conn, "shred-open");
+    let shredder = db.keyring();
+    // A following keyring (its thread reads the feed once an hour; the test
+    // reads it with `sync_feed`), and one whose cache the test drops.
+    let follower = Keyring::builder(db.store(), common::local_kek())
+        .feed_interval(Duration::from_secs(3600))
+        .build()
+        .expect("following keyring");
+    let dropped = db.keyring();
+    for keyring in [&shredder, &follower, &dropped] {
+        let cases = Case::load(phi_it_cases::table.find(&id), &mut conn, keyring).expect("opens before the shred");
+        assert_eq!(cases.len(), 1);
+    }
+    let sealed: Vec<u8> = phi_it_cases::table
+        .find(&id)
+        .select(phi_it_cases::patient_last)
+        .first(&mut conn)
+        .expect("sealed value");
+
+    phi::lifecycle::shred_keys_by(&shredder, &owner, "phi-test").expect("shred");
+    follower.sync_feed();
+    dropped.clear_all();
+    let cold = db.keyring();
+    for (situation, keyring) in [
+        ("this process's own shred", &shredder),
+        ("a feed event", &follower),
+        ("a dropped cache", &dropped),
+        ("a cold cache", &cold),
+    ] {
+        let err = Case::load(phi_it_cases::table.find(&id), &mut conn, keyring).expect_err("shredded");
+        assert!(matches!(&err, Error::Shredded { owner: o } if *o == owner), "{situation}: {err:?}");
+        assert_eq!(err.kind(), phi::ErrorKind::Shredded, "{situation}");
+        let err = keyring
+            .open(Encrypted::<String>::from_bytes(sealed.clone()), &owner, "phi_it_cases.patient_last", id.as_bytes())
+            .expect_err("shredded");
+        assert!(matches!(&err, Error::Shredded { owner: o } if *o == owner), "{situation}: {err:?}");
+    }
+}

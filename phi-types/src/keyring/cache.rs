@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 
 use self::sync::{Condvar, DashMap, Entry, Mutex};
 use super::OwnerKeys;
+use crate::error::Error;
 
-/// What a waiter receives from the resolution it waited for.
-pub(super) type Shared = Result<Arc<OwnerKeys>, String>;
+/// What a waiter receives from the resolution it waited for: the keys, or
+/// the leader's error, which each waiter copies
+/// ([`Error::for_waiter`]) so that it reports the same kind (shredded, KEK
+/// failure, ...) as the leader's.
+pub(super) type Shared = Result<Arc<OwnerKeys>, Arc<Error>>;
 
 /// One in-flight resolution of one owner; others asking for the same owner
 /// wait on it instead of unwrapping again.
@@ -229,6 +233,17 @@ impl Cache {
     pub(super) fn len(&self) -> usize {
         self.slots.len()
     }
+
+    /// How many hold the flight resolving `owner` now (the cache, its
+    /// leader, and one per waiter); 0 when none is in flight. For tests
+    /// that park a leader and must know its waiter has joined.
+    #[cfg(all(test, not(loom)))]
+    pub(super) fn flight_holders(&self, owner: &str) -> usize {
+        match self.slots.get(owner).as_deref() {
+            Some(Slot::Loading(flight)) => Arc::strong_count(flight),
+            _ => 0,
+        }
+    }
 }
 
 /// Completes a led resolution with an error if the leader unwinds or returns
@@ -249,11 +264,14 @@ impl LeadGuard<'_> {
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
         for (owner, flight) in std::mem::take(&mut self.flights) {
-            self.cache.complete(
-                &owner,
-                &flight,
-                Err("the resolution of this owner's keys was abandoned".into()),
-            );
+            // Retryable: the leader gave up (cancelled, or panicked), the
+            // owner's keys may well resolve on a second try.
+            let abandoned = Error::KeyUnavailable {
+                reason: "the resolution of this owner's keys was abandoned".into(),
+                owner: owner.clone(),
+            };
+            self.cache
+                .complete(&owner, &flight, Err(Arc::new(abandoned)));
         }
     }
 }

@@ -46,6 +46,7 @@ mod follow;
 mod misses;
 #[cfg(feature = "async")]
 mod nonblocking;
+mod resolve;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -59,14 +60,15 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
 
 use self::audit::AuditWriter;
-use self::cache::{Cache, Flight, LeadGuard, Lookup};
+use self::cache::Cache;
 use self::misses::Misses;
-use crate::dek::{Dek, KeyBytes};
+use self::resolve::{Core, Input, Io, Step};
+use crate::dek::Dek;
 use crate::envelope::{self, Binding};
 use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;
 use crate::sql::Encrypted;
-use crate::store::{AuditAction, AuditEvent, KeyState, KeyStore, Rollout, StoredKey};
+use crate::store::{KeyState, KeyStore, Rollout, StoredKey};
 use crate::telemetry::{OwnerIdTelemetry, TelemetryOwner};
 use crate::value::PhiValue;
 
@@ -131,6 +133,9 @@ pub struct OwnerKeys {
     loaded_at: Instant,
     /// The cache fill that loaded these keys (see [`Keyring::fill_mark`]).
     fill: u64,
+    /// The owner was crypto-shredded: it had key rows, and every version is
+    /// destroyed. Opening any of its values is then [`Error::Shredded`].
+    shredded: bool,
     /// Blind-index keys derived so far, by version and scope.
     pub(crate) blind_keys: BlindKeyCache,
 }
@@ -174,8 +179,10 @@ impl OwnerKeys {
     ///
     /// # Errors
     /// [`Error::Malformed`] when the stored bytes are not an envelope,
-    /// [`Error::UnknownKeyVersion`] when the owner has no such version,
-    /// [`Error::Decrypt`] when the value does not authenticate (wrong owner,
+    /// [`Error::Shredded`] when the owner was crypto-shredded (every data
+    /// key version destroyed), [`Error::UnknownKeyVersion`] when the owner
+    /// has no such version, [`Error::Decrypt`] when the value does not
+    /// authenticate (wrong owner,
     /// scope or row, or altered bytes), [`Error::Decode`] when the plaintext
     /// is not a `T`.
     pub fn open<T: PhiValue>(&self, value: Encrypted<T>, scope: &str, row: &[u8]) -> Result<T> {
@@ -193,6 +200,13 @@ impl OwnerKeys {
             owner: self.owner.clone(),
             source,
         })?;
+        if self.shredded {
+            // Erasure, not damage: the value was sealed under a key that
+            // was destroyed on purpose.
+            return Err(Error::Shredded {
+                owner: self.owner.clone(),
+            });
+        }
         let dek = self
             .dek(header.key_version)
             .ok_or_else(|| Error::UnknownKeyVersion {
@@ -730,7 +744,9 @@ impl Keyring {
 
     /// The owner's existing keys, for opening. Never creates a key: an owner
     /// without one gets an empty set, and opening then fails with
-    /// [`Error::UnknownKeyVersion`].
+    /// [`Error::UnknownKeyVersion`]; a crypto-shredded owner gets an empty
+    /// set too, and opening any of its values fails with
+    /// [`Error::Shredded`].
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for an unusable owner id; key store and KEK
@@ -866,6 +882,10 @@ impl Keyring {
     pub(crate) fn needs_reload(&self, keys: &OwnerKeys, versions: &[u32], since: u64) -> bool {
         let mut now = None;
         let mut reload = false;
+        if keys.shredded {
+            // Final: a shredded owner never gets a key again.
+            return false;
+        }
         for &version in versions {
             if keys.dek(version).is_some() {
                 continue;
@@ -1192,351 +1212,87 @@ impl Keyring {
         Ok(found)
     }
 
-    /// Resolves each owner, with a result per owner.
+    /// The parts of this keyring the resolution core reads and counts.
+    fn core(&self) -> Core<'_> {
+        let inner = &*self.inner;
+        Core {
+            cache: &inner.cache,
+            primary: &inner.primary,
+            keks: &inner.keks,
+            counters: &inner.counters,
+            clock: &*inner.clock,
+            actor: &inner.actor,
+            name: &inner.name,
+            owner_telemetry: inner.owner_telemetry,
+        }
+    }
+
+    /// Resolves each owner, with a result per owner: drives the resolution
+    /// core ([`resolve`]) with blocking calls, and waits for other callers'
+    /// flights on their condition variable.
     fn resolve_each<'a>(
         &self,
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
         reserved: bool,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
-        let mut batch = self.look_up(owners, purpose, reserved);
-        if let Some(owners) = batch.leading() {
-            let filled = self.fill(&owners, purpose);
-            batch.settle(owners, filled);
-        }
-        let (mut results, waits) = batch.finish();
-        for (owner, flight) in waits {
-            let result = match flight.wait() {
-                Ok(keys) if usable(purpose)(&keys) => Ok(keys),
-                // Resolved for opening while this caller seals: resolve again.
-                Ok(_) => self.resolve_one(owner, purpose, reserved),
-                Err(reason) => Err(Error::KeyUnavailable {
-                    owner: owner.to_owned(),
-                    reason,
-                }),
+        let mut resolution = self.core().start(owners, purpose, reserved);
+        let leads = resolution.leads();
+        let _span =
+            (leads > 0).then(|| tracing::debug_span!("phi.resolve", owners = leads).entered());
+        let mut input = None;
+        loop {
+            let io = match resolution.step(input.take()) {
+                Step::Done(results) => return results,
+                Step::Io(io) => io,
             };
-            results.push((owner.to_owned(), result));
-        }
-        results
-    }
-
-    /// The first step of every resolution, sync or async: each distinct
-    /// owner is checked and looked up in the cache once (a load passes every
-    /// row's owner), into a hit, a flight this caller leads, or a flight
-    /// another caller leads.
-    fn look_up<'o>(
-        &self,
-        owners: impl IntoIterator<Item = &'o str>,
-        purpose: Purpose,
-        reserved: bool,
-    ) -> Batch<'_, 'o> {
-        let now = self.inner.clock.now();
-        let mut batch = Batch {
-            results: Vec::new(),
-            lead: LeadGuard {
-                cache: &self.inner.cache,
-                flights: HashMap::new(),
-            },
-            waits: Vec::new(),
-            led: false,
-            keyring: &self.inner.name,
-        };
-        let mut seen = HashSet::new();
-        let mut hits = 0;
-        for owner in owners {
-            if !seen.insert(owner) {
-                continue;
-            }
-            if let Err(error) = check_owner(owner, reserved) {
-                batch.results.push((owner.to_owned(), Err(error)));
-                continue;
-            }
-            match self.inner.cache.lookup(owner, now, usable(purpose)) {
-                Lookup::Hit(keys) => {
-                    hits += 1;
-                    batch.results.push((owner.to_owned(), Ok(keys)));
+            input = Some(match io {
+                Io::Load(owners) => {
+                    let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
+                    Input::Rows(self.inner.store.load_keys(&refs))
                 }
-                Lookup::Lead(flight) => {
-                    batch.lead.flights.insert(owner.to_owned(), flight);
-                }
-                Lookup::Wait(flight) => batch.waits.push((owner, flight)),
-            }
-        }
-        crate::metrics::cache_lookups(hits, batch.lead.flights.len() + batch.waits.len());
-        batch
-    }
-
-    /// Resolves the given cache misses: one key-store query, then unwraps,
-    /// then creation of missing keys when sealing.
-    fn fill(
-        &self,
-        owners: &[String],
-        purpose: Purpose,
-    ) -> Result<Vec<(String, Result<Arc<OwnerKeys>>)>> {
-        let _span = tracing::debug_span!("phi.resolve", owners = owners.len()).entered();
-        let fill = self.inner.counters.fills.fetch_add(1, Ordering::SeqCst) + 1;
-        let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
-        self.count_load();
-        let rows = self.inner.store.load_keys(&refs)?;
-        let mut by_owner: HashMap<&str, Vec<&StoredKey>> = HashMap::new();
-        for row in &rows {
-            by_owner.entry(row.owner_id.as_str()).or_default().push(row);
-        }
-        // (owner, every row, the rows still holding a key)
-        let groups: Vec<(&String, Vec<&StoredKey>, Vec<&StoredKey>)> = owners
-            .iter()
-            .map(|owner| {
-                let rows = by_owner.remove(owner.as_str()).unwrap_or_default();
-                let live = live_sorted(&rows);
-                (owner, rows, live)
-            })
-            .collect();
-        // Every owner's keys in one batch: the KEK may unwrap them concurrently.
-        let all: Vec<&StoredKey> = groups
-            .iter()
-            .flat_map(|(_, _, live)| live.iter().copied())
-            .collect();
-        let mut unwrapped = self.unwrap_keys(&all).into_iter();
-        let mut audit = Vec::new();
-        let mut results = Vec::with_capacity(owners.len());
-        for (owner, rows, live) in groups {
-            let keys: Vec<_> = unwrapped.by_ref().take(live.len()).collect();
-            let result = self
-                .owner_keys(owner, &live, keys, &mut audit)
-                .and_then(|keys| match (purpose, keys.current) {
-                    (Purpose::Seal, None) => self.create(owner, &rows, &mut audit),
-                    _ => Ok(keys),
-                })
-                .map(|keys| Arc::new(OwnerKeys { fill, ..keys }));
-            results.push((owner.clone(), result));
-        }
-        // A new key's record is written now (sealing is a write path); the
-        // unwrap records go to the background writer: a read never waits
-        // for, or needs, a write to the key store.
-        let (unwraps, generated): (Vec<_>, Vec<_>) = audit
-            .into_iter()
-            .partition(|e| e.action == AuditAction::Unwrap);
-        self.inner.audit.push(unwraps);
-        if !generated.is_empty() {
-            self.count_query();
-            self.inner.store.append_audit(&generated)?;
-        }
-        Ok(results)
-    }
-
-    /// Unwraps one owner's stored keys (destroyed versions skipped).
-    fn unwrap_rows(
-        &self,
-        owner: &str,
-        rows: &[&StoredKey],
-        audit: &mut Vec<AuditEvent>,
-    ) -> Result<OwnerKeys> {
-        let rows = live_sorted(rows);
-        let keys = self.unwrap_keys(&rows);
-        self.owner_keys(owner, &rows, keys, audit)
-    }
-
-    /// Unwraps `rows` of any owners, one result per row in order: one
-    /// [`KeyEncryptionKey::unwrap_many`] call per KEK, so a remote KEK can
-    /// send the requests concurrently.
-    fn unwrap_keys(&self, rows: &[&StoredKey]) -> Vec<Result<KeyBytes>> {
-        let mut results: Vec<Option<Result<KeyBytes>>> = rows.iter().map(|_| None).collect();
-        let mut by_kek: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (index, row) in rows.iter().enumerate() {
-            by_kek.entry(row.kek_id.as_str()).or_default().push(index);
-        }
-        for (kek_id, indices) in by_kek {
-            let Some(kek) = self.inner.keks.get(kek_id) else {
-                for index in indices {
-                    let row = rows[index];
-                    results[index] = Some(Err(Error::UnknownKek {
-                        owner: row.owner_id.clone(),
-                        key_version: row.version,
-                        kek_id: row.kek_id.clone(),
-                    }));
-                }
-                continue;
-            };
-            let requests: Vec<(&str, u32, &[u8])> = indices
-                .iter()
-                .map(|&i| {
-                    (
-                        rows[i].owner_id.as_str(),
-                        rows[i].version,
-                        rows[i].wrapped_key.as_slice(),
+                Io::Unwrap { kek, requests } => {
+                    let _span = tracing::debug_span!(
+                        "phi.kek.unwrap",
+                        kek = kek.id(),
+                        keys = requests.len()
                     )
-                })
-                .collect();
-            let unwrapped = {
-                let _span =
-                    tracing::debug_span!("phi.kek.unwrap", kek = kek_id, keys = requests.len())
-                        .entered();
-                kek.unwrap_many(&requests)
-            };
-            for (index, result) in indices.into_iter().zip(unwrapped) {
-                let row = rows[index];
-                results[index] = Some(result.map_err(|source| Error::Kek {
-                    kek_id: row.kek_id.clone(),
-                    owner: row.owner_id.clone(),
-                    key_version: row.version,
-                    source,
-                }));
-            }
-        }
-        results
-            .into_iter()
-            .zip(rows)
-            .map(|(result, row)| {
-                result.unwrap_or_else(|| {
-                    Err(Error::KeyUnavailable {
-                        owner: row.owner_id.clone(),
-                        reason: format!(
-                            "KEK {:?} returned no result for version {}",
-                            row.kek_id, row.version
-                        ),
+                    .entered();
+                    let refs: Vec<(&str, u32, &[u8])> = requests
+                        .iter()
+                        .map(|(owner, version, wrapped)| {
+                            (owner.as_str(), *version, wrapped.as_slice())
+                        })
+                        .collect();
+                    Input::Unwrapped(kek.unwrap_many(&refs))
+                }
+                Io::Generate {
+                    kek,
+                    owner,
+                    version,
+                } => {
+                    let _span = tracing::debug_span!(
+                        "phi.kek.generate",
+                        owner = %self.owner_for_telemetry(&owner),
+                        version,
+                        kek = kek.id()
+                    )
+                    .entered();
+                    Input::Generated(kek.generate(&owner, version))
+                }
+                Io::Insert(row) => Input::Inserted(self.inner.store.insert_key_if_absent(&row)),
+                Io::Record { unwraps, generated } => {
+                    self.inner.audit.push(unwraps);
+                    Input::Recorded(if generated.is_empty() {
+                        Ok(())
+                    } else {
+                        self.inner.store.append_audit(&generated)
                     })
-                })
-            })
-            .collect()
-    }
-
-    /// One owner's keys from its live rows (sorted by version) and their
-    /// unwrap results; the first failure is the owner's error.
-    fn owner_keys(
-        &self,
-        owner: &str,
-        rows: &[&StoredKey],
-        keys: Vec<Result<KeyBytes>>,
-        audit: &mut Vec<AuditEvent>,
-    ) -> Result<OwnerKeys> {
-        // Each key is built where it stays: never moved out of a buffer
-        // that would be freed with its bytes.
-        let single = rows.len() == 1;
-        let mut deks = Vec::with_capacity(if single { 0 } else { rows.len() });
-        let mut one = None;
-        let mut current = None;
-        for (i, (row, key)) in rows.iter().zip(keys).enumerate() {
-            let key = key?;
-            self.inner.counters.unwraps.fetch_add(1, Ordering::Relaxed);
-            audit.push(self.event(owner, AuditAction::Unwrap, row.version, &row.kek_id));
-            if row.state == KeyState::Active {
-                current = Some(i);
-            }
-            let dek = Dek::new(row.version, key);
-            if single {
-                one = Some(dek);
-            } else {
-                deks.push(dek);
-            }
-        }
-        Ok(OwnerKeys {
-            owner: owner.to_owned(),
-            deks: one.map_or(Deks::Many(deks), Deks::One),
-            current,
-            loaded_at: self.inner.clock.now(),
-            fill: 0,
-            blind_keys: Default::default(),
-        })
-    }
-
-    /// Creates the owner's first data key, version 1. An owner whose
-    /// versions are all retired gets no new key here (that is a rotation
-    /// decision): sealing fails with [`Error::NoKey`]; a shredded owner (every
-    /// version destroyed) never gets one: [`Error::Shredded`]. Two processes
-    /// racing here both insert if absent; the loser reads and unwraps the
-    /// winner's key, so nothing is ever sealed under a key the store did not
-    /// keep.
-    fn create(
-        &self,
-        owner: &str,
-        rows: &[&StoredKey],
-        audit: &mut Vec<AuditEvent>,
-    ) -> Result<OwnerKeys> {
-        let version = match rows.iter().map(|r| r.version).max() {
-            None => 1,
-            Some(_) if rows.iter().all(|r| r.state == KeyState::Destroyed) => {
-                return Err(Error::Shredded {
-                    owner: owner.to_owned(),
-                });
-            }
-            Some(_) => {
-                return Err(Error::NoKey {
-                    owner: owner.to_owned(),
-                });
-            }
-        };
-        let kek = &self.inner.primary;
-        let (key, wrapped) = {
-            let _span = tracing::debug_span!(
-                "phi.kek.generate",
-                owner = %self.owner_for_telemetry(owner),
-                version,
-                kek = kek.id()
-            )
-            .entered();
-            kek.generate(owner, version)
-        }
-        .map_err(|source| Error::Kek {
-            kek_id: kek.id().to_owned(),
-            owner: owner.to_owned(),
-            key_version: version,
-            source,
-        })?;
-        let row = StoredKey::active(owner, version, kek.id(), wrapped);
-        self.count_query();
-        if self.inner.store.insert_key_if_absent(&row)? {
-            self.inner
-                .counters
-                .creations
-                .fetch_add(1, Ordering::Relaxed);
-            audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
-            tracing::info!(
-                owner = %self.owner_for_telemetry(owner),
-                version,
-                kek = kek.id(),
-                "generated a data key"
-            );
-            return Ok(OwnerKeys {
-                owner: owner.to_owned(),
-                deks: Deks::One(Dek::new(version, key)),
-                current: Some(0),
-                loaded_at: self.inner.clock.now(),
-                fill: 0,
-                blind_keys: Default::default(),
+                }
+                Io::Wait(flight) => Input::Waited(flight.wait()),
+                Io::Again(owner) => Input::Resolved(self.resolve_one(&owner, purpose, reserved)),
             });
         }
-        // Another process won the race: use its key, never ours.
-        drop(key);
-        self.count_load();
-        let winners = self.inner.store.load_keys(&[owner])?;
-        let winners: Vec<&StoredKey> = winners.iter().collect();
-        let keys = self.unwrap_rows(owner, &winners, audit)?;
-        if keys.current.is_none() {
-            return Err(Error::NoKey {
-                owner: owner.to_owned(),
-            });
-        }
-        Ok(keys)
-    }
-
-    fn event(&self, owner: &str, action: AuditAction, version: u32, kek_id: &str) -> AuditEvent {
-        AuditEvent {
-            occurred_at: chrono::Utc::now().naive_utc(),
-            owner_id: owner.to_owned(),
-            action,
-            key_version: Some(version),
-            kek_id: Some(kek_id.to_owned()),
-            actor: self.inner.actor.clone(),
-            detail: None,
-        }
-    }
-
-    fn count_load(&self) {
-        self.inner
-            .counters
-            .key_loads
-            .fetch_add(1, Ordering::Relaxed);
-        self.count_query();
     }
 
     fn count_query(&self) {
@@ -1592,84 +1348,6 @@ impl fmt::Debug for Keyring {
             .field("keks", &self.inner.keks.keys().collect::<Vec<_>>())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
-    }
-}
-
-/// One resolution in progress ([`Keyring::look_up`]): the owners already
-/// answered, the flights this caller leads (completed with an error if it
-/// is dropped or cancelled before [`settle`](Batch::settle)), and the
-/// flights other callers lead.
-struct Batch<'k, 'o> {
-    results: Vec<(String, Result<Arc<OwnerKeys>>)>,
-    lead: LeadGuard<'k>,
-    waits: Vec<(&'o str, Arc<Flight>)>,
-    led: bool,
-    keyring: &'k str,
-}
-
-impl<'o> Batch<'_, 'o> {
-    /// The owners this caller must fill, if it leads any.
-    fn leading(&mut self) -> Option<Vec<String>> {
-        self.led = !self.lead.flights.is_empty();
-        self.led
-            .then(|| self.lead.flights.keys().cloned().collect())
-    }
-
-    /// Completes the led flights with the fill of `owners`: each owner's
-    /// result, or the fill's error (the first owner gets the error itself,
-    /// the others and the waiters its text, causes included).
-    fn settle(
-        &mut self,
-        owners: Vec<String>,
-        filled: Result<Vec<(String, Result<Arc<OwnerKeys>>)>>,
-    ) {
-        match filled {
-            Ok(filled) => {
-                for (owner, result) in filled {
-                    self.lead.complete(
-                        &owner,
-                        result.as_ref().map(Arc::clone).map_err(ToString::to_string),
-                    );
-                    self.results.push((owner, result));
-                }
-            }
-            Err(error) => {
-                let reason = crate::error::chain_text(&error);
-                let mut original = Some(error);
-                for owner in owners {
-                    self.lead.complete(&owner, Err(reason.clone()));
-                    let error = original.take().unwrap_or_else(|| Error::KeyUnavailable {
-                        owner: owner.clone(),
-                        reason: reason.clone(),
-                    });
-                    self.results.push((owner, Err(error)));
-                }
-            }
-        }
-    }
-
-    /// Ends the lead (any flight not settled is completed with an error),
-    /// and returns the results so far and the flights still to wait for.
-    #[allow(clippy::type_complexity)]
-    fn finish(
-        self,
-    ) -> (
-        Vec<(String, Result<Arc<OwnerKeys>>)>,
-        Vec<(&'o str, Arc<Flight>)>,
-    ) {
-        let Batch {
-            results,
-            lead,
-            waits,
-            led,
-            keyring,
-        } = self;
-        let cache = lead.cache;
-        drop(lead);
-        if led {
-            crate::metrics::cache_owners(keyring, cache.len());
-        }
-        (results, waits)
     }
 }
 

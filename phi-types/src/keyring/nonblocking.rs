@@ -13,18 +13,22 @@
 //!   [`generate_async`](crate::KeyEncryptionKey::generate_async), which for
 //!   `AwsKmsKek` are the SDK's own futures on the caller's runtime.
 //!
-//! A leader whose task is cancelled (its future dropped) completes its
-//! flights with an error, so waiters never hang: they get
-//! [`Error::KeyUnavailable`] and may retry.
+//! Every decision (hit, lead, wait, load, unwrap, create, publish, fail) is
+//! the resolution core's ([`super::resolve`]), shared with the blocking
+//! resolution; this module only awaits what the core asks for.
+//!
+//! A waiter whose leader fails gets a copy of the leader's error, of the
+//! same kind (shredded, KEK failure, ...). A leader whose task is cancelled
+//! (its future dropped) completes its flights with an error, so waiters
+//! never hang: they get [`Error::KeyUnavailable`] and may retry.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Keyring, OwnerKeys, Purpose, live_sorted, usable};
-use crate::dek::KeyBytes;
+use super::resolve::{Input, Io, Step};
+use super::{Keyring, OwnerKeys, Purpose, usable};
 use crate::error::{Error, Result};
-use crate::store::{AuditAction, AuditEvent, StoredKey};
 
 impl Keyring {
     /// [`keys_for_seal`](Self::keys_for_seal) without blocking the calling
@@ -185,255 +189,95 @@ impl Keyring {
         Ok(found)
     }
 
-    /// `resolve_each`, awaiting where it blocks.
+    /// `resolve_each` for async code: drives the same resolution core
+    /// ([`super::resolve`]), awaiting the key store (on the blocking pool),
+    /// the KEK's async calls, and other callers' flights (their `Notify`).
+    ///
+    /// Each IO's outcome goes straight into the core's next step, which
+    /// puts any data key into its `Arc` before returning: no key is held in
+    /// this future across an `.await`.
     async fn resolve_each_async<'a>(
         &self,
         owners: impl IntoIterator<Item = &'a str>,
         purpose: Purpose,
         reserved: bool,
     ) -> Vec<(String, Result<Arc<OwnerKeys>>)> {
-        let mut batch = self.look_up(owners, purpose, reserved);
-        if let Some(owners) = batch.leading() {
-            let filled = self.fill_async(&owners, purpose).await;
-            batch.settle(owners, filled);
-        }
-        let (mut results, waits) = batch.finish();
-        for (owner, flight) in waits {
-            let result = match flight.wait_async().await {
-                Ok(keys) if usable(purpose)(&keys) => Ok(keys),
-                // Resolved for opening while this caller seals: resolve again.
-                Ok(_) => Box::pin(self.resolve_one_async(owner, purpose, reserved)).await,
-                Err(reason) => Err(Error::KeyUnavailable {
-                    owner: owner.to_owned(),
-                    reason,
-                }),
+        let mut resolution = self.core().start(owners, purpose, reserved);
+        let mut step = resolution.step(None);
+        loop {
+            let io = match step {
+                Step::Done(results) => return results,
+                Step::Io(io) => io,
             };
-            results.push((owner.to_owned(), result));
-        }
-        results
-    }
-
-    /// `fill`, awaiting the key store (on the blocking pool) and the KEK.
-    async fn fill_async(
-        &self,
-        owners: &[String],
-        purpose: Purpose,
-    ) -> Result<Vec<(String, Result<Arc<OwnerKeys>>)>> {
-        let fill = self.inner.counters.fills.fetch_add(1, Ordering::SeqCst) + 1;
-        self.count_load();
-        let rows = {
-            let store = self.inner.store.clone();
-            let owners = owners.to_vec();
-            blocking("loading data keys", move || {
-                let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
-                store.load_keys(&refs)
-            })
-            .await?
-        };
-        let mut by_owner: HashMap<&str, Vec<&StoredKey>> = HashMap::new();
-        for row in &rows {
-            by_owner.entry(row.owner_id.as_str()).or_default().push(row);
-        }
-        let groups: Vec<(&String, Vec<&StoredKey>, Vec<&StoredKey>)> = owners
-            .iter()
-            .map(|owner| {
-                let rows = by_owner.remove(owner.as_str()).unwrap_or_default();
-                let live = live_sorted(&rows);
-                (owner, rows, live)
-            })
-            .collect();
-        let all: Vec<&StoredKey> = groups
-            .iter()
-            .flat_map(|(_, _, live)| live.iter().copied())
-            .collect();
-        let mut unwrapped = self.unwrap_keys_async(&all).await.into_iter();
-        let mut audit = Vec::new();
-        let mut results = Vec::with_capacity(owners.len());
-        for (owner, rows, live) in groups {
-            let keys: Vec<_> = unwrapped.by_ref().take(live.len()).collect();
-            // Into its `Arc` before any `.await`: nothing of a data key is
-            // held inline in this future, whose memory is freed unwiped.
-            let loaded = self
-                .owner_keys(owner, &live, keys, &mut audit)
-                .map(|keys| Arc::new(OwnerKeys { fill, ..keys }));
-            let result = match loaded {
-                Ok(keys) if purpose == Purpose::Seal && keys.current.is_none() => {
-                    drop(keys);
-                    self.create_async(owner, &rows, fill, &mut audit).await
-                }
-                other => other,
-            };
-            results.push((owner.clone(), result));
-        }
-        let (unwraps, generated): (Vec<_>, Vec<_>) = audit
-            .into_iter()
-            .partition(|e| e.action == AuditAction::Unwrap);
-        self.inner.audit.push(unwraps);
-        if !generated.is_empty() {
-            self.count_query();
-            let store = self.inner.store.clone();
-            blocking("writing generate audit records", move || {
-                store.append_audit(&generated)
-            })
-            .await?;
-        }
-        Ok(results)
-    }
-
-    /// `unwrap_keys` through each KEK's `unwrap_many_async`.
-    async fn unwrap_keys_async(&self, rows: &[&StoredKey]) -> Vec<Result<KeyBytes>> {
-        let mut results: Vec<Option<Result<KeyBytes>>> = rows.iter().map(|_| None).collect();
-        let mut by_kek: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (index, row) in rows.iter().enumerate() {
-            by_kek.entry(row.kek_id.as_str()).or_default().push(index);
-        }
-        for (kek_id, indices) in by_kek {
-            let Some(kek) = self.inner.keks.get(kek_id) else {
-                for index in indices {
-                    let row = rows[index];
-                    results[index] = Some(Err(Error::UnknownKek {
-                        owner: row.owner_id.clone(),
-                        key_version: row.version,
-                        kek_id: row.kek_id.clone(),
-                    }));
-                }
-                continue;
-            };
-            let requests: Vec<(String, u32, Vec<u8>)> = indices
-                .iter()
-                .map(|&i| {
-                    (
-                        rows[i].owner_id.clone(),
-                        rows[i].version,
-                        rows[i].wrapped_key.clone(),
-                    )
-                })
-                .collect();
-            let span = tracing::debug_span!("phi.kek.unwrap", kek = kek_id, keys = requests.len());
-            let unwrapped =
-                tracing::Instrument::instrument(kek.unwrap_many_async(requests), span).await;
-            let mut unwrapped = unwrapped.into_iter();
-            for index in indices {
-                let row = rows[index];
-                results[index] = unwrapped.next().map(|result| {
-                    result.map_err(|source| Error::Kek {
-                        kek_id: row.kek_id.clone(),
-                        owner: row.owner_id.clone(),
-                        key_version: row.version,
-                        source,
+            step = match io {
+                Io::Load(owners) => {
+                    let store = self.inner.store.clone();
+                    let rows = blocking("loading data keys", move || {
+                        let refs: Vec<&str> = owners.iter().map(String::as_str).collect();
+                        store.load_keys(&refs)
                     })
-                });
-            }
-        }
-        results
-            .into_iter()
-            .zip(rows)
-            .map(|(result, row)| {
-                result.unwrap_or_else(|| {
-                    Err(Error::KeyUnavailable {
-                        owner: row.owner_id.clone(),
-                        reason: format!(
-                            "KEK {:?} returned no result for version {}",
-                            row.kek_id, row.version
-                        ),
+                    .await;
+                    resolution.step(Some(Input::Rows(rows)))
+                }
+                Io::Unwrap { kek, requests } => {
+                    let span = tracing::debug_span!(
+                        "phi.kek.unwrap",
+                        kek = kek.id(),
+                        keys = requests.len()
+                    );
+                    let unwrapped =
+                        tracing::Instrument::instrument(kek.unwrap_many_async(requests), span)
+                            .await;
+                    resolution.step(Some(Input::Unwrapped(unwrapped)))
+                }
+                Io::Generate {
+                    kek,
+                    owner,
+                    version,
+                } => {
+                    let span = tracing::debug_span!(
+                        "phi.kek.generate",
+                        owner = %self.owner_for_telemetry(&owner),
+                        version,
+                        kek = kek.id()
+                    );
+                    let generated =
+                        tracing::Instrument::instrument(kek.generate_async(&owner, version), span)
+                            .await;
+                    resolution.step(Some(Input::Generated(generated)))
+                }
+                Io::Insert(row) => {
+                    let store = self.inner.store.clone();
+                    let inserted = blocking("storing a new data key", move || {
+                        store.insert_key_if_absent(&row)
                     })
-                })
-            })
-            .collect()
-    }
-
-    /// `create`, awaiting the KEK and the key store.
-    async fn create_async(
-        &self,
-        owner: &str,
-        rows: &[&StoredKey],
-        fill: u64,
-        audit: &mut Vec<AuditEvent>,
-    ) -> Result<Arc<OwnerKeys>> {
-        let version = match rows.iter().map(|r| r.version).max() {
-            None => 1,
-            Some(_)
-                if rows
-                    .iter()
-                    .all(|r| r.state == crate::store::KeyState::Destroyed) =>
-            {
-                return Err(Error::Shredded {
-                    owner: owner.to_owned(),
-                });
-            }
-            Some(_) => {
-                return Err(Error::NoKey {
-                    owner: owner.to_owned(),
-                });
-            }
-        };
-        let kek = &self.inner.primary;
-        let span = tracing::debug_span!(
-            "phi.kek.generate",
-            owner = %self.owner_for_telemetry(owner),
-            version,
-            kek = kek.id()
-        );
-        let (key, wrapped) =
-            tracing::Instrument::instrument(kek.generate_async(owner, version), span)
-                .await
-                .map_err(|source| Error::Kek {
-                    kek_id: kek.id().to_owned(),
-                    owner: owner.to_owned(),
-                    key_version: version,
-                    source,
-                })?;
-        let row = StoredKey::active(owner, version, kek.id(), wrapped);
-        // The new key goes into its `Arc` now, before the store's `.await`,
-        // so that no copy of it is held inline in this future (whose memory
-        // is freed unwiped); dropped (and wiped) if another process wins.
-        let created = Arc::new(OwnerKeys {
-            owner: owner.to_owned(),
-            deks: super::Deks::One(crate::dek::Dek::new(version, key)),
-            current: Some(0),
-            loaded_at: self.inner.clock.now(),
-            fill,
-            blind_keys: Default::default(),
-        });
-        self.count_query();
-        let inserted = {
-            let store = self.inner.store.clone();
-            blocking("storing a new data key", move || {
-                store.insert_key_if_absent(&row)
-            })
-            .await?
-        };
-        if inserted {
-            self.inner
-                .counters
-                .creations
-                .fetch_add(1, Ordering::Relaxed);
-            audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
-            tracing::info!(
-                owner = %self.owner_for_telemetry(owner),
-                version,
-                kek = kek.id(),
-                "generated a data key"
-            );
-            return Ok(created);
+                    .await;
+                    resolution.step(Some(Input::Inserted(inserted)))
+                }
+                Io::Record { unwraps, generated } => {
+                    self.inner.audit.push(unwraps);
+                    let recorded = if generated.is_empty() {
+                        Ok(())
+                    } else {
+                        let store = self.inner.store.clone();
+                        blocking("writing generate audit records", move || {
+                            store.append_audit(&generated)
+                        })
+                        .await
+                    };
+                    resolution.step(Some(Input::Recorded(recorded)))
+                }
+                Io::Wait(flight) => {
+                    let waited = flight.wait_async().await;
+                    resolution.step(Some(Input::Waited(waited)))
+                }
+                Io::Again(owner) => {
+                    let resolved =
+                        Box::pin(self.resolve_one_async(&owner, purpose, reserved)).await;
+                    resolution.step(Some(Input::Resolved(resolved)))
+                }
+            };
         }
-        // Another process won the race: use its key, never ours.
-        drop(created);
-        self.count_load();
-        let winners = {
-            let store = self.inner.store.clone();
-            let owner = owner.to_owned();
-            blocking("loading data keys", move || store.load_keys(&[&owner])).await?
-        };
-        let winners: Vec<&StoredKey> = live_sorted(&winners.iter().collect::<Vec<_>>());
-        let unwrapped = self.unwrap_keys_async(&winners).await;
-        let keys = self.owner_keys(owner, &winners, unwrapped, audit)?;
-        if keys.current.is_none() {
-            return Err(Error::NoKey {
-                owner: owner.to_owned(),
-            });
-        }
-        Ok(Arc::new(OwnerKeys { fill, ..keys }))
     }
 }
 

@@ -5,12 +5,14 @@
 //!     cargo test -p phi-types --no-default-features --release --lib loom_model
 //! ```
 //!
-//! Each thread runs the protocol of `Keyring::resolve_each` against the real
-//! [`Cache`], its locks and `DashMap` replaced by loom's models
-//! (`cache/sync.rs`): look every owner up; fill the owners it leads in one
-//! batch (the key store read and KEK unwrap, here a closure counting its
-//! calls); complete them; only then wait for the owners others lead. Loom
-//! reports a thread blocked forever (a lost wake-up) as a deadlock.
+//! Each thread runs the keyring's own resolution core
+//! (`keyring/resolve.rs`, the code `Keyring::resolve_each` and
+//! `resolve_each_async` drive) against the real [`Cache`], its locks and
+//! `DashMap` replaced by loom's models (`cache/sync.rs`); this driver does
+//! only the IO the core asks for: the key store's load (a model counting
+//! its calls), the KEK's unwraps (a real `LocalKek`), and waiting for
+//! another thread's flight. Loom reports a thread blocked forever (a lost
+//! wake-up) as a deadlock.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -20,12 +22,20 @@ use std::time::{Duration, Instant};
 use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use loom::thread;
 
-use super::{Cache, LeadGuard, Lookup, Shared};
-use crate::dek::{Dek, KeyBytes};
-use crate::keyring::OwnerKeys;
+use super::{Cache, Lookup};
+use crate::dek::KeyBytes;
+use crate::error::{Error, ErrorKind, chain_text};
+use crate::kek::{KeyEncryptionKey, LocalKek};
+use crate::keyring::resolve::{Core, Input, Io, Step};
+use crate::keyring::{Clock, Counters, OwnerKeys, Purpose};
+use crate::store::StoredKey;
+use crate::telemetry::OwnerIdTelemetry;
 
 const TTL: Duration = Duration::from_secs(60);
 const OWNERS: [&str; 2] = ["a", "b"];
+const KEK_ID: &str = "model";
+/// What the failing first load says.
+const LOAD_FAILED: &str = "key store failed while loading data keys: the key store failed";
 
 /// Runs `f` on every interleaving, at most `LOOM_MAX_PREEMPTIONS` (default
 /// 3) preemptions each.
@@ -37,7 +47,7 @@ fn check(f: impl Fn() + Sync + Send + 'static) {
     builder.check(f);
 }
 
-/// What the next fill of an owner does.
+/// What the first fill (key-store load) does; the later ones succeed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fill {
     Succeed,
@@ -45,9 +55,21 @@ enum Fill {
     Panic,
 }
 
-/// The key store and KEK: the generation of keys each owner has stored, and
-/// the fills (store read + unwrap) made.
+/// The clock of one call: the instant the test gives it.
+#[derive(Debug)]
+struct At(Instant);
+
+impl Clock for At {
+    fn now(&self) -> Instant {
+        self.0
+    }
+}
+
+/// The key store and KEK: the generation of keys each owner has stored
+/// (its one active data key has that version), and the fills (loads) made.
 struct Store {
+    kek: Arc<dyn KeyEncryptionKey>,
+    keks: HashMap<String, Arc<dyn KeyEncryptionKey>>,
     generation: [AtomicU32; 2],
     fills: [AtomicUsize; 2],
     /// Fills of an owner running now; the single-flight allows one.
@@ -55,18 +77,24 @@ struct Store {
     /// Whether two fills of one owner may overlap (after a `clear`, the new
     /// resolution does not wait for the one the clear dropped).
     overlap_allowed: AtomicBool,
-    /// What the first fill does; the later ones succeed.
     first: Fill,
+    counters: Counters,
 }
 
 impl Store {
     fn new(first: Fill) -> Self {
+        let kek: Arc<dyn KeyEncryptionKey> =
+            Arc::new(LocalKek::new(KEK_ID, &KeyBytes::new([7; 32])));
+        let keks = HashMap::from([(KEK_ID.to_owned(), kek.clone())]);
         Store {
+            kek,
+            keks,
             generation: [AtomicU32::new(1), AtomicU32::new(1)],
             fills: Default::default(),
             in_flight: Default::default(),
             overlap_allowed: AtomicBool::new(false),
             first,
+            counters: Counters::default(),
         }
     }
 
@@ -85,10 +113,10 @@ impl Store {
         self.fills.iter().map(|f| f.load(SeqCst)).sum()
     }
 
-    /// One batch: per owner, read the stored generation and "unwrap" it.
-    fn fill(&self, owners: &[String], now: Instant) -> Vec<(String, Shared)> {
+    /// One load: per owner, its stored generation's key row.
+    fn load(&self, owners: &[String]) -> crate::Result<Vec<StoredKey>> {
         let first_of_all = self.fills_total() == 0;
-        let mut results = Vec::new();
+        let mut rows = Vec::new();
         for owner in owners {
             let i = Self::index(owner);
             let running = self.in_flight[i].fetch_add(1, SeqCst);
@@ -99,77 +127,99 @@ impl Store {
             self.fills[i].fetch_add(1, SeqCst);
             let generation = self.generation[i].load(SeqCst);
             self.in_flight[i].fetch_sub(1, SeqCst);
-            let result = match self.first {
-                Fill::Fail if first_of_all => Err("the KEK failed".to_owned()),
-                Fill::Panic if first_of_all => resume_unwind(Box::new("the KEK panicked")),
-                _ => Ok(Arc::new(keys(owner, generation, now))),
-            };
-            results.push((owner.clone(), result));
+            let wrapped = self
+                .kek
+                .wrap(owner, generation, &KeyBytes::new([generation as u8; 32]))
+                .expect("wrapped");
+            rows.push(StoredKey::active(owner, generation, KEK_ID, wrapped));
         }
-        results
+        match self.first {
+            Fill::Fail if first_of_all => Err(Error::store(
+                "loading data keys",
+                "the key store failed".to_owned(),
+            )),
+            Fill::Panic if first_of_all => resume_unwind(Box::new("the key store panicked")),
+            _ => Ok(rows),
+        }
     }
 }
 
-/// An owner's keys: one data key whose version is the generation.
-fn keys(owner: &str, generation: u32, loaded_at: Instant) -> OwnerKeys {
-    OwnerKeys {
-        owner: owner.to_owned(),
-        deks: crate::keyring::Deks::One(Dek::new(generation, KeyBytes::new([0; 32]))),
-        current: Some(0),
-        loaded_at,
-        blind_keys: Default::default(),
-        fill: u64::from(generation),
-    }
-}
-
-fn generation(result: &Shared) -> Result<u32, String> {
+fn generation(result: &crate::Result<Arc<OwnerKeys>>) -> Result<u32, String> {
     result
         .as_ref()
         .map(|keys| keys.current_version().expect("an active key"))
-        .map_err(Clone::clone)
+        .map_err(|error| chain_text(error))
 }
 
-/// `Keyring::resolve_each`'s protocol for `owners` at `now`.
-fn resolve(cache: &Cache, store: &Store, owners: &[&str], now: Instant) -> HashMap<String, Shared> {
-    let mut results = HashMap::new();
-    let mut lead = LeadGuard {
+/// The keyring's resolution of `owners` for opening at `now`: the core,
+/// driven with blocking calls as `Keyring::resolve_each` drives it.
+fn resolve(
+    cache: &Cache,
+    store: &Store,
+    owners: &[&str],
+    now: Instant,
+) -> HashMap<String, crate::Result<Arc<OwnerKeys>>> {
+    let clock = At(now);
+    let core = Core {
         cache,
-        flights: HashMap::new(),
+        primary: &store.kek,
+        keks: &store.keks,
+        counters: &store.counters,
+        clock: &clock,
+        actor: "loom",
+        name: "loom",
+        owner_telemetry: OwnerIdTelemetry::default(),
     };
-    let mut waits = Vec::new();
-    for owner in owners {
-        match cache.lookup(owner, now, |_| true) {
-            Lookup::Hit(keys) => {
-                results.insert((*owner).to_owned(), Ok(keys));
+    let mut resolution = core.start(owners.iter().copied(), Purpose::Open, false);
+    let mut input = None;
+    loop {
+        let io = match resolution.step(input.take()) {
+            Step::Done(results) => return results.into_iter().collect(),
+            Step::Io(io) => io,
+        };
+        input = Some(match io {
+            // The core asks for its owners sorted: loom replays need the
+            // same order on every run.
+            Io::Load(owners) => {
+                assert!(owners.is_sorted(), "{owners:?}");
+                Input::Rows(store.load(&owners))
             }
-            Lookup::Lead(flight) => {
-                lead.flights.insert((*owner).to_owned(), flight);
+            Io::Unwrap { kek, requests } => {
+                let refs: Vec<(&str, u32, &[u8])> = requests
+                    .iter()
+                    .map(|(o, v, w)| (o.as_str(), *v, w.as_slice()))
+                    .collect();
+                Input::Unwrapped(kek.unwrap_many(&refs))
             }
-            Lookup::Wait(flight) => waits.push((owner, flight)),
-        }
+            Io::Record { .. } => Input::Recorded(Ok(())),
+            Io::Wait(flight) => Input::Waited(flight.wait()),
+            Io::Generate { .. } | Io::Insert(_) | Io::Again(_) => {
+                unreachable!("opening creates no key and is never resolved again")
+            }
+        });
     }
-    if !lead.flights.is_empty() {
-        // Sorted: loom replays need the same order on every run.
-        let mut led: Vec<String> = lead.flights.keys().cloned().collect();
-        led.sort();
-        for (owner, result) in store.fill(&led, now) {
-            lead.complete(&owner, result.clone());
-            results.insert(owner, result);
-        }
-    }
-    drop(lead);
-    for (owner, flight) in waits {
-        results.insert((*owner).to_owned(), flight.wait());
-    }
-    results
 }
 
 /// [`resolve`] for one owner, a panic in the fill caught (as a server's
 /// request handler would).
 fn resolve_one(cache: &Cache, store: &Store, owner: &str, now: Instant) -> Result<u32, String> {
+    resolve_one_kind(cache, store, owner, now).map_err(|(_, text)| text)
+}
+
+/// [`resolve_one`], with the error's kind.
+fn resolve_one_kind(
+    cache: &Cache,
+    store: &Store,
+    owner: &str,
+    now: Instant,
+) -> Result<u32, (Option<ErrorKind>, String)> {
     match catch_unwind(AssertUnwindSafe(|| resolve(cache, store, &[owner], now))) {
-        Ok(mut results) => generation(&results.remove(owner).expect("a result per owner")),
-        Err(_) => Err("this thread's fill panicked".to_owned()),
+        Ok(mut results) => {
+            let result = results.remove(owner).expect("a result per owner");
+            let kind = result.as_ref().err().map(Error::kind);
+            generation(&result).map_err(|text| (kind, text))
+        }
+        Err(_) => Err((None, "this thread's fill panicked".to_owned())),
     }
 }
 
@@ -200,7 +250,7 @@ fn concurrent_misses_share_one_fill() {
         let mine = resolve(&cache, &store, &["a"], now)
             .remove("a")
             .expect("a result");
-        let theirs: Vec<Shared> = threads
+        let theirs: Vec<crate::Result<Arc<OwnerKeys>>> = threads
             .into_iter()
             .map(|t| t.join().expect("no panic"))
             .collect();
@@ -224,18 +274,20 @@ fn a_failed_fill_reaches_its_waiters_and_is_not_cached() {
         let now = Instant::now();
         let thread = {
             let (cache, store) = (cache.clone(), store.clone());
-            thread::spawn(move || resolve_one(&cache, &store, "a", now))
+            thread::spawn(move || resolve_one_kind(&cache, &store, "a", now))
         };
-        let mine = resolve_one(&cache, &store, "a", now);
+        let mine = resolve_one_kind(&cache, &store, "a", now);
         let theirs = thread.join().expect("no panic");
         // The first fill failed: whoever led or waited for it got its
-        // error; a thread that came after it led a fill of its own.
+        // error, of its kind (a waiter's copy, not a generic
+        // "unavailable"); a thread that came after it led a fill of its own.
         let results = [mine, theirs];
         let failed = results.iter().filter(|r| r.is_err()).count();
         assert!(failed >= 1);
         for result in &results {
             assert!(
-                matches!(result, Ok(1)) || matches!(result, Err(e) if e == "the KEK failed"),
+                matches!(result, Ok(1))
+                    || matches!(result, Err((Some(ErrorKind::Database), e)) if e == LOAD_FAILED),
                 "{result:?}"
             );
         }
