@@ -2556,9 +2556,6 @@ mod tests {
                 "CREATE TEMPORARY TABLE phi_guard (reason VARCHAR(250) CHARACTER SET ascii NOT NULL PRIMARY KEY)"
             )) && !m.up.contains("CHECK (n = 0)")
         );
-        if std::env::var_os("PHI_DUMP").is_some() {
-            println!("{}\n----\n{}", m.up, m.down);
-        }
         for step in [
             "1. ",
             "2. ",
