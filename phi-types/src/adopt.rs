@@ -47,7 +47,7 @@ use diesel::sql_types::{Nullable, Text};
 
 use crate::error::{Error, Result};
 use crate::legacy::Dialect;
-use crate::legacy::sql::{quoted, table_check};
+use crate::legacy::sql::{is_envelope, quoted, table_check};
 use crate::lifecycle::tables::{
     DataConnection, Migratable, StoredColumn, StoredTable, check_identifier,
 };
@@ -1152,15 +1152,25 @@ fn not_null_sql(d: Dialect, table: &str, column: &str, sql_type: &str, set: bool
 ///   the migration's transaction ends), so no row written after the
 ///   guard's scan reaches the statements after it unchecked; then a `DO`
 ///   block raises.
-/// - MySQL/MariaDB: a temporary table keyed by the reason gets the reason,
-///   then the reason again for a matching row: the duplicate key fails the
-///   statement whatever the server does with CHECK constraints (MySQL
+/// - MySQL/MariaDB: a temporary table with a unique key named by the reason
+///   gets the table's name, then the name again for a matching row: the
+///   duplicate key ("Duplicate entry '<table>' for key '<reason>'") fails
+///   the statement whatever the server does with CHECK constraints (MySQL
 ///   before 8.0.16 parses and ignores them) and whatever its `sql_mode`.
 /// - SQLite: the database's write lock first (as PostgreSQL's lock), then
 ///   a temporary table whose CHECK refuses a count above zero.
 fn guard(s: &mut Script, d: Dialect, t: &StoredTable, condition: &str, message: &str) {
     let table = quoted(d, t.table);
     let reason = format!("{}: {message}", t.table);
+    // The temporary table's constraint, named by the reason: the error
+    // names it.
+    let constraint: String = format!(
+        "phi_{}",
+        message.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+    .chars()
+    .take(60)
+    .collect();
     match d {
         Dialect::Postgres => {
             s.stmt(
@@ -1177,23 +1187,27 @@ fn guard(s: &mut Script, d: Dialect, t: &StoredTable, condition: &str, message: 
         }
         Dialect::Mysql => {
             s.note(&format!(
-                "Refuses unless no row of {} matches: {message} (a duplicate key naming the reason).",
+                "Refuses unless no row of {} matches: {message} (a duplicate key named by the reason).",
                 t.table
             ));
             let temp = "DROP TEMPORARY TABLE IF EXISTS phi_guard";
             s.stmt(cost::guard(d), temp);
             s.stmt(
                 cost::guard(d),
-                "CREATE TEMPORARY TABLE phi_guard (reason VARCHAR(250) CHARACTER SET ascii NOT NULL PRIMARY KEY)",
+                format!(
+                    "CREATE TEMPORARY TABLE phi_guard (table_name VARCHAR(250) CHARACTER SET ascii NOT NULL, \
+                     CONSTRAINT {constraint} UNIQUE (table_name))"
+                ),
             );
+            let name = t.table;
             s.stmt(
                 cost::guard(d),
-                format!("INSERT INTO phi_guard (reason) VALUES ('{reason}')"),
+                format!("INSERT INTO phi_guard (table_name) VALUES ('{name}')"),
             );
             s.stmt(
                 cost::guard(d),
                 format!(
-                    "INSERT INTO phi_guard (reason) SELECT '{reason}' FROM {table} WHERE {condition} LIMIT 1"
+                    "INSERT INTO phi_guard (table_name) SELECT '{name}' FROM {table} WHERE {condition} LIMIT 1"
                 ),
             );
             s.stmt(cost::guard(d), temp);
@@ -1212,13 +1226,6 @@ fn guard(s: &mut Script, d: Dialect, t: &StoredTable, condition: &str, message: 
                 t.table
             ));
             s.stmt(cost::guard(d), temp);
-            let constraint: String = format!(
-                "phi_{}",
-                message.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-            )
-            .chars()
-            .take(60)
-            .collect();
             s.stmt(
                 cost::guard(d),
                 format!(
@@ -1797,9 +1804,10 @@ type Pair<'a> = (&'a StoredColumn, &'a ColumnInfo, String, &'a ColumnInfo);
 /// The finalize migration ([`Strategy::Finalize`]) of `t` into `up` and
 /// `down`.
 ///
-/// No flag-off row, and no row whose plain value has no sealed copy, can
-/// lose its value to the drop: the guard that refuses them runs where no
-/// such row can be written until the plain columns are gone.
+/// No flag-off (or NULL-flag) row, no row whose plain value has no sealed
+/// copy, and no row whose sealed copy is not an envelope can lose its
+/// value to the drop: the guard that refuses them runs where no such row
+/// can be written until the plain columns are gone.
 ///
 /// - PostgreSQL: one transaction (Diesel runs each migration in one) that
 ///   locks the table first, then checks, then changes it.
@@ -1871,14 +1879,15 @@ fn finalize(
         .then(|| table_check(&checked, d))
         .transpose()?;
     // A row left unsealed (its flag off or NULL), or sealed with a shadow
-    // missing where its plain column holds a value, would lose that value.
+    // missing where its plain column holds a value, or a shadow holding
+    // something other than an envelope, would lose its value.
     let unsealed = std::iter::once(flag_is(d, t, "", false))
-        .chain(pairs.iter().map(|(c, _, shadow, _)| {
-            format!(
-                "({} IS NOT NULL AND {} IS NULL)",
-                quoted(d, c.column),
-                quoted(d, shadow)
-            )
+        .chain(pairs.iter().flat_map(|(c, _, shadow, _)| {
+            let (plain, shadow) = (quoted(d, c.column), quoted(d, shadow));
+            [
+                format!("({plain} IS NOT NULL AND {shadow} IS NULL)"),
+                format!("({shadow} IS NOT NULL AND NOT {})", is_envelope(d, &shadow)),
+            ]
         }))
         .collect::<Vec<_>>()
         .join(" OR ");
@@ -2062,14 +2071,17 @@ fn finalize_mysql(
         ))
     );
     for (c, _, shadow, _) in pairs {
+        let (plain, sealed) = (format!("NEW.{}", q(c.column)), format!("NEW.{}", q(shadow)));
         let _ = write!(
             body,
-            "; ELSEIF NEW.{} IS NOT NULL AND NEW.{} IS NULL THEN {}",
-            q(c.column),
-            q(shadow),
+            "; ELSEIF {plain} IS NOT NULL AND {sealed} IS NULL THEN {}; ELSEIF {sealed} IS NOT NULL AND NOT {} THEN {}",
             signal(format!(
                 "{table}: finalize is running: {} without its sealed copy in {shadow} is refused",
                 c.column
+            )),
+            is_envelope(d, &sealed),
+            signal(format!(
+                "{table}: finalize is running: {shadow} must hold an envelope"
             ))
         );
     }
@@ -2324,8 +2336,12 @@ mod tests {
             !m.down.contains("CHECK"),
             "the guard does not rely on CHECK: {down:#?}"
         );
-        assert!(down.contains(&"INSERT INTO phi_guard (reason) VALUES ('cases: rows are sealed, run decrypt-back first')"), "{down:#?}");
-        assert!(down.contains(&"INSERT INTO phi_guard (reason) SELECT 'cases: rows are sealed, run decrypt-back first' FROM `cases` WHERE `phi_encrypted` <> 0 LIMIT 1"), "{down:#?}");
+        assert!(down.contains(&"CREATE TEMPORARY TABLE phi_guard (table_name VARCHAR(250) CHARACTER SET ascii NOT NULL, CONSTRAINT phi_rows_are_sealed__run_decrypt_back_first UNIQUE (table_name))"), "{down:#?}");
+        assert!(
+            down.contains(&"INSERT INTO phi_guard (table_name) VALUES ('cases')"),
+            "{down:#?}"
+        );
+        assert!(down.contains(&"INSERT INTO phi_guard (table_name) SELECT 'cases' FROM `cases` WHERE `phi_encrypted` <> 0 LIMIT 1"), "{down:#?}");
         assert!(down.contains(&"ALTER TABLE `cases` MODIFY `last_name` varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL DEFAULT 'x'"));
         assert_eq!(
             mysql_binary("t", "c", "text").expect("text"),
@@ -2389,7 +2405,7 @@ mod tests {
         assert_eq!(up[1], "DROP TABLE IF EXISTS temp.phi_guard", "{up:#?}");
         assert!(
             up.contains(
-                &r#"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM "cases" WHERE ("phi_encrypted" IS NULL OR "phi_encrypted" = 0) OR ("last_name" IS NOT NULL AND "last_name_encrypted" IS NULL) OR ("dob" IS NOT NULL AND "dob_encrypted" IS NULL)"#
+                &r#"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM "cases" WHERE ("phi_encrypted" IS NULL OR "phi_encrypted" = 0) OR ("last_name" IS NOT NULL AND "last_name_encrypted" IS NULL) OR ("last_name_encrypted" IS NOT NULL AND NOT substr("last_name_encrypted", 1, 2) = X'F101') OR ("dob" IS NOT NULL AND "dob_encrypted" IS NULL) OR ("dob_encrypted" IS NOT NULL AND NOT substr("dob_encrypted", 1, 2) = X'F101')"#
             ),
             "{up:#?}"
         );
@@ -2471,7 +2487,7 @@ mod tests {
         );
         assert_eq!(
             up[1],
-            r#"DO $$ BEGIN IF EXISTS (SELECT 1 FROM "cases" WHERE "phi_encrypted" IS NOT TRUE OR ("last_name" IS NOT NULL AND "last_name_encrypted" IS NULL) OR ("dob" IS NOT NULL AND "dob_encrypted" IS NULL)) THEN RAISE EXCEPTION 'cases: rows are not sealed, run backfill and verify first'; END IF; END $$"#
+            r#"DO $$ BEGIN IF EXISTS (SELECT 1 FROM "cases" WHERE "phi_encrypted" IS NOT TRUE OR ("last_name" IS NOT NULL AND "last_name_encrypted" IS NULL) OR ("last_name_encrypted" IS NOT NULL AND NOT substring("last_name_encrypted" from 1 for 2) = '\xf101'::bytea) OR ("dob" IS NOT NULL AND "dob_encrypted" IS NULL) OR ("dob_encrypted" IS NOT NULL AND NOT substring("dob_encrypted" from 1 for 2) = '\xf101'::bytea)) THEN RAISE EXCEPTION 'cases: rows are not sealed, run backfill and verify first'; END IF; END $$"#
         );
         assert_eq!(up[2], r#"DROP INDEX "cases_last""#);
         assert!(up.contains(&r#"ALTER TABLE "cases" DROP COLUMN "last_name""#));
@@ -2507,7 +2523,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let drops_first = at("DROP TRIGGER IF EXISTS");
-        let guards = at("INSERT INTO phi_guard (reason) SELECT");
+        let guards = at("INSERT INTO phi_guard (table_name) SELECT");
         let triggers = at("CREATE TRIGGER");
         let alters = at("ALTER TABLE");
         let drops_last = at("DROP TRIGGER `");
@@ -2526,9 +2542,11 @@ mod tests {
         );
         assert_eq!(
             up[guards[0]],
-            "INSERT INTO phi_guard (reason) SELECT 'cases: rows are not sealed, run backfill and verify first' \
-             FROM `cases` WHERE (`phi_encrypted` IS NULL OR `phi_encrypted` = 0) OR (`last_name` IS NOT NULL AND \
-             `last_name_encrypted` IS NULL) OR (`dob` IS NOT NULL AND `dob_encrypted` IS NULL) LIMIT 1"
+            "INSERT INTO phi_guard (table_name) SELECT 'cases' FROM `cases` WHERE (`phi_encrypted` IS NULL OR \
+             `phi_encrypted` = 0) OR (`last_name` IS NOT NULL AND `last_name_encrypted` IS NULL) OR \
+             (`last_name_encrypted` IS NOT NULL AND NOT LEFT(`last_name_encrypted`, 2) = X'F101') OR (`dob` IS NOT \
+             NULL AND `dob_encrypted` IS NULL) OR (`dob_encrypted` IS NOT NULL AND NOT LEFT(`dob_encrypted`, 2) = \
+             X'F101') LIMIT 1"
         );
         assert_eq!(
             up[triggers[0]],
@@ -2537,9 +2555,14 @@ mod tests {
              MESSAGE_TEXT = 'cases: finalize is running: a row with phi_encrypted off or NULL is refused'; \
              ELSEIF NEW.`last_name` IS NOT NULL AND NEW.`last_name_encrypted` IS NULL THEN SIGNAL SQLSTATE \
              '45000' SET MESSAGE_TEXT = 'cases: finalize is running: last_name without its sealed copy in \
-             last_name_encrypted is refused'; ELSEIF NEW.`dob` IS NOT NULL AND NEW.`dob_encrypted` IS NULL \
-             THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'cases: finalize is running: dob without its \
-             sealed copy in dob_encrypted is refused'; END IF; END"
+             last_name_encrypted is refused'; ELSEIF NEW.`last_name_encrypted` IS NOT NULL AND NOT \
+             LEFT(NEW.`last_name_encrypted`, 2) = X'F101' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = \
+             'cases: finalize is running: last_name_encrypted must hold an envelope'; ELSEIF NEW.`dob` IS NOT \
+             NULL AND NEW.`dob_encrypted` IS NULL THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'cases: \
+             finalize is running: dob without its sealed copy in dob_encrypted is refused'; ELSEIF \
+             NEW.`dob_encrypted` IS NOT NULL AND NOT LEFT(NEW.`dob_encrypted`, 2) = X'F101' THEN SIGNAL SQLSTATE \
+             '45000' SET MESSAGE_TEXT = 'cases: finalize is running: dob_encrypted must hold an envelope'; END \
+             IF; END"
         );
         assert!(up[triggers[1]].contains("BEFORE UPDATE ON `cases`"));
         assert_eq!(
@@ -2553,7 +2576,8 @@ mod tests {
         // The guard fails by a duplicate key: no CHECK constraint of its own.
         assert!(
             up.iter().any(|s| s.starts_with(
-                "CREATE TEMPORARY TABLE phi_guard (reason VARCHAR(250) CHARACTER SET ascii NOT NULL PRIMARY KEY)"
+                "CREATE TEMPORARY TABLE phi_guard (table_name VARCHAR(250) CHARACTER SET ascii NOT NULL, \
+                 CONSTRAINT phi_rows_are_not_sealed__run_backfill_and_verify_first UNIQUE (table_name))"
             )) && !m.up.contains("CHECK (n = 0)")
         );
         for step in [

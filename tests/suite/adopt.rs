@@ -999,3 +999,161 @@ fn finalize_runs_through_diesels_migration_runner_and_down_undoes_it() {
         assert!(schema.column(c).is_some(), "{c} after down: {schema:#?}");
     }
 }
+
+#[test]
+fn finalize_refuses_a_sealed_copy_that_is_not_an_envelope() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let table = "phi_it_finalize_not_envelope";
+    finalize_table(&mut conn, table);
+    conn.batch_execute(&format!(
+        "UPDATE {table} SET last_name_encrypted = {} WHERE id = 'r3'",
+        bytes_sql(b"Name 2")
+    ))
+    .expect("a shadow holding plain bytes");
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    refused(
+        conn.batch_execute(&m.up),
+        "rows are not sealed, run backfill and verify first",
+    );
+    finalize_values_readable(&mut conn, table, "a refused finalize");
+}
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct PlainValues {
+    #[diesel(sql_type = TextSql)]
+    id: String,
+    #[diesel(sql_type = TextSql)]
+    last_name: String,
+    #[diesel(sql_type = NullableSql<TextSql>)]
+    note: Option<String>,
+}
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct SealedValues {
+    #[diesel(sql_type = TextSql)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    last_name: Vec<u8>,
+    #[diesel(sql_type = NullableSql<diesel::sql_types::Binary>)]
+    note: Option<Vec<u8>>,
+}
+
+/// Every value of `finalize_table`'s rows is readable: in the plain
+/// columns while the shadows are there, in the sealed columns once
+/// finalize replaced them; a table between the two fails.
+fn finalize_values_readable(conn: &mut Conn, table: &'static str, step: &str) {
+    let schema = conn.introspect(table).expect("introspect");
+    let shadows = ["last_name_encrypted", "note_encrypted"].map(|c| schema.column(c).is_some());
+    let rows = || diesel::sql_query(format!("SELECT id, last_name, note FROM {table} ORDER BY id"));
+    match shadows {
+        [true, true] => {
+            let read = rows()
+                .load::<PlainValues>(conn)
+                .unwrap_or_else(|e| panic!("{step}: the plain columns: {e}"));
+            let expected: Vec<_> = (0..3)
+                .map(|i| PlainValues {
+                    id: format!("r{}", i + 1),
+                    last_name: format!("Name {i}"),
+                    note: Some(format!("Note {i}")),
+                })
+                .collect();
+            assert_eq!(read, expected, "{step}: the plain values are all there");
+        }
+        [false, false] => {
+            let read = rows()
+                .load::<SealedValues>(conn)
+                .unwrap_or_else(|e| panic!("{step}: the sealed columns: {e}"));
+            let expected: Vec<_> = (0..3u8)
+                .map(|i| SealedValues {
+                    id: format!("r{}", i + 1),
+                    last_name: vec![0xf1, 0x01, 1, i],
+                    note: Some(vec![0xf1, 0x01, 2, i]),
+                })
+                .collect();
+            assert_eq!(read, expected, "{step}: the sealed values are all there");
+        }
+        _ => panic!("{step}: the table is half finalized: {schema:#?}"),
+    }
+}
+
+/// The triggers finalize installs on MySQL/MariaDB (0 elsewhere).
+fn finalize_triggers(conn: &mut Conn, table: &str) -> i64 {
+    if dialect() != Dialect::Mysql {
+        return 0;
+    }
+    diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM information_schema.TRIGGERS \
+         WHERE EVENT_OBJECT_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = '{table}'"
+    ))
+    .get_result::<Waiting>(conn)
+    .expect("triggers")
+    .n
+}
+
+#[test]
+fn finalize_stopped_after_any_statement_leaves_every_value_readable_and_its_recovery_works() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let table = "phi_it_finalize_stopped";
+    finalize_table(&mut conn, table);
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    let statements = migration_statements(&m.up);
+    // The migration stops after `done` statements (the connection lost, the
+    // process killed): its transaction is rolled back, which undoes nothing
+    // on MySQL/MariaDB, where each DDL statement has committed.
+    for done in 0..=statements.len() {
+        if done > 0 {
+            finalize_table(&mut conn, table);
+        }
+        let stopped = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+            for statement in &statements[..done] {
+                conn.batch_execute(statement)?;
+            }
+            Err(diesel::result::Error::RollbackTransaction)
+        });
+        assert!(stopped.is_err());
+        let step = format!("stopped after {done} statements");
+        finalize_values_readable(&mut conn, table, &step);
+        // The recovery the migration's comments give: run it again. Once
+        // the table is finalized (MySQL/MariaDB, after its ALTER TABLE),
+        // that drops the triggers left behind and fails at its first
+        // check, changing nothing else.
+        let finalized = conn
+            .introspect(table)
+            .expect("introspect")
+            .column("note_encrypted")
+            .is_none();
+        let again = conn.batch_execute(&m.up);
+        assert_eq!(
+            again.is_err(),
+            finalized,
+            "{step}: running it again: {again:?}"
+        );
+        finalize_values_readable(&mut conn, table, &format!("{step}, then run again"));
+        assert!(
+            conn.introspect(table)
+                .expect("introspect")
+                .column("note_encrypted")
+                .is_none(),
+            "{step}: finalized after running it again"
+        );
+        assert_eq!(
+            finalize_triggers(&mut conn, table),
+            0,
+            "{step}: no trigger left behind"
+        );
+    }
+}

@@ -130,15 +130,7 @@ pub(crate) fn table_check(t: &StoredTable, dialect: Dialect) -> Result<SealedChe
         )));
     }
     let q = |name: &str| quoted(dialect, name);
-    let envelope = |column: &str| -> String {
-        match dialect {
-            Dialect::Postgres => {
-                format!("substring({column} from 1 for 2) = '\\xf101'::bytea")
-            }
-            Dialect::Mysql => format!("LEFT({column}, 2) = X'F101'"),
-            Dialect::Sqlite => format!("substr({column}, 1, 2) = X'F101'"),
-        }
-    };
+    let envelope = |column: &str| is_envelope(dialect, column);
     let values = |prefix: &str| -> String {
         t.columns
             .iter()
@@ -198,6 +190,16 @@ pub(crate) fn table_check(t: &StoredTable, dialect: Dialect) -> Result<SealedChe
         up,
         down,
     })
+}
+
+/// The condition "`column` (an SQL expression) starts with an envelope v1's
+/// bytes `F1 01`".
+pub(crate) fn is_envelope(dialect: Dialect, column: &str) -> String {
+    match dialect {
+        Dialect::Postgres => format!("substring({column} from 1 for 2) = '\\xf101'::bytea"),
+        Dialect::Mysql => format!("LEFT({column}, 2) = X'F101'"),
+        Dialect::Sqlite => format!("substr({column}, 1, 2) = X'F101'"),
+    }
 }
 
 /// `name` quoted as an identifier of `dialect` (`"name"` on PostgreSQL and
