@@ -47,7 +47,7 @@ use diesel::sql_types::{Nullable, Text};
 
 use crate::error::{Error, Result};
 use crate::legacy::Dialect;
-use crate::legacy::sql::table_check;
+use crate::legacy::sql::{is_envelope, quoted, table_check};
 use crate::lifecycle::tables::{
     DataConnection, Migratable, StoredColumn, StoredTable, check_identifier,
 };
@@ -287,13 +287,63 @@ pub trait SchemaConnection: DataConnection {
     /// [`Error::Config`] for an unknown table; [`Error::Database`] when a
     /// catalog query fails.
     fn introspect(&mut self, table: &'static str) -> Result<TableSchema>;
+
+    /// The server's version as it reports it (`SELECT VERSION()` on
+    /// MySQL/MariaDB, `server_version` on PostgreSQL, `sqlite_version()`).
+    ///
+    /// # Errors
+    /// Diesel's error when the query fails.
+    fn server_version(&mut self) -> diesel::QueryResult<String>;
+}
+
+/// Refuses a MySQL or MariaDB server that does not enforce CHECK
+/// constraints, from its version as `SELECT VERSION()` reports it
+/// (`8.0.36`, `5.7.44-log`, `10.11.6-MariaDB-0+deb12u1`). MySQL parses and
+/// ignores CHECK before 8.0.16, MariaDB before 10.2.1: the sealed check
+/// phi's migrations add would be accepted and never hold. [`migration`]
+/// calls it before generating anything for such a server.
+///
+/// # Errors
+/// [`Error::Config`] naming the version and the versions that enforce
+/// CHECK, for an older server or a version it cannot read.
+pub fn check_constraints_enforced(version: &str) -> Result<()> {
+    let mariadb = version.to_ascii_lowercase().contains("mariadb");
+    // MariaDB's replication handshake prefix, should a client report it.
+    let text = match version.strip_prefix("5.5.5-") {
+        Some(rest) if mariadb => rest,
+        _ => version,
+    };
+    let numbers: Vec<u32> = text
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .map_while(|n| n.parse().ok())
+        .collect();
+    let needed: [u32; 3] = if mariadb { [10, 2, 1] } else { [8, 0, 16] };
+    let server = if mariadb { "MariaDB" } else { "MySQL" };
+    let wanted = "MySQL ≥ 8.0.16 and MariaDB ≥ 10.2.1 enforce CHECK constraints";
+    let &[major, minor, ref rest @ ..] = numbers.as_slice() else {
+        return Err(Error::Config(format!(
+            "cannot read the server's version {version:?} ({wanted}): phi's migrations need one that does"
+        )));
+    };
+    let patch = rest.first().copied().unwrap_or(0);
+    if [major, minor, patch] < needed {
+        return Err(Error::Config(format!(
+            "{server} {major}.{minor}.{patch} (version {version:?}) parses CHECK constraints and ignores them \
+             ({wanted}): the sealed check of phi's migrations would never hold; upgrade the server first"
+        )));
+    }
+    Ok(())
 }
 
 /// Introspects `M`'s table on `conn` and generates the migration of
 /// `strategy` for `conn`'s backend.
 ///
 /// # Errors
-/// As [`SchemaConnection::introspect`] and [`generate`].
+/// As [`SchemaConnection::introspect`] and [`generate`]; on MySQL/MariaDB,
+/// as [`check_constraints_enforced`] for the server's version.
 pub fn migration<M: Migratable, C: SchemaConnection>(
     conn: &mut C,
     strategy: Strategy,
@@ -305,13 +355,17 @@ pub fn migration<M: Migratable, C: SchemaConnection>(
 /// [`migration`] for a table description.
 ///
 /// # Errors
-/// As [`migration`].
+/// As [`migration`]; on MySQL/MariaDB, as [`check_constraints_enforced`]
+/// for the server's version.
 pub fn migration_for<C: SchemaConnection>(
     table: &StoredTable,
     conn: &mut C,
     strategy: Strategy,
     options: &Options,
 ) -> Result<Migration> {
+    if C::DIALECT == Dialect::Mysql {
+        check_constraints_enforced(&conn.server_version().map_err(db_error(table.table))?)?;
+    }
     let schema = conn.introspect(table.table)?;
     generate(table, &schema, C::DIALECT, strategy, options)
 }
@@ -322,6 +376,14 @@ fn db_error(table: &'static str) -> impl Fn(diesel::result::Error) -> Error {
         table,
         source,
     }
+}
+
+/// One row of a version query.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[derive(QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Text)]
+    version: String,
 }
 
 fn split(table: &str) -> (Option<&str>, &str) {
@@ -338,6 +400,14 @@ fn unknown(table: &str) -> Error {
 #[cfg(feature = "postgres")]
 impl SchemaConnection for diesel::PgConnection {
     const DIALECT: Dialect = Dialect::Postgres;
+
+    fn server_version(&mut self) -> diesel::QueryResult<String> {
+        Ok(
+            diesel::sql_query("SELECT current_setting('server_version') AS version")
+                .get_result::<VersionRow>(self)?
+                .version,
+        )
+    }
 
     fn introspect(&mut self, table: &'static str) -> Result<TableSchema> {
         #[derive(QueryableByName)]
@@ -445,6 +515,12 @@ impl SchemaConnection for diesel::PgConnection {
 impl SchemaConnection for diesel::MysqlConnection {
     const DIALECT: Dialect = Dialect::Mysql;
 
+    fn server_version(&mut self) -> diesel::QueryResult<String> {
+        Ok(diesel::sql_query("SELECT VERSION() AS version")
+            .get_result::<VersionRow>(self)?
+            .version)
+    }
+
     fn introspect(&mut self, table: &'static str) -> Result<TableSchema> {
         #[derive(QueryableByName)]
         struct Col {
@@ -476,19 +552,10 @@ impl SchemaConnection for diesel::MysqlConnection {
             #[diesel(sql_type = Text)]
             index_type: String,
         }
-        #[derive(QueryableByName)]
-        struct Version {
-            #[diesel(sql_type = Text)]
-            version: String,
-        }
         check_identifier("table", table, true)?;
         let (schema, name) = split(table);
         let err = db_error(table);
-        let mariadb = diesel::sql_query("SELECT VERSION() AS version")
-            .get_result::<Version>(self)
-            .map_err(&err)?
-            .version
-            .contains("MariaDB");
+        let mariadb = self.server_version().map_err(&err)?.contains("MariaDB");
         let cols: Vec<Col> = diesel::sql_query(
             "SELECT CAST(COLUMN_NAME AS CHAR) AS name, CAST(COLUMN_TYPE AS CHAR) AS sql_type, \
              CAST(IS_NULLABLE AS CHAR) AS nullable, CAST(COLUMN_DEFAULT AS CHAR) AS default_expr, \
@@ -537,9 +604,11 @@ impl SchemaConnection for diesel::MysqlConnection {
             };
             match p.column {
                 Some(column) => {
+                    // Quoted: the statement goes into down.sql as it is.
+                    let name = quoted(Dialect::Mysql, &column);
                     def.push(match &p.sub_part {
-                        Some(n) => format!("{column}({n})"),
-                        None => column.clone(),
+                        Some(n) => format!("{name}({n})"),
+                        None => name,
                     });
                     index.columns.push(column);
                 }
@@ -553,6 +622,7 @@ impl SchemaConnection for diesel::MysqlConnection {
                 _ if index.unique => "UNIQUE ",
                 _ => "",
             };
+            let table = quoted(Dialect::Mysql, table);
             index.definition = if index.primary {
                 Some(format!(
                     "ALTER TABLE {table} ADD PRIMARY KEY ({})",
@@ -563,7 +633,7 @@ impl SchemaConnection for diesel::MysqlConnection {
             } else {
                 Some(format!(
                     "CREATE {kind}INDEX {} ON {table} ({})",
-                    index.name,
+                    quoted(Dialect::Mysql, &index.name),
                     def.join(", ")
                 ))
             };
@@ -598,6 +668,12 @@ impl SchemaConnection for diesel::MysqlConnection {
 #[cfg(feature = "sqlite")]
 impl SchemaConnection for diesel::SqliteConnection {
     const DIALECT: Dialect = Dialect::Sqlite;
+
+    fn server_version(&mut self) -> diesel::QueryResult<String> {
+        Ok(diesel::sql_query("SELECT sqlite_version() AS version")
+            .get_result::<VersionRow>(self)?
+            .version)
+    }
 
     fn introspect(&mut self, table: &'static str) -> Result<TableSchema> {
         #[derive(QueryableByName)]
@@ -816,8 +892,44 @@ mod cost {
         }
     }
 
-    pub(super) fn guard(_: Dialect) -> &'static str {
-        "Reads the table (no lock beyond reads)."
+    pub(super) fn guard(d: Dialect) -> &'static str {
+        match d {
+            Dialect::Postgres => "Reads the table under the lock taken above.",
+            _ => "Reads the table (no lock beyond reads).",
+        }
+    }
+
+    pub(super) fn drop_trigger(_: Dialect) -> &'static str {
+        "MySQL/MariaDB: metadata only."
+    }
+
+    pub(super) fn finalize_alter(up: bool) -> &'static str {
+        if up {
+            "MySQL/MariaDB: one statement, so it happens whole or not at all. Copies the table \
+             (ALGORITHM=COPY) when it adds NOT NULL or the sealed check: writes wait for the whole copy."
+        } else {
+            "MySQL/MariaDB: one statement, so it happens whole or not at all; may copy the table \
+             (writes wait for the copy)."
+        }
+    }
+
+    pub(super) fn lock(d: Dialect) -> &'static str {
+        match d {
+            Dialect::Postgres => {
+                "PostgreSQL: takes the ACCESS EXCLUSIVE lock first and holds it until the migration commits: \
+                 reads and writes wait, so no row is written between the check below and the changes after \
+                 it. LOCK TABLE fails outside a transaction: run the migration in one (Diesel does)."
+            }
+            Dialect::Mysql => {
+                "MySQL/MariaDB: waits for the transactions using the table, then installs the triggers \
+                 (metadata only)."
+            }
+            _ => {
+                "SQLite: takes the database's write lock (a write that changes nothing), held until the \
+                 migration commits: no other connection writes meanwhile. Run the migration in one \
+                 transaction (Diesel does)."
+            }
+        }
     }
 }
 
@@ -956,8 +1068,9 @@ fn mysql_def(c: &ColumnInfo, sql_type: &str, nullable: bool, default: bool) -> S
 /// The statements that drop an index, and recreate it.
 fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String, String, String)> {
     let table = t.table;
-    // Index names come from the catalog and go into SQL unquoted: only
-    // plain identifiers are taken.
+    // Index names come from the catalog: only plain identifiers are taken,
+    // and they go into SQL quoted (a reserved word, or capitals on
+    // PostgreSQL, name that index and no other).
     check_identifier("index", &index.name, false).map_err(|e| {
         config(
             table,
@@ -974,23 +1087,25 @@ fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String,
         ));
     }
     let (schema, _) = split(table);
+    let name = quoted(d, &index.name);
     let qualified = match schema {
-        Some(s) if d == Dialect::Postgres => format!("{s}.{}", index.name),
-        _ => index.name.clone(),
+        Some(s) if d == Dialect::Postgres => format!("{}.{name}", quoted(d, s)),
+        _ => name.clone(),
     };
+    let table = quoted(d, table);
     match d {
         Dialect::Postgres => {
             if let Some(def) = &index.constraint {
                 return Ok((
-                    format!("ALTER TABLE {table} DROP CONSTRAINT {}", index.name),
-                    format!("ALTER TABLE {table} ADD CONSTRAINT {} {def}", index.name),
+                    format!("ALTER TABLE {table} DROP CONSTRAINT {name}"),
+                    format!("ALTER TABLE {table} ADD CONSTRAINT {name} {def}"),
                     cost::add_constraint(d).into(),
                 ));
             }
         }
         Dialect::Sqlite if index.definition.is_none() => {
             return Err(config(
-                table,
+                t.table,
                 format_args!(
                     "the index {} comes from a UNIQUE clause in CREATE TABLE, which SQLite cannot drop \
                      (nor a column it covers): rebuild the table without it first",
@@ -1002,7 +1117,7 @@ fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String,
     }
     let Some(def) = &index.definition else {
         return Err(config(
-            table,
+            t.table,
             format_args!(
                 "the index {} (on an expression) cannot be recreated from the catalog: drop it by hand first",
                 index.name
@@ -1010,7 +1125,7 @@ fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String,
         ));
     };
     let drop = match d {
-        Dialect::Mysql => format!("DROP INDEX {} ON {table}", index.name),
+        Dialect::Mysql => format!("DROP INDEX {name} ON {table}"),
         _ => format!("DROP INDEX {qualified}"),
     };
     Ok((drop, def.clone(), cost::create_index(d).into()))
@@ -1019,6 +1134,7 @@ fn drop_index(d: Dialect, t: &StoredTable, index: &IndexInfo) -> Result<(String,
 /// `ALTER TABLE` that sets (`set`) or drops `NOT NULL` on a column of
 /// PostgreSQL or MySQL (SQLite has triggers instead).
 fn not_null_sql(d: Dialect, table: &str, column: &str, sql_type: &str, set: bool) -> String {
+    let (table, column) = (quoted(d, table), quoted(d, column));
     match (d, set) {
         (Dialect::Mysql, true) => {
             format!("ALTER TABLE {table} MODIFY {column} {sql_type} NOT NULL")
@@ -1029,36 +1145,87 @@ fn not_null_sql(d: Dialect, table: &str, column: &str, sql_type: &str, set: bool
     }
 }
 
-/// Refuses (aborts the migration) while `condition` holds for any row.
+/// Refuses (aborts the migration) while `condition` holds for any row,
+/// with an error naming the table and `message`.
+///
+/// - PostgreSQL: the table is locked first (`ACCESS EXCLUSIVE`, held until
+///   the migration's transaction ends), so no row written after the
+///   guard's scan reaches the statements after it unchecked; then a `DO`
+///   block raises.
+/// - MySQL/MariaDB: a temporary table with a unique key named by the reason
+///   gets the table's name, then the name again for a matching row: the
+///   duplicate key ("Duplicate entry '<table>' for key '<reason>'") fails
+///   the statement whatever the server does with CHECK constraints (MySQL
+///   before 8.0.16 parses and ignores them) and whatever its `sql_mode`.
+/// - SQLite: the database's write lock first (as PostgreSQL's lock), then
+///   a temporary table whose CHECK refuses a count above zero.
 fn guard(s: &mut Script, d: Dialect, t: &StoredTable, condition: &str, message: &str) {
-    let table = t.table;
+    let table = quoted(d, t.table);
+    let reason = format!("{}: {message}", t.table);
+    // The temporary table's constraint, named by the reason: the error
+    // names it.
+    let constraint: String = format!(
+        "phi_{}",
+        message.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    )
+    .chars()
+    .take(60)
+    .collect();
     match d {
-        Dialect::Postgres => s.stmt(
-            cost::guard(d),
-            format!(
-                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM {table} WHERE {condition}) THEN \
-                 RAISE EXCEPTION '{table}: {message}'; END IF; END $$"
-            ),
-        ),
-        _ => {
+        Dialect::Postgres => {
+            s.stmt(
+                cost::lock(d),
+                format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"),
+            );
+            s.stmt(
+                cost::guard(d),
+                format!(
+                    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM {table} WHERE {condition}) THEN \
+                     RAISE EXCEPTION '{reason}'; END IF; END $$"
+                ),
+            );
+        }
+        Dialect::Mysql => {
+            s.note(&format!(
+                "Refuses unless no row of {} matches: {message} (a duplicate key named by the reason).",
+                t.table
+            ));
+            let temp = "DROP TEMPORARY TABLE IF EXISTS phi_guard";
+            s.stmt(cost::guard(d), temp);
+            s.stmt(
+                cost::guard(d),
+                format!(
+                    "CREATE TEMPORARY TABLE phi_guard (table_name VARCHAR(250) CHARACTER SET ascii NOT NULL, \
+                     CONSTRAINT {constraint} UNIQUE (table_name))"
+                ),
+            );
+            let name = t.table;
+            s.stmt(
+                cost::guard(d),
+                format!("INSERT INTO phi_guard (table_name) VALUES ('{name}')"),
+            );
+            s.stmt(
+                cost::guard(d),
+                format!(
+                    "INSERT INTO phi_guard (table_name) SELECT '{name}' FROM {table} WHERE {condition} LIMIT 1"
+                ),
+            );
+            s.stmt(cost::guard(d), temp);
+        }
+        Dialect::Sqlite => {
+            let flag = quoted(d, t.flag_column);
+            s.stmt(
+                cost::lock(d),
+                format!("UPDATE {table} SET {flag} = {flag} WHERE 0"),
+            );
             // A temporary table whose CHECK refuses a count above zero: the
             // INSERT fails, and the migration with it, naming the check.
-            let temp = if d == Dialect::Mysql {
-                "DROP TEMPORARY TABLE IF EXISTS phi_guard"
-            } else {
-                "DROP TABLE IF EXISTS temp.phi_guard"
-            };
+            let temp = "DROP TABLE IF EXISTS temp.phi_guard";
             s.note(&format!(
-                "Refuses unless no row of {table} matches: {message}."
+                "Refuses unless no row of {} matches: {message}.",
+                t.table
             ));
             s.stmt(cost::guard(d), temp);
-            let constraint: String = format!(
-                "phi_{}",
-                message.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-            )
-            .chars()
-            .take(60)
-            .collect();
             s.stmt(
                 cost::guard(d),
                 format!(
@@ -1074,13 +1241,16 @@ fn guard(s: &mut Script, d: Dialect, t: &StoredTable, condition: &str, message: 
     }
 }
 
-fn flag_is(d: Dialect, t: &StoredTable, on: bool) -> String {
-    let flag = t.flag_column;
+/// The condition "`t`'s encrypted flag is on" (`on`) or "is off", on
+/// `prefix`'s columns (`NEW.` in a trigger). A NULL flag is off: a row
+/// whose flag no one set is not taken as sealed.
+fn flag_is(d: Dialect, t: &StoredTable, prefix: &str, on: bool) -> String {
+    let flag = format!("{prefix}{}", quoted(d, t.flag_column));
     match (t.flag_is_bool && d == Dialect::Postgres, on) {
-        (true, true) => flag.to_owned(),
-        (true, false) => format!("NOT {flag}"),
+        (true, true) => format!("{flag} IS TRUE"),
+        (true, false) => format!("{flag} IS NOT TRUE"),
         (false, true) => format!("{flag} <> 0"),
-        (false, false) => format!("{flag} = 0"),
+        (false, false) => format!("({flag} IS NULL OR {flag} = 0)"),
     }
 }
 
@@ -1109,7 +1279,11 @@ fn add_phi_columns(
         );
         groups.push(vec![(
             cost::drop_column(d).to_owned(),
-            format!("ALTER TABLE {table} DROP COLUMN {}", t.flag_column),
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                quoted(d, table),
+                quoted(d, t.flag_column)
+            ),
         )]);
     }
     let mut indexed: Vec<(&str, u32)> = t
@@ -1142,13 +1316,16 @@ fn add_phi_columns(
                 cost::create_index(d),
                 format!("CREATE INDEX {name} ON {table} ({on})"),
             );
+            let index = quoted(d, &name);
             group.push((
                 cost::drop_index(d).to_owned(),
                 match d {
-                    Dialect::Mysql => format!("DROP INDEX {name} ON {table}"),
+                    Dialect::Mysql => format!("DROP INDEX {index} ON {}", quoted(d, table)),
                     _ => match split(table).0 {
-                        Some(s) if d == Dialect::Postgres => format!("DROP INDEX {s}.{name}"),
-                        _ => format!("DROP INDEX {name}"),
+                        Some(s) if d == Dialect::Postgres => {
+                            format!("DROP INDEX {}.{index}", quoted(d, s))
+                        }
+                        _ => format!("DROP INDEX {index}"),
                     },
                 },
             ));
@@ -1156,7 +1333,11 @@ fn add_phi_columns(
         if schema.column(column).is_none() {
             group.push((
                 cost::drop_column(d).to_owned(),
-                format!("ALTER TABLE {table} DROP COLUMN {column}"),
+                format!(
+                    "ALTER TABLE {} DROP COLUMN {}",
+                    quoted(d, table),
+                    quoted(d, column)
+                ),
             ));
         }
         groups.push(group);
@@ -1263,6 +1444,14 @@ pub fn generate(
                     }
                     _ => None,
                 };
+                // down.sql sets the column's default again: only a literal
+                // is copied (an expression could mean something else, or
+                // nothing, when down runs).
+                if to_bytes.is_some()
+                    && let Some(default) = &info.default
+                {
+                    literal_default(d, table, c.column, default)?;
+                }
                 converts.extend(to_bytes);
             }
             let dropped: Vec<_> = schema
@@ -1274,7 +1463,7 @@ pub fn generate(
                 &mut down,
                 d,
                 t,
-                &flag_is(d, t, true),
+                &flag_is(d, t, "", true),
                 "rows are sealed, run decrypt-back first",
             );
             for (index, (drop, _, _)) in &dropped {
@@ -1334,16 +1523,19 @@ pub fn generate(
                         down.stmt(
                             cost::convert(d),
                             format!(
-                                "ALTER TABLE {table} ALTER COLUMN {0} TYPE {1} USING convert_from({0}, 'UTF8')::{1}",
-                                info.name, info.sql_type
+                                "ALTER TABLE {} ALTER COLUMN {2} TYPE {1} USING convert_from({2}, 'UTF8')::{1}",
+                                quoted(d, table),
+                                info.sql_type,
+                                quoted(d, &info.name),
                             ),
                         );
                         if let Some(default) = &info.default {
                             down.stmt(
                                 cost::default(d),
                                 format!(
-                                    "ALTER TABLE {table} ALTER COLUMN {} SET DEFAULT {default}",
-                                    info.name
+                                    "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {default}",
+                                    quoted(d, table),
+                                    quoted(d, &info.name)
                                 ),
                             );
                         }
@@ -1351,8 +1543,9 @@ pub fn generate(
                     _ => down.stmt(
                         cost::convert(d),
                         format!(
-                            "ALTER TABLE {table} MODIFY {} {}",
-                            info.name,
+                            "ALTER TABLE {} MODIFY {} {}",
+                            quoted(d, table),
+                            quoted(d, &info.name),
                             mysql_def(info, &info.sql_type, info.nullable, true)
                         ),
                     ),
@@ -1398,7 +1591,13 @@ pub fn generate(
             let only_copy = t
                 .columns
                 .iter()
-                .map(|c| format!("({} IS NULL AND {} IS NOT NULL)", c.column, shadow_name(c)))
+                .map(|c| {
+                    format!(
+                        "({} IS NULL AND {} IS NOT NULL)",
+                        quoted(d, c.column),
+                        quoted(d, &shadow_name(c))
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" OR ");
             guard(
@@ -1414,168 +1613,15 @@ pub fn generate(
             for shadow in drops.iter().rev() {
                 down.stmt(
                     cost::drop_column(d),
-                    format!("ALTER TABLE {table} DROP COLUMN {shadow}"),
+                    format!(
+                        "ALTER TABLE {} DROP COLUMN {}",
+                        quoted(d, table),
+                        quoted(d, shadow)
+                    ),
                 );
             }
         }
-        Strategy::Finalize => {
-            if !t.has_shadow() {
-                return Err(config(
-                    table,
-                    "the model has no shadow column (#[phi(encrypt, shadow)]): nothing to finalize",
-                ));
-            }
-            header(
-                &mut up,
-                t,
-                d,
-                strategy,
-                "Ends the dual-write phase: refused while a row's flag is off; drops the plain columns and their \
-                 indexes, renames each shadow to its column's name, restores NOT NULL, adds the sealed check.",
-            );
-            header(
-                &mut down,
-                t,
-                d,
-                strategy,
-                "Re-adds the plain columns (nullable, empty: `decrypt-back` refills them) beside the sealed ones, \
-                 renamed back to their shadow names.",
-            );
-            column(t.flag_column)?;
-            let shadowed: Vec<_> = t.columns.iter().filter(|c| c.shadow.is_some()).collect();
-            let mut pairs = Vec::new();
-            for c in &shadowed {
-                check_identifier("column", c.column, false)?;
-                let plain = column(c.column)?;
-                let shadow = shadow_name(c);
-                check_identifier("shadow column", &shadow, false)?;
-                let sealed = column(&shadow)?;
-                pairs.push((*c, plain, shadow, sealed));
-            }
-            let names: Vec<&str> = shadowed.iter().map(|c| c.column).collect();
-            let dropped: Vec<_> = schema
-                .indexes_on(&names)
-                .into_iter()
-                .map(|i| drop_index(d, t, i).map(|s| (i, s)))
-                .collect::<Result<_>>()?;
-            let mut checked = t.clone();
-            checked.columns.iter_mut().for_each(|c| c.shadow = None);
-            let check = options
-                .sealed_check
-                .then(|| table_check(&checked, d))
-                .transpose()?;
-            // A row left unsealed, or sealed with a shadow missing where its
-            // plain column holds a value, would lose that value.
-            let unsealed = std::iter::once(flag_is(d, t, false))
-                .chain(pairs.iter().map(|(c, _, shadow, _)| {
-                    format!("({} IS NOT NULL AND {shadow} IS NULL)", c.column)
-                }))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            guard(
-                &mut up,
-                d,
-                t,
-                &unsealed,
-                "rows are not sealed, run backfill and verify first",
-            );
-            for (_, (drop, _, _)) in &dropped {
-                up.stmt(cost::drop_index(d), drop);
-            }
-            for (c, _, _, _) in &pairs {
-                up.stmt(
-                    cost::drop_column(d),
-                    format!("ALTER TABLE {table} DROP COLUMN {}", c.column),
-                );
-            }
-            for (c, _, shadow, _) in &pairs {
-                up.stmt(
-                    cost::rename(d),
-                    format!("ALTER TABLE {table} RENAME COLUMN {shadow} TO {}", c.column),
-                );
-            }
-            let required: Vec<_> = pairs.iter().filter(|(_, p, _, _)| !p.nullable).collect();
-            let bare = split(table).1;
-            let not_null = format!("phi_not_null_{bare}");
-            name_fits(table, "trigger", &format!("{not_null}_update"))?;
-            if !required.is_empty() {
-                if d == Dialect::Sqlite {
-                    up.note(
-                        "SQLite cannot add NOT NULL to a column: triggers refuse NULL instead.",
-                    );
-                    let cols: Vec<&str> = required.iter().map(|(c, _, _, _)| c.column).collect();
-                    let when = cols
-                        .iter()
-                        .map(|c| format!("NEW.{c} IS NULL"))
-                        .collect::<Vec<_>>()
-                        .join(" OR ");
-                    for (event, suffix) in [("INSERT", "insert"), ("UPDATE", "update")] {
-                        up.stmt(
-                            cost::set_not_null(d),
-                            format!(
-                                "CREATE TRIGGER {not_null}_{suffix} BEFORE {event} ON {table} FOR EACH ROW \
-                                 WHEN {when} BEGIN SELECT RAISE(ABORT, '{table}: {} must not be NULL'); END",
-                                cols.join(", ")
-                            ),
-                        );
-                    }
-                } else {
-                    for (c, _, _, s) in &required {
-                        up.stmt(
-                            cost::set_not_null(d),
-                            not_null_sql(d, table, c.column, &s.sql_type, true),
-                        );
-                    }
-                }
-            }
-            if let Some(check) = &check {
-                for s in &check.up {
-                    up.stmt(cost::check(d), s);
-                }
-                for s in &check.down {
-                    down.stmt(cost::drop_index(d), s);
-                }
-            } else {
-                up.note("No sealed check (--no-check).");
-            }
-            if !required.is_empty() {
-                if d == Dialect::Sqlite {
-                    for suffix in ["insert", "update"] {
-                        down.stmt(
-                            cost::drop_not_null(d),
-                            format!("DROP TRIGGER {not_null}_{suffix}"),
-                        );
-                    }
-                } else {
-                    for (c, _, _, s) in &required {
-                        down.stmt(
-                            cost::drop_not_null(d),
-                            not_null_sql(d, table, c.column, &s.sql_type, false),
-                        );
-                    }
-                }
-            }
-            for (c, _, shadow, _) in pairs.iter().rev() {
-                down.stmt(
-                    cost::rename(d),
-                    format!("ALTER TABLE {table} RENAME COLUMN {} TO {shadow}", c.column),
-                );
-            }
-            down.note("The plain columns come back empty: `decrypt-back` refills them from the sealed values.");
-            for (c, plain, _, _) in &pairs {
-                let ty = match d {
-                    Dialect::Mysql => mysql_def(plain, &plain.sql_type, true, false),
-                    _ => format!("{} NULL", plain.sql_type),
-                };
-                down.stmt(
-                    cost::add_column(d, false),
-                    format!("ALTER TABLE {table} ADD COLUMN {} {ty}", c.column),
-                );
-            }
-            for (_, (_, recreate, cost)) in &dropped {
-                down.stmt(cost, recreate);
-            }
-        }
+        Strategy::Finalize => finalize(&mut up, &mut down, t, schema, d, options)?,
     }
     Ok(Migration {
         strategy,
@@ -1583,6 +1629,536 @@ pub fn generate(
         up: up.0,
         down: down.0,
     })
+}
+
+/// Refuses a column default that is not a literal. `down.sql` sets the
+/// default again from the text the catalog gave: a literal (a string, a
+/// number, `NULL`, `TRUE`, `FALSE`; on PostgreSQL with `::type` casts, as
+/// `'x'::character varying`) means the same then; an expression (a
+/// function call, a sequence, a subquery) may not, and is not copied into
+/// SQL that runs later.
+fn literal_default(d: Dialect, table: &str, column: &str, default: &str) -> Result<()> {
+    if is_literal(d, default) {
+        Ok(())
+    } else {
+        Err(config(
+            table,
+            format_args!(
+                "column {column}: its default {default:?} is not a literal (a string, a number, NULL, TRUE or \
+                 FALSE), so down.sql cannot set it again: drop the default before generating (ALTER TABLE … \
+                 ALTER/MODIFY), and set it again by hand after a down migration"
+            ),
+        ))
+    }
+}
+
+/// Whether `text` is one SQL literal of `d`, optionally in parentheses
+/// (SQLite keeps `('x')` as written) and, on PostgreSQL, cast (`::type`).
+fn is_literal(d: Dialect, text: &str) -> bool {
+    let mut s = text.trim();
+    while let Some(inner) = s.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+        s = inner.trim();
+    }
+    let Some(mut rest) = literal_token(d, s) else {
+        return false;
+    };
+    if d == Dialect::Postgres {
+        while let Some(after) = rest.trim_start().strip_prefix("::") {
+            match type_name(after) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+    }
+    rest.trim().is_empty()
+}
+
+/// The text after one literal at the start of `s`, if it starts with one.
+fn literal_token(d: Dialect, s: &str) -> Option<&str> {
+    let word_end = s
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(s.len());
+    let word = &s[..word_end];
+    if ["NULL", "TRUE", "FALSE"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k))
+    {
+        return Some(&s[word_end..]);
+    }
+    if let Some(body) = s.strip_prefix('\'') {
+        // A string: '' is a quote inside it; on MySQL a backslash escapes
+        // the next character (as the server reads it).
+        let mut chars = body.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' if d == Dialect::Mysql => {
+                    chars.next()?;
+                }
+                '\'' => {
+                    let after = &body[i + 1..];
+                    match after.strip_prefix('\'') {
+                        Some(_) => {
+                            chars.next();
+                        }
+                        None => return Some(after),
+                    }
+                }
+                _ => {}
+            }
+        }
+        return None;
+    }
+    // A number: [+-] digits [. digits] [e [+-] digits].
+    let b = s.as_bytes();
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    let mut n = digits(&mut i);
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        n += digits(&mut i);
+    }
+    if n == 0 {
+        return None;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return None;
+        }
+    }
+    let rest = &s[i..];
+    // `1x` is not a number followed by something else.
+    (!rest.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')).then_some(rest)
+}
+
+/// The text after a PostgreSQL type name at the start of `s`: a name, the
+/// words of the multi-word types (`character varying`, `timestamp without
+/// time zone`), `(n)` or `(n,m)` modifiers and `[]`, as `format_type`
+/// writes them.
+fn type_name(s: &str) -> Option<&str> {
+    const WORDS: [&str; 13] = [
+        "varying",
+        "precision",
+        "with",
+        "without",
+        "time",
+        "zone",
+        "year",
+        "month",
+        "day",
+        "hour",
+        "minute",
+        "second",
+        "to",
+    ];
+    let s = s.trim_start();
+    if !s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        return None;
+    }
+    let mut first = true;
+    let mut rest = s;
+    loop {
+        let t = rest.trim_start();
+        if let Some(r) = t.strip_prefix('(') {
+            let close = r.find(')')?;
+            if !r[..close]
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == ',' || c == ' ')
+            {
+                return None;
+            }
+            rest = &r[close + 1..];
+        } else if let Some(r) = t.strip_prefix("[]") {
+            rest = r;
+        } else if t.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            let end = t
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(t.len());
+            if !first && !WORDS.iter().any(|w| t[..end].eq_ignore_ascii_case(w)) {
+                return None;
+            }
+            first = false;
+            rest = &t[end..];
+        } else {
+            return Some(rest);
+        }
+    }
+}
+
+/// The reason the finalize guard gives.
+const NOT_SEALED: &str = "rows are not sealed, run backfill and verify first";
+
+/// One column finalize replaces: the model's column, the plain column and
+/// the shadow (its name and catalog entry).
+type Pair<'a> = (&'a StoredColumn, &'a ColumnInfo, String, &'a ColumnInfo);
+
+/// The finalize migration ([`Strategy::Finalize`]) of `t` into `up` and
+/// `down`.
+///
+/// No flag-off (or NULL-flag) row, no row whose plain value has no sealed
+/// copy, and no row whose sealed copy is not an envelope can lose its
+/// value to the drop: the guard that refuses them runs where no such row
+/// can be written until the plain columns are gone.
+///
+/// - PostgreSQL: one transaction (Diesel runs each migration in one) that
+///   locks the table first, then checks, then changes it.
+/// - SQLite: the same, with the database's write lock.
+/// - MySQL/MariaDB, where each DDL statement commits on its own: the
+///   check, then triggers that refuse flag-off and shadow-less writes, the
+///   check again (rows written before the triggers), then one `ALTER TABLE`
+///   that drops the plain columns and puts each shadow in its place (whole
+///   or not at all), then the triggers dropped. The migration's comments
+///   say how to recover from a failure at each step.
+fn finalize(
+    up: &mut Script,
+    down: &mut Script,
+    t: &StoredTable,
+    schema: &TableSchema,
+    d: Dialect,
+    options: &Options,
+) -> Result<()> {
+    let table = t.table;
+    let column = |name: &str| -> Result<&ColumnInfo> {
+        schema
+            .column(name)
+            .ok_or_else(|| config(table, format_args!("column {name} does not exist")))
+    };
+    if !t.has_shadow() {
+        return Err(config(
+            table,
+            "the model has no shadow column (#[phi(encrypt, shadow)]): nothing to finalize",
+        ));
+    }
+    header(
+        up,
+        t,
+        d,
+        Strategy::Finalize,
+        "Ends the dual-write phase: refused while a row's flag is off (or NULL) or a plain value has no sealed \
+         copy; drops the plain columns and their indexes, renames each shadow to its column's name, restores \
+         NOT NULL, adds the sealed check.",
+    );
+    header(
+        down,
+        t,
+        d,
+        Strategy::Finalize,
+        "Re-adds the plain columns (nullable, empty: `decrypt-back` refills them) beside the sealed ones, \
+         renamed back to their shadow names.",
+    );
+    column(t.flag_column)?;
+    let shadowed: Vec<_> = t.columns.iter().filter(|c| c.shadow.is_some()).collect();
+    let mut pairs: Vec<Pair<'_>> = Vec::new();
+    for c in &shadowed {
+        check_identifier("column", c.column, false)?;
+        let plain = column(c.column)?;
+        let shadow = shadow_name(c);
+        check_identifier("shadow column", &shadow, false)?;
+        let sealed = column(&shadow)?;
+        pairs.push((*c, plain, shadow, sealed));
+    }
+    let names: Vec<&str> = shadowed.iter().map(|c| c.column).collect();
+    let dropped: Vec<_> = schema
+        .indexes_on(&names)
+        .into_iter()
+        .map(|i| drop_index(d, t, i).map(|s| (i, s)))
+        .collect::<Result<_>>()?;
+    let mut checked = t.clone();
+    checked.columns.iter_mut().for_each(|c| c.shadow = None);
+    let check = options
+        .sealed_check
+        .then(|| table_check(&checked, d))
+        .transpose()?;
+    // A row left unsealed (its flag off or NULL), or sealed with a shadow
+    // missing where its plain column holds a value, or a shadow holding
+    // something other than an envelope, would lose its value.
+    let unsealed = std::iter::once(flag_is(d, t, "", false))
+        .chain(pairs.iter().flat_map(|(c, _, shadow, _)| {
+            let (plain, shadow) = (quoted(d, c.column), quoted(d, shadow));
+            [
+                format!("({plain} IS NOT NULL AND {shadow} IS NULL)"),
+                format!("({shadow} IS NOT NULL AND NOT {})", is_envelope(d, &shadow)),
+            ]
+        }))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    if d == Dialect::Mysql {
+        return finalize_mysql(up, down, t, &pairs, &dropped, check.as_ref(), &unsealed);
+    }
+    let q = |name: &str| quoted(d, name);
+    let qt = q(table);
+    guard(up, d, t, &unsealed, NOT_SEALED);
+    for (_, (drop, _, _)) in &dropped {
+        up.stmt(cost::drop_index(d), drop);
+    }
+    for (c, _, _, _) in &pairs {
+        up.stmt(
+            cost::drop_column(d),
+            format!("ALTER TABLE {qt} DROP COLUMN {}", q(c.column)),
+        );
+    }
+    for (c, _, shadow, _) in &pairs {
+        up.stmt(
+            cost::rename(d),
+            format!(
+                "ALTER TABLE {qt} RENAME COLUMN {} TO {}",
+                q(shadow),
+                q(c.column)
+            ),
+        );
+    }
+    let required: Vec<_> = pairs.iter().filter(|(_, p, _, _)| !p.nullable).collect();
+    let bare = split(table).1;
+    let not_null = format!("phi_not_null_{bare}");
+    name_fits(table, "trigger", &format!("{not_null}_update"))?;
+    if !required.is_empty() {
+        if d == Dialect::Sqlite {
+            up.note("SQLite cannot add NOT NULL to a column: triggers refuse NULL instead.");
+            let cols: Vec<&str> = required.iter().map(|(c, _, _, _)| c.column).collect();
+            let when = cols
+                .iter()
+                .map(|c| format!("NEW.{} IS NULL", q(c)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            for (event, suffix) in [("INSERT", "insert"), ("UPDATE", "update")] {
+                up.stmt(
+                    cost::set_not_null(d),
+                    format!(
+                        "CREATE TRIGGER {} BEFORE {event} ON {qt} FOR EACH ROW \
+                         WHEN {when} BEGIN SELECT RAISE(ABORT, '{table}: {} must not be NULL'); END",
+                        q(&format!("{not_null}_{suffix}")),
+                        cols.join(", ")
+                    ),
+                );
+            }
+        } else {
+            for (c, _, _, s) in &required {
+                up.stmt(
+                    cost::set_not_null(d),
+                    not_null_sql(d, table, c.column, &s.sql_type, true),
+                );
+            }
+        }
+    }
+    if let Some(check) = &check {
+        for s in &check.up {
+            up.stmt(cost::check(d), s);
+        }
+        for s in &check.down {
+            down.stmt(cost::drop_index(d), s);
+        }
+    } else {
+        up.note("No sealed check (--no-check).");
+    }
+    if !required.is_empty() {
+        if d == Dialect::Sqlite {
+            for suffix in ["insert", "update"] {
+                down.stmt(
+                    cost::drop_not_null(d),
+                    format!("DROP TRIGGER {}", q(&format!("{not_null}_{suffix}"))),
+                );
+            }
+        } else {
+            for (c, _, _, s) in &required {
+                down.stmt(
+                    cost::drop_not_null(d),
+                    not_null_sql(d, table, c.column, &s.sql_type, false),
+                );
+            }
+        }
+    }
+    for (c, _, shadow, _) in pairs.iter().rev() {
+        down.stmt(
+            cost::rename(d),
+            format!(
+                "ALTER TABLE {qt} RENAME COLUMN {} TO {}",
+                q(c.column),
+                q(shadow)
+            ),
+        );
+    }
+    down.note(
+        "The plain columns come back empty: `decrypt-back` refills them from the sealed values.",
+    );
+    for (c, plain, _, _) in &pairs {
+        down.stmt(
+            cost::add_column(d, false),
+            format!(
+                "ALTER TABLE {qt} ADD COLUMN {} {} NULL",
+                q(c.column),
+                plain.sql_type
+            ),
+        );
+    }
+    for (_, (_, recreate, cost)) in &dropped {
+        down.stmt(cost, recreate);
+    }
+    Ok(())
+}
+
+/// [`finalize`] on MySQL/MariaDB, where every DDL statement commits on its
+/// own: see the recovery notes it writes into `up.sql`.
+fn finalize_mysql(
+    up: &mut Script,
+    down: &mut Script,
+    t: &StoredTable,
+    pairs: &[Pair<'_>],
+    dropped: &[(&IndexInfo, (String, String, String))],
+    check: Option<&crate::legacy::SealedCheck>,
+    unsealed: &str,
+) -> Result<()> {
+    let d = Dialect::Mysql;
+    let table = t.table;
+    let q = |name: &str| quoted(d, name);
+    let qt = q(table);
+    let (schema, bare) = split(table);
+    let trigger = |suffix: &str| {
+        let name = q(&format!("phi_finalize_{bare}_{suffix}"));
+        match schema {
+            Some(s) => format!("{}.{name}", q(s)),
+            None => name,
+        }
+    };
+    name_fits(table, "trigger", &format!("phi_finalize_{bare}_update"))?;
+    let (insert, update) = (trigger("insert"), trigger("update"));
+    up.note(&format!(
+        "MySQL/MariaDB commit each DDL statement on its own. The steps, and what a failure at each leaves:\n\
+         1. Triggers of a failed earlier run dropped; the check. Refused: nothing changed. Run backfill and \
+         verify, then this again.\n\
+         2. Triggers installed that refuse every write of a flag-off (or NULL) row or of a plain value \
+         without its sealed copy, until step 5. A failure: at most the triggers exist; run this again, or \
+         go back to dual writes with DROP TRIGGER IF EXISTS {insert}; DROP TRIGGER IF EXISTS {update};\n\
+         3. The check again, for rows written before the triggers. Refused: the table is unchanged and the \
+         triggers stay (flag-off writes are refused): backfill and run this again, or drop the triggers as in 2.\n\
+         4. One ALTER TABLE drops the plain columns and their indexes and puts each shadow in its column's \
+         place (NOT NULL, sealed check): it happens whole or not at all. A failure (a NULL sealed value in a \
+         NOT NULL column, the sealed check, a lock timeout) leaves the table unchanged and every value \
+         readable: as 3.\n\
+         5. The triggers dropped. A failure here: the table is finalized, and the triggers (which name the \
+         dropped columns) fail every write until dropped: drop them as in 2, then record this migration as \
+         run (Diesel has not): INSERT INTO __diesel_schema_migrations (version) VALUES ('<this directory's \
+         version>'). Running this again instead drops them and then fails at its first check, changing \
+         nothing else."
+    ));
+    up.0.push('\n');
+    for name in [&insert, &update] {
+        up.stmt(
+            cost::drop_trigger(d),
+            format!("DROP TRIGGER IF EXISTS {name}"),
+        );
+    }
+    guard(up, d, t, unsealed, NOT_SEALED);
+    let signal = |text: String| {
+        // MESSAGE_TEXT holds 128 characters; the table's name comes first.
+        let text: String = text.chars().take(128).collect();
+        format!("SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{text}'")
+    };
+    let mut body = format!(
+        "IF {} THEN {}",
+        flag_is(d, t, "NEW.", false),
+        signal(format!(
+            "{table}: finalize is running: a row with {} off or NULL is refused",
+            t.flag_column
+        ))
+    );
+    for (c, _, shadow, _) in pairs {
+        let (plain, sealed) = (format!("NEW.{}", q(c.column)), format!("NEW.{}", q(shadow)));
+        let _ = write!(
+            body,
+            "; ELSEIF {plain} IS NOT NULL AND {sealed} IS NULL THEN {}; ELSEIF {sealed} IS NOT NULL AND NOT {} THEN {}",
+            signal(format!(
+                "{table}: finalize is running: {} without its sealed copy in {shadow} is refused",
+                c.column
+            )),
+            is_envelope(d, &sealed),
+            signal(format!(
+                "{table}: finalize is running: {shadow} must hold an envelope"
+            ))
+        );
+    }
+    for (name, event) in [(&insert, "INSERT"), (&update, "UPDATE")] {
+        up.stmt(
+            cost::lock(d),
+            format!("CREATE TRIGGER {name} BEFORE {event} ON {qt} FOR EACH ROW BEGIN {body}; END IF; END"),
+        );
+    }
+    up.note("The check again: rows written before the triggers were installed.");
+    up.0.push('\n');
+    guard(up, d, t, unsealed, NOT_SEALED);
+    let mut clauses: Vec<String> = dropped
+        .iter()
+        .map(|(index, _)| format!("DROP INDEX {}", q(&index.name)))
+        .collect();
+    for (c, plain, shadow, sealed) in pairs {
+        clauses.push(format!("DROP COLUMN {}", q(c.column)));
+        clauses.push(format!(
+            "CHANGE COLUMN {} {} {}",
+            q(shadow),
+            q(c.column),
+            mysql_def(sealed, &sealed.sql_type, plain.nullable, false)
+        ));
+    }
+    if let Some(check) = check {
+        clauses.push(format!(
+            "ADD CONSTRAINT {} CHECK ({})",
+            q(&check.name),
+            check.condition
+        ));
+    } else {
+        up.note("No sealed check (--no-check).");
+    }
+    up.stmt(
+        cost::finalize_alter(true),
+        format!("ALTER TABLE {qt} {}", clauses.join(", ")),
+    );
+    for name in [&insert, &update] {
+        up.stmt(cost::drop_trigger(d), format!("DROP TRIGGER {name}"));
+    }
+
+    // down: whatever a failed up left installed, then one ALTER TABLE.
+    for name in [&insert, &update] {
+        down.stmt(
+            cost::drop_trigger(d),
+            format!("DROP TRIGGER IF EXISTS {name}"),
+        );
+    }
+    down.note(
+        "The plain columns come back empty: `decrypt-back` refills them from the sealed values.",
+    );
+    let mut clauses = Vec::new();
+    if let Some(check) = check {
+        clauses.push(format!("DROP CONSTRAINT {}", q(&check.name)));
+    }
+    for (c, plain, shadow, sealed) in pairs {
+        clauses.push(format!(
+            "CHANGE COLUMN {} {} {}",
+            q(c.column),
+            q(shadow),
+            mysql_def(sealed, &sealed.sql_type, true, false)
+        ));
+        clauses.push(format!(
+            "ADD COLUMN {} {}",
+            q(c.column),
+            mysql_def(plain, &plain.sql_type, true, false)
+        ));
+    }
+    down.stmt(
+        cost::finalize_alter(false),
+        format!("ALTER TABLE {qt} {}", clauses.join(", ")),
+    );
+    for (_, (_, recreate, cost)) in dropped {
+        down.stmt(cost, recreate);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1704,25 +2280,33 @@ mod tests {
                 &"CREATE INDEX phi_cases_last_name_bidx ON cases (user_id, last_name_bidx)"
             )
         );
-        assert!(up.contains(&"DROP INDEX cases_last") && up.contains(&"DROP INDEX cases_dob"));
+        assert!(
+            up.contains(&r#"DROP INDEX "cases_last""#) && up.contains(&r#"DROP INDEX "cases_dob""#)
+        );
         assert!(m.up.contains("rewrites the table and its indexes under an ACCESS EXCLUSIVE lock"));
         let down = statements(&m.down);
-        assert!(
-            down[0].starts_with("DO $$ BEGIN IF EXISTS (SELECT 1 FROM cases WHERE phi_encrypted)"),
+        assert_eq!(
+            down[0], r#"LOCK TABLE "cases" IN ACCESS EXCLUSIVE MODE"#,
             "{down:#?}"
         );
-        assert!(down.contains(&"ALTER TABLE cases ALTER COLUMN last_name TYPE character varying(100) USING convert_from(last_name, 'UTF8')::character varying(100)"));
+        assert!(
+            down[1].starts_with(
+                r#"DO $$ BEGIN IF EXISTS (SELECT 1 FROM "cases" WHERE "phi_encrypted" IS TRUE)"#
+            ),
+            "{down:#?}"
+        );
+        assert!(down.contains(&r#"ALTER TABLE "cases" ALTER COLUMN "last_name" TYPE character varying(100) USING convert_from("last_name", 'UTF8')::character varying(100)"#));
         assert!(down.contains(
-            &"ALTER TABLE cases ALTER COLUMN dob TYPE date USING convert_from(dob, 'UTF8')::date"
+            &r#"ALTER TABLE "cases" ALTER COLUMN "dob" TYPE date USING convert_from("dob", 'UTF8')::date"#
         ));
-        assert!(down.contains(&"ALTER TABLE cases ALTER COLUMN last_name SET DEFAULT 'x'"));
+        assert!(down.contains(&r#"ALTER TABLE "cases" ALTER COLUMN "last_name" SET DEFAULT 'x'"#));
         assert!(down.contains(&"CREATE UNIQUE INDEX cases_dob ON cases (dob)"));
         let drop_index = down
             .iter()
-            .position(|s| *s == "DROP INDEX phi_cases_last_name_bidx");
+            .position(|s| *s == r#"DROP INDEX "phi_cases_last_name_bidx""#);
         let drop_column = down
             .iter()
-            .position(|s| *s == "ALTER TABLE cases DROP COLUMN last_name_bidx");
+            .position(|s| *s == r#"ALTER TABLE "cases" DROP COLUMN "last_name_bidx""#);
         assert!(drop_index < drop_column && drop_index.is_some());
     }
 
@@ -1744,10 +2328,21 @@ mod tests {
             "{up:#?}"
         );
         assert!(up.contains(&"ALTER TABLE cases MODIFY dob VARBINARY(74) NULL"));
-        assert!(up.contains(&"DROP INDEX cases_dob ON cases"));
+        assert!(up.contains(&"DROP INDEX `cases_dob` ON `cases`"));
         let down = statements(&m.down);
-        assert!(down.contains(&"CREATE TEMPORARY TABLE phi_guard (n INTEGER NOT NULL, CONSTRAINT phi_rows_are_sealed__run_decrypt_back_first CHECK (n = 0))"), "{down:#?}");
-        assert!(down.contains(&"ALTER TABLE cases MODIFY last_name varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL DEFAULT 'x'"));
+        // The guard fails by a duplicate key, not a CHECK constraint
+        // (which MySQL before 8.0.16 ignores).
+        assert!(
+            !m.down.contains("CHECK"),
+            "the guard does not rely on CHECK: {down:#?}"
+        );
+        assert!(down.contains(&"CREATE TEMPORARY TABLE phi_guard (table_name VARCHAR(250) CHARACTER SET ascii NOT NULL, CONSTRAINT phi_rows_are_sealed__run_decrypt_back_first UNIQUE (table_name))"), "{down:#?}");
+        assert!(
+            down.contains(&"INSERT INTO phi_guard (table_name) VALUES ('cases')"),
+            "{down:#?}"
+        );
+        assert!(down.contains(&"INSERT INTO phi_guard (table_name) SELECT 'cases' FROM `cases` WHERE `phi_encrypted` <> 0 LIMIT 1"), "{down:#?}");
+        assert!(down.contains(&"ALTER TABLE `cases` MODIFY `last_name` varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL DEFAULT 'x'"));
         assert_eq!(
             mysql_binary("t", "c", "text").expect("text"),
             Some("MEDIUMBLOB".into())
@@ -1802,29 +2397,34 @@ mod tests {
         )
         .expect("finalize");
         let up = statements(&m.up);
-        assert_eq!(up[0], "DROP TABLE IF EXISTS temp.phi_guard", "{up:#?}");
+        // The write lock first, then the guard (a NULL flag is off).
+        assert_eq!(
+            up[0], r#"UPDATE "cases" SET "phi_encrypted" = "phi_encrypted" WHERE 0"#,
+            "{up:#?}"
+        );
+        assert_eq!(up[1], "DROP TABLE IF EXISTS temp.phi_guard", "{up:#?}");
         assert!(
             up.contains(
-                &"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM cases WHERE phi_encrypted = 0 \
-                  OR (last_name IS NOT NULL AND last_name_encrypted IS NULL) \
-                  OR (dob IS NOT NULL AND dob_encrypted IS NULL)"
+                &r#"INSERT INTO phi_guard (n) SELECT COUNT(*) FROM "cases" WHERE ("phi_encrypted" IS NULL OR "phi_encrypted" = 0) OR ("last_name" IS NOT NULL AND "last_name_encrypted" IS NULL) OR ("last_name_encrypted" IS NOT NULL AND NOT substr("last_name_encrypted", 1, 2) = X'F101') OR ("dob" IS NOT NULL AND "dob_encrypted" IS NULL) OR ("dob_encrypted" IS NOT NULL AND NOT substr("dob_encrypted", 1, 2) = X'F101')"#
             ),
             "{up:#?}"
         );
-        assert!(up.contains(&"ALTER TABLE cases DROP COLUMN last_name"));
-        assert!(up.contains(&"ALTER TABLE cases RENAME COLUMN last_name_encrypted TO last_name"));
+        assert!(up.contains(&r#"ALTER TABLE "cases" DROP COLUMN "last_name""#));
+        assert!(up.contains(
+            &r#"ALTER TABLE "cases" RENAME COLUMN "last_name_encrypted" TO "last_name""#
+        ));
         assert!(
             up.iter()
-                .any(|s| s.starts_with("CREATE TRIGGER phi_not_null_cases_insert"))
+                .any(|s| s.starts_with(r#"CREATE TRIGGER "phi_not_null_cases_insert""#))
         );
         assert!(
             up.iter()
-                .any(|s| s.starts_with("CREATE TRIGGER phi_sealed_cases_update"))
+                .any(|s| s.starts_with(r#"CREATE TRIGGER "phi_sealed_cases_update""#))
         );
         assert!(m.up.contains("SQLite: rewrites the table (every row)"));
         let down = statements(&m.down);
         assert!(
-            down.contains(&"ALTER TABLE cases ADD COLUMN last_name VARCHAR(100) NULL"),
+            down.contains(&r#"ALTER TABLE "cases" ADD COLUMN "last_name" VARCHAR(100) NULL"#),
             "{down:#?}"
         );
         assert!(down.contains(&"CREATE INDEX cases_last ON cases (user_id, last_name)"));
@@ -1850,6 +2450,265 @@ mod tests {
         assert!(
             e.to_string().contains("cases") && e.to_string().contains("shadow"),
             "{e}"
+        );
+    }
+
+    /// `schema(d)` after the shadow migration: shadows and the flag.
+    fn shadowed(d: Dialect) -> TableSchema {
+        let mut after = schema(d);
+        let (last, dob, flag) = match d {
+            Dialect::Postgres => ("bytea", "bytea", "boolean"),
+            Dialect::Mysql => ("varbinary(434)", "varbinary(74)", "tinyint(1)"),
+            _ => ("BLOB", "BLOB", "BOOLEAN"),
+        };
+        after
+            .columns
+            .push(col("last_name_encrypted", last, true, None));
+        after.columns.push(col("dob_encrypted", dob, true, None));
+        after.columns.push(col("phi_encrypted", flag, false, None));
+        after
+    }
+
+    #[test]
+    fn finalize_on_postgres_locks_the_table_before_its_guard() {
+        let d = Dialect::Postgres;
+        let m = generate(
+            &model(true),
+            &shadowed(d),
+            d,
+            Strategy::Finalize,
+            &Options::default(),
+        )
+        .expect("finalize");
+        let up = statements(&m.up);
+        assert_eq!(
+            up[0], r#"LOCK TABLE "cases" IN ACCESS EXCLUSIVE MODE"#,
+            "{up:#?}"
+        );
+        assert_eq!(
+            up[1],
+            r#"DO $$ BEGIN IF EXISTS (SELECT 1 FROM "cases" WHERE "phi_encrypted" IS NOT TRUE OR ("last_name" IS NOT NULL AND "last_name_encrypted" IS NULL) OR ("last_name_encrypted" IS NOT NULL AND NOT substring("last_name_encrypted" from 1 for 2) = '\xf101'::bytea) OR ("dob" IS NOT NULL AND "dob_encrypted" IS NULL) OR ("dob_encrypted" IS NOT NULL AND NOT substring("dob_encrypted" from 1 for 2) = '\xf101'::bytea)) THEN RAISE EXCEPTION 'cases: rows are not sealed, run backfill and verify first'; END IF; END $$"#
+        );
+        assert_eq!(up[2], r#"DROP INDEX "cases_last""#);
+        assert!(up.contains(&r#"ALTER TABLE "cases" DROP COLUMN "last_name""#));
+        assert!(up.contains(&r#"ALTER TABLE "cases" ALTER COLUMN "last_name" SET NOT NULL"#));
+        let down = statements(&m.down);
+        assert_eq!(
+            down[0],
+            r#"ALTER TABLE "cases" DROP CONSTRAINT "phi_sealed_cases""#
+        );
+        assert!(down.contains(&r#"ALTER TABLE "cases" RENAME COLUMN "dob" TO "dob_encrypted""#));
+        assert!(down.contains(
+            &r#"ALTER TABLE "cases" ADD COLUMN "last_name" character varying(100) NULL"#
+        ));
+    }
+
+    #[test]
+    fn finalize_on_mysql_refuses_late_writes_by_trigger_and_changes_the_table_in_one_statement() {
+        let d = Dialect::Mysql;
+        let m = generate(
+            &model(true),
+            &shadowed(d),
+            d,
+            Strategy::Finalize,
+            &Options::default(),
+        )
+        .expect("finalize");
+        let up = statements(&m.up);
+        let at = |prefix: &str| {
+            up.iter()
+                .enumerate()
+                .filter(|(_, s)| s.starts_with(prefix))
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        };
+        let drops_first = at("DROP TRIGGER IF EXISTS");
+        let guards = at("INSERT INTO phi_guard (table_name) SELECT");
+        let triggers = at("CREATE TRIGGER");
+        let alters = at("ALTER TABLE");
+        let drops_last = at("DROP TRIGGER `");
+        assert_eq!(drops_first, [0, 1], "{up:#?}");
+        assert_eq!(guards.len(), 2, "{up:#?}");
+        assert_eq!(triggers.len(), 2, "{up:#?}");
+        assert_eq!(alters.len(), 1, "one ALTER TABLE: {up:#?}");
+        assert!(
+            guards[0] < triggers[0] && triggers[1] < guards[1] && guards[1] < alters[0],
+            "check, triggers, check again, then the change: {up:#?}"
+        );
+        assert_eq!(drops_last, [alters[0] + 1, alters[0] + 2], "{up:#?}");
+        assert!(
+            !up.iter().any(|s| s.starts_with("DROP INDEX")),
+            "no statement but the ALTER changes the table: {up:#?}"
+        );
+        assert_eq!(
+            up[guards[0]],
+            "INSERT INTO phi_guard (table_name) SELECT 'cases' FROM `cases` WHERE (`phi_encrypted` IS NULL OR \
+             `phi_encrypted` = 0) OR (`last_name` IS NOT NULL AND `last_name_encrypted` IS NULL) OR \
+             (`last_name_encrypted` IS NOT NULL AND NOT LEFT(`last_name_encrypted`, 2) = X'F101') OR (`dob` IS NOT \
+             NULL AND `dob_encrypted` IS NULL) OR (`dob_encrypted` IS NOT NULL AND NOT LEFT(`dob_encrypted`, 2) = \
+             X'F101') LIMIT 1"
+        );
+        assert_eq!(
+            up[triggers[0]],
+            "CREATE TRIGGER `phi_finalize_cases_insert` BEFORE INSERT ON `cases` FOR EACH ROW BEGIN \
+             IF (NEW.`phi_encrypted` IS NULL OR NEW.`phi_encrypted` = 0) THEN SIGNAL SQLSTATE '45000' SET \
+             MESSAGE_TEXT = 'cases: finalize is running: a row with phi_encrypted off or NULL is refused'; \
+             ELSEIF NEW.`last_name` IS NOT NULL AND NEW.`last_name_encrypted` IS NULL THEN SIGNAL SQLSTATE \
+             '45000' SET MESSAGE_TEXT = 'cases: finalize is running: last_name without its sealed copy in \
+             last_name_encrypted is refused'; ELSEIF NEW.`last_name_encrypted` IS NOT NULL AND NOT \
+             LEFT(NEW.`last_name_encrypted`, 2) = X'F101' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = \
+             'cases: finalize is running: last_name_encrypted must hold an envelope'; ELSEIF NEW.`dob` IS NOT \
+             NULL AND NEW.`dob_encrypted` IS NULL THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'cases: \
+             finalize is running: dob without its sealed copy in dob_encrypted is refused'; ELSEIF \
+             NEW.`dob_encrypted` IS NOT NULL AND NOT LEFT(NEW.`dob_encrypted`, 2) = X'F101' THEN SIGNAL SQLSTATE \
+             '45000' SET MESSAGE_TEXT = 'cases: finalize is running: dob_encrypted must hold an envelope'; END \
+             IF; END"
+        );
+        assert!(up[triggers[1]].contains("BEFORE UPDATE ON `cases`"));
+        assert_eq!(
+            up[alters[0]],
+            "ALTER TABLE `cases` DROP INDEX `cases_last`, DROP INDEX `cases_dob`, DROP COLUMN `last_name`, \
+             CHANGE COLUMN `last_name_encrypted` `last_name` varbinary(434) NOT NULL, DROP COLUMN `dob`, \
+             CHANGE COLUMN `dob_encrypted` `dob` varbinary(74) NULL, ADD CONSTRAINT `phi_sealed_cases` CHECK \
+             (`phi_encrypted` = 0 OR (`last_name` IS NULL OR LEFT(`last_name`, 2) = X'F101') AND (`dob` IS NULL \
+             OR LEFT(`dob`, 2) = X'F101'))"
+        );
+        // The guard fails by a duplicate key: no CHECK constraint of its own.
+        assert!(
+            up.iter().any(|s| s.starts_with(
+                "CREATE TEMPORARY TABLE phi_guard (table_name VARCHAR(250) CHARACTER SET ascii NOT NULL, \
+                 CONSTRAINT phi_rows_are_not_sealed__run_backfill_and_verify_first UNIQUE (table_name))"
+            )) && !m.up.contains("CHECK (n = 0)")
+        );
+        for step in [
+            "1. ",
+            "2. ",
+            "3. ",
+            "4. ",
+            "5. ",
+            "__diesel_schema_migrations",
+        ] {
+            assert!(m.up.contains(step), "recovery for {step}: {}", m.up);
+        }
+
+        let down = statements(&m.down);
+        assert_eq!(
+            &down[..2],
+            [
+                "DROP TRIGGER IF EXISTS `phi_finalize_cases_insert`",
+                "DROP TRIGGER IF EXISTS `phi_finalize_cases_update`"
+            ],
+            "{down:#?}"
+        );
+        assert_eq!(
+            down[2],
+            "ALTER TABLE `cases` DROP CONSTRAINT `phi_sealed_cases`, CHANGE COLUMN `last_name` \
+             `last_name_encrypted` varbinary(434) NULL, ADD COLUMN `last_name` varchar(100) NULL, CHANGE COLUMN \
+             `dob` `dob_encrypted` varbinary(74) NULL, ADD COLUMN `dob` date NULL"
+        );
+        assert_eq!(
+            &down[3..],
+            [
+                "CREATE INDEX cases_last ON cases (user_id, last_name)",
+                "CREATE UNIQUE INDEX cases_dob ON cases (dob)"
+            ]
+        );
+    }
+
+    #[test]
+    fn check_constraints_are_enforced_from_mysql_8_0_16_and_mariadb_10_2_1() {
+        for old in [
+            "8.0.15",
+            "8.0.15-6",
+            "5.7.44-log",
+            "5.6.51",
+            "5.7.25-TiDB-v7.1.0",
+            "10.2.0-MariaDB",
+            "10.1.48-MariaDB-0+deb9u2",
+            "5.5.5-10.1.48-MariaDB",
+        ] {
+            let e = check_constraints_enforced(old).expect_err(old);
+            let message = e.to_string();
+            assert!(
+                message.contains(old) && message.contains("8.0.16") && message.contains("10.2.1"),
+                "{message}"
+            );
+            assert!(message.contains("ignores"), "{message}");
+        }
+        for new in [
+            "8.0.16",
+            "8.0.36-0ubuntu0.22.04.1",
+            "8.4.3",
+            "9.1.0-commercial",
+            "10.2.1-MariaDB",
+            "10.11.6-MariaDB-0+deb12u1",
+            "11.4.2-MariaDB-log",
+            "5.5.5-10.6.1-MariaDB",
+        ] {
+            check_constraints_enforced(new).unwrap_or_else(|e| panic!("{new}: {e}"));
+        }
+        for unreadable in ["", "MySQL", "8", "eight.zero"] {
+            let e = check_constraints_enforced(unreadable).expect_err(unreadable);
+            assert!(e.to_string().contains("cannot read"), "{e}");
+        }
+    }
+
+    #[test]
+    fn only_literal_defaults_are_copied_into_down() {
+        for (d, literal) in [
+            (Dialect::Postgres, "'x'::character varying"),
+            (Dialect::Postgres, "NULL::character varying"),
+            (Dialect::Postgres, "'1970-01-01'::date"),
+            (Dialect::Postgres, "'it''s'::text"),
+            (Dialect::Postgres, "'0'::numeric(10,2)"),
+            (Dialect::Postgres, "'{}'::text[]"),
+            (Dialect::Postgres, "'12:00'::time without time zone"),
+            (Dialect::Postgres, "(-1)"),
+            (Dialect::Mysql, "'x'"),
+            (Dialect::Mysql, r"'a\'b\\'"),
+            (Dialect::Mysql, "NULL"),
+            (Dialect::Mysql, "-1.5e3"),
+            (Dialect::Sqlite, "('x')"),
+            (Dialect::Sqlite, "0"),
+            (Dialect::Sqlite, "TRUE"),
+        ] {
+            assert!(is_literal(d, literal), "{d:?} {literal}");
+        }
+        for (d, expression) in [
+            (Dialect::Postgres, "now()"),
+            (Dialect::Postgres, "(now())::text"),
+            (Dialect::Postgres, "nextval('cases_id_seq'::regclass)"),
+            (Dialect::Postgres, "'x'::text || 'y'::text"),
+            (Dialect::Postgres, "'x'::text OR true"),
+            (Dialect::Postgres, "'x'::text)"),
+            (Dialect::Postgres, r"'a\'b'"),
+            (Dialect::Postgres, "CURRENT_DATE"),
+            (Dialect::Mysql, "curdate()"),
+            (Dialect::Mysql, "concat('a','b')"),
+            (Dialect::Mysql, "_utf8mb4'x'"),
+            (Dialect::Mysql, r"'a\'"),
+            (Dialect::Mysql, "'x'; DROP TABLE cases; --"),
+            (Dialect::Sqlite, "CURRENT_TIMESTAMP"),
+            (Dialect::Sqlite, "(lower('X'))"),
+            (Dialect::Sqlite, "1x"),
+            (Dialect::Sqlite, "(select 1)"),
+            (Dialect::Sqlite, "'unterminated"),
+        ] {
+            assert!(!is_literal(d, expression), "{d:?} {expression}");
+        }
+
+        let d = Dialect::Postgres;
+        let mut s = schema(d);
+        s.columns[2].default = Some("upper(current_user)::character varying".into());
+        let e = generate(&model(false), &s, d, Strategy::InPlace, &Options::default())
+            .expect_err("an expression default");
+        let message = e.to_string();
+        assert!(
+            message.contains("cases")
+                && message.contains("last_name")
+                && message.contains("upper(current_user)::character varying")
+                && message.contains("not a literal"),
+            "{message}"
         );
     }
 

@@ -614,3 +614,546 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
         digest1
     );
 }
+
+// `finalize` cannot lose a plain value: no row written while it runs, and
+// no row whose flag is NULL, loses its only copy to the drop. The tables
+// below are described to phi directly (no derive): the migrations only
+// need the description.
+
+use diesel::sql_types::{BigInt, Nullable as NullableSql, Text as TextSql};
+use phi::legacy::Dialect;
+use phi::migrate::{StoredColumn, StoredTable, canonical};
+
+const LATE: &str = "a late plain value";
+
+/// A dual-write table: `last_name` (NOT NULL) and `note` (nullable), each
+/// with its shadow, and a flag column of the application's own that takes
+/// NULL.
+fn finalize_model(table: &'static str) -> StoredTable {
+    let column = |column: &'static str, shadow: &'static str| StoredColumn {
+        column,
+        scope: column,
+        shadow: Some(shadow),
+        blind_index: None,
+        canonical: canonical::<String>,
+    };
+    StoredTable {
+        table,
+        owner_column: "owner_id",
+        owner_type: Some(Default::default()),
+        key_column: "id",
+        key_type: Some(Default::default()),
+        flag_column: "phi_encrypted",
+        flag_is_bool: true,
+        columns: vec![
+            column("last_name", "last_name_encrypted"),
+            column("note", "note_encrypted"),
+        ],
+    }
+}
+
+fn dialect() -> Dialect {
+    <Conn as SchemaConnection>::DIALECT
+}
+
+/// `bytes` as an SQL literal of this backend.
+fn bytes_sql(bytes: &[u8]) -> String {
+    let hex = hex::encode(bytes);
+    match dialect() {
+        Dialect::Postgres => format!("'\\x{hex}'::bytea"),
+        _ => format!("X'{hex}'"),
+    }
+}
+
+/// Creates `table` in the dual-write phase (the shadow migration applied)
+/// with rows r1, r2, r3, every one sealed: plain values and envelope-like
+/// shadows (`F1 01` first), flag on.
+fn finalize_table(conn: &mut Conn, table: &'static str) {
+    conn.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; \
+         CREATE TABLE {table} (id VARCHAR(64) NOT NULL PRIMARY KEY, owner_id VARCHAR(64) NOT NULL, \
+         last_name VARCHAR(100) NOT NULL, note VARCHAR(200) NULL, phi_encrypted BOOLEAN NULL); \
+         CREATE INDEX {table}_last ON {table} (owner_id, last_name)"
+    ))
+    .expect("legacy table");
+    let shadow = adopt::migration_for(
+        &finalize_model(table),
+        conn,
+        Strategy::Shadow,
+        &Options::default(),
+    )
+    .expect("shadow migration");
+    apply(conn, &shadow.up, "shadow up");
+    for (i, id) in ["r1", "r2", "r3"].iter().enumerate() {
+        conn.batch_execute(&format!(
+            "INSERT INTO {table} (id, owner_id, last_name, note, last_name_encrypted, note_encrypted, \
+             phi_encrypted) VALUES ('{id}', 'dr-{i}', 'Name {i}', 'Note {i}', {}, {}, TRUE)",
+            bytes_sql(&[0xf1, 0x01, 1, i as u8]),
+            bytes_sql(&[0xf1, 0x01, 2, i as u8]),
+        ))
+        .expect("sealed row");
+    }
+}
+
+/// The statements of a generated migration, in order, as Diesel's runner
+/// sends them (each ends with `;` and a blank line; a trigger's body is on
+/// its statement's line).
+fn migration_statements(sql: &str) -> Vec<String> {
+    sql.split(";\n\n")
+        .map(|s| {
+            s.lines()
+                .filter(|l| !l.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim()
+                .to_owned()
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[derive(QueryableByName)]
+struct SessionId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct Waiting {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct NoteRow {
+    #[diesel(sql_type = NullableSql<TextSql>)]
+    note: Option<String>,
+}
+
+/// The server's id of `conn`'s session (0 on SQLite).
+fn session_id(conn: &mut Conn) -> i64 {
+    let query = match dialect() {
+        Dialect::Postgres => "SELECT pg_backend_pid()::bigint AS id",
+        Dialect::Mysql => "SELECT CAST(CONNECTION_ID() AS SIGNED) AS id",
+        _ => return 0,
+    };
+    diesel::sql_query(query)
+        .get_result::<SessionId>(conn)
+        .expect("session id")
+        .id
+}
+
+/// Whether the server reports session `id` waiting for a lock (never on
+/// SQLite, whose writer below does not wait).
+fn waiting_for_a_lock(observer: &mut Conn, id: i64) -> bool {
+    let query = match dialect() {
+        Dialect::Postgres => {
+            format!("SELECT COUNT(*) AS n FROM pg_locks WHERE pid = {id} AND NOT granted")
+        }
+        Dialect::Mysql => format!(
+            "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST WHERE ID = {id} AND \
+             (STATE LIKE 'Waiting for%' OR ID IN (SELECT trx_mysql_thread_id FROM \
+             information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'))"
+        ),
+        _ => return false,
+    };
+    diesel::sql_query(query)
+        .get_result::<Waiting>(observer)
+        .expect("lock waits")
+        .n
+        > 0
+}
+
+/// What became of the write made in the window.
+enum Write {
+    /// It finished before the migration went on.
+    Done(Result<usize, String>),
+    /// The server held it (a lock): it finishes once the migration ends.
+    Waiting(std::thread::JoinHandle<Result<usize, String>>),
+}
+
+/// A flag-off write of r1 (a process outside the roll-out, a stale
+/// follower, decrypt-back): the plain `note` changed, its shadow cleared.
+/// Run on `writer` in a thread; returns once it has finished or the server
+/// reports it waiting for a lock.
+fn flag_off_write(table: &str, mut writer: Conn, observer: &mut Conn) -> Write {
+    let id = session_id(&mut writer);
+    let sql = format!(
+        "UPDATE {table} SET phi_encrypted = FALSE, note = '{LATE}', note_encrypted = NULL WHERE id = 'r1'"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let result = diesel::sql_query(sql)
+            .execute(&mut writer)
+            .map_err(|e| e.to_string());
+        let _ = tx.send(());
+        result
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        // Wait for the write's result; between waits, ask the server
+        // whether the write is held by a lock.
+        match rx.recv_timeout(Duration::from_millis(5)) {
+            Ok(()) => return Write::Done(handle.join().expect("writer thread")),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("writer thread: {e}"),
+        }
+        if waiting_for_a_lock(observer, id) {
+            return Write::Waiting(handle);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write neither finished nor waited for a lock"
+        );
+    }
+}
+
+/// r1's plain note, or `None` once the plain column is gone.
+fn plain_note(conn: &mut Conn, table: &'static str) -> Option<Option<String>> {
+    conn.introspect(table)
+        .expect("introspect")
+        .column("note_encrypted")?;
+    Some(
+        diesel::sql_query(format!("SELECT note FROM {table} WHERE id = 'r1'"))
+            .get_result::<NoteRow>(conn)
+            .expect("r1")
+            .note,
+    )
+}
+
+#[test]
+fn a_flag_off_write_while_finalize_runs_is_refused_or_waited_for_never_lost() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let mut observer = db.conn();
+    let table = "phi_it_finalize_window";
+    finalize_table(&mut conn, table);
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    let statements = migration_statements(&m.up);
+    // The window: after the guard, before the first statement that drops
+    // a plain index or column.
+    let window = statements
+        .iter()
+        .position(|s| s.starts_with("ALTER TABLE") || s.starts_with("DROP INDEX"))
+        .expect("a statement changing the table");
+    // The write is made before each statement in turn (the window among
+    // them), on a table set up afresh each time; the statements run one by
+    // one in one transaction, as Diesel's migration runner runs up.sql.
+    for point in 0..statements.len() {
+        if point > 0 {
+            finalize_table(&mut conn, table);
+        }
+        let mut writer = Some(db.conn());
+        if let Some(writer) = &mut writer
+            && dialect() == Dialect::Sqlite
+        {
+            // Refused at once rather than waiting on the busy handler.
+            writer
+                .batch_execute("PRAGMA busy_timeout = 0")
+                .expect("busy timeout");
+        }
+        let mut write = None;
+        let finalized = conn.transaction::<_, diesel::result::Error, _>(|conn| {
+            for (i, statement) in statements.iter().enumerate() {
+                if let Some(writer) = writer.take_if(|_| i == point) {
+                    write = Some(flag_off_write(table, writer, &mut observer));
+                }
+                conn.batch_execute(statement)?;
+            }
+            Ok(())
+        });
+        let (waited, written) = match write.expect("the write was made") {
+            Write::Done(result) => (false, result),
+            Write::Waiting(handle) => (true, handle.join().expect("writer thread")),
+        };
+        let at = format!("write before statement {point} ({})", statements[point]);
+        let note = plain_note(&mut conn, table);
+        match (&written, &note) {
+            (Ok(_), Some(plain)) => assert_eq!(
+                plain.as_deref(),
+                Some(LATE),
+                "{at}: the write was accepted and its value must be readable"
+            ),
+            (Ok(_), None) => panic!(
+                "{at}: the flag-off write was accepted, then finalize dropped its only copy \
+                 (finalize: {finalized:?})"
+            ),
+            (Err(_), _) => {}
+        }
+        if note.is_some() {
+            assert!(
+                finalized.is_err(),
+                "{at}: finalize succeeded but left the plain columns"
+            );
+        }
+        if point == window {
+            assert!(
+                finalized.is_ok(),
+                "{at}: the table was sealed, finalize goes on: {finalized:?}"
+            );
+            let refusal = written.expect_err("the write in the window is refused");
+            match dialect() {
+                Dialect::Postgres => {
+                    assert!(waited, "{at}: the write waits for the lock: {refusal}");
+                }
+                Dialect::Mysql => assert!(
+                    refusal.contains(table) && refusal.contains("finalize is running"),
+                    "{at}: the trigger refuses, naming the table: {refusal}"
+                ),
+                _ => assert!(refusal.contains("locked"), "{at}: {refusal}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn finalize_refuses_a_row_whose_flag_is_null() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let table = "phi_it_finalize_null_flag";
+    finalize_table(&mut conn, table);
+    // An application write that set the flag to NULL and changed the plain
+    // value after it was sealed: its sealed copy is stale.
+    conn.batch_execute(&format!(
+        "UPDATE {table} SET phi_encrypted = NULL, note = '{LATE}' WHERE id = 'r2'"
+    ))
+    .expect("NULL flag");
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    refused(
+        conn.batch_execute(&m.up),
+        "rows are not sealed, run backfill and verify first",
+    );
+    let note = diesel::sql_query(format!("SELECT note FROM {table} WHERE id = 'r2'"))
+        .get_result::<NoteRow>(&mut conn)
+        .expect("r2 keeps its plain column")
+        .note;
+    assert_eq!(note.as_deref(), Some(LATE), "a refused finalize changes nothing");
+}
+
+#[test]
+fn finalize_runs_through_diesels_migration_runner_and_down_undoes_it() {
+    use diesel_migrations::{FileBasedMigrations, MigrationHarness as _};
+    use diesel::migration::MigrationSource as _;
+
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let table = "phi_it_finalize_runner";
+    finalize_table(&mut conn, table);
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    let dir = tempfile::tempdir().expect("directory");
+    m.write(dir.path()).expect("written");
+    let source = FileBasedMigrations::from_path(dir.path()).expect("migrations");
+    let migrations = source.migrations().expect("read");
+    let [migration] = migrations.as_slice() else {
+        panic!("one migration");
+    };
+    // The whole up.sql in one batch, as `diesel migration run` does: on
+    // MySQL/MariaDB that includes the triggers' BEGIN … END bodies.
+    conn.run_migration(&**migration)
+        .unwrap_or_else(|e| panic!("up.sql through the runner: {e}\n{}", m.up));
+    let schema = conn.introspect(table).expect("introspect");
+    assert!(schema.column("note_encrypted").is_none(), "finalized");
+    if dialect() == Dialect::Mysql {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let triggers = diesel::sql_query(format!(
+            "SELECT COUNT(*) AS n FROM information_schema.TRIGGERS \
+             WHERE EVENT_OBJECT_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = '{table}'"
+        ))
+        .get_result::<Count>(&mut conn)
+        .expect("triggers")
+        .n;
+        assert_eq!(triggers, 0, "up.sql drops the triggers it installs");
+    }
+    // The sealed table takes sealed writes.
+    conn.batch_execute(&format!(
+        "UPDATE {table} SET note = {} WHERE id = 'r1'",
+        bytes_sql(&[0xf1, 0x01, 9])
+    ))
+    .expect("a sealed write after finalize");
+    conn.revert_migration(&**migration)
+        .unwrap_or_else(|e| panic!("down.sql through the runner: {e}\n{}", m.down));
+    let schema = conn.introspect(table).expect("introspect");
+    for c in ["last_name", "note", "last_name_encrypted", "note_encrypted"] {
+        assert!(schema.column(c).is_some(), "{c} after down: {schema:#?}");
+    }
+}
+
+#[test]
+fn finalize_refuses_a_sealed_copy_that_is_not_an_envelope() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let table = "phi_it_finalize_not_envelope";
+    finalize_table(&mut conn, table);
+    conn.batch_execute(&format!(
+        "UPDATE {table} SET last_name_encrypted = {} WHERE id = 'r3'",
+        bytes_sql(b"Name 2")
+    ))
+    .expect("a shadow holding plain bytes");
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    refused(
+        conn.batch_execute(&m.up),
+        "rows are not sealed, run backfill and verify first",
+    );
+    finalize_values_readable(&mut conn, table, "a refused finalize");
+}
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct PlainValues {
+    #[diesel(sql_type = TextSql)]
+    id: String,
+    #[diesel(sql_type = TextSql)]
+    last_name: String,
+    #[diesel(sql_type = NullableSql<TextSql>)]
+    note: Option<String>,
+}
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct SealedValues {
+    #[diesel(sql_type = TextSql)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    last_name: Vec<u8>,
+    #[diesel(sql_type = NullableSql<diesel::sql_types::Binary>)]
+    note: Option<Vec<u8>>,
+}
+
+/// Every value of `finalize_table`'s rows is readable: in the plain
+/// columns while the shadows are there, in the sealed columns once
+/// finalize replaced them; a table between the two fails.
+fn finalize_values_readable(conn: &mut Conn, table: &'static str, step: &str) {
+    let schema = conn.introspect(table).expect("introspect");
+    let shadows = ["last_name_encrypted", "note_encrypted"].map(|c| schema.column(c).is_some());
+    let rows = || diesel::sql_query(format!("SELECT id, last_name, note FROM {table} ORDER BY id"));
+    match shadows {
+        [true, true] => {
+            let read = rows()
+                .load::<PlainValues>(conn)
+                .unwrap_or_else(|e| panic!("{step}: the plain columns: {e}"));
+            let expected: Vec<_> = (0..3)
+                .map(|i| PlainValues {
+                    id: format!("r{}", i + 1),
+                    last_name: format!("Name {i}"),
+                    note: Some(format!("Note {i}")),
+                })
+                .collect();
+            assert_eq!(read, expected, "{step}: the plain values are all there");
+        }
+        [false, false] => {
+            let read = rows()
+                .load::<SealedValues>(conn)
+                .unwrap_or_else(|e| panic!("{step}: the sealed columns: {e}"));
+            let expected: Vec<_> = (0..3u8)
+                .map(|i| SealedValues {
+                    id: format!("r{}", i + 1),
+                    last_name: vec![0xf1, 0x01, 1, i],
+                    note: Some(vec![0xf1, 0x01, 2, i]),
+                })
+                .collect();
+            assert_eq!(read, expected, "{step}: the sealed values are all there");
+        }
+        _ => panic!("{step}: the table is half finalized: {schema:#?}"),
+    }
+}
+
+/// The triggers finalize installs on MySQL/MariaDB (0 elsewhere).
+fn finalize_triggers(conn: &mut Conn, table: &str) -> i64 {
+    if dialect() != Dialect::Mysql {
+        return 0;
+    }
+    diesel::sql_query(format!(
+        "SELECT COUNT(*) AS n FROM information_schema.TRIGGERS \
+         WHERE EVENT_OBJECT_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = '{table}'"
+    ))
+    .get_result::<Waiting>(conn)
+    .expect("triggers")
+    .n
+}
+
+#[test]
+fn finalize_stopped_after_any_statement_leaves_every_value_readable_and_its_recovery_works() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    let table = "phi_it_finalize_stopped";
+    finalize_table(&mut conn, table);
+    let m = adopt::migration_for(
+        &finalize_model(table),
+        &mut conn,
+        Strategy::Finalize,
+        &Options::default(),
+    )
+    .expect("finalize migration");
+    let statements = migration_statements(&m.up);
+    // The migration stops after `done` statements (the connection lost, the
+    // process killed): its transaction is rolled back, which undoes nothing
+    // on MySQL/MariaDB, where each DDL statement has committed.
+    for done in 0..=statements.len() {
+        if done > 0 {
+            finalize_table(&mut conn, table);
+        }
+        let stopped = conn.transaction::<(), diesel::result::Error, _>(|conn| {
+            for statement in &statements[..done] {
+                conn.batch_execute(statement)?;
+            }
+            Err(diesel::result::Error::RollbackTransaction)
+        });
+        assert!(stopped.is_err());
+        let step = format!("stopped after {done} statements");
+        finalize_values_readable(&mut conn, table, &step);
+        // The recovery the migration's comments give: run it again. Once
+        // the table is finalized (MySQL/MariaDB, after its ALTER TABLE),
+        // that drops the triggers left behind and fails at its first
+        // check, changing nothing else.
+        let finalized = conn
+            .introspect(table)
+            .expect("introspect")
+            .column("note_encrypted")
+            .is_none();
+        let again = conn.batch_execute(&m.up);
+        assert_eq!(
+            again.is_err(),
+            finalized,
+            "{step}: running it again: {again:?}"
+        );
+        finalize_values_readable(&mut conn, table, &format!("{step}, then run again"));
+        assert!(
+            conn.introspect(table)
+                .expect("introspect")
+                .column("note_encrypted")
+                .is_none(),
+            "{step}: finalized after running it again"
+        );
+        assert_eq!(
+            finalize_triggers(&mut conn, table),
+            0,
+            "{step}: no trigger left behind"
+        );
+    }
+}

@@ -64,6 +64,7 @@ impl fmt::Display for SealedCheck {
 ///   [`SealedCheck::condition`] is the expression for that).
 ///
 /// The statements are meant for a schema migration (`up.sql`, `down.sql`).
+/// Every identifier in them is quoted.
 ///
 /// ```
 /// # #[cfg(feature = "sqlite")]
@@ -97,10 +98,10 @@ impl fmt::Display for SealedCheck {
 /// let check = legacy::sealed_check::<Case>(Dialect::Postgres)?;
 /// assert_eq!(
 ///     check.up,
-///     ["ALTER TABLE cases ADD CONSTRAINT phi_sealed_cases CHECK (NOT phi_encrypted OR \
-///       (patient_last IS NULL OR substring(patient_last from 1 for 2) = '\\xf101'::bytea))"]
+///     [r#"ALTER TABLE "cases" ADD CONSTRAINT "phi_sealed_cases" CHECK (NOT "phi_encrypted" OR "#.to_owned()
+///         + r#"("patient_last" IS NULL OR substring("patient_last" from 1 for 2) = '\xf101'::bytea))"#]
 /// );
-/// assert_eq!(check.down, ["ALTER TABLE cases DROP CONSTRAINT phi_sealed_cases"]);
+/// assert_eq!(check.down, [r#"ALTER TABLE "cases" DROP CONSTRAINT "phi_sealed_cases""#]);
 /// # Ok(())
 /// # }
 /// # #[cfg(not(feature = "sqlite"))]
@@ -128,27 +129,20 @@ pub(crate) fn table_check(t: &StoredTable, dialect: Dialect) -> Result<SealedChe
             t.table
         )));
     }
-    let envelope = |column: &str| -> String {
-        match dialect {
-            Dialect::Postgres => {
-                format!("substring({column} from 1 for 2) = '\\xf101'::bytea")
-            }
-            Dialect::Mysql => format!("LEFT({column}, 2) = X'F101'"),
-            Dialect::Sqlite => format!("substr({column}, 1, 2) = X'F101'"),
-        }
-    };
+    let q = |name: &str| quoted(dialect, name);
+    let envelope = |column: &str| is_envelope(dialect, column);
     let values = |prefix: &str| -> String {
         t.columns
             .iter()
             .map(|c| {
-                let column = format!("{prefix}{}", c.column);
+                let column = format!("{prefix}{}", q(c.column));
                 format!("({column} IS NULL OR {})", envelope(&column))
             })
             .collect::<Vec<_>>()
             .join(" AND ")
     };
     let flag_off = |prefix: &str| -> String {
-        let flag = format!("{prefix}{}", t.flag_column);
+        let flag = format!("{prefix}{}", q(t.flag_column));
         if t.flag_is_bool && dialect == Dialect::Postgres {
             format!("NOT {flag}")
         } else {
@@ -156,33 +150,36 @@ pub(crate) fn table_check(t: &StoredTable, dialect: Dialect) -> Result<SealedChe
         }
     };
     let condition = format!("{} OR {}", flag_off(""), values(""));
-    let table = t.table;
+    let table = q(t.table);
+    let constraint = q(&name);
     let (up, down) = match dialect {
         Dialect::Postgres | Dialect::Mysql => (
             vec![format!(
-                "ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({condition})"
+                "ALTER TABLE {table} ADD CONSTRAINT {constraint} CHECK ({condition})"
             )],
             // MariaDB ≥ 10.2 and MySQL ≥ 8.0.19 (MySQL 8.0.16 to 8.0.18:
             // `DROP CHECK`).
-            vec![format!("ALTER TABLE {table} DROP CONSTRAINT {name}")],
+            vec![format!("ALTER TABLE {table} DROP CONSTRAINT {constraint}")],
         ),
         Dialect::Sqlite => {
             let refused = format!("NOT ({} OR {})", flag_off("NEW."), values("NEW."));
             let message = format!(
-                "{table}: a sealed row (flag {} on) must hold envelopes (F1 01) in its encrypted columns",
-                t.flag_column
+                "{}: a sealed row (flag {} on) must hold envelopes (F1 01) in its encrypted columns",
+                t.table, t.flag_column
             );
+            let trigger_name = |suffix: &str| q(&format!("{name}_{suffix}"));
             let trigger = |event: &str, suffix: &str| {
                 format!(
-                    "CREATE TRIGGER {name}_{suffix} BEFORE {event} ON {table} FOR EACH ROW WHEN {refused} \
-                     BEGIN SELECT RAISE(ABORT, '{message}'); END"
+                    "CREATE TRIGGER {} BEFORE {event} ON {table} FOR EACH ROW WHEN {refused} \
+                     BEGIN SELECT RAISE(ABORT, '{message}'); END",
+                    trigger_name(suffix)
                 )
             };
             (
                 vec![trigger("INSERT", "insert"), trigger("UPDATE", "update")],
                 vec![
-                    format!("DROP TRIGGER {name}_insert"),
-                    format!("DROP TRIGGER {name}_update"),
+                    format!("DROP TRIGGER {}", trigger_name("insert")),
+                    format!("DROP TRIGGER {}", trigger_name("update")),
                 ],
             )
         }
@@ -193,4 +190,38 @@ pub(crate) fn table_check(t: &StoredTable, dialect: Dialect) -> Result<SealedChe
         up,
         down,
     })
+}
+
+/// The condition "`column` (an SQL expression) starts with an envelope v1's
+/// bytes `F1 01`".
+pub(crate) fn is_envelope(dialect: Dialect, column: &str) -> String {
+    match dialect {
+        Dialect::Postgres => format!("substring({column} from 1 for 2) = '\\xf101'::bytea"),
+        Dialect::Mysql => format!("LEFT({column}, 2) = X'F101'"),
+        Dialect::Sqlite => format!("substr({column}, 1, 2) = X'F101'"),
+    }
+}
+
+/// `name` quoted as an identifier of `dialect` (`"name"` on PostgreSQL and
+/// SQLite, `` `name` `` on MySQL), each part of a `schema.table` name on
+/// its own, the quote character doubled inside. Quoted, a name is taken
+/// as it is spelled: a reserved word or (PostgreSQL) a name with capitals
+/// names the column or index the catalog reported, not another one.
+pub(crate) fn quoted(dialect: Dialect, name: &str) -> String {
+    let quote = if dialect == Dialect::Mysql { '`' } else { '"' };
+    name.split('.')
+        .map(|part| {
+            let mut s = String::with_capacity(part.len() + 2);
+            s.push(quote);
+            for c in part.chars() {
+                if c == quote {
+                    s.push(quote);
+                }
+                s.push(c);
+            }
+            s.push(quote);
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
