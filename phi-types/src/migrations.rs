@@ -12,7 +12,7 @@
 //! ```
 //!
 //! They are recorded in Diesel's `__diesel_schema_migrations` table under
-//! versions of their own (`2026-11-25-000001` to `2026-11-28-000001`), so
+//! versions of their own (`2026-11-25-000001` to `2026-12-07-000001`), so
 //! they sit beside an application's migrations:
 //!
 //! - `diesel migration run` over the application's directory runs only the
@@ -35,6 +35,14 @@
 //!
 //!   (`phi_.*` covers `phi_key_feed`, `phi_key_events`, `phi_rollout` and
 //!   `phi_rollout_owners`; the entries are regular expressions.)
+//!
+//! On MySQL / MariaDB, `2026-12-07-000001_owner_ids_byte_exact` makes
+//! every owner id column of phi's tables (and the KEK id, roll-out policy
+//! and feed reader columns) `VARBINARY`: compared byte for byte, with no
+//! padding, where `utf8mb4_bin` took `'acme'` and `'acme '` as equal. Its
+//! SQLite and PostgreSQL versions change nothing (their text equality is
+//! byte for byte already). The `ALTER TABLE`s copy each table, the audit
+//! trail included: run it where that is acceptable.
 //!
 //! [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) runs them
 //! too. A deployment that runs migrations in a step of its own, or a
