@@ -723,8 +723,9 @@ macro_rules! rollout_migration {
         // which the clinic's directory does not have.
         let rollout_in_phi = {
             use diesel::migration::MigrationSource as _;
-            let all: Vec<Box<dyn diesel::migration::Migration<<$conn as diesel::Connection>::Backend>>> =
-                CLINIC.migrations().expect("the clinic's migrations");
+            let all: Vec<
+                Box<dyn diesel::migration::Migration<<$conn as diesel::Connection>::Backend>>,
+            > = CLINIC.migrations().expect("the clinic's migrations");
             all.into_iter()
                 .find(|m| m.name().to_string().ends_with("_rollout_in_phi"))
                 .expect("rollout_in_phi")
@@ -843,7 +844,10 @@ fn the_clinics_owner_column_compares_bytes_on_mariadb() {
     }
     let test_url = std::env::var("PHI_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    let name = format!("{}_clinic_owner", test_url.rsplit('/').next().unwrap_or("test"));
+    let name = format!(
+        "{}_clinic_owner",
+        test_url.rsplit('/').next().unwrap_or("test")
+    );
     let clinic = Clinic {
         url: recreate(&test_url, &name),
         dir: tempfile::tempdir().expect("temporary directory"),
@@ -851,8 +855,20 @@ fn the_clinics_owner_column_compares_bytes_on_mariadb() {
     clinic.ok(&[]);
     let create = |owner: &str| {
         clinic.run(&[
-            "case", "create", "--owner", owner, "--first", "Jane", "--last", "Doe", "--dob",
-            "1980-01-15", "--procedure", "27447", "--surgery-date", "2026-12-24",
+            "case",
+            "create",
+            "--owner",
+            owner,
+            "--first",
+            "Jane",
+            "--last",
+            "Doe",
+            "--dob",
+            "1980-01-15",
+            "--procedure",
+            "27447",
+            "--surgery-date",
+            "2026-12-24",
         ])
     };
     let created = create("acme");
@@ -883,11 +899,21 @@ fn the_clinics_owner_column_compares_bytes_on_mariadb() {
 
     let listing = clinic.run(&["case", "list", "--owner", "acme "]);
     let (stdout, stderr) = texts(&listing);
-    assert!(!stdout.contains(&id) && !stderr.contains(&id), "acme's case listed for \"acme \": {stdout}\n{stderr}");
-    assert!(clinic.ok(&["case", "list", "--owner", "acme"]).contains(&id));
+    assert!(
+        !stdout.contains(&id) && !stderr.contains(&id),
+        "acme's case listed for \"acme \": {stdout}\n{stderr}"
+    );
+    assert!(
+        clinic
+            .ok(&["case", "list", "--owner", "acme"])
+            .contains(&id)
+    );
 
     let refused = create("acme ");
     let (stdout, stderr) = texts(&refused);
     assert!(!refused.status.success(), "sealed for \"acme \": {stdout}");
-    assert!(stderr.contains("\"acme \"") && stderr.contains("whitespace"), "{stderr}");
+    assert!(
+        stderr.contains("\"acme \"") && stderr.contains("whitespace"),
+        "{stderr}"
+    );
 }

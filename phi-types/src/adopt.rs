@@ -996,7 +996,9 @@ fn owner_byte_exact(
     };
     let lower = info.sql_type.to_ascii_lowercase();
     let base = lower.split('(').next().unwrap_or("").trim();
-    let exact = collation.ends_with("_nopad_bin") || collation.ends_with("_0900_bin") || collation == "binary";
+    let exact = collation.ends_with("_nopad_bin")
+        || collation.ends_with("_0900_bin")
+        || collation == "binary";
     let sql_type = match base {
         "char" => format!("varchar{}", &lower[base.len()..]),
         "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" if !exact => lower.clone(),
@@ -1979,29 +1981,37 @@ mod tests {
         for (shadow, strategy) in [(false, Strategy::InPlace), (true, Strategy::Shadow)] {
             let mut s = schema(d);
             s.columns[1].collation = Some(("utf8mb4".into(), "utf8mb4_bin".into()));
-            let m = generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
+            let m =
+                generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
             let up = statements(&m.up);
             let exact = "ALTER TABLE cases MODIFY user_id varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin NOT NULL";
             let at = up.iter().position(|s| *s == exact);
             let index = up
                 .iter()
                 .position(|s| s.starts_with("CREATE INDEX phi_cases_last_name_bidx"));
-            assert!(at.is_some() && at < index, "{strategy:?}: before the (owner, index) index: {up:#?}");
+            assert!(
+                at.is_some() && at < index,
+                "{strategy:?}: before the (owner, index) index: {up:#?}"
+            );
             let down = statements(&m.down);
             assert_eq!(
                 down.last(),
-                Some(&"ALTER TABLE cases MODIFY user_id varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"),
+                Some(
+                    &"ALTER TABLE cases MODIFY user_id varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+                ),
                 "{strategy:?}: restored last: {down:#?}"
             );
 
             // Already byte for byte: nothing.
             s.columns[1].collation = Some(("utf8mb4".into(), "utf8mb4_0900_bin".into()));
-            let m = generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
+            let m =
+                generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
             assert!(!m.up.contains("MODIFY user_id"), "{}", m.up);
 
             // CHAR strips trailing spaces whatever its collation.
             s.columns[1].sql_type = "char(36)".into();
-            let m = generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
+            let m =
+                generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
             assert!(m.up.contains("ALTER TABLE cases MODIFY user_id varchar(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin NOT NULL"), "{}", m.up);
             assert!(m.down.contains("ALTER TABLE cases MODIFY user_id char(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_0900_bin NOT NULL"), "{}", m.down);
 
@@ -2009,8 +2019,12 @@ mod tests {
             s.columns[1].sql_type = "varchar(100)".into();
             s.columns[1].collation = Some(("utf8mb4".into(), "utf8mb4_general_ci".into()));
             s.byte_exact_collation = None;
-            let e = generate(&model(shadow), &s, d, strategy, &Options::default()).expect_err("no NO PAD collation");
-            assert!(e.to_string().contains("user_id") && e.to_string().contains("VARBINARY"), "{e}");
+            let e = generate(&model(shadow), &s, d, strategy, &Options::default())
+                .expect_err("no NO PAD collation");
+            assert!(
+                e.to_string().contains("user_id") && e.to_string().contains("VARBINARY"),
+                "{e}"
+            );
         }
     }
 

@@ -1564,7 +1564,11 @@ impl Keyring {
         let winners = self.inner.store.load_keys(&[owner])?;
         // The winner's row, byte for byte this owner's: never a key of
         // another owner that the store took as equal.
-        crate::store::check_key_owners("loading the data key another process created", &[owner], &winners)?;
+        crate::store::check_key_owners(
+            "loading the data key another process created",
+            &[owner],
+            &winners,
+        )?;
         let winners: Vec<&StoredKey> = winners.iter().collect();
         let keys = self.unwrap_rows(owner, &winners, audit)?;
         if keys.current.is_none() {

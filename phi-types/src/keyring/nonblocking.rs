@@ -426,7 +426,11 @@ impl Keyring {
             blocking("loading data keys", move || store.load_keys(&[&owner])).await?
         };
         // The winner's row, byte for byte this owner's (as in `create`).
-        crate::store::check_key_owners("loading the data key another process created", &[owner], &winners)?;
+        crate::store::check_key_owners(
+            "loading the data key another process created",
+            &[owner],
+            &winners,
+        )?;
         let winners: Vec<&StoredKey> = live_sorted(&winners.iter().collect::<Vec<_>>());
         let unwrapped = self.unwrap_keys_async(&winners).await;
         let keys = self.owner_keys(owner, &winners, unwrapped, audit)?;
