@@ -39,8 +39,8 @@ fn owners_differing_by_a_trailing_space_get_their_own_keys_and_shredding_one_spa
 
     // Two key rows, each of its own owner, byte for byte.
     let store = db.store();
-    assert_eq!(key_row_owners(store.as_ref(), &acme), [acme.clone()]);
-    assert_eq!(key_row_owners(store.as_ref(), &padded), [padded.clone()]);
+    assert_eq!(key_row_owners(store.as_ref(), &acme), [acme.as_str()]);
+    assert_eq!(key_row_owners(store.as_ref(), &padded), [padded.as_str()]);
     let owners = store.owners().expect("owners");
     assert!(owners.contains(&acme) && owners.contains(&padded), "both owners have keys");
     let mut conn = db.conn();
