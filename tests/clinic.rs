@@ -718,7 +718,19 @@ macro_rules! rollout_migration {
             "clinic_rollout is gone"
         );
         // Back: the table again, with the same providers; phi's policy gone.
-        conn.revert_last_migration(CLINIC)
+        // Reverted by name: phi's migrations (run by `connect`) have later
+        // versions than these two, so Diesel's "last" would be one of phi's,
+        // which the clinic's directory does not have.
+        let rollout_in_phi = {
+            use diesel::migration::MigrationSource as _;
+            let all: Vec<
+                Box<dyn diesel::migration::Migration<<$conn as diesel::Connection>::Backend>>,
+            > = CLINIC.migrations().expect("the clinic's migrations");
+            all.into_iter()
+                .find(|m| m.name().to_string().ends_with("_rollout_in_phi"))
+                .expect("rollout_in_phi")
+        };
+        conn.revert_migration(rollout_in_phi.as_ref())
             .expect("revert rollout_in_phi");
         let owners: Vec<String> =
             diesel::sql_query("SELECT owner_id FROM clinic_rollout ORDER BY owner_id")
@@ -739,7 +751,8 @@ macro_rules! rollout_migration {
         conn.run_next_migration(CLINIC)
             .expect("rollout_in_phi again");
         assert_eq!(policy(&store), Some(phi::Rollout::All));
-        conn.revert_last_migration(CLINIC).expect("revert again");
+        conn.revert_migration(rollout_in_phi.as_ref())
+            .expect("revert again");
         let owners: Vec<String> = diesel::sql_query("SELECT owner_id FROM clinic_rollout")
             .load::<Owner>(&mut conn)
             .expect("clinic_rollout is back")
@@ -815,4 +828,92 @@ fn recreate(test_url: &str, name: &str) -> String {
     }
     let (base, _) = test_url.rsplit_once('/').expect("URL with a database");
     format!("{base}/{name}")
+}
+
+/// On MariaDB the clinic's owner column compares bytes (its
+/// `owner_ids_byte_exact` migration): `acme `'s listing never holds
+/// `acme`'s case, and `acme ` is refused (the clinic's keyring does not take
+/// whitespace), never sealed under `acme`'s key.
+#[cfg(feature = "mysql")]
+#[test]
+fn the_clinics_owner_column_compares_bytes_on_mariadb() {
+    #[derive(QueryableByName)]
+    struct Collation {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let test_url = std::env::var("PHI_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let name = format!(
+        "{}_clinic_owner",
+        test_url.rsplit('/').next().unwrap_or("test")
+    );
+    let clinic = Clinic {
+        url: recreate(&test_url, &name),
+        dir: tempfile::tempdir().expect("temporary directory"),
+    };
+    clinic.ok(&[]);
+    let create = |owner: &str| {
+        clinic.run(&[
+            "case",
+            "create",
+            "--owner",
+            owner,
+            "--first",
+            "Jane",
+            "--last",
+            "Doe",
+            "--dob",
+            "1980-01-15",
+            "--procedure",
+            "27447",
+            "--surgery-date",
+            "2026-12-24",
+        ])
+    };
+    let created = create("acme");
+    let (id, stderr) = texts(&created);
+    assert!(created.status.success(), "{stderr}");
+    let id = id
+        .split_whitespace()
+        .find(|w| w.starts_with("C-"))
+        .unwrap_or_else(|| panic!("no case id printed: {id}"))
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned();
+
+    let mut conn = MysqlConnection::establish(&clinic.url).expect("connects");
+    for table in ["cases", "deleted_cases"] {
+        let c: Collation = diesel::sql_query(
+            "SELECT CAST(COLLATION_NAME AS CHAR) AS name FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'user_id'",
+        )
+        .bind::<diesel::sql_types::Text, _>(table)
+        .get_result(&mut conn)
+        .expect("collation");
+        assert!(
+            ["utf8mb4_nopad_bin", "utf8mb4_0900_bin"].contains(&c.name.as_str()),
+            "{table}.user_id: {}",
+            c.name
+        );
+    }
+
+    let listing = clinic.run(&["case", "list", "--owner", "acme "]);
+    let (stdout, stderr) = texts(&listing);
+    assert!(
+        !stdout.contains(&id) && !stderr.contains(&id),
+        "acme's case listed for \"acme \": {stdout}\n{stderr}"
+    );
+    assert!(
+        clinic
+            .ok(&["case", "list", "--owner", "acme"])
+            .contains(&id)
+    );
+
+    let refused = create("acme ");
+    let (stdout, stderr) = texts(&refused);
+    assert!(!refused.status.success(), "sealed for \"acme \": {stdout}");
+    assert!(
+        stderr.contains("\"acme \"") && stderr.contains("whitespace"),
+        "{stderr}"
+    );
 }

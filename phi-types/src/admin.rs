@@ -558,6 +558,7 @@ async fn key_status(
         let mut body = serde_json::Map::new();
         match &owner {
             Some(owner) => {
+                keyring.check_owner_id(owner)?;
                 let mut rows = store.load_keys(&[owner.as_str()])?;
                 rows.sort_by_key(|r| r.version);
                 let current = rows
@@ -718,6 +719,7 @@ async fn generate_key(
                 let store = keyring.store();
                 let todo: Vec<String> = match &one {
                     Some(owner) => {
+                        keyring.check_owner_id(owner)?;
                         if store.load_keys(&[owner.as_str()])?.is_empty() {
                             vec![owner.clone()]
                         } else {

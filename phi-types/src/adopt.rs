@@ -132,6 +132,11 @@ pub struct TableSchema {
     pub columns: Vec<ColumnInfo>,
     /// Its indexes and unique constraints, by name.
     pub indexes: Vec<IndexInfo>,
+    /// MySQL / MariaDB: the server's `utf8mb4` collation that compares
+    /// bytes with no padding (`utf8mb4_nopad_bin` on MariaDB ≥ 10.2,
+    /// `utf8mb4_0900_bin` on MySQL ≥ 8.0.17), which the `in_place` and
+    /// `shadow` migrations give a text owner column; `None` elsewhere.
+    pub byte_exact_collation: Option<String>,
 }
 
 /// One column of a [`TableSchema`].
@@ -507,6 +512,7 @@ impl SchemaConnection for diesel::PgConnection {
                     definition: Some(i.definition),
                 })
                 .collect(),
+            byte_exact_collation: None,
         })
     }
 }
@@ -552,10 +558,22 @@ impl SchemaConnection for diesel::MysqlConnection {
             #[diesel(sql_type = Text)]
             index_type: String,
         }
+        #[derive(QueryableByName)]
+        struct Collation {
+            #[diesel(sql_type = Nullable<Text>)]
+            name: Option<String>,
+        }
         check_identifier("table", table, true)?;
         let (schema, name) = split(table);
         let err = db_error(table);
         let mariadb = self.server_version().map_err(&err)?.contains("MariaDB");
+        let byte_exact_collation = diesel::sql_query(
+            "SELECT CAST(MIN(COLLATION_NAME) AS CHAR) AS name FROM information_schema.COLLATIONS \
+             WHERE COLLATION_NAME IN ('utf8mb4_nopad_bin', 'utf8mb4_0900_bin')",
+        )
+        .get_result::<Collation>(self)
+        .map_err(&err)?
+        .name;
         let cols: Vec<Col> = diesel::sql_query(
             "SELECT CAST(COLUMN_NAME AS CHAR) AS name, CAST(COLUMN_TYPE AS CHAR) AS sql_type, \
              CAST(IS_NULLABLE AS CHAR) AS nullable, CAST(COLUMN_DEFAULT AS CHAR) AS default_expr, \
@@ -661,6 +679,7 @@ impl SchemaConnection for diesel::MysqlConnection {
                 })
                 .collect(),
             indexes,
+            byte_exact_collation,
         })
     }
 }
@@ -754,6 +773,7 @@ impl SchemaConnection for diesel::SqliteConnection {
                 })
                 .collect(),
             indexes,
+            byte_exact_collation: None,
         })
     }
 }
@@ -1063,6 +1083,70 @@ fn mysql_def(c: &ColumnInfo, sql_type: &str, nullable: bool, default: bool) -> S
         let _ = write!(s, " DEFAULT {d}");
     }
     s
+}
+
+/// MySQL / MariaDB: makes a text owner column compare byte for byte, with
+/// no padding, unless it does already (a PAD SPACE collation such as
+/// `utf8mb4_bin` takes `'acme'` and `'acme '` as one owner, a `_ci` one
+/// `'ACME'` and `'acme'`; `CHAR` strips trailing spaces): converted to
+/// `VARCHAR` in [`TableSchema::byte_exact_collation`]. Returns the
+/// statement of `down.sql` that restores it. Other dialects and non-text
+/// columns (integers, binary): nothing.
+fn owner_byte_exact(
+    up: &mut Script,
+    d: Dialect,
+    t: &StoredTable,
+    schema: &TableSchema,
+) -> Result<Option<String>> {
+    let table = t.table;
+    let owner = t.owner_column;
+    let Some(info) = schema.column(owner).filter(|_| d == Dialect::Mysql) else {
+        return Ok(None);
+    };
+    let Some((_, collation)) = &info.collation else {
+        return Ok(None);
+    };
+    let lower = info.sql_type.to_ascii_lowercase();
+    let base = lower.split('(').next().unwrap_or("").trim();
+    let exact = collation.ends_with("_nopad_bin")
+        || collation.ends_with("_0900_bin")
+        || collation == "binary";
+    let sql_type = match base {
+        "char" => format!("varchar{}", &lower[base.len()..]),
+        "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" if !exact => lower.clone(),
+        _ => return Ok(None),
+    };
+    let Some(nopad) = &schema.byte_exact_collation else {
+        return Err(config(
+            table,
+            format_args!(
+                "the owner column {owner} ({}, {collation}) does not compare byte for byte and this server has \
+                 no NO PAD binary collation (MariaDB >= 10.2: utf8mb4_nopad_bin, MySQL >= 8.0.17: \
+                 utf8mb4_0900_bin): make it VARBINARY first (Diesel reads it as text all the same)",
+                info.sql_type
+            ),
+        ));
+    };
+    up.note(&format!(
+        "The owner column {owner} compares with {collation}{}: {nopad} compares bytes, so that one owner's \
+         rows are never another's (\"acme \" is not \"acme\"). A foreign key on it must be changed with it, by hand.",
+        if base == "char" { " and CHAR strips trailing spaces" } else { "" }
+    ));
+    let exact_info = ColumnInfo {
+        collation: Some(("utf8mb4".into(), nopad.clone())),
+        ..info.clone()
+    };
+    up.stmt(
+        cost::convert(d),
+        format!(
+            "ALTER TABLE {table} MODIFY {owner} {}",
+            mysql_def(&exact_info, &sql_type, info.nullable, true)
+        ),
+    );
+    Ok(Some(format!(
+        "ALTER TABLE {table} MODIFY {owner} {}",
+        mysql_def(info, &info.sql_type, info.nullable, true)
+    )))
 }
 
 /// The statements that drop an index, and recreate it.
@@ -1513,6 +1597,7 @@ pub fn generate(
                     ),
                 }
             }
+            let owner_back = owner_byte_exact(&mut up, d, t, schema)?;
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
             for (cost, s) in undo {
                 down.stmt(&cost, s);
@@ -1554,6 +1639,9 @@ pub fn generate(
             for (_, (_, recreate, cost)) in &dropped {
                 down.stmt(cost, recreate);
             }
+            if let Some(back) = owner_back {
+                down.stmt(cost::convert(d), back);
+            }
         }
         Strategy::Shadow => {
             header(
@@ -1585,6 +1673,7 @@ pub fn generate(
                 );
                 drops.push(shadow);
             }
+            let owner_back = owner_byte_exact(&mut up, d, t, schema)?;
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
             // After finalize's down and before decrypt-back, a shadow holds
             // the only copy of its value: dropping it then loses data.
@@ -1619,6 +1708,9 @@ pub fn generate(
                         quoted(d, shadow)
                     ),
                 );
+            }
+            if let Some(back) = owner_back {
+                down.stmt(cost::convert(d), back);
             }
         }
         Strategy::Finalize => finalize(&mut up, &mut down, t, schema, d, options)?,
@@ -2239,6 +2331,7 @@ mod tests {
                     Some("CREATE UNIQUE INDEX cases_dob ON cases (dob)"),
                 ),
             ],
+            byte_exact_collation: (d == Dialect::Mysql).then(|| "utf8mb4_nopad_bin".into()),
         }
     }
 
@@ -2739,6 +2832,59 @@ mod tests {
         )
         .expect_err("too long");
         assert!(e.to_string().contains("longer than 63"), "{e}");
+    }
+
+    #[test]
+    fn in_place_and_shadow_on_mysql_make_a_padding_owner_column_compare_bytes() {
+        let d = Dialect::Mysql;
+        for (shadow, strategy) in [(false, Strategy::InPlace), (true, Strategy::Shadow)] {
+            let mut s = schema(d);
+            s.columns[1].collation = Some(("utf8mb4".into(), "utf8mb4_bin".into()));
+            let m =
+                generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
+            let up = statements(&m.up);
+            let exact = "ALTER TABLE cases MODIFY user_id varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin NOT NULL";
+            let at = up.iter().position(|s| *s == exact);
+            let index = up
+                .iter()
+                .position(|s| s.starts_with("CREATE INDEX phi_cases_last_name_bidx"));
+            assert!(
+                at.is_some() && at < index,
+                "{strategy:?}: before the (owner, index) index: {up:#?}"
+            );
+            let down = statements(&m.down);
+            assert_eq!(
+                down.last(),
+                Some(
+                    &"ALTER TABLE cases MODIFY user_id varchar(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+                ),
+                "{strategy:?}: restored last: {down:#?}"
+            );
+
+            // Already byte for byte: nothing.
+            s.columns[1].collation = Some(("utf8mb4".into(), "utf8mb4_0900_bin".into()));
+            let m =
+                generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
+            assert!(!m.up.contains("MODIFY user_id"), "{}", m.up);
+
+            // CHAR strips trailing spaces whatever its collation.
+            s.columns[1].sql_type = "char(36)".into();
+            let m =
+                generate(&model(shadow), &s, d, strategy, &Options::default()).expect("migration");
+            assert!(m.up.contains("ALTER TABLE cases MODIFY user_id varchar(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin NOT NULL"), "{}", m.up);
+            assert!(m.down.contains("ALTER TABLE cases MODIFY user_id char(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_0900_bin NOT NULL"), "{}", m.down);
+
+            // A server with no NO PAD collation: refused, naming the column.
+            s.columns[1].sql_type = "varchar(100)".into();
+            s.columns[1].collation = Some(("utf8mb4".into(), "utf8mb4_general_ci".into()));
+            s.byte_exact_collation = None;
+            let e = generate(&model(shadow), &s, d, strategy, &Options::default())
+                .expect_err("no NO PAD collation");
+            assert!(
+                e.to_string().contains("user_id") && e.to_string().contains("VARBINARY"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! | `2026-11-27-000001` | `kek_check_values` | `kek_check_values` |
 //! | `2026-11-28-000001` | `key_event_feed` | `phi_key_feed`, `phi_key_events`, `phi_rollout`, `phi_rollout_owners` |
 //! | `2026-11-28-000002` | `feed_readers` | `phi_feed_readers` |
+//! | `2026-12-07-000001` | `owner_ids_byte_exact` | every table with an owner id, KEK id, policy or reader name (MySQL / MariaDB only) |
 //!
 //! (Later versions are added at the end of this table; the directories
 //! `phi-types/migrations/<backend>/` are the authority.)
@@ -46,6 +47,14 @@
 //!   (`phi_.*` covers every table phi names `phi_…`: today `phi_key_feed`,
 //!   `phi_key_events`, `phi_rollout`, `phi_rollout_owners` and
 //!   `phi_feed_readers`; the entries are regular expressions.)
+//!
+//! On MySQL / MariaDB, `2026-12-07-000001_owner_ids_byte_exact` makes
+//! every owner id column of phi's tables (and the KEK id, roll-out policy
+//! and feed reader columns) `VARBINARY`: compared byte for byte, with no
+//! padding, where `utf8mb4_bin` took `'acme'` and `'acme '` as equal. Its
+//! SQLite and PostgreSQL versions change nothing (their text equality is
+//! byte for byte already). The `ALTER TABLE`s copy each table, the audit
+//! trail included: run it where that is acceptable.
 //!
 //! [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) runs them
 //! too. A deployment that runs migrations in a step of its own, or a

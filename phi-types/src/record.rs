@@ -96,6 +96,28 @@ pub use crate::store::Rollout;
 /// must be `Clone` and `PartialEq`, and the model `Send` and `Sync` (a large
 /// batch is sealed and opened on several threads).
 ///
+/// # The owner column on MySQL / MariaDB
+///
+/// phi compares owner ids byte for byte: `"acme"` and `"acme "` are two
+/// owners, with two data keys (or, by default, `"acme "` is refused at
+/// every keyring entry: see
+/// [`KeyringBuilder::allow_owner_id_whitespace`](crate::KeyringBuilder::allow_owner_id_whitespace)).
+/// The application's own owner column must compare the same way. On MySQL /
+/// MariaDB a `VARCHAR` in a PAD SPACE collation (`utf8mb4_bin`, the `_ci`
+/// ones, every collation before MySQL 8) ignores trailing spaces, a `_ci`
+/// one also case, and a `CHAR` column strips trailing spaces: there
+/// `WHERE user_id = 'acme '` finds `acme`'s rows, so a listing by owner mixes
+/// two owners. (Their values still do not open under the wrong owner: each
+/// envelope is bound to its owner. Nothing leaks, but reads fail.) Declare
+/// the owner column with a NO PAD binary collation, `utf8mb4_nopad_bin` on
+/// MariaDB ≥ 10.2 or `utf8mb4_0900_bin` on MySQL ≥ 8.0.17 (it stays text:
+/// `diesel print-schema` prints `Text`), or as `VARBINARY` (any version;
+/// keep `Text` in `schema.rs`, which Diesel reads from it as UTF-8 bytes).
+/// The `in_place` and `shadow` migrations [`adopt`](crate::adopt) generates
+/// convert a padding owner column to the server's NO PAD binary collation;
+/// the clinic example's `owner_ids_byte_exact` migration does it by hand.
+/// SQLite and PostgreSQL compare text byte for byte already.
+///
 /// Diesel's associations work on the sealed structs: the parent's derives
 /// `Identifiable`, the child's `Identifiable` and `Associations` with a
 /// `belongs_to` naming the parent's *sealed* struct. Load and group the

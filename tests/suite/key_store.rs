@@ -83,3 +83,130 @@ fn a_key_store_connected_without_migrating_creates_no_tables() {
     }
     drop(store);
 }
+
+/// The columns `2026-12-07-000001_owner_ids_byte_exact` makes `VARBINARY`
+/// on MySQL / MariaDB: (table, column).
+const BYTE_EXACT_COLUMNS: [(&str, &str); 9] = [
+    ("user_encryption_keys", "owner_id"),
+    ("user_encryption_keys", "kek_id"),
+    ("encryption_key_audit", "owner_id"),
+    ("kek_check_values", "kek_id"),
+    ("phi_key_events", "owner_id"),
+    ("phi_rollout", "policy"),
+    ("phi_rollout_owners", "policy"),
+    ("phi_rollout_owners", "owner_id"),
+    ("phi_feed_readers", "reader"),
+];
+
+/// MySQL / MariaDB: each column's data type and collation, from
+/// `information_schema` (`None` on the other backends).
+fn column_types(url: &str) -> Option<Vec<(String, String, Option<String>)>> {
+    #[derive(QueryableByName)]
+    struct Column {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        data_type: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        collation: Option<String>,
+    }
+    if BLOB != "BLOB" || server_url().is_none() {
+        return None;
+    }
+    let mut conn = Conn::establish(url).expect("connect");
+    Some(
+        BYTE_EXACT_COLUMNS
+            .iter()
+            .map(|(table, column)| {
+                let c: Column = diesel::sql_query(
+                    "SELECT CAST(DATA_TYPE AS CHAR) AS data_type, CAST(COLLATION_NAME AS CHAR) AS collation \
+                     FROM information_schema.COLUMNS \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+                )
+                .bind::<diesel::sql_types::Text, _>(*table)
+                .bind::<diesel::sql_types::Text, _>(*column)
+                .get_result(&mut conn)
+                .unwrap_or_else(|e| panic!("{table}.{column}: {e}"));
+                (format!("{table}.{column}"), c.data_type, c.collation)
+            })
+            .collect(),
+    )
+}
+
+/// How many key rows the database takes as `owner`'s.
+fn key_rows_equal_to(url: &str, owner: &str) -> i64 {
+    let mut conn = Conn::establish(url).expect("connect");
+    key_rows(&mut conn, owner)
+}
+
+#[test]
+fn the_owner_id_migration_makes_an_existing_store_compare_bytes() {
+    use diesel::migration::MigrationSource as _;
+    use diesel_migrations::MigrationHarness as _;
+    let db = EmptyDatabase::new();
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&db.url).expect("connects and migrates"));
+
+    // The store as it was before the migration.
+    let mut conn = Conn::establish(&db.url).expect("connect");
+    let migrations = <Conn as phi::PhiConnection>::MIGRATIONS.migrations().expect("phi's migrations");
+    let byte_exact = migrations
+        .iter()
+        .find(|m| m.name().to_string().starts_with("2026-12-07-000001_owner_ids_byte_exact"))
+        .expect("the owner id migration");
+    conn.revert_migration(byte_exact).expect("reverted");
+    let mysql = column_types(&db.url);
+    if let Some(before) = &mysql {
+        for (column, data_type, collation) in before {
+            assert_eq!((data_type.as_str(), collation.as_deref()), ("varchar", Some("utf8mb4_bin")), "{column}");
+        }
+    }
+    let acme = common::unique_owner("acme");
+    let padded = format!("{acme} ");
+    let keyring = Keyring::builder(store.clone(), common::local_kek())
+        .allow_owner_id_whitespace(true)
+        .build()
+        .expect("keyring");
+    let sealed = keyring.seal(&"Doe".to_string(), &acme, "t.c", b"r").expect("seal for acme");
+    if mysql.is_some() {
+        // PAD SPACE: `acme ` is `acme` to the database. The key store
+        // refuses `acme`'s row for `acme `: no seal, no shred under it.
+        assert_eq!(key_rows_equal_to(&db.url, &padded), 1, "utf8mb4_bin pads");
+        let err = keyring.keys_for_seal(&padded).expect_err("acme's key for acme + space");
+        let message = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
+        assert!(message.contains(&format!("{acme:?}")) && message.contains(&format!("{padded:?}")), "{message}");
+        let audit = phi::AuditEvent {
+            occurred_at: chrono::Utc::now().naive_utc(),
+            owner_id: padded.clone(),
+            action: phi::AuditAction::Destroy,
+            key_version: None,
+            kek_id: None,
+            actor: "test".into(),
+            detail: None,
+        };
+        store.destroy_keys(&padded, &audit).expect_err("shredding acme + space destroys acme's key");
+        assert_eq!(store.load_keys(&[acme.as_str()]).expect("acme's rows")[0].state, phi::KeyState::Active);
+    } else {
+        // SQLite's BINARY collation and PostgreSQL's deterministic text
+        // equality compare bytes already: the migration changes nothing.
+        assert_eq!(key_rows_equal_to(&db.url, &padded), 0, "{padded:?} is another owner");
+    }
+
+    // Migrated again: byte for byte, every row kept.
+    assert_eq!(phi::migrations::run_pending(&mut conn).expect("migrates"), 1);
+    if let Some(after) = column_types(&db.url) {
+        for (column, data_type, collation) in after {
+            assert_eq!((data_type.as_str(), collation), ("varbinary", None), "{column}");
+        }
+    }
+    assert_eq!(key_rows_equal_to(&db.url, &padded), 0, "{padded:?} is another owner");
+    assert_eq!(key_rows_equal_to(&db.url, &acme), 1);
+    let keyring = Keyring::builder(store.clone(), common::local_kek())
+        .allow_owner_id_whitespace(true)
+        .build()
+        .expect("keyring");
+    assert_eq!(keyring.open(sealed, &acme, "t.c", b"r").expect("acme's value opens"), "Doe");
+    keyring.keys_for_seal(&padded).expect("acme + space gets a key of its own");
+    let rows = store.load_keys(&[padded.as_str(), acme.as_str()]).expect("both");
+    let mut owners: Vec<&str> = rows.iter().map(|r| r.owner_id.as_str()).collect();
+    owners.sort_unstable();
+    assert_eq!(owners, [acme.as_str(), padded.as_str()]);
+    drop(keyring);
+}

@@ -681,6 +681,12 @@ mod key_store {
     include!("key_store.rs");
 }
 
+/// Owner ids compared byte for byte; whitespace refused or taken as is.
+mod owner_ids {
+    use super::*;
+    include!("owner_ids.rs");
+}
+
 /// KEK check values: a wrong key under a KEK id is refused.
 mod kek_check {
     use super::*;

@@ -84,6 +84,12 @@ struct Cli {
     #[arg(long, env = "PHI_ROLLOUT_POLICY", default_value = crate::DEFAULT_ROLLOUT_POLICY, global = true)]
     rollout_policy: String,
 
+    /// Take owner ids that begin or end with whitespace as they are
+    /// (`KeyringBuilder::allow_owner_id_whitespace`), for a population
+    /// whose ids already have it; refused by default.
+    #[arg(long, env = "PHI_ALLOW_OWNER_ID_WHITESPACE", global = true)]
+    allow_owner_id_whitespace: bool,
+
     /// More log output on standard error: -v info, -vv debug, -vvv trace
     /// (default: warnings and errors). RUST_LOG, when set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -561,6 +567,7 @@ impl App {
                 .map_or(cli.rollout_policy.as_str(), Keyring::rollout_policy)
                 .to_owned(),
             keyring: self.keyring.clone(),
+            owner_id_whitespace: cli.allow_owner_id_whitespace,
             out: Out::new(cli.format),
             progress: cli.quiet == 0,
             connection: std::marker::PhantomData,
@@ -738,6 +745,8 @@ struct Env<C> {
     rollout_policy: String,
     /// The application's keyring, used as it is.
     keyring: Option<Keyring>,
+    /// `--allow-owner-id-whitespace` (for a keyring built here).
+    owner_id_whitespace: bool,
     out: Out,
     /// Progress bars (off with `-q`; drawn only on a terminal).
     progress: bool,
@@ -756,6 +765,7 @@ impl<C: DataConnection> Env<C> {
         Ok(builder
             .actor(actor)
             .rollout_policy(&self.rollout_policy)
+            .allow_owner_id_whitespace(self.owner_id_whitespace)
             .build()?)
     }
 
@@ -1060,6 +1070,8 @@ fn shred<C>(cli: &Cli, env: &Env<C>, owner: &str, yes: bool, sample: usize) -> C
 where
     C: DataConnection,
 {
+    // Refused before anything is listed or asked.
+    env.keyring(&cli.actor)?.check_owner_id(owner)?;
     let rows = env.store.load_keys(&[owner])?;
     let live: Vec<&crate::StoredKey> = rows
         .iter()

@@ -339,6 +339,8 @@ struct Inner {
     follower: Option<Arc<follow::Follower>>,
     name: String,
     owner_telemetry: OwnerIdTelemetry,
+    /// [`KeyringBuilder::allow_owner_id_whitespace`].
+    owner_id_whitespace: bool,
 }
 
 impl Drop for Inner {
@@ -369,6 +371,7 @@ pub struct KeyringBuilder {
     name: String,
     owner_telemetry: OwnerIdTelemetry,
     feed_reader: Option<String>,
+    owner_id_whitespace: bool,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -535,6 +538,36 @@ impl KeyringBuilder {
         self
     }
 
+    /// Whether owner ids may begin or end with whitespace, or hold a
+    /// whitespace control character (tab, line feed, carriage return, …)
+    /// anywhere (default: no).
+    ///
+    /// By default every entry that takes an owner id (sealing, opening, key
+    /// resolution, the [`lifecycle`](crate::lifecycle) operations, the admin
+    /// API and the CLI all reach [`Keyring::check_owner_id`]) refuses, with
+    /// [`Error::InvalidInput`] naming the owner, an id that is empty, longer
+    /// than [`MAX_OWNER_LEN`] bytes, begins with [`RESERVED_OWNER_PREFIX`],
+    /// begins or ends with whitespace (Unicode `White_Space`), or contains a
+    /// control character. `"acme "` is almost always `"acme"` mistyped or
+    /// badly trimmed, and a database that pads (MySQL / MariaDB PAD SPACE
+    /// collations, `CHAR` columns) takes the two as one owner in the
+    /// application's own tables.
+    ///
+    /// `true` is for a population whose owner ids already have such
+    /// whitespace: they are then taken as they are, byte for byte, in the
+    /// key tables (phi's migrations make those compare bytes on every
+    /// backend) and in every envelope's binding: `"acme"` and `"acme "` are
+    /// two owners, with two data keys and distinct blind indexes, and
+    /// shredding one leaves the other readable. Make the application's
+    /// owner column compare bytes too (on MySQL / MariaDB, `VARBINARY` or a
+    /// NO PAD binary collation; see [`PhiRecord`](crate::PhiRecord)), or
+    /// its queries by owner find both. Control characters that are not
+    /// whitespace (NUL, escape, …) are refused either way.
+    pub fn allow_owner_id_whitespace(mut self, allow: bool) -> Self {
+        self.owner_id_whitespace = allow;
+        self
+    }
+
     /// Builds the keyring, after checking every configured KEK against the
     /// key store: a KEK id names exactly one key. The first keyring built
     /// with a KEK stores its check value (`kek_check_values`); a KEK whose
@@ -656,6 +689,7 @@ impl KeyringBuilder {
                 follower: follower.as_ref().map(|(f, _)| f.clone()),
                 name: self.name,
                 owner_telemetry: self.owner_telemetry,
+                owner_id_whitespace: self.owner_id_whitespace,
             }),
         };
         if let Some((follower, listener)) = follower {
@@ -696,7 +730,26 @@ impl Keyring {
             name: DEFAULT_KEYRING_NAME.to_owned(),
             owner_telemetry: OwnerIdTelemetry::default(),
             feed_reader: None,
+            owner_id_whitespace: false,
         }
+    }
+
+    /// Checks `owner` as every entry of this keyring that takes an owner id
+    /// does (see [`KeyringBuilder::allow_owner_id_whitespace`] for the
+    /// rules): for an application that validates owner ids at its own edge.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the owner (Debug-escaped, so that
+    /// whitespace shows) and what is wrong with it.
+    pub fn check_owner_id(&self, owner: &str) -> Result<()> {
+        check_owner(owner, false, self.inner.owner_id_whitespace)
+    }
+
+    /// [`check_owner_id`](Self::check_owner_id) for the life-cycle
+    /// operations, which also take phi's own owners
+    /// ([`RESERVED_OWNER_PREFIX`]).
+    pub(crate) fn check_owner_id_or_reserved(&self, owner: &str) -> Result<()> {
+        check_owner(owner, true, self.inner.owner_id_whitespace)
     }
 
     /// The keyring's name in its metrics ([`KeyringBuilder::name`]).
@@ -1224,6 +1277,7 @@ impl Keyring {
             actor: &inner.actor,
             name: &inner.name,
             owner_telemetry: inner.owner_telemetry,
+            owner_id_whitespace: inner.owner_id_whitespace,
         }
     }
 
@@ -1318,24 +1372,59 @@ fn usable(purpose: Purpose) -> impl Fn(&OwnerKeys) -> bool {
     move |keys| purpose == Purpose::Open || keys.current.is_some()
 }
 
-fn check_owner(owner: &str, reserved: bool) -> Result<()> {
+/// The one check of an owner id, at every entry that takes one (see
+/// [`KeyringBuilder::allow_owner_id_whitespace`]); `reserved` lets phi's
+/// own owners through, `whitespace` whitespace at either end and whitespace
+/// control characters.
+fn check_owner(owner: &str, reserved: bool, whitespace: bool) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::InvalidInput {
+            what: "owner id",
+            reason,
+        })
+    };
     if !reserved {
         refuse_reserved(owner)?;
     }
     if owner.is_empty() {
-        return Err(Error::InvalidInput {
-            what: "owner id",
-            reason: "it is empty".into(),
-        });
+        return refuse("it is empty".into());
     }
     if owner.len() > MAX_OWNER_LEN {
-        return Err(Error::InvalidInput {
-            what: "owner id",
-            reason: format!(
-                "it is {} bytes, the key tables hold at most {MAX_OWNER_LEN}",
-                owner.len()
-            ),
-        });
+        return refuse(format!(
+            "it is {} bytes, the key tables hold at most {MAX_OWNER_LEN}",
+            owner.len()
+        ));
+    }
+    if !whitespace {
+        let end = if owner.starts_with(char::is_whitespace) {
+            Some("begins")
+        } else if owner.ends_with(char::is_whitespace) {
+            Some("ends")
+        } else {
+            None
+        };
+        if let Some(end) = end {
+            return refuse(format!(
+                "{owner:?} {end} with whitespace, which phi refuses: almost always a badly trimmed id, \
+                 and one a padding comparison takes for another (MySQL / MariaDB PAD SPACE collations \
+                 equal \"acme \" and \"acme\"); a keyring built with \
+                 KeyringBuilder::allow_owner_id_whitespace(true) takes it as it is"
+            ));
+        }
+    }
+    if let Some(c) = owner
+        .chars()
+        .find(|c| c.is_control() && !(whitespace && c.is_whitespace()))
+    {
+        return refuse(format!(
+            "{owner:?} contains the control character U+{:04X}, which phi refuses{}",
+            u32::from(c),
+            if c.is_whitespace() && !whitespace {
+                " (a keyring built with KeyringBuilder::allow_owner_id_whitespace(true) takes whitespace ones)"
+            } else {
+                ""
+            }
+        ));
     }
     Ok(())
 }

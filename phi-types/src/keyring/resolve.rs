@@ -51,6 +51,8 @@ pub(super) struct Core<'k> {
     pub(super) actor: &'k str,
     pub(super) name: &'k str,
     pub(super) owner_telemetry: OwnerIdTelemetry,
+    /// [`super::KeyringBuilder::allow_owner_id_whitespace`].
+    pub(super) owner_id_whitespace: bool,
 }
 
 /// What the driver must do next.
@@ -171,7 +173,7 @@ impl<'k> Core<'k> {
             if !seen.insert(owner) {
                 continue;
             }
-            if let Err(error) = check_owner(owner, reserved) {
+            if let Err(error) = check_owner(owner, reserved, self.owner_id_whitespace) {
                 results.push((owner.to_owned(), Err(error)));
                 continue;
             }
@@ -726,6 +728,13 @@ impl Create {
                         unreachable!("a load is answered with its rows")
                     };
                     let rows = rows?;
+                    // The winner's row, byte for byte this owner's: never a
+                    // key of another owner that the store took as equal.
+                    crate::store::check_key_owners(
+                        "loading the data key another process created",
+                        &[owner],
+                        &rows,
+                    )?;
                     let unwrap = Unwrap::new(core, &live_sorted(&rows.iter().collect::<Vec<_>>()));
                     self.stage = CreateStage::Unwrapping(rows, unwrap);
                 }

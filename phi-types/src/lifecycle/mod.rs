@@ -114,18 +114,8 @@ fn kek_error(
     }
 }
 
-fn check_owner(owner: &str) -> Result<()> {
-    if owner.is_empty() {
-        return Err(Error::InvalidInput {
-            what: "owner id",
-            reason: "it is empty".into(),
-        });
-    }
-    Ok(())
-}
-
 fn load_owner(keyring: &Keyring, owner: &str) -> Result<Vec<StoredKey>> {
-    check_owner(owner)?;
+    keyring.check_owner_id_or_reserved(owner)?;
     let mut rows = keyring.store().load_keys(&[owner])?;
     rows.sort_by_key(|r| r.version);
     Ok(rows)
@@ -249,7 +239,8 @@ pub const EVERY_OWNER: &str = "*";
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for an empty owner id; key store errors
+/// [`Error::InvalidInput`] for an owner id the keyring refuses
+/// ([`Keyring::check_owner_id`]); key store errors
 /// (nothing is appended; this keyring's cache is cleared all the same).
 pub fn clear_cache_fleet(keyring: &Keyring, owner: Option<&str>) -> Result<i64> {
     clear_cache_fleet_by(keyring, owner, keyring.actor())
@@ -261,7 +252,7 @@ pub fn clear_cache_fleet(keyring: &Keyring, owner: Option<&str>) -> Result<i64> 
 /// As [`clear_cache_fleet`].
 pub fn clear_cache_fleet_by(keyring: &Keyring, owner: Option<&str>, actor: &str) -> Result<i64> {
     if let Some(owner) = owner {
-        check_owner(owner)?;
+        keyring.check_owner_id_or_reserved(owner)?;
         keyring.clear(owner);
     } else {
         keyring.clear_all();
@@ -312,7 +303,9 @@ pub fn clear_cache_fleet_by(keyring: &Keyring, owner: Option<&str>, actor: &str)
 /// ```
 ///
 /// # Errors
-/// Key store errors (nothing is changed, here or in the store).
+/// [`Error::InvalidInput`] for an owner id the keyring refuses
+/// ([`Keyring::check_owner_id`]); key store errors (nothing is changed,
+/// here or in the store).
 pub fn set_rollout(keyring: &Keyring, rollout: &Rollout) -> Result<i64> {
     set_rollout_by(keyring, rollout, keyring.actor())
 }
@@ -322,6 +315,11 @@ pub fn set_rollout(keyring: &Keyring, rollout: &Rollout) -> Result<i64> {
 /// # Errors
 /// As [`set_rollout`].
 pub fn set_rollout_by(keyring: &Keyring, rollout: &Rollout, actor: &str) -> Result<i64> {
+    if let Rollout::Owners(owners) = rollout {
+        for owner in owners {
+            keyring.check_owner_id(owner)?;
+        }
+    }
     let policy = keyring.rollout_policy();
     let detail = format!("policy {policy}: {}", describe_rollout(rollout));
     let feed = KeyEvent::new(KeyEventKind::Rollout, None, actor).with_detail(detail.clone());
@@ -625,7 +623,7 @@ pub fn reseal<C: DataConnection>(
     batch_size: usize,
     progress: &mut dyn FnMut(&ResealProgress),
 ) -> Result<ResealProgress> {
-    check_owner(owner)?;
+    keyring.check_owner_id_or_reserved(owner)?;
     for t in tables {
         t.validate()?;
     }
@@ -1055,7 +1053,7 @@ fn shred_verified<C: DataConnection>(
     tables: &[ResealTable],
     sample: usize,
 ) -> Result<ShredReport> {
-    check_owner(owner)?;
+    keyring.check_owner_id_or_reserved(owner)?;
     for t in tables {
         t.validate()?;
     }
@@ -1103,7 +1101,7 @@ fn shred_keys(
     listed: Option<&[u32]>,
     actor: &str,
 ) -> Result<ShredReport> {
-    check_owner(owner)?;
+    keyring.check_owner_id_or_reserved(owner)?;
     // phi's own keys (`phi:lookup`) are rotated and retired, never shredded:
     // shredding them would leave every lookup-indexed model unwritable.
     if owner.starts_with(crate::keyring::RESERVED_OWNER_PREFIX) {

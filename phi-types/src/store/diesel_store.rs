@@ -681,12 +681,25 @@ macro_rules! diesel_key_store {
                     // Ok(Err(unlisted)): refused, nothing written.
                     let outcome = (*conn)
                         .$transaction(|conn| -> diesel::QueryResult<std::result::Result<Vec<i64>, Vec<u32>>> {
-                            let versions: Vec<i64> = k::user_encryption_keys
+                            let rows: Vec<(String, i64)> = k::user_encryption_keys
                                 .filter(k::owner_id.eq(owner))
                                 .filter(k::state.ne(KeyState::Destroyed.as_str()))
-                                .select(k::version)
+                                .select((k::owner_id, k::version))
                                 .order(k::version)
                                 .load(conn)?;
+                            // Never another owner's keys, whatever the
+                            // column's collation: nothing is destroyed.
+                            if let Some((other, version)) = rows.iter().find(|(o, _)| o != owner) {
+                                return Err(DieselError::QueryBuilderError(
+                                    format!(
+                                        "the key store matched a data key row of owner {other:?} (version {version}) \
+                                         for owner {owner:?}: owner ids must compare byte for byte (on MySQL / MariaDB, \
+                                         run phi's migrations: 2026-12-07-000001_owner_ids_byte_exact); nothing was destroyed"
+                                    )
+                                    .into(),
+                                ));
+                            }
+                            let versions: Vec<i64> = rows.into_iter().map(|(_, v)| v).collect();
                             if let Some(listed) = listed {
                                 let unlisted: Vec<u32> = versions
                                     .iter()
@@ -1088,9 +1101,10 @@ macro_rules! diesel_key_store {
                         .select((k::owner_id, k::version, k::kek_id, k::wrapped_key, k::state, k::created_at))
                         .load(&mut *conn)
                         .map_err(|e| Error::store("loading data keys", e))?;
-                    for row in rows {
-                        keys.push(stored_key(row)?);
-                    }
+                    let rows = rows.into_iter().map(stored_key).collect::<Result<Vec<_>>>()?;
+                    // Byte for byte, whatever the column's collation.
+                    super::check_key_owners("loading data keys", chunk, &rows)?;
+                    keys.extend(rows);
                 }
                 Ok(keys)
             }

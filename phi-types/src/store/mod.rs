@@ -575,6 +575,52 @@ fn unsupported(operation: &'static str) -> crate::Error {
     crate::Error::store(operation, "not supported by this key store")
 }
 
+/// Refuses data key rows whose owner id is not, byte for byte, one of the
+/// owners asked for: a store whose owner column compares otherwise (MySQL /
+/// MariaDB `utf8mb4_bin` before phi's migration
+/// `2026-12-07-000001_owner_ids_byte_exact`, a PAD SPACE collation where
+/// `'acme'` equals `'acme '`) would otherwise hand one owner another's data
+/// keys. The error names both owner ids, Debug-escaped so that whitespace
+/// shows.
+///
+/// # Errors
+/// [`Error::Store`](crate::Error::Store) for the first such row.
+pub(crate) fn check_key_owners(
+    operation: &'static str,
+    asked: &[&str],
+    rows: &[StoredKey],
+) -> Result<()> {
+    let Some(row) = (match asked {
+        [one] => rows.iter().find(|r| r.owner_id != *one),
+        _ => {
+            let asked: HashSet<&str> = asked.iter().copied().collect();
+            rows.iter().find(|r| !asked.contains(r.owner_id.as_str()))
+        }
+    }) else {
+        return Ok(());
+    };
+    let found = row.owner_id.as_str();
+    // The owner asked for that the store took as equal, if one is plain to
+    // see: equal but for trailing spaces.
+    let near = asked
+        .iter()
+        .find(|a| a.trim_end_matches(' ') == found.trim_end_matches(' '))
+        .or(asked.first().filter(|_| asked.len() == 1));
+    let wanted = match near {
+        Some(owner) => format!("owner {owner:?}"),
+        None => format!("{} owners, none of them it", asked.len()),
+    };
+    Err(crate::Error::store(
+        operation,
+        format!(
+            "the key store returned a data key row of owner {found:?} (version {}) when asked for {wanted}: \
+             owner ids must compare byte for byte (on MySQL / MariaDB, run phi's migrations: \
+             2026-12-07-000001_owner_ids_byte_exact makes them VARBINARY); no other owner's key is used",
+            row.version
+        ),
+    ))
+}
+
 /// One compare-and-set rewrap, for [`KeyStore::rewrap_keys`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct Rewrap {

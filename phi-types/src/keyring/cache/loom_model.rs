@@ -169,6 +169,7 @@ fn resolve(
         actor: "loom",
         name: "loom",
         owner_telemetry: OwnerIdTelemetry::default(),
+        owner_id_whitespace: false,
     };
     let mut resolution = core.start(owners.iter().copied(), Purpose::Open, false);
     let mut input = None;

@@ -1,0 +1,2 @@
+-- Nothing to undo: up.sql changes nothing on this backend.
+SELECT 1;
