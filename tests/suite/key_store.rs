@@ -181,7 +181,7 @@ fn the_owner_id_migration_makes_an_existing_store_compare_bytes() {
             actor: "test".into(),
             detail: None,
         };
-        store.destroy_keys(&padded, &audit).expect_err("shredding acme + space destroys acme's key");
+        store.destroy_keys(&padded, None, &audit).expect_err("shredding acme + space destroys acme's key");
         assert_eq!(store.load_keys(&[acme.as_str()]).expect("acme's rows")[0].state, phi::KeyState::Active);
     } else {
         // SQLite's BINARY collation and PostgreSQL's deterministic text

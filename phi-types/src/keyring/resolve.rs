@@ -952,7 +952,7 @@ mod tests {
             actor: "test".to_owned(),
             detail: None,
         };
-        store.inner.destroy_keys(owner, &destroy).expect("shredded");
+        store.inner.destroy_keys(owner, None, &destroy).expect("shredded");
         keyring.clear(owner);
         store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         (keyring, store, arrivals, release)
