@@ -33,7 +33,7 @@ impl Keyring {
     /// # Errors
     /// As [`keys_for_seal`](Self::keys_for_seal).
     pub async fn keys_for_seal_async(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
-        self.check_feed(owner)?;
+        self.check_feed_nonblocking(owner)?;
         self.resolve_one_async(owner, Purpose::Seal, false).await
     }
 
@@ -82,7 +82,7 @@ impl Keyring {
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
         let owners: Vec<&str> = owners.into_iter().collect();
         if let Some(first) = owners.first() {
-            self.check_feed(first)?;
+            self.check_feed_nonblocking(first)?;
         }
         self.resolve_many_async(owners, Purpose::Seal, false).await
     }
@@ -144,7 +144,7 @@ impl Keyring {
         seal: bool,
     ) -> Result<Arc<OwnerKeys>> {
         if seal {
-            self.check_feed(owner)?;
+            self.check_feed_nonblocking(owner)?;
             self.resolve_one_async(owner, Purpose::Seal, true).await
         } else {
             self.resolve_one_async(owner, Purpose::Open, true).await
@@ -396,19 +396,29 @@ impl Keyring {
             blind_keys: Default::default(),
         });
         self.count_query();
+        // The key's `generate` record is written by the same blocking task
+        // that inserts the key: once the insert is under way it runs to the
+        // end even if this future is dropped (a cancelled request, a
+        // timeout), so a key is never stored without its record.
         let inserted = {
             let store = self.inner.store.clone();
+            let record = self.event(owner, AuditAction::Generate, version, kek.id());
             blocking("storing a new data key", move || {
-                store.insert_key_if_absent(&row)
+                let inserted = store.insert_key_if_absent(&row)?;
+                if inserted {
+                    store.append_audit(std::slice::from_ref(&record))?;
+                }
+                Ok(inserted)
             })
             .await?
         };
         if inserted {
+            // The `generate` record's write.
+            self.count_query();
             self.inner
                 .counters
                 .creations
                 .fetch_add(1, Ordering::Relaxed);
-            audit.push(self.event(owner, AuditAction::Generate, version, kek.id()));
             tracing::info!(
                 owner = %self.owner_for_telemetry(owner),
                 version,
