@@ -16,11 +16,16 @@
 //!
 //! Every request first goes through the [`Guard`]: a request it refuses
 //! gets 401 or 403, changes nothing, and is audited as
-//! [`AuditAction::Denied`]. An admitted request is carried out as the
+//! [`AuditAction::Denied`] (at most [`Options::denied_audit_limit`] per
+//! window, each record's detail at most [`MAX_DENIED_DETAIL_BYTES`]; its log
+//! line is limited the same way). An admitted request is carried out as the
 //! [`Actor`] the guard reports: the life-cycle records and feed events it
 //! causes (`rotate`, `destroy`, `clear_cache`, `rollout`) name that actor, and one [`AuditAction::Admin`] record per
-//! request names the route and its outcome. Records not about one owner
-//! use the owner id `*`.
+//! request names the route and its outcome. That record is written even
+//! when the request's future is dropped (a client gone, a timeout): an
+//! action, once started, runs on the blocking pool together with the write
+//! of its record; a request dropped before its action started is recorded
+//! as cancelled. Records not about one owner use the owner id `*`.
 //!
 //! Bodies are JSON. Errors are `{"error": "..."}` with the status that fits
 //! (400 bad input, 409 refused by the key's state, 500 key store or KEK
@@ -210,10 +215,11 @@ pub struct Options {
     /// At most this many refused requests are written to the audit trail
     /// per [`denied_audit_window`](Self::denied_audit_window) (default
     /// [`DEFAULT_DENIED_AUDIT_LIMIT`]), so a client hammering the API with
-    /// bad credentials cannot fill the audit table. Every refusal is still
-    /// logged; the ones over the limit are counted in
-    /// `phi_admin_denied_unaudited_total`, and the first record written after them
-    /// says how many were left out.
+    /// bad credentials cannot fill the audit table or the logs. The
+    /// refusals over the limit are neither audited nor logged one by one:
+    /// they are counted in `phi_admin_denied_unaudited_total`, one log line
+    /// per window says the limit was reached, and the first record (and log
+    /// line) written after them says how many were left out.
     pub denied_audit_limit: u32,
     /// The window of [`denied_audit_limit`](Self::denied_audit_limit)
     /// (default one minute).
@@ -1283,6 +1289,83 @@ mod tests {
         // carried are reported by the next one.
         limit.left_out(1 + 1);
         assert_eq!(limit.admit(start + Duration::from_secs(120)), Some(3));
+    }
+
+    #[test]
+    fn refusals_over_the_limit_are_not_logged_one_by_one_and_one_line_per_window_says_so() {
+        let start = Instant::now();
+        let limit = DeniedLimit::new(1, Duration::from_secs(60), start);
+        assert_eq!(limit.decide(start), Denied::Audit { left_out: 0 });
+        // Over the limit: neither audited nor logged; the first says so once.
+        assert_eq!(limit.decide(start), Denied::LeaveOut { first: true });
+        for _ in 0..100 {
+            assert_eq!(limit.decide(start), Denied::LeaveOut { first: false });
+        }
+        // The next window logs and audits again, reporting those left out.
+        let next = start + Duration::from_secs(60);
+        assert_eq!(limit.decide(next), Denied::Audit { left_out: 101 });
+        assert_eq!(limit.decide(next), Denied::LeaveOut { first: true });
+    }
+
+    #[test]
+    fn a_long_detail_is_cut_at_a_character_boundary_and_says_so() {
+        assert_eq!(bounded("short", 64), "short");
+        let long = "é".repeat(1_000); // 2,000 bytes
+        for max in [64, 65, 1_024] {
+            let cut = bounded(&long, max);
+            assert!(cut.len() <= max, "{} > {max}", cut.len());
+            assert!(cut.ends_with(" [truncated from 2000 bytes]"), "{cut}");
+            assert!(cut.starts_with('é'));
+        }
+    }
+
+    #[test]
+    fn an_admitted_request_that_ends_before_acting_is_audited_as_cancelled() {
+        use crate::{KeyBytes, LocalKek, MemoryKeyStore};
+        let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+        let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek)
+            .build()
+            .expect("keyring");
+        let admin_records = |keyring: &Keyring| {
+            keyring
+                .store()
+                .audit(Some(ALL_OWNERS), 10)
+                .expect("audit")
+                .into_iter()
+                .filter(|r| r.event.action == AuditAction::Admin)
+                .collect::<Vec<_>>()
+        };
+        // Taken over by a handler: the guard writes nothing.
+        let due = RecordDue::default();
+        assert!(due.take());
+        drop(UnwrittenRecord {
+            due,
+            keyring: keyring.clone(),
+            actor: "operator".into(),
+            route: "POST /rotate".into(),
+        });
+        // Dropped first: the guard writes the record (on a thread of its own).
+        drop(UnwrittenRecord {
+            due: RecordDue::default(),
+            keyring: keyring.clone(),
+            actor: "operator".into(),
+            route: "POST /shred".into(),
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while admin_records(&keyring).is_empty() && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        let records = admin_records(&keyring);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].event.actor, "operator");
+        assert!(
+            records[0]
+                .event
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("POST /shred: cancelled")),
+            "{records:?}"
+        );
     }
 
     #[test]

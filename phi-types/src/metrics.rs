@@ -150,7 +150,7 @@ pub const KMS_CALLS_TOTAL: &str = "phi_kms_calls_total";
 /// AWS KMS call latency in seconds, retries included, label `operation`.
 pub const KMS_CALL_DURATION_SECONDS: &str = "phi_kms_call_duration_seconds";
 
-/// Refused admin API requests not written to the audit trail, over the
+/// Refused admin API requests neither audited nor logged one by one, over the
 /// router's `denied_audit_limit` (feature `admin-http`).
 pub const ADMIN_DENIED_UNAUDITED_TOTAL: &str = "phi_admin_denied_unaudited_total";
 
