@@ -14,9 +14,18 @@
 //! appenders, so a reader that has read event `n` has read every event
 //! before it (no gaps to wait for).
 //!
-//! A keyring built with [`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed)
+//! A following keyring (the default over a store with the feed's tables,
+//! see [`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed))
 //! reads the events after its position once per interval and applies them:
 //! see [`KeyEventKind`] for what each does.
+//!
+//! Kinds are open: the schema only refuses an empty kind, so that a newer
+//! build can add one during a rolling upgrade. An older keyring reads it as
+//! [`KeyEventKind::Unknown`] and applies it conservatively (it drops the
+//! owner the event names, or every owner), counts it
+//! (`phi_feed_unknown_events_total`), logs its id and kind, and reads on:
+//! no event ever stops a follower. Stores check the kinds they write
+//! ([`check_writable`]).
 //!
 //! ```
 //! use std::sync::Arc;

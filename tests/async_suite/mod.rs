@@ -638,6 +638,7 @@ impl phi::KeyStore for ParkedInsert {
 
 #[test]
 fn a_key_created_by_a_dropped_future_still_gets_its_generate_record() {
+    use phi::KeyStore as _;
     let db = TestDb::new();
     let owner = common::unique_owner("async-dropped");
     let (entered, inserting) = std::sync::mpsc::channel();
