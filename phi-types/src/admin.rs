@@ -466,10 +466,7 @@ async fn admit<G: Guard>(
                 left_out,
                 "admin request refused"
             );
-            let mut detail = format!(
-                "{route} refused ({}): {reason}",
-                rejection.status.as_u16(),
-            );
+            let mut detail = format!("{route} refused ({}): {reason}", rejection.status.as_u16(),);
             if left_out > 0 {
                 detail.push_str(&format!(
                     "; {left_out} earlier refusals not audited (over {} per {:?})",
@@ -640,7 +637,12 @@ fn admin_record(
             failure.message
         ),
     };
-    audit_event(actor, owner.unwrap_or(ALL_OWNERS), AuditAction::Admin, detail)
+    audit_event(
+        actor,
+        owner.unwrap_or(ALL_OWNERS),
+        AuditAction::Admin,
+        detail,
+    )
 }
 
 /// The answer to `outcome`, noting an `admin` record that could not be
@@ -705,9 +707,7 @@ async fn act(
     let actor = actor.name().to_owned();
     let task = tokio::task::spawn_blocking(move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-            .unwrap_or_else(|_| {
-                Err(Error::Config("the admin operation panicked".into()))
-            })
+            .unwrap_or_else(|_| Err(Error::Config("the admin operation panicked".into())))
             .map_err(Failure::from);
         let event = admin_record(&actor, route, owner.as_deref(), &outcome);
         let audited = keyring.store().append_audit(&[event]);
@@ -762,76 +762,82 @@ async fn key_status(
     let owner = query.owner.clone();
     let keyring = state.keyring.clone();
     let owners_query = state.options.owners_query.clone();
-    act(&state, &actor, &due, ROUTE, query.owner.clone(), move || {
-        let store = keyring.store();
-        let mut body = serde_json::Map::new();
-        match &owner {
-            Some(owner) => {
-                let mut rows = store.load_keys(&[owner.as_str()])?;
-                rows.sort_by_key(|r| r.version);
-                let current = rows
-                    .iter()
-                    .filter(|r| r.state == KeyState::Active)
-                    .map(|r| r.version)
-                    .max();
-                let shredded =
-                    !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed);
-                let versions: Vec<Value> = rows
-                    .iter()
-                    .map(|r| {
-                        json!({
-                            "version": r.version,
-                            "kek_id": r.kek_id,
-                            "state": r.state.as_str(),
-                            "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
+    act(
+        &state,
+        &actor,
+        &due,
+        ROUTE,
+        query.owner.clone(),
+        move || {
+            let store = keyring.store();
+            let mut body = serde_json::Map::new();
+            match &owner {
+                Some(owner) => {
+                    let mut rows = store.load_keys(&[owner.as_str()])?;
+                    rows.sort_by_key(|r| r.version);
+                    let current = rows
+                        .iter()
+                        .filter(|r| r.state == KeyState::Active)
+                        .map(|r| r.version)
+                        .max();
+                    let shredded =
+                        !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed);
+                    let versions: Vec<Value> = rows
+                        .iter()
+                        .map(|r| {
+                            json!({
+                                "version": r.version,
+                                "kek_id": r.kek_id,
+                                "state": r.state.as_str(),
+                                "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
+                            })
                         })
-                    })
-                    .collect();
-                body.insert(
-                    "owner".into(),
-                    json!({
-                        "owner": owner,
-                        "has_key": !rows.is_empty(),
-                        "current_version": current,
-                        "shredded": shredded,
-                        "versions": versions,
-                    }),
-                );
-            }
-            None => {
-                if let Some(sql) = &owners_query {
-                    let cov = lifecycle::coverage(store.as_ref(), sql)?;
-                    body.insert("coverage".into(), coverage_json(&cov));
+                        .collect();
+                    body.insert(
+                        "owner".into(),
+                        json!({
+                            "owner": owner,
+                            "has_key": !rows.is_empty(),
+                            "current_version": current,
+                            "shredded": shredded,
+                            "versions": versions,
+                        }),
+                    );
+                }
+                None => {
+                    if let Some(sql) = &owners_query {
+                        let cov = lifecycle::coverage(store.as_ref(), sql)?;
+                        body.insert("coverage".into(), coverage_json(&cov));
+                    }
                 }
             }
-        }
-        let keys: Vec<Value> = store
-            .key_counts()?
-            .into_iter()
-            .map(|c| {
-                json!({
-                    "kek_id": c.kek_id,
-                    "state": c.state.as_str(),
-                    "keys": c.keys,
-                    "owners": c.owners,
+            let keys: Vec<Value> = store
+                .key_counts()?
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "kek_id": c.kek_id,
+                        "state": c.state.as_str(),
+                        "keys": c.keys,
+                        "owners": c.owners,
+                    })
                 })
-            })
-            .collect();
-        body.insert("keys".into(), Value::Array(keys));
-        let head = lifecycle::feed_head(store.as_ref())?;
-        let readers: Vec<Value> = lifecycle::feed_readers(store.as_ref())?
-            .into_iter()
-            .map(|r| {
-                json!({
-                    "reader": r.reader,
-                    "position": r.position,
-                    "behind": r.behind(head),
-                    "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
+                .collect();
+            body.insert("keys".into(), Value::Array(keys));
+            let head = lifecycle::feed_head(store.as_ref())?;
+            let readers: Vec<Value> = lifecycle::feed_readers(store.as_ref())?
+                .into_iter()
+                .map(|r| {
+                    json!({
+                        "reader": r.reader,
+                        "position": r.position,
+                        "behind": r.behind(head),
+                        "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
+                    })
                 })
-            })
-            .collect();
-        let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
-        let follow = keyring.feed_status().map(|f| {
+                .collect();
+            let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
+            let follow = keyring.feed_status().map(|f| {
             json!({
                 "position": f.position,
                 "interval_ms": u64::try_from(f.interval.as_millis()).unwrap_or(u64::MAX),
@@ -843,37 +849,38 @@ async fn key_status(
                 "listening": f.listening,
             })
         });
-        body.insert(
-            "feed".into(),
-            json!({
-                "head": head,
-                "following": follow,
-                "readers": readers,
-                "rollout_policy": keyring.rollout_policy(),
-                "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
-                "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
-            }),
-        );
-        let s = keyring.stats();
-        body.insert(
-            "cache".into(),
-            json!({
-                "cached_owners": s.cached_owners,
-                "hits": s.hits,
-                "misses": s.misses,
-                "unwraps": s.unwraps,
-                "creations": s.creations,
-                "evictions": s.evictions,
-                "expirations": s.expirations,
-                "store_queries": s.store_queries,
-                "key_loads": s.key_loads,
-                "audit_written": s.audit_written,
-                "audit_pending": s.audit_pending,
-                "audit_dropped": s.audit_dropped,
-            }),
-        );
-        Ok(Value::Object(body))
-    })
+            body.insert(
+                "feed".into(),
+                json!({
+                    "head": head,
+                    "following": follow,
+                    "readers": readers,
+                    "rollout_policy": keyring.rollout_policy(),
+                    "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
+                    "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
+                }),
+            );
+            let s = keyring.stats();
+            body.insert(
+                "cache".into(),
+                json!({
+                    "cached_owners": s.cached_owners,
+                    "hits": s.hits,
+                    "misses": s.misses,
+                    "unwraps": s.unwraps,
+                    "creations": s.creations,
+                    "evictions": s.evictions,
+                    "expirations": s.expirations,
+                    "store_queries": s.store_queries,
+                    "key_loads": s.key_loads,
+                    "audit_written": s.audit_written,
+                    "audit_pending": s.audit_pending,
+                    "audit_dropped": s.audit_dropped,
+                }),
+            );
+            Ok(Value::Object(body))
+        },
+    )
     .await
 }
 
@@ -1135,16 +1142,23 @@ async fn audit_log(
         Err(f) => finish(&state, &actor, &due, ROUTE, query.owner.as_deref(), Err(f)).await,
         Ok(filter) => {
             let keyring = state.keyring.clone();
-            act(&state, &actor, &due, ROUTE, query.owner.clone(), move || {
-                let records = keyring.store().audit_page(&filter)?;
-                let next = (records.len() == filter.limit)
-                    .then(|| records.last().map(|r| r.id))
-                    .flatten();
-                Ok(json!({
-                    "records": records.iter().map(record_json).collect::<Vec<_>>(),
-                    "next_before_id": next,
-                }))
-            })
+            act(
+                &state,
+                &actor,
+                &due,
+                ROUTE,
+                query.owner.clone(),
+                move || {
+                    let records = keyring.store().audit_page(&filter)?;
+                    let next = (records.len() == filter.limit)
+                        .then(|| records.last().map(|r| r.id))
+                        .flatten();
+                    Ok(json!({
+                        "records": records.iter().map(record_json).collect::<Vec<_>>(),
+                        "next_before_id": next,
+                    }))
+                },
+            )
             .await
         }
     }
@@ -1183,7 +1197,15 @@ async fn clear_cache(
     };
     match refused {
         Err(failure) => {
-            finish(&state, &actor, &due, ROUTE, body.owner.as_deref(), Err(failure)).await
+            finish(
+                &state,
+                &actor,
+                &due,
+                ROUTE,
+                body.owner.as_deref(),
+                Err(failure),
+            )
+            .await
         }
         Ok(()) => {
             let keyring = state.keyring.clone();
