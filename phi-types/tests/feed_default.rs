@@ -18,6 +18,16 @@ fn feed_threads() -> usize {
         .count()
 }
 
+/// Waits (up to 10 s) until `n` threads are named `phi-feed`: a thread
+/// names itself once it runs. Returns how many there are.
+fn feed_threads_reach(n: usize) -> usize {
+    let until = Instant::now() + Duration::from_secs(10);
+    while feed_threads() != n && Instant::now() < until {
+        std::thread::yield_now();
+    }
+    feed_threads()
+}
+
 #[test]
 fn default_followers_start_one_thread_each_and_leave_none_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -43,7 +53,7 @@ fn default_followers_start_one_thread_each_and_leave_none_behind() {
         keyrings.iter().all(|k| k.feed_status().is_some()),
         "each follows by default"
     );
-    assert_eq!(feed_threads(), 8);
+    assert_eq!(feed_threads_reach(8), 8);
     let opted_out = Keyring::builder(store.clone(), kek.clone())
         .without_feed()
         .build()
@@ -61,9 +71,9 @@ fn default_followers_start_one_thread_each_and_leave_none_behind() {
         dropping.elapsed()
     );
     // ... and every thread ends.
-    let until = Instant::now() + Duration::from_secs(10);
-    while feed_threads() > 0 && Instant::now() < until {
-        std::thread::yield_now();
-    }
-    assert_eq!(feed_threads(), 0, "no follower thread is left behind");
+    assert_eq!(
+        feed_threads_reach(0),
+        0,
+        "no follower thread is left behind"
+    );
 }
