@@ -52,7 +52,7 @@ impl Clinic {
     /// Another keyring over the same keys, with another roll-out: for the
     /// writes whose sealing must not follow the persisted one.
     pub(crate) fn keyring_with(&self, rollout: Rollout) -> Result<Keyring> {
-        db::keyring(&self.store, &self.kek, &self.older, rollout)
+        db::keyring(&self.store, &self.kek, &self.older, rollout, false)
     }
 
     /// Persists `rollout` (phi's roll-out policy `clinic`, with a key
@@ -70,7 +70,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     let (conn, store) = db::open(backend, &url)?;
     let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
     let persisted = db::load_rollout(store.as_ref())?;
-    let keyring = db::keyring(&store, &kek, &older, persisted)?;
+    let keyring = db::keyring(&store, &kek, &older, persisted, true)?;
     let mut clinic = Clinic {
         conn,
         keyring,

@@ -335,15 +335,23 @@ pub(crate) fn next_case_number(conn: &mut AnyConnection, prefix: &str) -> Result
 }
 
 /// A keyring over `store` and the configured KEKs, with the roll-out given.
+/// `follow`: it follows the key-event feed (phi's default), and with it the
+/// persisted roll-out, which replaces `rollout` once one was stored; a
+/// keyring whose roll-out must stay `rollout` (the writes that must not
+/// follow the persisted one) does not follow it.
 pub(crate) fn keyring(
     store: &Arc<dyn KeyStore>,
     kek: &Arc<dyn KeyEncryptionKey>,
     older: &[Arc<dyn KeyEncryptionKey>],
     rollout: Rollout,
+    follow: bool,
 ) -> Result<Keyring> {
     let mut builder = Keyring::builder(store.clone(), kek.clone());
     for k in older {
         builder = builder.unwrap_with(k.clone());
+    }
+    if !follow {
+        builder = builder.without_feed();
     }
     Ok(builder
         .actor("clinic")

@@ -16,11 +16,16 @@
 //!
 //! Every request first goes through the [`Guard`]: a request it refuses
 //! gets 401 or 403, changes nothing, and is audited as
-//! [`AuditAction::Denied`]. An admitted request is carried out as the
+//! [`AuditAction::Denied`] (at most [`Options::denied_audit_limit`] per
+//! window, each record's detail at most [`MAX_DENIED_DETAIL_BYTES`]; its log
+//! line is limited the same way). An admitted request is carried out as the
 //! [`Actor`] the guard reports: the life-cycle records and feed events it
 //! causes (`rotate`, `destroy`, `clear_cache`, `rollout`) name that actor, and one [`AuditAction::Admin`] record per
-//! request names the route and its outcome. Records not about one owner
-//! use the owner id `*`.
+//! request names the route and its outcome. That record is written even
+//! when the request's future is dropped (a client gone, a timeout): an
+//! action, once started, runs on the blocking pool together with the write
+//! of its record; a request dropped before its action started is recorded
+//! as cancelled. Records not about one owner use the owner id `*`.
 //!
 //! Bodies are JSON. Errors are `{"error": "..."}` with the status that fits
 //! (400 bad input, 409 refused by the key's state, 500 key store or KEK
@@ -210,10 +215,11 @@ pub struct Options {
     /// At most this many refused requests are written to the audit trail
     /// per [`denied_audit_window`](Self::denied_audit_window) (default
     /// [`DEFAULT_DENIED_AUDIT_LIMIT`]), so a client hammering the API with
-    /// bad credentials cannot fill the audit table. Every refusal is still
-    /// logged; the ones over the limit are counted in
-    /// `phi_admin_denied_unaudited_total`, and the first record written after them
-    /// says how many were left out.
+    /// bad credentials cannot fill the audit table or the logs. The
+    /// refusals over the limit are neither audited nor logged one by one:
+    /// they are counted in `phi_admin_denied_unaudited_total`, one log line
+    /// per window says the limit was reached, and the first record (and log
+    /// line) written after them says how many were left out.
     pub denied_audit_limit: u32,
     /// The window of [`denied_audit_limit`](Self::denied_audit_limit)
     /// (default one minute).
@@ -302,9 +308,16 @@ impl DeniedLimit {
         w.left_out = w.left_out.saturating_add(n);
     }
 
-    /// Whether a refusal at `now` is audited: `Some(n)` with the number of
-    /// refusals left out before it, or `None` when it is over the limit.
+    /// Whether a refusal at `now` is audited and logged: `Some(n)` with the
+    /// number of refusals left out before it, or `None` when it is over the
+    /// limit.
+    #[cfg(test)]
     fn admit(&self, now: Instant) -> Option<u64> {
+        self.decide(now).audited()
+    }
+
+    /// What to do with a refusal at `now`.
+    fn decide(&self, now: Instant) -> Denied {
         let mut w = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if now.saturating_duration_since(w.started) >= self.window {
             w.started = now;
@@ -312,12 +325,61 @@ impl DeniedLimit {
         }
         if w.audited < self.limit {
             w.audited += 1;
-            Some(std::mem::take(&mut w.left_out))
+            Denied::Audit {
+                left_out: std::mem::take(&mut w.left_out),
+            }
         } else {
             w.left_out += 1;
-            None
+            Denied::LeaveOut {
+                first: w.audited == self.limit && {
+                    // One line per window says the limit was reached.
+                    w.audited = self.limit.saturating_add(1);
+                    true
+                },
+            }
         }
     }
+}
+
+/// What becomes of one refused request.
+#[derive(Debug, PartialEq, Eq)]
+enum Denied {
+    /// Audited and logged, reporting `left_out` refusals before it that
+    /// were neither.
+    Audit { left_out: u64 },
+    /// Over the limit: counted only (`first`: the window's first such, for
+    /// which one line says so).
+    LeaveOut { first: bool },
+}
+
+impl Denied {
+    #[cfg(test)]
+    fn audited(&self) -> Option<u64> {
+        match self {
+            Denied::Audit { left_out } => Some(*left_out),
+            Denied::LeaveOut { .. } => None,
+        }
+    }
+}
+
+/// Most bytes of a refused request's audit detail (and of the route and
+/// reason in its log line): the route is the client's and the reason the
+/// guard's, so neither may make a record or a line as large as it likes.
+/// A longer detail is cut at a character boundary and says so.
+pub const MAX_DENIED_DETAIL_BYTES: usize = 1_024;
+
+/// `text` cut to at most `max` bytes at a character boundary; a cut text
+/// ends with a note of how long it was (the note fits in `max`).
+fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let note = format!(" [truncated from {} bytes]", text.len());
+    let mut end = max.saturating_sub(note.len());
+    while end > 0 && !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{note}", &text[..end]))
 }
 
 /// The admin API's routes over `keyring`, each request admitted by `guard`
@@ -360,29 +422,59 @@ async fn admit<G: Guard>(
     let route = format!("{} {}", parts.method, parts.uri.path());
     match guard.admit(&parts).await {
         Ok(actor) => {
+            // Whatever becomes of this request, it gets its `admin` record:
+            // written by the handler with the outcome, or, when the request
+            // ends (its future dropped: a client gone, a timeout) before
+            // the handler took the record over, by this guard on drop.
+            let record = RecordDue::default();
+            let _unwritten = UnwrittenRecord {
+                due: record.clone(),
+                keyring: state.keyring.clone(),
+                actor: actor.name().to_owned(),
+                route: bounded(&route, MAX_DENIED_DETAIL_BYTES).into_owned(),
+            };
             let mut request = Request::from_parts(parts, body);
             request.extensions_mut().insert(actor);
+            request.extensions_mut().insert(record);
             next.run(request).await
         }
         Err(rejection) => {
             let actor = rejection.actor.clone().unwrap_or_else(|| "unknown".into());
-            tracing::warn!(actor = %actor, route = %route, status = rejection.status.as_u16(), "admin request refused");
-            let Some(left_out) = state.denied.admit(Instant::now()) else {
-                ::metrics::counter!(crate::metrics::ADMIN_DENIED_UNAUDITED_TOTAL).increment(1);
-                return error_body(rejection.status, &rejection.reason);
+            let route = bounded(&route, MAX_DENIED_DETAIL_BYTES / 2);
+            let left_out = match state.denied.decide(Instant::now()) {
+                Denied::Audit { left_out } => left_out,
+                Denied::LeaveOut { first } => {
+                    ::metrics::counter!(crate::metrics::ADMIN_DENIED_UNAUDITED_TOTAL).increment(1);
+                    if first {
+                        tracing::warn!(
+                            limit = state.denied.limit,
+                            window_seconds = state.denied.window.as_secs_f64(),
+                            "admin requests refused over the limit: the rest of this window's \
+                             refusals are neither logged nor audited, only counted \
+                             (phi_admin_denied_unaudited_total); the next record says how many"
+                        );
+                    }
+                    return error_body(rejection.status, &rejection.reason);
+                }
             };
-            let mut detail = format!(
-                "{route} refused ({}): {}",
-                rejection.status.as_u16(),
-                rejection.reason
+            let reason = bounded(&rejection.reason, MAX_DENIED_DETAIL_BYTES / 2);
+            let actor_shown = bounded(&actor, 255);
+            tracing::warn!(
+                actor = %actor_shown,
+                route = %route,
+                status = rejection.status.as_u16(),
+                left_out,
+                "admin request refused"
             );
+            let mut detail = format!("{route} refused ({}): {reason}", rejection.status.as_u16(),);
             if left_out > 0 {
                 detail.push_str(&format!(
                     "; {left_out} earlier refusals not audited (over {} per {:?})",
                     state.denied.limit, state.denied.window
                 ));
             }
-            let event = audit_event(&actor, ALL_OWNERS, AuditAction::Denied, detail);
+            let detail = bounded(&detail, MAX_DENIED_DETAIL_BYTES).into_owned();
+            let event = audit_event(&actor_shown, ALL_OWNERS, AuditAction::Denied, detail);
             let keyring = state.keyring.clone();
             let audited = blocking(move || keyring.store().append_audit(&[event])).await;
             if let Err(e) = audited {
@@ -392,6 +484,62 @@ async fn admit<G: Guard>(
                 state.denied.left_out(left_out + 1);
             }
             error_body(rejection.status, &rejection.reason)
+        }
+    }
+}
+
+/// Whether an admitted request's `admin` record is still to be written by
+/// [`UnwrittenRecord`] (until a handler takes it over).
+#[derive(Clone, Debug, Default)]
+struct RecordDue(Arc<std::sync::atomic::AtomicBool>);
+
+impl RecordDue {
+    /// Takes the record over: `true` for the first caller only.
+    fn take(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Writes an admitted request's `admin` record when dropped before a
+/// handler took it over: the request ended before it was carried out.
+struct UnwrittenRecord {
+    due: RecordDue,
+    keyring: Keyring,
+    actor: String,
+    route: String,
+}
+
+impl Drop for UnwrittenRecord {
+    fn drop(&mut self) {
+        if !self.due.take() {
+            return;
+        }
+        let detail = format!(
+            "{}: cancelled (the request ended before it was carried out: nothing was done)",
+            self.route
+        );
+        let event = audit_event(&self.actor, ALL_OWNERS, AuditAction::Admin, detail);
+        write_detached(self.keyring.clone(), event);
+    }
+}
+
+/// Writes `event` on a thread of its own (the blocking pool inside a tokio
+/// runtime): from a drop, which cannot wait.
+fn write_detached(keyring: Keyring, event: AuditEvent) {
+    let write = move || {
+        if let Err(error) = keyring.store().append_audit(std::slice::from_ref(&event)) {
+            tracing::error!(%error, "cannot write the admin audit record of a cancelled request");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(write)),
+        Err(_) => {
+            if let Err(error) = std::thread::Builder::new()
+                .name("phi-admin-audit".into())
+                .spawn(write)
+            {
+                tracing::error!(%error, "cannot write the admin audit record of a cancelled request");
+            }
         }
     }
 }
@@ -474,44 +622,104 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Writes the request's `admin` audit record and answers.
-async fn finish(
-    state: &AdminState,
-    actor: &Actor,
+/// The request's `admin` audit record of `outcome`.
+fn admin_record(
+    actor: &str,
     route: &str,
     owner: Option<&str>,
-    outcome: Result<Value, Failure>,
-) -> Response {
-    let owner = owner.unwrap_or(ALL_OWNERS).to_owned();
-    let (status, mut body, detail) = match outcome {
-        Ok(body) => (StatusCode::OK, body, format!("{route}: ok")),
-        Err(failure) => (
-            failure.status,
-            json!({ "error": failure.message }),
-            format!(
-                "{route}: failed ({}): {}",
-                failure.status.as_u16(),
-                failure.message
-            ),
+    outcome: &Result<Value, Failure>,
+) -> AuditEvent {
+    let detail = match outcome {
+        Ok(_) => format!("{route}: ok"),
+        Err(failure) => format!(
+            "{route}: failed ({}): {}",
+            failure.status.as_u16(),
+            failure.message
         ),
     };
-    let event = audit_event(actor.name(), &owner, AuditAction::Admin, detail);
-    let keyring = state.keyring.clone();
-    if let Err(e) = blocking(move || keyring.store().append_audit(&[event])).await {
+    audit_event(
+        actor,
+        owner.unwrap_or(ALL_OWNERS),
+        AuditAction::Admin,
+        detail,
+    )
+}
+
+/// The answer to `outcome`, noting an `admin` record that could not be
+/// written.
+fn answer(route: &str, outcome: Result<Value, Failure>, audited: crate::Result<()>) -> Response {
+    let (status, mut body) = match outcome {
+        Ok(body) => (StatusCode::OK, body),
+        Err(failure) => (failure.status, json!({ "error": failure.message })),
+    };
+    if let Err(e) = audited {
         // The action itself (if any) is done and audited by its own
         // records; say that this request's record is missing.
-        tracing::error!(route, error = %e.message, "cannot write the admin audit record");
+        tracing::error!(route, error = %e, "cannot write the admin audit record");
         if let Value::Object(map) = &mut body {
             map.insert(
                 "audit_error".into(),
-                Value::String(format!(
-                    "the admin audit record was not written: {}",
-                    e.message
-                )),
+                Value::String(format!("the admin audit record was not written: {e}")),
             );
         }
     }
     (status, axum::Json(body)).into_response()
+}
+
+/// Writes the request's `admin` audit record of an outcome reached without
+/// acting, and answers. The record's write starts before the first await:
+/// a request dropped meanwhile still gets it.
+async fn finish(
+    state: &AdminState,
+    actor: &Actor,
+    due: &RecordDue,
+    route: &'static str,
+    owner: Option<&str>,
+    outcome: Result<Value, Failure>,
+) -> Response {
+    due.take();
+    let event = admin_record(actor.name(), route, owner, &outcome);
+    let keyring = state.keyring.clone();
+    let audited = tokio::task::spawn_blocking(move || keyring.store().append_audit(&[event]))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Config(
+                "the admin audit record's write panicked".into(),
+            ))
+        });
+    answer(route, outcome, audited)
+}
+
+/// Carries out a request's `work` on the blocking pool and writes its
+/// `admin` audit record there too, right after: once started, both run to
+/// the end even when the request's future is dropped (a client gone, a
+/// timeout), so an action is never done without its record.
+async fn act(
+    state: &AdminState,
+    actor: &Actor,
+    due: &RecordDue,
+    route: &'static str,
+    owner: Option<String>,
+    work: impl FnOnce() -> crate::Result<Value> + Send + 'static,
+) -> Response {
+    due.take();
+    let keyring = state.keyring.clone();
+    let actor = actor.name().to_owned();
+    let task = tokio::task::spawn_blocking(move || {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|_| Err(Error::Config("the admin operation panicked".into())))
+            .map_err(Failure::from);
+        let event = admin_record(&actor, route, owner.as_deref(), &outcome);
+        let audited = keyring.store().append_audit(&[event]);
+        (outcome, audited)
+    });
+    match task.await {
+        Ok((outcome, audited)) => answer(route, outcome, audited),
+        Err(_) => error_body(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the admin operation panicked",
+        ),
+    }
 }
 
 fn limited(owners: &[String]) -> &[String] {
@@ -543,87 +751,94 @@ struct StatusQuery {
 async fn key_status(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> Response {
     const ROUTE: &str = "GET /key-status";
     let query = match query {
         Ok(Query(q)) => q,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
     let owner = query.owner.clone();
     let keyring = state.keyring.clone();
     let owners_query = state.options.owners_query.clone();
-    let outcome = blocking(move || {
-        let store = keyring.store();
-        let mut body = serde_json::Map::new();
-        match &owner {
-            Some(owner) => {
-                keyring.check_owner_id(owner)?;
-                let mut rows = store.load_keys(&[owner.as_str()])?;
-                rows.sort_by_key(|r| r.version);
-                let current = rows
-                    .iter()
-                    .filter(|r| r.state == KeyState::Active)
-                    .map(|r| r.version)
-                    .max();
-                let shredded =
-                    !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed);
-                let versions: Vec<Value> = rows
-                    .iter()
-                    .map(|r| {
-                        json!({
-                            "version": r.version,
-                            "kek_id": r.kek_id,
-                            "state": r.state.as_str(),
-                            "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
+    act(
+        &state,
+        &actor,
+        &due,
+        ROUTE,
+        query.owner.clone(),
+        move || {
+            let store = keyring.store();
+            let mut body = serde_json::Map::new();
+            match &owner {
+                Some(owner) => {
+                    keyring.check_owner_id(owner)?;
+                    let mut rows = store.load_keys(&[owner.as_str()])?;
+                    rows.sort_by_key(|r| r.version);
+                    let current = rows
+                        .iter()
+                        .filter(|r| r.state == KeyState::Active)
+                        .map(|r| r.version)
+                        .max();
+                    let shredded =
+                        !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed);
+                    let versions: Vec<Value> = rows
+                        .iter()
+                        .map(|r| {
+                            json!({
+                                "version": r.version,
+                                "kek_id": r.kek_id,
+                                "state": r.state.as_str(),
+                                "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
+                            })
                         })
-                    })
-                    .collect();
-                body.insert(
-                    "owner".into(),
-                    json!({
-                        "owner": owner,
-                        "has_key": !rows.is_empty(),
-                        "current_version": current,
-                        "shredded": shredded,
-                        "versions": versions,
-                    }),
-                );
-            }
-            None => {
-                if let Some(sql) = &owners_query {
-                    let cov = lifecycle::coverage(store.as_ref(), sql)?;
-                    body.insert("coverage".into(), coverage_json(&cov));
+                        .collect();
+                    body.insert(
+                        "owner".into(),
+                        json!({
+                            "owner": owner,
+                            "has_key": !rows.is_empty(),
+                            "current_version": current,
+                            "shredded": shredded,
+                            "versions": versions,
+                        }),
+                    );
+                }
+                None => {
+                    if let Some(sql) = &owners_query {
+                        let cov = lifecycle::coverage(store.as_ref(), sql)?;
+                        body.insert("coverage".into(), coverage_json(&cov));
+                    }
                 }
             }
-        }
-        let keys: Vec<Value> = store
-            .key_counts()?
-            .into_iter()
-            .map(|c| {
-                json!({
-                    "kek_id": c.kek_id,
-                    "state": c.state.as_str(),
-                    "keys": c.keys,
-                    "owners": c.owners,
+            let keys: Vec<Value> = store
+                .key_counts()?
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "kek_id": c.kek_id,
+                        "state": c.state.as_str(),
+                        "keys": c.keys,
+                        "owners": c.owners,
+                    })
                 })
-            })
-            .collect();
-        body.insert("keys".into(), Value::Array(keys));
-        let head = lifecycle::feed_head(store.as_ref())?;
-        let readers: Vec<Value> = lifecycle::feed_readers(store.as_ref())?
-            .into_iter()
-            .map(|r| {
-                json!({
-                    "reader": r.reader,
-                    "position": r.position,
-                    "behind": r.behind(head),
-                    "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
+                .collect();
+            body.insert("keys".into(), Value::Array(keys));
+            let head = lifecycle::feed_head(store.as_ref())?;
+            let readers: Vec<Value> = lifecycle::feed_readers(store.as_ref())?
+                .into_iter()
+                .map(|r| {
+                    json!({
+                        "reader": r.reader,
+                        "position": r.position,
+                        "behind": r.behind(head),
+                        "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
+                    })
                 })
-            })
-            .collect();
-        let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
-        let follow = keyring.feed_status().map(|f| {
+                .collect();
+            let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
+            let follow = keyring.feed_status().map(|f| {
             json!({
                 "position": f.position,
                 "interval_ms": u64::try_from(f.interval.as_millis()).unwrap_or(u64::MAX),
@@ -635,39 +850,39 @@ async fn key_status(
                 "listening": f.listening,
             })
         });
-        body.insert(
-            "feed".into(),
-            json!({
-                "head": head,
-                "following": follow,
-                "readers": readers,
-                "rollout_policy": keyring.rollout_policy(),
-                "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
-                "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
-            }),
-        );
-        let s = keyring.stats();
-        body.insert(
-            "cache".into(),
-            json!({
-                "cached_owners": s.cached_owners,
-                "hits": s.hits,
-                "misses": s.misses,
-                "unwraps": s.unwraps,
-                "creations": s.creations,
-                "evictions": s.evictions,
-                "expirations": s.expirations,
-                "store_queries": s.store_queries,
-                "key_loads": s.key_loads,
-                "audit_written": s.audit_written,
-                "audit_pending": s.audit_pending,
-                "audit_dropped": s.audit_dropped,
-            }),
-        );
-        Ok(Value::Object(body))
-    })
-    .await;
-    finish(&state, &actor, ROUTE, query.owner.as_deref(), outcome).await
+            body.insert(
+                "feed".into(),
+                json!({
+                    "head": head,
+                    "following": follow,
+                    "readers": readers,
+                    "rollout_policy": keyring.rollout_policy(),
+                    "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
+                    "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
+                }),
+            );
+            let s = keyring.stats();
+            body.insert(
+                "cache".into(),
+                json!({
+                    "cached_owners": s.cached_owners,
+                    "hits": s.hits,
+                    "misses": s.misses,
+                    "unwraps": s.unwraps,
+                    "creations": s.creations,
+                    "evictions": s.evictions,
+                    "expirations": s.expirations,
+                    "store_queries": s.store_queries,
+                    "key_loads": s.key_loads,
+                    "audit_written": s.audit_written,
+                    "audit_pending": s.audit_pending,
+                    "audit_dropped": s.audit_dropped,
+                }),
+            );
+            Ok(Value::Object(body))
+        },
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -685,15 +900,16 @@ struct GenerateBody {
 async fn generate_key(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     body: Result<axum::Json<GenerateBody>, JsonRejection>,
 ) -> Response {
     const ROUTE: &str = "POST /generate-key";
     let body = match body {
         Ok(axum::Json(b)) => b,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
     let owner = body.owner.clone();
-    let outcome = match (&body.owner, &body.owners_query) {
+    let refused = match (&body.owner, &body.owners_query) {
         (Some(_), Some(_)) => Err(Failure::bad_request(
             "give either owner or owners_query, not both",
         )),
@@ -707,7 +923,11 @@ async fn generate_key(
         (None, None) if state.options.owners_query.is_none() => Err(Failure::bad_request(
             "give owner or owners_query (no default owners query is configured)",
         )),
-        _ => {
+        _ => Ok(()),
+    };
+    match refused {
+        Err(failure) => finish(&state, &actor, &due, ROUTE, owner.as_deref(), Err(failure)).await,
+        Ok(()) => {
             let keyring = state.keyring.clone();
             let query = body
                 .owners_query
@@ -715,7 +935,7 @@ async fn generate_key(
                 .or_else(|| state.options.owners_query.clone());
             let one = body.owner.clone();
             let dry_run = body.dry_run;
-            blocking(move || {
+            act(&state, &actor, &due, ROUTE, owner, move || {
                 let store = keyring.store();
                 let todo: Vec<String> = match &one {
                     Some(owner) => {
@@ -747,8 +967,7 @@ async fn generate_key(
             })
             .await
         }
-    };
-    finish(&state, &actor, ROUTE, owner.as_deref(), outcome).await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -763,22 +982,22 @@ struct OwnerBody {
 async fn rotate(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     body: Result<axum::Json<OwnerBody>, JsonRejection>,
 ) -> Response {
     const ROUTE: &str = "POST /rotate";
     let body = match body {
         Ok(axum::Json(b)) => b,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
     let keyring = state.keyring.clone();
     let owner = body.owner.clone();
     let by = actor.name().to_owned();
-    let outcome = blocking(move || {
+    act(&state, &actor, &due, ROUTE, Some(body.owner), move || {
         let version = lifecycle::rotate_by(&keyring, &owner, &by)?;
         Ok(json!({ "owner": owner, "version": version }))
     })
-    .await;
-    finish(&state, &actor, ROUTE, Some(&body.owner), outcome).await
+    .await
 }
 
 // ---------------------------------------------------------------------------
@@ -794,24 +1013,26 @@ struct ShredBody {
 async fn shred(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     body: Result<axum::Json<ShredBody>, JsonRejection>,
 ) -> Response {
     const ROUTE: &str = "POST /shred";
     let body = match body {
         Ok(axum::Json(b)) => b,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
-    let outcome = if body.confirm.as_deref() != Some(body.owner.as_str()) {
-        Err(Failure::bad_request(format!(
+    if body.confirm.as_deref() != Some(body.owner.as_str()) {
+        let refused = Err(Failure::bad_request(format!(
             "shredding owner {:?} destroys every one of its data keys for good: \
              repeat the owner id in the field \"confirm\"; nothing was changed",
             body.owner
-        )))
+        )));
+        finish(&state, &actor, &due, ROUTE, Some(&body.owner), refused).await
     } else {
         let keyring = state.keyring.clone();
         let owner = body.owner.clone();
         let by = actor.name().to_owned();
-        blocking(move || {
+        act(&state, &actor, &due, ROUTE, Some(body.owner), move || {
             let report = lifecycle::shred_keys_by(&keyring, &owner, &by)?;
             let note = if report.key_rows == 0 {
                 "the owner has no data key row: nothing was destroyed (is the owner id mistyped?)"
@@ -829,8 +1050,7 @@ async fn shred(
             }))
         })
         .await
-    };
-    finish(&state, &actor, ROUTE, Some(&body.owner), outcome).await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -912,31 +1132,38 @@ fn record_json(r: &AuditRecord) -> Value {
 async fn audit_log(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Response {
     const ROUTE: &str = "GET /audit-log";
     let query = match query {
         Ok(Query(q)) => q,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
-    let outcome = match audit_filter(&query) {
-        Err(f) => Err(f),
+    match audit_filter(&query) {
+        Err(f) => finish(&state, &actor, &due, ROUTE, query.owner.as_deref(), Err(f)).await,
         Ok(filter) => {
             let keyring = state.keyring.clone();
-            blocking(move || {
-                let records = keyring.store().audit_page(&filter)?;
-                let next = (records.len() == filter.limit)
-                    .then(|| records.last().map(|r| r.id))
-                    .flatten();
-                Ok(json!({
-                    "records": records.iter().map(record_json).collect::<Vec<_>>(),
-                    "next_before_id": next,
-                }))
-            })
+            act(
+                &state,
+                &actor,
+                &due,
+                ROUTE,
+                query.owner.clone(),
+                move || {
+                    let records = keyring.store().audit_page(&filter)?;
+                    let next = (records.len() == filter.limit)
+                        .then(|| records.last().map(|r| r.id))
+                        .flatten();
+                    Ok(json!({
+                        "records": records.iter().map(record_json).collect::<Vec<_>>(),
+                        "next_before_id": next,
+                    }))
+                },
+            )
             .await
         }
-    };
-    finish(&state, &actor, ROUTE, query.owner.as_deref(), outcome).await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -953,25 +1180,40 @@ struct ClearBody {
 async fn clear_cache(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     body: Result<axum::Json<ClearBody>, JsonRejection>,
 ) -> Response {
     const ROUTE: &str = "POST /clear-cache";
     let body = match body {
         Ok(axum::Json(b)) => b,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
-    let outcome = match (&body.owner, body.all) {
+    let refused = match (&body.owner, body.all) {
         (Some(_), true) => Err(Failure::bad_request(
             "give either owner or \"all\": true, not both; nothing was changed",
         )),
         (None, false) => Err(Failure::bad_request(
             "give owner, or \"all\": true to clear every owner's keys; nothing was changed",
         )),
-        _ => {
+        _ => Ok(()),
+    };
+    match refused {
+        Err(failure) => {
+            finish(
+                &state,
+                &actor,
+                &due,
+                ROUTE,
+                body.owner.as_deref(),
+                Err(failure),
+            )
+            .await
+        }
+        Ok(()) => {
             let keyring = state.keyring.clone();
             let owner = body.owner.clone();
             let by = actor.name().to_owned();
-            blocking(move || {
+            act(&state, &actor, &due, ROUTE, body.owner.clone(), move || {
                 let id = lifecycle::clear_cache_fleet_by(&keyring, owner.as_deref(), &by)?;
                 Ok(json!({
                     "owner": owner,
@@ -983,8 +1225,7 @@ async fn clear_cache(
             })
             .await
         }
-    };
-    finish(&state, &actor, ROUTE, body.owner.as_deref(), outcome).await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1024,19 +1265,20 @@ fn rollout_of(body: &RolloutBody) -> Result<Rollout, Failure> {
 async fn rollout(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
     body: Result<axum::Json<RolloutBody>, JsonRejection>,
 ) -> Response {
     const ROUTE: &str = "POST /rollout";
     let body = match body {
         Ok(axum::Json(b)) => b,
-        Err(e) => return finish(&state, &actor, ROUTE, None, Err(e.into())).await,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
     };
-    let outcome = match rollout_of(&body) {
-        Err(f) => Err(f),
+    match rollout_of(&body) {
+        Err(f) => finish(&state, &actor, &due, ROUTE, None, Err(f)).await,
         Ok(policy) => {
             let keyring = state.keyring.clone();
             let by = actor.name().to_owned();
-            blocking(move || {
+            act(&state, &actor, &due, ROUTE, None, move || {
                 let id = lifecycle::set_rollout_by(&keyring, &policy, &by)?;
                 Ok(json!({
                     "policy": keyring.rollout_policy(),
@@ -1048,8 +1290,7 @@ async fn rollout(
             })
             .await
         }
-    };
-    finish(&state, &actor, ROUTE, None, outcome).await
+    }
 }
 
 #[cfg(test)]
@@ -1072,6 +1313,83 @@ mod tests {
         // carried are reported by the next one.
         limit.left_out(1 + 1);
         assert_eq!(limit.admit(start + Duration::from_secs(120)), Some(3));
+    }
+
+    #[test]
+    fn refusals_over_the_limit_are_not_logged_one_by_one_and_one_line_per_window_says_so() {
+        let start = Instant::now();
+        let limit = DeniedLimit::new(1, Duration::from_secs(60), start);
+        assert_eq!(limit.decide(start), Denied::Audit { left_out: 0 });
+        // Over the limit: neither audited nor logged; the first says so once.
+        assert_eq!(limit.decide(start), Denied::LeaveOut { first: true });
+        for _ in 0..100 {
+            assert_eq!(limit.decide(start), Denied::LeaveOut { first: false });
+        }
+        // The next window logs and audits again, reporting those left out.
+        let next = start + Duration::from_secs(60);
+        assert_eq!(limit.decide(next), Denied::Audit { left_out: 101 });
+        assert_eq!(limit.decide(next), Denied::LeaveOut { first: true });
+    }
+
+    #[test]
+    fn a_long_detail_is_cut_at_a_character_boundary_and_says_so() {
+        assert_eq!(bounded("short", 64), "short");
+        let long = "é".repeat(1_000); // 2,000 bytes
+        for max in [64, 65, 1_024] {
+            let cut = bounded(&long, max);
+            assert!(cut.len() <= max, "{} > {max}", cut.len());
+            assert!(cut.ends_with(" [truncated from 2000 bytes]"), "{cut}");
+            assert!(cut.starts_with('é'));
+        }
+    }
+
+    #[test]
+    fn an_admitted_request_that_ends_before_acting_is_audited_as_cancelled() {
+        use crate::{KeyBytes, LocalKek, MemoryKeyStore};
+        let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+        let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek)
+            .build()
+            .expect("keyring");
+        let admin_records = |keyring: &Keyring| {
+            keyring
+                .store()
+                .audit(Some(ALL_OWNERS), 10)
+                .expect("audit")
+                .into_iter()
+                .filter(|r| r.event.action == AuditAction::Admin)
+                .collect::<Vec<_>>()
+        };
+        // Taken over by a handler: the guard writes nothing.
+        let due = RecordDue::default();
+        assert!(due.take());
+        drop(UnwrittenRecord {
+            due,
+            keyring: keyring.clone(),
+            actor: "operator".into(),
+            route: "POST /rotate".into(),
+        });
+        // Dropped first: the guard writes the record (on a thread of its own).
+        drop(UnwrittenRecord {
+            due: RecordDue::default(),
+            keyring: keyring.clone(),
+            actor: "operator".into(),
+            route: "POST /shred".into(),
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while admin_records(&keyring).is_empty() && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        let records = admin_records(&keyring);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].event.actor, "operator");
+        assert!(
+            records[0]
+                .event
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("POST /shred: cancelled")),
+            "{records:?}"
+        );
     }
 
     #[test]

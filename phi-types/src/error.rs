@@ -409,18 +409,21 @@ pub enum Error {
         owner: String,
     },
 
-    /// Sealing was refused because this keyring follows the key-event feed
+    /// A write was refused because this keyring follows the key-event feed
     /// and has not read it for longer than its maximum staleness: another
     /// process may have shredded or rotated the owner, or changed the
-    /// roll-out, meanwhile. Opening goes on from the cache.
+    /// roll-out, meanwhile. Both seals and the unsealed writes of a model
+    /// with an encrypted flag (for an owner the roll-out leaves out) are
+    /// refused. Opening goes on from the cache.
     #[error(
-        "sealing refused for owner {owner:?}: the key-event feed was last read {:.1} s ago, \
-         past the maximum staleness of {:.1} s (the owner may have been shredded or rotated meanwhile)",
+        "writing refused for owner {owner:?}: the key-event feed was last read {:.1} s ago, \
+         past the maximum staleness of {:.1} s (the owner may have been shredded, rotated or \
+         moved into the roll-out meanwhile)",
         stale_for.as_secs_f64(),
         max_staleness.as_secs_f64()
     )]
     FeedStale {
-        /// The owner a seal was asked for.
+        /// The owner a write was asked for.
         owner: String,
         /// Time since the feed was last read successfully.
         stale_for: std::time::Duration,

@@ -14,9 +14,18 @@
 //! appenders, so a reader that has read event `n` has read every event
 //! before it (no gaps to wait for).
 //!
-//! A keyring built with [`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed)
+//! A following keyring (the default over a store with the feed's tables,
+//! see [`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed))
 //! reads the events after its position once per interval and applies them:
 //! see [`KeyEventKind`] for what each does.
+//!
+//! Kinds are open: the schema only refuses an empty kind, so that a newer
+//! build can add one during a rolling upgrade. An older keyring reads it as
+//! [`KeyEventKind::Unknown`] and applies it conservatively (it drops the
+//! owner the event names, or every owner), counts it
+//! (`phi_feed_unknown_events_total`), logs its id and kind, and reads on:
+//! no event ever stops a follower. Stores check the kinds they write
+//! ([`check_writable`]).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -64,10 +73,20 @@ pub enum KeyEventKind {
     /// A cache clear, for one owner or (no owner) for every owner:
     /// followers drop those cached keys.
     Clear,
+    /// A kind this build does not know, read from the feed (written by a
+    /// newer build during a rolling upgrade; its text is in
+    /// [`FeedEvent::stored_kind`]). Followers apply it conservatively:
+    /// they drop the named owner's cached keys, or every owner's when the
+    /// event names none, count it (`phi_feed_unknown_events_total`), log
+    /// its id and kind, and read on. Never written: a store refuses to
+    /// append an event of this kind.
+    Unknown,
 }
 
 impl KeyEventKind {
-    /// The text stored in `phi_key_events.kind`.
+    /// The text stored in `phi_key_events.kind`; `"unknown"` for
+    /// [`Unknown`](Self::Unknown), which is never stored (the stored text
+    /// of an unknown event is [`FeedEvent::stored_kind`]).
     pub fn as_str(self) -> &'static str {
         match self {
             KeyEventKind::Shred => "shred",
@@ -76,10 +95,20 @@ impl KeyEventKind {
             KeyEventKind::Rewrap => "rewrap",
             KeyEventKind::Rollout => "rollout",
             KeyEventKind::Clear => "clear",
+            KeyEventKind::Unknown => "unknown",
         }
     }
 
-    /// Parses the stored text.
+    /// Whether an event of this kind may be appended to the feed: every
+    /// kind but [`Unknown`](Self::Unknown). The database accepts any
+    /// non-empty kind (so that an older build's schema never stops a newer
+    /// build's events); this is the check made when writing.
+    pub fn is_writable(self) -> bool {
+        !matches!(self, KeyEventKind::Unknown)
+    }
+
+    /// Parses the stored text: `None` for a kind this build does not know
+    /// (a store reads it as [`Unknown`](Self::Unknown)).
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "shred" => KeyEventKind::Shred,
@@ -150,8 +179,58 @@ impl KeyEvent {
 pub struct FeedEvent {
     /// `phi_key_events.id`: 1, 2, 3, ... in commit order.
     pub id: i64,
-    /// The event.
+    /// The event. Its kind is [`KeyEventKind::Unknown`] when the stored
+    /// kind is not one this build knows.
     pub event: KeyEvent,
+    /// The text stored in `phi_key_events.kind`: the kind's
+    /// [`as_str`](KeyEventKind::as_str), or for an unknown kind the text as
+    /// stored.
+    pub stored_kind: String,
+}
+
+impl FeedEvent {
+    /// Event `id`, as stored from `event` (its kind's text as the stored
+    /// kind).
+    pub fn new(id: i64, event: KeyEvent) -> Self {
+        let stored_kind = event.kind.as_str().to_owned();
+        FeedEvent {
+            id,
+            event,
+            stored_kind,
+        }
+    }
+
+    /// Event `id` as read from a store whose `kind` column holds
+    /// `stored_kind`: parsed, or [`KeyEventKind::Unknown`] when this build
+    /// does not know it (`event.kind` is then replaced).
+    pub fn read(id: i64, mut event: KeyEvent, stored_kind: String) -> Self {
+        event.kind = KeyEventKind::parse(&stored_kind).unwrap_or(KeyEventKind::Unknown);
+        FeedEvent {
+            id,
+            event,
+            stored_kind,
+        }
+    }
+}
+
+/// Refuses to append `events` when one of them is of a kind that cannot be
+/// written ([`KeyEventKind::Unknown`]). Every store calls it before writing.
+///
+/// # Errors
+/// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the event.
+pub fn check_writable(events: &[KeyEvent]) -> crate::Result<()> {
+    match events.iter().find(|e| !e.kind.is_writable()) {
+        None => Ok(()),
+        Some(e) => Err(crate::Error::InvalidInput {
+            what: "key event",
+            reason: format!(
+                "an event of kind {} (for owner {:?}) cannot be appended to the key-event feed: \
+                 only the kinds this build knows are written",
+                e.kind,
+                e.owner_id.as_deref().unwrap_or("*")
+            ),
+        }),
+    }
 }
 
 pub use crate::connection::{FEED_CHANNEL, FeedListener};

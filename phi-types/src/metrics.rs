@@ -40,7 +40,8 @@
 //! | `phi_feed_events_total` | counter | count | | key events applied by following keyrings |
 //! | `phi_feed_read_errors_total` | counter | count | | reads of the key-event feed that failed (each is also logged with the staleness) |
 //! | `phi_feed_staleness_seconds` | gauge | seconds | | time since the feed was last read successfully, set when a read fails (0 after a success) |
-//! | `phi_admin_denied_unaudited_total` | counter | count | | refused admin API requests not written to the audit trail because they were over the router's `denied_audit_limit` (each is still logged; feature `admin-http`) |
+//! | `phi_admin_denied_unaudited_total` | counter | count | | refused admin API requests over the router's `denied_audit_limit`, neither audited nor logged one by one (one log line per window says the limit was reached; feature `admin-http`) |
+//! | `phi_feed_unknown_events_total` | counter | count | | key events of a kind this build does not know (a newer build's), applied conservatively: the named owner, or every owner, dropped from the cache; each is also logged with its id and kind |
 //!
 //! # Alerting
 //!
@@ -141,6 +142,8 @@ pub const FEED_EVENTS_TOTAL: &str = "phi_feed_events_total";
 pub const FEED_READ_ERRORS_TOTAL: &str = "phi_feed_read_errors_total";
 /// Seconds since the feed was last read successfully.
 pub const FEED_STALENESS_SECONDS: &str = "phi_feed_staleness_seconds";
+/// Key events of a kind this build does not know, applied conservatively.
+pub const FEED_UNKNOWN_EVENTS_TOTAL: &str = "phi_feed_unknown_events_total";
 /// AWS KMS calls, labels `operation` (`generate_data_key`, `decrypt`,
 /// `encrypt`) and `outcome` (`success`, or the failure's
 /// `AwsKmsErrorKind::label`; feature `aws-kms`).
@@ -148,7 +151,7 @@ pub const KMS_CALLS_TOTAL: &str = "phi_kms_calls_total";
 /// AWS KMS call latency in seconds, retries included, label `operation`.
 pub const KMS_CALL_DURATION_SECONDS: &str = "phi_kms_call_duration_seconds";
 
-/// Refused admin API requests not written to the audit trail, over the
+/// Refused admin API requests neither audited nor logged one by one, over the
 /// router's `denied_audit_limit` (feature `admin-http`).
 pub const ADMIN_DENIED_UNAUDITED_TOTAL: &str = "phi_admin_denied_unaudited_total";
 
@@ -286,6 +289,11 @@ pub fn describe() {
         FEED_STALENESS_SECONDS,
         Unit::Seconds,
         "Time since the key-event feed was last read successfully."
+    );
+    describe_counter!(
+        FEED_UNKNOWN_EVENTS_TOTAL,
+        Unit::Count,
+        "Key events of a kind this build does not know, applied conservatively."
     );
     describe_counter!(
         ADMIN_DENIED_UNAUDITED_TOTAL,

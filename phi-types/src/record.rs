@@ -553,7 +553,7 @@ pub trait PhiRecord: Sized + Send + Sync {
             let owners: Vec<Cow<'_, str>> = records.iter().map(Self::owner_id).collect();
             let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
             if Self::HAS_ENCRYPTED_FLAG {
-                sealing.retain(|o| keyring.encrypts_for(o));
+                sealing = sealed_owners(sealing, keyring, false)?;
             }
             let sealing: Vec<&str> = sealing.into_iter().collect();
             let keys = keyring.keys_for_seal_many_async(sealing).await?;
@@ -734,6 +734,31 @@ pub trait PhiRecord: Sized + Send + Sync {
     }
 }
 
+/// The owners among `owners` whose rows the roll-out seals, for a model
+/// with an encrypted flag; the others' rows are written unsealed. Refused
+/// with [`Error::FeedStale`] when the keyring follows the key-event feed
+/// and is past its maximum staleness, whether the rows would be sealed or
+/// not: the roll-out it would go by may be out of date. `blocking`: the
+/// caller may wait for a read of the feed (not an async task).
+fn sealed_owners<'o>(
+    owners: HashSet<&'o str>,
+    keyring: &Keyring,
+    blocking: bool,
+) -> Result<HashSet<&'o str>> {
+    let mut sealing = HashSet::with_capacity(owners.len());
+    for owner in owners {
+        let seals = if blocking {
+            keyring.encrypts_for_write(owner)?
+        } else {
+            keyring.encrypts_for_write_nonblocking(owner)?
+        };
+        if seals {
+            sealing.insert(owner);
+        }
+    }
+    Ok(sealing)
+}
+
 /// What sealing a batch of records needs, resolved once: each record's
 /// owner, the data keys of the owners the roll-out seals for, and the
 /// lookup keys of a model with a lookup index.
@@ -751,7 +776,7 @@ impl<'r, R: PhiRecord> SealPlan<'r, R> {
         let mut sealing: HashSet<&str> = owners.iter().map(|o| o.as_ref()).collect();
         if R::HAS_ENCRYPTED_FLAG {
             // The roll-out policy is asked once per distinct owner.
-            sealing.retain(|o| keyring.encrypts_for(o));
+            sealing = sealed_owners(sealing, keyring, true)?;
         }
         let keys = keyring.keys_for_seal_many(sealing.iter().copied())?;
         let lookup = if R::HAS_LOOKUP_INDEX && !records.is_empty() {
@@ -1787,7 +1812,8 @@ pub(crate) mod __private {
     /// Whether an update seals a row stored unsealed: when the roll-out
     /// covers `owner`. Else, on a strict table
     /// ([`Keyring::set_strict`](crate::Keyring::set_strict)), the refusal
-    /// to write the row unsealed.
+    /// to write the row unsealed. A keyring past its feed's maximum
+    /// staleness refuses either way ([`Error::FeedStale`]).
     pub fn seals_unsealed_row(
         keyring: &crate::Keyring,
         table: &str,
@@ -1795,7 +1821,7 @@ pub(crate) mod __private {
         owner: &str,
         row: Option<String>,
     ) -> Result<bool> {
-        if keyring.encrypts_for(owner) {
+        if keyring.encrypts_for_write(owner)? {
             return Ok(true);
         }
         if keyring.is_strict(table) {

@@ -590,3 +590,95 @@ mod lookup_finder {
         });
     }
 }
+
+/// A key store whose `insert_key_if_absent` tells the test it was entered
+/// and then waits until the test releases it: a fixed point at which to
+/// drop the future that asked for a new key.
+#[derive(Debug)]
+struct ParkedInsert {
+    inner: Arc<dyn phi::KeyStore>,
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Barrier,
+}
+
+impl phi::KeyStore for ParkedInsert {
+    fn load_keys(&self, owners: &[&str]) -> phi::Result<Vec<phi::StoredKey>> {
+        self.inner.load_keys(owners)
+    }
+    fn insert_key_if_absent(&self, key: &phi::StoredKey) -> phi::Result<bool> {
+        let entered = self.entered.lock().expect("lock").take();
+        if let Some(entered) = entered {
+            entered.send(()).expect("the test waits");
+            self.release.wait();
+        }
+        self.inner.insert_key_if_absent(key)
+    }
+    fn append_audit(&self, events: &[phi::AuditEvent]) -> phi::Result<()> {
+        self.inner.append_audit(events)
+    }
+    fn owners(&self) -> phi::Result<Vec<String>> {
+        self.inner.owners()
+    }
+    fn kek_check(&self, kek_id: &str) -> phi::Result<Option<phi::KekCheck>> {
+        self.inner.kek_check(kek_id)
+    }
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &phi::KekCheck) -> phi::Result<bool> {
+        self.inner.insert_kek_check_if_absent(kek_id, check)
+    }
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> phi::Result<Vec<phi::StoredKey>> {
+        self.inner.keys_page(wrapped_by, not_wrapped_by, after, limit)
+    }
+}
+
+#[test]
+fn a_key_created_by_a_dropped_future_still_gets_its_generate_record() {
+    use phi::KeyStore as _;
+    let db = TestDb::new();
+    let owner = common::unique_owner("async-dropped");
+    let (entered, inserting) = std::sync::mpsc::channel();
+    let store = Arc::new(ParkedInsert {
+        inner: db.store(),
+        entered: std::sync::Mutex::new(Some(entered)),
+        release: std::sync::Barrier::new(2),
+    });
+    let keyring = Keyring::builder(store.clone(), common::local_kek()).actor("async-dropped").build().expect("keyring");
+    // Kept until the end: dropping a runtime waits for its blocking tasks.
+    let runtime = runtime();
+    runtime.block_on(async {
+        let task = {
+            let (keyring, owner) = (keyring.clone(), owner.clone());
+            tokio::spawn(async move { keyring.keys_for_seal_async(&owner).await.map(drop) })
+        };
+        // Fixed point: the key's insert has started (on the blocking pool).
+        tokio::task::spawn_blocking(move || inserting.recv().expect("the insert is entered")).await.expect("wait");
+        // The request is cancelled there.
+        task.abort();
+        assert!(task.await.expect_err("aborted").is_cancelled());
+    });
+    // The insert goes on and the key is stored ...
+    store.release.wait();
+    let stored = db.store();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let generated = loop {
+        let records: Vec<phi::AuditRecord> = stored
+            .audit(Some(&owner), 10)
+            .expect("audit")
+            .into_iter()
+            .filter(|r| r.event.action == phi::AuditAction::Generate)
+            .collect();
+        if !records.is_empty() || std::time::Instant::now() > until {
+            break records;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // ... and never without its record.
+    assert_eq!(stored.load_keys(&[owner.as_str()]).expect("keys").len(), 1, "the key was stored");
+    assert_eq!(generated.len(), 1, "the stored key's generate record was written: {generated:?}");
+    assert_eq!(generated[0].event.actor, "async-dropped");
+}

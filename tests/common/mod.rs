@@ -176,3 +176,79 @@ pub(crate) fn example_bin(name: &str) -> std::path::PathBuf {
         bin
     }
 }
+
+/// A key store whose key-event feed can be made unreadable (every other
+/// call goes to the store it wraps), to make a following keyring stale
+/// without touching the shared database.
+#[derive(Debug)]
+pub(crate) struct FeedDown {
+    inner: Arc<dyn phi::KeyStore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl FeedDown {
+    pub(crate) fn new(inner: Arc<dyn phi::KeyStore>) -> Arc<Self> {
+        Arc::new(FeedDown {
+            inner,
+            down: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+    pub(crate) fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+}
+
+impl phi::KeyStore for FeedDown {
+    fn load_keys(&self, owners: &[&str]) -> phi::Result<Vec<phi::StoredKey>> {
+        self.inner.load_keys(owners)
+    }
+    fn insert_key_if_absent(&self, key: &phi::StoredKey) -> phi::Result<bool> {
+        self.inner.insert_key_if_absent(key)
+    }
+    fn append_audit(&self, events: &[phi::AuditEvent]) -> phi::Result<()> {
+        self.inner.append_audit(events)
+    }
+    fn owners(&self) -> phi::Result<Vec<String>> {
+        self.inner.owners()
+    }
+    fn kek_check(&self, kek_id: &str) -> phi::Result<Option<phi::KekCheck>> {
+        self.inner.kek_check(kek_id)
+    }
+    fn insert_kek_check_if_absent(&self, kek_id: &str, check: &phi::KekCheck) -> phi::Result<bool> {
+        self.inner.insert_kek_check_if_absent(kek_id, check)
+    }
+    fn keys_page(
+        &self,
+        wrapped_by: Option<&str>,
+        not_wrapped_by: Option<&str>,
+        after: Option<(&str, u32)>,
+        limit: usize,
+    ) -> phi::Result<Vec<phi::StoredKey>> {
+        self.inner
+            .keys_page(wrapped_by, not_wrapped_by, after, limit)
+    }
+    fn has_feed(&self) -> bool {
+        self.inner.has_feed()
+    }
+    fn feed_head(&self) -> phi::Result<i64> {
+        self.inner.feed_head()
+    }
+    fn key_events_after(&self, after: i64, limit: usize) -> phi::Result<Vec<phi::feed::FeedEvent>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(phi::Error::Store {
+                operation: "reading key events",
+                source: "the feed is down (test)".into(),
+            });
+        }
+        self.inner.key_events_after(after, limit)
+    }
+    fn fleet_rollout(&self, policy: &str) -> phi::Result<Option<phi::Rollout>> {
+        self.inner.fleet_rollout(policy)
+    }
+    fn record_feed_reader(&self, reader: &str, position: i64) -> phi::Result<()> {
+        self.inner.record_feed_reader(reader, position)
+    }
+    fn forget_feed_reader(&self, reader: &str) -> phi::Result<()> {
+        self.inner.forget_feed_reader(reader)
+    }
+}

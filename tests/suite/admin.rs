@@ -613,3 +613,114 @@ fn rollout_sets_the_fleet_policy_here_and_in_followers() {
         .collect();
     assert_eq!(rollouts.len(), 2, "{rollouts:?}");
 }
+
+/// A KEK whose `generate` tells the test it was entered, then waits until
+/// the test releases it: a fixed point inside an admitted request's action.
+#[derive(Debug)]
+struct ParkedKek {
+    inner: Arc<dyn KeyEncryptionKey>,
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Barrier,
+}
+
+impl KeyEncryptionKey for ParkedKek {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn generate(&self, owner: &str, version: u32) -> Result<(phi::KeyBytes, Vec<u8>), phi::BoxError> {
+        let entered = self.entered.lock().expect("lock").take();
+        if let Some(entered) = entered {
+            entered.send(()).expect("the test waits");
+            self.release.wait();
+        }
+        self.inner.generate(owner, version)
+    }
+    fn wrap(&self, owner: &str, version: u32, key: &phi::KeyBytes) -> Result<Vec<u8>, phi::BoxError> {
+        self.inner.wrap(owner, version, key)
+    }
+    fn unwrap(&self, owner: &str, version: u32, wrapped: &[u8]) -> Result<phi::KeyBytes, phi::BoxError> {
+        self.inner.unwrap(owner, version, wrapped)
+    }
+    fn check_value(&self) -> Result<phi::KekCheck, phi::BoxError> {
+        self.inner.check_value()
+    }
+    fn verify_check_value(&self, check: &phi::KekCheck) -> Result<bool, phi::BoxError> {
+        self.inner.verify_check_value(check)
+    }
+}
+
+#[test]
+fn an_admitted_request_dropped_while_it_acts_still_gets_its_admin_record() {
+    let db = TestDb::new();
+    let tag = common::unique_owner("adm-dropped");
+    let owner = common::unique_owner("adm-dropped-owner");
+    let (entered, generating) = std::sync::mpsc::channel();
+    let kek = Arc::new(ParkedKek {
+        inner: common::local_kek(),
+        entered: std::sync::Mutex::new(Some(entered)),
+        release: std::sync::Barrier::new(2),
+    });
+    let keyring = Keyring::builder(db.store(), kek.clone())
+        .actor("integration-test")
+        .rollout_policy(&tag)
+        .build()
+        .expect("keyring");
+    let app = admin::router(keyring, TestGuard);
+    let request = Request::builder()
+        .method("POST")
+        .uri("/generate-key")
+        .header("x-test", &tag)
+        .header("authorization", format!("Bearer good-{tag}"))
+        .header("content-type", "application/json")
+        .body(Body::from(json!({ "owner": owner }).to_string()))
+        .expect("request");
+    // Kept until the end: dropping a runtime waits for its blocking tasks.
+    let runtime = runtime();
+    runtime.block_on(async {
+        let task = tokio::spawn(app.oneshot(request));
+        // Fixed point: the action has started (the KEK is generating).
+        tokio::task::spawn_blocking(move || generating.recv().expect("generate is entered")).await.expect("wait");
+        // The request is dropped there (a client gone, a timeout).
+        task.abort();
+        assert!(task.await.expect_err("aborted").is_cancelled());
+    });
+    kek.release.wait();
+    let store = db.store();
+    let records = |store: &dyn KeyStore| {
+        let mut filter = AuditFilter::new(100);
+        filter.owner = Some(owner.clone());
+        store.audit_page(&filter).expect("audit")
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let admin_records = loop {
+        let found: Vec<AuditRecord> = records(store.as_ref())
+            .into_iter()
+            .filter(|r| r.event.action == AuditAction::Admin && r.event.actor == format!("op-{tag}"))
+            .collect();
+        if !found.is_empty() || std::time::Instant::now() > until {
+            break found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(admin_records.len(), 1, "the dropped request's admin record was written");
+    let detail = admin_records[0].event.detail.as_deref().unwrap_or_default();
+    assert_eq!(detail, "POST /generate-key: ok", "with the action's outcome");
+    // The action itself finished, audited as always.
+    assert_eq!(store.load_keys(&[owner.as_str()]).expect("keys").len(), 1);
+    assert!(records(store.as_ref()).iter().any(|r| r.event.action == AuditAction::Generate));
+}
+
+#[test]
+fn a_refused_requests_audit_detail_is_bounded_in_bytes() {
+    let a = Admin::new("denied-bounded");
+    // The guard's reason repeats the client's header: 20,000 bytes of it.
+    let long = format!("{}-{}", a.tag, "x".repeat(20_000));
+    let (status, _) = call(&a.app, "GET", "/key-status", &long, Some("forged"), None);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let records = a.denied_records();
+    assert_eq!(records.len(), 1);
+    let detail = records[0].event.detail.as_deref().expect("detail");
+    assert!(detail.len() <= admin::MAX_DENIED_DETAIL_BYTES, "{} bytes", detail.len());
+    assert!(detail.starts_with("GET /key-status refused (401): no valid token ("), "{detail}");
+    assert!(detail.contains("truncated from"), "says it was cut: {detail}");
+}

@@ -546,3 +546,56 @@ fn rows_written_before_the_rollout_read_back_and_the_policy_decides_new_writes()
     assert!(matches!(err, Error::Unsealed { .. }), "{err:?}");
     assert!(err.to_string().contains(CASES_SCOPE_LAST) && err.to_string().contains(&late), "{err}");
 }
+
+#[test]
+fn a_stale_follower_refuses_unsealed_writes_as_well_as_seals() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let feed = common::FeedDown::new(db.store());
+    let clock = Arc::new(ManualClock::new());
+    let policy = common::unique_owner("stale-policy");
+    let policy = &policy[policy.len().saturating_sub(60)..];
+    // The thread reads once an hour: only `sync_feed` and the writes read.
+    let keyring = Keyring::builder(feed.clone(), common::local_kek())
+        .clock(clock.clone())
+        .rollout(Rollout::Nobody)
+        .rollout_policy(policy)
+        .feed_interval(Duration::from_secs(3_600))
+        .feed_max_staleness(Duration::from_secs(60))
+        .build()
+        .expect("following keyring");
+    let owner = common::unique_owner("stale-off");
+    let t = |n: u32| format!("{}-{n}", &owner[owner.len() - 20..]);
+    // Fresh: a flag-off row is written unsealed.
+    insert_cases(&mut conn, &keyring, &[case(&owner, &t(1), "Doe")]);
+    assert_eq!(raw_column(&mut conn, &t(1), "patient_last").expect("v"), b"Doe".to_vec());
+    let old = load_one(&mut conn, &keyring, &t(1)).expect("loads");
+
+    // The feed cannot be read, and the keyring's clock passes the maximum
+    // staleness.
+    feed.set_down(true);
+    assert_eq!(keyring.sync_feed(), 0);
+    assert_eq!(keyring.feed_status().expect("following").read_failures, 1);
+    clock.advance(Duration::from_secs(61));
+
+    // Every write path that would store a plain value is refused.
+    let insert = Case::seal_all(&[case(&owner, &t(2), "Roe")], &keyring).map(drop).expect_err("stale: no unsealed insert");
+    assert!(matches!(insert, Error::FeedStale { .. }), "{insert:?}");
+    assert!(insert.to_string().contains(&owner), "{insert}");
+    let mut new = old.clone();
+    new.procedure_code = "99213".into();
+    let update = new.changes(&old, &keyring).map(drop).expect_err("stale: no unsealed update");
+    assert!(matches!(update, Error::FeedStale { .. }), "{update:?}");
+    // (and, as before, seals)
+    let seal = keyring.seal(&"x".to_string(), &owner, TEXT, b"r").map(drop).expect_err("stale: no seal");
+    assert!(matches!(seal, Error::FeedStale { .. }), "{seal:?}");
+    // Reading goes on.
+    assert_eq!(load_one(&mut conn, &keyring, &t(1)).expect("opens").patient_last, "Doe");
+
+    // The feed is back: a read lifts the refusal.
+    feed.set_down(false);
+    keyring.sync_feed();
+    Case::seal_all(&[case(&owner, &t(2), "Roe")], &keyring).expect("fresh again: writes");
+    new.changes(&old, &keyring).expect("fresh again: updates");
+}

@@ -225,3 +225,114 @@ fn a_following_keyring_records_its_read_position_and_forgets_it_when_dropped() {
         "a dropped keyring's reader is forgotten"
     );
 }
+
+/// Appends an event of kind `kind` (any text) for `owner` as a newer build
+/// of phi would: the head first, in one transaction.
+fn append_raw(conn: &mut Conn, kind: &str, owner: Option<&str>) -> QueryResult<i64> {
+    use phi::schema::{phi_key_events as e, phi_key_feed as f};
+    conn.transaction(|conn| {
+        diesel::update(f::table.filter(f::id.eq(1))).set(f::head.eq(f::head + 1)).execute(conn)?;
+        let id: i64 = f::table.filter(f::id.eq(1)).select(f::head).first(conn)?;
+        diesel::insert_into(e::table)
+            .values((
+                e::id.eq(id),
+                e::occurred_at.eq(chrono::Utc::now().naive_utc()),
+                e::kind.eq(kind),
+                e::owner_id.eq(owner),
+                e::actor.eq("a-newer-build"),
+            ))
+            .execute(conn)?;
+        Ok(id)
+    })
+}
+
+#[test]
+fn an_event_of_an_unknown_kind_drops_its_owner_and_the_events_after_it_are_applied() {
+    let db = TestDb::new();
+    let admin = db.keyring();
+    let policy = common::unique_owner("policy");
+    let policy = &policy[policy.len().saturating_sub(60)..];
+    // Read by hand (`sync_feed`): the thread reads once an hour.
+    let follower = Keyring::builder(db.store(), common::local_kek())
+        .feed_interval(Duration::from_secs(3_600))
+        .rollout_policy(policy)
+        .build()
+        .expect("following keyring");
+    let shredded = common::unique_owner("unknown-shred");
+    let named = common::unique_owner("unknown-named");
+    let anyone = common::unique_owner("unknown-anyone");
+    for owner in [&shredded, &named, &anyone] {
+        follower.seal(&"Doe".to_string(), owner, TEXT, b"r").expect("cached");
+    }
+
+    // A newer build appends a kind this one does not know, then a shred.
+    let mut conn = db.conn();
+    let unknown = append_raw(&mut conn, "quarantine", Some(&named)).expect("the schema takes a kind it does not list");
+    lifecycle::shred(&mut conn, &admin, &shredded, &[], 0).expect("shred");
+    let head = lifecycle::feed_head(admin.store().as_ref()).expect("head");
+
+    // Read back as an unknown kind, its text kept.
+    let read = events_of(admin.store().as_ref(), unknown - 1, &named);
+    assert_eq!(read.len(), 1, "{read:?}");
+    assert_eq!((read[0].id, read[0].event.kind, read[0].stored_kind.as_str()), (unknown, KeyEventKind::Unknown, "quarantine"));
+
+    let before = follower.stats().unwraps;
+    follower.sync_feed();
+    let status = follower.feed_status().expect("following");
+    assert!(status.position >= head, "the position passes the unknown event and the shred: {status:?}");
+    assert_eq!(status.read_failures, 0, "the batch did not fail");
+    // The shred after it was applied.
+    let refused = follower.seal(&"Doe".to_string(), &shredded, TEXT, b"r").expect_err("shredded");
+    assert!(matches!(refused, Error::Shredded { .. }), "{refused:?}");
+    // The owner it named was dropped: its keys are unwrapped again.
+    follower.keys_for_seal(&named).expect("keys again");
+    assert_eq!(follower.stats().unwraps, before + 1, "the named owner was dropped and reloaded");
+    // No staleness follows: writes go on.
+    follower.seal(&"Roe".to_string(), &anyone, TEXT, b"r").expect("seals");
+
+    // An unknown kind naming no owner drops every owner.
+    append_raw(&mut conn, "quarantine", None).expect("a fleet-wide unknown event");
+    follower.sync_feed();
+    let before = follower.stats().unwraps;
+    follower.keys_for_seal(&anyone).expect("keys again");
+    assert_eq!(follower.stats().unwraps, before + 1, "every owner was dropped");
+    assert_eq!(follower.feed_status().expect("following").read_failures, 0);
+
+    // The schema still refuses an empty kind; phi never writes an unknown one.
+    assert!(append_raw(&mut conn, "", Some(&named)).is_err(), "an empty kind is refused");
+    let refused = admin
+        .store()
+        .append_key_events(&[phi::feed::KeyEvent::new(KeyEventKind::Unknown, Some(&named), "test")], &[])
+        .expect_err("an unknown kind is not written");
+    assert!(matches!(refused, Error::InvalidInput { .. }), "{refused:?}");
+}
+
+#[test]
+fn a_keyring_built_with_no_feed_configuration_follows_the_feed() {
+    let db = TestDb::new();
+    let admin = db.keyring();
+    let owner = common::unique_owner("default-follow");
+    // Built with no feed configuration at all.
+    let default = Keyring::builder(db.store(), common::local_kek()).build().expect("keyring");
+    let opted_out = Keyring::builder(db.store(), common::local_kek()).without_feed().build().expect("keyring");
+    assert!(opted_out.feed_status().is_none(), "without_feed opts out");
+    let status = default.feed_status().expect("follows by default");
+    assert_eq!(status.interval, phi::DEFAULT_FEED_INTERVAL);
+    let sealed = default.seal(&"Doe".to_string(), &owner, TEXT, b"r").expect("seals");
+    opted_out.keys_for_seal(&owner).expect("cached too");
+
+    let mut conn = db.conn();
+    lifecycle::shred(&mut conn, &admin, &owner, &[], 0).expect("shred");
+    let head = lifecycle::feed_head(admin.store().as_ref()).expect("head");
+    // The keyring's own thread reads the feed within its interval.
+    assert!(
+        wait_until(Duration::from_secs(20), || default.feed_status().is_some_and(|s| s.position >= head)),
+        "the default keyring reads the shred: {:?}",
+        default.feed_status()
+    );
+    let refused = default.seal(&"Roe".to_string(), &owner, TEXT, b"r").expect_err("shredded");
+    assert!(matches!(refused, Error::Shredded { .. }), "{refused:?}");
+    assert!(default.open::<String>(sealed.clone(), &owner, TEXT, b"r").is_err(), "opens nothing");
+    // The opted-out keyring still serves its cached keys (until its TTL).
+    assert_eq!(opted_out.open::<String>(sealed, &owner, TEXT, b"r").expect("cached"), "Doe");
+}

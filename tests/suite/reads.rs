@@ -95,6 +95,8 @@ impl ReadOnlyLogin {
                 vec![
                     format!("CREATE ROLE {name} LOGIN"),
                     format!("GRANT SELECT ON user_encryption_keys, encryption_key_audit, kek_check_values TO {name}"),
+                    // A keyring follows the key-event feed by default.
+                    format!("GRANT SELECT ON phi_key_feed, phi_key_events, phi_rollout, phi_rollout_owners TO {name}"),
                 ],
                 vec![format!("DROP OWNED BY {name}"), format!("DROP ROLE {name}")],
             )
@@ -106,6 +108,11 @@ impl ReadOnlyLogin {
                     format!("GRANT SELECT ON {database}.user_encryption_keys TO {user}"),
                     format!("GRANT SELECT ON {database}.encryption_key_audit TO {user}"),
                     format!("GRANT SELECT ON {database}.kek_check_values TO {user}"),
+                    // A keyring follows the key-event feed by default.
+                    format!("GRANT SELECT ON {database}.phi_key_feed TO {user}"),
+                    format!("GRANT SELECT ON {database}.phi_key_events TO {user}"),
+                    format!("GRANT SELECT ON {database}.phi_rollout TO {user}"),
+                    format!("GRANT SELECT ON {database}.phi_rollout_owners TO {user}"),
                 ],
                 vec![format!("DROP USER {user}")],
             )

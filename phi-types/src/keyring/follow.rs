@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use super::{Inner, Keyring};
+use super::{Clock, Inner, Keyring};
 use crate::error::{Error, Result};
 use crate::feed::{FeedEvent, FeedListener, KeyEventKind};
 use crate::store::KeyStore;
@@ -48,7 +48,7 @@ pub struct FeedStatus {
     pub position: i64,
     /// How often the feed is read.
     pub interval: Duration,
-    /// Past this long without a successful read, sealing is refused.
+    /// Past this long without a successful read, writing is refused.
     pub max_staleness: Duration,
     /// Time since the last successful read of the feed.
     pub stale_for: Duration,
@@ -68,7 +68,13 @@ pub(super) struct Follower {
     pub(super) interval: Duration,
     pub(super) max_staleness: Duration,
     position: AtomicI64,
+    /// The keyring's clock: staleness is measured on it.
+    clock: Arc<dyn Clock>,
+    /// When the feed was last read successfully, on `clock`.
     last_ok: Mutex<Instant>,
+    /// When a read last failed (the system's clock): a stale keyring's
+    /// writes read the feed again at most once per interval after it.
+    last_failure: Mutex<Option<Instant>>,
     applied: AtomicU64,
     failures: AtomicU64,
     stop: Mutex<bool>,
@@ -87,12 +93,15 @@ impl Follower {
         max_staleness: Duration,
         head: i64,
         reader: String,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Follower {
             interval,
             max_staleness,
             position: AtomicI64::new(head),
-            last_ok: Mutex::new(Instant::now()),
+            last_ok: Mutex::new(clock.now()),
+            clock,
+            last_failure: Mutex::new(None),
             applied: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             stop: Mutex::new(false),
@@ -109,7 +118,35 @@ impl Follower {
     }
 
     pub(super) fn stale_for(&self) -> Duration {
-        self.last_ok().elapsed()
+        let last_ok = *self.last_ok();
+        self.clock.now().saturating_duration_since(last_ok)
+    }
+
+    /// Records a successful read, now.
+    fn read_ok(&self) {
+        *self.last_ok() = self.clock.now();
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Records a failed read, now.
+    fn read_failed(&self) {
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Whether a stale keyring's write may read the feed itself: unless a
+    /// read failed less than an interval ago (a feed that is down is not
+    /// queried by every write).
+    pub(super) fn may_catch_up(&self) -> bool {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none_or(|at| at.elapsed() >= self.interval)
     }
 
     pub(super) fn status(&self) -> FeedStatus {
@@ -125,7 +162,7 @@ impl Follower {
         }
     }
 
-    /// Refuses sealing for `owner` past the maximum staleness.
+    /// Refuses writing for `owner` past the maximum staleness.
     pub(super) fn check_fresh(&self, owner: &str) -> Result<()> {
         let stale_for = self.stale_for();
         if stale_for > self.max_staleness {
@@ -285,7 +322,7 @@ impl Keyring {
                 });
             match read {
                 Ok(n) => {
-                    *follower.last_ok() = Instant::now();
+                    follower.read_ok();
                     crate::metrics::feed_read(follower.position.load(Ordering::SeqCst), n);
                     if n < EVENTS_PER_READ {
                         follower.record(self.inner.store.as_ref());
@@ -293,6 +330,7 @@ impl Keyring {
                     }
                 }
                 Err(error) => {
+                    follower.read_failed();
                     follower.failures.fetch_add(1, Ordering::Relaxed);
                     let stale_for = follower.stale_for();
                     crate::metrics::feed_failed(stale_for);
@@ -302,11 +340,11 @@ impl Keyring {
                         stale_seconds = stale_for.as_secs_f64(),
                         max_staleness_seconds = follower.max_staleness.as_secs_f64(),
                         position = follower.position.load(Ordering::SeqCst),
-                        refusing_seals = refusing,
+                        refusing_writes = refusing,
                         "cannot read the key-event feed: serving from the cache, {:.1} s stale{}",
                         stale_for.as_secs_f64(),
                         if refusing {
-                            "; sealing is refused until the feed is read again"
+                            "; writing is refused until the feed is read again"
                         } else {
                             ""
                         }
@@ -319,11 +357,19 @@ impl Keyring {
 
     /// Applies one event. A failure leaves the position before it: it is
     /// applied again at the next read.
+    ///
+    /// An event of a kind this build does not know (a newer build's, during
+    /// a rolling upgrade) is applied conservatively, as a cache clear of
+    /// the owner it names, or of every owner when it names none: whatever
+    /// the newer build meant, the next use reloads from the key store,
+    /// which is always right. It is counted and logged, and reading goes
+    /// on: an event that cannot be understood must never stop the events
+    /// after it (a shred among them) from being applied.
     fn apply(&self, feed: &FeedEvent) -> Result<()> {
         let event = &feed.event;
         tracing::debug!(
             id = feed.id,
-            kind = %event.kind,
+            kind = %feed.stored_kind,
             owner = event
                 .owner_id
                 .as_deref()
@@ -334,6 +380,26 @@ impl Keyring {
             (KeyEventKind::Rollout, _) => {
                 if let Some(rollout) = self.inner.store.fleet_rollout(&self.inner.rollout_policy)? {
                     self.set_rollout(rollout);
+                }
+            }
+            (KeyEventKind::Unknown, owner) => {
+                ::metrics::counter!(crate::metrics::FEED_UNKNOWN_EVENTS_TOTAL).increment(1);
+                tracing::warn!(
+                    id = feed.id,
+                    kind = ?feed.stored_kind,
+                    owner = owner.map(|o| tracing::field::display(self.owner_for_telemetry(o))),
+                    "a key event of a kind this build does not know: {}",
+                    if owner.is_some() {
+                        "dropping the owner's cached keys and reading on"
+                    } else {
+                        "dropping every owner's cached keys and reading on"
+                    }
+                );
+                match owner {
+                    Some(owner) => {
+                        self.clear(owner);
+                    }
+                    None => self.clear_all(),
                 }
             }
             (_, Some(owner)) => {

@@ -351,6 +351,18 @@ impl Drop for Inner {
     }
 }
 
+/// Whether a keyring follows the key-event feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FeedChoice {
+    /// Where the store has a feed ([`KeyStore::has_feed`](crate::KeyStore::has_feed)), every
+    /// [`DEFAULT_FEED_INTERVAL`].
+    Default,
+    /// Every interval, whatever the store says.
+    Follow(Duration),
+    /// Never ([`KeyringBuilder::without_feed`]).
+    Off,
+}
+
 /// Configures a [`Keyring`]; from [`Keyring::builder`].
 #[must_use]
 pub struct KeyringBuilder {
@@ -366,7 +378,7 @@ pub struct KeyringBuilder {
     audit_queue: usize,
     parallel_min_rows: usize,
     rollout_policy: String,
-    feed_interval: Option<Duration>,
+    feed: FeedChoice,
     feed_max_staleness: Duration,
     name: String,
     owner_telemetry: OwnerIdTelemetry,
@@ -462,29 +474,61 @@ impl KeyringBuilder {
     /// roll-out policy, reading the feed every
     /// [`DEFAULT_FEED_INTERVAL`] (see [`feed_interval`](Self::feed_interval)).
     ///
+    /// **This is the default** over a store that keeps the feed
+    /// ([`KeyStore::has_feed`](crate::KeyStore::has_feed): a [`DieselKeyStore`](crate::DieselKeyStore),
+    /// whose migrations create its tables), so that a shred, a rotation or
+    /// a roll-out change made anywhere reaches every process without
+    /// configuration; [`without_feed`](Self::without_feed) opts out. Called
+    /// explicitly, it also follows a store that does not say it has a feed
+    /// (a [`MemoryKeyStore`](crate::MemoryKeyStore) shared in one process),
+    /// and [`build`](Self::build) fails when the store cannot be read as
+    /// one.
+    ///
     /// A thread of the keyring's reads the events after its position (the
     /// feed's head when it is built) with one query per interval and
     /// applies each: a shredded, rotated, retired or rewrapped owner and a
     /// cleared owner are dropped from the cache (the next use loads them
     /// from the key store: a shredded owner then refuses to seal and opens
     /// nothing); a fleet-wide clear drops every owner; a roll-out change
-    /// is read from `phi_rollout` and applied. At build the stored roll-out
-    /// policy, if one was ever set, replaces [`rollout`](Self::rollout).
+    /// is read from `phi_rollout` and applied; an event of a kind this
+    /// build does not know drops the owner it names, or every owner. At
+    /// build the stored roll-out policy, if one was ever set, replaces
+    /// [`rollout`](Self::rollout). The thread stops when the last clone of
+    /// the keyring is dropped (dropping never waits for it).
     ///
     /// When the feed cannot be read the keyring keeps serving from its
     /// cache; each failure is logged with how stale the keyring is and
     /// counted (`phi_feed_read_errors_total`, `phi_feed_staleness_seconds`).
     /// Past [`feed_max_staleness`](Self::feed_max_staleness) without a
-    /// successful read, every seal is refused with [`Error::FeedStale`]:
-    /// which owners another process shredded, rotated or moved out of the
+    /// successful read (measured on the keyring's [`clock`](Self::clock)),
+    /// every write is refused with [`Error::FeedStale`]: seals, and the
+    /// writes of a model with an encrypted flag that would store a row
+    /// unsealed because the roll-out leaves its owner out. Which owners
+    /// another process shredded, rotated or moved into or out of the
     /// roll-out meanwhile is exactly what the keyring cannot know, so it
     /// refuses for all of them rather than seal under a destroyed or
-    /// superseded key. Opening goes on: refusing reads would turn a feed
-    /// outage into an application outage, and a shredded owner's values
-    /// still stop opening once the cached keys are dropped (on the next
-    /// successful read, or when their TTL expires).
+    /// superseded key or write plaintext for an owner the fleet now seals.
+    /// Before refusing, a stale keyring reads the feed once on the calling
+    /// thread (at most once per interval after a failed read): a feed that
+    /// is back lifts the refusal at once. Opening goes on: refusing reads
+    /// would turn a feed outage into an application outage, and a shredded
+    /// owner's values still stop opening once the cached keys are dropped
+    /// (on the next successful read, or when their TTL expires).
     pub fn follow_feed(mut self) -> Self {
-        self.feed_interval.get_or_insert(DEFAULT_FEED_INTERVAL);
+        if !matches!(self.feed, FeedChoice::Follow(_)) {
+            self.feed = FeedChoice::Follow(DEFAULT_FEED_INTERVAL);
+        }
+        self
+    }
+
+    /// Does not follow the key-event feed, even over a store that has one
+    /// (see [`follow_feed`](Self::follow_feed), the default there). Such a
+    /// keyring learns of another process's shred, rotation or roll-out
+    /// change only when its cached keys expire ([`ttl`](Self::ttl), 24 h by
+    /// default): for one-shot tools and tests that must start no thread,
+    /// not for a long-running process sharing the key store.
+    pub fn without_feed(mut self) -> Self {
+        self.feed = FeedChoice::Off;
         self
     }
 
@@ -492,7 +536,7 @@ impl KeyringBuilder {
     /// reading it every `interval`: a change made anywhere in the fleet
     /// reaches this keyring within about `interval` plus one query.
     pub fn feed_interval(mut self, interval: Duration) -> Self {
-        self.feed_interval = Some(interval);
+        self.feed = FeedChoice::Follow(interval);
         self
     }
 
@@ -628,7 +672,12 @@ impl KeyringBuilder {
             )));
         }
         let mut rollout = self.rollout;
-        let follower = match self.feed_interval {
+        let interval = match self.feed {
+            FeedChoice::Follow(interval) => Some(interval),
+            FeedChoice::Default if self.store.has_feed() => Some(DEFAULT_FEED_INTERVAL),
+            FeedChoice::Default | FeedChoice::Off => None,
+        };
+        let follower = match interval {
             None => None,
             Some(interval) => {
                 if interval.is_zero() {
@@ -655,7 +704,18 @@ impl KeyringBuilder {
                 };
                 // The head first: a change committed after it is read
                 // again, never missed.
-                let head = self.store.feed_head()?;
+                let head = self.store.feed_head().map_err(|error| {
+                    if matches!(self.feed, FeedChoice::Default) {
+                        Error::Config(format!(
+                            "cannot read the key-event feed, which a keyring follows by default \
+                             (are phi's migrations run, and may this login read phi_key_feed, \
+                             phi_key_events and phi_rollout?); opt out with \
+                             KeyringBuilder::without_feed: {error}"
+                        ))
+                    } else {
+                        error
+                    }
+                })?;
                 if let Some(stored) = self.store.fleet_rollout(&self.rollout_policy)? {
                     rollout = stored;
                 }
@@ -665,6 +725,7 @@ impl KeyringBuilder {
                         self.feed_max_staleness,
                         head,
                         reader,
+                        self.clock.clone(),
                     )),
                     listener,
                 ))
@@ -725,7 +786,7 @@ impl Keyring {
             audit_queue: DEFAULT_AUDIT_QUEUE,
             parallel_min_rows: PARALLEL_MIN_ROWS,
             rollout_policy: DEFAULT_ROLLOUT_POLICY.to_owned(),
-            feed_interval: None,
+            feed: FeedChoice::Default,
             feed_max_staleness: DEFAULT_FEED_MAX_STALENESS,
             name: DEFAULT_KEYRING_NAME.to_owned(),
             owner_telemetry: OwnerIdTelemetry::default(),
@@ -836,8 +897,48 @@ impl Keyring {
         self.resolve_many(owners, Purpose::Seal, false)
     }
 
-    /// Refuses sealing past the feed's maximum staleness.
+    /// Refuses writing past the feed's maximum staleness. A stale keyring
+    /// first reads the feed once on this thread (unless a read failed
+    /// within the last interval): a feed that is back lifts the refusal.
     pub(crate) fn check_feed(&self, owner: &str) -> Result<()> {
+        let Some(follower) = &self.inner.follower else {
+            return Ok(());
+        };
+        if follower.check_fresh(owner).is_ok() {
+            return Ok(());
+        }
+        if follower.may_catch_up() {
+            self.read_feed_now();
+        }
+        follower.check_fresh(owner)
+    }
+
+    /// Whether a write of a model with an encrypted flag seals `owner`'s
+    /// row under the roll-out policy ([`encrypts_for`](Self::encrypts_for)),
+    /// refusing when the keyring follows the key-event feed and is past its
+    /// maximum staleness: then the roll-out it would go by may be out of
+    /// date, and a row written unsealed for an owner the fleet has moved
+    /// into the roll-out is plaintext where ciphertext was expected. The
+    /// derive's write paths ask this.
+    ///
+    /// # Errors
+    /// [`Error::FeedStale`] past the maximum staleness, whatever the answer
+    /// would have been.
+    pub fn encrypts_for_write(&self, owner: &str) -> Result<bool> {
+        self.check_feed(owner)?;
+        Ok(self.encrypts_for(owner))
+    }
+
+    /// [`encrypts_for_write`](Self::encrypts_for_write) for async code: a
+    /// stale keyring refuses without reading the feed on the calling task
+    /// (its thread reads it).
+    pub(crate) fn encrypts_for_write_nonblocking(&self, owner: &str) -> Result<bool> {
+        self.check_feed_nonblocking(owner)?;
+        Ok(self.encrypts_for(owner))
+    }
+
+    /// [`check_feed`](Self::check_feed) without the read: for async code.
+    pub(crate) fn check_feed_nonblocking(&self, owner: &str) -> Result<()> {
         match &self.inner.follower {
             Some(follower) => follower.check_fresh(owner),
             None => Ok(()),
@@ -845,7 +946,8 @@ impl Keyring {
     }
 
     /// Where this keyring stands in the key-event feed, when it follows it
-    /// ([`KeyringBuilder::follow_feed`]).
+    /// ([`KeyringBuilder::follow_feed`], the default over a store with a
+    /// feed); `None` when it does not.
     pub fn feed_status(&self) -> Option<FeedStatus> {
         self.inner.follower.as_ref().map(|f| f.status())
     }
@@ -1334,7 +1436,11 @@ impl Keyring {
                     .entered();
                     Input::Generated(kek.generate(&owner, version))
                 }
-                Io::Insert(row) => Input::Inserted(self.inner.store.insert_key_if_absent(&row)),
+                Io::Insert { row, record } => Input::Inserted(resolve::insert_key(
+                    self.inner.store.as_ref(),
+                    &row,
+                    &record,
+                )),
                 Io::Record { unwraps, generated } => {
                     self.inner.audit.push(unwraps);
                     Input::Recorded(if generated.is_empty() {

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::resolve::{Input, Io, Step};
+use super::resolve::{self, Input, Io, Step};
 use super::{Keyring, OwnerKeys, Purpose, usable};
 use crate::error::{Error, Result};
 
@@ -37,7 +37,7 @@ impl Keyring {
     /// # Errors
     /// As [`keys_for_seal`](Self::keys_for_seal).
     pub async fn keys_for_seal_async(&self, owner: &str) -> Result<Arc<OwnerKeys>> {
-        self.check_feed(owner)?;
+        self.check_feed_nonblocking(owner)?;
         self.resolve_one_async(owner, Purpose::Seal, false).await
     }
 
@@ -86,7 +86,7 @@ impl Keyring {
     ) -> Result<HashMap<String, Arc<OwnerKeys>>> {
         let owners: Vec<&str> = owners.into_iter().collect();
         if let Some(first) = owners.first() {
-            self.check_feed(first)?;
+            self.check_feed_nonblocking(first)?;
         }
         self.resolve_many_async(owners, Purpose::Seal, false).await
     }
@@ -148,7 +148,7 @@ impl Keyring {
         seal: bool,
     ) -> Result<Arc<OwnerKeys>> {
         if seal {
-            self.check_feed(owner)?;
+            self.check_feed_nonblocking(owner)?;
             self.resolve_one_async(owner, Purpose::Seal, true).await
         } else {
             self.resolve_one_async(owner, Purpose::Open, true).await
@@ -246,10 +246,10 @@ impl Keyring {
                             .await;
                     resolution.step(Some(Input::Generated(generated)))
                 }
-                Io::Insert(row) => {
+                Io::Insert { row, record } => {
                     let store = self.inner.store.clone();
                     let inserted = blocking("storing a new data key", move || {
-                        store.insert_key_if_absent(&row)
+                        resolve::insert_key(store.as_ref(), &row, &record)
                     })
                     .await;
                     resolution.step(Some(Input::Inserted(inserted)))

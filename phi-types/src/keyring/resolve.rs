@@ -74,10 +74,14 @@ pub(super) enum Io {
         owner: String,
         version: u32,
     },
-    /// Insert this key row unless one exists
-    /// ([`crate::KeyStore::insert_key_if_absent`]); answer
-    /// [`Input::Inserted`].
-    Insert(StoredKey),
+    /// Insert this key row unless one exists, and when it was inserted
+    /// write its `generate` record in the same call ([`insert_key`]): an
+    /// async caller dropped while the insert runs never leaves a key
+    /// without its record. Answer [`Input::Inserted`].
+    Insert {
+        row: StoredKey,
+        record: AuditEvent,
+    },
     /// Queue the `unwrap` records for the background writer, and write the
     /// `generate` records now (when there are any); answer
     /// [`Input::Recorded`] with the write's outcome.
@@ -700,15 +704,19 @@ impl Create {
                     let row = StoredKey::active(owner, version, kek.id(), wrapped);
                     core.count_query();
                     self.stage = CreateStage::Inserting(created);
-                    return Ok(Created::Io(Io::Insert(row)));
+                    return Ok(Created::Io(Io::Insert {
+                        row,
+                        record: core.event(owner, AuditAction::Generate, version, kek.id()),
+                    }));
                 }
                 CreateStage::Inserting(created) => {
                     let Some(Input::Inserted(inserted)) = input.take() else {
                         unreachable!("an insert is answered with its outcome")
                     };
                     if inserted? {
+                        // Its `generate` record was written with it.
+                        core.count_query();
                         core.counters.creations.fetch_add(1, Ordering::Relaxed);
-                        audit.push(core.event(owner, AuditAction::Generate, version, kek.id()));
                         tracing::info!(
                             owner = %core.owner_telemetry.render(owner),
                             version,
@@ -1047,3 +1055,19 @@ mod tests {
         release.send(()).expect("the parked load");
     }
 }
+/// Inserts a new data key row unless one exists and, when this call
+/// inserted it, writes its `generate` record: the one IO both drivers run
+/// for [`Io::Insert`] (the async one on a blocking task that runs to its
+/// end even when its caller is dropped).
+pub(super) fn insert_key(
+    store: &dyn crate::KeyStore,
+    row: &StoredKey,
+    record: &AuditEvent,
+) -> Result<bool> {
+    let inserted = store.insert_key_if_absent(row)?;
+    if inserted {
+        store.append_audit(std::slice::from_ref(record))?;
+    }
+    Ok(inserted)
+}
+

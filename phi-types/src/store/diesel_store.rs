@@ -814,6 +814,7 @@ macro_rules! diesel_key_store {
 
             fn add_key_version(&self, key: &StoredKey, audit: &AuditEvent, event: &KeyEvent) -> Result<bool> {
                 use user_encryption_keys::dsl as k;
+                crate::feed::check_writable(std::slice::from_ref(event))?;
                 crate::metrics::store_query("add_key_version", || {
                     let mut conn = self.conn()?;
                     let inserted = (*conn).$transaction(|conn| -> diesel::QueryResult<bool> {
@@ -849,6 +850,7 @@ macro_rules! diesel_key_store {
             }
 
             fn append_key_events(&self, events: &[KeyEvent], audit: &[AuditEvent]) -> Result<i64> {
+                crate::feed::check_writable(events)?;
                 crate::metrics::store_query("append_key_events", || {
                     let mut conn = self.conn()?;
                     (*conn)
@@ -873,6 +875,10 @@ macro_rules! diesel_key_store {
                         .map_err(|e| Error::store("reading key events", e))?;
                     rows.into_iter().map(feed_record).collect()
                 })
+            }
+
+            fn has_feed(&self) -> bool {
+                true
             }
 
             fn feed_head(&self) -> Result<i64> {
@@ -937,6 +943,7 @@ macro_rules! diesel_key_store {
             ) -> Result<i64> {
                 use phi_rollout::dsl as r;
                 use phi_rollout_owners::dsl as o;
+                crate::feed::check_writable(std::slice::from_ref(event))?;
                 let (mode, owners): (&str, Vec<&str>) = match rollout {
                     Rollout::All => ("all", Vec::new()),
                     Rollout::Nobody => ("nobody", Vec::new()),
@@ -1065,6 +1072,14 @@ macro_rules! diesel_key_store {
             /// under the ids just taken. Returns the head afterwards.
             fn insert_events(conn: &mut $conn, events: &[KeyEvent]) -> diesel::QueryResult<i64> {
                 use phi_key_feed::dsl as f;
+                // The schema accepts any non-empty kind (a newer build's
+                // events must never be refused by an older schema): the
+                // kinds written are checked here.
+                if let Some(e) = events.iter().find(|e| !e.kind.is_writable()) {
+                    return Err(DieselError::QueryBuilderError(
+                        format!("a key event of kind {} cannot be written", e.kind).into(),
+                    ));
+                }
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
                 if n > 0 {
                     let updated = diesel::update(f::phi_key_feed.filter(f::id.eq(1)))
@@ -1239,21 +1254,20 @@ type EventRow = (
 fn feed_record(row: EventRow) -> Result<FeedEvent> {
     let (id, occurred_at, kind, owner_id, key_version, actor, detail) = row;
     let bad = |what: String| Error::store("reading phi_key_events", format!("event {id}: {what}"));
-    let kind = KeyEventKind::parse(&kind).ok_or_else(|| bad(format!("unknown kind {kind:?}")))?;
     let key_version = key_version
         .map(|v| u32::try_from(v).map_err(|_| bad(format!("key version {v} is out of range"))))
         .transpose()?;
-    Ok(FeedEvent {
-        id,
-        event: KeyEvent {
-            occurred_at,
-            kind,
-            owner_id,
-            key_version,
-            actor,
-            detail,
-        },
-    })
+    // A kind this build does not know is read as `Unknown` (with its text
+    // kept): a following keyring applies it conservatively and reads on.
+    let event = KeyEvent {
+        occurred_at,
+        kind: KeyEventKind::Unknown,
+        owner_id,
+        key_version,
+        actor,
+        detail,
+    };
+    Ok(FeedEvent::read(id, event, kind))
 }
 
 #[derive(Insertable)]

@@ -297,6 +297,7 @@ impl KeyStore for MemoryKeyStore {
         audit: &AuditEvent,
         event: &KeyEvent,
     ) -> Result<bool> {
+        crate::feed::check_writable(std::slice::from_ref(event))?;
         let mut inner = self.lock()?;
         let slot = (key.owner_id.clone(), key.version);
         if inner.keys.contains_key(&slot) {
@@ -309,6 +310,7 @@ impl KeyStore for MemoryKeyStore {
     }
 
     fn append_key_events(&self, events: &[KeyEvent], audit: &[AuditEvent]) -> Result<i64> {
+        crate::feed::check_writable(events)?;
         let mut inner = self.lock()?;
         inner.audit.extend_from_slice(audit);
         inner.events.extend_from_slice(events);
@@ -324,10 +326,7 @@ impl KeyStore for MemoryKeyStore {
             .enumerate()
             .skip(skip)
             .take(limit)
-            .map(|(i, e)| FeedEvent {
-                id: i64::try_from(i + 1).unwrap_or(i64::MAX),
-                event: e.clone(),
-            })
+            .map(|(i, e)| FeedEvent::new(i64::try_from(i + 1).unwrap_or(i64::MAX), e.clone()))
             .collect())
     }
 
@@ -346,6 +345,7 @@ impl KeyStore for MemoryKeyStore {
         event: &KeyEvent,
         audit: &[AuditEvent],
     ) -> Result<i64> {
+        crate::feed::check_writable(std::slice::from_ref(event))?;
         let mut inner = self.lock()?;
         inner.rollout.insert(policy.to_owned(), rollout.clone());
         inner.audit.extend_from_slice(audit);

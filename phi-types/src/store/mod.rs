@@ -474,6 +474,15 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         Err(unsupported("reading key events"))
     }
 
+    /// Whether this store keeps a key-event feed shared by every process
+    /// using it (the tables `phi_key_feed` and `phi_key_events`, created by
+    /// phi's migrations): keyrings over it then follow the feed by default
+    /// ([`KeyringBuilder::follow_feed`](crate::KeyringBuilder::follow_feed)).
+    /// `false` by default: a store that wraps another should forward it.
+    fn has_feed(&self) -> bool {
+        false
+    }
+
     /// The feed's head: the id of the last event appended (0: none yet).
     ///
     /// # Errors

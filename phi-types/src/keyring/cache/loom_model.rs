@@ -194,7 +194,7 @@ fn resolve(
             }
             Io::Record { .. } => Input::Recorded(Ok(())),
             Io::Wait(flight) => Input::Waited(flight.wait()),
-            Io::Generate { .. } | Io::Insert(_) | Io::Again(_) => {
+            Io::Generate { .. } | Io::Insert { .. } | Io::Again(_) => {
                 unreachable!("opening creates no key and is never resolved again")
             }
         });
