@@ -249,12 +249,16 @@ impl MigrateOptions {
     }
 
     /// Values stored before phi in an encrypted format of their own (a
-    /// Fernet token, a `v1:` text): [`backfill`] opens each flag-off value
-    /// `decoder` recognises and seals its plaintext; a value it recognises
-    /// but cannot open stops the job ([`Error::Legacy`], that batch rolled
-    /// back), and a dry run counts them per format
-    /// ([`MigrationReport::legacy`]). Without one, flag-off values are the
-    /// fields' plain encodings.
+    /// Fernet token, a `v1:` text): [`backfill`] opens a flag-off value
+    /// with `decoder` only when it was recorded as legacy in its own row,
+    /// column and owner before phi's writers ran ([`record_legacy`], the
+    /// generated migrations; see [`crate::legacy`]), and seals its
+    /// plaintext; a recorded value it recognises but cannot open stops the
+    /// job ([`Error::Legacy`], that batch rolled back), and a dry run
+    /// counts them per format ([`MigrationReport::legacy`]). Any other
+    /// value is the field's plain encoding; one that `decoder` recognises
+    /// is reported ([`MigrationReport::legacy_as_text`]). Without a
+    /// decoder, flag-off values are the fields' plain encodings.
     #[must_use]
     pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
         self.legacy = Some(decoder);
@@ -532,7 +536,8 @@ pub struct VerifyReport {
     /// Unsealed rows in the table.
     pub unsealed_total: u64,
     /// Rows with at least one problem, a value not in canonical form on
-    /// an unsealed row excepted (the backfill re-encodes it).
+    /// an unsealed row excepted (the backfill re-encodes it), and one that
+    /// looks legacy but is sealed as text ([`ProblemKind::LegacyAsText`]).
     pub failed: u64,
     /// Rows with at least one value not stored in its type's canonical
     /// encoding ([`ProblemKind::NotCanonical`]), sealed or not.
@@ -711,11 +716,13 @@ pub fn verify<M: Migratable, C: DataConnection>(
     verify_legacy::<M, C>(conn, keyring, sample, None, progress)
 }
 
-/// [`verify`], with the values of unsealed rows opened by `legacy` where
-/// it recognises them (see [`MigrateOptions::legacy`]): such a value that
-/// does not open, or whose plaintext does not decode as its field's type,
-/// is a failure ([`ProblemKind::Unreadable`]); the values found in each
-/// format are counted in [`VerifyReport::legacy`].
+/// [`verify`], with the recorded legacy values of unsealed rows opened by
+/// `legacy`, as the backfill opens them (see [`MigrateOptions::legacy`]):
+/// such a value that does not open, or whose plaintext does not decode as
+/// its field's type, is a failure ([`ProblemKind::Unreadable`]); the
+/// values found in each format are counted in [`VerifyReport::legacy`].
+/// A value that looks legacy but the backfill would seal as text is a
+/// notice ([`ProblemKind::LegacyAsText`], [`VerifyReport::legacy_as_text`]).
 ///
 /// # Errors
 /// As [`verify`].
@@ -757,6 +764,141 @@ pub fn decrypt_back_table<C: DataConnection>(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport> {
     migrate::<C>(t, conn, keyring, options, false, progress, &mut |_| Ok(()))
+}
+
+/// What [`record_legacy`] recorded.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default)]
+pub struct RecordReport {
+    /// The table.
+    pub table: &'static str,
+    /// Rows with the flag off that were read.
+    pub rows: u64,
+    /// Values the decoder recognised.
+    pub recognised: u64,
+    /// Of those, values recorded now (the others were recorded already,
+    /// by the generated migration or an earlier run).
+    pub recorded: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for RecordReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: read {} row(s) with the flag off; {} value(s) look legacy, {} recorded now ({} were already) ({:.1} s).",
+            self.table,
+            self.rows,
+            self.recognised,
+            self.recorded,
+            self.recognised - self.recorded,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Records, in `phi_legacy_values`, every flag-off value of `M`'s table
+/// that `decoder` [recognises](LegacyDecoder::recognises), with its
+/// column, row key and owner: the values [`backfill`] may then decode,
+/// and the only ones (see [`crate::legacy`]). The generated `in_place`
+/// and `shadow` migrations record the shipped formats themselves; run this
+/// for an application that adopts phi without them, or whose decoder
+/// reads a format of its own.
+///
+/// **Run it before any of phi's writers is deployed, and not again after
+/// they have written**: a value an application writes once phi runs is
+/// stored as it was given, and recording it would let a copied token
+/// decode. It refuses a table that holds a sealed row (a sign phi has
+/// written it); it cannot see a flag-off write of phi's. A value already
+/// recorded for its (column, row key) keeps its record.
+///
+/// # Errors
+/// [`Error::Refused`] when a row of the table is sealed;
+/// [`Error::Config`] when `phi_legacy_values` does not exist in this
+/// database (run phi's migrations on it,
+/// [`migrations::run_pending`](crate::migrations::run_pending));
+/// [`Error::Database`].
+pub fn record_legacy<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    decoder: &dyn LegacyDecoder,
+) -> Result<RecordReport> {
+    record_legacy_table(&M::stored_table(), conn, decoder)
+}
+
+/// [`record_legacy`] of the table `t` describes.
+///
+/// # Errors
+/// As [`record_legacy`].
+pub fn record_legacy_table<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    decoder: &dyn LegacyDecoder,
+) -> Result<RecordReport> {
+    t.validate()?;
+    let started = Instant::now();
+    let sealed = conn.migration_count(t, true)?;
+    if sealed > 0 {
+        return Err(Error::Refused {
+            operation: format!("recording the legacy values of {}", t.table),
+            owner: "*".into(),
+            reason: format!(
+                "{sealed} row(s) are sealed already, so phi's writers have run: values written since are stored \
+                 as they were given, and recording them would let a copied legacy token decode"
+            ),
+        });
+    }
+    if conn.count_legacy_records(t.table)?.is_none() {
+        return Err(Error::Config(format!(
+            "{}: the table phi_legacy_values does not exist in this database: run phi's migrations on it \
+             (phi_types::migrations::run_pending) or the generated adoption migration",
+            t.table
+        )));
+    }
+    let mut report = RecordReport {
+        table: t.table,
+        ..RecordReport::default()
+    };
+    let mut after: Option<SqlValue> = None;
+    loop {
+        let query = RowsQuery {
+            sealed: false,
+            after: after.as_ref(),
+            limit: DEFAULT_BATCH,
+            random: false,
+        };
+        let rows = conn.migration_rows(t, &query, true)?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut records = Vec::new();
+        for row in &rows {
+            for (c, value) in t.columns.iter().zip(&row.values) {
+                if let Some(stored) = value
+                    && decoder.recognises(stored)
+                {
+                    records.push(LegacyRecord {
+                        column: c.column.to_owned(),
+                        row_key: row.key_text(),
+                        owner: row.owner.clone(),
+                        stored: stored.clone(),
+                    });
+                }
+            }
+        }
+        report.rows += rows.len() as u64;
+        report.recognised += records.len() as u64;
+        report.recorded += conn.insert_legacy_records(t.table, &records)?;
+        after = rows.last().map(|r| r.key.clone());
+    }
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        table = t.table,
+        recognised = report.recognised,
+        recorded = report.recorded,
+        "phi legacy values recorded"
+    );
+    Ok(report)
 }
 
 /// Rows of the table `t` describes whose encrypted flag is on (`sealed`)

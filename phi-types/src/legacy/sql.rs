@@ -1,4 +1,6 @@
-//! The database's own guard: a sealed row's encrypted values are envelopes.
+//! The database's own guard (a sealed row's encrypted values are
+//! envelopes), and the SQL that records legacy values before phi's writers
+//! run.
 
 use std::fmt;
 
