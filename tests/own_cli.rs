@@ -596,11 +596,15 @@ fn import_legacy_through_the_own_command(db: &Db) {
         "{dry}"
     );
     assert_eq!(dry["tables"][0]["rows"].as_i64(), Some(7), "{dry}");
-    assert_eq!(dry["tables"][0]["legacy_as_text"].as_i64(), Some(1), "{dry}");
+    assert_eq!(
+        dry["tables"][0]["legacy_as_text"].as_i64(),
+        Some(1),
+        "{dry}"
+    );
     assert!(
-        dry["tables"][0]["problems"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["kind"] == "LegacyAsText" && p["row_key"] == "7")),
+        dry["tables"][0]["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["kind"] == "LegacyAsText" && p["row_key"] == "7")),
         "{dry}"
     );
     let only_primary = [
@@ -662,7 +666,11 @@ fn import_legacy_through_the_own_command(db: &Db) {
         "{done}"
     );
     assert_eq!(db.flag(true), 7);
-    assert_eq!(done["tables"][0]["legacy_as_text"].as_i64(), Some(1), "{done}");
+    assert_eq!(
+        done["tables"][0]["legacy_as_text"].as_i64(),
+        Some(1),
+        "{done}"
+    );
     let overheads: Vec<i64> = rows
         .iter()
         .map(|(id, (_, plain))| {

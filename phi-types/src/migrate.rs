@@ -1753,7 +1753,8 @@ enum Stored {
 
 const UNRECORDED: &str = "looks like a legacy ciphertext but was not recorded as one before phi's writers ran \
      (written since, or copied from another row or owner): sealed as the text it is, not decoded";
-const NOT_WELL_FORMED: &str = "was recorded as legacy but is not well formed in its format: sealed as the text it is";
+const NOT_WELL_FORMED: &str =
+    "was recorded as legacy but is not well formed in its format: sealed as the text it is";
 const NO_DECODER: &str =
     "was recorded as legacy but no legacy decoder was given: sealed as the text it is";
 

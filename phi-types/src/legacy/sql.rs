@@ -263,14 +263,8 @@ pub(crate) fn table_record_sql(t: &StoredTable, dialect: Dialect) -> Result<Vec<
             (true, _) => format!("CAST({column} AS TEXT)"),
         }
     };
-    let key = as_text(
-        t.key_column,
-        t.key_type.is_some_and(|k| k.is_integer()),
-    );
-    let owner = as_text(
-        t.owner_column,
-        t.owner_type.is_some_and(|k| k.is_integer()),
-    );
+    let key = as_text(t.key_column, t.key_type.is_some_and(|k| k.is_integer()));
+    let owner = as_text(t.owner_column, t.owner_type.is_some_and(|k| k.is_integer()));
     let mut out = vec![legacy_values_ddl(dialect).to_owned()];
     for c in &t.columns {
         check_identifier("column", c.column, false)?;
@@ -293,4 +287,39 @@ pub(crate) fn table_record_sql(t: &StoredTable, dialect: Dialect) -> Result<Vec<
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table the generated migrations create is phi's migration's.
+    #[test]
+    fn the_recording_creates_the_table_phis_migration_creates() {
+        for (dialect, up) in [
+            (
+                Dialect::Postgres,
+                include_str!("../../migrations/postgres/2026-12-07-000003_legacy_values/up.sql"),
+            ),
+            (
+                Dialect::Mysql,
+                include_str!("../../migrations/mysql/2026-12-07-000003_legacy_values/up.sql"),
+            ),
+            (
+                Dialect::Sqlite,
+                include_str!("../../migrations/sqlite/2026-12-07-000003_legacy_values/up.sql"),
+            ),
+        ] {
+            let statement: String = up
+                .lines()
+                .filter(|l| !l.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert_eq!(
+                statement.trim().trim_end_matches(';'),
+                legacy_values_ddl(dialect),
+                "{dialect:?}"
+            );
+        }
+    }
 }

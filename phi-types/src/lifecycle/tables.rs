@@ -834,11 +834,8 @@ pub trait DataConnection: PhiConnection {
     /// The records of `table` in `phi_legacy_values` whose row key is one
     /// of `keys`.
     #[doc(hidden)]
-    fn legacy_records(
-        &mut self,
-        table: &'static str,
-        keys: &[String],
-    ) -> Result<Vec<LegacyRecord>>;
+    fn legacy_records(&mut self, table: &'static str, keys: &[String])
+    -> Result<Vec<LegacyRecord>>;
 
     /// Deletes the records of `table` whose row key is one of `keys`.
     #[doc(hidden)]
