@@ -815,6 +815,7 @@ pub trait DataConnection: PhiConnection {
     /// past the backend's bind limit), each row guarded by its key and its
     /// flag still being `sealed`.
     #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
     fn migration_batch(
         &mut self,
         table: &StoredTable,
