@@ -540,6 +540,25 @@ fn import_legacy_through_the_own_command(db: &Db) {
     fn with<'a>(command: &[&'a str], legacy: &[&'a str]) -> Vec<&'a str> {
         command.iter().chain(legacy).copied().collect()
     }
+    // Recorded before phi's writers run: the values the backfill decodes.
+    let recorded = db.json_env(&with(&["migration", "record-legacy"], &legacy), &env);
+    assert_eq!(
+        (
+            recorded["tables"][0]["recognised"].as_i64(),
+            recorded["tables"][0]["recorded"].as_i64()
+        ),
+        (Some(5), Some(5)),
+        "{recorded}"
+    );
+    // Then a note that merely looks legacy, written by the application
+    // (unrecorded): counted, reported, sealed as it is.
+    db.execute(&[&format!(
+        "INSERT INTO own_cli_notes (id, author, body, sealed) VALUES (7, 'writer-1', CAST('v1:Follow:Up' AS {binary}), FALSE)"
+    )]);
+    let rows: Vec<(i32, (String, String))> = rows
+        .into_iter()
+        .chain([(7, ("v1:Follow:Up".to_owned(), "v1:Follow:Up".to_owned()))])
+        .collect();
     let counts = |report: &Value| -> Vec<(String, i64, i64)> {
         report["tables"][0]["legacy"]
             .as_array()
@@ -576,7 +595,18 @@ fn import_legacy_through_the_own_command(db: &Db) {
         ],
         "{dry}"
     );
-    assert_eq!(dry["tables"][0]["rows"].as_i64(), Some(6), "{dry}");
+    assert_eq!(dry["tables"][0]["rows"].as_i64(), Some(7), "{dry}");
+    assert_eq!(
+        dry["tables"][0]["legacy_as_text"].as_i64(),
+        Some(1),
+        "{dry}"
+    );
+    assert!(
+        dry["tables"][0]["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["kind"] == "LegacyAsText" && p["row_key"] == "7")),
+        "{dry}"
+    );
     let only_primary = [
         ("ENCRYPTION_KEY", fernet_primary),
         ("NOTES_GCM_KEYS", gcm.as_str()),
@@ -586,12 +616,14 @@ fn import_legacy_through_the_own_command(db: &Db) {
     let (code, text, err) = db.run_env(&with(&["backfill", "--dry-run"], &legacy), &env);
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        text.contains("fernet") && text.contains("aes-gcm-versioned"),
+        text.contains("fernet")
+            && text.contains("aes-gcm-versioned")
+            && text.contains("1 value(s) look legacy"),
         "{text}"
     );
     never_printed(&text);
     never_printed(&err);
-    assert_eq!(db.flag(false), 6, "a dry run changes nothing");
+    assert_eq!(db.flag(false), 7, "a dry run changes nothing");
 
     // verify checks that the legacy values open.
     let verified = db.json_env(&with(&["verify"], &legacy), &env);
@@ -633,7 +665,12 @@ fn import_legacy_through_the_own_command(db: &Db) {
             .collect::<Vec<_>>(),
         "{done}"
     );
-    assert_eq!(db.flag(true), 6);
+    assert_eq!(db.flag(true), 7);
+    assert_eq!(
+        done["tables"][0]["legacy_as_text"].as_i64(),
+        Some(1),
+        "{done}"
+    );
     let overheads: Vec<i64> = rows
         .iter()
         .map(|(id, (_, plain))| {
@@ -655,9 +692,12 @@ fn import_legacy_through_the_own_command(db: &Db) {
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(
         verified["tables"][0]["sealed"].as_i64(),
-        Some(6),
+        Some(7),
         "{verified}"
     );
+    // Once a row is sealed, recording is refused (exit 3), nothing recorded.
+    let (code, _, err) = db.run_env(&with(&["migration", "record-legacy"], &legacy), &env);
+    assert_eq!(code, Some(3), "{err}");
 }
 
 #[test]

@@ -47,7 +47,7 @@ use diesel::sql_types::{Nullable, Text};
 
 use crate::error::{Error, Result};
 use crate::legacy::Dialect;
-use crate::legacy::sql::{is_envelope, quoted, table_check};
+use crate::legacy::sql::{is_envelope, quoted, table_check, table_record_sql};
 use crate::lifecycle::tables::{
     DataConnection, Migratable, StoredColumn, StoredTable, check_identifier,
 };
@@ -1431,6 +1431,27 @@ fn add_phi_columns(
     Ok(groups.into_iter().flatten().collect())
 }
 
+/// Records the values that look like legacy ciphertexts, as the table
+/// holds them before any phi writer runs: the only ones the backfill will
+/// decode ([`legacy::record_sql`](crate::legacy::record_sql)). `down.sql`
+/// leaves the records: applying `up.sql` again once phi's writers have run
+/// must not record what they wrote.
+fn record_legacy(up: &mut Script, d: Dialect, t: &StoredTable) -> Result<()> {
+    up.note(
+        "Legacy ciphertexts (Fernet, v1:) are recorded now, before phi's writers run: the backfill decodes \
+         only a value recorded in its own row, column and owner, so a token copied in later never decodes.",
+    );
+    for (i, statement) in table_record_sql(t, d)?.into_iter().enumerate() {
+        let cost = if i == 0 {
+            "Creates phi_legacy_values unless it exists (phi's migrations create it too)."
+        } else {
+            "Reads the whole table once; inserts one row per value that looks legacy."
+        };
+        up.stmt(cost, statement);
+    }
+    Ok(())
+}
+
 fn header(s: &mut Script, t: &StoredTable, d: Dialect, strategy: Strategy, what: &str) {
     s.note(&format!(
         "phi: {} migration of {} ({d:?}), generated from the model and the live table.\n{what}",
@@ -1599,6 +1620,7 @@ pub fn generate(
             }
             let owner_back = owner_byte_exact(&mut up, d, t, schema)?;
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
+            record_legacy(&mut up, d, t)?;
             for (cost, s) in undo {
                 down.stmt(&cost, s);
             }
@@ -1675,6 +1697,7 @@ pub fn generate(
             }
             let owner_back = owner_byte_exact(&mut up, d, t, schema)?;
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
+            record_legacy(&mut up, d, t)?;
             // After finalize's down and before decrypt-back, a shadow holds
             // the only copy of its value: dropping it then loses data.
             let only_copy = t

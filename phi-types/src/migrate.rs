@@ -130,12 +130,14 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
-use crate::legacy::{LegacyCount, LegacyDecoder, LegacyPlaintext, LegacyValue, Tally};
+use crate::legacy::{
+    LegacyCount, LegacyDecoder, LegacyErrorKind, LegacyPlaintext, LegacyValue, Tally,
+};
 pub use crate::lifecycle::tables::Migratable;
 #[doc(hidden)]
 pub use crate::lifecycle::tables::{CanonicalFn, StoredColumn, StoredTable};
 use crate::lifecycle::tables::{
-    ColumnType, DataConnection, MigrationRow, RowWrite, RowsQuery, SqlValue,
+    ColumnType, DataConnection, LegacyRecord, MigrationRow, RowWrite, RowsQuery, SqlValue,
 };
 use crate::sql::Encrypted;
 use crate::store::KeyState;
@@ -247,12 +249,16 @@ impl MigrateOptions {
     }
 
     /// Values stored before phi in an encrypted format of their own (a
-    /// Fernet token, a `v1:` text): [`backfill`] opens each flag-off value
-    /// `decoder` recognises and seals its plaintext; a value it recognises
-    /// but cannot open stops the job ([`Error::Legacy`], that batch rolled
-    /// back), and a dry run counts them per format
-    /// ([`MigrationReport::legacy`]). Without one, flag-off values are the
-    /// fields' plain encodings.
+    /// Fernet token, a `v1:` text): [`backfill`] opens a flag-off value
+    /// with `decoder` only when it was recorded as legacy in its own row,
+    /// column and owner before phi's writers ran ([`record_legacy`], the
+    /// generated migrations; see [`crate::legacy`]), and seals its
+    /// plaintext; a recorded value it recognises but cannot open stops the
+    /// job ([`Error::Legacy`], that batch rolled back), and a dry run
+    /// counts them per format ([`MigrationReport::legacy`]). Any other
+    /// value is the field's plain encoding; one that `decoder` recognises
+    /// is reported ([`MigrationReport::legacy_as_text`]). Without a
+    /// decoder, flag-off values are the fields' plain encodings.
     #[must_use]
     pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
         self.legacy = Some(decoder);
@@ -333,6 +339,14 @@ pub enum ProblemKind {
     /// not decode), or the shadow column of an unsealed row is not NULL.
     /// The message names the table, column, row and owner, never a value.
     ShadowMismatch,
+    /// A notice, not a failure: a flag-off value that looks like a legacy
+    /// ciphertext (a [`LegacyDecoder`] recognises it) but was not recorded
+    /// as one before phi's writers ran, or was recorded but is not well
+    /// formed, or was recorded while no decoder was given. The backfill
+    /// seals it as the text it is, never decoded (see [`crate::legacy`]):
+    /// plain text that merely looks legacy (`v1:Follow:Up`) stays what it
+    /// is, and a token copied into another owner's row never opens there.
+    LegacyAsText,
 }
 
 /// A row a job could not migrate or verify: where, and why. Never holds a
@@ -396,11 +410,20 @@ pub struct MigrationReport {
     /// (`1980-01-15`); with a dry run, values that would be.
     pub reencoded: u64,
     /// The first problems a dry run found (values not in canonical form
-    /// among them: [`ProblemKind::NotCanonical`]).
+    /// among them: [`ProblemKind::NotCanonical`]), and the first values
+    /// any run sealed as text though they look legacy
+    /// ([`ProblemKind::LegacyAsText`]).
     pub problems: Vec<VerifyFailure>,
-    /// With a [`MigrateOptions::legacy`] decoder: the values found in each
-    /// legacy format, and (a dry run) how many of them do not open.
+    /// With a [`MigrateOptions::legacy`] decoder: the recorded legacy
+    /// values found in each format (see [`crate::legacy`]), and (a dry
+    /// run) how many of them do not open.
     pub legacy: Vec<LegacyCount>,
+    /// Values sealed as the text they are (with a dry run: that would be)
+    /// though they look legacy: not recorded as legacy before phi's
+    /// writers ran, recorded but not well formed, or recorded while no
+    /// decoder was given ([`ProblemKind::LegacyAsText`], the first of them
+    /// in [`problems`](Self::problems)). Never decoded.
+    pub legacy_as_text: u64,
     /// Rows still to migrate when the job ended.
     pub remaining: u64,
     /// How long the job took.
@@ -438,6 +461,13 @@ impl fmt::Display for MigrationReport {
             }
             for count in &self.legacy {
                 write!(f, "; {count}")?;
+            }
+            if self.legacy_as_text > 0 {
+                write!(
+                    f,
+                    "; {} value(s) look legacy but were not recorded as legacy: they would be sealed as text",
+                    self.legacy_as_text
+                )?;
             }
             write!(f, "; nothing was changed ({secs:.1} s).")?;
             for p in &self.problems {
@@ -477,6 +507,16 @@ impl fmt::Display for MigrationReport {
         for count in &self.legacy {
             write!(f, " Opened {} {} value(s).", count.found, count.format)?;
         }
+        if self.legacy_as_text > 0 {
+            write!(
+                f,
+                " Sealed {} value(s) that look legacy as the text they are (not recorded as legacy: not decoded).",
+                self.legacy_as_text
+            )?;
+            for p in &self.problems {
+                write!(f, "\n  {p}")?;
+            }
+        }
         Ok(())
     }
 }
@@ -496,7 +536,8 @@ pub struct VerifyReport {
     /// Unsealed rows in the table.
     pub unsealed_total: u64,
     /// Rows with at least one problem, a value not in canonical form on
-    /// an unsealed row excepted (the backfill re-encodes it).
+    /// an unsealed row excepted (the backfill re-encodes it), and one that
+    /// looks legacy but is sealed as text ([`ProblemKind::LegacyAsText`]).
     pub failed: u64,
     /// Rows with at least one value not stored in its type's canonical
     /// encoding ([`ProblemKind::NotCanonical`]), sealed or not.
@@ -505,9 +546,13 @@ pub struct VerifyReport {
     pub problems_found: u64,
     /// The first problems found, of every kind.
     pub failures: Vec<VerifyFailure>,
-    /// With a legacy decoder ([`verify_legacy`]): the unsealed values found
-    /// in each legacy format, and how many of them do not open.
+    /// With a legacy decoder ([`verify_legacy`]): the recorded unsealed
+    /// values found in each legacy format, and how many of them do not
+    /// open.
     pub legacy: Vec<LegacyCount>,
+    /// Unsealed values the backfill would seal as text though they look
+    /// legacy ([`ProblemKind::LegacyAsText`], a notice).
+    pub legacy_as_text: u64,
     /// How long the check took.
     pub elapsed: Duration,
 }
@@ -540,6 +585,13 @@ impl fmt::Display for VerifyReport {
         }
         for count in &self.legacy {
             write!(f, "; {count}")?;
+        }
+        if self.legacy_as_text > 0 {
+            write!(
+                f,
+                "; {} unsealed value(s) look legacy but were not recorded as legacy (sealed as text by the backfill)",
+                self.legacy_as_text
+            )?;
         }
         write!(f, " ({:.1} s).", self.elapsed.as_secs_f64())?;
         for failure in &self.failures {
@@ -664,11 +716,13 @@ pub fn verify<M: Migratable, C: DataConnection>(
     verify_legacy::<M, C>(conn, keyring, sample, None, progress)
 }
 
-/// [`verify`], with the values of unsealed rows opened by `legacy` where
-/// it recognises them (see [`MigrateOptions::legacy`]): such a value that
-/// does not open, or whose plaintext does not decode as its field's type,
-/// is a failure ([`ProblemKind::Unreadable`]); the values found in each
-/// format are counted in [`VerifyReport::legacy`].
+/// [`verify`], with the recorded legacy values of unsealed rows opened by
+/// `legacy`, as the backfill opens them (see [`MigrateOptions::legacy`]):
+/// such a value that does not open, or whose plaintext does not decode as
+/// its field's type, is a failure ([`ProblemKind::Unreadable`]); the
+/// values found in each format are counted in [`VerifyReport::legacy`].
+/// A value that looks legacy but the backfill would seal as text is a
+/// notice ([`ProblemKind::LegacyAsText`], [`VerifyReport::legacy_as_text`]).
 ///
 /// # Errors
 /// As [`verify`].
@@ -712,6 +766,141 @@ pub fn decrypt_back_table<C: DataConnection>(
     migrate::<C>(t, conn, keyring, options, false, progress, &mut |_| Ok(()))
 }
 
+/// What [`record_legacy`] recorded.
+#[non_exhaustive]
+#[derive(Clone, Debug, Default)]
+pub struct RecordReport {
+    /// The table.
+    pub table: &'static str,
+    /// Rows with the flag off that were read.
+    pub rows: u64,
+    /// Values the decoder recognised.
+    pub recognised: u64,
+    /// Of those, values recorded now (the others were recorded already,
+    /// by the generated migration or an earlier run).
+    pub recorded: u64,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for RecordReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: read {} row(s) with the flag off; {} value(s) look legacy, {} recorded now ({} were already) ({:.1} s).",
+            self.table,
+            self.rows,
+            self.recognised,
+            self.recorded,
+            self.recognised - self.recorded,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Records, in `phi_legacy_values`, every flag-off value of `M`'s table
+/// that `decoder` [recognises](LegacyDecoder::recognises), with its
+/// column, row key and owner: the values [`backfill`] may then decode,
+/// and the only ones (see [`crate::legacy`]). The generated `in_place`
+/// and `shadow` migrations record the shipped formats themselves; run this
+/// for an application that adopts phi without them, or whose decoder
+/// reads a format of its own.
+///
+/// **Run it before any of phi's writers is deployed, and not again after
+/// they have written**: a value an application writes once phi runs is
+/// stored as it was given, and recording it would let a copied token
+/// decode. It refuses a table that holds a sealed row (a sign phi has
+/// written it); it cannot see a flag-off write of phi's. A value already
+/// recorded for its (column, row key) keeps its record.
+///
+/// # Errors
+/// [`Error::Refused`] when a row of the table is sealed;
+/// [`Error::Config`] when `phi_legacy_values` does not exist in this
+/// database (run phi's migrations on it,
+/// [`migrations::run_pending`](crate::migrations::run_pending));
+/// [`Error::Database`].
+pub fn record_legacy<M: Migratable, C: DataConnection>(
+    conn: &mut C,
+    decoder: &dyn LegacyDecoder,
+) -> Result<RecordReport> {
+    record_legacy_table(&M::stored_table(), conn, decoder)
+}
+
+/// [`record_legacy`] of the table `t` describes.
+///
+/// # Errors
+/// As [`record_legacy`].
+pub fn record_legacy_table<C: DataConnection>(
+    t: &StoredTable,
+    conn: &mut C,
+    decoder: &dyn LegacyDecoder,
+) -> Result<RecordReport> {
+    t.validate()?;
+    let started = Instant::now();
+    let sealed = conn.migration_count(t, true)?;
+    if sealed > 0 {
+        return Err(Error::Refused {
+            operation: format!("recording the legacy values of {}", t.table),
+            owner: "*".into(),
+            reason: format!(
+                "{sealed} row(s) are sealed already, so phi's writers have run: values written since are stored \
+                 as they were given, and recording them would let a copied legacy token decode"
+            ),
+        });
+    }
+    if conn.count_legacy_records(t.table)?.is_none() {
+        return Err(Error::Config(format!(
+            "{}: the table phi_legacy_values does not exist in this database: run phi's migrations on it \
+             (phi_types::migrations::run_pending) or the generated adoption migration",
+            t.table
+        )));
+    }
+    let mut report = RecordReport {
+        table: t.table,
+        ..RecordReport::default()
+    };
+    let mut after: Option<SqlValue> = None;
+    loop {
+        let query = RowsQuery {
+            sealed: false,
+            after: after.as_ref(),
+            limit: DEFAULT_BATCH,
+            random: false,
+        };
+        let rows = conn.migration_rows(t, &query, true)?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut records = Vec::new();
+        for row in &rows {
+            for (c, value) in t.columns.iter().zip(&row.values) {
+                if let Some(stored) = value
+                    && decoder.recognises(stored)
+                {
+                    records.push(LegacyRecord {
+                        column: c.column.to_owned(),
+                        row_key: row.key_text(),
+                        owner: row.owner.clone(),
+                        stored: stored.clone(),
+                    });
+                }
+            }
+        }
+        report.rows += rows.len() as u64;
+        report.recognised += records.len() as u64;
+        report.recorded += conn.insert_legacy_records(t.table, &records)?;
+        after = rows.last().map(|r| r.key.clone());
+    }
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        table = t.table,
+        recognised = report.recognised,
+        recorded = report.recorded,
+        "phi legacy values recorded"
+    );
+    Ok(report)
+}
+
 /// Rows of the table `t` describes whose encrypted flag is on (`sealed`)
 /// or off.
 ///
@@ -752,6 +941,7 @@ pub fn verify_table_legacy<C: DataConnection>(
     let mut tally = Tally::default();
     t.validate()?;
     let started = Instant::now();
+    let has_records = conn.count_legacy_records(t.table)?.is_some_and(|n| n > 0);
     let mut report = VerifyReport {
         table: t.table,
         sealed_total: conn.migration_count(t, true)?,
@@ -787,21 +977,30 @@ pub fn verify_table_legacy<C: DataConnection>(
             } else {
                 HashMap::new()
             };
+            let records = Records::load(conn, t, &rows, !sealed && has_records)?;
             for row in &rows {
                 let problems = if sealed {
                     check_sealed(t, row, &keys)
                 } else {
-                    check_unsealed(t, row, legacy, &mut tally)
+                    check_unsealed(t, row, legacy, &records, &mut tally)
                 };
                 if problems.iter().any(|p| p.kind == ProblemKind::NotCanonical) {
                     report.not_canonical += 1;
                 }
-                // An unsealed value not in canonical form is a notice: the
-                // backfill re-encodes it.
-                if problems
+                report.legacy_as_text += problems
                     .iter()
-                    .any(|p| sealed || p.kind != ProblemKind::NotCanonical)
-                {
+                    .filter(|p| p.kind == ProblemKind::LegacyAsText)
+                    .count() as u64;
+                // An unsealed value not in canonical form, or sealed as
+                // text though it looks legacy, is a notice: the backfill
+                // re-encodes it, or seals it as it is.
+                if problems.iter().any(|p| {
+                    sealed
+                        || !matches!(
+                            p.kind,
+                            ProblemKind::NotCanonical | ProblemKind::LegacyAsText
+                        )
+                }) {
                     report.failed += 1;
                 }
                 report.problems_found += problems.len() as u64;
@@ -1012,6 +1211,7 @@ fn check_unsealed(
     t: &StoredTable,
     row: &MigrationRow,
     legacy: Option<&dyn LegacyDecoder>,
+    records: &Records,
     tally: &mut Tally,
 ) -> Vec<VerifyFailure> {
     let mut out = Vec::new();
@@ -1035,9 +1235,12 @@ fn check_unsealed(
         let Some(bytes) = value else {
             continue;
         };
-        match open_legacy(t, c.column, row, bytes, legacy) {
-            Ok(None) => {}
-            Ok(Some(opened)) => {
+        match classify(t, c.column, row, bytes, legacy, records) {
+            Ok(Stored::Plain) => {}
+            Ok(Stored::AsText(why)) => {
+                out.push(failure(t, c.column, row, ProblemKind::LegacyAsText, why));
+            }
+            Ok(Stored::Opened(opened)) => {
                 tally.opened(opened.format);
                 if let Err(e) = (c.canonical)(opened.plaintext.to_vec()) {
                     out.push(failure(
@@ -1180,6 +1383,10 @@ fn migrate<C: DataConnection>(
     let mut tally = Tally::default();
     let legacy = options.legacy.as_deref();
     let strict = !sealing && keyring.is_strict(t.table);
+    // Read once, outside any transaction: whether the records table exists
+    // and holds records of this table (recorded before any phi writer ran,
+    // so none appear while the job runs).
+    let has_records = sealing && conn.count_legacy_records(t.table)?.is_some_and(|n| n > 0);
     // Each batch starts after the last row the previous one read, so a
     // batch reads its rows by key range instead of skipping every row
     // migrated so far. Rows left behind the cursor (deferred, or made
@@ -1208,6 +1415,23 @@ fn migrate<C: DataConnection>(
         let mut values = 0u64;
         let mut reencoded = 0u64;
         let mut batch_tally = Tally::default();
+        let mut notices: Vec<VerifyFailure> = Vec::new();
+        // The batch's records, read in its transaction once its rows are
+        // locked; the keys of the rows it writes, whose records it deletes
+        // in the same transaction.
+        let records = std::cell::RefCell::new(Records::default());
+        let written = std::cell::RefCell::new(Vec::<String>::new());
+        let mut prepare = |conn: &mut C, rows: &[MigrationRow]| -> Result<()> {
+            *records.borrow_mut() = Records::load(conn, t, rows, has_records)?;
+            Ok(())
+        };
+        let mut write_records = |conn: &mut C| -> Result<()> {
+            let keys = written.borrow();
+            if has_records && !keys.is_empty() {
+                conn.delete_legacy_records(t.table, &keys)?;
+            }
+            before_write(conn)
+        };
         let mut transform = |row: &MigrationRow| -> Result<Option<RowWrite>> {
             let Some(keys) = keys.get(&row.owner) else {
                 return Ok(None);
@@ -1222,10 +1446,19 @@ fn migrate<C: DataConnection>(
                 });
             }
             let (write, n) = if sealing {
-                seal_row(t, row, keys, legacy, &mut batch_tally)?
+                seal_row(
+                    t,
+                    row,
+                    keys,
+                    legacy,
+                    &records.borrow(),
+                    &mut batch_tally,
+                    &mut notices,
+                )?
             } else {
                 unseal_row(t, row, keys)?
             };
+            written.borrow_mut().push(row.key_text());
             values += write.values.iter().flatten().count() as u64;
             reencoded += n;
             Ok(Some(write))
@@ -1235,13 +1468,20 @@ fn migrate<C: DataConnection>(
             from,
             options.batch,
             after.as_ref(),
+            &mut prepare,
             &mut transform,
-            before_write,
+            &mut write_records,
         )?;
         if outcome.last.is_some() {
             after.clone_from(&outcome.last);
         }
         tally.merge(batch_tally);
+        report.legacy_as_text += notices.len() as u64;
+        for notice in notices {
+            if report.problems.len() < MAX_PROBLEMS {
+                report.problems.push(notice);
+            }
+        }
         report.rows += outcome.updated;
         report.values += values;
         report.reencoded += reencoded;
@@ -1307,6 +1547,7 @@ fn dry_run<C: DataConnection>(
     let mut owners: BTreeSet<String> = BTreeSet::new();
     let mut after: Option<SqlValue> = None;
     let mut tally = Tally::default();
+    let has_records = sealing && conn.count_legacy_records(t.table)?.is_some_and(|n| n > 0);
     loop {
         let query = RowsQuery {
             sealed: from,
@@ -1323,13 +1564,18 @@ fn dry_run<C: DataConnection>(
         } else {
             keys_for_check(keyring, &rows)
         };
+        let records = Records::load(conn, t, &rows, sealing && has_records)?;
         for row in &rows {
             owners.insert(row.owner.clone());
             let problems = if sealing {
-                check_unsealed(t, row, options.legacy.as_deref(), &mut tally)
+                check_unsealed(t, row, options.legacy.as_deref(), &records, &mut tally)
             } else {
                 check_sealed(t, row, &keys)
             };
+            report.legacy_as_text += problems
+                .iter()
+                .filter(|p| p.kind == ProblemKind::LegacyAsText)
+                .count() as u64;
             // Only an unreadable value stops the real run: a value not in
             // canonical form is re-encoded, a stale blind index replaced
             // (sealing) or cleared (unsealing).
@@ -1388,13 +1634,16 @@ fn decode_error(
 
 /// A row's values sealed in their canonical encoding, and its blind
 /// indexes computed from that encoding, as the model computes them; with
-/// the number of values that were not in canonical form.
+/// the number of values that were not in canonical form. A value sealed as
+/// text though it looks legacy is added to `notices`.
 fn seal_row(
     t: &StoredTable,
     row: &MigrationRow,
     keys: &OwnerKeys,
     legacy: Option<&dyn LegacyDecoder>,
+    records: &Records,
     tally: &mut Tally,
+    notices: &mut Vec<VerifyFailure>,
 ) -> Result<(RowWrite, u64)> {
     let mut write = RowWrite {
         values: Vec::with_capacity(t.columns.len()),
@@ -1409,31 +1658,37 @@ fn seal_row(
             }
             continue;
         };
-        let opened = open_legacy(t, c.column, row, plain, legacy)?;
-        let from_legacy = opened.is_some();
-        let canonical = if let Some(opened) = opened {
-            tally.opened(opened.format);
-            (c.canonical)(opened.plaintext.to_vec()).map_err(|e| {
-                decode_error(
-                    t,
-                    c.column,
-                    row,
-                    "the legacy value opens, but its plaintext does not decode",
-                    e,
-                )
-            })?
-        } else {
-            (c.canonical)(plain.clone()).map_err(|e| {
-                let what = if Encrypted::<Vec<u8>>::from_bytes(plain.clone())
-                    .header()
-                    .is_ok()
-                {
-                    "the flag is off but the value is an envelope (was the flag changed by hand?)"
-                } else {
-                    "the plain value does not decode"
-                };
-                decode_error(t, c.column, row, what, e)
-            })?
+        let stored = classify(t, c.column, row, plain, legacy, records)?;
+        let from_legacy = matches!(stored, Stored::Opened(_));
+        let canonical = match stored {
+            Stored::Opened(opened) => {
+                tally.opened(opened.format);
+                (c.canonical)(opened.plaintext.to_vec()).map_err(|e| {
+                    decode_error(
+                        t,
+                        c.column,
+                        row,
+                        "the legacy value opens, but its plaintext does not decode",
+                        e,
+                    )
+                })?
+            }
+            other => {
+                if let Stored::AsText(why) = other {
+                    notices.push(failure(t, c.column, row, ProblemKind::LegacyAsText, why));
+                }
+                (c.canonical)(plain.clone()).map_err(|e| {
+                    let what = if Encrypted::<Vec<u8>>::from_bytes(plain.clone())
+                        .header()
+                        .is_ok()
+                    {
+                        "the flag is off but the value is an envelope (was the flag changed by hand?)"
+                    } else {
+                        "the plain value does not decode"
+                    };
+                    decode_error(t, c.column, row, what, e)
+                })?
+            }
         };
         if !from_legacy && *canonical != *plain {
             reencoded += 1;
@@ -1450,27 +1705,101 @@ fn seal_row(
     Ok((write, reencoded))
 }
 
-/// A flag-off value opened by the legacy decoder, if it recognises it.
-fn open_legacy(
+/// The values of `phi_legacy_values` a batch's rows may match, by (column,
+/// row key): the only flag-off values a decoder opens (see
+/// [`crate::legacy`]).
+#[derive(Default)]
+struct Records(HashMap<(String, String), LegacyRecord>);
+
+impl Records {
+    /// The records of `t` for `rows`, when the table has any (`wanted`).
+    fn load<C: DataConnection>(
+        conn: &mut C,
+        t: &StoredTable,
+        rows: &[MigrationRow],
+        wanted: bool,
+    ) -> Result<Records> {
+        if !wanted || rows.is_empty() {
+            return Ok(Records::default());
+        }
+        let keys: Vec<String> = rows.iter().map(MigrationRow::key_text).collect();
+        Ok(Records(
+            conn.legacy_records(t.table, &keys)?
+                .into_iter()
+                .map(|r| ((r.column.clone(), r.row_key.clone()), r))
+                .collect(),
+        ))
+    }
+
+    /// Whether `stored`, in `column` of `row`, is exactly what was recorded
+    /// there, for the row's owner: compared byte for byte, in Rust (not by
+    /// a collation that pads or folds case).
+    fn matches(&self, column: &str, row: &MigrationRow, stored: &[u8]) -> bool {
+        self.0
+            .get(&(column.to_owned(), row.key_text()))
+            .is_some_and(|r| r.owner.as_bytes() == row.owner.as_bytes() && r.stored == stored)
+    }
+}
+
+/// What a flag-off value is, for the backfill.
+enum Stored {
+    /// The field's plain encoding.
+    Plain,
+    /// A recorded legacy value, opened.
+    Opened(LegacyPlaintext),
+    /// Looks legacy, or was recorded, but is sealed as the text it is: why.
+    AsText(&'static str),
+}
+
+const UNRECORDED: &str = "looks like a legacy ciphertext but was not recorded as one before phi's writers ran \
+     (written since, or copied from another row or owner): sealed as the text it is, not decoded";
+const NOT_WELL_FORMED: &str =
+    "was recorded as legacy but is not well formed in its format: sealed as the text it is";
+const NO_DECODER: &str =
+    "was recorded as legacy but no legacy decoder was given: sealed as the text it is";
+
+/// Decides what the flag-off value `stored` of `column` in `row` is: opened
+/// by the decoder only when a record of that table, column, row key and
+/// owner holds exactly these bytes (see [`crate::legacy`]).
+fn classify(
     t: &StoredTable,
     column: &'static str,
     row: &MigrationRow,
     stored: &[u8],
     legacy: Option<&dyn LegacyDecoder>,
-) -> Result<Option<LegacyPlaintext>> {
+    records: &Records,
+) -> Result<Stored> {
+    let recorded = records.matches(column, row, stored);
     let Some(decoder) = legacy else {
-        return Ok(None);
+        return Ok(if recorded {
+            Stored::AsText(NO_DECODER)
+        } else {
+            Stored::Plain
+        });
     };
+    if !recorded {
+        // Never opened: whether it would open must not decide anything.
+        return Ok(if decoder.recognises(stored) {
+            Stored::AsText(UNRECORDED)
+        } else {
+            Stored::Plain
+        });
+    }
     let key = row.key_text();
-    decoder
-        .open(&LegacyValue::new(t.table, column, &row.owner, &key, stored))
-        .map_err(|source| Error::Legacy {
+    match decoder.open(&LegacyValue::new(t.table, column, &row.owner, &key, stored)) {
+        Ok(Some(opened)) => Ok(Stored::Opened(opened)),
+        Ok(None) => Ok(Stored::Plain),
+        Err(e) if matches!(e.kind, LegacyErrorKind::Malformed(_)) => {
+            Ok(Stored::AsText(NOT_WELL_FORMED))
+        }
+        Err(source) => Err(Error::Legacy {
             table: t.table.to_owned(),
             column: column.to_owned(),
-            row: key.clone(),
+            row: key,
             owner: row.owner.clone(),
             source: Box::new(source),
-        })
+        }),
+    }
 }
 
 /// A row's values opened back to their plain (canonical) encoding, blind

@@ -75,9 +75,28 @@ mod check_table {
     use super::*;
     imported_table!(phi_it_lg_check, Imported, RawImported);
 }
+#[allow(dead_code)]
+mod oracle_table {
+    use super::*;
+    imported_table!(phi_it_lg_oracle, Imported, RawImported);
+}
+#[allow(dead_code)]
+mod recorded_sql_table {
+    use super::*;
+    imported_table!(phi_it_lg_recsql, Imported, RawImported);
+}
+#[allow(dead_code)]
+mod wrapped_table {
+    use super::*;
+    imported_table!(phi_it_lg_wrapped, Imported, RawImported);
+}
 
 fn create_imported(conn: &mut Conn, table: &str) {
     diesel::sql_query(format!("DROP TABLE IF EXISTS {table}")).execute(conn).expect("drop");
+    // Records of an earlier run's table of that name.
+    diesel::delete(phi::schema::phi_legacy_values::table.filter(phi::schema::phi_legacy_values::table_name.eq(table)))
+        .execute(conn)
+        .expect("old records");
     diesel::sql_query(format!(
         "CREATE TABLE {table} (id VARCHAR(64) NOT NULL PRIMARY KEY, owner_id VARCHAR(255) NOT NULL, \
          last {BLOB} NOT NULL, dob {BLOB} NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)"
@@ -178,11 +197,14 @@ macro_rules! backfill_imported {
         let keyring = db.keyring();
         let decoder: Arc<dyn LegacyDecoder> = Arc::new($decoder);
         let options = MigrateOptions::default().batch(2).legacy(decoder.clone());
+        // Recorded before any phi writer runs: the values the backfill may decode.
+        let recorded = migrate::record_legacy::<Imported, _>(&mut conn, &*decoder).expect("record");
+        let found: usize = values.iter().map(|(_, last, dob)| usize::from(!last.starts_with("plain:")) + usize::from(dob.is_some())).sum();
+        assert_eq!((recorded.recognised, recorded.recorded), (found as u64, found as u64), "{recorded}");
 
         // The dry run: every value found, the bad ones counted, nothing written.
         let bad: Vec<(&str, usize)> = $bad; // (row, owner index)
         let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true), &mut |_| {}).expect("dry run");
-        let found: usize = values.iter().map(|(_, last, dob)| usize::from(!last.starts_with("plain:")) + usize::from(dob.is_some())).sum();
         assert_eq!(dry.legacy.len(), 1, "{dry}");
         let count = dry.legacy[0];
         assert_eq!((count.format, count.found, count.failed), ($format, found as u64, bad.len() as u64), "{dry}");
@@ -199,7 +221,12 @@ macro_rules! backfill_imported {
         // Without the decoder the tokens are taken as plain text: as text
         // they decode, as dates they do not.
         let plain = migrate::verify::<Imported, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
-        assert!(plain.legacy.is_empty() && plain.failed == 1 && plain.failures.iter().all(|f| f.column == "dob"), "{plain}");
+        assert!(plain.legacy.is_empty() && plain.failed == 1, "{plain}");
+        assert!(
+            plain.failures.iter().all(|f| f.column == "dob" || f.kind == migrate::ProblemKind::LegacyAsText),
+            "{plain}"
+        );
+        assert_eq!(plain.legacy_as_text, found as u64, "recorded, but no decoder given: {plain}");
 
         // The backfill, two rows a batch: the first batches are sealed, the
         // one holding the first bad value is rolled back whole.
@@ -459,4 +486,205 @@ fn sealed_check_makes_the_database_refuse_plaintext_in_a_sealed_row() {
         diesel::sql_query(statement).execute(&mut conn).unwrap_or_else(|e| panic!("{statement}: {e}"));
     }
     diesel::insert_into(t::table).values(raw("C-5", b"Doe", None, true)).execute(&mut conn).expect("no guard any more");
+}
+
+/// The records of `table` left in `phi_legacy_values`.
+fn records_left(conn: &mut Conn, table: &str) -> i64 {
+    use phi::schema::phi_legacy_values as lv;
+    lv::table.filter(lv::table_name.eq(table)).count().get_result(conn).expect("records")
+}
+
+/// Legacy import is not a decryption oracle: owner A's legacy token,
+/// copied by an application write into owner B's row (an existing row, a
+/// new one, and a new row reusing the key of A's deleted row), is sealed as
+/// the token text it is, never decoded into A's plaintext; A's own
+/// recorded values are imported; plain text that merely looks legacy is
+/// counted, reported, and sealed as it is, and the backfill completes.
+#[test]
+fn a_copied_legacy_token_is_never_decoded_into_another_owners_row() {
+    use oracle_table::{Imported, RawImported, phi_it_lg_oracle as t};
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    create_imported(&mut conn, "phi_it_lg_oracle");
+    let all = fixtures();
+    let (a, b) = (common::unique_owner("lgoracleA"), common::unique_owner("lgoracleB"));
+    let (nwosu_token, nwosu) = fixture(&all, "gcm", "v1");
+    let (zhang_token, zhang) = fixture(&all, "gcm", "v2");
+    let (date_token, _) = fixture(&all, "gcm", "v2_date");
+    let (nwosu, zhang) = (nwosu.expect("plain"), zhang.expect("plain"));
+    let text = |v: &[u8]| String::from_utf8(v.to_vec()).expect("text");
+
+    // Before phi: A's values encrypted by the old application; a note of
+    // B's that merely looks like a versioned ciphertext.
+    let raw = |id: &str, owner: &str, last: &[u8], dob: Option<&[u8]>| RawImported {
+        id: id.into(),
+        owner_id: owner.into(),
+        last: last.to_vec(),
+        dob: dob.map(<[u8]>::to_vec),
+        sealed: false,
+    };
+    diesel::insert_into(t::table)
+        .values(&vec![
+            raw("O-1", &a, &nwosu_token, Some(&date_token)),
+            raw("O-2", &b, b"Okafor", None),
+            raw("O-3", &a, &zhang_token, None),
+            raw("O-4", &b, b"v1:Follow:Up", None),
+        ])
+        .execute(&mut conn)
+        .expect("legacy rows");
+    let decoder: Arc<dyn LegacyDecoder> = Arc::new(gcm_decoder(&all));
+    let recorded = migrate::record_legacy::<Imported, _>(&mut conn, &*decoder).expect("record");
+    assert_eq!((recorded.rows, recorded.recognised, recorded.recorded), (4, 4, 4), "{recorded}");
+
+    // phi's writers run (sealing nobody yet): B pastes A's tokens into
+    // fields of B's own, through the application.
+    let keyring = db.keyring();
+    keyring.set_rollout(Rollout::Nobody);
+    let old_o2 = Imported::load(t::table.find("O-2"), &mut conn, &keyring).expect("O-2").remove(0);
+    let mut o2 = old_o2.clone();
+    o2.last = text(&nwosu_token);
+    assert_eq!(o2.update(&old_o2, &keyring, &mut conn).expect("update"), Updated::Applied { sealed: false });
+    // A's row O-3 is deleted; B's new row reuses its key, with A's token.
+    diesel::delete(t::table.find("O-3")).execute(&mut conn).expect("delete");
+    let row = |id: &str, last: String| Imported { id: id.into(), owner_id: b.clone(), last, dob: None, sealed: false };
+    let rows = Imported::seal_all(
+        &[row("O-3", text(&zhang_token)), row("O-5", text(&nwosu_token)), row("O-6", "v1:Follow:Up".into())],
+        &keyring,
+    )
+    .expect("flag-off rows");
+    diesel::insert_into(t::table).values(&rows).execute(&mut conn).expect("insert");
+    let options = MigrateOptions::default().batch(2).legacy(decoder.clone());
+
+    // The dry run: 2 recorded values open; 5 look legacy and are not
+    // (or not well-formed) records: reported, not failures.
+    let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true), &mut |_| {}).expect("dry run");
+    assert_eq!((dry.rows, dry.undecodable, dry.legacy_as_text), (6, 0, 5), "{dry}");
+    assert_eq!(dry.legacy.iter().map(|c| (c.format, c.found, c.failed)).collect::<Vec<_>>(), [("aes-gcm-versioned", 2, 0)], "{dry}");
+    let verified = migrate::verify_legacy::<Imported, _>(&mut conn, &keyring, None, Some(&*decoder), &mut |_| {}).expect("verify");
+    assert!(verified.is_ok() && verified.legacy_as_text == 5, "notices, not failures: {verified}");
+
+    // The backfill completes.
+    keyring.set_rollout(Rollout::All);
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    assert_eq!((report.rows, report.remaining, report.legacy_as_text), (6, 0, 5), "{report}");
+    assert_eq!(report.legacy.iter().map(|c| (c.format, c.found)).collect::<Vec<_>>(), [("aes-gcm-versioned", 2)], "{report}");
+    let mut named: Vec<(&str, &str)> = report
+        .problems
+        .iter()
+        .filter(|p| p.kind == migrate::ProblemKind::LegacyAsText)
+        .map(|p| (p.row_key.as_str(), p.column))
+        .collect();
+    named.sort_unstable();
+    assert_eq!(named, [("O-2", "last"), ("O-3", "last"), ("O-4", "last"), ("O-5", "last"), ("O-6", "last")], "{report}");
+    let shown = report.to_string();
+    assert!(shown.contains("Sealed 5 value(s) that look legacy") && shown.contains("O-5"), "{shown}");
+    assert!(!shown.contains(&nwosu) && !shown.contains(&text(&nwosu_token)), "{shown}");
+
+    // B's rows hold the token text, sealed; never A's plaintext.
+    let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
+    let by_id = |id: &str| loaded.iter().find(|c| c.id == id).expect(id);
+    assert!(loaded.iter().all(|c| c.sealed));
+    assert_eq!((by_id("O-1").last.as_str(), by_id("O-1").dob), (nwosu.as_str(), NaiveDate::from_ymd_opt(1975, 6, 30)));
+    assert_eq!(by_id("O-2").last, text(&nwosu_token));
+    assert_eq!(by_id("O-3").last, text(&zhang_token));
+    assert_eq!(by_id("O-5").last, text(&nwosu_token));
+    for c in loaded.iter().filter(|c| c.owner_id == b) {
+        assert!(c.last != nwosu && c.last != zhang, "{}: A's plaintext in B's row", c.id);
+    }
+    assert_eq!((by_id("O-4").last.as_str(), by_id("O-6").last.as_str()), ("v1:Follow:Up", "v1:Follow:Up"));
+    assert_eq!(records_left(&mut conn, "phi_it_lg_oracle"), 0, "records go with their rows' backfill");
+
+    // Decrypt-back writes the imported plaintext, not the token, and a
+    // second backfill finds no record to decode.
+    keyring.set_rollout(Rollout::Nobody);
+    let back = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("back");
+    assert_eq!(back.rows, 6);
+    let o1: Vec<u8> = t::table.find("O-1").select(t::last).first(&mut conn).expect("O-1");
+    assert_eq!(o1, nwosu.as_bytes());
+    keyring.set_rollout(Rollout::All);
+    let again = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill again");
+    assert_eq!((again.rows, again.legacy_as_text), (6, 5), "{again}");
+    assert!(again.legacy.is_empty(), "{again}");
+    let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
+    assert_eq!(loaded.iter().map(|c| c.last.clone()).collect::<Vec<_>>()[..3], [nwosu.clone(), text(&nwosu_token), text(&zhang_token)]);
+
+    // Recording once phi has sealed rows is refused.
+    let err = migrate::record_legacy::<Imported, _>(&mut conn, &*decoder).expect_err("sealed rows");
+    assert_eq!(err.kind(), phi::ErrorKind::Refused, "{err}");
+}
+
+/// The statements of `legacy::record_sql` (those the generated migrations
+/// end with) record the shipped formats' values on every backend; the
+/// backfill then imports them.
+#[test]
+fn the_generated_recording_sql_records_what_the_backfill_imports() {
+    use recorded_sql_table::{Imported, RawImported, phi_it_lg_recsql as t};
+    let dialect = if BLOB == "BYTEA" {
+        Dialect::Postgres
+    } else if server_url().is_some() {
+        Dialect::Mysql
+    } else {
+        Dialect::Sqlite
+    };
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    create_imported(&mut conn, "phi_it_lg_recsql");
+    let all = fixtures();
+    let owner = common::unique_owner("lgrecsql");
+    let (token, plain) = fixture(&all, "gcm", "v1_tag_apart");
+    let raw = |id: &str, last: &[u8]| RawImported { id: id.into(), owner_id: owner.clone(), last: last.to_vec(), dob: None, sealed: false };
+    diesel::insert_into(t::table).values(&vec![raw("R-1", &token), raw("R-2", b"Doe")]).execute(&mut conn).expect("rows");
+    for statement in legacy::record_sql::<Imported>(dialect).expect("SQL") {
+        diesel::sql_query(&statement).execute(&mut conn).unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    assert_eq!(records_left(&mut conn, "phi_it_lg_recsql"), 1);
+    let keyring = db.keyring();
+    let options = MigrateOptions::default().legacy(Arc::new(gcm_decoder(&all)));
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    assert_eq!((report.rows, report.legacy_as_text), (2, 0), "{report}");
+    let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
+    assert_eq!(loaded[0].last, plain.expect("plain"));
+    assert_eq!(records_left(&mut conn, "phi_it_lg_recsql"), 0);
+}
+
+/// Fernet tokens as Python writes and reads them: URL-safe (`-`, `_`), in
+/// the standard alphabet, and wrapped with `\n` or `\r\n`: recognised,
+/// recorded and imported.
+#[cfg(feature = "legacy-fernet")]
+#[test]
+fn url_safe_and_line_wrapped_fernet_tokens_are_imported() {
+    use wrapped_table::{Imported, RawImported, phi_it_lg_wrapped as t};
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    create_imported(&mut conn, "phi_it_lg_wrapped");
+    let all = fixtures();
+    let decoder = legacy::FernetDecoder::new(all["fernet_keys"]["primary"].as_str().expect("key")).expect("key");
+    let owner = common::unique_owner("lgwrapped");
+    let names = ["url_safe", "standard_alphabet", "wrapped_lf", "wrapped_crlf"];
+    let rows: Vec<RawImported> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| RawImported {
+            id: format!("W-{i}"),
+            owner_id: owner.clone(),
+            last: fixture(&all, "fernet", name).0,
+            dob: None,
+            sealed: false,
+        })
+        .collect();
+    let (url_safe, _) = fixture(&all, "fernet", "url_safe");
+    assert!(url_safe.contains(&b'-') && url_safe.contains(&b'_'));
+    assert!(fixture(&all, "fernet", "wrapped_crlf").0.windows(2).any(|w| w == b"\r\n"));
+    diesel::insert_into(t::table).values(&rows).execute(&mut conn).expect("rows");
+    let recorded = migrate::record_legacy::<Imported, _>(&mut conn, &decoder).expect("record");
+    assert_eq!(recorded.recorded, 4, "{recorded}");
+    let keyring = db.keyring();
+    let options = MigrateOptions::default().legacy(Arc::new(decoder));
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    assert_eq!((report.rows, report.legacy_as_text), (4, 0), "{report}");
+    assert_eq!(report.legacy.iter().map(|c| (c.format, c.found)).collect::<Vec<_>>(), [("fernet", 4)]);
+    let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
+    for (case, name) in loaded.iter().zip(names) {
+        assert_eq!(case.last, fixture(&all, "fernet", name).1.expect("plain"), "{name}");
+    }
 }

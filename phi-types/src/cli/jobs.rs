@@ -61,6 +61,24 @@ pub enum MigrationCommand {
     /// table, generated from the model and the table as the database
     /// describes it; prints the directory written.
     Generate(GenerateArgs),
+    /// Records the values of the models' tables that a legacy decoder
+    /// recognises (table, column, row key, owner, exact value), the only
+    /// ones `backfill` will decode. Run it before deploying phi's writers,
+    /// never after (the generated in-place and shadow migrations record
+    /// the shipped formats themselves); refused once a row is sealed.
+    RecordLegacy(RecordLegacyArgs),
+}
+
+/// Options of `migration record-legacy`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct RecordLegacyArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub models: ModelArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub legacy: LegacyArgs,
 }
 
 /// The strategies of `migration generate`.
@@ -337,6 +355,44 @@ impl Jobs {
         Ok(any.then(|| Arc::new(decoders) as Arc<dyn LegacyDecoder>))
     }
 
+    /// `migration record-legacy`.
+    fn record_legacy<C: SchemaConnection>(
+        &self,
+        conn: &mut C,
+        args: &RecordLegacyArgs,
+        format: Format,
+    ) -> CliResult {
+        let decoder = self.decoder(&args.legacy)?.ok_or(
+            "migration record-legacy: no legacy decoder (name the formats with --legacy, or register the \
+             application's own with App::legacy)",
+        )?;
+        let mut reports = Vec::new();
+        for (model, table) in self.selected(&args.models)? {
+            let report = migrate::record_legacy_table(&table, conn, decoder.as_ref())?;
+            if format == Format::Text {
+                println!("{report}");
+            }
+            reports.push(json!({
+                "model": model.name,
+                "table": report.table,
+                "rows": report.rows,
+                "recognised": report.recognised,
+                "recorded": report.recorded,
+                "elapsed_seconds": seconds(report.elapsed),
+            }));
+        }
+        if format == Format::Json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "command": "record-legacy",
+                    "tables": reports,
+                }))?
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
     /// Whether no model is registered.
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
@@ -445,6 +501,9 @@ impl Jobs {
                 let migration =
                     adopt::migration_for(&table, conn, strategy, &adopt::Options::default())?;
                 return write_migration(&migration, &args.dir, format);
+            }
+            JobCommand::Migration(MigrationCommand::RecordLegacy(args)) => {
+                return self.record_legacy(conn, args, format);
             }
             JobCommand::Finalize(args) => {
                 return finalize(self, conn, keyring, args, format, progress);
@@ -783,6 +842,7 @@ fn migration_json(model: &str, r: &MigrationReport) -> Value {
         "reencoded": r.reencoded,
         "remaining": r.remaining,
         "legacy": legacy_json(&r.legacy),
+        "legacy_as_text": r.legacy_as_text,
         "elapsed_seconds": seconds(r.elapsed),
         "problems": failures_json(&r.problems),
     })
@@ -801,6 +861,7 @@ fn verify_json(model: &str, r: &VerifyReport) -> Value {
         "not_canonical": r.not_canonical,
         "problems_found": r.problems_found,
         "legacy": legacy_json(&r.legacy),
+        "legacy_as_text": r.legacy_as_text,
         "failures": failures_json(&r.failures),
         "elapsed_seconds": seconds(r.elapsed),
     })

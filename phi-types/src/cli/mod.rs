@@ -31,8 +31,8 @@ mod jobs;
 
 pub use jobs::{
     BackendArg, DecryptBackArgs, FinalizeArgs, GenerateArgs, JobCommand, Jobs, LegacyArgs,
-    LegacyFormat, MigrateArgs, MigrationCommand, ModelArgs, StatusArgs, StrategyArg, VerifyArgs,
-    is_refused,
+    LegacyFormat, MigrateArgs, MigrationCommand, ModelArgs, RecordLegacyArgs, StatusArgs,
+    StrategyArg, VerifyArgs, is_refused,
 };
 
 /// Prints a line of a report for people; nothing with `--format json`,

@@ -57,6 +57,13 @@ fn invalid(which: &str, reason: &str) -> Error {
 /// `MultiFernet` does; a token's age is not checked. Values that do not
 /// start with `gAAAAA` are not tokens (taken as plain encodings).
 ///
+/// A token is read as Python's `Fernet.decrypt` reads it
+/// (`base64.urlsafe_b64decode`): the URL-safe alphabet it writes (`-`,
+/// `_`), the standard one (`+`, `/`) too, and line breaks and other ASCII
+/// white space anywhere after the `gAAAAA` (a token wrapped at 76
+/// characters, `\n` or `\r\n`, or stored with a trailing newline) are
+/// skipped; padding is optional.
+///
 /// ```
 /// use phi_types::legacy::FernetDecoder;
 ///
@@ -117,8 +124,8 @@ impl FernetDecoder {
 
     fn decrypt(&self, token: &[u8]) -> std::result::Result<Zeroizing<Vec<u8>>, LegacyErrorKind> {
         let data = base64_engine(true)
-            .decode(token)
-            .map_err(|_| LegacyErrorKind::Malformed("not URL-safe base64"))?;
+            .decode(normalise(token))
+            .map_err(|_| LegacyErrorKind::Malformed("not base64"))?;
         if data.len() < HEADER_LEN + TAG_LEN
             || !(data.len() - HEADER_LEN - TAG_LEN).is_multiple_of(16)
         {
@@ -152,7 +159,27 @@ impl FernetDecoder {
     }
 }
 
+/// A token as URL-safe base64: white space (line breaks) dropped, the
+/// standard alphabet's `+` and `/` read as `-` and `_`, as Python's
+/// `base64.urlsafe_b64decode` reads them. Any other byte is kept (and
+/// fails to decode).
+fn normalise(token: &[u8]) -> Vec<u8> {
+    token
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(|b| match b {
+            b'+' => b'-',
+            b'/' => b'_',
+            other => *other,
+        })
+        .collect()
+}
+
 impl LegacyDecoder for FernetDecoder {
+    fn recognises(&self, stored: &[u8]) -> bool {
+        stored.starts_with(b"gAAAAA")
+    }
+
     fn open(
         &self,
         value: &LegacyValue<'_>,

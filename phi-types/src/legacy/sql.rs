@@ -1,4 +1,6 @@
-//! The database's own guard: a sealed row's encrypted values are envelopes.
+//! The database's own guard (a sealed row's encrypted values are
+//! envelopes), and the SQL that records legacy values before phi's writers
+//! run.
 
 use std::fmt;
 
@@ -224,4 +226,131 @@ pub(crate) fn quoted(dialect: Dialect, name: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+/// `phi_legacy_values` (see the [module](super) documentation) as phi's
+/// migration `2026-12-07-000003_legacy_values` creates it, per backend;
+/// `IF NOT EXISTS`, so that the generated adoption migrations can create
+/// it too in an application database that phi's key tables are not in.
+pub(crate) fn legacy_values_ddl(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Postgres => {
+            "CREATE TABLE IF NOT EXISTS phi_legacy_values (table_name VARCHAR(128) NOT NULL, \
+             column_name VARCHAR(64) NOT NULL, row_key VARCHAR(255) NOT NULL, owner_id VARCHAR(255) NOT NULL, \
+             stored BYTEA NOT NULL, recorded_at TIMESTAMP NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'), \
+             PRIMARY KEY (table_name, column_name, row_key))"
+        }
+        Dialect::Mysql => {
+            "CREATE TABLE IF NOT EXISTS phi_legacy_values (table_name VARCHAR(128) NOT NULL, \
+             column_name VARCHAR(64) NOT NULL, row_key VARCHAR(255) NOT NULL, owner_id VARCHAR(255) NOT NULL, \
+             stored LONGBLOB NOT NULL, recorded_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+             PRIMARY KEY (table_name, column_name, row_key)) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        }
+        Dialect::Sqlite => {
+            "CREATE TABLE IF NOT EXISTS phi_legacy_values (table_name VARCHAR(128) NOT NULL, \
+             column_name VARCHAR(64) NOT NULL, row_key VARCHAR(255) NOT NULL, owner_id VARCHAR(255) NOT NULL, \
+             stored BLOB NOT NULL, recorded_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+             PRIMARY KEY (table_name, column_name, row_key))"
+        }
+    }
+}
+
+/// The SQL that records, in `phi_legacy_values`, every value of `M`'s
+/// table whose stored bytes have the shape of a legacy format phi ships
+/// (`gAAAAA…`: Fernet; `v…:…:…`: versioned AES-GCM), with its table,
+/// column, row key and owner: the statements the generated `in_place` and
+/// `shadow` migrations ([`adopt`](crate::adopt)) end with, for an
+/// application that writes its adoption migration itself. Run them before
+/// any phi writer is deployed, and never again after (see the
+/// [module](super) documentation): only values recorded so are ever
+/// decoded by the backfill.
+///
+/// The patterns are broad (case-insensitive on SQLite): a record of a
+/// value that is not a legacy token costs nothing but the copy, deleted
+/// with its row's backfill. A format of the application's own is recorded
+/// by [`migrate::record_legacy`](crate::migrate::record_legacy).
+///
+/// The first statement creates the table if it does not exist; each
+/// record is inserted unless its (table, column, row key) already has one.
+/// A value of a column sealed in place is recorded as the column holds it
+/// (run it after the column became binary); a column with a shadow column
+/// keeps its own type and is recorded as its text's UTF-8 bytes, as the
+/// backfill reads it.
+///
+/// # Errors
+/// [`Error::Config`] when an identifier is not plain.
+pub fn record_sql<M: Migratable>(dialect: Dialect) -> Result<Vec<String>> {
+    table_record_sql(&M::stored_table(), dialect)
+}
+
+pub(crate) fn table_record_sql(t: &StoredTable, dialect: Dialect) -> Result<Vec<String>> {
+    check_identifier("table", t.table, true)?;
+    check_identifier("owner column", t.owner_column, false)?;
+    check_identifier("key column", t.key_column, false)?;
+    let as_text = |column: &str, integer: bool| -> String {
+        match (integer, dialect) {
+            (false, _) => column.to_owned(),
+            (true, Dialect::Mysql) => format!("CAST({column} AS CHAR)"),
+            (true, _) => format!("CAST({column} AS TEXT)"),
+        }
+    };
+    let key = as_text(t.key_column, t.key_type.is_some_and(|k| k.is_integer()));
+    let owner = as_text(t.owner_column, t.owner_type.is_some_and(|k| k.is_integer()));
+    let mut out = vec![legacy_values_ddl(dialect).to_owned()];
+    for c in &t.columns {
+        check_identifier("column", c.column, false)?;
+        let column = c.column;
+        let value = match (dialect, c.shadow.is_some()) {
+            (Dialect::Postgres, true) => format!("convert_to(CAST({column} AS TEXT), 'UTF8')"),
+            (Dialect::Postgres, false) => column.to_owned(),
+            (Dialect::Mysql, _) => format!("CAST({column} AS BINARY)"),
+            (Dialect::Sqlite, _) => format!("CAST({column} AS BLOB)"),
+        };
+        let conflict = match dialect {
+            Dialect::Mysql => " ON DUPLICATE KEY UPDATE recorded_at = recorded_at",
+            _ => " ON CONFLICT DO NOTHING",
+        };
+        out.push(format!(
+            "INSERT INTO phi_legacy_values (table_name, column_name, row_key, owner_id, stored) \
+             SELECT '{table}', '{column}', {key}, {owner}, {value} FROM {table} \
+             WHERE {column} IS NOT NULL AND ({value} LIKE 'gAAAAA%' OR {value} LIKE 'v%:%:%'){conflict}",
+            table = t.table,
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table the generated migrations create is phi's migration's.
+    #[test]
+    fn the_recording_creates_the_table_phis_migration_creates() {
+        for (dialect, up) in [
+            (
+                Dialect::Postgres,
+                include_str!("../../migrations/postgres/2026-12-07-000003_legacy_values/up.sql"),
+            ),
+            (
+                Dialect::Mysql,
+                include_str!("../../migrations/mysql/2026-12-07-000003_legacy_values/up.sql"),
+            ),
+            (
+                Dialect::Sqlite,
+                include_str!("../../migrations/sqlite/2026-12-07-000003_legacy_values/up.sql"),
+            ),
+        ] {
+            let statement: String = up
+                .lines()
+                .filter(|l| !l.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert_eq!(
+                statement.trim().trim_end_matches(';'),
+                legacy_values_ddl(dialect),
+                "{dialect:?}"
+            );
+        }
+    }
 }

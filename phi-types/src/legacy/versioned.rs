@@ -222,6 +222,10 @@ fn split_version(stored: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 impl LegacyDecoder for VersionedGcmDecoder {
+    fn recognises(&self, stored: &[u8]) -> bool {
+        split_version(stored).is_some()
+    }
+
     fn open(
         &self,
         value: &LegacyValue<'_>,

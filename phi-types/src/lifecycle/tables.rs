@@ -808,21 +808,48 @@ pub trait DataConnection: PhiConnection {
 
     /// In one write transaction: locks the first `limit` rows (in key
     /// order, after the key `after` when given) whose flag is `sealed`,
-    /// turns each with `transform`, calls
+    /// calls `prepare` on the transaction's connection with them, turns
+    /// each with `transform`, calls
     /// `before_write` on the transaction's connection, and writes the
     /// results with the flag flipped in one set-based `UPDATE` (more only
     /// past the backend's bind limit), each row guarded by its key and its
     /// flag still being `sealed`.
     #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
     fn migration_batch(
         &mut self,
         table: &StoredTable,
         sealed: bool,
         limit: usize,
         after: Option<&SqlValue>,
+        prepare: &mut Prepare<'_, Self>,
         transform: &mut Transform<'_>,
         before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
     ) -> Result<ApplyOutcome>;
+
+    /// Whether `phi_legacy_values` exists in this database, and then how
+    /// many records it holds for `table`.
+    #[doc(hidden)]
+    fn count_legacy_records(&mut self, table: &'static str) -> Result<Option<u64>>;
+
+    /// The records of `table` in `phi_legacy_values` whose row key is one
+    /// of `keys`.
+    #[doc(hidden)]
+    fn legacy_records(&mut self, table: &'static str, keys: &[String])
+    -> Result<Vec<LegacyRecord>>;
+
+    /// Deletes the records of `table` whose row key is one of `keys`.
+    #[doc(hidden)]
+    fn delete_legacy_records(&mut self, table: &'static str, keys: &[String]) -> Result<u64>;
+
+    /// Inserts each record unless its (table, column, row key) has one;
+    /// returns how many were inserted.
+    #[doc(hidden)]
+    fn insert_legacy_records(
+        &mut self,
+        table: &'static str,
+        records: &[LegacyRecord],
+    ) -> Result<u64>;
 
     /// `UPDATE table SET lookup = value WHERE key = ? AND column = stored
     /// AND (lookup IS NULL OR lookup <> value)`: writes one row's lookup
@@ -902,6 +929,27 @@ impl Drop for RowWrite {
         }
     }
 }
+
+/// A value recorded in `phi_legacy_values` (see [`crate::legacy`]): where it
+/// was, whose, and its exact stored bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct LegacyRecord {
+    pub(crate) column: String,
+    pub(crate) row_key: String,
+    pub(crate) owner: String,
+    pub(crate) stored: Vec<u8>,
+}
+
+impl Drop for LegacyRecord {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        self.stored.zeroize();
+    }
+}
+
+/// Called with a migration batch's rows, in its transaction, before they
+/// are turned.
+pub(crate) type Prepare<'a, C> = dyn FnMut(&mut C, &[MigrationRow]) -> Result<()> + 'a;
 
 /// Turns one row (`None`: leave it for a later batch).
 pub(crate) type Transform<'a> = dyn FnMut(&MigrationRow) -> Result<Option<RowWrite>> + 'a;
@@ -1077,6 +1125,8 @@ struct Dialect {
     shape: SetShape,
     /// The most bind parameters one statement may carry.
     max_binds: usize,
+    /// `SELECT … AS n`: 1 when `phi_legacy_values` exists, else 0.
+    legacy_table: &'static str,
 }
 
 /// One statement on an application table, written through Diesel's query
@@ -2185,6 +2235,100 @@ macro_rules! data_connection {
                 })
             }
 
+            fn count_legacy_records(&mut self, table: &'static str) -> Result<Option<u64>> {
+                use crate::store::schema::phi_legacy_values as lv;
+                let d: Dialect = $dialect;
+                let error = |source| Error::Database {
+                    operation: "counting recorded legacy values",
+                    table,
+                    source,
+                };
+                let exists: Count = diesel::sql_query(d.legacy_table).get_result(self).map_err(error)?;
+                if exists.n == 0 {
+                    return Ok(None);
+                }
+                let n: i64 = lv::table
+                    .filter(lv::table_name.eq(table))
+                    .count()
+                    .get_result(self)
+                    .map_err(error)?;
+                Ok(Some(u64::try_from(n).unwrap_or(0)))
+            }
+
+            fn legacy_records(
+                &mut self,
+                table: &'static str,
+                keys: &[String],
+            ) -> Result<Vec<LegacyRecord>> {
+                use crate::store::schema::phi_legacy_values as lv;
+                let mut out = Vec::new();
+                for chunk in keys.chunks(1_000) {
+                    let rows: Vec<(String, String, String, Vec<u8>)> = lv::table
+                        .filter(lv::table_name.eq(table))
+                        .filter(lv::row_key.eq_any(chunk))
+                        .select((lv::column_name, lv::row_key, lv::owner_id, lv::stored))
+                        .load(self)
+                        .map_err(|source| Error::Database {
+                            operation: "reading recorded legacy values",
+                            table,
+                            source,
+                        })?;
+                    out.extend(rows.into_iter().map(|(column, row_key, owner, stored)| LegacyRecord {
+                        column,
+                        row_key,
+                        owner,
+                        stored,
+                    }));
+                }
+                Ok(out)
+            }
+
+            fn delete_legacy_records(&mut self, table: &'static str, keys: &[String]) -> Result<u64> {
+                use crate::store::schema::phi_legacy_values as lv;
+                let mut deleted = 0;
+                for chunk in keys.chunks(1_000) {
+                    deleted += diesel::delete(
+                        lv::table
+                            .filter(lv::table_name.eq(table))
+                            .filter(lv::row_key.eq_any(chunk)),
+                    )
+                    .execute(self)
+                    .map_err(|source| Error::Database {
+                        operation: "deleting recorded legacy values",
+                        table,
+                        source,
+                    })? as u64;
+                }
+                Ok(deleted)
+            }
+
+            fn insert_legacy_records(
+                &mut self,
+                table: &'static str,
+                records: &[LegacyRecord],
+            ) -> Result<u64> {
+                use crate::store::schema::phi_legacy_values as lv;
+                let mut inserted = 0;
+                for r in records {
+                    inserted += diesel::insert_into(lv::table)
+                        .values((
+                            lv::table_name.eq(table),
+                            lv::column_name.eq(&r.column),
+                            lv::row_key.eq(&r.row_key),
+                            lv::owner_id.eq(&r.owner),
+                            lv::stored.eq(&r.stored),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(self)
+                        .map_err(|source| Error::Database {
+                            operation: "recording legacy values",
+                            table,
+                            source,
+                        })? as u64;
+                }
+                Ok(inserted)
+            }
+
             fn migration_count(&mut self, table: &StoredTable, sealed: bool) -> Result<u64> {
                 table.validate()?;
                 let mut query = Statement::default();
@@ -2230,6 +2374,7 @@ macro_rules! data_connection {
                 sealed: bool,
                 limit: usize,
                 after: Option<&SqlValue>,
+                prepare: &mut Prepare<'_, Self>,
                 transform: &mut Transform<'_>,
                 before_write: &mut dyn FnMut(&mut Self) -> Result<()>,
             ) -> Result<ApplyOutcome> {
@@ -2238,6 +2383,7 @@ macro_rules! data_connection {
                 let outcome = self.$transaction(|conn| -> std::result::Result<ApplyOutcome, TxError> {
                     let q = RowsQuery { sealed, after, limit, random: false };
                     let rows = load_rows!(conn, d, table, &q, true, true)?;
+                    prepare(conn, &rows)?;
                     let mut outcome = ApplyOutcome {
                         read: rows.len() as u64,
                         last: rows.last().map(|r| r.key.clone()),
@@ -2348,13 +2494,16 @@ macro_rules! data_connection {
 data_connection! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction,
         Dialect { lock: "", random: "RANDOM()",
-            shape: SetShape::SqliteValues, max_binds: 32_766 };
+            shape: SetShape::SqliteValues, max_binds: 32_766,
+            legacy_table: "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'phi_legacy_values'" };
     "mysql" => diesel::MysqlConnection, transaction,
         Dialect { lock: " FOR UPDATE", random: "RAND()",
-            shape: SetShape::Join, max_binds: 65_535 };
+            shape: SetShape::Join, max_binds: 65_535,
+            legacy_table: "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'phi_legacy_values'" };
     "postgres" => diesel::PgConnection, transaction,
         Dialect { lock: " FOR UPDATE", random: "random()",
-            shape: SetShape::Values, max_binds: 65_535 };
+            shape: SetShape::Values, max_binds: 65_535,
+            legacy_table: "SELECT CAST(CASE WHEN to_regclass('phi_legacy_values') IS NULL THEN 0 ELSE 1 END AS BIGINT) AS n" };
 }
 
 /// A model whose stored rows the migration jobs can work on: generated by

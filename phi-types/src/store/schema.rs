@@ -100,3 +100,17 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    /// Values recorded as legacy ciphertexts before phi's writers ran, in
+    /// the application's database: the only ones the backfill decodes
+    /// ([`legacy`](crate::legacy)).
+    phi_legacy_values (table_name, column_name, row_key) {
+        table_name -> Varchar,
+        column_name -> Varchar,
+        row_key -> Varchar,
+        owner_id -> Varchar,
+        stored -> Binary,
+        recorded_at -> Timestamp,
+    }
+}
