@@ -22,6 +22,8 @@
 //! | `2026-11-28-000001` | `key_event_feed` | `phi_key_feed`, `phi_key_events`, `phi_rollout`, `phi_rollout_owners` |
 //! | `2026-11-28-000002` | `feed_readers` | `phi_feed_readers` |
 //! | `2026-12-07-000001` | `owner_ids_byte_exact` | every table with an owner id, KEK id, policy or reader name (MySQL / MariaDB only) |
+//! | `2026-12-07-000002` | `open_event_kinds` | `phi_key_events` (`kind` any non-empty text) |
+//! | `2026-12-07-000003` | `legacy_values` | `phi_legacy_values` |
 //!
 //! (Later versions are added at the end of this table; the directories
 //! `phi-types/migrations/<backend>/` are the authority.)
@@ -45,8 +47,9 @@
 //!   ```
 //!
 //!   (`phi_.*` covers every table phi names `phi_…`: today `phi_key_feed`,
-//!   `phi_key_events`, `phi_rollout`, `phi_rollout_owners` and
-//!   `phi_feed_readers`; the entries are regular expressions.)
+//!   `phi_key_events`, `phi_rollout`, `phi_rollout_owners`,
+//!   `phi_feed_readers` and `phi_legacy_values`; the entries are regular
+//!   expressions.)
 //!
 //! On MySQL / MariaDB, `2026-12-07-000001_owner_ids_byte_exact` makes
 //! every owner id column of phi's tables (and the KEK id, roll-out policy
