@@ -264,11 +264,17 @@ fn adopt_through_the_own_command(db: &Db) {
             .contains("ADD COLUMN body_encrypted"),
         "{generated}"
     );
+    // down.sql quotes every identifier.
+    let quote = if db.url.starts_with("mysql") {
+        '`'
+    } else {
+        '"'
+    };
     assert!(
         generated["down"]
             .as_str()
             .expect("down")
-            .contains("DROP COLUMN body_encrypted"),
+            .contains(&format!("DROP COLUMN {quote}body_encrypted{quote}")),
         "{generated}"
     );
     let other = if db.url.starts_with("sqlite") {

@@ -17,15 +17,31 @@
 //!   column per encrypted column (`<column>_encrypted` unless the model
 //!   names it), the flag and index columns; the plain columns untouched.
 //! - [`Strategy::Finalize`]: the end of the dual-write phase: refuses while a
-//!   row's flag is off, drops the plain columns and their indexes, renames
-//!   each shadow to its column's name, restores `NOT NULL`, and adds the
-//!   sealed check ([`legacy::sealed_check`](crate::legacy::sealed_check)).
+//!   row's flag is off or NULL, a plain value has no sealed copy or a sealed
+//!   copy is not an envelope; drops the plain columns and their indexes,
+//!   renames each shadow to its column's name, restores `NOT NULL`, and adds
+//!   the sealed check ([`legacy::sealed_check`](crate::legacy::sealed_check)).
+//!   No row written while it runs escapes that check: PostgreSQL locks the
+//!   table (`ACCESS EXCLUSIVE`) before checking, SQLite takes the database's
+//!   write lock, both within the migration's transaction; MySQL/MariaDB
+//!   (whose DDL statements commit one by one) install triggers that refuse
+//!   flag-off and shadow-less writes, check again, then change the table
+//!   in one `ALTER TABLE`, and `up.sql` says how to recover from a failure
+//!   at each step.
 //! - [`Strategy::Check`]: the sealed check alone, for a table sealed in
 //!   place once its backfill is done.
 //!
 //! Every statement is preceded by a comment stating what it costs on that
 //! backend (a table rewrite, the lock it holds). Read them before running a
 //! migration on a large table.
+//!
+//! Identifiers are quoted in every `down.sql`, in `finalize` and wherever
+//! a name comes from the catalog (an index, a column of a MySQL index). A
+//! column default is copied into `down.sql` only when it is a literal;
+//! anything else is refused at generation, naming table, column and
+//! default. On MySQL/MariaDB, [`migration`] refuses a server that does not
+//! enforce CHECK constraints ([`check_constraints_enforced`]), and the
+//! migrations' own guards fail by a duplicate key, not by CHECK.
 //!
 //! ```text
 //! phi migration generate --model Case --strategy shadow --dir migrations

@@ -684,12 +684,12 @@ fn finalize_table(conn: &mut Conn, table: &'static str) {
     )
     .expect("shadow migration");
     apply(conn, &shadow.up, "shadow up");
-    for (i, id) in ["r1", "r2", "r3"].iter().enumerate() {
+    for (i, id) in (0u8..).zip(["r1", "r2", "r3"]) {
         conn.batch_execute(&format!(
             "INSERT INTO {table} (id, owner_id, last_name, note, last_name_encrypted, note_encrypted, \
              phi_encrypted) VALUES ('{id}', 'dr-{i}', 'Name {i}', 'Note {i}', {}, {}, TRUE)",
-            bytes_sql(&[0xf1, 0x01, 1, i as u8]),
-            bytes_sql(&[0xf1, 0x01, 2, i as u8]),
+            bytes_sql(&[0xf1, 0x01, 1, i]),
+            bytes_sql(&[0xf1, 0x01, 2, i]),
         ))
         .expect("sealed row");
     }

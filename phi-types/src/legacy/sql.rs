@@ -11,7 +11,8 @@ use crate::lifecycle::tables::{Migratable, StoredTable, check_identifier};
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
-    /// MySQL ≥ 8.0.16 and MariaDB ≥ 10.2 (CHECK constraints enforced).
+    /// MySQL ≥ 8.0.16 and MariaDB ≥ 10.2.1 (CHECK constraints enforced; see
+    /// [`adopt::check_constraints_enforced`](crate::adopt::check_constraints_enforced)).
     Mysql,
     /// PostgreSQL.
     Postgres,
