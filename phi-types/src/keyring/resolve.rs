@@ -78,10 +78,7 @@ pub(super) enum Io {
     /// write its `generate` record in the same call ([`insert_key`]): an
     /// async caller dropped while the insert runs never leaves a key
     /// without its record. Answer [`Input::Inserted`].
-    Insert {
-        row: StoredKey,
-        record: AuditEvent,
-    },
+    Insert { row: StoredKey, record: AuditEvent },
     /// Queue the `unwrap` records for the background writer, and write the
     /// `generate` records now (when there are any); answer
     /// [`Input::Recorded`] with the write's outcome.
@@ -960,7 +957,10 @@ mod tests {
             actor: "test".to_owned(),
             detail: None,
         };
-        store.inner.destroy_keys(owner, None, &destroy).expect("shredded");
+        store
+            .inner
+            .destroy_keys(owner, None, &destroy)
+            .expect("shredded");
         keyring.clear(owner);
         store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
         (keyring, store, arrivals, release)
@@ -1070,4 +1070,3 @@ pub(super) fn insert_key(
     }
     Ok(inserted)
 }
-
