@@ -774,6 +774,14 @@ impl Create {
     }
 }
 
+/// One KEK's share of an unwrap: the KEK, its rows' indices, and their
+/// `(owner, version, wrapped key)` requests.
+type KekBatch = (
+    Arc<dyn KeyEncryptionKey>,
+    Vec<usize>,
+    Vec<(String, u32, Vec<u8>)>,
+);
+
 /// The unwraps of rows of any owners, one result per row in order: one
 /// `unwrap_many` per KEK, so a remote KEK can send the requests
 /// concurrently.
@@ -782,11 +790,7 @@ struct Unwrap {
     rows: Vec<(String, u32, String)>,
     results: Vec<Option<Result<KeyBytes>>>,
     /// The KEKs still to ask, with their requests' rows.
-    pending: Vec<(
-        Arc<dyn KeyEncryptionKey>,
-        Vec<usize>,
-        Vec<(String, u32, Vec<u8>)>,
-    )>,
+    pending: Vec<KekBatch>,
     /// The rows of the request being answered.
     asked: Vec<usize>,
 }
