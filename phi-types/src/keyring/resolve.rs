@@ -635,7 +635,9 @@ struct Create {
     stage: CreateStage,
 }
 
-/// What a creation's step came to.
+/// What a creation's step came to (an `Io` is moved once, to the driver:
+/// boxing it would cost an allocation a step for nothing).
+#[allow(clippy::large_enum_variant)]
 enum Created {
     Io(Io),
     Keys(Arc<OwnerKeys>),
