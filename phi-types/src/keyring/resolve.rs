@@ -608,7 +608,10 @@ impl Fill {
         for (owner, all, live) in std::mem::take(&mut self.groups) {
             let rows: Vec<&StoredKey> = all.iter().map(|&i| &self.rows[i]).collect();
             let live: Vec<&StoredKey> = live.iter().map(|&i| &self.rows[i]).collect();
-            let keys = unwrapped.by_ref().take(live.len());
+            // Collected: `owner_keys` stops at an owner's first failure, and
+            // the rest of its results must not be left for the next owner.
+            let keys: Vec<_> = unwrapped.by_ref().take(live.len()).collect();
+            let keys = keys.into_iter();
             let loaded = core.owner_keys(&owner, &rows, &live, keys, self.fill, &mut self.audit);
             let fate = match loaded {
                 Ok(keys) if purpose == Purpose::Seal && keys.current.is_none() => {
