@@ -85,6 +85,7 @@
 )]
 
 #[cfg(feature = "admin-http")]
+pub mod access;
 pub mod admin;
 pub mod adopt;
 pub mod blind;

@@ -300,12 +300,13 @@ enum KeysCommand {
     ///
     /// Asks for the owner id to be typed again (on standard error) unless
     /// --yes is given. Only the versions listed are destroyed: when the
-    /// owner has none to list (no key row, a mistyped id, or every key
-    /// already destroyed) it stops there, and a key created after the
-    /// listing makes it stop without destroying anything.
+    /// owner has no key row at all (a mistyped id) it stops there; when every
+    /// key is already destroyed it asks nothing, destroys nothing and
+    /// verifies again; a key created after the listing makes it stop
+    /// without destroying anything.
     ///
     /// Exit status: 0 destroyed and verified; 1 an error; 3 refused or not
-    /// confirmed (nothing changed: no key to list, a key created after the
+    /// confirmed (nothing changed: no key row, a key created after the
     /// listing, or the owner id not typed again); 4 not verified (no
     /// --table, no sealed value sampled, or a value still opens: the output
     /// says which).
@@ -1077,26 +1078,17 @@ where
         .iter()
         .filter(|r| r.state != crate::KeyState::Destroyed)
         .collect();
-    if live.is_empty() {
-        // Nothing listed, so nothing confirmed: stop here. Going on would
-        // destroy, unprompted, whatever key were created meanwhile.
+    if rows.is_empty() {
+        // Nothing to list, so nothing to confirm: stop here (a mistyped
+        // owner id is the likely cause).
         env.out.set("owner", owner);
-        env.out.set("key_rows", rows.len());
+        env.out.set("key_rows", 0);
         env.out.set("destroyed_versions", Vec::<u32>::new());
-        if rows.is_empty() {
-            outln!(
-                env,
-                "Owner {owner}: no data key row at all (is the owner id mistyped?). Nothing was changed."
-            );
-            env.out.set("refused", "no data key row");
-        } else {
-            outln!(
-                env,
-                "Owner {owner}: every data key row is already destroyed. Nothing was changed."
-            );
-            env.out
-                .set("refused", "every data key row is already destroyed");
-        }
+        outln!(
+            env,
+            "Owner {owner}: no data key row at all (is the owner id mistyped?). Nothing was changed."
+        );
+        env.out.set("refused", "no data key row");
         return Ok(ExitCode::from(EXIT_REFUSED));
     }
     let listed: Vec<u32> = live.iter().map(|r| r.version).collect();
@@ -1104,7 +1096,10 @@ where
         .iter()
         .map(|r| format!("version {} ({}, KEK {})", r.version, r.state, r.kek_id))
         .collect();
-    if !yes && !confirm(owner, &shown)? {
+    // Every row already destroyed: nothing is asked, nothing is destroyed
+    // (an empty listing refuses any key created meanwhile), and the
+    // verification runs again.
+    if !live.is_empty() && !yes && !confirm(owner, &shown)? {
         eprintln!("Not confirmed: nothing was changed.");
         env.out.printed.set(true);
         return Ok(ExitCode::from(EXIT_REFUSED));

@@ -273,7 +273,10 @@ fn run(weak: &Weak<Inner>, follower: &Follower, mut listener: Option<Box<dyn Fee
             continue;
         }
         let Some(inner) = weak.upgrade() else { return };
-        let keyring = Keyring { inner };
+        let keyring = Keyring {
+            inner,
+            accessor: None,
+        };
         keyring.read_feed_now();
         next_read = Instant::now() + follower.interval;
         if can_listen && listener.is_none() {

@@ -320,6 +320,9 @@ struct Counters {
 #[derive(Clone)]
 pub struct Keyring {
     inner: Arc<Inner>,
+    /// [`Keyring::on_behalf_of`]: who the typed reads and writes made
+    /// through this clone are for.
+    accessor: Option<Arc<crate::access::Accessor>>,
 }
 
 struct Inner {
@@ -733,6 +736,7 @@ impl KeyringBuilder {
         };
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
         let keyring = Keyring {
+            accessor: None,
             inner: Arc::new(Inner {
                 store: self.store,
                 primary: self.primary,
@@ -1324,6 +1328,23 @@ impl Keyring {
     /// Who this keyring's audit records name as actor.
     pub fn actor(&self) -> &str {
         &self.inner.actor
+    }
+
+    /// This keyring, seen on behalf of `accessor`: the same keys and cache
+    /// (a cheap clone), and every typed read and write made through it is
+    /// recorded in the access log under `accessor`.
+    #[must_use]
+    pub fn on_behalf_of(&self, accessor: &crate::access::Accessor) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            accessor: Some(Arc::new(accessor.clone())),
+        }
+    }
+
+    /// Who this keyring is seen on behalf of ([`Keyring::on_behalf_of`]),
+    /// if anyone.
+    pub fn accessor(&self) -> Option<&crate::access::Accessor> {
+        self.accessor.as_deref()
     }
 
     /// Keys of one of phi's reserved owners ([`crate::lookup::LOOKUP_OWNER`]),

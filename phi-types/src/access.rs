@@ -1,0 +1,169 @@
+//! The access log: which person (the *accessor*) read or wrote which
+//! owner's record, through which operation, touching which fields.
+//!
+//! The typed API records one [`AccessRecord`] per (accessor, operation,
+//! owner, table, row) on a keyring seen [on behalf of](crate::Keyring) an
+//! [`Accessor`], and hands the records to the keyring's [`AccessLog`].
+//! Records name fields, never their values.
+
+use std::fmt;
+
+use chrono::NaiveDateTime;
+
+use crate::error::Result;
+
+/// Who reads or writes PHI, and why: the end user behind a call, not the
+/// process (the process is the keyring's actor).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Accessor {
+    user: String,
+    purpose: String,
+    request_id: Option<String>,
+}
+
+impl Accessor {
+    /// An accessor: the end user's id (`"dr-smith"`, `"user:42"`) and the
+    /// purpose of the access (`"treatment"`, `"billing"`, `"export"`).
+    pub fn new(user: impl Into<String>, purpose: impl Into<String>) -> Self {
+        Self {
+            user: user.into(),
+            purpose: purpose.into(),
+            request_id: None,
+        }
+    }
+
+    /// The same accessor, for one request (a request id of the caller's,
+    /// so that the log can be joined with the application's own logs).
+    #[must_use]
+    pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
+        self.request_id = Some(request_id.into());
+        self
+    }
+
+    /// The end user's id.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The purpose of the access.
+    pub fn purpose(&self) -> &str {
+        &self.purpose
+    }
+
+    /// The request id, when one was given.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+}
+
+impl fmt::Debug for Accessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Accessor")
+            .field("user", &self.user)
+            .field("purpose", &self.purpose)
+            .field("request_id", &self.request_id)
+            .finish()
+    }
+}
+
+/// What an access did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum AccessOp {
+    /// Values opened by a load, `open`, `open_each` or a stream.
+    Read,
+    /// A row sealed for an insert.
+    Insert,
+    /// A row's fields sealed again for an update.
+    Update,
+    /// A row deleted (the application tells phi about it).
+    Delete,
+    /// Values opened for an export (CSV, a stream out of the application).
+    Export,
+    /// A blind-index or lookup-index finder run for the owner.
+    Lookup,
+    /// A job (backfill, verify, decrypt-back, re-seal, rotation) read or
+    /// wrote the row.
+    Job,
+}
+
+impl AccessOp {
+    /// Every operation, in the order stored.
+    pub const ALL: [Self; 7] = [
+        Self::Read,
+        Self::Insert,
+        Self::Update,
+        Self::Delete,
+        Self::Export,
+        Self::Lookup,
+        Self::Job,
+    ];
+
+    /// The name stored in the log and shown by `phi audit access`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Insert => "insert",
+            Self::Update => "update",
+            Self::Delete => "delete",
+            Self::Export => "export",
+            Self::Lookup => "lookup",
+            Self::Job => "job",
+        }
+    }
+
+    /// The operation a stored name stands for.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.as_str() == name)
+    }
+}
+
+impl fmt::Display for AccessOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One access: one (accessor, operation, owner, table, row). Names the
+/// fields touched, never their values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// When it happened (UTC).
+    pub occurred_at: NaiveDateTime,
+    /// Who.
+    pub accessor: Accessor,
+    /// What.
+    pub op: AccessOp,
+    /// Whose record.
+    pub owner_id: String,
+    /// Which table.
+    pub table: String,
+    /// Which row: the row key's text (as the envelope binds it), when the
+    /// model has one.
+    pub row: Option<String>,
+    /// The encrypted fields touched, by column name.
+    pub fields: Vec<String>,
+}
+
+/// Where a keyring's access records go.
+///
+/// [`append`](Self::append) is called on the path of every typed read and
+/// write, so it must not wait on a database: queue and write in the
+/// background. An implementation that is *fail-closed* returns an error
+/// while records cannot be written, and the read or write that made them
+/// fails with it.
+pub trait AccessLog: Send + Sync + fmt::Debug {
+    /// Takes `records` for writing.
+    ///
+    /// # Errors
+    /// When the log refuses the records (fail-closed, and records cannot be
+    /// written now): the access that made them must not go ahead.
+    fn append(&self, records: Vec<AccessRecord>) -> Result<()>;
+
+    /// Writes everything taken so far; returns once it is written or given
+    /// up on.
+    ///
+    /// # Errors
+    /// When records taken could not be written.
+    fn flush(&self) -> Result<()>;
+}
