@@ -1452,12 +1452,22 @@ fn add_phi_columns(
 /// decode ([`legacy::record_sql`](crate::legacy::record_sql)). `down.sql`
 /// leaves the records: applying `up.sql` again once phi's writers have run
 /// must not record what they wrote.
-fn record_legacy(up: &mut Script, d: Dialect, t: &StoredTable) -> Result<()> {
+/// `schema` is the live table as it is when the recording runs (after any
+/// conversion of the plain columns to bytes in `up.sql`).
+fn record_legacy(
+    up: &mut Script,
+    d: Dialect,
+    t: &StoredTable,
+    text: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     up.note(
         "Legacy ciphertexts (Fernet, v1:) are recorded now, before phi's writers run: the backfill decodes \
          only a value recorded in its own row, column and owner, so a token copied in later never decodes.",
     );
-    for (i, statement) in table_record_sql(t, d)?.into_iter().enumerate() {
+    for (i, statement) in table_record_sql(t, d, &|c| text(c.column))?
+        .into_iter()
+        .enumerate()
+    {
         let cost = if i == 0 {
             "Creates phi_legacy_values unless it exists (phi's migrations create it too)."
         } else {
@@ -1636,7 +1646,8 @@ pub fn generate(
             }
             let owner_back = owner_byte_exact(&mut up, d, t, schema)?;
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
-            record_legacy(&mut up, d, t)?;
+            // Every plain column is binary by now.
+            record_legacy(&mut up, d, t, &|_| false)?;
             for (cost, s) in undo {
                 down.stmt(&cost, s);
             }
@@ -1713,7 +1724,12 @@ pub fn generate(
             }
             let owner_back = owner_byte_exact(&mut up, d, t, schema)?;
             let undo = add_phi_columns(&mut up, d, t, schema, options)?;
-            record_legacy(&mut up, d, t)?;
+            // The plain columns keep their types.
+            record_legacy(&mut up, d, t, &|column| {
+                schema
+                    .column(column)
+                    .is_none_or(|info| !info.sql_type.eq_ignore_ascii_case("bytea"))
+            })?;
             // After finalize's down and before decrypt-back, a shadow holds
             // the only copy of its value: dropping it then loses data.
             let only_copy = t

@@ -6,7 +6,7 @@
 //! per interval.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use super::{Clock, Inner, Keyring};
@@ -85,6 +85,9 @@ pub(super) struct Follower {
     listening: std::sync::atomic::AtomicBool,
     /// When the position was last recorded in `phi_feed_readers`.
     recorded: Mutex<Option<Instant>>,
+    /// The thread, and what tells that it has finished (its sender is
+    /// dropped when it ends).
+    thread: Mutex<Option<(std::thread::ThreadId, mpsc::Receiver<()>)>>,
 }
 
 impl Follower {
@@ -110,6 +113,7 @@ impl Follower {
             reader,
             listening: std::sync::atomic::AtomicBool::new(false),
             recorded: Mutex::new(None),
+            thread: Mutex::new(None),
         }
     }
 
@@ -181,6 +185,27 @@ impl Follower {
         self.wake.notify_all();
     }
 
+    /// [`stop`](Self::stop)s the thread and waits, at most `timeout`, until
+    /// it has finished (its last write, the position forgotten, done): a
+    /// process that exits right after dropping its keyring must not leave
+    /// the thread inside the database client library while the process's
+    /// exit handlers tear that library down. Does not wait when called on
+    /// the thread itself.
+    pub(super) fn stop_and_wait(&self, timeout: Duration) {
+        self.stop();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((id, finished)) = thread {
+            if id != std::thread::current().id() {
+                // Disconnected: finished; a timeout: given up on.
+                let _ = finished.recv_timeout(timeout);
+            }
+        }
+    }
+
     /// Waits `timeout` (or until stopped); returns whether to go on.
     fn wait(&self, timeout: Duration) -> bool {
         let stop = self.stop.lock().unwrap_or_else(PoisonError::into_inner);
@@ -242,17 +267,22 @@ pub(super) fn start(
     follower
         .listening
         .store(listener.is_some(), Ordering::Relaxed);
-    std::thread::Builder::new()
+    let (finished, finished_rx) = mpsc::channel::<()>();
+    let shared = follower.clone();
+    let handle = std::thread::Builder::new()
         .name("phi-feed".into())
         .spawn(move || {
+            let _finished = finished;
             run(&weak, &follower, listener);
             // Stopped: this keyring no longer reads the feed.
             if let Err(error) = store.forget_feed_reader(&follower.reader) {
                 tracing::debug!(%error, "cannot forget this keyring's feed position");
             }
         })
-        .map(drop)
-        .map_err(|e| Error::Config(format!("cannot start the key-event feed thread: {e}")))
+        .map_err(|e| Error::Config(format!("cannot start the key-event feed thread: {e}")))?;
+    *shared.thread.lock().unwrap_or_else(PoisonError::into_inner) =
+        Some((handle.thread().id(), finished_rx));
+    Ok(())
 }
 
 fn run(weak: &Weak<Inner>, follower: &Follower, mut listener: Option<Box<dyn FeedListener>>) {

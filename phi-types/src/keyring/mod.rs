@@ -346,10 +346,14 @@ struct Inner {
     owner_id_whitespace: bool,
 }
 
+/// How long dropping the last clone of a following keyring waits for its
+/// feed thread to finish.
+const FOLLOWER_EXIT_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(follower) = &self.follower {
-            follower.stop();
+            follower.stop_and_wait(FOLLOWER_EXIT_WAIT);
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::lifecycle::tables::{Migratable, StoredTable, check_identifier};
+use crate::lifecycle::tables::{Migratable, StoredColumn, StoredTable, check_identifier};
 
 /// The SQL dialect of [`sealed_check`].
 #[non_exhaustive]
@@ -281,10 +281,18 @@ pub(crate) fn legacy_values_ddl(dialect: Dialect) -> &'static str {
 /// # Errors
 /// [`Error::Config`] when an identifier is not plain.
 pub fn record_sql<M: Migratable>(dialect: Dialect) -> Result<Vec<String>> {
-    table_record_sql(&M::stored_table(), dialect)
+    // A model with a shadow keeps its plain column's type (text); without
+    // one, the column holds bytes.
+    table_record_sql(&M::stored_table(), dialect, &|c| c.shadow.is_some())
 }
 
-pub(crate) fn table_record_sql(t: &StoredTable, dialect: Dialect) -> Result<Vec<String>> {
+/// The statements recording `t`'s legacy values; `text(c)` says whether
+/// `c`'s plain column is a text (or other non-binary) column when they run.
+pub(crate) fn table_record_sql(
+    t: &StoredTable,
+    dialect: Dialect,
+    text: &dyn Fn(&StoredColumn) -> bool,
+) -> Result<Vec<String>> {
     check_identifier("table", t.table, true)?;
     check_identifier("owner column", t.owner_column, false)?;
     check_identifier("key column", t.key_column, false)?;
@@ -301,7 +309,7 @@ pub(crate) fn table_record_sql(t: &StoredTable, dialect: Dialect) -> Result<Vec<
     for c in &t.columns {
         check_identifier("column", c.column, false)?;
         let column = c.column;
-        let value = match (dialect, c.shadow.is_some()) {
+        let value = match (dialect, text(c)) {
             (Dialect::Postgres, true) => format!("convert_to(CAST({column} AS TEXT), 'UTF8')"),
             (Dialect::Postgres, false) => column.to_owned(),
             (Dialect::Mysql, _) => format!("CAST({column} AS BINARY)"),

@@ -1,12 +1,15 @@
 //! The key store in the application's database, through Diesel.
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::NaiveDateTime;
 use diesel::connection::{AnsiTransactionManager, TransactionManager as _};
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::schema::{
     encryption_key_audit, kek_check_values, phi_feed_readers, phi_key_events, phi_key_feed,
@@ -66,6 +69,32 @@ pub struct DieselKeyStore<C: PhiConnection> {
     pool: Pool<ConnectionManager<C>>,
     /// Where a feed listener connects ([`connect`](Self::connect) only).
     database_url: Option<String>,
+    /// The one thread on which the pool of [`connect`](Self::connect)
+    /// opens its connections, waited for on drop.
+    connecting: Option<Arc<ScheduledThreadPool>>,
+}
+
+/// How long dropping a store waits for a connection being opened.
+const CONNECTING_WAIT: Duration = Duration::from_secs(5);
+
+impl<C: PhiConnection> Drop for DieselKeyStore<C> {
+    /// Waits (at most [`CONNECTING_WAIT`]) for a connection the pool is
+    /// still opening in the background: r2d2 opens one for every `get`
+    /// that finds no idle connection, and may hand the caller another that
+    /// came back first, so the opening can outlive the work that asked for
+    /// it. A process exiting then would tear down the client library
+    /// (libpq's OpenSSL or Kerberos state, say) under that thread and crash
+    /// on its way out.
+    fn drop(&mut self) {
+        if let Some(connecting) = &self.connecting {
+            let (done, waited) = std::sync::mpsc::channel::<()>();
+            // Runs after the opening in progress, on the same single thread.
+            connecting.execute(move || {
+                let _ = done.send(());
+            });
+            let _ = waited.recv_timeout(CONNECTING_WAIT);
+        }
+    }
 }
 
 impl<C: PhiConnection> DieselKeyStore<C> {
@@ -81,6 +110,7 @@ impl<C: PhiConnection> DieselKeyStore<C> {
         DieselKeyStore {
             pool,
             database_url: None,
+            connecting: None,
         }
     }
 
@@ -122,13 +152,21 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     /// # Errors
     /// [`Error::Store`] when the database cannot be reached.
     pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
+        let connecting = Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(1)
+                .thread_name_pattern("phi-store-connect")
+                .build(),
+        );
         let pool = Pool::builder()
             .max_size(4)
             .min_idle(Some(0))
+            .thread_pool(connecting.clone())
             .connection_customizer(Box::new(Prepare))
             .build(ConnectionManager::<C>::new(database_url))
             .map_err(|e| Error::store("connecting the key store pool", e))?;
-        let store = DieselKeyStore::new(pool).listen_url(database_url);
+        let mut store = DieselKeyStore::new(pool).listen_url(database_url);
+        store.connecting = Some(connecting);
         drop(store.conn()?);
         Ok(store)
     }
