@@ -141,16 +141,14 @@ pub enum ShareError {
     /// A share of the same split states another threshold, share count or
     /// key check than the first share.
     #[error(
-        "{origin}: share {id} of split {split} says {field} {found} where {first} says \
-         {expected}: one of them is damaged"
+        "{origin}: share {id} says {field} {found} where {first} says {expected}, of the \
+         same split: one of them is damaged"
     )]
     Inconsistent {
         /// Where the share came from.
         origin: String,
         /// Its id.
         id: u8,
-        /// Its split.
-        split: String,
         /// The field (`threshold`, `share count`, `key check`).
         field: &'static str,
         /// What this share says.
@@ -487,7 +485,6 @@ pub fn combine(shares: &[MasterKeyShare]) -> Result<KeyBytes, ShareError> {
             |field: &'static str, found: String, expected: String| ShareError::Inconsistent {
                 origin: share.origin.clone().unwrap_or_else(|| "a share".to_owned()),
                 id: share.id,
-                split: share.split_id(),
                 field,
                 found,
                 first: first.named(),
