@@ -328,6 +328,11 @@ impl MasterKeyShare {
         })
     }
 
+    /// Where the share came from, else `unknown`.
+    fn origin_or(&self, unknown: &str) -> String {
+        self.origin.clone().unwrap_or_else(|| unknown.to_owned())
+    }
+
     /// How errors name this share.
     fn named(&self) -> String {
         match &self.origin {
@@ -473,10 +478,10 @@ pub fn combine(shares: &[MasterKeyShare]) -> Result<KeyBytes, ShareError> {
     for (n, share) in shares.iter().enumerate() {
         if share.split != first.split {
             return Err(ShareError::MixedSplits {
-                first: first.named(),
+                first: first.origin_or("one"),
                 first_id: first.id,
                 first_split: first.split_id(),
-                second: share.named(),
+                second: share.origin_or("another"),
                 second_id: share.id,
                 second_split: share.split_id(),
             });

@@ -546,8 +546,8 @@ fn verify(
             };
             outln!(
                 out,
-                "VERIFIED: {from} {how} stored for KEK {kek_id} ({}): it unwraps this \
-                 database's data keys under that KEK.",
+                "VERIFIED: {from} {how} stored for KEK {kek_id} ({}): it is the key this \
+                 database knows under that id.",
                 check.format
             );
             Ok(ExitCode::SUCCESS)
@@ -557,8 +557,7 @@ fn verify(
             outln!(
                 out,
                 "NOT VERIFIED: {from} does not match the check value stored for KEK {kek_id} \
-                 ({}{}): it is not the key this database's data keys under {kek_id} are \
-                 wrapped with.",
+                 ({}{}): it is not the key this database knows under that id.",
                 check.format,
                 match check.format.as_str() {
                     crate::CHECK_FORMAT_LOCAL => ", a local master key's",
