@@ -820,3 +820,208 @@ fn the_binaries_print_no_secret() {
         assert_no_secret(what, text, &secrets);
     }
 }
+
+/// `phi master-key`: generated and rebuilt keys go to files, never to the
+/// output; shares go to files, and no report or error (damaged, too few,
+/// mixed shares; a key that does not verify) shows a key or a share's
+/// value, with `RUST_LOG=trace`.
+#[test]
+fn master_key_commands_print_no_secret() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("keys.db").display().to_string();
+    let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut phi = |args: &[&str], expected: i32| {
+        let out = Command::new(env!("CARGO_BIN_EXE_phi"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("DATABASE_URL", &db)
+            .env("PHI_KEK_ID", "captured-master")
+            .env("RUST_LOG", "trace")
+            .env("RUST_BACKTRACE", "0")
+            .env_remove("PHI_MASTER_KEY")
+            .env_remove("PHI_MASTER_KEY_FILE")
+            .env_remove("PHI_KEK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("phi runs");
+        let what = format!("phi {args:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+            "{what} panicked"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(expected),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push((format!("standard output of {what}"), out.stdout));
+        outputs.push((format!("standard error of {what}"), out.stderr));
+    };
+    phi(&["master-key", "generate", "--out", "master.key"], 0);
+    phi(&["master-key", "generate", "--out", "master.key"], 3);
+    phi(&["master-key", "generate", "--out", "other.key"], 0);
+    let key_of =
+        |name: &str| phi::master_key::read_key_file(&dir.path().join(name)).expect("a key file");
+    let (master, other) = (key_of("master.key"), key_of("other.key"));
+    // The database knows master.key as KEK captured-master.
+    let store =
+        Arc::new(phi::DieselKeyStore::<diesel::SqliteConnection>::connect(&db).expect("store"));
+    phi::Keyring::builder(
+        store,
+        Arc::new(phi::LocalKek::new("captured-master", &master)),
+    )
+    .build()
+    .expect("keyring");
+
+    for (key, out_dir) in [("master.key", "a"), ("other.key", "b")] {
+        phi(
+            &[
+                "master-key",
+                "split",
+                "--shares",
+                "5",
+                "--threshold",
+                "3",
+                "--key-file",
+                key,
+                "--out-dir",
+                out_dir,
+            ],
+            0,
+        );
+    }
+    let shares = |out_dir: &str| -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(dir.path().join(out_dir))
+            .expect("shares")
+            .map(|e| {
+                format!(
+                    "{out_dir}/{}",
+                    e.expect("entry").file_name().to_string_lossy()
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let (a, b) = (shares("a"), shares("b"));
+    let mut secrets = vec![
+        Secret::new("the master key", master.expose().to_vec()),
+        Secret::new(
+            "the master key's base64",
+            phi::master_key::encode(&master).trim().as_bytes().to_vec(),
+        ),
+        Secret::new("the other key", other.expose().to_vec()),
+    ];
+    for file in a.iter().chain(&b) {
+        let text = std::fs::read_to_string(dir.path().join(file)).expect("share file");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("phi-share-v1:"))
+            .expect("a share");
+        let value = hex::decode(line.split(':').nth(6).expect("value")).expect("hex");
+        secrets.push(Secret::new(format!("the value of {file}"), value));
+        secrets.push(Secret::new(
+            format!("the text of {file}"),
+            line.as_bytes().to_vec(),
+        ));
+    }
+    // A damaged copy of a share.
+    let first = std::fs::read_to_string(dir.path().join(&a[0])).expect("share");
+    let damaged = first.replace(":3:5:1:", ":3:5:2:");
+    std::fs::write(dir.path().join("damaged.txt"), damaged).expect("write");
+
+    phi(
+        &[
+            "master-key",
+            "combine",
+            "--out",
+            "rebuilt.key",
+            &a[0],
+            &a[2],
+            &a[4],
+        ],
+        0,
+    );
+    assert_eq!(key_of("rebuilt.key").expose(), master.expose());
+    phi(
+        &["master-key", "combine", "--out", "x.key", &a[0], &a[2]],
+        1,
+    );
+    phi(
+        &[
+            "master-key",
+            "combine",
+            "--out",
+            "x.key",
+            &a[0],
+            &b[1],
+            &a[2],
+        ],
+        1,
+    );
+    phi(
+        &[
+            "master-key",
+            "combine",
+            "--out",
+            "x.key",
+            "damaged.txt",
+            &a[1],
+            &a[2],
+        ],
+        1,
+    );
+    phi(
+        &[
+            "master-key",
+            "combine",
+            "--out",
+            "x.key",
+            &a[1],
+            &a[1],
+            &a[2],
+        ],
+        1,
+    );
+    phi(&["master-key", "verify", "--key-file", "master.key"], 0);
+    phi(&["master-key", "verify", "--key-file", "other.key"], 4);
+    phi(
+        &["master-key", "verify", "--shares", &a[1], &a[3], &a[4]],
+        0,
+    );
+    phi(
+        &["master-key", "verify", "--shares", &b[0], &b[1], &b[2]],
+        4,
+    );
+    phi(
+        &[
+            "master-key",
+            "verify",
+            "--format",
+            "json",
+            "--shares",
+            &b[0],
+            &b[1],
+            &b[2],
+        ],
+        4,
+    );
+    phi(
+        &[
+            "master-key",
+            "verify",
+            "--kek-id",
+            "unknown",
+            "--key-file",
+            "other.key",
+        ],
+        4,
+    );
+    phi(&["master-key", "verify", "--key-file", "damaged.txt"], 1);
+
+    assert!(!dir.path().join("x.key").exists());
+    for (what, text) in &outputs {
+        assert_no_secret(what, text, &secrets);
+    }
+}

@@ -103,6 +103,8 @@ pub mod legacy;
 pub mod lifecycle;
 pub mod lookup;
 mod lookup_key;
+#[cfg(feature = "cli")]
+pub mod master_key;
 pub mod metrics;
 pub mod migrate;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]

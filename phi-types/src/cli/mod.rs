@@ -28,6 +28,7 @@ use crate::store::DieselKeyStore;
 use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 
 mod jobs;
+mod master_key;
 
 pub use jobs::{
     BackendArg, DecryptBackArgs, FinalizeArgs, GenerateArgs, JobCommand, Jobs, LegacyArgs,
@@ -162,6 +163,10 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// A local master key: generate it, split it into shares that rebuild
+    /// it, and check it (or shares) against the database.
+    #[command(subcommand)]
+    MasterKey(master_key::MasterKeyCommand),
     #[command(flatten)]
     Jobs(JobCommand),
     /// Prints a shell completion script, e.g. `phi completions bash >
@@ -475,7 +480,16 @@ impl App {
             }
             _ => {}
         }
-        match self.dispatch(&cli) {
+        let result = match &cli.command {
+            Command::MasterKey(command) => master_key::run(
+                &cli,
+                self.database_url.as_deref(),
+                self.keyring.as_ref().map(|k| k.store().clone()),
+                command,
+            ),
+            _ => self.dispatch(&cli),
+        };
+        match result {
             Ok(code) => code,
             Err(error) => {
                 // The whole chain on one line: each error's message, then its
@@ -605,7 +619,9 @@ impl App {
                 self.jobs
                     .run(&mut conn, &keyring, job, cli.format, env.progress)
             }
-            Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
+            Command::Completions { .. } | Command::Man | Command::MasterKey(_) => {
+                Ok(ExitCode::SUCCESS)
+            }
         }?;
         env.out.finish()?;
         Ok(code)

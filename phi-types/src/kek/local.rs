@@ -74,55 +74,30 @@ impl LocalKek {
     /// [`Error::MasterKey`] when the text is not base64 of exactly 32 bytes.
     pub fn from_base64(id: impl Into<String>, encoded: &str) -> Result<Self, Error> {
         let id = id.into();
-        let invalid = |reason: String| Error::MasterKey {
-            kek_id: id.clone(),
-            reason,
-        };
-        let bytes = Zeroizing::new(
-            STANDARD
-                .decode(encoded.trim())
-                .map_err(|_| invalid("not valid base64".into()))?,
-        );
-        let key = KeyBytes::from_slice(&bytes).ok_or_else(|| {
-            invalid(format!(
-                "decodes to {} bytes, a master key is exactly 32",
-                bytes.len()
-            ))
-        })?;
-        Ok(LocalKek::new(id, &key))
+        match decode_master_key(encoded) {
+            Ok(key) => Ok(LocalKek::new(id, &key)),
+            Err(reason) => Err(Error::MasterKey { kek_id: id, reason }),
+        }
     }
 
     /// A KEK over the master key in the file at `path` (base64 text).
     ///
     /// On Unix the file must be private: owned by the user the process runs
     /// as, with no permission for its group or others (mode `0600` or
-    /// `0400`). Create one with `(umask 077; openssl rand -base64 32 >
-    /// FILE)`, or fix one with `chmod 600 FILE`.
+    /// `0400`). Create one with `phi master-key generate --out FILE` (or
+    /// `(umask 077; openssl rand -base64 32 > FILE)`), or fix one with
+    /// `chmod 600 FILE`.
     ///
     /// # Errors
     /// [`Error::MasterKey`] when the file cannot be read, is readable or
     /// writable by others or owned by another user, or does not hold a
     /// base64 master key.
     pub fn from_file(id: impl Into<String>, path: impl AsRef<Path>) -> Result<Self, Error> {
-        use std::io::Read as _;
         let id = id.into();
-        let path = path.as_ref();
-        let cannot_read = |e: std::io::Error| Error::MasterKey {
-            kek_id: id.clone(),
-            reason: format!("cannot read {}: {e}", path.display()),
-        };
-        // One open: the permissions checked are those of the file read.
-        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
-        #[cfg(unix)]
-        {
-            let meta = file.metadata().map_err(cannot_read)?;
-            if let Err(reason) = private_file(path, &meta) {
-                return Err(Error::MasterKey { kek_id: id, reason });
-            }
+        match read_master_key_file(path.as_ref()) {
+            Ok(key) => Ok(LocalKek::new(id, &key)),
+            Err(reason) => Err(Error::MasterKey { kek_id: id, reason }),
         }
-        let mut text = Zeroizing::new(String::new());
-        file.read_to_string(&mut text).map_err(cannot_read)?;
-        LocalKek::from_base64(id, &text)
     }
 
     /// A KEK over the master key in `PHI_MASTER_KEY` (base64), or else in the
@@ -170,6 +145,39 @@ impl LocalKek {
     }
 }
 
+/// A master key from its text form: base64 of exactly 32 bytes, surrounding
+/// whitespace ignored. The error says what is wrong, never the key.
+pub(crate) fn decode_master_key(encoded: &str) -> Result<KeyBytes, String> {
+    let bytes = Zeroizing::new(
+        STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| "not valid base64".to_owned())?,
+    );
+    KeyBytes::from_slice(&bytes).ok_or_else(|| {
+        format!(
+            "decodes to {} bytes, a master key is exactly 32",
+            bytes.len()
+        )
+    })
+}
+
+/// The master key in the file at `path` (base64 text), the file refused on
+/// Unix unless private to this user (see [`LocalKek::from_file`]).
+pub(crate) fn read_master_key_file(path: &Path) -> Result<KeyBytes, String> {
+    use std::io::Read as _;
+    let cannot_read = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    // One open: the permissions checked are those of the file read.
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    #[cfg(unix)]
+    {
+        let meta = file.metadata().map_err(cannot_read)?;
+        private_file(path, &meta)?;
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text).map_err(cannot_read)?;
+    decode_master_key(&text)
+}
+
 /// The check value of a local KEK: see [`LocalKek`].
 fn check_value(id: &str, master_key: &KeyBytes) -> [u8; 32] {
     let mut key = Zeroizing::new([0u8; 32]);
@@ -197,7 +205,7 @@ fn private_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
         return Err(format!(
             "{} is accessible to its group or others (mode {mode:03o}); a master key file must \
              be private: run `chmod 600 {}` (and create key files with \
-             `(umask 077; openssl rand -base64 32 > FILE)`)",
+             `phi master-key generate --out FILE` or `(umask 077; openssl rand -base64 32 > FILE)`)",
             path.display(),
             path.display()
         ));

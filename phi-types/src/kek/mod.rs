@@ -16,6 +16,8 @@ pub use aws::{
     CONTEXT_KEK_CHECK, CONTEXT_OWNER,
 };
 pub use local::{CHECK_FORMAT_LOCAL, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
+#[cfg(feature = "cli")]
+pub(crate) use local::{decode_master_key, read_master_key_file};
 
 use std::fmt;
 
