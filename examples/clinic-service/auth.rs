@@ -8,8 +8,9 @@
 //! shared secret (`CLINIC_JWT_SECRET`, at least 32 bytes), or RS256 /
 //! ES256 with the issuer's public key (`CLINIC_JWT_PUBLIC_KEY_FILE`, PEM,
 //! and `--jwt-algorithm`). Only the configured algorithm is accepted (a
-//! token signed otherwise, or with `alg: none`, is refused). There is no
-//! default: without one of the two the service does not start.
+//! token signed otherwise, or with `alg: none`, is refused). `exp` and
+//! `nbf` are checked with jsonwebtoken's 60-second leeway for clock skew.
+//! There is no default: without one of the two the service does not start.
 //!
 //! A refused request is answered 401 with `WWW-Authenticate: Bearer` before
 //! its handler runs: nothing is read from the database, no key is fetched
