@@ -17,7 +17,7 @@ use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
@@ -645,9 +645,12 @@ impl Moto {
             .spawn()
             .expect("python3 -m moto.server (pip install \"moto[server]\")");
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on {url}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto did not start on {url}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Moto { child, url }

@@ -3,6 +3,7 @@
 //! that a route and its twin serve the same data.
 
 use chrono::NaiveDate;
+#[cfg(any(feature = "mysql", feature = "postgres"))]
 use diesel_async::RunQueryDsl;
 use phi::PhiRecord as _;
 
