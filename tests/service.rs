@@ -17,7 +17,7 @@ use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
@@ -193,12 +193,21 @@ impl Service {
             .env_remove("PHI_KEK")
             .env_remove("PHI_MASTER_KEY")
             .env_remove("PHI_MASTER_KEY_FILE")
+            .env_remove("CLINIC_JWT_PUBLIC_KEY_FILE")
+            .env_remove("CLINIC_JWT_ALGORITHM")
+            .env_remove("CLINIC_JWT_ISSUER")
+            .env_remove("CLINIC_JWT_AUDIENCE")
+            .env_remove("CLINIC_JWT_SECRET")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .current_dir(db.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        // The tests' HS256 secret, unless the test configures verification.
+        if !env.iter().any(|(name, _)| name.starts_with("CLINIC_JWT_")) {
+            command.env("CLINIC_JWT_SECRET", JWT_SECRET);
+        }
         let _first = first_start_lock().lock().unwrap_or_else(|e| e.into_inner());
         let mut child = command.spawn().expect("the service starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -228,29 +237,60 @@ impl Service {
         format!("{}{path}", self.base)
     }
 
-    fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .expect("POST");
-        (r.status(), r.json().unwrap_or(Value::Null))
+    /// A client of the service signed in as `user` of `provider` (a token
+    /// valid for an hour).
+    fn as_user(&self, user: &str, provider: &str) -> Session<'_> {
+        self.with_token(&token(user, provider, 3600))
     }
 
-    fn get(&self, path: &str) -> (StatusCode, Value) {
-        let r = self.http.get(self.url(path)).send().expect("GET");
-        (r.status(), r.json().unwrap_or(Value::Null))
+    /// A client of the service sending `token` as its bearer token.
+    fn with_token(&self, token: &str) -> Session<'_> {
+        Session {
+            service: self,
+            token: Some(token.to_owned()),
+        }
     }
 
-    fn patch(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let r = self
+    /// A client sending no token.
+    fn anonymous(&self) -> Session<'_> {
+        Session {
+            service: self,
+            token: None,
+        }
+    }
+
+    /// The keyring's counters from `/metrics` (`clinic_service_keyring_*`):
+    /// cache hits and misses, key loads, unwraps, creations. Equal before
+    /// and after a request when it touched no key.
+    fn key_counters(&self) -> Vec<(String, u64)> {
+        let text = self
             .http
-            .patch(self.url(path))
-            .json(body)
+            .get(self.url("/metrics"))
             .send()
-            .expect("PATCH");
-        (r.status(), r.json().unwrap_or(Value::Null))
+            .expect("metrics")
+            .text()
+            .expect("text");
+        let mut counters: Vec<(String, u64)> = text
+            .lines()
+            .filter(|l| l.starts_with("clinic_service_keyring_"))
+            .map(|l| {
+                let (name, value) = l.split_once(' ').expect("name value");
+                (name.to_owned(), value.parse().expect("a count"))
+            })
+            .collect();
+        assert_eq!(counters.len(), 5, "{text}");
+        counters.sort();
+        counters
+    }
+
+    /// The `/metrics` text.
+    fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .expect("metrics")
+            .text()
+            .expect("text")
     }
 
     /// Stops the service with SIGTERM; it must shut down gracefully (exit 0).
@@ -275,6 +315,94 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The HS256 secret the tests' services verify tokens with.
+const JWT_SECRET: &str = "clinic-service-tests-jwt-secret-0123456789";
+
+/// A token for `user` of `provider`, signed with [`JWT_SECRET`], expiring
+/// `ttl` seconds from now (negative: already expired).
+fn token(user: &str, provider: &str, ttl: i64) -> String {
+    signed(
+        &json!({
+            "sub": user,
+            "provider": provider,
+            "exp": now().saturating_add_signed(ttl),
+        }),
+        JWT_SECRET,
+    )
+}
+
+/// `claims` as an HS256 JWT signed with `secret`.
+fn signed(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("signing a token")
+}
+
+/// Seconds since the epoch.
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs()
+}
+
+/// Requests to a service with one bearer token (or none).
+struct Session<'a> {
+    service: &'a Service,
+    token: Option<String>,
+}
+
+impl Session<'_> {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        let request = self.service.http.request(method, self.service.url(path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::blocking::Response {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().expect("request")
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self.send(reqwest::Method::POST, path, Some(body));
+        (r.status(), r.json().unwrap_or(Value::Null))
+    }
+
+    fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.send(reqwest::Method::GET, path, None);
+        (r.status(), r.json().unwrap_or(Value::Null))
+    }
+
+    fn patch(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self.send(reqwest::Method::PATCH, path, Some(body));
+        (r.status(), r.json().unwrap_or(Value::Null))
+    }
+
+    fn delete(&self, path: &str) -> StatusCode {
+        self.send(reqwest::Method::DELETE, path, None).status()
+    }
+
+    /// A text response (the CSV export).
+    fn text(&self, path: &str) -> (StatusCode, String) {
+        let r = self.send(reqwest::Method::GET, path, None);
+        (r.status(), r.text().expect("text"))
     }
 }
 
@@ -303,7 +431,8 @@ fn assert_no_phi(text: &str, values: &[&str]) {
 fn round_trip(db: &Db, prefix: &str) {
     let provider = common::unique_owner("svc-rt");
     let service = Service::start(db);
-    let (status, created) = service.post(
+    let user = service.as_user("dr-rt", &provider);
+    let (status, created) = user.post(
         &format!("{prefix}/cases"),
         &new_case(&provider, "Marguerite", "Oyelaran-Quist", "1961-04-09"),
     );
@@ -311,7 +440,7 @@ fn round_trip(db: &Db, prefix: &str) {
     let id = created["case_id"].as_str().expect("case id").to_owned();
     assert_eq!(created["revision"], 1);
 
-    let (status, got) = service.get(&format!("{prefix}/cases/{id}"));
+    let (status, got) = user.get(&format!("{prefix}/cases/{id}"));
     assert_eq!(status, StatusCode::OK, "{got}");
     assert_eq!(got["patient_first"], "Marguerite");
     assert_eq!(got["patient_last"], "Oyelaran-Quist");
@@ -319,16 +448,16 @@ fn round_trip(db: &Db, prefix: &str) {
     assert_eq!(got["ins_provider"], "Aetna");
     assert_eq!(got["provider_id"], provider.as_str());
 
-    let (status, second) = service.post(
+    let (status, second) = user.post(
         &format!("{prefix}/cases"),
         &new_case(&provider, "Tobias", "Lindgren", "1977-10-30"),
     );
     assert_eq!(status, StatusCode::CREATED, "{second}");
-    let (status, page) = service.get(&format!("{prefix}/providers/{provider}/cases?limit=1"));
+    let (status, page) = user.get(&format!("{prefix}/providers/{provider}/cases?limit=1"));
     assert_eq!(status, StatusCode::OK, "{page}");
     assert_eq!(page["cases"].as_array().expect("cases").len(), 1);
     let after = page["next"].as_str().expect("a next page");
-    let (status, rest) = service.get(&format!(
+    let (status, rest) = user.get(&format!(
         "{prefix}/providers/{provider}/cases?after={after}"
     ));
     assert_eq!(status, StatusCode::OK, "{rest}");
@@ -336,37 +465,37 @@ fn round_trip(db: &Db, prefix: &str) {
     assert!(rest["next"].is_null());
 
     // The duplicate check: case and spaces in the last name do not matter.
-    let (status, dup) = service.post(
+    let (status, dup) = user.post(
         &format!("{prefix}/providers/{provider}/duplicates"),
         &json!({"patient_last": "  oyelaran-QUIST ", "patient_dob": "1961-04-09"}),
     );
     assert_eq!(status, StatusCode::OK, "{dup}");
     assert_eq!(dup["case_ids"], json!([id]));
-    let (_, none) = service.post(
+    let (_, none) = user.post(
         &format!("{prefix}/providers/{provider}/duplicates"),
         &json!({"patient_last": "Oyelaran-Quist", "patient_dob": "1961-04-10"}),
     );
     assert_eq!(none["case_ids"], json!([]));
 
     // Update at revision 1, then a stale update at revision 1: 409.
-    let (status, updated) = service.patch(
+    let (status, updated) = user.patch(
         &format!("{prefix}/cases/{id}"),
         &json!({"revision": 1, "patient_first": "Margot", "ins_provider": null}),
     );
     assert_eq!(status, StatusCode::OK, "{updated}");
     assert_eq!(updated["revision"], 2);
-    let (_, got) = service.get(&format!("{prefix}/cases/{id}"));
+    let (_, got) = user.get(&format!("{prefix}/cases/{id}"));
     assert_eq!(got["patient_first"], "Margot");
     assert!(got["ins_provider"].is_null());
     assert_eq!(got["patient_last"], "Oyelaran-Quist");
-    let (status, conflict) = service.patch(
+    let (status, conflict) = user.patch(
         &format!("{prefix}/cases/{id}"),
         &json!({"revision": 1, "patient_first": "Marge"}),
     );
     assert_eq!(status, StatusCode::CONFLICT, "{conflict}");
     assert_eq!(conflict["error"], "conflict");
     assert_no_phi(&conflict.to_string(), &["Marge", "Margot", "Oyelaran"]);
-    let (_, got) = service.get(&format!("{prefix}/cases/{id}"));
+    let (_, got) = user.get(&format!("{prefix}/cases/{id}"));
     assert_eq!(
         got["patient_first"], "Margot",
         "the stale update wrote nothing"
@@ -374,7 +503,7 @@ fn round_trip(db: &Db, prefix: &str) {
 
     // Bad input: 422 naming the field, never the value.
     let mut bad = new_case(&provider, "Ilse", "Brandvold", "1961-13-45");
-    let (status, error) = service.post(&format!("{prefix}/cases"), &bad);
+    let (status, error) = user.post(&format!("{prefix}/cases"), &bad);
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
     assert!(
         error["message"]
@@ -384,30 +513,23 @@ fn round_trip(db: &Db, prefix: &str) {
     );
     assert_no_phi(&error.to_string(), &["1961-13-45", "Brandvold"]);
     bad["patient_dob"] = json!(19610409);
-    let (status, error) = service.post(&format!("{prefix}/cases"), &bad);
+    let (status, error) = user.post(&format!("{prefix}/cases"), &bad);
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
     assert_no_phi(&error.to_string(), &["19610409", "Brandvold"]);
 
     // 404, delete, 404 again.
-    let (status, missing) = service.get(&format!("{prefix}/cases/C-0000000000000000"));
+    let (status, missing) = user.get(&format!("{prefix}/cases/C-0000000000000000"));
     assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
-    let r = service
-        .http
-        .delete(service.url(&format!("{prefix}/cases/{id}")))
-        .send()
-        .expect("DELETE");
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let (status, _) = service.get(&format!("{prefix}/cases/{id}"));
+    assert_eq!(
+        user.delete(&format!("{prefix}/cases/{id}")),
+        StatusCode::NO_CONTENT
+    );
+    let (status, _) = user.get(&format!("{prefix}/cases/{id}"));
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // The CSV export streams the provider's remaining case.
-    let csv = service
-        .http
-        .get(service.url(&format!("{prefix}/providers/{provider}/export.csv")))
-        .send()
-        .expect("export");
-    assert_eq!(csv.status(), StatusCode::OK);
-    let csv = csv.text().expect("CSV");
+    let (status, csv) = user.text(&format!("{prefix}/providers/{provider}/export.csv"));
+    assert_eq!(status, StatusCode::OK, "{csv}");
     assert!(csv.starts_with("case_id,provider_id,"), "{csv}");
     assert!(csv.contains("Tobias,Lindgren,1977-10-30"), "{csv}");
     assert_eq!(csv.lines().count(), 2, "{csv}");
@@ -448,6 +570,7 @@ fn round_trip(db: &Db, prefix: &str) {
 fn tamper(db: &Db) {
     let provider = common::unique_owner("svc-tamper");
     let service = Service::start(db);
+    let user = service.as_user("dr-tamper", &provider);
     let mut ids = Vec::new();
     for (first, last) in [
         ("Anneliese", "Fairweather"),
@@ -455,13 +578,13 @@ fn tamper(db: &Db) {
         ("Cosima", "Ravensworth"),
     ] {
         let (status, created) =
-            service.post("/cases", &new_case(&provider, first, last, "1950-01-01"));
+            user.post("/cases", &new_case(&provider, first, last, "1950-01-01"));
         assert_eq!(status, StatusCode::CREATED, "{created}");
         ids.push(created["case_id"].as_str().expect("id").to_owned());
     }
     db.tamper(&ids[1]);
 
-    let (status, error) = service.get(&format!("/cases/{}", ids[1]));
+    let (status, error) = user.get(&format!("/cases/{}", ids[1]));
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{error}");
     assert_eq!(error["error"], "stored_value_damaged");
     let message = error["message"].as_str().expect("message");
@@ -470,10 +593,10 @@ fn tamper(db: &Db) {
     assert_no_phi(message, &["Quennell", "Bartholomew"]);
 
     for ok in [&ids[0], &ids[2]] {
-        let (status, got) = service.get(&format!("/cases/{ok}"));
+        let (status, got) = user.get(&format!("/cases/{ok}"));
         assert_eq!(status, StatusCode::OK, "{got}");
     }
-    let (status, page) = service.get(&format!("/providers/{provider}/cases"));
+    let (status, page) = user.get(&format!("/providers/{provider}/cases"));
     assert_eq!(status, StatusCode::OK, "{page}");
     let served: Vec<&str> = page["cases"]
         .as_array()
@@ -522,9 +645,12 @@ impl Moto {
             .spawn()
             .expect("python3 -m moto.server (pip install \"moto[server]\")");
         let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on {url}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto did not start on {url}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Moto { child, url }
@@ -586,7 +712,7 @@ fn kms_outage(db: &Db) {
     let cold = common::unique_owner("svc-kms-cold");
     let warm = common::unique_owner("svc-kms-warm");
     let first = Service::start_with(db, &env, &["--kek", &kek]);
-    let (status, created) = first.post(
+    let (status, created) = first.as_user("dr-cold", &cold).post(
         "/cases",
         &new_case(&cold, "Henrietta", "Vasquez-Ilori", "1944-02-29"),
     );
@@ -596,7 +722,7 @@ fn kms_outage(db: &Db) {
 
     // A fresh process: nothing cached.
     let second = Service::start_with(db, &env, &["--kek", &kek]);
-    let (status, created) = second.post(
+    let (status, created) = second.as_user("dr-warm", &warm).post(
         "/cases",
         &new_case(&warm, "Ignatius", "Worthington", "1939-06-06"),
     );
@@ -605,7 +731,9 @@ fn kms_outage(db: &Db) {
 
     moto.kill();
 
-    let (status, error) = second.get(&format!("/cases/{cold_id}"));
+    let (status, error) = second
+        .as_user("dr-cold", &cold)
+        .get(&format!("/cases/{cold_id}"));
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
     assert_eq!(error["error"], "key_unavailable");
     assert!(
@@ -615,20 +743,24 @@ fn kms_outage(db: &Db) {
     assert_no_phi(&error.to_string(), &["Henrietta", "Vasquez"]);
 
     let newcomer = common::unique_owner("svc-kms-new");
-    let (status, error) = second.post(
+    let (status, error) = second.as_user("dr-new", &newcomer).post(
         "/cases",
         &new_case(&newcomer, "Josephine", "Abernathy", "1990-09-09"),
     );
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
     assert_no_phi(&error.to_string(), &["Josephine", "Abernathy"]);
-    let (_, page) = second.get(&format!("/providers/{newcomer}/cases"));
+    let (_, page) = second
+        .as_user("dr-new", &newcomer)
+        .get(&format!("/providers/{newcomer}/cases"));
     assert_eq!(
         page["cases"],
         json!([]),
         "nothing stored for the new provider"
     );
 
-    let (status, got) = second.get(&format!("/cases/{warm_id}"));
+    let (status, got) = second
+        .as_user("dr-warm", &warm)
+        .get(&format!("/cases/{warm_id}"));
     assert_eq!(status, StatusCode::OK, "a cached key still serves: {got}");
     assert_eq!(got["patient_first"], "Ignatius");
     let log = second.stop();
@@ -663,6 +795,22 @@ macro_rules! service_suite {
             #[test]
             fn admin_routes_behind_a_bearer_token() {
                 admin_routes(&db());
+            }
+
+            #[test]
+            fn cross_provider_read_update_delete_export_are_404_with_nothing_opened() {
+                cross_provider_requests_refused(&db());
+            }
+
+            #[test]
+            fn missing_wrong_and_expired_tokens_are_401() {
+                bad_tokens_are_401(&db());
+            }
+
+            #[test]
+            fn csv_export_neutralises_formula_cells() {
+                csv_neutralised(&db(), "");
+                csv_neutralised(&db(), "/plain");
             }
 
             #[test]
@@ -705,18 +853,19 @@ fn sqlite_file_holds_no_plaintext() {
     let db = Db::new(None);
     let service = Service::start(&db);
     let provider = common::unique_owner("svc-file");
-    let (status, created) = service.post(
+    let user = service.as_user("dr-file", &provider);
+    let (status, created) = user.post(
         "/cases",
         &new_case(&provider, "Wilhelmina", "Throckmorton", "1933-07-17"),
     );
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["case_id"].as_str().expect("id").to_owned();
-    let (status, _) = service.patch(
+    let (status, _) = user.patch(
         &format!("/cases/{id}"),
         &json!({"revision": 1, "ins_provider": "Kaiserhof Mutual"}),
     );
     assert_eq!(status, StatusCode::OK);
-    let (_, got) = service.get(&format!("/cases/{id}"));
+    let (_, got) = user.get(&format!("/cases/{id}"));
     assert_eq!(got["patient_last"], "Throckmorton");
     service.stop();
     let mut scanned = 0;
@@ -766,16 +915,19 @@ fn shredded_case_is_gone(db: &Db) {
     let other = common::unique_owner("svc-kept");
     let service = Service::start_with(db, &env, &args);
     let create = |provider: &str| {
-        let (status, created) = service.post(
+        let (status, created) = service.as_user("dr-shred", provider).post(
             "/cases",
             &new_case(provider, "Winifred", "Ashcombe", "1944-05-06"),
         );
         assert_eq!(status, StatusCode::CREATED, "{created}");
-        format!("/cases/{}", created["case_id"].as_str().expect("case id"))
+        (
+            provider.to_owned(),
+            format!("/cases/{}", created["case_id"].as_str().expect("case id")),
+        )
     };
     let (case, kept) = (create(&provider), create(&other));
     assert_eq!(
-        service.get(&case).0,
+        service.as_user("dr-shred", &case.0).get(&case.1).0,
         StatusCode::OK,
         "opens before the shred"
     );
@@ -788,10 +940,10 @@ fn shredded_case_is_gone(db: &Db) {
         .expect("shred");
     assert_eq!(response.status(), StatusCode::OK);
     let gone = |service: &Service, situation: &str| {
-        let (status, body) = service.get(&case);
+        let (status, body) = service.as_user("dr-shred", &case.0).get(&case.1);
         assert_eq!(status, StatusCode::GONE, "{situation}: {body}");
         assert_eq!(body["error"], "shredded", "{situation}: {body}");
-        let (status, body) = service.get(&kept);
+        let (status, body) = service.as_user("dr-shred", &kept.0).get(&kept.1);
         assert_eq!(status, StatusCode::OK, "{situation}: {body}");
     };
     gone(&service, "the shredding process");
@@ -817,7 +969,8 @@ fn admin_routes(db: &Db) {
         ],
         &["--kek", "local:local-test"],
     );
-    let (status, created) = service.post(
+    let user = service.as_user("dr-admin", &provider);
+    let (status, created) = user.post(
         "/cases",
         &new_case(&provider, "Ottoline", "Fairweather", "1951-02-03"),
     );
@@ -863,7 +1016,7 @@ fn admin_routes(db: &Db) {
     );
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(status_of(None).0, StatusCode::UNAUTHORIZED);
-    let (status, got) = service.get(&format!(
+    let (status, got) = user.get(&format!(
         "/cases/{}",
         created["case_id"].as_str().expect("case id")
     ));
@@ -917,7 +1070,7 @@ fn admin_routes(db: &Db) {
     );
     assert_eq!(status, StatusCode::OK, "{rolled}");
     assert_eq!(rolled["rollout"], "all", "{rolled}");
-    let (status, got) = service.get(&format!(
+    let (status, got) = user.get(&format!(
         "/cases/{}",
         created["case_id"].as_str().expect("case id")
     ));
@@ -936,8 +1089,479 @@ fn admin_routes(db: &Db) {
 
     // Without the token: not mounted, and the log says so.
     let plain = Service::start(db);
-    let (status, _) = plain.get("/admin/key-status");
+    let (status, _) = plain.anonymous().get("/admin/key-status");
     assert_eq!(status, StatusCode::NOT_FOUND);
     let log = plain.stop();
     assert!(log.contains("PHI_ADMIN_TOKEN is not set"), "{log}");
+}
+
+/// Another provider's cases, through every route that reaches a case or a
+/// provider, on phi's routes and the twin's: each is 404 (422 for a body
+/// naming another provider), and the keyring's counters (cache hits and
+/// misses, key loads, unwraps, creations) do not move, so no key was
+/// fetched and nothing opened. The service is restarted before, so the
+/// victim's key is not even cached: opening anything would load it. Then
+/// the owner reads the case, unchanged, and the counters do move.
+fn cross_provider_requests_refused(db: &Db) {
+    let victim = common::unique_owner("svc-victim");
+    let intruder = common::unique_owner("svc-intruder");
+    let first = Service::start(db);
+    let (status, created) = first.as_user("dr-owner", &victim).post(
+        "/cases",
+        &new_case(&victim, "Clementine", "Hargreaves", "1958-03-14"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["case_id"].as_str().expect("id").to_owned();
+    let (status, twin) = first.as_user("dr-owner", &victim).post(
+        "/plain/cases",
+        &new_case(&victim, "Clementine", "Hargreaves", "1958-03-14"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{twin}");
+    let twin_id = twin["case_id"].as_str().expect("id").to_owned();
+    // The intruder is a real user of a real provider with a key of its own.
+    let (status, own) = first.as_user("dr-intruder", &intruder).post(
+        "/cases",
+        &new_case(&intruder, "Alaric", "Pennyworth", "1970-01-02"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{own}");
+    first.stop();
+
+    let service = Service::start(db);
+    let intruder_user = service.as_user("dr-intruder", &intruder);
+    let before = service.key_counters();
+    for (prefix, id) in [("", &id), ("/plain", &twin_id)] {
+        let case = format!("{prefix}/cases/{id}");
+        let (status, body) = intruder_user.get(&case);
+        assert_eq!(status, StatusCode::NOT_FOUND, "read {case}: {body}");
+        assert_no_phi(&body.to_string(), &["Clementine", "Hargreaves"]);
+        let (status, body) = intruder_user.patch(
+            &case,
+            &json!({"revision": 1, "patient_first": "Mallory", "status": "cancelled"}),
+        );
+        assert_eq!(status, StatusCode::NOT_FOUND, "update {case}: {body}");
+        assert_eq!(
+            intruder_user.delete(&case),
+            StatusCode::NOT_FOUND,
+            "delete {case}"
+        );
+        let (status, csv) = intruder_user.text(&format!("{prefix}/providers/{victim}/export.csv"));
+        assert_eq!(status, StatusCode::NOT_FOUND, "export: {csv}");
+        assert_no_phi(&csv, &["Clementine", "Hargreaves"]);
+        let (status, body) = intruder_user.get(&format!("{prefix}/providers/{victim}/cases"));
+        assert_eq!(status, StatusCode::NOT_FOUND, "list: {body}");
+        let (status, body) = intruder_user.post(
+            &format!("{prefix}/providers/{victim}/duplicates"),
+            &json!({"patient_last": "Hargreaves", "patient_dob": "1958-03-14"}),
+        );
+        assert_eq!(status, StatusCode::NOT_FOUND, "duplicates: {body}");
+        // A case for the victim's provider, through the body: refused.
+        let (status, body) = intruder_user.post(
+            &format!("{prefix}/cases"),
+            &new_case(&victim, "Mallory", "Intruder", "1980-01-01"),
+        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "create: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .expect("message")
+                .starts_with("provider_id:"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        service.key_counters(),
+        before,
+        "no key fetched, nothing opened"
+    );
+    // The intruder's own list holds only the intruder's cases.
+    for prefix in ["", "/plain"] {
+        let (status, page) = intruder_user.get(&format!("{prefix}/cases"));
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_no_phi(&page.to_string(), &["Clementine", "Hargreaves", "Mallory"]);
+    }
+
+    // The owner: the case is there, unchanged, and reading it loads its key.
+    let before = service.key_counters();
+    let owner = service.as_user("dr-owner", &victim);
+    let (status, got) = owner.get(&format!("/cases/{id}"));
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["patient_first"], "Clementine");
+    assert_eq!(got["status"], "scheduled");
+    assert_eq!(got["revision"], 1);
+    let (status, got) = owner.get(&format!("/plain/cases/{twin_id}"));
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["patient_first"], "Clementine");
+    assert_ne!(
+        service.key_counters(),
+        before,
+        "the counters see a real read"
+    );
+    let log = service.stop();
+    assert_no_phi(&log, &["Clementine", "Hargreaves", "Mallory"]);
+}
+
+/// A missing, malformed, wrongly signed, expired or incomplete token: 401
+/// with `WWW-Authenticate: Bearer`, on every case route, before anything is
+/// read: the keyring's counters do not move and no case is created.
+fn bad_tokens_are_401(db: &Db) {
+    let provider = common::unique_owner("svc-auth");
+    let service = Service::start(db);
+    let (status, created) = service.as_user("dr-auth", &provider).post(
+        "/cases",
+        &new_case(&provider, "Evangeline", "Oduya", "1966-06-16"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["case_id"].as_str().expect("id").to_owned();
+    let before = service.key_counters();
+    let in_an_hour = now() + 3600;
+    let bad = [
+        ("missing", None),
+        ("not a JWT", Some("not-a-token".to_owned())),
+        (
+            "another secret",
+            Some(signed(
+                &json!({"sub": "dr-auth", "provider": provider, "exp": in_an_hour}),
+                "another-secret-of-the-same-length-0123456789",
+            )),
+        ),
+        ("expired", Some(token("dr-auth", &provider, -3600))),
+        (
+            "no exp",
+            Some(signed(
+                &json!({"sub": "dr-auth", "provider": provider}),
+                JWT_SECRET,
+            )),
+        ),
+        (
+            "no provider",
+            Some(signed(
+                &json!({"sub": "dr-auth", "exp": in_an_hour}),
+                JWT_SECRET,
+            )),
+        ),
+        (
+            "empty user",
+            Some(signed(
+                &json!({"sub": " ", "provider": provider, "exp": in_an_hour}),
+                JWT_SECRET,
+            )),
+        ),
+        ("alg none", Some(unsigned_token(&provider, in_an_hour))),
+    ];
+    for (what, token) in &bad {
+        let client = match token {
+            Some(token) => service.with_token(token),
+            None => service.anonymous(),
+        };
+        for (method, path, body) in [
+            (reqwest::Method::GET, format!("/cases/{id}"), None),
+            (reqwest::Method::GET, "/cases".to_owned(), None),
+            (
+                reqwest::Method::PATCH,
+                format!("/cases/{id}"),
+                Some(json!({"revision": 1, "patient_first": "Mallory"})),
+            ),
+            (reqwest::Method::DELETE, format!("/cases/{id}"), None),
+            (
+                reqwest::Method::GET,
+                format!("/providers/{provider}/export.csv"),
+                None,
+            ),
+            (
+                reqwest::Method::POST,
+                "/cases".to_owned(),
+                Some(new_case(&provider, "Mallory", "Intruder", "1980-01-01")),
+            ),
+            (reqwest::Method::GET, format!("/plain/cases/{id}"), None),
+        ] {
+            let r = client.send(method.clone(), &path, body.as_ref());
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "{what}: {method} {path}"
+            );
+            assert_eq!(
+                r.headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok()),
+                Some("Bearer"),
+                "{what}"
+            );
+            let body: Value = r.json().expect("JSON");
+            assert_eq!(body["error"], "unauthorized", "{what}: {body}");
+            assert_no_phi(&body.to_string(), &["Evangeline", "Oduya"]);
+        }
+    }
+    // A bearer header of another scheme.
+    let r = service
+        .http
+        .get(service.url(&format!("/cases/{id}")))
+        .basic_auth("dr-auth", Some("password"))
+        .send()
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(service.key_counters(), before, "nothing opened, no key");
+    // Nothing changed: the case is as created, and nothing was created.
+    let user = service.as_user("dr-auth", &provider);
+    let (status, got) = user.get(&format!("/cases/{id}"));
+    assert_eq!(status, StatusCode::OK, "{got}");
+    assert_eq!(got["patient_first"], "Evangeline");
+    let (_, page) = user.get("/cases");
+    assert_eq!(page["cases"].as_array().expect("cases").len(), 1, "{page}");
+    let log = service.stop();
+    assert!(!log.contains(JWT_SECRET), "the secret is never logged");
+    for (_, token) in &bad {
+        if let Some(token) = token {
+            assert!(!log.contains(token.as_str()), "a token is never logged");
+        }
+    }
+}
+
+/// A JWT with `alg: none` and no signature.
+fn unsigned_token(provider: &str, exp: u64) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(json!({"sub": "dr-auth", "provider": provider, "exp": exp}).to_string()),
+    )
+}
+
+/// CSV injection: an export's cells that start with `=`, `+`, `-` or `@`
+/// are prefixed with `'` (a spreadsheet shows them as text); the JSON API
+/// still gives the values as stored.
+fn csv_neutralised(db: &Db, prefix: &str) {
+    let provider = common::unique_owner("svc-csv");
+    let service = Service::start(db);
+    let user = service.as_user("dr-csv", &provider);
+    let mut case = new_case(
+        &provider,
+        "=HYPERLINK(\"http://x.test\",\"open\")",
+        "+1+1",
+        "1972-08-19",
+    );
+    case["ins_provider"] = json!("@SUM(A1:A9)");
+    let (status, created) = user.post(&format!("{prefix}/cases"), &case);
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let mut second = new_case(&provider, "-2+3", "Plain", "1972-08-19");
+    second["ins_provider"] = json!("Safe, Inc.");
+    let (status, _) = user.post(&format!("{prefix}/cases"), &second);
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["case_id"].as_str().expect("id");
+    let (_, got) = user.get(&format!("{prefix}/cases/{id}"));
+    assert_eq!(got["patient_last"], "+1+1", "stored as given");
+
+    let (status, csv) = user.text(&format!("{prefix}/providers/{provider}/export.csv"));
+    assert_eq!(status, StatusCode::OK, "{csv}");
+    assert!(
+        csv.contains(
+            r#","'=HYPERLINK(""http://x.test"",""open"")","'+1+1",1972-08-19,"'@SUM(A1:A9)","#
+        ),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(r#","'-2+3",Plain,1972-08-19,"Safe, Inc.","#),
+        "{csv}"
+    );
+    for line in csv.lines() {
+        for cell in line.split(',') {
+            assert!(
+                !cell.starts_with(['=', '+', '-', '@']),
+                "{cell:?} in {line}"
+            );
+        }
+    }
+    service.stop();
+}
+
+/// A service started without token verification refuses to start, with
+/// the settings named; a short HS256 secret likewise.
+#[cfg(feature = "sqlite")]
+#[test]
+fn refuses_to_start_without_token_verification() {
+    let dir = tempfile::tempdir().expect("directory");
+    for (secret, expected) in [
+        (None, "no token verification configured"),
+        (Some("tiny-secret"), "shorter than 32 bytes"),
+    ] {
+        let mut command = Command::new(service_bin());
+        command
+            .args(["--listen", "127.0.0.1:0", "--database-url"])
+            .arg(format!("sqlite://{}", dir.path().join("none.db").display()))
+            .env_remove("CLINIC_JWT_SECRET")
+            .env_remove("CLINIC_JWT_PUBLIC_KEY_FILE")
+            .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
+            .current_dir(dir.path());
+        if let Some(secret) = secret {
+            command.env("CLINIC_JWT_SECRET", secret);
+        }
+        let out = command.output().expect("the service runs");
+        assert!(!out.status.success(), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("listening"), "{stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("CLINIC_JWT_SECRET"), "{stderr}");
+        assert!(
+            !stderr.contains("tiny-secret"),
+            "the secret is not echoed: {stderr}"
+        );
+    }
+}
+
+/// Tokens of an identity provider: ES256, verified with its public key
+/// (`CLINIC_JWT_PUBLIC_KEY_FILE`, PEM); an HS256 token signed with the
+/// public key's bytes (the algorithm confusion attack) is refused.
+#[cfg(feature = "sqlite")]
+#[test]
+fn es256_tokens_from_a_public_key() {
+    use base64::Engine as _;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("key pair");
+    // SubjectPublicKeyInfo of a P-256 key: the fixed prefix, then the point.
+    let mut spki =
+        hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").expect("prefix");
+    spki.extend_from_slice(pair.public_key().as_ref());
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&spki)
+    );
+    let db = Db::new(None);
+    let key_file = db.dir.path().join("issuer.pem");
+    std::fs::write(&key_file, &pem).expect("key file");
+    let key_path = key_file.to_str().expect("path");
+    let service = Service::start_with(
+        &db,
+        &[
+            ("PHI_MASTER_KEY", common::MASTER_KEY_B64),
+            ("CLINIC_JWT_PUBLIC_KEY_FILE", key_path),
+            ("CLINIC_JWT_ALGORITHM", "es256"),
+            ("CLINIC_JWT_ISSUER", "https://idp.test"),
+        ],
+        &[],
+    );
+    let provider = common::unique_owner("svc-es256");
+    let claims =
+        |iss: &str| json!({"sub": "dr-es", "provider": provider, "exp": now() + 600, "iss": iss});
+    let es256 = |claims: &Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+        )
+        .expect("ES256 token")
+    };
+    let good = es256(&claims("https://idp.test"));
+    let (status, created) = service.with_token(&good).post(
+        "/cases",
+        &new_case(&provider, "Ottilie", "Brennan", "1949-11-11"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (status, _) = service
+        .with_token(&es256(&claims("https://other.test")))
+        .get("/cases");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "another issuer");
+    let (status, _) = service
+        .with_token(&signed(&claims("https://idp.test"), &pem))
+        .get("/cases");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "HS256 with the public key"
+    );
+    let (status, _) = service
+        .with_token(&token("dr-es", &provider, 600))
+        .get("/cases");
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "HS256 with a secret");
+    let (status, page) = service.with_token(&good).get("/cases");
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["cases"][0]["patient_first"], "Ottilie");
+    service.stop();
+}
+
+/// The request metrics' labels take few values whatever clients send
+/// (methods outside the known ones are `other`, unknown paths
+/// `unmatched`); every response carries a request id of the service's own
+/// (a client's is not taken), logged with its line; an id in a path with a
+/// newline cannot forge a log line.
+#[cfg(feature = "sqlite")]
+#[test]
+fn bounded_labels_request_ids_and_unforgeable_log_lines() {
+    let db = Db::new(None);
+    let service = Service::start(&db);
+    let provider = common::unique_owner("svc-labels");
+    let user = service.as_user("dr-labels", &provider);
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("BREW{i}").as_bytes()).expect("method");
+        let r = user.send(method, "/cases", None);
+        assert!(r.status().is_client_error(), "{}", r.status());
+        let r = user.send(reqwest::Method::GET, &format!("/no/such/path/{i}"), None);
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+    let metrics = service.metrics();
+    assert!(!metrics.contains("BREW"), "{metrics}");
+    assert!(!metrics.contains("/no/such/path"), "{metrics}");
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("clinic_service_requests_total{"))
+        .collect();
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains(r#"method="other""#) && l.ends_with(" 20")),
+        "{metrics}"
+    );
+    assert!(
+        series
+            .iter()
+            .any(|l| l.contains(r#"route="unmatched""#) && l.ends_with(" 20")),
+        "{metrics}"
+    );
+    assert!(series.len() <= 4, "{series:#?}");
+
+    // Request ids: generated, unique, echoed; a client's is not taken.
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let r = user
+            .request(reqwest::Method::GET, "/cases")
+            .header("x-request-id", "client-chosen-id")
+            .send()
+            .expect("GET");
+        assert_eq!(r.status(), StatusCode::OK);
+        let id = r
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("x-request-id")
+            .to_owned();
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 10, "{ids:?}");
+    let anonymous = service.http.get(service.url("/cases")).send().expect("GET");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(anonymous.headers().contains_key("x-request-id"));
+
+    // A forged line through an id in the path.
+    let (status, _) = user.get("/cases/C-1%0A2026-12-07T00:00:00Z%20INFO%20forged%20admin%20login");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let log = service.stop();
+    assert!(!log.contains("client-chosen-id"), "{log}");
+    for id in &ids {
+        assert!(log.contains(&format!("id={id}")), "{id} in {log}");
+    }
+    assert!(
+        log.lines().all(|l| !l.starts_with("2026-12-07T00:00:00Z")),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"path="/cases/C-1\n2026-12-07T00:00:00Z INFO forged admin login""#),
+        "{log}"
+    );
+    assert!(log.contains(r#"user="dr-labels""#), "{log}");
 }

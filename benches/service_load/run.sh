@@ -51,6 +51,14 @@ fi
 # KEK id names one key).
 [ -f "$OUT/master.key" ] || (umask 077; python3 -c 'import os, base64; print(base64.b64encode(os.urandom(32)).decode())' >"$OUT/master.key")
 export PHI_MASTER_KEY_FILE=$OUT/master.key
+# The bearer tokens' HS256 secret, new each run; one token per provider.
+CLINIC_JWT_SECRET=$(python3 -c 'import os; print(os.urandom(32).hex())')
+export CLINIC_JWT_SECRET
+tokens() { # PREFIX COUNT FILE: one token per line, provider PREFIX0000's first
+  for i in $(seq 0 $(($2 - 1))); do
+    "$BIN" token --user load-test --provider "$(printf '%s%04d' "$1" "$i")" --ttl 86400
+  done >"$3"
+}
 export RUST_LOG=${RUST_LOG:-warn}
 
 PID=
@@ -95,7 +103,7 @@ LUA=$(pwd)/benches/service_load/route.lua
 # wrk: one run of ROUTE on PREFIX ("" sealed, "/plain" twin); its JSON
 # summary (route.lua's `done`) to $OUT/NAME.json.
 load() { # NAME DURATION ROUTE PREFIX
-  wrk -t 2 -c "$CONNS" -d "$2" -s "$LUA" "$BASE" -- "$3" "$4" "$PROVIDERS" "$CASES_PER" \
+  wrk -t 2 -c "$CONNS" -d "$2" -s "$LUA" "$BASE" -- "$3" "$4" "$PROVIDERS" "$CASES_PER" "$OUT/tokens.txt" \
     | grep '^{' >"$OUT/$1.json"
 }
 
@@ -112,6 +120,7 @@ for backend in $BACKENDS; do
   step "$backend: seeding $((PROVIDERS * CASES_PER)) cases over $PROVIDERS providers"
   url=$(fresh_database "$backend" phi_service_load)
   "$BIN" --database-url "$url" seed --providers "$PROVIDERS" --cases-per-provider "$CASES_PER" | tee "$OUT/$backend-seed.txt"
+  tokens provider- "$PROVIDERS" "$OUT/tokens.txt"
   start_service "$url"
   step "$backend: load, $CONNS connections, $DURATION per run after $WARMUP warm-up"
   for route in get-one list-50 create duplicates; do
@@ -133,12 +142,13 @@ for backend in $BACKENDS; do
   key=$(python3 -c 'import boto3, sys; print(boto3.client("kms", endpoint_url=sys.argv[1], region_name="us-east-1").create_key()["KeyMetadata"]["KeyId"])' "$kms")
   cold_url=$(fresh_database "$backend" phi_service_load_cold)
   "$BIN" --database-url "$cold_url" --kek "aws-kms:$key" seed --providers "$COLD_PROVIDERS" --cases-per-provider 1 --prefix cold-
+  tokens cold- "$COLD_PROVIDERS" "$OUT/cold-tokens.txt"
   start_service "$cold_url" --kek "aws-kms:$key"
   curl -fs -X POST "$kms/moto-api/recorder/reset-recording" >/dev/null
   curl -fs -X POST "$kms/moto-api/recorder/start-recording" >/dev/null
   started=$(date +%s.%N)
-  seq 0 $((COLD_PROVIDERS - 1)) | xargs -P "$CONNS" -I{} sh -c \
-    'curl -fs -o /dev/null -w "%{time_total}\n" "$0/providers/cold-$(printf %04d {})/cases?limit=50"' "$BASE" \
+  paste -d ' ' <(seq 0 $((COLD_PROVIDERS - 1))) "$OUT/cold-tokens.txt" | xargs -P "$CONNS" -L 1 sh -c \
+    'curl -fs -o /dev/null -w "%{time_total}\n" -H "authorization: Bearer $2" "$0/providers/cold-$(printf %04d "$1")/cases?limit=50"' "$BASE" \
     >"$OUT/$backend-cold-times.txt"
   ended=$(date +%s.%N)
   curl -fs -X POST "$kms/moto-api/recorder/stop-recording" >/dev/null

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use diesel::Connection as _;
+#[cfg(feature = "sqlite")]
 use diesel::connection::SimpleConnection as _;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, LocalKek};

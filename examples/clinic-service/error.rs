@@ -67,12 +67,32 @@ impl ApiError {
         }
     }
 
+    /// 401: the request carries no valid bearer token, for `reason` (which
+    /// never quotes the token).
+    pub(crate) fn unauthorized(reason: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: reason.to_owned(),
+        }
+    }
+
     /// 404: no case `id`.
     pub(crate) fn not_found(id: &str) -> ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message: format!("no case {id}"),
+        }
+    }
+
+    /// 404: a provider other than the caller's, named in a URL: answered as
+    /// an unknown one (the caller learns nothing about it).
+    pub(crate) fn no_provider() -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: "no such provider".to_owned(),
         }
     }
 
@@ -174,7 +194,10 @@ impl From<phi::Error> for ApiError {
         // phi's messages name the owner: logged in full only when owner
         // ids may be logged as they are.
         match OWNER_IDS.get().copied().unwrap_or_default() {
-            phi::OwnerIdTelemetry::Plain => tracing::warn!(error = %error, "phi error"),
+            // Quoted and escaped: an owner id or row key cannot forge a line.
+            phi::OwnerIdTelemetry::Plain => {
+                tracing::warn!(error = ?error.to_string(), "phi error");
+            }
             _ => tracing::warn!(
                 kind = ?error.kind(),
                 "phi error (details withheld: owner ids are not logged)"
@@ -194,6 +217,13 @@ impl IntoResponse for ApiError {
             error: self.code,
             message: &self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

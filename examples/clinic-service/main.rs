@@ -16,24 +16,52 @@
 //! (`--features aws-kms`), else a development key file created on the
 //! first run. `RUST_LOG` sets the request log's level (default `info`).
 //!
+//! Authentication: every case route (phi's and the twin's) takes
+//! `Authorization: Bearer TOKEN`, a JWT with `sub` (the user), `provider`
+//! (the one provider whose cases it reaches) and `exp`, verified with
+//! `CLINIC_JWT_SECRET` (HS256, at least 32 bytes) or
+//! `CLINIC_JWT_PUBLIC_KEY_FILE` (a PEM public key, RS256 or ES256 by
+//! `--jwt-algorithm`); `--jwt-issuer` / `--jwt-audience` add checks. There
+//! is no default: without either setting the service refuses to start. A
+//! missing, wrong, expired or otherwise invalid token is 401 before
+//! anything is read. `clinic-service token --user U --provider P` prints an
+//! HS256 token for development.
+//!
+//! Scoping: the provider is the token's, never the body's or the URL's. A
+//! case of another provider is 404, found by a query that names the
+//! token's provider, so its row is never read, its key never fetched and
+//! nothing opened. `POST /cases` creates cases (and a data key) only for
+//! the token's provider. Every phi call is made on behalf of the token's
+//! user (`Keyring::on_behalf_of`, with the request id), so phi's access
+//! log names the person.
+//!
 //! Routes (each also under `/plain` for the twin):
 //!
 //! | | |
 //! |---|---|
-//! | `POST /cases` | create (201, the case with its id and revision) |
-//! | `GET /cases/{id}` | one case |
+//! | `POST /cases` | create for the token's provider (201, the case with its id and revision); a body's `provider_id`, if given, must be the token's (422 otherwise) |
+//! | `GET /cases?after=ID&limit=50` | the token's provider's cases, paged in id order |
+//! | `GET /cases/{id}` | one case (404 when it is another provider's) |
 //! | `PATCH /cases/{id}` | change fields; the body names the `revision` it read (409 when the case moved on) |
 //! | `DELETE /cases/{id}` | delete (204) |
-//! | `GET /providers/{p}/cases?after=ID&limit=50` | a provider's cases, paged in id order |
+//! | `GET /providers/{p}/cases?after=ID&limit=50` | the same list; `p` must be the token's provider (404 otherwise) |
 //! | `POST /providers/{p}/duplicates` | `{"patient_last", "patient_dob"}`: the provider's cases of that patient, through the blind index |
-//! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed |
-//! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, requests |
+//! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed; a cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return is prefixed with `'` (no formula runs when opened in a spreadsheet) |
+//! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, the keyring's counters (`clinic_service_keyring_*_total`), requests by route, method and status (each label of few values: the matched route or `unmatched`, a known method or `other`) |
+//! | `GET /health` | `ok` (no token) |
 //! | `/admin/...` | phi's admin API (`phi::admin::router`: key status, generate-key, rotate, shred, clear-cache, rollout, audit log), only when `PHI_ADMIN_TOKEN` / `--admin-token` is set, behind `Authorization: Bearer TOKEN`; a refused request gets 401, changes nothing and is audited |
 //!
-//! Errors are JSON `{"error", "message"}`: 404, 409, 422 (bad input, naming
+//! Each request gets an id of the service's own (16 hexadecimal digits;
+//! a client's `x-request-id` is ignored), echoed in the `x-request-id`
+//! response header, written in the request log line and given to phi as
+//! the accessor's request id. The log line's path and user are quoted and
+//! escaped, so an id in a URL cannot forge a line.
+//!
+//! Errors are JSON `{"error", "message"}`: 401, 404, 409, 422 (bad input, naming
 //! the field), 503 when a needed key is unavailable (the KMS or key store
 //! down); never a patient value.
 
+mod auth;
 mod db;
 mod error;
 mod model;
@@ -96,6 +124,34 @@ struct Cli {
     #[arg(long, env = "PHI_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 
+    /// The HS256 secret that the patient routes' bearer tokens (JWTs) are
+    /// signed with, at least 32 bytes. Prefer the environment variable (a
+    /// command line is visible to other users). No default: this or
+    /// --jwt-public-key-file must be set, or the service does not start.
+    #[arg(long, env = "CLINIC_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    /// A PEM public key that verifies the bearer tokens (RS256 or ES256,
+    /// see --jwt-algorithm), for tokens issued by an identity provider.
+    #[arg(
+        long,
+        env = "CLINIC_JWT_PUBLIC_KEY_FILE",
+        conflicts_with = "jwt_secret"
+    )]
+    jwt_public_key_file: Option<std::path::PathBuf>,
+
+    /// The algorithm of --jwt-public-key-file's tokens.
+    #[arg(long, env = "CLINIC_JWT_ALGORITHM", value_enum, default_value_t = auth::PublicKeyAlgorithm::Rs256)]
+    jwt_algorithm: auth::PublicKeyAlgorithm,
+
+    /// The issuer (`iss`) the tokens must name; unchecked when not set.
+    #[arg(long, env = "CLINIC_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+
+    /// The audience (`aud`) the tokens must name; unchecked when not set.
+    #[arg(long, env = "CLINIC_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+
     /// How provider ids (the owners) appear in the logs, phi's and the
     /// service's own: `plain`, `hashed` (`sha256:` and 16 hex digits, the
     /// same in every process) or `omitted`.
@@ -140,6 +196,23 @@ enum Command {
         #[arg(long, default_value = "provider-")]
         prefix: String,
     },
+    /// Prints a bearer token (an HS256 JWT signed with CLINIC_JWT_SECRET)
+    /// for one user of one provider, then exits: for development, tests
+    /// and load tests. Production tokens come from the identity provider.
+    Token {
+        /// The user (`sub`): the accessor phi's access log names.
+        #[arg(long)]
+        user: String,
+        /// The provider whose cases the token reaches.
+        #[arg(long)]
+        provider: String,
+        /// The purpose of the accesses (default `treatment`).
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Seconds the token is valid for.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }
 
 /// What the routes share.
@@ -147,6 +220,8 @@ pub(crate) struct App {
     pub(crate) pool: db::Pool,
     pub(crate) keyring: Keyring,
     pub(crate) metrics: PrometheusHandle,
+    /// Verifies the patient routes' bearer tokens (always set when serving).
+    pub(crate) verifier: Option<auth::Verifier>,
 }
 
 impl std::fmt::Debug for App {
@@ -174,6 +249,30 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let auth = auth::AuthConfig {
+        secret: cli.jwt_secret.as_deref(),
+        public_key_file: cli.jwt_public_key_file.as_deref(),
+        algorithm: cli.jwt_algorithm,
+        issuer: cli.jwt_issuer.as_deref(),
+        audience: cli.jwt_audience.as_deref(),
+    };
+    if let Some(Command::Token {
+        user,
+        provider,
+        purpose,
+        ttl,
+    }) = &cli.command
+    {
+        let token = auth::mint(&auth, user, provider, purpose.as_deref(), *ttl)?;
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), "{token}")?;
+        return Ok(());
+    }
+    // Serving needs token verification: checked before anything else.
+    let verifier = match cli.command {
+        Some(Command::Seed { .. }) => None,
+        _ => Some(auth::Verifier::new(&auth)?),
+    };
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("installing the Prometheus recorder: {e}"))?;
@@ -205,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             pool,
             keyring: keyring.clone(),
             metrics: metrics.clone(),
+            verifier,
         });
         if let Some(Command::Seed {
             providers,

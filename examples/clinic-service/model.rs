@@ -139,11 +139,13 @@ impl CaseOut {
     }
 }
 
-/// The body of `POST /cases`.
+/// The body of `POST /cases`. The provider is the caller's (the token's);
+/// `provider_id` may be left out, and when given must be that one.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewCase {
-    provider_id: String,
+    #[serde(default)]
+    provider_id: Option<String>,
     patient_first: String,
     patient_last: String,
     patient_dob: String,
@@ -231,9 +233,18 @@ fn status(value: &str) -> Result<(), ApiError> {
 const MAX_PHI_TEXT: usize = 512;
 
 impl NewCase {
-    /// The case to create under `case_id`, checked.
-    pub(crate) fn into_case(self, case_id: String) -> Result<Case, ApiError> {
-        text("provider_id", &self.provider_id, 255)?;
+    /// The case to create under `case_id` for `provider` (the caller's),
+    /// checked. A body naming another provider is refused before anything
+    /// is sealed (no data key is created for it).
+    pub(crate) fn into_case(self, case_id: String, provider: &str) -> Result<Case, ApiError> {
+        if self.provider_id.as_deref().is_some_and(|p| p != provider) {
+            return Err(ApiError::invalid(
+                "provider_id",
+                "not the provider of the bearer token (leave it out: cases are created for \
+                 the token's provider)",
+            ));
+        }
+        text("provider_id", provider, 255)?;
         text("patient_first", &self.patient_first, MAX_PHI_TEXT)?;
         text("patient_last", &self.patient_last, MAX_PHI_TEXT)?;
         if let Some(ins) = &self.ins_provider {
@@ -244,7 +255,7 @@ impl NewCase {
         status(&status_value)?;
         Ok(Case {
             case_id,
-            provider_id: self.provider_id,
+            provider_id: provider.to_owned(),
             patient_first: self.patient_first,
             patient_last: self.patient_last,
             patient_dob: date("patient_dob", &self.patient_dob)?,

@@ -1,6 +1,10 @@
 //! The HTTP API: the case routes (written once, generic over the table),
 //! mounted for phi's table at `/` and for the plaintext twin at `/plain`;
 //! `/metrics`, `/health`; and the request log.
+//!
+//! Every case route takes a [`Caller`] (a verified bearer token): its
+//! provider scopes every query, and its keyring (on behalf of the user)
+//! makes every phi call.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +22,7 @@ use serde::Deserialize;
 use tracing::Instrument as _;
 
 use crate::App;
+use crate::auth::{Caller, RequestId};
 use crate::error::ApiError;
 use crate::model::{CaseOut, CasePatch, DuplicateQuery, NewCase};
 use crate::store::{CaseStore, Page, Plain, Sealed};
@@ -38,7 +43,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
 
 fn case_routes<S: CaseStore>() -> Router<Arc<App>> {
     Router::new()
-        .route("/cases", post(create::<S>))
+        .route("/cases", post(create::<S>).get(list_own::<S>))
         .route(
             "/cases/{id}",
             get(get_case::<S>).patch(update::<S>).delete(delete::<S>),
@@ -61,25 +66,36 @@ fn new_case_id() -> Result<String, ApiError> {
     Ok(format!("C-{}", hex::encode(bytes)))
 }
 
+/// The provider named in a URL: the caller's, or 404 (nothing read).
+fn own_provider(who: &Caller, provider: &str) -> Result<(), ApiError> {
+    if provider == who.provider {
+        Ok(())
+    } else {
+        Err(ApiError::no_provider())
+    }
+}
+
 async fn create<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<CaseOut>), ApiError> {
-    let case = json::<NewCase>(&body)?.into_case(new_case_id()?)?;
+    let case = json::<NewCase>(&body)?.into_case(new_case_id()?, &who.provider)?;
     tracing::info!(
         case_id = %case.case_id,
-        provider = %app.keyring.owner_for_telemetry(&case.provider_id),
+        provider = ?app.keyring.owner_for_telemetry(&case.provider_id).to_string(),
         "create"
     );
-    let out = S::create(&app, case).await?;
+    let out = S::create(&app, &who, case).await?;
     Ok((StatusCode::CREATED, axum::Json(out)))
 }
 
 async fn get_case<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     Path(id): Path<String>,
 ) -> Result<axum::Json<CaseOut>, ApiError> {
-    Ok(axum::Json(S::get(&app, id).await?))
+    Ok(axum::Json(S::get(&app, &who, id).await?))
 }
 
 /// `?after=CASE&limit=N` (default 50, at most 500).
@@ -93,7 +109,18 @@ const MAX_PAGE: i64 = 500;
 
 async fn list<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     Path(provider): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<Page>, ApiError> {
+    own_provider(&who, &provider)?;
+    list_own::<S>(State(app), who, Query(query)).await
+}
+
+/// `GET /cases`: the caller's provider's cases.
+async fn list_own<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    who: Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<axum::Json<Page>, ApiError> {
     let limit = query.limit.unwrap_or(50);
@@ -103,35 +130,37 @@ async fn list<S: CaseStore>(
             format!("must be 1 to {MAX_PAGE}"),
         ));
     }
-    Ok(axum::Json(
-        S::list(&app, provider, query.after, limit).await?,
-    ))
+    Ok(axum::Json(S::list(&app, &who, query.after, limit).await?))
 }
 
 async fn update<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<CaseOut>, ApiError> {
     let patch = json::<CasePatch>(&body)?;
-    Ok(axum::Json(S::update(&app, id, patch).await?))
+    Ok(axum::Json(S::update(&app, &who, id, patch).await?))
 }
 
 async fn delete<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    S::delete(&app, id).await?;
+    S::delete(&app, &who, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn duplicates<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     Path(provider): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    own_provider(&who, &provider)?;
     let query = json::<DuplicateQuery>(&body)?;
-    let found = S::duplicates(&app, provider, query).await?;
+    let found = S::duplicates(&app, &who, query).await?;
     Ok(axum::Json(serde_json::json!({ "case_ids": found })))
 }
 
@@ -143,14 +172,16 @@ const CSV_HEADER: &str = "case_id,provider_id,patient_first,patient_last,patient
 /// id and the error; an error mid-way ends the stream early.
 async fn export<S: CaseStore>(
     State(app): State<Arc<App>>,
+    who: Caller,
     Path(provider): Path<String>,
 ) -> Result<Response, ApiError> {
+    own_provider(&who, &provider)?;
     // The first page before the status is sent: a key or database failure
     // is still an error status, not a truncated file.
-    let first = S::list(&app, provider.clone(), None, MAX_PAGE).await?;
+    let first = S::list(&app, &who, None, MAX_PAGE).await?;
     let stream = futures_util::stream::unfold(
-        (Some(first), app, provider, true),
-        |(page, app, provider, header)| async move {
+        (Some(first), app, who, true),
+        |(page, app, who, header)| async move {
             let page = page?;
             let mut text = String::new();
             if header {
@@ -158,19 +189,19 @@ async fn export<S: CaseStore>(
             }
             csv_page(&mut text, &page);
             let next = match page.next {
-                Some(after) => match S::list(&app, provider.clone(), Some(after), MAX_PAGE).await {
+                Some(after) => match S::list(&app, &who, Some(after), MAX_PAGE).await {
                     Ok(page) => Some(page),
                     Err(error) => {
                         tracing::warn!(status = %error.status(), "export ended early");
                         return Some((
                             Err(std::io::Error::other("export failed")),
-                            (None, app, provider, false),
+                            (None, app, who, false),
                         ));
                     }
                 },
                 None => None,
             };
-            Some((Ok::<_, std::io::Error>(text), (next, app, provider, false)))
+            Some((Ok::<_, std::io::Error>(text), (next, app, who, false)))
         },
     );
     Ok((
@@ -206,13 +237,21 @@ fn csv_page(out: &mut String, page: &Page) {
     }
 }
 
-fn csv_line(out: &mut String, fields: &[&str]) {
+/// One CSV line. A cell that a spreadsheet would take for a formula (it
+/// starts with `=`, `+`, `-`, `@`, a tab or a carriage return) is
+/// neutralised with a leading `'`, so that opening an export never runs
+/// what a patient field holds (CSV injection).
+pub(crate) fn csv_line(out: &mut String, fields: &[&str]) {
     for (i, f) in fields.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        if f.contains([',', '"', '\n', '\r']) {
+        let formula = f.starts_with(['=', '+', '-', '@', '\t', '\r']);
+        if formula || f.contains([',', '"', '\n', '\r']) {
             out.push('"');
+            if formula {
+                out.push('\'');
+            }
             out.push_str(&f.replace('"', "\"\""));
             out.push('"');
         } else {
@@ -222,26 +261,98 @@ fn csv_line(out: &mut String, fields: &[&str]) {
     out.push('\n');
 }
 
+/// Prometheus text: the recorder's metrics, with the keyring's own
+/// counters (`KeyringStats`) as `clinic_service_keyring_*_total`: key cache
+/// hits and misses, key loads from the store, unwraps and creations. A
+/// request that touched no key leaves all of them as they were.
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let stats = app.keyring.stats();
+    for (name, value) in [
+        ("clinic_service_keyring_cache_hits_total", stats.hits),
+        ("clinic_service_keyring_cache_misses_total", stats.misses),
+        ("clinic_service_keyring_key_loads_total", stats.key_loads),
+        ("clinic_service_keyring_unwraps_total", stats.unwraps),
+        ("clinic_service_keyring_creations_total", stats.creations),
+    ] {
+        metrics::counter!(name).absolute(value);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
     )
 }
 
-/// The request log: one line per request with its id, method, route and
-/// the ids in its path (a provider id, the owner, as
-/// `--owner-ids-in-logs` says), status and duration; never a body or a
-/// query string. Also counts requests and times them for `/metrics`.
+/// The request's id: 16 random hexadecimal digits, generated here for
+/// every request (a client's `x-request-id` is not taken: an id that lands
+/// in logs and phi's access log is the service's own). A failed random
+/// source falls back to a process-wide counter.
+fn new_request_id() -> String {
+    static FALLBACK: AtomicU64 = AtomicU64::new(1);
+    let mut bytes = [0u8; 8];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => hex::encode(bytes),
+        Err(_) => format!("n{:015}", FALLBACK.fetch_add(1, Ordering::Relaxed)),
+    }
+}
+
+/// The HTTP methods the routes answer, as the metrics' `method` label;
+/// any other method is `other` (the label's values stay few whatever
+/// clients send).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The metrics' `status` label: the status answered, one of the few the
+/// service sends (it writes them itself), `other` outside 100..=599.
+fn status_label(status: StatusCode) -> &'static str {
+    const LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        410 => "410",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        500 => "500",
+        503 => "503",
+        code @ 100..=599 => LABELS[usize::from(code / 100 - 1)],
+        _ => "other",
+    }
+}
+
+/// The request log: one line per request with its id (generated here,
+/// echoed in the `x-request-id` response header and given to phi as the
+/// accessor's request id), method, route and the ids in its path (a
+/// provider id, the owner, as `--owner-ids-in-logs` says), the
+/// authenticated user, status and duration; never a body, a query string
+/// or a token. The path and user are written quoted and escaped (`"…"`):
+/// an id in a URL cannot end the line or forge another. Also counts
+/// requests and times them for `/metrics`, with labels of bounded values
+/// (the matched route or `unmatched`, the method or `other`, the status).
 async fn log_request(
     State(app): State<Arc<App>>,
     matched: Option<MatchedPath>,
     params: Result<RawPathParams, RawPathParamsRejection>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = new_request_id();
     let route = matched
         .as_ref()
         .map_or("unmatched", |m| m.as_str())
@@ -264,15 +375,24 @@ async fn log_request(
         }
         _ => String::new(),
     };
-    let method = request.method().as_str().to_owned();
-    let span = tracing::info_span!("request", id, method = %method, path = %path);
+    let method = method_label(request.method());
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method,
+        path = ?path,
+        user = tracing::field::Empty,
+    );
+    request
+        .extensions_mut()
+        .insert(RequestId(Arc::from(id.as_str())));
     let start = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = start.elapsed();
-    let status = response.status().as_u16();
+    let status = response.status();
     span.in_scope(|| {
         tracing::info!(
-            status,
+            status = status.as_u16(),
             micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             "served"
         );
@@ -281,12 +401,12 @@ async fn log_request(
         "clinic_service_requests_total",
         "route" => route.clone(),
         "method" => method,
-        "status" => status.to_string()
+        "status" => status_label(status)
     )
     .increment(1);
     metrics::histogram!("clinic_service_request_seconds", "route" => route)
         .record(elapsed.as_secs_f64());
-    if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+    if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
     response

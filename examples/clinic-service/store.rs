@@ -10,6 +10,7 @@ use diesel_async::RunQueryDsl;
 use phi::{Keyring, PhiRecord as _};
 
 use crate::App;
+use crate::auth::Caller;
 use crate::db::with_conn;
 use crate::error::ApiError;
 use crate::model::{
@@ -31,29 +32,46 @@ pub(crate) struct Page {
 pub(crate) trait CaseStore: Send + Sync + 'static {
     /// The table's name, for errors.
     const TABLE: &'static str;
-    /// Stores a new case.
-    fn create(app: &App, case: Case) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
-    /// One case.
-    fn get(app: &App, id: String) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
-    /// A provider's cases after `after` in id order, at most `limit`.
+    /// Stores a new case (of the caller's provider: the routes set it).
+    fn create(
+        app: &App,
+        who: &Caller,
+        case: Case,
+    ) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
+    /// One case of the caller's provider; another provider's is not found
+    /// (its row is never read, so no key is fetched and nothing opened).
+    fn get(
+        app: &App,
+        who: &Caller,
+        id: String,
+    ) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
+    /// The caller's provider's cases after `after` in id order, at most
+    /// `limit`.
     fn list(
         app: &App,
-        provider: String,
+        who: &Caller,
         after: Option<String>,
         limit: i64,
     ) -> impl Future<Output = Result<Page, ApiError>> + Send;
-    /// Changes a case, if it is still at the patch's revision.
+    /// Changes a case of the caller's provider, if it is still at the
+    /// patch's revision.
     fn update(
         app: &App,
+        who: &Caller,
         id: String,
         patch: CasePatch,
     ) -> impl Future<Output = Result<CaseOut, ApiError>> + Send;
-    /// Deletes a case.
-    fn delete(app: &App, id: String) -> impl Future<Output = Result<(), ApiError>> + Send;
-    /// The provider's cases of this patient (last name and date of birth).
+    /// Deletes a case of the caller's provider.
+    fn delete(
+        app: &App,
+        who: &Caller,
+        id: String,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// The caller's provider's cases of this patient (last name and date of
+    /// birth).
     fn duplicates(
         app: &App,
-        provider: String,
+        who: &Caller,
         query: DuplicateQuery,
     ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
 }
@@ -83,10 +101,11 @@ fn db(table: &'static str) -> impl Fn(diesel::result::Error) -> ApiError {
 impl CaseStore for Sealed {
     const TABLE: &'static str = "service_cases";
 
-    async fn create(app: &App, case: Case) -> Result<CaseOut, ApiError> {
+    async fn create(app: &App, who: &Caller, case: Case) -> Result<CaseOut, ApiError> {
+        debug_assert_eq!(case.provider_id, who.provider);
         // Sealed before the write: a new provider's data key commits on
         // the key store's own connection first.
-        let sealed = case.seal_async(&app.keyring).await?;
+        let sealed = case.seal_async(&who.keyring).await?;
         with_conn!(&app.pool, conn => {
             diesel::insert_into(service_cases::table)
                 .values(&sealed)
@@ -97,10 +116,11 @@ impl CaseStore for Sealed {
         Ok(CaseOut::new(case, 1))
     }
 
-    async fn get(app: &App, id: String) -> Result<CaseOut, ApiError> {
+    async fn get(app: &App, who: &Caller, id: String) -> Result<CaseOut, ApiError> {
         let row: Option<(CaseSealed, i64)> = with_conn!(&app.pool, conn => {
             service_cases::table
                 .find(&id)
+                .filter(service_cases::provider_id.eq(&who.provider))
                 .select((CaseSealed::as_select(), service_cases::revision))
                 .first(conn)
                 .await
@@ -108,19 +128,19 @@ impl CaseStore for Sealed {
                 .map_err(db(Self::TABLE))?
         });
         let (row, revision) = row.ok_or_else(|| ApiError::not_found(&id))?;
-        let case = open_one(&app.keyring, row).await?;
+        let case = open_one(&who.keyring, row).await?;
         Ok(CaseOut::new(case, revision))
     }
 
     async fn list(
         app: &App,
-        provider: String,
+        who: &Caller,
         after: Option<String>,
         limit: i64,
     ) -> Result<Page, ApiError> {
         let rows: Vec<(CaseSealed, i64)> = with_conn!(&app.pool, conn => {
             let mut query = service_cases::table
-                .filter(service_cases::provider_id.eq(&provider))
+                .filter(service_cases::provider_id.eq(&who.provider))
                 .select((CaseSealed::as_select(), service_cases::revision))
                 .order(service_cases::case_id)
                 .limit(limit)
@@ -139,7 +159,7 @@ impl CaseStore for Sealed {
         let ids: Vec<(String, i64)> = rows.iter().map(|(r, v)| (r.case_id.clone(), *v)).collect();
         let sealed: Vec<CaseSealed> = rows.into_iter().map(|(r, _)| r).collect();
         // Each row on its own: a damaged one is reported, the others served.
-        let opened = Case::open_each_async(sealed, &app.keyring).await?;
+        let opened = Case::open_each_async(sealed, &who.keyring).await?;
         let mut page = Page {
             cases: Vec::with_capacity(ids.len()),
             errors: Vec::new(),
@@ -159,10 +179,16 @@ impl CaseStore for Sealed {
         Ok(page)
     }
 
-    async fn update(app: &App, id: String, patch: CasePatch) -> Result<CaseOut, ApiError> {
+    async fn update(
+        app: &App,
+        who: &Caller,
+        id: String,
+        patch: CasePatch,
+    ) -> Result<CaseOut, ApiError> {
         with_conn!(&app.pool, conn => {
             let row: Option<(CaseSealed, i64)> = service_cases::table
                 .find(&id)
+                .filter(service_cases::provider_id.eq(&who.provider))
                 .select((CaseSealed::as_select(), service_cases::revision))
                 .first(conn)
                 .await
@@ -172,9 +198,9 @@ impl CaseStore for Sealed {
             if revision != patch.revision {
                 return Err(ApiError::conflict(&id, patch.revision, Some(revision)));
             }
-            let old = open_one(&app.keyring, row).await?;
+            let old = open_one(&who.keyring, row).await?;
             let new = patch.apply(&old)?;
-            let sealed = new.seal_async(&app.keyring).await?;
+            let sealed = new.seal_async(&who.keyring).await?;
             // Guarded: only while the row is still the one read (its
             // revision, owner and encrypted flag).
             let target = || {
@@ -204,9 +230,13 @@ impl CaseStore for Sealed {
         })
     }
 
-    async fn delete(app: &App, id: String) -> Result<(), ApiError> {
+    async fn delete(app: &App, who: &Caller, id: String) -> Result<(), ApiError> {
         let removed = with_conn!(&app.pool, conn => {
-            diesel::delete(service_cases::table.find(&id))
+            diesel::delete(
+                service_cases::table
+                    .find(&id)
+                    .filter(service_cases::provider_id.eq(&who.provider)),
+            )
                 .execute(conn)
                 .await
                 .map_err(db(Self::TABLE))?
@@ -219,20 +249,21 @@ impl CaseStore for Sealed {
 
     async fn duplicates(
         app: &App,
-        provider: String,
+        who: &Caller,
         query: DuplicateQuery,
     ) -> Result<Vec<String>, ApiError> {
         let dob = query.dob()?;
         let last = query.patient_last;
         let last_index =
-            Case::patient_last_blind_index_async(&app.keyring, &provider, &last).await?;
-        let dob_index = Case::patient_dob_blind_index_async(&app.keyring, &provider, &dob).await?;
+            Case::patient_last_blind_index_async(&who.keyring, &who.provider, &last).await?;
+        let dob_index =
+            Case::patient_dob_blind_index_async(&who.keyring, &who.provider, &dob).await?;
         if last_index.is_empty() || dob_index.is_empty() {
             return Ok(Vec::new());
         }
         let rows: Vec<CaseSealed> = with_conn!(&app.pool, conn => {
             service_cases::table
-                .filter(service_cases::provider_id.eq(&provider))
+                .filter(service_cases::provider_id.eq(&who.provider))
                 .filter(service_cases::patient_last_bidx.eq_any(last_index))
                 .filter(service_cases::patient_dob_bidx.eq_any(dob_index))
                 .select(CaseSealed::as_select())
@@ -243,7 +274,7 @@ impl CaseStore for Sealed {
         });
         // A 16-byte index could in principle collide: confirm on the values.
         let wanted = normalize_last(&last);
-        let cases = Case::open_all_async(rows, &app.keyring).await?;
+        let cases = Case::open_all_async(rows, &who.keyring).await?;
         Ok(cases
             .into_iter()
             .filter(|c| normalize_last(&c.patient_last) == wanted && c.patient_dob == dob)
@@ -255,7 +286,8 @@ impl CaseStore for Sealed {
 impl CaseStore for Plain {
     const TABLE: &'static str = "service_cases_plain";
 
-    async fn create(app: &App, case: Case) -> Result<CaseOut, ApiError> {
+    async fn create(app: &App, who: &Caller, case: Case) -> Result<CaseOut, ApiError> {
+        debug_assert_eq!(case.provider_id, who.provider);
         let row = PlainCase::from_case(&case);
         with_conn!(&app.pool, conn => {
             diesel::insert_into(service_cases_plain::table)
@@ -267,10 +299,11 @@ impl CaseStore for Plain {
         Ok(CaseOut::new(case, 1))
     }
 
-    async fn get(app: &App, id: String) -> Result<CaseOut, ApiError> {
+    async fn get(app: &App, who: &Caller, id: String) -> Result<CaseOut, ApiError> {
         let row: Option<(PlainCase, i64)> = with_conn!(&app.pool, conn => {
             service_cases_plain::table
                 .find(&id)
+                .filter(service_cases_plain::provider_id.eq(&who.provider))
                 .select((PlainCase::as_select(), service_cases_plain::revision))
                 .first(conn)
                 .await
@@ -283,13 +316,13 @@ impl CaseStore for Plain {
 
     async fn list(
         app: &App,
-        provider: String,
+        who: &Caller,
         after: Option<String>,
         limit: i64,
     ) -> Result<Page, ApiError> {
         let rows: Vec<(PlainCase, i64)> = with_conn!(&app.pool, conn => {
             let mut query = service_cases_plain::table
-                .filter(service_cases_plain::provider_id.eq(&provider))
+                .filter(service_cases_plain::provider_id.eq(&who.provider))
                 .select((PlainCase::as_select(), service_cases_plain::revision))
                 .order(service_cases_plain::case_id)
                 .limit(limit)
@@ -315,10 +348,16 @@ impl CaseStore for Plain {
         })
     }
 
-    async fn update(app: &App, id: String, patch: CasePatch) -> Result<CaseOut, ApiError> {
+    async fn update(
+        app: &App,
+        who: &Caller,
+        id: String,
+        patch: CasePatch,
+    ) -> Result<CaseOut, ApiError> {
         with_conn!(&app.pool, conn => {
             let row: Option<(PlainCase, i64)> = service_cases_plain::table
                 .find(&id)
+                .filter(service_cases_plain::provider_id.eq(&who.provider))
                 .select((PlainCase::as_select(), service_cases_plain::revision))
                 .first(conn)
                 .await
@@ -348,9 +387,13 @@ impl CaseStore for Plain {
         })
     }
 
-    async fn delete(app: &App, id: String) -> Result<(), ApiError> {
+    async fn delete(app: &App, who: &Caller, id: String) -> Result<(), ApiError> {
         let removed = with_conn!(&app.pool, conn => {
-            diesel::delete(service_cases_plain::table.find(&id))
+            diesel::delete(
+                service_cases_plain::table
+                    .find(&id)
+                    .filter(service_cases_plain::provider_id.eq(&who.provider)),
+            )
                 .execute(conn)
                 .await
                 .map_err(db(Self::TABLE))?
@@ -363,14 +406,14 @@ impl CaseStore for Plain {
 
     async fn duplicates(
         app: &App,
-        provider: String,
+        who: &Caller,
         query: DuplicateQuery,
     ) -> Result<Vec<String>, ApiError> {
         let dob = query.dob()?;
         let wanted = normalize_last(&query.patient_last);
         with_conn!(&app.pool, conn => {
             service_cases_plain::table
-                .filter(service_cases_plain::provider_id.eq(&provider))
+                .filter(service_cases_plain::provider_id.eq(&who.provider))
                 .filter(service_cases_plain::patient_last_norm.eq(&wanted))
                 .filter(service_cases_plain::patient_dob.eq(dob))
                 .select(service_cases_plain::case_id)
