@@ -681,12 +681,37 @@ macro_rules! diesel_key_store {
                     // Ok(Err(unlisted)): refused, nothing written.
                     let outcome = (*conn)
                         .$transaction(|conn| -> diesel::QueryResult<std::result::Result<Vec<i64>, Vec<u32>>> {
-                            let rows: Vec<(String, i64)> = k::user_encryption_keys
-                                .filter(k::owner_id.eq(owner))
-                                .filter(k::state.ne(KeyState::Destroyed.as_str()))
-                                .select((k::owner_id, k::version))
-                                .order(k::version)
-                                .load(conn)?;
+                            // The rows locked (SQLite's immediate transaction
+                            // holds the write lock already), then read again
+                            // until a read finds no new one: a version added
+                            // by a rotation that held the lock first (its
+                            // insert committed after this statement began) is
+                            // seen, and no later rotation can add one before
+                            // this transaction ends (it locks these rows first).
+                            let read = |conn: &mut $conn| -> diesel::QueryResult<Vec<(String, i64)>> {
+                                k::user_encryption_keys
+                                    .filter(k::owner_id.eq(owner))
+                                    .filter(k::state.ne(KeyState::Destroyed.as_str()))
+                                    .select((k::owner_id, k::version))
+                                    .order(k::version)
+                                    $(.$lock())?
+                                    .load(conn)
+                            };
+                            let mut rows = read(conn)?;
+                            let mut reads = 1;
+                            loop {
+                                let again = read(conn)?;
+                                if again == rows {
+                                    break;
+                                }
+                                rows = again;
+                                reads += 1;
+                                if reads > 8 {
+                                    return Err(DieselError::QueryBuilderError(
+                                        "data keys of the owner kept being added while shredding it; nothing was destroyed: shred again".into(),
+                                    ));
+                                }
+                            }
                             // Never another owner's keys, whatever the
                             // column's collation: nothing is destroyed.
                             if let Some((other, version)) = rows.iter().find(|(o, _)| o != owner) {
@@ -817,14 +842,26 @@ macro_rules! diesel_key_store {
                 crate::feed::check_writable(std::slice::from_ref(event))?;
                 crate::metrics::store_query("add_key_version", || {
                     let mut conn = self.conn()?;
-                    let inserted = (*conn).$transaction(|conn| -> diesel::QueryResult<bool> {
-                        let exists: i64 = k::user_encryption_keys
+                    // Ok(Err(())): the owner was shredded, nothing written.
+                    let inserted = (*conn).$transaction(|conn| -> diesel::QueryResult<std::result::Result<bool, ()>> {
+                        // The owner's rows, locked until the end of the
+                        // transaction (SQLite's immediate transaction holds
+                        // the write lock already): a shred that committed
+                        // first is seen here, and one that comes later waits
+                        // for this insert and destroys the new version too
+                        // (it locks the same rows, then reads again).
+                        let rows: Vec<(String, i64, String)> = k::user_encryption_keys
                             .filter(k::owner_id.eq(&key.owner_id))
-                            .filter(k::version.eq(i64::from(key.version)))
-                            .count()
-                            .get_result(conn)?;
-                        if exists > 0 {
-                            return Ok(false);
+                            .select((k::owner_id, k::version, k::state))
+                            .order(k::version)
+                            $(.$lock())?
+                            .load(conn)?;
+                        let rows: Vec<&(String, i64, String)> = rows.iter().filter(|(o, _, _)| *o == key.owner_id).collect();
+                        if !rows.is_empty() && rows.iter().all(|(_, _, state)| state == KeyState::Destroyed.as_str()) {
+                            return Ok(Err(()));
+                        }
+                        if rows.iter().any(|(_, v, _)| *v == i64::from(key.version)) {
+                            return Ok(Ok(false));
                         }
                         diesel::insert_into(k::user_encryption_keys)
                             .values((
@@ -839,10 +876,11 @@ macro_rules! diesel_key_store {
                             .execute(conn)?;
                         Self::insert_audit(conn, std::slice::from_ref(audit))?;
                         Self::insert_events(conn, std::slice::from_ref(event))?;
-                        Ok(true)
+                        Ok(Ok(true))
                     });
                     match inserted {
-                        Ok(inserted) => Ok(inserted),
+                        Ok(Ok(inserted)) => Ok(inserted),
+                        Ok(Err(())) => Err(Error::Shredded { owner: key.owner_id.clone() }),
                         Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
                         Err(e) => Err(Error::store("adding a data key version", e)),
                     }

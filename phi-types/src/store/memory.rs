@@ -299,6 +299,18 @@ impl KeyStore for MemoryKeyStore {
     ) -> Result<bool> {
         crate::feed::check_writable(std::slice::from_ref(event))?;
         let mut inner = self.lock()?;
+        let owner = key.owner_id.as_str();
+        let mut rows = inner
+            .keys
+            .range((owner.to_owned(), 0)..=(owner.to_owned(), u32::MAX))
+            .peekable();
+        // Under the same lock as a shred: a shredded owner never gets a
+        // new version.
+        if rows.peek().is_some() && rows.all(|(_, k)| k.state == KeyState::Destroyed) {
+            return Err(Error::Shredded {
+                owner: owner.to_owned(),
+            });
+        }
         let slot = (key.owner_id.clone(), key.version);
         if inner.keys.contains_key(&slot) {
             return Ok(false);

@@ -430,10 +430,20 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// appends `audit` and the feed event `event` in the same transaction.
     /// Returns whether this call inserted it.
     ///
-    /// The default runs the three steps one after the other (not atomic);
-    /// [`DieselKeyStore`] runs them in one transaction.
+    /// A shredded owner (it has key rows, every one destroyed) gets no new
+    /// version: [`Error::Shredded`](crate::Error::Shredded), nothing
+    /// written. [`DieselKeyStore`] checks it on the owner's rows locked in
+    /// the insert's transaction, and [`destroy_keys`](Self::destroy_keys)
+    /// locks the same rows, so a rotation racing a shred either commits
+    /// first (and the shred destroys its version too) or finds the owner
+    /// shredded; [`MemoryKeyStore`] checks it under its lock.
+    ///
+    /// The default runs the steps one after the other (not atomic: a shred
+    /// between the check and the insert is not seen); [`DieselKeyStore`]
+    /// runs them in one transaction.
     ///
     /// # Errors
+    /// [`Error::Shredded`](crate::Error::Shredded) for a shredded owner;
     /// [`Error::Store`](crate::Error::Store) on a database failure.
     fn add_key_version(
         &self,
@@ -441,6 +451,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         audit: &AuditEvent,
         event: &KeyEvent,
     ) -> Result<bool> {
+        let rows = self.load_keys(&[key.owner_id.as_str()])?;
+        if !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed) {
+            return Err(crate::Error::Shredded {
+                owner: key.owner_id.clone(),
+            });
+        }
         if !self.insert_key_if_absent(key)? {
             return Ok(false);
         }
