@@ -465,6 +465,38 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         Ok(true)
     }
 
+    /// Adds each count to the seals recorded for its (owner, version) in
+    /// `phi_seal_counts`, creating the row when there is none, in one
+    /// transaction: counts from any number of processes add up, and a
+    /// recorded count never goes down. Counts of zero are skipped.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is added), or when the store does not count seals.
+    fn add_seal_counts(&self, counts: &[SealCount]) -> Result<()> {
+        let _ = counts;
+        Err(unsupported("recording seal counts"))
+    }
+
+    /// The seals recorded for the given owners' data key versions, in
+    /// `(owner, version)` order; a version without a row has none recorded.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not count seals.
+    fn seal_counts(&self, owners: &[&str]) -> Result<Vec<SealCount>> {
+        let _ = owners;
+        Err(unsupported("reading seal counts"))
+    }
+
+    /// Whether this store records seal counts ([`add_seal_counts`](Self::add_seal_counts)):
+    /// a keyring over it then counts the values it seals per data key
+    /// version. `false` by default: a store that wraps another should
+    /// forward it.
+    fn counts_seals(&self) -> bool {
+        false
+    }
+
     /// Appends `events` to the key-event feed (`phi_key_events`) and
     /// `audit` to the audit trail, in one transaction. Returns the feed's
     /// head afterwards: the id of the last event appended (or the current
@@ -736,4 +768,27 @@ pub struct KeyCount {
     pub keys: u64,
     /// Number of distinct owners among them.
     pub owners: u64,
+}
+
+/// Values sealed under one data key version (`phi_seal_counts`): added to
+/// by [`KeyStore::add_seal_counts`], read by [`KeyStore::seal_counts`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealCount {
+    /// The owner.
+    pub owner_id: String,
+    /// The data key version.
+    pub version: u32,
+    /// Values sealed under it (recorded so far, or to add).
+    pub seals: u64,
+}
+
+impl SealCount {
+    /// `seals` values of `owner_id` sealed under `version`.
+    pub fn new(owner_id: impl Into<String>, version: u32, seals: u64) -> Self {
+        SealCount {
+            owner_id: owner_id.into(),
+            version,
+            seals,
+        }
+    }
 }
