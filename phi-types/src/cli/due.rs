@@ -137,7 +137,8 @@ pub(super) fn run<C: DataConnection>(env: &Env<C>, actor: &str) -> CliResult {
         report.oldest_key_age.map(|a| a.as_secs()),
     );
     env.out.set("highest_seals", report.highest_seals);
-    env.out.set("due", report.due.iter().map(due_json).collect::<Vec<_>>());
+    env.out
+        .set("due", report.due.iter().map(due_json).collect::<Vec<_>>());
     if env.out.text() {
         print_text(&report);
     }
@@ -192,7 +193,9 @@ fn print_text(report: &DueReport) {
             reasons.join(", ")
         );
     }
-    println!("Rotate them with `keys rotate --due` (or `keys rotate --owner ID`, then `keys reseal`).");
+    println!(
+        "Rotate them with `keys rotate --due` (or `keys rotate --owner ID`, then `keys reseal`)."
+    );
 }
 
 #[cfg(test)]
@@ -209,7 +212,10 @@ mod tests {
         assert!(parse_age("0d").expect_err("zero").contains("positive"));
         assert!(parse_age("d").is_err());
         assert!(parse_age("99999999999999999999d").is_err());
-        assert_eq!(human_age(Duration::from_secs(120 * 86_400 + 3 * 3_600 + 5)), "120d 3h");
+        assert_eq!(
+            human_age(Duration::from_secs(120 * 86_400 + 3 * 3_600 + 5)),
+            "120d 3h"
+        );
         assert_eq!(human_age(Duration::from_secs(42)), "42s");
     }
 }

@@ -174,7 +174,10 @@ impl SealCounts {
             tallies.retain(|(owner, version), tally| {
                 let seals = tally.seals.swap(0, Ordering::Relaxed);
                 if seals > 0 {
-                    taken.push((tally.clone(), SealCount::new(owner.clone(), *version, seals)));
+                    taken.push((
+                        tally.clone(),
+                        SealCount::new(owner.clone(), *version, seals),
+                    ));
                     return true;
                 }
                 // Nothing pending, and no cached keys seal under it any more.

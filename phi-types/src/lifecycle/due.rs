@@ -242,9 +242,13 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{KeyBytes, LocalKek, ManualClock, MemoryKeyStore};
+    use crate::{KeyBytes, KeyStore as _, LocalKek, ManualClock, MemoryKeyStore};
 
-    fn keyring(store: Arc<MemoryKeyStore>, clock: Arc<ManualClock>, policy: RotationPolicy) -> Keyring {
+    fn keyring(
+        store: Arc<MemoryKeyStore>,
+        clock: Arc<ManualClock>,
+        policy: RotationPolicy,
+    ) -> Keyring {
         let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
         Keyring::builder(store, kek)
             .clock(clock)
@@ -285,7 +289,7 @@ mod tests {
         crate::lifecycle::rotate(&a, "busy").expect("rotate");
         assert!(due_owner_ids(&a).expect("due").is_empty());
 
-        clock.advance(90 * day);
+        clock.advance(91 * day);
         let report = due_keys(&a).expect("due");
         assert_eq!(due_owner_ids(&a).expect("due"), ["busy", "quiet"]);
         assert_eq!((report.due[0].version, report.due[0].seals), (2, 0));
