@@ -337,13 +337,20 @@ fn adopt_through_the_own_command(db: &Db) {
         .iter()
         .map(|d| {
             assert_eq!(d["reasons"], serde_json::json!(["seals"]), "{due}");
-            (d["owner"].as_str().expect("owner").to_owned(), d["seals"].as_u64().expect("seals"))
+            (
+                d["owner"].as_str().expect("owner").to_owned(),
+                d["seals"].as_u64().expect("seals"),
+            )
         })
         .collect();
     listed.sort();
     assert_eq!(
         listed,
-        [("writer-0".to_owned(), 10), ("writer-1".to_owned(), 10), ("writer-2".to_owned(), 10)],
+        [
+            ("writer-0".to_owned(), 10),
+            ("writer-1".to_owned(), 10),
+            ("writer-2".to_owned(), 10)
+        ],
         "{due}"
     );
     let due = db.json(&["keys", "due", "--max-seals-per-key", "11"]);
