@@ -318,3 +318,86 @@ fn phi_keys_due_lists_owners_with_age_seals_and_reason() {
     assert!(line(&busy).ends_with("  seals"), "{text}");
     assert!(line(&old).contains("100d") && line(&old).ends_with("  age"), "{text}");
 }
+
+#[derive(QueryableByName)]
+struct Waiting {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// The other order: a rotation that locked the owner's rows first and
+/// inserted its version, not yet committed, while a shred begins. The shred
+/// waits for the rotation's lock and then destroys the new version too: no
+/// version of the owner survives. The rotation's transaction is held open
+/// on a connection of the test's (as `add_key_version` runs it: the rows
+/// locked, then the insert), and committed once the server shows the shred
+/// waiting for a lock. SQLite runs one write transaction at a time, so
+/// there the shred simply begins after the rotation.
+#[test]
+fn a_shred_waiting_for_a_rotation_destroys_its_new_version_too() {
+    use diesel::connection::SimpleConnection as _;
+    let db = TestDb::new();
+    let owner = common::unique_owner("race-rotate");
+    db.keyring().seal(&"Doe".to_string(), &owner, TEXT, b"r").expect("first key");
+
+    let mut rotation = db.conn();
+    let sqlite = server_url().is_none();
+    rotation.batch_execute(if sqlite { "BEGIN IMMEDIATE" } else { "BEGIN" }).expect("begin");
+    let locked: Vec<Waiting> = diesel::sql_query(format!(
+        "SELECT version AS n FROM user_encryption_keys WHERE owner_id = '{owner}'{}",
+        if sqlite { "" } else { " FOR UPDATE" }
+    ))
+    .load(&mut rotation)
+    .expect("lock the owner's rows");
+    let locked: Vec<i64> = locked.into_iter().map(|w| w.n).collect();
+    assert_eq!(locked, [1]);
+    let (_key, wrapped) = common::local_kek().generate(&owner, 2).expect("key");
+    let at = chrono::Utc::now().naive_utc();
+    diesel::insert_into(user_encryption_keys::table)
+        .values((
+            user_encryption_keys::owner_id.eq(&owner),
+            user_encryption_keys::version.eq(2_i64),
+            user_encryption_keys::kek_id.eq("local-test"),
+            user_encryption_keys::wrapped_key.eq(wrapped),
+            user_encryption_keys::state.eq("active"),
+            user_encryption_keys::created_at.eq(at),
+            user_encryption_keys::updated_at.eq(at),
+        ))
+        .execute(&mut rotation)
+        .expect("the rotation's insert");
+
+    let report = std::thread::scope(|s| {
+        let shred = s.spawn(|| {
+            let keyring = Keyring::builder(db.store(), common::local_kek()).without_feed().build().expect("keyring");
+            lifecycle::shred_keys_by(&keyring, &owner, "other-process").expect("shred")
+        });
+        if server_url().is_some() {
+            // The server shows the shred waiting for the rotation's lock.
+            let sql = if db.url.starts_with("postgres") {
+                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database() AND query LIKE '%user_encryption_keys%'"
+            } else {
+                // The shred's statement under way (the rotation's
+                // connection is idle: it shows none).
+                "SELECT COUNT(*) AS n FROM information_schema.processlist WHERE id <> CONNECTION_ID() \
+                 AND db = DATABASE() AND info LIKE '%user_encryption_keys%'"
+            };
+            let mut watcher = db.conn();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let waiting: Waiting = diesel::sql_query(sql).get_result(&mut watcher).expect("lock waits");
+                if waiting.n > 0 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "the shred never waited for the rotation's lock");
+                std::thread::yield_now();
+            }
+        }
+        rotation.batch_execute("COMMIT").expect("commit");
+        shred.join().expect("no panic")
+    });
+    assert_eq!(report.destroyed_versions, vec![1, 2], "{report:?}");
+    assert_eq!(report.keys_left, 0, "{report:?}");
+    let rows = db.store().load_keys(&[&owner]).expect("rows");
+    assert!(rows.iter().all(|r| r.state == phi::KeyState::Destroyed), "{rows:?}");
+}
