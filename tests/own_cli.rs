@@ -327,6 +327,34 @@ fn adopt_through_the_own_command(db: &Db) {
     );
     assert_eq!(t["new_owner_keys"], 3);
     assert_eq!(db.flag(true), NOTES);
+    // The backfill's process recorded its seals when its keyring was
+    // dropped; `keys due` in this process reads them: ten notes per author.
+    let due = db.json(&["keys", "due", "--max-seals-per-key", "10"]);
+    assert_eq!(due["command"], "keys due", "{due}");
+    let mut listed: Vec<(String, u64)> = due["due"]
+        .as_array()
+        .expect("due")
+        .iter()
+        .map(|d| {
+            assert_eq!(d["reasons"], serde_json::json!(["seals"]), "{due}");
+            (
+                d["owner"].as_str().expect("owner").to_owned(),
+                d["seals"].as_u64().expect("seals"),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("writer-0".to_owned(), 10),
+            ("writer-1".to_owned(), 10),
+            ("writer-2".to_owned(), 10)
+        ],
+        "{due}"
+    );
+    let due = db.json(&["keys", "due", "--max-seals-per-key", "11"]);
+    assert_eq!(due["due"], serde_json::json!([]), "{due}");
     let status = db.json(&["status", "--model", "Note"]);
     assert_eq!(
         status["tables"][0]["sealed"].as_i64(),

@@ -151,6 +151,7 @@ pub use keyring::{
     DEFAULT_UNKNOWN_VERSION_TTL, FeedStatus, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
     ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
+pub use keyring::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 #[cfg(feature = "derive")]
 #[doc(inline)]
 pub use phi_derive::PhiRecord;
@@ -161,7 +162,7 @@ pub use store::DieselKeyStore;
 pub use store::schema;
 pub use store::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore,
-    MemoryKeyStore, Rewrap, StoredKey,
+    MemoryKeyStore, Rewrap, SealCount, StoredKey,
 };
 pub use telemetry::{OwnerIdTelemetry, TelemetryOwner};
 #[cfg(feature = "uuid")]

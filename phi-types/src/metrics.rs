@@ -41,6 +41,9 @@
 //! | `phi_feed_read_errors_total` | counter | count | | reads of the key-event feed that failed (each is also logged with the staleness) |
 //! | `phi_feed_staleness_seconds` | gauge | seconds | | time since the feed was last read successfully, set when a read fails (0 after a success) |
 //! | `phi_admin_denied_unaudited_total` | counter | count | | refused admin API requests over the router's `denied_audit_limit`, neither audited nor logged one by one (one log line per window says the limit was reached; feature `admin-http`) |
+//! | `phi_key_oldest_active_age_seconds` | gauge | seconds | | age of the oldest current (active) data key version of any owner, set by each [`lifecycle::due_keys`](crate::lifecycle::due_keys) (and `phi keys due`) |
+//! | `phi_keys_due` | gauge | count | | owners whose current data key version is due for rotation under the keyring's [`RotationPolicy`](crate::RotationPolicy), set by each `due_keys` |
+//! | `phi_key_seals_max` | gauge | count | | the highest seal count recorded (`phi_seal_counts`) for any owner's current data key version, set by each `due_keys`: against envelope v1's budget of 2³² |
 //! | `phi_feed_unknown_events_total` | counter | count | | key events of a kind this build does not know (a newer build's), applied conservatively: the named owner, or every owner, dropped from the cache; each is also logged with its id and kind |
 //!
 //! # Alerting
@@ -144,6 +147,12 @@ pub const FEED_READ_ERRORS_TOTAL: &str = "phi_feed_read_errors_total";
 pub const FEED_STALENESS_SECONDS: &str = "phi_feed_staleness_seconds";
 /// Key events of a kind this build does not know, applied conservatively.
 pub const FEED_UNKNOWN_EVENTS_TOTAL: &str = "phi_feed_unknown_events_total";
+/// Age in seconds of the oldest current data key version of any owner.
+pub const KEY_OLDEST_ACTIVE_AGE_SECONDS: &str = "phi_key_oldest_active_age_seconds";
+/// Owners whose current data key version is due for rotation.
+pub const KEYS_DUE: &str = "phi_keys_due";
+/// The highest seal count recorded for any current data key version.
+pub const KEY_SEALS_MAX: &str = "phi_key_seals_max";
 /// AWS KMS calls, labels `operation` (`generate_data_key`, `decrypt`,
 /// `encrypt`) and `outcome` (`success`, or the failure's
 /// `AwsKmsErrorKind::label`; feature `aws-kms`).
@@ -165,6 +174,21 @@ pub const SUCCESS: &str = "success";
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(SEAL_TOTAL, Unit::Count, "Values sealed.");
+    describe_gauge!(
+        KEY_OLDEST_ACTIVE_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest current data key version of any owner (set when the keys due are listed)."
+    );
+    describe_gauge!(
+        KEYS_DUE,
+        Unit::Count,
+        "Owners whose current data key version is due for rotation (set when the keys due are listed)."
+    );
+    describe_gauge!(
+        KEY_SEALS_MAX,
+        Unit::Count,
+        "Highest seal count recorded for any current data key version (set when the keys due are listed)."
+    );
     describe_counter!(OPEN_TOTAL, Unit::Count, "Values opened.");
     describe_counter!(
         SEAL_ERRORS_TOTAL,

@@ -93,6 +93,7 @@ impl Sealer<'_> {
             |out| value.encode(out),
         )
         .map_err(refuse)?;
+        keys.count_seals(1);
         Ok(Encrypted::from_bytes(bytes))
     }
 }

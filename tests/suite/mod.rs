@@ -699,6 +699,12 @@ mod fleet {
     include!("fleet.rs");
 }
 
+/// Rotation racing a shred; the rotation policy, seal counts, keys due.
+mod due {
+    use super::*;
+    include!("due.rs");
+}
+
 /// The admin HTTP API: every route, its guard, its audit records.
 #[cfg(feature = "admin-http")]
 mod admin_http {

@@ -27,6 +27,7 @@ use crate::lifecycle::{self, DataConnection, ResealTable, RewrapScope};
 use crate::store::DieselKeyStore;
 use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 
+mod due;
 mod jobs;
 mod master_key;
 
@@ -128,6 +129,9 @@ struct Cli {
         global = true
     )]
     tables: Vec<String>,
+
+    #[command(flatten)]
+    policy: due::PolicyArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -252,6 +256,14 @@ enum KeysCommand {
         #[command(flatten)]
         owners: OwnersQuery,
     },
+    /// Lists every owner whose current data key is due for rotation under
+    /// the rotation policy (--max-key-age, --max-seals-per-key): older
+    /// than the age limit, or with at least the seal budget's values
+    /// sealed under it. Shows each one's version, creation time, age, seal
+    /// count and reason (`age`, `seals`). Seal counts are those every
+    /// process recorded in phi_seal_counts (each adds its own at most once
+    /// per feed interval). Changes nothing.
+    Due,
     /// Adds a new data key version for an owner; new writes use it.
     Rotate {
         /// The owner.
@@ -585,6 +597,7 @@ impl App {
             owner_id_whitespace: cli.allow_owner_id_whitespace,
             out: Out::new(cli.format),
             progress: cli.quiet == 0,
+            policy: cli.policy.clone(),
             connection: std::marker::PhantomData,
         };
         let code = match &cli.command {
@@ -767,23 +780,28 @@ struct Env<C> {
     out: Out,
     /// Progress bars (off with `-q`; drawn only on a terminal).
     progress: bool,
+    /// `--max-key-age`, `--max-seals-per-key`, applied to the keyring.
+    policy: due::PolicyArgs,
     connection: std::marker::PhantomData<fn() -> C>,
 }
 
 impl<C: DataConnection> Env<C> {
     fn keyring(&self, actor: &str) -> CliResult<Keyring> {
         if let Some(keyring) = &self.keyring {
+            self.policy.apply(keyring)?;
             return Ok(keyring.clone());
         }
         let mut builder = Keyring::builder(self.store.clone(), self.kek.clone());
         for kek in &self.older {
             builder = builder.unwrap_with(kek.clone());
         }
-        Ok(builder
+        let keyring = builder
             .actor(actor)
             .rollout_policy(&self.rollout_policy)
             .allow_owner_id_whitespace(self.owner_id_whitespace)
-            .build()?)
+            .build()?;
+        self.policy.apply(&keyring)?;
+        Ok(keyring)
     }
 
     fn data(&self) -> CliResult<C> {
@@ -874,6 +892,7 @@ where
         KeysCommand::Rewrap { .. } => "keys rewrap",
         KeysCommand::Retire { .. } => "keys retire",
         KeysCommand::Shred { .. } => "keys shred",
+        KeysCommand::Due => "keys due",
     };
     env.out.set("command", name);
     match command {
@@ -1065,6 +1084,7 @@ where
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::Shred { owner, yes, sample } => shred(cli, env, owner, *yes, *sample),
+        KeysCommand::Due => due::run(env, &cli.actor),
     }
 }
 

@@ -8,6 +8,13 @@ use std::time::{Duration, Instant};
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current instant.
     fn now(&self) -> Instant;
+
+    /// The current time, UTC, for the ages of data keys (their
+    /// `created_at`): the system's wall clock unless the clock says
+    /// otherwise (a [`ManualClock`] moves it with its instant).
+    fn utc_now(&self) -> chrono::NaiveDateTime {
+        chrono::Utc::now().naive_utc()
+    }
 }
 
 /// The system's monotonic clock.
@@ -24,6 +31,7 @@ impl Clock for SystemClock {
 #[derive(Debug)]
 pub struct ManualClock {
     start: Instant,
+    start_utc: chrono::NaiveDateTime,
     offset: Mutex<Duration>,
 }
 
@@ -32,6 +40,7 @@ impl ManualClock {
     pub fn new() -> Self {
         ManualClock {
             start: Instant::now(),
+            start_utc: chrono::Utc::now().naive_utc(),
             offset: Mutex::new(Duration::ZERO),
         }
     }
@@ -52,5 +61,13 @@ impl Default for ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
         self.start + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn utc_now(&self) -> chrono::NaiveDateTime {
+        let offset = *self.offset.lock().unwrap_or_else(|p| p.into_inner());
+        chrono::TimeDelta::from_std(offset)
+            .ok()
+            .and_then(|d| self.start_utc.checked_add_signed(d))
+            .unwrap_or(chrono::NaiveDateTime::MAX)
     }
 }

@@ -308,6 +308,10 @@ fn run(weak: &Weak<Inner>, follower: &Follower, mut listener: Option<Box<dyn Fee
             accessor: None,
         };
         keyring.read_feed_now();
+        keyring
+            .inner
+            .seal_counts
+            .flush_if_due(keyring.inner.store.as_ref(), follower.interval);
         next_read = Instant::now() + follower.interval;
         if can_listen && listener.is_none() {
             match keyring.inner.store.feed_listener() {

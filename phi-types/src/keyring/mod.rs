@@ -47,6 +47,7 @@ mod misses;
 #[cfg(feature = "async")]
 mod nonblocking;
 mod resolve;
+mod seals;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -58,6 +59,7 @@ pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
+pub use seals::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 
 use self::audit::AuditWriter;
 use self::cache::Cache;
@@ -138,6 +140,8 @@ pub struct OwnerKeys {
     shredded: bool,
     /// Blind-index keys derived so far, by version and scope.
     pub(crate) blind_keys: BlindKeyCache,
+    /// The seal tally of the current version, when the store counts seals.
+    seals: Option<Arc<seals::Tally>>,
 }
 
 impl OwnerKeys {
@@ -163,6 +167,15 @@ impl OwnerKeys {
             .binary_search_by_key(&version, Dek::version)
             .ok()
             .map(|i| &self.deks[i])
+    }
+
+    /// Counts `n` values sealed under the current version (one relaxed
+    /// atomic add: no lock).
+    #[inline]
+    pub(crate) fn count_seals(&self, n: u64) {
+        if let Some(tally) = &self.seals {
+            tally.add(n);
+        }
     }
 
     /// The data key new values are sealed under.
@@ -344,6 +357,10 @@ struct Inner {
     owner_telemetry: OwnerIdTelemetry,
     /// [`KeyringBuilder::allow_owner_id_whitespace`].
     owner_id_whitespace: bool,
+    /// Values sealed per (owner, version), not yet in the key store.
+    seal_counts: seals::SealCounts,
+    /// [`KeyringBuilder::rotation_policy`].
+    rotation_policy: RwLock<RotationPolicy>,
 }
 
 /// How long dropping the last clone of a following keyring waits for its
@@ -354,6 +371,9 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(follower) = &self.follower {
             follower.stop_and_wait(FOLLOWER_EXIT_WAIT);
+        }
+        if let Err(error) = self.seal_counts.flush(self.store.as_ref()) {
+            tracing::warn!(%error, "cannot record this keyring's last seal counts in the key store");
         }
     }
 }
@@ -391,6 +411,7 @@ pub struct KeyringBuilder {
     owner_telemetry: OwnerIdTelemetry,
     feed_reader: Option<String>,
     owner_id_whitespace: bool,
+    rotation_policy: RotationPolicy,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -619,6 +640,16 @@ impl KeyringBuilder {
         self
     }
 
+    /// When an owner's current data key is due for rotation (default:
+    /// [`RotationPolicy::default`], no age limit and a budget of
+    /// [`DEFAULT_MAX_SEALS_PER_KEY`] seals): what
+    /// [`lifecycle::due_keys`](crate::lifecycle::due_keys) lists and
+    /// `phi keys due` shows.
+    pub fn rotation_policy(mut self, policy: RotationPolicy) -> Self {
+        self.rotation_policy = policy;
+        self
+    }
+
     /// Builds the keyring, after checking every configured KEK against the
     /// key store: a KEK id names exactly one key. The first keyring built
     /// with a KEK stores its check value (`kek_check_values`); a KEK whose
@@ -647,6 +678,7 @@ impl KeyringBuilder {
                 "the audit queue must hold at least one record".into(),
             ));
         }
+        self.rotation_policy.check()?;
         let mut keks: HashMap<String, Arc<dyn KeyEncryptionKey>> = HashMap::new();
         for kek in std::iter::once(self.primary.clone()).chain(self.keks) {
             if let Some(existing) = keks.get(kek.id())
@@ -742,7 +774,6 @@ impl KeyringBuilder {
         let keyring = Keyring {
             accessor: None,
             inner: Arc::new(Inner {
-                store: self.store,
                 primary: self.primary,
                 keks,
                 cache: Cache::new(self.ttl, self.max_owners),
@@ -759,6 +790,9 @@ impl KeyringBuilder {
                 name: self.name,
                 owner_telemetry: self.owner_telemetry,
                 owner_id_whitespace: self.owner_id_whitespace,
+                seal_counts: seals::SealCounts::new(self.store.counts_seals()),
+                rotation_policy: RwLock::new(self.rotation_policy),
+                store: self.store,
             }),
         };
         if let Some((follower, listener)) = follower {
@@ -800,6 +834,7 @@ impl Keyring {
             owner_telemetry: OwnerIdTelemetry::default(),
             feed_reader: None,
             owner_id_whitespace: false,
+            rotation_policy: RotationPolicy::default(),
         }
     }
 
@@ -1112,6 +1147,58 @@ impl Keyring {
         self.inner.misses.remember(owner, version, now);
     }
 
+    /// The rotation policy ([`KeyringBuilder::rotation_policy`]).
+    pub fn rotation_policy(&self) -> RotationPolicy {
+        *self
+            .inner
+            .rotation_policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the rotation policy, for this keyring and its clones (a
+    /// command line's options over an application's keyring, say).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a limit of zero or a seal budget above
+    /// [`NONCE_BUDGET`] (nothing changed).
+    pub fn set_rotation_policy(&self, policy: RotationPolicy) -> Result<()> {
+        policy.check()?;
+        *self
+            .inner
+            .rotation_policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+        Ok(())
+    }
+
+    /// Adds the values this keyring sealed since the last flush, per
+    /// (owner, data key version), to the key store's counts
+    /// (`phi_seal_counts`). A following keyring does it once per feed
+    /// interval, and the drop of its last clone once more; call it before
+    /// an exit that skips the drop. Returns how many seals were recorded.
+    /// Nothing is counted over a store that does not record counts
+    /// ([`KeyStore::counts_seals`](crate::KeyStore::counts_seals)).
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the counts could not be written: they are kept
+    /// for the next flush.
+    pub fn flush_seal_counts(&self) -> Result<u64> {
+        self.inner.seal_counts.flush(self.inner.store.as_ref())
+    }
+
+    /// The values this keyring sealed per (owner, data key version) and
+    /// has not flushed yet.
+    pub fn unflushed_seal_counts(&self) -> Vec<crate::store::SealCount> {
+        self.inner.seal_counts.pending()
+    }
+
+    /// The current time (UTC) on the keyring's [`Clock`]: what key ages
+    /// are measured against.
+    pub fn utc_now(&self) -> chrono::NaiveDateTime {
+        self.inner.clock.utc_now()
+    }
+
     /// Counters since this keyring was built.
     pub fn stats(&self) -> KeyringStats {
         let cache = &self.inner.cache.counters;
@@ -1405,6 +1492,7 @@ impl Keyring {
             name: &inner.name,
             owner_telemetry: inner.owner_telemetry,
             owner_id_whitespace: inner.owner_id_whitespace,
+            seal_counts: &inner.seal_counts,
         }
     }
 

@@ -53,6 +53,8 @@ pub(super) struct Core<'k> {
     pub(super) owner_telemetry: OwnerIdTelemetry,
     /// [`super::KeyringBuilder::allow_owner_id_whitespace`].
     pub(super) owner_id_whitespace: bool,
+    /// The tallies sealing counts into.
+    pub(super) seal_counts: &'k super::seals::SealCounts,
 }
 
 /// What the driver must do next.
@@ -251,6 +253,7 @@ impl<'k> Core<'k> {
                 deks.push(dek);
             }
         }
+        let seals = current.and_then(|i| self.seal_counts.tally(owner, live[i].version));
         Ok(Arc::new(OwnerKeys {
             owner: owner.to_owned(),
             deks: one.map_or(Deks::Many(deks), Deks::One),
@@ -259,6 +262,7 @@ impl<'k> Core<'k> {
             fill,
             shredded: shredded(rows),
             blind_keys: Default::default(),
+            seals,
         }))
     }
 
@@ -702,6 +706,7 @@ impl Create {
                         fill,
                         shredded: false,
                         blind_keys: Default::default(),
+                        seals: core.seal_counts.tally(owner, version),
                     });
                     let row = StoredKey::active(owner, version, kek.id(), wrapped);
                     core.count_query();

@@ -48,6 +48,7 @@
 //! # Ok::<(), phi_types::Error>(())
 //! ```
 
+mod due;
 pub(crate) mod tables;
 
 use std::collections::HashMap;
@@ -55,6 +56,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
+pub use due::{DueKey, DueReason, DueReport, due_keys, due_owner_ids};
 pub use tables::{ColumnType, DataConnection, FlagType, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};

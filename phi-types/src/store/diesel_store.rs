@@ -13,11 +13,11 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::schema::{
     encryption_key_audit, kek_check_values, phi_feed_readers, phi_key_events, phi_key_feed,
-    phi_rollout, phi_rollout_owners, user_encryption_keys,
+    phi_rollout, phi_rollout_owners, phi_seal_counts, user_encryption_keys,
 };
 use super::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap,
-    StoredKey,
+    SealCount, StoredKey,
 };
 use crate::connection::PhiConnection;
 use crate::error::{Error, Result};
@@ -719,12 +719,37 @@ macro_rules! diesel_key_store {
                     // Ok(Err(unlisted)): refused, nothing written.
                     let outcome = (*conn)
                         .$transaction(|conn| -> diesel::QueryResult<std::result::Result<Vec<i64>, Vec<u32>>> {
-                            let rows: Vec<(String, i64)> = k::user_encryption_keys
-                                .filter(k::owner_id.eq(owner))
-                                .filter(k::state.ne(KeyState::Destroyed.as_str()))
-                                .select((k::owner_id, k::version))
-                                .order(k::version)
-                                .load(conn)?;
+                            // The rows locked (SQLite's immediate transaction
+                            // holds the write lock already), then read again
+                            // until a read finds no new one: a version added
+                            // by a rotation that held the lock first (its
+                            // insert committed after this statement began) is
+                            // seen, and no later rotation can add one before
+                            // this transaction ends (it locks these rows first).
+                            let read = |conn: &mut $conn| -> diesel::QueryResult<Vec<(String, i64)>> {
+                                k::user_encryption_keys
+                                    .filter(k::owner_id.eq(owner))
+                                    .filter(k::state.ne(KeyState::Destroyed.as_str()))
+                                    .select((k::owner_id, k::version))
+                                    .order(k::version)
+                                    $(.$lock())?
+                                    .load(conn)
+                            };
+                            let mut rows = read(conn)?;
+                            let mut reads = 1;
+                            loop {
+                                let again = read(conn)?;
+                                if again == rows {
+                                    break;
+                                }
+                                rows = again;
+                                reads += 1;
+                                if reads > 8 {
+                                    return Err(DieselError::QueryBuilderError(
+                                        "data keys of the owner kept being added while shredding it; nothing was destroyed: shred again".into(),
+                                    ));
+                                }
+                            }
                             // Never another owner's keys, whatever the
                             // column's collation: nothing is destroyed.
                             if let Some((other, version)) = rows.iter().find(|(o, _)| o != owner) {
@@ -855,14 +880,26 @@ macro_rules! diesel_key_store {
                 crate::feed::check_writable(std::slice::from_ref(event))?;
                 crate::metrics::store_query("add_key_version", || {
                     let mut conn = self.conn()?;
-                    let inserted = (*conn).$transaction(|conn| -> diesel::QueryResult<bool> {
-                        let exists: i64 = k::user_encryption_keys
+                    // Ok(Err(())): the owner was shredded, nothing written.
+                    let inserted = (*conn).$transaction(|conn| -> diesel::QueryResult<std::result::Result<bool, ()>> {
+                        // The owner's rows, locked until the end of the
+                        // transaction (SQLite's immediate transaction holds
+                        // the write lock already): a shred that committed
+                        // first is seen here, and one that comes later waits
+                        // for this insert and destroys the new version too
+                        // (it locks the same rows, then reads again).
+                        let rows: Vec<(String, i64, String)> = k::user_encryption_keys
                             .filter(k::owner_id.eq(&key.owner_id))
-                            .filter(k::version.eq(i64::from(key.version)))
-                            .count()
-                            .get_result(conn)?;
-                        if exists > 0 {
-                            return Ok(false);
+                            .select((k::owner_id, k::version, k::state))
+                            .order(k::version)
+                            $(.$lock())?
+                            .load(conn)?;
+                        let rows: Vec<&(String, i64, String)> = rows.iter().filter(|(o, _, _)| *o == key.owner_id).collect();
+                        if !rows.is_empty() && rows.iter().all(|(_, _, state)| state == KeyState::Destroyed.as_str()) {
+                            return Ok(Err(()));
+                        }
+                        if rows.iter().any(|(_, v, _)| *v == i64::from(key.version)) {
+                            return Ok(Ok(false));
                         }
                         diesel::insert_into(k::user_encryption_keys)
                             .values((
@@ -877,13 +914,71 @@ macro_rules! diesel_key_store {
                             .execute(conn)?;
                         Self::insert_audit(conn, std::slice::from_ref(audit))?;
                         Self::insert_events(conn, std::slice::from_ref(event))?;
-                        Ok(true)
+                        Ok(Ok(true))
                     });
                     match inserted {
-                        Ok(inserted) => Ok(inserted),
+                        Ok(Ok(inserted)) => Ok(inserted),
+                        Ok(Err(())) => Err(Error::Shredded { owner: key.owner_id.clone() }),
                         Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
                         Err(e) => Err(Error::store("adding a data key version", e)),
                     }
+                })
+            }
+
+            fn counts_seals(&self) -> bool {
+                true
+            }
+
+            fn add_seal_counts(&self, counts: &[SealCount]) -> Result<()> {
+                let mut counts: Vec<&SealCount> = counts.iter().filter(|c| c.seals > 0).collect();
+                if counts.is_empty() {
+                    return Ok(());
+                }
+                // One order for every process: concurrent flushes lock the
+                // rows they share in the same order.
+                counts.sort_by(|a, b| (a.owner_id.as_bytes(), a.version).cmp(&(b.owner_id.as_bytes(), b.version)));
+                crate::metrics::store_query("add_seal_counts", || {
+                    let mut conn = self.conn()?;
+                    let at = now();
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<()> {
+                            for c in &counts {
+                                let seals = i64::try_from(c.seals).unwrap_or(i64::MAX);
+                                Self::add_seal_count(conn, &c.owner_id, i64::from(c.version), seals, at)?;
+                            }
+                            Ok(())
+                        })
+                        .map_err(|e| Error::store("recording seal counts", e))
+                })
+            }
+
+            fn seal_counts(&self, owners: &[&str]) -> Result<Vec<SealCount>> {
+                use phi_seal_counts::dsl as s;
+                crate::metrics::store_query("seal_counts", || {
+                    let mut conn = self.conn()?;
+                    let mut counts = Vec::new();
+                    for chunk in owners.chunks(OWNERS_PER_QUERY) {
+                        let rows: Vec<(String, i64, i64)> = s::phi_seal_counts
+                            .filter(s::owner_id.eq_any(chunk))
+                            .select((s::owner_id, s::version, s::seals))
+                            .load(&mut *conn)
+                            .map_err(|e| Error::store("reading seal counts", e))?;
+                        for (owner_id, version, seals) in rows {
+                            // Byte for byte, whatever the column's collation.
+                            if !chunk.contains(&owner_id.as_str()) {
+                                continue;
+                            }
+                            let version = u32::try_from(version).map_err(|_| {
+                                Error::store(
+                                    "reading seal counts",
+                                    format!("row of owner {owner_id:?}: version {version} is outside 1..=4294967295"),
+                                )
+                            })?;
+                            counts.push(SealCount::new(owner_id, version, u64::try_from(seals).unwrap_or(0)));
+                        }
+                    }
+                    counts.sort_by(|a, b| (a.owner_id.as_str(), a.version).cmp(&(b.owner_id.as_str(), b.version)));
+                    Ok(counts)
                 })
             }
 
@@ -1225,6 +1320,44 @@ diesel_key_store! {
         ReadOnly { begin: "START TRANSACTION READ ONLY", reset: None };
     "postgres" => diesel::PgConnection, transaction, lock(for_update), SetShape::Values, "TEXT",
         ReadOnly { begin: "BEGIN TRANSACTION READ ONLY", reset: None };
+}
+
+/// Adds `seals` to the count of (`owner`, `version`) on `conn`, creating
+/// the row when there is none: one `INSERT … ON CONFLICT DO UPDATE`
+/// (`ON DUPLICATE KEY UPDATE` on MySQL / MariaDB), atomic on every backend.
+macro_rules! add_seal_count {
+    ($($feature:literal => $conn:ty, $target:expr);* $(;)?) => {$(
+        #[cfg(feature = $feature)]
+        impl DieselKeyStore<$conn> {
+            fn add_seal_count(
+                conn: &mut $conn,
+                owner: &str,
+                version: i64,
+                seals: i64,
+                at: NaiveDateTime,
+            ) -> diesel::QueryResult<()> {
+                use phi_seal_counts::dsl as s;
+                diesel::insert_into(s::phi_seal_counts)
+                    .values((
+                        s::owner_id.eq(owner),
+                        s::version.eq(version),
+                        s::seals.eq(seals),
+                        s::updated_at.eq(at),
+                    ))
+                    .on_conflict($target)
+                    .do_update()
+                    .set((s::seals.eq(s::seals + seals), s::updated_at.eq(at)))
+                    .execute(conn)
+                    .map(drop)
+            }
+        }
+    )*};
+}
+
+add_seal_count! {
+    "sqlite" => diesel::SqliteConnection, (phi_seal_counts::owner_id, phi_seal_counts::version);
+    "mysql" => diesel::MysqlConnection, diesel::dsl::DuplicatedKeys;
+    "postgres" => diesel::PgConnection, (phi_seal_counts::owner_id, phi_seal_counts::version);
 }
 
 /// How one backend runs a query that must not write: the statements that

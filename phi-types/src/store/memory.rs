@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::collections::BTreeSet;
 
 use super::{
-    AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, StoredKey,
+    AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap, SealCount,
+    StoredKey,
 };
 use crate::error::{Error, Result};
 use crate::feed::{FeedEvent, FeedReader, KeyEvent, KeyEventKind};
@@ -27,6 +28,7 @@ struct Inner {
     events: Vec<KeyEvent>,
     rollout: BTreeMap<String, Rollout>,
     readers: BTreeMap<String, FeedReader>,
+    seals: BTreeMap<(String, u32), u64>,
 }
 
 impl Inner {
@@ -299,6 +301,18 @@ impl KeyStore for MemoryKeyStore {
     ) -> Result<bool> {
         crate::feed::check_writable(std::slice::from_ref(event))?;
         let mut inner = self.lock()?;
+        let owner = key.owner_id.as_str();
+        let mut rows = inner
+            .keys
+            .range((owner.to_owned(), 0)..=(owner.to_owned(), u32::MAX))
+            .peekable();
+        // Under the same lock as a shred: a shredded owner never gets a
+        // new version.
+        if rows.peek().is_some() && rows.all(|(_, k)| k.state == KeyState::Destroyed) {
+            return Err(Error::Shredded {
+                owner: owner.to_owned(),
+            });
+        }
         let slot = (key.owner_id.clone(), key.version);
         if inner.keys.contains_key(&slot) {
             return Ok(false);
@@ -307,6 +321,36 @@ impl KeyStore for MemoryKeyStore {
         inner.audit.push(audit.clone());
         inner.events.push(event.clone());
         Ok(true)
+    }
+
+    fn counts_seals(&self) -> bool {
+        true
+    }
+
+    fn add_seal_counts(&self, counts: &[SealCount]) -> Result<()> {
+        let mut inner = self.lock()?;
+        for c in counts.iter().filter(|c| c.seals > 0) {
+            let seals = inner
+                .seals
+                .entry((c.owner_id.clone(), c.version))
+                .or_default();
+            *seals = seals.saturating_add(c.seals);
+        }
+        Ok(())
+    }
+
+    fn seal_counts(&self, owners: &[&str]) -> Result<Vec<SealCount>> {
+        let inner = self.lock()?;
+        let owners: BTreeSet<&str> = owners.iter().copied().collect();
+        Ok(owners
+            .into_iter()
+            .flat_map(|owner| {
+                inner
+                    .seals
+                    .range((owner.to_owned(), 0)..=(owner.to_owned(), u32::MAX))
+                    .map(|((o, v), n)| SealCount::new(o.clone(), *v, *n))
+            })
+            .collect())
     }
 
     fn append_key_events(&self, events: &[KeyEvent], audit: &[AuditEvent]) -> Result<i64> {

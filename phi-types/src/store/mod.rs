@@ -430,10 +430,20 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// appends `audit` and the feed event `event` in the same transaction.
     /// Returns whether this call inserted it.
     ///
-    /// The default runs the three steps one after the other (not atomic);
-    /// [`DieselKeyStore`] runs them in one transaction.
+    /// A shredded owner (it has key rows, every one destroyed) gets no new
+    /// version: [`Error::Shredded`](crate::Error::Shredded), nothing
+    /// written. [`DieselKeyStore`] checks it on the owner's rows locked in
+    /// the insert's transaction, and [`destroy_keys`](Self::destroy_keys)
+    /// locks the same rows, so a rotation racing a shred either commits
+    /// first (and the shred destroys its version too) or finds the owner
+    /// shredded; [`MemoryKeyStore`] checks it under its lock.
+    ///
+    /// The default runs the steps one after the other (not atomic: a shred
+    /// between the check and the insert is not seen); [`DieselKeyStore`]
+    /// runs them in one transaction.
     ///
     /// # Errors
+    /// [`Error::Shredded`](crate::Error::Shredded) for a shredded owner;
     /// [`Error::Store`](crate::Error::Store) on a database failure.
     fn add_key_version(
         &self,
@@ -441,12 +451,50 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
         audit: &AuditEvent,
         event: &KeyEvent,
     ) -> Result<bool> {
+        let rows = self.load_keys(&[key.owner_id.as_str()])?;
+        if !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed) {
+            return Err(crate::Error::Shredded {
+                owner: key.owner_id.clone(),
+            });
+        }
         if !self.insert_key_if_absent(key)? {
             return Ok(false);
         }
         self.append_audit(std::slice::from_ref(audit))?;
         self.append_key_events(std::slice::from_ref(event), &[])?;
         Ok(true)
+    }
+
+    /// Adds each count to the seals recorded for its (owner, version) in
+    /// `phi_seal_counts`, creating the row when there is none, in one
+    /// transaction: counts from any number of processes add up, and a
+    /// recorded count never goes down. Counts of zero are skipped.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is added), or when the store does not count seals.
+    fn add_seal_counts(&self, counts: &[SealCount]) -> Result<()> {
+        let _ = counts;
+        Err(unsupported("recording seal counts"))
+    }
+
+    /// The seals recorded for the given owners' data key versions, in
+    /// `(owner, version)` order; a version without a row has none recorded.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store does not count seals.
+    fn seal_counts(&self, owners: &[&str]) -> Result<Vec<SealCount>> {
+        let _ = owners;
+        Err(unsupported("reading seal counts"))
+    }
+
+    /// Whether this store records seal counts ([`add_seal_counts`](Self::add_seal_counts)):
+    /// a keyring over it then counts the values it seals per data key
+    /// version. `false` by default: a store that wraps another should
+    /// forward it.
+    fn counts_seals(&self) -> bool {
+        false
     }
 
     /// Appends `events` to the key-event feed (`phi_key_events`) and
@@ -720,4 +768,27 @@ pub struct KeyCount {
     pub keys: u64,
     /// Number of distinct owners among them.
     pub owners: u64,
+}
+
+/// Values sealed under one data key version (`phi_seal_counts`): added to
+/// by [`KeyStore::add_seal_counts`], read by [`KeyStore::seal_counts`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealCount {
+    /// The owner.
+    pub owner_id: String,
+    /// The data key version.
+    pub version: u32,
+    /// Values sealed under it (recorded so far, or to add).
+    pub seals: u64,
+}
+
+impl SealCount {
+    /// `seals` values of `owner_id` sealed under `version`.
+    pub fn new(owner_id: impl Into<String>, version: u32, seals: u64) -> Self {
+        SealCount {
+            owner_id: owner_id.into(),
+            version,
+            seals,
+        }
+    }
 }

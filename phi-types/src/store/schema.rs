@@ -114,3 +114,15 @@ diesel::table! {
         recorded_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    /// Values sealed per data key version, added by every process that
+    /// seals ([`KeyStore::add_seal_counts`](crate::KeyStore::add_seal_counts)):
+    /// may run behind, never backwards.
+    phi_seal_counts (owner_id, version) {
+        owner_id -> Varchar,
+        version -> BigInt,
+        seals -> BigInt,
+        updated_at -> Timestamp,
+    }
+}

@@ -1,0 +1,13 @@
+-- Values sealed per data key version, counted by every process that seals
+-- and added here at most once per feed interval (and when a keyring is
+-- flushed or dropped): a count may run behind, never backwards. Against
+-- envelope v1's random-nonce budget (2^32 seals per version).
+-- The owner id is VARBINARY, compared byte for byte, as in every key table
+-- since 2026-12-07-000001_owner_ids_byte_exact.
+CREATE TABLE phi_seal_counts (
+    owner_id     VARBINARY(255) NOT NULL,
+    version      BIGINT         NOT NULL,
+    seals        BIGINT         NOT NULL,
+    updated_at   DATETIME(6)    NOT NULL,
+    PRIMARY KEY (owner_id, version)
+);
