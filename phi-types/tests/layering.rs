@@ -43,6 +43,7 @@ const LAYERS: &[&str] = &[
 /// Each module and its layer. A submodule listed here is a module of its
 /// own; other submodules belong to their parent.
 const MODULES: &[(&str, &str)] = &[
+    ("access", "base"),
     ("connection", "base"),
     ("error", "base"),
     ("metrics", "base"),

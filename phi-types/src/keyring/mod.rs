@@ -46,6 +46,7 @@ mod follow;
 mod misses;
 #[cfg(feature = "async")]
 mod nonblocking;
+mod recording;
 mod resolve;
 
 use std::collections::{HashMap, HashSet};
@@ -58,6 +59,7 @@ pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
+pub(crate) use recording::AccessBatch;
 
 use self::audit::AuditWriter;
 use self::cache::Cache;
@@ -323,6 +325,9 @@ pub struct Keyring {
     /// [`Keyring::on_behalf_of`]: who the typed reads and writes made
     /// through this clone are for.
     accessor: Option<Arc<crate::access::Accessor>>,
+    /// [`Keyring::for_operation`]: the operation the typed reads and
+    /// writes made through this clone are recorded as.
+    access_op: Option<crate::access::AccessOp>,
 }
 
 struct Inner {
@@ -344,6 +349,8 @@ struct Inner {
     owner_telemetry: OwnerIdTelemetry,
     /// [`KeyringBuilder::allow_owner_id_whitespace`].
     owner_id_whitespace: bool,
+    /// [`KeyringBuilder::access_log`], [`KeyringBuilder::require_accessor`].
+    access: recording::AccessConfig,
 }
 
 impl Drop for Inner {
@@ -387,6 +394,7 @@ pub struct KeyringBuilder {
     owner_telemetry: OwnerIdTelemetry,
     feed_reader: Option<String>,
     owner_id_whitespace: bool,
+    access: recording::AccessConfig,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -576,6 +584,38 @@ impl KeyringBuilder {
         self
     }
 
+    /// Where the access records of this keyring's typed reads and writes
+    /// go (see [`crate::access`]): one [`AccessRecord`](crate::access::AccessRecord)
+    /// per (accessor, operation, owner, table, row), appended once per call
+    /// (a load, an insert, an update) before its result is returned. An
+    /// `append` that fails fails the call: a fail-closed log refuses reads
+    /// while it cannot write. Without a log (the default) records are only
+    /// built when the `tracing` target [`phi::access`](crate::access::TRACING_TARGET)
+    /// is enabled.
+    pub fn access_log(mut self, log: Arc<dyn crate::access::AccessLog>) -> Self {
+        self.access.log = Some(log);
+        self
+    }
+
+    /// Strict access logging (default off): every typed open and seal
+    /// (loads, `open_*`, inserts, updates, finders, blind-index helpers,
+    /// [`Keyring::seal`] and [`Keyring::open`]) on a keyring not seen
+    /// [on behalf of](Keyring::on_behalf_of) an accessor fails with
+    /// [`Error::AccessorRequired`] naming the operation and table, before
+    /// any key is resolved: nothing escapes the log. Jobs (backfill,
+    /// verify, decrypt-back, re-seal, lookup re-index) are recorded under
+    /// the keyring's [`actor`](Self::actor) when no accessor is given.
+    ///
+    /// [`OwnerKeys`] (from [`Keyring::keys_for_open`],
+    /// [`Keyring::keys_for_seal`] and their batch forms) is the key-level
+    /// interface below the typed API: its `seal` and `open` are neither
+    /// recorded nor refused. An application that proves its accesses with
+    /// this setting keeps `OwnerKeys` out of its request paths.
+    pub fn require_accessor(mut self, required: bool) -> Self {
+        self.access.require_accessor = required;
+        self
+    }
+
     /// How owner ids appear in this keyring's tracing spans and log events
     /// (and in those of the life-cycle jobs run with it): in clear (the
     /// default), hashed, or omitted. See [`OwnerIdTelemetry`] for what
@@ -737,6 +777,7 @@ impl KeyringBuilder {
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
         let keyring = Keyring {
             accessor: None,
+            access_op: None,
             inner: Arc::new(Inner {
                 store: self.store,
                 primary: self.primary,
@@ -755,6 +796,7 @@ impl KeyringBuilder {
                 name: self.name,
                 owner_telemetry: self.owner_telemetry,
                 owner_id_whitespace: self.owner_id_whitespace,
+                access: self.access,
             }),
         };
         if let Some((follower, listener)) = follower {
@@ -796,6 +838,7 @@ impl Keyring {
             owner_telemetry: OwnerIdTelemetry::default(),
             feed_reader: None,
             owner_id_whitespace: false,
+            access: recording::AccessConfig::default(),
         }
     }
 
@@ -973,7 +1016,8 @@ impl Keyring {
     /// data key, creating one if the owner has none.
     ///
     /// # Errors
-    /// As [`keys_for_seal`](Self::keys_for_seal) and [`OwnerKeys::seal`].
+    /// As [`keys_for_seal`](Self::keys_for_seal) and [`OwnerKeys::seal`];
+    /// access recording as for [`open`](Self::open) (operation `insert`).
     pub fn seal<T: PhiValue>(
         &self,
         value: &T,
@@ -981,7 +1025,11 @@ impl Keyring {
         scope: &str,
         row: &[u8],
     ) -> Result<Encrypted<T>> {
-        self.keys_for_seal(owner)?.seal(value, scope, row)
+        let access =
+            self.begin_scoped_access(crate::access::AccessOp::Insert, owner, scope, row)?;
+        let sealed = self.keys_for_seal(owner)?.seal(value, scope, row)?;
+        self.finish_access(access)?;
+        Ok(sealed)
     }
 
     /// Opens `value` for `owner`, `scope` and `row` with the key version
@@ -991,7 +1039,11 @@ impl Keyring {
     /// [`KeyringBuilder::unknown_version_ttl`].
     ///
     /// # Errors
-    /// As [`OwnerKeys::open`].
+    /// As [`OwnerKeys::open`]. Recorded in the access log as a `read` of
+    /// the scope's table, field the scope's column, row the row key (as
+    /// UTF-8 text, else `0x` and hex); [`Error::AccessorRequired`] under
+    /// [`KeyringBuilder::require_accessor`] without an accessor; the log's
+    /// error when it refuses the record (nothing is returned).
     pub fn open<T: PhiValue>(
         &self,
         value: Encrypted<T>,
@@ -999,6 +1051,7 @@ impl Keyring {
         scope: &str,
         row: &[u8],
     ) -> Result<T> {
+        let access = self.begin_scoped_access(crate::access::AccessOp::Read, owner, scope, row)?;
         let since = self.fill_mark();
         let mut keys = self.keys_for_open(owner)?;
         if let Ok(header) = value.header() {
@@ -1010,7 +1063,9 @@ impl Keyring {
                 }
             }
         }
-        keys.open(value, scope, row)
+        let opened = keys.open(value, scope, row)?;
+        self.finish_access(access)?;
+        Ok(opened)
     }
 
     /// Waits until every `unwrap` audit record queued so far is written (or
@@ -1338,6 +1393,7 @@ impl Keyring {
         Self {
             inner: self.inner.clone(),
             accessor: Some(Arc::new(accessor.clone())),
+            access_op: self.access_op,
         }
     }
 
