@@ -252,3 +252,12 @@ impl phi::KeyStore for FeedDown {
         self.inner.forget_feed_reader(reader)
     }
 }
+
+/// Serialises the tests that capture `tracing` output with a scoped
+/// subscriber: one at a time, the callsites' cached interest is rebuilt for
+/// it alone.
+pub(crate) fn tracing_capture_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
