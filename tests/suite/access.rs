@@ -387,60 +387,25 @@ fn a_log_that_refuses_fails_the_access_and_nothing_opened_is_returned() {
     assert!(AcCase::load(mine(&owner), &mut conn, &keyring).expect("load") == rows, "the refused update wrote nothing");
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
-    }
-}
-
 #[test]
 fn access_events_on_the_tracing_target_carry_names_never_values() {
     let db = TestDb::new();
     let mut conn = access_tables(&db);
     let owner = common::unique_owner("acc-trace");
     let rows = cases(&owner, 2);
-    let _one_at_a_time = common::tracing_capture_lock();
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new("phi::access=info"))
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        tracing::callsite::rebuild_interest_cache();
-        // No access log: the records are built for the tracing target only.
-        let keyring = Keyring::builder(db.store(), common::local_kek())
-            .owner_ids_in_telemetry(phi::OwnerIdTelemetry::Hashed)
-            .build()
-            .expect("keyring")
-            .on_behalf_of(&dr_smith());
-        insert_cases(&mut conn, &keyring, &rows);
-        AcCase::load(mine(&owner), &mut conn, &keyring).expect("load");
-    });
+    let captured = common::access_events();
+    // No access log: the records are built for the tracing target only.
+    let keyring = Keyring::builder(db.store(), common::local_kek())
+        .owner_ids_in_telemetry(phi::OwnerIdTelemetry::Hashed)
+        .build()
+        .expect("keyring")
+        .on_behalf_of(&dr_smith());
+    insert_cases(&mut conn, &keyring, &rows);
+    AcCase::load(mine(&owner), &mut conn, &keyring).expect("load");
     let text = captured.text();
-    let events: Vec<&str> = text.lines().filter(|l| l.contains("phi::access")).collect();
-    assert_eq!(events.len(), 4, "{text}");
+    let mine_only = format!("row=\"{owner}-");
+    let events: Vec<&str> = text.lines().filter(|l| l.contains("phi::access") && l.contains(&mine_only)).collect();
+    assert_eq!(events.len(), 4, "captured: {text:?}");
     for (event, op) in events.iter().zip(["insert", "insert", "read", "read"]) {
         for field in ["user=\"dr-smith\"", "purpose=\"treatment\"", "request_id=\"req-1\"", "table=phi_ac_cases", "patient_last", "patient_note"] {
             assert!(event.contains(field), "{field} missing: {event}");
@@ -450,6 +415,7 @@ fn access_events_on_the_tracing_target_carry_names_never_values() {
         assert!(!event.contains(&format!("owner={owner}")), "owner id in clear: {event}");
     }
     assert!(!text.contains(SECRET_LAST) && !text.contains(SECRET_NOTE), "a value was logged: {text}");
+    assert!(text.lines().all(|l| l.contains("phi::access")), "only the access target is captured");
 
     // Nor in the records or their Debug.
     let log = Arc::new(MemoryAccessLog::new());
