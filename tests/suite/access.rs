@@ -425,3 +425,88 @@ fn access_events_on_the_tracing_target_carry_names_never_values() {
     assert!(records.contains("patient_note"));
     assert!(!records.contains(SECRET_LAST) && !records.contains(SECRET_NOTE), "{records}");
 }
+
+diesel::table! {
+    phi_ac_jobs (case_id) {
+        case_id -> Varchar,
+        user_id -> Varchar,
+        patient_last -> Binary,
+        phi_encrypted -> Bool,
+    }
+}
+
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_ac_jobs, crate = phi, debug)]
+#[diesel(primary_key(case_id))]
+struct AcJob {
+    #[phi(row_key)]
+    case_id: String,
+    #[phi(owner)]
+    user_id: String,
+    #[phi(encrypt)]
+    patient_last: String,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+#[test]
+fn the_jobs_record_each_batch_under_their_actor_even_in_strict_mode() {
+    use phi::migrate::{self, MigrateOptions};
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    diesel::sql_query("DROP TABLE IF EXISTS phi_ac_jobs").execute(&mut conn).expect("drop");
+    diesel::sql_query(format!(
+        "CREATE TABLE phi_ac_jobs (case_id VARCHAR(255) NOT NULL PRIMARY KEY, user_id VARCHAR(255) NOT NULL, \
+         patient_last {BLOB} NOT NULL, phi_encrypted BOOLEAN NOT NULL)"
+    ))
+    .execute(&mut conn)
+    .expect("create");
+    let log = Arc::new(MemoryAccessLog::new());
+    // Strict: the jobs are recorded under the keyring's actor all the same.
+    let keyring = Keyring::builder(db.store(), common::local_kek())
+        .actor("nightly-backfill")
+        .without_feed()
+        .rollout(phi::Rollout::Nobody)
+        .access_log(log.clone())
+        .require_accessor(true)
+        .build()
+        .expect("keyring");
+    let owner = common::unique_owner("acc-jobs");
+    let rows: Vec<AcJob> = (1..=3)
+        .map(|i| AcJob { case_id: format!("{owner}-{i}"), user_id: owner.clone(), patient_last: SECRET_LAST.into(), phi_encrypted: false })
+        .collect();
+    let smith = dr_smith();
+    let sealed = AcJob::seal_all(&rows, &keyring.on_behalf_of(&smith)).expect("written unsealed");
+    diesel::insert_into(phi_ac_jobs::table).values(&sealed).execute(&mut conn).expect("insert");
+    log.take();
+    let ids: Vec<Option<String>> = rows.iter().map(|r| Some(r.case_id.clone())).collect();
+    let job = Accessor::new("nightly-backfill", phi::access::JOB_PURPOSE);
+    let jobs = |what: &str| {
+        let mut records = summary(&log.take());
+        records.sort_by(|a, b| a.6.cmp(&b.6));
+        assert_eq!(records, expected(&job, AccessOp::Job, &owner, "phi_ac_jobs", &ids, &["patient_last"]), "{what}");
+    };
+
+    let options = MigrateOptions::default().batch(2);
+    let before = log.appends();
+    let report = migrate::backfill::<AcJob, Conn>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    assert_eq!(report.rows, 3);
+    assert_eq!(log.appends() - before, 2, "one append per batch of 2 + 1 rows");
+    jobs("backfill");
+    migrate::verify::<AcJob, Conn>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    jobs("verify");
+    assert_eq!(phi::lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
+    let table = phi::lifecycle::ResealTable::parse("phi_ac_jobs:user_id:case_id:patient_last:phi_encrypted#bool").expect("table");
+    let resealed = phi::lifecycle::reseal(&mut conn, &keyring, &owner, &[table], 10, &mut |_| {}).expect("reseal");
+    assert_eq!(resealed.resealed, 3);
+    jobs("reseal");
+    // A job seen on behalf of an operator names the operator.
+    let operator = Accessor::new("ops-jane", "rollback");
+    migrate::decrypt_back::<AcJob, Conn>(&mut conn, &keyring.on_behalf_of(&operator), &options, &mut |_| {}).expect("decrypt back");
+    assert_eq!(summary(&log.take()), expected(&operator, AccessOp::Job, &owner, "phi_ac_jobs", &ids, &["patient_last"]));
+
+    // A refusing log stops the job at its first batch.
+    log.refuse_appends(true);
+    let error = migrate::backfill::<AcJob, Conn>(&mut conn, &keyring, &options, &mut |_| {}).expect_err("refused");
+    assert!(matches!(error, Error::AccessLogUnavailable { .. }), "{error:?}");
+}

@@ -59,7 +59,7 @@ pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
-pub(crate) use recording::AccessBatch;
+pub(crate) use recording::{AccessBatch, row_text};
 
 use self::audit::AuditWriter;
 use self::cache::Cache;

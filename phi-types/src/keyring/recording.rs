@@ -121,7 +121,18 @@ impl Keyring {
         fields: &[&str],
         owner: impl FnOnce() -> String,
     ) -> Result<Option<AccessBatch>> {
-        let op = self.access_op(own);
+        self.begin_access_as(self.access_op(own), table, fields, owner)
+    }
+
+    /// [`begin_access`](Self::begin_access) as `op`, whatever
+    /// [`for_operation`](Self::for_operation) says.
+    pub(crate) fn begin_access_as(
+        &self,
+        op: AccessOp,
+        table: &str,
+        fields: &[&str],
+        owner: impl FnOnce() -> String,
+    ) -> Result<Option<AccessBatch>> {
         if self.accessor.is_none() && op != AccessOp::Job && self.inner.access.require_accessor {
             return Err(Error::AccessorRequired {
                 operation: op.as_str(),
@@ -201,6 +212,28 @@ impl Keyring {
         }
     }
 
+    /// Records one batch of a job (backfill, verify, decrypt-back, re-seal,
+    /// lookup re-index): `job` records of `table`'s `rows` (owner, row key),
+    /// touching `fields`, under the keyring's accessor, else its actor.
+    /// Never refused for want of an accessor.
+    ///
+    /// # Errors
+    /// The access log's error when it refuses the records: the job stops.
+    pub(crate) fn record_job<'r>(
+        &self,
+        table: &str,
+        fields: &[&str],
+        rows: impl IntoIterator<Item = (&'r str, Option<String>)>,
+    ) -> Result<()> {
+        let mut batch = self.begin_access_as(AccessOp::Job, table, fields, String::new)?;
+        if let Some(batch) = &mut batch {
+            for (owner, row) in rows {
+                batch.add(owner, row);
+            }
+        }
+        self.finish_access(batch)
+    }
+
     /// Records accesses made outside phi's typed API, as phi records its
     /// own: `op` on `table`, touching `fields`, one record per (owner,
     /// row) of `rows`, under this keyring's accessor. For the application's
@@ -219,9 +252,7 @@ impl Keyring {
     ) -> Result<()> {
         let mut rows = rows.into_iter().peekable();
         let first = rows.peek().map(|(owner, _)| (*owner).to_owned());
-        let mut batch = self
-            .for_operation(op)
-            .begin_access(op, table, fields, || first.unwrap_or_default())?;
+        let mut batch = self.begin_access_as(op, table, fields, || first.unwrap_or_default())?;
         if let Some(batch) = &mut batch {
             for (owner, row) in rows {
                 batch.add(owner, row.map(str::to_owned));
