@@ -40,6 +40,20 @@ fn generate(m: &Model) -> TokenStream {
             }
         }
     });
+    let row_key_text = row_key.map(|f| {
+        let name = &f.ident;
+        quote! {
+            fn row_key_text(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::Some(#krate::RowKey::row_text(&self.#name))
+            }
+        }
+    });
+    let encrypted_columns: Vec<&str> = m
+        .fields
+        .iter()
+        .filter(|f| matches!(f.role, Role::Encrypt { .. }))
+        .map(|f| f.column.as_str())
+        .collect();
 
     // The sealed twin.
     let sealed_fields = m.fields.iter().map(|f| {
@@ -251,10 +265,13 @@ fn generate(m: &Model) -> TokenStream {
             const HAS_ENCRYPTED_FLAG: bool = #has_flag;
             #flag_const
             #has_lookup
+            const ENCRYPTED_COLUMNS: &'static [&'static str] = &[#(#encrypted_columns),*];
 
             fn owner_id(&self) -> #krate::__private::Cow<'_, str> {
                 #krate::OwnerId::owner_id(&self.#owner_ident)
             }
+
+            #row_key_text
 
             fn seal_with(
                 &self,
@@ -671,6 +688,28 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             }
         })
         .collect();
+    let owner_id = quote! { &#krate::OwnerId::owner_id(&self.#owner_ident) };
+    let row_text_expr = match row_key {
+        Some(f) => {
+            let name = &f.ident;
+            quote! { ::core::option::Option::Some(#krate::RowKey::row_text(&self.#name)) }
+        }
+        None => quote! { ::core::option::Option::None },
+    };
+    let record_fields: Vec<_> = m
+        .fields
+        .iter()
+        .filter(|f| matches!(f.role, Role::Encrypt { .. }))
+        .map(|f| {
+            let name = &f.ident;
+            let column = &f.column;
+            quote! {
+                if __changes.#name.is_some() {
+                    __fields.push(#column);
+                }
+            }
+        })
+        .collect();
     let changes_body = |resolve: TokenStream, resolve_lookup: TokenStream| {
         let lookup_keys = if lookup_changed.is_empty() {
             quote! {}
@@ -685,6 +724,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             }
         };
         quote! {
+            let __access = #krate::__private::begin_update(keyring, #table_name, #owner_id)?;
             let __was_sealed: bool = #was_sealed;
             let __seal: bool = #wants_seal;
             let __full: bool = __seal != __was_sealed
@@ -699,17 +739,22 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             let __keys: ::core::option::Option<&#krate::OwnerKeys> = __owned_keys.as_deref();
             #lookup_keys
             let __row = #row_expr;
-            #krate::__private::with_sealer(|__sealer| -> #krate::Result<#changes> {
+            let __changes = #krate::__private::with_sealer(|__sealer| -> #krate::Result<#changes> {
                 ::core::result::Result::Ok(#changes {
                     #(#assign,)*
                     #(#assign_shadows,)*
                     #(#assign_indexes,)*
                     #(#assign_lookups,)*
                 })
-            })?
+            })??;
+            if !__changes.is_empty() && __access.is_active() {
+                let mut __fields: ::std::vec::Vec<&'static str> = ::std::vec::Vec::new();
+                #(#record_fields)*
+                #krate::__private::finish_update(keyring, __access, #owner_id, #row_text_expr, __fields)?;
+            }
+            ::core::result::Result::Ok(__changes)
         }
     };
-    let owner_id = quote! { &#krate::OwnerId::owner_id(&self.#owner_ident) };
     let changes_async = if cfg!(feature = "async") {
         let body = changes_body(
             quote! { keyring.keys_for_seal_async(#owner_id).await? },
@@ -1061,6 +1106,7 @@ fn lookups(m: &Model) -> TokenStream {
         let name = &f.ident;
         let vty = f.value_ty();
         let method = format_ident!("{}_blind_index", name);
+        let field_column = &f.column;
         let normalize_tokens = normalize_tokens(krate, normalize);
         let doc = format!(
             "The values to look `{name}` up by in `{table_name}.{column}` for one owner: \
@@ -1077,7 +1123,10 @@ fn lookups(m: &Model) -> TokenStream {
                 /// Key resolution errors.
                 #[allow(dead_code)] // Emitted with the `async` feature, used or not.
             #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
-                    ::core::result::Result::Ok((#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens))
+                    let __access = #krate::__private::begin_lookup(keyring, #table_name, owner, #field_column)?;
+                    let __indexes = (#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens);
+                    #krate::__private::finish_lookup(keyring, __access)?;
+                    ::core::result::Result::Ok(__indexes)
                 }
             }
         } else {
@@ -1090,7 +1139,10 @@ fn lookups(m: &Model) -> TokenStream {
             /// Key resolution errors.
             #[allow(dead_code)] // One per blind index, used or not (async code uses the async form).
             #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
-                ::core::result::Result::Ok((#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens))
+                let __access = #krate::__private::begin_lookup(keyring, #table_name, owner, #field_column)?;
+                let __indexes = (#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens);
+                #krate::__private::finish_lookup(keyring, __access)?;
+                ::core::result::Result::Ok(__indexes)
             }
 
             #async_method

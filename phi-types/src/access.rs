@@ -167,3 +167,89 @@ pub trait AccessLog: Send + Sync + fmt::Debug {
     /// When records taken could not be written.
     fn flush(&self) -> Result<()>;
 }
+
+/// The `tracing` target of the access events: one `INFO` event per
+/// [`AccessRecord`], with the fields `user`, `purpose`, `request_id`, `op`,
+/// `owner` (as [`KeyringBuilder::owner_ids_in_telemetry`](crate::KeyringBuilder::owner_ids_in_telemetry)
+/// says), `table`, `row` and `fields` (the column names, never values).
+/// Records are built only when the keyring has an [`AccessLog`] or this
+/// target is enabled.
+pub const TRACING_TARGET: &str = "phi::access";
+
+/// The purpose recorded for a typed access made on a keyring seen on
+/// behalf of no one (allowed unless
+/// [`KeyringBuilder::require_accessor`](crate::KeyringBuilder::require_accessor)):
+/// the user is then the keyring's actor.
+pub const UNATTRIBUTED_PURPOSE: &str = "unattributed";
+
+/// The purpose recorded for a job's access (backfill, verify,
+/// decrypt-back, re-seal, lookup re-index) made on behalf of no one: the
+/// user is then the keyring's actor.
+pub const JOB_PURPOSE: &str = "job";
+
+/// An [`AccessLog`] in memory: for tests and examples. It keeps every
+/// record appended, counts the calls to [`append`](AccessLog::append), and
+/// can be made to refuse appends, as a fail-closed log that cannot write
+/// does.
+#[derive(Debug, Default)]
+pub struct MemoryAccessLog {
+    records: std::sync::Mutex<Vec<AccessRecord>>,
+    appends: std::sync::atomic::AtomicU64,
+    refusing: std::sync::atomic::AtomicBool,
+}
+
+impl MemoryAccessLog {
+    /// An empty log that takes every record.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every record taken so far, in order.
+    pub fn records(&self) -> Vec<AccessRecord> {
+        self.lock().clone()
+    }
+
+    /// Every record taken so far, in order, leaving the log empty.
+    pub fn take(&self) -> Vec<AccessRecord> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// How many times [`append`](AccessLog::append) was called (refused
+    /// calls included).
+    pub fn appends(&self) -> u64 {
+        self.appends.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// While `refuse` is true, every append fails with
+    /// [`Error::AccessLogUnavailable`](crate::Error::AccessLogUnavailable)
+    /// and keeps nothing.
+    pub fn refuse_appends(&self, refuse: bool) {
+        self.refusing
+            .store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<AccessRecord>> {
+        // A panic while holding the lock leaves a consistent Vec.
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl AccessLog for MemoryAccessLog {
+    fn append(&self, records: Vec<AccessRecord>) -> Result<()> {
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(crate::Error::AccessLogUnavailable {
+                reason: "the in-memory access log refuses appends".into(),
+            });
+        }
+        self.lock().extend(records);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -516,6 +516,34 @@ pub enum Error {
         owner: String,
     },
 
+    /// [`KeyringBuilder::require_accessor`](crate::KeyringBuilder::require_accessor):
+    /// a typed read or write was made on a keyring not seen
+    /// [on behalf of](crate::Keyring::on_behalf_of) an accessor, so it
+    /// could not be recorded in the access log under a person. Nothing was
+    /// opened or sealed.
+    #[error(
+        "{operation} of {table} (owner {owner:?}) refused: this keyring requires an accessor (Keyring::on_behalf_of) for every open and seal"
+    )]
+    AccessorRequired {
+        /// The access operation (`read`, `insert`, `update`, `delete`,
+        /// `export`, `lookup`).
+        operation: &'static str,
+        /// The table (or the scope of a value sealed or opened by
+        /// `Keyring::seal`/`Keyring::open`).
+        table: String,
+        /// The first owner concerned (empty for an empty batch).
+        owner: String,
+    },
+
+    /// The keyring's [`AccessLog`](crate::access::AccessLog) could not take
+    /// the records of an access (a fail-closed log that cannot write them
+    /// now): the access did not go ahead.
+    #[error("the access log refused the records of this access: {reason}")]
+    AccessLogUnavailable {
+        /// Why.
+        reason: String,
+    },
+
     /// The envelope names a data key version this owner does not have (never
     /// created, or destroyed).
     #[error("owner {owner:?} has no data key version {key_version} (needed to open {scope})")]
@@ -587,13 +615,15 @@ impl Error {
             Error::Decode { .. } | Error::Unsealed { .. } => ErrorKind::Decode,
             Error::NoKey { .. } | Error::UnknownKeyVersion { .. } => ErrorKind::NotFound,
             Error::Shredded { .. } => ErrorKind::Shredded,
-            Error::Refused { .. } | Error::KeyInUse { .. } | Error::Strict { .. } => {
-                ErrorKind::Refused
-            }
+            Error::Refused { .. }
+            | Error::KeyInUse { .. }
+            | Error::Strict { .. }
+            | Error::AccessorRequired { .. } => ErrorKind::Refused,
             Error::Kek { source, .. } | Error::KekCheck { source, .. } => kek_kind(source.as_ref()),
-            Error::KeyUnavailable { .. } | Error::RandomSource(_) | Error::FeedStale { .. } => {
-                ErrorKind::Unavailable
-            }
+            Error::KeyUnavailable { .. }
+            | Error::RandomSource(_)
+            | Error::FeedStale { .. }
+            | Error::AccessLogUnavailable { .. } => ErrorKind::Unavailable,
             Error::Store { .. } | Error::Database { .. } | Error::DataTable { .. } => {
                 ErrorKind::Database
             }
@@ -607,7 +637,9 @@ impl Error {
     /// Configuration, input, tampering and refusals are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::KeyUnavailable { .. } | Error::FeedStale { .. } => true,
+            Error::KeyUnavailable { .. }
+            | Error::FeedStale { .. }
+            | Error::AccessLogUnavailable { .. } => true,
             Error::Kek { source, .. } | Error::KekCheck { source, .. } => {
                 #[cfg(feature = "aws-kms")]
                 if let Some(kms) = source.downcast_ref::<AwsKmsError>() {
@@ -780,6 +812,18 @@ impl Error {
                 table: table.clone(),
                 column: column.clone(),
                 rows: *rows,
+            },
+            Error::AccessLogUnavailable { reason } => Error::AccessLogUnavailable {
+                reason: reason.clone(),
+            },
+            Error::AccessorRequired {
+                operation,
+                table,
+                owner,
+            } => Error::AccessorRequired {
+                operation,
+                table: table.clone(),
+                owner: owner.clone(),
             },
             Error::Refused {
                 operation,
@@ -964,6 +1008,8 @@ mod tests {
             | Error::KeyInUse { .. }
             | Error::Refused { .. }
             | Error::UnknownKeyVersion { .. }
+            | Error::AccessorRequired { .. }
+            | Error::AccessLogUnavailable { .. }
             | Error::Strict { .. } => false,
         }
     }

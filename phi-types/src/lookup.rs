@@ -292,6 +292,11 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
                 break;
             };
             after = Some(last.key.clone());
+            keyring.record_job(
+                t.table,
+                &columns.iter().map(|c| c.column).collect::<Vec<_>>(),
+                rows.iter().map(|r| (r.owner.as_str(), Some(r.key_text()))),
+            )?;
             let (owner_keys, shredded) = if sealed {
                 let owners: BTreeSet<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
                 let keys = keyring.keys_for_open_many(owners.iter().copied())?;

@@ -1010,6 +1010,11 @@ pub fn verify_table_legacy<C: DataConnection>(
                     }
                 }
             }
+            keyring.record_job(
+                t.table,
+                &t.columns.iter().map(|c| c.column).collect::<Vec<_>>(),
+                rows.iter().map(|r| (r.owner.as_str(), Some(r.key_text()))),
+            )?;
             let n = rows.len() as u64;
             if sealed {
                 report.sealed += n;
@@ -1421,6 +1426,8 @@ fn migrate<C: DataConnection>(
         // in the same transaction.
         let records = std::cell::RefCell::new(Records::default());
         let written = std::cell::RefCell::new(Vec::<String>::new());
+        // The rows opened or sealed, for the access log.
+        let touched = std::cell::RefCell::new(Vec::<(String, String)>::new());
         let mut prepare = |conn: &mut C, rows: &[MigrationRow]| -> Result<()> {
             *records.borrow_mut() = Records::load(conn, t, rows, has_records)?;
             Ok(())
@@ -1459,6 +1466,9 @@ fn migrate<C: DataConnection>(
                 unseal_row(t, row, keys)?
             };
             written.borrow_mut().push(row.key_text());
+            touched
+                .borrow_mut()
+                .push((row.owner.clone(), row.key_text()));
             values += write.values.iter().flatten().count() as u64;
             reencoded += n;
             Ok(Some(write))
@@ -1475,6 +1485,14 @@ fn migrate<C: DataConnection>(
         if outcome.last.is_some() {
             after.clone_from(&outcome.last);
         }
+        keyring.record_job(
+            t.table,
+            &t.columns.iter().map(|c| c.column).collect::<Vec<_>>(),
+            touched
+                .borrow()
+                .iter()
+                .map(|(owner, key)| (owner.as_str(), Some(key.clone()))),
+        )?;
         tally.merge(batch_tally);
         report.legacy_as_text += notices.len() as u64;
         for notice in notices {

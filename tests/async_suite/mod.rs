@@ -682,3 +682,89 @@ fn a_key_created_by_a_dropped_future_still_gets_its_generate_record() {
     assert_eq!(generated.len(), 1, "the stored key's generate record was written: {generated:?}");
     assert_eq!(generated[0].event.actor, "async-dropped");
 }
+
+/// The access log on the async paths: inserts, loads (inline and on the
+/// blocking pool), `open_each_async`, guarded updates, blind-index lookups,
+/// strict mode.
+mod access {
+    use super::*;
+    use phi::access::{AccessOp, Accessor, MemoryAccessLog};
+    async_schema!(phi_async_access);
+
+    #[test]
+    fn async_paths_record_their_accesses_under_the_accessor() {
+        let db = TestDb::new();
+        setup(&db);
+        runtime().block_on(async {
+            let log = Arc::new(MemoryAccessLog::new());
+            let url = db.url.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&url).expect("key store connects"))
+            })
+            .await
+            .expect("store task");
+            let strict = Keyring::builder(store, common::local_kek())
+                .actor("async-test")
+                .access_log(log.clone())
+                .require_accessor(true)
+                .build_async()
+                .await
+                .expect("keyring");
+            let smith = Accessor::new("dr-smith", "treatment").with_request_id("req-7");
+            let keyring = strict.on_behalf_of(&smith);
+            let mut conn = db.conn().await;
+            let owner = common::unique_owner("async-acc");
+            let doe = case(&owner, &format!("{owner}-1"), "Doe");
+            let roe = case(&owner, &format!("{owner}-22"), "Roe");
+            let batch: Vec<Case> = (0..20).map(|i| case(&owner, &format!("{owner}-b{i:02}"), "Name")).collect();
+            let ops = |log: &MemoryAccessLog| -> Vec<(AccessOp, Option<String>, Vec<String>)> {
+                let records = log.take();
+                assert!(records.iter().all(|r| r.accessor == smith && r.owner_id == owner && r.table == TABLE), "{records:?}");
+                records.into_iter().map(|r| (r.op, r.row, r.fields)).collect()
+            };
+            let all = || vec!["patient_last".to_owned(), "patient_dob".to_owned(), "scan".to_owned()];
+
+            for c in [&doe, &roe] {
+                assert_eq!(c.insert_async(&keyring, &mut conn).await.expect("insert_async"), 1);
+            }
+            for row in Case::seal_all_async(&batch, &keyring).await.expect("seal_all_async") {
+                diesel::insert_into(t::table).values(row).execute(&mut conn).await.expect("insert");
+            }
+            let mut inserted = vec![(AccessOp::Insert, Some(doe.case_id.clone()), all()), (AccessOp::Insert, Some(roe.case_id.clone()), all())];
+            inserted.extend(batch.iter().map(|c| (AccessOp::Insert, Some(c.case_id.clone()), all())));
+            assert_eq!(ops(&log), inserted);
+
+            // Loads: two rows inline, twenty on the blocking pool; one append each.
+            let appends = log.appends();
+            let mine = Case::load_async(t::table.filter(t::case_id.eq_any([&doe.case_id, &roe.case_id])).order(t::case_id.asc()), &mut conn, &keyring)
+                .await
+                .expect("load_async");
+            assert!(mine == vec![doe.clone(), roe.clone()]);
+            assert_eq!(ops(&log), vec![(AccessOp::Read, Some(doe.case_id.clone()), all()), (AccessOp::Read, Some(roe.case_id.clone()), all())]);
+            let many = Case::load_async(t::table.filter(t::case_id.like(format!("{owner}-b%"))).order(t::case_id.asc()), &mut conn, &keyring)
+                .await
+                .expect("load_async on the pool");
+            assert!(many == batch);
+            assert_eq!(ops(&log), batch.iter().map(|c| (AccessOp::Read, Some(c.case_id.clone()), all())).collect::<Vec<_>>());
+            assert_eq!(log.appends(), appends + 2);
+
+            // open_each_async, a guarded update, a blind-index lookup.
+            let rows: Vec<CaseSealed> = t::table.find(&doe.case_id).select(CaseSealed::as_select()).load(&mut conn).await.expect("rows");
+            assert!(Case::open_each_async(rows, &keyring).await.expect("open_each_async")[0].is_ok());
+            assert_eq!(ops(&log), vec![(AccessOp::Read, Some(doe.case_id.clone()), all())]);
+            let mut edited = doe.clone();
+            edited.patient_last = "Doe-Smith".into();
+            assert_eq!(edited.update_async(&doe, &keyring, &mut conn).await.expect("update"), Updated::Applied { sealed: true });
+            assert_eq!(ops(&log), vec![(AccessOp::Update, Some(doe.case_id.clone()), vec!["patient_last".to_owned()])]);
+            Case::patient_last_blind_index_async(&keyring, &owner, &"Roe".to_string()).await.expect("blind index");
+            assert_eq!(ops(&log), vec![(AccessOp::Lookup, None, vec!["patient_last".to_owned()])]);
+
+            // Strict: refused without an accessor, nothing recorded.
+            let err = Case::load_async(t::table.filter(t::user_id.eq(&owner)), &mut conn, &strict).await.expect_err("refused");
+            assert!(matches!(err, phi::Error::AccessorRequired { operation: "read", .. }), "{err:?}");
+            let err = roe.insert_async(&strict, &mut conn).await.expect_err("refused");
+            assert!(matches!(err, phi::Error::AccessorRequired { operation: "insert", .. }), "{err:?}");
+            assert!(log.take().is_empty());
+        });
+    }
+}

@@ -711,3 +711,9 @@ mod admin_http {
     use super::*;
     include!("admin.rs");
 }
+
+/// The access log: accessors, strict mode, a refusing log, tracing events.
+mod access {
+    use super::*;
+    include!("access.rs");
+}

@@ -306,6 +306,7 @@ fn run(weak: &Weak<Inner>, follower: &Follower, mut listener: Option<Box<dyn Fee
         let keyring = Keyring {
             inner,
             accessor: None,
+            access_op: None,
         };
         keyring.read_feed_now();
         keyring

@@ -46,6 +46,7 @@ mod follow;
 mod misses;
 #[cfg(feature = "async")]
 mod nonblocking;
+mod recording;
 mod resolve;
 mod seals;
 
@@ -60,6 +61,7 @@ pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
 pub use seals::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
+pub(crate) use recording::{AccessBatch, row_text};
 
 use self::audit::AuditWriter;
 use self::cache::Cache;
@@ -336,6 +338,9 @@ pub struct Keyring {
     /// [`Keyring::on_behalf_of`]: who the typed reads and writes made
     /// through this clone are for.
     accessor: Option<Arc<crate::access::Accessor>>,
+    /// [`Keyring::for_operation`]: the operation the typed reads and
+    /// writes made through this clone are recorded as.
+    access_op: Option<crate::access::AccessOp>,
 }
 
 struct Inner {
@@ -361,6 +366,8 @@ struct Inner {
     seal_counts: seals::SealCounts,
     /// [`KeyringBuilder::rotation_policy`].
     rotation_policy: RwLock<RotationPolicy>,
+    /// [`KeyringBuilder::access_log`], [`KeyringBuilder::require_accessor`].
+    access: recording::AccessConfig,
 }
 
 /// How long dropping the last clone of a following keyring waits for its
@@ -412,6 +419,7 @@ pub struct KeyringBuilder {
     feed_reader: Option<String>,
     owner_id_whitespace: bool,
     rotation_policy: RotationPolicy,
+    access: recording::AccessConfig,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -601,6 +609,38 @@ impl KeyringBuilder {
         self
     }
 
+    /// Where the access records of this keyring's typed reads and writes
+    /// go (see [`crate::access`]): one [`AccessRecord`](crate::access::AccessRecord)
+    /// per (accessor, operation, owner, table, row), appended once per call
+    /// (a load, an insert, an update) before its result is returned. An
+    /// `append` that fails fails the call: a fail-closed log refuses reads
+    /// while it cannot write. Without a log (the default) records are only
+    /// built when the `tracing` target [`phi::access`](crate::access::TRACING_TARGET)
+    /// is enabled.
+    pub fn access_log(mut self, log: Arc<dyn crate::access::AccessLog>) -> Self {
+        self.access.log = Some(log);
+        self
+    }
+
+    /// Strict access logging (default off): every typed open and seal
+    /// (loads, `open_*`, inserts, updates, finders, blind-index helpers,
+    /// [`Keyring::seal`] and [`Keyring::open`]) on a keyring not seen
+    /// [on behalf of](Keyring::on_behalf_of) an accessor fails with
+    /// [`Error::AccessorRequired`] naming the operation and table, before
+    /// any key is resolved: nothing escapes the log. Jobs (backfill,
+    /// verify, decrypt-back, re-seal, lookup re-index) are recorded under
+    /// the keyring's [`actor`](Self::actor) when no accessor is given.
+    ///
+    /// [`OwnerKeys`] (from [`Keyring::keys_for_open`],
+    /// [`Keyring::keys_for_seal`] and their batch forms) is the key-level
+    /// interface below the typed API: its `seal` and `open` are neither
+    /// recorded nor refused. An application that proves its accesses with
+    /// this setting keeps `OwnerKeys` out of its request paths.
+    pub fn require_accessor(mut self, required: bool) -> Self {
+        self.access.require_accessor = required;
+        self
+    }
+
     /// How owner ids appear in this keyring's tracing spans and log events
     /// (and in those of the life-cycle jobs run with it): in clear (the
     /// default), hashed, or omitted. See [`OwnerIdTelemetry`] for what
@@ -773,6 +813,7 @@ impl KeyringBuilder {
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
         let keyring = Keyring {
             accessor: None,
+            access_op: None,
             inner: Arc::new(Inner {
                 primary: self.primary,
                 keks,
@@ -793,6 +834,7 @@ impl KeyringBuilder {
                 seal_counts: seals::SealCounts::new(self.store.counts_seals()),
                 rotation_policy: RwLock::new(self.rotation_policy),
                 store: self.store,
+                access: self.access,
             }),
         };
         if let Some((follower, listener)) = follower {
@@ -835,6 +877,7 @@ impl Keyring {
             feed_reader: None,
             owner_id_whitespace: false,
             rotation_policy: RotationPolicy::default(),
+            access: recording::AccessConfig::default(),
         }
     }
 
@@ -1012,7 +1055,8 @@ impl Keyring {
     /// data key, creating one if the owner has none.
     ///
     /// # Errors
-    /// As [`keys_for_seal`](Self::keys_for_seal) and [`OwnerKeys::seal`].
+    /// As [`keys_for_seal`](Self::keys_for_seal) and [`OwnerKeys::seal`];
+    /// access recording as for [`open`](Self::open) (operation `insert`).
     pub fn seal<T: PhiValue>(
         &self,
         value: &T,
@@ -1020,7 +1064,11 @@ impl Keyring {
         scope: &str,
         row: &[u8],
     ) -> Result<Encrypted<T>> {
-        self.keys_for_seal(owner)?.seal(value, scope, row)
+        let access =
+            self.begin_scoped_access(crate::access::AccessOp::Insert, owner, scope, row)?;
+        let sealed = self.keys_for_seal(owner)?.seal(value, scope, row)?;
+        self.finish_access(access)?;
+        Ok(sealed)
     }
 
     /// Opens `value` for `owner`, `scope` and `row` with the key version
@@ -1030,7 +1078,11 @@ impl Keyring {
     /// [`KeyringBuilder::unknown_version_ttl`].
     ///
     /// # Errors
-    /// As [`OwnerKeys::open`].
+    /// As [`OwnerKeys::open`]. Recorded in the access log as a `read` of
+    /// the scope's table, field the scope's column, row the row key (as
+    /// UTF-8 text, else `0x` and hex); [`Error::AccessorRequired`] under
+    /// [`KeyringBuilder::require_accessor`] without an accessor; the log's
+    /// error when it refuses the record (nothing is returned).
     pub fn open<T: PhiValue>(
         &self,
         value: Encrypted<T>,
@@ -1038,6 +1090,7 @@ impl Keyring {
         scope: &str,
         row: &[u8],
     ) -> Result<T> {
+        let access = self.begin_scoped_access(crate::access::AccessOp::Read, owner, scope, row)?;
         let since = self.fill_mark();
         let mut keys = self.keys_for_open(owner)?;
         if let Ok(header) = value.header() {
@@ -1049,7 +1102,9 @@ impl Keyring {
                 }
             }
         }
-        keys.open(value, scope, row)
+        let opened = keys.open(value, scope, row)?;
+        self.finish_access(access)?;
+        Ok(opened)
     }
 
     /// Waits until every `unwrap` audit record queued so far is written (or
@@ -1429,6 +1484,7 @@ impl Keyring {
         Self {
             inner: self.inner.clone(),
             accessor: Some(Arc::new(accessor.clone())),
+            access_op: self.access_op,
         }
     }
 

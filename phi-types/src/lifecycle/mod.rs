@@ -675,10 +675,17 @@ pub fn reseal<C: DataConnection>(
             report.column.clone_from(&c.column);
             let mut idle = 0;
             loop {
+                let mut rows: Vec<Option<String>> = Vec::new();
                 let mut reseal = |value: &tables::StoredValue| -> Result<Vec<u8>> {
+                    rows.push(crate::keyring::row_text(value.row()));
                     reseal_value(&keys, value, &c.scope)
                 };
                 let outcome = conn.reseal_batch(t, c, owner, current, batch, &mut reseal)?;
+                keyring.record_job(
+                    &t.table,
+                    &[c.column.as_str()],
+                    rows.into_iter().map(|row| (owner, row)),
+                )?;
                 if outcome.read == 0 {
                     break;
                 }
