@@ -84,8 +84,9 @@
     allow(dead_code, unused_macros)
 )]
 
-#[cfg(feature = "admin-http")]
 pub mod access;
+pub mod access_log;
+#[cfg(feature = "admin-http")]
 pub mod admin;
 pub mod adopt;
 pub mod blind;

@@ -24,6 +24,7 @@
 //! | `2026-12-07-000001` | `owner_ids_byte_exact` | every table with an owner id, KEK id, policy or reader name (MySQL / MariaDB only) |
 //! | `2026-12-07-000002` | `open_event_kinds` | `phi_key_events` (`kind` any non-empty text) |
 //! | `2026-12-07-000003` | `legacy_values` | `phi_legacy_values` |
+//! | `2026-12-07-000006` | `access_log` | `phi_access_chains`, `phi_access_batches`, `phi_access_log` |
 //!
 //! (Later versions are added at the end of this table; the directories
 //! `phi-types/migrations/<backend>/` are the authority.)

@@ -64,6 +64,7 @@ const MODULES: &[(&str, &str)] = &[
     ("sealer", "records"),
     ("uuid_key", "records"),
     ("lookup_key", "records"),
+    ("access_log", "records"),
     ("lifecycle::tables", "tables"),
     ("legacy", "tables"),
     ("lifecycle", "jobs"),

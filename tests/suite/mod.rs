@@ -705,3 +705,9 @@ mod admin_http {
     use super::*;
     include!("admin.rs");
 }
+
+/// The durable access log: chained batches, verification, queries, prune.
+mod access_log_store {
+    use super::*;
+    include!("access_log.rs");
+}
