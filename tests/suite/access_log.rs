@@ -432,3 +432,62 @@ fn prune_past_a_feed_readers_position_is_refused() {
         .expect("count");
     assert_eq!(left, 0);
 }
+
+/// `GET /access-log` on the admin API: the same query as `phi audit
+/// access`, a page at a time.
+#[cfg(feature = "admin-http")]
+#[test]
+fn the_admin_api_answers_access_log_queries() {
+    use axum::body::Body;
+    use axum::http::request::Parts;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt as _;
+    use phi::admin::{self, Actor, Guard, Options, Rejection};
+    use tower::ServiceExt as _;
+
+    struct Token;
+    impl Guard for Token {
+        async fn admit(&self, request: &Parts) -> Result<Actor, Rejection> {
+            match request.headers.get("authorization").and_then(|v| v.to_str().ok()) {
+                Some("Bearer auditor") => Ok(Actor::new("auditor")),
+                _ => Err(Rejection::unauthorized("no valid token")),
+            }
+        }
+    }
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("al-admin");
+    three_batches(&db, &keyring, &owner);
+    let store: Arc<dyn AccessLogStore> = tables(&db);
+    let app = admin::router_with(keyring.clone(), Token, Options::default().access_log(store));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let call = |uri: String, token: Option<&str>| -> (StatusCode, serde_json::Value) {
+        let mut request = Request::builder().method("GET").uri(uri);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(Body::empty()).expect("request");
+        runtime.block_on(async {
+            let response = app.clone().oneshot(request).await.expect("answers");
+            let status = response.status();
+            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            (status, serde_json::from_slice(&bytes).expect("JSON"))
+        })
+    };
+    let (status, body) = call(format!("/access-log?owner={owner}&limit=4"), Some("auditor"));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["records"].as_array().expect("records").len(), 4);
+    assert_eq!(body["records"][0]["user"], "dr-0-0");
+    assert_eq!(body["next_offset"], 4);
+    let (status, body) = call(format!("/access-log?owner={owner}&limit=4&offset=4"), Some("auditor"));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["records"].as_array().expect("records").len(), 2);
+    assert!(body["next_offset"].is_null());
+    let (status, body) = call(format!("/access-log?owner={owner}&table=cases&row=case-1-2"), Some("auditor"));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["records"][0]["user"], "dr-1-2");
+    let (status, _) = call(format!("/access-log?owner={owner}&since=yesterday"), Some("auditor"));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call(format!("/access-log?owner={owner}"), None);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}

@@ -541,7 +541,9 @@ macro_rules! access_log_store {
                     query = query.filter(l::chain.eq(chain.clone()));
                 }
                 if filter.limit > 0 {
-                    query = query.limit(i64::try_from(filter.limit).unwrap_or(i64::MAX));
+                    query = query
+                        .limit(i64::try_from(filter.limit).unwrap_or(i64::MAX))
+                        .offset(i64::try_from(filter.offset).unwrap_or(i64::MAX));
                 }
                 let rows: Vec<LogTuple> = query
                     .load(&mut *conn)

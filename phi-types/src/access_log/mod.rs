@@ -461,6 +461,8 @@ pub struct AccessFilter {
     pub chain: Option<String>,
     /// At most this many (0: no limit); the oldest first.
     pub limit: usize,
+    /// Skip this many first (with a limit): the next page.
+    pub offset: usize,
 }
 
 /// What [`prune`] removed.
@@ -788,4 +790,25 @@ pub fn describe_metrics() {
         "Access records that could not be written (queue full, writer stopped); each is also logged."
     );
     describe_counter!(WRITTEN_TOTAL, Unit::Count, "Access records written.");
+}
+
+/// A record as JSON, as `phi audit access --format json` prints it and the
+/// admin API's `GET /access-log` returns it (feature `cli` or
+/// `admin-http`).
+#[cfg(any(feature = "cli", feature = "admin-http"))]
+pub fn record_json(r: &StoredAccess) -> serde_json::Value {
+    serde_json::json!({
+        "occurred_at": r.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        "user": r.user,
+        "purpose": r.purpose,
+        "request_id": r.request_id,
+        "op": r.op,
+        "owner": r.owner_id,
+        "table": r.table,
+        "row": r.row,
+        "fields": if r.fields.is_empty() { Vec::new() } else { r.fields.split(',').collect::<Vec<_>>() },
+        "chain": r.chain,
+        "batch": r.batch,
+        "seq": r.seq,
+    })
 }

@@ -172,6 +172,7 @@ pub(super) fn run<C: DataConnection>(
                 until: *until,
                 chain: chain.clone(),
                 limit: *limit,
+                offset: 0,
             };
             let records = store.query(&filter)?;
             print_records(env, &records)?;
@@ -280,24 +281,6 @@ fn time(t: NaiveDateTime) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
-/// A record as JSON (`--format json`, the admin API).
-pub(crate) fn record_json(r: &StoredAccess) -> Value {
-    json!({
-        "occurred_at": time(r.occurred_at),
-        "user": r.user,
-        "purpose": r.purpose,
-        "request_id": r.request_id,
-        "op": r.op,
-        "owner": r.owner_id,
-        "table": r.table,
-        "row": r.row,
-        "fields": if r.fields.is_empty() { Vec::new() } else { r.fields.split(',').collect::<Vec<_>>() },
-        "chain": r.chain,
-        "batch": r.batch,
-        "seq": r.seq,
-    })
-}
-
 /// A CSV cell: quoted when needed, and neutralised when a spreadsheet
 /// would take it as a formula.
 fn csv_cell(text: &str) -> String {
@@ -341,7 +324,7 @@ fn print_records<C>(env: &Env<C>, records: &[StoredAccess]) -> CliResult<()> {
     match env.out.format {
         Format::Json => {
             env.out.printed.set(true);
-            let array: Vec<Value> = records.iter().map(record_json).collect();
+            let array: Vec<Value> = records.iter().map(access_log::record_json).collect();
             println!("{}", serde_json::to_string_pretty(&array)?);
         }
         Format::Csv => {
