@@ -20,7 +20,7 @@ use std::time::Instant;
 use diesel::PgConnection;
 use phi::access::{AccessLog as _, AccessOp, AccessRecord, Accessor};
 use phi::access_log::{DieselAccessLog, DieselAccessLogStore};
-use phi::{DieselKeyStore, KeyBytes, Keyring, LocalKek};
+use phi::{DieselKeyStore, Keyring, LocalKek};
 
 fn main() {
     let url = std::env::var("PHI_BENCH_POSTGRES_URL")
@@ -31,7 +31,12 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(200_000);
     let store = Arc::new(DieselKeyStore::<PgConnection>::connect(&url).expect("key store"));
-    let kek = Arc::new(LocalKek::new("bench-local", &KeyBytes::new([3; 32])));
+    // The integration tests' KEK, so that the bench can share their
+    // database (the chain key's reserved owner is one per database).
+    let kek = Arc::new(
+        LocalKek::from_base64("local-test", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+            .expect("master key"),
+    );
     let keyring = Keyring::builder(store, kek).build().expect("keyring");
     let tables = Arc::new(DieselAccessLogStore::<PgConnection>::connect(&url).expect("tables"));
     let users: Vec<Accessor> = (0..50)

@@ -98,7 +98,7 @@ impl<C: crate::PhiConnection> diesel::r2d2::CustomizeConnection<C, diesel::r2d2:
 }
 
 #[derive(Insertable)]
-#[diesel(table_name = phi_access_log)]
+#[diesel(table_name = phi_access_log, treat_none_as_default_value = false)]
 struct LogInsert<'a> {
     chain: &'a str,
     batch: i64,
@@ -313,8 +313,54 @@ impl From<diesel::result::Error> for TxError {
     }
 }
 
+/// Inserts records: multi-row `INSERT`s.
+macro_rules! insert_rows {
+    ($conn:expr, $records:expr) => {{
+        for chunk in $records.chunks(ROWS_PER_INSERT) {
+            let rows: Vec<LogInsert<'_>> = chunk.iter().map(LogInsert::from).collect();
+            diesel::insert_into(phi_access_log::table)
+                .values(rows)
+                .execute($conn)?;
+        }
+        Ok(())
+    }};
+}
+
+#[cfg(feature = "sqlite")]
+fn insert_records_sqlite(
+    conn: &mut diesel::SqliteConnection,
+    records: &[StoredAccess],
+) -> diesel::QueryResult<()> {
+    insert_rows!(conn, records)
+}
+
+#[cfg(feature = "mysql")]
+fn insert_records_mysql(
+    conn: &mut diesel::MysqlConnection,
+    records: &[StoredAccess],
+) -> diesel::QueryResult<()> {
+    insert_rows!(conn, records)
+}
+
+/// Inserts records with `COPY … FROM STDIN` (binary): several times the
+/// rate of multi-row `INSERT`s.
+#[cfg(feature = "postgres")]
+fn insert_records_pg(
+    conn: &mut diesel::PgConnection,
+    records: &[StoredAccess],
+) -> diesel::QueryResult<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<LogInsert<'_>> = records.iter().map(LogInsert::from).collect();
+    diesel::copy_from(phi_access_log::table)
+        .from_insertable(&rows)
+        .execute(conn)
+        .map(drop)
+}
+
 macro_rules! access_log_store {
-    ($($feature:literal => $conn:ty, $transaction:ident);* $(;)?) => {$(
+    ($($feature:literal => $conn:ty, $transaction:ident, $insert:ident);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl DieselAccessLogStore<$conn> {
             /// Creates the chain's head row if it has none.
@@ -360,10 +406,7 @@ macro_rules! access_log_store {
                 diesel::insert_into(phi_access_batches::table)
                     .values(BatchInsert::from(batch))
                     .execute(conn)?;
-                for chunk in records.chunks(ROWS_PER_INSERT) {
-                    let rows: Vec<LogInsert<'_>> = chunk.iter().map(LogInsert::from).collect();
-                    diesel::insert_into(phi_access_log::table).values(rows).execute(conn)?;
-                }
+                $insert(conn, records)?;
                 diesel::update(c::phi_access_chains.filter(c::chain.eq(&batch.chain)))
                     .set(c::head_hash.eq(&batch.hash))
                     .execute(conn)?;
@@ -667,7 +710,7 @@ macro_rules! access_log_store {
 }
 
 access_log_store! {
-    "sqlite" => diesel::SqliteConnection, immediate_transaction;
-    "mysql" => diesel::MysqlConnection, transaction;
-    "postgres" => diesel::PgConnection, transaction;
+    "sqlite" => diesel::SqliteConnection, immediate_transaction, insert_records_sqlite;
+    "mysql" => diesel::MysqlConnection, transaction, insert_records_mysql;
+    "postgres" => diesel::PgConnection, transaction, insert_records_pg;
 }
