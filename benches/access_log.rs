@@ -80,7 +80,7 @@ fn main() {
         log.flush().expect("flush");
         let elapsed = start.elapsed();
         let counts = log.counts();
-        assert_eq!(counts.written as usize, records);
+        assert_eq!(counts.written, records as u64);
         assert_eq!(counts.dropped, 0);
         #[allow(clippy::cast_precision_loss)]
         let rate = records as f64 / elapsed.as_secs_f64();
