@@ -42,6 +42,8 @@
 //! | `phi_feed_staleness_seconds` | gauge | seconds | | time since the feed was last read successfully, set when a read fails (0 after a success) |
 //! | `phi_admin_denied_unaudited_total` | counter | count | | refused admin API requests over the router's `denied_audit_limit`, neither audited nor logged one by one (one log line per window says the limit was reached; feature `admin-http`) |
 //! | `phi_feed_unknown_events_total` | counter | count | | key events of a kind this build does not know (a newer build's), applied conservatively: the named owner, or every owner, dropped from the cache; each is also logged with its id and kind |
+//! | `phi_access_log_written_total` | counter | count | | access records written by a [`DieselAccessLog`](crate::access_log::DieselAccessLog) |
+//! | `phi_access_log_dropped_total` | counter | count | | access records that could not be written (queue full, writer stopped); each batch of them is also logged |
 //!
 //! # Alerting
 //!
