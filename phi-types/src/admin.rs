@@ -224,6 +224,9 @@ pub struct Options {
     /// The window of [`denied_audit_limit`](Self::denied_audit_limit)
     /// (default one minute).
     pub denied_audit_window: Duration,
+    /// The access log's tables: with them, `GET /access-log` answers the
+    /// same queries as `phi audit access` (none by default).
+    pub access_log: Option<Arc<dyn crate::access_log::AccessLogStore>>,
 }
 
 /// [`Options::denied_audit_limit`]'s default: refused requests audited per
@@ -237,6 +240,7 @@ impl Default for Options {
             allow_request_owners_query: false,
             denied_audit_limit: DEFAULT_DENIED_AUDIT_LIMIT,
             denied_audit_window: Duration::from_secs(60),
+            access_log: None,
         }
     }
 }
@@ -255,6 +259,13 @@ impl Options {
     #[must_use]
     pub fn allow_request_owners_query(mut self, allow: bool) -> Self {
         self.allow_request_owners_query = allow;
+        self
+    }
+
+    /// Sets [`Options::access_log`].
+    #[must_use]
+    pub fn access_log(mut self, tables: Arc<dyn crate::access_log::AccessLogStore>) -> Self {
+        self.access_log = Some(tables);
         self
     }
 
@@ -409,6 +420,7 @@ pub fn router_with<G: Guard>(keyring: Keyring, guard: G, options: Options) -> Ro
         .route("/audit-log", get(audit_log))
         .route("/clear-cache", post(clear_cache))
         .route("/rollout", post(rollout))
+        .route("/access-log", get(access_log))
         .with_state(state)
         .layer(middleware::from_fn_with_state(guarded, admit::<G>))
 }
@@ -1398,5 +1410,94 @@ mod tests {
         let limit = DeniedLimit::new(0, Duration::from_secs(60), start);
         assert_eq!(limit.admit(start), None);
         assert_eq!(limit.admit(start + Duration::from_secs(120)), None);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GET /access-log
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessQuery {
+    owner: Option<String>,
+    user: Option<String>,
+    table: Option<String>,
+    row: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    chain: Option<String>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+fn access_filter(q: &AccessQuery) -> Result<crate::access_log::AccessFilter, Failure> {
+    let limit = q.limit.unwrap_or(DEFAULT_AUDIT_LIMIT);
+    if limit == 0 || limit > MAX_AUDIT_LIMIT {
+        return Err(Failure::bad_request(format!(
+            "invalid limit {limit}: expected 1 to {MAX_AUDIT_LIMIT}"
+        )));
+    }
+    Ok(crate::access_log::AccessFilter {
+        owner: q.owner.clone(),
+        user: q.user.clone(),
+        table: q.table.clone(),
+        row: q.row.clone(),
+        since: q
+            .since
+            .as_deref()
+            .map(|t| parse_time("since", t))
+            .transpose()?,
+        until: q
+            .until
+            .as_deref()
+            .map(|t| parse_time("until", t))
+            .transpose()?,
+        chain: q.chain.clone(),
+        limit,
+        offset: q.offset.unwrap_or(0),
+    })
+}
+
+/// `GET /access-log?owner=&user=&table=&row=&since=&until=&chain=&offset=&limit=`:
+/// access records, oldest first (100 a page, at most 1,000), as `phi audit
+/// access --format json` prints them, and the offset of the next page.
+async fn access_log(
+    State(state): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    Extension(due): Extension<RecordDue>,
+    query: Result<Query<AccessQuery>, QueryRejection>,
+) -> Response {
+    const ROUTE: &str = "GET /access-log";
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return finish(&state, &actor, &due, ROUTE, None, Err(e.into())).await,
+    };
+    let Some(tables) = state.options.access_log.clone() else {
+        let failure = Failure::bad_request(
+            "no access log is configured on this admin API (Options::access_log)",
+        );
+        return finish(
+            &state,
+            &actor,
+            &due,
+            ROUTE,
+            query.owner.as_deref(),
+            Err(failure),
+        )
+        .await;
+    };
+    match access_filter(&query) {
+        Err(f) => finish(&state, &actor, &due, ROUTE, query.owner.as_deref(), Err(f)).await,
+        Ok(filter) => {
+            act(&state, &actor, &due, ROUTE, query.owner.clone(), move || {
+                let records = tables.query(&filter)?;
+                let next = (records.len() == filter.limit).then(|| filter.offset + filter.limit);
+                Ok(json!({
+                    "records": records.iter().map(crate::access_log::record_json).collect::<Vec<_>>(),
+                    "next_offset": next,
+                }))
+            })
+            .await
+        }
     }
 }

@@ -85,6 +85,7 @@
 )]
 
 pub mod access;
+pub mod access_log;
 #[cfg(feature = "admin-http")]
 pub mod admin;
 pub mod adopt;

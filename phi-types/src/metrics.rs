@@ -45,6 +45,8 @@
 //! | `phi_keys_due` | gauge | count | | owners whose current data key version is due for rotation under the keyring's [`RotationPolicy`](crate::RotationPolicy), set by each `due_keys` |
 //! | `phi_key_seals_max` | gauge | count | | the highest seal count recorded (`phi_seal_counts`) for any owner's current data key version, set by each `due_keys`: against envelope v1's budget of 2³² |
 //! | `phi_feed_unknown_events_total` | counter | count | | key events of a kind this build does not know (a newer build's), applied conservatively: the named owner, or every owner, dropped from the cache; each is also logged with its id and kind |
+//! | `phi_access_log_written_total` | counter | count | | access records written by a [`DieselAccessLog`](crate::access_log::DieselAccessLog) |
+//! | `phi_access_log_dropped_total` | counter | count | | access records that could not be written (queue full, writer stopped); each batch of them is also logged |
 //!
 //! # Alerting
 //!

@@ -25,6 +25,7 @@
 //! | `2026-12-07-000002` | `open_event_kinds` | `phi_key_events` (`kind` any non-empty text) |
 //! | `2026-12-07-000003` | `legacy_values` | `phi_legacy_values` |
 //! | `2026-12-07-000005` | `seal_counts` | `phi_seal_counts` |
+//! | `2026-12-07-000006` | `access_log` | `phi_access_chains`, `phi_access_batches`, `phi_access_log` |
 //!
 //! (Later versions are added at the end of this table; the directories
 //! `phi-types/migrations/<backend>/` are the authority.)

@@ -717,3 +717,9 @@ mod access {
     use super::*;
     include!("access.rs");
 }
+
+/// The durable access log: chained batches, verification, queries, prune.
+mod access_log_store {
+    use super::*;
+    include!("access_log.rs");
+}

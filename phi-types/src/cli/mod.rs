@@ -47,6 +47,8 @@ macro_rules! outln {
     };
 }
 
+mod audit_access;
+
 /// Administration of phi's owner-scoped data keys, and the migration jobs
 /// of the application's models.
 ///
@@ -135,6 +137,19 @@ struct Cli {
 
     #[command(subcommand)]
     command: Command,
+
+    /// `--actor` was given on the command line (`audit access` then takes
+    /// it as the end user to filter by).
+    #[arg(skip)]
+    actor_given: bool,
+}
+
+/// Whether `id` was given on the command line, at any level of subcommand.
+fn given_on_command_line(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        || matches
+            .subcommand()
+            .is_some_and(|(_, sub)| given_on_command_line(sub, id))
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,7 +174,13 @@ enum Command {
     /// `{"id": 7, "occurred_at": "2026-11-27T21:00:00.123456Z", "owner":
     /// "…", "action": "generate|unwrap|…", "key_version": 1 or null,
     /// "kek_id": "…" or null, "actor": "…", "detail": "…" or null}`.
+    ///
+    /// `audit access`, `audit verify` and `audit prune` work on the access
+    /// log (who read or wrote which record).
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        #[command(subcommand)]
+        command: Option<audit_access::AuditCommand>,
         /// Only this owner's records.
         #[arg(long)]
         owner: Option<String>,
@@ -193,6 +214,8 @@ pub enum Format {
     /// For scripts: one JSON document on standard output (the schema is
     /// in the README).
     Json,
+    /// Comma-separated values with a header line (`audit access` only).
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -451,10 +474,11 @@ impl App {
         T: Into<std::ffi::OsString> + Clone,
     {
         let matches = self.command().get_matches_from(args);
-        let cli = match Cli::from_arg_matches(&matches) {
+        let mut cli = match Cli::from_arg_matches(&matches) {
             Ok(cli) => cli,
             Err(error) => error.exit(),
         };
+        cli.actor_given = given_on_command_line(&matches, "actor");
         self.main_with(cli)
     }
 
@@ -564,10 +588,18 @@ impl App {
     where
         DieselKeyStore<C>: KeyStore,
     {
+        // `audit access --table NAME` filters by a table name instead.
+        let access_query = matches!(
+            &cli.command,
+            Command::Audit {
+                command: Some(audit_access::AuditCommand::Access { .. }),
+                ..
+            }
+        );
         let mut tables = cli
             .tables
             .iter()
-            .filter(|t| !t.trim().is_empty())
+            .filter(|t| !t.trim().is_empty() && !access_query)
             .map(|t| ResealTable::parse(t))
             .collect::<Result<Vec<_>, _>>()?;
         tables.extend(self.jobs.reseal_tables()?);
@@ -600,8 +632,23 @@ impl App {
             policy: cli.policy.clone(),
             connection: std::marker::PhantomData,
         };
+        if cli.format == Format::Csv
+            && !matches!(
+                &cli.command,
+                Command::Audit {
+                    command: Some(audit_access::AuditCommand::Access { .. }),
+                    ..
+                }
+            )
+        {
+            return Err("--format csv is only for `audit access`".into());
+        }
         let code = match &cli.command {
-            Command::Audit { owner, limit } => {
+            Command::Audit {
+                command: Some(command),
+                ..
+            } => audit_access::run(&env, cli, command),
+            Command::Audit { owner, limit, .. } => {
                 env.out.set("command", "audit");
                 audit(&env, owner.as_deref(), *limit)
             }

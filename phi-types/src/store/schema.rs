@@ -126,3 +126,54 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    /// The access log's chains: the id and hash of each chain's last
+    /// batch ([`access_log`](crate::access_log)).
+    phi_access_chains (chain) {
+        chain -> Varchar,
+        head -> BigInt,
+        head_hash -> Binary,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    /// The access log's batches: each chained to the one before by a keyed
+    /// hash ([`access_log`](crate::access_log)).
+    phi_access_batches (chain, id) {
+        chain -> Varchar,
+        id -> BigInt,
+        kind -> Varchar,
+        written_at -> Timestamp,
+        last_at -> Timestamp,
+        records -> BigInt,
+        key_version -> BigInt,
+        prev_hash -> Binary,
+        hash -> Binary,
+        pruned_before -> Nullable<BigInt>,
+        pruned_hash -> Nullable<Binary>,
+        detail -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    /// The access log: one row per (accessor, operation, owner, table,
+    /// row), fields named, never their values.
+    phi_access_log (chain, batch, seq) {
+        chain -> Varchar,
+        batch -> BigInt,
+        seq -> Integer,
+        occurred_at -> Timestamp,
+        user_id -> Varchar,
+        purpose -> Varchar,
+        request_id -> Nullable<Varchar>,
+        op -> Varchar,
+        owner_id -> Varchar,
+        table_name -> Varchar,
+        row_key -> Nullable<Varchar>,
+        fields -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(phi_access_batches, phi_access_log);
