@@ -426,6 +426,18 @@ fn adopt_through_the_own_command(db: &Db) {
         "{err}"
     );
 
+    // An emergency rotation of every author from the application's own
+    // command: the model's table re-sealed, the old versions retired.
+    let plan = db.json(&["keys", "rotate", "--all", "--dry-run"]);
+    assert_eq!(plan["plan"]["rows"].as_i64(), Some(NOTES), "{plan}");
+    assert_eq!(plan["plan"]["values"].as_i64(), Some(NOTES), "{plan}");
+    let rotated = db.json(&["keys", "rotate", "--all", "--job", "own-rotation"]);
+    assert_eq!(rotated["resealed"].as_i64(), Some(NOTES), "{rotated}");
+    assert_eq!(rotated["rotated"], rotated["retired"], "{rotated}");
+    assert_eq!(rotated["pending"].as_i64(), Some(0), "{rotated}");
+    let verified = db.json(&["verify"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+
     // The rollback: refused without --yes, then while new rows are still
     // sealed (exit status 3, nothing changed).
     db.execute(&["DELETE FROM own_cli_notes WHERE id = 4"]);

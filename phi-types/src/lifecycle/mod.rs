@@ -48,6 +48,8 @@
 //! # Ok::<(), phi_types::Error>(())
 //! ```
 
+mod due;
+mod rotate_all;
 pub(crate) mod tables;
 
 use std::collections::HashMap;
@@ -55,6 +57,14 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
+pub use due::due_owner_ids;
+pub use rotate_all::{
+    MAX_JOB_ID_LEN, NewKeyVersion, RotateAllOptions, RotateAllReport, RotateOwners, RotatePlan,
+    RotationClaim, RotationCounts, check_job_id, plan as rotate_all_plan, rotate_all,
+    skip_locked_supported,
+};
+#[doc(hidden)]
+pub use rotate_all::{RotateStage, rotate_all_interleaved};
 pub use tables::{ColumnType, DataConnection, FlagType, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};
