@@ -29,6 +29,7 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use phi::lifecycle::{self, ResealTable, RotateAllOptions, RotateOwners};
 use phi::{KeyBytes, Keyring, LocalKek};
@@ -94,12 +95,11 @@ fn table() -> ResealTable {
 }
 
 /// Inserts rows `(case_id, owner, 4 values)` 1,000 per statement, one
-/// transaction each, as `INSERT … VALUES (…), (…)` with bound values.
+/// transaction each, as `INSERT … VALUES (…), (…)` with hex literals.
 fn insert_rows<C>(conn: &mut C, rows: &[(i64, String, [Vec<u8>; 4])]) -> BoxResult<()>
 where
     C: diesel::Connection,
 {
-    use diesel::query_builder::SqlQuery;
     for chunk in rows.chunks(INSERT_ROWS) {
         let placeholders: Vec<String> = chunk
             .iter()
@@ -118,11 +118,7 @@ where
             "INSERT INTO phi_bench_rotate (case_id, user_id, patient_first, patient_last, patient_dob, ins_provider) VALUES {}",
             placeholders.join(", ")
         );
-        conn.transaction(|c| -> QueryResult<()> {
-            let q: SqlQuery = diesel::sql_query(sql);
-            q.execute(c)?;
-            Ok(())
-        })?;
+        conn.transaction(|c| -> QueryResult<()> { c.batch_execute(&sql) })?;
     }
     Ok(())
 }
@@ -141,7 +137,7 @@ fn blob(hex: &str) -> String {
 
 macro_rules! run_backend {
     ($name:literal, $conn:ty, $url:expr, $blob_style:expr, $setup:expr, $ddl:expr) => {{
-        use diesel::connection::SimpleConnection as _;
+
         let url: String = $url;
         BLOB_STYLE.with(|s| s.set($blob_style));
         let rows = env_usize("PHI_ROTATE_ROWS", 100_000);
@@ -215,16 +211,18 @@ macro_rules! run_backend {
 
         let job2 = format!("bench-{stamp}-2");
         let start = Instant::now();
-        let reports: Vec<BoxResult<lifecycle::RotateAllReport>> = std::thread::scope(|s| {
+        let reports: Vec<Result<lifecycle::RotateAllReport, String>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..2)
                 .map(|w| {
                     let (url, store, set, tables, job2) = (&url, &store, &set, &tables, &job2);
-                    s.spawn(move || -> BoxResult<lifecycle::RotateAllReport> {
-                        let mut conn = <$conn>::establish(url)?;
-                        conn.batch_execute($setup)?;
+                    s.spawn(move || -> Result<lifecycle::RotateAllReport, String> {
+                        let text = |e: &dyn std::fmt::Display| e.to_string();
+                        let mut conn = <$conn>::establish(url).map_err(|e| text(&e))?;
+                        conn.batch_execute($setup).map_err(|e| text(&e))?;
                         let keyring = Keyring::builder(store.clone(), bench_kek())
                             .actor("phi-bench-rotate")
-                            .build()?;
+                            .build()
+                            .map_err(|e| text(&e))?;
                         Ok(lifecycle::rotate_all(
                             &mut conn,
                             &keyring,
@@ -233,7 +231,8 @@ macro_rules! run_backend {
                             &RotateAllOptions::new(job2.as_str())
                                 .worker(format!("bench-worker-{w}")),
                             &mut |_| {},
-                        )?)
+                        )
+                        .map_err(|e| text(&e))?)
                     })
                 })
                 .collect();

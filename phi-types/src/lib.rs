@@ -84,8 +84,8 @@
     allow(dead_code, unused_macros)
 )]
 
-#[cfg(feature = "admin-http")]
 pub mod access;
+#[cfg(feature = "admin-http")]
 pub mod admin;
 pub mod adopt;
 pub mod blind;
