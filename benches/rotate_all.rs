@@ -137,7 +137,6 @@ fn blob(hex: &str) -> String {
 
 macro_rules! run_backend {
     ($name:literal, $conn:ty, $url:expr, $blob_style:expr, $setup:expr, $ddl:expr) => {{
-
         let url: String = $url;
         BLOB_STYLE.with(|s| s.set($blob_style));
         let rows = env_usize("PHI_ROTATE_ROWS", 100_000);
@@ -223,7 +222,7 @@ macro_rules! run_backend {
                             .actor("phi-bench-rotate")
                             .build()
                             .map_err(|e| text(&e))?;
-                        Ok(lifecycle::rotate_all(
+                        lifecycle::rotate_all(
                             &mut conn,
                             &keyring,
                             set,
@@ -232,7 +231,7 @@ macro_rules! run_backend {
                                 .worker(format!("bench-worker-{w}")),
                             &mut |_| {},
                         )
-                        .map_err(|e| text(&e))?)
+                        .map_err(|e| text(&e))
                     })
                 })
                 .collect();
