@@ -1118,6 +1118,16 @@ macro_rules! diesel_key_store {
                             .get_result(&mut *conn)
                             .map_err(|e| Error::store("reading the server's version", e))?;
                         super::claims::skip_locked_supported(&row.version)?;
+                        // MySQL / MariaDB only (the only backend with a
+                        // version check): the claim's transaction keeps
+                        // locks on the rows it claims only, not on every
+                        // row its scan met (REPEATABLE READ would lock those
+                        // too, and concurrent claims would skip them).
+                        diesel::connection::SimpleConnection::batch_execute(
+                            &mut *conn,
+                            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                        )
+                            .map_err(|e| Error::store("claiming owners of a rotation job", e))?;
                     }
                     let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
                     (*conn)
