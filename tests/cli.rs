@@ -905,3 +905,136 @@ fn completions_and_man_page_need_no_database() {
     assert!(man.starts_with(".ie") || man.contains(".TH phi"), "{man}");
     assert!(man.contains("Exit status"), "{man}");
 }
+
+#[test]
+fn rotate_all_plans_then_rotates_reseals_and_retires_every_owner() {
+    let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c"], 4);
+    let out = clinic.ok(&["keys", "rotate", "--all", "--job", "drill-1", "--dry-run"]);
+    assert!(
+        out.contains(
+            "Plan of job drill-1: 3 owner(s), 3 to rotate (0 done already by this job), 12 row(s), \
+             18 value(s) to re-seal, 3 version(s) to retire"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("Nothing was changed."), "{out}");
+    assert_eq!(
+        clinic.key_rows("dr-a").len(),
+        1,
+        "a dry run changes nothing"
+    );
+
+    let out = clinic.ok(&[
+        "--format",
+        "json",
+        "keys",
+        "rotate",
+        "--all",
+        "--job",
+        "drill-1",
+        "--owners-per-claim",
+        "2",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["command"], "keys rotate", "{report}");
+    assert_eq!(report["job"], "drill-1");
+    for (field, n) in [
+        ("owners", 3),
+        ("rotated", 3),
+        ("resealed", 18),
+        ("rows", 12),
+        ("retired", 3),
+        ("done", 3),
+        ("pending", 0),
+    ] {
+        assert_eq!(report[field].as_u64(), Some(n), "{field}: {report}");
+    }
+    let keyring = clinic.keyring(common::local_kek());
+    for owner in ["dr-a", "dr-b", "dr-c"] {
+        let states: Vec<(i64, String)> = clinic
+            .key_rows(owner)
+            .into_iter()
+            .map(|(v, s, _, _)| (v, s))
+            .collect();
+        assert_eq!(
+            states,
+            [(1, "retired".to_owned()), (2, "active".to_owned())],
+            "{owner}"
+        );
+        assert_eq!(clinic.check_cases(&keyring, owner, 4), [2], "{owner}");
+    }
+    // The same job again: nothing left to do.
+    let out = clinic.ok(&["keys", "rotate", "--all", "--job", "drill-1"]);
+    assert!(
+        out.contains("3 done before; this worker claimed 0"),
+        "{out}"
+    );
+
+    let (code, _, err) = status_of(&mut clinic.command(&["keys", "rotate"]));
+    assert_eq!(code, Some(2), "which owners is a usage error: {err}");
+    let (code, _, err) =
+        status_of(&mut clinic.command(&["keys", "rotate", "--all", "--job", "bad job"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("\"bad job\""), "{err}");
+}
+
+#[test]
+fn a_killed_rotate_all_worker_is_finished_by_the_next_run() {
+    let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c", "dr-d"], 3);
+    let marker = clinic.dir.path().join("claimed");
+    // A worker whose claims last 0 s stops right after its first claim
+    // (dr-a, dr-b), and is killed there.
+    let mut child = clinic
+        .command(&[
+            "keys",
+            "rotate",
+            "--all",
+            "--job",
+            "incident",
+            "--owners-per-claim",
+            "2",
+            "--claim-ttl",
+            "0",
+        ])
+        .env("PHI_TEST_PAUSE_AFTER_CLAIM", &marker)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("phi runs");
+    while !marker.exists() {
+        assert!(
+            child.try_wait().expect("child").is_none(),
+            "the worker ended before it claimed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    assert!(!child.wait().expect("exit").success());
+    assert_eq!(
+        clinic.key_rows("dr-a").len(),
+        1,
+        "killed before any key was created"
+    );
+
+    // The next run takes the expired claims and finishes every owner.
+    let out = clinic.ok(&[
+        "--format", "json", "keys", "rotate", "--all", "--job", "incident",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["claimed"].as_u64(), Some(4), "{report}");
+    assert_eq!(report["done"].as_u64(), Some(4), "{report}");
+    let keyring = clinic.keyring(common::local_kek());
+    for owner in ["dr-a", "dr-b", "dr-c", "dr-d"] {
+        let states: Vec<(i64, String)> = clinic
+            .key_rows(owner)
+            .into_iter()
+            .map(|(v, s, _, _)| (v, s))
+            .collect();
+        assert_eq!(
+            states,
+            [(1, "retired".to_owned()), (2, "active".to_owned())],
+            "{owner}"
+        );
+        assert_eq!(clinic.check_cases(&keyring, owner, 3), [2], "{owner}");
+    }
+}

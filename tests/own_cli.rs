@@ -422,6 +422,20 @@ fn adopt_through_the_own_command(db: &Db) {
         "the application's keyring is the actor: {audit}"
     );
 
+    // An emergency rotation of every author from the application's own
+    // command: the model's table re-sealed, the old versions retired.
+    let plan = db.json(&["keys", "rotate", "--all", "--dry-run"]);
+    assert_eq!(plan["plan"]["rows"].as_i64(), Some(NOTES), "{plan}");
+    assert_eq!(plan["plan"]["values"].as_i64(), Some(NOTES), "{plan}");
+    let rotated = db.json(&["keys", "rotate", "--all", "--job", "own-rotation"]);
+    assert_eq!(rotated["resealed"].as_i64(), Some(NOTES), "{rotated}");
+    // writer-1 was rotated and re-sealed above: versions 1 and 2 retire.
+    assert_eq!(rotated["rotated"].as_i64(), Some(3), "{rotated}");
+    assert_eq!(rotated["retired"].as_i64(), Some(4), "{rotated}");
+    assert_eq!(rotated["pending"].as_i64(), Some(0), "{rotated}");
+    let verified = db.json(&["verify"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+
     // A row that no longer opens: verify says where, with exit status 4.
     let doubled = if db.url.starts_with("mysql") {
         "CONCAT(body, body)"

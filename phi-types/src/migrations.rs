@@ -24,6 +24,7 @@
 //! | `2026-12-07-000001` | `owner_ids_byte_exact` | every table with an owner id, KEK id, policy or reader name (MySQL / MariaDB only) |
 //! | `2026-12-07-000002` | `open_event_kinds` | `phi_key_events` (`kind` any non-empty text) |
 //! | `2026-12-07-000003` | `legacy_values` | `phi_legacy_values` |
+//! | `2026-12-07-000004` | `rotation_claims` | `phi_rotation_claims` |
 //! | `2026-12-07-000005` | `seal_counts` | `phi_seal_counts` |
 //! | `2026-12-07-000006` | `access_log` | `phi_access_chains`, `phi_access_batches`, `phi_access_log` |
 //!
@@ -50,7 +51,7 @@
 //!
 //!   (`phi_.*` covers every table phi names `phi_…`: today `phi_key_feed`,
 //!   `phi_key_events`, `phi_rollout`, `phi_rollout_owners`,
-//!   `phi_feed_readers`, `phi_legacy_values` and `phi_seal_counts`; the entries are regular
+//!   `phi_feed_readers`, `phi_legacy_values`, `phi_rotation_claims` and `phi_seal_counts`; the entries are regular
 //!   expressions.)
 //!
 //! On MySQL / MariaDB, `2026-12-07-000001_owner_ids_byte_exact` makes

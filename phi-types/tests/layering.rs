@@ -49,7 +49,6 @@ const MODULES: &[(&str, &str)] = &[
     ("metrics", "base"),
     ("set_shape", "base"),
     ("telemetry", "base"),
-    ("access", "base"),
     ("cipher", "format"),
     ("dek", "format"),
     ("envelope", "format"),

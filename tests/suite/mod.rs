@@ -673,6 +673,12 @@ mod guarded {
 mod lifecycle {
     use super::*;
     include!("lifecycle.rs");
+
+    /// Rotation of many owners as one job shared by several workers.
+    mod rotate_all {
+        use super::*;
+        include!("rotate_all.rs");
+    }
 }
 
 /// The key store's connection, with and without phi's migrations.

@@ -27,10 +27,6 @@ use crate::lifecycle::{self, DataConnection, ResealTable, RewrapScope};
 use crate::store::DieselKeyStore;
 use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 
-mod due;
-mod jobs;
-mod master_key;
-
 pub use jobs::{
     BackendArg, DecryptBackArgs, FinalizeArgs, GenerateArgs, JobCommand, Jobs, LegacyArgs,
     LegacyFormat, MigrateArgs, MigrationCommand, ModelArgs, RecordLegacyArgs, StatusArgs,
@@ -48,6 +44,10 @@ macro_rules! outln {
 }
 
 mod audit_access;
+mod due;
+mod jobs;
+mod master_key;
+mod rotate_all;
 
 /// Administration of phi's owner-scoped data keys, and the migration jobs
 /// of the application's models.
@@ -287,12 +287,14 @@ enum KeysCommand {
     /// process recorded in phi_seal_counts (each adds its own at most once
     /// per feed interval). Changes nothing.
     Due,
-    /// Adds a new data key version for an owner; new writes use it.
-    Rotate {
-        /// The owner.
-        #[arg(long)]
-        owner: String,
-    },
+    /// Adds a new data key version for an owner (`--owner`); or rotates
+    /// many owners at once (`--all`, `--due`, `--owners-query`): new
+    /// versions, values of the --table columns re-sealed, a sample
+    /// verified, old versions retired, as a job several workers share.
+    ///
+    /// Exit status: 0 done; 1 an error; 4 owners left pending (values
+    /// written under their old versions meanwhile: run it again).
+    Rotate(rotate_all::RotateArgs),
     /// Re-seals an owner's values in the --table columns under its current version.
     Reseal {
         /// The owner.
@@ -934,7 +936,7 @@ where
     let name = match command {
         KeysCommand::Generate { .. } => "keys generate",
         KeysCommand::Status { .. } => "keys status",
-        KeysCommand::Rotate { .. } => "keys rotate",
+        KeysCommand::Rotate(_) => "keys rotate",
         KeysCommand::Reseal { .. } => "keys reseal",
         KeysCommand::Rewrap { .. } => "keys rewrap",
         KeysCommand::Retire { .. } => "keys retire",
@@ -1003,32 +1005,7 @@ where
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::Status { owner, owners } => status(cli, env, owner.as_deref(), owners),
-        KeysCommand::Rotate { owner } => {
-            let keyring = env.keyring(&cli.actor)?;
-            let version = lifecycle::rotate(&keyring, owner)?;
-            env.out.set("owner", owner.as_str());
-            env.out.set("version", version);
-            outln!(
-                env,
-                "Owner {owner}: added data key version {version}; new values are sealed under it \
-                 (processes following the key-event feed within {:.1} s).",
-                cli.feed_interval
-            );
-            if !env.tables.is_empty() {
-                let mut conn = env.data()?;
-                let old: u64 = lifecycle::usage(&mut conn, owner, &env.tables)?
-                    .iter()
-                    .filter(|u| u.key_version < version)
-                    .map(|u| u.values)
-                    .sum();
-                env.out.set("values_under_older_versions", old);
-                outln!(
-                    env,
-                    "{old} stored value(s) are under older versions: run `phi keys reseal --owner {owner}`."
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        KeysCommand::Rotate(args) => rotate_all::rotate(cli, env, args),
         KeysCommand::Reseal { owner, batch_size } => {
             env.need_tables("keys reseal")?;
             let keyring = env.keyring(&cli.actor)?;

@@ -60,8 +60,8 @@ pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
-pub use seals::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 pub(crate) use recording::{AccessBatch, row_text};
+pub use seals::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 
 use self::audit::AuditWriter;
 use self::cache::Cache;

@@ -49,6 +49,7 @@
 //! ```
 
 mod due;
+mod rotate_all;
 pub(crate) mod tables;
 
 use std::collections::HashMap;
@@ -57,6 +58,13 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 pub use due::{DueKey, DueReason, DueReport, due_keys, due_owner_ids};
+pub use rotate_all::{
+    MAX_JOB_ID_LEN, NewKeyVersion, RotateAllOptions, RotateAllReport, RotateOwners, RotatePlan,
+    RotationClaim, RotationCounts, check_job_id, plan as rotate_all_plan, rotate_all,
+    skip_locked_supported,
+};
+#[doc(hidden)]
+pub use rotate_all::{RotateStage, rotate_all_interleaved};
 pub use tables::{ColumnType, DataConnection, FlagType, ResealColumn, ResealTable};
 
 use crate::error::{Error, Result};

@@ -744,6 +744,14 @@ pub(crate) struct BatchOutcome {
 /// Turns a value's old bytes into its new bytes (open, then seal).
 pub(crate) type Reseal<'a> = dyn FnMut(&StoredValue) -> Result<Vec<u8>> + 'a;
 
+/// Turns the value of column `i` of a row into its new bytes (`None`:
+/// leave it as it is).
+pub(crate) type ResealRow<'a> = dyn FnMut(&MigrationRow, usize) -> Result<Option<Vec<u8>>> + 'a;
+
+/// Most encrypted columns a table may have for the jobs that read whole
+/// rows of several owners at once ([`DataConnection::owner_rows`]).
+pub(crate) const MAX_ROW_COLUMNS: usize = VALUE_SLOTS;
+
 /// A connection to the application's database that the life-cycle jobs can
 /// run on: `SqliteConnection`, `MysqlConnection` or `PgConnection`, each
 /// behind its backend's cargo feature. Its methods are internal.
@@ -791,6 +799,48 @@ pub trait DataConnection: PhiConnection {
         column: &ResealColumn,
         owner: &str,
     ) -> Result<u64>;
+
+    /// Values of each of `owners` in `column` per key version: `(owner,
+    /// version, count)`.
+    #[doc(hidden)]
+    fn key_versions_in_use_many(
+        &mut self,
+        table: &ResealTable,
+        column: &ResealColumn,
+        owners: &[String],
+    ) -> Result<Vec<(String, u32, u64)>>;
+
+    /// Rows of `owners` (whose flag is on, with a flag).
+    #[doc(hidden)]
+    fn count_owner_rows(&mut self, table: &ResealTable, owners: &[String]) -> Result<u64>;
+
+    /// Up to `limit` rows of `owners` (whose flag is on, with a flag),
+    /// read without locking, with their values in the table's column
+    /// order; with `older_than`, only rows holding a value under an older
+    /// version. Needs a key column and at most 8 columns.
+    #[doc(hidden)]
+    fn owner_rows(
+        &mut self,
+        table: &ResealTable,
+        owners: &[String],
+        older_than: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<MigrationRow>>;
+
+    /// In one transaction: locks up to `limit` rows of `owners` holding a
+    /// value under a version older than `current`, turns each value with
+    /// `reseal` (`None`: keep it), and writes the rows back with one
+    /// set-based `UPDATE`, each row matched by its key and owner (and its
+    /// flag still on).
+    #[doc(hidden)]
+    fn reseal_owner_rows(
+        &mut self,
+        table: &ResealTable,
+        owners: &[String],
+        current: u32,
+        limit: usize,
+        reseal: &mut ResealRow<'_>,
+    ) -> Result<BatchOutcome>;
 
     /// Rows of a migratable table whose flag is `sealed`.
     #[doc(hidden)]
@@ -1076,6 +1126,16 @@ struct Count {
 }
 
 #[derive(QueryableByName)]
+struct OwnerVersionCount {
+    #[diesel(sql_type = Text)]
+    owner: String,
+    #[diesel(sql_type = Binary)]
+    version: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
 struct VersionCount {
     #[diesel(sql_type = Binary)]
     version: Vec<u8>,
@@ -1315,6 +1375,72 @@ where
 }
 
 impl Dialect {
+    /// `SELECT row_key, v0, …, owner FROM t WHERE owner IN (…) [AND flag
+    /// on] [AND (<column under a version below older_than> OR …)] LIMIT n
+    /// [lock]`.
+    fn owner_rows<'a>(
+        self,
+        t: &'a ResealTable,
+        owners: &'a [SqlValue],
+        older_than: Option<&'a [u8; 4]>,
+        limit: usize,
+        lock: bool,
+    ) -> Statement<'a> {
+        let mut s = Statement::default();
+        s.sql("SELECT ");
+        if let Some(k) = &t.key_column {
+            s.bigint(k, t.key_type.is_integer()).sql(" AS row_key, ");
+        }
+        for slot in 0..VALUE_SLOTS {
+            match t.columns.get(slot) {
+                Some(c) => s.ident(&c.column),
+                None => s.sql("NULL"),
+            };
+            s.sql(format!(" AS v{slot}, "));
+        }
+        s.text(&t.owner_column, t.owner_type.is_integer())
+            .sql(" AS owner FROM ")
+            .ident(&t.table)
+            .sql(" WHERE ")
+            .ident(&t.owner_column)
+            .sql(" IN (");
+        for (i, owner) in owners.iter().enumerate() {
+            if i > 0 {
+                s.sql(", ");
+            }
+            s.key(owner);
+        }
+        s.sql(")");
+        if let Some(flag) = &t.flag_column {
+            s.sql(" AND ").flag_on(flag, t.flag_type);
+        }
+        if let Some(current) = older_than {
+            s.sql(" AND (");
+            for (i, c) in t.columns.iter().enumerate() {
+                if i > 0 {
+                    s.sql(" OR ");
+                }
+                s.sql("(")
+                    .ident(&c.column)
+                    .sql(" IS NOT NULL AND SUBSTR(")
+                    .ident(&c.column)
+                    .sql(", 1, 2) = ")
+                    .bytes(&PREFIX[..])
+                    .sql(" AND SUBSTR(")
+                    .ident(&c.column)
+                    .sql(", 3, 4) < ")
+                    .bytes(&current[..])
+                    .sql(")");
+            }
+            s.sql(")");
+        }
+        s.sql(format!(" LIMIT {}", limit.max(1)));
+        if lock {
+            s.sql(self.lock);
+        }
+        s
+    }
+
     /// `SELECT [row_key, ]value FROM t WHERE <owned envelopes><extra>
     /// [ORDER BY key] LIMIT n`.
     fn select_values<'a>(
@@ -1916,6 +2042,63 @@ fn owner_value(t: &ResealTable, owner: &str) -> Result<SqlValue> {
         })
 }
 
+/// `owners` as their column's SQL values.
+fn owner_values(t: &ResealTable, owners: &[String]) -> Result<Vec<SqlValue>> {
+    owners.iter().map(|o| owner_value(t, o)).collect()
+}
+
+/// A table the whole-row jobs can work on: a key column, and at most
+/// [`MAX_ROW_COLUMNS`] encrypted columns.
+fn check_row_table(t: &ResealTable) -> Result<()> {
+    t.validate()?;
+    if t.key_column.is_none() || t.columns.is_empty() || t.columns.len() > MAX_ROW_COLUMNS {
+        return Err(Error::Config(format!(
+            "table {}: reading whole rows of several owners needs a key column and 1 to {MAX_ROW_COLUMNS} encrypted columns",
+            t.table
+        )));
+    }
+    Ok(())
+}
+
+/// Loads the rows an `owner_rows` query returns (row key, values, owner).
+macro_rules! load_owner_rows {
+    ($query:expr, $conn:expr, $table:expr) => {{
+        let (t, query): (&ResealTable, Statement<'_>) = ($table, $query);
+        (|| -> std::result::Result<Vec<MigrationRow>, TxError> {
+            let n = t.columns.len();
+            Ok(if t.key_type.is_integer() {
+                query
+                    .load::<IntHeadValues>($conn)?
+                    .into_iter()
+                    .map(|h| {
+                        let (values, key, owner) = h.values(n, n);
+                        Ok(MigrationRow {
+                            row: int_row(t, &owner, key)?,
+                            key: SqlValue::Int(key),
+                            owner,
+                            values,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                query
+                    .load::<TextHeadValues>($conn)?
+                    .into_iter()
+                    .map(|h| {
+                        let (values, key, owner) = h.values(n, n);
+                        MigrationRow {
+                            row: key.as_bytes().to_vec(),
+                            key: SqlValue::Text(key),
+                            owner,
+                            values,
+                        }
+                    })
+                    .collect()
+            })
+        })()
+    }};
+}
+
 /// An integer row key read from `t`'s key column as the bytes bound into
 /// its values.
 fn int_row(t: &ResealTable, owner: &str, key: i64) -> Result<Vec<u8>> {
@@ -2135,6 +2318,203 @@ macro_rules! data_connection {
                     Ok(outcome) => Ok(outcome),
                     Err(TxError::Phi(e)) => Err(e),
                     Err(TxError::Db(e)) => Err(data_error("re-sealing a batch", table, column, owner, e)),
+                }
+            }
+
+            fn key_versions_in_use_many(
+                &mut self,
+                table: &ResealTable,
+                column: &ResealColumn,
+                owners: &[String],
+            ) -> Result<Vec<(String, u32, u64)>> {
+                table.validate()?;
+                if owners.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let values = owner_values(table, owners)?;
+                let c = &column.column;
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT ")
+                    .text(&table.owner_column, table.owner_type.is_integer())
+                    .sql(" AS owner, SUBSTR(")
+                    .ident(c)
+                    .sql(", 3, 4) AS version, COUNT(*) AS n FROM ")
+                    .ident(&table.table)
+                    .sql(" WHERE ")
+                    .ident(&table.owner_column)
+                    .sql(" IN (");
+                for (i, owner) in values.iter().enumerate() {
+                    if i > 0 {
+                        query.sql(", ");
+                    }
+                    query.key(owner);
+                }
+                query
+                    .sql(") AND ")
+                    .ident(c)
+                    .sql(" IS NOT NULL AND SUBSTR(")
+                    .ident(c)
+                    .sql(", 1, 2) = ")
+                    .bytes(&PREFIX[..]);
+                if let Some(flag) = &table.flag_column {
+                    query.sql(" AND ").flag_on(flag, table.flag_type);
+                }
+                query
+                    .sql(" GROUP BY ")
+                    .ident(&table.owner_column)
+                    .sql(", SUBSTR(")
+                    .ident(c)
+                    .sql(", 3, 4)");
+                let rows: Vec<OwnerVersionCount> = query.load(self).map_err(|e| {
+                    data_error("counting values per owner and key version", table, column, &owners[0], e)
+                })?;
+                let mut counts: Vec<(String, u32, u64)> = rows
+                    .into_iter()
+                    .filter_map(|r| {
+                        let v: [u8; 4] = r.version.as_slice().try_into().ok()?;
+                        Some((r.owner, u32::from_be_bytes(v), u64::try_from(r.n).unwrap_or(0)))
+                    })
+                    .collect();
+                counts.sort_unstable();
+                Ok(counts)
+            }
+
+            fn count_owner_rows(&mut self, table: &ResealTable, owners: &[String]) -> Result<u64> {
+                table.validate()?;
+                if owners.is_empty() {
+                    return Ok(0);
+                }
+                let values = owner_values(table, owners)?;
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT COUNT(*) AS n FROM ")
+                    .ident(&table.table)
+                    .sql(" WHERE ")
+                    .ident(&table.owner_column)
+                    .sql(" IN (");
+                for (i, owner) in values.iter().enumerate() {
+                    if i > 0 {
+                        query.sql(", ");
+                    }
+                    query.key(owner);
+                }
+                query.sql(")");
+                if let Some(flag) = &table.flag_column {
+                    query.sql(" AND ").flag_on(flag, table.flag_type);
+                }
+                let count: Count = query.get_result(self).map_err(|e| Error::DataTable {
+                    operation: "counting rows of owners",
+                    table: table.table.clone(),
+                    column: table.owner_column.clone(),
+                    owner: owners[0].clone(),
+                    source: e.into(),
+                })?;
+                Ok(u64::try_from(count.n).unwrap_or(0))
+            }
+
+            fn owner_rows(
+                &mut self,
+                table: &ResealTable,
+                owners: &[String],
+                older_than: Option<u32>,
+                limit: usize,
+            ) -> Result<Vec<MigrationRow>> {
+                check_row_table(table)?;
+                if owners.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let values = owner_values(table, owners)?;
+                let d: Dialect = $dialect;
+                let older = older_than.map(u32::to_be_bytes);
+                let query = d.owner_rows(table, &values, older.as_ref(), limit, false);
+                match load_owner_rows!(query, &mut *self, table) {
+                    Ok(rows) => Ok(rows),
+                    Err(TxError::Phi(e)) => Err(e),
+                    Err(TxError::Db(e)) => Err(Error::DataTable {
+                        operation: "reading rows of owners",
+                        table: table.table.clone(),
+                        column: table.owner_column.clone(),
+                        owner: owners[0].clone(),
+                        source: e.into(),
+                    }),
+                }
+            }
+
+            fn reseal_owner_rows(
+                &mut self,
+                table: &ResealTable,
+                owners: &[String],
+                current: u32,
+                limit: usize,
+                reseal: &mut ResealRow<'_>,
+            ) -> Result<BatchOutcome> {
+                check_row_table(table)?;
+                if owners.is_empty() {
+                    return Ok(BatchOutcome::default());
+                }
+                let values = owner_values(table, owners)?;
+                let d: Dialect = $dialect;
+                let current_bytes = current.to_be_bytes();
+                let outcome = self.$transaction(|conn| -> std::result::Result<BatchOutcome, TxError> {
+                    let query = d.owner_rows(table, &values, Some(&current_bytes), limit, true);
+                    let rows = load_owner_rows!(query, &mut *conn, table)?;
+                    let mut outcome = BatchOutcome { read: rows.len() as u64, ..BatchOutcome::default() };
+                    if rows.is_empty() {
+                        return Ok(outcome);
+                    }
+                    let mut news: Vec<Vec<Option<Vec<u8>>>> = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let mut new = Vec::with_capacity(table.columns.len());
+                        for i in 0..table.columns.len() {
+                            new.push(reseal(row, i)?);
+                        }
+                        news.push(new);
+                    }
+                    let owner_keys: Vec<SqlValue> = rows
+                        .iter()
+                        .map(|r| owner_value(table, &r.owner))
+                        .collect::<Result<_>>()?;
+                    let key_column = table.key_column.as_deref().unwrap_or_default();
+                    let update = SetUpdate {
+                        shape: d.shape,
+                        table: &table.table,
+                        matches: vec![key_column, &table.owner_column],
+                        sets: table.columns.iter().map(|c| c.column.as_str()).collect(),
+                        text_sets: Vec::new(),
+                        extra: None,
+                        guard_flag: None,
+                        guard_key: None,
+                        guard_on: table.flag_column.as_deref().map(|flag| (flag, table.flag_type)),
+                        rows: Vec::new(),
+                    };
+                    let set_rows: Vec<Vec<SetValue<'_>>> = rows
+                        .iter()
+                        .zip(&news)
+                        .zip(&owner_keys)
+                        .map(|((row, new), owner)| {
+                            let mut values = vec![SetValue::Key(&row.key), SetValue::Key(owner)];
+                            for (old, new) in row.values.iter().zip(new) {
+                                values.push(SetValue::Bytes(new.as_deref().or(old.as_deref())));
+                            }
+                            values
+                        })
+                        .collect();
+                    let written = run_set_update(conn, d, update, set_rows)?;
+                    outcome.updated = written;
+                    outcome.conflicts = (rows.len() as u64).saturating_sub(written);
+                    Ok(outcome)
+                });
+                match outcome {
+                    Ok(outcome) => Ok(outcome),
+                    Err(TxError::Phi(e)) => Err(e),
+                    Err(TxError::Db(e)) => Err(Error::DataTable {
+                        operation: "re-sealing rows of owners",
+                        table: table.table.clone(),
+                        column: table.owner_column.clone(),
+                        owner: owners[0].clone(),
+                        source: e.into(),
+                    }),
                 }
             }
 

@@ -13,7 +13,7 @@ use scheduled_thread_pool::ScheduledThreadPool;
 
 use super::schema::{
     encryption_key_audit, kek_check_values, phi_feed_readers, phi_key_events, phi_key_feed,
-    phi_rollout, phi_rollout_owners, phi_seal_counts, user_encryption_keys,
+    phi_rollout, phi_rollout_owners, phi_rotation_claims, phi_seal_counts, user_encryption_keys,
 };
 use super::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore, Rewrap,
@@ -28,6 +28,8 @@ use crate::store::Rollout;
 
 /// Owners per `IN (...)` list; larger sets are loaded in several queries.
 const OWNERS_PER_QUERY: usize = 5_000;
+/// Owners of a rotation job per `IN (...)` list or multi-row `INSERT`.
+const CLAIMS_PER_QUERY: usize = 1_000;
 /// Audit rows per multi-row `INSERT`.
 const AUDIT_ROWS_PER_INSERT: usize = 500;
 
@@ -241,7 +243,15 @@ fn audit_record(row: AuditRow) -> Result<AuditRecord> {
     })
 }
 
-/// One owner id from an application's owners query.
+/// The server's version (`SELECT VERSION()`).
+#[derive(QueryableByName)]
+#[allow(dead_code)] // Read on MySQL / MariaDB only.
+struct ServerVersion {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+}
+
+/// One owner id, from an owners query.
 #[derive(QueryableByName)]
 struct OwnerRow {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -510,7 +520,7 @@ impl diesel::query_builder::QueryId for RewrapUpdate<'_> {
 impl<Conn> RunQueryDsl<Conn> for RewrapUpdate<'_> {}
 
 macro_rules! diesel_key_store {
-    ($($feature:literal => $conn:ty, $transaction:ident, lock($($lock:ident)?), $shape:expr, $text:literal, $read_only:expr);* $(;)?) => {$(
+    ($($feature:literal => $conn:ty, $transaction:ident, lock($($lock:ident)?), $shape:expr, $text:literal, $read_only:expr, $version_sql:expr, $one_worker:literal);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl KeyStore for DieselKeyStore<$conn> {
             fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
@@ -1171,6 +1181,327 @@ macro_rules! diesel_key_store {
                 })
             }
 
+            fn rotation_enqueue(&self, job: &str, owners: &[String]) -> Result<u64> {
+                use phi_rotation_claims::dsl as r;
+                super::claims::check_job_id(job)?;
+                crate::metrics::store_query("rotation_enqueue", || {
+                    let mut conn = self.conn()?;
+                    let mut added = 0u64;
+                    for chunk in owners.chunks(CLAIMS_PER_QUERY) {
+                        // Another worker may add the same owners meanwhile:
+                        // its rows win, and this chunk is read again.
+                        let mut attempt = 0;
+                        loop {
+                            attempt += 1;
+                            let at = now();
+                            let result = (*conn).$transaction(|conn| -> diesel::QueryResult<u64> {
+                                let present: std::collections::HashSet<String> = r::phi_rotation_claims
+                                    .filter(r::job_id.eq(job))
+                                    .filter(r::owner_id.eq_any(chunk))
+                                    .select(r::owner_id)
+                                    .load::<String>(conn)?
+                                    .into_iter()
+                                    .collect();
+                                let rows: Vec<_> = chunk
+                                    .iter()
+                                    .filter(|o| !present.contains(o.as_str()))
+                                    .map(|o| {
+                                        (
+                                            r::job_id.eq(job),
+                                            r::owner_id.eq(o.as_str()),
+                                            r::state.eq(super::claims::PENDING),
+                                            r::updated_at.eq(at),
+                                        )
+                                    })
+                                    .collect();
+                                if rows.is_empty() {
+                                    return Ok(0);
+                                }
+                                let n = diesel::insert_into(r::phi_rotation_claims).values(rows).execute(conn)?;
+                                Ok(n as u64)
+                            });
+                            match result {
+                                Ok(n) => {
+                                    added += n;
+                                    break;
+                                }
+                                Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) if attempt < 5 => {}
+                                Err(e) => return Err(Error::store("adding owners to a rotation job", e)),
+                            }
+                        }
+                    }
+                    Ok(added)
+                })
+            }
+
+            fn rotation_claim(
+                &self,
+                job: &str,
+                worker: &str,
+                limit: usize,
+                now: NaiveDateTime,
+                until: NaiveDateTime,
+            ) -> Result<Vec<super::claims::RotationClaim>> {
+                use phi_rotation_claims::dsl as r;
+                super::claims::check_job_id(job)?;
+                crate::metrics::store_query("rotation_claim", || {
+                    let mut conn = self.conn()?;
+                    if let Some(sql) = $version_sql {
+                        let row: ServerVersion = diesel::sql_query(sql)
+                            .get_result(&mut *conn)
+                            .map_err(|e| Error::store("reading the server's version", e))?;
+                        super::claims::skip_locked_supported(&row.version)?;
+                        // MySQL / MariaDB only (the only backend with a
+                        // version check): the claim's transaction keeps
+                        // locks on the rows it claims only, not on every
+                        // row its scan met (REPEATABLE READ would lock those
+                        // too, and concurrent claims would skip them).
+                        diesel::connection::SimpleConnection::batch_execute(
+                            &mut *conn,
+                            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                        )
+                            .map_err(|e| Error::store("claiming owners of a rotation job", e))?;
+                    }
+                    let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<Vec<super::claims::RotationClaim>> {
+                            if $one_worker {
+                                // One worker at a time: SQLite has no row
+                                // locks to skip, and one writer anyway.
+                                let others: i64 = r::phi_rotation_claims
+                                    .filter(r::job_id.eq(job))
+                                    .filter(r::state.eq(super::claims::PENDING))
+                                    .filter(r::claimed_by.ne(worker))
+                                    .filter(r::claimed_until.gt(now))
+                                    .count()
+                                    .get_result(conn)?;
+                                if others > 0 {
+                                    return Ok(Vec::new());
+                                }
+                            }
+                            let rows: Vec<(String, Option<i64>)> = r::phi_rotation_claims
+                                .filter(r::job_id.eq(job))
+                                .filter(r::state.eq(super::claims::PENDING))
+                                .filter(r::claimed_until.is_null().or(r::claimed_until.le(now)))
+                                .order(r::owner_id)
+                                .limit(limit)
+                                .select((r::owner_id, r::new_version))
+                                $(.$lock().skip_locked())?
+                                .load(conn)?;
+                            let owners: Vec<&str> = rows.iter().map(|(o, _)| o.as_str()).collect();
+                            for chunk in owners.chunks(CLAIMS_PER_QUERY) {
+                                diesel::update(
+                                    r::phi_rotation_claims
+                                        .filter(r::job_id.eq(job))
+                                        .filter(r::owner_id.eq_any(chunk)),
+                                )
+                                .set((
+                                    r::claimed_by.eq(worker),
+                                    r::claimed_until.eq(until),
+                                    r::updated_at.eq(now),
+                                ))
+                                .execute(conn)?;
+                            }
+                            Ok(rows
+                                .into_iter()
+                                .map(|(owner, v)| {
+                                    super::claims::RotationClaim::new(owner, v.and_then(|v| u32::try_from(v).ok()))
+                                })
+                                .collect())
+                        })
+                        .map_err(|e| Error::store("claiming owners of a rotation job", e))
+                })
+            }
+
+            fn rotation_add_versions(
+                &self,
+                job: &str,
+                versions: &[super::claims::NewKeyVersion],
+            ) -> Result<Vec<bool>> {
+                use phi_rotation_claims::dsl as r;
+                use user_encryption_keys::dsl as k;
+                if versions.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let events: Vec<KeyEvent> = versions.iter().map(|v| v.event.clone()).collect();
+                crate::feed::check_writable(&events)?;
+                crate::metrics::store_query("rotation_add_versions", || {
+                    let mut conn = self.conn()?;
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<Vec<bool>> {
+                            let mut owners: Vec<&str> = versions.iter().map(|v| v.key.owner_id.as_str()).collect();
+                            owners.sort_unstable();
+                            owners.dedup();
+                            let mut present = std::collections::HashSet::new();
+                            for chunk in owners.chunks(OWNERS_PER_QUERY) {
+                                let rows: Vec<(String, i64)> = k::user_encryption_keys
+                                    .filter(k::owner_id.eq_any(chunk))
+                                    .select((k::owner_id, k::version))
+                                    $(.$lock())?
+                                    .load(conn)?;
+                                present.extend(rows);
+                            }
+                            let mut inserted = Vec::with_capacity(versions.len());
+                            let mut new = Vec::new();
+                            for v in versions {
+                                let key = (v.key.owner_id.clone(), i64::from(v.key.version));
+                                let fresh = present.insert(key);
+                                inserted.push(fresh);
+                                if fresh {
+                                    new.push(v);
+                                }
+                            }
+                            for chunk in new.chunks(AUDIT_ROWS_PER_INSERT) {
+                                let rows: Vec<_> = chunk
+                                    .iter()
+                                    .map(|v| {
+                                        (
+                                            k::owner_id.eq(v.key.owner_id.as_str()),
+                                            k::version.eq(i64::from(v.key.version)),
+                                            k::kek_id.eq(v.key.kek_id.as_str()),
+                                            k::wrapped_key.eq(v.key.wrapped_key.as_slice()),
+                                            k::state.eq(v.key.state.as_str()),
+                                            k::created_at.eq(v.key.created_at),
+                                            k::updated_at.eq(v.key.created_at),
+                                        )
+                                    })
+                                    .collect();
+                                diesel::insert_into(k::user_encryption_keys).values(rows).execute(conn)?;
+                            }
+                            let audit: Vec<AuditEvent> = new.iter().map(|v| v.audit.clone()).collect();
+                            Self::insert_audit(conn, &audit)?;
+                            let events: Vec<KeyEvent> = new.iter().map(|v| v.event.clone()).collect();
+                            Self::insert_events(conn, &events)?;
+                            let at = now();
+                            for v in &new {
+                                diesel::update(
+                                    r::phi_rotation_claims
+                                        .filter(r::job_id.eq(job))
+                                        .filter(r::owner_id.eq(v.key.owner_id.as_str())),
+                                )
+                                .set((r::new_version.eq(Some(i64::from(v.key.version))), r::updated_at.eq(at)))
+                                .execute(conn)?;
+                            }
+                            Ok(inserted)
+                        })
+                        .map_err(|e| Error::store("adding data key versions for a rotation job", e))
+                })
+            }
+
+            fn retire_versions(&self, retires: &[AuditEvent]) -> Result<Vec<bool>> {
+                use user_encryption_keys::dsl as k;
+                if retires.is_empty() {
+                    return Ok(Vec::new());
+                }
+                crate::metrics::store_query("retire_versions", || {
+                    let mut conn = self.conn()?;
+                    let at = now();
+                    (*conn)
+                        .$transaction(|conn| -> diesel::QueryResult<Vec<bool>> {
+                            let mut applied = Vec::with_capacity(retires.len());
+                            let mut audit = Vec::new();
+                            for a in retires {
+                                let Some(version) = a.key_version else {
+                                    applied.push(false);
+                                    continue;
+                                };
+                                let n = diesel::update(
+                                    k::user_encryption_keys
+                                        .filter(k::owner_id.eq(&a.owner_id))
+                                        .filter(k::version.eq(i64::from(version)))
+                                        .filter(k::state.eq(KeyState::Active.as_str())),
+                                )
+                                .set((k::state.eq(KeyState::Retired.as_str()), k::updated_at.eq(at)))
+                                .execute(conn)?;
+                                applied.push(n == 1);
+                                if n == 1 {
+                                    audit.push(a.clone());
+                                }
+                            }
+                            Self::insert_audit(conn, &audit)?;
+                            let events: Vec<KeyEvent> =
+                                audit.iter().map(|a| feed_event(a, KeyEventKind::Retire)).collect();
+                            Self::insert_events(conn, &events)?;
+                            Ok(applied)
+                        })
+                        .map_err(|e| Error::store("retiring data key versions", e))
+                })
+            }
+
+            fn rotation_done(&self, job: &str, owners: &[String]) -> Result<()> {
+                use phi_rotation_claims::dsl as r;
+                crate::metrics::store_query("rotation_done", || {
+                    let mut conn = self.conn()?;
+                    let at = now();
+                    for chunk in owners.chunks(CLAIMS_PER_QUERY) {
+                        diesel::update(
+                            r::phi_rotation_claims
+                                .filter(r::job_id.eq(job))
+                                .filter(r::owner_id.eq_any(chunk)),
+                        )
+                        .set((
+                            r::state.eq(super::claims::DONE),
+                            r::claimed_until.eq(None::<NaiveDateTime>),
+                            r::updated_at.eq(at),
+                        ))
+                        .execute(&mut *conn)
+                        .map_err(|e| Error::store("finishing owners of a rotation job", e))?;
+                    }
+                    Ok(())
+                })
+            }
+
+            fn rotation_release(&self, job: &str, worker: &str, owners: &[String]) -> Result<()> {
+                use phi_rotation_claims::dsl as r;
+                crate::metrics::store_query("rotation_release", || {
+                    let mut conn = self.conn()?;
+                    let at = now();
+                    for chunk in owners.chunks(CLAIMS_PER_QUERY) {
+                        diesel::update(
+                            r::phi_rotation_claims
+                                .filter(r::job_id.eq(job))
+                                .filter(r::claimed_by.eq(worker))
+                                .filter(r::state.eq(super::claims::PENDING))
+                                .filter(r::owner_id.eq_any(chunk)),
+                        )
+                        .set((r::claimed_until.eq(None::<NaiveDateTime>), r::updated_at.eq(at)))
+                        .execute(&mut *conn)
+                        .map_err(|e| Error::store("releasing owners of a rotation job", e))?;
+                    }
+                    Ok(())
+                })
+            }
+
+            fn rotation_counts(&self, job: &str, now: NaiveDateTime) -> Result<super::claims::RotationCounts> {
+                use phi_rotation_claims::dsl as r;
+                crate::metrics::store_query("rotation_counts", || {
+                    let mut conn = self.conn()?;
+                    let count = |conn: &mut $conn, done: bool, claimed: bool| -> diesel::QueryResult<u64> {
+                        let mut q = r::phi_rotation_claims.filter(r::job_id.eq(job)).into_boxed();
+                        if done {
+                            q = q.filter(r::state.eq(super::claims::DONE));
+                        } else {
+                            q = q.filter(r::state.eq(super::claims::PENDING));
+                            q = if claimed {
+                                q.filter(r::claimed_until.gt(now))
+                            } else {
+                                q.filter(r::claimed_until.is_null().or(r::claimed_until.le(now)))
+                            };
+                        }
+                        let n: i64 = q.count().get_result(conn)?;
+                        Ok(u64::try_from(n).unwrap_or(0))
+                    };
+                    let counts = (|| -> diesel::QueryResult<super::claims::RotationCounts> {
+                        Ok(super::claims::RotationCounts {
+                            pending: count(&mut *conn, false, false)?,
+                            claimed: count(&mut *conn, false, true)?,
+                            done: count(&mut *conn, true, false)?,
+                        })
+                    })();
+                    counts.map_err(|e| Error::store("counting the owners of a rotation job", e))
+                })
+            }
+
             fn key_counts(&self) -> Result<Vec<KeyCount>> {
                 crate::metrics::store_query("key_counts", || {
                     let mut conn = self.conn()?;
@@ -1315,11 +1646,14 @@ macro_rules! diesel_key_store {
 
 diesel_key_store! {
     "sqlite" => diesel::SqliteConnection, immediate_transaction, lock(), SetShape::SqliteValues, "TEXT",
-        ReadOnly { begin: "PRAGMA query_only = ON; BEGIN DEFERRED", reset: Some("PRAGMA query_only = OFF") };
+        ReadOnly { begin: "PRAGMA query_only = ON; BEGIN DEFERRED", reset: Some("PRAGMA query_only = OFF") },
+        None::<&str>, true;
     "mysql" => diesel::MysqlConnection, transaction, lock(for_update), SetShape::Join, "CHAR",
-        ReadOnly { begin: "START TRANSACTION READ ONLY", reset: None };
+        ReadOnly { begin: "START TRANSACTION READ ONLY", reset: None },
+        Some("SELECT VERSION() AS version"), false;
     "postgres" => diesel::PgConnection, transaction, lock(for_update), SetShape::Values, "TEXT",
-        ReadOnly { begin: "BEGIN TRANSACTION READ ONLY", reset: None };
+        ReadOnly { begin: "BEGIN TRANSACTION READ ONLY", reset: None },
+        None::<&str>, false;
 }
 
 /// Adds `seals` to the count of (`owner`, `version`) on `conn`, creating

@@ -15,6 +15,7 @@
 //! pool of its own, never the caller's transaction, so a new data key row is
 //! committed before any value sealed under it can be written.
 
+pub(crate) mod claims;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 mod diesel_store;
 mod memory;
@@ -611,6 +612,107 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// the store does not record readers.
     fn feed_readers(&self) -> Result<Vec<FeedReader>> {
         Err(unsupported("reading the feed readers' positions"))
+    }
+
+    /// Adds `owners` to the rotation job `job` (`phi_rotation_claims`) as
+    /// pending, except those it lists already (pending or done): every
+    /// worker of a job may call it, and a rerun adds nothing twice.
+    /// Returns how many were added.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no rotation jobs.
+    fn rotation_enqueue(&self, job: &str, owners: &[String]) -> Result<u64> {
+        let _ = (job, owners);
+        Err(unsupported("adding owners to a rotation job"))
+    }
+
+    /// Claims for `worker`, until `until`, up to `limit` owners of `job`
+    /// that are pending and not claimed by another worker at `now` (never
+    /// claimed, released, or their claim expired), in owner order, in one
+    /// transaction: `SELECT … FOR UPDATE SKIP LOCKED` on PostgreSQL and
+    /// MySQL / MariaDB, so concurrent workers get disjoint owners without
+    /// waiting for each other. On SQLite one worker at a time works on a
+    /// job: while another worker holds an unexpired claim, nothing is
+    /// claimed.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) for a MySQL / MariaDB server
+    /// without `SKIP LOCKED` (see
+    /// [`skip_locked_supported`](crate::lifecycle::skip_locked_supported));
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no rotation jobs.
+    fn rotation_claim(
+        &self,
+        job: &str,
+        worker: &str,
+        limit: usize,
+        now: NaiveDateTime,
+        until: NaiveDateTime,
+    ) -> Result<Vec<claims::RotationClaim>> {
+        let _ = (job, worker, limit, now, until);
+        Err(unsupported("claiming owners of a rotation job"))
+    }
+
+    /// In one transaction: inserts each new data key version unless its
+    /// (owner, version) exists, with its audit record and feed event, and
+    /// records it as the new version of the owner in `job`. Returns, per
+    /// version, whether this call inserted it.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is changed), or when the store has no rotation jobs.
+    fn rotation_add_versions(
+        &self,
+        job: &str,
+        versions: &[claims::NewKeyVersion],
+    ) -> Result<Vec<bool>> {
+        let _ = (job, versions);
+        Err(unsupported("adding data key versions for a rotation job"))
+    }
+
+    /// Retires data key versions in one transaction: for each `retire`
+    /// audit record, the version of its owner named by its `key_version`,
+    /// if still active, with the record and a `retire` feed event. Returns,
+    /// per record, whether this call retired it.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure (nothing
+    /// is changed), or when the store does not support the key life cycle.
+    fn retire_versions(&self, retires: &[AuditEvent]) -> Result<Vec<bool>> {
+        let _ = retires;
+        Err(unsupported("retiring data key versions"))
+    }
+
+    /// Marks `owners` done in `job` (their claims end).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no rotation jobs.
+    fn rotation_done(&self, job: &str, owners: &[String]) -> Result<()> {
+        let _ = (job, owners);
+        Err(unsupported("finishing owners of a rotation job"))
+    }
+
+    /// Ends `worker`'s claims on `owners` in `job` without finishing them,
+    /// so any worker takes them at once (after a failure).
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no rotation jobs.
+    fn rotation_release(&self, job: &str, worker: &str, owners: &[String]) -> Result<()> {
+        let _ = (job, worker, owners);
+        Err(unsupported("releasing owners of a rotation job"))
+    }
+
+    /// The owners of `job` by state at `now`.
+    ///
+    /// # Errors
+    /// [`Error::Store`](crate::Error::Store) on a database failure, or when
+    /// the store has no rotation jobs.
+    fn rotation_counts(&self, job: &str, now: NaiveDateTime) -> Result<claims::RotationCounts> {
+        let _ = (job, now);
+        Err(unsupported("counting the owners of a rotation job"))
     }
 }
 

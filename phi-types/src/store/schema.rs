@@ -116,6 +116,21 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// Rotation jobs shared by several workers: one row per (job, owner),
+    /// `state` `pending` or `done`, claimed by one worker until
+    /// `claimed_until` ([`rotate_all`](crate::lifecycle::rotate_all)).
+    phi_rotation_claims (job_id, owner_id) {
+        job_id -> Varchar,
+        owner_id -> Varchar,
+        state -> Varchar,
+        new_version -> Nullable<BigInt>,
+        claimed_by -> Nullable<Varchar>,
+        claimed_until -> Nullable<Timestamp>,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     /// Values sealed per data key version, added by every process that
     /// seals ([`KeyStore::add_seal_counts`](crate::KeyStore::add_seal_counts)):
     /// may run behind, never backwards.

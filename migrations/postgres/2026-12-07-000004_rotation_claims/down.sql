@@ -1,0 +1,1 @@
+DROP TABLE phi_rotation_claims;
