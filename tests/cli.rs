@@ -907,6 +907,64 @@ fn completions_and_man_page_need_no_database() {
 }
 
 #[test]
+fn rotate_due_rotates_exactly_the_owners_past_their_seal_budget() {
+    // dr-a: 6 values sealed by the set-up and 10 more; dr-b: 6.
+    let clinic = Clinic::new(&["dr-a", "dr-b"], 4);
+    {
+        let keyring = clinic.keyring(common::local_kek());
+        for i in 0..10 {
+            keyring
+                .seal(
+                    &format!("extra {i}"),
+                    "dr-a",
+                    "cases.patient_last",
+                    b"extra",
+                )
+                .expect("seal");
+        }
+        keyring.flush_seal_counts().expect("seal counts written");
+    }
+    let due = clinic.ok(&["keys", "due", "--max-seals-per-key", "10"]);
+    assert!(due.contains("dr-a") && !due.contains("dr-b"), "{due}");
+    let out = clinic.ok(&[
+        "keys",
+        "rotate",
+        "--due",
+        "--max-seals-per-key",
+        "10",
+        "--job",
+        "due-1",
+    ]);
+    let states = |owner: &str| -> Vec<(i64, String)> {
+        clinic
+            .key_rows(owner)
+            .into_iter()
+            .map(|(v, s, _, _)| (v, s))
+            .collect()
+    };
+    assert_eq!(
+        states("dr-a"),
+        [(1, "retired".to_owned()), (2, "active".to_owned())],
+        "{out}"
+    );
+    assert_eq!(states("dr-b"), [(1, "active".to_owned())], "{out}");
+    // The new version has sealed nothing yet: nobody is due any more, and
+    // the same job run again (from cron, on another host) does nothing.
+    let due = clinic.ok(&["keys", "due", "--max-seals-per-key", "10"]);
+    assert!(!due.contains("dr-a"), "{due}");
+    clinic.ok(&[
+        "keys",
+        "rotate",
+        "--due",
+        "--max-seals-per-key",
+        "10",
+        "--job",
+        "due-1",
+    ]);
+    assert_eq!(states("dr-a").len(), 2);
+}
+
+#[test]
 fn rotate_all_plans_then_rotates_reseals_and_retires_every_owner() {
     let clinic = Clinic::new(&["dr-a", "dr-b", "dr-c"], 4);
     let out = clinic.ok(&["keys", "rotate", "--all", "--job", "drill-1", "--dry-run"]);

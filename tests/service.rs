@@ -711,7 +711,10 @@ fn kms_outage(db: &Db) {
     ];
     let cold = common::unique_owner("svc-kms-cold");
     let warm = common::unique_owner("svc-kms-warm");
-    let first = Service::start_with(db, &env, &["--kek", &kek]);
+    // Without the access log: its chain key (owner `phi:access-log`) may
+    // already be wrapped by the other tests' local KEK in this database,
+    // which this service is not given; this test is about the KMS.
+    let first = Service::start_with(db, &env, &["--kek", &kek, "--no-access-log"]);
     let (status, created) = first.as_user("dr-cold", &cold).post(
         "/cases",
         &new_case(&cold, "Henrietta", "Vasquez-Ilori", "1944-02-29"),
@@ -721,7 +724,7 @@ fn kms_outage(db: &Db) {
     first.stop();
 
     // A fresh process: nothing cached.
-    let second = Service::start_with(db, &env, &["--kek", &kek]);
+    let second = Service::start_with(db, &env, &["--kek", &kek, "--no-access-log"]);
     let (status, created) = second.as_user("dr-warm", &warm).post(
         "/cases",
         &new_case(&warm, "Ignatius", "Worthington", "1939-06-06"),
@@ -816,6 +819,11 @@ macro_rules! service_suite {
             #[test]
             fn a_shredded_providers_case_is_410_gone() {
                 shredded_case_is_gone(&db());
+            }
+
+            #[test]
+            fn the_access_log_holds_each_request_of_the_tokens_user() {
+                access_log_of_a_session(&db());
             }
 
             #[cfg(feature = "aws-kms")]
@@ -1564,4 +1572,123 @@ fn bounded_labels_request_ids_and_unforgeable_log_lines() {
         "{log}"
     );
     assert!(log.contains(r#"user="dr-labels""#), "{log}");
+}
+
+/// Runs `phi` on the service's database with the tests' master key.
+fn phi_cli(db: &Db, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_phi"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
+        .env("PHI_KEK_ID", "local-test")
+        .env_remove("PHI_MASTER_KEY_FILE")
+        .env_remove("PHI_KEK")
+        .env_remove("PHI_TABLES")
+        .env_remove("PHI_ACCESS_LOG_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("phi runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every request that reached a case is one access record naming the
+/// token's user, the request's operation, the provider and the case;
+/// another provider's attempts (404, nothing opened) leave none; the
+/// chain verifies afterwards.
+fn access_log_of_a_session(db: &Db) {
+    let provider = common::unique_owner("svc-log");
+    let other = common::unique_owner("svc-log-other");
+    let service = Service::start(db);
+    let nurse = service.as_user("nurse-ito", &provider);
+    let (status, created) = nurse.post(
+        "/cases",
+        &new_case(&provider, "Octavia", "Brightwater", "1961-07-30"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["case_id"].as_str().expect("id").to_owned();
+    let case = format!("/cases/{id}");
+    let doctor = service.as_user("dr-mensah", &provider);
+    assert_eq!(doctor.get(&case).0, StatusCode::OK);
+    let (status, body) = doctor.patch(&case, &json!({"revision": 1, "status": "completed"}));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = doctor.text(&format!("/providers/{provider}/export.csv"));
+    assert_eq!(status, StatusCode::OK);
+    // Another provider's user: refused, nothing opened, nothing recorded.
+    let intruder = service.as_user("dr-elsewhere", &other);
+    assert_eq!(intruder.get(&case).0, StatusCode::NOT_FOUND);
+    assert_eq!(intruder.delete(&case), StatusCode::NOT_FOUND);
+    assert_eq!(nurse.delete(&case), StatusCode::NO_CONTENT);
+    service.stop();
+
+    let (code, out, err) = phi_cli(
+        db,
+        &["audit", "access", "--owner", &provider, "--format", "csv"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("occurred_at,user,purpose,request_id,op,owner,table,row,fields,chain,batch,seq")
+    );
+    let got: Vec<(String, String, String, String)> = lines
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert!(!cells[3].is_empty(), "a request id: {line}");
+            (
+                cells[1].to_owned(),
+                cells[4].to_owned(),
+                cells[5].to_owned(),
+                cells[7].to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, String, String)> = [
+        ("nurse-ito", "insert"),
+        ("dr-mensah", "read"),
+        ("dr-mensah", "update"),
+        ("dr-mensah", "export"),
+        ("nurse-ito", "delete"),
+    ]
+    .iter()
+    .map(|(user, op)| {
+        (
+            (*user).to_owned(),
+            (*op).to_owned(),
+            provider.clone(),
+            id.clone(),
+        )
+    })
+    .collect();
+    let mut sorted_got = got.clone();
+    sorted_got.sort();
+    let mut sorted_want = want.clone();
+    sorted_want.sort();
+    // The update reads the case first (a read), then seals it again.
+    sorted_want.push((
+        "dr-mensah".into(),
+        "read".into(),
+        provider.clone(),
+        id.clone(),
+    ));
+    sorted_want.sort();
+    assert_eq!(sorted_got, sorted_want, "{out}");
+    let (code, out, err) = phi_cli(
+        db,
+        &["audit", "access", "--owner", &other, "--format", "csv"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "nothing of the other provider: {out}"
+    );
+    // The service's chain (other tests of a shared database break chains
+    // of their own on purpose).
+    let (code, out, err) = phi_cli(db, &["audit", "verify", "--chain", "default"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("intact"), "{out}");
 }

@@ -107,6 +107,30 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations =
 #[cfg(feature = "sqlite")]
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;";
 
+/// phi's access-log tables in the service's database.
+pub(crate) fn access_log_tables(
+    backend: Backend,
+    url: &str,
+) -> Result<Arc<dyn phi::access_log::AccessLogStore>> {
+    use phi::access_log::DieselAccessLogStore;
+    match backend {
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => Ok(Arc::new(
+            DieselAccessLogStore::<diesel::SqliteConnection>::connect(url)?,
+        )),
+        #[cfg(feature = "mysql")]
+        Backend::Mysql => Ok(Arc::new(
+            DieselAccessLogStore::<diesel::MysqlConnection>::connect(url)?,
+        )),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => Ok(Arc::new(
+            DieselAccessLogStore::<diesel::PgConnection>::connect(url)?,
+        )),
+        #[allow(unreachable_patterns)]
+        other => Err(format!("this service was built without {other:?} support").into()),
+    }
+}
+
 /// Runs the service's migrations and opens phi's key store (which runs
 /// phi's own), before anything is served.
 pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> {

@@ -117,6 +117,13 @@ struct Cli {
     #[arg(long)]
     workers: Option<usize>,
 
+    /// Writes no access log (by default every read and write of a case is
+    /// recorded, with the token's user, in phi's access-log tables of the
+    /// service's database: `phi audit access`, `phi audit verify`). For
+    /// measuring the log's cost only.
+    #[arg(long)]
+    no_access_log: bool,
+
     /// The operators' bearer token for phi's admin routes under `/admin`
     /// (key status, key generation, rotation, shredding, cache clears, the
     /// roll-out, the audit log). No default: without it the admin routes
@@ -281,9 +288,25 @@ fn run(cli: Cli) -> Result<()> {
     // starts (a KMS client of phi's sync API runs its own runtime).
     let store = db::prepare(backend, &url)?;
     let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
+    // The access log: chained under a key that derives from the KEK
+    // (through phi's own owner `phi:access-log`), so it is started with a
+    // keyring of the same store and KEKs that logs nothing itself.
+    let access_log = if cli.no_access_log {
+        None
+    } else {
+        let mut plain = Keyring::builder(store.clone(), kek.clone()).without_feed();
+        for k in &older {
+            plain = plain.unwrap_with(k.clone());
+        }
+        let tables = db::access_log_tables(backend, &url)?;
+        Some(phi::access_log::DieselAccessLog::builder(tables).start(&plain.build()?)?)
+    };
     let mut builder = Keyring::builder(store, kek);
     for k in older {
         builder = builder.unwrap_with(k);
+    }
+    if let Some(log) = access_log {
+        builder = builder.access_log(Arc::new(log));
     }
     error::set_owner_ids(cli.owner_ids_in_logs.into());
     let keyring = builder

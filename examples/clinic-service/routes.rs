@@ -176,6 +176,11 @@ async fn export<S: CaseStore>(
     Path(provider): Path<String>,
 ) -> Result<Response, ApiError> {
     own_provider(&who, &provider)?;
+    // Recorded in the access log as an export, not as reads.
+    let who = Caller {
+        keyring: who.keyring.for_operation(phi::access::AccessOp::Export),
+        ..who
+    };
     // The first page before the status is sent: a key or database failure
     // is still an error status, not a truncated file.
     let first = S::list(&app, &who, None, MAX_PAGE).await?;

@@ -200,7 +200,10 @@ impl CaseStore for Sealed {
             }
             let old = open_one(&who.keyring, row).await?;
             let new = patch.apply(&old)?;
-            let sealed = new.seal_async(&who.keyring).await?;
+            // Sealed whole again: recorded as the update it is.
+            let sealed = new
+                .seal_async(&who.keyring.for_operation(phi::access::AccessOp::Update))
+                .await?;
             // Guarded: only while the row is still the one read (its
             // revision, owner and encrypted flag).
             let target = || {
@@ -244,6 +247,13 @@ impl CaseStore for Sealed {
         if removed == 0 {
             return Err(ApiError::not_found(&id));
         }
+        // The delete is the application's: phi records it in the access log.
+        who.keyring.record_access(
+            phi::access::AccessOp::Delete,
+            Self::TABLE,
+            Case::ENCRYPTED_COLUMNS,
+            [(who.provider.as_str(), Some(id.as_str()))],
+        )?;
         Ok(())
     }
 

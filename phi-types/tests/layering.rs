@@ -58,6 +58,7 @@ const MODULES: &[(&str, &str)] = &[
     ("feed", "keys"),
     ("kek", "keys"),
     ("keyring", "keys"),
+    ("master_key", "keys"),
     ("migrations", "keys"),
     ("store", "keys"),
     ("blind", "records"),

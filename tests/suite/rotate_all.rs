@@ -353,7 +353,27 @@ fn a_bad_job_id_is_refused_naming_it() {
     let error = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(vec![]), &[], &RotateAllOptions::new("no spaces"), &mut |_| {})
         .expect_err("refused");
     assert!(error.to_string().contains("no spaces"), "{error}");
-    let error = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::Due, &[], &RotateAllOptions::new("due"), &mut |_| {})
-        .expect_err("no policy");
-    assert!(error.to_string().contains("no rotation policy"), "{error}");
+}
+
+#[test]
+fn due_with_nothing_due_rotates_nothing() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owners = seeded_owners(&db, &keyring, "rot-due-none", 2, 2);
+    // The default policy: no age limit, 2^30 seals per key; nothing here
+    // comes near it.
+    let mut conn = db.conn();
+    let report = lifecycle::rotate_all(
+        &mut conn,
+        &keyring,
+        &RotateOwners::Due,
+        &life_tables(),
+        &options(&job_id("job-due-none")),
+        &mut |_| {},
+    )
+    .expect("a due rotation");
+    assert_eq!((report.owners, report.rotated), (0, 0), "{report:?}");
+    for owner in &owners {
+        assert_eq!(key_states(&db, owner).len(), 1, "owner {owner} not rotated");
+    }
 }

@@ -23,6 +23,9 @@ const ROWS_PER_INSERT: usize = 2_000;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub struct DieselAccessLogStore<C: crate::PhiConnection> {
     pool: diesel::r2d2::Pool<diesel::r2d2::ConnectionManager<C>>,
+    /// The thread the pool of [`connect`](Self::connect) opens its
+    /// connections on, waited for on drop.
+    connecting: Option<crate::store::Connecting>,
 }
 
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
@@ -40,7 +43,10 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
     /// The tables over an existing pool (whose connections no transaction
     /// of the caller's shares). Runs no migrations.
     pub fn new(pool: diesel::r2d2::Pool<diesel::r2d2::ConnectionManager<C>>) -> Self {
-        DieselAccessLogStore { pool }
+        DieselAccessLogStore {
+            pool,
+            connecting: None,
+        }
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url` and
@@ -60,13 +66,16 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
     /// # Errors
     /// [`Error::Store`] when the database cannot be reached.
     pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
+        let connecting = crate::store::Connecting::new("phi-access-log-connect");
         let pool = diesel::r2d2::Pool::builder()
             .max_size(4)
             .min_idle(Some(0))
+            .thread_pool(connecting.thread())
             .connection_customizer(Box::new(Prepare))
             .build(diesel::r2d2::ConnectionManager::<C>::new(database_url))
             .map_err(|e| Error::store("connecting the access log's pool", e))?;
-        let store = DieselAccessLogStore::new(pool);
+        let mut store = DieselAccessLogStore::new(pool);
+        store.connecting = Some(connecting);
         drop(store.conn()?);
         Ok(store)
     }

@@ -73,29 +73,49 @@ pub struct DieselKeyStore<C: PhiConnection> {
     database_url: Option<String>,
     /// The one thread on which the pool of [`connect`](Self::connect)
     /// opens its connections, waited for on drop.
-    connecting: Option<Arc<ScheduledThreadPool>>,
+    connecting: Option<Connecting>,
 }
 
-/// How long dropping a store waits for a connection being opened.
+/// How long dropping a pool's [`Connecting`] waits for a connection being
+/// opened.
 const CONNECTING_WAIT: Duration = Duration::from_secs(5);
 
-impl<C: PhiConnection> Drop for DieselKeyStore<C> {
-    /// Waits (at most [`CONNECTING_WAIT`]) for a connection the pool is
-    /// still opening in the background: r2d2 opens one for every `get`
-    /// that finds no idle connection, and may hand the caller another that
-    /// came back first, so the opening can outlive the work that asked for
-    /// it. A process exiting then would tear down the client library
-    /// (libpq's OpenSSL or Kerberos state, say) under that thread and crash
-    /// on its way out.
+/// The one thread on which a pool of phi's own opens its connections
+/// (r2d2's `thread_pool`), waited for when dropped.
+///
+/// r2d2 opens a connection in the background for every `get` that finds
+/// no idle one, and may hand the caller another that came back first, so
+/// the opening can outlive the work that asked for it. A process exiting
+/// then tears down the client library (libpq's OpenSSL or Kerberos state,
+/// say) under that thread and crashes on its way out. Dropping this waits
+/// (at most [`CONNECTING_WAIT`]) until the opening in progress is done.
+pub(crate) struct Connecting(Arc<ScheduledThreadPool>);
+
+impl Connecting {
+    /// A thread named `name`.
+    pub(crate) fn new(name: &str) -> Self {
+        Connecting(Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(1)
+                .thread_name_pattern(name)
+                .build(),
+        ))
+    }
+
+    /// For r2d2's `Builder::thread_pool`.
+    pub(crate) fn thread(&self) -> Arc<ScheduledThreadPool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for Connecting {
     fn drop(&mut self) {
-        if let Some(connecting) = &self.connecting {
-            let (done, waited) = std::sync::mpsc::channel::<()>();
-            // Runs after the opening in progress, on the same single thread.
-            connecting.execute(move || {
-                let _ = done.send(());
-            });
-            let _ = waited.recv_timeout(CONNECTING_WAIT);
-        }
+        let (done, waited) = std::sync::mpsc::channel::<()>();
+        // Runs after the opening in progress, on the same single thread.
+        self.0.execute(move || {
+            let _ = done.send(());
+        });
+        let _ = waited.recv_timeout(CONNECTING_WAIT);
     }
 }
 
@@ -154,16 +174,11 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     /// # Errors
     /// [`Error::Store`] when the database cannot be reached.
     pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
-        let connecting = Arc::new(
-            ScheduledThreadPool::builder()
-                .num_threads(1)
-                .thread_name_pattern("phi-store-connect")
-                .build(),
-        );
+        let connecting = Connecting::new("phi-store-connect");
         let pool = Pool::builder()
             .max_size(4)
             .min_idle(Some(0))
-            .thread_pool(connecting.clone())
+            .thread_pool(connecting.thread())
             .connection_customizer(Box::new(Prepare))
             .build(ConnectionManager::<C>::new(database_url))
             .map_err(|e| Error::store("connecting the key store pool", e))?;

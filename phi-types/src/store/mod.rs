@@ -27,6 +27,8 @@ use std::fmt;
 use chrono::NaiveDateTime;
 
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub(crate) use diesel_store::Connecting;
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use diesel_store::DieselKeyStore;
 pub use memory::MemoryKeyStore;
 
