@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::store::schema::{phi_access_batches, phi_access_chains, phi_access_log};
 
 /// Records per multi-row `INSERT`.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
 const ROWS_PER_INSERT: usize = 2_000;
 
 /// The access log's tables ([`AccessLogStore`](super::AccessLogStore)) in a
@@ -106,6 +107,7 @@ impl<C: crate::PhiConnection> diesel::r2d2::CustomizeConnection<C, diesel::r2d2:
     }
 }
 
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 #[derive(Insertable)]
 #[diesel(table_name = phi_access_log, treat_none_as_default_value = false)]
 struct LogInsert<'a> {
@@ -123,6 +125,7 @@ struct LogInsert<'a> {
     fields: &'a str,
 }
 
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 impl<'a> From<&'a StoredAccess> for LogInsert<'a> {
     fn from(r: &'a StoredAccess) -> Self {
         LogInsert {
@@ -142,6 +145,7 @@ impl<'a> From<&'a StoredAccess> for LogInsert<'a> {
     }
 }
 
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 #[derive(Insertable)]
 #[diesel(table_name = phi_access_batches)]
 struct BatchInsert<'a> {
@@ -159,6 +163,7 @@ struct BatchInsert<'a> {
     detail: Option<&'a str>,
 }
 
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 impl<'a> From<&'a BatchRow> for BatchInsert<'a> {
     fn from(b: &'a BatchRow) -> Self {
         BatchInsert {
@@ -323,6 +328,7 @@ impl From<diesel::result::Error> for TxError {
 }
 
 /// Inserts records: multi-row `INSERT`s.
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
 macro_rules! insert_rows {
     ($conn:expr, $records:expr) => {{
         for chunk in $records.chunks(ROWS_PER_INSERT) {

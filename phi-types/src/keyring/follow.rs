@@ -198,11 +198,11 @@ impl Follower {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some((id, finished)) = thread {
-            if id != std::thread::current().id() {
-                // Disconnected: finished; a timeout: given up on.
-                let _ = finished.recv_timeout(timeout);
-            }
+        if let Some((id, finished)) = thread
+            && id != std::thread::current().id()
+        {
+            // Disconnected: finished; a timeout: given up on.
+            let _ = finished.recv_timeout(timeout);
         }
     }
 
