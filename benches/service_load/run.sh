@@ -6,6 +6,7 @@
 #
 #   benches/service_load/run.sh                  # PostgreSQL and SQLite, 30 s per route
 #   DURATION=10s BACKENDS=sqlite benches/service_load/run.sh
+#   ROUTES="get-one list-50" SKIP_COLD=1 benches/service_load/run.sh   # the access log's cost
 #
 # For each backend: a fresh database seeded with 100,000 cases over 100
 # providers (both tables, same ids and values); the release-built service;
@@ -28,6 +29,9 @@ PROVIDERS=${PROVIDERS:-100}
 CASES_PER=${CASES_PER:-1000}
 COLD_PROVIDERS=${COLD_PROVIDERS:-1000}
 BACKENDS=${BACKENDS:-"postgres sqlite"}
+ROUTES=${ROUTES:-"get-one list-50 create duplicates"}
+# 1: skip the cold start against moto.
+SKIP_COLD=${SKIP_COLD:-0}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 PG_BASE=${PG_BASE:-postgres://postgres@127.0.0.1:5432}
 OUT=${OUT:-target/service_load}
@@ -123,12 +127,25 @@ for backend in $BACKENDS; do
   tokens provider- "$PROVIDERS" "$OUT/tokens.txt"
   start_service "$url"
   step "$backend: load, $CONNS connections, $DURATION per run after $WARMUP warm-up"
-  for route in get-one list-50 create duplicates; do
+  for route in $ROUTES; do
     pair "$backend" "$route"
   done
   echo "$(peak_memory)" >"$OUT/$backend-peak-memory.txt"
   step "$backend: peak memory $(cat "$OUT/$backend-peak-memory.txt")"
   stop_service
+
+  # The access log's cost: the sealed reads again, on a service that
+  # writes no access log (the runs above wrote it).
+  step "$backend: get-one and list-50 with --no-access-log"
+  start_service "$url" --no-access-log
+  for route in get-one list-50; do
+    load warmup "$WARMUP" "$route" ""
+    for round in $(seq "$ROUNDS"); do
+      load "$backend-$route-nolog-$round" "$DURATION" "$route" ""
+    done
+  done
+  stop_service
+  [ "$SKIP_COLD" = 1 ] && continue
 
   step "$backend: cold start, $COLD_PROVIDERS providers, KEK on a private moto"
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -181,14 +198,25 @@ def stats(name):
     return rps, pct("p50_us"), pct("p95_us"), pct("p99_us"), bad
 print("| backend | route | phi req/s | twin req/s | throughput ratio | phi p50 / p95 / p99 ms | twin p50 / p95 / p99 ms | p95 ratio | errors |")
 print("|---|---|---|---|---|---|---|---|---|")
+routes = os.environ.get("ROUTES", "get-one list-50 create duplicates").split()
 for b in backends:
-    for route in ["get-one", "list-50", "create", "duplicates"]:
+    for route in routes:
         p = stats(f"{b}-{route}-phi"); t = stats(f"{b}-{route}-plain")
         bad = p[4] + t[4]
         print(f"| {b} | {route} | {p[0]:.0f} | {t[0]:.0f} | {p[0] / t[0]:.2f}× | {p[1]:.2f} / {p[2]:.2f} / {p[3]:.2f} | "
               f"{t[1]:.2f} / {t[2]:.2f} / {t[3]:.2f} | {p[2] / t[2]:.2f}× | {bad} |")
 print()
+print("The access log's cost (sealed routes; with the log, as above, against --no-access-log):")
+print()
+print("| backend | route | req/s with log | req/s without | throughput cost | p95 ms with / without | p95 cost |")
+print("|---|---|---|---|---|---|---|")
 for b in backends:
-    print(f"- {b}: cold start: {open(f'{out}/{b}-cold.txt').read().strip()}")
+    for route in [r for r in ["get-one", "list-50"] if r in routes]:
+        p = stats(f"{b}-{route}-phi"); n = stats(f"{b}-{route}-nolog")
+        print(f"| {b} | {route} | {p[0]:.0f} | {n[0]:.0f} | {n[0] / p[0]:.3f}× | {p[2]:.2f} / {n[2]:.2f} | {p[2] / n[2]:.3f}× |")
+print()
+for b in backends:
+    if os.path.exists(f"{out}/{b}-cold.txt"):
+        print(f"- {b}: cold start: {open(f'{out}/{b}-cold.txt').read().strip()}")
     print(f"- {b}: peak memory of the service under load (VmHWM): {open(f'{out}/{b}-peak-memory.txt').read().strip()}")
 PY
