@@ -160,6 +160,8 @@ fn resolve(
     now: Instant,
 ) -> HashMap<String, crate::Result<Arc<OwnerKeys>>> {
     let clock = At(now);
+    // Seals are not counted here: the model resolves keys, it seals nothing.
+    let seal_counts = super::super::seals::SealCounts::new(false);
     let core = Core {
         cache,
         primary: &store.kek,
@@ -170,6 +172,7 @@ fn resolve(
         name: "loom",
         owner_telemetry: OwnerIdTelemetry::default(),
         owner_id_whitespace: false,
+        seal_counts: &seal_counts,
     };
     let mut resolution = core.start(owners.iter().copied(), Purpose::Open, false);
     let mut input = None;
