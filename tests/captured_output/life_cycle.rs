@@ -166,8 +166,13 @@ fn the_life_cycle_logs_and_counts_no_secret() {
     let kek_id = common::unique_owner("captured-kek");
     let kek = Arc::new(LocalKek::new(kek_id.clone(), &master));
     let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("key store"));
+    // A roll-out policy of this run: a fleet roll-out other tests set on a
+    // shared database under the default policy must not decide what the
+    // backfill below seals.
+    let policy = common::unique_owner("captured-policy");
     let keyring = Keyring::builder(store.clone(), kek.clone())
         .actor("captured-output")
+        .rollout_policy(policy.clone())
         .build()
         .expect("keyring");
     let owners = [
@@ -229,6 +234,7 @@ fn the_life_cycle_logs_and_counts_no_secret() {
 
     // Legacy rows, written before the roll-out, and one that does not decode.
     let plain = Keyring::builder(store.clone(), kek.clone())
+        .rollout_policy(policy.clone())
         .rollout(Rollout::Nobody)
         .build()
         .expect("keyring");
