@@ -1234,6 +1234,18 @@ impl<'a> Statement<'a> {
         self
     }
 
+    /// ` IN (v1, v2, …)` of bound values.
+    fn in_list(&mut self, values: impl IntoIterator<Item = &'a SqlValue>) -> &mut Self {
+        self.sql(" IN (");
+        for (i, value) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.sql(", ");
+            }
+            self.key(value);
+        }
+        self.sql(")")
+    }
+
     fn flag(&mut self, is_bool: bool, on: bool) -> &mut Self {
         self.parts.push(Part::Flag(FlagValue::new(is_bool, on)));
         self
@@ -1403,14 +1415,7 @@ impl Dialect {
             .ident(&t.table)
             .sql(" WHERE ")
             .ident(&t.owner_column)
-            .sql(" IN (");
-        for (i, owner) in owners.iter().enumerate() {
-            if i > 0 {
-                s.sql(", ");
-            }
-            s.key(owner);
-        }
-        s.sql(")");
+            .in_list(owners);
         if let Some(flag) = &t.flag_column {
             s.sql(" AND ").flag_on(flag, t.flag_type);
         }
@@ -1541,14 +1546,7 @@ impl Dialect {
             .flag(t.flag_is_bool, sealed)
             .sql(" AND ")
             .ident(t.key_column)
-            .sql(" IN (");
-        for (i, key) in keys.into_iter().enumerate() {
-            if i > 0 {
-                s.sql(", ");
-            }
-            s.key(key);
-        }
-        s.sql(")");
+            .in_list(keys);
         s
     }
 }
@@ -2343,15 +2341,8 @@ macro_rules! data_connection {
                     .ident(&table.table)
                     .sql(" WHERE ")
                     .ident(&table.owner_column)
-                    .sql(" IN (");
-                for (i, owner) in values.iter().enumerate() {
-                    if i > 0 {
-                        query.sql(", ");
-                    }
-                    query.key(owner);
-                }
-                query
-                    .sql(") AND ")
+                    .in_list(&values)
+                    .sql(" AND ")
                     .ident(c)
                     .sql(" IS NOT NULL AND SUBSTR(")
                     .ident(c)
@@ -2392,14 +2383,7 @@ macro_rules! data_connection {
                     .ident(&table.table)
                     .sql(" WHERE ")
                     .ident(&table.owner_column)
-                    .sql(" IN (");
-                for (i, owner) in values.iter().enumerate() {
-                    if i > 0 {
-                        query.sql(", ");
-                    }
-                    query.key(owner);
-                }
-                query.sql(")");
+                    .in_list(&values);
                 if let Some(flag) = &table.flag_column {
                     query.sql(" AND ").flag_on(flag, table.flag_type);
                 }
