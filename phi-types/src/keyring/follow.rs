@@ -278,6 +278,9 @@ pub(super) fn start(
             if let Err(error) = store.forget_feed_reader(&follower.reader) {
                 tracing::debug!(%error, "cannot forget this keyring's feed position");
             }
+            // Before `_finished` says so: the store (and its pools) may
+            // be dropped by the waiting thread once it hears.
+            drop(store);
         })
         .map_err(|e| Error::Config(format!("cannot start the key-event feed thread: {e}")))?;
     *shared.thread.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -303,7 +306,10 @@ fn run(weak: &Weak<Inner>, follower: &Follower, mut listener: Option<Box<dyn Fee
             continue;
         }
         let Some(inner) = weak.upgrade() else { return };
+        // Not one of the application's handles: dropping it never stops
+        // this thread.
         let keyring = Keyring {
+            handles: None,
             inner,
             accessor: None,
             access_op: None,
@@ -446,5 +452,135 @@ impl Keyring {
             (_, None) => self.clear_all(),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{Receiver, Sender, channel};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::Follower;
+    use crate::dek::KeyBytes;
+    use crate::error::Result;
+    use crate::feed::FeedEvent;
+    use crate::kek::{KekCheck, LocalKek};
+    use crate::keyring::Keyring;
+    use crate::store::{AuditEvent, KeyStore, MemoryKeyStore, StoredKey};
+
+    /// A key store whose feed read, once the test hands it the follower,
+    /// says it arrived and holds until that follower is told to stop (at
+    /// most 30 s): a read in flight when the application drops its last
+    /// clone. Its drop is recorded.
+    struct HeldFeed {
+        inner: MemoryKeyStore,
+        follower: Mutex<Receiver<Arc<Follower>>>,
+        arrived: Mutex<Sender<()>>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Drop for HeldFeed {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl std::fmt::Debug for HeldFeed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HeldFeed").finish_non_exhaustive()
+        }
+    }
+
+    impl KeyStore for HeldFeed {
+        fn key_events_after(&self, after: i64, limit: usize) -> Result<Vec<FeedEvent>> {
+            let handed = self.follower.lock().expect("lock").try_recv();
+            if let Ok(follower) = handed {
+                self.arrived
+                    .lock()
+                    .expect("lock")
+                    .send(())
+                    .expect("the test");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while follower.wait(Duration::from_millis(100)) && Instant::now() < deadline {}
+            }
+            self.inner.key_events_after(after, limit)
+        }
+        fn has_feed(&self) -> bool {
+            true
+        }
+        fn feed_head(&self) -> Result<i64> {
+            self.inner.feed_head()
+        }
+        fn fleet_rollout(&self, policy: &str) -> Result<Option<crate::Rollout>> {
+            self.inner.fleet_rollout(policy)
+        }
+        fn record_feed_reader(&self, reader: &str, position: i64) -> Result<()> {
+            self.inner.record_feed_reader(reader, position)
+        }
+        fn forget_feed_reader(&self, reader: &str) -> Result<()> {
+            self.inner.forget_feed_reader(reader)
+        }
+        fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
+            self.inner.load_keys(owners)
+        }
+        fn insert_key_if_absent(&self, key: &StoredKey) -> Result<bool> {
+            self.inner.insert_key_if_absent(key)
+        }
+        fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
+            self.inner.append_audit(events)
+        }
+        fn owners(&self) -> Result<Vec<String>> {
+            self.inner.owners()
+        }
+        fn kek_check(&self, kek_id: &str) -> Result<Option<KekCheck>> {
+            self.inner.kek_check(kek_id)
+        }
+        fn insert_kek_check_if_absent(&self, kek_id: &str, check: &KekCheck) -> Result<bool> {
+            self.inner.insert_kek_check_if_absent(kek_id, check)
+        }
+        fn keys_page(
+            &self,
+            wrapped_by: Option<&str>,
+            not_wrapped_by: Option<&str>,
+            after: Option<(&str, u32)>,
+            limit: usize,
+        ) -> Result<Vec<StoredKey>> {
+            self.inner
+                .keys_page(wrapped_by, not_wrapped_by, after, limit)
+        }
+    }
+
+    /// The last clone's drop, made while the feed thread reads, returns
+    /// only after the keyring's state (its store and the store's pools
+    /// with it) is dropped: a process that exits after it has no
+    /// database client still at work on another thread.
+    #[test]
+    fn dropping_the_last_clone_during_a_feed_read_waits_for_it() {
+        let (hand, follower) = channel();
+        let (arrived, arrivals) = channel();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let store = Arc::new(HeldFeed {
+            inner: MemoryKeyStore::new(),
+            follower: Mutex::new(follower),
+            arrived: Mutex::new(arrived),
+            dropped: dropped.clone(),
+        });
+        let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+        let keyring = Keyring::builder(store, kek)
+            .feed_interval(Duration::from_millis(1))
+            .build()
+            .expect("keyring");
+        let following = keyring.inner.follower.clone().expect("a following keyring");
+        hand.send(following).expect("the store");
+        arrivals.recv().expect("the feed thread reads");
+        // The feed thread now holds the keyring's state through a handle
+        // of its own, inside the read.
+        drop(keyring);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the last clone's drop returned while the feed thread still held the store"
+        );
     }
 }

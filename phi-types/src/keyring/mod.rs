@@ -334,6 +334,11 @@ struct Counters {
 /// ```
 #[derive(Clone)]
 pub struct Keyring {
+    /// Shared by the application's clones only (not by the feed thread's
+    /// short-lived handle): its drop, before `inner`'s, stops the feed
+    /// thread and waits for it, so that the last clone's drop returns
+    /// only after every connection of the keyring's is idle.
+    handles: Option<Arc<Handles>>,
     inner: Arc<Inner>,
     /// [`Keyring::on_behalf_of`]: who the typed reads and writes made
     /// through this clone are for.
@@ -373,6 +378,30 @@ struct Inner {
 /// How long dropping the last clone of a following keyring waits for its
 /// feed thread to finish.
 const FOLLOWER_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// What the application's clones of a keyring share: dropped with the
+/// last of them.
+///
+/// The feed thread reads the feed through a handle of its own, which
+/// keeps `Inner` alive while it reads. Were the stop left to `Inner`'s
+/// drop, an application dropping its last clone during such a read would
+/// go on (to `exit`, say) while the feed thread is still inside the
+/// database client, and `Inner` would be dropped later on the feed
+/// thread. Stopping the thread here, before the application's reference
+/// to `Inner` goes, makes the last clone's drop wait for the read, then
+/// drop `Inner` (its writers flushed, its pools closed) on the
+/// application's thread.
+struct Handles {
+    follower: Option<Arc<follow::Follower>>,
+}
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        if let Some(follower) = &self.follower {
+            follower.stop_and_wait(FOLLOWER_EXIT_WAIT);
+        }
+    }
+}
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -812,6 +841,9 @@ impl KeyringBuilder {
         };
         let audit = AuditWriter::start(self.store.clone(), self.audit_queue, self.owner_telemetry)?;
         let keyring = Keyring {
+            handles: Some(Arc::new(Handles {
+                follower: follower.as_ref().map(|(f, _)| f.clone()),
+            })),
             accessor: None,
             access_op: None,
             inner: Arc::new(Inner {
@@ -1482,6 +1514,7 @@ impl Keyring {
     #[must_use]
     pub fn on_behalf_of(&self, accessor: &crate::access::Accessor) -> Self {
         Self {
+            handles: self.handles.clone(),
             inner: self.inner.clone(),
             accessor: Some(Arc::new(accessor.clone())),
             access_op: self.access_op,
