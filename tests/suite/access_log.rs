@@ -102,6 +102,86 @@ fn records_are_written_in_chained_batches_and_verify() {
     assert_eq!(by_user.len(), 1);
 }
 
+/// The access log's tables, except that the first read of the heads is
+/// followed, before it returns, by a batch `log` appends: a writer that
+/// commits between the head `verify` reads and the batches it reads next.
+#[derive(Debug)]
+struct AppendAfterHeads {
+    inner: Arc<DieselAccessLogStore<Conn>>,
+    log: std::sync::Mutex<Option<DieselAccessLog>>,
+    owner: String,
+}
+
+impl AccessLogStore for AppendAfterHeads {
+    fn append_batch(
+        &self,
+        chain: &str,
+        key: &access_log::ChainKey,
+        written_at: NaiveDateTime,
+        records: &[AccessRecord],
+    ) -> phi::Result<i64> {
+        self.inner.append_batch(chain, key, written_at, records)
+    }
+    fn heads(&self) -> phi::Result<Vec<access_log::ChainHead>> {
+        let heads = self.inner.heads()?;
+        if let Some(log) = self.log.lock().expect("lock").take() {
+            log.append(vec![record("dr-late", AccessOp::Read, &self.owner, "case-late", now())])
+                .expect("append");
+            log.flush().expect("flush");
+        }
+        Ok(heads)
+    }
+    fn chains_with_batches(&self) -> phi::Result<Vec<String>> {
+        self.inner.chains_with_batches()
+    }
+    fn first_batch(&self, chain: &str) -> phi::Result<Option<i64>> {
+        self.inner.first_batch(chain)
+    }
+    fn checkpoint(&self, chain: &str, first: i64) -> phi::Result<Option<access_log::BatchRow>> {
+        self.inner.checkpoint(chain, first)
+    }
+    fn batches(&self, chain: &str, from: i64, limit: usize) -> phi::Result<Vec<access_log::BatchRow>> {
+        self.inner.batches(chain, from, limit)
+    }
+    fn batch_records(&self, chain: &str, from: i64, to: i64) -> phi::Result<Vec<access_log::StoredAccess>> {
+        self.inner.batch_records(chain, from, to)
+    }
+    fn orphan_batch(&self, chain: &str) -> phi::Result<Option<i64>> {
+        self.inner.orphan_batch(chain)
+    }
+    fn query(&self, filter: &AccessFilter) -> phi::Result<Vec<access_log::StoredAccess>> {
+        self.inner.query(filter)
+    }
+    fn prune(
+        &self,
+        before: NaiveDateTime,
+        key: &access_log::ChainKey,
+        written_at: NaiveDateTime,
+    ) -> phi::Result<access_log::PruneReport> {
+        self.inner.prune(before, key, written_at)
+    }
+}
+
+#[test]
+fn a_batch_appended_while_verify_reads_is_not_a_break() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("acl-live");
+    let chain = three_batches(&db, &keyring, &owner);
+    let log = DieselAccessLog::builder(tables(&db))
+        .chain(chain.clone())
+        .start(&keyring)
+        .expect("log starts");
+    let store = AppendAfterHeads {
+        inner: tables(&db),
+        log: std::sync::Mutex::new(Some(log)),
+        owner,
+    };
+    let report = access_log::verify_chain(&store, &keyring, &chain, &mut None).expect("verify runs");
+    assert!(report.broken.is_none(), "a live append is not a break: {report:?}");
+    assert_eq!((report.batches, report.records, report.last), (4, 7, Some(4)), "{report:?}");
+}
+
 #[test]
 fn a_deleted_record_is_named() {
     let db = TestDb::new();

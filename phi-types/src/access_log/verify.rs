@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::{AccessLogStore, BatchRow, ChainKeys, StoredAccess};
+use super::{AccessLogStore, BatchRow, ChainHead, ChainKeys, StoredAccess};
 use crate::error::Result;
 use crate::keyring::Keyring;
 
@@ -118,7 +118,10 @@ pub fn verify_chain(
     chain: &str,
     keys: &mut Option<ChainKeys>,
 ) -> Result<ChainReport> {
-    let head = store.heads()?.into_iter().find(|h| h.chain == chain);
+    let read_head = || -> Result<Option<ChainHead>> {
+        Ok(store.heads()?.into_iter().find(|h| h.chain == chain))
+    };
+    let mut head = read_head()?;
     let mut report = ChainReport {
         chain: chain.to_owned(),
         first: None,
@@ -181,6 +184,13 @@ pub fn verify_chain(
         let records = store.batch_records(chain, expected, last_in_page)?;
         let mut records = records.as_slice();
         for batch in &page {
+            if head.as_ref().is_none_or(|h| h.head < batch.id) {
+                // Past the head read earlier: appended since (a batch and
+                // its head move in one transaction, so a head read now
+                // covers every batch already seen), or not in the chain,
+                // which the head check below reports.
+                head = read_head()?;
+            }
             let (mine, rest) = split_batch(records, batch.id);
             records = rest;
             if batch.id != expected {
