@@ -371,28 +371,8 @@ fn a_shred_waiting_for_a_rotation_destroys_its_new_version_too() {
             let keyring = Keyring::builder(db.store(), common::local_kek()).without_feed().build().expect("keyring");
             lifecycle::shred_keys_by(&keyring, &owner, "other-process").expect("shred")
         });
-        if server_url().is_some() {
-            // The server shows the shred waiting for the rotation's lock.
-            let sql = if db.url.starts_with("postgres") {
-                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND datname = current_database() AND query LIKE '%user_encryption_keys%'"
-            } else {
-                // The shred's statement under way (the rotation's
-                // connection is idle: it shows none).
-                "SELECT COUNT(*) AS n FROM information_schema.processlist WHERE id <> CONNECTION_ID() \
-                 AND db = DATABASE() AND info LIKE '%user_encryption_keys%'"
-            };
-            let mut watcher = db.conn();
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let waiting: Waiting = diesel::sql_query(sql).get_result(&mut watcher).expect("lock waits");
-                if waiting.n > 0 {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "the shred never waited for the rotation's lock");
-                std::thread::yield_now();
-            }
-        }
+        // The server shows the shred waiting for the rotation's lock.
+        wait_until_blocked_on(&db, "user_encryption_keys");
         rotation.batch_execute("COMMIT").expect("commit");
         shred.join().expect("no panic")
     });

@@ -336,3 +336,49 @@ fn a_keyring_built_with_no_feed_configuration_follows_the_feed() {
     // The opted-out keyring still serves its cached keys (until its TTL).
     assert_eq!(opted_out.open::<String>(sealed, &owner, TEXT, b"r").expect("cached"), "Doe");
 }
+
+/// Two changes of one policy's roll-out at once both succeed, the later
+/// one standing. The other change (as `set_fleet_rollout` ran it before:
+/// the policy's row deleted and inserted again) is held open on a
+/// connection of the test's and committed once the server shows the
+/// keyring's change waiting for its lock; on PostgreSQL that change used
+/// to fail with a duplicate key.
+#[test]
+fn two_roll_out_changes_at_once_both_succeed() {
+    use diesel::connection::SimpleConnection as _;
+    use phi::schema::phi_rollout as r;
+    let db = TestDb::new();
+    let policy = common::unique_owner("race-rollout");
+    let keyring = Keyring::builder(db.store(), common::local_kek())
+        .rollout_policy(&policy)
+        .without_feed()
+        .build()
+        .expect("keyring");
+    lifecycle::set_rollout(&keyring, &Rollout::Nobody).expect("the first roll-out");
+
+    let mut other = db.conn();
+    other
+        .batch_execute(if server_url().is_none() { "BEGIN IMMEDIATE" } else { "BEGIN" })
+        .expect("begin");
+    diesel::delete(r::table.filter(r::policy.eq(&policy))).execute(&mut other).expect("delete");
+    diesel::insert_into(r::table)
+        .values((
+            r::policy.eq(&policy),
+            r::mode.eq("all"),
+            r::updated_at.eq(chrono::Utc::now().naive_utc()),
+            r::updated_by.eq("other-process"),
+        ))
+        .execute(&mut other)
+        .expect("insert");
+    let changed = std::thread::scope(|s| {
+        let change = s.spawn(|| lifecycle::set_rollout(&keyring, &Rollout::owners(["o-1".to_owned()])));
+        wait_until_blocked_on(&db, "phi_rollout");
+        other.batch_execute("COMMIT").expect("commit");
+        change.join().expect("no panic")
+    });
+    changed.expect("the second change succeeds");
+    assert_eq!(
+        lifecycle::fleet_rollout(db.store().as_ref(), &policy).expect("read"),
+        Some(Rollout::owners(["o-1".to_owned()]))
+    );
+}

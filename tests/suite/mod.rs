@@ -91,6 +91,42 @@ impl TestDb {
     }
 }
 
+/// Returns once the server shows another session's statement on `table`
+/// waiting for a lock (PostgreSQL), or under way while the session holding
+/// the lock is idle (MariaDB); at once on SQLite, whose writers run one at
+/// a time. Panics after 30 s.
+fn wait_until_blocked_on(db: &TestDb, table: &str) {
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    if server_url().is_none() {
+        return;
+    }
+    let sql = if db.url.starts_with("postgres") {
+        format!(
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND query LIKE '%{table}%'"
+        )
+    } else {
+        format!(
+            "SELECT COUNT(*) AS n FROM information_schema.processlist WHERE id <> CONNECTION_ID() \
+             AND db = DATABASE() AND info LIKE '%{table}%'"
+        )
+    };
+    let mut watcher = db.conn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: Waiting = diesel::sql_query(&sql).get_result(&mut watcher).expect("lock waits");
+        if waiting.n > 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no statement on {table} waited for the lock");
+        std::thread::yield_now();
+    }
+}
+
 /// Runs phi's migrations and creates the test table.
 fn prepare(url: &str) {
     let mut conn = Conn::establish(url)

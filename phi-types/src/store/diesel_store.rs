@@ -1113,18 +1113,28 @@ macro_rules! diesel_key_store {
                 };
                 crate::metrics::store_query("set_fleet_rollout", || {
                     let mut conn = self.conn()?;
-                    (*conn)
-                        .$transaction(|conn| -> diesel::QueryResult<i64> {
-                            diesel::delete(o::phi_rollout_owners.filter(o::policy.eq(policy))).execute(conn)?;
-                            diesel::delete(r::phi_rollout.filter(r::policy.eq(policy))).execute(conn)?;
-                            diesel::insert_into(r::phi_rollout)
-                                .values((
-                                    r::policy.eq(policy),
+                    let change = |conn: &mut $conn| {
+                        (*conn).$transaction(|conn| -> diesel::QueryResult<i64> {
+                            // The policy's row first: locked, it orders two
+                            // changes of the same policy one after the other.
+                            let updated = diesel::update(r::phi_rollout.filter(r::policy.eq(policy)))
+                                .set((
                                     r::mode.eq(mode),
                                     r::updated_at.eq(event.occurred_at),
                                     r::updated_by.eq(&event.actor),
                                 ))
                                 .execute(conn)?;
+                            if updated == 0 {
+                                diesel::insert_into(r::phi_rollout)
+                                    .values((
+                                        r::policy.eq(policy),
+                                        r::mode.eq(mode),
+                                        r::updated_at.eq(event.occurred_at),
+                                        r::updated_by.eq(&event.actor),
+                                    ))
+                                    .execute(conn)?;
+                            }
+                            diesel::delete(o::phi_rollout_owners.filter(o::policy.eq(policy))).execute(conn)?;
                             for chunk in owners.chunks(AUDIT_ROWS_PER_INSERT) {
                                 let rows: Vec<_> = chunk
                                     .iter()
@@ -1135,7 +1145,19 @@ macro_rules! diesel_key_store {
                             Self::insert_audit(conn, audit)?;
                             Self::insert_events(conn, std::slice::from_ref(event))
                         })
-                        .map_err(|e| Error::store("changing the fleet's roll-out", e))
+                    };
+                    // A change that found no row while another inserted
+                    // the policy's first (or, on PostgreSQL, waited on a
+                    // row the other replaced) meets the other's row once
+                    // it runs again.
+                    match change(&mut *conn) {
+                        Err(diesel::result::Error::DatabaseError(
+                            diesel::result::DatabaseErrorKind::UniqueViolation,
+                            _,
+                        )) => change(&mut *conn),
+                        other => other,
+                    }
+                    .map_err(|e| Error::store("changing the fleet's roll-out", e))
                 })
             }
 
