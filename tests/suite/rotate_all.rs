@@ -4,6 +4,8 @@
 // sharing a job. Included by `suite/mod.rs` inside `mod lifecycle::rotate_all`,
 // with the life-cycle tables and helpers in scope.
 
+use std::collections::HashMap;
+
 use phi::lifecycle::{RotateAllOptions, RotateOwners, RotateStage};
 
 /// `n` fresh owners, each with `rows` rows sealed under version 1.
@@ -376,4 +378,229 @@ fn due_with_nothing_due_rotates_nothing() {
     for owner in &owners {
         assert_eq!(key_states(&db, owner).len(), 1, "owner {owner} not rotated");
     }
+}
+
+diesel::table! {
+    phi_rot_people (id) {
+        id -> Varchar,
+        owner_id -> Varchar,
+        last_name -> Binary,
+        last_bidx -> Nullable<Binary>,
+        email -> Binary,
+        email_lookup -> Nullable<Binary>,
+        note -> Nullable<Binary>,
+        phi_encrypted -> Bool,
+    }
+}
+
+/// A derived model with a blind index (found per owner), a lookup index
+/// (found across owners) and an encrypted column without either.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_rot_people, crate = phi, debug)]
+#[diesel(primary_key(id))]
+struct Person {
+    #[phi(row_key)]
+    id: String,
+    #[phi(owner)]
+    owner_id: String,
+    #[phi(encrypt, blind_index = last_bidx, normalize = "trim,lowercase")]
+    last_name: String,
+    #[phi(encrypt, lookup_index = email_lookup, normalize = "trim,lowercase")]
+    email: String,
+    #[phi(encrypt)]
+    note: Option<String>,
+    #[phi(encrypted_flag)]
+    phi_encrypted: bool,
+}
+
+const LAST_SCOPE: &str = "phi_rot_people.last_name";
+
+fn people_db() -> TestDb {
+    let db = life_db();
+    let index_type = match BLOB {
+        "BYTEA" => "BYTEA",
+        _ if server_url().is_some() => "VARBINARY(20)",
+        _ => "BLOB",
+    };
+    let ddl = format!(
+        "CREATE TABLE IF NOT EXISTS phi_rot_people (id VARCHAR(255) NOT NULL PRIMARY KEY, \
+         owner_id VARCHAR(255) NOT NULL, last_name {BLOB} NOT NULL, last_bidx {index_type} NULL, \
+         email {BLOB} NOT NULL, email_lookup {index_type} NULL, note {BLOB} NULL, phi_encrypted BOOLEAN NOT NULL)"
+    );
+    diesel::sql_query(ddl).execute(&mut db.conn()).expect("people table");
+    db
+}
+
+fn last_name_of(i: usize) -> String {
+    format!(" Smith-{i} ")
+}
+
+/// `rows` sealed people for each owner (through the model), and one row of
+/// the first owner stored unsealed (its flag off, its blind index NULL).
+/// Returns the ids of the sealed rows per owner, and the unsealed row's id.
+fn seed_people(db: &TestDb, keyring: &Keyring, owners: &[String], rows: usize) -> (Vec<(String, usize, String)>, String) {
+    let mut conn = db.conn();
+    let mut people = Vec::new();
+    for owner in owners {
+        for i in 0..rows {
+            people.push(Person {
+                id: format!("{owner}-{i}"),
+                owner_id: owner.clone(),
+                last_name: last_name_of(i),
+                email: format!("p{i}.{owner}@example.org"),
+                note: (i % 2 == 0).then(|| format!("note {i}")),
+                phi_encrypted: true,
+            });
+        }
+    }
+    let sealed = Person::seal_all(&people, keyring).expect("seal");
+    for row in &sealed {
+        diesel::insert_into(phi_rot_people::table).values(row).execute(&mut conn).expect("insert");
+    }
+    let plain = format!("{}-plain", owners[0]);
+    diesel::insert_into(phi_rot_people::table)
+        .values((
+            phi_rot_people::id.eq(&plain),
+            phi_rot_people::owner_id.eq(&owners[0]),
+            phi_rot_people::last_name.eq(b" Plain ".to_vec()),
+            phi_rot_people::last_bidx.eq(None::<Vec<u8>>),
+            phi_rot_people::email.eq(format!("plain.{}@example.org", owners[0]).into_bytes()),
+            phi_rot_people::email_lookup.eq(None::<Vec<u8>>),
+            phi_rot_people::note.eq(None::<Vec<u8>>),
+            phi_rot_people::phi_encrypted.eq(false),
+        ))
+        .execute(&mut conn)
+        .expect("insert the unsealed row");
+    let ids = people.iter().enumerate().map(|(n, p)| (p.owner_id.clone(), n % rows, p.id.clone())).collect();
+    (ids, plain)
+}
+
+/// Each row's stored blind index, flag and the key version of its name.
+fn stored_people(db: &TestDb, id: &str) -> (Option<Vec<u8>>, bool, Option<u32>) {
+    let (last, bidx, flag): (Vec<u8>, Option<Vec<u8>>, bool) = phi_rot_people::table
+        .filter(phi_rot_people::id.eq(id))
+        .select((phi_rot_people::last_name, phi_rot_people::last_bidx, phi_rot_people::phi_encrypted))
+        .first(&mut db.conn())
+        .expect("person row");
+    let version = flag.then(|| Encrypted::<String>::from_bytes(last).key_version()).flatten();
+    (bidx, flag, version)
+}
+
+/// The people of `owner` the blind-index finder finds for `last`, with
+/// `keyring`.
+fn find_by_last(db: &TestDb, keyring: &Keyring, owner: &str, last: &str) -> Vec<Person> {
+    let wanted = Person::last_name_blind_index(keyring, owner, &last.to_owned()).expect("index values");
+    Person::load(
+        phi_rot_people::table
+            .filter(phi_rot_people::owner_id.eq(owner))
+            .filter(phi_rot_people::last_bidx.eq_any(wanted)),
+        &mut db.conn(),
+        keyring,
+    )
+    .expect("find")
+}
+
+/// After a rotation to version 2 and the re-seal: every sealed row's blind
+/// index is the one computed under version 2 (not the one under version 1
+/// it held before), the finder finds each row, and still does once version
+/// 1 is destroyed; the unsealed row is as it was.
+fn assert_people_rekeyed(db: &TestDb, people: &[(String, usize, String)], before: &HashMap<String, Vec<u8>>, plain: &str) {
+    for (owner, i, id) in people {
+        let (bidx, flag, version) = stored_people(db, id);
+        assert!(flag, "row {id} is sealed");
+        assert_eq!(version, Some(2), "row {id} is re-sealed under version 2");
+        let keys = db.keyring().keys_for_open(owner).expect("keys");
+        let under_2 = keys
+            .blind_index(LAST_SCOPE, &last_name_of(*i), phi::blind::Normalize::TRIM_LOWERCASE)
+            .expect("index under the current version");
+        let bidx = bidx.expect("a sealed row has a blind index");
+        assert_eq!(bidx, under_2, "row {id}'s blind index is under version 2");
+        assert_ne!(Some(&bidx), before.get(id), "row {id}'s blind index changed");
+        let found = find_by_last(db, &db.keyring(), owner, &format!("smith-{i}"));
+        assert_eq!(found.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    }
+    assert_eq!(stored_people(db, plain), (None, false, None), "the unsealed row is left alone");
+
+    // Version 1 destroyed: the lookups compute version 2's values only.
+    let store = db.store();
+    let mut owners: Vec<&String> = people.iter().map(|(o, _, _)| o).collect();
+    owners.dedup();
+    for owner in owners {
+        let destroyed = store
+            .set_key_state(owner, 1, phi::KeyState::Retired, phi::KeyState::Destroyed, &audit_event(owner, phi::AuditAction::Destroy, Some(1), None))
+            .expect("destroy version 1");
+        assert!(destroyed, "owner {owner}'s version 1 was retired");
+    }
+    let cold = db.keyring();
+    for (owner, i, id) in people {
+        assert_eq!(
+            Person::last_name_blind_index(&cold, owner, &last_name_of(*i)).expect("index").len(),
+            1,
+            "only version 2 is left to look up with"
+        );
+        let found = find_by_last(db, &cold, owner, &format!("SMITH-{i}"));
+        assert_eq!(found.len(), 1, "row {id} is found with version 1 destroyed");
+        assert_eq!(found[0].last_name, last_name_of(*i));
+    }
+}
+
+fn blind_indexes_before(db: &TestDb, people: &[(String, usize, String)]) -> HashMap<String, Vec<u8>> {
+    people
+        .iter()
+        .map(|(owner, i, id)| {
+            let (bidx, _, version) = stored_people(db, id);
+            assert_eq!(version, Some(1));
+            let bidx = bidx.expect("sealed with a blind index");
+            let keys = db.keyring().keys_for_open(owner).expect("keys");
+            let under_1 = keys.blind_index(LAST_SCOPE, &last_name_of(*i), phi::blind::Normalize::TRIM_LOWERCASE).expect("index");
+            assert_eq!(bidx, under_1);
+            (id.clone(), bidx)
+        })
+        .collect()
+}
+
+#[test]
+fn rotate_all_rekeys_blind_indexes_in_the_same_update() {
+    let db = people_db();
+    let keyring = db.keyring();
+    let mut owners = vec![common::unique_owner("rot-bidx"), common::unique_owner("rot-bidx")];
+    owners.sort();
+    let (people, plain) = seed_people(&db, &keyring, &owners, 3);
+    let before = blind_indexes_before(&db, &people);
+    let table = Person::reseal_table().expect("the model's table");
+    assert_eq!(
+        table.columns[0].blind_index,
+        Some(("last_bidx".to_owned(), phi::blind::Normalize::TRIM_LOWERCASE)),
+        "the model's blind index is carried to the jobs: {table}"
+    );
+    let mut conn = db.conn();
+    let report = lifecycle::rotate_all(
+        &mut conn,
+        &keyring,
+        &RotateOwners::List(owners.clone()),
+        &[table],
+        &options(&job_id("job-bidx")),
+        &mut |_| {},
+    )
+    .expect("rotate_all");
+    // 3 names, 3 e-mail addresses and 2 notes per owner.
+    assert_eq!((report.rotated, report.retired, report.resealed), (2, 2, 2 * 8), "{report:?}");
+    assert!(report.sampled > 0 && report.finished(), "{report:?}");
+    assert_people_rekeyed(&db, &people, &before, &plain);
+}
+
+#[test]
+fn a_reseal_owner_by_owner_rekeys_blind_indexes_too() {
+    let db = people_db();
+    let keyring = db.keyring();
+    let owners = [common::unique_owner("rot-bidx-one")];
+    let (people, plain) = seed_people(&db, &keyring, &owners, 4);
+    let before = blind_indexes_before(&db, &people);
+    let tables = [Person::reseal_table().expect("the model's table")];
+    let mut conn = db.conn();
+    assert_eq!(lifecycle::rotate(&keyring, &owners[0]).expect("rotate"), 2);
+    let report = lifecycle::reseal(&mut conn, &keyring, &owners[0], &tables, 3, &mut |_| {}).expect("reseal");
+    assert_eq!(report.resealed, 4 + 4 + 2, "{report:?}");
+    assert!(lifecycle::retire(&mut conn, &keyring, &owners[0], 1, &tables).expect("retire"));
+    assert_people_rekeyed(&db, &people, &before, &plain);
 }
