@@ -415,6 +415,14 @@ struct Person {
 
 const LAST_SCOPE: &str = "phi_rot_people.last_name";
 
+/// The tests of `phi_rot_people` run one at a time, and never beside a
+/// rotation of the lookup key by another test: one of them rotates it and
+/// re-indexes the whole table, which must not meet a row whose owner's
+/// older version another test is destroying.
+fn people_serial() -> std::sync::MutexGuard<'static, ()> {
+    super::super::lookup::serial()
+}
+
 fn people_db() -> TestDb {
     let db = life_db();
     let index_type = match BLOB {
@@ -561,6 +569,7 @@ fn blind_indexes_before(db: &TestDb, people: &[(String, usize, String)]) -> Hash
 
 #[test]
 fn rotate_all_rekeys_blind_indexes_in_the_same_update() {
+    let _serial = people_serial();
     let db = people_db();
     let keyring = db.keyring();
     let mut owners = vec![common::unique_owner("rot-bidx"), common::unique_owner("rot-bidx")];
@@ -591,6 +600,7 @@ fn rotate_all_rekeys_blind_indexes_in_the_same_update() {
 
 #[test]
 fn a_reseal_owner_by_owner_rekeys_blind_indexes_too() {
+    let _serial = people_serial();
     let db = people_db();
     let keyring = db.keyring();
     let owners = [common::unique_owner("rot-bidx-one")];
@@ -603,4 +613,67 @@ fn a_reseal_owner_by_owner_rekeys_blind_indexes_too() {
     assert_eq!(report.resealed, 4 + 4 + 2, "{report:?}");
     assert!(lifecycle::retire(&mut conn, &keyring, &owners[0], 1, &tables).expect("retire"));
     assert_people_rekeyed(&db, &people, &before, &plain);
+}
+
+#[test]
+fn an_emergency_rotation_rotates_the_lookup_key_and_rewrites_every_lookup_value() {
+    use phi::lookup::{LOOKUP_OWNER, LookupTable, ReindexOptions};
+    let _serial = people_serial();
+    let db = people_db();
+    let keyring = db.keyring();
+    let mut owners = vec![common::unique_owner("rot-lookup"), common::unique_owner("rot-lookup")];
+    owners.sort();
+    let (people, plain) = seed_people(&db, &keyring, &owners, 2);
+    let old = keyring.lookup_keys().expect("lookup keys").current_version().expect("a version");
+    let lookup_of = |id: &str| -> Vec<u8> {
+        phi_rot_people::table
+            .filter(phi_rot_people::id.eq(id))
+            .select(phi_rot_people::email_lookup)
+            .first::<Option<Vec<u8>>>(&mut db.conn())
+            .expect("row")
+            .expect("a lookup value")
+    };
+    let before: HashMap<&str, Vec<u8>> = people.iter().map(|(_, _, id)| (id.as_str(), lookup_of(id))).collect();
+    for value in before.values() {
+        assert_eq!(value[..4], old.to_be_bytes(), "written under the lookup key's version {old}");
+    }
+
+    let mut conn = db.conn();
+    let report = lifecycle::rotate_all(
+        &mut conn,
+        &keyring,
+        &RotateOwners::List(owners.clone()),
+        &[Person::reseal_table().expect("table")],
+        &options(&job_id("job-lookup")),
+        &mut |_| {},
+    )
+    .expect("rotate_all");
+    assert!(report.finished(), "{report:?}");
+    let tables = [LookupTable::from_stored(Person::stored_table()).expect("the model has a lookup index")];
+    assert_eq!(tables[0].columns().len(), LookupTable::of::<Person>().columns().len());
+    let rotation = phi::lookup::rotate(&mut conn, &keyring, &tables, &ReindexOptions::default().batch(3))
+        .expect("the lookup key's rotation");
+    assert!(rotation.version > old, "{rotation}");
+    assert!(rotation.retired.contains(&old), "{rotation}");
+    assert!(rotation.reindexed[0].rewritten >= people.len() as u64 + 1, "{rotation}");
+    let states: HashMap<i64, String> = key_states(&db, LOOKUP_OWNER).into_iter().map(|(v, s, _, _)| (v, s)).collect();
+    assert_eq!(states.get(&i64::from(old)).map(String::as_str), Some("retired"), "{states:?}");
+    assert_eq!(states.get(&i64::from(rotation.version)).map(String::as_str), Some("active"), "{states:?}");
+
+    // Every lookup value, the unsealed row's too, is the one computed
+    // under the new version, and the finder finds each person.
+    let cold = db.keyring();
+    for (owner, i, id) in &people {
+        let email = format!("p{i}.{owner}@example.org");
+        let stored = lookup_of(id);
+        let expected = cold
+            .lookup_index("phi_rot_people.email", &email, phi::blind::Normalize::TRIM_LOWERCASE)
+            .expect("the current lookup value");
+        assert_eq!(stored, expected, "row {id}");
+        assert_eq!(stored[..4], rotation.version.to_be_bytes(), "row {id}");
+        assert_ne!(Some(&stored), before.get(id.as_str()), "row {id}");
+        let found = Person::find_by_email(&format!(" P{i}.{owner}@Example.org"), &cold, &mut conn).expect("find");
+        assert_eq!(found.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    }
+    assert_eq!(lookup_of(&plain)[..4], rotation.version.to_be_bytes(), "unsealed rows are re-indexed too");
 }

@@ -51,8 +51,11 @@ use crate::store::{AuditAction, KeyState, StoredKey};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RotateOwners {
-    /// Every owner with a data key (phi's own keys, `phi:…`, are left out:
-    /// the lookup key is rotated with `lookup::reindex`).
+    /// Every owner with a data key. phi's own keys (`phi:…`) are left out:
+    /// the lookup key, which keys the lookup indexes of every owner's rows,
+    /// is rotated and its indexes rewritten by
+    /// [`lookup::rotate`](crate::lookup::rotate), to run beside an
+    /// emergency rotation of every owner (`phi keys rotate --all` runs both).
     All,
     /// The owners due under the keyring's rotation policy
     /// ([`due_owner_ids`](super::due_owner_ids)).
@@ -258,9 +261,13 @@ pub enum RotateStage {
 /// Rotates every owner of `owners` in `tables` as one job shared by any
 /// number of workers (see the module docs): per owner a new data key
 /// version, every value of the tables re-sealed under it (set-based,
-/// across a batch of owners), a sample opened, and the older versions
-/// retired once no value uses them; each change audited and appended to
-/// the key-event feed. `conn` is the application's connection, outside
+/// across a batch of owners) with its blind index (a column's
+/// [`ResealColumn::blind_index`](super::ResealColumn::blind_index))
+/// rewritten under it in the same `UPDATE`, a sample opened and its blind
+/// indexes checked, and the older versions retired once no value uses
+/// them; each change audited and appended to the key-event feed. Lookup
+/// indexes are keyed by phi's own key, not the owners': rotate it with
+/// [`lookup::rotate`](crate::lookup::rotate). `conn` is the application's connection, outside
 /// any transaction; the key store must keep rotation jobs
 /// ([`DieselKeyStore`](crate::DieselKeyStore)).
 ///

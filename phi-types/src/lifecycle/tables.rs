@@ -705,6 +705,9 @@ pub struct StoredColumn {
     pub shadow: Option<&'static str>,
     /// The blind index column computed from it, and its normalisation.
     pub blind_index: Option<(&'static str, Normalize)>,
+    /// The lookup index column computed from it (`#[phi(encrypt,
+    /// lookup_index = …)]`, see [`crate::lookup`]), and its normalisation.
+    pub lookup_index: Option<(&'static str, Normalize)>,
     /// Decodes plain bytes as the field's type and encodes the value
     /// again: the canonical encoding, which the model seals and indexes
     /// ([`canonical`](crate::migrate::canonical)).
@@ -721,6 +724,7 @@ impl fmt::Debug for StoredColumn {
             .field("scope", &self.scope)
             .field("shadow", &self.shadow)
             .field("blind_index", &self.blind_index)
+            .field("lookup_index", &self.lookup_index)
             .finish_non_exhaustive()
     }
 }
@@ -818,6 +822,9 @@ impl StoredTable {
             }
             if let Some((index, _)) = c.blind_index {
                 check_identifier("blind index column", index, false)?;
+            }
+            if let Some((lookup, _)) = c.lookup_index {
+                check_identifier("lookup column", lookup, false)?;
             }
         }
         let unsupported = |what: &str, column: &str| {
