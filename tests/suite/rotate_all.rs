@@ -677,3 +677,105 @@ fn an_emergency_rotation_rotates_the_lookup_key_and_rewrites_every_lookup_value(
     }
     assert_eq!(lookup_of(&plain)[..4], rotation.version.to_be_bytes(), "unsealed rows are re-indexed too");
 }
+
+#[test]
+fn rotate_due_from_two_processes_at_once_rotates_each_due_owner_once() {
+    // A database of its own: `--due` looks at every owner of the database.
+    let empty = super::super::key_store::EmptyDatabase::new();
+    let db = TestDb { url: empty.url.clone(), _dir: None };
+    prepare(&db.url);
+    create_life_tables(&db);
+    let keyring = db.keyring();
+    // Three owners past a budget of 5 seals (12 each), one under it (2).
+    let mut due = vec![common::unique_owner("due2"), common::unique_owner("due2"), common::unique_owner("due2")];
+    due.sort();
+    for owner in &due {
+        seed(&db, &keyring, owner, 6);
+    }
+    let calm = common::unique_owner("due2-calm");
+    seed(&db, &keyring, &calm, 1);
+    keyring.flush_seal_counts().expect("seal counts written");
+    let head = lifecycle::feed_head(keyring.store().as_ref()).expect("head");
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let marker = dir.path().join("claimed");
+    let tables: Vec<String> = life_tables().iter().map(ToString::to_string).collect();
+    let phi = |pause: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_phi"));
+        command
+            .args(["--format", "json", "keys", "rotate", "--due", "--max-seals-per-key", "5", "--owners-per-claim", "1"])
+            .env("DATABASE_URL", &db.url)
+            .env("PHI_MASTER_KEY", common::MASTER_KEY_B64)
+            .env("PHI_KEK_ID", "local-test")
+            .env("PHI_TABLES", tables.join(";"))
+            .env_remove("PHI_MASTER_KEY_FILE")
+            .env_remove("PHI_MAX_KEY_AGE")
+            .env_remove("PHI_MAX_SEALS_PER_KEY")
+            .env_remove("PHI_TEST_PAUSE_AFTER_CLAIM")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(file) = pause {
+            command.env("PHI_TEST_PAUSE_AFTER_CLAIM", file);
+        }
+        command
+    };
+    let report = |out: std::process::Output| -> (Option<i32>, serde_json::Value) {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+        });
+        (out.status.code(), json)
+    };
+
+    // Process A claims the first due owner and stops there; process B runs
+    // the same (default) job whole meanwhile; then A goes on.
+    let mut a = phi(Some(&marker)).spawn().expect("process A runs");
+    while !marker.exists() {
+        assert!(a.try_wait().expect("A").is_none(), "A ended before it claimed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (b_code, b) = report(phi(None).output().expect("process B runs"));
+    std::fs::write(marker.with_extension("go"), b"").expect("let A go on");
+    let (a_code, a) = report(a.wait_with_output().expect("A ends"));
+    assert_eq!(a["job"], b["job"], "one job: A {a} B {b}");
+    assert_eq!(a_code, Some(0), "A {a}");
+    let field = |r: &serde_json::Value, f: &str| r[f].as_u64().unwrap_or_else(|| panic!("{f} in {r}"));
+    if server_url().is_some() {
+        // B took the owners A had not claimed, and ended while A held its one.
+        assert_eq!(b_code, Some(0), "B {b}");
+        assert_eq!((field(&a, "claimed"), field(&a, "rotated")), (1, 1), "A {a}");
+        assert_eq!((field(&b, "claimed"), field(&b, "rotated"), field(&b, "claimed_by_others")), (2, 2, 1), "B {b}");
+    } else {
+        // SQLite: one worker at a time. B claims nothing while A holds a
+        // claim, changes nothing, and says the owners are not done; A does
+        // every owner.
+        assert_eq!((field(&b, "claimed"), field(&b, "rotated"), field(&b, "retired")), (0, 0, 0), "B {b}");
+        assert_eq!(field(&b, "claimed_by_others"), 1, "B {b}");
+        assert_eq!((field(&a, "claimed"), field(&a, "rotated")), (3, 3), "A {a}");
+    }
+    assert_eq!(field(&a, "rotated") + field(&b, "rotated"), 3, "A {a} B {b}");
+    assert_eq!(field(&a, "pending"), 0, "A {a}");
+
+    // Each due owner rotated exactly once: one new version, one `rotate`
+    // audit record, one `rotate` event; the other owner left alone.
+    assert_rotated_once(&db, &due, 6);
+    let events = lifecycle::read_feed(keyring.store().as_ref(), head, 1_000).expect("feed");
+    for owner in &due {
+        let rotates: Vec<Option<i64>> =
+            audit_actions(&db, owner).into_iter().filter(|(a, _)| a == "rotate").map(|(_, v)| v).collect();
+        assert_eq!(rotates, [Some(2)], "owner {owner}");
+        let kinds: Vec<(phi::feed::KeyEventKind, Option<u32>)> = events
+            .iter()
+            .filter(|e| e.event.owner_id.as_deref() == Some(owner.as_str()))
+            .map(|e| (e.event.kind, e.event.key_version))
+            .collect();
+        assert_eq!(
+            kinds,
+            [(phi::feed::KeyEventKind::Rotate, Some(2)), (phi::feed::KeyEventKind::Retire, Some(1))],
+            "owner {owner}"
+        );
+    }
+    assert_eq!(key_states(&db, &calm).len(), 1, "an owner not due is not rotated");
+    assert!(audit_actions(&db, &calm).iter().all(|(a, _)| a != "rotate"));
+}
