@@ -781,3 +781,43 @@ fn rotate_due_from_two_processes_at_once_rotates_each_due_owner_once() {
     assert_eq!(key_states(&db, &calm).len(), 1, "an owner not due is not rotated");
     assert!(audit_actions(&db, &calm).iter().all(|(a, _)| a != "rotate"));
 }
+
+#[test]
+fn the_verification_sample_names_a_blind_index_left_under_the_old_version() {
+    let _serial = people_serial();
+    let db = people_db();
+    let keyring = db.keyring();
+    let owners = vec![common::unique_owner("rot-bidx-bad")];
+    let (people, _) = seed_people(&db, &keyring, &owners, 2);
+    let tampered = people[0].2.clone();
+    let old_index = stored_people(&db, &tampered).0.expect("an index");
+    let mut conn = db.conn();
+    let mut other = db.conn();
+    let error = lifecycle::rotate_all_interleaved(
+        &mut conn,
+        &keyring,
+        &RotateOwners::List(owners.clone()),
+        &[Person::reseal_table().expect("table")],
+        &options(&job_id("job-bidx-bad")).sample(50),
+        &mut |_| {},
+        &mut |stage, _| {
+            if stage == RotateStage::Resealed {
+                // The value re-sealed, its index put back as it was.
+                diesel::update(phi_rot_people::table.filter(phi_rot_people::id.eq(&tampered)))
+                    .set(phi_rot_people::last_bidx.eq(&old_index))
+                    .execute(&mut other)
+                    .expect("the index put back");
+            }
+            Ok(())
+        },
+    )
+    .expect_err("the sample finds the stale index");
+    let text = error.to_string();
+    assert!(text.contains("phi_rot_people.last_bidx") && text.contains(&owners[0]), "{text}");
+    let source = std::error::Error::source(&error).map(ToString::to_string).unwrap_or_default();
+    assert!(source.contains(&tampered) && source.contains("key version 2"), "{source}");
+    assert!(!source.contains("Smith") && !text.contains("Smith"), "no plaintext: {text}: {source}");
+    // Nothing was retired: the owner's old version still opens and finds.
+    let states: Vec<String> = key_states(&db, &owners[0]).into_iter().map(|(_, s, _, _)| s).collect();
+    assert_eq!(states, ["active", "active"]);
+}
