@@ -40,6 +40,9 @@ fuzz_target!(|data: &[u8]| {
     for c in &table.columns {
         assert!(plain(&c.column), "{table:?}");
         assert!(!c.scope.is_empty(), "{table:?}");
+        if let Some((index, _)) = &c.blind_index {
+            assert!(plain(index), "{table:?}");
+        }
     }
     let printed = table.to_string();
     let again = ResealTable::parse(&printed)

@@ -336,11 +336,20 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
         let Role::Encrypt {
             scope,
             blind_index,
+            lookup_index,
             shadow,
             ..
         } = &f.role
         else {
             return None;
+        };
+        let lookup = match lookup_index {
+            Some(l) => {
+                let name = l.column.to_string();
+                let normalize = normalize_tokens(krate, (l.trim, l.lowercase));
+                quote! { ::core::option::Option::Some((#name, #normalize)) }
+            }
+            None => quote! { ::core::option::Option::None },
         };
         let shadow = match shadow {
             Some(s) => {
@@ -365,6 +374,7 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
                 scope: #scope,
                 shadow: #shadow,
                 blind_index: #index,
+                lookup_index: #lookup,
                 canonical: #krate::__private::canonical::<#vty>,
             }
         })

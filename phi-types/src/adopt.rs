@@ -2320,6 +2320,7 @@ mod tests {
             scope: column,
             shadow: shadow.then_some(s),
             blind_index: None,
+            lookup_index: None,
             canonical: crate::migrate::canonical::<String>,
         };
         let mut last = column("last_name", "last_name_encrypted");

@@ -146,6 +146,22 @@ impl OwnerKeys {
             .with(dek, scope, |key| key.index(value, normalize).to_vec()))
     }
 
+    /// The blind index of `value` in `scope` under data key `version`, if
+    /// the owner holds it: what a value sealed under that version stores.
+    pub(crate) fn blind_index_under<T: PhiValue>(
+        &self,
+        version: u32,
+        scope: &str,
+        value: &T,
+        normalize: Normalize,
+    ) -> Option<Vec<u8>> {
+        let dek = self.dek(version)?;
+        Some(
+            self.blind_keys
+                .with(dek, scope, |key| key.index(value, normalize).to_vec()),
+        )
+    }
+
     /// The blind index of `value` in `scope` under every data key version
     /// the owner holds: the values to look up (`column.eq_any(…)`). Empty
     /// when the owner has no keys, so the lookup finds nothing.

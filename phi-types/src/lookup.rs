@@ -72,6 +72,12 @@
 //! lifecycle::retire(conn, &keyring, LOOKUP_OWNER, v, &[])     v no longer writes
 //! ```
 //!
+//! [`rotate`] does the three steps of the data side at once, over every
+//! lookup-indexed table named ([`LookupTable`]): after a suspected leak,
+//! run it beside [`rotate_all`](crate::lifecycle::rotate_all) over every
+//! owner, so that no index stays keyed by the leaked key (`phi keys rotate
+//! --all` does both for the models the command line registers).
+//!
 //! Finding queries the values under every version the reserved owner holds
 //! ([`Keyring::lookup_indexes`]), so rows are found throughout. The re-index
 //! job is resumable: a run reads the table in key order and rewrites only
@@ -106,7 +112,7 @@ use crate::error::{Error, Result};
 use crate::keyring::Keyring;
 use crate::lifecycle::DataConnection;
 use crate::lifecycle::tables::{RowsQuery, SqlValue, check_identifier};
-use crate::migrate::{CanonicalFn, Migratable};
+use crate::migrate::{CanonicalFn, Migratable, StoredTable};
 use crate::sql::Encrypted;
 
 pub use crate::keyring::{LOOKUP_OWNER, RESERVED_OWNER_PREFIX};
@@ -143,6 +149,54 @@ impl std::fmt::Debug for LookupColumn {
             .field("lookup_column", &self.lookup_column)
             .field("normalize", &self.normalize)
             .finish_non_exhaustive()
+    }
+}
+
+/// A lookup-indexed table as the jobs take it, whatever its model:
+/// [`reindex_table`] and [`rotate`] work on several models at once.
+#[derive(Clone, Debug)]
+pub struct LookupTable {
+    table: StoredTable,
+    columns: Vec<LookupColumn>,
+}
+
+impl LookupTable {
+    /// The table of model `M`.
+    pub fn of<M: LookupIndexed>() -> LookupTable {
+        LookupTable {
+            table: M::stored_table(),
+            columns: M::lookup_columns(),
+        }
+    }
+
+    /// The lookup-indexed columns of a stored table
+    /// ([`Migratable::stored_table`]), or `None` when it has none.
+    pub fn from_stored(table: StoredTable) -> Option<LookupTable> {
+        let columns: Vec<LookupColumn> = table
+            .columns
+            .iter()
+            .filter_map(|c| {
+                let (lookup_column, normalize) = c.lookup_index?;
+                Some(LookupColumn {
+                    column: c.column,
+                    scope: c.scope,
+                    lookup_column,
+                    normalize,
+                    canonical: c.canonical,
+                })
+            })
+            .collect();
+        (!columns.is_empty()).then_some(LookupTable { table, columns })
+    }
+
+    /// The table's SQL name.
+    pub fn table(&self) -> &'static str {
+        self.table.table
+    }
+
+    /// Its lookup-indexed columns.
+    pub fn columns(&self) -> &[LookupColumn] {
+        &self.columns
     }
 }
 
@@ -240,12 +294,25 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
     keyring: &Keyring,
     options: &ReindexOptions,
 ) -> Result<ReindexReport> {
+    reindex_table(conn, keyring, &LookupTable::of::<M>(), options)
+}
+
+/// [`reindex`] of a [`LookupTable`], for jobs over several models.
+///
+/// # Errors
+/// As [`reindex`].
+pub fn reindex_table<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    table: &LookupTable,
+    options: &ReindexOptions,
+) -> Result<ReindexReport> {
     let started = Instant::now();
-    let t = M::stored_table();
+    let t = &table.table;
     t.validate()?;
-    let columns = M::lookup_columns();
+    let columns = &table.columns;
     let mut positions = Vec::with_capacity(columns.len());
-    for c in &columns {
+    for c in columns {
         check_identifier("lookup column", c.lookup_column, false)?;
         let position = t
             .columns
@@ -287,7 +354,7 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
                 limit,
                 random: false,
             };
-            let rows = conn.migration_rows(&t, &query, true)?;
+            let rows = conn.migration_rows(t, &query, true)?;
             let Some(last) = rows.last() else {
                 break;
             };
@@ -374,6 +441,98 @@ pub fn reindex<M: LookupIndexed, C: DataConnection>(
         "phi lookup re-index done"
     );
     Ok(report)
+}
+
+/// What [`rotate`] did.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct LookupRotation {
+    /// The version of [`LOOKUP_OWNER`]'s key created, which every lookup
+    /// value was rewritten under.
+    pub version: u32,
+    /// The re-index of each table, in the order given.
+    pub reindexed: Vec<ReindexReport>,
+    /// The older versions this call retired: they no longer write, and
+    /// still find (a value a process wrote under one with a key cache
+    /// older than the rotation is still found).
+    pub retired: Vec<u32>,
+}
+
+impl std::fmt::Display for LookupRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lookup key version {} created", self.version)?;
+        for r in &self.reindexed {
+            write!(f, "; {r}")?;
+        }
+        match &self.retired[..] {
+            [] => write!(f, "; no older version to retire"),
+            versions => write!(f, "; retired version(s) {versions:?}"),
+        }
+    }
+}
+
+/// Rotates the lookup key: adds a new version of [`LOOKUP_OWNER`]'s data
+/// key (audited as `rotate` and on the key-event feed, so other processes
+/// write under it once they follow the feed), re-indexes every table of
+/// `tables` under it ([`reindex_table`]), then retires every older active
+/// version. The lookup side of an emergency rotation: with
+/// [`rotate_all`](crate::lifecycle::rotate_all) over
+/// [`RotateOwners::All`](crate::lifecycle::RotateOwners::All), no value
+/// sealed and no index kept is left under a key from before.
+///
+/// Rows of crypto-shredded owners keep their lookup values (see
+/// [`ReindexReport::shredded`]); retired versions still find them, and
+/// everything written under them. `tables` must name every lookup-indexed
+/// table of the database: one left out keeps values under the retired
+/// version, found but keyed by the old key. A run that fails part way
+/// leaves the new version current and the older ones active: running
+/// [`reindex_table`] and [`retire`](crate::lifecycle::retire) (or this
+/// again, adding yet another version) finishes it.
+///
+/// # Errors
+/// Key store and KEK errors; those of [`reindex_table`].
+pub fn rotate<C: DataConnection>(
+    conn: &mut C,
+    keyring: &Keyring,
+    tables: &[LookupTable],
+    options: &ReindexOptions,
+) -> Result<LookupRotation> {
+    for t in tables {
+        t.table.validate()?;
+    }
+    // Its first key, when no lookup value was ever written.
+    keyring.lookup_keys()?;
+    let version = crate::lifecycle::rotate(keyring, LOOKUP_OWNER)?;
+    let mut rotation = LookupRotation {
+        version,
+        ..LookupRotation::default()
+    };
+    for t in tables {
+        rotation
+            .reindexed
+            .push(reindex_table(conn, keyring, t, options)?);
+    }
+    let mut older: Vec<u32> = keyring
+        .store()
+        .load_keys(&[LOOKUP_OWNER])?
+        .into_iter()
+        .filter(|k| k.version < version && k.state == crate::store::KeyState::Active)
+        .map(|k| k.version)
+        .collect();
+    older.sort_unstable();
+    for v in older {
+        if crate::lifecycle::retire(conn, keyring, LOOKUP_OWNER, v, &[])? {
+            rotation.retired.push(v);
+        }
+    }
+    keyring.clear(LOOKUP_OWNER);
+    tracing::info!(
+        version,
+        tables = tables.len(),
+        retired = rotation.retired.len(),
+        "phi lookup key rotated"
+    );
+    Ok(rotation)
 }
 
 #[cfg(test)]

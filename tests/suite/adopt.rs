@@ -635,6 +635,7 @@ fn finalize_model(table: &'static str) -> StoredTable {
         scope: column,
         shadow: Some(shadow),
         blind_index: None,
+        lookup_index: None,
         canonical: canonical::<String>,
     };
     StoredTable {

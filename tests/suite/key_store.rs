@@ -4,14 +4,14 @@
 
 /// An empty database, dropped at the end: a new SQLite file, or a new
 /// database on the test server.
-struct EmptyDatabase {
-    url: String,
+pub(super) struct EmptyDatabase {
+    pub(super) url: String,
     admin: Option<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl EmptyDatabase {
-    fn new() -> EmptyDatabase {
+    pub(super) fn new() -> EmptyDatabase {
         let Some(admin_url) = server_url() else {
             let dir = tempfile::tempdir().expect("temporary directory");
             let url = dir.path().join("empty.db").display().to_string();

@@ -42,6 +42,12 @@ fn life_tables() -> Vec<ResealTable> {
 
 fn life_db() -> TestDb {
     let db = TestDb::new();
+    create_life_tables(&db);
+    db
+}
+
+/// The life-cycle test tables in `db`.
+fn create_life_tables(db: &TestDb) {
     let mut conn = db.conn();
     for ddl in [
         format!(
@@ -55,7 +61,6 @@ fn life_db() -> TestDb {
     ] {
         diesel::sql_query(ddl).execute(&mut conn).expect("life-cycle test tables");
     }
-    db
 }
 
 fn name_of(owner: &str, i: usize) -> String {

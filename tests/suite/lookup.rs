@@ -36,7 +36,7 @@ struct User {
 
 /// The reserved owner's key is one per database, and one test rotates it:
 /// the tests of this file run one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

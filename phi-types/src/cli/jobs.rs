@@ -400,6 +400,14 @@ impl Jobs {
 
     /// The registered models' tables as the key commands (`keys reseal`,
     /// `retire`, `shred`, `status --owner`) take them.
+    /// The models' lookup-indexed tables, in the order registered.
+    pub(crate) fn lookup_tables(&self) -> Vec<crate::lookup::LookupTable> {
+        self.models
+            .iter()
+            .filter_map(|m| crate::lookup::LookupTable::from_stored((m.table)()))
+            .collect()
+    }
+
     pub(crate) fn reseal_tables(&self) -> crate::Result<Vec<ResealTable>> {
         self.models
             .iter()

@@ -621,6 +621,7 @@ impl App {
             kek,
             older,
             tables,
+            lookup: self.jobs.lookup_tables(),
             url: url.to_owned(),
             rollout_policy: self
                 .keyring
@@ -820,6 +821,8 @@ struct Env<C> {
     /// Older KEKs that still unwrap keys they wrapped.
     older: Vec<Arc<dyn KeyEncryptionKey>>,
     tables: Vec<ResealTable>,
+    /// The registered models' lookup-indexed tables.
+    lookup: Vec<crate::lookup::LookupTable>,
     url: String,
     rollout_policy: String,
     /// The application's keyring, used as it is.

@@ -11,6 +11,7 @@ use super::{Cli, CliResult, EXIT_NOT_VERIFIED, Env, bar};
 use crate::lifecycle::{
     self, DataConnection, RotateAllOptions, RotateAllReport, RotateOwners, RotateStage,
 };
+use crate::lookup::{self, ReindexOptions};
 
 /// Environment variable naming a file: a worker of a rotation job writes
 /// it once it has claimed its first batch, then waits until `<file>.go`
@@ -30,10 +31,16 @@ pub(super) struct RotateArgs {
     #[arg(long)]
     owner: Option<String>,
     /// Every owner with a data key: new versions, every value of the
-    /// --table columns re-sealed, a sample verified, the old versions
-    /// retired.
+    /// --table columns re-sealed (their blind indexes rewritten with
+    /// them), a sample verified, the old versions retired. Then, when the
+    /// registered models have lookup indexes, the lookup key is rotated,
+    /// every lookup value rewritten under it and its old versions retired
+    /// (unless --keep-lookup-key).
     #[arg(long)]
     all: bool,
+    /// With --all: leave the lookup key and the lookup indexes as they are.
+    #[arg(long, requires = "all")]
+    keep_lookup_key: bool,
     /// The owners due under the rotation policy, as --all does.
     #[arg(long)]
     due: bool,
@@ -125,6 +132,14 @@ where
             plan.estimate_seconds,
             plan.sample_rows
         );
+        if args.all && !args.keep_lookup_key && !env.lookup.is_empty() {
+            let names: Vec<&str> = env.lookup.iter().map(|t| t.table()).collect();
+            outln!(
+                env,
+                "Then the lookup key would be rotated, the lookup values of {} rewritten under it, and its old versions retired.",
+                names.join(", ")
+            );
+        }
         env.out.set(
             "plan",
             json!({
@@ -219,6 +234,18 @@ where
     env.out.set("skipped", report.skipped);
     env.out.set("pending", report.pending);
     env.out.set("claimed_by_others", report.claimed_by_others);
+    if args.all && !args.keep_lookup_key && !env.lookup.is_empty() {
+        // Every owner is rotated: so is the key of the indexes across them.
+        let rotation =
+            lookup::rotate(&mut conn, &keyring, &env.lookup, &ReindexOptions::default())?;
+        outln!(env, "Lookup indexes: {rotation}.");
+        env.out.set("lookup_version", rotation.version);
+        env.out.set(
+            "lookup_rewritten",
+            rotation.reindexed.iter().map(|r| r.rewritten).sum::<u64>(),
+        );
+        env.out.set("lookup_retired", rotation.retired.clone());
+    }
     if report.pending > 0 {
         return Ok(ExitCode::from(EXIT_NOT_VERIFIED));
     }

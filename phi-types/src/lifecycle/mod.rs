@@ -684,9 +684,9 @@ pub fn reseal<C: DataConnection>(
             let mut idle = 0;
             loop {
                 let mut rows: Vec<Option<String>> = Vec::new();
-                let mut reseal = |value: &tables::StoredValue| -> Result<Vec<u8>> {
+                let mut reseal = |value: &tables::StoredValue| -> Result<tables::Resealed> {
                     rows.push(crate::keyring::row_text(value.row()));
-                    reseal_value(&keys, value, &c.scope)
+                    reseal_value(&keys, value.bytes.clone(), c, value.row())
                 };
                 let outcome = conn.reseal_batch(t, c, owner, current, batch, &mut reseal)?;
                 keyring.record_job(
@@ -731,17 +731,25 @@ pub fn reseal<C: DataConnection>(
     Ok(report)
 }
 
-/// Opens one stored value (as raw plaintext bytes: every value type's
-/// encoding is bytes) and seals it under the current version with the same
-/// binding.
-fn reseal_value(keys: &OwnerKeys, value: &tables::StoredValue, scope: &str) -> Result<Vec<u8>> {
-    let row = value.row();
-    let plain = Zeroizing::new(keys.open::<Vec<u8>>(
-        Encrypted::from_bytes(value.bytes.clone()),
-        scope,
-        row,
-    )?);
-    Ok(keys.seal::<Vec<u8>>(&plain, scope, row)?.into_bytes())
+/// Opens one stored value of `column` (as raw plaintext bytes: every value
+/// type's encoding is bytes) and seals it under the current version with
+/// the same binding; when the column has a blind index, computes the
+/// value's index under that same version from the plaintext (the encoding
+/// the model indexes).
+fn reseal_value(
+    keys: &OwnerKeys,
+    stored: Vec<u8>,
+    column: &ResealColumn,
+    row: &[u8],
+) -> Result<tables::Resealed> {
+    let scope = column.scope.as_str();
+    let plain = Zeroizing::new(keys.open::<Vec<u8>>(Encrypted::from_bytes(stored), scope, row)?);
+    let value = keys.seal::<Vec<u8>>(&plain, scope, row)?.into_bytes();
+    let index = match &column.blind_index {
+        Some((_, normalize)) => Some(keys.blind_index(scope, &*plain, *normalize)?),
+        None => None,
+    };
+    Ok(tables::Resealed { value, index })
 }
 
 // ---------------------------------------------------------------------------

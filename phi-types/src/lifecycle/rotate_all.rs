@@ -36,7 +36,7 @@ pub use crate::store::claims::{
     skip_locked_supported,
 };
 
-use super::tables::{self, DataConnection, MigrationRow, ResealTable};
+use super::tables::{DataConnection, MigrationRow, ResealTable, Resealed};
 use super::{DEFAULT_BATCH_SIZE, event_by, is_shredded, kek_error};
 use crate::envelope::{MAGIC, VERSION_V1};
 use crate::error::{Error, Result};
@@ -51,8 +51,11 @@ use crate::store::{AuditAction, KeyState, StoredKey};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RotateOwners {
-    /// Every owner with a data key (phi's own keys, `phi:…`, are left out:
-    /// the lookup key is rotated with `lookup::reindex`).
+    /// Every owner with a data key. phi's own keys (`phi:…`) are left out:
+    /// the lookup key, which keys the lookup indexes of every owner's rows,
+    /// is rotated and its indexes rewritten by
+    /// [`lookup::rotate`](crate::lookup::rotate), to run beside an
+    /// emergency rotation of every owner (`phi keys rotate --all` runs both).
     All,
     /// The owners due under the keyring's rotation policy
     /// ([`due_owner_ids`](super::due_owner_ids)).
@@ -258,9 +261,13 @@ pub enum RotateStage {
 /// Rotates every owner of `owners` in `tables` as one job shared by any
 /// number of workers (see the module docs): per owner a new data key
 /// version, every value of the tables re-sealed under it (set-based,
-/// across a batch of owners), a sample opened, and the older versions
-/// retired once no value uses them; each change audited and appended to
-/// the key-event feed. `conn` is the application's connection, outside
+/// across a batch of owners) with its blind index (a column's
+/// [`ResealColumn::blind_index`](super::ResealColumn::blind_index))
+/// rewritten under it in the same `UPDATE`, a sample opened and its blind
+/// indexes checked, and the older versions retired once no value uses
+/// them; each change audited and appended to the key-event feed. Lookup
+/// indexes are keyed by phi's own key, not the owners': rotate it with
+/// [`lookup::rotate`](crate::lookup::rotate). `conn` is the application's connection, outside
 /// any transaction; the key store must keep rotation jobs
 /// ([`DieselKeyStore`](crate::DieselKeyStore)).
 ///
@@ -611,10 +618,7 @@ fn reseal_table<C: DataConnection>(
     } else {
         options.batch_size
     };
-    let whole_rows = t.key_column.is_some()
-        && !t.columns.is_empty()
-        && t.columns.len() <= tables::MAX_ROW_COLUMNS;
-    if !whole_rows {
+    if !t.whole_rows() {
         for owner in groups.values().flatten() {
             let done = super::reseal(
                 conn,
@@ -635,7 +639,7 @@ fn reseal_table<C: DataConnection>(
             let mut idle = 0;
             loop {
                 let mut turned = 0u64;
-                let mut reseal = |row: &MigrationRow, i: usize| -> Result<Option<Vec<u8>>> {
+                let mut reseal = |row: &MigrationRow, i: usize| -> Result<Option<Resealed>> {
                     let Some(bytes) = row.values.get(i).and_then(Option::as_ref) else {
                         return Ok(None);
                     };
@@ -646,18 +650,10 @@ fn reseal_table<C: DataConnection>(
                     let owner_keys = keys.get(&row.owner).ok_or_else(|| Error::NoKey {
                         owner: row.owner.clone(),
                     })?;
-                    let scope = &t.columns[i].scope;
-                    let plain = Zeroizing::new(owner_keys.open::<Vec<u8>>(
-                        Encrypted::from_bytes(bytes.clone()),
-                        scope,
-                        &row.row,
-                    )?);
+                    let resealed =
+                        super::reseal_value(owner_keys, bytes.clone(), &t.columns[i], &row.row)?;
                     turned += 1;
-                    Ok(Some(
-                        owner_keys
-                            .seal::<Vec<u8>>(&plain, scope, &row.row)?
-                            .into_bytes(),
-                    ))
+                    Ok(Some(resealed))
                 };
                 let outcome = conn.reseal_owner_rows(t, chunk, *version, batch, &mut reseal)?;
                 if outcome.read == 0 {
@@ -690,8 +686,9 @@ fn reseal_table<C: DataConnection>(
     Ok(())
 }
 
-/// Opens up to `sample` values of `owners` in `t` and checks each is
-/// under its owner's new version.
+/// Opens up to `sample` values of `owners` in `t`, checks each is under
+/// its owner's new version, and that the blind index beside a value under
+/// the new version is the one computed under it.
 fn verify_sample<C: DataConnection>(
     conn: &mut C,
     t: &ResealTable,
@@ -701,10 +698,7 @@ fn verify_sample<C: DataConnection>(
     sample: usize,
     report: &mut RotateAllReport,
 ) -> Result<()> {
-    let whole_rows = t.key_column.is_some()
-        && !t.columns.is_empty()
-        && t.columns.len() <= tables::MAX_ROW_COLUMNS;
-    if sample == 0 || !whole_rows || owners.is_empty() {
+    if sample == 0 || !t.whole_rows() || owners.is_empty() {
         return Ok(());
     }
     let rows = conn.owner_rows(
@@ -714,8 +708,10 @@ fn verify_sample<C: DataConnection>(
         sample,
     )?;
     for row in &rows {
-        for (i, value) in row.values.iter().enumerate() {
-            let Some(bytes) = value else { continue };
+        for (i, c) in t.columns.iter().enumerate() {
+            let Some(Some(bytes)) = row.values.get(i) else {
+                continue;
+            };
             let Some(version) = envelope_version(bytes) else {
                 continue;
             };
@@ -723,18 +719,35 @@ fn verify_sample<C: DataConnection>(
             else {
                 continue;
             };
-            let c = &t.columns[i];
             let plain = Zeroizing::new(owner_keys.open::<Vec<u8>>(
                 Encrypted::from_bytes(bytes.clone()),
                 &c.scope,
                 &row.row,
             )?);
-            drop(plain);
             report.sampled += 1;
             if version < *want {
                 // Written meanwhile under an old version: the count after
                 // this sample leaves the owner pending.
                 tracing::debug!(version, want, "a sampled value is under an older version");
+                continue;
+            }
+            let (Some((index, normalize)), Some(p)) = (&c.blind_index, t.index_position(i)) else {
+                continue;
+            };
+            let expected = owner_keys.blind_index_under(version, &c.scope, &*plain, *normalize);
+            if expected.is_none() || row.values.get(p).and_then(Option::as_ref) != expected.as_ref()
+            {
+                return Err(Error::DataTable {
+                    operation: "verifying re-sealed rows",
+                    table: t.table.clone(),
+                    column: index.clone(),
+                    owner: row.owner.clone(),
+                    source: format!(
+                        "row {:?}: the blind index is not the one of its value under key version {version}",
+                        row.key_text()
+                    )
+                    .into(),
+                });
             }
         }
     }
@@ -848,10 +861,7 @@ pub fn plan<C: DataConnection>(
     let started = Instant::now();
     let mut sampled_rows = 0u64;
     for t in tables {
-        let whole_rows = t.key_column.is_some()
-            && !t.columns.is_empty()
-            && t.columns.len() <= tables::MAX_ROW_COLUMNS;
-        if !whole_rows {
+        if !t.whole_rows() {
             continue;
         }
         for row in conn.owner_rows(t, &sample_owners, None, sample)? {
@@ -859,18 +869,14 @@ pub fn plan<C: DataConnection>(
             let Some(owner_keys) = keys.get(&row.owner) else {
                 continue;
             };
-            for (i, value) in row.values.iter().enumerate() {
-                let Some(bytes) = value else { continue };
+            for (i, c) in t.columns.iter().enumerate() {
+                let Some(Some(bytes)) = row.values.get(i) else {
+                    continue;
+                };
                 if envelope_version(bytes).is_none() {
                     continue;
                 }
-                let scope = &t.columns[i].scope;
-                let plain = Zeroizing::new(owner_keys.open::<Vec<u8>>(
-                    Encrypted::from_bytes(bytes.clone()),
-                    scope,
-                    &row.row,
-                )?);
-                drop(owner_keys.seal::<Vec<u8>>(&plain, scope, &row.row)?);
+                drop(super::reseal_value(owner_keys, bytes.clone(), c, &row.row)?);
             }
         }
     }

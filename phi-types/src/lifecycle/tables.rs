@@ -273,6 +273,11 @@ pub struct ResealColumn {
     pub column: String,
     /// The scope its values are bound to: `table.column` unless pinned.
     pub scope: String,
+    /// The blind index column kept beside it (`#[phi(encrypt, blind_index
+    /// = …)]`) and how values are normalised before they are hashed: a
+    /// re-seal writes each value's index under the version it seals the
+    /// value with, in the same `UPDATE`. `None`: no blind index.
+    pub blind_index: Option<(String, Normalize)>,
 }
 
 impl ResealTable {
@@ -372,14 +377,85 @@ impl ResealTable {
         self.columns.push(ResealColumn {
             column: column.into(),
             scope: scope.into(),
+            blind_index: None,
         });
         self
+    }
+
+    /// Gives the encrypted column added last its blind index column
+    /// (`#[phi(encrypt, blind_index = index_column, normalize = …)]`): the
+    /// jobs that re-seal its values write each one's index, recomputed from
+    /// the plaintext under the version the value is sealed with, in the
+    /// same `UPDATE` as the new ciphertext (a lookup then no longer needs
+    /// the older versions' keys).
+    ///
+    /// ```
+    /// use phi_types::blind::Normalize;
+    /// use phi_types::lifecycle::ResealTable;
+    /// let cases = ResealTable::new("cases", "user_id")
+    ///     .key_column("case_id")
+    ///     .column("patient_last")
+    ///     .blind_index("patient_last_bidx", Normalize::TRIM_LOWERCASE);
+    /// let spec = "cases:user_id:case_id:patient_last/patient_last_bidx#trim+lowercase";
+    /// assert_eq!(ResealTable::parse(spec)?, cases);
+    /// assert_eq!(cases.to_string(), spec);
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    ///
+    /// Called before any column, it names no column: [`ResealTable::parse`]
+    /// and the jobs refuse the table.
+    #[must_use]
+    pub fn blind_index(mut self, index_column: impl Into<String>, normalize: Normalize) -> Self {
+        let index = Some((index_column.into(), normalize));
+        match self.columns.last_mut() {
+            Some(last) => last.blind_index = index,
+            None => self.columns.push(ResealColumn {
+                column: String::new(),
+                scope: String::new(),
+                blind_index: index,
+            }),
+        }
+        self
+    }
+
+    /// The columns the whole-row jobs read, in [`MigrationRow::values`]'
+    /// order: the encrypted columns, then the blind index columns.
+    pub(crate) fn read_columns(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|c| c.column.as_str()).chain(
+            self.columns
+                .iter()
+                .filter_map(|c| c.blind_index.as_ref().map(|(i, _)| i.as_str())),
+        )
+    }
+
+    /// Where the blind index of `self.columns[i]` sits among the
+    /// [`read_columns`](Self::read_columns), when it has one.
+    pub(crate) fn index_position(&self, i: usize) -> Option<usize> {
+        self.columns.get(i)?.blind_index.as_ref()?;
+        let before = self.columns[..i]
+            .iter()
+            .filter(|c| c.blind_index.is_some())
+            .count();
+        Some(self.columns.len() + before)
+    }
+
+    /// Whether the set-based jobs read and write this table's rows whole
+    /// (several owners at once): it has a key column, and its encrypted and
+    /// blind index columns fit one read ([`MAX_ROW_COLUMNS`]). Others are
+    /// worked on column by column, owner by owner.
+    pub(crate) fn whole_rows(&self) -> bool {
+        self.key_column.is_some()
+            && !self.columns.is_empty()
+            && self.read_columns().count() <= MAX_ROW_COLUMNS
     }
 
     /// Parses `table:owner_column:key_column:col1,col2@scope,...[:flag]`:
     /// the key column may be empty (no row key); a column's scope is
     /// `table.column` (the table without its schema) unless given after
-    /// `@`. The owner and key columns are text unless followed by `#` and
+    /// `@`. A column with a blind index names it after `/`, before any
+    /// scope, with its normalisation after `#` (`trim`, `lowercase`,
+    /// `trim+lowercase`; none when left out):
+    /// `cases:user_id:case_id:patient_last/patient_last_bidx#trim+lowercase`. The owner and key columns are text unless followed by `#` and
     /// a [`ColumnType`] name (`text`, `i16`, `i32`, `i64`, `u16`, `u32`,
     /// `u64`): `cases:user_id#i64:id#i64:notes`. The optional fifth field
     /// names the encrypted flag column, a boolean unless followed by
@@ -392,7 +468,7 @@ impl ResealTable {
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::Config(format!(
-                "table description {spec:?}: {why} (expected table:owner_column[#type]:key_column[#type]:col1,col2@scope[:flag_column[#bool|#int]])"
+                "table description {spec:?}: {why} (expected table:owner_column[#type]:key_column[#type]:col1[/index[#normalisation]][@scope],col2[:flag_column[#bool|#int]])"
             ))
         };
         let typed = |field: &str| -> Result<(String, ColumnType)> {
@@ -424,10 +500,40 @@ impl ResealTable {
             return Err(bad("a key column type is given without a key column"));
         }
         for column in columns.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-            out = match column.split_once('@') {
-                Some((column, scope)) => out.column_with_scope(column.trim(), scope.trim()),
+            let (column, scope) = match column.split_once('@') {
+                Some((column, scope)) => (column, Some(scope.trim())),
+                None => (column, None),
+            };
+            // `column/index#normalisation`: the index is named before any
+            // scope, which may hold any character.
+            let (column, index) = match column.split_once('/') {
+                Some((column, index)) => (column.trim(), Some(index)),
+                None => (column.trim(), None),
+            };
+            out = match scope {
+                Some(scope) => out.column_with_scope(column, scope),
                 None => out.column(column),
             };
+            if let Some(index) = index {
+                let (index, normalize) = match index.split_once('#') {
+                    None => (index.trim(), Normalize::NONE),
+                    Some((index, names)) => (
+                        index.trim(),
+                        normalize_from_names(names).ok_or_else(|| {
+                            bad(&format!(
+                                "unknown normalisation {:?} (none, trim, lowercase or trim+lowercase)",
+                                names.trim()
+                            ))
+                        })?,
+                    ),
+                };
+                if index.is_empty() {
+                    return Err(bad(&format!(
+                        "column {column:?} names an empty blind index column"
+                    )));
+                }
+                out = out.blind_index(index, normalize);
+            }
         }
         if out.columns.is_empty() {
             return Err(bad("no encrypted column is named"));
@@ -471,6 +577,12 @@ impl ResealTable {
             )));
         }
         for c in &self.columns {
+            if let (true, Some((index, _))) = (c.column.is_empty(), &c.blind_index) {
+                return Err(Error::Config(format!(
+                    "table {}: the blind index column {index:?} is given before any encrypted column",
+                    self.table
+                )));
+            }
             check_identifier("column", &c.column, false)?;
             if c.scope.is_empty() {
                 return Err(Error::Config(format!(
@@ -478,9 +590,43 @@ impl ResealTable {
                     self.table, c.column
                 )));
             }
+            if let Some((index, _)) = &c.blind_index {
+                check_identifier("blind index column", index, false)?;
+            }
         }
         Ok(())
     }
+}
+
+/// The name of a normalisation in a table description: `none`, `trim`,
+/// `lowercase` or `trim+lowercase`.
+fn normalize_name(normalize: Normalize) -> &'static str {
+    match (normalize.trims(), normalize.lowercases()) {
+        (false, false) => "none",
+        (true, false) => "trim",
+        (false, true) => "lowercase",
+        (true, true) => "trim+lowercase",
+    }
+}
+
+/// The normalisation `names` names (`trim`, `lowercase`, both joined by
+/// `+` in any order, or `none`), case-insensitive.
+fn normalize_from_names(names: &str) -> Option<Normalize> {
+    let (mut trim, mut lowercase) = (false, false);
+    for name in names.split('+').map(str::trim) {
+        match name.to_ascii_lowercase().as_str() {
+            "trim" => trim = true,
+            "lowercase" => lowercase = true,
+            "none" => {}
+            _ => return None,
+        }
+    }
+    Some(match (trim, lowercase) {
+        (false, false) => Normalize::NONE,
+        (true, false) => Normalize::TRIM,
+        (false, true) => Normalize::LOWERCASE,
+        (true, true) => Normalize::TRIM_LOWERCASE,
+    })
 }
 
 impl fmt::Display for ResealTable {
@@ -501,10 +647,15 @@ impl fmt::Display for ResealTable {
             if i > 0 {
                 f.write_str(",")?;
             }
-            if c.scope == self.default_scope(&c.column) {
-                f.write_str(&c.column)?;
-            } else {
-                write!(f, "{}@{}", c.column, c.scope)?;
+            f.write_str(&c.column)?;
+            if let Some((index, normalize)) = &c.blind_index {
+                write!(f, "/{index}")?;
+                if *normalize != Normalize::NONE {
+                    write!(f, "#{}", normalize_name(*normalize))?;
+                }
+            }
+            if c.scope != self.default_scope(&c.column) {
+                write!(f, "@{}", c.scope)?;
             }
         }
         if let Some(flag) = &self.flag_column {
@@ -554,6 +705,9 @@ pub struct StoredColumn {
     pub shadow: Option<&'static str>,
     /// The blind index column computed from it, and its normalisation.
     pub blind_index: Option<(&'static str, Normalize)>,
+    /// The lookup index column computed from it (`#[phi(encrypt,
+    /// lookup_index = …)]`, see [`crate::lookup`]), and its normalisation.
+    pub lookup_index: Option<(&'static str, Normalize)>,
     /// Decodes plain bytes as the field's type and encodes the value
     /// again: the canonical encoding, which the model seals and indexes
     /// ([`canonical`](crate::migrate::canonical)).
@@ -570,6 +724,7 @@ impl fmt::Debug for StoredColumn {
             .field("scope", &self.scope)
             .field("shadow", &self.shadow)
             .field("blind_index", &self.blind_index)
+            .field("lookup_index", &self.lookup_index)
             .finish_non_exhaustive()
     }
 }
@@ -647,6 +802,9 @@ impl StoredTable {
             .flag_column_typed(self.flag_column, flag_type);
         for c in &self.columns {
             out = out.column_with_scope(c.sealed_column(), c.scope);
+            if let Some((index, normalize)) = c.blind_index {
+                out = out.blind_index(index, normalize);
+            }
         }
         Ok(out)
     }
@@ -664,6 +822,9 @@ impl StoredTable {
             }
             if let Some((index, _)) = c.blind_index {
                 check_identifier("blind index column", index, false)?;
+            }
+            if let Some((lookup, _)) = c.lookup_index {
+                check_identifier("lookup column", lookup, false)?;
             }
         }
         let unsupported = |what: &str, column: &str| {
@@ -741,12 +902,19 @@ pub(crate) struct BatchOutcome {
     pub(crate) conflicts: u64,
 }
 
+/// A value re-sealed: its new bytes, and when its column has a blind
+/// index, the index recomputed under the version it is now sealed with.
+pub(crate) struct Resealed {
+    pub(crate) value: Vec<u8>,
+    pub(crate) index: Option<Vec<u8>>,
+}
+
 /// Turns a value's old bytes into its new bytes (open, then seal).
-pub(crate) type Reseal<'a> = dyn FnMut(&StoredValue) -> Result<Vec<u8>> + 'a;
+pub(crate) type Reseal<'a> = dyn FnMut(&StoredValue) -> Result<Resealed> + 'a;
 
 /// Turns the value of column `i` of a row into its new bytes (`None`:
-/// leave it as it is).
-pub(crate) type ResealRow<'a> = dyn FnMut(&MigrationRow, usize) -> Result<Option<Vec<u8>>> + 'a;
+/// leave it, and its blind index, as they are).
+pub(crate) type ResealRow<'a> = dyn FnMut(&MigrationRow, usize) -> Result<Option<Resealed>> + 'a;
 
 /// Most encrypted columns a table may have for the jobs that read whole
 /// rows of several owners at once ([`DataConnection::owner_rows`]).
@@ -1403,9 +1571,10 @@ impl Dialect {
         if let Some(k) = &t.key_column {
             s.bigint(k, t.key_type.is_integer()).sql(" AS row_key, ");
         }
+        let read: Vec<&str> = t.read_columns().collect();
         for slot in 0..VALUE_SLOTS {
-            match t.columns.get(slot) {
-                Some(c) => s.ident(&c.column),
+            match read.get(slot) {
+                Some(&column) => s.ident(column),
                 None => s.sql("NULL"),
             };
             s.sql(format!(" AS v{slot}, "));
@@ -2049,9 +2218,9 @@ fn owner_values(t: &ResealTable, owners: &[String]) -> Result<Vec<SqlValue>> {
 /// [`MAX_ROW_COLUMNS`] encrypted columns.
 fn check_row_table(t: &ResealTable) -> Result<()> {
     t.validate()?;
-    if t.key_column.is_none() || t.columns.is_empty() || t.columns.len() > MAX_ROW_COLUMNS {
+    if !t.whole_rows() {
         return Err(Error::Config(format!(
-            "table {}: reading whole rows of several owners needs a key column and 1 to {MAX_ROW_COLUMNS} encrypted columns",
+            "table {}: reading whole rows of several owners needs a key column and 1 to {MAX_ROW_COLUMNS} encrypted and blind index columns",
             t.table
         )));
     }
@@ -2063,7 +2232,7 @@ macro_rules! load_owner_rows {
     ($query:expr, $conn:expr, $table:expr) => {{
         let (t, query): (&ResealTable, Statement<'_>) = ($table, $query);
         (|| -> std::result::Result<Vec<MigrationRow>, TxError> {
-            let n = t.columns.len();
+            let n = t.read_columns().count();
             Ok(if t.key_type.is_integer() {
                 query
                     .load::<IntHeadValues>($conn)?
@@ -2246,11 +2415,12 @@ macro_rules! data_connection {
                         for value in &values {
                             news.push(reseal(value)?);
                         }
+                        let index = column.blind_index.as_ref().map(|(i, _)| i.as_str());
                         let update = SetUpdate {
                             shape: d.shape,
                             table: &table.table,
                             matches: vec![key_column, &column.column],
-                            sets: vec![&column.column],
+                            sets: std::iter::once(column.column.as_str()).chain(index).collect(),
                             text_sets: Vec::new(),
                             extra: None,
                             guard_flag: None,
@@ -2262,11 +2432,15 @@ macro_rules! data_connection {
                             .iter()
                             .zip(&news)
                             .filter_map(|(value, new)| {
-                                Some(vec![
+                                let mut row = vec![
                                     SetValue::Key(value.key.as_ref()?),
                                     SetValue::Bytes(Some(&value.bytes)),
-                                    SetValue::Bytes(Some(new)),
-                                ])
+                                    SetValue::Bytes(Some(&new.value)),
+                                ];
+                                if index.is_some() {
+                                    row.push(SetValue::Bytes(new.index.as_deref()));
+                                }
+                                Some(row)
                             })
                             .collect();
                         let written = run_set_update(conn, d, update, rows)?;
@@ -2289,7 +2463,11 @@ macro_rules! data_connection {
                             .sql(" SET ")
                             .ident(c)
                             .sql(" = ")
-                            .bytes(new)
+                            .bytes(new.value);
+                        if let (Some((index, _)), Some(value)) = (&column.blind_index, new.index) {
+                            update.sql(", ").ident(index).sql(" = ").bytes(value);
+                        }
+                        update
                             .sql(" WHERE ")
                             .ident(&table.owner_column)
                             .sql(" = ")
@@ -2447,7 +2625,7 @@ macro_rules! data_connection {
                     if rows.is_empty() {
                         return Ok(outcome);
                     }
-                    let mut news: Vec<Vec<Option<Vec<u8>>>> = Vec::with_capacity(rows.len());
+                    let mut news: Vec<Vec<Option<Resealed>>> = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let mut new = Vec::with_capacity(table.columns.len());
                         for i in 0..table.columns.len() {
@@ -2464,7 +2642,7 @@ macro_rules! data_connection {
                         shape: d.shape,
                         table: &table.table,
                         matches: vec![key_column, &table.owner_column],
-                        sets: table.columns.iter().map(|c| c.column.as_str()).collect(),
+                        sets: table.read_columns().collect(),
                         text_sets: Vec::new(),
                         extra: None,
                         guard_flag: None,
@@ -2479,7 +2657,17 @@ macro_rules! data_connection {
                         .map(|((row, new), owner)| {
                             let mut values = vec![SetValue::Key(&row.key), SetValue::Key(owner)];
                             for (old, new) in row.values.iter().zip(new) {
-                                values.push(SetValue::Bytes(new.as_deref().or(old.as_deref())));
+                                let new = new.as_ref().map(|n| n.value.as_slice());
+                                values.push(SetValue::Bytes(new.or(old.as_deref())));
+                            }
+                            // Each blind index beside its value: recomputed
+                            // with a re-sealed value, else as read.
+                            for (i, new) in new.iter().enumerate() {
+                                if let Some(p) = table.index_position(i) {
+                                    let old = row.values.get(p).and_then(Option::as_deref);
+                                    let new = new.as_ref().and_then(|n| n.index.as_deref());
+                                    values.push(SetValue::Bytes(new.or(old)));
+                                }
                             }
                             values
                         })
@@ -2951,6 +3139,53 @@ mod tests {
         assert!(
             err.to_string().contains("not a plain SQL identifier"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn blind_index_columns_parse_and_display() {
+        let t = ResealTable::parse(
+            "clinic.cases:user_id:id:last/last_bidx#Lowercase+TRIM@cases.last_name,dob/dob_bidx,notes",
+        )
+        .expect("parses");
+        assert_eq!(
+            t,
+            ResealTable::new("cases", "user_id")
+                .in_schema("clinic")
+                .key_column("id")
+                .column_with_scope("last", "cases.last_name")
+                .blind_index("last_bidx", Normalize::TRIM_LOWERCASE)
+                .column("dob")
+                .blind_index("dob_bidx", Normalize::NONE)
+                .column("notes")
+        );
+        assert_eq!(
+            t.to_string(),
+            "clinic.cases:user_id:id:last/last_bidx#trim+lowercase@cases.last_name,dob/dob_bidx,notes"
+        );
+        assert_eq!(ResealTable::parse(&t.to_string()).expect("again"), t);
+        assert_eq!(
+            t.read_columns().collect::<Vec<_>>(),
+            ["last", "dob", "notes", "last_bidx", "dob_bidx"]
+        );
+        assert_eq!(
+            (0..3).map(|i| t.index_position(i)).collect::<Vec<_>>(),
+            [Some(3), Some(4), None]
+        );
+        for (spec, why) in [
+            ("cases:user_id:id:last/", "empty blind index"),
+            ("cases:user_id:id:last/x#upper", "unknown normalisation"),
+            ("cases:user_id:id:last/a-b", "not a plain SQL identifier"),
+            ("cases:user_id:id:/last_bidx", "before any encrypted column"),
+        ] {
+            let error = ResealTable::parse(spec).expect_err(spec).to_string();
+            assert!(error.contains(why), "{spec}: {error}");
+        }
+        let early = ResealTable::new("cases", "user_id").blind_index("bidx", Normalize::NONE);
+        let error = early.validate().expect_err("no column").to_string();
+        assert!(
+            error.contains("\"bidx\" is given before any encrypted column"),
+            "{error}"
         );
     }
 
