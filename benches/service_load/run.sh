@@ -7,6 +7,14 @@
 #   benches/service_load/run.sh                  # PostgreSQL and SQLite, 30 s per route
 #   DURATION=10s BACKENDS=sqlite benches/service_load/run.sh
 #   ROUTES="get-one list-50" SKIP_COLD=1 benches/service_load/run.sh   # the access log's cost
+#   LOG_COST=1 ROUNDS=5 benches/service_load/run.sh   # the same, interleaved
+#
+# LOG_COST=1 measures only the access log's cost: two services on the same
+# database, one with the log (the default) and one started with
+# --no-access-log, get-one and list-50 on each alternately, ROUNDS times
+# (no twin routes, no cold start), each run's CPU work counted by `perf
+# stat` (see `counted`). DB_NAME names the PostgreSQL database
+# made anew (default phi_service_load; the cold start's gets `_cold`).
 #
 # For each backend: a fresh database seeded with 100,000 cases over 100
 # providers (both tables, same ids and values); the release-built service;
@@ -32,6 +40,8 @@ BACKENDS=${BACKENDS:-"postgres sqlite"}
 ROUTES=${ROUTES:-"get-one list-50 create duplicates"}
 # 1: skip the cold start against moto.
 SKIP_COLD=${SKIP_COLD:-0}
+LOG_COST=${LOG_COST:-0}
+DB_NAME=${DB_NAME:-phi_service_load}
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 PG_BASE=${PG_BASE:-postgres://postgres@127.0.0.1:5432}
 OUT=${OUT:-target/service_load}
@@ -81,6 +91,42 @@ start_service() { # DATABASE_URL [args…]
   done
   BASE=$(sed -n 's/^listening on //p' "$OUT/service.out")
 }
+# One LOG_COST run, with the CPU time of the services and of their
+# PostgreSQL backends counted by `perf stat` over the run: per request, a
+# measure that the other load of a shared host moves much less than it
+# moves the throughput.
+counted() { # NAME BACKEND ROUTE
+  local pids=$SERVICE_PIDS
+  if [ "$2" = postgres ]; then
+    pids=$pids,$(psql -Atq "$PG_BASE/$DB_NAME" -c \
+      "SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+  fi
+  perf stat -x, -e task-clock,context-switches -p "$pids" -o "$OUT/$1.perf" -- sleep "${DURATION%s}" &
+  local perf=$!
+  load "$1" "$DURATION" "$3" ""
+  wait "$perf"
+}
+# LOG_COST=1: the access log's cost, the two services interleaved.
+log_cost() { # BACKEND URL
+  start_service "$2" --no-access-log
+  local nolog_pid=$PID nolog_base=$BASE
+  start_service "$2"
+  local log_pid=$PID log_base=$BASE
+  SERVICE_PIDS=$nolog_pid,$log_pid
+  for route in get-one list-50; do
+    BASE=$log_base load warmup "$WARMUP" "$route" ""
+    BASE=$nolog_base load warmup "$WARMUP" "$route" ""
+    for round in $(seq "$ROUNDS"); do
+      BASE=$log_base counted "$1-$route-phi-$round" "$1" "$route"
+      BASE=$nolog_base counted "$1-$route-nolog-$round" "$1" "$route"
+    done
+  done
+  PID=$log_pid
+  echo "$(peak_memory)" >"$OUT/$1-peak-memory.txt"
+  stop_service
+  PID=$nolog_pid
+  stop_service
+}
 stop_service() {
   kill -TERM "$PID"
   wait "$PID"
@@ -122,9 +168,14 @@ pair() { # BACKEND ROUTE: warm-up of both, then sealed and twin alternately
 
 for backend in $BACKENDS; do
   step "$backend: seeding $((PROVIDERS * CASES_PER)) cases over $PROVIDERS providers"
-  url=$(fresh_database "$backend" phi_service_load)
+  url=$(fresh_database "$backend" "$DB_NAME")
   "$BIN" --database-url "$url" seed --providers "$PROVIDERS" --cases-per-provider "$CASES_PER" | tee "$OUT/$backend-seed.txt"
   tokens provider- "$PROVIDERS" "$OUT/tokens.txt"
+  if [ "$LOG_COST" = 1 ]; then
+    step "$backend: the access log's cost, $CONNS connections, $ROUNDS rounds of $DURATION, interleaved"
+    log_cost "$backend" "$url"
+    continue
+  fi
   start_service "$url"
   step "$backend: load, $CONNS connections, $DURATION per run after $WARMUP warm-up"
   for route in $ROUTES; do
@@ -157,7 +208,7 @@ for backend in $BACKENDS; do
   for _ in $(seq 100); do curl -fs "$kms/moto-api/" >/dev/null && break; sleep 0.2; done
   export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_ENDPOINT_URL=$kms AWS_EC2_METADATA_DISABLED=true
   key=$(python3 -c 'import boto3, sys; print(boto3.client("kms", endpoint_url=sys.argv[1], region_name="us-east-1").create_key()["KeyMetadata"]["KeyId"])' "$kms")
-  cold_url=$(fresh_database "$backend" phi_service_load_cold)
+  cold_url=$(fresh_database "$backend" "${DB_NAME}_cold")
   "$BIN" --database-url "$cold_url" --kek "aws-kms:$key" seed --providers "$COLD_PROVIDERS" --cases-per-provider 1 --prefix cold-
   tokens cold- "$COLD_PROVIDERS" "$OUT/cold-tokens.txt"
   start_service "$cold_url" --kek "aws-kms:$key"
@@ -187,26 +238,33 @@ PY
 done
 
 step "report"
-python3 - "$OUT" "$BACKENDS" "$ROUNDS" <<'PY' | tee "$OUT/report.md"
+python3 - "$OUT" "$BACKENDS" "$ROUNDS" "$LOG_COST" <<'PY' | tee "$OUT/report.md"
 import json, os, sys
-out, backends, rounds = sys.argv[1], sys.argv[2].split(), int(sys.argv[3])
+out, backends, rounds, log_cost = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), sys.argv[4] == "1"
 def stats(name):
     runs = [json.load(open(f"{out}/{name}-{r}.json")) for r in range(1, rounds + 1)]
     rps = sum(r["requests"] / (r["duration_us"] / 1e6) for r in runs) / len(runs)
     pct = lambda p: sum(r[p] for r in runs) / len(runs) / 1000
     bad = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
     return rps, pct("p50_us"), pct("p95_us"), pct("p99_us"), bad
-print("| backend | route | phi req/s | twin req/s | throughput ratio | phi p50 / p95 / p99 ms | twin p50 / p95 / p99 ms | p95 ratio | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
+def stats1(name, r):
+    run = json.load(open(f"{out}/{name}-{r}.json"))
+    return run["requests"] / (run["duration_us"] / 1e6)
 routes = os.environ.get("ROUTES", "get-one list-50 create duplicates").split()
-for b in backends:
-    for route in routes:
-        p = stats(f"{b}-{route}-phi"); t = stats(f"{b}-{route}-plain")
-        bad = p[4] + t[4]
-        print(f"| {b} | {route} | {p[0]:.0f} | {t[0]:.0f} | {p[0] / t[0]:.2f}× | {p[1]:.2f} / {p[2]:.2f} / {p[3]:.2f} | "
-              f"{t[1]:.2f} / {t[2]:.2f} / {t[3]:.2f} | {p[2] / t[2]:.2f}× | {bad} |")
-print()
-print("The access log's cost (sealed routes; with the log, as above, against --no-access-log):")
+if log_cost:
+    routes = ["get-one", "list-50"]
+else:
+    print("| backend | route | phi req/s | twin req/s | throughput ratio | phi p50 / p95 / p99 ms | twin p50 / p95 / p99 ms | p95 ratio | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b in backends:
+        for route in routes:
+            p = stats(f"{b}-{route}-phi"); t = stats(f"{b}-{route}-plain")
+            bad = p[4] + t[4]
+            print(f"| {b} | {route} | {p[0]:.0f} | {t[0]:.0f} | {p[0] / t[0]:.2f}× | {p[1]:.2f} / {p[2]:.2f} / {p[3]:.2f} | "
+                  f"{t[1]:.2f} / {t[2]:.2f} / {t[3]:.2f} | {p[2] / t[2]:.2f}× | {bad} |")
+    print()
+print("The access log's cost (sealed routes; with the log against --no-access-log"
+      + (", interleaved):" if log_cost else "):"))
 print()
 print("| backend | route | req/s with log | req/s without | throughput cost | p95 ms with / without | p95 cost |")
 print("|---|---|---|---|---|---|---|")
@@ -215,6 +273,38 @@ for b in backends:
         p = stats(f"{b}-{route}-phi"); n = stats(f"{b}-{route}-nolog")
         print(f"| {b} | {route} | {p[0]:.0f} | {n[0]:.0f} | {n[0] / p[0]:.3f}× | {p[2]:.2f} / {n[2]:.2f} | {p[2] / n[2]:.3f}× |")
 print()
+def counted(name):
+    """CPU ms and context switches per request over the rounds."""
+    cpu = switches = reqs = 0
+    for r in range(1, rounds + 1):
+        if not os.path.exists(f"{out}/{name}-{r}.perf"):
+            return None
+        for line in open(f"{out}/{name}-{r}.perf"):
+            f = line.strip().split(",")
+            if len(f) > 2 and f[0] not in ("", "<not counted>", "<not supported>"):
+                if f[2] == "task-clock":
+                    cpu += float(f[0])
+                elif f[2] == "context-switches":
+                    switches += float(f[0])
+        reqs += json.load(open(f"{out}/{name}-{r}.json"))["requests"]
+    return cpu / reqs, switches / reqs
+if log_cost:
+    print("CPU time per request (the services' threads, and on PostgreSQL the server's backends of the database):")
+    print()
+    print("| backend | route | CPU µs with log | without | CPU cost | context switches with / without |")
+    print("|---|---|---|---|---|---|")
+    for b in backends:
+        for route in routes:
+            p = counted(f"{b}-{route}-phi"); n = counted(f"{b}-{route}-nolog")
+            if p and n:
+                print(f"| {b} | {route} | {p[0] * 1000:.1f} | {n[0] * 1000:.1f} | {p[0] / n[0]:.3f}× | {p[1]:.2f} / {n[1]:.2f} |")
+    print()
+if rounds > 1:
+    print("Each round's throughput cost:", "; ".join(
+        f"{b} {route}: " + ", ".join(
+            f"{stats1(f'{b}-{route}-nolog', r) / stats1(f'{b}-{route}-phi', r):.3f}×" for r in range(1, rounds + 1))
+        for b in backends for route in [r for r in ["get-one", "list-50"] if r in routes]))
+    print()
 for b in backends:
     if os.path.exists(f"{out}/{b}-cold.txt"):
         print(f"- {b}: cold start: {open(f'{out}/{b}-cold.txt').read().strip()}")

@@ -14,7 +14,11 @@
 //! (default `sqlite://clinic-service.db`, created with no setup);
 //! `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE`, or `--kek aws-kms:KEY`
 //! (`--features aws-kms`), else a development key file created on the
-//! first run. `RUST_LOG` sets the request log's level (default `info`).
+//! first run. `RUST_LOG` sets the request log's level (default
+//! `info,phi::access=warn`: phi's `phi::access` event per access record is
+//! off, the access log's tables hold every record; `RUST_LOG=info` prints
+//! them too, at the price of a formatted line per record, fifty for a page
+//! of the list).
 //!
 //! Authentication: every case route (phi's and the twin's) takes
 //! `Authorization: Bearer TOKEN`, a JWT with `sub` (the user), `provider`
@@ -241,7 +245,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,phi::access=warn")),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)

@@ -362,6 +362,62 @@ fn fail_open_drops_and_counts_fail_closed_refuses() {
     }
 }
 
+/// The records of `chain`'s batches, batch by batch.
+fn batch_sizes(db: &TestDb, chain: &str) -> Vec<i64> {
+    tables(db).batches(chain, 1, 100).expect("batches").iter().map(|b| b.records).collect()
+}
+
+#[test]
+fn appends_linger_into_one_batch_until_a_flush() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("al-linger");
+    let chain = common::unique_owner("chain");
+    let log = DieselAccessLog::builder(tables(&db))
+        .chain(chain.clone())
+        .linger(Duration::from_secs(3600))
+        .start(&keyring)
+        .expect("log starts");
+    for i in 0..3 {
+        log.append(vec![record("dr-l", AccessOp::Read, &owner, &format!("r{i}"), now())]).expect("append");
+    }
+    // The writer lingers for more (an hour); the flush does not wait for it.
+    log.flush().expect("flush");
+    assert_eq!(log.counts().written, 3);
+    assert_eq!(batch_sizes(&db, &chain), [3], "three appends, one batch");
+    assert_eq!(verify(&db, &keyring, &chain).broken, None);
+}
+
+#[test]
+fn a_full_batch_is_written_without_lingering_and_the_rest_on_drop() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("al-full");
+    let chain = common::unique_owner("chain");
+    let log = DieselAccessLog::builder(tables(&db))
+        .chain(chain.clone())
+        .batch(2)
+        .linger(Duration::from_secs(3600))
+        .start(&keyring)
+        .expect("log starts");
+    for i in 0..2 {
+        log.append(vec![record("dr-f", AccessOp::Read, &owner, &format!("r{i}"), now())]).expect("append");
+    }
+    // Two records fill a batch: written without a flush and long before
+    // the hour of lingering is up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log.counts().written < 2 {
+        assert!(std::time::Instant::now() < deadline, "the full batch lingers: {:?}", log.counts());
+        std::thread::yield_now();
+    }
+    // A third lingers until the log is dropped, which writes it out
+    // without waiting.
+    log.append(vec![record("dr-f", AccessOp::Read, &owner, "r2", now())]).expect("append");
+    drop(log);
+    assert_eq!(batch_sizes(&db, &chain), [2, 1]);
+    assert_eq!(verify(&db, &keyring, &chain).broken, None);
+}
+
 #[test]
 fn oversized_fields_are_refused_with_their_name() {
     let db = TestDb::new();

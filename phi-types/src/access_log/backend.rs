@@ -10,7 +10,7 @@ use std::fmt;
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
-use super::{AccessFilter, BatchRow, StoredAccess};
+use super::{AccessFilter, BatchRow, RecordRef, StoredAccess};
 use crate::error::{Error, Result};
 use crate::store::schema::{phi_access_batches, phi_access_chains, phi_access_log};
 
@@ -126,20 +126,20 @@ struct LogInsert<'a> {
 }
 
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-impl<'a> From<&'a StoredAccess> for LogInsert<'a> {
-    fn from(r: &'a StoredAccess) -> Self {
+impl<'a> LogInsert<'a> {
+    fn new(chain: &'a str, batch: i64, r: &'a RecordRef<'a>) -> Self {
         LogInsert {
-            chain: &r.chain,
-            batch: r.batch,
+            chain,
+            batch,
             seq: i32::try_from(r.seq).unwrap_or(i32::MAX),
             occurred_at: r.occurred_at,
-            user_id: &r.user,
-            purpose: &r.purpose,
-            request_id: r.request_id.as_deref(),
-            op: &r.op,
-            owner_id: &r.owner_id,
-            table_name: &r.table,
-            row_key: r.row.as_deref(),
+            user_id: r.user,
+            purpose: r.purpose,
+            request_id: r.request_id,
+            op: r.op,
+            owner_id: r.owner_id,
+            table_name: r.table,
+            row_key: r.row,
             fields: &r.fields,
         }
     }
@@ -330,9 +330,12 @@ impl From<diesel::result::Error> for TxError {
 /// Inserts records: multi-row `INSERT`s.
 #[cfg(any(feature = "sqlite", feature = "mysql"))]
 macro_rules! insert_rows {
-    ($conn:expr, $records:expr) => {{
+    ($conn:expr, $chain:expr, $batch:expr, $records:expr) => {{
         for chunk in $records.chunks(ROWS_PER_INSERT) {
-            let rows: Vec<LogInsert<'_>> = chunk.iter().map(LogInsert::from).collect();
+            let rows: Vec<LogInsert<'_>> = chunk
+                .iter()
+                .map(|r| LogInsert::new($chain, $batch, r))
+                .collect();
             diesel::insert_into(phi_access_log::table)
                 .values(rows)
                 .execute($conn)?;
@@ -344,17 +347,21 @@ macro_rules! insert_rows {
 #[cfg(feature = "sqlite")]
 fn insert_records_sqlite(
     conn: &mut diesel::SqliteConnection,
-    records: &[StoredAccess],
+    chain: &str,
+    batch: i64,
+    records: &[RecordRef<'_>],
 ) -> diesel::QueryResult<()> {
-    insert_rows!(conn, records)
+    insert_rows!(conn, chain, batch, records)
 }
 
 #[cfg(feature = "mysql")]
 fn insert_records_mysql(
     conn: &mut diesel::MysqlConnection,
-    records: &[StoredAccess],
+    chain: &str,
+    batch: i64,
+    records: &[RecordRef<'_>],
 ) -> diesel::QueryResult<()> {
-    insert_rows!(conn, records)
+    insert_rows!(conn, chain, batch, records)
 }
 
 /// Inserts records with `COPY … FROM STDIN` (binary): several times the
@@ -362,12 +369,17 @@ fn insert_records_mysql(
 #[cfg(feature = "postgres")]
 fn insert_records_pg(
     conn: &mut diesel::PgConnection,
-    records: &[StoredAccess],
+    chain: &str,
+    batch: i64,
+    records: &[RecordRef<'_>],
 ) -> diesel::QueryResult<()> {
     if records.is_empty() {
         return Ok(());
     }
-    let rows: Vec<LogInsert<'_>> = records.iter().map(LogInsert::from).collect();
+    let rows: Vec<LogInsert<'_>> = records
+        .iter()
+        .map(|r| LogInsert::new(chain, batch, r))
+        .collect();
     diesel::copy_from(phi_access_log::table)
         .from_insertable(&rows)
         .execute(conn)
@@ -416,12 +428,12 @@ macro_rules! access_log_store {
                     .first(conn)
             }
 
-            fn insert_batch(conn: &mut $conn, batch: &BatchRow, records: &[StoredAccess]) -> diesel::QueryResult<()> {
+            fn insert_batch(conn: &mut $conn, batch: &BatchRow, records: &[RecordRef<'_>]) -> diesel::QueryResult<()> {
                 use phi_access_chains::dsl as c;
                 diesel::insert_into(phi_access_batches::table)
                     .values(BatchInsert::from(batch))
                     .execute(conn)?;
-                $insert(conn, records)?;
+                $insert(conn, &batch.chain, batch.id, records)?;
                 diesel::update(c::phi_access_chains.filter(c::chain.eq(&batch.chain)))
                     .set(c::head_hash.eq(&batch.hash))
                     .execute(conn)?;
@@ -439,10 +451,10 @@ macro_rules! access_log_store {
                 records: &[crate::access::AccessRecord],
             ) -> Result<i64> {
                 super::check_chain(chain)?;
-                let mut rows: Vec<StoredAccess> = records
+                let rows: Vec<RecordRef<'_>> = records
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| StoredAccess::from_record(chain, 0, u32::try_from(i).unwrap_or(u32::MAX), r))
+                    .map(|(i, r)| RecordRef::of_record(u32::try_from(i).unwrap_or(u32::MAX), r))
                     .collect();
                 let last_at = rows.iter().map(|r| r.occurred_at).max().unwrap_or(written_at);
                 let mut conn = self.conn()?;
@@ -451,9 +463,6 @@ macro_rules! access_log_store {
                 (*conn)
                     .$transaction(|conn| -> diesel::QueryResult<i64> {
                         let (id, prev_hash) = Self::next_batch(conn, chain, written_at)?;
-                        for r in &mut rows {
-                            r.batch = id;
-                        }
                         let mut batch = BatchRow {
                             chain: chain.to_owned(),
                             id,
@@ -468,7 +477,7 @@ macro_rules! access_log_store {
                             pruned_hash: None,
                             detail: None,
                         };
-                        batch.hash = key.hash(&batch, &rows).to_vec();
+                        batch.hash = key.hash_refs(&batch, &rows).to_vec();
                         Self::insert_batch(conn, &batch, &rows)?;
                         Ok(id)
                     })

@@ -9,7 +9,14 @@
 //! [`DEFAULT_QUEUE`] records); a thread of the log's own writes the queue
 //! in batches (up to [`DEFAULT_BATCH`] records, one transaction each),
 //! through a connection pool of its own, into the application's database or
-//! another one. Records that do not fit in the queue are dropped, counted
+//! another one. The writer lingers up to [`DEFAULT_LINGER`] after the first
+//! record of a batch for more to come (less when the batch fills or
+//! `flush` is called), so that a busy application pays one transaction
+//! (and, on SQLite, one turn of the database's single writer lock) for
+//! many calls rather than one each; an `append` wakes the writer only when
+//! it waits for one, so most appends are a short lock of the queue and no
+//! system call. What lingers is queued like any record: written by `flush`
+//! and on drop, counted if lost. Records that do not fit in the queue are dropped, counted
 //! (`phi_access_log_dropped_total`) and logged. A batch whose write fails is
 //! kept at the head of the queue and tried again (every second), so a
 //! database that is down for a while loses nothing but what overflows the
@@ -107,6 +114,7 @@
 //! prints somewhere else now and then (a ticket, another system's log),
 //! and compare.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -142,6 +150,10 @@ pub const DEFAULT_QUEUE: usize = 65_536;
 
 /// Records per batch (one transaction) at most by default.
 pub const DEFAULT_BATCH: usize = 5_000;
+
+/// How long the writer waits, at most, for a batch to fill after its
+/// first record by default.
+pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The longest user id, purpose, request id, table name or row key
 /// stored, in bytes.
@@ -216,6 +228,12 @@ impl ChainKey {
 
     /// The hash of a batch with these `records` (in seq order).
     pub fn hash(&self, batch: &BatchRow, records: &[StoredAccess]) -> [u8; 32] {
+        let records: Vec<RecordRef<'_>> = records.iter().map(RecordRef::of_stored).collect();
+        self.hash_refs(batch, &records)
+    }
+
+    /// [`hash`](Self::hash) of records borrowed.
+    pub(crate) fn hash_refs(&self, batch: &BatchRow, records: &[RecordRef<'_>]) -> [u8; 32] {
         let mut mac = self.mac();
         feed_batch(&mut mac, batch, records);
         mac.finalize().into_bytes().into()
@@ -224,8 +242,9 @@ impl ChainKey {
     /// Whether `batch.hash` is the hash of its contents (compared in
     /// constant time).
     pub fn verifies(&self, batch: &BatchRow, records: &[StoredAccess]) -> bool {
+        let records: Vec<RecordRef<'_>> = records.iter().map(RecordRef::of_stored).collect();
         let mut mac = self.mac();
-        feed_batch(&mut mac, batch, records);
+        feed_batch(&mut mac, batch, &records);
         mac.verify_slice(&batch.hash).is_ok()
     }
 }
@@ -254,7 +273,7 @@ fn put_ts(mac: &mut Hmac<Sha256>, t: NaiveDateTime) {
     mac.update(&t.and_utc().timestamp_micros().to_be_bytes());
 }
 
-fn feed_batch(mac: &mut Hmac<Sha256>, batch: &BatchRow, records: &[StoredAccess]) {
+fn feed_batch(mac: &mut Hmac<Sha256>, batch: &BatchRow, records: &[RecordRef<'_>]) {
     mac.update(CHAIN_INFO);
     put_str(mac, &batch.chain);
     mac.update(&batch.id.to_be_bytes());
@@ -288,13 +307,13 @@ fn feed_batch(mac: &mut Hmac<Sha256>, batch: &BatchRow, records: &[StoredAccess]
     for r in records {
         mac.update(&r.seq.to_be_bytes());
         put_ts(mac, r.occurred_at);
-        put_str(mac, &r.user);
-        put_str(mac, &r.purpose);
-        put_opt_str(mac, r.request_id.as_deref());
-        put_str(mac, &r.op);
-        put_str(mac, &r.owner_id);
-        put_str(mac, &r.table);
-        put_opt_str(mac, r.row.as_deref());
+        put_str(mac, r.user);
+        put_str(mac, r.purpose);
+        put_opt_str(mac, r.request_id);
+        put_str(mac, r.op);
+        put_str(mac, r.owner_id);
+        put_str(mac, r.table);
+        put_opt_str(mac, r.row);
         put_str(mac, &r.fields);
     }
 }
@@ -401,21 +420,55 @@ pub struct StoredAccess {
     pub fields: String,
 }
 
-impl StoredAccess {
-    fn from_record(chain: &str, batch: i64, seq: u32, r: &AccessRecord) -> Self {
-        StoredAccess {
-            chain: chain.to_owned(),
-            batch,
+/// One record as hashed and inserted (the columns of `phi_access_log` but
+/// its chain and batch), borrowed from an [`AccessRecord`] being written or
+/// a [`StoredAccess`] read back: no copy of its text.
+pub(crate) struct RecordRef<'a> {
+    pub(crate) seq: u32,
+    pub(crate) occurred_at: NaiveDateTime,
+    pub(crate) user: &'a str,
+    pub(crate) purpose: &'a str,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) op: &'a str,
+    pub(crate) owner_id: &'a str,
+    pub(crate) table: &'a str,
+    pub(crate) row: Option<&'a str>,
+    pub(crate) fields: Cow<'a, str>,
+}
+
+impl<'a> RecordRef<'a> {
+    /// Record `r`, the `seq`th of its batch, as it is stored.
+    pub(crate) fn of_record(seq: u32, r: &'a AccessRecord) -> Self {
+        RecordRef {
             seq,
             occurred_at: to_micros(r.occurred_at),
-            user: r.accessor.user().to_owned(),
-            purpose: r.accessor.purpose().to_owned(),
-            request_id: r.accessor.request_id().map(str::to_owned),
-            op: r.op.as_str().to_owned(),
-            owner_id: r.owner_id.clone(),
-            table: r.table.clone(),
-            row: r.row.clone(),
-            fields: r.fields.join(","),
+            user: r.accessor.user(),
+            purpose: r.accessor.purpose(),
+            request_id: r.accessor.request_id(),
+            op: r.op.as_str(),
+            owner_id: &r.owner_id,
+            table: &r.table,
+            row: r.row.as_deref(),
+            fields: match r.fields.as_slice() {
+                [] => Cow::Borrowed(""),
+                [one] => Cow::Borrowed(one.as_str()),
+                many => Cow::Owned(many.join(",")),
+            },
+        }
+    }
+
+    fn of_stored(r: &'a StoredAccess) -> Self {
+        RecordRef {
+            seq: r.seq,
+            occurred_at: r.occurred_at,
+            user: &r.user,
+            purpose: &r.purpose,
+            request_id: r.request_id.as_deref(),
+            op: &r.op,
+            owner_id: &r.owner_id,
+            table: &r.table,
+            row: r.row.as_deref(),
+            fields: Cow::Borrowed(&r.fields),
         }
     }
 }
@@ -656,6 +709,7 @@ pub struct DieselAccessLogBuilder {
     chain: String,
     queue: usize,
     batch: usize,
+    linger: std::time::Duration,
     fail_closed: bool,
     retry: std::time::Duration,
 }
@@ -668,6 +722,7 @@ impl DieselAccessLog {
             chain: DEFAULT_CHAIN.to_owned(),
             queue: DEFAULT_QUEUE,
             batch: DEFAULT_BATCH,
+            linger: DEFAULT_LINGER,
             fail_closed: false,
             retry: std::time::Duration::from_secs(1),
         }
@@ -717,6 +772,17 @@ impl DieselAccessLogBuilder {
         self
     }
 
+    /// How long the writer waits, at most, after the first record of a
+    /// batch for more (default [`DEFAULT_LINGER`]; zero: write what is
+    /// queued at once). Longer means fewer, larger transactions; records
+    /// wait in memory that long before they are written (`flush` does not
+    /// wait).
+    #[must_use]
+    pub fn linger(mut self, linger: std::time::Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
     /// Refuse `append` while records cannot be written (see the
     /// [module docs](self) for the trade-off). Default off.
     #[must_use]
@@ -758,6 +824,7 @@ impl DieselAccessLogBuilder {
             chain: self.chain.clone(),
             capacity: self.queue,
             batch: self.batch,
+            linger: self.linger,
             fail_closed: self.fail_closed,
             retry: self.retry,
         })?;

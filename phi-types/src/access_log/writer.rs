@@ -16,6 +16,7 @@ pub(super) struct Config {
     pub(super) chain: String,
     pub(super) capacity: usize,
     pub(super) batch: usize,
+    pub(super) linger: Duration,
     pub(super) fail_closed: bool,
     pub(super) retry: Duration,
 }
@@ -38,6 +39,13 @@ struct State {
     failing: Option<String>,
     closing: bool,
     stopped: bool,
+    /// The writer waits for a first record (on `work`): an append wakes it.
+    idle: bool,
+    /// The writer waits for a batch to fill (on `work`, at most the
+    /// linger time): an append that fills the batch wakes it.
+    lingering: bool,
+    /// Calls of `flush` waiting: the writer does not linger meanwhile.
+    flushing: usize,
 }
 
 struct Shared {
@@ -45,6 +53,7 @@ struct Shared {
     work: Condvar,
     progress: Condvar,
     capacity: usize,
+    batch: usize,
     fail_closed: bool,
     chain: String,
 }
@@ -84,6 +93,7 @@ impl Writer {
             work: Condvar::new(),
             progress: Condvar::new(),
             capacity: config.capacity,
+            batch: config.batch,
             fail_closed: config.fail_closed,
             chain: config.chain.clone(),
         });
@@ -144,8 +154,16 @@ impl Writer {
             };
             give_up(&mut state, &lost, reason, &self.shared.chain);
         }
+        // Wake the writer only when it waits for this: most appends find
+        // it writing or lingering, and make no system call.
+        let wake = taken > 0
+            && (state.idle || (state.lingering && state.queue.len() >= self.shared.batch));
+        if wake {
+            state.idle = false;
+            state.lingering = false;
+        }
         drop(state);
-        if taken > 0 {
+        if wake {
             self.shared.work.notify_one();
         }
         Ok(())
@@ -155,6 +173,7 @@ impl Writer {
         let mut state = self.shared.lock();
         let target = state.accepted;
         let failures = state.failures;
+        state.flushing += 1;
         self.shared.work.notify_one();
         while state.finished < target && !state.stopped && state.failures == failures {
             state = self
@@ -163,6 +182,7 @@ impl Writer {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        state.flushing -= 1;
         if state.finished < target {
             let pending = state.accepted - state.finished;
             let reason = state
@@ -242,14 +262,33 @@ fn run(shared: &Shared, config: Config) {
         let batch: Vec<AccessRecord> = {
             let mut state = shared.lock();
             while state.queue.is_empty() && !state.closing {
+                state.idle = true;
                 state = shared
                     .work
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
             }
+            state.idle = false;
             if state.queue.is_empty() {
                 return;
             }
+            // Linger for a fuller batch: one transaction (and, on SQLite,
+            // one turn of the database's single writer lock) for many
+            // appends rather than one each.
+            let until = Instant::now() + config.linger;
+            while state.queue.len() < config.batch && !state.closing && state.flushing == 0 {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                state.lingering = true;
+                state = shared
+                    .work
+                    .wait_timeout(state, until - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            state.lingering = false;
             let n = state.queue.len().min(config.batch);
             state.queue.drain(..n).collect()
         };

@@ -4,6 +4,7 @@
 //! keyring's [`AccessLog`] once per call.
 
 use std::collections::HashSet;
+use std::hash::BuildHasher as _;
 use std::sync::Arc;
 
 use chrono::NaiveDateTime;
@@ -29,7 +30,9 @@ pub(crate) struct AccessBatch {
     fields: Vec<String>,
     occurred_at: NaiveDateTime,
     records: Vec<AccessRecord>,
-    seen: HashSet<(String, Option<String>)>,
+    /// The hashes of the (owner, row) pairs recorded: a pair whose hash
+    /// was seen is looked for among the records (no copy of each pair).
+    seen: HashSet<u64>,
 }
 
 impl AccessBatch {
@@ -47,7 +50,13 @@ impl AccessBatch {
         row: Option<String>,
         fields: Vec<String>,
     ) {
-        if !self.seen.insert((owner.to_owned(), row.clone())) {
+        let hash = self.seen.hasher().hash_one((owner, row.as_deref()));
+        if !self.seen.insert(hash)
+            && self
+                .records
+                .iter()
+                .any(|r| r.owner_id == owner && r.row == row)
+        {
             return;
         }
         self.records.push(AccessRecord {
