@@ -6,6 +6,12 @@
 //! against a private moto server killed mid-test. On SQLite: no plaintext
 //! in the database files.
 //!
+//! Operations: `/live` and `/ready` (503 while the key-event feed is staler
+//! than its maximum, the KMS or PostgreSQL unreachable behind a proxy the
+//! test cuts, 200 again after), a shred on one instance reaching another
+//! within its feed interval, and every metric that `ops/prometheus`'s
+//! alerts and `ops/grafana`'s dashboard read exported on `/metrics`.
+//!
 //! MariaDB and PostgreSQL are the servers named by `PHI_TEST_MYSQL_URL` and
 //! `PHI_TEST_POSTGRES_URL` (as in `tests/backends.rs`); their tests fail
 //! when the server is down. Each test uses providers of its own in the
@@ -770,6 +776,550 @@ fn kms_outage(db: &Db) {
     assert_no_phi(&log, &["Henrietta", "Vasquez", "Ignatius", "Josephine"]);
 }
 
+/// A TCP forwarder the test can cut: it accepts on a port of its own and
+/// forwards each connection to `target`; cut, it closes every open
+/// connection and closes new ones at once (a server gone, as the client
+/// sees it), until restored.
+struct Proxy {
+    port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    stopped: std::sync::atomic::AtomicBool,
+    open: Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl Proxy {
+    fn start(target: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("address").port();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if shared.stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                if shared.cut.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut open = shared.open.lock().unwrap_or_else(|e| e.into_inner());
+                for stream in [&client, &server] {
+                    open.push(stream.try_clone().expect("a stream's clone"));
+                }
+                drop(open);
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// Closes every connection; new ones are closed at once.
+    fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in self
+            .state
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Forwards new connections again.
+    fn restore(&self) {
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+        // Wakes the accepting thread, which then ends.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// `url` with `PORT` in place of its port and `127.0.0.1` of its host (for
+/// a proxy's port), and the address it named.
+fn through_proxy(url: &str) -> (String, std::net::SocketAddr) {
+    use std::net::ToSocketAddrs as _;
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (credentials, rest) = rest.rsplit_once('@').map_or(("", rest), |(c, r)| (c, r));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let target = authority
+        .to_socket_addrs()
+        .expect("the server's address")
+        .next()
+        .expect("an address");
+    let at = if credentials.is_empty() { "" } else { "@" };
+    (
+        format!("{scheme}://{credentials}{at}127.0.0.1:PORT/{path}"),
+        target,
+    )
+}
+
+impl Service {
+    /// `GET /ready`: its status and JSON body.
+    fn ready(&self) -> (StatusCode, Value) {
+        let response = self.http.get(self.url("/ready")).send().expect("/ready");
+        (response.status(), response.json().unwrap_or(Value::Null))
+    }
+
+    /// Polls `/ready` until it answers `want` (at most `within`); returns
+    /// the body of that answer.
+    fn ready_becomes(&self, want: StatusCode, within: Duration) -> Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (status, body) = self.ready();
+            if status == want {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/ready did not answer {want} within {within:?}; last: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `/live` and `/ready` answer without a token; the readiness body names
+/// the checks and no owner.
+fn live_and_ready(db: &Db) {
+    let provider = common::unique_owner("svc-ready");
+    let service = Service::start(db);
+    let (status, created) = service.as_user("dr-ready", &provider).post(
+        "/cases",
+        &new_case(&provider, "Perpetua", "Lindqvist", "1961-03-04"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let response = service
+        .http
+        .get(service.url("/live"))
+        .send()
+        .expect("/live");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.json::<Value>().expect("json"),
+        json!({"live": true})
+    );
+    let (status, body) = service.ready();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["key_store"]["ok"], true, "{body}");
+    assert_eq!(body["kek"]["kek_id"], "local-test", "{body}");
+    assert_eq!(body["kek"]["reachable"]["ok"], true, "{body}");
+    assert_eq!(
+        body["feed"]["ok"], true,
+        "the service follows the feed: {body}"
+    );
+    assert_eq!(body["feed"]["max_staleness_seconds"], 60.0, "{body}");
+    assert!(body["audit_queue"]["capacity"].as_u64() > Some(0), "{body}");
+    assert!(
+        body["access_log_queue"]["capacity"].as_u64() > Some(0),
+        "{body}"
+    );
+    assert!(body["pool"]["max"].as_u64() > Some(0), "{body}");
+    let text = body.to_string();
+    assert!(!text.contains(&provider), "no owner id: {text}");
+    assert_no_phi(&text, &["Perpetua", "Lindqvist"]);
+    service.stop();
+}
+
+/// The key-event feed made unreadable (its table locked, or renamed away
+/// on SQLite): `/ready` is 503 once the feed is staler than its maximum,
+/// and 200 again once it is read.
+fn stale_feed_is_not_ready(db: &Db) {
+    let service = Service::start_with(
+        db,
+        &[("PHI_MASTER_KEY", common::MASTER_KEY_B64)],
+        &[
+            "--kek",
+            "local:local-test",
+            "--feed-interval",
+            "0.2",
+            "--feed-max-staleness",
+            "1",
+        ],
+    );
+    service.ready_becomes(StatusCode::OK, Duration::from_secs(10));
+    let blocked = FeedBlock::start(db);
+    let body = service.ready_becomes(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(20));
+    assert_eq!(body["feed"]["ok"], false, "{body}");
+    assert_eq!(body["key_store"]["ok"], true, "{body}");
+    assert!(body["feed"]["stale_seconds"].as_f64() > Some(1.0), "{body}");
+    blocked.end();
+    let body = service.ready_becomes(StatusCode::OK, Duration::from_secs(20));
+    assert_eq!(body["feed"]["ok"], true, "{body}");
+    service.stop();
+}
+
+/// What keeps the service's keyring from reading `phi_key_events`: a lock
+/// held in an open transaction (PostgreSQL, MariaDB), or the table renamed
+/// away (SQLite, whose readers no lock stops).
+enum FeedBlock {
+    #[cfg(feature = "sqlite")]
+    Sqlite(SqliteConnection),
+    #[cfg(feature = "mysql")]
+    Mysql(MysqlConnection),
+    #[cfg(feature = "postgres")]
+    Postgres(PgConnection),
+}
+
+impl FeedBlock {
+    fn start(db: &Db) -> FeedBlock {
+        if let Some(path) = db.url.strip_prefix("sqlite://") {
+            #[cfg(feature = "sqlite")]
+            {
+                let mut conn = SqliteConnection::establish(path).expect("sqlite");
+                conn.batch_execute(
+                    "PRAGMA busy_timeout = 10000; \
+                     ALTER TABLE phi_key_events RENAME TO phi_key_events_away;",
+                )
+                .expect("renaming the feed's table");
+                return FeedBlock::Sqlite(conn);
+            }
+            #[allow(unreachable_code)]
+            {
+                panic!("{path}: built without sqlite");
+            }
+        }
+        #[cfg(feature = "mysql")]
+        if db.url.starts_with("mysql://") {
+            let mut conn = MysqlConnection::establish(&db.url).expect("mysql");
+            conn.batch_execute("LOCK TABLES phi_key_events WRITE")
+                .expect("locking the feed's table");
+            return FeedBlock::Mysql(conn);
+        }
+        #[cfg(feature = "postgres")]
+        if db.url.starts_with("postgres://") {
+            let mut conn = PgConnection::establish(&db.url).expect("postgres");
+            conn.batch_execute("BEGIN; LOCK TABLE phi_key_events IN ACCESS EXCLUSIVE MODE")
+                .expect("locking the feed's table");
+            return FeedBlock::Postgres(conn);
+        }
+        panic!("no feed block for {}", db.url);
+    }
+
+    fn end(self) {
+        match self {
+            #[cfg(feature = "sqlite")]
+            FeedBlock::Sqlite(mut conn) => conn
+                .batch_execute("ALTER TABLE phi_key_events_away RENAME TO phi_key_events")
+                .expect("renaming the feed's table back"),
+            #[cfg(feature = "mysql")]
+            FeedBlock::Mysql(mut conn) => conn
+                .batch_execute("UNLOCK TABLES")
+                .expect("unlocking the feed's table"),
+            #[cfg(feature = "postgres")]
+            FeedBlock::Postgres(mut conn) => conn
+                .batch_execute("COMMIT")
+                .expect("unlocking the feed's table"),
+        }
+    }
+}
+
+/// The KMS unreachable (a proxy in front of a private moto, cut): `/ready`
+/// is 503 once the KEK's probe fails, naming the KEK, and 200 again once
+/// the proxy forwards again.
+#[cfg(feature = "aws-kms")]
+fn kms_unreachable_is_not_ready(db: &Db) {
+    let moto = Moto::start();
+    let key = moto.create_key();
+    let target = moto
+        .url
+        .strip_prefix("http://")
+        .expect("an http URL")
+        .parse()
+        .expect("moto's address");
+    let proxy = Proxy::start(target);
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let kek = format!("aws-kms:{key}");
+    let env = [
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_MAX_ATTEMPTS", "2"),
+    ];
+    let service = Service::start_with(
+        db,
+        &env,
+        &[
+            "--kek",
+            &kek,
+            "--no-access-log",
+            "--kek-probe-interval",
+            "0.2",
+        ],
+    );
+    service.ready_becomes(StatusCode::OK, Duration::from_secs(10));
+    proxy.cut();
+    let body = service.ready_becomes(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(30));
+    assert_eq!(body["kek"]["reachable"]["ok"], false, "{body}");
+    assert_eq!(body["key_store"]["ok"], true, "{body}");
+    let error = body["kek"]["reachable"]["error"].as_str().expect("error");
+    assert!(error.contains(&key), "names the KEK: {error}");
+    proxy.restore();
+    let body = service.ready_becomes(StatusCode::OK, Duration::from_secs(30));
+    assert_eq!(body["kek"]["reachable"]["ok"], true, "{body}");
+    service.stop();
+}
+
+/// A shred through one instance's admin route: a second instance, which
+/// had the provider's key cached, refuses the provider (410) within its
+/// feed interval and a second.
+fn shred_reaches_another_instance(db: &Db) {
+    const TOKEN: &str = "shred-reaches-test-token";
+    const INTERVAL: Duration = Duration::from_secs(1);
+    let env = [
+        ("PHI_MASTER_KEY", common::MASTER_KEY_B64),
+        ("PHI_ADMIN_TOKEN", TOKEN),
+    ];
+    let args = ["--kek", "local:local-test", "--feed-interval", "1"];
+    let provider = common::unique_owner("svc-shred-fleet");
+    let first = Service::start_with(db, &env, &args);
+    let second = Service::start_with(db, &env, &args);
+    let (status, created) = first.as_user("dr-fleet", &provider).post(
+        "/cases",
+        &new_case(&provider, "Leopoldine", "Harrowgate", "1957-08-09"),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let case = format!("/cases/{}", created["case_id"].as_str().expect("case id"));
+    let (status, got) = second.as_user("dr-fleet", &provider).get(&case);
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the second instance opens it: {got}"
+    );
+
+    let response = first
+        .http
+        .post(first.url("/admin/shred"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "owner": provider, "confirm": provider }))
+        .send()
+        .expect("shred");
+    assert_eq!(response.status(), StatusCode::OK);
+    let shredded = std::time::Instant::now();
+    let deadline = shredded + INTERVAL + Duration::from_secs(1);
+    loop {
+        let (status, body) = second.as_user("dr-fleet", &provider).get(&case);
+        if status == StatusCode::GONE {
+            assert_eq!(body["error"], "shredded", "{body}");
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second instance still opens the case {:?} after the shred",
+            shredded.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = second.stop();
+    assert_no_phi(&log, &["Leopoldine", "Harrowgate"]);
+    first.stop();
+}
+
+/// The metric names an expression reads: its identifiers that start with
+/// `phi_` or `clinic_service_`, quoted label values left out.
+fn metric_names(expr: &str, names: &mut std::collections::BTreeSet<String>) {
+    let mut unquoted = String::new();
+    let mut quote = None;
+    for c in expr.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' || c == '`' => quote = Some(c),
+            None => unquoted.push(c),
+        }
+    }
+    for word in unquoted.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+        if word.starts_with("phi_") || word.starts_with("clinic_service_") {
+            names.insert(word.to_owned());
+        }
+    }
+}
+
+/// The repository's `ops/` file at `path`.
+fn ops_file(path: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops").join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The alerting rules: (alert name, expression) of each.
+fn alert_rules() -> Vec<(String, String)> {
+    let docs = yaml_rust2::YamlLoader::load_from_str(&ops_file("prometheus/phi-rules.yml"))
+        .expect("the rules are YAML");
+    let mut rules = Vec::new();
+    for group in docs[0]["groups"].as_vec().expect("groups") {
+        for rule in group["rules"].as_vec().expect("rules") {
+            let name = rule["alert"].as_str().expect("an alerting rule");
+            let expr = rule["expr"].as_str().expect("an expression");
+            rules.push((name.to_owned(), expr.to_owned()));
+        }
+    }
+    assert!(!rules.is_empty());
+    rules
+}
+
+/// Every alert has a unit test in which it fires and one in which it does
+/// not (`promtool test rules` runs them in CI).
+#[test]
+fn every_alert_has_a_firing_and_a_quiet_unit_test() {
+    let docs = yaml_rust2::YamlLoader::load_from_str(&ops_file("prometheus/phi-rules.test.yml"))
+        .expect("the rules' tests are YAML");
+    let mut firing = std::collections::BTreeSet::new();
+    let mut quiet = std::collections::BTreeSet::new();
+    for test in docs[0]["tests"].as_vec().expect("tests") {
+        for case in test["alert_rule_test"].as_vec().expect("alert_rule_test") {
+            let name = case["alertname"].as_str().expect("alertname").to_owned();
+            if case["exp_alerts"].as_vec().is_some_and(|a| !a.is_empty()) {
+                firing.insert(name);
+            } else {
+                quiet.insert(name);
+            }
+        }
+    }
+    for (name, _) in alert_rules() {
+        assert!(firing.contains(&name), "no unit test in which {name} fires");
+        assert!(
+            quiet.contains(&name),
+            "no unit test in which {name} is quiet"
+        );
+    }
+}
+
+/// Every metric that an alert rule or a dashboard panel reads is on a
+/// running service's `/metrics` after some traffic (a histogram's
+/// `_bucket`, `_sum` and `_count` series included): a renamed metric fails
+/// here.
+#[cfg(feature = "sqlite")]
+#[test]
+fn every_metric_of_the_alerts_and_the_dashboard_is_exported() {
+    let mut wanted = std::collections::BTreeSet::new();
+    for (_, expr) in alert_rules() {
+        metric_names(&expr, &mut wanted);
+    }
+    let dashboard: Value =
+        serde_json::from_str(&ops_file("grafana/phi.json")).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6, "the dashboard's panels");
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            metric_names(target["expr"].as_str().expect("an expression"), &mut wanted);
+        }
+    }
+
+    let db = Db::new(None);
+    let service = Service::start(&db);
+    let provider = common::unique_owner("svc-metrics");
+    for prefix in ["", "/plain"] {
+        let user = service.as_user("dr-metrics", &provider);
+        let (status, created) = user.post(
+            &format!("{prefix}/cases"),
+            &new_case(&provider, "Aurelio", "Banfield", "1970-01-02"),
+        );
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let id = created["case_id"].as_str().expect("case id");
+        assert_eq!(user.get(&format!("{prefix}/cases/{id}")).0, StatusCode::OK);
+        assert_eq!(user.get(&format!("{prefix}/cases")).0, StatusCode::OK);
+    }
+    assert_eq!(service.ready().0, StatusCode::OK);
+    let text = service.metrics();
+    let mut exported = std::collections::BTreeSet::new();
+    let mut histograms = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(typed) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = typed.strip_suffix(" histogram") {
+                histograms.insert(name.to_owned());
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            exported.insert(line[..end].to_owned());
+        }
+    }
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|name| {
+            !exported.contains(*name)
+                && !["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                    name.strip_suffix(suffix)
+                        .is_some_and(|base| histograms.contains(base))
+                })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "read by an alert or a panel but not on /metrics: {missing:?}\n{text}"
+    );
+    // The histograms the rules and panels take quantiles of are histograms
+    // (buckets), not summaries.
+    for name in wanted.iter().filter_map(|n| n.strip_suffix("_bucket")) {
+        assert!(
+            histograms.contains(name),
+            "{name} is not a histogram\n{text}"
+        );
+    }
+    service.stop();
+}
+
+/// PostgreSQL unreachable (the service's connections go through a proxy
+/// that the test cuts): `/ready` is 503, and 200 again once the proxy
+/// forwards again.
+#[cfg(feature = "postgres")]
+#[test]
+fn ready_is_503_while_postgres_is_unreachable_and_200_after() {
+    let url = std::env::var("PHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (template, target) = through_proxy(&url);
+    let proxy = Proxy::start(target);
+    let db = Db::new(Some(template.replace("PORT", &proxy.port.to_string())));
+    let service = Service::start(&db);
+    service.ready_becomes(StatusCode::OK, Duration::from_secs(10));
+    proxy.cut();
+    let body = service.ready_becomes(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(30));
+    assert_eq!(body["key_store"]["ok"], false, "{body}");
+    assert!(body["key_store"]["error"].is_string(), "{body}");
+    proxy.restore();
+    let body = service.ready_becomes(StatusCode::OK, Duration::from_secs(60));
+    assert_eq!(body["key_store"]["ok"], true, "{body}");
+    service.stop();
+}
+
 macro_rules! service_suite {
     ($name:ident, $feature:literal, $url:expr) => {
         #[cfg(feature = $feature)]
@@ -830,6 +1380,27 @@ macro_rules! service_suite {
             #[test]
             fn kms_outage_is_503() {
                 kms_outage(&db());
+            }
+
+            #[test]
+            fn live_and_ready_answer_without_a_token() {
+                live_and_ready(&db());
+            }
+
+            #[test]
+            fn ready_is_503_while_the_feed_is_stale_and_200_after() {
+                stale_feed_is_not_ready(&db());
+            }
+
+            #[cfg(feature = "aws-kms")]
+            #[test]
+            fn ready_is_503_while_the_kms_is_unreachable_and_200_after() {
+                kms_unreachable_is_not_ready(&db());
+            }
+
+            #[test]
+            fn a_shred_on_one_instance_reaches_another_within_the_interval() {
+                shred_reaches_another_instance(&db());
             }
         }
     };

@@ -52,7 +52,9 @@
 //! | `POST /providers/{p}/duplicates` | `{"patient_last", "patient_dob"}`: the provider's cases of that patient, through the blind index |
 //! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed; a cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return is prefixed with `'` (no formula runs when opened in a spreadsheet) |
 //! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, the keyring's counters (`clinic_service_keyring_*_total`), requests by route, method and status (each label of few values: the matched route or `unmatched`, a known method or `other`) |
-//! | `GET /health` | `ok` (no token) |
+//! | `GET /live` | liveness (no token): 200 `{"live": true}` while the process answers (`phi::admin::probes`) |
+//! | `GET /ready` | readiness (no token): 200 or 503 with phi's `Readiness` as JSON: the key store answers, the KEK opens its check value (probed at most every `--kek-probe-interval`), the key-event feed is within `--feed-max-staleness`; the audit and access-log queues' fill and the key store's pool |
+//! | `GET /health` | `ok` (no token): an alias of `/live` kept for older probes |
 //! | `/admin/...` | phi's admin API (`phi::admin::router`: key status, generate-key, rotate, shred, clear-cache, rollout, audit log), only when `PHI_ADMIN_TOKEN` / `--admin-token` is set, behind `Authorization: Bearer TOKEN`; a refused request gets 401, changes nothing and is audited |
 //!
 //! Each request gets an id of the service's own (16 hexadecimal digits;
@@ -82,6 +84,13 @@ use std::time::Duration;
 use clap::Parser;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use phi::{Keyring, OwnerIdTelemetry, Rollout};
+
+/// The buckets of every histogram on `/metrics`, in seconds: from a
+/// single seal (tens of microseconds) to a slow KMS call or request.
+const HISTOGRAM_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
 
 /// The service's error type (start-up only: requests answer with `ApiError`).
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -163,6 +172,22 @@ struct Cli {
     #[arg(long, env = "CLINIC_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
 
+    /// Seconds between two reads of phi's key-event feed (shreds, cache
+    /// clears and the roll-out made by other processes reach this one
+    /// within it; on PostgreSQL a notification wakes the reader at once).
+    #[arg(long, env = "CLINIC_FEED_INTERVAL", value_parser = seconds, default_value = "2")]
+    feed_interval: Duration,
+
+    /// Seconds without a successful read of the feed after which sealing
+    /// is refused and `/ready` answers 503.
+    #[arg(long, env = "CLINIC_FEED_MAX_STALENESS", value_parser = seconds, default_value = "60")]
+    feed_max_staleness: Duration,
+
+    /// Seconds between two probes of the KEK by `/ready` (a KMS call for
+    /// an `aws-kms` KEK).
+    #[arg(long, env = "CLINIC_KEK_PROBE_INTERVAL", value_parser = seconds, default_value = "30")]
+    kek_probe_interval: Duration,
+
     /// How provider ids (the owners) appear in the logs, phi's and the
     /// service's own: `plain`, `hashed` (`sha256:` and 16 hex digits, the
     /// same in every process) or `omitted`.
@@ -171,6 +196,14 @@ struct Cli {
 
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// A duration given in (possibly fractional) seconds.
+fn seconds(text: &str) -> Result<Duration, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(value).map_err(|e| format!("{text:?} seconds: {e}"))
 }
 
 /// `--owner-ids-in-logs`: phi's [`OwnerIdTelemetry`] settings.
@@ -284,7 +317,11 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::Seed { .. }) => None,
         _ => Some(auth::Verifier::new(&auth)?),
     };
+    // Histograms as Prometheus histograms (buckets, for
+    // `histogram_quantile` in alerts and dashboards), not summaries.
     let metrics = PrometheusBuilder::new()
+        .set_buckets(HISTOGRAM_BUCKETS)
+        .map_err(|e| format!("configuring the Prometheus recorder's buckets: {e}"))?
         .install_recorder()
         .map_err(|e| format!("installing the Prometheus recorder: {e}"))?;
     let (backend, url) = db::parse_url(&cli.database_url)?;
@@ -318,6 +355,10 @@ fn run(cli: Cli) -> Result<()> {
         .actor("clinic-service")
         .name("clinic-service")
         .rollout(Rollout::All)
+        .follow_feed()
+        .feed_interval(cli.feed_interval)
+        .feed_max_staleness(cli.feed_max_staleness)
+        .kek_probe_interval(cli.kek_probe_interval)
         .build()?;
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

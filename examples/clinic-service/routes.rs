@@ -1,6 +1,7 @@
 //! The HTTP API: the case routes (written once, generic over the table),
 //! mounted for phi's table at `/` and for the plaintext twin at `/plain`;
-//! `/metrics`, `/health`; and the request log.
+//! `/metrics`, `/health`, phi's probes `/live` and `/ready`; and the
+//! request log.
 //!
 //! Every case route takes a [`Caller`] (a verified bearer token): its
 //! provider scopes every query, and its keyring (on behalf of the user)
@@ -34,11 +35,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .nest("/plain", case_routes::<Plain>())
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            log_request,
-        ))
-        .with_state(app)
+        .with_state(app.clone())
+        .merge(phi::admin::probes(app.keyring.clone()))
+        .layer(axum::middleware::from_fn_with_state(app, log_request))
 }
 
 fn case_routes<S: CaseStore>() -> Router<Arc<App>> {

@@ -168,6 +168,12 @@ pub trait AccessLog: Send + Sync + fmt::Debug {
     /// # Errors
     /// When records taken could not be written.
     fn flush(&self) -> Result<()>;
+
+    /// The fill of the log's queue, if it has one, for
+    /// [`Keyring::readiness`](crate::Keyring::readiness); `None` by default.
+    fn queue_fill(&self) -> Option<crate::QueueFill> {
+        None
+    }
 }
 
 /// The `tracing` target of the access events: one `INFO` event per

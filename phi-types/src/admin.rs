@@ -14,6 +14,17 @@
 //! | `POST /clear-cache` | `{"owner": …}` or `{"all": true}`: in this process at once, in every process following the key-event feed within its interval |
 //! | `POST /rollout` | `{"mode": "all" \| "nobody" \| "owners", "owners": […]}`: the fleet's roll-out policy, through the feed |
 //!
+//! Health probes are a router of their own, [`probes`], **not** behind the
+//! guard: a Kubernetes (or load balancer) probe cannot send a token, and
+//! neither answer names an owner or holds a secret. Mount it where the
+//! orchestrator looks (at the root, say) and keep the guarded router under
+//! its prefix:
+//!
+//! | route | does |
+//! | --- | --- |
+//! | `GET /live` | 200 `{"live": true}` while the process answers (it checks nothing else: a restart does not help a database outage) |
+//! | `GET /ready` | 200 when [`Keyring::readiness`] says ready, else 503; the body is that [`Readiness`](crate::Readiness) as JSON |
+//!
 //! Every request first goes through the [`Guard`]: a request it refuses
 //! gets 401 or 403, changes nothing, and is audited as
 //! [`AuditAction::Denied`] (at most [`Options::denied_audit_limit`] per
@@ -423,6 +434,41 @@ pub fn router_with<G: Guard>(keyring: Keyring, guard: G, options: Options) -> Ro
         .route("/access-log", get(access_log))
         .with_state(state)
         .layer(middleware::from_fn_with_state(guarded, admit::<G>))
+}
+
+/// The health probes over `keyring`: `GET /live` and `GET /ready` (see
+/// the [module](self) docs), unauthenticated and not audited. Mount it with
+/// [`Router::merge`] or [`Router::nest`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use phi_types::admin;
+/// use phi_types::{Keyring, KeyBytes, LocalKek, MemoryKeyStore};
+///
+/// let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+/// let app: axum::Router = axum::Router::new().merge(admin::probes(keyring));
+/// # drop(app);
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+pub fn probes(keyring: Keyring) -> Router {
+    Router::new()
+        .route(
+            "/live",
+            get(|| async { axum::Json(json!({ "live": true })) }),
+        )
+        .route("/ready", get(ready))
+        .with_state(keyring)
+}
+
+async fn ready(State(keyring): State<Keyring>) -> Response {
+    let readiness = keyring.readiness_async().await;
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(readiness)).into_response()
 }
 
 async fn admit<G: Guard>(

@@ -152,6 +152,10 @@ pub use keyring::{
     DEFAULT_UNKNOWN_VERSION_TTL, FeedStatus, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
     ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
+pub use keyring::{
+    DEFAULT_KEK_PROBE_INTERVAL, DEFAULT_READINESS_TIMEOUT, FeedReadiness, KekReadiness, PoolState,
+    QueueFill, Readiness, ReadinessCheck,
+};
 pub use keyring::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 #[cfg(feature = "derive")]
 #[doc(inline)]

@@ -4,7 +4,9 @@
 //! exporter, say); with none installed every call is a no-op. Install the
 //! recorder before the first keyring is built: building a keyring registers
 //! every metric below with its unit and description ([`describe`]; call it
-//! yourself after installing a recorder later).
+//! yourself after installing a recorder later), and the counters, gauges
+//! and histograms without labels at zero, so that an alert or a dashboard
+//! finds each series before its first event.
 //!
 //! Labels share one vocabulary: `operation` (what was done) and `outcome`
 //! (`success`, or the failure's kind), both in snake_case; besides them,
@@ -50,15 +52,21 @@
 //!
 //! # Alerting
 //!
-//! In Prometheus terms (the names as a Prometheus exporter writes them):
+//! The repository's `ops/prometheus/phi-rules.yml` holds these rules and
+//! more (feed staleness and read errors, dropped audit and access records,
+//! keys due, the seal budget), each unit-tested with `promtool test rules`;
+//! `ops/grafana/phi.json` is a dashboard over the same metrics. The core
+//! of them, in Prometheus terms (the names as a Prometheus exporter writes
+//! them):
 //!
 //! ```text
 //! # Page: values that do not open (tampering, a value moved between rows
 //! # or owners, a wrong key), more than 5 in 5 minutes.
 //! sum(increase(phi_open_errors_total{outcome=~"decrypt|malformed|unknown_key_version"}[5m])) > 5
 //!
-//! # Page: seals failing (no key, KMS or key store down), any in 5 minutes.
-//! sum(increase(phi_seal_errors_total[5m])) > 0
+//! # Page: seals failing (no key, KMS or key store down), more than 10 in
+//! # 5 minutes.
+//! sum(increase(phi_seal_errors_total[5m])) > 10
 //!
 //! # Warn: the key cache answers fewer than 95 % of lookups over 15 minutes
 //! # (a TTL too short, a cache too small, or a feed clearing it).
@@ -326,6 +334,57 @@ pub fn describe() {
         Unit::Count,
         "Refused admin API requests not audited, over the router's limit."
     );
+    crate::access_log::describe_metrics();
+    register_at_zero();
+}
+
+/// Registers the series that alerts and dashboards read at zero (without
+/// labels), so that they are exported before their first event: a rule
+/// over a series that does not exist yet cannot tell "none" from "not
+/// exported", and a renamed metric is caught at start-up. Gauges set by a
+/// job ([`KEYS_DUE`], [`KEY_SEALS_MAX`], [`KEY_OLDEST_ACTIVE_AGE_SECONDS`])
+/// read 0 until the job first runs.
+fn register_at_zero() {
+    for name in [
+        SEAL_TOTAL,
+        OPEN_TOTAL,
+        SEAL_ERRORS_TOTAL,
+        OPEN_ERRORS_TOTAL,
+        CACHE_HITS_TOTAL,
+        CACHE_MISSES_TOTAL,
+        KEY_STORE_ERRORS_TOTAL,
+        KMS_CALLS_TOTAL,
+        KEYS_ROTATED_TOTAL,
+        KEYS_REWRAPPED_TOTAL,
+        KEYS_RETIRED_TOTAL,
+        KEYS_DESTROYED_TOTAL,
+        VALUES_RESEALED_TOTAL,
+        AUDIT_WRITTEN_TOTAL,
+        AUDIT_DROPPED_TOTAL,
+        FEED_EVENTS_TOTAL,
+        FEED_READ_ERRORS_TOTAL,
+        crate::access_log::WRITTEN_TOTAL,
+        crate::access_log::DROPPED_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [
+        AUDIT_PENDING,
+        FEED_STALENESS_SECONDS,
+        KEYS_DUE,
+        KEY_SEALS_MAX,
+        KEY_OLDEST_ACTIVE_AGE_SECONDS,
+    ] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    for name in [
+        SEAL_DURATION_SECONDS,
+        OPEN_DURATION_SECONDS,
+        KEY_STORE_QUERY_DURATION_SECONDS,
+        KMS_CALL_DURATION_SECONDS,
+    ] {
+        drop(metrics::histogram!(name));
+    }
 }
 
 /// Operations a thread counts before handing them to the recorder.

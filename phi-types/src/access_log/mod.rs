@@ -846,6 +846,10 @@ impl AccessLog for DieselAccessLog {
     fn flush(&self) -> Result<()> {
         self.writer.flush()
     }
+
+    fn queue_fill(&self) -> Option<crate::QueueFill> {
+        Some(self.writer.fill())
+    }
 }
 
 /// Registers the access log's metrics with the installed recorder.

@@ -208,6 +208,16 @@ impl Writer {
         ))
     }
 
+    /// The queue's fill.
+    pub(super) fn fill(&self) -> crate::QueueFill {
+        let state = self.shared.lock();
+        crate::QueueFill::new(
+            state.accepted - state.finished,
+            self.shared.capacity as u64,
+            state.dropped,
+        )
+    }
+
     pub(super) fn counts(&self) -> AccessLogCounts {
         let state = self.shared.lock();
         AccessLogCounts {

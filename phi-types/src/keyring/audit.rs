@@ -163,6 +163,16 @@ impl AuditWriter {
         ))
     }
 
+    /// The queue's fill, for [`Keyring::readiness`](crate::Keyring::readiness).
+    pub(super) fn fill(&self) -> crate::QueueFill {
+        let state = self.shared.lock();
+        crate::QueueFill::new(
+            state.accepted - state.finished,
+            self.shared.capacity as u64,
+            state.dropped,
+        )
+    }
+
     pub(super) fn counts(&self) -> AuditCounts {
         let state = self.shared.lock();
         AuditCounts {

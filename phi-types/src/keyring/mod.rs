@@ -46,6 +46,7 @@ mod follow;
 mod misses;
 #[cfg(feature = "async")]
 mod nonblocking;
+mod readiness;
 mod recording;
 mod resolve;
 mod seals;
@@ -60,6 +61,10 @@ pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use follow::FeedStatus;
+pub use readiness::{
+    DEFAULT_KEK_PROBE_INTERVAL, DEFAULT_READINESS_TIMEOUT, FeedReadiness, KekReadiness, PoolState,
+    QueueFill, Readiness, ReadinessCheck,
+};
 pub(crate) use recording::{AccessBatch, row_text};
 pub use seals::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 
@@ -373,6 +378,7 @@ struct Inner {
     rotation_policy: RwLock<RotationPolicy>,
     /// [`KeyringBuilder::access_log`], [`KeyringBuilder::require_accessor`].
     access: recording::AccessConfig,
+    probes: Arc<readiness::Probes>,
 }
 
 /// How long dropping the last clone of a following keyring waits for its
@@ -449,6 +455,8 @@ pub struct KeyringBuilder {
     owner_id_whitespace: bool,
     rotation_policy: RotationPolicy,
     access: recording::AccessConfig,
+    readiness_timeout: Duration,
+    kek_probe_interval: Duration,
 }
 
 impl fmt::Debug for KeyringBuilder {
@@ -748,6 +756,11 @@ impl KeyringBuilder {
             ));
         }
         self.rotation_policy.check()?;
+        if self.readiness_timeout.is_zero() {
+            return Err(Error::Config(
+                "the readiness check's timeout must be positive".into(),
+            ));
+        }
         let mut keks: HashMap<String, Arc<dyn KeyEncryptionKey>> = HashMap::new();
         for kek in std::iter::once(self.primary.clone()).chain(self.keks) {
             if let Some(existing) = keks.get(kek.id())
@@ -867,6 +880,10 @@ impl KeyringBuilder {
                 rotation_policy: RwLock::new(self.rotation_policy),
                 store: self.store,
                 access: self.access,
+                probes: Arc::new(readiness::Probes::new(
+                    self.readiness_timeout,
+                    self.kek_probe_interval,
+                )),
             }),
         };
         if let Some((follower, listener)) = follower {
@@ -910,6 +927,8 @@ impl Keyring {
             owner_id_whitespace: false,
             rotation_policy: RotationPolicy::default(),
             access: recording::AccessConfig::default(),
+            readiness_timeout: readiness::DEFAULT_READINESS_TIMEOUT,
+            kek_probe_interval: readiness::DEFAULT_KEK_PROBE_INTERVAL,
         }
     }
 

@@ -538,6 +538,15 @@ macro_rules! diesel_key_store {
     ($($feature:literal => $conn:ty, $transaction:ident, lock($($lock:ident)?), $shape:expr, $text:literal, $read_only:expr, $version_sql:expr, $one_worker:literal);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl KeyStore for DieselKeyStore<$conn> {
+            fn pool_state(&self) -> Option<crate::PoolState> {
+                let state = self.pool.state();
+                Some(crate::PoolState::new(
+                    state.connections,
+                    state.idle_connections,
+                    self.pool.max_size(),
+                ))
+            }
+
             fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
                 crate::metrics::store_query("load_keys", || self.load_keys_now(owners))
             }

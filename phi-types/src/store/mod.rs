@@ -294,6 +294,12 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
     /// [`Error::Store`](crate::Error::Store) on a database failure.
     fn owners(&self) -> Result<Vec<String>>;
 
+    /// The state of the store's connection pool, where it has one (for
+    /// [`Keyring::readiness`](crate::Keyring::readiness)); `None` by default.
+    fn pool_state(&self) -> Option<crate::PoolState> {
+        None
+    }
+
     /// A page of data key rows in `(owner_id, version)` order, after
     /// `after` (keyset pagination), at most `limit` rows. Destroyed rows are
     /// left out; with `wrapped_by`, only rows whose `kek_id` is that KEK
