@@ -171,7 +171,7 @@ pub trait AccessLog: Send + Sync + fmt::Debug {
 
     /// The fill of the log's queue, if it has one, for
     /// [`Keyring::readiness`](crate::Keyring::readiness); `None` by default.
-    fn queue_fill(&self) -> Option<crate::QueueFill> {
+    fn queue_fill(&self) -> Option<QueueFill> {
         None
     }
 }
@@ -265,5 +265,29 @@ impl AccessLog for MemoryAccessLog {
 
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// A bounded writer queue's fill.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct QueueFill {
+    /// Records queued and not yet written.
+    pub queued: u64,
+    /// Records the queue holds at most.
+    pub capacity: u64,
+    /// Records dropped since the writer started.
+    pub dropped: u64,
+}
+
+impl QueueFill {
+    /// A queue holding `queued` of `capacity` records, `dropped` dropped.
+    pub fn new(queued: u64, capacity: u64, dropped: u64) -> Self {
+        QueueFill {
+            queued,
+            capacity,
+            dropped,
+        }
     }
 }

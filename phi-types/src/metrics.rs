@@ -334,8 +334,29 @@ pub fn describe() {
         Unit::Count,
         "Refused admin API requests not audited, over the router's limit."
     );
-    crate::access_log::describe_metrics();
+    describe_access_log();
     register_at_zero();
+}
+
+/// The access log's counter of records that could not be written
+/// ([`access_log::DROPPED_TOTAL`](crate::access_log::DROPPED_TOTAL)).
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "phi_access_log_dropped_total";
+/// The access log's counter of records written.
+pub const ACCESS_LOG_WRITTEN_TOTAL: &str = "phi_access_log_written_total";
+
+/// Describes the access log's counters.
+pub(crate) fn describe_access_log() {
+    use metrics::{Unit, describe_counter};
+    describe_counter!(
+        ACCESS_LOG_DROPPED_TOTAL,
+        Unit::Count,
+        "Access records that could not be written (queue full, writer stopped); each is also logged."
+    );
+    describe_counter!(
+        ACCESS_LOG_WRITTEN_TOTAL,
+        Unit::Count,
+        "Access records written."
+    );
 }
 
 /// Registers the series that alerts and dashboards read at zero (without
@@ -363,8 +384,8 @@ fn register_at_zero() {
         AUDIT_DROPPED_TOTAL,
         FEED_EVENTS_TOTAL,
         FEED_READ_ERRORS_TOTAL,
-        crate::access_log::WRITTEN_TOTAL,
-        crate::access_log::DROPPED_TOTAL,
+        ACCESS_LOG_WRITTEN_TOTAL,
+        ACCESS_LOG_DROPPED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

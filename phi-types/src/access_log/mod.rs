@@ -168,9 +168,9 @@ pub const KIND_RECORDS: &str = "records";
 pub const KIND_CHECKPOINT: &str = "checkpoint";
 
 /// The metric counting records that could not be written.
-pub const DROPPED_TOTAL: &str = "phi_access_log_dropped_total";
+pub const DROPPED_TOTAL: &str = crate::metrics::ACCESS_LOG_DROPPED_TOTAL;
 /// The metric counting records written.
-pub const WRITTEN_TOTAL: &str = "phi_access_log_written_total";
+pub const WRITTEN_TOTAL: &str = crate::metrics::ACCESS_LOG_WRITTEN_TOTAL;
 
 /// One chain key: `K_v` of the module docs. Zeroized on drop; its `Debug`
 /// shows the version only.
@@ -847,20 +847,14 @@ impl AccessLog for DieselAccessLog {
         self.writer.flush()
     }
 
-    fn queue_fill(&self) -> Option<crate::QueueFill> {
+    fn queue_fill(&self) -> Option<crate::access::QueueFill> {
         Some(self.writer.fill())
     }
 }
 
 /// Registers the access log's metrics with the installed recorder.
 pub fn describe_metrics() {
-    use metrics::{Unit, describe_counter};
-    describe_counter!(
-        DROPPED_TOTAL,
-        Unit::Count,
-        "Access records that could not be written (queue full, writer stopped); each is also logged."
-    );
-    describe_counter!(WRITTEN_TOTAL, Unit::Count, "Access records written.");
+    crate::metrics::describe_access_log();
 }
 
 /// A record as JSON, as `phi audit access --format json` prints it and the

@@ -209,9 +209,9 @@ impl Writer {
     }
 
     /// The queue's fill.
-    pub(super) fn fill(&self) -> crate::QueueFill {
+    pub(super) fn fill(&self) -> crate::access::QueueFill {
         let state = self.shared.lock();
-        crate::QueueFill::new(
+        crate::access::QueueFill::new(
             state.accepted - state.finished,
             self.shared.capacity as u64,
             state.dropped,

@@ -513,9 +513,6 @@ mod tests {
         fn feed_head(&self) -> Result<i64> {
             self.inner.feed_head()
         }
-        fn fleet_rollout(&self, policy: &str) -> Result<Option<crate::Rollout>> {
-            self.inner.fleet_rollout(policy)
-        }
         fn record_feed_reader(&self, reader: &str, position: i64) -> Result<()> {
             self.inner.record_feed_reader(reader, position)
         }

@@ -107,53 +107,9 @@ pub struct FeedReadiness {
     pub listening: bool,
 }
 
-/// A bounded writer queue's fill.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[non_exhaustive]
-pub struct QueueFill {
-    /// Records queued and not yet written.
-    pub queued: u64,
-    /// Records the queue holds at most.
-    pub capacity: u64,
-    /// Records dropped since the writer started.
-    pub dropped: u64,
-}
+pub use crate::access::QueueFill;
 
-impl QueueFill {
-    /// A queue holding `queued` of `capacity` records, `dropped` dropped.
-    pub fn new(queued: u64, capacity: u64, dropped: u64) -> Self {
-        QueueFill {
-            queued,
-            capacity,
-            dropped,
-        }
-    }
-}
-
-/// A key store's connection pool.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-#[non_exhaustive]
-pub struct PoolState {
-    /// Connections open.
-    pub connections: u32,
-    /// Of them, idle.
-    pub idle: u32,
-    /// Connections the pool opens at most.
-    pub max: u32,
-}
-
-impl PoolState {
-    /// A pool of `connections` open (`idle` of them idle), at most `max`.
-    pub fn new(connections: u32, idle: u32, max: u32) -> Self {
-        PoolState {
-            connections,
-            idle,
-            max,
-        }
-    }
-}
+pub use crate::store::PoolState;
 
 /// The probes' shared state.
 pub(super) struct Probes {

@@ -538,9 +538,9 @@ macro_rules! diesel_key_store {
     ($($feature:literal => $conn:ty, $transaction:ident, lock($($lock:ident)?), $shape:expr, $text:literal, $read_only:expr, $version_sql:expr, $one_worker:literal);* $(;)?) => {$(
         #[cfg(feature = $feature)]
         impl KeyStore for DieselKeyStore<$conn> {
-            fn pool_state(&self) -> Option<crate::PoolState> {
+            fn pool_state(&self) -> Option<crate::store::PoolState> {
                 let state = self.pool.state();
-                Some(crate::PoolState::new(
+                Some(crate::store::PoolState::new(
                     state.connections,
                     state.idle_connections,
                     self.pool.max_size(),

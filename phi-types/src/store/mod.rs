@@ -296,7 +296,7 @@ pub trait KeyStore: Send + Sync + fmt::Debug {
 
     /// The state of the store's connection pool, where it has one (for
     /// [`Keyring::readiness`](crate::Keyring::readiness)); `None` by default.
-    fn pool_state(&self) -> Option<crate::PoolState> {
+    fn pool_state(&self) -> Option<PoolState> {
         None
     }
 
@@ -899,6 +899,30 @@ impl SealCount {
             owner_id: owner_id.into(),
             version,
             seals,
+        }
+    }
+}
+
+/// A key store's connection pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct PoolState {
+    /// Connections open.
+    pub connections: u32,
+    /// Of them, idle.
+    pub idle: u32,
+    /// Connections the pool opens at most.
+    pub max: u32,
+}
+
+impl PoolState {
+    /// A pool of `connections` open (`idle` of them idle), at most `max`.
+    pub fn new(connections: u32, idle: u32, max: u32) -> Self {
+        PoolState {
+            connections,
+            idle,
+            max,
         }
     }
 }
