@@ -324,8 +324,11 @@ impl Keyring {
     /// [readiness timeout](KeyringBuilder::readiness_timeout), the KEK's
     /// last probe opened its check value, and the feed, if followed, is
     /// within its maximum staleness; with the audit and access-log queues'
-    /// fill and the key store's pool. Blocks at most the timeout (see the
-    /// [module](self) for how); from async code use
+    /// fill and the key store's pool. Blocks at most the timeout: the
+    /// store's query runs on a thread of its own, one at a time, and the
+    /// KEK is probed on another at most once per
+    /// [`kek_probe_interval`](KeyringBuilder::kek_probe_interval), each
+    /// call reporting the last finished probe; from async code use
     /// [`readiness_async`](Self::readiness_async).
     pub fn readiness(&self) -> Readiness {
         let inner = &self.inner;
