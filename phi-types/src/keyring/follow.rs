@@ -466,9 +466,9 @@ mod tests {
     use crate::dek::KeyBytes;
     use crate::error::Result;
     use crate::feed::FeedEvent;
-    use crate::kek::{KekCheck, LocalKek};
+    use crate::kek::LocalKek;
     use crate::keyring::Keyring;
-    use crate::store::{AuditEvent, KeyStore, MemoryKeyStore, StoredKey};
+    use crate::store::{KeyStore, MemoryKeyStore};
 
     /// A key store whose feed read, once the test hands it the follower,
     /// says it arrived and holds until that follower is told to stop (at
@@ -519,34 +519,7 @@ mod tests {
         fn forget_feed_reader(&self, reader: &str) -> Result<()> {
             self.inner.forget_feed_reader(reader)
         }
-        fn load_keys(&self, owners: &[&str]) -> Result<Vec<StoredKey>> {
-            self.inner.load_keys(owners)
-        }
-        fn insert_key_if_absent(&self, key: &StoredKey) -> Result<bool> {
-            self.inner.insert_key_if_absent(key)
-        }
-        fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
-            self.inner.append_audit(events)
-        }
-        fn owners(&self) -> Result<Vec<String>> {
-            self.inner.owners()
-        }
-        fn kek_check(&self, kek_id: &str) -> Result<Option<KekCheck>> {
-            self.inner.kek_check(kek_id)
-        }
-        fn insert_kek_check_if_absent(&self, kek_id: &str, check: &KekCheck) -> Result<bool> {
-            self.inner.insert_kek_check_if_absent(kek_id, check)
-        }
-        fn keys_page(
-            &self,
-            wrapped_by: Option<&str>,
-            not_wrapped_by: Option<&str>,
-            after: Option<(&str, u32)>,
-            limit: usize,
-        ) -> Result<Vec<StoredKey>> {
-            self.inner
-                .keys_page(wrapped_by, not_wrapped_by, after, limit)
-        }
+        crate::store::forward_key_store!(inner; load_keys, insert_key_if_absent, append_audit, owners, kek_check, insert_kek_check_if_absent, keys_page);
     }
 
     /// The last clone's drop, made while the feed thread reads, returns

@@ -496,15 +496,7 @@ mod tests {
     }
 
     impl KeyStore for Flaky {
-        fn load_keys(&self, owners: &[&str]) -> crate::Result<Vec<crate::StoredKey>> {
-            self.inner.load_keys(owners)
-        }
-        fn insert_key_if_absent(&self, key: &crate::StoredKey) -> crate::Result<bool> {
-            self.inner.insert_key_if_absent(key)
-        }
-        fn append_audit(&self, events: &[crate::AuditEvent]) -> crate::Result<()> {
-            self.inner.append_audit(events)
-        }
+        crate::store::forward_key_store!(inner; load_keys, insert_key_if_absent, append_audit);
         fn kek_check(&self, kek_id: &str) -> crate::Result<Option<crate::KekCheck>> {
             if self.hang.load(Ordering::SeqCst) {
                 self.hung.fetch_add(1, Ordering::SeqCst);
@@ -521,25 +513,6 @@ mod tests {
             }
             self.inner.kek_check(kek_id)
         }
-        fn insert_kek_check_if_absent(
-            &self,
-            kek_id: &str,
-            check: &crate::KekCheck,
-        ) -> crate::Result<bool> {
-            self.inner.insert_kek_check_if_absent(kek_id, check)
-        }
-        fn owners(&self) -> crate::Result<Vec<String>> {
-            self.inner.owners()
-        }
-        fn keys_page(
-            &self,
-            wrapped_by: Option<&str>,
-            not_wrapped_by: Option<&str>,
-            after: Option<(&str, u32)>,
-            limit: usize,
-        ) -> crate::Result<Vec<crate::StoredKey>> {
-            self.inner
-                .keys_page(wrapped_by, not_wrapped_by, after, limit)
-        }
+        crate::store::forward_key_store!(inner; insert_kek_check_if_absent, owners, keys_page);
     }
 }

@@ -892,7 +892,7 @@ mod tests {
 
     use crate::dek::KeyBytes;
     use crate::error::{ErrorKind, Result};
-    use crate::kek::{KekCheck, LocalKek};
+    use crate::kek::LocalKek;
     use crate::keyring::Keyring;
     use crate::store::{AuditAction, AuditEvent, KeyStore, MemoryKeyStore, StoredKey};
 
@@ -918,31 +918,7 @@ mod tests {
             }
             self.inner.load_keys(owners)
         }
-        fn insert_key_if_absent(&self, key: &StoredKey) -> Result<bool> {
-            self.inner.insert_key_if_absent(key)
-        }
-        fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
-            self.inner.append_audit(events)
-        }
-        fn owners(&self) -> Result<Vec<String>> {
-            self.inner.owners()
-        }
-        fn kek_check(&self, kek_id: &str) -> Result<Option<KekCheck>> {
-            self.inner.kek_check(kek_id)
-        }
-        fn insert_kek_check_if_absent(&self, kek_id: &str, check: &KekCheck) -> Result<bool> {
-            self.inner.insert_kek_check_if_absent(kek_id, check)
-        }
-        fn keys_page(
-            &self,
-            wrapped_by: Option<&str>,
-            not_wrapped_by: Option<&str>,
-            after: Option<(&str, u32)>,
-            limit: usize,
-        ) -> Result<Vec<StoredKey>> {
-            self.inner
-                .keys_page(wrapped_by, not_wrapped_by, after, limit)
-        }
+        crate::store::forward_key_store!(inner; insert_key_if_absent, append_audit, owners, kek_check, insert_kek_check_if_absent, keys_page);
     }
 
     /// A keyring over a [`ParkedStore`] in which `owner` was shredded, its

@@ -19,6 +19,59 @@ pub(crate) mod claims;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 mod diesel_store;
 mod memory;
+
+/// In a test's key store double, the `KeyStore` methods it does not
+/// change, each handed to the store in `$field`.
+#[cfg(test)]
+macro_rules! forward_key_store {
+    ($field:ident; $($method:ident),* $(,)?) => {
+        $(crate::store::forward_key_store!(@one $field $method);)*
+    };
+    (@one $f:ident load_keys) => {
+        fn load_keys(&self, owners: &[&str]) -> crate::Result<Vec<crate::StoredKey>> {
+            self.$f.load_keys(owners)
+        }
+    };
+    (@one $f:ident insert_key_if_absent) => {
+        fn insert_key_if_absent(&self, key: &crate::StoredKey) -> crate::Result<bool> {
+            self.$f.insert_key_if_absent(key)
+        }
+    };
+    (@one $f:ident append_audit) => {
+        fn append_audit(&self, events: &[crate::AuditEvent]) -> crate::Result<()> {
+            self.$f.append_audit(events)
+        }
+    };
+    (@one $f:ident owners) => {
+        fn owners(&self) -> crate::Result<Vec<String>> {
+            self.$f.owners()
+        }
+    };
+    (@one $f:ident kek_check) => {
+        fn kek_check(&self, kek_id: &str) -> crate::Result<Option<crate::KekCheck>> {
+            self.$f.kek_check(kek_id)
+        }
+    };
+    (@one $f:ident insert_kek_check_if_absent) => {
+        fn insert_kek_check_if_absent(&self, kek_id: &str, check: &crate::KekCheck) -> crate::Result<bool> {
+            self.$f.insert_kek_check_if_absent(kek_id, check)
+        }
+    };
+    (@one $f:ident keys_page) => {
+        fn keys_page(
+            &self,
+            wrapped_by: Option<&str>,
+            not_wrapped_by: Option<&str>,
+            after: Option<(&str, u32)>,
+            limit: usize,
+        ) -> crate::Result<Vec<crate::StoredKey>> {
+            self.$f.keys_page(wrapped_by, not_wrapped_by, after, limit)
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use forward_key_store;
+
 pub mod schema;
 
 use std::collections::HashSet;
