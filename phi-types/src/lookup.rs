@@ -475,10 +475,16 @@ impl std::fmt::Display for LookupRotation {
 /// key (audited as `rotate` and on the key-event feed, so other processes
 /// write under it once they follow the feed), re-indexes every table of
 /// `tables` under it ([`reindex_table`]), then retires every older active
-/// version. The lookup side of an emergency rotation: with
+/// version. The lookup side of an emergency rotation, with
 /// [`rotate_all`](crate::lifecycle::rotate_all) over
-/// [`RotateOwners::All`](crate::lifecycle::RotateOwners::All), no value
-/// sealed and no index kept is left under a key from before.
+/// [`RotateOwners::All`](crate::lifecycle::RotateOwners::All).
+///
+/// Retiring counts no rows: a process that has not yet read the new
+/// version from the feed may write a lookup value under an older one after
+/// the re-index passed its row. Retired versions still find such values,
+/// and [`reindex_table`] run again rewrites them; before destroying an old
+/// lookup version, re-index until a run reports nothing
+/// [`rewritten`](ReindexReport::rewritten).
 ///
 /// Rows of crypto-shredded owners keep their lookup values (see
 /// [`ReindexReport::shredded`]); retired versions still find them, and
