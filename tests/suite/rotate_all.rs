@@ -41,6 +41,21 @@ fn assert_rotated_once(db: &TestDb, owners: &[String], rows: usize) {
     }
 }
 
+/// `owner`'s feed events in `events` are one rotation to version 2, then
+/// version 1 retired.
+fn assert_rotated_to_2_then_retired_1(events: &[phi::feed::FeedEvent], owner: &str) {
+    let kinds: Vec<(phi::feed::KeyEventKind, Option<u32>)> = events
+        .iter()
+        .filter(|e| e.event.owner_id.as_deref() == Some(owner))
+        .map(|e| (e.event.kind, e.event.key_version))
+        .collect();
+    assert_eq!(
+        kinds,
+        [(phi::feed::KeyEventKind::Rotate, Some(2)), (phi::feed::KeyEventKind::Retire, Some(1))],
+        "owner {owner}"
+    );
+}
+
 fn options(job: &str) -> RotateAllOptions {
     RotateAllOptions::new(job).owners_per_claim(2).batch_size(4).sample(5)
 }
@@ -87,16 +102,7 @@ fn every_owner_is_rotated_resealed_verified_and_retired_with_feed_events() {
     }
     let events = lifecycle::read_feed(keyring.store().as_ref(), head, 1_000).expect("feed");
     for owner in &owners {
-        let kinds: Vec<(phi::feed::KeyEventKind, Option<u32>)> = events
-            .iter()
-            .filter(|e| e.event.owner_id.as_deref() == Some(owner.as_str()))
-            .map(|e| (e.event.kind, e.event.key_version))
-            .collect();
-        assert_eq!(
-            kinds,
-            [(phi::feed::KeyEventKind::Rotate, Some(2)), (phi::feed::KeyEventKind::Retire, Some(1))],
-            "owner {owner}"
-        );
+        assert_rotated_to_2_then_retired_1(&events, owner);
     }
 
     // A rerun of the job does nothing: every owner is done.
@@ -767,16 +773,7 @@ fn rotate_due_from_two_processes_at_once_rotates_each_due_owner_once() {
         let rotates: Vec<Option<i64>> =
             audit_actions(&db, owner).into_iter().filter(|(a, _)| a == "rotate").map(|(_, v)| v).collect();
         assert_eq!(rotates, [Some(2)], "owner {owner}");
-        let kinds: Vec<(phi::feed::KeyEventKind, Option<u32>)> = events
-            .iter()
-            .filter(|e| e.event.owner_id.as_deref() == Some(owner.as_str()))
-            .map(|e| (e.event.kind, e.event.key_version))
-            .collect();
-        assert_eq!(
-            kinds,
-            [(phi::feed::KeyEventKind::Rotate, Some(2)), (phi::feed::KeyEventKind::Retire, Some(1))],
-            "owner {owner}"
-        );
+        assert_rotated_to_2_then_retired_1(&events, owner);
     }
     assert_eq!(key_states(&db, &calm).len(), 1, "an owner not due is not rotated");
     assert!(audit_actions(&db, &calm).iter().all(|(a, _)| a != "rotate"));

@@ -966,9 +966,10 @@ impl Kms {
         R: fmt::Debug + 'static,
     {
         let (kind, detail) = match error {
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
-                (AwsKmsErrorKind::Unreachable, causes(error))
-            }
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => (
+                AwsKmsErrorKind::Unreachable,
+                crate::error::chain_text(error),
+            ),
             SdkError::ServiceError(service) => {
                 let err = service.err();
                 let code = err.code().unwrap_or("unknown error");
@@ -997,23 +998,14 @@ impl Kms {
                 };
                 (kind, detail)
             }
-            SdkError::ResponseError(_) => (AwsKmsErrorKind::BadResponse, causes(error)),
-            _ => (AwsKmsErrorKind::Other, causes(error)),
+            SdkError::ResponseError(_) => (
+                AwsKmsErrorKind::BadResponse,
+                crate::error::chain_text(error),
+            ),
+            _ => (AwsKmsErrorKind::Other, crate::error::chain_text(error)),
         };
         self.error(operation, kind, detail)
     }
-}
-
-/// An error and its sources, one line.
-fn causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The KEK's own tokio runtime. Calls are spawned on it and the calling

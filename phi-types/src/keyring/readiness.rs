@@ -251,7 +251,11 @@ impl Probes {
             ),
             Some(Err(error)) => failed(
                 started,
-                &format!("KEK {:?} cannot be reached: {}", kek.id(), chain(&*error)),
+                &format!(
+                    "KEK {:?} cannot be reached: {}",
+                    kek.id(),
+                    crate::error::chain_text(&*error)
+                ),
             ),
             None => failed(
                 started,
@@ -288,18 +292,6 @@ fn failed(started: Instant, error: &str) -> ReadinessCheck {
         seconds: started.elapsed().as_secs_f64(),
         error: Some(error),
     }
-}
-
-/// An error and its sources, `: `-joined.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl KeyringBuilder {
