@@ -7,6 +7,7 @@
 //! cargo bench --bench rotate_all --features postgres      # PostgreSQL (and SQLite)
 //! cargo bench --bench rotate_all --all-features           # SQLite, MariaDB, PostgreSQL
 //! PHI_ROTATE_ROWS=20000 PHI_ROTATE_OWNERS=200 cargo bench --bench rotate_all --all-features
+//! PHI_ROTATE_BATCH=2000 PHI_ROTATE_CLAIM=50 cargo bench --bench rotate_all --all-features
 //! ```
 //!
 //! Not a criterion benchmark: each measure times a whole run, once. Per
@@ -43,6 +44,15 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The job's options: the defaults, or `PHI_ROTATE_BATCH` rows per
+/// re-seal transaction and `PHI_ROTATE_CLAIM` owners per claim.
+fn options(job: String) -> RotateAllOptions {
+    let defaults = RotateAllOptions::new(job);
+    let batch = env_usize("PHI_ROTATE_BATCH", defaults.batch_size);
+    let claim = env_usize("PHI_ROTATE_CLAIM", defaults.owners_per_claim);
+    defaults.batch_size(batch).owners_per_claim(claim)
 }
 
 fn bench_kek() -> Arc<LocalKek> {
@@ -202,7 +212,7 @@ macro_rules! run_backend {
             &keyring,
             &set,
             &tables,
-            &RotateAllOptions::new(format!("bench-{stamp}-1")),
+            &options(format!("bench-{stamp}-1")),
             &mut |_| {},
         )?;
         let one_time = start.elapsed();
@@ -227,8 +237,7 @@ macro_rules! run_backend {
                             &keyring,
                             set,
                             tables,
-                            &RotateAllOptions::new(job2.as_str())
-                                .worker(format!("bench-worker-{w}")),
+                            &options(job2.clone()).worker(format!("bench-worker-{w}")),
                             &mut |_| {},
                         )
                         .map_err(|e| text(&e))

@@ -452,10 +452,26 @@ pub struct LookupRotation {
     pub version: u32,
     /// The re-index of each table, in the order given.
     pub reindexed: Vec<ReindexReport>,
-    /// The older versions this call retired: they no longer write, and
-    /// still find (a value a process wrote under one with a key cache
-    /// older than the rotation is still found).
+    /// The older versions this call retired: no lookup value of the
+    /// tables named was under them after the re-index. They no longer
+    /// write, and still find.
     pub retired: Vec<u32>,
+    /// The older versions left active, each with the number of lookup
+    /// values still under it across the tables named: values of
+    /// crypto-shredded owners' rows (skipped by the re-index; set them to
+    /// NULL), or values a process wrote under an older version after the
+    /// re-index passed their row (its key cache had not yet followed the
+    /// feed). Run [`rotate`] or [`reindex_table`] and
+    /// [`retire`](crate::lifecycle::retire) again once those are gone.
+    pub pending: Vec<(u32, u64)>,
+}
+
+impl LookupRotation {
+    /// Whether every older version was retired: nothing is left under
+    /// them.
+    pub fn finished(&self) -> bool {
+        self.pending.is_empty()
+    }
 }
 
 impl std::fmt::Display for LookupRotation {
@@ -464,10 +480,18 @@ impl std::fmt::Display for LookupRotation {
         for r in &self.reindexed {
             write!(f, "; {r}")?;
         }
-        match &self.retired[..] {
-            [] => write!(f, "; no older version to retire"),
-            versions => write!(f, "; retired version(s) {versions:?}"),
+        match (&self.retired[..], &self.pending[..]) {
+            ([], []) => write!(f, "; no older version to retire")?,
+            ([], _) => {}
+            (versions, _) => write!(f, "; retired version(s) {versions:?}")?,
         }
+        for (version, values) in &self.pending {
+            write!(
+                f,
+                "; version {version} left active: {values} lookup value(s) still under it"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -475,22 +499,23 @@ impl std::fmt::Display for LookupRotation {
 /// key (audited as `rotate` and on the key-event feed, so other processes
 /// write under it once they follow the feed), re-indexes every table of
 /// `tables` under it ([`reindex_table`]), then retires every older active
-/// version. The lookup side of an emergency rotation, with
-/// [`rotate_all`](crate::lifecycle::rotate_all) over
-/// [`RotateOwners::All`](crate::lifecycle::RotateOwners::All).
+/// version that no lookup value of `tables` is under any more, counted per
+/// version in one grouped query per lookup column. The lookup side of an
+/// emergency rotation, with [`rotate_all`](crate::lifecycle::rotate_all)
+/// over [`RotateOwners::All`](crate::lifecycle::RotateOwners::All).
 ///
-/// Retiring counts no rows: a process that has not yet read the new
-/// version from the feed may write a lookup value under an older one after
-/// the re-index passed its row. Retired versions still find such values,
-/// and [`reindex_table`] run again rewrites them; before destroying an old
-/// lookup version, re-index until a run reports nothing
-/// [`rewritten`](ReindexReport::rewritten).
+/// An older version that still has values is left active and reported in
+/// [`LookupRotation::pending`] with their number: rows of crypto-shredded
+/// owners, which keep their lookup values (see
+/// [`ReindexReport::shredded`]; set them to NULL), and values that a
+/// process whose key cache had not yet followed the feed wrote under an
+/// older version after the re-index passed their row (a later
+/// [`reindex_table`] rewrites them). A version is never retired while a
+/// value of the tables named is under it, so destroying a retired lookup
+/// version loses no lookup of those tables.
 ///
-/// Rows of crypto-shredded owners keep their lookup values (see
-/// [`ReindexReport::shredded`]); retired versions still find them, and
-/// everything written under them. `tables` must name every lookup-indexed
-/// table of the database: one left out keeps values under the retired
-/// version, found but keyed by the old key. A run that fails part way
+/// `tables` must name every lookup-indexed table of the database: values
+/// of a table left out are neither rewritten nor counted. A run that fails part way
 /// leaves the new version current and the older ones active: running
 /// [`reindex_table`] and [`retire`](crate::lifecycle::retire) (or this
 /// again, adding yet another version) finishes it.
@@ -526,9 +551,22 @@ pub fn rotate<C: DataConnection>(
         .map(|k| k.version)
         .collect();
     older.sort_unstable();
+    let mut in_use: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    for t in tables {
+        for c in &t.columns {
+            for (v, n) in conn.lookup_versions_in_use(t.table.table, c.lookup_column)? {
+                *in_use.entry(v).or_default() += n;
+            }
+        }
+    }
     for v in older {
-        if crate::lifecycle::retire(conn, keyring, LOOKUP_OWNER, v, &[])? {
-            rotation.retired.push(v);
+        match in_use.get(&v) {
+            Some(&values) if values > 0 => rotation.pending.push((v, values)),
+            _ => {
+                if crate::lifecycle::retire(conn, keyring, LOOKUP_OWNER, v, &[])? {
+                    rotation.retired.push(v);
+                }
+            }
         }
     }
     keyring.clear(LOOKUP_OWNER);
@@ -536,6 +574,7 @@ pub fn rotate<C: DataConnection>(
         version,
         tables = tables.len(),
         retired = rotation.retired.len(),
+        pending = rotation.pending.len(),
         "phi lookup key rotated"
     );
     Ok(rotation)

@@ -687,6 +687,57 @@ fn an_emergency_rotation_rotates_the_lookup_key_and_rewrites_every_lookup_value(
 }
 
 #[test]
+fn a_lookup_version_still_holding_values_stays_active_until_they_are_gone() {
+    use phi::lookup::{LOOKUP_OWNER, LookupTable, ReindexOptions};
+    let _serial = people_serial();
+    let db = people_db();
+    let keyring = db.keyring();
+    let live = common::unique_owner("rot-lookup-live");
+    let gone = common::unique_owner("rot-lookup-gone");
+    let (_, plain) = seed_people(&db, &keyring, &[live.clone(), gone.clone()], 2);
+    let tables = [LookupTable::of::<Person>()];
+    let mut conn = db.conn();
+    let state_of = |version: u32| -> Option<String> {
+        key_states(&db, LOOKUP_OWNER)
+            .into_iter()
+            .find(|(v, ..)| *v == i64::from(version))
+            .map(|(_, s, _, _)| s)
+    };
+    // Every lookup value of the table under one version.
+    let first = phi::lookup::rotate(&mut conn, &keyring, &tables, &ReindexOptions::default()).expect("rotation");
+    assert!(first.finished(), "{first}");
+
+    // A crypto-shredded owner's rows keep their lookup values: the re-index
+    // cannot open them, so the version they are under is counted, not
+    // retired.
+    lifecycle::shred(&mut conn, &keyring, &gone, &[Person::reseal_table().expect("table")], 5).expect("shred");
+    let second = phi::lookup::rotate(&mut conn, &keyring, &tables, &ReindexOptions::default()).expect("rotation");
+    assert_eq!(second.pending, [(first.version, 2)], "{second}");
+    assert!(!second.finished() && !second.retired.contains(&first.version), "{second}");
+    assert_eq!(second.reindexed[0].shredded, 2, "{second}");
+    assert!(second.to_string().contains(&format!("version {} left active: 2 lookup value(s)", first.version)), "{second}");
+    assert_eq!(state_of(first.version).as_deref(), Some("active"));
+
+    // The documented remedy: the shredded owner's lookup values set to
+    // NULL. The next rotation retires both older versions.
+    diesel::update(phi_rot_people::table.filter(phi_rot_people::owner_id.eq(&gone)))
+        .set(phi_rot_people::email_lookup.eq(None::<Vec<u8>>))
+        .execute(&mut conn)
+        .expect("lookup values cleared");
+    let third = phi::lookup::rotate(&mut conn, &keyring, &tables, &ReindexOptions::default()).expect("rotation");
+    assert!(third.finished(), "{third}");
+    assert!(third.retired.contains(&first.version) && third.retired.contains(&second.version), "{third}");
+    assert_eq!(state_of(first.version).as_deref(), Some("retired"));
+    assert_eq!(state_of(third.version).as_deref(), Some("active"));
+
+    // The table shared with the other tests keeps no row that blocks them.
+    diesel::delete(phi_rot_people::table.filter(phi_rot_people::owner_id.eq_any([&live, &gone])))
+        .execute(&mut conn)
+        .expect("rows removed");
+    let _ = plain;
+}
+
+#[test]
 fn rotate_due_from_two_processes_at_once_rotates_each_due_owner_once() {
     // A database of its own: `--due` looks at every owner of the database.
     let empty = super::super::key_store::EmptyDatabase::new();

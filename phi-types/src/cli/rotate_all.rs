@@ -234,6 +234,7 @@ where
     env.out.set("skipped", report.skipped);
     env.out.set("pending", report.pending);
     env.out.set("claimed_by_others", report.claimed_by_others);
+    let mut lookup_pending = false;
     if args.all && !args.keep_lookup_key && !env.lookup.is_empty() {
         // Every owner is rotated: so is the key of the indexes across them.
         let rotation =
@@ -245,8 +246,17 @@ where
             rotation.reindexed.iter().map(|r| r.rewritten).sum::<u64>(),
         );
         env.out.set("lookup_retired", rotation.retired.clone());
+        env.out.set(
+            "lookup_pending",
+            rotation
+                .pending
+                .iter()
+                .map(|&(version, values)| serde_json::json!({ "version": version, "values": values }))
+                .collect::<Vec<_>>(),
+        );
+        lookup_pending = !rotation.finished();
     }
-    if report.pending > 0 {
+    if report.pending > 0 || lookup_pending {
         return Ok(ExitCode::from(EXIT_NOT_VERIFIED));
     }
     Ok(ExitCode::SUCCESS)

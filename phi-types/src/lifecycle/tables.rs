@@ -1069,6 +1069,15 @@ pub trait DataConnection: PhiConnection {
         records: &[LegacyRecord],
     ) -> Result<u64>;
 
+    /// Lookup values of `lookup_column` per key version (the value's
+    /// first four bytes, `u32be`): `(version, count)`, NULLs not counted.
+    #[doc(hidden)]
+    fn lookup_versions_in_use(
+        &mut self,
+        table: &'static str,
+        lookup_column: &'static str,
+    ) -> Result<Vec<(u32, u64)>>;
+
     /// `UPDATE table SET lookup = value WHERE key = ? AND column = stored
     /// AND (lookup IS NULL OR lookup <> value)`: writes one row's lookup
     /// value unless the row changed since `stored` was read or already
@@ -2741,6 +2750,41 @@ macro_rules! data_connection {
                     .get_result(self)
                     .map_err(|e| data_error("counting values stored in the clear", table, column, owner, e))?;
                 Ok(u64::try_from(count.n).unwrap_or(0))
+            }
+
+            fn lookup_versions_in_use(
+                &mut self,
+                table: &'static str,
+                lookup_column: &'static str,
+            ) -> Result<Vec<(u32, u64)>> {
+                check_identifier("table", table, true)?;
+                check_identifier("lookup column", lookup_column, false)?;
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT SUBSTR(")
+                    .ident(lookup_column)
+                    .sql(", 1, 4) AS version, COUNT(*) AS n FROM ")
+                    .ident(table)
+                    .sql(" WHERE ")
+                    .ident(lookup_column)
+                    .sql(" IS NOT NULL GROUP BY SUBSTR(")
+                    .ident(lookup_column)
+                    .sql(", 1, 4)");
+                let rows: Vec<VersionCount> =
+                    query.load(self).map_err(|source| Error::Database {
+                        operation: "counting lookup values per key version",
+                        table,
+                        source,
+                    })?;
+                let mut counts: Vec<(u32, u64)> = rows
+                    .into_iter()
+                    .filter_map(|r| {
+                        let v: [u8; 4] = r.version.as_slice().try_into().ok()?;
+                        Some((u32::from_be_bytes(v), u64::try_from(r.n).unwrap_or(0)))
+                    })
+                    .collect();
+                counts.sort_unstable();
+                Ok(counts)
             }
 
             fn write_lookup(
