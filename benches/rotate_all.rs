@@ -8,6 +8,7 @@
 //! cargo bench --bench rotate_all --all-features           # SQLite, MariaDB, PostgreSQL
 //! PHI_ROTATE_ROWS=20000 PHI_ROTATE_OWNERS=200 cargo bench --bench rotate_all --all-features
 //! PHI_ROTATE_BATCH=2000 PHI_ROTATE_CLAIM=50 cargo bench --bench rotate_all --all-features
+//! PHI_ROTATE_BACKENDS=postgresql,sqlite cargo bench --bench rotate_all --all-features
 //! ```
 //!
 //! Not a criterion benchmark: each measure times a whole run, once. Per
@@ -283,32 +284,45 @@ fn report(
     );
 }
 
+/// Whether `PHI_ROTATE_BACKENDS` (a comma-separated list; default all)
+/// names `backend`.
+fn wanted(backend: &str) -> bool {
+    std::env::var("PHI_ROTATE_BACKENDS").map_or(true, |only| {
+        only.split(',')
+            .any(|b| b.trim().eq_ignore_ascii_case(backend))
+    })
+}
+
 fn main() -> BoxResult<()> {
     #[cfg(feature = "postgres")]
-    run_backend!(
-        "PostgreSQL",
-        diesel::PgConnection,
-        std::env::var("PHI_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
-        1,
-        "SELECT 1",
-        "CREATE TABLE phi_bench_rotate (case_id BIGINT PRIMARY KEY, user_id VARCHAR(64) NOT NULL, \
+    if wanted("PostgreSQL") {
+        run_backend!(
+            "PostgreSQL",
+            diesel::PgConnection,
+            std::env::var("PHI_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+            1,
+            "SELECT 1",
+            "CREATE TABLE phi_bench_rotate (case_id BIGINT PRIMARY KEY, user_id VARCHAR(64) NOT NULL, \
          patient_first BYTEA, patient_last BYTEA, patient_dob BYTEA, ins_provider BYTEA); \
          CREATE INDEX phi_bench_rotate_owner ON phi_bench_rotate (user_id)"
-    );
+        );
+    }
     #[cfg(feature = "mysql")]
-    run_backend!(
-        "MariaDB",
-        diesel::MysqlConnection,
-        std::env::var("PHI_TEST_MYSQL_URL")
-            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
-        0,
-        "SELECT 1",
-        "CREATE TABLE phi_bench_rotate (case_id BIGINT PRIMARY KEY, user_id VARCHAR(64) NOT NULL, \
+    if wanted("MariaDB") {
+        run_backend!(
+            "MariaDB",
+            diesel::MysqlConnection,
+            std::env::var("PHI_TEST_MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
+            0,
+            "SELECT 1",
+            "CREATE TABLE phi_bench_rotate (case_id BIGINT PRIMARY KEY, user_id VARCHAR(64) NOT NULL, \
          patient_first BLOB, patient_last BLOB, patient_dob BLOB, ins_provider BLOB, INDEX phi_bench_rotate_owner (user_id))"
-    );
+        );
+    }
     #[cfg(feature = "sqlite")]
-    {
+    if wanted("SQLite") {
         let dir = tempfile::tempdir()?;
         let url = dir.path().join("rotate.db").display().to_string();
         run_backend!(

@@ -36,7 +36,7 @@ pub use crate::store::claims::{
     skip_locked_supported,
 };
 
-use super::tables::{DataConnection, MigrationRow, ResealTable, Resealed};
+use super::tables::{DataConnection, MigrationRow, ResealTable, Resealed, SqlValue};
 use super::{DEFAULT_BATCH_SIZE, event_by, is_shredded, kek_error};
 use crate::envelope::{MAGIC, VERSION_V1};
 use crate::error::{Error, Result};
@@ -637,7 +637,34 @@ fn reseal_table<C: DataConnection>(
     for (version, owners) in groups {
         for chunk in owners.chunks(OWNERS_PER_QUERY) {
             let mut idle = 0;
+            // The keys of the rows to re-seal are listed once, unlocked, in
+            // key order; each batch then locks its rows by key. Without the
+            // list, every batch would scan the rows re-sealed before it
+            // (and their old versions) again. Rows written under an older
+            // version meanwhile are in the next listing; the job ends when
+            // a listing is empty.
+            let mut listed: Vec<SqlValue> = Vec::new();
+            let mut next = 0;
+            let mut pass_updated = 0u64;
             loop {
+                if next >= listed.len() {
+                    if !listed.is_empty() && pass_updated == 0 {
+                        // A whole listing found every row changed since.
+                        idle += 1;
+                    }
+                    if idle >= MAX_IDLE_BATCHES {
+                        return Err(kept_changing(t, chunk));
+                    }
+                    listed = conn.owner_row_keys(t, chunk, *version)?;
+                    next = 0;
+                    pass_updated = 0;
+                    if listed.is_empty() {
+                        break;
+                    }
+                }
+                let end = (next + batch).min(listed.len());
+                let batch_keys = &listed[next..end];
+                next = end;
                 let mut turned = 0u64;
                 let mut reseal = |row: &MigrationRow, i: usize| -> Result<Option<Resealed>> {
                     let Some(bytes) = row.values.get(i).and_then(Option::as_ref) else {
@@ -655,35 +682,42 @@ fn reseal_table<C: DataConnection>(
                     turned += 1;
                     Ok(Some(resealed))
                 };
-                let outcome = conn.reseal_owner_rows(t, chunk, *version, batch, &mut reseal)?;
-                if outcome.read == 0 {
-                    break;
-                }
+                let outcome = conn.reseal_owner_rows(
+                    t,
+                    chunk,
+                    *version,
+                    Some(batch_keys),
+                    batch,
+                    &mut reseal,
+                )?;
                 report.resealed += turned;
                 report.rows += outcome.updated;
                 report.conflicts += outcome.conflicts;
+                pass_updated += outcome.updated;
                 metrics::add_for_table(metrics::VALUES_RESEALED_TOTAL, &t.table, turned);
-                if outcome.updated == 0 {
-                    idle += 1;
-                    if idle == MAX_IDLE_BATCHES {
-                        return Err(Error::DataTable {
-                            operation: "re-sealing rows of owners",
-                            table: t.table.clone(),
-                            column: t.owner_column.clone(),
-                            owner: chunk[0].clone(),
-                            source: format!(
-                                "rows kept changing under {MAX_IDLE_BATCHES} batches in a row"
-                            )
-                            .into(),
-                        });
-                    }
-                } else {
+                if outcome.updated > 0 {
                     idle = 0;
+                } else if outcome.read > 0 {
+                    idle += 1;
+                    if idle >= MAX_IDLE_BATCHES {
+                        return Err(kept_changing(t, chunk));
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The error of a re-seal whose rows kept changing under it.
+fn kept_changing(t: &ResealTable, owners: &[String]) -> Error {
+    Error::DataTable {
+        operation: "re-sealing rows of owners",
+        table: t.table.clone(),
+        column: t.owner_column.clone(),
+        owner: owners.first().cloned().unwrap_or_default(),
+        source: format!("rows kept changing under {MAX_IDLE_BATCHES} batches in a row").into(),
+    }
 }
 
 /// Opens up to `sample` values of `owners` in `t`, checks each is under

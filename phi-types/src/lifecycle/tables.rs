@@ -995,17 +995,29 @@ pub trait DataConnection: PhiConnection {
         limit: usize,
     ) -> Result<Vec<MigrationRow>>;
 
+    /// The keys of the rows of `owners` (whose flag is on, with a flag)
+    /// holding a value under a version older than `current`, in key order,
+    /// read without locking. Needs a key column.
+    #[doc(hidden)]
+    fn owner_row_keys(
+        &mut self,
+        table: &ResealTable,
+        owners: &[String],
+        current: u32,
+    ) -> Result<Vec<SqlValue>>;
+
     /// In one transaction: locks up to `limit` rows of `owners` holding a
-    /// value under a version older than `current`, turns each value with
-    /// `reseal` (`None`: keep it), and writes the rows back with one
-    /// set-based `UPDATE`, each row matched by its key and owner (and its
-    /// flag still on).
+    /// value under a version older than `current` (with `keys`, only rows
+    /// of those keys), turns each value with `reseal` (`None`: keep it),
+    /// and writes the rows back with one set-based `UPDATE`, each row
+    /// matched by its key and owner (and its flag still on).
     #[doc(hidden)]
     fn reseal_owner_rows(
         &mut self,
         table: &ResealTable,
         owners: &[String],
         current: u32,
+        keys: Option<&[SqlValue]>,
         limit: usize,
         reseal: &mut ResealRow<'_>,
     ) -> Result<BatchOutcome>;
@@ -1297,6 +1309,18 @@ struct IntKeyedOpt {
 }
 
 #[derive(QueryableByName)]
+struct IntRowKey {
+    #[diesel(sql_type = BigInt)]
+    row_key: i64,
+}
+
+#[derive(QueryableByName)]
+struct TextRowKey {
+    #[diesel(sql_type = Text)]
+    row_key: String,
+}
+
+#[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
     n: i64,
@@ -1572,6 +1596,7 @@ impl Dialect {
         t: &'a ResealTable,
         owners: &'a [SqlValue],
         older_than: Option<&'a [u8; 4]>,
+        keys: Option<&'a [SqlValue]>,
         limit: usize,
         lock: bool,
     ) -> Statement<'a> {
@@ -1590,10 +1615,47 @@ impl Dialect {
         }
         s.text(&t.owner_column, t.owner_type.is_integer())
             .sql(" AS owner FROM ")
-            .ident(&t.table)
-            .sql(" WHERE ")
-            .ident(&t.owner_column)
-            .in_list(owners);
+            .ident(&t.table);
+        self.owners_where(&mut s, t, owners, older_than);
+        if let (Some(keys), Some(k)) = (keys, &t.key_column) {
+            s.sql(" AND ").ident(k).in_list(keys);
+        }
+        s.sql(format!(" LIMIT {}", limit.max(1)));
+        if lock {
+            s.sql(self.lock);
+        }
+        s
+    }
+
+    /// `SELECT row_key FROM t WHERE owner IN (…) [AND flag] AND <a value
+    /// under a version older than `older_than`> ORDER BY key`.
+    fn owner_row_keys<'a>(
+        self,
+        t: &'a ResealTable,
+        key_column: &'a str,
+        owners: &'a [SqlValue],
+        older_than: &'a [u8; 4],
+    ) -> Statement<'a> {
+        let mut s = Statement::default();
+        s.sql("SELECT ")
+            .bigint(key_column, t.key_type.is_integer())
+            .sql(" AS row_key FROM ")
+            .ident(&t.table);
+        self.owners_where(&mut s, t, owners, Some(older_than));
+        s.sql(" ORDER BY ").ident(key_column);
+        s
+    }
+
+    /// ` WHERE owner IN (…) [AND flag] [AND <a value under a version older
+    /// than `older_than`>]`.
+    fn owners_where<'a>(
+        self,
+        s: &mut Statement<'a>,
+        t: &'a ResealTable,
+        owners: &'a [SqlValue],
+        older_than: Option<&'a [u8; 4]>,
+    ) {
+        s.sql(" WHERE ").ident(&t.owner_column).in_list(owners);
         if let Some(flag) = &t.flag_column {
             s.sql(" AND ").flag_on(flag, t.flag_type);
         }
@@ -1617,11 +1679,6 @@ impl Dialect {
             }
             s.sql(")");
         }
-        s.sql(format!(" LIMIT {}", limit.max(1)));
-        if lock {
-            s.sql(self.lock);
-        }
-        s
     }
 
     /// `SELECT [row_key, ]value FROM t WHERE <owned envelopes><extra>
@@ -2598,7 +2655,7 @@ macro_rules! data_connection {
                 let values = owner_values(table, owners)?;
                 let d: Dialect = $dialect;
                 let older = older_than.map(u32::to_be_bytes);
-                let query = d.owner_rows(table, &values, older.as_ref(), limit, false);
+                let query = d.owner_rows(table, &values, older.as_ref(), None, limit, false);
                 match load_owner_rows!(query, &mut *self, table) {
                     Ok(rows) => Ok(rows),
                     Err(TxError::Phi(e)) => Err(e),
@@ -2612,11 +2669,50 @@ macro_rules! data_connection {
                 }
             }
 
+            fn owner_row_keys(
+                &mut self,
+                table: &ResealTable,
+                owners: &[String],
+                current: u32,
+            ) -> Result<Vec<SqlValue>> {
+                check_row_table(table)?;
+                let Some(key_column) = table.key_column.as_deref() else {
+                    return Err(Error::Config(format!(
+                        "{}: reading rows by key needs a key column",
+                        table.table
+                    )));
+                };
+                if owners.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let values = owner_values(table, owners)?;
+                let d: Dialect = $dialect;
+                let current_bytes = current.to_be_bytes();
+                let query = d.owner_row_keys(table, key_column, &values, &current_bytes);
+                let keys = if table.key_type.is_integer() {
+                    query
+                        .load::<IntRowKey>(self)
+                        .map(|rows| rows.into_iter().map(|r| SqlValue::Int(r.row_key)).collect())
+                } else {
+                    query
+                        .load::<TextRowKey>(self)
+                        .map(|rows| rows.into_iter().map(|r| SqlValue::Text(r.row_key)).collect())
+                };
+                keys.map_err(|e| Error::DataTable {
+                    operation: "listing rows of owners to re-seal",
+                    table: table.table.clone(),
+                    column: table.owner_column.clone(),
+                    owner: owners[0].clone(),
+                    source: e.into(),
+                })
+            }
+
             fn reseal_owner_rows(
                 &mut self,
                 table: &ResealTable,
                 owners: &[String],
                 current: u32,
+                keys: Option<&[SqlValue]>,
                 limit: usize,
                 reseal: &mut ResealRow<'_>,
             ) -> Result<BatchOutcome> {
@@ -2628,7 +2724,7 @@ macro_rules! data_connection {
                 let d: Dialect = $dialect;
                 let current_bytes = current.to_be_bytes();
                 let outcome = self.$transaction(|conn| -> std::result::Result<BatchOutcome, TxError> {
-                    let query = d.owner_rows(table, &values, Some(&current_bytes), limit, true);
+                    let query = d.owner_rows(table, &values, Some(&current_bytes), keys, limit, true);
                     let rows = load_owner_rows!(query, &mut *conn, table)?;
                     let mut outcome = BatchOutcome { read: rows.len() as u64, ..BatchOutcome::default() };
                     if rows.is_empty() {
