@@ -6,6 +6,10 @@
 //! against a private moto server killed mid-test. On SQLite: no plaintext
 //! in the database files.
 //!
+//! The OpenAPI document at `/openapi.json` against real answers: every
+//! documented route exercised, each answer's status, content type and
+//! body checked against it (a JSON-schema validator).
+//!
 //! Operations: `/live` and `/ready` (503 while the key-event feed is staler
 //! than its maximum, the KMS or PostgreSQL unreachable behind a proxy the
 //! test cuts, 200 again after), a shred on one instance reaching another
@@ -1351,6 +1355,11 @@ macro_rules! service_suite {
             }
 
             #[test]
+            fn openapi_document_matches_real_responses() {
+                super::openapi_document_matches_real_responses(&db());
+            }
+
+            #[test]
             fn cross_provider_read_update_delete_export_are_404_with_nothing_opened() {
                 cross_provider_requests_refused(&db());
             }
@@ -1531,6 +1540,473 @@ fn shredded_case_is_gone(db: &Db) {
     let fresh = Service::start_with(db, &env, &args);
     gone(&fresh, "a fresh process");
     fresh.stop();
+}
+
+/// The service's `/openapi.json`, and the routes and statuses seen so far:
+/// each response is checked against the document (its status documented
+/// for the route, its content type, its JSON body valid against the
+/// documented schema with `$ref`s resolved into the components).
+struct Contract<'a> {
+    service: &'a Service,
+    doc: Value,
+    seen: std::collections::BTreeSet<(String, String, u16)>,
+}
+
+impl<'a> Contract<'a> {
+    fn fetch(service: &'a Service) -> Contract<'a> {
+        let response = service
+            .http
+            .get(service.url("/openapi.json"))
+            .send()
+            .expect("openapi.json");
+        assert_eq!(response.status(), StatusCode::OK);
+        let doc: Value = response.json().expect("the document is JSON");
+        assert!(
+            doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+            "{doc}"
+        );
+        let mut contract = Contract {
+            service,
+            doc,
+            seen: Default::default(),
+        };
+        // The document lists itself: its own answer checked too.
+        let r = service
+            .http
+            .get(service.url("/openapi.json"))
+            .send()
+            .expect("openapi.json");
+        contract.check("GET", "/openapi.json", r);
+        contract
+    }
+
+    /// Sends `method` to `path` (an instance of the documented `template`)
+    /// with `token` and `body`, and checks the answer.
+    fn call(
+        &mut self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.service.http.request(
+            reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+            self.service.url(path),
+        );
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().expect("request");
+        self.check(method, template, response)
+    }
+
+    /// Checks `response` against the document's `method` `template`.
+    fn check(
+        &mut self,
+        method: &str,
+        template: &str,
+        response: reqwest::blocking::Response,
+    ) -> (StatusCode, Value) {
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = response.text().expect("body");
+        let operation = &self.doc["paths"][template][method.to_lowercase()];
+        assert!(
+            operation.is_object(),
+            "{method} {template} is not in /openapi.json"
+        );
+        let documented = &operation["responses"][status.as_str()];
+        assert!(
+            documented.is_object(),
+            "{method} {template}: status {status} is not documented: {text}"
+        );
+        self.seen
+            .insert((method.to_owned(), template.to_owned(), status.as_u16()));
+        let Some(content) = documented["content"].as_object() else {
+            assert!(text.is_empty(), "{method} {template} {status}: {text}");
+            return (status, Value::Null);
+        };
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        let Some(schema) = content.get(media) else {
+            panic!("{method} {template} {status}: {media} is not documented: {content:?}");
+        };
+        if media != "application/json" {
+            return (status, Value::Null);
+        }
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {template} {status}: {e}: {text}"));
+        // The documented schema, its `$ref`s resolved in this root.
+        let root = json!({
+            "allOf": [schema["schema"].clone()],
+            "components": self.doc["components"].clone(),
+        });
+        let validator = jsonschema::validator_for(&root)
+            .unwrap_or_else(|e| panic!("{method} {template} {status}: the schema: {e}"));
+        let errors: Vec<String> = validator
+            .iter_errors(&body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {template} {status}: the body does not match the document: {errors:?}\n{body}"
+        );
+        (status, body)
+    }
+
+    /// The documented operations never exercised, as `METHOD path`.
+    fn unexercised(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (path, item) in self.doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("a path item").keys() {
+                let method = method.to_uppercase();
+                if !self.seen.iter().any(|(m, p, _)| *m == method && p == path) {
+                    missing.push(format!("{method} {path}"));
+                }
+            }
+        }
+        missing
+    }
+}
+
+/// The service's `/openapi.json` (its routes, phi's probes and admin
+/// routes) against real answers: every documented route is exercised, with
+/// the statuses a test can provoke (successes, 401, 404, 409, 410, 422, a
+/// damaged row's 500, the admin API's 400, 415 and 422), and each answer's
+/// status, content type and JSON body are checked against the document.
+fn openapi_document_matches_real_responses(db: &Db) {
+    const TOKEN: &str = "openapi-test-token";
+    let provider = common::unique_owner("svc-openapi");
+    let service = Service::start_with(
+        db,
+        &[
+            ("PHI_MASTER_KEY", common::MASTER_KEY_B64),
+            ("PHI_ADMIN_TOKEN", TOKEN),
+        ],
+        &["--kek", "local:local-test"],
+    );
+    let mut api = Contract::fetch(&service);
+    let bearer = token("dr-openapi", &provider, 3600);
+    let user = Some(bearer.as_str());
+    let admin = Some(TOKEN);
+    let other = common::unique_owner("svc-openapi-other");
+    let mut damaged = None;
+    for prefix in ["", "/plain"] {
+        let t = |template: &str| format!("{prefix}{template}");
+        let cases = t("/cases");
+        let case = t("/cases/{id}");
+        let body = new_case(&provider, "Araminta", "Quill", "1962-07-08");
+        let (status, created) = api.call("POST", &cases, &cases, user, Some(&body));
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let id = created["case_id"].as_str().expect("case id").to_owned();
+        let one = t(&format!("/cases/{id}"));
+        assert_eq!(
+            api.call("POST", &cases, &cases, None, Some(&body)).0,
+            StatusCode::UNAUTHORIZED
+        );
+        let bad = json!({ "patient_first": "Araminta" });
+        assert_eq!(
+            api.call("POST", &cases, &cases, user, Some(&bad)).0,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            api.call("GET", &cases, &cases, user, None).0,
+            StatusCode::OK
+        );
+        let zero = format!("{cases}?limit=0");
+        assert_eq!(
+            api.call("GET", &cases, &zero, user, None).0,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(api.call("GET", &case, &one, user, None).0, StatusCode::OK);
+        let missing = t("/cases/C-0000000000000000");
+        assert_eq!(
+            api.call("GET", &case, &missing, user, None).0,
+            StatusCode::NOT_FOUND
+        );
+        let change = json!({ "revision": created["revision"], "status": "completed" });
+        let (status, changed) = api.call("PATCH", &case, &one, user, Some(&change));
+        assert_eq!(status, StatusCode::OK, "{changed}");
+        assert_eq!(
+            api.call("PATCH", &case, &one, user, Some(&change)).0,
+            StatusCode::CONFLICT
+        );
+        let wrong = json!({ "revision": changed["revision"], "status": "lost" });
+        assert_eq!(
+            api.call("PATCH", &case, &one, user, Some(&wrong)).0,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        let list = t("/providers/{provider}/cases");
+        let dups = t("/providers/{provider}/duplicates");
+        let export = t("/providers/{provider}/export.csv");
+        for (template, method) in [(&list, "GET"), (&dups, "POST"), (&export, "GET")] {
+            let path = |p: &str| template.replace("{provider}", p);
+            let query = json!({ "patient_last": "quill", "patient_dob": "1962-07-08" });
+            let body = (method == "POST").then_some(&query);
+            let (status, found) = api.call(method, template, &path(&provider), user, body);
+            assert_eq!(status, StatusCode::OK, "{template}: {found}");
+            if method == "POST" {
+                assert_eq!(found["case_ids"], json!([id]));
+                let bad = json!({ "patient_last": "quill" });
+                assert_eq!(
+                    api.call(method, template, &path(&provider), user, Some(&bad))
+                        .0,
+                    StatusCode::UNPROCESSABLE_ENTITY
+                );
+            }
+            assert_eq!(
+                api.call(method, template, &path(&other), user, body).0,
+                StatusCode::NOT_FOUND,
+                "{template}"
+            );
+        }
+        // A second case to delete (204, then 404).
+        let (status, doomed) = api.call("POST", &cases, &cases, user, Some(&body));
+        assert_eq!(status, StatusCode::CREATED, "{doomed}");
+        let doomed = t(&format!(
+            "/cases/{}",
+            doomed["case_id"].as_str().expect("id")
+        ));
+        assert_eq!(
+            api.call("DELETE", &case, &doomed, user, None).0,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            api.call("DELETE", &case, &doomed, user, None).0,
+            StatusCode::NOT_FOUND
+        );
+        if prefix.is_empty() {
+            damaged = Some(id);
+        }
+    }
+    // A damaged sealed row: 500 alone, listed as an error in a page.
+    let damaged = damaged.expect("a sealed case");
+    db.tamper(&damaged);
+    let (status, page) = api.call("GET", "/cases", "/cases", user, None);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["errors"][0]["case_id"], json!(damaged), "{page}");
+    let path = format!("/cases/{damaged}");
+    assert_eq!(
+        api.call("GET", "/cases/{id}", &path, user, None).0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    for path in ["/metrics", "/health", "/live", "/ready"] {
+        assert_eq!(api.call("GET", path, path, None, None).0, StatusCode::OK);
+    }
+
+    // phi's admin routes.
+    let owner = format!("/admin/key-status?owner={provider}");
+    assert_eq!(
+        api.call("GET", "/admin/key-status", &owner, admin, None).0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call("GET", "/admin/key-status", "/admin/key-status", admin, None)
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call("GET", "/admin/key-status", &owner, None, None).0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.call(
+            "GET",
+            "/admin/key-status",
+            "/admin/key-status?nonsense=1",
+            admin,
+            None
+        )
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    let fresh = common::unique_owner("svc-openapi-new");
+    for dry_run in [true, false] {
+        let body = json!({ "owner": fresh, "dry_run": dry_run });
+        let (status, answer) = api.call(
+            "POST",
+            "/admin/generate-key",
+            "/admin/generate-key",
+            admin,
+            Some(&body),
+        );
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let neither = json!({});
+    assert_eq!(
+        api.call(
+            "POST",
+            "/admin/generate-key",
+            "/admin/generate-key",
+            admin,
+            Some(&neither)
+        )
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    let mistyped = json!({ "owner": 7 });
+    assert_eq!(
+        api.call(
+            "POST",
+            "/admin/generate-key",
+            "/admin/generate-key",
+            admin,
+            Some(&mistyped)
+        )
+        .0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    // A body not sent as JSON: 415.
+    let response = service
+        .http
+        .post(service.url("/admin/rotate"))
+        .bearer_auth(TOKEN)
+        .body(format!("{{\"owner\": \"{fresh}\"}}"))
+        .send()
+        .expect("rotate");
+    assert_eq!(
+        api.check("POST", "/admin/rotate", response).0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let rotate = json!({ "owner": fresh });
+    assert_eq!(
+        api.call(
+            "POST",
+            "/admin/rotate",
+            "/admin/rotate",
+            admin,
+            Some(&rotate)
+        )
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call(
+            "GET",
+            "/admin/audit-log",
+            "/admin/audit-log?limit=5",
+            admin,
+            None
+        )
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call(
+            "GET",
+            "/admin/audit-log",
+            "/admin/audit-log?limit=0",
+            admin,
+            None
+        )
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    // The service's admin router has no access log configured: 400.
+    assert_eq!(
+        api.call("GET", "/admin/access-log", "/admin/access-log", admin, None)
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    for (body, expected) in [
+        (json!({ "owner": fresh }), StatusCode::OK),
+        (json!({ "all": true }), StatusCode::OK),
+        (json!({}), StatusCode::BAD_REQUEST),
+    ] {
+        assert_eq!(
+            api.call(
+                "POST",
+                "/admin/clear-cache",
+                "/admin/clear-cache",
+                admin,
+                Some(&body)
+            )
+            .0,
+            expected
+        );
+    }
+    for (body, expected) in [
+        (json!({ "mode": "all" }), StatusCode::OK),
+        (json!({ "mode": "some" }), StatusCode::BAD_REQUEST),
+    ] {
+        assert_eq!(
+            api.call(
+                "POST",
+                "/admin/rollout",
+                "/admin/rollout",
+                admin,
+                Some(&body)
+            )
+            .0,
+            expected
+        );
+    }
+    // A case that opens, until the shred below.
+    let (status, created) = api.call(
+        "POST",
+        "/cases",
+        "/cases",
+        user,
+        Some(&new_case(&provider, "Araminta", "Quill", "1962-07-08")),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let kept = created["case_id"].as_str().expect("case id").to_owned();
+    let unconfirmed = json!({ "owner": provider });
+    assert_eq!(
+        api.call(
+            "POST",
+            "/admin/shred",
+            "/admin/shred",
+            admin,
+            Some(&unconfirmed)
+        )
+        .0,
+        StatusCode::BAD_REQUEST
+    );
+    let confirmed = json!({ "owner": provider, "confirm": provider });
+    assert_eq!(
+        api.call(
+            "POST",
+            "/admin/shred",
+            "/admin/shred",
+            admin,
+            Some(&confirmed)
+        )
+        .0,
+        StatusCode::OK
+    );
+    // Rotating a shredded owner is refused by its keys' state: 409.
+    let shredded = json!({ "owner": provider });
+    assert_eq!(
+        api.call(
+            "POST",
+            "/admin/rotate",
+            "/admin/rotate",
+            admin,
+            Some(&shredded)
+        )
+        .0,
+        StatusCode::CONFLICT
+    );
+    // The shredded provider's case: 410.
+    let path = format!("/cases/{kept}");
+    let (status, body) = api.call("GET", "/cases/{id}", &path, user, None);
+    assert_eq!(status, StatusCode::GONE, "{body}");
+
+    let unexercised = api.unexercised();
+    assert!(
+        unexercised.is_empty(),
+        "documented but never exercised: {unexercised:?}"
+    );
+    service.stop();
 }
 
 /// phi's admin routes mounted in the service under `/admin` behind a bearer

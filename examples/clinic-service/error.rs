@@ -24,10 +24,27 @@ pub(crate) struct ApiError {
     message: String,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
-    message: &'a str,
+/// An error answer's body (the schema `ServiceError` of `/openapi.json`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ServiceError {
+    /// What kind of error: `invalid_input`, `unauthorized`, `not_found`,
+    /// `conflict`, `shredded`, `key_unavailable`, `stored_value_damaged`,
+    /// `database`, `database_unavailable`, `internal` or `phi`.
+    error: &'static str,
+    /// What went wrong and where (field, case, provider, key version),
+    /// never a value.
+    message: String,
+}
+
+/// A case of a page that did not open: its id and its error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct CaseError {
+    /// The case.
+    pub(crate) case_id: String,
+    /// As [`ServiceError`]'s.
+    pub(crate) error: &'static str,
+    /// As [`ServiceError`]'s.
+    pub(crate) message: String,
 }
 
 impl ApiError {
@@ -154,6 +171,15 @@ impl ApiError {
     pub(crate) fn to_json(&self) -> serde_json::Value {
         serde_json::json!({ "error": self.code, "message": self.message })
     }
+
+    /// This error as case `case_id`'s in a page.
+    pub(crate) fn for_case(self, case_id: String) -> CaseError {
+        CaseError {
+            case_id,
+            error: self.code,
+            message: self.message,
+        }
+    }
 }
 
 fn database_error_kind(error: &diesel::result::Error) -> String {
@@ -213,9 +239,9 @@ impl From<phi::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
+        let body = ServiceError {
             error: self.code,
-            message: &self.message,
+            message: self.message,
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {

@@ -55,6 +55,7 @@
 //! | `GET /live` | liveness (no token): 200 `{"live": true}` while the process answers (`phi::admin::probes`) |
 //! | `GET /ready` | readiness (no token): 200 or 503 with phi's `Readiness` as JSON: the key store answers, the KEK opens its check value (probed at most every `--kek-probe-interval`), the key-event feed is within `--feed-max-staleness`; the audit and access-log queues' fill and the key store's pool |
 //! | `GET /health` | `ok` (no token): an alias of `/live` kept for older probes |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of every route above (no token), generated from the handlers and the types they serialise (utoipa) |
 //! | `/admin/...` | phi's admin API (`phi::admin::router`: key status, generate-key, rotate, shred, clear-cache, rollout, audit log), only when `PHI_ADMIN_TOKEN` / `--admin-token` is set, behind `Authorization: Bearer TOKEN`; a refused request gets 401, changes nothing and is audited |
 //!
 //! Each request gets an id of the service's own (16 hexadecimal digits;
@@ -410,16 +411,23 @@ fn run(cli: Cli) -> Result<()> {
             out.flush()?;
         }
         let mut router = routes::router(app);
-        match cli.admin_token.as_deref() {
+        let admin = match cli.admin_token.as_deref() {
             Some(token) if !token.is_empty() => {
                 let guard = AdminToken::new(token);
                 router = router.nest("/admin", phi::admin::router(keyring.clone(), guard));
                 tracing::info!("phi's admin routes are mounted under /admin (bearer token)");
+                true
             }
-            _ => tracing::warn!(
-                "PHI_ADMIN_TOKEN is not set: phi's admin routes (/admin/...) are not mounted"
-            ),
-        }
+            _ => {
+                tracing::warn!(
+                    "PHI_ADMIN_TOKEN is not set: phi's admin routes (/admin/...) are not mounted"
+                );
+                false
+            }
+        };
+        // The document of the routes served (the admin routes only when
+        // mounted), without a token.
+        let router = router.merge(phi::admin::serve_openapi(routes::openapi(admin)));
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown_signal())
             .await?;

@@ -95,7 +95,7 @@ impl PlainCase {
 
 /// A case in a response. Its `Debug` shows the case's identity and status,
 /// never the patient's fields.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct CaseOut {
     pub(crate) case_id: String,
     pub(crate) provider_id: String,
@@ -141,7 +141,7 @@ impl CaseOut {
 
 /// The body of `POST /cases`. The provider is the caller's (the token's);
 /// `provider_id` may be left out, and when given must be that one.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewCase {
     #[serde(default)]
@@ -159,7 +159,7 @@ pub(crate) struct NewCase {
 
 /// The body of `PATCH /cases/{id}`: the revision the change was made on,
 /// and the fields to change (`ins_provider: null` removes it).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CasePatch {
     pub(crate) revision: i64,
@@ -170,6 +170,7 @@ pub(crate) struct CasePatch {
     #[serde(default)]
     patient_dob: Option<String>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     ins_provider: Option<Option<String>>,
     #[serde(default)]
     procedure_code: Option<String>,
@@ -186,7 +187,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
 
 /// The body of `POST /providers/{provider}/duplicates`: the patient's last
 /// name and date of birth (in the body, never in a URL that proxies log).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DuplicateQuery {
     pub(crate) patient_last: String,

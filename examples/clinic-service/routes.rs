@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 
 use crate::App;
 use crate::auth::{Caller, RequestId};
-use crate::error::ApiError;
+use crate::error::{ApiError, CaseError, ServiceError};
 use crate::model::{CaseOut, CasePatch, DuplicateQuery, NewCase};
 use crate::store::{CaseStore, Page, Plain, Sealed};
 
@@ -34,7 +34,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .merge(case_routes::<Sealed>())
         .nest("/plain", case_routes::<Plain>())
         .route("/metrics", get(metrics))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .with_state(app.clone())
         .merge(phi::admin::probes(app.keyring.clone()))
         .layer(axum::middleware::from_fn_with_state(app, log_request))
@@ -51,6 +51,118 @@ fn case_routes<S: CaseStore>() -> Router<Arc<App>> {
         .route("/providers/{provider}/duplicates", post(duplicates::<S>))
         .route("/providers/{provider}/export.csv", get(export::<S>))
 }
+
+/// `ok`: an alias of `/live` kept for older probes.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String))
+)]
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// The service's routes: the case routes (phi's table at `/`, the twin's
+/// under `/plain`, their operation ids prefixed `plain_`), `/metrics` and
+/// `/health`, phi's probes, and phi's admin routes under `/admin` when
+/// they are mounted; with the bearer tokens as security schemes. Served
+/// at `/openapi.json` (which it also lists).
+pub(crate) fn openapi(admin: bool) -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    let mut plain = CaseDoc::openapi();
+    for item in plain.paths.paths.values_mut() {
+        for operation in operations(item) {
+            operation.operation_id = operation
+                .operation_id
+                .take()
+                .map(|id| format!("plain_{id}"));
+        }
+    }
+    let mut document = CaseDoc::openapi()
+        .nest("/plain", plain)
+        .merge_from(OpsDoc::openapi())
+        .merge_from(phi::admin::probes_openapi());
+    if admin {
+        let mut admin = phi::admin::openapi();
+        for item in admin.paths.paths.values_mut() {
+            for operation in operations(item) {
+                operation.security = Some(vec![SecurityRequirement::new(
+                    "admin_token",
+                    Vec::<String>::new(),
+                )]);
+            }
+        }
+        document = document.nest("/admin", admin);
+    }
+    let components = document.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .description(Some("A JWT with `sub` (the user), `provider` and `exp`."))
+                .build(),
+        ),
+    );
+    if admin {
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The operators' token (PHI_ADMIN_TOKEN)."))
+                    .build(),
+            ),
+        );
+    }
+    document
+}
+
+/// The operations of a path item.
+fn operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.put,
+        &mut item.post,
+        &mut item.delete,
+        &mut item.options,
+        &mut item.head,
+        &mut item.patch,
+        &mut item.trace,
+    ]
+    .into_iter()
+    .filter_map(Option::as_mut)
+}
+
+/// The case routes' document (the routes of [`case_routes`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "clinic-service",
+        description = "Surgical cases whose patient fields are sealed by phi under each \
+                       provider's own data key; the same routes under `/plain` over a \
+                       plaintext twin. Errors are `{\"error\": CODE, \"message\": TEXT}`."
+    ),
+    paths(create, list_own, get_case, update, delete, list, duplicates, export),
+    components(schemas(ServiceError, CaseError)),
+    tags((name = "cases", description = "A provider's cases, scoped by the bearer token"))
+)]
+struct CaseDoc;
+
+/// `/metrics` and `/health`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(metrics, health),
+    tags((name = "operations", description = "Metrics and the legacy health check"))
+)]
+struct OpsDoc;
 
 /// A JSON body, parsed with errors that never quote its values.
 fn json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
@@ -74,6 +186,22 @@ fn own_provider(who: &Caller, provider: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Creates a case for the token's provider.
+#[utoipa::path(
+    post,
+    path = "/cases",
+    tag = "cases",
+    security(("bearer" = [])),
+    request_body = NewCase,
+    responses(
+        (status = 201, description = "Created: the case with its id and revision.", body = CaseOut),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 422, description = "A field is missing or not acceptable.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn create<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -89,6 +217,22 @@ async fn create<S: CaseStore>(
     Ok((StatusCode::CREATED, axum::Json(out)))
 }
 
+/// One case of the token's provider.
+#[utoipa::path(
+    get,
+    path = "/cases/{id}",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The case id.")),
+    responses(
+        (status = 200, description = "The case.", body = CaseOut),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "No such case of the token's provider.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn get_case<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -98,14 +242,34 @@ async fn get_case<S: CaseStore>(
 }
 
 /// `?after=CASE&limit=N` (default 50, at most 500).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// The case after which the page starts (the previous page's `next`).
     after: Option<String>,
+    /// Cases a page, 1 to 500 (default 50).
     limit: Option<i64>,
 }
 
 const MAX_PAGE: i64 = 500;
 
+/// The provider's cases, paged in id order.
+#[utoipa::path(
+    get,
+    path = "/providers/{provider}/cases",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("provider" = String, Path, description = "The token's provider (another is 404)."), ListQuery),
+    responses(
+        (status = 200, description = "A page: the cases that opened, an error for each that did not.", body = Page),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "Not the token's provider.", body = ServiceError),
+        (status = 422, description = "A bad limit.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn list<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -117,6 +281,21 @@ async fn list<S: CaseStore>(
 }
 
 /// `GET /cases`: the caller's provider's cases.
+#[utoipa::path(
+    get,
+    path = "/cases",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page: the cases that opened, an error for each that did not.", body = Page),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 422, description = "A bad limit.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn list_own<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -132,6 +311,25 @@ async fn list_own<S: CaseStore>(
     Ok(axum::Json(S::list(&app, &who, query.after, limit).await?))
 }
 
+/// Changes fields of a case; the body names the revision it read.
+#[utoipa::path(
+    patch,
+    path = "/cases/{id}",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The case id.")),
+    request_body = CasePatch,
+    responses(
+        (status = 200, description = "The changed case at its new revision.", body = CaseOut),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "No such case of the token's provider.", body = ServiceError),
+        (status = 409, description = "The case moved on from the revision named.", body = ServiceError),
+        (status = 422, description = "A field is not acceptable.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn update<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -142,6 +340,21 @@ async fn update<S: CaseStore>(
     Ok(axum::Json(S::update(&app, &who, id, patch).await?))
 }
 
+/// Deletes a case.
+#[utoipa::path(
+    delete,
+    path = "/cases/{id}",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The case id.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "No such case of the token's provider.", body = ServiceError),
+        (status = 500, description = "A database failure.", body = ServiceError),
+        (status = 503, description = "No database connection.", body = ServiceError),
+    )
+)]
 async fn delete<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -151,16 +364,42 @@ async fn delete<S: CaseStore>(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /providers/{provider}/duplicates`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Duplicates {
+    /// The provider's cases of that patient.
+    case_ids: Vec<String>,
+}
+
+/// The provider's cases of one patient (last name and date of birth),
+/// found through the blind indexes.
+#[utoipa::path(
+    post,
+    path = "/providers/{provider}/duplicates",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("provider" = String, Path, description = "The token's provider (another is 404).")),
+    request_body = DuplicateQuery,
+    responses(
+        (status = 200, description = "The matching cases' ids.", body = Duplicates),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "Not the token's provider.", body = ServiceError),
+        (status = 422, description = "A field is missing or not acceptable.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn duplicates<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
     Path(provider): Path<String>,
     body: Bytes,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<axum::Json<Duplicates>, ApiError> {
     own_provider(&who, &provider)?;
     let query = json::<DuplicateQuery>(&body)?;
-    let found = S::duplicates(&app, &who, query).await?;
-    Ok(axum::Json(serde_json::json!({ "case_ids": found })))
+    let case_ids = S::duplicates(&app, &who, query).await?;
+    Ok(axum::Json(Duplicates { case_ids }))
 }
 
 /// The CSV header of an export.
@@ -169,6 +408,21 @@ const CSV_HEADER: &str = "case_id,provider_id,patient_first,patient_last,patient
 /// A provider's cases as CSV, streamed a page at a time (memory stays one
 /// page however many cases). A case that does not open is a line with its
 /// id and the error; an error mid-way ends the stream early.
+#[utoipa::path(
+    get,
+    path = "/providers/{provider}/export.csv",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("provider" = String, Path, description = "The token's provider (another is 404).")),
+    responses(
+        (status = 200, description = "The cases as CSV, streamed.", content_type = "text/csv", body = String),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "Not the token's provider.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
 async fn export<S: CaseStore>(
     State(app): State<Arc<App>>,
     who: Caller,
@@ -235,9 +489,10 @@ fn csv_page(out: &mut String, page: &Page) {
         csv_line(out, &fields);
     }
     for e in &page.errors {
-        let id = e["case_id"].as_str().unwrap_or("");
-        let message = e["message"].as_str().unwrap_or("");
-        csv_line(out, &[id, "", "", "", "", "", "", "", "", message]);
+        csv_line(
+            out,
+            &[&e.case_id, "", "", "", "", "", "", "", "", &e.message],
+        );
     }
 }
 
@@ -269,6 +524,12 @@ pub(crate) fn csv_line(out: &mut String, fields: &[&str]) {
 /// counters (`KeyringStats`) as `clinic_service_keyring_*_total`: key cache
 /// hits and misses, key loads from the store, unwraps and creations. A
 /// request that touched no key leaves all of them as they were.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text.", content_type = "text/plain", body = String))
+)]
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let stats = app.keyring.stats();
     for (name, value) in [

@@ -12,7 +12,7 @@ use phi::{Keyring, PhiRecord as _};
 use crate::App;
 use crate::auth::Caller;
 use crate::db::with_conn;
-use crate::error::ApiError;
+use crate::error::{ApiError, CaseError};
 use crate::model::{
     Case, CaseOut, CasePatch, CaseSealed, DuplicateQuery, PlainCase, normalize_last,
 };
@@ -20,10 +20,12 @@ use crate::schema::{service_cases, service_cases_plain};
 
 /// One page of a provider's cases: those that opened, and one error per
 /// case that did not (a damaged row fails alone).
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct Page {
+    /// The cases that opened, in id order.
     pub(crate) cases: Vec<CaseOut>,
-    pub(crate) errors: Vec<serde_json::Value>,
+    /// One error per case that did not open.
+    pub(crate) errors: Vec<CaseError>,
     /// The cursor of the next page (`?after=`), when this one was full.
     pub(crate) next: Option<String>,
 }
@@ -169,10 +171,7 @@ impl CaseStore for Sealed {
             match result {
                 Ok(case) => page.cases.push(CaseOut::new(case, revision)),
                 Err(error) => {
-                    let error = ApiError::from(error);
-                    let mut body = error.to_json();
-                    body["case_id"] = serde_json::Value::String(id);
-                    page.errors.push(body);
+                    page.errors.push(ApiError::from(error).for_case(id));
                 }
             }
         }

@@ -271,6 +271,7 @@ impl AccessLog for MemoryAccessLog {
 /// A bounded writer queue's fill.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "admin-http", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct QueueFill {
     /// Records queued and not yet written.

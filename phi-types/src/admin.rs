@@ -39,9 +39,21 @@
 //! as cancelled. Records not about one owner use the owner id `*`.
 //!
 //! Bodies are JSON. Errors are `{"error": "..."}` with the status that fits
-//! (400 bad input, 409 refused by the key's state, 500 key store or KEK
-//! failure); they name owners, versions and KEKs, never key material or
-//! stored values.
+//! (400 bad input, 409 refused by the key's state, 415 or 422 a body that
+//! is not the JSON expected, 500 key store or KEK failure); they name
+//! owners, versions and KEKs, never key material or stored values.
+//!
+//! # OpenAPI
+//!
+//! [`openapi`] and [`probes_openapi`] return the OpenAPI 3.1 documents of
+//! [`router`] and [`probes`], generated (with utoipa) from the handlers
+//! and the types they serialise: each router and its document are built
+//! from one list of handlers, so a route is never served undocumented.
+//! An application nests them where it mounts the routers, adds its own
+//! routes and security scheme, and serves the result with
+//! [`serve_openapi`] at `GET /openapi.json`, outside the guard (the
+//! document holds no owner, key or secret). See [`serve_openapi`] for an
+//! example.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -87,10 +99,12 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use chrono::NaiveDateTime;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::Error;
 use crate::keyring::Keyring;
@@ -423,17 +437,33 @@ pub fn router_with<G: Guard>(keyring: Keyring, guard: G, options: Options) -> Ro
         denied: Arc::new(denied),
     };
     let guarded = (Arc::new(guard), state.clone());
-    Router::new()
-        .route("/key-status", get(key_status))
-        .route("/generate-key", post(generate_key))
-        .route("/rotate", post(rotate))
-        .route("/shred", post(shred))
-        .route("/audit-log", get(audit_log))
-        .route("/clear-cache", post(clear_cache))
-        .route("/rollout", post(rollout))
-        .route("/access-log", get(access_log))
+    let (routes, _) = admin_routes().split_for_parts();
+    routes
         .with_state(state)
         .layer(middleware::from_fn_with_state(guarded, admit::<G>))
+}
+
+/// The guarded routes and their document, from one list of handlers: a
+/// route is served only together with its `#[utoipa::path]`.
+fn admin_routes() -> OpenApiRouter<AdminState> {
+    use utoipa::OpenApi as _;
+    OpenApiRouter::with_openapi(AdminDoc::openapi())
+        .routes(routes!(key_status))
+        .routes(routes!(generate_key))
+        .routes(routes!(rotate))
+        .routes(routes!(shred))
+        .routes(routes!(audit_log))
+        .routes(routes!(clear_cache))
+        .routes(routes!(rollout))
+        .routes(routes!(access_log))
+}
+
+/// The probes and their document (see [`admin_routes`]).
+fn probe_routes() -> OpenApiRouter<Keyring> {
+    use utoipa::OpenApi as _;
+    OpenApiRouter::with_openapi(ProbesDoc::openapi())
+        .routes(routes!(live))
+        .routes(routes!(ready))
 }
 
 /// The health probes over `keyring`: `GET /live` and `GET /ready` (see
@@ -452,15 +482,150 @@ pub fn router_with<G: Guard>(keyring: Keyring, guard: G, options: Options) -> Ro
 /// # Ok::<(), phi_types::Error>(())
 /// ```
 pub fn probes(keyring: Keyring) -> Router {
-    Router::new()
-        .route(
-            "/live",
-            get(|| async { axum::Json(json!({ "live": true })) }),
-        )
-        .route("/ready", get(ready))
-        .with_state(keyring)
+    let (routes, _) = probe_routes().split_for_parts();
+    routes.with_state(keyring)
 }
 
+/// The guarded routes' document: what [`router`] serves, its paths
+/// relative to where the application mounts it. Nest it under the same
+/// prefix in the application's own document (with
+/// [`OpenApi::nest`](utoipa::openapi::OpenApi::nest)), and merge
+/// [`probes_openapi`] where the probes are mounted; [`serve_openapi`]
+/// serves the result.
+///
+/// Each route's answer and its errors (`{"error": …}` with 400, 401, 403,
+/// 409, 415, 422 or 500) are described by schemas generated from the
+/// types the handlers serialise. The guard is the application's: the
+/// document names no security scheme (add the application's own).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    admin_routes().into_openapi()
+}
+
+/// The probes' document: `GET /live` and `GET /ready` as [`probes`]
+/// serves them.
+pub fn probes_openapi() -> utoipa::openapi::OpenApi {
+    probe_routes().into_openapi()
+}
+
+/// Serves `document` at `GET /openapi.json`, with that route added to it.
+/// Like the probes it is **not** behind a guard: the document describes
+/// routes and shapes, and holds no owner, key or secret. Merge it at the
+/// root of the application's router.
+///
+/// ```
+/// use std::sync::Arc;
+/// use axum::http::request::Parts;
+/// use phi_types::admin::{self, Actor, Guard, Rejection};
+/// use phi_types::{Keyring, KeyBytes, LocalKek, MemoryKeyStore};
+///
+/// struct Operators;
+/// impl Guard for Operators {
+///     async fn admit(&self, _: &Parts) -> Result<Actor, Rejection> {
+///         Err(Rejection::unauthorized("no operators today"))
+///     }
+/// }
+///
+/// let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
+/// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
+/// // The document of what the application mounts: the admin routes under
+/// // `/admin`, the probes at the root.
+/// let document = admin::probes_openapi().nest("/admin", admin::openapi());
+/// assert!(document.paths.paths.contains_key("/admin/rotate"));
+/// assert!(document.paths.paths.contains_key("/ready"));
+/// let app: axum::Router = axum::Router::new()
+///     .nest("/admin", admin::router(keyring.clone(), Operators))
+///     .merge(admin::probes(keyring))
+///     .merge(admin::serve_openapi(document));
+/// # drop(app);
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+pub fn serve_openapi(document: utoipa::openapi::OpenApi) -> Router {
+    let (routes, document) = OpenApiRouter::with_openapi(document)
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    // Serialised once: the document does not change.
+    let text = serde_json::to_string(&document).unwrap_or_else(|e| {
+        serde_json::to_string(&ErrorBody {
+            error: format!("the OpenAPI document does not serialise: {e}"),
+            audit_error: None,
+        })
+        .unwrap_or_default()
+    });
+    routes.with_state(Arc::<str>::from(text))
+}
+
+/// This OpenAPI document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "openapi",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API.", body = Value))
+)]
+async fn openapi_json(State(document): State<Arc<str>>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        document.to_string(),
+    )
+        .into_response()
+}
+
+/// The admin API's document: its description and shared schemas (the
+/// paths come from [`admin_routes`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "phi admin API",
+        description = "Key status, key generation, rotation, crypto-shredding, cache clears, \
+                       roll-out and the audit logs, mounted by the application behind an \
+                       authorization guard of its own. Every request is audited. Errors are \
+                       `{\"error\": \"...\"}`; any answer may carry `audit_error` when its \
+                       audit record could not be written."
+    ),
+    components(schemas(ErrorBody)),
+    tags((name = "admin", description = "phi's key administration, behind the application's guard"))
+)]
+struct AdminDoc;
+
+/// The probes' document (paths from [`probe_routes`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "phi probes",
+        description = "Liveness and readiness, without authentication."
+    ),
+    tags((name = "probes", description = "Health probes for orchestrators and load balancers"))
+)]
+struct ProbesDoc;
+
+/// `GET /live`'s answer.
+#[derive(Serialize, ToSchema)]
+struct Live {
+    /// Always `true`: the process answers.
+    live: bool,
+}
+
+/// Liveness: the process answers (nothing else is checked).
+#[utoipa::path(
+    get,
+    path = "/live",
+    tag = "probes",
+    responses((status = 200, description = "The process answers.", body = Live))
+)]
+async fn live() -> axum::Json<Live> {
+    axum::Json(Live { live: true })
+}
+
+/// Readiness: the key store answers, the KEK opens its check value, the
+/// key-event feed (if followed) is fresh enough.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Ready to serve.", body = crate::Readiness),
+        (status = 503, description = "Not ready: the failed check says why.", body = crate::Readiness),
+    )
+)]
 async fn ready(State(keyring): State<Keyring>) -> Response {
     let readiness = keyring.readiness_async().await;
     let status = if readiness.ready {
@@ -615,7 +780,23 @@ fn audit_event(actor: &str, owner: &str, action: AuditAction, detail: String) ->
 }
 
 fn error_body(status: StatusCode, message: &str) -> Response {
-    (status, axum::Json(json!({ "error": message }))).into_response()
+    let body = ErrorBody {
+        error: message.to_owned(),
+        audit_error: None,
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Every error answer of the admin API.
+#[derive(Serialize, ToSchema)]
+struct ErrorBody {
+    /// What went wrong, naming owners, versions and KEKs (never key
+    /// material or stored values).
+    error: String,
+    /// Present when the request's `admin` audit record could not be
+    /// written (also on a success answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_error: Option<String>,
 }
 
 /// An error answer: status and message (never key material or values).
@@ -752,13 +933,13 @@ async fn finish(
 /// `admin` audit record there too, right after: once started, both run to
 /// the end even when the request's future is dropped (a client gone, a
 /// timeout), so an action is never done without its record.
-async fn act(
+async fn act<T: Serialize + 'static>(
     state: &AdminState,
     actor: &Actor,
     due: &RecordDue,
     route: &'static str,
     owner: Option<String>,
-    work: impl FnOnce() -> crate::Result<Value> + Send + 'static,
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
 ) -> Response {
     due.take();
     let keyring = state.keyring.clone();
@@ -766,6 +947,10 @@ async fn act(
     let task = tokio::task::spawn_blocking(move || {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
             .unwrap_or_else(|_| Err(Error::Config("the admin operation panicked".into())))
+            .and_then(|answer| {
+                serde_json::to_value(answer)
+                    .map_err(|e| Error::Config(format!("the admin answer's JSON: {e}")))
+            })
             .map_err(Failure::from);
         let event = admin_record(&actor, route, owner.as_deref(), &outcome);
         let audited = keyring.store().append_audit(&[event]);
@@ -784,28 +969,211 @@ fn limited(owners: &[String]) -> &[String] {
     &owners[..owners.len().min(LISTED_OWNERS)]
 }
 
-fn coverage_json(cov: &lifecycle::Coverage) -> Value {
-    json!({
-        "owners": cov.owners,
-        "with_active_key": cov.with_active_key,
-        "without_key": cov.without_key.len(),
-        "without_key_owners": limited(&cov.without_key),
-        "all_retired": cov.all_retired.len(),
-        "all_retired_owners": limited(&cov.all_retired),
-        "shredded": cov.shredded,
-        "percent": cov.percent(),
-    })
+/// Key coverage against the configured owners query.
+#[derive(Serialize, ToSchema)]
+struct CoverageOut {
+    /// Owners the query returned.
+    owners: usize,
+    /// Of them, with an active data key.
+    with_active_key: usize,
+    /// Of them, with no key row at all.
+    without_key: usize,
+    /// The first 100 of those.
+    without_key_owners: Vec<String>,
+    /// Of them, with every key retired.
+    all_retired: usize,
+    /// The first 100 of those.
+    all_retired_owners: Vec<String>,
+    /// Of them, crypto-shredded.
+    shredded: usize,
+    /// Percentage with an active key.
+    percent: f64,
+}
+
+impl From<&lifecycle::Coverage> for CoverageOut {
+    fn from(cov: &lifecycle::Coverage) -> Self {
+        CoverageOut {
+            owners: cov.owners,
+            with_active_key: cov.with_active_key,
+            without_key: cov.without_key.len(),
+            without_key_owners: limited(&cov.without_key).to_vec(),
+            all_retired: cov.all_retired.len(),
+            all_retired_owners: limited(&cov.all_retired).to_vec(),
+            shredded: cov.shredded,
+            percent: cov.percent(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
 // GET /key-status
 
-#[derive(Debug, Default, Deserialize)]
+/// `GET /key-status?owner=`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StatusQuery {
+    /// One owner's keys (else coverage, when an owners query is configured).
     owner: Option<String>,
 }
 
+/// `GET /key-status`'s answer.
+#[derive(Serialize, ToSchema)]
+struct KeyStatus {
+    /// The owner asked about (`?owner=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<OwnerStatus>,
+    /// Coverage against the configured owners query (no `?owner=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coverage: Option<CoverageOut>,
+    /// Data keys by KEK and state.
+    keys: Vec<KeyCountOut>,
+    /// The key-event feed and the roll-out.
+    feed: FeedOut,
+    /// This process's key cache.
+    cache: CacheOut,
+}
+
+/// One owner's data keys.
+#[derive(Serialize, ToSchema)]
+struct OwnerStatus {
+    /// The owner id.
+    owner: String,
+    /// The owner has a key row.
+    has_key: bool,
+    /// The newest active version.
+    current_version: Option<u32>,
+    /// Every key of the owner is destroyed.
+    shredded: bool,
+    /// Each key version, oldest first.
+    versions: Vec<KeyVersionOut>,
+}
+
+/// One data key version.
+#[derive(Serialize, ToSchema)]
+struct KeyVersionOut {
+    /// The version.
+    version: u32,
+    /// The KEK that wraps it.
+    kek_id: String,
+    /// `active`, `retired` or `destroyed`.
+    state: String,
+    /// Created at (UTC, `YYYY-MM-DDTHH:MM:SS`).
+    created_at: String,
+}
+
+/// Data keys of one KEK in one state.
+#[derive(Serialize, ToSchema)]
+struct KeyCountOut {
+    /// The KEK.
+    kek_id: String,
+    /// `active`, `retired` or `destroyed`.
+    state: String,
+    /// Key rows.
+    keys: u64,
+    /// Distinct owners.
+    owners: u64,
+}
+
+/// The key-event feed: its head, the readers, the roll-out.
+#[derive(Serialize, ToSchema)]
+struct FeedOut {
+    /// The newest event's id.
+    head: i64,
+    /// This process's reading of the feed (null when it does not follow it).
+    following: Option<FollowingOut>,
+    /// Every recorded reader (`phi_feed_readers`).
+    readers: Vec<ReaderOut>,
+    /// The roll-out policy's name.
+    rollout_policy: String,
+    /// The fleet's roll-out (null when never set).
+    fleet_rollout: Option<String>,
+    /// This process's roll-out.
+    this_process_rollout: String,
+}
+
+/// This process's reading of the feed.
+#[derive(Serialize, ToSchema)]
+struct FollowingOut {
+    /// The last event applied.
+    position: i64,
+    /// Milliseconds between two reads.
+    interval_ms: u64,
+    /// Milliseconds since the last successful read.
+    stale_for_ms: u64,
+    /// The maximum staleness, in milliseconds.
+    max_staleness_ms: u64,
+    /// Events applied.
+    events_applied: u64,
+    /// Reads that failed.
+    read_failures: u64,
+    /// This reader's name.
+    reader: String,
+    /// Woken by the store's notifications.
+    listening: bool,
+}
+
+/// A recorded reader of the feed.
+#[derive(Serialize, ToSchema)]
+struct ReaderOut {
+    /// Its name.
+    reader: String,
+    /// The last event it applied.
+    position: i64,
+    /// Events it is behind the head.
+    behind: i64,
+    /// Milliseconds since it last recorded its position.
+    age_ms: u64,
+}
+
+/// This process's key cache (`KeyringStats`).
+#[derive(Serialize, ToSchema)]
+struct CacheOut {
+    /// Owners cached.
+    cached_owners: usize,
+    /// Cache hits.
+    hits: u64,
+    /// Cache misses.
+    misses: u64,
+    /// Data keys unwrapped.
+    unwraps: u64,
+    /// Data keys created.
+    creations: u64,
+    /// Owners evicted.
+    evictions: u64,
+    /// Owners expired.
+    expirations: u64,
+    /// Key store queries.
+    store_queries: u64,
+    /// Key rows loaded.
+    key_loads: u64,
+    /// Audit records written.
+    audit_written: u64,
+    /// Audit records queued.
+    audit_pending: u64,
+    /// Audit records dropped.
+    audit_dropped: u64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Coverage (overall or one owner's keys), data keys by KEK and state, the
+/// key-event feed and the roll-out, this process's cache statistics.
+#[utoipa::path(
+    get,
+    path = "/key-status",
+    tag = "admin",
+    params(StatusQuery),
+    responses(
+        (status = 200, description = "The key status.", body = KeyStatus),
+        (status = 400, description = "Bad query string or owner id.", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 500, description = "Key store failure.", body = ErrorBody),
+    )
+)]
 async fn key_status(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -828,7 +1196,8 @@ async fn key_status(
         query.owner.clone(),
         move || {
             let store = keyring.store();
-            let mut body = serde_json::Map::new();
+            let mut owner_status = None;
+            let mut coverage = None;
             match &owner {
                 Some(owner) => {
                     keyring.check_owner_id(owner)?;
@@ -841,103 +1210,91 @@ async fn key_status(
                         .max();
                     let shredded =
                         !rows.is_empty() && rows.iter().all(|r| r.state == KeyState::Destroyed);
-                    let versions: Vec<Value> = rows
+                    let versions = rows
                         .iter()
-                        .map(|r| {
-                            json!({
-                                "version": r.version,
-                                "kek_id": r.kek_id,
-                                "state": r.state.as_str(),
-                                "created_at": r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
-                            })
+                        .map(|r| KeyVersionOut {
+                            version: r.version,
+                            kek_id: r.kek_id.clone(),
+                            state: r.state.as_str().to_owned(),
+                            created_at: r.created_at.format("%Y-%m-%dT%H:%M:%S").to_string(),
                         })
                         .collect();
-                    body.insert(
-                        "owner".into(),
-                        json!({
-                            "owner": owner,
-                            "has_key": !rows.is_empty(),
-                            "current_version": current,
-                            "shredded": shredded,
-                            "versions": versions,
-                        }),
-                    );
+                    owner_status = Some(OwnerStatus {
+                        owner: owner.clone(),
+                        has_key: !rows.is_empty(),
+                        current_version: current,
+                        shredded,
+                        versions,
+                    });
                 }
                 None => {
                     if let Some(sql) = &owners_query {
                         let cov = lifecycle::coverage(store.as_ref(), sql)?;
-                        body.insert("coverage".into(), coverage_json(&cov));
+                        coverage = Some(CoverageOut::from(&cov));
                     }
                 }
             }
-            let keys: Vec<Value> = store
+            let keys = store
                 .key_counts()?
                 .into_iter()
-                .map(|c| {
-                    json!({
-                        "kek_id": c.kek_id,
-                        "state": c.state.as_str(),
-                        "keys": c.keys,
-                        "owners": c.owners,
-                    })
+                .map(|c| KeyCountOut {
+                    kek_id: c.kek_id,
+                    state: c.state.as_str().to_owned(),
+                    keys: c.keys,
+                    owners: c.owners,
                 })
                 .collect();
-            body.insert("keys".into(), Value::Array(keys));
             let head = lifecycle::feed_head(store.as_ref())?;
-            let readers: Vec<Value> = lifecycle::feed_readers(store.as_ref())?
+            let readers = lifecycle::feed_readers(store.as_ref())?
                 .into_iter()
-                .map(|r| {
-                    json!({
-                        "reader": r.reader,
-                        "position": r.position,
-                        "behind": r.behind(head),
-                        "age_ms": u64::try_from(r.age().as_millis()).unwrap_or(u64::MAX),
-                    })
+                .map(|r| ReaderOut {
+                    behind: r.behind(head),
+                    age_ms: millis(r.age()),
+                    reader: r.reader,
+                    position: r.position,
                 })
                 .collect();
             let fleet = lifecycle::fleet_rollout(store.as_ref(), keyring.rollout_policy())?;
-            let follow = keyring.feed_status().map(|f| {
-            json!({
-                "position": f.position,
-                "interval_ms": u64::try_from(f.interval.as_millis()).unwrap_or(u64::MAX),
-                "stale_for_ms": u64::try_from(f.stale_for.as_millis()).unwrap_or(u64::MAX),
-                "max_staleness_ms": u64::try_from(f.max_staleness.as_millis()).unwrap_or(u64::MAX),
-                "events_applied": f.events_applied,
-                "read_failures": f.read_failures,
-                "reader": f.reader,
-                "listening": f.listening,
-            })
-        });
-            body.insert(
-                "feed".into(),
-                json!({
-                    "head": head,
-                    "following": follow,
-                    "readers": readers,
-                    "rollout_policy": keyring.rollout_policy(),
-                    "fleet_rollout": fleet.as_ref().map(lifecycle::describe_rollout),
-                    "this_process_rollout": lifecycle::describe_rollout(&keyring.rollout()),
-                }),
-            );
+            let following = keyring.feed_status().map(|f| FollowingOut {
+                position: f.position,
+                interval_ms: millis(f.interval),
+                stale_for_ms: millis(f.stale_for),
+                max_staleness_ms: millis(f.max_staleness),
+                events_applied: f.events_applied,
+                read_failures: f.read_failures,
+                reader: f.reader,
+                listening: f.listening,
+            });
+            let feed = FeedOut {
+                head,
+                following,
+                readers,
+                rollout_policy: keyring.rollout_policy().to_owned(),
+                fleet_rollout: fleet.as_ref().map(lifecycle::describe_rollout),
+                this_process_rollout: lifecycle::describe_rollout(&keyring.rollout()),
+            };
             let s = keyring.stats();
-            body.insert(
-                "cache".into(),
-                json!({
-                    "cached_owners": s.cached_owners,
-                    "hits": s.hits,
-                    "misses": s.misses,
-                    "unwraps": s.unwraps,
-                    "creations": s.creations,
-                    "evictions": s.evictions,
-                    "expirations": s.expirations,
-                    "store_queries": s.store_queries,
-                    "key_loads": s.key_loads,
-                    "audit_written": s.audit_written,
-                    "audit_pending": s.audit_pending,
-                    "audit_dropped": s.audit_dropped,
-                }),
-            );
-            Ok(Value::Object(body))
+            let cache = CacheOut {
+                cached_owners: s.cached_owners,
+                hits: s.hits,
+                misses: s.misses,
+                unwraps: s.unwraps,
+                creations: s.creations,
+                evictions: s.evictions,
+                expirations: s.expirations,
+                store_queries: s.store_queries,
+                key_loads: s.key_loads,
+                audit_written: s.audit_written,
+                audit_pending: s.audit_pending,
+                audit_dropped: s.audit_dropped,
+            };
+            Ok(KeyStatus {
+                owner: owner_status,
+                coverage,
+                keys,
+                feed,
+                cache,
+            })
         },
     )
     .await
@@ -946,15 +1303,71 @@ async fn key_status(
 // ---------------------------------------------------------------------------
 // POST /generate-key
 
-#[derive(Debug, Deserialize)]
+/// `POST /generate-key`'s body: `owner`, or `owners_query` (when allowed),
+/// or neither (the configured owners query).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GenerateBody {
+    /// One owner.
     owner: Option<String>,
+    /// An owners query of the request's own
+    /// (`Options::allow_request_owners_query`).
     owners_query: Option<String>,
+    /// Only count and list the owners a key would be generated for.
     #[serde(default)]
     dry_run: bool,
 }
 
+/// `POST /generate-key`'s answer: a dry run's or a run's.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum GenerateOut {
+    /// `"dry_run": true`.
+    DryRun(DryRunOut),
+    /// Keys generated.
+    Generated(GeneratedOut),
+}
+
+/// A dry run of `POST /generate-key`.
+#[derive(Serialize, ToSchema)]
+struct DryRunOut {
+    /// `true`.
+    dry_run: bool,
+    /// Owners a key would be generated for.
+    would_generate: usize,
+    /// The first 100 of them.
+    owners: Vec<String>,
+}
+
+/// Keys generated by `POST /generate-key`.
+#[derive(Serialize, ToSchema)]
+struct GeneratedOut {
+    /// `false`.
+    dry_run: bool,
+    /// Data keys created.
+    generated: u64,
+    /// The first 100 owners that had none.
+    owners: Vec<String>,
+}
+
+/// A data key for one owner, or for each owner an owners query returns that
+/// has none.
+#[utoipa::path(
+    post,
+    path = "/generate-key",
+    tag = "admin",
+    request_body = GenerateBody,
+    responses(
+        (status = 200, description = "Generated (or, in a dry run, counted).", body = GenerateOut),
+        (status = 400, description = "Bad input: both or neither of owner and owners_query, an owners query not allowed, bad JSON.", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 409, description = "Refused by the key's state.", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `application/json`.", body = ErrorBody),
+        (status = 422, description = "The JSON body does not have the fields expected.", body = ErrorBody),
+        (status = 500, description = "Key store or KEK failure.", body = ErrorBody),
+    )
+)]
 async fn generate_key(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1010,17 +1423,17 @@ async fn generate_key(
                     }
                 };
                 if dry_run {
-                    return Ok(json!({
-                        "dry_run": true,
-                        "would_generate": todo.len(),
-                        "owners": limited(&todo),
+                    return Ok(GenerateOut::DryRun(DryRunOut {
+                        dry_run: true,
+                        would_generate: todo.len(),
+                        owners: limited(&todo).to_vec(),
                     }));
                 }
                 let created = lifecycle::generate(&keyring, &todo, 0, &mut |_| {})?;
-                Ok(json!({
-                    "dry_run": false,
-                    "generated": created,
-                    "owners": limited(&todo),
+                Ok(GenerateOut::Generated(GeneratedOut {
+                    dry_run: false,
+                    generated: created,
+                    owners: limited(&todo).to_vec(),
                 }))
             })
             .await
@@ -1031,12 +1444,40 @@ async fn generate_key(
 // ---------------------------------------------------------------------------
 // POST /rotate
 
-#[derive(Debug, Deserialize)]
+/// `POST /rotate`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OwnerBody {
+    /// The owner.
     owner: String,
 }
 
+/// `POST /rotate`'s answer.
+#[derive(Serialize, ToSchema)]
+struct Rotated {
+    /// The owner.
+    owner: String,
+    /// The new data key version.
+    version: u32,
+}
+
+/// A new data key version for one owner.
+#[utoipa::path(
+    post,
+    path = "/rotate",
+    tag = "admin",
+    request_body = OwnerBody,
+    responses(
+        (status = 200, description = "Rotated.", body = Rotated),
+        (status = 400, description = "Bad input (owner id, JSON).", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 409, description = "Refused by the key's state (shredded, no key).", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `application/json`.", body = ErrorBody),
+        (status = 422, description = "The JSON body does not have the fields expected.", body = ErrorBody),
+        (status = 500, description = "Key store or KEK failure.", body = ErrorBody),
+    )
+)]
 async fn rotate(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1053,7 +1494,7 @@ async fn rotate(
     let by = actor.name().to_owned();
     act(&state, &actor, &due, ROUTE, Some(body.owner), move || {
         let version = lifecycle::rotate_by(&keyring, &owner, &by)?;
-        Ok(json!({ "owner": owner, "version": version }))
+        Ok(Rotated { owner, version })
     })
     .await
 }
@@ -1061,13 +1502,48 @@ async fn rotate(
 // ---------------------------------------------------------------------------
 // POST /shred
 
-#[derive(Debug, Deserialize)]
+/// `POST /shred`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ShredBody {
+    /// The owner.
     owner: String,
+    /// The owner id again.
     confirm: Option<String>,
 }
 
+/// `POST /shred`'s answer.
+#[derive(Serialize, ToSchema)]
+struct Shredded {
+    /// The owner.
+    owner: String,
+    /// The versions destroyed by this request.
+    destroyed_versions: Vec<u32>,
+    /// The owner's key rows.
+    key_rows: usize,
+    /// Of them, not destroyed.
+    keys_left: usize,
+    /// What happens next (or why nothing was destroyed).
+    note: String,
+}
+
+/// Crypto-shreds one owner: destroys every one of its data keys.
+#[utoipa::path(
+    post,
+    path = "/shred",
+    tag = "admin",
+    request_body = ShredBody,
+    responses(
+        (status = 200, description = "Shredded (or nothing to shred: see `note`).", body = Shredded),
+        (status = 400, description = "`confirm` does not repeat the owner id; bad JSON.", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 409, description = "Refused by the key's state.", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `application/json`.", body = ErrorBody),
+        (status = 422, description = "The JSON body does not have the fields expected.", body = ErrorBody),
+        (status = 500, description = "Key store failure.", body = ErrorBody),
+    )
+)]
 async fn shred(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1099,13 +1575,13 @@ async fn shred(
                  process's cache; keyrings following the key-event feed drop them within \
                  their feed interval, others when their cache TTL expires"
             };
-            Ok(json!({
-                "owner": owner,
-                "destroyed_versions": report.destroyed_versions,
-                "key_rows": report.key_rows,
-                "keys_left": report.keys_left,
-                "note": note,
-            }))
+            Ok(Shredded {
+                owner,
+                destroyed_versions: report.destroyed_versions,
+                key_rows: report.key_rows,
+                keys_left: report.keys_left,
+                note: note.to_owned(),
+            })
         })
         .await
     }
@@ -1114,15 +1590,54 @@ async fn shred(
 // ---------------------------------------------------------------------------
 // GET /audit-log
 
-#[derive(Debug, Default, Deserialize)]
+/// `GET /audit-log`'s query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
+    /// One owner's records (`*`: those not about one owner).
     owner: Option<String>,
+    /// One action: generate, unwrap, rotate, rewrap, retire, destroy,
+    /// clear_cache, rollout, admin, denied.
     action: Option<String>,
+    /// From (UTC, `YYYY-MM-DDTHH:MM:SS` or `YYYY-MM-DD`).
     since: Option<String>,
+    /// Until (UTC, as `since`).
     until: Option<String>,
+    /// Records older than this id (the previous page's `next_before_id`).
     before_id: Option<i64>,
+    /// Records a page (default 100, at most 1,000).
     limit: Option<usize>,
+}
+
+/// A page of `encryption_key_audit`, newest first.
+#[derive(Serialize, ToSchema)]
+struct AuditPage {
+    /// The records.
+    records: Vec<AuditRecordOut>,
+    /// `before_id` of the next page (null on the last).
+    next_before_id: Option<i64>,
+}
+
+/// An audit record.
+#[derive(Serialize, ToSchema)]
+struct AuditRecordOut {
+    /// Its id.
+    id: i64,
+    /// When (UTC, microseconds).
+    occurred_at: String,
+    /// The owner (`*`: not about one owner).
+    owner: String,
+    /// The action.
+    action: String,
+    /// The key version concerned.
+    key_version: Option<u32>,
+    /// The KEK concerned.
+    kek_id: Option<String>,
+    /// Who.
+    actor: String,
+    /// Details.
+    detail: Option<String>,
 }
 
 fn parse_time(field: &str, text: &str) -> Result<NaiveDateTime, Failure> {
@@ -1173,20 +1688,34 @@ fn audit_filter(q: &AuditQuery) -> Result<AuditFilter, Failure> {
     Ok(filter)
 }
 
-fn record_json(r: &AuditRecord) -> Value {
+fn record_out(r: &AuditRecord) -> AuditRecordOut {
     let e = &r.event;
-    json!({
-        "id": r.id,
-        "occurred_at": e.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
-        "owner": e.owner_id,
-        "action": e.action.as_str(),
-        "key_version": e.key_version,
-        "kek_id": e.kek_id,
-        "actor": e.actor,
-        "detail": e.detail,
-    })
+    AuditRecordOut {
+        id: r.id,
+        occurred_at: e.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+        owner: e.owner_id.clone(),
+        action: e.action.as_str().to_owned(),
+        key_version: e.key_version,
+        kek_id: e.kek_id.clone(),
+        actor: e.actor.clone(),
+        detail: e.detail.clone(),
+    }
 }
 
+/// `encryption_key_audit`, newest first, by owner, action and time, paged.
+#[utoipa::path(
+    get,
+    path = "/audit-log",
+    tag = "admin",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of records.", body = AuditPage),
+        (status = 400, description = "Bad query: limit, action, time.", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 500, description = "Key store failure.", body = ErrorBody),
+    )
+)]
 async fn audit_log(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1213,10 +1742,10 @@ async fn audit_log(
                     let next = (records.len() == filter.limit)
                         .then(|| records.last().map(|r| r.id))
                         .flatten();
-                    Ok(json!({
-                        "records": records.iter().map(record_json).collect::<Vec<_>>(),
-                        "next_before_id": next,
-                    }))
+                    Ok(AuditPage {
+                        records: records.iter().map(record_out).collect(),
+                        next_before_id: next,
+                    })
                 },
             )
             .await
@@ -1227,14 +1756,47 @@ async fn audit_log(
 // ---------------------------------------------------------------------------
 // POST /clear-cache
 
-#[derive(Debug, Deserialize)]
+/// `POST /clear-cache`'s body: `owner`, or `"all": true`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ClearBody {
+    /// One owner's keys.
     owner: Option<String>,
+    /// Every owner's keys.
     #[serde(default)]
     all: bool,
 }
 
+/// `POST /clear-cache`'s answer.
+#[derive(Serialize, ToSchema)]
+struct CacheCleared {
+    /// The owner (null with `all`).
+    owner: Option<String>,
+    /// Every owner's keys.
+    all: bool,
+    /// The key-event feed's event.
+    event_id: i64,
+    /// Where it is cleared, when.
+    note: String,
+}
+
+/// Clears cached keys in this process at once, in every process following
+/// the key-event feed within its interval.
+#[utoipa::path(
+    post,
+    path = "/clear-cache",
+    tag = "admin",
+    request_body = ClearBody,
+    responses(
+        (status = 200, description = "Cleared and published.", body = CacheCleared),
+        (status = 400, description = "Both or neither of owner and all; bad JSON.", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `application/json`.", body = ErrorBody),
+        (status = 422, description = "The JSON body does not have the fields expected.", body = ErrorBody),
+        (status = 500, description = "Key store failure.", body = ErrorBody),
+    )
+)]
 async fn clear_cache(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1273,13 +1835,14 @@ async fn clear_cache(
             let by = actor.name().to_owned();
             act(&state, &actor, &due, ROUTE, body.owner.clone(), move || {
                 let id = lifecycle::clear_cache_fleet_by(&keyring, owner.as_deref(), &by)?;
-                Ok(json!({
-                    "owner": owner,
-                    "all": owner.is_none(),
-                    "event_id": id,
-                    "note": "cleared in this process; every keyring following the key-event feed \
-                             clears it within its feed interval",
-                }))
+                Ok(CacheCleared {
+                    all: owner.is_none(),
+                    owner,
+                    event_id: id,
+                    note: "cleared in this process; every keyring following the key-event feed \
+                           clears it within its feed interval"
+                        .into(),
+                })
             })
             .await
         }
@@ -1289,12 +1852,28 @@ async fn clear_cache(
 // ---------------------------------------------------------------------------
 // POST /rollout
 
-#[derive(Debug, Deserialize)]
+/// `POST /rollout`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RolloutBody {
+    /// `all`, `nobody` or `owners`.
     mode: String,
+    /// With `owners`: the owners (non-empty).
     #[serde(default)]
     owners: Vec<String>,
+}
+
+/// `POST /rollout`'s answer.
+#[derive(Serialize, ToSchema)]
+struct RolloutSet {
+    /// The policy's name.
+    policy: String,
+    /// The roll-out set.
+    rollout: String,
+    /// The key-event feed's event.
+    event_id: i64,
+    /// Where it applies, when.
+    note: String,
 }
 
 fn rollout_of(body: &RolloutBody) -> Result<Rollout, Failure> {
@@ -1320,6 +1899,22 @@ fn rollout_of(body: &RolloutBody) -> Result<Rollout, Failure> {
     }
 }
 
+/// Sets the fleet's roll-out policy, through the key-event feed.
+#[utoipa::path(
+    post,
+    path = "/rollout",
+    tag = "admin",
+    request_body = RolloutBody,
+    responses(
+        (status = 200, description = "Set and published.", body = RolloutSet),
+        (status = 400, description = "Bad mode or owners; bad JSON.", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `application/json`.", body = ErrorBody),
+        (status = 422, description = "The JSON body does not have the fields expected.", body = ErrorBody),
+        (status = 500, description = "Key store failure.", body = ErrorBody),
+    )
+)]
 async fn rollout(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1338,13 +1933,14 @@ async fn rollout(
             let by = actor.name().to_owned();
             act(&state, &actor, &due, ROUTE, None, move || {
                 let id = lifecycle::set_rollout_by(&keyring, &policy, &by)?;
-                Ok(json!({
-                    "policy": keyring.rollout_policy(),
-                    "rollout": lifecycle::describe_rollout(&policy),
-                    "event_id": id,
-                    "note": "applied in this process; every keyring following the key-event feed \
-                             applies it within its feed interval",
-                }))
+                Ok(RolloutSet {
+                    policy: keyring.rollout_policy().to_owned(),
+                    rollout: lifecycle::describe_rollout(&policy),
+                    event_id: id,
+                    note: "applied in this process; every keyring following the key-event feed \
+                           applies it within its feed interval"
+                        .into(),
+                })
             })
             .await
         }
@@ -1450,6 +2046,178 @@ mod tests {
         );
     }
 
+    /// Admits every request, as `test`.
+    struct AdmitAll;
+
+    impl Guard for AdmitAll {
+        async fn admit(&self, _: &Parts) -> Result<Actor, Rejection> {
+            Ok(Actor::new("test"))
+        }
+    }
+
+    /// The routes a document lists, as `(METHOD, path)`.
+    fn documented(doc: &utoipa::openapi::OpenApi) -> Vec<(String, String)> {
+        let json = serde_json::to_value(doc).expect("the document as JSON");
+        let mut routes = Vec::new();
+        for (path, item) in json["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("a path item").keys() {
+                routes.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        routes.sort();
+        routes
+    }
+
+    #[test]
+    fn the_documents_list_every_route_the_routers_serve_and_no_other() {
+        use tower::ServiceExt as _;
+        let admin = documented(&openapi());
+        let expected = [
+            ("GET", "/access-log"),
+            ("GET", "/audit-log"),
+            ("GET", "/key-status"),
+            ("POST", "/clear-cache"),
+            ("POST", "/generate-key"),
+            ("POST", "/rollout"),
+            ("POST", "/rotate"),
+            ("POST", "/shred"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        assert_eq!(admin, expected);
+        assert_eq!(
+            documented(&probes_openapi()),
+            [
+                ("GET".to_owned(), "/live".to_owned()),
+                ("GET".to_owned(), "/ready".to_owned())
+            ]
+        );
+        // Every route is added with its documentation (`routes!`): none
+        // with a bare axum route call, which would go undocumented.
+        let bare = concat!(".rou", "te(");
+        assert!(
+            !include_str!("admin.rs").contains(bare),
+            "admin.rs adds a route without its #[utoipa::path]: use routes!(handler)"
+        );
+
+        // Each documented route reaches its handler; another method on it
+        // is 405, a path not documented is 404.
+        let kek = Arc::new(crate::LocalKek::new(
+            "local-1",
+            &crate::KeyBytes::new([7; 32]),
+        ));
+        let keyring = Keyring::builder(Arc::new(crate::MemoryKeyStore::new()), kek)
+            .build()
+            .expect("keyring");
+        let app = router(keyring.clone(), AdmitAll).merge(probes(keyring));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let status = |method: &str, path: &str| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from("{}"))
+                .expect("request");
+            runtime
+                .block_on(app.clone().oneshot(request))
+                .expect("infallible")
+                .status()
+        };
+        for (method, path) in admin.iter().chain(&documented(&probes_openapi())) {
+            let got = status(method, path);
+            assert!(
+                got != StatusCode::NOT_FOUND && got != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}: {got}"
+            );
+            let other = if method == "GET" { "DELETE" } else { "GET" };
+            assert_eq!(
+                status(other, path),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{other} {path}"
+            );
+        }
+        assert_eq!(status("GET", "/not-documented"), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn served_openapi_json_documents_itself_and_the_mounted_routes() {
+        use tower::ServiceExt as _;
+        let document = probes_openapi().nest("/admin", openapi());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let request = axum::http::Request::builder()
+            .uri("/openapi.json")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = runtime
+            .block_on(serve_openapi(document).oneshot(request))
+            .expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = runtime
+            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
+            .expect("body");
+        let json: Value = serde_json::from_slice(&body).expect("JSON");
+        assert!(
+            json["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3."))
+        );
+        for path in [
+            "/openapi.json",
+            "/live",
+            "/ready",
+            "/admin/key-status",
+            "/admin/shred",
+        ] {
+            assert!(json["paths"].get(path).is_some(), "{path} in {json}");
+        }
+        assert!(json["components"]["schemas"].get("ErrorBody").is_some());
+        assert!(json["components"]["schemas"].get("Readiness").is_some());
+    }
+
+    #[test]
+    fn access_records_answer_as_the_cli_prints_them() {
+        let record = crate::access_log::StoredAccess {
+            chain: "c-1".into(),
+            batch: 3,
+            seq: 2,
+            occurred_at: chrono::NaiveDate::from_ymd_opt(2026, 1, 2)
+                .and_then(|d| d.and_hms_micro_opt(3, 4, 5, 6))
+                .expect("a time"),
+            user: "dr-a".into(),
+            purpose: "treatment".into(),
+            request_id: Some("r-1".into()),
+            op: "read".into(),
+            owner_id: "p-1".into(),
+            table: "cases".into(),
+            row: Some("C-1".into()),
+            fields: "patient_first,patient_last".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(AccessRecordOut::from(&record)).expect("JSON"),
+            crate::access_log::record_json(&record)
+        );
+        let empty = crate::access_log::StoredAccess {
+            fields: String::new(),
+            row: None,
+            request_id: None,
+            ..record
+        };
+        assert_eq!(
+            serde_json::to_value(AccessRecordOut::from(&empty)).expect("JSON"),
+            crate::access_log::record_json(&empty)
+        );
+    }
+
     #[test]
     fn a_zero_limit_audits_no_refusal() {
         let start = Instant::now();
@@ -1462,18 +2230,90 @@ mod tests {
 // ---------------------------------------------------------------------------
 // GET /access-log
 
-#[derive(Debug, Default, Deserialize)]
+/// `GET /access-log`'s query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AccessQuery {
+    /// One owner's records.
     owner: Option<String>,
+    /// One accessor's.
     user: Option<String>,
+    /// One table's.
     table: Option<String>,
+    /// One row's (its row key).
     row: Option<String>,
+    /// From (UTC, `YYYY-MM-DDTHH:MM:SS` or `YYYY-MM-DD`).
     since: Option<String>,
+    /// Until (UTC, as `since`).
     until: Option<String>,
+    /// One chain's.
     chain: Option<String>,
+    /// Records skipped (the previous page's `next_offset`).
     offset: Option<usize>,
+    /// Records a page (default 100, at most 1,000).
     limit: Option<usize>,
+}
+
+/// A page of the access log, oldest first.
+#[derive(Serialize, ToSchema)]
+struct AccessPage {
+    /// The records, as `phi audit access --format json` prints them.
+    records: Vec<AccessRecordOut>,
+    /// `offset` of the next page (null on the last).
+    next_offset: Option<usize>,
+}
+
+/// An access record ([`access_log::record_json`](crate::access_log::record_json)'s shape).
+#[derive(Serialize, ToSchema)]
+struct AccessRecordOut {
+    /// When (UTC, microseconds, `Z`).
+    occurred_at: String,
+    /// The accessor.
+    user: String,
+    /// The purpose of the access.
+    purpose: String,
+    /// The request's id.
+    request_id: Option<String>,
+    /// What was done: read, write, export...
+    op: String,
+    /// The owner of the row.
+    owner: String,
+    /// The table.
+    table: String,
+    /// The row key.
+    row: Option<String>,
+    /// The columns.
+    fields: Vec<String>,
+    /// The chain the record belongs to.
+    chain: String,
+    /// The batch within the chain.
+    batch: i64,
+    /// The record within the batch.
+    seq: u32,
+}
+
+impl From<&crate::access_log::StoredAccess> for AccessRecordOut {
+    fn from(r: &crate::access_log::StoredAccess) -> Self {
+        AccessRecordOut {
+            occurred_at: r.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            user: r.user.clone(),
+            purpose: r.purpose.clone(),
+            request_id: r.request_id.clone(),
+            op: r.op.clone(),
+            owner: r.owner_id.clone(),
+            table: r.table.clone(),
+            row: r.row.clone(),
+            fields: if r.fields.is_empty() {
+                Vec::new()
+            } else {
+                r.fields.split(',').map(str::to_owned).collect()
+            },
+            chain: r.chain.clone(),
+            batch: r.batch,
+            seq: r.seq,
+        }
+    }
 }
 
 fn access_filter(q: &AccessQuery) -> Result<crate::access_log::AccessFilter, Failure> {
@@ -1507,6 +2347,19 @@ fn access_filter(q: &AccessQuery) -> Result<crate::access_log::AccessFilter, Fai
 /// `GET /access-log?owner=&user=&table=&row=&since=&until=&chain=&offset=&limit=`:
 /// access records, oldest first (100 a page, at most 1,000), as `phi audit
 /// access --format json` prints them, and the offset of the next page.
+#[utoipa::path(
+    get,
+    path = "/access-log",
+    tag = "admin",
+    params(AccessQuery),
+    responses(
+        (status = 200, description = "A page of access records.", body = AccessPage),
+        (status = 400, description = "Bad query; no access log configured (`Options::access_log`).", body = ErrorBody),
+        (status = 401, description = "Refused by the guard: no (valid) credentials.", body = ErrorBody),
+        (status = 403, description = "Refused by the guard: not allowed.", body = ErrorBody),
+        (status = 500, description = "Access log failure.", body = ErrorBody),
+    )
+)]
 async fn access_log(
     State(state): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -1535,14 +2388,22 @@ async fn access_log(
     match access_filter(&query) {
         Err(f) => finish(&state, &actor, &due, ROUTE, query.owner.as_deref(), Err(f)).await,
         Ok(filter) => {
-            act(&state, &actor, &due, ROUTE, query.owner.clone(), move || {
-                let records = tables.query(&filter)?;
-                let next = (records.len() == filter.limit).then(|| filter.offset + filter.limit);
-                Ok(json!({
-                    "records": records.iter().map(crate::access_log::record_json).collect::<Vec<_>>(),
-                    "next_offset": next,
-                }))
-            })
+            act(
+                &state,
+                &actor,
+                &due,
+                ROUTE,
+                query.owner.clone(),
+                move || {
+                    let records = tables.query(&filter)?;
+                    let next =
+                        (records.len() == filter.limit).then(|| filter.offset + filter.limit);
+                    Ok(AccessPage {
+                        records: records.iter().map(AccessRecordOut::from).collect(),
+                        next_offset: next,
+                    })
+                },
+            )
             .await
         }
     }

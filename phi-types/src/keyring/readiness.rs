@@ -34,6 +34,7 @@ const MAX_ERROR_LEN: usize = 512;
 /// (feature `serde`) to the JSON that the admin API's `GET /ready` answers.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "admin-http", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct Readiness {
     /// Every check passed: the key store answered, the KEK's last probe
@@ -59,6 +60,7 @@ pub struct Readiness {
 /// One check's outcome.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "admin-http", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct ReadinessCheck {
     /// The check passed.
@@ -72,6 +74,7 @@ pub struct ReadinessCheck {
 /// The primary KEK's checks.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "admin-http", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct KekReadiness {
     /// The KEK's id.
@@ -91,6 +94,7 @@ pub struct KekReadiness {
 /// The key-event feed's staleness against its maximum.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "admin-http", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct FeedReadiness {
     /// Within the maximum staleness (past it, sealing is refused).

@@ -959,6 +959,7 @@ impl SealCount {
 /// A key store's connection pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "admin-http", derive(utoipa::ToSchema))]
 #[non_exhaustive]
 pub struct PoolState {
     /// Connections open.
