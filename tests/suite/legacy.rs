@@ -697,11 +697,13 @@ fn url_safe_and_line_wrapped_fernet_tokens_are_imported() {
 
 /// Counts `phi_legacy_reads_total` for one table (a recorder of the test's
 /// thread only: loads of fewer than 512 rows count on the calling thread).
+#[cfg(feature = "legacy-fernet")]
 struct LegacyReads {
     table: &'static str,
     count: Arc<std::sync::atomic::AtomicU64>,
 }
 
+#[cfg(feature = "legacy-fernet")]
 impl LegacyReads {
     /// The values `f` read as legacy.
     fn during<T>(table: &'static str, f: impl FnOnce() -> T) -> (T, u64) {
@@ -711,6 +713,7 @@ impl LegacyReads {
     }
 }
 
+#[cfg(feature = "legacy-fernet")]
 impl metrics::Recorder for LegacyReads {
     fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
     fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
@@ -731,6 +734,7 @@ impl metrics::Recorder for LegacyReads {
 }
 
 /// A connection that counts its statements reading `phi_legacy_values`.
+#[cfg(feature = "legacy-fernet")]
 fn counting_records_queries(db: &TestDb) -> (Conn, Arc<std::sync::atomic::AtomicUsize>) {
     let mut conn = db.conn();
     let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
