@@ -890,3 +890,113 @@ fn fernet_values_read_the_same_before_during_and_after_the_backfill() {
     let stored: Vec<Vec<u8>> = t::table.select(t::last).load(&mut conn).expect("raw");
     assert!(stored.iter().all(|v| v.starts_with(&[0xF1, 0x01])), "envelopes only");
 }
+
+diesel::table! {
+    phi_it_lg_shadow (id) {
+        id -> Varchar,
+        owner_id -> Varchar,
+        last_name -> Varchar,
+        nickname -> Nullable<Text>,
+        last_name_encrypted -> Nullable<Binary>,
+        nickname_encrypted -> Nullable<Binary>,
+        sealed -> Bool,
+    }
+}
+
+/// A table in its dual-write phase whose text columns hold versioned
+/// AES-GCM texts of an earlier scheme.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_lg_shadow, crate = phi, debug)]
+#[diesel(primary_key(id))]
+struct ShadowImported {
+    #[phi(row_key)]
+    id: String,
+    #[phi(owner)]
+    owner_id: String,
+    #[phi(encrypt, shadow)]
+    last_name: String,
+    #[phi(encrypt, shadow)]
+    nickname: Option<String>,
+    #[phi(encrypted_flag)]
+    sealed: bool,
+}
+
+/// The read path on shadow columns (the plain column's text compared with
+/// its record), with the versioned AES-GCM decoder: recorded texts read as
+/// their plaintext before and after the backfill; a copied text and a
+/// recorded note that is not well formed read as the text they are.
+#[test]
+fn versioned_gcm_texts_of_shadowed_columns_read_the_same_before_and_after_the_backfill() {
+    use phi_it_lg_shadow as t;
+    const TABLE: &str = "phi_it_lg_shadow";
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    diesel::sql_query(format!("DROP TABLE IF EXISTS {TABLE}")).execute(&mut conn).expect("drop");
+    {
+        use phi::schema::phi_legacy_values as lv;
+        diesel::delete(lv::table.filter(lv::table_name.eq(TABLE))).execute(&mut conn).expect("old records");
+    }
+    diesel::sql_query(format!(
+        "CREATE TABLE {TABLE} (id VARCHAR(64) NOT NULL PRIMARY KEY, owner_id VARCHAR(255) NOT NULL, \
+         last_name VARCHAR(255) NULL, nickname TEXT NULL, last_name_encrypted {BLOB} NULL, \
+         nickname_encrypted {BLOB} NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)"
+    ))
+    .execute(&mut conn)
+    .expect("create");
+    let all = fixtures();
+    let text = |v: Vec<u8>| String::from_utf8(v).expect("text");
+    let (nwosu_token, nwosu) = fixture(&all, "gcm", "v1");
+    let (zhang_token, zhang) = fixture(&all, "gcm", "v2");
+    let (nwosu_token, zhang_token) = (text(nwosu_token), text(zhang_token));
+    let (a, b) = (common::unique_owner("lgshadowA"), common::unique_owner("lgshadowB"));
+    let insert = |conn: &mut Conn, id: &str, owner: &str, last: &str, nick: Option<&str>| {
+        diesel::insert_into(t::table)
+            .values((t::id.eq(id), t::owner_id.eq(owner), t::last_name.eq(last), t::nickname.eq(nick), t::sealed.eq(false)))
+            .execute(conn)
+            .expect("legacy row");
+    };
+    insert(&mut conn, "X-1", &a, &nwosu_token, Some(&zhang_token));
+    insert(&mut conn, "X-3", &b, "v1:Follow:Up", None);
+    let decoder: Arc<dyn LegacyDecoder> = Arc::new(gcm_decoder(&all));
+    // The statements the generated shadow migration ends with.
+    let dialect = if server_url().is_none() {
+        Dialect::Sqlite
+    } else if BLOB == "BYTEA" {
+        Dialect::Postgres
+    } else {
+        Dialect::Mysql
+    };
+    for statement in legacy::record_sql::<ShadowImported>(dialect).expect("recording SQL") {
+        diesel::sql_query(statement).execute(&mut conn).expect("record");
+    }
+    assert_eq!(records_left(&mut conn, TABLE), 3, "X-1's two texts and X-3's note");
+    // After the recording: B's row with a copy of A's text.
+    insert(&mut conn, "X-2", &b, &nwosu_token, None);
+
+    let keyring = Keyring::builder(db.store(), common::local_kek())
+        .actor("integration-test")
+        .legacy(decoder)
+        .build()
+        .expect("keyring");
+    let expected = vec![
+        ("X-1".to_owned(), nwosu.expect("plain"), zhang.clone()),
+        ("X-2".to_owned(), nwosu_token.clone(), None),
+        ("X-3".to_owned(), "v1:Follow:Up".to_owned(), None),
+    ];
+    let read = |conn: &mut Conn| -> Vec<(String, String, Option<String>)> {
+        ShadowImported::load(t::table.order(t::id), conn, &keyring)
+            .expect("load")
+            .into_iter()
+            .map(|c| (c.id, c.last_name, c.nickname))
+            .collect()
+    };
+    assert_eq!(read(&mut conn), expected);
+
+    let report = migrate::backfill::<ShadowImported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+        .expect("backfill");
+    assert_eq!((report.rows, report.remaining), (3, 0), "{report}");
+    assert_eq!(records_left(&mut conn, TABLE), 0);
+    let sealed: Vec<bool> = t::table.order(t::id).select(t::sealed).load(&mut conn).expect("flags");
+    assert_eq!(sealed, [true, true, true]);
+    assert_eq!(read(&mut conn), expected, "the same, read from the shadow columns");
+}
