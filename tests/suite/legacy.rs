@@ -889,6 +889,21 @@ fn fernet_values_read_the_same_before_during_and_after_the_backfill() {
     assert_eq!(queries.load(std::sync::atomic::Ordering::SeqCst), 0);
     let stored: Vec<Vec<u8>> = t::table.select(t::last).load(&mut conn).expect("raw");
     assert!(stored.iter().all(|v| v.starts_with(&[0xF1, 0x01])), "envelopes only");
+
+    // A recorded token whose plaintext is not the field's encoding (a
+    // name in the date column): an error naming where, not the value.
+    diesel::insert_into(t::table).values(&raw("R-7", &a, b"Okafor", Some(&doe_token))).execute(&mut conn).expect("R-7");
+    {
+        use phi::schema::phi_legacy_values as lv;
+        diesel::insert_into(lv::table)
+            .values((lv::table_name.eq(TABLE), lv::column_name.eq("dob"), lv::row_key.eq("R-7"), lv::owner_id.eq(&a), lv::stored.eq(&doe_token)))
+            .execute(&mut conn)
+            .expect("record");
+    }
+    let err = Imported::load(t::table.find("R-7"), &mut conn, &keyring).expect_err("not a date");
+    assert!(matches!(&err, Error::DataTable { table, column, owner, .. } if table == TABLE && column == "dob" && *owner == a), "{err:?}");
+    let msg = chain(&err);
+    assert!(msg.contains("R-7") && !msg.contains(&doe) && !msg.contains(&pasted), "{msg}");
 }
 
 diesel::table! {
