@@ -225,6 +225,11 @@ fn generate(m: &Model) -> TokenStream {
         })
     });
 
+    let legacy_methods = match (flag, row_key) {
+        (Some(_), Some(_)) => legacy_values(m),
+        _ => quote! {},
+    };
+
     let changes_tokens = changeset(m, flag, row_key);
     let lookups = lookups(m);
     let migratable = match (flag, row_key) {
@@ -315,12 +320,75 @@ fn generate(m: &Model) -> TokenStream {
             }
 
             #row_text
+            #legacy_methods
         }
 
         #changes_tokens
         #lookups
         #migratable
         #debug
+    }
+}
+
+/// `SealedRecord::unsealed_values` and `set_unsealed`: the values of an
+/// unsealed row as the legacy records hold them (a shadow field's plain
+/// column encoded as the backfill reads it), and a legacy value's plaintext
+/// put in their place.
+fn legacy_values(m: &Model) -> TokenStream {
+    let krate = &m.krate;
+    let mut visits = Vec::new();
+    let mut sets = Vec::new();
+    for f in &m.fields {
+        let Role::Encrypt { shadow, .. } = &f.role else {
+            continue;
+        };
+        let name = &f.ident;
+        let column = &f.column;
+        let vty = f.value_ty();
+        let ops = quote_spanned! {vty.span()=> #krate::__private::ops::<#vty>() };
+        let (bytes, value) = if shadow.is_some() {
+            (
+                quote! { &(#ops.encode)(__v) },
+                quote! { (#ops.decode)(__plain)? },
+            )
+        } else {
+            (
+                quote! { __v.as_bytes() },
+                quote! { (#ops.unsealed)(__plain)? },
+            )
+        };
+        if f.option_of.is_some() {
+            visits.push(quote! {
+                if let ::core::option::Option::Some(__v) = &self.#name { f(#column, #bytes) }
+            });
+            sets.push(quote! {
+                #column => self.#name = ::core::option::Option::Some(#value),
+            });
+        } else {
+            visits.push(quote! {
+                { let __v = &self.#name; f(#column, #bytes) }
+            });
+            sets.push(quote! {
+                #column => self.#name = #value,
+            });
+        }
+    }
+    quote! {
+        fn unsealed_values(&self, f: &mut dyn FnMut(&'static str, &[u8])) {
+            #(#visits)*
+        }
+
+        fn set_unsealed(
+            &mut self,
+            column: &str,
+            __plain: ::std::vec::Vec<u8>,
+        ) -> ::core::result::Result<(), #krate::value::DecodeError> {
+            match column {
+                #(#sets)*
+                _ => {}
+            }
+            ::core::result::Result::Ok(())
+        }
     }
 }
 

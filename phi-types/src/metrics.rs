@@ -33,6 +33,7 @@
 //! | `phi_keys_retired_total` | counter | count | | data key versions retired |
 //! | `phi_keys_destroyed_total` | counter | count | | data key versions destroyed (crypto-shredding) |
 //! | `phi_values_resealed_total` | counter | count | `table` | values moved to an owner's current key version |
+//! | `phi_legacy_reads_total` | counter | count | `table` | legacy values (recorded in `phi_legacy_values`) opened by a load with the keyring's decoder ([`KeyringBuilder::legacy`](crate::KeyringBuilder::legacy)): zero once the backfill has sealed every row |
 //! | `phi_audit_pending` | gauge | count | | `unwrap` audit records queued and not yet written |
 //! | `phi_audit_written_total` | counter | count | | `unwrap` audit records written by the background writer |
 //! | `phi_audit_dropped_total` | counter | count | | `unwrap` audit records that could not be written (queue full, failed write); each is also logged |
@@ -136,6 +137,8 @@ pub const KEYS_RETIRED_TOTAL: &str = "phi_keys_retired_total";
 pub const KEYS_DESTROYED_TOTAL: &str = "phi_keys_destroyed_total";
 /// Values re-sealed under an owner's current key version, label `table`.
 pub const VALUES_RESEALED_TOTAL: &str = "phi_values_resealed_total";
+/// Legacy values a load opened with the keyring's decoder, label `table`.
+pub const LEGACY_READS_TOTAL: &str = "phi_legacy_reads_total";
 
 /// `unwrap` audit records queued and not yet written.
 pub const AUDIT_PENDING: &str = "phi_audit_pending";
@@ -279,6 +282,11 @@ pub fn describe() {
         VALUES_RESEALED_TOTAL,
         Unit::Count,
         "Values moved to their owner's current key version, by table."
+    );
+    describe_counter!(
+        LEGACY_READS_TOTAL,
+        Unit::Count,
+        "Legacy values opened by loads with the keyring's decoder, by table."
     );
     describe_gauge!(
         AUDIT_PENDING,

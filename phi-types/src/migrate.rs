@@ -258,7 +258,9 @@ impl MigrateOptions {
     /// counts them per format ([`MigrationReport::legacy`]). Any other
     /// value is the field's plain encoding; one that `decoder` recognises
     /// is reported ([`MigrationReport::legacy_as_text`]). Without a
-    /// decoder, flag-off values are the fields' plain encodings.
+    /// decoder here, the keyring's ([`KeyringBuilder::legacy`](crate::KeyringBuilder::legacy))
+    /// is used; without either, flag-off values are the fields' plain
+    /// encodings.
     #[must_use]
     pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
         self.legacy = Some(decoder);
@@ -268,6 +270,13 @@ impl MigrateOptions {
     /// The legacy decoder, if any.
     pub fn legacy_decoder(&self) -> Option<&dyn LegacyDecoder> {
         self.legacy.as_deref()
+    }
+
+    /// The decoder a job uses: this one, else the keyring's.
+    fn decoder<'a>(&'a self, keyring: &'a Keyring) -> Option<&'a dyn LegacyDecoder> {
+        self.legacy
+            .as_deref()
+            .or_else(|| keyring.legacy_decoder().map(|d| d.as_ref()))
     }
 
     /// The batch size.
@@ -1386,7 +1395,7 @@ fn migrate<C: DataConnection>(
     let mut owners_seen: BTreeSet<String> = BTreeSet::new();
     let mut idle = 0;
     let mut tally = Tally::default();
-    let legacy = options.legacy.as_deref();
+    let legacy = options.decoder(keyring);
     let strict = !sealing && keyring.is_strict(t.table);
     // Read once, outside any transaction: whether the records table exists
     // and holds records of this table (recorded before any phi writer ran,
@@ -1586,7 +1595,7 @@ fn dry_run<C: DataConnection>(
         for row in &rows {
             owners.insert(row.owner.clone());
             let problems = if sealing {
-                check_unsealed(t, row, options.legacy.as_deref(), &records, &mut tally)
+                check_unsealed(t, row, options.decoder(keyring), &records, &mut tally)
             } else {
                 check_sealed(t, row, &keys)
             };

@@ -16,17 +16,24 @@
 //! sealed. A row whose flag is on but whose bytes are not an envelope is an
 //! error ([`Error::Malformed`]), never read as plaintext. A model without a
 //! flag is always sealed, whatever the roll-out says.
+//!
+//! With a legacy decoder on the keyring
+//! ([`KeyringBuilder::legacy`](crate::KeyringBuilder::legacy)),
+//! [`PhiRecord::load`] and `load_async` also open a flag-off row's values
+//! that were recorded as legacy ciphertexts (see [`crate::legacy`]).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::access::AccessOp;
-use crate::error::{Error, Result};
+use crate::error::{Error, LegacyErrorKind, Result};
 pub use crate::keyring::PARALLEL_MIN_ROWS;
 use crate::keyring::{AccessBatch, Keyring, OwnerKeys};
+use crate::legacy::decoder::{LegacyDecoder, LegacyValue};
 use crate::sealer::{Sealer, with_sealer};
 pub use crate::store::Rollout;
+use crate::store::schema::phi_legacy_values;
 
 /// A model whose PHI fields are sealed in the database; implemented by
 /// `#[derive(PhiRecord)]`.
@@ -546,15 +553,26 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// unsealed row first, else the first row that fails); after a failure
     /// no further chunk is read.
     ///
+    /// With a legacy decoder on the keyring
+    /// ([`KeyringBuilder::legacy`](crate::KeyringBuilder::legacy)), for a
+    /// model with an encrypted flag on a table that is not strict, the
+    /// whole result is read first; then, per chunk of [`LOAD_CHUNK_ROWS`]
+    /// rows, the flag-off rows holding a value the decoder recognises have
+    /// their records read from `phi_legacy_values` in one query, and the
+    /// values recorded exactly so are opened (see [`crate::legacy`]).
+    ///
     /// # Errors
-    /// [`Error::Database`] when the query fails; then as
-    /// [`open_all`](Self::open_all).
+    /// [`Error::Database`] when the query (or that of the legacy records)
+    /// fails; [`Error::Legacy`] for a recorded legacy value that does not
+    /// open, [`Error::DataTable`] for one whose plaintext is not the
+    /// field's encoding, each naming the table, column, row and owner;
+    /// then as [`open_all`](Self::open_all).
     fn load<'q, Q, C>(query: Q, conn: &mut C, keyring: &Keyring) -> Result<Vec<Self>>
     where
         Self::Sealed: diesel::Selectable<C::Backend>,
         <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
-        C: diesel::Connection,
+        C: diesel::Connection + LegacyRecords,
         Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
@@ -565,7 +583,24 @@ pub trait PhiRecord: Sized + Send + Sync {
             diesel::connection::DefaultLoadingMode,
         >(query.select(Self::Sealed::as_select()), conn)
         .map_err(loading_error::<Self>)?;
-        load_rows::<Self>(rows, keyring)
+        let Some(decoder) = legacy_reads::<Self>(keyring) else {
+            return load_rows::<Self>(rows, keyring);
+        };
+        // The records are read on the same connection, once the rows are.
+        let mut rows = rows
+            .collect::<diesel::QueryResult<Vec<Self::Sealed>>>()
+            .map_err(loading_error::<Self>)?;
+        for chunk in rows.chunks_mut(LOAD_CHUNK_ROWS) {
+            let (candidates, keys) = legacy_candidates::<Self>(chunk, decoder);
+            if candidates.is_empty() {
+                continue;
+            }
+            let records = conn
+                .legacy_records(Self::TABLE, keys)
+                .map_err(legacy_records_error::<Self>)?;
+            open_legacy::<Self>(chunk, &candidates, records, decoder)?;
+        }
+        Self::open_all(rows, keyring)
     }
 
     /// [`seal`](Self::seal) for async code (feature `async`): the owner's
@@ -697,7 +732,9 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// selecting the sealed form on an `AsyncPgConnection`,
     /// `AsyncMysqlConnection` or `SyncConnectionWrapper<SqliteConnection>`
     /// (pooled or not), then opens the rows as
-    /// [`open_all_async`](Self::open_all_async) does.
+    /// [`open_all_async`](Self::open_all_async) does. Legacy values are
+    /// opened as [`load`](Self::load) opens them, the records of each
+    /// chunk read on `conn`.
     ///
     /// ```
     /// # #[cfg(feature = "sqlite")]
@@ -777,7 +814,7 @@ pub trait PhiRecord: Sized + Send + Sync {
         Self::Sealed: diesel::Selectable<C::Backend> + 'static,
         <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
-        C: diesel_async::AsyncConnectionCore,
+        C: diesel_async::AsyncConnectionCore + LegacyRecordsAsync,
         Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>
             + Send,
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
@@ -785,7 +822,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     {
         async move {
             use diesel::SelectableHelper as _;
-            let rows =
+            let mut rows =
                 diesel_async::RunQueryDsl::load(query.select(Self::Sealed::as_select()), conn)
                     .await
                     .map_err(|source| Error::Database {
@@ -793,9 +830,240 @@ pub trait PhiRecord: Sized + Send + Sync {
                         table: Self::TABLE,
                         source,
                     })?;
+            if let Some(decoder) = legacy_reads::<Self>(keyring) {
+                for chunk in rows.chunks_mut(LOAD_CHUNK_ROWS) {
+                    let (candidates, keys) = legacy_candidates::<Self>(chunk, decoder);
+                    if candidates.is_empty() {
+                        continue;
+                    }
+                    let records = conn
+                        .legacy_records_async(Self::TABLE, keys)
+                        .await
+                        .map_err(legacy_records_error::<Self>)?;
+                    open_legacy::<Self>(chunk, &candidates, records, decoder)?;
+                }
+            }
             Self::open_all_async(rows, keyring).await
         }
     }
+}
+
+/// A record of `phi_legacy_values` as a load reads it: the column, the
+/// row key, the owner and the stored bytes.
+pub type LegacyRecordRow = (String, String, String, Vec<u8>);
+
+/// The query with which a load reads the legacy records of a chunk's rows
+/// (`table_name = ? AND row_key IN (…)`): the query a [`LegacyRecords`]
+/// connection runs.
+pub type LegacyRecordsQuery = diesel::dsl::Select<
+    diesel::dsl::Filter<
+        diesel::dsl::Filter<
+            phi_legacy_values::table,
+            diesel::dsl::Eq<phi_legacy_values::table_name, &'static str>,
+        >,
+        diesel::dsl::EqAny<phi_legacy_values::row_key, Vec<String>>,
+    >,
+    (
+        phi_legacy_values::column_name,
+        phi_legacy_values::row_key,
+        phi_legacy_values::owner_id,
+        phi_legacy_values::stored,
+    ),
+>;
+
+/// The query reading the records of `table` for the row keys `keys`.
+fn legacy_records_query(table: &'static str, keys: Vec<String>) -> LegacyRecordsQuery {
+    use diesel::{ExpressionMethods as _, QueryDsl as _};
+    phi_legacy_values::table
+        .filter(phi_legacy_values::table_name.eq(table))
+        .filter(phi_legacy_values::row_key.eq_any(keys))
+        .select((
+            phi_legacy_values::column_name,
+            phi_legacy_values::row_key,
+            phi_legacy_values::owner_id,
+            phi_legacy_values::stored,
+        ))
+}
+
+/// A connection on which [`PhiRecord::load`] reads the records of
+/// `phi_legacy_values` (see [`crate::legacy`]): every Diesel connection
+/// (pooled or not) of a backend that runs [`LegacyRecordsQuery`], which
+/// SQLite, MySQL and PostgreSQL do. Queried only with a legacy decoder on
+/// the keyring, for rows holding a value it recognises.
+pub trait LegacyRecords: diesel::Connection {
+    /// The records of `table` for the row keys `keys`.
+    ///
+    /// # Errors
+    /// Diesel's, when the query fails (the table does not exist: phi's
+    /// migrations, or the generated adoption migration, create it).
+    fn legacy_records(
+        &mut self,
+        table: &'static str,
+        keys: Vec<String>,
+    ) -> diesel::QueryResult<Vec<LegacyRecordRow>>;
+}
+
+impl<C> LegacyRecords for C
+where
+    C: diesel::Connection,
+    LegacyRecordsQuery: diesel::query_dsl::LoadQuery<'static, C, LegacyRecordRow>,
+{
+    fn legacy_records(
+        &mut self,
+        table: &'static str,
+        keys: Vec<String>,
+    ) -> diesel::QueryResult<Vec<LegacyRecordRow>> {
+        diesel::RunQueryDsl::load(legacy_records_query(table, keys), self)
+    }
+}
+
+/// [`LegacyRecords`] on a diesel-async connection (feature `async`), for
+/// [`PhiRecord::load_async`].
+#[cfg(feature = "async")]
+pub trait LegacyRecordsAsync: diesel_async::AsyncConnectionCore {
+    /// The records of `table` for the row keys `keys`.
+    ///
+    /// # Errors
+    /// As [`LegacyRecords::legacy_records`].
+    fn legacy_records_async(
+        &mut self,
+        table: &'static str,
+        keys: Vec<String>,
+    ) -> impl std::future::Future<Output = diesel::QueryResult<Vec<LegacyRecordRow>>> + Send;
+}
+
+#[cfg(feature = "async")]
+impl<C> LegacyRecordsAsync for C
+where
+    C: diesel_async::AsyncConnectionCore,
+    LegacyRecordsQuery: diesel_async::methods::LoadQuery<'static, C, LegacyRecordRow>,
+{
+    // The trait's future is `Send` with the lifetimes written out.
+    #[allow(clippy::manual_async_fn)]
+    fn legacy_records_async(
+        &mut self,
+        table: &'static str,
+        keys: Vec<String>,
+    ) -> impl std::future::Future<Output = diesel::QueryResult<Vec<LegacyRecordRow>>> + Send {
+        async move { diesel_async::RunQueryDsl::load(legacy_records_query(table, keys), self).await }
+    }
+}
+
+/// The keyring's legacy decoder, when a load of `R` reads legacy values
+/// with it: `R` has an encrypted flag (only flag-off rows hold them) and
+/// its table is not strict (whose flag-off rows are refused).
+fn legacy_reads<R: PhiRecord>(keyring: &Keyring) -> Option<&dyn LegacyDecoder> {
+    if !R::HAS_ENCRYPTED_FLAG || keyring.is_strict(R::TABLE) {
+        return None;
+    }
+    keyring.legacy_decoder().map(|d| d.as_ref())
+}
+
+/// The rows of `chunk` (their indexes) that are unsealed and hold a value
+/// `decoder` recognises, and their keys, each once: the only rows whose
+/// records are read.
+fn legacy_candidates<R: PhiRecord>(
+    chunk: &[R::Sealed],
+    decoder: &dyn LegacyDecoder,
+) -> (Vec<usize>, Vec<String>) {
+    let mut candidates = Vec::new();
+    let mut keys = Vec::new();
+    for (i, row) in chunk.iter().enumerate() {
+        if row.is_encrypted() {
+            continue;
+        }
+        let mut recognised = false;
+        row.unsealed_values(&mut |_, stored| {
+            recognised = recognised || decoder.recognises(stored);
+        });
+        if let (true, Some(key)) = (recognised, row.row_text()) {
+            candidates.push(i);
+            keys.push(key);
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    (candidates, keys)
+}
+
+fn legacy_records_error<R: PhiRecord>(source: diesel::result::Error) -> Error {
+    Error::Database {
+        operation: "reading the legacy records (phi_legacy_values) of loaded rows",
+        table: R::TABLE,
+        source,
+    }
+}
+
+/// Opens the legacy values of the `candidates` of `chunk`: a value is
+/// opened only when a record of the same column, row key and owner holds
+/// exactly its bytes (compared here, byte for byte), and its plaintext put
+/// in its place; every other value stays as it is stored.
+fn open_legacy<R: PhiRecord>(
+    chunk: &mut [R::Sealed],
+    candidates: &[usize],
+    records: Vec<LegacyRecordRow>,
+    decoder: &dyn LegacyDecoder,
+) -> Result<()> {
+    let records: HashMap<(String, String), (String, Vec<u8>)> = records
+        .into_iter()
+        .map(|(column, row, owner, stored)| ((column, row), (owner, stored)))
+        .collect();
+    let mut opened_values = 0u64;
+    for &i in candidates {
+        let row = &mut chunk[i];
+        let (Some(key), owner) = (row.row_text(), row.owner_id().into_owned()) else {
+            continue;
+        };
+        let mut opened = Vec::new();
+        let mut failed = None;
+        row.unsealed_values(&mut |column, stored| {
+            if failed.is_some() {
+                return;
+            }
+            let recorded = records
+                .get(&(column.to_owned(), key.clone()))
+                .is_some_and(|(o, s)| o.as_bytes() == owner.as_bytes() && s.as_slice() == stored);
+            if !recorded {
+                return;
+            }
+            match decoder.open(&LegacyValue::new(R::TABLE, column, &owner, &key, stored)) {
+                Ok(Some(plain)) => opened.push((column, plain)),
+                Ok(None) => {}
+                // Recorded by the migration's broad pattern but not a
+                // token (a note `v1:Follow:Up`): text, as the backfill
+                // seals it.
+                Err(e) if matches!(e.kind, LegacyErrorKind::Malformed(_)) => {}
+                Err(source) => {
+                    failed = Some(Error::Legacy {
+                        table: R::TABLE.to_owned(),
+                        column: column.to_owned(),
+                        row: key.clone(),
+                        owner: owner.clone(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        });
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        for (column, plain) in opened {
+            row.set_unsealed(column, plain.plaintext.to_vec())
+                .map_err(|e| Error::DataTable {
+                    operation: "reading a legacy value",
+                    table: R::TABLE.to_owned(),
+                    column: column.to_owned(),
+                    owner: owner.clone(),
+                    source: format!(
+                        "row {key:?}: the legacy value opens, but its plaintext does not decode: {e}"
+                    )
+                    .into(),
+                })?;
+            opened_values += 1;
+        }
+    }
+    crate::metrics::add_for_table(crate::metrics::LEGACY_READS_TOTAL, R::TABLE, opened_values);
+    Ok(())
 }
 
 /// The owners among `owners` whose rows the roll-out seals, for a model
@@ -1305,6 +1573,32 @@ pub trait SealedRecord {
     /// a model without a `#[phi(row_key)]`.
     fn row_text(&self) -> Option<String> {
         None
+    }
+
+    /// Calls `f` with the column and bytes of each non-NULL value of the
+    /// encrypted fields of a row whose flag is off, as the legacy records
+    /// hold them (a shadow field's plain column in its plain encoding).
+    /// Generated for models with a row key and an encrypted flag; none
+    /// otherwise.
+    #[doc(hidden)]
+    fn unsealed_values(&self, f: &mut dyn FnMut(&'static str, &[u8])) {
+        let _ = f;
+    }
+
+    /// Puts `plain`, a legacy value's plaintext, in `column` of a row whose
+    /// flag is off, in place of the legacy value.
+    ///
+    /// # Errors
+    /// [`DecodeError`](crate::value::DecodeError) when `plain` is not an
+    /// encoding of the field's type.
+    #[doc(hidden)]
+    fn set_unsealed(
+        &mut self,
+        column: &str,
+        plain: Vec<u8>,
+    ) -> std::result::Result<(), crate::value::DecodeError> {
+        let _ = (column, plain);
+        Ok(())
     }
 }
 
@@ -1895,6 +2189,14 @@ pub(crate) mod __private {
         pub eq: fn(&T, &T) -> bool,
         /// Equality of nullable fields.
         pub eq_opt: fn(&Option<T>, &Option<T>) -> bool,
+        /// The plain encoding (a shadow field's value, as the legacy
+        /// records hold it).
+        pub encode: fn(&T) -> Vec<u8>,
+        /// A value from its plain encoding (a legacy value's plaintext).
+        pub decode: fn(Vec<u8>) -> std::result::Result<T, crate::value::DecodeError>,
+        /// A legacy value's plaintext, checked and stored as an unsealed
+        /// row holds it.
+        pub unsealed: fn(Vec<u8>) -> std::result::Result<Encrypted<T>, crate::value::DecodeError>,
     }
 
     /// The [`Ops`] of `T`.
@@ -1913,6 +2215,13 @@ pub(crate) mod __private {
             },
             eq: <T as PartialEq>::eq,
             eq_opt: <Option<T> as PartialEq>::eq,
+            encode: |value| {
+                let mut out = Vec::with_capacity(value.encoded_len());
+                value.encode(&mut out);
+                out
+            },
+            decode: T::decode,
+            unsealed: |plain| T::decode(plain).map(|value| Encrypted::unsealed(&value)),
         }
     }
 

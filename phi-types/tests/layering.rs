@@ -52,6 +52,7 @@ const MODULES: &[(&str, &str)] = &[
     ("cipher", "format"),
     ("dek", "format"),
     ("envelope", "format"),
+    ("legacy::decoder", "format"),
     ("nonce", "format"),
     ("sql", "format"),
     ("value", "format"),

@@ -768,3 +768,117 @@ mod access {
         });
     }
 }
+
+/// `load_async` with the Fernet decoder on the keyring: recorded values
+/// read as the plaintext Python encrypted before the backfill, and the
+/// same once it has sealed them; a token pasted after the recording
+/// reads as its text; a recorded token that does not open fails the load
+/// naming the table, column, row and owner.
+#[cfg(feature = "legacy-fernet")]
+#[allow(dead_code)] // `case`: these rows are written as the old application wrote them.
+mod legacy_reads {
+    use super::*;
+    async_schema!(phi_async_legacy_reads);
+
+    fn fixture(name: &str) -> (Vec<u8>, Option<String>) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/legacy.json");
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixtures")).expect("fixture JSON");
+        let item = all["fernet"].as_array().expect("a list").iter().find(|i| i["name"] == name).expect("a fixture").clone();
+        (item["stored"].as_str().expect("stored").as_bytes().to_vec(), item["plain"].as_str().map(str::to_owned))
+    }
+
+    fn decoder() -> Arc<dyn phi::legacy::LegacyDecoder> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/legacy.json");
+        let all: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixtures")).expect("fixture JSON");
+        let keys = &all["fernet_keys"];
+        Arc::new(
+            phi::legacy::FernetDecoder::new(keys["primary"].as_str().expect("key"))
+                .and_then(|d| d.fallback(keys["fallback"].as_str().expect("key")))
+                .expect("Fernet keys"),
+        )
+    }
+
+    /// Every row but L-4 through `load_async`, after checking that L-4's
+    /// recorded token, which does not open, fails the load.
+    async fn read(db: &TestDb, keyring: &Keyring, owner: &str, tampered: &[u8], dob: NaiveDate) -> Vec<(String, String)> {
+        let mut conn = db.conn().await;
+        let err = Case::load_async(t::table.order(t::case_id.asc()), &mut conn, keyring).await.expect_err("L-4");
+        assert!(matches!(&err, phi::Error::Legacy { table, column, row, owner: o, .. }
+            if table == TABLE && column == "patient_last" && row == "L-4" && o == owner), "{err:?}");
+        assert!(!err.to_string().contains(std::str::from_utf8(tampered).expect("text")), "{err}");
+        let loaded = Case::load_async(t::table.filter(t::case_id.ne("L-4")).order(t::case_id.asc()), &mut conn, keyring)
+            .await
+            .expect("load_async");
+        assert!(loaded.iter().all(|c| c.patient_dob == dob && c.scan.is_none()));
+        loaded.into_iter().map(|c| (c.case_id, c.patient_last)).collect()
+    }
+
+    #[test]
+    fn recorded_fernet_values_read_the_same_before_and_after_their_backfill() {
+        let db = TestDb::new();
+        setup(&db);
+        let (a, b) = (common::unique_owner("async-lg-a"), common::unique_owner("async-lg-b"));
+        let (doe_token, doe) = fixture("primary");
+        let (date_token, date) = fixture("primary_date");
+        let (garcia_token, garcia) = fixture("fallback");
+        let (tampered, _) = fixture("tampered");
+        let dob = NaiveDate::parse_from_str(&date.expect("plain"), "%Y-%m-%d").expect("date");
+        let insert = |conn: &mut SyncConn, id: &str, owner: &str, last: &[u8], dob: &[u8]| {
+            diesel::RunQueryDsl::execute(
+                diesel::insert_into(t::table).values((
+                    t::case_id.eq(id),
+                    t::user_id.eq(owner),
+                    t::patient_last.eq(last.to_vec()),
+                    t::patient_dob.eq(dob.to_vec()),
+                    t::status.eq("open"),
+                    t::phi_encrypted.eq(false),
+                )),
+                conn,
+            )
+            .expect("legacy row");
+        };
+        let mut sync = db.sync_conn();
+        // Records of an earlier run's table of that name.
+        use phi::schema::phi_legacy_values as lv;
+        diesel::RunQueryDsl::execute(diesel::delete(lv::table.filter(lv::table_name.eq(TABLE))), &mut sync).expect("old records");
+        insert(&mut sync, "L-1", &a, &doe_token, &date_token);
+        insert(&mut sync, "L-2", &b, &garcia_token, &date_token);
+        insert(&mut sync, "L-4", &a, &tampered, &date_token);
+        let decoder = decoder();
+        let recorded = phi::migrate::record_legacy::<Case, _>(&mut sync, &*decoder).expect("record");
+        assert_eq!(recorded.recorded, 6, "{recorded}");
+        // After the recording: B's row with a copy of A's token.
+        insert(&mut sync, "L-3", &b, &doe_token, b"1980-01-15");
+
+        let expected = vec![
+            ("L-1".to_owned(), doe.clone().expect("plain")),
+            ("L-2".to_owned(), garcia.expect("plain")),
+            ("L-3".to_owned(), String::from_utf8(doe_token.clone()).expect("text")),
+        ];
+        let (before, keyring) = runtime().block_on(async {
+            let url = db.url.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&url).expect("key store connects"))
+            })
+            .await
+            .expect("store task");
+            let keyring =
+                Keyring::builder(store, common::local_kek()).legacy(decoder.clone()).build_async().await.expect("keyring");
+            (read(&db, &keyring, &a, &tampered, dob).await, keyring)
+        });
+        assert_eq!(before, expected);
+
+        // The backfill (the keyring's decoder) stops at L-4 with L-1 to L-3
+        // sealed; the application replaces L-4's value; it completes.
+        let options = phi::migrate::MigrateOptions::default().batch(3);
+        let err = phi::migrate::backfill::<Case, _>(&mut sync, &keyring, &options, &mut |_| {}).expect_err("L-4");
+        assert!(matches!(&err, phi::Error::Legacy { row, .. } if row == "L-4"), "{err:?}");
+        let flags: Vec<bool> =
+            diesel::RunQueryDsl::load(t::table.order(t::case_id.asc()).select(t::phi_encrypted), &mut sync).expect("flags");
+        assert_eq!(flags, [true, true, true, false]);
+        let after = runtime().block_on(read(&db, &keyring, &a, &tampered, dob));
+        assert_eq!(after, expected, "the same plaintext, read sealed");
+    }
+}

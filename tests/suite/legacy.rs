@@ -91,6 +91,12 @@ mod wrapped_table {
     imported_table!(phi_it_lg_wrapped, Imported, RawImported);
 }
 
+#[allow(dead_code)]
+mod reads_table {
+    use super::*;
+    imported_table!(phi_it_lg_reads, Imported, RawImported);
+}
+
 fn create_imported(conn: &mut Conn, table: &str) {
     diesel::sql_query(format!("DROP TABLE IF EXISTS {table}")).execute(conn).expect("drop");
     // Records of an earlier run's table of that name.
@@ -687,4 +693,325 @@ fn url_safe_and_line_wrapped_fernet_tokens_are_imported() {
     for (case, name) in loaded.iter().zip(names) {
         assert_eq!(case.last, fixture(&all, "fernet", name).1.expect("plain"), "{name}");
     }
+}
+
+/// Counts `phi_legacy_reads_total` for one table (a recorder of the test's
+/// thread only: loads of fewer than 512 rows count on the calling thread).
+#[cfg(feature = "legacy-fernet")]
+struct LegacyReads {
+    table: &'static str,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[cfg(feature = "legacy-fernet")]
+impl LegacyReads {
+    /// The values `f` read as legacy.
+    fn during<T>(table: &'static str, f: impl FnOnce() -> T) -> (T, u64) {
+        let recorder = LegacyReads { table, count: Arc::default() };
+        let out = metrics::with_local_recorder(&recorder, f);
+        (out, recorder.count.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+#[cfg(feature = "legacy-fernet")]
+impl metrics::Recorder for LegacyReads {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() == "phi_legacy_reads_total" && key.labels().any(|l| l.key() == "table" && l.value() == self.table) {
+            metrics::Counter::from_arc(self.count.clone())
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// A connection that counts its statements reading `phi_legacy_values`.
+#[cfg(feature = "legacy-fernet")]
+fn counting_records_queries(db: &TestDb) -> (Conn, Arc<std::sync::atomic::AtomicUsize>) {
+    let mut conn = db.conn();
+    let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = queries.clone();
+    conn.set_instrumentation(move |event: diesel::connection::InstrumentationEvent<'_>| {
+        if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = event
+            && query.to_string().contains("phi_legacy_values")
+        {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (conn, queries)
+}
+
+/// During the roll-out, with the Fernet decoder on the keyring, `load`
+/// returns the plaintext Python encrypted for every recorded value: before
+/// the backfill, while it is part-way (sealed and legacy rows side by
+/// side), and after it, the same each time. A token pasted into another
+/// owner's row after the recording reads as the text it is; a recorded
+/// token that does not open fails the load with an error naming the
+/// table, column, row and owner. Reads of legacy values are counted, and
+/// the records are read with one query per load only when a row holds a
+/// value the decoder recognises.
+#[cfg(feature = "legacy-fernet")]
+#[test]
+fn fernet_values_read_the_same_before_during_and_after_the_backfill() {
+    use reads_table::{Imported, RawImported, phi_it_lg_reads as t};
+    const TABLE: &str = "phi_it_lg_reads";
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    create_imported(&mut conn, TABLE);
+    let all = fixtures();
+    let keys = &all["fernet_keys"];
+    let decoder: Arc<dyn LegacyDecoder> = Arc::new(
+        legacy::FernetDecoder::new(keys["primary"].as_str().expect("key"))
+            .and_then(|d| d.fallback(keys["fallback"].as_str().expect("key")))
+            .expect("Fernet keys"),
+    );
+    let (a, b) = (common::unique_owner("lgreadsA"), common::unique_owner("lgreadsB"));
+    let (doe_token, doe) = fixture(&all, "fernet", "primary");
+    let (date_token, date) = fixture(&all, "fernet", "primary_date");
+    let (garcia_token, garcia) = fixture(&all, "fernet", "fallback");
+    let (tampered, _) = fixture(&all, "fernet", "tampered");
+    let (doe, garcia) = (doe.expect("plain"), garcia.expect("plain"));
+    let dob = NaiveDate::parse_from_str(&date.expect("plain"), "%Y-%m-%d").expect("date");
+    let text = |v: &[u8]| String::from_utf8(v.to_vec()).expect("text");
+    let raw = |id: &str, owner: &str, last: &[u8], dob: Option<&[u8]>| RawImported {
+        id: id.into(),
+        owner_id: owner.into(),
+        last: last.to_vec(),
+        dob: dob.map(<[u8]>::to_vec),
+        sealed: false,
+    };
+
+    // Before phi: values the old application encrypted, one of them
+    // tampered with since; one plain value; then the recording.
+    diesel::insert_into(t::table)
+        .values(&vec![
+            raw("R-1", &a, &doe_token, Some(&date_token)),
+            raw("R-2", &b, &garcia_token, None),
+            raw("R-3", &a, b"Okafor", None),
+            raw("R-5", &a, &tampered, None),
+            raw("R-6", &b, &doe_token, None),
+        ])
+        .execute(&mut conn)
+        .expect("legacy rows");
+    let recorded = migrate::record_legacy::<Imported, _>(&mut conn, &*decoder).expect("record");
+    assert_eq!(recorded.recorded, 5, "{recorded}");
+    // After the recording, B's new row holds a copy of A's token.
+    diesel::insert_into(t::table).values(&raw("R-4", &b, &doe_token, None)).execute(&mut conn).expect("pasted token");
+
+    // Without a decoder on the keyring the token is read as its text, and
+    // no record is read.
+    let (mut counting, queries) = counting_records_queries(&db);
+    let plain = db.keyring();
+    let r2 = Imported::load(t::table.find("R-2"), &mut counting, &plain).expect("R-2").remove(0);
+    assert_eq!(r2.last, text(&garcia_token));
+    assert_eq!(queries.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    let keyring = Keyring::builder(db.store(), common::local_kek())
+        .actor("integration-test")
+        .legacy(decoder.clone())
+        .build()
+        .expect("keyring");
+    // Rows with no value the decoder recognises cost no query.
+    let r3 = Imported::load(t::table.find("R-3"), &mut counting, &keyring).expect("R-3").remove(0);
+    assert_eq!(r3.last, "Okafor");
+    assert_eq!(queries.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // The recorded token that does not open: the load fails, naming where.
+    let err = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect_err("tampered");
+    assert!(matches!(&err, Error::Legacy { table, column, row, owner, .. }
+        if table == TABLE && column == "last" && row == "R-5" && *owner == a), "{err:?}");
+    let msg = chain(&err);
+    assert!(msg.contains(TABLE) && msg.contains("R-5") && msg.contains(&a) && msg.contains("fernet"), "{msg}");
+    assert!(!msg.contains(&text(&tampered)) && !msg.contains(&doe), "{msg}");
+
+    let pasted = text(&doe_token);
+    let expected = |r5: Option<&str>| -> Vec<(String, String, Option<NaiveDate>)> {
+        let mut rows = vec![
+            ("R-1", doe.clone(), Some(dob)),
+            ("R-2", garcia.clone(), None),
+            ("R-3", "Okafor".to_owned(), None),
+            ("R-4", pasted.clone(), None),
+        ];
+        if let Some(r5) = r5 {
+            rows.push(("R-5", r5.to_owned(), None));
+        }
+        rows.push(("R-6", doe.clone(), None));
+        rows.into_iter().map(|(id, last, dob)| (id.to_owned(), last, dob)).collect()
+    };
+    let read = |conn: &mut Conn, with_r5: bool| -> Vec<(String, String, Option<NaiveDate>)> {
+        let query = t::table.filter(t::id.ne(if with_r5 { "" } else { "R-5" })).order(t::id);
+        Imported::load(query, conn, &keyring)
+            .expect("load")
+            .into_iter()
+            .map(|c| (c.id, c.last, c.dob))
+            .collect()
+    };
+
+    // Before the backfill: every recorded value opened (4), one query.
+    let (before, reads) = LegacyReads::during(TABLE, || read(&mut counting, false));
+    assert_eq!(before, expected(None));
+    assert_eq!(reads, 4);
+    assert_eq!(queries.load(std::sync::atomic::Ordering::SeqCst), 1, "one records query for the chunk");
+
+    // The backfill, two rows a batch, with the keyring's decoder: R-1 to
+    // R-4 are sealed, the batch of R-5 and R-6 is rolled back at R-5.
+    let options = MigrateOptions::default().batch(2);
+    let err = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect_err("R-5");
+    assert!(matches!(&err, Error::Legacy { row, .. } if row == "R-5"), "{err:?}");
+    let flags: Vec<bool> = t::table.order(t::id).select(t::sealed).load(&mut conn).expect("flags");
+    assert_eq!(flags, [true, true, true, true, false, false]);
+    assert_eq!(records_left(&mut conn, TABLE), 2, "R-5's and R-6's records remain");
+
+    // During: sealed rows read under phi's keys, R-6 still as legacy.
+    let (during, reads) = LegacyReads::during(TABLE, || read(&mut conn, false));
+    assert_eq!(during, expected(None));
+    assert_eq!(reads, 1);
+
+    // The application replaces R-5's value; the backfill completes.
+    diesel::update(t::table.find("R-5")).set(t::last.eq(b"Replaced".to_vec())).execute(&mut conn).expect("replace");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    assert_eq!((report.rows, report.remaining), (2, 0), "{report}");
+    assert_eq!(records_left(&mut conn, TABLE), 0);
+
+    // After: the same plaintext, none of it legacy, no records query.
+    queries.store(0, std::sync::atomic::Ordering::SeqCst);
+    let (after, reads) = LegacyReads::during(TABLE, || read(&mut counting, true));
+    assert_eq!(after, expected(Some("Replaced")));
+    assert_eq!(reads, 0);
+    assert_eq!(queries.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let stored: Vec<Vec<u8>> = t::table.select(t::last).load(&mut conn).expect("raw");
+    assert!(stored.iter().all(|v| v.starts_with(&[0xF1, 0x01])), "envelopes only");
+
+    // A recorded token whose plaintext is not the field's encoding (a
+    // name in the date column): an error naming where, not the value.
+    diesel::insert_into(t::table).values(&raw("R-7", &a, b"Okafor", Some(&doe_token))).execute(&mut conn).expect("R-7");
+    {
+        use phi::schema::phi_legacy_values as lv;
+        diesel::insert_into(lv::table)
+            .values((lv::table_name.eq(TABLE), lv::column_name.eq("dob"), lv::row_key.eq("R-7"), lv::owner_id.eq(&a), lv::stored.eq(&doe_token)))
+            .execute(&mut conn)
+            .expect("record");
+    }
+    let err = Imported::load(t::table.find("R-7"), &mut conn, &keyring).expect_err("not a date");
+    assert!(matches!(&err, Error::DataTable { table, column, owner, .. } if table == TABLE && column == "dob" && *owner == a), "{err:?}");
+    let msg = chain(&err);
+    assert!(msg.contains("R-7") && !msg.contains(&doe) && !msg.contains(&pasted), "{msg}");
+}
+
+diesel::table! {
+    phi_it_lg_shadow (id) {
+        id -> Varchar,
+        owner_id -> Varchar,
+        last_name -> Varchar,
+        nickname -> Nullable<Text>,
+        last_name_encrypted -> Nullable<Binary>,
+        nickname_encrypted -> Nullable<Binary>,
+        sealed -> Bool,
+    }
+}
+
+/// A table in its dual-write phase whose text columns hold versioned
+/// AES-GCM texts of an earlier scheme.
+#[derive(phi::PhiRecord, Clone, PartialEq)]
+#[phi(table = phi_it_lg_shadow, crate = phi, debug)]
+#[diesel(primary_key(id))]
+struct ShadowImported {
+    #[phi(row_key)]
+    id: String,
+    #[phi(owner)]
+    owner_id: String,
+    #[phi(encrypt, shadow)]
+    last_name: String,
+    #[phi(encrypt, shadow)]
+    nickname: Option<String>,
+    #[phi(encrypted_flag)]
+    sealed: bool,
+}
+
+/// The read path on shadow columns (the plain column's text compared with
+/// its record), with the versioned AES-GCM decoder: recorded texts read as
+/// their plaintext before and after the backfill; a copied text and a
+/// recorded note that is not well formed read as the text they are.
+#[test]
+fn versioned_gcm_texts_of_shadowed_columns_read_the_same_before_and_after_the_backfill() {
+    use phi_it_lg_shadow as t;
+    const TABLE: &str = "phi_it_lg_shadow";
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    diesel::sql_query(format!("DROP TABLE IF EXISTS {TABLE}")).execute(&mut conn).expect("drop");
+    {
+        use phi::schema::phi_legacy_values as lv;
+        diesel::delete(lv::table.filter(lv::table_name.eq(TABLE))).execute(&mut conn).expect("old records");
+    }
+    diesel::sql_query(format!(
+        "CREATE TABLE {TABLE} (id VARCHAR(64) NOT NULL PRIMARY KEY, owner_id VARCHAR(255) NOT NULL, \
+         last_name VARCHAR(255) NULL, nickname TEXT NULL, last_name_encrypted {BLOB} NULL, \
+         nickname_encrypted {BLOB} NULL, sealed BOOLEAN NOT NULL DEFAULT FALSE)"
+    ))
+    .execute(&mut conn)
+    .expect("create");
+    let all = fixtures();
+    let text = |v: Vec<u8>| String::from_utf8(v).expect("text");
+    let (nwosu_token, nwosu) = fixture(&all, "gcm", "v1");
+    let (zhang_token, zhang) = fixture(&all, "gcm", "v2");
+    let (nwosu_token, zhang_token) = (text(nwosu_token), text(zhang_token));
+    let (a, b) = (common::unique_owner("lgshadowA"), common::unique_owner("lgshadowB"));
+    let insert = |conn: &mut Conn, id: &str, owner: &str, last: &str, nick: Option<&str>| {
+        diesel::insert_into(t::table)
+            .values((t::id.eq(id), t::owner_id.eq(owner), t::last_name.eq(last), t::nickname.eq(nick), t::sealed.eq(false)))
+            .execute(conn)
+            .expect("legacy row");
+    };
+    insert(&mut conn, "X-1", &a, &nwosu_token, Some(&zhang_token));
+    insert(&mut conn, "X-3", &b, "v1:Follow:Up", None);
+    let decoder: Arc<dyn LegacyDecoder> = Arc::new(gcm_decoder(&all));
+    // The statements the generated shadow migration ends with.
+    let dialect = if server_url().is_none() {
+        Dialect::Sqlite
+    } else if BLOB == "BYTEA" {
+        Dialect::Postgres
+    } else {
+        Dialect::Mysql
+    };
+    for statement in legacy::record_sql::<ShadowImported>(dialect).expect("recording SQL") {
+        diesel::sql_query(statement).execute(&mut conn).expect("record");
+    }
+    assert_eq!(records_left(&mut conn, TABLE), 3, "X-1's two texts and X-3's note");
+    // After the recording: B's row with a copy of A's text.
+    insert(&mut conn, "X-2", &b, &nwosu_token, None);
+
+    let keyring = Keyring::builder(db.store(), common::local_kek())
+        .actor("integration-test")
+        .legacy(decoder)
+        .build()
+        .expect("keyring");
+    let expected = vec![
+        ("X-1".to_owned(), nwosu.expect("plain"), zhang.clone()),
+        ("X-2".to_owned(), nwosu_token.clone(), None),
+        ("X-3".to_owned(), "v1:Follow:Up".to_owned(), None),
+    ];
+    let read = |conn: &mut Conn| -> Vec<(String, String, Option<String>)> {
+        ShadowImported::load(t::table.order(t::id), conn, &keyring)
+            .expect("load")
+            .into_iter()
+            .map(|c| (c.id, c.last_name, c.nickname))
+            .collect()
+    };
+    assert_eq!(read(&mut conn), expected);
+
+    let report = migrate::backfill::<ShadowImported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+        .expect("backfill");
+    assert_eq!((report.rows, report.remaining), (3, 0), "{report}");
+    assert_eq!(records_left(&mut conn, TABLE), 0);
+    let sealed: Vec<bool> = t::table.order(t::id).select(t::sealed).load(&mut conn).expect("flags");
+    assert_eq!(sealed, [true, true, true]);
+    assert_eq!(read(&mut conn), expected, "the same, read from the shadow columns");
 }

@@ -76,6 +76,7 @@ use crate::dek::Dek;
 use crate::envelope::{self, Binding};
 use crate::error::{Error, Result};
 use crate::kek::KeyEncryptionKey;
+use crate::legacy::decoder::LegacyDecoder;
 use crate::sql::Encrypted;
 use crate::store::{KeyState, KeyStore, Rollout, StoredKey};
 use crate::telemetry::{OwnerIdTelemetry, TelemetryOwner};
@@ -366,6 +367,8 @@ struct Inner {
     audit: AuditWriter,
     misses: Misses,
     parallel_min_rows: usize,
+    /// [`KeyringBuilder::legacy`].
+    legacy: Option<Arc<dyn LegacyDecoder>>,
     rollout_policy: String,
     follower: Option<Arc<follow::Follower>>,
     name: String,
@@ -446,6 +449,7 @@ pub struct KeyringBuilder {
     unknown_version_ttl: Duration,
     audit_queue: usize,
     parallel_min_rows: usize,
+    legacy: Option<Arc<dyn LegacyDecoder>>,
     rollout_policy: String,
     feed: FeedChoice,
     feed_max_staleness: Duration,
@@ -540,6 +544,21 @@ impl KeyringBuilder {
     /// async server already using every core, or a restricted sandbox).
     pub fn parallel_min_rows(mut self, rows: usize) -> Self {
         self.parallel_min_rows = rows;
+        self
+    }
+
+    /// Reads values stored before phi in an encrypted format of their own
+    /// (Fernet tokens, versioned AES-GCM, the application's format) with
+    /// `decoder` during the roll-out: [`PhiRecord::load`](crate::PhiRecord::load)
+    /// and `load_async` open a flag-off row's value with it when
+    /// `phi_legacy_values` records exactly that value for that row, column
+    /// and owner, so the application reads plaintext before the backfill
+    /// has sealed the row; the backfill uses it too when its options name
+    /// no decoder. Every other value is read as it is stored. See
+    /// [`crate::legacy`] (the read path, what it costs, and the rule that
+    /// keeps it from decoding values an application wrote).
+    pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
+        self.legacy = Some(decoder);
         self
     }
 
@@ -871,6 +890,7 @@ impl KeyringBuilder {
                 audit,
                 misses: Misses::new(self.unknown_version_ttl, self.max_owners),
                 parallel_min_rows: self.parallel_min_rows,
+                legacy: self.legacy,
                 rollout_policy: self.rollout_policy,
                 follower: follower.as_ref().map(|(f, _)| f.clone()),
                 name: self.name,
@@ -918,6 +938,7 @@ impl Keyring {
             unknown_version_ttl: DEFAULT_UNKNOWN_VERSION_TTL,
             audit_queue: DEFAULT_AUDIT_QUEUE,
             parallel_min_rows: PARALLEL_MIN_ROWS,
+            legacy: None,
             rollout_policy: DEFAULT_ROLLOUT_POLICY.to_owned(),
             feed: FeedChoice::Default,
             feed_max_staleness: DEFAULT_FEED_MAX_STALENESS,
@@ -979,6 +1000,11 @@ impl Keyring {
     /// [`KeyringBuilder::parallel_min_rows`]).
     pub fn parallel_min_rows(&self) -> usize {
         self.inner.parallel_min_rows
+    }
+
+    /// The decoder of legacy values ([`KeyringBuilder::legacy`]), if any.
+    pub fn legacy_decoder(&self) -> Option<&Arc<dyn LegacyDecoder>> {
+        self.inner.legacy.as_ref()
     }
 
     /// The owner's keys for sealing: an active data key is created (and

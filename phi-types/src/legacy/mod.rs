@@ -8,7 +8,11 @@
 //! plaintext under phi (not the old ciphertext) and
 //! [`migrate::verify`](crate::migrate::verify_legacy) checks that every
 //! such value opens. Pass one with
-//! [`MigrateOptions::legacy`](crate::migrate::MigrateOptions::legacy):
+//! [`MigrateOptions::legacy`](crate::migrate::MigrateOptions::legacy), or
+//! register it on the keyring
+//! ([`KeyringBuilder::legacy`](crate::KeyringBuilder::legacy)), which
+//! also opens them when the application loads its rows before the
+//! backfill has sealed them ([below](#read-during-the-roll-out)):
 //!
 //! | decoder | stored value | keys |
 //! |---|---|---|
@@ -91,12 +95,65 @@
 //! migration's broad pattern) is plain text: sealed as it is and reported.
 //! A dry run and verify count both.
 //!
+//! # Read during the roll-out
+//!
+//! Until the backfill has sealed a row, the row holds its legacy value.
+//! A decoder registered on the keyring
+//! ([`KeyringBuilder::legacy`](crate::KeyringBuilder::legacy)) is also used
+//! on the read path, by the same rule: [`PhiRecord::load`](crate::PhiRecord::load)
+//! and `load_async` open a flag-off value only when a record of the same
+//! table, column, row key and owner holds exactly its bytes, so the
+//! application reads plaintext from the moment it deploys phi, and the
+//! same plaintext once the backfill has sealed the row. Every other value
+//! is returned as it is stored, as without a decoder: a value written
+//! since the recording (a pasted token included) is the text it is. What
+//! a load does and costs:
+//!
+//! - **No decoder registered** (or a model without an encrypted flag, or a
+//!   strict table): nothing new, no query, the rows are read and opened
+//!   as before (in chunks, side by side with the reading).
+//! - **A decoder registered**: the whole result is read, then each chunk
+//!   of [`LOAD_CHUNK_ROWS`](crate::record::LOAD_CHUNK_ROWS) rows is
+//!   scanned for flag-off rows holding a value the decoder
+//!   [recognises](LegacyDecoder::recognises) (a check of the value's
+//!   shape, no decryption). A chunk with none costs no query; one with
+//!   some reads their records with one query on the load's connection
+//!   (`table_name = ? AND row_key IN (…)`,
+//!   [`LegacyRecordsQuery`](crate::record::LegacyRecordsQuery)), compares
+//!   column, owner and bytes in Rust, and opens the matches. Each value
+//!   opened is counted in `phi_legacy_reads_total{table}`
+//!   ([`metrics`](crate::metrics)): once it stays at zero, no row the
+//!   application reads holds a legacy value any more.
+//! - **After the backfill**: the batch that seals a row deletes its
+//!   records in its transaction; the row is read as sealed, its value
+//!   opened under phi's keys, the same plaintext.
+//! - A recorded value the decoder recognises but cannot open fails the
+//!   load with [`Error::Legacy`](crate::Error::Legacy) naming the table,
+//!   column, row and owner (never the value); a plaintext that is not the
+//!   field's encoding, with [`Error::DataTable`](crate::Error::DataTable).
+//!   A recorded value that is not well formed in its format is returned
+//!   as its text, as the backfill seals it.
+//!
+//! The rows and their records are read by two statements. Inside a
+//! transaction that reads one snapshot (SQLite; MySQL's default
+//! `REPEATABLE READ`; PostgreSQL's `REPEATABLE READ`), the records are
+//! those of the rows read. Outside one, a row read just before the
+//! backfill batch sealing it commits has lost its records when they are
+//! read, and that one read returns the row's legacy text; the next read
+//! finds it sealed.
+//!
+//! Only `load` and `load_async` read the records, since they hold the
+//! connection: rows read some other way and opened with
+//! [`open_all`](crate::PhiRecord::open_all), and the lookup finders,
+//! return legacy values as stored.
+//!
 //! After the backfill, a table can be made strict
 //! ([`Keyring::set_strict`](crate::Keyring::set_strict)): phi then refuses
 //! to read or write a row of it whose flag is off, and [`sealed_check`]
 //! gives the SQL with which the database refuses, from any client, a
 //! sealed row whose values are not envelopes.
 
+pub(crate) mod decoder;
 #[cfg(feature = "legacy-fernet")]
 mod fernet;
 pub(crate) mod sql;
@@ -104,144 +161,13 @@ mod versioned;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 
-use zeroize::Zeroizing;
-
+pub use self::decoder::{LegacyDecoder, LegacyDecoders, LegacyPlaintext, LegacyValue};
 #[cfg(feature = "legacy-fernet")]
 pub use self::fernet::FernetDecoder;
 pub use self::sql::{Dialect, SealedCheck, record_sql, sealed_check};
 pub use self::versioned::VersionedGcmDecoder;
 pub use crate::error::{LegacyError, LegacyErrorKind};
-
-/// Opens values stored before phi in an encrypted format of their own.
-///
-/// Called by the migration jobs for each non-NULL value of a row whose
-/// encrypted flag is off. Implementations hold their keys zeroized on drop
-/// and never print them (`Debug` included).
-pub trait LegacyDecoder: Send + Sync + fmt::Debug {
-    /// Whether `stored` has this decoder's format, without opening it: the
-    /// values [`migrate::record_legacy`](crate::migrate::record_legacy)
-    /// records, and the unrecorded ones the backfill reports as
-    /// [`legacy_as_text`](crate::migrate::MigrationReport::legacy_as_text).
-    ///
-    /// The default opens the value (and drops the result): a value it
-    /// recognises, whether it opens or not, is in the format. Override it
-    /// with a check of the value's shape.
-    fn recognises(&self, stored: &[u8]) -> bool {
-        !matches!(
-            self.open(&LegacyValue::new("", "", "", "", stored)),
-            Ok(None)
-        )
-    }
-
-    /// The plaintext of `value` (the field's plain encoding: UTF-8 text,
-    /// an ISO-8601 date…), or `Ok(None)` when the stored bytes are not in
-    /// this decoder's format (they are then taken as the plain encoding).
-    ///
-    /// # Errors
-    /// [`LegacyError`] when the value is in this format but does not open.
-    fn open(&self, value: &LegacyValue<'_>) -> Result<Option<LegacyPlaintext>, LegacyError>;
-}
-
-/// A stored value given to a [`LegacyDecoder`], with where it is (for the
-/// decoder's keys, if they depend on the owner, and for errors).
-#[non_exhaustive]
-#[derive(Clone, Copy)]
-pub struct LegacyValue<'a> {
-    /// The table.
-    pub table: &'a str,
-    /// The column.
-    pub column: &'a str,
-    /// The row's owner.
-    pub owner: &'a str,
-    /// The row's key, as text.
-    pub row: &'a str,
-    /// The stored bytes.
-    pub stored: &'a [u8],
-}
-
-impl<'a> LegacyValue<'a> {
-    /// A value of `table.column` in row `row` of `owner`.
-    pub fn new(
-        table: &'a str,
-        column: &'a str,
-        owner: &'a str,
-        row: &'a str,
-        stored: &'a [u8],
-    ) -> Self {
-        LegacyValue {
-            table,
-            column,
-            owner,
-            row,
-            stored,
-        }
-    }
-}
-
-impl fmt::Debug for LegacyValue<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LegacyValue")
-            .field("table", &self.table)
-            .field("column", &self.column)
-            .field("owner", &self.owner)
-            .field("row", &self.row)
-            .field("stored_len", &self.stored.len())
-            .finish()
-    }
-}
-
-/// What a [`LegacyDecoder`] opened: the plaintext, zeroized on drop, and
-/// the name of its format for reports.
-pub struct LegacyPlaintext {
-    /// The format (`fernet`, `aes-gcm-versioned`).
-    pub format: &'static str,
-    /// The plaintext.
-    pub plaintext: Zeroizing<Vec<u8>>,
-}
-
-impl fmt::Debug for LegacyPlaintext {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LegacyPlaintext")
-            .field("format", &self.format)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Several decoders, tried in order: the first that recognises a value
-/// opens it (or reports why it does not open).
-#[derive(Clone, Debug, Default)]
-pub struct LegacyDecoders(Vec<Arc<dyn LegacyDecoder>>);
-
-impl LegacyDecoders {
-    /// No decoder yet.
-    pub fn new() -> Self {
-        LegacyDecoders::default()
-    }
-
-    /// Adds `decoder` after those already added.
-    #[must_use]
-    pub fn with(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
-        self.0.push(decoder);
-        self
-    }
-}
-
-impl LegacyDecoder for LegacyDecoders {
-    fn recognises(&self, stored: &[u8]) -> bool {
-        self.0.iter().any(|d| d.recognises(stored))
-    }
-
-    fn open(&self, value: &LegacyValue<'_>) -> Result<Option<LegacyPlaintext>, LegacyError> {
-        for decoder in &self.0 {
-            if let Some(plain) = decoder.open(value)? {
-                return Ok(Some(plain));
-            }
-        }
-        Ok(None)
-    }
-}
 
 /// How many values of one legacy format a job found, and how many of them
 /// did not open.
