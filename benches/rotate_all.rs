@@ -60,8 +60,8 @@ fn bench_kek() -> Arc<LocalKek> {
     Arc::new(LocalKek::new("bench-rotate", &KeyBytes::new([0x45; 32])))
 }
 
-fn owner(i: usize) -> String {
-    format!("rot-provider-{i:05}")
+fn owner(run: i64, i: usize) -> String {
+    format!("rot-{run}-{i:05}")
 }
 
 /// The 4 plaintext values of row `i`.
@@ -163,9 +163,12 @@ macro_rules! run_backend {
         let keyring = Keyring::builder(store.clone(), bench_kek())
             .actor("phi-bench-rotate")
             .build()?;
-        let owners: Vec<String> = (0..owners_n).map(owner).collect();
-        // Fresh keys: shred nothing, just start from version 1 for owners
-        // that have none (a rerun starts from where the last one left).
+        // Owners of this run only, each starting with its version 1 (as in
+        // an emergency: one live version per owner). Reusing the owners of
+        // an earlier run would give each more versions per rerun, every one
+        // of them unwrapped by the rotation.
+        let run = chrono::Utc::now().timestamp_millis();
+        let owners: Vec<String> = (0..owners_n).map(|i| owner(run, i)).collect();
         keyring.keys_for_seal_many(owners.iter().map(String::as_str))?;
 
         // Plain insert of the rows.

@@ -536,13 +536,11 @@ fn rotate_claimed<C: DataConnection>(
     let mut unfinished: Vec<String> = Vec::new();
     for t in tables {
         verify_sample(conn, t, &todo, &target, &keys, options.sample, report)?;
-        for c in &t.columns {
-            for chunk in todo.chunks(OWNERS_PER_QUERY) {
-                for (owner, v, n) in conn.key_versions_in_use_many(t, c, chunk)? {
-                    if n > 0
-                        && target.get(&owner).is_some_and(|t| v < *t)
-                        && !unfinished.contains(&owner)
-                    {
+        // One query per group of owners for every column at once.
+        for (version, owners) in &groups {
+            for chunk in owners.chunks(OWNERS_PER_QUERY) {
+                for owner in conn.owners_with_older_values(t, chunk, *version)? {
+                    if !unfinished.contains(&owner) {
                         unfinished.push(owner);
                     }
                 }

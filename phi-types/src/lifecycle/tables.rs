@@ -995,6 +995,16 @@ pub trait DataConnection: PhiConnection {
         limit: usize,
     ) -> Result<Vec<MigrationRow>>;
 
+    /// Those of `owners` with a value (on a row whose flag is on, with a
+    /// flag) under a version older than `current`, in one query.
+    #[doc(hidden)]
+    fn owners_with_older_values(
+        &mut self,
+        table: &ResealTable,
+        owners: &[String],
+        current: u32,
+    ) -> Result<Vec<String>>;
+
     /// The keys of the rows of `owners` (whose flag is on, with a flag)
     /// holding a value under a version older than `current`, in key order,
     /// read without locking. Needs a key column.
@@ -1306,6 +1316,12 @@ struct IntKeyedOpt {
     row_key: i64,
     #[diesel(sql_type = Nullable<Binary>)]
     value: Option<Vec<u8>>,
+}
+
+#[derive(QueryableByName)]
+struct OwnerName {
+    #[diesel(sql_type = Text)]
+    owner: String,
 }
 
 #[derive(QueryableByName)]
@@ -2667,6 +2683,36 @@ macro_rules! data_connection {
                         source: e.into(),
                     }),
                 }
+            }
+
+            fn owners_with_older_values(
+                &mut self,
+                table: &ResealTable,
+                owners: &[String],
+                current: u32,
+            ) -> Result<Vec<String>> {
+                table.validate()?;
+                if owners.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let values = owner_values(table, owners)?;
+                let d: Dialect = $dialect;
+                let current_bytes = current.to_be_bytes();
+                let mut query = Statement::default();
+                query
+                    .sql("SELECT DISTINCT ")
+                    .text(&table.owner_column, table.owner_type.is_integer())
+                    .sql(" AS owner FROM ")
+                    .ident(&table.table);
+                d.owners_where(&mut query, table, &values, Some(&current_bytes));
+                let rows: Vec<OwnerName> = query.load(self).map_err(|e| Error::DataTable {
+                    operation: "finding owners with values under older versions",
+                    table: table.table.clone(),
+                    column: table.owner_column.clone(),
+                    owner: owners[0].clone(),
+                    source: e.into(),
+                })?;
+                Ok(rows.into_iter().map(|r| r.owner).collect())
             }
 
             fn owner_row_keys(
