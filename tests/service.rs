@@ -1916,9 +1916,12 @@ fn openapi_document_matches_real_responses(db: &Db) {
             .0,
         StatusCode::BAD_REQUEST
     );
+    // Not `{"all": true}`: the database is shared with the other tests,
+    // whose services follow the feed, and a fleet-wide clear would drop
+    // the keys they rely on being cached (the KMS outage test's). The
+    // answer's shape is the same for one owner.
     for (body, expected) in [
         (json!({ "owner": fresh }), StatusCode::OK),
-        (json!({ "all": true }), StatusCode::OK),
         (json!({}), StatusCode::BAD_REQUEST),
     ] {
         assert_eq!(

@@ -37,7 +37,16 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .with_state(app.clone())
         .merge(phi::admin::probes(app.keyring.clone()))
+        // A fallback of its own, under the request log: routers merged
+        // later (the OpenAPI document) keep it, so an unmatched path is
+        // still counted and answered 404.
+        .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(app, log_request))
+}
+
+/// 404 with no body, for a path no route matches.
+async fn not_found() -> StatusCode {
+    StatusCode::NOT_FOUND
 }
 
 fn case_routes<S: CaseStore>() -> Router<Arc<App>> {
