@@ -510,9 +510,14 @@ impl std::fmt::Display for LookupRotation {
 /// [`ReindexReport::shredded`]; set them to NULL), and values that a
 /// process whose key cache had not yet followed the feed wrote under an
 /// older version after the re-index passed their row (a later
-/// [`reindex_table`] rewrites them). A version is never retired while a
-/// value of the tables named is under it, so destroying a retired lookup
-/// version loses no lookup of those tables.
+/// [`reindex_table`] rewrites them).
+///
+/// The count is not a lock: a process that has not yet followed the feed
+/// can still write a value under an older version after it, and a retired
+/// version still finds such a value. Before destroying a retired lookup
+/// version, wait until every process has followed the feed (its
+/// `feed_max_staleness`), then run [`reindex_table`] over every table
+/// until a run reports nothing [`rewritten`](ReindexReport::rewritten).
 ///
 /// `tables` must name every lookup-indexed table of the database: values
 /// of a table left out are neither rewritten nor counted. A run that fails part way

@@ -1047,8 +1047,9 @@ fn open_legacy<R: PhiRecord>(
         if let Some(error) = failed {
             return Err(error);
         }
-        for (column, plain) in opened {
-            row.set_unsealed(column, plain.plaintext.to_vec())
+        for (column, mut plain) in opened {
+            // Moved out, not copied: no unwiped copy of the plaintext.
+            row.set_unsealed(column, std::mem::take(&mut *plain.plaintext))
                 .map_err(|e| Error::DataTable {
                     operation: "reading a legacy value",
                     table: R::TABLE.to_owned(),

@@ -687,6 +687,40 @@ fn an_emergency_rotation_rotates_the_lookup_key_and_rewrites_every_lookup_value(
 }
 
 #[test]
+fn a_truncated_envelope_stops_the_rotation_naming_it_and_nothing_is_retired() {
+    let db = life_db();
+    let keyring = db.keyring();
+    let owner = common::unique_owner("rot-short");
+    let ids = seed(&db, &keyring, &owner, 3);
+    // The envelope's magic and format, then two bytes: not a key version.
+    diesel::update(phi_it_life::table.filter(phi_it_life::id.eq(&ids[1])))
+        .set(phi_it_life::name.eq(Some(vec![0xF1, 0x01, 0x00, 0x00])))
+        .execute(&mut db.conn())
+        .expect("truncated");
+    let error = lifecycle::rotate_all(
+        &mut db.conn(),
+        &keyring,
+        &RotateOwners::List(vec![owner.clone()]),
+        &life_tables(),
+        &options(&job_id("job-short")),
+        &mut |_| {},
+    )
+    .expect_err("a value that names no key version");
+    let source = std::error::Error::source(&error).map(ToString::to_string).unwrap_or_default();
+    let text = format!("{error}: {source}");
+    assert!(
+        text.contains("phi_it_life.name") && text.contains(&owner) && source.contains("too short"),
+        "{text}"
+    );
+    assert!(!text.contains("kept changing"), "{text}");
+    assert!(
+        key_states(&db, &owner).iter().any(|(v, s, _, _)| *v == 1 && s == "active"),
+        "version 1 is not retired: {:?}",
+        key_states(&db, &owner)
+    );
+}
+
+#[test]
 fn a_lookup_version_still_holding_values_stays_active_until_they_are_gone() {
     use phi::lookup::{LOOKUP_OWNER, LookupTable, ReindexOptions};
     let _serial = people_serial();

@@ -581,6 +581,11 @@ fn rotate_claimed<C: DataConnection>(
 /// Owners per `IN (…)` list of the verification queries.
 const OWNERS_PER_QUERY: usize = 1_000;
 
+/// Row keys one re-seal batch binds at most (with up to
+/// [`OWNERS_PER_QUERY`] owners and two per column, under SQLite's 32,766
+/// bound parameters), whatever the batch size asked.
+const MAX_KEYS_PER_BATCH: usize = 20_000;
+
 /// Consecutive batches with no row written before a re-seal gives up.
 const MAX_IDLE_BATCHES: u32 = 20;
 
@@ -660,7 +665,7 @@ fn reseal_table<C: DataConnection>(
                         break;
                     }
                 }
-                let end = (next + batch).min(listed.len());
+                let end = (next + batch.min(MAX_KEYS_PER_BATCH)).min(listed.len());
                 let batch_keys = &listed[next..end];
                 next = end;
                 let mut turned = 0u64;
@@ -670,6 +675,22 @@ fn reseal_table<C: DataConnection>(
                     };
                     match envelope_version(bytes) {
                         Some(v) if v < *version => {}
+                        None if bytes.starts_with(&PREFIX) => {
+                            // Selected as under an older version, but too
+                            // short to name one: never written, so say so
+                            // rather than retry it until "kept changing".
+                            return Err(Error::DataTable {
+                                operation: "re-sealing rows of owners",
+                                table: t.table.clone(),
+                                column: t.columns[i].column.clone(),
+                                owner: row.owner.clone(),
+                                source: format!(
+                                    "row {:?}: the value starts as an envelope but is too short to hold its key version",
+                                    row.key_text()
+                                )
+                                .into(),
+                            });
+                        }
                         _ => return Ok(None),
                     }
                     let owner_keys = keys.get(&row.owner).ok_or_else(|| Error::NoKey {
