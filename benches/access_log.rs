@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! PHI_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/bench \
-//!   cargo bench --features postgres --bench access_log
+//!   cargo bench -p phi-benches --features postgres --bench access_log
 //! ```
 //!
 //! `PHI_BENCH_RECORDS` records (default 200,000), each one read of one row

@@ -4,8 +4,8 @@
 //! requests it received beside phi's.
 //!
 //! ```sh
-//! cargo bench --bench cold_start --features aws-kms
-//! PHI_COLD_OWNERS=2000 PHI_COLD_CONCURRENCY=1,16,64 cargo bench --bench cold_start --features aws-kms
+//! cargo bench -p phi-benches --bench cold_start --features aws-kms
+//! PHI_COLD_OWNERS=2000 PHI_COLD_CONCURRENCY=1,16,64 cargo bench -p phi-benches --bench cold_start --features aws-kms
 //! ```
 //!
 //! It starts a `python3 -m moto.server` of its own on a free port, with

@@ -2,9 +2,9 @@
 //! design of `peers/py_peer.py`): inserting and loading 100,000 cases.
 //!
 //! ```sh
-//! cargo bench --bench compare                  # SQLite only
-//! cargo bench --bench compare --all-features   # SQLite, MariaDB, PostgreSQL
-//! cargo bench --bench compare -- --quick       # 10,000 cases, one Python run
+//! cargo bench -p phi-benches --bench compare                  # SQLite only
+//! cargo bench -p phi-benches --bench compare --all-features   # SQLite, MariaDB, PostgreSQL
+//! cargo bench -p phi-benches --bench compare -- --quick       # 10,000 cases, one Python run
 //! ```
 //!
 //! Not a criterion benchmark: each measure times a whole run and the median
@@ -163,7 +163,7 @@ const BATCH_ROWS: usize = 1_000;
 const PHI_FIELDS: usize = 4;
 const RUNS: usize = 3;
 /// The Python peer, beside the workspace (override with `PHI_COMPARE_PY_PEER`).
-const DEFAULT_PY_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/peers/py_peer.py");
+const DEFAULT_PY_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/peers/py_peer.py");
 
 impl From<&Case> for PlainCase {
     fn from(c: &Case) -> PlainCase {

@@ -1,6 +1,6 @@
 //! Criterion benchmarks of envelope v1 and the keyring.
 //!
-//! `cargo bench --bench envelope`; results and how to read them are in
+//! `cargo bench -p phi-benches --bench envelope`; results and how to read them are in
 //! `benches/README.md`. Groups:
 //!
 //! - `aes_gcm_raw`: the baseline, aes-gcm 0.11 encrypt / decrypt, detached,

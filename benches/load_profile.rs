@@ -3,7 +3,7 @@
 //! do not depend on what else the machine runs.
 //!
 //! ```sh
-//! cargo bench --bench load_profile --no-run      # release build; prints the binary's path
+//! cargo bench -p phi-benches --bench load_profile --no-run      # release build; prints the binary's path
 //! BIN=target/release/deps/load_profile-…         # that path
 //! valgrind --tool=callgrind --toggle-collect='load_profile::measured' $BIN plain
 //! valgrind --tool=callgrind --toggle-collect='load_profile::measured' $BIN phi

@@ -5,7 +5,7 @@
 //! 1,000,000 owners are cached; then the same owners through a keyring
 //! whose size bound is a tenth of that, to show the bound holding.
 //!
-//! `cargo bench --bench memory` (about a minute; `PHI_MEMORY_OWNERS=N`
+//! `cargo bench -p phi-benches --bench memory` (about a minute; `PHI_MEMORY_OWNERS=N`
 //! for another count). Linux only (reads `/proc/self/status`). Results in
 //! `benches/README.md`. Not a test: nothing is asserted but that the
 //! counts add up.

@@ -3,9 +3,9 @@
 //! and `decrypt_back`, on every backend enabled by cargo features.
 //!
 //! ```sh
-//! cargo bench --bench migrate                  # SQLite only
-//! cargo bench --bench migrate --all-features   # SQLite, MariaDB, PostgreSQL
-//! PHI_MIGRATE_ROWS=20000 PHI_MIGRATE_RUNS=1 cargo bench --bench migrate --all-features
+//! cargo bench -p phi-benches --bench migrate                  # SQLite only
+//! cargo bench -p phi-benches --bench migrate --all-features   # SQLite, MariaDB, PostgreSQL
+//! PHI_MIGRATE_ROWS=20000 PHI_MIGRATE_RUNS=1 cargo bench -p phi-benches --bench migrate --all-features
 //! ```
 //!
 //! Not a criterion benchmark: each measure times a whole run; the median of

@@ -4,11 +4,11 @@
 //! workers against one, on every backend enabled by cargo features.
 //!
 //! ```sh
-//! cargo bench --bench rotate_all --features postgres      # PostgreSQL (and SQLite)
-//! cargo bench --bench rotate_all --all-features           # SQLite, MariaDB, PostgreSQL
-//! PHI_ROTATE_ROWS=20000 PHI_ROTATE_OWNERS=200 cargo bench --bench rotate_all --all-features
-//! PHI_ROTATE_BATCH=2000 PHI_ROTATE_CLAIM=50 cargo bench --bench rotate_all --all-features
-//! PHI_ROTATE_BACKENDS=postgresql,sqlite cargo bench --bench rotate_all --all-features
+//! cargo bench -p phi-benches --bench rotate_all --features postgres      # PostgreSQL (and SQLite)
+//! cargo bench -p phi-benches --bench rotate_all --all-features           # SQLite, MariaDB, PostgreSQL
+//! PHI_ROTATE_ROWS=20000 PHI_ROTATE_OWNERS=200 cargo bench -p phi-benches --bench rotate_all --all-features
+//! PHI_ROTATE_BATCH=2000 PHI_ROTATE_CLAIM=50 cargo bench -p phi-benches --bench rotate_all --all-features
+//! PHI_ROTATE_BACKENDS=postgresql,sqlite cargo bench -p phi-benches --bench rotate_all --all-features
 //! ```
 //!
 //! Not a criterion benchmark: each measure times a whole run, once. Per

@@ -156,7 +156,7 @@ fn overview(clinic: &mut Clinic) -> Result<ExitCode> {
         }
     }
     outln!();
-    outln!("Keyring: {:?}", clinic.keyring.stats());
+    outln!("Keyring: {}", clinic.keyring.stats());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -261,7 +261,7 @@ fn demo(clinic: &mut Clinic, owners: u64, per_owner: u64) -> Result<ExitCode> {
         case_id(CASE_PREFIX, last),
         started.elapsed().as_secs_f64()
     );
-    outln!("Keyring: {:?}", clinic.keyring.stats());
+    outln!("Keyring: {}", clinic.keyring.stats());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -98,6 +98,7 @@ mod dek;
 pub mod envelope;
 mod error;
 pub mod feed;
+pub mod guide;
 mod kek;
 mod keyring;
 pub mod legacy;

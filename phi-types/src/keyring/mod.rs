@@ -308,6 +308,53 @@ pub struct KeyringStats {
     pub cached_owners: usize,
 }
 
+/// One line for people: the cache, the key store and the audit writer.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore};
+/// # let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+/// # let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+/// keyring.seal(&"Doe".to_string(), "provider-17", "cases.patient_last", b"C-1")?;
+/// assert_eq!(
+///     keyring.stats().to_string(),
+///     "1 owner cached; 0 cache hits, 1 miss; 0 data keys unwrapped, 1 created; \
+///      3 key-store queries; audit: 0 written, 0 pending, 0 dropped"
+/// );
+/// # Ok::<(), phi_types::Error>(())
+/// ```
+impl fmt::Display for KeyringStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn n(count: u64, one: &str, many: &str) -> String {
+            format!("{count} {}", if count == 1 { one } else { many })
+        }
+        write!(
+            f,
+            "{} cached; {}, {}; {} unwrapped, {} created; {}; audit: {} written, {} pending, {} dropped",
+            n(self.cached_owners as u64, "owner", "owners"),
+            n(self.hits, "cache hit", "cache hits"),
+            n(self.misses, "miss", "misses"),
+            n(self.unwraps, "data key", "data keys"),
+            self.creations,
+            n(self.store_queries, "key-store query", "key-store queries"),
+            self.audit_written,
+            self.audit_pending,
+            self.audit_dropped,
+        )?;
+        if self.evictions > 0 || self.expirations > 0 {
+            write!(f, "; {} evicted, {} expired", self.evictions, self.expirations)?;
+        }
+        if self.version_reloads > 0 || self.unknown_versions_remembered > 0 {
+            write!(
+                f,
+                "; {} reloaded for a version not cached, {} refused as unknown",
+                self.version_reloads, self.unknown_versions_remembered
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     unwraps: AtomicU64,
