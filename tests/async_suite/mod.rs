@@ -137,7 +137,7 @@ macro_rules! async_schema {
 
         const TABLE: &str = stringify!($table);
         // The blocking lookup is covered by tests/backends.rs.
-        const _: fn(&Keyring, &str, &String) -> phi::Result<Vec<Vec<u8>>> = Case::patient_last_blind_index;
+        const _: fn(&Keyring, &str, &str) -> phi::Result<Vec<Vec<u8>>> = Case::patient_last_blind_index;
 
         /// The table, empty.
         fn setup(db: &TestDb) {
@@ -277,6 +277,51 @@ mod round_trip {
             let mut again = edited.clone();
             again.status = "closed".into();
             assert_eq!(again.update_async(&edited, &keyring, &mut *conn).await.expect("update"), Updated::NotFound);
+            keyring.flush_audit_async().await.expect("audit written");
+        });
+    }
+}
+
+mod single_rows {
+    use super::*;
+    async_schema!(phi_async_single_rows);
+
+    #[test]
+    fn single_row_loads_and_the_duplicate_filter_are_async() {
+        let db = TestDb::new();
+        setup(&db);
+        runtime().block_on(async {
+            let keyring = db.keyring().await;
+            let mut conn = db.conn().await;
+            let alice = common::unique_owner("async-one-a");
+            let bob = common::unique_owner("async-one-b");
+            for c in [
+                case(&alice, &format!("{alice}-1"), " DOE"),
+                case(&alice, &format!("{alice}-2"), "Roe"),
+                case(&bob, &format!("{bob}-1"), "Doe"),
+            ] {
+                assert_eq!(c.insert_async(&keyring, &mut conn).await.expect("insert_async"), 1);
+            }
+
+            let doe = Case::patient_last_is_async(&keyring, alice.as_str(), "doe").await.expect("filter");
+            let found = Case::load_first_async(t::table.filter(doe), &mut conn, &keyring).await.expect("first");
+            assert_eq!(found.case_id, format!("{alice}-1"), "alice's Doe, not bob's");
+            assert_eq!(found.patient_last, " DOE");
+
+            let last = Case::load_optional_async(
+                t::table.filter(t::user_id.eq(&alice)).order(t::case_id.desc()),
+                &mut conn,
+                &keyring,
+            )
+            .await
+            .expect("optional");
+            assert_eq!(last.map(|c| c.case_id), Some(format!("{alice}-2")));
+
+            let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
+            assert!(Case::load_optional_async(t::table.filter(poe), &mut conn, &keyring).await.expect("optional").is_none());
+            let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
+            let err = Case::load_first_async(t::table.filter(poe), &mut conn, &keyring).await.expect_err("no row");
+            assert!(matches!(err, phi::Error::NotFound { table: TABLE }), "{err:?}");
             keyring.flush_audit_async().await.expect("audit written");
         });
     }

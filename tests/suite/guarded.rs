@@ -58,7 +58,7 @@ macro_rules! guarded_schema {
 
         const TABLE: &str = stringify!($table);
         // Not every test looks a name up.
-        const _: fn(&Keyring, &str, &String) -> phi::Result<Vec<Vec<u8>>> = Row::patient_last_blind_index;
+        const _: fn(&Keyring, &str, &str) -> phi::Result<Vec<Vec<u8>>> = Row::patient_last_blind_index;
 
         /// The table, empty; the application's connection.
         fn setup(db: &TestDb) -> Conn {
