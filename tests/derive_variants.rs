@@ -185,17 +185,45 @@ fn the_table_is_read_from_diesels_table_name() {
     let (mut conn, keyring) = setup();
     assert_eq!(<DieselNamed as PhiRecord>::TABLE, "notes");
     assert_eq!(<BothNamed as PhiRecord>::TABLE, "notes");
-    let one = DieselNamed { id: 1, tenant_id: 42, body: "follow-up".into(), pages: None };
+    let one = DieselNamed {
+        id: 1,
+        tenant_id: 42,
+        body: "follow-up".into(),
+        pages: None,
+    };
     assert_eq!(one.insert(&keyring, &mut conn).expect("insert"), 1);
-    let two = BothNamed { id: 2, tenant_id: 42, body: "latex".into(), pages: Some(1) };
-    assert_eq!(BothNamed::insert_all(std::slice::from_ref(&two), &keyring, &mut conn).expect("insert_all"), 1);
+    let two = BothNamed {
+        id: 2,
+        tenant_id: 42,
+        body: "latex".into(),
+        pages: Some(1),
+    };
+    assert_eq!(
+        BothNamed::insert_all(std::slice::from_ref(&two), &keyring, &mut conn).expect("insert_all"),
+        1
+    );
     // The same rows, read through every model of the table.
     let loaded = Note::load(notes::table.order(notes::id), &mut conn, &keyring).expect("load");
-    assert_eq!(loaded, vec![note_with(1, 42, "follow-up", None), note_with(2, 42, "latex", Some(1))]);
-    assert!(DieselNamed::load_first(notes::table.find(1), &mut conn, &keyring).expect("first") == one);
-    assert!(BothNamed::load_first(notes::table.find(2), &mut conn, &keyring).expect("first") == two);
+    assert_eq!(
+        loaded,
+        vec![
+            note_with(1, 42, "follow-up", None),
+            note_with(2, 42, "latex", Some(1))
+        ]
+    );
+    assert!(
+        DieselNamed::load_first(notes::table.find(1), &mut conn, &keyring).expect("first") == one
+    );
+    assert!(
+        BothNamed::load_first(notes::table.find(2), &mut conn, &keyring).expect("first") == two
+    );
 }
 
 fn note_with(id: i64, tenant: i64, text: &str, pages: Option<i32>) -> Note {
-    Note { id, tenant_id: tenant, text: text.into(), pages }
+    Note {
+        id,
+        tenant_id: tenant,
+        text: text.into(),
+        pages,
+    }
 }

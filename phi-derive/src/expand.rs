@@ -1161,10 +1161,8 @@ fn inserts(m: &Model) -> TokenStream {
     let table_name = &m.table_name;
     let sealed = &m.sealed;
     // Bound values per row of the sealed struct.
-    let columns = m.fields.len()
-        + shadows(m).count()
-        + blind_indexes(m).count()
-        + lookup_indexes(m).count();
+    let columns =
+        m.fields.len() + shadows(m).count() + blind_indexes(m).count() + lookup_indexes(m).count();
     let insert_doc = format!(
         "Seals `self` (resolving, or creating, its owner's data key) and inserts it into `{table_name}`: `PhiRecord::seal`, then `diesel::insert_into({table_name}::table).values(…)`."
     );
