@@ -2,10 +2,6 @@ use phi_types::PhiRecord;
 
 include!("schema/cases.rs");
 
-mod archive {
-    include!("schema/cases.rs");
-}
-
 #[derive(PhiRecord)]
 #[phi(table = cases)]
 #[diesel(table_name = archive::cases)]
