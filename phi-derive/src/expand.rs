@@ -1358,6 +1358,7 @@ fn lookups(m: &Model) -> TokenStream {
                 /// # Errors
                 /// Key resolution errors.
                 #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+                #[allow(clippy::type_complexity)] // Diesel's expression type, spelled out.
                 #vis async fn #is_async(
                     keyring: &#krate::Keyring,
                     owner: impl ::core::convert::Into<#owner_ty>,
@@ -1390,6 +1391,7 @@ fn lookups(m: &Model) -> TokenStream {
             /// # Errors
             /// Key resolution errors.
             #[allow(dead_code)] // One per blind index, used or not (async code uses the async form).
+            #[allow(clippy::type_complexity)] // Diesel's expression type, spelled out.
             #vis fn #is_method(
                 keyring: &#krate::Keyring,
                 owner: impl ::core::convert::Into<#owner_ty>,

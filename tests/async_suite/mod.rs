@@ -231,7 +231,7 @@ mod round_trip {
             assert!(bobs == batch, "300 cases read back in order");
 
             // The duplicate check through the blind index.
-            let index = Case::patient_last_blind_index_async(&keyring, &alice, &" DOE".to_string())
+            let index = Case::patient_last_blind_index_async(&keyring, &alice, " DOE")
                 .await
                 .expect("blind index");
             let found = Case::load_async(
@@ -606,12 +606,12 @@ mod lookup_finder {
 
             // A cold keyring, as at a login: no owner is known.
             let cold = db.keyring().await;
-            let found = User::find_by_email_async(&" ann@EXAMPLE.org".to_string(), &cold, &mut conn).await.expect("find");
+            let found = User::find_by_email_async(" ann@EXAMPLE.org", &cold, &mut conn).await.expect("find");
             assert_eq!(found.len(), 1);
             assert_eq!((found[0].tenant_id.as_str(), found[0].email.as_str()), (kept.as_str(), "Ann@Example.org"));
-            assert!(User::find_by_email_async(&"nobody@example.org".to_string(), &cold, &mut conn).await.expect("find").is_empty());
+            assert!(User::find_by_email_async("nobody@example.org", &cold, &mut conn).await.expect("find").is_empty());
             // The shredded owner's row matches and is left out.
-            assert!(User::find_by_email_async(&"gus@example.org".to_string(), &cold, &mut conn).await.expect("find").is_empty());
+            assert!(User::find_by_email_async("gus@example.org", &cold, &mut conn).await.expect("find").is_empty());
 
             // Row t holds row a's sealed address (same owner, another row).
             let sealed: Vec<u8> = phi_async_lookup::table
@@ -625,7 +625,7 @@ mod lookup_finder {
                 .execute(&mut conn)
                 .await
                 .expect("tamper");
-            let err = User::find_by_email_async(&"tom@example.org".to_string(), &cold, &mut conn)
+            let err = User::find_by_email_async("tom@example.org", &cold, &mut conn)
                 .await
                 .expect_err("a tampered value is an error");
             let text = err.to_string();
@@ -801,7 +801,7 @@ mod access {
             edited.patient_last = "Doe-Smith".into();
             assert_eq!(edited.update_async(&doe, &keyring, &mut conn).await.expect("update"), Updated::Applied { sealed: true });
             assert_eq!(ops(&log), vec![(AccessOp::Update, Some(doe.case_id.clone()), vec!["patient_last".to_owned()])]);
-            Case::patient_last_blind_index_async(&keyring, &owner, &"Roe".to_string()).await.expect("blind index");
+            Case::patient_last_blind_index_async(&keyring, &owner, "Roe").await.expect("blind index");
             assert_eq!(ops(&log), vec![(AccessOp::Lookup, None, vec!["patient_last".to_owned()])]);
 
             // Strict: refused without an accessor, nothing recorded.

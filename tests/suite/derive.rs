@@ -459,7 +459,7 @@ fn the_blind_index_finds_duplicates_without_decrypting() {
             case(&other, &format!("{}-1", &other[other.len() - 20..]), "Doe"),
         ],
     );
-    let last = Case::patient_last_blind_index(&keyring, &owner, &"doe".to_string()).expect("index");
+    let last = Case::patient_last_blind_index(&keyring, &owner, "doe").expect("index");
     let born = Case::patient_dob_blind_index(&keyring, &owner, &dob(1980, 1, 15)).expect("index");
     let found = Case::load(
         phi_it_cases::table
@@ -475,7 +475,7 @@ fn the_blind_index_finds_duplicates_without_decrypting() {
     assert_eq!(found[0].patient_last, "  DOE ", "the stored value keeps its spelling");
 
     // An owner without keys has no index values, so finds nothing.
-    let none = Case::patient_last_blind_index(&keyring, &common::unique_owner("nokeys"), &"doe".to_string())
+    let none = Case::patient_last_blind_index(&keyring, &common::unique_owner("nokeys"), "doe")
         .expect("index");
     assert!(none.is_empty());
     let index = raw_column(&mut conn, &t(1), "patient_last_bidx").expect("index");

@@ -189,7 +189,7 @@ mod backfill {
         let (sealed, last, _) = raw(&mut app, "G-1");
         assert!(sealed && is_envelope(&last));
         assert_eq!(load_one(&mut app, &keyring, "G-1").expect("opens"), edited);
-        let lookup = Row::patient_last_blind_index(&keyring, &owner, &" OKAFOR".to_owned()).expect("index");
+        let lookup = Row::patient_last_blind_index(&keyring, &owner, " OKAFOR").expect("index");
         let found = Row::load(t::table.filter(t::patient_last_bidx.eq_any(lookup)), &mut app, &keyring).expect("lookup");
         assert_eq!(found, vec![edited]);
         assert_consistent(&mut app, &keyring);
