@@ -149,3 +149,81 @@ fn changes_of_an_unchanged_model_are_empty_and_owner_changes_reseal_everything()
         "a new owner re-seals every field"
     );
 }
+
+/// The table named by Diesel's own attribute only.
+#[derive(PhiRecord, Clone, PartialEq)]
+#[phi(crate = phi)]
+#[diesel(table_name = notes)]
+struct DieselNamed {
+    #[phi(row_key)]
+    id: i64,
+    #[phi(owner)]
+    tenant_id: i64,
+    #[phi(encrypt, scope = "notes.body_v1")]
+    body: String,
+    #[phi(encrypt)]
+    pages: Option<i32>,
+}
+
+/// The table named by both attributes, agreeing.
+#[derive(PhiRecord, Clone, PartialEq)]
+#[phi(table = schema::notes, crate = phi)]
+#[diesel(table_name = schema::notes, primary_key(id))]
+struct BothNamed {
+    #[phi(row_key)]
+    id: i64,
+    #[phi(owner)]
+    tenant_id: i64,
+    #[phi(encrypt, scope = "notes.body_v1")]
+    body: String,
+    #[phi(encrypt)]
+    pages: Option<i32>,
+}
+
+#[test]
+fn the_table_is_read_from_diesels_table_name() {
+    let (mut conn, keyring) = setup();
+    assert_eq!(<DieselNamed as PhiRecord>::TABLE, "notes");
+    assert_eq!(<BothNamed as PhiRecord>::TABLE, "notes");
+    let one = DieselNamed {
+        id: 1,
+        tenant_id: 42,
+        body: "follow-up".into(),
+        pages: None,
+    };
+    assert_eq!(one.insert(&keyring, &mut conn).expect("insert"), 1);
+    let two = BothNamed {
+        id: 2,
+        tenant_id: 42,
+        body: "latex".into(),
+        pages: Some(1),
+    };
+    assert_eq!(
+        BothNamed::insert_all(std::slice::from_ref(&two), &keyring, &mut conn).expect("insert_all"),
+        1
+    );
+    // The same rows, read through every model of the table.
+    let loaded = Note::load(notes::table.order(notes::id), &mut conn, &keyring).expect("load");
+    assert_eq!(
+        loaded,
+        vec![
+            note_with(1, 42, "follow-up", None),
+            note_with(2, 42, "latex", Some(1))
+        ]
+    );
+    assert!(
+        DieselNamed::load_first(notes::table.find(1), &mut conn, &keyring).expect("first") == one
+    );
+    assert!(
+        BothNamed::load_first(notes::table.find(2), &mut conn, &keyring).expect("first") == two
+    );
+}
+
+fn note_with(id: i64, tenant: i64, text: &str, pages: Option<i32>) -> Note {
+    Note {
+        id,
+        tenant_id: tenant,
+        text: text.into(),
+        pages,
+    }
+}

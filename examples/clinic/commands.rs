@@ -668,7 +668,7 @@ fn find_duplicates(
     last: &str,
     dob: NaiveDate,
 ) -> Result<Vec<String>> {
-    let last_index = Case::patient_last_blind_index(&clinic.keyring, owner, &last.to_owned())?;
+    let last_index = Case::patient_last_blind_index(&clinic.keyring, owner, last)?;
     let dob_index = Case::patient_dob_blind_index(&clinic.keyring, owner, &dob)?;
     let wanted = last.trim().to_lowercase();
     let same =

@@ -20,7 +20,6 @@ fn generate(m: &Model) -> TokenStream {
     let ident = &m.ident;
     let vis = &m.vis;
     let sealed = &m.sealed;
-    let table = &m.table;
     let table_name = &m.table_name;
     let container_attrs = &m.diesel_attrs;
     let owner = field_of(m, &Role::Owner);
@@ -232,6 +231,7 @@ fn generate(m: &Model) -> TokenStream {
 
     let changes_tokens = changeset(m, flag, row_key);
     let lookups = lookups(m);
+    let inserts = inserts(m);
     let migratable = match (flag, row_key) {
         (Some(flag), Some(row_key)) => migratable(m, owner, row_key, flag),
         _ => quote! {},
@@ -249,12 +249,13 @@ fn generate(m: &Model) -> TokenStream {
         quote! { #[derive(#(#paths),*)] }
     });
     let sealed_attrs = &m.sealed_attrs;
+    let table_attr = table_attr(m);
 
     quote! {
         #[doc = #sealed_doc]
         #[derive(::diesel::Queryable, ::diesel::Selectable, ::diesel::Insertable, ::diesel::AsChangeset)]
         #extra_derives
-        #[diesel(table_name = #table)]
+        #table_attr
         #(#container_attrs)*
         #(#[#sealed_attrs])*
         #vis struct #sealed {
@@ -324,6 +325,7 @@ fn generate(m: &Model) -> TokenStream {
         }
 
         #changes_tokens
+        #inserts
         #lookups
         #migratable
         #debug
@@ -505,6 +507,16 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
     }
 }
 
+/// `#[diesel(table_name = …)]` for a generated struct, unless the model's
+/// own `#[diesel(…)]` attributes (forwarded) name the table.
+fn table_attr(m: &Model) -> TokenStream {
+    if m.diesel_table_name {
+        return quote! {};
+    }
+    let table = &m.table;
+    quote! { #[diesel(table_name = #table)] }
+}
+
 fn field_of<'m>(m: &'m Model, role: &Role) -> &'m Field {
     m.fields
         .iter()
@@ -600,11 +612,11 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
     let ident = &m.ident;
     let vis = &m.vis;
     let changes = &m.changes;
-    let table = &m.table;
     let table_name = &m.table_name;
     let container_attrs = &m.diesel_attrs;
     let owner = field_of(m, &Role::Owner);
     let owner_ident = &owner.ident;
+    let table_attr = table_attr(m);
 
     let fields = m.fields.iter().map(|f| {
         let name = &f.ident;
@@ -868,7 +880,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
     quote! {
         #[doc = #doc]
         #[derive(::diesel::AsChangeset)]
-        #[diesel(table_name = #table)]
+        #table_attr
         #(#container_attrs)*
         #vis struct #changes {
             #(#fields,)*
@@ -1007,11 +1019,6 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
     );
     let update_async = if cfg!(feature = "async") {
         let da = quote! { #krate::__private::diesel_async };
-        let insert_doc = format!(
-            "Seals `self` (resolving, or creating, its owner's data key without blocking) and inserts it into `{table_name}` on a diesel-async connection. For many rows, `{sealed_name}`s from `PhiRecord::seal_all_async` go to one `diesel::insert_into(…).values(&rows)`.",
-            sealed_name = m.sealed
-        );
-        let sealed_ty = &m.sealed;
         quote! {
             /// [`update`](Self::update) on a diesel-async connection
             /// (`AsyncPgConnection`, `AsyncMysqlConnection`,
@@ -1075,36 +1082,6 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
                 })
             }
 
-            #[doc = #insert_doc]
-            ///
-            /// Returns the number of rows inserted (1).
-            ///
-            /// # Errors
-            /// As `PhiRecord::seal_async`; [`Error::Database`](#krate::Error::Database)
-            /// naming the table when the insert fails.
-            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
-            #vis async fn insert_async<__C>(
-                &self,
-                keyring: &#krate::Keyring,
-                conn: &mut __C,
-            ) -> #krate::Result<usize>
-            where
-                __C: #da::AsyncConnectionCore,
-                ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, #sealed_ty>:
-                    #da::methods::ExecuteDsl<__C>,
-            {
-                let __row = <Self as #krate::PhiRecord>::seal_async(self, keyring).await?;
-                #da::RunQueryDsl::execute(
-                    ::diesel::insert_into(#table::table).values(__row),
-                    conn,
-                )
-                .await
-                .map_err(|source| #krate::Error::Database {
-                    operation: "inserting a sealed row",
-                    table: #table_name,
-                    source,
-                })
-            }
         }
     } else {
         quote! {}
@@ -1174,37 +1151,222 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
     }
 }
 
-/// `Model::<field>_blind_index` lookup helpers.
+/// `Model::insert` and `insert_all` (and `insert_async`): seal, then
+/// Diesel's `insert_into`.
+fn inserts(m: &Model) -> TokenStream {
+    let krate = &m.krate;
+    let ident = &m.ident;
+    let vis = &m.vis;
+    let table = &m.table;
+    let table_name = &m.table_name;
+    let sealed = &m.sealed;
+    // Bound values per row of the sealed struct.
+    let columns =
+        m.fields.len() + shadows(m).count() + blind_indexes(m).count() + lookup_indexes(m).count();
+    let insert_doc = format!(
+        "Seals `self` (resolving, or creating, its owner's data key) and inserts it into `{table_name}`: `PhiRecord::seal`, then `diesel::insert_into({table_name}::table).values(…)`."
+    );
+    let insert_all_doc = format!(
+        "Seals `records` and inserts them into `{table_name}` with multi-row `INSERT`s, in one transaction (a savepoint inside a transaction of the caller's): every row or none. Every owner's keys are resolved (or created) in one batch first; each statement binds at most 32,766 values (SQLite's limit, below PostgreSQL's and MySQL's), so a large slice is written in chunks of {rows} rows, sealed as `PhiRecord::seal_chunks` seals them.",
+        rows = 32_766 / columns.max(1),
+    );
+    let insert_async = if cfg!(feature = "async") {
+        let da = quote! { #krate::__private::diesel_async };
+        let insert_async_doc = format!(
+            "[`insert`](Self::insert) on a diesel-async connection: the owner's data key is resolved (or created) without blocking. For many rows, `{sealed}`s from `PhiRecord::seal_all_async` go to one `diesel::insert_into(…).values(&rows)`."
+        );
+        quote! {
+            #[doc = #insert_async_doc]
+            ///
+            /// Returns the number of rows inserted (1).
+            ///
+            /// # Errors
+            /// As `PhiRecord::seal_async`; [`Error::Database`](#krate::Error::Database)
+            /// naming the table when the insert fails.
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+            #vis async fn insert_async<__C>(
+                &self,
+                keyring: &#krate::Keyring,
+                conn: &mut __C,
+            ) -> #krate::Result<usize>
+            where
+                __C: #da::AsyncConnectionCore,
+                ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, #sealed>:
+                    #da::methods::ExecuteDsl<__C>,
+            {
+                let __row = <Self as #krate::PhiRecord>::seal_async(self, keyring).await?;
+                #da::RunQueryDsl::execute(
+                    ::diesel::insert_into(#table::table).values(__row),
+                    conn,
+                )
+                .await
+                .map_err(|source| #krate::Error::Database {
+                    operation: "inserting a sealed row",
+                    table: #table_name,
+                    source,
+                })
+            }
+        }
+    } else {
+        quote! {}
+    };
+    quote! {
+        impl #ident {
+            #[doc = #insert_doc]
+            ///
+            /// Returns the number of rows inserted (1).
+            ///
+            /// # Errors
+            /// As `PhiRecord::seal`; `Error::Database`
+            /// naming the table when the insert fails.
+            #[allow(dead_code)] // Generated for every model, used or not.
+            #vis fn insert<__C>(&self, keyring: &#krate::Keyring, conn: &mut __C) -> #krate::Result<usize>
+            where
+                __C: ::diesel::Connection,
+                ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, #sealed>:
+                    ::diesel::query_dsl::methods::ExecuteDsl<__C>,
+            {
+                let __row = <Self as #krate::PhiRecord>::seal(self, keyring)?;
+                ::diesel::RunQueryDsl::execute(::diesel::insert_into(#table::table).values(__row), conn)
+                    .map_err(|source| #krate::Error::Database {
+                        operation: "inserting a sealed row",
+                        table: #table_name,
+                        source,
+                    })
+            }
+
+            #[doc = #insert_all_doc]
+            ///
+            /// Returns the number of rows inserted.
+            ///
+            /// # Errors
+            /// As `PhiRecord::seal_all`; `Error::Database` naming the table
+            /// when a statement fails. Either way nothing is written (the
+            /// transaction is rolled back).
+            #[allow(dead_code)] // Generated for every model, used or not.
+            #vis fn insert_all<__C>(records: &[Self], keyring: &#krate::Keyring, conn: &mut __C) -> #krate::Result<usize>
+            where
+                __C: ::diesel::Connection,
+                ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, ::std::vec::Vec<#sealed>>:
+                    ::diesel::query_dsl::methods::ExecuteDsl<__C>,
+            {
+                #krate::__private::insert_all::<Self, __C, _>(records, keyring, conn, #columns, |__conn, __rows| {
+                    ::diesel::RunQueryDsl::execute(::diesel::insert_into(#table::table).values(__rows), __conn)
+                })
+            }
+
+            #insert_async
+        }
+    }
+}
+
+/// How a generated helper takes a field's value: `&str` for a `String`
+/// field (`&String` still coerces), `&T` otherwise; and the statement that
+/// turns the parameter `value` into the `&T` the value operations take.
+fn value_param(krate: &syn::Path, f: &Field) -> (TokenStream, TokenStream) {
+    let vty = f.value_ty();
+    if is_string(vty) {
+        (
+            quote! { &str },
+            quote! {
+                let __value = #krate::__private::text(value);
+                let value: &::std::string::String = &__value;
+            },
+        )
+    } else {
+        (quote! { &#vty }, quote! {})
+    }
+}
+
+/// Whether `ty` is written `String` (or `std::string::String`).
+fn is_string(ty: &syn::Type) -> bool {
+    let syn::Type::Path(path) = ty else {
+        return false;
+    };
+    path.qself.is_none()
+        && path.path.segments.last().is_some_and(|last| {
+            last.ident == "String" && matches!(last.arguments, syn::PathArguments::None)
+        })
+}
+
+/// `Model::<field>_blind_index` lookup helpers, and `Model::<field>_is`,
+/// the duplicate check as one filter expression.
 fn lookups(m: &Model) -> TokenStream {
     let krate = &m.krate;
     let ident = &m.ident;
     let vis = &m.vis;
+    let table = &m.table;
     let table_name = &m.table_name;
+    let owner = field_of(m, &Role::Owner);
+    let (owner_col, owner_ty) = (&owner.column_ident, &owner.ty);
     let helpers = blind_indexes(m).map(|(f, column, scope, normalize)| {
         let name = &f.ident;
         let vty = f.value_ty();
+        let (param, to_value) = value_param(krate, f);
         let method = format_ident!("{}_blind_index", name);
+        let is_method = format_ident!("{}_is", name);
         let field_column = &f.column;
+        let owner_column = &owner.column;
         let normalize_tokens = normalize_tokens(krate, normalize);
+        let value_example = if is_string(vty) { "\"doe\"" } else { "&value" };
         let doc = format!(
             "The values to look `{name}` up by in `{table_name}.{column}` for one owner: \
-             `{table_name}::{column}.eq_any({ident}::{method}(&keyring, owner, &value)?)`. \
-             One value per data key version the owner holds; empty when the owner has no keys."
+             `{table_name}::{column}.eq_any({ident}::{method}(&keyring, owner, {value_example})?)`. \
+             One value per data key version the owner holds; empty when the owner has no keys. \
+             [`{is_method}`](Self::{is_method}) builds the whole filter."
         );
+        let is_doc = format!(
+            "The duplicate check as one filter: `{table_name}.{owner_column} = owner AND {table_name}.{column} IN` \
+             the blind indexes of `value` under each data key version the owner holds \
+             ([`{method}`](Self::{method})), for `filter`, `load` and the single-row loads: \
+             `{table_name}::table.filter({ident}::{is_method}(&keyring, owner, {value_example})?)`. \
+             Matches nothing when the owner has no keys."
+        );
+        let filter_ty = quote! {
+            ::diesel::dsl::And<
+                ::diesel::dsl::Eq<#table::#owner_col, #owner_ty>,
+                ::diesel::dsl::EqAny<#table::#column, ::std::vec::Vec<::std::vec::Vec<u8>>>,
+            >
+        };
+        let filter = quote! {
+            ::diesel::BoolExpressionMethods::and(
+                ::diesel::ExpressionMethods::eq(#table::#owner_col, __owner),
+                ::diesel::ExpressionMethods::eq_any(#table::#column, __indexes),
+            )
+        };
         let async_method = if cfg!(feature = "async") {
             let method_async = format_ident!("{}_blind_index_async", name);
+            let is_async = format_ident!("{}_is_async", name);
             let doc = format!("[`{method}`](Self::{method}) for async code: the owner's keys are resolved without blocking the task's thread.");
+            let is_doc = format!("[`{is_method}`](Self::{is_method}) for async code: the owner's keys are resolved without blocking the task's thread.");
             quote_spanned! {vty.span()=>
                 #[doc = #doc]
                 ///
                 /// # Errors
                 /// Key resolution errors.
                 #[allow(dead_code)] // Emitted with the `async` feature, used or not.
-            #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                #vis async fn #method_async(keyring: &#krate::Keyring, owner: &str, value: #param) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                    #to_value
                     let __access = #krate::__private::begin_lookup(keyring, #table_name, owner, #field_column)?;
                     let __indexes = (#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open_async(owner).await?, #scope, value, #normalize_tokens);
                     #krate::__private::finish_lookup(keyring, __access)?;
                     ::core::result::Result::Ok(__indexes)
+                }
+
+                #[doc = #is_doc]
+                ///
+                /// # Errors
+                /// Key resolution errors.
+                #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+                #[allow(clippy::type_complexity)] // Diesel's expression type, spelled out.
+                #vis async fn #is_async(
+                    keyring: &#krate::Keyring,
+                    owner: impl ::core::convert::Into<#owner_ty>,
+                    value: #param,
+                ) -> #krate::Result<#filter_ty> {
+                    let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                    let __indexes = Self::#method_async(keyring, &#krate::OwnerId::owner_id(&__owner), value).await?;
+                    ::core::result::Result::Ok(#filter)
                 }
             }
         } else {
@@ -1216,11 +1378,28 @@ fn lookups(m: &Model) -> TokenStream {
             /// # Errors
             /// Key resolution errors.
             #[allow(dead_code)] // One per blind index, used or not (async code uses the async form).
-            #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: &#vty) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+            #vis fn #method(keyring: &#krate::Keyring, owner: &str, value: #param) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                #to_value
                 let __access = #krate::__private::begin_lookup(keyring, #table_name, owner, #field_column)?;
                 let __indexes = (#krate::__private::ops::<#vty>().indexes)(&*keyring.keys_for_open(owner)?, #scope, value, #normalize_tokens);
                 #krate::__private::finish_lookup(keyring, __access)?;
                 ::core::result::Result::Ok(__indexes)
+            }
+
+            #[doc = #is_doc]
+            ///
+            /// # Errors
+            /// Key resolution errors.
+            #[allow(dead_code)] // One per blind index, used or not (async code uses the async form).
+            #[allow(clippy::type_complexity)] // Diesel's expression type, spelled out.
+            #vis fn #is_method(
+                keyring: &#krate::Keyring,
+                owner: impl ::core::convert::Into<#owner_ty>,
+                value: #param,
+            ) -> #krate::Result<#filter_ty> {
+                let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                let __indexes = Self::#method(keyring, &#krate::OwnerId::owner_id(&__owner), value)?;
+                ::core::result::Result::Ok(#filter)
             }
 
             #async_method
@@ -1255,6 +1434,7 @@ fn find_by(
     let name = &f.ident;
     let vty = f.value_ty();
     let method = format_ident!("find_by_{}", name);
+    let (param, to_value) = value_param(krate, f);
     let normalize = normalize_tokens(krate, normalize);
     let query_ty = quote! {
         ::diesel::dsl::Filter<#table::table, ::diesel::dsl::EqAny<#table::#column, ::std::vec::Vec<::std::vec::Vec<u8>>>>
@@ -1289,13 +1469,14 @@ fn find_by(
             /// As the sync form.
             #[allow(dead_code)] // Emitted with the `async` feature, used or not.
             #vis async fn #method_async<__C>(
-                value: &#vty,
+                value: #param,
                 keyring: &#krate::Keyring,
                 conn: &mut __C,
             ) -> #krate::Result<::std::vec::Vec<Self>>
             where
                 __C: #krate::__private::LoadRecordsAsync<Self, #query_ty>,
             {
+                #to_value
                 let __values = keyring.lookup_indexes_async(#scope, value, #normalize).await?;
                 if __values.is_empty() {
                     return ::core::result::Result::Ok(::std::vec::Vec::new());
@@ -1318,13 +1499,14 @@ fn find_by(
         /// crypto-shredded owners are left out (see `phi_types::lookup`).
         #[allow(dead_code)] // One per lookup index, used or not (async code uses the async form).
         #vis fn #method<__C>(
-            value: &#vty,
+            value: #param,
             keyring: &#krate::Keyring,
             conn: &mut __C,
         ) -> #krate::Result<::std::vec::Vec<Self>>
         where
             __C: #krate::__private::LoadRecords<Self, #query_ty>,
         {
+            #to_value
             let __values = (#krate::__private::ops::<#vty>().lookup_indexes)(keyring, #scope, value, #normalize)?;
             if __values.is_empty() {
                 return ::core::result::Result::Ok(::std::vec::Vec::new());

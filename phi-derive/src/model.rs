@@ -75,6 +75,9 @@ pub(crate) struct Model {
     pub(crate) vis: syn::Visibility,
     pub(crate) diesel_attrs: Vec<syn::Attribute>,
     pub(crate) table: syn::Path,
+    /// Whether the model's own `#[diesel(…)]` attributes name the table
+    /// (forwarded to the generated structs, which then get no second one).
+    pub(crate) diesel_table_name: bool,
     /// The table's SQL name (the path's last segment).
     pub(crate) table_name: String,
     pub(crate) krate: syn::Path,
@@ -147,12 +150,26 @@ impl Model {
                     .with_span(&raw.generics),
             );
         }
-        let table = match raw.table {
-            Some(table) => table,
-            None => {
+        let diesel_table = diesel_table_name(&raw.attrs);
+        let table = match (raw.table, &diesel_table) {
+            (Some(table), Some(diesel)) => {
+                let (a, b) = (path_text(&table), path_text(diesel));
+                if a != b {
+                    errors.push(
+                        darling::Error::custom(format!(
+                            "`#[phi(table = {a})]` and `#[diesel(table_name = {b})]` name different tables: keep one (`#[diesel(table_name = …)]` is enough), or make them agree"
+                        ))
+                        .with_span(&table),
+                    );
+                }
+                table
+            }
+            (Some(table), None) => table,
+            (None, Some(diesel)) => diesel.clone(),
+            (None, None) => {
                 errors.push(
                     darling::Error::custom(
-                        "missing `#[phi(table = …)]`: name the Diesel table this model is stored in, e.g. `#[phi(table = cases)]`",
+                        "missing table: name the Diesel table this model is stored in with `#[diesel(table_name = …)]` or `#[phi(table = …)]`, e.g. `#[diesel(table_name = cases)]`",
                     )
                     .with_span(&raw.ident),
                 );
@@ -421,6 +438,7 @@ impl Model {
             vis: raw.vis,
             diesel_attrs: raw.attrs,
             table,
+            diesel_table_name: diesel_table.is_some(),
             table_name,
             krate: raw.krate.unwrap_or_else(|| syn::parse_quote!(::phi_types)),
             debug: raw.debug.is_present(),
@@ -444,6 +462,31 @@ fn parse_normalize(text: &str) -> darling::Result<(bool, bool)> {
         }
     }
     Ok(out)
+}
+
+/// `#[diesel(table_name = path)]` on the model.
+fn diesel_table_name(attrs: &[syn::Attribute]) -> Option<syn::Path> {
+    let mut found = None;
+    for attr in attrs {
+        let _ = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("table_name") {
+                let path: syn::Path = meta.value()?.parse()?;
+                found = Some(path);
+            } else if meta.input.peek(syn::Token![=]) {
+                let _: syn::Expr = meta.value()?.parse()?;
+            } else if meta.input.peek(syn::token::Paren) {
+                let _content;
+                syn::parenthesized!(_content in meta.input);
+            }
+            Ok(())
+        });
+    }
+    found
+}
+
+/// A path as written, without spaces (`schema::cases`).
+fn path_text(path: &syn::Path) -> String {
+    quote::quote!(#path).to_string().replace(' ', "")
 }
 
 /// `#[diesel(column_name = x)]` on a field.

@@ -555,6 +555,14 @@ pub enum Error {
         /// The key version named in the envelope header.
         key_version: u32,
     },
+
+    /// A single-row load (`PhiRecord::load_first`) whose query matched no
+    /// row.
+    #[error("no row of table {table} matched the query")]
+    NotFound {
+        /// The table queried.
+        table: &'static str,
+    },
 }
 
 /// A stable classification of an [`Error`], for deciding what to do about
@@ -583,7 +591,8 @@ pub enum ErrorKind {
     Tampered,
     /// A value opened but does not decode as the expected type.
     Decode,
-    /// A data key or key version that is needed does not exist.
+    /// A data key or key version that is needed does not exist, or a
+    /// single-row load matched no row ([`Error::NotFound`]).
     NotFound,
     /// The owner was crypto-shredded.
     Shredded,
@@ -613,7 +622,9 @@ impl Error {
                 ErrorKind::Tampered
             }
             Error::Decode { .. } | Error::Unsealed { .. } => ErrorKind::Decode,
-            Error::NoKey { .. } | Error::UnknownKeyVersion { .. } => ErrorKind::NotFound,
+            Error::NoKey { .. } | Error::UnknownKeyVersion { .. } | Error::NotFound { .. } => {
+                ErrorKind::NotFound
+            }
             Error::Shredded { .. } => ErrorKind::Shredded,
             Error::Refused { .. }
             | Error::KeyInUse { .. }
@@ -885,6 +896,7 @@ impl Error {
                 owner: owner.clone(),
                 key_version: *key_version,
             },
+            Error::NotFound { table } => Error::NotFound { table },
         }
     }
 
@@ -1008,6 +1020,7 @@ mod tests {
             | Error::KeyInUse { .. }
             | Error::Refused { .. }
             | Error::UnknownKeyVersion { .. }
+            | Error::NotFound { .. }
             | Error::AccessorRequired { .. }
             | Error::AccessLogUnavailable { .. }
             | Error::Strict { .. } => false,

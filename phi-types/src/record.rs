@@ -40,7 +40,9 @@ use crate::store::schema::phi_legacy_values;
 ///
 /// The provided methods are the API: [`seal`](Self::seal) /
 /// [`seal_all`](Self::seal_all) before an insert,
-/// [`load`](Self::load) or [`open_all`](Self::open_all) after a select.
+/// [`load`](Self::load), [`load_first`](Self::load_first),
+/// [`load_optional`](Self::load_optional) or [`open_all`](Self::open_all)
+/// after a select.
 /// The derive also generates, for a model `Case`:
 ///
 /// - `CaseSealed`, the stored form, deriving Diesel's `Queryable`,
@@ -51,8 +53,18 @@ use crate::store::schema::phi_legacy_values;
 ///   still those of `old`, returning an [`Updated`];
 /// - `CaseChanges` and `Case::changes(&new, &old, &keyring)`: the same
 ///   changes, for a caller that builds its own (guarded) `UPDATE`;
-/// - `Case::<field>_blind_index(&keyring, owner, &value)` for each field with
-///   a blind index: the values to match with `eq_any`;
+/// - `case.insert(&keyring, &mut conn)` and
+///   `Case::insert_all(&cases, &keyring, &mut conn)` (and, with the `async`
+///   feature, `insert_async`): seal, then Diesel's `insert_into`, returning
+///   the rows inserted; `insert_all` writes multi-row `INSERT`s within the
+///   backends' bind limits, in one transaction;
+/// - `Case::<field>_blind_index(&keyring, owner, value)` for each field with
+///   a blind index: the values to match with `eq_any` (`value` a `&str` for
+///   a `String` field, else `&T`);
+/// - `Case::<field>_is(&keyring, owner, value)` for each field with a blind
+///   index: the duplicate check as one Diesel expression, the owner column
+///   equal to `owner` and the index column among the owner's index values,
+///   for `cases::table.filter(…)` (and `_is_async`);
 /// - `Case::find_by_<field>(&value, &keyring, &mut conn)` (and, with the
 ///   `async` feature, `find_by_<field>_async`) for each field with a lookup
 ///   index: the records holding that value, whoever owns them
@@ -83,7 +95,7 @@ use crate::store::schema::phi_legacy_values;
 ///
 /// | attribute | on | meaning |
 /// |---|---|---|
-/// | `#[phi(table = path)]` | struct | the Diesel table (required) |
+/// | `#[diesel(table_name = path)]` or `#[phi(table = path)]` | struct | the Diesel table (one is required; given both, they must be the same path) |
 /// | `#[phi(crate = path)]` | struct | where `phi_types` is (default `::phi_types`) |
 /// | `#[phi(debug)]` | struct | redacted `Debug` for the model and its sealed form (a plain `Debug` is refused) |
 /// | `#[phi(sealed = Name)]`, `#[phi(changes = Name)]` | struct | names of the generated structs |
@@ -206,7 +218,8 @@ use crate::store::schema::phi_legacy_values;
 /// let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
 /// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
 ///
-/// // Insert: seal, then plain Diesel.
+/// // Insert: sealed, then Diesel's `insert_into` (`case.seal(&keyring)?`
+/// // gives the sealed row for an insert built by hand).
 /// let case = Case {
 ///     case_id: "C-1001".into(),
 ///     user_id: "provider-17".into(),
@@ -215,7 +228,7 @@ use crate::store::schema::phi_legacy_values;
 ///     ins_provider: Some("Acme Health".into()),
 ///     phi_encrypted: true,
 /// };
-/// diesel::insert_into(cases::table).values(&case.seal(&keyring)?).execute(&mut conn)?;
+/// assert_eq!(case.insert(&keyring, &mut conn)?, 1);
 ///
 /// // What the database holds: envelopes, never the name.
 /// let raw: Vec<u8> = cases::table.select(cases::patient_last).first(&mut conn)?;
@@ -226,15 +239,10 @@ use crate::store::schema::phi_legacy_values;
 /// assert!(mine == vec![case.clone()]);
 /// assert!(!format!("{:?}", mine[0]).contains("Doe"));
 ///
-/// // The duplicate check: an indexed lookup, not a scan.
-/// let doe = Case::patient_last_blind_index(&keyring, "provider-17", &" DOE".to_string())?;
-/// let found = Case::load(
-///     cases::table
-///         .filter(cases::user_id.eq("provider-17"))
-///         .filter(cases::patient_last_bidx.eq_any(doe)),
-///     &mut conn,
-///     &keyring,
-/// )?;
+/// // The duplicate check: an indexed lookup, not a scan (`user_id` equal
+/// // to the owner and `patient_last_bidx` among its index values).
+/// let doe = Case::patient_last_is(&keyring, "provider-17", " DOE")?;
+/// let found = Case::load(cases::table.filter(doe), &mut conn, &keyring)?;
 /// assert_eq!(found.len(), 1);
 ///
 /// // Update: only the changed fields are sealed again and written, and only
@@ -243,8 +251,8 @@ use crate::store::schema::phi_legacy_values;
 /// edited.ins_provider = None;
 /// assert!(edited.changes(&case, &keyring)?.patient_last.is_none());
 /// assert_eq!(edited.update(&case, &keyring, &mut conn)?, Updated::Applied { sealed: true });
-/// let reloaded = Case::load(cases::table.find("C-1001"), &mut conn, &keyring)?;
-/// assert_eq!(reloaded[0].ins_provider, None);
+/// let reloaded = Case::load_first(cases::table.find("C-1001"), &mut conn, &keyring)?;
+/// assert_eq!(reloaded.ins_provider, None);
 ///
 /// // Delete: plain Diesel.
 /// diesel::delete(cases::table.find("C-1001")).execute(&mut conn)?;
@@ -603,6 +611,129 @@ pub trait PhiRecord: Sized + Send + Sync {
         Self::open_all(rows, keyring)
     }
 
+    /// Runs `query` with `LIMIT 1` and opens the row it selects: the
+    /// one-call read of a single record. The row goes through
+    /// [`load`](Self::load), so legacy values are read and the access is
+    /// logged as `load` does.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use diesel::prelude::*;
+    /// use phi_types::{Error, KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord};
+    ///
+    /// diesel::table! {
+    ///     cases (case_id) {
+    ///         case_id -> Text,
+    ///         user_id -> Text,
+    ///         patient_last -> Binary,
+    ///     }
+    /// }
+    ///
+    /// #[derive(PhiRecord, Clone, PartialEq)]
+    /// #[diesel(table_name = cases, primary_key(case_id))]
+    /// struct Case {
+    ///     #[phi(row_key)]
+    ///     case_id: String,
+    ///     #[phi(owner)]
+    ///     user_id: String,
+    ///     #[phi(encrypt)]
+    ///     patient_last: String,
+    /// }
+    ///
+    /// # #[cfg(feature = "sqlite")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut conn = SqliteConnection::establish(":memory:")?;
+    /// diesel::sql_query(
+    ///     "CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, patient_last BLOB NOT NULL)",
+    /// )
+    /// .execute(&mut conn)?;
+    /// let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    /// let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+    /// let case = Case { case_id: "C-1".into(), user_id: "provider-17".into(), patient_last: "Doe".into() };
+    /// case.insert(&keyring, &mut conn)?;
+    ///
+    /// let found = Case::load_first(cases::table.find("C-1"), &mut conn, &keyring)?;
+    /// assert!(found == case);
+    /// let missing = Case::load_first(cases::table.find("C-2"), &mut conn, &keyring);
+    /// assert!(matches!(missing, Err(Error::NotFound { table: "cases" })));
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "sqlite"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] naming the table when no row matches; otherwise
+    /// as [`load`](Self::load).
+    fn load_first<'q, Q, C>(query: Q, conn: &mut C, keyring: &Keyring) -> Result<Self>
+    where
+        Self::Sealed: diesel::Selectable<C::Backend>,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel::Connection + LegacyRecords,
+        Q: diesel::query_dsl::methods::LimitDsl,
+        diesel::dsl::Limit<Q>:
+            diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
+        diesel::dsl::Select<diesel::dsl::Limit<Q>, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
+    {
+        Self::load_optional(query, conn, keyring)?.ok_or(Error::NotFound { table: Self::TABLE })
+    }
+
+    /// [`load_first`](Self::load_first), with `None` when no row matches:
+    /// `query` runs with `LIMIT 1`, through [`load`](Self::load).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use diesel::prelude::*;
+    /// # use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord};
+    /// # diesel::table! { cases (case_id) { case_id -> Text, user_id -> Text, patient_last -> Binary } }
+    /// # #[derive(PhiRecord, Clone, PartialEq)]
+    /// # #[diesel(table_name = cases)]
+    /// # struct Case { #[phi(row_key)] case_id: String, #[phi(owner)] user_id: String, #[phi(encrypt)] patient_last: String }
+    /// # #[cfg(feature = "sqlite")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let mut conn = SqliteConnection::establish(":memory:")?;
+    /// # diesel::sql_query("CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, patient_last BLOB NOT NULL)").execute(&mut conn)?;
+    /// # let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    /// # let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+    /// let cases = [
+    ///     Case { case_id: "C-1".into(), user_id: "provider-17".into(), patient_last: "Doe".into() },
+    ///     Case { case_id: "C-2".into(), user_id: "provider-17".into(), patient_last: "Roe".into() },
+    /// ];
+    /// Case::insert_all(&cases, &keyring, &mut conn)?;
+    ///
+    /// let newest = Case::load_optional(
+    ///     cases::table.filter(cases::user_id.eq("provider-17")).order(cases::case_id.desc()),
+    ///     &mut conn,
+    ///     &keyring,
+    /// )?;
+    /// assert_eq!(newest.map(|c| c.patient_last).as_deref(), Some("Roe"));
+    /// assert!(Case::load_optional(cases::table.filter(cases::user_id.eq("nobody")), &mut conn, &keyring)?.is_none());
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "sqlite"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    fn load_optional<'q, Q, C>(query: Q, conn: &mut C, keyring: &Keyring) -> Result<Option<Self>>
+    where
+        Self::Sealed: diesel::Selectable<C::Backend>,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel::Connection + LegacyRecords,
+        Q: diesel::query_dsl::methods::LimitDsl,
+        diesel::dsl::Limit<Q>:
+            diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
+        diesel::dsl::Select<diesel::dsl::Limit<Q>, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
+    {
+        let mut rows = Self::load(query.limit(1), conn, keyring)?;
+        Ok(rows.pop())
+    }
+
     /// [`seal`](Self::seal) for async code (feature `async`): the owner's
     /// key is resolved (or created) without blocking the task's thread.
     ///
@@ -790,9 +921,9 @@ pub trait PhiRecord: Sized + Send + Sync {
     ///     edited.patient_last = "Roe".into();
     ///     assert_eq!(edited.update_async(&case, &keyring, &mut conn).await?, Updated::Applied { sealed: true });
     ///
-    ///     let roe = Case::patient_last_blind_index_async(&keyring, "prov-1", &" ROE".to_string()).await?;
-    ///     let found = Case::load_async(cases::table.filter(cases::patient_last_bidx.eq_any(roe)), &mut conn, &keyring).await?;
-    ///     assert_eq!(found.len(), 1);
+    ///     let roe = Case::patient_last_is_async(&keyring, "prov-1", " ROE").await?;
+    ///     let found = Case::load_first_async(cases::table.filter(roe), &mut conn, &keyring).await?;
+    ///     assert!(found == edited);
     ///     Ok::<(), Box<dyn std::error::Error>>(())
     /// })
     /// # }
@@ -845,6 +976,63 @@ pub trait PhiRecord: Sized + Send + Sync {
             }
             Self::open_all_async(rows, keyring).await
         }
+    }
+
+    /// [`load_first`](Self::load_first) for diesel-async (feature
+    /// `async`): `query` runs with `LIMIT 1` through
+    /// [`load_async`](Self::load_async).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] naming the table when no row matches; otherwise
+    /// as [`load_async`](Self::load_async).
+    #[cfg(feature = "async")]
+    fn load_first_async<'q, Q, C>(
+        query: Q,
+        conn: &mut C,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Self>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: diesel::Selectable<C::Backend> + 'static,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel_async::AsyncConnectionCore + LegacyRecordsAsync,
+        Q: diesel::query_dsl::methods::LimitDsl,
+        diesel::dsl::Limit<Q>: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>
+            + Send,
+        diesel::dsl::Select<diesel::dsl::Limit<Q>, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel_async::methods::LoadQuery<'q, C, Self::Sealed> + 'q,
+    {
+        let rows = Self::load_optional_async(query, conn, keyring);
+        async move { rows.await?.ok_or(Error::NotFound { table: Self::TABLE }) }
+    }
+
+    /// [`load_optional`](Self::load_optional) for diesel-async (feature
+    /// `async`): `query` runs with `LIMIT 1` through
+    /// [`load_async`](Self::load_async).
+    ///
+    /// # Errors
+    /// As [`load_async`](Self::load_async).
+    #[cfg(feature = "async")]
+    fn load_optional_async<'q, Q, C>(
+        query: Q,
+        conn: &mut C,
+        keyring: &Keyring,
+    ) -> impl std::future::Future<Output = Result<Option<Self>>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: diesel::Selectable<C::Backend> + 'static,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel_async::AsyncConnectionCore + LegacyRecordsAsync,
+        Q: diesel::query_dsl::methods::LimitDsl,
+        diesel::dsl::Limit<Q>: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>
+            + Send,
+        diesel::dsl::Select<diesel::dsl::Limit<Q>, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel_async::methods::LoadQuery<'q, C, Self::Sealed> + 'q,
+    {
+        let rows = Self::load_async(query.limit(1), conn, keyring);
+        async move { Ok(rows.await?.pop()) }
     }
 }
 
@@ -2358,6 +2546,74 @@ pub(crate) mod __private {
     /// The access log's error when it refuses the record.
     pub fn finish_lookup(keyring: &crate::Keyring, access: Access) -> Result<()> {
         keyring.finish_access(access.0)
+    }
+
+    /// Bound parameters one generated multi-row `INSERT` uses at most:
+    /// SQLite's limit (32,766), below PostgreSQL's and MySQL's (65,535).
+    pub const MAX_INSERT_BINDS: usize = 32_766;
+
+    /// An error inside [`insert_all`]'s transaction.
+    enum InsertError {
+        Phi(Error),
+        Diesel(diesel::result::Error),
+    }
+
+    impl From<Error> for InsertError {
+        fn from(error: Error) -> Self {
+            InsertError::Phi(error)
+        }
+    }
+
+    impl From<diesel::result::Error> for InsertError {
+        fn from(error: diesel::result::Error) -> Self {
+            InsertError::Diesel(error)
+        }
+    }
+
+    /// The generated `insert_all`: `records` sealed a chunk at a time
+    /// ([`PhiRecord::seal_chunks`](super::PhiRecord::seal_chunks)), each
+    /// chunk one multi-row `INSERT` by `insert` of at most
+    /// [`MAX_INSERT_BINDS`] bound values (`columns` per row), all in one
+    /// transaction (a savepoint inside the caller's): every row or none.
+    /// Returns the rows inserted.
+    pub fn insert_all<R, C, F>(
+        records: &[R],
+        keyring: &crate::Keyring,
+        conn: &mut C,
+        columns: usize,
+        mut insert: F,
+    ) -> Result<usize>
+    where
+        R: super::PhiRecord,
+        C: diesel::Connection,
+        F: FnMut(&mut C, Vec<R::Sealed>) -> diesel::QueryResult<usize>,
+    {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let rows = (MAX_INSERT_BINDS / columns.max(1)).max(1);
+        conn.transaction(|conn| {
+            let mut inserted = 0;
+            R::seal_chunks(records, rows, keyring, |sealed| {
+                inserted += insert(conn, sealed)?;
+                Ok::<(), InsertError>(())
+            })?;
+            Ok(inserted)
+        })
+        .map_err(|error| match error {
+            InsertError::Phi(error) => error,
+            InsertError::Diesel(source) => Error::Database {
+                operation: "inserting sealed rows",
+                table: R::TABLE,
+                source,
+            },
+        })
+    }
+
+    /// A text value passed as `&str` to a generated helper, as the
+    /// `String` the value operations take, wiped when dropped.
+    pub fn text(value: &str) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(value.to_owned())
     }
 
     /// Refusal to store a row unsealed when the model has no encrypted flag.

@@ -137,7 +137,7 @@ macro_rules! async_schema {
 
         const TABLE: &str = stringify!($table);
         // The blocking lookup is covered by tests/backends.rs.
-        const _: fn(&Keyring, &str, &String) -> phi::Result<Vec<Vec<u8>>> = Case::patient_last_blind_index;
+        const _: fn(&Keyring, &str, &str) -> phi::Result<Vec<Vec<u8>>> = Case::patient_last_blind_index;
 
         /// The table, empty.
         fn setup(db: &TestDb) {
@@ -231,7 +231,7 @@ mod round_trip {
             assert!(bobs == batch, "300 cases read back in order");
 
             // The duplicate check through the blind index.
-            let index = Case::patient_last_blind_index_async(&keyring, &alice, &" DOE".to_string())
+            let index = Case::patient_last_blind_index_async(&keyring, &alice, " DOE")
                 .await
                 .expect("blind index");
             let found = Case::load_async(
@@ -277,6 +277,51 @@ mod round_trip {
             let mut again = edited.clone();
             again.status = "closed".into();
             assert_eq!(again.update_async(&edited, &keyring, &mut *conn).await.expect("update"), Updated::NotFound);
+            keyring.flush_audit_async().await.expect("audit written");
+        });
+    }
+}
+
+mod single_rows {
+    use super::*;
+    async_schema!(phi_async_single_rows);
+
+    #[test]
+    fn single_row_loads_and_the_duplicate_filter_are_async() {
+        let db = TestDb::new();
+        setup(&db);
+        runtime().block_on(async {
+            let keyring = db.keyring().await;
+            let mut conn = db.conn().await;
+            let alice = common::unique_owner("async-one-a");
+            let bob = common::unique_owner("async-one-b");
+            for c in [
+                case(&alice, &format!("{alice}-1"), " DOE"),
+                case(&alice, &format!("{alice}-2"), "Roe"),
+                case(&bob, &format!("{bob}-1"), "Doe"),
+            ] {
+                assert_eq!(c.insert_async(&keyring, &mut conn).await.expect("insert_async"), 1);
+            }
+
+            let doe = Case::patient_last_is_async(&keyring, alice.as_str(), "doe").await.expect("filter");
+            let found = Case::load_first_async(t::table.filter(doe), &mut conn, &keyring).await.expect("first");
+            assert_eq!(found.case_id, format!("{alice}-1"), "alice's Doe, not bob's");
+            assert_eq!(found.patient_last, " DOE");
+
+            let last = Case::load_optional_async(
+                t::table.filter(t::user_id.eq(&alice)).order(t::case_id.desc()),
+                &mut conn,
+                &keyring,
+            )
+            .await
+            .expect("optional");
+            assert_eq!(last.map(|c| c.case_id), Some(format!("{alice}-2")));
+
+            let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
+            assert!(Case::load_optional_async(t::table.filter(poe), &mut conn, &keyring).await.expect("optional").is_none());
+            let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
+            let err = Case::load_first_async(t::table.filter(poe), &mut conn, &keyring).await.expect_err("no row");
+            assert!(matches!(err, phi::Error::NotFound { table: TABLE }), "{err:?}");
             keyring.flush_audit_async().await.expect("audit written");
         });
     }
@@ -561,12 +606,12 @@ mod lookup_finder {
 
             // A cold keyring, as at a login: no owner is known.
             let cold = db.keyring().await;
-            let found = User::find_by_email_async(&" ann@EXAMPLE.org".to_string(), &cold, &mut conn).await.expect("find");
+            let found = User::find_by_email_async(" ann@EXAMPLE.org", &cold, &mut conn).await.expect("find");
             assert_eq!(found.len(), 1);
             assert_eq!((found[0].tenant_id.as_str(), found[0].email.as_str()), (kept.as_str(), "Ann@Example.org"));
-            assert!(User::find_by_email_async(&"nobody@example.org".to_string(), &cold, &mut conn).await.expect("find").is_empty());
+            assert!(User::find_by_email_async("nobody@example.org", &cold, &mut conn).await.expect("find").is_empty());
             // The shredded owner's row matches and is left out.
-            assert!(User::find_by_email_async(&"gus@example.org".to_string(), &cold, &mut conn).await.expect("find").is_empty());
+            assert!(User::find_by_email_async("gus@example.org", &cold, &mut conn).await.expect("find").is_empty());
 
             // Row t holds row a's sealed address (same owner, another row).
             let sealed: Vec<u8> = phi_async_lookup::table
@@ -580,7 +625,7 @@ mod lookup_finder {
                 .execute(&mut conn)
                 .await
                 .expect("tamper");
-            let err = User::find_by_email_async(&"tom@example.org".to_string(), &cold, &mut conn)
+            let err = User::find_by_email_async("tom@example.org", &cold, &mut conn)
                 .await
                 .expect_err("a tampered value is an error");
             let text = err.to_string();
@@ -756,7 +801,7 @@ mod access {
             edited.patient_last = "Doe-Smith".into();
             assert_eq!(edited.update_async(&doe, &keyring, &mut conn).await.expect("update"), Updated::Applied { sealed: true });
             assert_eq!(ops(&log), vec![(AccessOp::Update, Some(doe.case_id.clone()), vec!["patient_last".to_owned()])]);
-            Case::patient_last_blind_index_async(&keyring, &owner, &"Roe".to_string()).await.expect("blind index");
+            Case::patient_last_blind_index_async(&keyring, &owner, "Roe").await.expect("blind index");
             assert_eq!(ops(&log), vec![(AccessOp::Lookup, None, vec!["patient_last".to_owned()])]);
 
             // Strict: refused without an accessor, nothing recorded.

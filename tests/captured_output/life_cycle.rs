@@ -218,7 +218,7 @@ fn the_life_cycle_logs_and_counts_no_secret() {
 
     // find: the duplicate check through the blind index.
     let index =
-        Case::patient_last_blind_index(&keyring, &owners[0], &" FEATHERSTONEHAUGH ".to_owned())
+        Case::patient_last_blind_index(&keyring, &owners[0], " FEATHERSTONEHAUGH ")
             .expect("index");
     let found = debug(
         Case::load(

@@ -229,7 +229,7 @@ fn every_typed_path_records_its_accesses_once_per_row_in_one_append() {
     assert!(log.take().is_empty());
 
     // A blind-index lookup: the owner and field, no row.
-    let roe = AcCase::patient_last_blind_index(&keyring, &owner, &" ROE".to_string()).expect("blind index");
+    let roe = AcCase::patient_last_blind_index(&keyring, &owner, " ROE").expect("blind index");
     assert_eq!(summary(&log.take()), expected(&smith, AccessOp::Lookup, &owner, "phi_ac_cases", &[None], &["patient_last"]));
     let found = AcCase::load(phi_ac_cases::table.filter(phi_ac_cases::patient_last_bidx.eq_any(roe)), &mut conn, &keyring).expect("found");
     assert_eq!(found.len(), 1);
@@ -331,7 +331,7 @@ fn strict_mode_refuses_every_open_and_seal_without_an_accessor() {
     let mut edited = rows[0].clone();
     edited.patient_last = "Roe".into();
     refused(edited.changes(&rows[0], &strict).map(drop), "update");
-    refused(AcCase::patient_last_blind_index(&strict, &owner, &"Doe".to_string()).map(drop), "lookup");
+    refused(AcCase::patient_last_blind_index(&strict, &owner, "Doe").map(drop), "lookup");
     refused(rows[0].record_delete(&strict), "delete");
     assert_eq!(key_rows(&mut conn, &owner), 0);
 

@@ -459,7 +459,7 @@ fn the_blind_index_finds_duplicates_without_decrypting() {
             case(&other, &format!("{}-1", &other[other.len() - 20..]), "Doe"),
         ],
     );
-    let last = Case::patient_last_blind_index(&keyring, &owner, &"doe".to_string()).expect("index");
+    let last = Case::patient_last_blind_index(&keyring, &owner, "doe").expect("index");
     let born = Case::patient_dob_blind_index(&keyring, &owner, &dob(1980, 1, 15)).expect("index");
     let found = Case::load(
         phi_it_cases::table
@@ -475,7 +475,7 @@ fn the_blind_index_finds_duplicates_without_decrypting() {
     assert_eq!(found[0].patient_last, "  DOE ", "the stored value keeps its spelling");
 
     // An owner without keys has no index values, so finds nothing.
-    let none = Case::patient_last_blind_index(&keyring, &common::unique_owner("nokeys"), &"doe".to_string())
+    let none = Case::patient_last_blind_index(&keyring, &common::unique_owner("nokeys"), "doe")
         .expect("index");
     assert!(none.is_empty());
     let index = raw_column(&mut conn, &t(1), "patient_last_bidx").expect("index");
@@ -598,4 +598,154 @@ fn a_stale_follower_refuses_unsealed_writes_as_well_as_seals() {
     keyring.sync_feed();
     Case::seal_all(&[case(&owner, &t(2), "Roe")], &keyring).expect("fresh again: writes");
     new.changes(&old, &keyring).expect("fresh again: updates");
+}
+
+fn owner_rows(conn: &mut Conn, owner: &str) -> i64 {
+    phi_it_cases::table
+        .filter(phi_it_cases::user_id.eq(owner))
+        .count()
+        .get_result(conn)
+        .expect("count")
+}
+
+#[test]
+fn insert_and_insert_all_seal_and_write_in_one_call_every_row_or_none() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let owner = common::unique_owner("ins");
+    let tag = owner[owner.len() - 20..].to_owned();
+
+    let mut one = case(&owner, &format!("{tag}-one"), "Doe");
+    assert_eq!(one.insert(&keyring, &mut conn).expect("insert"), 1);
+    let raw = raw_column(&mut conn, &one.case_id, "patient_last").expect("stored");
+    assert_eq!(&raw[..2], &[0xF1, 0x01], "sealed");
+    one.phi_encrypted = true;
+    assert!(load_one(&mut conn, &keyring, &one.case_id).expect("loads") == one);
+
+    // Ten bound values a row: 3,276 rows a statement, so two statements.
+    let many: Vec<Case> = (0..3_300).map(|i| case(&owner, &format!("{tag}-{i}"), "Roe")).collect();
+    assert_eq!(Case::insert_all(&many, &keyring, &mut conn).expect("insert_all"), 3_300);
+    assert_eq!(owner_rows(&mut conn, &owner), 3_301);
+    let last = load_one(&mut conn, &keyring, &format!("{tag}-3299")).expect("loads");
+    assert_eq!(last.patient_last, "Roe");
+    assert!(last.phi_encrypted);
+
+    // A batch whose last row (in the second statement) collides with a
+    // stored key: nothing of it is written.
+    let mut clash: Vec<Case> = (0..3_300).map(|i| case(&owner, &format!("{tag}-x{i}"), "Poe")).collect();
+    clash.push(one.clone());
+    let err = Case::insert_all(&clash, &keyring, &mut conn).expect_err("duplicate key");
+    assert!(matches!(err, Error::Database { table: "phi_it_cases", .. }), "{err:?}");
+    assert!(err.to_string().contains("phi_it_cases"), "{err}");
+    assert_eq!(owner_rows(&mut conn, &owner), 3_301, "rolled back");
+
+    // A duplicate single insert names the table too.
+    let err = one.insert(&keyring, &mut conn).expect_err("duplicate key");
+    assert!(matches!(err, Error::Database { table: "phi_it_cases", .. }), "{err:?}");
+    assert_eq!(Case::insert_all(&[], &keyring, &mut conn).expect("nothing"), 0);
+}
+
+#[test]
+fn load_first_and_load_optional_read_one_row_with_limit_one() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let owner = common::unique_owner("first");
+    let tag = owner[owner.len() - 20..].to_owned();
+    let cases: Vec<Case> = (1..=3).map(|i| case(&owner, &format!("{tag}-{i}"), "Doe")).collect();
+    Case::insert_all(&cases, &keyring, &mut conn).expect("insert_all");
+    // The second row does not open: a load of every row fails on it.
+    set_raw(&mut conn, &cases[1].case_id, "patient_first", Some(b"Jane".to_vec()));
+    let mine = || phi_it_cases::table.filter(phi_it_cases::user_id.eq(owner.clone()));
+    let err = Case::load(mine(), &mut conn, &keyring).expect_err("every row read");
+    assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
+
+    // One row read (LIMIT 1), so the damaged row is not.
+    let first = Case::load_first(mine().order(phi_it_cases::case_id.asc()), &mut conn, &keyring).expect("first");
+    assert_eq!(first.case_id, cases[0].case_id);
+    assert_eq!(first.patient_first, "Zoë");
+    let last = Case::load_optional(mine().order(phi_it_cases::case_id.desc()), &mut conn, &keyring)
+        .expect("optional")
+        .expect("a row");
+    assert_eq!(last.case_id, cases[2].case_id);
+    // A damaged row read alone still fails.
+    let err = Case::load_first(phi_it_cases::table.find(&cases[1].case_id), &mut conn, &keyring)
+        .expect_err("damaged row");
+    assert!(matches!(err, Error::Malformed { .. }), "{err:?}");
+
+    // No row: an error naming the table, or None.
+    let nobody = || phi_it_cases::table.filter(phi_it_cases::user_id.eq("nobody-at-all"));
+    let err = Case::load_first(nobody(), &mut conn, &keyring).expect_err("no row");
+    assert!(matches!(err, Error::NotFound { table: "phi_it_cases" }), "{err:?}");
+    assert_eq!(err.kind(), phi::ErrorKind::NotFound);
+    assert!(err.to_string().contains("phi_it_cases"), "{err}");
+    assert!(Case::load_optional(nobody(), &mut conn, &keyring).expect("optional").is_none());
+}
+
+#[test]
+fn the_duplicate_check_is_one_filter_expression() {
+    let db = TestDb::new();
+    let keyring = db.keyring();
+    let mut conn = db.conn();
+    prepare_cases(&mut conn);
+    let owner = common::unique_owner("is");
+    let other = common::unique_owner("is-other");
+    let t = |n: u32| format!("{}-{n}", &owner[owner.len() - 20..]);
+    let mut born_elsewhen = case(&owner, &t(2), "Doe");
+    born_elsewhen.patient_dob = dob(1975, 6, 1);
+    Case::insert_all(
+        &[
+            case(&owner, &t(1), "  DOE "),
+            born_elsewhen,
+            case(&owner, &t(3), "Roe"),
+            case(&other, &format!("{}-1", &other[other.len() - 20..]), "Doe"),
+        ],
+        &keyring,
+        &mut conn,
+    )
+    .expect("insert_all");
+
+    // Owner and blind index in one expression; `&str` for a text field.
+    let same_name = Case::patient_last_is(&keyring, owner.as_str(), "doe").expect("filter");
+    let mut found = Case::load(phi_it_cases::table.filter(same_name), &mut conn, &keyring).expect("load");
+    found.sort_by(|a, b| a.case_id.cmp(&b.case_id));
+    let ids: Vec<&str> = found.iter().map(|c| c.case_id.as_str()).collect();
+    assert_eq!(ids, [t(1), t(2)], "both of the owner's Does, not the other owner's");
+
+    // Two of them together, through a single-row load.
+    let duplicate = Case::load_optional(
+        phi_it_cases::table
+            .filter(Case::patient_last_is(&keyring, &owner, " Doe").expect("filter"))
+            .filter(Case::patient_dob_is(&keyring, &owner, &dob(1980, 1, 15)).expect("filter")),
+        &mut conn,
+        &keyring,
+    )
+    .expect("load")
+    .expect("a duplicate");
+    assert_eq!(duplicate.case_id, t(1));
+    assert_eq!(duplicate.patient_last, "  DOE ");
+
+    // As any expression: an existence check counts without opening.
+    let count = |conn: &mut Conn, last: &str| -> i64 {
+        phi_it_cases::table
+            .filter(Case::patient_last_is(&keyring, owner.clone(), last).expect("filter"))
+            .count()
+            .get_result(conn)
+            .expect("count")
+    };
+    assert_eq!(count(&mut conn, "roe"), 1);
+    assert_eq!(count(&mut conn, "Poe"), 0);
+
+    // An owner without keys matches nothing.
+    let nokeys = common::unique_owner("is-nokeys");
+    let none = Case::load(
+        phi_it_cases::table.filter(Case::patient_last_is(&keyring, nokeys, "doe").expect("filter")),
+        &mut conn,
+        &keyring,
+    )
+    .expect("load");
+    assert!(none.is_empty());
 }

@@ -58,7 +58,7 @@ macro_rules! guarded_schema {
 
         const TABLE: &str = stringify!($table);
         // Not every test looks a name up.
-        const _: fn(&Keyring, &str, &String) -> phi::Result<Vec<Vec<u8>>> = Row::patient_last_blind_index;
+        const _: fn(&Keyring, &str, &str) -> phi::Result<Vec<Vec<u8>>> = Row::patient_last_blind_index;
 
         /// The table, empty; the application's connection.
         fn setup(db: &TestDb) -> Conn {
@@ -189,7 +189,7 @@ mod backfill {
         let (sealed, last, _) = raw(&mut app, "G-1");
         assert!(sealed && is_envelope(&last));
         assert_eq!(load_one(&mut app, &keyring, "G-1").expect("opens"), edited);
-        let lookup = Row::patient_last_blind_index(&keyring, &owner, &" OKAFOR".to_owned()).expect("index");
+        let lookup = Row::patient_last_blind_index(&keyring, &owner, " OKAFOR").expect("index");
         let found = Row::load(t::table.filter(t::patient_last_bidx.eq_any(lookup)), &mut app, &keyring).expect("lookup");
         assert_eq!(found, vec![edited]);
         assert_consistent(&mut app, &keyring);

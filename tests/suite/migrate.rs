@@ -237,7 +237,7 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     assert_eq!(index.map(|i| i.len()), Some(16));
 
     // Sealed exactly as the model seals: the blind index finds the case.
-    let lookup = Legacy::patient_last_blind_index(&keyring, &owners[5 % 4], &"o'brien".to_string()).expect("index");
+    let lookup = Legacy::patient_last_blind_index(&keyring, &owners[5 % 4], "o'brien").expect("index");
     let found = Legacy::load(
         phi_it_legacy::table
             .filter(phi_it_legacy::user_id.eq(&owners[5 % 4]))
@@ -427,7 +427,7 @@ fn legacy_canon(id: &str, owner: &str, last: &str, dob: &str, seen: Option<&str>
 fn find_canon(conn: &mut Conn, keyring: &Keyring, owner: &str, last: Option<&str>, dob: Option<NaiveDate>) -> Vec<String> {
     let mut query = phi_it_canon::table.filter(phi_it_canon::user_id.eq(owner)).into_boxed();
     if let Some(last) = last {
-        let lookup = Canon::patient_last_blind_index(keyring, owner, &last.to_owned()).expect("index");
+        let lookup = Canon::patient_last_blind_index(keyring, owner, last).expect("index");
         query = query.filter(phi_it_canon::patient_last_bidx.eq_any(lookup));
     }
     if let Some(dob) = dob {

@@ -503,7 +503,7 @@ fn stored_people(db: &TestDb, id: &str) -> (Option<Vec<u8>>, bool, Option<u32>) 
 /// The people of `owner` the blind-index finder finds for `last`, with
 /// `keyring`.
 fn find_by_last(db: &TestDb, keyring: &Keyring, owner: &str, last: &str) -> Vec<Person> {
-    let wanted = Person::last_name_blind_index(keyring, owner, &last.to_owned()).expect("index values");
+    let wanted = Person::last_name_blind_index(keyring, owner, last).expect("index values");
     Person::load(
         phi_rot_people::table
             .filter(phi_rot_people::owner_id.eq(owner))

@@ -179,7 +179,7 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
         .expect("restore");
 
     // Blind index lookups query the index column, as in place.
-    let wanted = Client::last_name_blind_index(&keyring, &owner, &"zhang".to_owned()).expect("index");
+    let wanted = Client::last_name_blind_index(&keyring, &owner, "zhang").expect("index");
     let found = Client::load(
         phi_it_shadow::table.filter(phi_it_shadow::last_name_bidx.eq_any(wanted)),
         &mut conn,
