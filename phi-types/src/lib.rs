@@ -114,6 +114,7 @@ mod nonce;
 pub mod record;
 mod sealer;
 mod set_shape;
+mod shared;
 mod sql;
 mod store;
 mod telemetry;
@@ -161,6 +162,7 @@ pub use keyring::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 #[doc(inline)]
 pub use phi_derive::PhiRecord;
 pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord, Updated};
+pub use shared::IntoShared;
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;

@@ -48,6 +48,7 @@ const MODULES: &[(&str, &str)] = &[
     ("error", "base"),
     ("metrics", "base"),
     ("set_shape", "base"),
+    ("shared", "base"),
     ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),

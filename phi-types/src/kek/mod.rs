@@ -76,6 +76,8 @@ impl fmt::Debug for KekCheck {
     }
 }
 
+crate::shared::into_shared!(KeyEncryptionKey);
+
 /// A key encryption key: wraps and unwraps owners' data keys.
 ///
 /// Implementations bind each wrapped key to its owner and version (the
