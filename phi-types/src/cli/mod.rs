@@ -76,7 +76,7 @@ struct Cli {
     /// AWS_ENDPOINT_URL, …). With `aws-kms`, a local master key in the
     /// environment still unwraps the keys it wrapped.
     #[arg(long, env = "PHI_KEK", global = true)]
-    kek: Option<String>,
+    kek: Option<crate::KekSpec>,
 
     /// How often the application's keyrings read the key-event feed, in
     /// seconds (their `KeyringBuilder::feed_interval`): shred output says
@@ -1284,63 +1284,22 @@ type SharedKek = Arc<dyn KeyEncryptionKey>;
 
 /// The KEK of `--kek` (default `local:<--kek-id>`), and the local KEK that
 /// still unwraps older keys when the primary is a KMS key and a local master
-/// key is in the environment.
+/// key is in the environment ([`crate::KeyringConfig`]).
 fn configured_keks(cli: &Cli) -> CliResult<(SharedKek, Vec<SharedKek>)> {
-    let local = |id: &str| -> CliResult<Arc<dyn KeyEncryptionKey>> {
-        Ok(Arc::new(LocalKek::from_env(id)?))
-    };
-    let spec = cli
-        .kek
-        .clone()
-        .unwrap_or_else(|| format!("local:{}", cli.kek_id));
-    match spec.split_once(':') {
-        Some(("local", id)) if !id.is_empty() => Ok((local(id)?, Vec::new())),
-        Some(("aws-kms", key)) if !key.is_empty() => {
-            let older = if std::env::var_os(crate::MASTER_KEY_ENV).is_some()
-                || std::env::var_os(crate::MASTER_KEY_FILE_ENV).is_some()
-            {
-                vec![local(&cli.kek_id)?]
-            } else {
-                Vec::new()
-            };
-            Ok((aws_kek(key)?, older))
-        }
-        _ => Err(format!(
-            "--kek {spec:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)"
-        )
-        .into()),
-    }
+    Ok(crate::KeyringConfig::from_env_with(cli.kek.clone(), Some(&cli.kek_id))?.keks()?)
 }
 
-/// A KEK over the AWS KMS key `key`, configured from the AWS environment.
-#[cfg(feature = "aws-kms")]
-fn aws_kek(key: &str) -> CliResult<Arc<dyn KeyEncryptionKey>> {
-    Ok(Arc::new(crate::AwsKmsKek::builder(key).build()?))
-}
-
-/// Without the `aws-kms` feature: a clear refusal.
-#[cfg(not(feature = "aws-kms"))]
-fn aws_kek(key: &str) -> CliResult<Arc<dyn KeyEncryptionKey>> {
-    Err(format!(
-        "aws-kms:{key}: the aws-kms KEK provider is not built into this phi: rebuild with `--features aws-kms`"
-    )
-    .into())
-}
-
-/// The target of `keys rewrap --to`: `local:ID` (a local master key) or
-/// `aws-kms:KEY`.
+/// The target of `keys rewrap --to`: `local:ID` (a new local master key,
+/// from `--to-key-file` or `PHI_NEW_MASTER_KEY`) or `aws-kms:KEY`.
 fn target_kek(
     spec: &str,
     key_file: Option<&std::path::Path>,
 ) -> CliResult<Arc<dyn KeyEncryptionKey>> {
-    let (provider, id) = spec
-        .split_once(':')
-        .ok_or_else(|| format!("--to {spec:?}: expected PROVIDER:ID, e.g. local:local-2"))?;
-    if id.is_empty() {
-        return Err(format!("--to {spec:?}: the KEK id is empty").into());
-    }
-    match provider {
-        "local" => {
+    match spec
+        .parse::<crate::KekSpec>()
+        .map_err(|e| format!("--to: {e}"))?
+    {
+        crate::KekSpec::Local { id } => {
             let kek = match key_file {
                 Some(path) => LocalKek::from_file(id, path)?,
                 None => {
@@ -1352,11 +1311,7 @@ fn target_kek(
             };
             Ok(Arc::new(kek))
         }
-        "aws-kms" => aws_kek(id),
-        other => Err(format!(
-            "--to {spec}: unknown KEK provider {other:?} (known: local, aws-kms)"
-        )
-        .into()),
+        other => Ok(other.build()?),
     }
 }
 

@@ -42,6 +42,7 @@ mod blind_key;
 mod cache;
 mod check;
 mod clock;
+mod config;
 mod follow;
 mod misses;
 #[cfg(feature = "async")]
@@ -60,6 +61,7 @@ use std::time::{Duration, Instant};
 pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::KeyringConfig;
 pub use follow::FeedStatus;
 pub use readiness::{
     DEFAULT_KEK_PROBE_INTERVAL, DEFAULT_READINESS_TIMEOUT, FeedReadiness, KekReadiness, PoolState,
