@@ -1433,7 +1433,8 @@ async fn generate_key(
                         owners: limited(&todo).to_vec(),
                     }));
                 }
-                let created = lifecycle::generate(&keyring, &todo, 0, &mut |_| {})?;
+                let created =
+                    lifecycle::generate(&keyring, &todo, &lifecycle::GenerateOptions::default())?;
                 Ok(GenerateOut::Generated(GeneratedOut {
                     dry_run: false,
                     generated: created,

@@ -54,3 +54,47 @@ macro_rules! into_shared {
     };
 }
 pub(crate) use into_shared;
+
+/// A job's progress callback, as its options hold it (`.progress(f)`):
+/// none by default. Clones of the options report to the same callback. A
+/// callback that starts another job with the same options is not called
+/// from within itself (that report is skipped).
+pub(crate) struct Callback<'a, P>(Option<std::rc::Rc<std::cell::RefCell<dyn FnMut(&P) + 'a>>>);
+
+impl<'a, P> Callback<'a, P> {
+    /// `f`, called with each report.
+    pub(crate) fn new(f: impl FnMut(&P) + 'a) -> Self {
+        Callback(Some(std::rc::Rc::new(std::cell::RefCell::new(f))))
+    }
+
+    /// Reports `progress` to the callback, if any.
+    pub(crate) fn call(&self, progress: &P) {
+        if let Some(f) = &self.0
+            && let Ok(mut f) = f.try_borrow_mut()
+        {
+            f(progress);
+        }
+    }
+}
+
+impl<P> Default for Callback<'_, P> {
+    fn default() -> Self {
+        Callback(None)
+    }
+}
+
+impl<P> Clone for Callback<'_, P> {
+    fn clone(&self) -> Self {
+        Callback(self.0.clone())
+    }
+}
+
+impl<P> std::fmt::Debug for Callback<'_, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(<callback>)"
+        } else {
+            "None"
+        })
+    }
+}

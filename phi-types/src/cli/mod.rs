@@ -23,7 +23,7 @@ use clap::{Args, CommandFactory as _, FromArgMatches as _, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use crate::lifecycle::{self, DataConnection, ResealTable, RewrapScope};
+use crate::lifecycle::{self, DataConnection, ResealTable, RewrapOptions};
 use crate::store::DieselKeyStore;
 use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 
@@ -996,9 +996,10 @@ where
             }
             let keyring = env.keyring(&cli.actor)?;
             let progress = bar(todo.len() as u64, "generating", env.progress);
-            let created = lifecycle::generate(&keyring, todo, 0, &mut |done| {
-                progress.set_position(done as u64);
-            })?;
+            let options = lifecycle::GenerateOptions::default().progress(|done| {
+                progress.set_position(*done as u64);
+            });
+            let created = lifecycle::generate(&keyring, todo, &options)?;
             progress.finish_and_clear();
             outln!(env, "Generated {created} data key(s).");
             let after = lifecycle::coverage(env.store.as_ref(), &query)?;
@@ -1014,17 +1015,13 @@ where
             let keyring = env.keyring(&cli.actor)?;
             let mut conn = env.data()?;
             let progress = bar(0, "re-sealing", env.progress);
-            let report = lifecycle::reseal(
-                &mut conn,
-                &keyring,
-                owner,
-                &env.tables,
-                *batch_size,
-                &mut |p| {
+            let options = lifecycle::ResealOptions::default()
+                .batch_size(*batch_size)
+                .progress(|p| {
                     progress.set_length(p.total);
                     progress.set_position(p.resealed);
-                },
-            )?;
+                });
+            let report = lifecycle::reseal(&mut conn, &keyring, owner, &env.tables, &options)?;
             progress.finish_and_clear();
             outln!(
                 env,
@@ -1060,14 +1057,14 @@ where
             }
             let keyring = builder.actor(&cli.actor).build()?;
             let progress = bar(0, "rewrapping", env.progress);
-            let scope = RewrapScope {
-                from_kek: from.clone(),
-                batch_size: *batch_size,
-            };
-            let report = lifecycle::rewrap(&keyring, &scope, &mut |p| {
-                progress.set_length(p.total);
-                progress.set_position(p.rewrapped + p.skipped);
-            })?;
+            let options = RewrapOptions::default()
+                .from_kek_opt(from.clone())
+                .batch_size(*batch_size)
+                .progress(|p| {
+                    progress.set_length(p.total);
+                    progress.set_position(p.rewrapped + p.skipped);
+                });
+            let report = lifecycle::rewrap(&keyring, &options)?;
             progress.finish_and_clear();
             outln!(
                 env,
