@@ -145,8 +145,7 @@ pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> 
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
-            let mut conn = diesel::SqliteConnection::establish(url)?;
-            conn.batch_execute(SQLITE_PRAGMAS)?;
+            let mut conn = phi::sqlite::establish(url)?;
             migrated(&mut conn, SQLITE_MIGRATIONS)?;
             Ok(Arc::new(
                 DieselKeyStore::<diesel::SqliteConnection>::connect(url)?,

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle};
@@ -107,10 +106,9 @@ pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dy
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
             let store = DieselKeyStore::<diesel::SqliteConnection>::connect(url)?;
-            let mut conn = diesel::SqliteConnection::establish(url)?;
-            // WAL: readers do not block the writer; the key store's own
-            // connections wait for a lock rather than fail.
-            conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;")?;
+            // A busy timeout (phi writes to the same file from connections
+            // of its own) and WAL (readers do not block the writer).
+            let mut conn = phi::sqlite::establish(url)?;
             conn.run_pending_migrations(SQLITE_MIGRATIONS)
                 .map_err(migration_error)?;
             Ok((AnyConnection::Sqlite(conn), Arc::new(store)))

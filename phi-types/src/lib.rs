@@ -116,6 +116,8 @@ mod sealer;
 mod set_shape;
 mod shared;
 mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 mod store;
 mod telemetry;
 #[cfg(feature = "uuid")]

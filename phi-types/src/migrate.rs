@@ -906,6 +906,7 @@ pub fn record_legacy_table<C: DataConnection>(
     decoder: &dyn LegacyDecoder,
 ) -> Result<RecordReport> {
     t.validate()?;
+    prepare_connection(conn, t)?;
     let started = Instant::now();
     let sealed = conn.migration_count(t, true)?;
     if sealed > 0 {
@@ -997,6 +998,7 @@ pub fn verify_table<C: DataConnection>(
     let progress = &mut |p: &Progress| options.progress.call(p);
     let mut tally = Tally::default();
     t.validate()?;
+    prepare_connection(conn, t)?;
     let started = Instant::now();
     let has_records = conn.count_legacy_records(t.table)?.is_some_and(|n| n > 0);
     let mut report = VerifyReport {
@@ -1391,6 +1393,16 @@ fn owners_without_key(keyring: &Keyring, owners: &BTreeSet<String>) -> Result<u6
     Ok(owners.iter().filter(|o| !with_key.contains(*o)).count() as u64)
 }
 
+/// What the jobs set on the application's connection first (SQLite: a busy
+/// timeout when it has none; see [`crate::sqlite`]).
+fn prepare_connection<C: DataConnection>(conn: &mut C, t: &StoredTable) -> Result<()> {
+    conn.prepare_for_phi().map_err(|source| Error::Database {
+        operation: "setting the busy timeout of the application's connection",
+        table: t.table,
+        source,
+    })
+}
+
 /// Batches in a row that read rows but wrote none, after which a job gives
 /// up (rows whose owner keeps changing between the owners' read and the
 /// batch).
@@ -1406,6 +1418,7 @@ fn migrate<C: DataConnection>(
     before_write: &mut dyn FnMut(&mut C) -> Result<()>,
 ) -> Result<MigrationReport> {
     t.validate()?;
+    prepare_connection(conn, t)?;
     let started = Instant::now();
     // Rows to migrate have the flag `from`.
     let from = !sealing;

@@ -49,6 +49,7 @@ const MODULES: &[(&str, &str)] = &[
     ("metrics", "base"),
     ("set_shape", "base"),
     ("shared", "base"),
+    ("sqlite", "base"),
     ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),

@@ -645,6 +645,22 @@ pub struct ResealProgress {
     pub batches: u64,
 }
 
+/// What a job sets on the application's connection first (SQLite: a busy
+/// timeout when it has none; see [`crate::sqlite`]).
+pub(crate) fn prepare_connection<C: DataConnection>(
+    conn: &mut C,
+    tables: &[ResealTable],
+    owner: &str,
+) -> Result<()> {
+    conn.prepare_for_phi().map_err(|source| Error::DataTable {
+        operation: "setting the busy timeout of the application's connection",
+        table: tables.first().map(|t| t.table.clone()).unwrap_or_default(),
+        column: String::new(),
+        owner: owner.to_owned(),
+        source: source.into(),
+    })
+}
+
 /// Consecutive batches with no progress before a re-seal gives up on a
 /// column (values that keep changing under it).
 const MAX_IDLE_BATCHES: u32 = 20;
@@ -705,6 +721,7 @@ pub fn reseal<C: DataConnection>(
     for t in tables {
         t.validate()?;
     }
+    prepare_connection(conn, tables, owner)?;
     let batch = if batch_size == 0 {
         DEFAULT_BATCH_SIZE
     } else {

@@ -333,6 +333,7 @@ pub fn rotate_all_interleaved<C: DataConnection>(
     for t in tables {
         t.validate()?;
     }
+    super::prepare_connection(conn, tables, "*")?;
     let store = keyring.store().clone();
     let list = owners.resolve(keyring)?;
     let mut report = RotateAllReport {
