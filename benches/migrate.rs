@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use phi::lifecycle::{self, RewrapScope};
+use phi::lifecycle::{self, RewrapOptions};
 use phi::migrate::{self, MigrateOptions};
 use phi::{KeyBytes, KeyEncryptionKey as _, KeyStore, Keyring, LocalKek, PhiRecord, Rollout};
 
@@ -152,12 +152,9 @@ fn rewrap_all(
         .unwrap_with(from)
         .actor("phi-bench-migrate")
         .build()?;
-    let scope = RewrapScope {
-        from_kek: Some(from_id),
-        batch_size: 500,
-    };
+    let scope = RewrapOptions::default().from_kek(from_id).batch_size(500);
     let start = Instant::now();
-    let report = lifecycle::rewrap(&keyring, &scope, &mut |_| {})?;
+    let report = lifecycle::rewrap(&keyring, &scope)?;
     let took = start.elapsed();
     if report.rewrapped != report.total || report.skipped != 0 {
         return Err(format!("rewrap: {report:?}").into());
@@ -268,23 +265,14 @@ macro_rules! backend_run {
                     for (i, &batch) in batches.iter().enumerate() {
                         let options = MigrateOptions::default().batch(batch);
                         let start = Instant::now();
-                        let report = migrate::backfill::<Case, _>(
-                            &mut conn,
-                            &keyring,
-                            &options,
-                            &mut |_| {},
-                        )?;
+                        let report = migrate::backfill::<Case, _>(&mut conn, &keyring, &options)?;
                         s.backfill[i].push(start.elapsed());
                         if report.rows != n as u64 || count(&mut conn, true)? != n {
                             return Err(format!("backfill: {report}").into());
                         }
                         let start = Instant::now();
-                        let report = migrate::decrypt_back::<Case, _>(
-                            &mut conn,
-                            &keyring,
-                            &options,
-                            &mut |_| {},
-                        )?;
+                        let report =
+                            migrate::decrypt_back::<Case, _>(&mut conn, &keyring, &options)?;
                         s.decrypt[i].push(start.elapsed());
                         if report.rows != n as u64 || count(&mut conn, false)? != n {
                             return Err(format!("decrypt-back: {report}").into());

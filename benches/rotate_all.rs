@@ -49,7 +49,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// The job's options: the defaults, or `PHI_ROTATE_BATCH` rows per
 /// re-seal transaction and `PHI_ROTATE_CLAIM` owners per claim.
-fn options(job: String) -> RotateAllOptions {
+fn options(job: String) -> RotateAllOptions<'static> {
     let defaults = RotateAllOptions::new(job);
     let batch = env_usize("PHI_ROTATE_BATCH", defaults.batch_size);
     let claim = env_usize("PHI_ROTATE_CLAIM", defaults.owners_per_claim);
@@ -217,7 +217,6 @@ macro_rules! run_backend {
             &set,
             &tables,
             &options(format!("bench-{stamp}-1")),
-            &mut |_| {},
         )?;
         let one_time = start.elapsed();
         assert!(one.finished() && one.resealed == 4 * rows as u64, "{one:?}");
@@ -242,7 +241,6 @@ macro_rules! run_backend {
                             set,
                             tables,
                             &options(job2.clone()).worker(format!("bench-worker-{w}")),
-                            &mut |_| {},
                         )
                         .map_err(|e| text(&e))
                     })

@@ -14,12 +14,11 @@
 //! coverage).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::http::request::Parts;
 use phi::admin::{self, Actor, Guard, Options, Rejection};
-use phi::{DieselKeyStore, Keyring, LocalKek};
+use phi::{DieselKeyStore, KeyringConfig};
 use sha2::{Digest, Sha256};
 
 /// Admits requests whose bearer token is the configured one, as actor
@@ -71,8 +70,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("PHI_ADMIN_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
 
     let store = DieselKeyStore::<diesel::SqliteConnection>::connect(&db)?;
-    let kek = LocalKek::from_env("local-1")?;
-    let keyring = Keyring::builder(Arc::new(store), Arc::new(kek))
+    // The KEK as PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE) configure it.
+    let keyring = KeyringConfig::from_env()?
+        .builder(store)?
         .actor("admin-example")
         .build()?;
     let mut options = Options::default();

@@ -289,7 +289,7 @@ fn run() -> Result<ExitCode, BoxError> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "adopt.db".into());
     let args: Vec<String> = std::env::args().collect();
     let phase = phase()?;
-    let conn = || SqliteConnection::establish(url.trim_start_matches("sqlite://"));
+    let conn = || phi::sqlite::establish(url.trim_start_matches("sqlite://"));
     match args.get(1).map(String::as_str) {
         Some("seed") => {
             let patients = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
-use phi::{DieselKeyStore, Keyring, LocalKek, Rollout, lifecycle};
+use phi::{DieselKeyStore, Keyring, KeyringConfig, Rollout, lifecycle};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -53,10 +53,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         diesel::connection::set_default_instrumentation(make)?;
     }
-    let kek_id = std::env::var("PHI_KEK_ID").unwrap_or_else(|_| "local-1".into());
-    let kek = Arc::new(LocalKek::from_env(&kek_id)?);
-    let store = connect(&url)?;
-    let keyring = Keyring::builder(store, kek)
+    // PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE), as every phi process reads them.
+    let keyring = KeyringConfig::from_env()?
+        .builder(connect(&url)?)?
         .actor("fleet-node")
         .feed_interval(Duration::from_millis(interval))
         .rollout_policy(policy)

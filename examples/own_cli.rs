@@ -11,10 +11,9 @@
 //! created by its migrations, with rows written before phi (flag off).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use phi::cli::App;
-use phi::{Keyring, LocalKek, PhiRecord};
+use phi::{KeyringConfig, PhiRecord};
 
 diesel::table! {
     /// The application's notes: the body sealed under its author's key.
@@ -51,8 +50,9 @@ pub struct Note {
 
 fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://notes.db".into());
-    let kek = Arc::new(LocalKek::from_env("local-1")?);
-    let keyring = Keyring::builder(phi::cli::key_store(&url)?, kek)
+    // The KEK as PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE) configure it.
+    let keyring = KeyringConfig::from_env()?
+        .builder(phi::cli::key_store(&url)?)?
         .actor("notes-admin")
         .build()?;
     Ok(App::new(url, keyring)

@@ -145,8 +145,7 @@ pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> 
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
-            let mut conn = diesel::SqliteConnection::establish(url)?;
-            conn.batch_execute(SQLITE_PRAGMAS)?;
+            let mut conn = phi::sqlite::establish(url)?;
             migrated(&mut conn, SQLITE_MIGRATIONS)?;
             Ok(Arc::new(
                 DieselKeyStore::<diesel::SqliteConnection>::connect(url)?,
@@ -236,46 +235,15 @@ pub(crate) type Keks = (Arc<dyn KeyEncryptionKey>, Vec<Arc<dyn KeyEncryptionKey>
 /// The KEK that wraps new data keys, configured as the clinic CLI's is:
 /// `--kek aws-kms:KEY` (AWS KMS from the AWS environment), `--kek local:ID`
 /// or `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE` (a local master key, id
-/// `local-1` by default), else a development key file created beside the
+/// `PHI_KEK_ID` or `local-1`; [`phi::KeyringConfig`]), else a development key file created beside the
 /// database on the first run and refused on a database holding keys of
 /// another KEK. Also returns older KEKs that still unwrap.
-pub(crate) fn keks(spec: Option<&str>, store: &dyn KeyStore) -> Result<Keks> {
-    let env_key = std::env::var_os(phi::MASTER_KEY_ENV).is_some()
-        || std::env::var_os(phi::MASTER_KEY_FILE_ENV).is_some();
-    match spec.map(|s| s.split_once(':')) {
-        None if env_key => Ok((Arc::new(LocalKek::from_env("local-1")?), Vec::new())),
-        None => Ok((Arc::new(dev_master_key(store)?), Vec::new())),
-        Some(Some(("local", id))) if !id.is_empty() => {
-            Ok((Arc::new(LocalKek::from_env(id)?), Vec::new()))
-        }
-        Some(Some(("aws-kms", key))) if !key.is_empty() => {
-            let older: Vec<Arc<dyn KeyEncryptionKey>> = if env_key {
-                vec![Arc::new(LocalKek::from_env("local-1")?)]
-            } else {
-                Vec::new()
-            };
-            Ok((aws_kek(key)?, older))
-        }
-        Some(_) => Err(format!(
-            "--kek {:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)",
-            spec.unwrap_or_default()
-        )
-        .into()),
+pub(crate) fn keks(spec: Option<phi::KekSpec>, store: &dyn KeyStore) -> Result<Keks> {
+    let config = phi::KeyringConfig::from_env_with(spec, None)?;
+    if !config.is_configured() {
+        return Ok((Arc::new(dev_master_key(store)?), Vec::new()));
     }
-}
-
-#[cfg(feature = "aws-kms")]
-fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
-    Ok(Arc::new(phi::AwsKmsKek::builder(key).build()?))
-}
-
-#[cfg(not(feature = "aws-kms"))]
-fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
-    Err(format!(
-        "aws-kms:{key}: this service was built without the AWS KMS provider: rebuild with \
-         `--features aws-kms`"
-    )
-    .into())
+    Ok(config.keks()?)
 }
 
 /// The development key file's KEK, creating the file on the first run;

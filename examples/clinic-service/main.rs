@@ -114,9 +114,9 @@ struct Cli {
 
     /// The KEK that wraps new data keys: `aws-kms:KEY` or `local:ID` (the
     /// master key in PHI_MASTER_KEY / PHI_MASTER_KEY_FILE). Default: that
-    /// master key as `local-1`, else a development key file.
+    /// master key as `local-1` (or `PHI_KEK_ID`), else a development key file.
     #[arg(long, env = "PHI_KEK")]
-    kek: Option<String>,
+    kek: Option<phi::KekSpec>,
 
     /// Address to listen on; port 0 picks a free one (the address is
     /// printed on standard output once listening).
@@ -329,7 +329,7 @@ fn run(cli: Cli) -> Result<()> {
     // Migrations, key store, KEK check: synchronous, before the runtime
     // starts (a KMS client of phi's sync API runs its own runtime).
     let store = db::prepare(backend, &url)?;
-    let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
+    let (kek, older) = db::keks(cli.kek.clone(), store.as_ref())?;
     // The access log: chained under a key that derives from the KEK
     // (through phi's own owner `phi:access-log`), so it is started with a
     // keyring of the same store and KEKs that logs nothing itself.

@@ -68,7 +68,7 @@ impl Clinic {
 pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     let (backend, url, name) = db::parse_url(&cli.database_url)?;
     let (conn, store) = db::open(backend, &url)?;
-    let (kek, older) = db::keks(cli.kek.as_deref(), store.as_ref())?;
+    let (kek, older) = db::keks(cli.kek.clone(), store.as_ref())?;
     let persisted = db::load_rollout(store.as_ref())?;
     let keyring = db::keyring(&store, &kek, &older, persisted, true)?;
     let mut clinic = Clinic {

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle};
@@ -107,10 +106,9 @@ pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dy
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
             let store = DieselKeyStore::<diesel::SqliteConnection>::connect(url)?;
-            let mut conn = diesel::SqliteConnection::establish(url)?;
-            // WAL: readers do not block the writer; the key store's own
-            // connections wait for a lock rather than fail.
-            conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000;")?;
+            // A busy timeout (phi writes to the same file from connections
+            // of its own) and WAL (readers do not block the writer).
+            let mut conn = phi::sqlite::establish(url)?;
             conn.run_pending_migrations(SQLITE_MIGRATIONS)
                 .map_err(migration_error)?;
             Ok((AnyConnection::Sqlite(conn), Arc::new(store)))
@@ -171,52 +169,19 @@ pub(crate) type SharedKek = Arc<dyn KeyEncryptionKey>;
 ///   `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE` still unwraps older keys.
 /// - `--kek local:ID`, or no `--kek` with `PHI_MASTER_KEY` /
 ///   `PHI_MASTER_KEY_FILE` set: that local master key, KEK id `ID`
-///   (default `local-1`).
+///   (default `PHI_KEK_ID`, else `local-1`): [`phi::KeyringConfig`].
 /// - Nothing configured: the development key file (KEK id `clinic-dev`),
 ///   created (mode 0600) with a warning on the first run; refused when the
 ///   database holds data keys under another KEK.
 pub(crate) fn keks(
-    spec: Option<&str>,
+    spec: Option<phi::KekSpec>,
     store: &dyn KeyStore,
 ) -> Result<(SharedKek, Vec<SharedKek>)> {
-    let env_key = std::env::var_os(phi::MASTER_KEY_ENV).is_some()
-        || std::env::var_os(phi::MASTER_KEY_FILE_ENV).is_some();
-    match spec.map(|s| s.split_once(':')) {
-        None if env_key => Ok((Arc::new(LocalKek::from_env("local-1")?), Vec::new())),
-        None => Ok((Arc::new(dev_master_key(store)?), Vec::new())),
-        Some(Some(("local", id))) if !id.is_empty() => {
-            Ok((Arc::new(LocalKek::from_env(id)?), Vec::new()))
-        }
-        Some(Some(("aws-kms", key))) if !key.is_empty() => {
-            let older: Vec<Arc<dyn KeyEncryptionKey>> = if env_key {
-                vec![Arc::new(LocalKek::from_env("local-1")?)]
-            } else {
-                Vec::new()
-            };
-            Ok((aws_kek(key)?, older))
-        }
-        Some(_) => Err(format!(
-            "--kek {:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)",
-            spec.unwrap_or_default()
-        )
-        .into()),
+    let config = phi::KeyringConfig::from_env_with(spec, None)?;
+    if !config.is_configured() {
+        return Ok((Arc::new(dev_master_key(store)?), Vec::new()));
     }
-}
-
-/// A KEK over the AWS KMS key `key`, configured from the AWS environment.
-#[cfg(feature = "aws-kms")]
-fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
-    Ok(Arc::new(phi::AwsKmsKek::builder(key).build()?))
-}
-
-/// Without the `aws-kms` feature: a clear refusal.
-#[cfg(not(feature = "aws-kms"))]
-fn aws_kek(key: &str) -> Result<Arc<dyn KeyEncryptionKey>> {
-    Err(format!(
-        "aws-kms:{key}: this clinic was built without the AWS KMS provider: rebuild with \
-         `--features aws-kms`"
-    )
-    .into())
+    Ok(config.keks()?)
 }
 
 /// The development key file's KEK, creating the file on the first run.

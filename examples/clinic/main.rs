@@ -67,10 +67,10 @@ pub(crate) struct Cli {
     /// The KEK that wraps new data keys: `aws-kms:KEY` (key id, ARN or
     /// `alias/…`; a build with `--features aws-kms`) or `local:ID` (the master
     /// key in PHI_MASTER_KEY / PHI_MASTER_KEY_FILE). Default: that local
-    /// master key as `local-1`, else a development key file (KEK id
+    /// master key as `local-1` (or `PHI_KEK_ID`), else a development key file (KEK id
     /// `clinic-dev`; refused on a database holding keys of another KEK).
     #[arg(long, env = "PHI_KEK", global = true)]
-    kek: Option<String>,
+    kek: Option<phi::KekSpec>,
 
     #[command(subcommand)]
     command: Option<Command>,

@@ -147,6 +147,8 @@ pub struct AccessRecord {
     pub fields: Vec<String>,
 }
 
+crate::shared::into_shared!(AccessLog);
+
 /// Where a keyring's access records go.
 ///
 /// [`append`](Self::append) is called on the path of every typed read and

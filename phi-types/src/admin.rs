@@ -287,10 +287,14 @@ impl Options {
         self
     }
 
-    /// Sets [`Options::access_log`].
+    /// Sets [`Options::access_log`]: the tables by value or an `Arc` of
+    /// them ([`IntoShared`](crate::IntoShared)).
     #[must_use]
-    pub fn access_log(mut self, tables: Arc<dyn crate::access_log::AccessLogStore>) -> Self {
-        self.access_log = Some(tables);
+    pub fn access_log(
+        mut self,
+        tables: impl crate::IntoShared<dyn crate::access_log::AccessLogStore>,
+    ) -> Self {
+        self.access_log = Some(tables.into_shared());
         self
     }
 
@@ -1429,7 +1433,8 @@ async fn generate_key(
                         owners: limited(&todo).to_vec(),
                     }));
                 }
-                let created = lifecycle::generate(&keyring, &todo, 0, &mut |_| {})?;
+                let created =
+                    lifecycle::generate(&keyring, &todo, &lifecycle::GenerateOptions::default())?;
                 Ok(GenerateOut::Generated(GeneratedOut {
                     dry_run: false,
                     generated: created,

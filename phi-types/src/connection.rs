@@ -29,6 +29,14 @@ pub trait PhiConnection:
         Ok(())
     }
 
+    /// Settings phi needs on an application's connection before a job
+    /// runs on it (SQLite: a busy timeout when none is set, see
+    /// [`crate::sqlite`]).
+    #[doc(hidden)]
+    fn prepare_for_phi(&mut self) -> diesel::QueryResult<()> {
+        Ok(())
+    }
+
     /// Tells listeners that the feed's head is now `head`, inside the
     /// appending transaction (PostgreSQL: `pg_notify`; elsewhere nothing).
     #[doc(hidden)]
@@ -66,6 +74,10 @@ impl PhiConnection for diesel::SqliteConnection {
         // owner's wrapped keys do not linger in free space (copies already
         // in a write-ahead log or a backup are out of its reach).
         self.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;")
+    }
+
+    fn prepare_for_phi(&mut self) -> diesel::QueryResult<()> {
+        crate::sqlite::busy_timeout_if_unset(self)
     }
 }
 

@@ -115,7 +115,10 @@ mod nonce;
 pub mod record;
 mod sealer;
 mod set_shape;
+mod shared;
 mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 mod store;
 mod telemetry;
 #[cfg(feature = "uuid")]
@@ -144,14 +147,15 @@ pub use kek::{
     CONTEXT_KEK_CHECK, CONTEXT_OWNER,
 };
 pub use kek::{
-    CHECK_CANARY, CHECK_FORMAT_LOCAL, CHECK_FORMAT_WRAP, CHECK_OWNER, KekCheck, KeyEncryptionKey,
-    LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV,
+    CHECK_CANARY, CHECK_FORMAT_LOCAL, CHECK_FORMAT_WRAP, CHECK_OWNER, DEFAULT_LOCAL_KEK_ID,
+    KEK_ENV, KEK_ID_ENV, KekCheck, KekSpec, KeyEncryptionKey, LocalKek, MASTER_KEY_ENV,
+    MASTER_KEY_FILE_ENV,
 };
 pub use keyring::{
     Clock, DEFAULT_AUDIT_QUEUE, DEFAULT_FEED_INTERVAL, DEFAULT_FEED_MAX_STALENESS,
     DEFAULT_KEYRING_NAME, DEFAULT_MAX_OWNERS, DEFAULT_ROLLOUT_POLICY, DEFAULT_TTL,
-    DEFAULT_UNKNOWN_VERSION_TTL, FeedStatus, Keyring, KeyringBuilder, KeyringStats, MAX_OWNER_LEN,
-    ManualClock, OwnerKeys, SystemClock, WarmReport,
+    DEFAULT_UNKNOWN_VERSION_TTL, FeedStatus, Keyring, KeyringBuilder, KeyringConfig, KeyringStats,
+    MAX_OWNER_LEN, ManualClock, OwnerKeys, SystemClock, WarmReport,
 };
 pub use keyring::{
     DEFAULT_KEK_PROBE_INTERVAL, DEFAULT_READINESS_TIMEOUT, FeedReadiness, KekReadiness, PoolState,
@@ -162,6 +166,7 @@ pub use keyring::{DEFAULT_MAX_SEALS_PER_KEY, NONCE_BUDGET, RotationPolicy};
 #[doc(inline)]
 pub use phi_derive::PhiRecord;
 pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord, Updated};
+pub use shared::IntoShared;
 pub use sql::Encrypted;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub use store::DieselKeyStore;

@@ -310,6 +310,11 @@ pub fn reindex_table<C: DataConnection>(
     let started = Instant::now();
     let t = &table.table;
     t.validate()?;
+    conn.prepare_for_phi().map_err(|source| Error::Database {
+        operation: "setting the busy timeout of the application's connection",
+        table: t.table,
+        source,
+    })?;
     let columns = &table.columns;
     let mut positions = Vec::with_capacity(columns.len());
     for c in columns {

@@ -71,7 +71,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use diesel::prelude::*;
-//! use phi_types::migrate::{self, MigrateOptions};
+//! use phi_types::migrate::{self, BackfillOptions, VerifyOptions};
 //! use phi_types::{Keyring, LocalKek, MemoryKeyStore, KeyBytes, PhiRecord, Rollout};
 //!
 //! diesel::table! {
@@ -108,10 +108,14 @@
 //!
 //! let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
 //! let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), kek).build()?;
-//! let report = migrate::backfill::<Case, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})?;
+//! let mut batches = 0;
+//! let options = BackfillOptions::default().batch(500).progress(|_| batches += 1);
+//! let report = migrate::backfill::<Case, _>(&mut conn, &keyring, &options)?;
 //! assert_eq!((report.rows, report.remaining), (1, 0));
+//! drop(options);
+//! assert_eq!(batches, 1);
 //!
-//! let verified = migrate::verify::<Case, _>(&mut conn, &keyring, None, &mut |_| {})?;
+//! let verified = migrate::verify::<Case, _>(&mut conn, &keyring, &VerifyOptions::default())?;
 //! assert!(verified.is_ok() && verified.sealed == 1 && verified.unsealed == 0);
 //! let cases = Case::load(cases::table, &mut conn, &keyring)?;
 //! assert_eq!((cases[0].patient_last.as_str(), cases[0].phi_encrypted), ("Doe", true));
@@ -213,25 +217,54 @@ impl KeyColumnType for crate::BinaryUuid {
     const COLUMN_TYPE: Option<ColumnType> = None;
 }
 
-/// Settings of [`backfill`] and [`decrypt_back`].
+/// Settings of [`backfill`] and [`decrypt_back`]: the batch size, a dry
+/// run, a legacy decoder and a progress callback.
+///
+/// ```
+/// use phi_types::migrate::{BackfillOptions, Progress};
+///
+/// let mut seen = Vec::new();
+/// let options = BackfillOptions::default()
+///     .batch(500)
+///     .progress(|p: &Progress| seen.push(p.done));
+/// // phi_types::migrate::backfill::<Case, _>(&mut conn, &keyring, &options)?;
+/// # drop(options);
+/// ```
 #[derive(Clone, Debug)]
-pub struct MigrateOptions {
+pub struct MigrateOptions<'a> {
     batch: usize,
     dry_run: bool,
     legacy: Option<Arc<dyn LegacyDecoder>>,
+    progress: crate::shared::Callback<'a, Progress>,
 }
 
-impl Default for MigrateOptions {
+/// The options of [`backfill`] (and [`decrypt_back`]).
+pub type BackfillOptions<'a> = MigrateOptions<'a>;
+
+impl Default for MigrateOptions<'_> {
     fn default() -> Self {
         MigrateOptions {
             batch: DEFAULT_BATCH,
             dry_run: false,
             legacy: None,
+            progress: crate::shared::Callback::default(),
         }
     }
 }
 
-impl MigrateOptions {
+impl MigrateOptions<'_> {
+    /// Calls `f` after each batch with how far the job is (default: no
+    /// callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&Progress) + 'b) -> MigrateOptions<'b> {
+        MigrateOptions {
+            batch: self.batch,
+            dry_run: self.dry_run,
+            legacy: self.legacy,
+            progress: crate::shared::Callback::new(f),
+        }
+    }
+
     /// Rows per batch, each batch one transaction (default
     /// [`DEFAULT_BATCH`]; clamped to 1..=[`MAX_BATCH`]).
     #[must_use]
@@ -273,7 +306,7 @@ impl MigrateOptions {
     }
 
     /// The decoder a job uses: this one, else the keyring's.
-    fn decoder<'a>(&'a self, keyring: &'a Keyring) -> Option<&'a dyn LegacyDecoder> {
+    fn decoder<'k>(&'k self, keyring: &'k Keyring) -> Option<&'k dyn LegacyDecoder> {
         self.legacy
             .as_deref()
             .or_else(|| keyring.legacy_decoder().map(|d| d.as_ref()))
@@ -555,7 +588,7 @@ pub struct VerifyReport {
     pub problems_found: u64,
     /// The first problems found, of every kind.
     pub failures: Vec<VerifyFailure>,
-    /// With a legacy decoder ([`verify_legacy`]): the recorded unsealed
+    /// With a legacy decoder ([`VerifyOptions::legacy`]): the recorded unsealed
     /// values found in each legacy format, and how many of them do not
     /// open.
     pub legacy: Vec<LegacyCount>,
@@ -621,8 +654,8 @@ impl fmt::Display for VerifyReport {
 /// Seals every row of `M`'s table whose encrypted flag is off, in batches
 /// of [`MigrateOptions::batch`] rows, each one transaction; with
 /// [`MigrateOptions::dry_run`], reads and checks them and writes nothing.
-/// Owners without a data key get one. `progress` is called after each
-/// batch.
+/// Owners without a data key get one. The options' progress callback
+/// ([`MigrateOptions::progress`]) is called after each batch.
 ///
 /// Safe to run again after a crash (it goes on where the last committed
 /// batch ended) and alongside another run or the application (a row is
@@ -640,18 +673,9 @@ impl fmt::Display for VerifyReport {
 pub fn backfill<M: Migratable, C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
-    options: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    options: &MigrateOptions<'_>,
 ) -> Result<MigrationReport> {
-    migrate::<C>(
-        &M::stored_table(),
-        conn,
-        keyring,
-        options,
-        true,
-        progress,
-        &mut |_| Ok(()),
-    )
+    backfill_table(&M::stored_table(), conn, keyring, options)
 }
 
 /// The emergency rollback: turns every sealed row of `M`'s table back into
@@ -667,18 +691,9 @@ pub fn backfill<M: Migratable, C: DataConnection>(
 pub fn decrypt_back<M: Migratable, C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
-    options: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    options: &MigrateOptions<'_>,
 ) -> Result<MigrationReport> {
-    migrate::<C>(
-        &M::stored_table(),
-        conn,
-        keyring,
-        options,
-        false,
-        progress,
-        &mut |_| Ok(()),
-    )
+    decrypt_back_table(&M::stored_table(), conn, keyring, options)
 }
 
 /// [`backfill`] (`sealing`) or [`decrypt_back`] with `between` called in
@@ -690,7 +705,7 @@ pub fn decrypt_back<M: Migratable, C: DataConnection>(
 pub fn migrate_interleaved<M: Migratable, C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
-    options: &MigrateOptions,
+    options: &MigrateOptions<'_>,
     sealing: bool,
     between: &mut dyn FnMut(&mut C) -> Result<()>,
 ) -> Result<MigrationReport> {
@@ -700,16 +715,83 @@ pub fn migrate_interleaved<M: Migratable, C: DataConnection>(
         keyring,
         options,
         sealing,
-        &mut |_| {},
+        &mut |p| options.progress.call(p),
         between,
     )
+}
+
+/// Settings of [`verify`]: a sample size, a legacy decoder and a progress
+/// callback.
+///
+/// ```
+/// use phi_types::migrate::VerifyOptions;
+///
+/// let options = VerifyOptions::default()
+///     .sample(1_000)
+///     .progress(|p| eprintln!("{}: {} of {}", p.table, p.done, p.total));
+/// // let report = phi_types::migrate::verify::<Case, _>(&mut conn, &keyring, &options)?;
+/// # drop(options);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions<'a> {
+    sample: Option<usize>,
+    legacy: Option<Arc<dyn LegacyDecoder>>,
+    progress: crate::shared::Callback<'a, Progress>,
+}
+
+impl VerifyOptions<'_> {
+    /// Checks at most `rows` sealed and `rows` unsealed rows, chosen at
+    /// random (default: every row).
+    #[must_use]
+    pub fn sample(mut self, rows: usize) -> Self {
+        self.sample = Some(rows);
+        self
+    }
+
+    /// [`sample`](Self::sample) when `Some`, every row when `None`.
+    #[must_use]
+    pub fn sample_opt(mut self, rows: Option<usize>) -> Self {
+        self.sample = rows;
+        self
+    }
+
+    /// Opens the recorded legacy values of unsealed rows with `decoder`, as
+    /// the backfill opens them (see [`MigrateOptions::legacy`]): such a
+    /// value that does not open, or whose plaintext does not decode as its
+    /// field's type, is a failure ([`ProblemKind::Unreadable`]); the values
+    /// found in each format are counted in [`VerifyReport::legacy`]. A
+    /// value that looks legacy but the backfill would seal as text is a
+    /// notice ([`ProblemKind::LegacyAsText`],
+    /// [`VerifyReport::legacy_as_text`]). Default: none.
+    #[must_use]
+    pub fn legacy(mut self, decoder: Arc<dyn LegacyDecoder>) -> Self {
+        self.legacy = Some(decoder);
+        self
+    }
+
+    /// Calls `f` after each batch with how far the check is (default: no
+    /// callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&Progress) + 'b) -> VerifyOptions<'b> {
+        VerifyOptions {
+            sample: self.sample,
+            legacy: self.legacy,
+            progress: crate::shared::Callback::new(f),
+        }
+    }
+
+    /// The sample size, if any.
+    pub fn sample_size(&self) -> Option<usize> {
+        self.sample
+    }
 }
 
 /// Checks `M`'s table: every value of a sealed row is an envelope that
 /// opens for its owner, column and row, and decodes as its field's type,
 /// and its blind index matches; every value of an unsealed row decodes.
-/// With `sample`, at most that many sealed and that many unsealed rows,
-/// chosen at random; else every row.
+/// With [`VerifyOptions::sample`], at most that many sealed and that many
+/// unsealed rows, chosen at random; else every row. With
+/// [`VerifyOptions::legacy`], recorded legacy values are opened too.
 ///
 /// Reads only; rows written while it runs may be missed or reported.
 ///
@@ -719,30 +801,9 @@ pub fn migrate_interleaved<M: Migratable, C: DataConnection>(
 pub fn verify<M: Migratable, C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
-    sample: Option<usize>,
-    progress: &mut dyn FnMut(&Progress),
+    options: &VerifyOptions<'_>,
 ) -> Result<VerifyReport> {
-    verify_legacy::<M, C>(conn, keyring, sample, None, progress)
-}
-
-/// [`verify`], with the recorded legacy values of unsealed rows opened by
-/// `legacy`, as the backfill opens them (see [`MigrateOptions::legacy`]):
-/// such a value that does not open, or whose plaintext does not decode as
-/// its field's type, is a failure ([`ProblemKind::Unreadable`]); the
-/// values found in each format are counted in [`VerifyReport::legacy`].
-/// A value that looks legacy but the backfill would seal as text is a
-/// notice ([`ProblemKind::LegacyAsText`], [`VerifyReport::legacy_as_text`]).
-///
-/// # Errors
-/// As [`verify`].
-pub fn verify_legacy<M: Migratable, C: DataConnection>(
-    conn: &mut C,
-    keyring: &Keyring,
-    sample: Option<usize>,
-    legacy: Option<&dyn LegacyDecoder>,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<VerifyReport> {
-    verify_table_legacy(&M::stored_table(), conn, keyring, sample, legacy, progress)
+    verify_table(&M::stored_table(), conn, keyring, options)
 }
 
 /// [`backfill`] of the table `t` describes ([`Migratable::stored_table`]),
@@ -755,9 +816,9 @@ pub fn backfill_table<C: DataConnection>(
     t: &StoredTable,
     conn: &mut C,
     keyring: &Keyring,
-    options: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    options: &MigrateOptions<'_>,
 ) -> Result<MigrationReport> {
+    let progress = &mut |p: &Progress| options.progress.call(p);
     migrate::<C>(t, conn, keyring, options, true, progress, &mut |_| Ok(()))
 }
 
@@ -769,9 +830,9 @@ pub fn decrypt_back_table<C: DataConnection>(
     t: &StoredTable,
     conn: &mut C,
     keyring: &Keyring,
-    options: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    options: &MigrateOptions<'_>,
 ) -> Result<MigrationReport> {
+    let progress = &mut |p: &Progress| options.progress.call(p);
     migrate::<C>(t, conn, keyring, options, false, progress, &mut |_| Ok(()))
 }
 
@@ -845,6 +906,7 @@ pub fn record_legacy_table<C: DataConnection>(
     decoder: &dyn LegacyDecoder,
 ) -> Result<RecordReport> {
     t.validate()?;
+    prepare_connection(conn, t)?;
     let started = Instant::now();
     let sealed = conn.migration_count(t, true)?;
     if sealed > 0 {
@@ -929,26 +991,14 @@ pub fn verify_table<C: DataConnection>(
     t: &StoredTable,
     conn: &mut C,
     keyring: &Keyring,
-    sample: Option<usize>,
-    progress: &mut dyn FnMut(&Progress),
+    options: &VerifyOptions<'_>,
 ) -> Result<VerifyReport> {
-    verify_table_legacy(t, conn, keyring, sample, None, progress)
-}
-
-/// [`verify_legacy`] of the table `t` describes.
-///
-/// # Errors
-/// As [`verify`].
-pub fn verify_table_legacy<C: DataConnection>(
-    t: &StoredTable,
-    conn: &mut C,
-    keyring: &Keyring,
-    sample: Option<usize>,
-    legacy: Option<&dyn LegacyDecoder>,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<VerifyReport> {
+    let sample = options.sample;
+    let legacy = options.legacy.as_deref();
+    let progress = &mut |p: &Progress| options.progress.call(p);
     let mut tally = Tally::default();
     t.validate()?;
+    prepare_connection(conn, t)?;
     let started = Instant::now();
     let has_records = conn.count_legacy_records(t.table)?.is_some_and(|n| n > 0);
     let mut report = VerifyReport {
@@ -1343,6 +1393,16 @@ fn owners_without_key(keyring: &Keyring, owners: &BTreeSet<String>) -> Result<u6
     Ok(owners.iter().filter(|o| !with_key.contains(*o)).count() as u64)
 }
 
+/// What the jobs set on the application's connection first (SQLite: a busy
+/// timeout when it has none; see [`crate::sqlite`]).
+fn prepare_connection<C: DataConnection>(conn: &mut C, t: &StoredTable) -> Result<()> {
+    conn.prepare_for_phi().map_err(|source| Error::Database {
+        operation: "setting the busy timeout of the application's connection",
+        table: t.table,
+        source,
+    })
+}
+
 /// Batches in a row that read rows but wrote none, after which a job gives
 /// up (rows whose owner keeps changing between the owners' read and the
 /// batch).
@@ -1358,6 +1418,7 @@ fn migrate<C: DataConnection>(
     before_write: &mut dyn FnMut(&mut C) -> Result<()>,
 ) -> Result<MigrationReport> {
     t.validate()?;
+    prepare_connection(conn, t)?;
     let started = Instant::now();
     // Rows to migrate have the flag `from`.
     let from = !sealing;

@@ -48,6 +48,8 @@ const MODULES: &[(&str, &str)] = &[
     ("error", "base"),
     ("metrics", "base"),
     ("set_shape", "base"),
+    ("shared", "base"),
+    ("sqlite", "base"),
     ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use phi_types::lifecycle::{self, RewrapScope};
+use phi_types::lifecycle::{self, RewrapOptions};
 use phi_types::{
     AuditAction, Error, KeyBytes, KeyState, KeyStore, Keyring, LocalKek, MemoryKeyStore,
 };
@@ -44,11 +44,8 @@ fn rotate_rewrap_destroy_and_audit_in_memory() {
         .actor("ops")
         .build()
         .expect("keyring");
-    let scope = RewrapScope {
-        from_kek: None,
-        batch_size: 2,
-    };
-    let report = lifecycle::rewrap(&rewrapping, &scope, &mut |_| {}).expect("rewrap");
+    let scope = RewrapOptions::default().batch_size(2);
+    let report = lifecycle::rewrap(&rewrapping, &scope).expect("rewrap");
     assert_eq!((report.total, report.rewrapped, report.batches), (4, 4, 2));
     let counts = store.key_counts().expect("counts");
     assert_eq!(counts.len(), 1);

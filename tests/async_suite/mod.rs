@@ -918,7 +918,7 @@ mod legacy_reads {
         // The backfill (the keyring's decoder) stops at L-4 with L-1 to L-3
         // sealed; the application replaces L-4's value; it completes.
         let options = phi::migrate::MigrateOptions::default().batch(3);
-        let err = phi::migrate::backfill::<Case, _>(&mut sync, &keyring, &options, &mut |_| {}).expect_err("L-4");
+        let err = phi::migrate::backfill::<Case, _>(&mut sync, &keyring, &options).expect_err("L-4");
         assert!(matches!(&err, phi::Error::Legacy { row, .. } if row == "L-4"), "{err:?}");
         let flags: Vec<bool> =
             diesel::RunQueryDsl::load(t::table.order(t::case_id.asc()).select(t::phi_encrypted), &mut sync).expect("flags");

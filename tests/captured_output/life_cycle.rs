@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 use diesel::prelude::*;
-use phi::lifecycle::{self, ResealTable};
-use phi::migrate::{self, MigrateOptions};
+use phi::lifecycle::{self, ResealOptions, ResealTable};
+use phi::migrate::{self, MigrateOptions, VerifyOptions};
 use phi::{
     Encrypted, KeyEncryptionKey as _, KeyStore as _, Keyring, LocalKek, PhiRecord as _, Rollout,
 };
@@ -255,36 +255,47 @@ fn the_life_cycle_logs_and_counts_no_secret() {
         migrate::backfill::<Case, _>(
             &mut conn,
             &keyring,
-            &options.clone().dry_run(true),
-            &mut |p| {
+            &options.clone().dry_run(true).progress(|p| {
                 debug(p);
-            },
+            }),
         )
         .expect("dry run"),
     );
     capture::push(&dry.to_string());
     assert_eq!(dry.undecodable, 1, "{dry}");
-    let err = migrate::backfill::<Case, _>(&mut conn, &keyring, &options, &mut |p| {
-        debug(p);
-    })
+    let err = migrate::backfill::<Case, _>(
+        &mut conn,
+        &keyring,
+        &options.clone().progress(|p| {
+            debug(p);
+        }),
+    )
     .expect_err("the bad row stops the backfill");
     error(&err);
     diesel::delete(phi_co_cases::table.find(&bad_id))
         .execute(&mut conn)
         .expect("delete the bad row");
     let report = debug(
-        migrate::backfill::<Case, _>(&mut conn, &keyring, &options, &mut |p| {
-            debug(p);
-        })
+        migrate::backfill::<Case, _>(
+            &mut conn,
+            &keyring,
+            &options.clone().progress(|p| {
+                debug(p);
+            }),
+        )
         .expect("backfill"),
     );
     capture::push(&report.to_string());
 
     // verify: clean, then with a tampered value.
     let verified = debug(
-        migrate::verify::<Case, _>(&mut conn, &keyring, None, &mut |p| {
-            debug(p);
-        })
+        migrate::verify::<Case, _>(
+            &mut conn,
+            &keyring,
+            &VerifyOptions::default().progress(|p| {
+                debug(p);
+            }),
+        )
         .expect("verify"),
     );
     assert!(verified.is_ok(), "{verified:?}");
@@ -295,7 +306,7 @@ fn the_life_cycle_logs_and_counts_no_secret() {
     bytes[last] ^= 1;
     set_first_bytes(&mut conn, &tampered_id, &bytes);
     let verified =
-        debug(migrate::verify::<Case, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify"));
+        debug(migrate::verify::<Case, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify"));
     assert_eq!(verified.failed, 1, "{verified:?}");
     for failure in &verified.failures {
         capture::push(&failure.to_string());
@@ -349,9 +360,9 @@ fn the_life_cycle_logs_and_counts_no_secret() {
     let tables = [ResealTable::parse(TABLE).expect("table description")];
     assert_eq!(lifecycle::rotate(&keyring, &owners[0]).expect("rotate"), 2);
     let resealed = debug(
-        lifecycle::reseal(&mut conn, &keyring, &owners[0], &tables, 2, &mut |p| {
+        lifecycle::reseal(&mut conn, &keyring, &owners[0], &tables, &ResealOptions::default().batch_size(2).progress(|p| {
             debug(p);
-        })
+        }))
         .expect("reseal"),
     );
     assert!(resealed.resealed > 0, "{resealed:?}");

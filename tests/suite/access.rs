@@ -451,7 +451,7 @@ struct AcJob {
 
 #[test]
 fn the_jobs_record_each_batch_under_their_actor_even_in_strict_mode() {
-    use phi::migrate::{self, MigrateOptions};
+    use phi::migrate::{self, MigrateOptions, VerifyOptions};
     let db = TestDb::new();
     let mut conn = db.conn();
     diesel::sql_query("DROP TABLE IF EXISTS phi_ac_jobs").execute(&mut conn).expect("drop");
@@ -489,24 +489,24 @@ fn the_jobs_record_each_batch_under_their_actor_even_in_strict_mode() {
 
     let options = MigrateOptions::default().batch(2);
     let before = log.appends();
-    let report = migrate::backfill::<AcJob, Conn>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<AcJob, Conn>(&mut conn, &keyring, &options).expect("backfill");
     assert_eq!(report.rows, 3);
     assert_eq!(log.appends() - before, 2, "one append per batch of 2 + 1 rows");
     jobs("backfill");
-    migrate::verify::<AcJob, Conn>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    migrate::verify::<AcJob, Conn>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     jobs("verify");
     assert_eq!(phi::lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
     let table = phi::lifecycle::ResealTable::parse("phi_ac_jobs:user_id:case_id:patient_last:phi_encrypted#bool").expect("table");
-    let resealed = phi::lifecycle::reseal(&mut conn, &keyring, &owner, &[table], 10, &mut |_| {}).expect("reseal");
+    let resealed = phi::lifecycle::reseal(&mut conn, &keyring, &owner, &[table], &phi::lifecycle::ResealOptions::default().batch_size(10)).expect("reseal");
     assert_eq!(resealed.resealed, 3);
     jobs("reseal");
     // A job seen on behalf of an operator names the operator.
     let operator = Accessor::new("ops-jane", "rollback");
-    migrate::decrypt_back::<AcJob, Conn>(&mut conn, &keyring.on_behalf_of(&operator), &options, &mut |_| {}).expect("decrypt back");
+    migrate::decrypt_back::<AcJob, Conn>(&mut conn, &keyring.on_behalf_of(&operator), &options).expect("decrypt back");
     assert_eq!(summary(&log.take()), expected(&operator, AccessOp::Job, &owner, "phi_ac_jobs", &ids, &["patient_last"]));
 
     // A refusing log stops the job at its first batch.
     log.refuse_appends(true);
-    let error = migrate::backfill::<AcJob, Conn>(&mut conn, &keyring, &options, &mut |_| {}).expect_err("refused");
+    let error = migrate::backfill::<AcJob, Conn>(&mut conn, &keyring, &options).expect_err("refused");
     assert!(matches!(error, Error::AccessLogUnavailable { .. }), "{error:?}");
 }

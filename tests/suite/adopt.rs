@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use diesel::connection::SimpleConnection as _;
 use phi::adopt::{self, Options, SchemaConnection, Strategy};
-use phi::migrate::{self, MigrateOptions};
+use phi::migrate::{self, MigrateOptions, VerifyOptions};
 use phi::{PhiRecord, Rollout, Updated};
 use sha2::{Digest, Sha256};
 
@@ -393,7 +393,7 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
         expected,
         "backfill leaves the plain columns"
     );
-    let checked = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
+    let checked = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, &VerifyOptions::default())
         .expect("verify");
     assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
     assert_ne!(digest1, digest2, "the write between batches changed a name");
@@ -474,7 +474,7 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
     // verify says so for every row, and the dual-write build cannot read
     // the table (a documented window of the rollback).
     apply(&mut conn, &finalize.down, "finalize down");
-    let emptied = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
+    let emptied = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, &VerifyOptions::default())
         .expect("verify");
     assert_eq!(emptied.failed, expected.len() as u64, "{emptied}");
     refused(
@@ -486,7 +486,6 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
         &mut conn,
         &keyring,
         &MigrateOptions::default().batch(8),
-        &mut |_| {},
     )
     .expect("decrypt-back");
     assert_eq!(back.remaining, 0, "{back}");
@@ -494,7 +493,7 @@ fn the_shadow_strategy_from_a_legacy_table_to_finalize_and_back() {
         same(read_dual(&mut conn, &keyring), &expected, "decrypt-back"),
         digest3
     );
-    let restored = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
+    let restored = migrate::verify::<dual::Case, Conn>(&mut conn, &keyring, &VerifyOptions::default())
         .expect("verify");
     assert!(restored.is_ok(), "{restored}");
     apply(&mut conn, &shadow.down, "shadow down");
@@ -574,7 +573,6 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
         &mut conn,
         &keyring,
         &MigrateOptions::default().batch(8),
-        &mut |_| {},
     )
     .expect("backfill");
     assert_eq!(report.remaining, 0, "{report}");
@@ -582,7 +580,7 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
         same(read_in_place(&mut conn, &keyring), &expected, "backfill"),
         digest1
     );
-    let checked = migrate::verify::<in_place::Case, Conn>(&mut conn, &keyring, None, &mut |_| {})
+    let checked = migrate::verify::<in_place::Case, Conn>(&mut conn, &keyring, &VerifyOptions::default())
         .expect("verify");
     assert!(checked.is_ok() && checked.unsealed_total == 0, "{checked}");
 
@@ -605,7 +603,6 @@ fn the_in_place_strategy_from_a_legacy_table_to_sealed_and_back() {
         &mut conn,
         &keyring,
         &MigrateOptions::default().batch(8),
-        &mut |_| {},
     )
     .expect("decrypt-back");
     apply(&mut conn, &migration.down, "in-place down");

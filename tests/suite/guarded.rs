@@ -8,7 +8,7 @@
 // own (on a server, dropped and created again at its start), declared by
 // `guarded_schema!` with the same columns, model and helpers.
 
-use phi::migrate::{self, MigrateOptions};
+use phi::migrate::{self, MigrateOptions, VerifyOptions};
 use phi::{PhiRecord, Rollout, Updated};
 
 const ENVELOPE: [u8; 2] = [0xF1, 0x01];
@@ -121,7 +121,7 @@ macro_rules! guarded_schema {
                     }
                 }
             }
-            let report = migrate::verify::<Row, _>(conn, keyring, None, &mut |_| {}).expect("verify");
+            let report = migrate::verify::<Row, _>(conn, keyring, &VerifyOptions::default()).expect("verify");
             assert!(report.is_ok(), "{report}");
             Row::load(t::table, conn, keyring).expect("every row opens");
         }
@@ -156,7 +156,7 @@ mod backfill {
         let unguarded = edited2.changes(&old2, &keyring).expect("changes");
 
         // 2. A backfill seals every row and commits.
-        let report = migrate::backfill::<Row, _>(&mut job, &db.keyring(), &MigrateOptions::default().batch(2), &mut |_| {})
+        let report = migrate::backfill::<Row, _>(&mut job, &db.keyring(), &MigrateOptions::default().batch(2))
             .expect("backfill");
         assert_eq!((report.rows, report.remaining), (4, 0), "{report}");
 
@@ -174,7 +174,7 @@ mod backfill {
         assert_eq!(raw(&mut app, "G-2").1, b"Haddad".to_vec());
         let err = load_one(&mut app, &keyring, "G-2").expect_err("plain value in a sealed row");
         assert!(err.to_string().contains(&format!("{TABLE}.patient_last")), "{err}");
-        let again = migrate::backfill::<Row, _>(&mut job, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+        let again = migrate::backfill::<Row, _>(&mut job, &keyring, &MigrateOptions::default()).expect("backfill");
         assert_eq!(again.rows, 0, "{again}");
         diesel::delete(t::table.find("G-2")).execute(&mut app).expect("delete the broken row");
 
@@ -222,7 +222,7 @@ mod decrypt_back {
         let old3 = load_one(&mut app, &keyring, "G-3").expect("loads");
 
         // 2. The rollback unseals every row and commits.
-        let report = migrate::decrypt_back::<Row, _>(&mut job, &keyring, &MigrateOptions::default().batch(3), &mut |_| {})
+        let report = migrate::decrypt_back::<Row, _>(&mut job, &keyring, &MigrateOptions::default().batch(3))
             .expect("decrypt back");
         assert_eq!((report.rows, report.remaining), (4, 0), "{report}");
 
@@ -315,11 +315,11 @@ mod rollouts {
         // went back to plain and was sealed again meanwhile (decrypt-back,
         // backfill): the same state as read, so its sealed write is right.
         let mut job = db.conn();
-        migrate::backfill::<Row, _>(&mut job, &plain, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+        migrate::backfill::<Row, _>(&mut job, &plain, &MigrateOptions::default()).expect("backfill");
         let seen = load_one(&mut sealing_conn, &sealing, "G-2").expect("loads");
         assert!(seen.phi_encrypted);
-        migrate::decrypt_back::<Row, _>(&mut job, &plain, &MigrateOptions::default(), &mut |_| {}).expect("decrypt back");
-        migrate::backfill::<Row, _>(&mut job, &plain, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+        migrate::decrypt_back::<Row, _>(&mut job, &plain, &MigrateOptions::default()).expect("decrypt back");
+        migrate::backfill::<Row, _>(&mut job, &plain, &MigrateOptions::default()).expect("backfill");
         let mut edited = seen.clone();
         edited.patient_last = "Haddad-Ali".to_owned();
         assert_eq!(edited.update(&seen, &sealing, &mut sealing_conn).expect("update"), Updated::Applied { sealed: true });
@@ -330,7 +330,7 @@ mod rollouts {
         // for the owner) would have written a sealed value into the plain
         // row's changed column: refused; the retry writes plain.
         let seen = load_one(&mut sealing_conn, &sealing, "G-3").expect("loads");
-        migrate::decrypt_back::<Row, _>(&mut job, &plain, &MigrateOptions::default(), &mut |_| {}).expect("decrypt back");
+        migrate::decrypt_back::<Row, _>(&mut job, &plain, &MigrateOptions::default()).expect("decrypt back");
         let off = db.keyring();
         off.set_rollout(Rollout::Nobody);
         let mut edited = seen.clone();

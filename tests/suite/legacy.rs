@@ -7,7 +7,7 @@
 // (`tests/fixtures/legacy.py`).
 
 use phi::legacy::{self, Dialect, LegacyDecoder, LegacyErrorKind, LegacyValue, VersionedGcmDecoder};
-use phi::migrate::{self, MigrateOptions};
+use phi::migrate::{self, MigrateOptions, VerifyOptions};
 use phi::{KeyBytes, PhiRecord, Rollout, Updated};
 
 /// A table written before phi: a text and a nullable date, stored as an
@@ -210,7 +210,7 @@ macro_rules! backfill_imported {
 
         // The dry run: every value found, the bad ones counted, nothing written.
         let bad: Vec<(&str, usize)> = $bad; // (row, owner index)
-        let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true), &mut |_| {}).expect("dry run");
+        let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true)).expect("dry run");
         assert_eq!(dry.legacy.len(), 1, "{dry}");
         let count = dry.legacy[0];
         assert_eq!((count.format, count.found, count.failed), ($format, found as u64, bad.len() as u64), "{dry}");
@@ -221,12 +221,12 @@ macro_rules! backfill_imported {
         }
 
         // Verify: the rows that do not open fail.
-        let verified = migrate::verify_legacy::<Imported, _>(&mut conn, &keyring, None, Some(&*decoder), &mut |_| {}).expect("verify");
+        let verified = migrate::verify::<Imported, _>(&mut conn, &keyring, &VerifyOptions::default().legacy(decoder.clone())).expect("verify");
         assert_eq!((verified.failed, verified.unsealed), (bad.len() as u64, values.len() as u64), "{verified}");
         assert_eq!(verified.legacy, dry.legacy);
         // Without the decoder the tokens are taken as plain text: as text
         // they decode, as dates they do not.
-        let plain = migrate::verify::<Imported, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+        let plain = migrate::verify::<Imported, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
         assert!(plain.legacy.is_empty() && plain.failed == 1, "{plain}");
         assert!(
             plain.failures.iter().all(|f| f.column == "dob" || f.kind == migrate::ProblemKind::LegacyAsText),
@@ -237,7 +237,7 @@ macro_rules! backfill_imported {
         // The backfill, two rows a batch: the first batches are sealed, the
         // one holding the first bad value is rolled back whole.
         let (bad_row, bad_owner) = bad[0];
-        let err = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect_err("a value that does not open");
+        let err = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect_err("a value that does not open");
         let msg = chain(&err);
         assert!(matches!(&err, Error::Legacy { table: t, column, row, owner, .. }
             if *t == table && column == "last" && row == bad_row && *owner == owners[bad_owner]), "{err:?}");
@@ -265,11 +265,11 @@ macro_rules! backfill_imported {
             }
         };
         fix(&mut conn);
-        let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+        let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect("backfill");
         assert_eq!(report.remaining, 0, "{report}");
         assert_eq!(report.rows, (values.len() - sealed_before) as u64, "{report}");
         assert!(report.legacy.iter().all(|c| c.failed == 0), "{report}");
-        let verified = migrate::verify::<Imported, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+        let verified = migrate::verify::<Imported, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
         assert!(verified.is_ok() && verified.sealed == values.len() as u64, "{verified}");
 
         // Every value is the plaintext Python encrypted, sealed by phi.
@@ -420,20 +420,20 @@ fn strict_tables_refuse_flag_off_rows_on_read_and_write() {
     // the rest; then every row reads.
     keyring.set_rollout(Rollout::All);
     assert_eq!(edited.update(&old, &keyring, &mut conn).expect("update"), Updated::Applied { sealed: true });
-    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("backfill");
     assert_eq!((report.rows, report.remaining), (1, 0), "{report}");
     let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("strict reads of sealed rows");
     assert_eq!(loaded.iter().map(|c| c.last.as_str()).collect::<Vec<_>>(), ["Doe-Smith", "Roe"]);
 
     // The rollback is refused while strict: nothing unsealed.
-    let err = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect_err("strict");
+    let err = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default()).expect_err("strict");
     assert!(matches!(&err, Error::Strict { operation: "unsealing", row, .. } if row == "S-1"), "{err:?}");
     let unsealed: i64 = t::table.filter(t::sealed.eq(false)).count().get_result(&mut conn).expect("count");
     assert_eq!(unsealed, 0);
     // Not strict any more: it goes through.
     keyring.set_strict(Vec::<String>::new());
     keyring.set_rollout(Rollout::Nobody);
-    let back = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("decrypt back");
+    let back = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("decrypt back");
     assert_eq!(back.rows, 2);
     let _ = RawImported { id: String::new(), owner_id: String::new(), last: Vec::new(), dob: None, sealed: false };
 }
@@ -480,7 +480,7 @@ fn sealed_check_makes_the_database_refuse_plaintext_in_a_sealed_row() {
     let keyring = db.keyring();
     let case = Imported { id: "C-4".into(), owner_id: owner.clone(), last: "Roe".into(), dob: None, sealed: false };
     diesel::insert_into(t::table).values(case.seal(&keyring).expect("seal")).execute(&mut conn).expect("a sealed row");
-    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("backfill");
     assert_eq!(report.rows, 1);
     // Writing plaintext over a sealed value: refused.
     let refused = diesel::update(t::table.find("C-4")).set(t::last.eq(b"Roe".to_vec())).execute(&mut conn);
@@ -563,15 +563,15 @@ fn a_copied_legacy_token_is_never_decoded_into_another_owners_row() {
 
     // The dry run: 2 recorded values open; 5 look legacy and are not
     // (or not well-formed) records: reported, not failures.
-    let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true), &mut |_| {}).expect("dry run");
+    let dry = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options.clone().dry_run(true)).expect("dry run");
     assert_eq!((dry.rows, dry.undecodable, dry.legacy_as_text), (6, 0, 5), "{dry}");
     assert_eq!(dry.legacy.iter().map(|c| (c.format, c.found, c.failed)).collect::<Vec<_>>(), [("aes-gcm-versioned", 2, 0)], "{dry}");
-    let verified = migrate::verify_legacy::<Imported, _>(&mut conn, &keyring, None, Some(&*decoder), &mut |_| {}).expect("verify");
+    let verified = migrate::verify::<Imported, _>(&mut conn, &keyring, &VerifyOptions::default().legacy(decoder.clone())).expect("verify");
     assert!(verified.is_ok() && verified.legacy_as_text == 5, "notices, not failures: {verified}");
 
     // The backfill completes.
     keyring.set_rollout(Rollout::All);
-    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect("backfill");
     assert_eq!((report.rows, report.remaining, report.legacy_as_text), (6, 0, 5), "{report}");
     assert_eq!(report.legacy.iter().map(|c| (c.format, c.found)).collect::<Vec<_>>(), [("aes-gcm-versioned", 2)], "{report}");
     let mut named: Vec<(&str, &str)> = report
@@ -603,12 +603,12 @@ fn a_copied_legacy_token_is_never_decoded_into_another_owners_row() {
     // Decrypt-back writes the imported plaintext, not the token, and a
     // second backfill finds no record to decode.
     keyring.set_rollout(Rollout::Nobody);
-    let back = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("back");
+    let back = migrate::decrypt_back::<Imported, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("back");
     assert_eq!(back.rows, 6);
     let o1: Vec<u8> = t::table.find("O-1").select(t::last).first(&mut conn).expect("O-1");
     assert_eq!(o1, nwosu.as_bytes());
     keyring.set_rollout(Rollout::All);
-    let again = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill again");
+    let again = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect("backfill again");
     assert_eq!((again.rows, again.legacy_as_text), (6, 5), "{again}");
     assert!(again.legacy.is_empty(), "{again}");
     let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
@@ -646,7 +646,7 @@ fn the_generated_recording_sql_records_what_the_backfill_imports() {
     assert_eq!(records_left(&mut conn, "phi_it_lg_recsql"), 1);
     let keyring = db.keyring();
     let options = MigrateOptions::default().legacy(Arc::new(gcm_decoder(&all)));
-    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect("backfill");
     assert_eq!((report.rows, report.legacy_as_text), (2, 0), "{report}");
     let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
     assert_eq!(loaded[0].last, plain.expect("plain"));
@@ -686,7 +686,7 @@ fn url_safe_and_line_wrapped_fernet_tokens_are_imported() {
     assert_eq!(recorded.recorded, 4, "{recorded}");
     let keyring = db.keyring();
     let options = MigrateOptions::default().legacy(Arc::new(decoder));
-    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect("backfill");
     assert_eq!((report.rows, report.legacy_as_text), (4, 0), "{report}");
     assert_eq!(report.legacy.iter().map(|c| (c.format, c.found)).collect::<Vec<_>>(), [("fernet", 4)]);
     let loaded = Imported::load(t::table.order(t::id), &mut conn, &keyring).expect("load");
@@ -864,7 +864,7 @@ fn fernet_values_read_the_same_before_during_and_after_the_backfill() {
     // The backfill, two rows a batch, with the keyring's decoder: R-1 to
     // R-4 are sealed, the batch of is rolled back at R-5.
     let options = MigrateOptions::default().batch(2);
-    let err = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect_err("R-5");
+    let err = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect_err("R-5");
     assert!(matches!(&err, Error::Legacy { row, .. } if row == "R-5"), "{err:?}");
     let flags: Vec<bool> = t::table.order(t::id).select(t::sealed).load(&mut conn).expect("flags");
     assert_eq!(flags, [true, true, true, true, false, false]);
@@ -877,7 +877,7 @@ fn fernet_values_read_the_same_before_during_and_after_the_backfill() {
 
     // The application replaces R-5's value; the backfill completes.
     diesel::update(t::table.find("R-5")).set(t::last.eq(b"Replaced".to_vec())).execute(&mut conn).expect("replace");
-    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options, &mut |_| {}).expect("backfill");
+    let report = migrate::backfill::<Imported, _>(&mut conn, &keyring, &options).expect("backfill");
     assert_eq!((report.rows, report.remaining), (2, 0), "{report}");
     assert_eq!(records_left(&mut conn, TABLE), 0);
 
@@ -1007,7 +1007,7 @@ fn versioned_gcm_texts_of_shadowed_columns_read_the_same_before_and_after_the_ba
     };
     assert_eq!(read(&mut conn), expected);
 
-    let report = migrate::backfill::<ShadowImported, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+    let report = migrate::backfill::<ShadowImported, _>(&mut conn, &keyring, &MigrateOptions::default())
         .expect("backfill");
     assert_eq!((report.rows, report.remaining), (3, 0), "{report}");
     assert_eq!(records_left(&mut conn, TABLE), 0);

@@ -4,7 +4,7 @@
 
 use std::io::BufRead as _;
 
-use phi::lifecycle::{self, ResealTable, RewrapScope, ShredOutcome, UnverifiedReason};
+use phi::lifecycle::{self, GenerateOptions, ResealOptions, ResealTable, RewrapOptions, ShredOutcome, UnverifiedReason};
 use phi::migrate::Migratable as _;
 use phi::{KeyBytes, LocalKek};
 
@@ -209,7 +209,7 @@ fn rotation_reseal_and_retirement_end_to_end() {
     assert!(matches!(err, Error::Refused { .. }) && err.to_string().contains("current"), "{err}");
 
     let mut batches = 0;
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 5, &mut |_| batches += 1)
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(5).progress(|_| batches += 1))
         .expect("reseal");
     let notes = (0..23).filter(|i| i % 3 != 0).count() as u64;
     let dobs = (0..23).filter(|i| i % 3 == 0).count() as u64;
@@ -223,7 +223,7 @@ fn rotation_reseal_and_retirement_end_to_end() {
     let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
     assert!(usage.iter().all(|u| u.key_version == 2), "{usage:?}");
     // Nothing left: a second run does nothing.
-    let again = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 5, &mut |_| {}).expect("reseal");
+    let again = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(5)).expect("reseal");
     assert_eq!((again.total, again.resealed), (0, 0));
     // The other owner was not touched.
     assert_eq!(check_all_open(&db, &keyring, &other, 4), [1]);
@@ -306,9 +306,9 @@ fn rewrap_moves_every_key_to_the_new_kek_and_is_audited() {
         .actor("rotation-test")
         .build()
         .expect("keyring");
-    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 5 };
+    let scope = RewrapOptions::default().from_kek(old.id().to_owned()).batch_size(5);
     let mut seen = Vec::new();
-    let report = lifecycle::rewrap(&keyring, &scope, &mut |p| seen.push(p.rewrapped)).expect("rewrap");
+    let report = lifecycle::rewrap(&keyring, &scope.clone().progress(|p| seen.push(p.rewrapped))).expect("rewrap");
     assert_eq!((report.total, report.rewrapped, report.skipped, report.batches), (16, 16, 0, 4));
     assert_eq!(seen, [5, 10, 15, 16]);
     check_rewrapped(&db, &new, &sealed);
@@ -339,7 +339,7 @@ fn rewrap_moves_every_key_to_the_new_kek_and_is_audited() {
     assert_eq!(db.store().load_keys(&[owner.as_str()]).expect("keys").remove(0), row, "unchanged");
     assert_eq!(audit_actions(&db, owner).len(), audit_before, "no audit for a change not made");
     // Done: a second run has nothing to do; the old KEK alone no longer unwraps.
-    let again = lifecycle::rewrap(&keyring, &scope, &mut |_| {}).expect("rewrap");
+    let again = lifecycle::rewrap(&keyring, &scope).expect("rewrap");
     assert_eq!((again.total, again.rewrapped), (0, 0));
     let only_old = Keyring::builder(db.store(), old).build().expect("keyring");
     let err = only_old.open(sealed[1].1.clone(), &sealed[1].0, NAME, b"r").expect_err("old KEK");
@@ -372,7 +372,7 @@ fn rows_changed_between_a_rewrap_batchs_read_and_its_write_are_left_alone_and_co
         .actor("race-test")
         .build()
         .expect("keyring");
-    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 5 };
+    let scope = RewrapOptions::default().from_kek(old.id().to_owned()).batch_size(5);
 
     // After the first batch has read (and rewrapped) its 5 rows and before
     // it writes them, another process rewraps one of them to a third KEK
@@ -464,8 +464,8 @@ fn rewrap_names_a_kek_that_is_not_configured() {
     let (old, new) = rewrap_keks(&tag);
     let sealed = seed_rewrap(&db, &old, "rw-missing", 1);
     let keyring = Keyring::builder(db.store(), new).build().expect("keyring");
-    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 5 };
-    let err = lifecycle::rewrap(&keyring, &scope, &mut |_| {}).expect_err("old KEK missing");
+    let scope = RewrapOptions::default().from_kek(old.id().to_owned()).batch_size(5);
+    let err = lifecycle::rewrap(&keyring, &scope).expect_err("old KEK missing");
     assert!(matches!(err, Error::UnknownKek { ref kek_id, .. } if kek_id == old.id()), "{err:?}");
     assert!(err.to_string().contains(&sealed[0].0));
     assert!(kek_ids_of(&db, &[sealed[0].0.clone()]).iter().all(|k| k == old.id()), "nothing changed");
@@ -839,8 +839,8 @@ fn life_child_rewraps_slowly() {
     let (old, new) = rewrap_keks(&tag);
     let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
     let keyring = Keyring::builder(store, new).unwrap_with(old.clone()).build().expect("keyring");
-    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 3 };
-    lifecycle::rewrap(&keyring, &scope, &mut |p| report_batch(p.rewrapped)).expect("rewrap");
+    let scope = RewrapOptions::default().from_kek(old.id().to_owned()).batch_size(3);
+    lifecycle::rewrap(&keyring, &scope.clone().progress(|p| report_batch(p.rewrapped))).expect("rewrap");
     #[allow(clippy::print_stdout)]
     {
         println!("PHI_DONE");
@@ -866,8 +866,8 @@ fn a_killed_rewrap_resumes_with_nothing_lost() {
         assert_eq!(both.open(value.clone(), owner, NAME, b"r").expect("opens mid-rotation"), format!("value {i}"));
     }
 
-    let scope = RewrapScope { from_kek: Some(old.id().to_owned()), batch_size: 3 };
-    let report = lifecycle::rewrap(&both, &scope, &mut |_| {}).expect("resume");
+    let scope = RewrapOptions::default().from_kek(old.id().to_owned()).batch_size(3);
+    let report = lifecycle::rewrap(&both, &scope).expect("resume");
     assert_eq!(report.rewrapped, (keks.len() - moved) as u64, "the resumed run did only what was left");
     check_rewrapped(&db, &new, &sealed);
 }
@@ -887,7 +887,7 @@ fn life_child_reseals_slowly() {
         // application's connection must.
         diesel::sql_query("PRAGMA busy_timeout = 10000").execute(&mut conn).expect("busy timeout");
     }
-    lifecycle::reseal(&mut conn, &keyring, &owner, &life_tables(), 4, &mut |p| report_batch(p.resealed))
+    lifecycle::reseal(&mut conn, &keyring, &owner, &life_tables(), &ResealOptions::default().batch_size(4).progress(|p| report_batch(p.resealed)))
         .expect("reseal");
     #[allow(clippy::print_stdout)]
     {
@@ -914,7 +914,7 @@ fn a_killed_reseal_resumes_with_nothing_lost() {
     // Mixed versions all open meanwhile.
     assert_eq!(check_all_open(&db, &db.keyring(), &owner, 30), [1, 2]);
 
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 4, &mut |_| {}).expect("resume");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(4)).expect("resume");
     assert_eq!(report.resealed, on(1), "the resumed run did only what was left");
     assert_eq!(check_all_open(&db, &db.keyring(), &owner, 30), [2]);
     assert!(lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect("retire"));
@@ -966,7 +966,7 @@ fn coverage_of_an_owners_query_and_the_audit_trail() {
     assert!(err.to_string().contains("phi_it_no_such_table.x") && err.to_string().contains(&with_key), "{err}");
 
     // Generating covers the owner without a key, and only it.
-    let created = lifecycle::generate(&keyring, &cov.without_key, 0, &mut |_| {}).expect("generate");
+    let created = lifecycle::generate(&keyring, &cov.without_key, &GenerateOptions::default()).expect("generate");
     assert_eq!(created, 1);
     let cov = lifecycle::coverage(store.as_ref(), &query).expect("coverage");
     assert_eq!((cov.with_active_key, cov.without_key.len(), cov.shredded), (2, 0, 1));
@@ -1003,7 +1003,7 @@ fn reseal_moves_a_value_copied_to_two_rows_without_a_row_key() {
     }
     lifecycle::rotate(&keyring, &owner).expect("rotate");
     let tables = [ResealTable::new("phi_it_life_nokey", "owner_id").column("dob")];
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 10, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(10)).expect("reseal");
     assert_eq!((report.total, report.resealed, report.conflicts), (2, 2, 0));
     let stored: Vec<Option<Vec<u8>>> = phi_it_life_nokey::table
         .filter(phi_it_life_nokey::owner_id.eq(&owner))
@@ -1050,9 +1050,9 @@ fn reseal_never_overwrites_a_concurrent_write() {
             }
         });
         let mut conn = waiting_conn(&db);
-        lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 2, &mut |_| {
+        lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(2).progress(|_| {
             std::thread::sleep(Duration::from_millis(5));
-        })
+        }))
         .expect("reseal")
     });
     assert!(report.resealed <= report.total);
@@ -1216,14 +1216,14 @@ fn reseal_and_retire_on_a_derived_model_with_integer_owner_and_row_key() {
     let err = lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect_err("in use");
     assert!(matches!(err, Error::KeyInUse { rows: 11, .. }), "{err:?}");
 
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 4, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, &ResealOptions::default().batch_size(4)).expect("reseal");
     let notes = (0..11).filter(|i| i % 3 != 0).count() as u64;
     assert_eq!((report.total, report.resealed, report.conflicts), (11 + notes, 11 + notes, 0));
     assert!(report.batches >= 4, "worked in batches: {report:?}");
     assert_eq!(check_visits(&mut conn, &db.keyring(), owner, &mine), [2], "every value on version 2");
     let usage = lifecycle::usage(&mut conn, &owner_id, &tables).expect("usage");
     assert!(!usage.is_empty() && usage.iter().all(|u| u.key_version == 2), "{usage:?}");
-    let again = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 4, &mut |_| {}).expect("reseal");
+    let again = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, &ResealOptions::default().batch_size(4)).expect("reseal");
     assert_eq!((again.total, again.resealed), (0, 0));
 
     assert!(lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect("retire"));
@@ -1258,7 +1258,7 @@ fn reseal_on_int_and_smallint_owner_and_row_key_columns() {
         .owner_column_type(lifecycle::ColumnType::I32)
         .key_column_typed("seq", lifecycle::ColumnType::I16)
         .column("reason")];
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 2, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, &ResealOptions::default().batch_size(2)).expect("reseal");
     assert_eq!((report.total, report.resealed), (5, 5));
     let loaded = SmallVisit::load(
         phi_it_small_visits::table.filter(phi_it_small_visits::user_id.eq(owner)).order(phi_it_small_visits::seq),
@@ -1498,7 +1498,7 @@ fn reseal_retire_usage_and_shred_leave_rows_with_the_flag_off_alone() {
     let err = lifecycle::retire(&mut conn, &keyring, &owner, 1, &tables).expect_err("in use");
     assert!(matches!(err, Error::KeyInUse { rows: 2, ref column, .. } if column == "payload"), "{err:?}");
 
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 2, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(2)).expect("reseal");
     assert_eq!((report.total, report.resealed, report.conflicts), (5, 5, 0), "{report:?}");
     let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
     assert!(usage.iter().all(|u| u.key_version == 2) && count(&usage) == 5, "{usage:?}");
@@ -1551,7 +1551,7 @@ fn reseal_on_an_integer_flag_leaves_plain_rows_alone() {
     let tables = [table];
     let owner_id = owner.to_string();
     lifecycle::rotate(&keyring, &owner_id).expect("rotate");
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, 10, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner_id, &tables, &ResealOptions::default().batch_size(10)).expect("reseal");
     assert_eq!((report.total, report.resealed), (2, 2));
     assert!(lifecycle::retire(&mut conn, &keyring, &owner_id, 1, &tables).expect("retire"));
     let loaded = FlaggedInt::load(
@@ -1642,7 +1642,7 @@ fn reseal_of_a_schema_qualified_table_keeps_the_models_scope() {
 
     let owner_keys = lifecycle::rotate(&keyring, &owner).expect("rotate");
     assert_eq!(owner_keys, 2);
-    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 3, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &ResealOptions::default().batch_size(3)).expect("reseal");
     assert_eq!((report.total, report.resealed), (4, 4));
     let loaded = SchemaNote::load(
         phi_it_snotes::table.filter(phi_it_snotes::owner_id.eq(&owner)).order(phi_it_snotes::id),

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use phi::migrate::{self, MigrateOptions, Migratable};
+use phi::migrate::{self, MigrateOptions, Migratable, VerifyOptions};
 use phi::{PhiRecord, Rollout};
 
 diesel::table! {
@@ -183,7 +183,7 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     // A value that does not decode: the dry run names it, the real run
     // stops at it without writing anything of its batch.
     set_raw_first(&mut conn, "L-000007", vec![0xC3, 0x28]);
-    let dry = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100).dry_run(true), &mut |_| {})
+    let dry = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100).dry_run(true))
         .expect("dry run");
     assert_eq!((dry.rows, dry.undecodable, dry.owners, dry.new_owner_keys), (1202, 1, 4, 4), "{dry}");
     assert_eq!(dry.problems.len(), 1);
@@ -193,7 +193,7 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     for owner in &owners {
         assert!(keyring.store().load_keys(&[owner]).expect("keys").is_empty(), "a dry run creates no key");
     }
-    let err = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |_| {})
+    let err = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100))
         .expect_err("undecodable value");
     // The message and its causes (no message repeats its source).
     let msg = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
@@ -208,13 +208,13 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     // finishes the rest.
     let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut batches = 0;
-        migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |p| {
+        migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100).progress(|p| {
             batches += 1;
             assert!(p.done <= p.total);
             if batches == 2 {
                 panic!("simulated crash");
             }
-        })
+        }))
     }));
     assert!(crashed.is_err());
     let mut conn = db.conn();
@@ -222,7 +222,7 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     assert_eq!(without_flag(all_cases(&mut conn, &keyring)), before, "a half-done backfill reads the same");
 
     let mut last = None;
-    let report = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100), &mut |p| last = Some(*p))
+    let report = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(100).progress(|p| last = Some(*p)))
         .expect("backfill resumes");
     assert_eq!((report.rows, report.remaining, report.skipped, report.batches), (1003, 0, 0, 11), "{report}");
     assert_eq!(report.values, 1003 * 3 + rows[200..].iter().filter(|r| r.ins_provider.is_some()).count() as u64);
@@ -256,12 +256,12 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     assert_eq!(found.iter().map(|c| c.case_id.as_str()).collect::<Vec<_>>(), expected);
 
     // Nothing left: a third run does nothing.
-    let again = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("re-run");
+    let again = migrate::backfill::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("re-run");
     assert_eq!((again.rows, again.batches), (0, 0));
 
     // Verify: all pass; then one altered byte is reported at its row and
     // column, and only there.
-    let ok = migrate::verify::<Legacy, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let ok = migrate::verify::<Legacy, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(ok.is_ok(), "{ok}");
     assert_eq!((ok.sealed, ok.unsealed, ok.sealed_total), (1203, 0, 1203));
     let good = raw_first(&mut conn, "L-000042");
@@ -269,26 +269,26 @@ fn backfill_dry_run_crash_resume_verify_and_decrypt_back_keep_every_value() {
     let last_byte = bad.len() - 1;
     bad[last_byte] ^= 1;
     set_raw_first(&mut conn, "L-000042", bad);
-    let report = migrate::verify::<Legacy, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let report = migrate::verify::<Legacy, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert_eq!((report.failed, report.failures.len()), (1, 1), "{report}");
     let f = &report.failures[0];
     assert_eq!((f.table, f.column, f.row_key.as_str(), f.owner.as_str()), ("phi_it_legacy", "patient_first", "L-000042", owners[42 % 4].as_str()));
-    let sampled = migrate::verify::<Legacy, _>(&mut conn, &keyring, Some(50), &mut |_| {}).expect("sample");
+    let sampled = migrate::verify::<Legacy, _>(&mut conn, &keyring, &VerifyOptions::default().sample(50)).expect("sample");
     assert_eq!((sampled.sealed, sampled.unsealed), (50, 0));
 
     // The rollback stops at the altered value, its batch rolled back ...
-    let err = migrate::decrypt_back::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(500), &mut |_| {})
+    let err = migrate::decrypt_back::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(500))
         .expect_err("altered value");
     assert!(err.to_string().contains("phi_it_legacy.patient_first") && err.to_string().contains(&owners[2]), "{err}");
     assert_eq!(count_flag(&mut conn, false), 0);
     // ... and once repaired, turns every row back into its plain encoding.
     set_raw_first(&mut conn, "L-000042", good);
-    let back = migrate::decrypt_back::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(500), &mut |_| {})
+    let back = migrate::decrypt_back::<Legacy, _>(&mut conn, &keyring, &MigrateOptions::default().batch(500))
         .expect("decrypt back");
     assert_eq!((back.rows, back.remaining, back.batches), (1203, 0, 3), "{back}");
     assert_eq!(raw(&mut conn, "L-000000"), (b"Doe".to_vec(), None));
     assert_eq!(all_cases(&mut conn, &keyring), before);
-    let unsealed = migrate::verify::<Legacy, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let unsealed = migrate::verify::<Legacy, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(unsealed.is_ok() && unsealed.unsealed == 1203 && unsealed.sealed == 0, "{unsealed}");
 }
 
@@ -340,7 +340,7 @@ fn concurrent_backfills_never_seal_a_row_twice() {
                         diesel::sql_query("PRAGMA busy_timeout = 10000").execute(&mut conn).expect("busy timeout");
                     }
                     let keyring = db.keyring();
-                    migrate::backfill::<LegacyNote, _>(&mut conn, &keyring, &MigrateOptions::default().batch(50), &mut |_| {})
+                    migrate::backfill::<LegacyNote, _>(&mut conn, &keyring, &MigrateOptions::default().batch(50))
                 })
             })
             .collect();
@@ -355,7 +355,7 @@ fn concurrent_backfills_never_seal_a_row_twice() {
         n.sealed = 0;
     }
     assert_eq!(unflagged, notes, "no value sealed twice or lost");
-    let report = migrate::verify::<LegacyNote, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let report = migrate::verify::<LegacyNote, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(report.is_ok() && report.sealed == 1500, "{report}");
     let versions: BTreeSet<String> = after.iter().map(|n| n.clinic_id.to_string()).collect();
     assert_eq!(versions.len(), 3);
@@ -475,7 +475,7 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
 
     // Verify reads the legacy rows: all decode, three of them hold values
     // not in canonical form (a notice, not a failure).
-    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(checked.is_ok(), "{checked}");
     assert_eq!((checked.unsealed, checked.not_canonical, checked.problems_found), (5, 3, 4), "{checked}");
     assert!(checked.failures.iter().all(|f| f.kind == migrate::ProblemKind::NotCanonical), "{checked}");
@@ -489,10 +489,10 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
     let report = checked.to_string();
     assert!(!report.contains("1980-1-15") && !report.contains("1980-01-15"), "no value in the report: {checked}");
 
-    let dry = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().dry_run(true), &mut |_| {})
+    let dry = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().dry_run(true))
         .expect("dry run");
     assert_eq!((dry.rows, dry.undecodable, dry.reencoded), (5, 0, 4), "{dry}");
-    let report = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().batch(2), &mut |_| {})
+    let report = migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default().batch(2))
         .expect("backfill");
     assert_eq!((report.rows, report.remaining, report.reencoded), (5, 0, 4), "{report}");
     assert!(report.to_string().contains("Re-encoded 4 value(s)"), "{report}");
@@ -514,7 +514,7 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
     let roe = NaiveDate::from_ymd_opt(1975, 12, 1).expect("date");
     assert_eq!(find_canon(&mut conn, &keyring, &me, Some("roe"), Some(roe)), ids(&["C-4"]));
 
-    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(checked.is_ok() && checked.sealed == 5 && checked.not_canonical == 0, "{checked}");
 
     // A row sealed as an earlier backfill did: the legacy bytes as they
@@ -530,7 +530,7 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
         .execute(&mut conn)
         .expect("old-style row");
     assert!(find_canon(&mut conn, &keyring, &me, None, Some(roe)).is_empty(), "the old index is not found");
-    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert_eq!((checked.failed, checked.not_canonical), (1, 1), "{checked}");
     let kinds: BTreeSet<(&str, &str)> = checked
         .failures
@@ -548,16 +548,16 @@ fn backfill_seals_canonical_values_and_lookups_find_them() {
     assert_eq!(kinds, BTreeSet::from([("patient_dob", "not canonical"), ("patient_dob_bidx", "index")]));
 
     // Decrypt-back writes the canonical form, and a new backfill indexes it.
-    let back = migrate::decrypt_back::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+    let back = migrate::decrypt_back::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default())
         .expect("decrypt back");
     assert_eq!((back.rows, back.reencoded), (5, 1), "{back}");
     let plain_dob = |conn: &mut Conn, id: &str| -> Vec<u8> {
         phi_it_canon::table.find(id).select(phi_it_canon::patient_dob).first(conn).expect("raw")
     };
     assert_eq!((plain_dob(&mut conn, "C-1"), plain_dob(&mut conn, "C-4")), (b"1980-01-15".to_vec(), b"1975-12-01".to_vec()));
-    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Canon, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(checked.is_ok() && checked.not_canonical == 0 && checked.unsealed == 5, "{checked}");
-    migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    migrate::backfill::<Canon, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("backfill");
     assert_eq!(find_canon(&mut conn, &keyring, &me, Some("roe"), Some(roe)), ids(&["C-4"]));
 }
 

@@ -80,9 +80,7 @@ fn every_owner_is_rotated_resealed_verified_and_retired_with_feed_events() {
         &keyring,
         &RotateOwners::List(list.clone()),
         &life_tables(),
-        &options(&job),
-        &mut |r| seen.push(r.done),
-    )
+        &options(&job).progress(|r| seen.push(r.done)))
     .expect("rotate_all");
     assert_eq!((report.owners, report.added, report.claimed), (4, 4, 4));
     assert_eq!((report.rotated, report.skipped, report.retired, report.done), (3, 1, 3, 4));
@@ -106,7 +104,7 @@ fn every_owner_is_rotated_resealed_verified_and_retired_with_feed_events() {
     }
 
     // A rerun of the job does nothing: every owner is done.
-    let again = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(list), &life_tables(), &options(&job), &mut |_| {})
+    let again = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(list), &life_tables(), &options(&job))
         .expect("rerun");
     assert_eq!((again.added, again.claimed, again.rotated, again.done_before), (0, 0, 0, 4));
     assert_rotated_once(&db, &owners, 9);
@@ -128,7 +126,6 @@ fn a_job_that_fails_mid_run_resumes_without_a_second_version() {
         &RotateOwners::List(owners.clone()),
         &life_tables(),
         &options(&job),
-        &mut |_| {},
         &mut |stage, _| {
             if stage == RotateStage::Rotated {
                 batches += 1;
@@ -153,7 +150,7 @@ fn a_job_that_fails_mid_run_resumes_without_a_second_version() {
     }
 
     // The rerun finishes the second batch with the versions created before.
-    let report = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(owners.clone()), &life_tables(), &options(&job), &mut |_| {})
+    let report = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(owners.clone()), &life_tables(), &options(&job))
         .expect("rerun");
     assert_eq!((report.done_before, report.claimed, report.rotated, report.retired), (2, 2, 0, 2), "{report:?}");
     assert!(report.finished());
@@ -240,11 +237,10 @@ fn two_rotating_workers_rotate_each_owner_once() {
         &set,
         &life_tables(),
         &options(&job).worker("worker-a"),
-        &mut |_| {},
         &mut |stage, _| {
             if stage == RotateStage::Claimed && report_b.is_none() {
                 report_b = Some(
-                    lifecycle::rotate_all(&mut conn_b, &keyring_b, &set, &life_tables(), &options(&job).worker("worker-b"), &mut |_| {})
+                    lifecycle::rotate_all(&mut conn_b, &keyring_b, &set, &life_tables(), &options(&job).worker("worker-b"))
                         .expect("worker B"),
                 );
             }
@@ -287,7 +283,6 @@ fn rot_child_stops_after_rotating() {
         &RotateOwners::List(owners),
         &life_tables(),
         &options(&job).claim_ttl(Duration::from_secs(3_600)),
-        &mut |_| {},
         &mut |stage, _| {
             if stage == RotateStage::Rotated {
                 rotated += 1;
@@ -344,9 +339,7 @@ fn a_killed_rotation_worker_loses_nothing() {
         &keyring,
         &RotateOwners::List(owners.clone()),
         &life_tables(),
-        &options(&job).at(now + chrono::Duration::hours(2)),
-        &mut |_| {},
-    )
+        &options(&job).at(now + chrono::Duration::hours(2)))
     .expect("rerun after expiry");
     assert_eq!((report.claimed, report.rotated, report.retired), (4, 2, 4), "{report:?}");
     assert!(report.finished());
@@ -358,7 +351,7 @@ fn a_bad_job_id_is_refused_naming_it() {
     let db = life_db();
     let keyring = db.keyring();
     let mut conn = db.conn();
-    let error = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(vec![]), &[], &RotateAllOptions::new("no spaces"), &mut |_| {})
+    let error = lifecycle::rotate_all(&mut conn, &keyring, &RotateOwners::List(vec![]), &[], &RotateAllOptions::new("no spaces"))
         .expect_err("refused");
     assert!(error.to_string().contains("no spaces"), "{error}");
 }
@@ -376,9 +369,7 @@ fn due_with_nothing_due_rotates_nothing() {
         &keyring,
         &RotateOwners::Due,
         &life_tables(),
-        &options(&job_id("job-due-none")),
-        &mut |_| {},
-    )
+        &options(&job_id("job-due-none")))
     .expect("a due rotation");
     assert_eq!((report.owners, report.rotated), (0, 0), "{report:?}");
     for owner in &owners {
@@ -594,9 +585,7 @@ fn rotate_all_rekeys_blind_indexes_in_the_same_update() {
         &keyring,
         &RotateOwners::List(owners.clone()),
         &[table],
-        &options(&job_id("job-bidx")),
-        &mut |_| {},
-    )
+        &options(&job_id("job-bidx")))
     .expect("rotate_all");
     // 3 names, 3 e-mail addresses and 2 notes per owner.
     assert_eq!((report.rotated, report.retired, report.resealed), (2, 2, 2 * 8), "{report:?}");
@@ -615,7 +604,7 @@ fn a_reseal_owner_by_owner_rekeys_blind_indexes_too() {
     let tables = [Person::reseal_table().expect("the model's table")];
     let mut conn = db.conn();
     assert_eq!(lifecycle::rotate(&keyring, &owners[0]).expect("rotate"), 2);
-    let report = lifecycle::reseal(&mut conn, &keyring, &owners[0], &tables, 3, &mut |_| {}).expect("reseal");
+    let report = lifecycle::reseal(&mut conn, &keyring, &owners[0], &tables, &lifecycle::ResealOptions::default().batch_size(3)).expect("reseal");
     assert_eq!(report.resealed, 4 + 4 + 2, "{report:?}");
     assert!(lifecycle::retire(&mut conn, &keyring, &owners[0], 1, &tables).expect("retire"));
     assert_people_rekeyed(&db, &people, &before, &plain);
@@ -650,9 +639,7 @@ fn an_emergency_rotation_rotates_the_lookup_key_and_rewrites_every_lookup_value(
         &keyring,
         &RotateOwners::List(owners.clone()),
         &[Person::reseal_table().expect("table")],
-        &options(&job_id("job-lookup")),
-        &mut |_| {},
-    )
+        &options(&job_id("job-lookup")))
     .expect("rotate_all");
     assert!(report.finished(), "{report:?}");
     let tables = [LookupTable::from_stored(Person::stored_table()).expect("the model has a lookup index")];
@@ -702,9 +689,7 @@ fn a_truncated_envelope_stops_the_rotation_naming_it_and_nothing_is_retired() {
         &keyring,
         &RotateOwners::List(vec![owner.clone()]),
         &life_tables(),
-        &options(&job_id("job-short")),
-        &mut |_| {},
-    )
+        &options(&job_id("job-short")))
     .expect_err("a value that names no key version");
     let source = std::error::Error::source(&error).map(ToString::to_string).unwrap_or_default();
     let text = format!("{error}: {source}");
@@ -881,7 +866,6 @@ fn the_verification_sample_names_a_blind_index_left_under_the_old_version() {
         &RotateOwners::List(owners.clone()),
         &[Person::reseal_table().expect("table")],
         &options(&job_id("job-bidx-bad")).sample(50),
-        &mut |_| {},
         &mut |stage, _| {
             if stage == RotateStage::Resealed {
                 // The value re-sealed, its index put back as it was.

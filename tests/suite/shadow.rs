@@ -5,7 +5,7 @@
 // in scope. The test owns its table (on a server, dropped and created
 // again at its start).
 
-use phi::migrate::{self, MigrateOptions, Migratable, ProblemKind};
+use phi::migrate::{self, MigrateOptions, Migratable, ProblemKind, VerifyOptions};
 use phi::{PhiRecord, Rollout, Updated, lifecycle};
 
 diesel::table! {
@@ -206,7 +206,7 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
     let stale = all(&mut conn, &plain, &owner).expect("load")[1].clone();
 
     let before: Vec<Raw> = ["S-1", "S-2", "S-3", "S-4"].iter().map(|id| raw(&mut conn, id)).collect();
-    let report = migrate::backfill::<Client, _>(&mut conn, &keyring, &MigrateOptions::default().batch(2), &mut |_| {})
+    let report = migrate::backfill::<Client, _>(&mut conn, &keyring, &MigrateOptions::default().batch(2))
         .expect("backfill");
     assert_eq!((report.rows, report.remaining), (3, 0), "{report}");
     for (id, was) in ["S-1", "S-2", "S-3", "S-4"].iter().zip(&before) {
@@ -226,7 +226,7 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
         e
     };
     assert_eq!(values(&all(&mut conn, &keyring, &owner).expect("load")), expected_now);
-    let checked = migrate::verify::<Client, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Client, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert!(checked.is_ok() && checked.sealed == 4, "{checked}");
 
     // A plaintext column changed by hand on a sealed row: verify names the
@@ -234,7 +234,7 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
     diesel::sql_query("UPDATE phi_it_shadow SET last_name = 'Mallory' WHERE client_id = 'S-2'")
         .execute(&mut conn)
         .expect("alter");
-    let checked = migrate::verify::<Client, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Client, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert_eq!(checked.failed, 1, "{checked}");
     let failure = &checked.failures[0];
     assert_eq!(
@@ -247,17 +247,17 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
     diesel::sql_query("UPDATE phi_it_shadow SET last_name = 'García' WHERE client_id = 'S-2'")
         .execute(&mut conn)
         .expect("restore");
-    assert!(migrate::verify::<Client, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify").is_ok());
+    assert!(migrate::verify::<Client, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify").is_ok());
 
     // Re-seal after rotation works on the shadow columns.
     assert_eq!(lifecycle::rotate(&keyring, &owner).expect("rotate"), 2);
     let tables = [Client::reseal_table().expect("reseal table")];
-    let resealed = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, 3, &mut |_| {}).expect("reseal");
+    let resealed = lifecycle::reseal(&mut conn, &keyring, &owner, &tables, &lifecycle::ResealOptions::default().batch_size(3)).expect("reseal");
     assert_eq!((resealed.total, resealed.resealed), (11, 11), "4 + 3 + 4 values");
     let usage = lifecycle::usage(&mut conn, &owner, &tables).expect("usage");
     assert!(!usage.is_empty() && usage.iter().all(|u| u.key_version == 2), "{usage:?}");
     assert_eq!(values(&all(&mut conn, &keyring, &owner).expect("load")), expected_now);
-    assert!(migrate::verify::<Client, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify").is_ok());
+    assert!(migrate::verify::<Client, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify").is_ok());
 
     // A sealed row whose shadow is NULL: a clear error naming table,
     // column and row; decrypt-back keeps its plaintext.
@@ -271,7 +271,7 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
         "{message}"
     );
 
-    let back = migrate::decrypt_back::<Client, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+    let back = migrate::decrypt_back::<Client, _>(&mut conn, &keyring, &MigrateOptions::default())
         .expect("decrypt-back");
     assert_eq!((back.rows, back.remaining), (4, 0), "{back}");
     for id in ["S-1", "S-2", "S-3", "S-4"] {
@@ -279,18 +279,18 @@ fn shadow_columns_through_dual_write_backfill_verify_reseal_and_decrypt_back() {
         assert_eq!((now.3, now.4, now.5), ([false; 3], false, false), "{id}: shadows, index and flag cleared");
     }
     assert_eq!(values(&all(&mut conn, &keyring, &owner).expect("load")), expected_now);
-    assert!(migrate::verify::<Client, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify").is_ok());
+    assert!(migrate::verify::<Client, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify").is_ok());
 
     // Sealed again, then the plaintext columns emptied as a finalize's down
     // migration leaves them: verify fails, decrypt-back refills them.
-    migrate::backfill::<Client, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {}).expect("backfill");
+    migrate::backfill::<Client, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("backfill");
     diesel::sql_query("UPDATE phi_it_shadow SET last_name = NULL, nickname = NULL, birth_date = NULL")
         .execute(&mut conn)
         .expect("empty the plaintext columns");
-    let checked = migrate::verify::<Client, _>(&mut conn, &keyring, None, &mut |_| {}).expect("verify");
+    let checked = migrate::verify::<Client, _>(&mut conn, &keyring, &VerifyOptions::default()).expect("verify");
     assert_eq!(checked.failed, 4, "{checked}");
     assert!(checked.failures.iter().all(|f| f.kind == ProblemKind::ShadowMismatch), "{checked}");
-    let back = migrate::decrypt_back::<Client, _>(&mut conn, &keyring, &MigrateOptions::default(), &mut |_| {})
+    let back = migrate::decrypt_back::<Client, _>(&mut conn, &keyring, &MigrateOptions::default())
         .expect("decrypt-back");
     assert_eq!(back.rows, 4, "{back}");
     assert_eq!(values(&all(&mut conn, &keyring, &owner).expect("load")), expected_now);

@@ -533,6 +533,8 @@ pub struct PruneReport {
     pub feed_events: u64,
 }
 
+crate::shared::into_shared!(AccessLogStore);
+
 /// The access log's tables in one database: what the writer, the queries,
 /// [`verify`] and [`prune`] run on. [`DieselAccessLogStore`] implements it
 /// for each backend.
@@ -715,10 +717,11 @@ pub struct DieselAccessLogBuilder {
 }
 
 impl DieselAccessLog {
-    /// A log writing into `store`.
-    pub fn builder(store: Arc<dyn AccessLogStore>) -> DieselAccessLogBuilder {
+    /// A log writing into `store`: a store by value or an `Arc` of one
+    /// ([`IntoShared`](crate::IntoShared)).
+    pub fn builder(store: impl crate::IntoShared<dyn AccessLogStore>) -> DieselAccessLogBuilder {
         DieselAccessLogBuilder {
-            store,
+            store: store.into_shared(),
             chain: DEFAULT_CHAIN.to_owned(),
             queue: DEFAULT_QUEUE,
             batch: DEFAULT_BATCH,

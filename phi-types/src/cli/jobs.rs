@@ -15,7 +15,7 @@ use crate::legacy::{LegacyCount, LegacyDecoder, LegacyDecoders, VersionedGcmDeco
 use crate::lifecycle::ResealTable;
 use crate::migrate::{
     self, DEFAULT_BATCH, Migratable, MigrateOptions, MigrationReport, Progress, StoredTable,
-    VerifyFailure, VerifyReport,
+    VerifyFailure, VerifyOptions, VerifyReport,
 };
 use crate::{Keyring, Rollout};
 
@@ -542,10 +542,11 @@ impl Jobs {
                         progress,
                         args.rate,
                         |on| {
+                            let options = options.clone().progress(on);
                             if sealing {
-                                migrate::backfill_table(&table, conn, keyring, &options, on)
+                                migrate::backfill_table(&table, conn, keyring, &options)
                             } else {
-                                migrate::decrypt_back_table(&table, conn, keyring, &options, on)
+                                migrate::decrypt_back_table(&table, conn, keyring, &options)
                             }
                         },
                     )?;
@@ -565,14 +566,13 @@ impl Jobs {
                         progress,
                         args.rate,
                         |on| {
-                            migrate::verify_table_legacy(
-                                &table,
-                                conn,
-                                keyring,
-                                args.sample,
-                                decoder.as_deref(),
-                                on,
-                            )
+                            let mut options = VerifyOptions::default()
+                                .sample_opt(args.sample)
+                                .progress(on);
+                            if let Some(decoder) = &decoder {
+                                options = options.legacy(decoder.clone());
+                            }
+                            migrate::verify_table(&table, conn, keyring, &options)
                         },
                     )?;
                     if format == Format::Text {
@@ -702,7 +702,10 @@ fn finalize<C: SchemaConnection>(
         &format!("verifying {}", table.table),
         progress,
         None,
-        |on| migrate::verify_table(&table, conn, keyring, None, on),
+        |on| {
+            let options = VerifyOptions::default().progress(on);
+            migrate::verify_table(&table, conn, keyring, &options)
+        },
     )?;
     if !report.is_ok() {
         return not_ready(

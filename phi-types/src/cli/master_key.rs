@@ -471,12 +471,11 @@ fn verify(
             read_only_store(url)?
         }
     };
-    let spec = cli
-        .kek
-        .clone()
-        .unwrap_or_else(|| format!("local:{}", cli.kek_id));
-    let (kek, from): (Arc<dyn KeyEncryptionKey>, String) = match spec.split_once(':') {
-        Some(("local", id)) if !id.is_empty() => {
+    let spec = cli.kek.clone().unwrap_or_else(|| crate::KekSpec::Local {
+        id: cli.kek_id.clone(),
+    });
+    let (kek, from): (Arc<dyn KeyEncryptionKey>, String) = match spec {
+        crate::KekSpec::Local { id } => {
             let (key, from) = if share_files.is_empty() {
                 configured_key(key_file)?
             } else {
@@ -489,7 +488,7 @@ fn verify(
                 format!("the master key from {from}"),
             )
         }
-        Some(("aws-kms", key)) if !key.is_empty() => {
+        crate::KekSpec::AwsKms { key } => {
             if key_file.is_some() || !share_files.is_empty() {
                 return Err(
                     "--key-file and --shares check a local master key; with --kek aws-kms:… \
@@ -497,13 +496,8 @@ fn verify(
                         .into(),
                 );
             }
-            (super::aws_kek(key)?, format!("KMS key {key}"))
-        }
-        _ => {
-            return Err(format!(
-                "--kek {spec:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)"
-            )
-            .into());
+            let from = format!("KMS key {key}");
+            (crate::KekSpec::AwsKms { key }.build()?, from)
         }
     };
     let kek_id = kek.id().to_owned();

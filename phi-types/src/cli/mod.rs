@@ -23,7 +23,7 @@ use clap::{Args, CommandFactory as _, FromArgMatches as _, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use crate::lifecycle::{self, DataConnection, ResealTable, RewrapScope};
+use crate::lifecycle::{self, DataConnection, ResealTable, RewrapOptions};
 use crate::store::DieselKeyStore;
 use crate::{KeyEncryptionKey, KeyStore, Keyring, LocalKek};
 
@@ -76,7 +76,7 @@ struct Cli {
     /// AWS_ENDPOINT_URL, …). With `aws-kms`, a local master key in the
     /// environment still unwraps the keys it wrapped.
     #[arg(long, env = "PHI_KEK", global = true)]
-    kek: Option<String>,
+    kek: Option<crate::KekSpec>,
 
     /// How often the application's keyrings read the key-event feed, in
     /// seconds (their `KeyringBuilder::feed_interval`): shred output says
@@ -996,9 +996,10 @@ where
             }
             let keyring = env.keyring(&cli.actor)?;
             let progress = bar(todo.len() as u64, "generating", env.progress);
-            let created = lifecycle::generate(&keyring, todo, 0, &mut |done| {
-                progress.set_position(done as u64);
-            })?;
+            let options = lifecycle::GenerateOptions::default().progress(|done| {
+                progress.set_position(*done as u64);
+            });
+            let created = lifecycle::generate(&keyring, todo, &options)?;
             progress.finish_and_clear();
             outln!(env, "Generated {created} data key(s).");
             let after = lifecycle::coverage(env.store.as_ref(), &query)?;
@@ -1014,17 +1015,13 @@ where
             let keyring = env.keyring(&cli.actor)?;
             let mut conn = env.data()?;
             let progress = bar(0, "re-sealing", env.progress);
-            let report = lifecycle::reseal(
-                &mut conn,
-                &keyring,
-                owner,
-                &env.tables,
-                *batch_size,
-                &mut |p| {
+            let options = lifecycle::ResealOptions::default()
+                .batch_size(*batch_size)
+                .progress(|p| {
                     progress.set_length(p.total);
                     progress.set_position(p.resealed);
-                },
-            )?;
+                });
+            let report = lifecycle::reseal(&mut conn, &keyring, owner, &env.tables, &options)?;
             progress.finish_and_clear();
             outln!(
                 env,
@@ -1060,14 +1057,14 @@ where
             }
             let keyring = builder.actor(&cli.actor).build()?;
             let progress = bar(0, "rewrapping", env.progress);
-            let scope = RewrapScope {
-                from_kek: from.clone(),
-                batch_size: *batch_size,
-            };
-            let report = lifecycle::rewrap(&keyring, &scope, &mut |p| {
-                progress.set_length(p.total);
-                progress.set_position(p.rewrapped + p.skipped);
-            })?;
+            let options = RewrapOptions::default()
+                .from_kek_opt(from.clone())
+                .batch_size(*batch_size)
+                .progress(|p| {
+                    progress.set_length(p.total);
+                    progress.set_position(p.rewrapped + p.skipped);
+                });
+            let report = lifecycle::rewrap(&keyring, &options)?;
             progress.finish_and_clear();
             outln!(
                 env,
@@ -1284,63 +1281,22 @@ type SharedKek = Arc<dyn KeyEncryptionKey>;
 
 /// The KEK of `--kek` (default `local:<--kek-id>`), and the local KEK that
 /// still unwraps older keys when the primary is a KMS key and a local master
-/// key is in the environment.
+/// key is in the environment ([`crate::KeyringConfig`]).
 fn configured_keks(cli: &Cli) -> CliResult<(SharedKek, Vec<SharedKek>)> {
-    let local = |id: &str| -> CliResult<Arc<dyn KeyEncryptionKey>> {
-        Ok(Arc::new(LocalKek::from_env(id)?))
-    };
-    let spec = cli
-        .kek
-        .clone()
-        .unwrap_or_else(|| format!("local:{}", cli.kek_id));
-    match spec.split_once(':') {
-        Some(("local", id)) if !id.is_empty() => Ok((local(id)?, Vec::new())),
-        Some(("aws-kms", key)) if !key.is_empty() => {
-            let older = if std::env::var_os(crate::MASTER_KEY_ENV).is_some()
-                || std::env::var_os(crate::MASTER_KEY_FILE_ENV).is_some()
-            {
-                vec![local(&cli.kek_id)?]
-            } else {
-                Vec::new()
-            };
-            Ok((aws_kek(key)?, older))
-        }
-        _ => Err(format!(
-            "--kek {spec:?}: expected local:ID or aws-kms:KEY (key id, ARN or alias/NAME)"
-        )
-        .into()),
-    }
+    Ok(crate::KeyringConfig::from_env_with(cli.kek.clone(), Some(&cli.kek_id))?.keks()?)
 }
 
-/// A KEK over the AWS KMS key `key`, configured from the AWS environment.
-#[cfg(feature = "aws-kms")]
-fn aws_kek(key: &str) -> CliResult<Arc<dyn KeyEncryptionKey>> {
-    Ok(Arc::new(crate::AwsKmsKek::builder(key).build()?))
-}
-
-/// Without the `aws-kms` feature: a clear refusal.
-#[cfg(not(feature = "aws-kms"))]
-fn aws_kek(key: &str) -> CliResult<Arc<dyn KeyEncryptionKey>> {
-    Err(format!(
-        "aws-kms:{key}: the aws-kms KEK provider is not built into this phi: rebuild with `--features aws-kms`"
-    )
-    .into())
-}
-
-/// The target of `keys rewrap --to`: `local:ID` (a local master key) or
-/// `aws-kms:KEY`.
+/// The target of `keys rewrap --to`: `local:ID` (a new local master key,
+/// from `--to-key-file` or `PHI_NEW_MASTER_KEY`) or `aws-kms:KEY`.
 fn target_kek(
     spec: &str,
     key_file: Option<&std::path::Path>,
 ) -> CliResult<Arc<dyn KeyEncryptionKey>> {
-    let (provider, id) = spec
-        .split_once(':')
-        .ok_or_else(|| format!("--to {spec:?}: expected PROVIDER:ID, e.g. local:local-2"))?;
-    if id.is_empty() {
-        return Err(format!("--to {spec:?}: the KEK id is empty").into());
-    }
-    match provider {
-        "local" => {
+    match spec
+        .parse::<crate::KekSpec>()
+        .map_err(|e| format!("--to: {e}"))?
+    {
+        crate::KekSpec::Local { id } => {
             let kek = match key_file {
                 Some(path) => LocalKek::from_file(id, path)?,
                 None => {
@@ -1352,11 +1308,7 @@ fn target_kek(
             };
             Ok(Arc::new(kek))
         }
-        "aws-kms" => aws_kek(id),
-        other => Err(format!(
-            "--to {spec}: unknown KEK provider {other:?} (known: local, aws-kms)"
-        )
-        .into()),
+        other => Ok(other.build()?),
     }
 }
 

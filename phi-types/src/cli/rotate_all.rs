@@ -156,15 +156,19 @@ where
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let progress = bar(0, "rotating", env.progress);
     let mut options = RotateAllOptions::new(job.as_str())
         .owners_per_claim(args.owners_per_claim)
         .claim_ttl(Duration::from_secs(args.claim_ttl))
         .batch_size(args.batch_size)
-        .sample(args.sample);
+        .sample(args.sample)
+        .progress(|r: &RotateAllReport| {
+            progress.set_length(r.owners);
+            progress.set_position(r.done_before + r.done);
+        });
     if let Some(worker) = &args.worker {
         options = options.worker(worker.as_str());
     }
-    let progress = bar(0, "rotating", env.progress);
     let pause = std::env::var_os(PAUSE_AFTER_CLAIM_ENV).map(std::path::PathBuf::from);
     let mut paused = false;
     let report = lifecycle::rotate_all_interleaved(
@@ -173,10 +177,6 @@ where
         &owners,
         &env.tables,
         &options,
-        &mut |r: &RotateAllReport| {
-            progress.set_length(r.owners);
-            progress.set_position(r.done_before + r.done);
-        },
         &mut |stage, _owners| {
             if let (RotateStage::Claimed, Some(file), false) = (stage, &pause, paused) {
                 paused = true;

@@ -9,6 +9,7 @@
 #[cfg(feature = "aws-kms")]
 mod aws;
 mod local;
+mod spec;
 
 #[cfg(feature = "aws-kms")]
 pub use aws::{
@@ -18,6 +19,7 @@ pub use aws::{
 pub use local::{CHECK_FORMAT_LOCAL, LocalKek, MASTER_KEY_ENV, MASTER_KEY_FILE_ENV};
 #[cfg(feature = "cli")]
 pub(crate) use local::{decode_master_key, read_master_key_file};
+pub use spec::{DEFAULT_LOCAL_KEK_ID, KEK_ENV, KEK_ID_ENV, KekSpec};
 
 use std::fmt;
 
@@ -75,6 +77,8 @@ impl fmt::Debug for KekCheck {
             .finish_non_exhaustive()
     }
 }
+
+crate::shared::into_shared!(KeyEncryptionKey);
 
 /// A key encryption key: wraps and unwraps owners' data keys.
 ///

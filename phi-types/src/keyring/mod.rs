@@ -42,6 +42,7 @@ mod blind_key;
 mod cache;
 mod check;
 mod clock;
+mod config;
 mod follow;
 mod misses;
 #[cfg(feature = "async")]
@@ -60,6 +61,7 @@ use std::time::{Duration, Instant};
 pub(crate) use blind_key::BlindKeyCache;
 pub use blind_key::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::KeyringConfig;
 pub use follow::FeedStatus;
 pub use readiness::{
     DEFAULT_KEK_PROBE_INTERVAL, DEFAULT_READINESS_TIMEOUT, FeedReadiness, KekReadiness, PoolState,
@@ -523,8 +525,10 @@ impl fmt::Debug for KeyringBuilder {
 impl KeyringBuilder {
     /// Also unwrap data keys wrapped by `kek` (an older KEK during rotation).
     /// New data keys are always wrapped by the primary KEK.
-    pub fn unwrap_with(mut self, kek: Arc<dyn KeyEncryptionKey>) -> Self {
-        self.keks.push(kek);
+    ///
+    /// `kek` is a KEK by value or an `Arc` of one ([`IntoShared`](crate::IntoShared)).
+    pub fn unwrap_with(mut self, kek: impl crate::IntoShared<dyn KeyEncryptionKey>) -> Self {
+        self.keks.push(kek.into_shared());
         self
     }
 
@@ -720,8 +724,10 @@ impl KeyringBuilder {
     /// while it cannot write. Without a log (the default) records are only
     /// built when the `tracing` target [`phi::access`](crate::access::TRACING_TARGET)
     /// is enabled.
-    pub fn access_log(mut self, log: Arc<dyn crate::access::AccessLog>) -> Self {
-        self.access.log = Some(log);
+    ///
+    /// `log` is a log by value or an `Arc` of one ([`IntoShared`](crate::IntoShared)).
+    pub fn access_log(mut self, log: impl crate::IntoShared<dyn crate::access::AccessLog>) -> Self {
+        self.access.log = Some(log.into_shared());
         self
     }
 
@@ -972,10 +978,24 @@ enum Purpose {
 impl Keyring {
     /// Starts configuring a keyring over `store`, wrapping new data keys with
     /// `kek`.
-    pub fn builder(store: Arc<dyn KeyStore>, kek: Arc<dyn KeyEncryptionKey>) -> KeyringBuilder {
+    ///
+    /// Each is taken by value or as an `Arc` (of the concrete type or of the
+    /// trait object): see [`IntoShared`](crate::IntoShared).
+    ///
+    /// ```
+    /// use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore};
+    ///
+    /// let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    /// let keyring = Keyring::builder(MemoryKeyStore::new(), kek).build()?;
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    pub fn builder(
+        store: impl crate::IntoShared<dyn KeyStore>,
+        kek: impl crate::IntoShared<dyn KeyEncryptionKey>,
+    ) -> KeyringBuilder {
         KeyringBuilder {
-            store,
-            primary: kek,
+            store: store.into_shared(),
+            primary: kek.into_shared(),
             keks: Vec::new(),
             ttl: DEFAULT_TTL,
             max_owners: DEFAULT_MAX_OWNERS,

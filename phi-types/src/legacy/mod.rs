@@ -6,7 +6,7 @@
 //! AES-256-GCM under a versioned key. A [`LegacyDecoder`] opens them, so
 //! that [`migrate::backfill`](crate::migrate::backfill) seals the
 //! plaintext under phi (not the old ciphertext) and
-//! [`migrate::verify`](crate::migrate::verify_legacy) checks that every
+//! [`migrate::verify`](crate::migrate::verify) (with [`VerifyOptions::legacy`](crate::migrate::VerifyOptions::legacy)) checks that every
 //! such value opens. Pass one with
 //! [`MigrateOptions::legacy`](crate::migrate::MigrateOptions::legacy), or
 //! register it on the keyring

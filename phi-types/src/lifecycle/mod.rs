@@ -430,19 +430,63 @@ pub struct RewrapProgress {
     pub batches: u64,
 }
 
-/// Which data keys [`rewrap`] moves.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RewrapScope {
-    /// Only keys wrapped by this KEK (default: every key not already under
-    /// the target).
-    pub from_kek: Option<String>,
-    /// Keys per batch (one key-store transaction each); 0 means
-    /// [`DEFAULT_BATCH_SIZE`].
-    pub batch_size: usize,
+/// Settings of [`rewrap`]: which data keys it moves, its batch size and a
+/// progress callback.
+///
+/// ```
+/// use phi_types::lifecycle::RewrapOptions;
+///
+/// let options = RewrapOptions::default()
+///     .from_kek("local-1")
+///     .batch_size(500)
+///     .progress(|p| eprintln!("{} of {} rewrapped", p.rewrapped, p.total));
+/// // let report = phi_types::lifecycle::rewrap(&keyring, &options)?;
+/// # drop(options);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct RewrapOptions<'a> {
+    from_kek: Option<String>,
+    batch_size: usize,
+    progress: crate::shared::Callback<'a, RewrapProgress>,
+}
+
+impl RewrapOptions<'_> {
+    /// Only keys wrapped by the KEK `id` (default: every key not already
+    /// under the target).
+    #[must_use]
+    pub fn from_kek(mut self, id: impl Into<String>) -> Self {
+        self.from_kek = Some(id.into());
+        self
+    }
+
+    /// [`from_kek`](Self::from_kek) when `Some`, every KEK when `None`.
+    #[must_use]
+    pub fn from_kek_opt(mut self, id: Option<String>) -> Self {
+        self.from_kek = id;
+        self
+    }
+
+    /// Keys per batch (one key-store transaction each); 0 (the default)
+    /// means [`DEFAULT_BATCH_SIZE`].
+    #[must_use]
+    pub fn batch_size(mut self, keys: usize) -> Self {
+        self.batch_size = keys;
+        self
+    }
+
+    /// Calls `f` after each committed batch (default: no callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&RewrapProgress) + 'b) -> RewrapOptions<'b> {
+        RewrapOptions {
+            from_kek: self.from_kek,
+            batch_size: self.batch_size,
+            progress: crate::shared::Callback::new(f),
+        }
+    }
 }
 
 /// KEK rotation: rewraps every data key row not wrapped by the keyring's
-/// primary KEK (or only those of [`RewrapScope::from_kek`]) under the
+/// primary KEK (or only those of [`RewrapOptions::from_kek`]) under the
 /// primary KEK. Each key is unwrapped by the KEK its row names (configure
 /// it with [`KeyringBuilder::unwrap_with`](crate::KeyringBuilder::unwrap_with)),
 /// wrapped by the primary, checked to unwrap back to the same key, and
@@ -459,12 +503,8 @@ pub struct RewrapScope {
 /// [`Error::UnknownKek`] for a row whose KEK is not configured,
 /// [`Error::Kek`] when a KEK fails; key store errors. Batches committed
 /// before the error stay committed.
-pub fn rewrap(
-    keyring: &Keyring,
-    scope: &RewrapScope,
-    progress: &mut dyn FnMut(&RewrapProgress),
-) -> Result<RewrapProgress> {
-    rewrap_with(keyring, scope, progress, &mut |_| Ok(()))
+pub fn rewrap(keyring: &Keyring, options: &RewrapOptions<'_>) -> Result<RewrapProgress> {
+    rewrap_with(keyring, options, &mut |_| Ok(()))
 }
 
 /// [`rewrap`] with `between` called for each batch after its rows are read
@@ -474,18 +514,18 @@ pub fn rewrap(
 #[doc(hidden)]
 pub fn rewrap_interleaved(
     keyring: &Keyring,
-    scope: &RewrapScope,
+    options: &RewrapOptions<'_>,
     between: &mut dyn FnMut(&[StoredKey]) -> Result<()>,
 ) -> Result<RewrapProgress> {
-    rewrap_with(keyring, scope, &mut |_| {}, between)
+    rewrap_with(keyring, options, between)
 }
 
 fn rewrap_with(
     keyring: &Keyring,
-    scope: &RewrapScope,
-    progress: &mut dyn FnMut(&RewrapProgress),
+    scope: &RewrapOptions<'_>,
     between: &mut dyn FnMut(&[StoredKey]) -> Result<()>,
 ) -> Result<RewrapProgress> {
+    let progress = |p: &RewrapProgress| scope.progress.call(p);
     let target = keyring.primary_kek().clone();
     let store = keyring.store();
     let batch = if scope.batch_size == 0 {
@@ -605,14 +645,57 @@ pub struct ResealProgress {
     pub batches: u64,
 }
 
+/// What a job sets on the application's connection first (SQLite: a busy
+/// timeout when it has none; see [`crate::sqlite`]).
+pub(crate) fn prepare_connection<C: DataConnection>(
+    conn: &mut C,
+    tables: &[ResealTable],
+    owner: &str,
+) -> Result<()> {
+    conn.prepare_for_phi().map_err(|source| Error::DataTable {
+        operation: "setting the busy timeout of the application's connection",
+        table: tables.first().map(|t| t.table.clone()).unwrap_or_default(),
+        column: String::new(),
+        owner: owner.to_owned(),
+        source: source.into(),
+    })
+}
+
 /// Consecutive batches with no progress before a re-seal gives up on a
 /// column (values that keep changing under it).
 const MAX_IDLE_BATCHES: u32 = 20;
 
+/// Settings of [`reseal`]: its batch size and a progress callback.
+#[derive(Clone, Debug, Default)]
+pub struct ResealOptions<'a> {
+    batch_size: usize,
+    progress: crate::shared::Callback<'a, ResealProgress>,
+}
+
+impl ResealOptions<'_> {
+    /// Values per batch (one transaction each); 0 (the default) means
+    /// [`DEFAULT_BATCH_SIZE`].
+    #[must_use]
+    pub fn batch_size(mut self, values: usize) -> Self {
+        self.batch_size = values;
+        self
+    }
+
+    /// Calls `f` after each committed batch (default: no callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&ResealProgress) + 'b) -> ResealOptions<'b> {
+        ResealOptions {
+            batch_size: self.batch_size,
+            progress: crate::shared::Callback::new(f),
+        }
+    }
+}
+
 /// Re-seals every value of `owner` in `tables` that is under an older key
 /// version than the owner's current one, so the older versions can be
-/// retired. One transaction per batch of `batch_size` values (0:
-/// [`DEFAULT_BATCH_SIZE`]); rows are locked as they are read (`FOR UPDATE`,
+/// retired. One transaction per batch of [`ResealOptions::batch_size`]
+/// values (default [`DEFAULT_BATCH_SIZE`]); the options' progress callback
+/// is called after each; rows are locked as they are read (`FOR UPDATE`,
 /// or SQLite's write lock) and each `UPDATE` is guarded by the bytes read,
 /// so a concurrent write of the application is never overwritten. NULLs,
 /// values already under the current (or a newer) version and rows whose
@@ -630,13 +713,15 @@ pub fn reseal<C: DataConnection>(
     keyring: &Keyring,
     owner: &str,
     tables: &[ResealTable],
-    batch_size: usize,
-    progress: &mut dyn FnMut(&ResealProgress),
+    options: &ResealOptions<'_>,
 ) -> Result<ResealProgress> {
+    let batch_size = options.batch_size;
+    let progress = |p: &ResealProgress| options.progress.call(p);
     keyring.check_owner_id_or_reserved(owner)?;
     for t in tables {
         t.validate()?;
     }
+    prepare_connection(conn, tables, owner)?;
     let batch = if batch_size == 0 {
         DEFAULT_BATCH_SIZE
     } else {
@@ -1236,13 +1321,39 @@ pub fn coverage(store: &dyn KeyStore, owners_query: &str) -> Result<Coverage> {
     Ok(cov)
 }
 
+/// Settings of [`generate`]: its batch size and a progress callback.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions<'a> {
+    batch_size: usize,
+    progress: crate::shared::Callback<'a, usize>,
+}
+
+impl GenerateOptions<'_> {
+    /// Owners per batch; 0 (the default) means [`DEFAULT_BATCH_SIZE`].
+    #[must_use]
+    pub fn batch_size(mut self, owners: usize) -> Self {
+        self.batch_size = owners;
+        self
+    }
+
+    /// Calls `f` after each batch with the number of owners done so far
+    /// (default: no callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&usize) + 'b) -> GenerateOptions<'b> {
+        GenerateOptions {
+            batch_size: self.batch_size,
+            progress: crate::shared::Callback::new(f),
+        }
+    }
+}
+
 /// Creates a data key for each owner in `owners` that has none (batches of
-/// `batch_size`, 0: [`DEFAULT_BATCH_SIZE`]), race-safe as every first
+/// [`GenerateOptions::batch_size`]), race-safe as every first
 /// seal is; pass [`Coverage::without_key`]. An owner that already has keys
 /// gets none here: one with an active key is left as it is, a shredded one
 /// fails the batch with [`Error::Shredded`], one with retired keys only with
-/// [`Error::NoKey`]. Reports the owners done so far after each batch;
-/// returns how many keys this call created.
+/// [`Error::NoKey`]. Reports the owners done so far after each batch to
+/// the options' progress callback; returns how many keys this call created.
 ///
 /// # Errors
 /// Key store and KEK errors, and the two above; batches done before stay
@@ -1250,9 +1361,9 @@ pub fn coverage(store: &dyn KeyStore, owners_query: &str) -> Result<Coverage> {
 pub fn generate(
     keyring: &Keyring,
     owners: &[String],
-    batch_size: usize,
-    progress: &mut dyn FnMut(usize),
+    options: &GenerateOptions<'_>,
 ) -> Result<u64> {
+    let batch_size = options.batch_size;
     let batch = if batch_size == 0 {
         DEFAULT_BATCH_SIZE
     } else {
@@ -1263,7 +1374,7 @@ pub fn generate(
     for chunk in owners.chunks(batch) {
         keyring.keys_for_seal_many(chunk.iter().map(String::as_str))?;
         done += chunk.len();
-        progress(done);
+        options.progress.call(&done);
     }
     Ok(keyring.stats().creations - before)
 }

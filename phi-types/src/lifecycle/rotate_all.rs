@@ -98,9 +98,9 @@ impl RotateOwners {
 
 /// How [`rotate_all`] works: the job it belongs to, this worker's name,
 /// batch sizes and the claims' lifetime.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct RotateAllOptions {
+pub struct RotateAllOptions<'a> {
     /// The job: every worker of one rotation uses the same id, and a rerun
     /// with it skips the owners done (letters, digits, `-`, `_`, `.`, `:`;
     /// at most [`MAX_JOB_ID_LEN`] bytes).
@@ -121,9 +121,12 @@ pub struct RotateAllOptions {
     /// The time claims are taken and judged at (default: the clock, in
     /// UTC); fixed in tests.
     pub at: Option<NaiveDateTime>,
+    /// Called with the report so far after each claimed batch
+    /// ([`progress`](Self::progress)).
+    progress: crate::shared::Callback<'a, RotateAllReport>,
 }
 
-impl RotateAllOptions {
+impl RotateAllOptions<'_> {
     /// The options of job `job` with the defaults.
     pub fn new(job: impl Into<String>) -> Self {
         RotateAllOptions {
@@ -134,6 +137,23 @@ impl RotateAllOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             sample: 20,
             at: None,
+            progress: crate::shared::Callback::default(),
+        }
+    }
+
+    /// Calls `f` with the report so far as the job goes (default: no
+    /// callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&RotateAllReport) + 'b) -> RotateAllOptions<'b> {
+        RotateAllOptions {
+            job: self.job,
+            worker: self.worker,
+            owners_per_claim: self.owners_per_claim,
+            claim_ttl: self.claim_ttl,
+            batch_size: self.batch_size,
+            sample: self.sample,
+            at: self.at,
+            progress: crate::shared::Callback::new(f),
         }
     }
 
@@ -288,18 +308,9 @@ pub fn rotate_all<C: DataConnection>(
     keyring: &Keyring,
     owners: &RotateOwners,
     tables: &[ResealTable],
-    options: &RotateAllOptions,
-    progress: &mut dyn FnMut(&RotateAllReport),
+    options: &RotateAllOptions<'_>,
 ) -> Result<RotateAllReport> {
-    rotate_all_interleaved(
-        conn,
-        keyring,
-        owners,
-        tables,
-        options,
-        progress,
-        &mut |_, _| Ok(()),
-    )
+    rotate_all_interleaved(conn, keyring, owners, tables, options, &mut |_, _| Ok(()))
 }
 
 /// [`rotate_all`] with `between` called at fixed points of each claimed
@@ -314,14 +325,15 @@ pub fn rotate_all_interleaved<C: DataConnection>(
     keyring: &Keyring,
     owners: &RotateOwners,
     tables: &[ResealTable],
-    options: &RotateAllOptions,
-    progress: &mut dyn FnMut(&RotateAllReport),
+    options: &RotateAllOptions<'_>,
     between: &mut dyn FnMut(RotateStage, &[String]) -> Result<()>,
 ) -> Result<RotateAllReport> {
+    let progress = |r: &RotateAllReport| options.progress.call(r);
     check_job_id(&options.job)?;
     for t in tables {
         t.validate()?;
     }
+    super::prepare_connection(conn, tables, "*")?;
     let store = keyring.store().clone();
     let list = owners.resolve(keyring)?;
     let mut report = RotateAllReport {
@@ -628,8 +640,7 @@ fn reseal_table<C: DataConnection>(
                 keyring,
                 owner,
                 std::slice::from_ref(t),
-                batch,
-                &mut |_| {},
+                &super::ResealOptions::default().batch_size(batch),
             )?;
             report.resealed += done.resealed;
             report.rows += done.resealed;

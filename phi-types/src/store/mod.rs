@@ -301,6 +301,8 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+crate::shared::into_shared!(KeyStore);
+
 /// Where wrapped data keys and audit records live.
 ///
 /// [`DieselKeyStore`] keeps them in the application's database;
