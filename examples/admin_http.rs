@@ -70,7 +70,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let db = std::env::var("PHI_ADMIN_DB").unwrap_or_else(|_| "phi-admin-example.db".into());
     let addr = std::env::var("PHI_ADMIN_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
 
-    let store = DieselKeyStore::<diesel::SqliteConnection>::connect(&db)?;
+    let store = DieselKeyStore::<diesel::SqliteConnection>::builder(&db)
+        .run_migrations(true)
+        .connect()?;
     let kek = LocalKek::from_env("local-1")?;
     let keyring = Keyring::builder(Arc::new(store), Arc::new(kek))
         .actor("admin-example")
