@@ -30,7 +30,12 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(200_000);
-    let store = Arc::new(DieselKeyStore::<PgConnection>::connect(&url).expect("key store"));
+    let store = Arc::new(
+        DieselKeyStore::<PgConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("key store"),
+    );
     // The integration tests' KEK, so that the bench can share their
     // database (the chain key's reserved owner is one per database).
     let kek = Arc::new(
@@ -38,7 +43,12 @@ fn main() {
             .expect("master key"),
     );
     let keyring = Keyring::builder(store, kek).build().expect("keyring");
-    let tables = Arc::new(DieselAccessLogStore::<PgConnection>::connect(&url).expect("tables"));
+    let tables = Arc::new(
+        DieselAccessLogStore::<PgConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("tables"),
+    );
     let users: Vec<Accessor> = (0..50)
         .map(|u| {
             Accessor::new(format!("user-{u}"), "treatment").with_request_id(format!("req-{u}"))

@@ -184,7 +184,9 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("keys.db");
     let store: Arc<dyn KeyStore> = Arc::new(
-        DieselKeyStore::<diesel::SqliteConnection>::connect(path.to_str().expect("UTF-8 path"))
+        DieselKeyStore::<diesel::SqliteConnection>::builder(path.to_str().expect("UTF-8 path"))
+            .run_migrations(true)
+            .connect()
             .expect("key store"),
     );
     let owners: Vec<String> = (0..owners_n)

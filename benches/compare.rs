@@ -570,8 +570,11 @@ macro_rules! backend_run {
                 conn.batch_execute(b.setup)?;
                 let version: String =
                     diesel::select(sql::<Text>(b.version_sql)).get_result(&mut conn)?;
-                let store: Arc<dyn KeyStore> =
-                    Arc::new(phi::DieselKeyStore::<Conn>::connect(&b.url)?);
+                let store: Arc<dyn KeyStore> = Arc::new(
+                    phi::DieselKeyStore::<Conn>::builder(&b.url)
+                        .run_migrations(true)
+                        .connect()?,
+                );
                 let keyring = new_keyring(&store)?;
                 // Created (first run on this database) or unwrapped here,
                 // before any timing; the cache stays warm for the inserts

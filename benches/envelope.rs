@@ -296,9 +296,11 @@ fn keyring_cold(c: &mut Criterion) {
     // 1,000 unwraps, and the 1,000 `unwrap` audit rows appended.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("keys.db");
-    let store = phi_types::DieselKeyStore::<diesel::SqliteConnection>::connect(
+    let store = phi_types::DieselKeyStore::<diesel::SqliteConnection>::builder(
         path.to_str().expect("UTF-8 temp path"),
     )
+    .run_migrations(true)
+    .connect()
     .expect("SQLite key store");
     for row in &rows {
         store.insert_key_if_absent(row).expect("insert");

@@ -97,8 +97,12 @@ fn main() {
             ins_provider BLOB NOT NULL, status INTEGER NOT NULL);",
     )
     .expect("tables");
-    let store: Arc<dyn KeyStore> =
-        Arc::new(phi::DieselKeyStore::<SqliteConnection>::connect(&url).expect("key store"));
+    let store: Arc<dyn KeyStore> = Arc::new(
+        phi::DieselKeyStore::<SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("key store"),
+    );
     let kek = LocalKek::new("bench-profile", &KeyBytes::new([0x42; 32]));
     let keyring = Keyring::builder(store, Arc::new(kek))
         .parallel_min_rows(usize::MAX)

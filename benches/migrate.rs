@@ -228,8 +228,11 @@ macro_rules! backend_run {
             ) -> BoxResult<Samples> {
                 let mut conn = Conn::establish(&b.url)?;
                 conn.batch_execute(b.setup)?;
-                let store: Arc<dyn KeyStore> =
-                    Arc::new(phi::DieselKeyStore::<Conn>::connect(&b.url)?);
+                let store: Arc<dyn KeyStore> = Arc::new(
+                    phi::DieselKeyStore::<Conn>::builder(&b.url)
+                        .run_migrations(true)
+                        .connect()?,
+                );
                 let keyring = new_keyring(&store)?;
                 keyring.keys_for_seal_many(owners.iter().map(String::as_str))?;
                 let extra: Vec<String> = (0..rewrap_keys)

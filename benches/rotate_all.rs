@@ -159,7 +159,11 @@ macro_rules! run_backend {
         conn.batch_execute($ddl)?;
         diesel::sql_query("DELETE FROM phi_rotation_claims WHERE job_id LIKE 'bench-%'")
             .execute(&mut conn)?;
-        let store: Arc<dyn phi::KeyStore> = Arc::new(phi::DieselKeyStore::<$conn>::connect(&url)?);
+        let store: Arc<dyn phi::KeyStore> = Arc::new(
+            phi::DieselKeyStore::<$conn>::builder(&url)
+                .run_migrations(true)
+                .connect()?,
+        );
         let keyring = Keyring::builder(store.clone(), bench_kek())
             .actor("phi-bench-rotate")
             .build()?;

@@ -69,7 +69,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let db = std::env::var("PHI_ADMIN_DB").unwrap_or_else(|_| "phi-admin-example.db".into());
     let addr = std::env::var("PHI_ADMIN_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
 
-    let store = DieselKeyStore::<diesel::SqliteConnection>::connect(&db)?;
+    let store = DieselKeyStore::<diesel::SqliteConnection>::builder(&db)
+        .run_migrations(true)
+        .connect()?;
     // The KEK as PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE) configure it.
     let keyring = KeyringConfig::from_env()?
         .builder(store)?

@@ -157,19 +157,25 @@ fn connect(url: &str) -> Result<Arc<dyn phi::KeyStore>, Box<dyn std::error::Erro
     if url.starts_with("mysql://") {
         #[cfg(feature = "mysql")]
         return Ok(Arc::new(
-            DieselKeyStore::<diesel::MysqlConnection>::connect(url)?,
+            DieselKeyStore::<diesel::MysqlConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?,
         ));
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         #[cfg(feature = "postgres")]
-        return Ok(Arc::new(DieselKeyStore::<diesel::PgConnection>::connect(
-            url,
-        )?));
+        return Ok(Arc::new(
+            DieselKeyStore::<diesel::PgConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?,
+        ));
     } else {
         #[cfg(feature = "sqlite")]
         return Ok(Arc::new(
-            DieselKeyStore::<diesel::SqliteConnection>::connect(
+            DieselKeyStore::<diesel::SqliteConnection>::builder(
                 url.trim_start_matches("sqlite://"),
-            )?,
+            )
+            .run_migrations(true)
+            .connect()?,
         ));
     }
     #[allow(unreachable_code)]

@@ -861,7 +861,12 @@ fn sqlite_db() -> (tempfile::TempDir, String) {
 }
 
 fn keyring(url: &str, kek: Arc<AwsKmsKek>) -> Keyring {
-    let store = Arc::new(DieselKeyStore::<SqliteConnection>::connect(url).expect("key store"));
+    let store = Arc::new(
+        DieselKeyStore::<SqliteConnection>::builder(url)
+            .run_migrations(true)
+            .connect()
+            .expect("key store"),
+    );
     Keyring::builder(store, kek).build().expect("keyring")
 }
 
@@ -1102,7 +1107,12 @@ fn the_cli_rewraps_local_keys_to_the_kms_and_then_works_with_it_alone() {
     let (dir, db) = sqlite_db();
     let mut conn = app_conn(&db);
     let local = Keyring::builder(
-        Arc::new(DieselKeyStore::<SqliteConnection>::connect(&db).expect("store")),
+        Arc::new(
+            DieselKeyStore::<SqliteConnection>::builder(&db)
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
+        ),
         common::local_kek(),
     )
     .build()
@@ -1292,7 +1302,10 @@ fn kms_check_values_on(store: Arc<dyn KeyStore>) {
 fn kms_check_values_on_sqlite() {
     let (_dir, db) = sqlite_db();
     kms_check_values_on(Arc::new(
-        DieselKeyStore::<SqliteConnection>::connect(&db).expect("key store"),
+        DieselKeyStore::<SqliteConnection>::builder(&db)
+            .run_migrations(true)
+            .connect()
+            .expect("key store"),
     ));
 }
 
@@ -1302,7 +1315,9 @@ fn kms_check_values_on_mariadb() {
     let url = std::env::var("PHI_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     kms_check_values_on(Arc::new(
-        DieselKeyStore::<diesel::MysqlConnection>::connect(&url)
+        DieselKeyStore::<diesel::MysqlConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
             .unwrap_or_else(|e| panic!("MariaDB at {url}: {e}")),
     ));
 }
@@ -1313,7 +1328,9 @@ fn kms_check_values_on_postgres() {
     let url = std::env::var("PHI_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     kms_check_values_on(Arc::new(
-        DieselKeyStore::<diesel::PgConnection>::connect(&url)
+        DieselKeyStore::<diesel::PgConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
             .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}")),
     ));
 }

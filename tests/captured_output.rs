@@ -535,7 +535,10 @@ impl Binaries {
     fn keyring(&self, master: &phi::KeyBytes) -> (phi::Keyring, std::sync::Arc<phi::LocalKek>) {
         let kek = std::sync::Arc::new(phi::LocalKek::new(CLINIC_KEK, master));
         let store = std::sync::Arc::new(
-            phi::DieselKeyStore::<diesel::SqliteConnection>::connect(&self.url()).expect("store"),
+            phi::DieselKeyStore::<diesel::SqliteConnection>::builder(&self.url())
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
         );
         let keyring = phi::Keyring::builder(store, kek.clone())
             .build()
@@ -865,8 +868,12 @@ fn master_key_commands_print_no_secret() {
         |name: &str| phi::master_key::read_key_file(&dir.path().join(name)).expect("a key file");
     let (master, other) = (key_of("master.key"), key_of("other.key"));
     // The database knows master.key as KEK captured-master.
-    let store =
-        Arc::new(phi::DieselKeyStore::<diesel::SqliteConnection>::connect(&db).expect("store"));
+    let store = Arc::new(
+        phi::DieselKeyStore::<diesel::SqliteConnection>::builder(&db)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     phi::Keyring::builder(
         store,
         Arc::new(phi::LocalKek::new("captured-master", &master)),

@@ -85,8 +85,12 @@ impl Clinic {
     }
 
     fn keyring(&self, kek: Arc<LocalKek>) -> Keyring {
-        let store =
-            Arc::new(DieselKeyStore::<SqliteConnection>::connect(&self.url).expect("store"));
+        let store = Arc::new(
+            DieselKeyStore::<SqliteConnection>::builder(&self.url)
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
+        );
         Keyring::builder(store, kek).build().expect("keyring")
     }
 
@@ -630,7 +634,10 @@ fn shredding_leaves_no_wrapped_key_in_the_sqlite_file() {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         secure_delete: i32,
     }
-    let store = DieselKeyStore::<SqliteConnection>::connect(&clinic.url).expect("store");
+    let store = DieselKeyStore::<SqliteConnection>::builder(&clinic.url)
+        .run_migrations(true)
+        .connect()
+        .expect("store");
     let pragma: SecureDelete = diesel::sql_query("PRAGMA secure_delete")
         .get_result(&mut *store.pool().get().expect("connection"))
         .expect("pragma");
@@ -1095,4 +1102,65 @@ fn a_killed_rotate_all_worker_is_finished_by_the_next_run() {
         );
         assert_eq!(clinic.check_cases(&keyring, owner, 3), [2], "{owner}");
     }
+}
+
+#[test]
+fn a_fresh_database_is_refused_until_phis_migrations_are_run_or_written() {
+    let clinic = Clinic::new(&[], 0);
+    let fresh = clinic.dir.path().join("fresh.db").display().to_string();
+    // No DDL from an ordinary command: an error naming the table, the
+    // migration and the commands that add it.
+    let (ok, _, err) = clinic.run(&["--database-url", &fresh, "audit"]);
+    assert!(!ok);
+    assert!(
+        err.contains("user_encryption_keys")
+            && err.contains("2026-11-25-000001_phi_key_tables")
+            && err.contains("phi migrations write --dir migrations/")
+            && err.contains("phi migrations run"),
+        "{err}"
+    );
+    let (code, _, err) =
+        status_of(clinic.command(&["--database-url", &fresh, "migrations", "check"]));
+    assert_eq!(code, Some(1), "{err}");
+
+    // Written into the application's directory, for its `diesel migration run`.
+    let (code, out, err) = status_of(
+        clinic
+            .command(&[
+                "migrations",
+                "write",
+                "--dir",
+                "app-migrations",
+                "--backend",
+                "sqlite",
+            ])
+            .env_remove("DATABASE_URL"),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("migration(s) of phi written for sqlite"),
+        "{out}"
+    );
+    let written = clinic
+        .dir
+        .path()
+        .join("app-migrations/2026-11-25-000001_phi_key_tables/up.sql");
+    assert!(written.exists());
+    let again = clinic.ok(&[
+        "--format",
+        "json",
+        "migrations",
+        "write",
+        "--dir",
+        "app-migrations",
+    ]);
+    let again: serde_json::Value = serde_json::from_str(&again).expect("JSON");
+    assert_eq!(again["created"], serde_json::json!([]), "{again}");
+    assert_eq!(again["backend"], "sqlite", "the backend of DATABASE_URL");
+
+    // Or run by phi, then every command works.
+    let out = clinic.ok(&["--database-url", &fresh, "migrations", "run"]);
+    assert!(out.contains("phi's tables are ready"), "{out}");
+    clinic.ok(&["--database-url", &fresh, "migrations", "check"]);
+    clinic.ok(&["--database-url", &fresh, "audit"]);
 }

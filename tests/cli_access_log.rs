@@ -38,13 +38,23 @@ where
     DieselKeyStore<C>: phi::KeyStore,
     DieselAccessLogStore<C>: phi::access_log::AccessLogStore,
 {
-    let store = Arc::new(DieselKeyStore::<C>::connect(url).expect("key store"));
+    let store = Arc::new(
+        DieselKeyStore::<C>::builder(url)
+            .run_migrations(true)
+            .connect()
+            .expect("key store"),
+    );
     let keyring = Keyring::builder(store, common::local_kek())
         .build()
         .expect("keyring");
     let chain = common::unique_owner("cli");
     let owner = common::unique_owner("cli-owner");
-    let tables = Arc::new(DieselAccessLogStore::<C>::connect(url).expect("tables"));
+    let tables = Arc::new(
+        DieselAccessLogStore::<C>::builder(url)
+            .run_migrations(true)
+            .connect()
+            .expect("tables"),
+    );
     let log = DieselAccessLog::builder(tables)
         .chain(chain.clone())
         .start(&keyring)

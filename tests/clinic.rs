@@ -696,7 +696,10 @@ macro_rules! rollout_migration {
             owner_id: String,
         }
         let url: &str = $url;
-        let store = phi::DieselKeyStore::<$conn>::connect(url).expect("phi's tables");
+        let store = phi::DieselKeyStore::<$conn>::builder(url)
+            .run_migrations(true)
+            .connect()
+            .expect("phi's tables");
         let mut conn = <$conn>::establish(url).expect("connects");
         let policy = |store: &phi::DieselKeyStore<$conn>| {
             phi::lifecycle::fleet_rollout(store, "clinic").expect("read the policy")

@@ -313,7 +313,12 @@ fn case_updates_racing_a_backfill_leave_every_row_consistent() {
     );
 
     // ... and every updated row holds the value written last.
-    let store = Arc::new(phi::DieselKeyStore::<PgConnection>::connect(&url).expect("key store"));
+    let store = Arc::new(
+        phi::DieselKeyStore::<PgConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("key store"),
+    );
     let kek =
         Arc::new(LocalKek::from_base64("local-1", common::MASTER_KEY_B64).expect("master key"));
     let keyring = Keyring::builder(store, kek).build().expect("keyring");

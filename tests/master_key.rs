@@ -551,7 +551,12 @@ fn verify_against_sqlite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("keys.db").display().to_string();
     let store = || -> Arc<dyn phi::KeyStore> {
-        Arc::new(phi::DieselKeyStore::<diesel::SqliteConnection>::connect(&path).expect("store"))
+        Arc::new(
+            phi::DieselKeyStore::<diesel::SqliteConnection>::builder(&path)
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
+        )
     };
     verify_on(&store, &format!("sqlite://{path}"));
     // A database that does not exist is not created.
@@ -580,7 +585,12 @@ fn verify_against_mysql() {
     let url = std::env::var("PHI_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     let store = || -> Arc<dyn phi::KeyStore> {
-        Arc::new(phi::DieselKeyStore::<diesel::MysqlConnection>::connect(&url).expect("store"))
+        Arc::new(
+            phi::DieselKeyStore::<diesel::MysqlConnection>::builder(&url)
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
+        )
     };
     verify_on(&store, &url);
 }
@@ -591,7 +601,12 @@ fn verify_against_postgres() {
     let url = std::env::var("PHI_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let store = || -> Arc<dyn phi::KeyStore> {
-        Arc::new(phi::DieselKeyStore::<diesel::PgConnection>::connect(&url).expect("store"))
+        Arc::new(
+            phi::DieselKeyStore::<diesel::PgConnection>::builder(&url)
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
+        )
     };
     verify_on(&store, &url);
 }
@@ -644,8 +659,12 @@ fn verify_a_kms_kek_against_moto() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("keys.db").display().to_string();
-    let store =
-        Arc::new(phi::DieselKeyStore::<diesel::SqliteConnection>::connect(&db).expect("store"));
+    let store = Arc::new(
+        phi::DieselKeyStore::<diesel::SqliteConnection>::builder(&db)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let kek = |key: &str| {
         Arc::new(
             phi::AwsKmsKek::builder(key)

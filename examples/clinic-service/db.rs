@@ -116,23 +116,29 @@ pub(crate) fn access_log_tables(
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => Ok(Arc::new(
-            DieselAccessLogStore::<diesel::SqliteConnection>::connect(url)?,
+            DieselAccessLogStore::<diesel::SqliteConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?,
         )),
         #[cfg(feature = "mysql")]
         Backend::Mysql => Ok(Arc::new(
-            DieselAccessLogStore::<diesel::MysqlConnection>::connect(url)?,
+            DieselAccessLogStore::<diesel::MysqlConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?,
         )),
         #[cfg(feature = "postgres")]
         Backend::Postgres => Ok(Arc::new(
-            DieselAccessLogStore::<diesel::PgConnection>::connect(url)?,
+            DieselAccessLogStore::<diesel::PgConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?,
         )),
         #[allow(unreachable_patterns)]
         other => Err(format!("this service was built without {other:?} support").into()),
     }
 }
 
-/// Runs the service's migrations and opens phi's key store (which runs
-/// phi's own), before anything is served.
+/// Runs the service's migrations and opens phi's key store, running
+/// phi's own (asked for explicitly), before anything is served.
 pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> {
     fn migrated<C>(conn: &mut C, migrations: EmbeddedMigrations) -> Result<()>
     where
@@ -148,7 +154,9 @@ pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> 
             let mut conn = phi::sqlite::establish(url)?;
             migrated(&mut conn, SQLITE_MIGRATIONS)?;
             Ok(Arc::new(
-                DieselKeyStore::<diesel::SqliteConnection>::connect(url)?,
+                DieselKeyStore::<diesel::SqliteConnection>::builder(url)
+                    .run_migrations(true)
+                    .connect()?,
             ))
         }
         #[cfg(feature = "mysql")]
@@ -156,16 +164,20 @@ pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> 
             let mut conn = diesel::MysqlConnection::establish(url)?;
             migrated(&mut conn, MYSQL_MIGRATIONS)?;
             Ok(Arc::new(
-                DieselKeyStore::<diesel::MysqlConnection>::connect(url)?,
+                DieselKeyStore::<diesel::MysqlConnection>::builder(url)
+                    .run_migrations(true)
+                    .connect()?,
             ))
         }
         #[cfg(feature = "postgres")]
         Backend::Postgres => {
             let mut conn = diesel::PgConnection::establish(url)?;
             migrated(&mut conn, POSTGRES_MIGRATIONS)?;
-            Ok(Arc::new(DieselKeyStore::<diesel::PgConnection>::connect(
-                url,
-            )?))
+            Ok(Arc::new(
+                DieselKeyStore::<diesel::PgConnection>::builder(url)
+                    .run_migrations(true)
+                    .connect()?,
+            ))
         }
         #[allow(unreachable_patterns)]
         other => Err(format!(

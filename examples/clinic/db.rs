@@ -99,13 +99,16 @@ fn without_password(url: &str) -> String {
 }
 
 /// The application's connection (migrated), and phi's key store on the
-/// same database. phi's migrations run first: the clinic's roll-out lives
+/// same database. phi's migrations run first (the store is asked to run
+/// them): the clinic's roll-out lives
 /// in phi's roll-out table, and a clinic migration moves it there.
 pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dyn KeyStore>)> {
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
-            let store = DieselKeyStore::<diesel::SqliteConnection>::connect(url)?;
+            let store = DieselKeyStore::<diesel::SqliteConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?;
             // A busy timeout (phi writes to the same file from connections
             // of its own) and WAL (readers do not block the writer).
             let mut conn = phi::sqlite::establish(url)?;
@@ -115,7 +118,9 @@ pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dy
         }
         #[cfg(feature = "mysql")]
         Backend::Mysql => {
-            let store = DieselKeyStore::<diesel::MysqlConnection>::connect(url)?;
+            let store = DieselKeyStore::<diesel::MysqlConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?;
             let mut conn = diesel::MysqlConnection::establish(url)?;
             conn.run_pending_migrations(MYSQL_MIGRATIONS)
                 .map_err(migration_error)?;
@@ -123,7 +128,9 @@ pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dy
         }
         #[cfg(feature = "postgres")]
         Backend::Postgres => {
-            let store = DieselKeyStore::<diesel::PgConnection>::connect(url)?;
+            let store = DieselKeyStore::<diesel::PgConnection>::builder(url)
+                .run_migrations(true)
+                .connect()?;
             let mut conn = diesel::PgConnection::establish(url)?;
             conn.run_pending_migrations(POSTGRES_MIGRATIONS)
                 .map_err(migration_error)?;

@@ -23,6 +23,11 @@ pub trait PhiConnection:
     #[doc(hidden)]
     const MIGRATIONS: EmbeddedMigrations;
 
+    /// Whether phi's migrations make identifier columns `VARBINARY`
+    /// (MySQL / MariaDB).
+    #[doc(hidden)]
+    const BINARY_IDENTIFIERS: bool = false;
+
     /// Per-connection settings for the key store's pool.
     #[doc(hidden)]
     fn prepare_key_store(&mut self) -> diesel::QueryResult<()> {
@@ -57,6 +62,58 @@ pub trait PhiConnection:
     fn migrations() -> impl MigrationSource<Self::Backend> {
         Self::MIGRATIONS
     }
+
+    /// The columns of the tables named `tables` that an unqualified name
+    /// reaches on this connection (SQLite: the main database; MySQL /
+    /// MariaDB: the current database; PostgreSQL: the search path), as
+    /// (table, column, lower-case type name), in one catalog query.
+    #[doc(hidden)]
+    fn catalog_columns(
+        &mut self,
+        tables: &[&str],
+    ) -> diesel::QueryResult<Vec<(String, String, String)>>;
+}
+
+/// One row of [`PhiConnection::catalog_columns`]' query.
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+#[derive(diesel::QueryableByName)]
+struct CatalogColumn {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    table_name: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    column_name: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    data_type: String,
+}
+
+/// `tables` as an SQL list of string literals (phi's own table names:
+/// letters, digits and `_` only; anything else is left out).
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+fn table_list(tables: &[&str]) -> String {
+    let names: Vec<String> = tables
+        .iter()
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .map(|t| format!("'{t}'"))
+        .collect();
+    if names.is_empty() {
+        "''".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Runs a catalog query built by [`table_list`].
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+fn load_catalog<C>(conn: &mut C, sql: String) -> diesel::QueryResult<Vec<(String, String, String)>>
+where
+    diesel::query_builder::SqlQuery: diesel::query_dsl::LoadQuery<'static, C, CatalogColumn>,
+{
+    use diesel::RunQueryDsl as _;
+    Ok(diesel::sql_query(sql)
+        .load::<CatalogColumn>(conn)?
+        .into_iter()
+        .map(|c| (c.table_name, c.column_name, c.data_type))
+        .collect())
 }
 
 #[cfg(feature = "sqlite")]
@@ -79,6 +136,21 @@ impl PhiConnection for diesel::SqliteConnection {
     fn prepare_for_phi(&mut self) -> diesel::QueryResult<()> {
         crate::sqlite::busy_timeout_if_unset(self)
     }
+
+    fn catalog_columns(
+        &mut self,
+        tables: &[&str],
+    ) -> diesel::QueryResult<Vec<(String, String, String)>> {
+        load_catalog(
+            self,
+            format!(
+                "SELECT m.name AS table_name, p.name AS column_name, lower(p.type) AS data_type \
+                 FROM sqlite_master m, pragma_table_info(m.name) p \
+                 WHERE m.type = 'table' AND m.name IN ({})",
+                table_list(tables)
+            ),
+        )
+    }
 }
 
 #[cfg(feature = "mysql")]
@@ -86,6 +158,22 @@ impl sealed::Sealed for diesel::MysqlConnection {}
 #[cfg(feature = "mysql")]
 impl PhiConnection for diesel::MysqlConnection {
     const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations/mysql");
+    const BINARY_IDENTIFIERS: bool = true;
+
+    fn catalog_columns(
+        &mut self,
+        tables: &[&str],
+    ) -> diesel::QueryResult<Vec<(String, String, String)>> {
+        load_catalog(
+            self,
+            format!(
+                "SELECT CAST(TABLE_NAME AS CHAR) AS table_name, CAST(COLUMN_NAME AS CHAR) AS column_name, \
+                 CAST(LOWER(DATA_TYPE) AS CHAR) AS data_type FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({})",
+                table_list(tables)
+            ),
+        )
+    }
 }
 
 #[cfg(feature = "postgres")]
@@ -107,6 +195,23 @@ impl PhiConnection for diesel::PgConnection {
 
     fn feed_listener(database_url: &str) -> crate::Result<Option<Box<dyn FeedListener>>> {
         Ok(Some(Box::new(PgFeedListener::connect(database_url)?)))
+    }
+
+    fn catalog_columns(
+        &mut self,
+        tables: &[&str],
+    ) -> diesel::QueryResult<Vec<(String, String, String)>> {
+        load_catalog(
+            self,
+            format!(
+                "SELECT c.relname::text AS table_name, a.attname::text AS column_name, \
+                 format_type(a.atttypid, NULL) AS data_type \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                 WHERE c.relkind IN ('r', 'p', 'v', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND pg_catalog.pg_table_is_visible(c.oid) AND c.relname IN ({})",
+                table_list(tables)
+            ),
+        )
     }
 }
 

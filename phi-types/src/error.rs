@@ -356,6 +356,22 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// phi's tables are not ready for this build: a table or column is
+    /// missing (a migration of phi not applied), or a table of the same
+    /// name is another application's. Found when a store connects
+    /// ([`migrations::check`](crate::migrations::check)); phi changes no
+    /// schema unless asked to.
+    #[error("phi's table {table} is not ready (migration {migration}): {reason}")]
+    Schema {
+        /// The table at fault.
+        table: String,
+        /// The migration of phi that creates or changes it, by its
+        /// directory name (`2026-12-07-000006_access_log`).
+        migration: String,
+        /// What is wrong and how to put it right.
+        reason: String,
+    },
+
     /// A query on the application's table failed.
     #[error("database query on table {table} failed while {operation}")]
     Database {
@@ -614,6 +630,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Config(_)
+            | Error::Schema { .. }
             | Error::MasterKey { .. }
             | Error::KekMismatch { .. }
             | Error::UnknownKek { .. } => ErrorKind::Config,
@@ -691,6 +708,15 @@ impl Error {
     pub(crate) fn for_waiter(&self) -> Error {
         match self {
             Error::Config(text) => Error::Config(text.clone()),
+            Error::Schema {
+                table,
+                migration,
+                reason,
+            } => Error::Schema {
+                table: table.clone(),
+                migration: migration.clone(),
+                reason: reason.clone(),
+            },
             Error::Decrypt {
                 scope,
                 owner,
@@ -1005,6 +1031,7 @@ mod tests {
             | Error::DataTable { .. }
             | Error::Legacy { .. } => true,
             Error::Config(_)
+            | Error::Schema { .. }
             | Error::Decrypt { .. }
             | Error::Encrypt { .. }
             | Error::KekMismatch { .. }

@@ -59,12 +59,15 @@
 //! The code the derive generates calls into a hidden `__private` module:
 //! it is not part of the public API and may change in any release.
 //!
-//! phi's own tables (the key store's) come from embedded [`migrations`],
-//! run by [`DieselKeyStore::connect`] unless the application connects
-//! with [`DieselKeyStore::connect_without_migrating`]; they sit beside the
-//! application's Diesel migrations (see [`migrations`] for `diesel
-//! migration revert` and the `diesel print-schema` filter that leaves them
-//! out of the application's `schema.rs`).
+//! phi's own tables (the key store's) come from its [`migrations`]: the
+//! application writes them into its own Diesel migrations directory
+//! ([`migrations::write_to`], `phi migrations write`) and runs them with
+//! its own, or has phi run them explicitly
+//! ([`DieselKeyStore::builder`]`(url).run_migrations(true)`).
+//! [`DieselKeyStore::connect`] changes no schema: it checks phi's tables
+//! and names what is missing (see [`migrations`] for `diesel migration
+//! revert` and the `diesel print-schema` filter that leaves them out of
+//! the application's `schema.rs`).
 //!
 //! # Crate features
 //!
@@ -168,13 +171,13 @@ pub use phi_derive::PhiRecord;
 pub use record::{EncryptedFlag, OwnerId, PhiRecord, Rollout, RowKey, SealedRecord, Updated};
 pub use shared::IntoShared;
 pub use sql::Encrypted;
-#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-pub use store::DieselKeyStore;
 pub use store::schema;
 pub use store::{
     AuditAction, AuditEvent, AuditFilter, AuditRecord, KeyCount, KeyState, KeyStore,
     MemoryKeyStore, Rewrap, SealCount, StoredKey,
 };
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub use store::{DieselKeyStore, DieselKeyStoreBuilder};
 pub use telemetry::{OwnerIdTelemetry, TelemetryOwner};
 #[cfg(feature = "uuid")]
 #[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]

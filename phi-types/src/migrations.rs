@@ -1,15 +1,31 @@
-//! phi's embedded migrations: the key store tables for each backend.
+//! phi's migrations: the key store's and the access log's tables, for
+//! each backend. The application owns its schema: no store of phi changes
+//! it on connect ([`DieselKeyStore::connect`](crate::DieselKeyStore::connect)
+//! [checks](check) phi's tables and names what is missing).
 //!
-//! Run them from code at start-up, beside the application's own:
+//! Either write them into the application's own Diesel migrations
+//! directory, where `diesel migration run` applies them with the
+//! application's (and `diesel migration revert` can reach them):
+//!
+//! ```text
+//! phi migrations write --dir migrations/ --backend postgres   # or: write_to("migrations", Backend::Postgres)
+//! diesel migration run
+//! ```
+//!
+//! or run them from code, in a deployment step or at start-up:
 //!
 //! ```
 //! # #[cfg(feature = "sqlite")] {
 //! use diesel::{Connection, SqliteConnection};
 //! let mut conn = SqliteConnection::establish(":memory:")?;
 //! phi_types::migrations::run_pending(&mut conn)?;
+//! phi_types::migrations::check(&mut conn)?;
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! (also `DieselKeyStore::builder(url).run_migrations(true).connect()`,
+//! or `phi migrations run`).
 //!
 //! They are recorded in Diesel's `__diesel_schema_migrations` table under
 //! versions of their own, the same on every backend, so they sit beside an
@@ -31,6 +47,8 @@
 //! (Later versions are added at the end of this table; the directories
 //! `phi-types/migrations/<backend>/` are the authority.)
 //!
+//! Run by phi ([`run_pending`]) rather than written out:
+//!
 //! - `diesel migration run` over the application's directory runs only the
 //!   application's migrations, and `diesel migration list` shows only them.
 //! - `diesel migration revert` reverts the application's latest migration,
@@ -39,6 +57,9 @@
 //!   application migration, Diesel stops with "Unable to find migration
 //!   version … to revert" instead; revert phi's tables, if ever, with their
 //!   own `down.sql` (in `phi-types/migrations/<backend>/`).
+//!
+//! Either way:
+//!
 //! - `diesel print-schema` should leave phi's tables out of the
 //!   application's `schema.rs` ([`schema`](crate::schema) has them), in
 //!   `diesel.toml`:
@@ -62,13 +83,23 @@
 //! byte for byte already). The `ALTER TABLE`s copy each table, the audit
 //! trail included: run it where that is acceptable.
 //!
-//! [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) runs them
-//! too. A deployment that runs migrations in a step of its own, or a
-//! database user that may not change the schema, connects with
-//! [`DieselKeyStore::connect_without_migrating`](crate::DieselKeyStore::connect_without_migrating)
-//! or builds the store over its own pool with
-//! [`DieselKeyStore::new`](crate::DieselKeyStore::new); neither creates a
-//! table, and a [`Keyring`](crate::Keyring) never does.
+//! Written out ([`write_to`]) or run by phi ([`run_pending`]), they are
+//! recorded under the same versions: a database where phi ran some takes
+//! them as applied when the application's directory holds them later, and
+//! the other way round.
+//!
+//! [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) and
+//! [`DieselAccessLogStore::connect`](crate::access_log::DieselAccessLogStore::connect)
+//! create nothing: they check the tables they use, in one catalog query
+//! ([`check`]), and fail with [`Error::Schema`] naming the first table at
+//! fault and the migration of phi that creates it. A table of one of
+//! phi's names that is another application's (it lacks phi's columns) is
+//! refused the same way, and before any DDL when phi is asked to migrate:
+//! keep phi's tables in a database of their own (a store connects to any
+//! URL), or on PostgreSQL in a schema of their own (the URL's search
+//! path). A database user that may not read the catalog of every table of
+//! phi connects with `builder(url).check_schema(false)`; a
+//! [`Keyring`](crate::Keyring) never creates a table.
 
 use std::time::Duration;
 
@@ -105,8 +136,640 @@ pub fn run_pending<C: PhiConnection>(conn: &mut C) -> Result<usize> {
     }
 }
 
+/// The database backends phi has migrations for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// SQLite.
+    Sqlite,
+    /// MySQL / MariaDB.
+    Mysql,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a database URL, by its scheme as Diesel and the
+    /// `phi` command take it: `sqlite://FILE` or text without `://` (a
+    /// file path), `mysql://…` or `mariadb://…`, `postgres://…` or
+    /// `postgresql://…`.
+    ///
+    /// ```
+    /// use phi_types::migrations::Backend;
+    /// assert_eq!(Backend::from_url("postgres://app@db/clinic")?, Backend::Postgres);
+    /// assert_eq!(Backend::from_url("clinic.db")?, Backend::Sqlite);
+    /// assert!(Backend::from_url("postgress://app@db/clinic").is_err());
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for another scheme (never taken for a file
+    /// name).
+    pub fn from_url(url: &str) -> Result<Backend> {
+        if url.starts_with("sqlite://") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Ok(Backend::Mysql)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if let Some((scheme, _)) = url.split_once("://") {
+            Err(Error::InvalidInput {
+                what: "database URL",
+                reason: format!(
+                    "unknown scheme {scheme:?}: sqlite://, mysql://, mariadb://, postgres:// or postgresql://"
+                ),
+            })
+        } else {
+            Ok(Backend::Sqlite)
+        }
+    }
+
+    /// The backend's directory of phi's migrations (`sqlite`, `mysql`,
+    /// `postgres`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Mysql => "mysql",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    fn files(self) -> &'static [MigrationFiles] {
+        match self {
+            Backend::Sqlite => SQLITE_FILES,
+            Backend::Mysql => MYSQL_FILES,
+            Backend::Postgres => POSTGRES_FILES,
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+
+    /// `sqlite`, `mysql` (or `mariadb`), `postgres` (or `postgresql`).
+    fn from_str(name: &str) -> Result<Backend> {
+        match name {
+            "sqlite" => Ok(Backend::Sqlite),
+            "mysql" | "mariadb" => Ok(Backend::Mysql),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            other => Err(Error::InvalidInput {
+                what: "backend",
+                reason: format!("{other:?}: sqlite, mysql (mariadb) or postgres (postgresql)"),
+            }),
+        }
+    }
+}
+
+/// One migration's files, as phi ships them.
+struct MigrationFiles {
+    /// The directory name, `<version>_<name>`.
+    name: &'static str,
+    up: &'static str,
+    down: &'static str,
+}
+
+/// phi's migrations of every backend, in order: one list of directory
+/// names, the same on every backend (a unit test compares it with the
+/// directories).
+macro_rules! migration_files {
+    ($($name:literal),+ $(,)?) => {
+        /// The directory names of phi's migrations, in order.
+        #[cfg(test)]
+        const NAMES: &[&str] = &[$($name),+];
+        migration_files!(@backend SQLITE_FILES "sqlite" $($name),+);
+        migration_files!(@backend MYSQL_FILES "mysql" $($name),+);
+        migration_files!(@backend POSTGRES_FILES "postgres" $($name),+);
+    };
+    (@backend $const:ident $backend:literal $($name:literal),+) => {
+        const $const: &[MigrationFiles] = &[$(MigrationFiles {
+            name: $name,
+            up: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/", $backend, "/", $name, "/up.sql")),
+            down: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/", $backend, "/", $name, "/down.sql")),
+        }),+];
+    };
+}
+
+migration_files!(
+    "2026-11-25-000001_phi_key_tables",
+    "2026-11-27-000001_kek_check_values",
+    "2026-11-28-000001_key_event_feed",
+    "2026-11-28-000002_feed_readers",
+    "2026-12-07-000001_owner_ids_byte_exact",
+    "2026-12-07-000002_open_event_kinds",
+    "2026-12-07-000003_legacy_values",
+    "2026-12-07-000004_rotation_claims",
+    "2026-12-07-000005_seal_counts",
+    "2026-12-07-000006_access_log",
+);
+
+/// The version Diesel records for a migration directory named `name`:
+/// the part before the first `_`, without its `-`s
+/// (`2026-11-25-000001_phi_key_tables` is `20261125000001`).
+fn diesel_version(name: &str) -> String {
+    name.split('_').next().unwrap_or_default().replace('-', "")
+}
+
+/// What [`write_to`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Written {
+    /// The migration directories written (`2026-12-07-000006_access_log`).
+    pub created: Vec<String>,
+    /// Those already there with phi's files, left as they were.
+    pub unchanged: Vec<String>,
+}
+
+/// Writes phi's migrations for `backend` into the application's Diesel
+/// migrations directory `dir` (created if missing): one directory per
+/// migration with its `up.sql` and `down.sql`, so that `diesel migration
+/// run` applies them beside the application's own and the application
+/// owns the whole schema. What `phi migrations write --dir DIR` does.
+///
+/// The directories keep the names, and so the versions, that phi records
+/// when it runs them itself ([`run_pending`]): on a database where phi
+/// already ran some, Diesel takes those as applied and runs only the
+/// others. phi's versions all read `YYYY-MM-DD-0000NN` (the
+/// `NN`th second after midnight, UTC, of the day the migration was
+/// written): `diesel migration generate` names a migration after the
+/// current time, so an application's migration could only share a version
+/// of phi's if it were generated in those seconds of those days. A
+/// migration of the application under the same version as one of phi's is
+/// refused here, naming both.
+///
+/// Idempotent: a directory already holding phi's files is left alone;
+/// a file of the same name with other content is never overwritten (the
+/// call fails naming it). phi never changes a released migration, so
+/// writing again after an upgrade adds the new ones only.
+///
+/// ```
+/// use phi_types::migrations::{self, Backend};
+/// let dir = tempfile::tempdir()?;
+/// let written = migrations::write_to(dir.path(), Backend::Postgres)?;
+/// assert!(written.created.contains(&"2026-11-25-000001_phi_key_tables".to_owned()));
+/// assert!(dir.path().join("2026-11-25-000001_phi_key_tables/up.sql").exists());
+/// // Again: nothing new.
+/// assert!(migrations::write_to(dir.path(), Backend::Postgres)?.created.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::InvalidInput`] (`what` = `migrations directory`) when a file
+/// differs from phi's, an application migration has one of phi's versions,
+/// or the directory cannot be read or written.
+pub fn write_to(dir: impl AsRef<std::path::Path>, backend: Backend) -> Result<Written> {
+    let dir = dir.as_ref();
+    let refused = |reason: String| Error::InvalidInput {
+        what: "migrations directory",
+        reason,
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| refused(format!("cannot create {}: {e}", dir.display())))?;
+    // The versions the directory already uses, with the names using them.
+    let mut existing: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| refused(format!("cannot read {}: {e}", dir.display())))?
+    {
+        let entry = entry.map_err(|e| refused(format!("cannot read {}: {e}", dir.display())))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && entry.path().is_dir() {
+            existing.push(name);
+        }
+    }
+    let mut written = Written::default();
+    for files in backend.files() {
+        let version = diesel_version(files.name);
+        if let Some(other) = existing
+            .iter()
+            .find(|name| name.as_str() != files.name && diesel_version(name) == version)
+        {
+            return Err(refused(format!(
+                "{} has Diesel version {version}, which phi's migration {} needs: \
+                 Diesel would take one for the other; give the application's migration another \
+                 version (rename its directory) before writing phi's",
+                dir.join(other).display(),
+                files.name
+            )));
+        }
+        let target = dir.join(files.name);
+        let mut created = false;
+        std::fs::create_dir_all(&target)
+            .map_err(|e| refused(format!("cannot create {}: {e}", target.display())))?;
+        for (file, content) in [("up.sql", files.up), ("down.sql", files.down)] {
+            let path = target.join(file);
+            match std::fs::read(&path) {
+                Ok(found) if found == content.as_bytes() => {}
+                Ok(_) => {
+                    return Err(refused(format!(
+                        "{} differs from phi's migration {} ({}): phi does not overwrite it; \
+                         remove it (and its directory) to write phi's",
+                        path.display(),
+                        files.name,
+                        backend.name()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::write(&path, content)
+                        .map_err(|e| refused(format!("cannot write {}: {e}", path.display())))?;
+                    created = true;
+                }
+                Err(e) => return Err(refused(format!("cannot read {}: {e}", path.display()))),
+            }
+        }
+        if created {
+            written.created.push(files.name.to_owned());
+        } else {
+            written.unchanged.push(files.name.to_owned());
+        }
+    }
+    Ok(written)
+}
+
+/// Which of phi's tables a check covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tables {
+    /// The key store's ([`DieselKeyStore`](crate::DieselKeyStore)): every
+    /// table but the access log's.
+    KeyStore,
+    /// The access log's
+    /// ([`DieselAccessLogStore`](crate::access_log::DieselAccessLogStore)).
+    AccessLog,
+    /// Every table of phi.
+    All,
+}
+
+/// A table one of phi's migrations creates, with its columns.
+struct Created {
+    migration: &'static str,
+    table: &'static str,
+    columns: &'static [&'static str],
+    access_log: bool,
+}
+
+/// `Created` for a table of [`crate::schema`], its columns named through
+/// Diesel's definitions (so a column renamed there fails to compile here).
+macro_rules! created {
+    ($migration:literal, $table:ident: $($column:ident),+ $(,)?) => {
+        created!(@ $migration, $table, false, $($column),+)
+    };
+    ($migration:literal, access_log $table:ident: $($column:ident),+ $(,)?) => {
+        created!(@ $migration, $table, true, $($column),+)
+    };
+    (@ $migration:literal, $table:ident, $access_log:literal, $($column:ident),+) => {
+        Created {
+            migration: $migration,
+            table: stringify!($table),
+            columns: &[$(<crate::store::schema::$table::$column as diesel::Column>::NAME),+],
+            access_log: $access_log,
+        }
+    };
+}
+
+/// Every table phi's migrations create, in migration order. A unit test
+/// compares it with the tables and columns the migrations leave on SQLite.
+const CREATED: &[Created] = &[
+    created!("2026-11-25-000001_phi_key_tables", user_encryption_keys:
+        owner_id, version, kek_id, wrapped_key, state, created_at, updated_at),
+    created!("2026-11-25-000001_phi_key_tables", encryption_key_audit:
+        id, occurred_at, owner_id, action, key_version, kek_id, actor, detail),
+    created!("2026-11-27-000001_kek_check_values", kek_check_values:
+        kek_id, format, check_value, created_at),
+    created!("2026-11-28-000001_key_event_feed", phi_key_feed: id, head),
+    created!("2026-11-28-000001_key_event_feed", phi_key_events:
+        id, occurred_at, kind, owner_id, key_version, actor, detail),
+    created!("2026-11-28-000001_key_event_feed", phi_rollout:
+        policy, mode, updated_at, updated_by),
+    created!("2026-11-28-000001_key_event_feed", phi_rollout_owners: policy, owner_id),
+    created!("2026-11-28-000002_feed_readers", phi_feed_readers: reader, position, updated_at),
+    created!("2026-12-07-000003_legacy_values", phi_legacy_values:
+        table_name, column_name, row_key, owner_id, stored, recorded_at),
+    created!("2026-12-07-000004_rotation_claims", phi_rotation_claims:
+        job_id, owner_id, state, new_version, claimed_by, claimed_until, updated_at),
+    created!("2026-12-07-000005_seal_counts", phi_seal_counts: owner_id, version, seals, updated_at),
+    created!("2026-12-07-000006_access_log", access_log phi_access_chains:
+        chain, head, head_hash, updated_at),
+    created!("2026-12-07-000006_access_log", access_log phi_access_batches:
+        chain, id, kind, written_at, last_at, records, key_version, prev_hash, hash,
+        pruned_before, pruned_hash, detail),
+    created!("2026-12-07-000006_access_log", access_log phi_access_log:
+        chain, batch, seq, occurred_at, user_id, purpose, request_id, op, owner_id,
+        table_name, row_key, fields),
+];
+
+/// The migration that makes identifiers byte-exact on MySQL / MariaDB, and
+/// the columns it turns into `VARBINARY` (checked on that backend only:
+/// elsewhere it changes nothing).
+const BYTE_EXACT: (&str, &[(&str, &str)]) = (
+    "2026-12-07-000001_owner_ids_byte_exact",
+    &[
+        ("user_encryption_keys", "owner_id"),
+        ("user_encryption_keys", "kek_id"),
+        ("encryption_key_audit", "owner_id"),
+        ("kek_check_values", "kek_id"),
+        ("phi_key_events", "owner_id"),
+        ("phi_rollout", "policy"),
+        ("phi_rollout_owners", "policy"),
+        ("phi_rollout_owners", "owner_id"),
+        ("phi_feed_readers", "reader"),
+    ],
+);
+
+/// Migrations the check cannot see, and why: each is followed by one it
+/// sees, and Diesel applies them in order.
+#[cfg(test)]
+const UNSEEN: &[&str] = &[
+    // Replaces a CHECK constraint of phi_key_events: the catalog query
+    // reads columns only (and MySQL before 8.0.16 never stored the CHECK).
+    "2026-12-07-000002_open_event_kinds",
+];
+
+/// What is wrong with a table.
+enum Fault {
+    /// Not there, or lacking a column a later migration adds.
+    Missing,
+    /// There, lacking columns its creating migration defines: not phi's.
+    Foreign {
+        lacks: Vec<&'static str>,
+        has: Vec<String>,
+    },
+    /// A column of the wrong type (MySQL / MariaDB identifiers not yet
+    /// `VARBINARY`).
+    NotBinary(&'static str),
+}
+
+/// The first fault of phi's `tables` in the database, with its table and
+/// migration: a table that is not phi's first, then what is missing, in
+/// migration order.
+fn first_fault<C: PhiConnection>(
+    conn: &mut C,
+    tables: Tables,
+) -> Result<Option<(&'static str, &'static str, Fault)>> {
+    let wanted: Vec<&Created> = CREATED
+        .iter()
+        .filter(|c| match tables {
+            Tables::KeyStore => !c.access_log,
+            Tables::AccessLog => c.access_log,
+            Tables::All => true,
+        })
+        .collect();
+    let names: Vec<&str> = wanted.iter().map(|c| c.table).collect();
+    let found = conn
+        .catalog_columns(&names)
+        .map_err(|e| Error::store("reading the catalog for phi's tables", e))?;
+    let columns_of = |table: &str| -> Vec<&(String, String, String)> {
+        found
+            .iter()
+            .filter(|(t, _, _)| t.eq_ignore_ascii_case(table))
+            .collect()
+    };
+    let mut missing = None;
+    for created in &wanted {
+        let has = columns_of(created.table);
+        if has.is_empty() {
+            missing.get_or_insert((created.table, created.migration, Fault::Missing));
+            continue;
+        }
+        let lacks: Vec<&'static str> = created
+            .columns
+            .iter()
+            .copied()
+            .filter(|c| !has.iter().any(|(_, name, _)| name.eq_ignore_ascii_case(c)))
+            .collect();
+        if !lacks.is_empty() {
+            let has = has.iter().map(|(_, name, _)| name.clone()).collect();
+            return Ok(Some((
+                created.table,
+                created.migration,
+                Fault::Foreign { lacks, has },
+            )));
+        }
+    }
+    if missing.is_some() {
+        return Ok(missing);
+    }
+    // Byte-exact identifiers: MySQL / MariaDB only (the catalog's type name
+    // is `varbinary` there; SQLite and PostgreSQL keep text).
+    let (migration, binary) = BYTE_EXACT;
+    if C::BINARY_IDENTIFIERS && tables != Tables::AccessLog {
+        for &(table, column) in binary {
+            let ty = found
+                .iter()
+                .find(|(t, c, _)| t.eq_ignore_ascii_case(table) && c.eq_ignore_ascii_case(column));
+            if ty.is_some_and(|(_, _, ty)| ty != "varbinary") {
+                return Ok(Some((table, migration, Fault::NotBinary(column))));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How to put phi's missing tables in place, for the errors.
+const HOW_TO_MIGRATE: &str = "phi changes no schema when a store connects: add phi's migrations to the \
+     application's (`phi migrations write --dir migrations/`, then `diesel migration run`), or run them \
+     explicitly (`phi migrations run`, `DieselKeyStore::builder(url).run_migrations(true).connect()`, \
+     or `phi_types::migrations::run_pending`)";
+
+fn fault_error(table: &str, migration: &str, fault: Fault) -> Error {
+    let reason = match fault {
+        Fault::Missing => format!(
+            "it does not exist: phi's migration {migration} is not applied (nor any later one). \
+             {HOW_TO_MIGRATE}. (If it does exist, this login may not see it: MySQL / MariaDB \
+             show only the tables a login holds a privilege on.)"
+        ),
+        Fault::Foreign { lacks, has } => format!(
+            "a table of that name exists but is not phi's: it lacks phi's column(s) {} (it has {}). \
+             phi neither uses nor changes it. Keep phi's tables apart: in a database of their own \
+             (the key store connects to any URL; on PostgreSQL a schema of their own, through the \
+             URL's search path, e.g. `?options=-csearch_path%3Dphi`), or rename the application's table",
+            lacks.join(", "),
+            has.join(", ")
+        ),
+        Fault::NotBinary(column) => format!(
+            "its column {column} is not VARBINARY: phi's migration {migration} is not applied \
+             (nor any later one). {HOW_TO_MIGRATE}"
+        ),
+    };
+    Error::Schema {
+        table: table.to_owned(),
+        migration: migration.to_owned(),
+        reason,
+    }
+}
+
+/// Checks that phi's tables are in place for this build, in one catalog
+/// query, and changes nothing: every table phi's migrations create, with
+/// its columns (and on MySQL / MariaDB its byte-exact identifier columns).
+/// It reads the tables themselves, not Diesel's
+/// `__diesel_schema_migrations`: phi's migrations may have been run by
+/// phi ([`run_pending`]) or by the application's own `diesel migration run`
+/// ([`write_to`]), or by any other tool.
+///
+/// [`DieselKeyStore::connect`](crate::DieselKeyStore::connect) and
+/// [`DieselAccessLogStore::connect`](crate::access_log::DieselAccessLogStore::connect)
+/// check the tables they use; this checks them all (a readiness probe).
+///
+/// ```
+/// # #[cfg(feature = "sqlite")] {
+/// use diesel::{Connection, SqliteConnection};
+/// use phi_types::{migrations, Error};
+/// let mut conn = SqliteConnection::establish(":memory:")?;
+/// let Err(Error::Schema { table, migration, .. }) = migrations::check(&mut conn) else {
+///     panic!("an empty database has none of phi's tables");
+/// };
+/// assert_eq!((table.as_str(), migration.as_str()),
+///            ("user_encryption_keys", "2026-11-25-000001_phi_key_tables"));
+/// migrations::run_pending(&mut conn)?;
+/// migrations::check(&mut conn)?;
+/// # }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// [`Error::Schema`] naming the first table at fault, the migration of
+/// phi that creates (or changes) it and what to do: a table of phi's name
+/// that is another application's (it lacks phi's columns) first, then the
+/// earliest migration not applied; [`Error::Store`] when the catalog
+/// cannot be read.
+pub fn check<C: PhiConnection>(conn: &mut C) -> Result<()> {
+    check_tables(conn, Tables::All)
+}
+
+/// [`check`] of some of phi's tables.
+pub(crate) fn check_tables<C: PhiConnection>(conn: &mut C, tables: Tables) -> Result<()> {
+    match first_fault(conn, tables)? {
+        None => Ok(()),
+        Some((table, migration, fault)) => Err(fault_error(table, migration, fault)),
+    }
+}
+
+/// Runs phi's pending migrations, first refusing a database where a table
+/// of phi's name is not phi's (before any DDL), then checks `tables`.
+pub(crate) fn migrate_and_check<C: PhiConnection>(conn: &mut C, tables: Tables) -> Result<()> {
+    refuse_foreign(conn)?;
+    run_pending(conn)?;
+    check_tables(conn, tables)
+}
+
+/// Refuses a database where a table of phi's name is not phi's (before
+/// any migration creates the others).
+pub(crate) fn refuse_foreign<C: PhiConnection>(conn: &mut C) -> Result<()> {
+    match first_fault(conn, Tables::All)? {
+        Some((table, migration, fault @ Fault::Foreign { .. })) => {
+            Err(fault_error(table, migration, fault))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The embedded list of migration names is every backend's directory
+    /// listing, in order.
+    #[test]
+    fn the_migration_list_is_every_backends_directory() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        for backend in [Backend::Sqlite, Backend::Mysql, Backend::Postgres] {
+            let mut dirs: Vec<String> = std::fs::read_dir(root.join(backend.name()))
+                .expect("migrations directory")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            dirs.sort();
+            let names: Vec<&str> = backend.files().iter().map(|f| f.name).collect();
+            assert_eq!(names, dirs, "{backend:?}");
+        }
+        let mut sorted = NAMES.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, NAMES, "in order");
+    }
+
+    /// Every migration is seen by the check (a table, a column type), or
+    /// listed as unseen with its reason; every requirement names one.
+    #[test]
+    fn the_check_sees_every_migration() {
+        for name in NAMES {
+            let seen = CREATED.iter().any(|c| c.migration == *name)
+                || BYTE_EXACT.0 == *name
+                || UNSEEN.contains(name);
+            assert!(seen, "the check does not see {name}");
+        }
+        for created in CREATED {
+            assert!(NAMES.contains(&created.migration), "{}", created.migration);
+        }
+        assert!(NAMES.contains(&BYTE_EXACT.0));
+    }
+
+    /// The tables and columns the check expects are exactly those phi's
+    /// migrations leave (on SQLite).
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn the_checked_columns_are_those_the_migrations_create() {
+        use diesel::Connection as _;
+        let mut conn = diesel::SqliteConnection::establish(":memory:").expect("connect");
+        run_pending(&mut conn).expect("migrations");
+        let tables: Vec<&str> = CREATED.iter().map(|c| c.table).collect();
+        let mut found: Vec<(String, String)> = conn
+            .catalog_columns(&tables)
+            .expect("catalog")
+            .into_iter()
+            .map(|(t, c, _)| (t, c))
+            .collect();
+        found.sort();
+        let mut expected: Vec<(String, String)> = CREATED
+            .iter()
+            .flat_map(|c| {
+                c.columns
+                    .iter()
+                    .map(|col| (c.table.to_owned(), (*col).to_owned()))
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(found, expected);
+        check(&mut conn).expect("complete");
+        // Every phi table of the database is one the check knows.
+        #[derive(diesel::QueryableByName)]
+        struct Name {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            name: String,
+        }
+        use diesel::RunQueryDsl as _;
+        let all: Vec<Name> = diesel::sql_query(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_\\_diesel%' ESCAPE '\\' AND name NOT LIKE 'sqlite%'",
+        )
+        .load(&mut conn)
+        .expect("tables");
+        for table in all {
+            assert!(
+                tables.contains(&table.name.as_str()),
+                "{} is not checked",
+                table.name
+            );
+        }
+    }
+
+    #[test]
+    fn backends_parse_from_urls_and_names() {
+        assert_eq!(
+            Backend::from_url("mariadb://u@h/db").expect("url"),
+            Backend::Mysql
+        );
+        assert_eq!(
+            Backend::from_url("sqlite://x.db").expect("url"),
+            Backend::Sqlite
+        );
+        assert_eq!(
+            Backend::from_url("postgresql://h/db").expect("url"),
+            Backend::Postgres
+        );
+        assert!(Backend::from_url("postgress://h/db").is_err());
+        assert_eq!("mariadb".parse::<Backend>().expect("name"), Backend::Mysql);
+        assert!("oracle".parse::<Backend>().is_err());
+        assert_eq!(
+            diesel_version("2026-11-25-000001_phi_key_tables"),
+            "20261125000001"
+        );
+    }
+
     /// The module docs' version table lists every migration directory of
     /// every backend, with its name (so it cannot go stale unseen).
     #[test]

@@ -32,7 +32,12 @@ fn feed_threads_reach(n: usize) -> usize {
 fn default_followers_start_one_thread_each_and_leave_none_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = dir.path().join("feed.db").display().to_string();
-    let store = Arc::new(DieselKeyStore::<diesel::SqliteConnection>::connect(&url).expect("store"));
+    let store = Arc::new(
+        DieselKeyStore::<diesel::SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
 
     // A memory store has no shared feed: no thread, as before.

@@ -11,7 +11,12 @@ use phi_types::{DieselKeyStore, KeyBytes, KeyState, KeyStore, Keyring, LocalKek,
 fn a_change_whose_event_cannot_be_appended_is_rolled_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = dir.path().join("feed.db").display().to_string();
-    let store = Arc::new(DieselKeyStore::<SqliteConnection>::connect(&url).expect("store"));
+    let store = Arc::new(
+        DieselKeyStore::<SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
     let keyring = Keyring::builder(store.clone(), kek)
         .build()

@@ -14,7 +14,12 @@ use phi_types::{DieselKeyStore, Error, KeyBytes, Keyring, LocalKek};
 fn a_stale_feed_refuses_sealing_and_keeps_opening() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = dir.path().join("feed.db").display().to_string();
-    let store = Arc::new(DieselKeyStore::<SqliteConnection>::connect(&url).expect("store"));
+    let store = Arc::new(
+        DieselKeyStore::<SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let kek = Arc::new(LocalKek::new("local-1", &KeyBytes::new([7; 32])));
     // The thread reads once an hour: only `sync_feed` reads during the test.
     let keyring = Keyring::builder(store, kek)

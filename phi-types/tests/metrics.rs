@@ -145,7 +145,12 @@ fn seal_open_cache_key_store_and_life_cycle_metrics() {
 
     let dir = tempfile::tempdir().expect("temporary directory");
     let url = dir.path().join("metrics.db").display().to_string();
-    let store = Arc::new(DieselKeyStore::<diesel::SqliteConnection>::connect(&url).expect("store"));
+    let store = Arc::new(
+        DieselKeyStore::<diesel::SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let kek = LocalKek::from_base64("local-1", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
         .expect("kek");
     let keyring = Keyring::builder(store, Arc::new(kek))

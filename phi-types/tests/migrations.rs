@@ -90,17 +90,28 @@ fn processes_starting_together_all_find_the_tables_ready() {
 }
 
 #[test]
-fn a_key_store_connected_without_migrating_creates_no_tables() {
+fn a_key_store_connects_without_creating_tables_unless_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = dir.path().join("m.db").display().to_string();
-    let store = phi_types::DieselKeyStore::<SqliteConnection>::connect_without_migrating(&url)
+    let err =
+        phi_types::DieselKeyStore::<SqliteConnection>::connect(&url).expect_err("no phi tables");
+    assert!(
+        matches!(&err, phi_types::Error::Schema { table, .. } if table == "user_encryption_keys"),
+        "{err:?}"
+    );
+    let store = phi_types::DieselKeyStore::<SqliteConnection>::builder(&url)
+        .check_schema(false)
+        .connect()
         .expect("connects");
     let mut conn = SqliteConnection::establish(&url).expect("connect");
     assert_eq!(tables(&mut conn), Vec::<String>::new(), "nothing created");
     drop(store);
 
-    // `connect` is the one that migrates.
-    let _store = phi_types::DieselKeyStore::<SqliteConnection>::connect(&url).expect("connects");
+    // Only when asked.
+    let _store = phi_types::DieselKeyStore::<SqliteConnection>::builder(&url)
+        .run_migrations(true)
+        .connect()
+        .expect("connects");
     let tables = tables(&mut conn);
     assert!(
         tables.iter().any(|t| t == "user_encryption_keys"),

@@ -63,7 +63,7 @@ impl TestDb {
     async fn keyring_with(&self, kek: Arc<dyn KeyEncryptionKey>) -> Keyring {
         let url = self.url.clone();
         let store = tokio::task::spawn_blocking(move || {
-            Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&url).expect("key store connects"))
+            Arc::new(phi::DieselKeyStore::<SyncConn>::builder(&url).run_migrations(true).connect().expect("key store connects"))
         })
         .await
         .expect("store task");
@@ -744,7 +744,7 @@ mod access {
             let log = Arc::new(MemoryAccessLog::new());
             let url = db.url.clone();
             let store = tokio::task::spawn_blocking(move || {
-                Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&url).expect("key store connects"))
+                Arc::new(phi::DieselKeyStore::<SyncConn>::builder(&url).run_migrations(true).connect().expect("key store connects"))
             })
             .await
             .expect("store task");
@@ -905,7 +905,7 @@ mod legacy_reads {
         let (before, keyring) = runtime().block_on(async {
             let url = db.url.clone();
             let store = tokio::task::spawn_blocking(move || {
-                Arc::new(phi::DieselKeyStore::<SyncConn>::connect(&url).expect("key store connects"))
+                Arc::new(phi::DieselKeyStore::<SyncConn>::builder(&url).run_migrations(true).connect().expect("key store connects"))
             })
             .await
             .expect("store task");

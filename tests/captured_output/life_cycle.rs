@@ -165,7 +165,7 @@ fn the_life_cycle_logs_and_counts_no_secret() {
     // A KEK id of this run: the key store may hold other runs' keys.
     let kek_id = common::unique_owner("captured-kek");
     let kek = Arc::new(LocalKek::new(kek_id.clone(), &master));
-    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("key store"));
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&url).run_migrations(true).connect().expect("key store"));
     // A roll-out policy of this run: a fleet roll-out other tests set on a
     // shared database under the default policy must not decide what the
     // backfill below seals.

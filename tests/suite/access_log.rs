@@ -17,7 +17,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn tables(db: &TestDb) -> Arc<DieselAccessLogStore<Conn>> {
-    Arc::new(DieselAccessLogStore::<Conn>::connect(&db.url).expect("access log tables"))
+    Arc::new(DieselAccessLogStore::<Conn>::builder(&db.url).run_migrations(true).connect().expect("access log tables"))
 }
 
 fn record(user: &str, op: AccessOp, owner: &str, row: &str, at: NaiveDateTime) -> AccessRecord {
@@ -329,9 +329,9 @@ fn a_batch_rewritten_without_the_key_does_not_verify() {
 fn fail_open_drops_and_counts_fail_closed_refuses() {
     // A database without phi's tables: every write fails.
     let dir = tempfile::tempdir().expect("temporary directory");
-    let bare = DieselAccessLogStore::<diesel::SqliteConnection>::connect_without_migrating(
+    let bare = DieselAccessLogStore::<diesel::SqliteConnection>::builder(
         &dir.path().join("bare.db").display().to_string(),
-    )
+    ).check_schema(false).connect()
     .expect("connects");
     let db = TestDb::new();
     let keyring = db.keyring();

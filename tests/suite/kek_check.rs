@@ -118,7 +118,7 @@ fn two_first_uses_at_once_agree_on_one_check_value() {
             .map(|&byte| {
                 let (barrier, id, url) = (barrier.clone(), id.clone(), url.clone());
                 std::thread::spawn(move || {
-                    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+                    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&url).run_migrations(true).connect().expect("store"));
                     barrier.wait();
                     (byte, Keyring::builder(store, local(&id, byte)).build().is_ok())
                 })

@@ -26,7 +26,7 @@ impl EmptyDatabase {
     }
 
     /// Whether `table` exists (a query on it succeeds).
-    fn has_table(&self, table: &str) -> bool {
+    pub(super) fn has_table(&self, table: &str) -> bool {
         let mut conn = Conn::establish(&self.url).expect("connect");
         diesel::sql_query(format!("SELECT 1 FROM {table}")).execute(&mut conn).is_ok()
     }
@@ -62,26 +62,39 @@ const PHI_TABLES: [&str; 8] = [
 ];
 
 #[test]
-fn a_key_store_connected_without_migrating_creates_no_tables() {
+fn connect_creates_no_table_and_names_the_missing_one() {
     let db = EmptyDatabase::new();
-    let store = phi::DieselKeyStore::<Conn>::connect_without_migrating(&db.url).expect("connects");
+    // The default: a check, no DDL, an error naming the table, the
+    // migration and how to apply it.
+    let err = phi::DieselKeyStore::<Conn>::connect(&db.url).expect_err("no phi tables");
+    let Error::Schema { table, migration, reason } = &err else { panic!("{err:?}") };
+    assert_eq!((table.as_str(), migration.as_str()), ("user_encryption_keys", "2026-11-25-000001_phi_key_tables"));
+    assert!(reason.contains("phi migrations write --dir migrations/"), "{reason}");
+    assert!(reason.contains("run_migrations(true)"), "{reason}");
+    assert_eq!(err.kind(), phi::ErrorKind::Config);
+    let err = phi::access_log::DieselAccessLogStore::<Conn>::connect(&db.url).expect_err("no access log tables");
+    assert!(matches!(&err, Error::Schema { table, .. } if table == "phi_access_chains"), "{err:?}");
     for table in PHI_TABLES {
         assert!(!db.has_table(table), "{table} was created");
     }
-    // Nothing to work on: a keyring over it fails with a clear error
-    // rather than creating anything.
+
+    // Without the check either: nothing to work on, and a keyring over it
+    // fails with a clear error rather than creating anything.
+    let store = phi::DieselKeyStore::<Conn>::builder(&db.url).check_schema(false).connect().expect("connects");
     let err = Keyring::builder(Arc::new(store), common::local_kek()).build().expect_err("no key tables");
     assert!(matches!(err, Error::Store { .. }), "{err:?}");
     for table in PHI_TABLES {
         assert!(!db.has_table(table), "{table} was created");
     }
 
-    // `connect` runs phi's migrations.
-    let store = phi::DieselKeyStore::<Conn>::connect(&db.url).expect("connects and migrates");
+    // Asked to, the store runs phi's migrations; `connect` then passes.
+    let store = phi::DieselKeyStore::<Conn>::builder(&db.url).run_migrations(true).connect().expect("connects and migrates");
     for table in PHI_TABLES {
         assert!(db.has_table(table), "{table} is missing");
     }
     drop(store);
+    phi::DieselKeyStore::<Conn>::connect(&db.url).expect("phi's tables are in place");
+    phi::access_log::DieselAccessLogStore::<Conn>::connect(&db.url).expect("the access log's too");
 }
 
 /// The columns `2026-12-07-000001_owner_ids_byte_exact` makes `VARBINARY`
@@ -142,7 +155,7 @@ fn the_owner_id_migration_makes_an_existing_store_compare_bytes() {
     use diesel::migration::MigrationSource as _;
     use diesel_migrations::MigrationHarness as _;
     let db = EmptyDatabase::new();
-    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&db.url).expect("connects and migrates"));
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&db.url).run_migrations(true).connect().expect("connects and migrates"));
 
     // The store as it was before the migration.
     let mut conn = Conn::establish(&db.url).expect("connect");

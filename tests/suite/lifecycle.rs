@@ -837,7 +837,7 @@ fn life_child_rewraps_slowly() {
     };
     let tag = std::env::var("PHI_LIFE_TAG").expect("tag");
     let (old, new) = rewrap_keks(&tag);
-    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&url).run_migrations(true).connect().expect("store"));
     let keyring = Keyring::builder(store, new).unwrap_with(old.clone()).build().expect("keyring");
     let scope = RewrapOptions::default().from_kek(old.id().to_owned()).batch_size(3);
     lifecycle::rewrap(&keyring, &scope.clone().progress(|p| report_batch(p.rewrapped))).expect("rewrap");
@@ -879,7 +879,7 @@ fn life_child_reseals_slowly() {
         return;
     };
     let owner = std::env::var("PHI_LIFE_OWNER").expect("owner");
-    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&url).run_migrations(true).connect().expect("store"));
     let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
     let mut conn = Conn::establish(&url).expect("connection");
     if server_url().is_none() {

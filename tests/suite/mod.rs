@@ -80,6 +80,7 @@ impl TestDb {
     }
 
     fn store(&self) -> Arc<phi::DieselKeyStore<Conn>> {
+        // Prepared: phi's tables are in place, `connect` only checks them.
         Arc::new(phi::DieselKeyStore::<Conn>::connect(&self.url).expect("key store connects"))
     }
 
@@ -386,7 +387,7 @@ fn race_child_seals_for_a_new_owner() {
     };
     let owner = std::env::var("PHI_RACE_OWNER").expect("PHI_RACE_OWNER");
     let go_at: u128 = std::env::var("PHI_RACE_GO_AT").expect("go").parse().expect("millis");
-    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&url).run_migrations(true).connect().expect("store"));
     let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
     while std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -721,6 +722,13 @@ mod lifecycle {
 mod key_store {
     use super::*;
     include!("key_store.rs");
+}
+
+/// The application owns the schema: phi's migrations written into its
+/// own, the check on connect, tables of phi's names that are not phi's.
+mod schema {
+    use super::*;
+    include!("schema.rs");
 }
 
 /// Owner ids compared byte for byte; whitespace refused or taken as is.

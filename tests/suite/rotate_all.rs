@@ -270,7 +270,7 @@ fn rot_child_stops_after_rotating() {
     };
     let owners: Vec<String> = std::env::var("PHI_ROT_OWNERS").expect("owners").split(',').map(str::to_owned).collect();
     let job = std::env::var("PHI_ROT_JOB").expect("job");
-    let store = Arc::new(phi::DieselKeyStore::<Conn>::connect(&url).expect("store"));
+    let store = Arc::new(phi::DieselKeyStore::<Conn>::builder(&url).run_migrations(true).connect().expect("store"));
     let keyring = Keyring::builder(store, common::local_kek()).build().expect("keyring");
     let mut conn = Conn::establish(&url).expect("connection");
     if server_url().is_none() {

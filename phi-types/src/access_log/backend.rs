@@ -51,22 +51,54 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url` and
-    /// runs phi's pending migrations on it.
+    /// checks the access log's tables on it (one catalog query). Changes
+    /// no schema: phi's migrations are the application's to run (see
+    /// [`migrations`](crate::migrations)), or phi runs them when asked
+    /// ([`builder`](Self::builder)`(url).run_migrations(true)`).
     ///
     /// # Errors
-    /// [`Error::Store`] when the database cannot be reached or migrated.
+    /// [`Error::Store`] when the database cannot be reached;
+    /// [`Error::Schema`] naming the table and the migration of phi that is
+    /// missing, or a table of phi's name that is not phi's.
     pub fn connect(database_url: &str) -> Result<Self> {
-        let store = Self::connect_without_migrating(database_url)?;
-        crate::migrations::run_pending(&mut *store.conn()?)?;
-        Ok(store)
+        Self::builder(database_url).connect()
+    }
+
+    /// How to connect to `database_url`: whether to run phi's migrations
+    /// or check the tables first.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "postgres")] {
+    /// use diesel::PgConnection;
+    /// use phi_types::access_log::DieselAccessLogStore;
+    /// let tables = DieselAccessLogStore::<PgConnection>::builder("postgres://app@db/clinic")
+    ///     .run_migrations(true)
+    ///     .connect()?;
+    /// # }
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    pub fn builder(database_url: &str) -> DieselAccessLogStoreBuilder<C> {
+        DieselAccessLogStoreBuilder {
+            database_url: database_url.to_owned(),
+            run_migrations: false,
+            check_schema: true,
+            connection: std::marker::PhantomData,
+        }
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url`
-    /// without running migrations: the tables must exist.
+    /// without running migrations or checking the tables.
     ///
     /// # Errors
     /// [`Error::Store`] when the database cannot be reached.
+    #[deprecated(note = "`connect` no longer migrates; to skip its check too, use \
+                `DieselAccessLogStore::builder(url).check_schema(false).connect()`")]
     pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
+        Self::builder(database_url).check_schema(false).connect()
+    }
+
+    /// The pool of [`connect`](Self::connect), without a check.
+    fn open(database_url: &str) -> Result<Self> {
         let connecting = crate::store::Connecting::new("phi-access-log-connect");
         let pool = diesel::r2d2::Pool::builder()
             .max_size(4)
@@ -90,6 +122,71 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
         self.pool
             .get()
             .map_err(|e| Error::store("taking an access log connection", e))
+    }
+}
+
+/// How a [`DieselAccessLogStore`] connects, from
+/// [`DieselAccessLogStore::builder`]: by default it checks the access
+/// log's tables and changes nothing.
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct DieselAccessLogStoreBuilder<C: crate::PhiConnection> {
+    database_url: String,
+    run_migrations: bool,
+    check_schema: bool,
+    connection: std::marker::PhantomData<fn() -> C>,
+}
+
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+impl<C: crate::PhiConnection> fmt::Debug for DieselAccessLogStoreBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the URL: it may hold a password.
+        f.debug_struct("DieselAccessLogStoreBuilder")
+            .field("backend", &std::any::type_name::<C>())
+            .field("run_migrations", &self.run_migrations)
+            .field("check_schema", &self.check_schema)
+            .finish()
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+impl<C: crate::PhiConnection> DieselAccessLogStoreBuilder<C> {
+    /// Runs phi's pending migrations (all of them, the key store's too)
+    /// when connecting (default: no), after refusing a database where a
+    /// table of phi's name is another application's; then checks the
+    /// tables. See [`DieselKeyStoreBuilder::run_migrations`](crate::DieselKeyStoreBuilder::run_migrations).
+    pub fn run_migrations(mut self, run: bool) -> Self {
+        self.run_migrations = run;
+        self
+    }
+
+    /// Checks the access log's tables when connecting (default: yes).
+    pub fn check_schema(mut self, check: bool) -> Self {
+        self.check_schema = check;
+        self
+    }
+
+    /// Connects a small pool (up to 4 connections), then migrates and
+    /// checks as configured.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the database cannot be reached or a migration
+    /// fails; [`Error::Schema`] naming the table and the migration of phi
+    /// that is missing, or a table of phi's name that is not phi's.
+    pub fn connect(self) -> Result<DieselAccessLogStore<C>> {
+        let store = DieselAccessLogStore::open(&self.database_url)?;
+        if self.run_migrations {
+            crate::migrations::migrate_and_check(
+                &mut *store.conn()?,
+                crate::migrations::Tables::AccessLog,
+            )?;
+        } else if self.check_schema {
+            crate::migrations::check_tables(
+                &mut *store.conn()?,
+                crate::migrations::Tables::AccessLog,
+            )?;
+        }
+        Ok(store)
     }
 }
 

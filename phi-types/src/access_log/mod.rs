@@ -133,7 +133,7 @@ mod verify;
 mod writer;
 
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-pub use backend::DieselAccessLogStore;
+pub use backend::{DieselAccessLogStore, DieselAccessLogStoreBuilder};
 pub use verify::{Break, BreakKind, ChainReport, verify, verify_chain};
 
 /// The reserved owner whose data keys the chain keys derive from.

@@ -613,16 +613,22 @@ fn read_only_store(url: &str) -> CliResult<Arc<dyn KeyStore>> {
                 return Err(format!("no SQLite database at {path}").into());
             }
             Ok(Arc::new(
-                DieselKeyStore::<diesel::SqliteConnection>::connect_without_migrating(&url)?,
+                DieselKeyStore::<diesel::SqliteConnection>::builder(&url)
+                    .check_schema(false)
+                    .connect()?,
             ))
         }
         #[cfg(feature = "mysql")]
         Backend::Mysql => Ok(Arc::new(
-            DieselKeyStore::<diesel::MysqlConnection>::connect_without_migrating(&url)?,
+            DieselKeyStore::<diesel::MysqlConnection>::builder(&url)
+                .check_schema(false)
+                .connect()?,
         )),
         #[cfg(feature = "postgres")]
         Backend::Postgres => Ok(Arc::new(
-            DieselKeyStore::<diesel::PgConnection>::connect_without_migrating(&url)?,
+            DieselKeyStore::<diesel::PgConnection>::builder(&url)
+                .check_schema(false)
+                .connect()?,
         )),
         #[allow(unreachable_patterns)]
         _ => Err("this phi was built without support for this database's backend".into()),

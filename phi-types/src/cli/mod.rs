@@ -47,6 +47,7 @@ mod audit_access;
 mod due;
 mod jobs;
 mod master_key;
+mod phi_migrations;
 mod rotate_all;
 
 /// Administration of phi's owner-scoped data keys, and the migration jobs
@@ -192,6 +193,11 @@ enum Command {
     /// it, and check it (or shares) against the database.
     #[command(subcommand)]
     MasterKey(master_key::MasterKeyCommand),
+    /// phi's own tables: write its migrations into the application's
+    /// Diesel migrations directory, run them, or check them. The other
+    /// commands change no schema: they check phi's tables first.
+    #[command(subcommand)]
+    Migrations(phi_migrations::MigrationsCommand),
     #[command(flatten)]
     Jobs(JobCommand),
     /// Prints a shell completion script, e.g. `phi completions bash >
@@ -525,6 +531,11 @@ impl App {
                 self.keyring.as_ref().map(|k| k.store().clone()),
                 command,
             ),
+            Command::Migrations(command) => phi_migrations::run(
+                &cli,
+                cli.database_url.as_deref().or(self.database_url.as_deref()),
+                command,
+            ),
             _ => self.dispatch(&cli),
         };
         match result {
@@ -682,9 +693,10 @@ impl App {
                 self.jobs
                     .run(&mut conn, &keyring, job, cli.format, env.progress)
             }
-            Command::Completions { .. } | Command::Man | Command::MasterKey(_) => {
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Completions { .. }
+            | Command::Man
+            | Command::MasterKey(_)
+            | Command::Migrations(_) => Ok(ExitCode::SUCCESS),
         }?;
         env.out.finish()?;
         Ok(code)
@@ -694,11 +706,16 @@ impl App {
 /// phi's key store on the database at `url`, the backend chosen by its
 /// scheme as the command line chooses it: `sqlite://FILE` or a file path,
 /// `mysql://…` or `mariadb://…`, `postgres://…` or `postgresql://…`, each
-/// with its cargo feature. Runs phi's migrations.
+/// with its cargo feature. Changes no schema: checks phi's tables
+/// ([`DieselKeyStore::connect`]), which `phi migrations run` (or the
+/// application's own `diesel migration run` over
+/// [`migrations::write_to`](crate::migrations::write_to)'s files) puts in
+/// place.
 ///
 /// # Errors
 /// An unknown scheme, a backend not built in, or the store's
-/// [`DieselKeyStore::connect`] errors.
+/// [`DieselKeyStore::connect`] errors ([`Error::Schema`](crate::Error::Schema)
+/// naming a missing table and migration).
 pub fn key_store(url: &str) -> CliResult<Arc<dyn KeyStore>> {
     let (backend, url) = backend(url)?;
     match backend {

@@ -146,34 +146,73 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url` and
-    /// runs phi's pending migrations on it.
+    /// checks phi's tables on it ([`migrations::check`](crate::migrations::check),
+    /// one catalog query). Changes no schema: the application owns it, and
+    /// adds phi's migrations to its own
+    /// ([`migrations::write_to`](crate::migrations::write_to), `phi
+    /// migrations write`) or runs them explicitly
+    /// ([`builder`](Self::builder)`(url).run_migrations(true)`).
     ///
     /// On SQLite, use a file database: an in-memory database is private to
     /// each connection.
     ///
+    /// ```no_run
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::SqliteConnection;
+    /// use phi_types::DieselKeyStore;
+    /// // phi's migrations already applied, by `diesel migration run`:
+    /// let store = DieselKeyStore::<SqliteConnection>::connect("clinic.db")?;
+    /// # }
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    ///
     /// # Errors
-    /// [`Error::Store`] when the database cannot be reached or migrated.
+    /// [`Error::Store`] when the database cannot be reached;
+    /// [`Error::Schema`] naming the table and the migration of phi that is
+    /// missing, or a table of phi's name that is not phi's.
     pub fn connect(database_url: &str) -> Result<Self> {
-        let store = Self::connect_without_migrating(database_url)?;
-        crate::migrations::run_pending(&mut *store.conn()?)?;
-        Ok(store)
+        Self::builder(database_url).connect()
     }
 
-    /// Connects a small pool (up to 4 connections) to `database_url`
-    /// without running migrations, for a database user that may not change
-    /// the schema (one that may only read the key tables, say): phi's tables
-    /// must already exist, created by a deployment step with
-    /// [`connect`](Self::connect) or [`migrations::run_pending`](crate::migrations::run_pending).
-    /// The user needs `SELECT` on `user_encryption_keys` to open values,
-    /// and on `kek_check_values`, where each of its KEKs' check values must
-    /// already be stored (a keyring verifies them when it is built);
-    /// without `INSERT` on `encryption_key_audit` the `unwrap` records are
-    /// counted and logged, not written; sealing for a new owner needs
-    /// `INSERT` on both.
+    /// How to connect to `database_url`: whether to run phi's migrations
+    /// or check its tables first.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "sqlite")] {
+    /// use diesel::SqliteConnection;
+    /// use phi_types::DieselKeyStore;
+    /// // A deployment step, or a development database: phi runs its own
+    /// // pending migrations (recorded in `__diesel_schema_migrations`).
+    /// let store = DieselKeyStore::<SqliteConnection>::builder("clinic.db")
+    ///     .run_migrations(true)
+    ///     .connect()?;
+    /// # }
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    pub fn builder(database_url: &str) -> DieselKeyStoreBuilder<C> {
+        DieselKeyStoreBuilder {
+            database_url: database_url.to_owned(),
+            run_migrations: false,
+            check_schema: true,
+            connection: std::marker::PhantomData,
+        }
+    }
+
+    /// Connects a small pool (up to 4 connections) to `database_url`,
+    /// neither running migrations nor checking phi's tables.
     ///
     /// # Errors
     /// [`Error::Store`] when the database cannot be reached.
+    #[deprecated(
+        note = "`connect` no longer migrates; for a login that may not read the catalog of every \
+                table, use `DieselKeyStore::builder(url).check_schema(false).connect()`"
+    )]
     pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
+        Self::builder(database_url).check_schema(false).connect()
+    }
+
+    /// The pool of [`connect`](Self::connect), without a check.
+    fn open(database_url: &str) -> Result<Self> {
         let connecting = Connecting::new("phi-store-connect");
         let pool = Pool::builder()
             .max_size(4)
@@ -197,6 +236,76 @@ impl<C: PhiConnection> DieselKeyStore<C> {
         self.pool
             .get()
             .map_err(|e| Error::store("taking a key store connection", e))
+    }
+}
+
+/// How a [`DieselKeyStore`] connects, from
+/// [`DieselKeyStore::builder`]: by default it checks phi's tables and
+/// changes nothing, as [`DieselKeyStore::connect`] does.
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct DieselKeyStoreBuilder<C: PhiConnection> {
+    database_url: String,
+    run_migrations: bool,
+    check_schema: bool,
+    connection: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C: PhiConnection> fmt::Debug for DieselKeyStoreBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the URL: it may hold a password.
+        f.debug_struct("DieselKeyStoreBuilder")
+            .field("backend", &std::any::type_name::<C>())
+            .field("run_migrations", &self.run_migrations)
+            .field("check_schema", &self.check_schema)
+            .finish()
+    }
+}
+
+impl<C: PhiConnection> DieselKeyStoreBuilder<C> {
+    /// Runs phi's pending migrations when connecting (default: no), into
+    /// Diesel's `__diesel_schema_migrations` under phi's versions
+    /// ([`migrations::run_pending`](crate::migrations::run_pending)), after
+    /// refusing a database where a table of phi's name is another
+    /// application's; then checks the tables. For a deployment step or a
+    /// development database: an application that runs `diesel migration
+    /// run` adds phi's migrations to its own instead
+    /// ([`migrations::write_to`](crate::migrations::write_to)). The login
+    /// needs the right to create tables.
+    pub fn run_migrations(mut self, run: bool) -> Self {
+        self.run_migrations = run;
+        self
+    }
+
+    /// Checks phi's tables when connecting (default: yes). Off for a login
+    /// that cannot see every table of phi in the catalog (on MySQL /
+    /// MariaDB, a login that may only read some of them sees only those);
+    /// a missing table then fails the first query that needs it.
+    pub fn check_schema(mut self, check: bool) -> Self {
+        self.check_schema = check;
+        self
+    }
+
+    /// Connects a small pool (up to 4 connections), then migrates and
+    /// checks as configured.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the database cannot be reached or a migration
+    /// fails; [`Error::Schema`] naming the table and the migration of phi
+    /// that is missing, or a table of phi's name that is not phi's.
+    pub fn connect(self) -> Result<DieselKeyStore<C>> {
+        let store = DieselKeyStore::open(&self.database_url)?;
+        if self.run_migrations {
+            crate::migrations::migrate_and_check(
+                &mut *store.conn()?,
+                crate::migrations::Tables::KeyStore,
+            )?;
+        } else if self.check_schema {
+            crate::migrations::check_tables(
+                &mut *store.conn()?,
+                crate::migrations::Tables::KeyStore,
+            )?;
+        }
+        Ok(store)
     }
 }
 

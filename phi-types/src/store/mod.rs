@@ -82,7 +82,7 @@ use chrono::NaiveDateTime;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub(crate) use diesel_store::Connecting;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-pub use diesel_store::DieselKeyStore;
+pub use diesel_store::{DieselKeyStore, DieselKeyStoreBuilder};
 pub use memory::MemoryKeyStore;
 
 use crate::error::Result;
