@@ -1120,7 +1120,7 @@ fn a_fresh_database_is_refused_until_phis_migrations_are_run_or_written() {
         "{err}"
     );
     let (code, _, err) =
-        status_of(clinic.command(&["--database-url", &fresh, "migrations", "check"]));
+        status_of(&mut clinic.command(&["--database-url", &fresh, "migrations", "check"]));
     assert_eq!(code, Some(1), "{err}");
 
     // Written into the application's directory, for its `diesel migration run`.
