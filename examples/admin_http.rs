@@ -17,8 +17,8 @@ use std::process::ExitCode;
 
 use axum::Router;
 use axum::http::request::Parts;
-use phi::admin::{self, Actor, Guard, Options, Rejection};
-use phi::{DieselKeyStore, KeyringConfig};
+use phi_types::admin::{self, Actor, Guard, Options, Rejection};
+use phi_types::{DieselKeyStore, KeyringConfig};
 use sha2::{Digest, Sha256};
 
 /// Admits requests whose bearer token is the configured one, as actor

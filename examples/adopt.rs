@@ -14,7 +14,7 @@
 //!
 //! Its own commands are `seed`, `admit`, `rename`, `digest` and `migrate`
 //! (Diesel migrations from a directory); everything else is the
-//! application's `phi` command (`phi::cli::App`): `migration generate`,
+//! application's `phi` command (`phi_types::cli::App`): `migration generate`,
 //! `backfill`, `verify`, `finalize`, `decrypt-back`, `status`, `rollout`
 //! and the key commands.
 //!
@@ -37,8 +37,8 @@ use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
 use diesel_migrations::{FileBasedMigrations, MigrationHarness};
-use phi::cli::App;
-use phi::{Keyring, LocalKek, PhiRecord};
+use phi_types::cli::App;
+use phi_types::{Keyring, LocalKek, PhiRecord};
 use sha2::{Digest, Sha256};
 
 type BoxError = Box<dyn Error>;
@@ -95,7 +95,7 @@ mod shadow {
 
     /// A patient, written both in plain and sealed while the roll-out runs.
     #[derive(PhiRecord, Clone)]
-    #[phi(crate = phi, table = patients, debug)]
+    #[phi(table = patients, debug)]
     pub(crate) struct Patient {
         #[phi(row_key)]
         pub(crate) id: i64,
@@ -133,7 +133,7 @@ mod sealed {
 
     /// A patient, sealed in place.
     #[derive(PhiRecord, Clone)]
-    #[phi(crate = phi, table = patients, debug)]
+    #[phi(table = patients, debug)]
     pub(crate) struct Patient {
         #[phi(row_key)]
         pub(crate) id: i64,
@@ -289,7 +289,7 @@ fn run() -> Result<ExitCode, BoxError> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "adopt.db".into());
     let args: Vec<String> = std::env::args().collect();
     let phase = phase()?;
-    let conn = || phi::sqlite::establish(url.trim_start_matches("sqlite://"));
+    let conn = || phi_types::sqlite::establish(url.trim_start_matches("sqlite://"));
     match args.get(1).map(String::as_str) {
         Some("seed") => {
             let patients = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(1000);
@@ -321,7 +321,7 @@ fn run() -> Result<ExitCode, BoxError> {
         _ => {}
     }
     let kek = Arc::new(LocalKek::from_env("local-1")?);
-    let keyring = Keyring::builder(phi::cli::key_store(&url)?, kek)
+    let keyring = Keyring::builder(phi_types::cli::key_store(&url)?, kek)
         .actor("adopt")
         .build()?;
     match args.get(1).map(String::as_str) {

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
-use phi::{DieselKeyStore, Keyring, KeyringConfig, Rollout, lifecycle};
+use phi_types::{DieselKeyStore, Keyring, KeyringConfig, Rollout, lifecycle};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let interval: u64 = args.next().ok_or("missing INTERVAL_MS")?.parse()?;
     let policy = args
         .next()
-        .unwrap_or_else(|| phi::DEFAULT_ROLLOUT_POLICY.to_owned());
+        .unwrap_or_else(|| phi_types::DEFAULT_ROLLOUT_POLICY.to_owned());
     if let Ok(pause) = std::env::var("FLEET_NODE_PAUSE") {
         let make: fn() -> Option<Box<dyn Instrumentation>> = match pause.as_str() {
             "inside" => || Some(Box::new(Pause::inside())),
@@ -75,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (Some("seal"), Some(owner)) => {
                 match keyring.seal(&"fleet".to_string(), owner, "fleet.value", b"row") {
                     Ok(sealed) => format!("sealed {owner} v{}", sealed.key_version().unwrap_or(0)),
-                    Err(error) => format!("refused {owner}: {}", phi::metrics::error_kind(&error)),
+                    Err(error) => format!("refused {owner}: {}", phi_types::metrics::error_kind(&error)),
                 }
             }
             (Some("encrypts"), Some(owner)) => {
@@ -104,7 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 answer(events_after(&keyring, after), |events| {
                     let n = events
                         .iter()
-                        .filter(|e| e.event.kind == phi::feed::KeyEventKind::Rollout)
+                        .filter(|e| e.event.kind == phi_types::feed::KeyEventKind::Rollout)
                         .filter(|e| {
                             e.event
                                 .detail
@@ -136,8 +136,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The feed's events after id `after` (every one: a test's backlog is short).
-fn events_after(keyring: &Keyring, after: &str) -> phi::Result<Vec<phi::feed::FeedEvent>> {
-    let after: i64 = after.parse().map_err(|_| phi::Error::InvalidInput {
+fn events_after(keyring: &Keyring, after: &str) -> phi_types::Result<Vec<phi_types::feed::FeedEvent>> {
+    let after: i64 = after.parse().map_err(|_| phi_types::Error::InvalidInput {
         what: "event id",
         reason: format!("{after:?} is not a number"),
     })?;
@@ -145,15 +145,15 @@ fn events_after(keyring: &Keyring, after: &str) -> phi::Result<Vec<phi::feed::Fe
 }
 
 /// The answer to a command: `ok`'s text, or `error` and the error's kind.
-fn answer<T>(result: phi::Result<T>, ok: impl FnOnce(T) -> String) -> String {
+fn answer<T>(result: phi_types::Result<T>, ok: impl FnOnce(T) -> String) -> String {
     match result {
         Ok(value) => ok(value),
-        Err(error) => format!("error {}", phi::metrics::error_kind(&error)),
+        Err(error) => format!("error {}", phi_types::metrics::error_kind(&error)),
     }
 }
 
 /// A key store on the backend `url` names.
-fn connect(url: &str) -> Result<Arc<dyn phi::KeyStore>, Box<dyn std::error::Error>> {
+fn connect(url: &str) -> Result<Arc<dyn phi_types::KeyStore>, Box<dyn std::error::Error>> {
     if url.starts_with("mysql://") {
         #[cfg(feature = "mysql")]
         return Ok(Arc::new(

@@ -12,8 +12,8 @@
 
 use std::process::ExitCode;
 
-use phi::cli::App;
-use phi::{KeyringConfig, PhiRecord};
+use phi_types::cli::App;
+use phi_types::{KeyringConfig, PhiRecord};
 
 diesel::table! {
     /// The application's notes: the body sealed under its author's key.
@@ -31,7 +31,7 @@ diesel::table! {
 
 /// A note as the application sees it.
 #[derive(PhiRecord, Clone)]
-#[phi(crate = phi, table = own_cli_notes, debug)]
+#[phi(table = own_cli_notes, debug)]
 #[diesel(primary_key(id))]
 pub struct Note {
     /// The note's id.
@@ -52,7 +52,7 @@ fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://notes.db".into());
     // The KEK as PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE) configure it.
     let keyring = KeyringConfig::from_env()?
-        .builder(phi::cli::key_store(&url)?)?
+        .builder(phi_types::cli::key_store(&url)?)?
         .actor("notes-admin")
         .build()?;
     Ok(App::new(url, keyring)

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
-use phi::Keyring;
-use phi::access::Accessor;
+use phi_types::Keyring;
+use phi_types::access::Accessor;
 use serde::{Deserialize, Serialize};
 
 use crate::App;

@@ -9,7 +9,7 @@ use diesel::Connection as _;
 #[cfg(feature = "sqlite")]
 use diesel::connection::SimpleConnection as _;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, LocalKek};
+use phi_types::{DieselKeyStore, KeyEncryptionKey, KeyStore, LocalKek};
 
 use crate::Result;
 
@@ -111,8 +111,8 @@ const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 1
 pub(crate) fn access_log_tables(
     backend: Backend,
     url: &str,
-) -> Result<Arc<dyn phi::access_log::AccessLogStore>> {
-    use phi::access_log::DieselAccessLogStore;
+) -> Result<Arc<dyn phi_types::access_log::AccessLogStore>> {
+    use phi_types::access_log::DieselAccessLogStore;
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => Ok(Arc::new(
@@ -151,7 +151,7 @@ pub(crate) fn prepare(backend: Backend, url: &str) -> Result<Arc<dyn KeyStore>> 
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => {
-            let mut conn = phi::sqlite::establish(url)?;
+            let mut conn = phi_types::sqlite::establish(url)?;
             migrated(&mut conn, SQLITE_MIGRATIONS)?;
             Ok(Arc::new(
                 DieselKeyStore::<diesel::SqliteConnection>::builder(url)
@@ -247,11 +247,11 @@ pub(crate) type Keks = (Arc<dyn KeyEncryptionKey>, Vec<Arc<dyn KeyEncryptionKey>
 /// The KEK that wraps new data keys, configured as the clinic CLI's is:
 /// `--kek aws-kms:KEY` (AWS KMS from the AWS environment), `--kek local:ID`
 /// or `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE` (a local master key, id
-/// `PHI_KEK_ID` or `local-1`; [`phi::KeyringConfig`]), else a development key file created beside the
+/// `PHI_KEK_ID` or `local-1`; [`phi_types::KeyringConfig`]), else a development key file created beside the
 /// database on the first run and refused on a database holding keys of
 /// another KEK. Also returns older KEKs that still unwrap.
-pub(crate) fn keks(spec: Option<phi::KekSpec>, store: &dyn KeyStore) -> Result<Keks> {
-    let config = phi::KeyringConfig::from_env_with(spec, None)?;
+pub(crate) fn keks(spec: Option<phi_types::KekSpec>, store: &dyn KeyStore) -> Result<Keks> {
+    let config = phi_types::KeyringConfig::from_env_with(spec, None)?;
     if !config.is_configured() {
         return Ok((Arc::new(dev_master_key(store)?), Vec::new()));
     }
@@ -264,7 +264,7 @@ fn dev_master_key(store: &dyn KeyStore) -> Result<LocalKek> {
     let mut others: Vec<String> = store
         .key_counts()?
         .into_iter()
-        .filter(|c| c.state != phi::KeyState::Destroyed && c.kek_id != DEV_KEK_ID)
+        .filter(|c| c.state != phi_types::KeyState::Destroyed && c.kek_id != DEV_KEK_ID)
         .map(|c| c.kek_id)
         .collect();
     others.sort();

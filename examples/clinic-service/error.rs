@@ -9,10 +9,10 @@ use serde::Serialize;
 /// How owner ids appear in this service's logs: the keyring's setting
 /// (`--owner-ids-in-logs`), for the log lines written where no keyring is
 /// at hand.
-static OWNER_IDS: std::sync::OnceLock<phi::OwnerIdTelemetry> = std::sync::OnceLock::new();
+static OWNER_IDS: std::sync::OnceLock<phi_types::OwnerIdTelemetry> = std::sync::OnceLock::new();
 
 /// Sets [`OWNER_IDS`] once, at start-up.
-pub(crate) fn set_owner_ids(mode: phi::OwnerIdTelemetry) {
+pub(crate) fn set_owner_ids(mode: phi_types::OwnerIdTelemetry) {
     let _ = OWNER_IDS.set(mode);
 }
 
@@ -198,9 +198,9 @@ fn database_error_kind(error: &diesel::result::Error) -> String {
 /// a stored value that does not open (altered, damaged) is 500 naming the
 /// column, owner and key version; bad input is 422. phi's messages carry
 /// ids, scopes and key versions only, never values or key bytes.
-impl From<phi::Error> for ApiError {
-    fn from(error: phi::Error) -> ApiError {
-        use phi::Error as E;
+impl From<phi_types::Error> for ApiError {
+    fn from(error: phi_types::Error) -> ApiError {
+        use phi_types::Error as E;
         let (status, code) = match &error {
             E::Kek { .. }
             | E::KekCheck { .. }
@@ -221,7 +221,7 @@ impl From<phi::Error> for ApiError {
         // ids may be logged as they are.
         match OWNER_IDS.get().copied().unwrap_or_default() {
             // Quoted and escaped: an owner id or row key cannot forge a line.
-            phi::OwnerIdTelemetry::Plain => {
+            phi_types::OwnerIdTelemetry::Plain => {
                 tracing::warn!(error = ?error.to_string(), "phi error");
             }
             _ => tracing::warn!(

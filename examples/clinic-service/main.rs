@@ -52,11 +52,11 @@
 //! | `POST /providers/{p}/duplicates` | `{"patient_last", "patient_dob"}`: the provider's cases of that patient, through the blind index |
 //! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed; a cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return is prefixed with `'` (no formula runs when opened in a spreadsheet) |
 //! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, the keyring's counters (`clinic_service_keyring_*_total`), requests by route, method and status (each label of few values: the matched route or `unmatched`, a known method or `other`) |
-//! | `GET /live` | liveness (no token): 200 `{"live": true}` while the process answers (`phi::admin::probes`) |
+//! | `GET /live` | liveness (no token): 200 `{"live": true}` while the process answers (`phi_types::admin::probes`) |
 //! | `GET /ready` | readiness (no token): 200 or 503 with phi's `Readiness` as JSON: the key store answers, the KEK opens its check value (probed at most every `--kek-probe-interval`), the key-event feed is within `--feed-max-staleness`; the audit and access-log queues' fill and the key store's pool |
 //! | `GET /health` | `ok` (no token): an alias of `/live` kept for older probes |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of every route above (no token), generated from the handlers and the types they serialise (utoipa) |
-//! | `/admin/...` | phi's admin API (`phi::admin::router`: key status, generate-key, rotate, shred, clear-cache, rollout, audit log), only when `PHI_ADMIN_TOKEN` / `--admin-token` is set, behind `Authorization: Bearer TOKEN`; a refused request gets 401, changes nothing and is audited |
+//! | `/admin/...` | phi's admin API (`phi_types::admin::router`: key status, generate-key, rotate, shred, clear-cache, rollout, audit log), only when `PHI_ADMIN_TOKEN` / `--admin-token` is set, behind `Authorization: Bearer TOKEN`; a refused request gets 401, changes nothing and is audited |
 //!
 //! Each request gets an id of the service's own (16 hexadecimal digits;
 //! a client's `x-request-id` is ignored), echoed in the `x-request-id`
@@ -84,7 +84,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use phi::{Keyring, OwnerIdTelemetry, Rollout};
+use phi_types::{Keyring, OwnerIdTelemetry, Rollout};
 
 /// The buckets of every histogram on `/metrics`, in seconds: from a
 /// single seal (tens of microseconds) to a slow KMS call or request.
@@ -116,7 +116,7 @@ struct Cli {
     /// master key in PHI_MASTER_KEY / PHI_MASTER_KEY_FILE). Default: that
     /// master key as `local-1` (or `PHI_KEK_ID`), else a development key file.
     #[arg(long, env = "PHI_KEK")]
-    kek: Option<phi::KekSpec>,
+    kek: Option<phi_types::KekSpec>,
 
     /// Address to listen on; port 0 picks a free one (the address is
     /// printed on standard output once listening).
@@ -341,7 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             plain = plain.unwrap_with(k.clone());
         }
         let tables = db::access_log_tables(backend, &url)?;
-        Some(phi::access_log::DieselAccessLog::builder(tables).start(&plain.build()?)?)
+        Some(phi_types::access_log::DieselAccessLog::builder(tables).start(&plain.build()?)?)
     };
     let mut builder = Keyring::builder(store, kek);
     for k in older {
@@ -414,7 +414,7 @@ fn run(cli: Cli) -> Result<()> {
         let admin = match cli.admin_token.as_deref() {
             Some(token) if !token.is_empty() => {
                 let guard = AdminToken::new(token);
-                router = router.nest("/admin", phi::admin::router(keyring.clone(), guard));
+                router = router.nest("/admin", phi_types::admin::router(keyring.clone(), guard));
                 tracing::info!("phi's admin routes are mounted under /admin (bearer token)");
                 true
             }
@@ -427,7 +427,7 @@ fn run(cli: Cli) -> Result<()> {
         };
         // The document of the routes served (the admin routes only when
         // mounted), without a token.
-        let router = router.merge(phi::admin::serve_openapi(routes::openapi(admin)));
+        let router = router.merge(phi_types::admin::serve_openapi(routes::openapi(admin)));
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown_signal())
             .await?;
@@ -458,12 +458,12 @@ impl AdminToken {
     }
 }
 
-impl phi::admin::Guard for AdminToken {
+impl phi_types::admin::Guard for AdminToken {
     async fn admit(
         &self,
         request: &axum::http::request::Parts,
-    ) -> Result<phi::admin::Actor, phi::admin::Rejection> {
-        use phi::admin::Rejection;
+    ) -> Result<phi_types::admin::Actor, phi_types::admin::Rejection> {
+        use phi_types::admin::Rejection;
         use sha2::Digest as _;
         let token = request
             .headers
@@ -477,7 +477,7 @@ impl phi::admin::Guard for AdminToken {
             })?;
         let given: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         if given == self.digest {
-            Ok(phi::admin::Actor::new("operator"))
+            Ok(phi_types::admin::Actor::new("operator"))
         } else {
             Err(Rejection::unauthorized("unknown bearer token"))
         }

@@ -4,7 +4,7 @@
 
 use chrono::NaiveDate;
 use diesel::prelude::*;
-use phi::PhiRecord;
+use phi_types::PhiRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -15,7 +15,7 @@ use crate::schema::{service_cases, service_cases_plain};
 /// `service_cases.<column>` and to the case id; the last name and date of
 /// birth also as blind indexes for the duplicate check.
 #[derive(PhiRecord, Clone)]
-#[phi(crate = phi, table = service_cases, debug)]
+#[phi(table = service_cases, debug)]
 #[diesel(primary_key(case_id), treat_none_as_default_value = false)]
 pub(crate) struct Case {
     #[phi(row_key)]

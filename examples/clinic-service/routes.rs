@@ -36,7 +36,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .with_state(app.clone())
-        .merge(phi::admin::probes(app.keyring.clone()))
+        .merge(phi_types::admin::probes(app.keyring.clone()))
         // A fallback of its own, under the request log: routers merged
         // later (the OpenAPI document) keep it, so an unmatched path is
         // still counted and answered 404.
@@ -94,9 +94,9 @@ pub(crate) fn openapi(admin: bool) -> utoipa::openapi::OpenApi {
     let mut document = CaseDoc::openapi()
         .nest("/plain", plain)
         .merge_from(OpsDoc::openapi())
-        .merge_from(phi::admin::probes_openapi());
+        .merge_from(phi_types::admin::probes_openapi());
     if admin {
-        let mut admin = phi::admin::openapi();
+        let mut admin = phi_types::admin::openapi();
         for item in admin.paths.paths.values_mut() {
             for operation in operations(item) {
                 operation.security = Some(vec![SecurityRequirement::new(
@@ -440,7 +440,7 @@ async fn export<S: CaseStore>(
     own_provider(&who, &provider)?;
     // Recorded in the access log as an export, not as reads.
     let who = Caller {
-        keyring: who.keyring.for_operation(phi::access::AccessOp::Export),
+        keyring: who.keyring.for_operation(phi_types::access::AccessOp::Export),
         ..who
     };
     // The first page before the status is sent: a key or database failure

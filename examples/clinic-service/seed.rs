@@ -5,7 +5,7 @@
 use chrono::NaiveDate;
 #[cfg(any(feature = "mysql", feature = "postgres"))]
 use diesel_async::RunQueryDsl;
-use phi::PhiRecord as _;
+use phi_types::PhiRecord as _;
 
 use crate::App;
 use crate::db::Pool;
@@ -51,7 +51,7 @@ pub(crate) async fn seed(
             + chrono::Days::new(n.wrapping_mul(7919) % 25_000)
     };
     // The seeding job is its own accessor: its inserts are logged as such.
-    let keyring = app.keyring.on_behalf_of(&phi::access::Accessor::new(
+    let keyring = app.keyring.on_behalf_of(&phi_types::access::Accessor::new(
         "clinic-service seed",
         "load-test data",
     ));

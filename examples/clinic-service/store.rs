@@ -7,7 +7,7 @@ use std::future::Future;
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use phi::{Keyring, PhiRecord as _};
+use phi_types::{Keyring, PhiRecord as _};
 
 use crate::App;
 use crate::auth::Caller;
@@ -85,7 +85,7 @@ async fn open_one(keyring: &Keyring, row: CaseSealed) -> Result<Case, ApiError> 
     let mut cases = Case::open_all_async(vec![row], keyring).await?;
     cases
         .pop()
-        .ok_or_else(|| ApiError::from(phi::Error::Config("opening one row gave none".into())))
+        .ok_or_else(|| ApiError::from(phi_types::Error::Config("opening one row gave none".into())))
 }
 
 /// phi's cases, sealed under each provider's data key.
@@ -201,7 +201,7 @@ impl CaseStore for Sealed {
             let new = patch.apply(&old)?;
             // Sealed whole again: recorded as the update it is.
             let sealed = new
-                .seal_async(&who.keyring.for_operation(phi::access::AccessOp::Update))
+                .seal_async(&who.keyring.for_operation(phi_types::access::AccessOp::Update))
                 .await?;
             // Guarded: only while the row is still the one read (its
             // revision, owner and encrypted flag).
@@ -218,7 +218,7 @@ impl CaseStore for Sealed {
             let written = if sealed.ins_provider.is_some() {
                 diesel::update(target()).set((&sealed, next)).execute(conn).await
             } else {
-                let none: Option<phi::Encrypted<String>> = None;
+                let none: Option<phi_types::Encrypted<String>> = None;
                 diesel::update(target())
                     .set((&sealed, service_cases::ins_provider.eq(none), next))
                     .execute(conn)
@@ -248,7 +248,7 @@ impl CaseStore for Sealed {
         }
         // The delete is the application's: phi records it in the access log.
         who.keyring.record_access(
-            phi::access::AccessOp::Delete,
+            phi_types::access::AccessOp::Delete,
             Self::TABLE,
             Case::ENCRYPTED_COLUMNS,
             [(who.provider.as_str(), Some(id.as_str()))],

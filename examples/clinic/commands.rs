@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use diesel::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use phi::{KeyEncryptionKey, KeyStore, Keyring, PhiRecord as _, Rollout};
+use phi_types::{KeyEncryptionKey, KeyStore, Keyring, PhiRecord as _, Rollout};
 use sha2::{Digest as _, Sha256};
 
 use crate::db::{self, AnyConnection};
@@ -59,7 +59,7 @@ impl Clinic {
     /// event that every process following the feed applies) and applies it
     /// to this process's keyring.
     pub(crate) fn set_rollout(&mut self, rollout: Rollout) -> Result<()> {
-        phi::lifecycle::set_rollout(&self.keyring, &rollout)?;
+        phi_types::lifecycle::set_rollout(&self.keyring, &rollout)?;
         Ok(())
     }
 }
@@ -519,7 +519,7 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             // nothing, and the edit is made again on the row as it is now,
             // at most this many times.
             const UPDATE_RETRIES: u32 = 5;
-            use phi::Updated;
+            use phi_types::Updated;
             let mut retries = 0;
             loop {
                 let old = load_case(clinic, &id)?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use phi::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle};
+use phi_types::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle};
 
 use crate::Result;
 use crate::schema::{cases, deleted_cases};
@@ -111,7 +111,7 @@ pub(crate) fn open(backend: Backend, url: &str) -> Result<(AnyConnection, Arc<dy
                 .connect()?;
             // A busy timeout (phi writes to the same file from connections
             // of its own) and WAL (readers do not block the writer).
-            let mut conn = phi::sqlite::establish(url)?;
+            let mut conn = phi_types::sqlite::establish(url)?;
             conn.run_pending_migrations(SQLITE_MIGRATIONS)
                 .map_err(migration_error)?;
             Ok((AnyConnection::Sqlite(conn), Arc::new(store)))
@@ -176,15 +176,15 @@ pub(crate) type SharedKek = Arc<dyn KeyEncryptionKey>;
 ///   `PHI_MASTER_KEY` / `PHI_MASTER_KEY_FILE` still unwraps older keys.
 /// - `--kek local:ID`, or no `--kek` with `PHI_MASTER_KEY` /
 ///   `PHI_MASTER_KEY_FILE` set: that local master key, KEK id `ID`
-///   (default `PHI_KEK_ID`, else `local-1`): [`phi::KeyringConfig`].
+///   (default `PHI_KEK_ID`, else `local-1`): [`phi_types::KeyringConfig`].
 /// - Nothing configured: the development key file (KEK id `clinic-dev`),
 ///   created (mode 0600) with a warning on the first run; refused when the
 ///   database holds data keys under another KEK.
 pub(crate) fn keks(
-    spec: Option<phi::KekSpec>,
+    spec: Option<phi_types::KekSpec>,
     store: &dyn KeyStore,
 ) -> Result<(SharedKek, Vec<SharedKek>)> {
-    let config = phi::KeyringConfig::from_env_with(spec, None)?;
+    let config = phi_types::KeyringConfig::from_env_with(spec, None)?;
     if !config.is_configured() {
         return Ok((Arc::new(dev_master_key(store)?), Vec::new()));
     }
@@ -199,7 +199,7 @@ fn dev_master_key(store: &dyn KeyStore) -> Result<LocalKek> {
     let mut others: Vec<String> = store
         .key_counts()?
         .into_iter()
-        .filter(|c| c.state != phi::KeyState::Destroyed && c.kek_id != DEV_KEK_ID)
+        .filter(|c| c.state != phi_types::KeyState::Destroyed && c.kek_id != DEV_KEK_ID)
         .map(|c| c.kek_id)
         .collect();
     others.dedup();

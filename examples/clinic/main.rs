@@ -27,7 +27,7 @@
 //! it: `seed-legacy` writes plaintext rows, `rollout` turns sealing on per
 //! owner, `backfill` seals the old rows, `verify` and `digest` check the
 //! result, `decrypt-back` rolls it all back (see the README). Those
-//! migration commands, and `status`, are phi's own (`phi::cli`).
+//! migration commands, and `status`, are phi's own (`phi_types::cli`).
 
 mod commands;
 mod db;
@@ -70,7 +70,7 @@ pub(crate) struct Cli {
     /// master key as `local-1` (or `PHI_KEK_ID`), else a development key file (KEK id
     /// `clinic-dev`; refused on a database holding keys of another KEK).
     #[arg(long, env = "PHI_KEK", global = true)]
-    kek: Option<phi::KekSpec>,
+    kek: Option<phi_types::KekSpec>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -118,7 +118,7 @@ pub(crate) enum Command {
     /// phi's migration commands on both tables: `backfill`, `verify`,
     /// `decrypt-back` (which first stops sealing new rows), `status`.
     #[command(flatten)]
-    Jobs(phi::cli::JobCommand),
+    Jobs(phi_types::cli::JobCommand),
 }
 
 #[derive(Debug, Subcommand)]

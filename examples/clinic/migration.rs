@@ -1,11 +1,11 @@
 //! `backfill`, `verify`, `decrypt-back` and `status`: phi's migration
-//! commands (`phi::cli::JobCommand`) run on both of the clinic's tables,
+//! commands (`phi_types::cli::JobCommand`) run on both of the clinic's tables,
 //! with the clinic's connection and keyring.
 
 use std::process::ExitCode;
 
-use phi::Rollout;
-use phi::cli::{Format, JobCommand, Jobs};
+use phi_types::Rollout;
+use phi_types::cli::{Format, JobCommand, Jobs};
 
 use crate::Result;
 use crate::commands::{Clinic, outln};

@@ -3,7 +3,7 @@
 //! `demo` and `seed-legacy`.
 
 use chrono::{NaiveDate, NaiveDateTime};
-use phi::PhiRecord;
+use phi_types::PhiRecord;
 
 use crate::schema::{cases, deleted_cases};
 
@@ -14,7 +14,7 @@ use crate::schema::{cases, deleted_cases};
 /// Rows written before the roll-out (flag off) hold the plain values and
 /// still read.
 #[derive(PhiRecord, Clone)]
-#[phi(crate = phi, table = cases, debug)]
+#[phi(table = cases, debug)]
 #[diesel(primary_key(case_id), treat_none_as_default_value = false)]
 pub(crate) struct Case {
     #[phi(row_key)]
@@ -39,7 +39,7 @@ pub(crate) struct Case {
 /// A deleted case. Its values are sealed again for `deleted_cases` (the
 /// scope binds the table), under the same owner's key.
 #[derive(PhiRecord, Clone)]
-#[phi(crate = phi, table = deleted_cases, debug)]
+#[phi(table = deleted_cases, debug)]
 #[diesel(primary_key(case_id))]
 pub(crate) struct DeletedCase {
     #[phi(row_key)]

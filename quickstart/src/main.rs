@@ -2,16 +2,15 @@
 //! published names only (`phi-types` and Diesel), as an application does.
 //! CI checks that README.md shows exactly this program (from `use` on).
 
-use std::sync::Arc;
 use diesel::prelude::*;
-use phi_types::{DieselKeyStore, Keyring, LocalKek, PhiRecord};
+use phi_types::{DieselKeyStore, Keyring, PhiRecord};
 
 diesel::table! {
     notes (id) { id -> BigInt, author -> Text, body -> Binary, body_bidx -> Nullable<Binary> }
 }
 
 #[derive(PhiRecord)]
-#[phi(table = notes)]
+#[diesel(table_name = notes)]
 struct Note {
     #[phi(row_key)]
     id: i64,
@@ -23,25 +22,26 @@ struct Note {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = "notes.db";
-    let mut conn = SqliteConnection::establish(url)?;
+    // A busy timeout and WAL: phi's own connections write to the same file.
+    let mut conn = phi_types::sqlite::establish(url)?;
     diesel::sql_query(
         "CREATE TABLE IF NOT EXISTS notes \
          (id BIGINT PRIMARY KEY, author TEXT NOT NULL, body BLOB NOT NULL, body_bidx BLOB)",
     )
     .execute(&mut conn)?;
 
-    // phi's key tables live in the same database; the master key comes
-    // from PHI_MASTER_KEY (base64, 32 bytes) or PHI_MASTER_KEY_FILE.
-    let store = DieselKeyStore::<SqliteConnection>::connect(url)?;
-    let kek = LocalKek::from_env("local-1")?;
-    let keyring = Keyring::builder(Arc::new(store), Arc::new(kek)).build()?;
+    // phi's key tables, created in the same database here (an application
+    // adds them to its own migrations: `phi migrations write --dir migrations`).
+    // The master key: PHI_MASTER_KEY (base64 of 32 bytes) or PHI_MASTER_KEY_FILE.
+    let store = DieselKeyStore::<SqliteConnection>::builder(url).run_migrations(true).connect()?;
+    let keyring = Keyring::from_env(store)?;
 
     let id = notes::table.count().get_result::<i64>(&mut conn)? + 1;
     let note = Note { id, author: "dr-smith".into(), body: "Jane Doe, born 1980-01-15".into() };
-    diesel::insert_into(notes::table).values(&note.seal(&keyring)?).execute(&mut conn)?;
+    note.insert(&keyring, &mut conn)?;
 
-    let tags = Note::body_blind_index(&keyring, "dr-smith", &note.body)?;
-    let found = Note::load(notes::table.filter(notes::body_bidx.eq_any(tags)), &mut conn, &keyring)?;
+    let same_body = Note::body_is(&keyring, "dr-smith", &note.body)?;
+    let found = Note::load(notes::table.filter(same_body), &mut conn, &keyring)?;
     let raw: Vec<u8> = notes::table.find(id).select(notes::body).first(&mut conn)?;
     println!("note {id}: {:?}, found by its body: {}", found[0].body, found.len());
     println!("stored: {} bytes, {:02x?}…", raw.len(), &raw[..8]);
