@@ -75,7 +75,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (Some("seal"), Some(owner)) => {
                 match keyring.seal(&"fleet".to_string(), owner, "fleet.value", b"row") {
                     Ok(sealed) => format!("sealed {owner} v{}", sealed.key_version().unwrap_or(0)),
-                    Err(error) => format!("refused {owner}: {}", phi_types::metrics::error_kind(&error)),
+                    Err(error) => format!(
+                        "refused {owner}: {}",
+                        phi_types::metrics::error_kind(&error)
+                    ),
                 }
             }
             (Some("encrypts"), Some(owner)) => {
@@ -136,7 +139,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The feed's events after id `after` (every one: a test's backlog is short).
-fn events_after(keyring: &Keyring, after: &str) -> phi_types::Result<Vec<phi_types::feed::FeedEvent>> {
+fn events_after(
+    keyring: &Keyring,
+    after: &str,
+) -> phi_types::Result<Vec<phi_types::feed::FeedEvent>> {
     let after: i64 = after.parse().map_err(|_| phi_types::Error::InvalidInput {
         what: "event id",
         reason: format!("{after:?} is not a number"),

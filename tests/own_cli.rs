@@ -34,10 +34,13 @@ impl Db {
         let dir = tempfile::tempdir().expect("temporary directory");
         let url = format!("sqlite://{}", dir.path().join("notes.db").display());
         let db = Db { url, dir };
-        db.execute(&[
-            "CREATE TABLE own_cli_notes (id INTEGER PRIMARY KEY NOT NULL, author TEXT NOT NULL, \
-             body BLOB NOT NULL, sealed BOOLEAN NOT NULL DEFAULT 0)",
-        ]);
+        db.execute_then_migrate(
+            &[
+                "CREATE TABLE own_cli_notes (id INTEGER PRIMARY KEY NOT NULL, author TEXT NOT NULL, \
+                 body BLOB NOT NULL, sealed BOOLEAN NOT NULL DEFAULT 0)",
+            ],
+            true,
+        );
         db
     }
 
@@ -64,16 +67,26 @@ impl Db {
             url: format!("{base}/{name}"),
             dir: admin.dir,
         };
-        db.execute(&[create]);
+        db.execute_then_migrate(&[create], true);
         db
     }
 
     fn execute(&self, statements: &[&str]) {
+        self.execute_then_migrate(statements, false);
+    }
+
+    /// Runs `statements`, then, if asked, phi's migrations: the
+    /// application's schema, with phi's tables in it as its own migrations
+    /// would add them (`phi migrations write`). phi's stores create none.
+    fn execute_then_migrate(&self, statements: &[&str], phi_migrations: bool) {
         macro_rules! run {
             ($conn:expr) => {{
                 let mut conn = $conn;
                 for s in statements {
                     diesel::sql_query(*s).execute(&mut conn).expect(s);
+                }
+                if phi_migrations {
+                    phi::migrations::run_pending(&mut conn).expect("phi's migrations");
                 }
             }};
         }

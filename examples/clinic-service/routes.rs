@@ -440,7 +440,9 @@ async fn export<S: CaseStore>(
     own_provider(&who, &provider)?;
     // Recorded in the access log as an export, not as reads.
     let who = Caller {
-        keyring: who.keyring.for_operation(phi_types::access::AccessOp::Export),
+        keyring: who
+            .keyring
+            .for_operation(phi_types::access::AccessOp::Export),
         ..who
     };
     // The first page before the status is sent: a key or database failure

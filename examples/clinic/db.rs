@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use phi_types::{DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle};
+use phi_types::{
+    DieselKeyStore, KeyEncryptionKey, KeyStore, Keyring, LocalKek, Rollout, lifecycle,
+};
 
 use crate::Result;
 use crate::schema::{cases, deleted_cases};

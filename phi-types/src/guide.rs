@@ -8,7 +8,10 @@
 pub mod models {}
 
 #[doc = include_str!("../guide/adopting.md")]
-#[cfg(any(doc, all(feature = "derive", feature = "sqlite", feature = "legacy-fernet")))]
+#[cfg(any(
+    doc,
+    all(feature = "derive", feature = "sqlite", feature = "legacy-fernet")
+))]
 pub mod adopting {}
 
 #[doc = include_str!("../guide/keys.md")]
@@ -28,7 +31,10 @@ pub mod access_log {}
 pub mod own_cli {}
 
 #[doc = include_str!("../guide/admin_http.md")]
-#[cfg(any(doc, all(feature = "derive", feature = "sqlite", feature = "admin-http")))]
+#[cfg(any(
+    doc,
+    all(feature = "derive", feature = "sqlite", feature = "admin-http")
+))]
 pub mod admin_http {}
 
 #[doc = include_str!("../guide/fleet.md")]

@@ -33,17 +33,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // phi's key tables, created in the same database here (an application
     // adds them to its own migrations: `phi migrations write --dir migrations`).
     // The master key: PHI_MASTER_KEY (base64 of 32 bytes) or PHI_MASTER_KEY_FILE.
-    let store = DieselKeyStore::<SqliteConnection>::builder(url).run_migrations(true).connect()?;
+    let store = DieselKeyStore::<SqliteConnection>::builder(url)
+        .run_migrations(true)
+        .connect()?;
     let keyring = Keyring::from_env(store)?;
 
     let id = notes::table.count().get_result::<i64>(&mut conn)? + 1;
-    let note = Note { id, author: "dr-smith".into(), body: "Jane Doe, born 1980-01-15".into() };
+    let note = Note {
+        id,
+        author: "dr-smith".into(),
+        body: "Jane Doe, born 1980-01-15".into(),
+    };
     note.insert(&keyring, &mut conn)?;
 
     let same_body = Note::body_is(&keyring, "dr-smith", &note.body)?;
     let found = Note::load(notes::table.filter(same_body), &mut conn, &keyring)?;
     let raw: Vec<u8> = notes::table.find(id).select(notes::body).first(&mut conn)?;
-    println!("note {id}: {:?}, found by its body: {}", found[0].body, found.len());
+    println!(
+        "note {id}: {:?}, found by its body: {}",
+        found[0].body,
+        found.len()
+    );
     println!("stored: {} bytes, {:02x?}…", raw.len(), &raw[..8]);
     Ok(())
 }

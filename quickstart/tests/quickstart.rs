@@ -6,11 +6,16 @@ use std::process::Command;
 /// The program README.md's quick start shows: its first `rust` block
 /// after "## Quick start".
 fn readme_quick_start() -> String {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-        .expect("README.md is readable");
-    let start = readme.find("## Quick start").expect("README.md has a Quick start section");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md is readable");
+    let start = readme
+        .find("## Quick start")
+        .expect("README.md has a Quick start section");
     let code = &readme[start..];
-    let open = code.find("```rust").expect("the Quick start has a rust block");
+    let open = code
+        .find("```rust")
+        .expect("the Quick start has a rust block");
     let code = &code[open..];
     let body = &code[code.find('\n').expect("a fence line") + 1..];
     body[..body.find("```\n").expect("the rust block is closed")].to_string()
@@ -43,12 +48,22 @@ fn the_quick_start_runs_twice_and_stores_no_plaintext() {
     for n in 1..=2 {
         let out = run(dir.path(), key);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "run {n}: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
         assert!(
-            stdout.contains(&format!("note {n}: \"Jane Doe, born 1980-01-15\", found by its body: {n}")),
+            out.status.success(),
+            "run {n}: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!(
+                "note {n}: \"Jane Doe, born 1980-01-15\", found by its body: {n}"
+            )),
             "run {n}: {stdout}"
         );
-        assert!(stdout.contains("[f1, 01,"), "run {n}: an envelope v1 is stored: {stdout}");
+        assert!(
+            stdout.contains("[f1, 01,"),
+            "run {n}: an envelope v1 is stored: {stdout}"
+        );
     }
     // The database and its journal files, if any are left.
     for entry in std::fs::read_dir(dir.path()).expect("the directory") {
@@ -65,5 +80,8 @@ fn the_quick_start_runs_twice_and_stores_no_plaintext() {
     let other = run(dir.path(), "HyAeHRwbGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgE=");
     assert!(!other.status.success());
     let stderr = String::from_utf8_lossy(&other.stderr);
-    assert!(stderr.contains("local-1"), "the error names the KEK id: {stderr}");
+    assert!(
+        stderr.contains("local-1"),
+        "the error names the KEK id: {stderr}"
+    );
 }

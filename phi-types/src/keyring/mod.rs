@@ -344,7 +344,11 @@ impl fmt::Display for KeyringStats {
             self.audit_dropped,
         )?;
         if self.evictions > 0 || self.expirations > 0 {
-            write!(f, "; {} evicted, {} expired", self.evictions, self.expirations)?;
+            write!(
+                f,
+                "; {} evicted, {} expired",
+                self.evictions, self.expirations
+            )?;
         }
         if self.version_reloads > 0 || self.unknown_versions_remembered > 0 {
             write!(
