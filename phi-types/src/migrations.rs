@@ -418,7 +418,7 @@ macro_rules! created {
         Created {
             migration: $migration,
             table: stringify!($table),
-            columns: &[$(<crate::store::schema::$table::$column as diesel::Column>::NAME),+],
+            columns: &[$(stringify!($column)),+],
             access_log: $access_log,
         }
     };

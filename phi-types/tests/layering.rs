@@ -50,6 +50,8 @@ const MODULES: &[(&str, &str)] = &[
     ("set_shape", "base"),
     ("shared", "base"),
     ("sqlite", "base"),
+    // The guide: documentation only, no code.
+    ("guide", "base"),
     ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),
