@@ -59,6 +59,7 @@ pub(crate) use into_shared;
 /// none by default. Clones of the options report to the same callback. A
 /// callback that starts another job with the same options is not called
 /// from within itself (that report is skipped).
+#[allow(clippy::type_complexity)] // a shared, mutable callback of the caller's
 pub(crate) struct Callback<'a, P>(Option<std::rc::Rc<std::cell::RefCell<dyn FnMut(&P) + 'a>>>);
 
 impl<'a, P> Callback<'a, P> {

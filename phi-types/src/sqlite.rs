@@ -85,6 +85,7 @@ pub(crate) fn busy_timeout_if_unset(conn: &mut SqliteConnection) -> QueryResult<
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails on the first unexpected error
 mod tests {
     use super::*;
 

@@ -202,6 +202,7 @@ impl KeyringConfig {
     /// file, or a key that is not base64 of 32 bytes; [`Error::Config`] for
     /// an AWS KMS key when the AWS configuration cannot be loaded or the
     /// `aws-kms` feature is off.
+    #[allow(clippy::type_complexity)] // the KEK and the older ones, as the builder takes them
     pub fn keks(&self) -> Result<(Arc<dyn KeyEncryptionKey>, Vec<Arc<dyn KeyEncryptionKey>>)> {
         let primary = self.build(&self.kek_spec())?;
         let older = self
@@ -271,6 +272,7 @@ impl Keyring {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails on the first unexpected error
 mod tests {
     use super::*;
 
