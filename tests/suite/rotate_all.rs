@@ -56,7 +56,7 @@ fn assert_rotated_to_2_then_retired_1(events: &[phi::feed::FeedEvent], owner: &s
     );
 }
 
-fn options(job: &str) -> RotateAllOptions {
+fn options(job: &str) -> RotateAllOptions<'_> {
     RotateAllOptions::new(job).owners_per_claim(2).batch_size(4).sample(5)
 }
 
