@@ -194,7 +194,7 @@ fn main() {
         .collect();
 
     let creator = Arc::new(kek(&url, &key, default_concurrency));
-    let keyring = Keyring::builder(Arc::clone(&store), Arc::clone(&creator) as _)
+    let keyring = Keyring::builder(Arc::clone(&store), Arc::clone(&creator))
         .build()
         .expect("keyring");
     moto.record();
@@ -232,7 +232,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for &c in &levels {
         let kek = Arc::new(kek(&url, &key, c));
-        let keyring = Keyring::builder(Arc::clone(&store), Arc::clone(&kek) as _)
+        let keyring = Keyring::builder(Arc::clone(&store), Arc::clone(&kek))
             .build()
             .expect("keyring");
         moto.record();

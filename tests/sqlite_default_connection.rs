@@ -91,7 +91,12 @@ fn load_backfill_and_guarded_updates_on_a_default_connection_never_meet_a_locked
     for run in 0..20 {
         let dir = tempfile::tempdir().expect("temporary directory");
         let (url, mut conn) = database(&dir);
-        let store = Arc::new(DieselKeyStore::<SqliteConnection>::builder(&url).run_migrations(true).connect().expect("store"));
+        let store = Arc::new(
+            DieselKeyStore::<SqliteConnection>::builder(&url)
+                .run_migrations(true)
+                .connect()
+                .expect("store"),
+        );
         assert_eq!(
             busy_timeout(&mut conn),
             0,
@@ -147,7 +152,12 @@ fn load_backfill_and_guarded_updates_on_a_default_connection_never_meet_a_locked
 fn a_backfill_on_a_default_connection_waits_for_another_connections_write_lock() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let (url, mut conn) = database(&dir);
-    let store = Arc::new(DieselKeyStore::<SqliteConnection>::builder(&url).run_migrations(true).connect().expect("store"));
+    let store = Arc::new(
+        DieselKeyStore::<SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let keyring = keyring(&store);
 
     let (locked_tx, locked) = mpsc::channel();
@@ -186,7 +196,12 @@ fn a_busy_timeout_the_application_set_is_kept() {
     let (url, mut conn) = database(&dir);
     conn.batch_execute("PRAGMA busy_timeout = 30000")
         .expect("choose");
-    let store = Arc::new(DieselKeyStore::<SqliteConnection>::builder(&url).run_migrations(true).connect().expect("store"));
+    let store = Arc::new(
+        DieselKeyStore::<SqliteConnection>::builder(&url)
+            .run_migrations(true)
+            .connect()
+            .expect("store"),
+    );
     let keyring = keyring(&store);
     migrate::backfill::<Case, _>(&mut conn, &keyring, &BackfillOptions::default())
         .expect("backfill");

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use diesel::Connection as _;
 #[cfg(feature = "sqlite")]
-use diesel::connection::SimpleConnection as _;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use phi_types::{DieselKeyStore, KeyEncryptionKey, KeyStore, LocalKek};
 
