@@ -71,6 +71,22 @@ fn database(dir: &tempfile::TempDir) -> (String, SqliteConnection) {
     (url, conn)
 }
 
+/// [`database`] with phi's tables (its migrations run) and its key store.
+fn database_with_store(
+    dir: &tempfile::TempDir,
+) -> (
+    String,
+    SqliteConnection,
+    Arc<DieselKeyStore<SqliteConnection>>,
+) {
+    let (url, conn) = database(dir);
+    let store = DieselKeyStore::<SqliteConnection>::builder(&url)
+        .run_migrations(true)
+        .connect()
+        .expect("store");
+    (url, conn, Arc::new(store))
+}
+
 fn keyring(store: &Arc<DieselKeyStore<SqliteConnection>>) -> Keyring {
     Keyring::builder(store.clone(), common::local_kek())
         .without_feed()
@@ -83,6 +99,38 @@ fn busy_timeout(conn: &mut SqliteConnection) -> u32 {
     phi::sqlite::busy_timeout(conn).expect("busy timeout")
 }
 
+/// Marks each of `cases` "(checked)" with a guarded update while the
+/// keyring's writer records its key events, then loads the rows whose id
+/// is `LIKE ids` again and finds each sealed and marked.
+fn check_each(
+    run: usize,
+    ids: &str,
+    cases: &[Case],
+    keyring: &Keyring,
+    conn: &mut SqliteConnection,
+) {
+    for old in cases {
+        let mut new = old.clone();
+        new.patient_last = format!("{} (checked)", old.patient_last);
+        let outcome = new
+            .update(old, keyring, conn)
+            .unwrap_or_else(|e| panic!("run {run}: update of {}: {e}", old.case_id));
+        assert!(
+            matches!(outcome, Updated::Applied { sealed: true }),
+            "{outcome:?}"
+        );
+    }
+    keyring.flush_audit().expect("every key event recorded");
+    let query = lock_cases::table.filter(lock_cases::case_id.like(ids));
+    let after = Case::load(query, conn, keyring).expect("load after");
+    assert_eq!(after.len(), cases.len());
+    assert!(
+        after
+            .iter()
+            .all(|c| c.phi_encrypted && c.patient_last.ends_with("(checked)"))
+    );
+}
+
 /// The README's first program, 20 times: load, backfill, guarded updates,
 /// on a connection opened the default way, while a keyring's background
 /// writer records the unwraps of a fresh cache. Each run must succeed.
@@ -90,13 +138,7 @@ fn busy_timeout(conn: &mut SqliteConnection) -> u32 {
 fn load_backfill_and_guarded_updates_on_a_default_connection_never_meet_a_locked_database() {
     for run in 0..20 {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let (url, mut conn) = database(&dir);
-        let store = Arc::new(
-            DieselKeyStore::<SqliteConnection>::builder(&url)
-                .run_migrations(true)
-                .connect()
-                .expect("store"),
-        );
+        let (_url, mut conn, store) = database_with_store(&dir);
         assert_eq!(
             busy_timeout(&mut conn),
             0,
@@ -124,69 +166,23 @@ fn load_backfill_and_guarded_updates_on_a_default_connection_never_meet_a_locked
         let reading = keyring(&store);
         let cases = Case::load(lock_cases::table, &mut conn, &reading).expect("load sealed");
         assert_eq!(cases.len(), before.len());
-        for old in &cases {
-            let mut new = old.clone();
-            new.patient_last = format!("{} (checked)", old.patient_last);
-            let outcome = new
-                .update(old, &reading, &mut conn)
-                .unwrap_or_else(|e| panic!("run {run}: update of {}: {e}", old.case_id));
-            assert!(
-                matches!(outcome, Updated::Applied { sealed: true }),
-                "{outcome:?}"
-            );
-        }
-        reading.flush_audit().expect("every unwrap recorded");
-        let after = Case::load(lock_cases::table, &mut conn, &reading).expect("load after");
-        assert!(
-            after
-                .iter()
-                .all(|c| c.phi_encrypted && c.patient_last.ends_with("(checked)"))
-        );
+        check_each(run, "C-%", &cases, &reading, &mut conn);
     }
 }
 
-/// Another connection holds the write lock when the backfill starts: a
-/// statement of a connection without a busy timeout fails at once, and the
-/// backfill on such a connection waits for the lock and succeeds.
+/// Another connection holds a lock on the file when the backfill starts:
+/// a statement of a connection without a busy timeout fails at once, and
+/// the backfill on such a connection waits for the lock and succeeds.
 #[test]
-fn a_backfill_on_a_default_connection_waits_for_another_connections_write_lock() {
+fn a_backfill_on_a_default_connection_waits_for_another_connections_lock() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let (url, mut conn) = database(&dir);
-    let store = Arc::new(
-        DieselKeyStore::<SqliteConnection>::builder(&url)
-            .run_migrations(true)
-            .connect()
-            .expect("store"),
-    );
+    let (url, _conn, store) = database_with_store(&dir);
     let keyring = keyring(&store);
-
-    let (locked_tx, locked) = mpsc::channel();
-    let (release_tx, release) = mpsc::channel::<()>();
-    let holder_url = url.clone();
-    let holder = std::thread::spawn(move || {
-        let mut holder = SqliteConnection::establish(&holder_url).expect("open");
-        holder.batch_execute("BEGIN IMMEDIATE").expect("write lock");
-        locked_tx.send(()).expect("signal");
-        // Held until the test has seen a default connection fail on it,
-        // then for a moment while the backfill waits.
-        release.recv().expect("release");
-        std::thread::sleep(Duration::from_millis(300));
-        holder.batch_execute("COMMIT").expect("commit");
+    under_an_exclusive_lock(&url, |conn| {
+        let report = migrate::backfill::<Case, _>(conn, &keyring, &BackfillOptions::default())
+            .expect("the backfill waits for the lock");
+        assert_eq!(report.remaining, 0, "{report}");
     });
-    locked.recv().expect("locked");
-
-    let mut other = SqliteConnection::establish(&url).expect("open");
-    let error = other
-        .batch_execute("UPDATE lock_cases SET user_id = user_id")
-        .expect_err("a default connection meets the lock");
-    assert!(error.to_string().contains("database is locked"), "{error}");
-
-    release_tx.send(()).expect("release");
-    let report = migrate::backfill::<Case, _>(&mut conn, &keyring, &BackfillOptions::default())
-        .expect("the backfill waits for the lock");
-    assert_eq!(report.remaining, 0, "{report}");
-    holder.join().expect("holder");
-    assert_eq!(busy_timeout(&mut conn), 10_000);
 }
 
 /// A busy timeout the application chose is left as it is.
@@ -206,4 +202,116 @@ fn a_busy_timeout_the_application_set_is_kept() {
     migrate::backfill::<Case, _>(&mut conn, &keyring, &BackfillOptions::default())
         .expect("backfill");
     assert_eq!(busy_timeout(&mut conn), 30_000);
+}
+
+/// Runs `operation` on a connection opened the default way while another
+/// connection holds an exclusive lock on the file (no reader or writer
+/// gets in), released a moment after `operation` starts: a plain
+/// statement of a default connection fails at once on that lock, the
+/// operation waits for it.
+fn under_an_exclusive_lock(url: &str, operation: impl FnOnce(&mut SqliteConnection)) {
+    let (locked_tx, locked) = mpsc::channel();
+    let (release_tx, release) = mpsc::channel::<()>();
+    let holder_url = url.to_owned();
+    let holder = std::thread::spawn(move || {
+        let mut holder = SqliteConnection::establish(&holder_url).expect("open");
+        holder
+            .batch_execute("BEGIN EXCLUSIVE")
+            .expect("exclusive lock");
+        locked_tx.send(()).expect("signal");
+        release.recv().expect("release");
+        std::thread::sleep(Duration::from_millis(300));
+        holder.batch_execute("COMMIT").expect("commit");
+    });
+    locked.recv().expect("locked");
+
+    let mut other = SqliteConnection::establish(url).expect("open");
+    let error = other
+        .batch_execute("SELECT count(*) FROM lock_cases")
+        .expect_err("a default connection meets the lock");
+    assert!(error.to_string().contains("database is locked"), "{error}");
+
+    let mut conn = SqliteConnection::establish(url).expect("open");
+    assert_eq!(busy_timeout(&mut conn), 0);
+    release_tx.send(()).expect("release");
+    operation(&mut conn);
+    holder.join().expect("holder");
+    assert_eq!(busy_timeout(&mut conn), 10_000);
+}
+
+/// The derive's `insert`, `insert_all` and `update`, and `load`, on a
+/// connection opened the default way, each meeting another connection's
+/// lock: each waits for it instead of failing with "database is locked".
+#[test]
+fn generated_writes_and_loads_on_a_default_connection_wait_for_a_lock() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (url, _conn, store) = database_with_store(&dir);
+    let keyring = keyring(&store);
+    let case = |id: &str| Case {
+        case_id: id.to_owned(),
+        user_id: "dr-new".to_owned(),
+        patient_last: "Roe".to_owned(),
+        phi_encrypted: true,
+    };
+    // Its key first: the key store's own writes are not under test here.
+    keyring.keys_for_seal("dr-new").expect("key");
+
+    under_an_exclusive_lock(&url, |conn| {
+        assert_eq!(case("N-1").insert(&keyring, conn).expect("insert waits"), 1);
+    });
+    under_an_exclusive_lock(&url, |conn| {
+        let rows = [case("N-2"), case("N-3")];
+        assert_eq!(
+            Case::insert_all(&rows, &keyring, conn).expect("insert_all waits"),
+            2
+        );
+    });
+    under_an_exclusive_lock(&url, |conn| {
+        let found = Case::load(
+            lock_cases::table.filter(lock_cases::user_id.eq("dr-new")),
+            conn,
+            &keyring,
+        )
+        .expect("load waits");
+        assert_eq!(found.len(), 3);
+    });
+    under_an_exclusive_lock(&url, |conn| {
+        let old = case("N-1");
+        let mut new = old.clone();
+        new.patient_last = "Roe-Smith".to_owned();
+        let outcome = new.update(&old, &keyring, conn).expect("update waits");
+        assert!(
+            matches!(outcome, Updated::Applied { sealed: true }),
+            "{outcome:?}"
+        );
+    });
+}
+
+/// A program that never runs a job (insert for new owners, load, guarded
+/// updates) on a connection opened the default way, 20 times, while the
+/// keyring's background writer records each new key: every run succeeds.
+#[test]
+fn insert_load_and_update_on_a_default_connection_never_meet_a_locked_database() {
+    for run in 0..20 {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (_url, mut conn, store) = database_with_store(&dir);
+        let keyring = keyring(&store);
+        for o in 0..OWNERS {
+            for r in 0..ROWS_PER_OWNER {
+                let case = Case {
+                    case_id: format!("N-{o}-{r}"),
+                    user_id: format!("dr-new-{o}"),
+                    patient_last: format!("Roe {r}"),
+                    phi_encrypted: true,
+                };
+                case.insert(&keyring, &mut conn)
+                    .unwrap_or_else(|e| panic!("run {run}: insert of {}: {e}", case.case_id));
+            }
+        }
+        let new_cases = lock_cases::table.filter(lock_cases::case_id.like("N-%"));
+        let cases = Case::load(new_cases, &mut conn, &keyring)
+            .unwrap_or_else(|e| panic!("run {run}: load: {e}"));
+        assert_eq!(cases.len(), OWNERS * ROWS_PER_OWNER);
+        check_each(run, "N-%", &cases, &keyring, &mut conn);
+    }
 }

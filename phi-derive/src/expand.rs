@@ -1106,7 +1106,7 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
             conn: &mut __C,
         ) -> #krate::Result<#krate::Updated>
         where
-            __C: ::diesel::Connection,
+            __C: ::diesel::Connection + 'static,
             ::diesel::dsl::Update<#target_ty, #changes>: ::diesel::query_dsl::methods::ExecuteDsl<__C>,
             ::diesel::dsl::Limit<::diesel::dsl::Select<#by_key, #table::#key_col>>:
                 ::diesel::query_dsl::LoadQuery<'static, __C, #key_ty>,
@@ -1118,6 +1118,7 @@ fn guarded_update(m: &Model, owner: &Field, row_key: &Field, flag: Option<&Field
             }
             let __sealed: bool = #sealed;
             #set_flag
+            #krate::__private::prepare_connection(conn, #table_name)?;
             let __written = ::diesel::RunQueryDsl::execute(
                 ::diesel::update(#target).set(__changes),
                 conn,
@@ -1222,11 +1223,12 @@ fn inserts(m: &Model) -> TokenStream {
             #[allow(dead_code)] // Generated for every model, used or not.
             #vis fn insert<__C>(&self, keyring: &#krate::Keyring, conn: &mut __C) -> #krate::Result<usize>
             where
-                __C: ::diesel::Connection,
+                __C: ::diesel::Connection + 'static,
                 ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, #sealed>:
                     ::diesel::query_dsl::methods::ExecuteDsl<__C>,
             {
                 let __row = <Self as #krate::PhiRecord>::seal(self, keyring)?;
+                #krate::__private::prepare_connection(conn, #table_name)?;
                 ::diesel::RunQueryDsl::execute(::diesel::insert_into(#table::table).values(__row), conn)
                     .map_err(|source| #krate::Error::Database {
                         operation: "inserting a sealed row",
@@ -1246,7 +1248,7 @@ fn inserts(m: &Model) -> TokenStream {
             #[allow(dead_code)] // Generated for every model, used or not.
             #vis fn insert_all<__C>(records: &[Self], keyring: &#krate::Keyring, conn: &mut __C) -> #krate::Result<usize>
             where
-                __C: ::diesel::Connection,
+                __C: ::diesel::Connection + 'static,
                 ::diesel::dsl::Values<::diesel::dsl::insert_into<#table::table>, ::std::vec::Vec<#sealed>>:
                     ::diesel::query_dsl::methods::ExecuteDsl<__C>,
             {

@@ -580,12 +580,13 @@ pub trait PhiRecord: Sized + Send + Sync {
         Self::Sealed: diesel::Selectable<C::Backend>,
         <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
-        C: diesel::Connection + LegacyRecords,
+        C: diesel::Connection + LegacyRecords + 'static,
         Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
     {
         use diesel::SelectableHelper as _;
+        prepare_connection(conn, Self::TABLE)?;
         let rows = diesel::RunQueryDsl::load_iter::<
             Self::Sealed,
             diesel::connection::DefaultLoadingMode,
@@ -670,7 +671,7 @@ pub trait PhiRecord: Sized + Send + Sync {
         Self::Sealed: diesel::Selectable<C::Backend>,
         <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
-        C: diesel::Connection + LegacyRecords,
+        C: diesel::Connection + LegacyRecords + 'static,
         Q: diesel::query_dsl::methods::LimitDsl,
         diesel::dsl::Limit<Q>:
             diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
@@ -723,7 +724,7 @@ pub trait PhiRecord: Sized + Send + Sync {
         Self::Sealed: diesel::Selectable<C::Backend>,
         <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
-        C: diesel::Connection + LegacyRecords,
+        C: diesel::Connection + LegacyRecords + 'static,
         Q: diesel::query_dsl::methods::LimitDsl,
         diesel::dsl::Limit<Q>:
             diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
@@ -1407,6 +1408,20 @@ const BLOCK_ROWS: usize = 128;
 /// measurable, short enough that the calling thread waits little for the
 /// last one.
 pub const LOAD_CHUNK_ROWS: usize = 1024;
+
+/// Gives an application's SQLite connection without a busy timeout
+/// phi's ([`crate::sqlite`]) before phi's statement on it.
+fn prepare_connection<C: 'static>(conn: &mut C, table: &'static str) -> Result<()> {
+    #[cfg(feature = "sqlite")]
+    crate::sqlite::prepare_application_connection(conn).map_err(|source| Error::Database {
+        operation: "giving the application's SQLite connection a busy timeout",
+        table,
+        source,
+    })?;
+    #[cfg(not(feature = "sqlite"))]
+    let _ = (conn, table);
+    Ok(())
+}
 
 fn loading_error<R: PhiRecord>(source: diesel::result::Error) -> Error {
     Error::Database {
@@ -2276,13 +2291,14 @@ pub(crate) mod __private {
         R::Sealed: diesel::Selectable<C::Backend>,
         <R::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
             diesel::query_builder::QueryId,
-        C: diesel::Connection,
+        C: diesel::Connection + 'static,
         Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<R::Sealed, C::Backend>>,
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<R::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'static, C, R::Sealed> + diesel::RunQueryDsl<C>,
     {
         fn load_records(query: Q, conn: &mut C, keyring: &crate::Keyring) -> Result<Vec<R>> {
             use diesel::SelectableHelper as _;
+            super::prepare_connection(conn, R::TABLE)?;
             let rows = diesel::RunQueryDsl::load(query.select(R::Sealed::as_select()), conn)
                 .map_err(|source| Error::Database {
                     operation: "loading sealed rows",
@@ -2585,12 +2601,13 @@ pub(crate) mod __private {
     ) -> Result<usize>
     where
         R: super::PhiRecord,
-        C: diesel::Connection,
+        C: diesel::Connection + 'static,
         F: FnMut(&mut C, Vec<R::Sealed>) -> diesel::QueryResult<usize>,
     {
         if records.is_empty() {
             return Ok(0);
         }
+        prepare_connection(conn, R::TABLE)?;
         let rows = (MAX_INSERT_BINDS / columns.max(1)).max(1);
         conn.transaction(|conn| {
             let mut inserted = 0;
@@ -2608,6 +2625,13 @@ pub(crate) mod __private {
                 source,
             },
         })
+    }
+
+    /// Before a generated statement on the application's connection: an
+    /// SQLite connection without a busy timeout gets phi's (see
+    /// [`crate::sqlite`]); any other connection is left as it is.
+    pub fn prepare_connection<C: 'static>(conn: &mut C, table: &'static str) -> Result<()> {
+        super::prepare_connection(conn, table)
     }
 
     /// A text value passed as `&str` to a generated helper, as the

@@ -10,9 +10,13 @@
 //! - phi's own connections wait up to [`BUSY_TIMEOUT`].
 //! - On an application's connection, the first thing the jobs
 //!   ([`migrate`](crate::migrate), [`lifecycle`](crate::lifecycle),
-//!   [`lookup`](crate::lookup)) do is set the same busy timeout when the
+//!   [`lookup`](crate::lookup)), the derive's `insert`, `insert_all` and
+//!   `update`, and [`PhiRecord::load`](crate::PhiRecord::load) (and the
+//!   loads built on it) do is set the same busy timeout when the
 //!   connection has none (`PRAGMA busy_timeout` is 0); a timeout the
-//!   application chose is left as it is. The connection keeps it.
+//!   application chose is left as it is. The connection keeps it. This
+//!   holds for a `SqliteConnection` and for a connection of Diesel's r2d2
+//!   pool of them; give other wrappers a busy timeout with [`prepare`].
 //! - [`establish`] opens a connection with the busy timeout and in WAL mode
 //!   (readers never wait for the writer), ready for anything the
 //!   application does before phi's calls: use it (or [`prepare`] on each
@@ -80,6 +84,24 @@ pub fn busy_timeout(conn: &mut SqliteConnection) -> QueryResult<u32> {
 pub(crate) fn busy_timeout_if_unset(conn: &mut SqliteConnection) -> QueryResult<()> {
     if busy_timeout(conn)? == 0 {
         conn.batch_execute(SET_BUSY_TIMEOUT)?;
+    }
+    Ok(())
+}
+
+/// [`busy_timeout_if_unset`] on an application's connection that is an
+/// SQLite connection (Diesel's, or one of Diesel's r2d2 pool); nothing on
+/// any other. Generated `insert`, `update` and `PhiRecord::load` call it
+/// before their statement, so a program that opened its connection with
+/// `SqliteConnection::establish` waits for phi's writers instead of failing
+/// with "database is locked".
+pub(crate) fn prepare_application_connection<C: 'static>(conn: &mut C) -> QueryResult<()> {
+    use std::any::Any;
+    type Pooled = diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager<SqliteConnection>>;
+    if let Some(conn) = (conn as &mut dyn Any).downcast_mut::<SqliteConnection>() {
+        return busy_timeout_if_unset(conn);
+    }
+    if let Some(conn) = (conn as &mut dyn Any).downcast_mut::<Pooled>() {
+        return busy_timeout_if_unset(conn);
     }
     Ok(())
 }
