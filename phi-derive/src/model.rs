@@ -466,12 +466,17 @@ fn parse_normalize(text: &str) -> darling::Result<(bool, bool)> {
 
 /// `#[diesel(table_name = path)]` on the model.
 fn diesel_table_name(attrs: &[syn::Attribute]) -> Option<syn::Path> {
+    diesel_value(attrs, "table_name")
+}
+
+/// The value of `key` in the `#[diesel(…)]` attributes `attrs`, the last
+/// one written; other keys and their values are skipped.
+fn diesel_value<T: syn::parse::Parse>(attrs: &[syn::Attribute], key: &str) -> Option<T> {
     let mut found = None;
-    for attr in attrs {
+    for attr in attrs.iter().filter(|a| a.path().is_ident("diesel")) {
         let _ = attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("table_name") {
-                let path: syn::Path = meta.value()?.parse()?;
-                found = Some(path);
+            if meta.path.is_ident(key) {
+                found = Some(meta.value()?.parse()?);
             } else if meta.input.peek(syn::Token![=]) {
                 let _: syn::Expr = meta.value()?.parse()?;
             } else if meta.input.peek(syn::token::Paren) {
@@ -491,22 +496,7 @@ fn path_text(path: &syn::Path) -> String {
 
 /// `#[diesel(column_name = x)]` on a field.
 fn column_name(attrs: &[syn::Attribute]) -> Option<syn::Ident> {
-    let mut found = None;
-    for attr in attrs {
-        let _ = attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("column_name") {
-                let ident: syn::Ident = meta.value()?.parse()?;
-                found = Some(ident);
-            } else if meta.input.peek(syn::Token![=]) {
-                let _: syn::Expr = meta.value()?.parse()?;
-            } else if meta.input.peek(syn::token::Paren) {
-                let _content;
-                syn::parenthesized!(_content in meta.input);
-            }
-            Ok(())
-        });
-    }
-    found
+    diesel_value(attrs, "column_name")
 }
 
 fn unraw(ident: &syn::Ident) -> String {

@@ -63,6 +63,12 @@ pub trait PhiConnection:
         Self::MIGRATIONS
     }
 
+    /// The catalog query of [`catalog_columns`](Self::catalog_columns):
+    /// `(table_name, column_name, data_type)` rows, ending in `IN ` before
+    /// the list of names.
+    #[doc(hidden)]
+    const CATALOG_QUERY: &'static str;
+
     /// The columns of the tables named `tables` that an unqualified name
     /// reaches on this connection (SQLite: the main database; MySQL /
     /// MariaDB: the current database; PostgreSQL: the search path), as
@@ -102,18 +108,25 @@ fn table_list(tables: &[&str]) -> String {
     }
 }
 
-/// Runs a catalog query built by [`table_list`].
+/// Runs a backend's catalog query (`query`, which ends in `IN `) for
+/// `tables`, listed by [`table_list`].
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-fn load_catalog<C>(conn: &mut C, sql: String) -> diesel::QueryResult<Vec<(String, String, String)>>
+fn load_catalog<C>(
+    conn: &mut C,
+    query: &str,
+    tables: &[&str],
+) -> diesel::QueryResult<Vec<(String, String, String)>>
 where
     diesel::query_builder::SqlQuery: diesel::query_dsl::LoadQuery<'static, C, CatalogColumn>,
 {
     use diesel::RunQueryDsl as _;
-    Ok(diesel::sql_query(sql)
-        .load::<CatalogColumn>(conn)?
-        .into_iter()
-        .map(|c| (c.table_name, c.column_name, c.data_type))
-        .collect())
+    Ok(
+        diesel::sql_query(format!("{query}({})", table_list(tables)))
+            .load::<CatalogColumn>(conn)?
+            .into_iter()
+            .map(|c| (c.table_name, c.column_name, c.data_type))
+            .collect(),
+    )
 }
 
 #[cfg(feature = "sqlite")]
@@ -137,19 +150,15 @@ impl PhiConnection for diesel::SqliteConnection {
         crate::sqlite::busy_timeout_if_unset(self)
     }
 
+    const CATALOG_QUERY: &'static str = "SELECT m.name AS table_name, p.name AS column_name, lower(p.type) AS data_type \
+                 FROM sqlite_master m, pragma_table_info(m.name) p \
+                 WHERE m.type = 'table' AND m.name IN ";
+
     fn catalog_columns(
         &mut self,
         tables: &[&str],
     ) -> diesel::QueryResult<Vec<(String, String, String)>> {
-        load_catalog(
-            self,
-            format!(
-                "SELECT m.name AS table_name, p.name AS column_name, lower(p.type) AS data_type \
-                 FROM sqlite_master m, pragma_table_info(m.name) p \
-                 WHERE m.type = 'table' AND m.name IN ({})",
-                table_list(tables)
-            ),
-        )
+        load_catalog(self, Self::CATALOG_QUERY, tables)
     }
 }
 
@@ -160,19 +169,15 @@ impl PhiConnection for diesel::MysqlConnection {
     const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations/mysql");
     const BINARY_IDENTIFIERS: bool = true;
 
+    const CATALOG_QUERY: &'static str = "SELECT CAST(TABLE_NAME AS CHAR) AS table_name, CAST(COLUMN_NAME AS CHAR) AS column_name, \
+                 CAST(LOWER(DATA_TYPE) AS CHAR) AS data_type FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ";
+
     fn catalog_columns(
         &mut self,
         tables: &[&str],
     ) -> diesel::QueryResult<Vec<(String, String, String)>> {
-        load_catalog(
-            self,
-            format!(
-                "SELECT CAST(TABLE_NAME AS CHAR) AS table_name, CAST(COLUMN_NAME AS CHAR) AS column_name, \
-                 CAST(LOWER(DATA_TYPE) AS CHAR) AS data_type FROM information_schema.COLUMNS \
-                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ({})",
-                table_list(tables)
-            ),
-        )
+        load_catalog(self, Self::CATALOG_QUERY, tables)
     }
 }
 
@@ -197,21 +202,17 @@ impl PhiConnection for diesel::PgConnection {
         Ok(Some(Box::new(PgFeedListener::connect(database_url)?)))
     }
 
+    const CATALOG_QUERY: &'static str = "SELECT c.relname::text AS table_name, a.attname::text AS column_name, \
+                 format_type(a.atttypid, NULL) AS data_type \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
+                 WHERE c.relkind IN ('r', 'p', 'v', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND pg_catalog.pg_table_is_visible(c.oid) AND c.relname IN ";
+
     fn catalog_columns(
         &mut self,
         tables: &[&str],
     ) -> diesel::QueryResult<Vec<(String, String, String)>> {
-        load_catalog(
-            self,
-            format!(
-                "SELECT c.relname::text AS table_name, a.attname::text AS column_name, \
-                 format_type(a.atttypid, NULL) AS data_type \
-                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-                 WHERE c.relkind IN ('r', 'p', 'v', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
-                 AND pg_catalog.pg_table_is_visible(c.oid) AND c.relname IN ({})",
-                table_list(tables)
-            ),
-        )
+        load_catalog(self, Self::CATALOG_QUERY, tables)
     }
 }
 

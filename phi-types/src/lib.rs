@@ -177,7 +177,7 @@ pub use store::{
     MemoryKeyStore, Rewrap, SealCount, StoredKey,
 };
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-pub use store::{DieselKeyStore, DieselKeyStoreBuilder};
+pub use store::{DieselKeyStore, DieselKeyStoreBuilder, PooledStore, StoreBuilder};
 pub use telemetry::{OwnerIdTelemetry, TelemetryOwner};
 #[cfg(feature = "uuid")]
 #[cfg_attr(docsrs, doc(cfg(feature = "uuid")))]

@@ -78,12 +78,7 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
     /// # Ok::<(), phi_types::Error>(())
     /// ```
     pub fn builder(database_url: &str) -> DieselAccessLogStoreBuilder<C> {
-        DieselAccessLogStoreBuilder {
-            database_url: database_url.to_owned(),
-            run_migrations: false,
-            check_schema: true,
-            connection: std::marker::PhantomData,
-        }
+        DieselAccessLogStoreBuilder::new(database_url)
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url`
@@ -95,22 +90,6 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
                 `DieselAccessLogStore::builder(url).check_schema(false).connect()`")]
     pub fn connect_without_migrating(database_url: &str) -> Result<Self> {
         Self::builder(database_url).check_schema(false).connect()
-    }
-
-    /// The pool of [`connect`](Self::connect), without a check.
-    fn open(database_url: &str) -> Result<Self> {
-        let connecting = crate::store::Connecting::new("phi-access-log-connect");
-        let pool = diesel::r2d2::Pool::builder()
-            .max_size(4)
-            .min_idle(Some(0))
-            .thread_pool(connecting.thread())
-            .connection_customizer(Box::new(Prepare))
-            .build(diesel::r2d2::ConnectionManager::<C>::new(database_url))
-            .map_err(|e| Error::store("connecting the access log's pool", e))?;
-        let mut store = DieselAccessLogStore::new(pool);
-        store.connecting = Some(connecting);
-        drop(store.conn()?);
-        Ok(store)
     }
 
     /// The pool this store uses.
@@ -129,78 +108,30 @@ impl<C: crate::PhiConnection> DieselAccessLogStore<C> {
 /// [`DieselAccessLogStore::builder`]: by default it checks the access
 /// log's tables and changes nothing.
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-#[must_use = "a builder does nothing until `connect` is called"]
-pub struct DieselAccessLogStoreBuilder<C: crate::PhiConnection> {
-    database_url: String,
-    run_migrations: bool,
-    check_schema: bool,
-    connection: std::marker::PhantomData<fn() -> C>,
-}
+pub type DieselAccessLogStoreBuilder<C> = crate::store::StoreBuilder<DieselAccessLogStore<C>>;
 
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-impl<C: crate::PhiConnection> fmt::Debug for DieselAccessLogStoreBuilder<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Not the URL: it may hold a password.
-        f.debug_struct("DieselAccessLogStoreBuilder")
-            .field("backend", &std::any::type_name::<C>())
-            .field("run_migrations", &self.run_migrations)
-            .field("check_schema", &self.check_schema)
-            .finish()
-    }
-}
+impl<C: crate::PhiConnection> crate::store::PooledStoreSealed for DieselAccessLogStore<C> {}
 
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-impl<C: crate::PhiConnection> DieselAccessLogStoreBuilder<C> {
-    /// Runs phi's pending migrations (all of them, the key store's too)
-    /// when connecting (default: no), after refusing a database where a
-    /// table of phi's name is another application's; then checks the
-    /// tables. See [`DieselKeyStoreBuilder::run_migrations`](crate::DieselKeyStoreBuilder::run_migrations).
-    pub fn run_migrations(mut self, run: bool) -> Self {
-        self.run_migrations = run;
-        self
-    }
+impl<C: crate::PhiConnection> crate::store::PooledStore for DieselAccessLogStore<C> {
+    type Connection = C;
+    const BUILDER: &'static str = "DieselAccessLogStoreBuilder";
+    const ACCESS_LOG: bool = true;
 
-    /// Checks the access log's tables when connecting (default: yes).
-    pub fn check_schema(mut self, check: bool) -> Self {
-        self.check_schema = check;
-        self
-    }
-
-    /// Connects a small pool (up to 4 connections), then migrates and
-    /// checks as configured.
-    ///
-    /// # Errors
-    /// [`Error::Store`] when the database cannot be reached or a migration
-    /// fails; [`Error::Schema`] naming the table and the migration of phi
-    /// that is missing, or a table of phi's name that is not phi's.
-    pub fn connect(self) -> Result<DieselAccessLogStore<C>> {
-        let store = DieselAccessLogStore::open(&self.database_url)?;
-        if self.run_migrations {
-            crate::migrations::migrate_and_check(
-                &mut *store.conn()?,
-                crate::migrations::Tables::AccessLog,
-            )?;
-        } else if self.check_schema {
-            crate::migrations::check_tables(
-                &mut *store.conn()?,
-                crate::migrations::Tables::AccessLog,
-            )?;
-        }
+    fn open(database_url: &str) -> Result<Self> {
+        let (pool, connecting) = crate::store::open_pool(
+            database_url,
+            "phi-access-log-connect",
+            "connecting the access log's pool",
+        )?;
+        let mut store = DieselAccessLogStore::new(pool);
+        store.connecting = Some(connecting);
         Ok(store)
     }
-}
 
-#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-#[derive(Debug)]
-struct Prepare;
-
-#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
-impl<C: crate::PhiConnection> diesel::r2d2::CustomizeConnection<C, diesel::r2d2::Error>
-    for Prepare
-{
-    fn on_acquire(&self, conn: &mut C) -> std::result::Result<(), diesel::r2d2::Error> {
-        conn.prepare_key_store()
-            .map_err(diesel::r2d2::Error::QueryError)
+    fn pooled(&self) -> Result<diesel::r2d2::PooledConnection<diesel::r2d2::ConnectionManager<C>>> {
+        self.conn()
     }
 }
 

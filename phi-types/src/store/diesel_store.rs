@@ -190,12 +190,7 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     /// # Ok::<(), phi_types::Error>(())
     /// ```
     pub fn builder(database_url: &str) -> DieselKeyStoreBuilder<C> {
-        DieselKeyStoreBuilder {
-            database_url: database_url.to_owned(),
-            run_migrations: false,
-            check_schema: true,
-            connection: std::marker::PhantomData,
-        }
+        DieselKeyStoreBuilder::new(database_url)
     }
 
     /// Connects a small pool (up to 4 connections) to `database_url`,
@@ -211,22 +206,6 @@ impl<C: PhiConnection> DieselKeyStore<C> {
         Self::builder(database_url).check_schema(false).connect()
     }
 
-    /// The pool of [`connect`](Self::connect), without a check.
-    fn open(database_url: &str) -> Result<Self> {
-        let connecting = Connecting::new("phi-store-connect");
-        let pool = Pool::builder()
-            .max_size(4)
-            .min_idle(Some(0))
-            .thread_pool(connecting.thread())
-            .connection_customizer(Box::new(Prepare))
-            .build(ConnectionManager::<C>::new(database_url))
-            .map_err(|e| Error::store("connecting the key store pool", e))?;
-        let mut store = DieselKeyStore::new(pool).listen_url(database_url);
-        store.connecting = Some(connecting);
-        drop(store.conn()?);
-        Ok(store)
-    }
-
     /// The pool this store uses.
     pub fn pool(&self) -> &Pool<ConnectionManager<C>> {
         &self.pool
@@ -239,73 +218,31 @@ impl<C: PhiConnection> DieselKeyStore<C> {
     }
 }
 
-/// How a [`DieselKeyStore`] connects, from
-/// [`DieselKeyStore::builder`]: by default it checks phi's tables and
-/// changes nothing, as [`DieselKeyStore::connect`] does.
-#[must_use = "a builder does nothing until `connect` is called"]
-pub struct DieselKeyStoreBuilder<C: PhiConnection> {
-    database_url: String,
-    run_migrations: bool,
-    check_schema: bool,
-    connection: std::marker::PhantomData<fn() -> C>,
-}
+/// How a [`DieselKeyStore`] connects, from [`DieselKeyStore::builder`]:
+/// by default it checks phi's tables and changes nothing, as
+/// [`DieselKeyStore::connect`] does.
+pub type DieselKeyStoreBuilder<C> = super::StoreBuilder<DieselKeyStore<C>>;
 
-impl<C: PhiConnection> fmt::Debug for DieselKeyStoreBuilder<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Not the URL: it may hold a password.
-        f.debug_struct("DieselKeyStoreBuilder")
-            .field("backend", &std::any::type_name::<C>())
-            .field("run_migrations", &self.run_migrations)
-            .field("check_schema", &self.check_schema)
-            .finish()
-    }
-}
+impl<C: PhiConnection> super::PooledStoreSealed for DieselKeyStore<C> {}
 
-impl<C: PhiConnection> DieselKeyStoreBuilder<C> {
-    /// Runs phi's pending migrations when connecting (default: no), into
-    /// Diesel's `__diesel_schema_migrations` under phi's versions
-    /// ([`migrations::run_pending`](crate::migrations::run_pending)), after
-    /// refusing a database where a table of phi's name is another
-    /// application's; then checks the tables. For a deployment step or a
-    /// development database: an application that runs `diesel migration
-    /// run` adds phi's migrations to its own instead
-    /// ([`migrations::write_to`](crate::migrations::write_to)). The login
-    /// needs the right to create tables.
-    pub fn run_migrations(mut self, run: bool) -> Self {
-        self.run_migrations = run;
-        self
-    }
+impl<C: PhiConnection> super::PooledStore for DieselKeyStore<C> {
+    type Connection = C;
+    const BUILDER: &'static str = "DieselKeyStoreBuilder";
+    const ACCESS_LOG: bool = false;
 
-    /// Checks phi's tables when connecting (default: yes). Off for a login
-    /// that cannot see every table of phi in the catalog (on MySQL /
-    /// MariaDB, a login that may only read some of them sees only those);
-    /// a missing table then fails the first query that needs it.
-    pub fn check_schema(mut self, check: bool) -> Self {
-        self.check_schema = check;
-        self
-    }
-
-    /// Connects a small pool (up to 4 connections), then migrates and
-    /// checks as configured.
-    ///
-    /// # Errors
-    /// [`Error::Store`] when the database cannot be reached or a migration
-    /// fails; [`Error::Schema`] naming the table and the migration of phi
-    /// that is missing, or a table of phi's name that is not phi's.
-    pub fn connect(self) -> Result<DieselKeyStore<C>> {
-        let store = DieselKeyStore::open(&self.database_url)?;
-        if self.run_migrations {
-            crate::migrations::migrate_and_check(
-                &mut *store.conn()?,
-                crate::migrations::Tables::KeyStore,
-            )?;
-        } else if self.check_schema {
-            crate::migrations::check_tables(
-                &mut *store.conn()?,
-                crate::migrations::Tables::KeyStore,
-            )?;
-        }
+    fn open(database_url: &str) -> Result<Self> {
+        let (pool, connecting) = super::open_pool(
+            database_url,
+            "phi-store-connect",
+            "connecting the key store pool",
+        )?;
+        let mut store = DieselKeyStore::new(pool).listen_url(database_url);
+        store.connecting = Some(connecting);
         Ok(store)
+    }
+
+    fn pooled(&self) -> Result<PooledConnection<ConnectionManager<C>>> {
+        self.conn()
     }
 }
 
@@ -315,16 +252,6 @@ impl<C: PhiConnection> fmt::Debug for DieselKeyStore<C> {
             .field("backend", &std::any::type_name::<C>())
             .field("pool", &self.pool.state())
             .finish()
-    }
-}
-
-#[derive(Debug)]
-struct Prepare;
-
-impl<C: PhiConnection> diesel::r2d2::CustomizeConnection<C, diesel::r2d2::Error> for Prepare {
-    fn on_acquire(&self, conn: &mut C) -> std::result::Result<(), diesel::r2d2::Error> {
-        conn.prepare_key_store()
-            .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 

@@ -15,6 +15,8 @@
 //! pool of its own, never the caller's transaction, so a new data key row is
 //! committed before any value sealed under it can be written.
 
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+mod builder;
 pub(crate) mod claims;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 mod diesel_store;
@@ -79,6 +81,10 @@ use std::fmt;
 
 use chrono::NaiveDateTime;
 
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub use builder::{PooledStore, StoreBuilder};
+#[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
+pub(crate) use builder::{open_pool, sealed::Sealed as PooledStoreSealed};
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 pub(crate) use diesel_store::Connecting;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
