@@ -112,7 +112,7 @@ use crate::error::{Error, Result};
 use crate::keyring::Keyring;
 use crate::lifecycle::DataConnection;
 use crate::lifecycle::tables::{RowsQuery, SqlValue, check_identifier};
-use crate::migrate::{CanonicalFn, Migratable, StoredTable};
+use crate::migrate::{CanonicalFn, Migratable, Progress, StoredTable};
 use crate::sql::Encrypted;
 
 pub use crate::keyring::{LOOKUP_OWNER, RESERVED_OWNER_PREFIX};
@@ -200,28 +200,53 @@ impl LookupTable {
     }
 }
 
-/// Options of [`reindex`].
+/// Options of [`reindex`] (and [`rotate`]): the batch size and a progress
+/// callback.
+///
+/// ```
+/// use phi_types::lookup::ReindexOptions;
+/// use phi_types::migrate::Progress;
+///
+/// let mut seen = Vec::new();
+/// let options = ReindexOptions::default()
+///     .batch(500)
+///     .progress(|p: &Progress| seen.push((p.done, p.total)));
+/// // phi_types::lookup::reindex::<User, _>(&mut conn, &keyring, &options)?;
+/// # drop(options);
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct ReindexOptions {
+pub struct ReindexOptions<'a> {
     /// Rows read per batch.
     pub batch: usize,
+    progress: crate::shared::Callback<'a, Progress>,
 }
 
-impl Default for ReindexOptions {
+impl Default for ReindexOptions<'_> {
     fn default() -> Self {
         ReindexOptions {
             batch: crate::migrate::DEFAULT_BATCH,
+            progress: crate::shared::Callback::default(),
         }
     }
 }
 
-impl ReindexOptions {
+impl ReindexOptions<'_> {
     /// Rows read per batch (1 to [`MAX_BATCH`](crate::migrate::MAX_BATCH)).
     #[must_use]
     pub fn batch(mut self, rows: usize) -> Self {
         self.batch = rows.clamp(1, crate::migrate::MAX_BATCH);
         self
+    }
+
+    /// Calls `f` after each batch with the rows read of the table and how
+    /// many it held when the re-index started (default: no callback).
+    #[must_use]
+    pub fn progress<'b>(self, f: impl FnMut(&Progress) + 'b) -> ReindexOptions<'b> {
+        ReindexOptions {
+            batch: self.batch,
+            progress: crate::shared::Callback::new(f),
+        }
     }
 }
 
@@ -292,7 +317,7 @@ impl std::fmt::Display for ReindexReport {
 pub fn reindex<M: LookupIndexed, C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
-    options: &ReindexOptions,
+    options: &ReindexOptions<'_>,
 ) -> Result<ReindexReport> {
     reindex_table(conn, keyring, &LookupTable::of::<M>(), options)
 }
@@ -305,7 +330,7 @@ pub fn reindex_table<C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
     table: &LookupTable,
-    options: &ReindexOptions,
+    options: &ReindexOptions<'_>,
 ) -> Result<ReindexReport> {
     let started = Instant::now();
     let t = &table.table;
@@ -350,6 +375,7 @@ pub fn reindex_table<C: DataConnection>(
     };
     let _span = tracing::info_span!("phi.lookup.reindex", table = t.table).entered();
     let limit = options.batch.clamp(1, crate::migrate::MAX_BATCH);
+    let total = conn.migration_count(t, false)? + conn.migration_count(t, true)?;
     for sealed in [false, true] {
         let mut after: Option<SqlValue> = None;
         loop {
@@ -434,6 +460,12 @@ pub fn reindex_table<C: DataConnection>(
                     }
                 }
             }
+            options.progress.call(&Progress {
+                table: t.table,
+                done: report.rows,
+                total,
+                elapsed: started.elapsed(),
+            });
         }
     }
     report.elapsed = started.elapsed();
@@ -536,7 +568,7 @@ pub fn rotate<C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
     tables: &[LookupTable],
-    options: &ReindexOptions,
+    options: &ReindexOptions<'_>,
 ) -> Result<LookupRotation> {
     for t in tables {
         t.table.validate()?;

@@ -248,10 +248,20 @@ fn rows_stay_findable_through_rotation_reindex_and_retirement() {
     assert_eq!(version_of(&stored_lookup(&mut conn, &format!("{run}-late")).expect("value")), new);
     assert_eq!(version_of(&stored_lookup(&mut conn, &format!("{run}-0")).expect("value")), old);
 
-    let report = lookup_index::reindex::<User, _>(&mut conn, &keyring, &ReindexOptions::default().batch(2))
-        .expect("reindex");
+    let mut seen = Vec::new();
+    let options = ReindexOptions::default().batch(2).progress(|p| seen.push((p.table, p.done, p.total)));
+    let report = lookup_index::reindex::<User, _>(&mut conn, &keyring, &options).expect("reindex");
+    drop(options);
     assert_eq!(report.version, new);
     assert!(report.rewritten >= 3, "{report}");
+    // One report a batch of at most 2 rows.
+    assert!(seen.len() as u64 >= report.rows.div_ceil(2), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].1 < w[1].1 && w[1].1 - w[0].1 <= 2), "{seen:?}");
+    // The last one all of them; the total counted as it started (other
+    // tests may write the table meanwhile), this test's 4 rows at least.
+    let &(table, done, total) = seen.last().expect("a report");
+    assert_eq!((table, done), (report.table, report.rows));
+    assert!(total >= 4, "{seen:?}");
     for i in 0..3 {
         let stored = stored_lookup(&mut conn, &format!("{run}-{i}")).expect("value");
         assert_eq!(version_of(&stored), new);
