@@ -3,6 +3,7 @@
 //! derived model, in ten lines of `main`.
 //!
 //! ```sh
+//! DATABASE_URL=sqlite://notes.db cargo run --example own_cli -- migrations run
 //! DATABASE_URL=sqlite://notes.db PHI_MASTER_KEY=… cargo run --example own_cli -- status
 //! cargo run --example own_cli -- backfill --dry-run --format json
 //! ```
@@ -48,15 +49,17 @@ pub struct Note {
     pub sealed: bool,
 }
 
-fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://notes.db".into());
-    // The KEK as PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE) configure it.
-    let keyring = KeyringConfig::from_env()?
-        .builder(phi_types::cli::key_store(&url)?)?
-        .actor("notes-admin")
-        .build()?;
-    Ok(App::new(url, keyring)
-        .name("notes-admin")
-        .model::<Note>()
-        .run())
+    // The KEK as PHI_KEK / PHI_KEK_ID / PHI_MASTER_KEY(_FILE) configure it;
+    // built when a command needs it (`migrations run` does not).
+    App::with_keyring(url, |url| {
+        Ok(KeyringConfig::from_env()?
+            .builder(phi_types::cli::key_store(url)?)?
+            .actor("notes-admin")
+            .build()?)
+    })
+    .name("notes-admin")
+    .model::<Note>()
+    .run()
 }

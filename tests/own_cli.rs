@@ -827,3 +827,28 @@ fn own_command_on_mariadb() {
     );
     adopt_through_the_own_command(&db);
 }
+
+/// A new database with the application's table and none of phi's: the
+/// application's command puts phi's tables in place with `migrations run`
+/// (its keyring is built only for commands that need it), where a key
+/// command first fails naming what is missing.
+#[test]
+fn own_command_runs_phi_migrations_on_a_new_database() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("notes.db").display());
+    let db = Db { url, dir };
+    db.execute(&[
+        "CREATE TABLE own_cli_notes (id INTEGER PRIMARY KEY NOT NULL, author TEXT NOT NULL, \
+         body BLOB NOT NULL, sealed BOOLEAN NOT NULL DEFAULT 0)",
+    ]);
+
+    let (code, _, err) = db.run(&["status"]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("is not ready (migration 20"), "{err}");
+
+    let (code, out, err) = db.run(&["migrations", "run"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = db.run(&["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("own_cli_notes"), "{out}");
+}

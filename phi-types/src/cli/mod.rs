@@ -12,6 +12,7 @@
 // A command-line tool: its output is its interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::fmt;
 use std::io::{BufRead as _, Write as _};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -415,7 +416,20 @@ pub struct App {
     name: Option<String>,
     database_url: Option<String>,
     keyring: Option<Keyring>,
+    make_keyring: Option<MakeKeyring>,
     jobs: Jobs,
+}
+
+/// The keyring of [`App::with_keyring`], built when a command needs it.
+type KeyringFn = Box<dyn FnOnce(&str) -> Result<Keyring, Box<dyn std::error::Error>>>;
+
+/// [`KeyringFn`], printed as its name.
+struct MakeKeyring(KeyringFn);
+
+impl fmt::Debug for MakeKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MakeKeyring")
+    }
 }
 
 impl App {
@@ -435,6 +449,37 @@ impl App {
         App {
             database_url: Some(database_url.into()),
             keyring: Some(keyring),
+            ..App::default()
+        }
+    }
+
+    /// [`App::new`] with the keyring built by `make` (given the database
+    /// URL) only when a command needs it: `migrations run` then works on a
+    /// database that does not yet have phi's tables (the key store's
+    /// check would refuse it), and `master-key` commands work when the
+    /// configured KEK does not (`make` is not called for either).
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "sqlite")] {
+    /// use phi_types::KeyringConfig;
+    /// use phi_types::cli::{App, key_store};
+    ///
+    /// let url = "sqlite://notes.db";
+    /// let status = App::with_keyring(url, |url| {
+    ///     Ok(KeyringConfig::from_env()?.builder(key_store(url)?)?.actor("notes-admin").build()?)
+    /// })
+    /// .name("notes-admin")
+    /// .run();
+    /// # drop(status);
+    /// # }
+    /// ```
+    pub fn with_keyring(
+        database_url: impl Into<String>,
+        make: impl FnOnce(&str) -> Result<Keyring, Box<dyn std::error::Error>> + 'static,
+    ) -> App {
+        App {
+            database_url: Some(database_url.into()),
+            make_keyring: Some(MakeKeyring(Box::new(make))),
             ..App::default()
         }
     }
@@ -536,7 +581,7 @@ impl App {
                 cli.database_url.as_deref().or(self.database_url.as_deref()),
                 command,
             ),
-            _ => self.dispatch(&cli),
+            _ => self.keyring_built().and_then(|app| app.dispatch(&cli)),
         };
         match result {
             Ok(code) => code,
@@ -555,6 +600,15 @@ impl App {
                 ExitCode::from(if refused { EXIT_REFUSED } else { 1 })
             }
         }
+    }
+
+    /// This app with the keyring of [`App::with_keyring`] built.
+    fn keyring_built(mut self) -> CliResult<App> {
+        if let Some(MakeKeyring(make)) = self.make_keyring.take() {
+            let url = self.database_url.clone().unwrap_or_default();
+            self.keyring = Some(make(&url)?);
+        }
+        Ok(self)
     }
 
     fn dispatch(&self, cli: &Cli) -> CliResult {
