@@ -51,48 +51,7 @@ use tables::service_cases;
 /// did not build it already.
 fn service_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target directory");
-        let bin = profile_dir.join("examples").join("clinic-service");
-        let mut features = vec!["service"];
-        for (on, name) in [
-            (cfg!(feature = "sqlite"), "sqlite"),
-            (cfg!(feature = "mysql"), "mysql"),
-            (cfg!(feature = "postgres"), "postgres"),
-            (cfg!(feature = "aws-kms"), "aws-kms"),
-        ] {
-            if on {
-                features.push(name);
-            }
-        }
-        let status = Command::new(env!("CARGO"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "clinic-service",
-                "--no-default-features",
-                "--features",
-            ])
-            .arg(features.join(","))
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the clinic-service example failed"
-        );
-        assert!(
-            bin.exists(),
-            "no clinic-service example at {}",
-            bin.display()
-        );
-        bin
-    })
+    BIN.get_or_init(|| common::example_bin_with("clinic-service", &["service"]))
 }
 
 /// A database for one test: a fresh SQLite file, or a shared server.

@@ -135,46 +135,64 @@ pub(crate) fn clinic_bin() -> &'static std::path::Path {
 
 /// An example binary, built with this test's backend features.
 pub(crate) fn example_bin(name: &str) -> std::path::PathBuf {
-    {
-        let exe = std::env::current_exe().expect("test executable");
-        // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
-        let profile_dir = exe
-            .parent()
-            .and_then(std::path::Path::parent)
-            .expect("target directory");
-        let bin = profile_dir.join("examples").join(name);
-        // With this test's features, so the binary speaks to every backend
-        // the test runs on; nothing to do when `cargo test` built it so.
+    example_bin_with(name, &[])
+}
+
+/// Whether this test was built with every feature of the package, as
+/// `cargo test --workspace --all-features` (`.ci/run`) builds it.
+const ALL_FEATURES: bool = cfg!(all(
+    feature = "ring",
+    feature = "sqlite",
+    feature = "mysql",
+    feature = "postgres",
+    feature = "aws-kms",
+    feature = "async",
+    feature = "uuid",
+    feature = "serde_json",
+    feature = "admin-http",
+    feature = "legacy-fernet",
+    feature = "service",
+));
+
+/// An example binary, built with this test's backend features and
+/// `extra`. Under `cargo test --workspace --all-features`, with the same
+/// workspace and features, so that the binary that run built is taken as
+/// it is (another feature set would rebuild every dependency).
+pub(crate) fn example_bin_with(name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target directory");
+    let bin = profile_dir.join("examples").join(name);
+    let mut command = std::process::Command::new(env!("CARGO"));
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet", "--example", name]);
+    if ALL_FEATURES {
+        command.args(["--workspace", "--all-features"]);
+    } else {
         let mut features = vec!["sqlite"];
-        if cfg!(feature = "mysql") {
-            features.push("mysql");
+        for (on, feature) in [
+            (cfg!(feature = "mysql"), "mysql"),
+            (cfg!(feature = "postgres"), "postgres"),
+            (cfg!(feature = "aws-kms"), "aws-kms"),
+            (cfg!(feature = "legacy-fernet"), "legacy-fernet"),
+        ] {
+            if on {
+                features.push(feature);
+            }
         }
-        if cfg!(feature = "postgres") {
-            features.push("postgres");
-        }
-        if cfg!(feature = "aws-kms") {
-            features.push("aws-kms");
-        }
-        if cfg!(feature = "legacy-fernet") {
-            features.push("legacy-fernet");
-        }
-        let status = std::process::Command::new(env!("CARGO"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                name,
-                "--no-default-features",
-                "--features",
-            ])
-            .arg(features.join(","))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the {name} example failed");
-        assert!(bin.exists(), "no {name} example at {}", bin.display());
-        bin
+        features.extend_from_slice(extra);
+        command
+            .args(["--no-default-features", "--features"])
+            .arg(features.join(","));
     }
+    let status = command.status().expect("cargo runs");
+    assert!(status.success(), "building the {name} example failed");
+    assert!(bin.exists(), "no {name} example at {}", bin.display());
+    bin
 }
 
 /// A key store whose key-event feed can be made unreadable (every other
