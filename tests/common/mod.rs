@@ -155,9 +155,11 @@ const ALL_FEATURES: bool = cfg!(all(
 ));
 
 /// An example binary, built with this test's backend features and
-/// `extra`. Under `cargo test --workspace --all-features`, with the same
-/// workspace and features, so that the binary that run built is taken as
-/// it is (another feature set would rebuild every dependency).
+/// `extra`. Under `cargo test --workspace --all-features` (every feature
+/// on), by that same command with `--no-run`: nothing to do, the binary
+/// that run built is taken as it is. A narrower command would resolve the
+/// workspace's features differently (the other members' dev-dependencies
+/// left out) and rebuild phi-types and everything above it.
 pub(crate) fn example_bin_with(name: &str, extra: &[&str]) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     // target/<profile>/deps/clinic-… → target/<profile>/examples/clinic
@@ -167,12 +169,17 @@ pub(crate) fn example_bin_with(name: &str, extra: &[&str]) -> std::path::PathBuf
         .expect("target directory");
     let bin = profile_dir.join("examples").join(name);
     let mut command = std::process::Command::new(env!("CARGO"));
-    command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "--quiet", "--example", name]);
+    command.current_dir(env!("CARGO_MANIFEST_DIR"));
     if ALL_FEATURES {
-        command.args(["--workspace", "--all-features"]);
+        command.args([
+            "test",
+            "--quiet",
+            "--workspace",
+            "--all-features",
+            "--no-run",
+        ]);
     } else {
+        command.args(["build", "--quiet", "--example", name]);
         let mut features = vec!["sqlite"];
         for (on, feature) in [
             (cfg!(feature = "mysql"), "mysql"),
