@@ -529,7 +529,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     where
         I: IntoIterator<Item = diesel::QueryResult<Self::Sealed>>,
     {
-        load_rows::<Self>(rows.into_iter(), keyring)
+        load_rows::<Self>(rows.into_iter(), keyring, &|_| true)
     }
 
     /// Opens stored rows one by one: each row's result, so one damaged row
@@ -585,6 +585,87 @@ pub trait PhiRecord: Sized + Send + Sync {
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
     {
+        Self::load_where(query, conn, keyring, |_| true)
+    }
+
+    /// [`load`](Self::load), keeping the records `keep` accepts once
+    /// opened: a condition on encrypted fields (a range of dates, a prefix
+    /// of a name, anything a closure can test) answered exactly for the
+    /// rows `query` selects. Filter `query` to one owner (and by any
+    /// plaintext column) so that only that owner's rows are read and
+    /// opened; sort the result by an encrypted field afterwards
+    /// (`sort_by`).
+    ///
+    /// The rows are read and opened as [`load`](Self::load) does, and each
+    /// opened chunk ([`LOAD_CHUNK_ROWS`] rows) is filtered before the next
+    /// is kept: the records that do not match are dropped (and wiped) as
+    /// they are opened, so the result holds only the matches. The
+    /// database driver may still buffer the whole result's ciphertext
+    /// (PostgreSQL's default loading mode does). Every row opened is a
+    /// read in the access log, kept or not.
+    ///
+    /// What it reveals: nothing beyond `query` itself, since the condition
+    /// is tested in the application. What it costs: every row `query`
+    /// selects is opened. It is the exact, leak-free way to answer range
+    /// and prefix queries within one owner; phi does not offer
+    /// order-revealing encryption, whose stored order leaks the values
+    /// themselves to anyone who reads the table (see the guide's models
+    /// chapter).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use diesel::prelude::*;
+    /// # use phi_types::{KeyBytes, Keyring, LocalKek, MemoryKeyStore, PhiRecord};
+    /// # diesel::table! { cases (case_id) { case_id -> Text, user_id -> Text, patient_last -> Binary } }
+    /// # #[derive(PhiRecord, Clone, PartialEq)]
+    /// # #[diesel(table_name = cases)]
+    /// # struct Case { #[phi(row_key)] case_id: String, #[phi(owner)] user_id: String, #[phi(encrypt)] patient_last: String }
+    /// # #[cfg(feature = "sqlite")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let mut conn = SqliteConnection::establish(":memory:")?;
+    /// # diesel::sql_query("CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, patient_last BLOB NOT NULL)").execute(&mut conn)?;
+    /// # let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));
+    /// # let keyring = Keyring::builder(Arc::new(MemoryKeyStore::new()), Arc::new(kek)).build()?;
+    /// let names = ["Marchbanks", "Martin", "Doe", "MARSH"];
+    /// let cases: Vec<Case> = names.iter().enumerate().map(|(i, last)| Case {
+    ///     case_id: format!("C-{i}"), user_id: "provider-17".into(), patient_last: (*last).into(),
+    /// }).collect();
+    /// Case::insert_all(&cases, &keyring, &mut conn)?;
+    ///
+    /// // "Surname starts with MAR", for one provider, ordered by surname.
+    /// let mut found = Case::load_where(
+    ///     cases::table.filter(cases::user_id.eq("provider-17")),
+    ///     &mut conn,
+    ///     &keyring,
+    ///     |c| c.patient_last.to_lowercase().starts_with("mar"),
+    /// )?;
+    /// found.sort_by(|a, b| a.patient_last.cmp(&b.patient_last));
+    /// let names: Vec<&str> = found.iter().map(|c| c.patient_last.as_str()).collect();
+    /// assert_eq!(names, ["MARSH", "Marchbanks", "Martin"]);
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "sqlite"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    fn load_where<'q, Q, C, F>(
+        query: Q,
+        conn: &mut C,
+        keyring: &Keyring,
+        keep: F,
+    ) -> Result<Vec<Self>>
+    where
+        Self::Sealed: diesel::Selectable<C::Backend>,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel::Connection + LegacyRecords + 'static,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
+        F: Fn(&Self) -> bool + Sync,
+    {
         use diesel::SelectableHelper as _;
         prepare_connection(conn, Self::TABLE)?;
         let rows = diesel::RunQueryDsl::load_iter::<
@@ -593,7 +674,7 @@ pub trait PhiRecord: Sized + Send + Sync {
         >(query.select(Self::Sealed::as_select()), conn)
         .map_err(loading_error::<Self>)?;
         let Some(decoder) = legacy_reads::<Self>(keyring) else {
-            return load_rows::<Self>(rows, keyring);
+            return load_rows::<Self>(rows, keyring, &keep);
         };
         // The records are read on the same connection, once the rows are.
         let mut rows = rows
@@ -609,7 +690,7 @@ pub trait PhiRecord: Sized + Send + Sync {
                 .map_err(legacy_records_error::<Self>)?;
             open_legacy::<Self>(chunk, &candidates, records, decoder)?;
         }
-        Self::open_all(rows, keyring)
+        Self::open_all(rows, keyring).map(|opened| kept(opened, &keep))
     }
 
     /// Runs `query` with `LIMIT 1` and opens the row it selects: the
@@ -1436,6 +1517,7 @@ fn loading_error<R: PhiRecord>(source: diesel::result::Error) -> Error {
 fn load_rows<R: PhiRecord>(
     mut rows: impl Iterator<Item = diesel::QueryResult<R::Sealed>>,
     keyring: &Keyring,
+    keep: &(dyn Fn(&R) -> bool + Sync),
 ) -> Result<Vec<R>> {
     // A result smaller than the first chunk is opened as `open_all` opens a
     // batch: on the calling thread below `parallel_min_rows`, else spread
@@ -1449,7 +1531,7 @@ fn load_rows<R: PhiRecord>(
         }
     }
     if first.len() < first_chunk {
-        return R::open_all(first, keyring);
+        return R::open_all(first, keyring).map(|opened| kept(opened, keep));
     }
     // One batch of records for the whole load, appended once every chunk
     // is opened, before any row is returned.
@@ -1493,7 +1575,8 @@ fn load_rows<R: PhiRecord>(
                     usize::MAX
                 };
                 scope.spawn(move |_| {
-                    let result = open_batch::<R>(block, keyring, parallel);
+                    let result =
+                        open_batch::<R>(block, keyring, parallel).map(|opened| kept(opened, keep));
                     if result.is_err() {
                         failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -1520,6 +1603,13 @@ fn load_rows<R: PhiRecord>(
             Ok(out)
         }
     }
+}
+
+/// The records of `opened` that `keep` accepts; the others are dropped
+/// (each wipes its own secrets).
+fn kept<R>(mut opened: Vec<R>, keep: &(dyn Fn(&R) -> bool + Sync)) -> Vec<R> {
+    opened.retain(|r| keep(r));
+    opened
 }
 
 /// The first of `owners`, for an error naming the owner of a call.
