@@ -431,6 +431,23 @@ fn first_runs_and_every_case_command(clinic: &Clinic) {
         other.contains("no duplicate"),
         "another provider's index differs: {other}"
     );
+    // Searches within the provider: a prefix and a year of birth on
+    // encrypted fields, the surgery dates in SQL.
+    let search = |args: &[&str]| {
+        let mut all = vec!["case", "find", "--owner", owner];
+        all.extend_from_slice(args);
+        clinic.ok(&all).trim().to_owned()
+    };
+    assert_eq!(search(&["--last-prefix", " lOVE"]), id);
+    assert_eq!(search(&["--last-prefix", "love", "--dob-year", "1915"]), id);
+    assert_eq!(search(&["--last-prefix", "lovelace-"]), "no case");
+    assert_eq!(search(&["--dob-year", "1916"]), "no case");
+    assert_eq!(
+        search(&["--surgery-from", "2026-12-01", "--surgery-to", "2026-12-31"]),
+        id
+    );
+    assert_eq!(search(&["--surgery-from", "2026-12-25"]), "no case");
+    assert_eq!(search(&["--last", "lovelace"]), id);
 
     let csv = clinic.dir.path().join("export.csv");
     let csv_arg = csv.display().to_string();

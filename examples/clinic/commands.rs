@@ -604,11 +604,40 @@ fn case(clinic: &mut Clinic, command: CaseCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        CaseCommand::Find { owner, last, dob } => {
-            let found = find_duplicates(clinic, &owner, &last, dob)?;
-            if found.is_empty() {
-                outln!("no duplicate");
-            }
+        CaseCommand::Find {
+            owner,
+            last,
+            dob,
+            last_prefix,
+            dob_year,
+            surgery_from,
+            surgery_to,
+        } => {
+            let search = (&last_prefix, dob_year, surgery_from, surgery_to);
+            let found = match (&last, dob, search) {
+                (Some(last), Some(dob), (None, None, None, None)) => {
+                    let found = find_duplicates(clinic, &owner, last, dob)?;
+                    if found.is_empty() {
+                        outln!("no duplicate");
+                    }
+                    found
+                }
+                _ => {
+                    let search = Search {
+                        last: last.as_deref(),
+                        dob,
+                        last_prefix: last_prefix.as_deref(),
+                        dob_year,
+                        surgery_from,
+                        surgery_to,
+                    };
+                    let found = search_cases(clinic, &owner, &search)?;
+                    if found.is_empty() {
+                        outln!("no case");
+                    }
+                    found
+                }
+            };
             for id in found {
                 outln!("{id}");
             }
@@ -656,6 +685,58 @@ fn print_case(case: &Case, deleted_at: Option<chrono::NaiveDateTime>) -> Result<
         outln!("{name:<15} {value}");
     }
     Ok(())
+}
+
+/// What `case find` searches a provider's cases for, each condition
+/// optional.
+struct Search<'a> {
+    last: Option<&'a str>,
+    dob: Option<NaiveDate>,
+    last_prefix: Option<&'a str>,
+    dob_year: Option<i32>,
+    surgery_from: Option<NaiveDate>,
+    surgery_to: Option<NaiveDate>,
+}
+
+impl Search<'_> {
+    /// Whether an opened case meets the conditions on encrypted fields.
+    fn matches(&self, case: &Case) -> bool {
+        let last = case.patient_last.trim().to_lowercase();
+        self.last
+            .is_none_or(|wanted| last == wanted.trim().to_lowercase())
+            && self
+                .last_prefix
+                .is_none_or(|prefix| last.starts_with(&prefix.trim_start().to_lowercase()))
+            && self.dob.is_none_or(|dob| case.patient_dob == dob)
+            && self
+                .dob_year
+                .is_none_or(|year| chrono::Datelike::year(&case.patient_dob) == year)
+    }
+}
+
+/// The provider's cases that meet `search`, ordered by patient name then
+/// case id: the surgery-date range in SQL (a plaintext column), the
+/// conditions on encrypted fields tested as the provider's rows are
+/// opened (`load_where`).
+fn search_cases(clinic: &mut Clinic, owner: &str, search: &Search<'_>) -> Result<Vec<String>> {
+    let mut query = cases::table.filter(cases::user_id.eq(owner)).into_boxed();
+    if let Some(from) = search.surgery_from {
+        query = query.filter(cases::surgery_date.ge(from));
+    }
+    if let Some(to) = search.surgery_to {
+        query = query.filter(cases::surgery_date.le(to));
+    }
+    let mut found = Case::load_where(query, &mut clinic.conn, &clinic.keyring, |case| {
+        search.matches(case)
+    })?;
+    found.sort_by(|a, b| {
+        (a.patient_last.to_lowercase(), &a.patient_first, &a.case_id).cmp(&(
+            b.patient_last.to_lowercase(),
+            &b.patient_first,
+            &b.case_id,
+        ))
+    });
+    Ok(found.into_iter().map(|c| c.case_id.clone()).collect())
 }
 
 /// The provider's cases for this patient: sealed rows through the blind

@@ -198,18 +198,33 @@ pub(crate) enum CaseCommand {
         /// The case id.
         id: String,
     },
-    /// The duplicate-case check: a provider's cases with this patient last
-    /// name and date of birth, found through the blind indexes.
+    /// A provider's cases. With `--last` and `--dob`: the duplicate-case
+    /// check, through the blind indexes. Otherwise a search within the
+    /// provider: the surgery dates in SQL (they are stored in clear), the
+    /// encrypted fields tested once opened (`PhiRecord::load_where`).
     Find {
         /// The provider.
         #[arg(long)]
         owner: String,
         /// Patient's last name (case and surrounding spaces do not matter).
         #[arg(long)]
-        last: String,
+        last: Option<String>,
         /// Patient's date of birth, YYYY-MM-DD.
         #[arg(long)]
-        dob: NaiveDate,
+        dob: Option<NaiveDate>,
+        /// The start of the patient's last name (case and leading spaces do
+        /// not matter).
+        #[arg(long)]
+        last_prefix: Option<String>,
+        /// The patient's year of birth.
+        #[arg(long)]
+        dob_year: Option<i32>,
+        /// Surgeries on or after this date, YYYY-MM-DD.
+        #[arg(long)]
+        surgery_from: Option<NaiveDate>,
+        /// Surgeries on or before this date, YYYY-MM-DD.
+        #[arg(long)]
+        surgery_to: Option<NaiveDate>,
     },
 }
 
