@@ -529,7 +529,7 @@ pub trait PhiRecord: Sized + Send + Sync {
     where
         I: IntoIterator<Item = diesel::QueryResult<Self::Sealed>>,
     {
-        load_rows::<Self>(rows.into_iter(), keyring, &|_| true)
+        load_rows::<Self>(rows.into_iter(), keyring)
     }
 
     /// Opens stored rows one by one: each row's result, so one damaged row
@@ -585,7 +585,31 @@ pub trait PhiRecord: Sized + Send + Sync {
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
     {
-        Self::load_where(query, conn, keyring, |_| true)
+        use diesel::SelectableHelper as _;
+        prepare_connection(conn, Self::TABLE)?;
+        let rows = diesel::RunQueryDsl::load_iter::<
+            Self::Sealed,
+            diesel::connection::DefaultLoadingMode,
+        >(query.select(Self::Sealed::as_select()), conn)
+        .map_err(loading_error::<Self>)?;
+        let Some(decoder) = legacy_reads::<Self>(keyring) else {
+            return load_rows::<Self>(rows, keyring);
+        };
+        // The records are read on the same connection, once the rows are.
+        let mut rows = rows
+            .collect::<diesel::QueryResult<Vec<Self::Sealed>>>()
+            .map_err(loading_error::<Self>)?;
+        for chunk in rows.chunks_mut(LOAD_CHUNK_ROWS) {
+            let (candidates, keys) = legacy_candidates::<Self>(chunk, decoder);
+            if candidates.is_empty() {
+                continue;
+            }
+            let records = conn
+                .legacy_records(Self::TABLE, keys)
+                .map_err(legacy_records_error::<Self>)?;
+            open_legacy::<Self>(chunk, &candidates, records, decoder)?;
+        }
+        Self::open_all(rows, keyring)
     }
 
     /// [`load`](Self::load), keeping the records `keep` accepts once
@@ -596,13 +620,15 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// opened; sort the result by an encrypted field afterwards
     /// (`sort_by`).
     ///
-    /// The rows are read and opened as [`load`](Self::load) does, and each
-    /// opened chunk ([`LOAD_CHUNK_ROWS`] rows) is filtered before the next
-    /// is kept: the records that do not match are dropped (and wiped) as
-    /// they are opened, so the result holds only the matches. The
-    /// database driver may still buffer the whole result's ciphertext
-    /// (PostgreSQL's default loading mode does). Every row opened is a
-    /// read in the access log, kept or not.
+    /// The rows are read, opened and recorded in the access log exactly as
+    /// [`load`](Self::load) does, and only then shown to `keep`: every row
+    /// opened is a read in the access log, kept or not, and `keep` never
+    /// sees a record the log refused. The records `keep` rejects are then
+    /// dropped, so the result holds only the matches; while filtering, the
+    /// whole opened result is in memory, as with `load`. For an owner with
+    /// more rows than should be in memory at once, page the query by its
+    /// key (`.filter(case_id.gt(&last)).order(case_id).limit(1_000)`) and
+    /// call `load_where` for each page.
     ///
     /// What it reveals: nothing beyond `query` itself, since the condition
     /// is tested in the application. What it costs: every row `query`
@@ -664,33 +690,11 @@ pub trait PhiRecord: Sized + Send + Sync {
         Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>,
         diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
-        F: Fn(&Self) -> bool + Sync,
+        F: Fn(&Self) -> bool,
     {
-        use diesel::SelectableHelper as _;
-        prepare_connection(conn, Self::TABLE)?;
-        let rows = diesel::RunQueryDsl::load_iter::<
-            Self::Sealed,
-            diesel::connection::DefaultLoadingMode,
-        >(query.select(Self::Sealed::as_select()), conn)
-        .map_err(loading_error::<Self>)?;
-        let Some(decoder) = legacy_reads::<Self>(keyring) else {
-            return load_rows::<Self>(rows, keyring, &keep);
-        };
-        // The records are read on the same connection, once the rows are.
-        let mut rows = rows
-            .collect::<diesel::QueryResult<Vec<Self::Sealed>>>()
-            .map_err(loading_error::<Self>)?;
-        for chunk in rows.chunks_mut(LOAD_CHUNK_ROWS) {
-            let (candidates, keys) = legacy_candidates::<Self>(chunk, decoder);
-            if candidates.is_empty() {
-                continue;
-            }
-            let records = conn
-                .legacy_records(Self::TABLE, keys)
-                .map_err(legacy_records_error::<Self>)?;
-            open_legacy::<Self>(chunk, &candidates, records, decoder)?;
-        }
-        Self::open_all(rows, keyring).map(|opened| kept(opened, &keep))
+        let mut records = Self::load(query, conn, keyring)?;
+        records.retain(|record| keep(record));
+        Ok(records)
     }
 
     /// Runs `query` with `LIMIT 1` and opens the row it selects: the
@@ -1517,7 +1521,6 @@ fn loading_error<R: PhiRecord>(source: diesel::result::Error) -> Error {
 fn load_rows<R: PhiRecord>(
     mut rows: impl Iterator<Item = diesel::QueryResult<R::Sealed>>,
     keyring: &Keyring,
-    keep: &(dyn Fn(&R) -> bool + Sync),
 ) -> Result<Vec<R>> {
     // A result smaller than the first chunk is opened as `open_all` opens a
     // batch: on the calling thread below `parallel_min_rows`, else spread
@@ -1531,7 +1534,7 @@ fn load_rows<R: PhiRecord>(
         }
     }
     if first.len() < first_chunk {
-        return R::open_all(first, keyring).map(|opened| kept(opened, keep));
+        return R::open_all(first, keyring);
     }
     // One batch of records for the whole load, appended once every chunk
     // is opened, before any row is returned.
@@ -1575,8 +1578,7 @@ fn load_rows<R: PhiRecord>(
                     usize::MAX
                 };
                 scope.spawn(move |_| {
-                    let result =
-                        open_batch::<R>(block, keyring, parallel).map(|opened| kept(opened, keep));
+                    let result = open_batch::<R>(block, keyring, parallel);
                     if result.is_err() {
                         failed.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -1603,13 +1605,6 @@ fn load_rows<R: PhiRecord>(
             Ok(out)
         }
     }
-}
-
-/// The records of `opened` that `keep` accepts; the others are dropped
-/// (each wipes its own secrets).
-fn kept<R>(mut opened: Vec<R>, keep: &(dyn Fn(&R) -> bool + Sync)) -> Vec<R> {
-    opened.retain(|r| keep(r));
-    opened
 }
 
 /// The first of `owners`, for an error naming the owner of a call.

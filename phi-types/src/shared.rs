@@ -68,6 +68,11 @@ impl<'a, P> Callback<'a, P> {
         Callback(Some(std::rc::Rc::new(std::cell::RefCell::new(f))))
     }
 
+    /// Whether a callback is set.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Reports `progress` to the callback, if any.
     pub(crate) fn call(&self, progress: &P) {
         if let Some(f) = &self.0

@@ -402,13 +402,15 @@ impl std::error::Error for Refused {}
 /// row key:
 ///
 /// ```text
-/// fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+/// fn main() -> ExitCode {
 ///     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://notes.db".into());
-///     let kek = Arc::new(LocalKek::from_env("local-1")?);
-///     let keyring = Keyring::builder(phi_types::cli::key_store(&url)?, kek)
-///         .actor("notes-admin")
-///         .build()?;
-///     Ok(App::new(url, keyring).name("notes-admin").model::<Note>().run())
+///     // Built only for the commands that need it (`migrations run` does not).
+///     App::with_keyring(url, |url| {
+///         Ok(KeyringConfig::from_env()?.builder(phi_types::cli::key_store(url)?)?.actor("notes-admin").build()?)
+///     })
+///     .name("notes-admin")
+///     .model::<Note>()
+///     .run()
 /// }
 /// ```
 #[derive(Debug, Default)]
@@ -421,7 +423,7 @@ pub struct App {
 }
 
 /// The keyring of [`App::with_keyring`], built when a command needs it.
-type KeyringFn = Box<dyn FnOnce(&str) -> Result<Keyring, Box<dyn std::error::Error>>>;
+type KeyringFn = Box<dyn FnOnce(&str) -> Result<Keyring, Box<dyn std::error::Error>> + Send>;
 
 /// [`KeyringFn`], printed as its name.
 struct MakeKeyring(KeyringFn);
@@ -475,7 +477,7 @@ impl App {
     /// ```
     pub fn with_keyring(
         database_url: impl Into<String>,
-        make: impl FnOnce(&str) -> Result<Keyring, Box<dyn std::error::Error>> + 'static,
+        make: impl FnOnce(&str) -> Result<Keyring, Box<dyn std::error::Error>> + Send + 'static,
     ) -> App {
         App {
             database_url: Some(database_url.into()),
