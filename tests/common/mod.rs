@@ -154,6 +154,11 @@ const ALL_FEATURES: bool = cfg!(all(
     feature = "service",
 ));
 
+/// Set (to anything) when the examples were built by the command that
+/// built this test, `cargo test --workspace --all-features`: they are then
+/// taken as they are (ignored unless every feature is on).
+const EXAMPLES_BUILT: &str = "PHI_TEST_EXAMPLES_BUILT";
+
 /// An example binary, built with this test's backend features and
 /// `extra`. Under `cargo test --workspace --all-features` (every feature
 /// on), by that same command with `--no-run`: nothing to do, the binary
@@ -168,6 +173,17 @@ pub(crate) fn example_bin_with(name: &str, extra: &[&str]) -> std::path::PathBuf
         .and_then(std::path::Path::parent)
         .expect("target directory");
     let bin = profile_dir.join("examples").join(name);
+    // `.ci/run` says so: its `cargo test --workspace --all-features` built
+    // every example before running any test. A cargo started from inside
+    // a test sees another environment and may build phi-types again.
+    if ALL_FEATURES && std::env::var_os(EXAMPLES_BUILT).is_some() {
+        assert!(
+            bin.exists(),
+            "{EXAMPLES_BUILT} is set but there is no {}",
+            bin.display()
+        );
+        return bin;
+    }
     let mut command = std::process::Command::new(env!("CARGO"));
     command.current_dir(env!("CARGO_MANIFEST_DIR"));
     if ALL_FEATURES {
