@@ -1,13 +1,14 @@
 //! The Diesel connections phi's key store runs on.
 
-use diesel::migration::MigrationSource;
 // With no backend feature no connection is a `PhiConnection`, and Diesel's
 // `r2d2` feature (the key store's pool) is off.
 #[cfg(not(any(feature = "sqlite", feature = "mysql", feature = "postgres")))]
 use diesel::Connection as PoolConnection;
 #[cfg(any(feature = "sqlite", feature = "mysql", feature = "postgres"))]
 use diesel::r2d2::R2D2Connection as PoolConnection;
-use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
+use diesel_migrations::MigrationHarness;
+
+use crate::error::{Error, Result};
 
 mod sealed {
     pub trait Sealed {}
@@ -19,9 +20,9 @@ mod sealed {
 pub trait PhiConnection:
     PoolConnection + MigrationHarness<Self::Backend> + sealed::Sealed + 'static
 {
-    /// phi's migrations for this backend.
+    /// The backend, for phi's migrations of it.
     #[doc(hidden)]
-    const MIGRATIONS: EmbeddedMigrations;
+    const BACKEND: Backend;
 
     /// Whether phi's migrations make identifier columns `VARBINARY`
     /// (MySQL / MariaDB).
@@ -56,11 +57,6 @@ pub trait PhiConnection:
     fn feed_listener(database_url: &str) -> crate::Result<Option<Box<dyn FeedListener>>> {
         let _ = database_url;
         Ok(None)
-    }
-
-    #[doc(hidden)]
-    fn migrations() -> impl MigrationSource<Self::Backend> {
-        Self::MIGRATIONS
     }
 
     /// The catalog query of [`catalog_columns`](Self::catalog_columns):
@@ -133,8 +129,7 @@ where
 impl sealed::Sealed for diesel::SqliteConnection {}
 #[cfg(feature = "sqlite")]
 impl PhiConnection for diesel::SqliteConnection {
-    const MIGRATIONS: EmbeddedMigrations =
-        diesel_migrations::embed_migrations!("migrations/sqlite");
+    const BACKEND: Backend = Backend::Sqlite;
 
     fn prepare_key_store(&mut self) -> diesel::QueryResult<()> {
         use diesel::connection::SimpleConnection;
@@ -166,7 +161,7 @@ impl PhiConnection for diesel::SqliteConnection {
 impl sealed::Sealed for diesel::MysqlConnection {}
 #[cfg(feature = "mysql")]
 impl PhiConnection for diesel::MysqlConnection {
-    const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations/mysql");
+    const BACKEND: Backend = Backend::Mysql;
     const BINARY_IDENTIFIERS: bool = true;
 
     const CATALOG_QUERY: &'static str = "SELECT CAST(TABLE_NAME AS CHAR) AS table_name, CAST(COLUMN_NAME AS CHAR) AS column_name, \
@@ -185,8 +180,7 @@ impl PhiConnection for diesel::MysqlConnection {
 impl sealed::Sealed for diesel::PgConnection {}
 #[cfg(feature = "postgres")]
 impl PhiConnection for diesel::PgConnection {
-    const MIGRATIONS: EmbeddedMigrations =
-        diesel_migrations::embed_migrations!("migrations/postgres");
+    const BACKEND: Backend = Backend::Postgres;
 
     fn notify_feed(&mut self, head: i64) -> diesel::QueryResult<()> {
         use diesel::RunQueryDsl as _;
@@ -266,4 +260,80 @@ pub trait FeedListener: Send {
     /// [`Error::Store`](crate::Error::Store) when the listening connection
     /// is lost (the keyring then opens another at its next interval).
     fn notified(&mut self) -> crate::Result<bool>;
+}
+
+/// The database backends phi has migrations for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// SQLite.
+    Sqlite,
+    /// MySQL / MariaDB.
+    Mysql,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a database URL, by its scheme as Diesel and the
+    /// `phi` command take it: `sqlite://FILE` or text without `://` (a
+    /// file path), `mysql://…` or `mariadb://…`, `postgres://…` or
+    /// `postgresql://…`.
+    ///
+    /// ```
+    /// use phi_types::migrations::Backend;
+    /// assert_eq!(Backend::from_url("postgres://app@db/clinic")?, Backend::Postgres);
+    /// assert_eq!(Backend::from_url("clinic.db")?, Backend::Sqlite);
+    /// assert!(Backend::from_url("postgress://app@db/clinic").is_err());
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for another scheme (never taken for a file
+    /// name).
+    pub fn from_url(url: &str) -> Result<Backend> {
+        if url.starts_with("sqlite://") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Ok(Backend::Mysql)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if let Some((scheme, _)) = url.split_once("://") {
+            Err(Error::InvalidInput {
+                what: "database URL",
+                reason: format!(
+                    "unknown scheme {scheme:?}: sqlite://, mysql://, mariadb://, postgres:// or postgresql://"
+                ),
+            })
+        } else {
+            Ok(Backend::Sqlite)
+        }
+    }
+
+    /// The backend's directory of phi's migrations (`sqlite`, `mysql`,
+    /// `postgres`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Mysql => "mysql",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = Error;
+
+    /// `sqlite`, `mysql` (or `mariadb`), `postgres` (or `postgresql`).
+    fn from_str(name: &str) -> Result<Backend> {
+        match name {
+            "sqlite" => Ok(Backend::Sqlite),
+            "mysql" | "mariadb" => Ok(Backend::Mysql),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            other => Err(Error::InvalidInput {
+                what: "backend",
+                reason: format!("{other:?}: sqlite, mysql (mariadb) or postgres (postgresql)"),
+            }),
+        }
+    }
 }

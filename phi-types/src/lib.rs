@@ -123,6 +123,7 @@ mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod store;
+mod table_names;
 mod telemetry;
 #[cfg(feature = "uuid")]
 mod uuid_key;

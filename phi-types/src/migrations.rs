@@ -47,6 +47,14 @@
 //! (Later versions are added at the end of this table; the directories
 //! `phi-types/migrations/<backend>/` are the authority.)
 //!
+//! With a table prefix ([`set_table_prefix`](crate::schema::set_table_prefix),
+//! set before they run or are written), every table, index and constraint
+//! they create carries it (`phi_user_encryption_keys`), under the same
+//! versions; the check looks for the prefixed names. Choose the prefix
+//! before phi's migrations first run on a database: Diesel records the
+//! versions, not the names, so a later prefix finds the versions applied
+//! and its tables missing (the check says which).
+//!
 //! Run by phi ([`run_pending`]) rather than written out:
 //!
 //! - `diesel migration run` over the application's directory runs only the
@@ -70,7 +78,8 @@
 //!   filter = { except_tables = ["user_encryption_keys", "encryption_key_audit", "kek_check_values", "phi_.*"] }
 //!   ```
 //!
-//!   (`phi_.*` covers every table phi names `phi_…`: today `phi_key_feed`,
+//!   (with a prefix, the prefixed names: `phi_user_encryption_keys`, …;
+//!   `phi_.*` covers every table phi names `phi_…`: today `phi_key_feed`,
 //!   `phi_key_events`, `phi_rollout`, `phi_rollout_owners`,
 //!   `phi_feed_readers`, `phi_legacy_values`, `phi_rotation_claims` and `phi_seal_counts`; the entries are regular
 //!   expressions.)
@@ -118,14 +127,14 @@ pub fn run_pending<C: PhiConnection>(conn: &mut C) -> Result<usize> {
     const ATTEMPTS: u32 = 50;
     let mut attempt = 0;
     loop {
-        let error = match conn.run_pending_migrations(C::migrations()) {
+        let error = match conn.run_pending_migrations(Source(C::BACKEND)) {
             Ok(applied) => return Ok(applied.len()),
             Err(error) => error,
         };
         attempt += 1;
         // Done by another process meanwhile? (The check itself may find the
         // database busy: that counts as not done yet.)
-        if let Ok(false) = conn.has_pending_migration(C::migrations()) {
+        if let Ok(false) = conn.has_pending_migration(Source(C::BACKEND)) {
             return Ok(0);
         }
         if attempt == ATTEMPTS {
@@ -136,87 +145,14 @@ pub fn run_pending<C: PhiConnection>(conn: &mut C) -> Result<usize> {
     }
 }
 
-/// The database backends phi has migrations for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Backend {
-    /// SQLite.
-    Sqlite,
-    /// MySQL / MariaDB.
-    Mysql,
-    /// PostgreSQL.
-    Postgres,
-}
+pub use crate::connection::Backend;
 
-impl Backend {
-    /// The backend of a database URL, by its scheme as Diesel and the
-    /// `phi` command take it: `sqlite://FILE` or text without `://` (a
-    /// file path), `mysql://…` or `mariadb://…`, `postgres://…` or
-    /// `postgresql://…`.
-    ///
-    /// ```
-    /// use phi_types::migrations::Backend;
-    /// assert_eq!(Backend::from_url("postgres://app@db/clinic")?, Backend::Postgres);
-    /// assert_eq!(Backend::from_url("clinic.db")?, Backend::Sqlite);
-    /// assert!(Backend::from_url("postgress://app@db/clinic").is_err());
-    /// # Ok::<(), phi_types::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for another scheme (never taken for a file
-    /// name).
-    pub fn from_url(url: &str) -> Result<Backend> {
-        if url.starts_with("sqlite://") {
-            Ok(Backend::Sqlite)
-        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            Ok(Backend::Mysql)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Backend::Postgres)
-        } else if let Some((scheme, _)) = url.split_once("://") {
-            Err(Error::InvalidInput {
-                what: "database URL",
-                reason: format!(
-                    "unknown scheme {scheme:?}: sqlite://, mysql://, mariadb://, postgres:// or postgresql://"
-                ),
-            })
-        } else {
-            Ok(Backend::Sqlite)
-        }
-    }
-
-    /// The backend's directory of phi's migrations (`sqlite`, `mysql`,
-    /// `postgres`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Mysql => "mysql",
-            Backend::Postgres => "postgres",
-        }
-    }
-
-    fn files(self) -> &'static [MigrationFiles] {
-        match self {
-            Backend::Sqlite => SQLITE_FILES,
-            Backend::Mysql => MYSQL_FILES,
-            Backend::Postgres => POSTGRES_FILES,
-        }
-    }
-}
-
-impl std::str::FromStr for Backend {
-    type Err = Error;
-
-    /// `sqlite`, `mysql` (or `mariadb`), `postgres` (or `postgresql`).
-    fn from_str(name: &str) -> Result<Backend> {
-        match name {
-            "sqlite" => Ok(Backend::Sqlite),
-            "mysql" | "mariadb" => Ok(Backend::Mysql),
-            "postgres" | "postgresql" => Ok(Backend::Postgres),
-            other => Err(Error::InvalidInput {
-                what: "backend",
-                reason: format!("{other:?}: sqlite, mysql (mariadb) or postgres (postgresql)"),
-            }),
-        }
+/// phi's migration files of `backend`.
+fn files(backend: Backend) -> &'static [MigrationFiles] {
+    match backend {
+        Backend::Sqlite => SQLITE_FILES,
+        Backend::Mysql => MYSQL_FILES,
+        Backend::Postgres => POSTGRES_FILES,
     }
 }
 
@@ -261,6 +197,94 @@ migration_files!(
     "2026-12-07-000005_seal_counts",
     "2026-12-07-000006_access_log",
 );
+
+/// phi's migrations of a backend as Diesel runs them: the files phi
+/// ships, with the process's table prefix
+/// ([`set_table_prefix`](crate::schema::set_table_prefix)) before the name
+/// of every table, index and constraint, under the versions of their
+/// directory names (the same with or without a prefix).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Source(pub Backend);
+
+/// One of [`Source`]'s migrations.
+struct SourceMigration {
+    name: &'static str,
+    version: String,
+    up: String,
+    down: String,
+}
+
+/// phi's migrations run in a transaction where the backend has
+/// transactional DDL (Diesel's default).
+struct InTransaction;
+
+impl diesel::migration::MigrationMetadata for InTransaction {}
+
+/// A migration of [`Source`] with its name.
+struct Named {
+    migration: SourceMigration,
+}
+
+impl<DB: diesel::backend::Backend> diesel::migration::Migration<DB> for Named {
+    fn run(
+        &self,
+        conn: &mut dyn diesel::connection::BoxableConnection<DB>,
+    ) -> diesel::migration::Result<()> {
+        conn.batch_execute(&self.migration.up)
+            .map_err(|e| format!("phi's migration {}: {e}", self.migration.name))?;
+        Ok(())
+    }
+
+    fn revert(
+        &self,
+        conn: &mut dyn diesel::connection::BoxableConnection<DB>,
+    ) -> diesel::migration::Result<()> {
+        conn.batch_execute(&self.migration.down)
+            .map_err(|e| format!("reverting phi's migration {}: {e}", self.migration.name))?;
+        Ok(())
+    }
+
+    fn metadata(&self) -> &dyn diesel::migration::MigrationMetadata {
+        &InTransaction
+    }
+
+    fn name(&self) -> &dyn diesel::migration::MigrationName {
+        self
+    }
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.migration.name)
+    }
+}
+
+impl diesel::migration::MigrationName for Named {
+    fn version(&self) -> diesel::migration::MigrationVersion<'_> {
+        diesel::migration::MigrationVersion::from(self.migration.version.as_str())
+    }
+}
+
+impl<DB: diesel::backend::Backend> diesel::migration::MigrationSource<DB> for Source {
+    fn migrations(
+        &self,
+    ) -> diesel::migration::Result<Vec<Box<dyn diesel::migration::Migration<DB>>>> {
+        Ok(files(self.0)
+            .iter()
+            .map(|files| {
+                Box::new(Named {
+                    migration: SourceMigration {
+                        name: files.name,
+                        version: diesel_version(files.name),
+                        up: crate::table_names::prefixed_sql(files.up),
+                        down: crate::table_names::prefixed_sql(files.down),
+                    },
+                }) as Box<dyn diesel::migration::Migration<DB>>
+            })
+            .collect())
+    }
+}
 
 /// The version Diesel records for a migration directory named `name`:
 /// the part before the first `_`, without its `-`s
@@ -336,7 +360,7 @@ pub fn write_to(dir: impl AsRef<std::path::Path>, backend: Backend) -> Result<Wr
         }
     }
     let mut written = Written::default();
-    for files in backend.files() {
+    for files in files(backend) {
         let version = diesel_version(files.name);
         if let Some(other) = existing
             .iter()
@@ -355,6 +379,7 @@ pub fn write_to(dir: impl AsRef<std::path::Path>, backend: Backend) -> Result<Wr
         std::fs::create_dir_all(&target)
             .map_err(|e| refused(format!("cannot create {}: {e}", target.display())))?;
         for (file, content) in [("up.sql", files.up), ("down.sql", files.down)] {
+            let content = crate::table_names::prefixed_sql(content);
             let path = target.join(file);
             match std::fs::read(&path) {
                 Ok(found) if found == content.as_bytes() => {}
@@ -368,7 +393,7 @@ pub fn write_to(dir: impl AsRef<std::path::Path>, backend: Backend) -> Result<Wr
                     )));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    std::fs::write(&path, content)
+                    std::fs::write(&path, &content)
                         .map_err(|e| refused(format!("cannot write {}: {e}", path.display())))?;
                     created = true;
                 }
@@ -502,7 +527,8 @@ enum Fault {
 fn first_fault<C: PhiConnection>(
     conn: &mut C,
     tables: Tables,
-) -> Result<Option<(&'static str, &'static str, Fault)>> {
+) -> Result<Option<(String, &'static str, Fault)>> {
+    use crate::table_names::sql_name;
     let wanted: Vec<&Created> = CREATED
         .iter()
         .filter(|c| match tables {
@@ -511,7 +537,8 @@ fn first_fault<C: PhiConnection>(
             Tables::All => true,
         })
         .collect();
-    let names: Vec<&str> = wanted.iter().map(|c| c.table).collect();
+    let names: Vec<String> = wanted.iter().map(|c| sql_name(c.table)).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let found = conn
         .catalog_columns(&names)
         .map_err(|e| Error::store("reading the catalog for phi's tables", e))?;
@@ -523,9 +550,10 @@ fn first_fault<C: PhiConnection>(
     };
     let mut missing = None;
     for created in &wanted {
-        let has = columns_of(created.table);
+        let table = sql_name(created.table);
+        let has = columns_of(&table);
         if has.is_empty() {
-            missing.get_or_insert((created.table, created.migration, Fault::Missing));
+            missing.get_or_insert((table, created.migration, Fault::Missing));
             continue;
         }
         let lacks: Vec<&'static str> = created
@@ -537,7 +565,7 @@ fn first_fault<C: PhiConnection>(
         if !lacks.is_empty() {
             let has = has.iter().map(|(_, name, _)| name.clone()).collect();
             return Ok(Some((
-                created.table,
+                table,
                 created.migration,
                 Fault::Foreign { lacks, has },
             )));
@@ -551,9 +579,10 @@ fn first_fault<C: PhiConnection>(
     let (migration, binary) = BYTE_EXACT;
     if C::BINARY_IDENTIFIERS && tables != Tables::AccessLog {
         for &(table, column) in binary {
+            let table = sql_name(table);
             let ty = found
                 .iter()
-                .find(|(t, c, _)| t.eq_ignore_ascii_case(table) && c.eq_ignore_ascii_case(column));
+                .find(|(t, c, _)| t.eq_ignore_ascii_case(&table) && c.eq_ignore_ascii_case(column));
             if ty.is_some_and(|(_, _, ty)| ty != "varbinary") {
                 return Ok(Some((table, migration, Fault::NotBinary(column))));
             }
@@ -577,9 +606,11 @@ fn fault_error(table: &str, migration: &str, fault: Fault) -> Error {
         ),
         Fault::Foreign { lacks, has } => format!(
             "a table of that name exists but is not phi's: it lacks phi's column(s) {} (it has {}). \
-             phi neither uses nor changes it. Keep phi's tables apart: in a database of their own \
+             phi neither uses nor changes it. Give phi's tables a prefix of their own \
+             (`phi_types::schema::set_table_prefix(\"phi_\")` at start-up, `PHI_TABLE_PREFIX=phi_` for \
+             the `phi` command; then run phi's migrations), or keep them in a database of their own \
              (the key store connects to any URL; on PostgreSQL a schema of their own, through the \
-             URL's search path, e.g. `?options=-csearch_path%3Dphi`), or rename the application's table",
+             URL's search path, e.g. `?options=-csearch_path%3Dphi`)",
             lacks.join(", "),
             has.join(", ")
         ),
@@ -637,7 +668,7 @@ pub fn check<C: PhiConnection>(conn: &mut C) -> Result<()> {
 pub(crate) fn check_tables<C: PhiConnection>(conn: &mut C, tables: Tables) -> Result<()> {
     match first_fault(conn, tables)? {
         None => Ok(()),
-        Some((table, migration, fault)) => Err(fault_error(table, migration, fault)),
+        Some((table, migration, fault)) => Err(fault_error(&table, migration, fault)),
     }
 }
 
@@ -654,7 +685,7 @@ pub(crate) fn migrate_and_check<C: PhiConnection>(conn: &mut C, tables: Tables) 
 pub(crate) fn refuse_foreign<C: PhiConnection>(conn: &mut C) -> Result<()> {
     match first_fault(conn, Tables::All)? {
         Some((table, migration, fault @ Fault::Foreign { .. })) => {
-            Err(fault_error(table, migration, fault))
+            Err(fault_error(&table, migration, fault))
         }
         _ => Ok(()),
     }
@@ -675,7 +706,7 @@ mod tests {
                 .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
                 .collect();
             dirs.sort();
-            let names: Vec<&str> = backend.files().iter().map(|f| f.name).collect();
+            let names: Vec<&str> = files(backend).iter().map(|f| f.name).collect();
             assert_eq!(names, dirs, "{backend:?}");
         }
         let mut sorted = NAMES.to_vec();
@@ -745,6 +776,30 @@ mod tests {
                 table.name
             );
         }
+    }
+
+    /// The table names the prefix applies to are those the migrations
+    /// create, and the longest name the migrations give a table, index or
+    /// constraint is the one the prefix's length is checked against.
+    #[test]
+    fn the_prefixed_names_are_those_of_the_migrations() {
+        use crate::table_names::{LONGEST_NAME, TABLES};
+        let created: Vec<&str> = CREATED.iter().map(|c| c.table).collect();
+        assert_eq!(TABLES, created.as_slice());
+        let mut longest = "";
+        for backend in [Backend::Sqlite, Backend::Mysql, Backend::Postgres] {
+            for f in files(backend) {
+                for text in [f.up, f.down] {
+                    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                        if TABLES.iter().any(|t| word.starts_with(t)) && word.len() > longest.len()
+                        {
+                            longest = word;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(longest.len(), LONGEST_NAME, "{longest}");
     }
 
     #[test]

@@ -52,6 +52,7 @@ const MODULES: &[(&str, &str)] = &[
     ("sqlite", "base"),
     // The guide: documentation only, no code.
     ("guide", "base"),
+    ("table_names", "base"),
     ("telemetry", "base"),
     ("cipher", "format"),
     ("dek", "format"),

@@ -159,7 +159,7 @@ fn the_owner_id_migration_makes_an_existing_store_compare_bytes() {
 
     // The store as it was before the migration.
     let mut conn = Conn::establish(&db.url).expect("connect");
-    let migrations = <Conn as phi::PhiConnection>::MIGRATIONS.migrations().expect("phi's migrations");
+    let migrations = phi::migrations::Source(<Conn as phi::PhiConnection>::BACKEND).migrations().expect("phi's migrations");
     let byte_exact = migrations
         .iter()
         .find(|m| m.name().to_string().starts_with("2026-12-07-000001_owner_ids_byte_exact"))

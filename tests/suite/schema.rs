@@ -153,7 +153,7 @@ fn a_table_of_phis_name_that_is_not_phis_is_refused_before_any_change() {
         schema_error(phi::DieselKeyStore::<Conn>::connect(&db.url).expect_err("not phi's"));
     assert_eq!((table.as_str(), migration.as_str()), ("user_encryption_keys", "2026-11-25-000001_phi_key_tables"));
     assert!(reason.contains("not phi's") && reason.contains("owner_id") && reason.contains("encrypted_key"), "{reason}");
-    assert!(reason.contains("database of their own"), "{reason}");
+    assert!(reason.contains("database of their own") && reason.contains("set_table_prefix"), "{reason}");
 
     // Asked to migrate, it refuses before creating anything.
     let (table, _, _) = schema_error(

@@ -115,6 +115,13 @@ struct Cli {
     #[arg(long, env = "PHI_ACTOR", default_value = "phi-cli", global = true)]
     actor: String,
 
+    /// A prefix before the name of every table of phi
+    /// (`phi_types::schema::set_table_prefix`), for a database that has
+    /// tables of phi's names already: every process sharing the database
+    /// uses the same one.
+    #[arg(long, env = "PHI_TABLE_PREFIX", global = true)]
+    table_prefix: Option<String>,
+
     /// An application table holding encrypted columns, as
     /// `table:owner_column:key_column:col1,col2@scope[:flag_column]` (key
     /// column may be empty; a column's scope is `table.column`, the table
@@ -571,7 +578,11 @@ impl App {
             }
             _ => {}
         }
-        let result = match &cli.command {
+        let prefixed = match cli.table_prefix.as_deref() {
+            Some(prefix) => crate::schema::set_table_prefix(prefix).map_err(Into::into),
+            None => Ok(()),
+        };
+        let result = prefixed.and_then(|()| match &cli.command {
             Command::MasterKey(command) => master_key::run(
                 &cli,
                 self.database_url.as_deref(),
@@ -584,7 +595,7 @@ impl App {
                 command,
             ),
             _ => self.keyring_built().and_then(|app| app.dispatch(&cli)),
-        };
+        });
         match result {
             Ok(code) => code,
             Err(error) => {

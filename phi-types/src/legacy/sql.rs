@@ -233,8 +233,8 @@ pub(crate) fn quoted(dialect: Dialect, name: &str) -> String {
 /// migration `2026-12-07-000003_legacy_values` creates it, per backend;
 /// `IF NOT EXISTS`, so that the generated adoption migrations can create
 /// it too in an application database that phi's key tables are not in.
-pub(crate) fn legacy_values_ddl(dialect: Dialect) -> &'static str {
-    match dialect {
+pub(crate) fn legacy_values_ddl(dialect: Dialect) -> String {
+    let ddl = match dialect {
         Dialect::Postgres => {
             "CREATE TABLE IF NOT EXISTS phi_legacy_values (table_name VARCHAR(128) NOT NULL, \
              column_name VARCHAR(64) NOT NULL, row_key VARCHAR(255) NOT NULL, owner_id VARCHAR(255) NOT NULL, \
@@ -253,7 +253,13 @@ pub(crate) fn legacy_values_ddl(dialect: Dialect) -> &'static str {
              stored BLOB NOT NULL, recorded_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
              PRIMARY KEY (table_name, column_name, row_key))"
         }
-    }
+    };
+    // With the process's table prefix, if any.
+    ddl.replacen(
+        "phi_legacy_values",
+        crate::schema::phi_legacy_values::sql_name(),
+        1,
+    )
 }
 
 /// The SQL that records, in `phi_legacy_values`, every value of `M`'s
@@ -305,7 +311,7 @@ pub(crate) fn table_record_sql(
     };
     let key = as_text(t.key_column, t.key_type.is_some_and(|k| k.is_integer()));
     let owner = as_text(t.owner_column, t.owner_type.is_some_and(|k| k.is_integer()));
-    let mut out = vec![legacy_values_ddl(dialect).to_owned()];
+    let mut out = vec![legacy_values_ddl(dialect)];
     for c in &t.columns {
         check_identifier("column", c.column, false)?;
         let column = c.column;
@@ -320,9 +326,10 @@ pub(crate) fn table_record_sql(
             _ => " ON CONFLICT DO NOTHING",
         };
         out.push(format!(
-            "INSERT INTO phi_legacy_values (table_name, column_name, row_key, owner_id, stored) \
+            "INSERT INTO {legacy} (table_name, column_name, row_key, owner_id, stored) \
              SELECT '{table}', '{column}', {key}, {owner}, {value} FROM {table} \
              WHERE {column} IS NOT NULL AND ({value} LIKE 'gAAAAA%' OR {value} LIKE 'v%:%:%'){conflict}",
+            legacy = crate::schema::phi_legacy_values::sql_name(),
             table = t.table,
         ));
     }

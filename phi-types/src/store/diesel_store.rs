@@ -481,7 +481,7 @@ where
             Ok(())
         };
         out.push_sql("UPDATE ");
-        out.push_identifier("user_encryption_keys")?;
+        out.push_identifier(super::schema::user_encryption_keys::sql_name())?;
         out.push_sql(" AS ");
         out.push_identifier("phi_t")?;
         let matches = [("owner_id", 0), ("version", 1), ("kek_id", 2)];
@@ -1587,10 +1587,11 @@ macro_rules! diesel_key_store {
             fn key_counts(&self) -> Result<Vec<KeyCount>> {
                 crate::metrics::store_query("key_counts", || {
                     let mut conn = self.conn()?;
-                    let rows: Vec<CountRow> = diesel::sql_query(
+                    let rows: Vec<CountRow> = diesel::sql_query(format!(
                         "SELECT kek_id, state, COUNT(*) AS n_keys, COUNT(DISTINCT owner_id) AS n_owners \
-                         FROM user_encryption_keys GROUP BY kek_id, state ORDER BY kek_id, state",
-                    )
+                         FROM {} GROUP BY kek_id, state ORDER BY kek_id, state",
+                        user_encryption_keys::sql_name()
+                    ))
                     .load(&mut *conn)
                     .map_err(|e| Error::store("counting data keys", e))?;
                     rows.into_iter()
