@@ -1164,3 +1164,91 @@ fn a_fresh_database_is_refused_until_phis_migrations_are_run_or_written() {
     clinic.ok(&["--database-url", &fresh, "migrations", "check"]);
     clinic.ok(&["--database-url", &fresh, "audit"]);
 }
+
+/// A database with tables of phi's names that are another system's (the
+/// SurgiCase schema's `user_encryption_keys` and `encryption_key_audit`):
+/// the command refuses it naming the prefix option, and with
+/// `PHI_TABLE_PREFIX` migrates and manages keys in `phi_…` tables beside
+/// them, leaving them as they were.
+#[test]
+fn a_table_prefix_keeps_phis_tables_beside_another_systems_of_the_same_names() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = dir.path().join("surgicase.db").display().to_string();
+    let mut conn = SqliteConnection::establish(&url).expect("database");
+    conn.batch_execute(
+        "CREATE TABLE user_encryption_keys (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, \
+         encrypted_dek BLOB NOT NULL, kms_key_id TEXT NOT NULL); \
+         CREATE TABLE encryption_key_audit (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, action TEXT NOT NULL); \
+         INSERT INTO user_encryption_keys VALUES (1, 'USER001', X'00FF', 'alias/surgicase'); \
+         INSERT INTO encryption_key_audit VALUES (1, 'USER001', 'generate');",
+    )
+    .expect("SurgiCase's tables");
+    let clinic = Clinic { dir, url };
+
+    let (ok, _, err) = clinic.run(&["migrations", "run"]);
+    assert!(!ok);
+    assert!(
+        err.contains("user_encryption_keys")
+            && err.contains("is not phi's")
+            && err.contains("PHI_TABLE_PREFIX"),
+        "{err}"
+    );
+    let prefixed = |args: &[&str]| {
+        let mut command = clinic.command(args);
+        command
+            .env("PHI_TABLE_PREFIX", "phi_")
+            .env_remove("PHI_TABLES");
+        finish(command.output().expect("phi runs"))
+    };
+    let (ok, out, err) = prefixed(&["migrations", "run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("phi's tables are ready"), "{out}");
+    let (ok, out, err) = prefixed(&[
+        "keys",
+        "generate",
+        "--owners-query",
+        "SELECT user_id FROM user_encryption_keys",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Generated 1 data key(s)"), "{out}");
+    let (ok, out, err) = prefixed(&["keys", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 key(s)"), "{out}");
+
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        row: String,
+    }
+    let rows = |sql: &str| -> Vec<String> {
+        diesel::sql_query(sql)
+            .load::<Row>(&mut clinic.conn())
+            .expect(sql)
+            .into_iter()
+            .map(|r| r.row)
+            .collect()
+    };
+    assert_eq!(
+        rows("SELECT owner_id || ' v' || version AS row FROM phi_user_encryption_keys"),
+        ["USER001 v1"]
+    );
+    assert_eq!(
+        rows(
+            "SELECT user_id || ' ' || hex(encrypted_dek) || ' ' || kms_key_id AS row FROM user_encryption_keys"
+        ),
+        ["USER001 00FF alias/surgicase"],
+        "SurgiCase's keys as they were"
+    );
+    assert_eq!(
+        rows("SELECT user_id || ' ' || action AS row FROM encryption_key_audit"),
+        ["USER001 generate"],
+        "SurgiCase's audit as it was"
+    );
+
+    let (ok, _, err) = clinic.run(&["keys", "status", "--table-prefix", "Phi-"]);
+    assert!(!ok);
+    assert!(
+        err.contains("invalid table prefix") && err.contains("\"Phi-\""),
+        "{err}"
+    );
+}
