@@ -1283,6 +1283,140 @@ fn ready_is_503_while_postgres_is_unreachable_and_200_after() {
     service.stop();
 }
 
+/// `POST /providers/{p}/search` on phi's routes and the twin's, against
+/// an oracle computed here from the cases as created: last-name prefixes
+/// (case, spaces, and `%` / `_` taken literally), a year of birth, a range
+/// of surgery dates and all at once, over more cases than one page of the
+/// sealed search (100); another provider's cases never appear; bad
+/// criteria are 422.
+fn search_matches_a_plaintext_oracle(db: &Db) {
+    const LASTS: &[&str] = &[
+        "Marchbanks",
+        "Martin",
+        "MARSH",
+        "Doe",
+        "Mar_tinez",
+        "Ma%rk",
+        "O'Neil",
+        "marlow",
+        "Mears",
+        "Smith",
+    ];
+    let provider = common::unique_owner("svc-search");
+    let other = common::unique_owner("svc-search-other");
+    let service = Service::start(db);
+    let user = service.as_user("dr-search", &provider);
+    let stranger = service.as_user("dr-other", &other);
+    for prefix in ["", "/plain"] {
+        // (case id, last name, date of birth, surgery date)
+        let mut cases: Vec<(String, String, String, String)> = Vec::new();
+        for i in 0..130 {
+            let last = LASTS[i % LASTS.len()];
+            let dob = format!("196{}-0{}-1{}", i % 7, 1 + i % 9, i % 10);
+            let surgery = format!("2026-{:02}-{:02}", 10 + i % 3, 1 + i % 28);
+            let mut body = new_case(&provider, "Pat", last, &dob);
+            body["surgery_date"] = json!(surgery);
+            let (status, created) = user.post(&format!("{prefix}/cases"), &body);
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            let id = created["case_id"].as_str().expect("case id").to_owned();
+            cases.push((id, last.to_owned(), dob, surgery));
+        }
+        for last in ["Marvin", "Doe"] {
+            let (status, created) = stranger.post(
+                &format!("{prefix}/cases"),
+                &new_case(&other, "Al", last, "1963-05-05"),
+            );
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+        }
+        let oracle = |prefix: Option<&str>,
+                      year: Option<&str>,
+                      from: Option<&str>,
+                      to: Option<&str>|
+         -> Vec<String> {
+            let mut hits: Vec<&(String, String, String, String)> = cases
+                .iter()
+                .filter(|(_, last, dob, surgery)| {
+                    prefix.is_none_or(|p| last.to_lowercase().starts_with(&p.trim().to_lowercase()))
+                        && year.is_none_or(|y| dob.starts_with(y))
+                        && from.is_none_or(|f| surgery.as_str() >= f)
+                        && to.is_none_or(|t| surgery.as_str() <= t)
+                })
+                .collect();
+            hits.sort_by(|a, b| {
+                a.1.to_lowercase()
+                    .cmp(&b.1.to_lowercase())
+                    .then_with(|| a.0.cmp(&b.0))
+            });
+            hits.into_iter().map(|c| c.0.clone()).collect()
+        };
+        let checks: Vec<(Value, Vec<String>)> = vec![
+            (
+                json!({"last_prefix": "mar"}),
+                oracle(Some("mar"), None, None, None),
+            ),
+            (
+                json!({"last_prefix": "  MAR "}),
+                oracle(Some("mar"), None, None, None),
+            ),
+            (
+                json!({"last_prefix": "ma%"}),
+                oracle(Some("ma%"), None, None, None),
+            ),
+            (
+                json!({"last_prefix": "mar_"}),
+                oracle(Some("mar_"), None, None, None),
+            ),
+            (json!({"last_prefix": "zz"}), Vec::new()),
+            (
+                json!({"dob_year": 1963}),
+                oracle(None, Some("1963"), None, None),
+            ),
+            (
+                json!({"surgery_from": "2026-11-05", "surgery_to": "2026-11-20"}),
+                oracle(None, None, Some("2026-11-05"), Some("2026-11-20")),
+            ),
+            (
+                json!({"last_prefix": "m", "dob_year": 1961, "surgery_from": "2026-10-10"}),
+                oracle(Some("m"), Some("1961"), Some("2026-10-10"), None),
+            ),
+        ];
+        for (query, expected) in checks {
+            let (status, found) =
+                user.post(&format!("{prefix}/providers/{provider}/search"), &query);
+            assert_eq!(status, StatusCode::OK, "{prefix} {query}: {found}");
+            let ids: Vec<String> = found["cases"]
+                .as_array()
+                .expect("cases")
+                .iter()
+                .map(|c| {
+                    assert_eq!(
+                        c["provider_id"],
+                        provider.as_str(),
+                        "only the caller's provider"
+                    );
+                    c["case_id"].as_str().expect("id").to_owned()
+                })
+                .collect();
+            assert_eq!(ids, expected, "{prefix} {query}");
+        }
+        assert!(!oracle(Some("mar"), None, None, None).is_empty());
+        for bad in [
+            json!({}),
+            json!({"dob_year": 3000}),
+            json!({"last_prefix": "   "}),
+            json!({"surgery_from": "2026-11-20", "surgery_to": "2026-11-05"}),
+            json!({"last_prefix": "mar", "ssn": "1"}),
+        ] {
+            let (status, error) = user.post(&format!("{prefix}/providers/{provider}/search"), &bad);
+            assert_eq!(
+                status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{prefix} {bad}: {error}"
+            );
+        }
+    }
+}
+
 macro_rules! service_suite {
     ($name:ident, $feature:literal, $url:expr) => {
         #[cfg(feature = $feature)]
@@ -1301,6 +1435,11 @@ macro_rules! service_suite {
             #[test]
             fn plaintext_twin_round_trip_and_update_conflict() {
                 round_trip(&db(), "/plain");
+            }
+
+            #[test]
+            fn search_by_name_prefix_year_and_surgery_dates_matches_an_oracle() {
+                search_matches_a_plaintext_oracle(&db());
             }
 
             #[test]
@@ -1727,6 +1866,30 @@ fn openapi_document_matches_real_responses(db: &Db) {
                 "{template}"
             );
         }
+        let search = t("/providers/{provider}/search");
+        let search_path = |p: &str| search.replace("{provider}", p);
+        let query = json!({ "last_prefix": " QUI", "dob_year": 1962 });
+        let (status, found) =
+            api.call("POST", &search, &search_path(&provider), user, Some(&query));
+        assert_eq!(status, StatusCode::OK, "{found}");
+        assert_eq!(found["cases"][0]["case_id"], json!(id), "{found}");
+        assert_eq!(found["cases"].as_array().map(Vec::len), Some(1), "{found}");
+        assert_eq!(
+            api.call(
+                "POST",
+                &search,
+                &search_path(&provider),
+                user,
+                Some(&json!({}))
+            )
+            .0,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            api.call("POST", &search, &search_path(&other), user, Some(&query))
+                .0,
+            StatusCode::NOT_FOUND
+        );
         // A second case to delete (204, then 404).
         let (status, doomed) = api.call("POST", &cases, &cases, user, Some(&body));
         assert_eq!(status, StatusCode::CREATED, "{doomed}");

@@ -50,6 +50,7 @@
 //! | `DELETE /cases/{id}` | delete (204) |
 //! | `GET /providers/{p}/cases?after=ID&limit=50` | the same list; `p` must be the token's provider (404 otherwise) |
 //! | `POST /providers/{p}/duplicates` | `{"patient_last", "patient_dob"}`: the provider's cases of that patient, through the blind index |
+//! | `POST /providers/{p}/search` | any of `{"last_prefix", "dob_year", "surgery_from", "surgery_to"}`: the provider's matching cases by last name, opened a page at a time and tested (nothing of the prefix or year reaches the database) |
 //! | `GET /providers/{p}/export.csv` | the provider's cases as CSV, streamed; a cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return is prefixed with `'` (no formula runs when opened in a spreadsheet) |
 //! | `GET /metrics` | Prometheus: phi's key cache and KMS metrics, the keyring's counters (`clinic_service_keyring_*_total`), requests by route, method and status (each label of few values: the matched route or `unmatched`, a known method or `other`) |
 //! | `GET /live` | liveness (no token): 200 `{"live": true}` while the process answers (`phi_types::admin::probes`) |

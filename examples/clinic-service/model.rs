@@ -201,6 +201,104 @@ impl DuplicateQuery {
     }
 }
 
+/// The body of `POST /providers/{provider}/search`: any of a last-name
+/// prefix, a year of birth and a range of surgery dates (in the body,
+/// never in a URL that proxies log), all of which a case must match.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchQuery {
+    /// The last name begins with this (ignoring case and surrounding
+    /// spaces).
+    last_prefix: Option<String>,
+    /// The year of birth.
+    dob_year: Option<i32>,
+    /// Surgery on or after this date (`YYYY-MM-DD`).
+    surgery_from: Option<String>,
+    /// Surgery on or before this date (`YYYY-MM-DD`).
+    surgery_to: Option<String>,
+}
+
+/// A [`SearchQuery`], checked: what the stores filter on.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Search {
+    /// The normalised last-name prefix.
+    pub(crate) last_prefix: Option<String>,
+    /// The dates of birth of `dob_year`: its first and last day.
+    pub(crate) dob: Option<(NaiveDate, NaiveDate)>,
+    /// The surgery dates, inclusive.
+    pub(crate) surgery_from: Option<NaiveDate>,
+    pub(crate) surgery_to: Option<NaiveDate>,
+}
+
+impl SearchQuery {
+    /// The search, or a 422 naming the field at fault: at least one
+    /// criterion; a prefix of 1 to 100 bytes; a year from 1900 to 2100; a
+    /// range that is not backwards.
+    pub(crate) fn checked(self) -> Result<Search, ApiError> {
+        let last_prefix = match self.last_prefix {
+            Some(prefix) => {
+                text("last_prefix", &prefix, 100)?;
+                Some(normalize_last(&prefix))
+            }
+            None => None,
+        };
+        let dob = match self.dob_year {
+            Some(year) => {
+                let first = (1900..=2100)
+                    .contains(&year)
+                    .then(|| NaiveDate::from_ymd_opt(year, 1, 1))
+                    .flatten()
+                    .ok_or_else(|| ApiError::invalid("dob_year", "not a year from 1900 to 2100"))?;
+                let last = NaiveDate::from_ymd_opt(year, 12, 31)
+                    .ok_or_else(|| ApiError::invalid("dob_year", "not a year from 1900 to 2100"))?;
+                Some((first, last))
+            }
+            None => None,
+        };
+        let surgery_from = self
+            .surgery_from
+            .as_deref()
+            .map(|d| date("surgery_from", d))
+            .transpose()?;
+        let surgery_to = self
+            .surgery_to
+            .as_deref()
+            .map(|d| date("surgery_to", d))
+            .transpose()?;
+        if let (Some(from), Some(to)) = (surgery_from, surgery_to)
+            && from > to
+        {
+            return Err(ApiError::invalid("surgery_to", "before surgery_from"));
+        }
+        if last_prefix.is_none() && dob.is_none() && surgery_from.is_none() && surgery_to.is_none()
+        {
+            return Err(ApiError::invalid(
+                "last_prefix",
+                "give at least one of last_prefix, dob_year, surgery_from, surgery_to",
+            ));
+        }
+        Ok(Search {
+            last_prefix,
+            dob,
+            surgery_from,
+            surgery_to,
+        })
+    }
+}
+
+impl Search {
+    /// Whether `case` matches the criteria on its encrypted fields (the
+    /// surgery dates are plaintext, filtered in SQL).
+    pub(crate) fn matches_sealed_fields(&self, case: &Case) -> bool {
+        self.last_prefix
+            .as_deref()
+            .is_none_or(|p| normalize_last(&case.patient_last).starts_with(p))
+            && self
+                .dob
+                .is_none_or(|(first, last)| (first..=last).contains(&case.patient_dob))
+    }
+}
+
 /// The statuses a case can have.
 const STATUSES: &[&str] = &["scheduled", "completed", "cancelled"];
 

@@ -25,7 +25,7 @@ use tracing::Instrument as _;
 use crate::App;
 use crate::auth::{Caller, RequestId};
 use crate::error::{ApiError, CaseError, ServiceError};
-use crate::model::{CaseOut, CasePatch, DuplicateQuery, NewCase};
+use crate::model::{CaseOut, CasePatch, DuplicateQuery, NewCase, SearchQuery};
 use crate::store::{CaseStore, Page, Plain, Sealed};
 
 /// Every route, over `app`.
@@ -58,6 +58,7 @@ fn case_routes<S: CaseStore>() -> Router<Arc<App>> {
         )
         .route("/providers/{provider}/cases", get(list::<S>))
         .route("/providers/{provider}/duplicates", post(duplicates::<S>))
+        .route("/providers/{provider}/search", post(search::<S>))
         .route("/providers/{provider}/export.csv", get(export::<S>))
 }
 
@@ -159,7 +160,7 @@ fn operations(
                        provider's own data key; the same routes under `/plain` over a \
                        plaintext twin. Errors are `{\"error\": CODE, \"message\": TEXT}`."
     ),
-    paths(create, list_own, get_case, update, delete, list, duplicates, export),
+    paths(create, list_own, get_case, update, delete, list, duplicates, search, export),
     components(schemas(ServiceError, CaseError)),
     tags((name = "cases", description = "A provider's cases, scoped by the bearer token"))
 )]
@@ -409,6 +410,48 @@ async fn duplicates<S: CaseStore>(
     let query = json::<DuplicateQuery>(&body)?;
     let case_ids = S::duplicates(&app, &who, query).await?;
     Ok(axum::Json(Duplicates { case_ids }))
+}
+
+/// `POST /providers/{provider}/search`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Found {
+    /// The provider's matching cases, by last name, then id.
+    cases: Vec<CaseOut>,
+}
+
+/// The provider's cases by last-name prefix, year of birth and surgery
+/// dates. The criteria are in the body, never in the URL. The last name
+/// and date of birth are sealed: the provider's cases (within the surgery
+/// dates, which are plaintext) are read and opened a page at a time, each
+/// read recorded in the access log, and tested after opening; nothing
+/// about the prefix or the year reaches the database.
+#[utoipa::path(
+    post,
+    path = "/providers/{provider}/search",
+    tag = "cases",
+    security(("bearer" = [])),
+    params(("provider" = String, Path, description = "The token's provider (another is 404).")),
+    request_body = SearchQuery,
+    responses(
+        (status = 200, description = "The matching cases.", body = Found),
+        (status = 401, description = "No valid bearer token.", body = ServiceError),
+        (status = 404, description = "Not the token's provider.", body = ServiceError),
+        (status = 422, description = "No criterion, or one that is not acceptable.", body = ServiceError),
+        (status = 410, description = "The provider is crypto-shredded.", body = ServiceError),
+        (status = 500, description = "A stored value does not open, or a database or service failure.", body = ServiceError),
+        (status = 503, description = "No data key to be had (KMS or key store down), or no database connection.", body = ServiceError),
+    )
+)]
+async fn search<S: CaseStore>(
+    State(app): State<Arc<App>>,
+    who: Caller,
+    Path(provider): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Found>, ApiError> {
+    own_provider(&who, &provider)?;
+    let query = json::<SearchQuery>(&body)?.checked()?;
+    let cases = S::search(&app, &who, query).await?;
+    Ok(axum::Json(Found { cases }))
 }
 
 /// The CSV header of an export.

@@ -14,7 +14,7 @@ use crate::auth::Caller;
 use crate::db::with_conn;
 use crate::error::{ApiError, CaseError};
 use crate::model::{
-    Case, CaseOut, CasePatch, CaseSealed, DuplicateQuery, PlainCase, normalize_last,
+    Case, CaseOut, CasePatch, CaseSealed, DuplicateQuery, PlainCase, Search, normalize_last,
 };
 use crate::schema::{service_cases, service_cases_plain};
 
@@ -76,6 +76,26 @@ pub(crate) trait CaseStore: Send + Sync + 'static {
         who: &Caller,
         query: DuplicateQuery,
     ) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
+    /// The caller's provider's cases matching `search`, ordered by last
+    /// name (then id).
+    fn search(
+        app: &App,
+        who: &Caller,
+        search: Search,
+    ) -> impl Future<Output = Result<Vec<CaseOut>, ApiError>> + Send;
+}
+
+/// Rows a search reads and opens at a time: memory holds one page and the
+/// matches, however many cases the provider has.
+const SEARCH_PAGE: i64 = 100;
+
+/// `cases` ordered as a search answers: by normalised last name, then id.
+fn by_last_name(cases: &mut [CaseOut]) {
+    cases.sort_by(|a, b| {
+        normalize_last(&a.patient_last)
+            .cmp(&normalize_last(&b.patient_last))
+            .then_with(|| a.case_id.cmp(&b.case_id))
+    });
 }
 
 /// One sealed row opened with phi's async API: the provider's key is
@@ -290,6 +310,50 @@ impl CaseStore for Sealed {
             .map(|c| c.case_id)
             .collect())
     }
+    async fn search(app: &App, who: &Caller, search: Search) -> Result<Vec<CaseOut>, ApiError> {
+        // The surgery date is plaintext: SQL narrows on it. The last name
+        // and date of birth are sealed: each page of the provider's rows is
+        // opened (every row read is in the access log) and tested.
+        let mut found = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let rows: Vec<(CaseSealed, i64)> = with_conn!(&app.pool, conn => {
+                let mut query = service_cases::table
+                    .filter(service_cases::provider_id.eq(&who.provider))
+                    .select((CaseSealed::as_select(), service_cases::revision))
+                    .order(service_cases::case_id)
+                    .limit(SEARCH_PAGE)
+                    .into_boxed();
+                if let Some(after) = &after {
+                    query = query.filter(service_cases::case_id.gt(after));
+                }
+                if let Some(from) = search.surgery_from {
+                    query = query.filter(service_cases::surgery_date.ge(from));
+                }
+                if let Some(to) = search.surgery_to {
+                    query = query.filter(service_cases::surgery_date.le(to));
+                }
+                query.load(conn).await.map_err(db(Self::TABLE))?
+            });
+            let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= SEARCH_PAGE;
+            after = rows.last().map(|(r, _)| r.case_id.clone());
+            let revisions: Vec<i64> = rows.iter().map(|(_, v)| *v).collect();
+            let sealed: Vec<CaseSealed> = rows.into_iter().map(|(r, _)| r).collect();
+            let opened = Case::open_all_async(sealed, &who.keyring).await?;
+            found.extend(
+                opened
+                    .into_iter()
+                    .zip(revisions)
+                    .filter(|(case, _)| search.matches_sealed_fields(case))
+                    .map(|(case, revision)| CaseOut::new(case, revision)),
+            );
+            if !full {
+                break;
+            }
+        }
+        by_last_name(&mut found);
+        Ok(found)
+    }
 }
 
 impl CaseStore for Plain {
@@ -431,5 +495,41 @@ impl CaseStore for Plain {
                 .await
                 .map_err(db(Self::TABLE))
         })
+    }
+
+    async fn search(app: &App, who: &Caller, search: Search) -> Result<Vec<CaseOut>, ApiError> {
+        let rows: Vec<(PlainCase, i64)> = with_conn!(&app.pool, conn => {
+            let mut query = service_cases_plain::table
+                .filter(service_cases_plain::provider_id.eq(&who.provider))
+                .select((PlainCase::as_select(), service_cases_plain::revision))
+                .into_boxed();
+            if let Some(prefix) = &search.last_prefix {
+                // LIKE with `\`, `%` and `_` escaped: the prefix as typed.
+                let escaped: String = prefix
+                    .chars()
+                    .flat_map(|c| match c {
+                        '\\' | '%' | '_' => vec!['\\', c],
+                        c => vec![c],
+                    })
+                    .collect();
+                query = query.filter(service_cases_plain::patient_last_norm.like(format!("{escaped}%")).escape('\\'));
+            }
+            if let Some((first, last)) = search.dob {
+                query = query.filter(service_cases_plain::patient_dob.between(first, last));
+            }
+            if let Some(from) = search.surgery_from {
+                query = query.filter(service_cases_plain::surgery_date.ge(from));
+            }
+            if let Some(to) = search.surgery_to {
+                query = query.filter(service_cases_plain::surgery_date.le(to));
+            }
+            query.load(conn).await.map_err(db(Self::TABLE))?
+        });
+        let mut found: Vec<CaseOut> = rows
+            .into_iter()
+            .map(|(row, revision)| CaseOut::new(row.into_case(), revision))
+            .collect();
+        by_last_name(&mut found);
+        Ok(found)
     }
 }
