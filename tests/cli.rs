@@ -1245,6 +1245,24 @@ fn a_table_prefix_keeps_phis_tables_beside_another_systems_of_the_same_names() {
         "SurgiCase's audit as it was"
     );
 
+    // The flag, and written migrations, carry the prefix too.
+    let written = clinic.dir.path().join("written");
+    let (ok, _, err) = clinic.run(&[
+        "migrations",
+        "write",
+        "--dir",
+        path(&written),
+        "--backend",
+        "sqlite",
+        "--table-prefix",
+        "phi_",
+    ]);
+    assert!(ok, "{err}");
+    let up = std::fs::read_to_string(written.join("2026-11-25-000001_phi_key_tables/up.sql"))
+        .expect("written up.sql");
+    assert!(up.contains("CREATE TABLE phi_user_encryption_keys"), "{up}");
+    assert!(!up.contains("TABLE user_encryption_keys"), "{up}");
+
     let (ok, _, err) = clinic.run(&["keys", "status", "--table-prefix", "Phi-"]);
     assert!(!ok);
     assert!(

@@ -122,6 +122,11 @@ macro_rules! prefix_suite {
                         bytes("dek-2")
                     ),
                     "INSERT INTO encryption_key_audit VALUES (1, 'USER001', 'generate', 'admin', '2025-01-02')".to_owned(),
+                    // Indexes of the names phi gives its own (index names
+                    // are database-wide on SQLite, schema-wide on
+                    // PostgreSQL): phi's, prefixed, must not meet them.
+                    "CREATE INDEX user_encryption_keys_kek_id ON user_encryption_keys (kms_key_id)".to_owned(),
+                    "CREATE INDEX encryption_key_audit_owner ON encryption_key_audit (user_id)".to_owned(),
                     format!(
                         "CREATE TABLE cases (case_id VARCHAR(64) PRIMARY KEY, user_id VARCHAR(100) NOT NULL, \
                          patient_last {BLOB} NOT NULL)"
@@ -223,6 +228,23 @@ macro_rules! prefix_suite {
                     .expect("phi::schema query");
                 assert_eq!(versions, [1, 2]);
 
+                // Every owner rotated by the shared job: its claims are in
+                // the prefixed claims table, the values re-sealed in place.
+                use phi::lifecycle::{self, ResealTable, RotateAllOptions, RotateOwners};
+                let report = lifecycle::rotate_all(
+                    conn,
+                    &keyring,
+                    &RotateOwners::List(vec!["USER001".to_owned(), "USER002".to_owned()]),
+                    &[ResealTable::new("cases", "user_id").key_column("case_id").column("patient_last")],
+                    &RotateAllOptions::new("surgicase-prefix"),
+                )
+                .expect("rotate every owner");
+                assert_eq!(report.rotated, 2, "{report:?}");
+                assert_eq!(count(conn, "phi_phi_rotation_claims"), 2);
+                let after = Case::load(cases::table.order(cases::case_id), conn, &keyring).expect("load");
+                assert_eq!(after[0].patient_last, "Roe");
+                assert_eq!(after[1..], cases[1..]);
+
                 // The access log, on its prefixed tables.
                 let log_store = Arc::new(
                     DieselAccessLogStore::<Conn>::connect(url).expect("the access log's prefixed tables"),
@@ -266,7 +288,32 @@ macro_rules! prefix_suite {
                     .expect("up.sql");
                 assert!(up.contains("CREATE TABLE phi_user_encryption_keys"), "{up}");
                 assert!(up.contains("CREATE TABLE phi_encryption_key_audit"), "{up}");
-                assert!(!up.contains(" user_encryption_keys"), "{up}");
+                // No file names one of phi's tables, indexes or constraints
+                // without the prefix (every such name begins with a
+                // table's name; the prefixed ones begin with `phi_phi_`
+                // or `phi_` + a name that is no table's).
+                let tables = [
+                    "user_encryption_keys", "encryption_key_audit", "kek_check_values", "phi_key_feed",
+                    "phi_key_events", "phi_rollout", "phi_feed_readers", "phi_legacy_values",
+                    "phi_rotation_claims", "phi_seal_counts", "phi_access_chains", "phi_access_batches",
+                    "phi_access_log",
+                ];
+                let mut files = 0;
+                for migration in written.created.iter() {
+                    for file in ["up.sql", "down.sql"] {
+                        let path = dir.path().join(migration).join(file);
+                        let text = std::fs::read_to_string(&path).expect("written file");
+                        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                            assert!(
+                                !tables.iter().any(|t| word.starts_with(t)),
+                                "{}: {word} has no prefix",
+                                path.display()
+                            );
+                        }
+                        files += 1;
+                    }
+                }
+                assert_eq!(files, 20, "ten migrations written");
                 let source = FileBasedMigrations::from_path(dir.path()).expect("directory");
                 conn.run_pending_migrations(source).expect("diesel migration run");
                 migrations::check(&mut conn).expect("every prefixed table in place");
@@ -293,6 +340,20 @@ macro_rules! prefix_suite {
 
                 use_phi(&db.url, &mut conn);
                 assert_eq!(surgicase_rows(&mut conn), before, "SurgiCase's key tables are untouched");
+
+                // Reverted under the prefix, phi's tables go and
+                // SurgiCase's stay.
+                let reverted = conn
+                    .revert_all_migrations(migrations::Source(backend()))
+                    .expect("phi's migrations reverted");
+                assert_eq!(reverted.len(), 10);
+                assert_eq!(surgicase_rows(&mut conn), before, "SurgiCase's key tables survive the revert");
+                for table in ["phi_user_encryption_keys", "phi_encryption_key_audit", "phi_phi_access_log"] {
+                    assert!(
+                        diesel::sql_query(format!("SELECT 1 FROM {table}")).execute(&mut conn).is_err(),
+                        "{table} is dropped"
+                    );
+                }
             }
 
             /// Another prefix than the process's is refused, naming both.

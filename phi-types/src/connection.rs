@@ -186,7 +186,7 @@ impl PhiConnection for diesel::PgConnection {
         use diesel::RunQueryDsl as _;
         use diesel::sql_types::Text;
         diesel::sql_query("SELECT pg_notify($1, $2)")
-            .bind::<Text, _>(FEED_CHANNEL)
+            .bind::<Text, _>(feed_channel())
             .bind::<Text, _>(head.to_string())
             .execute(self)
             .map(drop)
@@ -223,7 +223,7 @@ impl PgFeedListener {
         let mut conn = diesel::PgConnection::establish(database_url).map_err(|e| {
             crate::Error::store("opening the key-event feed's listening connection", e)
         })?;
-        conn.batch_execute(&format!("LISTEN {}", FEED_CHANNEL))
+        conn.batch_execute(&format!("LISTEN {}", feed_channel()))
             .map_err(|e| crate::Error::store("listening to the key-event feed", e))?;
         Ok(PgFeedListener { conn })
     }
@@ -245,8 +245,19 @@ impl FeedListener for PgFeedListener {
 
 /// The PostgreSQL notification channel an append to the feed notifies (in
 /// the appending transaction, so delivered at its commit), with the feed's
-/// new head as payload.
+/// new head as payload, when phi's tables have no prefix; with one, the
+/// channel carries it ([`feed_channel`]).
 pub const FEED_CHANNEL: &str = "phi_key_events";
+
+/// The PostgreSQL notification channel of the key-event feed in this
+/// process: [`FEED_CHANNEL`] with the table prefix
+/// ([`set_table_prefix`](crate::schema::set_table_prefix)), so that two
+/// installations of phi in one database under different prefixes do not
+/// wake each other's keyrings.
+pub fn feed_channel() -> &'static str {
+    static CHANNEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHANNEL.get_or_init(|| crate::table_names::sql_name(FEED_CHANNEL))
+}
 
 /// Told when events are appended to the feed, from
 /// [`KeyStore::feed_listener`](crate::KeyStore::feed_listener): a following

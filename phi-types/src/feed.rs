@@ -233,7 +233,7 @@ pub fn check_writable(events: &[KeyEvent]) -> crate::Result<()> {
     }
 }
 
-pub use crate::connection::{FEED_CHANNEL, FeedListener};
+pub use crate::connection::{FEED_CHANNEL, FeedListener, feed_channel};
 
 /// How far one following keyring has read the feed, from
 /// [`KeyStore::feed_readers`](crate::KeyStore::feed_readers)

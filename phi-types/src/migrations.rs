@@ -64,7 +64,9 @@
 //!   one of phi's was recorded under a later version than every
 //!   application migration, Diesel stops with "Unable to find migration
 //!   version … to revert" instead; revert phi's tables, if ever, with their
-//!   own `down.sql` (in `phi-types/migrations/<backend>/`).
+//!   own `down.sql` (in `phi-types/migrations/<backend>/`; with a table
+//!   prefix, those [`write_to`] writes, which carry it: the shipped ones
+//!   name the unprefixed tables, which are then another system's).
 //!
 //! Either way:
 //!
@@ -602,7 +604,17 @@ fn fault_error(table: &str, migration: &str, fault: Fault) -> Error {
         Fault::Missing => format!(
             "it does not exist: phi's migration {migration} is not applied (nor any later one). \
              {HOW_TO_MIGRATE}. (If it does exist, this login may not see it: MySQL / MariaDB \
-             show only the tables a login holds a privilege on.)"
+             show only the tables a login holds a privilege on.){}",
+            if crate::table_names::table_prefix().is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " With the table prefix {:?}: if Diesel lists the migration as run, it ran \
+                     under another prefix or none (Diesel records versions, not names): use the \
+                     prefix phi's tables were created with",
+                    crate::table_names::table_prefix()
+                )
+            }
         ),
         Fault::Foreign { lacks, has } => format!(
             "a table of that name exists but is not phi's: it lacks phi's column(s) {} (it has {}). \

@@ -7,8 +7,9 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 
 /// The prefix of every table name of phi in this process (`""` until
-/// [`set_table_prefix`] sets another; fixed from the first query phi
-/// renders).
+/// [`set_table_prefix`] sets another; fixed by the first use of a name of
+/// phi's tables: a query, a migration run or written, a generated adoption
+/// migration, [`table_prefix`]).
 static PREFIX: OnceLock<String> = OnceLock::new();
 
 /// Puts `prefix` before the name of every table of phi (and of their
@@ -19,12 +20,24 @@ static PREFIX: OnceLock<String> = OnceLock::new();
 /// `user_encryption_keys` and `encryption_key_audit` have other columns):
 /// a store refuses such a table, naming this function.
 ///
-/// Call it once, at start-up, before any store connects or any migration
-/// of phi runs: every store, keyring, job and access log of the process
-/// then uses the same names, and so must every process sharing the
-/// database (the `phi` command reads `PHI_TABLE_PREFIX`). Run phi's
-/// migrations ([`migrations`](crate::migrations)) after it: they create
-/// the prefixed tables, under the same Diesel versions.
+/// Call it once, at start-up, before anything of phi names a table: before
+/// any store connects, any migration of phi runs or is written, and any
+/// adoption migration is generated (each of these fixes the names, as
+/// `""` if no prefix was set). Every store, keyring, job and access log of
+/// the process then uses the same names, and so must every process sharing
+/// the database: the `phi` command reads `PHI_TABLE_PREFIX` (or
+/// `--table-prefix`); an application's own command built over a keyring it
+/// made ([`cli::App::new`](crate::cli::App)) sets the prefix in code
+/// before building that keyring. Run phi's migrations
+/// ([`migrations`](crate::migrations)) after it: they create the prefixed
+/// tables, indexes and constraints, under the same Diesel versions.
+/// Revert them, if ever, with the `down.sql` files
+/// [`write_to`](crate::migrations::write_to) writes under the prefix,
+/// never with the unprefixed ones phi ships: those name the other
+/// system's tables.
+///
+/// The PostgreSQL notification channel of the key-event feed carries the
+/// prefix too ([`feed::feed_channel`](crate::feed::feed_channel)).
 ///
 /// ```
 /// phi_types::schema::set_table_prefix("surgi_phi_")?;
@@ -41,7 +54,7 @@ static PREFIX: OnceLock<String> = OnceLock::new();
 /// is not lower-case ASCII letters, digits and `_` starting with a
 /// letter, or that makes a name longer than 63 bytes (PostgreSQL's
 /// limit), or when the process already uses another prefix (names are
-/// fixed by the first query phi renders).
+/// fixed by their first use).
 pub fn set_table_prefix(prefix: &str) -> Result<()> {
     let refused = |reason: String| Error::InvalidInput {
         what: "table prefix",
@@ -71,8 +84,8 @@ pub fn set_table_prefix(prefix: &str) -> Result<()> {
         Ok(())
     } else {
         Err(refused(format!(
-            "{prefix:?}: this process already uses {set:?} (table names are fixed at start-up, \
-             before phi's first query)"
+            "{prefix:?}: this process already uses {set:?} (table names are fixed by their \
+             first use: set the prefix at start-up, before any store connects or migration runs)"
         )))
     }
 }
@@ -83,9 +96,10 @@ pub fn table_prefix() -> &'static str {
     PREFIX.get_or_init(String::new)
 }
 
-/// The longest name phi's migrations give a table, index or constraint
-/// (`phi_key_events_kind_not_empty`), checked against the migrations by a
-/// unit test.
+/// The longest name phi's migrations write for a table, index or
+/// constraint (`phi_key_events_kind_not_empty`), checked against the
+/// migrations by a unit test. (PostgreSQL shortens the longer names it
+/// makes up itself, such as `user_encryption_keys_version_check`.)
 pub(crate) const LONGEST_NAME: usize = 29;
 
 /// The names of phi's tables, without the prefix, in migration order.

@@ -118,7 +118,8 @@ struct Cli {
     /// A prefix before the name of every table of phi
     /// (`phi_types::schema::set_table_prefix`), for a database that has
     /// tables of phi's names already: every process sharing the database
-    /// uses the same one.
+    /// uses the same one. (An application's own command over a keyring it
+    /// built first sets the prefix in code; this must then match it.)
     #[arg(long, env = "PHI_TABLE_PREFIX", global = true)]
     table_prefix: Option<String>,
 

@@ -18,8 +18,8 @@ pub use crate::table_names::{set_table_prefix, table_prefix};
 
 /// A Diesel table of phi's, like `diesel::table!` makes, whose SQL name
 /// carries the process's prefix ([`set_table_prefix`]). It has what phi's
-/// queries use: select, filter, order, insert, update, delete, aggregates
-/// and subqueries within one table (no joins).
+/// queries use: select, filter, order, `find`, insert, update, delete,
+/// aggregates and subqueries within one table.
 macro_rules! phi_table {
     (
         $(#[$meta:meta])*
@@ -221,6 +221,19 @@ macro_rules! phi_table {
         impl diesel::query_source::Column for $column {
             type Table = table;
             const NAME: &'static str = stringify!($column);
+        }
+
+        impl<T> diesel::EqAll<T> for $column
+        where
+            T: diesel::expression::AsExpression<$ty>,
+            diesel::dsl::Eq<$column, T::Expression>: diesel::Expression<SqlType = diesel::sql_types::Bool>,
+        {
+            type Output = diesel::dsl::Eq<Self, T::Expression>;
+
+            fn eq_all(self, rhs: T) -> Self::Output {
+                use diesel::expression_methods::ExpressionMethods;
+                self.eq(rhs)
+            }
         }
     };
 }
