@@ -35,14 +35,6 @@ pub trait PhiConnection:
         Ok(())
     }
 
-    /// Settings phi needs on an application's connection before a job
-    /// runs on it (SQLite: a busy timeout when none is set, see
-    /// [`crate::sqlite`]).
-    #[doc(hidden)]
-    fn prepare_for_phi(&mut self) -> diesel::QueryResult<()> {
-        Ok(())
-    }
-
     /// Tells listeners that the feed's head is now `head`, inside the
     /// appending transaction (PostgreSQL: `pg_notify`; elsewhere nothing).
     #[doc(hidden)]
@@ -139,10 +131,6 @@ impl PhiConnection for diesel::SqliteConnection {
         // owner's wrapped keys do not linger in free space (copies already
         // in a write-ahead log or a backup are out of its reach).
         self.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA secure_delete = ON;")
-    }
-
-    fn prepare_for_phi(&mut self) -> diesel::QueryResult<()> {
-        crate::sqlite::busy_timeout_if_unset(self)
     }
 
     const CATALOG_QUERY: &'static str = "SELECT m.name AS table_name, p.name AS column_name, lower(p.type) AS data_type \
@@ -347,4 +335,16 @@ impl std::str::FromStr for Backend {
             }),
         }
     }
+}
+
+/// What phi sets on an application's connection before its own statements
+/// on it (a generated write or load, a job): on an SQLite connection
+/// (Diesel's, or one of Diesel's r2d2 pool) a busy timeout when it has
+/// none (see [`crate::sqlite`]); nothing on any other.
+pub(crate) fn prepare_application_connection<C: 'static>(conn: &mut C) -> diesel::QueryResult<()> {
+    #[cfg(feature = "sqlite")]
+    crate::sqlite::prepare_application_connection(conn)?;
+    #[cfg(not(feature = "sqlite"))]
+    let _ = conn;
+    Ok(())
 }

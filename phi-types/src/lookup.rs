@@ -335,8 +335,8 @@ pub fn reindex_table<C: DataConnection>(
     let started = Instant::now();
     let t = &table.table;
     t.validate()?;
-    conn.prepare_for_phi().map_err(|source| Error::Database {
-        operation: "setting the busy timeout of the application's connection",
+    crate::connection::prepare_application_connection(conn).map_err(|source| Error::Database {
+        operation: "giving the application's SQLite connection a busy timeout",
         table: t.table,
         source,
     })?;

@@ -1396,8 +1396,8 @@ fn owners_without_key(keyring: &Keyring, owners: &BTreeSet<String>) -> Result<u6
 /// What the jobs set on the application's connection first (SQLite: a busy
 /// timeout when it has none; see [`crate::sqlite`]).
 fn prepare_connection<C: DataConnection>(conn: &mut C, t: &StoredTable) -> Result<()> {
-    conn.prepare_for_phi().map_err(|source| Error::Database {
-        operation: "setting the busy timeout of the application's connection",
+    crate::connection::prepare_application_connection(conn).map_err(|source| Error::Database {
+        operation: "giving the application's SQLite connection a busy timeout",
         table: t.table,
         source,
     })

@@ -1497,15 +1497,11 @@ pub const LOAD_CHUNK_ROWS: usize = 1024;
 /// Gives an application's SQLite connection without a busy timeout
 /// phi's ([`crate::sqlite`]) before phi's statement on it.
 fn prepare_connection<C: 'static>(conn: &mut C, table: &'static str) -> Result<()> {
-    #[cfg(feature = "sqlite")]
-    crate::sqlite::prepare_application_connection(conn).map_err(|source| Error::Database {
+    crate::connection::prepare_application_connection(conn).map_err(|source| Error::Database {
         operation: "giving the application's SQLite connection a busy timeout",
         table,
         source,
-    })?;
-    #[cfg(not(feature = "sqlite"))]
-    let _ = (conn, table);
-    Ok(())
+    })
 }
 
 fn loading_error<R: PhiRecord>(source: diesel::result::Error) -> Error {

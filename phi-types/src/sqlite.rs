@@ -91,7 +91,8 @@ pub(crate) fn busy_timeout_if_unset(conn: &mut SqliteConnection) -> QueryResult<
 /// [`busy_timeout_if_unset`] on an application's connection that is an
 /// SQLite connection (Diesel's, or one of Diesel's r2d2 pool); nothing on
 /// any other. Generated `insert`, `update` and `PhiRecord::load` call it
-/// before their statement, so a program that opened its connection with
+/// before their statement, and phi's jobs before their first (through
+/// `connection::prepare_application_connection`), so a program that opened its connection with
 /// `SqliteConnection::establish` waits for phi's writers instead of failing
 /// with "database is locked".
 pub(crate) fn prepare_application_connection<C: 'static>(conn: &mut C) -> QueryResult<()> {

@@ -652,8 +652,8 @@ pub(crate) fn prepare_connection<C: DataConnection>(
     tables: &[ResealTable],
     owner: &str,
 ) -> Result<()> {
-    conn.prepare_for_phi().map_err(|source| Error::DataTable {
-        operation: "setting the busy timeout of the application's connection",
+    crate::connection::prepare_application_connection(conn).map_err(|source| Error::DataTable {
+        operation: "giving the application's SQLite connection a busy timeout",
         table: tables.first().map(|t| t.table.clone()).unwrap_or_default(),
         column: String::new(),
         owner: owner.to_owned(),
