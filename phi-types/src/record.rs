@@ -1120,6 +1120,41 @@ pub trait PhiRecord: Sized + Send + Sync {
         let rows = Self::load_async(query.limit(1), conn, keyring);
         async move { Ok(rows.await?.pop()) }
     }
+
+    /// [`load_where`](Self::load_where) for diesel-async (feature
+    /// `async`): [`load_async`](Self::load_async), then the records `keep`
+    /// accepts once opened (and recorded in the access log), the others
+    /// dropped. Filter `query` to one owner; page it by key for an owner
+    /// with more rows than should be in memory at once.
+    ///
+    /// # Errors
+    /// As [`load_async`](Self::load_async).
+    #[cfg(feature = "async")]
+    fn load_where_async<'q, Q, C, F>(
+        query: Q,
+        conn: &mut C,
+        keyring: &Keyring,
+        keep: F,
+    ) -> impl std::future::Future<Output = Result<Vec<Self>>> + Send
+    where
+        Self: 'static,
+        Self::Sealed: diesel::Selectable<C::Backend> + 'static,
+        <Self::Sealed as diesel::Selectable<C::Backend>>::SelectExpression:
+            diesel::query_builder::QueryId,
+        C: diesel_async::AsyncConnectionCore + LegacyRecordsAsync,
+        Q: diesel::query_dsl::methods::SelectDsl<diesel::dsl::AsSelect<Self::Sealed, C::Backend>>
+            + Send,
+        diesel::dsl::Select<Q, diesel::dsl::AsSelect<Self::Sealed, C::Backend>>:
+            diesel_async::methods::LoadQuery<'q, C, Self::Sealed> + 'q,
+        F: Fn(&Self) -> bool + Send,
+    {
+        let rows = Self::load_async(query, conn, keyring);
+        async move {
+            let mut records = rows.await?;
+            records.retain(|record| keep(record));
+            Ok(records)
+        }
+    }
 }
 
 /// A record of `phi_legacy_values` as a load reads it: the column, the

@@ -317,6 +317,18 @@ mod single_rows {
             .expect("optional");
             assert_eq!(last.map(|c| c.case_id), Some(format!("{alice}-2")));
 
+            // A prefix within one owner, tested once opened: alice's two
+            // cases, only the one whose last name starts with "do".
+            let prefixed = Case::load_where_async(
+                t::table.filter(t::user_id.eq(&alice)).order(t::case_id),
+                &mut conn,
+                &keyring,
+                |c| c.patient_last.trim().to_lowercase().starts_with("do"),
+            )
+            .await
+            .expect("load_where_async");
+            assert_eq!(prefixed.iter().map(|c| c.case_id.clone()).collect::<Vec<_>>(), [format!("{alice}-1")]);
+
             let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
             assert!(Case::load_optional_async(t::table.filter(poe), &mut conn, &keyring).await.expect("optional").is_none());
             let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
