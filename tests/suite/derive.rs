@@ -799,6 +799,15 @@ fn load_where_answers_prefix_and_range_queries_like_a_plaintext_filter() {
     };
     let of_owner = || phi_it_cases::table.filter(phi_it_cases::user_id.eq(owner.clone()));
 
+    // Every statement the searches send, with its bound values.
+    let sent = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = sent.clone();
+    conn.set_instrumentation(move |event: diesel::connection::InstrumentationEvent<'_>| {
+        if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = event {
+            record.lock().expect("sent").push(query.to_string());
+        }
+    });
+
     let by_prefix = Case::load_where(of_owner(), &mut conn, &keyring, prefix).expect("prefix");
     assert!(by_prefix.len() > 400, "{} of 1500", by_prefix.len());
     assert_eq!(ids(by_prefix), oracle(&prefix));
@@ -814,4 +823,15 @@ fn load_where_answers_prefix_and_range_queries_like_a_plaintext_filter() {
     // Nothing matches: an empty result, not an error.
     let none = Case::load_where(of_owner(), &mut conn, &keyring, |c| c.patient_last == "Nobody").expect("none");
     assert!(none.is_empty());
+
+    // The database saw the owner and nothing of the prefix or the range.
+    let sent = sent.lock().expect("sent");
+    assert!(sent.len() >= 5, "{sent:?}");
+    for statement in sent.iter() {
+        let lower = statement.to_lowercase();
+        assert!(lower.contains(&owner.to_lowercase()) || !lower.contains("phi_it_cases"), "{statement}");
+        for secret in ["mar", "1970", "1980", "nobody"] {
+            assert!(!lower.contains(secret), "{secret:?} reached the database: {statement}");
+        }
+    }
 }
