@@ -209,7 +209,7 @@ migration_files!(
 #[derive(Debug, Clone, Copy)]
 pub struct Source(pub Backend);
 
-/// One of [`Source`]'s migrations.
+/// One of [`Source`]'s migrations: its directory name, version and SQL.
 struct SourceMigration {
     name: &'static str,
     version: String,
@@ -223,18 +223,13 @@ struct InTransaction;
 
 impl diesel::migration::MigrationMetadata for InTransaction {}
 
-/// A migration of [`Source`] with its name.
-struct Named {
-    migration: SourceMigration,
-}
-
-impl<DB: diesel::backend::Backend> diesel::migration::Migration<DB> for Named {
+impl<DB: diesel::backend::Backend> diesel::migration::Migration<DB> for SourceMigration {
     fn run(
         &self,
         conn: &mut dyn diesel::connection::BoxableConnection<DB>,
     ) -> diesel::migration::Result<()> {
-        conn.batch_execute(&self.migration.up)
-            .map_err(|e| format!("phi's migration {}: {e}", self.migration.name))?;
+        conn.batch_execute(&self.up)
+            .map_err(|e| format!("phi's migration {}: {e}", self.name))?;
         Ok(())
     }
 
@@ -242,8 +237,8 @@ impl<DB: diesel::backend::Backend> diesel::migration::Migration<DB> for Named {
         &self,
         conn: &mut dyn diesel::connection::BoxableConnection<DB>,
     ) -> diesel::migration::Result<()> {
-        conn.batch_execute(&self.migration.down)
-            .map_err(|e| format!("reverting phi's migration {}: {e}", self.migration.name))?;
+        conn.batch_execute(&self.down)
+            .map_err(|e| format!("reverting phi's migration {}: {e}", self.name))?;
         Ok(())
     }
 
@@ -256,15 +251,15 @@ impl<DB: diesel::backend::Backend> diesel::migration::Migration<DB> for Named {
     }
 }
 
-impl std::fmt::Display for Named {
+impl std::fmt::Display for SourceMigration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.migration.name)
+        f.write_str(self.name)
     }
 }
 
-impl diesel::migration::MigrationName for Named {
+impl diesel::migration::MigrationName for SourceMigration {
     fn version(&self) -> diesel::migration::MigrationVersion<'_> {
-        diesel::migration::MigrationVersion::from(self.migration.version.as_str())
+        diesel::migration::MigrationVersion::from(self.version.as_str())
     }
 }
 
@@ -275,13 +270,11 @@ impl<DB: diesel::backend::Backend> diesel::migration::MigrationSource<DB> for So
         Ok(files(self.0)
             .iter()
             .map(|files| {
-                Box::new(Named {
-                    migration: SourceMigration {
-                        name: files.name,
-                        version: diesel_version(files.name),
-                        up: crate::table_names::prefixed_sql(files.up),
-                        down: crate::table_names::prefixed_sql(files.down),
-                    },
+                Box::new(SourceMigration {
+                    name: files.name,
+                    version: diesel_version(files.name),
+                    up: crate::table_names::prefixed_sql(files.up),
+                    down: crate::table_names::prefixed_sql(files.down),
                 }) as Box<dyn diesel::migration::Migration<DB>>
             })
             .collect())
@@ -540,9 +533,8 @@ fn first_fault<C: PhiConnection>(
         })
         .collect();
     let names: Vec<String> = wanted.iter().map(|c| sql_name(c.table)).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let found = conn
-        .catalog_columns(&names)
+        .catalog_columns(&names.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(|e| Error::store("reading the catalog for phi's tables", e))?;
     let columns_of = |table: &str| -> Vec<&(String, String, String)> {
         found
@@ -551,8 +543,7 @@ fn first_fault<C: PhiConnection>(
             .collect()
     };
     let mut missing = None;
-    for created in &wanted {
-        let table = sql_name(created.table);
+    for (created, table) in wanted.iter().zip(names) {
         let has = columns_of(&table);
         if has.is_empty() {
             missing.get_or_insert((table, created.migration, Fault::Missing));

@@ -255,11 +255,7 @@ pub(crate) fn legacy_values_ddl(dialect: Dialect) -> String {
         }
     };
     // With the process's table prefix, if any.
-    ddl.replacen(
-        "phi_legacy_values",
-        crate::schema::phi_legacy_values::sql_name(),
-        1,
-    )
+    crate::table_names::prefixed_sql(ddl)
 }
 
 /// The SQL that records, in `phi_legacy_values`, every value of `M`'s

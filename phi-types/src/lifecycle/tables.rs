@@ -2981,12 +2981,9 @@ macro_rules! data_connection {
                     table,
                     source,
                 };
-                let exists: Count = diesel::sql_query(d.legacy_table.replace(
-                    "phi_legacy_values",
-                    crate::schema::phi_legacy_values::sql_name(),
-                ))
-                .get_result(self)
-                .map_err(error)?;
+                let exists: Count = diesel::sql_query(crate::table_names::prefixed_sql(d.legacy_table))
+                    .get_result(self)
+                    .map_err(error)?;
                 if exists.n == 0 {
                     return Ok(None);
                 }
