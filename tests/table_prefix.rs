@@ -59,41 +59,10 @@ macro_rules! prefix_suite {
             }
 
             /// A database of the test's own, dropped at the end.
-            struct Database {
-                url: String,
-                admin: Option<(String, String)>,
-                _dir: Option<tempfile::TempDir>,
-            }
+            type Database = common::EmptyDatabase<Conn>;
 
-            impl Database {
-                fn new() -> Database {
-                    let server: Option<String> = $url;
-                    let Some(admin_url) = server else {
-                        let dir = tempfile::tempdir().expect("temporary directory");
-                        let url = dir.path().join("surgicase.db").display().to_string();
-                        return Database { url, admin: None, _dir: Some(dir) };
-                    };
-                    let unique = common::unique_owner("x");
-                    let name = format!("phi_prefix_{}", unique.rsplit('-').take(2).collect::<Vec<_>>().join("_"));
-                    let (base, _) = admin_url.rsplit_once('/').expect("database in URL");
-                    let mut admin = Conn::establish(&admin_url).expect("the test server is up");
-                    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).expect("create database");
-                    Database { url: format!("{base}/{name}"), admin: Some((admin_url, name)), _dir: None }
-                }
-            }
-
-            impl Drop for Database {
-                fn drop(&mut self) {
-                    if let Some((admin_url, name)) = &self.admin {
-                        let force = if BLOB == "BYTEA" { " WITH (FORCE)" } else { "" };
-                        let sql = format!("DROP DATABASE IF EXISTS {name}{force}");
-                        if let Ok(mut admin) = Conn::establish(admin_url) {
-                            if let Err(e) = diesel::sql_query(&sql).execute(&mut admin) {
-                                eprintln!("{sql}: {e}");
-                            }
-                        }
-                    }
-                }
+            fn database() -> Database {
+                Database::on($url)
             }
 
             /// SurgiCase's own key tables, with keys of its users, and its
@@ -267,7 +236,7 @@ macro_rules! prefix_suite {
             #[test]
             fn a_surgicase_database_adopts_phi_with_a_prefix_through_its_own_diesel_migrations() {
                 phi::schema::set_table_prefix(PREFIX).expect("prefix");
-                let db = Database::new();
+                let db = database();
                 let mut conn = Conn::establish(&db.url).expect("connect");
                 surgicase(&mut conn);
                 let before = surgicase_rows(&mut conn);
@@ -325,7 +294,7 @@ macro_rules! prefix_suite {
             #[test]
             fn a_surgicase_database_adopts_phi_with_a_prefix_through_phis_own_migrations() {
                 phi::schema::set_table_prefix(PREFIX).expect("prefix");
-                let db = Database::new();
+                let db = database();
                 let mut conn = Conn::establish(&db.url).expect("connect");
                 surgicase(&mut conn);
                 let before = surgicase_rows(&mut conn);

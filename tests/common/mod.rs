@@ -21,6 +21,77 @@ pub(crate) fn unique_owner(tag: &str) -> String {
     )
 }
 
+/// An empty database of a test's own, dropped at the end: a new SQLite
+/// file when `server` is `None`, else a new database on the server of the
+/// admin URL `server` (MySQL / MariaDB or PostgreSQL).
+pub(crate) struct EmptyDatabase<C: diesel::Connection> {
+    pub(crate) url: String,
+    admin: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+    connection: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C: diesel::Connection> EmptyDatabase<C> {
+    pub(crate) fn on(server: Option<String>) -> Self {
+        let Some(admin_url) = server else {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let url = dir.path().join("empty.db").display().to_string();
+            return EmptyDatabase {
+                url,
+                admin: None,
+                _dir: Some(dir),
+                connection: std::marker::PhantomData,
+            };
+        };
+        let unique = unique_owner("x");
+        let name = format!(
+            "phi_empty_{}",
+            unique.rsplit('-').take(2).collect::<Vec<_>>().join("_")
+        );
+        let (base, _) = admin_url.rsplit_once('/').expect("database in URL");
+        let mut admin =
+            C::establish(&admin_url).expect("admin connection (is the test server up?)");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        EmptyDatabase {
+            url: format!("{base}/{name}"),
+            admin: Some((admin_url, name)),
+            _dir: None,
+            connection: std::marker::PhantomData,
+        }
+    }
+
+    /// Whether `table` exists (a query on it succeeds).
+    pub(crate) fn has_table(&self, table: &str) -> bool {
+        let mut conn = C::establish(&self.url).expect("connect");
+        conn.batch_execute(&format!("SELECT 1 FROM {table}"))
+            .is_ok()
+    }
+}
+
+impl<C: diesel::Connection> Drop for EmptyDatabase<C> {
+    fn drop(&mut self) {
+        let Some((admin_url, name)) = &self.admin else {
+            return;
+        };
+        let force = if admin_url.starts_with("postgres") {
+            " WITH (FORCE)"
+        } else {
+            ""
+        };
+        let sql = format!("DROP DATABASE IF EXISTS {name}{force}");
+        match C::establish(admin_url) {
+            Ok(mut admin) => {
+                if let Err(e) = admin.batch_execute(&sql) {
+                    eprintln!("{sql}: {e}");
+                }
+            }
+            Err(e) => eprintln!("{sql}: {e}"),
+        }
+    }
+}
+
 /// The master key the tests' `LocalKek`s use.
 pub(crate) const MASTER_KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 

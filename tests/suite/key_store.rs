@@ -4,48 +4,11 @@
 
 /// An empty database, dropped at the end: a new SQLite file, or a new
 /// database on the test server.
-pub(super) struct EmptyDatabase {
-    pub(super) url: String,
-    admin: Option<(String, String)>,
-    _dir: Option<tempfile::TempDir>,
-}
+pub(super) type EmptyDatabase = common::EmptyDatabase<Conn>;
 
 impl EmptyDatabase {
     pub(super) fn new() -> EmptyDatabase {
-        let Some(admin_url) = server_url() else {
-            let dir = tempfile::tempdir().expect("temporary directory");
-            let url = dir.path().join("empty.db").display().to_string();
-            return EmptyDatabase { url, admin: None, _dir: Some(dir) };
-        };
-        let unique = common::unique_owner("x");
-        let name = format!("phi_empty_{}", unique.rsplit('-').take(2).collect::<Vec<_>>().join("_"));
-        let (base, _) = admin_url.rsplit_once('/').expect("database in URL");
-        let mut admin = Conn::establish(&admin_url).expect("admin connection");
-        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).expect("create database");
-        EmptyDatabase { url: format!("{base}/{name}"), admin: Some((admin_url, name)), _dir: None }
-    }
-
-    /// Whether `table` exists (a query on it succeeds).
-    pub(super) fn has_table(&self, table: &str) -> bool {
-        let mut conn = Conn::establish(&self.url).expect("connect");
-        diesel::sql_query(format!("SELECT 1 FROM {table}")).execute(&mut conn).is_ok()
-    }
-}
-
-impl Drop for EmptyDatabase {
-    fn drop(&mut self) {
-        if let Some((admin_url, name)) = &self.admin {
-            let force = if BLOB == "BYTEA" { " WITH (FORCE)" } else { "" };
-            let sql = format!("DROP DATABASE IF EXISTS {name}{force}");
-            match Conn::establish(admin_url) {
-                Ok(mut admin) => {
-                    if let Err(e) = diesel::sql_query(&sql).execute(&mut admin) {
-                        eprintln!("{sql}: {e}");
-                    }
-                }
-                Err(e) => eprintln!("{sql}: {e}"),
-            }
-        }
+        EmptyDatabase::on(server_url())
     }
 }
 
