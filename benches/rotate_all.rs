@@ -40,12 +40,9 @@ type BoxResult<T> = Result<T, Box<dyn Error>>;
 
 const INSERT_ROWS: usize = 1_000;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "common/env.rs"]
+mod env;
+use env::env_usize;
 
 /// The job's options: the defaults, or `PHI_ROTATE_BATCH` rows per
 /// re-seal transaction and `PHI_ROTATE_CLAIM` owners per claim.

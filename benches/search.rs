@@ -105,12 +105,9 @@ const LASTS: [&str; 12] = [
     "Ibarra",
 ];
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "common/env.rs"]
+mod env;
+use env::env_usize;
 
 /// Case `i` of `provider`: names cycle (3 of 12 begin with "mar"),
 /// surgeries spread over 2026, births over 1940–1999.
