@@ -35,6 +35,7 @@ fn model(table: &'static str, shadow: bool) -> StoredTable {
         scope: column,
         shadow: shadow.then_some(shadow_name),
         blind_index: None,
+        derived: &[],
         lookup_index: None,
         canonical: canonical::<String>,
     };

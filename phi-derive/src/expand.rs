@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned as _;
 
-use crate::model::{Field, Model, Role};
+use crate::model::{Derived, DerivedTransform, Field, Model, Role};
 
 /// Expands the derive, or only the errors when the attributes are wrong (so
 /// a mistake never cascades into unrelated trait errors).
@@ -86,6 +86,11 @@ fn generate(m: &Model) -> TokenStream {
         let doc = format!("Lookup index of `{}`.", f.ident);
         quote! { #[doc = #doc] #vis #column: ::core::option::Option<::std::vec::Vec<u8>> }
     });
+    let derived_fields = derived_indexes(m).map(|(f, d, _)| {
+        let doc = format!("Derived index of `{}` ({}).", f.ident, derived_spec(d));
+        let column = &d.column;
+        quote! { #[doc = #doc] #vis #column: ::core::option::Option<::std::vec::Vec<u8>> }
+    });
     let has_lookup = if lookup_indexes(m).next().is_some() {
         quote! { const HAS_LOOKUP_INDEX: bool = true; }
     } else {
@@ -124,6 +129,11 @@ fn generate(m: &Model) -> TokenStream {
         let call = blind_call(krate, f, scope, normalize);
         quote! { #column: #call }
     });
+    let seal_derived = derived_indexes(m).map(|(f, d, scope)| {
+        let call = derived_call(krate, f, scope, d);
+        let column = &d.column;
+        quote! { #column: #call }
+    });
     let seal_lookups = lookup_indexes(m).map(|(f, column, scope, normalize)| {
         let call = lookup_call(krate, f, scope, normalize, quote!(__sealer.lookup_keys()));
         quote! { #column: #call }
@@ -146,6 +156,7 @@ fn generate(m: &Model) -> TokenStream {
     let index_names: Vec<_> = blind_indexes(m)
         .chain(lookup_indexes(m))
         .map(|(_, c, _, _)| c)
+        .chain(derived_indexes(m).map(|(_, d, _)| &d.column))
         .collect();
     let shadow_names: Vec<_> = shadows(m).map(|(_, c, _)| c).collect();
     let shadow_row_text = match row_key {
@@ -263,6 +274,7 @@ fn generate(m: &Model) -> TokenStream {
             #(#shadow_fields,)*
             #(#index_fields,)*
             #(#lookup_fields,)*
+            #(#derived_fields,)*
         }
 
         impl #krate::PhiRecord for #ident {
@@ -291,6 +303,7 @@ fn generate(m: &Model) -> TokenStream {
                     #(#seal_shadows,)*
                     #(#seal_indexes,)*
                     #(#seal_lookups,)*
+                    #(#seal_derived,)*
                 })
             }
 
@@ -430,6 +443,13 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
         };
         let column = &f.column;
         let vty = f.value_ty();
+        let derived = derived_indexes(m)
+            .filter(|(g, _, _)| g.ident == f.ident)
+            .map(|(_, d, _)| {
+                let name = d.column.to_string();
+                let index = derived_tokens(krate, d);
+                quote! { (#name, #index) }
+            });
         let index = match blind_index {
             Some(b) => {
                 let name = b.column.to_string();
@@ -444,6 +464,7 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
                 scope: #scope,
                 shadow: #shadow,
                 blind_index: #index,
+                derived: const { &[#(#derived),*] },
                 lookup_index: #lookup,
                 canonical: #krate::__private::canonical::<#vty>,
             }
@@ -585,6 +606,58 @@ fn lookup_indexes(m: &Model) -> impl Iterator<Item = (&Field, &syn::Ident, &str,
     })
 }
 
+/// Encrypted fields' derived indexes: (field, index, scope).
+fn derived_indexes(m: &Model) -> impl Iterator<Item = (&Field, &Derived, &str)> {
+    m.fields.iter().flat_map(|f| match &f.role {
+        Role::Encrypt { scope, derived, .. } => derived
+            .iter()
+            .map(|d| (f, d, scope.as_str()))
+            .collect::<Vec<_>>(),
+        _ => Vec::new(),
+    })
+}
+
+/// A derived index as its `DerivedIndex` value (a constant expression).
+fn derived_tokens(krate: &syn::Path, d: &Derived) -> TokenStream {
+    let base = match d.transform {
+        DerivedTransform::Whole => quote! { whole() },
+        DerivedTransform::Prefix(n) => quote! { prefix(#n) },
+        DerivedTransform::LastDigits(n) => quote! { last_digits(#n) },
+        DerivedTransform::Year => quote! { year() },
+        DerivedTransform::YearMonth => quote! { year_month() },
+    };
+    let normalize = normalize_tokens(krate, (d.trim, d.lowercase));
+    let bits = d.bits;
+    quote! { #krate::blind::DerivedIndex::#base.normalize(#normalize).bits(#bits) }
+}
+
+/// A derived index's description in docs: `prefix(3), 16 bits`.
+fn derived_spec(d: &Derived) -> String {
+    let transform = match d.transform {
+        DerivedTransform::Whole => "whole value".to_owned(),
+        DerivedTransform::Prefix(n) => format!("first {n} characters"),
+        DerivedTransform::LastDigits(n) => format!("last {n} digits"),
+        DerivedTransform::Year => "year".to_owned(),
+        DerivedTransform::YearMonth => "year and month".to_owned(),
+    };
+    format!("{transform}, {} bits", d.bits)
+}
+
+/// The derived tag of `self.field` (`None` for an unsealed row or a null).
+fn derived_call(krate: &syn::Path, f: &Field, scope: &str, d: &Derived) -> TokenStream {
+    let name = &f.ident;
+    let vty = f.value_ty();
+    let value = if f.option_of.is_some() {
+        quote! { ::core::option::Option::as_ref(&self.#name) }
+    } else {
+        quote! { ::core::option::Option::Some(&self.#name) }
+    };
+    let index = derived_tokens(krate, d);
+    quote_spanned! {vty.span()=>
+        (#krate::__private::ops::<#vty>().derived)(__keys, #value, #scope, #index)?
+    }
+}
+
 /// Encrypted fields with a blind index: (field, index column, scope, (trim, lowercase)).
 fn blind_indexes(m: &Model) -> impl Iterator<Item = (&Field, &syn::Ident, &str, (bool, bool))> {
     m.fields.iter().filter_map(|f| match &f.role {
@@ -639,6 +712,11 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         let doc = format!("New lookup index of `{}`, if it changed.", f.ident);
         quote! { #[doc = #doc] #vis #column: ::core::option::Option<::core::option::Option<::std::vec::Vec<u8>>> }
     });
+    let derived_fields = derived_indexes(m).map(|(f, d, _)| {
+        let doc = format!("New derived index of `{}` ({}), if it changed.", f.ident, derived_spec(d));
+        let column = &d.column;
+        quote! { #[doc = #doc] #vis #column: ::core::option::Option<::core::option::Option<::std::vec::Vec<u8>>> }
+    });
     let all_names: Vec<_> = m
         .fields
         .iter()
@@ -646,6 +724,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         .chain(shadows(m).map(|(_, c, _)| c))
         .chain(blind_indexes(m).map(|(_, c, _, _)| c))
         .chain(lookup_indexes(m).map(|(_, c, _, _)| c))
+        .chain(derived_indexes(m).map(|(_, d, _)| &d.column))
         .collect();
     let lookup_changed: Vec<_> = lookup_indexes(m)
         .map(|(f, _, _, _)| {
@@ -778,6 +857,20 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             }
         })
         .collect();
+    let assign_derived: Vec<_> = derived_indexes(m)
+        .map(|(f, d, scope)| {
+            let call = derived_call(krate, f, scope, d);
+            let changed = changed(krate, f);
+            let column = &d.column;
+            quote! {
+                #column: if __full || #changed {
+                    ::core::option::Option::Some(#call)
+                } else {
+                    ::core::option::Option::None
+                }
+            }
+        })
+        .collect();
     let owner_id = quote! { &#krate::OwnerId::owner_id(&self.#owner_ident) };
     let row_text_expr = match row_key {
         Some(f) => {
@@ -835,6 +928,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
                     #(#assign_shadows,)*
                     #(#assign_indexes,)*
                     #(#assign_lookups,)*
+                    #(#assign_derived,)*
                 })
             })??;
             if !__changes.is_empty() && __access.is_active() {
@@ -887,6 +981,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             #(#shadow_fields,)*
             #(#index_fields,)*
             #(#lookup_fields,)*
+            #(#derived_fields,)*
         }
 
         impl #changes {
@@ -1162,8 +1257,11 @@ fn inserts(m: &Model) -> TokenStream {
     let table_name = &m.table_name;
     let sealed = &m.sealed;
     // Bound values per row of the sealed struct.
-    let columns =
-        m.fields.len() + shadows(m).count() + blind_indexes(m).count() + lookup_indexes(m).count();
+    let columns = m.fields.len()
+        + shadows(m).count()
+        + blind_indexes(m).count()
+        + lookup_indexes(m).count()
+        + derived_indexes(m).count();
     let insert_doc = format!(
         "Seals `self` (resolving, or creating, its owner's data key) and inserts it into `{table_name}`: `PhiRecord::seal`, then `diesel::insert_into({table_name}::table).values(…)`."
     );
@@ -1409,7 +1507,8 @@ fn lookups(m: &Model) -> TokenStream {
     });
     let finders = lookup_indexes(m)
         .map(|(f, column, scope, normalize)| find_by(m, f, column, scope, normalize));
-    let helpers: Vec<_> = helpers.chain(finders).collect();
+    let derived = derived_indexes(m).map(|(f, d, scope)| derived_finders(m, f, d, scope));
+    let helpers: Vec<_> = helpers.chain(finders).chain(derived).collect();
     if helpers.is_empty() {
         return quote! {};
     }
@@ -1522,6 +1621,300 @@ fn find_by(
     }
 }
 
+/// A derived index's helpers: `Model::<column>_tags` (the tags to match,
+/// for a query of one's own), `Model::find_by_<column>` (the exact finder:
+/// the owner's rows whose tag matches, opened, false positives dropped),
+/// and for a date part `Model::find_<column>_between` (a date range by its
+/// buckets); each with an async form.
+fn derived_finders(m: &Model, f: &Field, d: &Derived, scope: &str) -> TokenStream {
+    let krate = &m.krate;
+    let vis = &m.vis;
+    let table = &m.table;
+    let table_name = &m.table_name;
+    let owner = field_of(m, &Role::Owner);
+    let (owner_col, owner_ty) = (&owner.column_ident, &owner.ty);
+    let name = &f.ident;
+    let field_column = &f.column;
+    let vty = f.value_ty();
+    let column = &d.column;
+    let index = derived_tokens(krate, d);
+    let spec = derived_spec(d);
+    // The probe's parameters, and its encoding as `__probe`.
+    let (params, probe, what) = match d.transform {
+        DerivedTransform::Prefix(_) | DerivedTransform::LastDigits(_) => (
+            quote! { probe: &str },
+            quote! { let __probe: &[u8] = probe.as_bytes(); },
+            match d.transform {
+                DerivedTransform::Prefix(n) => {
+                    format!("`{name}` starts with `probe` (at least {n} characters)")
+                }
+                DerivedTransform::LastDigits(n) => {
+                    format!("`{name}` ends with the digits of `probe` (at least {n})")
+                }
+                _ => String::new(),
+            },
+        ),
+        DerivedTransform::Whole => {
+            let (param, to_value) = value_param(krate, f);
+            (
+                quote! { value: #param },
+                quote! {
+                    #to_value
+                    let __encoded = #krate::__private::encoded(value);
+                    let __probe: &[u8] = &__encoded;
+                },
+                format!("`{name}` equals `value`"),
+            )
+        }
+        DerivedTransform::Year => (
+            quote! { year: i32 },
+            quote! {
+                let __encoded = #krate::blind::DerivedIndex::year_probe(year);
+                let __probe: &[u8] = &__encoded;
+            },
+            format!("`{name}` falls in `year`"),
+        ),
+        DerivedTransform::YearMonth => (
+            quote! { year: i32, month: u32 },
+            quote! {
+                let __encoded = #krate::blind::DerivedIndex::year_month_probe(year, month);
+                let __probe: &[u8] = &__encoded;
+            },
+            format!("`{name}` falls in `month` of `year`"),
+        ),
+    };
+    let value = if f.option_of.is_some() {
+        quote! { ::core::option::Option::as_ref(&__r.#name) }
+    } else {
+        quote! { ::core::option::Option::Some(&__r.#name) }
+    };
+    let tags = format_ident!("{}_tags", column);
+    let find = format_ident!("find_by_{}", column);
+    let query_ty = quote! {
+        ::diesel::dsl::Filter<#table::table, ::diesel::dsl::And<
+            ::diesel::dsl::Eq<#table::#owner_col, #owner_ty>,
+            ::diesel::dsl::EqAny<#table::#column, ::std::vec::Vec<::std::vec::Vec<u8>>>,
+        >>
+    };
+    let query = quote! {
+        ::diesel::QueryDsl::filter(#table::table, ::diesel::BoolExpressionMethods::and(
+            ::diesel::ExpressionMethods::eq(#table::#owner_col, __owner),
+            ::diesel::ExpressionMethods::eq_any(#table::#column, __tags),
+        ))
+    };
+    let tags_doc = format!(
+        "The tags to look `{name}` up by in the derived index `{table_name}.{column}` ({spec}) for one owner: \
+         `{table_name}::{column}.eq_any(…)`, under each data key version the owner holds (empty when it has none). \
+         A tag selects every row whose `{name}` shares it, and with a truncated tag some others: open the rows \
+         (`PhiRecord::load_where`) and test the field, or use [`{find}`](Self::{find}), which does."
+    );
+    let find_doc = format!(
+        "The records of `owner` in `{table_name}` whose {what}: the rows whose derived index `{column}` ({spec}) matches, \
+         opened, and only those whose `{name}` answers exactly kept (a truncated tag selects some others on purpose). \
+         Each row opened is a read in the access log."
+    );
+    let keep = quote! {
+        __found.retain(|__r| #krate::__private::derived_keeps(#value, #index, __probe));
+    };
+    let sync_tags = quote! {
+        #krate::__private::derived_tags(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &[__probe])?
+    };
+    let async_tags = quote! {
+        #krate::__private::derived_tags_async(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &[__probe]).await?
+    };
+    let range = if matches!(
+        d.transform,
+        DerivedTransform::Year | DerivedTransform::YearMonth
+    ) {
+        let between = format_ident!("find_{}_between", column);
+        let between_doc = format!(
+            "The records of `owner` in `{table_name}` whose `{name}` lies from `from` to `to` (inclusive): \
+             the rows in the buckets of the derived index `{column}` ({spec}) the range covers (at most 1,200), \
+             opened, and only those in the range kept. Sort the result by `{name}` afterwards for an ordered list."
+        );
+        let range_keep = quote! {
+            __found.retain(|__r| #krate::__private::in_range(#value, from, to));
+        };
+        let range_tags = |tags_call: TokenStream| {
+            quote! {
+                let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                let __probes = #krate::__private::derived_range::<#vty>(#scope, #index, from, to)?;
+                let __probes: ::std::vec::Vec<&[u8]> = __probes.iter().map(::std::vec::Vec::as_slice).collect();
+                let __tags = #tags_call;
+            }
+        };
+        let sync_range = range_tags(quote! {
+            #krate::__private::derived_tags(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &__probes)?
+        });
+        let async_range = range_tags(quote! {
+            #krate::__private::derived_tags_async(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &__probes).await?
+        });
+        let async_between = if cfg!(feature = "async") {
+            let between_async = format_ident!("find_{}_between_async", column);
+            let doc = format!(
+                "[`{between}`](Self::{between}) on a diesel-async connection, keys resolved without blocking."
+            );
+            quote_spanned! {vty.span()=>
+                #[doc = #doc]
+                ///
+                /// # Errors
+                /// As the sync form.
+                #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+                #vis async fn #between_async<__C>(
+                    owner: impl ::core::convert::Into<#owner_ty>,
+                    from: &#vty,
+                    to: &#vty,
+                    keyring: &#krate::Keyring,
+                    conn: &mut __C,
+                ) -> #krate::Result<::std::vec::Vec<Self>>
+                where
+                    __C: #krate::__private::LoadRecordsAsync<Self, #query_ty>,
+                {
+                    #async_range
+                    if __tags.is_empty() {
+                        return ::core::result::Result::Ok(::std::vec::Vec::new());
+                    }
+                    let mut __found = <__C as #krate::__private::LoadRecordsAsync<Self, #query_ty>>::load_records_async(#query, conn, keyring).await?;
+                    #range_keep
+                    ::core::result::Result::Ok(__found)
+                }
+            }
+        } else {
+            quote! {}
+        };
+        quote_spanned! {vty.span()=>
+            #[doc = #between_doc]
+            ///
+            /// # Errors
+            /// [`Error::InvalidInput`](#krate::Error::InvalidInput) for a range that ends before it
+            /// starts or covers more buckets than one query looks up; key resolution errors;
+            /// then as [`PhiRecord::load`](#krate::PhiRecord::load).
+            #[allow(dead_code)] // One per date-part index, used or not.
+            #vis fn #between<__C>(
+                owner: impl ::core::convert::Into<#owner_ty>,
+                from: &#vty,
+                to: &#vty,
+                keyring: &#krate::Keyring,
+                conn: &mut __C,
+            ) -> #krate::Result<::std::vec::Vec<Self>>
+            where
+                __C: #krate::__private::LoadRecords<Self, #query_ty>,
+            {
+                #sync_range
+                if __tags.is_empty() {
+                    return ::core::result::Result::Ok(::std::vec::Vec::new());
+                }
+                let mut __found = <__C as #krate::__private::LoadRecords<Self, #query_ty>>::load_records(#query, conn, keyring)?;
+                #range_keep
+                ::core::result::Result::Ok(__found)
+            }
+
+            #async_between
+        }
+    } else {
+        quote! {}
+    };
+    let async_methods = if cfg!(feature = "async") {
+        let tags_async = format_ident!("{}_tags_async", column);
+        let find_async = format_ident!("find_by_{}_async", column);
+        let tags_doc = format!(
+            "[`{tags}`](Self::{tags}) for async code: the owner's keys are resolved without blocking."
+        );
+        let find_doc = format!(
+            "[`{find}`](Self::{find}) on a diesel-async connection, keys resolved without blocking."
+        );
+        quote_spanned! {vty.span()=>
+            #[doc = #tags_doc]
+            ///
+            /// # Errors
+            /// As the sync form.
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+            #vis async fn #tags_async(
+                keyring: &#krate::Keyring,
+                owner: impl ::core::convert::Into<#owner_ty>,
+                #params,
+            ) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                #probe
+                ::core::result::Result::Ok(#async_tags)
+            }
+
+            #[doc = #find_doc]
+            ///
+            /// # Errors
+            /// As the sync form.
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+            #vis async fn #find_async<__C>(
+                owner: impl ::core::convert::Into<#owner_ty>,
+                #params,
+                keyring: &#krate::Keyring,
+                conn: &mut __C,
+            ) -> #krate::Result<::std::vec::Vec<Self>>
+            where
+                __C: #krate::__private::LoadRecordsAsync<Self, #query_ty>,
+            {
+                let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                #probe
+                let __tags = #async_tags;
+                if __tags.is_empty() {
+                    return ::core::result::Result::Ok(::std::vec::Vec::new());
+                }
+                let mut __found = <__C as #krate::__private::LoadRecordsAsync<Self, #query_ty>>::load_records_async(#query, conn, keyring).await?;
+                #keep
+                ::core::result::Result::Ok(__found)
+            }
+        }
+    } else {
+        quote! {}
+    };
+    quote_spanned! {vty.span()=>
+        #[doc = #tags_doc]
+        ///
+        /// # Errors
+        /// [`Error::InvalidInput`](#krate::Error::InvalidInput) for a probe too short for the index;
+        /// key resolution errors.
+        #[allow(dead_code)] // One per derived index, used or not (async code uses the async form).
+        #vis fn #tags(
+            keyring: &#krate::Keyring,
+            owner: impl ::core::convert::Into<#owner_ty>,
+            #params,
+        ) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+            let __owner: #owner_ty = ::core::convert::Into::into(owner);
+            #probe
+            ::core::result::Result::Ok(#sync_tags)
+        }
+
+        #[doc = #find_doc]
+        ///
+        /// # Errors
+        /// [`Error::InvalidInput`](#krate::Error::InvalidInput) for a probe too short for the index;
+        /// key resolution errors; then as [`PhiRecord::load`](#krate::PhiRecord::load).
+        #[allow(dead_code)] // One per derived index, used or not (async code uses the async form).
+        #vis fn #find<__C>(
+            owner: impl ::core::convert::Into<#owner_ty>,
+            #params,
+            keyring: &#krate::Keyring,
+            conn: &mut __C,
+        ) -> #krate::Result<::std::vec::Vec<Self>>
+        where
+            __C: #krate::__private::LoadRecords<Self, #query_ty>,
+        {
+            let __owner: #owner_ty = ::core::convert::Into::into(owner);
+            #probe
+            let __tags = #sync_tags;
+            if __tags.is_empty() {
+                return ::core::result::Result::Ok(::std::vec::Vec::new());
+            }
+            let mut __found = <__C as #krate::__private::LoadRecords<Self, #query_ty>>::load_records(#query, conn, keyring)?;
+            #keep
+            ::core::result::Result::Ok(__found)
+        }
+
+        #async_methods
+        #range
+    }
+}
+
 /// Without `#[phi(debug)]`: a compile error when the model implements
 /// `Debug` anyway (a `#[derive(Debug)]` beside `PhiRecord` would print its
 /// encrypted fields), pointing at the model and at `#[phi(debug)]`. A
@@ -1581,7 +1974,9 @@ fn debug(m: &Model) -> TokenStream {
     });
     let index_fields = blind_indexes(m)
         .chain(lookup_indexes(m))
-        .map(|(_, column, _, _)| {
+        .map(|(_, column, _, _)| column)
+        .chain(derived_indexes(m).map(|(_, d, _)| &d.column))
+        .map(|column| {
             let label = column.to_string();
             quote! { .field(#label, &#krate::__private::Redacted) }
         });
@@ -1777,6 +2172,28 @@ mod tests {
                 pub email: String,
                 #[phi(encrypt, lookup_index = phone_lookup)]
                 pub phone: Option<String>,
+                #[phi(encrypted_flag)]
+                pub phi_encrypted: bool,
+            }
+        }));
+    }
+
+    #[test]
+    fn derived_indexes_prefix_digits_and_date_parts() {
+        assert_expansion!(pretty(syn::parse_quote! {
+            #[phi(table = cases)]
+            #[diesel(primary_key(case_id))]
+            pub struct Case {
+                #[phi(row_key)]
+                pub case_id: String,
+                #[phi(owner)]
+                pub user_id: String,
+                #[phi(encrypt, normalize = "trim,lowercase", index(column = last_prefix, prefix = 3, bits = 16))]
+                pub patient_last: String,
+                #[phi(encrypt, index(column = member_last4, last_digits = 4))]
+                pub member_id: String,
+                #[phi(encrypt, index(column = surgery_month, year_month, bits = 12))]
+                pub surgery_date: Option<chrono::NaiveDate>,
                 #[phi(encrypted_flag)]
                 pub phi_encrypted: bool,
             }

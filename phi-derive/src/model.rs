@@ -1,7 +1,7 @@
 //! Parsing and checking a model's `#[phi(…)]` attributes.
 
 use darling::util::{Flag, SpannedValue};
-use darling::{FromDeriveInput, FromField};
+use darling::{FromDeriveInput, FromField, FromMeta};
 use proc_macro2::Span;
 
 #[derive(FromDeriveInput)]
@@ -67,6 +67,21 @@ struct RawField {
     lookup_index: Option<syn::Ident>,
     normalize: Option<SpannedValue<String>>,
     shadow: Option<SpannedValue<darling::util::Override<syn::Ident>>>,
+    /// `index(column = …, prefix = 3, bits = 16, …)`: derived indexes.
+    #[darling(multiple, rename = "index")]
+    indexes: Vec<SpannedValue<RawIndex>>,
+}
+
+/// One `index(…)` of a field.
+#[derive(FromMeta)]
+struct RawIndex {
+    column: syn::Ident,
+    prefix: Option<u16>,
+    last_digits: Option<u16>,
+    year: Flag,
+    year_month: Flag,
+    bits: Option<u16>,
+    normalize: Option<String>,
 }
 
 /// A checked model.
@@ -104,6 +119,8 @@ pub(crate) enum Role {
         /// The owner-independent lookup index column, and its
         /// normalisation (the same as the blind index's).
         lookup_index: Option<BlindIndex>,
+        /// The derived indexes (`index(…)`).
+        derived: Vec<Derived>,
         /// The shadow column of the dual-write phase
         /// (`#[phi(encrypt, shadow)]`): sealed values go there, the
         /// field's own column keeps the plain value.
@@ -116,6 +133,26 @@ pub(crate) struct BlindIndex {
     pub(crate) column: syn::Ident,
     pub(crate) trim: bool,
     pub(crate) lowercase: bool,
+}
+
+/// A derived index (`#[phi(encrypt, index(column = …, …))]`).
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Derived {
+    pub(crate) column: syn::Ident,
+    pub(crate) transform: DerivedTransform,
+    pub(crate) trim: bool,
+    pub(crate) lowercase: bool,
+    pub(crate) bits: u16,
+}
+
+/// What a derived index keeps of the value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DerivedTransform {
+    Whole,
+    Prefix(u16),
+    LastDigits(u16),
+    Year,
+    YearMonth,
 }
 
 pub(crate) struct Field {
@@ -235,11 +272,17 @@ impl Model {
                     ("lookup_index", f.lookup_index.as_ref().map(|b| b.span())),
                     ("normalize", f.normalize.as_ref().map(|s| s.span())),
                     ("shadow", f.shadow.as_ref().map(|s| s.span())),
+                    ("index", f.indexes.first().map(|i| i.span())),
                 ] {
                     if let Some(span) = value_span {
+                        let example = if what == "index" {
+                            "index(column = …, prefix = 3)".to_owned()
+                        } else {
+                            format!("{what} = …")
+                        };
                         errors.push(
                             darling::Error::custom(format!(
-                                "`{what}` applies only to an encrypted field: add `encrypt`, as in `#[phi(encrypt, {what} = …)]`"
+                                "`{what}` applies only to an encrypted field: add `encrypt`, as in `#[phi(encrypt, {example})]`"
                             ))
                             .with_span(&span),
                         );
@@ -269,10 +312,13 @@ impl Model {
                     None => (false, false),
                     Some(text) => match parse_normalize(text) {
                         Ok(n) => {
-                            if f.blind_index.is_none() && f.lookup_index.is_none() {
+                            if f.blind_index.is_none()
+                                && f.lookup_index.is_none()
+                                && f.indexes.is_empty()
+                            {
                                 errors.push(
                                     darling::Error::custom(
-                                        "`normalize` applies to the blind or lookup index: add `blind_index = column` or `lookup_index = column`",
+                                        "`normalize` applies to the blind, lookup or derived indexes: add `blind_index = column`, `lookup_index = column` or `index(column = …)`",
                                     )
                                     .with_span(&text.span()),
                                 );
@@ -307,6 +353,17 @@ impl Model {
                         trim: normalize.0,
                         lowercase: normalize.1,
                     }),
+                    derived: f
+                        .indexes
+                        .iter()
+                        .filter_map(|raw| match derived(raw, normalize) {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                errors.push(e.with_span(&raw.span()));
+                                None
+                            }
+                        })
+                        .collect(),
                     shadow: f.shadow.as_ref().map(|s| match &**s {
                         darling::util::Override::Explicit(ident) => ident.clone(),
                         darling::util::Override::Inherit => {
@@ -445,6 +502,58 @@ impl Model {
             fields,
         })
     }
+}
+
+/// A checked `index(…)`: one transformation at most (none: the whole
+/// value), a tag of 1 to 128 bits, the field's normalisation unless the
+/// index names its own.
+fn derived(raw: &RawIndex, field_normalize: (bool, bool)) -> darling::Result<Derived> {
+    let mut chosen = Vec::new();
+    if let Some(n) = raw.prefix {
+        chosen.push(("prefix", DerivedTransform::Prefix(n), Some(n)));
+    }
+    if let Some(n) = raw.last_digits {
+        chosen.push(("last_digits", DerivedTransform::LastDigits(n), Some(n)));
+    }
+    if raw.year.is_present() {
+        chosen.push(("year", DerivedTransform::Year, None));
+    }
+    if raw.year_month.is_present() {
+        chosen.push(("year_month", DerivedTransform::YearMonth, None));
+    }
+    let transform = match chosen.as_slice() {
+        [] => DerivedTransform::Whole,
+        [(name, transform, n)] => {
+            if *n == Some(0) {
+                return Err(darling::Error::custom(format!(
+                    "`{name} = 0` keeps nothing of the value: use 1 or more"
+                )));
+            }
+            *transform
+        }
+        [(a, ..), (b, ..), ..] => {
+            return Err(darling::Error::custom(format!(
+                "an index keeps one part of the value: `{a}` and `{b}` both given (declare two indexes)"
+            )));
+        }
+    };
+    let bits = raw.bits.unwrap_or(128);
+    if !(1..=128).contains(&bits) {
+        return Err(darling::Error::custom(format!(
+            "`bits = {bits}`: a derived index's tag is 1 to 128 bits (16 to 32 for a coarse bucket)"
+        )));
+    }
+    let (trim, lowercase) = match &raw.normalize {
+        Some(text) => parse_normalize(text)?,
+        None => field_normalize,
+    };
+    Ok(Derived {
+        column: raw.column.clone(),
+        transform,
+        trim,
+        lowercase,
+        bits,
+    })
 }
 
 fn parse_normalize(text: &str) -> darling::Result<(bool, bool)> {

@@ -1387,9 +1387,8 @@ fn add_phi_columns(
         )]);
     }
     let mut indexed: Vec<(&str, u32)> = t
-        .columns
-        .iter()
-        .filter_map(|c| c.blind_index.map(|(i, _)| (i, 16)))
+        .index_columns()
+        .map(|(_, i, index)| (i, u32::try_from(index.len()).unwrap_or(16)))
         .collect();
     indexed.extend(options.lookup_columns.iter().map(|c| (c.as_str(), 20)));
     for (column, len) in indexed {
@@ -2320,6 +2319,7 @@ mod tests {
             scope: column,
             shadow: shadow.then_some(s),
             blind_index: None,
+            derived: &[],
             lookup_index: None,
             canonical: crate::migrate::canonical::<String>,
         };

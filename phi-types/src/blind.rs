@@ -36,6 +36,8 @@
 //!
 //! [`OwnerKeys::blind_indexes`]: crate::OwnerKeys::blind_indexes
 
+pub mod derived;
+
 use std::borrow::Cow;
 
 use zeroize::Zeroizing;
@@ -44,6 +46,7 @@ use crate::error::Result;
 use crate::keyring::OwnerKeys;
 pub use crate::keyring::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 use crate::value::PhiValue;
+pub use derived::{DateParts, DerivedIndex, Transform};
 
 /// How a value is normalised before it is hashed, so that lookups match
 /// values that differ only in ways the application does not care about.
@@ -146,22 +149,6 @@ impl OwnerKeys {
             .with(dek, scope, |key| key.index(value, normalize).to_vec()))
     }
 
-    /// The blind index of `value` in `scope` under data key `version`, if
-    /// the owner holds it: what a value sealed under that version stores.
-    pub(crate) fn blind_index_under<T: PhiValue>(
-        &self,
-        version: u32,
-        scope: &str,
-        value: &T,
-        normalize: Normalize,
-    ) -> Option<Vec<u8>> {
-        let dek = self.dek(version)?;
-        Some(
-            self.blind_keys
-                .with(dek, scope, |key| key.index(value, normalize).to_vec()),
-        )
-    }
-
     /// The blind index of `value` in `scope` under every data key version
     /// the owner holds: the values to look up (`column.eq_any(…)`). Empty
     /// when the owner has no keys, so the lookup finds nothing.
@@ -178,6 +165,145 @@ impl OwnerKeys {
                     .with(dek, scope, |key| key.index(value, normalize).to_vec())
             })
             .collect()
+    }
+}
+
+impl OwnerKeys {
+    /// The tag of `value` in `index` on `scope` (`table.column`), under the
+    /// current data key: what a derived index column stores beside a newly
+    /// sealed value.
+    ///
+    /// # Errors
+    /// [`Error::NoKey`](crate::Error::NoKey) if the owner has no active data key.
+    pub fn derived_index<T: PhiValue>(
+        &self,
+        scope: &str,
+        value: &T,
+        index: &DerivedIndex,
+    ) -> Result<Vec<u8>> {
+        let mut encoded = Zeroizing::new(Vec::with_capacity(value.encoded_len()));
+        value.encode(&mut encoded);
+        Ok(self.derived_index_of(self.current_dek()?, scope, &encoded, index))
+    }
+
+    /// The tag of a value's encoding under data key `version`, if the
+    /// owner holds it: what a value sealed under that version stores.
+    pub(crate) fn derived_index_under(
+        &self,
+        version: u32,
+        scope: &str,
+        encoded: &[u8],
+        index: &DerivedIndex,
+    ) -> Option<Vec<u8>> {
+        Some(self.derived_index_of(self.dek(version)?, scope, encoded, index))
+    }
+
+    /// The tag of a value's encoding under the current data key.
+    pub(crate) fn derived_index_encoded(
+        &self,
+        scope: &str,
+        encoded: &[u8],
+        index: &DerivedIndex,
+    ) -> Result<Vec<u8>> {
+        Ok(self.derived_index_of(self.current_dek()?, scope, encoded, index))
+    }
+
+    fn derived_index_of(
+        &self,
+        dek: &crate::Dek,
+        scope: &str,
+        encoded: &[u8],
+        index: &DerivedIndex,
+    ) -> Vec<u8> {
+        let input = index.input(encoded);
+        self.blind_keys.with_derived(
+            dek,
+            &index.cache_scope(scope),
+            || index.key(dek, scope),
+            |key| index.tag(key, &input),
+        )
+    }
+
+    /// The blind index of a value's encoding under the current data key.
+    pub(crate) fn blind_index_encoded(
+        &self,
+        scope: &str,
+        encoded: &[u8],
+        normalize: Normalize,
+    ) -> Result<Vec<u8>> {
+        Ok(self.blind_index_of(self.current_dek()?, scope, encoded, normalize))
+    }
+
+    /// The blind index of a value's encoding under data key `version`, if
+    /// the owner holds it.
+    pub(crate) fn blind_index_encoded_under(
+        &self,
+        version: u32,
+        scope: &str,
+        encoded: &[u8],
+        normalize: Normalize,
+    ) -> Option<Vec<u8>> {
+        Some(self.blind_index_of(self.dek(version)?, scope, encoded, normalize))
+    }
+
+    fn blind_index_of(
+        &self,
+        dek: &crate::Dek,
+        scope: &str,
+        encoded: &[u8],
+        normalize: Normalize,
+    ) -> Vec<u8> {
+        let normalised = normalize.apply(encoded);
+        let out = self
+            .blind_keys
+            .with(dek, scope, |key| key.compute(&normalised).to_vec());
+        if let Cow::Owned(mut owned) = normalised {
+            zeroize::Zeroize::zeroize(&mut owned);
+        }
+        out
+    }
+
+    /// The tags to look up `probes` (encodings, as values have: a name
+    /// prefix, digits, [`DerivedIndex::year_probe`]) in `index` on `scope`,
+    /// under every data key version the owner holds: the values a query
+    /// matches with `eq_any`. Empty when the owner has no keys.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the scope
+    /// and the index when a probe is too short for it
+    /// ([`DerivedIndex::probe`]).
+    pub fn derived_probes(
+        &self,
+        scope: &str,
+        index: &DerivedIndex,
+        probes: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut inputs = Vec::with_capacity(probes.len());
+        for probe in probes {
+            inputs.push(
+                index
+                    .probe(probe)
+                    .map_err(|reason| crate::Error::InvalidInput {
+                        what: "search term",
+                        reason: format!("{scope} ({}): {reason}", index.spec()),
+                    })?,
+            );
+        }
+        let mut out = Vec::new();
+        for version in self.versions() {
+            let Some(dek) = self.dek(version) else {
+                continue;
+            };
+            self.blind_keys.with_derived(
+                dek,
+                &index.cache_scope(scope),
+                || index.key(dek, scope),
+                |key| out.extend(inputs.iter().map(|input| index.tag(key, input))),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 }
 

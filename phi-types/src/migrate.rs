@@ -1243,9 +1243,9 @@ fn check_sealed(
                 "opens, but the sealed value is not in its type's canonical encoding (decrypt-back and backfill again re-encode it)",
             ));
         }
-        if let Some((index, normalize)) = c.blind_index {
+        for (index, kind) in c.indexes() {
             // From the decoded value, as the application's lookups compute it.
-            let expected = keys.blind_indexes(c.scope, &*canonical, normalize);
+            let expected = kind.any_version(keys, c.scope, &canonical);
             let stored = row_index(t, row, index);
             if !stored.is_some_and(|s| expected.iter().any(|e| e == s)) {
                 out.push(failure(
@@ -1253,7 +1253,7 @@ fn check_sealed(
                     index,
                     row,
                     BlindIndex,
-                    "the blind index is missing or does not match the value",
+                    format_args!("the {} is missing or does not match the value", kind.kind()),
                 ));
             }
         }
@@ -1261,13 +1261,9 @@ fn check_sealed(
     out
 }
 
-/// A blind index column's stored value, read after the encrypted columns.
+/// An index column's stored value, read after the encrypted columns.
 fn row_index<'r>(t: &StoredTable, row: &'r MigrationRow, index: &str) -> Option<&'r Vec<u8>> {
-    let position = t
-        .columns
-        .iter()
-        .filter_map(|c| c.blind_index.map(|(i, _)| i))
-        .position(|i| i == index)?;
+    let position = t.index_columns().position(|(_, i, _)| i == index)?;
     row.values.get(t.columns.len() + position)?.as_ref()
 }
 
@@ -1741,9 +1737,7 @@ fn seal_row(
     for (c, value) in t.columns.iter().zip(&row.values) {
         let Some(plain) = value else {
             write.values.push(None);
-            if c.blind_index.is_some() {
-                write.indexes.push(None);
-            }
+            write.indexes.extend(c.indexes().map(|_| None));
             continue;
         };
         let stored = classify(t, c.column, row, plain, legacy, records)?;
@@ -1784,10 +1778,10 @@ fn seal_row(
         write.values.push(Some(
             keys.seal(&*canonical, c.scope, &row.row)?.into_bytes(),
         ));
-        if let Some((_, normalize)) = c.blind_index {
+        for (_, index) in c.indexes() {
             write
                 .indexes
-                .push(Some(keys.blind_index(c.scope, &*canonical, normalize)?));
+                .push(Some(index.current(keys, c.scope, &canonical)?));
         }
     }
     Ok((write, reencoded))
@@ -1900,9 +1894,7 @@ fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(
     };
     let mut reencoded = 0;
     for (i, c) in t.columns.iter().enumerate() {
-        if c.blind_index.is_some() {
-            write.indexes.push(None);
-        }
+        write.indexes.extend(c.indexes().map(|_| None));
         let Some(sealed) = row
             .values
             .get(t.sealed_position(i))

@@ -2275,7 +2275,7 @@ impl Updated {
 pub(crate) mod __private {
     use std::fmt;
 
-    use crate::blind::Normalize;
+    use crate::blind::{DerivedIndex, Normalize};
     use crate::error::{Error, Result};
     use crate::keyring::OwnerKeys;
     use crate::sealer::Sealer;
@@ -2354,6 +2354,102 @@ pub(crate) mod __private {
             (Some(keys), Some(value)) => keys.blind_index(scope, value, normalize).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// The derived index tag to store beside a sealed value; `None` for an
+    /// unsealed row or a null.
+    pub fn derived<T: PhiValue>(
+        keys: Option<&OwnerKeys>,
+        value: Option<&T>,
+        scope: &str,
+        index: DerivedIndex,
+    ) -> Result<Option<Vec<u8>>> {
+        match (keys, value) {
+            (Some(keys), Some(value)) => keys.derived_index(scope, value, &index).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The tags a derived-index finder looks `probes` up by, for `owner`'s
+    /// rows of `table` (recorded as a lookup of `column`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn derived_tags(
+        keyring: &crate::Keyring,
+        table: &str,
+        owner: &str,
+        column: &str,
+        scope: &str,
+        index: DerivedIndex,
+        probes: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>> {
+        let access = begin_lookup(keyring, table, owner, column)?;
+        let tags = keyring
+            .keys_for_open(owner)?
+            .derived_probes(scope, &index, probes)?;
+        finish_lookup(keyring, access)?;
+        Ok(tags)
+    }
+
+    /// [`derived_tags`] for async code: keys resolved without blocking.
+    #[cfg(feature = "async")]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn derived_tags_async(
+        keyring: &crate::Keyring,
+        table: &str,
+        owner: &str,
+        column: &str,
+        scope: &str,
+        index: DerivedIndex,
+        probes: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>> {
+        let access = begin_lookup(keyring, table, owner, column)?;
+        let tags = keyring
+            .keys_for_open_async(owner)
+            .await?
+            .derived_probes(scope, &index, probes)?;
+        finish_lookup(keyring, access)?;
+        Ok(tags)
+    }
+
+    /// A value's encoding, wiped on drop: a finder's probe.
+    pub fn encoded<T: PhiValue>(value: &T) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(value.encoded_len()));
+        value.encode(&mut out);
+        out
+    }
+
+    /// Whether an opened value answers a derived-index finder's `probe`
+    /// exactly ([`DerivedIndex::matches`]); a null never does.
+    pub fn derived_keeps<T: PhiValue>(
+        value: Option<&T>,
+        index: DerivedIndex,
+        probe: &[u8],
+    ) -> bool {
+        value.is_some_and(|value| index.matches(&encoded(value), probe))
+    }
+
+    /// The bucket probes of a date range for a `year` or `year_month`
+    /// index on `scope`: at most [`MAX_RANGE_BUCKETS`].
+    pub fn derived_range<T: crate::blind::DateParts>(
+        scope: &str,
+        index: DerivedIndex,
+        from: &T,
+        to: &T,
+    ) -> Result<Vec<Vec<u8>>> {
+        index
+            .range_probes(from.year_month(), to.year_month(), MAX_RANGE_BUCKETS)
+            .map_err(|reason| Error::InvalidInput {
+                what: "date range",
+                reason: format!("{scope} ({}): {reason}", index.spec()),
+            })
+    }
+
+    /// The most buckets a range finder looks up in one query.
+    pub const MAX_RANGE_BUCKETS: usize = 1_200;
+
+    /// Whether an opened value lies in `from..=to`; a null never does.
+    pub fn in_range<T: PartialOrd>(value: Option<&T>, from: &T, to: &T) -> bool {
+        value.is_some_and(|value| from <= value && value <= to)
     }
 
     /// The lookup value to store beside a value (sealed or not): under the
@@ -2498,6 +2594,9 @@ pub(crate) mod __private {
             fn(Option<&OwnerKeys>, Option<Encrypted<T>>, &str, &[u8], &str) -> Result<Option<T>>,
         /// [`blind`].
         pub blind: fn(Option<&OwnerKeys>, Option<&T>, &str, Normalize) -> Result<Option<Vec<u8>>>,
+        /// [`derived`].
+        pub derived:
+            fn(Option<&OwnerKeys>, Option<&T>, &str, DerivedIndex) -> Result<Option<Vec<u8>>>,
         /// [`OwnerKeys::blind_indexes`].
         pub indexes: fn(&OwnerKeys, &str, &T, Normalize) -> Vec<Vec<u8>>,
         /// [`lookup`].
@@ -2528,6 +2627,7 @@ pub(crate) mod __private {
             open: open::<T>,
             open_opt: open_opt::<T>,
             blind: blind::<T>,
+            derived: derived::<T>,
             indexes: |keys, scope, value, normalize| keys.blind_indexes(scope, value, normalize),
             lookup: lookup::<T>,
             lookup_matches: lookup_matches::<T>,

@@ -110,6 +110,8 @@ macro_rules! async_schema {
                 status -> Varchar,
                 phi_encrypted -> Bool,
                 patient_last_bidx -> Nullable<Binary>,
+                last_prefix -> Nullable<Binary>,
+                dob_year -> Nullable<Binary>,
             }
         }
         #[allow(unused_imports)]
@@ -124,9 +126,14 @@ macro_rules! async_schema {
             case_id: String,
             #[phi(owner)]
             user_id: String,
-            #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+            #[phi(
+                encrypt,
+                blind_index = patient_last_bidx,
+                normalize = "trim,lowercase",
+                index(column = last_prefix, prefix = 2, bits = 8)
+            )]
             patient_last: String,
-            #[phi(encrypt)]
+            #[phi(encrypt, index(column = dob_year, year))]
             patient_dob: NaiveDate,
             #[phi(encrypt)]
             scan: Option<Vec<u8>>,
@@ -147,7 +154,8 @@ macro_rules! async_schema {
             diesel::RunQueryDsl::execute(diesel::sql_query(format!(
                 "CREATE TABLE {TABLE} (case_id VARCHAR(64) NOT NULL PRIMARY KEY, user_id VARCHAR(255) NOT NULL, \
                  patient_last {BLOB} NOT NULL, patient_dob {BLOB} NOT NULL, scan {BLOB} NULL, \
-                 status VARCHAR(32) NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE, patient_last_bidx {index} NULL)"
+                 status VARCHAR(32) NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE, patient_last_bidx {index} NULL, \
+                 last_prefix {index} NULL, dob_year {index} NULL)"
             )), &mut conn)
             .expect("create");
         }
@@ -328,6 +336,26 @@ mod single_rows {
             .await
             .expect("load_where_async");
             assert_eq!(prefixed.iter().map(|c| c.case_id.clone()).collect::<Vec<_>>(), [format!("{alice}-1")]);
+            // The same through the derived index: its tags, then the exact
+            // finder, then the date-range finder by year buckets.
+            let tags = Case::last_prefix_tags_async(&keyring, alice.as_str(), "Do").await.expect("tags");
+            assert_eq!(tags.len(), 1, "one version, one tag of 8 bits: {tags:?}");
+            assert_eq!(tags[0].len(), 1);
+            let found = Case::find_by_last_prefix_async(alice.as_str(), "do", &keyring, &mut conn).await.expect("prefix");
+            assert_eq!(found.iter().map(|c| c.case_id.clone()).collect::<Vec<_>>(), [format!("{alice}-1")]);
+            let short = Case::find_by_last_prefix_async(alice.as_str(), "d", &keyring, &mut conn).await.expect_err("short");
+            assert!(matches!(short, phi::Error::InvalidInput { .. }), "{short}");
+            let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).expect("date");
+            let born = Case::find_dob_year_between_async(alice.as_str(), &day(1979, 6, 1), &day(1980, 1, 15), &keyring, &mut conn)
+                .await
+                .expect("range");
+            assert_eq!(born.len(), 2, "both of alice's cases, born 1980-01-15");
+            let none = Case::find_dob_year_between_async(alice.as_str(), &day(1980, 1, 16), &day(1981, 1, 1), &keyring, &mut conn)
+                .await
+                .expect("range");
+            assert!(none.is_empty(), "the 1980 bucket holds them, the range test drops them");
+            let in_year = Case::find_by_dob_year_async(alice.as_str(), 1980, &keyring, &mut conn).await.expect("year");
+            assert_eq!(in_year.len(), 2);
 
             let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
             assert!(Case::load_optional_async(t::table.filter(poe), &mut conn, &keyring).await.expect("optional").is_none());

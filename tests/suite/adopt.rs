@@ -632,6 +632,7 @@ fn finalize_model(table: &'static str) -> StoredTable {
         scope: column,
         shadow: Some(shadow),
         blind_index: None,
+        derived: &[],
         lookup_index: None,
         canonical: canonical::<String>,
     };

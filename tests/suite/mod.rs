@@ -700,6 +700,11 @@ mod lookup {
     include!("lookup.rs");
 }
 
+mod search {
+    use super::*;
+    include!("search.rs");
+}
+
 /// Guarded updates racing backfill, decrypt-back and other writers.
 mod guarded {
     use super::*;

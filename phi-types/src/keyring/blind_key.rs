@@ -42,6 +42,18 @@ impl BlindIndexKey {
         BlindIndexKey { key }
     }
 
+    /// Derives a key from `dek` with HKDF-SHA256 (salt empty) and `info`
+    /// the concatenation of `info`'s parts: the derivation of
+    /// [derived indexes](crate::blind::derived).
+    pub fn derive_with_info(dek: &Dek, info: &[&[u8]]) -> Self {
+        let hkdf = Hkdf::<Sha256>::new(None, dek.key().expose());
+        let mut key = Zeroizing::new([0u8; 32]);
+        // 32 bytes is far below HKDF-SHA256's 8,160-byte limit.
+        let expanded = hkdf.expand_multi_info(info, &mut key[..]);
+        debug_assert!(expanded.is_ok());
+        BlindIndexKey { key }
+    }
+
     /// A second copy of the key (zeroized on drop like the first).
     fn duplicate(&self) -> Self {
         BlindIndexKey {
@@ -98,6 +110,19 @@ impl BlindKeyCache {
     /// Runs `f` with the blind-index key of `dek`'s version and `scope`,
     /// derived on first use.
     pub(crate) fn with<R>(&self, dek: &Dek, scope: &str, f: impl FnOnce(&BlindIndexKey) -> R) -> R {
+        self.with_derived(dek, scope, || BlindIndexKey::derive(dek, scope), f)
+    }
+
+    /// [`with`](Self::with) for a key derived otherwise (a
+    /// [derived index](crate::blind::derived)'s), cached under `scope`, a
+    /// name of its own.
+    pub(crate) fn with_derived<R>(
+        &self,
+        dek: &Dek,
+        scope: &str,
+        derive: impl FnOnce() -> BlindIndexKey,
+        f: impl FnOnce(&BlindIndexKey) -> R,
+    ) -> R {
         let find = |keys: &[DerivedKey]| {
             keys.iter()
                 .position(|(v, s, _)| *v == dek.version() && &**s == scope)
@@ -129,11 +154,7 @@ impl BlindKeyCache {
                     );
                     *keys = grown;
                 }
-                keys.push((
-                    dek.version(),
-                    intern(scope),
-                    BlindIndexKey::derive(dek, scope),
-                ));
+                keys.push((dek.version(), intern(scope), derive()));
                 keys.len() - 1
             }
         };

@@ -818,9 +818,8 @@ pub fn reseal<C: DataConnection>(
 
 /// Opens one stored value of `column` (as raw plaintext bytes: every value
 /// type's encoding is bytes) and seals it under the current version with
-/// the same binding; when the column has a blind index, computes the
-/// value's index under that same version from the plaintext (the encoding
-/// the model indexes).
+/// the same binding; computes the value's blind and derived indexes under
+/// that same version from the plaintext (the encoding the model indexes).
 fn reseal_value(
     keys: &OwnerKeys,
     stored: Vec<u8>,
@@ -830,11 +829,11 @@ fn reseal_value(
     let scope = column.scope.as_str();
     let plain = Zeroizing::new(keys.open::<Vec<u8>>(Encrypted::from_bytes(stored), scope, row)?);
     let value = keys.seal::<Vec<u8>>(&plain, scope, row)?.into_bytes();
-    let index = match &column.blind_index {
-        Some((_, normalize)) => Some(keys.blind_index(scope, &*plain, *normalize)?),
-        None => None,
-    };
-    Ok(tables::Resealed { value, index })
+    let indexes = column
+        .indexes()
+        .map(|(_, index)| index.current(keys, scope, &plain))
+        .collect::<Result<_>>()?;
+    Ok(tables::Resealed { value, indexes })
 }
 
 // ---------------------------------------------------------------------------

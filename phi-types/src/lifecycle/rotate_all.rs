@@ -795,23 +795,24 @@ fn verify_sample<C: DataConnection>(
                 tracing::debug!(version, want, "a sampled value is under an older version");
                 continue;
             }
-            let (Some((index, normalize)), Some(p)) = (&c.blind_index, t.index_position(i)) else {
-                continue;
-            };
-            let expected = owner_keys.blind_index_under(version, &c.scope, &*plain, *normalize);
-            if expected.is_none() || row.values.get(p).and_then(Option::as_ref) != expected.as_ref()
-            {
-                return Err(Error::DataTable {
-                    operation: "verifying re-sealed rows",
-                    table: t.table.clone(),
-                    column: index.clone(),
-                    owner: row.owner.clone(),
-                    source: format!(
-                        "row {:?}: the blind index is not the one of its value under key version {version}",
-                        row.key_text()
-                    )
-                    .into(),
-                });
+            for (p, index, kind) in t.index_positions(i) {
+                let expected = kind.under(owner_keys, version, &c.scope, &plain);
+                if expected.is_none()
+                    || row.values.get(p).and_then(Option::as_ref) != expected.as_ref()
+                {
+                    return Err(Error::DataTable {
+                        operation: "verifying re-sealed rows",
+                        table: t.table.clone(),
+                        column: index.to_owned(),
+                        owner: row.owner.clone(),
+                        source: format!(
+                            "row {:?}: the {} is not the one of its value under key version {version}",
+                            row.key_text(),
+                            kind.kind()
+                        )
+                        .into(),
+                    });
+                }
             }
         }
     }

@@ -21,10 +21,11 @@ use diesel::sql_types::{BigInt, Binary, Bool, HasSqlType, Nullable, Text, Untype
 
 use zeroize::Zeroizing;
 
-use crate::blind::Normalize;
+use crate::blind::{DerivedIndex, Normalize};
 use crate::connection::PhiConnection;
 use crate::envelope::{MAGIC, VERSION_V1};
 use crate::error::{BoxError, DecodeError, Error, Result};
+use crate::keyring::OwnerKeys;
 use crate::set_shape::SetShape;
 
 /// The longest identifier accepted (MySQL's limit).
@@ -278,6 +279,87 @@ pub struct ResealColumn {
     /// re-seal writes each value's index under the version it seals the
     /// value with, in the same `UPDATE`. `None`: no blind index.
     pub blind_index: Option<(String, Normalize)>,
+    /// The derived index columns kept beside it (`#[phi(encrypt,
+    /// index(…))]`, see [`crate::blind::derived`]), rewritten with each
+    /// re-sealed value as the blind index is.
+    pub derived: Vec<(String, DerivedIndex)>,
+}
+
+impl ResealColumn {
+    /// Its index columns, in the order the jobs read them: the blind index,
+    /// then the derived indexes.
+    pub(crate) fn indexes(&self) -> impl Iterator<Item = (&str, ColumnIndex)> {
+        self.blind_index
+            .iter()
+            .map(|(name, n)| (name.as_str(), ColumnIndex::Blind(*n)))
+            .chain(
+                self.derived
+                    .iter()
+                    .map(|(name, d)| (name.as_str(), ColumnIndex::Derived(*d))),
+            )
+    }
+}
+
+/// An index column kept beside an encrypted column: its blind index or one
+/// of its derived indexes. The jobs that seal or re-seal a value write its
+/// indexes in the same `UPDATE`, computed from the plaintext under the
+/// version the value is sealed with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ColumnIndex {
+    /// The [blind index](crate::blind), with its normalisation.
+    Blind(Normalize),
+    /// A [derived index](crate::blind::derived).
+    Derived(DerivedIndex),
+}
+
+impl ColumnIndex {
+    /// The index value of `plain` (a value's encoding) under the owner's
+    /// current version.
+    pub(crate) fn current(&self, keys: &OwnerKeys, scope: &str, plain: &[u8]) -> Result<Vec<u8>> {
+        match self {
+            ColumnIndex::Blind(normalize) => keys.blind_index_encoded(scope, plain, *normalize),
+            ColumnIndex::Derived(index) => keys.derived_index_encoded(scope, plain, index),
+        }
+    }
+
+    /// The index value of `plain` under `version`, if the owner holds it.
+    pub(crate) fn under(
+        &self,
+        keys: &OwnerKeys,
+        version: u32,
+        scope: &str,
+        plain: &[u8],
+    ) -> Option<Vec<u8>> {
+        match self {
+            ColumnIndex::Blind(normalize) => {
+                keys.blind_index_encoded_under(version, scope, plain, *normalize)
+            }
+            ColumnIndex::Derived(index) => keys.derived_index_under(version, scope, plain, index),
+        }
+    }
+
+    /// The index values of `plain` under every version the owner holds.
+    pub(crate) fn any_version(&self, keys: &OwnerKeys, scope: &str, plain: &[u8]) -> Vec<Vec<u8>> {
+        keys.versions()
+            .filter_map(|v| self.under(keys, v, scope, plain))
+            .collect()
+    }
+
+    /// The stored length of an index value, in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            ColumnIndex::Blind(_) => crate::blind::BLIND_INDEX_LEN,
+            ColumnIndex::Derived(index) => index.tag_len(),
+        }
+    }
+
+    /// What it is, in messages: `blind index` or `derived index`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            ColumnIndex::Blind(_) => "blind index",
+            ColumnIndex::Derived(_) => "derived index",
+        }
+    }
 }
 
 impl ResealTable {
@@ -378,6 +460,7 @@ impl ResealTable {
             column: column.into(),
             scope: scope.into(),
             blind_index: None,
+            derived: Vec::new(),
         });
         self
     }
@@ -413,30 +496,76 @@ impl ResealTable {
                 column: String::new(),
                 scope: String::new(),
                 blind_index: index,
+                derived: Vec::new(),
+            }),
+        }
+        self
+    }
+
+    /// Gives the encrypted column added last a derived index column
+    /// (`#[phi(encrypt, index(column = index_column, …))]`), rewritten
+    /// with each re-sealed value as the blind index is. In a description
+    /// ([`parse`](Self::parse)): `/index_column=prefix(3)#trim+lowercase#16`,
+    /// the transformation, then the normalisation and the tag bits.
+    ///
+    /// ```
+    /// use phi_types::blind::{DerivedIndex, Normalize};
+    /// use phi_types::lifecycle::ResealTable;
+    /// let cases = ResealTable::new("cases", "user_id")
+    ///     .key_column("case_id")
+    ///     .column("patient_last")
+    ///     .derived_index("last_prefix", DerivedIndex::prefix(3).normalize(Normalize::TRIM_LOWERCASE).bits(16));
+    /// let spec = "cases:user_id:case_id:patient_last/last_prefix=prefix(3)#trim+lowercase#16";
+    /// assert_eq!(ResealTable::parse(spec)?, cases);
+    /// assert_eq!(cases.to_string(), spec);
+    /// # Ok::<(), phi_types::Error>(())
+    /// ```
+    ///
+    /// Called before any column, it names no column: the jobs refuse the
+    /// table.
+    #[must_use]
+    pub fn derived_index(mut self, index_column: impl Into<String>, index: DerivedIndex) -> Self {
+        let entry = (index_column.into(), index);
+        match self.columns.last_mut() {
+            Some(last) => last.derived.push(entry),
+            None => self.columns.push(ResealColumn {
+                column: String::new(),
+                scope: String::new(),
+                blind_index: None,
+                derived: vec![entry],
             }),
         }
         self
     }
 
     /// The columns the whole-row jobs read, in [`MigrationRow::values`]'
-    /// order: the encrypted columns, then the blind index columns.
+    /// order: the encrypted columns, then each one's index columns (its
+    /// blind index, then its derived indexes).
     pub(crate) fn read_columns(&self) -> impl Iterator<Item = &str> {
         self.columns.iter().map(|c| c.column.as_str()).chain(
             self.columns
                 .iter()
-                .filter_map(|c| c.blind_index.as_ref().map(|(i, _)| i.as_str())),
+                .flat_map(|c| c.indexes().map(|(i, _)| i)),
         )
     }
 
-    /// Where the blind index of `self.columns[i]` sits among the
-    /// [`read_columns`](Self::read_columns), when it has one.
-    pub(crate) fn index_position(&self, i: usize) -> Option<usize> {
-        self.columns.get(i)?.blind_index.as_ref()?;
-        let before = self.columns[..i]
+    /// Where the index columns of `self.columns[i]` sit among the
+    /// [`read_columns`](Self::read_columns), with their names and kinds.
+    pub(crate) fn index_positions(
+        &self,
+        i: usize,
+    ) -> impl Iterator<Item = (usize, &str, ColumnIndex)> {
+        let before: usize = self.columns[..i.min(self.columns.len())]
             .iter()
-            .filter(|c| c.blind_index.is_some())
-            .count();
-        Some(self.columns.len() + before)
+            .map(|c| c.indexes().count())
+            .sum();
+        let start = self.columns.len() + before;
+        self.columns
+            .get(i)
+            .into_iter()
+            .flat_map(ResealColumn::indexes)
+            .enumerate()
+            .map(move |(k, (name, index))| (start + k, name, index))
     }
 
     /// Whether the set-based jobs read and write this table's rows whole
@@ -504,17 +633,25 @@ impl ResealTable {
                 Some((column, scope)) => (column, Some(scope.trim())),
                 None => (column, None),
             };
-            // `column/index#normalisation`: the index is named before any
-            // scope, which may hold any character.
-            let (column, index) = match column.split_once('/') {
-                Some((column, index)) => (column.trim(), Some(index)),
-                None => (column.trim(), None),
-            };
+            // `column/index#normalisation/derived=transform#…`: the indexes
+            // are named before any scope, which may hold any character.
+            let mut segments = column.split('/');
+            let column = segments.next().unwrap_or_default().trim();
             out = match scope {
                 Some(scope) => out.column_with_scope(column, scope),
                 None => out.column(column),
             };
-            if let Some(index) = index {
+            for index in segments {
+                if let Some((name, spec)) = index.split_once('=') {
+                    let derived = parse_derived(spec).map_err(|why| bad(&why))?;
+                    if name.trim().is_empty() {
+                        return Err(bad(&format!(
+                            "column {column:?} names an empty derived index column"
+                        )));
+                    }
+                    out = out.derived_index(name.trim(), derived);
+                    continue;
+                }
                 let (index, normalize) = match index.split_once('#') {
                     None => (index.trim(), Normalize::NONE),
                     Some((index, names)) => (
@@ -530,6 +667,11 @@ impl ResealTable {
                 if index.is_empty() {
                     return Err(bad(&format!(
                         "column {column:?} names an empty blind index column"
+                    )));
+                }
+                if out.columns.last().is_some_and(|c| c.blind_index.is_some()) {
+                    return Err(bad(&format!(
+                        "column {column:?} names two blind index columns (a derived index is `name=transform`)"
                     )));
                 }
                 out = out.blind_index(index, normalize);
@@ -577,9 +719,9 @@ impl ResealTable {
             )));
         }
         for c in &self.columns {
-            if let (true, Some((index, _))) = (c.column.is_empty(), &c.blind_index) {
+            if let (true, Some((index, _))) = (c.column.is_empty(), c.indexes().next()) {
                 return Err(Error::Config(format!(
-                    "table {}: the blind index column {index:?} is given before any encrypted column",
+                    "table {}: the index column {index:?} is given before any encrypted column",
                     self.table
                 )));
             }
@@ -593,9 +735,60 @@ impl ResealTable {
             if let Some((index, _)) = &c.blind_index {
                 check_identifier("blind index column", index, false)?;
             }
+            for (index, derived) in &c.derived {
+                check_identifier("derived index column", index, false)?;
+                derived.check().map_err(|why| {
+                    Error::Config(format!("derived index {}.{index}: {why}", self.table))
+                })?;
+            }
         }
         Ok(())
     }
+}
+
+/// A derived index in a table description: `prefix(3)`, `last_digits(4)`,
+/// `year`, `year_month` or `whole`, then `#`-separated a normalisation
+/// (`trim+lowercase`) and the tag bits (`16`), each optional.
+fn parse_derived(spec: &str) -> std::result::Result<DerivedIndex, String> {
+    let mut parts = spec.split('#').map(str::trim);
+    let transform = parts.next().unwrap_or_default().to_ascii_lowercase();
+    let counted = |name: &str| -> Option<std::result::Result<u16, String>> {
+        let inner = transform
+            .strip_prefix(name)?
+            .strip_prefix('(')?
+            .strip_suffix(')')?;
+        Some(
+            inner
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{name}(…) takes a count, not {inner:?}")),
+        )
+    };
+    let mut index = match transform.as_str() {
+        "whole" => DerivedIndex::whole(),
+        "year" => DerivedIndex::year(),
+        "year_month" => DerivedIndex::year_month(),
+        _ => match (counted("prefix"), counted("last_digits")) {
+            (Some(n), _) => DerivedIndex::prefix(n?),
+            (_, Some(n)) => DerivedIndex::last_digits(n?),
+            _ => {
+                return Err(format!(
+                    "unknown derived index {transform:?} (whole, prefix(n), last_digits(n), year or year_month)"
+                ));
+            }
+        },
+    };
+    for part in parts {
+        if let Ok(bits) = part.parse::<u16>() {
+            index = index.bits(bits);
+        } else {
+            index = index.normalize(normalize_from_names(part).ok_or_else(|| {
+                format!("unknown normalisation {part:?} (none, trim, lowercase or trim+lowercase)")
+            })?);
+        }
+    }
+    index.check()?;
+    Ok(index)
 }
 
 /// The name of a normalisation in a table description: `none`, `trim`,
@@ -654,6 +847,15 @@ impl fmt::Display for ResealTable {
                     write!(f, "#{}", normalize_name(*normalize))?;
                 }
             }
+            for (index, derived) in &c.derived {
+                write!(f, "/{index}={}", derived.transform())?;
+                if derived.normalization() != Normalize::NONE {
+                    write!(f, "#{}", normalize_name(derived.normalization()))?;
+                }
+                if derived.tag_bits() != crate::blind::derived::MAX_DERIVED_BITS {
+                    write!(f, "#{}", derived.tag_bits())?;
+                }
+            }
             if c.scope != self.default_scope(&c.column) {
                 write!(f, "@{}", c.scope)?;
             }
@@ -705,6 +907,9 @@ pub struct StoredColumn {
     pub shadow: Option<&'static str>,
     /// The blind index column computed from it, and its normalisation.
     pub blind_index: Option<(&'static str, Normalize)>,
+    /// The derived index columns computed from it (`#[phi(encrypt,
+    /// index(…))]`, see [`crate::blind::derived`]), and their indexes.
+    pub derived: &'static [(&'static str, crate::blind::DerivedIndex)],
     /// The lookup index column computed from it (`#[phi(encrypt,
     /// lookup_index = …)]`, see [`crate::lookup`]), and its normalisation.
     pub lookup_index: Option<(&'static str, Normalize)>,
@@ -724,12 +929,26 @@ impl fmt::Debug for StoredColumn {
             .field("scope", &self.scope)
             .field("shadow", &self.shadow)
             .field("blind_index", &self.blind_index)
+            .field("derived", &self.derived)
             .field("lookup_index", &self.lookup_index)
             .finish_non_exhaustive()
     }
 }
 
 impl StoredColumn {
+    /// Its index columns, in the order the jobs read them: the blind index,
+    /// then the derived indexes.
+    pub(crate) fn indexes(&self) -> impl Iterator<Item = (&'static str, ColumnIndex)> {
+        self.blind_index
+            .map(|(name, n)| (name, ColumnIndex::Blind(n)))
+            .into_iter()
+            .chain(
+                self.derived
+                    .iter()
+                    .map(|(name, d)| (*name, ColumnIndex::Derived(*d))),
+            )
+    }
+
     /// The column sealed values are stored in: the shadow column during
     /// the dual-write phase, else the column itself.
     pub fn sealed_column(&self) -> &'static str {
@@ -753,10 +972,19 @@ impl StoredTable {
             .chain(
                 self.columns
                     .iter()
-                    .filter_map(|c| c.blind_index.map(|(i, _)| i)),
+                    .flat_map(|c| c.indexes().map(|(i, _)| i)),
             )
             .chain(self.columns.iter().filter_map(|c| c.shadow))
             .collect()
+    }
+
+    /// The index columns of every encrypted column, in read order, each
+    /// with the position of its encrypted column.
+    pub(crate) fn index_columns(&self) -> impl Iterator<Item = (usize, &'static str, ColumnIndex)> {
+        self.columns
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| c.indexes().map(move |(name, index)| (i, name, index)))
     }
 
     /// Where the sealed value of `self.columns[i]` sits among the
@@ -766,11 +994,7 @@ impl StoredTable {
         if self.columns[i].shadow.is_none() {
             return i;
         }
-        let indexes = self
-            .columns
-            .iter()
-            .filter(|c| c.blind_index.is_some())
-            .count();
+        let indexes = self.index_columns().count();
         let shadows_before = self.columns[..i]
             .iter()
             .filter(|c| c.shadow.is_some())
@@ -805,6 +1029,9 @@ impl StoredTable {
             if let Some((index, normalize)) = c.blind_index {
                 out = out.blind_index(index, normalize);
             }
+            for (index, derived) in c.derived {
+                out = out.derived_index(*index, *derived);
+            }
         }
         Ok(out)
     }
@@ -822,6 +1049,12 @@ impl StoredTable {
             }
             if let Some((index, _)) = c.blind_index {
                 check_identifier("blind index column", index, false)?;
+            }
+            for (index, derived) in c.derived {
+                check_identifier("derived index column", index, false)?;
+                derived.check().map_err(|why| {
+                    Error::Config(format!("derived index {}.{index}: {why}", self.table))
+                })?;
             }
             if let Some((lookup, _)) = c.lookup_index {
                 check_identifier("lookup column", lookup, false)?;
@@ -902,11 +1135,12 @@ pub(crate) struct BatchOutcome {
     pub(crate) conflicts: u64,
 }
 
-/// A value re-sealed: its new bytes, and when its column has a blind
-/// index, the index recomputed under the version it is now sealed with.
+/// A value re-sealed: its new bytes, and its column's indexes
+/// ([`ResealColumn::indexes`], in order) recomputed under the version it is
+/// now sealed with.
 pub(crate) struct Resealed {
     pub(crate) value: Vec<u8>,
-    pub(crate) index: Option<Vec<u8>>,
+    pub(crate) indexes: Vec<Vec<u8>>,
 }
 
 /// Turns a value's old bytes into its new bytes (open, then seal).
@@ -2497,12 +2731,13 @@ macro_rules! data_connection {
                         for value in &values {
                             news.push(reseal(value)?);
                         }
-                        let index = column.blind_index.as_ref().map(|(i, _)| i.as_str());
                         let update = SetUpdate {
                             shape: d.shape,
                             table: &table.table,
                             matches: vec![key_column, &column.column],
-                            sets: std::iter::once(column.column.as_str()).chain(index).collect(),
+                            sets: std::iter::once(column.column.as_str())
+                                .chain(column.indexes().map(|(i, _)| i))
+                                .collect(),
                             text_sets: Vec::new(),
                             extra: None,
                             guard_flag: None,
@@ -2519,9 +2754,9 @@ macro_rules! data_connection {
                                     SetValue::Bytes(Some(&value.bytes)),
                                     SetValue::Bytes(Some(&new.value)),
                                 ];
-                                if index.is_some() {
-                                    row.push(SetValue::Bytes(new.index.as_deref()));
-                                }
+                                row.extend(
+                                    new.indexes.iter().map(|i| SetValue::Bytes(Some(i.as_slice()))),
+                                );
                                 Some(row)
                             })
                             .collect();
@@ -2546,7 +2781,7 @@ macro_rules! data_connection {
                             .ident(c)
                             .sql(" = ")
                             .bytes(new.value);
-                        if let (Some((index, _)), Some(value)) = (&column.blind_index, new.index) {
+                        for ((index, _), value) in column.indexes().zip(new.indexes) {
                             update.sql(", ").ident(index).sql(" = ").bytes(value);
                         }
                         update
@@ -2811,12 +3046,12 @@ macro_rules! data_connection {
                                 let new = new.as_ref().map(|n| n.value.as_slice());
                                 values.push(SetValue::Bytes(new.or(old.as_deref())));
                             }
-                            // Each blind index beside its value: recomputed
-                            // with a re-sealed value, else as read.
+                            // Each index beside its value: recomputed with a
+                            // re-sealed value, else as read.
                             for (i, new) in new.iter().enumerate() {
-                                if let Some(p) = table.index_position(i) {
+                                for (k, (p, _, _)) in table.index_positions(i).enumerate() {
                                     let old = row.values.get(p).and_then(Option::as_deref);
-                                    let new = new.as_ref().and_then(|n| n.index.as_deref());
+                                    let new = new.as_ref().and_then(|n| n.indexes.get(k)).map(Vec::as_slice);
                                     values.push(SetValue::Bytes(new.or(old)));
                                 }
                             }
@@ -3155,7 +3390,7 @@ macro_rules! data_connection {
                         .iter()
                         .map(|c| sealed && c.shadow.is_some())
                         .collect();
-                    sets.extend(table.columns.iter().filter_map(|c| c.blind_index.map(|(i, _)| i)));
+                    sets.extend(table.index_columns().map(|(_, i, _)| i));
                     if unsealing_shadow {
                         sets.extend(table.columns.iter().filter_map(|c| c.shadow));
                     }
@@ -3357,8 +3592,10 @@ mod tests {
             ["last", "dob", "notes", "last_bidx", "dob_bidx"]
         );
         assert_eq!(
-            (0..3).map(|i| t.index_position(i)).collect::<Vec<_>>(),
-            [Some(3), Some(4), None]
+            (0..3)
+                .map(|i| t.index_positions(i).map(|(p, _, _)| p).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+            [vec![3], vec![4], vec![]]
         );
         for (spec, why) in [
             ("cases:user_id:id:last/", "empty blind index"),
