@@ -10,17 +10,21 @@
 //! Not a criterion benchmark: each query runs `PHI_SEARCH_RUNS` times
 //! (default 5) with a warm key cache, and the median is reported. Per
 //! backend it recreates two tables with the same cases of two providers,
-//! `PHI_SEARCH_ROWS` each (default 10,000): `phi_bench_search` (last name
-//! and date of birth sealed, the surgery date plaintext, as in the clinic)
-//! and `phi_bench_search_plain` (all plaintext, with the normalised last
-//! name and an index on `(user_id, patient_last_norm)`). Two searches of
-//! one provider:
+//! `PHI_SEARCH_ROWS` each (default 10,000): `phi_bench_search` (last name,
+//! date of birth and surgery date sealed; derived indexes on the surname's
+//! first 3 characters, 16-bit tags, and on the surgery's year and month,
+//! each indexed with the provider) and `phi_bench_search_plain` (all
+//! plaintext, with the normalised last name and indexes on `(user_id,
+//! patient_last_norm)` and `(user_id, surgery_date)`). Two searches of one
+//! provider:
 //!
-//! - "surgery this month": the surgery date is plaintext, so SQL narrows
-//!   both; phi opens the matching rows (`load`).
+//! - "surgery this month": plaintext `BETWEEN` on the index against phi's
+//!   `find_surgery_month_between` (the month's bucket, opened, the range
+//!   tested).
 //! - "surname starts with MAR": plaintext `LIKE 'mar%'` on the index
-//!   against phi's `load_where` over the provider's rows, each opened and
-//!   tested (no bucket index: phi has no derived blind index yet).
+//!   against phi's `find_by_last_prefix` (the prefix's bucket, opened,
+//!   tested), and against `load_where` over all the provider's rows (no
+//!   index: every row opened and tested).
 //!
 //! The database URLs come from `PHI_TEST_POSTGRES_URL` and
 //! `PHI_TEST_MYSQL_URL` (as the tests'); SQLite uses a temporary file.
@@ -45,7 +49,9 @@ mod schema {
             user_id -> Text,
             patient_last -> Binary,
             patient_dob -> Binary,
-            surgery_date -> Date,
+            surgery_date -> Binary,
+            last_prefix -> Nullable<Binary>,
+            surgery_month -> Nullable<Binary>,
         }
     }
     diesel::table! {
@@ -72,10 +78,11 @@ struct Case {
     case_id: String,
     #[phi(owner)]
     user_id: String,
-    #[phi(encrypt)]
+    #[phi(encrypt, normalize = "trim,lowercase", index(column = last_prefix, prefix = 3, bits = 16))]
     patient_last: String,
     #[phi(encrypt)]
     patient_dob: NaiveDate,
+    #[phi(encrypt, index(column = surgery_month, year_month))]
     surgery_date: NaiveDate,
 }
 
@@ -193,13 +200,7 @@ macro_rules! run_backend {
             Ok(rows.len())
         })?;
         let (phi_month, n_phi) = median(runs, || {
-            let cases = Case::load(
-                sealed::table
-                    .filter(sealed::user_id.eq(provider))
-                    .filter(sealed::surgery_date.between(from, to)),
-                &mut conn,
-                &keyring,
-            )?;
+            let cases = Case::find_surgery_month_between(provider, &from, &to, &keyring, &mut conn)?;
             Ok(cases.len())
         })?;
         assert_eq!(n_plain, n_phi, "the same cases this month");
@@ -212,6 +213,11 @@ macro_rules! run_backend {
                 .load(&mut conn)?;
             Ok(rows.len())
         })?;
+        let (phi_bucket, b_mar) = median(runs, || {
+            let cases = Case::find_by_last_prefix(provider, "mar", &keyring, &mut conn)?;
+            Ok(cases.len())
+        })?;
+        assert_eq!(p_mar, b_mar, "the same MAR cases");
         let (phi_mar, s_mar) = median(runs, || {
             let cases = Case::load_where(
                 sealed::table.filter(sealed::user_id.eq(provider)),
@@ -224,13 +230,16 @@ macro_rules! run_backend {
         assert_eq!(p_mar, s_mar, "the same MAR cases");
         println!(
             "{}: {rows} cases per provider, 2 providers, median of {runs}: \
-             surgery this month ({n_plain} cases): plaintext {:.2} ms, phi load {:.2} ms ({:.2}x); \
-             surname starts with MAR ({p_mar} cases): plaintext {:.2} ms, phi load_where over the provider's {rows} rows {:.2} ms ({:.2}x)",
+             surgery this month ({n_plain} cases): plaintext {:.2} ms, phi year-month bucket {:.2} ms ({:.2}x); \
+             surname starts with MAR ({p_mar} cases): plaintext {:.2} ms, phi prefix bucket {:.2} ms ({:.2}x), \
+             phi load_where over the provider's {rows} rows {:.2} ms ({:.2}x)",
             $name,
             plain_month.as_secs_f64() * 1e3,
             phi_month.as_secs_f64() * 1e3,
             phi_month.as_secs_f64() / plain_month.as_secs_f64(),
             plain_mar.as_secs_f64() * 1e3,
+            phi_bucket.as_secs_f64() * 1e3,
+            phi_bucket.as_secs_f64() / plain_mar.as_secs_f64(),
             phi_mar.as_secs_f64() * 1e3,
             phi_mar.as_secs_f64() / plain_mar.as_secs_f64(),
         );
@@ -246,8 +255,10 @@ fn main() -> BoxResult<()> {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
         "SELECT 1",
         "CREATE TABLE phi_bench_search (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
-         patient_last BYTEA NOT NULL, patient_dob BYTEA NOT NULL, surgery_date DATE NOT NULL); \
-         CREATE INDEX phi_bench_search_surgery ON phi_bench_search (user_id, surgery_date)",
+         patient_last BYTEA NOT NULL, patient_dob BYTEA NOT NULL, surgery_date BYTEA NOT NULL, \
+         last_prefix BYTEA NULL, surgery_month BYTEA NULL); \
+         CREATE INDEX phi_bench_search_surgery ON phi_bench_search (user_id, surgery_month); \
+         CREATE INDEX phi_bench_search_last ON phi_bench_search (user_id, last_prefix)",
         "CREATE TABLE phi_bench_search_plain (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
          patient_last TEXT NOT NULL, patient_last_norm TEXT NOT NULL, patient_dob DATE NOT NULL, surgery_date DATE NOT NULL); \
          CREATE INDEX phi_bench_search_plain_surgery ON phi_bench_search_plain (user_id, surgery_date); \
@@ -261,8 +272,9 @@ fn main() -> BoxResult<()> {
             .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into()),
         "SELECT 1",
         "CREATE TABLE phi_bench_search (case_id VARCHAR(64) PRIMARY KEY, user_id VARCHAR(64) NOT NULL, \
-         patient_last BLOB NOT NULL, patient_dob BLOB NOT NULL, surgery_date DATE NOT NULL, \
-         INDEX phi_bench_search_surgery (user_id, surgery_date))",
+         patient_last BLOB NOT NULL, patient_dob BLOB NOT NULL, surgery_date BLOB NOT NULL, \
+         last_prefix VARBINARY(2) NULL, surgery_month VARBINARY(16) NULL, \
+         INDEX phi_bench_search_surgery (user_id, surgery_month), INDEX phi_bench_search_last (user_id, last_prefix))",
         "CREATE TABLE phi_bench_search_plain (case_id VARCHAR(64) PRIMARY KEY, user_id VARCHAR(64) NOT NULL, \
          patient_last VARCHAR(100) NOT NULL, patient_last_norm VARCHAR(100) NOT NULL, patient_dob DATE NOT NULL, \
          surgery_date DATE NOT NULL, INDEX phi_bench_search_plain_surgery (user_id, surgery_date), \
@@ -278,8 +290,10 @@ fn main() -> BoxResult<()> {
             url.clone(),
             "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL",
             "CREATE TABLE phi_bench_search (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
-             patient_last BLOB NOT NULL, patient_dob BLOB NOT NULL, surgery_date DATE NOT NULL); \
-             CREATE INDEX phi_bench_search_surgery ON phi_bench_search (user_id, surgery_date)",
+             patient_last BLOB NOT NULL, patient_dob BLOB NOT NULL, surgery_date BLOB NOT NULL, \
+             last_prefix BLOB NULL, surgery_month BLOB NULL); \
+             CREATE INDEX phi_bench_search_surgery ON phi_bench_search (user_id, surgery_month); \
+             CREATE INDEX phi_bench_search_last ON phi_bench_search (user_id, last_prefix)",
             "CREATE TABLE phi_bench_search_plain (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
              patient_last TEXT NOT NULL, patient_last_norm TEXT NOT NULL, patient_dob DATE NOT NULL, surgery_date DATE NOT NULL); \
              CREATE INDEX phi_bench_search_plain_surgery ON phi_bench_search_plain (user_id, surgery_date); \

@@ -16,6 +16,8 @@ diesel::table! {
         ins_provider -> Nullable<Binary>,
         phi_encrypted -> Bool,
         patient_last_bidx -> Nullable<Binary>,
+        last_prefix -> Nullable<Binary>,
+        dob_year -> Nullable<Binary>,
     }
 }
 
@@ -28,9 +30,14 @@ struct Case {
     #[phi(owner)]
     user_id: String,
     status: String,
-    #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    #[phi(
+        encrypt,
+        blind_index = patient_last_bidx,
+        normalize = "trim,lowercase",
+        index(column = last_prefix, prefix = 2, bits = 16)
+    )]
     patient_last: String,
-    #[phi(encrypt)]
+    #[phi(encrypt, index(column = dob_year, year))]
     patient_dob: NaiveDate,
     #[phi(encrypt)]
     ins_provider: Option<String>,
@@ -46,7 +53,8 @@ fn parts() -> Result<(SqliteConnection, Arc<MemoryKeyStore>, Arc<LocalKek>), Box
     diesel::sql_query(
         "CREATE TABLE cases (case_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, \
          status TEXT NOT NULL, patient_last BLOB NOT NULL, patient_dob BLOB NOT NULL, \
-         ins_provider BLOB, phi_encrypted BOOLEAN NOT NULL, patient_last_bidx BLOB)",
+         ins_provider BLOB, phi_encrypted BOOLEAN NOT NULL, patient_last_bidx BLOB, \
+         last_prefix BLOB, dob_year BLOB)",
     )
     .execute(&mut conn)?;
     let kek = LocalKek::new("local-1", &KeyBytes::new([7; 32]));

@@ -2325,6 +2325,8 @@ mod tests {
         };
         let mut last = column("last_name", "last_name_encrypted");
         last.blind_index = Some(("last_name_bidx", Normalize::TRIM_LOWERCASE));
+        let mut dob = column("dob", "dob_encrypted");
+        dob.derived = &[("dob_year", crate::blind::DerivedIndex::year().bits(12))];
         StoredTable {
             table: "cases",
             owner_column: "user_id",
@@ -2333,7 +2335,7 @@ mod tests {
             key_type: Some(ColumnType::Text),
             flag_column: "phi_encrypted",
             flag_is_bool: true,
-            columns: vec![last, column("dob", "dob_encrypted")],
+            columns: vec![last, dob],
         }
     }
 
@@ -2478,6 +2480,14 @@ mod tests {
         );
         assert!(up.contains(&"ALTER TABLE cases MODIFY dob VARBINARY(74) NULL"));
         assert!(up.contains(&"DROP INDEX `cases_dob` ON `cases`"));
+        // Each index column sized to its tags (a derived 12-bit tag: 2
+        // bytes), indexed with the owner.
+        assert!(
+            up.contains(&"ALTER TABLE cases ADD COLUMN last_name_bidx VARBINARY(16) NULL"),
+            "{up:#?}"
+        );
+        assert!(up.contains(&"ALTER TABLE cases ADD COLUMN dob_year VARBINARY(2) NULL"));
+        assert!(up.contains(&"CREATE INDEX phi_cases_dob_year ON cases (user_id, dob_year)"));
         let down = statements(&m.down);
         // The guard fails by a duplicate key, not a CHECK constraint
         // (which MySQL before 8.0.16 ignores).

@@ -65,6 +65,14 @@ use crate::store::schema::phi_legacy_values;
 ///   index: the duplicate check as one Diesel expression, the owner column
 ///   equal to `owner` and the index column among the owner's index values,
 ///   for `cases::table.filter(…)` (and `_is_async`);
+/// - `Case::find_by_<column>(owner, probe, &keyring, &mut conn)`,
+///   `Case::<column>_tags(&keyring, owner, probe)` and, for a `year` or
+///   `year_month` index, `Case::find_<column>_between(owner, &from, &to,
+///   &keyring, &mut conn)` (and their `_async` forms) for each derived index
+///   ([`blind::derived`](crate::blind::derived)): the owner's records whose
+///   field starts with, ends with the digits of, or falls in the year or
+///   month of the probe, or lies in the date range; the rows whose tag
+///   matches, opened, exact matches kept;
 /// - `Case::find_by_<field>(&value, &keyring, &mut conn)` (and, with the
 ///   `async` feature, `find_by_<field>_async`) for each field with a lookup
 ///   index: the records holding that value, whoever owns them
@@ -106,7 +114,8 @@ use crate::store::schema::phi_legacy_values;
 /// | `#[phi(encrypt, scope = "…")]` | fields | pins the scope, so renaming the field or column does not orphan data |
 /// | `#[phi(encrypt, blind_index = column)]` | fields | keeps an equality index in `column` (nullable binary) |
 /// | `#[phi(encrypt, lookup_index = column)]` | fields | keeps an owner-independent index in `column` (nullable binary, 20 bytes), written on every insert and update, sealed row or not, and `find_by_<field>`; equal values are linkable across owners ([`lookup`](crate::lookup)) |
-/// | `normalize = "trim,lowercase"` | with `blind_index` or `lookup_index` | normalises before indexing |
+/// | `#[phi(encrypt, index(column = c, prefix = n \| last_digits = n \| year \| year_month, bits = b, normalize = "…"))]` | fields, any number | keeps a [derived index](crate::blind::derived) of a part of the value in `c` (nullable binary, ⌈b / 8⌉ bytes; `bits` 1 to 128, default 128; no transformation: the whole value), and generates `find_by_<c>`, `<c>_tags` and for date parts `find_<c>_between` |
+/// | `normalize = "trim,lowercase"` | with `blind_index`, `lookup_index` or `index` | normalises before indexing |
 /// | `#[phi(encrypt, shadow)]`, `#[phi(encrypt, shadow = column)]` | fields, with an `encrypted_flag` | the dual-write phase of adopting phi on a live table: the field's own column keeps its plain SQL type and always gets the plain value; the shadow column (`<column>_encrypted` unless named; nullable binary) gets the envelope when the row is sealed, NULL otherwise. A sealed row is read from the shadow (a NULL shadow of a non-`Option` field is an error naming table, column and row), an unsealed one from the plain column. The migration jobs fill, compare and clear the shadow ([`migrate`](crate::migrate)); after `finalize` drops the plain column and renames the shadow to it, remove `shadow` |
 /// | `#[phi(row_key)]` | one field | binds each ciphertext to its row ([`RowKey`]) |
 /// | `#[phi(encrypted_flag)]` | one field | marks sealed rows, for a gradual roll-out ([`EncryptedFlag`]) |
