@@ -55,6 +55,7 @@ fn model(table: &'static str, shadow: bool) -> StoredTable {
             column("dob", "dob_encrypted"),
             column("note", "note_encrypted"),
         ],
+        compounds: Vec::new(),
     }
 }
 

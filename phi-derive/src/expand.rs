@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned as _;
 
-use crate::model::{Derived, DerivedTransform, Field, Model, Role};
+use crate::model::{Compound, Derived, DerivedTransform, Field, Model, Role};
 
 /// Expands the derive, or only the errors when the attributes are wrong (so
 /// a mistake never cascades into unrelated trait errors).
@@ -91,6 +91,11 @@ fn generate(m: &Model) -> TokenStream {
         let column = &d.column;
         quote! { #[doc = #doc] #vis #column: ::core::option::Option<::std::vec::Vec<u8>> }
     });
+    let compound_fields = m.compounds.iter().map(|c| {
+        let doc = format!("Compound index of {}.", compound_names(m, c));
+        let column = &c.column;
+        quote! { #[doc = #doc] #vis #column: ::core::option::Option<::std::vec::Vec<u8>> }
+    });
     let has_lookup = if lookup_indexes(m).next().is_some() {
         quote! { const HAS_LOOKUP_INDEX: bool = true; }
     } else {
@@ -134,6 +139,11 @@ fn generate(m: &Model) -> TokenStream {
         let column = &d.column;
         quote! { #column: #call }
     });
+    let seal_compounds = m.compounds.iter().map(|c| {
+        let call = compound_call(m, c, quote!(self.));
+        let column = &c.column;
+        quote! { #column: #call }
+    });
     let seal_lookups = lookup_indexes(m).map(|(f, column, scope, normalize)| {
         let call = lookup_call(krate, f, scope, normalize, quote!(__sealer.lookup_keys()));
         quote! { #column: #call }
@@ -157,6 +167,7 @@ fn generate(m: &Model) -> TokenStream {
         .chain(lookup_indexes(m))
         .map(|(_, c, _, _)| c)
         .chain(derived_indexes(m).map(|(_, d, _)| &d.column))
+        .chain(m.compounds.iter().map(|c| &c.column))
         .collect();
     let shadow_names: Vec<_> = shadows(m).map(|(_, c, _)| c).collect();
     let shadow_row_text = match row_key {
@@ -275,6 +286,7 @@ fn generate(m: &Model) -> TokenStream {
             #(#index_fields,)*
             #(#lookup_fields,)*
             #(#derived_fields,)*
+            #(#compound_fields,)*
         }
 
         impl #krate::PhiRecord for #ident {
@@ -304,6 +316,7 @@ fn generate(m: &Model) -> TokenStream {
                     #(#seal_indexes,)*
                     #(#seal_lookups,)*
                     #(#seal_derived,)*
+                    #(#seal_compounds,)*
                 })
             }
 
@@ -470,6 +483,31 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
             }
         })
     });
+    // A compound's parts as positions among the encrypted columns.
+    let encrypted: Vec<usize> = m
+        .fields
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f.role, Role::Encrypt { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let compounds = m.compounds.iter().map(|c| {
+        let column = c.column.to_string();
+        let scope = compound_scope(m, c);
+        let index = compound_tokens(m, c);
+        let parts = c
+            .fields
+            .iter()
+            .map(|i| encrypted.iter().position(|e| e == i).unwrap_or_default());
+        quote! {
+            #krate::__private::StoredCompound {
+                column: #column,
+                scope: #scope,
+                parts: &[#(#parts),*],
+                index: const { #index },
+            }
+        }
+    });
     let lookup_columns: Vec<_> = m
         .fields
         .iter()
@@ -522,6 +560,7 @@ fn migratable(m: &Model, owner: &Field, row_key: &Field, flag: &Field) -> TokenS
                     flag_column: #flag_column,
                     flag_is_bool: <#flag_ty as #krate::EncryptedFlag>::SQL_BOOL,
                     columns: ::std::vec![#(#columns),*],
+                    compounds: ::std::vec![#(#compounds),*],
                 }
             }
         }
@@ -658,6 +697,246 @@ fn derived_call(krate: &syn::Path, f: &Field, scope: &str, d: &Derived) -> Token
     }
 }
 
+/// A compound index's fields, in docs: "`patient_last` and `patient_dob`".
+fn compound_names(m: &Model, c: &Compound) -> String {
+    let names: Vec<String> = c
+        .fields
+        .iter()
+        .map(|&i| format!("`{}`", m.fields[i].ident))
+        .collect();
+    names.join(" and ")
+}
+
+/// A compound index's scope: its fields' scopes joined by `+`.
+fn compound_scope(m: &Model, c: &Compound) -> String {
+    let scopes: Vec<&str> = c
+        .fields
+        .iter()
+        .map(|&i| match &m.fields[i].role {
+            Role::Encrypt { scope, .. } => scope.as_str(),
+            _ => "",
+        })
+        .collect();
+    scopes.join("+")
+}
+
+/// A compound index as its `CompoundIndex` value (a constant expression).
+fn compound_tokens(m: &Model, c: &Compound) -> TokenStream {
+    let krate = &m.krate;
+    let parts = c.fields.iter().map(|&i| match &m.fields[i].role {
+        Role::Encrypt { normalize, .. } => normalize_tokens(krate, *normalize),
+        _ => normalize_tokens(krate, (false, false)),
+    });
+    let bits = c.bits;
+    quote! { #krate::blind::CompoundIndex::new(&[#(#parts),*]).bits(#bits) }
+}
+
+/// The fields of a compound index read from `receiver` (`self.`, `__r.`),
+/// each as `Option<Zeroizing<Vec<u8>>>` (its encoding, `None` for a NULL).
+fn compound_values(m: &Model, c: &Compound, receiver: &TokenStream) -> Vec<TokenStream> {
+    let krate = &m.krate;
+    c.fields
+        .iter()
+        .map(|&i| {
+            let f = &m.fields[i];
+            let name = &f.ident;
+            let vty = f.value_ty();
+            if f.option_of.is_some() {
+                quote_spanned! {vty.span()=>
+                    ::core::option::Option::map(::core::option::Option::as_ref(&#receiver #name), #krate::__private::encoded::<#vty>)
+                }
+            } else {
+                quote_spanned! {vty.span()=>
+                    ::core::option::Option::Some(#krate::__private::encoded::<#vty>(&#receiver #name))
+                }
+            }
+        })
+        .collect()
+}
+
+/// The compound tag of the fields read from `receiver` (`None` for an
+/// unsealed row or a NULL field).
+fn compound_call(m: &Model, c: &Compound, receiver: TokenStream) -> TokenStream {
+    let krate = &m.krate;
+    let values = compound_values(m, c, &receiver);
+    let scope = compound_scope(m, c);
+    let index = compound_tokens(m, c);
+    quote! {
+        #krate::__private::compound(__keys, &[#(#values),*], #scope, #index)?
+    }
+}
+
+/// A compound index's helpers: `Model::<column>_tags` and
+/// `Model::find_by_<column>` (the owner's records whose fields all equal
+/// the probes), with their async forms.
+fn compound_finders(m: &Model, c: &Compound) -> TokenStream {
+    let krate = &m.krate;
+    let vis = &m.vis;
+    let table = &m.table;
+    let table_name = &m.table_name;
+    let owner = field_of(m, &Role::Owner);
+    let (owner_col, owner_ty) = (&owner.column_ident, &owner.ty);
+    let column = &c.column;
+    let scope = compound_scope(m, c);
+    let index = compound_tokens(m, c);
+    let names = compound_names(m, c);
+    let fields: Vec<&Field> = c.fields.iter().map(|&i| &m.fields[i]).collect();
+    let field_columns: Vec<&str> = fields.iter().map(|f| f.column.as_str()).collect();
+    let params: Vec<TokenStream> = fields
+        .iter()
+        .map(|f| {
+            let name = &f.ident;
+            let vty = f.value_ty();
+            if is_string(vty) {
+                quote! { #name: &str }
+            } else {
+                quote! { #name: &#vty }
+            }
+        })
+        .collect();
+    let probes: Vec<TokenStream> = fields
+        .iter()
+        .map(|f| {
+            let name = &f.ident;
+            let vty = f.value_ty();
+            if is_string(vty) {
+                quote! { #name.as_bytes() }
+            } else {
+                quote_spanned! {vty.span()=> &#krate::__private::encoded::<#vty>(#name)[..] }
+            }
+        })
+        .collect();
+    let tags = format_ident!("{}_tags", column);
+    let find = format_ident!("find_by_{}", column);
+    let record_values = compound_values(m, c, &quote!(__r.));
+    let query_ty = quote! {
+        ::diesel::dsl::Filter<#table::table, ::diesel::dsl::And<
+            ::diesel::dsl::Eq<#table::#owner_col, #owner_ty>,
+            ::diesel::dsl::EqAny<#table::#column, ::std::vec::Vec<::std::vec::Vec<u8>>>,
+        >>
+    };
+    let query = quote! {
+        ::diesel::QueryDsl::filter(#table::table, ::diesel::BoolExpressionMethods::and(
+            ::diesel::ExpressionMethods::eq(#table::#owner_col, __owner),
+            ::diesel::ExpressionMethods::eq_any(#table::#column, __tags),
+        ))
+    };
+    let keep = quote! {
+        __found.retain(|__r| #krate::__private::compound_keeps(#index, &[#(#record_values),*], &__probes));
+    };
+    let sync_tags = quote! {
+        #krate::__private::compound_tags(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), &[#(#field_columns),*], #scope, #index, &__probes)
+    };
+    let async_tags = quote! {
+        #krate::__private::compound_tags_async(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), &[#(#field_columns),*], #scope, #index, &__probes).await
+    };
+    let tags_doc = format!(
+        "The tags to look {names} up by, together, in the compound index `{table_name}.{column}` for one owner: \
+         `{table_name}::{column}.eq_any(…)`, one per data key version the owner holds (empty when it has none)."
+    );
+    let find_doc = format!(
+        "The records of `owner` in `{table_name}` whose {names} all equal the given values (after normalisation): \
+         the rows whose compound index `{column}` matches, opened, and only the exact matches kept. \
+         The duplicate check as one indexed lookup."
+    );
+    let async_methods = if cfg!(feature = "async") {
+        let tags_async = format_ident!("{}_tags_async", column);
+        let find_async = format_ident!("find_by_{}_async", column);
+        let tags_doc = format!(
+            "[`{tags}`](Self::{tags}) for async code: the owner's keys are resolved without blocking."
+        );
+        let find_doc = format!(
+            "[`{find}`](Self::{find}) on a diesel-async connection, keys resolved without blocking."
+        );
+        quote! {
+            #[doc = #tags_doc]
+            ///
+            /// # Errors
+            /// As the sync form.
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+            #vis async fn #tags_async(
+                keyring: &#krate::Keyring,
+                owner: impl ::core::convert::Into<#owner_ty>,
+                #(#params,)*
+            ) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+                let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                let __probes: [&[u8]; _] = [#(#probes),*];
+                #async_tags
+            }
+
+            #[doc = #find_doc]
+            ///
+            /// # Errors
+            /// As the sync form.
+            #[allow(dead_code)] // Emitted with the `async` feature, used or not.
+            #vis async fn #find_async<__C>(
+                owner: impl ::core::convert::Into<#owner_ty>,
+                #(#params,)*
+                keyring: &#krate::Keyring,
+                conn: &mut __C,
+            ) -> #krate::Result<::std::vec::Vec<Self>>
+            where
+                __C: #krate::__private::LoadRecordsAsync<Self, #query_ty>,
+            {
+                let __owner: #owner_ty = ::core::convert::Into::into(owner);
+                let __probes: [&[u8]; _] = [#(#probes),*];
+                let __tags = #async_tags?;
+                if __tags.is_empty() {
+                    return ::core::result::Result::Ok(::std::vec::Vec::new());
+                }
+                let mut __found = <__C as #krate::__private::LoadRecordsAsync<Self, #query_ty>>::load_records_async(#query, conn, keyring).await?;
+                #keep
+                ::core::result::Result::Ok(__found)
+            }
+        }
+    } else {
+        quote! {}
+    };
+    quote! {
+        #[doc = #tags_doc]
+        ///
+        /// # Errors
+        /// Key resolution errors.
+        #[allow(dead_code)] // One per compound index, used or not (async code uses the async form).
+        #vis fn #tags(
+            keyring: &#krate::Keyring,
+            owner: impl ::core::convert::Into<#owner_ty>,
+            #(#params,)*
+        ) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
+            let __owner: #owner_ty = ::core::convert::Into::into(owner);
+            let __probes: [&[u8]; _] = [#(#probes),*];
+            #sync_tags
+        }
+
+        #[doc = #find_doc]
+        ///
+        /// # Errors
+        /// Key resolution errors; then as [`PhiRecord::load`](#krate::PhiRecord::load).
+        #[allow(dead_code)] // One per compound index, used or not (async code uses the async form).
+        #vis fn #find<__C>(
+            owner: impl ::core::convert::Into<#owner_ty>,
+            #(#params,)*
+            keyring: &#krate::Keyring,
+            conn: &mut __C,
+        ) -> #krate::Result<::std::vec::Vec<Self>>
+        where
+            __C: #krate::__private::LoadRecords<Self, #query_ty>,
+        {
+            let __owner: #owner_ty = ::core::convert::Into::into(owner);
+            let __probes: [&[u8]; _] = [#(#probes),*];
+            let __tags = #sync_tags?;
+            if __tags.is_empty() {
+                return ::core::result::Result::Ok(::std::vec::Vec::new());
+            }
+            let mut __found = <__C as #krate::__private::LoadRecords<Self, #query_ty>>::load_records(#query, conn, keyring)?;
+            #keep
+            ::core::result::Result::Ok(__found)
+        }
+
+        #async_methods
+    }
+}
+
 /// Encrypted fields with a blind index: (field, index column, scope, (trim, lowercase)).
 fn blind_indexes(m: &Model) -> impl Iterator<Item = (&Field, &syn::Ident, &str, (bool, bool))> {
     m.fields.iter().filter_map(|f| match &f.role {
@@ -712,6 +991,11 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         let doc = format!("New lookup index of `{}`, if it changed.", f.ident);
         quote! { #[doc = #doc] #vis #column: ::core::option::Option<::core::option::Option<::std::vec::Vec<u8>>> }
     });
+    let compound_fields = m.compounds.iter().map(|c| {
+        let doc = format!("New compound index of {}, if one changed.", compound_names(m, c));
+        let column = &c.column;
+        quote! { #[doc = #doc] #vis #column: ::core::option::Option<::core::option::Option<::std::vec::Vec<u8>>> }
+    });
     let derived_fields = derived_indexes(m).map(|(f, d, _)| {
         let doc = format!("New derived index of `{}` ({}), if it changed.", f.ident, derived_spec(d));
         let column = &d.column;
@@ -725,6 +1009,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
         .chain(blind_indexes(m).map(|(_, c, _, _)| c))
         .chain(lookup_indexes(m).map(|(_, c, _, _)| c))
         .chain(derived_indexes(m).map(|(_, d, _)| &d.column))
+        .chain(m.compounds.iter().map(|c| &c.column))
         .collect();
     let lookup_changed: Vec<_> = lookup_indexes(m)
         .map(|(f, _, _, _)| {
@@ -871,6 +1156,22 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             }
         })
         .collect();
+    let assign_compounds: Vec<_> = m
+        .compounds
+        .iter()
+        .map(|c| {
+            let call = compound_call(m, c, quote!(self.));
+            let changed = c.fields.iter().map(|&i| changed(krate, &m.fields[i]));
+            let column = &c.column;
+            quote! {
+                #column: if __full #(|| #changed)* {
+                    ::core::option::Option::Some(#call)
+                } else {
+                    ::core::option::Option::None
+                }
+            }
+        })
+        .collect();
     let owner_id = quote! { &#krate::OwnerId::owner_id(&self.#owner_ident) };
     let row_text_expr = match row_key {
         Some(f) => {
@@ -929,6 +1230,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
                     #(#assign_indexes,)*
                     #(#assign_lookups,)*
                     #(#assign_derived,)*
+                    #(#assign_compounds,)*
                 })
             })??;
             if !__changes.is_empty() && __access.is_active() {
@@ -982,6 +1284,7 @@ fn changeset(m: &Model, flag: Option<&Field>, row_key: Option<&Field>) -> TokenS
             #(#index_fields,)*
             #(#lookup_fields,)*
             #(#derived_fields,)*
+            #(#compound_fields,)*
         }
 
         impl #changes {
@@ -1261,7 +1564,8 @@ fn inserts(m: &Model) -> TokenStream {
         + shadows(m).count()
         + blind_indexes(m).count()
         + lookup_indexes(m).count()
-        + derived_indexes(m).count();
+        + derived_indexes(m).count()
+        + m.compounds.len();
     let insert_doc = format!(
         "Seals `self` (resolving, or creating, its owner's data key) and inserts it into `{table_name}`: `PhiRecord::seal`, then `diesel::insert_into({table_name}::table).values(…)`."
     );
@@ -1508,7 +1812,12 @@ fn lookups(m: &Model) -> TokenStream {
     let finders = lookup_indexes(m)
         .map(|(f, column, scope, normalize)| find_by(m, f, column, scope, normalize));
     let derived = derived_indexes(m).map(|(f, d, scope)| derived_finders(m, f, d, scope));
-    let helpers: Vec<_> = helpers.chain(finders).chain(derived).collect();
+    let compound = m.compounds.iter().map(|c| compound_finders(m, c));
+    let helpers: Vec<_> = helpers
+        .chain(finders)
+        .chain(derived)
+        .chain(compound)
+        .collect();
     if helpers.is_empty() {
         return quote! {};
     }
@@ -1717,10 +2026,10 @@ fn derived_finders(m: &Model, f: &Field, d: &Derived, scope: &str) -> TokenStrea
         __found.retain(|__r| #krate::__private::derived_keeps(#value, #index, __probe));
     };
     let sync_tags = quote! {
-        #krate::__private::derived_tags(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &[__probe])?
+        #krate::__private::derived_tags(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &[__probe])
     };
     let async_tags = quote! {
-        #krate::__private::derived_tags_async(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &[__probe]).await?
+        #krate::__private::derived_tags_async(keyring, #table_name, &#krate::OwnerId::owner_id(&__owner), #field_column, #scope, #index, &[__probe]).await
     };
     let range = if matches!(
         d.transform,
@@ -1836,7 +2145,7 @@ fn derived_finders(m: &Model, f: &Field, d: &Derived, scope: &str) -> TokenStrea
             ) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
                 let __owner: #owner_ty = ::core::convert::Into::into(owner);
                 #probe
-                ::core::result::Result::Ok(#async_tags)
+                #async_tags
             }
 
             #[doc = #find_doc]
@@ -1855,7 +2164,7 @@ fn derived_finders(m: &Model, f: &Field, d: &Derived, scope: &str) -> TokenStrea
             {
                 let __owner: #owner_ty = ::core::convert::Into::into(owner);
                 #probe
-                let __tags = #async_tags;
+                let __tags = #async_tags?;
                 if __tags.is_empty() {
                     return ::core::result::Result::Ok(::std::vec::Vec::new());
                 }
@@ -1881,7 +2190,7 @@ fn derived_finders(m: &Model, f: &Field, d: &Derived, scope: &str) -> TokenStrea
         ) -> #krate::Result<::std::vec::Vec<::std::vec::Vec<u8>>> {
             let __owner: #owner_ty = ::core::convert::Into::into(owner);
             #probe
-            ::core::result::Result::Ok(#sync_tags)
+            #sync_tags
         }
 
         #[doc = #find_doc]
@@ -1901,7 +2210,7 @@ fn derived_finders(m: &Model, f: &Field, d: &Derived, scope: &str) -> TokenStrea
         {
             let __owner: #owner_ty = ::core::convert::Into::into(owner);
             #probe
-            let __tags = #sync_tags;
+            let __tags = #sync_tags?;
             if __tags.is_empty() {
                 return ::core::result::Result::Ok(::std::vec::Vec::new());
             }
@@ -1976,6 +2285,7 @@ fn debug(m: &Model) -> TokenStream {
         .chain(lookup_indexes(m))
         .map(|(_, column, _, _)| column)
         .chain(derived_indexes(m).map(|(_, d, _)| &d.column))
+        .chain(m.compounds.iter().map(|c| &c.column))
         .map(|column| {
             let label = column.to_string();
             quote! { .field(#label, &#krate::__private::Redacted) }
@@ -2179,9 +2489,9 @@ mod tests {
     }
 
     #[test]
-    fn derived_indexes_prefix_digits_and_date_parts() {
+    fn derived_and_compound_indexes() {
         assert_expansion!(pretty(syn::parse_quote! {
-            #[phi(table = cases)]
+            #[phi(table = cases, compound_index(column = patient_match, fields(patient_last, surgery_date), bits = 32))]
             #[diesel(primary_key(case_id))]
             pub struct Case {
                 #[phi(row_key)]

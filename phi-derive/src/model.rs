@@ -22,6 +22,17 @@ struct RawModel {
     sealed_derive: Vec<darling::util::PathList>,
     #[darling(multiple)]
     sealed_attr: Vec<MetaItems>,
+    /// `compound_index(column = …, fields(a, b), bits = …)`.
+    #[darling(multiple)]
+    compound_index: Vec<SpannedValue<RawCompound>>,
+}
+
+/// One `compound_index(…)` of the model.
+#[derive(FromMeta)]
+struct RawCompound {
+    column: syn::Ident,
+    fields: darling::util::PathList,
+    bits: Option<u16>,
 }
 
 /// The attributes of `sealed_attr(…)`, each written as it would be inside
@@ -104,6 +115,17 @@ pub(crate) struct Model {
     /// `sealed_attr(…)`: more attributes on the sealed struct.
     pub(crate) sealed_attrs: Vec<syn::Meta>,
     pub(crate) fields: Vec<Field>,
+    /// `compound_index(…)`: tags of several encrypted fields together.
+    pub(crate) compounds: Vec<Compound>,
+}
+
+/// A compound index (`#[phi(compound_index(column = …, fields(a, b)))]`):
+/// its column, the encrypted fields (indexes into `Model::fields`), in
+/// order, and its tag length.
+pub(crate) struct Compound {
+    pub(crate) column: syn::Ident,
+    pub(crate) fields: Vec<usize>,
+    pub(crate) bits: u16,
 }
 
 /// What a field is.
@@ -121,6 +143,9 @@ pub(crate) enum Role {
         lookup_index: Option<BlindIndex>,
         /// The derived indexes (`index(…)`).
         derived: Vec<Derived>,
+        /// The field's `normalize` (trim, lowercase): a compound index's
+        /// normalisation of it.
+        normalize: (bool, bool),
         /// The shadow column of the dual-write phase
         /// (`#[phi(encrypt, shadow)]`): sealed values go there, the
         /// field's own column keeps the plain value.
@@ -220,6 +245,12 @@ impl Model {
             .unwrap_or_default();
 
         let raw_fields = raw.data.take_struct().map(|f| f.fields).unwrap_or_default();
+        // The fields compound indexes name: their `normalize` applies there.
+        let raw_compound_fields: Vec<syn::Ident> = raw
+            .compound_index
+            .iter()
+            .flat_map(|c| c.fields.iter().filter_map(|p| p.get_ident().cloned()))
+            .collect();
         let mut fields = Vec::new();
         let mut owner: Option<Span> = None;
         let mut row_key: Option<Span> = None;
@@ -315,6 +346,7 @@ impl Model {
                             if f.blind_index.is_none()
                                 && f.lookup_index.is_none()
                                 && f.indexes.is_empty()
+                                && !raw_compound_fields.contains(&ident)
                             {
                                 errors.push(
                                     darling::Error::custom(
@@ -332,6 +364,7 @@ impl Model {
                     },
                 };
                 Role::Encrypt {
+                    normalize,
                     scope: match &f.scope {
                         Some(scope) if scope.is_empty() => {
                             errors.push(
@@ -479,10 +512,57 @@ impl Model {
                 );
             }
         }
+        let mut compounds = Vec::new();
+        for raw_compound in &raw.compound_index {
+            let mut parts = Vec::new();
+            for path in raw_compound.fields.iter() {
+                let found = path.get_ident().and_then(|name| {
+                    fields
+                        .iter()
+                        .position(|f| &f.ident == name && matches!(f.role, Role::Encrypt { .. }))
+                });
+                match found {
+                    Some(i) if parts.contains(&i) => errors.push(
+                        darling::Error::custom("a compound index names each field once")
+                            .with_span(path),
+                    ),
+                    Some(i) => parts.push(i),
+                    None => errors.push(
+                        darling::Error::custom(
+                            "a compound index is over encrypted fields of the model: name each by its field, as in `fields(patient_last, patient_dob)`",
+                        )
+                        .with_span(path),
+                    ),
+                }
+            }
+            if parts.len() < 2 && raw_compound.fields.len() < 2 {
+                errors.push(
+                    darling::Error::custom(
+                        "a compound index is over two fields or more (one field: `index(column = …)` on it)",
+                    )
+                    .with_span(&raw_compound.span()),
+                );
+            }
+            let bits = raw_compound.bits.unwrap_or(128);
+            if !(1..=128).contains(&bits) {
+                errors.push(
+                    darling::Error::custom(format!(
+                        "`bits = {bits}`: a compound index's tag is 1 to 128 bits"
+                    ))
+                    .with_span(&raw_compound.span()),
+                );
+            }
+            compounds.push(Compound {
+                column: raw_compound.column.clone(),
+                fields: parts,
+                bits,
+            });
+        }
         errors.finish()?;
 
         let ident = raw.ident;
         Ok(Model {
+            compounds,
             sealed: raw
                 .sealed
                 .unwrap_or_else(|| quote::format_ident!("{}Sealed", ident)),

@@ -1386,12 +1386,27 @@ fn add_phi_columns(
             ),
         )]);
     }
-    let mut indexed: Vec<(&str, u32)> = t
+    // Each index column with its length, and whether it is searched within
+    // one owner (blind and derived indexes: indexed with the owner column)
+    // or across owners (lookup indexes).
+    let mut indexed: Vec<(&str, u32, bool)> = t
         .index_columns()
-        .map(|(_, i, index)| (i, u32::try_from(index.len()).unwrap_or(16)))
+        .map(|(_, i, index)| (i, u32::try_from(index.len()).unwrap_or(16), true))
+        .chain(t.compounds.iter().map(|c| {
+            (
+                c.column,
+                u32::try_from(c.index.tag_len()).unwrap_or(16),
+                true,
+            )
+        }))
         .collect();
-    indexed.extend(options.lookup_columns.iter().map(|c| (c.as_str(), 20)));
-    for (column, len) in indexed {
+    indexed.extend(
+        options
+            .lookup_columns
+            .iter()
+            .map(|c| (c.as_str(), 20, false)),
+    );
+    for (column, len, per_owner) in indexed {
         let mut group = Vec::new();
         check_identifier("index column", column, false)?;
         if schema.column(column).is_none() {
@@ -1406,7 +1421,7 @@ fn add_phi_columns(
         let name = format!("phi_{bare}_{column}");
         name_fits(table, "index", &name)?;
         if schema.indexes.iter().all(|i| i.name != name) {
-            let on = if len == 16 {
+            let on = if per_owner {
                 format!("{}, {column}", t.owner_column)
             } else {
                 column.to_owned()
@@ -2326,7 +2341,7 @@ mod tests {
         let mut last = column("last_name", "last_name_encrypted");
         last.blind_index = Some(("last_name_bidx", Normalize::TRIM_LOWERCASE));
         let mut dob = column("dob", "dob_encrypted");
-        dob.derived = &[("dob_year", crate::blind::DerivedIndex::year().bits(12))];
+        dob.derived = const { &[("dob_year", crate::blind::DerivedIndex::year().bits(12))] };
         StoredTable {
             table: "cases",
             owner_column: "user_id",
@@ -2336,6 +2351,7 @@ mod tests {
             flag_column: "phi_encrypted",
             flag_is_bool: true,
             columns: vec![last, dob],
+            compounds: Vec::new(),
         }
     }
 
@@ -2487,7 +2503,10 @@ mod tests {
             "{up:#?}"
         );
         assert!(up.contains(&"ALTER TABLE cases ADD COLUMN dob_year VARBINARY(2) NULL"));
-        assert!(up.contains(&"CREATE INDEX phi_cases_dob_year ON cases (user_id, dob_year)"));
+        assert!(
+            up.contains(&"CREATE INDEX phi_cases_dob_year ON cases (user_id, dob_year)"),
+            "{up:#?}"
+        );
         let down = statements(&m.down);
         // The guard fails by a duplicate key, not a CHECK constraint
         // (which MySQL before 8.0.16 ignores).

@@ -46,7 +46,7 @@ use crate::error::Result;
 use crate::keyring::OwnerKeys;
 pub use crate::keyring::{BLIND_INDEX_INFO, BLIND_INDEX_LEN, BlindIndexKey};
 use crate::value::PhiValue;
-pub use derived::{DateParts, DerivedIndex, Transform};
+pub use derived::{CompoundIndex, DateParts, DerivedIndex, Transform};
 
 /// How a value is normalised before it is hashed, so that lookups match
 /// values that differ only in ways the application does not care about.
@@ -260,6 +260,58 @@ impl OwnerKeys {
         if let Cow::Owned(mut owned) = normalised {
             zeroize::Zeroize::zeroize(&mut owned);
         }
+        out
+    }
+
+    /// The tag of a compound index of the fields' encodings `parts` (in
+    /// the index's order) on `scope`, under data key `version` (the current
+    /// one when `None`).
+    pub(crate) fn compound_index_encoded(
+        &self,
+        version: Option<u32>,
+        scope: &str,
+        parts: &[&[u8]],
+        index: &CompoundIndex,
+    ) -> Result<Option<Vec<u8>>> {
+        let dek = match version {
+            None => self.current_dek()?,
+            Some(v) => match self.dek(v) {
+                Some(dek) => dek,
+                None => return Ok(None),
+            },
+        };
+        let input = index.input(parts);
+        Ok(Some(self.blind_keys.with_derived(
+            dek,
+            &index.cache_scope(scope),
+            || index.key(dek, scope),
+            |key| index.tag(key, &input),
+        )))
+    }
+
+    /// The tags to look up the fields' encodings `parts` in a compound
+    /// index on `scope`, under every data key version the owner holds.
+    pub fn compound_probes(
+        &self,
+        scope: &str,
+        index: &CompoundIndex,
+        parts: &[&[u8]],
+    ) -> Vec<Vec<u8>> {
+        let input = index.input(parts);
+        let mut out = Vec::new();
+        for version in self.versions() {
+            let Some(dek) = self.dek(version) else {
+                continue;
+            };
+            out.push(self.blind_keys.with_derived(
+                dek,
+                &index.cache_scope(scope),
+                || index.key(dek, scope),
+                |key| index.tag(key, &input),
+            ));
+        }
+        out.sort_unstable();
+        out.dedup();
         out
     }
 

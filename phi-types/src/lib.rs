@@ -134,7 +134,9 @@ pub mod value;
 /// names it.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::migrate::{CanonicalFn, KeyColumnType, StoredColumn, StoredTable, canonical};
+    pub use crate::migrate::{
+        CanonicalFn, KeyColumnType, StoredColumn, StoredCompound, StoredTable, canonical,
+    };
     pub use crate::record::__private::*;
     pub use crate::sealer::{Sealer, with_sealer};
 }

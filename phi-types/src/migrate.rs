@@ -139,7 +139,7 @@ use crate::legacy::{
 };
 pub use crate::lifecycle::tables::Migratable;
 #[doc(hidden)]
-pub use crate::lifecycle::tables::{CanonicalFn, StoredColumn, StoredTable};
+pub use crate::lifecycle::tables::{CanonicalFn, StoredColumn, StoredCompound, StoredTable};
 use crate::lifecycle::tables::{
     ColumnType, DataConnection, LegacyRecord, MigrationRow, RowWrite, RowsQuery, SqlValue,
 };
@@ -1154,6 +1154,8 @@ fn check_sealed(
         ));
         return out;
     };
+    // Each column's canonical encoding, for the compound indexes.
+    let mut canonicals: Vec<Option<Zeroizing<Vec<u8>>>> = vec![None; t.columns.len()];
     for (i, c) in t.columns.iter().enumerate() {
         let value = row
             .values
@@ -1257,13 +1259,60 @@ fn check_sealed(
                 ));
             }
         }
+        canonicals[i] = Some(canonical);
+    }
+    for c in &t.compounds {
+        // Every part opened: the tag is the one of their values under one
+        // of the owner's versions; a NULL part: no tag.
+        let parts: Option<Vec<&[u8]>> = c
+            .parts
+            .iter()
+            .map(|&p| {
+                canonicals
+                    .get(p)
+                    .and_then(Option::as_deref)
+                    .map(Vec::as_slice)
+            })
+            .collect();
+        let stored = row_index(t, row, c.column);
+        let fine = match &parts {
+            Some(parts) => stored.is_some_and(|s| {
+                keys.versions().any(|v| {
+                    keys.compound_index_encoded(Some(v), c.scope, parts, &c.index)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|e| e == *s)
+                })
+            }),
+            None => {
+                // A part that did not open is reported above; a NULL part
+                // stores no tag.
+                let unread = c.parts.iter().any(|&p| {
+                    canonicals[p].is_none()
+                        && row
+                            .values
+                            .get(t.sealed_position(p))
+                            .is_some_and(Option::is_some)
+                });
+                unread || stored.is_none()
+            }
+        };
+        if !fine {
+            out.push(failure(
+                t,
+                c.column,
+                row,
+                BlindIndex,
+                "the compound index is missing or does not match the values",
+            ));
+        }
     }
     out
 }
 
 /// An index column's stored value, read after the encrypted columns.
 fn row_index<'r>(t: &StoredTable, row: &'r MigrationRow, index: &str) -> Option<&'r Vec<u8>> {
-    let position = t.index_columns().position(|(_, i, _)| i == index)?;
+    let position = t.all_index_columns().position(|i| i == index)?;
     row.values.get(t.columns.len() + position)?.as_ref()
 }
 
@@ -1734,10 +1783,12 @@ fn seal_row(
         indexes: Vec::new(),
     };
     let mut reencoded = 0;
+    let mut canonicals: Vec<Option<Zeroizing<Vec<u8>>>> = Vec::with_capacity(t.columns.len());
     for (c, value) in t.columns.iter().zip(&row.values) {
         let Some(plain) = value else {
             write.values.push(None);
             write.indexes.extend(c.indexes().map(|_| None));
+            canonicals.push(None);
             continue;
         };
         let stored = classify(t, c.column, row, plain, legacy, records)?;
@@ -1783,6 +1834,23 @@ fn seal_row(
                 .indexes
                 .push(Some(index.current(keys, c.scope, &canonical)?));
         }
+        canonicals.push(Some(canonical));
+    }
+    for c in &t.compounds {
+        let parts: Option<Vec<&[u8]>> = c
+            .parts
+            .iter()
+            .map(|&p| {
+                canonicals
+                    .get(p)
+                    .and_then(Option::as_deref)
+                    .map(Vec::as_slice)
+            })
+            .collect();
+        write.indexes.push(match parts {
+            Some(parts) => keys.compound_index_encoded(None, c.scope, &parts, &c.index)?,
+            None => None,
+        });
     }
     Ok((write, reencoded))
 }
@@ -1933,6 +2001,7 @@ fn unseal_row(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<(
         }
         write.values.push(Some(canonical.to_vec()));
     }
+    write.indexes.extend(t.compounds.iter().map(|_| None));
     Ok((write, reencoded))
 }
 

@@ -2284,7 +2284,7 @@ impl Updated {
 pub(crate) mod __private {
     use std::fmt;
 
-    use crate::blind::{DerivedIndex, Normalize};
+    use crate::blind::{CompoundIndex, DerivedIndex, Normalize};
     use crate::error::{Error, Result};
     use crate::keyring::OwnerKeys;
     use crate::sealer::Sealer;
@@ -2418,6 +2418,86 @@ pub(crate) mod __private {
             .derived_probes(scope, &index, probes)?;
         finish_lookup(keyring, access)?;
         Ok(tags)
+    }
+
+    /// The compound index tag to store beside a sealed row: `None` for an
+    /// unsealed row or when a field is NULL.
+    pub fn compound(
+        keys: Option<&OwnerKeys>,
+        parts: &[Option<zeroize::Zeroizing<Vec<u8>>>],
+        scope: &str,
+        index: CompoundIndex,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(keys) = keys else {
+            return Ok(None);
+        };
+        let Some(parts) = parts
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.as_slice()))
+            .collect::<Option<Vec<&[u8]>>>()
+        else {
+            return Ok(None);
+        };
+        keys.compound_index_encoded(None, scope, &parts, &index)
+    }
+
+    /// The tags a compound-index finder looks the fields' encodings
+    /// `parts` up by, for `owner`'s rows of `table` (recorded as a lookup
+    /// of `fields`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn compound_tags(
+        keyring: &crate::Keyring,
+        table: &str,
+        owner: &str,
+        fields: &[&str],
+        scope: &str,
+        index: CompoundIndex,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>> {
+        let access = begin_lookup_of(keyring, table, owner, fields)?;
+        let tags = keyring
+            .keys_for_open(owner)?
+            .compound_probes(scope, &index, parts);
+        finish_lookup(keyring, access)?;
+        Ok(tags)
+    }
+
+    /// [`compound_tags`] for async code: keys resolved without blocking.
+    #[cfg(feature = "async")]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn compound_tags_async(
+        keyring: &crate::Keyring,
+        table: &str,
+        owner: &str,
+        fields: &[&str],
+        scope: &str,
+        index: CompoundIndex,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>> {
+        let access = begin_lookup_of(keyring, table, owner, fields)?;
+        let tags = keyring
+            .keys_for_open_async(owner)
+            .await?
+            .compound_probes(scope, &index, parts);
+        finish_lookup(keyring, access)?;
+        Ok(tags)
+    }
+
+    /// Whether an opened record's fields (their encodings, `None` for a
+    /// NULL) equal a compound finder's probes exactly.
+    pub fn compound_keeps(
+        index: CompoundIndex,
+        values: &[Option<zeroize::Zeroizing<Vec<u8>>>],
+        probes: &[&[u8]],
+    ) -> bool {
+        let Some(values) = values
+            .iter()
+            .map(|v| v.as_ref().map(|v| v.as_slice()))
+            .collect::<Option<Vec<&[u8]>>>()
+        else {
+            return false;
+        };
+        index.matches(&values, probes)
     }
 
     /// A value's encoding, wiped on drop: a finder's probe.
@@ -2771,8 +2851,21 @@ pub(crate) mod __private {
         owner: &str,
         column: &str,
     ) -> Result<Access> {
+        begin_lookup_of(keyring, table, owner, &[column])
+    }
+
+    /// [`begin_lookup`] of several fields (a compound index's).
+    ///
+    /// # Errors
+    /// [`Error::AccessorRequired`] in strict mode without an accessor.
+    pub fn begin_lookup_of(
+        keyring: &crate::Keyring,
+        table: &str,
+        owner: &str,
+        columns: &[&str],
+    ) -> Result<Access> {
         let mut access =
-            keyring.begin_access(crate::access::AccessOp::Lookup, table, &[column], || {
+            keyring.begin_access(crate::access::AccessOp::Lookup, table, columns, || {
                 owner.to_owned()
             })?;
         if let Some(batch) = &mut access {

@@ -112,13 +112,19 @@ macro_rules! async_schema {
                 patient_last_bidx -> Nullable<Binary>,
                 last_prefix -> Nullable<Binary>,
                 dob_year -> Nullable<Binary>,
+                patient_match -> Nullable<Binary>,
             }
         }
         #[allow(unused_imports)]
         use self::$table as t;
 
         #[derive(phi::PhiRecord, Clone, PartialEq)]
-        #[phi(table = $table, crate = phi, debug)]
+        #[phi(
+            table = $table,
+            crate = phi,
+            debug,
+            compound_index(column = patient_match, fields(patient_last, patient_dob), bits = 16)
+        )]
         #[allow(dead_code)] // Not every test uses every generated method.
         #[diesel(primary_key(case_id))]
         struct Case {
@@ -155,7 +161,7 @@ macro_rules! async_schema {
                 "CREATE TABLE {TABLE} (case_id VARCHAR(64) NOT NULL PRIMARY KEY, user_id VARCHAR(255) NOT NULL, \
                  patient_last {BLOB} NOT NULL, patient_dob {BLOB} NOT NULL, scan {BLOB} NULL, \
                  status VARCHAR(32) NOT NULL, phi_encrypted BOOLEAN NOT NULL DEFAULT FALSE, patient_last_bidx {index} NULL, \
-                 last_prefix {index} NULL, dob_year {index} NULL)"
+                 last_prefix {index} NULL, dob_year {index} NULL, patient_match {index} NULL)"
             )), &mut conn)
             .expect("create");
         }
@@ -356,6 +362,16 @@ mod single_rows {
             assert!(none.is_empty(), "the 1980 bucket holds them, the range test drops them");
             let in_year = Case::find_by_dob_year_async(alice.as_str(), 1980, &keyring, &mut conn).await.expect("year");
             assert_eq!(in_year.len(), 2);
+            // The duplicate check through the compound index: surname and
+            // date of birth together.
+            let born = day(1980, 1, 15);
+            let twins = Case::find_by_patient_match_async(alice.as_str(), "doe", &born, &keyring, &mut conn).await.expect("twins");
+            assert_eq!(twins.iter().map(|c| c.case_id.clone()).collect::<Vec<_>>(), [format!("{alice}-1")]);
+            let other_day = Case::find_by_patient_match_async(alice.as_str(), "doe", &day(1980, 1, 16), &keyring, &mut conn)
+                .await
+                .expect("none");
+            assert!(other_day.is_empty());
+            assert_eq!(Case::patient_match_tags_async(&keyring, alice.as_str(), "Doe", &born).await.expect("tags")[0].len(), 2);
 
             let poe = Case::patient_last_is_async(&keyring, &alice, "Poe").await.expect("filter");
             assert!(Case::load_optional_async(t::table.filter(poe), &mut conn, &keyring).await.expect("optional").is_none());

@@ -648,6 +648,7 @@ fn finalize_model(table: &'static str) -> StoredTable {
             column("last_name", "last_name_encrypted"),
             column("note", "note_encrypted"),
         ],
+        compounds: Vec::new(),
     }
 }
 

@@ -24,15 +24,22 @@ diesel::table! {
         member_last4 -> Nullable<Binary>,
         dob_year -> Nullable<Binary>,
         surgery_month -> Nullable<Binary>,
+        patient_match -> Nullable<Binary>,
     }
 }
 
 /// A case with four derived indexes: type-ahead on the surname (3
 /// characters, 6-bit tags: 64 buckets, so many prefixes share one), the last
 /// four digits of the member number (16 bits), the year of birth (full
-/// tags) and the month of surgery (8 bits).
+/// tags) and the month of surgery (8 bits); and the duplicate-patient
+/// check, surname and date of birth together (12 bits: 4,096 buckets).
 #[derive(phi::PhiRecord, Clone, PartialEq)]
-#[phi(table = phi_sr_cases, crate = phi, debug)]
+#[phi(
+    table = phi_sr_cases,
+    crate = phi,
+    debug,
+    compound_index(column = patient_match, fields(patient_last, patient_dob), bits = 12)
+)]
 #[diesel(primary_key(case_id))]
 struct Case {
     #[phi(row_key)]
@@ -55,25 +62,34 @@ const LAST_PREFIX: DerivedIndex = DerivedIndex::prefix(3).normalize(Normalize::T
 const SURGERY_MONTH: DerivedIndex = DerivedIndex::year_month().bits(8);
 
 fn prepare_cases(conn: &mut Conn) {
-    static DDL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = DDL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // On a server, the table is made afresh once per run (its columns may
+    // have changed since the last); each SQLite test has a file of its own.
+    static CREATED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut created = CREATED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if server_url().is_some() {
+        if *created {
+            return;
+        }
+        diesel::sql_query("DROP TABLE IF EXISTS phi_sr_cases").execute(conn).expect("drop");
+    }
+    *created = true;
     let tag = match BLOB {
         "BYTEA" => "BYTEA",
         _ if server_url().is_some() => "VARBINARY(16)",
         _ => "BLOB",
     };
     let ddl = format!(
-        "CREATE TABLE IF NOT EXISTS phi_sr_cases (case_id VARCHAR(64) NOT NULL PRIMARY KEY, \
+        "CREATE TABLE phi_sr_cases (case_id VARCHAR(64) NOT NULL PRIMARY KEY, \
          user_id VARCHAR(255) NOT NULL, patient_last {BLOB} NOT NULL, member_id {BLOB} NOT NULL, \
          patient_dob {BLOB} NOT NULL, surgery_date {BLOB} NULL, phi_encrypted BOOLEAN NOT NULL, \
-         last_prefix {tag} NULL, member_last4 {tag} NULL, dob_year {tag} NULL, surgery_month {tag} NULL)"
+         last_prefix {tag} NULL, member_last4 {tag} NULL, dob_year {tag} NULL, surgery_month {tag} NULL, \
+         patient_match {tag} NULL)"
     );
     diesel::sql_query(ddl).execute(conn).expect("cases table");
     // Each finder is one indexed lookup on (owner, tag).
-    for column in ["last_prefix", "member_last4", "dob_year", "surgery_month"] {
+    for column in ["last_prefix", "member_last4", "dob_year", "surgery_month", "patient_match"] {
         let index = format!("CREATE INDEX phi_sr_cases_{column} ON phi_sr_cases (user_id, {column})");
-        // Created once; a second CREATE INDEX fails harmlessly on every backend.
-        let _ = diesel::sql_query(index).execute(conn);
+        diesel::sql_query(index).execute(conn).expect("index");
     }
 }
 
@@ -143,6 +159,14 @@ fn check_every_finder(conn: &mut Conn, keyring: &Keyring, owner: &str, all: &[Ca
         let found = Case::find_by_surgery_month(owner, year, month, keyring, conn).expect("month");
         let wanted = oracle(all, |c| c.surgery_date.is_some_and(|d| d.year() == year && d.month() == month));
         assert_eq!(ids(found), wanted, "surgery in {year}-{month}");
+    }
+    // The duplicate check: surname (normalised) and date of birth at once.
+    for case in all.iter().step_by(37) {
+        let probe = format!("  {} ", case.patient_last.to_uppercase());
+        let found = Case::find_by_patient_match(owner, &probe, &case.patient_dob, keyring, conn).expect("duplicates");
+        let wanted = oracle(all, |c| norm(&c.patient_last) == norm(&probe) && c.patient_dob == case.patient_dob);
+        assert!(wanted.contains(&case.case_id));
+        assert_eq!(ids(found), wanted, "duplicates of {}", case.case_id);
     }
     let day = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).expect("date");
     for (from, to) in [(day(2025, 3, 14), day(2025, 5, 2)), (day(2024, 12, 31), day(2024, 12, 31)), (day(2023, 1, 1), day(2027, 1, 1))] {
@@ -220,6 +244,31 @@ fn derived_finders_match_a_plaintext_oracle_with_truncated_tags_colliding() {
     });
     assert!(collided, "some tag selects rows of another prefix");
 
+    // A compound tag that does not match its values is a verification
+    // failure naming the column; put back, the row verifies.
+    let target = format!("{owner}-0003");
+    let kept: Option<Vec<u8>> = phi_sr_cases::table
+        .find(&target)
+        .select(phi_sr_cases::patient_match)
+        .first(&mut conn)
+        .expect("tag");
+    assert_eq!(kept.as_ref().map(Vec::len), Some(2), "12 bits in 2 bytes");
+    let wrong = kept.as_ref().map(|t| vec![t[0] ^ 0x80, t[1]]);
+    diesel::update(phi_sr_cases::table.find(&target))
+        .set(phi_sr_cases::patient_match.eq(wrong))
+        .execute(&mut conn)
+        .expect("tamper");
+    let failed = |conn: &mut Conn| {
+        let report = migrate::verify::<Case, _>(conn, &keyring, &VerifyOptions::default()).expect("verify");
+        report.failures.iter().any(|f| f.column == "patient_match" && f.row_key == target)
+    };
+    assert!(failed(&mut conn), "a stale compound tag is reported");
+    diesel::update(phi_sr_cases::table.find(&target))
+        .set(phi_sr_cases::patient_match.eq(kept))
+        .execute(&mut conn)
+        .expect("restore");
+    assert!(!failed(&mut conn));
+
     // A probe shorter than the index is refused, naming column and index.
     let err = Case::find_by_last_prefix(owner.as_str(), "ma", &keyring, &mut conn).expect_err("short probe");
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
@@ -255,7 +304,7 @@ fn the_database_never_sees_a_prefix_digits_or_date_a_finder_looks_for() {
     assert!(sent.len() >= 20, "{sent:?}");
     for statement in sent.iter().filter(|s| s.contains("phi_sr_cases")) {
         let lower = statement.to_lowercase();
-        for secret in ["mar", "smy", "4477", "0370", "1950", "1971", "1999", "2025", "2024-12", "1963"] {
+        for secret in ["mar", "smy", "4477", "0370", "1950", "1971", "1999", "2025", "2024-12", "1963", "doe", "nguyen"] {
             assert!(!lower.contains(secret), "{secret:?} reached the database: {statement}");
         }
     }

@@ -891,6 +891,27 @@ pub struct StoredTable {
     pub flag_is_bool: bool,
     /// The encrypted columns.
     pub columns: Vec<StoredColumn>,
+    /// The compound indexes over several encrypted columns
+    /// (`#[phi(compound_index(…))]`).
+    pub compounds: Vec<StoredCompound>,
+}
+
+/// A compound index of a [`StoredTable`]: one tag of several encrypted
+/// columns' values together ([`CompoundIndex`](crate::blind::CompoundIndex)).
+/// The writes, the backfill and `migrate::verify` keep it; a re-seal and
+/// `rotate_all` leave it as it is, valid under the key version that wrote
+/// it, which the finders try as they try every version the owner holds.
+#[derive(Clone, Debug)]
+pub struct StoredCompound {
+    /// The index column.
+    pub column: &'static str,
+    /// The scope: the columns' scopes joined by `+`.
+    pub scope: &'static str,
+    /// The columns it is over, as positions in [`StoredTable::columns`],
+    /// in the index's order.
+    pub parts: &'static [usize],
+    /// The index.
+    pub index: crate::blind::CompoundIndex,
 }
 
 /// One encrypted column of a [`StoredTable`].
@@ -974,8 +995,17 @@ impl StoredTable {
                     .iter()
                     .flat_map(|c| c.indexes().map(|(i, _)| i)),
             )
+            .chain(self.compounds.iter().map(|c| c.column))
             .chain(self.columns.iter().filter_map(|c| c.shadow))
             .collect()
+    }
+
+    /// Every index column the jobs write beside the values, in read order:
+    /// each encrypted column's, then the compound indexes'.
+    pub(crate) fn all_index_columns(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.index_columns()
+            .map(|(_, i, _)| i)
+            .chain(self.compounds.iter().map(|c| c.column))
     }
 
     /// The index columns of every encrypted column, in read order, each
@@ -994,7 +1024,7 @@ impl StoredTable {
         if self.columns[i].shadow.is_none() {
             return i;
         }
-        let indexes = self.index_columns().count();
+        let indexes = self.all_index_columns().count();
         let shadows_before = self.columns[..i]
             .iter()
             .filter(|c| c.shadow.is_some())
@@ -1058,6 +1088,20 @@ impl StoredTable {
             }
             if let Some((lookup, _)) = c.lookup_index {
                 check_identifier("lookup column", lookup, false)?;
+            }
+        }
+        for c in &self.compounds {
+            check_identifier("compound index column", c.column, false)?;
+            c.index.check().map_err(|why| {
+                Error::Config(format!("compound index {}.{}: {why}", self.table, c.column))
+            })?;
+            if c.parts.len() != c.index.parts().len()
+                || c.parts.iter().any(|&p| p >= self.columns.len())
+            {
+                return Err(Error::Config(format!(
+                    "compound index {}.{}: its parts name no encrypted column of the table",
+                    self.table, c.column
+                )));
             }
         }
         let unsupported = |what: &str, column: &str| {
@@ -3390,7 +3434,7 @@ macro_rules! data_connection {
                         .iter()
                         .map(|c| sealed && c.shadow.is_some())
                         .collect();
-                    sets.extend(table.index_columns().map(|(_, i, _)| i));
+                    sets.extend(table.all_index_columns());
                     if unsealing_shadow {
                         sets.extend(table.columns.iter().filter_map(|c| c.shadow));
                     }
