@@ -29,7 +29,8 @@ diesel::table! {
 }
 
 /// A case with four derived indexes: type-ahead on the surname (3
-/// characters, 6-bit tags: 64 buckets, so many prefixes share one), the last
+/// characters, 2-bit tags: 4 buckets, so the surnames' 15 prefixes of 3
+/// characters must share them), the last
 /// four digits of the member number (16 bits), the year of birth (full
 /// tags) and the month of surgery (8 bits); and the duplicate-patient
 /// check, surname and date of birth together (12 bits: 4,096 buckets).
@@ -46,7 +47,7 @@ struct Case {
     case_id: String,
     #[phi(owner)]
     user_id: String,
-    #[phi(encrypt, normalize = "trim,lowercase", index(column = last_prefix, prefix = 3, bits = 6))]
+    #[phi(encrypt, normalize = "trim,lowercase", index(column = last_prefix, prefix = 3, bits = 2))]
     patient_last: String,
     #[phi(encrypt, index(column = member_last4, last_digits = 4, bits = 16))]
     member_id: String,
@@ -58,7 +59,7 @@ struct Case {
     phi_encrypted: bool,
 }
 
-const LAST_PREFIX: DerivedIndex = DerivedIndex::prefix(3).normalize(Normalize::TRIM_LOWERCASE).bits(6);
+const LAST_PREFIX: DerivedIndex = DerivedIndex::prefix(3).normalize(Normalize::TRIM_LOWERCASE).bits(2);
 const SURGERY_MONTH: DerivedIndex = DerivedIndex::year_month().bits(8);
 
 fn prepare_cases(conn: &mut Conn) {
@@ -196,7 +197,7 @@ fn check_tags_current(conn: &mut Conn, keyring: &Keyring, owner: &str, all: &[Ca
         let case = all.iter().find(|c| c.case_id == id).expect("known row");
         let expected = keys.derived_index("phi_sr_cases.patient_last", &case.patient_last, &LAST_PREFIX).expect("tag");
         assert_eq!(prefix.as_deref(), Some(&expected[..]), "row {id}: prefix tag");
-        assert_eq!(expected.len(), 1, "6 bits are stored as one byte");
+        assert_eq!(expected.len(), 1, "2 bits are stored as one byte");
         let expected = case
             .surgery_date
             .map(|d| keys.derived_index("phi_sr_cases.surgery_date", &d, &SURGERY_MONTH).expect("tag"));
@@ -218,7 +219,7 @@ fn derived_finders_match_a_plaintext_oracle_with_truncated_tags_colliding() {
     Case::insert_all(&cases(&other, 60, true), &keyring, &mut conn).expect("insert");
     check_every_finder(&mut conn, &keyring, &owner, &mine);
 
-    // The 6-bit prefix tags collide on purpose: fewer distinct tags than
+    // The 2-bit prefix tags collide on purpose: fewer distinct tags than
     // distinct prefixes, and the rows of a tag include other prefixes,
     // which the finder dropped.
     let prefixes: BTreeSet<String> = mine.iter().map(|c| norm(&c.patient_last).chars().take(3).collect()).collect();
@@ -229,7 +230,7 @@ fn derived_finders_match_a_plaintext_oracle_with_truncated_tags_colliding() {
         .expect("tags")
         .into_iter()
         .collect();
-    assert!(tags.len() <= 64 && tags.len() < prefixes.len(), "{} tags for {} prefixes", tags.len(), prefixes.len());
+    assert!(tags.len() <= 4 && tags.len() < prefixes.len(), "{} tags for {} prefixes", tags.len(), prefixes.len());
     // Surnames shorter than the prefix ("Ng", "Li") are indexed whole, and
     // no search term of 3 characters selects them: skip them here.
     let collided = prefixes.iter().filter(|p| p.chars().count() == 3).any(|p| {
