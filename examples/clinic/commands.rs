@@ -717,9 +717,23 @@ impl Search<'_> {
 /// The provider's cases that meet `search`, ordered by patient name then
 /// case id: the surgery-date range in SQL (a plaintext column), the
 /// conditions on encrypted fields tested as the provider's rows are
-/// opened (`load_where`).
+/// opened (`load_where`). A surname prefix of two characters or more and a
+/// year of birth narrow the sealed rows first by their derived indexes
+/// (the tags of the prefix's first two characters, of the year); rows
+/// stored before the roll-out have no tags and are all tested.
 fn search_cases(clinic: &mut Clinic, owner: &str, search: &Search<'_>) -> Result<Vec<String>> {
     let mut query = cases::table.filter(cases::user_id.eq(owner)).into_boxed();
+    let unsealed = || cases::phi_encrypted.eq(false).nullable();
+    if let Some(prefix) = search.last_prefix.map(str::trim_start)
+        && prefix.trim().chars().count() >= 2
+    {
+        let tags = Case::last_prefix_tags(&clinic.keyring, owner, prefix)?;
+        query = query.filter(cases::last_prefix.eq_any(tags).or(unsealed()));
+    }
+    if let Some(year) = search.dob_year {
+        let tags = Case::dob_year_tags(&clinic.keyring, owner, year)?;
+        query = query.filter(cases::dob_year.eq_any(tags).or(unsealed()));
+    }
     if let Some(from) = search.surgery_from {
         query = query.filter(cases::surgery_date.ge(from));
     }

@@ -10,7 +10,9 @@ use crate::schema::{cases, deleted_cases};
 /// A surgical case as the application sees it. `CaseSealed` is what Diesel
 /// stores: the patient fields sealed under the provider's (the owner's) own
 /// data key, each bound to `cases.<column>` and to the case id; the last
-/// name and date of birth also as blind indexes for the duplicate check.
+/// name and date of birth also as blind indexes for the duplicate check,
+/// and as derived indexes for `case find` (the surname's first two
+/// characters, the year of birth; truncated tags).
 /// Rows written before the roll-out (flag off) hold the plain values and
 /// still read.
 #[derive(PhiRecord, Clone)]
@@ -23,9 +25,14 @@ pub(crate) struct Case {
     pub(crate) user_id: String,
     #[phi(encrypt)]
     pub(crate) patient_first: String,
-    #[phi(encrypt, blind_index = patient_last_bidx, normalize = "trim,lowercase")]
+    #[phi(
+        encrypt,
+        blind_index = patient_last_bidx,
+        normalize = "trim,lowercase",
+        index(column = last_prefix, prefix = 2, bits = 16)
+    )]
     pub(crate) patient_last: String,
-    #[phi(encrypt, blind_index = patient_dob_bidx)]
+    #[phi(encrypt, blind_index = patient_dob_bidx, index(column = dob_year, year, bits = 6))]
     pub(crate) patient_dob: NaiveDate,
     #[phi(encrypt)]
     pub(crate) ins_provider: Option<String>,

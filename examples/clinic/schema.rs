@@ -16,6 +16,8 @@ diesel::table! {
         surgery_date -> Date,
         status -> Text,
         phi_encrypted -> Bool,
+        last_prefix -> Nullable<Binary>,
+        dob_year -> Nullable<Binary>,
     }
 }
 

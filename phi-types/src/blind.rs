@@ -263,6 +263,24 @@ impl OwnerKeys {
         out
     }
 
+    /// The tag of the fields' encodings `parts` (in the index's order) in
+    /// compound `index` on `scope` (the fields' scopes joined by `+`), under
+    /// the current data key: what a compound index column stores.
+    ///
+    /// # Errors
+    /// [`Error::NoKey`](crate::Error::NoKey) if the owner has no active data key.
+    pub fn compound_index(
+        &self,
+        scope: &str,
+        parts: &[&[u8]],
+        index: &CompoundIndex,
+    ) -> Result<Vec<u8>> {
+        self.compound_index_encoded(None, scope, parts, index)?
+            .ok_or_else(|| crate::Error::NoKey {
+                owner: self.owner().to_owned(),
+            })
+    }
+
     /// The tag of a compound index of the fields' encodings `parts` (in
     /// the index's order) on `scope`, under data key `version` (the current
     /// one when `None`).

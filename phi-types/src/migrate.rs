@@ -125,6 +125,10 @@
 //! # fn main() {}
 //! ```
 
+mod reindex;
+
+pub use reindex::{ReindexReport, reindex, reindex_table};
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;

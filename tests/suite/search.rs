@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use phi::blind::{DerivedIndex, Normalize};
+use phi::blind::{CompoundIndex, DerivedIndex, Normalize};
 use phi::lifecycle::{self, ResealOptions};
 use phi::migrate::{self, Migratable as _, MigrateOptions, VerifyOptions};
 use chrono::Datelike as _;
@@ -61,6 +61,8 @@ struct Case {
 
 const LAST_PREFIX: DerivedIndex = DerivedIndex::prefix(3).normalize(Normalize::TRIM_LOWERCASE).bits(2);
 const SURGERY_MONTH: DerivedIndex = DerivedIndex::year_month().bits(8);
+const PATIENT_MATCH: CompoundIndex = CompoundIndex::new(&[Normalize::TRIM_LOWERCASE, Normalize::NONE]).bits(12);
+const PATIENT_SCOPE: &str = "phi_sr_cases.patient_last+phi_sr_cases.patient_dob";
 
 fn prepare_cases(conn: &mut Conn) {
     // On a server, the table is made afresh once per run (its columns may
@@ -245,31 +247,6 @@ fn derived_finders_match_a_plaintext_oracle_with_truncated_tags_colliding() {
     });
     assert!(collided, "some tag selects rows of another prefix");
 
-    // A compound tag that does not match its values is a verification
-    // failure naming the column; put back, the row verifies.
-    let target = format!("{owner}-0003");
-    let kept: Option<Vec<u8>> = phi_sr_cases::table
-        .find(&target)
-        .select(phi_sr_cases::patient_match)
-        .first(&mut conn)
-        .expect("tag");
-    assert_eq!(kept.as_ref().map(Vec::len), Some(2), "12 bits in 2 bytes");
-    let wrong = kept.as_ref().map(|t| vec![t[0] ^ 0x80, t[1]]);
-    diesel::update(phi_sr_cases::table.find(&target))
-        .set(phi_sr_cases::patient_match.eq(wrong))
-        .execute(&mut conn)
-        .expect("tamper");
-    let failed = |conn: &mut Conn| {
-        let report = migrate::verify::<Case, _>(conn, &keyring, &VerifyOptions::default()).expect("verify");
-        report.failures.iter().any(|f| f.column == "patient_match" && f.row_key == target)
-    };
-    assert!(failed(&mut conn), "a stale compound tag is reported");
-    diesel::update(phi_sr_cases::table.find(&target))
-        .set(phi_sr_cases::patient_match.eq(kept))
-        .execute(&mut conn)
-        .expect("restore");
-    assert!(!failed(&mut conn));
-
     // A probe shorter than the index is refused, naming column and index.
     let err = Case::find_by_last_prefix(owner.as_str(), "ma", &keyring, &mut conn).expect_err("short probe");
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
@@ -367,4 +344,68 @@ fn the_backfill_rotation_and_reseal_keep_every_finder_exact() {
     assert_eq!(version, Some(3));
     check_tags_current(&mut conn, &keyring, &owner, &mine);
     check_every_finder(&mut conn, &keyring, &owner, &mine);
+
+    // The compound tags are still those of version 1 (the re-seal leaves
+    // them): the finders match them, and the re-index rewrites them under
+    // the current version, as it fills an index added to sealed rows.
+    let compound_of = |conn: &mut Conn| -> Vec<Option<Vec<u8>>> {
+        phi_sr_cases::table
+            .filter(phi_sr_cases::user_id.eq(&owner))
+            .order(phi_sr_cases::case_id)
+            .select(phi_sr_cases::patient_match)
+            .load(conn)
+            .expect("tags")
+    };
+    let before = compound_of(&mut conn);
+    diesel::update(phi_sr_cases::table.filter(phi_sr_cases::user_id.eq(&owner)))
+        .set((phi_sr_cases::last_prefix.eq(None::<Vec<u8>>), phi_sr_cases::dob_year.eq(None::<Vec<u8>>)))
+        .execute(&mut conn)
+        .expect("an index added after the rows were sealed");
+    let dry = migrate::reindex::<Case, _>(&mut conn, &keyring, &MigrateOptions::default().dry_run(true)).expect("dry run");
+    assert!(dry.written >= 150, "{dry}");
+    assert_eq!(compound_of(&mut conn), before, "a dry run writes nothing");
+    let report = migrate::reindex::<Case, _>(&mut conn, &keyring, &MigrateOptions::default().batch(64)).expect("reindex");
+    assert!(report.written >= 150 && report.rows >= 150, "{report}");
+    let after = compound_of(&mut conn);
+    let keys = keyring.keys_for_open(&owner).expect("keys");
+    let mut sorted = mine.clone();
+    sorted.sort_by(|a, b| a.case_id.cmp(&b.case_id));
+    for (case, stored) in sorted.iter().zip(&after) {
+        let mut dob = Vec::new();
+        phi::PhiValue::encode(&case.patient_dob, &mut dob);
+        let expected = keys
+            .compound_index(PATIENT_SCOPE, &[case.patient_last.as_bytes(), &dob], &PATIENT_MATCH)
+            .expect("tag");
+        assert_eq!(stored.as_deref(), Some(&expected[..]), "row {}: the compound tag under version 3", case.case_id);
+    }
+    check_tags_current(&mut conn, &keyring, &owner, &mine);
+    check_every_finder(&mut conn, &keyring, &owner, &mine);
+    let again = migrate::reindex::<Case, _>(&mut conn, &keyring, &MigrateOptions::default()).expect("again");
+    assert_eq!(compound_of(&mut conn), after, "{again}");
+
+    // A compound tag that does not match its values is a verification
+    // failure naming the column; put back, the row verifies.
+    let target = format!("{owner}-0003");
+    let kept: Option<Vec<u8>> = phi_sr_cases::table
+        .find(&target)
+        .select(phi_sr_cases::patient_match)
+        .first(&mut conn)
+        .expect("tag");
+    assert_eq!(kept.as_ref().map(Vec::len), Some(2), "12 bits in 2 bytes");
+    let wrong = kept.as_ref().map(|t| vec![t[0] ^ 0x80, t[1]]);
+    diesel::update(phi_sr_cases::table.find(&target))
+        .set(phi_sr_cases::patient_match.eq(wrong))
+        .execute(&mut conn)
+        .expect("tamper");
+    let failed = |conn: &mut Conn| {
+        let report = migrate::verify::<Case, _>(conn, &keyring, &VerifyOptions::default()).expect("verify");
+        report.failures.iter().any(|f| f.column == "patient_match" && f.row_key == target)
+    };
+    assert!(failed(&mut conn), "a stale compound tag is reported");
+    diesel::update(phi_sr_cases::table.find(&target))
+        .set(phi_sr_cases::patient_match.eq(kept))
+        .execute(&mut conn)
+        .expect("restore");
+    assert!(!failed(&mut conn));
+
 }

@@ -1,5 +1,5 @@
 //! The migration jobs of an application's derived models as commands:
-//! `backfill`, `verify`, `decrypt-back` and `status`, with progress bars,
+//! `backfill`, `verify`, `decrypt-back`, `reindex` and `status`, with progress bars,
 //! `--dry-run`, `--batch`, `--rate` and `--format json`.
 
 use std::process::ExitCode;
@@ -41,6 +41,13 @@ pub enum JobCommand {
     /// the roll-out seals nobody's new rows (`rollout nobody` first) and
     /// `--yes` is given.
     DecryptBack(DecryptBackArgs),
+    /// Writes the index columns (blind, derived, compound) of every sealed
+    /// row from its values, under the owner's current key version: after
+    /// adding an index to a model whose table holds sealed rows, or to
+    /// repair tags `verify` reports. Each row is written only if its tags
+    /// differ, guarded by its values as read (a row the application changed
+    /// meanwhile is left as it wrote it); resumable.
+    Reindex(MigrateArgs),
     /// Per table: rows sealed and rows with the encrypted flag off.
     Status(StatusArgs),
     /// Schema migrations generated from a model and its live table.
@@ -483,6 +490,7 @@ impl Jobs {
             JobCommand::Backfill(_) => "backfill",
             JobCommand::Verify(_) => "verify",
             JobCommand::DecryptBack(_) => "decrypt-back",
+            JobCommand::Reindex(_) => "reindex",
             JobCommand::Status(_) => "status",
             JobCommand::Migration(MigrationCommand::Generate(args)) => {
                 let (_, table) = self.one(&args.model)?;
@@ -554,6 +562,35 @@ impl Jobs {
                         println!("{report}");
                     }
                     reports.push(migration_json(model.name, &report));
+                }
+            }
+            JobCommand::Reindex(args) => {
+                let options = MigrateOptions::default()
+                    .batch(args.batch)
+                    .dry_run(args.dry_run);
+                extra.insert("dry_run".into(), args.dry_run.into());
+                for (model, table) in self.selected(&args.models)? {
+                    let report = with_progress(
+                        &format!("re-indexing {}", table.table),
+                        progress,
+                        args.rate,
+                        |on| {
+                            let options = options.clone().progress(on);
+                            migrate::reindex_table(&table, conn, keyring, &options)
+                        },
+                    )?;
+                    if format == Format::Text {
+                        println!("{report}");
+                    }
+                    reports.push(json!({
+                        "model": model.name,
+                        "table": report.table,
+                        "rows": report.rows,
+                        "written": report.written,
+                        "conflicts": report.conflicts,
+                        "skipped": report.skipped,
+                        "elapsed_seconds": seconds(report.elapsed),
+                    }));
                 }
             }
             JobCommand::Verify(args) => {

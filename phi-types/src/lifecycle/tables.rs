@@ -1394,6 +1394,20 @@ pub trait DataConnection: PhiConnection {
         lookup_column: &str,
         value: &[u8],
     ) -> Result<usize>;
+
+    /// `UPDATE table SET index = value, … WHERE key = ? AND flag on AND
+    /// each sealed column = its bytes as read (or IS NULL)`: writes one
+    /// sealed row's index columns unless the row changed since `row` was
+    /// read. The rows written.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the statement fails.
+    fn write_indexes(
+        &mut self,
+        table: &StoredTable,
+        row: &MigrationRow,
+        sets: &[(&'static str, Option<Vec<u8>>)],
+    ) -> Result<usize>;
 }
 
 /// Which rows [`DataConnection::migration_rows`] reads.
@@ -3248,6 +3262,54 @@ macro_rules! data_connection {
                 update.execute(self).map_err(|source| Error::Database {
                     operation: "writing a re-indexed lookup value",
                     table,
+                    source,
+                })
+            }
+
+            fn write_indexes(
+                &mut self,
+                table: &StoredTable,
+                row: &MigrationRow,
+                sets: &[(&'static str, Option<Vec<u8>>)],
+            ) -> Result<usize> {
+                table.validate()?;
+                if sets.is_empty() {
+                    return Ok(0);
+                }
+                let mut update = Statement::default();
+                update.sql("UPDATE ").ident(table.table).sql(" SET ");
+                for (k, (column, value)) in sets.iter().enumerate() {
+                    if k > 0 {
+                        update.sql(", ");
+                    }
+                    update.ident(column).sql(" = ");
+                    match value {
+                        Some(value) => update.bytes(value.as_slice()),
+                        None => update.sql("NULL"),
+                    };
+                }
+                update
+                    .sql(" WHERE ")
+                    .ident(table.key_column)
+                    .sql(" = ")
+                    .key(&row.key)
+                    .sql(" AND ");
+                let flag_type = if table.flag_is_bool {
+                    FlagType::Bool
+                } else {
+                    FlagType::Integer
+                };
+                update.flag_on(table.flag_column, flag_type);
+                for (i, c) in table.columns.iter().enumerate() {
+                    update.sql(" AND ").ident(c.sealed_column());
+                    match row.values.get(table.sealed_position(i)).and_then(Option::as_ref) {
+                        Some(stored) => update.sql(" = ").bytes(stored.as_slice()),
+                        None => update.sql(" IS NULL"),
+                    };
+                }
+                update.execute(self).map_err(|source| Error::Database {
+                    operation: "writing a row's index columns",
+                    table: table.table,
                     source,
                 })
             }
