@@ -449,9 +449,9 @@ fn first_runs_and_every_case_command(clinic: &Clinic) {
     assert_eq!(search(&["--surgery-from", "2026-12-25"]), "no case");
     assert_eq!(search(&["--last", "lovelace"]), id);
     // The prefix and year searches narrow the sealed rows by derived
-    // indexes: tags of 16 and 6 bits (2 bytes, 1 byte). A stale tag (as in
-    // a column added to rows sealed before it) hides the row from the
-    // prefix search until `reindex` writes the tags from the values.
+    // indexes: tags of 16 and 6 bits (2 bytes, 1 byte). A row without tags
+    // is tested anyway; a stale tag hides the row from the prefix search
+    // until `reindex` writes the tags from the values.
     let tag = db.value("cases", "last_prefix", &id).expect("a prefix tag");
     assert_eq!(tag.len(), 2);
     assert_eq!(db.value("cases", "dob_year", &id).map(|t| t.len()), Some(1));

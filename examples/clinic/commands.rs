@@ -720,19 +720,29 @@ impl Search<'_> {
 /// opened (`load_where`). A surname prefix of two characters or more and a
 /// year of birth narrow the sealed rows first by their derived indexes
 /// (the tags of the prefix's first two characters, of the year); rows
-/// stored before the roll-out have no tags and are all tested.
+/// without tags (stored before the roll-out, or sealed before the indexes
+/// were added and not re-indexed yet) are all tested.
 fn search_cases(clinic: &mut Clinic, owner: &str, search: &Search<'_>) -> Result<Vec<String>> {
     let mut query = cases::table.filter(cases::user_id.eq(owner)).into_boxed();
-    let unsealed = || cases::phi_encrypted.eq(false).nullable();
+    // Rows stored before the roll-out have no tags, nor rows sealed before
+    // the indexes were added (until `reindex`): they are tested all.
     if let Some(prefix) = search.last_prefix.map(str::trim_start)
         && prefix.trim().chars().count() >= 2
     {
         let tags = Case::last_prefix_tags(&clinic.keyring, owner, prefix)?;
-        query = query.filter(cases::last_prefix.eq_any(tags).or(unsealed()));
+        query = query.filter(
+            cases::last_prefix
+                .eq_any(tags)
+                .or(cases::last_prefix.is_null().nullable()),
+        );
     }
     if let Some(year) = search.dob_year {
         let tags = Case::dob_year_tags(&clinic.keyring, owner, year)?;
-        query = query.filter(cases::dob_year.eq_any(tags).or(unsealed()));
+        query = query.filter(
+            cases::dob_year
+                .eq_any(tags)
+                .or(cases::dob_year.is_null().nullable()),
+        );
     }
     if let Some(from) = search.surgery_from {
         query = query.filter(cases::surgery_date.ge(from));

@@ -512,6 +512,26 @@ impl Model {
                 );
             }
         }
+        for f in &fields {
+            let Role::Encrypt { derived, .. } = &f.role else {
+                continue;
+            };
+            let text = is_string(f.value_ty());
+            for d in derived {
+                if matches!(
+                    d.transform,
+                    DerivedTransform::Prefix(_) | DerivedTransform::LastDigits(_)
+                ) && !text
+                {
+                    errors.push(
+                        darling::Error::custom(
+                            "`prefix` and `last_digits` index text: the field must be a `String` (or `Option<String>`); an integer's encoding is binary, so its digits cannot be searched",
+                        )
+                        .with_span(&d.column),
+                    );
+                }
+            }
+        }
         let mut compounds = Vec::new();
         for raw_compound in &raw.compound_index {
             let mut parts = Vec::new();
@@ -521,6 +541,16 @@ impl Model {
                         .iter()
                         .position(|f| &f.ident == name && matches!(f.role, Role::Encrypt { .. }))
                 });
+                if let Some(Role::Encrypt { scope, .. }) = found.map(|i| &fields[i].role)
+                    && scope.contains('+')
+                {
+                    errors.push(
+                        darling::Error::custom(
+                            "a compound index joins its fields' scopes with `+`: a field in one needs a scope without `+`",
+                        )
+                        .with_span(path),
+                    );
+                }
                 match found {
                     Some(i) if parts.contains(&i) => errors.push(
                         darling::Error::custom("a compound index names each field once")
@@ -634,6 +664,17 @@ fn derived(raw: &RawIndex, field_normalize: (bool, bool)) -> darling::Result<Der
         lowercase,
         bits,
     })
+}
+
+/// Whether `ty` is written `String` (or `std::string::String`).
+fn is_string(ty: &syn::Type) -> bool {
+    let syn::Type::Path(path) = ty else {
+        return false;
+    };
+    path.qself.is_none()
+        && path.path.segments.last().is_some_and(|last| {
+            last.ident == "String" && matches!(last.arguments, syn::PathArguments::None)
+        })
 }
 
 fn parse_normalize(text: &str) -> darling::Result<(bool, bool)> {

@@ -181,6 +181,7 @@ impl OwnerKeys {
         value: &T,
         index: &DerivedIndex,
     ) -> Result<Vec<u8>> {
+        checked(scope, index.check())?;
         let mut encoded = Zeroizing::new(Vec::with_capacity(value.encoded_len()));
         value.encode(&mut encoded);
         Ok(self.derived_index_of(self.current_dek()?, scope, &encoded, index))
@@ -291,6 +292,7 @@ impl OwnerKeys {
         parts: &[&[u8]],
         index: &CompoundIndex,
     ) -> Result<Option<Vec<u8>>> {
+        checked(scope, index.check())?;
         let dek = match version {
             None => self.current_dek()?,
             Some(v) => match self.dek(v) {
@@ -309,12 +311,17 @@ impl OwnerKeys {
 
     /// The tags to look up the fields' encodings `parts` in a compound
     /// index on `scope`, under every data key version the owner holds.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for an index
+    /// that is not well formed ([`CompoundIndex::check`]).
     pub fn compound_probes(
         &self,
         scope: &str,
         index: &CompoundIndex,
         parts: &[&[u8]],
-    ) -> Vec<Vec<u8>> {
+    ) -> Result<Vec<Vec<u8>>> {
+        checked(scope, index.check())?;
         let input = index.input(parts);
         let mut out = Vec::new();
         for version in self.versions() {
@@ -330,7 +337,7 @@ impl OwnerKeys {
         }
         out.sort_unstable();
         out.dedup();
-        out
+        Ok(out)
     }
 
     /// The tags to look up `probes` (encodings, as values have: a name
@@ -348,6 +355,7 @@ impl OwnerKeys {
         index: &DerivedIndex,
         probes: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
+        checked(scope, index.check())?;
         let mut inputs = Vec::with_capacity(probes.len());
         for probe in probes {
             inputs.push(
@@ -375,6 +383,15 @@ impl OwnerKeys {
         out.dedup();
         Ok(out)
     }
+}
+
+/// A derived or compound index that is not well formed, as an error naming
+/// the scope.
+fn checked(scope: &str, check: std::result::Result<(), String>) -> Result<()> {
+    check.map_err(|reason| crate::Error::InvalidInput {
+        what: "index",
+        reason: format!("{scope}: {reason}"),
+    })
 }
 
 #[cfg(test)]

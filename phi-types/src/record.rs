@@ -630,15 +630,22 @@ pub trait PhiRecord: Sized + Send + Sync {
     /// opened; sort the result by an encrypted field afterwards
     /// (`sort_by`).
     ///
-    /// The rows are read, opened and recorded in the access log exactly as
-    /// [`load`](Self::load) does, and only then shown to `keep`: every row
-    /// opened is a read in the access log, kept or not, and `keep` never
-    /// sees a record the log refused. The records `keep` rejects are then
-    /// dropped, so the result holds only the matches; while filtering, the
-    /// whole opened result is in memory, as with `load`. For an owner with
-    /// more rows than should be in memory at once, page the query by its
-    /// key (`.filter(case_id.gt(&last)).order(case_id).limit(1_000)`) and
-    /// call `load_where` for each page.
+    /// The rows are read and opened a chunk of [`LOAD_CHUNK_ROWS`] at a
+    /// time, each chunk opened and recorded in the access log as
+    /// [`open_all`](Self::open_all) does, and only then shown to `keep`:
+    /// every row opened is a read in the access log, kept or not, and
+    /// `keep` never sees a record the log refused. The records `keep`
+    /// rejects are dropped before the next chunk is opened, so phi holds one
+    /// chunk of opened records and the matches (the database client may
+    /// still buffer the whole result: PostgreSQL's and MySQL's do). With a
+    /// legacy decoder on the keyring the whole result is read first, as
+    /// `load` does. For an owner with more rows than the client should
+    /// buffer, page the query by its key
+    /// (`.filter(case_id.gt(&last)).order(case_id).limit(1_000)`) and call
+    /// `load_where` for each page. With a derived index, narrow the query
+    /// by its tags first (`cases::last_prefix.eq_any(…)`, see
+    /// [`blind::derived`](crate::blind::derived)) so that only the
+    /// candidates are opened.
     ///
     /// What it reveals: nothing beyond `query` itself, since the condition
     /// is tested in the application. What it costs: every row `query`
@@ -702,9 +709,29 @@ pub trait PhiRecord: Sized + Send + Sync {
             diesel::query_dsl::LoadQuery<'q, C, Self::Sealed> + diesel::RunQueryDsl<C>,
         F: Fn(&Self) -> bool,
     {
-        let mut records = Self::load(query, conn, keyring)?;
-        records.retain(|record| keep(record));
-        Ok(records)
+        use diesel::SelectableHelper as _;
+        if legacy_reads::<Self>(keyring).is_some() {
+            let mut records = Self::load(query, conn, keyring)?;
+            records.retain(|record| keep(record));
+            return Ok(records);
+        }
+        prepare_connection(conn, Self::TABLE)?;
+        let rows = diesel::RunQueryDsl::load_iter::<
+            Self::Sealed,
+            diesel::connection::DefaultLoadingMode,
+        >(query.select(Self::Sealed::as_select()), conn)
+        .map_err(loading_error::<Self>)?;
+        let mut found = Vec::new();
+        let mut chunk = Vec::with_capacity(LOAD_CHUNK_ROWS);
+        let mut rows = rows.peekable();
+        while let Some(row) = rows.next() {
+            chunk.push(row.map_err(loading_error::<Self>)?);
+            if chunk.len() == LOAD_CHUNK_ROWS || rows.peek().is_none() {
+                let opened = Self::open_all(std::mem::take(&mut chunk), keyring)?;
+                found.extend(opened.into_iter().filter(|record| keep(record)));
+            }
+        }
+        Ok(found)
     }
 
     /// Runs `query` with `LIMIT 1` and opens the row it selects: the
@@ -2458,7 +2485,7 @@ pub(crate) mod __private {
         let access = begin_lookup_of(keyring, table, owner, fields)?;
         let tags = keyring
             .keys_for_open(owner)?
-            .compound_probes(scope, &index, parts);
+            .compound_probes(scope, &index, parts)?;
         finish_lookup(keyring, access)?;
         Ok(tags)
     }
@@ -2479,7 +2506,7 @@ pub(crate) mod __private {
         let tags = keyring
             .keys_for_open_async(owner)
             .await?
-            .compound_probes(scope, &index, parts);
+            .compound_probes(scope, &index, parts)?;
         finish_lookup(keyring, access)?;
         Ok(tags)
     }

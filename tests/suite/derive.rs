@@ -830,6 +830,8 @@ fn load_where_answers_prefix_and_range_queries_like_a_plaintext_filter() {
     for statement in sent.iter() {
         let lower = statement.to_lowercase();
         assert!(lower.contains(&owner.to_lowercase()) || !lower.contains("phi_it_cases"), "{statement}");
+        // The owner id is bound (its digits are a clock's): not a secret.
+        let lower = lower.replace(&owner.to_lowercase(), "<owner>");
         for secret in ["mar", "1970", "1980", "nobody"] {
             assert!(!lower.contains(secret), "{secret:?} reached the database: {statement}");
         }

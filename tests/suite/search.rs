@@ -281,7 +281,8 @@ fn the_database_never_sees_a_prefix_digits_or_date_a_finder_looks_for() {
     let sent = sent.lock().expect("sent");
     assert!(sent.len() >= 20, "{sent:?}");
     for statement in sent.iter().filter(|s| s.contains("phi_sr_cases")) {
-        let lower = statement.to_lowercase();
+        // The owner id is bound (its digits are a clock's): not a secret.
+        let lower = statement.replace(&owner, "<owner>").to_lowercase();
         for secret in ["mar", "smy", "4477", "0370", "1950", "1971", "1999", "2025", "2024-12", "1963", "doe", "nguyen"] {
             assert!(!lower.contains(secret), "{secret:?} reached the database: {statement}");
         }

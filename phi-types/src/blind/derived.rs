@@ -13,8 +13,11 @@
 //!   32 bytes, where `scope` is `table.column` and `spec` the index's
 //!   [canonical description](DerivedIndex::spec), e.g.
 //!   `prefix(3)/trim,lowercase/16`;
-//! - input = the value's [`PhiValue`] encoding, normalised, then
-//!   transformed ([`DerivedIndex::input`]);
+//! - input = the value's [`PhiValue`](crate::PhiValue) encoding,
+//!   normalised (trimmed as [`Normalize`] trims; lower-cased character by
+//!   character, each character's full Unicode lower case with no
+//!   context rule, so Greek `Σ` is always `σ`), then transformed
+//!   ([`DerivedIndex::input`]);
 //! - tag = HMAC-SHA256(key, input), its first ⌈bits / 8⌉ bytes, the bits
 //!   past `bits` in the last byte set to zero; stored as binary (NULL
 //!   while the row is unsealed).
@@ -62,6 +65,8 @@
 //! assert!(index.matches(b"MARTIN", b"mart"));
 //! assert!(!index.matches(b"Marchbanks", b"mart"));
 //! ```
+
+use std::borrow::Cow;
 
 use zeroize::Zeroizing;
 
@@ -220,18 +225,12 @@ impl DerivedIndex {
     /// What is hashed for a value whose [`PhiValue`](crate::PhiValue)
     /// encoding is `encoded`: normalised, then transformed.
     pub fn input(&self, encoded: &[u8]) -> Zeroizing<Vec<u8>> {
-        let normalised = self.normalize.apply(encoded);
+        let normalised = self.normalised(encoded);
         let part: &[u8] = match self.transform {
             Transform::Whole => &normalised,
             Transform::Prefix(n) => prefix(&normalised, usize::from(n)),
             Transform::LastDigits(n) => {
-                let mut digits: Zeroizing<Vec<u8>> = Zeroizing::new(
-                    normalised
-                        .iter()
-                        .copied()
-                        .filter(u8::is_ascii_digit)
-                        .collect(),
-                );
+                let mut digits = ascii_digits(&normalised);
                 let skip = digits.len().saturating_sub(usize::from(n));
                 digits.drain(..skip);
                 wipe(normalised);
@@ -253,7 +252,7 @@ impl DerivedIndex {
     /// # Errors
     /// Why the probe cannot be looked up, in words that name no value.
     pub fn probe(&self, probe: &[u8]) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
-        let normalised = self.normalize.apply(probe);
+        let normalised = self.normalised(probe);
         let short = match self.transform {
             Transform::Prefix(n) => {
                 let have = match std::str::from_utf8(&normalised) {
@@ -284,15 +283,10 @@ impl DerivedIndex {
     /// a finder applies to the rows a tag selects, dropping those that
     /// share the tag only.
     pub fn matches(&self, value: &[u8], probe: &[u8]) -> bool {
-        let (value, probe) = (self.normalize.apply(value), self.normalize.apply(probe));
+        let (value, probe) = (self.normalised(value), self.normalised(probe));
         let found = match self.transform {
             Transform::Prefix(_) => value.starts_with(&probe),
-            Transform::LastDigits(_) => {
-                let digits = |b: &[u8]| -> Zeroizing<Vec<u8>> {
-                    Zeroizing::new(b.iter().copied().filter(u8::is_ascii_digit).collect())
-                };
-                digits(&value).ends_with(&digits(&probe))
-            }
+            Transform::LastDigits(_) => ascii_digits(&value).ends_with(&ascii_digits(&probe)),
             Transform::Whole => value == probe,
             Transform::Year | Transform::YearMonth => {
                 let raw = DerivedIndex {
@@ -305,6 +299,31 @@ impl DerivedIndex {
         wipe(value);
         wipe(probe);
         found
+    }
+
+    /// A value's encoding normalised as this index normalises it: trimmed
+    /// as [`Normalize`] trims, lower-cased character by character (each
+    /// character's full Unicode lower case, with no rule that looks at its
+    /// neighbours, so that a prefix lower-cases as the word it begins:
+    /// Greek `Σ` is `σ` wherever it stands). Not UTF-8: as it is.
+    fn normalised<'v>(&self, encoded: &'v [u8]) -> Cow<'v, [u8]> {
+        let Ok(text) = std::str::from_utf8(encoded) else {
+            return Cow::Borrowed(encoded);
+        };
+        let text = if self.normalize.trims() {
+            text.trim()
+        } else {
+            text
+        };
+        let lower = |c: char| c.to_lowercase();
+        if !self.normalize.lowercases() || text.chars().flat_map(lower).eq(text.chars()) {
+            return Cow::Borrowed(text.as_bytes());
+        }
+        // Sized exactly first: a growing buffer would free unwiped copies.
+        let len: usize = text.chars().flat_map(lower).map(char::len_utf8).sum();
+        let mut out = String::with_capacity(len);
+        out.extend(text.chars().flat_map(lower));
+        Cow::Owned(out.into_bytes())
     }
 
     /// The key of this index for `scope` under `dek`.
@@ -507,13 +526,20 @@ impl CompoundIndex {
     /// What is hashed for the fields' encodings, in order: each one's
     /// length (u32, big-endian) and normalised bytes.
     pub fn input(&self, encoded: &[&[u8]]) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::new());
-        for (part, normalize) in encoded.iter().zip(self.parts) {
-            let normalised = normalize.apply(part);
-            let len = u32::try_from(normalised.len()).unwrap_or(u32::MAX);
+        let normalised: Vec<Cow<'_, [u8]>> = encoded
+            .iter()
+            .zip(self.parts)
+            .map(|(part, normalize)| normalize.apply(part))
+            .collect();
+        // Sized exactly first: a growing buffer would free unwiped copies.
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            normalised.iter().map(|p| 4 + p.len()).sum(),
+        ));
+        for part in normalised {
+            let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&normalised);
-            wipe(normalised);
+            out.extend_from_slice(&part);
+            wipe(part);
         }
         out
     }
@@ -578,7 +604,15 @@ fn date_part(bytes: &[u8], nth: usize) -> &[u8] {
         .map_or(bytes, |(at, _)| &bytes[..at])
 }
 
-fn wipe(bytes: std::borrow::Cow<'_, [u8]>) {
+/// The ASCII digits of `bytes`, in order, in a buffer sized to hold them
+/// all (no growth, so no unwiped copy is freed).
+fn ascii_digits(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(bytes.len()));
+    out.extend(bytes.iter().copied().filter(u8::is_ascii_digit));
+    out
+}
+
+fn wipe(bytes: Cow<'_, [u8]>) {
     if let std::borrow::Cow::Owned(mut owned) = bytes {
         zeroize::Zeroize::zeroize(&mut owned);
     }
@@ -658,6 +692,24 @@ mod tests {
             &*DerivedIndex::year_month().input(&DerivedIndex::year_month_probe(2026, 12)),
             b"2026-12"
         );
+    }
+
+    #[test]
+    fn a_prefix_lower_cases_as_the_word_it_begins() {
+        // `str::to_lowercase` writes a word-final `Σ` as `ς`: the probe
+        // "ΟΔΥΣ" would become "οδυς" while "ΟΔΥΣΣΕΑΣ" begins "οδυσ". A
+        // derived index lower-cases character by character.
+        let name = DerivedIndex::prefix(4).normalize(Normalize::TRIM_LOWERCASE);
+        let stored = "ΟΔΥΣΣΕΑΣ".as_bytes();
+        assert_eq!(&*name.input(stored), "οδυσ".as_bytes());
+        assert_eq!(
+            &*name.probe("ΟΔΥΣ".as_bytes()).expect("probe"),
+            "οδυσ".as_bytes()
+        );
+        assert!(name.matches(stored, "Οδυσ".as_bytes()));
+        assert!(name.matches(stored, "ΟΔΥΣ".as_bytes()));
+        // Unchanged text is not copied.
+        assert!(matches!(name.normalised(b"doe"), Cow::Borrowed(_)));
     }
 
     #[test]

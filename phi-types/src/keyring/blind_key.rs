@@ -84,7 +84,9 @@ pub(crate) struct BlindKeyCache {
 }
 
 /// A blind-index key with the data key version and scope it derives from.
-type DerivedKey = (u32, Arc<str>, BlindIndexKey);
+/// `(version, derived, scope, key)`: `derived` keeps the keys of derived
+/// and compound indexes apart from blind-index keys of any scope.
+type DerivedKey = (u32, bool, Arc<str>, BlindIndexKey);
 
 /// The one shared copy of `scope`: a process holds as many scopes as its
 /// models have blind-indexed columns, and every owner's cache points at
@@ -110,12 +112,12 @@ impl BlindKeyCache {
     /// Runs `f` with the blind-index key of `dek`'s version and `scope`,
     /// derived on first use.
     pub(crate) fn with<R>(&self, dek: &Dek, scope: &str, f: impl FnOnce(&BlindIndexKey) -> R) -> R {
-        self.with_derived(dek, scope, || BlindIndexKey::derive(dek, scope), f)
+        self.with_kind(dek, false, scope, || BlindIndexKey::derive(dek, scope), f)
     }
 
     /// [`with`](Self::with) for a key derived otherwise (a
-    /// [derived index](crate::blind::derived)'s), cached under `scope`, a
-    /// name of its own.
+    /// [derived or compound index](crate::blind::derived)'s), cached under
+    /// `scope` (the index's scope and spec) apart from blind-index keys.
     pub(crate) fn with_derived<R>(
         &self,
         dek: &Dek,
@@ -123,9 +125,20 @@ impl BlindKeyCache {
         derive: impl FnOnce() -> BlindIndexKey,
         f: impl FnOnce(&BlindIndexKey) -> R,
     ) -> R {
+        self.with_kind(dek, true, scope, derive, f)
+    }
+
+    fn with_kind<R>(
+        &self,
+        dek: &Dek,
+        derived: bool,
+        scope: &str,
+        derive: impl FnOnce() -> BlindIndexKey,
+        f: impl FnOnce(&BlindIndexKey) -> R,
+    ) -> R {
         let find = |keys: &[DerivedKey]| {
             keys.iter()
-                .position(|(v, s, _)| *v == dek.version() && &**s == scope)
+                .position(|(v, d, s, _)| *v == dek.version() && *d == derived && &**s == scope)
         };
         {
             let keys = self
@@ -133,7 +146,7 @@ impl BlindKeyCache {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(at) = find(&keys) {
-                return f(&keys[at].2);
+                return f(&keys[at].3);
             }
         }
         let mut keys = self
@@ -150,15 +163,15 @@ impl BlindKeyCache {
                     let mut grown = Vec::with_capacity((keys.len() * 2).max(1));
                     grown.extend(
                         keys.iter()
-                            .map(|(v, s, k)| (*v, Arc::clone(s), k.duplicate())),
+                            .map(|(v, d, s, k)| (*v, *d, Arc::clone(s), k.duplicate())),
                     );
                     *keys = grown;
                 }
-                keys.push((dek.version(), intern(scope), derive()));
+                keys.push((dek.version(), derived, intern(scope), derive()));
                 keys.len() - 1
             }
         };
-        f(&keys[at].2)
+        f(&keys[at].3)
     }
 }
 
@@ -204,7 +217,7 @@ mod tests {
         other.with(&deks[0], scopes[0], |_| ());
         let theirs = other.keys.read().expect("lock");
         assert!(
-            Arc::ptr_eq(&keys[0].1, &theirs[0].1),
+            Arc::ptr_eq(&keys[0].2, &theirs[0].2),
             "one shared copy of the scope"
         );
     }

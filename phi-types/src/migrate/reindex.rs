@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
-use super::{Migratable, MigrateOptions, Progress, keys_for_check, row_index};
+use std::collections::BTreeSet;
+
+use super::{Migratable, MigrateOptions, Progress, row_index};
 use crate::error::{Error, Result};
 use crate::keyring::{Keyring, OwnerKeys};
 use crate::lifecycle::tables::{DataConnection, MigrationRow, RowsQuery, StoredTable};
@@ -27,7 +29,7 @@ pub struct ReindexReport {
     /// other writer left them (its write computed their tags); a second
     /// run finds any still stale.
     pub conflicts: u64,
-    /// Rows of owners without data keys (crypto-shredded): left alone.
+    /// Rows of crypto-shredded owners: left alone.
     pub skipped: u64,
     /// How long it took.
     pub elapsed: Duration,
@@ -59,9 +61,14 @@ impl fmt::Display for ReindexReport {
 /// [`MigrateOptions::dry_run`], counts without writing. Rows stored
 /// unsealed (flag off) have no tags and are left to the backfill.
 ///
+/// Every row read is recorded in the access log as the job's read, as the
+/// other jobs that open values record theirs.
+///
 /// # Errors
 /// [`Error::DataTable`] naming the table, column, owner and row of a value
-/// that does not open or decode; query errors.
+/// that does not open or decode; key resolution errors (an owner whose keys
+/// cannot be read, unless the key store says it is shredded); the access
+/// log's; query errors.
 pub fn reindex<M: Migratable, C: DataConnection>(
     conn: &mut C,
     keyring: &Keyring,
@@ -99,12 +106,35 @@ pub fn reindex_table<C: DataConnection>(
         if rows.is_empty() {
             break;
         }
-        let keys = keys_for_check(keyring, &rows);
+        // Every row read is opened: recorded as the job's reads first.
+        keyring.record_job(
+            t.table,
+            &t.columns.iter().map(|c| c.column).collect::<Vec<_>>(),
+            rows.iter().map(|r| (r.owner.as_str(), Some(r.key_text()))),
+        )?;
+        let owners: BTreeSet<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
+        let keys = keyring.keys_for_open_many(owners.iter().copied())?;
+        // An owner with no key to open with may be crypto-shredded (the key
+        // store says); any other is an error, not a row to skip.
+        let keyless = owners
+            .iter()
+            .copied()
+            .filter(|o| keys.get(*o).is_none_or(|k| k.versions().next().is_none()));
+        let shredded = keyring.shredded_owners(keyless)?;
         for row in &rows {
             report.rows += 1;
-            let Some(keys) = keys.get(&row.owner) else {
+            if shredded.contains(&row.owner) {
                 report.skipped += 1;
                 continue;
+            }
+            let Some(keys) = keys.get(&row.owner) else {
+                return Err(Error::KeyUnavailable {
+                    owner: row.owner.clone(),
+                    reason: format!(
+                        "no data key opens the sealed rows of {} and the owner is not shredded",
+                        t.table
+                    ),
+                });
             };
             let sets = tags_of(t, row, keys)?;
             let stale: Vec<(&'static str, Option<Vec<u8>>)> = sets
