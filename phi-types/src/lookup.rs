@@ -402,14 +402,9 @@ pub fn reindex_table<C: DataConnection>(
             )?;
             let (owner_keys, shredded) = if sealed {
                 let owners: BTreeSet<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
-                let keys = keyring.keys_for_open_many(owners.iter().copied())?;
                 // An owner with no key to open with may be shredded: the
                 // key store says (one query for the batch's such owners).
-                let keyless = owners
-                    .iter()
-                    .copied()
-                    .filter(|o| keys.get(*o).is_none_or(|k| k.versions().next().is_none()));
-                let shredded = keyring.shredded_owners(keyless)?;
+                let (keys, shredded) = keyring.keys_for_open_or_shredded(&owners)?;
                 (Some(keys), shredded)
             } else {
                 (None, Default::default())

@@ -1268,16 +1268,7 @@ fn check_sealed(
     for c in &t.compounds {
         // Every part opened: the tag is the one of their values under one
         // of the owner's versions; a NULL part: no tag.
-        let parts: Option<Vec<&[u8]>> = c
-            .parts
-            .iter()
-            .map(|&p| {
-                canonicals
-                    .get(p)
-                    .and_then(Option::as_deref)
-                    .map(Vec::as_slice)
-            })
-            .collect();
+        let parts = c.parts_of(&canonicals);
         let stored = row_index(t, row, c.column);
         let fine = match &parts {
             Some(parts) => stored.is_some_and(|s| {
@@ -1841,16 +1832,7 @@ fn seal_row(
         canonicals.push(Some(canonical));
     }
     for c in &t.compounds {
-        let parts: Option<Vec<&[u8]>> = c
-            .parts
-            .iter()
-            .map(|&p| {
-                canonicals
-                    .get(p)
-                    .and_then(Option::as_deref)
-                    .map(Vec::as_slice)
-            })
-            .collect();
+        let parts = c.parts_of(&canonicals);
         write.indexes.push(match parts {
             Some(parts) => keys.compound_index_encoded(None, c.scope, &parts, &c.index)?,
             None => None,

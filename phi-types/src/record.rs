@@ -2420,11 +2420,8 @@ pub(crate) mod __private {
         probes: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup(keyring, table, owner, column)?;
-        let tags = keyring
-            .keys_for_open(owner)?
-            .derived_probes(scope, &index, probes)?;
-        finish_lookup(keyring, access)?;
-        Ok(tags)
+        let tags = keyring.keys_for_open(owner)?;
+        lookup_done(keyring, access, tags.derived_probes(scope, &index, probes))
     }
 
     /// [`derived_tags`] for async code: keys resolved without blocking.
@@ -2440,12 +2437,8 @@ pub(crate) mod __private {
         probes: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup(keyring, table, owner, column)?;
-        let tags = keyring
-            .keys_for_open_async(owner)
-            .await?
-            .derived_probes(scope, &index, probes)?;
-        finish_lookup(keyring, access)?;
-        Ok(tags)
+        let tags = keyring.keys_for_open_async(owner).await?;
+        lookup_done(keyring, access, tags.derived_probes(scope, &index, probes))
     }
 
     /// The compound index tag to store beside a sealed row: `None` for an
@@ -2483,11 +2476,8 @@ pub(crate) mod __private {
         parts: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup_of(keyring, table, owner, fields)?;
-        let tags = keyring
-            .keys_for_open(owner)?
-            .compound_probes(scope, &index, parts)?;
-        finish_lookup(keyring, access)?;
-        Ok(tags)
+        let tags = keyring.keys_for_open(owner)?;
+        lookup_done(keyring, access, tags.compound_probes(scope, &index, parts))
     }
 
     /// [`compound_tags`] for async code: keys resolved without blocking.
@@ -2503,12 +2493,8 @@ pub(crate) mod __private {
         parts: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup_of(keyring, table, owner, fields)?;
-        let tags = keyring
-            .keys_for_open_async(owner)
-            .await?
-            .compound_probes(scope, &index, parts)?;
-        finish_lookup(keyring, access)?;
-        Ok(tags)
+        let tags = keyring.keys_for_open_async(owner).await?;
+        lookup_done(keyring, access, tags.compound_probes(scope, &index, parts))
     }
 
     /// Whether an opened record's fields (their encodings, `None` for a
@@ -2526,6 +2512,18 @@ pub(crate) mod __private {
             return false;
         };
         index.matches(&values, probes)
+    }
+
+    /// Appends a finder's lookup record once its tags are computed
+    /// (`tags`), and returns them; a failed computation records nothing.
+    fn lookup_done(
+        keyring: &crate::Keyring,
+        access: Access,
+        tags: Result<Vec<Vec<u8>>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let tags = tags?;
+        finish_lookup(keyring, access)?;
+        Ok(tags)
     }
 
     /// A value's encoding, wiped on drop: a finder's probe.

@@ -1593,6 +1593,26 @@ impl Keyring {
         Ok(shredded_among(&self.inner.store.load_keys(&owners)?))
     }
 
+    /// The keys to open `owners`' values with (one key-store query), and
+    /// those of the keyless owners the key store calls crypto-shredded (one
+    /// more): what a job reading several owners' sealed rows needs, leaving
+    /// shredded owners out and failing on any other owner without keys.
+    ///
+    /// # Errors
+    /// Key store and KEK errors.
+    pub(crate) fn keys_for_open_or_shredded(
+        &self,
+        owners: &std::collections::BTreeSet<&str>,
+    ) -> Result<(OwnersKeys, HashSet<String>)> {
+        let keys = self.keys_for_open_many(owners.iter().copied())?;
+        let keyless = owners
+            .iter()
+            .copied()
+            .filter(|o| keys.get(*o).is_none_or(|k| k.versions().next().is_none()));
+        let shredded = self.shredded_owners(keyless)?;
+        Ok((keys, shredded))
+    }
+
     /// [`shredded_owners`](Self::shredded_owners) without blocking the
     /// task's thread (feature `async`): the query runs on tokio's blocking
     /// pool.
@@ -1895,3 +1915,6 @@ fn shredded_among(rows: &[StoredKey]) -> HashSet<String> {
         .map(|(owner, _)| owner.to_owned())
         .collect()
 }
+
+/// Owners' keys by owner id.
+pub(crate) type OwnersKeys = HashMap<String, Arc<OwnerKeys>>;

@@ -914,6 +914,21 @@ pub struct StoredCompound {
     pub index: crate::blind::CompoundIndex,
 }
 
+impl StoredCompound {
+    /// The encodings of its columns among a row's `values` (one per
+    /// encrypted column, in the table's order), in the index's order;
+    /// `None` when one is NULL (the row then has no tag).
+    pub(crate) fn parts_of<'v>(
+        &self,
+        values: &'v [Option<Zeroizing<Vec<u8>>>],
+    ) -> Option<Vec<&'v [u8]>> {
+        self.parts
+            .iter()
+            .map(|&p| values.get(p).and_then(Option::as_deref).map(Vec::as_slice))
+            .collect()
+    }
+}
+
 /// One encrypted column of a [`StoredTable`].
 #[derive(Clone)]
 pub struct StoredColumn {

@@ -113,14 +113,9 @@ pub fn reindex_table<C: DataConnection>(
             rows.iter().map(|r| (r.owner.as_str(), Some(r.key_text()))),
         )?;
         let owners: BTreeSet<&str> = rows.iter().map(|r| r.owner.as_str()).collect();
-        let keys = keyring.keys_for_open_many(owners.iter().copied())?;
         // An owner with no key to open with may be crypto-shredded (the key
         // store says); any other is an error, not a row to skip.
-        let keyless = owners
-            .iter()
-            .copied()
-            .filter(|o| keys.get(*o).is_none_or(|k| k.versions().next().is_none()));
-        let shredded = keyring.shredded_owners(keyless)?;
+        let (keys, shredded) = keyring.keys_for_open_or_shredded(&owners)?;
         for row in &rows {
             report.rows += 1;
             if shredded.contains(&row.owner) {
@@ -214,16 +209,7 @@ fn tags_of(t: &StoredTable, row: &MigrationRow, keys: &OwnerKeys) -> Result<Tags
         canonicals.push(canonical);
     }
     for c in &t.compounds {
-        let parts: Option<Vec<&[u8]>> = c
-            .parts
-            .iter()
-            .map(|&p| {
-                canonicals
-                    .get(p)
-                    .and_then(Option::as_deref)
-                    .map(Vec::as_slice)
-            })
-            .collect();
+        let parts = c.parts_of(&canonicals);
         let tag = match parts {
             Some(parts) => keys.compound_index_encoded(None, c.scope, &parts, &c.index)?,
             None => None,
