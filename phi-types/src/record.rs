@@ -2420,8 +2420,8 @@ pub(crate) mod __private {
         probes: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup(keyring, table, owner, column)?;
-        let tags = keyring.keys_for_open(owner)?;
-        lookup_done(keyring, access, tags.derived_probes(scope, &index, probes))
+        let keys = keyring.keys_for_open(owner)?;
+        lookup_done(keyring, access, keys.derived_probes(scope, &index, probes))
     }
 
     /// [`derived_tags`] for async code: keys resolved without blocking.
@@ -2437,8 +2437,8 @@ pub(crate) mod __private {
         probes: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup(keyring, table, owner, column)?;
-        let tags = keyring.keys_for_open_async(owner).await?;
-        lookup_done(keyring, access, tags.derived_probes(scope, &index, probes))
+        let keys = keyring.keys_for_open_async(owner).await?;
+        lookup_done(keyring, access, keys.derived_probes(scope, &index, probes))
     }
 
     /// The compound index tag to store beside a sealed row: `None` for an
@@ -2452,11 +2452,7 @@ pub(crate) mod __private {
         let Some(keys) = keys else {
             return Ok(None);
         };
-        let Some(parts) = parts
-            .iter()
-            .map(|p| p.as_ref().map(|p| p.as_slice()))
-            .collect::<Option<Vec<&[u8]>>>()
-        else {
+        let Some(parts) = all_present(parts) else {
             return Ok(None);
         };
         keys.compound_index_encoded(None, scope, &parts, &index)
@@ -2476,8 +2472,8 @@ pub(crate) mod __private {
         parts: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup_of(keyring, table, owner, fields)?;
-        let tags = keyring.keys_for_open(owner)?;
-        lookup_done(keyring, access, tags.compound_probes(scope, &index, parts))
+        let keys = keyring.keys_for_open(owner)?;
+        lookup_done(keyring, access, keys.compound_probes(scope, &index, parts))
     }
 
     /// [`compound_tags`] for async code: keys resolved without blocking.
@@ -2493,8 +2489,8 @@ pub(crate) mod __private {
         parts: &[&[u8]],
     ) -> Result<Vec<Vec<u8>>> {
         let access = begin_lookup_of(keyring, table, owner, fields)?;
-        let tags = keyring.keys_for_open_async(owner).await?;
-        lookup_done(keyring, access, tags.compound_probes(scope, &index, parts))
+        let keys = keyring.keys_for_open_async(owner).await?;
+        lookup_done(keyring, access, keys.compound_probes(scope, &index, parts))
     }
 
     /// Whether an opened record's fields (their encodings, `None` for a
@@ -2504,14 +2500,18 @@ pub(crate) mod __private {
         values: &[Option<zeroize::Zeroizing<Vec<u8>>>],
         probes: &[&[u8]],
     ) -> bool {
-        let Some(values) = values
-            .iter()
-            .map(|v| v.as_ref().map(|v| v.as_slice()))
-            .collect::<Option<Vec<&[u8]>>>()
-        else {
+        let Some(values) = all_present(values) else {
             return false;
         };
         index.matches(&values, probes)
+    }
+
+    /// The fields' encodings as slices, or `None` when one is NULL.
+    fn all_present(parts: &[Option<zeroize::Zeroizing<Vec<u8>>>]) -> Option<Vec<&[u8]>> {
+        parts
+            .iter()
+            .map(|p| p.as_deref().map(Vec::as_slice))
+            .collect()
     }
 
     /// Appends a finder's lookup record once its tags are computed
